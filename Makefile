@@ -1,0 +1,38 @@
+# The two entry points of the README. Each installs what it needs, idempotently.
+#   make demo   a local federation: services, hub, three spokes, one study, results
+#   make test   the whole test suite (lint, unit, end-to-end on real services)
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint services services-down schemas bench clean
+
+$(STAMP): pyproject.toml algorithm-sdk/pyproject.toml scripts/bootstrap.sh
+	sh scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
+	touch $@
+
+services: $(STAMP)
+	$(BIN)/tributary services up
+
+services-down: $(STAMP)
+	$(BIN)/tributary services down
+
+demo: services
+	$(BIN)/tributary demo $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+schemas: $(STAMP)
+	$(BIN)/tributary contract schemas docs/schemas
+
+test: services lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: services
+	$(BIN)/python bench/bench_study.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

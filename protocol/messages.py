@@ -1,0 +1,245 @@
+"""Message schemas exchanged over the broker. Every message is a JSON object with a
+``kind`` discriminator and a ``protocol_version``; :func:`decode` is the only way either
+side turns bytes from the broker into a message, so validation happens in one place."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from tributary.protocol import PROTOCOL_VERSION
+
+#: Messages larger than this are refused before parsing.
+MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+
+DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+SPOKE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+# registry[:port]/path — no tag, no digest: the digest travels separately.
+REPOSITORY_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+$")
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted, with a reason fit for a dead-letter record."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocol_version: str = PROTOCOL_VERSION
+    message_id: str = Field(default_factory=new_message_id)
+    sent_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("protocol_version")
+    @classmethod
+    def _compatible(cls, value: str) -> str:
+        if value.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+            raise ValueError(
+                f"unsupported protocol version {value!r}; this side speaks {PROTOCOL_VERSION}"
+            )
+        return value
+
+
+def validate_spoke_id(value: str) -> str:
+    if not SPOKE_ID_RE.match(value):
+        raise ValueError("spoke id must be 2-63 lower-case letters, digits or '-'")
+    return value
+
+
+class AlgorithmRef(BaseModel):
+    """An algorithm image pinned by manifest digest; a tag is never enough."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+    repository: str = Field(description="Registry and repository, without tag or digest.")
+    digest: str = Field(description="Manifest digest, sha256:<64 hex>.")
+
+    @field_validator("repository")
+    @classmethod
+    def _repository(cls, value: str) -> str:
+        if not REPOSITORY_RE.match(value):
+            raise ValueError("repository must look like 'registry:port/path', with no tag")
+        return value
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not DIGEST_RE.match(value):
+            raise ValueError("digest must be 'sha256:' followed by 64 lower-case hex digits")
+        return value
+
+    @property
+    def reference(self) -> str:
+        return f"{self.repository}@{self.digest}"
+
+
+class CohortSelection(BaseModel):
+    """Which of a spoke's cases an experiment runs on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modality: str | None = Field("CT", description="Only cases with a series of this modality.")
+    case_ids: list[str] | None = Field(None, description="Only these pseudonymous cases.")
+    max_cases: int | None = Field(None, ge=1, description="At most this many cases.")
+
+
+class RunLimits(BaseModel):
+    """Resource limits for each algorithm container."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    memory_mb: int = Field(2048, ge=16, le=1024 * 1024)
+    cpus: float = Field(1.0, gt=0, le=256)
+
+
+class ExperimentMessage(_Message):
+    """Hub → spoke: run this algorithm on the selected cases."""
+
+    kind: Literal["experiment"] = "experiment"
+    experiment_id: str
+    spoke_id: str
+    algorithm: AlgorithmRef
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    cohort: CohortSelection = Field(default_factory=CohortSelection)
+    limits: RunLimits = Field(default_factory=RunLimits)
+    release: list[str] = Field(
+        default_factory=list,
+        description="Case attributes the study asks for; the spoke releases only those its "
+        "own policy allows.",
+    )
+    expires_at: datetime | None = None
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+
+class ExperimentState(StrEnum):
+    ACCEPTED = "accepted"  # cases selected; case_ids lists them
+    REFUSED = "refused"  # nothing will run; reason says why
+    COMPLETED = "completed"  # every selected case has a published result
+
+
+class ExperimentStatusMessage(_Message):
+    """Spoke → hub: what happened to an experiment as a whole at this spoke."""
+
+    kind: Literal["experiment_status"] = "experiment_status"
+    experiment_id: str
+    spoke_id: str
+    state: ExperimentState
+    case_ids: list[str] = Field(default_factory=list)
+    reason: str | None = None
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+
+class CaseStartedMessage(_Message):
+    """Spoke → hub: a case's container has started."""
+
+    kind: Literal["case_started"] = "case_started"
+    experiment_id: str
+    spoke_id: str
+    case_id: str
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+
+class FailureReason(StrEnum):
+    EXIT_CODE = "exit_code"
+    INVALID_ARGUMENTS = "invalid_arguments"
+    UNSUITABLE_INPUT = "unsuitable_input"
+    TIMEOUT = "timeout"
+    OUT_OF_MEMORY = "out_of_memory"
+    MISSING_OUTPUT = "missing_output"
+    INVALID_OUTPUT = "invalid_output"
+    OUTPUT_TOO_LARGE = "output_too_large"
+    IMAGE_UNAVAILABLE = "image_unavailable"
+    IMAGE_DIGEST_MISMATCH = "image_digest_mismatch"
+    INPUT_ERROR = "input_error"
+    INTERNAL_ERROR = "internal_error"
+
+
+class Failure(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: FailureReason
+    detail: str = Field(max_length=2000)
+    exit_code: int | None = None
+    log_tail: str | None = Field(None, max_length=8000)
+
+
+class CaseStatus(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class ResultMessage(_Message):
+    """Spoke → hub: the outcome of one case. Only ``output`` (the algorithm's output.json)
+    and the attributes the spoke's policy released ever leave the institution."""
+
+    kind: Literal["result"] = "result"
+    experiment_id: str
+    spoke_id: str
+    case_id: str
+    attempt: int = Field(1, ge=1)
+    status: CaseStatus
+    output: dict[str, Any] | None = None
+    failure: Failure | None = None
+    released: dict[str, Any] = Field(default_factory=dict)
+    image_digest: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+    @property
+    def idempotency_key(self) -> str:
+        """One accepted result per (experiment, spoke, case, attempt), however often sent."""
+        return f"{self.experiment_id}/{self.spoke_id}/{self.case_id}/{self.attempt}"
+
+
+SpokeMessage = Annotated[
+    ExperimentStatusMessage | CaseStartedMessage | ResultMessage, Field(discriminator="kind")
+]
+_spoke_adapter: TypeAdapter[Any] = TypeAdapter(SpokeMessage)
+_hub_adapter: TypeAdapter[Any] = TypeAdapter(ExperimentMessage)
+
+
+def encode(message: BaseModel) -> str:
+    return message.model_dump_json()
+
+
+def _decode(body: bytes | str, adapter: TypeAdapter[Any]) -> Any:
+    raw = body.encode() if isinstance(body, str) else body
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES} limit")
+    try:
+        return adapter.validate_json(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        raise ProtocolError(f"malformed message: {problems}") from None
+
+
+def decode_from_spoke(body: bytes | str) -> ExperimentStatusMessage | CaseStartedMessage | ResultMessage:
+    """Parse a message a spoke sent to the hub, or raise :class:`ProtocolError`."""
+    return _decode(body, _spoke_adapter)
+
+
+def decode_from_hub(body: bytes | str) -> ExperimentMessage:
+    """Parse a message the hub sent to a spoke, or raise :class:`ProtocolError`."""
+    return _decode(body, _hub_adapter)

@@ -1,0 +1,42 @@
+"""JSON Schemas generated from the pydantic models, so the documented contract can never
+drift from the code: ``tributary contract schemas docs/schemas`` rewrites them and a test
+checks the committed copies are current."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, TypeAdapter
+
+from tributary.protocol.contract import AlgoArg, Participant
+from tributary.protocol.messages import ExperimentMessage, SpokeMessage
+
+SCHEMAS: dict[str, type[BaseModel] | object] = {
+    "algo-arg.schema.json": AlgoArg,
+    "participant.schema.json": Participant,
+    "experiment-message.schema.json": ExperimentMessage,
+    "result-envelope.schema.json": SpokeMessage,
+}
+
+
+def schema_of(model: type[BaseModel] | object) -> dict:
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return model.model_json_schema()
+    return TypeAdapter(model).json_schema()
+
+
+def render(name: str) -> str:
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+              **schema_of(SCHEMAS[name])}
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def write_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in SCHEMAS:
+        path = directory / name
+        path.write_text(render(name))
+        written.append(path)
+    return written

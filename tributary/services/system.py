@@ -1,0 +1,104 @@
+"""Small process and package helpers shared by the service modules."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+_apt_updated = False
+
+
+class ServiceError(RuntimeError):
+    """A service could not be installed, started or stopped; the message says why."""
+
+
+def ensure_commands(packages: dict[str, str]) -> None:
+    """Install the Debian package behind each missing command (command -> package)."""
+    missing = sorted({pkg for cmd, pkg in packages.items() if shutil.which(cmd) is None})
+    if not missing:
+        return
+    if os.geteuid() != 0:
+        raise ServiceError(f"missing Debian packages {missing}; run as root to install them")
+    global _apt_updated
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if not _apt_updated:
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        _apt_updated = True
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.2)
+    hint = ""
+    if log is not None and log.exists():
+        hint = "\n--- last log lines ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+    raise ServiceError(f"{what} did not become ready within {timeout:.0f} s{hint}")
+
+
+def read_pid(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def start_daemon(cmd: Sequence[str], pidfile: Path, logfile: Path, cwd: Path | None = None) -> int:
+    """Start a background process that outlives this one, recording its pid."""
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen(
+            list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=cwd,
+        )
+    pidfile.write_text(str(proc.pid))
+    return proc.pid
+
+
+def stop_daemon(pidfile: Path, timeout: float = 20.0) -> bool:
+    """Stop the process recorded in ``pidfile``; True if one was running."""
+    pid = read_pid(pidfile)
+    if pid is None:
+        pidfile.unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and read_pid(pidfile) is not None:
+        _reap(pid)
+        time.sleep(0.2)
+    if read_pid(pidfile) is not None:
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+        _reap(pid)
+    pidfile.unlink(missing_ok=True)
+    return True
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
