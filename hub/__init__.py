@@ -1,0 +1,3 @@
+"""The hub: coordinators register spokes and algorithms, define and launch experiments,
+and read aggregated results. Layout: ``models`` (tables), ``api/`` (REST routes),
+``services/`` (publishing, result ingestion, aggregation), ``web`` (HTML pages)."""

@@ -1,0 +1,20 @@
+"""The audit trail, newest first."""
+
+from fastapi import APIRouter, Depends, Query
+from sqlmodel import Session, select
+from tributary.hub.api.deps import get_session
+from tributary.hub.models import AuditEvent
+
+router = APIRouter(prefix="/api/audit", tags=["audit"])
+
+
+@router.get("", response_model=list[AuditEvent])
+def list_audit(action: str | None = None, target: str | None = None,
+               limit: int = Query(200, le=5000),
+               session: Session = Depends(get_session)) -> list[AuditEvent]:
+    query = select(AuditEvent).order_by(AuditEvent.id.desc())  # type: ignore[union-attr]
+    if action:
+        query = query.where(AuditEvent.action == action)
+    if target:
+        query = query.where(AuditEvent.target == target)
+    return list(session.exec(query.limit(limit)))

@@ -1,0 +1,108 @@
+"""Experiments: define, launch, follow, read results and aggregates."""
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+from fastapi import APIRouter, Depends, HTTPException
+from jsonschema import Draft202012Validator
+from sqlmodel import Session, select
+from tributary.hub.api.deps import get_actor, get_broker, get_session, get_settings
+from tributary.hub.api.schemas import CaseRead, ExperimentCreate, ExperimentRead
+from tributary.hub.models import (
+    Algorithm,
+    Experiment,
+    ExperimentState,
+    ExperimentTarget,
+    Spoke,
+    utcnow,
+)
+from tributary.hub.services import audit
+from tributary.hub.services.aggregation import AGGREGATORS, aggregate
+from tributary.hub.services.launch import launch
+from tributary.hub.services.progress import case_reads, experiment_read
+from tributary.hub.settings import HubSettings
+from tributary.protocol.broker import PublishError, StompClient
+
+router = APIRouter(prefix="/api/experiments", tags=["experiments"])
+
+
+def _get(session: Session, experiment_id: str) -> Experiment:
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None:
+        raise HTTPException(404, f"no experiment {experiment_id!r}")
+    return experiment
+
+
+@router.post("", status_code=201, response_model=ExperimentRead)
+def create_experiment(body: ExperimentCreate, session: Session = Depends(get_session),
+                      actor: str = Depends(get_actor)) -> ExperimentRead:
+    algorithm = session.get(Algorithm, body.algorithm_id)
+    if algorithm is None:
+        raise HTTPException(422, f"no algorithm with id {body.algorithm_id}")
+    errors = sorted(Draft202012Validator(algorithm.argument_schema).iter_errors(body.arguments),
+                    key=lambda e: list(e.path))
+    if errors:
+        detail = "; ".join(f"{'/'.join(map(str, e.path)) or 'arguments'}: {e.message}"
+                           for e in errors[:5])
+        raise HTTPException(422, f"invalid arguments for {algorithm.name}: {detail}")
+    unknown = [s for s in body.spoke_ids if session.get(Spoke, s) is None]
+    if unknown:
+        raise HTTPException(422, f"unknown spokes: {', '.join(unknown)}")
+    aggregator = body.aggregator or algorithm.aggregator
+    if aggregator not in AGGREGATORS:
+        raise HTTPException(422, f"unknown aggregator {aggregator!r}")
+    experiment = Experiment(
+        id=f"exp-{uuid.uuid4().hex[:12]}", name=body.name, algorithm_id=body.algorithm_id,
+        arguments=body.arguments, cohort=body.cohort.model_dump(mode="json"),
+        limits=body.limits.model_dump(mode="json"), release=body.release, aggregator=aggregator,
+        expires_at=utcnow() + timedelta(days=body.expires_in_days)
+        if body.expires_in_days else None,
+    )
+    session.add(experiment)
+    session.flush()  # the targets reference it
+    for spoke_id in dict.fromkeys(body.spoke_ids):
+        session.add(ExperimentTarget(experiment_id=experiment.id, spoke_id=spoke_id))
+    audit.record(session, actor, "experiment.created", experiment.id, name=body.name,
+                 algorithm=f"{algorithm.name} {algorithm.version}", spokes=body.spoke_ids)
+    session.commit()
+    return experiment_read(session, experiment)
+
+
+@router.get("", response_model=list[ExperimentRead])
+def list_experiments(session: Session = Depends(get_session)) -> list[ExperimentRead]:
+    rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
+    return [experiment_read(session, e) for e in rows]
+
+
+@router.get("/{experiment_id}", response_model=ExperimentRead)
+def get_experiment(experiment_id: str,
+                   session: Session = Depends(get_session)) -> ExperimentRead:
+    return experiment_read(session, _get(session, experiment_id))
+
+
+@router.post("/{experiment_id}/launch", response_model=ExperimentRead)
+def launch_experiment(experiment_id: str, session: Session = Depends(get_session),
+                      broker: StompClient = Depends(get_broker),
+                      settings: HubSettings = Depends(get_settings),
+                      actor: str = Depends(get_actor)) -> ExperimentRead:
+    experiment = _get(session, experiment_id)
+    if experiment.state == ExperimentState.COMPLETED:
+        raise HTTPException(409, "experiment already completed")
+    try:
+        launch(session, broker, experiment, actor, timedelta(days=settings.default_expiry_days))
+    except PublishError as exc:
+        raise HTTPException(503, f"broker unavailable, launch incomplete (retry to finish "
+                                 f"it): {exc}") from None
+    return experiment_read(session, experiment)
+
+
+@router.get("/{experiment_id}/cases", response_model=list[CaseRead])
+def list_cases(experiment_id: str, session: Session = Depends(get_session)) -> list[CaseRead]:
+    _get(session, experiment_id)
+    return case_reads(session, experiment_id)
+
+
+@router.get("/{experiment_id}/aggregate")
+def get_aggregate(experiment_id: str, session: Session = Depends(get_session)) -> dict[str, Any]:
+    return aggregate(session, _get(session, experiment_id)).as_dict()

@@ -1,0 +1,102 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, field_validator
+from tributary.protocol.messages import (
+    DIGEST_RE,
+    REPOSITORY_RE,
+    CohortSelection,
+    RunLimits,
+    validate_spoke_id,
+)
+
+
+class SpokeCreate(BaseModel):
+    id: str = Field(description="Identifier, also the name of the spoke's queue.")
+    name: str
+    institution: str = ""
+
+    _id = field_validator("id")(validate_spoke_id)
+
+
+class AlgorithmCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+    version: str = Field(min_length=1, max_length=50)
+    repository: str = Field(description="registry/repository, without tag")
+    digest: str = Field(description="manifest digest sha256:…; a tag is never accepted")
+    description: str = ""
+    argument_schema: dict[str, Any] = Field(default_factory=dict)
+    aggregator: str = "summary"
+
+    @field_validator("repository")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        if "@" in value or not REPOSITORY_RE.match(value):
+            raise ValueError("repository must be 'registry:port/path' with no tag or digest")
+        return value
+
+    @field_validator("digest")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not DIGEST_RE.match(value):
+            raise ValueError("digest must be a manifest digest 'sha256:<64 hex>', not a tag")
+        return value
+
+
+class ExperimentCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    algorithm_id: int
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    cohort: CohortSelection = Field(default_factory=CohortSelection)
+    limits: RunLimits = Field(default_factory=RunLimits)
+    release: list[str] = Field(default_factory=list)
+    spoke_ids: list[str] = Field(min_length=1)
+    aggregator: str | None = None
+    expires_in_days: float | None = Field(None, gt=0, le=365)
+
+
+class TargetProgress(BaseModel):
+    spoke_id: str
+    state: str
+    reason: str | None
+    case_count: int | None
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+
+
+class CaseRead(BaseModel):
+    spoke_id: str
+    case_id: str
+    state: str
+    attempt: int
+    output: dict[str, Any] | None
+    failure: dict[str, Any] | None
+    released: dict[str, Any]
+    image_digest: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class ExperimentRead(BaseModel):
+    id: str
+    name: str
+    state: str
+    algorithm_id: int
+    algorithm: str
+    image: str
+    arguments: dict[str, Any]
+    cohort: dict[str, Any]
+    limits: dict[str, Any]
+    release: list[str]
+    aggregator: str
+    created_at: datetime
+    launched_at: datetime | None
+    completed_at: datetime | None
+    expires_at: datetime | None
+    targets: list[TargetProgress]

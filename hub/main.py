@@ -1,0 +1,47 @@
+"""The hub application: REST API, pages, and the results consumer in the same process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from tributary.hub.api import algorithms, audit, experiments, spokes
+from tributary.hub.db import make_engine
+from tributary.hub.services.ingest import ResultsConsumer
+from tributary.hub.settings import HubSettings
+from tributary.hub.web import router as web_router
+from tributary.protocol.broker import StompClient
+
+from tributary import __version__
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: HubSettings | None = None) -> FastAPI:
+    settings = settings or HubSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url)
+        broker = StompClient(settings.broker(), "hub").start()
+        app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
+        if settings.consume_results:
+            ResultsConsumer(engine, broker).start()
+        yield
+        broker.close()
+        engine.dispose()
+
+    app = FastAPI(title="Tributary hub", version=__version__, lifespan=lifespan,
+                  description="Register spokes and algorithms, launch federated experiments "
+                              "and read their aggregated results.")
+    for router in (spokes.router, algorithms.router, experiments.router, audit.router):
+        app.include_router(router)
+    app.include_router(web_router)
+
+    @app.get("/api/health", tags=["health"])
+    def health() -> dict[str, object]:
+        return {"status": "ok", "version": __version__, "broker_connected": app.state.broker.connected}
+
+    return app

@@ -1,0 +1,127 @@
+"""Database tables (SQLModel). JSON columns hold the pydantic payloads verbatim."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Spoke(SQLModel, table=True):
+    id: str = Field(primary_key=True, description="Spoke identifier; also names its queue.")
+    name: str
+    institution: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    last_seen_at: datetime | None = None
+
+
+class Algorithm(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True)
+    version: str
+    repository: str
+    digest: str
+    description: str = ""
+    argument_schema: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    aggregator: str = "summary"
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ExperimentState(StrEnum):
+    DRAFT = "draft"
+    LAUNCHED = "launched"
+    COMPLETED = "completed"
+
+
+class Experiment(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    name: str
+    algorithm_id: int = Field(foreign_key="algorithm.id")
+    arguments: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    cohort: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    limits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    release: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    aggregator: str = "summary"
+    state: ExperimentState = ExperimentState.DRAFT
+    created_at: datetime = Field(default_factory=utcnow)
+    launched_at: datetime | None = None
+    completed_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+class TargetState(StrEnum):
+    PENDING = "pending"  # not yet published
+    PUBLISHED = "published"  # waiting in the spoke's queue
+    ACCEPTED = "accepted"  # the spoke selected its cases and is working
+    REFUSED = "refused"  # the spoke will not run it (reason says why)
+    COMPLETED = "completed"  # every selected case has a result
+
+
+TERMINAL_TARGET_STATES = {TargetState.REFUSED, TargetState.COMPLETED}
+
+
+class ExperimentTarget(SQLModel, table=True):
+    experiment_id: str = Field(foreign_key="experiment.id", primary_key=True)
+    spoke_id: str = Field(foreign_key="spoke.id", primary_key=True)
+    state: TargetState = TargetState.PENDING
+    case_count: int | None = None
+    reason: str | None = None
+    message_id: str | None = None
+    published_at: datetime | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class CaseState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+FINAL_CASE_STATES = {CaseState.SUCCEEDED, CaseState.FAILED}
+
+
+class CaseResult(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("experiment_id", "spoke_id", "case_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(foreign_key="experiment.id", index=True)
+    spoke_id: str = Field(foreign_key="spoke.id")
+    case_id: str
+    state: CaseState = CaseState.QUEUED
+    attempt: int = 1
+    output: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    failure: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    released: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    image_digest: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    result_message_id: str | None = None
+    received_at: datetime | None = None
+
+
+class InboundMessage(SQLModel, table=True):
+    """Every message id the hub has processed, so redeliveries are recognised."""
+
+    message_id: str = Field(primary_key=True)
+    kind: str
+    spoke_id: str
+    received_at: datetime = Field(default_factory=utcnow)
+
+
+class AuditEvent(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    actor: str
+    action: str = Field(index=True)
+    target: str = ""
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))

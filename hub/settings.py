@@ -1,0 +1,33 @@
+"""Hub configuration from ``TRIBUTARY_HUB_*`` environment variables (pydantic-settings)."""
+
+from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from tributary.protocol.broker import BrokerSettings
+
+
+class HubSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRIBUTARY_HUB_", env_file=None)
+
+    database_url: str = "sqlite:///./tributary-hub.db"
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 61613
+    broker_user: str | None = None
+    broker_password: SecretStr | None = None
+    #: Consume the results queue in this process (turn off for an API-only replica).
+    consume_results: bool = True
+    #: Check at registration that the registry really serves the algorithm's digest.
+    verify_registry: bool = True
+    #: Registries reached over plain HTTP (loopback ones always are).
+    insecure_registries: list[str] = []
+    #: Days an experiment message waits in the broker for an offline spoke.
+    default_expiry_days: float = 7.0
+
+    def broker(self) -> BrokerSettings:
+        return BrokerSettings(host=self.broker_host, port=self.broker_port,
+                              user=self.broker_user, password=self.broker_password)
+
+    @classmethod
+    def for_directory(cls, directory: Path, **overrides: object) -> "HubSettings":
+        return cls(database_url=f"sqlite:///{directory / 'hub.db'}", **overrides)
