@@ -1,0 +1,205 @@
+"""The spoke agent: consumes its own queue, one experiment at a time (prefetch 1), runs the
+selected cases concurrently, publishes each result, and acknowledges the experiment only
+once every result has been published."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import docker
+from tributary.protocol.broker import Delivery, PublishError, StompClient, publish_with_retry
+from tributary.protocol.destinations import RESULTS_QUEUE, spoke_queue
+from tributary.protocol.messages import (
+    CaseStartedMessage,
+    CaseStatus,
+    ExperimentMessage,
+    ExperimentState,
+    ExperimentStatusMessage,
+    Failure,
+    FailureReason,
+    ProtocolError,
+    ResultMessage,
+    decode_from_hub,
+    encode,
+)
+from tributary.spoke import cohort
+from tributary.spoke.config import SpokeConfig
+from tributary.spoke.deid import deidentified_case
+from tributary.spoke.images import ImageRefused, ensure_image
+from tributary.spoke.journal import Journal
+from tributary.spoke.participant import build_participant
+from tributary.spoke.pseudonyms import Pseudonymizer
+from tributary.spoke.runner import effective_limits, run_case
+
+from tributary import __version__
+
+log = logging.getLogger(__name__)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SpokeAgent:
+    def __init__(self, config: SpokeConfig) -> None:
+        self.config = config
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+        self.pseudonyms = Pseudonymizer.from_key_file(config.work_dir / "pseudonym.key")
+        self.journal = Journal(config.work_dir / "journal.db")
+        self.client = StompClient(config.broker.settings(), f"spoke-{config.spoke_id}")
+        self._inbox: queue.Queue[Delivery] = queue.Queue()
+        self.stopping = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def run(self) -> None:
+        """Consume until :meth:`stop` is called; reconnects to the broker by itself."""
+        self.client.start()
+        self.client.subscribe(spoke_queue(self.config.spoke_id), self._inbox.put)
+        log.info("spoke %s (tributary %s) waiting for experiments", self.config.spoke_id,
+                 __version__)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    delivery = self._inbox.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                self.handle(delivery)
+        finally:
+            self.client.close()
+            self.journal.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # -- one experiment ---------------------------------------------------------------------
+    def handle(self, delivery: Delivery) -> None:
+        try:
+            message = decode_from_hub(delivery.body)
+        except ProtocolError as exc:
+            log.error("dead-lettering unreadable message %s: %s", delivery.message_id, exc)
+            self.client.nack(delivery)
+            return
+        if message.spoke_id != self.config.spoke_id:
+            log.error("dead-lettering message for spoke %s", message.spoke_id)
+            self.client.nack(delivery)
+            return
+        try:
+            self.process(message)
+        except PublishError as exc:
+            # Results are safe in the journal; the unacked message comes back after the
+            # reconnect and its results are re-sent from there.
+            log.warning("could not publish for %s (%s); will resume on redelivery",
+                        message.experiment_id, exc)
+            return
+        if not self.client.ack(delivery):
+            log.info("connection changed before ack of %s; it will be redelivered and "
+                     "answered from the journal", message.experiment_id)
+
+    def _send(self, message: ExperimentStatusMessage | CaseStartedMessage | ResultMessage) -> None:
+        publish_with_retry(self.client, RESULTS_QUEUE, encode(message),
+                           {"tributary-kind": message.kind}, attempts=10)
+
+    def _status(self, message: ExperimentMessage, state: ExperimentState,
+                case_ids: list[str] | None = None, reason: str | None = None) -> None:
+        self._send(ExperimentStatusMessage(
+            experiment_id=message.experiment_id, spoke_id=self.config.spoke_id, state=state,
+            case_ids=case_ids or [], reason=reason))
+
+    def process(self, message: ExperimentMessage) -> None:
+        log.info("experiment %s: %s", message.experiment_id, message.algorithm.reference)
+        if message.expires_at is not None and message.expires_at < _now():
+            self._status(message, ExperimentState.REFUSED, reason="experiment expired")
+            return
+        docker_client = docker.from_env(timeout=120)
+        try:
+            ensure_image(docker_client, message.algorithm, self.config.runner.allowed_registries)
+        except ImageRefused as exc:
+            log.error("refusing %s: %s", message.experiment_id, exc.detail)
+            self._status(message, ExperimentState.REFUSED, reason=f"{exc.reason}: {exc.detail}")
+            return
+        finally:
+            docker_client.close()
+        cases = cohort.select(cohort.discover(self.config.data_dir, self.pseudonyms),
+                              message.cohort)
+        self._status(message, ExperimentState.ACCEPTED, [c.case_id for c in cases])
+        attributes = cohort.load_attributes(self.config.data_dir,
+                                            self.config.policy.attributes_file)
+        with ThreadPoolExecutor(self.config.concurrency,
+                                thread_name_prefix="case") as pool:
+            results = list(pool.map(lambda c: self._case(message, c, attributes), cases))
+        for result in results + self.journal.unpublished(message.experiment_id):
+            self._publish_result(result)
+        self._status(message, ExperimentState.COMPLETED, [c.case_id for c in cases])
+        log.info("experiment %s done: %d cases", message.experiment_id, len(cases))
+
+    def _publish_result(self, result: ResultMessage) -> None:
+        self._send(result)
+        self.journal.mark_published(result)
+
+    def _case(self, message: ExperimentMessage, case: cohort.SourceCase,
+              attributes: dict) -> ResultMessage:
+        done = self.journal.result(message.experiment_id, case.case_id)
+        if done is not None:
+            return done  # finished before a restart or lost ack: re-send, never re-run
+        started = _now()
+        try:
+            self._send(CaseStartedMessage(experiment_id=message.experiment_id,
+                                          spoke_id=self.config.spoke_id, case_id=case.case_id))
+        except PublishError:
+            log.warning("could not report the start of %s", case.case_id)
+        output, failure = self._execute(message, case)
+        result = ResultMessage(
+            experiment_id=message.experiment_id, spoke_id=self.config.spoke_id,
+            case_id=case.case_id, status=CaseStatus.FAILED if failure else CaseStatus.SUCCEEDED,
+            output=output, failure=failure,
+            released=cohort.released_attributes(case, attributes, message.release,
+                                                self.config.policy.releasable_attributes)
+            if failure is None else {},
+            image_digest=message.algorithm.digest, started_at=started, finished_at=_now(),
+        )
+        self.journal.record(result)
+        try:
+            self._publish_result(result)
+        except PublishError:
+            log.warning("result of %s kept in the journal until the broker is back",
+                        case.case_id)
+        return result
+
+    def _execute(self, message: ExperimentMessage,
+                 case: cohort.SourceCase) -> tuple[dict | None, Failure | None]:
+        t0 = time.monotonic()
+        try:
+            deidentified = deidentified_case(case, self.config.work_dir, self.pseudonyms)
+            participant, mounts = build_participant(case, message.experiment_id, deidentified)
+        except Exception as exc:
+            log.exception("could not prepare case %s", case.case_id)
+            return None, Failure(reason=FailureReason.INPUT_ERROR,
+                                 detail=f"case could not be prepared: {type(exc).__name__}")
+        client = docker.from_env(timeout=120)
+        try:
+            outcome = run_case(
+                client, message.algorithm.reference,
+                name=f"tributary-{self.config.spoke_id}-{message.experiment_id}-{case.case_id}",
+                participant=participant, mounts=mounts, arguments=message.arguments,
+                limits=effective_limits(message.limits, self.config.runner),
+                settings=self.config.runner,
+                case_dir=self.config.work_dir / "runs" / message.experiment_id / case.case_id,
+                max_output_bytes=self.config.policy.max_output_bytes,
+                labels={"org.tributary.spoke": self.config.spoke_id,
+                        "org.tributary.experiment": message.experiment_id},
+            )
+        except Exception as exc:
+            log.exception("container for case %s could not run", case.case_id)
+            return None, Failure(reason=FailureReason.INTERNAL_ERROR,
+                                 detail=f"container could not run: {exc}"[:2000])
+        finally:
+            client.close()
+        log.info("case %s: %s in %.1f s", case.case_id,
+                 outcome.failure.reason if outcome.failure else "succeeded",
+                 time.monotonic() - t0)
+        return outcome.output, outcome.failure

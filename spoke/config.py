@@ -1,0 +1,74 @@
+"""The spoke's configuration file (TOML). Everything that decides what may leave the
+institution lives here, at the site, never on the hub."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from tributary.protocol.broker import BrokerSettings
+from tributary.protocol.contract import DEFAULT_OUTPUT_LIMIT_BYTES
+from tributary.protocol.messages import validate_spoke_id
+
+
+class ReleasePolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Case attributes (from ``attributes_file``) that may leave with a result when a study
+    #: asks for them. Anything not listed never leaves.
+    releasable_attributes: list[str] = Field(default_factory=list)
+    #: JSON file mapping each case folder to its attributes, relative to ``data_dir``.
+    attributes_file: str | None = None
+    max_output_bytes: int = Field(DEFAULT_OUTPUT_LIMIT_BYTES, ge=1024, le=64 * 1024 * 1024)
+
+
+class RunnerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Upper bounds; an experiment may ask for less, never for more.
+    max_memory_mb: int = Field(8192, ge=64)
+    max_timeout_seconds: int = Field(24 * 3600, ge=1)
+    max_cpus: float = Field(2.0, gt=0)
+    pids_limit: int = 256
+    tmpfs_mb: int = 512
+    #: Registries images may come from (host[:port]); empty means any.
+    allowed_registries: list[str] = Field(default_factory=list)
+    log_tail_lines: int = 40
+
+
+class SpokeBroker(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = 61613
+    user: str | None = None
+    password: SecretStr | None = None
+
+    def settings(self) -> BrokerSettings:
+        return BrokerSettings(host=self.host, port=self.port, user=self.user,
+                              password=self.password)
+
+
+class SpokeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spoke_id: str
+    data_dir: Path
+    work_dir: Path
+    concurrency: int = Field(2, ge=1, le=64)
+    broker: SpokeBroker = Field(default_factory=SpokeBroker)
+    policy: ReleasePolicy = Field(default_factory=ReleasePolicy)
+    runner: RunnerSettings = Field(default_factory=RunnerSettings)
+
+    _id = field_validator("spoke_id")(validate_spoke_id)
+
+    @classmethod
+    def load(cls, path: Path) -> SpokeConfig:
+        with open(path, "rb") as handle:
+            raw = tomllib.load(handle)
+        base = path.parent
+        for key in ("data_dir", "work_dir"):
+            if key in raw and not Path(raw[key]).is_absolute():
+                raw[key] = str((base / raw[key]).resolve())
+        return cls.model_validate(raw)

@@ -1,0 +1,63 @@
+"""The spoke's local record of finished cases. A result is written here before it is
+published, so a redelivered experiment (after a crash or a lost connection) re-sends the
+same result instead of running the case again."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from tributary.protocol.messages import ResultMessage
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    experiment_id TEXT NOT NULL,
+    case_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    message TEXT NOT NULL,
+    published INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (experiment_id, case_id, attempt)
+);
+"""
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def result(self, experiment_id: str, case_id: str, attempt: int = 1) -> ResultMessage | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT message FROM results WHERE experiment_id=? AND case_id=? AND attempt=?",
+                (experiment_id, case_id, attempt)).fetchone()
+        return ResultMessage.model_validate_json(row[0]) if row else None
+
+    def record(self, message: ResultMessage) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO results (experiment_id, case_id, attempt, message) "
+                "VALUES (?, ?, ?, ?)",
+                (message.experiment_id, message.case_id, message.attempt,
+                 message.model_dump_json()))
+
+    def mark_published(self, message: ResultMessage) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE results SET published=1 WHERE experiment_id=? AND case_id=? "
+                "AND attempt=?", (message.experiment_id, message.case_id, message.attempt))
+
+    def unpublished(self, experiment_id: str) -> list[ResultMessage]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT message FROM results WHERE experiment_id=? AND published=0",
+                (experiment_id,)).fetchall()
+        return [ResultMessage.model_validate_json(r[0]) for r in rows]
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,42 @@
+"""Keyed pseudonyms. The key is generated at the spoke and never leaves it; the same source
+identifier always maps to the same pseudonym, so repeated studies link up at this site
+while nobody without the key can reverse or recompute them."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from pathlib import Path
+
+from pydicom.uid import generate_uid
+
+
+class Pseudonymizer:
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 32:
+            raise ValueError("pseudonym key must be at least 32 bytes")
+        self._key = key[:64]
+
+    @classmethod
+    def from_key_file(cls, path: Path) -> Pseudonymizer:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+        return cls(path.read_bytes())
+
+    def _digest(self, domain: str, value: str, size: int = 8) -> str:
+        return hashlib.blake2b(f"{domain}\0{value}".encode(), key=self._key,
+                               digest_size=size).hexdigest()
+
+    def case_id(self, source: str) -> str:
+        return "c-" + self._digest("case", source)
+
+    def series_id(self, series_uid: str) -> str:
+        return "s-" + self._digest("series", series_uid)
+
+    def uid(self, uid: str) -> str:
+        """A new DICOM UID derived from the old one, the same on every run."""
+        return generate_uid(entropy_srcs=[self._digest("uid", uid, 32)])
