@@ -1,0 +1,30 @@
+"""The algorithm contract has one definition: the SDK's standard-library copy and the
+documented JSON Schemas must equal what the protocol module says."""
+
+from pathlib import Path
+
+import pytest
+import tributary_algorithm.contract as sdk
+
+import tributary.protocol.contract as protocol
+from tributary.protocol.schemas import SCHEMAS, render
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
+
+
+@pytest.mark.parametrize("name", ["CONTRACT_VERSION", "ALGO_ARG_ENV", "PARTICIPANT_PATH",
+                                  "INPUT_ROOT", "OUTPUT_DIR", "OUTPUT_PATH", "SCRATCH_DIR",
+                                  "DEFAULT_OUTPUT_LIMIT_BYTES"])
+def test_sdk_constants_match_the_protocol(name: str) -> None:
+    assert getattr(sdk, name) == getattr(protocol, name)
+
+
+def test_sdk_exit_codes_match_the_protocol() -> None:
+    assert {c.name: c.value for c in sdk.ExitCode} == {c.name: c.value for c in protocol.ExitCode}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_documented_schemas_are_current(name: str) -> None:
+    path = DOCS / name
+    assert path.exists(), f"run `make schemas` to write {path.name}"
+    assert path.read_text() == render(name), f"{name} is stale: run `make schemas`"

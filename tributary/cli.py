@@ -1,0 +1,159 @@
+"""The ``tributary`` command: local services, the hub, a spoke, and the demo federation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Tributary: move algorithms to medical imaging data, not data to algorithms.",
+    no_args_is_help=True, rich_markup_mode="rich",
+)
+services_app = typer.Typer(help="Local infrastructure: Docker engine, ActiveMQ broker, OCI "
+                                "registry and the algorithm base image.", no_args_is_help=True)
+hub_app = typer.Typer(help="Run the hub (API, pages, results consumer).", no_args_is_help=True)
+spoke_app = typer.Typer(help="Run a spoke next to an institution's data.", no_args_is_help=True)
+contract_app = typer.Typer(help="The algorithm contract and message schemas.",
+                           no_args_is_help=True)
+app.add_typer(services_app, name="services")
+app.add_typer(hub_app, name="hub")
+app.add_typer(spoke_app, name="spoke")
+app.add_typer(contract_app, name="contract")
+console = Console()
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("stomp").setLevel(logging.WARNING)
+
+
+@services_app.command("up")
+def services_up() -> None:
+    """Install what is missing and start every service (idempotent)."""
+    from tributary import services
+
+    services.up(report=lambda name, state: console.print(f"[bold]{name:<11}[/] {state}"))
+
+
+@services_app.command("down")
+def services_down() -> None:
+    """Stop the services this project started."""
+    from tributary import services
+
+    services.down(report=lambda name, state: console.print(f"[bold]{name:<11}[/] {state}"))
+
+
+@services_app.command("status")
+def services_status() -> None:
+    """Show which services are running."""
+    from tributary import services
+
+    table = Table("service", "state", "detail")
+    rows = services.status()
+    for row in rows:
+        table.add_row(row.name, "[green]up[/]" if row.running else "[red]down[/]", row.detail)
+    console.print(table)
+    if not all(r.running for r in rows):
+        raise typer.Exit(1)
+
+
+@hub_app.command("serve")
+def hub_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    database_url: Annotated[str | None, typer.Option(
+        help="SQLAlchemy URL (default: TRIBUTARY_HUB_DATABASE_URL or a local SQLite file).")
+    ] = None,
+    verbose: bool = False,
+) -> None:
+    """Serve the hub's REST API and pages, and consume spoke results."""
+    import uvicorn
+
+    from tributary.hub.main import create_app
+    from tributary.hub.settings import HubSettings
+
+    _logging(verbose)
+    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+@spoke_app.command("run")
+def spoke_run(
+    config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False,
+                                         help="The spoke's TOML configuration file.")],
+    verbose: bool = False,
+) -> None:
+    """Consume this spoke's queue and run experiments until stopped (Ctrl-C or SIGTERM)."""
+    from tributary.spoke.agent import SpokeAgent
+    from tributary.spoke.config import SpokeConfig
+
+    _logging(verbose)
+    agent = SpokeAgent(SpokeConfig.load(config))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: agent.stop())
+    agent.run()
+
+
+@spoke_app.command("init")
+def spoke_init(
+    spoke_id: Annotated[str, typer.Option("--id", help="The spoke's identifier.")],
+    data_dir: Annotated[Path, typer.Option("--data", help="Folder with one sub-folder per case.")],
+    work_dir: Annotated[Path, typer.Option("--work", help="The spoke's private work folder.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the config.")],
+    broker_port: int = 61613,
+    concurrency: int = 2,
+) -> None:
+    """Write a starting configuration file for a spoke."""
+    from tributary.spoke.config import SpokeConfig
+
+    SpokeConfig(spoke_id=spoke_id, data_dir=data_dir, work_dir=work_dir,
+                concurrency=concurrency)  # validates before writing
+    output.write_text(
+        f'spoke_id = "{spoke_id}"\ndata_dir = "{data_dir}"\nwork_dir = "{work_dir}"\n'
+        f"concurrency = {concurrency}\n\n[broker]\nhost = \"127.0.0.1\"\nport = {broker_port}\n\n"
+        "[policy]\n# Case attributes that may ever leave with a result, if a study asks.\n"
+        "releasable_attributes = []\n# attributes_file = \"attributes.json\"\n\n"
+        "[runner]\nmax_memory_mb = 8192\nmax_timeout_seconds = 86400\n"
+        "# allowed_registries = [\"registry.example.org\"]\n"
+    )
+    console.print(f"wrote {output}")
+
+
+@contract_app.command("schemas")
+def contract_schemas(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the JSON Schemas to.")],
+) -> None:
+    """Write the JSON Schemas of the algorithm contract and of the messages."""
+    from tributary.protocol.schemas import write_schemas
+
+    for path in write_schemas(directory):
+        console.print(f"wrote {path}")
+
+
+@app.command("demo")
+def demo(
+    cases: Annotated[str, typer.Option(help="Cases per spoke, comma-separated.")] = "12,10,8",
+    hub_port: int = 8000,
+    wait: Annotated[bool, typer.Option(help="Keep the federation running afterwards so the "
+                                            "dashboard can be explored.")] = True,
+    workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
+) -> None:
+    """Run a whole federation here: services, hub, three spokes, one study, results."""
+    from tributary.demo import run_demo
+
+    counts = [int(c) for c in cases.split(",") if c.strip()]
+    report = run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console)
+    if not wait:
+        console.print_json(json.dumps(report["groups"]["pooled"]))
+
+
+if __name__ == "__main__":
+    app()

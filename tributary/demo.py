@@ -1,0 +1,120 @@
+"""``tributary demo``: a local federation from nothing to aggregated results."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tributary import services
+from tributary.federation import LocalFederation, build_and_push, examples_dir, generate_cohort
+from tributary.services.settings import ServiceSettings
+
+SITES = [("northfield", "Northfield General Hospital"), ("riverside", "Riverside Medical Centre"),
+         ("stclare", "St Clare University Hospital"), ("lakeside", "Lakeside Clinic")]
+
+
+def aggregate_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"Aggregated results ({report['aggregator']})")
+    table.add_column("group", style="bold")
+    for column in report["columns"]:
+        table.add_column(column["label"], justify="right")
+    for group, figures in report["groups"].items():
+        cells = ["–" if figures.get(c["key"]) is None else str(figures[c["key"]])
+                 for c in report["columns"]]
+        table.add_row(group, *cells, style="bold" if group == "pooled" else None)
+    return table
+
+
+def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
+             workdir: Path | None = None, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    settings = ServiceSettings()
+    root = workdir or settings.state_dir / "demo"
+    if root.exists():
+        shutil.rmtree(root)
+    if len(case_counts) > len(SITES):
+        raise ValueError(f"at most {len(SITES)} spokes in the demo")
+
+    console.rule("1. Services")
+    services.up(settings, report=lambda n, s: console.print(f"  {n:<11} {s}"))
+
+    console.rule("2. Algorithm image, pinned by digest")
+    with console.status("building and pushing the lung-nodule detector…"):
+        repository, digest = build_and_push(examples_dir() / "lung_nodule", "lung-nodule",
+                                            "1.0.0", settings)
+    console.print(f"  {repository}@{digest}")
+
+    console.rule("3. Synthetic CT cohorts, one per spoke")
+    federation = LocalFederation(root, settings, hub_port)
+    cohorts = {}
+    for (spoke_id, site), count in zip(SITES, case_counts, strict=False):
+        truth = generate_cohort(root / "data" / spoke_id, count, seed=zlib.crc32(spoke_id.encode()) % 1000,
+                                site=site)
+        cohorts[spoke_id] = site
+        nodules = sum(len(v["nodules"]) for v in truth.values())
+        console.print(f"  {spoke_id:<11} {count} cases, {nodules} nodules ({site})")
+
+    try:
+        console.rule("4. Hub and spokes")
+        federation.start_hub()
+        console.print(f"  hub        {federation.hub_url}")
+        schema = json.loads((examples_dir() / "lung_nodule" / "arguments.schema.json").read_text())
+        with federation.api() as api:
+            for spoke_id, site in cohorts.items():
+                api.post("/api/spokes", json={"id": spoke_id, "name": spoke_id,
+                                              "institution": site}).raise_for_status()
+                config = federation.spoke_config(spoke_id, root / "data" / spoke_id)
+                federation.start_spoke(spoke_id, config)
+                console.print(f"  spoke      {spoke_id}")
+            algorithm = api.post("/api/algorithms", json={
+                "name": "lung-nodule", "version": "1.0.0", "repository": repository,
+                "digest": digest, "argument_schema": schema, "aggregator": "nodule-detection",
+                "description": "Lung nodule candidates by thresholding and connected components",
+            }).raise_for_status().json()
+
+            console.rule("5. Study")
+            experiment = api.post("/api/experiments", json={
+                "name": "Nodule detection, demo study", "algorithm_id": algorithm["id"],
+                "arguments": {"min_diameter_mm": 4.0}, "spoke_ids": list(cohorts),
+                "release": ["nodules"], "limits": {"timeout_seconds": 600, "memory_mb": 1024},
+            }).raise_for_status().json()
+            api.post(f"/api/experiments/{experiment['id']}/launch").raise_for_status()
+            console.print(f"  launched {experiment['id']} on {', '.join(cohorts)}")
+
+            with Progress(TextColumn("  {task.description:<11}"), BarColumn(),
+                          MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
+                          TimeElapsedColumn(), console=console) as progress:
+                bars = {s: progress.add_task(s, total=None, note="queued") for s in cohorts}
+
+                def show(exp: dict[str, Any]) -> None:
+                    for target in exp["targets"]:
+                        done = target["succeeded"] + target["failed"]
+                        note = f"{target['state']}, {target['failed']} failed, " \
+                               f"{target['running']} running"
+                        progress.update(bars[target["spoke_id"]], total=target["case_count"],
+                                        completed=done, note=note)
+
+                federation.wait_for_experiment(experiment["id"], timeout=3600, on_progress=show)
+            report = api.get(f"/api/experiments/{experiment['id']}/aggregate").json()
+
+        console.rule("6. Results")
+        console.print(aggregate_table(report))
+        console.print(f"\nDashboard: [bold]{federation.hub_url}/experiments/{experiment['id']}[/]"
+                      f"   API: {federation.hub_url}/docs   logs: {root / 'logs'}")
+        if wait:
+            console.print("The federation keeps running; press Ctrl-C to stop it.")
+            while all(p.alive() for p in federation.processes.values()):
+                time.sleep(1)
+        return report
+    except KeyboardInterrupt:
+        return {}
+    finally:
+        federation.stop()

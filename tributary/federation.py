@@ -1,0 +1,175 @@
+"""A whole federation on one machine, as real processes: one hub and several spokes,
+talking through the real broker, pulling from the real registry and running real
+containers. The demo and the end-to-end tests both drive it, so what the tests prove is
+what a person sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tributary.services.settings import ServiceSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO_ROOT / "examples"
+
+
+def examples_dir() -> Path:
+    if not (EXAMPLES / "lung_nodule").is_dir():
+        raise FileNotFoundError("the examples/ folder of a Tributary checkout is needed here")
+    return EXAMPLES
+
+
+def build_and_push(algorithm_dir: Path, name: str, version: str,
+                   services: ServiceSettings) -> tuple[str, str]:
+    """Build an algorithm image FROM the local base image and push it to the local
+    registry; returns (repository, manifest digest)."""
+    from tributary_algorithm.tools.build import build_image
+    from tributary_algorithm.tools.push import push_image
+
+    tag = f"tributary/{name}:{version}"
+    build_image(algorithm_dir, tag, base_image=services.base_image,
+                wheel_cache=services.state_dir / "wheels")
+    return push_image(tag, f"{services.registry}/tributary/{name}:{version}")
+
+
+def generate_cohort(out: Path, cases: int, seed: int, site: str) -> dict[str, Any]:
+    """Synthetic CT cohort with ground truth, written by the example generator."""
+    if out.exists():
+        shutil.rmtree(out)
+    subprocess.run(
+        [sys.executable, str(examples_dir() / "synthetic_ct" / "generate.py"), "--out", str(out),
+         "--cases", str(cases), "--seed", str(seed), "--site", site],
+        check=True, capture_output=True,
+    )
+    return json.loads((out / "ground_truth.json").read_text())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.alive():
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@dataclass
+class LocalFederation:
+    root: Path
+    services: ServiceSettings = field(default_factory=ServiceSettings)
+    hub_port: int = 0
+    processes: dict[str, Process] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "logs").mkdir(exist_ok=True)
+        self.hub_port = self.hub_port or _free_port()
+
+    @property
+    def hub_url(self) -> str:
+        return f"http://127.0.0.1:{self.hub_port}"
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.hub_url, timeout=30)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+        log = self.root / "logs" / f"{name}.log"
+        handle = open(log, "ab")  # noqa: SIM115 - owned by the child process
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "tributary.cli", *args], stdout=handle,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+        )
+        handle.close()
+        process = self.processes[name] = Process(name, popen, log)
+        return process
+
+    def start_hub(self) -> Process:
+        process = self._spawn("hub", ["hub", "serve", "--port", str(self.hub_port)], {
+            "TRIBUTARY_HUB_DATABASE_URL": f"sqlite:///{self.root / 'hub.db'}",
+            "TRIBUTARY_HUB_BROKER_HOST": self.services.host,
+            "TRIBUTARY_HUB_BROKER_PORT": str(self.services.broker_port),
+        })
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if not process.alive():
+                raise RuntimeError(f"the hub exited:\n{process.log_tail()}")
+            try:
+                health = httpx.get(f"{self.hub_url}/api/health", timeout=2).json()
+                if health.get("broker_connected"):
+                    return process
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"the hub did not become ready:\n{process.log_tail()}")
+
+    def spoke_config(self, spoke_id: str, data_dir: Path, concurrency: int = 2,
+                     releasable: tuple[str, ...] = ("nodules",)) -> Path:
+        work = self.root / "spokes" / spoke_id
+        work.mkdir(parents=True, exist_ok=True)
+        config = work / "spoke.toml"
+        config.write_text(
+            f'spoke_id = "{spoke_id}"\ndata_dir = "{data_dir}"\nwork_dir = "{work}"\n'
+            f"concurrency = {concurrency}\n\n[broker]\nhost = \"{self.services.host}\"\n"
+            f"port = {self.services.broker_port}\n\n[policy]\n"
+            f"releasable_attributes = {json.dumps(list(releasable))}\n"
+            'attributes_file = "ground_truth.json"\n\n[runner]\n'
+            f'allowed_registries = ["{self.services.registry}"]\n'
+        )
+        return config
+
+    def start_spoke(self, spoke_id: str, config: Path) -> Process:
+        return self._spawn(f"spoke-{spoke_id}", ["spoke", "run", "--config", str(config)])
+
+    def wait_for_experiment(self, experiment_id: str, timeout: float,
+                            on_progress: Any = None) -> dict[str, Any]:
+        """Poll until the experiment completes; fail early if a process died."""
+        deadline = time.monotonic() + timeout
+        with self.api() as api:
+            while True:
+                experiment = api.get(f"/api/experiments/{experiment_id}").raise_for_status().json()
+                if on_progress:
+                    on_progress(experiment)
+                if experiment["state"] == "completed":
+                    return experiment
+                dead = [p for p in self.processes.values() if not p.alive()]
+                if dead:
+                    raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].log_tail()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"experiment {experiment_id} not complete after "
+                                       f"{timeout:.0f} s: {experiment['targets']}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        for process in reversed(list(self.processes.values())):
+            process.stop()
