@@ -21,7 +21,7 @@ from tributary.spoke.pseudonyms import Pseudonymizer
 
 TABLE_EDITION = "dicomfields_2026c"
 PROFILE = f"PS3.15 E.1 Basic Profile ({TABLE_EDITION}), private tags removed"
-DEID_METHOD = f"Tributary spoke: {PROFILE}"
+DEID_METHOD = f"Tributary PS3.15 Basic Profile ({TABLE_EDITION})"  # LO: 64 chars
 _MARKER = "deid.json"
 
 _base_actions: dict[Any, Callable[..., None]] | None = None
@@ -56,6 +56,10 @@ def deidentify_dataset(ds: Dataset, case_id: str, pseudonyms: Pseudonymizer) -> 
     ds.PatientName = case_id
     ds.PatientIdentityRemoved = "YES"
     ds.DeidentificationMethod = DEID_METHOD
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "113100", "DCM"
+    code.CodeMeaning = "Basic Application Confidentiality Profile"
+    ds.DeidentificationMethodCodeSequence = [code]
 
 
 def deidentified_case(case: SourceCase, work_dir: Path,
