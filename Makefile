@@ -31,8 +31,8 @@ schemas: $(STAMP)
 test: services lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: services
-	$(BIN)/python bench/bench_study.py
+bench: $(STAMP)
+	$(BIN)/python bench/bench_deid.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
