@@ -7,14 +7,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+
+from tributary import __version__
 from tributary.hub.api import algorithms, audit, experiments, spokes
 from tributary.hub.db import make_engine
 from tributary.hub.services.ingest import ResultsConsumer
 from tributary.hub.settings import HubSettings
 from tributary.hub.web import router as web_router
 from tributary.protocol.broker import StompClient
-
-from tributary import __version__
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
 
     @app.get("/api/health", tags=["health"])
     def health() -> dict[str, object]:
-        return {"status": "ok", "version": __version__, "broker_connected": app.state.broker.connected}
+        return {"status": "ok", "version": __version__,
+                "broker_connected": app.state.broker.connected}
 
     return app

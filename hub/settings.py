@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from tributary.protocol.broker import BrokerSettings
 
 

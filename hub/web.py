@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlmodel import Session, select
+
 from tributary.hub.api.deps import get_session
 from tributary.hub.models import Experiment, ExperimentState
 from tributary.hub.services.aggregation import aggregate

@@ -9,6 +9,7 @@ one unacknowledged message in flight per consumer, redelivered if we die before 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -131,10 +132,8 @@ class StompClient:
             conn, self._conn = self._conn, None
             self._connected.clear()
         if conn is not None:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 conn.disconnect()
-            except Exception:  # already gone
-                pass
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
 

@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
 from tributary.protocol import PROTOCOL_VERSION
 
 #: Messages larger than this are refused before parsing.
@@ -235,7 +236,9 @@ def _decode(body: bytes | str, adapter: TypeAdapter[Any]) -> Any:
         raise ProtocolError(f"malformed message: {problems}") from None
 
 
-def decode_from_spoke(body: bytes | str) -> ExperimentStatusMessage | CaseStartedMessage | ResultMessage:
+def decode_from_spoke(
+    body: bytes | str,
+) -> ExperimentStatusMessage | CaseStartedMessage | ResultMessage:
     """Parse a message a spoke sent to the hub, or raise :class:`ProtocolError`."""
     return _decode(body, _spoke_adapter)
 

@@ -12,6 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import docker
+
+from tributary import __version__
 from tributary.protocol.broker import Delivery, PublishError, StompClient, publish_with_retry
 from tributary.protocol.destinations import RESULTS_QUEUE, spoke_queue
 from tributary.protocol.messages import (
@@ -35,8 +37,6 @@ from tributary.spoke.journal import Journal
 from tributary.spoke.participant import build_participant
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.runner import effective_limits, run_case
-
-from tributary import __version__
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+
 from tributary.protocol.messages import CohortSelection
 from tributary.spoke.pseudonyms import Pseudonymizer
 
@@ -62,7 +63,7 @@ def _scan_case(folder: Path, pseudonyms: Pseudonymizer) -> SourceCase:
                 body_part=ds.get("BodyPartExamined") or None,
             )
         entry.files.append(path)
-    for path, reason in unreadable:
+    for _path, reason in unreadable:
         log.warning("excluded unreadable file in case folder %s: %s", folder.name, reason)
     # The case pseudonym derives from the patient identifier when there is exactly one,
     # so the same patient links up across submissions; otherwise from the folder.

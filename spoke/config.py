@@ -7,6 +7,7 @@ import tomllib
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
 from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.contract import DEFAULT_OUTPUT_LIMIT_BYTES
 from tributary.protocol.messages import validate_spoke_id

@@ -16,6 +16,7 @@ from typing import Any
 import pydicom
 from dicomanonymizer import simpledicomanonymizer as anonymizer
 from pydicom.dataset import Dataset
+
 from tributary.spoke.cohort import SourceCase
 from tributary.spoke.pseudonyms import Pseudonymizer
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import docker
 import docker.errors
+
 from tributary.protocol.messages import AlgorithmRef, FailureReason
 
 

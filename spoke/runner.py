@@ -4,6 +4,7 @@ Only ``output.json`` is read back, and only if it is a small regular JSON object
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
+
 from tributary.protocol.contract import (
     ALGO_ARG_ENV,
     OUTPUT_DIR,
@@ -51,9 +53,11 @@ def read_output(path: Path, limit: int) -> dict[str, Any]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
-        raise OutputError(FailureReason.MISSING_OUTPUT, "the algorithm wrote no output.json")
+        raise OutputError(FailureReason.MISSING_OUTPUT,
+                          "the algorithm wrote no output.json") from None
     except OSError as exc:
-        raise OutputError(FailureReason.INVALID_OUTPUT, f"output.json unreadable: {exc}")
+        raise OutputError(FailureReason.INVALID_OUTPUT,
+                          f"output.json unreadable: {exc}") from None
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         if not stat.S_ISREG(info.st_mode):
@@ -65,7 +69,8 @@ def read_output(path: Path, limit: int) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise OutputError(FailureReason.INVALID_OUTPUT, f"output.json is not valid JSON: {exc}")
+        raise OutputError(FailureReason.INVALID_OUTPUT,
+                          f"output.json is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise OutputError(FailureReason.INVALID_OUTPUT,
                           f"output.json must be a JSON object, not {type(data).__name__}")
@@ -152,7 +157,5 @@ def _log_tail(container: Any, lines: int) -> str:
 
 
 def remove_container(client: docker.DockerClient, name: str) -> None:
-    try:
+    with contextlib.suppress(docker.errors.NotFound):
         client.containers.get(name).remove(force=True)
-    except docker.errors.NotFound:
-        pass

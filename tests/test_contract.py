@@ -4,9 +4,9 @@ documented JSON Schemas must equal what the protocol module says."""
 from pathlib import Path
 
 import pytest
-import tributary_algorithm.contract as sdk
 
 import tributary.protocol.contract as protocol
+import tributary_algorithm.contract as sdk
 from tributary.protocol.schemas import SCHEMAS, render
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas"

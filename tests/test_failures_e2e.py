@@ -127,6 +127,7 @@ def test_spoke_refuses_digest_the_registry_does_not_serve(
     assert cases == []
     created = subprocess.run(
         ["docker", "events", "--since", str(since), "--until", str(time.time()),
-         "--filter", "event=create", "--filter", f"label=org.tributary.experiment={experiment['id']}"],
+         "--filter", "event=create",
+         "--filter", f"label=org.tributary.experiment={experiment['id']}"],
         capture_output=True, text=True, check=True).stdout
     assert created.strip() == "", "a container was created for a refused experiment"

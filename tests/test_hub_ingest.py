@@ -19,9 +19,11 @@ from tributary.hub.services.aggregation import aggregate
 from tributary.hub.services.ingest import Rejected, ingest
 from tributary.protocol.messages import (
     CaseStatus,
-    ExperimentState as SpokeState,
     ExperimentStatusMessage,
     ResultMessage,
+)
+from tributary.protocol.messages import (
+    ExperimentState as SpokeState,
 )
 
 

@@ -27,7 +27,7 @@ def aggregate_table(report: dict[str, Any]) -> Table:
     for column in report["columns"]:
         table.add_column(column["label"], justify="right")
     for group, figures in report["groups"].items():
-        cells = ["–" if figures.get(c["key"]) is None else str(figures[c["key"]])
+        cells = ["-" if figures.get(c["key"]) is None else str(figures[c["key"]])
                  for c in report["columns"]]
         table.add_row(group, *cells, style="bold" if group == "pooled" else None)
     return table
@@ -56,8 +56,8 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
     federation = LocalFederation(root, settings, hub_port)
     cohorts = {}
     for (spoke_id, site), count in zip(SITES, case_counts, strict=False):
-        truth = generate_cohort(root / "data" / spoke_id, count, seed=zlib.crc32(spoke_id.encode()) % 1000,
-                                site=site)
+        seed = zlib.crc32(spoke_id.encode()) % 1000
+        truth = generate_cohort(root / "data" / spoke_id, count, seed=seed, site=site)
         cohorts[spoke_id] = site
         nodules = sum(len(v["nodules"]) for v in truth.values())
         console.print(f"  {spoke_id:<11} {count} cases, {nodules} nodules ({site})")
@@ -66,7 +66,8 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
         console.rule("4. Hub and spokes")
         federation.start_hub()
         console.print(f"  hub        {federation.hub_url}")
-        schema = json.loads((examples_dir() / "lung_nodule" / "arguments.schema.json").read_text())
+        schema_file = examples_dir() / "lung_nodule" / "arguments.schema.json"
+        schema = json.loads(schema_file.read_text())
         with federation.api() as api:
             for spoke_id, site in cohorts.items():
                 api.post("/api/spokes", json={"id": spoke_id, "name": spoke_id,

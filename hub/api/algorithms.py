@@ -3,6 +3,7 @@
 from fastapi import APIRouter, Depends, HTTPException
 from jsonschema import Draft202012Validator, SchemaError
 from sqlmodel import Session, select
+
 from tributary.hub.api.deps import get_actor, get_session, get_settings
 from tributary.hub.api.schemas import AlgorithmCreate
 from tributary.hub.models import Algorithm

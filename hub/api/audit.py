@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter, Depends, Query
 from sqlmodel import Session, select
+
 from tributary.hub.api.deps import get_session
 from tributary.hub.models import AuditEvent
 

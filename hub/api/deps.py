@@ -4,6 +4,7 @@ from collections.abc import Iterator
 
 from fastapi import Request
 from sqlmodel import Session
+
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import StompClient
 

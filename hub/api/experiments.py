@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, HTTPException
 from jsonschema import Draft202012Validator
 from sqlmodel import Session, select
+
 from tributary.hub.api.deps import get_actor, get_broker, get_session, get_settings
 from tributary.hub.api.schemas import CaseRead, ExperimentCreate, ExperimentRead
 from tributary.hub.models import (

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
+
 from tributary.protocol.messages import (
     DIGEST_RE,
     REPOSITORY_RE,

@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter, Depends, HTTPException
 from sqlmodel import Session, select
+
 from tributary.hub.api.deps import get_actor, get_session
 from tributary.hub.api.schemas import SpokeCreate
 from tributary.hub.models import Spoke

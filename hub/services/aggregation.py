@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from sqlmodel import Session, select
+
 from tributary.hub.models import CaseResult, CaseState, Experiment, ExperimentTarget
 
 POOLED = "pooled"

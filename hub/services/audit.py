@@ -3,6 +3,7 @@
 from typing import Any
 
 from sqlmodel import Session
+
 from tributary.hub.models import AuditEvent
 
 

@@ -8,6 +8,7 @@ import logging
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
+
 from tributary.hub.models import (
     FINAL_CASE_STATES,
     TERMINAL_TARGET_STATES,

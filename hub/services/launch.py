@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sqlmodel import Session, select
+
 from tributary.hub.models import (
     Algorithm,
     Experiment,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from sqlmodel import Session, select
+
 from tributary.hub.api.schemas import CaseRead, ExperimentRead, TargetProgress
 from tributary.hub.models import Algorithm, CaseResult, Experiment, ExperimentTarget
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -48,7 +49,8 @@ def wait_for(check: Callable[[], bool], timeout: float, what: str, log: Path | N
         time.sleep(0.2)
     hint = ""
     if log is not None and log.exists():
-        hint = "\n--- last log lines ---\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+        lines = log.read_text(errors="replace").splitlines()[-15:]
+        hint = "\n--- last log lines ---\n" + "\n".join(lines)
     raise ServiceError(f"{what} did not become ready within {timeout:.0f} s{hint}")
 
 
@@ -98,7 +100,5 @@ def stop_daemon(pidfile: Path, timeout: float = 20.0) -> bool:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
