@@ -54,6 +54,8 @@ def test_study_across_three_spokes(federation: LocalFederation, detector_image: 
         cases = api.get(f"/api/experiments/{exp_id}/cases").json()
         report = api.get(f"/api/experiments/{exp_id}/aggregate").json()
         audit = api.get("/api/audit", params={"target": exp_id, "limit": 5000}).json()
+        listing = api.get("/").text
+        page = api.get(f"/experiments/{exp_id}").text
 
     # Every case's result arrived exactly once, and every case succeeded.
     assert len(cases) == sum(sizes.values()) >= 30
@@ -65,6 +67,13 @@ def test_study_across_three_spokes(federation: LocalFederation, detector_image: 
     results_received = [a for a in audit if a["action"] == "message.received"
                         and a["detail"]["kind"] == "result" and not a["detail"]["duplicate"]]
     assert len(results_received) == len(cases)
+
+    # The pages show the experiment with its per-spoke progress and the aggregated table.
+    assert "e2e study" in listing and exp_id in listing
+    for spoke_id, count in sizes.items():
+        assert spoke_id in listing and spoke_id in page
+        assert f"{count} done" in listing
+    assert "Sensitivity" in page and "pooled" in page
 
     # Only pseudonyms left the spokes, and the image that ran is the pinned digest.
     for case in cases:

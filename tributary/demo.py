@@ -21,15 +21,21 @@ SITES = [("northfield", "Northfield General Hospital"), ("riverside", "Riverside
          ("stclare", "St Clare University Hospital"), ("lakeside", "Lakeside Clinic")]
 
 
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def aggregate_table(report: dict[str, Any]) -> Table:
+    """Figures as rows and spokes as columns, so the table fits a terminal."""
     table = Table(title=f"Aggregated results ({report['aggregator']})")
-    table.add_column("group", style="bold")
+    table.add_column("figure", style="bold")
+    for group in report["groups"]:
+        table.add_column(group, justify="right", style="bold" if group == "pooled" else None)
     for column in report["columns"]:
-        table.add_column(column["label"], justify="right")
-    for group, figures in report["groups"].items():
-        cells = ["-" if figures.get(c["key"]) is None else str(figures[c["key"]])
-                 for c in report["columns"]]
-        table.add_row(group, *cells, style="bold" if group == "pooled" else None)
+        table.add_row(column["label"], *(_cell(figures.get(column["key"]))
+                                         for figures in report["groups"].values()))
     return table
 
 
