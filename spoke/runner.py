@@ -67,14 +67,18 @@ def read_output(path: Path, limit: int) -> dict[str, Any]:
                               f"output.json is {info.st_size} bytes; the limit is {limit}")
         raw = handle.read(limit + 1)
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise OutputError(FailureReason.INVALID_OUTPUT,
                           f"output.json is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise OutputError(FailureReason.INVALID_OUTPUT,
                           f"output.json must be a JSON object, not {type(data).__name__}")
     return data
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
 
 
 class OutputError(Exception):

@@ -19,6 +19,8 @@ def test_reads_a_json_object(tmp_path: Path) -> None:
     (b"{not json", FailureReason.INVALID_OUTPUT),
     (b"[1, 2]", FailureReason.INVALID_OUTPUT),
     (b"\xff\xfe", FailureReason.INVALID_OUTPUT),
+    (b'{"auc": NaN}', FailureReason.INVALID_OUTPUT),
+    (b'{"auc": Infinity}', FailureReason.INVALID_OUTPUT),
     (b'{"a": "' + b"x" * 2000 + b'"}', FailureReason.OUTPUT_TOO_LARGE),
 ])
 def test_refuses_bad_output(tmp_path: Path, content: bytes, reason: FailureReason) -> None:
