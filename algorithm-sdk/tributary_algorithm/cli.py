@@ -1,0 +1,274 @@
+"""``tributary-algorithm``: build, push and locally test algorithm images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .contract import CONTRACT_VERSION
+from .tools import ToolError, build_image, print_result, push_image, run_local
+from .tools.build import DEFAULT_PYTHON_VERSION, default_platforms, default_wheel_cache
+
+_DESCRIPTION = f"""\
+Developer tools for Tributary algorithm images (algorithm contract {CONTRACT_VERSION}).
+
+  build  make an image whose Python packages install offline from wheels/
+  push   push it to a registry and print the pinned reference REPO@sha256:...
+  test   run it on local DICOM folders with the same mounts and isolation as a spoke
+"""
+
+_EPILOG = """\
+examples:
+  tributary-algorithm build examples/lung_nodule --tag lung-nodule:dev
+  tributary-algorithm push lung-nodule:dev --repository 127.0.0.1:5000/algorithms/lung-nodule
+  tributary-algorithm test lung-nodule:dev --dicom cohort/CASE_FOLDER \\
+      --args '{"min_diameter_mm": 6}' --output out/
+"""
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """Parse ``--args``: inline JSON, or ``@file.json``."""
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text(encoding="utf-8")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The argument parser (separate so tests and docs can inspect it)."""
+    parser = argparse.ArgumentParser(
+        prog="tributary-algorithm",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show the docker and pip commands and their output",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    build = sub.add_parser(
+        "build",
+        help="build an algorithm image",
+        description="Build DIR (Dockerfile, optional requirements.txt, code) into an image. "
+        "The SDK wheel and wheels of requirements.txt (for the image's Python and the host "
+        "CPU) are put in the build context under wheels/ so that the image installs offline.",
+    )
+    build.add_argument("directory", metavar="DIR", type=Path, help="folder with a Dockerfile")
+    build.add_argument("--tag", "-t", required=True, help="image tag, e.g. lung-nodule:dev")
+    build.add_argument(
+        "--base-image",
+        metavar="IMAGE",
+        help="passed as build argument BASE_IMAGE (default: the Dockerfile's)",
+    )
+    build.add_argument(
+        "--sdk",
+        metavar="PATH",
+        type=Path,
+        help="SDK source folder or .whl to ship (default: this SDK's checkout, "
+        "else the same release from the package index)",
+    )
+    build.add_argument(
+        "--wheel-cache",
+        metavar="DIR",
+        type=Path,
+        help=f"where downloaded wheels are kept (default: {default_wheel_cache()})",
+    )
+    build.add_argument(
+        "--python-version",
+        default=DEFAULT_PYTHON_VERSION,
+        metavar="X.Y",
+        help="Python version inside the image (default: %(default)s)",
+    )
+    build.add_argument(
+        "--platform",
+        dest="platforms",
+        action="append",
+        metavar="TAG",
+        help="wheel platform tag, repeatable "
+        f"(default: {default_platforms()[0]} … {default_platforms()[-1]})",
+    )
+    build.add_argument(
+        "--build-arg",
+        dest="build_args",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra docker build argument, repeatable",
+    )
+    build.add_argument("--no-cache", action="store_true", help="do not use Docker's layer cache")
+
+    push = sub.add_parser(
+        "push",
+        help="push an image and print its digest reference",
+        description="Tag IMAGE as REPOSITORY, push it, and print REPO@sha256:... (the manifest "
+        "digest an experiment pins the algorithm by).",
+    )
+    push.add_argument("image", metavar="IMAGE", help="local image tag")
+    push.add_argument(
+        "--repository",
+        "-r",
+        required=True,
+        metavar="REGISTRY/REPO[:TAG]",
+        help="where to push, e.g. 127.0.0.1:5000/algorithms/lung-nodule:1.0",
+    )
+
+    test = sub.add_parser(
+        "test",
+        help="run an image on local DICOM folders like a spoke",
+        description="Run IMAGE on the DICOM under --dicom exactly as a spoke would: every "
+        "folder holding files is one series (DIR itself if it holds files), mounted read-only "
+        "with a generated participant JSON; no network, read-only root, user 65534, no "
+        "capabilities, memory/CPU/pids limits. Then output.json is checked like the spoke "
+        "does. Exit status 0 when the run succeeded with a valid output, 1 otherwise.",
+    )
+    test.add_argument("image", metavar="IMAGE", help="image tag or ID to run")
+    test.add_argument(
+        "--dicom",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="folder with the series of one case",
+    )
+    test.add_argument(
+        "--args",
+        dest="arguments",
+        type=_json_object,
+        default={},
+        metavar="JSON",
+        help="algorithm arguments: a JSON object or @file.json",
+    )
+    test.add_argument(
+        "--output",
+        type=Path,
+        metavar="DIR",
+        help="keep output.json here (default: a temporary folder)",
+    )
+    test.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="kill the container after S seconds (default: %(default)s, an experiment's default)",
+    )
+    test.add_argument(
+        "--memory-mb",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="memory limit in MiB, no swap (default: %(default)s)",
+    )
+    test.add_argument(
+        "--cpus", type=float, default=1.0, metavar="C", help="CPU limit (default: %(default)s)"
+    )
+    test.add_argument(
+        "--pids-limit",
+        type=int,
+        default=256,
+        metavar="N",
+        help="process limit (default: %(default)s)",
+    )
+    test.add_argument(
+        "--tmpfs-mb",
+        type=int,
+        default=512,
+        metavar="N",
+        help="size of the /tmp tmpfs in MiB (default: %(default)s)",
+    )
+    test.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON object instead of a report",
+    )
+    return parser
+
+
+def _build_args(pairs: list[str]) -> dict[str, str]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ToolError(f"--build-arg needs KEY=VALUE, got {pair!r}")
+        result[key] = value
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit status."""
+    args = make_parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            result = build_image(
+                args.directory,
+                args.tag,
+                base_image=args.base_image,
+                sdk=args.sdk,
+                wheel_cache=args.wheel_cache,
+                python_version=args.python_version,
+                platforms=args.platforms,
+                build_args=_build_args(args.build_args),
+                no_cache=args.no_cache,
+                verbose=args.verbose,
+            )
+            print(f"built {result.tag} ({result.image_id}) with {len(result.wheels)} wheels")
+            return 0
+        if args.command == "push":
+            repository, digest = push_image(args.image, args.repository, verbose=args.verbose)
+            print(f"{repository}@{digest}")
+            return 0
+        result = run_local(
+            args.image,
+            args.dicom,
+            arguments=args.arguments,
+            output_dir=args.output,
+            timeout=args.timeout,
+            tmpfs_mb=args.tmpfs_mb,
+            memory_mb=args.memory_mb,
+            cpus=args.cpus,
+            pids_limit=args.pids_limit,
+        )
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "exit_code": result.exit_code,
+                        "meaning": result.meaning,
+                        "outcome": result.outcome,
+                        "timed_out": result.timed_out,
+                        "oom_killed": result.oom_killed,
+                        "duration_s": result.duration_s,
+                        "output": result.output,
+                        "output_error": result.output_error,
+                        "output_problem": result.output_problem,
+                        "container": result.container,
+                        "stderr": result.stderr,
+                        "participant": result.participant,
+                    },
+                    indent=2,
+                )
+            )
+        else:
+            print_result(result)
+        return 0 if result.ok else 1
+    except ToolError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

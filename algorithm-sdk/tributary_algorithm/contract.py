@@ -1,0 +1,58 @@
+"""The algorithm contract v1, restated with the standard library only.
+
+The platform's ``protocol/contract.py`` is the authority; it needs pydantic, which an
+algorithm image should not have to install. The values here must stay equal to it (the
+platform's test suite compares them).
+"""
+
+from __future__ import annotations
+
+import re
+from enum import IntEnum
+
+CONTRACT_VERSION = "1.0"
+
+#: Environment variable carrying the JSON-encoded ALGO_ARG object.
+ALGO_ARG_ENV = "ALGO_ARG"
+#: Fixed paths inside the container.
+PARTICIPANT_PATH = "/tributary/participant.json"
+INPUT_ROOT = "/tributary/input"
+OUTPUT_DIR = "/tributary/output"
+OUTPUT_PATH = f"{OUTPUT_DIR}/output.json"
+SCRATCH_DIR = "/tmp"
+
+#: The spoke refuses output.json files larger than this (unless its config raises it).
+DEFAULT_OUTPUT_LIMIT_BYTES = 1024 * 1024
+
+#: Pseudonymous identifiers look like ``c-0123456789abcdef`` (case) or ``s-…`` (series).
+PSEUDONYM_PATTERN = re.compile(r"^[a-z]-[0-9a-f]{16,64}$")
+
+
+class ExitCode(IntEnum):
+    """What an algorithm's exit status means to the spoke."""
+
+    SUCCESS = 0  # output.json written and complete
+    ERROR = 1  # the algorithm failed (any other non-zero status is treated the same)
+    INVALID_ARGUMENTS = 2  # the arguments in ALGO_ARG are not acceptable to this algorithm
+    UNSUITABLE_INPUT = 3  # this case cannot be processed by this algorithm (e.g. no CT)
+
+
+def exit_label(code: int) -> str:
+    """Short label for an exit status, used to prefix messages on stderr."""
+    return {
+        ExitCode.SUCCESS: "success",
+        ExitCode.ERROR: "error",
+        ExitCode.INVALID_ARGUMENTS: "invalid arguments",
+        ExitCode.UNSUITABLE_INPUT: "unsuitable input",
+    }.get(code, f"error (exit {code})")
+
+
+def describe_exit_code(code: int) -> str:
+    """Say what a container exit status means, the way a spoke would interpret it."""
+    if code in set(ExitCode):
+        return exit_label(code)
+    if code == 137:
+        return "error (killed by SIGKILL: out of memory, or stopped after a timeout)"
+    if code == 139:
+        return "error (segmentation fault)"
+    return "error (any other non-zero exit status counts as an error)"
