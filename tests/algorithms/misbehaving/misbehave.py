@@ -1,0 +1,136 @@
+"""An algorithm that misbehaves on purpose, so tests can prove the platform contains it.
+
+``arguments.behaviour`` picks the misbehaviour:
+
+ok           write ``{"ok": true, "case_id": ...}`` and exit 0
+crash        raise an exception: exit 1 with a traceback on stderr
+exit-code    exit with ``arguments.code`` (0..255)
+hang         sleep forever (the spoke must time it out)
+garbage      write non-JSON to output.json and exit 0
+not-object   write a JSON list to output.json and exit 0
+oversize     write a 2 MiB JSON object to output.json and exit 0
+no-output    exit 0 without writing output.json
+network      try TCP connections to loopback service ports; must fail under --network none
+write-input  try to write into the read-only input series folder
+memory       allocate memory until the memory limit kills the container
+
+The raw misbehaviours write ``ctx.output_path`` directly, bypassing the SDK's checks on
+purpose: the point is to feed the spoke what a careless algorithm could produce.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+from tributary_algorithm import Context, InvalidArguments, run
+
+#: Only loopback is ever targeted: a broker (STOMP) port and a registry port. Under
+#: ``--network none`` the container's own loopback has nothing listening, so both fail.
+NETWORK_TARGETS = (("127.0.0.1", 61613), ("127.0.0.1", 5000))
+OVERSIZE_BYTES = 2 * 1024 * 1024
+MEMORY_CHUNK_BYTES = 16 * 1024 * 1024
+
+BEHAVIOURS = (
+    "ok",
+    "crash",
+    "exit-code",
+    "hang",
+    "garbage",
+    "not-object",
+    "oversize",
+    "no-output",
+    "network",
+    "write-input",
+    "memory",
+)
+
+
+def _write_raw(ctx: Context, data: bytes) -> None:
+    with open(ctx.output_path, "wb") as handle:
+        handle.write(data)
+
+
+def _network(ctx: Context) -> dict[str, Any]:
+    failures, reached = [], []
+    for host, port in NETWORK_TARGETS:
+        try:
+            with socket.create_connection((host, port), timeout=3):
+                reached.append(f"{host}:{port}")
+                print(f"connected to {host}:{port}", flush=True)
+        except OSError as exc:
+            failures.append(f"{host}:{port}: {exc}")
+            print(f"connection to {host}:{port} failed: {exc}", flush=True)
+    if reached:  # the sandbox let us out: report it as a (suspicious) success
+        return {"network": "reachable", "reached": reached, "case_id": ctx.case_id}
+    print(f"network access failed: {'; '.join(failures)}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _write_input(ctx: Context) -> dict[str, Any]:
+    if not ctx.series:
+        raise InvalidArguments("write-input needs at least one input series")
+    target = os.path.join(ctx.series[0].path, "tributary-write-test.txt")
+    try:
+        with open(target, "w") as handle:
+            handle.write("an algorithm must not be able to write here\n")
+    except OSError as exc:
+        print(f"writing to the input failed: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    os.unlink(target)  # leave the input as found, then report the breach
+    print(f"wrote to {target}: the input is writable", flush=True)
+    return {"input_writable": True, "case_id": ctx.case_id}
+
+
+def _memory() -> None:
+    hoard = []
+    while True:
+        hoard.append(b"\x01" * MEMORY_CHUNK_BYTES)  # non-zero bytes: pages really touched
+        print(f"holding {len(hoard) * MEMORY_CHUNK_BYTES >> 20} MiB", flush=True)
+
+
+def main(ctx: Context) -> dict[str, Any] | None:
+    """Do what ``arguments.behaviour`` asks."""
+    behaviour = ctx.arguments.get("behaviour", "ok")
+    if behaviour not in BEHAVIOURS:
+        raise InvalidArguments(f"behaviour must be one of {', '.join(BEHAVIOURS)}")
+    if behaviour == "ok":
+        return {"ok": True, "case_id": ctx.case_id}
+    if behaviour == "crash":
+        raise RuntimeError("deliberate crash requested by arguments.behaviour")
+    if behaviour == "exit-code":
+        code = ctx.arguments.get("code")
+        if isinstance(code, bool) or not isinstance(code, int) or not 0 <= code <= 255:
+            raise InvalidArguments("exit-code needs arguments.code, an integer 0..255")
+        print(f"exiting with status {code} as asked", file=sys.stderr, flush=True)
+        sys.exit(code)
+    if behaviour == "hang":
+        print("hanging", flush=True)
+        while True:
+            time.sleep(3600)
+    if behaviour == "garbage":
+        _write_raw(ctx, b"this is { not JSON \x00\xff")
+        sys.exit(0)
+    if behaviour == "not-object":
+        _write_raw(ctx, b'["a", "list", "is", "not", "an", "object"]')
+        sys.exit(0)
+    if behaviour == "oversize":
+        head, tail = '{"padding": "', '"}'
+        filler = "x" * (OVERSIZE_BYTES - len(head) - len(tail))
+        _write_raw(ctx, (head + filler + tail).encode())
+        sys.exit(0)
+    if behaviour == "no-output":
+        sys.exit(0)
+    if behaviour == "network":
+        return _network(ctx)
+    if behaviour == "write-input":
+        return _write_input(ctx)
+    _memory()
+    return None
+
+
+if __name__ == "__main__":
+    run(main)
