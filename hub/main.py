@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
 
 from tributary import __version__
 from tributary.hub.api import algorithms, audit, experiments, spokes
@@ -15,6 +16,7 @@ from tributary.hub.services.ingest import ResultsConsumer
 from tributary.hub.settings import HubSettings
 from tributary.hub.web import router as web_router
 from tributary.protocol.broker import StompClient
+from tributary.protocol.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +27,10 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
+        key = SigningKey.load_or_create(settings.signing_key)
         broker = StompClient(settings.broker(), "hub").start()
         app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
+        app.state.signing_key = key
         if settings.consume_results:
             ResultsConsumer(engine, broker).start()
         yield
@@ -40,9 +44,15 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         app.include_router(router)
     app.include_router(web_router)
 
+    @app.get("/api/hub/key", tags=["health"], response_class=PlainTextResponse)
+    def hub_key() -> str:
+        """The hub's public key (PEM) that spokes pin; compare its key id out of band."""
+        return app.state.signing_key.public.pem
+
     @app.get("/api/health", tags=["health"])
     def health() -> dict[str, object]:
         return {"status": "ok", "version": __version__,
+                "hub_keyid": app.state.signing_key.keyid,
                 "broker_connected": app.state.broker.connected}
 
     return app

@@ -22,6 +22,36 @@ class Spoke(SQLModel, table=True):
     last_seen_at: datetime | None = None
 
 
+class SpokeKey(SQLModel, table=True):
+    """A spoke's enrolled public key. Only active keys are trusted; rotation is enrolling a
+    new key and revoking the old one."""
+
+    keyid: str = Field(primary_key=True)
+    spoke_id: str = Field(foreign_key="spoke.id", index=True)
+    public_key_pem: str
+    enrolled_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class SpokeChain(SQLModel, table=True):
+    """Head of each spoke's custody hash chain as accepted by the hub."""
+
+    spoke_id: str = Field(foreign_key="spoke.id", primary_key=True)
+    sequence: int
+    record_sha256: str
+
+
+class QuarantinedMessage(SQLModel, table=True):
+    """A message the hub refused, kept with its reason for investigation."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    received_at: datetime = Field(default_factory=utcnow, index=True)
+    broker_message_id: str = ""
+    claimed_spoke: str | None = None
+    reason: str
+    body: str
+
+
 class Algorithm(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("name", "version"),)
 
@@ -107,6 +137,8 @@ class CaseResult(SQLModel, table=True):
     finished_at: datetime | None = None
     result_message_id: str | None = None
     received_at: datetime | None = None
+    custody: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    custody_sha256: str | None = Field(default=None, index=True)
 
 
 class InboundMessage(SQLModel, table=True):

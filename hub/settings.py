@@ -22,6 +22,8 @@ class HubSettings(BaseSettings):
     verify_registry: bool = True
     #: Registries reached over plain HTTP (loopback ones always are).
     insecure_registries: list[str] = []
+    #: The hub's Ed25519 signing key (PKCS#8 PEM), created on first start.
+    signing_key: Path = Path("tributary-hub.key")
     #: Days an experiment message waits in the broker for an offline spoke.
     default_expiry_days: float = 7.0
 

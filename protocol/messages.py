@@ -202,6 +202,8 @@ class ResultMessage(_Message):
     image_digest: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    custody: dict[str, Any] | None = Field(
+        None, description="DSSE envelope of the spoke-signed custody record (see custody.py).")
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 

@@ -26,12 +26,13 @@ from tributary.protocol.messages import (
     FailureReason,
     ProtocolError,
     ResultMessage,
-    decode_from_hub,
-    encode,
 )
+from tributary.protocol.signing import PublicKey, SigningKey, sha256_hex
+from tributary.protocol.wire import open_from_hub, seal
 from tributary.spoke import cohort
 from tributary.spoke.config import SpokeConfig
-from tributary.spoke.deid import deidentified_case
+from tributary.spoke.custody import CustodyChain, input_digest
+from tributary.spoke.deid import PROFILE, deidentified_case
 from tributary.spoke.images import ImageRefused, ensure_image
 from tributary.spoke.journal import Journal
 from tributary.spoke.participant import build_participant
@@ -51,6 +52,9 @@ class SpokeAgent:
         config.work_dir.mkdir(parents=True, exist_ok=True)
         self.pseudonyms = Pseudonymizer.from_key_file(config.work_dir / "pseudonym.key")
         self.journal = Journal(config.work_dir / "journal.db")
+        self.key = SigningKey.load_or_create(config.work_dir / "spoke.key")
+        self.hub_keys = [PublicKey.load(config.hub_public_key)]
+        self.chain = CustodyChain(self.journal, self.key)
         self.client = StompClient(config.broker.settings(), f"spoke-{config.spoke_id}")
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self.stopping = threading.Event()
@@ -79,7 +83,7 @@ class SpokeAgent:
     # -- one experiment ---------------------------------------------------------------------
     def handle(self, delivery: Delivery) -> None:
         try:
-            message = decode_from_hub(delivery.body)
+            message = open_from_hub(delivery.body, self.hub_keys)
         except ProtocolError as exc:
             log.error("dead-lettering unreadable message %s: %s", delivery.message_id, exc)
             self.client.nack(delivery)
@@ -87,6 +91,11 @@ class SpokeAgent:
         if message.spoke_id != self.config.spoke_id:
             log.error("dead-lettering message for spoke %s", message.spoke_id)
             self.client.nack(delivery)
+            return
+        if self.journal.handled(message.message_id):
+            log.warning("dropping replayed experiment message %s (%s): already handled",
+                        message.message_id, message.experiment_id)
+            self.client.ack(delivery)
             return
         try:
             self.process(message)
@@ -96,12 +105,13 @@ class SpokeAgent:
             log.warning("could not publish for %s (%s); will resume on redelivery",
                         message.experiment_id, exc)
             return
+        self.journal.mark_handled(message.message_id, message.experiment_id)
         if not self.client.ack(delivery):
             log.info("connection changed before ack of %s; it will be redelivered and "
                      "answered from the journal", message.experiment_id)
 
     def _send(self, message: ExperimentStatusMessage | CaseStartedMessage | ResultMessage) -> None:
-        publish_with_retry(self.client, RESULTS_QUEUE, encode(message),
+        publish_with_retry(self.client, RESULTS_QUEUE, seal(message, self.key),
                            {"tributary-kind": message.kind}, attempts=10)
 
     def _status(self, message: ExperimentMessage, state: ExperimentState,
@@ -131,9 +141,8 @@ class SpokeAgent:
                                             self.config.policy.attributes_file)
         with ThreadPoolExecutor(self.config.concurrency,
                                 thread_name_prefix="case") as pool:
-            results = list(pool.map(lambda c: self._case(message, c, attributes), cases))
-        for result in results + self.journal.unpublished(message.experiment_id):
-            self._publish_result(result)
+            list(pool.map(lambda c: self._case(message, c, attributes), cases))
+        self.chain.flush(self._publish_result)
         self._status(message, ExperimentState.COMPLETED, [c.case_id for c in cases])
         log.info("experiment %s done: %d cases", message.experiment_id, len(cases))
 
@@ -152,7 +161,7 @@ class SpokeAgent:
                                           spoke_id=self.config.spoke_id, case_id=case.case_id))
         except PublishError:
             log.warning("could not report the start of %s", case.case_id)
-        output, failure = self._execute(message, case)
+        output, failure, run = self._execute(message, case)
         result = ResultMessage(
             experiment_id=message.experiment_id, spoke_id=self.config.spoke_id,
             case_id=case.case_id, status=CaseStatus.FAILED if failure else CaseStatus.SUCCEEDED,
@@ -162,24 +171,29 @@ class SpokeAgent:
             if failure is None else {},
             image_digest=message.algorithm.digest, started_at=started, finished_at=_now(),
         )
-        self.journal.record(result)
         try:
-            self._publish_result(result)
+            return self.chain.append_and_publish(result, run, self._publish_result)
         except PublishError:
             log.warning("result of %s kept in the journal until the broker is back",
                         case.case_id)
-        return result
+            return result
 
-    def _execute(self, message: ExperimentMessage,
-                 case: cohort.SourceCase) -> tuple[dict | None, Failure | None]:
+    def _execute(self, message: ExperimentMessage, case: cohort.SourceCase
+                 ) -> tuple[dict | None, Failure | None, dict]:
+        """Run the case; returns output, failure and the facts its custody record states."""
         t0 = time.monotonic()
+        run: dict = {"exit_code": None, "participant_sha256": None, "input_sha256": None,
+                     "deid_profile": PROFILE}
         try:
             deidentified = deidentified_case(case, self.config.work_dir, self.pseudonyms)
             participant, mounts = build_participant(case, message.experiment_id, deidentified)
+            run["input_sha256"] = input_digest(deidentified)
+            run["participant_sha256"] = sha256_hex(
+                participant.model_dump_json(indent=2).encode())
         except Exception as exc:
             log.exception("could not prepare case %s", case.case_id)
             return None, Failure(reason=FailureReason.INPUT_ERROR,
-                                 detail=f"case could not be prepared: {type(exc).__name__}")
+                                 detail=f"case could not be prepared: {type(exc).__name__}"), run
         client = docker.from_env(timeout=120)
         try:
             outcome = run_case(
@@ -196,10 +210,11 @@ class SpokeAgent:
         except Exception as exc:
             log.exception("container for case %s could not run", case.case_id)
             return None, Failure(reason=FailureReason.INTERNAL_ERROR,
-                                 detail=f"container could not run: {exc}"[:2000])
+                                 detail=f"container could not run: {exc}"[:2000]), run
         finally:
             client.close()
         log.info("case %s: %s in %.1f s", case.case_id,
                  outcome.failure.reason if outcome.failure else "succeeded",
                  time.monotonic() - t0)
-        return outcome.output, outcome.failure
+        run["exit_code"] = outcome.exit_code
+        return outcome.output, outcome.failure, run

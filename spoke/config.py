@@ -57,6 +57,8 @@ class SpokeConfig(BaseModel):
     spoke_id: str
     data_dir: Path
     work_dir: Path
+    #: The hub's public key (PEM), pinned here: only messages it signed are obeyed.
+    hub_public_key: Path
     concurrency: int = Field(2, ge=1, le=64)
     broker: SpokeBroker = Field(default_factory=SpokeBroker)
     policy: ReleasePolicy = Field(default_factory=ReleasePolicy)
@@ -69,7 +71,7 @@ class SpokeConfig(BaseModel):
         with open(path, "rb") as handle:
             raw = tomllib.load(handle)
         base = path.parent
-        for key in ("data_dir", "work_dir"):
+        for key in ("data_dir", "work_dir", "hub_public_key"):
             if key in raw and not Path(raw[key]).is_absolute():
                 raw[key] = str((base / raw[key]).resolve())
         return cls.model_validate(raw)

@@ -19,6 +19,15 @@ CREATE TABLE IF NOT EXISTS results (
     published INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (experiment_id, case_id, attempt)
 );
+CREATE TABLE IF NOT EXISTS chain (
+    sequence INTEGER PRIMARY KEY,
+    record_sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS handled_messages (
+    message_id TEXT PRIMARY KEY,
+    experiment_id TEXT NOT NULL,
+    handled_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
 """
 
 
@@ -38,13 +47,49 @@ class Journal:
                 (experiment_id, case_id, attempt)).fetchone()
         return ResultMessage.model_validate_json(row[0]) if row else None
 
-    def record(self, message: ResultMessage) -> None:
+    def chain_head(self) -> tuple[int, str | None]:
+        """(last sequence, its record hash) of this spoke's custody chain."""
         with self._lock:
-            self._db.execute(
-                "INSERT OR IGNORE INTO results (experiment_id, case_id, attempt, message) "
-                "VALUES (?, ?, ?, ?)",
-                (message.experiment_id, message.case_id, message.attempt,
-                 message.model_dump_json()))
+            row = self._db.execute(
+                "SELECT sequence, record_sha256 FROM chain ORDER BY sequence DESC LIMIT 1"
+            ).fetchone()
+        return (row[0], row[1]) if row else (0, None)
+
+    def record(self, message: ResultMessage, sequence: int | None = None,
+               record_sha256: str | None = None) -> None:
+        """Store a result and, in the same transaction, advance the custody chain."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO results (experiment_id, case_id, attempt, message) "
+                    "VALUES (?, ?, ?, ?)",
+                    (message.experiment_id, message.case_id, message.attempt,
+                     message.model_dump_json()))
+                if sequence is not None:
+                    self._db.execute("INSERT INTO chain (sequence, record_sha256) VALUES (?, ?)",
+                                     (sequence, record_sha256))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def handled(self, message_id: str) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM handled_messages WHERE message_id=?",
+                                    (message_id,)).fetchone() is not None
+
+    def mark_handled(self, message_id: str, experiment_id: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO handled_messages (message_id, experiment_id) "
+                             "VALUES (?, ?)", (message_id, experiment_id))
+
+    def all_unpublished(self) -> list[ResultMessage]:
+        """Every result not yet confirmed by the broker, in custody-chain order."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT message FROM results WHERE published=0 ORDER BY rowid").fetchall()
+        return [ResultMessage.model_validate_json(r[0]) for r in rows]
 
     def mark_published(self, message: ResultMessage) -> None:
         with self._lock:

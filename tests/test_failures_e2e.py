@@ -25,12 +25,12 @@ def spoke(federation: LocalFederation, misbehaving_image: tuple[str, str]) -> di
     spoke_id = f"faulty-{uuid.uuid4().hex[:6]}"
     data = federation.root / "data" / spoke_id
     generate_cohort(data, 2, seed=7, site="Faulty Site")
+    config = federation.add_spoke(spoke_id, data)
     with federation.api() as api:
-        api.post("/api/spokes", json={"id": spoke_id, "name": spoke_id}).raise_for_status()
         algorithm = api.post("/api/algorithms", json={
             "name": f"misbehaving-{spoke_id}", "version": "1", "repository": misbehaving_image[0],
             "digest": misbehaving_image[1], "argument_schema": SCHEMA}).raise_for_status().json()
-    federation.start_spoke(spoke_id, federation.spoke_config(spoke_id, data))
+    federation.start_spoke(spoke_id, config)
     return {"id": spoke_id, "algorithm_id": algorithm["id"]}
 
 

@@ -36,9 +36,7 @@ def test_study_across_three_spokes(federation: LocalFederation, detector_image: 
         for index, (spoke_id, count) in enumerate(sizes.items()):
             data = federation.root / "data" / spoke_id
             truth[spoke_id] = generate_cohort(data, count, seed=100 + index, site=spoke_id)
-            created = api.post("/api/spokes", json={"id": spoke_id, "name": spoke_id})
-            assert created.status_code == 201
-            federation.start_spoke(spoke_id, federation.spoke_config(spoke_id, data))
+            federation.start_spoke(spoke_id, federation.add_spoke(spoke_id, data))
         algorithm = register_algorithm(api, "lung-nodule-e2e", detector_image, schema,
                                        "nodule-detection")
         experiment = api.post("/api/experiments", json={

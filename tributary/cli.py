@@ -108,16 +108,19 @@ def spoke_init(
     data_dir: Annotated[Path, typer.Option("--data", help="Folder with one sub-folder per case.")],
     work_dir: Annotated[Path, typer.Option("--work", help="The spoke's private work folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the config.")],
+    hub_key: Annotated[Path, typer.Option(
+        "--hub-key", help="The hub's public key (PEM, from GET /api/hub/key), to pin.")],
     broker_port: int = 61613,
     concurrency: int = 2,
 ) -> None:
     """Write a starting configuration file for a spoke."""
     from tributary.spoke.config import SpokeConfig
 
-    SpokeConfig(spoke_id=spoke_id, data_dir=data_dir, work_dir=work_dir,
+    SpokeConfig(spoke_id=spoke_id, data_dir=data_dir, work_dir=work_dir, hub_public_key=hub_key,
                 concurrency=concurrency)  # validates before writing
     output.write_text(
         f'spoke_id = "{spoke_id}"\ndata_dir = "{data_dir}"\nwork_dir = "{work_dir}"\n'
+        f'hub_public_key = "{hub_key}"\n'
         f"concurrency = {concurrency}\n\n[broker]\nhost = \"127.0.0.1\"\nport = {broker_port}\n\n"
         "[policy]\n# Case attributes that may ever leave with a result, if a study asks.\n"
         "releasable_attributes = []\n# attributes_file = \"attributes.json\"\n\n"
@@ -125,6 +128,21 @@ def spoke_init(
         "# allowed_registries = [\"registry.example.org\"]\n"
     )
     console.print(f"wrote {output}")
+
+
+@spoke_app.command("key")
+def spoke_key(
+    config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False,
+                                         help="The spoke's TOML configuration file.")],
+) -> None:
+    """Print the spoke's public key (generating its key pair locally on first use), for an
+    administrator to enrol on the hub. The private key never leaves the work folder."""
+    from tributary.protocol.signing import SigningKey
+    from tributary.spoke.config import SpokeConfig
+
+    key = SigningKey.load_or_create(SpokeConfig.load(config).work_dir / "spoke.key")
+    typer.echo(key.public.pem, nl=False)
+    typer.echo(f"# key id {key.keyid}", err=True)
 
 
 @contract_app.command("schemas")

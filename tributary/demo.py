@@ -76,9 +76,8 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
         schema = json.loads(schema_file.read_text())
         with federation.api() as api:
             for spoke_id, site in cohorts.items():
-                api.post("/api/spokes", json={"id": spoke_id, "name": spoke_id,
-                                              "institution": site}).raise_for_status()
-                config = federation.spoke_config(spoke_id, root / "data" / spoke_id)
+                config = federation.add_spoke(spoke_id, root / "data" / spoke_id,
+                                              institution=site)
                 federation.start_spoke(spoke_id, config)
                 console.print(f"  spoke      {spoke_id}")
             algorithm = api.post("/api/algorithms", json={

@@ -97,6 +97,10 @@ class LocalFederation:
         self.hub_port = self.hub_port or _free_port()
 
     @property
+    def hub_key_path(self) -> Path:
+        return self.root / "hub.key"
+
+    @property
     def hub_url(self) -> str:
         return f"http://127.0.0.1:{self.hub_port}"
 
@@ -117,6 +121,7 @@ class LocalFederation:
     def start_hub(self) -> Process:
         process = self._spawn("hub", ["hub", "serve", "--port", str(self.hub_port)], {
             "TRIBUTARY_HUB_DATABASE_URL": f"sqlite:///{self.root / 'hub.db'}",
+            "TRIBUTARY_HUB_SIGNING_KEY": str(self.hub_key_path),
             "TRIBUTARY_HUB_BROKER_HOST": self.services.host,
             "TRIBUTARY_HUB_BROKER_PORT": str(self.services.broker_port),
         })
@@ -140,6 +145,7 @@ class LocalFederation:
         config = work / "spoke.toml"
         config.write_text(
             f'spoke_id = "{spoke_id}"\ndata_dir = "{data_dir}"\nwork_dir = "{work}"\n'
+            f'hub_public_key = "{self.hub_key_path}.pub"\n'
             f"concurrency = {concurrency}\n\n[broker]\nhost = \"{self.services.host}\"\n"
             f"port = {self.services.broker_port}\n\n[policy]\n"
             f"releasable_attributes = {json.dumps(list(releasable))}\n"
@@ -147,6 +153,21 @@ class LocalFederation:
             f'allowed_registries = ["{self.services.registry}"]\n'
         )
         return config
+
+    def add_spoke(self, spoke_id: str, data_dir: Path, name: str = "", institution: str = "",
+                  **config: Any) -> Path:
+        """Register a spoke at the hub, write its config, and enrol the key it generates
+        locally, as an institution's administrator would. Returns the config path."""
+        from tributary.protocol.signing import SigningKey
+
+        path = self.spoke_config(spoke_id, data_dir, **config)
+        key = SigningKey.load_or_create(path.parent / "spoke.key")
+        with self.api() as api:
+            api.post("/api/spokes", json={"id": spoke_id, "name": name or spoke_id,
+                                          "institution": institution}).raise_for_status()
+            api.post(f"/api/spokes/{spoke_id}/keys",
+                     json={"public_key_pem": key.public.pem}).raise_for_status()
+        return path
 
     def start_spoke(self, spoke_id: str, config: Path) -> Process:
         return self._spawn(f"spoke-{spoke_id}", ["spoke", "run", "--config", str(config)])

@@ -4,7 +4,7 @@ import uuid
 from datetime import timedelta
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from jsonschema import Draft202012Validator
 from sqlmodel import Session, select
 
@@ -20,6 +20,7 @@ from tributary.hub.models import (
 )
 from tributary.hub.services import audit
 from tributary.hub.services.aggregation import AGGREGATORS, aggregate
+from tributary.hub.services.enrolment import active_keys
 from tributary.hub.services.launch import launch
 from tributary.hub.services.progress import case_reads, experiment_read
 from tributary.hub.settings import HubSettings
@@ -50,6 +51,10 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
     unknown = [s for s in body.spoke_ids if session.get(Spoke, s) is None]
     if unknown:
         raise HTTPException(422, f"unknown spokes: {', '.join(unknown)}")
+    unenrolled = [s for s in body.spoke_ids if not active_keys(session, s)]
+    if unenrolled:
+        raise HTTPException(422, f"spokes without an enrolled key cannot be targeted: "
+                                 f"{', '.join(unenrolled)}")
     aggregator = body.aggregator or algorithm.aggregator
     if aggregator not in AGGREGATORS:
         raise HTTPException(422, f"unknown aggregator {aggregator!r}")
@@ -83,7 +88,8 @@ def get_experiment(experiment_id: str,
 
 
 @router.post("/{experiment_id}/launch", response_model=ExperimentRead)
-def launch_experiment(experiment_id: str, session: Session = Depends(get_session),
+def launch_experiment(experiment_id: str, request: Request,
+                      session: Session = Depends(get_session),
                       broker: StompClient = Depends(get_broker),
                       settings: HubSettings = Depends(get_settings),
                       actor: str = Depends(get_actor)) -> ExperimentRead:
@@ -91,7 +97,8 @@ def launch_experiment(experiment_id: str, session: Session = Depends(get_session
     if experiment.state == ExperimentState.COMPLETED:
         raise HTTPException(409, "experiment already completed")
     try:
-        launch(session, broker, experiment, actor, timedelta(days=settings.default_expiry_days))
+        launch(session, broker, request.app.state.signing_key, experiment, actor,
+               timedelta(days=settings.default_expiry_days))
     except PublishError as exc:
         raise HTTPException(503, f"broker unavailable, launch incomplete (retry to finish "
                                  f"it): {exc}") from None

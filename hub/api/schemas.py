@@ -24,6 +24,10 @@ class SpokeCreate(BaseModel):
     _id = field_validator("id")(validate_spoke_id)
 
 
+class KeyEnrol(BaseModel):
+    public_key_pem: str = Field(description="Ed25519 public key, PEM (SubjectPublicKeyInfo).")
+
+
 class AlgorithmCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     version: str = Field(min_length=1, max_length=50)

@@ -4,9 +4,10 @@ from fastapi import APIRouter, Depends, HTTPException
 from sqlmodel import Session, select
 
 from tributary.hub.api.deps import get_actor, get_session
-from tributary.hub.api.schemas import SpokeCreate
-from tributary.hub.models import Spoke
-from tributary.hub.services import audit
+from tributary.hub.api.schemas import KeyEnrol, SpokeCreate
+from tributary.hub.models import Spoke, SpokeKey
+from tributary.hub.services import audit, enrolment
+from tributary.protocol.signing import SignatureError
 
 router = APIRouter(prefix="/api/spokes", tags=["spokes"])
 
@@ -27,3 +28,37 @@ def register_spoke(body: SpokeCreate, session: Session = Depends(get_session),
 @router.get("", response_model=list[Spoke])
 def list_spokes(session: Session = Depends(get_session)) -> list[Spoke]:
     return list(session.exec(select(Spoke).order_by(Spoke.id)))
+
+
+def _spoke(session: Session, spoke_id: str) -> Spoke:
+    spoke = session.get(Spoke, spoke_id)
+    if spoke is None:
+        raise HTTPException(404, f"no spoke {spoke_id!r}")
+    return spoke
+
+
+@router.post("/{spoke_id}/keys", status_code=201, response_model=SpokeKey)
+def enrol_key(spoke_id: str, body: KeyEnrol, session: Session = Depends(get_session),
+              actor: str = Depends(get_actor)) -> SpokeKey:
+    """Enrol a public key the spoke generated locally; its messages are accepted from now."""
+    _spoke(session, spoke_id)
+    try:
+        return enrolment.enrol(session, spoke_id, body.public_key_pem, actor)
+    except (SignatureError, ValueError) as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+@router.get("/{spoke_id}/keys", response_model=list[SpokeKey])
+def list_keys(spoke_id: str, session: Session = Depends(get_session)) -> list[SpokeKey]:
+    _spoke(session, spoke_id)
+    return list(session.exec(select(SpokeKey).where(SpokeKey.spoke_id == spoke_id)))
+
+
+@router.post("/{spoke_id}/keys/{keyid}/revoke", response_model=SpokeKey)
+def revoke_key(spoke_id: str, keyid: str, session: Session = Depends(get_session),
+               actor: str = Depends(get_actor)) -> SpokeKey:
+    """Revoke a key: anything it signs from now on is refused."""
+    try:
+        return enrolment.revoke(session, spoke_id, keyid, actor)
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from None

@@ -18,23 +18,28 @@ from tributary.hub.models import (
     ExperimentState,
     ExperimentTarget,
     InboundMessage,
+    QuarantinedMessage,
     Spoke,
+    SpokeChain,
     TargetState,
     utcnow,
 )
 from tributary.hub.services import audit
+from tributary.hub.services.enrolment import active_keys, resolve_key
 from tributary.protocol.broker import Delivery, StompClient
+from tributary.protocol.custody import GENESIS, record_hash, verify_custody
 from tributary.protocol.destinations import RESULTS_QUEUE
 from tributary.protocol.messages import (
     CaseStartedMessage,
     ExperimentStatusMessage,
     ProtocolError,
     ResultMessage,
-    decode_from_spoke,
 )
 from tributary.protocol.messages import (
     ExperimentState as SpokeExperimentState,
 )
+from tributary.protocol.signing import SignatureError
+from tributary.protocol.wire import open_from_spoke
 
 log = logging.getLogger(__name__)
 
@@ -112,10 +117,37 @@ def _apply_status(session: Session, target: ExperimentTarget,
     session.add(target)
 
 
+def _verify_custody(session: Session, message: ResultMessage) -> tuple[SpokeChain, str]:
+    """Signature, subject digest and chain continuity of the result's custody record."""
+    if message.custody is None:
+        raise Rejected("result carries no custody record")
+    try:
+        record = verify_custody(message.custody, active_keys(session, message.spoke_id), message)
+    except SignatureError as exc:
+        raise Rejected(f"custody record refused: {exc}") from None
+    digest = record_hash(message.custody)
+    if session.exec(select(CaseResult).where(CaseResult.custody_sha256 == digest)).first():
+        raise Rejected("replayed custody record: already accepted under another message")
+    chain = session.get(SpokeChain, message.spoke_id)
+    expected = (chain.sequence + 1, chain.record_sha256) if chain else (1, GENESIS)
+    if (record.sequence, record.previous_record_sha256) != expected:
+        raise Rejected(f"custody chain broken: record {record.sequence} follows "
+                       f"{record.previous_record_sha256[:12]}…, expected record {expected[0]} "
+                       f"after {expected[1][:12]}…")
+    chain = chain or SpokeChain(spoke_id=message.spoke_id, sequence=0, record_sha256=GENESIS)
+    chain.sequence, chain.record_sha256 = record.sequence, digest
+    return chain, digest
+
+
 def _apply_result(session: Session, message: ResultMessage) -> bool:
     row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
     if row.state in FINAL_CASE_STATES and row.attempt >= message.attempt:
-        return False
+        raise Rejected(f"case {message.case_id} already has a result for attempt "
+                       f"{row.attempt}: replayed or conflicting result")
+    chain, digest = _verify_custody(session, message)
+    session.add(chain)
+    row.custody = message.custody
+    row.custody_sha256 = digest
     row.state = CaseState(message.status.value)
     row.attempt = message.attempt
     row.output = message.output
@@ -154,25 +186,36 @@ class ResultsConsumer:
     def start(self) -> None:
         self.client.subscribe(RESULTS_QUEUE, self.handle)
 
+    def _resolve(self, keyid: str):  # type: ignore[no-untyped-def]
+        with Session(self.engine) as session:
+            return resolve_key(session, keyid)
+
     def handle(self, delivery: Delivery) -> None:
+        claimed: str | None = None
         try:
-            message = decode_from_spoke(delivery.body)
+            message, _keyid = open_from_spoke(delivery.body, self._resolve)
+            claimed = message.spoke_id
             with Session(self.engine) as session:
                 ingest(session, message)
         except ProtocolError as exc:
-            self._dead_letter(delivery, str(exc))
+            self._dead_letter(delivery, str(exc), claimed)
             return
         except Exception as exc:
             log.exception("could not store message %s", delivery.message_id)
-            self._dead_letter(delivery, f"hub could not store the message: {exc}")
+            self._dead_letter(delivery, f"hub could not store the message: {exc}", claimed)
             return
         self.client.ack(delivery)
 
-    def _dead_letter(self, delivery: Delivery, reason: str) -> None:
-        log.warning("dead-lettering message %s: %s", delivery.message_id, reason)
+    def _dead_letter(self, delivery: Delivery, reason: str, claimed: str | None) -> None:
+        """Keep the refused message aside with its reason, audit it, and move it to the
+        results queue's dead-letter queue."""
+        log.warning("refusing message %s: %s", delivery.message_id, reason)
         with Session(self.engine) as session:
+            session.add(QuarantinedMessage(
+                broker_message_id=delivery.message_id, claimed_spoke=claimed, reason=reason,
+                body=delivery.body[:256 * 1024].decode("utf-8", errors="replace")))
             audit.record(session, "hub", "message.rejected", RESULTS_QUEUE,
                          broker_message_id=delivery.message_id, reason=reason,
-                         size=len(delivery.body))
+                         spoke=claimed, size=len(delivery.body))
             session.commit()
         self.client.nack(delivery)

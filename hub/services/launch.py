@@ -24,8 +24,9 @@ from tributary.protocol.messages import (
     CohortSelection,
     ExperimentMessage,
     RunLimits,
-    encode,
 )
+from tributary.protocol.signing import SigningKey
+from tributary.protocol.wire import seal
 
 
 def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str) -> ExperimentMessage:
@@ -42,8 +43,8 @@ def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str) -
     )
 
 
-def launch(session: Session, client: StompClient, experiment: Experiment, actor: str,
-           expiry: timedelta) -> list[ExperimentTarget]:
+def launch(session: Session, client: StompClient, key: SigningKey, experiment: Experiment,
+           actor: str, expiry: timedelta) -> list[ExperimentTarget]:
     algorithm = session.get(Algorithm, experiment.algorithm_id)
     assert algorithm is not None
     if experiment.expires_at is None:
@@ -57,7 +58,7 @@ def launch(session: Session, client: StompClient, experiment: Experiment, actor:
         message = build_message(experiment, algorithm, target.spoke_id)
         headers = {"tributary-kind": message.kind,
                    "expires": str(int(experiment.expires_at.timestamp() * 1000))}
-        publish_with_retry(client, spoke_queue(target.spoke_id), encode(message), headers)
+        publish_with_retry(client, spoke_queue(target.spoke_id), seal(message, key), headers)
         target.state = TargetState.PUBLISHED
         target.message_id = message.message_id
         target.published_at = target.updated_at = utcnow()

@@ -1,0 +1,182 @@
+"""Ed25519 keys and DSSE envelopes (the envelope of in-toto attestations, which cosign and
+other supply-chain tools read). Everything signed in Tributary is a DSSE envelope:
+broker messages, custody records. The DSSE implementation is securesystemslib's."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from securesystemslib.dsse import Envelope
+from securesystemslib.exceptions import VerificationError
+from securesystemslib.signer import CryptoSigner, SSlibKey
+
+MESSAGE_PAYLOAD_TYPE = "application/vnd.tributary.message+json"
+INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+
+
+class SignatureError(ValueError):
+    """A signature is missing, malformed, made by an untrusted key, or does not verify."""
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte form hashed and signed: sorted keys, no spaces, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    key: SSlibKey
+
+    @property
+    def keyid(self) -> str:
+        return self.key.keyid
+
+    @property
+    def pem(self) -> str:
+        raw = bytes.fromhex(self.key.keyval["public"])
+        return Ed25519PublicKey.from_public_bytes(raw).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+
+    @classmethod
+    def from_pem(cls, pem: str | bytes) -> PublicKey:
+        try:
+            data = pem.encode() if isinstance(pem, str) else pem
+            loaded = serialization.load_pem_public_key(data)
+        except ValueError as exc:
+            raise SignatureError(f"not a PEM public key: {exc}") from None
+        if not isinstance(loaded, Ed25519PublicKey):
+            raise SignatureError("only Ed25519 public keys are accepted")
+        return cls(SSlibKey.from_crypto(loaded))
+
+    @classmethod
+    def load(cls, path: Path) -> PublicKey:
+        return cls.from_pem(path.read_bytes())
+
+
+class SigningKey:
+    """An Ed25519 private key. Stored as PKCS#8 PEM readable by its owner only."""
+
+    def __init__(self, private: Ed25519PrivateKey) -> None:
+        self._private = private
+        self.public = PublicKey(SSlibKey.from_crypto(private.public_key()))
+        self._signer = CryptoSigner(private, self.public.key)
+
+    @property
+    def keyid(self) -> str:
+        return self.public.keyid
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load(cls, path: Path) -> SigningKey:
+        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(private, Ed25519PrivateKey):
+            raise SignatureError(f"{path} is not an Ed25519 private key")
+        return cls(private)
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> SigningKey:
+        """The key at ``path``, generated there (with ``.pub`` beside it) on first use."""
+        if path.exists():
+            return cls.load(path)
+        key = cls.generate()
+        key.save(path)
+        return key
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pem = self._private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+        path.with_suffix(path.suffix + ".pub").write_text(self.public.pem)
+
+    def sign(self, payload: bytes, payload_type: str) -> dict[str, Any]:
+        envelope = Envelope(payload=payload, payload_type=payload_type, signatures={})
+        envelope.sign(self._signer)
+        return envelope.to_dict()
+
+
+def envelope_signer(envelope: dict[str, Any]) -> str:
+    """The key id an envelope claims to be signed by (not yet verified)."""
+    try:
+        signatures = envelope["signatures"]
+        if len(signatures) != 1:
+            raise SignatureError("expected exactly one signature")
+        return str(signatures[0]["keyid"])
+    except (KeyError, TypeError, IndexError):
+        raise SignatureError("not a DSSE envelope") from None
+
+
+def verify(envelope: dict[str, Any], trusted: Iterable[PublicKey], payload_type: str) -> bytes:
+    """Return the payload if one trusted key signed it, else raise :class:`SignatureError`."""
+    keys = [k.key for k in trusted]
+    if not keys:
+        raise SignatureError("no trusted key to verify with")
+    try:
+        parsed = Envelope.from_dict(copy.deepcopy(envelope))  # from_dict mutates its input
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SignatureError(f"not a DSSE envelope: {exc}") from None
+    if parsed.payload_type != payload_type:
+        raise SignatureError(f"payload type {parsed.payload_type!r}, expected {payload_type!r}")
+    try:
+        parsed.verify(keys, 1)
+    except VerificationError as exc:
+        raise SignatureError(f"signature does not verify with a trusted key: {exc}") from None
+    return parsed.payload
+
+
+def statement(subject_name: str, sha256: str, predicate_type: str,
+              predicate: dict[str, Any]) -> dict[str, Any]:
+    return {"_type": STATEMENT_TYPE,
+            "subject": [{"name": subject_name, "digest": {"sha256": sha256}}],
+            "predicateType": predicate_type, "predicate": predicate}
+
+
+def sign_statement(key: SigningKey, stmt: dict[str, Any]) -> dict[str, Any]:
+    return key.sign(canonical_json(stmt), INTOTO_PAYLOAD_TYPE)
+
+
+def verify_statement(envelope: dict[str, Any], trusted: Iterable[PublicKey],
+                     predicate_type: str) -> dict[str, Any]:
+    payload = verify(envelope, trusted, INTOTO_PAYLOAD_TYPE)
+    try:
+        stmt = json.loads(payload)
+    except ValueError:
+        raise SignatureError("statement is not JSON") from None
+    if stmt.get("_type") != STATEMENT_TYPE or stmt.get("predicateType") != predicate_type:
+        raise SignatureError(f"not an in-toto statement of type {predicate_type}")
+    return stmt
+
+
+def envelope_hash(envelope: dict[str, Any]) -> str:
+    return sha256_hex(canonical_json(envelope))
+
+
+def decode_payload(envelope: dict[str, Any]) -> bytes:
+    """The payload without verification, for routing to the right key only."""
+    try:
+        return base64.b64decode(envelope["payload"], validate=True)
+    except (KeyError, TypeError, ValueError):
+        raise SignatureError("not a DSSE envelope") from None

@@ -1,0 +1,91 @@
+"""Signed messages on the broker. Every message is a DSSE envelope around the message JSON,
+signed by the sender: the hub's key for experiment messages, the spoke's enrolled key for
+everything a spoke sends. Whoever can write to the broker but holds no such key cannot make
+a spoke run anything, nor make the hub accept anything."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pydantic import BaseModel
+
+from tributary.protocol.messages import (
+    MAX_MESSAGE_BYTES,
+    CaseStartedMessage,
+    ExperimentMessage,
+    ExperimentStatusMessage,
+    ProtocolError,
+    ResultMessage,
+    decode_from_hub,
+    decode_from_spoke,
+    encode,
+)
+from tributary.protocol.signing import (
+    MESSAGE_PAYLOAD_TYPE,
+    PublicKey,
+    SignatureError,
+    SigningKey,
+    envelope_signer,
+    verify,
+)
+
+SpokeMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
+
+
+class UntrustedMessage(ProtocolError):
+    """A message that is unsigned, signed by an unknown or revoked key, or tampered with."""
+
+
+def seal(message: BaseModel, key: SigningKey) -> str:
+    return json.dumps(key.sign(encode(message).encode(), MESSAGE_PAYLOAD_TYPE))
+
+
+def _envelope(body: bytes | str) -> dict[str, Any]:
+    raw = body.encode() if isinstance(body, str) else body
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES} limit")
+    try:
+        envelope = json.loads(raw)
+    except ValueError:
+        raise ProtocolError("malformed message: not JSON") from None
+    if not isinstance(envelope, dict) or "payload" not in envelope:
+        raise UntrustedMessage("unsigned message: not a DSSE envelope")
+    return envelope
+
+
+def open_from_hub(body: bytes | str, hub_keys: Iterable[PublicKey]) -> ExperimentMessage:
+    """Verify the hub's signature, then parse; raises :class:`ProtocolError`."""
+    envelope = _envelope(body)
+    try:
+        payload = verify(envelope, hub_keys, MESSAGE_PAYLOAD_TYPE)
+    except SignatureError as exc:
+        raise UntrustedMessage(f"not signed by the hub: {exc}") from None
+    return decode_from_hub(payload)
+
+
+KeyResolver = Callable[[str], tuple[str, PublicKey] | None]
+
+
+def open_from_spoke(body: bytes | str, resolve: KeyResolver) -> tuple[SpokeMessage, str]:
+    """Verify a spoke's message with the key its envelope names, which must be an active
+    key enrolled for the spoke the message claims to come from. Returns (message, keyid)."""
+    envelope = _envelope(body)
+    try:
+        keyid = envelope_signer(envelope)
+    except SignatureError as exc:
+        raise UntrustedMessage(str(exc)) from None
+    owner = resolve(keyid)
+    if owner is None:
+        raise UntrustedMessage(f"signed by key {keyid[:16]}…, which is not an active enrolled key")
+    spoke_id, key = owner
+    try:
+        payload = verify(envelope, [key], MESSAGE_PAYLOAD_TYPE)
+    except SignatureError as exc:
+        raise UntrustedMessage(f"bad signature from {spoke_id}: {exc}") from None
+    message = decode_from_spoke(payload)
+    if message.spoke_id != spoke_id:
+        raise UntrustedMessage(f"message claims spoke {message.spoke_id!r} but is signed by "
+                               f"{spoke_id!r}'s key")
+    return message, keyid
