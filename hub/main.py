@@ -12,6 +12,7 @@ from fastapi.responses import PlainTextResponse
 from tributary import __version__
 from tributary.hub.api import algorithms, audit, experiments, spokes
 from tributary.hub.db import make_engine
+from tributary.hub.services.audit import attach_forensic_log
 from tributary.hub.services.ingest import ResultsConsumer
 from tributary.hub.settings import HubSettings
 from tributary.hub.web import router as web_router
@@ -27,6 +28,9 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url)
+        forensic = attach_forensic_log(engine, settings.audit_log_path())
+        if forensic is not None:
+            forensic.append("hub", "hub.started", detail={"version": __version__})
         key = SigningKey.load_or_create(settings.signing_key)
         broker = StompClient(settings.broker(), "hub").start()
         app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
@@ -40,7 +44,8 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app = FastAPI(title="Tributary hub", version=__version__, lifespan=lifespan,
                   description="Register spokes and algorithms, launch federated experiments "
                               "and read their aggregated results.")
-    for router in (spokes.router, algorithms.router, experiments.router, audit.router):
+    for router in (spokes.router, algorithms.router, experiments.router, audit.router,
+                   audit.quarantine_router):
         app.include_router(router)
     app.include_router(web_router)
 

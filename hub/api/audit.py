@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends, Query
 from sqlmodel import Session, select
 
 from tributary.hub.api.deps import get_session
-from tributary.hub.models import AuditEvent
+from tributary.hub.models import AuditEvent, QuarantinedMessage
 
 router = APIRouter(prefix="/api/audit", tags=["audit"])
 
@@ -18,4 +18,17 @@ def list_audit(action: str | None = None, target: str | None = None,
         query = query.where(AuditEvent.action == action)
     if target:
         query = query.where(AuditEvent.target == target)
+    return list(session.exec(query.limit(limit)))
+
+
+quarantine_router = APIRouter(prefix="/api/quarantine", tags=["audit"])
+
+
+@quarantine_router.get("", response_model=list[QuarantinedMessage])
+def list_quarantine(spoke: str | None = None, limit: int = Query(200, le=5000),
+                    session: Session = Depends(get_session)) -> list[QuarantinedMessage]:
+    """Messages the hub refused (bad signature, broken chain, replay…), newest first."""
+    query = select(QuarantinedMessage).order_by(QuarantinedMessage.id.desc())  # type: ignore[union-attr]
+    if spoke:
+        query = query.where(QuarantinedMessage.claimed_spoke == spoke)
     return list(session.exec(query.limit(limit)))
