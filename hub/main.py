@@ -6,20 +6,35 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, RedirectResponse
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
 
 from tributary import __version__
-from tributary.hub.api import algorithms, audit, experiments, spokes
+from tributary.hub.api import algorithms, audit, auth, experiments, spokes
 from tributary.hub.db import make_engine
+from tributary.hub.models import Role, User
 from tributary.hub.services.audit import attach_forensic_log
 from tributary.hub.services.ingest import ResultsConsumer
+from tributary.hub.services.users import create_user
 from tributary.hub.settings import HubSettings
+from tributary.hub.web import SignInRequired
 from tributary.hub.web import router as web_router
 from tributary.protocol.broker import StompClient
 from tributary.protocol.signing import SigningKey
 
 log = logging.getLogger(__name__)
+
+
+def _bootstrap_admin(engine: Engine, settings: HubSettings) -> None:
+    """The first administrator, from the environment, so a fresh hub can be signed into."""
+    if settings.admin_password is None:
+        return
+    with Session(engine) as session:
+        if session.exec(select(User)).first() is None:
+            create_user(session, "admin", settings.admin_password.get_secret_value(),
+                        [Role.ADMIN.value], actor="bootstrap")
 
 
 def create_app(settings: HubSettings | None = None) -> FastAPI:
@@ -35,6 +50,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         broker = StompClient(settings.broker(), "hub").start()
         app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
         app.state.signing_key = key
+        _bootstrap_admin(engine, settings)
         if settings.consume_results:
             ResultsConsumer(engine, broker).start()
         yield
@@ -45,9 +61,13 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                   description="Register spokes and algorithms, launch federated experiments "
                               "and read their aggregated results.")
     for router in (spokes.router, algorithms.router, experiments.router, audit.router,
-                   audit.quarantine_router):
+                   audit.quarantine_router, algorithms.publishers_router, auth.router):
         app.include_router(router)
     app.include_router(web_router)
+
+    @app.exception_handler(SignInRequired)
+    async def _to_login(request: Request, exc: SignInRequired) -> RedirectResponse:
+        return RedirectResponse("/login", status_code=303)
 
     @app.get("/api/hub/key", tags=["health"], response_class=PlainTextResponse)
     def hub_key() -> str:

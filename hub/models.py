@@ -14,6 +14,31 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class Role(StrEnum):
+    ADMIN = "admin"  # spokes, keys, publishers, users; everything
+    COORDINATOR = "coordinator"  # experiments: create, launch, read results
+    DEVELOPER = "developer"  # algorithm versions
+    REVIEWER = "reviewer"  # reviews of algorithm versions
+
+
+class User(SQLModel, table=True):
+    username: str = Field(primary_key=True)
+    organisation: str = ""
+    roles: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    password_hash: str
+    created_at: datetime = Field(default_factory=utcnow)
+    disabled: bool = False
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token; only its SHA-256 is stored."""
+
+    token_sha256: str = Field(primary_key=True)
+    username: str = Field(foreign_key="user.username", index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+
+
 class Spoke(SQLModel, table=True):
     id: str = Field(primary_key=True, description="Spoke identifier; also names its queue.")
     name: str
@@ -31,6 +56,15 @@ class SpokeKey(SQLModel, table=True):
     public_key_pem: str
     enrolled_at: datetime = Field(default_factory=utcnow)
     revoked_at: datetime | None = None
+
+
+class Publisher(SQLModel, table=True):
+    """An algorithm publisher whose release signatures the hub checks at registration."""
+
+    keyid: str = Field(primary_key=True)
+    name: str = Field(index=True)
+    public_key_pem: str
+    created_at: datetime = Field(default_factory=utcnow)
 
 
 class SpokeChain(SQLModel, table=True):
@@ -63,6 +97,8 @@ class Algorithm(SQLModel, table=True):
     description: str = ""
     argument_schema: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     aggregator: str = "summary"
+    release_signature: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    publisher: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 

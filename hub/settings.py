@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 from tributary.protocol.broker import BrokerSettings
 
@@ -20,17 +21,40 @@ class HubSettings(BaseSettings):
     consume_results: bool = True
     #: Check at registration that the registry really serves the algorithm's digest.
     verify_registry: bool = True
+    #: Creates user ``admin`` with this password on first start, when there is no user yet.
+    admin_password: SecretStr | None = None
+    #: Refuse algorithm versions registered without a publisher release signature.
+    require_release_signature: bool = False
     #: Registries reached over plain HTTP (loopback ones always are).
     insecure_registries: list[str] = []
     #: The hub's Ed25519 signing key (PKCS#8 PEM), created on first start.
     signing_key: Path = Path("tributary-hub.key")
     #: Days an experiment message waits in the broker for an offline spoke.
     default_expiry_days: float = 7.0
+    #: The forensic audit log (hash-chained JSON lines); by default next to a SQLite
+    #: database as ``<name>-audit.jsonl``, else ``tributary-hub-audit.jsonl`` here.
+    audit_log: Path | None = None
 
     def broker(self) -> BrokerSettings:
         return BrokerSettings(host=self.broker_host, port=self.broker_port,
                               user=self.broker_user, password=self.broker_password)
 
+    def audit_log_path(self) -> Path | None:
+        return self.audit_log or default_audit_log(self.database_url)
+
     @classmethod
     def for_directory(cls, directory: Path, **overrides: object) -> "HubSettings":
         return cls(database_url=f"sqlite:///{directory / 'hub.db'}", **overrides)
+
+
+def default_audit_log(database_url: str) -> Path | None:
+    """Where the forensic log goes when not configured: beside a SQLite file (so the two
+    are backed up and moved together); None for an in-memory database."""
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        return Path("tributary-hub-audit.jsonl")
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file:"):
+        return None
+    path = Path(database)
+    return path.with_name(f"{path.stem}-audit.jsonl")

@@ -67,6 +67,8 @@ class AlgorithmRef(BaseModel):
     version: str
     repository: str = Field(description="Registry and repository, without tag or digest.")
     digest: str = Field(description="Manifest digest, sha256:<64 hex>.")
+    release_signature: dict[str, Any] | None = Field(
+        None, description="Publisher's DSSE-signed release statement for this digest.")
 
     @field_validator("repository")
     @classmethod
@@ -168,6 +170,7 @@ class FailureReason(StrEnum):
     OUTPUT_TOO_LARGE = "output_too_large"
     IMAGE_UNAVAILABLE = "image_unavailable"
     IMAGE_DIGEST_MISMATCH = "image_digest_mismatch"
+    IMAGE_NOT_TRUSTED = "image_not_trusted"
     INPUT_ERROR = "input_error"
     INTERNAL_ERROR = "internal_error"
 

@@ -10,10 +10,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
+from typing import Any
 
 import docker
 
 from tributary import __version__
+from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import Delivery, PublishError, StompClient, publish_with_retry
 from tributary.protocol.destinations import RESULTS_QUEUE, spoke_queue
 from tributary.protocol.messages import (
@@ -33,7 +35,7 @@ from tributary.spoke import cohort
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain, input_digest
 from tributary.spoke.deid import PROFILE, deidentified_case
-from tributary.spoke.images import ImageRefused, ensure_image
+from tributary.spoke.images import ImageRefused, check_release, ensure_image
 from tributary.spoke.journal import Journal
 from tributary.spoke.participant import build_participant
 from tributary.spoke.pseudonyms import Pseudonymizer
@@ -52,8 +54,10 @@ class SpokeAgent:
         config.work_dir.mkdir(parents=True, exist_ok=True)
         self.pseudonyms = Pseudonymizer.from_key_file(config.work_dir / "pseudonym.key")
         self.journal = Journal(config.work_dir / "journal.db")
+        self.audit = AuditLog(config.work_dir / "audit.jsonl")
         self.key = SigningKey.load_or_create(config.work_dir / "spoke.key")
         self.hub_keys = [PublicKey.load(config.hub_public_key)]
+        self.publishers = [PublicKey.load(p) for p in config.trust.publisher_keys]
         self.chain = CustodyChain(self.journal, self.key)
         self.client = StompClient(config.broker.settings(), f"spoke-{config.spoke_id}")
         self._inbox: queue.Queue[Delivery] = queue.Queue()
@@ -66,6 +70,7 @@ class SpokeAgent:
         self.client.subscribe(spoke_queue(self.config.spoke_id), self._inbox.put)
         log.info("spoke %s (tributary %s) waiting for experiments", self.config.spoke_id,
                  __version__)
+        self._audit("spoke.started", self.config.spoke_id, version=__version__)
         try:
             while not self.stopping.is_set():
                 try:
@@ -86,15 +91,24 @@ class SpokeAgent:
             message = open_from_hub(delivery.body, self.hub_keys)
         except ProtocolError as exc:
             log.error("dead-lettering unreadable message %s: %s", delivery.message_id, exc)
+            self._received(delivery, None)
+            self._audit("message.dead_lettered", message_id=delivery.message_id,
+                        reason=f"unreadable: {exc}")
             self.client.nack(delivery)
             return
+        self._received(delivery, message)
         if message.spoke_id != self.config.spoke_id:
             log.error("dead-lettering message for spoke %s", message.spoke_id)
+            self._audit("message.dead_lettered", message.experiment_id,
+                        message_id=delivery.message_id,
+                        reason=f"addressed to spoke {message.spoke_id}")
             self.client.nack(delivery)
             return
         if self.journal.handled(message.message_id):
             log.warning("dropping replayed experiment message %s (%s): already handled",
                         message.message_id, message.experiment_id)
+            self._audit("message.dropped", message.experiment_id,
+                        message_id=delivery.message_id, reason="replay: already handled")
             self.client.ack(delivery)
             return
         try:
@@ -110,9 +124,28 @@ class SpokeAgent:
             log.info("connection changed before ack of %s; it will be redelivered and "
                      "answered from the journal", message.experiment_id)
 
+    def _audit(self, action: str, target: str = "", actor: str | None = None,
+               **detail: Any) -> None:
+        """Append to the spoke's forensic log; it is fsynced before the spoke goes on, and
+        a failure to write stops the work rather than leave it unrecorded."""
+        self.audit.append(actor or self.config.spoke_id, action, target, detail)
+
+    def _received(self, delivery: Delivery, message: ExperimentMessage | None) -> None:
+        self._audit("message.received", message.experiment_id if message else "",
+                    actor="hub" if message else "unknown", message_id=delivery.message_id,
+                    kind=message.kind if message else delivery.headers.get("tributary-kind"),
+                    hub_message_id=message.message_id if message else None,
+                    redelivered=delivery.redelivered, size=len(delivery.body),
+                    sha256=sha256_hex(delivery.body))
+
     def _send(self, message: ExperimentStatusMessage | CaseStartedMessage | ResultMessage) -> None:
         publish_with_retry(self.client, RESULTS_QUEUE, seal(message, self.key),
                            {"tributary-kind": message.kind}, attempts=10)
+        self._audit("result.published" if isinstance(message, ResultMessage) else "message.sent",
+                    message.experiment_id, kind=message.kind, message_id=message.message_id,
+                    case=getattr(message, "case_id", None),
+                    status=getattr(message, "status", None) or getattr(message, "state", None),
+                    reason=getattr(message, "reason", None))
 
     def _status(self, message: ExperimentMessage, state: ExperimentState,
                 case_ids: list[str] | None = None, reason: str | None = None) -> None:
@@ -126,10 +159,18 @@ class SpokeAgent:
             self._status(message, ExperimentState.REFUSED, reason="experiment expired")
             return
         docker_client = docker.from_env(timeout=120)
+        reference = message.algorithm.reference
         try:
-            ensure_image(docker_client, message.algorithm, self.config.runner.allowed_registries)
+            check_release(message.algorithm, self.publishers)
+            image_id = ensure_image(
+                docker_client, message.algorithm, self.config.runner.allowed_registries,
+                on_pull=lambda pulled: self._audit("image.pulled", reference, image_id=pulled))
+            self._audit("image.verified", reference, result="verified", image_id=image_id,
+                        experiment=message.experiment_id)
         except ImageRefused as exc:
             log.error("refusing %s: %s", message.experiment_id, exc.detail)
+            self._audit("image.verified", reference, result="refused", reason=exc.reason,
+                        error=exc.detail, experiment=message.experiment_id)
             self._status(message, ExperimentState.REFUSED, reason=f"{exc.reason}: {exc.detail}")
             return
         finally:
@@ -195,20 +236,30 @@ class SpokeAgent:
             return None, Failure(reason=FailureReason.INPUT_ERROR,
                                  detail=f"case could not be prepared: {type(exc).__name__}"), run
         client = docker.from_env(timeout=120)
+        name = f"tributary-{self.config.spoke_id}-{message.experiment_id}-{case.case_id}"
+        limits = effective_limits(message.limits, self.config.runner)
+        t_run = time.monotonic()
         try:
             outcome = run_case(
-                client, message.algorithm.reference,
-                name=f"tributary-{self.config.spoke_id}-{message.experiment_id}-{case.case_id}",
+                client, message.algorithm.reference, name=name,
                 participant=participant, mounts=mounts, arguments=message.arguments,
-                limits=effective_limits(message.limits, self.config.runner),
-                settings=self.config.runner,
+                limits=limits, settings=self.config.runner,
                 case_dir=self.config.work_dir / "runs" / message.experiment_id / case.case_id,
                 max_output_bytes=self.config.policy.max_output_bytes,
                 labels={"org.tributary.spoke": self.config.spoke_id,
                         "org.tributary.experiment": message.experiment_id},
+                on_started=lambda container_id: self._audit(
+                    "container.started", name, container_id=container_id,
+                    image=message.algorithm.reference, experiment=message.experiment_id,
+                    case=case.case_id, limits={
+                        "memory_mb": limits.memory_mb, "cpus": limits.cpus,
+                        "timeout_seconds": limits.timeout_seconds, "network": "none",
+                        "pids": self.config.runner.pids_limit, "read_only": True}),
             )
         except Exception as exc:
             log.exception("container for case %s could not run", case.case_id)
+            self._audit("container.failed", name, experiment=message.experiment_id,
+                        case=case.case_id, error=f"{type(exc).__name__}: {exc}"[:2000])
             return None, Failure(reason=FailureReason.INTERNAL_ERROR,
                                  detail=f"container could not run: {exc}"[:2000]), run
         finally:
@@ -216,5 +267,9 @@ class SpokeAgent:
         log.info("case %s: %s in %.1f s", case.case_id,
                  outcome.failure.reason if outcome.failure else "succeeded",
                  time.monotonic() - t0)
+        self._audit("container.finished", name, experiment=message.experiment_id,
+                    case=case.case_id, exit_code=outcome.exit_code,
+                    outcome=outcome.failure.reason if outcome.failure else "succeeded",
+                    duration_seconds=round(time.monotonic() - t_run, 3))
         run["exit_code"] = outcome.exit_code
         return outcome.output, outcome.failure, run

@@ -38,6 +38,14 @@ class RunnerSettings(BaseModel):
     log_tail_lines: int = 40
 
 
+class TrustSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Publisher public keys (PEM files) this site trusts. When any is listed, only images
+    #: whose manifest digest one of them signed are pulled and run.
+    publisher_keys: list[Path] = Field(default_factory=list)
+
+
 class SpokeBroker(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -63,6 +71,7 @@ class SpokeConfig(BaseModel):
     broker: SpokeBroker = Field(default_factory=SpokeBroker)
     policy: ReleasePolicy = Field(default_factory=ReleasePolicy)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    trust: TrustSettings = Field(default_factory=TrustSettings)
 
     _id = field_validator("spoke_id")(validate_spoke_id)
 
@@ -74,4 +83,7 @@ class SpokeConfig(BaseModel):
         for key in ("data_dir", "work_dir", "hub_public_key"):
             if key in raw and not Path(raw[key]).is_absolute():
                 raw[key] = str((base / raw[key]).resolve())
+        if "trust" in raw:
+            raw["trust"]["publisher_keys"] = [str((base / p).resolve()) for p in
+                                              raw["trust"].get("publisher_keys", [])]
         return cls.model_validate(raw)

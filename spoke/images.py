@@ -3,10 +3,14 @@ checked against the digest again after the pull."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import docker
 import docker.errors
 
 from tributary.protocol.messages import AlgorithmRef, FailureReason
+from tributary.protocol.release import verify_release
+from tributary.protocol.signing import PublicKey, SignatureError
 
 
 class ImageRefused(RuntimeError):
@@ -17,8 +21,10 @@ class ImageRefused(RuntimeError):
 
 
 def ensure_image(client: docker.DockerClient, ref: AlgorithmRef,
-                 allowed_registries: list[str]) -> str:
-    """Pull ``ref`` if needed and return the image id; raise :class:`ImageRefused`."""
+                 allowed_registries: list[str],
+                 on_pull: Callable[[str], None] | None = None) -> str:
+    """Pull ``ref`` if needed and return the image id; raise :class:`ImageRefused`.
+    ``on_pull`` is told the pulled image's id (before the digest check) for the audit log."""
     registry = ref.repository.split("/", 1)[0]
     if allowed_registries and registry not in allowed_registries:
         raise ImageRefused(FailureReason.IMAGE_UNAVAILABLE,
@@ -33,8 +39,25 @@ def ensure_image(client: docker.DockerClient, ref: AlgorithmRef,
                 FailureReason.IMAGE_UNAVAILABLE,
                 f"registry does not serve {ref.reference}: {exc.explanation or exc}",
             ) from None
+        if on_pull is not None:
+            on_pull(image.id)
     served = image.attrs.get("RepoDigests") or []
     if ref.reference not in served:
         raise ImageRefused(FailureReason.IMAGE_DIGEST_MISMATCH,
                            f"pulled image digests {served} do not include {ref.reference}")
     return image.id
+
+
+def check_release(ref: AlgorithmRef, publishers: list[PublicKey]) -> str | None:
+    """Require a release signature by a trusted publisher for exactly this digest, when the
+    site pins publisher keys. Checked before anything is pulled; returns the publisher."""
+    if not publishers:
+        return None
+    if ref.release_signature is None:
+        raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
+                           "unsigned image: no publisher release signature")
+    try:
+        predicate = verify_release(ref.release_signature, publishers, ref.digest)
+    except SignatureError as exc:
+        raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED, f"release signature: {exc}") from None
+    return str(predicate.get("publisher"))

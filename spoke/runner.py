@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,10 @@ class OutputError(Exception):
 def run_case(client: docker.DockerClient, image: str, name: str, participant: Participant,
              mounts: dict[str, Path], arguments: dict[str, Any], limits: RunLimits,
              settings: RunnerSettings, case_dir: Path, max_output_bytes: int,
-             labels: dict[str, str]) -> RunOutcome:
-    """Run one case to completion and classify what happened."""
+             labels: dict[str, str],
+             on_started: Callable[[str], None] | None = None) -> RunOutcome:
+    """Run one case to completion and classify what happened. ``on_started`` is told the
+    container's id once it runs (for the audit log)."""
     if case_dir.exists():
         shutil.rmtree(case_dir)
     out_dir = case_dir / "output"
@@ -116,6 +119,8 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
         volumes=volumes, labels={LABEL: name, **labels}, working_dir="/tmp",
     )
     try:
+        if on_started is not None:
+            on_started(container.id)
         try:
             status = container.wait(timeout=limits.timeout_seconds)
             exit_code: int | None = int(status.get("StatusCode", -1))

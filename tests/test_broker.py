@@ -102,5 +102,5 @@ def test_hub_dead_letters_and_audits_malformed_results(federation: LocalFederati
     with federation.api() as api:
         rejected = api.get("/api/audit", params={"action": "message.rejected"}).json()
     reasons = " | ".join(r["detail"]["reason"] for r in rejected)
-    assert "malformed message" in reasons
+    assert "unsigned message" in reasons
     assert "exceeds" in reasons

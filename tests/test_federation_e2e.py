@@ -13,6 +13,7 @@ import pytest
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.hub.services.aggregation import match_findings
+from tributary.protocol.auditlog import read_entries, verify_log
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,3 +106,12 @@ def test_study_across_three_spokes(federation: LocalFederation, detector_image: 
         assert misses == extras == 0
         for found, real in pairs:
             assert math.dist(found["center_mm"], real["center_mm"]) < real["diameter_mm"] / 2
+
+    # The hub's and every spoke's forensic logs verify; the spokes' record each container.
+    assert verify_log(federation.hub_audit_log).ok
+    for spoke_id, count in sizes.items():
+        log = federation.root / "spokes" / spoke_id / "audit.jsonl"
+        started = [e for _, e in read_entries(log) if e and e["action"] == "container.started"]
+        assert verify_log(log).ok and len(started) == count
+        limits = started[0]["detail"]["limits"]
+        assert (limits["memory_mb"], limits["network"]) == (1024, "none")

@@ -26,6 +26,10 @@ app.add_typer(services_app, name="services")
 app.add_typer(hub_app, name="hub")
 app.add_typer(spoke_app, name="spoke")
 app.add_typer(contract_app, name="contract")
+algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "
+                                 "images.", no_args_is_help=True)
+app.add_typer(algorithm_app, name="algorithm")
+app.add_typer(__import__("tributary.commands.audit", fromlist=["app"]).app, name="audit")
 console = Console()
 
 
@@ -83,6 +87,31 @@ def hub_serve(
     _logging(verbose)
     settings = HubSettings(database_url=database_url) if database_url else HubSettings()
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+@hub_app.command("create-user")
+def hub_create_user(
+    username: Annotated[str, typer.Argument(help="The new user's name.")],
+    role: Annotated[list[str], typer.Option(
+        help="admin, coordinator, developer or reviewer (repeatable).")],
+    organisation: Annotated[str, typer.Option(help="The user's organisation.")] = "",
+    database_url: Annotated[str | None, typer.Option(help="The hub's database URL.")] = None,
+) -> None:
+    """Create a hub user; the password is asked for (or read from standard input)."""
+    from sqlmodel import Session
+
+    from tributary.hub.db import make_engine
+    from tributary.hub.services.users import create_user
+    from tributary.hub.settings import HubSettings
+
+    password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    with Session(make_engine(settings.database_url)) as session:
+        try:
+            create_user(session, username, password, role, organisation, actor="cli")
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    console.print(f"created {username} with roles {', '.join(role)}")
 
 
 @spoke_app.command("run")
@@ -143,6 +172,41 @@ def spoke_key(
     key = SigningKey.load_or_create(SpokeConfig.load(config).work_dir / "spoke.key")
     typer.echo(key.public.pem, nl=False)
     typer.echo(f"# key id {key.keyid}", err=True)
+
+
+@algorithm_app.command("keygen")
+def algorithm_keygen(
+    key: Annotated[Path, typer.Argument(help="Private key file to create (KEY.pub beside it).")],
+) -> None:
+    """Create a publisher's Ed25519 key pair; register KEY.pub on the hub and give it to
+    the spokes that should trust your releases."""
+    from tributary.protocol.signing import SigningKey
+
+    if key.exists():
+        raise typer.BadParameter(f"{key} exists; refusing to overwrite a key")
+    created = SigningKey.load_or_create(key)
+    console.print(f"wrote {key} and {key}.pub (key id {created.keyid})")
+
+
+@algorithm_app.command("sign")
+def algorithm_sign(
+    reference: Annotated[str, typer.Argument(help="REPOSITORY@sha256:DIGEST to sign.")],
+    key: Annotated[Path, typer.Option(exists=True, dir_okay=False, help="Publisher key.")],
+    name: Annotated[str, typer.Option(help="Algorithm name.")],
+    version: Annotated[str, typer.Option(help="Algorithm version.")],
+    publisher: Annotated[str, typer.Option(help="Publisher name.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Envelope file to write.")],
+) -> None:
+    """Sign a release: a DSSE in-toto statement whose subject is the manifest digest."""
+    from tributary.protocol.messages import AlgorithmRef
+    from tributary.protocol.release import sign_release
+    from tributary.protocol.signing import SigningKey
+
+    repository, _, digest = reference.partition("@")
+    AlgorithmRef(name=name, version=version, repository=repository, digest=digest)  # validate
+    envelope = sign_release(SigningKey.load(key), repository, digest, name, version, publisher)
+    output.write_text(json.dumps(envelope, indent=2) + "\n")
+    console.print(f"wrote {output}")
 
 
 @contract_app.command("schemas")

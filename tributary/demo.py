@@ -115,6 +115,8 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
         console.print(aggregate_table(report))
         console.print(f"\nDashboard: [bold]{federation.hub_url}/experiments/{experiment['id']}[/]"
                       f"   API: {federation.hub_url}/docs   logs: {root / 'logs'}")
+        console.print(f"Sign in as [bold]admin[/] with the password "
+                      f"[bold]{federation.admin_password}[/] (made for this demo run only).")
         if wait:
             console.print("The federation keeps running; press Ctrl-C to stop it.")
             while all(p.alive() for p in federation.processes.values()):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -90,6 +91,8 @@ class LocalFederation:
     services: ServiceSettings = field(default_factory=ServiceSettings)
     hub_port: int = 0
     processes: dict[str, Process] = field(default_factory=dict)
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    admin_token: str = ""
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -101,11 +104,23 @@ class LocalFederation:
         return self.root / "hub.key"
 
     @property
+    def hub_audit_log(self) -> Path:
+        return self.root / "hub-audit.jsonl"
+
+    @property
     def hub_url(self) -> str:
         return f"http://127.0.0.1:{self.hub_port}"
 
-    def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.hub_url, timeout=30)
+    def api(self, token: str | None = None) -> httpx.Client:
+        """An API client signed in as the federation's administrator (or with ``token``)."""
+        return httpx.Client(base_url=self.hub_url, timeout=30,
+                            headers={"Authorization": f"Bearer {token or self.admin_token}"})
+
+    def sign_in(self, username: str, password: str) -> str:
+        response = httpx.post(f"{self.hub_url}/api/auth/token", timeout=30,
+                              json={"username": username, "password": password})
+        response.raise_for_status()
+        return str(response.json()["access_token"])
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
         log = self.root / "logs" / f"{name}.log"
@@ -121,7 +136,9 @@ class LocalFederation:
     def start_hub(self) -> Process:
         process = self._spawn("hub", ["hub", "serve", "--port", str(self.hub_port)], {
             "TRIBUTARY_HUB_DATABASE_URL": f"sqlite:///{self.root / 'hub.db'}",
+            "TRIBUTARY_HUB_AUDIT_LOG": str(self.hub_audit_log),
             "TRIBUTARY_HUB_SIGNING_KEY": str(self.hub_key_path),
+            "TRIBUTARY_HUB_ADMIN_PASSWORD": self.admin_password,
             "TRIBUTARY_HUB_BROKER_HOST": self.services.host,
             "TRIBUTARY_HUB_BROKER_PORT": str(self.services.broker_port),
         })
@@ -132,6 +149,7 @@ class LocalFederation:
             try:
                 health = httpx.get(f"{self.hub_url}/api/health", timeout=2).json()
                 if health.get("broker_connected"):
+                    self.admin_token = self.sign_in("admin", self.admin_password)
                     return process
             except httpx.HTTPError:
                 pass
@@ -139,7 +157,8 @@ class LocalFederation:
         raise RuntimeError(f"the hub did not become ready:\n{process.log_tail()}")
 
     def spoke_config(self, spoke_id: str, data_dir: Path, concurrency: int = 2,
-                     releasable: tuple[str, ...] = ("nodules",)) -> Path:
+                     releasable: tuple[str, ...] = ("nodules",),
+                     publisher_keys: tuple[Path, ...] = ()) -> Path:
         work = self.root / "spokes" / spoke_id
         work.mkdir(parents=True, exist_ok=True)
         config = work / "spoke.toml"
@@ -150,7 +169,8 @@ class LocalFederation:
             f"port = {self.services.broker_port}\n\n[policy]\n"
             f"releasable_attributes = {json.dumps(list(releasable))}\n"
             'attributes_file = "ground_truth.json"\n\n[runner]\n'
-            f'allowed_registries = ["{self.services.registry}"]\n'
+            f'allowed_registries = ["{self.services.registry}"]\n\n[trust]\n'
+            f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
         )
         return config
 

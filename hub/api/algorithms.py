@@ -4,21 +4,24 @@ from fastapi import APIRouter, Depends, HTTPException
 from jsonschema import Draft202012Validator, SchemaError
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import get_actor, get_session, get_settings
-from tributary.hub.api.schemas import AlgorithmCreate
-from tributary.hub.models import Algorithm
+from tributary.hub.api.deps import acting, current_user, get_session, get_settings
+from tributary.hub.api.schemas import AlgorithmCreate, PublisherCreate
+from tributary.hub.models import Algorithm, Publisher, Role
 from tributary.hub.services import audit
 from tributary.hub.services.aggregation import AGGREGATORS
 from tributary.hub.services.registry_client import RegistryCheckError, verify_manifest
 from tributary.hub.settings import HubSettings
+from tributary.protocol.release import verify_release
+from tributary.protocol.signing import PublicKey, SignatureError, envelope_signer
 
-router = APIRouter(prefix="/api/algorithms", tags=["algorithms"])
+router = APIRouter(prefix="/api/algorithms", tags=["algorithms"],
+                   dependencies=[Depends(current_user)])
 
 
 @router.post("", status_code=201, response_model=Algorithm)
 def register_algorithm(body: AlgorithmCreate, session: Session = Depends(get_session),
                        settings: HubSettings = Depends(get_settings),
-                       actor: str = Depends(get_actor)) -> Algorithm:
+                       actor: str = Depends(acting(Role.DEVELOPER))) -> Algorithm:
     if body.aggregator not in AGGREGATORS:
         raise HTTPException(422, f"unknown aggregator {body.aggregator!r}; "
                                  f"known: {sorted(AGGREGATORS)}")
@@ -39,13 +42,40 @@ def register_algorithm(body: AlgorithmCreate, session: Session = Depends(get_ses
                          reason=str(exc))
             session.commit()
             raise HTTPException(422, f"image refused: {exc}") from None
-    algorithm = Algorithm(**body.model_dump())
+    publisher = None
+    if body.release_signature is not None:
+        publisher = _check_release(session, body, actor)
+    elif settings.require_release_signature:
+        audit.record(session, actor, "algorithm.refused", f"{body.name} {body.version}",
+                     reason="unsigned image")
+        session.commit()
+        raise HTTPException(422, "image refused: no publisher release signature")
+    algorithm = Algorithm(**body.model_dump(), publisher=publisher)
     session.add(algorithm)
     audit.record(session, actor, "algorithm.registered", f"{body.name} {body.version}",
                  repository=body.repository, digest=body.digest)
     session.commit()
     session.refresh(algorithm)
     return algorithm
+
+
+def _check_release(session: Session, body: AlgorithmCreate, actor: str) -> str:
+    """Verify the release signature against the registered publishers; returns the name."""
+    assert body.release_signature is not None
+    publishers = list(session.exec(select(Publisher)))
+    try:
+        keyid = envelope_signer(body.release_signature)
+        match = next((p for p in publishers if p.keyid == keyid), None)
+        if match is None:
+            raise SignatureError("signed by a key that is not a registered publisher")
+        verify_release(body.release_signature, [PublicKey.from_pem(match.public_key_pem)],
+                       body.digest)
+    except SignatureError as exc:
+        audit.record(session, actor, "algorithm.refused", f"{body.name} {body.version}",
+                     reason=f"release signature: {exc}")
+        session.commit()
+        raise HTTPException(422, f"image refused: release signature {exc}") from None
+    return match.name
 
 
 @router.get("", response_model=list[Algorithm])
@@ -59,3 +89,30 @@ def get_algorithm(algorithm_id: int, session: Session = Depends(get_session)) ->
     if algorithm is None:
         raise HTTPException(404, "no such algorithm")
     return algorithm
+
+
+publishers_router = APIRouter(prefix="/api/publishers", tags=["algorithms"],
+                             dependencies=[Depends(current_user)])
+
+
+@publishers_router.post("", status_code=201, response_model=Publisher)
+def register_publisher(body: PublisherCreate, session: Session = Depends(get_session),
+                       actor: str = Depends(acting(Role.ADMIN))) -> Publisher:
+    """Register a publisher's public key; its release signatures are then accepted."""
+    try:
+        key = PublicKey.from_pem(body.public_key_pem)
+    except SignatureError as exc:
+        raise HTTPException(422, str(exc)) from None
+    if session.get(Publisher, key.keyid) is not None:
+        raise HTTPException(409, "this key is already registered")
+    publisher = Publisher(keyid=key.keyid, name=body.name, public_key_pem=key.pem)
+    session.add(publisher)
+    audit.record(session, actor, "publisher.registered", body.name, keyid=key.keyid)
+    session.commit()
+    session.refresh(publisher)
+    return publisher
+
+
+@publishers_router.get("", response_model=list[Publisher])
+def list_publishers(session: Session = Depends(get_session)) -> list[Publisher]:
+    return list(session.exec(select(Publisher).order_by(Publisher.name)))

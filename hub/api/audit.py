@@ -3,10 +3,11 @@
 from fastapi import APIRouter, Depends, Query
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import get_session
-from tributary.hub.models import AuditEvent, QuarantinedMessage
+from tributary.hub.api.deps import get_session, require
+from tributary.hub.models import AuditEvent, QuarantinedMessage, Role
 
-router = APIRouter(prefix="/api/audit", tags=["audit"])
+router = APIRouter(prefix="/api/audit", tags=["audit"],
+                   dependencies=[Depends(require(Role.COORDINATOR))])
 
 
 @router.get("", response_model=list[AuditEvent])
@@ -21,7 +22,8 @@ def list_audit(action: str | None = None, target: str | None = None,
     return list(session.exec(query.limit(limit)))
 
 
-quarantine_router = APIRouter(prefix="/api/quarantine", tags=["audit"])
+quarantine_router = APIRouter(prefix="/api/quarantine", tags=["audit"],
+                              dependencies=[Depends(require(Role.COORDINATOR))])
 
 
 @quarantine_router.get("", response_model=list[QuarantinedMessage])

@@ -1,12 +1,19 @@
-"""FastAPI dependencies: database session, broker client, the acting user."""
+"""FastAPI dependencies: database session, broker client, the authenticated user and the
+roles a route requires."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from fastapi import Request
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
+from tributary.hub.models import Role, User
+from tributary.hub.services.users import user_for_token
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import StompClient
+
+bearer_scheme = HTTPBearer(auto_error=False)
+TOKEN_COOKIE = "tributary_token"
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -22,6 +29,40 @@ def get_settings(request: Request) -> HubSettings:
     return request.app.state.settings
 
 
-def get_actor(request: Request) -> str:
-    """Who is acting. Authentication arrives with roles; until then, the client address."""
-    return f"api@{request.client.host if request.client else 'unknown'}"
+def current_user(request: Request,
+                 credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
+                 session: Session = Depends(get_session)) -> User:
+    """The user behind the bearer token (or the dashboard's token cookie)."""
+    token = credentials.credentials if credentials else request.cookies.get(TOKEN_COOKIE)
+    user = user_for_token(session, token) if token else None
+    if user is None:
+        raise HTTPException(401, "sign in first: missing, expired or unknown token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return user
+
+
+def require(*roles: Role) -> Callable[..., User]:
+    """A dependency admitting users with any of ``roles`` (admins always)."""
+
+    def check(user: User = Depends(current_user)) -> User:
+        if Role.ADMIN in user.roles or any(r in user.roles for r in roles):
+            return user
+        raise HTTPException(403, f"{user.username} lacks the role for this: "
+                                 f"one of {[r.value for r in roles] or ['admin']}")
+
+    return check
+
+
+def get_actor(user: User = Depends(current_user)) -> str:
+    """Who is acting, for the audit trail."""
+    return user.username
+
+
+def acting(*roles: Role) -> Callable[..., str]:
+    """A dependency that checks ``roles`` and yields the username for the audit trail."""
+    checker = require(*roles)
+
+    def actor(user: User = Depends(checker)) -> str:
+        return user.username
+
+    return actor

@@ -8,13 +8,14 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from jsonschema import Draft202012Validator
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import get_actor, get_broker, get_session, get_settings
+from tributary.hub.api.deps import acting, current_user, get_broker, get_session, get_settings
 from tributary.hub.api.schemas import CaseRead, ExperimentCreate, ExperimentRead
 from tributary.hub.models import (
     Algorithm,
     Experiment,
     ExperimentState,
     ExperimentTarget,
+    Role,
     Spoke,
     utcnow,
 )
@@ -26,7 +27,8 @@ from tributary.hub.services.progress import case_reads, experiment_read
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
 
-router = APIRouter(prefix="/api/experiments", tags=["experiments"])
+router = APIRouter(prefix="/api/experiments", tags=["experiments"],
+                   dependencies=[Depends(current_user)])
 
 
 def _get(session: Session, experiment_id: str) -> Experiment:
@@ -38,7 +40,7 @@ def _get(session: Session, experiment_id: str) -> Experiment:
 
 @router.post("", status_code=201, response_model=ExperimentRead)
 def create_experiment(body: ExperimentCreate, session: Session = Depends(get_session),
-                      actor: str = Depends(get_actor)) -> ExperimentRead:
+                      actor: str = Depends(acting(Role.COORDINATOR))) -> ExperimentRead:
     algorithm = session.get(Algorithm, body.algorithm_id)
     if algorithm is None:
         raise HTTPException(422, f"no algorithm with id {body.algorithm_id}")
@@ -92,7 +94,7 @@ def launch_experiment(experiment_id: str, request: Request,
                       session: Session = Depends(get_session),
                       broker: StompClient = Depends(get_broker),
                       settings: HubSettings = Depends(get_settings),
-                      actor: str = Depends(get_actor)) -> ExperimentRead:
+                      actor: str = Depends(acting(Role.COORDINATOR))) -> ExperimentRead:
     experiment = _get(session, experiment_id)
     if experiment.state == ExperimentState.COMPLETED:
         raise HTTPException(409, "experiment already completed")

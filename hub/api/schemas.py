@@ -24,6 +24,11 @@ class SpokeCreate(BaseModel):
     _id = field_validator("id")(validate_spoke_id)
 
 
+class PublisherCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    public_key_pem: str
+
+
 class KeyEnrol(BaseModel):
     public_key_pem: str = Field(description="Ed25519 public key, PEM (SubjectPublicKeyInfo).")
 
@@ -36,6 +41,8 @@ class AlgorithmCreate(BaseModel):
     description: str = ""
     argument_schema: dict[str, Any] = Field(default_factory=dict)
     aggregator: str = "summary"
+    release_signature: dict[str, Any] | None = Field(
+        None, description="DSSE envelope of the publisher's release statement for the digest.")
 
     @field_validator("repository")
     @classmethod

@@ -3,18 +3,18 @@
 from fastapi import APIRouter, Depends, HTTPException
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import get_actor, get_session
+from tributary.hub.api.deps import acting, current_user, get_session
 from tributary.hub.api.schemas import KeyEnrol, SpokeCreate
-from tributary.hub.models import Spoke, SpokeKey
+from tributary.hub.models import Role, Spoke, SpokeKey
 from tributary.hub.services import audit, enrolment
 from tributary.protocol.signing import SignatureError
 
-router = APIRouter(prefix="/api/spokes", tags=["spokes"])
+router = APIRouter(prefix="/api/spokes", tags=["spokes"], dependencies=[Depends(current_user)])
 
 
 @router.post("", status_code=201, response_model=Spoke)
 def register_spoke(body: SpokeCreate, session: Session = Depends(get_session),
-                   actor: str = Depends(get_actor)) -> Spoke:
+                   actor: str = Depends(acting(Role.ADMIN))) -> Spoke:
     if session.get(Spoke, body.id) is not None:
         raise HTTPException(409, f"spoke {body.id!r} is already registered")
     spoke = Spoke(id=body.id, name=body.name, institution=body.institution)
@@ -39,7 +39,7 @@ def _spoke(session: Session, spoke_id: str) -> Spoke:
 
 @router.post("/{spoke_id}/keys", status_code=201, response_model=SpokeKey)
 def enrol_key(spoke_id: str, body: KeyEnrol, session: Session = Depends(get_session),
-              actor: str = Depends(get_actor)) -> SpokeKey:
+              actor: str = Depends(acting(Role.ADMIN))) -> SpokeKey:
     """Enrol a public key the spoke generated locally; its messages are accepted from now."""
     _spoke(session, spoke_id)
     try:
@@ -56,7 +56,7 @@ def list_keys(spoke_id: str, session: Session = Depends(get_session)) -> list[Sp
 
 @router.post("/{spoke_id}/keys/{keyid}/revoke", response_model=SpokeKey)
 def revoke_key(spoke_id: str, keyid: str, session: Session = Depends(get_session),
-               actor: str = Depends(get_actor)) -> SpokeKey:
+               actor: str = Depends(acting(Role.ADMIN))) -> SpokeKey:
     """Revoke a key: anything it signs from now on is refused."""
     try:
         return enrolment.revoke(session, spoke_id, keyid, actor)

@@ -1,0 +1,37 @@
+"""Publisher signatures on algorithm images: an in-toto Statement whose subject is the
+image's manifest digest, signed by the algorithm publisher's Ed25519 key in a DSSE
+envelope. A spoke that pins publisher keys runs only images one of them signed, so a tag
+moved to new content, an unsigned image or one signed by a stranger never runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tributary.protocol.signing import (
+    PublicKey,
+    SignatureError,
+    SigningKey,
+    sign_statement,
+    statement,
+    verify_statement,
+)
+
+PREDICATE_TYPE = "https://tributary.dev/algorithm-release/v1"
+
+
+def sign_release(key: SigningKey, repository: str, digest: str, name: str, version: str,
+                 publisher: str) -> dict[str, Any]:
+    stmt = statement(repository, digest.removeprefix("sha256:"), PREDICATE_TYPE,
+                     {"name": name, "version": version, "publisher": publisher})
+    return sign_statement(key, stmt)
+
+
+def verify_release(envelope: dict[str, Any], keys: list[PublicKey],
+                   digest: str) -> dict[str, Any]:
+    """The release predicate, if a trusted key signed a statement about exactly ``digest``."""
+    stmt = verify_statement(envelope, keys, PREDICATE_TYPE)
+    subjects = stmt.get("subject") or []
+    signed = [s.get("digest", {}).get("sha256") for s in subjects]
+    if digest.removeprefix("sha256:") not in signed:
+        raise SignatureError(f"the release signature is for {signed}, not for {digest}")
+    return stmt["predicate"]

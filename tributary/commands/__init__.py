@@ -1,0 +1,1 @@
+"""Sub-commands of ``tributary``, one Typer app per module, registered in ``tributary.cli``."""
