@@ -99,6 +99,25 @@ class Algorithm(SQLModel, table=True):
     aggregator: str = "summary"
     release_signature: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     publisher: str | None = None
+    registered_by: str = ""
+    approval: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    approved_at: datetime | None = None
+    revoked_at: datetime | None = None
+    revoked_reason: str | None = None
+
+
+class Review(SQLModel, table=True):
+    """One reviewer's decision on one algorithm version."""
+
+    __table_args__ = (UniqueConstraint("algorithm_id", "reviewer"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    algorithm_id: int = Field(foreign_key="algorithm.id", index=True)
+    reviewer: str
+    organisation: str
+    decision: str  # approve | reject
+    comment: str = ""
+    at: datetime = Field(default_factory=utcnow)
     created_at: datetime = Field(default_factory=utcnow)
 
 

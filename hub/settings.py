@@ -23,6 +23,9 @@ class HubSettings(BaseSettings):
     verify_registry: bool = True
     #: Creates user ``admin`` with this password on first start, when there is no user yet.
     admin_password: SecretStr | None = None
+    #: The review rule: approvals from this many reviewers of this many organisations.
+    review_min_reviewers: int = 2
+    review_min_organisations: int = 2
     #: Refuse algorithm versions registered without a publisher release signature.
     require_release_signature: bool = False
     #: Registries reached over plain HTTP (loopback ones always are).

@@ -69,6 +69,8 @@ class AlgorithmRef(BaseModel):
     digest: str = Field(description="Manifest digest, sha256:<64 hex>.")
     release_signature: dict[str, Any] | None = Field(
         None, description="Publisher's DSSE-signed release statement for this digest.")
+    approval: dict[str, Any] | None = Field(
+        None, description="Hub-signed approval statement for this digest (release.py).")
 
     @field_validator("repository")
     @classmethod

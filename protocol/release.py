@@ -35,3 +35,23 @@ def verify_release(envelope: dict[str, Any], keys: list[PublicKey],
     if digest.removeprefix("sha256:") not in signed:
         raise SignatureError(f"the release signature is for {signed}, not for {digest}")
     return stmt["predicate"]
+
+
+APPROVAL_PREDICATE_TYPE = "https://tributary.dev/approval/v1"
+
+
+def sign_approval(hub_key: SigningKey, repository: str, digest: str,
+                  predicate: dict[str, Any]) -> dict[str, Any]:
+    """The hub's statement that this exact digest passed the federation's review rule."""
+    stmt = statement(repository, digest.removeprefix("sha256:"), APPROVAL_PREDICATE_TYPE,
+                     predicate)
+    return sign_statement(hub_key, stmt)
+
+
+def verify_approval(envelope: dict[str, Any], hub_keys: list[PublicKey],
+                    digest: str) -> dict[str, Any]:
+    stmt = verify_statement(envelope, hub_keys, APPROVAL_PREDICATE_TYPE)
+    signed = [s.get("digest", {}).get("sha256") for s in stmt.get("subject") or []]
+    if digest.removeprefix("sha256:") not in signed:
+        raise SignatureError(f"the approval is for {signed}, not for {digest}")
+    return stmt["predicate"]

@@ -35,7 +35,7 @@ from tributary.spoke import cohort
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain, input_digest
 from tributary.spoke.deid import PROFILE, deidentified_case
-from tributary.spoke.images import ImageRefused, check_release, ensure_image
+from tributary.spoke.images import ImageRefused, check_approval, check_release, ensure_image
 from tributary.spoke.journal import Journal
 from tributary.spoke.participant import build_participant
 from tributary.spoke.pseudonyms import Pseudonymizer
@@ -161,6 +161,7 @@ class SpokeAgent:
         docker_client = docker.from_env(timeout=120)
         reference = message.algorithm.reference
         try:
+            check_approval(message.algorithm, self.hub_keys)
             check_release(message.algorithm, self.publishers)
             image_id = ensure_image(
                 docker_client, message.algorithm, self.config.runner.allowed_registries,

@@ -9,7 +9,7 @@ import docker
 import docker.errors
 
 from tributary.protocol.messages import AlgorithmRef, FailureReason
-from tributary.protocol.release import verify_release
+from tributary.protocol.release import verify_approval, verify_release
 from tributary.protocol.signing import PublicKey, SignatureError
 
 
@@ -61,3 +61,13 @@ def check_release(ref: AlgorithmRef, publishers: list[PublicKey]) -> str | None:
     except SignatureError as exc:
         raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED, f"release signature: {exc}") from None
     return str(predicate.get("publisher"))
+
+
+def check_approval(ref: AlgorithmRef, hub_keys: list[PublicKey]) -> None:
+    """Require the hub's signed approval of exactly this digest."""
+    if ref.approval is None:
+        raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED, "not approved: no approval statement")
+    try:
+        verify_approval(ref.approval, hub_keys, ref.digest)
+    except SignatureError as exc:
+        raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED, f"approval: {exc}") from None

@@ -26,10 +26,9 @@ def spoke(federation: LocalFederation, misbehaving_image: tuple[str, str]) -> di
     data = federation.root / "data" / spoke_id
     generate_cohort(data, 2, seed=7, site="Faulty Site")
     config = federation.add_spoke(spoke_id, data)
-    with federation.api() as api:
-        algorithm = api.post("/api/algorithms", json={
-            "name": f"misbehaving-{spoke_id}", "version": "1", "repository": misbehaving_image[0],
-            "digest": misbehaving_image[1], "argument_schema": SCHEMA}).raise_for_status().json()
+    algorithm = federation.register_algorithm(
+        name=f"misbehaving-{spoke_id}", version="1", repository=misbehaving_image[0],
+        digest=misbehaving_image[1], argument_schema=SCHEMA)
     federation.start_spoke(spoke_id, config)
     return {"id": spoke_id, "algorithm_id": algorithm["id"]}
 
@@ -109,10 +108,8 @@ def test_spoke_refuses_digest_the_registry_does_not_serve(
         f"ARG BASE_IMAGE=python:3.11-slim\nFROM ${{BASE_IMAGE}}\nLABEL stamp={stamp}\n"
         'ENTRYPOINT ["python3", "-c", "print(1)"]\n')
     repository, digest = build_and_push(build_dir, "vanishing", stamp, service_settings)
-    with federation.api() as api:
-        algorithm = api.post("/api/algorithms", json={
-            "name": f"vanishing-{stamp}", "version": "1", "repository": repository,
-            "digest": digest}).raise_for_status().json()
+    algorithm = federation.register_algorithm(name=f"vanishing-{stamp}", version="1",
+                                              repository=repository, digest=digest)
     name = repository.split("/", 1)[1]
     httpx.delete(f"http://{service_settings.registry}/v2/{name}/manifests/{digest}"
                  ).raise_for_status()

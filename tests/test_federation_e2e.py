@@ -19,15 +19,6 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def register_algorithm(api: Any, name: str, image: tuple[str, str], schema: dict,
-                       aggregator: str = "summary") -> dict:
-    response = api.post("/api/algorithms", json={
-        "name": name, "version": image[1][7:19], "repository": image[0], "digest": image[1],
-        "argument_schema": schema, "aggregator": aggregator})
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
 def test_study_across_three_spokes(federation: LocalFederation, detector_image: tuple[str, str],
                                    unique: str) -> None:
     sizes = {f"north-{unique}": 12, f"river-{unique}": 10, f"clare-{unique}": 8}
@@ -38,8 +29,10 @@ def test_study_across_three_spokes(federation: LocalFederation, detector_image: 
             data = federation.root / "data" / spoke_id
             truth[spoke_id] = generate_cohort(data, count, seed=100 + index, site=spoke_id)
             federation.start_spoke(spoke_id, federation.add_spoke(spoke_id, data))
-        algorithm = register_algorithm(api, "lung-nodule-e2e", detector_image, schema,
-                                       "nodule-detection")
+        algorithm = federation.register_algorithm(
+            name="lung-nodule-e2e", version=detector_image[1][7:19],
+            repository=detector_image[0], digest=detector_image[1], argument_schema=schema,
+            aggregator="nodule-detection")
         experiment = api.post("/api/experiments", json={
             "name": "e2e study", "algorithm_id": algorithm["id"],
             "arguments": {"min_diameter_mm": 4.0}, "spoke_ids": list(sizes),

@@ -59,12 +59,34 @@ def trust(federation: LocalFederation, service_settings: ServiceSettings) -> dic
             "original": original, "tag": tag}
 
 
+class Registered:
+    """The outcome of a registration attempt, approved under the review rule if accepted."""
+
+    def __init__(self, status_code: int, body: dict) -> None:
+        self.status_code, self._body = status_code, body
+
+    def json(self) -> dict:
+        return self._body
+
+    @property
+    def text(self) -> str:
+        return json.dumps(self._body)
+
+
 def register(federation: LocalFederation, image: tuple[str, str],
-             signature: dict | None) -> Any:
+             signature: dict | None) -> Registered:
+    body = {"name": f"trusted-{uuid.uuid4().hex[:6]}", "version": "1", "repository": image[0],
+            "digest": image[1], "release_signature": signature}
     with federation.api() as api:
-        return api.post("/api/algorithms", json={
-            "name": f"trusted-{uuid.uuid4().hex[:6]}", "version": "1", "repository": image[0],
-            "digest": image[1], "release_signature": signature})
+        response = api.post("/api/algorithms", json=body)
+    if response.status_code != 201:
+        return Registered(response.status_code, response.json())
+    algorithm = response.json()
+    for token in federation.reviewer_tokens():
+        with federation.api(token) as api:
+            algorithm = api.post(f"/api/algorithms/{algorithm['id']}/reviews",
+                                 json={"decision": "approve"}).raise_for_status().json()
+    return Registered(201, algorithm)
 
 
 def run_on_spoke(federation: LocalFederation, algorithm_id: int, spoke: str) -> dict:

@@ -39,10 +39,9 @@ def site(federation: LocalFederation, misbehaving_image: tuple[str, str],
     data = federation.root / "data" / spoke_id
     generate_cohort(data, 2, seed=3, site="Guarded Hospital")
     config = federation.add_spoke(spoke_id, data)
-    with federation.api() as api:
-        algorithm = api.post("/api/algorithms", json={
-            "name": f"ok-{spoke_id}", "version": "1", "repository": misbehaving_image[0],
-            "digest": misbehaving_image[1]}).raise_for_status().json()
+    algorithm = federation.register_algorithm(
+        name=f"ok-{spoke_id}", version="1", repository=misbehaving_image[0],
+        digest=misbehaving_image[1])
     federation.start_spoke(spoke_id, config)
     client = StompClient(BrokerSettings(host=service_settings.host,
                                         port=service_settings.broker_port), "attacker")
@@ -64,7 +63,8 @@ def message(site: dict[str, Any], experiment_id: str, **extra: Any) -> Experimen
     repository, digest = site["image"]
     return ExperimentMessage(
         experiment_id=experiment_id, spoke_id=site["id"], arguments={"behaviour": "ok"},
-        algorithm=AlgorithmRef(name="ok", version="1", repository=repository, digest=digest),
+        algorithm=AlgorithmRef(name="ok", version="1", repository=repository, digest=digest,
+                               approval=site["algorithm"]["approval"]),
         **extra)
 
 
@@ -183,3 +183,18 @@ def test_revoked_key_is_refused(federation: LocalFederation, site: dict[str, Any
                          status=CaseStatus.SUCCEEDED, output={"marker": marker})
     site["client"].publish(RESULTS_QUEUE, seal(late, key))
     assert "not an active enrolled key" in _quarantined(federation, marker)["reason"]
+
+
+def test_hub_signed_message_without_approval_runs_nothing(
+        federation: LocalFederation, site: dict[str, Any]) -> None:
+    """Even a message the hub key signed is refused when it carries no approval statement
+    for the digest (a hub bug or a hub-database compromise)."""
+    hub_key = SigningKey.load(federation.hub_key_path)
+    exp_id = new_experiment(federation, site)
+    unapproved = message(site, exp_id).model_copy(update={"algorithm": AlgorithmRef(
+        name="ok", version="1", repository=site["image"][0], digest=site["image"][1])})
+    since = time.time()
+    site["client"].publish(spoke_queue(site["id"]), seal(unapproved, hub_key))
+    refused = wait_target(federation, exp_id, {"refused"})
+    assert "not approved" in refused["reason"]
+    assert containers_created(site, since) == ""

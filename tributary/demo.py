@@ -80,11 +80,12 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
                                               institution=site)
                 federation.start_spoke(spoke_id, config)
                 console.print(f"  spoke      {spoke_id}")
-            algorithm = api.post("/api/algorithms", json={
-                "name": "lung-nodule", "version": "1.0.0", "repository": repository,
-                "digest": digest, "argument_schema": schema, "aggregator": "nodule-detection",
-                "description": "Lung nodule candidates by thresholding and connected components",
-            }).raise_for_status().json()
+            algorithm = federation.register_algorithm(
+                name="lung-nodule", version="1.0.0", repository=repository,
+                digest=digest, argument_schema=schema, aggregator="nodule-detection",
+                description="Lung nodule candidates by thresholding and connected components")
+            console.print("  approved by two reviewers of two organisations; "
+                          "the hub signed the approval")
 
             console.rule("5. Study")
             experiment = api.post("/api/experiments", json={

@@ -93,6 +93,7 @@ class LocalFederation:
     processes: dict[str, Process] = field(default_factory=dict)
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     admin_token: str = ""
+    _reviewers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -188,6 +189,34 @@ class LocalFederation:
             api.post(f"/api/spokes/{spoke_id}/keys",
                      json={"public_key_pem": key.public.pem}).raise_for_status()
         return path
+
+    def reviewer_tokens(self) -> list[str]:
+        """Two reviewers from two organisations, created on first use."""
+        if not self._reviewers:
+            with self.api() as api:
+                boards = (("reviewer-a", "Review Board A"), ("reviewer-b", "Review Board B"))
+                for name, org in boards:
+                    password = secrets.token_urlsafe(18)
+                    api.post("/api/users", json={"username": name, "password": password,
+                                                 "roles": ["reviewer"], "organisation": org}
+                             ).raise_for_status()
+                    self._reviewers.append(self.sign_in(name, password))
+        return self._reviewers
+
+    def register_algorithm(self, approve: bool = True, **body: Any) -> dict[str, Any]:
+        """Register an algorithm version and, unless told not to, have it approved under
+        the review rule by two reviewers of two organisations."""
+        with self.api() as api:
+            response = api.post("/api/algorithms", json=body)
+            if response.status_code != 201:
+                raise RuntimeError(f"registration refused: {response.text}")
+            algorithm: dict[str, Any] = response.json()
+        if approve:
+            for token in self.reviewer_tokens():
+                with self.api(token) as api:
+                    algorithm = api.post(f"/api/algorithms/{algorithm['id']}/reviews",
+                                         json={"decision": "approve"}).raise_for_status().json()
+        return algorithm
 
     def start_spoke(self, spoke_id: str, config: Path) -> Process:
         return self._spawn(f"spoke-{spoke_id}", ["spoke", "run", "--config", str(config)])

@@ -1,13 +1,13 @@
 """Algorithm versions, always pinned by manifest digest."""
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from jsonschema import Draft202012Validator, SchemaError
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import acting, current_user, get_session, get_settings
-from tributary.hub.api.schemas import AlgorithmCreate, PublisherCreate
-from tributary.hub.models import Algorithm, Publisher, Role
-from tributary.hub.services import audit
+from tributary.hub.api.deps import acting, current_user, get_session, get_settings, require
+from tributary.hub.api.schemas import AlgorithmCreate, PublisherCreate, ReviewCreate, RevokeBody
+from tributary.hub.models import Algorithm, Publisher, Review, Role, User
+from tributary.hub.services import approval, audit
 from tributary.hub.services.aggregation import AGGREGATORS
 from tributary.hub.services.registry_client import RegistryCheckError, verify_manifest
 from tributary.hub.settings import HubSettings
@@ -50,7 +50,7 @@ def register_algorithm(body: AlgorithmCreate, session: Session = Depends(get_ses
                      reason="unsigned image")
         session.commit()
         raise HTTPException(422, "image refused: no publisher release signature")
-    algorithm = Algorithm(**body.model_dump(), publisher=publisher)
+    algorithm = Algorithm(**body.model_dump(), publisher=publisher, registered_by=actor)
     session.add(algorithm)
     audit.record(session, actor, "algorithm.registered", f"{body.name} {body.version}",
                  repository=body.repository, digest=body.digest)
@@ -76,6 +76,33 @@ def _check_release(session: Session, body: AlgorithmCreate, actor: str) -> str:
         session.commit()
         raise HTTPException(422, f"image refused: release signature {exc}") from None
     return match.name
+
+
+@router.post("/{algorithm_id}/reviews", response_model=Algorithm)
+def review_algorithm(algorithm_id: int, body: ReviewCreate, request: Request,
+                     session: Session = Depends(get_session),
+                     settings: HubSettings = Depends(get_settings),
+                     user: User = Depends(require(Role.REVIEWER))) -> Algorithm:
+    """Approve or reject a version; the hub signs an approval once the rule is met."""
+    algorithm = get_algorithm(algorithm_id, session)
+    try:
+        return approval.review(session, algorithm, user, body.decision, body.comment, settings,
+                               request.app.state.signing_key)
+    except approval.ReviewError as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.get("/{algorithm_id}/reviews", response_model=list[Review])
+def list_reviews(algorithm_id: int, session: Session = Depends(get_session)) -> list[Review]:
+    return list(session.exec(select(Review).where(Review.algorithm_id == algorithm_id)))
+
+
+@router.post("/{algorithm_id}/revoke", response_model=Algorithm)
+def revoke_algorithm(algorithm_id: int, body: RevokeBody,
+                     session: Session = Depends(get_session),
+                     actor: str = Depends(acting(Role.COORDINATOR))) -> Algorithm:
+    """Withdraw an approval: no new experiment may use this version."""
+    return approval.revoke(session, get_algorithm(algorithm_id, session), actor, body.reason)
 
 
 @router.get("", response_model=list[Algorithm])

@@ -22,7 +22,7 @@ from tributary.hub.models import (
 from tributary.hub.services import audit
 from tributary.hub.services.aggregation import AGGREGATORS, aggregate
 from tributary.hub.services.enrolment import active_keys
-from tributary.hub.services.launch import launch
+from tributary.hub.services.launch import NotApproved, launch
 from tributary.hub.services.progress import case_reads, experiment_read
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
@@ -44,6 +44,9 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
     algorithm = session.get(Algorithm, body.algorithm_id)
     if algorithm is None:
         raise HTTPException(422, f"no algorithm with id {body.algorithm_id}")
+    if algorithm.approval is None or algorithm.revoked_at is not None:
+        state = "revoked" if algorithm.revoked_at else "not approved yet"
+        raise HTTPException(422, f"{algorithm.name} {algorithm.version} is {state}")
     errors = sorted(Draft202012Validator(algorithm.argument_schema).iter_errors(body.arguments),
                     key=lambda e: list(e.path))
     if errors:
@@ -101,6 +104,8 @@ def launch_experiment(experiment_id: str, request: Request,
     try:
         launch(session, broker, request.app.state.signing_key, experiment, actor,
                timedelta(days=settings.default_expiry_days))
+    except NotApproved as exc:
+        raise HTTPException(409, f"cannot launch: {exc}") from None
     except PublishError as exc:
         raise HTTPException(503, f"broker unavailable, launch incomplete (retry to finish "
                                  f"it): {exc}") from None

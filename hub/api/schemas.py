@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -22,6 +22,15 @@ class SpokeCreate(BaseModel):
     institution: str = ""
 
     _id = field_validator("id")(validate_spoke_id)
+
+
+class ReviewCreate(BaseModel):
+    decision: Literal["approve", "reject"]
+    comment: str = Field("", max_length=2000)
+
+
+class RevokeBody(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000)
 
 
 class PublisherCreate(BaseModel):

@@ -29,13 +29,18 @@ from tributary.protocol.signing import SigningKey
 from tributary.protocol.wire import seal
 
 
+class NotApproved(ValueError):
+    """The algorithm version has no valid approval: nothing may be launched with it."""
+
+
 def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str) -> ExperimentMessage:
     return ExperimentMessage(
         experiment_id=experiment.id,
         spoke_id=spoke_id,
         algorithm=AlgorithmRef(name=algorithm.name, version=algorithm.version,
                                repository=algorithm.repository, digest=algorithm.digest,
-                               release_signature=algorithm.release_signature),
+                               release_signature=algorithm.release_signature,
+                               approval=algorithm.approval),
         arguments=experiment.arguments,
         cohort=CohortSelection.model_validate(experiment.cohort),
         limits=RunLimits.model_validate(experiment.limits),
@@ -48,6 +53,9 @@ def launch(session: Session, client: StompClient, key: SigningKey, experiment: E
            actor: str, expiry: timedelta) -> list[ExperimentTarget]:
     algorithm = session.get(Algorithm, experiment.algorithm_id)
     assert algorithm is not None
+    if algorithm.approval is None or algorithm.revoked_at is not None:
+        raise NotApproved(f"{algorithm.name} {algorithm.version} is "
+                          f"{'revoked' if algorithm.revoked_at else 'not approved'}")
     if experiment.expires_at is None:
         experiment.expires_at = utcnow() + expiry
     targets = session.exec(

@@ -1,0 +1,69 @@
+"""Review and approval of algorithm versions. The federation's rule (by default: approvals
+from two reviewers of two organisations, none of them the registrant) must be met before
+the hub signs an approval statement for the exact digest; spokes run nothing without it."""
+
+from __future__ import annotations
+
+from sqlmodel import Session, select
+
+from tributary.hub.models import Algorithm, Review, User, utcnow
+from tributary.hub.services import audit
+from tributary.hub.settings import HubSettings
+from tributary.protocol.release import sign_approval
+from tributary.protocol.signing import SigningKey
+
+
+class ReviewError(ValueError):
+    pass
+
+
+def review(session: Session, algorithm: Algorithm, reviewer: User, decision: str,
+           comment: str, settings: HubSettings, hub_key: SigningKey) -> Algorithm:
+    if algorithm.revoked_at is not None:
+        raise ReviewError("this version's approval was revoked; register a new version")
+    if reviewer.username == algorithm.registered_by:
+        raise ReviewError("the registrant of an algorithm cannot review it")
+    if not reviewer.organisation:
+        raise ReviewError("reviewers must belong to an organisation")
+    existing = session.exec(select(Review).where(Review.algorithm_id == algorithm.id,
+                                                 Review.reviewer == reviewer.username)).first()
+    if existing is not None:
+        raise ReviewError(f"{reviewer.username} already reviewed this version")
+    session.add(Review(algorithm_id=algorithm.id or 0, reviewer=reviewer.username,
+                       organisation=reviewer.organisation, decision=decision, comment=comment))
+    audit.record(session, reviewer.username, f"algorithm.review.{decision}",
+                 f"{algorithm.name} {algorithm.version}", digest=algorithm.digest,
+                 organisation=reviewer.organisation)
+    session.flush()
+    reviews = session.exec(select(Review).where(Review.algorithm_id == algorithm.id)).all()
+    approving = [r for r in reviews if r.decision == "approve"]
+    rejected = any(r.decision == "reject" for r in reviews)
+    rule = {"min_reviewers": settings.review_min_reviewers,
+            "min_organisations": settings.review_min_organisations}
+    if (algorithm.approval is None and not rejected
+            and len({r.reviewer for r in approving}) >= settings.review_min_reviewers
+            and len({r.organisation for r in approving}) >= settings.review_min_organisations):
+        algorithm.approved_at = utcnow()
+        algorithm.approval = sign_approval(hub_key, algorithm.repository, algorithm.digest, {
+            "name": algorithm.name, "version": algorithm.version,
+            "approved_at": algorithm.approved_at.isoformat(), "rule": rule,
+            "reviewers": [{"reviewer": r.reviewer, "organisation": r.organisation}
+                          for r in approving]})
+        session.add(algorithm)
+        audit.record(session, "hub", "algorithm.approved", f"{algorithm.name} "
+                     f"{algorithm.version}", digest=algorithm.digest, rule=rule)
+    session.commit()
+    session.refresh(algorithm)
+    return algorithm
+
+
+def revoke(session: Session, algorithm: Algorithm, actor: str, reason: str) -> Algorithm:
+    if algorithm.revoked_at is None:
+        algorithm.revoked_at = utcnow()
+        algorithm.revoked_reason = reason
+        session.add(algorithm)
+        audit.record(session, actor, "algorithm.revoked", f"{algorithm.name} "
+                     f"{algorithm.version}", digest=algorithm.digest, reason=reason)
+        session.commit()
+        session.refresh(algorithm)
+    return algorithm

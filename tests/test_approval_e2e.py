@@ -1,0 +1,79 @@
+"""Approval under the federation's review rule: nothing is launched, and no spoke runs
+anything, without the hub's signed approval of the exact digest; a revoked approval stops
+new experiments."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from tributary.federation import LocalFederation
+from tributary.protocol.release import verify_approval
+from tributary.protocol.signing import PublicKey
+
+pytestmark = pytest.mark.e2e
+
+
+def reviewer(federation: LocalFederation, org: str) -> str:
+    name, password = f"rev-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex
+    with federation.api() as api:
+        api.post("/api/users", json={"username": name, "password": password,
+                                     "roles": ["reviewer"], "organisation": org}
+                 ).raise_for_status()
+    return federation.sign_in(name, password)
+
+
+def test_review_rule_approval_and_revocation(federation: LocalFederation,
+                                             misbehaving_image: tuple[str, str]) -> None:
+    spoke_id = f"appr-{uuid.uuid4().hex[:6]}"
+    with federation.api() as api:
+        api.post("/api/spokes", json={"id": spoke_id, "name": spoke_id}).raise_for_status()
+        from tributary.protocol.signing import SigningKey
+
+        api.post(f"/api/spokes/{spoke_id}/keys", json={
+            "public_key_pem": SigningKey.generate().public.pem}).raise_for_status()
+    algorithm = federation.register_algorithm(
+        approve=False, name=f"appr-{spoke_id}", version="1", repository=misbehaving_image[0],
+        digest=misbehaving_image[1])
+    aid = algorithm["id"]
+
+    def create() -> object:
+        with federation.api() as api:
+            return api.post("/api/experiments", json={"name": "approval", "algorithm_id": aid,
+                                                       "spoke_ids": [spoke_id]})
+
+    refused = create()
+    assert refused.status_code == 422 and "not approved" in refused.json()["detail"]
+
+    first, same_org, other_org = (reviewer(federation, "Org One"),
+                                  reviewer(federation, "Org One"), reviewer(federation, "Org Two"))
+    for token in (first, same_org):
+        with federation.api(token) as api:
+            after = api.post(f"/api/algorithms/{aid}/reviews", json={"decision": "approve"})
+            assert after.status_code == 200 and after.json()["approval"] is None
+    with federation.api(first) as api:
+        twice = api.post(f"/api/algorithms/{aid}/reviews", json={"decision": "approve"})
+        assert twice.status_code == 409
+    with federation.api() as api:  # the registrant (admin) may not review its own version
+        own = api.post(f"/api/algorithms/{aid}/reviews", json={"decision": "approve"})
+        assert own.status_code == 409 and "registrant" in own.json()["detail"]
+    with federation.api(other_org) as api:
+        approved = api.post(f"/api/algorithms/{aid}/reviews", json={"decision": "approve"})
+    approval = approved.json()["approval"]
+    assert approval is not None
+    hub_key = PublicKey.load(federation.hub_key_path.parent / "hub.key.pub")
+    predicate = verify_approval(approval, [hub_key], misbehaving_image[1])
+    assert {r["organisation"] for r in predicate["reviewers"]} == {"Org One", "Org Two"}
+    experiment = create()
+    assert experiment.status_code == 201
+
+    with federation.api() as api:
+        revoked = api.post(f"/api/algorithms/{aid}/revoke", json={"reason": "flawed"})
+        assert revoked.status_code == 200 and revoked.json()["revoked_at"]
+        launch = api.post(f"/api/experiments/{experiment.json()['id']}/launch")
+        assert launch.status_code == 409 and "revoked" in launch.json()["detail"]
+        assert create().status_code == 422
+        actions = [a["action"] for a in api.get("/api/audit", params={"limit": 500}).json()
+                   if a["target"] == f"appr-{spoke_id} 1"]
+    assert {"algorithm.approved", "algorithm.revoked", "algorithm.review.approve"} <= set(actions)
