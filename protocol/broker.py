@@ -12,17 +12,20 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import stomp
 import stomp.exception
 from pydantic import BaseModel, SecretStr
 
 log = logging.getLogger(__name__)
+_RECV_BYTES = 8192
 
 
 class BrokerSettings(BaseModel):
@@ -34,6 +37,12 @@ class BrokerSettings(BaseModel):
     receipt_timeout_s: float = 15.0
     reconnect_initial_s: float = 0.5
     reconnect_max_s: float = 30.0
+    #: Mutual TLS for a ``stomp+ssl`` connector: the CA that signed the broker's certificate,
+    #: and this client's certificate and key (its identity). TLS is on when ``ca_file`` or
+    #: ``cert_file`` is set.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
 class PublishError(RuntimeError):
@@ -162,6 +171,10 @@ class StompClient:
         with self._lock:
             self._generation += 1
             generation = self._generation
+        if s.ca_file or s.cert_file:
+            conn.set_ssl(for_hosts=[(s.host, s.port)], ca_certs=_str(s.ca_file),
+                         cert_file=_str(s.cert_file), key_file=_str(s.key_file))
+            end_io_loop_on_tls_eof(conn)
         conn.set_listener("tributary", _Listener(self, generation))
         password = s.password.get_secret_value() if s.password else None
         conn.connect(
@@ -282,6 +295,34 @@ class StompClient:
         if receipt_id and receipt_id in self._receipts:
             self._receipt_errors[receipt_id] = message or "broker refused the message"
             self._receipts[receipt_id].set()
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def end_io_loop_on_tls_eof(conn: stomp.Connection12) -> None:
+    """Make a TLS connection notice that the broker closed it.
+
+    stomp.py 9.0 reads TLS sockets non-blocking and cannot tell "closed" from "no data yet":
+    both come back as an empty read, so its I/O thread spins at full CPU and never reports
+    the disconnect. A refused handshake then hangs ``connect`` and a broker restart goes
+    unnoticed. Reading the socket ourselves keeps the two apart.
+    """
+    transport = conn.transport
+
+    def receive() -> bytes:
+        try:
+            data = transport.socket.recv(_RECV_BYTES)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # no data yet: stomp.py waits for the socket
+        except (OSError, AttributeError):  # TLS alert, reset, or socket already gone
+            data = b""
+        if not data:
+            transport.running = False  # ends the I/O loop, which reports the disconnect
+        return data
+
+    transport.receive = receive
 
 
 def publish_with_retry(client: StompClient, destination: str, body: str,

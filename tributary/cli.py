@@ -26,6 +26,7 @@ app.add_typer(services_app, name="services")
 app.add_typer(hub_app, name="hub")
 app.add_typer(spoke_app, name="spoke")
 app.add_typer(contract_app, name="contract")
+app.add_typer(__import__("tributary.commands.broker", fromlist=["app"]).app, name="broker")
 algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "
                                  "images.", no_args_is_help=True)
 app.add_typer(algorithm_app, name="algorithm")
@@ -207,6 +208,43 @@ def algorithm_sign(
     envelope = sign_release(SigningKey.load(key), repository, digest, name, version, publisher)
     output.write_text(json.dumps(envelope, indent=2) + "\n")
     console.print(f"wrote {output}")
+
+
+bundle_app = typer.Typer(help="Study bundles: results with custody records, verifiable "
+                              "offline.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("verify")
+def bundle_verify(
+    bundle: Annotated[Path, typer.Argument(exists=True, help="Bundle folder or .zip.")],
+    keys: Annotated[Path, typer.Option(exists=True, file_okay=False, help=(
+        "Folder with hub.pub and <spoke_id>.pub public keys, obtained independently."))],
+) -> None:
+    """Verify a study bundle offline: hub-signed manifest, every file's digest, every
+    spoke-signed custody record and its chain. Exit 1 on any problem."""
+    import tempfile
+    import zipfile
+
+    from tributary.bundle import verify_bundle
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = bundle
+        if bundle.is_file():
+            try:
+                with zipfile.ZipFile(bundle) as archive:
+                    archive.extractall(tmp)
+            except (zipfile.BadZipFile, OSError) as exc:
+                console.print(f"[red]not a readable bundle:[/] {exc}")
+                raise typer.Exit(1) from None
+            folder = Path(tmp)
+        report = verify_bundle(folder, keys)
+    for problem in report.problems:
+        console.print(f"[red]FAIL[/] {problem}")
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print(f"[green]OK[/] {report.results} results, manifest signed by the hub, "
+                  "every custody record verified")
 
 
 @contract_app.command("schemas")

@@ -24,12 +24,9 @@ def _write_config(settings: ServiceSettings) -> Path:
     base = settings.state_dir / "activemq"
     conf = base / "conf"
     conf.mkdir(parents=True, exist_ok=True)
-    (base / "data").mkdir(exist_ok=True)
     template = resources.files("tributary.services").joinpath("activemq.xml").read_text()
     xml = template.replace("@HOST@", settings.host).replace("@PORT@", str(settings.broker_port))
     (conf / "activemq.xml").write_text(xml)
-    log4j = resources.files("tributary.services").joinpath("log4j2.properties").read_text()
-    (conf / "log4j2.properties").write_text(log4j)
     return base
 
 
@@ -42,30 +39,48 @@ def ensure_running(settings: ServiceSettings) -> str:
             f"port {settings.broker_port} is taken by another process; "
             "set TRIBUTARY_BROKER_PORT to use another"
         )
+    base = _write_config(settings)
+    start_instance(base, base / "conf" / "activemq.xml", settings.host, settings.broker_port)
+    return "started"
+
+
+def start_instance(base: Path, config: Path, host: str, port: int) -> None:
+    """Start a broker from ``config`` with its state in ``base`` (``data/``, ``conf/``,
+    ``broker.pid``) and wait until ``host:port``, the port the config listens on, is open.
+    Separate from :func:`ensure_running` so other configurations (the mutual-TLS one) run
+    the same way."""
     ensure_commands({"java": "default-jre-headless"})
     if not (ACTIVEMQ_HOME / "bin" / "activemq.jar").exists():
         ensure_commands({"activemq-not-installed": "activemq"})
-    base = _write_config(settings)
+    conf = base / "conf"
+    conf.mkdir(parents=True, exist_ok=True)
+    (base / "data").mkdir(exist_ok=True)
+    log4j = resources.files("tributary.services").joinpath("log4j2.properties").read_text()
+    (conf / "log4j2.properties").write_text(log4j)
     log = base / "data" / "console.log"
     start_daemon(
         [
             "java", "-Xms64M", "-Xmx256M", "-Djava.awt.headless=true",
             f"-Dactivemq.home={ACTIVEMQ_HOME}", f"-Dactivemq.base={base}",
-            f"-Dactivemq.conf={base / 'conf'}", f"-Dactivemq.data={base / 'data'}",
-            f"-Dlog4j2.configurationFile={base / 'conf' / 'log4j2.properties'}",
+            f"-Dactivemq.conf={conf}", f"-Dactivemq.data={base / 'data'}",
+            f"-Dlog4j2.configurationFile={conf / 'log4j2.properties'}",
             "-jar", str(ACTIVEMQ_HOME / "bin" / "activemq.jar"),
-            "start", f"xbean:file:{base / 'conf' / 'activemq.xml'}",
+            "start", f"xbean:file:{config}",
         ],
-        pidfile,
+        base / "broker.pid",
         log,
         cwd=base,
     )
-    wait_for(lambda: port_open(settings.host, settings.broker_port), 90, "ActiveMQ", log)
-    return "started"
+    wait_for(lambda: port_open(host, port), 90, "ActiveMQ", log)
+
+
+def stop_instance(base: Path) -> bool:
+    """Stop the broker started with state in ``base``; True if one was running."""
+    return stop_daemon(base / "broker.pid", timeout=30)
 
 
 def stop(settings: ServiceSettings) -> bool:
-    return stop_daemon(settings.path("activemq", "broker.pid"), timeout=30)
+    return stop_instance(settings.state_dir / "activemq")
 
 
 def describe(settings: ServiceSettings) -> tuple[bool, str]:

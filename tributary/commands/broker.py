@@ -1,0 +1,97 @@
+"""``tributary broker``: the broker's mutual TLS and per-spoke authorization.
+
+Heavy imports stay inside the commands so ``tributary --help`` remains fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Broker security: mutual TLS and per-spoke authorization for ActiveMQ.",
+                  no_args_is_help=True)
+console = Console()
+
+OutDir = Annotated[Path, typer.Option("--out", "-o", file_okay=False,
+                                      help="Folder for the configuration, CA and identities.")]
+
+
+def registered_spokes(hub_url: str, token: str | None, timeout: float = 10.0) -> list[str]:
+    """The ids of the spokes registered at the hub (``GET /api/spokes``)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.get(f"{hub_url.rstrip('/')}/api/spokes", headers=headers,
+                         timeout=timeout)
+    response.raise_for_status()
+    return [str(spoke["id"]) for spoke in response.json()]
+
+
+@app.command("config")
+def config(
+    out: OutDir,
+    hub_url: Annotated[str | None, typer.Option(
+        help="Read the registered spokes from this hub's REST API.")] = None,
+    token: Annotated[str | None, typer.Option(
+        envvar="TRIBUTARY_HUB_TOKEN", show_default=False,
+        help="Bearer token for --hub-url (POST /api/auth/token).")] = None,
+    spoke: Annotated[list[str] | None, typer.Option(
+        "--spoke", help="A spoke id (repeatable); added to those from --hub-url.")] = None,
+    hub_identity: Annotated[str, typer.Option(help="The hub's identity on the broker.")] = "hub",
+    host: Annotated[str, typer.Option(help="Address the broker listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the stomp+ssl connector.")] = 61614,
+    server_name: Annotated[list[str] | None, typer.Option(
+        "--server-name", help="Another DNS name or address for the broker's certificate "
+                              "(repeatable).")] = None,
+    rotate: Annotated[bool, typer.Option(
+        help="Replace the CA, every certificate and every password.")] = False,
+) -> None:
+    """Write the broker configuration: mutual TLS and one identity per spoke.
+
+    The authorization map confines each spoke to its own queue and the results queue."""
+    import httpx
+
+    from tributary.services.broker_security import generate_broker_config
+
+    spokes = list(spoke or [])
+    if hub_url:
+        try:
+            spokes += registered_spokes(hub_url, token)
+        except httpx.HTTPError as exc:
+            console.print(f"[red]could not list the spokes at {hub_url}: {exc}[/]")
+            raise typer.Exit(1) from exc
+    if not spokes:
+        console.print("[red]no spokes: pass --hub-url or --spoke[/]")
+        raise typer.Exit(2)
+    try:
+        bundle = generate_broker_config(out, hub_identity=hub_identity, spoke_ids=spokes,
+                                        host=host, stomp_ssl_port=port,
+                                        server_names=server_name or [], rotate=rotate)
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(2) from exc
+    console.print(f"wrote {bundle.config_path} for {bundle.url}")
+    for identity in [bundle.hub, *bundle.spokes.values()]:
+        console.print(f"  identity [bold]{identity.name}[/]: {identity.directory}")
+    console.print("Hand each identity folder to its owner only; keep the rest of "
+                  f"{bundle.out_dir} private.")
+
+
+@app.command("start")
+def start(out: OutDir) -> None:
+    """Run ActiveMQ with the configuration in --out (state in its instance/ folder)."""
+    from tributary.services.broker_security import load_bundle, start_broker
+
+    bundle = load_bundle(out)
+    console.print(f"activemq {start_broker(bundle)} at {bundle.url}")
+
+
+@app.command("stop")
+def stop(out: OutDir) -> None:
+    """Stop the broker started from --out."""
+    from tributary.services.broker_security import load_bundle, stop_broker
+
+    stopped = stop_broker(load_bundle(out))
+    console.print("activemq stopped" if stopped else "activemq was not running")

@@ -1,0 +1,318 @@
+"""ActiveMQ configuration for a federation that does not trust its network.
+
+The broker listens only on ``stomp+ssl`` and demands a client certificate from our CA, so
+nothing without an issued identity can even open a STOMP session. Each identity (the hub and
+every spoke) also logs in with its own random password, and the authorization map confines
+it: a spoke reads only its own queue and writes only the results queue; only the hub writes
+to spoke queues and reads results and dead letters. A compromised spoke therefore cannot
+see other sites' experiments, impersonate the hub towards them, or read other sites' results.
+
+Layout of the output folder (keep it private; it holds the CA key and every secret)::
+
+    activemq.xml            broker config with users and store passwords (0600)
+    broker.json             host, port and identities, to start the broker again (no secrets)
+    pki/ca.crt, ca.key      the CA
+    broker/                 server certificate, key store, trust store, store password
+    identities/<id>/        client.crt, client.key, ca.crt, password: hand to that party only
+    instance/               the running broker's data, logs and pid (when started from here)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+from pydantic import SecretStr
+
+from tributary.protocol.broker import BrokerSettings
+from tributary.protocol.destinations import RESULTS_QUEUE, dead_letter_queue, spoke_queue
+from tributary.protocol.messages import SPOKE_ID_RE
+from tributary.services import broker, pki
+from tributary.services.system import ServiceError, port_open, read_pid
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STOMP_SSL_PORT = 61614
+#: Authorization groups. Every identity is in ALL; each spoke also in its own group.
+HUB_GROUP = "tributary.hub"
+SPOKES_GROUP = "tributary.spokes"
+ALL_GROUP = "tributary.users"
+
+
+def _spoke_group(spoke_id: str) -> str:
+    return f"tributary.spoke.{spoke_id}"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One party's credentials folder, as handed to it."""
+
+    name: str
+    directory: Path
+
+    @property
+    def cert_file(self) -> Path:
+        return self.directory / "client.crt"
+
+    @property
+    def key_file(self) -> Path:
+        return self.directory / "client.key"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def password_file(self) -> Path:
+        return self.directory / "password"
+
+    def password(self) -> SecretStr:
+        return SecretStr(self.password_file.read_text().strip())
+
+    def broker_settings(self, host: str, port: int) -> BrokerSettings:
+        """Connection settings for :class:`~tributary.protocol.broker.StompClient`."""
+        return BrokerSettings(host=host, port=port, user=self.name, password=self.password(),
+                              ca_file=self.ca_file, cert_file=self.cert_file,
+                              key_file=self.key_file)
+
+
+@dataclass(frozen=True)
+class BrokerSecurityBundle:
+    """What :func:`generate_broker_config` wrote; holds paths only, never secrets."""
+
+    out_dir: Path
+    config_path: Path
+    host: str
+    stomp_ssl_port: int
+    ca_file: Path
+    hub: Identity
+    spokes: dict[str, Identity] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"stomp+ssl://{self.host}:{self.stomp_ssl_port}"
+
+    @property
+    def instance_dir(self) -> Path:
+        return self.out_dir / "instance"
+
+    def identity(self, name: str) -> Identity:
+        if name == self.hub.name:
+            return self.hub
+        try:
+            return self.spokes[name]
+        except KeyError:
+            raise KeyError(f"no broker identity {name!r} in {self.out_dir}") from None
+
+    def broker_settings(self, name: str) -> BrokerSettings:
+        return self.identity(name).broker_settings(self.host, self.stomp_ssl_port)
+
+
+def _validate_identity(name: str) -> str:
+    if not SPOKE_ID_RE.match(name):
+        raise ValueError(f"identity {name!r} must be 2-63 lower-case letters, digits or '-'")
+    return name
+
+
+def _queue(destination: str) -> str:
+    return destination.removeprefix("/queue/")
+
+
+def _entry(queue: str, read: list[str], write: list[str], admin: list[str]) -> str:
+    return (f"<authorizationEntry queue={quoteattr(queue)} read={quoteattr(','.join(read))} "
+            f"write={quoteattr(','.join(write))} admin={quoteattr(','.join(admin))}/>")
+
+
+def authorization_entries(spoke_ids: list[str]) -> list[str]:
+    """The authorization map. Each destination is listed with its complete ACLs, so the
+    result is the same whether ActiveMQ unions the wildcard entry ``DLQ.>`` with a specific
+    one or prefers the specific one. Destinations not listed are closed to every client.
+
+    Consumers get ``write`` (and ``admin``) on the queue they read and on its dead-letter
+    queue: without them ActiveMQ silently drops a NACKed message instead of dead-lettering it.
+    """
+    results = _queue(RESULTS_QUEUE)
+    entries = [
+        _entry(results, [HUB_GROUP], [HUB_GROUP, SPOKES_GROUP], [HUB_GROUP, SPOKES_GROUP]),
+        _entry(_queue(dead_letter_queue(RESULTS_QUEUE)), [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
+        _entry("DLQ.>", [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
+    ]
+    for spoke_id in spoke_ids:
+        own, queue = _spoke_group(spoke_id), spoke_queue(spoke_id)
+        entries += [
+            _entry(_queue(queue), [own], [HUB_GROUP, own], [HUB_GROUP, own]),
+            _entry(_queue(dead_letter_queue(queue)), [HUB_GROUP], [HUB_GROUP, own],
+                   [HUB_GROUP, own]),
+        ]
+    # Connections, consumers and producers publish advisories in the client's name.
+    entries.append(
+        f'<authorizationEntry topic="ActiveMQ.Advisory.>" read="{ALL_GROUP}" '
+        f'write="{ALL_GROUP}" admin="{ALL_GROUP}"/>'
+    )
+    return entries
+
+
+def _security_xml(users: list[tuple[str, str, list[str]]], spoke_ids: list[str],
+                  keystore: Path, truststore: Path, store_password: str) -> str:
+    user_lines = "\n".join(
+        f"          <authenticationUser username={quoteattr(name)} password={quoteattr(pw)} "
+        f"groups={quoteattr(','.join(groups))}/>"
+        for name, pw, groups in users
+    )
+    entry_lines = "\n".join(f"              {e}" for e in authorization_entries(spoke_ids))
+    pw = quoteattr(store_password)
+    return f"""    <plugins>
+      <simpleAuthenticationPlugin anonymousAccessAllowed="false">
+        <users>
+{user_lines}
+        </users>
+      </simpleAuthenticationPlugin>
+      <authorizationPlugin>
+        <map>
+          <authorizationMap>
+            <authorizationEntries>
+{entry_lines}
+            </authorizationEntries>
+          </authorizationMap>
+        </map>
+      </authorizationPlugin>
+    </plugins>
+    <sslContext>
+      <sslContext keyStore={quoteattr(keystore.as_uri())} keyStorePassword={pw}
+                  keyStoreType="PKCS12" trustStore={quoteattr(truststore.as_uri())}
+                  trustStorePassword={pw} trustStoreType="PKCS12"/>
+    </sslContext>
+"""
+
+
+_HEADER = re.compile(r"\A<!--.*?-->\s*", re.S)
+_CONNECTORS = re.compile(r"<transportConnectors>.*?</transportConnectors>", re.S)
+
+
+def render_config(host: str, port: int, security_xml: str) -> str:
+    """The plain broker template (same persistence, limits and dead-letter policy) with its
+    connector replaced by mutual-TLS STOMP and the security elements added."""
+    template = resources.files("tributary.services").joinpath("activemq.xml").read_text()
+    if not (_HEADER.search(template) and _CONNECTORS.search(template)
+            and "  </broker>" in template):
+        raise ServiceError("activemq.xml template changed shape; update broker_security.py")
+    uri = (f"stomp+ssl://{host}:{port}?transport.needClientAuth=true"
+           "&transport.maxFrameSize=4194304&transport.hbGracePeriodMultiplier=2")
+    connector = (f'<transportConnectors>\n      <transportConnector name="stomp+ssl" '
+                 f"uri={quoteattr(uri)}/>\n    </transportConnectors>")
+    header = ("<!-- ActiveMQ Classic broker for Tributary with mutual TLS and per-identity\n"
+              "     authorization, written by `tributary broker config`. Contains secrets. -->\n")
+    xml = _CONNECTORS.sub(lambda _: connector, _HEADER.sub("", template, count=1), count=1)
+    return header + xml.replace("  </broker>", security_xml + "  </broker>", 1)
+
+
+def _prepare_identity(ca: pki.CertificateAuthority, directory: Path, name: str,
+                      rotate: bool) -> tuple[Identity, str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    pki.issue_client_cert(ca, directory, name, rotate=rotate)
+    shutil.copyfile(ca.cert_path, directory / "ca.crt")
+    identity = Identity(name, directory)
+    password = pki.read_or_create_secret(identity.password_file, rotate=rotate)
+    return identity, password
+
+
+def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
+                           spoke_ids: list[str] | tuple[str, ...] = (),
+                           host: str = "127.0.0.1",
+                           stomp_ssl_port: int = DEFAULT_STOMP_SSL_PORT,
+                           server_names: list[str] | tuple[str, ...] = (),
+                           rotate: bool = False) -> BrokerSecurityBundle:
+    """Write a mutual-TLS, per-identity ActiveMQ configuration into ``out_dir``.
+
+    Idempotent: the CA, certificates and passwords already in ``out_dir`` are reused, so
+    regenerating after a spoke joins does not disturb the others; ``rotate=True`` replaces
+    all of them. ``server_names`` are extra DNS names or addresses for the broker's
+    certificate besides ``host``, ``127.0.0.1`` and ``localhost``.
+    """
+    hub_identity = _validate_identity(hub_identity)
+    spokes = sorted({_validate_identity(s) for s in spoke_ids})
+    if hub_identity in spokes:
+        raise ValueError(f"spoke id {hub_identity!r} is also the hub's identity")
+    out_dir = out_dir.resolve()
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing folder keeps its mode
+    for sub in ("pki", "broker", "identities"):
+        (out_dir / sub).mkdir(exist_ok=True)
+        (out_dir / sub).chmod(0o700)
+
+    ca = pki.ensure_ca(out_dir / "pki", rotate=rotate)
+    rotate = rotate or ca.created
+    broker_dir = out_dir / "broker"
+    server = pki.issue_server_cert(ca, broker_dir, [host, *server_names], rotate=rotate)
+    store_password_file = broker_dir / "store.password"
+    renew_stores = rotate or server.created or not store_password_file.exists()
+    store_password = pki.read_or_create_secret(store_password_file, rotate=renew_stores)
+    keystore, truststore = broker_dir / "broker.p12", broker_dir / "truststore.p12"
+    if renew_stores or not keystore.exists():
+        pki.write_keystore(keystore, server, ca, store_password)
+    if renew_stores or not truststore.exists():
+        pki.write_truststore(truststore, ca, store_password)
+
+    identities_dir = out_dir / "identities"
+    hub, hub_password = _prepare_identity(ca, identities_dir / hub_identity, hub_identity,
+                                          rotate)
+    users = [(hub_identity, hub_password, [HUB_GROUP, ALL_GROUP])]
+    spoke_identities: dict[str, Identity] = {}
+    for spoke_id in spokes:
+        identity, password = _prepare_identity(ca, identities_dir / spoke_id, spoke_id, rotate)
+        spoke_identities[spoke_id] = identity
+        users.append((spoke_id, password, [_spoke_group(spoke_id), SPOKES_GROUP, ALL_GROUP]))
+
+    config_path = out_dir / "activemq.xml"
+    xml = render_config(host, stomp_ssl_port,
+                        _security_xml(users, spokes, keystore, truststore, store_password))
+    pki.write_private(config_path, xml.encode())
+    (out_dir / "broker.json").write_text(json.dumps(
+        {"host": host, "stomp_ssl_port": stomp_ssl_port, "hub_identity": hub_identity,
+         "spoke_ids": spokes}, indent=2) + "\n")
+    log.info("wrote broker config for the hub and %d spoke(s) to %s", len(spokes), out_dir)
+    return BrokerSecurityBundle(out_dir, config_path, host, stomp_ssl_port, ca.cert_path, hub,
+                                spoke_identities)
+
+
+def load_bundle(out_dir: Path) -> BrokerSecurityBundle:
+    """The bundle a previous :func:`generate_broker_config` wrote into ``out_dir``."""
+    out_dir = out_dir.resolve()
+    try:
+        meta = json.loads((out_dir / "broker.json").read_text())
+    except FileNotFoundError:
+        raise ServiceError(f"no broker configuration in {out_dir}; "
+                           "run `tributary broker config` first") from None
+    identities = out_dir / "identities"
+    return BrokerSecurityBundle(
+        out_dir, out_dir / "activemq.xml", meta["host"], meta["stomp_ssl_port"],
+        out_dir / "pki" / "ca.crt", Identity(meta["hub_identity"],
+                                             identities / meta["hub_identity"]),
+        {s: Identity(s, identities / s) for s in meta["spoke_ids"]},
+    )
+
+
+def start_broker(bundle: BrokerSecurityBundle, instance_dir: Path | None = None) -> str:
+    """Run ActiveMQ with the bundle's configuration (state in ``instance_dir``, by default
+    ``<out_dir>/instance``); "running" if it already is."""
+    base = (instance_dir or bundle.instance_dir).resolve()
+    listening = port_open(bundle.host, bundle.stomp_ssl_port)
+    if listening and read_pid(base / "broker.pid") is not None:
+        return "running"
+    if listening:
+        raise ServiceError(f"port {bundle.stomp_ssl_port} is taken by another process")
+    base.mkdir(parents=True, exist_ok=True)
+    base.chmod(0o700)
+    broker.start_instance(base, bundle.config_path, bundle.host, bundle.stomp_ssl_port)
+    return "started"
+
+
+def stop_broker(bundle: BrokerSecurityBundle, instance_dir: Path | None = None) -> bool:
+    """Stop the broker :func:`start_broker` started; True if one was running."""
+    return broker.stop_instance((instance_dir or bundle.instance_dir).resolve())
