@@ -17,6 +17,10 @@ class HubSettings(BaseSettings):
     broker_port: int = 61613
     broker_user: str | None = None
     broker_password: SecretStr | None = None
+    #: Mutual TLS to a broker configured by `tributary broker config` (identity "hub").
+    broker_ca_file: Path | None = None
+    broker_cert_file: Path | None = None
+    broker_key_file: Path | None = None
     #: Consume the results queue in this process (turn off for an API-only replica).
     consume_results: bool = True
     #: Check at registration that the registry really serves the algorithm's digest.
@@ -40,7 +44,9 @@ class HubSettings(BaseSettings):
 
     def broker(self) -> BrokerSettings:
         return BrokerSettings(host=self.broker_host, port=self.broker_port,
-                              user=self.broker_user, password=self.broker_password)
+                              user=self.broker_user, password=self.broker_password,
+                              ca_file=self.broker_ca_file, cert_file=self.broker_cert_file,
+                              key_file=self.broker_key_file)
 
     def audit_log_path(self) -> Path | None:
         return self.audit_log or default_audit_log(self.database_url)

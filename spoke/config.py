@@ -53,10 +53,16 @@ class SpokeBroker(BaseModel):
     port: int = 61613
     user: str | None = None
     password: SecretStr | None = None
+    #: Mutual TLS: the broker CA and this spoke's certificate and key
+    #: (from `tributary broker config`, identities/<spoke_id>/).
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     def settings(self) -> BrokerSettings:
         return BrokerSettings(host=self.host, port=self.port, user=self.user,
-                              password=self.password)
+                              password=self.password, ca_file=self.ca_file,
+                              cert_file=self.cert_file, key_file=self.key_file)
 
 
 class SpokeConfig(BaseModel):

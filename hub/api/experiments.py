@@ -1,17 +1,23 @@
 """Experiments: define, launch, follow, read results and aggregates."""
 
+import shutil
+import tempfile
 import uuid
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
+from fastapi.responses import FileResponse
 from jsonschema import Draft202012Validator
 from sqlmodel import Session, select
 
+from tributary.bundle import write_bundle, zip_bundle
 from tributary.hub.api.deps import acting, current_user, get_broker, get_session, get_settings
 from tributary.hub.api.schemas import CaseRead, ExperimentCreate, ExperimentRead
 from tributary.hub.models import (
     Algorithm,
+    CaseResult,
     Experiment,
     ExperimentState,
     ExperimentTarget,
@@ -121,3 +127,24 @@ def list_cases(experiment_id: str, session: Session = Depends(get_session)) -> l
 @router.get("/{experiment_id}/aggregate")
 def get_aggregate(experiment_id: str, session: Session = Depends(get_session)) -> dict[str, Any]:
     return aggregate(session, _get(session, experiment_id)).as_dict()
+
+
+@router.get("/{experiment_id}/bundle", response_class=FileResponse)
+def export_bundle(experiment_id: str, request: Request, background: BackgroundTasks,
+                  session: Session = Depends(get_session),
+                  actor: str = Depends(acting(Role.COORDINATOR))) -> FileResponse:
+    """The study bundle (zip): results, custody records, hub-signed manifest; verifiable
+    offline with ``tributary bundle verify``."""
+    experiment = _get(session, experiment_id)
+    read = experiment_read(session, experiment).model_dump(mode="json")
+    cases = [c for c in session.exec(select(CaseResult).where(
+        CaseResult.experiment_id == experiment_id)).all() if c.custody]
+    rows = [{**c.model_dump(mode="json"), "state": c.state.value} for c in cases]
+    workdir = Path(tempfile.mkdtemp(prefix="tributary-bundle-"))
+    folder = write_bundle(workdir / experiment_id, read, rows, request.app.state.signing_key)
+    archive = zip_bundle(folder, workdir / f"{experiment_id}.zip")
+    audit.record(session, actor, "bundle.exported", experiment_id, results=len(rows))
+    session.commit()
+    background.add_task(shutil.rmtree, workdir, True)
+    return FileResponse(archive, media_type="application/zip",
+                        filename=f"tributary-{experiment_id}.zip")
