@@ -58,6 +58,19 @@ def validate_spoke_id(value: str) -> str:
     return value
 
 
+def validate_repository(value: str) -> str:
+    if not REPOSITORY_RE.match(value):
+        raise ValueError("repository must look like 'registry:port/path', with no tag or digest")
+    return value
+
+
+def validate_digest(value: str) -> str:
+    if not DIGEST_RE.match(value):
+        raise ValueError("digest must be a manifest digest: 'sha256:' and 64 lower-case hex "
+                         "digits, never a tag")
+    return value
+
+
 class AlgorithmRef(BaseModel):
     """An algorithm image pinned by manifest digest; a tag is never enough."""
 
@@ -72,19 +85,8 @@ class AlgorithmRef(BaseModel):
     approval: dict[str, Any] | None = Field(
         None, description="Hub-signed approval statement for this digest (release.py).")
 
-    @field_validator("repository")
-    @classmethod
-    def _repository(cls, value: str) -> str:
-        if not REPOSITORY_RE.match(value):
-            raise ValueError("repository must look like 'registry:port/path', with no tag")
-        return value
-
-    @field_validator("digest")
-    @classmethod
-    def _digest(cls, value: str) -> str:
-        if not DIGEST_RE.match(value):
-            raise ValueError("digest must be 'sha256:' followed by 64 lower-case hex digits")
-        return value
+    _repository = field_validator("repository")(validate_repository)
+    _digest = field_validator("digest")(validate_digest)
 
     @property
     def reference(self) -> str:

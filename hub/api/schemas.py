@@ -8,10 +8,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from tributary.protocol.messages import (
-    DIGEST_RE,
-    REPOSITORY_RE,
     CohortSelection,
     RunLimits,
+    validate_digest,
+    validate_repository,
     validate_spoke_id,
 )
 
@@ -53,19 +53,8 @@ class AlgorithmCreate(BaseModel):
     release_signature: dict[str, Any] | None = Field(
         None, description="DSSE envelope of the publisher's release statement for the digest.")
 
-    @field_validator("repository")
-    @classmethod
-    def _repo(cls, value: str) -> str:
-        if "@" in value or not REPOSITORY_RE.match(value):
-            raise ValueError("repository must be 'registry:port/path' with no tag or digest")
-        return value
-
-    @field_validator("digest")
-    @classmethod
-    def _digest(cls, value: str) -> str:
-        if not DIGEST_RE.match(value):
-            raise ValueError("digest must be a manifest digest 'sha256:<64 hex>', not a tag")
-        return value
+    _repository = field_validator("repository")(validate_repository)
+    _digest = field_validator("digest")(validate_digest)
 
 
 class ExperimentCreate(BaseModel):
