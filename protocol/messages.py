@@ -133,6 +133,24 @@ class ExperimentMessage(_Message):
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 
 
+class ApprovalRevokedMessage(_Message):
+    """Hub → spoke: this algorithm version's approval was withdrawn; run nothing with it,
+    including experiments already waiting in the queue. Sent with the highest priority."""
+
+    kind: Literal["approval_revoked"] = "approval_revoked"
+    spoke_id: str
+    name: str
+    version: str
+    digest: str
+    reason: str = Field(max_length=2000)
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+    _digest = field_validator("digest")(validate_digest)
+
+
+HubMessage = Annotated[ExperimentMessage | ApprovalRevokedMessage, Field(discriminator="kind")]
+
+
 class ExperimentState(StrEnum):
     ACCEPTED = "accepted"  # cases selected; case_ids lists them
     REFUSED = "refused"  # nothing will run; reason says why
@@ -224,7 +242,7 @@ SpokeMessage = Annotated[
     ExperimentStatusMessage | CaseStartedMessage | ResultMessage, Field(discriminator="kind")
 ]
 _spoke_adapter: TypeAdapter[Any] = TypeAdapter(SpokeMessage)
-_hub_adapter: TypeAdapter[Any] = TypeAdapter(ExperimentMessage)
+_hub_adapter: TypeAdapter[Any] = TypeAdapter(HubMessage)
 
 
 def encode(message: BaseModel) -> str:
@@ -252,6 +270,6 @@ def decode_from_spoke(
     return _decode(body, _spoke_adapter)
 
 
-def decode_from_hub(body: bytes | str) -> ExperimentMessage:
+def decode_from_hub(body: bytes | str) -> ExperimentMessage | ApprovalRevokedMessage:
     """Parse a message the hub sent to a spoke, or raise :class:`ProtocolError`."""
     return _decode(body, _hub_adapter)

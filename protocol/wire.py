@@ -13,6 +13,7 @@ from pydantic import BaseModel
 
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
+    ApprovalRevokedMessage,
     CaseStartedMessage,
     ExperimentMessage,
     ExperimentStatusMessage,
@@ -55,7 +56,8 @@ def _envelope(body: bytes | str) -> dict[str, Any]:
     return envelope
 
 
-def open_from_hub(body: bytes | str, hub_keys: Iterable[PublicKey]) -> ExperimentMessage:
+def open_from_hub(body: bytes | str, hub_keys: Iterable[PublicKey]
+                  ) -> ExperimentMessage | ApprovalRevokedMessage:
     """Verify the hub's signature, then parse; raises :class:`ProtocolError`."""
     envelope = _envelope(body)
     try:

@@ -19,6 +19,7 @@ from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import Delivery, PublishError, StompClient, publish_with_retry
 from tributary.protocol.destinations import RESULTS_QUEUE, spoke_queue
 from tributary.protocol.messages import (
+    ApprovalRevokedMessage,
     CaseStartedMessage,
     CaseStatus,
     ExperimentMessage,
@@ -99,10 +100,18 @@ class SpokeAgent:
         self._received(delivery, message)
         if message.spoke_id != self.config.spoke_id:
             log.error("dead-lettering message for spoke %s", message.spoke_id)
-            self._audit("message.dead_lettered", message.experiment_id,
+            self._audit("message.dead_lettered", getattr(message, "experiment_id", ""),
                         message_id=delivery.message_id,
                         reason=f"addressed to spoke {message.spoke_id}")
             self.client.nack(delivery)
+            return
+        if isinstance(message, ApprovalRevokedMessage):
+            self.journal.revoke(message.digest, message.reason)
+            log.warning("approval of %s %s (%s) revoked: %s", message.name, message.version,
+                        message.digest, message.reason)
+            self._audit("approval.revoked", message.digest, actor="hub",
+                        algorithm=f"{message.name} {message.version}", reason=message.reason)
+            self.client.ack(delivery)
             return
         if self.journal.handled(message.message_id):
             log.warning("dropping replayed experiment message %s (%s): already handled",
@@ -130,8 +139,9 @@ class SpokeAgent:
         a failure to write stops the work rather than leave it unrecorded."""
         self.audit.append(actor or self.config.spoke_id, action, target, detail)
 
-    def _received(self, delivery: Delivery, message: ExperimentMessage | None) -> None:
-        self._audit("message.received", message.experiment_id if message else "",
+    def _received(self, delivery: Delivery,
+                  message: ExperimentMessage | ApprovalRevokedMessage | None) -> None:
+        self._audit("message.received", getattr(message, "experiment_id", "") or "",
                     actor="hub" if message else "unknown", message_id=delivery.message_id,
                     kind=message.kind if message else delivery.headers.get("tributary-kind"),
                     hub_message_id=message.message_id if message else None,
@@ -162,6 +172,10 @@ class SpokeAgent:
         reference = message.algorithm.reference
         try:
             check_approval(message.algorithm, self.hub_keys)
+            revoked = self.journal.revocation(message.algorithm.digest)
+            if revoked is not None:
+                raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
+                                   f"approval revoked by the hub: {revoked}")
             check_release(message.algorithm, self.publishers)
             image_id = ensure_image(
                 docker_client, message.algorithm, self.config.runner.allowed_registries,

@@ -23,6 +23,11 @@ CREATE TABLE IF NOT EXISTS chain (
     sequence INTEGER PRIMARY KEY,
     record_sha256 TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS revoked_digests (
+    digest TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    revoked_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
 CREATE TABLE IF NOT EXISTS handled_messages (
     message_id TEXT PRIMARY KEY,
     experiment_id TEXT NOT NULL,
@@ -73,6 +78,18 @@ class Journal:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def revoke(self, digest: str, reason: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO revoked_digests (digest, reason) "
+                             "VALUES (?, ?)", (digest, reason))
+
+    def revocation(self, digest: str) -> str | None:
+        """Why ``digest``'s approval was revoked, or None if it was not."""
+        with self._lock:
+            row = self._db.execute("SELECT reason FROM revoked_digests WHERE digest=?",
+                                   (digest,)).fetchone()
+        return row[0] if row else None
 
     def handled(self, message_id: str) -> bool:
         with self._lock:

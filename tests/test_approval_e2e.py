@@ -77,3 +77,39 @@ def test_review_rule_approval_and_revocation(federation: LocalFederation,
         actions = [a["action"] for a in api.get("/api/audit", params={"limit": 500}).json()
                    if a["target"] == f"appr-{spoke_id} 1"]
     assert {"algorithm.approved", "algorithm.revoked", "algorithm.review.approve"} <= set(actions)
+
+
+def test_revocation_overtakes_experiments_waiting_in_the_queue(
+        federation: LocalFederation, misbehaving_image: tuple[str, str]) -> None:
+    """Launched while the spoke is offline, revoked before it returns: nothing runs."""
+    import subprocess
+    import time
+
+    from tributary.federation import generate_cohort
+
+    spoke_id = f"late-{uuid.uuid4().hex[:6]}"
+    data = federation.root / "data" / spoke_id
+    generate_cohort(data, 1, seed=31, site="Late Hospital")
+    config = federation.add_spoke(spoke_id, data)
+    algorithm = federation.register_algorithm(
+        name=f"late-{spoke_id}", version="1", repository=misbehaving_image[0],
+        digest=misbehaving_image[1])
+    with federation.api() as api:
+        exp = api.post("/api/experiments", json={
+            "name": "queued", "algorithm_id": algorithm["id"], "spoke_ids": [spoke_id],
+            "arguments": {"behaviour": "ok"}}).raise_for_status().json()
+        api.post(f"/api/experiments/{exp['id']}/launch").raise_for_status()
+        revoked = api.post(f"/api/algorithms/{algorithm['id']}/revoke",
+                           json={"reason": "found to leak identifiers"})
+        assert revoked.status_code == 200, revoked.text
+    since = time.time()
+    federation.start_spoke(spoke_id, config)
+    final = federation.wait_for_experiment(exp["id"], timeout=120)
+    target = final["targets"][0]
+    assert target["state"] == "refused"
+    assert "approval revoked" in target["reason"] and "leak identifiers" in target["reason"]
+    created = subprocess.run(
+        ["docker", "events", "--since", str(since), "--until", str(time.time()),
+         "--filter", "event=create", "--filter", f"label=org.tributary.spoke={spoke_id}"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    assert created == ""

@@ -11,6 +11,7 @@ from tributary.hub.services import approval, audit
 from tributary.hub.services.aggregation import AGGREGATORS
 from tributary.hub.services.registry_client import RegistryCheckError, verify_manifest
 from tributary.hub.settings import HubSettings
+from tributary.protocol.broker import PublishError
 from tributary.protocol.release import verify_release
 from tributary.protocol.signing import PublicKey, SignatureError, envelope_signer
 
@@ -98,11 +99,22 @@ def list_reviews(algorithm_id: int, session: Session = Depends(get_session)) -> 
 
 
 @router.post("/{algorithm_id}/revoke", response_model=Algorithm)
-def revoke_algorithm(algorithm_id: int, body: RevokeBody,
+def revoke_algorithm(algorithm_id: int, body: RevokeBody, request: Request,
                      session: Session = Depends(get_session),
                      actor: str = Depends(acting(Role.COORDINATOR))) -> Algorithm:
-    """Withdraw an approval: no new experiment may use this version."""
-    return approval.revoke(session, get_algorithm(algorithm_id, session), actor, body.reason)
+    """Withdraw an approval: no new experiment may use this version, and every enrolled
+    spoke is told to refuse experiments with it that are already waiting in its queue.
+    Calling it again re-sends the notice (after a broker outage, say)."""
+    algorithm = approval.revoke(session, get_algorithm(algorithm_id, session), actor,
+                                body.reason)
+    try:
+        approval.notify_revocation(session, request.app.state.broker,
+                                   request.app.state.signing_key, algorithm)
+    except PublishError as exc:
+        raise HTTPException(503, f"revoked at the hub, but the spokes could not all be "
+                                 f"told ({exc}); call again to re-send") from None
+    session.refresh(algorithm)  # the notice's commit expired it
+    return algorithm
 
 
 @router.get("", response_model=list[Algorithm])

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from sqlmodel import Session, select
 
-from tributary.hub.models import Algorithm, Review, User, utcnow
+from tributary.hub.models import Algorithm, Review, SpokeKey, User, utcnow
 from tributary.hub.services import audit
 from tributary.hub.settings import HubSettings
+from tributary.protocol.broker import StompClient, publish_with_retry
+from tributary.protocol.destinations import spoke_queue
+from tributary.protocol.messages import ApprovalRevokedMessage
 from tributary.protocol.release import sign_approval
 from tributary.protocol.signing import SigningKey
+from tributary.protocol.wire import seal
 
 
 class ReviewError(ValueError):
@@ -67,3 +71,21 @@ def revoke(session: Session, algorithm: Algorithm, actor: str, reason: str) -> A
         session.commit()
         session.refresh(algorithm)
     return algorithm
+
+
+def notify_revocation(session: Session, client: StompClient, hub_key: SigningKey,
+                      algorithm: Algorithm) -> list[str]:
+    """Tell every enrolled spoke, ahead of anything waiting in its queue, that this digest
+    may no longer run. Returns the spokes told; raises PublishError if the broker fails."""
+    spokes = sorted({k.spoke_id for k in session.exec(
+        select(SpokeKey).where(SpokeKey.revoked_at == None))})  # noqa: E711
+    for spoke_id in spokes:
+        message = ApprovalRevokedMessage(spoke_id=spoke_id, name=algorithm.name,
+                                         version=algorithm.version, digest=algorithm.digest,
+                                         reason=algorithm.revoked_reason or "revoked")
+        publish_with_retry(client, spoke_queue(spoke_id), seal(message, hub_key),
+                           {"tributary-kind": message.kind, "priority": "9"})
+        audit.record(session, "hub", "message.sent", spoke_id, kind=message.kind,
+                     message_id=message.message_id, digest=algorithm.digest)
+    session.commit()
+    return spokes
