@@ -6,7 +6,6 @@ refusal is audited with its reason."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -99,10 +98,7 @@ def run_on_spoke(federation: LocalFederation, algorithm_id: int, spoke: str) -> 
 
 
 def created_since(spoke: str, since: float) -> str:
-    return subprocess.run(
-        ["docker", "events", "--since", str(since), "--until", str(time.time()),
-         "--filter", "event=create", "--filter", f"label=org.tributary.spoke={spoke}"],
-        capture_output=True, text=True, check=True).stdout.strip()
+    return LocalFederation.containers_created(since, f"org.tributary.spoke={spoke}")
 
 
 def spoke_refusals(federation: LocalFederation, spoke: str) -> list[dict]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import queue
-import subprocess
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -69,10 +68,7 @@ def message(site: dict[str, Any], experiment_id: str, **extra: Any) -> Experimen
 
 
 def containers_created(site: dict[str, Any], since: float) -> str:
-    return subprocess.run(
-        ["docker", "events", "--since", str(since), "--until", str(time.time()),
-         "--filter", "event=create", "--filter", f"label=org.tributary.spoke={site['id']}"],
-        capture_output=True, text=True, check=True).stdout.strip()
+    return LocalFederation.containers_created(since, f"org.tributary.spoke={site['id']}")
 
 
 def target(federation: LocalFederation, experiment_id: str) -> dict[str, Any]:

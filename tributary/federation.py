@@ -265,6 +265,15 @@ class LocalFederation:
                                        f"{timeout:.0f} s: {experiment['targets']}")
                 time.sleep(0.5)
 
+    @staticmethod
+    def containers_created(since: float, label: str) -> str:
+        """Containers the engine created since ``since`` with ``label`` (``key=value``),
+        as reported by ``docker events``: the evidence that something did, or did not, run."""
+        return subprocess.run(
+            ["docker", "events", "--since", str(since), "--until", str(time.time()),
+             "--filter", "event=create", "--filter", f"label={label}"],
+            capture_output=True, text=True, check=True).stdout.strip()
+
     def stop(self) -> None:
         for process in reversed(list(self.processes.values())):
             process.stop()
