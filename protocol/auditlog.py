@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, SecretBytes, SecretStr
+
+from tributary.protocol.signing import canonical_json, sha256_hex
 
 GENESIS = "0" * 64
 REDACTED = "[redacted]"
@@ -63,13 +64,9 @@ class AuditLogError(RuntimeError):
 
 
 def canonical(obj: Any) -> bytes:
-    """The one byte form of a JSON value that hashes are taken over."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """The one byte form of a JSON value that hashes are taken over (ASCII-only, so a line
+    never changes under a text tool's encoding)."""
+    return canonical_json(obj, ascii_only=True)
 
 
 def entry_hash(entry: Mapping[str, Any]) -> str:

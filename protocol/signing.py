@@ -29,9 +29,10 @@ class SignatureError(ValueError):
     """A signature is missing, malformed, made by an untrusted key, or does not verify."""
 
 
-def canonical_json(value: Any) -> bytes:
-    """The one byte form hashed and signed: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+def canonical_json(value: Any, ascii_only: bool = False) -> bytes:
+    """The one byte form hashed and signed: sorted keys, no spaces, UTF-8 (or escaped to
+    ASCII, as the audit log's lines are)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only,
                       allow_nan=False).encode()
 
 
