@@ -21,6 +21,8 @@ class HubSettings(BaseSettings):
     broker_ca_file: Path | None = None
     broker_cert_file: Path | None = None
     broker_key_file: Path | None = None
+    #: Queue namespace shared with this federation's spokes.
+    broker_federation: str = "tributary"
     #: Consume the results queue in this process (turn off for an API-only replica).
     consume_results: bool = True
     #: Check at registration that the registry really serves the algorithm's digest.
@@ -46,7 +48,8 @@ class HubSettings(BaseSettings):
         return BrokerSettings(host=self.broker_host, port=self.broker_port,
                               user=self.broker_user, password=self.broker_password,
                               ca_file=self.broker_ca_file, cert_file=self.broker_cert_file,
-                              key_file=self.broker_key_file)
+                              key_file=self.broker_key_file,
+                              federation=self.broker_federation)
 
     def audit_log_path(self) -> Path | None:
         return self.audit_log or default_audit_log(self.database_url)

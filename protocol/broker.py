@@ -22,7 +22,7 @@ from pathlib import Path
 
 import stomp
 import stomp.exception
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, field_validator
 
 log = logging.getLogger(__name__)
 _RECV_BYTES = 8192
@@ -43,6 +43,15 @@ class BrokerSettings(BaseModel):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: The namespace of every queue name (see :mod:`tributary.protocol.destinations`).
+    federation: str = "tributary"
+
+    @field_validator("federation")
+    @classmethod
+    def _federation(cls, value: str) -> str:
+        from tributary.protocol.destinations import validate_federation
+
+        return validate_federation(value)
 
 
 class PublishError(RuntimeError):

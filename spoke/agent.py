@@ -17,7 +17,7 @@ import docker
 from tributary import __version__
 from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import Delivery, PublishError, StompClient, publish_with_retry
-from tributary.protocol.destinations import RESULTS_QUEUE, spoke_queue
+from tributary.protocol.destinations import results_queue, spoke_queue
 from tributary.protocol.messages import (
     ApprovalRevokedMessage,
     CaseStartedMessage,
@@ -68,7 +68,8 @@ class SpokeAgent:
     def run(self) -> None:
         """Consume until :meth:`stop` is called; reconnects to the broker by itself."""
         self.client.start()
-        self.client.subscribe(spoke_queue(self.config.spoke_id), self._inbox.put)
+        inbox = spoke_queue(self.config.spoke_id, self.config.broker.federation)
+        self.client.subscribe(inbox, self._inbox.put)
         log.info("spoke %s (tributary %s) waiting for experiments", self.config.spoke_id,
                  __version__)
         self._audit("spoke.started", self.config.spoke_id, version=__version__)
@@ -149,8 +150,8 @@ class SpokeAgent:
                     sha256=sha256_hex(delivery.body))
 
     def _send(self, message: ExperimentStatusMessage | CaseStartedMessage | ResultMessage) -> None:
-        publish_with_retry(self.client, RESULTS_QUEUE, seal(message, self.key),
-                           {"tributary-kind": message.kind}, attempts=10)
+        publish_with_retry(self.client, results_queue(self.config.broker.federation),
+                           seal(message, self.key), {"tributary-kind": message.kind}, attempts=10)
         self._audit("result.published" if isinstance(message, ResultMessage) else "message.sent",
                     message.experiment_id, kind=message.kind, message_id=message.message_id,
                     case=getattr(message, "case_id", None),

@@ -58,11 +58,14 @@ class SpokeBroker(BaseModel):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    #: Queue namespace shared with the hub (one broker may carry several federations).
+    federation: str = "tributary"
 
     def settings(self) -> BrokerSettings:
         return BrokerSettings(host=self.host, port=self.port, user=self.user,
                               password=self.password, ca_file=self.ca_file,
-                              cert_file=self.cert_file, key_file=self.key_file)
+                              cert_file=self.cert_file, key_file=self.key_file,
+                              federation=self.federation)
 
 
 class SpokeConfig(BaseModel):

@@ -16,7 +16,7 @@ import pytest
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.protocol.broker import BrokerSettings, Delivery, StompClient
-from tributary.protocol.destinations import RESULTS_QUEUE, dead_letter_queue, spoke_queue
+from tributary.protocol.destinations import dead_letter_queue, results_queue, spoke_queue
 from tributary.protocol.messages import (
     AlgorithmRef,
     CaseStatus,
@@ -45,7 +45,9 @@ def site(federation: LocalFederation, misbehaving_image: tuple[str, str],
     client = StompClient(BrokerSettings(host=service_settings.host,
                                         port=service_settings.broker_port), "attacker")
     client.start(wait=30)
-    yield {"id": spoke_id, "algorithm": algorithm, "image": misbehaving_image, "client": client}
+    yield {"id": spoke_id, "algorithm": algorithm, "image": misbehaving_image, "client": client,
+           "queue": spoke_queue(spoke_id, federation.federation),
+           "results": results_queue(federation.federation)}
     client.close()
 
 
@@ -93,10 +95,10 @@ def test_forged_and_unsigned_experiment_messages_run_nothing(
     exp_id = new_experiment(federation, site)
     forged = message(site, exp_id)
     client: StompClient = site["client"]
-    client.publish(spoke_queue(site["id"]), encode(forged))  # unsigned
-    client.publish(spoke_queue(site["id"]), seal(forged, SigningKey.generate()))  # wrong key
+    client.publish(site["queue"], encode(forged))  # unsigned
+    client.publish(site["queue"], seal(forged, SigningKey.generate()))  # wrong key
     dead: queue.Queue[Delivery] = queue.Queue()
-    client.subscribe(dead_letter_queue(spoke_queue(site["id"])), dead.put)
+    client.subscribe(dead_letter_queue(site["queue"]), dead.put)
     bodies = []
     for _ in range(2):
         delivery = dead.get(timeout=60)
@@ -114,15 +116,15 @@ def test_replayed_and_expired_experiment_messages_run_nothing(
     client: StompClient = site["client"]
     exp_id = new_experiment(federation, site)
     envelope = seal(message(site, exp_id), hub_key)
-    client.publish(spoke_queue(site["id"]), envelope)
+    client.publish(site["queue"], envelope)
     done = wait_target(federation, exp_id, {"completed"})
     assert done["succeeded"] == 2
 
     since = time.time()
-    client.publish(spoke_queue(site["id"]), envelope)  # the same signed message, replayed
+    client.publish(site["queue"], envelope)  # the same signed message, replayed
     expired_id = new_experiment(federation, site)
     stale = message(site, expired_id, expires_at=datetime.now(UTC) - timedelta(minutes=1))
-    client.publish(spoke_queue(site["id"]), seal(stale, hub_key))
+    client.publish(site["queue"], seal(stale, hub_key))
     refused = wait_target(federation, expired_id, {"refused"})
     assert "expired" in refused["reason"]
     assert containers_created(site, since) == "", "a replayed or expired message ran"
@@ -147,7 +149,7 @@ def test_forged_result_is_refused_and_kept_aside(federation: LocalFederation,
     marker = uuid.uuid4().hex
     fake = ResultMessage(experiment_id=exp_id, spoke_id=site["id"], case_id=f"c-{marker[:16]}",
                          status=CaseStatus.SUCCEEDED, output={"marker": marker})
-    site["client"].publish(RESULTS_QUEUE, seal(fake, SigningKey.generate()))
+    site["client"].publish(site["results"], seal(fake, SigningKey.generate()))
     item = _quarantined(federation, marker)
     assert "not an active enrolled key" in item["reason"]
     with federation.api() as api:
@@ -177,7 +179,7 @@ def test_revoked_key_is_refused(federation: LocalFederation, site: dict[str, Any
     marker = uuid.uuid4().hex
     late = ResultMessage(experiment_id=exp_id, spoke_id=spoke_id, case_id=f"c-{marker[:16]}",
                          status=CaseStatus.SUCCEEDED, output={"marker": marker})
-    site["client"].publish(RESULTS_QUEUE, seal(late, key))
+    site["client"].publish(site["results"], seal(late, key))
     assert "not an active enrolled key" in _quarantined(federation, marker)["reason"]
 
 
@@ -190,7 +192,7 @@ def test_hub_signed_message_without_approval_runs_nothing(
     unapproved = message(site, exp_id).model_copy(update={"algorithm": AlgorithmRef(
         name="ok", version="1", repository=site["image"][0], digest=site["image"][1])})
     since = time.time()
-    site["client"].publish(spoke_queue(site["id"]), seal(unapproved, hub_key))
+    site["client"].publish(site["queue"], seal(unapproved, hub_key))
     refused = wait_target(federation, exp_id, {"refused"})
     assert "not approved" in refused["reason"]
     assert containers_created(site, since) == ""

@@ -83,7 +83,8 @@ def notify_revocation(session: Session, client: StompClient, hub_key: SigningKey
         message = ApprovalRevokedMessage(spoke_id=spoke_id, name=algorithm.name,
                                          version=algorithm.version, digest=algorithm.digest,
                                          reason=algorithm.revoked_reason or "revoked")
-        publish_with_retry(client, spoke_queue(spoke_id), seal(message, hub_key),
+        queue = spoke_queue(spoke_id, client.settings.federation)
+        publish_with_retry(client, queue, seal(message, hub_key),
                            {"tributary-kind": message.kind, "priority": "9"})
         audit.record(session, "hub", "message.sent", spoke_id, kind=message.kind,
                      message_id=message.message_id, digest=algorithm.digest)

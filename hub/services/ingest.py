@@ -28,7 +28,7 @@ from tributary.hub.services import audit
 from tributary.hub.services.enrolment import active_keys, resolve_key
 from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.custody import GENESIS, record_hash, verify_custody
-from tributary.protocol.destinations import RESULTS_QUEUE
+from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import (
     CaseStartedMessage,
     ExperimentStatusMessage,
@@ -182,9 +182,10 @@ class ResultsConsumer:
     def __init__(self, engine: Engine, client: StompClient) -> None:
         self.engine = engine
         self.client = client
+        self.queue = results_queue(client.settings.federation)
 
     def start(self) -> None:
-        self.client.subscribe(RESULTS_QUEUE, self.handle)
+        self.client.subscribe(self.queue, self.handle)
 
     def _resolve(self, keyid: str):  # type: ignore[no-untyped-def]
         with Session(self.engine) as session:
@@ -214,7 +215,7 @@ class ResultsConsumer:
             session.add(QuarantinedMessage(
                 broker_message_id=delivery.message_id, claimed_spoke=claimed, reason=reason,
                 body=delivery.body[:256 * 1024].decode("utf-8", errors="replace")))
-            audit.record(session, "hub", "message.rejected", RESULTS_QUEUE,
+            audit.record(session, "hub", "message.rejected", self.queue,
                          broker_message_id=delivery.message_id, reason=reason,
                          spoke=claimed, size=len(delivery.body))
             session.commit()

@@ -67,7 +67,8 @@ def launch(session: Session, client: StompClient, key: SigningKey, experiment: E
         message = build_message(experiment, algorithm, target.spoke_id)
         headers = {"tributary-kind": message.kind,
                    "expires": str(int(experiment.expires_at.timestamp() * 1000))}
-        publish_with_retry(client, spoke_queue(target.spoke_id), seal(message, key), headers)
+        queue = spoke_queue(target.spoke_id, client.settings.federation)
+        publish_with_retry(client, queue, seal(message, key), headers)
         target.state = TargetState.PUBLISHED
         target.message_id = message.message_id
         target.published_at = target.updated_at = utcnow()
