@@ -34,6 +34,10 @@ class HubSettings(BaseSettings):
     review_min_organisations: int = 2
     #: Refuse algorithm versions registered without a publisher release signature.
     require_release_signature: bool = False
+    #: Store approval statements beside the image in its registry (cosign's attestation
+    #: layout), so anyone can check them with `cosign verify-attestation`. Needs push
+    #: access to the registry; failures are audited, not fatal.
+    publish_attestations: bool = True
     #: Registries reached over plain HTTP (loopback ones always are).
     insecure_registries: list[str] = []
     #: The hub's Ed25519 signing key (PKCS#8 PEM), created on first start.

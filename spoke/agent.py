@@ -177,7 +177,9 @@ class SpokeAgent:
             if revoked is not None:
                 raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
                                    f"approval revoked by the hub: {revoked}")
-            check_release(message.algorithm, self.publishers)
+            check_release(message.algorithm, self.publishers,
+                          self.config.runner.allowed_registries,
+                          self.config.trust.registry_signatures)
             image_id = ensure_image(
                 docker_client, message.algorithm, self.config.runner.allowed_registries,
                 on_pull=lambda pulled: self._audit("image.pulled", reference, image_id=pulled))

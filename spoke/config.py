@@ -44,6 +44,10 @@ class TrustSettings(BaseModel):
     #: Publisher public keys (PEM files) this site trusts. When any is listed, only images
     #: whose manifest digest one of them signed are pulled and run.
     publisher_keys: list[Path] = Field(default_factory=list)
+    #: When an experiment carries no release signature, look for one beside the image in
+    #: its registry (cosign's attestation layout), so a publisher's releases are trusted by
+    #: key alone, with no digest pinned by hand.
+    registry_signatures: bool = True
 
 
 class SpokeBroker(BaseModel):

@@ -4,11 +4,14 @@ checked against the digest again after the pull."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import docker
 import docker.errors
 
 from tributary.protocol.messages import AlgorithmRef, FailureReason
+from tributary.protocol.registry import RegistryClient, RegistryError, split_repository
+from tributary.protocol.release import PREDICATE_TYPE as RELEASE_PREDICATE_TYPE
 from tributary.protocol.release import verify_approval, verify_release
 from tributary.protocol.signing import PublicKey, SignatureError
 
@@ -25,10 +28,7 @@ def ensure_image(client: docker.DockerClient, ref: AlgorithmRef,
                  on_pull: Callable[[str], None] | None = None) -> str:
     """Pull ``ref`` if needed and return the image id; raise :class:`ImageRefused`.
     ``on_pull`` is told the pulled image's id (before the digest check) for the audit log."""
-    registry = ref.repository.split("/", 1)[0]
-    if allowed_registries and registry not in allowed_registries:
-        raise ImageRefused(FailureReason.IMAGE_UNAVAILABLE,
-                           f"registry {registry} is not allowed by this spoke's policy")
+    _allowed(ref, allowed_registries)
     try:
         image = client.images.get(ref.reference)
     except docker.errors.ImageNotFound:
@@ -48,19 +48,50 @@ def ensure_image(client: docker.DockerClient, ref: AlgorithmRef,
     return image.id
 
 
-def check_release(ref: AlgorithmRef, publishers: list[PublicKey]) -> str | None:
+def _allowed(ref: AlgorithmRef, allowed_registries: list[str]) -> None:
+    registry = ref.repository.split("/", 1)[0]
+    if allowed_registries and registry not in allowed_registries:
+        raise ImageRefused(FailureReason.IMAGE_UNAVAILABLE,
+                           f"registry {registry} is not allowed by this spoke's policy")
+
+
+def registry_releases(ref: AlgorithmRef) -> list[dict[str, Any]]:
+    """Release statements stored beside the image in its registry (cosign's attestation
+    layout). Unverified: the caller checks them against the keys it trusts."""
+    registry, name = split_repository(ref.repository)
+    try:
+        with RegistryClient(registry) as client:
+            found = client.attestations(name, ref.digest)
+    except RegistryError as exc:
+        raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
+                           f"could not read the image's signatures: {exc}") from None
+    return [a.envelope for a in found if a.predicate_type == RELEASE_PREDICATE_TYPE]
+
+
+def check_release(ref: AlgorithmRef, publishers: list[PublicKey],
+                  allowed_registries: list[str] | None = None,
+                  from_registry: bool = True) -> str | None:
     """Require a release signature by a trusted publisher for exactly this digest, when the
-    site pins publisher keys. Checked before anything is pulled; returns the publisher."""
+    site pins publisher keys. The signature comes with the experiment or, failing that,
+    from the registry where the publisher pushed it. Checked before anything is pulled;
+    returns the publisher."""
     if not publishers:
         return None
-    if ref.release_signature is None:
+    candidates = [ref.release_signature] if ref.release_signature is not None else []
+    if not candidates and from_registry:
+        _allowed(ref, allowed_registries or [])
+        candidates = registry_releases(ref)
+    if not candidates:
         raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
                            "unsigned image: no publisher release signature")
-    try:
-        predicate = verify_release(ref.release_signature, publishers, ref.digest)
-    except SignatureError as exc:
-        raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED, f"release signature: {exc}") from None
-    return str(predicate.get("publisher"))
+    problems = []
+    for envelope in candidates:
+        try:
+            return str(verify_release(envelope, publishers, ref.digest).get("publisher"))
+        except SignatureError as exc:
+            problems.append(str(exc))
+    raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
+                       f"release signature: {'; '.join(problems)}")
 
 
 def check_approval(ref: AlgorithmRef, hub_keys: list[PublicKey]) -> None:

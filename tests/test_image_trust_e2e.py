@@ -5,18 +5,26 @@ refusal is audited with its reason."""
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlmodel import Session
 
 from tributary.federation import LocalFederation, build_and_push, generate_cohort
 from tributary.hub.db import make_engine
 from tributary.hub.models import Algorithm
+from tributary.protocol.registry import RegistryClient
+from tributary.protocol.release import PREDICATE_TYPE as RELEASE_TYPE
 from tributary.protocol.release import sign_release
 from tributary.protocol.signing import SigningKey
 from tributary.services.settings import ServiceSettings
@@ -39,7 +47,8 @@ def tiny_image(root: Path, stamp: str, settings: ServiceSettings, tag: str) -> t
 @pytest.fixture(scope="module")
 def trust(federation: LocalFederation, service_settings: ServiceSettings) -> dict[str, Any]:
     publisher = SigningKey.generate()
-    publisher.save(federation.root / f"publisher-{uuid.uuid4().hex[:6]}.key")
+    publisher_key = federation.root / f"publisher-{uuid.uuid4().hex[:6]}.key"
+    publisher.save(publisher_key)
     stranger = SigningKey.generate()
     spoke_id = f"strict-{uuid.uuid4().hex[:6]}"
     data = federation.root / "data" / spoke_id
@@ -55,7 +64,7 @@ def trust(federation: LocalFederation, service_settings: ServiceSettings) -> dic
     tag = uuid.uuid4().hex[:8]
     original = tiny_image(federation.root, "original", service_settings, tag)
     return {"spoke": spoke_id, "publisher": publisher, "stranger": stranger,
-            "original": original, "tag": tag}
+            "original": original, "tag": tag, "publisher_key": publisher_key}
 
 
 class Registered:
@@ -175,3 +184,94 @@ def test_tampered_image_same_tag_new_digest_runs_nothing(
     reasons = [e["detail"].get("error", "") for e in spoke_refusals(federation, trust["spoke"])]
     assert any("unsigned image" in r for r in reasons)
     assert any("not for" in r for r in reasons)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tributary.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE's pre-authentication encoding, written out here from the DSSE spec so the
+    stored envelope is checked independently of the project's signing code."""
+    kind = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(kind), kind, len(payload), payload)
+
+
+def test_release_signature_pushed_to_registry_in_cosign_layout_is_trusted(
+        federation: LocalFederation, trust: dict[str, Any],
+        service_settings: ServiceSettings) -> None:
+    """A publisher pushes the signature beside the image; a spoke pinning that publisher
+    runs the release by key alone, with no signature or digest handed over by anyone."""
+    image = tiny_image(federation.root, f"pushed-{uuid.uuid4().hex}", service_settings,
+                       uuid.uuid4().hex[:8])
+    reference = f"{image[0]}@{image[1]}"
+    signed = cli("algorithm", "sign", reference, "--key", str(trust["publisher_key"]),
+                 "--name", "trusted-demo", "--version", "1", "--publisher", "Good Publisher",
+                 "--push")
+    assert signed.returncode == 0, signed.stdout + signed.stderr
+
+    # The layout cosign reads: tag sha256-HEX.att, OCI manifest, DSSE layers annotated with
+    # their predicate type, each a valid Ed25519 signature over the DSSE PAE.
+    registry, name = image[0].split("/", 1)
+    tag = image[1].replace(":", "-") + ".att"
+    manifest = httpx.get(f"http://{registry}/v2/{name}/manifests/{tag}", headers={
+        "Accept": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status().json()
+    assert manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    [layer] = manifest["layers"]
+    assert layer["mediaType"] == "application/vnd.dsse.envelope.v1+json"
+    assert layer["annotations"]["predicateType"] == "https://tributary.dev/algorithm-release/v1"
+    envelope = httpx.get(f"http://{registry}/v2/{name}/blobs/{layer['digest']}"
+                         ).raise_for_status().json()
+    payload = base64.b64decode(envelope["payload"])
+    assert envelope["payloadType"] == "application/vnd.in-toto+json"
+    public = serialization.load_pem_public_key(
+        trust["publisher_key"].with_suffix(".key.pub").read_bytes())
+    assert isinstance(public, Ed25519PublicKey)
+    public.verify(base64.b64decode(envelope["signatures"][0]["sig"]),
+                  pae(envelope["payloadType"], payload))  # raises if it does not verify
+    statement = json.loads(payload)
+    assert statement["subject"][0]["digest"]["sha256"] == image[1].removeprefix("sha256:")
+
+    created = register(federation, image, None)  # the hub was given no signature
+    assert created.status_code == 201, created.text
+    final = run_on_spoke(federation, created.json()["id"], trust["spoke"])
+    assert final["targets"][0]["succeeded"] == 1, final
+
+    # The hub stored its approval there too; both check with the public keys alone.
+    publisher_pub = trust["publisher_key"].with_suffix(".key.pub")
+    checked = cli("algorithm", "verify", reference, "--key", str(publisher_pub),
+                  "--key", f"{federation.hub_key_path}.pub")
+    assert checked.returncode == 0, checked.stdout
+    assert "verified release" in checked.stdout and "verified approval" in checked.stdout
+
+
+def test_forged_signatures_in_registry_run_nothing(
+        federation: LocalFederation, trust: dict[str, Any],
+        service_settings: ServiceSettings) -> None:
+    """Someone with push access to the registry but not the publisher's key: a signature
+    by another key and a genuine one whose statement was edited are both refused."""
+    image = tiny_image(federation.root, f"forged-{uuid.uuid4().hex}", service_settings,
+                       uuid.uuid4().hex[:8])
+    other = tiny_image(federation.root, f"other-{uuid.uuid4().hex}", service_settings,
+                       uuid.uuid4().hex[:8])
+    genuine_for_other = sign(trust["publisher"], other)
+    edited = dict(genuine_for_other)
+    statement = json.loads(base64.b64decode(edited["payload"]))
+    statement["subject"][0]["digest"]["sha256"] = image[1].removeprefix("sha256:")
+    edited["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    registry, name = image[0].split("/", 1)
+    with RegistryClient(registry) as client:
+        client.attach(name, image[1], sign(trust["stranger"], image), RELEASE_TYPE)
+        client.attach(name, image[1], edited, RELEASE_TYPE)
+    created = register(federation, image, None)
+    assert created.status_code == 201
+    since = time.time()
+    final = run_on_spoke(federation, created.json()["id"], trust["spoke"])
+    assert final["targets"][0]["state"] == "refused"
+    assert "release signature" in final["targets"][0]["reason"]
+    assert created_since(trust["spoke"], since) == ""
+    publisher_pub = trust["publisher_key"].with_suffix(".key.pub")
+    checked = cli("algorithm", "verify", f"{image[0]}@{image[1]}", "--key", str(publisher_pub))
+    assert checked.returncode == 1
+    assert checked.stdout.count("invalid  release") == 2  # and the hub approval: not this key

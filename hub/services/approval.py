@@ -8,11 +8,13 @@ from sqlmodel import Session, select
 
 from tributary.hub.models import Algorithm, Review, SpokeKey, User, utcnow
 from tributary.hub.services import audit
+from tributary.hub.services.registry_client import publish_attestation
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.destinations import spoke_queue
 from tributary.protocol.messages import ApprovalRevokedMessage
-from tributary.protocol.release import sign_approval
+from tributary.protocol.registry import RegistryError
+from tributary.protocol.release import APPROVAL_PREDICATE_TYPE, sign_approval
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.wire import seal
 
@@ -56,9 +58,26 @@ def review(session: Session, algorithm: Algorithm, reviewer: User, decision: str
         session.add(algorithm)
         audit.record(session, "hub", "algorithm.approved", f"{algorithm.name} "
                      f"{algorithm.version}", digest=algorithm.digest, rule=rule)
+        if settings.publish_attestations:
+            _publish_approval(session, algorithm, settings)
     session.commit()
     session.refresh(algorithm)
     return algorithm
+
+
+def _publish_approval(session: Session, algorithm: Algorithm, settings: HubSettings) -> None:
+    """Store the approval beside the image in the registry (cosign's attestation layout).
+    Best effort: spokes get the approval in the signed experiment message anyway."""
+    assert algorithm.approval is not None
+    image = f"{algorithm.repository}@{algorithm.digest}"
+    try:
+        where = publish_attestation(algorithm.repository, algorithm.digest, algorithm.approval,
+                                    APPROVAL_PREDICATE_TYPE, settings.insecure_registries)
+    except (RegistryError, ValueError) as exc:
+        audit.record(session, "hub", "attestation.publish_failed", image, reason=str(exc))
+        return
+    audit.record(session, "hub", "attestation.published", image,
+                 predicate_type=APPROVAL_PREDICATE_TYPE, manifest=where)
 
 
 def revoke(session: Session, algorithm: Algorithm, actor: str, reason: str) -> Algorithm:
