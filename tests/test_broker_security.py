@@ -106,8 +106,7 @@ def raw_connect(bundle: BrokerSecurityBundle, user: str, password: str | None,
 
 def connect_as(bundle: BrokerSecurityBundle, name: str) -> tuple[stomp.Connection12, Recorder]:
     identity = bundle.identity(name)
-    return raw_connect(bundle, name, identity.password().get_secret_value(),
-                       (identity.cert_file, identity.key_file))
+    return raw_connect(bundle, name, None, (identity.cert_file, identity.key_file))
 
 
 def assert_refused(bundle: BrokerSecurityBundle, user: str, password: str | None,
@@ -187,23 +186,36 @@ def test_a_spoke_cannot_write_to_another_spoke(clients: dict[str, StompClient],
 
 
 def test_a_client_without_a_certificate_cannot_connect(bundle: BrokerSecurityBundle) -> None:
-    password = bundle.identity(A).password().get_secret_value()
-    assert_refused(bundle, A, password, cert=None)  # TLS, but no client certificate
-    assert_refused(bundle, A, password, cert=None, tls=False)  # plain STOMP
+    assert_refused(bundle, A, None, cert=None)  # TLS, but no client certificate
+    assert_refused(bundle, A, None, cert=None, tls=False)  # plain STOMP
 
 
 def test_a_certificate_from_another_ca_cannot_connect(bundle: BrokerSecurityBundle,
                                                       tmp_path: Path) -> None:
     rogue_ca = pki.ensure_ca(tmp_path / "rogue-ca", common_name="Tributary broker CA")
     rogue = pki.issue_client_cert(rogue_ca, tmp_path / "rogue", A)
-    password = bundle.identity(A).password().get_secret_value()
-    assert_refused(bundle, A, password, (rogue.cert_path, rogue.key_path))
+    assert_refused(bundle, A, None, (rogue.cert_path, rogue.key_path))
 
 
-def test_our_certificate_without_the_password_cannot_connect(
+def test_the_identity_is_the_certificate_not_the_login_name(
         bundle: BrokerSecurityBundle) -> None:
-    identity = bundle.identity(A)
-    assert_refused(bundle, A, "wrong", (identity.cert_file, identity.key_file))
+    """Spoke A's certificate logging in as "hub" is still spoke A: it cannot write to
+    spoke B's queue nor read the results queue."""
+    mine = bundle.broker_settings(A).model_copy(update={"user": "hub"})
+    client = StompClient(mine, "impostor").start(wait=15)
+    try:
+        with pytest.raises(PublishError, match="not authorized to write"):
+            client.publish(spoke_queue(B), '{"forged": true}')
+    finally:
+        client.close()
+    conn, recorder = raw_connect(bundle, "hub", None, (bundle.identity(A).cert_file,
+                                                        bundle.identity(A).key_file))
+    try:
+        conn.subscribe(RESULTS_QUEUE, id="peek", ack="client-individual")
+        assert "not authorized to read" in recorder.errors.get(timeout=10)
+    finally:
+        if conn.is_connected():
+            conn.disconnect()
 
 
 def test_a_tls_client_notices_a_broker_restart_and_reconnects(
@@ -235,17 +247,18 @@ def test_config_command_takes_the_hubs_registered_spokes(federation: LocalFedera
     bundle = load_bundle(out)
     assert {registered, f"extra-{unique}"} <= set(bundle.spokes)
     assert bundle.stomp_ssl_port == 61999
-    secrets_ = [bundle.identity(n).password().get_secret_value() for n in ("hub", registered)]
-    assert not any(secret in first.output for secret in secrets_)
+    assert "PRIVATE KEY" not in first.output
     for private in (bundle.config_path, bundle.identity(registered).key_file,
-                    bundle.identity(registered).password_file, out / "pki" / "ca.key"):
+                    out / "pki" / "ca.key", out / "jaas"):
         assert private.stat().st_mode & 0o077 == 0, private
 
-    # Regenerating keeps every certificate and password; --rotate replaces them.
+    groups = (out / "jaas" / "groups.properties").read_text()
+    assert f"tributary.spoke.{registered}={registered}\n" in groups
+    assert f"{registered}=CN={registered}\n" in (out / "jaas" / "users.properties").read_text()
+
+    # Regenerating keeps every certificate; --rotate replaces them.
     cert = bundle.identity(registered).cert_file.read_bytes()
     assert CliRunner().invoke(app, args).exit_code == 0
     assert bundle.identity(registered).cert_file.read_bytes() == cert
-    assert bundle.identity(registered).password().get_secret_value() == secrets_[1]
     assert CliRunner().invoke(app, [*args, "--rotate"]).exit_code == 0
     assert bundle.identity(registered).cert_file.read_bytes() != cert
-    assert bundle.identity(registered).password().get_secret_value() != secrets_[1]

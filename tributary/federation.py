@@ -153,7 +153,6 @@ class LocalFederation:
                 "TRIBUTARY_HUB_BROKER_HOST": self.secure_broker.host,
                 "TRIBUTARY_HUB_BROKER_PORT": str(self.secure_broker.stomp_ssl_port),
                 "TRIBUTARY_HUB_BROKER_USER": "hub",
-                "TRIBUTARY_HUB_BROKER_PASSWORD": hub.password().get_secret_value(),
                 "TRIBUTARY_HUB_BROKER_CA_FILE": str(hub.ca_file),
                 "TRIBUTARY_HUB_BROKER_CERT_FILE": str(hub.cert_file),
                 "TRIBUTARY_HUB_BROKER_KEY_FILE": str(hub.key_file)}
@@ -165,7 +164,7 @@ class LocalFederation:
         ident = self.secure_broker.identity(spoke_id)
         return (f'federation = "{self.federation}"\n'
                 f'host = "{self.secure_broker.host}"\nport = {self.secure_broker.stomp_ssl_port}\n'
-                f'user = "{spoke_id}"\npassword = "{ident.password().get_secret_value()}"\n'
+                f'user = "{spoke_id}"\n'
                 f'ca_file = "{ident.ca_file}"\ncert_file = "{ident.cert_file}"\n'
                 f'key_file = "{ident.key_file}"\n')
 

@@ -46,7 +46,7 @@ def config(
         "--server-name", help="Another DNS name or address for the broker's certificate "
                               "(repeatable).")] = None,
     rotate: Annotated[bool, typer.Option(
-        help="Replace the CA, every certificate and every password.")] = False,
+        help="Replace the CA and every certificate.")] = False,
 ) -> None:
     """Write the broker configuration: mutual TLS and one identity per spoke.
 

@@ -44,7 +44,8 @@ def ensure_running(settings: ServiceSettings) -> str:
     return "started"
 
 
-def start_instance(base: Path, config: Path, host: str, port: int) -> None:
+def start_instance(base: Path, config: Path, host: str, port: int,
+                   jaas_config: Path | None = None) -> None:
     """Start a broker from ``config`` with its state in ``base`` (``data/``, ``conf/``,
     ``broker.pid``) and wait until ``host:port``, the port the config listens on, is open.
     Separate from :func:`ensure_running` so other configurations (the mutual-TLS one) run
@@ -64,6 +65,7 @@ def start_instance(base: Path, config: Path, host: str, port: int) -> None:
             f"-Dactivemq.home={ACTIVEMQ_HOME}", f"-Dactivemq.base={base}",
             f"-Dactivemq.conf={conf}", f"-Dactivemq.data={base / 'data'}",
             f"-Dlog4j2.configurationFile={conf / 'log4j2.properties'}",
+            *([f"-Djava.security.auth.login.config={jaas_config}"] if jaas_config else []),
             "-jar", str(ACTIVEMQ_HOME / "bin" / "activemq.jar"),
             "start", f"xbean:file:{config}",
         ],

@@ -1,19 +1,21 @@
 """ActiveMQ configuration for a federation that does not trust its network.
 
 The broker listens only on ``stomp+ssl`` and demands a client certificate from our CA, so
-nothing without an issued identity can even open a STOMP session. Each identity (the hub and
-every spoke) also logs in with its own random password, and the authorization map confines
-it: a spoke reads only its own queue and writes only the results queue; only the hub writes
-to spoke queues and reads results and dead letters. A compromised spoke therefore cannot
+nothing without an issued identity can even open a STOMP session. The certificate *is* the
+identity: JAAS certificate login maps its subject (``CN=<identity>``) to the user and its
+groups, whatever user name a client sends, and the authorization map confines it: a spoke
+reads only its own queue and writes only the results queue; only the hub writes to spoke
+queues and reads results and dead letters. A compromised spoke therefore cannot
 see other sites' experiments, impersonate the hub towards them, or read other sites' results.
 
 Layout of the output folder (keep it private; it holds the CA key and every secret)::
 
-    activemq.xml            broker config with users and store passwords (0600)
+    activemq.xml            broker config with the key store password (0600)
+    jaas/                   certificate login: subject -> identity, identity -> groups
     broker.json             host, port and identities, to start the broker again (no secrets)
     pki/ca.crt, ca.key      the CA
     broker/                 server certificate, key store, trust store, store password
-    identities/<id>/        client.crt, client.key, ca.crt, password: hand to that party only
+    identities/<id>/        client.crt, client.key, ca.crt: hand to that party only
     instance/               the running broker's data, logs and pid (when started from here)
 """
 
@@ -27,8 +29,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
-
-from pydantic import SecretStr
 
 from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.destinations import RESULTS_QUEUE, dead_letter_queue, spoke_queue
@@ -68,18 +68,10 @@ class Identity:
     def ca_file(self) -> Path:
         return self.directory / "ca.crt"
 
-    @property
-    def password_file(self) -> Path:
-        return self.directory / "password"
-
-    def password(self) -> SecretStr:
-        return SecretStr(self.password_file.read_text().strip())
-
     def broker_settings(self, host: str, port: int) -> BrokerSettings:
         """Connection settings for :class:`~tributary.protocol.broker.StompClient`."""
-        return BrokerSettings(host=host, port=port, user=self.name, password=self.password(),
-                              ca_file=self.ca_file, cert_file=self.cert_file,
-                              key_file=self.key_file)
+        return BrokerSettings(host=host, port=port, user=self.name, ca_file=self.ca_file,
+                              cert_file=self.cert_file, key_file=self.key_file)
 
 
 @dataclass(frozen=True)
@@ -158,21 +150,39 @@ def authorization_entries(spoke_ids: list[str]) -> list[str]:
     return entries
 
 
-def _security_xml(users: list[tuple[str, str, list[str]]], spoke_ids: list[str],
-                  keystore: Path, truststore: Path, store_password: str) -> str:
-    user_lines = "\n".join(
-        f"          <authenticationUser username={quoteattr(name)} password={quoteattr(pw)} "
-        f"groups={quoteattr(','.join(groups))}/>"
-        for name, pw, groups in users
-    )
+JAAS_REALM = "TributaryCertificateLogin"
+
+
+def write_jaas(out_dir: Path, users: list[tuple[str, list[str]]]) -> Path:
+    """JAAS certificate login files: each identity *is* its client certificate's subject
+    (``CN=<identity>``), so a party cannot act as another by sending its user name; the
+    groups file gives each identity its authorization groups. Returns login.config."""
+    jaas = out_dir / "jaas"
+    jaas.mkdir(mode=0o700, exist_ok=True)
+    (jaas / "users.properties").write_text(
+        "".join(f"{name}=CN={name}\n" for name, _ in users))
+    groups: dict[str, list[str]] = {}
+    for name, member_of in users:
+        for group in member_of:
+            groups.setdefault(group, []).append(name)
+    (jaas / "groups.properties").write_text(
+        "".join(f"{group}={','.join(names)}\n" for group, names in sorted(groups.items())))
+    login = jaas / "login.config"
+    login.write_text(
+        f"{JAAS_REALM} {{\n"
+        "    org.apache.activemq.jaas.TextFileCertificateLoginModule required\n"
+        '        org.apache.activemq.jaas.textfiledn.user="users.properties"\n'
+        '        org.apache.activemq.jaas.textfiledn.group="groups.properties";\n'
+        "};\n")
+    return login
+
+
+def _security_xml(spoke_ids: list[str], keystore: Path, truststore: Path,
+                  store_password: str) -> str:
     entry_lines = "\n".join(f"              {e}" for e in authorization_entries(spoke_ids))
     pw = quoteattr(store_password)
     return f"""    <plugins>
-      <simpleAuthenticationPlugin anonymousAccessAllowed="false">
-        <users>
-{user_lines}
-        </users>
-      </simpleAuthenticationPlugin>
+      <jaasCertificateAuthenticationPlugin configuration="{JAAS_REALM}"/>
       <authorizationPlugin>
         <map>
           <authorizationMap>
@@ -213,14 +223,13 @@ def render_config(host: str, port: int, security_xml: str) -> str:
 
 
 def _prepare_identity(ca: pki.CertificateAuthority, directory: Path, name: str,
-                      rotate: bool) -> tuple[Identity, str]:
+                      rotate: bool) -> Identity:
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     pki.issue_client_cert(ca, directory, name, rotate=rotate)
     shutil.copyfile(ca.cert_path, directory / "ca.crt")
-    identity = Identity(name, directory)
-    password = pki.read_or_create_secret(identity.password_file, rotate=rotate)
-    return identity, password
+    (directory / "password").unlink(missing_ok=True)  # written by earlier versions
+    return Identity(name, directory)
 
 
 def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
@@ -260,19 +269,20 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
         pki.write_truststore(truststore, ca, store_password)
 
     identities_dir = out_dir / "identities"
-    hub, hub_password = _prepare_identity(ca, identities_dir / hub_identity, hub_identity,
+    hub = _prepare_identity(ca, identities_dir / hub_identity, hub_identity,
                                           rotate)
-    users = [(hub_identity, hub_password, [HUB_GROUP, ALL_GROUP])]
+    users = [(hub_identity, [HUB_GROUP, ALL_GROUP])]
     spoke_identities: dict[str, Identity] = {}
     for spoke_id in spokes:
-        identity, password = _prepare_identity(ca, identities_dir / spoke_id, spoke_id, rotate)
+        identity = _prepare_identity(ca, identities_dir / spoke_id, spoke_id, rotate)
         spoke_identities[spoke_id] = identity
-        users.append((spoke_id, password, [_spoke_group(spoke_id), SPOKES_GROUP, ALL_GROUP]))
+        users.append((spoke_id, [_spoke_group(spoke_id), SPOKES_GROUP, ALL_GROUP]))
 
     config_path = out_dir / "activemq.xml"
     xml = render_config(host, stomp_ssl_port,
-                        _security_xml(users, spokes, keystore, truststore, store_password))
+                        _security_xml(spokes, keystore, truststore, store_password))
     pki.write_private(config_path, xml.encode())
+    write_jaas(out_dir, users)
     (out_dir / "broker.json").write_text(json.dumps(
         {"host": host, "stomp_ssl_port": stomp_ssl_port, "hub_identity": hub_identity,
          "spoke_ids": spokes}, indent=2) + "\n")
@@ -309,7 +319,8 @@ def start_broker(bundle: BrokerSecurityBundle, instance_dir: Path | None = None)
         raise ServiceError(f"port {bundle.stomp_ssl_port} is taken by another process")
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o700)
-    broker.start_instance(base, bundle.config_path, bundle.host, bundle.stomp_ssl_port)
+    broker.start_instance(base, bundle.config_path, bundle.host, bundle.stomp_ssl_port,
+                          jaas_config=bundle.out_dir / "jaas" / "login.config")
     return "started"
 
 
