@@ -14,7 +14,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tributary import services
-from tributary.federation import LocalFederation, build_and_push, examples_dir, generate_cohort
+from tributary.federation import (
+    LocalFederation,
+    build_and_push,
+    examples_dir,
+    free_port,
+    generate_cohort,
+)
+from tributary.protocol.registry import RegistryClient, split_repository
+from tributary.protocol.release import PREDICATE_TYPE, sign_release
+from tributary.protocol.signing import SigningKey
+from tributary.services.broker_security import (
+    generate_broker_config,
+    start_broker,
+    stop_broker,
+)
 from tributary.services.settings import ServiceSettings
 
 SITES = [("northfield", "Northfield General Hospital"), ("riverside", "Riverside Medical Centre"),
@@ -52,14 +66,28 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
     console.rule("1. Services")
     services.up(settings, report=lambda n, s: console.print(f"  {n:<11} {s}"))
 
-    console.rule("2. Algorithm image, pinned by digest")
+    console.rule("2. Algorithm image, pinned by digest and signed by its publisher")
     with console.status("building and pushing the lung-nodule detector…"):
         repository, digest = build_and_push(examples_dir() / "lung_nodule", "lung-nodule",
                                             "1.0.0", settings)
     console.print(f"  {repository}@{digest}")
+    publisher = SigningKey.generate()
+    publisher.save(root / "publisher.key")
+    release = sign_release(publisher, repository, digest, "lung-nodule", "1.0.0",
+                           "Tributary examples")
+    registry, name = split_repository(repository)
+    with RegistryClient(registry) as client:
+        client.attach(name, digest, release, PREDICATE_TYPE)
+    console.print(f"  release signed by publisher key {publisher.keyid[:16]}…, stored beside "
+                  "the image (cosign attestation layout)")
 
     console.rule("3. Synthetic CT cohorts, one per spoke")
-    federation = LocalFederation(root, settings, hub_port)
+    spoke_ids = [spoke_id for (spoke_id, _), _ in zip(SITES, case_counts, strict=False)]
+    with console.status("generating a private CA and the broker's mutual-TLS configuration…"):
+        broker = generate_broker_config(root / "broker", spoke_ids=spoke_ids,
+                                        host=settings.host, stomp_ssl_port=free_port())
+        start_broker(broker)
+    federation = LocalFederation(root, settings, hub_port, secure_broker=broker)
     cohorts = {}
     for (spoke_id, site), count in zip(SITES, case_counts, strict=False):
         seed = zlib.crc32(spoke_id.encode()) % 1000
@@ -72,17 +100,24 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
         console.rule("4. Hub and spokes")
         federation.start_hub()
         console.print(f"  hub        {federation.hub_url}")
+        console.print(f"  broker     stomp+ssl://{broker.host}:{broker.stomp_ssl_port}, one "
+                      "client certificate per party, each confined to its own queues")
         schema_file = examples_dir() / "lung_nodule" / "arguments.schema.json"
         schema = json.loads(schema_file.read_text())
         with federation.api() as api:
+            api.post("/api/publishers", json={"name": "Tributary examples",
+                                              "public_key_pem": publisher.public.pem}
+                     ).raise_for_status()
             for spoke_id, site in cohorts.items():
                 config = federation.add_spoke(spoke_id, root / "data" / spoke_id,
-                                              institution=site)
+                                              institution=site,
+                                              publisher_keys=(root / "publisher.key.pub",))
                 federation.start_spoke(spoke_id, config)
                 console.print(f"  spoke      {spoke_id}")
             algorithm = federation.register_algorithm(
                 name="lung-nodule", version="1.0.0", repository=repository,
                 digest=digest, argument_schema=schema, aggregator="nodule-detection",
+                release_signature=release,
                 description="Lung nodule candidates by thresholding and connected components")
             console.print("  approved by two reviewers of two organisations; "
                           "the hub signed the approval")
@@ -127,3 +162,4 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
         return {}
     finally:
         federation.stop()
+        stop_broker(broker)

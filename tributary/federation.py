@@ -56,7 +56,7 @@ def generate_cohort(out: Path, cases: int, seed: int, site: str) -> dict[str, An
     return json.loads((out / "ground_truth.json").read_text())
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -139,7 +139,7 @@ class LocalFederation:
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
-        self.hub_port = self.hub_port or _free_port()
+        self.hub_port = self.hub_port or free_port()
         if self.secure_broker is not None:  # its authorization covers the default names
             self.federation = DEFAULT_FEDERATION
 
