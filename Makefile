@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint services services-down schemas bench clean
+.PHONY: demo demo-containers test lint services services-down schemas bench clean
 
 $(STAMP): pyproject.toml algorithm-sdk/pyproject.toml scripts/bootstrap.sh
 	sh scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
@@ -21,6 +21,11 @@ services-down: $(STAMP)
 
 demo: services
 	$(BIN)/tributary demo $(DEMO_ARGS)
+
+# The same study with broker, registry, hub and spokes as the containers of
+# docker-compose.yml (ports beside those of `make services`).
+demo-containers: $(STAMP)
+	$(BIN)/tributary demo --containers --broker-port 61623 --registry-port 5010 $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -329,12 +329,23 @@ def demo(
     wait: Annotated[bool, typer.Option(help="Keep the federation running afterwards so the "
                                             "dashboard can be explored.")] = True,
     workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
+    containers: Annotated[bool, typer.Option(help=(
+        "Run broker, registry, hub and spokes as the containers of docker-compose.yml "
+        "instead of processes (at most three spokes)."))] = False,
+    broker_port: Annotated[int, typer.Option(help="With --containers: the broker's port.")
+                           ] = 61613,
+    registry_port: Annotated[int, typer.Option(help="With --containers: the registry's port.")
+                             ] = 5000,
 ) -> None:
     """Run a whole federation here: services, hub, three spokes, one study, results."""
     from tributary.demo import run_demo
+    from tributary.services.settings import ServiceSettings
 
     counts = [int(c) for c in cases.split(",") if c.strip()]
-    report = run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console)
+    compose = (ServiceSettings(broker_port=broker_port, registry_port=registry_port)
+               if containers else None)
+    report = run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console,
+                      containers=compose)
     if not wait:
         console.print_json(json.dumps(report["groups"]["pooled"]))
 

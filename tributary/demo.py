@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tributary import services
+from tributary.compose import ComposeFederation
 from tributary.federation import (
     LocalFederation,
     build_and_push,
@@ -54,17 +55,31 @@ def aggregate_table(report: dict[str, Any]) -> Table:
 
 
 def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
-             workdir: Path | None = None, console: Console | None = None) -> dict[str, Any]:
+             workdir: Path | None = None, console: Console | None = None,
+             containers: ServiceSettings | None = None) -> dict[str, Any]:
+    """The demo study. With ``containers`` (the ports for the compose broker and
+    registry), the hub, spokes, broker and registry run as the containers of
+    docker-compose.yml; otherwise as processes on this machine."""
     console = console or Console()
-    settings = ServiceSettings()
-    root = workdir or settings.state_dir / "demo"
+    settings = containers or ServiceSettings()
+    root = (workdir or settings.state_dir / ("compose" if containers else "demo")).resolve()
     if root.exists():
         shutil.rmtree(root)
-    if len(case_counts) > len(SITES):
-        raise ValueError(f"at most {len(SITES)} spokes in the demo")
+    if len(case_counts) > len(SITES) or (containers and len(case_counts) > 3):
+        raise ValueError("too many spokes for the demo")
 
-    console.rule("1. Services")
-    services.up(settings, report=lambda n, s: console.print(f"  {n:<11} {s}"))
+    compose: ComposeFederation | None = None
+    if containers:
+        console.rule("1. Images and services (docker-compose)")
+        compose = ComposeFederation(root, settings, hub_port)
+        with console.status("building the broker, registry and platform images…"):
+            compose.build()
+        compose.start_services()
+        console.print(f"  broker     stomp://{settings.host}:{settings.broker_port}")
+        console.print(f"  registry   {settings.registry}")
+    else:
+        console.rule("1. Services")
+        services.up(settings, report=lambda n, s: console.print(f"  {n:<11} {s}"))
 
     console.rule("2. Algorithm image, pinned by digest and signed by its publisher")
     with console.status("building and pushing the lung-nodule detector…"):
@@ -83,11 +98,17 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
 
     console.rule("3. Synthetic CT cohorts, one per spoke")
     spoke_ids = [spoke_id for (spoke_id, _), _ in zip(SITES, case_counts, strict=False)]
-    with console.status("generating a private CA and the broker's mutual-TLS configuration…"):
-        broker = generate_broker_config(root / "broker", spoke_ids=spoke_ids,
-                                        host=settings.host, stomp_ssl_port=free_port())
-        start_broker(broker)
-    federation = LocalFederation(root, settings, hub_port, secure_broker=broker)
+    broker = None
+    federation: LocalFederation
+    if compose is not None:
+        federation = compose
+    else:
+        with console.status("generating a private CA and the broker's mutual-TLS "
+                            "configuration…"):
+            broker = generate_broker_config(root / "broker", spoke_ids=spoke_ids,
+                                            host=settings.host, stomp_ssl_port=free_port())
+            start_broker(broker)
+        federation = LocalFederation(root, settings, hub_port, secure_broker=broker)
     cohorts = {}
     for (spoke_id, site), count in zip(SITES, case_counts, strict=False):
         seed = zlib.crc32(spoke_id.encode()) % 1000
@@ -100,8 +121,9 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
         console.rule("4. Hub and spokes")
         federation.start_hub()
         console.print(f"  hub        {federation.hub_url}")
-        console.print(f"  broker     stomp+ssl://{broker.host}:{broker.stomp_ssl_port}, one "
-                      "client certificate per party, each confined to its own queues")
+        if broker is not None:
+            console.print(f"  broker     stomp+ssl://{broker.host}:{broker.stomp_ssl_port}, "
+                          "one client certificate per party, each confined to its own queues")
         schema_file = examples_dir() / "lung_nodule" / "arguments.schema.json"
         schema = json.loads(schema_file.read_text())
         with federation.api() as api:
@@ -109,9 +131,11 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
                                               "public_key_pem": publisher.public.pem}
                      ).raise_for_status()
             for spoke_id, site in cohorts.items():
+                trusted = root / "spokes" / spoke_id / "publisher.pub"  # the spoke's own copy
+                trusted.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(root / "publisher.key.pub", trusted)
                 config = federation.add_spoke(spoke_id, root / "data" / spoke_id,
-                                              institution=site,
-                                              publisher_keys=(root / "publisher.key.pub",))
+                                              institution=site, publisher_keys=(trusted,))
                 federation.start_spoke(spoke_id, config)
                 console.print(f"  spoke      {spoke_id}")
             algorithm = federation.register_algorithm(
@@ -162,4 +186,5 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
         return {}
     finally:
         federation.stop()
-        stop_broker(broker)
+        if broker is not None:
+            stop_broker(broker)
