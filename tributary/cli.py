@@ -25,6 +25,8 @@ contract_app = typer.Typer(help="The algorithm contract and message schemas.",
 app.add_typer(services_app, name="services")
 app.add_typer(hub_app, name="hub")
 app.add_typer(spoke_app, name="spoke")
+spoke_app.add_typer(__import__("tributary.commands.steward", fromlist=["app"]).app,
+                    name="steward")
 app.add_typer(contract_app, name="contract")
 app.add_typer(__import__("tributary.commands.broker", fromlist=["app"]).app, name="broker")
 algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "
