@@ -4,6 +4,9 @@ no case identifier ever reaches the hub."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,15 @@ def test_count_across_three_spokes(federation: LocalFederation, unique: str) -> 
     none = _wait_for_count(federation, nothing.json()["id"])
     assert all(s["fewer_than"] == 5 and s["count"] is None for s in none["spokes"])
     assert none["total_text"] == "at least 0" and none["total_at_most"] == 12
+
+    # The coordinator's command line shows the same.
+    shown = subprocess.run(
+        [sys.executable, "-m", "tributary.cli", "counts", "show", everything.json()["id"]],
+        capture_output=True, text=True, timeout=60, env={
+            **os.environ, "TRIBUTARY_HUB_URL": federation.hub_url,
+            "TRIBUTARY_TOKEN": federation.admin_token, "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "fewer than 5" in shown.stdout and "at least 11" in shown.stdout, shown.stdout
 
     # The spokes audited each answer with its true count; the hub audited request and replies.
     for spoke_id, size in sizes.items():
