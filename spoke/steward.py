@@ -29,6 +29,7 @@ from tributary.protocol.messages import (
     ExperimentStatusMessage,
     Failure,
     FailureReason,
+    ProtocolError,
     ResultMessage,
 )
 
@@ -276,8 +277,19 @@ class Steward:
 
         agent = self.agent
         for held in self.desk.experiments(APPROVED, REJECTED):
-            message = open_from_hub(held.envelope, agent.hub_keys)  # re-verify what was kept
-            assert isinstance(message, ExperimentMessage)
+            try:  # re-verify what was kept: the database is not trusted to be untouched
+                message = open_from_hub(held.envelope, agent.hub_keys)
+                if not isinstance(message, ExperimentMessage):
+                    raise ProtocolError("the held message is not an experiment")
+            except ProtocolError as exc:
+                log.error("held experiment %s no longer verifies: %s", held.experiment_id, exc)
+                agent._audit("steward.experiment_dropped", held.experiment_id, reason=str(exc))
+                agent._send(ExperimentStatusMessage(
+                    experiment_id=held.experiment_id, spoke_id=agent.config.spoke_id,
+                    state=ExperimentState.REFUSED,
+                    reason="the held experiment message no longer verifies at the spoke"))
+                self.desk.experiment_done(held.experiment_id)
+                continue
             if held.state == REJECTED:
                 log.info("experiment %s rejected by the steward", held.experiment_id)
                 agent._status(message, ExperimentState.REFUSED,

@@ -87,6 +87,14 @@ def test_count_across_three_spokes(federation: LocalFederation, unique: str) -> 
     assert shown.returncode == 0, shown.stderr
     assert "fewer than 5" in shown.stdout and "at least 11" in shown.stdout, shown.stdout
 
+    # ... and so does the hub's page.
+    with federation.api() as api:
+        page = api.get("/counts").text
+    assert everything.json()["id"] in page and "at least 11" in page
+    assert "fewer than 5" in page and all(spoke_id in page for spoke_id in spokes)
+    with federation.api(reviewer) as other:
+        assert other.get("/counts").status_code == 403
+
     # The spokes audited each answer with its true count; the hub audited request and replies.
     for spoke_id, size in sizes.items():
         log = federation.root / "spokes" / spoke_id / "audit.jsonl"

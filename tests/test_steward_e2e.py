@@ -5,7 +5,9 @@ The spoke's release policy holds whatever a study asks for."""
 
 from __future__ import annotations
 
+import base64
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -147,6 +149,28 @@ def test_steward_approves_and_rejects_experiments_and_results(
     target = final["targets"][0]
     assert target["state"] == "refused"
     assert "data steward" in target["reason"] and "ethics approval" in target["reason"]
+    assert federation.containers_created(since, label) == ""
+
+    # 5. What waits is re-verified before it runs: a held experiment edited in the spoke's
+    #    database (asking for more memory, say) is refused, approved or not.
+    since = time.time()
+    third = launch("tampered while held")
+    wait_for_target(federation, third, "held", "awaiting approval")
+    db = sqlite3.connect(federation.root / "spokes" / spoke_id / "journal.db")
+    with db:
+        (text,) = db.execute("SELECT envelope FROM steward_experiments WHERE experiment_id=?",
+                             (third,)).fetchone()
+        envelope = json.loads(text)
+        body = json.loads(base64.b64decode(envelope["payload"]))
+        body["limits"]["memory_mb"] = 4096
+        envelope["payload"] = base64.b64encode(json.dumps(body).encode()).decode()
+        db.execute("UPDATE steward_experiments SET envelope=? WHERE experiment_id=?",
+                   (json.dumps(envelope), third))
+    db.close()
+    assert steward(config, "approve", third, "--as", "dr-steward").returncode == 0
+    final = federation.wait_for_experiment(third, timeout=60)
+    assert final["targets"][0]["state"] == "refused"
+    assert "no longer verifies" in final["targets"][0]["reason"]
     assert federation.containers_created(since, label) == ""
 
     # The spoke's forensic log holds every hold and decision, by whom, and verifies.
