@@ -146,6 +146,7 @@ class Experiment(SQLModel, table=True):
 class TargetState(StrEnum):
     PENDING = "pending"  # not yet published
     PUBLISHED = "published"  # waiting in the spoke's queue
+    HELD = "held"  # waiting for the site's data steward (reason says what waits)
     ACCEPTED = "accepted"  # the spoke selected its cases and is working
     REFUSED = "refused"  # the spoke will not run it (reason says why)
     COMPLETED = "completed"  # every selected case has a result
@@ -212,3 +213,35 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(index=True)
     target: str = ""
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class CountQuery(SQLModel, table=True):
+    """A federated count: how many cases match ``selection`` at each target spoke."""
+
+    id: str = Field(primary_key=True)
+    selection: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_by: str
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    expires_at: datetime | None = None
+
+
+class CountAnswerState(StrEnum):
+    PENDING = "pending"  # not yet published
+    PUBLISHED = "published"  # waiting in the spoke's queue
+    ANSWERED = "answered"  # count or fewer_than holds the answer
+    REFUSED = "refused"  # the spoke would not answer (reason says why)
+
+
+class CountAnswer(SQLModel, table=True):
+    """One spoke's answer to a count query. Only the number reaches the hub; a small cell
+    arrives as ``fewer_than`` k (the spoke's own threshold), never as its value."""
+
+    query_id: str = Field(foreign_key="countquery.id", primary_key=True)
+    spoke_id: str = Field(foreign_key="spoke.id", primary_key=True)
+    state: CountAnswerState = CountAnswerState.PENDING
+    count: int | None = None
+    fewer_than: int | None = None
+    reason: str | None = None
+    request_message_id: str | None = None
+    reply_message_id: str | None = None
+    answered_at: datetime | None = None

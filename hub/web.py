@@ -9,8 +9,9 @@ from fastapi.templating import Jinja2Templates
 from sqlmodel import Session, select
 
 from tributary.hub.api.deps import TOKEN_COOKIE, bearer_scheme, current_user, get_session
-from tributary.hub.models import Experiment, ExperimentState
+from tributary.hub.models import CountQuery, Experiment, ExperimentState, Role
 from tributary.hub.services.aggregation import aggregate
+from tributary.hub.services.counts import count_read
 from tributary.hub.services.progress import case_reads, experiment_read
 from tributary.hub.services.users import issue_token
 
@@ -70,3 +71,21 @@ def experiment_page(experiment_id: str, request: Request,
         "cases": case_reads(session, experiment_id),
         "refresh": 3 if experiment.state == ExperimentState.LAUNCHED else 0,
     })
+
+
+@router.get("/counts", response_class=HTMLResponse)
+def counts_page(request: Request, session: Session = Depends(get_session),
+                credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
+                ) -> HTMLResponse:
+    """Federated counts (coordinators): per-spoke answers and totals."""
+    try:
+        user = current_user(request, credentials, session)
+    except HTTPException:
+        raise SignInRequired from None
+    if not {Role.ADMIN, Role.COORDINATOR} & set(user.roles):
+        raise HTTPException(403, "counts are for coordinators")
+    rows = session.exec(select(CountQuery).order_by(CountQuery.created_at.desc())  # type: ignore[attr-defined]
+                        .limit(100)).all()
+    counts = [count_read(session, q) for q in rows]
+    return templates.TemplateResponse(request, "counts.html", {
+        "counts": counts, "refresh": 3 if any(not c.complete for c in counts) else 0})

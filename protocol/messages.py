@@ -10,7 +10,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tributary.protocol import PROTOCOL_VERSION
 
@@ -148,13 +156,28 @@ class ApprovalRevokedMessage(_Message):
     _digest = field_validator("digest")(validate_digest)
 
 
-HubMessage = Annotated[ExperimentMessage | ApprovalRevokedMessage, Field(discriminator="kind")]
+class CountRequest(_Message):
+    """Hub → spoke: how many of your cases match ``selection``? Answered from the spoke's
+    own catalog with small-cell suppression; no case, pseudonym or attribute leaves."""
+
+    kind: Literal["count_request"] = "count_request"
+    query_id: str = Field(max_length=100)
+    spoke_id: str
+    selection: CohortSelection = Field(default_factory=CohortSelection)
+    expires_at: datetime | None = None
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+
+HubMessage = Annotated[ExperimentMessage | ApprovalRevokedMessage | CountRequest,
+                       Field(discriminator="kind")]
 
 
 class ExperimentState(StrEnum):
     ACCEPTED = "accepted"  # cases selected; case_ids lists them
     REFUSED = "refused"  # nothing will run; reason says why
     COMPLETED = "completed"  # every selected case has a published result
+    HELD = "held"  # waiting for the site's data steward (experiment or results); reason says
 
 
 class ExperimentStatusMessage(_Message):
@@ -195,6 +218,7 @@ class FailureReason(StrEnum):
     IMAGE_NOT_TRUSTED = "image_not_trusted"
     INPUT_ERROR = "input_error"
     INTERNAL_ERROR = "internal_error"
+    WITHHELD = "withheld"  # the site's data steward did not release the output; detail: why
 
 
 class Failure(BaseModel):
@@ -238,8 +262,30 @@ class ResultMessage(_Message):
         return f"{self.experiment_id}/{self.spoke_id}/{self.case_id}/{self.attempt}"
 
 
+class CountReply(_Message):
+    """Spoke → hub: the answer to a :class:`CountRequest`. Exactly one of ``count`` (the
+    number of matching cases, at least ``threshold``), ``fewer_than`` (a small cell the
+    spoke's policy suppresses: 0 ≤ count < ``fewer_than``) or ``refused`` (with why)."""
+
+    kind: Literal["count_reply"] = "count_reply"
+    query_id: str = Field(max_length=100)
+    spoke_id: str
+    count: int | None = Field(None, ge=0)
+    fewer_than: int | None = Field(None, ge=1)
+    refused: str | None = Field(None, max_length=2000)
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+    @model_validator(mode="after")
+    def _one_answer(self) -> CountReply:
+        if sum(v is not None for v in (self.count, self.fewer_than, self.refused)) != 1:
+            raise ValueError("a count reply carries exactly one of count, fewer_than, refused")
+        return self
+
+
 SpokeMessage = Annotated[
-    ExperimentStatusMessage | CaseStartedMessage | ResultMessage, Field(discriminator="kind")
+    ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply,
+    Field(discriminator="kind"),
 ]
 _spoke_adapter: TypeAdapter[Any] = TypeAdapter(SpokeMessage)
 _hub_adapter: TypeAdapter[Any] = TypeAdapter(HubMessage)
@@ -265,11 +311,12 @@ def _decode(body: bytes | str, adapter: TypeAdapter[Any]) -> Any:
 
 def decode_from_spoke(
     body: bytes | str,
-) -> ExperimentStatusMessage | CaseStartedMessage | ResultMessage:
+) -> ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply:
     """Parse a message a spoke sent to the hub, or raise :class:`ProtocolError`."""
     return _decode(body, _spoke_adapter)
 
 
-def decode_from_hub(body: bytes | str) -> ExperimentMessage | ApprovalRevokedMessage:
+def decode_from_hub(body: bytes | str
+                    ) -> ExperimentMessage | ApprovalRevokedMessage | CountRequest:
     """Parse a message the hub sent to a spoke, or raise :class:`ProtocolError`."""
     return _decode(body, _hub_adapter)

@@ -10,12 +10,13 @@ from pathlib import Path
 from pydantic import BaseModel, TypeAdapter
 
 from tributary.protocol.contract import AlgoArg, Participant
-from tributary.protocol.messages import ExperimentMessage, SpokeMessage
+from tributary.protocol.messages import CountRequest, ExperimentMessage, SpokeMessage
 
 SCHEMAS: dict[str, type[BaseModel] | object] = {
     "algo-arg.schema.json": AlgoArg,
     "participant.schema.json": Participant,
     "experiment-message.schema.json": ExperimentMessage,
+    "count-request.schema.json": CountRequest,
     "result-envelope.schema.json": SpokeMessage,
 }
 

@@ -15,6 +15,8 @@ from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
     CaseStartedMessage,
+    CountReply,
+    CountRequest,
     ExperimentMessage,
     ExperimentStatusMessage,
     ProtocolError,
@@ -32,7 +34,7 @@ from tributary.protocol.signing import (
     verify,
 )
 
-SpokeMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
+SpokeMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
 
 
 class UntrustedMessage(ProtocolError):
@@ -57,7 +59,7 @@ def _envelope(body: bytes | str) -> dict[str, Any]:
 
 
 def open_from_hub(body: bytes | str, hub_keys: Iterable[PublicKey]
-                  ) -> ExperimentMessage | ApprovalRevokedMessage:
+                  ) -> ExperimentMessage | ApprovalRevokedMessage | CountRequest:
     """Verify the hub's signature, then parse; raises :class:`ProtocolError`."""
     envelope = _envelope(body)
     try:

@@ -22,6 +22,7 @@ from tributary.protocol.messages import (
     ApprovalRevokedMessage,
     CaseStartedMessage,
     CaseStatus,
+    CountRequest,
     ExperimentMessage,
     ExperimentState,
     ExperimentStatusMessage,
@@ -32,7 +33,7 @@ from tributary.protocol.messages import (
 )
 from tributary.protocol.signing import PublicKey, SigningKey, sha256_hex
 from tributary.protocol.wire import open_from_hub, seal
-from tributary.spoke import cohort
+from tributary.spoke import cohort, counts
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain, input_digest
 from tributary.spoke.deid import PROFILE, deidentified_case
@@ -41,6 +42,7 @@ from tributary.spoke.journal import Journal
 from tributary.spoke.participant import build_participant
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.runner import effective_limits, run_case
+from tributary.spoke.steward import Steward
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,7 @@ class SpokeAgent:
         self.client = StompClient(config.broker.settings(), f"spoke-{config.spoke_id}")
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self.stopping = threading.Event()
+        self.steward = Steward(self)
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> None:
@@ -78,11 +81,22 @@ class SpokeAgent:
                 try:
                     delivery = self._inbox.get(timeout=0.5)
                 except queue.Empty:
+                    self._apply_steward_decisions()
                     continue
                 self.handle(delivery)
         finally:
             self.client.close()
+            self.steward.close()
             self.journal.close()
+
+    def _apply_steward_decisions(self) -> None:
+        """Between messages: act on what the site's data steward decided meanwhile."""
+        try:
+            self.steward.apply_decisions()
+        except PublishError as exc:
+            log.warning("could not publish a steward decision yet (%s); will retry", exc)
+        except Exception:
+            log.exception("could not apply the steward's decisions; will retry")
 
     def stop(self) -> None:
         self.stopping.set()
@@ -114,6 +128,9 @@ class SpokeAgent:
                         algorithm=f"{message.name} {message.version}", reason=message.reason)
             self.client.ack(delivery)
             return
+        if isinstance(message, CountRequest):
+            counts.handle(self, delivery, message)
+            return
         if self.journal.handled(message.message_id):
             log.warning("dropping replayed experiment message %s (%s): already handled",
                         message.message_id, message.experiment_id)
@@ -122,7 +139,8 @@ class SpokeAgent:
             self.client.ack(delivery)
             return
         try:
-            self.process(message)
+            if not self.steward.hold_experiment(message, delivery.body):
+                self.process(message)
         except PublishError as exc:
             # Results are safe in the journal; the unacked message comes back after the
             # reconnect and its results are re-sent from there.
@@ -141,8 +159,10 @@ class SpokeAgent:
         self.audit.append(actor or self.config.spoke_id, action, target, detail)
 
     def _received(self, delivery: Delivery,
-                  message: ExperimentMessage | ApprovalRevokedMessage | None) -> None:
-        self._audit("message.received", getattr(message, "experiment_id", "") or "",
+                  message: ExperimentMessage | ApprovalRevokedMessage | CountRequest | None
+                  ) -> None:
+        self._audit("message.received", getattr(message, "experiment_id", None)
+                    or getattr(message, "query_id", ""),
                     actor="hub" if message else "unknown", message_id=delivery.message_id,
                     kind=message.kind if message else delivery.headers.get("tributary-kind"),
                     hub_message_id=message.message_id if message else None,
@@ -195,13 +215,27 @@ class SpokeAgent:
             docker_client.close()
         cases = cohort.select(cohort.discover(self.config.data_dir, self.pseudonyms),
                               message.cohort)
-        self._status(message, ExperimentState.ACCEPTED, [c.case_id for c in cases])
+        refused = cohort.refused_attributes(message.release,
+                                            self.config.policy.releasable_attributes)
+        if refused:
+            self._audit("release.refused", message.experiment_id, attributes=refused,
+                        reason="not releasable under this site's policy")
+        self._status(message, ExperimentState.ACCEPTED, [c.case_id for c in cases],
+                     reason=f"not releasable under this site's policy, never sent: "
+                            f"{', '.join(refused)}" if refused else None)
         attributes = cohort.load_attributes(self.config.data_dir,
                                             self.config.policy.attributes_file)
         with ThreadPoolExecutor(self.config.concurrency,
                                 thread_name_prefix="case") as pool:
             list(pool.map(lambda c: self._case(message, c, attributes), cases))
         self.chain.flush(self._publish_result)
+        waiting = self.steward.waiting_results(message.experiment_id)
+        if waiting:
+            self._status(message, ExperimentState.HELD, [c.case_id for c in cases],
+                         reason=f"{waiting} result(s) await review by the site's data steward")
+            log.info("experiment %s: %d results await the steward", message.experiment_id,
+                     waiting)
+            return
         self._status(message, ExperimentState.COMPLETED, [c.case_id for c in cases])
         log.info("experiment %s done: %d cases", message.experiment_id, len(cases))
 
@@ -210,10 +244,12 @@ class SpokeAgent:
         self.journal.mark_published(result)
 
     def _case(self, message: ExperimentMessage, case: cohort.SourceCase,
-              attributes: dict) -> ResultMessage:
+              attributes: dict) -> ResultMessage | None:
         done = self.journal.result(message.experiment_id, case.case_id)
         if done is not None:
             return done  # finished before a restart or lost ack: re-send, never re-run
+        if self.steward.already_held(message.experiment_id, case.case_id):
+            return None  # ran before; its result waits for (or had) the steward's review
         started = _now()
         try:
             self._send(CaseStartedMessage(experiment_id=message.experiment_id,
@@ -230,6 +266,8 @@ class SpokeAgent:
             if failure is None else {},
             image_digest=message.algorithm.digest, started_at=started, finished_at=_now(),
         )
+        if self.steward.hold_result(result, run):
+            return None  # released (or withheld) when the steward has reviewed it
         try:
             return self.chain.append_and_publish(result, run, self._publish_result)
         except PublishError:

@@ -107,3 +107,8 @@ def released_attributes(case: SourceCase, attributes: dict[str, dict[str, Any]],
     """Only attributes the study asked for AND the site's policy allows ever leave."""
     mine = attributes.get(case.folder.name, {})
     return {k: mine[k] for k in requested if k in releasable and k in mine}
+
+
+def refused_attributes(requested: list[str], releasable: list[str]) -> list[str]:
+    """Attributes a study asked for that this site's policy never releases."""
+    return [k for k in dict.fromkeys(requested) if k not in releasable]

@@ -50,6 +50,29 @@ class TrustSettings(BaseModel):
     registry_signatures: bool = True
 
 
+class StewardPolicy(BaseModel):
+    """Optional human gates a site can switch on; decisions are taken with
+    ``tributary spoke steward`` and wait durably in the spoke's work folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: A local data steward approves each experiment before anything runs.
+    approve_experiments: bool = False
+    #: A local data steward reviews each result (its output.json) before it is released.
+    review_results: bool = False
+
+
+class CountPolicy(BaseModel):
+    """Federated counts: how many cases match a selection, never which ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Answer count requests at all.
+    enabled: bool = True
+    #: Small-cell suppression: a count below this is reported only as "fewer than k".
+    min_cell: int = Field(5, ge=1, le=1000)
+
+
 class SpokeBroker(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,6 +108,8 @@ class SpokeConfig(BaseModel):
     policy: ReleasePolicy = Field(default_factory=ReleasePolicy)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
+    steward: StewardPolicy = Field(default_factory=StewardPolicy)
+    counts: CountPolicy = Field(default_factory=CountPolicy)
 
     _id = field_validator("spoke_id")(validate_spoke_id)
 

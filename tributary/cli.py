@@ -25,12 +25,15 @@ contract_app = typer.Typer(help="The algorithm contract and message schemas.",
 app.add_typer(services_app, name="services")
 app.add_typer(hub_app, name="hub")
 app.add_typer(spoke_app, name="spoke")
+spoke_app.add_typer(__import__("tributary.commands.steward", fromlist=["app"]).app,
+                    name="steward")
 app.add_typer(contract_app, name="contract")
 app.add_typer(__import__("tributary.commands.broker", fromlist=["app"]).app, name="broker")
 algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "
                                  "images.", no_args_is_help=True)
 app.add_typer(algorithm_app, name="algorithm")
 app.add_typer(__import__("tributary.commands.audit", fromlist=["app"]).app, name="audit")
+app.add_typer(__import__("tributary.commands.counts", fromlist=["app"]).app, name="counts")
 console = Console()
 
 
@@ -156,6 +159,10 @@ def spoke_init(
         "releasable_attributes = []\n# attributes_file = \"attributes.json\"\n\n"
         "[runner]\nmax_memory_mb = 8192\nmax_timeout_seconds = 86400\n"
         "# allowed_registries = [\"registry.example.org\"]\n"
+        "\n[steward]\n# A local data steward approves experiments / reviews results "
+        "(tributary spoke steward).\napprove_experiments = false\nreview_results = false\n"
+        "\n[counts]\n# Federated counts below min_cell are reported as \"fewer than "
+        "min_cell\".\nenabled = true\nmin_cell = 5\n"
     )
     console.print(f"wrote {output}")
 

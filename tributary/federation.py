@@ -56,6 +56,13 @@ def generate_cohort(out: Path, cases: int, seed: int, site: str) -> dict[str, An
     return json.loads((out / "ground_truth.json").read_text())
 
 
+def _toml_table(name: str, values: dict[str, Any] | None) -> str:
+    """A flat TOML table of booleans and numbers (JSON spells them the TOML way)."""
+    if not values:
+        return ""
+    return f"\n[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+
 def free_port() -> int:
     import socket
 
@@ -192,7 +199,9 @@ class LocalFederation:
 
     def spoke_config(self, spoke_id: str, data_dir: Path, concurrency: int = 2,
                      releasable: tuple[str, ...] = ("nodules",),
-                     publisher_keys: tuple[Path, ...] = ()) -> Path:
+                     publisher_keys: tuple[Path, ...] = (),
+                     steward: dict[str, bool] | None = None,
+                     counts: dict[str, Any] | None = None) -> Path:
         work = self.root / "spokes" / spoke_id
         work.mkdir(parents=True, exist_ok=True)
         config = work / "spoke.toml"
@@ -205,6 +214,7 @@ class LocalFederation:
             'attributes_file = "ground_truth.json"\n\n[runner]\n'
             f'allowed_registries = ["{self.services.registry}"]\n\n[trust]\n'
             f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
+            + _toml_table("steward", steward) + _toml_table("counts", counts)
         )
         config.chmod(0o600)  # it may hold the spoke's broker password
         return config

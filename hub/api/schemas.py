@@ -110,3 +110,36 @@ class ExperimentRead(BaseModel):
     completed_at: datetime | None
     expires_at: datetime | None
     targets: list[TargetProgress]
+
+
+class CountCreate(BaseModel):
+    selection: CohortSelection = Field(default_factory=CohortSelection)
+    spoke_ids: list[str] = Field(min_length=1)
+    expires_in_hours: float = Field(24, gt=0, le=24 * 30)
+
+
+class CountSpokeRead(BaseModel):
+    spoke_id: str
+    state: str
+    count: int | None = Field(description="Matching cases, when at or above the spoke's k.")
+    fewer_than: int | None = Field(description="Set instead of count for a suppressed small "
+                                               "cell: the spoke has fewer than this many.")
+    reason: str | None
+    answered_at: datetime | None
+
+
+class CountRead(BaseModel):
+    id: str
+    selection: dict[str, Any]
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    spokes: list[CountSpokeRead]
+    complete: bool = Field(description="Every target spoke answered (or refused).")
+    total: int = Field(description="Sum of the exact counts: a lower bound when some cells "
+                                   "are suppressed or some spokes have not answered.")
+    total_is_exact: bool
+    total_at_most: int | None = Field(description="Upper bound when every spoke answered a "
+                                                  "number (suppressed cells count as k-1).")
+    total_text: str = Field(description="The total as people should read it: '42' or "
+                                        "'at least 37'.")

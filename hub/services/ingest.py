@@ -25,12 +25,14 @@ from tributary.hub.models import (
     utcnow,
 )
 from tributary.hub.services import audit
+from tributary.hub.services.counts import ingest_count_reply
 from tributary.hub.services.enrolment import active_keys, resolve_key
 from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.custody import GENESIS, record_hash, verify_custody
 from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import (
     CaseStartedMessage,
+    CountReply,
     ExperimentStatusMessage,
     ProtocolError,
     ResultMessage,
@@ -43,7 +45,7 @@ from tributary.protocol.wire import open_from_spoke
 
 log = logging.getLogger(__name__)
 
-SpokeMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
+SpokeMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
 
 
 class Rejected(ProtocolError):
@@ -73,6 +75,8 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
     """Apply one message; False if it was a duplicate."""
     if session.get(InboundMessage, message.message_id) is not None:
         return False
+    if isinstance(message, CountReply):
+        return ingest_count_reply(session, message)
     target = _target(session, message)
     spoke = session.get(Spoke, message.spoke_id)
     assert spoke is not None
@@ -93,7 +97,10 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
         applied = _apply_result(session, message)
     audit.record(session, message.spoke_id, "message.received", message.experiment_id,
                  kind=message.kind, message_id=message.message_id,
-                 case=getattr(message, "case_id", None), duplicate=not applied)
+                 case=getattr(message, "case_id", None), duplicate=not applied,
+                 state=getattr(message, "state", None), reason=getattr(message, "reason", None),
+                 failure=message.failure.reason.value
+                 if isinstance(message, ResultMessage) and message.failure else None)
     _maybe_complete(session, message.experiment_id)
     session.commit()
     return applied
@@ -102,8 +109,9 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
 def _apply_status(session: Session, target: ExperimentTarget,
                   message: ExperimentStatusMessage) -> None:
     if message.state == SpokeExperimentState.ACCEPTED:
-        if target.state in (TargetState.PENDING, TargetState.PUBLISHED):
+        if target.state in (TargetState.PENDING, TargetState.PUBLISHED, TargetState.HELD):
             target.state = TargetState.ACCEPTED
+        target.reason = message.reason
         target.case_count = len(message.case_ids)
         for case_id in message.case_ids:
             row = _case(session, message.experiment_id, message.spoke_id, case_id)
@@ -111,7 +119,15 @@ def _apply_status(session: Session, target: ExperimentTarget,
     elif message.state == SpokeExperimentState.REFUSED:
         target.state = TargetState.REFUSED
         target.reason = message.reason
+    elif message.state == SpokeExperimentState.HELD:
+        if target.state not in TERMINAL_TARGET_STATES:
+            target.state = TargetState.HELD
+            target.reason = message.reason
+        if message.case_ids:
+            target.case_count = len(message.case_ids)
     else:
+        if target.state == TargetState.HELD:
+            target.reason = message.reason  # the steward's review is over
         target.state = TargetState.COMPLETED
     target.updated_at = utcnow()
     session.add(target)

@@ -1,0 +1,79 @@
+"""Federated counts at the spoke: how many local cases match a selection, answered with
+small-cell suppression. Only a number (or "fewer than k") leaves; never a case, a
+pseudonym or an attribute. A count below ``[counts] min_cell`` is reported as
+"fewer than min_cell" so that a rare combination of criteria cannot single out a patient."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from tributary.protocol.broker import Delivery, PublishError, publish_with_retry
+from tributary.protocol.destinations import results_queue
+from tributary.protocol.messages import CohortSelection, CountReply, CountRequest
+from tributary.protocol.wire import seal
+from tributary.spoke import cohort
+from tributary.spoke.config import SpokeConfig
+from tributary.spoke.pseudonyms import Pseudonymizer
+
+if TYPE_CHECKING:
+    from tributary.spoke.agent import SpokeAgent
+
+log = logging.getLogger(__name__)
+
+
+def matching_cases(config: SpokeConfig, pseudonyms: Pseudonymizer,
+                   selection: CohortSelection) -> list[cohort.SourceCase]:
+    """The site's cases that ``selection`` picks. The one place counts (and the steward's
+    view of a cohort's size) match criteria against local data, so a catalog can replace
+    the folder scan here alone."""
+    return cohort.select(cohort.discover(config.data_dir, pseudonyms), selection)
+
+
+def suppress(query_id: str, spoke_id: str, count: int, min_cell: int) -> CountReply:
+    """The reply for a true ``count`` under the site's small-cell threshold."""
+    if count < min_cell:
+        return CountReply(query_id=query_id, spoke_id=spoke_id, fewer_than=min_cell)
+    return CountReply(query_id=query_id, spoke_id=spoke_id, count=count)
+
+
+def answer(config: SpokeConfig, pseudonyms: Pseudonymizer,
+           request: CountRequest) -> tuple[CountReply, int | None]:
+    """The reply to send and the true count (which stays in the spoke's own audit log)."""
+    def refuse(reason: str) -> tuple[CountReply, None]:
+        return CountReply(query_id=request.query_id, spoke_id=config.spoke_id,
+                          refused=reason), None
+
+    if not config.counts.enabled:
+        return refuse("this site does not answer count requests")
+    if request.expires_at is not None and request.expires_at < datetime.now(UTC):
+        return refuse("count request expired")
+    try:
+        count = len(matching_cases(config, pseudonyms, request.selection))
+    except (OSError, ValueError) as exc:
+        log.exception("count %s failed", request.query_id)
+        return refuse(f"the site could not read its cases: {type(exc).__name__}")
+    return suppress(request.query_id, config.spoke_id, count, config.counts.min_cell), count
+
+
+def handle(agent: SpokeAgent, delivery: Delivery, request: CountRequest) -> None:
+    """Answer, audit, publish the signed reply, then acknowledge the request. If the broker
+    refuses the reply, the request stays unacknowledged and is answered again on
+    redelivery (a count has no side effects)."""
+    reply, true_count = answer(agent.config, agent.pseudonyms, request)
+    agent.audit.append("hub", "count.answered", request.query_id, {
+        "selection": request.selection.model_dump(mode="json"), "true_count": true_count,
+        "reported_count": reply.count, "fewer_than": reply.fewer_than,
+        "refused": reply.refused, "reply_message_id": reply.message_id})
+    try:
+        publish_with_retry(agent.client, results_queue(agent.config.broker.federation),
+                           seal(reply, agent.key), {"tributary-kind": reply.kind}, attempts=10)
+    except PublishError as exc:
+        log.warning("could not answer count %s (%s); will answer on redelivery",
+                    request.query_id, exc)
+        return
+    log.info("count %s answered: %s", request.query_id,
+             reply.count if reply.count is not None else
+             f"fewer than {reply.fewer_than}" if reply.fewer_than else f"refused ({reply.refused})")
+    agent.client.ack(delivery)

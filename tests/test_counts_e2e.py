@@ -1,0 +1,115 @@
+"""Federated counts end to end: a real hub process, three real spoke processes and the real
+broker. Each spoke counts its own cases; a small cell arrives only as "fewer than k", and
+no case identifier ever reaches the hub."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tributary.federation import LocalFederation, generate_cohort
+from tributary.protocol.auditlog import read_entries
+from tributary.spoke import cohort
+from tributary.spoke.pseudonyms import Pseudonymizer
+
+pytestmark = pytest.mark.e2e
+
+
+def _wait_for_count(federation: LocalFederation, query_id: str,
+                    timeout: float = 90) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    with federation.api() as api:
+        while True:
+            count = api.get(f"/api/counts/{query_id}").raise_for_status().json()
+            if count["complete"]:
+                return count
+            dead = [p for p in federation.processes.values() if not p.alive()]
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"count {query_id} incomplete: {count['spokes']}")
+            time.sleep(0.3)
+
+
+def test_count_across_three_spokes(federation: LocalFederation, unique: str) -> None:
+    sizes = {f"cnorth-{unique}": 6, f"criver-{unique}": 5, f"cclare-{unique}": 2}
+    data_dirs: dict[str, Path] = {}
+    for index, (spoke_id, size) in enumerate(sizes.items()):
+        data_dirs[spoke_id] = federation.root / "count-data" / spoke_id
+        generate_cohort(data_dirs[spoke_id], size, seed=300 + index, site=spoke_id)
+        config = federation.add_spoke(spoke_id, data_dirs[spoke_id], counts={"min_cell": 5})
+        federation.start_spoke(spoke_id, config)
+    spokes = list(sizes)
+
+    with federation.api() as api:
+        everything = api.post("/api/counts", json={"selection": {"modality": "CT"},
+                                                   "spoke_ids": spokes})
+        assert everything.status_code == 201, everything.text
+        capped = api.post("/api/counts", json={"selection": {"modality": "CT", "max_cases": 5},
+                                               "spoke_ids": spokes[:2]}).raise_for_status()
+        nothing = api.post("/api/counts", json={"selection": {"modality": "MR"},
+                                                "spoke_ids": spokes}).raise_for_status()
+        # A count needs the coordinator role; a reviewer may not ask.
+        reviewer = federation.reviewer_tokens()[0]
+        with federation.api(reviewer) as other:
+            assert other.post("/api/counts", json={"spoke_ids": spokes}).status_code == 403
+        assert api.post("/api/counts", json={"spoke_ids": ["no-such-spoke"]}).status_code == 422
+
+    result = _wait_for_count(federation, everything.json()["id"])
+    by_spoke = {s["spoke_id"]: s for s in result["spokes"]}
+    assert by_spoke[spokes[0]]["count"] == 6 and by_spoke[spokes[0]]["fewer_than"] is None
+    assert by_spoke[spokes[1]]["count"] == 5  # exactly k is reported
+    small = by_spoke[spokes[2]]
+    assert (small["state"], small["count"], small["fewer_than"]) == ("answered", None, 5)
+    assert result["total"] == 11 and not result["total_is_exact"]
+    assert result["total_at_most"] == 15 and result["total_text"] == "at least 11"
+
+    capped_result = _wait_for_count(federation, capped.json()["id"])
+    assert [s["count"] for s in capped_result["spokes"]] == [5, 5]
+    assert capped_result["total_is_exact"] and capped_result["total_text"] == "10"
+
+    none = _wait_for_count(federation, nothing.json()["id"])
+    assert all(s["fewer_than"] == 5 and s["count"] is None for s in none["spokes"])
+    assert none["total_text"] == "at least 0" and none["total_at_most"] == 12
+
+    # The coordinator's command line shows the same.
+    shown = subprocess.run(
+        [sys.executable, "-m", "tributary.cli", "counts", "show", everything.json()["id"]],
+        capture_output=True, text=True, timeout=60, env={
+            **os.environ, "TRIBUTARY_HUB_URL": federation.hub_url,
+            "TRIBUTARY_TOKEN": federation.admin_token, "COLUMNS": "200"})
+    assert shown.returncode == 0, shown.stderr
+    assert "fewer than 5" in shown.stdout and "at least 11" in shown.stdout, shown.stdout
+
+    # ... and so does the hub's page.
+    with federation.api() as api:
+        page = api.get("/counts").text
+    assert everything.json()["id"] in page and "at least 11" in page
+    assert "fewer than 5" in page and all(spoke_id in page for spoke_id in spokes)
+    with federation.api(reviewer) as other:
+        assert other.get("/counts").status_code == 403
+
+    # The spokes audited each answer with its true count; the hub audited request and replies.
+    for spoke_id, size in sizes.items():
+        log = federation.root / "spokes" / spoke_id / "audit.jsonl"
+        answered = {e["target"]: e["detail"] for _, e in read_entries(log)
+                    if e and e["action"] == "count.answered"}
+        assert answered[everything.json()["id"]]["true_count"] == size
+    with federation.api() as api:
+        audit = api.get("/api/audit", params={"target": everything.json()["id"]}).json()
+    actions = [(a["action"], a["detail"].get("kind")) for a in audit]
+    assert ("count.requested", None) in actions
+    assert actions.count(("message.received", "count_reply")) == 3
+
+    # No case pseudonym of any spoke reached the hub's database.
+    hub_db = b"".join(p.read_bytes() for p in federation.root.glob("hub.db*"))
+    for spoke_id, data in data_dirs.items():
+        key = federation.root / "spokes" / spoke_id / "pseudonym.key"
+        for case in cohort.discover(data, Pseudonymizer.from_key_file(key)):
+            assert case.case_id.encode() not in hub_db

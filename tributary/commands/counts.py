@@ -1,0 +1,90 @@
+"""``tributary counts``: ask the hub how many cases match a selection at each spoke, and
+show the answers (per spoke, with suppressed small cells, and the total)."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Federated counts: how many cases match, per spoke and in total, "
+                       "without any case leaving a site.", no_args_is_help=True)
+console = Console()
+
+HubOption = Annotated[str, typer.Option(envvar="TRIBUTARY_HUB_URL", help="The hub's URL.")]
+TokenOption = Annotated[str, typer.Option(envvar="TRIBUTARY_TOKEN",
+                                          help="A coordinator's API token.")]
+
+
+def _client(hub: str, token: str):  # type: ignore[no-untyped-def]
+    import httpx
+
+    return httpx.Client(base_url=hub, timeout=30, headers={"Authorization": f"Bearer {token}"})
+
+
+def _show(count: dict[str, Any]) -> None:
+    table = Table("spoke", "state", "cases", title=f"count {count['id']}: "
+                  f"{count['selection']}", title_justify="left")
+    for spoke in count["spokes"]:
+        cases = (str(spoke["count"]) if spoke["count"] is not None
+                 else f"fewer than {spoke['fewer_than']}" if spoke["fewer_than"]
+                 else spoke["reason"] or "")
+        table.add_row(spoke["spoke_id"], spoke["state"], cases)
+    table.add_row("[bold]total[/]", "complete" if count["complete"] else "waiting",
+                  f"[bold]{count['total_text']}[/]"
+                  + (f" (at most {count['total_at_most']})"
+                     if count["total_at_most"] is not None and not count["total_is_exact"]
+                     else ""))
+    console.print(table)
+
+
+def _fail(response: Any) -> None:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        console.print(f"[red]hub refused ({response.status_code}):[/] {detail}")
+        raise typer.Exit(1)
+
+
+@app.command("ask")
+def ask(
+    spoke: Annotated[list[str], typer.Option(help="A target spoke (repeatable).")],
+    hub: HubOption,
+    token: TokenOption,
+    modality: Annotated[str | None, typer.Option(help="Cases with a series of this "
+                                                      "modality.")] = "CT",
+    max_cases: Annotated[int | None, typer.Option(min=1)] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for every answer.")] = 60,
+) -> None:
+    """Send a count to the spokes and show their answers as they arrive."""
+    selection = {"modality": modality, "max_cases": max_cases}
+    with _client(hub, token) as client:
+        response = client.post("/api/counts", json={"selection": selection, "spoke_ids": spoke})
+        _fail(response)
+        count = response.json()
+        deadline = time.monotonic() + wait
+        with console.status("waiting for the spokes' answers"):
+            while not count["complete"] and time.monotonic() < deadline:
+                time.sleep(0.5)
+                response = client.get(f"/api/counts/{count['id']}")
+                _fail(response)
+                count = response.json()
+    _show(count)
+
+
+@app.command("show")
+def show(
+    count_id: Annotated[str, typer.Argument(help="The count's id (cnt-...).")],
+    hub: HubOption,
+    token: TokenOption,
+) -> None:
+    """Show a count's answers and total."""
+    with _client(hub, token) as client:
+        response = client.get(f"/api/counts/{count_id}")
+        _fail(response)
+    _show(response.json())
