@@ -201,16 +201,24 @@ class Journal:
         return [ExperimentMessage.model_validate_json(r[0]) for r in rows]
 
     def settle_experiment(self, experiment_id: str, state: str, reason: str | None,
-                          outgoing: Outgoing | None, case_ids: list[str] = ()) -> None:
+                          outgoing: Outgoing | None, case_ids: list[str] = (),
+                          expect: str | None = None) -> bool:
         """Move an experiment on (accepted with its queued cases, refused, completed,
-        cancelled) together with the status message that tells the hub."""
+        cancelled) together with the status message that tells the hub. With ``expect``,
+        only from that state (False, and nothing done, if it has moved meanwhile)."""
         with self.transaction() as db:
+            if expect is not None:
+                row = db.execute("SELECT state FROM experiments WHERE experiment_id=?",
+                                 (experiment_id,)).fetchone()
+                if row is None or row[0] != expect:
+                    return False
             db.execute("UPDATE experiments SET state=?, reason=? WHERE experiment_id=?",
                        (state, reason, experiment_id))
             db.executemany("INSERT OR IGNORE INTO cases (experiment_id, case_id, attempt) "
                            "VALUES (?, ?, 1)", [(experiment_id, c) for c in case_ids])
             if outgoing is not None:
                 self.enqueue(db, outgoing)
+            return True
 
     # -- cancellation ------------------------------------------------------------------------
     def cancellation(self, experiment_id: str) -> str | None:
