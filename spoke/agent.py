@@ -53,7 +53,7 @@ from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain, input_digest, outgoing
 from tributary.spoke.deid import PROFILE, deidentified_case
 from tributary.spoke.images import ImageRefused, check_approval, check_release, ensure_image
-from tributary.spoke.journal import CaseRow, Journal, OutboxRow
+from tributary.spoke.journal import CaseRow, Journal, OutboxRow, claim_work_dir
 from tributary.spoke.liveness import CaseActivity, Heartbeat, ProgressReporter
 from tributary.spoke.outbox import OutboxSender
 from tributary.spoke.participant import build_participant
@@ -70,7 +70,7 @@ def _now() -> datetime:
 class SpokeAgent:
     def __init__(self, config: SpokeConfig) -> None:
         self.config = config
-        config.work_dir.mkdir(parents=True, exist_ok=True)
+        self._work_dir_lock = claim_work_dir(config.work_dir)
         self.pseudonyms = Pseudonymizer.from_key_file(config.work_dir / "pseudonym.key")
         self.journal = Journal(config.work_dir / "journal.db")
         self.audit = AuditLog(config.work_dir / "audit.jsonl")

@@ -16,7 +16,9 @@ promised and not yet finished survives a crash, a kill -9 or a power cut.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -118,6 +120,28 @@ class Outgoing:
     kind: str
     body: str
     summary: dict[str, Any]
+
+
+class WorkDirBusy(RuntimeError):
+    """Another spoke process already runs on this work folder."""
+
+
+def claim_work_dir(work_dir: Path) -> int:
+    """Take the work folder's exclusive lock for the life of this process (the kernel
+    drops it when the process dies, even by kill -9). Two spoke processes on one journal
+    would each think the other's running cases were interrupted and run them again."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work_dir / "spoke.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WorkDirBusy(f"another spoke process (pid {holder}) is using {work_dir}; "
+                          "stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class Journal:

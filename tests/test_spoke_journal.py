@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
+
 from tributary.protocol.messages import (
     AlgorithmRef,
     CaseStatus,
@@ -15,7 +17,15 @@ from tributary.protocol.messages import (
     FailureReason,
     ResultMessage,
 )
-from tributary.spoke.journal import CANCELLED, DONE, QUEUED, Journal, Outgoing
+from tributary.spoke.journal import (
+    CANCELLED,
+    DONE,
+    QUEUED,
+    Journal,
+    Outgoing,
+    WorkDirBusy,
+    claim_work_dir,
+)
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -114,3 +124,13 @@ def test_outbox_keeps_order_across_reopening(tmp_path: Path) -> None:
     reopened = Journal(tmp_path / "journal.db")
     assert [r.message_id for r in reopened.outbox_pending()] == ["m-1", "m-2", "m-3", "m-4"]
     assert reopened.outbox_depth() == 4
+
+
+def test_one_spoke_process_per_work_folder(tmp_path: Path) -> None:
+    import os
+
+    fd = claim_work_dir(tmp_path)
+    with pytest.raises(WorkDirBusy, match=f"pid {os.getpid()}"):
+        claim_work_dir(tmp_path)
+    os.close(fd)  # as when the first process dies
+    os.close(claim_work_dir(tmp_path))
