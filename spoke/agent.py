@@ -31,6 +31,7 @@ from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.contract import Progress
 from tributary.protocol.destinations import results_queue, spoke_queue
 from tributary.protocol.messages import (
+    MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
     CancelExperimentMessage,
     CaseStartedMessage,
@@ -46,7 +47,7 @@ from tributary.protocol.messages import (
     RetryCasesMessage,
 )
 from tributary.protocol.signing import PublicKey, SigningKey, sha256_hex
-from tributary.protocol.wire import HubMessage, open_from_hub
+from tributary.protocol.wire import HubMessage, open_from_hub, seal
 from tributary.spoke import cohort
 from tributary.spoke import journal as states
 from tributary.spoke.config import SpokeConfig
@@ -61,6 +62,8 @@ from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.runner import SPOKE_LABEL, effective_limits, remove_orphans, run_case
 
 log = logging.getLogger(__name__)
+#: Room left in a result message for its custody record (signed, base64 inside DSSE).
+CUSTODY_ALLOWANCE_BYTES = 16 * 1024
 
 
 def _now() -> datetime:
@@ -509,6 +512,13 @@ class SpokeAgent:
             output=output, failure=failure, released=released,
             image_digest=message.algorithm.digest, started_at=started, finished_at=_now(),
         )
+        size = len(seal(result, self.key)) + CUSTODY_ALLOWANCE_BYTES
+        if size > MAX_MESSAGE_BYTES:  # it would block the outbox, and the hub refuses it
+            result = result.model_copy(update={
+                "status": CaseStatus.FAILED, "output": None, "released": {},
+                "failure": Failure(reason=FailureReason.OUTPUT_TOO_LARGE,
+                                   detail=f"the signed result would be about {size} bytes; "
+                                          f"messages are limited to {MAX_MESSAGE_BYTES}")})
         return self.chain.append(result, run)
 
     def _on_progress(self, activity: CaseActivity, progress: Progress) -> None:
