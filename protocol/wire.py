@@ -14,13 +14,17 @@ from pydantic import BaseModel
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
+    CancelExperimentMessage,
+    CaseProgressMessage,
     CaseStartedMessage,
     CountReply,
     CountRequest,
     ExperimentMessage,
     ExperimentStatusMessage,
+    HeartbeatMessage,
     ProtocolError,
     ResultMessage,
+    RetryCasesMessage,
     decode_from_hub,
     decode_from_spoke,
     encode,
@@ -34,7 +38,10 @@ from tributary.protocol.signing import (
     verify,
 )
 
-SpokeMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
+SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
+                | CaseProgressMessage | HeartbeatMessage)
+HubMessage = (ExperimentMessage | ApprovalRevokedMessage | CountRequest
+              | CancelExperimentMessage | RetryCasesMessage)
 
 
 class UntrustedMessage(ProtocolError):
@@ -58,8 +65,7 @@ def _envelope(body: bytes | str) -> dict[str, Any]:
     return envelope
 
 
-def open_from_hub(body: bytes | str, hub_keys: Iterable[PublicKey]
-                  ) -> ExperimentMessage | ApprovalRevokedMessage | CountRequest:
+def open_from_hub(body: bytes | str, hub_keys: Iterable[PublicKey]) -> HubMessage:
     """Verify the hub's signature, then parse; raises :class:`ProtocolError`."""
     envelope = _envelope(body)
     try:

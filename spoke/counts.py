@@ -9,12 +9,10 @@ import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from tributary.protocol.broker import Delivery, PublishError, publish_with_retry
-from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import CohortSelection, CountReply, CountRequest
-from tributary.protocol.wire import seal
 from tributary.spoke import cohort
 from tributary.spoke.config import SpokeConfig
+from tributary.spoke.custody import outgoing
 from tributary.spoke.pseudonyms import Pseudonymizer
 
 if TYPE_CHECKING:
@@ -57,23 +55,21 @@ def answer(config: SpokeConfig, pseudonyms: Pseudonymizer,
     return suppress(request.query_id, config.spoke_id, count, config.counts.min_cell), count
 
 
-def handle(agent: SpokeAgent, delivery: Delivery, request: CountRequest) -> None:
-    """Answer, audit, publish the signed reply, then acknowledge the request. If the broker
-    refuses the reply, the request stays unacknowledged and is answered again on
-    redelivery (a count has no side effects)."""
+def handle(agent: SpokeAgent, request: CountRequest) -> None:
+    """Answer and audit, then put the signed reply in the spoke's durable outbox (the
+    caller acknowledges the request once this returns). A request redelivered after its
+    reply was journaled is not answered twice."""
+    if agent.journal.handled(request.message_id):
+        agent.audit.append("hub", "message.dropped", request.query_id, {
+            "message_id": request.message_id, "reason": "replay: already answered"})
+        return
     reply, true_count = answer(agent.config, agent.pseudonyms, request)
     agent.audit.append("hub", "count.answered", request.query_id, {
         "selection": request.selection.model_dump(mode="json"), "true_count": true_count,
         "reported_count": reply.count, "fewer_than": reply.fewer_than,
         "refused": reply.refused, "reply_message_id": reply.message_id})
-    try:
-        publish_with_retry(agent.client, results_queue(agent.config.broker.federation),
-                           seal(reply, agent.key), {"tributary-kind": reply.kind}, attempts=10)
-    except PublishError as exc:
-        log.warning("could not answer count %s (%s); will answer on redelivery",
-                    request.query_id, exc)
-        return
+    agent.journal.send_later(outgoing(reply, agent.key), handled=(request.message_id,
+                                                                  request.query_id))
     log.info("count %s answered: %s", request.query_id,
              reply.count if reply.count is not None else
              f"fewer than {reply.fewer_than}" if reply.fewer_than else f"refused ({reply.refused})")
-    agent.client.ack(delivery)

@@ -1,15 +1,19 @@
 """The site's data steward: optional human gates before an experiment runs and before a
 result is released (``[steward]`` in the spoke's config).
 
-What waits for a decision is stored in the spoke's journal database (its own tables), so it
-survives a restart, and the broker message is acknowledged once it is stored: nothing is
-held hostage on the broker while a person decides. The steward decides with
-``tributary spoke steward`` (another process, same database and audit log); the running
-agent applies the decisions between messages.
+What waits for a decision is stored in the spoke's journal database (its own tables, beside
+the journal's), so it survives a restart, and the broker message is acknowledged once it is
+stored: nothing is held hostage on the broker while a person decides. A held experiment is
+journaled in state ``held`` with its ``held`` status queued in the outbox; the case whose
+result waits for review is ``held`` in the journal, so it is neither run again nor counted
+as finished. The steward decides with ``tributary spoke steward`` (another process, same
+database and audit log); the running agent applies the decisions between messages.
 
-A held result has not entered the custody chain yet: it is signed into the chain only
-when it is released (or withheld), so the chain the hub checks stays gap-free whatever
-order the steward decides in.
+A held result has not entered the custody chain or the outbox yet: it is signed into the
+chain, and queued for the hub, only when it is released (or withheld, as a failed result
+with reason ``withheld``), so the chain the hub checks stays gap-free whatever order the
+steward decides in. When the hub cancels an experiment, what still waits for the steward
+is discarded: nothing of a cancelled experiment leaves unreviewed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from tributary.protocol.messages import (
     ProtocolError,
     ResultMessage,
 )
+from tributary.spoke import journal as states
+from tributary.spoke.custody import outgoing
 
 if TYPE_CHECKING:
     from tributary.spoke.agent import SpokeAgent
@@ -195,6 +201,19 @@ class StewardDesk:
                 "UPDATE steward_results SET state=? WHERE experiment_id=? AND case_id=? "
                 "AND attempt=?", (DONE, result.experiment_id, result.case_id, result.attempt))
 
+    def discard(self, experiment_id: str, reason: str) -> int:
+        """The experiment was cancelled: nothing of it waits for a decision any more.
+        Returns how many items were discarded."""
+        with self._lock:
+            discarded = 0
+            for table in ("steward_experiments", "steward_results"):
+                discarded += self._db.execute(
+                    f"UPDATE {table} SET state=?, reason=COALESCE(reason, ?), "
+                    "decided_at=COALESCE(decided_at, CURRENT_TIMESTAMP) "
+                    "WHERE experiment_id=? AND state<>?",
+                    (DONE, reason, experiment_id, DONE)).rowcount
+        return discarded
+
 
 def withheld(result: ResultMessage, steward: str, reason: str | None) -> ResultMessage:
     """The result the hub receives for a rejected one: the case ran, its output stays at
@@ -207,7 +226,8 @@ def withheld(result: ResultMessage, steward: str, reason: str | None) -> ResultM
 
 
 class Steward:
-    """The agent's side: hold what the policy gates, and apply the steward's decisions."""
+    """The agent's side: hold what the policy gates, and apply the steward's decisions
+    through the journal (states and outbox), like everything else the spoke promises."""
 
     def __init__(self, agent: SpokeAgent) -> None:
         self.agent = agent
@@ -219,8 +239,9 @@ class Steward:
 
     # -- hooks ------------------------------------------------------------------------------
     def hold_experiment(self, message: ExperimentMessage, envelope: bytes | str) -> bool:
-        """Hook before an experiment runs. True if it now waits for the steward (stored
-        durably and reported to the hub as held); the caller may then acknowledge it."""
+        """Hook when a new experiment arrives. True if it now waits for the steward: its
+        signed envelope is kept for re-verification, and it is journaled as ``held``
+        together with the ``held`` status for the hub; the caller may then acknowledge it."""
         if not self.policy.approve_experiments:
             return False
         from tributary.spoke.counts import matching_cases
@@ -245,80 +266,111 @@ class Steward:
         if self.desk.hold_experiment(message, text, summary):
             agent._audit("steward.experiment_held", message.experiment_id,
                          message_id=message.message_id, **summary)
-        elif self.desk.experiment_state(message.experiment_id) != PENDING:
-            return True  # redelivered after the steward decided: the decision stands
-        agent._status(message, ExperimentState.HELD,
-                      reason="awaiting approval by the site's data steward")
+        reason = "awaiting approval by the site's data steward"
+        agent.journal.add_experiment(message, states.HELD, reason, outgoing(
+            ExperimentStatusMessage(experiment_id=message.experiment_id,
+                                    spoke_id=agent.config.spoke_id,
+                                    state=ExperimentState.HELD, reason=reason), agent.key))
         return True
 
     def hold_result(self, result: ResultMessage, run: dict[str, Any]) -> bool:
-        """Hook before a result is signed into the custody chain and published. True if
-        the result now waits for the steward's review instead."""
+        """Hook before a result is signed into the custody chain and queued for the hub.
+        True if the result now waits for the steward's review instead (the caller marks
+        its case ``held``)."""
         if not self.policy.review_results:
             return False
         self.desk.hold_result(result, run)
         self.agent._audit("steward.result_held", result.experiment_id, case=result.case_id,
-                          status=result.status.value)
+                          attempt=result.attempt, status=result.status.value)
         return True
 
-    def already_held(self, experiment_id: str, case_id: str) -> bool:
-        """Hook before a case runs: a result held (or decided) for it is never re-run."""
-        return self.desk.is_held(experiment_id, case_id)
+    def already_held(self, experiment_id: str, case_id: str, attempt: int) -> bool:
+        """Hook before a case runs: a result held (or decided) for it is never re-run (the
+        spoke may have stopped between holding it and marking its case)."""
+        return self.desk.is_held(experiment_id, case_id, attempt)
 
-    def waiting_results(self, experiment_id: str) -> int:
-        """Results of the experiment not yet released or withheld."""
-        return len(self.desk.results(PENDING, APPROVED, REJECTED, experiment_id=experiment_id))
+    def discard(self, experiment_id: str, reason: str) -> None:
+        """The hub cancelled the experiment: what waits for the steward never leaves."""
+        discarded = self.desk.discard(experiment_id, reason)
+        if discarded:
+            self.agent._audit("steward.discarded", experiment_id, items=discarded,
+                              reason=reason)
 
     # -- applying decisions -----------------------------------------------------------------
     def apply_decisions(self) -> None:
-        """Run approved experiments, refuse rejected ones, release or withhold reviewed
-        results. Raises PublishError when the broker is away; the next call resumes."""
+        """Release approved experiments to the dispatcher, refuse rejected ones, sign
+        reviewed results into the custody chain (withheld ones as failed) and queue them
+        for the hub. Every step is a journal transaction, so a crash part-way resumes
+        at the next call without sending anything twice."""
+        agent = self.agent
+        for held in self.desk.experiments(APPROVED, REJECTED):
+            self._apply_experiment(held)
+        touched: dict[str, None] = {}
+        for held_result in self.desk.results(APPROVED, REJECTED):
+            self._apply_result(held_result)
+            touched[held_result.result.experiment_id] = None
+        for experiment_id in touched:
+            agent._maybe_finish(experiment_id)  # the last review completes the experiment
+        if touched:
+            agent.outbox.wake()
+
+    def _apply_experiment(self, held: HeldExperiment) -> None:
         from tributary.protocol.wire import open_from_hub
 
         agent = self.agent
-        for held in self.desk.experiments(APPROVED, REJECTED):
-            try:  # re-verify what was kept: the database is not trusted to be untouched
-                message = open_from_hub(held.envelope, agent.hub_keys)
-                if not isinstance(message, ExperimentMessage):
-                    raise ProtocolError("the held message is not an experiment")
-            except ProtocolError as exc:
-                log.error("held experiment %s no longer verifies: %s", held.experiment_id, exc)
-                agent._audit("steward.experiment_dropped", held.experiment_id, reason=str(exc))
-                agent._send(ExperimentStatusMessage(
-                    experiment_id=held.experiment_id, spoke_id=agent.config.spoke_id,
-                    state=ExperimentState.REFUSED,
-                    reason="the held experiment message no longer verifies at the spoke"))
-                self.desk.experiment_done(held.experiment_id)
-                continue
-            if held.state == REJECTED:
-                log.info("experiment %s rejected by the steward", held.experiment_id)
-                agent._status(message, ExperimentState.REFUSED,
-                              reason=f"rejected by the site's data steward ({held.decided_by})"
-                                     + (f": {held.reason}" if held.reason else ""))
-            else:
-                log.info("experiment %s approved by the steward", held.experiment_id)
-                agent.process(message)
-            self.desk.experiment_done(held.experiment_id)
-        decided = self.desk.results(APPROVED, REJECTED)
-        for held_result in decided:
-            result = held_result.result
-            if held_result.state == REJECTED:
-                result = withheld(result, held_result.decided_by or "steward", held_result.reason)
-            if agent.journal.result(result.experiment_id, result.case_id,
-                                    result.attempt) is None:
-                agent._audit("steward.result_applied", result.experiment_id,
-                             case=result.case_id, decision=held_result.state,
-                             steward=held_result.decided_by, reason=held_result.reason)
-                agent.chain.append_and_publish(result, held_result.run, agent._publish_result)
-        for experiment_id in dict.fromkeys(h.result.experiment_id for h in decided):
-            mine = [h for h in decided if h.result.experiment_id == experiment_id]
-            if not self.desk.results(PENDING, experiment_id=experiment_id):
-                # The last review of this experiment: everything out, then it is complete.
-                agent.chain.flush(agent._publish_result)
-                cases = [r.result.case_id for r in self.desk.results(
-                    APPROVED, REJECTED, DONE, experiment_id=experiment_id)]
-                agent._send(ExperimentStatusMessage(
+        experiment_id = held.experiment_id
+        known = agent.journal.experiment(experiment_id)
+        if known is not None and known[1] != states.HELD:
+            self.desk.experiment_done(experiment_id)  # cancelled while it waited
+            return
+        try:  # re-verify what was kept: the database is not trusted to be untouched
+            message = open_from_hub(held.envelope, agent.hub_keys)
+            if not isinstance(message, ExperimentMessage):
+                raise ProtocolError("the held message is not an experiment")
+            if (message.experiment_id, message.spoke_id) != (experiment_id,
+                                                             agent.config.spoke_id):
+                raise ProtocolError("the held message is another experiment's")
+        except ProtocolError as exc:
+            log.error("held experiment %s no longer verifies: %s", experiment_id, exc)
+            agent._audit("steward.experiment_dropped", experiment_id, reason=str(exc))
+            reason = "the held experiment message no longer verifies at the spoke"
+            if known is None:
+                agent.journal.send_later(outgoing(ExperimentStatusMessage(
                     experiment_id=experiment_id, spoke_id=agent.config.spoke_id,
-                    state=ExperimentState.COMPLETED, case_ids=cases))
-            for held_result in mine:
-                self.desk.result_done(held_result.result)
+                    state=ExperimentState.REFUSED, reason=reason), agent.key))
+            else:
+                agent._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
+                              reason=reason, expect=states.HELD)
+            self.desk.experiment_done(experiment_id)
+            return
+        if known is None:  # held by a spoke version that did not journal held experiments
+            agent.journal.add_experiment(message, states.HELD)
+        if held.state == REJECTED:
+            log.info("experiment %s rejected by the steward", experiment_id)
+            agent._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
+                          reason=f"rejected by the site's data steward ({held.decided_by})"
+                                 + (f": {held.reason}" if held.reason else ""),
+                          expect=states.HELD)
+        elif agent.journal.release_held(experiment_id, message):
+            log.info("experiment %s approved by the steward", experiment_id)
+            agent._audit("steward.experiment_released", experiment_id,
+                         steward=held.decided_by)
+            agent._wake.set()
+        self.desk.experiment_done(experiment_id)
+
+    def _apply_result(self, held: HeldResult) -> None:
+        agent = self.agent
+        result = held.result
+        cancelled = agent.journal.cancellation(result.experiment_id)
+        if cancelled is not None:
+            agent.journal.cancel(result.experiment_id, cancelled, "")
+            self.discard(result.experiment_id, f"the hub cancelled the experiment: {cancelled}")
+            return
+        if held.state == REJECTED:
+            result = withheld(result, held.decided_by or "steward", held.reason)
+        if agent.journal.result(result.experiment_id, result.case_id, result.attempt) is None:
+            agent._audit("steward.result_applied", result.experiment_id,
+                         case=result.case_id, attempt=result.attempt, decision=held.state,
+                         steward=held.decided_by, reason=held.reason)
+            agent.chain.append(result, held.run)
+        self.desk.result_done(held.result)
