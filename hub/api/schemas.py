@@ -66,7 +66,11 @@ class ExperimentCreate(BaseModel):
     release: list[str] = Field(default_factory=list)
     spoke_ids: list[str] = Field(min_length=1)
     aggregator: str | None = None
-    expires_in_days: float | None = Field(None, gt=0, le=365)
+    expires_in_days: float | None = Field(
+        None, gt=0, le=365,
+        description="How long the study's messages wait in the broker for an offline spoke "
+        "before they expire (into the dead-letter queue); default: the hub's "
+        "TRIBUTARY_HUB_DEFAULT_EXPIRY_DAYS.")
 
 
 class TargetProgress(BaseModel):
