@@ -12,7 +12,15 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from tributary import __version__
-from tributary.hub.api import algorithms, audit, auth, counts, experiments, spokes
+from tributary.hub.api import (
+    algorithms,
+    audit,
+    auth,
+    counts,
+    deadletters,
+    experiments,
+    spokes,
+)
 from tributary.hub.db import make_engine
 from tributary.hub.models import Role, User
 from tributary.hub.services.audit import attach_forensic_log
@@ -62,7 +70,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                               "and read their aggregated results.")
     for router in (spokes.router, algorithms.router, experiments.router, audit.router,
                    audit.quarantine_router, algorithms.publishers_router, auth.router,
-                   counts.router):
+                   counts.router, deadletters.router):
         app.include_router(router)
     app.include_router(web_router)
 

@@ -82,7 +82,7 @@ def test_hub_dead_letters_and_audits_malformed_results(federation: LocalFederati
                                                        service_settings: ServiceSettings) -> None:
     c = client(service_settings, "intruder")
     marker = uuid.uuid4().hex
-    results = results_queue(federation.federation)
+    results = results_queue(federation.federation)  # the queue this federation's hub reads
     try:
         c.publish(results, f'{{"kind": "result", "garbage": "{marker}"}}')
         c.publish(results, "x" * (3 * 1024 * 1024))

@@ -34,6 +34,7 @@ algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures f
 app.add_typer(algorithm_app, name="algorithm")
 app.add_typer(__import__("tributary.commands.audit", fromlist=["app"]).app, name="audit")
 app.add_typer(__import__("tributary.commands.counts", fromlist=["app"]).app, name="counts")
+app.add_typer(__import__("tributary.commands.dlq", fromlist=["app"]).app, name="dlq")
 console = Console()
 
 
