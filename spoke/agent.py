@@ -32,15 +32,16 @@ from tributary.protocol.messages import (
 )
 from tributary.protocol.signing import PublicKey, SigningKey, sha256_hex
 from tributary.protocol.wire import open_from_hub, seal
-from tributary.spoke import cohort
+from tributary.spoke.catalog import CatalogCase, SelectionRefused
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain, input_digest
-from tributary.spoke.deid import PROFILE, deidentified_case
 from tributary.spoke.images import ImageRefused, check_approval, check_release, ensure_image
+from tributary.spoke.ingest import ingest, open_catalog, series_folders
 from tributary.spoke.journal import Journal
 from tributary.spoke.participant import build_participant
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.runner import effective_limits, run_case
+from tributary.spoke.store import DEID_PROFILE
 
 log = logging.getLogger(__name__)
 
@@ -191,24 +192,46 @@ class SpokeAgent:
             return
         finally:
             docker_client.close()
-        cases = cohort.select(cohort.discover(self.config.data_dir, self.pseudonyms),
-                              message.cohort)
+        try:
+            cases = self._select(message)
+        except SelectionRefused as exc:
+            log.error("refusing %s: %s", message.experiment_id, exc)
+            self._status(message, ExperimentState.REFUSED, reason=str(exc))
+            return
         self._status(message, ExperimentState.ACCEPTED, [c.case_id for c in cases])
-        attributes = cohort.load_attributes(self.config.data_dir,
-                                            self.config.policy.attributes_file)
         with ThreadPoolExecutor(self.config.concurrency,
                                 thread_name_prefix="case") as pool:
-            list(pool.map(lambda c: self._case(message, c, attributes), cases))
+            list(pool.map(lambda c: self._case(message, c), cases))
         self.chain.flush(self._publish_result)
         self._status(message, ExperimentState.COMPLETED, [c.case_id for c in cases])
         log.info("experiment %s done: %d cases", message.experiment_id, len(cases))
+
+    def _select(self, message: ExperimentMessage) -> list[CatalogCase]:
+        """The cohort from the catalog, after an incremental ingest of the sources."""
+        catalog = open_catalog(self.config)
+        try:
+            if self.config.catalog.ingest_before_experiment:
+                try:
+                    report = ingest(self.config, catalog)
+                    self._audit("catalog.ingested", message.experiment_id,
+                                stored=report.stored, duplicates=report.duplicates,
+                                excluded=report.excluded, unchanged=report.unchanged)
+                except Exception as exc:  # select from what is already catalogued
+                    log.error("ingest before %s failed: %s", message.experiment_id, exc)
+                    self._audit("catalog.ingest_failed", message.experiment_id,
+                                error=f"{type(exc).__name__}: {exc}"[:2000])
+            cases = catalog.select(message.cohort)
+        finally:
+            catalog.close()
+        self._audit("cohort.selected", message.experiment_id, cases=len(cases),
+                    criteria=message.cohort.model_dump(mode="json"))
+        return cases
 
     def _publish_result(self, result: ResultMessage) -> None:
         self._send(result)
         self.journal.mark_published(result)
 
-    def _case(self, message: ExperimentMessage, case: cohort.SourceCase,
-              attributes: dict) -> ResultMessage:
+    def _case(self, message: ExperimentMessage, case: CatalogCase) -> ResultMessage:
         done = self.journal.result(message.experiment_id, case.case_id)
         if done is not None:
             return done  # finished before a restart or lost ack: re-send, never re-run
@@ -223,8 +246,8 @@ class SpokeAgent:
             experiment_id=message.experiment_id, spoke_id=self.config.spoke_id,
             case_id=case.case_id, status=CaseStatus.FAILED if failure else CaseStatus.SUCCEEDED,
             output=output, failure=failure,
-            released=cohort.released_attributes(case, attributes, message.release,
-                                                self.config.policy.releasable_attributes)
+            released={k: case.attributes[k] for k in message.release
+                      if k in self.config.policy.releasable_attributes and k in case.attributes}
             if failure is None else {},
             image_digest=message.algorithm.digest, started_at=started, finished_at=_now(),
         )
@@ -235,14 +258,14 @@ class SpokeAgent:
                         case.case_id)
             return result
 
-    def _execute(self, message: ExperimentMessage, case: cohort.SourceCase
+    def _execute(self, message: ExperimentMessage, case: CatalogCase
                  ) -> tuple[dict | None, Failure | None, dict]:
         """Run the case; returns output, failure and the facts its custody record states."""
         t0 = time.monotonic()
         run: dict = {"exit_code": None, "participant_sha256": None, "input_sha256": None,
-                     "deid_profile": PROFILE}
+                     "deid_profile": DEID_PROFILE}
         try:
-            deidentified = deidentified_case(case, self.config.work_dir, self.pseudonyms)
+            deidentified = series_folders(self.config, [s.series_id for s in case.series])
             participant, mounts = build_participant(case, message.experiment_id, deidentified)
             run["input_sha256"] = input_digest(deidentified)
             run["participant_sha256"] = sha256_hex(

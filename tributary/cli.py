@@ -25,6 +25,7 @@ contract_app = typer.Typer(help="The algorithm contract and message schemas.",
 app.add_typer(services_app, name="services")
 app.add_typer(hub_app, name="hub")
 app.add_typer(spoke_app, name="spoke")
+__import__("tributary.commands.spoke_data", fromlist=["register"]).register(spoke_app)
 app.add_typer(contract_app, name="contract")
 app.add_typer(__import__("tributary.commands.broker", fromlist=["app"]).app, name="broker")
 algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "
@@ -153,7 +154,7 @@ def spoke_init(
         f'hub_public_key = "{hub_key}"\n'
         f"concurrency = {concurrency}\n\n[broker]\nhost = \"127.0.0.1\"\nport = {broker_port}\n\n"
         "[policy]\n# Case attributes that may ever leave with a result, if a study asks.\n"
-        "releasable_attributes = []\n# attributes_file = \"attributes.json\"\n\n"
+        "releasable_attributes = []\n# attributes_file = \"attributes.csv\"  # patient_id,...\n\n"
         "[runner]\nmax_memory_mb = 8192\nmax_timeout_seconds = 86400\n"
         "# allowed_registries = [\"registry.example.org\"]\n"
     )
