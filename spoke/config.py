@@ -3,6 +3,7 @@ institution lives here, at the site, never on the hub."""
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -12,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.contract import DEFAULT_OUTPUT_LIMIT_BYTES
 from tributary.protocol.messages import validate_spoke_id
+
+log = logging.getLogger(__name__)
 
 
 class ReleasePolicy(BaseModel):
@@ -170,4 +173,10 @@ class SpokeConfig(BaseModel):
         if "trust" in raw:
             raw["trust"]["publisher_keys"] = [str((base / p).resolve()) for p in
                                               raw["trust"].get("publisher_keys", [])]
-        return cls.model_validate(raw)
+        config = cls.model_validate(raw)
+        secret = any(getattr(s, "password", None) for s in config.sources) or (
+            config.broker.password is not None)
+        if secret and path.stat().st_mode & 0o077:
+            log.warning("%s holds passwords but is readable by other users; chmod 600 it",
+                        path)
+        return config

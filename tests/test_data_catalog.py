@@ -197,3 +197,24 @@ def test_steward_commands(catalogued: SpokeConfig, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert {r["ref"] for r in rows} == {"a/ground_truth.json", "b/ground_truth.json"}
     assert all(r["reason"].startswith("not a DICOM file") for r in rows)
+
+
+def test_sources_from_the_config_file(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                      ) -> None:
+    config = tmp_path / "spoke.toml"
+    config.write_text(
+        'spoke_id = "site-a"\nwork_dir = "work"\nhub_public_key = "hub.pub"\n'
+        '[policy]\nattributes_file = "labels.csv"\n'
+        '[[sources]]\nkind = "folder"\nname = "archive"\npath = "images"\n'
+        '[[sources]]\nkind = "dicomweb"\nname = "pacs"\n'
+        'url = "https://pacs.example/dicom-web"\nusername = "reader"\n'
+        'password = "s3cret-pacs"\n')
+    config.chmod(0o644)
+    loaded = SpokeConfig.load(config)
+    assert [s.name for s in loaded.all_sources] == ["archive", "pacs"]
+    assert loaded.sources[0].path == tmp_path / "images"
+    assert loaded.attributes_path == tmp_path / "labels.csv"
+    assert "s3cret-pacs" not in repr(loaded) and "s3cret-pacs" not in caplog.text
+    assert "readable by other users" in caplog.text
+    with pytest.raises(ValueError, match="data_dir or at least one"):
+        SpokeConfig(spoke_id="site-a", work_dir=tmp_path, hub_public_key=tmp_path / "k")

@@ -136,7 +136,8 @@ def spoke_run(
 @spoke_app.command("init")
 def spoke_init(
     spoke_id: Annotated[str, typer.Option("--id", help="The spoke's identifier.")],
-    data_dir: Annotated[Path, typer.Option("--data", help="Folder with one sub-folder per case.")],
+    data_dir: Annotated[Path, typer.Option(
+        "--data", help="Folder of DICOM files, any layout (PACS sources: see docs/data.md).")],
     work_dir: Annotated[Path, typer.Option("--work", help="The spoke's private work folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the config.")],
     hub_key: Annotated[Path, typer.Option(
