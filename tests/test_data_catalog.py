@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from tributary.cli import app
 from tributary.federation import generate_cohort
+from tributary.protocol.auditlog import read_entries
 from tributary.protocol.messages import CohortSelection, ExperimentMessage
 from tributary.spoke.catalog import SelectionRefused
 from tributary.spoke.config import SpokeConfig
@@ -187,6 +188,9 @@ def test_steward_commands(catalogued: SpokeConfig, tmp_path: Path) -> None:
     result = runner.invoke(app, ["spoke", "ingest", "-c", str(config)])
     assert result.exit_code == 0, result.output
     assert "data" in result.output and "attributes: 5 cases matched" in result.output
+    [entry] = [e for _, e in read_entries(catalogued.work_dir / "audit.jsonl")
+               if e and e["action"] == "catalog.ingested"]
+    assert entry["detail"]["stored"] == 0 and entry["actor"].startswith("cli:")
     result = runner.invoke(app, ["spoke", "catalog", "-c", str(config), "--json",
                                  "--min-slices", "18"])
     assert result.exit_code == 0, result.output

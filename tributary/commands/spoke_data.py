@@ -32,10 +32,16 @@ def _config(path: Path) -> Any:
 def ingest(config: ConfigOption) -> None:
     """Ingest the configured sources into the de-identified store and catalog. Only new or
     changed inputs are read; running it again over unchanged sources is a no-op."""
+    import getpass
+
+    from tributary.protocol.auditlog import AuditLog
     from tributary.spoke.ingest import ingest as run_ingest
     from tributary.spoke.sources import SourceUnavailable
 
     settings = _config(config)
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    audit = AuditLog(settings.work_dir / "audit.jsonl")  # the agent's log: one history
+    actor = f"cli:{getpass.getuser()}"
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         bars: dict[str, Any] = {}
@@ -48,8 +54,13 @@ def ingest(config: ConfigOption) -> None:
         try:
             report = run_ingest(settings, progress=show)
         except (SourceUnavailable, FileNotFoundError, ValueError) as exc:
+            audit.append(actor, "catalog.ingest_failed", settings.spoke_id,
+                         {"error": f"{type(exc).__name__}: {exc}"[:2000]})
             console.print(f"[red]ingest stopped:[/] {exc}")
             raise typer.Exit(1) from None
+    audit.append(actor, "catalog.ingested", settings.spoke_id,
+                 {"stored": report.stored, "duplicates": report.duplicates,
+                  "excluded": report.excluded, "unchanged": report.unchanged})
     table = Table("source", "inputs", "stored", "unchanged", "duplicates", "excluded")
     for name, counts in report.per_source.items():
         table.add_row(name, *(str(counts[k]) for k in
