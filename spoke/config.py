@@ -4,6 +4,7 @@ institution lives here, at the site, never on the hub."""
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -109,6 +110,10 @@ class CatalogSettings(BaseModel):
     #: Ingest new files from the sources before selecting each experiment's cohort (the
     #: alternative is running `tributary spoke ingest` on a schedule).
     ingest_before_experiment: bool = True
+    #: Processes that de-identify local files in parallel. The default leaves one CPU to
+    #: the process that stores and catalogues (so 1, in-process, on a 2-CPU machine).
+    workers: int = Field(default_factory=lambda: max(1, min(8, (os.cpu_count() or 1) - 1)),
+                         ge=1, le=64)
 
 
 class SpokeConfig(BaseModel):

@@ -11,7 +11,9 @@ import csv
 import fcntl
 import json
 import logging
+import multiprocessing
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +22,22 @@ from typing import Any
 from tributary.spoke.catalog import Catalog
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.pseudonyms import Pseudonymizer
-from tributary.spoke.sources import Source, open_source
-from tributary.spoke.store import DeidStore, Excluded, prepare_instance
+from tributary.spoke.sources import Source, SourceItem, open_source
+from tributary.spoke.store import (
+    DeidStore,
+    Excluded,
+    PreparedInstance,
+    prepare_instance,
+    read_instance,
+)
 
 log = logging.getLogger(__name__)
 
 #: Column of the attributes CSV holding the institution's patient ID (DICOM PatientID).
 PATIENT_COLUMN = "patient_id"
 _COMMIT_EVERY = 200
+#: Fewer new files than this are prepared in-process (starting workers costs ~1 s).
+_PARALLEL_MIN = 64
 
 #: progress(source name, done, total) after each input
 Progress = Callable[[str, int, int], None]
@@ -107,58 +117,96 @@ def load_attributes(path: Path) -> dict[str, dict[str, Any]]:
         return out
 
 
+_worker_pseudonyms: Pseudonymizer | None = None
+
+
+def _init_worker(key_file: str) -> None:
+    global _worker_pseudonyms
+    _worker_pseudonyms = Pseudonymizer.from_key_file(Path(key_file))
+
+
+def _prepare_file(path: str) -> PreparedInstance | Excluded:
+    """Worker process: screen and de-identify one file (results go back in order)."""
+    assert _worker_pseudonyms is not None
+    try:
+        return prepare_instance(read_instance(Path(path)), _worker_pseudonyms)
+    except Excluded as exc:
+        return exc
+
+
+def _prepared(items: list[SourceItem], pseudonyms: Pseudonymizer, key_file: Path,
+              workers: int) -> Iterator[PreparedInstance | Excluded]:
+    """Prepared instances (or exclusions) in input order; files are spread over worker
+    processes when there are enough of them to pay for starting the workers."""
+    if workers > 1 and len(items) >= _PARALLEL_MIN and all(i.path for i in items):
+        # spawn, not fork: the agent has broker threads whose locks a fork would copy
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker,
+                                 initargs=(str(key_file),)) as pool:
+            yield from pool.map(_prepare_file, [str(i.path) for i in items], chunksize=8)
+        return
+    for item in items:
+        try:
+            yield prepare_instance(item.load(), pseudonyms)
+        except Excluded as exc:
+            yield exc
+
+
 def _ingest_source(source: Source, catalog: Catalog, store: DeidStore,
-                   pseudonyms: Pseudonymizer, report: IngestReport,
-                   progress: Progress | None) -> None:
+                   pseudonyms: Pseudonymizer, key_file: Path, workers: int,
+                   report: IngestReport, progress: Progress | None) -> None:
     items = source.items()
     known = catalog.known_refs(source.name)
+    pending = [i for i in items if known.get(i.ref) != i.fingerprint]
     counts = report.per_source.setdefault(
-        source.name, {"inputs": len(items), "stored": 0, "unchanged": 0, "duplicates": 0,
-                      "excluded": 0})
-    for done, item in enumerate(items, start=1):
-        if known.get(item.ref) == item.fingerprint:
-            counts["unchanged"] += 1
+        source.name, {"inputs": len(items), "stored": 0, "unchanged": len(items) - len(pending),
+                      "duplicates": 0, "excluded": 0})
+    if progress is not None:
+        progress(source.name, counts["unchanged"], len(items))
+    results = _prepared(pending, pseudonyms, key_file, workers)
+    for done, (item, prepared) in enumerate(zip(pending, results, strict=True), start=1):
+        if isinstance(prepared, Excluded):
+            catalog.record_input(source.name, item.ref, item.fingerprint, "excluded",
+                                 prepared.reason)
+            log.warning("excluded %s:%s: %s", source.name, item.ref, prepared.reason)
+            counts["excluded"] += 1
         else:
-            try:
-                prepared = prepare_instance(item.load(), pseudonyms)
-            except Excluded as exc:
-                catalog.record_input(source.name, item.ref, item.fingerprint, "excluded",
-                                     exc.reason)
-                log.warning("excluded %s:%s: %s", source.name, item.ref, exc.reason)
-                counts["excluded"] += 1
-            else:
-                existing = catalog.instance_digest(prepared.instance_uid)
-                if existing is None:
-                    digest = store.put(prepared)
-                    catalog.add_instance(prepared, digest)
-                    catalog.record_input(source.name, item.ref, item.fingerprint, "stored",
-                                         instance_uid=prepared.instance_uid)
-                    counts["stored"] += 1
-                elif existing == prepared.digest:
-                    previously = catalog.input_state(source.name, item.ref)
-                    if previously is not None and previously[1] == "stored":
-                        # the same file touched again: nothing changed
-                        catalog.record_input(source.name, item.ref, item.fingerprint,
-                                             "stored", instance_uid=prepared.instance_uid)
-                        counts["unchanged"] += 1
-                    else:
-                        catalog.record_input(source.name, item.ref, item.fingerprint,
-                                             "duplicate", "same instance as one already "
-                                             "stored", prepared.instance_uid)
-                        counts["duplicates"] += 1
-                else:
-                    catalog.record_input(
-                        source.name, item.ref, item.fingerprint, "excluded",
-                        "conflicts with a stored instance (same SOP Instance UID, different "
-                        "content); the stored one is kept", prepared.instance_uid)
-                    counts["excluded"] += 1
+            status = _record(source.name, item, prepared, catalog, store)
+            counts[status] += 1
         if done % _COMMIT_EVERY == 0:
             catalog.commit()
         if progress is not None:
-            progress(source.name, done, len(items))
+            progress(source.name, len(items) - len(pending) + done, len(items))
     catalog.commit()
     for key in ("stored", "unchanged", "duplicates", "excluded"):
         setattr(report, key, getattr(report, key) + counts[key])
+
+
+def _record(source: str, item: SourceItem, prepared: PreparedInstance, catalog: Catalog,
+            store: DeidStore) -> str:
+    """Store a prepared instance unless the catalog has it; returns the counter to bump."""
+    existing = catalog.instance_digest(prepared.instance_uid)
+    if existing is None:
+        digest = store.put(prepared)
+        catalog.add_instance(prepared, digest)
+        catalog.record_input(source, item.ref, item.fingerprint, "stored",
+                             instance_uid=prepared.instance_uid)
+        return "stored"
+    if existing == prepared.digest:
+        previously = catalog.input_state(source, item.ref)
+        if previously is not None and previously[1] == "stored":
+            # the same file touched again: nothing changed
+            catalog.record_input(source, item.ref, item.fingerprint, "stored",
+                                 instance_uid=prepared.instance_uid)
+            return "unchanged"
+        catalog.record_input(source, item.ref, item.fingerprint, "duplicate",
+                             "same instance as one already stored", prepared.instance_uid)
+        return "duplicates"
+    catalog.record_input(
+        source, item.ref, item.fingerprint, "excluded",
+        "conflicts with a stored instance (same SOP Instance UID, different content); the "
+        "stored one is kept", prepared.instance_uid)
+    return "excluded"
 
 
 def ingest(config: SpokeConfig, catalog: Catalog | None = None,
@@ -169,7 +217,8 @@ def ingest(config: SpokeConfig, catalog: Catalog | None = None,
     (what was ingested before that stays)."""
     own = catalog is None
     catalog = catalog or open_catalog(config)
-    pseudonyms = Pseudonymizer.from_key_file(config.work_dir / "pseudonym.key")
+    key_file = config.work_dir / "pseudonym.key"
+    pseudonyms = Pseudonymizer.from_key_file(key_file)
     store = DeidStore(store_root(config.work_dir))
     report = IngestReport()
     try:
@@ -177,7 +226,8 @@ def ingest(config: SpokeConfig, catalog: Catalog | None = None,
             path = config.attributes_path
             ignore = frozenset({path}) if path is not None else frozenset()
             for source in sources or [open_source(s, ignore) for s in config.all_sources]:
-                _ingest_source(source, catalog, store, pseudonyms, report, progress)
+                _ingest_source(source, catalog, store, pseudonyms, key_file,
+                               config.catalog.workers, report, progress)
             if path is not None:
                 by_patient = load_attributes(path)
                 known = {c.case_id for c in catalog.cases()}

@@ -34,6 +34,7 @@ class SourceItem:
     ref: str  # stable reference inside the source (relative path; study/series/sop UIDs)
     fingerprint: str  # changes when the input may have changed
     load: Callable[[], Dataset]  # raises Excluded for content that is not usable DICOM
+    path: Path | None = None  # a local file: may be read by a worker process instead
 
 
 class Source(Protocol):
@@ -70,7 +71,7 @@ class Folder:
             items.append(SourceItem(
                 ref=str(path.relative_to(self.root)),
                 fingerprint=f"{stat.st_size}:{stat.st_mtime_ns}",
-                load=lambda path=path: read_instance(path)))
+                load=lambda path=path: read_instance(path), path=path))
         return items
 
 

@@ -48,11 +48,10 @@ def write_attributes(path: Path, *groups: dict) -> None:
             writer.writerows(group["rows"])
 
 
-def config_for(root: Path, data: Path, releasable: tuple[str, ...] = ("nodule_count",)
-               ) -> SpokeConfig:
+def config_for(root: Path, data: Path, workers: int = 1) -> SpokeConfig:
     return SpokeConfig(spoke_id="site-a", data_dir=data, work_dir=root / "work",
-                       hub_public_key=root / "hub.pub",
-                       policy={"releasable_attributes": list(releasable),
+                       hub_public_key=root / "hub.pub", catalog={"workers": workers},
+                       policy={"releasable_attributes": ["nodule_count"],
                                "attributes_file": "attributes.csv"})
 
 
@@ -123,8 +122,8 @@ def catalogued(cohorts: dict, tmp_path_factory: pytest.TempPathFactory) -> Spoke
         shutil.copytree(cohorts[name]["dir"], data / name)
         (data / name / "attributes.csv").unlink()
     write_attributes(data / "attributes.csv", cohorts["a"], cohorts["b"])
-    config = config_for(root, data)
-    ingest(config)
+    config = config_for(root, data, workers=2)  # 88 new files: worker processes
+    assert ingest(config).stored == 88
     return config
 
 
