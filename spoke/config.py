@@ -120,7 +120,7 @@ class SpokeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     spoke_id: str
-    #: Shorthand for one folder source named "data" (used when ``sources`` is empty).
+    #: Shorthand for a folder source named "data" (besides any ``[[sources]]``).
     data_dir: Path | None = None
     work_dir: Path
     #: The hub's public key (PEM), pinned here: only messages it signed are obeyed.
@@ -147,10 +147,9 @@ class SpokeConfig(BaseModel):
 
     @property
     def all_sources(self) -> list[FolderSource | DicomWebSource]:
-        if self.sources:
-            return list(self.sources)
-        assert self.data_dir is not None
-        return [FolderSource(name="data", path=self.data_dir)]
+        """``data_dir`` (as a folder source named "data") and every ``[[sources]]`` entry."""
+        folder = [FolderSource(name="data", path=self.data_dir)] if self.data_dir else []
+        return [*folder, *self.sources]
 
     @property
     def attributes_path(self) -> Path | None:

@@ -157,7 +157,11 @@ def spoke_init(
         "[policy]\n# Case attributes that may ever leave with a result, if a study asks.\n"
         "releasable_attributes = []\n# attributes_file = \"attributes.csv\"  # patient_id,...\n\n"
         "[runner]\nmax_memory_mb = 8192\nmax_timeout_seconds = 86400\n"
-        "# allowed_registries = [\"registry.example.org\"]\n"
+        "# allowed_registries = [\"registry.example.org\"]\n\n"
+        "# A PACS as a further source (DICOMweb; keep this file chmod 600):\n"
+        "# [[sources]]\n# kind = \"dicomweb\"\n# name = \"pacs\"\n"
+        "# url = \"https://pacs.example.org/dicom-web\"\n# username = \"reader\"\n"
+        "# password = \"...\"\n"
     )
     console.print(f"wrote {output}")
 
