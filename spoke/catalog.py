@@ -49,9 +49,11 @@ CREATE TABLE IF NOT EXISTS instances (
     instance_uid TEXT PRIMARY KEY,
     series_id TEXT NOT NULL REFERENCES series(series_id),
     digest TEXT NOT NULL,
-    instance_number INTEGER
+    instance_number INTEGER,
+    pixels TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_id);
+CREATE INDEX IF NOT EXISTS instances_pixels ON instances(pixels);
 CREATE TABLE IF NOT EXISTS attributes (
     case_id TEXT NOT NULL,
     name TEXT NOT NULL,
@@ -170,6 +172,14 @@ class Catalog:
                                    (instance_uid,)).fetchone()
         return row[0] if row else None
 
+    def instance_with_pixels(self, pixel_digest: str | None) -> str | None:
+        if pixel_digest is None:
+            return None
+        with self._lock:
+            row = self._db.execute("SELECT instance_uid FROM instances WHERE pixels=?",
+                                   (pixel_digest,)).fetchone()
+        return row[0] if row else None
+
     def record_input(self, source: str, ref: str, fingerprint: str, status: str,
                      reason: str | None = None, instance_uid: str | None = None) -> None:
         with self._lock:
@@ -193,9 +203,9 @@ class Catalog:
                  meta.get("body_part"), meta.get("series_description"), meta.get("rows"),
                  meta.get("columns"), json.dumps(spacing) if spacing else None,
                  meta.get("slice_thickness")))
-            db.execute("INSERT INTO instances VALUES (?, ?, ?, ?)",
+            db.execute("INSERT INTO instances VALUES (?, ?, ?, ?, ?)",
                        (instance.instance_uid, instance.series_id, digest,
-                        meta.get("instance_number")))
+                        meta.get("instance_number"), instance.pixel_digest))
 
     def replace_attributes(self, attributes: dict[str, dict[str, Any]]) -> None:
         """Replace all case attributes (keyed by case pseudonym) in one transaction."""
@@ -268,9 +278,11 @@ class Catalog:
                 (series_id,))]
 
     def exclusions(self, source: str | None = None) -> list[Exclusion]:
-        """Inputs that did not enter the store (excluded, or duplicates of one that did)."""
-        query = ("SELECT source, ref, status, reason, seen_at FROM inputs WHERE status != "
-                 "'stored'" + (" AND source=?" if source else "") + " ORDER BY source, ref")
+        """Inputs that did not enter the store (excluded, or duplicates of one that did),
+        and stored ones screening asked a person to review (status ``stored``)."""
+        query = ("SELECT source, ref, status, reason, seen_at FROM inputs WHERE (status != "
+                 "'stored' OR reason IS NOT NULL)" + (" AND source=?" if source else "")
+                 + " ORDER BY source, ref")
         with self._lock:
             rows = self._db.execute(query, (source,) if source else ()).fetchall()
         return [Exclusion(*row) for row in rows]

@@ -23,13 +23,7 @@ from tributary.spoke.catalog import Catalog
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.sources import Source, SourceItem, open_source
-from tributary.spoke.store import (
-    DeidStore,
-    Excluded,
-    PreparedInstance,
-    prepare_instance,
-    read_instance,
-)
+from tributary.spoke.store import DeidStore, Excluded, PreparedInstance, Preparer
 
 log = logging.getLogger(__name__)
 
@@ -117,24 +111,24 @@ def load_attributes(path: Path) -> dict[str, dict[str, Any]]:
         return out
 
 
-_worker_pseudonyms: Pseudonymizer | None = None
+_worker: Preparer | None = None
 
 
 def _init_worker(key_file: str) -> None:
-    global _worker_pseudonyms
-    _worker_pseudonyms = Pseudonymizer.from_key_file(Path(key_file))
+    global _worker
+    _worker = Preparer(Pseudonymizer.from_key_file(Path(key_file)))
 
 
 def _prepare_file(path: str) -> PreparedInstance | Excluded:
     """Worker process: screen and de-identify one file (results go back in order)."""
-    assert _worker_pseudonyms is not None
+    assert _worker is not None
     try:
-        return prepare_instance(read_instance(Path(path)), _worker_pseudonyms)
+        return _worker.from_file(Path(path))
     except Excluded as exc:
         return exc
 
 
-def _prepared(items: list[SourceItem], pseudonyms: Pseudonymizer, key_file: Path,
+def _prepared(items: list[SourceItem], preparer: Preparer, key_file: Path,
               workers: int) -> Iterator[PreparedInstance | Excluded]:
     """Prepared instances (or exclusions) in input order; files are spread over worker
     processes when there are enough of them to pay for starting the workers."""
@@ -147,7 +141,11 @@ def _prepared(items: list[SourceItem], pseudonyms: Pseudonymizer, key_file: Path
         return
     for item in items:
         try:
-            yield prepare_instance(item.load(), pseudonyms)
+            if item.path is not None:
+                yield preparer.from_file(item.path)
+            else:
+                assert item.load is not None
+                yield preparer.from_dataset(item.load(), item.ref)
         except Excluded as exc:
             yield exc
 
@@ -163,7 +161,7 @@ def _ingest_source(source: Source, catalog: Catalog, store: DeidStore,
                       "duplicates": 0, "excluded": 0})
     if progress is not None:
         progress(source.name, counts["unchanged"], len(items))
-    results = _prepared(pending, pseudonyms, key_file, workers)
+    results = _prepared(pending, Preparer(pseudonyms), key_file, workers)
     for done, (item, prepared) in enumerate(zip(pending, results, strict=True), start=1):
         if isinstance(prepared, Excluded):
             catalog.record_input(source.name, item.ref, item.fingerprint, "excluded",
@@ -187,9 +185,15 @@ def _record(source: str, item: SourceItem, prepared: PreparedInstance, catalog: 
     """Store a prepared instance unless the catalog has it; returns the counter to bump."""
     existing = catalog.instance_digest(prepared.instance_uid)
     if existing is None:
+        twin = catalog.instance_with_pixels(prepared.pixel_digest)
+        if twin is not None:
+            catalog.record_input(source, item.ref, item.fingerprint, "excluded",
+                                 "duplicate-pixels: same pixel data as a stored instance "
+                                 "under another header")
+            return "excluded"
         digest = store.put(prepared)
         catalog.add_instance(prepared, digest)
-        catalog.record_input(source, item.ref, item.fingerprint, "stored",
+        catalog.record_input(source, item.ref, item.fingerprint, "stored", prepared.review,
                              instance_uid=prepared.instance_uid)
         return "stored"
     if existing == prepared.digest:
@@ -197,7 +201,7 @@ def _record(source: str, item: SourceItem, prepared: PreparedInstance, catalog: 
         if previously is not None and previously[1] == "stored":
             # the same file touched again: nothing changed
             catalog.record_input(source, item.ref, item.fingerprint, "stored",
-                                 instance_uid=prepared.instance_uid)
+                                 prepared.review, instance_uid=prepared.instance_uid)
             return "unchanged"
         catalog.record_input(source, item.ref, item.fingerprint, "duplicate",
                              "same instance as one already stored", prepared.instance_uid)

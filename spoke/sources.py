@@ -19,7 +19,7 @@ from typing import Protocol
 from pydicom.dataset import Dataset
 
 from tributary.spoke.config import DicomWebSource, FolderSource
-from tributary.spoke.store import Excluded, read_instance
+from tributary.spoke.store import Excluded
 
 _STUDY, _SERIES, _SOP = "0020000D", "0020000E", "00080018"
 
@@ -33,8 +33,8 @@ class SourceUnavailable(RuntimeError):
 class SourceItem:
     ref: str  # stable reference inside the source (relative path; study/series/sop UIDs)
     fingerprint: str  # changes when the input may have changed
-    load: Callable[[], Dataset]  # raises Excluded for content that is not usable DICOM
-    path: Path | None = None  # a local file: may be read by a worker process instead
+    path: Path | None = None  # a local file (screened and read by the store's Preparer)
+    load: Callable[[], Dataset] | None = None  # a remote instance (WADO-RS retrieve)
 
 
 class Source(Protocol):
@@ -71,7 +71,7 @@ class Folder:
             items.append(SourceItem(
                 ref=str(path.relative_to(self.root)),
                 fingerprint=f"{stat.st_size}:{stat.st_mtime_ns}",
-                load=lambda path=path: read_instance(path), path=path))
+                path=path))
         return items
 
 

@@ -5,8 +5,8 @@ re-ingesting the same input writes nothing and every experiment reuses the same 
 Each series also has a folder of hard links to its objects (``series/<series_id>/``):
 that folder is what a container mounts read-only, so an algorithm only ever sees the store.
 
-:func:`prepare_instance` is the ONE place that calls screening and de-identification;
-swap its body to change the engine, nothing else depends on how it works."""
+:class:`Preparer` is the ONE place that calls screening and de-identification
+(``tributary.spoke.deid``); nothing else depends on how they work."""
 
 from __future__ import annotations
 
@@ -18,19 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from tributary.spoke import deid
+from tributary.spoke.deid import PROFILE, Deidentifier, DeidOptions, FileVerdict, Screener
 from tributary.spoke.pseudonyms import Pseudonymizer
 
 #: Recorded in every custody record: which de-identification produced the store's files.
-DEID_PROFILE = deid.PROFILE
-
-# SOP classes whose pixels are typically screen captures with burned-in text.
-_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+DEID_PROFILE = PROFILE
 
 
 class Excluded(Exception):
@@ -51,6 +46,8 @@ class PreparedInstance:
     instance_uid: str  # de-identified SOP Instance UID (keyed, stable)
     data: bytes  # the de-identified DICOM file
     metadata: dict[str, Any] = field(default_factory=dict)
+    pixel_digest: str | None = None  # BLAKE2b of the pixel data: same image, other header
+    review: str | None = None  # screening findings that ask a person to look, not exclude
 
     @property
     def digest(self) -> str:
@@ -73,26 +70,84 @@ def _floats(ds: Dataset, keyword: str) -> list[float] | None:
         return None
 
 
-def _screen(ds: Dataset) -> None:
-    """Refuse inputs no algorithm should see. Minimal until the screening engine lands."""
-    for keyword in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-        if not _text(ds, keyword):
-            raise Excluded(f"missing {keyword}")
-    sop_class = _text(ds, "SOPClassUID") or ""
-    if sop_class.startswith(_SECONDARY_CAPTURE):
-        raise Excluded("secondary capture (screen capture, may carry burned-in identifiers)")
-    if (_text(ds, "BurnedInAnnotation") or "").upper() == "YES":
-        raise Excluded("BurnedInAnnotation is YES")
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None:
-        raise Excluded("no transfer syntax in the file meta information")
-    if "PixelData" in ds and not syntax.is_compressed:
-        rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        bits = (rows * columns * int(ds.get("SamplesPerPixel") or 1)
-                * int(ds.get("NumberOfFrames") or 1) * int(ds.get("BitsAllocated") or 8))
-        expected = (bits + 7) // 8
-        if len(ds.PixelData) < expected:
-            raise Excluded(f"truncated pixel data ({len(ds.PixelData)} of {expected} bytes)")
+def _findings(verdict: FileVerdict) -> str:
+    return "; ".join(f"{f.reason}: {f.detail}" for f in verdict.findings)[:1000]
+
+
+class _NamedBuffer(io.BytesIO):
+    """An in-memory instance the screener reports under its source reference."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self._name = name
+
+    def __str__(self) -> str:
+        return self._name
+
+
+class Preparer:
+    """The ONE adapter to screening and de-identification (``tributary.spoke.deid``): one
+    per ingest run (or worker process), since the engine caches its compiled action table
+    and the screener remembers pixel data it has seen in the run."""
+
+    def __init__(self, pseudonyms: Pseudonymizer, options: DeidOptions | None = None) -> None:
+        self.pseudonyms = pseudonyms
+        self.deidentifier = Deidentifier(pseudonyms, options)
+        self.screener = Screener(self.deidentifier.options, pseudonyms)
+
+    def from_file(self, path: Path) -> PreparedInstance:
+        """Screen, read and de-identify a local file; raises :class:`Excluded`."""
+        return self._screened(path)
+
+    def from_dataset(self, ds: Dataset, ref: str) -> PreparedInstance:
+        """The same for an instance retrieved from a PACS (screened as its file bytes)."""
+        buffer = io.BytesIO()
+        try:
+            ds.save_as(buffer, enforce_file_format=True)
+        except Exception as exc:
+            raise Excluded(f"corrupted: cannot be written as a DICOM file: "
+                           f"{type(exc).__name__}: {exc}"[:300]) from exc
+        return self._screened(_NamedBuffer(buffer.getvalue(), ref))
+
+    def _screened(self, source: Path | io.BytesIO) -> PreparedInstance:
+        ds, verdict = self.screener.check(source)  # type: ignore[arg-type]
+        if ds is None:
+            raise Excluded(_findings(verdict))
+        return self._prepare(ds, _findings(verdict) or None)
+
+    def _prepare(self, ds: Dataset, review: str | None) -> PreparedInstance:
+        if not _text(ds, "StudyInstanceUID"):
+            raise Excluded("corrupted: missing StudyInstanceUID")
+        if ds.file_meta.get("TransferSyntaxUID") is None:
+            raise Excluded("corrupted: no transfer syntax in the file meta information")
+        patient = _text(ds, "PatientID")
+        case_source = f"patient:{patient}" if patient else f"study:{ds.StudyInstanceUID}"
+        case_id = self.pseudonyms.case_id(case_source)
+        series_id = self.pseudonyms.series_id(str(ds.SeriesInstanceUID))
+        pixels = ds.get("PixelData")
+        pixel_digest = hashlib.blake2b(bytes(pixels), digest_size=32).hexdigest() \
+            if pixels else None
+        try:
+            self.deidentifier.deidentify(ds, case_id)
+            data = _file_bytes(ds)
+        except Exception as exc:  # the engine refused the content: keep a reason, go on
+            raise Excluded(f"deidentification-failed: {type(exc).__name__}: {exc}"[:300]
+                           ) from exc
+        metadata = {
+            "modality": _text(ds, "Modality") or "OT",
+            "body_part": (_text(ds, "BodyPartExamined") or "").upper() or None,
+            "series_description": _text(ds, "SeriesDescription"),
+            "study_description": _text(ds, "StudyDescription"),
+            "rows": int(ds.Rows) if "Rows" in ds else None,
+            "columns": int(ds.Columns) if "Columns" in ds else None,
+            "pixel_spacing": _floats(ds, "PixelSpacing"),
+            "slice_thickness": (_floats(ds, "SliceThickness") or [None])[0],
+            "instance_number": int(ds.InstanceNumber) if ds.get("InstanceNumber") else None,
+        }
+        return PreparedInstance(case_id=case_id, study_id=str(ds.StudyInstanceUID),
+                                series_id=series_id, instance_uid=str(ds.SOPInstanceUID),
+                                data=data, metadata=metadata, pixel_digest=pixel_digest,
+                                review=review)
 
 
 def _file_bytes(ds: Dataset) -> bytes:
@@ -107,48 +162,6 @@ def _file_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-def prepare_instance(ds: Dataset, pseudonyms: Pseudonymizer) -> PreparedInstance:
-    """Screen and de-identify one source instance (the adapter to the de-id engine).
-
-    Raises :class:`Excluded` when the instance must not enter the store."""
-    _screen(ds)
-    patient = _text(ds, "PatientID")
-    case_source = f"patient:{patient}" if patient else f"study:{ds.StudyInstanceUID}"
-    case_id = pseudonyms.case_id(case_source)
-    series_id = pseudonyms.series_id(str(ds.SeriesInstanceUID))
-    try:
-        deid.deidentify_dataset(ds, case_id, pseudonyms)
-        data = _file_bytes(ds)
-    except Excluded:
-        raise
-    except Exception as exc:  # the engine refused the content: keep a reason, go on
-        raise Excluded(f"de-identification failed: {type(exc).__name__}: {exc}"[:300]) from exc
-    metadata = {
-        "modality": _text(ds, "Modality") or "OT",
-        "body_part": (_text(ds, "BodyPartExamined") or "").upper() or None,
-        "series_description": _text(ds, "SeriesDescription"),
-        "study_description": _text(ds, "StudyDescription"),
-        "rows": int(ds.Rows) if "Rows" in ds else None,
-        "columns": int(ds.Columns) if "Columns" in ds else None,
-        "pixel_spacing": _floats(ds, "PixelSpacing"),
-        "slice_thickness": (_floats(ds, "SliceThickness") or [None])[0],
-        "instance_number": int(ds.InstanceNumber) if ds.get("InstanceNumber") else None,
-    }
-    return PreparedInstance(case_id=case_id, study_id=str(ds.StudyInstanceUID),
-                            series_id=series_id, instance_uid=str(ds.SOPInstanceUID),
-                            data=data, metadata=metadata)
-
-
-def read_instance(path: Path) -> Dataset:
-    """Read a file as DICOM, or raise :class:`Excluded` with the reason it is not."""
-    try:
-        return pydicom.dcmread(path)
-    except InvalidDicomError:
-        raise Excluded("not a DICOM file (no DICM prefix / file meta header)") from None
-    except Exception as exc:
-        raise Excluded(f"not readable as DICOM: {type(exc).__name__}: {exc}"[:300]) from exc
 
 
 class DeidStore:

@@ -11,7 +11,9 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from deid_samples import patient_instance, screen_capture, write
 from typer.testing import CliRunner
 
 from tributary.cli import app
@@ -103,11 +105,11 @@ def test_reingest_is_a_no_op_and_new_files_are_picked_up(cohorts: dict, tmp_path
     assert counts["cases"] == 4 and counts["instances"] == 68
     assert fourth.attributes_cases == 4
     reasons = {e.ref: (e.status, e.reason) for e in catalog.exclusions()}
-    assert reasons["notes.txt"] == ("excluded", "not a DICOM file (no DICM prefix / file "
-                                                "meta header)")
+    assert reasons["notes.txt"][0] == "excluded"
+    assert reasons["notes.txt"][1].startswith("not-dicom: "), reasons["notes.txt"]
     assert reasons["copy-of-a-slice.dcm"][0] == "duplicate"
     assert reasons["cut.dcm"][0] == "excluded"
-    assert reasons["cut.dcm"][1].startswith("truncated pixel data"), reasons["cut.dcm"]
+    assert reasons["cut.dcm"][1].startswith("truncated: "), reasons["cut.dcm"]
     assert reasons["archive/2024/ground_truth.json"][0] == "excluded"
     old = {row for row in before["instances"]}
     assert old <= set(catalog.snapshot()["instances"]), "stored instances never change"
@@ -199,7 +201,7 @@ def test_steward_commands(catalogued: SpokeConfig, tmp_path: Path) -> None:
     result = runner.invoke(app, ["spoke", "exclusions", "-c", str(config), "--json"])
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert {r["ref"] for r in rows} == {"a/ground_truth.json", "b/ground_truth.json"}
-    assert all(r["reason"].startswith("not a DICOM file") for r in rows)
+    assert all(r["reason"].startswith("not-dicom: ") for r in rows)
 
 
 def test_sources_from_the_config_file(tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -221,3 +223,42 @@ def test_sources_from_the_config_file(tmp_path: Path, caplog: pytest.LogCaptureF
     assert "readable by other users" in caplog.text
     with pytest.raises(ValueError, match="data_dir or at least one"):
         SpokeConfig(spoke_id="site-a", work_dir=tmp_path, hub_public_key=tmp_path / "k")
+
+
+def test_screening_keeps_unsafe_inputs_out_of_the_store(tmp_path: Path) -> None:
+    """Screen captures and burned-in annotation are excluded; derived images are stored
+    with a review note; an image already stored under another header is excluded even
+    when it arrives in a later ingest."""
+    data = tmp_path / "data"
+    for instance in (1, 2, 3):
+        write(patient_instance(7, instance, position=float(instance)),
+              data / f"ct/{instance}.dcm")
+    write(screen_capture(7), data / "capture.dcm")
+    burned = patient_instance(7, 4, position=4.0)
+    burned.BurnedInAnnotation = "YES"
+    write(burned, data / "burned.dcm")
+    write(patient_instance(7, 1, series=2, image_type=("DERIVED", "PRIMARY", "MPR")),
+          data / "derived.dcm")
+    config = SpokeConfig(spoke_id="site-a", data_dir=data, work_dir=tmp_path / "work",
+                         hub_public_key=tmp_path / "hub.pub", catalog={"workers": 1})
+    first = ingest(config)
+    assert (first.stored, first.excluded) == (4, 2)
+
+    original = patient_instance(7, 1, position=1.0)
+    copy = patient_instance(7, 9, position=1.0, pixels=np.frombuffer(
+        original.PixelData, dtype=np.uint16).reshape(original.Rows, original.Columns))
+    write(copy, data / "re-exported.dcm")  # same image, new SOP Instance UID
+    second = ingest(config)
+    assert (second.stored, second.excluded) == (0, 1)
+
+    with open_catalog(config) as catalog:
+        rows = {e.ref: (e.status, e.reason) for e in catalog.exclusions()}
+        assert catalog.counts()["instances"] == 4
+    assert rows["capture.dcm"][0] == "excluded" and "screen-capture" in rows["capture.dcm"][1]
+    assert rows["burned.dcm"][0] == "excluded"
+    assert "burned-in-annotation" in rows["burned.dcm"][1]
+    assert rows["derived.dcm"][0] == "stored" and "derived-image" in rows["derived.dcm"][1]
+    assert rows["re-exported.dcm"] == ("excluded", "duplicate-pixels: same pixel data as a "
+                                                   "stored instance under another header")
+    stored = list(store_root(config.work_dir).rglob("*.dcm"))
+    assert len(stored) == 8  # 4 objects + 4 series links
