@@ -1,5 +1,7 @@
-"""De-identification throughput against a baseline in the same process: plain pydicom
-read + write of the same files. Prints files per second and the ratio.
+"""Ingest throughput (screening + de-identification + content-addressed store + catalog)
+against a baseline in the same process: plain pydicom read + write of the same files.
+Prints files per second in one process and with one worker per CPU, the ratios, and the
+cost of a second (no-op) ingest.
 
     .venv/bin/python bench/bench_deid.py [--cases 10]
 """
@@ -7,6 +9,7 @@ read + write of the same files. Prints files per second and the ratio.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import tempfile
 import time
@@ -15,9 +18,8 @@ from pathlib import Path
 import pydicom
 
 from tributary.federation import generate_cohort
-from tributary.spoke import cohort
-from tributary.spoke.deid import deidentified_case
-from tributary.spoke.pseudonyms import Pseudonymizer
+from tributary.spoke.config import SpokeConfig
+from tributary.spoke.ingest import ingest
 
 
 def main() -> None:
@@ -27,9 +29,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="tributary-bench-"))
     try:
         generate_cohort(root / "data", args.cases, seed=5, site="Bench Hospital")
-        pseudonyms = Pseudonymizer(b"b" * 32)
-        cases = cohort.discover(root / "data", pseudonyms)
-        files = [f for c in cases for s in c.series for f in s.files]
+        files = sorted((root / "data").rglob("*.dcm"))
 
         out = root / "plain"
         out.mkdir()
@@ -38,22 +38,33 @@ def main() -> None:
             pydicom.dcmread(path).save_as(out / f"{i}.dcm")
         baseline = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        for case in cases:
-            deidentified_case(case, root / "work", pseudonyms)
-        deid = time.perf_counter() - t0
+        def config(work: str, workers: int) -> SpokeConfig:
+            return SpokeConfig(spoke_id="bench", data_dir=root / "data", work_dir=root / work,
+                               hub_public_key=root / "hub.pub", catalog={"workers": workers})
 
         t0 = time.perf_counter()
-        for case in cases:
-            deidentified_case(case, root / "work", pseudonyms)
+        assert ingest(config("serial", 1)).stored == len(files)
+        serial = time.perf_counter() - t0
+
+        workers = max(2, os.cpu_count() or 1)
+        t0 = time.perf_counter()
+        first = ingest(config("work", workers))
+        deid = time.perf_counter() - t0
+        assert first.stored == len(files)
+
+        t0 = time.perf_counter()
+        second = ingest(config("work", workers))
         reuse = time.perf_counter() - t0
+        assert second.stored == 0
 
         n = len(files)
-        print(f"files: {n} in {len(cases)} cases")
+        print(f"files: {n} in {args.cases} cases")
         print(f"baseline read+write : {n / baseline:8.1f} files/s")
-        print(f"de-identification   : {n / deid:8.1f} files/s  "
-              f"(ratio to baseline {baseline / deid:.2f})")
-        print(f"second run (reuse)  : {reuse * 1000:8.1f} ms for all cases")
+        print(f"ingest, 1 process   : {n / serial:8.1f} files/s  "
+              f"(ratio to baseline {baseline / serial:.2f})")
+        print(f"ingest, {workers} workers   : {n / deid:8.1f} files/s  "
+              f"(ratio to baseline {baseline / deid:.2f}, to 1 process {serial / deid:.2f})")
+        print(f"second ingest (no-op): {reuse * 1000:7.1f} ms for all files")
     finally:
         shutil.rmtree(root)
 

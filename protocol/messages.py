@@ -104,14 +104,36 @@ class AlgorithmRef(BaseModel):
         return f"{self.repository}@{self.digest}"
 
 
+AttributeValue = str | int | float | bool
+
+
 class CohortSelection(BaseModel):
-    """Which of a spoke's cases an experiment runs on."""
+    """Which of a spoke's cases an experiment runs on, as criteria over the spoke's catalog.
+    Series criteria (modality, body part, slice count) must all hold for one series of the
+    case, and only the matching series are handed to the algorithm."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     modality: str | None = Field("CT", description="Only cases with a series of this modality.")
+    body_part: str | None = Field(
+        None, description="Only series with this BodyPartExamined (case-insensitive).")
+    min_slices: int | None = Field(None, ge=1, description="Only series with at least this "
+                                   "many instances.")
+    max_slices: int | None = Field(None, ge=1, description="Only series with at most this "
+                                   "many instances.")
+    attributes: dict[str, AttributeValue] = Field(
+        default_factory=dict,
+        description="Only cases whose site-held attribute equals each value. A spoke refuses "
+        "criteria on attributes its policy does not allow to be released.")
     case_ids: list[str] | None = Field(None, description="Only these pseudonymous cases.")
     max_cases: int | None = Field(None, ge=1, description="At most this many cases.")
+
+    @model_validator(mode="after")
+    def _slice_range(self) -> CohortSelection:
+        if (self.min_slices is not None and self.max_slices is not None
+                and self.min_slices > self.max_slices):
+            raise ValueError("min_slices must not exceed max_slices")
+        return self
 
 
 class RunLimits(BaseModel):

@@ -1,4 +1,7 @@
 """The spoke: the agent an institution runs next to its data. Layout: ``config`` (the
-site's settings), ``cohort`` (finding cases), ``deid`` (de-identification), ``participant``
-(the per-case JSON), ``images`` (pull and verify by digest), ``runner`` (the isolated
-container), ``journal`` (what was already done), ``agent`` (the queue consumer)."""
+site's settings), ``sources`` (folder and DICOMweb inputs), ``store`` (screening,
+de-identification, the content-addressed store), ``catalog`` (the SQLite index cohorts are
+selected from), ``ingest`` (sources into store and catalog), ``deid`` (the
+de-identification engine), ``participant`` (the per-case JSON), ``images`` (pull and
+verify by digest), ``runner`` (the isolated container), ``journal`` (what was already
+done), ``agent`` (the queue consumer)."""

@@ -3,8 +3,9 @@
 - the *consumer* (:meth:`SpokeAgent.run`) verifies each message from the hub, journals it
   and acknowledges it at once, so no broker message stays unacknowledged while cases run
   for hours, and cancellations are obeyed while work is under way;
-- the *dispatcher* prepares journaled experiments (image checks, cohort) and hands queued
-  cases to ``concurrency`` case workers, each case exactly once;
+- the *dispatcher* prepares journaled experiments (image checks, an incremental ingest of
+  the sources, the cohort from the catalog) and hands queued cases to ``concurrency``
+  case workers, each case exactly once; a container mounts only the de-identified store;
 - the *outbox sender* publishes results and statuses in journal order, whenever the
   broker is there (see :mod:`tributary.spoke.outbox`), and the heartbeat reports liveness.
 
@@ -55,12 +56,18 @@ from tributary.protocol.messages import (
 )
 from tributary.protocol.signing import PublicKey, SigningKey, sha256_hex
 from tributary.protocol.wire import HubMessage, open_from_hub, seal
-from tributary.spoke import cohort, counts
+from tributary.spoke import counts
 from tributary.spoke import journal as states
+from tributary.spoke.catalog import (
+    CatalogCase,
+    SelectionRefused,
+    refused_attributes,
+    released_attributes,
+)
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain, input_digest, outgoing
-from tributary.spoke.deid import PROFILE, deidentified_case
 from tributary.spoke.images import ImageRefused, check_approval, check_release, ensure_image
+from tributary.spoke.ingest import open_catalog, refresh_catalog, series_folders
 from tributary.spoke.journal import CaseRow, Journal, OutboxRow, claim_work_dir
 from tributary.spoke.liveness import CaseActivity, Heartbeat, ProgressReporter
 from tributary.spoke.outbox import OutboxSender
@@ -68,6 +75,7 @@ from tributary.spoke.participant import build_participant
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.runner import SPOKE_LABEL, effective_limits, remove_orphans, run_case
 from tributary.spoke.steward import Steward
+from tributary.spoke.store import DEID_PROFILE
 
 log = logging.getLogger(__name__)
 #: Room left in a result message for its custody record (signed, base64 inside DSSE).
@@ -102,10 +110,8 @@ class SpokeAgent:
         self._running: dict[tuple[str, str], CaseActivity] = {}
         self._running_lock = threading.Lock()
         self._finish_lock = threading.Lock()
-        self._cohorts: dict[str, dict[str, cohort.SourceCase]] = {}
-        self._attributes: dict[str, dict] = {}
+        self._cohorts: dict[str, dict[str, CatalogCase]] = {}
         self._cohort_lock = threading.Lock()
-        self._case_locks: dict[str, threading.Lock] = {}
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="case")
         self.steward = Steward(self)
 
@@ -384,7 +390,6 @@ class SpokeAgent:
                 log.info("experiment %s done: %d cases", experiment_id, len(done))
             with self._cohort_lock:  # selected again should a retry come
                 self._cohorts.pop(experiment_id, None)
-                self._attributes.pop(experiment_id, None)
 
     # -- dispatching work ---------------------------------------------------------------------
     def _dispatch_loop(self) -> None:
@@ -453,7 +458,14 @@ class SpokeAgent:
         finally:
             docker_client.close()
         try:
-            cases = self._cohort(message)
+            cases = self._select(message)
+        except SelectionRefused as exc:
+            log.error("refusing %s: %s", experiment_id, exc)
+            self._audit("cohort.refused", experiment_id, reason=str(exc),
+                        criteria=message.cohort.model_dump(mode="json"))
+            self._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
+                         reason=str(exc), expect=states.RECEIVED)
+            return
         except Exception as exc:
             log.exception("could not select the cases of %s", experiment_id)
             self._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
@@ -461,8 +473,7 @@ class SpokeAgent:
                                 f"{type(exc).__name__}", expect=states.RECEIVED)
             return
         ids = list(cases)
-        refused = cohort.refused_attributes(message.release,
-                                            self.config.policy.releasable_attributes)
+        refused = refused_attributes(message.release, self.config.policy.releasable_attributes)
         if refused:
             self._audit("release.refused", experiment_id, attributes=refused,
                         reason="not releasable under this site's policy")
@@ -473,21 +484,31 @@ class SpokeAgent:
             return  # cancelled while it was being prepared; the hub has been told
         self._maybe_finish(experiment_id)  # no cases at all: completed at once
 
-    def _cohort(self, message: ExperimentMessage) -> dict[str, cohort.SourceCase]:
-        """The experiment's cases, selected once per process (again after a restart)."""
+    def _select(self, message: ExperimentMessage) -> dict[str, CatalogCase]:
+        """The experiment's cohort from the catalog, after an incremental ingest of the
+        sources (unless the site ingests on a schedule). Raises :class:`SelectionRefused`
+        for criteria the site's release policy forbids."""
+        with open_catalog(self.config) as catalog:
+            refresh_catalog(self.config, catalog, self._audit, message.experiment_id)
+            selected = catalog.select(message.cohort)
+        self._audit("cohort.selected", message.experiment_id, cases=len(selected),
+                    criteria=message.cohort.model_dump(mode="json"))
+        with self._cohort_lock:
+            cases = self._cohorts[message.experiment_id] = {c.case_id: c for c in selected}
+        return cases
+
+    def _cohort(self, message: ExperimentMessage) -> dict[str, CatalogCase]:
+        """The experiment's cases by id, kept per process. After a restart (or for a
+        retry) they are read again from the catalog without the ``max_cases`` cut: which
+        cases run was decided when the experiment was accepted and is in the journal."""
         with self._cohort_lock:
             cases = self._cohorts.get(message.experiment_id)
             if cases is None:
-                selected = cohort.select(cohort.discover(self.config.data_dir, self.pseudonyms),
-                                         message.cohort)
+                with open_catalog(self.config) as catalog:
+                    selected = catalog.select(message.cohort.model_copy(
+                        update={"max_cases": None}))
                 cases = self._cohorts[message.experiment_id] = {c.case_id: c for c in selected}
-                self._attributes[message.experiment_id] = cohort.load_attributes(
-                    self.config.data_dir, self.config.policy.attributes_file)
             return cases
-
-    def _case_lock(self, case_id: str) -> threading.Lock:
-        with self._cohort_lock:
-            return self._case_locks.setdefault(case_id, threading.Lock())
 
     # -- one case -----------------------------------------------------------------------------
     def _case_job(self, message: ExperimentMessage, row: CaseRow,
@@ -536,7 +557,7 @@ class SpokeAgent:
         if case is None:
             return self._finish_case(message, row, started, None, Failure(
                 reason=FailureReason.INPUT_ERROR,
-                detail="the case is no longer in the spoke's data folder"), _empty_run())
+                detail="the case is no longer in the spoke's catalog"), _empty_run())
         self.journal.send_later(outgoing(CaseStartedMessage(
             experiment_id=row.experiment_id, spoke_id=self.config.spoke_id,
             case_id=row.case_id, attempt=row.attempt), self.key))
@@ -552,15 +573,13 @@ class SpokeAgent:
 
     def _finish_case(self, message: ExperimentMessage, row: CaseRow, started: datetime,
                      output: dict | None, failure: Failure | None, run: dict,
-                     case: cohort.SourceCase | None = None) -> ResultMessage | None:
+                     case: CatalogCase | None = None) -> ResultMessage | None:
         """Sign the case's result into the custody chain and queue it for the hub; or,
         when the site's steward reviews results, hold it (None) until it is released."""
         released = {}
         if failure is None and case is not None:
-            self._cohort(message)  # (re)loads the site's attributes if they were let go
-            released = cohort.released_attributes(
-                case, self._attributes.get(message.experiment_id, {}), message.release,
-                self.config.policy.releasable_attributes)
+            released = released_attributes(case, message.release,
+                                           self.config.policy.releasable_attributes)
         result = ResultMessage(
             experiment_id=message.experiment_id, spoke_id=self.config.spoke_id,
             case_id=row.case_id, attempt=row.attempt,
@@ -590,14 +609,14 @@ class SpokeAgent:
     def _on_progress(self, activity: CaseActivity, progress: Progress) -> None:
         self.progress.report(activity, progress)
 
-    def _execute(self, message: ExperimentMessage, case: cohort.SourceCase, attempt: int,
+    def _execute(self, message: ExperimentMessage, case: CatalogCase, attempt: int,
                  activity: CaseActivity) -> tuple[dict | None, Failure | None, dict]:
         """Run the case; returns output, failure and the facts its custody record states."""
         t0 = time.monotonic()
         run = _empty_run()
         try:
-            with self._case_lock(case.case_id):  # two experiments may share a case
-                deidentified = deidentified_case(case, self.config.work_dir, self.pseudonyms)
+            # Only the de-identified store's series folders are ever mounted.
+            deidentified = series_folders(self.config, [s.series_id for s in case.series])
             participant, mounts = build_participant(case, message.experiment_id, deidentified)
             run["input_sha256"] = input_digest(deidentified)
             run["participant_sha256"] = sha256_hex(
@@ -660,4 +679,4 @@ def _subject(message: HubMessage | None) -> str:
 def _empty_run() -> dict:
     """The facts a custody record states about a run, before any are known."""
     return {"exit_code": None, "participant_sha256": None, "input_sha256": None,
-            "deid_profile": PROFILE}
+            "deid_profile": DEID_PROFILE}

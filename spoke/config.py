@@ -3,14 +3,19 @@ institution lives here, at the site, never on the hub."""
 
 from __future__ import annotations
 
+import logging
+import os
 import tomllib
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.contract import DEFAULT_OUTPUT_LIMIT_BYTES
 from tributary.protocol.messages import validate_spoke_id
+
+log = logging.getLogger(__name__)
 
 
 class ReleasePolicy(BaseModel):
@@ -19,7 +24,8 @@ class ReleasePolicy(BaseModel):
     #: Case attributes (from ``attributes_file``) that may leave with a result when a study
     #: asks for them. Anything not listed never leaves.
     releasable_attributes: list[str] = Field(default_factory=list)
-    #: JSON file mapping each case folder to its attributes, relative to ``data_dir``.
+    #: CSV (or JSON) file of case attributes keyed by the institution's patient ID, relative
+    #: to ``data_dir`` (or to this file when there is no ``data_dir``); see docs/data.md.
     attributes_file: str | None = None
     max_output_bytes: int = Field(DEFAULT_OUTPUT_LIMIT_BYTES, ge=1024, le=64 * 1024 * 1024)
 
@@ -109,11 +115,55 @@ class SpokeBroker(BaseModel):
                               federation=self.federation)
 
 
+class FolderSource(BaseModel):
+    """DICOM files under a local folder, in any layout."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["folder"] = "folder"
+    #: Short name shown in the catalog and the exclusions list.
+    name: str = Field("data", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    path: Path
+
+
+class DicomWebSource(BaseModel):
+    """A PACS (or VNA) over DICOMweb: QIDO-RS to find instances, WADO-RS to retrieve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["dicomweb"] = "dicomweb"
+    name: str = Field("pacs", pattern=r"^[A-Za-z0-9_.-]{1,40}$")
+    #: Service root, e.g. https://pacs.example.org/dicom-web
+    url: str = Field(pattern=r"^https?://")
+    username: str | None = None
+    password: SecretStr | None = None
+    #: CA bundle for a PACS with a private certificate authority.
+    ca_file: Path | None = None
+    timeout_seconds: float = Field(60, gt=0)
+
+
+DataSource = Annotated[FolderSource | DicomWebSource, Field(discriminator="kind")]
+
+
+class CatalogSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Ingest new inputs from the sources (incrementally) before selecting an experiment's
+    #: cohort or counting for a federated count or the steward; the alternative is running
+    #: `tributary spoke ingest` on a schedule.
+    ingest_before_selection: bool = True
+    #: Processes that de-identify local files in parallel. The default leaves one CPU to
+    #: the process that stores and catalogues (so 1, in-process, on a 2-CPU machine).
+    workers: int = Field(default_factory=lambda: max(1, min(8, (os.cpu_count() or 1) - 1)),
+                         ge=1, le=64)
+
+
 class SpokeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     spoke_id: str
-    data_dir: Path
+    #: Shorthand for a folder source named "data" (besides any ``[[sources]]``).
+    data_dir: Path | None = None
     work_dir: Path
     #: The hub's public key (PEM), pinned here: only messages it signed are obeyed.
     hub_public_key: Path
@@ -125,8 +175,33 @@ class SpokeConfig(BaseModel):
     steward: StewardPolicy = Field(default_factory=StewardPolicy)
     counts: CountPolicy = Field(default_factory=CountPolicy)
     liveness: LivenessSettings = Field(default_factory=LivenessSettings)
+    #: Where the de-identified store and catalog take their DICOM from.
+    sources: list[DataSource] = Field(default_factory=list)
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
 
     _id = field_validator("spoke_id")(validate_spoke_id)
+
+    @model_validator(mode="after")
+    def _has_sources(self) -> SpokeConfig:
+        if self.data_dir is None and not self.sources:
+            raise ValueError("configure data_dir or at least one [[sources]] entry")
+        names = [s.name for s in self.all_sources]
+        if len(names) != len(set(names)):
+            raise ValueError(f"source names must be unique, got {names}")
+        return self
+
+    @property
+    def all_sources(self) -> list[FolderSource | DicomWebSource]:
+        """``data_dir`` (as a folder source named "data") and every ``[[sources]]`` entry."""
+        folder = [FolderSource(name="data", path=self.data_dir)] if self.data_dir else []
+        return [*folder, *self.sources]
+
+    @property
+    def attributes_path(self) -> Path | None:
+        if not self.policy.attributes_file:
+            return None
+        path = Path(self.policy.attributes_file)
+        return path if path.is_absolute() else (self.data_dir or Path.cwd()) / path
 
     @classmethod
     def load(cls, path: Path) -> SpokeConfig:
@@ -136,7 +211,21 @@ class SpokeConfig(BaseModel):
         for key in ("data_dir", "work_dir", "hub_public_key"):
             if key in raw and not Path(raw[key]).is_absolute():
                 raw[key] = str((base / raw[key]).resolve())
+        for source in raw.get("sources", []):
+            for key in ("path", "ca_file"):
+                if key in source and not Path(source[key]).is_absolute():
+                    source[key] = str((base / source[key]).resolve())
+        policy = raw.get("policy", {})
+        attributes = policy.get("attributes_file")
+        if attributes and not Path(attributes).is_absolute():
+            policy["attributes_file"] = str(Path(raw.get("data_dir") or base) / attributes)
         if "trust" in raw:
             raw["trust"]["publisher_keys"] = [str((base / p).resolve()) for p in
                                               raw["trust"].get("publisher_keys", [])]
-        return cls.model_validate(raw)
+        config = cls.model_validate(raw)
+        secret = any(getattr(s, "password", None) for s in config.sources) or (
+            config.broker.password is not None)
+        if secret and path.stat().st_mode & 0o077:
+            log.warning("%s holds passwords but is readable by other users; chmod 600 it",
+                        path)
+        return config

@@ -1,19 +1,22 @@
 """Federated counts at the spoke: how many local cases match a selection, answered with
 small-cell suppression. Only a number (or "fewer than k") leaves; never a case, a
 pseudonym or an attribute. A count below ``[counts] min_cell`` is reported as
-"fewer than min_cell" so that a rare combination of criteria cannot single out a patient."""
+"fewer than min_cell" so that a rare combination of criteria cannot single out a patient.
+Counts come from the spoke's catalog, like experiments' cohorts, so a count is exactly the
+size of the cohort an experiment with the same selection would get."""
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from tributary.protocol.messages import CohortSelection, CountReply, CountRequest
-from tributary.spoke import cohort
+from tributary.spoke.catalog import SelectionRefused
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import outgoing
-from tributary.spoke.pseudonyms import Pseudonymizer
+from tributary.spoke.ingest import Audit, open_catalog, refresh_catalog
 
 if TYPE_CHECKING:
     from tributary.spoke.agent import SpokeAgent
@@ -21,12 +24,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def matching_cases(config: SpokeConfig, pseudonyms: Pseudonymizer,
-                   selection: CohortSelection) -> list[cohort.SourceCase]:
-    """The site's cases that ``selection`` picks. The one place counts (and the steward's
-    view of a cohort's size) match criteria against local data, so a catalog can replace
-    the folder scan here alone."""
-    return cohort.select(cohort.discover(config.data_dir, pseudonyms), selection)
+def matching_cases(config: SpokeConfig, selection: CohortSelection, audit: Audit,
+                   target: str) -> int:
+    """How many of the site's catalogued cases ``selection`` picks (after the incremental
+    ingest the site's ``[catalog]`` settings ask for). The one place counts and the
+    steward's view of a cohort's size match criteria against local data. Raises
+    :class:`SelectionRefused` for criteria the release policy forbids."""
+    with open_catalog(config) as catalog:
+        refresh_catalog(config, catalog, audit, target)
+        return catalog.count(selection)
 
 
 def suppress(query_id: str, spoke_id: str, count: int, min_cell: int) -> CountReply:
@@ -36,8 +42,8 @@ def suppress(query_id: str, spoke_id: str, count: int, min_cell: int) -> CountRe
     return CountReply(query_id=query_id, spoke_id=spoke_id, count=count)
 
 
-def answer(config: SpokeConfig, pseudonyms: Pseudonymizer,
-           request: CountRequest) -> tuple[CountReply, int | None]:
+def answer(config: SpokeConfig, request: CountRequest,
+           audit: Audit) -> tuple[CountReply, int | None]:
     """The reply to send and the true count (which stays in the spoke's own audit log)."""
     def refuse(reason: str) -> tuple[CountReply, None]:
         return CountReply(query_id=request.query_id, spoke_id=config.spoke_id,
@@ -48,8 +54,10 @@ def answer(config: SpokeConfig, pseudonyms: Pseudonymizer,
     if request.expires_at is not None and request.expires_at < datetime.now(UTC):
         return refuse("count request expired")
     try:
-        count = len(matching_cases(config, pseudonyms, request.selection))
-    except (OSError, ValueError) as exc:
+        count = matching_cases(config, request.selection, audit, request.query_id)
+    except SelectionRefused as exc:
+        return refuse(str(exc))
+    except (OSError, ValueError, sqlite3.Error) as exc:
         log.exception("count %s failed", request.query_id)
         return refuse(f"the site could not read its cases: {type(exc).__name__}")
     return suppress(request.query_id, config.spoke_id, count, config.counts.min_cell), count
@@ -63,7 +71,7 @@ def handle(agent: SpokeAgent, request: CountRequest) -> None:
         agent.audit.append("hub", "message.dropped", request.query_id, {
             "message_id": request.message_id, "reason": "replay: already answered"})
         return
-    reply, true_count = answer(agent.config, agent.pseudonyms, request)
+    reply, true_count = answer(agent.config, request, agent._audit)
     agent.audit.append("hub", "count.answered", request.query_id, {
         "selection": request.selection.model_dump(mode="json"), "true_count": true_count,
         "reported_count": reply.count, "fewer_than": reply.fewer_than,

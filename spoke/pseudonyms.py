@@ -37,6 +37,17 @@ class Pseudonymizer:
     def series_id(self, series_uid: str) -> str:
         return "s-" + self._digest("series", series_uid)
 
+    def identifier(self, value: str, length: int = 16) -> str:
+        """A keyed stand-in for an identifier (accession number, study ID...), at most
+        ``length`` characters so it fits the attribute's VR."""
+        return self._digest("id", value, 16)[:length].upper()
+
+    def date_shift_days(self, case_id: str) -> int:
+        """The per-patient date shift: between 1 and 3652 days into the past, the same for
+        every instance and every run of the same case (so intervals survive), different
+        across patients."""
+        return -(1 + int(self._digest("date-shift", case_id), 16) % 3652)
+
     def uid(self, uid: str) -> str:
         """A new DICOM UID derived from the old one, the same on every run."""
         return generate_uid(entropy_srcs=[self._digest("uid", uid, 32)])

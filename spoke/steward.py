@@ -248,9 +248,9 @@ class Steward:
 
         agent = self.agent
         try:
-            size: int | None = len(matching_cases(agent.config, agent.pseudonyms,
-                                                  message.cohort))
-        except (OSError, ValueError):
+            size: int | None = matching_cases(agent.config, message.cohort, agent._audit,
+                                              message.experiment_id)
+        except (OSError, ValueError, sqlite3.Error):  # incl. SelectionRefused: shown as unknown
             size = None
         releasable = agent.config.policy.releasable_attributes
         summary = {

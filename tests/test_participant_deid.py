@@ -1,6 +1,6 @@
 """What an algorithm sees of a case: a participant JSON that validates against the
-documented schema and de-identified DICOM, neither holding any direct identifier of the
-source files."""
+documented schema and de-identified DICOM from the spoke's store, neither holding any
+direct identifier of the source files, and mounts that point only into the store."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import pydicom
 import pytest
 
 from tributary.federation import generate_cohort
-from tributary.spoke import cohort
-from tributary.spoke.deid import DEID_METHOD, deidentified_case
+from tributary.protocol.messages import CohortSelection
+from tributary.spoke.config import SpokeConfig
+from tributary.spoke.deid import DEID_METHOD
+from tributary.spoke.ingest import ingest, open_catalog, series_folders, store_root
 from tributary.spoke.participant import build_participant
 from tributary.spoke.pseudonyms import Pseudonymizer
 
@@ -42,38 +44,47 @@ def all_strings(path: Path) -> str:
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("deid")
     generate_cohort(root / "data", 3, seed=11, site="Saint Identifiable Hospital")
-    pseudonyms = Pseudonymizer.from_key_file(root / "work" / "key")
-    cases = cohort.discover(root / "data", pseudonyms)
+    config = SpokeConfig(spoke_id="site-a", data_dir=root / "data", work_dir=root / "work",
+                         hub_public_key=root / "hub.pub")
+    ingest(config)
+    catalog = open_catalog(config)
     out = []
-    for case in cases:
-        deid = deidentified_case(case, root / "work", pseudonyms)
+    for case in catalog.select(CohortSelection()):
+        deid = series_folders(config, [s.series_id for s in case.series])
         participant, mounts = build_participant(case, "exp-1", deid)
         out.append((case, deid, participant, mounts))
-    return {"root": root, "cases": out, "pseudonyms": pseudonyms}
+    catalog.close()
+    sources = sorted((root / "data").rglob("*.dcm"))
+    secrets = {v for f in sources for v in identifiers(f)}
+    secrets |= {p.name for p in (root / "data").iterdir() if p.is_dir()}
+    return {"root": root, "config": config, "cases": out, "secrets": secrets}
 
 
 def test_participant_validates_and_holds_no_identifier(prepared: dict) -> None:
-    for case, _deid, participant, _mounts in prepared["cases"]:
+    assert len(prepared["cases"]) == 3
+    store = store_root(prepared["config"].work_dir).resolve()
+    for _case, _deid, participant, mounts in prepared["cases"]:
         document = json.loads(participant.model_dump_json())
         jsonschema.validate(document, SCHEMA)
         text = json.dumps(document)
-        secrets = {case.folder.name} | {v for s in case.series for f in s.files
-                                        for v in identifiers(f)}
-        assert secrets, "the synthetic source should carry identifiers"
-        leaked = [s for s in secrets if s in text]
+        assert prepared["secrets"], "the synthetic source should carry identifiers"
+        leaked = [s for s in prepared["secrets"] if s in text]
         assert not leaked, f"participant JSON leaks {leaked}"
         assert document["case_id"].startswith("c-")
+        assert [s["instance_count"] for s in document["series"]] == [40]
+        for folder in mounts.values():
+            assert folder.resolve().is_relative_to(store), f"{folder} is outside the store"
+            assert len(list(folder.iterdir())) == 40
 
 
 def test_deidentified_dicom_holds_no_identifier(prepared: dict) -> None:
     for case, deid, _participant, _mounts in prepared["cases"]:
-        secrets = {v for s in case.series for f in s.files for v in identifiers(f)}
         for series_dir in deid.values():
             files = sorted(series_dir.glob("*.dcm"))
             assert files
             for path in files:
                 text = all_strings(path)
-                leaked = [s for s in secrets if s in text]
+                leaked = [s for s in prepared["secrets"] if s in text]
                 assert not leaked, f"{path.name} leaks {leaked}"
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
                 assert ds.PatientIdentityRemoved == "YES"
@@ -82,24 +93,14 @@ def test_deidentified_dicom_holds_no_identifier(prepared: dict) -> None:
                 assert not any(e.tag.is_private for e in ds.iterall())
 
 
-def test_pseudonyms_are_stable_and_deid_runs_once(prepared: dict) -> None:
-    root, pseudonyms = prepared["root"], prepared["pseudonyms"]
-    again = cohort.discover(root / "data", Pseudonymizer.from_key_file(root / "work" / "key"))
-    assert [c.case_id for c in again] == [c.case_id for c, *_ in prepared["cases"]]
-    case, deid, *_ = prepared["cases"][0]
-    stamp = {p: p.stat().st_mtime_ns for d in deid.values() for p in d.iterdir()}
-    deidentified_case(case, root / "work", pseudonyms)
-    assert stamp == {p: p.stat().st_mtime_ns for d in deid.values() for p in d.iterdir()}
+def test_pseudonyms_are_stable_and_keyed(prepared: dict) -> None:
+    config = prepared["config"]
+    report = ingest(config)
+    assert report.stored == 0 and report.unchanged > 0
+    catalog = open_catalog(config)
+    assert [c.case_id for c in catalog.select(CohortSelection())] == [
+        c.case_id for c, *_ in prepared["cases"]]
+    catalog.close()
+    pseudonyms = Pseudonymizer.from_key_file(config.work_dir / "pseudonym.key")
     other = Pseudonymizer(b"k" * 32)
     assert other.case_id("patient:1") != pseudonyms.case_id("patient:1")
-
-
-def test_unreadable_files_are_reported(prepared: dict, tmp_path: Path) -> None:
-    data = tmp_path / "data" / "case-broken"
-    data.mkdir(parents=True)
-    (data / "junk.dcm").write_bytes(b"this is not dicom")
-    good = next(iter(prepared["cases"]))[0].series[0].files[0]
-    (data / "good.dcm").write_bytes(good.read_bytes())
-    [case] = cohort.discover(tmp_path / "data", prepared["pseudonyms"])
-    assert [p.name for p, _ in case.unreadable] == ["junk.dcm"]
-    assert len(case.series) == 1

@@ -27,6 +27,7 @@ app.add_typer(hub_app, name="hub")
 app.add_typer(spoke_app, name="spoke")
 spoke_app.add_typer(__import__("tributary.commands.steward", fromlist=["app"]).app,
                     name="steward")
+__import__("tributary.commands.spoke_data", fromlist=["register"]).register(spoke_app)
 app.add_typer(contract_app, name="contract")
 app.add_typer(__import__("tributary.commands.broker", fromlist=["app"]).app, name="broker")
 algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "
@@ -35,6 +36,7 @@ app.add_typer(algorithm_app, name="algorithm")
 app.add_typer(__import__("tributary.commands.audit", fromlist=["app"]).app, name="audit")
 app.add_typer(__import__("tributary.commands.counts", fromlist=["app"]).app, name="counts")
 app.add_typer(__import__("tributary.commands.dlq", fromlist=["app"]).app, name="dlq")
+spoke_app.command("deidentify")(__import__("tributary.commands.deidentify", fromlist=["_"]).main)
 console = Console()
 
 
@@ -139,7 +141,8 @@ def spoke_run(
 @spoke_app.command("init")
 def spoke_init(
     spoke_id: Annotated[str, typer.Option("--id", help="The spoke's identifier.")],
-    data_dir: Annotated[Path, typer.Option("--data", help="Folder with one sub-folder per case.")],
+    data_dir: Annotated[Path, typer.Option(
+        "--data", help="Folder of DICOM files, any layout (PACS sources: see docs/data.md).")],
     work_dir: Annotated[Path, typer.Option("--work", help="The spoke's private work folder.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the config.")],
     hub_key: Annotated[Path, typer.Option(
@@ -157,13 +160,17 @@ def spoke_init(
         f'hub_public_key = "{hub_key}"\n'
         f"concurrency = {concurrency}\n\n[broker]\nhost = \"127.0.0.1\"\nport = {broker_port}\n\n"
         "[policy]\n# Case attributes that may ever leave with a result, if a study asks.\n"
-        "releasable_attributes = []\n# attributes_file = \"attributes.json\"\n\n"
+        "releasable_attributes = []\n# attributes_file = \"attributes.csv\"  # patient_id,...\n\n"
         "[runner]\nmax_memory_mb = 8192\nmax_timeout_seconds = 86400\n"
         "# allowed_registries = [\"registry.example.org\"]\n"
         "\n[steward]\n# A local data steward approves experiments / reviews results "
         "(tributary spoke steward).\napprove_experiments = false\nreview_results = false\n"
         "\n[counts]\n# Federated counts below min_cell are reported as \"fewer than "
-        "min_cell\".\nenabled = true\nmin_cell = 5\n"
+        "min_cell\".\nenabled = true\nmin_cell = 5\n\n"
+        "# A PACS as a further source (DICOMweb; keep this file chmod 600):\n"
+        "# [[sources]]\n# kind = \"dicomweb\"\n# name = \"pacs\"\n"
+        "# url = \"https://pacs.example.org/dicom-web\"\n# username = \"reader\"\n"
+        "# password = \"...\"\n"
     )
     console.print(f"wrote {output}")
 

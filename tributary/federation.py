@@ -44,13 +44,15 @@ def build_and_push(algorithm_dir: Path, name: str, version: str,
     return push_image(tag, f"{services.registry}/tributary/{name}:{version}")
 
 
-def generate_cohort(out: Path, cases: int, seed: int, site: str) -> dict[str, Any]:
+def generate_cohort(out: Path, cases: int, seed: int, site: str, size: int = 160,
+                    slices: int = 40) -> dict[str, Any]:
     """Synthetic CT cohort with ground truth, written by the example generator."""
     if out.exists():
         shutil.rmtree(out)
     subprocess.run(
         [sys.executable, str(examples_dir() / "synthetic_ct" / "generate.py"), "--out", str(out),
-         "--cases", str(cases), "--seed", str(seed), "--site", site],
+         "--cases", str(cases), "--seed", str(seed), "--site", site, "--size", str(size),
+         "--slices", str(slices)],
         check=True, capture_output=True,
     )
     return json.loads((out / "ground_truth.json").read_text())
@@ -214,7 +216,7 @@ class LocalFederation:
             f"concurrency = {concurrency}\n\n[broker]\n{self._spoke_broker_toml(spoke_id)}\n"
             "[policy]\n"
             f"releasable_attributes = {json.dumps(list(releasable))}\n"
-            'attributes_file = "ground_truth.json"\n\n[runner]\n'
+            'attributes_file = "attributes.csv"\n\n[runner]\n'
             f'allowed_registries = ["{self.services.registry}"]\n\n[trust]\n'
             f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
             + _toml_table("steward", steward) + _toml_table("counts", counts)

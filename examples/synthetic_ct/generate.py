@@ -19,6 +19,7 @@ depend on how many cases are generated.
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import json
 import shutil
@@ -430,8 +431,9 @@ def generate_case(
     site: str = DEFAULT_SITE,
     size: int = 160,
     slices: int = 40,
-) -> tuple[str, list[Nodule]]:
-    """Write case number ``index`` of a cohort; return its folder name and nodules."""
+) -> tuple[str, str, list[Nodule]]:
+    """Write case number ``index`` of a cohort; return its folder name, patient ID and
+    nodules."""
     rng = np.random.default_rng([seed, index])
     who = _identity(rng, index, site)
     geo = _case_geometry(rng, size, slices)
@@ -445,7 +447,7 @@ def generate_case(
     if folder.exists():
         shutil.rmtree(folder)
     _write_series(folder, volume, geo, who, seed)
-    return who["folder"], nodules
+    return who["folder"], who["PatientID"], nodules
 
 
 def generate_cohort(
@@ -456,7 +458,9 @@ def generate_cohort(
     size: int = 160,
     slices: int = 40,
 ) -> dict[str, Any]:
-    """Generate ``cases`` cases under ``out`` and write ``out/ground_truth.json``.
+    """Generate ``cases`` cases under ``out`` and write ``out/ground_truth.json`` (keyed by
+    case folder) and ``out/attributes.csv`` (the same truth as a site would supply case
+    attributes: one row per patient ID, the nodule list as JSON).
 
     Nodule counts 0-3 are spread evenly (in a seed-dependent order), so every cohort of
     four or more cases has cases without nodules. Returns the ground truth.
@@ -469,8 +473,11 @@ def generate_cohort(
     out.mkdir(parents=True, exist_ok=True)
     counts = np.random.default_rng([seed, 1 << 30]).permutation([i % 4 for i in range(cases)])
     truth: dict[str, Any] = {}
+    rows = []
     for index in range(cases):
-        folder, nodules = generate_case(out, index, seed, int(counts[index]), site, size, slices)
+        folder, patient_id, nodules = generate_case(
+            out, index, seed, int(counts[index]), site, size, slices
+        )
         if folder in truth:
             raise RuntimeError(f"two cases drew the same identity {folder}; change the seed")
         truth[folder] = {
@@ -478,7 +485,18 @@ def generate_cohort(
                 {"center_mm": list(n.center_mm), "diameter_mm": n.diameter_mm} for n in nodules
             ]
         }
+        rows.append(
+            {
+                "patient_id": patient_id,
+                "nodule_count": len(nodules),
+                "nodules": json.dumps(truth[folder]["nodules"]),
+            }
+        )
     (out / "ground_truth.json").write_text(json.dumps(truth, indent=2) + "\n")
+    with open(out / "attributes.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["patient_id", "nodule_count", "nodules"])
+        writer.writeheader()
+        writer.writerows(rows)
     return truth
 
 

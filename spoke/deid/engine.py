@@ -1,0 +1,288 @@
+"""The de-identification engine: one pass over a dataset applying the compiled PS3.15
+action table, recursing into every sequence.
+
+Speed comes from leaving elements alone: pydicom keeps undecoded (raw) elements until
+they are touched, and an attribute the table keeps is never decoded; the table is a dict
+lookup per element, and UID remapping is cached."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable
+
+from pydicom import uid as uids
+from pydicom.datadict import DicomDictionary
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+
+from tributary.spoke.deid.options import DeidOptions
+from tributary.spoke.deid.profile import (
+    BASIC_EDITION,
+    SQ_TAGS,
+    UI_TAGS,
+    ActionTable,
+    action_table,
+    option_code,
+    profile_name,
+)
+from tributary.spoke.pseudonyms import Pseudonymizer
+
+DEID_METHOD = f"Tributary PS3.15 Basic Profile ({BASIC_EDITION})"  # LO: at most 64 chars
+PATIENT_ID, PATIENT_NAME = 0x00100020, 0x00100010
+#: "X unless Z, D or U is needed for conformance": the element is kept in its emptied or
+#: dummy form, which loses nothing and keeps every IOD's Type 1 and 2 attributes present.
+_RESOLVE = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U*"}
+_TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"})
+_NUMBER_VRS = frozenset({"FL", "FD", "SL", "SS", "SV", "UL", "US", "UV", "AT"})
+_BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_DUMMY = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "AS": "000D",
+          "IS": "0", "DS": "0", "SH": "ANONYMIZED", "LO": "ANONYMIZED", "CS": "ANONYMIZED",
+          "PN": "ANONYMIZED", "AE": "ANONYMIZED"}
+_WELL_KNOWN = frozenset(uids.UID_dictionary)  # SOP classes, transfer syntaxes, ...
+
+
+class Deidentifier:
+    """De-identifies datasets with one spoke key and one set of options. Reuse it: it
+    caches the compiled table and the UID mapping."""
+
+    def __init__(self, pseudonyms: Pseudonymizer, options: DeidOptions | None = None) -> None:
+        self.pseudonyms = pseudonyms
+        self.options = options or DeidOptions()
+        self.table: ActionTable = action_table(self.options)
+        self.profile = profile_name(self.options)
+        self._uids: dict[str, str] = {}
+        self._safe = {(s.creator.strip(), s.group, s.element) for s in self.options.safe_private}
+        self._scrub_text = any((self.options.clean_descriptors,
+                                self.options.retain_patient_characteristics,
+                                self.options.retain_device_identity))
+
+    # -- public -----------------------------------------------------------------------
+
+    def deidentify(self, ds: Dataset, case_id: str) -> Dataset:
+        """De-identify ``ds`` in place (and return it) as the case ``case_id``."""
+        shift = self.pseudonyms.date_shift_days(case_id)
+        secrets = self._secrets(ds) if self._scrub_text else None
+        self._clean(ds, case_id, shift, secrets)
+        self._mark(ds, case_id)
+        self._file_meta(ds)
+        return ds
+
+    def uid(self, value: str) -> str:
+        value = value.strip("\0 ")
+        if not value or value in _WELL_KNOWN:
+            return value
+        new = self._uids.get(value)
+        if new is None:
+            new = self._uids[value] = self.pseudonyms.uid(value)
+        return new
+
+    # -- the pass ---------------------------------------------------------------------
+
+    def _clean(self, ds: Dataset, case_id: str, shift: int, secrets: re.Pattern | None) -> None:
+        table, single = self.table, self.table.single
+        elements = ds._dict
+        private_tags: list[int] = []
+        for tag in list(elements):
+            t = int(tag)
+            group = t >> 16
+            if group & 1:
+                private_tags.append(t)
+                continue
+            if t & 0xFFFF == 0 and group != 0x0002:  # stale group length
+                del elements[tag]
+                continue
+            action = single.get(t)
+            if action is None and (group & 0xFF00) in (0x5000, 0x6000):
+                action = table.repeating(t)
+                if action == "X" and (group & 0xFF00) == 0x6000:
+                    # An overlay's data going means the whole overlay goes, so no
+                    # half-defined overlay is left behind.
+                    self._drop_group(ds, group)
+                    continue
+            if action is None:
+                if t in UI_TAGS:
+                    action = "U"
+                elif t in SQ_TAGS or _vr(elements[tag]) == "SQ":
+                    action = "K"
+                else:
+                    continue
+            self._apply(ds, t, _RESOLVE.get(action, action), case_id, shift, secrets)
+        if private_tags:
+            self._private(ds, private_tags, case_id, shift, secrets)
+
+    def _apply(self, ds: Dataset, tag: int, action: str, case_id: str, shift: int,
+               secrets: re.Pattern | None) -> None:
+        if action == "X":
+            del ds._dict[tag]
+            return
+        elem = ds[tag]
+        vr = elem.VR
+        if vr == "SQ":
+            if action == "Z":
+                elem.value = []
+            else:  # K, C, D, U*: the sequence stays, its items are cleaned
+                for item in elem.value:
+                    self._clean(item, case_id, shift, secrets)
+            return
+        if action == "K":
+            return
+        if action == "U" or (action == "U*" and vr == "UI"):
+            if vr == "UI" and elem.value:
+                elem.value = _map(elem.value, self.uid)
+            elif vr != "UI":
+                elem.value = None
+        elif action in ("Z", "U*"):
+            elem.value = None if vr not in _TEXT_VRS else ""
+        elif action == "D":
+            elem.value = self._dummy(tag, vr, elem.value, case_id)
+        elif action == "C":
+            if vr in ("DA", "DT"):
+                elem.value = _map(elem.value, lambda v: _shift(v, vr, shift))
+            elif vr in _TEXT_VRS and secrets is not None and elem.value:
+                elem.value = _map(elem.value, lambda v: secrets.sub("", v))
+
+    def _dummy(self, tag: int, vr: str, value: object, case_id: str) -> object:
+        if tag in (PATIENT_ID, PATIENT_NAME):
+            return case_id
+        if vr == "UI":
+            return _map(value, self.uid) if value else self.pseudonyms.uid(f"dummy:{tag}")
+        if vr in ("SH", "LO") and value:
+            # Identifiers become keyed pseudonyms: repeated submissions still link up.
+            size = 16 if vr == "SH" else 64
+            return _map(value, lambda v: self.pseudonyms.identifier(str(v), size))
+        if vr in _NUMBER_VRS:
+            return 0
+        if vr in _BYTES_VRS:
+            return b"\0\0"
+        return _DUMMY.get(vr, "ANONYMIZED")
+
+    def _private(self, ds: Dataset, tags: list[int], case_id: str, shift: int,
+                 secrets: re.Pattern | None) -> None:
+        elements = ds._dict
+        keep: set[int] = set()
+        if self.table.private == "C" and self._safe:
+            creators = {}
+            for t in tags:
+                if 0x10 <= t & 0xFFFF <= 0xFF:
+                    creators[(t >> 16, t & 0xFF)] = str(ds[t].value).strip()
+            for t in tags:
+                element = t & 0xFFFF
+                if element < 0x1000:
+                    continue
+                block = (t >> 16, element >> 8)
+                if (creators.get(block), t >> 16, element & 0xFF) in self._safe:
+                    keep.update((t, (block[0] << 16) | block[1]))
+        for t in tags:
+            if t not in keep:
+                del elements[t]
+            elif ds[t].VR == "SQ":
+                for item in ds[t].value:
+                    self._clean(item, case_id, shift, secrets)
+
+    def _drop_group(self, ds: Dataset, group: int) -> None:
+        for tag in [t for t in ds._dict if t >> 16 == group]:
+            del ds._dict[tag]
+
+    # -- scrubbing descriptions --------------------------------------------------------
+
+    def _secrets(self, ds: Dataset) -> re.Pattern | None:
+        """Every identifying text value in the instance (what the table removes or
+        replaces, and every date), to be cut out of the descriptions an option keeps."""
+        found: set[str] = set()
+        single = self.table.single
+        for elem in ds.iterall():
+            action = single.get(int(elem.tag), "K")
+            if elem.VR in ("DA", "DT") or (action not in ("K", "C") and elem.VR in _TEXT_VRS)\
+                    or (elem.tag.is_private and isinstance(elem.value, str)):
+                for value in _values(elem.value):
+                    text = str(value).strip()
+                    found.add(text)
+                    if elem.VR == "PN":
+                        found.update(re.split(r"[\^= ]+", text))
+        found = {f for f in found if len(f) >= 3}
+        if not found:
+            return None
+        return re.compile("|".join(re.escape(f) for f in sorted(found, key=len, reverse=True)),
+                          re.IGNORECASE)
+
+    # -- what the standard asks to record ------------------------------------------------
+
+    def _mark(self, ds: Dataset, case_id: str) -> None:
+        ds.PatientID = case_id
+        ds.PatientName = case_id
+        ds.PatientIdentityRemoved = "YES"
+        codes = self.options.option_codes()
+        ds.DeidentificationMethod = (DEID_METHOD if len(codes) == 1 else
+                                     [DEID_METHOD, "options " + " ".join(codes[1:])])
+        items = []
+        for code in codes:
+            item = Dataset()
+            concept = option_code(code)
+            item.CodeValue, item.CodingSchemeDesignator = concept.value, concept.scheme_designator
+            item.CodeMeaning = concept.meaning
+            items.append(item)
+        ds.DeidentificationMethodCodeSequence = items
+        ds.LongitudinalTemporalInformationModified = (
+            "MODIFIED" if self.options.retain_modified_dates else "REMOVED")
+
+    def _file_meta(self, ds: Dataset) -> None:
+        """A fresh file meta group: nothing of the source's (AE titles, implementation)
+        survives, and the instance UID matches the remapped one."""
+        old = getattr(ds, "file_meta", None) or FileMetaDataset()
+        meta = FileMetaDataset()
+        sop_class = ds.get("SOPClassUID") or old.get("MediaStorageSOPClassUID")
+        if sop_class:
+            meta.MediaStorageSOPClassUID = sop_class
+        if "SOPInstanceUID" in ds:
+            meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        elif old.get("MediaStorageSOPInstanceUID"):  # e.g. a DICOMDIR
+            meta.MediaStorageSOPInstanceUID = self.uid(str(old.MediaStorageSOPInstanceUID))
+        syntax = old.get("TransferSyntaxUID")
+        if syntax is None:
+            implicit, little = getattr(ds, "original_encoding", (False, True))
+            syntax = (uids.ImplicitVRLittleEndian if implicit else
+                      uids.ExplicitVRLittleEndian if little else uids.ExplicitVRBigEndian)
+        meta.TransferSyntaxUID = syntax
+        meta.ImplementationClassUID = uids.PYDICOM_IMPLEMENTATION_UID
+        ds.file_meta = meta
+        if hasattr(ds, "preamble"):
+            ds.preamble = b"\0" * 128  # a preamble can carry a whole TIFF header
+
+
+def _vr(elem: DataElement | RawDataElement) -> str:
+    if elem.VR:
+        return str(elem.VR)
+    entry = DicomDictionary.get(int(elem.tag))
+    return entry[0] if entry else "UN"
+
+
+def _values(value: object) -> Iterable[object]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, MultiValue)):
+        return value
+    return (value,)
+
+
+def _map(value: object, fn):  # type: ignore[no-untyped-def]
+    if isinstance(value, (list, MultiValue)):
+        return [fn(str(v)) for v in value]
+    return fn(str(value))
+
+
+def _shift(value: str, vr: str, days: int) -> str:
+    """Shift a DA (or range) or the date part of a DT by whole days; a partial date that
+    cannot be shifted exactly is removed."""
+    value = value.strip()
+    if vr == "DA" and "-" in value:
+        return "-".join(_shift(v, vr, days) if v else "" for v in value.split("-"))
+    head, tail = value[:8], value[8:]
+    if len(head) < 8 or not head.isdigit():
+        return ""
+    try:
+        day = dt.date(int(head[:4]), int(head[4:6]), int(head[6:8])) + dt.timedelta(days)
+    except ValueError:
+        return ""
+    return day.strftime("%Y%m%d") + (tail if vr == "DT" else "")

@@ -1,0 +1,276 @@
+"""Ingest: bring the configured sources into the de-identified store and the catalog.
+
+Each input is read, screened and de-identified once; inputs already recorded with the
+same fingerprint are skipped without being read, so a second run over unchanged sources
+is a no-op and new files are picked up incrementally. One ingest runs at a time per work
+folder (a file lock), whoever starts it: the agent before an experiment or the CLI."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import logging
+import multiprocessing
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tributary.spoke.catalog import Catalog
+from tributary.spoke.config import SpokeConfig
+from tributary.spoke.pseudonyms import Pseudonymizer
+from tributary.spoke.sources import Source, SourceItem, open_source
+from tributary.spoke.store import DeidStore, Excluded, PreparedInstance, Preparer
+
+log = logging.getLogger(__name__)
+
+#: Column of the attributes CSV holding the institution's patient ID (DICOM PatientID).
+PATIENT_COLUMN = "patient_id"
+_COMMIT_EVERY = 200
+#: Fewer new files than this are prepared in-process (starting workers costs ~1 s).
+_PARALLEL_MIN = 64
+
+#: progress(source name, done, total) after each input
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class IngestReport:
+    stored: int = 0
+    unchanged: int = 0
+    duplicates: int = 0
+    excluded: int = 0
+    attributes_cases: int = 0
+    attributes_unmatched: int = 0
+    per_source: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def catalog_path(work_dir: Path) -> Path:
+    return work_dir / "catalog.db"
+
+
+def store_root(work_dir: Path) -> Path:
+    return work_dir / "store"
+
+
+def open_catalog(config: SpokeConfig) -> Catalog:
+    """The spoke's catalog, applying its release policy to attribute criteria."""
+    return Catalog(catalog_path(config.work_dir), config.policy.releasable_attributes)
+
+
+@contextmanager
+def _exclusive(work_dir: Path) -> Iterator[None]:
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / "ingest.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cell(text: str) -> Any:
+    """CSV cells are text; numbers, booleans and JSON lists/objects keep their type."""
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def load_attributes(path: Path) -> dict[str, dict[str, Any]]:
+    """Case attributes keyed by the institution's patient ID, from a CSV file with a
+    ``patient_id`` column (empty cells are absent attributes) or a JSON object mapping
+    patient IDs to attribute objects."""
+    if not path.exists():
+        raise FileNotFoundError(f"attributes file {path} does not exist")
+    if path.suffix.lower() == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"{path} must map patient IDs to attribute objects")
+        return {str(k): v for k, v in data.items()}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or PATIENT_COLUMN not in reader.fieldnames:
+            raise ValueError(f"{path} needs a header row with a {PATIENT_COLUMN!r} column")
+        out: dict[str, dict[str, Any]] = {}
+        for line, row in enumerate(reader, start=2):
+            patient = (row.pop(PATIENT_COLUMN) or "").strip()
+            if not patient:
+                raise ValueError(f"{path}:{line}: empty {PATIENT_COLUMN}")
+            if patient in out:
+                raise ValueError(f"{path}:{line}: patient listed twice")
+            out[patient] = {k: _cell(v) for k, v in row.items()
+                            if k and v is not None and v.strip() != ""}
+        return out
+
+
+_worker: Preparer | None = None
+
+
+def _init_worker(key_file: str) -> None:
+    global _worker
+    _worker = Preparer(Pseudonymizer.from_key_file(Path(key_file)))
+
+
+def _prepare_file(path: str) -> PreparedInstance | Excluded:
+    """Worker process: screen and de-identify one file (results go back in order)."""
+    assert _worker is not None
+    try:
+        return _worker.from_file(Path(path))
+    except Excluded as exc:
+        return exc
+
+
+def _prepared(items: list[SourceItem], preparer: Preparer, key_file: Path,
+              workers: int) -> Iterator[PreparedInstance | Excluded]:
+    """Prepared instances (or exclusions) in input order; files are spread over worker
+    processes when there are enough of them to pay for starting the workers."""
+    if workers > 1 and len(items) >= _PARALLEL_MIN and all(i.path for i in items):
+        # spawn, not fork: the agent has broker threads whose locks a fork would copy
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker,
+                                 initargs=(str(key_file),)) as pool:
+            yield from pool.map(_prepare_file, [str(i.path) for i in items], chunksize=8)
+        return
+    for item in items:
+        try:
+            if item.path is not None:
+                yield preparer.from_file(item.path)
+            else:
+                assert item.load is not None
+                yield preparer.from_dataset(item.load(), item.ref)
+        except Excluded as exc:
+            yield exc
+
+
+def _ingest_source(source: Source, catalog: Catalog, store: DeidStore,
+                   pseudonyms: Pseudonymizer, key_file: Path, workers: int,
+                   report: IngestReport, progress: Progress | None) -> None:
+    items = source.items()
+    known = catalog.known_refs(source.name)
+    pending = [i for i in items if known.get(i.ref) != i.fingerprint]
+    counts = report.per_source.setdefault(
+        source.name, {"inputs": len(items), "stored": 0, "unchanged": len(items) - len(pending),
+                      "duplicates": 0, "excluded": 0})
+    if progress is not None:
+        progress(source.name, counts["unchanged"], len(items))
+    results = _prepared(pending, Preparer(pseudonyms), key_file, workers)
+    for done, (item, prepared) in enumerate(zip(pending, results, strict=True), start=1):
+        if isinstance(prepared, Excluded):
+            catalog.record_input(source.name, item.ref, item.fingerprint, "excluded",
+                                 prepared.reason)
+            log.warning("excluded %s:%s: %s", source.name, item.ref, prepared.reason)
+            counts["excluded"] += 1
+        else:
+            status = _record(source.name, item, prepared, catalog, store)
+            counts[status] += 1
+        if done % _COMMIT_EVERY == 0:
+            catalog.commit()
+        if progress is not None:
+            progress(source.name, len(items) - len(pending) + done, len(items))
+    catalog.commit()
+    for key in ("stored", "unchanged", "duplicates", "excluded"):
+        setattr(report, key, getattr(report, key) + counts[key])
+
+
+def _record(source: str, item: SourceItem, prepared: PreparedInstance, catalog: Catalog,
+            store: DeidStore) -> str:
+    """Store a prepared instance unless the catalog has it; returns the counter to bump."""
+    existing = catalog.instance_digest(prepared.instance_uid)
+    if existing is None:
+        twin = catalog.instance_with_pixels(prepared.pixel_digest)
+        if twin is not None:
+            catalog.record_input(source, item.ref, item.fingerprint, "excluded",
+                                 "duplicate-pixels: same pixel data as a stored instance "
+                                 "under another header")
+            return "excluded"
+        digest = store.put(prepared)
+        catalog.add_instance(prepared, digest)
+        catalog.record_input(source, item.ref, item.fingerprint, "stored", prepared.review,
+                             instance_uid=prepared.instance_uid)
+        return "stored"
+    if existing == prepared.digest:
+        previously = catalog.input_state(source, item.ref)
+        if previously is not None and previously[1] == "stored":
+            # the same file touched again: nothing changed
+            catalog.record_input(source, item.ref, item.fingerprint, "stored",
+                                 prepared.review, instance_uid=prepared.instance_uid)
+            return "unchanged"
+        catalog.record_input(source, item.ref, item.fingerprint, "duplicate",
+                             "same instance as one already stored", prepared.instance_uid)
+        return "duplicates"
+    catalog.record_input(
+        source, item.ref, item.fingerprint, "excluded",
+        "conflicts with a stored instance (same SOP Instance UID, different content); the "
+        "stored one is kept", prepared.instance_uid)
+    return "excluded"
+
+
+def ingest(config: SpokeConfig, catalog: Catalog | None = None,
+           progress: Progress | None = None,
+           sources: list[Source] | None = None) -> IngestReport:
+    """Ingest every configured source, then refresh the case attributes. Raises
+    :class:`~tributary.spoke.sources.SourceUnavailable` if a source cannot be reached
+    (what was ingested before that stays)."""
+    own = catalog is None
+    catalog = catalog or open_catalog(config)
+    key_file = config.work_dir / "pseudonym.key"
+    pseudonyms = Pseudonymizer.from_key_file(key_file)
+    store = DeidStore(store_root(config.work_dir))
+    report = IngestReport()
+    try:
+        with _exclusive(config.work_dir):
+            path = config.attributes_path
+            ignore = frozenset({path}) if path is not None else frozenset()
+            for source in sources or [open_source(s, ignore) for s in config.all_sources]:
+                _ingest_source(source, catalog, store, pseudonyms, key_file,
+                               config.catalog.workers, report, progress)
+            if path is not None:
+                by_patient = load_attributes(path)
+                known = {c.case_id for c in catalog.cases()}
+                by_case = {pseudonyms.case_id(f"patient:{patient}"): values
+                           for patient, values in by_patient.items()}
+                matched = {case: v for case, v in by_case.items() if case in known}
+                catalog.replace_attributes(matched)
+                report.attributes_cases = len(matched)
+                report.attributes_unmatched = len(by_case) - len(matched)
+    finally:
+        if own:
+            catalog.close()
+    return report
+
+
+#: audit(action, target, **detail): the agent's audit log
+Audit = Callable[..., None]
+
+
+def refresh_catalog(config: SpokeConfig, catalog: Catalog, audit: Audit,
+                    target: str) -> IngestReport | None:
+    """The incremental ingest the agent runs before it selects from the catalog (an
+    experiment's cohort, a count), when ``[catalog] ingest_before_selection`` asks for it.
+    A failing ingest (PACS unreachable...) is audited and the selection goes on with what
+    is already catalogued."""
+    if not config.catalog.ingest_before_selection:
+        return None
+    try:
+        report = ingest(config, catalog)
+    except Exception as exc:
+        log.error("ingest before %s failed: %s", target, exc)
+        audit("catalog.ingest_failed", target, error=f"{type(exc).__name__}: {exc}"[:2000])
+        return None
+    audit("catalog.ingested", target, stored=report.stored, duplicates=report.duplicates,
+          excluded=report.excluded, unchanged=report.unchanged)
+    return report
+
+
+def series_folders(config: SpokeConfig, series_ids: list[str]) -> dict[str, Path]:
+    """The store folder of each series: what a container mounts, and nothing else."""
+    store = DeidStore(store_root(config.work_dir))
+    return {sid: store.series_dir(sid) for sid in series_ids}

@@ -1,0 +1,100 @@
+"""Screening before de-identification: damaged, foreign, risky and duplicate files are
+excluded with their reason, review cases are flagged, incomplete series are reported; and
+the data steward's `tributary spoke deidentify` puts it all in its JSON report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from deid_samples import identifying_values, patient_instance, screen_capture, write
+from typer.testing import CliRunner
+
+from tributary.cli import app
+from tributary.spoke.deid import DeidOptions, Reason, screen_files
+from tributary.spoke.pseudonyms import Pseudonymizer
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> Path:
+    src = tmp_path / "src" / "Oxbridge1 Jonathan1"  # folder names carry identities too
+    for n in (1, 2, 3, 5, 6):  # instance 4 and its slice are missing
+        write(patient_instance(1, n), src / f"slice{n}.dcm")
+    whole = (src / "slice6.dcm").read_bytes()
+    (src / "truncated.dcm").write_bytes(whole[: len(whole) - 100])
+    (src / "notes.txt").write_text("Jonathan1 Oxbridge1, MRN-000001: discharged")
+    write(screen_capture(1), src / "screen.dcm")
+    burned = patient_instance(1, 1, series=3)
+    burned.BurnedInAnnotation = "YES"
+    write(burned, src / "burned.dcm")
+    # The same pixels as slice 2 under another header: a re-export, not a new image.
+    again = patient_instance(1, 2, series=4, pixels=np.frombuffer(
+        patient_instance(1, 2).PixelData, dtype=np.uint16).reshape(16, 16))
+    again.SeriesDescription = "re-export"
+    write(again, src / "x-copy-of-2.dcm")
+    derived = patient_instance(1, 1, series=5, image_type=("DERIVED", "PRIMARY", "MPR"))
+    write(derived, src / "mpr.dcm")
+    return tmp_path / "src"
+
+
+def reasons(report, name: str) -> list[Reason]:  # type: ignore[no-untyped-def]
+    [verdict] = [f for f in report.files if Path(f.path).name == name]
+    return [f.reason for f in verdict.findings]
+
+
+def test_exclusions_and_flags_carry_their_reasons(folder: Path) -> None:
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    report = screen_files(paths, DeidOptions(), Pseudonymizer(b"s" * 32))
+    assert reasons(report, "truncated.dcm") == [Reason.TRUNCATED]
+    assert reasons(report, "notes.txt") == [Reason.NOT_DICOM]
+    assert Reason.SCREEN_CAPTURE in reasons(report, "screen.dcm")
+    assert reasons(report, "burned.dcm") == [Reason.BURNED_IN_ANNOTATION]
+    assert reasons(report, "x-copy-of-2.dcm") == [Reason.DUPLICATE_PIXELS]
+    assert "slice2.dcm" in report.files[[Path(f.path).name for f in report.files].index(
+        "x-copy-of-2.dcm")].findings[0].detail
+    assert reasons(report, "mpr.dcm") == [Reason.DERIVED_IMAGE]
+    assert {Path(f.path).name for f in report.excluded()} == {
+        "truncated.dcm", "notes.txt", "screen.dcm", "burned.dcm", "x-copy-of-2.dcm"}
+    assert {Path(f.path).name for f in report.flagged()} == {"mpr.dcm"}
+    assert all(reasons(report, f"slice{n}.dcm") == [] for n in (1, 2, 3, 5, 6))
+    # Nothing silently dropped: every file has a verdict.
+    assert len(report.files) == len(paths)
+    [main] = [s for s in report.series if s.files == 5]
+    assert not main.complete and main.missing_instance_numbers == [4]
+    assert len(main.slice_gaps) == 1 and main.slice_gaps[0].startswith("3.00 -> 5.00")
+    allowed = screen_files(paths, DeidOptions(allow_burned_in=True))
+    assert reasons(allowed, "burned.dcm") == []
+
+
+def test_deidentify_command_writes_outputs_and_report(folder: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    key = tmp_path / "steward.key"
+    result = CliRunner().invoke(app, ["spoke", "deidentify", str(folder), str(dst),
+                                      "--key", str(key), "--retain-modified-dates"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out-report.json").read_text())
+    assert report["files_seen"] == 11 and report["files_written"] == 6
+    assert report["excluded"] == 5 and report["flagged"] == 1
+    assert report["reasons"] == {"truncated": 1, "not-dicom": 1, "screen-capture": 1,
+                                 "burned-in-annotation": 1, "duplicate-pixels": 1,
+                                 "derived-image": 2, "secondary-capture": 1}
+    assert "Modified Dates" in report["profile"]
+    outputs = sorted(p for p in dst.rglob("*") if p.is_file())
+    assert len(outputs) == 6
+    case_id = Pseudonymizer.from_key_file(key).case_id("patient:MRN-000001")
+    for path in outputs:
+        assert path.relative_to(dst).parts[0] == case_id
+        data = path.read_bytes()
+        leaked = [v for v in identifying_values(1) if v.encode() in data]
+        assert not leaked, f"{path.name} leaks {leaked}"
+        assert "Oxbridge1" not in str(path)
+        ds = pydicom.dcmread(path)
+        assert ds.PatientID == case_id and ds.LongitudinalTemporalInformationModified == \
+            "MODIFIED"
+    # Bad flags are refused with a clear message and nothing is written.
+    refused = CliRunner().invoke(app, ["spoke", "deidentify", str(folder), str(tmp_path / "x"),
+                                       "--key", str(key), "--safe-private", "nonsense"])
+    assert refused.exit_code != 0 and not (tmp_path / "x").exists()

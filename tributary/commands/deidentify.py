@@ -1,0 +1,141 @@
+"""``tributary spoke deidentify SRC DST``: de-identify a folder for a data steward, with the
+spoke's pseudonym key and the PS3.15 profile and options, and a JSON report of every file
+that was excluded or flagged and why.
+
+Output layout: ``DST/<case pseudonym>/<series pseudonym>/<new SOP Instance UID>.dcm``, so
+no source file or folder name (which often carry names or record numbers) reaches DST.
+The report holds source paths and is written beside DST, never inside it."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import BaseModel
+
+
+class OutputFile(BaseModel):
+    source: str
+    output: str
+
+
+class DeidRunReport(BaseModel):
+    """The file written by ``--report``: what was done, with what, and what was left out."""
+
+    profile: str
+    options: dict
+    source: str
+    destination: str
+    started: datetime
+    finished: datetime
+    files_seen: int
+    files_written: int
+    excluded: int
+    flagged: int
+    reasons: dict[str, int]
+    screening: dict
+    outputs: list[OutputFile]
+
+
+def main(
+    src: Annotated[Path, typer.Argument(exists=True, file_okay=False,
+                                        help="Folder of DICOM files (searched recursively).")],
+    dst: Annotated[Path, typer.Argument(help="Folder to write de-identified files to.")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", exists=True, dir_okay=False,
+        help="The spoke's TOML configuration: use the spoke's pseudonym key.")] = None,
+    key: Annotated[Path | None, typer.Option(
+        help="Pseudonym key file (created, mode 600, if missing) when not using --config.")
+    ] = None,
+    report: Annotated[Path | None, typer.Option(
+        help="Where to write the JSON report (default: DST-report.json beside DST).")] = None,
+    retain_modified_dates: Annotated[bool, typer.Option(
+        help="Retain Longitudinal Temporal Information with Modified Dates.")] = False,
+    retain_patient_characteristics: Annotated[bool, typer.Option(
+        help="Retain Patient Characteristics (sex, age, size, weight...).")] = False,
+    retain_device_identity: Annotated[bool, typer.Option(
+        help="Retain Device Identity (serial numbers, station names...).")] = False,
+    clean_descriptors: Annotated[bool, typer.Option(
+        help="Clean Descriptors: keep descriptions, identifiers scrubbed out.")] = False,
+    retain_safe_private: Annotated[bool, typer.Option(
+        help="Retain Safe Private: keep the private attributes of --safe-private.")] = False,
+    safe_private: Annotated[list[str] | None, typer.Option(
+        help="A safe private attribute as CREATOR:GGGG:EE (hex), repeatable.")] = None,
+    allow_burned_in: Annotated[bool, typer.Option(
+        help="Accept images declaring BurnedInAnnotation YES.")] = False,
+) -> None:
+    """De-identify every DICOM file under SRC into DST and report what was left out."""
+    from rich.console import Console
+    from rich.progress import track
+    from rich.table import Table
+
+    from tributary.spoke.deid import Deidentifier, DeidOptions, SafePrivate, Screener
+    from tributary.spoke.deid.screening import EXCLUDING, Reason
+    from tributary.spoke.pseudonyms import Pseudonymizer
+
+    console = Console()
+    if (config is None) == (key is None):
+        raise typer.BadParameter("give exactly one of --config and --key")
+    if config is not None:
+        from tributary.spoke.config import SpokeConfig
+
+        key = SpokeConfig.load(config).work_dir / "pseudonym.key"
+    assert key is not None
+    entries = []
+    for text in safe_private or []:
+        try:
+            creator, group, element = text.rsplit(":", 2)
+            entries.append(SafePrivate(creator=creator, group=int(group, 16),
+                                       element=int(element, 16)))
+        except ValueError as exc:
+            raise typer.BadParameter(f"{text!r}: expected CREATOR:GGGG:EE ({exc})") from None
+    options = DeidOptions(
+        retain_modified_dates=retain_modified_dates,
+        retain_patient_characteristics=retain_patient_characteristics,
+        retain_device_identity=retain_device_identity, clean_descriptors=clean_descriptors,
+        retain_safe_private=retain_safe_private, safe_private=tuple(entries),
+        allow_burned_in=allow_burned_in)
+    src, dst = src.resolve(), dst.resolve()
+    if dst == src or src in dst.parents:
+        raise typer.BadParameter("DST must not be inside SRC")
+    report = report or dst.with_name(dst.name + "-report.json")
+    pseudonyms = Pseudonymizer.from_key_file(key)
+    deid = Deidentifier(pseudonyms, options)
+    screener = Screener(options, pseudonyms)
+    started = datetime.now(UTC)
+    paths = sorted(p for p in src.rglob("*") if p.is_file())
+    outputs: list[OutputFile] = []
+    for path in track(paths, description="de-identifying", console=console):
+        ds, verdict = screener.check(path)
+        if ds is None:
+            continue
+        try:
+            case_id = pseudonyms.case_id(f"patient:{ds.get('PatientID', '')}")
+            deid.deidentify(ds, case_id)
+            target = dst / case_id / str(verdict.series_id) / f"{ds.SOPInstanceUID}.dcm"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ds.save_as(target, enforce_file_format=True)
+        except Exception as exc:  # one bad file must not stop the batch; it is reported
+            verdict.add(Reason.DEIDENTIFICATION_FAILED, f"{type(exc).__name__}: {exc}"[:300])
+            continue
+        outputs.append(OutputFile(source=str(path), output=str(target.relative_to(dst))))
+    screening = screener.report()
+    document = DeidRunReport(
+        profile=deid.profile, options=options.model_dump(mode="json"), source=str(src),
+        destination=str(dst), started=started, finished=datetime.now(UTC),
+        files_seen=len(paths), files_written=len(outputs), excluded=len(screening.excluded()),
+        flagged=len(screening.flagged()), reasons=screening.counts(),
+        screening=screening.model_dump(mode="json"), outputs=outputs)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(document.model_dump_json(indent=1) + "\n")
+    table = Table("reason", "files", "effect", title=deid.profile)
+    for reason, count in sorted(document.reasons.items()):
+        effect = "excluded" if Reason(reason) in EXCLUDING else "flagged for review"
+        table.add_row(reason, str(count), effect)
+    console.print(table)
+    incomplete = [s.series_id for s in screening.series if not s.complete]
+    console.print(f"{len(outputs)} of {len(paths)} files written to {dst}; "
+                  f"{document.excluded} excluded, {document.flagged} flagged, "
+                  f"{len(incomplete)} incomplete series; report: {report}")
