@@ -226,7 +226,9 @@ def test_same_patient_links_across_runs_and_patients_never_collide(tmp_path: Pat
     assert a.StudyInstanceUID == b.StudyInstanceUID != patient_instance(42, 1).StudyInstanceUID
     assert a.SeriesInstanceUID == b.SeriesInstanceUID and a.SOPInstanceUID != b.SOPInstanceUID
     assert a.StudyDate == b.StudyDate != "20210314"
-    assert a.PatientBirthDate == b.PatientBirthDate  # same shift for every date of a patient
+    # One shift for every date of the patient: intervals and times survive.
+    assert a.AcquisitionDateTime == b.AcquisitionDateTime == a.StudyDate + "101733.123"
+    assert not a.get("PatientBirthDate")  # no option retains it
     other = Deidentifier(first, options).deidentify(patient_instance(43, 1),
                                                     first.case_id("patient:MRN-000043"))
     assert other.PatientID != a.PatientID

@@ -189,23 +189,33 @@ class Deidentifier:
 
     def _secrets(self, ds: Dataset) -> re.Pattern | None:
         """Every identifying text value in the instance (what the table removes or
-        replaces, and every date), to be cut out of the descriptions an option keeps."""
+        replaces, every date, every private text), to be cut out of the descriptions an
+        option keeps. Only those elements are decoded."""
         found: set[str] = set()
-        single = self.table.single
-        for elem in ds.iterall():
-            action = single.get(int(elem.tag), "K")
-            if elem.VR in ("DA", "DT") or (action not in ("K", "C") and elem.VR in _TEXT_VRS)\
-                    or (elem.tag.is_private and isinstance(elem.value, str)):
-                for value in _values(elem.value):
-                    text = str(value).strip()
-                    found.add(text)
-                    if elem.VR == "PN":
-                        found.update(re.split(r"[\^= ]+", text))
+        self._collect(ds, found)
         found = {f for f in found if len(f) >= 3}
         if not found:
             return None
         return re.compile("|".join(re.escape(f) for f in sorted(found, key=len, reverse=True)),
                           re.IGNORECASE)
+
+    def _collect(self, ds: Dataset, found: set[str]) -> None:
+        single = self.table.single
+        for tag, raw in list(ds._dict.items()):
+            vr = _vr(raw)
+            t = int(tag)
+            if vr == "SQ":
+                for item in ds[t].value or ():
+                    self._collect(item, found)
+                continue
+            if vr in ("DA", "DT") or (vr in _TEXT_VRS and (
+                    (t >> 16) & 1 or single.get(t, "K") not in ("K", "C"))):
+                elem = ds[t]
+                for value in _values(elem.value):
+                    text = str(value).strip()
+                    found.add(text)
+                    if vr == "PN":
+                        found.update(re.split(r"[\^= ]+", text))
 
     # -- what the standard asks to record ------------------------------------------------
 
