@@ -94,6 +94,9 @@ def test_deidentify_command_writes_outputs_and_report(folder: Path, tmp_path: Pa
         ds = pydicom.dcmread(path)
         assert ds.PatientID == case_id and ds.LongitudinalTemporalInformationModified == \
             "MODIFIED"
+    [entry] = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert entry["action"] == "deid.folder" and entry["detail"]["files_written"] == 6
+    assert "Oxbridge1" not in json.dumps(entry)
     # Bad flags are refused with a clear message and nothing is written.
     refused = CliRunner().invoke(app, ["spoke", "deidentify", str(folder), str(tmp_path / "x"),
                                        "--key", str(key), "--safe-private", "nonsense"])
