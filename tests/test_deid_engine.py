@@ -182,6 +182,9 @@ def test_generated_identifiers_never_reach_an_output_byte(option_set: str,
     assert reference.ReferencedSOPInstanceUID == Deidentifier(pseudonyms).uid(
         patient_instance(7, 1).SOPInstanceUID)  # still points at the (remapped) slice 1
     assert back.ContentSequence[0].PersonName == "ANONYMIZED"
+    # Free text in a dummy-replaced sequence goes too; its codes stay.
+    assert back.ContentSequence[1].TextValue == "ANONYMIZED"
+    assert back.ContentSequence[1].ConceptNameCodeSequence[0].CodeMeaning == "Finding"
     assert back.file_meta.MediaStorageSOPInstanceUID == back.SOPInstanceUID
     if option_set == "basic":
         assert back.DeidentificationMethod == DEID_METHOD

@@ -94,7 +94,17 @@ def test_deidentify_command_writes_outputs_and_report(folder: Path, tmp_path: Pa
         ds = pydicom.dcmread(path)
         assert ds.PatientID == case_id and ds.LongitudinalTemporalInformationModified == \
             "MODIFIED"
-    [entry] = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    # A second run (another batch, same key) gives the same pseudonyms and UIDs.
+    again = tmp_path / "again"
+    assert CliRunner().invoke(app, ["spoke", "deidentify", str(folder), str(again), "--key",
+                                    str(key), "--retain-modified-dates"]).exit_code == 0
+    assert sorted(p.relative_to(again) for p in again.rglob("*.dcm")) == \
+        sorted(p.relative_to(dst) for p in outputs)
+    first = pydicom.dcmread(outputs[0])
+    second = pydicom.dcmread(again / outputs[0].relative_to(dst))
+    assert (first.StudyDate, first.StudyInstanceUID) == (second.StudyDate,
+                                                         second.StudyInstanceUID)
+    [entry, _second] = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert entry["action"] == "deid.folder" and entry["detail"]["files_written"] == 6
     assert "Oxbridge1" not in json.dumps(entry)
     # Bad flags are refused with a clear message and nothing is written.

@@ -41,7 +41,10 @@ _BYTES_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _DUMMY = {"DA": "19000101", "DT": "19000101000000", "TM": "000000", "AS": "000D",
           "IS": "0", "DS": "0", "SH": "ANONYMIZED", "LO": "ANONYMIZED", "CS": "ANONYMIZED",
           "PN": "ANONYMIZED", "AE": "ANONYMIZED"}
-_WELL_KNOWN = frozenset(uids.UID_dictionary)  # SOP classes, transfer syntaxes, ...
+_WELL_KNOWN = frozenset(uids.UID_dictionary)
+_STRICT_VRS = frozenset({"AE", "DA", "DT", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UR", "UT"})
+#: Code Sequence Macro attributes (PS3.3 Table 8.8-1): concepts, never identities.
+_CODE_TAGS = frozenset(range(0x00080100, 0x00080123))  # SOP classes, transfer syntaxes, ...
 
 
 class Deidentifier:
@@ -81,7 +84,12 @@ class Deidentifier:
 
     # -- the pass ---------------------------------------------------------------------
 
-    def _clean(self, ds: Dataset, case_id: str, shift: int, secrets: re.Pattern | None) -> None:
+    def _clean(self, ds: Dataset, case_id: str, shift: int, secrets: re.Pattern | None,
+               strict: bool = False) -> None:
+        """``strict``: inside a sequence the table replaces by a dummy (Content Sequence,
+        Graphic Annotation Sequence...). The table lists no attribute of their items, so
+        there every free-text, name and date attribute is replaced too; codes, numbers
+        and (remapped) UIDs stay, and so does the structure."""
         table, single = self.table, self.table.single
         elements = ds._dict
         private_tags: list[int] = []
@@ -107,14 +115,16 @@ class Deidentifier:
                     action = "U"
                 elif t in SQ_TAGS or _vr(elements[tag]) == "SQ":
                     action = "K"
+                elif strict and _vr(elements[tag]) in _STRICT_VRS and t not in _CODE_TAGS:
+                    action = "D"
                 else:
                     continue
-            self._apply(ds, t, _RESOLVE.get(action, action), case_id, shift, secrets)
+            self._apply(ds, t, _RESOLVE.get(action, action), case_id, shift, secrets, strict)
         if private_tags:
-            self._private(ds, private_tags, case_id, shift, secrets)
+            self._private(ds, private_tags, case_id, shift, secrets, strict)
 
     def _apply(self, ds: Dataset, tag: int, action: str, case_id: str, shift: int,
-               secrets: re.Pattern | None) -> None:
+               secrets: re.Pattern | None, strict: bool) -> None:
         elements = ds._dict
         if action == "X":
             del elements[tag]
@@ -127,7 +137,7 @@ class Deidentifier:
                 sequence.value = []
             else:  # K, C, D, U*: the sequence stays, its items are cleaned
                 for item in sequence.value:
-                    self._clean(item, case_id, shift, secrets)
+                    self._clean(item, case_id, shift, secrets, strict or action == "D")
             return
         if action == "K":
             return
@@ -173,7 +183,7 @@ class Deidentifier:
         return _DUMMY.get(vr, "ANONYMIZED")
 
     def _private(self, ds: Dataset, tags: list[int], case_id: str, shift: int,
-                 secrets: re.Pattern | None) -> None:
+                 secrets: re.Pattern | None, strict: bool) -> None:
         elements = ds._dict
         keep: set[int] = set()
         if self.table.private == "C" and self._safe:
@@ -193,7 +203,7 @@ class Deidentifier:
                 del elements[t]
             elif ds[t].VR == "SQ":
                 for item in ds[t].value:
-                    self._clean(item, case_id, shift, secrets)
+                    self._clean(item, case_id, shift, secrets, strict)
 
     def _drop_group(self, ds: Dataset, group: int) -> None:
         for tag in [t for t in ds._dict if t >> 16 == group]:
