@@ -104,7 +104,8 @@ def test_deidentify_command_writes_outputs_and_report(folder: Path, tmp_path: Pa
     second = pydicom.dcmread(again / outputs[0].relative_to(dst))
     assert (first.StudyDate, first.StudyInstanceUID) == (second.StudyDate,
                                                          second.StudyInstanceUID)
-    [entry, _second] = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    log = (tmp_path / "audit.jsonl").read_text().splitlines()
+    [entry, _second] = [json.loads(line) for line in log]
     assert entry["action"] == "deid.folder" and entry["detail"]["files_written"] == 6
     assert "Oxbridge1" not in json.dumps(entry)
     # Bad flags are refused with a clear message and nothing is written.
