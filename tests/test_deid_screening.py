@@ -14,7 +14,7 @@ from deid_samples import identifying_values, patient_instance, screen_capture, w
 from typer.testing import CliRunner
 
 from tributary.cli import app
-from tributary.spoke.deid import DeidOptions, Reason, screen_files
+from tributary.spoke.deid import DeidOptions, Reason, Screener, screen_files
 from tributary.spoke.pseudonyms import Pseudonymizer
 
 
@@ -67,6 +67,8 @@ def test_exclusions_and_flags_carry_their_reasons(folder: Path) -> None:
     assert len(main.slice_gaps) == 1 and main.slice_gaps[0].startswith("3.00 -> 5.00")
     allowed = screen_files(paths, DeidOptions(allow_burned_in=True))
     assert reasons(allowed, "burned.dcm") == []
+    in_memory = Screener().check_dataset(screen_capture(2), "received instance")
+    assert in_memory.excluded and in_memory.findings[0].reason == Reason.SCREEN_CAPTURE
 
 
 def test_deidentify_command_writes_outputs_and_report(folder: Path, tmp_path: Path) -> None:
