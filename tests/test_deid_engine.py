@@ -238,3 +238,25 @@ def test_same_patient_links_across_runs_and_patients_never_collide(tmp_path: Pat
     ids = {first.case_id(f"patient:MRN-{n:06d}") for n in range(5000)}
     assert len(ids) == 5000
     assert Pseudonymizer(b"k" * 32).case_id("patient:MRN-000042") != a.PatientID
+
+
+def test_option_table_agrees_with_the_basic_profile_source() -> None:
+    """The two machine-readable sources (dicom-anonymizer's Basic Profile, the extracted
+    option columns with their own Basic column) are independent scrapes of one standard:
+    they must agree on nearly every attribute, or an extraction went wrong."""
+    import json
+    from importlib import resources
+
+    extracted = json.loads(resources.files("tributary.spoke.deid").joinpath(
+        "ps315_options.json").read_text())["columns"]
+    basic = action_table(DeidOptions()).single
+    theirs = {int(k, 16): v for k, v in extracted["113100"]["rules"].items()
+              if "x" not in k and k != "private"}
+    common = set(basic) & set(theirs)
+    assert len(common) > 550
+    agree = sum(basic[t] == theirs[t] for t in common)
+    assert agree / len(common) > 0.95
+    dates = action_table(DeidOptions(retain_modified_dates=True)).single
+    assert dates[0x00080020] == "C" and dates[0x00080022] == "C"  # Study, Acquisition Date
+    assert action_table(DeidOptions(retain_patient_characteristics=True)).single[
+        0x00101010] == "K"  # Patient's Age
