@@ -74,7 +74,11 @@ def patient_instance(patient: int, instance: int, *, series: int = 1,
         RelationshipType="HAS OBS CONTEXT", ValueType="PNAME",
         PersonName=f"Observer{p}^Ophelia",
         ConceptNameCodeSequence=[_item(CodeValue="121008", CodingSchemeDesignator="DCM",
-                                       CodeMeaning="Person Observer Name")])]
+                                       CodeMeaning="Person Observer Name")]),
+        _item(RelationshipType="CONTAINS", ValueType="TEXT",
+              TextValue=f"Findings discussed with Oxbridge{p} by Vandersloot{p}",
+              ConceptNameCodeSequence=[_item(CodeValue="121071", CodingSchemeDesignator="DCM",
+                                             CodeMeaning="Finding")])]
     block = ds.private_block(0x0009, "ZZACME 1.0", create=True)
     block.add_new(0x01, "LO", f"Oxbridge{p} private note")
     block.add_new(0x02, "SQ", Sequence([_item(PatientName=f"Hidden{p}^Henrietta",

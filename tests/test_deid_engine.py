@@ -182,6 +182,9 @@ def test_generated_identifiers_never_reach_an_output_byte(option_set: str,
     assert reference.ReferencedSOPInstanceUID == Deidentifier(pseudonyms).uid(
         patient_instance(7, 1).SOPInstanceUID)  # still points at the (remapped) slice 1
     assert back.ContentSequence[0].PersonName == "ANONYMIZED"
+    # Free text in a dummy-replaced sequence goes too; its codes stay.
+    assert back.ContentSequence[1].TextValue == "ANONYMIZED"
+    assert back.ContentSequence[1].ConceptNameCodeSequence[0].CodeMeaning == "Finding"
     assert back.file_meta.MediaStorageSOPInstanceUID == back.SOPInstanceUID
     if option_set == "basic":
         assert back.DeidentificationMethod == DEID_METHOD
@@ -226,10 +229,34 @@ def test_same_patient_links_across_runs_and_patients_never_collide(tmp_path: Pat
     assert a.StudyInstanceUID == b.StudyInstanceUID != patient_instance(42, 1).StudyInstanceUID
     assert a.SeriesInstanceUID == b.SeriesInstanceUID and a.SOPInstanceUID != b.SOPInstanceUID
     assert a.StudyDate == b.StudyDate != "20210314"
-    assert a.PatientBirthDate == b.PatientBirthDate  # same shift for every date of a patient
+    # One shift for every date of the patient: intervals and times survive.
+    assert a.AcquisitionDateTime == b.AcquisitionDateTime == a.StudyDate + "101733.123"
+    assert not a.get("PatientBirthDate")  # no option retains it
     other = Deidentifier(first, options).deidentify(patient_instance(43, 1),
                                                     first.case_id("patient:MRN-000043"))
     assert other.PatientID != a.PatientID
     ids = {first.case_id(f"patient:MRN-{n:06d}") for n in range(5000)}
     assert len(ids) == 5000
     assert Pseudonymizer(b"k" * 32).case_id("patient:MRN-000042") != a.PatientID
+
+
+def test_option_table_agrees_with_the_basic_profile_source() -> None:
+    """The two machine-readable sources (dicom-anonymizer's Basic Profile, the extracted
+    option columns with their own Basic column) are independent scrapes of one standard:
+    they must agree on nearly every attribute, or an extraction went wrong."""
+    import json
+    from importlib import resources
+
+    extracted = json.loads(resources.files("tributary.spoke.deid").joinpath(
+        "ps315_options.json").read_text())["columns"]
+    basic = action_table(DeidOptions()).single
+    theirs = {int(k, 16): v for k, v in extracted["113100"]["rules"].items()
+              if "x" not in k and k != "private"}
+    common = set(basic) & set(theirs)
+    assert len(common) > 550
+    agree = sum(basic[t] == theirs[t] for t in common)
+    assert agree / len(common) > 0.95
+    dates = action_table(DeidOptions(retain_modified_dates=True)).single
+    assert dates[0x00080020] == "C" and dates[0x00080022] == "C"  # Study, Acquisition Date
+    assert action_table(DeidOptions(retain_patient_characteristics=True)).single[
+        0x00101010] == "K"  # Patient's Age

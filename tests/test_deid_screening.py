@@ -14,7 +14,7 @@ from deid_samples import identifying_values, patient_instance, screen_capture, w
 from typer.testing import CliRunner
 
 from tributary.cli import app
-from tributary.spoke.deid import DeidOptions, Reason, screen_files
+from tributary.spoke.deid import DeidOptions, Reason, Screener, screen_files
 from tributary.spoke.pseudonyms import Pseudonymizer
 
 
@@ -67,6 +67,8 @@ def test_exclusions_and_flags_carry_their_reasons(folder: Path) -> None:
     assert len(main.slice_gaps) == 1 and main.slice_gaps[0].startswith("3.00 -> 5.00")
     allowed = screen_files(paths, DeidOptions(allow_burned_in=True))
     assert reasons(allowed, "burned.dcm") == []
+    in_memory = Screener().check_dataset(screen_capture(2), "received instance")
+    assert in_memory.excluded and in_memory.findings[0].reason == Reason.SCREEN_CAPTURE
 
 
 def test_deidentify_command_writes_outputs_and_report(folder: Path, tmp_path: Path) -> None:
@@ -94,6 +96,20 @@ def test_deidentify_command_writes_outputs_and_report(folder: Path, tmp_path: Pa
         ds = pydicom.dcmread(path)
         assert ds.PatientID == case_id and ds.LongitudinalTemporalInformationModified == \
             "MODIFIED"
+    # A second run (another batch, same key) gives the same pseudonyms and UIDs.
+    again = tmp_path / "again"
+    assert CliRunner().invoke(app, ["spoke", "deidentify", str(folder), str(again), "--key",
+                                    str(key), "--retain-modified-dates"]).exit_code == 0
+    assert sorted(p.relative_to(again) for p in again.rglob("*.dcm")) == \
+        sorted(p.relative_to(dst) for p in outputs)
+    first = pydicom.dcmread(outputs[0])
+    second = pydicom.dcmread(again / outputs[0].relative_to(dst))
+    assert (first.StudyDate, first.StudyInstanceUID) == (second.StudyDate,
+                                                         second.StudyInstanceUID)
+    log = (tmp_path / "audit.jsonl").read_text().splitlines()
+    [entry, _second] = [json.loads(line) for line in log]
+    assert entry["action"] == "deid.folder" and entry["detail"]["files_written"] == 6
+    assert "Oxbridge1" not in json.dumps(entry)
     # Bad flags are refused with a clear message and nothing is written.
     refused = CliRunner().invoke(app, ["spoke", "deidentify", str(folder), str(tmp_path / "x"),
                                        "--key", str(key), "--safe-private", "nonsense"])

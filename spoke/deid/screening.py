@@ -116,6 +116,7 @@ class Screener:
         self._series: dict[str, list[_Slice]] = {}
 
     def check(self, path: Path) -> tuple[Dataset | None, FileVerdict]:
+        """Read and screen one file: the dataset (to de-identify) unless excluded."""
         verdict = FileVerdict(path=str(path))
         self.verdicts.append(verdict)
         with warnings.catch_warnings(record=True) as caught:
@@ -135,6 +136,22 @@ class Screener:
         if problem:
             verdict.add(Reason.TRUNCATED, problem)
             return None, verdict
+        self._inspect(ds, verdict)
+        return (None if verdict.excluded else ds), verdict
+
+    def check_dataset(self, ds: Dataset, name: str) -> FileVerdict:
+        """Screen a dataset that is already in memory (read elsewhere, or received);
+        ``name`` identifies it in the report."""
+        verdict = FileVerdict(path=name)
+        self.verdicts.append(verdict)
+        problem = _truncation(ds, [])
+        if problem:
+            verdict.add(Reason.TRUNCATED, problem)
+        else:
+            self._inspect(ds, verdict)
+        return verdict
+
+    def _inspect(self, ds: Dataset, verdict: FileVerdict) -> None:
         try:
             sop_class, series_uid = UID(ds.SOPClassUID), str(ds.SeriesInstanceUID)
             str(ds.SOPInstanceUID)
@@ -143,7 +160,7 @@ class Screener:
         except Exception as exc:
             verdict.add(Reason.CORRUPTED, f"identity attributes missing or damaged: "
                                           f"{type(exc).__name__}: {exc}"[:300])
-            return None, verdict
+            return
         verdict.series_id = (self.pseudonyms.series_id(series_uid) if self.pseudonyms
                              else series_uid)
         if "SCREEN SAVE" in image_type:
@@ -167,7 +184,6 @@ class Screener:
                 verdict.add(Reason.DUPLICATE_PIXELS, f"same pixel data as {first}")
         if not verdict.excluded:
             self._series.setdefault(verdict.series_id, []).append(_slice(ds))
-        return (None if verdict.excluded else ds), verdict
 
     def report(self) -> ScreeningReport:
         return ScreeningReport(files=self.verdicts,

@@ -8,6 +8,7 @@ The report holds source paths and is written beside DST, never inside it."""
 
 from __future__ import annotations
 
+import getpass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -71,6 +72,7 @@ def main(
     from rich.progress import track
     from rich.table import Table
 
+    from tributary.protocol.auditlog import AuditLog
     from tributary.spoke.deid import Deidentifier, DeidOptions, SafePrivate, Screener
     from tributary.spoke.deid.screening import EXCLUDING, Reason
     from tributary.spoke.pseudonyms import Pseudonymizer
@@ -83,6 +85,8 @@ def main(
 
         key = SpokeConfig.load(config).work_dir / "pseudonym.key"
     assert key is not None
+    # The run is audited in the spoke's log (or one beside the key file used instead).
+    audit_log = key.parent / "audit.jsonl"
     entries = []
     for text in safe_private or []:
         try:
@@ -130,6 +134,11 @@ def main(
         screening=screening.model_dump(mode="json"), outputs=outputs)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(document.model_dump_json(indent=1) + "\n")
+    AuditLog(audit_log).append(
+        f"steward:{getpass.getuser()}", "deid.folder", str(dst),
+        {"profile": deid.profile, "report": str(report), "files_seen": len(paths),
+         "files_written": len(outputs), "excluded": document.excluded,
+         "flagged": document.flagged, "reasons": document.reasons})
     table = Table("reason", "files", "effect", title=deid.profile)
     for reason, count in sorted(document.reasons.items()):
         effect = "excluded" if Reason(reason) in EXCLUDING else "flagged for review"
