@@ -66,16 +66,15 @@ from tributary.spoke.catalog import (
 )
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain, input_digest, outgoing
+from tributary.spoke.deid import profile_name
 from tributary.spoke.images import ImageRefused, check_approval, check_release, ensure_image
 from tributary.spoke.ingest import open_catalog, refresh_catalog, series_folders
 from tributary.spoke.journal import CaseRow, Journal, OutboxRow, claim_work_dir
 from tributary.spoke.liveness import CaseActivity, Heartbeat, ProgressReporter
 from tributary.spoke.outbox import OutboxSender
 from tributary.spoke.participant import build_participant
-from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.runner import SPOKE_LABEL, effective_limits, remove_orphans, run_case
 from tributary.spoke.steward import Steward
-from tributary.spoke.store import DEID_PROFILE
 
 log = logging.getLogger(__name__)
 #: Room left in a result message for its custody record (signed, base64 inside DSSE).
@@ -90,7 +89,6 @@ class SpokeAgent:
     def __init__(self, config: SpokeConfig) -> None:
         self.config = config
         self._work_dir_lock = claim_work_dir(config.work_dir)
-        self.pseudonyms = Pseudonymizer.from_key_file(config.work_dir / "pseudonym.key")
         self.journal = Journal(config.work_dir / "journal.db")
         self.audit = AuditLog(config.work_dir / "audit.jsonl")
         self.key = SigningKey.load_or_create(config.work_dir / "spoke.key")
@@ -114,6 +112,9 @@ class SpokeAgent:
         self._cohort_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="case")
         self.steward = Steward(self)
+        #: What the configured options make; a case states the profile its store files
+        #: were actually made under (the catalog's record).
+        self.deid_profile = profile_name(config.deidentification)
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> None:
@@ -524,7 +525,7 @@ class SpokeAgent:
                 self._finish_case(message, row, activity.started_at, None, Failure(
                     reason=FailureReason.INTERNAL_ERROR,
                     detail="the spoke could not complete this case; see its log"),
-                    _empty_run())
+                    self._empty_run())
         finally:
             with self._running_lock:
                 self._running.pop((row.experiment_id, row.case_id), None)
@@ -547,17 +548,17 @@ class SpokeAgent:
             return self._finish_case(message, row, started, None, Failure(
                 reason=FailureReason.INTERRUPTED,
                 detail=f"the spoke went down {row.launches - 1} times while running this "
-                       "case; it is not started again"), _empty_run())
+                       "case; it is not started again"), self._empty_run())
         revoked = self.journal.revocation(message.algorithm.digest)
         if revoked is not None:
             return self._finish_case(message, row, started, None, Failure(
                 reason=FailureReason.IMAGE_NOT_TRUSTED,
-                detail=f"approval revoked by the hub: {revoked}"[:2000]), _empty_run())
+                detail=f"approval revoked by the hub: {revoked}"[:2000]), self._empty_run())
         case = self._cohort(message).get(row.case_id)
         if case is None:
             return self._finish_case(message, row, started, None, Failure(
                 reason=FailureReason.INPUT_ERROR,
-                detail="the case is no longer in the spoke's catalog"), _empty_run())
+                detail="the case is no longer in the spoke's catalog"), self._empty_run())
         self.journal.send_later(outgoing(CaseStartedMessage(
             experiment_id=row.experiment_id, spoke_id=self.config.spoke_id,
             case_id=row.case_id, attempt=row.attempt), self.key))
@@ -606,6 +607,11 @@ class SpokeAgent:
             return None
         return self.chain.append(result, run)
 
+    def _empty_run(self) -> dict:
+        """The facts a custody record states about a run, before any are known."""
+        return {"exit_code": None, "participant_sha256": None, "input_sha256": None,
+                "deid_profile": self.deid_profile}
+
     def _on_progress(self, activity: CaseActivity, progress: Progress) -> None:
         self.progress.report(activity, progress)
 
@@ -613,8 +619,10 @@ class SpokeAgent:
                  activity: CaseActivity) -> tuple[dict | None, Failure | None, dict]:
         """Run the case; returns output, failure and the facts its custody record states."""
         t0 = time.monotonic()
-        run = _empty_run()
+        run = self._empty_run()
         try:
+            with open_catalog(self.config) as catalog:
+                run["deid_profile"] = catalog.deid_profile() or self.deid_profile
             # Only the de-identified store's series folders are ever mounted.
             deidentified = series_folders(self.config, [s.series_id for s in case.series])
             participant, mounts = build_participant(case, message.experiment_id, deidentified)
@@ -674,9 +682,3 @@ def _subject(message: HubMessage | None) -> str:
     """What a hub message is about, for the audit log: its experiment or count query."""
     return (getattr(message, "experiment_id", None) or getattr(message, "query_id", None)
             or "")
-
-
-def _empty_run() -> dict:
-    """The facts a custody record states about a run, before any are known."""
-    return {"exit_code": None, "participant_sha256": None, "input_sha256": None,
-            "deid_profile": DEID_PROFILE}

@@ -60,6 +60,10 @@ CREATE TABLE IF NOT EXISTS attributes (
     value TEXT NOT NULL,
     PRIMARY KEY (case_id, name)
 );
+CREATE TABLE IF NOT EXISTS settings (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS inputs (
     source TEXT NOT NULL,
     ref TEXT NOT NULL,
@@ -71,6 +75,12 @@ CREATE TABLE IF NOT EXISTS inputs (
     PRIMARY KEY (source, ref)
 );
 """
+
+
+class ProfileChanged(ValueError):
+    """The store was de-identified under other options than the configuration now asks
+    for: mixing them would make custody records wrong, so ingest stops until the store is
+    rebuilt (`tributary spoke ingest --rebuild`)."""
 
 
 class SelectionRefused(ValueError):
@@ -166,6 +176,28 @@ class Catalog:
             self._db.commit()
 
     # -- ingest side ----------------------------------------------------------------------
+    def deid_profile(self) -> str | None:
+        """The de-identification profile every stored instance was prepared under (None
+        while the store is empty)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM settings WHERE name='deid_profile'"
+                                   ).fetchone()
+        return row[0] if row else None
+
+    def claim_profile(self, profile: str) -> None:
+        """Record ``profile`` for the store, or raise :class:`ProfileChanged` if instances
+        were stored under another one."""
+        recorded = self.deid_profile()
+        if recorded == profile:
+            return
+        if recorded is not None and self.counts()["instances"]:
+            raise ProfileChanged(
+                f"the store was de-identified under {recorded!r} but [deidentification] now "
+                f"asks for {profile!r}; rebuild it with `tributary spoke ingest --rebuild`")
+        with self._lock, self._db:
+            self._db.execute("INSERT OR REPLACE INTO settings VALUES ('deid_profile', ?)",
+                             (profile,))
+
     def input_state(self, source: str, ref: str) -> tuple[str, str] | None:
         """(fingerprint, status) recorded for this input, if it was seen before."""
         with self._lock:

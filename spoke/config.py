@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.contract import DEFAULT_OUTPUT_LIMIT_BYTES
 from tributary.protocol.messages import validate_spoke_id
+from tributary.spoke.deid.options import DeidOptions
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,9 @@ class SpokeConfig(BaseModel):
     #: Where the de-identified store and catalog take their DICOM from.
     sources: list[DataSource] = Field(default_factory=list)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    #: PS3.15 options the store's instances are de-identified under (all off: the Basic
+    #: Profile); custody records state them. Changing them needs `ingest --rebuild`.
+    deidentification: DeidOptions = Field(default_factory=DeidOptions)
 
     _id = field_validator("spoke_id")(validate_spoke_id)
 

@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import multiprocessing
+import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from typing import Any
 
 from tributary.spoke.catalog import Catalog
 from tributary.spoke.config import SpokeConfig
+from tributary.spoke.deid import DeidOptions
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.sources import Source, SourceItem, open_source
 from tributary.spoke.store import DeidStore, Excluded, PreparedInstance, Preparer
@@ -114,9 +116,10 @@ def load_attributes(path: Path) -> dict[str, dict[str, Any]]:
 _worker: Preparer | None = None
 
 
-def _init_worker(key_file: str) -> None:
+def _init_worker(key_file: str, options: str) -> None:
     global _worker
-    _worker = Preparer(Pseudonymizer.from_key_file(Path(key_file)))
+    _worker = Preparer(Pseudonymizer.from_key_file(Path(key_file)),
+                       DeidOptions.model_validate_json(options))
 
 
 def _prepare_file(path: str) -> PreparedInstance | Excluded:
@@ -136,7 +139,9 @@ def _prepared(items: list[SourceItem], preparer: Preparer, key_file: Path,
         # spawn, not fork: the agent has broker threads whose locks a fork would copy
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker,
-                                 initargs=(str(key_file),)) as pool:
+                                 initargs=(str(key_file),
+                                           preparer.deidentifier.options.model_dump_json())
+                                 ) as pool:
             yield from pool.map(_prepare_file, [str(i.path) for i in items], chunksize=8)
         return
     for item in items:
@@ -150,9 +155,9 @@ def _prepared(items: list[SourceItem], preparer: Preparer, key_file: Path,
             yield exc
 
 
-def _ingest_source(source: Source, catalog: Catalog, store: DeidStore,
-                   pseudonyms: Pseudonymizer, key_file: Path, workers: int,
-                   report: IngestReport, progress: Progress | None) -> None:
+def _ingest_source(source: Source, catalog: Catalog, store: DeidStore, preparer: Preparer,
+                   key_file: Path, workers: int, report: IngestReport,
+                   progress: Progress | None) -> None:
     items = source.items()
     known = catalog.known_refs(source.name)
     pending = [i for i in items if known.get(i.ref) != i.fingerprint]
@@ -161,7 +166,7 @@ def _ingest_source(source: Source, catalog: Catalog, store: DeidStore,
                       "duplicates": 0, "excluded": 0})
     if progress is not None:
         progress(source.name, counts["unchanged"], len(items))
-    results = _prepared(pending, Preparer(pseudonyms), key_file, workers)
+    results = _prepared(pending, preparer, key_file, workers)
     for done, (item, prepared) in enumerate(zip(pending, results, strict=True), start=1):
         if isinstance(prepared, Excluded):
             catalog.record_input(source.name, item.ref, item.fingerprint, "excluded",
@@ -216,9 +221,12 @@ def _record(source: str, item: SourceItem, prepared: PreparedInstance, catalog: 
 def ingest(config: SpokeConfig, catalog: Catalog | None = None,
            progress: Progress | None = None,
            sources: list[Source] | None = None) -> IngestReport:
-    """Ingest every configured source, then refresh the case attributes. Raises
+    """Ingest every configured source, de-identified under the ``[deidentification]``
+    options, then refresh the case attributes. Raises
     :class:`~tributary.spoke.sources.SourceUnavailable` if a source cannot be reached
-    (what was ingested before that stays)."""
+    (what was ingested before that stays), and
+    :class:`~tributary.spoke.catalog.ProfileChanged` if the store was made under other
+    options (see :func:`rebuild`)."""
     own = catalog is None
     catalog = catalog or open_catalog(config)
     key_file = config.work_dir / "pseudonym.key"
@@ -227,10 +235,13 @@ def ingest(config: SpokeConfig, catalog: Catalog | None = None,
     report = IngestReport()
     try:
         with _exclusive(config.work_dir):
+            # A fresh preparer per run: the screener's duplicate-pixel memory is per run.
+            preparer = Preparer(pseudonyms, config.deidentification)
+            catalog.claim_profile(preparer.profile)
             path = config.attributes_path
             ignore = frozenset({path}) if path is not None else frozenset()
             for source in sources or [open_source(s, ignore) for s in config.all_sources]:
-                _ingest_source(source, catalog, store, pseudonyms, key_file,
+                _ingest_source(source, catalog, store, preparer, key_file,
                                config.catalog.workers, report, progress)
             if path is not None:
                 by_patient = load_attributes(path)
@@ -245,6 +256,18 @@ def ingest(config: SpokeConfig, catalog: Catalog | None = None,
         if own:
             catalog.close()
     return report
+
+
+def rebuild(config: SpokeConfig) -> None:
+    """Empty the store and the catalog (under the ingest lock) so the next ingest prepares
+    every input again, e.g. under new ``[deidentification]`` options. Stop the agent
+    first: a running case mounts the store."""
+    with _exclusive(config.work_dir):
+        catalog_file = catalog_path(config.work_dir)
+        for suffix in ("", "-wal", "-shm"):
+            catalog_file.with_name(catalog_file.name + suffix).unlink(missing_ok=True)
+        if store_root(config.work_dir).exists():
+            shutil.rmtree(store_root(config.work_dir))
 
 
 #: audit(action, target, **detail): the agent's audit log

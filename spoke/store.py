@@ -21,11 +21,8 @@ from typing import Any
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
-from tributary.spoke.deid import PROFILE, Deidentifier, DeidOptions, FileVerdict, Screener
+from tributary.spoke.deid import Deidentifier, DeidOptions, FileVerdict, Screener
 from tributary.spoke.pseudonyms import Pseudonymizer
-
-#: Recorded in every custody record: which de-identification produced the store's files.
-DEID_PROFILE = PROFILE
 
 
 class Excluded(Exception):
@@ -94,6 +91,11 @@ class Preparer:
         self.pseudonyms = pseudonyms
         self.deidentifier = Deidentifier(pseudonyms, options)
         self.screener = Screener(self.deidentifier.options, pseudonyms)
+
+    @property
+    def profile(self) -> str:
+        """The profile and options this preparer applies, as custody records state it."""
+        return self.deidentifier.profile
 
     def from_file(self, path: Path) -> PreparedInstance:
         """Screen, read and de-identify a local file; raises :class:`Excluded`."""

@@ -1,16 +1,21 @@
 """Cohort criteria through the whole federation: a coordinator's selection by a releasable
 attribute picks exactly the matching cases at a real spoke process, and a selection on an
-attribute the site does not release is refused there."""
+attribute the site does not release is refused there. The site's de-identification
+options are the profile its custody records state."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import json
+import sqlite3
 import uuid
 from typing import Any
 
 import pytest
 
 from tributary.federation import LocalFederation, generate_cohort
+from tributary.spoke.deid import DeidOptions, profile_name
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +41,8 @@ def test_selection_by_attribute_at_a_spoke(federation: LocalFederation,
     generate_cohort(data, 4, seed=51, site="Criteria Clinic", size=64, slices=16)
     with open(data / "attributes.csv", newline="") as handle:
         counts = [int(row["nodule_count"]) for row in csv.DictReader(handle)]
-    config = federation.add_spoke(spoke_id, data, releasable=("nodule_count",))
+    config = federation.add_spoke(spoke_id, data, releasable=("nodule_count",),
+                                  deidentification={"retain_modified_dates": True})
     algorithm = federation.register_algorithm(
         name=f"ok-{spoke_id}", version="1", repository=misbehaving_image[0],
         digest=misbehaving_image[1],
@@ -52,6 +58,12 @@ def test_selection_by_attribute_at_a_spoke(federation: LocalFederation,
         assert case["state"] == "succeeded"
         assert case["output"] == {"ok": True, "case_id": case["case_id"]}
         assert case["released"] == {"nodule_count": 0}  # "nodules" is not releasable
+    with sqlite3.connect(federation.root / "hub.db") as db:
+        envelopes = [row[0] for row in db.execute(
+            "SELECT custody FROM caseresult WHERE experiment_id=?", (experiment["id"],))]
+    profiles = {json.loads(base64.b64decode(json.loads(e)["payload"]))["predicate"][
+        "deid_profile"] for e in envelopes}
+    assert profiles == {profile_name(DeidOptions(retain_modified_dates=True))}
 
     experiment, cases = launch(federation, spoke_id, algorithm["id"],
                                {"attributes": {"nodules": "[]"}}, [])

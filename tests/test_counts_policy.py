@@ -28,7 +28,7 @@ from tributary.protocol.messages import (
     decode_from_spoke,
     encode,
 )
-from tributary.spoke import cohort
+from tributary.spoke.catalog import CatalogCase, refused_attributes, released_attributes
 from tributary.spoke.counts import suppress
 from tributary.spoke.steward import APPROVED, PENDING, REJECTED, NotPending, StewardDesk, withheld
 
@@ -52,13 +52,13 @@ def test_small_cells_are_suppressed(true_count: int, count: int | None,
     assert (reply.count, reply.fewer_than) == (count, fewer_than)
 
 
-def test_only_releasable_attributes_ever_leave(tmp_path: Path) -> None:
-    case = cohort.SourceCase(case_id="c-1", folder=tmp_path / "case-1", series=[])
-    attributes = {"case-1": {"nodules": [], "birth_year": 1950, "name": "Doe"}}
+def test_only_releasable_attributes_ever_leave() -> None:
+    case = CatalogCase(case_id="c-1", series=[],
+                       attributes={"nodules": [], "birth_year": 1950, "name": "Doe"})
     asked = ["nodules", "birth_year", "name", "absent"]
-    assert cohort.released_attributes(case, attributes, asked, ["nodules"]) == {"nodules": []}
-    assert cohort.released_attributes(case, attributes, asked, []) == {}
-    assert cohort.refused_attributes(asked, ["nodules"]) == ["birth_year", "name", "absent"]
+    assert released_attributes(case, asked, ["nodules"]) == {"nodules": []}
+    assert released_attributes(case, asked, []) == {}
+    assert refused_attributes(asked, ["nodules"]) == ["birth_year", "name", "absent"]
 
 
 def test_hub_totals_are_lower_bounds_when_cells_are_suppressed(tmp_path: Path) -> None:

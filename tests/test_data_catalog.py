@@ -262,3 +262,45 @@ def test_screening_keeps_unsafe_inputs_out_of_the_store(tmp_path: Path) -> None:
                                                    "stored instance under another header")
     stored = list(store_root(config.work_dir).rglob("*.dcm"))
     assert len(stored) == 8  # 4 objects + 4 series links
+
+
+def test_deidentification_options_reach_the_store_and_a_change_needs_a_rebuild(
+        cohorts: dict, tmp_path: Path) -> None:
+    """[deidentification] decides what the store holds and the profile it records (which
+    custody records state); new options never mix with files made under the old ones."""
+    import pydicom
+
+    from tributary.spoke.catalog import ProfileChanged
+    from tributary.spoke.deid import DeidOptions, profile_name
+
+    data = tmp_path / "data"
+    shutil.copytree(cohorts["b"]["dir"], data)
+    config = tmp_path / "spoke.toml"
+    base = (f'spoke_id = "site-a"\ndata_dir = "{data}"\nwork_dir = "work"\n'
+            'hub_public_key = "hub.pub"\n')
+    config.write_text(base + "[deidentification]\nretain_patient_characteristics = true\n")
+    kept = SpokeConfig.load(config)
+    assert kept.deidentification == DeidOptions(retain_patient_characteristics=True)
+    assert ingest(kept).stored == len(cohorts["b"]["files"])
+    with open_catalog(kept) as catalog:
+        assert catalog.deid_profile() == profile_name(kept.deidentification)
+        assert "Retain Patient Characteristics" in catalog.deid_profile()
+    stored = sorted((store_root(kept.work_dir) / "objects").rglob("*.dcm"))
+    assert pydicom.dcmread(stored[0]).PatientSex in ("F", "M")
+
+    config.write_text(base)  # back to the Basic Profile: the store must be rebuilt first
+    basic = SpokeConfig.load(config)
+    with pytest.raises(ProfileChanged, match="--rebuild"):
+        ingest(basic)
+    with open_catalog(basic) as catalog:  # nothing was mixed in
+        assert catalog.deid_profile() == profile_name(kept.deidentification)
+    result = CliRunner().invoke(app, ["spoke", "ingest", "-c", str(config), "--rebuild"])
+    assert result.exit_code == 0, result.output
+    with open_catalog(basic) as catalog:
+        assert catalog.deid_profile() == profile_name(DeidOptions())
+        assert catalog.counts()["instances"] == len(cohorts["b"]["files"])
+    for path in (store_root(basic.work_dir) / "objects").rglob("*.dcm"):
+        assert "PatientSex" not in pydicom.dcmread(path) or not pydicom.dcmread(
+            path).PatientSex
+    actions = [e["action"] for _, e in read_entries(basic.work_dir / "audit.jsonl") if e]
+    assert actions[-2:] == ["catalog.rebuilt", "catalog.ingested"]

@@ -206,7 +206,8 @@ class LocalFederation:
                      releasable: tuple[str, ...] = ("nodules",),
                      publisher_keys: tuple[Path, ...] = (),
                      steward: dict[str, bool] | None = None,
-                     counts: dict[str, Any] | None = None) -> Path:
+                     counts: dict[str, Any] | None = None,
+                     deidentification: dict[str, Any] | None = None) -> Path:
         work = self.root / "spokes" / spoke_id
         work.mkdir(parents=True, exist_ok=True)
         config = work / "spoke.toml"
@@ -220,6 +221,7 @@ class LocalFederation:
             f'allowed_registries = ["{self.services.registry}"]\n\n[trust]\n'
             f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
             + _toml_table("steward", steward) + _toml_table("counts", counts)
+            + _toml_table("deidentification", deidentification)
         )
         config.chmod(0o600)  # it may hold the spoke's broker password
         return config

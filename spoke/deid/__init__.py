@@ -1,14 +1,13 @@
 """De-identification of DICOM before anything leaves the source folders: the PS3.15
 Annex E Basic Application Level Confidentiality Profile with the options a study
 chooses (:class:`DeidOptions`), the engine (:class:`Deidentifier`), screening of what
-must be excluded or reviewed (:class:`Screener`, :func:`screen_files`), and the spoke's
-once-per-case preparation (:func:`deidentified_case`)."""
+must be excluded or reviewed (:class:`Screener`, :func:`screen_files`). The spoke's store
+(``tributary.spoke.store.Preparer``) is the one place the spoke applies them."""
 
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
 
-from tributary.spoke.deid.case import PROFILE, deidentified_case
 from tributary.spoke.deid.engine import DEID_METHOD, Deidentifier
 from tributary.spoke.deid.options import DeidOptions, SafePrivate
 from tributary.spoke.deid.profile import (
@@ -29,9 +28,9 @@ from tributary.spoke.deid.screening import (
 from tributary.spoke.pseudonyms import Pseudonymizer
 
 __all__ = [
-    "BASIC_EDITION", "DEID_METHOD", "OPTIONS_EDITION", "PROFILE", "DeidOptions",
+    "BASIC_EDITION", "DEID_METHOD", "OPTIONS_EDITION", "DeidOptions",
     "Deidentifier", "FileVerdict", "Finding", "Reason", "SafePrivate", "Screener",
-    "ScreeningReport", "SeriesIntegrity", "action_table", "deidentified_case",
+    "ScreeningReport", "SeriesIntegrity", "action_table",
     "deidentify_dataset", "profile_name", "screen_files",
 ]
 

@@ -29,19 +29,31 @@ def _config(path: Path) -> Any:
         raise typer.Exit(2) from None
 
 
-def ingest(config: ConfigOption) -> None:
+def ingest(
+    config: ConfigOption,
+    rebuild: Annotated[bool, typer.Option(
+        "--rebuild", help="Empty the store and catalog first and prepare every input again "
+        "(after changing [deidentification]); stop the agent before.")] = False,
+) -> None:
     """Ingest the configured sources into the de-identified store and catalog. Only new or
     changed inputs are read; running it again over unchanged sources is a no-op."""
     import getpass
 
     from tributary.protocol.auditlog import AuditLog
+    from tributary.spoke.deid import profile_name
     from tributary.spoke.ingest import ingest as run_ingest
+    from tributary.spoke.ingest import rebuild as rebuild_store
     from tributary.spoke.sources import SourceUnavailable
 
     settings = _config(config)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     audit = AuditLog(settings.work_dir / "audit.jsonl")  # the agent's log: one history
     actor = f"cli:{getpass.getuser()}"
+    if rebuild:
+        rebuild_store(settings)
+        audit.append(actor, "catalog.rebuilt", settings.spoke_id,
+                     {"deid_profile": profile_name(settings.deidentification)})
+        console.print("store and catalog emptied; preparing every input again")
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as progress:
         bars: dict[str, Any] = {}
