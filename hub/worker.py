@@ -40,7 +40,7 @@ def configure(settings: HubSettings, engine: Engine | None = None) -> None:
     global _settings, _engine
     broker = settings.celery_broker_url
     app.conf.update(
-        broker_url=broker or "memory://",
+        broker_url=broker or "memory://localhost/",
         task_always_eager=broker is None,
         task_eager_propagates=False,  # a failed aggregation never fails ingestion
         task_default_queue=settings.aggregation_queue(),
