@@ -145,7 +145,10 @@ def test_small_cells_are_suppressed_in_every_export(hub: tuple[TestClient, Sessi
     roc = csv_rows(client.get("/api/experiments/exp-roc/roc.csv").text)
     assert [r for r in roc if r["group"] == "east"] == [
         {"group": "east", "threshold": "", "fpr": "", "tpr": "", "suppressed": reason}]
-    assert len([r for r in roc if r["group"] == "north"]) == len(NORTH) + 1
+    north_points = report["groups"]["north"]["roc"]["points"]
+    assert [(float(r["fpr"]), float(r["tpr"])) for r in roc if r["group"] == "north"] == [
+        (p["fpr"], p["tpr"]) for p in north_points]
+    assert north_points[0]["threshold"] is None and north_points[-1]["fpr"] == 1.0
 
     # k is a hub setting: with k = 2 the east spoke's sensitivity (2 positives) is shown.
     client.app.state.settings.min_cell_size = 2  # type: ignore[attr-defined]
