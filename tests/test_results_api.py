@@ -9,6 +9,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlmodel import Session, select
 from tributary.hub import worker
 from tributary.hub.main import create_app
 from tributary.hub.models import AggregateSnapshot, AuditEvent, Experiment, Role
+from tributary.hub.services import aggregation
 from tributary.hub.services.aggregation import aggregate
 from tributary.hub.services.users import create_user, issue_token
 from tributary.hub.settings import HubSettings
@@ -99,6 +101,25 @@ def test_aggregate_follows_results_as_they_arrive(hub: tuple[TestClient, Session
     assert old["results"] == 3 and old["current"] is False
     assert client.get("/api/experiments/exp-roc/aggregate",
                       params={"version": 99}).status_code == 404
+
+
+def test_a_lost_task_is_caught_up_on_read(hub: tuple[TestClient, Session],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    client, session = hub
+    spokes = run_study(session)
+    send_result(session, spokes, "exp-roc", "north", "n0", {"prediction": {"p": 0.9}},
+                {"diagnosis": 1})
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    worker.configure(client.app.state.settings)  # no engine: tasks are dropped, as if lost
+    send_result(session, spokes, "exp-roc", "north", "n1", {"prediction": {"p": 0.8}},
+                {"diagnosis": 1})
+    stale = client.get("/api/experiments/exp-roc/aggregate").json()
+    assert (stale["version"], stale["results"], stale["current"]) == (1, 1, False)
+    worker.configure(client.app.state.settings, engine)  # the hub can run tasks again
+    assert client.get("/api/experiments/exp-roc/aggregate").json()["current"] is False
+    monkeypatch.setattr(aggregation, "STALE_GRACE", timedelta(0))  # ... and the grace is over
+    caught_up = client.get("/api/experiments/exp-roc/aggregate").json()
+    assert (caught_up["version"], caught_up["results"], caught_up["current"]) == (2, 2, True)
 
 
 def figure_rows(rows: list[dict[str, str]], group: str) -> dict[str, dict[str, str]]:
