@@ -5,6 +5,7 @@ carry exactly the figures the in-process (eager) mode computes for the same resu
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,17 @@ def latest(session: Session, experiment_id: str) -> AggregateSnapshot | None:
         .order_by(col(AggregateSnapshot.version).desc())).first()
 
 
+def stop(process: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    """Warm shutdown (SIGTERM); Celery may take half a minute to hand back an unacked
+    message, so after that the worker's own process group is killed."""
+    process.terminate()
+    try:
+        process.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 @pytest.fixture
 def redis_url(service_settings: ServiceSettings) -> str:
     return redis.ensure_running(service_settings)
@@ -107,7 +119,7 @@ def test_worker_process_aggregates_like_in_process(tmp_path: Path, redis_url: st
         process = subprocess.Popen(
             [str(Path(sys.executable).with_name("tributary")), "hub", "worker",
              "--concurrency", "2"], env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         with Session(engine) as session:
             run_study(session)
@@ -127,8 +139,7 @@ def test_worker_process_aggregates_like_in_process(tmp_path: Path, redis_url: st
             fresh = {e: aggregate(session, session.get(Experiment, e), K).model_dump(
                 mode="json") for e in done}
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop(process)
     assert "aggregate_experiment" in log.read_text()  # the tasks ran in the worker
 
     for experiment_id, snapshot in done.items():
