@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from tributary import __version__
+from tributary.hub import worker
 from tributary.hub.api import (
     algorithms,
     audit,
@@ -19,6 +20,7 @@ from tributary.hub.api import (
     counts,
     deadletters,
     experiments,
+    results,
     spokes,
 )
 from tributary.hub.db import make_engine
@@ -58,6 +60,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         broker = StompClient(settings.broker(), "hub").start()
         app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
         app.state.signing_key = key
+        worker.configure(settings, engine)  # aggregation tasks: in-process or on Celery
         _bootstrap_admin(engine, settings)
         if settings.consume_results:
             ResultsConsumer(engine, broker).start()
@@ -68,9 +71,9 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app = FastAPI(title="Tributary hub", version=__version__, lifespan=lifespan,
                   description="Register spokes and algorithms, launch federated experiments "
                               "and read their aggregated results.")
-    for router in (spokes.router, algorithms.router, experiments.router, audit.router,
-                   audit.quarantine_router, algorithms.publishers_router, auth.router,
-                   counts.router, deadletters.router):
+    for router in (spokes.router, algorithms.router, experiments.router, results.router,
+                   audit.router, audit.quarantine_router, algorithms.publishers_router,
+                   auth.router, counts.router, deadletters.router):
         app.include_router(router)
     app.include_router(web_router)
 

@@ -10,7 +10,7 @@ from sqlmodel import Session, select
 
 from tributary.hub.api.deps import TOKEN_COOKIE, bearer_scheme, current_user, get_session
 from tributary.hub.models import CountQuery, Experiment, ExperimentState, Role
-from tributary.hub.services.aggregation import aggregate
+from tributary.hub.services.aggregation import latest
 from tributary.hub.services.counts import count_read
 from tributary.hub.services.progress import case_reads, experiment_read
 from tributary.hub.services.users import issue_token
@@ -67,7 +67,7 @@ def experiment_page(experiment_id: str, request: Request,
         raise HTTPException(404, "no such experiment")
     return templates.TemplateResponse(request, "experiment.html", {
         "e": experiment_read(session, experiment),
-        "report": aggregate(session, experiment),
+        "report": latest(session, experiment, request.app.state.settings.min_cell_size),
         "cases": case_reads(session, experiment_id),
         "refresh": 3 if experiment.state == ExperimentState.LAUNCHED else 0,
     })
