@@ -31,6 +31,7 @@ algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures f
                                  "images.", no_args_is_help=True)
 app.add_typer(algorithm_app, name="algorithm")
 app.add_typer(__import__("tributary.commands.audit", fromlist=["app"]).app, name="audit")
+app.add_typer(__import__("tributary.commands.study", fromlist=["app"]).app, name="study")
 console = Console()
 
 

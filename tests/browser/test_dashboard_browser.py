@@ -1,0 +1,202 @@
+"""The dashboard in a real browser (Debian's headless Chromium, driven by Playwright) against
+a real hub with real spoke processes: a coordinator signs in, is refused bad launches with
+clear messages, launches a study from the form, watches it finish live over server-sent
+events, and reads the results with their plots. Screenshots go to test-artifacts/."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tributary.federation import LocalFederation, generate_cohort
+from tributary.services.browser import CHROMIUM_ARGS, ensure_chromium
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+SIZES = {"northfield": 4, "riverside": 3}
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+
+@pytest.fixture(scope="module")
+def study(federation: LocalFederation, detector_image: tuple[str, str]) -> dict[str, Any]:
+    """Two spokes with small synthetic cohorts, an approved detector version, a version
+    still waiting for review, and a coordinator account."""
+    unique = uuid.uuid4().hex[:6]
+    spokes = {f"{name}-{unique}": count for name, count in SIZES.items()}
+    for index, (spoke_id, count) in enumerate(spokes.items()):
+        data = federation.root / "data" / spoke_id
+        generate_cohort(data, count, seed=300 + index, site=spoke_id)
+        config = federation.add_spoke(spoke_id, data, institution=f"{spoke_id} hospital")
+        federation.start_spoke(spoke_id, config)
+    schema = json.loads((ROOT / "examples/lung_nodule/arguments.schema.json").read_text())
+    common = {"repository": detector_image[0], "digest": detector_image[1],
+              "argument_schema": schema, "aggregator": "nodule-detection"}
+    approved = federation.register_algorithm(name=f"lung-nodule-{unique}", version="1.0.0",
+                                             **common)
+    pending = federation.register_algorithm(approve=False, name=f"lung-nodule-{unique}",
+                                            version="2.0.0-rc1", **common)
+    password = secrets.token_urlsafe(18)
+    with federation.api() as api:
+        api.post("/api/users", json={"username": f"coord-{unique}", "password": password,
+                                     "roles": ["coordinator"], "organisation": "Study office"}
+                 ).raise_for_status()
+    return {"spokes": spokes, "approved": approved, "pending": pending,
+            "username": f"coord-{unique}", "password": password}
+
+
+@pytest.fixture(scope="module")
+def page(federation: LocalFederation) -> Iterator[Any]:
+    chromium = ensure_chromium()
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900},
+                                      base_url=federation.hub_url)
+        context.set_default_timeout(20_000)
+        yield context.new_page()
+        browser.close()
+
+
+def _refused(page: Any, message: str) -> None:
+    page.click("#submit")
+    error = page.locator("#form-error")
+    playwright_api.expect(error).to_contain_text(message)
+
+
+def test_launch_watch_and_read_a_study(federation: LocalFederation, study: dict[str, Any],
+                                       page: Any) -> None:
+    expect = playwright_api.expect
+    # Sign in: a wrong password is refused, the right one opens the experiments list.
+    page.goto("/experiments/new")
+    assert page.url.endswith("/login")
+    page.fill("#username", study["username"])
+    page.fill("#password", "not the password")
+    page.click("button[type=submit]")
+    expect(page.locator(".error")).to_contain_text("Wrong username or password")
+    page.fill("#username", study["username"])
+    page.fill("#password", study["password"])
+    page.click("button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Experiments")
+
+    # The form refuses bad launches with the hub's reason, and creates nothing.
+    page.click("text=New experiment")
+    page.fill("#name", "Nodule detection, browser study")
+    page.select_option("#algorithm", str(study["approved"]["id"]))
+    _refused(page, "Choose at least one target spoke")
+    for spoke_id in study["spokes"]:
+        page.check(f"input[name=spoke_ids][value='{spoke_id}']")
+    page.fill("#arguments", '{"min_diameter_mm": -5}')
+    _refused(page, "invalid arguments")
+    expect(page.locator("#form-error")).to_contain_text("min_diameter_mm")
+    page.fill("#arguments", '{"min_diameter_mm": ')
+    _refused(page, "not valid JSON")
+    page.select_option("#algorithm", str(study["pending"]["id"]))
+    _refused(page, "not approved")
+    page.screenshot(path=ARTIFACTS / "dashboard-refused.png", full_page=True)
+    with federation.api() as api:
+        assert not [e for e in api.get("/api/experiments").json()
+                    if e["name"] == "Nodule detection, browser study"]
+
+    # A valid study: created and launched from the form.
+    page.select_option("#algorithm", str(study["approved"]["id"]))
+    assert json.loads(page.input_value("#arguments")) == {"min_diameter_mm": 4,
+                                                          "threshold_hu": -400}
+    page.fill("#release", "nodules")
+    page.fill("#timeout_seconds", "300")
+    page.fill("#memory_mb", "1024")
+    page.click("#submit")
+    page.wait_for_url("**/experiments/exp-*")
+    experiment_id = page.url.rsplit("/", 1)[1]
+
+    # Progress arrives over SSE: the page completes without being reloaded.
+    page.evaluate("window.__notReloaded = true")
+    expect(page.locator("#live")).to_have_text("live", timeout=10_000)
+    page.screenshot(path=ARTIFACTS / "dashboard-running.png", full_page=True)
+    expect(page.locator("#experiment-state")).to_have_text("completed", timeout=240_000)
+    assert page.evaluate("window.__notReloaded") is True
+    expect(page.locator("#live")).to_have_text("finished")
+    total = sum(study["spokes"].values())
+    expect(page.locator("#cases tr")).to_have_count(total)
+    expect(page.locator("#cases .badge.ok")).to_have_count(total)
+    for spoke_id, count in study["spokes"].items():
+        row = page.locator(f"#progress tr[data-spoke='{spoke_id}']")
+        expect(row).to_contain_text("completed")
+        expect(row.locator("td.num").nth(2)).to_have_text(str(count))
+
+    # Results: the aggregate table and every plot, drawn as SVG by the hub.
+    expect(page.locator("[data-results-state=completed]")).to_have_count(1)
+    expect(page.locator("#aggregate")).not_to_contain_text("suppressed")
+    expect(page.locator("#aggregate tbody tr")).to_have_count(len(study["spokes"]) + 1)
+    expect(page.locator("#aggregate")).to_contain_text("pooled")
+    for title in ("Progress per spoke", "Distribution of nodule_count", "ROC curves",
+                  "Sensitivity per spoke"):
+        figure = page.locator(f"figure[data-plot='{title}']")
+        expect(figure.locator("svg")).to_have_count(1)
+        assert figure.locator("svg path").count() > 5
+    page.screenshot(path=ARTIFACTS / "dashboard-experiment.png", full_page=True)
+
+    # The same figures on a fresh load, and the other pages read the same federation.
+    page.goto(f"/experiments/{experiment_id}")
+    expect(page.locator("figure[data-plot] svg")).to_have_count(4)
+    page.goto("/spokes")
+    for spoke_id in study["spokes"]:
+        expect(page.locator("tr", has_text=spoke_id)).to_contain_text("enrolled")
+    page.goto("/algorithms")
+    expect(page.locator(f"[data-algorithm='{study['pending']['id']}'] .badge").first
+           ).to_have_text("pending")
+    page.goto(f"/audit?q={experiment_id}")
+    expect(page.locator("#audit")).to_contain_text("experiment.launched")
+    expect(page.locator("#audit")).to_contain_text(study["username"])
+    page.screenshot(path=ARTIFACTS / "dashboard-audit.png", full_page=True)
+    print(f"screenshots in {ARTIFACTS}")
+
+
+def test_study_cli_launch_watch_fetch(federation: LocalFederation, study: dict[str, Any],
+                                      tmp_path: Path) -> None:
+    """The coordinator's CLI: launch from a JSON file, watch it to the end, fetch results."""
+    token = federation.sign_in(study["username"], study["password"])
+    env = {**os.environ, "TRIBUTARY_HUB_URL": federation.hub_url, "TRIBUTARY_TOKEN": token}
+    cli = [sys.executable, "-m", "tributary.cli", "study"]
+    spokes = list(study["spokes"])
+    body = tmp_path / "study.json"
+    body.write_text(json.dumps({"name": "CLI study", "algorithm_id": study["approved"]["id"],
+                                "arguments": {"min_diameter_mm": 4},
+                                "cohort": {"max_cases": 2}, "release": ["nodules"]}))
+
+    refused = subprocess.run([*cli, "launch", "--file", str(body), "--spoke", spokes[0],
+                              "--algorithm", str(study["pending"]["id"])],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1
+    assert "not approved" in refused.stdout
+
+    launched = subprocess.run([*cli, "launch", "--file", str(body), "--spoke", spokes[0],
+                               "--spoke", spokes[1], "--watch"],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stdout + launched.stderr
+    experiment_id = next(line for line in launched.stdout.splitlines()
+                         if line.startswith("exp-"))
+    assert "completed" in launched.stdout
+
+    fetched = subprocess.run([*cli, "fetch", experiment_id, "--out", str(tmp_path / "out")],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+    cases = json.loads((tmp_path / "out" / f"{experiment_id}-cases.json").read_text())
+    aggregate = json.loads((tmp_path / "out" / f"{experiment_id}-aggregate.json").read_text())
+    assert len(cases) == 4 and all(c["state"] == "succeeded" for c in cases)
+    assert aggregate["groups"]["pooled"]["cases"] == 4
+
+    no_token = subprocess.run([*cli, "watch", experiment_id],
+                              env={**env, "TRIBUTARY_TOKEN": "wrong"},
+                              capture_output=True, text=True, timeout=60)
+    assert no_token.returncode == 1 and "401" in no_token.stdout
