@@ -14,7 +14,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from tributary import __version__
-from tributary.hub.api import algorithms, audit, auth, events, experiments, spokes
+from tributary.hub import worker
+from tributary.hub.api import algorithms, audit, auth, events, experiments, results, spokes
 from tributary.hub.db import make_engine
 from tributary.hub.models import Role, User
 from tributary.hub.services.audit import attach_forensic_log
@@ -54,6 +55,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         broker = StompClient(settings.broker(), "hub").start()
         app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
         app.state.signing_key = key
+        worker.configure(settings, engine)  # aggregation tasks: in-process or on Celery
         _bootstrap_admin(engine, settings)
         if settings.consume_results:
             ResultsConsumer(engine, broker).start()
@@ -66,6 +68,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                               "and read their aggregated results.")
     # events first: its /api/experiments/events must not be taken for an experiment id
     for router in (events.router, spokes.router, algorithms.router, experiments.router,
+                   results.router,
                    audit.router,
                    audit.quarantine_router, algorithms.publishers_router, auth.router):
         app.include_router(router)

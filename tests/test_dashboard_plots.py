@@ -1,17 +1,22 @@
-"""The dashboard's figures: valid SVG drawn from plain data, suppressed groups never plotted,
-and the interval and ROC arithmetic they show."""
+"""The dashboard's figures: valid SVG drawn from plain data, and suppressed figures of the
+aggregate report never plotted."""
 
 from __future__ import annotations
 
-import math
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
 
-import pytest
-
+from tributary.hub.aggregation.report import (
+    AggregateRead,
+    Column,
+    Figure,
+    GroupReport,
+    RocCurve,
+    RocPoint,
+)
 from tributary.hub.api.schemas import CaseRead, ExperimentRead, TargetProgress
 from tributary.hub.services import plots
-from tributary.hub.web.results import auc, results_view, roc_points, wilson
+from tributary.hub.web.results import results_view
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -39,52 +44,52 @@ def test_each_plot_is_standalone_svg_with_its_labels() -> None:
     assert "nodule_count" in _texts(plots.distribution({"north": [1, 2]}, "nodule_count"))
 
 
-def test_wilson_interval_matches_the_textbook_values() -> None:
-    low, high = wilson(8, 10)
-    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
-    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
-
-
-def test_roc_points_sweep_every_threshold() -> None:
-    scored = [(0.9, True), (0.8, False), (0.7, True), (0.1, False)]
-    points = roc_points(scored)
-    assert points == [(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]
-    assert auc(points) == pytest.approx(0.75)
-    assert roc_points([(1.0, True)]) == []  # no negatives: no curve
-
-
-def _case(spoke: str, n: int, count: int, nodules: int) -> CaseRead:
-    findings = [{"diameter_mm": 5.0 + i} for i in range(count)]
+def _case(spoke: str, n: int, count: int) -> CaseRead:
     return CaseRead(spoke_id=spoke, case_id=f"c-{spoke}-{n}", state="succeeded", attempt=1,
-                    output={"nodule_count": count, "findings": findings}, failure=None,
-                    released={"nodules": [{}] * nodules}, image_digest=None, started_at=None,
-                    finished_at=None)
+                    output={"nodule_count": count}, failure=None, released={},
+                    image_digest=None, started_at=None, finished_at=None)
 
 
-def test_suppressed_groups_are_never_plotted() -> None:
+def _group(name: str, cases: int, sensitivity: Figure, roc: RocCurve | None) -> GroupReport:
+    return GroupReport(group=name, pooled=name == "pooled", cases=cases, succeeded=cases,
+                       failed=0, pending=0, figures={"sensitivity": sensitivity}, roc=roc)
+
+
+def test_suppressed_figures_are_never_plotted() -> None:
     now = datetime.now(UTC)
     targets = [TargetProgress(spoke_id=s, state="completed", reason=None, case_count=n,
                               queued=0, running=0, succeeded=n, failed=0)
-               for s, n in (("big", 4), ("tiny", 2))]
+               for s, n in (("big", 6), ("tiny", 2))]
     experiment = ExperimentRead(
         id="exp-1", name="x", state="completed", algorithm_id=1, algorithm="a 1", image="i",
-        arguments={}, cohort={}, limits={}, release=[], aggregator="nodule-detection",
-        created_at=now, launched_at=now, completed_at=now, expires_at=None, targets=targets)
-    cases = [_case("big", i, i % 2 + i // 2, i % 2) for i in range(4)]
-    cases += [_case("tiny", i, 7, 1) for i in range(2)]
-    report = {"columns": [{"key": "cases", "label": "Cases"}], "groups": {
-        "big": {"cases": 4, "true_positives": 2, "false_negatives": 0},
-        "tiny": {"suppressed": True},
-        "pooled": {"cases": 6, "true_positives": 3, "false_negatives": 1}}}
+        arguments={}, cohort={}, limits={}, release=[], aggregator="binary-classification",
+        aggregator_parameters={}, created_at=now, launched_at=now, completed_at=now,
+        expires_at=None, targets=targets)
+    cases = [_case("big", i, i % 3) for i in range(6)] + [_case("tiny", i, 9) for i in range(2)]
+    curve = RocCurve(positives=3, negatives=3, points=[
+        RocPoint(threshold=None, fpr=0, tpr=0), RocPoint(threshold=1, fpr=0.33, tpr=1),
+        RocPoint(threshold=0, fpr=1, tpr=1)])
+    hidden = Figure(value=None, n=2, suppressed="fewer than 5 cases")
+    report = AggregateRead(
+        experiment_id="exp-1", aggregator="binary-classification", parameters={}, version=3,
+        computed_at=now, results=8, min_cell_size=5,
+        columns=[Column(key="sensitivity", label="Sensitivity")],
+        groups={"big": _group("big", 6, Figure(value=0.8, n=6, ci_low=0.4, ci_high=0.96,
+                                               ci_method="wilson", confidence=0.95), curve),
+                "tiny": _group("tiny", 2, hidden, RocCurve(positives=None, negatives=None,
+                                                            suppressed="fewer than 5 cases")),
+                "pooled": _group("pooled", 8, Figure(value=0.75, n=8, ci_low=0.4, ci_high=0.9,
+                                                     ci_method="wilson", confidence=0.95),
+                                 curve)})
     view = results_view(experiment, report, cases)
-    assert view.suppressed == ["tiny"]
     assert set(view.figures) == {"Progress per spoke", "Distribution of nodule_count",
                                  "ROC curves", "Sensitivity per spoke"}
     for title, svg in view.figures.items():
         if title != "Progress per spoke":  # progress is public: counts of cases only
             assert "tiny" not in _texts(svg), title
-    forest = _texts(view.figures["Sensitivity per spoke"])
-    assert "big" in forest and "pooled" in forest
-    low, high = wilson(3, 4)
-    assert f"0.75 [{low:.2f}, {high:.2f}], n=4" in forest
-    assert not math.isnan(low)
+    assert "0.80 [0.40, 0.96], n=6" in _texts(view.figures["Sensitivity per spoke"])
+    assert "pooled" in _texts(view.figures["ROC curves"])
+    tiny = dict(view.rows)["tiny"]
+    assert tiny[-1].suppressed == "fewer than 5 cases" and tiny[-1].text == "suppressed"
+    assert dict(view.rows)["big"][-1].interval == "[0.4, 0.96]"
+    assert view.intervals == "95% wilson"

@@ -91,6 +91,23 @@ def hub_serve(
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
 
 
+@hub_app.command("worker")
+def hub_worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    verbose: bool = False,
+) -> None:
+    """Run a Celery worker for aggregation tasks (needs TRIBUTARY_HUB_CELERY_BROKER_URL and
+    the hub's TRIBUTARY_HUB_DATABASE_URL)."""
+    from tributary.hub.settings import HubSettings
+    from tributary.hub.worker import app as celery_app
+
+    if not HubSettings().celery_broker_url:
+        raise typer.BadParameter("set TRIBUTARY_HUB_CELERY_BROKER_URL: without a broker the "
+                                 "hub aggregates in its own process and needs no worker")
+    celery_app.worker_main(["worker", f"--concurrency={concurrency}",
+                            f"--loglevel={'DEBUG' if verbose else 'INFO'}"])
+
+
 @hub_app.command("create-user")
 def hub_create_user(
     username: Annotated[str, typer.Argument(help="The new user's name.")],

@@ -9,6 +9,7 @@ import logging
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from tributary.hub import worker
 from tributary.hub.models import (
     FINAL_CASE_STATES,
     TERMINAL_TARGET_STATES,
@@ -96,6 +97,8 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
                  case=getattr(message, "case_id", None), duplicate=not applied)
     _maybe_complete(session, message.experiment_id)
     session.commit()
+    if applied and isinstance(message, ResultMessage):
+        worker.enqueue(message.experiment_id)  # re-aggregate (hub/worker.py)
     return applied
 
 

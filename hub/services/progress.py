@@ -33,7 +33,9 @@ def experiment_read(session: Session, experiment: Experiment) -> ExperimentRead:
         algorithm_id=algorithm.id or 0, algorithm=f"{algorithm.name} {algorithm.version}",
         image=f"{algorithm.repository}@{algorithm.digest}", arguments=experiment.arguments,
         cohort=experiment.cohort, limits=experiment.limits, release=experiment.release,
-        aggregator=experiment.aggregator, created_at=experiment.created_at,
+        aggregator=experiment.aggregator,
+        aggregator_parameters=experiment.aggregator_parameters or {},
+        created_at=experiment.created_at,
         launched_at=experiment.launched_at, completed_at=experiment.completed_at,
         expires_at=experiment.expires_at, targets=target_progress(session, experiment.id),
     )

@@ -7,7 +7,7 @@ const FIELD_LABELS = {
   spoke_ids: "Target spokes", name: "Name", algorithm_id: "Algorithm version",
   arguments: "Arguments", expires_in_days: "Expiry", max_cases: "At most this many cases",
   timeout_seconds: "Time per case", memory_mb: "Memory per case", cpus: "CPUs per case",
-  reason: "Reason", comment: "Comment",
+  reason: "Reason", comment: "Comment", aggregator_parameters: "Aggregator parameters",
 };
 const STATE_CLASS = {
   succeeded: "ok", completed: "ok", failed: "fail", refused: "fail", cancelled: "fail",
@@ -112,13 +112,22 @@ function wireNewExperiment() {
   const args = form.elements.arguments;
   const launch = form.elements.launch;
   const submit = document.getElementById("submit");
+  const aggregators = JSON.parse(document.getElementById("aggregators-data").textContent);
+  const aggregator = form.elements.aggregator;
+  const showAggregator = () => {
+    const chosen = aggregators.find((a) => a.name === aggregator.value);
+    document.getElementById("aggregator-schema").textContent = chosen ? JSON.stringify(chosen.schema, null, 2) : "";
+  };
   const showAlgorithm = () => {
     const chosen = algorithms.find((a) => String(a.id) === select.value);
     if (!chosen) return;
     args.value = JSON.stringify(chosen.defaults, null, 2);
     document.getElementById("schema").textContent = JSON.stringify(chosen.schema, null, 2);
+    if (aggregators.some((a) => a.name === chosen.aggregator)) aggregator.value = chosen.aggregator;
+    showAggregator();
   };
   select.addEventListener("change", showAlgorithm);
+  aggregator.addEventListener("change", showAggregator);
   launch.addEventListener("change", () => {
     submit.textContent = launch.checked ? "Create and launch" : "Save as draft";
   });
@@ -138,6 +147,13 @@ function wireNewExperiment() {
       showError(form, "Arguments: must be a JSON object, e.g. {\"threshold\": 0.5}.");
       return;
     }
+    let parameters;
+    try {
+      parameters = JSON.parse(form.elements.aggregator_parameters.value || "{}");
+    } catch (err) {
+      showError(form, `Aggregator parameters: not valid JSON (${err.message}).`);
+      return;
+    }
     const number = (name) => (form.elements[name].value === "" ? null : Number(form.elements[name].value));
     const cohort = { modality: form.elements.modality.value.trim() || null };
     if (number("max_cases") !== null) cohort.max_cases = number("max_cases");
@@ -150,6 +166,8 @@ function wireNewExperiment() {
       release: form.elements.release.value.split(",").map((s) => s.trim()).filter(Boolean),
       limits: { timeout_seconds: number("timeout_seconds"), memory_mb: number("memory_mb"), cpus: number("cpus") },
       expires_in_days: number("expires_in_days"),
+      aggregator: aggregator.value,
+      aggregator_parameters: parameters,
     };
     submit.disabled = true;
     let created;

@@ -20,7 +20,7 @@ from tributary.hub.api import audit as audit_api
 from tributary.hub.api import spokes as spokes_api
 from tributary.hub.api.deps import TOKEN_COOKIE, bearer_scheme, current_user, get_session
 from tributary.hub.models import Experiment, ExperimentState, Role, SpokeKey, User
-from tributary.hub.services.aggregation import aggregate
+from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.progress import case_reads, experiment_read
 from tributary.hub.services.users import issue_token
 from tributary.hub.web.results import results_view
@@ -123,8 +123,11 @@ def new_experiment_page(request: Request, session: Session = Depends(get_session
                              if isinstance(v, dict) and "default" in v}}
                for a in reversed(algorithms)]
     choices.sort(key=lambda c: c["state"] != "approved")
+    aggregators = [{"name": name, "description": cls.description,
+                    "schema": cls.Parameters.model_json_schema()}
+                   for name, cls in sorted(AGGREGATORS.items())]
     return _render(request, "experiment_new.html", user, algorithms=choices, spokes=spokes,
-                   enrolled=enrolled)
+                   enrolled=enrolled, aggregators=aggregators)
 
 
 def _experiment_or_404(session: Session, experiment_id: str) -> Experiment:
@@ -134,33 +137,34 @@ def _experiment_or_404(session: Session, experiment_id: str) -> Experiment:
     return experiment
 
 
-def _results_context(session: Session, experiment: Experiment,
-                     quantity: str | None) -> dict[str, Any]:
+def _results_context(request: Request, session: Session, experiment: Experiment,
+                     quantity: str | None, metric: str | None) -> dict[str, Any]:
+    """What GET /api/experiments/{id}, .../cases and .../aggregate return, for the page."""
     read = experiment_read(session, experiment)
     cases = case_reads(session, experiment.id)
-    report = aggregate(session, experiment).as_dict()
+    report = latest(session, experiment, request.app.state.settings.min_cell_size)
     return {"e": read, "cases": cases,
-            "results": results_view(read, report, cases, quantity)}
+            "results": results_view(read, report, cases, quantity, metric)}
 
 
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)
 def experiment_page(experiment_id: str, request: Request, quantity: str | None = None,
-                    session: Session = Depends(get_session),
+                    metric: str | None = None, session: Session = Depends(get_session),
                     user: User = Depends(page_user)) -> HTMLResponse:
     experiment = _experiment_or_404(session, experiment_id)
     return _render(request, "experiment.html", user,
-                   **_results_context(session, experiment, quantity))
+                   **_results_context(request, session, experiment, quantity, metric))
 
 
 @router.get("/experiments/{experiment_id}/results", response_class=HTMLResponse)
 def experiment_results_fragment(experiment_id: str, request: Request,
-                                quantity: str | None = None,
+                                quantity: str | None = None, metric: str | None = None,
                                 session: Session = Depends(get_session),
                                 user: User = Depends(page_user)) -> HTMLResponse:
     """The results section alone: the page swaps it in when progress changes."""
     experiment = _experiment_or_404(session, experiment_id)
     return _render(request, "_results.html", user,
-                   **_results_context(session, experiment, quantity))
+                   **_results_context(request, session, experiment, quantity, metric))
 
 
 @router.get("/spokes", response_class=HTMLResponse)

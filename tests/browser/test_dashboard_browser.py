@@ -19,25 +19,49 @@ import pytest
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.services.browser import CHROMIUM_ARGS, ensure_chromium
+from tributary.services.settings import ServiceSettings
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
-SIZES = {"northfield": 4, "riverside": 3}
+#: Two spokes big enough to report, one below this hub's suppression threshold.
+SIZES = {"northfield": 8, "riverside": 8, "lakeside": 2}
+MIN_CELL_SIZE = 3
+#: Does the detector's nodule count flag the patients with several nodules? The site's own
+#: ground truth (released with the results) is the label: ROC, AUC, sensitivity...
+AGGREGATION = {"score": "nodule_count", "label": "several_nodules", "positive": True,
+               "threshold": 2}
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
 
 @pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory,
+               service_settings: ServiceSettings) -> Iterator[LocalFederation]:
+    """This module's own hub, with a small-cell threshold the small cohorts can pass."""
+    fed = LocalFederation(tmp_path_factory.mktemp("dashboard"), service_settings)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRIBUTARY_HUB_MIN_CELL_SIZE", str(MIN_CELL_SIZE))
+        fed.start_hub()
+    yield fed
+    fed.stop()
+
+
+@pytest.fixture(scope="module")
 def study(federation: LocalFederation, detector_image: tuple[str, str]) -> dict[str, Any]:
-    """Two spokes with small synthetic cohorts, an approved detector version, a version
-    still waiting for review, and a coordinator account."""
+    """Three spokes with small synthetic cohorts whose attributes say which cases have a
+    nodule, an approved detector version, a version still waiting for review, and a
+    coordinator account."""
     unique = uuid.uuid4().hex[:6]
     spokes = {f"{name}-{unique}": count for name, count in SIZES.items()}
     for index, (spoke_id, count) in enumerate(spokes.items()):
         data = federation.root / "data" / spoke_id
-        generate_cohort(data, count, seed=300 + index, site=spoke_id)
-        config = federation.add_spoke(spoke_id, data, institution=f"{spoke_id} hospital")
+        truth = generate_cohort(data, count, seed=300 + index, site=spoke_id)
+        for case in truth.values():
+            case["several_nodules"] = len(case["nodules"]) >= 2
+        (data / "ground_truth.json").write_text(json.dumps(truth))
+        config = federation.add_spoke(spoke_id, data, institution=f"{spoke_id} hospital",
+                                      releasable=("nodules", "several_nodules"))
         federation.start_spoke(spoke_id, config)
     schema = json.loads((ROOT / "examples/lung_nodule/arguments.schema.json").read_text())
     common = {"repository": detector_image[0], "digest": detector_image[1],
@@ -112,7 +136,9 @@ def test_launch_watch_and_read_a_study(federation: LocalFederation, study: dict[
     page.select_option("#algorithm", str(study["approved"]["id"]))
     assert json.loads(page.input_value("#arguments")) == {"min_diameter_mm": 4,
                                                           "threshold_hu": -400}
-    page.fill("#release", "nodules")
+    page.fill("#release", "several_nodules")
+    page.select_option("#aggregator", "binary-classification")
+    page.fill("#aggregator_parameters", json.dumps(AGGREGATION))
     page.fill("#timeout_seconds", "300")
     page.fill("#memory_mb", "1024")
     page.click("#submit")
@@ -134,16 +160,23 @@ def test_launch_watch_and_read_a_study(federation: LocalFederation, study: dict[
         expect(row).to_contain_text("completed")
         expect(row.locator("td.num").nth(2)).to_have_text(str(count))
 
-    # Results: the aggregate table and every plot, drawn as SVG by the hub.
+    # Results: the aggregate table and every plot, drawn as SVG by the hub; the small
+    # spoke's figures are suppressed in the table and absent from every result plot.
     expect(page.locator("[data-results-state=completed]")).to_have_count(1)
-    expect(page.locator("#aggregate")).not_to_contain_text("suppressed")
     expect(page.locator("#aggregate tbody tr")).to_have_count(len(study["spokes"]) + 1)
-    expect(page.locator("#aggregate")).to_contain_text("pooled")
+    big, *_, small = study["spokes"]
+    expect(page.locator(f"#aggregate tr[data-group='{small}']")).to_contain_text("suppressed")
+    expect(page.locator(f"#aggregate tr[data-group='{big}']")).not_to_contain_text("suppressed")
+    expect(page.locator("#aggregate tr[data-group='pooled']")).not_to_contain_text("suppressed")
     for title in ("Progress per spoke", "Distribution of nodule_count", "ROC curves",
                   "Sensitivity per spoke"):
         figure = page.locator(f"figure[data-plot='{title}']")
         expect(figure.locator("svg")).to_have_count(1)
         assert figure.locator("svg path").count() > 5
+        if title != "Progress per spoke":
+            assert small not in figure.inner_text()
+            assert big in figure.inner_text()
+    expect(page.locator("figure[data-plot='ROC curves']")).to_contain_text("pooled (AUC")
     page.screenshot(path=ARTIFACTS / "dashboard-experiment.png", full_page=True)
 
     # The same figures on a fresh load, and the other pages read the same federation.
@@ -173,6 +206,7 @@ def test_study_cli_launch_watch_fetch(federation: LocalFederation, study: dict[s
     body.write_text(json.dumps({"name": "CLI study", "algorithm_id": study["approved"]["id"],
                                 "arguments": {"min_diameter_mm": 4},
                                 "cohort": {"max_cases": 2}, "release": ["nodules"]}))
+    spokes = spokes[:2]
 
     refused = subprocess.run([*cli, "launch", "--file", str(body), "--spoke", spokes[0],
                               "--algorithm", str(study["pending"]["id"])],
