@@ -15,7 +15,16 @@ from sqlmodel import Session, select
 
 from tributary import __version__
 from tributary.hub import worker
-from tributary.hub.api import algorithms, audit, auth, events, experiments, results, spokes
+from tributary.hub.api import (
+    algorithms,
+    audit,
+    auth,
+    deadletters,
+    events,
+    experiments,
+    results,
+    spokes,
+)
 from tributary.hub.db import make_engine
 from tributary.hub.models import Role, User
 from tributary.hub.services.audit import attach_forensic_log
@@ -68,9 +77,8 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                               "and read their aggregated results.")
     # events first: its /api/experiments/events must not be taken for an experiment id
     for router in (events.router, spokes.router, algorithms.router, experiments.router,
-                   results.router,
-                   audit.router,
-                   audit.quarantine_router, algorithms.publishers_router, auth.router):
+                   results.router, audit.router, audit.quarantine_router,
+                   algorithms.publishers_router, auth.router, deadletters.router):
         app.include_router(router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

@@ -44,7 +44,16 @@ class Spoke(SQLModel, table=True):
     name: str
     institution: str = ""
     created_at: datetime = Field(default_factory=utcnow)
+    #: Liveness, from the spoke's last message of any kind (heartbeats above all).
     last_seen_at: datetime | None = None
+    #: What the spoke's latest heartbeat said about itself.
+    last_heartbeat_at: datetime | None = None
+    heartbeat_interval_s: float | None = None
+    spoke_version: str | None = None
+    concurrency: int | None = None
+    queue_depth: int | None = None
+    outbox_depth: int | None = None
+    running: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
 
 
 class SpokeKey(SQLModel, table=True):
@@ -125,6 +134,7 @@ class ExperimentState(StrEnum):
     DRAFT = "draft"
     LAUNCHED = "launched"
     COMPLETED = "completed"
+    CANCELLED = "cancelled"
 
 
 class Experiment(SQLModel, table=True):
@@ -142,6 +152,8 @@ class Experiment(SQLModel, table=True):
     launched_at: datetime | None = None
     completed_at: datetime | None = None
     expires_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    cancel_reason: str | None = None
 
 
 class TargetState(StrEnum):
@@ -150,9 +162,11 @@ class TargetState(StrEnum):
     ACCEPTED = "accepted"  # the spoke selected its cases and is working
     REFUSED = "refused"  # the spoke will not run it (reason says why)
     COMPLETED = "completed"  # every selected case has a result
+    CANCELLING = "cancelling"  # a cancellation was sent; the spoke has not confirmed it
+    CANCELLED = "cancelled"  # the spoke confirmed the cancellation (or it was never sent)
 
 
-TERMINAL_TARGET_STATES = {TargetState.REFUSED, TargetState.COMPLETED}
+TERMINAL_TARGET_STATES = {TargetState.REFUSED, TargetState.COMPLETED, TargetState.CANCELLED}
 
 
 class ExperimentTarget(SQLModel, table=True):
@@ -171,9 +185,10 @@ class CaseState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # never ran, or was stopped, because the study was cancelled
 
 
-FINAL_CASE_STATES = {CaseState.SUCCEEDED, CaseState.FAILED}
+FINAL_CASE_STATES = {CaseState.SUCCEEDED, CaseState.FAILED, CaseState.CANCELLED}
 
 
 class CaseResult(SQLModel, table=True):
@@ -195,6 +210,33 @@ class CaseResult(SQLModel, table=True):
     received_at: datetime | None = None
     custody: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     custody_sha256: str | None = Field(default=None, index=True)
+    #: The latest progress the algorithm reported for the current attempt.
+    progress_fraction: float | None = None
+    progress_message: str | None = None
+    progress_at: datetime | None = None
+    #: Why the case has no result (cancellation, a retry the spoke refused...).
+    note: str | None = None
+
+
+class CaseAttempt(SQLModel, table=True):
+    """Every accepted result, one row per (experiment, spoke, case, attempt): the history
+    behind a case's latest result (:class:`CaseResult`), and the idempotency key that keeps
+    a second result for the same attempt from counting."""
+
+    __table_args__ = (UniqueConstraint("experiment_id", "spoke_id", "case_id", "attempt"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(foreign_key="experiment.id", index=True)
+    spoke_id: str = Field(foreign_key="spoke.id")
+    case_id: str
+    attempt: int
+    state: CaseState
+    failure: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    result_message_id: str
+    custody_sha256: str
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    received_at: datetime = Field(default_factory=utcnow)
 
 
 class InboundMessage(SQLModel, table=True):

@@ -40,6 +40,9 @@ class HubSettings(BaseSettings):
     signing_key: Path = Path("tributary-hub.key")
     #: Days an experiment message waits in the broker for an offline spoke.
     default_expiry_days: float = 7.0
+    #: A spoke is shown online when the hub heard from it this recently (or within three
+    #: of the heartbeat intervals it announces, when that is longer).
+    spoke_online_seconds: float = 90.0
     #: The forensic audit log (hash-chained JSON lines); by default next to a SQLite
     #: database as ``<name>-audit.jsonl``, else ``tributary-hub-audit.jsonl`` here.
     audit_log: Path | None = None

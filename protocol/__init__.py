@@ -2,4 +2,4 @@
 broker destinations and the STOMP transport. Both sides import it; nothing here is
 duplicated on either side."""
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"

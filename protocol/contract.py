@@ -1,4 +1,4 @@
-"""The algorithm contract, version 1: what a spoke gives an algorithm container and what
+"""The algorithm contract, version 1.1: what a spoke gives an algorithm container and what
 it takes back. Kept deliberately small so an algorithm can be written in any language.
 
 The algorithm SDK (``algorithm-sdk/``) re-states these constants with the standard library
@@ -13,7 +13,7 @@ from enum import IntEnum
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-CONTRACT_VERSION = "1.0"
+CONTRACT_VERSION = "1.1"
 
 #: Name of the environment variable that carries the JSON-encoded :class:`AlgoArg`.
 ALGO_ARG_ENV = "ALGO_ARG"
@@ -22,6 +22,12 @@ PARTICIPANT_PATH = "/tributary/participant.json"
 INPUT_ROOT = "/tributary/input"  # one read-only sub-directory per series
 OUTPUT_DIR = "/tributary/output"  # the only writable mount
 OUTPUT_PATH = f"{OUTPUT_DIR}/output.json"
+#: Optional (contract 1.1): the algorithm may keep a small :class:`Progress` JSON object
+#: here; the spoke reads it while the container runs and tells the hub. It never leaves as
+#: part of a result and is discarded with the run.
+PROGRESS_PATH = f"{OUTPUT_DIR}/progress.json"
+#: The spoke ignores progress files larger than this.
+PROGRESS_LIMIT_BYTES = 4096
 SCRATCH_DIR = "/tmp"  # in-memory tmpfs, discarded with the container
 
 #: The spoke refuses output.json files larger than this unless its config says otherwise.
@@ -92,3 +98,12 @@ class Participant(_Strict):
         if not _PSEUDONYM.match(value):
             raise ValueError("case_id must be a pseudonym like 'c-0123456789abcdef'")
         return value
+
+
+class Progress(_Strict):
+    """The optional progress file: how far the algorithm is with this case. Replace it
+    atomically (write a temporary file in the same directory, then rename)."""
+
+    fraction: float = Field(ge=0.0, le=1.0, description="Share of the work done, 0 to 1.")
+    message: str | None = Field(None, max_length=200,
+                                description="A short human-readable step, never patient data.")

@@ -39,7 +39,10 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     protocol_version: str = PROTOCOL_VERSION
-    message_id: str = Field(default_factory=new_message_id)
+    message_id: str = Field(
+        default_factory=new_message_id,
+        description="Idempotency key: a receiver applies each message_id at most once, so a "
+        "message sent again (after a lost receipt, a reconnect or a restart) does no harm.")
     sent_at: datetime = Field(default_factory=utcnow)
 
     @field_validator("protocol_version")
@@ -148,13 +151,47 @@ class ApprovalRevokedMessage(_Message):
     _digest = field_validator("digest")(validate_digest)
 
 
-HubMessage = Annotated[ExperimentMessage | ApprovalRevokedMessage, Field(discriminator="kind")]
+class CancelExperimentMessage(_Message):
+    """Hub → spoke: stop this experiment. Queued cases are dropped, running containers are
+    stopped; the spoke answers with a ``cancelled`` experiment status. A cancellation that
+    overtakes its experiment on the broker is remembered, and the experiment is refused when
+    it arrives."""
+
+    kind: Literal["cancel_experiment"] = "cancel_experiment"
+    experiment_id: str
+    spoke_id: str
+    reason: str = Field(max_length=2000)
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+
+class RetryCasesMessage(_Message):
+    """Hub → spoke: run these cases of an experiment the spoke already holds again, as
+    attempt ``attempt``. Only cases whose latest result failed, with a lower attempt, are
+    re-run; the new attempt number is signed into each result's custody record."""
+
+    kind: Literal["retry_cases"] = "retry_cases"
+    experiment_id: str
+    spoke_id: str
+    case_ids: list[str] = Field(min_length=1, max_length=100_000)
+    attempt: int = Field(ge=2, le=1000)
+    reason: str | None = Field(None, max_length=2000)
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+
+HubMessage = Annotated[
+    ExperimentMessage | ApprovalRevokedMessage | CancelExperimentMessage | RetryCasesMessage,
+    Field(discriminator="kind"),
+]
 
 
 class ExperimentState(StrEnum):
     ACCEPTED = "accepted"  # cases selected; case_ids lists them
     REFUSED = "refused"  # nothing will run; reason says why
     COMPLETED = "completed"  # every selected case has a published result
+    CANCELLED = "cancelled"  # stopped on the hub's request; case_ids: cases left without a result
+    RETRY_REFUSED = "retry_refused"  # these case_ids are not re-run; reason says why
 
 
 class ExperimentStatusMessage(_Message):
@@ -177,6 +214,52 @@ class CaseStartedMessage(_Message):
     experiment_id: str
     spoke_id: str
     case_id: str
+    attempt: int = Field(1, ge=1)
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+
+class CaseProgressMessage(_Message):
+    """Spoke → hub: how far a running case is, as the algorithm reported it in its
+    progress file (see the algorithm contract). Rate-limited and sent non-persistent with an
+    expiry: a lost progress message is harmless, the next one supersedes it."""
+
+    kind: Literal["case_progress"] = "case_progress"
+    experiment_id: str
+    spoke_id: str
+    case_id: str
+    attempt: int = Field(1, ge=1)
+    fraction: float = Field(ge=0.0, le=1.0)
+    message: str | None = Field(None, max_length=200)
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+
+class RunningCase(BaseModel):
+    """One case a spoke is running right now."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experiment_id: str
+    case_id: str
+    attempt: int = Field(1, ge=1)
+    started_at: datetime
+    fraction: float | None = Field(None, ge=0.0, le=1.0)
+    message: str | None = Field(None, max_length=200)
+
+
+class HeartbeatMessage(_Message):
+    """Spoke → hub, every few seconds: the spoke is alive, what it runs and what waits.
+    Sent non-persistent with an expiry, so heartbeats never pile up while the hub is away."""
+
+    kind: Literal["heartbeat"] = "heartbeat"
+    spoke_id: str
+    spoke_version: str
+    concurrency: int = Field(ge=1, description="Cases this spoke runs at once.")
+    queue_depth: int = Field(ge=0, description="Cases journaled and waiting to run.")
+    running: list[RunningCase] = Field(default_factory=list)
+    outbox_depth: int = Field(0, ge=0, description="Messages journaled and not yet sent.")
+    interval_seconds: float = Field(gt=0, description="When the next heartbeat is due.")
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 
@@ -195,6 +278,9 @@ class FailureReason(StrEnum):
     IMAGE_NOT_TRUSTED = "image_not_trusted"
     INPUT_ERROR = "input_error"
     INTERNAL_ERROR = "internal_error"
+    KILLED = "killed"  # the container was killed by someone other than the spoke
+    CANCELLED = "cancelled"  # stopped because the hub cancelled the experiment
+    INTERRUPTED = "interrupted"  # the spoke went down mid-case too often to go on retrying
 
 
 class Failure(BaseModel):
@@ -239,7 +325,9 @@ class ResultMessage(_Message):
 
 
 SpokeMessage = Annotated[
-    ExperimentStatusMessage | CaseStartedMessage | ResultMessage, Field(discriminator="kind")
+    ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CaseProgressMessage
+    | HeartbeatMessage,
+    Field(discriminator="kind"),
 ]
 _spoke_adapter: TypeAdapter[Any] = TypeAdapter(SpokeMessage)
 _hub_adapter: TypeAdapter[Any] = TypeAdapter(HubMessage)
@@ -265,11 +353,13 @@ def _decode(body: bytes | str, adapter: TypeAdapter[Any]) -> Any:
 
 def decode_from_spoke(
     body: bytes | str,
-) -> ExperimentStatusMessage | CaseStartedMessage | ResultMessage:
+) -> (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CaseProgressMessage
+      | HeartbeatMessage):
     """Parse a message a spoke sent to the hub, or raise :class:`ProtocolError`."""
     return _decode(body, _spoke_adapter)
 
 
-def decode_from_hub(body: bytes | str) -> ExperimentMessage | ApprovalRevokedMessage:
+def decode_from_hub(body: bytes | str) -> (ExperimentMessage | ApprovalRevokedMessage
+                                           | CancelExperimentMessage | RetryCasesMessage):
     """Parse a message the hub sent to a spoke, or raise :class:`ProtocolError`."""
     return _decode(body, _hub_adapter)

@@ -9,13 +9,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, TypeAdapter
 
-from tributary.protocol.contract import AlgoArg, Participant
-from tributary.protocol.messages import ExperimentMessage, SpokeMessage
+from tributary.protocol.contract import AlgoArg, Participant, Progress
+from tributary.protocol.messages import ExperimentMessage, HubMessage, SpokeMessage
 
 SCHEMAS: dict[str, type[BaseModel] | object] = {
     "algo-arg.schema.json": AlgoArg,
     "participant.schema.json": Participant,
+    "progress.schema.json": Progress,
     "experiment-message.schema.json": ExperimentMessage,
+    "hub-message.schema.json": HubMessage,
     "result-envelope.schema.json": SpokeMessage,
 }
 

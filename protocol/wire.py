@@ -14,11 +14,15 @@ from pydantic import BaseModel
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
+    CancelExperimentMessage,
+    CaseProgressMessage,
     CaseStartedMessage,
     ExperimentMessage,
     ExperimentStatusMessage,
+    HeartbeatMessage,
     ProtocolError,
     ResultMessage,
+    RetryCasesMessage,
     decode_from_hub,
     decode_from_spoke,
     encode,
@@ -32,7 +36,10 @@ from tributary.protocol.signing import (
     verify,
 )
 
-SpokeMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
+SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage
+                | CaseProgressMessage | HeartbeatMessage)
+HubMessage = (ExperimentMessage | ApprovalRevokedMessage | CancelExperimentMessage
+              | RetryCasesMessage)
 
 
 class UntrustedMessage(ProtocolError):
@@ -56,8 +63,7 @@ def _envelope(body: bytes | str) -> dict[str, Any]:
     return envelope
 
 
-def open_from_hub(body: bytes | str, hub_keys: Iterable[PublicKey]
-                  ) -> ExperimentMessage | ApprovalRevokedMessage:
+def open_from_hub(body: bytes | str, hub_keys: Iterable[PublicKey]) -> HubMessage:
     """Verify the hub's signature, then parse; raises :class:`ProtocolError`."""
     envelope = _envelope(body)
     try:

@@ -1,6 +1,16 @@
-"""The spoke agent: consumes its own queue, one experiment at a time (prefetch 1), runs the
-selected cases concurrently, publishes each result, and acknowledges the experiment only
-once every result has been published."""
+"""The spoke agent. Three kinds of thread share one durable journal:
+
+- the *consumer* (:meth:`SpokeAgent.run`) verifies each message from the hub, journals it
+  and acknowledges it at once, so no broker message stays unacknowledged while cases run
+  for hours, and cancellations are obeyed while work is under way;
+- the *dispatcher* prepares journaled experiments (image checks, cohort) and hands queued
+  cases to ``concurrency`` case workers, each case exactly once;
+- the *outbox sender* publishes results and statuses in journal order, whenever the
+  broker is there (see :mod:`tributary.spoke.outbox`), and the heartbeat reports liveness.
+
+After a crash, :meth:`SpokeAgent.recover` removes the containers the dead process left
+and puts interrupted cases back in the queue; finished cases are never run again.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +23,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 import docker
+import docker.errors
 
 from tributary import __version__
 from tributary.protocol.auditlog import AuditLog
-from tributary.protocol.broker import Delivery, PublishError, StompClient, publish_with_retry
+from tributary.protocol.broker import Delivery, StompClient
+from tributary.protocol.contract import Progress
 from tributary.protocol.destinations import results_queue, spoke_queue
 from tributary.protocol.messages import (
     ApprovalRevokedMessage,
+    CancelExperimentMessage,
     CaseStartedMessage,
     CaseStatus,
     ExperimentMessage,
@@ -27,20 +40,25 @@ from tributary.protocol.messages import (
     ExperimentStatusMessage,
     Failure,
     FailureReason,
+    HeartbeatMessage,
     ProtocolError,
     ResultMessage,
+    RetryCasesMessage,
 )
 from tributary.protocol.signing import PublicKey, SigningKey, sha256_hex
-from tributary.protocol.wire import open_from_hub, seal
+from tributary.protocol.wire import HubMessage, open_from_hub
 from tributary.spoke import cohort
+from tributary.spoke import journal as states
 from tributary.spoke.config import SpokeConfig
-from tributary.spoke.custody import CustodyChain, input_digest
+from tributary.spoke.custody import CustodyChain, input_digest, outgoing
 from tributary.spoke.deid import PROFILE, deidentified_case
 from tributary.spoke.images import ImageRefused, check_approval, check_release, ensure_image
-from tributary.spoke.journal import Journal
+from tributary.spoke.journal import CaseRow, Journal, OutboxRow
+from tributary.spoke.liveness import CaseActivity, Heartbeat, ProgressReporter
+from tributary.spoke.outbox import OutboxSender
 from tributary.spoke.participant import build_participant
 from tributary.spoke.pseudonyms import Pseudonymizer
-from tributary.spoke.runner import effective_limits, run_case
+from tributary.spoke.runner import SPOKE_LABEL, effective_limits, remove_orphans, run_case
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +79,33 @@ class SpokeAgent:
         self.publishers = [PublicKey.load(p) for p in config.trust.publisher_keys]
         self.chain = CustodyChain(self.journal, self.key)
         self.client = StompClient(config.broker.settings(), f"spoke-{config.spoke_id}")
+        results = results_queue(config.broker.federation)
+        self.outbox = OutboxSender(self.journal, self.client, results, self._sent)
+        self.progress = ProgressReporter(self.client, results, self.key, config.spoke_id,
+                                         config.liveness.progress_seconds)
+        self.heartbeat = Heartbeat(self.client, results, self.key,
+                                   config.liveness.heartbeat_seconds, self._heartbeat)
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self.stopping = threading.Event()
+        self._wake = threading.Event()
+        self._running: dict[tuple[str, str], CaseActivity] = {}
+        self._running_lock = threading.Lock()
+        self._finish_lock = threading.Lock()
+        self._cohorts: dict[str, dict[str, cohort.SourceCase]] = {}
+        self._attributes: dict[str, dict] = {}
+        self._cohort_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="case")
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> None:
         """Consume until :meth:`stop` is called; reconnects to the broker by itself."""
+        self.recover()
         self.client.start()
+        self.outbox.start()
+        self.heartbeat.start()
+        dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher",
+                                      daemon=True)
+        dispatcher.start()
         inbox = spoke_queue(self.config.spoke_id, self.config.broker.federation)
         self.client.subscribe(inbox, self._inbox.put)
         log.info("spoke %s (tributary %s) waiting for experiments", self.config.spoke_id,
@@ -81,58 +119,153 @@ class SpokeAgent:
                     continue
                 self.handle(delivery)
         finally:
+            self.stopping.set()
+            self._wake.set()
+            dispatcher.join(timeout=30)
+            with self._running_lock:  # stop containers; their cases run again next start
+                for activity in self._running.values():
+                    activity.cancel.set()
+            self._pool.shutdown(wait=True)
+            self.heartbeat.stop()
+            self.outbox.stop(drain_seconds=5)
             self.client.close()
             self.journal.close()
+            self._audit("spoke.stopped", self.config.spoke_id)
 
     def stop(self) -> None:
         self.stopping.set()
 
-    # -- one experiment ---------------------------------------------------------------------
+    def recover(self) -> None:
+        """Pick up after a crash: containers a dead spoke process left behind are removed
+        (labelled with this spoke's id), cases that were running go back to the queue,
+        and results an older spoke left unsent join the outbox."""
+        for row in self.journal.requeue_interrupted():
+            log.warning("case %s of %s (attempt %d) was interrupted; it will run again",
+                        row.case_id, row.experiment_id, row.attempt)
+            self._audit("case.interrupted", row.experiment_id, case=row.case_id,
+                        attempt=row.attempt, launches=row.launches)
+        try:
+            client = docker.from_env(timeout=120)
+            try:
+                removed = remove_orphans(client, self.config.spoke_id)
+            finally:
+                client.close()
+        except docker.errors.DockerException as exc:
+            log.error("could not look for orphaned containers: %s", exc)
+            self._audit("container.orphan_check_failed", self.config.spoke_id, error=str(exc))
+        else:
+            for labels in removed:
+                log.warning("removed orphaned container %s", labels.get("name"))
+                self._audit("container.orphan_removed", labels.get("name", ""),
+                            container_id=labels.get("id"),
+                            experiment=labels.get("org.tributary.experiment"),
+                            case=labels.get("org.tributary.case-id"),
+                            attempt=labels.get("org.tributary.attempt"))
+        for result in self.journal.legacy_unpublished():
+            self.journal.mark_legacy_queued(result, outgoing(result, self.key))
+
+    # -- messages from the hub ----------------------------------------------------------------
     def handle(self, delivery: Delivery) -> None:
+        """Verify, journal, then acknowledge one message from the hub's queue."""
         try:
             message = open_from_hub(delivery.body, self.hub_keys)
         except ProtocolError as exc:
-            log.error("dead-lettering unreadable message %s: %s", delivery.message_id, exc)
-            self._received(delivery, None)
-            self._audit("message.dead_lettered", message_id=delivery.message_id,
-                        reason=f"unreadable: {exc}")
-            self.client.nack(delivery)
+            self._dead_letter(delivery, None, f"unreadable: {exc}")
             return
         self._received(delivery, message)
         if message.spoke_id != self.config.spoke_id:
-            log.error("dead-lettering message for spoke %s", message.spoke_id)
-            self._audit("message.dead_lettered", getattr(message, "experiment_id", ""),
-                        message_id=delivery.message_id,
-                        reason=f"addressed to spoke {message.spoke_id}")
-            self.client.nack(delivery)
+            self._dead_letter(delivery, message, f"addressed to spoke {message.spoke_id}")
             return
         if isinstance(message, ApprovalRevokedMessage):
-            self.journal.revoke(message.digest, message.reason)
-            log.warning("approval of %s %s (%s) revoked: %s", message.name, message.version,
-                        message.digest, message.reason)
-            self._audit("approval.revoked", message.digest, actor="hub",
-                        algorithm=f"{message.name} {message.version}", reason=message.reason)
-            self.client.ack(delivery)
-            return
-        if self.journal.handled(message.message_id):
-            log.warning("dropping replayed experiment message %s (%s): already handled",
+            self._on_revoked(message)
+        elif isinstance(message, CancelExperimentMessage):
+            self._on_cancel(message)
+        elif isinstance(message, RetryCasesMessage):
+            self._on_retry(message)
+        else:
+            self._on_experiment(delivery, message)
+        # Everything the message asks for is journaled now: nothing is lost by acking.
+        self.outbox.wake()
+        self._wake.set()
+        if not self.client.ack(delivery):
+            log.info("connection changed before the ack of %s; its redelivery will be "
+                     "recognised from the journal", delivery.message_id)
+
+    def _dead_letter(self, delivery: Delivery, message: HubMessage | None, reason: str) -> None:
+        """A message that can never be processed: audit why, then NACK it, which moves it
+        to the queue's dead-letter queue (``DLQ.<queue>``) at once."""
+        log.error("dead-lettering message %s: %s", delivery.message_id, reason)
+        if message is None:
+            self._received(delivery, None)
+        self._audit("message.dead_lettered", getattr(message, "experiment_id", "") or "",
+                    message_id=delivery.message_id, reason=reason)
+        self.client.nack(delivery)
+
+    def _on_revoked(self, message: ApprovalRevokedMessage) -> None:
+        self.journal.revoke(message.digest, message.reason)
+        log.warning("approval of %s %s (%s) revoked: %s", message.name, message.version,
+                    message.digest, message.reason)
+        self._audit("approval.revoked", message.digest, actor="hub",
+                    algorithm=f"{message.name} {message.version}", reason=message.reason)
+
+    def _on_experiment(self, delivery: Delivery, message: ExperimentMessage) -> None:
+        if (self.journal.handled(message.message_id)
+                or self.journal.experiment(message.experiment_id) is not None):
+            log.warning("dropping replayed experiment message %s (%s): already journaled",
                         message.message_id, message.experiment_id)
             self._audit("message.dropped", message.experiment_id,
-                        message_id=delivery.message_id, reason="replay: already handled")
-            self.client.ack(delivery)
+                        message_id=delivery.message_id, reason="replay: already journaled")
             return
-        try:
-            self.process(message)
-        except PublishError as exc:
-            # Results are safe in the journal; the unacked message comes back after the
-            # reconnect and its results are re-sent from there.
-            log.warning("could not publish for %s (%s); will resume on redelivery",
-                        message.experiment_id, exc)
+        cancelled = self.journal.cancellation(message.experiment_id)
+        if cancelled is not None:  # the cancellation overtook it; the hub was told then
+            self.journal.add_experiment(message, states.CANCELLED, cancelled)
+            self._audit("experiment.dropped", message.experiment_id,
+                        reason=f"cancelled before it arrived: {cancelled}")
             return
-        self.journal.mark_handled(message.message_id, message.experiment_id)
-        if not self.client.ack(delivery):
-            log.info("connection changed before ack of %s; it will be redelivered and "
-                     "answered from the journal", message.experiment_id)
+        self.journal.add_experiment(message)
+        self._audit("experiment.journaled", message.experiment_id,
+                    hub_message_id=message.message_id, image=message.algorithm.reference)
+
+    def _on_cancel(self, message: CancelExperimentMessage) -> None:
+        experiment_id = message.experiment_id
+        dropped = self.journal.cancel(experiment_id, message.reason, message.message_id)
+        with self._running_lock:
+            stopping = [a for a in self._running.values() if a.experiment_id == experiment_id]
+        for activity in stopping:
+            activity.cancel.set()  # the case worker kills its container within a second
+        known = self.journal.experiment(experiment_id)
+        state = known[1] if known else None
+        self._audit("experiment.cancel", experiment_id, actor="hub", reason=message.reason,
+                    state=state, dropped=dropped, stopping=[a.case_id for a in stopping])
+        log.warning("experiment %s cancelled by the hub (%s): %d queued cases dropped, "
+                    "%d running stopped", experiment_id, message.reason, len(dropped),
+                    len(stopping))
+        if state is None or state == states.RECEIVED:
+            self._settle(experiment_id, states.CANCELLED, ExperimentState.CANCELLED,
+                         reason=message.reason)
+        elif state == states.ACCEPTED:
+            self._maybe_finish(experiment_id)
+
+    def _on_retry(self, message: RetryCasesMessage) -> None:
+        experiment_id = message.experiment_id
+        if self.journal.experiment(experiment_id) is None:
+            queued, refused = [], dict.fromkeys(message.case_ids,
+                                                "the experiment is unknown at this spoke")
+        elif (cancelled := self.journal.cancellation(experiment_id)) is not None:
+            queued, refused = [], dict.fromkeys(message.case_ids,
+                                                f"the experiment was cancelled: {cancelled}")
+        else:
+            queued, refused = self.journal.add_retry(experiment_id, message.case_ids,
+                                                     message.attempt)
+        self._audit("cases.retry", experiment_id, actor="hub", attempt=message.attempt,
+                    queued=queued, refused=refused, reason=message.reason)
+        if refused:
+            reasons = sorted({f"{why}: {', '.join(c for c, w in refused.items() if w == why)}"
+                              for why in refused.values()})
+            self.journal.send_later(outgoing(ExperimentStatusMessage(
+                experiment_id=experiment_id, spoke_id=self.config.spoke_id,
+                state=ExperimentState.RETRY_REFUSED, case_ids=list(refused),
+                reason="; ".join(reasons)[:2000]), self.key))
 
     def _audit(self, action: str, target: str = "", actor: str | None = None,
                **detail: Any) -> None:
@@ -140,8 +273,7 @@ class SpokeAgent:
         a failure to write stops the work rather than leave it unrecorded."""
         self.audit.append(actor or self.config.spoke_id, action, target, detail)
 
-    def _received(self, delivery: Delivery,
-                  message: ExperimentMessage | ApprovalRevokedMessage | None) -> None:
+    def _received(self, delivery: Delivery, message: HubMessage | None) -> None:
         self._audit("message.received", getattr(message, "experiment_id", "") or "",
                     actor="hub" if message else "unknown", message_id=delivery.message_id,
                     kind=message.kind if message else delivery.headers.get("tributary-kind"),
@@ -149,28 +281,99 @@ class SpokeAgent:
                     redelivered=delivery.redelivered, size=len(delivery.body),
                     sha256=sha256_hex(delivery.body))
 
-    def _send(self, message: ExperimentStatusMessage | CaseStartedMessage | ResultMessage) -> None:
-        publish_with_retry(self.client, results_queue(self.config.broker.federation),
-                           seal(message, self.key), {"tributary-kind": message.kind}, attempts=10)
-        self._audit("result.published" if isinstance(message, ResultMessage) else "message.sent",
-                    message.experiment_id, kind=message.kind, message_id=message.message_id,
-                    case=getattr(message, "case_id", None),
-                    status=getattr(message, "status", None) or getattr(message, "state", None),
-                    reason=getattr(message, "reason", None))
+    # -- messages to the hub ------------------------------------------------------------------
+    def _sent(self, row: OutboxRow) -> None:
+        """The broker confirmed an outbox message: record it."""
+        self._audit("result.published" if row.kind == "result" else "message.sent",
+                    row.summary.get("experiment_id", ""), kind=row.kind,
+                    message_id=row.message_id, case=row.summary.get("case_id"),
+                    attempt=row.summary.get("attempt"),
+                    status=row.summary.get("status") or row.summary.get("state"),
+                    reason=row.summary.get("reason"))
 
-    def _status(self, message: ExperimentMessage, state: ExperimentState,
-                case_ids: list[str] | None = None, reason: str | None = None) -> None:
-        self._send(ExperimentStatusMessage(
-            experiment_id=message.experiment_id, spoke_id=self.config.spoke_id, state=state,
-            case_ids=case_ids or [], reason=reason))
+    def _heartbeat(self) -> HeartbeatMessage:
+        with self._running_lock:
+            running = [a.as_running() for a in self._running.values()]
+        return HeartbeatMessage(
+            spoke_id=self.config.spoke_id, spoke_version=__version__,
+            concurrency=self.config.concurrency, queue_depth=self.journal.queue_depth(),
+            running=running, outbox_depth=self.journal.outbox_depth(),
+            interval_seconds=self.config.liveness.heartbeat_seconds)
 
-    def process(self, message: ExperimentMessage) -> None:
-        log.info("experiment %s: %s", message.experiment_id, message.algorithm.reference)
+    def _settle(self, experiment_id: str, state: str, status: ExperimentState,
+                case_ids: list[str] | None = None, reason: str | None = None,
+                queue: list[str] | None = None) -> None:
+        """Move an experiment to ``state`` and, in the same transaction, queue the status
+        message that tells the hub."""
+        message = ExperimentStatusMessage(
+            experiment_id=experiment_id, spoke_id=self.config.spoke_id, state=status,
+            case_ids=case_ids or [], reason=reason)
+        self.journal.settle_experiment(experiment_id, state, reason,
+                                       outgoing(message, self.key), queue or [])
+        self.outbox.wake()
+
+    def _maybe_finish(self, experiment_id: str) -> None:
+        """Send the final status once no case of the experiment is queued or running."""
+        with self._finish_lock:
+            known = self.journal.experiment(experiment_id)
+            if known is None or known[1] != states.ACCEPTED:
+                return
+            if self.journal.unfinished(experiment_id):
+                return
+            rows = self.journal.cases(experiment_id)
+            cancelled = self.journal.cancellation(experiment_id)
+            if cancelled is not None:
+                dropped = sorted({r.case_id for r in rows if r.state == states.CANCELLED})
+                self._settle(experiment_id, states.CANCELLED, ExperimentState.CANCELLED,
+                             dropped, cancelled)
+            else:
+                done = list(dict.fromkeys(r.case_id for r in rows))
+                self._settle(experiment_id, states.COMPLETED, ExperimentState.COMPLETED, done)
+                log.info("experiment %s done: %d cases", experiment_id, len(done))
+
+    # -- dispatching work ---------------------------------------------------------------------
+    def _dispatch_loop(self) -> None:
+        while not self.stopping.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            try:
+                for message in self.journal.experiments_in(states.RECEIVED):
+                    if self.stopping.is_set():
+                        return
+                    self.prepare(message)
+                while not self.stopping.is_set():
+                    with self._running_lock:
+                        if len(self._running) >= self.config.concurrency:
+                            break
+                        row = self.journal.claim_next()
+                        if row is None:
+                            break
+                        known = self.journal.experiment(row.experiment_id)
+                        assert known is not None, "a case without its experiment"
+                        activity = CaseActivity(row.experiment_id, row.case_id, row.attempt,
+                                                _now())
+                        self._running[(row.experiment_id, row.case_id)] = activity
+                    self._pool.submit(self._case_job, known[0], row, activity)
+            except Exception:
+                log.exception("dispatcher error; retrying")
+                self.stopping.wait(5)
+
+    def prepare(self, message: ExperimentMessage) -> None:
+        """Check the image and select the cases of a journaled experiment; accepted cases
+        are queued in the journal together with the ``accepted`` status."""
+        experiment_id = message.experiment_id
+        log.info("experiment %s: %s", experiment_id, message.algorithm.reference)
         if message.expires_at is not None and message.expires_at < _now():
-            self._status(message, ExperimentState.REFUSED, reason="experiment expired")
+            self._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
+                         reason="experiment expired")
             return
-        docker_client = docker.from_env(timeout=120)
         reference = message.algorithm.reference
+        try:
+            docker_client = docker.from_env(timeout=120)
+        except docker.errors.DockerException as exc:
+            log.error("docker engine unavailable for %s: %s; will retry", experiment_id, exc)
+            self.stopping.wait(10)
+            return
         try:
             check_approval(message.algorithm, self.hub_keys)
             revoked = self.journal.revocation(message.algorithm.digest)
@@ -182,65 +385,125 @@ class SpokeAgent:
                 docker_client, message.algorithm, self.config.runner.allowed_registries,
                 on_pull=lambda pulled: self._audit("image.pulled", reference, image_id=pulled))
             self._audit("image.verified", reference, result="verified", image_id=image_id,
-                        experiment=message.experiment_id)
+                        experiment=experiment_id)
         except ImageRefused as exc:
-            log.error("refusing %s: %s", message.experiment_id, exc.detail)
+            log.error("refusing %s: %s", experiment_id, exc.detail)
             self._audit("image.verified", reference, result="refused", reason=exc.reason,
-                        error=exc.detail, experiment=message.experiment_id)
-            self._status(message, ExperimentState.REFUSED, reason=f"{exc.reason}: {exc.detail}")
+                        error=exc.detail, experiment=experiment_id)
+            self._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
+                         reason=f"{exc.reason}: {exc.detail}")
             return
         finally:
             docker_client.close()
-        cases = cohort.select(cohort.discover(self.config.data_dir, self.pseudonyms),
-                              message.cohort)
-        self._status(message, ExperimentState.ACCEPTED, [c.case_id for c in cases])
-        attributes = cohort.load_attributes(self.config.data_dir,
-                                            self.config.policy.attributes_file)
-        with ThreadPoolExecutor(self.config.concurrency,
-                                thread_name_prefix="case") as pool:
-            list(pool.map(lambda c: self._case(message, c, attributes), cases))
-        self.chain.flush(self._publish_result)
-        self._status(message, ExperimentState.COMPLETED, [c.case_id for c in cases])
-        log.info("experiment %s done: %d cases", message.experiment_id, len(cases))
-
-    def _publish_result(self, result: ResultMessage) -> None:
-        self._send(result)
-        self.journal.mark_published(result)
-
-    def _case(self, message: ExperimentMessage, case: cohort.SourceCase,
-              attributes: dict) -> ResultMessage:
-        done = self.journal.result(message.experiment_id, case.case_id)
-        if done is not None:
-            return done  # finished before a restart or lost ack: re-send, never re-run
-        started = _now()
         try:
-            self._send(CaseStartedMessage(experiment_id=message.experiment_id,
-                                          spoke_id=self.config.spoke_id, case_id=case.case_id))
-        except PublishError:
-            log.warning("could not report the start of %s", case.case_id)
-        output, failure, run = self._execute(message, case)
+            cases = self._cohort(message)
+        except Exception as exc:
+            log.exception("could not select the cases of %s", experiment_id)
+            self._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
+                         reason=f"input_error: the cases could not be read: "
+                                f"{type(exc).__name__}")
+            return
+        ids = list(cases)
+        self._settle(experiment_id, states.ACCEPTED, ExperimentState.ACCEPTED, ids, queue=ids)
+        if self.journal.cancellation(experiment_id) is not None:  # cancelled meanwhile
+            self.journal.cancel(experiment_id, "", "")
+        self._maybe_finish(experiment_id)  # no cases at all: completed at once
+
+    def _cohort(self, message: ExperimentMessage) -> dict[str, cohort.SourceCase]:
+        """The experiment's cases, selected once per process (again after a restart)."""
+        with self._cohort_lock:
+            cases = self._cohorts.get(message.experiment_id)
+            if cases is None:
+                selected = cohort.select(cohort.discover(self.config.data_dir, self.pseudonyms),
+                                         message.cohort)
+                cases = self._cohorts[message.experiment_id] = {c.case_id: c for c in selected}
+                self._attributes[message.experiment_id] = cohort.load_attributes(
+                    self.config.data_dir, self.config.policy.attributes_file)
+            return cases
+
+    # -- one case -----------------------------------------------------------------------------
+    def _case_job(self, message: ExperimentMessage, row: CaseRow,
+                  activity: CaseActivity) -> None:
+        try:
+            result = self._run_case(message, row, activity)
+            if result is not None:
+                self.outbox.wake()
+        except Exception:
+            log.exception("case %s of %s failed inside the spoke", row.case_id,
+                          row.experiment_id)
+            if not self.stopping.is_set():
+                self._finish_case(message, row, activity.started_at, None, Failure(
+                    reason=FailureReason.INTERNAL_ERROR,
+                    detail="the spoke could not complete this case; see its log"),
+                    _empty_run())
+        finally:
+            with self._running_lock:
+                self._running.pop((row.experiment_id, row.case_id), None)
+            self._maybe_finish(row.experiment_id)
+            self._wake.set()
+
+    def _run_case(self, message: ExperimentMessage, row: CaseRow,
+                  activity: CaseActivity) -> ResultMessage | None:
+        """Run one claimed case and journal its signed result; None if the spoke is
+        stopping (the case stays queued and runs at the next start)."""
+        if self.journal.cancellation(row.experiment_id) is not None:
+            self.journal.cancel(row.experiment_id, "", "")
+            self.journal.drop_case(row)
+            return None
+        started = _now()
+        if row.launches > self.config.liveness.max_launches:
+            return self._finish_case(message, row, started, None, Failure(
+                reason=FailureReason.INTERRUPTED,
+                detail=f"the spoke went down {row.launches - 1} times while running this "
+                       "case; it is not started again"), _empty_run())
+        revoked = self.journal.revocation(message.algorithm.digest)
+        if revoked is not None:
+            return self._finish_case(message, row, started, None, Failure(
+                reason=FailureReason.IMAGE_NOT_TRUSTED,
+                detail=f"approval revoked by the hub: {revoked}"[:2000]), _empty_run())
+        case = self._cohort(message).get(row.case_id)
+        if case is None:
+            return self._finish_case(message, row, started, None, Failure(
+                reason=FailureReason.INPUT_ERROR,
+                detail="the case is no longer in the spoke's data folder"), _empty_run())
+        self.journal.send_later(outgoing(CaseStartedMessage(
+            experiment_id=row.experiment_id, spoke_id=self.config.spoke_id,
+            case_id=row.case_id, attempt=row.attempt), self.key))
+        self.outbox.wake()
+        output, failure, run = self._execute(message, case, row.attempt, activity)
+        if (failure is not None and failure.reason == FailureReason.CANCELLED
+                and self.journal.cancellation(row.experiment_id) is None):
+            self.journal.release_case(row)  # stopped by a spoke shutdown, not the hub
+            self._audit("case.released", row.experiment_id, case=row.case_id,
+                        attempt=row.attempt, reason="spoke stopping")
+            return None
+        return self._finish_case(message, row, started, output, failure, run, case)
+
+    def _finish_case(self, message: ExperimentMessage, row: CaseRow, started: datetime,
+                     output: dict | None, failure: Failure | None, run: dict,
+                     case: cohort.SourceCase | None = None) -> ResultMessage:
+        released = {}
+        if failure is None and case is not None:
+            released = cohort.released_attributes(
+                case, self._attributes.get(message.experiment_id, {}), message.release,
+                self.config.policy.releasable_attributes)
         result = ResultMessage(
             experiment_id=message.experiment_id, spoke_id=self.config.spoke_id,
-            case_id=case.case_id, status=CaseStatus.FAILED if failure else CaseStatus.SUCCEEDED,
-            output=output, failure=failure,
-            released=cohort.released_attributes(case, attributes, message.release,
-                                                self.config.policy.releasable_attributes)
-            if failure is None else {},
+            case_id=row.case_id, attempt=row.attempt,
+            status=CaseStatus.FAILED if failure else CaseStatus.SUCCEEDED,
+            output=output, failure=failure, released=released,
             image_digest=message.algorithm.digest, started_at=started, finished_at=_now(),
         )
-        try:
-            return self.chain.append_and_publish(result, run, self._publish_result)
-        except PublishError:
-            log.warning("result of %s kept in the journal until the broker is back",
-                        case.case_id)
-            return result
+        return self.chain.append(result, run)
 
-    def _execute(self, message: ExperimentMessage, case: cohort.SourceCase
-                 ) -> tuple[dict | None, Failure | None, dict]:
+    def _on_progress(self, activity: CaseActivity, progress: Progress) -> None:
+        self.progress.report(activity, progress)
+
+    def _execute(self, message: ExperimentMessage, case: cohort.SourceCase, attempt: int,
+                 activity: CaseActivity) -> tuple[dict | None, Failure | None, dict]:
         """Run the case; returns output, failure and the facts its custody record states."""
         t0 = time.monotonic()
-        run: dict = {"exit_code": None, "participant_sha256": None, "input_sha256": None,
-                     "deid_profile": PROFILE}
+        run = _empty_run()
         try:
             deidentified = deidentified_case(case, self.config.work_dir, self.pseudonyms)
             participant, mounts = build_participant(case, message.experiment_id, deidentified)
@@ -252,7 +515,8 @@ class SpokeAgent:
             return None, Failure(reason=FailureReason.INPUT_ERROR,
                                  detail=f"case could not be prepared: {type(exc).__name__}"), run
         client = docker.from_env(timeout=120)
-        name = f"tributary-{self.config.spoke_id}-{message.experiment_id}-{case.case_id}"
+        name = (f"tributary-{self.config.spoke_id}-{message.experiment_id}-{case.case_id}"
+                f"-a{attempt}")
         limits = effective_limits(message.limits, self.config.runner)
         t_run = time.monotonic()
         try:
@@ -262,12 +526,16 @@ class SpokeAgent:
                 limits=limits, settings=self.config.runner,
                 case_dir=self.config.work_dir / "runs" / message.experiment_id / case.case_id,
                 max_output_bytes=self.config.policy.max_output_bytes,
-                labels={"org.tributary.spoke": self.config.spoke_id,
-                        "org.tributary.experiment": message.experiment_id},
+                labels={SPOKE_LABEL: self.config.spoke_id,
+                        "org.tributary.experiment": message.experiment_id,
+                        "org.tributary.case-id": case.case_id,
+                        "org.tributary.attempt": str(attempt)},
+                on_progress=lambda progress: self._on_progress(activity, progress),
+                cancel=activity.cancel,
                 on_started=lambda container_id: self._audit(
                     "container.started", name, container_id=container_id,
                     image=message.algorithm.reference, experiment=message.experiment_id,
-                    case=case.case_id, limits={
+                    case=case.case_id, attempt=attempt, limits={
                         "memory_mb": limits.memory_mb, "cpus": limits.cpus,
                         "timeout_seconds": limits.timeout_seconds, "network": "none",
                         "pids": self.config.runner.pids_limit, "read_only": True}),
@@ -284,8 +552,14 @@ class SpokeAgent:
                  outcome.failure.reason if outcome.failure else "succeeded",
                  time.monotonic() - t0)
         self._audit("container.finished", name, experiment=message.experiment_id,
-                    case=case.case_id, exit_code=outcome.exit_code,
+                    case=case.case_id, attempt=attempt, exit_code=outcome.exit_code,
                     outcome=outcome.failure.reason if outcome.failure else "succeeded",
                     duration_seconds=round(time.monotonic() - t_run, 3))
         run["exit_code"] = outcome.exit_code
         return outcome.output, outcome.failure, run
+
+
+def _empty_run() -> dict:
+    """The facts a custody record states about a run, before any are known."""
+    return {"exit_code": None, "participant_sha256": None, "input_sha256": None,
+            "deid_profile": PROFILE}

@@ -46,6 +46,20 @@ class TrustSettings(BaseModel):
     publisher_keys: list[Path] = Field(default_factory=list)
 
 
+class LivenessSettings(BaseModel):
+    """How the spoke shows it is alive and how hard it tries before giving a case up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Seconds between heartbeats to the hub (version, capacity, queue depth, current work).
+    heartbeat_seconds: float = Field(30.0, ge=0.5, le=3600)
+    #: At most one progress message per running case this often.
+    progress_seconds: float = Field(5.0, ge=0.2, le=3600)
+    #: A case whose container was started this many times without finishing (the spoke
+    #: crashed or was killed each time) fails as ``interrupted`` instead of running again.
+    max_launches: int = Field(3, ge=1, le=100)
+
+
 class SpokeBroker(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -81,6 +95,7 @@ class SpokeConfig(BaseModel):
     policy: ReleasePolicy = Field(default_factory=ReleasePolicy)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
+    liveness: LivenessSettings = Field(default_factory=LivenessSettings)
 
     _id = field_validator("spoke_id")(validate_spoke_id)
 

@@ -1,19 +1,22 @@
 """The spoke's side of the chain of custody: every result is signed into a per-spoke hash
-chain, journaled, and published in chain order, so the hub can check continuity."""
+chain, journaled, and published in chain order through the journal's outbox, so the hub
+can check continuity."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel
 
 from tributary import __version__
 from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, sign_custody
 from tributary.protocol.messages import ResultMessage
 from tributary.protocol.signing import SigningKey
-from tributary.spoke.journal import Journal
+from tributary.protocol.wire import seal
+from tributary.spoke.journal import Journal, Outgoing
 
 
 def input_digest(deidentified: dict[str, Path]) -> str:
@@ -27,16 +30,16 @@ def input_digest(deidentified: dict[str, Path]) -> str:
 
 
 class CustodyChain:
-    """Appends signed records under one lock. Unpublished records are always flushed first,
-    so records reach the broker in chain order even across broker outages."""
+    """Appends signed records under one lock. Each record is journaled together with its
+    sealed result in the outbox, in one transaction, so results leave in chain order even
+    across broker outages and restarts."""
 
     def __init__(self, journal: Journal, key: SigningKey) -> None:
         self.journal = journal
         self.key = key
         self._lock = threading.Lock()
 
-    def append_and_publish(self, result: ResultMessage, run: dict[str, Any],
-                           publish: Callable[[ResultMessage], None]) -> ResultMessage:
+    def append(self, result: ResultMessage, run: dict[str, Any]) -> ResultMessage:
         with self._lock:
             sequence, previous = self.journal.chain_head()
             record = CustodyRecord(
@@ -52,14 +55,14 @@ class CustodyChain:
             )
             envelope = sign_custody(self.key, record, result)
             signed = result.model_copy(update={"custody": envelope})
-            self.journal.record(signed, sequence + 1, record_hash(envelope))
-            self._flush_locked(publish)
+            self.journal.record(signed, sequence + 1, record_hash(envelope),
+                                outgoing(signed, self.key))
             return signed
 
-    def flush(self, publish: Callable[[ResultMessage], None]) -> None:
-        with self._lock:
-            self._flush_locked(publish)
 
-    def _flush_locked(self, publish: Callable[[ResultMessage], None]) -> None:
-        for pending in self.journal.all_unpublished():
-            publish(pending)  # raises PublishError: later records wait behind this one
+def outgoing(message: BaseModel, key: SigningKey) -> Outgoing:
+    """A message sealed for the outbox, with the facts the audit log records when it goes."""
+    summary = {name: getattr(message, name) for name in
+               ("experiment_id", "case_id", "attempt", "status", "state", "reason")
+               if getattr(message, name, None) is not None}
+    return Outgoing(message.message_id, message.kind, seal(message, key), summary)

@@ -1,14 +1,31 @@
-"""The spoke's local record of finished cases. A result is written here before it is
-published, so a redelivered experiment (after a crash or a lost connection) re-sends the
-same result instead of running the case again."""
+"""The spoke's durable journal (SQLite, WAL, synchronous=FULL): everything the spoke has
+promised and not yet finished survives a crash, a kill -9 or a power cut.
+
+- ``experiments``: every experiment message the spoke accepted from the broker. The broker
+  message is acknowledged only after this row is committed, so nothing stays unacked while
+  cases run for hours, and nothing acked is ever lost.
+- ``cases``: one row per (experiment, case, attempt) with its state
+  ``queued`` → ``running`` → ``done`` (or ``cancelled``). The primary key makes running the
+  same attempt twice impossible; ``launches`` counts container starts, so a case that keeps
+  taking the spoke down is given up after a bounded number of tries.
+- ``results``: each finished case's result, signed into the custody ``chain``.
+- ``outbox``: every message the hub must receive, already sealed, in the order it must
+  arrive. The sender thread publishes and marks rows; a row is sent again (same bytes,
+  same ``message_id``) until the broker confirms it, and the hub ignores duplicates.
+"""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from tributary.protocol.messages import ResultMessage
+from tributary.protocol.messages import ExperimentMessage, ResultMessage
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -33,7 +50,74 @@ CREATE TABLE IF NOT EXISTS handled_messages (
     experiment_id TEXT NOT NULL,
     handled_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS experiments (
+    experiment_id TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    message TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'received',
+    reason TEXT,
+    received_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS cases (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    experiment_id TEXT NOT NULL,
+    case_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'queued',
+    launches INTEGER NOT NULL DEFAULT 0,
+    started_at TEXT,
+    UNIQUE (experiment_id, case_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS cancellations (
+    experiment_id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    cancelled_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    body TEXT NOT NULL,
+    summary TEXT NOT NULL,
+    sent INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
 """
+
+#: Experiment states.
+RECEIVED, ACCEPTED, REFUSED, COMPLETED, CANCELLED = (
+    "received", "accepted", "refused", "completed", "cancelled")
+#: Case states.
+QUEUED, RUNNING, DONE = "queued", "running", "done"
+
+
+@dataclass(frozen=True)
+class CaseRow:
+    experiment_id: str
+    case_id: str
+    attempt: int
+    state: str
+    launches: int
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    seq: int
+    message_id: str
+    kind: str
+    body: str
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A sealed message to put in the outbox, with what the audit log says about it."""
+
+    message_id: str
+    kind: str
+    body: str
+    summary: dict[str, Any]
 
 
 class Journal:
@@ -43,83 +127,265 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
-    def result(self, experiment_id: str, case_id: str, attempt: int = 1) -> ResultMessage | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT message FROM results WHERE experiment_id=? AND case_id=? AND attempt=?",
-                (experiment_id, case_id, attempt)).fetchone()
-        return ResultMessage.model_validate_json(row[0]) if row else None
-
-    def chain_head(self) -> tuple[int, str | None]:
-        """(last sequence, its record hash) of this spoke's custody chain."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT sequence, record_sha256 FROM chain ORDER BY sequence DESC LIMIT 1"
-            ).fetchone()
-        return (row[0], row[1]) if row else (0, None)
-
-    def record(self, message: ResultMessage, sequence: int | None = None,
-               record_sha256: str | None = None) -> None:
-        """Store a result and, in the same transaction, advance the custody chain."""
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic, durable step: all of it survives a crash, or none of it."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT OR IGNORE INTO results (experiment_id, case_id, attempt, message) "
-                    "VALUES (?, ?, ?, ?)",
-                    (message.experiment_id, message.case_id, message.attempt,
-                     message.model_dump_json()))
-                if sequence is not None:
-                    self._db.execute("INSERT INTO chain (sequence, record_sha256) VALUES (?, ?)",
-                                     (sequence, record_sha256))
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
 
-    def revoke(self, digest: str, reason: str) -> None:
+    def _one(self, sql: str, args: tuple = ()) -> Any:
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO revoked_digests (digest, reason) "
-                             "VALUES (?, ?)", (digest, reason))
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple = ()) -> list[Any]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- outbox ---------------------------------------------------------------------------
+    @staticmethod
+    def enqueue(db: sqlite3.Connection, outgoing: Outgoing) -> None:
+        """Add a message to the outbox inside a :meth:`transaction`."""
+        db.execute("INSERT OR IGNORE INTO outbox (message_id, kind, body, summary) "
+                   "VALUES (?, ?, ?, ?)", (outgoing.message_id, outgoing.kind, outgoing.body,
+                                           json.dumps(outgoing.summary, default=str)))
+
+    def send_later(self, outgoing: Outgoing) -> None:
+        with self.transaction() as db:
+            self.enqueue(db, outgoing)
+
+    def outbox_pending(self, limit: int = 100) -> list[OutboxRow]:
+        """Unsent messages, oldest first: the order they must reach the hub in."""
+        rows = self._all("SELECT seq, message_id, kind, body, summary FROM outbox WHERE sent=0 "
+                         "ORDER BY seq LIMIT ?", (limit,))
+        return [OutboxRow(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+
+    def outbox_depth(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM outbox WHERE sent=0")[0])
+
+    def mark_sent(self, seq: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE outbox SET sent=1 WHERE seq=?", (seq,))
+
+    # -- experiments ------------------------------------------------------------------------
+    def experiment(self, experiment_id: str) -> tuple[ExperimentMessage, str] | None:
+        """The journaled experiment message and its state."""
+        row = self._one("SELECT message, state FROM experiments WHERE experiment_id=?",
+                        (experiment_id,))
+        return (ExperimentMessage.model_validate_json(row[0]), row[1]) if row else None
+
+    def add_experiment(self, message: ExperimentMessage, state: str = RECEIVED,
+                       reason: str | None = None, outgoing: Outgoing | None = None) -> bool:
+        """Journal a newly received experiment; False if it is already known."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO experiments (experiment_id, message_id, message, state, "
+                "reason) VALUES (?, ?, ?, ?, ?)", (message.experiment_id, message.message_id,
+                                                   message.model_dump_json(), state, reason))
+            db.execute("INSERT OR IGNORE INTO handled_messages (message_id, experiment_id) "
+                       "VALUES (?, ?)", (message.message_id, message.experiment_id))
+            if cursor.rowcount and outgoing is not None:
+                self.enqueue(db, outgoing)
+            return cursor.rowcount == 1
+
+    def experiments_in(self, state: str) -> list[ExperimentMessage]:
+        rows = self._all("SELECT message FROM experiments WHERE state=? ORDER BY rowid",
+                         (state,))
+        return [ExperimentMessage.model_validate_json(r[0]) for r in rows]
+
+    def settle_experiment(self, experiment_id: str, state: str, reason: str | None,
+                          outgoing: Outgoing | None, case_ids: list[str] = ()) -> None:
+        """Move an experiment on (accepted with its queued cases, refused, completed,
+        cancelled) together with the status message that tells the hub."""
+        with self.transaction() as db:
+            db.execute("UPDATE experiments SET state=?, reason=? WHERE experiment_id=?",
+                       (state, reason, experiment_id))
+            db.executemany("INSERT OR IGNORE INTO cases (experiment_id, case_id, attempt) "
+                           "VALUES (?, ?, 1)", [(experiment_id, c) for c in case_ids])
+            if outgoing is not None:
+                self.enqueue(db, outgoing)
+
+    # -- cancellation ------------------------------------------------------------------------
+    def cancellation(self, experiment_id: str) -> str | None:
+        row = self._one("SELECT reason FROM cancellations WHERE experiment_id=?",
+                        (experiment_id,))
+        return row[0] if row else None
+
+    def cancel(self, experiment_id: str, reason: str, message_id: str) -> list[str]:
+        """Record the cancellation (even before the experiment arrives) and drop its queued
+        cases; returns the dropped case ids."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO cancellations (experiment_id, reason, message_id) "
+                       "VALUES (?, ?, ?)", (experiment_id, reason, message_id))
+            dropped = [r[0] for r in db.execute(
+                "SELECT case_id FROM cases WHERE experiment_id=? AND state=?",
+                (experiment_id, QUEUED)).fetchall()]
+            db.execute("UPDATE cases SET state=? WHERE experiment_id=? AND state=?",
+                       (CANCELLED, experiment_id, QUEUED))
+            return dropped
+
+    # -- cases -------------------------------------------------------------------------------
+    def cases(self, experiment_id: str) -> list[CaseRow]:
+        rows = self._all("SELECT experiment_id, case_id, attempt, state, launches FROM cases "
+                         "WHERE experiment_id=? ORDER BY seq", (experiment_id,))
+        return [CaseRow(*r) for r in rows]
+
+    def queue_depth(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM cases WHERE state=?", (QUEUED,))[0])
+
+    def claim_next(self) -> CaseRow | None:
+        """Take the oldest queued case and mark it running, atomically: no case is ever
+        handed to two workers."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT seq, experiment_id, case_id, attempt, launches FROM cases "
+                "WHERE state=? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE cases SET state=?, launches=launches+1, "
+                       "started_at=CURRENT_TIMESTAMP WHERE seq=?", (RUNNING, row[0]))
+            return CaseRow(row[1], row[2], row[3], RUNNING, row[4] + 1)
+
+    def drop_case(self, row: CaseRow) -> None:
+        """A claimed case that must not run (its experiment was cancelled)."""
+        with self.transaction() as db:
+            db.execute("UPDATE cases SET state=? WHERE experiment_id=? AND case_id=? AND "
+                       "attempt=?", (CANCELLED, row.experiment_id, row.case_id, row.attempt))
+
+    def release_case(self, row: CaseRow) -> None:
+        """A case stopped because the spoke itself is stopping: back to the queue, and the
+        launch does not count against it."""
+        with self.transaction() as db:
+            db.execute("UPDATE cases SET state=?, launches=MAX(launches-1, 0) WHERE "
+                       "experiment_id=? AND case_id=? AND attempt=? AND state=?",
+                       (QUEUED, row.experiment_id, row.case_id, row.attempt, RUNNING))
+
+    def requeue_interrupted(self) -> list[CaseRow]:
+        """After a restart: cases that were running when the spoke went away go back to
+        the queue (their launch count kept). Returns them."""
+        with self.transaction() as db:
+            rows = db.execute("SELECT experiment_id, case_id, attempt, state, launches "
+                              "FROM cases WHERE state=? ORDER BY seq", (RUNNING,)).fetchall()
+            db.execute("UPDATE cases SET state=? WHERE state=?", (QUEUED, RUNNING))
+        return [CaseRow(*r) for r in rows]
+
+    def add_retry(self, experiment_id: str, case_ids: list[str],
+                  attempt: int) -> tuple[list[str], dict[str, str]]:
+        """Queue ``attempt`` of each named case whose latest result failed with a lower
+        attempt. Returns (queued, {case: why not}); a redelivered retry queues nothing new
+        and refuses nothing it queued before."""
+        queued: list[str] = []
+        refused: dict[str, str] = {}
+        with self.transaction() as db:
+            for case_id in dict.fromkeys(case_ids):
+                rows = db.execute("SELECT attempt, state FROM cases WHERE experiment_id=? "
+                                  "AND case_id=? ORDER BY attempt DESC",
+                                  (experiment_id, case_id)).fetchall()
+                if not rows:
+                    refused[case_id] = "not a case of this experiment at this spoke"
+                    continue
+                latest, state = rows[0]
+                if latest == attempt:
+                    continue  # this retry was received before
+                if latest > attempt:
+                    refused[case_id] = f"attempt {latest} already exists"
+                    continue
+                if state != DONE:
+                    refused[case_id] = f"attempt {latest} is {state}, not finished"
+                    continue
+                result = db.execute("SELECT message FROM results WHERE experiment_id=? AND "
+                                    "case_id=? AND attempt=?",
+                                    (experiment_id, case_id, latest)).fetchone()
+                if result is None or ResultMessage.model_validate_json(
+                        result[0]).status != "failed":
+                    refused[case_id] = f"attempt {latest} succeeded; only failed cases re-run"
+                    continue
+                db.execute("INSERT INTO cases (experiment_id, case_id, attempt) "
+                           "VALUES (?, ?, ?)", (experiment_id, case_id, attempt))
+                queued.append(case_id)
+            if queued:
+                db.execute("UPDATE experiments SET state=? WHERE experiment_id=?",
+                           (ACCEPTED, experiment_id))
+        return queued, refused
+
+    def unfinished(self, experiment_id: str) -> int:
+        return int(self._one("SELECT COUNT(*) FROM cases WHERE experiment_id=? AND state IN "
+                             "(?, ?)", (experiment_id, QUEUED, RUNNING))[0])
+
+    # -- results and custody chain ---------------------------------------------------------
+    def result(self, experiment_id: str, case_id: str, attempt: int = 1) -> ResultMessage | None:
+        row = self._one(
+            "SELECT message FROM results WHERE experiment_id=? AND case_id=? AND attempt=?",
+            (experiment_id, case_id, attempt))
+        return ResultMessage.model_validate_json(row[0]) if row else None
+
+    def chain_head(self) -> tuple[int, str | None]:
+        """(last sequence, its record hash) of this spoke's custody chain."""
+        row = self._one("SELECT sequence, record_sha256 FROM chain ORDER BY sequence DESC "
+                        "LIMIT 1")
+        return (row[0], row[1]) if row else (0, None)
+
+    def record(self, message: ResultMessage, sequence: int | None = None,
+               record_sha256: str | None = None, outgoing: Outgoing | None = None) -> None:
+        """Store a result, finish its case, advance the custody chain and queue the sealed
+        result for the hub: one transaction, so a crash leaves all of it or none."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO results (experiment_id, case_id, attempt, message, "
+                "published) VALUES (?, ?, ?, ?, 1)",
+                (message.experiment_id, message.case_id, message.attempt,
+                 message.model_dump_json()))
+            db.execute("INSERT OR IGNORE INTO cases (experiment_id, case_id, attempt) "
+                       "VALUES (?, ?, ?)", (message.experiment_id, message.case_id,
+                                            message.attempt))
+            db.execute("UPDATE cases SET state=? WHERE experiment_id=? AND case_id=? AND "
+                       "attempt=?", (DONE, message.experiment_id, message.case_id,
+                                     message.attempt))
+            if sequence is not None:
+                db.execute("INSERT INTO chain (sequence, record_sha256) VALUES (?, ?)",
+                           (sequence, record_sha256))
+            if outgoing is not None:
+                self.enqueue(db, outgoing)
+
+    def legacy_unpublished(self) -> list[ResultMessage]:
+        """Results an older spoke journaled but never published (before the outbox)."""
+        rows = self._all("SELECT message FROM results WHERE published=0 ORDER BY rowid")
+        return [ResultMessage.model_validate_json(r[0]) for r in rows]
+
+    def mark_legacy_queued(self, message: ResultMessage, outgoing: Outgoing) -> None:
+        with self.transaction() as db:
+            self.enqueue(db, outgoing)
+            db.execute("UPDATE results SET published=1 WHERE experiment_id=? AND case_id=? "
+                       "AND attempt=?", (message.experiment_id, message.case_id,
+                                         message.attempt))
+
+    # -- approvals and replays ---------------------------------------------------------------
+    def revoke(self, digest: str, reason: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO revoked_digests (digest, reason) VALUES (?, ?)",
+                       (digest, reason))
 
     def revocation(self, digest: str) -> str | None:
         """Why ``digest``'s approval was revoked, or None if it was not."""
-        with self._lock:
-            row = self._db.execute("SELECT reason FROM revoked_digests WHERE digest=?",
-                                   (digest,)).fetchone()
+        row = self._one("SELECT reason FROM revoked_digests WHERE digest=?", (digest,))
         return row[0] if row else None
 
     def handled(self, message_id: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM handled_messages WHERE message_id=?",
-                                    (message_id,)).fetchone() is not None
+        return self._one("SELECT 1 FROM handled_messages WHERE message_id=?",
+                         (message_id,)) is not None
 
     def mark_handled(self, message_id: str, experiment_id: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO handled_messages (message_id, experiment_id) "
-                             "VALUES (?, ?)", (message_id, experiment_id))
-
-    def all_unpublished(self) -> list[ResultMessage]:
-        """Every result not yet confirmed by the broker, in custody-chain order."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT message FROM results WHERE published=0 ORDER BY rowid").fetchall()
-        return [ResultMessage.model_validate_json(r[0]) for r in rows]
-
-    def mark_published(self, message: ResultMessage) -> None:
-        with self._lock:
-            self._db.execute(
-                "UPDATE results SET published=1 WHERE experiment_id=? AND case_id=? "
-                "AND attempt=?", (message.experiment_id, message.case_id, message.attempt))
-
-    def unpublished(self, experiment_id: str) -> list[ResultMessage]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT message FROM results WHERE experiment_id=? AND published=0",
-                (experiment_id,)).fetchall()
-        return [ResultMessage.model_validate_json(r[0]) for r in rows]
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO handled_messages (message_id, experiment_id) "
+                       "VALUES (?, ?)", (message_id, experiment_id))
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()

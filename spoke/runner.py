@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import stat
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,12 @@ from tributary.protocol.contract import (
     OUTPUT_DIR,
     OUTPUT_PATH,
     PARTICIPANT_PATH,
+    PROGRESS_LIMIT_BYTES,
+    PROGRESS_PATH,
     AlgoArg,
     ExitCode,
     Participant,
+    Progress,
 )
 from tributary.protocol.messages import Failure, FailureReason, RunLimits
 from tributary.spoke.config import RunnerSettings
@@ -33,6 +38,14 @@ from tributary.spoke.config import RunnerSettings
 #: The uid:gid algorithms run as ("nobody").
 ALGORITHM_USER = "65534:65534"
 LABEL = "org.tributary.case"
+#: Label naming the spoke that owns a container: after a crash, the spoke removes every
+#: container carrying its id (see :func:`remove_orphans`).
+SPOKE_LABEL = "org.tributary.spoke"
+#: How often a running container is checked for progress and for cancellation.
+POLL_SECONDS = 1.0
+#: Exit statuses of a container stopped by a signal: SIGKILL (docker kill) and SIGTERM
+#: (docker stop). When neither the spoke nor the memory limit did it, someone else did.
+SIGNAL_EXITS = {137: "SIGKILL", 143: "SIGTERM"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,25 @@ def read_output(path: Path, limit: int) -> dict[str, Any]:
     return data
 
 
+def read_progress(path: Path) -> Progress | None:
+    """The algorithm's progress file, or None when it is absent, too large or invalid:
+    progress is a courtesy, never a reason to fail a case."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return None
+        raw = handle.read(PROGRESS_LIMIT_BYTES + 1)
+    if len(raw) > PROGRESS_LIMIT_BYTES:
+        return None
+    try:
+        return Progress.model_validate_json(raw)
+    except ValueError:
+        return None
+
+
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -93,9 +125,13 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
              mounts: dict[str, Path], arguments: dict[str, Any], limits: RunLimits,
              settings: RunnerSettings, case_dir: Path, max_output_bytes: int,
              labels: dict[str, str],
-             on_started: Callable[[str], None] | None = None) -> RunOutcome:
+             on_started: Callable[[str], None] | None = None,
+             on_progress: Callable[[Progress], None] | None = None,
+             cancel: threading.Event | None = None) -> RunOutcome:
     """Run one case to completion and classify what happened. ``on_started`` is told the
-    container's id once it runs (for the audit log)."""
+    container's id once it runs (for the audit log); ``on_progress`` each new value of the
+    algorithm's progress file; setting ``cancel`` kills the container and fails the case
+    as cancelled."""
     if case_dir.exists():
         shutil.rmtree(case_dir)
     out_dir = case_dir / "output"
@@ -121,16 +157,21 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
     try:
         if on_started is not None:
             on_started(container.id)
-        try:
-            status = container.wait(timeout=limits.timeout_seconds)
-            exit_code: int | None = int(status.get("StatusCode", -1))
-        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
-            container.kill()
-            container.wait(timeout=30)
+        ended = _wait(container, limits.timeout_seconds, out_dir / Path(PROGRESS_PATH).name,
+                      on_progress, cancel)
+        if isinstance(ended, str):  # the spoke stopped it: timeout or cancellation
+            with contextlib.suppress(docker.errors.APIError):
+                container.kill()
+            with contextlib.suppress(Exception):
+                container.wait(timeout=30)
+            reason = FailureReason.CANCELLED if ended == "cancelled" else FailureReason.TIMEOUT
+            detail = ("the hub cancelled the experiment; container stopped"
+                      if ended == "cancelled"
+                      else f"no result within {limits.timeout_seconds} s; container killed")
             return RunOutcome(None, Failure(
-                reason=FailureReason.TIMEOUT,
-                detail=f"no result within {limits.timeout_seconds} s; container killed",
+                reason=reason, detail=detail,
                 log_tail=_log_tail(container, settings.log_tail_lines)), None)
+        exit_code: int | None = ended
         container.reload()
         oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
         tail = _log_tail(container, settings.log_tail_lines)
@@ -140,6 +181,12 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
         return RunOutcome(None, Failure(reason=FailureReason.OUT_OF_MEMORY, exit_code=exit_code,
                                         detail=f"killed at the {limits.memory_mb} MiB limit",
                                         log_tail=tail), exit_code)
+    if exit_code in SIGNAL_EXITS:
+        return RunOutcome(None, Failure(
+            reason=FailureReason.KILLED, exit_code=exit_code, log_tail=tail,
+            detail=f"the container was stopped by {SIGNAL_EXITS[exit_code]} from outside the "
+                   "spoke (not by its time or memory limit), e.g. `docker kill` or an engine "
+                   "restart; the hub may retry the case"), exit_code)
     if exit_code != ExitCode.SUCCESS:
         reason = {ExitCode.INVALID_ARGUMENTS: FailureReason.INVALID_ARGUMENTS,
                   ExitCode.UNSUITABLE_INPUT: FailureReason.UNSUITABLE_INPUT}.get(
@@ -157,6 +204,31 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
     return RunOutcome(output, None, 0)
 
 
+def _wait(container: Any, timeout_seconds: float, progress_file: Path,
+          on_progress: Callable[[Progress], None] | None,
+          cancel: threading.Event | None) -> int | str:
+    """Wait for the container to exit, checking every :data:`POLL_SECONDS` for progress and
+    cancellation. Returns its exit status, or "timeout" / "cancelled"."""
+    deadline = time.monotonic() + timeout_seconds
+    last: Progress | None = None
+    while True:
+        if cancel is not None and cancel.is_set():
+            return "cancelled"
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return "timeout"
+        try:
+            status = container.wait(timeout=min(POLL_SECONDS, remaining))
+            return int(status.get("StatusCode", -1))
+        except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError):
+            pass
+        if on_progress is not None:
+            progress = read_progress(progress_file)
+            if progress is not None and progress != last:
+                last = progress
+                on_progress(progress)
+
+
 def _log_tail(container: Any, lines: int) -> str:
     try:
         text = container.logs(tail=lines).decode("utf-8", errors="replace")
@@ -168,3 +240,17 @@ def _log_tail(container: Any, lines: int) -> str:
 def remove_container(client: docker.DockerClient, name: str) -> None:
     with contextlib.suppress(docker.errors.NotFound):
         client.containers.get(name).remove(force=True)
+
+
+def remove_orphans(client: docker.DockerClient, spoke_id: str) -> list[dict[str, str]]:
+    """Remove every container, running or not, that this spoke started. Called at start-up,
+    when none of them can still be ours to wait for: a spoke killed mid-case leaves its
+    container behind. Returns the labels of each removed container (for the audit log)."""
+    removed = []
+    mine = {"label": f"{SPOKE_LABEL}={spoke_id}"}
+    for container in client.containers.list(all=True, filters=mine):
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True)
+            removed.append({"name": container.name, "id": container.id,
+                            **(container.labels or {})})
+    return removed

@@ -11,7 +11,7 @@ import pytest
 
 from tributary.federation import LocalFederation
 from tributary.protocol.broker import BrokerSettings, Delivery, StompClient
-from tributary.protocol.destinations import RESULTS_QUEUE, dead_letter_queue
+from tributary.protocol.destinations import dead_letter_queue, results_queue
 from tributary.services.settings import ServiceSettings
 
 pytestmark = pytest.mark.e2e
@@ -82,10 +82,11 @@ def test_hub_dead_letters_and_audits_malformed_results(federation: LocalFederati
                                                        service_settings: ServiceSettings) -> None:
     c = client(service_settings, "intruder")
     marker = uuid.uuid4().hex
+    results = results_queue(federation.federation)  # the queue this federation's hub reads
     try:
-        c.publish(RESULTS_QUEUE, f'{{"kind": "result", "garbage": "{marker}"}}')
-        c.publish(RESULTS_QUEUE, "x" * (3 * 1024 * 1024))
-        dlq = collect(c, dead_letter_queue(RESULTS_QUEUE))
+        c.publish(results, f'{{"kind": "result", "garbage": "{marker}"}}')
+        c.publish(results, "x" * (3 * 1024 * 1024))
+        dlq = collect(c, dead_letter_queue(results))
         seen = []
         deadline = time.monotonic() + 30
         while len(seen) < 2 and time.monotonic() < deadline:

@@ -14,7 +14,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 
 @pytest.mark.parametrize("name", ["CONTRACT_VERSION", "ALGO_ARG_ENV", "PARTICIPANT_PATH",
                                   "INPUT_ROOT", "OUTPUT_DIR", "OUTPUT_PATH", "SCRATCH_DIR",
-                                  "DEFAULT_OUTPUT_LIMIT_BYTES"])
+                                  "DEFAULT_OUTPUT_LIMIT_BYTES", "PROGRESS_PATH",
+                                  "PROGRESS_LIMIT_BYTES"])
 def test_sdk_constants_match_the_protocol(name: str) -> None:
     assert getattr(sdk, name) == getattr(protocol, name)
 

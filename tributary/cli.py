@@ -32,6 +32,7 @@ algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures f
 app.add_typer(algorithm_app, name="algorithm")
 app.add_typer(__import__("tributary.commands.audit", fromlist=["app"]).app, name="audit")
 app.add_typer(__import__("tributary.commands.study", fromlist=["app"]).app, name="study")
+app.add_typer(__import__("tributary.commands.dlq", fromlist=["app"]).app, name="dlq")
 console = Console()
 
 

@@ -94,3 +94,19 @@ def test_numpy_values_are_converted(make_case) -> None:
     ctx = load_context(make_case())
     ctx.write_output({"count": np.int64(3), "centre": np.array([1.5, 2.0])})
     assert json.loads(Path(ctx.output_path).read_text()) == {"count": 3, "centre": [1.5, 2.0]}
+
+
+def test_report_progress_replaces_the_progress_file(make_case) -> None:
+    ctx = load_context(make_case())
+    ctx.report_progress(0.25, "segmenting")
+    ctx.report_progress(0.5, "measuring")
+    progress = Path(os.path.dirname(ctx.output_path)) / "progress.json"
+    assert json.loads(progress.read_text()) == {"fraction": 0.5, "message": "measuring"}
+    assert _output_files(ctx) == ["progress.json"]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, "half"])
+def test_report_progress_refuses_a_bad_fraction(make_case, fraction) -> None:
+    ctx = load_context(make_case())
+    with pytest.raises(ValueError, match="progress fraction"):
+        ctx.report_progress(fraction)

@@ -16,7 +16,14 @@ and are only needed on a workstation.
 
 from __future__ import annotations
 
-from .context import ALGO_ARG_FILE_ENV, Context, Series, encode_output, load_context
+from .context import (
+    ALGO_ARG_FILE_ENV,
+    Context,
+    Series,
+    encode_output,
+    load_context,
+    report_progress,
+)
 from .contract import (
     ALGO_ARG_ENV,
     CONTRACT_VERSION,
@@ -25,6 +32,7 @@ from .contract import (
     OUTPUT_DIR,
     OUTPUT_PATH,
     PARTICIPANT_PATH,
+    PROGRESS_PATH,
     SCRATCH_DIR,
     ExitCode,
 )
@@ -49,6 +57,7 @@ __all__ = [
     "OUTPUT_DIR",
     "OUTPUT_PATH",
     "PARTICIPANT_PATH",
+    "PROGRESS_PATH",
     "SCRATCH_DIR",
     "AlgorithmError",
     "Context",
@@ -63,6 +72,7 @@ __all__ = [
     "encode_output",
     "execute",
     "load_context",
+    "report_progress",
     "run",
     "validate_arguments",
 ]

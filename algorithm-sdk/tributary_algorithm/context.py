@@ -21,6 +21,7 @@ from .contract import (
     DEFAULT_OUTPUT_LIMIT_BYTES,
     OUTPUT_PATH,
     PARTICIPANT_PATH,
+    PROGRESS_MESSAGE_MAX,
     PSEUDONYM_PATTERN,
     ExitCode,
     exit_label,
@@ -138,6 +139,12 @@ class Context:
         self.output_written = True
         return self.output_path
 
+    def report_progress(self, fraction: float, message: str | None = None) -> None:
+        """Tell the spoke (and, through it, the hub) how far this case is; see
+        :func:`report_progress`. The file sits next to ``output.json``."""
+        report_progress(fraction, message,
+                        os.path.join(os.path.dirname(self.output_path), "progress.json"))
+
     def fail(self, message: str, code: int = ExitCode.ERROR) -> NoReturn:
         """Explain on stderr and exit with ``code`` (e.g. ``ExitCode.UNSUITABLE_INPUT``)."""
         code = int(code)
@@ -151,6 +158,44 @@ def _json_default(value: Any) -> Any:
     if callable(tolist):  # numpy scalars and arrays
         return tolist()
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def report_progress(fraction: float, message: str | None = None,
+                    path: str | None = None) -> None:
+    """Write the optional progress file: ``{"fraction": 0..1, "message": "..."}``.
+
+    The spoke polls it while the container runs and forwards changes to the hub at a
+    limited rate, so calling this often is cheap and harmless. The file is replaced
+    atomically, so the spoke never reads half of it. ``message`` is shown to people: a
+    short step name, never patient data. Outside a spoke (no output directory) it does
+    nothing, so algorithms can call it unconditionally.
+    """
+    try:
+        fraction = float(fraction)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"progress fraction must be a number, not {fraction!r}") from exc
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"progress fraction must be between 0 and 1, not {fraction}")
+    if message is not None:
+        message = str(message)[:PROGRESS_MESSAGE_MAX]
+    if path is None:
+        from .contract import PROGRESS_PATH
+
+        path = PROGRESS_PATH
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        return
+    payload = json.dumps({"fraction": fraction, "message": message}).encode()
+    fd, tmp = tempfile.mkstemp(prefix=".progress-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.chmod(tmp, 0o644)  # the spoke reads it as another user
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def encode_output(data: Any, limit_bytes: int = DEFAULT_OUTPUT_LIMIT_BYTES) -> bytes:

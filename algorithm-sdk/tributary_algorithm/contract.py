@@ -1,4 +1,4 @@
-"""The algorithm contract v1, restated with the standard library only.
+"""The algorithm contract v1.1, restated with the standard library only.
 
 The platform's ``protocol/contract.py`` is the authority; it needs pydantic, which an
 algorithm image should not have to install. The values here must stay equal to it (the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from enum import IntEnum
 
-CONTRACT_VERSION = "1.0"
+CONTRACT_VERSION = "1.1"
 
 #: Environment variable carrying the JSON-encoded ALGO_ARG object.
 ALGO_ARG_ENV = "ALGO_ARG"
@@ -19,6 +19,10 @@ PARTICIPANT_PATH = "/tributary/participant.json"
 INPUT_ROOT = "/tributary/input"
 OUTPUT_DIR = "/tributary/output"
 OUTPUT_PATH = f"{OUTPUT_DIR}/output.json"
+#: Optional progress file (contract 1.1): {"fraction": 0..1, "message": "..."}.
+PROGRESS_PATH = f"{OUTPUT_DIR}/progress.json"
+PROGRESS_LIMIT_BYTES = 4096
+PROGRESS_MESSAGE_MAX = 200
 SCRATCH_DIR = "/tmp"
 
 #: The spoke refuses output.json files larger than this (unless its config raises it).

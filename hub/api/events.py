@@ -20,7 +20,12 @@ from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
 from tributary.hub.api.deps import current_user
-from tributary.hub.models import Experiment, ExperimentState
+from tributary.hub.models import (
+    TERMINAL_TARGET_STATES,
+    Experiment,
+    ExperimentState,
+    TargetState,
+)
 from tributary.hub.services.progress import case_reads, experiment_read
 
 router = APIRouter(prefix="/api/experiments", tags=["experiments"],
@@ -30,24 +35,35 @@ POLL_SECONDS = 1.0
 KEEPALIVE_SECONDS = 15.0
 #: States in which an experiment may still change; any other state ends the stream.
 LIVE_STATES = {ExperimentState.DRAFT.value, ExperimentState.LAUNCHED.value}
+SETTLED_TARGET_STATES = {s.value for s in TERMINAL_TARGET_STATES} | {TargetState.PENDING.value}
 
 
-def experiment_snapshot(engine: Engine, experiment_id: str) -> dict[str, Any] | None:
+def experiment_snapshot(engine: Engine, experiment_id: str,
+                        online_seconds: float) -> dict[str, Any] | None:
     """The experiment with its per-spoke progress and every case (None if unknown)."""
     with Session(engine) as session:
         experiment = session.get(Experiment, experiment_id)
         if experiment is None:
             return None
-        return {"experiment": experiment_read(session, experiment).model_dump(mode="json"),
+        read = experiment_read(session, experiment, online_seconds)
+        return {"experiment": read.model_dump(mode="json"),
                 "cases": [c.model_dump(mode="json") for c in case_reads(session, experiment_id)]}
 
 
-def experiments_snapshot(engine: Engine) -> dict[str, Any]:
+def experiments_snapshot(engine: Engine, online_seconds: float) -> dict[str, Any]:
     """Every experiment with its per-spoke progress (no cases), newest first."""
     with Session(engine) as session:
         rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
-        return {"experiments": [experiment_read(session, e).model_dump(mode="json")
-                                for e in rows]}
+        return {"experiments": [experiment_read(session, e, online_seconds)
+                                .model_dump(mode="json") for e in rows]}
+
+
+def is_over(snapshot: dict[str, Any]) -> bool:
+    """Nothing more will change: the experiment is past launched and every spoke has
+    settled (a cancelled experiment's spokes still confirm their cancellation)."""
+    experiment = snapshot["experiment"]
+    return experiment["state"] not in LIVE_STATES and all(
+        t["state"] in SETTLED_TARGET_STATES for t in experiment["targets"])
 
 
 def _event(name: str, data: dict[str, Any]) -> str:
@@ -83,8 +99,9 @@ def _response(events: AsyncIterator[str]) -> StreamingResponse:
 def experiments_events(request: Request) -> StreamingResponse:
     """SSE stream of every experiment's progress (``progress`` events with
     ``{"experiments": [...]}``, as ``GET /api/experiments`` returns them)."""
-    engine = request.app.state.engine
-    return _response(_stream(request, lambda: experiments_snapshot(engine), lambda _: False))
+    engine, window = request.app.state.engine, request.app.state.settings.spoke_online_seconds
+    return _response(_stream(request, lambda: experiments_snapshot(engine, window),
+                             lambda _: False))
 
 
 @router.get("/{experiment_id}/events", response_class=StreamingResponse,
@@ -92,11 +109,10 @@ def experiments_events(request: Request) -> StreamingResponse:
 def experiment_events(experiment_id: str, request: Request) -> StreamingResponse:
     """SSE stream of one experiment: ``progress`` events with ``{"experiment": ...,
     "cases": [...]}`` (as ``GET /api/experiments/{id}`` and ``.../cases``) whenever they
-    change, then ``end`` once it is over (completed, or
-    any other state past launched)."""
-    engine = request.app.state.engine
-    if experiment_snapshot(engine, experiment_id) is None:
+    change, then ``end`` once it is over (completed or
+    cancelled, and every spoke settled)."""
+    engine, window = request.app.state.engine, request.app.state.settings.spoke_online_seconds
+    if experiment_snapshot(engine, experiment_id, window) is None:
         raise HTTPException(404, f"no experiment {experiment_id!r}")
-    return _response(_stream(
-        request, lambda: experiment_snapshot(engine, experiment_id),
-        lambda s: s["experiment"]["state"] not in LIVE_STATES))
+    return _response(_stream(request, lambda: experiment_snapshot(engine, experiment_id, window),
+                             is_over))

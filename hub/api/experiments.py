@@ -13,7 +13,14 @@ from sqlmodel import Session, select
 
 from tributary.bundle import write_bundle, zip_bundle
 from tributary.hub.api.deps import acting, current_user, get_broker, get_session, get_settings
-from tributary.hub.api.schemas import CaseRead, ExperimentCreate, ExperimentRead
+from tributary.hub.api.schemas import (
+    CancelBody,
+    CaseRead,
+    ExperimentCreate,
+    ExperimentRead,
+    RetryBody,
+    RetryRead,
+)
 from tributary.hub.models import (
     Algorithm,
     CaseResult,
@@ -24,16 +31,24 @@ from tributary.hub.models import (
     Spoke,
     utcnow,
 )
-from tributary.hub.services import audit
+from tributary.hub.services import audit, control
 from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
 from tributary.hub.services.enrolment import active_keys
 from tributary.hub.services.launch import NotApproved, launch
-from tributary.hub.services.progress import case_reads, experiment_read
+from tributary.hub.services.progress import case_reads
+from tributary.hub.services.progress import experiment_read as _experiment_read
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
 
 router = APIRouter(prefix="/api/experiments", tags=["experiments"],
                    dependencies=[Depends(current_user)])
+
+
+def experiment_read(session: Session, experiment: Experiment,
+                    settings: HubSettings | None = None) -> ExperimentRead:
+    if settings is None:
+        return _experiment_read(session, experiment)
+    return _experiment_read(session, experiment, settings.spoke_online_seconds)
 
 
 def _get(session: Session, experiment_id: str) -> Experiment:
@@ -91,15 +106,17 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
 
 
 @router.get("", response_model=list[ExperimentRead])
-def list_experiments(session: Session = Depends(get_session)) -> list[ExperimentRead]:
+def list_experiments(session: Session = Depends(get_session),
+                     settings: HubSettings = Depends(get_settings)) -> list[ExperimentRead]:
     rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
-    return [experiment_read(session, e) for e in rows]
+    return [experiment_read(session, e, settings) for e in rows]
 
 
 @router.get("/{experiment_id}", response_model=ExperimentRead)
-def get_experiment(experiment_id: str,
-                   session: Session = Depends(get_session)) -> ExperimentRead:
-    return experiment_read(session, _get(session, experiment_id))
+def get_experiment(experiment_id: str, session: Session = Depends(get_session),
+                   settings: HubSettings = Depends(get_settings)) -> ExperimentRead:
+    """The experiment with, per target spoke, its progress and what it is waiting for."""
+    return experiment_read(session, _get(session, experiment_id), settings)
 
 
 @router.post("/{experiment_id}/launch", response_model=ExperimentRead)
@@ -119,11 +136,56 @@ def launch_experiment(experiment_id: str, request: Request,
     except PublishError as exc:
         raise HTTPException(503, f"broker unavailable, launch incomplete (retry to finish "
                                  f"it): {exc}") from None
-    return experiment_read(session, experiment)
+    return experiment_read(session, experiment, settings)
+
+
+@router.post("/{experiment_id}/cancel", response_model=ExperimentRead)
+def cancel_experiment(experiment_id: str, request: Request, body: CancelBody | None = None,
+                      session: Session = Depends(get_session),
+                      broker: StompClient = Depends(get_broker),
+                      settings: HubSettings = Depends(get_settings),
+                      actor: str = Depends(acting(Role.COORDINATOR))) -> ExperimentRead:
+    """Stop the experiment at every spoke: queued cases are cancelled now, running ones are
+    stopped by their spoke, which confirms. Repeat the call to re-send after an outage."""
+    experiment = _get(session, experiment_id)
+    reason = (body or CancelBody()).reason
+    try:
+        control.cancel(session, broker, request.app.state.signing_key, experiment, actor,
+                       reason, timedelta(days=settings.default_expiry_days))
+    except control.NotAllowed as exc:
+        raise HTTPException(409, f"cannot cancel: {exc}") from None
+    except PublishError as exc:
+        raise HTTPException(503, f"broker unavailable, cancellation incomplete (repeat the "
+                                 f"request to finish it): {exc}") from None
+    return experiment_read(session, experiment, settings)
+
+
+@router.post("/{experiment_id}/retry", response_model=RetryRead)
+def retry_cases(experiment_id: str, request: Request, body: RetryBody | None = None,
+                session: Session = Depends(get_session),
+                broker: StompClient = Depends(get_broker),
+                settings: HubSettings = Depends(get_settings),
+                actor: str = Depends(acting(Role.COORDINATOR))) -> RetryRead:
+    """Run failed cases again as their next attempt (all failed cases unless ``case_ids``
+    names some); every attempt stays on record under the case."""
+    experiment = _get(session, experiment_id)
+    body = body or RetryBody()
+    try:
+        requested = control.retry(session, broker, request.app.state.signing_key, experiment,
+                                  actor, body.case_ids, body.spoke_ids, body.reason,
+                                  timedelta(days=settings.default_expiry_days))
+    except control.NotAllowed as exc:
+        raise HTTPException(409, f"cannot retry: {exc}") from None
+    except PublishError as exc:
+        raise HTTPException(503, f"broker unavailable, retry incomplete (repeat the request "
+                                 f"for the cases still failed): {exc}") from None
+    return RetryRead(experiment_id=experiment_id, requested=requested)
 
 
 @router.get("/{experiment_id}/cases", response_model=list[CaseRead])
 def list_cases(experiment_id: str, session: Session = Depends(get_session)) -> list[CaseRead]:
+    """Every case with its latest result, live progress while it runs, and the history of
+    its attempts."""
     _get(session, experiment_id)
     return case_reads(session, experiment_id)
 

@@ -81,6 +81,53 @@ class TargetProgress(BaseModel):
     running: int
     succeeded: int
     failed: int
+    cancelled: int = 0
+    spoke_online: bool = False
+    spoke_last_seen_at: datetime | None = None
+    waiting_for: str | None = Field(
+        None, description="What this target waits for, in words (None once it is done).")
+
+
+class SpokeRead(BaseModel):
+    """A spoke with its liveness as the hub sees it."""
+
+    id: str
+    name: str
+    institution: str
+    created_at: datetime
+    online: bool
+    last_seen_at: datetime | None
+    last_heartbeat_at: datetime | None
+    spoke_version: str | None
+    concurrency: int | None
+    queue_depth: int | None
+    outbox_depth: int | None
+    running: list[dict[str, Any]]
+
+
+class AttemptRead(BaseModel):
+    attempt: int
+    state: str
+    failure: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    received_at: datetime
+
+
+class CancelBody(BaseModel):
+    reason: str = Field("cancelled by the coordinator", min_length=1, max_length=2000)
+
+
+class RetryBody(BaseModel):
+    case_ids: list[str] | None = Field(
+        None, description="Failed cases to run again; all failed cases when omitted.")
+    spoke_ids: list[str] | None = Field(None, description="Only cases of these spokes.")
+    reason: str | None = Field(None, max_length=2000)
+
+
+class RetryRead(BaseModel):
+    experiment_id: str
+    requested: dict[str, list[str]] = Field(description="Spoke id → cases asked to run again.")
 
 
 class CaseRead(BaseModel):
@@ -94,6 +141,11 @@ class CaseRead(BaseModel):
     image_digest: str | None
     started_at: datetime | None
     finished_at: datetime | None
+    progress_fraction: float | None = None
+    progress_message: str | None = None
+    progress_at: datetime | None = None
+    note: str | None = None
+    attempts: list[AttemptRead] = Field(default_factory=list)
 
 
 class ExperimentRead(BaseModel):
@@ -113,4 +165,6 @@ class ExperimentRead(BaseModel):
     launched_at: datetime | None
     completed_at: datetime | None
     expires_at: datetime | None
+    cancelled_at: datetime | None = None
+    cancel_reason: str | None = None
     targets: list[TargetProgress]

@@ -3,10 +3,12 @@
 from fastapi import APIRouter, Depends, HTTPException
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import acting, current_user, get_session
-from tributary.hub.api.schemas import KeyEnrol, SpokeCreate
+from tributary.hub.api.deps import acting, current_user, get_session, get_settings
+from tributary.hub.api.schemas import KeyEnrol, SpokeCreate, SpokeRead
 from tributary.hub.models import Role, Spoke, SpokeKey
 from tributary.hub.services import audit, enrolment
+from tributary.hub.services.liveness import is_online
+from tributary.hub.settings import HubSettings
 from tributary.protocol.signing import SignatureError
 
 router = APIRouter(prefix="/api/spokes", tags=["spokes"], dependencies=[Depends(current_user)])
@@ -25,9 +27,28 @@ def register_spoke(body: SpokeCreate, session: Session = Depends(get_session),
     return spoke
 
 
-@router.get("", response_model=list[Spoke])
-def list_spokes(session: Session = Depends(get_session)) -> list[Spoke]:
-    return list(session.exec(select(Spoke).order_by(Spoke.id)))
+def spoke_read(spoke: Spoke, settings: HubSettings) -> SpokeRead:
+    return SpokeRead(
+        id=spoke.id, name=spoke.name, institution=spoke.institution,
+        created_at=spoke.created_at, online=is_online(spoke, settings.spoke_online_seconds),
+        last_seen_at=spoke.last_seen_at, last_heartbeat_at=spoke.last_heartbeat_at,
+        spoke_version=spoke.spoke_version, concurrency=spoke.concurrency,
+        queue_depth=spoke.queue_depth, outbox_depth=spoke.outbox_depth,
+        running=spoke.running or [])
+
+
+@router.get("", response_model=list[SpokeRead])
+def list_spokes(session: Session = Depends(get_session),
+                settings: HubSettings = Depends(get_settings)) -> list[SpokeRead]:
+    """Every spoke with its liveness: online when heard from within the configured window,
+    and what its latest heartbeat reported (version, capacity, queue, running cases)."""
+    return [spoke_read(s, settings) for s in session.exec(select(Spoke).order_by(Spoke.id))]
+
+
+@router.get("/{spoke_id}", response_model=SpokeRead)
+def get_spoke(spoke_id: str, session: Session = Depends(get_session),
+              settings: HubSettings = Depends(get_settings)) -> SpokeRead:
+    return spoke_read(_spoke(session, spoke_id), settings)
 
 
 def _spoke(session: Session, spoke_id: str) -> Spoke:

@@ -1,10 +1,13 @@
 """Ingesting what spokes send to the results queue. Every change is idempotent: a message
-id seen before is ignored, and a case that already has a final result for an attempt keeps
-it, so redeliveries and duplicates never count twice."""
+id seen before is ignored, and a case that already has a result for an attempt keeps it, so
+redeliveries and duplicates never count twice. Heartbeats and progress reports are
+ephemeral (sent non-persistent): they update liveness and progress, newest wins."""
 
 from __future__ import annotations
 
 import logging
+import time
+from datetime import UTC, datetime
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
@@ -13,6 +16,7 @@ from tributary.hub import worker
 from tributary.hub.models import (
     FINAL_CASE_STATES,
     TERMINAL_TARGET_STATES,
+    CaseAttempt,
     CaseResult,
     CaseState,
     Experiment,
@@ -31,8 +35,11 @@ from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.custody import GENESIS, record_hash, verify_custody
 from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import (
+    CaseProgressMessage,
     CaseStartedMessage,
     ExperimentStatusMessage,
+    FailureReason,
+    HeartbeatMessage,
     ProtocolError,
     ResultMessage,
 )
@@ -44,7 +51,12 @@ from tributary.protocol.wire import open_from_spoke
 
 log = logging.getLogger(__name__)
 
-SpokeMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
+SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage
+                | CaseProgressMessage | HeartbeatMessage)
+ExperimentMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
+
+#: Attempts to store a message before a database fault sends it to the dead-letter queue.
+STORE_ATTEMPTS = 4
 
 
 class Rejected(ProtocolError):
@@ -60,9 +72,16 @@ def _case(session: Session, experiment_id: str, spoke_id: str, case_id: str) -> 
     return row
 
 
-def _target(session: Session, message: SpokeMessage) -> ExperimentTarget:
-    if session.get(Spoke, message.spoke_id) is None:
-        raise Rejected(f"message from unregistered spoke {message.spoke_id!r}")
+def _spoke(session: Session, spoke_id: str) -> Spoke:
+    spoke = session.get(Spoke, spoke_id)
+    if spoke is None:
+        raise Rejected(f"message from unregistered spoke {spoke_id!r}")
+    return spoke
+
+
+def _target(session: Session, message: ExperimentMessage | CaseProgressMessage
+            ) -> ExperimentTarget:
+    _spoke(session, message.spoke_id)
     target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
     if target is None:
         raise Rejected(f"experiment {message.experiment_id!r} does not target spoke "
@@ -71,12 +90,15 @@ def _target(session: Session, message: SpokeMessage) -> ExperimentTarget:
 
 
 def ingest(session: Session, message: SpokeMessage) -> bool:
-    """Apply one message; False if it was a duplicate."""
+    """Apply one message; False if it was a duplicate (or a stale ephemeral report)."""
+    if isinstance(message, HeartbeatMessage):
+        return _apply_heartbeat(session, message)
+    if isinstance(message, CaseProgressMessage):
+        return _apply_progress(session, message)
     if session.get(InboundMessage, message.message_id) is not None:
         return False
     target = _target(session, message)
-    spoke = session.get(Spoke, message.spoke_id)
-    assert spoke is not None
+    spoke = _spoke(session, message.spoke_id)
     spoke.last_seen_at = utcnow()
     session.add(spoke)
     session.add(InboundMessage(message_id=message.message_id, kind=message.kind,
@@ -85,16 +107,13 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
     if isinstance(message, ExperimentStatusMessage):
         _apply_status(session, target, message)
     elif isinstance(message, CaseStartedMessage):
-        row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
-        if row.state not in FINAL_CASE_STATES:
-            row.state = CaseState.RUNNING
-            row.started_at = message.sent_at
-            session.add(row)
+        _apply_started(session, message)
     else:
         applied = _apply_result(session, message)
     audit.record(session, message.spoke_id, "message.received", message.experiment_id,
                  kind=message.kind, message_id=message.message_id,
-                 case=getattr(message, "case_id", None), duplicate=not applied)
+                 case=getattr(message, "case_id", None),
+                 attempt=getattr(message, "attempt", None), duplicate=not applied)
     _maybe_complete(session, message.experiment_id)
     session.commit()
     if applied and isinstance(message, ResultMessage):
@@ -102,22 +121,111 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
     return applied
 
 
+# -- ephemeral reports ------------------------------------------------------------------------
+def _apply_heartbeat(session: Session, message: HeartbeatMessage) -> bool:
+    """What the spoke says about itself; an older heartbeat never overwrites a newer one."""
+    spoke = _spoke(session, message.spoke_id)
+    if spoke.last_heartbeat_at is not None and _aware(spoke.last_heartbeat_at) > message.sent_at:
+        return False
+    spoke.last_seen_at = utcnow()
+    spoke.last_heartbeat_at = message.sent_at
+    spoke.heartbeat_interval_s = message.interval_seconds
+    spoke.spoke_version = message.spoke_version
+    spoke.concurrency = message.concurrency
+    spoke.queue_depth = message.queue_depth
+    spoke.outbox_depth = message.outbox_depth
+    spoke.running = [r.model_dump(mode="json") for r in message.running]
+    session.add(spoke)
+    session.commit()
+    return True
+
+
+def _apply_progress(session: Session, message: CaseProgressMessage) -> bool:
+    """The latest progress of a running attempt; ignored once the attempt has a result."""
+    _target(session, message)
+    row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
+    stale = (row.progress_at is not None and _aware(row.progress_at) > message.sent_at)
+    if row.attempt != message.attempt or row.state in FINAL_CASE_STATES or stale:
+        return False
+    row.state = CaseState.RUNNING
+    row.progress_fraction = message.fraction
+    row.progress_message = message.message
+    row.progress_at = message.sent_at
+    session.add(row)
+    spoke = _spoke(session, message.spoke_id)
+    spoke.last_seen_at = utcnow()
+    session.add(spoke)
+    session.commit()
+    return True
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; they were stored in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+# -- durable messages -------------------------------------------------------------------------
 def _apply_status(session: Session, target: ExperimentTarget,
                   message: ExperimentStatusMessage) -> None:
-    if message.state == SpokeExperimentState.ACCEPTED:
+    state = message.state
+    if state == SpokeExperimentState.ACCEPTED:
         if target.state in (TargetState.PENDING, TargetState.PUBLISHED):
             target.state = TargetState.ACCEPTED
         target.case_count = len(message.case_ids)
         for case_id in message.case_ids:
-            row = _case(session, message.experiment_id, message.spoke_id, case_id)
-            session.add(row)
-    elif message.state == SpokeExperimentState.REFUSED:
+            session.add(_case(session, message.experiment_id, message.spoke_id, case_id))
+    elif state == SpokeExperimentState.REFUSED:
         target.state = TargetState.REFUSED
         target.reason = message.reason
+    elif state == SpokeExperimentState.CANCELLED:
+        target.state = TargetState.CANCELLED
+        target.reason = message.reason
+        for case_id in message.case_ids:
+            row = _case(session, message.experiment_id, message.spoke_id, case_id)
+            if row.state not in FINAL_CASE_STATES:
+                row.state = CaseState.CANCELLED
+                row.note = f"cancelled: {message.reason or 'on request'}"
+                session.add(row)
+    elif state == SpokeExperimentState.RETRY_REFUSED:
+        _restore_refused_retries(session, target, message)
     else:
         target.state = TargetState.COMPLETED
     target.updated_at = utcnow()
     session.add(target)
+
+
+def _restore_refused_retries(session: Session, target: ExperimentTarget,
+                             message: ExperimentStatusMessage) -> None:
+    """The spoke will not re-run these cases: they keep their latest accepted attempt."""
+    for case_id in message.case_ids:
+        row = _case(session, message.experiment_id, message.spoke_id, case_id)
+        latest = session.exec(select(CaseAttempt).where(
+            CaseAttempt.experiment_id == message.experiment_id,
+            CaseAttempt.spoke_id == message.spoke_id, CaseAttempt.case_id == case_id)
+            .order_by(CaseAttempt.attempt.desc())).first()  # type: ignore[attr-defined]
+        if latest is None or row.state in FINAL_CASE_STATES:
+            continue
+        row.state, row.attempt, row.failure = latest.state, latest.attempt, latest.failure
+        row.note = f"retry refused by the spoke: {message.reason or 'no reason given'}"
+        session.add(row)
+    session.flush()
+    open_cases = session.exec(select(CaseResult).where(
+        CaseResult.experiment_id == message.experiment_id,
+        CaseResult.spoke_id == message.spoke_id,
+        CaseResult.state.in_([CaseState.QUEUED, CaseState.RUNNING]))).first()  # type: ignore[attr-defined]
+    if open_cases is None and target.state == TargetState.ACCEPTED:
+        target.state = TargetState.COMPLETED
+
+
+def _apply_started(session: Session, message: CaseStartedMessage) -> None:
+    row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
+    if row.state in FINAL_CASE_STATES and row.attempt >= message.attempt:
+        return  # a late report about an attempt that already has its result
+    row.state = CaseState.RUNNING
+    row.attempt = message.attempt
+    row.started_at = message.sent_at
+    row.progress_fraction = row.progress_message = row.progress_at = None
+    session.add(row)
 
 
 def _verify_custody(session: Session, message: ResultMessage) -> tuple[SpokeChain, str]:
@@ -142,16 +250,41 @@ def _verify_custody(session: Session, message: ResultMessage) -> tuple[SpokeChai
     return chain, digest
 
 
+def _case_state(message: ResultMessage) -> CaseState:
+    if message.failure is not None and message.failure.reason == FailureReason.CANCELLED:
+        return CaseState.CANCELLED
+    return CaseState(message.status.value)
+
+
 def _apply_result(session: Session, message: ResultMessage) -> bool:
+    """Store one attempt's result. The first result for (experiment, spoke, case, attempt)
+    wins; another one for the same attempt (a case run twice across a crash, say) is
+    verified, extends the custody chain, and is otherwise ignored."""
     row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
-    if row.state in FINAL_CASE_STATES and row.attempt >= message.attempt:
+    earlier = session.exec(select(CaseAttempt).where(
+        CaseAttempt.experiment_id == message.experiment_id,
+        CaseAttempt.spoke_id == message.spoke_id, CaseAttempt.case_id == message.case_id,
+        CaseAttempt.attempt == message.attempt)).first()
+    if earlier is not None and message.custody is not None \
+            and earlier.custody_sha256 == record_hash(message.custody):
         raise Rejected(f"case {message.case_id} already has a result for attempt "
-                       f"{row.attempt}: replayed or conflicting result")
+                       f"{message.attempt}: replayed or conflicting result")
     chain, digest = _verify_custody(session, message)
     session.add(chain)
+    if earlier is not None:
+        return False
+    state = _case_state(message)
+    session.add(CaseAttempt(
+        experiment_id=message.experiment_id, spoke_id=message.spoke_id,
+        case_id=message.case_id, attempt=message.attempt, state=state,
+        failure=message.failure.model_dump(mode="json") if message.failure else None,
+        result_message_id=message.message_id, custody_sha256=digest,
+        started_at=message.started_at, finished_at=message.finished_at))
+    if row.state in FINAL_CASE_STATES and row.attempt > message.attempt:
+        return True  # history only: a later attempt is already the case's result
     row.custody = message.custody
     row.custody_sha256 = digest
-    row.state = CaseState(message.status.value)
+    row.state = state
     row.attempt = message.attempt
     row.output = message.output
     row.failure = message.failure.model_dump(mode="json") if message.failure else None
@@ -161,6 +294,7 @@ def _apply_result(session: Session, message: ResultMessage) -> bool:
     row.finished_at = message.finished_at
     row.result_message_id = message.message_id
     row.received_at = utcnow()
+    row.note = None
     session.add(row)
     return True
 
@@ -168,7 +302,8 @@ def _apply_result(session: Session, message: ResultMessage) -> bool:
 def _maybe_complete(session: Session, experiment_id: str) -> None:
     session.flush()
     experiment = session.get(Experiment, experiment_id)
-    if experiment is None or experiment.state == ExperimentState.COMPLETED:
+    if experiment is None or experiment.state in (ExperimentState.COMPLETED,
+                                                  ExperimentState.CANCELLED):
         return
     targets = session.exec(
         select(ExperimentTarget).where(ExperimentTarget.experiment_id == experiment_id)).all()
@@ -199,8 +334,7 @@ class ResultsConsumer:
         try:
             message, _keyid = open_from_spoke(delivery.body, self._resolve)
             claimed = message.spoke_id
-            with Session(self.engine) as session:
-                ingest(session, message)
+            self._store(message)
         except ProtocolError as exc:
             self._dead_letter(delivery, str(exc), claimed)
             return
@@ -209,6 +343,23 @@ class ResultsConsumer:
             self._dead_letter(delivery, f"hub could not store the message: {exc}", claimed)
             return
         self.client.ack(delivery)
+
+    def _store(self, message: SpokeMessage) -> None:
+        """Ingest, retrying a database fault (a locked SQLite file, a dropped connection)
+        a few times before giving up on the message."""
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                with Session(self.engine) as session:
+                    ingest(session, message)
+                return
+            except ProtocolError:
+                raise
+            except Exception:
+                if attempt == STORE_ATTEMPTS:
+                    raise
+                log.warning("storing %s failed (attempt %d); retrying", message.message_id,
+                            attempt, exc_info=True)
+                time.sleep(0.2 * 2 ** attempt)
 
     def _dead_letter(self, delivery: Delivery, reason: str, claimed: str | None) -> None:
         """Keep the refused message aside with its reason, audit it, and move it to the

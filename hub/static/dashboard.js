@@ -11,7 +11,7 @@ const FIELD_LABELS = {
 };
 const STATE_CLASS = {
   succeeded: "ok", completed: "ok", failed: "fail", refused: "fail", cancelled: "fail",
-  running: "run", accepted: "run", launched: "run",
+  running: "run", accepted: "run", launched: "run", cancelling: "run",
 };
 
 /** A readable message from an API error body (FastAPI's detail string or list). */
@@ -197,23 +197,32 @@ function progressCells(t) {
   const pct = (n) => (total ? `width:${(100 * n) / total}%` : "width:0");
   const known = t.case_count === null ? "unknown" : t.case_count;
   return [
-    el("td", {}, t.spoke_id),
-    el("td", {}, badge(t.state), ...(t.reason ? [el("br"), el("small", {}, t.reason)] : [])),
+    el("td", {}, `${t.spoke_id} `, el("span", { class: `badge ${t.spoke_online ? "ok" : "fail"}` },
+      t.spoke_online ? "online" : "offline")),
+    el("td", {}, badge(t.state), ...(t.reason ? [el("br"), el("small", {}, t.reason)] : []),
+      ...(t.waiting_for ? [el("br"), el("small", {}, t.waiting_for)] : [])),
     el("td", {}, el("div", { class: "bar", role: "img",
       "aria-label": `${t.succeeded} done, ${t.failed} failed, ${t.running} running of ${known}` },
     el("span", { class: "ok", style: pct(t.succeeded) }), el("span", { class: "fail", style: pct(t.failed) }),
     el("span", { class: "run", style: pct(t.running) }))),
-    ...[t.queued, t.running, t.succeeded, t.failed].map((n) => el("td", { class: "num" }, String(n))),
+    ...[t.queued, t.running, t.succeeded, t.failed, t.cancelled || 0].map((n) => el("td", { class: "num" }, String(n))),
     el("td", { class: "num" }, t.case_count === null ? "–" : String(t.case_count)),
   ];
 }
 
 function caseCells(c) {
-  let detail = "";
+  let detail = [];
   if (c.failure) detail = [el("b", {}, c.failure.reason || "failed"), `: ${c.failure.detail || ""}`];
-  else if (c.output) detail = el("code", {}, JSON.stringify(c.output).slice(0, 140));
+  else if (c.output) detail = [el("code", {}, JSON.stringify(c.output).slice(0, 140))];
+  else if (c.state === "running" && c.progress_fraction !== null && c.progress_fraction !== undefined) {
+    detail = [el("progress", { max: "1", value: String(c.progress_fraction) },
+      `${Math.round(100 * c.progress_fraction)}%`), ` ${c.progress_message || ""}`];
+  }
+  if (c.note) detail.push(el("br"), el("small", {}, c.note));
+  const attempts = (c.attempts || []).length;
   return [el("td", {}, c.spoke_id), el("td", {}, el("code", {}, c.case_id)), el("td", {}, badge(c.state)),
-    el("td", { class: "num" }, String(c.attempt)), el("td", {}, detail)];
+    el("td", { class: "num" }, String(c.attempt), ...(attempts > 1 ? [el("br"), el("small", {}, `${attempts} attempts`)] : [])),
+    el("td", {}, detail)];
 }
 
 let resultsRequest = 0;
@@ -247,6 +256,10 @@ function wireLiveExperiment() {
     const state = document.getElementById("experiment-state");
     state.replaceWith(Object.assign(badge(experiment.state), { id: "experiment-state" }));
     root.dataset.state = experiment.state;
+    // Buttons that only make sense in some states (launch, cancel) go when it moves on.
+    root.querySelectorAll("[data-while]").forEach((button) => {
+      button.hidden = !button.dataset.while.split(" ").includes(experiment.state);
+    });
     document.getElementById("progress").replaceChildren(
       ...experiment.targets.map((t) => el("tr", { "data-spoke": t.spoke_id }, progressCells(t))));
     const rows = cases.map((c) => el("tr", {}, caseCells(c)));

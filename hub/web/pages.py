@@ -32,6 +32,7 @@ router = APIRouter(include_in_schema=False)
 STATE_CLASS = {"succeeded": "ok", "completed": "ok", "approved": "ok", "online": "ok",
                "failed": "fail", "refused": "fail", "revoked": "fail", "rejected": "fail",
                "offline": "fail", "cancelled": "fail", "running": "run", "accepted": "run",
+               "cancelling": "run",
                "launched": "run", "published": "wait", "queued": "wait", "pending": "wait",
                "draft": "wait"}
 templates.env.globals["state_class"] = lambda state: STATE_CLASS.get(str(state), "wait")
@@ -98,7 +99,8 @@ def logout() -> RedirectResponse:
 def experiments_page(request: Request, session: Session = Depends(get_session),
                      user: User = Depends(page_user)) -> HTMLResponse:
     rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
-    experiments = [experiment_read(session, e) for e in rows]
+    window = request.app.state.settings.spoke_online_seconds
+    experiments = [experiment_read(session, e, window) for e in rows]
     live = any(e.state == ExperimentState.LAUNCHED for e in rows)
     return _render(request, "experiments.html", user, experiments=experiments, live=live)
 
@@ -113,7 +115,7 @@ def _algorithm_state(algorithm: Any) -> str:
 def new_experiment_page(request: Request, session: Session = Depends(get_session),
                         user: User = Depends(page_user)) -> HTMLResponse:
     algorithms = algorithms_api.list_algorithms(session)
-    spokes = spokes_api.list_spokes(session)
+    spokes = spokes_api.list_spokes(session, request.app.state.settings)
     enrolled = {k.spoke_id for k in session.exec(select(SpokeKey).where(
         SpokeKey.revoked_at.is_(None)))}  # type: ignore[union-attr]
     choices = [{"id": a.id, "label": f"{a.name} {a.version}", "state": _algorithm_state(a),
@@ -140,7 +142,7 @@ def _experiment_or_404(session: Session, experiment_id: str) -> Experiment:
 def _results_context(request: Request, session: Session, experiment: Experiment,
                      quantity: str | None, metric: str | None) -> dict[str, Any]:
     """What GET /api/experiments/{id}, .../cases and .../aggregate return, for the page."""
-    read = experiment_read(session, experiment)
+    read = experiment_read(session, experiment, request.app.state.settings.spoke_online_seconds)
     cases = case_reads(session, experiment.id)
     report = latest(session, experiment, request.app.state.settings.min_cell_size)
     return {"e": read, "cases": cases,
@@ -170,7 +172,7 @@ def experiment_results_fragment(experiment_id: str, request: Request,
 @router.get("/spokes", response_class=HTMLResponse)
 def spokes_page(request: Request, session: Session = Depends(get_session),
                 user: User = Depends(page_user)) -> HTMLResponse:
-    spokes = spokes_api.list_spokes(session)
+    spokes = spokes_api.list_spokes(session, request.app.state.settings)
     keys: dict[str, list[SpokeKey]] = {}
     for key in session.exec(select(SpokeKey)):
         keys.setdefault(key.spoke_id, []).append(key)

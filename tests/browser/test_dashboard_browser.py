@@ -10,6 +10,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,6 +153,7 @@ def test_launch_watch_and_read_a_study(federation: LocalFederation, study: dict[
     expect(page.locator("#experiment-state")).to_have_text("completed", timeout=240_000)
     assert page.evaluate("window.__notReloaded") is True
     expect(page.locator("#live")).to_have_text("finished")
+    expect(page.locator("button", has_text="Cancel experiment")).to_be_hidden()
     total = sum(study["spokes"].values())
     expect(page.locator("#cases tr")).to_have_count(total)
     expect(page.locator("#cases .badge.ok")).to_have_count(total)
@@ -234,3 +236,41 @@ def test_study_cli_launch_watch_fetch(federation: LocalFederation, study: dict[s
                               env={**env, "TRIBUTARY_TOKEN": "wrong"},
                               capture_output=True, text=True, timeout=60)
     assert no_token.returncode == 1 and "401" in no_token.stdout
+
+
+def test_cancel_from_the_page_while_a_spoke_is_offline(federation: LocalFederation,
+                                                      study: dict[str, Any], page: Any,
+                                                      tmp_path: Path) -> None:
+    """A spoke that never started shows offline, with what its target waits for; the
+    coordinator cancels the experiment from its page."""
+    expect = playwright_api.expect
+    offline = f"dormant-{uuid.uuid4().hex[:6]}"
+    federation.add_spoke(offline, tmp_path)  # registered and enrolled, never started
+    with federation.api(federation.sign_in(study["username"], study["password"])) as api:
+        created = api.post("/api/experiments", json={
+            "name": "Waiting for a dormant spoke", "algorithm_id": study["approved"]["id"],
+            "spoke_ids": [offline]}).raise_for_status().json()
+        api.post(f"/api/experiments/{created['id']}/launch").raise_for_status()
+    page.goto(f"/experiments/{created['id']}")
+    if "/login" in page.url:
+        page.fill("#username", study["username"])
+        page.fill("#password", study["password"])
+        page.click("button[type=submit]")
+        page.goto(f"/experiments/{created['id']}")
+    row = page.locator(f"#progress tr[data-spoke='{offline}']")
+    expect(row).to_contain_text("offline")
+    expect(row).to_contain_text("published")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click("button:has-text('Cancel experiment')")
+    expect(page.locator("#experiment-state")).to_have_text("cancelled")
+    expect(page.locator("#progress")).to_contain_text("cancel")
+    page.goto("/spokes")
+    expect(page.locator("tr", has_text=offline)).to_contain_text("offline")
+    running = page.locator("tr", has_text=next(iter(study["spokes"])))
+    deadline = time.monotonic() + 60  # a freshly started spoke's first heartbeat
+    while "online" not in running.inner_text() and time.monotonic() < deadline:
+        time.sleep(1)
+        page.reload()
+    expect(running).to_contain_text("online")
+    page.goto(f"/audit?action=experiment.cancelled&target={created['id']}")
+    expect(page.locator("#audit tbody tr")).to_have_count(1)

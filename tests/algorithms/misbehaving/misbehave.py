@@ -13,6 +13,8 @@ no-output    exit 0 without writing output.json
 network      try TCP connections to loopback service ports; must fail under --network none
 write-input  try to write into the read-only input series folder
 memory       allocate memory until the memory limit kills the container
+slow         work for ``arguments.seconds`` (default 30), reporting progress twice a
+             second through the progress file, then succeed like ``ok``
 
 The raw misbehaviours write ``ctx.output_path`` directly, bypassing the SDK's checks on
 purpose: the point is to feed the spoke what a careless algorithm could produce.
@@ -46,6 +48,7 @@ BEHAVIOURS = (
     "network",
     "write-input",
     "memory",
+    "slow",
 )
 
 
@@ -83,6 +86,18 @@ def _write_input(ctx: Context) -> dict[str, Any]:
     os.unlink(target)  # leave the input as found, then report the breach
     print(f"wrote to {target}: the input is writable", flush=True)
     return {"input_writable": True, "case_id": ctx.case_id}
+
+
+def _slow(ctx: Context) -> dict[str, Any]:
+    seconds = ctx.arguments.get("seconds", 30)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+        raise InvalidArguments("slow needs arguments.seconds, a number >= 0")
+    began = time.monotonic()
+    while (elapsed := time.monotonic() - began) < seconds:
+        ctx.report_progress(min(elapsed / seconds, 1.0), f"step {int(elapsed * 2)}")
+        time.sleep(0.5)
+    ctx.report_progress(1.0, "done")
+    return {"ok": True, "case_id": ctx.case_id, "seconds": seconds}
 
 
 def _memory() -> None:
@@ -128,6 +143,8 @@ def main(ctx: Context) -> dict[str, Any] | None:
         return _network(ctx)
     if behaviour == "write-input":
         return _write_input(ctx)
+    if behaviour == "slow":
+        return _slow(ctx)
     _memory()
     return None
 

@@ -1,0 +1,115 @@
+"""What a spoke tells the hub about itself while it works: heartbeats and case progress.
+
+Both are *ephemeral*: sent non-persistent with a broker expiry, never journaled. A lost
+heartbeat or progress message is superseded by the next one, and none pile up on the
+broker while the hub is away. (Results and statuses, which must never be lost, go through
+the journal's outbox instead.)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from tributary.protocol.broker import PublishError, StompClient
+from tributary.protocol.contract import Progress
+from tributary.protocol.messages import CaseProgressMessage, HeartbeatMessage, RunningCase
+from tributary.protocol.signing import SigningKey
+from tributary.protocol.wire import seal
+
+log = logging.getLogger(__name__)
+
+
+def send_ephemeral(client: StompClient, destination: str, key: SigningKey,
+                   message: CaseProgressMessage | HeartbeatMessage, ttl_seconds: float) -> bool:
+    """Publish now if connected, else drop; True if the broker confirmed it."""
+    if not client.connected:
+        return False
+    expires = int((time.time() + ttl_seconds) * 1000)
+    try:
+        client.publish(destination, seal(message, key),
+                       {"tributary-kind": message.kind, "persistent": "false",
+                        "expires": str(expires)}, wait_connected=0.1)
+    except PublishError as exc:
+        log.debug("%s not sent: %s", message.kind, exc)
+        return False
+    return True
+
+
+@dataclass
+class CaseActivity:
+    """A case that is running now: what heartbeats report and how cancellation reaches
+    its container."""
+
+    experiment_id: str
+    case_id: str
+    attempt: int
+    started_at: datetime
+    cancel: threading.Event = field(default_factory=threading.Event)
+    progress: Progress | None = None
+    progress_sent_at: float = 0.0
+
+    def as_running(self) -> RunningCase:
+        return RunningCase(
+            experiment_id=self.experiment_id, case_id=self.case_id, attempt=self.attempt,
+            started_at=self.started_at,
+            fraction=self.progress.fraction if self.progress else None,
+            message=self.progress.message if self.progress else None)
+
+
+class ProgressReporter:
+    """Forwards an algorithm's progress to the hub, at most once per ``interval`` per case
+    (the newest value wins; the spoke polls the file every second)."""
+
+    def __init__(self, client: StompClient, destination: str, key: SigningKey, spoke_id: str,
+                 interval: float) -> None:
+        self.client, self.destination, self.key = client, destination, key
+        self.spoke_id = spoke_id
+        self.interval = interval
+
+    def report(self, activity: CaseActivity, progress: Progress) -> None:
+        activity.progress = progress
+        now = time.monotonic()
+        if now - activity.progress_sent_at < self.interval:
+            return
+        message = CaseProgressMessage(
+            experiment_id=activity.experiment_id, spoke_id=self.spoke_id,
+            case_id=activity.case_id, attempt=activity.attempt, fraction=progress.fraction,
+            message=progress.message)
+        if send_ephemeral(self.client, self.destination, self.key, message,
+                          ttl_seconds=max(60.0, 10 * self.interval)):
+            activity.progress_sent_at = now
+
+
+class Heartbeat:
+    """Sends a heartbeat every ``interval`` seconds from its own thread."""
+
+    def __init__(self, client: StompClient, destination: str, key: SigningKey,
+                 interval: float, snapshot: Callable[[], HeartbeatMessage]) -> None:
+        self.client, self.destination, self.key = client, destination, key
+        self.interval = interval
+        self.snapshot = snapshot
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=20)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if send_ephemeral(self.client, self.destination, self.key, self.snapshot(),
+                                  ttl_seconds=3 * self.interval):
+                    self.sent += 1
+            except Exception:
+                log.exception("could not send a heartbeat")
+            self._stop.wait(self.interval)

@@ -1,0 +1,127 @@
+"""``tributary dlq``: list, replay and discard dead letters, on the hub machine.
+
+It talks to the broker directly with the hub's broker settings (``TRIBUTARY_HUB_*``) and
+records every replay and discard in the hub's audit trail (database and forensic log), as
+``operator:<login>``. Replaying is safe to repeat: receivers ignore a message id they have
+already applied."""
+
+from __future__ import annotations
+
+import getpass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Dead letters: messages the broker set aside (refused or expired). "
+                       "List them with their reason, replay or discard them.",
+                  no_args_is_help=True)
+console = Console()
+
+QueueOption = Annotated[str | None, typer.Option(
+    "--queue", "-q", help="The dead-letter queue (default: look in all of them).")]
+DatabaseOption = Annotated[str | None, typer.Option(
+    help="The hub's database URL (default: TRIBUTARY_HUB_DATABASE_URL).")]
+
+
+@contextmanager
+def _hub(database_url: str | None) -> Iterator[tuple[object, object]]:
+    from sqlmodel import Session
+
+    from tributary.hub.db import make_engine
+    from tributary.hub.services.audit import attach_forensic_log
+    from tributary.hub.settings import HubSettings
+
+    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    engine = make_engine(settings.database_url)
+    attach_forensic_log(engine, settings.audit_log_path())
+    try:
+        with Session(engine) as session:
+            yield settings, session
+    finally:
+        engine.dispose()
+
+
+def _actor() -> str:
+    return f"operator:{getpass.getuser()}"
+
+
+def _find_queue(session, broker, message_id: str) -> str:  # type: ignore[no-untyped-def]
+    from tributary.hub.services.deadletters import list_dead_letters
+
+    for letter in list_dead_letters(session, broker):
+        if letter.broker_message_id == message_id:
+            return letter.queue
+    raise typer.BadParameter(f"no dead letter {message_id} in any dead-letter queue",
+                             param_hint="MESSAGE_ID")
+
+
+@app.command("list")
+def list_(queue: QueueOption = None, database_url: DatabaseOption = None,
+          bodies: Annotated[bool, typer.Option(help="Print each body's beginning.")] = False
+          ) -> None:
+    """Every dead letter (results queue and each spoke's queue) with why it is there."""
+    from tributary.hub.services.deadletters import list_dead_letters
+    from tributary.protocol.deadletters import DeadLetterError
+
+    with _hub(database_url) as (settings, session):
+        try:
+            letters = list_dead_letters(session, settings.broker(),  # type: ignore[attr-defined]
+                                        [queue] if queue else None)
+        except DeadLetterError as exc:
+            console.print(f"[red]{exc}[/]")
+            raise typer.Exit(1) from None
+    if not letters:
+        console.print("no dead letters")
+        return
+    table = Table("message id", "from queue", "kind", "experiment", "when", "size", "reason")
+    for letter in letters:
+        table.add_row(letter.broker_message_id, letter.original_destination,
+                      letter.kind or "?", letter.experiment_id or "",
+                      f"{letter.timestamp:%Y-%m-%d %H:%M:%S}" if letter.timestamp else "",
+                      str(letter.size), letter.reason)
+    console.print(table)
+    if bodies:
+        for letter in letters:
+            console.print(f"[bold]{letter.broker_message_id}[/] {letter.body_preview[:300]}")
+    console.print(f"{len(letters)} dead letter(s)")
+
+
+@app.command("replay")
+def replay(message_id: Annotated[str, typer.Argument(help="Broker message id (from list).")],
+           queue: QueueOption = None, database_url: DatabaseOption = None) -> None:
+    """Send a dead letter back to the queue it came from (after fixing the cause)."""
+    from tributary.hub.services import deadletters
+    from tributary.protocol.deadletters import DeadLetterError
+
+    with _hub(database_url) as (settings, session):
+        broker = settings.broker()  # type: ignore[attr-defined]
+        dlq = queue or _find_queue(session, broker, message_id)
+        try:
+            letter = deadletters.replay(session, broker, dlq, message_id, _actor())
+        except DeadLetterError as exc:
+            console.print(f"[red]not replayed: {exc}[/]")
+            raise typer.Exit(1) from None
+    console.print(f"replayed {letter.broker_message_id} to {letter.original_destination}")
+
+
+@app.command("discard")
+def discard(message_id: Annotated[str, typer.Argument(help="Broker message id (from list).")],
+            reason: Annotated[str, typer.Option(help="Why it is discarded (audited).")],
+            queue: QueueOption = None, database_url: DatabaseOption = None) -> None:
+    """Delete a dead letter for good; the audit trail keeps its hash and a preview."""
+    from tributary.hub.services import deadletters
+    from tributary.protocol.deadletters import DeadLetterError
+
+    with _hub(database_url) as (settings, session):
+        broker = settings.broker()  # type: ignore[attr-defined]
+        dlq = queue or _find_queue(session, broker, message_id)
+        try:
+            letter = deadletters.discard(session, broker, dlq, message_id, _actor(), reason)
+        except DeadLetterError as exc:
+            console.print(f"[red]not discarded: {exc}[/]")
+            raise typer.Exit(1) from None
+    console.print(f"discarded {letter.broker_message_id} from {dlq}")
