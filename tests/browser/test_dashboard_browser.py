@@ -180,10 +180,16 @@ def test_launch_watch_and_read_a_study(federation: LocalFederation, study: dict[
             assert big in figure.inner_text()
     expect(page.locator("figure[data-plot='ROC curves']")).to_contain_text("pooled (AUC")
     page.screenshot(path=ARTIFACTS / "dashboard-experiment.png", full_page=True)
+    box = page.locator("#results").bounding_box()
+    page.screenshot(path=ARTIFACTS / "dashboard-study.png", full_page=True,
+                    clip={"x": 0, "y": 0, "width": 1280, "height": box["y"] + box["height"]})
 
     # The same figures on a fresh load, and the other pages read the same federation.
     page.goto(f"/experiments/{experiment_id}")
     expect(page.locator("figure[data-plot] svg")).to_have_count(4)
+    page.goto("/")
+    expect(page.locator("#experiment-list")).to_contain_text("Nodule detection, browser study")
+    page.screenshot(path=ARTIFACTS / "dashboard-list.png", full_page=True)
     page.goto("/spokes")
     for spoke_id in study["spokes"]:
         expect(page.locator("tr", has_text=spoke_id)).to_contain_text("enrolled")
