@@ -280,3 +280,52 @@ def test_cancel_from_the_page_while_a_spoke_is_offline(federation: LocalFederati
     expect(running).to_contain_text("online")
     page.goto(f"/audit?action=experiment.cancelled&target={created['id']}")
     expect(page.locator("#audit tbody tr")).to_have_count(1)
+
+
+def test_review_and_revoke_from_the_algorithms_page(federation: LocalFederation,
+                                                    study: dict[str, Any],
+                                                    detector_image: tuple[str, str]) -> None:
+    """Two reviewers of two organisations approve a version on the page (the hub signs
+    the approval once the rule is met); a coordinator then revokes it with a reason."""
+    expect = playwright_api.expect
+    suffix = uuid.uuid4().hex[:6]
+    algorithm = federation.register_algorithm(
+        approve=False, name=f"reviewed-{suffix}", version="1.0.0",
+        repository=detector_image[0], digest=detector_image[1])
+    accounts = {}
+    with federation.api() as api:
+        for name, roles, org in ((f"rev-a-{suffix}", ["reviewer"], "Board A"),
+                                 (f"rev-b-{suffix}", ["reviewer"], "Board B")):
+            accounts[name] = secrets.token_urlsafe(18)
+            api.post("/api/users", json={"username": name, "password": accounts[name],
+                                         "roles": roles, "organisation": org}
+                     ).raise_for_status()
+    accounts[study["username"]] = study["password"]
+    section = f"[data-algorithm='{algorithm['id']}']"
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(ensure_chromium()),
+                                             args=CHROMIUM_ARGS)
+        for index, (username, password) in enumerate(accounts.items()):
+            context = browser.new_context(base_url=federation.hub_url)
+            page = context.new_page()
+            page.goto("/login")
+            page.fill("#username", username)
+            page.fill("#password", password)
+            page.click("button[type=submit]")
+            page.goto("/algorithms")
+            card = page.locator(section)
+            if index < 2:  # a reviewer: approve with a comment
+                card.locator("input[name=comment]").fill(f"checked by {username}")
+                card.locator("button[value=approve]").click()
+                expect(card.locator("tbody")).to_contain_text(f"checked by {username}")
+                expect(card.locator("h2 .badge")).to_have_text(
+                    "pending" if index == 0 else "approved")
+            else:  # the coordinator: revoke, with the reason on record
+                page.on("dialog", lambda dialog: dialog.accept())
+                card.locator("input[name=reason]").fill("superseded by 1.0.1")
+                card.locator("button", has_text="Revoke").click()
+                expect(card.locator("h2 .badge")).to_have_text("revoked")
+                expect(card).to_contain_text("superseded by 1.0.1")
+                page.screenshot(path=ARTIFACTS / "dashboard-algorithms.png", full_page=True)
+            context.close()
+        browser.close()
