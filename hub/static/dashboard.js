@@ -257,8 +257,10 @@ function wireLiveExperiment() {
     state.replaceWith(Object.assign(badge(experiment.state), { id: "experiment-state" }));
     root.dataset.state = experiment.state;
     // Buttons that only make sense in some states (launch, cancel) go when it moves on.
+    const anyFailed = cases.some((c) => c.state === "failed");
     root.querySelectorAll("[data-while]").forEach((button) => {
-      button.hidden = !button.dataset.while.split(" ").includes(experiment.state);
+      button.hidden = !button.dataset.while.split(" ").includes(experiment.state)
+        || (button.hasAttribute("data-when-failed") && !anyFailed);
     });
     document.getElementById("progress").replaceChildren(
       ...experiment.targets.map((t) => el("tr", { "data-spoke": t.spoke_id }, progressCells(t))));

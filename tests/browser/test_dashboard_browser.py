@@ -329,3 +329,38 @@ def test_review_and_revoke_from_the_algorithms_page(federation: LocalFederation,
                 page.screenshot(path=ARTIFACTS / "dashboard-algorithms.png", full_page=True)
             context.close()
         browser.close()
+
+
+def test_failed_cases_show_their_reason_and_run_again(federation: LocalFederation,
+                                                      study: dict[str, Any], page: Any,
+                                                      misbehaving_image: tuple[str, str]
+                                                      ) -> None:
+    """Cases of an algorithm that crashes fail with their reason on the page; the
+    coordinator runs them again from the page and the second attempt shows up live."""
+    expect = playwright_api.expect
+    spoke_id = list(study["spokes"])[-1]  # the two-case spoke
+    algorithm = federation.register_algorithm(
+        name=f"crashing-{uuid.uuid4().hex[:6]}", version="1.0.0",
+        repository=misbehaving_image[0], digest=misbehaving_image[1])
+    with federation.api(federation.sign_in(study["username"], study["password"])) as api:
+        created = api.post("/api/experiments", json={
+            "name": "An algorithm that crashes", "algorithm_id": algorithm["id"],
+            "arguments": {"behaviour": "crash"}, "spoke_ids": [spoke_id],
+            "limits": {"timeout_seconds": 120, "memory_mb": 256}}).raise_for_status().json()
+        api.post(f"/api/experiments/{created['id']}/launch").raise_for_status()
+    page.goto(f"/experiments/{created['id']}")
+    if "/login" in page.url:
+        page.fill("#username", study["username"])
+        page.fill("#password", study["password"])
+        page.click("button[type=submit]")
+        page.goto(f"/experiments/{created['id']}")
+    expect(page.locator("#experiment-state")).to_have_text("completed", timeout=120_000)
+    expect(page.locator("#cases .badge.fail")).to_have_count(2)
+    expect(page.locator("#cases")).to_contain_text("exit")  # the failure reason
+    retry = page.locator("button", has_text="Retry failed cases")
+    expect(retry).to_be_visible()
+    page.on("dialog", lambda dialog: dialog.accept())
+    retry.click()
+    expect(page.locator("#cases")).to_contain_text("2 attempts", timeout=120_000)
+    expect(page.locator("#experiment-state")).to_have_text("completed", timeout=120_000)
+    page.screenshot(path=ARTIFACTS / "dashboard-retried.png", full_page=True)
