@@ -93,3 +93,10 @@ def test_suppressed_figures_are_never_plotted() -> None:
     assert tiny[-1].suppressed == "fewer than 5 cases" and tiny[-1].text == "suppressed"
     assert dict(view.rows)["big"][-1].interval == "[0.4, 0.96]"
     assert view.intervals == "95% wilson"
+
+
+def test_titles_are_escaped() -> None:
+    svg = plots.distribution({"north": [1.0]}, 'x" onload="alert(1)')
+    root = _parse(svg)
+    assert root.get("aria-label") == 'Distribution of x" onload="alert(1) per spoke'
+    assert root.get("onload") is None

@@ -8,6 +8,7 @@ browser's font is used and the figures remain searchable and accessible."""
 
 from __future__ import annotations
 
+import html
 import io
 import re
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,7 @@ def _svg(figure: Figure, title: str) -> str:
     figure.savefig(buffer, format="svg", bbox_inches="tight")
     text = buffer.getvalue()
     text = text[text.index("<svg"):]
-    safe = (title.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;"))
+    safe = html.escape(title, quote=True)  # titles may hold output field names
     # role/aria for screen readers; width 100% so the figure follows the layout
     text = re.sub(r"<svg ", f'<svg role="img" aria-label="{safe}" class="plot" ', text, count=1)
     return re.sub(r"(<svg[^>]*>)", rf"\1<title>{safe}</title>", text, count=1)

@@ -81,16 +81,22 @@ def study(federation: LocalFederation, detector_image: tuple[str, str]) -> dict[
 
 
 @pytest.fixture(scope="module")
-def page(federation: LocalFederation) -> Iterator[Any]:
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, installed if missing; never Playwright's download."""
     chromium = ensure_chromium()
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(chromium), args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900},
-                                      base_url=federation.hub_url)
-        context.set_default_timeout(20_000)
-        yield context.new_page()
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser: Any, federation: LocalFederation) -> Any:
+    context = browser.new_context(viewport={"width": 1280, "height": 900},
+                                  base_url=federation.hub_url)
+    context.set_default_timeout(20_000)
+    return context.new_page()
 
 
 def _refused(page: Any, message: str) -> None:
@@ -283,7 +289,7 @@ def test_cancel_from_the_page_while_a_spoke_is_offline(federation: LocalFederati
 
 
 def test_review_and_revoke_from_the_algorithms_page(federation: LocalFederation,
-                                                    study: dict[str, Any],
+                                                    study: dict[str, Any], browser: Any,
                                                     detector_image: tuple[str, str]) -> None:
     """Two reviewers of two organisations approve a version on the page (the hub signs
     the approval once the rule is met); a coordinator then revokes it with a reason."""
@@ -302,33 +308,29 @@ def test_review_and_revoke_from_the_algorithms_page(federation: LocalFederation,
                      ).raise_for_status()
     accounts[study["username"]] = study["password"]
     section = f"[data-algorithm='{algorithm['id']}']"
-    with playwright_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(ensure_chromium()),
-                                             args=CHROMIUM_ARGS)
-        for index, (username, password) in enumerate(accounts.items()):
-            context = browser.new_context(base_url=federation.hub_url)
-            page = context.new_page()
-            page.goto("/login")
-            page.fill("#username", username)
-            page.fill("#password", password)
-            page.click("button[type=submit]")
-            page.goto("/algorithms")
-            card = page.locator(section)
-            if index < 2:  # a reviewer: approve with a comment
-                card.locator("input[name=comment]").fill(f"checked by {username}")
-                card.locator("button[value=approve]").click()
-                expect(card.locator("tbody")).to_contain_text(f"checked by {username}")
-                expect(card.locator("h2 .badge")).to_have_text(
-                    "pending" if index == 0 else "approved")
-            else:  # the coordinator: revoke, with the reason on record
-                page.on("dialog", lambda dialog: dialog.accept())
-                card.locator("input[name=reason]").fill("superseded by 1.0.1")
-                card.locator("button", has_text="Revoke").click()
-                expect(card.locator("h2 .badge")).to_have_text("revoked")
-                expect(card).to_contain_text("superseded by 1.0.1")
-                page.screenshot(path=ARTIFACTS / "dashboard-algorithms.png", full_page=True)
-            context.close()
-        browser.close()
+    for index, (username, password) in enumerate(accounts.items()):
+        context = browser.new_context(base_url=federation.hub_url)
+        page = context.new_page()
+        page.goto("/login")
+        page.fill("#username", username)
+        page.fill("#password", password)
+        page.click("button[type=submit]")
+        page.goto("/algorithms")
+        card = page.locator(section)
+        if index < 2:  # a reviewer: approve with a comment
+            card.locator("input[name=comment]").fill(f"checked by {username}")
+            card.locator("button[value=approve]").click()
+            expect(card.locator("tbody")).to_contain_text(f"checked by {username}")
+            expect(card.locator("h2 .badge")).to_have_text(
+                "pending" if index == 0 else "approved")
+        else:  # the coordinator: revoke, with the reason on record
+            page.on("dialog", lambda dialog: dialog.accept())
+            card.locator("input[name=reason]").fill("superseded by 1.0.1")
+            card.locator("button", has_text="Revoke").click()
+            expect(card.locator("h2 .badge")).to_have_text("revoked")
+            expect(card).to_contain_text("superseded by 1.0.1")
+            page.screenshot(path=ARTIFACTS / "dashboard-algorithms.png", full_page=True)
+        context.close()
 
 
 def test_failed_cases_show_their_reason_and_run_again(federation: LocalFederation,
