@@ -152,12 +152,20 @@ def test_launch_watch_and_read_a_study(federation: LocalFederation, study: dict[
     page.wait_for_url("**/experiments/exp-*")
     experiment_id = page.url.rsplit("/", 1)[1]
 
-    # Progress arrives over SSE: the page completes without being reloaded.
+    # Progress arrives over SSE: the page completes without being reloaded, and so does
+    # the experiments list opened beside it.
     page.evaluate("window.__notReloaded = true")
+    listing = page.context.new_page()
+    listing.goto("/")
+    listing.evaluate("window.__notReloaded = true")
     expect(page.locator("#live")).to_have_text("live", timeout=10_000)
     page.screenshot(path=ARTIFACTS / "dashboard-running.png", full_page=True)
     expect(page.locator("#experiment-state")).to_have_text("completed", timeout=240_000)
     assert page.evaluate("window.__notReloaded") is True
+    expect(listing.locator("#experiment-list td", has_text="Nodule detection, browser study")
+           .locator("xpath=..").locator(".badge").nth(0)).to_have_text("completed")
+    assert listing.evaluate("window.__notReloaded") is True
+    listing.close()
     expect(page.locator("#live")).to_have_text("finished")
     expect(page.locator("button", has_text="Cancel experiment")).to_be_hidden()
     total = sum(study["spokes"].values())
