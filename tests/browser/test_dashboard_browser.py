@@ -251,6 +251,9 @@ def test_study_cli_launch_watch_fetch(federation: LocalFederation, study: dict[s
     aggregate = json.loads((tmp_path / "out" / f"{experiment_id}-aggregate.json").read_text())
     assert len(cases) == 4 and all(c["state"] == "succeeded" for c in cases)
     assert aggregate["groups"]["pooled"]["cases"] == 4
+    rows = (tmp_path / "out" / f"{experiment_id}-results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and "spoke_id" in rows[0]
+    assert (tmp_path / "out" / f"{experiment_id}-aggregate.csv").read_text().count("pooled")
 
     no_token = subprocess.run([*cli, "watch", experiment_id],
                               env={**env, "TRIBUTARY_TOKEN": "wrong"},

@@ -161,7 +161,8 @@ def fetch(
     token: TokenOption = "",
     bundle: Annotated[bool, typer.Option(help="Also the signed study bundle (zip).")] = False,
 ) -> None:
-    """Write the study, its cases and its aggregate to files in OUT (and the bundle)."""
+    """Write the study, its cases and its aggregate (JSON, and CSV exports of the aggregate,
+    the case results and ROC points) to files in OUT, and optionally the signed bundle."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with _client(hub, token) as client:
@@ -169,6 +170,13 @@ def fetch(
             data = _check(client.get(f"/api/experiments/{experiment_id}{path}"), f"{name} fetch")
             target = out / f"{experiment_id}-{name}.json"
             target.write_text(json.dumps(data, indent=2) + "\n")
+            written.append(target)
+        for name in ("aggregate.csv", "results.csv", "roc.csv"):
+            response = client.get(f"/api/experiments/{experiment_id}/{name}")
+            if not response.is_success:
+                _check(response, f"{name} export")
+            target = out / f"{experiment_id}-{name}"
+            target.write_bytes(response.content)
             written.append(target)
         if bundle:
             response = client.get(f"/api/experiments/{experiment_id}/bundle")
