@@ -89,7 +89,10 @@ def hub_serve(
 
     _logging(verbose)
     settings = HubSettings(database_url=database_url) if database_url else HubSettings()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    # Open event streams (dashboard pages, `study watch`) never finish by themselves: give
+    # them a few seconds on shutdown, then close them.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=5)
 
 
 @hub_app.command("worker")
