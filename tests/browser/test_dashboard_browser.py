@@ -370,6 +370,7 @@ def test_failed_cases_show_their_reason_and_run_again(federation: LocalFederatio
     expect(page.locator("#experiment-state")).to_have_text("completed", timeout=120_000)
     expect(page.locator("#cases .badge.fail")).to_have_count(2)
     expect(page.locator("#cases")).to_contain_text("exit")  # the failure reason
+    expect(page.locator("#failure-reasons tbody tr")).to_have_count(2)  # spoke and pooled
     retry = page.locator("button", has_text="Retry failed cases")
     expect(retry).to_be_visible()
     page.on("dialog", lambda dialog: dialog.accept())
