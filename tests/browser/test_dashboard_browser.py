@@ -264,8 +264,8 @@ def test_study_cli_launch_watch_fetch(federation: LocalFederation, study: dict[s
 def test_cancel_from_the_page_while_a_spoke_is_offline(federation: LocalFederation,
                                                       study: dict[str, Any], page: Any,
                                                       tmp_path: Path) -> None:
-    """A spoke that never started shows offline, with what its target waits for; the
-    coordinator cancels the experiment from its page."""
+    """A draft is launched from its page to a spoke that never started: the spoke shows
+    offline, with what its target waits for; the coordinator cancels the experiment."""
     expect = playwright_api.expect
     offline = f"dormant-{uuid.uuid4().hex[:6]}"
     federation.add_spoke(offline, tmp_path)  # registered and enrolled, never started
@@ -273,13 +273,15 @@ def test_cancel_from_the_page_while_a_spoke_is_offline(federation: LocalFederati
         created = api.post("/api/experiments", json={
             "name": "Waiting for a dormant spoke", "algorithm_id": study["approved"]["id"],
             "spoke_ids": [offline]}).raise_for_status().json()
-        api.post(f"/api/experiments/{created['id']}/launch").raise_for_status()
     page.goto(f"/experiments/{created['id']}")
     if "/login" in page.url:
         page.fill("#username", study["username"])
         page.fill("#password", study["password"])
         page.click("button[type=submit]")
         page.goto(f"/experiments/{created['id']}")
+    expect(page.locator("#experiment-state")).to_have_text("draft")
+    page.click("button:has-text('Launch')")  # the draft is launched from its page
+    expect(page.locator("#experiment-state")).to_have_text("launched")
     row = page.locator(f"#progress tr[data-spoke='{offline}']")
     expect(row).to_contain_text("offline")
     expect(row).to_contain_text("published")
