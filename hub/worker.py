@@ -28,18 +28,17 @@ from tributary.hub.settings import HubSettings
 log = logging.getLogger(__name__)
 TASK_NAME = "tributary.hub.aggregate_experiment"
 
-app = Celery("tributary.hub")
 _lock = threading.Lock()
 _settings: HubSettings | None = None
 _engine: Engine | None = None
 
 
-def configure(settings: HubSettings, engine: Engine | None = None) -> None:
-    """Point the Celery app at ``settings``: eager in-process tasks on ``engine`` without a
-    broker URL, else messages on the broker (workers open their own engine)."""
-    global _settings, _engine
+def _make_app(settings: HubSettings) -> Celery:
+    """A Celery app for ``settings``: eager without a broker URL, else on the broker. A new
+    app per configuration, because Celery caches its connection pool and queues."""
     broker = settings.celery_broker_url
-    app.conf.update(
+    celery = Celery("tributary.hub", set_as_current=False)
+    celery.conf.update(
         broker_url=broker or "memory://localhost/",
         task_always_eager=broker is None,
         task_eager_propagates=False,  # a failed aggregation never fails ingestion
@@ -54,6 +53,17 @@ def configure(settings: HubSettings, engine: Engine | None = None) -> None:
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2,
                                    "interval_step": 0.5, "interval_max": 1.0},
     )
+    celery.task(name=TASK_NAME, bind=True, max_retries=5, default_retry_delay=1)(
+        aggregate_experiment)
+    return celery
+
+
+def configure(settings: HubSettings, engine: Engine | None = None) -> None:
+    """Point aggregation at ``settings``: eager in-process tasks on ``engine`` without a
+    broker URL, else messages on the broker (workers open their own engine)."""
+    global app, _settings, _engine
+    previous, app = app, _make_app(settings)
+    previous.close()
     with _lock:
         _settings, _engine = settings, engine
 
@@ -76,7 +86,6 @@ def _fresh_engine_after_fork(**_: Any) -> None:
         _engine = None
 
 
-@app.task(name=TASK_NAME, bind=True, max_retries=5, default_retry_delay=1)
 def aggregate_experiment(self: Any, experiment_id: str) -> int | None:
     """Recompute ``experiment_id``'s aggregate; the snapshot version now current."""
     settings, engine = _current()
@@ -100,9 +109,9 @@ def enqueue(experiment_id: str) -> None:
                       experiment_id)
             return
     try:
-        aggregate_experiment.apply_async((experiment_id,))
+        app.tasks[TASK_NAME].apply_async((experiment_id,))
     except Exception:
         log.exception("could not enqueue the aggregation of %s", experiment_id)
 
 
-configure(HubSettings())
+app = _make_app(HubSettings())  # `celery -A tributary.hub.worker worker` uses this one

@@ -26,6 +26,7 @@ from tributary.hub.aggregation import (
 )
 from tributary.hub.aggregation.base import Aggregator
 from tributary.hub.aggregation.statistics import auc_delong
+from tributary.hub.aggregation.statistics import roc_curve as own_roc_curve
 from tributary.hub.models import CaseState
 
 
@@ -103,14 +104,24 @@ def test_binary_classification_figures(dataset) -> None:  # type: ignore[no-unty
         _, low, high = delong_direct(s, y)
         assert (g["auc"].ci_low, g["auc"].ci_high) == pytest.approx((low, high), abs=1e-4)
         assert g["auc"].n == min(positives, negatives)
-        # ROC points, for plots, equal scikit-learn's (every threshold kept).
-        fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+        # ROC points, for plots, equal scikit-learn's (corners of the curve).
+        fpr, tpr, _ = roc_curve(y, s)
         points = result.groups[name].roc.points
         assert [p.fpr for p in points] == pytest.approx(fpr.tolist(), abs=1e-6)
         assert [p.tpr for p in points] == pytest.approx(tpr.tolist(), abs=1e-6)
     unusable = result.groups["river"].figures["unusable"]  # one case: a small cell
     assert (unusable.value, unusable.n, unusable.suppressed) == (None, 1, "fewer than 5 cases")
     assert result.groups["river"].failed == 1
+
+
+def test_roc_keeps_every_threshold_on_request(dataset) -> None:  # type: ignore[no-untyped-def]
+    scores, labels = dataset
+    points = own_roc_curve(scores.tolist(), (labels == 1).tolist(), drop_intermediate=False)
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    assert [p[1] for p in points] == pytest.approx(fpr.tolist(), abs=1e-6)
+    assert [p[2] for p in points] == pytest.approx(tpr.tolist(), abs=1e-6)
+    assert [p[0] for p in points[1:]] == pytest.approx(thresholds[1:].tolist())
+    assert points[0] == (None, 0.0, 0.0) and points[-1][1:] == (1.0, 1.0)
 
 
 def test_clopper_pearson_interval() -> None:

@@ -9,6 +9,7 @@ import csv
 import io
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from sqlmodel import Session, select
 from tributary.hub import worker
 from tributary.hub.main import create_app
 from tributary.hub.models import AggregateSnapshot, AuditEvent, Experiment, Role
+from tributary.hub.services import aggregation
 from tributary.hub.services.aggregation import aggregate
 from tributary.hub.services.users import create_user, issue_token
 from tributary.hub.settings import HubSettings
@@ -101,6 +103,25 @@ def test_aggregate_follows_results_as_they_arrive(hub: tuple[TestClient, Session
                       params={"version": 99}).status_code == 404
 
 
+def test_a_lost_task_is_caught_up_on_read(hub: tuple[TestClient, Session],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    client, session = hub
+    spokes = run_study(session)
+    send_result(session, spokes, "exp-roc", "north", "n0", {"prediction": {"p": 0.9}},
+                {"diagnosis": 1})
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    worker.configure(client.app.state.settings)  # no engine: tasks are dropped, as if lost
+    send_result(session, spokes, "exp-roc", "north", "n1", {"prediction": {"p": 0.8}},
+                {"diagnosis": 1})
+    stale = client.get("/api/experiments/exp-roc/aggregate").json()
+    assert (stale["version"], stale["results"], stale["current"]) == (1, 1, False)
+    worker.configure(client.app.state.settings, engine)  # the hub can run tasks again
+    assert client.get("/api/experiments/exp-roc/aggregate").json()["current"] is False
+    monkeypatch.setattr(aggregation, "STALE_GRACE", timedelta(0))  # ... and the grace is over
+    caught_up = client.get("/api/experiments/exp-roc/aggregate").json()
+    assert (caught_up["version"], caught_up["results"], caught_up["current"]) == (2, 2, True)
+
+
 def figure_rows(rows: list[dict[str, str]], group: str) -> dict[str, dict[str, str]]:
     return {r["figure"]: r for r in rows if r["group"] == group}
 
@@ -145,7 +166,10 @@ def test_small_cells_are_suppressed_in_every_export(hub: tuple[TestClient, Sessi
     roc = csv_rows(client.get("/api/experiments/exp-roc/roc.csv").text)
     assert [r for r in roc if r["group"] == "east"] == [
         {"group": "east", "threshold": "", "fpr": "", "tpr": "", "suppressed": reason}]
-    assert len([r for r in roc if r["group"] == "north"]) == len(NORTH) + 1
+    north_points = report["groups"]["north"]["roc"]["points"]
+    assert [(float(r["fpr"]), float(r["tpr"])) for r in roc if r["group"] == "north"] == [
+        (p["fpr"], p["tpr"]) for p in north_points]
+    assert north_points[0]["threshold"] is None and north_points[-1]["fpr"] == 1.0
 
     # k is a hub setting: with k = 2 the east spoke's sensitivity (2 positives) is shown.
     client.app.state.settings.min_cell_size = 2  # type: ignore[attr-defined]
@@ -159,7 +183,7 @@ def test_small_cells_are_suppressed_in_every_export(hub: tuple[TestClient, Sessi
     session.expire_all()
     actions = [e.action for e in session.exec(select(AuditEvent).where(
         AuditEvent.target == "exp-roc"))]
-    assert actions.count("aggregate.exported") == 3
+    assert actions.count("aggregate.exported") == 4  # aggregate.json, .csv, ?format=csv, roc
 
 
 def test_results_export_per_case(hub: tuple[TestClient, Session]) -> None:

@@ -43,7 +43,7 @@ class Aggregator:
     ``figures`` (and ``roc`` if they rank scores). They never see the database, other groups
     or the suppression rule: the engine applies k afterwards, from each figure's ``n``."""
 
-    name: ClassVar[str] = "summary"
+    name: ClassVar[str] = ""
     description: ClassVar[str] = "Cases by state"
     Parameters: ClassVar[type[BaseModel]] = NoParameters
     labels: ClassVar[dict[str, str]] = {}
@@ -89,6 +89,8 @@ A = TypeVar("A", bound=type[Aggregator])
 
 def register(cls: A) -> A:
     """Class decorator: make an aggregator known under its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} needs a name to be registered")
     existing = AGGREGATORS.get(cls.name)
     if existing is not None and existing is not cls:
         raise ValueError(f"aggregator name {cls.name!r} is taken by {existing.__qualname__}")

@@ -125,7 +125,7 @@ class BinaryClassificationAggregator(Aggregator):
         negatives = len(usable) - positives
         points: list[RocPoint] = []
         if positives and negatives:
-            points = [RocPoint(threshold=t, fpr=round(f, 6), tpr=round(r, 6))
+            points = [RocPoint(threshold=t, fpr=f, tpr=r)
                       for t, f, r in roc_curve([s for s, _, _ in usable],
                                                [t for _, t, _ in usable])]
         return RocCurve(positives=positives, negatives=negatives, points=points)

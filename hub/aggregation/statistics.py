@@ -47,23 +47,28 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
     return Interval(float(low), float(high))
 
 
-def roc_curve(scores: Sequence[float], labels: Sequence[bool]) -> list[tuple[float | None,
-                                                                             float, float]]:
-    """(threshold, fpr, tpr) at every distinct score, highest first, starting at (0, 0);
-    a case is called positive when its score is at or above the threshold."""
+def roc_curve(scores: Sequence[float], labels: Sequence[bool],
+              drop_intermediate: bool = True) -> list[tuple[float | None, float, float]]:
+    """(threshold, fpr, tpr) from (0, 0) through every distinct score, highest first; a case
+    is called positive when its score is at or above the threshold. Points on a straight
+    segment between their neighbours are dropped (as scikit-learn does by default): the
+    curve is the same, the plot and the snapshot smaller."""
     y = np.asarray(labels, dtype=bool)
     s = np.asarray(scores, dtype=float)
     positives, negatives = int(y.sum()), int((~y).sum())
+    if not positives or not negatives:
+        raise ValueError("a ROC curve needs at least one positive and one negative case")
     order = np.argsort(-s, kind="mergesort")
     s, y = s[order], y[order]
     last_of_tie = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
-    tp = np.cumsum(y)[last_of_tie]
-    fp = np.cumsum(~y)[last_of_tie]
-    points: list[tuple[float | None, float, float]] = [(None, 0.0, 0.0)]
-    for threshold, f, t in zip(s[last_of_tie], fp, tp, strict=True):
-        points.append((float(threshold), f / negatives if negatives else math.nan,
-                       t / positives if positives else math.nan))
-    return points
+    tps, fps, thresholds = np.cumsum(y)[last_of_tie], np.cumsum(~y)[last_of_tie], s[last_of_tie]
+    if drop_intermediate and len(tps) > 2:
+        keep = np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True]
+        tps, fps, thresholds = tps[keep], fps[keep], thresholds[keep]
+    tps, fps, thresholds = np.r_[0, tps], np.r_[0, fps], np.r_[np.nan, thresholds]
+    return [(None if np.isnan(t) else float(t), float(f), float(r)) for t, f, r in
+            zip(thresholds, np.round(fps / negatives, 6), np.round(tps / positives, 6),
+                strict=True)]
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:

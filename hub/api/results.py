@@ -11,7 +11,7 @@ from sqlmodel import Session
 
 from tributary.hub.aggregation.report import AggregateRead, ResultRow, SnapshotInfo
 from tributary.hub.api.deps import acting, current_user, get_session, get_settings
-from tributary.hub.models import Experiment, Role
+from tributary.hub.models import Experiment, Role, User
 from tributary.hub.services import aggregation, audit, exports
 from tributary.hub.settings import HubSettings
 
@@ -48,11 +48,15 @@ def _aggregate(session: Session, settings: HubSettings, experiment_id: str,
             responses={200: {"content": {"text/csv": {}}}})
 def get_aggregate(experiment_id: str, format: Format = "json", version: int | None = VERSION,
                   session: Session = Depends(get_session),
-                  settings: HubSettings = Depends(get_settings)) -> AggregateRead | Response:
+                  settings: HubSettings = Depends(get_settings),
+                  user: User = Depends(current_user)) -> AggregateRead | Response:
     """Figures per spoke and pooled, with intervals and ROC points, from the latest snapshot
     (computed when results arrive, not on read). ``format=csv`` gives the CSV export."""
     report = _aggregate(session, settings, experiment_id, version)
     if format == "csv":
+        audit.record(session, user.username, "aggregate.exported", experiment_id,
+                     format="csv", version=report.version)
+        session.commit()
         return _csv(exports.aggregate_csv(report), f"{experiment_id}-aggregate.csv")
     return report
 
