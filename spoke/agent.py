@@ -31,6 +31,7 @@ from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.contract import Progress
 from tributary.protocol.destinations import results_queue, spoke_queue
 from tributary.protocol.messages import (
+    MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
     CancelExperimentMessage,
     CaseStartedMessage,
@@ -46,14 +47,14 @@ from tributary.protocol.messages import (
     RetryCasesMessage,
 )
 from tributary.protocol.signing import PublicKey, SigningKey, sha256_hex
-from tributary.protocol.wire import HubMessage, open_from_hub
+from tributary.protocol.wire import HubMessage, open_from_hub, seal
 from tributary.spoke import cohort
 from tributary.spoke import journal as states
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain, input_digest, outgoing
 from tributary.spoke.deid import PROFILE, deidentified_case
 from tributary.spoke.images import ImageRefused, check_approval, check_release, ensure_image
-from tributary.spoke.journal import CaseRow, Journal, OutboxRow
+from tributary.spoke.journal import CaseRow, Journal, OutboxRow, claim_work_dir
 from tributary.spoke.liveness import CaseActivity, Heartbeat, ProgressReporter
 from tributary.spoke.outbox import OutboxSender
 from tributary.spoke.participant import build_participant
@@ -61,6 +62,8 @@ from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.runner import SPOKE_LABEL, effective_limits, remove_orphans, run_case
 
 log = logging.getLogger(__name__)
+#: Room left in a result message for its custody record (signed, base64 inside DSSE).
+CUSTODY_ALLOWANCE_BYTES = 16 * 1024
 
 
 def _now() -> datetime:
@@ -70,7 +73,7 @@ def _now() -> datetime:
 class SpokeAgent:
     def __init__(self, config: SpokeConfig) -> None:
         self.config = config
-        config.work_dir.mkdir(parents=True, exist_ok=True)
+        self._work_dir_lock = claim_work_dir(config.work_dir)
         self.pseudonyms = Pseudonymizer.from_key_file(config.work_dir / "pseudonym.key")
         self.journal = Journal(config.work_dir / "journal.db")
         self.audit = AuditLog(config.work_dir / "audit.jsonl")
@@ -94,6 +97,7 @@ class SpokeAgent:
         self._cohorts: dict[str, dict[str, cohort.SourceCase]] = {}
         self._attributes: dict[str, dict] = {}
         self._cohort_lock = threading.Lock()
+        self._case_locks: dict[str, threading.Lock] = {}
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="case")
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -240,10 +244,14 @@ class SpokeAgent:
         log.warning("experiment %s cancelled by the hub (%s): %d queued cases dropped, "
                     "%d running stopped", experiment_id, message.reason, len(dropped),
                     len(stopping))
-        if state is None or state == states.RECEIVED:
+        if state is None:  # it has not arrived: tell the hub now, refuse it when it does
             self._settle(experiment_id, states.CANCELLED, ExperimentState.CANCELLED,
                          reason=message.reason)
-        elif state == states.ACCEPTED:
+        elif state == states.RECEIVED and self._settle(
+                experiment_id, states.CANCELLED, ExperimentState.CANCELLED,
+                reason=message.reason, expect=states.RECEIVED):
+            pass
+        else:  # accepted (perhaps just now): done once its running cases have stopped
             self._maybe_finish(experiment_id)
 
     def _on_retry(self, message: RetryCasesMessage) -> None:
@@ -302,15 +310,17 @@ class SpokeAgent:
 
     def _settle(self, experiment_id: str, state: str, status: ExperimentState,
                 case_ids: list[str] | None = None, reason: str | None = None,
-                queue: list[str] | None = None) -> None:
+                queue: list[str] | None = None, expect: str | None = None) -> bool:
         """Move an experiment to ``state`` and, in the same transaction, queue the status
-        message that tells the hub."""
+        message that tells the hub (only from state ``expect``, when given)."""
         message = ExperimentStatusMessage(
             experiment_id=experiment_id, spoke_id=self.config.spoke_id, state=status,
             case_ids=case_ids or [], reason=reason)
-        self.journal.settle_experiment(experiment_id, state, reason,
-                                       outgoing(message, self.key), queue or [])
+        settled = self.journal.settle_experiment(experiment_id, state, reason,
+                                                 outgoing(message, self.key), queue or [],
+                                                 expect)
         self.outbox.wake()
+        return settled
 
     def _maybe_finish(self, experiment_id: str) -> None:
         """Send the final status once no case of the experiment is queued or running."""
@@ -330,6 +340,9 @@ class SpokeAgent:
                 done = list(dict.fromkeys(r.case_id for r in rows))
                 self._settle(experiment_id, states.COMPLETED, ExperimentState.COMPLETED, done)
                 log.info("experiment %s done: %d cases", experiment_id, len(done))
+            with self._cohort_lock:  # selected again should a retry come
+                self._cohorts.pop(experiment_id, None)
+                self._attributes.pop(experiment_id, None)
 
     # -- dispatching work ---------------------------------------------------------------------
     def _dispatch_loop(self) -> None:
@@ -365,7 +378,7 @@ class SpokeAgent:
         log.info("experiment %s: %s", experiment_id, message.algorithm.reference)
         if message.expires_at is not None and message.expires_at < _now():
             self._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
-                         reason="experiment expired")
+                         reason="experiment expired", expect=states.RECEIVED)
             return
         reference = message.algorithm.reference
         try:
@@ -391,7 +404,7 @@ class SpokeAgent:
             self._audit("image.verified", reference, result="refused", reason=exc.reason,
                         error=exc.detail, experiment=experiment_id)
             self._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
-                         reason=f"{exc.reason}: {exc.detail}")
+                         reason=f"{exc.reason}: {exc.detail}", expect=states.RECEIVED)
             return
         finally:
             docker_client.close()
@@ -401,12 +414,12 @@ class SpokeAgent:
             log.exception("could not select the cases of %s", experiment_id)
             self._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
                          reason=f"input_error: the cases could not be read: "
-                                f"{type(exc).__name__}")
+                                f"{type(exc).__name__}", expect=states.RECEIVED)
             return
         ids = list(cases)
-        self._settle(experiment_id, states.ACCEPTED, ExperimentState.ACCEPTED, ids, queue=ids)
-        if self.journal.cancellation(experiment_id) is not None:  # cancelled meanwhile
-            self.journal.cancel(experiment_id, "", "")
+        if not self._settle(experiment_id, states.ACCEPTED, ExperimentState.ACCEPTED, ids,
+                            queue=ids, expect=states.RECEIVED):
+            return  # cancelled while it was being prepared; the hub has been told
         self._maybe_finish(experiment_id)  # no cases at all: completed at once
 
     def _cohort(self, message: ExperimentMessage) -> dict[str, cohort.SourceCase]:
@@ -420,6 +433,10 @@ class SpokeAgent:
                 self._attributes[message.experiment_id] = cohort.load_attributes(
                     self.config.data_dir, self.config.policy.attributes_file)
             return cases
+
+    def _case_lock(self, case_id: str) -> threading.Lock:
+        with self._cohort_lock:
+            return self._case_locks.setdefault(case_id, threading.Lock())
 
     # -- one case -----------------------------------------------------------------------------
     def _case_job(self, message: ExperimentMessage, row: CaseRow,
@@ -484,6 +501,7 @@ class SpokeAgent:
                      case: cohort.SourceCase | None = None) -> ResultMessage:
         released = {}
         if failure is None and case is not None:
+            self._cohort(message)  # (re)loads the site's attributes if they were let go
             released = cohort.released_attributes(
                 case, self._attributes.get(message.experiment_id, {}), message.release,
                 self.config.policy.releasable_attributes)
@@ -494,6 +512,13 @@ class SpokeAgent:
             output=output, failure=failure, released=released,
             image_digest=message.algorithm.digest, started_at=started, finished_at=_now(),
         )
+        size = len(seal(result, self.key)) + CUSTODY_ALLOWANCE_BYTES
+        if size > MAX_MESSAGE_BYTES:  # it would block the outbox, and the hub refuses it
+            result = result.model_copy(update={
+                "status": CaseStatus.FAILED, "output": None, "released": {},
+                "failure": Failure(reason=FailureReason.OUTPUT_TOO_LARGE,
+                                   detail=f"the signed result would be about {size} bytes; "
+                                          f"messages are limited to {MAX_MESSAGE_BYTES}")})
         return self.chain.append(result, run)
 
     def _on_progress(self, activity: CaseActivity, progress: Progress) -> None:
@@ -505,7 +530,8 @@ class SpokeAgent:
         t0 = time.monotonic()
         run = _empty_run()
         try:
-            deidentified = deidentified_case(case, self.config.work_dir, self.pseudonyms)
+            with self._case_lock(case.case_id):  # two experiments may share a case
+                deidentified = deidentified_case(case, self.config.work_dir, self.pseudonyms)
             participant, mounts = build_participant(case, message.experiment_id, deidentified)
             run["input_sha256"] = input_digest(deidentified)
             run["participant_sha256"] = sha256_hex(

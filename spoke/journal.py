@@ -16,7 +16,9 @@ promised and not yet finished survives a crash, a kill -9 or a power cut.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -120,6 +122,28 @@ class Outgoing:
     summary: dict[str, Any]
 
 
+class WorkDirBusy(RuntimeError):
+    """Another spoke process already runs on this work folder."""
+
+
+def claim_work_dir(work_dir: Path) -> int:
+    """Take the work folder's exclusive lock for the life of this process (the kernel
+    drops it when the process dies, even by kill -9). Two spoke processes on one journal
+    would each think the other's running cases were interrupted and run them again."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work_dir / "spoke.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise WorkDirBusy(f"another spoke process (pid {holder}) is using {work_dir}; "
+                          "stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,16 +225,24 @@ class Journal:
         return [ExperimentMessage.model_validate_json(r[0]) for r in rows]
 
     def settle_experiment(self, experiment_id: str, state: str, reason: str | None,
-                          outgoing: Outgoing | None, case_ids: list[str] = ()) -> None:
+                          outgoing: Outgoing | None, case_ids: list[str] = (),
+                          expect: str | None = None) -> bool:
         """Move an experiment on (accepted with its queued cases, refused, completed,
-        cancelled) together with the status message that tells the hub."""
+        cancelled) together with the status message that tells the hub. With ``expect``,
+        only from that state (False, and nothing done, if it has moved meanwhile)."""
         with self.transaction() as db:
+            if expect is not None:
+                row = db.execute("SELECT state FROM experiments WHERE experiment_id=?",
+                                 (experiment_id,)).fetchone()
+                if row is None or row[0] != expect:
+                    return False
             db.execute("UPDATE experiments SET state=?, reason=? WHERE experiment_id=?",
                        (state, reason, experiment_id))
             db.executemany("INSERT OR IGNORE INTO cases (experiment_id, case_id, attempt) "
                            "VALUES (?, ?, 1)", [(experiment_id, c) for c in case_ids])
             if outgoing is not None:
                 self.enqueue(db, outgoing)
+            return True
 
     # -- cancellation ------------------------------------------------------------------------
     def cancellation(self, experiment_id: str) -> str | None:

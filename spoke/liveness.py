@@ -106,10 +106,14 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            sent = False
             try:
-                if send_ephemeral(self.client, self.destination, self.key, self.snapshot(),
-                                  ttl_seconds=3 * self.interval):
-                    self.sent += 1
+                sent = send_ephemeral(self.client, self.destination, self.key, self.snapshot(),
+                                      ttl_seconds=3 * self.interval)
             except Exception:
                 log.exception("could not send a heartbeat")
-            self._stop.wait(self.interval)
+            if sent:
+                self.sent += 1
+            # Not sent (broker away): try again soon, so the hub hears of the spoke as soon
+            # as the connection is back rather than an interval later.
+            self._stop.wait(self.interval if sent else min(1.0, self.interval))

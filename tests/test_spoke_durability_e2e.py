@@ -234,6 +234,9 @@ def private_broker(tmp_path: Path) -> Iterator[tuple[Path, int]]:
 def test_results_made_while_the_broker_is_down_arrive_after_it_returns(
         tmp_path: Path, service_settings: ServiceSettings, misbehaving_image: tuple[str, str],
         private_broker: tuple[Path, int]) -> None:
+    """The broker is killed while cases run; they finish into the outbox; the spoke is
+    killed and restarted while the broker is still down; when the broker returns, every
+    result reaches the hub, in chain order, once."""
     base, port = private_broker
     federation = LocalFederation(
         tmp_path / "fed", services=service_settings.model_copy(update={"broker_port": port}))
@@ -247,13 +250,18 @@ def test_results_made_while_the_broker_is_down_arrive_after_it_returns(
         wait_for(lambda: containers(spoke_id, running_only=True), 120, "running container")
         pid = int((base / "broker.pid").read_text())
         os.kill(pid, signal.SIGKILL)  # the broker dies without a goodbye
-        wait_for(lambda: not containers(spoke_id), 120, "cases finished", every=0.5)
+        wait_for(lambda: len(audit_entries(config, "container.finished")) == 2, 120,
+                 "both cases finished", every=0.5)
         time.sleep(1)
-        journaled = audit_entries(config, "container.finished")
-        assert len(journaled) == 2
         assert not audit_entries(config, "result.published"), "the broker was down"
         assert hub_cases(federation, experiment_id) == [] or all(
             c["state"] != "succeeded" for c in hub_cases(federation, experiment_id))
+        # The outbox is durable: the spoke dies too, and starts again before the broker.
+        spoke = federation.processes[f"spoke-{spoke_id}"]
+        spoke.popen.send_signal(signal.SIGKILL)
+        spoke.popen.wait()
+        federation.start_spoke(spoke_id, config)
+        wait_for(lambda: len(audit_entries(config, "spoke.started")) == 2, 30, "restart")
 
         broker_service.start_instance(base, base / "conf" / "activemq.xml", "127.0.0.1", port)
         experiment = federation.wait_for_experiment(experiment_id, timeout=180)
@@ -264,6 +272,7 @@ def test_results_made_while_the_broker_is_down_arrive_after_it_returns(
         published = audit_entries(config, "result.published")
         assert sorted(e["detail"]["case"] for e in published) == sorted(
             c["case_id"] for c in cases)
+        assert len(audit_entries(config, "container.started")) == 2, "nothing ran twice"
     finally:
         federation.stop()
 

@@ -100,6 +100,8 @@ class LocalFederation:
     #: Queue namespace; a fresh one per federation so that federations sharing one broker
     #: (parallel test runs, say) never consume each other's messages.
     federation: str = field(default_factory=lambda: f"t{secrets.token_hex(6)}")
+    #: Extra ``TRIBUTARY_HUB_*`` settings for the hub process (e.g. a short liveness window).
+    hub_env: dict[str, str] = field(default_factory=dict)
     _reviewers: list[str] = field(default_factory=list)
 
     @property
@@ -176,6 +178,7 @@ class LocalFederation:
             "TRIBUTARY_HUB_AUDIT_LOG": str(self.hub_audit_log),
             "TRIBUTARY_HUB_SIGNING_KEY": str(self.hub_key_path),
             "TRIBUTARY_HUB_ADMIN_PASSWORD": self.admin_password,
+            **self.hub_env,
         })
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -10,6 +10,7 @@ from sdk_testutil import CASE_ID, SERIES_ID, participant_for
 
 from tributary_algorithm import (
     ALGO_ARG_FILE_ENV,
+    CONTRACT_VERSION,
     OUTPUT_PATH,
     PARTICIPANT_PATH,
     ContextError,
@@ -67,7 +68,7 @@ def test_explicit_environ_mapping(make_case) -> None:
 def test_contract_defaults_fill_missing_fields() -> None:
     parsed = parse_algo_arg("{}")
     assert parsed == {
-        "contract_version": "1.0",
+        "contract_version": CONTRACT_VERSION,
         "arguments": {},
         "participant": PARTICIPANT_PATH,
         "output": OUTPUT_PATH,

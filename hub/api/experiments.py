@@ -51,6 +51,18 @@ def experiment_read(session: Session, experiment: Experiment,
     return _experiment_read(session, experiment, settings.spoke_online_seconds)
 
 
+#: How long a launch, cancel or retry waits for a broker that is reconnecting.
+BROKER_WAIT_SECONDS = 5.0
+
+
+def _broker_reachable(broker: StompClient, what: str) -> None:
+    """Refuse at once, rather than hang the request, while the broker is unreachable;
+    nothing has been sent and repeating the request later finishes the job."""
+    if not broker.wait_connected(BROKER_WAIT_SECONDS):
+        raise HTTPException(503, f"the broker is unreachable: {what} not sent; the hub "
+                                 "reconnects by itself, repeat the request later")
+
+
 def _get(session: Session, experiment_id: str) -> Experiment:
     experiment = session.get(Experiment, experiment_id)
     if experiment is None:
@@ -126,8 +138,9 @@ def launch_experiment(experiment_id: str, request: Request,
                       settings: HubSettings = Depends(get_settings),
                       actor: str = Depends(acting(Role.COORDINATOR))) -> ExperimentRead:
     experiment = _get(session, experiment_id)
-    if experiment.state == ExperimentState.COMPLETED:
-        raise HTTPException(409, "experiment already completed")
+    if experiment.state in (ExperimentState.COMPLETED, ExperimentState.CANCELLED):
+        raise HTTPException(409, f"experiment already {experiment.state.value}")
+    _broker_reachable(broker, "experiment messages")
     try:
         launch(session, broker, request.app.state.signing_key, experiment, actor,
                timedelta(days=settings.default_expiry_days))
@@ -149,6 +162,7 @@ def cancel_experiment(experiment_id: str, request: Request, body: CancelBody | N
     stopped by their spoke, which confirms. Repeat the call to re-send after an outage."""
     experiment = _get(session, experiment_id)
     reason = (body or CancelBody()).reason
+    _broker_reachable(broker, "cancellations")
     try:
         control.cancel(session, broker, request.app.state.signing_key, experiment, actor,
                        reason, timedelta(days=settings.default_expiry_days))
@@ -170,6 +184,7 @@ def retry_cases(experiment_id: str, request: Request, body: RetryBody | None = N
     names some); every attempt stays on record under the case."""
     experiment = _get(session, experiment_id)
     body = body or RetryBody()
+    _broker_reachable(broker, "retry requests")
     try:
         requested = control.retry(session, broker, request.app.state.signing_key, experiment,
                                   actor, body.case_ids, body.spoke_ids, body.reason,

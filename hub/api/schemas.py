@@ -69,7 +69,11 @@ class ExperimentCreate(BaseModel):
     aggregator_parameters: dict[str, Any] = Field(
         default_factory=dict, description="Parameters of the aggregator, e.g. "
         "{'score': 'probability', 'label': 'diagnosis'} for binary-classification.")
-    expires_in_days: float | None = Field(None, gt=0, le=365)
+    expires_in_days: float | None = Field(
+        None, gt=0, le=365,
+        description="How long the study's messages wait in the broker for an offline spoke "
+        "before they expire (into the dead-letter queue); default: the hub's "
+        "TRIBUTARY_HUB_DEFAULT_EXPIRY_DAYS.")
 
 
 class TargetProgress(BaseModel):

@@ -96,6 +96,10 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
     if isinstance(message, CaseProgressMessage):
         return _apply_progress(session, message)
     if session.get(InboundMessage, message.message_id) is not None:
+        audit.record(session, message.spoke_id, "message.duplicate", message.experiment_id,
+                     kind=message.kind, message_id=message.message_id,
+                     case=getattr(message, "case_id", None))
+        session.commit()
         return False
     target = _target(session, message)
     spoke = _spoke(session, message.spoke_id)

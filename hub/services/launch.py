@@ -58,6 +58,10 @@ def launch(session: Session, client: StompClient, key: SigningKey, experiment: E
                           f"{'revoked' if algorithm.revoked_at else 'not approved'}")
     if experiment.expires_at is None:
         experiment.expires_at = utcnow() + expiry
+        session.add(experiment)
+    # Never hold a database write lock while waiting for the broker: the results consumer
+    # (which must write to go on) shares the connection that brings the publish receipts.
+    session.commit()
     targets = session.exec(
         select(ExperimentTarget).where(ExperimentTarget.experiment_id == experiment.id)
     ).all()

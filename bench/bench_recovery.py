@@ -1,0 +1,131 @@
+"""How long a study takes when a component goes away mid-study, against an undisturbed run
+of the same study in the same process: hub, spoke and broker each stopped or killed
+(``kill -9``) once a third of the cases are done, and brought back after ``--downtime``
+seconds; an algorithm container killed and its case retried as a new attempt. Every run
+is checked for exactly one accepted result per case. Prints seconds, the ratio to the
+undisturbed run and the recovery overhead (time lost beyond the downtime itself), with a
+bar chart. The undisturbed study runs first and last, so the spread shows the noise.
+
+Uses a private ActiveMQ instance on free ports (the shared broker is never touched).
+
+    .venv/bin/python bench/bench_recovery.py [--cases 12] [--spokes 3] [--downtime 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from tributary import services
+from tributary.faults import FaultRig
+from tributary.federation import build_and_push
+from tributary.services.settings import ServiceSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGUMENTS = {"behaviour": "slow", "seconds": 1}
+console = Console()
+
+
+@dataclass
+class Fault:
+    name: str
+    inject: Callable[[], object] | None = None
+    restore: Callable[[], object] | None = None
+    retry: bool = False
+
+
+def faults(rig: FaultRig) -> list[Fault]:
+    spoke = sorted(rig.configs)[0]
+    return [
+        Fault("undisturbed (first)"),
+        Fault("hub stopped", lambda: rig.stop_hub(), rig.start_hub),
+        Fault("hub kill -9", lambda: rig.stop_hub(kill=True), rig.start_hub),
+        Fault("spoke stopped", lambda: rig.stop_spoke(spoke), lambda: rig.start_spoke(spoke)),
+        Fault("spoke kill -9", lambda: rig.stop_spoke(spoke, kill=True),
+              lambda: rig.start_spoke(spoke)),
+        Fault("broker stopped", lambda: rig.stop_broker(), rig.start_broker),
+        Fault("broker kill -9", lambda: rig.stop_broker(kill=True), rig.start_broker),
+        Fault("container killed + retry", lambda: _kill_a_container(rig), None, retry=True),
+        Fault("undisturbed (last)"),
+    ]
+
+
+def _kill_a_container(rig: FaultRig) -> str:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        case = rig.kill_container()
+        if case:
+            return case
+        time.sleep(0.2)
+    raise RuntimeError("no running container to kill")
+
+
+def run(rig: FaultRig, fault: Fault, cases: int, downtime: float) -> float:
+    began = time.perf_counter()
+    experiment_id = rig.launch(ARGUMENTS, max_cases=rig.cases_per_spoke)
+    if fault.inject is not None:
+        rig.wait_succeeded(experiment_id, max(1, cases // 3))
+        fault.inject()
+        if fault.restore is not None:
+            time.sleep(downtime)
+            fault.restore()
+    rig.wait_completed(experiment_id, timeout=900)
+    if fault.retry:
+        rig.retry_failed(experiment_id, timeout=900)
+    elapsed = time.perf_counter() - began
+    problems = rig.check_exactly_once(experiment_id, cases)
+    if problems:
+        raise AssertionError(f"{fault.name}: {problems}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=12, help="cases per spoke")
+    parser.add_argument("--spokes", type=int, default=3)
+    parser.add_argument("--downtime", type=float, default=3.0,
+                        help="seconds a stopped component stays down")
+    args = parser.parse_args()
+    settings = ServiceSettings()
+    services.up(settings)
+    image = build_and_push(ROOT / "tests" / "algorithms" / "misbehaving", "misbehaving",
+                           "1.0.0", settings)
+    root = Path(tempfile.mkdtemp(prefix="tributary-bench-recovery-"))
+    rig = FaultRig(root, settings, image, spokes=args.spokes, cases_per_spoke=args.cases)
+    cases = args.spokes * args.cases
+    results: list[tuple[str, float]] = []
+    try:
+        rig.start()
+        for fault in faults(rig):
+            seconds = run(rig, fault, cases, args.downtime)
+            results.append((fault.name, seconds))
+            console.print(f"{fault.name:<26} {seconds:7.1f} s")
+    finally:
+        rig.close()
+        shutil.rmtree(root, ignore_errors=True)
+    baseline = min(s for name, s in results if name.startswith("undisturbed"))
+    table = Table(title=f"Study of {cases} cases on {args.spokes} spokes; "
+                        f"downtime {args.downtime:.0f} s")
+    for column in ("fault", "seconds", "ratio to undisturbed", "overhead beyond downtime", ""):
+        table.add_column(column, justify="left" if column in ("fault", "") else "right")
+    widest = max(s for _, s in results)
+    for name, seconds in results:
+        down = args.downtime if "stopped" in name or "kill -9" in name else 0.0
+        bar = "█" * max(1, round(40 * seconds / widest))
+        table.add_row(name, f"{seconds:.1f}", f"{seconds / baseline:.2f}",
+                      f"{seconds - baseline - down:+.1f} s", bar)
+    console.print(table)
+    console.print("every run: exactly one accepted result per case, none lost")
+
+
+if __name__ == "__main__":
+    main()
