@@ -34,6 +34,7 @@ algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures f
 app.add_typer(algorithm_app, name="algorithm")
 app.add_typer(__import__("tributary.commands.audit", fromlist=["app"]).app, name="audit")
 app.add_typer(__import__("tributary.commands.counts", fromlist=["app"]).app, name="counts")
+app.add_typer(__import__("tributary.commands.study", fromlist=["app"]).app, name="study")
 app.add_typer(__import__("tributary.commands.dlq", fromlist=["app"]).app, name="dlq")
 console = Console()
 
@@ -91,7 +92,10 @@ def hub_serve(
 
     _logging(verbose)
     settings = HubSettings(database_url=database_url) if database_url else HubSettings()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    # Open event streams (dashboard pages, `study watch`) never finish by themselves: give
+    # them a few seconds on shutdown, then close them.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=5)
 
 
 @hub_app.command("worker")
