@@ -38,6 +38,7 @@ test: services lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_deid.py
+	$(BIN)/python bench/bench_aggregation.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -2,9 +2,11 @@
 of the same study in the same process: hub, spoke and broker each stopped or killed
 (``kill -9``) once a third of the cases are done, and brought back after ``--downtime``
 seconds; an algorithm container killed and its case retried as a new attempt. Every run
-is checked for exactly one accepted result per case. Prints seconds, the ratio to the
-undisturbed run and the recovery overhead (time lost beyond the downtime itself), with a
-bar chart. The undisturbed study runs first and last, so the spread shows the noise.
+is checked for exactly one accepted result per case. Prints per fault the study's total
+time and its ratio to the undisturbed runs (their mean; the undisturbed study runs first,
+in the middle and last, so their spread shows the noise on a shared machine), and the
+recovery time: from the moment the component is started again until the hub accepts
+results again. A bar chart shows the totals.
 
 Uses a private ActiveMQ instance on free ports (the shared broker is never touched).
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,7 +34,7 @@ from tributary.services.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGUMENTS = {"behaviour": "slow", "seconds": 1}
-console = Console()
+console = Console(width=110)
 
 
 @dataclass
@@ -45,9 +48,11 @@ class Fault:
 def faults(rig: FaultRig) -> list[Fault]:
     spoke = sorted(rig.configs)[0]
     return [
+        Fault("warm-up (not counted)"),  # image and page caches, first containers
         Fault("undisturbed (first)"),
         Fault("hub stopped", lambda: rig.stop_hub(), rig.start_hub),
         Fault("hub kill -9", lambda: rig.stop_hub(kill=True), rig.start_hub),
+        Fault("undisturbed (middle)"),
         Fault("spoke stopped", lambda: rig.stop_spoke(spoke), lambda: rig.start_spoke(spoke)),
         Fault("spoke kill -9", lambda: rig.stop_spoke(spoke, kill=True),
               lambda: rig.start_spoke(spoke)),
@@ -68,15 +73,22 @@ def _kill_a_container(rig: FaultRig) -> str:
     raise RuntimeError("no running container to kill")
 
 
-def run(rig: FaultRig, fault: Fault, cases: int, downtime: float) -> float:
+def run(rig: FaultRig, fault: Fault, cases: int, downtime: float) -> tuple[float, float | None]:
+    """(seconds for the whole study, seconds from restart until results flow again)."""
     began = time.perf_counter()
+    recovery = None
     experiment_id = rig.launch(ARGUMENTS, max_cases=rig.cases_per_spoke)
     if fault.inject is not None:
         rig.wait_succeeded(experiment_id, max(1, cases // 3))
         fault.inject()
         if fault.restore is not None:
             time.sleep(downtime)
+            restarted = time.perf_counter()
             fault.restore()
+            done = rig.succeeded(experiment_id)
+            if done < cases:
+                rig.wait_succeeded(experiment_id, done + 1, timeout=900)
+            recovery = time.perf_counter() - restarted
     rig.wait_completed(experiment_id, timeout=900)
     if fault.retry:
         rig.retry_failed(experiment_id, timeout=900)
@@ -84,7 +96,7 @@ def run(rig: FaultRig, fault: Fault, cases: int, downtime: float) -> float:
     problems = rig.check_exactly_once(experiment_id, cases)
     if problems:
         raise AssertionError(f"{fault.name}: {problems}")
-    return elapsed
+    return elapsed, recovery
 
 
 def main() -> None:
@@ -102,27 +114,30 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="tributary-bench-recovery-"))
     rig = FaultRig(root, settings, image, spokes=args.spokes, cases_per_spoke=args.cases)
     cases = args.spokes * args.cases
-    results: list[tuple[str, float]] = []
+    results: list[tuple[str, float, float | None]] = []
     try:
         rig.start()
         for fault in faults(rig):
-            seconds = run(rig, fault, cases, args.downtime)
-            results.append((fault.name, seconds))
+            seconds, recovery = run(rig, fault, cases, args.downtime)
+            results.append((fault.name, seconds, recovery))
             console.print(f"{fault.name:<26} {seconds:7.1f} s")
     finally:
         rig.close()
         shutil.rmtree(root, ignore_errors=True)
-    baseline = min(s for name, s in results if name.startswith("undisturbed"))
-    table = Table(title=f"Study of {cases} cases on {args.spokes} spokes; "
-                        f"downtime {args.downtime:.0f} s")
-    for column in ("fault", "seconds", "ratio to undisturbed", "overhead beyond downtime", ""):
-        table.add_column(column, justify="left" if column in ("fault", "") else "right")
-    widest = max(s for _, s in results)
-    for name, seconds in results:
-        down = args.downtime if "stopped" in name or "kill -9" in name else 0.0
-        bar = "█" * max(1, round(40 * seconds / widest))
+    undisturbed = [s for name, s, _ in results if name.startswith("undisturbed")]
+    baseline = statistics.mean(undisturbed)
+    table = Table(title=f"Study of {cases} cases on {args.spokes} spokes; component down "
+                        f"{args.downtime:.0f} s; undisturbed {min(undisturbed):.1f} to "
+                        f"{max(undisturbed):.1f} s")
+    for column in ("fault", "study s", "ratio", "recovery s", "study time"):
+        table.add_column(column, justify="left" if column in ("fault", "study time")
+                         else "right")
+    counted = [r for r in results if not r[0].startswith("warm-up")]
+    widest = max(s for _, s, _ in counted)
+    for name, seconds, recovery in counted:
         table.add_row(name, f"{seconds:.1f}", f"{seconds / baseline:.2f}",
-                      f"{seconds - baseline - down:+.1f} s", bar)
+                      "-" if recovery is None else f"{recovery:.1f}",
+                      "█" * max(1, round(24 * seconds / widest)))
     console.print(table)
     console.print("every run: exactly one accepted result per case, none lost")
 

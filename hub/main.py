@@ -5,20 +5,25 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from tributary import __version__
+from tributary.hub import worker
 from tributary.hub.api import (
     algorithms,
     audit,
     auth,
     counts,
     deadletters,
+    events,
     experiments,
+    results,
     spokes,
 )
 from tributary.hub.db import make_engine
@@ -33,6 +38,8 @@ from tributary.protocol.broker import StompClient
 from tributary.protocol.signing import SigningKey
 
 log = logging.getLogger(__name__)
+#: The dashboard's stylesheet and script, served by the hub itself (no outside host).
+STATIC = Path(__file__).parent / "static"
 
 
 def _bootstrap_admin(engine: Engine, settings: HubSettings) -> None:
@@ -58,6 +65,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         broker = StompClient(settings.broker(), "hub").start()
         app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
         app.state.signing_key = key
+        worker.configure(settings, engine)  # aggregation tasks: in-process or on Celery
         _bootstrap_admin(engine, settings)
         if settings.consume_results:
             ResultsConsumer(engine, broker).start()
@@ -68,11 +76,14 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app = FastAPI(title="Tributary hub", version=__version__, lifespan=lifespan,
                   description="Register spokes and algorithms, launch federated experiments "
                               "and read their aggregated results.")
-    for router in (spokes.router, algorithms.router, experiments.router, audit.router,
-                   audit.quarantine_router, algorithms.publishers_router, auth.router,
-                   counts.router, deadletters.router):
+    # events first: its /api/experiments/events must not be taken for an experiment id
+    for router in (events.router, spokes.router, algorithms.router, experiments.router,
+                   results.router, audit.router, audit.quarantine_router,
+                   algorithms.publishers_router, auth.router, counts.router,
+                   deadletters.router):
         app.include_router(router)
     app.include_router(web_router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(SignInRequired)
     async def _to_login(request: Request, exc: SignInRequired) -> RedirectResponse:

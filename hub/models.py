@@ -146,6 +146,7 @@ class Experiment(SQLModel, table=True):
     limits: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     release: list[str] = Field(default_factory=list, sa_column=Column(JSON))
     aggregator: str = "summary"
+    aggregator_parameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     state: ExperimentState = ExperimentState.DRAFT
     created_at: datetime = Field(default_factory=utcnow)
     launched_at: datetime | None = None
@@ -287,3 +288,20 @@ class CountAnswer(SQLModel, table=True):
     request_message_id: str | None = None
     reply_message_id: str | None = None
     answered_at: datetime | None = None
+
+
+class AggregateSnapshot(SQLModel, table=True):
+    """One computed aggregate of an experiment, already suppressed. A new version is stored
+    whenever the aggregated inputs change, so pages read the latest without recomputing."""
+
+    __table_args__ = (UniqueConstraint("experiment_id", "version"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    experiment_id: str = Field(foreign_key="experiment.id", index=True)
+    version: int
+    computed_at: datetime = Field(default_factory=utcnow)
+    #: Digest of what was aggregated (results, aggregator, parameters, k).
+    inputs_sha256: str
+    results: int
+    min_cell_size: int
+    report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))

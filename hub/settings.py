@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -50,6 +50,13 @@ class HubSettings(BaseSettings):
     #: The forensic audit log (hash-chained JSON lines); by default next to a SQLite
     #: database as ``<name>-audit.jsonl``, else ``tributary-hub-audit.jsonl`` here.
     audit_log: Path | None = None
+    #: Small-cell suppression: aggregate figures over fewer cases than this are withheld.
+    min_cell_size: int = Field(5, ge=1)
+    #: Celery broker for aggregation tasks (e.g. ``redis://127.0.0.1:6390/0``); unset runs
+    #: them in the hub process (Celery eager mode), with no extra service.
+    celery_broker_url: str | None = None
+    #: Celery queue of this hub's aggregation tasks; default ``<broker_federation>.aggregation``.
+    celery_queue: str | None = None
 
     def broker(self) -> BrokerSettings:
         return BrokerSettings(host=self.broker_host, port=self.broker_port,
@@ -57,6 +64,9 @@ class HubSettings(BaseSettings):
                               ca_file=self.broker_ca_file, cert_file=self.broker_cert_file,
                               key_file=self.broker_key_file,
                               federation=self.broker_federation)
+
+    def aggregation_queue(self) -> str:
+        return self.celery_queue or f"{self.broker_federation}.aggregation"
 
     def audit_log_path(self) -> Path | None:
         return self.audit_log or default_audit_log(self.database_url)

@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 import pytest
 
 from tributary.federation import LocalFederation
+from tributary.protocol import deadletters
 from tributary.protocol.broker import BrokerSettings, StompClient
-from tributary.protocol.destinations import results_queue
+from tributary.protocol.destinations import results_queue, spoke_queue
 from tributary.protocol.messages import HeartbeatMessage
 from tributary.protocol.signing import MESSAGE_PAYLOAD_TYPE, SigningKey
 from tributary.protocol.wire import seal
@@ -114,3 +115,44 @@ def test_poison_messages_are_dead_lettered_visibly_and_can_be_replayed_or_discar
     assert len(replayed) == 1 and replayed[0]["actor"].startswith("operator:")
     assert {e["detail"]["broker_message_id"] for e in discarded} == {
         d["broker_message_id"] for d in letters if d is not unenrolled}
+
+
+def test_a_study_that_expires_for_an_offline_spoke_is_shown_as_a_dead_letter(
+        federation: LocalFederation, misbehaving_image: tuple[str, str], unique: str) -> None:
+    """The study's expiry bounds how long its message waits for an offline spoke; the
+    hub says what it waits for meanwhile, and the expired message shows up as a dead
+    letter with that reason."""
+    spoke_id = f"away-{unique}"
+    with federation.api() as api:
+        api.post("/api/spokes", json={"id": spoke_id, "name": "Away site"}).raise_for_status()
+        api.post(f"/api/spokes/{spoke_id}/keys", json={
+            "public_key_pem": SigningKey.generate().public.pem}).raise_for_status()
+    algorithm = federation.register_algorithm(
+        name=f"expiry-{unique}", version="1", repository=misbehaving_image[0],
+        digest=misbehaving_image[1], argument_schema={"type": "object"})
+    with federation.api() as api:
+        experiment = api.post("/api/experiments", json={
+            "name": "expires", "algorithm_id": algorithm["id"], "spoke_ids": [spoke_id],
+            "expires_in_days": 2 / 86400}).raise_for_status().json()  # two seconds
+        target = api.post(f"/api/experiments/{experiment['id']}/launch"
+                          ).raise_for_status().json()["targets"][0]
+        assert target["state"] == "published" and not target["spoke_online"]
+        assert target["waiting_for"] == (f"waiting in the broker for spoke {spoke_id}, "
+                                         "offline since never")
+    broker = BrokerSettings(host=federation.services.host,
+                            port=federation.services.broker_port,
+                            federation=federation.federation)
+
+    def expired() -> list[dict[str, Any]]:
+        deadletters.browse(broker, spoke_queue(spoke_id, federation.federation))  # the
+        # broker moves expired messages when their queue is read (else every 30 s)
+        with federation.api() as api:
+            return [d for d in api.get("/api/dead-letters").json()
+                    if d["experiment_id"] == experiment["id"]]
+
+    time.sleep(2.5)
+    letter = wait_for(expired, 60, "expired experiment message")[0]
+    assert letter["expired"] and letter["kind"] == "experiment"
+    assert letter["spoke_id"] == spoke_id
+    assert letter["reason"].startswith("expired in the broker before anyone consumed it")
+    dlq_cli(federation, "discard", letter["broker_message_id"], "--reason", "test expiry")

@@ -27,7 +27,7 @@ STUDY_CASES = 17  # per spoke: 51 per study
 CHAOS_CASES = 67  # per spoke: 201 in the chaos study
 #: Fast cases that still run long enough to be caught running (progress file included).
 ARGUMENTS = {"behaviour": "slow", "seconds": 1}
-CHAOS_SECONDS = float(os.environ.get("TRIBUTARY_CHAOS_SECONDS", "45"))
+CHAOS_SECONDS = float(os.environ.get("TRIBUTARY_CHAOS_SECONDS", "35"))
 
 
 @pytest.fixture(scope="module")

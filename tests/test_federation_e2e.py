@@ -77,12 +77,16 @@ def test_study_across_three_spokes(federation: LocalFederation, detector_image: 
         spoke_truth = truth[spoke_id]
         nodules = [n for case in spoke_truth.values() for n in case["nodules"]]
         group = report["groups"][spoke_id]
+        figures = {key: figure["value"] for key, figure in group["figures"].items()}
         assert group["cases"] == group["succeeded"] == count
-        assert group["truth_nodules"] == len(nodules)
-        assert group["sensitivity"] == 1.0
-        assert group["false_positives"] == 0
-        assert group["findings"] == len(nodules)
-        assert group["diameter_error_mm"] < 2.5
+        assert figures["truth_nodules"] == len(nodules)
+        assert figures["sensitivity"] == 1.0
+        assert group["figures"]["sensitivity"]["ci_method"] == "wilson"
+        assert group["figures"]["sensitivity"]["ci_low"] < 1.0 == group["figures"][
+            "sensitivity"]["ci_high"]
+        assert figures["false_positives"] == 0
+        assert figures["findings"] == len(nodules)
+        assert figures["diameter_error_mm"] < 2.5
         # Released ground truth equals the spoke's own, case by case (as a multiset).
         released = sorted(json.dumps(c["released"]["nodules"], sort_keys=True)
                           for c in cases if c["spoke_id"] == spoke_id)
@@ -91,7 +95,10 @@ def test_study_across_three_spokes(federation: LocalFederation, detector_image: 
     pooled = report["groups"]["pooled"]
     all_nodules = sum(len(v["nodules"]) for t in truth.values() for v in t.values())
     assert pooled["cases"] == sum(sizes.values())
-    assert pooled["truth_nodules"] == pooled["true_positives"] == all_nodules
+    assert (pooled["figures"]["truth_nodules"]["value"]
+            == pooled["figures"]["true_positives"]["value"] == all_nodules)
+    # The aggregate was computed as results arrived, one snapshot version per change.
+    assert report["version"] >= 2 and report["results"] == len(cases) and report["current"]
     # Spot-check the detector against the truth directly (not through the aggregator).
     for case in cases:
         findings = case["output"]["findings"]

@@ -35,6 +35,7 @@ algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures f
 app.add_typer(algorithm_app, name="algorithm")
 app.add_typer(__import__("tributary.commands.audit", fromlist=["app"]).app, name="audit")
 app.add_typer(__import__("tributary.commands.counts", fromlist=["app"]).app, name="counts")
+app.add_typer(__import__("tributary.commands.study", fromlist=["app"]).app, name="study")
 app.add_typer(__import__("tributary.commands.dlq", fromlist=["app"]).app, name="dlq")
 spoke_app.command("deidentify")(__import__("tributary.commands.deidentify", fromlist=["_"]).main)
 console = Console()
@@ -93,7 +94,27 @@ def hub_serve(
 
     _logging(verbose)
     settings = HubSettings(database_url=database_url) if database_url else HubSettings()
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    # Open event streams (dashboard pages, `study watch`) never finish by themselves: give
+    # them a few seconds on shutdown, then close them.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=5)
+
+
+@hub_app.command("worker")
+def hub_worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    verbose: bool = False,
+) -> None:
+    """Run a Celery worker for aggregation tasks (needs TRIBUTARY_HUB_CELERY_BROKER_URL and
+    the hub's TRIBUTARY_HUB_DATABASE_URL)."""
+    from tributary.hub.settings import HubSettings
+    from tributary.hub.worker import app as celery_app
+
+    if not HubSettings().celery_broker_url:
+        raise typer.BadParameter("set TRIBUTARY_HUB_CELERY_BROKER_URL: without a broker the "
+                                 "hub aggregates in its own process and needs no worker")
+    celery_app.worker_main(["worker", f"--concurrency={concurrency}",
+                            f"--loglevel={'DEBUG' if verbose else 'INFO'}"])
 
 
 @hub_app.command("create-user")

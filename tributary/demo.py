@@ -48,9 +48,13 @@ def aggregate_table(report: dict[str, Any]) -> Table:
     table.add_column("figure", style="bold")
     for group in report["groups"]:
         table.add_column(group, justify="right", style="bold" if group == "pooled" else None)
+    for key, label in (("cases", "Cases"), ("succeeded", "Done"), ("failed", "Failed")):
+        table.add_row(label, *(_cell(group[key]) for group in report["groups"].values()))
     for column in report["columns"]:
-        table.add_row(column["label"], *(_cell(figures.get(column["key"]))
-                                         for figures in report["groups"].values()))
+        table.add_row(column["label"], *(
+            "suppressed" if (group["figures"].get(column["key"]) or {}).get("suppressed")
+            else _cell((group["figures"].get(column["key"]) or {}).get("value"))
+            for group in report["groups"].values()))
     return table
 
 

@@ -1,6 +1,7 @@
 """The audit trail, newest first."""
 
 from fastapi import APIRouter, Depends, Query
+from sqlalchemy import String, cast, func, or_
 from sqlmodel import Session, select
 
 from tributary.hub.api.deps import get_session, require
@@ -12,6 +13,9 @@ router = APIRouter(prefix="/api/audit", tags=["audit"],
 
 @router.get("", response_model=list[AuditEvent])
 def list_audit(action: str | None = None, target: str | None = None,
+               actor: str | None = None,
+               q: str | None = Query(None, description="Text anywhere in actor, action, "
+                                                      "target or detail (case-insensitive)."),
                limit: int = Query(200, le=5000),
                session: Session = Depends(get_session)) -> list[AuditEvent]:
     query = select(AuditEvent).order_by(AuditEvent.id.desc())  # type: ignore[union-attr]
@@ -19,6 +23,13 @@ def list_audit(action: str | None = None, target: str | None = None,
         query = query.where(AuditEvent.action == action)
     if target:
         query = query.where(AuditEvent.target == target)
+    if actor:
+        query = query.where(AuditEvent.actor == actor)
+    if q:
+        pattern = f"%{q.lower()}%"
+        query = query.where(or_(*(func.lower(column).like(pattern) for column in (
+            AuditEvent.actor, AuditEvent.action, AuditEvent.target,
+            cast(AuditEvent.detail, String)))))  # type: ignore[arg-type]
     return list(session.exec(query.limit(limit)))
 
 

@@ -5,7 +5,6 @@ import tempfile
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
@@ -33,7 +32,7 @@ from tributary.hub.models import (
     utcnow,
 )
 from tributary.hub.services import audit, control
-from tributary.hub.services.aggregation import AGGREGATORS, aggregate
+from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
 from tributary.hub.services.enrolment import active_keys
 from tributary.hub.services.launch import NotApproved, launch
 from tributary.hub.services.progress import case_reads
@@ -96,10 +95,15 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
     aggregator = body.aggregator or algorithm.aggregator
     if aggregator not in AGGREGATORS:
         raise HTTPException(422, f"unknown aggregator {aggregator!r}")
+    try:
+        parameters = validate_parameters(aggregator, body.aggregator_parameters)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
     experiment = Experiment(
         id=f"exp-{uuid.uuid4().hex[:12]}", name=body.name, algorithm_id=body.algorithm_id,
         arguments=body.arguments, cohort=body.cohort.model_dump(mode="json"),
         limits=body.limits.model_dump(mode="json"), release=body.release, aggregator=aggregator,
+        aggregator_parameters=parameters,
         expires_at=utcnow() + timedelta(days=body.expires_in_days)
         if body.expires_in_days else None,
     )
@@ -199,11 +203,6 @@ def list_cases(experiment_id: str, session: Session = Depends(get_session)) -> l
     its attempts."""
     _get(session, experiment_id)
     return case_reads(session, experiment_id)
-
-
-@router.get("/{experiment_id}/aggregate")
-def get_aggregate(experiment_id: str, session: Session = Depends(get_session)) -> dict[str, Any]:
-    return aggregate(session, _get(session, experiment_id)).as_dict()
 
 
 @router.get("/{experiment_id}/bundle", response_class=FileResponse)

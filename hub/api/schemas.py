@@ -66,6 +66,9 @@ class ExperimentCreate(BaseModel):
     release: list[str] = Field(default_factory=list)
     spoke_ids: list[str] = Field(min_length=1)
     aggregator: str | None = None
+    aggregator_parameters: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters of the aggregator, e.g. "
+        "{'score': 'probability', 'label': 'diagnosis'} for binary-classification.")
     expires_in_days: float | None = Field(
         None, gt=0, le=365,
         description="How long the study's messages wait in the broker for an offline spoke "
@@ -161,6 +164,7 @@ class ExperimentRead(BaseModel):
     limits: dict[str, Any]
     release: list[str]
     aggregator: str
+    aggregator_parameters: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime
     launched_at: datetime | None
     completed_at: datetime | None

@@ -1,154 +1,179 @@
-"""Aggregators turn per-case results into the figures a coordinator reads, per spoke and
-pooled. They are plain classes registered by name; an experiment names the one it uses."""
+"""Aggregates of experiments in the database: compute one from the stored results, keep it
+as a versioned snapshot, and read the latest. The figures come from the pure engine in
+``hub/aggregation``; this module only reads rows and stores snapshots. Re-aggregation is
+triggered per accepted result through the Celery task in ``hub/worker.py``."""
 
 from __future__ import annotations
 
-import math
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+import hashlib
+import json
+from datetime import UTC, timedelta
+from typing import Any
 
-from sqlmodel import Session, select
+from sqlalchemy import case, func
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
 
-from tributary.hub.models import CaseResult, CaseState, Experiment, ExperimentTarget
+from tributary.hub.aggregation import (
+    AGGREGATORS,
+    POOLED,
+    AggregateRead,
+    AggregatorParameterError,
+    CaseView,
+    get_aggregator,
+    run,
+)
+from tributary.hub.aggregation.detection import match_findings
+from tributary.hub.aggregation.report import SnapshotInfo
+from tributary.hub.models import (
+    FINAL_CASE_STATES,
+    AggregateSnapshot,
+    CaseResult,
+    Experiment,
+    ExperimentTarget,
+    utcnow,
+)
 
-POOLED = "pooled"
-
-
-@dataclass(frozen=True)
-class CaseView:
-    spoke_id: str
-    case_id: str
-    state: CaseState
-    output: dict[str, Any] | None
-    released: dict[str, Any]
-    failure: dict[str, Any] | None
-
-
-@dataclass
-class Report:
-    aggregator: str
-    columns: list[tuple[str, str]]
-    groups: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"aggregator": self.aggregator,
-                "columns": [{"key": k, "label": label} for k, label in self.columns],
-                "groups": self.groups}
-
-
-class Aggregator:
-    """Counts cases by state; subclasses add algorithm-specific figures."""
-
-    name: ClassVar[str] = "summary"
-    columns: ClassVar[list[tuple[str, str]]] = [
-        ("cases", "Cases"), ("succeeded", "Done"), ("failed", "Failed"),
-        ("pending", "Pending"),
-    ]
-
-    def figures(self, cases: list[CaseView]) -> dict[str, Any]:
-        states = Counter(c.state for c in cases)
-        reasons = Counter(c.failure.get("reason", "unknown") for c in cases
-                          if c.state == CaseState.FAILED and c.failure)
-        return {
-            "cases": len(cases),
-            "succeeded": states[CaseState.SUCCEEDED],
-            "failed": states[CaseState.FAILED],
-            "pending": states[CaseState.QUEUED] + states[CaseState.RUNNING],
-            "failure_reasons": dict(reasons),
-        }
+__all__ = ["AGGREGATORS", "POOLED", "AggregatorParameterError", "aggregate", "history",
+           "latest", "match_findings", "read_snapshot", "refresh", "validate_parameters"]
 
 
-def _distance(a: list[float], b: list[float]) -> float:
-    return math.dist(a, b)
+def validate_parameters(aggregator: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    """The parameters with defaults filled in; ValueError saying what is wrong otherwise."""
+    return get_aggregator(aggregator, parameters).parameters.model_dump(mode="json")
 
 
-def match_findings(findings: list[dict[str, Any]], truth: list[dict[str, Any]],
-                   min_tolerance_mm: float = 3.0) -> tuple[list[tuple[dict, dict]], int, int]:
-    """Greedy nearest matching of detections to ground-truth nodules. A detection matches
-    a nodule whose centre lies within the nodule's radius (at least ``min_tolerance_mm``).
-    Returns (matched pairs, false negatives, false positives)."""
-    candidates = sorted(
-        ((_distance(f["center_mm"], t["center_mm"]), i, j)
-         for i, f in enumerate(findings) for j, t in enumerate(truth)),
-    )
-    used_f: set[int] = set()
-    used_t: set[int] = set()
-    pairs = []
-    for dist, i, j in candidates:
-        if i in used_f or j in used_t:
-            continue
-        if dist <= max(truth[j]["diameter_mm"] / 2, min_tolerance_mm):
-            used_f.add(i)
-            used_t.add(j)
-            pairs.append((findings[i], truth[j]))
-    return pairs, len(truth) - len(used_t), len(findings) - len(used_f)
+def _spokes(session: Session, experiment_id: str) -> list[str]:
+    return list(session.exec(select(ExperimentTarget.spoke_id).where(
+        ExperimentTarget.experiment_id == experiment_id)).all())
 
 
-class NoduleDetectionAggregator(Aggregator):
-    """Findings per case, and detection sensitivity where the spoke released the
-    ground-truth nodules (``released["nodules"]``)."""
-
-    name: ClassVar[str] = "nodule-detection"
-    columns: ClassVar[list[tuple[str, str]]] = [
-        *Aggregator.columns,
-        ("findings", "Findings"), ("findings_per_case", "Findings/case"),
-        ("truth_nodules", "GT nodules"), ("sensitivity", "Sensitivity"),
-        ("false_positives_per_case", "FP/case"), ("diameter_error_mm", "Diam. err (mm)"),
-    ]
-
-    def figures(self, cases: list[CaseView]) -> dict[str, Any]:
-        figures = super().figures(cases)
-        done = [c for c in cases if c.state == CaseState.SUCCEEDED and c.output]
-        counts = [len(c.output.get("findings", [])) for c in done if c.output]
-        figures["findings"] = sum(counts)
-        figures["findings_per_case"] = round(sum(counts) / len(counts), 3) if counts else None
-        with_truth = [c for c in done if isinstance(c.released.get("nodules"), list)]
-        tp = fn = fp = 0
-        errors: list[float] = []
-        for case in with_truth:
-            assert case.output is not None
-            pairs, misses, extras = match_findings(case.output.get("findings", []),
-                                                   case.released["nodules"])
-            tp += len(pairs)
-            fn += misses
-            fp += extras
-            errors += [abs(f["diameter_mm"] - t["diameter_mm"]) for f, t in pairs]
-        figures.update({
-            "truth_cases": len(with_truth),
-            "truth_nodules": tp + fn,
-            "true_positives": tp,
-            "false_negatives": fn,
-            "false_positives": fp,
-            "sensitivity": round(tp / (tp + fn), 4) if tp + fn else None,
-            "false_positives_per_case": round(fp / len(with_truth), 3) if with_truth else None,
-            "diameter_error_mm": round(sum(errors) / len(errors), 2) if errors else None,
-        })
-        return figures
+def inputs_digest(session: Session, experiment: Experiment, min_cell_size: int) -> str:
+    """A digest of everything an aggregate depends on, from one summary query: cases, final
+    results and their attempts and arrival, targets, aggregator, parameters and k. Equal
+    digests mean an equal aggregate, so a redundant task stores nothing."""
+    final = [s.value for s in FINAL_CASE_STATES]
+    row = session.exec(select(
+        func.count(col(CaseResult.id)),
+        func.sum(case((col(CaseResult.state).in_(final), 1), else_=0)),
+        func.sum(CaseResult.attempt), func.max(CaseResult.received_at),
+        func.max(CaseResult.result_message_id),
+    ).where(CaseResult.experiment_id == experiment.id)).one()
+    payload = {"cases": list(row[:3]), "last": str(row[3]), "message": row[4],
+               "spokes": sorted(_spokes(session, experiment.id)),
+               "aggregator": experiment.aggregator,
+               "parameters": experiment.aggregator_parameters, "k": min_cell_size}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-AGGREGATORS: dict[str, type[Aggregator]] = {
-    cls.name: cls for cls in (Aggregator, NoduleDetectionAggregator)
-}
-
-
-def get_aggregator(name: str) -> Aggregator:
-    try:
-        return AGGREGATORS[name]()
-    except KeyError:
-        raise ValueError(f"unknown aggregator {name!r}; known: {sorted(AGGREGATORS)}") from None
-
-
-def aggregate(session: Session, experiment: Experiment) -> Report:
-    aggregator = get_aggregator(experiment.aggregator)
-    rows = session.exec(select(CaseResult).where(CaseResult.experiment_id == experiment.id)).all()
+def _compute(session: Session, experiment: Experiment, min_cell_size: int) -> dict[str, Any]:
+    aggregator = get_aggregator(experiment.aggregator, experiment.aggregator_parameters)
+    rows = session.exec(select(CaseResult).where(CaseResult.experiment_id == experiment.id)
+                        .order_by(CaseResult.spoke_id, CaseResult.case_id)).all()
     views = [CaseView(r.spoke_id, r.case_id, r.state, r.output, r.released or {}, r.failure)
              for r in rows]
-    spokes = [t.spoke_id for t in session.exec(
-        select(ExperimentTarget).where(ExperimentTarget.experiment_id == experiment.id)
-        .order_by(ExperimentTarget.spoke_id))]
-    report = Report(aggregator.name, list(aggregator.columns))
-    for spoke in spokes:
-        report.groups[spoke] = aggregator.figures([v for v in views if v.spoke_id == spoke])
-    report.groups[POOLED] = aggregator.figures(views)
-    return report
+    result = run(aggregator, _spokes(session, experiment.id), views, min_cell_size)
+    return {
+        "aggregator": aggregator.name,
+        "parameters": aggregator.parameters.model_dump(mode="json"),
+        "columns": [c.model_dump() for c in result.columns],
+        "groups": {k: g.model_dump(mode="json") for k, g in result.groups.items()},
+        "results": sum(1 for r in rows if r.state in FINAL_CASE_STATES),
+    }
+
+
+def _latest_row(session: Session, experiment_id: str) -> AggregateSnapshot | None:
+    return session.exec(select(AggregateSnapshot)
+                        .where(AggregateSnapshot.experiment_id == experiment_id)
+                        .order_by(col(AggregateSnapshot.version).desc()).limit(1)).first()
+
+
+def refresh(session: Session, experiment_id: str, min_cell_size: int) -> AggregateSnapshot | None:
+    """Store a new snapshot if the inputs changed since the latest; return the latest.
+    Safe to run concurrently (separate workers): a lost race on the version number is
+    retried against the winner's snapshot."""
+    for _ in range(5):
+        experiment = session.get(Experiment, experiment_id)
+        if experiment is None:
+            return None
+        digest = inputs_digest(session, experiment, min_cell_size)
+        latest_row = _latest_row(session, experiment_id)
+        if latest_row is not None and latest_row.inputs_sha256 == digest:
+            return latest_row
+        report = _compute(session, experiment, min_cell_size)
+        snapshot = AggregateSnapshot(
+            experiment_id=experiment_id, version=(latest_row.version if latest_row else 0) + 1,
+            inputs_sha256=digest, results=report.pop("results"), min_cell_size=min_cell_size,
+            report=report, computed_at=utcnow())
+        session.add(snapshot)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            continue
+        session.refresh(snapshot)
+        return snapshot
+    raise RuntimeError(f"could not store an aggregate of {experiment_id}: too much contention")
+
+
+def read_snapshot(snapshot: AggregateSnapshot, current: bool = True) -> AggregateRead:
+    return AggregateRead(experiment_id=snapshot.experiment_id, version=snapshot.version,
+                         computed_at=snapshot.computed_at, results=snapshot.results,
+                         min_cell_size=snapshot.min_cell_size, current=current,
+                         **snapshot.report)
+
+
+#: How long a snapshot may lag behind the results before a read asks for a new one;
+#: normally the task queued by the result is much faster.
+STALE_GRACE = timedelta(seconds=10)
+
+
+def latest(session: Session, experiment: Experiment, min_cell_size: int,
+           version: int | None = None) -> AggregateRead:
+    """The latest snapshot (or ``version``). Without any snapshot yet, or when k changed, one
+    is computed now; a snapshot older than the latest results is returned flagged
+    ``current=False`` while the queued task computes the next one."""
+    if version is not None:
+        row = session.exec(select(AggregateSnapshot).where(
+            AggregateSnapshot.experiment_id == experiment.id,
+            AggregateSnapshot.version == version)).first()
+        if row is None:
+            raise LookupError(f"experiment {experiment.id} has no aggregate version {version}")
+        return read_snapshot(row, current=False)
+    row = _latest_row(session, experiment.id)
+    if row is None or row.min_cell_size != min_cell_size:
+        row = refresh(session, experiment.id, min_cell_size)
+        assert row is not None
+        return read_snapshot(row)
+    if row.inputs_sha256 == inputs_digest(session, experiment, min_cell_size):
+        return read_snapshot(row)
+    computed = row.computed_at
+    if computed.tzinfo is None:  # SQLite keeps no time zone; the hub writes UTC
+        computed = computed.replace(tzinfo=UTC)
+    if utcnow() - computed >= STALE_GRACE:
+        # The task for the latest results was lost (broker outage) or failed: ask again.
+        # Eager mode computes now; with a broker, a worker catches up.
+        from tributary.hub import worker  # worker imports this module
+
+        worker.enqueue(experiment.id)
+        session.expire_all()
+        newer = _latest_row(session, experiment.id)
+        if newer is not None and newer.version != row.version:
+            return read_snapshot(newer, newer.inputs_sha256 == inputs_digest(
+                session, experiment, min_cell_size))
+    return read_snapshot(row, current=False)
+
+
+def history(session: Session, experiment_id: str) -> list[SnapshotInfo]:
+    rows = session.exec(select(AggregateSnapshot).where(
+        AggregateSnapshot.experiment_id == experiment_id)
+        .order_by(col(AggregateSnapshot.version))).all()
+    return [SnapshotInfo(version=r.version, computed_at=r.computed_at, results=r.results,
+                         min_cell_size=r.min_cell_size) for r in rows]
+
+
+def aggregate(session: Session, experiment: Experiment, min_cell_size: int = 5) -> AggregateRead:
+    """Compute an aggregate now, without storing it (version 0): for checks and tests."""
+    report = _compute(session, experiment, min_cell_size)
+    return AggregateRead(experiment_id=experiment.id, version=0, computed_at=utcnow(),
+                         results=report.pop("results"), min_cell_size=min_cell_size, **report)

@@ -63,11 +63,13 @@ def reason(session: Session, letter: DeadLetter, federation: str) -> str:
     if letter.expired:
         return ("expired in the broker before anyone consumed it (the receiver was away "
                 "longer than the message's expiry)")
+    cause = letter.headers.get("dlqDeliveryFailureCause")
+    broker_says = f" (broker: {cause})" if cause else ""
     if letter.original_destination == results_queue(federation):
-        return "rejected by a consumer of the results queue (no hub record of why)"
+        return f"rejected by a consumer of the results queue, no hub record of why{broker_says}"
     spoke = letter.original_destination.rsplit(".", 1)[-1]
     return (f"refused by spoke {spoke}: its audit log (action message.dead_lettered) "
-            "records why")
+            f"records why{broker_says}")
 
 
 def describe(session: Session, letter: DeadLetter, federation: str) -> DeadLetterRead:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from tributary.hub import worker
 from tributary.hub.models import (
     FINAL_CASE_STATES,
     TERMINAL_TARGET_STATES,
@@ -128,6 +129,8 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
                  if isinstance(message, ResultMessage) and message.failure else None)
     _maybe_complete(session, message.experiment_id)
     session.commit()
+    if applied and isinstance(message, ResultMessage):
+        worker.enqueue(message.experiment_id)  # re-aggregate (hub/worker.py)
     return applied
 
 

@@ -19,6 +19,8 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     broker_port: int = 61613
     registry_port: int = 5000
+    #: Preferred port of the redis Celery broker (a free one is taken if this is busy).
+    redis_port: int = 6390
     #: Image algorithm Dockerfiles are built FROM on this machine.
     base_image: str = "tributary/python-base:3.11"
     #: Tried first when the base image is missing; Docker Hub may be unreachable.

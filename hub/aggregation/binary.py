@@ -1,0 +1,131 @@
+"""Binary classification against a label the spoke released: sensitivity and specificity
+with binomial intervals, AUC with its DeLong interval, and the ROC curve for plots."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tributary.hub.aggregation.base import (
+    Aggregator,
+    CaseView,
+    count,
+    lookup,
+    proportion,
+    register,
+)
+from tributary.hub.aggregation.report import Figure, RocCurve, RocPoint
+from tributary.hub.aggregation.statistics import auc_delong, roc_curve
+from tributary.hub.models import CaseState
+
+
+class BinaryParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    score: str = Field("score", description="Dotted output field holding the score "
+                                            "(higher means more likely positive).")
+    label: str = Field("label", description="Released attribute holding the true class.")
+    positive: Any = Field(1, description="Label value of the positive class (true == 1).")
+    prediction: str | None = Field(
+        None, description="Dotted output field with the algorithm's own yes/no call; when "
+                          "absent a case is called positive if score >= threshold.")
+    threshold: float = Field(0.5, description="Operating point for sensitivity/specificity.")
+    ci_method: Literal["wilson", "clopper-pearson"] = "wilson"
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _truthy(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        return value != 0
+    if isinstance(value, str) and value.lower() in ("true", "yes", "positive", "1"):
+        return True
+    if isinstance(value, str) and value.lower() in ("false", "no", "negative", "0"):
+        return False
+    return None
+
+
+@register
+class BinaryClassificationAggregator(Aggregator):
+    name: ClassVar[str] = "binary-classification"
+    description: ClassVar[str] = ("Sensitivity, specificity, AUC and ROC of a score against "
+                                  "a released label")
+    Parameters = BinaryParameters
+    labels: ClassVar[dict[str, str]] = {
+        "labelled": "Labelled", "unusable": "No score/label", "positives": "Positives",
+        "negatives": "Negatives", "true_positives": "TP", "false_negatives": "FN",
+        "true_negatives": "TN", "false_positives": "FP", "sensitivity": "Sensitivity",
+        "specificity": "Specificity", "auc": "AUC",
+    }
+
+    def _cases(self, cases: list[CaseView]) -> tuple[list[tuple[float, bool, bool]], int]:
+        """(score, truth, called positive) of every usable case, and how many were not."""
+        p: BinaryParameters = self.parameters  # type: ignore[assignment]
+        usable: list[tuple[float, bool, bool]] = []
+        unusable = 0
+        for case in cases:
+            if case.state != CaseState.SUCCEEDED:
+                continue
+            score = _number(lookup(case.output, p.score))
+            label = lookup(case.released, p.label)
+            called = score is not None and score >= p.threshold
+            if p.prediction is not None:
+                call = _truthy(lookup(case.output, p.prediction))
+                called = bool(call)
+                if call is None:
+                    score = None
+            if score is None or label is None:
+                unusable += 1
+                continue
+            usable.append((score, label == p.positive, called))
+        return usable, unusable
+
+    def figures(self, cases: list[CaseView]) -> dict[str, Figure]:
+        p: BinaryParameters = self.parameters  # type: ignore[assignment]
+        usable, unusable = self._cases(cases)
+        tp = sum(1 for _, truth, called in usable if truth and called)
+        fn = sum(1 for _, truth, called in usable if truth and not called)
+        tn = sum(1 for _, truth, called in usable if not truth and not called)
+        fp = sum(1 for _, truth, called in usable if not truth and called)
+        positives, negatives = tp + fn, tn + fp
+        figures = {
+            "labelled": count(len(usable)), "unusable": count(unusable),
+            "positives": count(positives), "negatives": count(negatives),
+            "true_positives": count(tp), "false_negatives": count(fn),
+            "true_negatives": count(tn), "false_positives": count(fp),
+            "sensitivity": proportion(tp, positives, p.ci_method, p.confidence),
+            "specificity": proportion(tn, negatives, p.ci_method, p.confidence),
+        }
+        smaller_class = min(positives, negatives)
+        if smaller_class:
+            estimate = auc_delong([s for s, _, _ in usable], [t for _, t, _ in usable],
+                                  p.confidence)
+            figures["auc"] = Figure(
+                value=round(estimate.auc, 4), n=smaller_class,
+                ci_low=None if estimate.low is None else round(estimate.low, 4),
+                ci_high=None if estimate.high is None else round(estimate.high, 4),
+                ci_method="delong" if estimate.low is not None else None,
+                confidence=p.confidence if estimate.low is not None else None)
+        else:
+            figures["auc"] = Figure(value=None, n=0)
+        return figures
+
+    def roc(self, cases: list[CaseView]) -> RocCurve:
+        usable, _ = self._cases(cases)
+        positives = sum(1 for _, truth, _ in usable if truth)
+        negatives = len(usable) - positives
+        points: list[RocPoint] = []
+        if positives and negatives:
+            points = [RocPoint(threshold=t, fpr=f, tpr=r)
+                      for t, f, r in roc_curve([s for s, _, _ in usable],
+                                               [t for _, t, _ in usable])]
+        return RocCurve(positives=positives, negatives=negatives, points=points)

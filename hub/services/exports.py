@@ -1,0 +1,104 @@
+"""Exports of an experiment as tables: per-case results (what the spokes released) and
+aggregates (already suppressed, straight from a snapshot), as CSV or JSON-ready rows."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from sqlmodel import Session, select
+
+from tributary.hub.aggregation.report import AggregateRead, ResultRow
+from tributary.hub.models import CaseResult
+
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def flatten(data: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
+    """Nested objects to dotted keys; lists stay whole (one cell)."""
+    flat: dict[str, Any] = {}
+    for key, value in (data or {}).items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def result_rows(session: Session, experiment_id: str) -> list[ResultRow]:
+    rows = session.exec(select(CaseResult).where(CaseResult.experiment_id == experiment_id)
+                        .order_by(CaseResult.spoke_id, CaseResult.case_id)).all()
+    return [ResultRow(spoke_id=r.spoke_id, case_id=r.case_id, state=r.state.value,
+                      attempt=r.attempt,
+                      failure_reason=(r.failure or {}).get("reason") if r.failure else None,
+                      finished_at=r.finished_at, output=flatten(r.output),
+                      released=flatten(r.released)) for r in rows]
+
+
+def _cell(value: Any) -> Any:
+    """One CSV cell: structures as JSON; text that a spreadsheet would run as a formula is
+    quoted with a leading apostrophe (OWASP CSV injection)."""
+    if value is None:
+        return ""
+    if isinstance(value, list | dict):
+        value = json.dumps(value, sort_keys=True)
+    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
+
+def to_csv(header: list[str], rows: Iterable[list[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for row in rows:
+        writer.writerow([_cell(v) for v in row])
+    return buffer.getvalue()
+
+
+RESULT_COLUMNS = ["spoke_id", "case_id", "state", "attempt", "failure_reason", "finished_at"]
+
+
+def results_csv(rows: list[ResultRow]) -> str:
+    outputs = sorted({k for r in rows for k in r.output})
+    released = sorted({k for r in rows for k in r.released})
+    header = [*RESULT_COLUMNS, *(f"output.{k}" for k in outputs),
+              *(f"released.{k}" for k in released)]
+    return to_csv(header, (
+        [r.spoke_id, r.case_id, r.state, r.attempt, r.failure_reason,
+         r.finished_at.isoformat() if r.finished_at else None,
+         *(r.output.get(k) for k in outputs), *(r.released.get(k) for k in released)]
+        for r in rows))
+
+
+AGGREGATE_COLUMNS = ["group", "figure", "value", "n", "ci_low", "ci_high", "ci_method",
+                     "confidence", "suppressed"]
+
+
+def aggregate_csv(report: AggregateRead) -> str:
+    """Long format, one figure per row: the state counts first, then every figure."""
+    def rows() -> Iterable[list[Any]]:
+        for name, group in report.groups.items():
+            for key in ("cases", "succeeded", "failed", "pending"):
+                yield [name, key, getattr(group, key), getattr(group, key), None, None, None,
+                       None, None]
+            for key, f in group.figures.items():
+                yield [name, key, f.value, f.n, f.ci_low, f.ci_high, f.ci_method,
+                       f.confidence, f.suppressed]
+    return to_csv(AGGREGATE_COLUMNS, rows())
+
+
+def roc_csv(report: AggregateRead) -> str:
+    """ROC points per group; a suppressed group is one row saying so."""
+    def rows() -> Iterable[list[Any]]:
+        for name, group in report.groups.items():
+            if group.roc is None:
+                continue
+            if group.roc.suppressed:
+                yield [name, None, None, None, group.roc.suppressed]
+            for p in group.roc.points:
+                yield [name, p.threshold, p.fpr, p.tpr, None]
+    return to_csv(["group", "threshold", "fpr", "tpr", "suppressed"], rows())

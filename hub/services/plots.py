@@ -1,0 +1,167 @@
+"""Plots of an experiment, rendered on the hub as SVG so pages need no script library and
+no outside host. Each function takes plain data (numbers and labels), never database rows,
+so the figures can come from any source: the aggregate report, a CSV, a test.
+
+matplotlib draws them through its object API and SVG backend (no pyplot, so no global
+state shared between a web server's threads); text stays text (``svg.fonttype = none``) so the
+browser's font is used and the figures remain searchable and accessible."""
+
+from __future__ import annotations
+
+import html
+import io
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from matplotlib import rcParams
+from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+rcParams["svg.fonttype"] = "none"
+rcParams["svg.hashsalt"] = "tributary"  # deterministic ids: same data, same SVG
+rcParams["font.size"] = 9
+
+#: State colours, shared with the stylesheet (hub/static/dashboard.css).
+COLOURS = {"succeeded": "#2e8b57", "failed": "#c8423b", "running": "#d9921e",
+           "queued": "#9aa5b4", "pooled": "#1d2430"}
+PALETTE = ["#2458b3", "#b35a24", "#2e8b57", "#7a3fb3", "#b3245f", "#3f8fb3", "#8a7a1d"]
+
+
+@dataclass(frozen=True)
+class SpokeProgress:
+    spoke: str
+    succeeded: int
+    failed: int
+    running: int
+    queued: int
+    total: int | None  # unknown until the spoke has selected its cases
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One row of a forest plot: a point estimate with its confidence interval."""
+
+    label: str
+    value: float
+    low: float
+    high: float
+    n: int | None = None
+
+
+def _svg(figure: Figure, title: str) -> str:
+    """The figure as an inline ``<svg>`` element with an accessible title."""
+    buffer = io.StringIO()
+    figure.savefig(buffer, format="svg", bbox_inches="tight")
+    text = buffer.getvalue()
+    text = text[text.index("<svg"):]
+    safe = html.escape(title, quote=True)  # titles may hold output field names
+    # role/aria for screen readers; width 100% so the figure follows the layout
+    text = re.sub(r"<svg ", f'<svg role="img" aria-label="{safe}" class="plot" ', text, count=1)
+    return re.sub(r"(<svg[^>]*>)", rf"\1<title>{safe}</title>", text, count=1)
+
+
+def _figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height))
+    figure.patch.set_alpha(0)
+    return figure
+
+
+def _tidy(axes: object) -> None:
+    for side in ("top", "right"):
+        axes.spines[side].set_visible(False)  # type: ignore[attr-defined]
+
+
+def progress_bars(rows: Sequence[SpokeProgress]) -> str:
+    """One horizontal stacked bar per spoke: done, failed, running, queued of its cases."""
+    figure = _figure(5.2, 0.4 * max(len(rows), 1) + 0.9)
+    axes = figure.subplots()
+    labels = [r.spoke for r in rows]
+    left = [0.0] * len(rows)
+    for state in ("succeeded", "failed", "running", "queued"):
+        values = [float(getattr(r, state)) for r in rows]
+        axes.barh(labels, values, left=left, color=COLOURS[state], label=state, height=0.6)
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    for index, row in enumerate(rows):
+        total = "?" if row.total is None else str(row.total)
+        axes.text(max(left[index], 0) + 0.1, index,
+                  f" {row.succeeded + row.failed}/{total}", va="center")
+    axes.invert_yaxis()
+    axes.set_xlabel("cases")
+    axes.set_xlim(0, max([*left, *(r.total or 0 for r in rows), 1]) * 1.15)
+    axes.legend(ncols=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    _tidy(axes)
+    return _svg(figure, "Progress per spoke: cases done, failed, running and queued")
+
+
+def distribution(values: Mapping[str, Sequence[float]], quantity: str) -> str:
+    """Distribution of one numeric output per spoke (box plot with the points over it)."""
+    groups = {k: list(v) for k, v in values.items() if v}
+    figure = _figure(5.2, 0.45 * max(len(groups), 1) + 1.0)
+    axes = figure.subplots()
+    if groups:
+        labels = list(groups)
+        axes.boxplot(list(groups.values()), orientation="horizontal", tick_labels=labels,
+                     widths=0.5, showfliers=False, medianprops={"color": COLOURS["pooled"]})
+        for index, points in enumerate(groups.values(), start=1):
+            jitter = [index + ((i * 37) % 11 - 5) * 0.025 for i in range(len(points))]
+            axes.scatter(points, jitter, s=12, alpha=0.6,
+                         color=PALETTE[(index - 1) % len(PALETTE)], zorder=3)
+        axes.invert_yaxis()
+    else:
+        axes.text(0.5, 0.5, "no results yet", ha="center", va="center",
+                  transform=axes.transAxes)
+        axes.set_yticks([])
+    axes.set_xlabel(quantity)
+    _tidy(axes)
+    return _svg(figure, f"Distribution of {quantity} per spoke")
+
+
+def roc_curves(curves: Mapping[str, Sequence[tuple[float, float]]],
+               auc: Mapping[str, float | None] | None = None) -> str:
+    """ROC curves (false-positive rate, true-positive rate) per spoke and pooled."""
+    figure = _figure(4.0, 3.8)
+    axes = figure.subplots()
+    axes.plot([0, 1], [0, 1], color="#c3c9d3", linestyle="--", linewidth=1)
+    colour = iter(PALETTE * 4)
+    for name, points in curves.items():
+        if not points:
+            continue
+        ordered = sorted(points)
+        area = (auc or {}).get(name)
+        label = f"{name} (AUC {area:.2f})" if area is not None else name
+        pooled = name == "pooled"
+        axes.plot([p[0] for p in ordered], [p[1] for p in ordered],
+                  color=COLOURS["pooled"] if pooled else next(colour),
+                  linewidth=2.4 if pooled else 1.4, label=label)
+    axes.set_xlim(-0.02, 1.02)
+    axes.set_ylim(-0.02, 1.02)
+    axes.set_aspect("equal")
+    axes.set_xlabel("false-positive rate (1 - specificity)")
+    axes.set_ylabel("true-positive rate (sensitivity)")
+    axes.legend(loc="lower right", fontsize=8, frameon=False)
+    _tidy(axes)
+    return _svg(figure, "ROC curves per spoke and pooled")
+
+
+def forest(rows: Sequence[Estimate], metric: str, reference: float | None = None) -> str:
+    """A forest plot: each spoke's estimate with its confidence interval, pooled last."""
+    figure = _figure(3.6, 0.4 * max(len(rows), 1) + 0.9)
+    axes = figure.subplots()
+    for index, row in enumerate(rows):
+        pooled = row.label == "pooled"
+        colour = COLOURS["pooled"] if pooled else PALETTE[0]
+        axes.plot([row.low, row.high], [index, index], color=colour, linewidth=1.6)
+        axes.plot([row.value], [index], marker="D" if pooled else "s",
+                  markersize=8 if pooled else 6, color=colour)
+        n = f", n={row.n}" if row.n is not None else ""
+        axes.text(1.04, index, f"{row.value:.2f} [{row.low:.2f}, {row.high:.2f}]{n}",
+                  va="center", transform=axes.get_yaxis_transform())
+    axes.set_yticks(range(len(rows)), [r.label for r in rows])
+    axes.invert_yaxis()
+    if reference is not None:
+        axes.axvline(reference, color="#c3c9d3", linestyle="--", linewidth=1)
+    if rows and min(r.low for r in rows) >= 0 and max(r.high for r in rows) <= 1:
+        axes.set_xlim(-0.02, 1.02)  # a proportion: show its whole range
+    axes.set_xlabel(f"{metric} (95% confidence interval)")
+    _tidy(axes)
+    return _svg(figure, f"Forest plot of {metric} per spoke with 95% confidence intervals")

@@ -1,0 +1,305 @@
+// Tributary dashboard: a little vanilla JavaScript over the hub's documented /api endpoints.
+// Forms and buttons call the REST API (the session cookie authorises them); live pages follow
+// the server-sent event streams under /api/experiments/.../events.
+"use strict";
+
+const FIELD_LABELS = {
+  spoke_ids: "Target spokes", name: "Name", algorithm_id: "Algorithm version",
+  arguments: "Arguments", expires_in_days: "Expiry", max_cases: "At most this many cases",
+  timeout_seconds: "Time per case", memory_mb: "Memory per case", cpus: "CPUs per case",
+  reason: "Reason", comment: "Comment", aggregator_parameters: "Aggregator parameters",
+};
+const STATE_CLASS = {
+  succeeded: "ok", completed: "ok", failed: "fail", refused: "fail", cancelled: "fail",
+  running: "run", accepted: "run", launched: "run", cancelling: "run", held: "wait",
+};
+
+/** A readable message from an API error body (FastAPI's detail string or list). */
+function errorMessage(status, body) {
+  const detail = body && body.detail;
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail.map((e) => {
+      const field = (e.loc || []).filter((p) => p !== "body").pop();
+      const label = FIELD_LABELS[field] || field || "request";
+      if (field === "spoke_ids" && e.type === "too_short") return "Choose at least one target spoke.";
+      return `${label}: ${e.msg}`;
+    }).join(" ");
+  }
+  return `The hub refused the request (HTTP ${status}).`;
+}
+
+/** Call the API; resolves to the JSON body, or rejects with a readable Error. */
+async function api(method, url, body) {
+  const options = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  let response;
+  try {
+    response = await fetch(url, options);
+  } catch (err) {
+    throw new Error(`The hub cannot be reached: ${err.message}`);
+  }
+  const data = await response.json().catch(() => null);
+  if (!response.ok) throw new Error(errorMessage(response.status, data));
+  return data;
+}
+
+function showError(scope, message) {
+  const box = scope.querySelector("[data-error]") || document.querySelector("[data-error]");
+  if (box) {
+    box.textContent = message;
+    if (message) box.scrollIntoView({ block: "nearest" });
+  }
+}
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  Object.entries(attrs || {}).forEach(([k, v]) => {
+    if (k === "style") node.style.cssText = v; else node.setAttribute(k, v);
+  });
+  children.flat().forEach((c) => node.append(c instanceof Node ? c : document.createTextNode(c ?? "")));
+  return node;
+}
+
+function badge(state) {
+  return el("span", { class: `badge ${STATE_CLASS[state] || "wait"}` }, state);
+}
+
+// --- Buttons and small forms that call one endpoint (launch, review, revoke…) ------------
+function wireApiActions() {
+  document.querySelectorAll("button[data-api]").forEach((button) => {
+    button.addEventListener("click", async () => {
+      const scope = button.closest("section, .panel, main") || document;
+      if (button.dataset.confirm && !window.confirm(button.dataset.confirm)) return;
+      button.disabled = true;
+      showError(scope, "");
+      try {
+        await api("POST", button.dataset.api);
+        window.location.reload();
+      } catch (err) {
+        showError(scope, err.message);
+        button.disabled = false;
+      }
+    });
+  });
+  document.querySelectorAll("form[data-api]").forEach((form) => {
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const scope = form.closest("section, .panel, main") || document;
+      if (form.dataset.confirm && !window.confirm(form.dataset.confirm)) return;
+      const body = Object.fromEntries(new FormData(form).entries());
+      if (event.submitter && event.submitter.name) body[event.submitter.name] = event.submitter.value;
+      showError(scope, "");
+      try {
+        await api("POST", form.dataset.api, body);
+        window.location.reload();
+      } catch (err) {
+        showError(scope, err.message);
+      }
+    });
+  });
+}
+
+// --- New experiment form ----------------------------------------------------------------
+function wireNewExperiment() {
+  const form = document.getElementById("new-experiment");
+  if (!form) return;
+  const algorithms = JSON.parse(document.getElementById("algorithms-data").textContent);
+  const select = form.elements.algorithm_id;
+  const args = form.elements.arguments;
+  const launch = form.elements.launch;
+  const submit = document.getElementById("submit");
+  const aggregators = JSON.parse(document.getElementById("aggregators-data").textContent);
+  const aggregator = form.elements.aggregator;
+  const showAggregator = () => {
+    const chosen = aggregators.find((a) => a.name === aggregator.value);
+    document.getElementById("aggregator-schema").textContent = chosen ? JSON.stringify(chosen.schema, null, 2) : "";
+  };
+  const showAlgorithm = () => {
+    const chosen = algorithms.find((a) => String(a.id) === select.value);
+    if (!chosen) return;
+    args.value = JSON.stringify(chosen.defaults, null, 2);
+    document.getElementById("schema").textContent = JSON.stringify(chosen.schema, null, 2);
+    if (aggregators.some((a) => a.name === chosen.aggregator)) aggregator.value = chosen.aggregator;
+    showAggregator();
+  };
+  select.addEventListener("change", showAlgorithm);
+  aggregator.addEventListener("change", showAggregator);
+  launch.addEventListener("change", () => {
+    submit.textContent = launch.checked ? "Create and launch" : "Save as draft";
+  });
+  showAlgorithm();
+
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    showError(form, "");
+    let argumentsValue;
+    try {
+      argumentsValue = JSON.parse(args.value || "{}");
+    } catch (err) {
+      showError(form, `Arguments: not valid JSON (${err.message}).`);
+      return;
+    }
+    if (argumentsValue === null || typeof argumentsValue !== "object" || Array.isArray(argumentsValue)) {
+      showError(form, "Arguments: must be a JSON object, e.g. {\"threshold\": 0.5}.");
+      return;
+    }
+    let parameters;
+    try {
+      parameters = JSON.parse(form.elements.aggregator_parameters.value || "{}");
+    } catch (err) {
+      showError(form, `Aggregator parameters: not valid JSON (${err.message}).`);
+      return;
+    }
+    const number = (name) => (form.elements[name].value === "" ? null : Number(form.elements[name].value));
+    const cohort = { modality: form.elements.modality.value.trim() || null };
+    if (number("max_cases") !== null) cohort.max_cases = number("max_cases");
+    const body = {
+      name: form.elements.name.value.trim(),
+      algorithm_id: Number(select.value),
+      arguments: argumentsValue,
+      spoke_ids: [...form.querySelectorAll("input[name=spoke_ids]:checked")].map((c) => c.value),
+      cohort,
+      release: form.elements.release.value.split(",").map((s) => s.trim()).filter(Boolean),
+      limits: { timeout_seconds: number("timeout_seconds"), memory_mb: number("memory_mb"), cpus: number("cpus") },
+      expires_in_days: number("expires_in_days"),
+      aggregator: aggregator.value,
+      aggregator_parameters: parameters,
+    };
+    submit.disabled = true;
+    let created;
+    try {
+      created = await api("POST", "/api/experiments", body);
+    } catch (err) {
+      showError(form, `Not created: ${err.message}`);
+      submit.disabled = false;
+      return;
+    }
+    if (launch.checked) {
+      try {
+        await api("POST", `/api/experiments/${created.id}/launch`);
+      } catch (err) {
+        showError(form, `Saved as draft ${created.id} but not launched: ${err.message}`);
+        submit.disabled = false;
+        return;
+      }
+    }
+    window.location.assign(`/experiments/${created.id}`);
+  });
+}
+
+// --- Live experiment page -----------------------------------------------------------------
+function progressCells(t) {
+  const total = t.case_count || 0;
+  const pct = (n) => (total ? `width:${(100 * n) / total}%` : "width:0");
+  const known = t.case_count === null ? "unknown" : t.case_count;
+  return [
+    el("td", {}, `${t.spoke_id} `, el("span", { class: `badge ${t.spoke_online ? "ok" : "fail"}` },
+      t.spoke_online ? "online" : "offline")),
+    el("td", {}, badge(t.state), ...(t.reason ? [el("br"), el("small", {}, t.reason)] : []),
+      ...(t.waiting_for ? [el("br"), el("small", {}, t.waiting_for)] : [])),
+    el("td", {}, el("div", { class: "bar", role: "img",
+      "aria-label": `${t.succeeded} done, ${t.failed} failed, ${t.running} running of ${known}` },
+    el("span", { class: "ok", style: pct(t.succeeded) }), el("span", { class: "fail", style: pct(t.failed) }),
+    el("span", { class: "run", style: pct(t.running) }))),
+    ...[t.queued, t.running, t.succeeded, t.failed, t.cancelled || 0].map((n) => el("td", { class: "num" }, String(n))),
+    el("td", { class: "num" }, t.case_count === null ? "–" : String(t.case_count)),
+  ];
+}
+
+function caseCells(c) {
+  let detail = [];
+  if (c.failure) detail = [el("b", {}, c.failure.reason || "failed"), `: ${c.failure.detail || ""}`];
+  else if (c.output) detail = [el("code", {}, JSON.stringify(c.output).slice(0, 140))];
+  else if (c.state === "running" && c.progress_fraction !== null && c.progress_fraction !== undefined) {
+    detail = [el("progress", { max: "1", value: String(c.progress_fraction) },
+      `${Math.round(100 * c.progress_fraction)}%`), ` ${c.progress_message || ""}`];
+  }
+  if (c.note) detail.push(el("br"), el("small", {}, c.note));
+  const attempts = (c.attempts || []).length;
+  return [el("td", {}, c.spoke_id), el("td", {}, el("code", {}, c.case_id)), el("td", {}, badge(c.state)),
+    el("td", { class: "num" }, String(c.attempt), ...(attempts > 1 ? [el("br"), el("small", {}, `${attempts} attempts`)] : [])),
+    el("td", {}, detail)];
+}
+
+let resultsRequest = 0;
+async function refreshResults(root) {
+  const mine = ++resultsRequest; // an older, slower answer must not overwrite a newer one
+  const quantity = new URLSearchParams(window.location.search).get("quantity");
+  const url = `/experiments/${root.dataset.experiment}/results${quantity ? `?quantity=${encodeURIComponent(quantity)}` : ""}`;
+  const response = await fetch(url, { credentials: "same-origin" });
+  const html = response.ok ? await response.text() : null;
+  if (html !== null && mine === resultsRequest) document.getElementById("results").innerHTML = html;
+}
+
+function wireLiveExperiment() {
+  const root = document.getElementById("experiment");
+  if (!root || !root.dataset.live || !window.EventSource) return;
+  const live = document.getElementById("live");
+  const source = new EventSource(root.dataset.live);
+  let finished = "";
+  let timer = null;
+  let last = 0;
+  // Plots are drawn on the hub: redraw at most every few seconds however fast cases finish.
+  const scheduleResults = () => {
+    if (timer) return;
+    const wait = Math.max(0, last + 4000 - Date.now());
+    timer = setTimeout(() => { timer = null; last = Date.now(); refreshResults(root); }, wait);
+  };
+  source.addEventListener("open", () => { live.textContent = "live"; live.classList.add("on"); });
+  source.addEventListener("error", () => { live.textContent = "reconnecting…"; live.classList.remove("on"); });
+  source.addEventListener("progress", (event) => {
+    const { experiment, cases } = JSON.parse(event.data);
+    const state = document.getElementById("experiment-state");
+    state.replaceWith(Object.assign(badge(experiment.state), { id: "experiment-state" }));
+    root.dataset.state = experiment.state;
+    // Buttons that only make sense in some states (launch, cancel) go when it moves on.
+    const anyFailed = cases.some((c) => c.state === "failed");
+    root.querySelectorAll("[data-while]").forEach((button) => {
+      button.hidden = !button.dataset.while.split(" ").includes(experiment.state)
+        || (button.hasAttribute("data-when-failed") && !anyFailed);
+    });
+    document.getElementById("progress").replaceChildren(
+      ...experiment.targets.map((t) => el("tr", { "data-spoke": t.spoke_id }, progressCells(t))));
+    const rows = cases.map((c) => el("tr", {}, caseCells(c)));
+    document.getElementById("cases").replaceChildren(
+      ...(rows.length ? rows : [el("tr", {}, el("td", { colspan: "5" }, "No case has started yet."))]));
+    const done = cases.filter((c) => c.state === "succeeded" || c.state === "failed").length;
+    const key = `${experiment.state}:${done}`;
+    if (key !== finished) { finished = key; scheduleResults(); }
+  });
+  source.addEventListener("end", () => {
+    source.close();
+    live.textContent = "finished";
+    live.classList.remove("on");
+    clearTimeout(timer);
+    timer = "done"; // no more scheduled redraws: this one is final
+    refreshResults(root);
+  });
+}
+
+// --- Live experiment list: re-read the server-rendered list when anything changes ---------
+function wireLiveList() {
+  const list = document.getElementById("experiment-list");
+  if (!list || !list.dataset.liveList || !window.EventSource) return;
+  const source = new EventSource(list.dataset.liveList);
+  let first = true;
+  source.addEventListener("progress", async () => {
+    if (first) { first = false; return; } // the page already shows this snapshot
+    const response = await fetch(window.location.pathname, { credentials: "same-origin" });
+    if (!response.ok) return;
+    const page = new DOMParser().parseFromString(await response.text(), "text/html");
+    const fresh = page.getElementById("experiment-list");
+    if (fresh) list.innerHTML = fresh.innerHTML;
+  });
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  wireApiActions();
+  wireNewExperiment();
+  wireLiveExperiment();
+  wireLiveList();
+});

@@ -1,0 +1,219 @@
+"""The dashboard's server-rendered pages. They read through the same functions as the REST
+API's routes (so a page never shows what the API would not), and their forms and buttons
+call the documented /api endpoints from the browser; live progress arrives over the SSE
+streams of :mod:`tributary.hub.api.events`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.templating import Jinja2Templates
+from sqlmodel import Session, select
+
+from tributary.hub.api import algorithms as algorithms_api
+from tributary.hub.api import audit as audit_api
+from tributary.hub.api import spokes as spokes_api
+from tributary.hub.api.deps import TOKEN_COOKIE, bearer_scheme, current_user, get_session
+from tributary.hub.models import CountQuery, Experiment, ExperimentState, Role, SpokeKey, User
+from tributary.hub.services.aggregation import AGGREGATORS, latest
+from tributary.hub.services.counts import count_read
+from tributary.hub.services.progress import case_reads, experiment_read
+from tributary.hub.services.users import issue_token
+from tributary.hub.web.results import results_view
+
+templates = Jinja2Templates(directory=Path(__file__).parents[1] / "templates")
+router = APIRouter(include_in_schema=False)
+
+#: Colour class of each state, shared by every page (see dashboard.css).
+STATE_CLASS = {"succeeded": "ok", "completed": "ok", "approved": "ok", "online": "ok",
+               "failed": "fail", "refused": "fail", "revoked": "fail", "rejected": "fail",
+               "offline": "fail", "cancelled": "fail", "running": "run", "accepted": "run",
+               "cancelling": "run", "held": "wait", "answered": "ok",
+               "launched": "run", "published": "wait", "queued": "wait", "pending": "wait",
+               "draft": "wait"}
+templates.env.globals["state_class"] = lambda state: STATE_CLASS.get(str(state), "wait")
+
+
+def _facts(values: dict[str, Any]) -> str:
+    """``{"max_cases": 5, "case_ids": None}`` as "max cases 5": set values only."""
+    def show(value: Any) -> str:
+        return json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+    return " · ".join(f"{key.replace('_', ' ')} {show(value)}"
+                      for key, value in values.items() if value is not None)
+
+
+templates.env.filters["facts"] = _facts
+
+
+class SignInRequired(Exception):
+    """Raised by page dependencies; the app turns it into a redirect to /login."""
+
+
+def page_user(request: Request, session: Session = Depends(get_session),
+              credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> User:
+    try:
+        return current_user(request, credentials, session)
+    except HTTPException:
+        raise SignInRequired from None
+
+
+def _can(user: User, *roles: Role) -> bool:
+    return Role.ADMIN in user.roles or any(r in user.roles for r in roles)
+
+
+def _render(request: Request, name: str, user: User | None, status_code: int = 200,
+            **context: Any) -> HTMLResponse:
+    can = {role.value: user is not None and _can(user, role) for role in Role}
+    return templates.TemplateResponse(request, name, {"user": user, "can": can, **context},
+                                      status_code=status_code)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, error: str = "") -> HTMLResponse:
+    return _render(request, "login.html", None, error=error)
+
+
+@router.post("/login")
+def login(username: str = Form(...), password: str = Form(...),
+          session: Session = Depends(get_session)) -> RedirectResponse:
+    issued = issue_token(session, username, password)
+    if issued is None:
+        return RedirectResponse("/login?error=Wrong+username+or+password", status_code=303)
+    response = RedirectResponse("/", status_code=303)
+    response.set_cookie(TOKEN_COOKIE, issued[0], httponly=True, samesite="strict",
+                        expires=issued[1])
+    return response
+
+
+@router.post("/logout")
+def logout() -> RedirectResponse:
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(TOKEN_COOKIE)
+    return response
+
+
+@router.get("/", response_class=HTMLResponse)
+def experiments_page(request: Request, session: Session = Depends(get_session),
+                     user: User = Depends(page_user)) -> HTMLResponse:
+    rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
+    window = request.app.state.settings.spoke_online_seconds
+    experiments = [experiment_read(session, e, window) for e in rows]
+    live = any(e.state == ExperimentState.LAUNCHED for e in rows)
+    return _render(request, "experiments.html", user, experiments=experiments, live=live)
+
+
+def _algorithm_state(algorithm: Any) -> str:
+    if algorithm.revoked_at is not None:
+        return "revoked"
+    return "approved" if algorithm.approval is not None else "pending"
+
+
+@router.get("/experiments/new", response_class=HTMLResponse)
+def new_experiment_page(request: Request, session: Session = Depends(get_session),
+                        user: User = Depends(page_user)) -> HTMLResponse:
+    algorithms = algorithms_api.list_algorithms(session)
+    spokes = spokes_api.list_spokes(session, request.app.state.settings)
+    enrolled = {k.spoke_id for k in session.exec(select(SpokeKey).where(
+        SpokeKey.revoked_at.is_(None)))}  # type: ignore[union-attr]
+    choices = [{"id": a.id, "label": f"{a.name} {a.version}", "state": _algorithm_state(a),
+                "aggregator": a.aggregator, "schema": a.argument_schema,
+                "defaults": {k: v["default"] for k, v in
+                             a.argument_schema.get("properties", {}).items()
+                             if isinstance(v, dict) and "default" in v}}
+               for a in reversed(algorithms)]
+    choices.sort(key=lambda c: c["state"] != "approved")
+    aggregators = [{"name": name, "description": cls.description,
+                    "schema": cls.Parameters.model_json_schema()}
+                   for name, cls in sorted(AGGREGATORS.items())]
+    return _render(request, "experiment_new.html", user, algorithms=choices, spokes=spokes,
+                   enrolled=enrolled, aggregators=aggregators)
+
+
+def _experiment_or_404(session: Session, experiment_id: str) -> Experiment:
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None:
+        raise HTTPException(404, "no such experiment")
+    return experiment
+
+
+def _results_context(request: Request, session: Session, experiment: Experiment,
+                     quantity: str | None, metric: str | None) -> dict[str, Any]:
+    """What GET /api/experiments/{id}, .../cases and .../aggregate return, for the page."""
+    read = experiment_read(session, experiment, request.app.state.settings.spoke_online_seconds)
+    cases = case_reads(session, experiment.id)
+    report = latest(session, experiment, request.app.state.settings.min_cell_size)
+    return {"e": read, "cases": cases,
+            "results": results_view(read, report, cases, quantity, metric)}
+
+
+@router.get("/experiments/{experiment_id}", response_class=HTMLResponse)
+def experiment_page(experiment_id: str, request: Request, quantity: str | None = None,
+                    metric: str | None = None, session: Session = Depends(get_session),
+                    user: User = Depends(page_user)) -> HTMLResponse:
+    experiment = _experiment_or_404(session, experiment_id)
+    return _render(request, "experiment.html", user,
+                   **_results_context(request, session, experiment, quantity, metric))
+
+
+@router.get("/experiments/{experiment_id}/results", response_class=HTMLResponse)
+def experiment_results_fragment(experiment_id: str, request: Request,
+                                quantity: str | None = None, metric: str | None = None,
+                                session: Session = Depends(get_session),
+                                user: User = Depends(page_user)) -> HTMLResponse:
+    """The results section alone: the page swaps it in when progress changes."""
+    experiment = _experiment_or_404(session, experiment_id)
+    return _render(request, "_results.html", user,
+                   **_results_context(request, session, experiment, quantity, metric))
+
+
+@router.get("/spokes", response_class=HTMLResponse)
+def spokes_page(request: Request, session: Session = Depends(get_session),
+                user: User = Depends(page_user)) -> HTMLResponse:
+    spokes = spokes_api.list_spokes(session, request.app.state.settings)
+    keys: dict[str, list[SpokeKey]] = {}
+    for key in session.exec(select(SpokeKey)):
+        keys.setdefault(key.spoke_id, []).append(key)
+    return _render(request, "spokes.html", user, spokes=spokes, keys=keys)
+
+
+@router.get("/algorithms", response_class=HTMLResponse)
+def algorithms_page(request: Request, session: Session = Depends(get_session),
+                    user: User = Depends(page_user)) -> HTMLResponse:
+    rows = [{"a": a, "state": _algorithm_state(a),
+             "reviews": algorithms_api.list_reviews(a.id or 0, session)}
+            for a in algorithms_api.list_algorithms(session)]
+    return _render(request, "algorithms.html", user, algorithms=rows)
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(request: Request, q: str = "", action: str = "", target: str = "",
+               actor: str = "", limit: int = 200, session: Session = Depends(get_session),
+               user: User = Depends(page_user)) -> Response:
+    if not _can(user, Role.COORDINATOR):
+        return _render(request, "error.html", user, message="The audit log is open to "
+                       "coordinators and administrators.")
+    events = audit_api.list_audit(action=action or None, target=target or None,
+                                  actor=actor or None, q=q or None, limit=min(limit, 5000),
+                                  session=session)
+    return _render(request, "audit.html", user, events=events, q=q, action=action,
+                   target=target, actor=actor, limit=limit)
+
+
+@router.get("/counts", response_class=HTMLResponse)
+def counts_page(request: Request, session: Session = Depends(get_session),
+                user: User = Depends(page_user)) -> HTMLResponse:
+    """Federated counts (coordinators): per-spoke answers and totals, as GET /api/counts."""
+    if not _can(user, Role.COORDINATOR):
+        return _render(request, "error.html", user, status_code=403,
+                       message="Federated counts are open to coordinators and administrators.")
+    rows = session.exec(select(CountQuery).order_by(CountQuery.created_at.desc())  # type: ignore[attr-defined]
+                        .limit(100)).all()
+    counts = [count_read(session, q) for q in rows]
+    return _render(request, "counts.html", user, counts=counts,
+                   refresh=3 if any(not c.complete for c in counts) else 0)
