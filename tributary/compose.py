@@ -42,7 +42,8 @@ def build_context(settings: ServiceSettings, log: Path | None = None) -> None:
     the build contexts under ``deploy/``."""
     deploy = ROOT / "deploy"
     wheels = deploy / "wheels"
-    wheels.mkdir(exist_ok=True)
+    shutil.rmtree(wheels, ignore_errors=True)  # only this build's set: the image installs all
+    wheels.mkdir()
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels),
                     str(ROOT)], check=True, stdout=subprocess.DEVNULL)
     services = ROOT / "tributary" / "services"

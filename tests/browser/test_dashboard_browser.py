@@ -5,6 +5,7 @@ events, and reads the results with their plots. Screenshots go to test-artifacts
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import secrets
@@ -57,10 +58,14 @@ def study(federation: LocalFederation, detector_image: tuple[str, str]) -> dict[
     spokes = {f"{name}-{unique}": count for name, count in SIZES.items()}
     for index, (spoke_id, count) in enumerate(spokes.items()):
         data = federation.root / "data" / spoke_id
-        truth = generate_cohort(data, count, seed=300 + index, site=spoke_id)
-        for case in truth.values():
-            case["several_nodules"] = len(case["nodules"]) >= 2
-        (data / "ground_truth.json").write_text(json.dumps(truth))
+        generate_cohort(data, count, seed=300 + index, site=spoke_id)
+        with open(data / "attributes.csv", newline="") as handle:  # the site's attributes
+            rows = list(csv.DictReader(handle))
+        with open(data / "attributes.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, [*rows[0], "several_nodules"])
+            writer.writeheader()
+            writer.writerows({**row, "several_nodules": json.dumps(
+                int(row["nodule_count"]) >= 2)} for row in rows)
         config = federation.add_spoke(spoke_id, data, institution=f"{spoke_id} hospital",
                                       releasable=("nodules", "several_nodules"))
         federation.start_spoke(spoke_id, config)
