@@ -233,11 +233,24 @@ class SpokeAgent:
         self.client.nack(delivery)
 
     def _on_revoked(self, message: ApprovalRevokedMessage) -> None:
+        """Nothing runs with a revoked image any more: queued cases fail as not trusted
+        when their turn comes, and running containers are stopped now; their cases go back
+        to the queue, where the same check fails them with the revocation as reason."""
         self.journal.revoke(message.digest, message.reason)
-        log.warning("approval of %s %s (%s) revoked: %s", message.name, message.version,
-                    message.digest, message.reason)
+        with self._running_lock:
+            running = list(self._running.values())
+        stopping = []
+        for activity in running:
+            known = self.journal.experiment(activity.experiment_id)
+            if known is not None and known[0].algorithm.digest == message.digest:
+                activity.cancel.set()
+                stopping.append(f"{activity.experiment_id}/{activity.case_id}")
+        log.warning("approval of %s %s (%s) revoked: %s; %d running case(s) stopped",
+                    message.name, message.version, message.digest, message.reason,
+                    len(stopping))
         self._audit("approval.revoked", message.digest, actor="hub",
-                    algorithm=f"{message.name} {message.version}", reason=message.reason)
+                    algorithm=f"{message.name} {message.version}", reason=message.reason,
+                    stopped=stopping)
 
     def _on_experiment(self, delivery: Delivery, message: ExperimentMessage) -> None:
         if (self.journal.handled(message.message_id)

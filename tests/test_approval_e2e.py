@@ -4,6 +4,7 @@ new experiments."""
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -108,3 +109,44 @@ def test_revocation_overtakes_experiments_waiting_in_the_queue(
     assert target["state"] == "refused"
     assert "approval revoked" in target["reason"] and "leak identifiers" in target["reason"]
     assert federation.containers_created(since, f"org.tributary.spoke={spoke_id}") == ""
+
+
+def test_revocation_stops_a_case_already_running(
+        federation: LocalFederation, misbehaving_image: tuple[str, str]) -> None:
+    """Revoked while its container runs: the container is stopped at once and the case
+    ends failed, with the revocation as its reason."""
+    import subprocess
+    import time
+
+    from tributary.federation import generate_cohort
+
+    spoke_id = f"busy-{uuid.uuid4().hex[:6]}"
+    data = federation.root / "data" / spoke_id
+    generate_cohort(data, 1, seed=32, site="Busy Hospital")
+    federation.start_spoke(spoke_id, federation.add_spoke(spoke_id, data))
+    algorithm = federation.register_algorithm(
+        name=f"busy-{spoke_id}", version="1", repository=misbehaving_image[0],
+        digest=misbehaving_image[1])
+    with federation.api() as api:
+        exp = api.post("/api/experiments", json={
+            "name": "running", "algorithm_id": algorithm["id"], "spoke_ids": [spoke_id],
+            "arguments": {"behaviour": "slow", "seconds": 300}}).raise_for_status().json()
+        api.post(f"/api/experiments/{exp['id']}/launch").raise_for_status()
+        label = f"label=org.tributary.spoke={spoke_id}"
+        deadline = time.monotonic() + 90
+        while not subprocess.run(["docker", "ps", "-q", "--filter", label], text=True,
+                                 capture_output=True).stdout.strip():
+            assert time.monotonic() < deadline, "the case never started"
+            time.sleep(0.5)
+        revoked_at = time.monotonic()
+        api.post(f"/api/algorithms/{algorithm['id']}/revoke",
+                 json={"reason": "withdrawn mid-study"}).raise_for_status()
+    final = federation.wait_for_experiment(exp["id"], timeout=120)
+    assert time.monotonic() - revoked_at < 60  # far less than the case's 300 s
+    assert final["targets"][0]["failed"] == 1
+    with federation.api() as api:
+        [case] = api.get(f"/api/experiments/{exp['id']}/cases").raise_for_status().json()
+    assert case["state"] == "failed"
+    assert "approval revoked" in json.dumps(case) and "withdrawn mid-study" in json.dumps(case)
+    assert subprocess.run(["docker", "ps", "-q", "--filter", label], text=True,
+                          capture_output=True).stdout.strip() == ""
