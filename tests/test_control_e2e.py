@@ -5,26 +5,15 @@ audited. Only coordinators (and admins) may cancel or retry."""
 from __future__ import annotations
 
 import secrets
-import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import docker
 import pytest
+from e2e_helpers import wait_for
 
 from tributary.federation import LocalFederation, generate_cohort
 
 pytestmark = pytest.mark.e2e
-T = TypeVar("T")
-
-
-def wait_for(probe: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.3)
-    return value
 
 
 def running_containers(spoke_id: str) -> list[Any]:

@@ -9,10 +9,10 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from e2e_helpers import wait_for
 
 from tributary.federation import LocalFederation
 from tributary.protocol import deadletters
@@ -23,16 +23,6 @@ from tributary.protocol.signing import MESSAGE_PAYLOAD_TYPE, SigningKey
 from tributary.protocol.wire import seal
 
 pytestmark = pytest.mark.e2e
-T = TypeVar("T")
-
-
-def wait_for(probe: Callable[[], T], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.3)
-    return value
 
 
 def heartbeat(spoke_id: str, queue_depth: int) -> HeartbeatMessage:

@@ -6,44 +6,16 @@ cancelled experiment leaves unreviewed."""
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Any
 
 import pytest
+from e2e_helpers import pending, steward, wait_target
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.protocol.auditlog import read_entries
 
 pytestmark = pytest.mark.e2e
-
-
-def steward(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tributary.cli", "spoke", "steward", *args,
-                           "--config", str(config)], capture_output=True, text=True, timeout=60)
-
-
-def pending(config: Path) -> dict[str, Any]:
-    done = steward(config, "pending", "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def wait_target(federation: LocalFederation, experiment_id: str, state: str,
-                reason: str = "", timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    with federation.api() as api:
-        while True:
-            target = api.get(f"/api/experiments/{experiment_id}").json()["targets"][0]
-            if target["state"] == state and reason in (target["reason"] or ""):
-                return target
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{experiment_id} never reached {state}/{reason}: {target}")
-            time.sleep(0.3)
 
 
 def test_held_work_survives_a_crash_and_a_cancellation_discards_it(

@@ -8,46 +8,15 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-import subprocess
-import sys
 import time
-from pathlib import Path
-from typing import Any
 
 import pytest
+from e2e_helpers import pending, steward, wait_target
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.protocol.auditlog import read_entries, verify_log
 
 pytestmark = pytest.mark.e2e
-
-
-def steward(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """The steward's command line, as a person at the site would run it."""
-    return subprocess.run([sys.executable, "-m", "tributary.cli", "spoke", "steward", *args,
-                           "--config", str(config)], capture_output=True, text=True, timeout=60)
-
-
-def pending(config: Path) -> dict[str, Any]:
-    done = steward(config, "pending", "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def wait_for_target(federation: LocalFederation, experiment_id: str, state: str,
-                    reason: str, timeout: float = 120) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    with federation.api() as api:
-        while True:
-            target = api.get(f"/api/experiments/{experiment_id}").json()["targets"][0]
-            if target["state"] == state and reason in (target["reason"] or ""):
-                return target
-            dead = [p for p in federation.processes.values() if not p.alive()]
-            if dead:
-                raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].log_tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{experiment_id} never reached {state}/{reason}: {target}")
-            time.sleep(0.3)
 
 
 def test_steward_approves_and_rejects_experiments_and_results(
@@ -79,7 +48,7 @@ def test_steward_approves_and_rejects_experiments_and_results(
     # 1. The experiment waits for the steward; nothing runs meanwhile.
     since = time.time()
     first = launch("steward approves")
-    wait_for_target(federation, first, "held", "awaiting approval by the site's data steward")
+    wait_target(federation, first, "held", "awaiting approval by the site's data steward")
     waiting = pending(config)["experiments"]
     assert [w["experiment_id"] for w in waiting] == [first]
     assert waiting[0]["digest"] == misbehaving_image[1]
@@ -99,7 +68,7 @@ def test_steward_approves_and_rejects_experiments_and_results(
     # 3. Approved: the cases run, and their results wait for review with their output.
     approved = steward(config, "approve", first, "--as", "dr-steward")
     assert approved.returncode == 0, approved.stdout + approved.stderr
-    wait_for_target(federation, first, "held", "3 result(s) await review")
+    wait_target(federation, first, "held", "3 result(s) await review")
     results = pending(config)["results"]
     assert len(results) == 3 and {r["experiment_id"] for r in results} == {first}
     for r in results:
@@ -141,7 +110,7 @@ def test_steward_approves_and_rejects_experiments_and_results(
     # 4. A rejected experiment never runs, and the hub shows why.
     since = time.time()
     second = launch("steward rejects")
-    wait_for_target(federation, second, "held", "awaiting approval")
+    wait_target(federation, second, "held", "awaiting approval")
     no = steward(config, "reject", second, "--as", "dr-steward",
                  "--reason", "not covered by our ethics approval")
     assert no.returncode == 0, no.stdout
@@ -155,7 +124,7 @@ def test_steward_approves_and_rejects_experiments_and_results(
     #    database (asking for more memory, say) is refused, approved or not.
     since = time.time()
     third = launch("tampered while held")
-    wait_for_target(federation, third, "held", "awaiting approval")
+    wait_target(federation, third, "held", "awaiting approval")
     db = sqlite3.connect(federation.root / "spokes" / spoke_id / "journal.db")
     with db:
         (text,) = db.execute("SELECT envelope FROM steward_experiments WHERE experiment_id=?",

@@ -4,7 +4,14 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from jsonschema import Draft202012Validator, SchemaError
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import acting, current_user, get_session, get_settings, require
+from tributary.hub.api.deps import (
+    acting,
+    current_user,
+    get_or_404,
+    get_session,
+    get_settings,
+    require,
+)
 from tributary.hub.api.schemas import AlgorithmCreate, PublisherCreate, ReviewCreate, RevokeBody
 from tributary.hub.models import Algorithm, Publisher, Review, Role, User
 from tributary.hub.services import approval, audit
@@ -124,10 +131,7 @@ def list_algorithms(session: Session = Depends(get_session)) -> list[Algorithm]:
 
 @router.get("/{algorithm_id}", response_model=Algorithm)
 def get_algorithm(algorithm_id: int, session: Session = Depends(get_session)) -> Algorithm:
-    algorithm = session.get(Algorithm, algorithm_id)
-    if algorithm is None:
-        raise HTTPException(404, "no such algorithm")
-    return algorithm
+    return get_or_404(session, Algorithm, algorithm_id, "algorithm")
 
 
 publishers_router = APIRouter(prefix="/api/publishers", tags=["algorithms"],

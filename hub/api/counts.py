@@ -5,7 +5,7 @@ from datetime import timedelta
 from fastapi import APIRouter, Depends, HTTPException, Request
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import acting, current_user, get_broker, get_session
+from tributary.hub.api.deps import acting, current_user, get_broker, get_or_404, get_session
 from tributary.hub.api.schemas import CountCreate, CountRead
 from tributary.hub.models import CountQuery, Role, Spoke
 from tributary.hub.services.counts import count_read, create_query, publish_query
@@ -16,10 +16,7 @@ router = APIRouter(prefix="/api/counts", tags=["counts"], dependencies=[Depends(
 
 
 def _get(session: Session, query_id: str) -> CountQuery:
-    query = session.get(CountQuery, query_id)
-    if query is None:
-        raise HTTPException(404, f"no count {query_id!r}")
-    return query
+    return get_or_404(session, CountQuery, query_id, "count")
 
 
 @router.post("", status_code=201, response_model=CountRead)

@@ -2,6 +2,7 @@
 roles a route requires."""
 
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -14,6 +15,17 @@ from tributary.protocol.broker import StompClient
 
 bearer_scheme = HTTPBearer(auto_error=False)
 TOKEN_COOKIE = "tributary_token"
+
+
+M = TypeVar("M")
+
+
+def get_or_404(session: Session, model: type[M], key: Any, what: str) -> M:
+    """The row of ``model`` with primary key ``key``, or a 404 naming what is missing."""
+    row = session.get(model, key)
+    if row is None:
+        raise HTTPException(404, f"no {what} {key!r}")
+    return row
 
 
 def get_session(request: Request) -> Iterator[Session]:

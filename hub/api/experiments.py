@@ -12,7 +12,14 @@ from jsonschema import Draft202012Validator
 from sqlmodel import Session, select
 
 from tributary.bundle import write_bundle, zip_bundle
-from tributary.hub.api.deps import acting, current_user, get_broker, get_session, get_settings
+from tributary.hub.api.deps import (
+    acting,
+    current_user,
+    get_broker,
+    get_or_404,
+    get_session,
+    get_settings,
+)
 from tributary.hub.api.schemas import (
     CancelBody,
     CaseRead,
@@ -64,10 +71,7 @@ def _broker_reachable(broker: StompClient, what: str) -> None:
 
 
 def _get(session: Session, experiment_id: str) -> Experiment:
-    experiment = session.get(Experiment, experiment_id)
-    if experiment is None:
-        raise HTTPException(404, f"no experiment {experiment_id!r}")
-    return experiment
+    return get_or_404(session, Experiment, experiment_id, "experiment")
 
 
 @router.post("", status_code=201, response_model=ExperimentRead)

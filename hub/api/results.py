@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from sqlmodel import Session
 
 from tributary.hub.aggregation.report import AggregateRead, ResultRow, SnapshotInfo
-from tributary.hub.api.deps import acting, current_user, get_session, get_settings
+from tributary.hub.api.deps import acting, current_user, get_or_404, get_session, get_settings
 from tributary.hub.models import Experiment, Role, User
 from tributary.hub.services import aggregation, audit, exports
 from tributary.hub.settings import HubSettings
@@ -24,10 +24,7 @@ VERSION = Query(None, ge=1, description="A stored snapshot version; default the 
 
 
 def _experiment(session: Session, experiment_id: str) -> Experiment:
-    experiment = session.get(Experiment, experiment_id)
-    if experiment is None:
-        raise HTTPException(404, f"no experiment {experiment_id!r}")
-    return experiment
+    return get_or_404(session, Experiment, experiment_id, "experiment")
 
 
 def _csv(body: str, filename: str) -> Response:

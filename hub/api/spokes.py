@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends, HTTPException
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import acting, current_user, get_session, get_settings
+from tributary.hub.api.deps import acting, current_user, get_or_404, get_session, get_settings
 from tributary.hub.api.schemas import KeyEnrol, SpokeCreate, SpokeRead
 from tributary.hub.models import Role, Spoke, SpokeKey
 from tributary.hub.services import audit, enrolment
@@ -52,10 +52,7 @@ def get_spoke(spoke_id: str, session: Session = Depends(get_session),
 
 
 def _spoke(session: Session, spoke_id: str) -> Spoke:
-    spoke = session.get(Spoke, spoke_id)
-    if spoke is None:
-        raise HTTPException(404, f"no spoke {spoke_id!r}")
-    return spoke
+    return get_or_404(session, Spoke, spoke_id, "spoke")
 
 
 @router.post("/{spoke_id}/keys", status_code=201, response_model=SpokeKey)

@@ -1,0 +1,55 @@
+"""Waiting and the steward's command line, shared by the end-to-end tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tributary.federation import LocalFederation
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T], timeout: float, what: str) -> T:
+    """The first truthy value ``probe`` returns, polled until ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout:.0f} s")
+        time.sleep(0.3)
+    return value
+
+
+def wait_target(federation: LocalFederation, experiment_id: str, state: str,
+                reason: str = "", timeout: float = 120) -> dict[str, Any]:
+    """The experiment's first target once it is in ``state`` with ``reason`` in its reason;
+    fails early if a federation process died."""
+    deadline = time.monotonic() + timeout
+    with federation.api() as api:
+        while True:
+            target = api.get(f"/api/experiments/{experiment_id}").json()["targets"][0]
+            if target["state"] == state and reason in (target["reason"] or ""):
+                return target
+            dead = [p for p in federation.processes.values() if not p.alive()]
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].log_tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{experiment_id} never reached {state}/{reason}: {target}")
+            time.sleep(0.3)
+
+
+def steward(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The steward's command line, as a person at the site would run it."""
+    return subprocess.run([sys.executable, "-m", "tributary.cli", "spoke", "steward", *args,
+                           "--config", str(config)], capture_output=True, text=True, timeout=60)
+
+
+def pending(config: Path) -> dict[str, Any]:
+    done = steward(config, "pending", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
