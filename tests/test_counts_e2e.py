@@ -93,6 +93,12 @@ def test_count_across_three_spokes(federation: LocalFederation, unique: str) -> 
     assert "fewer than 5" in page and all(spoke_id in page for spoke_id in spokes)
     with federation.api(reviewer) as other:
         assert other.get("/counts").status_code == 403
+    # The spokes page shows each spoke's cohort size from its latest count of all cases.
+    with federation.api() as api:
+        spokes_page = api.get("/spokes").text
+    for spoke_id, shown_size in ((spokes[0], ">6<"), (spokes[1], ">5<"), (spokes[2], "&lt; 5")):
+        row = spokes_page[spokes_page.index(f">{spoke_id}<"):]
+        assert shown_size in row[:row.index("</tr>")], spoke_id
 
     # The spokes audited each answer with its true count; the hub audited request and replies.
     for spoke_id, size in sizes.items():

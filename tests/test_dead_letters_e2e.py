@@ -83,6 +83,10 @@ def test_poison_messages_are_dead_lettered_visibly_and_can_be_replayed_or_discar
     assert "not an active enrolled key" in text
     listed = dlq_cli(federation, "list")
     assert "unsupported protocol version" in listed and "not an active enrolled key" in listed
+    with federation.api() as api:  # and the dashboard shows them, with their reasons
+        page = api.get("/dead-letters")
+    assert page.status_code == 200
+    assert "unsupported protocol version" in page.text and "exceeds the 2097152" in page.text
 
     unenrolled = next(d for d in letters if "not an active enrolled key" in d["reason"])
     with federation.api() as api:  # the operator fixes the cause, then replays

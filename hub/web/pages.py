@@ -19,12 +19,23 @@ from tributary.hub.api import algorithms as algorithms_api
 from tributary.hub.api import audit as audit_api
 from tributary.hub.api import spokes as spokes_api
 from tributary.hub.api.deps import TOKEN_COOKIE, bearer_scheme, current_user, get_session
-from tributary.hub.models import CountQuery, Experiment, ExperimentState, Role, SpokeKey, User
+from tributary.hub.models import (
+    CountAnswer,
+    CountAnswerState,
+    CountQuery,
+    Experiment,
+    ExperimentState,
+    Role,
+    SpokeKey,
+    User,
+)
 from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import count_read
+from tributary.hub.services.deadletters import list_dead_letters
 from tributary.hub.services.progress import case_reads, experiment_read
 from tributary.hub.services.users import issue_token
 from tributary.hub.web.results import results_view
+from tributary.protocol.deadletters import DeadLetterError
 
 templates = Jinja2Templates(directory=Path(__file__).parents[1] / "templates")
 router = APIRouter(include_in_schema=False)
@@ -179,7 +190,23 @@ def spokes_page(request: Request, session: Session = Depends(get_session),
     keys: dict[str, list[SpokeKey]] = {}
     for key in session.exec(select(SpokeKey)):
         keys.setdefault(key.spoke_id, []).append(key)
-    return _render(request, "spokes.html", user, spokes=spokes, keys=keys)
+    return _render(request, "spokes.html", user, spokes=spokes, keys=keys,
+                   cohorts=_cohort_sizes(session))
+
+
+def _cohort_sizes(session: Session) -> dict[str, CountAnswer]:
+    """Each spoke's latest answer to a federated count of all its cases (an empty
+    selection): the spoke's own figure, small cells already suppressed by the spoke."""
+    latest_answers: dict[str, CountAnswer] = {}
+    rows = session.exec(select(CountQuery, CountAnswer)
+                        .where(CountAnswer.query_id == CountQuery.id)
+                        .where(CountAnswer.state == CountAnswerState.ANSWERED)
+                        .order_by(CountQuery.created_at)).all()  # type: ignore[arg-type]
+    for query, answer in rows:
+        if not any(value for value in query.selection.values()
+                   if value not in (None, [], {}, "CT")):
+            latest_answers[answer.spoke_id] = answer
+    return latest_answers
 
 
 @router.get("/algorithms", response_class=HTMLResponse)
@@ -217,3 +244,17 @@ def counts_page(request: Request, session: Session = Depends(get_session),
     counts = [count_read(session, q) for q in rows]
     return _render(request, "counts.html", user, counts=counts,
                    refresh=3 if any(not c.complete for c in counts) else 0)
+
+
+@router.get("/dead-letters", response_class=HTMLResponse)
+def dead_letters_page(request: Request, session: Session = Depends(get_session),
+                      user: User = Depends(page_user)) -> HTMLResponse:
+    """Messages that ended in a dead-letter queue, with why (as GET /api/dead-letters)."""
+    if not _can(user, Role.COORDINATOR):
+        return _render(request, "error.html", user, status_code=403,
+                       message="Dead letters are open to coordinators and administrators.")
+    try:
+        letters, error = list_dead_letters(session, request.app.state.settings.broker()), ""
+    except DeadLetterError as exc:  # shown on the page: the broker is unreachable
+        letters, error = [], f"cannot read the dead-letter queues: {exc}"
+    return _render(request, "dead_letters.html", user, letters=letters, error=error)
