@@ -123,26 +123,25 @@ class RegistryClient:
         return str(body.get("token") or body.get("access_token"))
 
     # -- manifests -----------------------------------------------------------------
+    def _manifest(self, method: str, name: str, reference: str) -> httpx.Response | None:
+        """The registry's answer for a tag or digest; None when it has no such manifest."""
+        response = self._request(method, f"/v2/{name}/manifests/{reference}", name,
+                                 headers={"Accept": MANIFEST_TYPES})
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise RegistryError(f"registry answered {response.status_code} for "
+                                f"{name}:{reference}")
+        return response
+
     def manifest_digest(self, name: str, reference: str) -> str | None:
         """The digest the registry serves for a tag or digest, or None if it has none."""
-        response = self._request("HEAD", f"/v2/{name}/manifests/{reference}", name,
-                                 headers={"Accept": MANIFEST_TYPES})
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise RegistryError(f"registry answered {response.status_code} for "
-                                f"{name}:{reference}")
-        return response.headers.get("Docker-Content-Digest")
+        response = self._manifest("HEAD", name, reference)
+        return None if response is None else response.headers.get("Docker-Content-Digest")
 
     def get_manifest(self, name: str, reference: str) -> dict[str, Any] | None:
-        response = self._request("GET", f"/v2/{name}/manifests/{reference}", name,
-                                 headers={"Accept": MANIFEST_TYPES})
-        if response.status_code == 404:
-            return None
-        if response.status_code != 200:
-            raise RegistryError(f"registry answered {response.status_code} for "
-                                f"{name}:{reference}")
-        return dict(response.json())
+        response = self._manifest("GET", name, reference)
+        return None if response is None else dict(response.json())
 
     def put_manifest(self, name: str, reference: str, manifest: dict[str, Any]) -> str:
         body = json.dumps(manifest, separators=(",", ":")).encode()

@@ -32,6 +32,14 @@ def _csv(body: str, filename: str) -> Response:
                     headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
 
+def _exported(session: Session, actor: str, experiment_id: str, fmt: str,
+              report: AggregateRead) -> None:
+    """Every export of an aggregate is audited with its format and snapshot version."""
+    audit.record(session, actor, "aggregate.exported", experiment_id, format=fmt,
+                 version=report.version)
+    session.commit()
+
+
 def _aggregate(session: Session, settings: HubSettings, experiment_id: str,
                version: int | None) -> AggregateRead:
     experiment = _experiment(session, experiment_id)
@@ -51,9 +59,7 @@ def get_aggregate(experiment_id: str, format: Format = "json", version: int | No
     (computed when results arrive, not on read). ``format=csv`` gives the CSV export."""
     report = _aggregate(session, settings, experiment_id, version)
     if format == "csv":
-        audit.record(session, user.username, "aggregate.exported", experiment_id,
-                     format="csv", version=report.version)
-        session.commit()
+        _exported(session, user.username, experiment_id, "csv", report)
         return _csv(exports.aggregate_csv(report), f"{experiment_id}-aggregate.csv")
     return report
 
@@ -72,9 +78,7 @@ def export_aggregate_json(experiment_id: str, version: int | None = VERSION,
                           settings: HubSettings = Depends(get_settings),
                           actor: str = Depends(acting(Role.COORDINATOR))) -> AggregateRead:
     report = _aggregate(session, settings, experiment_id, version)
-    audit.record(session, actor, "aggregate.exported", experiment_id, format="json",
-                 version=report.version)
-    session.commit()
+    _exported(session, actor, experiment_id, "json", report)
     return report
 
 
@@ -85,9 +89,7 @@ def export_aggregate_csv(experiment_id: str, version: int | None = VERSION,
                          actor: str = Depends(acting(Role.COORDINATOR))) -> Response:
     """One row per group and figure: value, n, interval, method, suppression."""
     report = _aggregate(session, settings, experiment_id, version)
-    audit.record(session, actor, "aggregate.exported", experiment_id, format="csv",
-                 version=report.version)
-    session.commit()
+    _exported(session, actor, experiment_id, "csv", report)
     return _csv(exports.aggregate_csv(report), f"{experiment_id}-aggregate.csv")
 
 
@@ -98,9 +100,7 @@ def export_roc_csv(experiment_id: str, version: int | None = VERSION,
                    actor: str = Depends(acting(Role.COORDINATOR))) -> Response:
     """ROC points per group (aggregators that rank a score); suppressed groups say so."""
     report = _aggregate(session, settings, experiment_id, version)
-    audit.record(session, actor, "aggregate.exported", experiment_id, format="roc.csv",
-                 version=report.version)
-    session.commit()
+    _exported(session, actor, experiment_id, "roc.csv", report)
     return _csv(exports.roc_csv(report), f"{experiment_id}-roc.csv")
 
 
