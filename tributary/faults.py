@@ -25,6 +25,7 @@ from typing import Any
 
 import docker
 import httpx
+import requests
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.services import broker as broker_service
@@ -147,8 +148,13 @@ class FaultRig:
             victim = (rng or random).choice(running)
             try:
                 victim.kill()
-            except docker.errors.APIError:
-                return None  # it finished first
+                # A container in its last instant may still take the kill after its process
+                # exited by itself: only an exit by SIGKILL (137) counts as killed.
+                status = victim.wait(timeout=10).get("StatusCode")
+            except (docker.errors.APIError, requests.exceptions.RequestException):
+                return None  # it finished (or was removed) first
+            if status != 137:
+                return None
             case = victim.labels.get("org.tributary.case-id", "?")
             self.note(f"killed the container of case {case} at "
                       f"{victim.labels['org.tributary.spoke']}")
