@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -53,3 +54,14 @@ def pending(config: Path) -> dict[str, Any]:
     done = steward(config, "pending", "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
+
+
+def add_attribute(data: Path, name: str, value: Callable[[int, dict[str, str]], Any]) -> None:
+    """Add a column to a synthetic cohort's ``attributes.csv`` (what the site knows about
+    each patient): ``value(row_index, row)`` gives each cell, stored as JSON."""
+    with open(data / "attributes.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(data / "attributes.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, [*rows[0], name])
+        writer.writeheader()
+        writer.writerows({**row, name: json.dumps(value(i, row))} for i, row in enumerate(rows))

@@ -11,7 +11,7 @@ import sqlite3
 import time
 
 import pytest
-from e2e_helpers import pending, steward, wait_target
+from e2e_helpers import add_attribute, pending, steward, wait_target
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.protocol.auditlog import read_entries, verify_log
@@ -23,11 +23,9 @@ def test_steward_approves_and_rejects_experiments_and_results(
         federation: LocalFederation, misbehaving_image: tuple[str, str], unique: str) -> None:
     spoke_id = f"stew-{unique}"
     data = federation.root / "data" / spoke_id
-    truth = generate_cohort(data, 3, seed=71, site="Steward Hospital")
+    generate_cohort(data, 3, seed=71, site="Steward Hospital")
     # The site holds more about each case than it will ever release.
-    (data / "ground_truth.json").write_text(json.dumps(
-        {folder: {**value, "birth_year": 1950 + i} for i, (folder, value)
-         in enumerate(truth.items())}))
+    add_attribute(data, "birth_year", lambda i, _: 1950 + i)
     config = federation.add_spoke(spoke_id, data, releasable=("nodules",), steward={
         "approve_experiments": True, "review_results": True})
     federation.start_spoke(spoke_id, config)

@@ -5,7 +5,6 @@ events, and reads the results with their plots. Screenshots go to test-artifacts
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import secrets
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_helpers import add_attribute
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.services.browser import CHROMIUM_ARGS, ensure_chromium
@@ -59,13 +59,7 @@ def study(federation: LocalFederation, detector_image: tuple[str, str]) -> dict[
     for index, (spoke_id, count) in enumerate(spokes.items()):
         data = federation.root / "data" / spoke_id
         generate_cohort(data, count, seed=300 + index, site=spoke_id)
-        with open(data / "attributes.csv", newline="") as handle:  # the site's attributes
-            rows = list(csv.DictReader(handle))
-        with open(data / "attributes.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, [*rows[0], "several_nodules"])
-            writer.writeheader()
-            writer.writerows({**row, "several_nodules": json.dumps(
-                int(row["nodule_count"]) >= 2)} for row in rows)
+        add_attribute(data, "several_nodules", lambda _, row: int(row["nodule_count"]) >= 2)
         config = federation.add_spoke(spoke_id, data, institution=f"{spoke_id} hospital",
                                       releasable=("nodules", "several_nodules"))
         federation.start_spoke(spoke_id, config)
