@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import multiprocessing
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +24,7 @@ from typing import Any
 from tributary.spoke.catalog import Catalog
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.deid import DeidOptions
+from tributary.spoke.journal import claim_work_dir
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.sources import Source, SourceItem, open_source
 from tributary.spoke.store import DeidStore, Excluded, PreparedInstance, Preparer
@@ -260,14 +262,18 @@ def ingest(config: SpokeConfig, catalog: Catalog | None = None,
 
 def rebuild(config: SpokeConfig) -> None:
     """Empty the store and the catalog (under the ingest lock) so the next ingest prepares
-    every input again, e.g. under new ``[deidentification]`` options. Stop the agent
-    first: a running case mounts the store."""
-    with _exclusive(config.work_dir):
-        catalog_file = catalog_path(config.work_dir)
-        for suffix in ("", "-wal", "-shm"):
-            catalog_file.with_name(catalog_file.name + suffix).unlink(missing_ok=True)
-        if store_root(config.work_dir).exists():
-            shutil.rmtree(store_root(config.work_dir))
+    every input again, e.g. under new ``[deidentification]`` options. Refused (raises
+    :class:`WorkDirBusy`) while the agent runs: its running cases mount the store."""
+    agent_lock = claim_work_dir(config.work_dir)
+    try:
+        with _exclusive(config.work_dir):
+            catalog_file = catalog_path(config.work_dir)
+            for suffix in ("", "-wal", "-shm"):
+                catalog_file.with_name(catalog_file.name + suffix).unlink(missing_ok=True)
+            if store_root(config.work_dir).exists():
+                shutil.rmtree(store_root(config.work_dir))
+    finally:
+        os.close(agent_lock)
 
 
 #: audit(action, target, **detail): the agent's audit log

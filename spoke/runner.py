@@ -248,7 +248,7 @@ def remove_orphans(client: docker.DockerClient, spoke_id: str) -> list[dict[str,
     container behind. Returns the labels of each removed container (for the audit log)."""
     removed = []
     mine = {"label": f"{SPOKE_LABEL}={spoke_id}"}
-    for container in client.containers.list(all=True, filters=mine):
+    for container in client.containers.list(all=True, filters=mine, ignore_removed=True):
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
             removed.append({"name": container.name, "id": container.id,

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.e2e
 def running_containers(spoke_id: str) -> list[Any]:
     client = docker.from_env()
     try:
-        return client.containers.list(filters={"label": f"org.tributary.spoke={spoke_id}"})
+        return client.containers.list(filters={"label": f"org.tributary.spoke={spoke_id}"},
+                                      ignore_removed=True)
     finally:
         client.close()
 

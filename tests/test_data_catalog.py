@@ -23,6 +23,7 @@ from tributary.protocol.messages import CohortSelection, ExperimentMessage
 from tributary.spoke.catalog import SelectionRefused
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.ingest import ingest, open_catalog, store_root
+from tributary.spoke.journal import claim_work_dir
 
 
 def cohort(root: Path, name: str, cases: int, seed: int, slices: int) -> dict:
@@ -294,6 +295,15 @@ def test_deidentification_options_reach_the_store_and_a_change_needs_a_rebuild(
         ingest(basic)
     with open_catalog(basic) as catalog:  # nothing was mixed in
         assert catalog.deid_profile() == profile_name(kept.deidentification)
+    # While an agent holds the work folder (its running cases mount the store), a rebuild
+    # is refused and the store stays as it was.
+    agent_lock = claim_work_dir(basic.work_dir)
+    try:
+        busy = CliRunner().invoke(app, ["spoke", "ingest", "-c", str(config), "--rebuild"])
+    finally:
+        os.close(agent_lock)
+    assert busy.exit_code == 1 and "another spoke process" in busy.output
+    assert sorted((store_root(kept.work_dir) / "objects").rglob("*.dcm")) == stored
     result = CliRunner().invoke(app, ["spoke", "ingest", "-c", str(config), "--rebuild"])
     assert result.exit_code == 0, result.output
     with open_catalog(basic) as catalog:

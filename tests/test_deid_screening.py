@@ -114,3 +114,32 @@ def test_deidentify_command_writes_outputs_and_report(folder: Path, tmp_path: Pa
     refused = CliRunner().invoke(app, ["spoke", "deidentify", str(folder), str(tmp_path / "x"),
                                        "--key", str(key), "--safe-private", "nonsense"])
     assert refused.exit_code != 0 and not (tmp_path / "x").exists()
+
+
+def test_deidentify_command_takes_the_spokes_options_and_flags_override_them(
+        folder: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    config = tmp_path / "spoke.toml"
+    config.write_text(f'spoke_id = "site-a"\ndata_dir = "{folder}"\nwork_dir = "{work}"\n'
+                      f'hub_public_key = "{tmp_path / "hub.pem"}"\n\n[deidentification]\n'
+                      "retain_modified_dates = true\nallow_burned_in = true\n")
+
+    def run(name: str, *flags: str) -> dict:
+        result = CliRunner().invoke(app, ["spoke", "deidentify", str(folder),
+                                          str(tmp_path / name), "--config", str(config),
+                                          *flags])
+        assert result.exit_code == 0, result.output
+        return json.loads((tmp_path / f"{name}-report.json").read_text())
+
+    spoke = run("as-the-spoke")
+    assert spoke["options"]["retain_modified_dates"] and spoke["options"]["allow_burned_in"]
+    assert "Modified Dates" in spoke["profile"]
+    assert "burned-in-annotation" not in spoke["reasons"] and spoke["files_written"] == 7
+    # The spoke's own pseudonym key is used: the case is the spoke's pseudonym for it.
+    case_id = Pseudonymizer.from_key_file(work / "pseudonym.key").case_id("patient:MRN-000001")
+    assert {p.name for p in (tmp_path / "as-the-spoke").iterdir()} == {case_id}
+    overridden = run("overridden", "--no-retain-modified-dates", "--clean-descriptors")
+    assert overridden["options"]["retain_modified_dates"] is False
+    assert overridden["options"]["clean_descriptors"] is True
+    assert overridden["options"]["allow_burned_in"] is True  # not overridden: kept
+    assert "Modified Dates" not in overridden["profile"]

@@ -64,7 +64,8 @@ def containers(spoke_id: str, running_only: bool = False) -> list[Any]:
     client = docker.from_env()
     try:
         return client.containers.list(all=not running_only,
-                                      filters={"label": f"org.tributary.spoke={spoke_id}"})
+                                      filters={"label": f"org.tributary.spoke={spoke_id}"},
+                                      ignore_removed=True)
     finally:
         client.close()
 

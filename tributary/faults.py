@@ -140,7 +140,7 @@ class FaultRig:
         client = docker.from_env()
         try:
             running = [c for c in client.containers.list(
-                filters={"label": "org.tributary.spoke"})
+                filters={"label": "org.tributary.spoke"}, ignore_removed=True)
                 if c.labels.get("org.tributary.spoke") in self.configs
                 and (spoke_id is None or c.labels["org.tributary.spoke"] == spoke_id)]
             if not running:

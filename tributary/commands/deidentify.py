@@ -46,26 +46,28 @@ def main(
     dst: Annotated[Path, typer.Argument(help="Folder to write de-identified files to.")],
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", exists=True, dir_okay=False,
-        help="The spoke's TOML configuration: use the spoke's pseudonym key.")] = None,
+        help="The spoke's TOML configuration: use the spoke's pseudonym key and its "
+             "de-identification options (flags override them).")] = None,
     key: Annotated[Path | None, typer.Option(
         help="Pseudonym key file (created, mode 600, if missing) when not using --config.")
     ] = None,
     report: Annotated[Path | None, typer.Option(
         help="Where to write the JSON report (default: DST-report.json beside DST).")] = None,
-    retain_modified_dates: Annotated[bool, typer.Option(
-        help="Retain Longitudinal Temporal Information with Modified Dates.")] = False,
-    retain_patient_characteristics: Annotated[bool, typer.Option(
-        help="Retain Patient Characteristics (sex, age, size, weight...).")] = False,
-    retain_device_identity: Annotated[bool, typer.Option(
-        help="Retain Device Identity (serial numbers, station names...).")] = False,
-    clean_descriptors: Annotated[bool, typer.Option(
-        help="Clean Descriptors: keep descriptions, identifiers scrubbed out.")] = False,
-    retain_safe_private: Annotated[bool, typer.Option(
-        help="Retain Safe Private: keep the private attributes of --safe-private.")] = False,
+    retain_modified_dates: Annotated[bool | None, typer.Option(
+        help="Retain Longitudinal Temporal Information with Modified Dates.")] = None,
+    retain_patient_characteristics: Annotated[bool | None, typer.Option(
+        help="Retain Patient Characteristics (sex, age, size, weight...).")] = None,
+    retain_device_identity: Annotated[bool | None, typer.Option(
+        help="Retain Device Identity (serial numbers, station names...).")] = None,
+    clean_descriptors: Annotated[bool | None, typer.Option(
+        help="Clean Descriptors: keep descriptions, identifiers scrubbed out.")] = None,
+    retain_safe_private: Annotated[bool | None, typer.Option(
+        help="Retain Safe Private: keep the private attributes of --safe-private.")] = None,
     safe_private: Annotated[list[str] | None, typer.Option(
-        help="A safe private attribute as CREATOR:GGGG:EE (hex), repeatable.")] = None,
-    allow_burned_in: Annotated[bool, typer.Option(
-        help="Accept images declaring BurnedInAnnotation YES.")] = False,
+        help="A safe private attribute as CREATOR:GGGG:EE (hex), repeatable; replaces "
+             "the configuration's list.")] = None,
+    allow_burned_in: Annotated[bool | None, typer.Option(
+        help="Accept images declaring BurnedInAnnotation YES.")] = None,
 ) -> None:
     """De-identify every DICOM file under SRC into DST and report what was left out."""
     from rich.console import Console
@@ -80,10 +82,14 @@ def main(
     console = Console()
     if (config is None) == (key is None):
         raise typer.BadParameter("give exactly one of --config and --key")
+    # With --config the spoke's own [deidentification] options are the starting point, so
+    # a steward's folder is prepared exactly as the spoke's store is; flags override them.
+    base = DeidOptions()
     if config is not None:
         from tributary.spoke.config import SpokeConfig
 
-        key = SpokeConfig.load(config).work_dir / "pseudonym.key"
+        spoke_config = SpokeConfig.load(config)
+        key, base = spoke_config.work_dir / "pseudonym.key", spoke_config.deidentification
     assert key is not None
     # The run is audited in the spoke's log (or one beside the key file used instead).
     audit_log = key.parent / "audit.jsonl"
@@ -95,12 +101,13 @@ def main(
                                        element=int(element, 16)))
         except ValueError as exc:
             raise typer.BadParameter(f"{text!r}: expected CREATOR:GGGG:EE ({exc})") from None
-    options = DeidOptions(
-        retain_modified_dates=retain_modified_dates,
-        retain_patient_characteristics=retain_patient_characteristics,
-        retain_device_identity=retain_device_identity, clean_descriptors=clean_descriptors,
-        retain_safe_private=retain_safe_private, safe_private=tuple(entries),
-        allow_burned_in=allow_burned_in)
+    chosen = {"retain_modified_dates": retain_modified_dates,
+              "retain_patient_characteristics": retain_patient_characteristics,
+              "retain_device_identity": retain_device_identity,
+              "clean_descriptors": clean_descriptors,
+              "retain_safe_private": retain_safe_private, "allow_burned_in": allow_burned_in,
+              "safe_private": tuple(entries) if safe_private is not None else None}
+    options = base.model_copy(update={k: v for k, v in chosen.items() if v is not None})
     src, dst = src.resolve(), dst.resolve()
     if dst == src or src in dst.parents:
         raise typer.BadParameter("DST must not be inside SRC")

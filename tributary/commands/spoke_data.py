@@ -33,7 +33,7 @@ def ingest(
     config: ConfigOption,
     rebuild: Annotated[bool, typer.Option(
         "--rebuild", help="Empty the store and catalog first and prepare every input again "
-        "(after changing [deidentification]); stop the agent before.")] = False,
+        "(after changing [deidentification]); refused while the agent runs.")] = False,
 ) -> None:
     """Ingest the configured sources into the de-identified store and catalog. Only new or
     changed inputs are read; running it again over unchanged sources is a no-op."""
@@ -43,6 +43,7 @@ def ingest(
     from tributary.spoke.deid import profile_name
     from tributary.spoke.ingest import ingest as run_ingest
     from tributary.spoke.ingest import rebuild as rebuild_store
+    from tributary.spoke.journal import WorkDirBusy
     from tributary.spoke.sources import SourceUnavailable
 
     settings = _config(config)
@@ -50,7 +51,11 @@ def ingest(
     audit = AuditLog(settings.work_dir / "audit.jsonl")  # the agent's log: one history
     actor = f"cli:{getpass.getuser()}"
     if rebuild:
-        rebuild_store(settings)
+        try:
+            rebuild_store(settings)
+        except WorkDirBusy as exc:
+            console.print(f"[red]not rebuilt:[/] {exc}")
+            raise typer.Exit(1) from None
         audit.append(actor, "catalog.rebuilt", settings.spoke_id,
                      {"deid_profile": profile_name(settings.deidentification)})
         console.print("store and catalog emptied; preparing every input again")
