@@ -212,6 +212,24 @@ class RegistryClient:
         existing = self.get_manifest(name, tag) or {}
         layers = [entry for entry in existing.get("layers", [])
                   if entry.get("digest") != layer["digest"]] + [layer]
+        return self._put_attestations(name, tag, layers)
+
+    def detach(self, name: str, digest: str, predicate_type: str) -> int:
+        """Remove every attestation of ``predicate_type`` stored for ``digest`` (an approval
+        that was revoked, say), keeping the others. Returns how many were removed."""
+        validate_digest(digest)
+        tag = attestation_tag(digest)
+        existing = self.get_manifest(name, tag)
+        if existing is None:
+            return 0
+        layers = existing.get("layers", [])
+        kept = [entry for entry in layers
+                if (entry.get("annotations") or {}).get("predicateType") != predicate_type]
+        if len(kept) != len(layers):
+            self._put_attestations(name, tag, kept)
+        return len(layers) - len(kept)
+
+    def _put_attestations(self, name: str, tag: str, layers: list[dict[str, Any]]) -> str:
         config = json.dumps({
             "architecture": "", "os": "", "config": {},
             "rootfs": {"type": "layers", "diff_ids": [entry["digest"] for entry in layers]},

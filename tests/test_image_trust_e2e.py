@@ -245,6 +245,22 @@ def test_release_signature_pushed_to_registry_in_cosign_layout_is_trusted(
     assert checked.returncode == 0, checked.stdout
     assert "verified release" in checked.stdout and "verified approval" in checked.stdout
 
+    # Revoking the approval takes it out of the registry; the publisher's release stays.
+    with federation.api() as api:
+        api.post(f"/api/algorithms/{created.json()['id']}/revoke",
+                 json={"reason": "superseded"}).raise_for_status()
+        withdrawn = api.get("/api/audit", params={"action": "attestation.withdrawn"}).json()
+        assert [e["target"] for e in withdrawn if e["target"] == reference] == [reference]
+    with RegistryClient(registry) as client:
+        kinds = [a.predicate_type for a in client.attestations(name, image[1])]
+    assert kinds == [RELEASE_TYPE]
+    after = cli("algorithm", "verify", reference, "--key", str(publisher_pub),
+                "--key", f"{federation.hub_key_path}.pub")
+    assert after.returncode == 0, after.stdout
+    assert "verified release" in after.stdout and "approval" not in after.stdout
+    hub_only = cli("algorithm", "verify", reference, "--key", f"{federation.hub_key_path}.pub")
+    assert hub_only.returncode == 1 and "no signature by a trusted key" in hub_only.stdout
+
 
 def test_forged_signatures_in_registry_run_nothing(
         federation: LocalFederation, trust: dict[str, Any],

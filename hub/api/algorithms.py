@@ -108,12 +108,14 @@ def list_reviews(algorithm_id: int, session: Session = Depends(get_session)) -> 
 @router.post("/{algorithm_id}/revoke", response_model=Algorithm)
 def revoke_algorithm(algorithm_id: int, body: RevokeBody, request: Request,
                      session: Session = Depends(get_session),
+                     settings: HubSettings = Depends(get_settings),
                      actor: str = Depends(acting(Role.COORDINATOR))) -> Algorithm:
     """Withdraw an approval: no new experiment may use this version, and every enrolled
-    spoke is told to refuse experiments with it that are already waiting in its queue.
-    Calling it again re-sends the notice (after a broker outage, say)."""
+    spoke is told to refuse experiments with it that are already waiting in its queue, and
+    the hub's approval statement is taken out of the registry. Calling it again re-sends
+    the notice and retries the registry (after an outage, say)."""
     algorithm = approval.revoke(session, get_algorithm(algorithm_id, session), actor,
-                                body.reason)
+                                body.reason, settings)
     try:
         approval.notify_revocation(session, request.app.state.broker,
                                    request.app.state.signing_key, algorithm)

@@ -8,7 +8,7 @@ from sqlmodel import Session, select
 
 from tributary.hub.models import Algorithm, Review, SpokeKey, User, utcnow
 from tributary.hub.services import audit
-from tributary.hub.services.registry_client import publish_attestation
+from tributary.hub.services.registry_client import publish_attestation, withdraw_attestations
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.destinations import spoke_queue
@@ -80,7 +80,8 @@ def _publish_approval(session: Session, algorithm: Algorithm, settings: HubSetti
                  predicate_type=APPROVAL_PREDICATE_TYPE, manifest=where)
 
 
-def revoke(session: Session, algorithm: Algorithm, actor: str, reason: str) -> Algorithm:
+def revoke(session: Session, algorithm: Algorithm, actor: str, reason: str,
+           settings: HubSettings) -> Algorithm:
     if algorithm.revoked_at is None:
         algorithm.revoked_at = utcnow()
         algorithm.revoked_reason = reason
@@ -89,7 +90,27 @@ def revoke(session: Session, algorithm: Algorithm, actor: str, reason: str) -> A
                      f"{algorithm.version}", digest=algorithm.digest, reason=reason)
         session.commit()
         session.refresh(algorithm)
+    if settings.publish_attestations and algorithm.approved_at is not None:
+        # Also on a repeated call: a registry that was away the first time is caught up.
+        _withdraw_approval(session, algorithm, settings)
+        session.commit()
     return algorithm
+
+
+def _withdraw_approval(session: Session, algorithm: Algorithm, settings: HubSettings) -> None:
+    """Take the approval statement out of the registry, so that someone checking the image
+    with cosign (or `tributary algorithm verify`) no longer finds it approved. The release
+    signatures stay. Best effort, audited either way."""
+    image = f"{algorithm.repository}@{algorithm.digest}"
+    try:
+        removed = withdraw_attestations(algorithm.repository, algorithm.digest,
+                                        APPROVAL_PREDICATE_TYPE, settings.insecure_registries)
+    except (RegistryError, ValueError) as exc:
+        audit.record(session, "hub", "attestation.withdraw_failed", image, reason=str(exc))
+        return
+    if removed:
+        audit.record(session, "hub", "attestation.withdrawn", image,
+                     predicate_type=APPROVAL_PREDICATE_TYPE, removed=removed)
 
 
 def notify_revocation(session: Session, client: StompClient, hub_key: SigningKey,

@@ -33,3 +33,11 @@ def publish_attestation(repository: str, digest: str, envelope: dict[str, Any],
     registry, name = split_repository(repository)
     with RegistryClient(registry, insecure) as client:
         return client.attach(name, digest, envelope, predicate_type)
+
+
+def withdraw_attestations(repository: str, digest: str, predicate_type: str,
+                          insecure: list[str] | None = None) -> int:
+    """Remove the image's statements of one type from its registry; returns how many."""
+    registry, name = split_repository(repository)
+    with RegistryClient(registry, insecure) as client:
+        return client.detach(name, digest, predicate_type)
