@@ -26,7 +26,7 @@ from tributary.hub.api import (
     results,
     spokes,
 )
-from tributary.hub.db import make_engine
+from tributary.hub.db import make_engine, upgrade_schema
 from tributary.hub.models import Role, User
 from tributary.hub.services.audit import attach_forensic_log
 from tributary.hub.services.ingest import ResultsConsumer
@@ -57,8 +57,9 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, migrate=False)
         forensic = attach_forensic_log(engine, settings.audit_log_path())
+        upgrade_schema(engine)
         if forensic is not None:
             forensic.append("hub", "hub.started", detail={"version": __version__})
         key = SigningKey.load_or_create(settings.signing_key)

@@ -21,7 +21,7 @@ from celery.signals import worker_process_init
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from tributary.hub.db import make_engine
+from tributary.hub.db import open_database
 from tributary.hub.services.aggregation import refresh
 from tributary.hub.settings import HubSettings
 
@@ -74,7 +74,7 @@ def _current() -> tuple[HubSettings, Engine]:
         if _settings is None:
             _settings = HubSettings()
         if _engine is None:
-            _engine = make_engine(_settings.database_url)
+            _engine = open_database(_settings)
         return _settings, _engine
 
 

@@ -117,6 +117,28 @@ def hub_worker(
                             f"--loglevel={'DEBUG' if verbose else 'INFO'}"])
 
 
+@hub_app.command("migrate")
+def hub_migrate(
+    database_url: Annotated[str | None, typer.Option(help="The hub's database URL.")] = None,
+) -> None:
+    """Bring the hub's database schema up to date, keeping its data. The hub does it too
+    when it starts; this is for operators who upgrade in a maintenance window."""
+    import getpass
+
+    from tributary.hub.db import make_engine, upgrade_schema
+    from tributary.hub.services.audit import attach_forensic_log
+    from tributary.hub.settings import HubSettings
+
+    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    engine = make_engine(settings.database_url, migrate=False)
+    attach_forensic_log(engine, settings.audit_log_path())
+    before, after = upgrade_schema(engine, actor=f"cli:{getpass.getuser()}")
+    if before == after:
+        console.print(f"database schema already at the newest revision, {after}")
+    else:
+        console.print(f"database schema upgraded from {before or 'none'} to {after}")
+
+
 @hub_app.command("create-user")
 def hub_create_user(
     username: Annotated[str, typer.Argument(help="The new user's name.")],
@@ -128,13 +150,13 @@ def hub_create_user(
     """Create a hub user; the password is asked for (or read from standard input)."""
     from sqlmodel import Session
 
-    from tributary.hub.db import make_engine
+    from tributary.hub.db import open_database
     from tributary.hub.services.users import create_user
     from tributary.hub.settings import HubSettings
 
     password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
     settings = HubSettings(database_url=database_url) if database_url else HubSettings()
-    with Session(make_engine(settings.database_url)) as session:
+    with Session(open_database(settings)) as session:
         try:
             create_user(session, username, password, role, organisation, actor="cli")
         except ValueError as exc:

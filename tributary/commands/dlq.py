@@ -31,13 +31,11 @@ DatabaseOption = Annotated[str | None, typer.Option(
 def _hub(database_url: str | None) -> Iterator[tuple[object, object]]:
     from sqlmodel import Session
 
-    from tributary.hub.db import make_engine
-    from tributary.hub.services.audit import attach_forensic_log
+    from tributary.hub.db import open_database
     from tributary.hub.settings import HubSettings
 
     settings = HubSettings(database_url=database_url) if database_url else HubSettings()
-    engine = make_engine(settings.database_url)
-    attach_forensic_log(engine, settings.audit_log_path())
+    engine = open_database(settings)
     try:
         with Session(engine) as session:
             yield settings, session
