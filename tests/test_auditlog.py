@@ -256,12 +256,15 @@ def test_hub_records_every_event_in_its_forensic_log(tmp_path: Path) -> None:
         audit.record(session, "admin", "spoke.registered", "south")
         session.rollback()  # the line stays: the log records what was attempted
         rows = session.exec(select(AuditEvent)).all()
-    assert [r.target for r in rows] == ["north"] and rows[0].detail["password"] == REDACTED
+    # Opening the new database created its schema: that is the first event.
+    assert [r.target for r in rows] == ["database", "north"]
+    assert rows[1].detail["password"] == REDACTED
     default = tmp_path / "hub-audit.jsonl"  # beside the database when not configured
     entries = [json.loads(line) for line in default.read_text().splitlines()]
     assert [(e["action"], e["target"]) for e in entries] == [
-        ("spoke.registered", "north"), ("spoke.registered", "south")]
-    assert entries[0]["detail"] == {"name": "North", "password": REDACTED}
+        ("hub.schema_created", "database"), ("spoke.registered", "north"),
+        ("spoke.registered", "south")]
+    assert entries[1]["detail"] == {"name": "North", "password": REDACTED}
     assert verify_log(default).ok
 
     configured = tmp_path / "elsewhere" / "audit.jsonl"

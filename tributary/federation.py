@@ -20,6 +20,7 @@ import httpx
 
 from tributary.protocol.destinations import DEFAULT_FEDERATION
 from tributary.services.settings import ServiceSettings
+from tributary.services.system import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "examples"
@@ -63,14 +64,6 @@ def _toml_table(name: str, values: dict[str, Any] | None) -> str:
     if not values:
         return ""
     return f"\n[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

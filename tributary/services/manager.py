@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tributary.services import base_image, broker, docker_engine, registry
+from tributary.services import base_image, broker, docker_engine, postgres, redis, registry
 from tributary.services.settings import ServiceSettings
 
 
@@ -31,6 +31,8 @@ def down(settings: ServiceSettings | None = None,
          report: Callable[[str, str], None] = lambda name, state: None) -> None:
     """Stop what this project started; leave a system-provided Docker engine alone."""
     settings = settings or ServiceSettings()
+    report("postgres", "stopped" if postgres.stop(settings) else "was not running")
+    report("redis", "stopped" if redis.stop(settings) else "was not running")
     report("registry", "stopped" if registry.stop(settings) else "was not running")
     report("activemq", "stopped" if broker.stop(settings) else "was not running")
     report("docker", "stopped" if docker_engine.stop(settings) else "left as it was")

@@ -6,25 +6,19 @@ read). Idempotent: a running instance of ours is reused."""
 from __future__ import annotations
 
 import secrets
-import socket
 from pathlib import Path
 
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import (
     ServiceError,
     ensure_commands,
+    free_port,
     port_open,
     read_pid,
     start_daemon,
     stop_daemon,
     wait_for,
 )
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _password(settings: ServiceSettings) -> str:
@@ -66,7 +60,7 @@ def ensure_running(settings: ServiceSettings | None = None) -> str:
     ensure_commands({"redis-server": "redis-server"})
     port = settings.redis_port
     if port_open(settings.host, port):
-        port = _free_port(settings.host)
+        port = free_port(settings.host)
     log = settings.path("redis", "redis.log")
     start_daemon(["redis-server", str(_config(settings, port))], pidfile, log)
     try:

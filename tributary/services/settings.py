@@ -21,6 +21,8 @@ class ServiceSettings(BaseSettings):
     registry_port: int = 5000
     #: Preferred port of the redis Celery broker (a free one is taken if this is busy).
     redis_port: int = 6390
+    #: Preferred port of the PostgreSQL cluster for a hub database (same rule).
+    postgres_port: int = 5499
     #: Image algorithm Dockerfiles are built FROM on this machine.
     base_image: str = "tributary/python-base:3.11"
     #: Tried first when the base image is missing; Docker Hub may be unreachable.

@@ -1,0 +1,171 @@
+"""PostgreSQL from Debian's ``postgresql`` package, for a hub that keeps its database on a
+server rather than in SQLite (and for the tests that show the hub works on one).
+
+Our own cluster, not the package's: loopback only, SCRAM password authentication for the
+one role ``tributary`` with a generated password kept in the state folder (mode 600).
+PostgreSQL refuses to run as root, so when started by root the server runs as the
+package's ``postgres`` user, its data in a folder that user owns. Idempotent: a running
+cluster of ours is reused."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tributary.services.settings import ServiceSettings
+from tributary.services.system import (
+    ServiceError,
+    ensure_commands,
+    free_port,
+    port_open,
+    read_pid,
+    start_daemon,
+    stop_daemon,
+    wait_for,
+)
+
+ROLE = "tributary"
+#: Where a root-started cluster keeps its data: root's own state folder is not reachable
+#: by the unprivileged ``postgres`` user.
+ROOT_DATA_BASE = Path("/var/lib/tributary-postgres")
+
+
+def _password(settings: ServiceSettings) -> str:
+    path = settings.path("postgres", "password")
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(24))
+    return path.read_text().strip()
+
+
+def _bin_dir() -> Path:
+    ensure_commands({"pg_ctlcluster": "postgresql"})
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"),
+                      key=lambda p: int(p.parent.parent.name))
+    if not versions:
+        raise ServiceError("Debian's postgresql is installed but no server binary was found")
+    return versions[-1].parent
+
+
+def _as_server_user(cmd: list[str]) -> list[str]:
+    """Run ``cmd`` as ``postgres`` when we are root (setpriv execs: the pid stays the
+    server's, so stopping it signals the server itself)."""
+    if os.geteuid() != 0:
+        return cmd
+    return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--", *cmd]
+
+
+def _data_base(settings: ServiceSettings) -> Path:
+    if os.geteuid() != 0:
+        return settings.path("postgres", "cluster", "x").parent
+    user = pwd.getpwnam("postgres")
+    ROOT_DATA_BASE.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chown(ROOT_DATA_BASE, user.pw_uid, user.pw_gid)
+    return ROOT_DATA_BASE
+
+
+def _chown_to_server(path: Path) -> None:
+    if os.geteuid() == 0:
+        user = pwd.getpwnam("postgres")
+        os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def _initdb(bin_dir: Path, data: Path, password: str) -> None:
+    data.parent.mkdir(parents=True, exist_ok=True)
+    pwfile = data.parent / "initdb-password"
+    pwfile.touch(mode=0o600)
+    pwfile.write_text(password + "\n")
+    _chown_to_server(pwfile)
+    try:
+        done = subprocess.run(_as_server_user([
+            str(bin_dir / "initdb"), "-D", str(data), "-U", ROLE, f"--pwfile={pwfile}",
+            "--auth-host=scram-sha-256", "--auth-local=scram-sha-256", "-E", "UTF8",
+            "--locale=C", "--no-instructions"]), capture_output=True, text=True)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise ServiceError(f"initdb failed: {done.stderr.strip()[-2000:]}")
+
+
+def url(settings: ServiceSettings, port: int, database: str = "postgres") -> str:
+    """A SQLAlchemy URL (psycopg 3 driver) for ``database`` on our cluster."""
+    return (f"postgresql+psycopg://{ROLE}:{_password(settings)}@{settings.host}:{port}/"
+            f"{database}")
+
+
+def ensure_running(settings: ServiceSettings | None = None) -> str:
+    """Start our cluster if it is not running; return the URL of its ``postgres``
+    database. Listens on ``TRIBUTARY_POSTGRES_PORT`` if free, else on a free port."""
+    settings = settings or ServiceSettings()
+    pidfile = settings.path("postgres", "postgres.pid")
+    portfile = settings.path("postgres", "port")
+    if read_pid(pidfile) is not None and portfile.exists():
+        port = int(portfile.read_text())
+        if port_open(settings.host, port):
+            return url(settings, port)
+    stop(settings)
+    bin_dir = _bin_dir()
+    base = _data_base(settings)
+    data = base / "data"
+    if not (data / "PG_VERSION").exists():
+        shutil.rmtree(data, ignore_errors=True)
+        _initdb(bin_dir, data, _password(settings))
+    sockets = base / "run"
+    sockets.mkdir(exist_ok=True)
+    _chown_to_server(sockets)
+    port = settings.postgres_port
+    if port_open(settings.host, port):
+        port = free_port(settings.host)
+    log = settings.path("postgres", "postgres.log")
+    start_daemon(_as_server_user([
+        str(bin_dir / "postgres"), "-D", str(data), "-p", str(port),
+        "-c", f"listen_addresses={settings.host}", "-c", f"unix_socket_directories={sockets}",
+        "-c", "max_connections=200"]), pidfile, log)
+    try:
+        wait_for(lambda: port_open(settings.host, port), 60, "postgres", log)
+    except ServiceError:
+        stop(settings)
+        raise
+    portfile.write_text(str(port))
+    return url(settings, port)
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create database ``name`` (if missing) on the server of ``server_url``; its URL."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"database name {name!r}: letters, digits and _ only")
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            exists = connection.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                        {"n": name}).first()
+            if exists is None:
+                connection.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        engine.dispose()
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def stop(settings: ServiceSettings | None = None) -> bool:
+    """Fast shutdown (SIGINT: sessions are ended, the cluster stays consistent)."""
+    pidfile = (settings or ServiceSettings()).path("postgres", "postgres.pid")
+    pid = read_pid(pidfile)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and read_pid(pidfile) is not None:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.2)
+    return stop_daemon(pidfile)
