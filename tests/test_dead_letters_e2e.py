@@ -9,7 +9,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from e2e_helpers import wait_for
@@ -149,4 +151,27 @@ def test_a_study_that_expires_for_an_offline_spoke_is_shown_as_a_dead_letter(
     assert letter["expired"] and letter["kind"] == "experiment"
     assert letter["spoke_id"] == spoke_id
     assert letter["reason"].startswith("expired in the broker before anyone consumed it")
-    dlq_cli(federation, "discard", letter["broker_message_id"], "--reason", "test expiry")
+
+    # Settled from the dashboard's API: by an administrator only, with a reason, audited.
+    name, password = f"coord-{unique}", uuid.uuid4().hex
+    with federation.api() as api:
+        api.post("/api/users", json={"username": name, "password": password,
+                                     "roles": ["coordinator"]}).raise_for_status()
+        page = api.get("/dead-letters").text
+    assert f"/api/dead-letters/{quote(letter['broker_message_id'])}/discard" in page
+    discard = f"/api/dead-letters/{quote(letter['broker_message_id'])}/discard"
+    with federation.api(federation.sign_in(name, password)) as coordinator:
+        assert coordinator.post(discard, json={"reason": "no"}).status_code == 403
+        assert "/discard" not in coordinator.get("/dead-letters").text  # no buttons
+    with federation.api() as api:
+        assert api.post(discard, json={"reason": ""}).status_code == 422
+        settled = api.post(discard, json={"reason": "test expiry"})
+        assert settled.status_code == 200, settled.text
+        assert settled.json()["experiment_id"] == experiment["id"]
+        assert api.post(discard, json={"reason": "again"}).status_code == 404
+        assert all(d["broker_message_id"] != letter["broker_message_id"]
+                   for d in api.get("/api/dead-letters").json())
+        [event] = [e for e in api.get("/api/audit", params={
+            "action": "dead_letter.discarded"}).json()
+            if e["detail"]["broker_message_id"] == letter["broker_message_id"]]
+    assert event["actor"] == "admin" and event["detail"]["reason"] == "test expiry"

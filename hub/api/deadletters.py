@@ -1,18 +1,27 @@
 """Dead letters: messages that ended in a dead-letter queue, shown as failures with their
-reason. Settling them (replay, discard) is an operator's job on the hub machine, with
-``tributary dlq``, because it acts on the broker directly."""
+reason, and settled (replayed after fixing the cause, or discarded with a reason) by an
+administrator here, on the dashboard or with ``tributary dlq``; each settlement audited."""
+
+from collections.abc import Callable
 
 from fastapi import APIRouter, Depends, HTTPException
+from pydantic import BaseModel, Field
 from sqlmodel import Session
 
-from tributary.hub.api.deps import get_session, get_settings, require
+from tributary.hub.api.deps import acting, get_session, get_settings, require
 from tributary.hub.models import Role
-from tributary.hub.services.deadletters import DeadLetterRead, list_dead_letters
+from tributary.hub.services import deadletters
+from tributary.hub.services.deadletters import DeadLetterNotFound, DeadLetterRead
 from tributary.hub.settings import HubSettings
+from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.deadletters import DeadLetterError
 
 router = APIRouter(prefix="/api/dead-letters", tags=["audit"],
                    dependencies=[Depends(require(Role.COORDINATOR))])
+
+
+class DiscardBody(BaseModel):
+    reason: str = Field(min_length=1, max_length=500, description="Why (audited).")
 
 
 @router.get("", response_model=list[DeadLetterRead])
@@ -21,6 +30,38 @@ def dead_letters(session: Session = Depends(get_session),
     """Every message in the dead-letter queues of the results queue and of each registered
     spoke's queue, oldest first, with why it is there."""
     try:
-        return list_dead_letters(session, settings.broker())
+        return deadletters.list_dead_letters(session, settings.broker())
     except DeadLetterError as exc:
         raise HTTPException(503, f"cannot read the dead-letter queues: {exc}") from None
+
+
+@router.post("/{message_id}/replay", response_model=DeadLetterRead)
+def replay(message_id: str, session: Session = Depends(get_session),
+           settings: HubSettings = Depends(get_settings),
+           actor: str = Depends(acting(Role.ADMIN))) -> DeadLetterRead:
+    """Send a dead letter back to the queue it came from (after fixing its cause); returns
+    the letter as it was listed."""
+    return _settle(session, settings, message_id, lambda broker, letter: deadletters.replay(
+        session, broker, letter.queue, message_id, actor))
+
+
+@router.post("/{message_id}/discard", response_model=DeadLetterRead)
+def discard(message_id: str, body: DiscardBody, session: Session = Depends(get_session),
+            settings: HubSettings = Depends(get_settings),
+            actor: str = Depends(acting(Role.ADMIN))) -> DeadLetterRead:
+    """Delete a dead letter for good; the audit trail keeps its hash and a preview."""
+    return _settle(session, settings, message_id, lambda broker, letter: deadletters.discard(
+        session, broker, letter.queue, message_id, actor, body.reason))
+
+
+def _settle(session: Session, settings: HubSettings, message_id: str,
+            action: Callable[[BrokerSettings, DeadLetterRead], object]) -> DeadLetterRead:
+    broker = settings.broker()
+    try:
+        letter = deadletters.find(session, broker, message_id)
+        action(broker, letter)
+    except DeadLetterNotFound as exc:
+        raise HTTPException(404, str(exc)) from None
+    except DeadLetterError as exc:
+        raise HTTPException(503, f"the broker did not settle it: {exc}") from None
+    return letter

@@ -1,6 +1,7 @@
 """The hub's view of dead letters: what ended in the dead-letter queue of the results
 queue and of each spoke's queue, each with the best reason the hub knows, and the audited
-replay and discard an operator uses to settle them (``tributary dlq``)."""
+replay and discard an operator uses to settle them (``tributary dlq``, the API, the
+dashboard)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,18 @@ def list_dead_letters(session: Session, broker: BrokerSettings,
         found.extend(describe(session, letter, broker.federation)
                      for letter in deadletters.browse(broker, dlq))
     return found
+
+
+class DeadLetterNotFound(deadletters.DeadLetterError):
+    pass
+
+
+def find(session: Session, broker: BrokerSettings, message_id: str) -> DeadLetterRead:
+    """The dead letter with this broker message id, in whichever dead-letter queue."""
+    for letter in list_dead_letters(session, broker):
+        if letter.broker_message_id == message_id:
+            return letter
+    raise DeadLetterNotFound(f"no dead letter {message_id} in any dead-letter queue")
 
 
 def _check(dlq: str) -> None:

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import add_attribute
+from e2e_helpers import add_attribute, wait_for
 
 from tributary.federation import LocalFederation, generate_cohort
+from tributary.protocol.broker import BrokerSettings, StompClient
+from tributary.protocol.destinations import results_queue
 from tributary.services.browser import CHROMIUM_ARGS, ensure_chromium
 from tributary.services.settings import ServiceSettings
 
@@ -379,3 +381,40 @@ def test_failed_cases_show_their_reason_and_run_again(federation: LocalFederatio
     expect(page.locator("#cases")).to_contain_text("2 attempts", timeout=120_000)
     expect(page.locator("#experiment-state")).to_have_text("completed", timeout=120_000)
     page.screenshot(path=ARTIFACTS / "dashboard-retried.png", full_page=True)
+
+
+def test_an_administrator_discards_a_dead_letter_from_its_page(
+        federation: LocalFederation, browser: Any) -> None:
+    """A malformed message is shown with its reason; the administrator discards it with a
+    reason of their own from the page, and it is gone."""
+    expect = playwright_api.expect
+    marker = f"garbage-{uuid.uuid4().hex[:6]}"
+    client = StompClient(BrokerSettings(host=federation.services.host,
+                                        port=federation.services.broker_port,
+                                        federation=federation.federation), "poisoner").start(30)
+    try:
+        client.publish(results_queue(federation.federation), f"not json {marker}")
+    finally:
+        client.close()
+    with federation.api() as api:
+        wait_for(lambda: any(marker in d["body_preview"]
+                             for d in api.get("/api/dead-letters").json()), 60, "dead letter")
+    context = browser.new_context(base_url=federation.hub_url)
+    page = context.new_page()
+    page.goto("/login")
+    page.fill("#username", "admin")
+    page.fill("#password", federation.admin_password)
+    page.click("button[type=submit]")
+    page.goto("/dead-letters")
+    row = page.locator("tr", has=page.locator(f"code[title*='{marker}']"))
+    expect(row).to_contain_text("malformed message: not JSON")
+    page.screenshot(path=ARTIFACTS / "dashboard-dead-letters.png", full_page=True)
+    page.on("dialog", lambda dialog: dialog.accept())
+    row.locator("input[name=reason]").fill("garbage from a test")
+    row.locator("button", has_text="Discard").click()
+    expect(page.locator(f"code[title*='{marker}']")).to_have_count(0)
+    context.close()
+    with federation.api() as api:
+        events = api.get("/api/audit", params={"action": "dead_letter.discarded"}).json()
+    assert any(e["actor"] == "admin" and e["detail"]["reason"] == "garbage from a test"
+               for e in events)

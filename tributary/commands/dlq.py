@@ -48,13 +48,12 @@ def _actor() -> str:
 
 
 def _find_queue(session, broker, message_id: str) -> str:  # type: ignore[no-untyped-def]
-    from tributary.hub.services.deadletters import list_dead_letters
+    from tributary.hub.services.deadletters import DeadLetterNotFound, find
 
-    for letter in list_dead_letters(session, broker):
-        if letter.broker_message_id == message_id:
-            return letter.queue
-    raise typer.BadParameter(f"no dead letter {message_id} in any dead-letter queue",
-                             param_hint="MESSAGE_ID")
+    try:
+        return find(session, broker, message_id).queue
+    except DeadLetterNotFound as exc:
+        raise typer.BadParameter(str(exc), param_hint="MESSAGE_ID") from None
 
 
 @app.command("list")
