@@ -114,6 +114,10 @@ def ensure_running(settings: ServiceSettings | None = None) -> str:
     bin_dir = _bin_dir()
     base = _data_base(settings)
     data = base / "data"
+    if not settings.path("postgres", "password").exists():
+        # A cluster whose password went with an earlier state folder cannot be logged in
+        # to: it only ever held this project's local databases, so it is made anew.
+        shutil.rmtree(data, ignore_errors=True)
     if not (data / "PG_VERSION").exists():
         shutil.rmtree(data, ignore_errors=True)
         _initdb(bin_dir, data, _password(settings))
