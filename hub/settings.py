@@ -73,7 +73,7 @@ class HubSettings(BaseSettings):
 
     @classmethod
     def for_directory(cls, directory: Path, **overrides: object) -> "HubSettings":
-        return cls(database_url=f"sqlite:///{directory / 'hub.db'}", **overrides)
+        return cls(**{"database_url": f"sqlite:///{directory / 'hub.db'}", **overrides})
 
 
 def default_audit_log(database_url: str) -> Path | None:

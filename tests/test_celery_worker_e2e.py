@@ -1,6 +1,7 @@
 """Aggregation on a real Celery broker (redis from Debian, started by the project's own
 starter) with a separate worker process (`tributary hub worker`): the snapshots it stores
-carry exactly the figures the in-process (eager) mode computes for the same results."""
+carry exactly the figures the in-process (eager) mode computes for the same results. The
+broker-mode hub database is SQLite, then PostgreSQL (the usual choice with workers)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tributary.hub.db import make_engine
 from tributary.hub.models import AggregateSnapshot, Experiment
 from tributary.hub.services.aggregation import aggregate, inputs_digest
 from tributary.hub.settings import HubSettings
-from tributary.services import redis
+from tributary.services import postgres, redis
 from tributary.services.settings import ServiceSettings
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +92,17 @@ def restore_worker_config() -> Iterator[None]:
     worker.configure(HubSettings())
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, service_settings: ServiceSettings,
+             tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'celery' / 'hub.db'}"
+    server = postgres.ensure_running(service_settings)
+    return postgres.create_database(server, f"celery_{uuid.uuid4().hex[:10]}")
+
+
 def test_worker_process_aggregates_like_in_process(tmp_path: Path, redis_url: str,
+                                                   database: str,
                                                    restore_worker_config: None) -> None:
     # In-process (eager) mode: the hub runs each task itself.
     eager_settings = HubSettings.for_directory(tmp_path / "eager", min_cell_size=K)
@@ -107,7 +118,7 @@ def test_worker_process_aggregates_like_in_process(tmp_path: Path, redis_url: st
     namespace = f"t-{uuid.uuid4().hex[:8]}"  # our own queue on the shared redis
     settings = HubSettings.for_directory(tmp_path / "celery", min_cell_size=K,
                                          celery_broker_url=redis_url,
-                                         broker_federation=namespace)
+                                         broker_federation=namespace, database_url=database)
     engine = make_engine(settings.database_url)
     worker.configure(settings)
     log = tmp_path / "worker.log"
