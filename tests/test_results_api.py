@@ -238,3 +238,21 @@ def test_experiment_creation_validates_aggregator_parameters(
     schema = client.get("/openapi.json").json()
     ok = schema["paths"]["/api/experiments/{experiment_id}/aggregate"]["get"]["responses"]["200"]
     assert ok["content"]["application/json"]["schema"]["$ref"].endswith("/AggregateRead")
+
+
+def test_out_of_range_numbers_are_refused_as_bad_input(hub: tuple[TestClient, Session]
+                                                       ) -> None:
+    """Found by fuzzing the OpenAPI schema (schemathesis): numbers the database cannot hold
+    are a 422 naming the parameter, never a server error."""
+    client, _ = hub
+    huge = 2**70
+    for path in (f"/api/algorithms/{huge}", f"/api/algorithms/{huge}/reviews", "/api/audit?"
+                 f"limit=-{huge}", "/api/audit?limit=0", "/api/quarantine?limit=-1"):
+        response = client.get(path)
+        assert response.status_code == 422, (path, response.text)
+    revoke = client.post(f"/api/algorithms/{huge}/revoke", json={"reason": "x"})
+    assert revoke.status_code == 422 and "algorithm_id" in revoke.text
+    launch = client.post("/api/experiments", json={"name": "x", "algorithm_id": huge,
+                                                   "spoke_ids": ["a"]})
+    assert launch.status_code == 422 and "algorithm_id" in launch.text
+    assert client.get("/api/algorithms/12345").status_code == 404  # in range, absent

@@ -5,6 +5,7 @@ from jsonschema import Draft202012Validator, SchemaError
 from sqlmodel import Session, select
 
 from tributary.hub.api.deps import (
+    RowId,
     acting,
     current_user,
     get_or_404,
@@ -87,7 +88,7 @@ def _check_release(session: Session, body: AlgorithmCreate, actor: str) -> str:
 
 
 @router.post("/{algorithm_id}/reviews", response_model=Algorithm)
-def review_algorithm(algorithm_id: int, body: ReviewCreate, request: Request,
+def review_algorithm(algorithm_id: RowId, body: ReviewCreate, request: Request,
                      session: Session = Depends(get_session),
                      settings: HubSettings = Depends(get_settings),
                      user: User = Depends(require(Role.REVIEWER))) -> Algorithm:
@@ -101,12 +102,12 @@ def review_algorithm(algorithm_id: int, body: ReviewCreate, request: Request,
 
 
 @router.get("/{algorithm_id}/reviews", response_model=list[Review])
-def list_reviews(algorithm_id: int, session: Session = Depends(get_session)) -> list[Review]:
+def list_reviews(algorithm_id: RowId, session: Session = Depends(get_session)) -> list[Review]:
     return list(session.exec(select(Review).where(Review.algorithm_id == algorithm_id)))
 
 
 @router.post("/{algorithm_id}/revoke", response_model=Algorithm)
-def revoke_algorithm(algorithm_id: int, body: RevokeBody, request: Request,
+def revoke_algorithm(algorithm_id: RowId, body: RevokeBody, request: Request,
                      session: Session = Depends(get_session),
                      settings: HubSettings = Depends(get_settings),
                      actor: str = Depends(acting(Role.COORDINATOR))) -> Algorithm:
@@ -132,7 +133,7 @@ def list_algorithms(session: Session = Depends(get_session)) -> list[Algorithm]:
 
 
 @router.get("/{algorithm_id}", response_model=Algorithm)
-def get_algorithm(algorithm_id: int, session: Session = Depends(get_session)) -> Algorithm:
+def get_algorithm(algorithm_id: RowId, session: Session = Depends(get_session)) -> Algorithm:
     return get_or_404(session, Algorithm, algorithm_id, "algorithm")
 
 

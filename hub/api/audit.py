@@ -16,7 +16,7 @@ def list_audit(action: str | None = None, target: str | None = None,
                actor: str | None = None,
                q: str | None = Query(None, description="Text anywhere in actor, action, "
                                                       "target or detail (case-insensitive)."),
-               limit: int = Query(200, le=5000),
+               limit: int = Query(200, ge=1, le=5000),
                session: Session = Depends(get_session)) -> list[AuditEvent]:
     query = select(AuditEvent).order_by(AuditEvent.id.desc())  # type: ignore[union-attr]
     if action:
@@ -38,7 +38,7 @@ quarantine_router = APIRouter(prefix="/api/quarantine", tags=["audit"],
 
 
 @quarantine_router.get("", response_model=list[QuarantinedMessage])
-def list_quarantine(spoke: str | None = None, limit: int = Query(200, le=5000),
+def list_quarantine(spoke: str | None = None, limit: int = Query(200, ge=1, le=5000),
                     session: Session = Depends(get_session)) -> list[QuarantinedMessage]:
     """Messages the hub refused (bad signature, broken chain, replay…), newest first."""
     query = select(QuarantinedMessage).order_by(QuarantinedMessage.id.desc())  # type: ignore[union-attr]

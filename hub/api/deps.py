@@ -2,9 +2,9 @@
 roles a route requires."""
 
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
@@ -18,6 +18,11 @@ TOKEN_COOKIE = "tributary_token"
 
 
 M = TypeVar("M")
+
+#: Row ids are SQL BIGINTs: a larger number is refused as invalid input (422), never
+#: passed to the database driver (which would fail with a server error).
+MAX_ROW_ID = 2**63 - 1
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID)]
 
 
 def get_or_404(session: Session, model: type[M], key: Any, what: str) -> M:

@@ -59,7 +59,7 @@ class AlgorithmCreate(BaseModel):
 
 class ExperimentCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
-    algorithm_id: int
+    algorithm_id: int = Field(ge=1, le=2**63 - 1)
     arguments: dict[str, Any] = Field(default_factory=dict)
     cohort: CohortSelection = Field(default_factory=CohortSelection)
     limits: RunLimits = Field(default_factory=RunLimits)

@@ -226,7 +226,8 @@ def audit_page(request: Request, q: str = "", action: str = "", target: str = ""
         return _render(request, "error.html", user, message="The audit log is open to "
                        "coordinators and administrators.")
     events = audit_api.list_audit(action=action or None, target=target or None,
-                                  actor=actor or None, q=q or None, limit=min(limit, 5000),
+                                  actor=actor or None, q=q or None,
+                                  limit=max(1, min(limit, 5000)),
                                   session=session)
     return _render(request, "audit.html", user, events=events, q=q, action=action,
                    target=target, actor=actor, limit=limit)
