@@ -9,7 +9,8 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from tributary.spoke.deid.engine import DEID_METHOD, Deidentifier
-from tributary.spoke.deid.options import DeidOptions, SafePrivate
+from tributary.spoke.deid.options import DeidOptions, PixelMask, SafePrivate
+from tributary.spoke.deid.pixels import PixelCleaningError, clean_pixels
 from tributary.spoke.deid.profile import (
     BASIC_EDITION,
     OPTIONS_EDITION,
@@ -29,9 +30,9 @@ from tributary.spoke.pseudonyms import Pseudonymizer
 
 __all__ = [
     "BASIC_EDITION", "DEID_METHOD", "OPTIONS_EDITION", "DeidOptions",
-    "Deidentifier", "FileVerdict", "Finding", "Reason", "SafePrivate", "Screener",
-    "ScreeningReport", "SeriesIntegrity", "action_table",
-    "deidentify_dataset", "profile_name", "screen_files",
+    "Deidentifier", "FileVerdict", "Finding", "PixelCleaningError", "PixelMask", "Reason",
+    "SafePrivate", "Screener", "ScreeningReport", "SeriesIntegrity", "action_table",
+    "clean_pixels", "deidentify_dataset", "profile_name", "screen_files",
 ]
 
 

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 
 from tributary.spoke.deid.options import DeidOptions
+from tributary.spoke.deid.pixels import clean_pixels
 from tributary.spoke.deid.profile import (
     BASIC_EDITION,
     SQ_TAGS,
@@ -66,6 +67,9 @@ class Deidentifier:
 
     def deidentify(self, ds: Dataset, case_id: str) -> Dataset:
         """De-identify ``ds`` in place (and return it) as the case ``case_id``."""
+        mask = self.options.pixel_mask_for(ds)  # matched on the device, before cleaning
+        if mask is not None:
+            clean_pixels(ds, mask)
         shift = self.pseudonyms.date_shift_days(case_id)
         secrets = self._secrets(ds) if self._scrub_text else None
         self._clean(ds, case_id, shift, secrets)

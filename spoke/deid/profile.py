@@ -33,6 +33,7 @@ _OPTION_FLAGS = {"retain_modified_dates": "113107", "retain_patient_characterist
                  "retain_safe_private": "113111"}
 _CODE_NAMES = {
     "113100": "BasicApplicationConfidentialityProfile",
+    "113101": "CleanPixelDataOption",
     "113105": "CleanDescriptorsOption",
     "113107": "RetainLongitudinalTemporalInformationModifiedDatesOption",
     "113108": "RetainPatientCharacteristicsOption",
@@ -121,6 +122,8 @@ def profile_name(options: DeidOptions) -> str:
         text += f" ({len(options.safe_private)} safe private attributes)"
     else:
         text += ", private tags removed"
+    if options.clean_pixel_data:
+        text += f" ({len(options.pixel_masks)} pixel masks)"
     if options.allow_burned_in:
         text += ", burned-in annotation allowed"
     return text

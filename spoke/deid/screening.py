@@ -38,6 +38,7 @@ class Reason(StrEnum):
     SECONDARY_CAPTURE = "secondary-capture"
     DERIVED_IMAGE = "derived-image"
     DEIDENTIFICATION_FAILED = "deidentification-failed"
+    PIXELS_CLEANED = "pixels-cleaned"
 
 
 #: Reasons that keep a file out; the others only ask for a person's review.
@@ -166,9 +167,17 @@ class Screener:
         if "SCREEN SAVE" in image_type:
             verdict.add(Reason.SCREEN_CAPTURE, "ImageType contains SCREEN SAVE: a screen "
                         "capture may show identifying text anywhere in its pixels")
-        if burned_in == "YES" and not self.options.allow_burned_in:
-            verdict.add(Reason.BURNED_IN_ANNOTATION, "BurnedInAnnotation is YES and the "
-                        "study does not allow burned-in annotation")
+        mask = self.options.pixel_mask_for(ds)
+        if burned_in == "YES" and not self.options.allow_burned_in and mask is None:
+            verdict.add(Reason.BURNED_IN_ANNOTATION, "BurnedInAnnotation is YES and no "
+                        "pixel mask matches this device (modality, manufacturer, model, "
+                        "size)" if self.options.clean_pixel_data else
+                        "BurnedInAnnotation is YES and the study does not allow burned-in "
+                        "annotation")
+        if mask is not None and "SCREEN SAVE" not in image_type:
+            verdict.add(Reason.PIXELS_CLEANED, f"{len(mask.regions)} region(s) of a "
+                        f"{mask.manufacturer or mask.modality or 'matched'} device layout "
+                        "blanked (Clean Pixel Data)")
         if "Secondary Capture" in sop_class.name:
             verdict.add(Reason.SECONDARY_CAPTURE, f"SOP class {sop_class.name}: "
                         "check the pixels for burned-in text before release")

@@ -66,6 +66,9 @@ def main(
     safe_private: Annotated[list[str] | None, typer.Option(
         help="A safe private attribute as CREATOR:GGGG:EE (hex), repeatable; replaces "
              "the configuration's list.")] = None,
+    clean_pixel_data: Annotated[bool | None, typer.Option(
+        help="Clean Pixel Data: blank the regions of the configuration's pixel masks.")
+    ] = None,
     allow_burned_in: Annotated[bool | None, typer.Option(
         help="Accept images declaring BurnedInAnnotation YES.")] = None,
 ) -> None:
@@ -106,6 +109,7 @@ def main(
               "retain_device_identity": retain_device_identity,
               "clean_descriptors": clean_descriptors,
               "retain_safe_private": retain_safe_private, "allow_burned_in": allow_burned_in,
+              "clean_pixel_data": clean_pixel_data,
               "safe_private": tuple(entries) if safe_private is not None else None}
     options = base.model_copy(update={k: v for k, v in chosen.items() if v is not None})
     src, dst = src.resolve(), dst.resolve()
