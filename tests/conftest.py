@@ -44,6 +44,16 @@ def federation(tmp_path_factory: pytest.TempPathFactory,
     fed.stop()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_checkout() -> Iterator[None]:
+    """A hub on a server database without TRIBUTARY_HUB_AUDIT_LOG logs to its working
+    folder: tests must configure one, or their runs' logs end up in the repository."""
+    stray = ROOT / "tributary-hub-audit.jsonl"
+    existed = stray.exists()
+    yield
+    assert existed or not stray.exists(), f"a test wrote {stray.name} into the checkout"
+
+
 @pytest.fixture
 def unique() -> str:
     """A short suffix that keeps spoke queues of different test runs apart."""

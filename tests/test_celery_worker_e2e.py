@@ -21,7 +21,7 @@ from signed_results import Spokes, accept, add_experiment, send_result
 from sqlmodel import Session, col, select
 
 from tributary.hub import worker
-from tributary.hub.db import make_engine
+from tributary.hub.db import make_engine, open_database
 from tributary.hub.models import AggregateSnapshot, Experiment
 from tributary.hub.services.aggregation import aggregate, inputs_digest
 from tributary.hub.settings import HubSettings
@@ -118,11 +118,13 @@ def test_worker_process_aggregates_like_in_process(tmp_path: Path, redis_url: st
     namespace = f"t-{uuid.uuid4().hex[:8]}"  # our own queue on the shared redis
     settings = HubSettings.for_directory(tmp_path / "celery", min_cell_size=K,
                                          celery_broker_url=redis_url,
-                                         broker_federation=namespace, database_url=database)
-    engine = make_engine(settings.database_url)
+                                         broker_federation=namespace, database_url=database,
+                                         audit_log=tmp_path / "celery" / "audit.jsonl")
+    engine = open_database(settings)
     worker.configure(settings)
     log = tmp_path / "worker.log"
     env = {**os.environ, "TRIBUTARY_HUB_DATABASE_URL": settings.database_url,
+           "TRIBUTARY_HUB_AUDIT_LOG": str(settings.audit_log),
            "TRIBUTARY_HUB_CELERY_BROKER_URL": redis_url,
            "TRIBUTARY_HUB_BROKER_FEDERATION": namespace,
            "TRIBUTARY_HUB_MIN_CELL_SIZE": str(K)}

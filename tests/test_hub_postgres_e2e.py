@@ -17,7 +17,9 @@ from sqlmodel import SQLModel
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.hub import migrations
-from tributary.hub.db import make_engine
+from tributary.hub.db import open_database
+from tributary.hub.settings import HubSettings
+from tributary.protocol.auditlog import read_entries
 from tributary.services import postgres
 from tributary.services.settings import ServiceSettings
 
@@ -33,14 +35,18 @@ def new_database(server: str) -> str:
     return postgres.create_database(server, f"hub_{uuid.uuid4().hex[:10]}")
 
 
-def _open(url: str) -> str | None:
-    return migrations.current(make_engine(url))
+def _open(url: str, audit_log: Path) -> str | None:
+    return migrations.current(open_database(HubSettings(database_url=url,
+                                                        audit_log=audit_log)))
 
 
-def test_processes_opening_a_new_postgres_database_migrate_it_once(server: str) -> None:
+def test_processes_opening_a_new_postgres_database_migrate_it_once(server: str,
+                                                                  tmp_path: Path) -> None:
     url = new_database(server)
+    log = tmp_path / "audit.jsonl"
     with multiprocessing.get_context("spawn").Pool(4) as pool:
-        assert pool.map(_open, [url] * 4) == [migrations.head()] * 4
+        assert pool.starmap(_open, [(url, log)] * 4) == [migrations.head()] * 4
+    assert [e["action"] for _, e in read_entries(log)] == ["hub.schema_created"]
     engine = create_engine(url)
     with engine.connect() as connection:
         created = connection.execute(text(
