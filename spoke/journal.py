@@ -150,6 +150,46 @@ def claim_work_dir(work_dir: Path) -> int:
     return fd
 
 
+def agent_pid(work_dir: Path) -> int | None:
+    """The pid of the spoke process holding ``work_dir`` (0 if it did not say), or None
+    when none does. Only tests the lock: nothing is written."""
+    try:
+        fd = os.open(work_dir / "spoke.lock", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class ExperimentProgress:
+    experiment_id: str
+    state: str
+    reason: str | None
+    received_at: str
+    cases: dict[str, int]  # case state -> how many (every attempt counted)
+
+
+@dataclass(frozen=True)
+class JournalStatus:
+    """What the spoke holds, for `tributary spoke status`."""
+
+    experiments: dict[str, int]  # experiment state -> how many
+    cases: dict[str, int]
+    outbox_unsent: int
+    oldest_unsent_at: str | None  # when the oldest message still waiting was written
+    revoked_digests: int
+    open: list[ExperimentProgress]  # experiments not yet completed, refused or cancelled
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,6 +489,25 @@ class Journal:
         with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO handled_messages (message_id, experiment_id) "
                        "VALUES (?, ?)", (message_id, experiment_id))
+
+    # -- overview -------------------------------------------------------------------------
+    def status(self) -> JournalStatus:
+        def tally(sql: str, args: tuple = ()) -> dict[str, int]:
+            return {state: count for state, count in self._all(sql, args)}
+
+        finished = (COMPLETED, REFUSED, CANCELLED)
+        open_rows = self._all(
+            "SELECT experiment_id, state, reason, received_at FROM experiments WHERE state "
+            "NOT IN (?, ?, ?) ORDER BY rowid", finished)
+        unsent = self._one("SELECT COUNT(*), MIN(created_at) FROM outbox WHERE sent=0")
+        return JournalStatus(
+            experiments=tally("SELECT state, COUNT(*) FROM experiments GROUP BY state"),
+            cases=tally("SELECT state, COUNT(*) FROM cases GROUP BY state"),
+            outbox_unsent=int(unsent[0]), oldest_unsent_at=unsent[1],
+            revoked_digests=int(self._one("SELECT COUNT(*) FROM revoked_digests")[0]),
+            open=[ExperimentProgress(row[0], row[1], row[2], row[3], tally(
+                "SELECT state, COUNT(*) FROM cases WHERE experiment_id=? GROUP BY state",
+                (row[0],))) for row in open_rows])
 
     def close(self) -> None:
         with self._lock:

@@ -13,6 +13,8 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -261,11 +263,18 @@ def test_results_made_while_the_broker_is_down_arrive_after_it_returns(
         spoke = federation.processes[f"spoke-{spoke_id}"]
         spoke.popen.send_signal(signal.SIGKILL)
         spoke.popen.wait()
-        federation.start_spoke(spoke_id, config)
+        restarted = federation.start_spoke(spoke_id, config)
         wait_for(lambda: len(audit_entries(config, "spoke.started")) == 2, 30, "restart")
+        # What the site's IT sees meanwhile: the agent is up, the results wait to be sent.
+        waiting = spoke_status(config)
+        assert waiting["agent"] == {"running": True, "pid": restarted.popen.pid}
+        assert waiting["journal"]["outbox_unsent"] >= 2
+        assert waiting["journal"]["cases"] == {"done": 2}
 
         broker_service.start_instance(base, base / "conf" / "activemq.xml", "127.0.0.1", port)
         experiment = federation.wait_for_experiment(experiment_id, timeout=180)
+        wait_for(lambda: spoke_status(config)["journal"]["outbox_unsent"] == 0, 60,
+                 "outbox drained")
         cases = hub_cases(federation, experiment_id)
         assert [c["state"] for c in cases] == ["succeeded", "succeeded"]
         assert len(accepted_results(federation, experiment_id)) == 2
@@ -276,6 +285,13 @@ def test_results_made_while_the_broker_is_down_arrive_after_it_returns(
         assert len(audit_entries(config, "container.started")) == 2, "nothing ran twice"
     finally:
         federation.stop()
+
+
+def spoke_status(config: Path) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "tributary.cli", "spoke", "status", "-c",
+                           str(config), "--json"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
 
 
 class HubListener:

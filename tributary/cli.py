@@ -28,6 +28,7 @@ app.add_typer(spoke_app, name="spoke")
 spoke_app.add_typer(__import__("tributary.commands.steward", fromlist=["app"]).app,
                     name="steward")
 __import__("tributary.commands.spoke_data", fromlist=["register"]).register(spoke_app)
+__import__("tributary.commands.spoke_status", fromlist=["register"]).register(spoke_app)
 app.add_typer(contract_app, name="contract")
 app.add_typer(__import__("tributary.commands.broker", fromlist=["app"]).app, name="broker")
 algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "

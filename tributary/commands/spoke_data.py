@@ -17,7 +17,8 @@ ConfigOption = Annotated[Path, typer.Option(
     "--config", "-c", exists=True, dir_okay=False, help="The spoke's TOML configuration file.")]
 
 
-def _config(path: Path) -> Any:
+def load_config(path: Path) -> Any:
+    """The spoke configuration, or a clear message and exit 2 when it is invalid."""
     from pydantic import ValidationError
 
     from tributary.spoke.config import SpokeConfig
@@ -46,7 +47,7 @@ def ingest(
     from tributary.spoke.journal import WorkDirBusy
     from tributary.spoke.sources import SourceUnavailable
 
-    settings = _config(config)
+    settings = load_config(config)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
     audit = AuditLog(settings.work_dir / "audit.jsonl")  # the agent's log: one history
     actor = f"cli:{getpass.getuser()}"
@@ -99,7 +100,7 @@ def exclusions(
     """Show every input that did not enter the store (excluded or duplicate) and why."""
     from tributary.spoke.ingest import open_catalog
 
-    catalog = open_catalog(_config(config))
+    catalog = open_catalog(load_config(config))
     rows = catalog.exclusions(source)
     catalog.close()
     if as_json:
@@ -158,7 +159,7 @@ def catalog(
                                     attributes=attributes, case_ids=case, max_cases=max_cases)
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from None
-    settings = _config(config)
+    settings = load_config(config)
     store = open_catalog(settings)
     counts = store.counts()
     cases = store.select(selection, policy=False)
