@@ -28,7 +28,7 @@ MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 SPOKE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 # registry[:port]/path — no tag, no digest: the digest travels separately.
-REPOSITORY_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+$")
+REPOSITORY_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)+$")
 
 
 class ProtocolError(ValueError):
@@ -70,8 +70,11 @@ def validate_spoke_id(value: str) -> str:
 
 
 def validate_repository(value: str) -> str:
-    if not REPOSITORY_RE.match(value):
+    match = REPOSITORY_RE.match(value)
+    if not match:
         raise ValueError("repository must look like 'registry:port/path', with no tag or digest")
+    if match.group(1) and not 0 < int(match.group(1)[1:]) < 65536:
+        raise ValueError(f"repository port {match.group(1)[1:]} is not a TCP port")
     return value
 
 

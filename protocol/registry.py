@@ -100,7 +100,7 @@ class RegistryClient:
                     f"{self._auth[0]}:{self._auth[1]}".encode()).decode()
             try:
                 response = self._http.request(method, url, headers=headers, **kwargs)
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise RegistryError(f"registry {self.registry} unreachable: {exc}") from exc
             challenge = response.headers.get("WWW-Authenticate", "")
             if response.status_code != 401 or not challenge.lower().startswith("bearer"):

@@ -256,3 +256,17 @@ def test_out_of_range_numbers_are_refused_as_bad_input(hub: tuple[TestClient, Se
                                                    "spoke_ids": ["a"]})
     assert launch.status_code == 422 and "algorithm_id" in launch.text
     assert client.get("/api/algorithms/12345").status_code == 404  # in range, absent
+
+
+def test_a_repository_with_an_impossible_port_is_refused(hub: tuple[TestClient, Session]
+                                                         ) -> None:
+    """Also found by schemathesis: a port past 65535 reached the registry client."""
+    client, session = hub
+    create_user(session, "dev", "a long enough password", [Role.DEVELOPER.value])
+    token, _ = issue_token(session, "dev", "a long enough password")  # type: ignore[misc]
+    for repository, message in (("registry:99999/algo", "not a TCP port"),
+                                ("registry:54665351922557942739/algo", "must look like")):
+        refused = client.post("/api/algorithms", headers={"Authorization": f"Bearer {token}"},
+                              json={"name": "x", "version": "1", "repository": repository,
+                                    "digest": "sha256:" + "0" * 64})
+        assert refused.status_code == 422 and message in refused.text

@@ -8,6 +8,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from tributary.protocol.messages import (
+    DIGEST_RE,
+    REPOSITORY_RE,
+    SPOKE_ID_RE,
     CohortSelection,
     RunLimits,
     validate_digest,
@@ -17,7 +20,8 @@ from tributary.protocol.messages import (
 
 
 class SpokeCreate(BaseModel):
-    id: str = Field(description="Identifier, also the name of the spoke's queue.")
+    id: str = Field(description="Identifier, also the name of the spoke's queue.",
+                    json_schema_extra={"pattern": SPOKE_ID_RE.pattern})
     name: str
     institution: str = ""
 
@@ -45,8 +49,10 @@ class KeyEnrol(BaseModel):
 class AlgorithmCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     version: str = Field(min_length=1, max_length=50)
-    repository: str = Field(description="registry/repository, without tag")
-    digest: str = Field(description="manifest digest sha256:…; a tag is never accepted")
+    repository: str = Field(description="registry/repository, without tag",
+                            json_schema_extra={"pattern": REPOSITORY_RE.pattern})
+    digest: str = Field(description="manifest digest sha256:…; a tag is never accepted",
+                        json_schema_extra={"pattern": DIGEST_RE.pattern})
     description: str = ""
     argument_schema: dict[str, Any] = Field(default_factory=dict)
     aggregator: str = "summary"
