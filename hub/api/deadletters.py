@@ -2,7 +2,8 @@
 reason, and settled (replayed after fixing the cause, or discarded with a reason) by an
 administrator here, on the dashboard or with ``tributary dlq``; each settlement audited."""
 
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
@@ -13,7 +14,6 @@ from tributary.hub.models import Role
 from tributary.hub.services import deadletters
 from tributary.hub.services.deadletters import DeadLetterNotFound, DeadLetterRead
 from tributary.hub.settings import HubSettings
-from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.deadletters import DeadLetterError
 
 router = APIRouter(prefix="/api/dead-letters", tags=["audit"],
@@ -41,8 +41,11 @@ def replay(message_id: str, session: Session = Depends(get_session),
            actor: str = Depends(acting(Role.ADMIN))) -> DeadLetterRead:
     """Send a dead letter back to the queue it came from (after fixing its cause); returns
     the letter as it was listed."""
-    return _settle(session, settings, message_id, lambda broker, letter: deadletters.replay(
-        session, broker, letter.queue, message_id, actor))
+    broker = settings.broker()
+    with _settling():
+        letter = deadletters.find(session, broker, message_id)
+        deadletters.replay(session, broker, letter.queue, message_id, actor)
+    return letter
 
 
 @router.post("/{message_id}/discard", response_model=DeadLetterRead)
@@ -50,18 +53,18 @@ def discard(message_id: str, body: DiscardBody, session: Session = Depends(get_s
             settings: HubSettings = Depends(get_settings),
             actor: str = Depends(acting(Role.ADMIN))) -> DeadLetterRead:
     """Delete a dead letter for good; the audit trail keeps its hash and a preview."""
-    return _settle(session, settings, message_id, lambda broker, letter: deadletters.discard(
-        session, broker, letter.queue, message_id, actor, body.reason))
-
-
-def _settle(session: Session, settings: HubSettings, message_id: str,
-            action: Callable[[BrokerSettings, DeadLetterRead], object]) -> DeadLetterRead:
     broker = settings.broker()
-    try:
+    with _settling():
         letter = deadletters.find(session, broker, message_id)
-        action(broker, letter)
+        deadletters.discard(session, broker, letter.queue, message_id, actor, body.reason)
+    return letter
+
+
+@contextmanager
+def _settling() -> Iterator[None]:
+    try:
+        yield
     except DeadLetterNotFound as exc:
         raise HTTPException(404, str(exc)) from None
     except DeadLetterError as exc:
         raise HTTPException(503, f"the broker did not settle it: {exc}") from None
-    return letter
