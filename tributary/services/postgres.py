@@ -12,20 +12,21 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import secrets
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
+from tributary.services.pki import read_or_create_secret
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import (
     ServiceError,
     ensure_commands,
-    free_port,
     port_open,
+    preferred_port,
     read_pid,
+    recorded_port,
     start_daemon,
     stop_daemon,
     wait_for,
@@ -38,11 +39,7 @@ ROOT_DATA_BASE = Path("/var/lib/tributary-postgres")
 
 
 def _password(settings: ServiceSettings) -> str:
-    path = settings.path("postgres", "password")
-    if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(24))
-    return path.read_text().strip()
+    return read_or_create_secret(settings.path("postgres", "password"))
 
 
 def _bin_dir() -> Path:
@@ -106,10 +103,9 @@ def ensure_running(settings: ServiceSettings | None = None) -> str:
     settings = settings or ServiceSettings()
     pidfile = settings.path("postgres", "postgres.pid")
     portfile = settings.path("postgres", "port")
-    if read_pid(pidfile) is not None and portfile.exists():
-        port = int(portfile.read_text())
-        if port_open(settings.host, port):
-            return url(settings, port)
+    running = recorded_port(pidfile, portfile, settings.host)
+    if running is not None:
+        return url(settings, running)
     stop(settings)
     bin_dir = _bin_dir()
     base = _data_base(settings)
@@ -124,9 +120,7 @@ def ensure_running(settings: ServiceSettings | None = None) -> str:
     sockets = base / "run"
     sockets.mkdir(exist_ok=True)
     _chown_to_server(sockets)
-    port = settings.postgres_port
-    if port_open(settings.host, port):
-        port = free_port(settings.host)
+    port = preferred_port(settings.host, settings.postgres_port)
     log = settings.path("postgres", "postgres.log")
     start_daemon(_as_server_user([
         str(bin_dir / "postgres"), "-D", str(data), "-p", str(port),

@@ -5,16 +5,16 @@ read). Idempotent: a running instance of ours is reused."""
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 
+from tributary.services.pki import read_or_create_secret
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import (
     ServiceError,
     ensure_commands,
-    free_port,
     port_open,
-    read_pid,
+    preferred_port,
+    recorded_port,
     start_daemon,
     stop_daemon,
     wait_for,
@@ -22,11 +22,7 @@ from tributary.services.system import (
 
 
 def _password(settings: ServiceSettings) -> str:
-    path = settings.path("redis", "password")
-    if not path.exists():
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(24))
-    return path.read_text().strip()
+    return read_or_create_secret(settings.path("redis", "password"))
 
 
 def url(settings: ServiceSettings, port: int, database: int = 0) -> str:
@@ -52,15 +48,12 @@ def ensure_running(settings: ServiceSettings | None = None) -> str:
     settings = settings or ServiceSettings()
     pidfile = settings.path("redis", "redis.pid")
     portfile = settings.path("redis", "port")
-    if read_pid(pidfile) is not None and portfile.exists():
-        port = int(portfile.read_text())
-        if port_open(settings.host, port):
-            return url(settings, port)
+    running = recorded_port(pidfile, portfile, settings.host)
+    if running is not None:
+        return url(settings, running)
     stop_daemon(pidfile)
     ensure_commands({"redis-server": "redis-server"})
-    port = settings.redis_port
-    if port_open(settings.host, port):
-        port = free_port(settings.host)
+    port = preferred_port(settings.host, settings.redis_port)
     log = settings.path("redis", "redis.log")
     start_daemon(["redis-server", str(_config(settings, port))], pidfile, log)
     try:

@@ -42,6 +42,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def recorded_port(pidfile: Path, portfile: Path, host: str) -> int | None:
+    """The port a daemon of ours recorded when it started, if it still runs and answers
+    there (so a second start reuses it)."""
+    if read_pid(pidfile) is None or not portfile.exists():
+        return None
+    port = int(portfile.read_text())
+    return port if port_open(host, port) else None
+
+
+def preferred_port(host: str, preferred: int) -> int:
+    """``preferred`` if nothing listens on it, else a free port."""
+    return free_port(host) if port_open(host, preferred) else preferred
+
+
 def port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
