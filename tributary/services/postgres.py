@@ -23,7 +23,6 @@ from tributary.services.settings import ServiceSettings
 from tributary.services.system import (
     ServiceError,
     ensure_commands,
-    port_open,
     preferred_port,
     read_pid,
     recorded_port,
@@ -91,6 +90,13 @@ def _initdb(bin_dir: Path, data: Path, password: str) -> None:
         raise ServiceError(f"initdb failed: {done.stderr.strip()[-2000:]}")
 
 
+def _accepting(bin_dir: Path, host: str, port: int) -> bool:
+    """Whether the server accepts sessions (``pg_isready`` exits 0 only then)."""
+    done = subprocess.run([str(bin_dir / "pg_isready"), "-q", "-h", host, "-p", str(port),
+                           "-t", "2"], capture_output=True)
+    return done.returncode == 0
+
+
 def url(settings: ServiceSettings, port: int, database: str = "postgres") -> str:
     """A SQLAlchemy URL (psycopg 3 driver) for ``database`` on our cluster."""
     return (f"postgresql+psycopg://{ROLE}:{_password(settings)}@{settings.host}:{port}/"
@@ -103,11 +109,14 @@ def ensure_running(settings: ServiceSettings | None = None) -> str:
     settings = settings or ServiceSettings()
     pidfile = settings.path("postgres", "postgres.pid")
     portfile = settings.path("postgres", "port")
+    bin_dir = _bin_dir()
     running = recorded_port(pidfile, portfile, settings.host)
     if running is not None:
+        # Its port may be open while it still replays its log after a restart.
+        wait_for(lambda: _accepting(bin_dir, settings.host, running), 60, "postgres",
+                 settings.path("postgres", "postgres.log"))
         return url(settings, running)
     stop(settings)
-    bin_dir = _bin_dir()
     base = _data_base(settings)
     data = base / "data"
     if not settings.path("postgres", "password").exists():
@@ -127,7 +136,9 @@ def ensure_running(settings: ServiceSettings | None = None) -> str:
         "-c", f"listen_addresses={settings.host}", "-c", f"unix_socket_directories={sockets}",
         "-c", "max_connections=200"]), pidfile, log)
     try:
-        wait_for(lambda: port_open(settings.host, port), 60, "postgres", log)
+        # An open port is not readiness: during start-up the server answers "the database
+        # system is starting up" and refuses sessions.
+        wait_for(lambda: _accepting(bin_dir, settings.host, port), 60, "postgres", log)
     except ServiceError:
         stop(settings)
         raise
