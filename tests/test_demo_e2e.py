@@ -31,6 +31,7 @@ def test_demo_runs_a_study_to_its_aggregate(mode: str, tmp_path: Path,
         report = run_demo([2, 1, 1], hub_port=free_port(), wait=False,
                           workdir=tmp_path / "demo", console=Console(file=log),
                           containers=containers)
+    assert json.loads((tmp_path / "demo" / "results.json").read_text()) == report
     pooled = report["groups"]["pooled"]
     assert (pooled["cases"], pooled["succeeded"], pooled["failed"]) == (4, 4, 0)
     assert set(report["groups"]) == {*SPOKES, "pooled"}

@@ -406,10 +406,8 @@ def demo(
     counts = [int(c) for c in cases.split(",") if c.strip()]
     compose = (ServiceSettings(broker_port=broker_port, registry_port=registry_port)
                if containers else None)
-    report = run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console,
-                      containers=compose)
-    if not wait:
-        console.print_json(json.dumps(report["groups"]["pooled"]))
+    run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console,
+             containers=compose)
 
 
 if __name__ == "__main__":

@@ -177,8 +177,12 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
 
         console.rule("6. Results")
         console.print(aggregate_table(report))
+        # The whole report (every figure with its interval, per spoke and pooled) for
+        # whoever wants more than the table: the same JSON the API serves.
+        (root / "results.json").write_text(json.dumps(report, indent=1) + "\n")
         console.print(f"\nDashboard: [bold]{federation.hub_url}/experiments/{experiment['id']}[/]"
-                      f"   API: {federation.hub_url}/docs   logs: {root / 'logs'}")
+                      f"   API: {federation.hub_url}/docs\nFull results: "
+                      f"{root / 'results.json'}   logs: {root / 'logs'}")
         console.print(f"Sign in as [bold]admin[/] with the password "
                       f"[bold]{federation.admin_password}[/] (made for this demo run only).")
         if wait:
