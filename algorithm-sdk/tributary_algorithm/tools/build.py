@@ -97,18 +97,12 @@ def _can_skip_build_isolation(pip: Sequence[str]) -> bool:
     except ImportError:  # pragma: no cover - Python < 3.8
         return False
     try:
-        major, minor = (int(x) for x in version("setuptools").split(".")[:2])
+        major = int(version("setuptools").split(".")[0])
     except (PackageNotFoundError, ValueError):
         return False
-    if (major, minor) >= (70, 1):
-        return True
-    if major < 61:
-        return False
-    try:
-        version("wheel")
-    except PackageNotFoundError:
-        return False
-    return True
+    # The SDK's pyproject.toml needs setuptools 77 (its licence is an SPDX expression);
+    # from that release on setuptools builds wheels without the ``wheel`` package.
+    return major >= 77
 
 
 def build_sdk_wheel(
