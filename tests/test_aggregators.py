@@ -188,6 +188,32 @@ def test_detection_sensitivity_precision_f1() -> None:
     assert figures["false_positives_per_case"].value == 1.0
 
 
+def test_detection_intervals_of_fp_rate_and_diameter_error() -> None:
+    # 300 cases with Poisson false positives (mean 0.8) and one found nodule each, its
+    # diameter off by a normal error: the case bootstrap should agree with the textbook
+    # intervals for independent cases, Garwood's exact Poisson interval for the rate and
+    # the t interval for the mean error.
+    rng = np.random.default_rng(7)
+    fps = rng.poisson(0.8, 300)
+    errors = np.abs(rng.normal(0.0, 1.0, 300)) + 0.5
+    cases = [case("a", i, {"findings": [nodule(0, 8.0 + e)] + [nodule(200 + 20 * k)
+                                                               for k in range(f)]},
+                  {"nodules": [nodule(0)]}) for i, (f, e) in enumerate(zip(fps, errors,
+                                                                           strict=True))]
+    figures = run(get_aggregator("nodule-detection"), ["a"], cases, 5).groups["a"].figures
+    rate = figures["false_positives_per_case"]
+    k, n = int(fps.sum()), len(fps)
+    garwood = (stats.chi2.ppf(0.025, 2 * k) / 2 / n, stats.chi2.ppf(0.975, 2 * k + 2) / 2 / n)
+    assert rate.value == pytest.approx(k / n, abs=1e-3)
+    assert rate.ci_method == "bootstrap-percentile" and rate.confidence == 0.95
+    assert (rate.ci_low, rate.ci_high) == pytest.approx(garwood, abs=0.02)
+    diameter = figures["diameter_error_mm"]
+    t_low, t_high = stats.t.interval(0.95, n - 1, loc=errors.mean(), scale=stats.sem(errors))
+    assert diameter.value == pytest.approx(errors.mean(), abs=0.01)
+    assert (diameter.ci_low, diameter.ci_high) == pytest.approx((t_low, t_high), abs=0.02)
+    assert diameter.ci_low < diameter.value < diameter.ci_high
+
+
 def test_detection_f1_bootstrap_is_reproducible() -> None:
     cases = [case("a", i, {"findings": [nodule(0)] * (i % 3)},
                   {"nodules": [nodule(0), nodule(40)][: 1 + i % 2]}) for i in range(20)]

@@ -1,6 +1,9 @@
 """Nodule detection against the ground-truth nodules a spoke released
-(``released["nodules"]``): lesion-level sensitivity and precision with binomial intervals,
-F1 with a case-level bootstrap interval, false positives per case, diameter error."""
+(``released["nodules"]``): lesion-level sensitivity and precision with binomial intervals;
+F1, false positives per case and mean diameter error with case-level bootstrap intervals.
+
+Resampling cases, not lesions, because the lesions of one case are not independent (one
+scan's noise or contrast affects all of them); it is how FROC studies report them."""
 
 from __future__ import annotations
 
@@ -65,6 +68,28 @@ def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray):  # type: ignore[no-unty
     return statistic
 
 
+def _ratio(numerator: np.ndarray, denominator: np.ndarray):  # type: ignore[no-untyped-def]
+    """Sum of ``numerator`` over sum of ``denominator`` in each resample of cases."""
+    def statistic(indices: np.ndarray) -> np.ndarray:
+        top, bottom = numerator[indices].sum(axis=1), denominator[indices].sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(bottom > 0, top / bottom, np.nan)
+    return statistic
+
+
+def _with_bootstrap(figure: Figure, statistic, cases: int,  # type: ignore[no-untyped-def]
+                    confidence: float, digits: int) -> Figure:
+    """``figure`` with the percentile bootstrap interval of ``statistic`` over ``cases``."""
+    if figure.value is None:
+        return figure
+    ci = bootstrap_ci(statistic, np.arange(cases), confidence)
+    if ci.low is None or ci.high is None:
+        return figure
+    return figure.model_copy(update={
+        "ci_low": round(ci.low, digits), "ci_high": round(ci.high, digits),
+        "ci_method": "bootstrap-percentile", "confidence": confidence})
+
+
 @register
 class NoduleDetectionAggregator(Aggregator):
     name: ClassVar[str] = "nodule-detection"
@@ -83,25 +108,28 @@ class NoduleDetectionAggregator(Aggregator):
         done = [c for c in cases if c.state == CaseState.SUCCEEDED and c.output]
         counts = [len(lookup(c.output, p.findings) or []) for c in done]
         with_truth = [c for c in done if isinstance(lookup(c.released, p.truth), list)]
-        per_case = []  # (tp, fp, fn) per case with truth
-        errors: list[float] = []
+        per_case = []  # (tp, fp, fn, sum of diameter errors) per case with truth
         for case in with_truth:
             pairs, misses, extras = match_findings(lookup(case.output, p.findings) or [],
                                                    lookup(case.released, p.truth),
                                                    p.min_tolerance_mm)
-            per_case.append((len(pairs), extras, misses))
-            errors += [abs(f["diameter_mm"] - t["diameter_mm"]) for f, t in pairs]
-        tp, fp, fn = (sum(row[i] for row in per_case) for i in range(3))
+            errors = sum(abs(f["diameter_mm"] - t["diameter_mm"]) for f, t in pairs)
+            per_case.append((len(pairs), extras, misses, errors))
+        columns = np.asarray(per_case, dtype=float).reshape(-1, 4).T
+        tp, fp, fn = (int(column.sum()) for column in columns[:3])
         n_truth = len(with_truth)
-        f1 = Figure(value=round(2 * tp / (2 * tp + fp + fn), 4) if 2 * tp + fp + fn else None,
-                    n=n_truth)
-        if f1.value is not None:
-            arrays = np.asarray(per_case, dtype=float).T
-            ci = bootstrap_ci(_f1(*arrays), np.asarray(per_case), p.confidence)
-            if ci.low is not None:
-                f1 = f1.model_copy(update={
-                    "ci_low": round(ci.low, 4), "ci_high": round(ci.high or 0, 4),
-                    "ci_method": "bootstrap-percentile", "confidence": p.confidence})
+
+        def bootstrapped(value: float | None, statistic, n: int,  # type: ignore[no-untyped-def]
+                         digits: int) -> Figure:
+            return _with_bootstrap(number(value, n, digits), statistic, n_truth,
+                                   p.confidence, digits)
+
+        f1 = bootstrapped(2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else None,
+                          _f1(*columns[:3]), n_truth, 4)
+        fp_per_case = bootstrapped(fp / n_truth if n_truth else None,
+                                   _ratio(columns[1], np.ones(n_truth)), n_truth, 3)
+        diameter_error = bootstrapped(columns[3].sum() / tp if tp else None,
+                                      _ratio(columns[3], columns[0]), min(tp, n_truth), 2)
         # Lesion-level proportions are computed over the lesions but disclose the cases
         # they come from, so their n (for suppression) is the number of cases with truth.
         sensitivity = proportion(tp, tp + fn, p.ci_method, p.confidence)
@@ -118,7 +146,6 @@ class NoduleDetectionAggregator(Aggregator):
             "sensitivity": sensitivity.model_copy(update={"n": min(sensitivity.n, n_truth)}),
             "precision": precision.model_copy(update={"n": min(precision.n, n_truth)}),
             "f1": f1,
-            "false_positives_per_case": number(fp / n_truth if n_truth else None, n_truth, 3),
-            "diameter_error_mm": number(sum(errors) / len(errors) if errors else None,
-                                        min(len(errors), n_truth), 2),
+            "false_positives_per_case": fp_per_case,
+            "diameter_error_mm": diameter_error,
         }
