@@ -36,9 +36,10 @@ schemas: $(STAMP)
 test: services lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
+bench: services
 	$(BIN)/python bench/bench_deid.py
 	$(BIN)/python bench/bench_aggregation.py
+	$(BIN)/python bench/bench_recovery.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -1,4 +1,4 @@
-"""The spoke agent. Three kinds of thread share one durable journal:
+"""The spoke agent. Four kinds of thread share one durable journal:
 
 - the *consumer* (:meth:`SpokeAgent.run`) verifies each message from the hub, journals it
   and acknowledges it at once, so no broker message stays unacknowledged while cases run
@@ -6,14 +6,15 @@
 - the *dispatcher* prepares journaled experiments (image checks, an incremental ingest of
   the sources, the cohort from the catalog) and hands queued cases to ``concurrency``
   case workers, each case exactly once; a container mounts only the de-identified store;
+- the *counter* answers journaled count requests (see :mod:`tributary.spoke.counts`),
+  so an ingest a count needs first delays no other message;
 - the *outbox sender* publishes results and statuses in journal order, whenever the
   broker is there (see :mod:`tributary.spoke.outbox`), and the heartbeat reports liveness.
 
 When the site's ``[steward]`` policy asks for it, experiments wait (journaled as ``held``)
 for the data steward's approval and results wait for review before they enter the custody
 chain; the consumer applies the steward's decisions whenever it is idle (see
-:mod:`tributary.spoke.steward`). Count requests are answered at once through the outbox
-(see :mod:`tributary.spoke.counts`).
+:mod:`tributary.spoke.steward`).
 
 After a crash, :meth:`SpokeAgent.recover` removes the containers the dead process left
 and puts interrupted cases back in the queue; finished cases are never run again.
@@ -105,6 +106,7 @@ class SpokeAgent:
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self.stopping = threading.Event()
         self._wake = threading.Event()
+        self._count_wake = threading.Event()
         self._running: dict[tuple[str, str], CaseActivity] = {}
         self._running_lock = threading.Lock()
         self._finish_lock = threading.Lock()
@@ -126,6 +128,8 @@ class SpokeAgent:
         dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher",
                                       daemon=True)
         dispatcher.start()
+        counter = threading.Thread(target=self._count_loop, name="counter", daemon=True)
+        counter.start()
         inbox = spoke_queue(self.config.spoke_id, self.config.broker.federation)
         self.client.subscribe(inbox, self._inbox.put)
         log.info("spoke %s (tributary %s) waiting for experiments", self.config.spoke_id,
@@ -142,7 +146,9 @@ class SpokeAgent:
         finally:
             self.stopping.set()
             self._wake.set()
+            self._count_wake.set()
             dispatcher.join(timeout=30)
+            counter.join(timeout=30)
             with self._running_lock:  # stop containers; their cases run again next start
                 for activity in self._running.values():
                     activity.cancel.set()
@@ -209,6 +215,7 @@ class SpokeAgent:
             self._on_revoked(message)
         elif isinstance(message, CountRequest):
             counts.handle(self, message)
+            self._count_wake.set()
         elif isinstance(message, CancelExperimentMessage):
             self._on_cancel(message)
         elif isinstance(message, RetryCasesMessage):
@@ -406,6 +413,18 @@ class SpokeAgent:
                 self._cohorts.pop(experiment_id, None)
 
     # -- dispatching work ---------------------------------------------------------------------
+    def _count_loop(self) -> None:
+        """Answer journaled count requests (also those a restart left unanswered) on their
+        own thread: the incremental ingest an answer may need holds up no other message."""
+        while not self.stopping.is_set():
+            try:
+                counts.answer_waiting(self)
+            except Exception:
+                log.exception("count answering error; retrying")
+                self.stopping.wait(5)
+            self._count_wake.wait(5.0)
+            self._count_wake.clear()
+
     def _dispatch_loop(self) -> None:
         while not self.stopping.is_set():
             self._wake.wait(1.0)

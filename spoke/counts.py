@@ -64,20 +64,28 @@ def answer(config: SpokeConfig, request: CountRequest,
 
 
 def handle(agent: SpokeAgent, request: CountRequest) -> None:
-    """Answer and audit, then put the signed reply in the spoke's durable outbox (the
-    caller acknowledges the request once this returns). A request redelivered after its
-    reply was journaled is not answered twice."""
-    if agent.journal.handled(request.message_id):
+    """Journal the request (the caller acknowledges it once this returns); the counter
+    thread answers it (:func:`answer_waiting`). A redelivery of a request journaled or
+    answered before is dropped."""
+    if not agent.journal.add_count_request(request):
         agent.audit.append("hub", "message.dropped", request.query_id, {
-            "message_id": request.message_id, "reason": "replay: already answered"})
-        return
-    reply, true_count = answer(agent.config, request, agent._audit)
-    agent.audit.append("hub", "count.answered", request.query_id, {
-        "selection": request.selection.model_dump(mode="json"), "true_count": true_count,
-        "reported_count": reply.count, "fewer_than": reply.fewer_than,
-        "refused": reply.refused, "reply_message_id": reply.message_id})
-    agent.journal.send_later(outgoing(reply, agent.key), handled=(request.message_id,
-                                                                  request.query_id))
-    log.info("count %s answered: %s", request.query_id,
-             reply.count if reply.count is not None else
-             f"fewer than {reply.fewer_than}" if reply.fewer_than else f"refused ({reply.refused})")
+            "message_id": request.message_id, "reason": "replay: already received"})
+
+
+def answer_waiting(agent: SpokeAgent) -> int:
+    """Answer the journaled count requests, oldest first: audit each answer, then put the
+    signed reply in the durable outbox and retire the request in one transaction. Returns
+    how many were answered."""
+    answered = 0
+    for request in agent.journal.count_requests():
+        if agent.stopping.is_set():
+            break
+        reply, true_count = answer(agent.config, request, agent._audit)
+        agent.audit.append("hub", "count.answered", request.query_id, {
+            "selection": request.selection.model_dump(mode="json"), "true_count": true_count,
+            "reported_count": reply.count, "fewer_than": reply.fewer_than,
+            "refused": reply.refused, "reply_message_id": reply.message_id})
+        agent.journal.answer_count(request, outgoing(reply, agent.key))
+        agent.outbox.wake()
+        answered += 1
+    return answered

@@ -13,6 +13,10 @@ promised and not yet finished survives a crash, a kill -9 or a power cut.
   same attempt twice impossible; ``launches`` counts container starts, so a case that keeps
   taking the spoke down is given up after a bounded number of tries.
 - ``results``: each finished case's result, signed into the custody ``chain``.
+- ``count_requests``: count requests acknowledged but not yet answered. Answering one can
+  mean ingesting new files first, which may take long; journaling it lets the broker
+  deliver the next message (a cancellation, say) meanwhile, and an answer cut short by a
+  crash is given after the restart.
 - ``outbox``: every message the hub must receive, already sealed, in the order it must
   arrive. The sender thread publishes and marks rows; a row is sent again (same bytes,
   same ``message_id``) until the broker confirms it, and the hub ignores duplicates.
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tributary.protocol.messages import ExperimentMessage, ResultMessage
+from tributary.protocol.messages import CountRequest, ExperimentMessage, ResultMessage
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -79,6 +83,12 @@ CREATE TABLE IF NOT EXISTS cancellations (
     reason TEXT NOT NULL,
     message_id TEXT NOT NULL,
     cancelled_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS count_requests (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL UNIQUE,
+    message TEXT NOT NULL,
+    received_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -187,6 +197,7 @@ class JournalStatus:
     outbox_unsent: int
     oldest_unsent_at: str | None  # when the oldest message still waiting was written
     revoked_digests: int
+    count_requests: int  # acknowledged, not yet answered
     open: list[ExperimentProgress]  # experiments not yet completed, refused or cancelled
 
 
@@ -485,6 +496,31 @@ class Journal:
         return self._one("SELECT 1 FROM handled_messages WHERE message_id=?",
                          (message_id,)) is not None
 
+    # -- count requests ---------------------------------------------------------------------
+    def add_count_request(self, request: CountRequest) -> bool:
+        """Journal a count request to answer; False if it was answered or journaled before
+        (a redelivery)."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM handled_messages WHERE message_id=?",
+                          (request.message_id,)).fetchone() is not None:
+                return False
+            return db.execute("INSERT OR IGNORE INTO count_requests (message_id, message) "
+                              "VALUES (?, ?)", (request.message_id,
+                                                request.model_dump_json())).rowcount == 1
+
+    def count_requests(self) -> list[CountRequest]:
+        """Count requests still to answer, oldest first."""
+        return [CountRequest.model_validate_json(row[0]) for row in
+                self._all("SELECT message FROM count_requests ORDER BY seq")]
+
+    def answer_count(self, request: CountRequest, reply: Outgoing) -> None:
+        """Queue the reply and retire the request, in one transaction."""
+        with self.transaction() as db:
+            self.enqueue(db, reply)
+            db.execute("INSERT OR IGNORE INTO handled_messages (message_id, experiment_id) "
+                       "VALUES (?, ?)", (request.message_id, request.query_id))
+            db.execute("DELETE FROM count_requests WHERE message_id=?", (request.message_id,))
+
     def mark_handled(self, message_id: str, experiment_id: str) -> None:
         with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO handled_messages (message_id, experiment_id) "
@@ -505,6 +541,7 @@ class Journal:
             cases=tally("SELECT state, COUNT(*) FROM cases GROUP BY state"),
             outbox_unsent=int(unsent[0]), oldest_unsent_at=unsent[1],
             revoked_digests=int(self._one("SELECT COUNT(*) FROM revoked_digests")[0]),
+            count_requests=int(self._one("SELECT COUNT(*) FROM count_requests")[0]),
             open=[ExperimentProgress(row[0], row[1], row[2], row[3], tally(
                 "SELECT state, COUNT(*) FROM cases WHERE experiment_id=? GROUP BY state",
                 (row[0],))) for row in open_rows])

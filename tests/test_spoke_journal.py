@@ -12,6 +12,8 @@ import pytest
 from tributary.protocol.messages import (
     AlgorithmRef,
     CaseStatus,
+    CohortSelection,
+    CountRequest,
     ExperimentMessage,
     Failure,
     FailureReason,
@@ -124,6 +126,25 @@ def test_outbox_keeps_order_across_reopening(tmp_path: Path) -> None:
     reopened = Journal(tmp_path / "journal.db")
     assert [r.message_id for r in reopened.outbox_pending()] == ["m-1", "m-2", "m-3", "m-4"]
     assert reopened.outbox_depth() == 4
+
+
+def test_a_count_request_is_answered_exactly_once_across_restarts(tmp_path: Path) -> None:
+    journal = Journal(tmp_path / "journal.db")
+    first = CountRequest(query_id="q-1", spoke_id="site-a",
+                         selection=CohortSelection(modality="CT"))
+    second = CountRequest(query_id="q-2", spoke_id="site-a")
+    assert journal.add_count_request(first) and journal.add_count_request(second)
+    assert not journal.add_count_request(first)  # redelivered while waiting: dropped
+    journal.close()
+    reopened = Journal(tmp_path / "journal.db")  # a crash before the answer: still there
+    waiting = reopened.count_requests()
+    assert [r.query_id for r in waiting] == ["q-1", "q-2"]
+    assert waiting[0] == first
+    assert reopened.status().count_requests == 2
+    reopened.answer_count(first, Outgoing("reply-1", "count_reply", "{}", {}))
+    assert [r.query_id for r in reopened.count_requests()] == ["q-2"]
+    assert reopened.handled(first.message_id) and reopened.outbox_depth() == 1
+    assert not reopened.add_count_request(first)  # redelivered after its answer: dropped
 
 
 def test_one_spoke_process_per_work_folder(tmp_path: Path) -> None:

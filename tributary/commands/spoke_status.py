@@ -73,6 +73,8 @@ def _show(document: dict[str, Any]) -> None:
                       f"outbox: [yellow]{waiting} message(s) waiting[/] since "
                       f"{journal['oldest_unsent_at']} UTC (the broker unreachable, or "
                       "the agent stopped?)")
+        if journal["count_requests"]:
+            console.print(f"count requests being answered: {journal['count_requests']}")
         if journal["revoked_digests"]:
             console.print(f"revoked images refused: {journal['revoked_digests']}")
         if journal["open"]:
