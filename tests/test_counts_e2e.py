@@ -4,10 +4,13 @@ no case identifier ever reaches the hub."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +123,72 @@ def test_count_across_three_spokes(federation: LocalFederation, unique: str) -> 
         assert len(cases) == sizes[spoke_id]  # the counts came from the spoke's catalog
         for case in cases:
             assert case.case_id.encode() not in hub_db
+
+
+class _HeldPacs(ThreadingHTTPServer):
+    """A DICOMweb service that answers nothing until the test releases it: an ingest that
+    takes as long as the test wants."""
+
+    def __init__(self) -> None:
+        self.asked = threading.Event()
+        self.release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.asked.set()
+                server.release.wait(120)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"[]")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+
+def test_a_count_waiting_for_its_ingest_holds_up_no_other_message(
+        federation: LocalFederation, unique: str) -> None:
+    spoke_id = f"cslow-{unique}"
+    data = federation.root / "count-data" / spoke_id
+    generate_cohort(data, 3, seed=330, site=spoke_id)
+    pacs = _HeldPacs()
+    threading.Thread(target=pacs.serve_forever, daemon=True).start()
+    try:
+        config = federation.add_spoke(spoke_id, data, counts={"min_cell": 1})
+        with config.open("a") as toml:  # a second source, in the PACS that holds every call
+            toml.write(f'\n[[sources]]\nkind = "dicomweb"\nname = "held"\n'
+                       f'url = "http://127.0.0.1:{pacs.server_port}/dicom-web"\n'
+                       "timeout_seconds = 150\n")
+        federation.start_spoke(spoke_id, config)
+        with federation.api() as api:
+            first = api.post("/api/counts", json={"spoke_ids": [spoke_id]}
+                             ).raise_for_status().json()["id"]
+            assert pacs.asked.wait(90), "the spoke never started the ingest before its count"
+            second = api.post("/api/counts", json={"spoke_ids": [spoke_id],
+                                                   "selection": {"modality": "MR"}}
+                              ).raise_for_status().json()["id"]
+        # The second request reaches the spoke while the first one's ingest is held: the
+        # first was journaled and acknowledged at once (the queue's prefetch is one).
+        log = federation.root / "spokes" / spoke_id / "audit.jsonl"
+        deadline = time.monotonic() + 60
+        while not any(e and e["action"] == "message.received" and e["target"] == second
+                      for _, e in read_entries(log)):
+            assert time.monotonic() < deadline, "the second request never reached the spoke"
+            time.sleep(0.3)
+        status = subprocess.run(
+            [sys.executable, "-m", "tributary.cli", "spoke", "status", "--config",
+             str(config), "--json"], capture_output=True, text=True, timeout=60)
+        assert json.loads(status.stdout)["journal"]["count_requests"] == 2, status.stdout
+        with federation.api() as api:
+            assert not api.get(f"/api/counts/{first}").json()["complete"]
+    finally:
+        pacs.release.set()
+    answered = _wait_for_count(federation, first)
+    assert answered["spokes"][0]["count"] == 3
+    no_mr = _wait_for_count(federation, second)["spokes"][0]
+    assert (no_mr["count"], no_mr["fewer_than"]) == (None, 1)  # 0 is below min_cell 1
+    pacs.shutdown()
