@@ -41,6 +41,10 @@ def test_each_plot_is_standalone_svg_with_its_labels() -> None:
     forest = plots.forest([plots.Estimate("north", 0.8, 0.6, 0.9, 10),
                            plots.Estimate("pooled", 0.7, 0.6, 0.8, 20)], "sensitivity")
     assert "0.80 [0.60, 0.90], n=10" in _texts(forest)
+    assert "sensitivity (95% confidence interval)" in _texts(forest)
+    at_90 = plots.forest([plots.Estimate("north", 0.8, 0.65, 0.88, 10)], "sensitivity",
+                         confidence=0.9)
+    assert "sensitivity (90% confidence interval)" in _texts(at_90)
     assert "nodule_count" in _texts(plots.distribution({"north": [1, 2]}, "nodule_count"))
 
 

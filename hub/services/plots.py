@@ -143,7 +143,8 @@ def roc_curves(curves: Mapping[str, Sequence[tuple[float, float]]],
     return _svg(figure, "ROC curves per spoke and pooled")
 
 
-def forest(rows: Sequence[Estimate], metric: str, reference: float | None = None) -> str:
+def forest(rows: Sequence[Estimate], metric: str, reference: float | None = None,
+           confidence: float = 0.95) -> str:
     """A forest plot: each spoke's estimate with its confidence interval, pooled last."""
     figure = _figure(3.6, 0.4 * max(len(rows), 1) + 0.9)
     axes = figure.subplots()
@@ -162,6 +163,7 @@ def forest(rows: Sequence[Estimate], metric: str, reference: float | None = None
         axes.axvline(reference, color="#c3c9d3", linestyle="--", linewidth=1)
     if rows and min(r.low for r in rows) >= 0 and max(r.high for r in rows) <= 1:
         axes.set_xlim(-0.02, 1.02)  # a proportion: show its whole range
-    axes.set_xlabel(f"{metric} (95% confidence interval)")
+    axes.set_xlabel(f"{metric} ({confidence:.0%} confidence interval)")
     _tidy(axes)
-    return _svg(figure, f"Forest plot of {metric} per spoke with 95% confidence intervals")
+    return _svg(figure, f"Forest plot of {metric} per spoke with {confidence:.0%} confidence "
+                        "intervals")

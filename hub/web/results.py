@@ -141,6 +141,9 @@ def results_view(experiment: ExperimentRead, report: AggregateRead, cases: list[
     if metric is not None:
         label = next(c.label for c in report.columns if c.key == metric)
         rows_ = forest_rows(report, metric)
+        levels = {f.confidence for g in report.groups.values()
+                  if (f := g.figures.get(metric)) is not None and f.confidence}
         if rows_ and not all(math.isnan(r.value) for r in rows_):
-            view.figures[f"{label} per spoke"] = plots.forest(rows_, label)
+            view.figures[f"{label} per spoke"] = plots.forest(
+                rows_, label, confidence=levels.pop() if len(levels) == 1 else 0.95)
     return view
