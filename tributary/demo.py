@@ -11,7 +11,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from tributary import services
 from tributary.compose import ComposeFederation
@@ -25,6 +24,7 @@ from tributary.federation import (
 from tributary.protocol.registry import RegistryClient, split_repository
 from tributary.protocol.release import PREDICATE_TYPE, sign_release
 from tributary.protocol.signing import SigningKey
+from tributary.results_table import aggregate_table
 from tributary.services.broker_security import (
     generate_broker_config,
     start_broker,
@@ -34,28 +34,6 @@ from tributary.services.settings import ServiceSettings
 
 SITES = [("northfield", "Northfield General Hospital"), ("riverside", "Riverside Medical Centre"),
          ("stclare", "St Clare University Hospital"), ("lakeside", "Lakeside Clinic")]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def aggregate_table(report: dict[str, Any]) -> Table:
-    """Figures as rows and spokes as columns, so the table fits a terminal."""
-    table = Table(title=f"Aggregated results ({report['aggregator']})")
-    table.add_column("figure", style="bold")
-    for group in report["groups"]:
-        table.add_column(group, justify="right", style="bold" if group == "pooled" else None)
-    for key, label in (("cases", "Cases"), ("succeeded", "Done"), ("failed", "Failed")):
-        table.add_row(label, *(_cell(group[key]) for group in report["groups"].values()))
-    for column in report["columns"]:
-        table.add_row(column["label"], *(
-            "suppressed" if (group["figures"].get(column["key"]) or {}).get("suppressed")
-            else _cell((group["figures"].get(column["key"]) or {}).get("value"))
-            for group in report["groups"].values()))
-    return table
 
 
 def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,

@@ -22,6 +22,7 @@ from e2e_helpers import add_attribute, wait_for
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.protocol.broker import BrokerSettings, StompClient
 from tributary.protocol.destinations import results_queue
+from tributary.results_table import figure_cell
 from tributary.services.browser import CHROMIUM_ARGS, ensure_chromium
 from tributary.services.settings import ServiceSettings
 
@@ -255,6 +256,19 @@ def test_study_cli_launch_watch_fetch(federation: LocalFederation, study: dict[s
     rows = (tmp_path / "out" / f"{experiment_id}-results.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and "spoke_id" in rows[0]
     assert (tmp_path / "out" / f"{experiment_id}-aggregate.csv").read_text().count("pooled")
+
+    shown = subprocess.run([*cli, "show", experiment_id], env={**env, "COLUMNS": "200"},
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert f"({experiment_id}): completed, 4/4 cases finished" in shown.stdout
+    pooled = aggregate["groups"]["pooled"]
+    figures = {c["key"]: c["label"] for c in aggregate["columns"]}
+    for key, figure in pooled["figures"].items():  # each row as the hub computed it
+        row = next(line for line in shown.stdout.splitlines()
+                   if line.strip("│ ").startswith(figures[key] + " "))
+        assert row.rstrip(" │").endswith(figure_cell(figure)), (key, row)
+    small = [k for k, f in pooled["figures"].items() if f["suppressed"]]
+    assert not small or "suppressed: computed over fewer than" in shown.stdout
 
     no_token = subprocess.run([*cli, "watch", experiment_id],
                               env={**env, "TRIBUTARY_TOKEN": "wrong"},

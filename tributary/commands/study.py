@@ -1,5 +1,6 @@
 """``tributary study``: a coordinator's common tasks from a terminal, through the hub's REST
-API (the same endpoints the dashboard uses): launch a study, watch it, fetch its results.
+API (the same endpoints the dashboard uses): launch a study, watch it, show its aggregated
+results, fetch them as files.
 
 The hub address and a bearer token come from options or ``TRIBUTARY_HUB_URL`` and
 ``TRIBUTARY_TOKEN`` (``POST /api/auth/token`` issues one)."""
@@ -151,6 +152,33 @@ def watch(
                   + (f", [red]{failed} case(s) failed[/]" if failed else ""))
     if failed:
         raise typer.Exit(1)
+
+
+@app.command("show")
+def show(
+    experiment_id: Annotated[str, typer.Argument(help="The experiment's id.")],
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+    as_json: Annotated[bool, typer.Option("--json", help="The aggregate report as JSON.")
+                       ] = False,
+) -> None:
+    """The study's state and its aggregated results: per spoke and pooled, each figure with
+    its confidence interval, small cells suppressed (as on the dashboard)."""
+    from tributary.results_table import aggregate_table
+
+    with _client(hub, token) as client:
+        experiment = _check(client.get(f"/api/experiments/{experiment_id}"), "study")
+        report = _check(client.get(f"/api/experiments/{experiment_id}/aggregate"),
+                        "aggregate")
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    done = sum(t["succeeded"] + t["failed"] for t in experiment["targets"])
+    counts = [t["case_count"] for t in experiment["targets"]]
+    total = "?" if None in counts else sum(counts)  # a spoke has not selected its cohort
+    console.print(f"[bold]{experiment['name']}[/] ({experiment_id}): {experiment['state']}, "
+                  f"{done}/{total} cases finished")
+    console.print(aggregate_table(report))
 
 
 @app.command("fetch")
