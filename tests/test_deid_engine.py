@@ -215,6 +215,22 @@ def test_safe_private_keeps_only_listed_attributes(pseudonyms: Pseudonymizer) ->
     assert "HID-" not in str(nested.get("PatientID", ""))
 
 
+def test_institution_identity_goes_unless_the_study_retains_it(
+        pseudonyms: Pseudonymizer) -> None:
+    basic = Deidentifier(pseudonyms).deidentify(patient_instance(5, 1), "c-5")
+    # X/Z/D: a keyed pseudonym where the IOD needs a value; the address (X) goes.
+    assert "Quintessa" not in str(basic.get("InstitutionName", ""))
+    assert "InstitutionAddress" not in basic
+    options = DeidOptions(retain_institution_identity=True)
+    kept = Deidentifier(pseudonyms, options).deidentify(patient_instance(5, 1), "c-5")
+    assert kept.InstitutionName == "Saint Quintessa Infirmary"
+    assert kept.InstitutionAddress == "1 Quayside Road, Porthmere"
+    assert not kept.get("PatientBirthDate") and kept.PatientID == "c-5"  # the rest as basic
+    assert [i.CodeValue for i in kept.DeidentificationMethodCodeSequence] == \
+        ["113100", "113112"]
+    assert "Retain Institution Identity Option" in Deidentifier(pseudonyms, options).profile
+
+
 def test_same_patient_links_across_runs_and_patients_never_collide(tmp_path: Path) -> None:
     key = tmp_path / "pseudonym.key"
     first, second = Pseudonymizer.from_key_file(key), Pseudonymizer.from_key_file(key)

@@ -71,6 +71,10 @@ class DeidOptions(BaseModel):
     retain_device_identity: bool = Field(
         False, description="Retain Device Identity (113109): serial numbers, station "
                            "names...")
+    retain_institution_identity: bool = Field(
+        False, description="Retain Institution Identity (113112): institution name, address "
+                           "and department, and the clinical trial site. Off by default: "
+                           "a multicentre study that compares sites may choose it.")
     clean_descriptors: bool = Field(
         False, description="Clean Descriptors (113105): keep descriptions with every "
                            "identifier found in the instance scrubbed out.")
@@ -95,6 +99,7 @@ class DeidOptions(BaseModel):
             (self.retain_modified_dates, "113107"),
             (self.retain_patient_characteristics, "113108"),
             (self.retain_device_identity, "113109"), (self.retain_safe_private, "113111"),
+            (self.retain_institution_identity, "113112"),
         ) if flag]
         return codes
 

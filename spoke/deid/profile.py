@@ -30,7 +30,7 @@ _BASIC_COLUMNS = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U",
                   "X_Z_D_TAGS": "X/Z/D", "X_Z_U_STAR_TAGS": "X/Z/U*"}
 _OPTION_FLAGS = {"retain_modified_dates": "113107", "retain_patient_characteristics": "113108",
                  "retain_device_identity": "113109", "clean_descriptors": "113105",
-                 "retain_safe_private": "113111"}
+                 "retain_safe_private": "113111", "retain_institution_identity": "113112"}
 _CODE_NAMES = {
     "113100": "BasicApplicationConfidentialityProfile",
     "113101": "CleanPixelDataOption",
@@ -39,6 +39,7 @@ _CODE_NAMES = {
     "113108": "RetainPatientCharacteristicsOption",
     "113109": "RetainDeviceIdentityOption",
     "113111": "RetainSafePrivateOption",
+    "113112": "RetainInstitutionIdentityOption",
 }
 #: Tags whose dictionary VR is UI or SQ: attributes the table does not list are still
 #: remapped (UIDs) or walked into (sequences), so no instance UID or nested identifier

@@ -59,6 +59,9 @@ def main(
         help="Retain Patient Characteristics (sex, age, size, weight...).")] = None,
     retain_device_identity: Annotated[bool | None, typer.Option(
         help="Retain Device Identity (serial numbers, station names...).")] = None,
+    retain_institution_identity: Annotated[bool | None, typer.Option(
+        help="Retain Institution Identity (institution name, address, department).")
+    ] = None,
     clean_descriptors: Annotated[bool | None, typer.Option(
         help="Clean Descriptors: keep descriptions, identifiers scrubbed out.")] = None,
     retain_safe_private: Annotated[bool | None, typer.Option(
@@ -107,6 +110,7 @@ def main(
     chosen = {"retain_modified_dates": retain_modified_dates,
               "retain_patient_characteristics": retain_patient_characteristics,
               "retain_device_identity": retain_device_identity,
+              "retain_institution_identity": retain_institution_identity,
               "clean_descriptors": clean_descriptors,
               "retain_safe_private": retain_safe_private, "allow_burned_in": allow_burned_in,
               "clean_pixel_data": clean_pixel_data,
