@@ -41,7 +41,7 @@ def aggregate_table(report: dict[str, Any]) -> Table:
         suppressed = f"suppressed: computed over fewer than {k} cases" if k else "suppressed"
         caption = f"{caption}; {suppressed}" if caption else suppressed
     table = Table(title=f"Aggregated results ({report['aggregator']})", caption=caption)
-    table.add_column("figure", style="bold")
+    table.add_column("figure", style="bold", no_wrap=True)
     for group in groups:
         table.add_column(group, justify="right", style="bold" if group == "pooled" else None)
     for key, label in COUNTS:
