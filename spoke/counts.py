@@ -87,5 +87,9 @@ def answer_waiting(agent: SpokeAgent) -> int:
             "refused": reply.refused, "reply_message_id": reply.message_id})
         agent.journal.answer_count(request, outgoing(reply, agent.key))
         agent.outbox.wake()
+        log.info("count %s answered: %s", request.query_id,
+                 reply.count if reply.count is not None else
+                 f"fewer than {reply.fewer_than}" if reply.fewer_than
+                 else f"refused ({reply.refused})")
         answered += 1
     return answered

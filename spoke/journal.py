@@ -238,15 +238,10 @@ class Journal:
                    "VALUES (?, ?, ?, ?)", (outgoing.message_id, outgoing.kind, outgoing.body,
                                            json.dumps(outgoing.summary, default=str)))
 
-    def send_later(self, outgoing: Outgoing,
-                   handled: tuple[str, str] | None = None) -> None:
-        """Queue ``outgoing``; with ``handled`` (message id, subject), record in the same
-        transaction that the hub message it answers has been dealt with."""
+    def send_later(self, outgoing: Outgoing) -> None:
+        """Queue ``outgoing`` on its own (a message that answers no journaled request)."""
         with self.transaction() as db:
             self.enqueue(db, outgoing)
-            if handled is not None:
-                db.execute("INSERT OR IGNORE INTO handled_messages (message_id, experiment_id) "
-                           "VALUES (?, ?)", handled)
 
     def outbox_pending(self, limit: int = 100) -> list[OutboxRow]:
         """Unsent messages, oldest first: the order they must reach the hub in."""
