@@ -193,6 +193,10 @@ class CountRequest(_Message):
     spoke_id: str
     selection: CohortSelection = Field(default_factory=CohortSelection)
     expires_at: datetime | None = None
+    requested_by: str | None = Field(
+        None, min_length=1, max_length=200,
+        description="The hub user who asked: the spoke keeps each requester's history of "
+        "answers and query budget, and answers no request without one.")
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 

@@ -78,6 +78,9 @@ class CountPolicy(BaseModel):
     enabled: bool = True
     #: Small-cell suppression: a count below this is reported only as "fewer than k".
     min_cell: int = Field(5, ge=1, le=1000)
+    #: Counts each requester may ask in ``budget_days`` (refused ones included).
+    query_budget: int = Field(100, ge=1, le=100_000)
+    budget_days: int = Field(30, ge=1, le=3650)
 
 
 class LivenessSettings(BaseModel):

@@ -2,6 +2,8 @@
 small-cell suppression. Only a number (or "fewer than k") leaves; never a case, a
 pseudonym or an attribute. A count below ``[counts] min_cell`` is reported as
 "fewer than min_cell" so that a rare combination of criteria cannot single out a patient.
+A count selects no case ids and caps nothing, and an answer within k of an earlier one for
+the same requester is refused (:mod:`tributary.spoke.count_guard`).
 Counts come from the spoke's catalog, like experiments' cohorts, so a count is exactly the
 size of the cohort an experiment with the same selection would get."""
 
@@ -12,9 +14,11 @@ import sqlite3
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from tributary.protocol.count_policy import count_selection_problem
 from tributary.protocol.messages import CohortSelection, CountReply, CountRequest
 from tributary.spoke.catalog import SelectionRefused
 from tributary.spoke.config import SpokeConfig
+from tributary.spoke.count_guard import CountHistory, check
 from tributary.spoke.custody import outgoing
 from tributary.spoke.ingest import Audit, open_catalog, refresh_catalog
 
@@ -53,14 +57,27 @@ def answer(config: SpokeConfig, request: CountRequest,
         return refuse("this site does not answer count requests")
     if request.expires_at is not None and request.expires_at < datetime.now(UTC):
         return refuse("count request expired")
-    try:
-        count = matching_cases(config, request.selection, audit, request.query_id)
-    except SelectionRefused as exc:
-        return refuse(str(exc))
-    except (OSError, ValueError, sqlite3.Error) as exc:
-        log.exception("count %s failed", request.query_id)
-        return refuse(f"the site could not read its cases: {type(exc).__name__}")
-    return suppress(request.query_id, config.spoke_id, count, config.counts.min_cell), count
+    requester = request.requested_by
+    if requester is None:
+        return refuse("the request names no requester; counts are answered per requester")
+    policy = config.counts
+    with CountHistory(config.work_dir / "count_history.db") as history:
+        problem = count_selection_problem(request.selection)
+        if problem is None:
+            try:
+                count = matching_cases(config, request.selection, audit, request.query_id)
+            except SelectionRefused as exc:
+                problem = str(exc)
+            except (OSError, ValueError, sqlite3.Error) as exc:
+                log.exception("count %s failed", request.query_id)
+                return refuse(f"the site could not read its cases: {type(exc).__name__}")
+        if problem is None:
+            problem = check(history, requester, count, policy.min_cell, policy.query_budget,
+                            policy.budget_days).refused
+        history.record(requester, request.query_id, None if problem else count)
+    if problem is not None:
+        return refuse(problem)
+    return suppress(request.query_id, config.spoke_id, count, policy.min_cell), count
 
 
 def handle(agent: SpokeAgent, request: CountRequest) -> None:

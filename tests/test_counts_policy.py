@@ -121,3 +121,32 @@ def test_steward_decisions_are_durable_and_single(tmp_path: Path) -> None:
     assert out.failure is not None and out.failure.reason == "withheld"
     assert "too specific" in out.failure.detail
     desk.close()
+
+
+def test_a_count_within_k_of_an_earlier_one_is_refused_and_budgets_run_out(
+        tmp_path: Path) -> None:
+    from tributary.spoke.count_guard import CountHistory, check
+
+    with CountHistory(tmp_path / "count_history.db") as history:
+        history.record("alice", "q-1", 20)
+        for differencing in (19, 16, 21, 24):
+            assert "fewer than 5" in (check(history, "alice", differencing, 5, 100, 30)
+                                      .refused or ""), differencing
+        for fine in (20, 15, 25, 3):
+            assert check(history, "alice", fine, 5, 100, 30).refused is None, fine
+        assert check(history, "bob", 19, 5, 100, 30).refused is None  # per requester
+        history.record("bob", "q-2", 3)
+        assert check(history, "bob", 1, 5, 100, 30).refused is None  # two small cells
+        history.record("bob", "q-3", None)  # a refusal spends budget too
+        assert "budget" in (check(history, "bob", 50, 5, 2, 30).refused or "")
+        assert check(history, "bob", 50, 5, 3, 30).refused is None
+    with CountHistory(tmp_path / "count_history.db") as reopened:  # the history is durable
+        assert reopened.answered("alice") == [20]
+
+
+def test_counts_name_no_case_and_cap_nothing() -> None:
+    from tributary.protocol.count_policy import count_selection_problem
+
+    assert count_selection_problem(CohortSelection(min_slices=30)) is None
+    assert "case_ids" in (count_selection_problem(CohortSelection(case_ids=["c-1"])) or "")
+    assert "max_cases" in (count_selection_problem(CohortSelection(max_cases=3)) or "")

@@ -11,6 +11,7 @@ from tributary.hub.models import CountQuery, Role, Spoke
 from tributary.hub.services.counts import count_read, create_query, publish_query
 from tributary.hub.services.enrolment import active_keys
 from tributary.protocol.broker import PublishError, StompClient
+from tributary.protocol.count_policy import count_selection_problem
 
 router = APIRouter(prefix="/api/counts", tags=["counts"], dependencies=[Depends(current_user)])
 
@@ -24,7 +25,11 @@ def create_count(body: CountCreate, request: Request, session: Session = Depends
                  broker: StompClient = Depends(get_broker),
                  actor: str = Depends(acting(Role.COORDINATOR))) -> CountRead:
     """Ask each spoke how many of its cases match ``selection``; answers arrive
-    asynchronously: poll ``GET /api/counts/{id}``."""
+    asynchronously: poll ``GET /api/counts/{id}``. A count may not select case ids or cap
+    its cases (422); each spoke refuses answers that difference out fewer than k cases."""
+    problem = count_selection_problem(body.selection)
+    if problem is not None:
+        raise HTTPException(422, problem)
     unknown = [s for s in body.spoke_ids if session.get(Spoke, s) is None]
     if unknown:
         raise HTTPException(422, f"unknown spokes: {', '.join(unknown)}")

@@ -56,7 +56,7 @@ def publish_query(session: Session, client: StompClient, key: SigningKey,
             continue
         message = CountRequest(query_id=query.id, spoke_id=answer.spoke_id,
                                selection=CohortSelection.model_validate(query.selection),
-                               expires_at=query.expires_at)
+                               expires_at=query.expires_at, requested_by=query.created_by)
         headers = {"tributary-kind": message.kind}
         if query.expires_at is not None:
             headers["expires"] = str(int(query.expires_at.timestamp() * 1000))

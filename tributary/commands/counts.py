@@ -58,11 +58,10 @@ def ask(
     token: TokenOption,
     modality: Annotated[str | None, typer.Option(help="Cases with a series of this "
                                                       "modality.")] = "CT",
-    max_cases: Annotated[int | None, typer.Option(min=1)] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for every answer.")] = 60,
 ) -> None:
     """Send a count to the spokes and show their answers as they arrive."""
-    selection = {"modality": modality, "max_cases": max_cases}
+    selection = {"modality": modality}
     with _client(hub, token) as client:
         response = client.post("/api/counts", json={"selection": selection, "spoke_ids": spoke})
         _fail(response)
