@@ -87,3 +87,12 @@ def test_exports_and_the_terminal_table_show_no_n_below_k() -> None:
     rendered: Any = aggregate_table(report.model_dump(mode="json"))
     small = next(c for c in rendered.columns if c.header == "small")
     assert "suppressed" in list(small.cells)
+
+
+def test_suppressing_a_suppressed_table_again_changes_nothing() -> None:
+    """Stored snapshots are suppressed again when read: that must be a no-op."""
+    from tributary.hub.aggregation.suppression import suppress_table
+
+    aggregator = get_aggregator("binary-classification", {"score": "p", "label": "diagnosis"})
+    groups = run(aggregator, ["big", "mid", "small"], cohort(), min_cell_size=K).groups
+    assert suppress_table(groups, "pooled", K) == groups

@@ -145,7 +145,12 @@ def test_small_cells_are_suppressed_in_every_export(hub: tuple[TestClient, Sessi
             assert east["figures"][key]["ci_low"] is None
         assert east["roc"] == {"positives": None, "negatives": None, "points": [],
                                "suppressed": reason}
-        assert north["figures"]["auc"]["suppressed"] is None and north["roc"]["points"]
+        # east's AUC is withheld; so is north's (the only other spoke), or pooled minus
+        # north would give east's back; the pooled AUC is shown.
+        assert north["figures"]["auc"]["suppressed"].startswith("withheld so that")
+        assert north["figures"]["auc"]["n"] is None and east["figures"]["auc"]["n"] is None
+        assert report["groups"]["pooled"]["figures"]["auc"]["value"] is not None
+        assert north["roc"]["points"]
         # pooled: 8 positives, 7 negatives -> shown
         assert report["groups"]["pooled"]["figures"]["specificity"]["value"] is not None
         assert report["min_cell_size"] == 5
@@ -160,8 +165,10 @@ def test_small_cells_are_suppressed_in_every_export(hub: tuple[TestClient, Sessi
             assert east[key]["value"] == "" and east[key]["suppressed"] == reason
             assert east[key]["ci_low"] == east[key]["ci_high"] == ""
         north = figure_rows(rows, "north")
-        assert float(north["auc"]["value"]) == pytest.approx(31 / 36, abs=1e-4)
-        assert north["auc"]["ci_method"] == "delong" and north["auc"]["suppressed"] == ""
+        assert north["auc"]["value"] == north["auc"]["n"] == ""
+        assert north["auc"]["suppressed"].startswith("withheld so that")
+        pooled = figure_rows(rows, "pooled")
+        assert pooled["auc"]["ci_method"] == "delong" and pooled["auc"]["suppressed"] == ""
         assert figure_rows(rows, "pooled")["cases"]["value"] == "16"  # with the queued n-fail
     roc = csv_rows(client.get("/api/experiments/exp-roc/roc.csv").text)
     assert [r for r in roc if r["group"] == "east"] == [

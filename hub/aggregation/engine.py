@@ -1,6 +1,7 @@
 """Runs an aggregator over an experiment's cases: one group per targeted spoke and one
-pooled group, each suppressed against k. Pure: no database, so it is tested on plain
-inputs and gives the same figures wherever it runs (hub process or Celery worker)."""
+pooled group, suppressed against k as one table (primary and complementary). Pure: no
+database, so it is tested on plain inputs and gives the same figures wherever it runs (hub
+process or Celery worker)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 
 from tributary.hub.aggregation.base import Aggregator, CaseView
 from tributary.hub.aggregation.report import POOLED, Column, GroupReport
-from tributary.hub.aggregation.suppression import suppress_group
+from tributary.hub.aggregation.suppression import suppress_table
 
 
 @dataclass(frozen=True)
@@ -25,4 +26,4 @@ def run(aggregator: Aggregator, spokes: list[str], cases: list[CaseView],
            for spoke in sorted(spokes)]
     raw.append(aggregator.group(POOLED, cases, pooled=True))
     return Aggregate(columns=aggregator.columns(raw),
-                     groups={g.group: suppress_group(g, min_cell_size) for g in raw})
+                     groups=suppress_table({g.group: g for g in raw}, POOLED, min_cell_size))

@@ -17,9 +17,10 @@ class Figure(BaseModel):
 
     value: float | int | None = Field(
         description="The figure; null when there is no data or when it is suppressed.")
-    n: int = Field(description="Cases the figure is computed over; decides suppression "
-                               "(a proportion's denominator, a count itself, the smaller "
-                               "class for an AUC).")
+    n: int | None = Field(description="Cases the figure is computed over; decides "
+                                      "suppression (a proportion's denominator, a count "
+                                      "itself, the smaller class for an AUC). Null when the "
+                                      "figure is suppressed.")
     ci_low: float | None = Field(None, description="Lower confidence limit.")
     ci_high: float | None = Field(None, description="Upper confidence limit.")
     ci_method: str | None = Field(None, description="How the interval was computed, e.g. "

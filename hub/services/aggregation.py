@@ -25,6 +25,7 @@ from tributary.hub.aggregation import (
 )
 from tributary.hub.aggregation.detection import match_findings
 from tributary.hub.aggregation.report import SnapshotInfo
+from tributary.hub.aggregation.suppression import suppress_table
 from tributary.hub.models import (
     FINAL_CASE_STATES,
     AggregateSnapshot,
@@ -117,10 +118,14 @@ def refresh(session: Session, experiment_id: str, min_cell_size: int) -> Aggrega
 
 
 def read_snapshot(snapshot: AggregateSnapshot, current: bool = True) -> AggregateRead:
-    return AggregateRead(experiment_id=snapshot.experiment_id, version=snapshot.version,
-                         computed_at=snapshot.computed_at, results=snapshot.results,
-                         min_cell_size=snapshot.min_cell_size, current=current,
-                         **snapshot.report)
+    """A stored snapshot, suppressed again on the way out: snapshots stored before
+    complementary suppression still held recoverable figures and n's below k."""
+    report = AggregateRead(experiment_id=snapshot.experiment_id, version=snapshot.version,
+                           computed_at=snapshot.computed_at, results=snapshot.results,
+                           min_cell_size=snapshot.min_cell_size, current=current,
+                           **snapshot.report)
+    report.groups = suppress_table(report.groups, POOLED, snapshot.min_cell_size)
+    return report
 
 
 #: How long a snapshot may lag behind the results before a read asks for a new one;
