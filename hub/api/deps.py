@@ -83,3 +83,19 @@ def acting(*roles: Role) -> Callable[..., str]:
         return user.username
 
     return actor
+
+
+#: The one authorization rule for per-case data (a case's outputs, released attributes,
+#: failure details, the list of cases): coordinators, and admins. Every route, page and
+#: event stream that shows cases asks :func:`may_see_cases` or depends on
+#: :data:`case_reader`; aggregates (small-cell suppressed) stay open to every signed-in user.
+CASE_READER_ROLES: tuple[Role, ...] = (Role.COORDINATOR,)
+
+
+def may_see_cases(user: User) -> bool:
+    """Whether ``user`` may see per-case data."""
+    return Role.ADMIN in user.roles or any(r in user.roles for r in CASE_READER_ROLES)
+
+
+#: A dependency admitting only users who may see per-case data; yields the username.
+case_reader = acting(*CASE_READER_ROLES)

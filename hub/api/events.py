@@ -19,12 +19,13 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
-from tributary.hub.api.deps import current_user
+from tributary.hub.api.deps import current_user, may_see_cases
 from tributary.hub.models import (
     TERMINAL_TARGET_STATES,
     Experiment,
     ExperimentState,
     TargetState,
+    User,
 )
 from tributary.hub.services.progress import case_reads, experiment_read
 
@@ -38,16 +39,18 @@ LIVE_STATES = {ExperimentState.DRAFT.value, ExperimentState.LAUNCHED.value}
 SETTLED_TARGET_STATES = {s.value for s in TERMINAL_TARGET_STATES} | {TargetState.PENDING.value}
 
 
-def experiment_snapshot(engine: Engine, experiment_id: str,
-                        online_seconds: float) -> dict[str, Any] | None:
-    """The experiment with its per-spoke progress and every case (None if unknown)."""
+def experiment_snapshot(engine: Engine, experiment_id: str, online_seconds: float,
+                        with_cases: bool = True) -> dict[str, Any] | None:
+    """The experiment with its per-spoke progress and every case (None if unknown); the
+    cases only ``with_cases`` (a user who may see per-case data), else an empty list."""
     with Session(engine) as session:
         experiment = session.get(Experiment, experiment_id)
         if experiment is None:
             return None
         read = experiment_read(session, experiment, online_seconds)
+        cases = case_reads(session, experiment_id) if with_cases else []
         return {"experiment": read.model_dump(mode="json"),
-                "cases": [c.model_dump(mode="json") for c in case_reads(session, experiment_id)]}
+                "cases": [c.model_dump(mode="json") for c in cases]}
 
 
 def experiments_snapshot(engine: Engine, online_seconds: float) -> dict[str, Any]:
@@ -106,13 +109,17 @@ def experiments_events(request: Request) -> StreamingResponse:
 
 @router.get("/{experiment_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-def experiment_events(experiment_id: str, request: Request) -> StreamingResponse:
+def experiment_events(experiment_id: str, request: Request,
+                      user: User = Depends(current_user)) -> StreamingResponse:
     """SSE stream of one experiment: ``progress`` events with ``{"experiment": ...,
     "cases": [...]}`` (as ``GET /api/experiments/{id}`` and ``.../cases``) whenever they
     change, then ``end`` once it is over (completed or
-    cancelled, and every spoke settled)."""
+    cancelled, and every spoke settled). ``cases`` is empty for a user who may not see
+    per-case data."""
     engine, window = request.app.state.engine, request.app.state.settings.spoke_online_seconds
+    with_cases = may_see_cases(user)
     if experiment_snapshot(engine, experiment_id, window) is None:
         raise HTTPException(404, f"no experiment {experiment_id!r}")
-    return _response(_stream(request, lambda: experiment_snapshot(engine, experiment_id, window),
-                             is_over))
+    return _response(_stream(
+        request, lambda: experiment_snapshot(engine, experiment_id, window, with_cases),
+        is_over))

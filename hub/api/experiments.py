@@ -14,6 +14,7 @@ from sqlmodel import Session, select
 from tributary.bundle import write_bundle, zip_bundle
 from tributary.hub.api.deps import (
     acting,
+    case_reader,
     current_user,
     get_broker,
     get_or_404,
@@ -202,9 +203,10 @@ def retry_cases(experiment_id: str, request: Request, body: RetryBody | None = N
 
 
 @router.get("/{experiment_id}/cases", response_model=list[CaseRead])
-def list_cases(experiment_id: str, session: Session = Depends(get_session)) -> list[CaseRead]:
+def list_cases(experiment_id: str, session: Session = Depends(get_session),
+               _reader: str = Depends(case_reader)) -> list[CaseRead]:
     """Every case with its latest result, live progress while it runs, and the history of
-    its attempts."""
+    its attempts (per-case data: coordinators only)."""
     _get(session, experiment_id)
     return case_reads(session, experiment_id)
 

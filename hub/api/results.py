@@ -10,7 +10,14 @@ from fastapi.responses import Response
 from sqlmodel import Session
 
 from tributary.hub.aggregation.report import AggregateRead, ResultRow, SnapshotInfo
-from tributary.hub.api.deps import acting, current_user, get_or_404, get_session, get_settings
+from tributary.hub.api.deps import (
+    acting,
+    case_reader,
+    current_user,
+    get_or_404,
+    get_session,
+    get_settings,
+)
 from tributary.hub.models import Experiment, Role, User
 from tributary.hub.services import aggregation, audit, exports
 from tributary.hub.settings import HubSettings
@@ -117,7 +124,7 @@ def _results(session: Session, experiment_id: str, actor: str, fmt: str) -> list
             responses={200: {"content": {"text/csv": {}}}})
 def get_results(experiment_id: str, format: Format = "json",
                 session: Session = Depends(get_session),
-                actor: str = Depends(acting(Role.COORDINATOR))) -> list[ResultRow] | Response:
+                actor: str = Depends(case_reader)) -> list[ResultRow] | Response:
     """Every case: spoke, pseudonym, state, attempt, flattened outputs and released
     attributes (what the spokes released; no small-cell rule applies to single cases)."""
     rows = _results(session, experiment_id, actor, format)
@@ -128,12 +135,12 @@ def get_results(experiment_id: str, format: Format = "json",
 
 @router.get("/{experiment_id}/results.json", response_model=list[ResultRow])
 def export_results_json(experiment_id: str, session: Session = Depends(get_session),
-                        actor: str = Depends(acting(Role.COORDINATOR))) -> list[ResultRow]:
+                        actor: str = Depends(case_reader)) -> list[ResultRow]:
     return _results(session, experiment_id, actor, "json")
 
 
 @router.get("/{experiment_id}/results.csv", response_class=Response, responses=CSV)
 def export_results_csv(experiment_id: str, session: Session = Depends(get_session),
-                       actor: str = Depends(acting(Role.COORDINATOR))) -> Response:
+                       actor: str = Depends(case_reader)) -> Response:
     rows = _results(session, experiment_id, actor, "csv")
     return _csv(exports.results_csv(rows), f"{experiment_id}-results.csv")

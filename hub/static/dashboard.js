@@ -264,10 +264,14 @@ function wireLiveExperiment() {
     });
     document.getElementById("progress").replaceChildren(
       ...experiment.targets.map((t) => el("tr", { "data-spoke": t.spoke_id }, progressCells(t))));
+    // Users who may not see per-case data get no cases and have no case table.
+    const table = document.getElementById("cases");
     const rows = cases.map((c) => el("tr", {}, caseCells(c)));
-    document.getElementById("cases").replaceChildren(
+    if (table) table.replaceChildren(
       ...(rows.length ? rows : [el("tr", {}, el("td", { colspan: "5" }, "No case has started yet."))]));
-    const done = cases.filter((c) => c.state === "succeeded" || c.state === "failed").length;
+    const done = table
+      ? cases.filter((c) => c.state === "succeeded" || c.state === "failed").length
+      : JSON.stringify(experiment.targets);
     const key = `${experiment.state}:${done}`;
     if (key !== finished) { finished = key; scheduleResults(); }
   });

@@ -18,7 +18,13 @@ from sqlmodel import Session, select
 from tributary.hub.api import algorithms as algorithms_api
 from tributary.hub.api import audit as audit_api
 from tributary.hub.api import spokes as spokes_api
-from tributary.hub.api.deps import TOKEN_COOKIE, bearer_scheme, current_user, get_session
+from tributary.hub.api.deps import (
+    TOKEN_COOKIE,
+    bearer_scheme,
+    current_user,
+    get_session,
+    may_see_cases,
+)
 from tributary.hub.models import (
     CountAnswer,
     CountAnswerState,
@@ -154,12 +160,15 @@ def _experiment_or_404(session: Session, experiment_id: str) -> Experiment:
 
 
 def _results_context(request: Request, session: Session, experiment: Experiment,
-                     quantity: str | None, metric: str | None) -> dict[str, Any]:
-    """What GET /api/experiments/{id}, .../cases and .../aggregate return, for the page."""
+                     quantity: str | None, metric: str | None, user: User) -> dict[str, Any]:
+    """What GET /api/experiments/{id}, .../cases and .../aggregate return to ``user``, for
+    the page: no case (nor any distribution of per-case outputs) for a user who may not see
+    per-case data."""
     read = experiment_read(session, experiment, request.app.state.settings.spoke_online_seconds)
-    cases = case_reads(session, experiment.id)
+    show_cases = may_see_cases(user)
+    cases = case_reads(session, experiment.id) if show_cases else []
     report = latest(session, experiment, request.app.state.settings.min_cell_size)
-    return {"e": read, "cases": cases,
+    return {"e": read, "cases": cases, "show_cases": show_cases,
             "results": results_view(read, report, cases, quantity, metric)}
 
 
@@ -169,7 +178,7 @@ def experiment_page(experiment_id: str, request: Request, quantity: str | None =
                     user: User = Depends(page_user)) -> HTMLResponse:
     experiment = _experiment_or_404(session, experiment_id)
     return _render(request, "experiment.html", user,
-                   **_results_context(request, session, experiment, quantity, metric))
+                   **_results_context(request, session, experiment, quantity, metric, user))
 
 
 @router.get("/experiments/{experiment_id}/results", response_class=HTMLResponse)
@@ -180,7 +189,7 @@ def experiment_results_fragment(experiment_id: str, request: Request,
     """The results section alone: the page swaps it in when progress changes."""
     experiment = _experiment_or_404(session, experiment_id)
     return _render(request, "_results.html", user,
-                   **_results_context(request, session, experiment, quantity, metric))
+                   **_results_context(request, session, experiment, quantity, metric, user))
 
 
 @router.get("/spokes", response_class=HTMLResponse)
