@@ -99,7 +99,8 @@ def answer_waiting(agent: SpokeAgent) -> int:
             break
         reply, true_count = answer(agent.config, request, agent._audit)
         agent.audit.append("hub", "count.answered", request.query_id, {
-            "selection": request.selection.model_dump(mode="json"), "true_count": true_count,
+            "selection": request.selection.model_dump(mode="json"),
+            "requested_by": request.requested_by, "true_count": true_count,
             "reported_count": reply.count, "fewer_than": reply.fewer_than,
             "refused": reply.refused, "reply_message_id": reply.message_id})
         agent.journal.answer_count(request, outgoing(reply, agent.key))

@@ -100,3 +100,4 @@ def test_counts_cannot_be_differenced(federation: LocalFederation, unique: str,
         client.close()
     detail = _spoke_answer(federation, spoke_id, forged.query_id)
     assert detail["reported_count"] is None and "case_ids" in detail["refused"], detail
+    assert detail["requested_by"] == "admin"
