@@ -102,9 +102,21 @@ def test_per_case_data_reaches_exactly_the_roles_the_table_names(
         path = re.sub(r"\{[^}]+\}", "1", path)
         for role in ROLES:
             status, body = _get(client, path, tokens.get(role) if role else None)
+            if status >= 500:
+                wrong.append(f"{role or 'anonymous'} GET {route} -> {status}")
             shown = OUTPUT_MARKER in body or RELEASED_MARKER in body
             allowed = route in PER_CASE_ROUTES and role in CASE_READERS
             if shown != allowed:
                 wrong.append(f"{role or 'anonymous'} GET {route} -> {status}: per-case data "
                              f"{'shown' if shown else 'not shown'}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_a_reviewer_sees_the_aggregate_but_no_case_on_the_experiment_page(
+        hub: tuple[TestClient, dict[str, str]]) -> None:
+    client, tokens = hub
+    status, page = _get(client, f"/experiments/{EXPERIMENT}", tokens["reviewer"])
+    assert status == 200 and 'id="aggregate"' in page
+    assert "coordinators only" in page and "c-walk-0" not in page
+    status, events = _get(client, f"/api/experiments/{EXPERIMENT}/events", tokens["reviewer"])
+    assert status == 200 and '"cases":[]' in events and '"experiment"' in events
