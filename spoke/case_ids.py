@@ -1,0 +1,49 @@
+"""The case ids a spoke releases to the hub, scoped to one study.
+
+The catalog's pseudonym of a patient (``c-...`` from :mod:`tributary.spoke.pseudonyms`) is
+the same in every study, so results carrying it would let the hub join one patient's
+results across unrelated studies. Everything that leaves the spoke (results, progress,
+custody records, statuses, steward holds) names a case by an id derived with a keyed HMAC
+of the study, the site and the catalog case instead: unrelated across studies and sites,
+stable within one study (so retries and restarts line up), and not reversible without
+the spoke's secret. The mapping back is kept in the spoke's journal and never leaves it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes, hmac
+
+#: Hex digits kept from the HMAC: 96 bits, no collision within any realistic study.
+_DIGITS = 24
+
+
+class ReleasedCaseIds:
+    """Derives study-scoped case ids with one spoke secret."""
+
+    def __init__(self, key: bytes, site: str) -> None:
+        if len(key) < 32:
+            raise ValueError("case id key must be at least 32 bytes")
+        self._key, self.site = key, site
+
+    @classmethod
+    def from_key_file(cls, path: Path, site: str) -> ReleasedCaseIds:
+        """Load the spoke's secret, creating it (readable by the owner only) on first use."""
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(secrets.token_bytes(32))
+        return cls(path.read_bytes(), site)
+
+    def released(self, study_id: str, catalog_case_id: str) -> str:
+        """The id the hub sees for ``catalog_case_id`` in ``study_id`` at this site."""
+        mac = hmac.HMAC(self._key, hashes.SHA256())
+        # JSON framing: no two different (study, site, case) triples give the same input.
+        mac.update(json.dumps(["tributary-released-case-v1", study_id, self.site,
+                               catalog_case_id]).encode())
+        return "c-" + mac.finalize().hex()[:_DIGITS]
