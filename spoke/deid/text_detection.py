@@ -44,6 +44,8 @@ _FRAMES = 3
 _MARGIN = 2
 #: Tesseract reads glyphs best around 20-40 px high; small images are enlarged.
 _MIN_SIDE = 600
+#: Seconds one frame may take; a pathological image must not stall an ingest worker.
+_TIMEOUT = 120
 
 
 class TextDetectionError(RuntimeError):
@@ -107,7 +109,12 @@ def detect_text(ds: Dataset) -> list[TextRegion]:
     picks = sorted({0, (len(stack) - 1) // 2, len(stack) - 1})[:_FRAMES]
     regions: dict[tuple[int, int, int, int], TextRegion] = {}
     for index in picks:
-        image = _grey8(stack[index], samples, str(ds.get("PhotometricInterpretation", "")))
+        try:
+            image = _grey8(stack[index], samples,
+                           str(ds.get("PhotometricInterpretation", "")))
+        except Exception as exc:  # a shape or type no picture has: hostile or damaged
+            raise TextDetectionError(f"cannot turn the pixel data into a picture: "
+                                     f"{type(exc).__name__}: {exc}"[:300]) from exc
         for region in _words(image):
             regions.setdefault(region.box, region)
     return sorted(regions.values(), key=lambda r: (r.y, r.x))
@@ -118,6 +125,8 @@ def _grey8(frame: np.ndarray, samples: int, photometric: str) -> np.ndarray:
     data = frame.astype(np.float64)
     if samples > 1 and data.ndim == 3:
         data = data[..., :3] @ np.array([0.299, 0.587, 0.114])[: data.shape[-1]]
+    if data.ndim != 2 or not np.isfinite(data).all():
+        raise ValueError(f"a frame of shape {frame.shape} with {samples} sample(s) per pixel")
     low, high = float(data.min()), float(data.max())
     scaled = np.zeros(data.shape, dtype=np.uint8) if high <= low else \
         ((data - low) * (255.0 / (high - low))).astype(np.uint8)
@@ -133,9 +142,10 @@ def _words(grey: np.ndarray) -> list[TextRegion]:
     if scale > 1:
         image = image.resize((columns * scale, rows * scale), Image.Resampling.LANCZOS)
     try:
-        data = pytesseract.image_to_data(image, config="--psm 11",
+        data = pytesseract.image_to_data(image, config="--psm 11", timeout=_TIMEOUT,
                                          output_type=pytesseract.Output.DICT)
-    except (pytesseract.TesseractNotFoundError, pytesseract.TesseractError, OSError) as exc:
+    except (pytesseract.TesseractNotFoundError, pytesseract.TesseractError, RuntimeError,
+            OSError) as exc:  # RuntimeError: pytesseract's timeout
         raise TextDetectionError(f"OCR engine unavailable or failed: "
                                  f"{type(exc).__name__}: {exc}"[:300]) from exc
     words = []
