@@ -52,7 +52,7 @@ def image_instance(picture: np.ndarray, sop_class: str, modality: str,
     ds = patient_instance(1, 1, sop_class=sop_class,
                           image_type=("DERIVED", "SECONDARY") if sop_class ==
                           SecondaryCaptureImageStorage else ("ORIGINAL", "PRIMARY"))
-    for tag in [t for t in ds if t.group == 0x6000]:
+    for tag in [e.tag for e in ds if e.tag.group == 0x6000]:
         del ds[tag]
     ds.Modality = modality
     ds.Rows, ds.Columns = picture.shape
