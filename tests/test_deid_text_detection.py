@@ -6,6 +6,7 @@ Pixel Data; a text-free image passes. Through the same path the spoke's store us
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,30 @@ def test_pixels_that_cannot_be_read_keep_the_image_out(tmp_path: Path) -> None:
     assert kept is None
     assert [f.reason for f in verdict.findings if f.reason.startswith("text")] == [
         "text-detection-failed"]
+
+
+def test_the_stewards_command_reports_the_regions_and_obeys_the_flag(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from tributary.cli import app
+
+    source = tmp_path / "src"
+    write(image_instance(with_text(anatomy()), SecondaryCaptureImageStorage, "OT"),
+          source / "capture.dcm")
+    key = tmp_path / "steward.key"
+    result = CliRunner().invoke(app, ["spoke", "deidentify", str(source),
+                                      str(tmp_path / "out"), "--key", str(key)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out-report.json").read_text())
+    assert report["files_written"] == 0 and report["reasons"]["burned-in-text"] == 1
+    [verdict] = report["screening"]["files"]
+    assert any(covers_banner((r["x"], r["y"], r["width"], r["height"]))
+               for r in verdict["text_regions"])
+    skipped = CliRunner().invoke(app, ["spoke", "deidentify", str(source),
+                                       str(tmp_path / "off"), "--key", str(key),
+                                       "--text-detection", "off"])
+    assert skipped.exit_code == 0, skipped.output
+    assert json.loads((tmp_path / "off-report.json").read_text())["files_written"] == 1
+    bad = CliRunner().invoke(app, ["spoke", "deidentify", str(source), str(tmp_path / "x"),
+                                   "--key", str(key), "--text-detection", "some"])
+    assert bad.exit_code != 0 and not (tmp_path / "x").exists()
