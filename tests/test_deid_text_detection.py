@@ -170,3 +170,16 @@ def test_the_stewards_command_reports_the_regions_and_obeys_the_flag(tmp_path: P
     bad = CliRunner().invoke(app, ["spoke", "deidentify", str(source), str(tmp_path / "x"),
                                    "--key", str(key), "--text-detection", "some"])
     assert bad.exit_code != 0 and not (tmp_path / "x").exists()
+
+
+def test_text_in_a_multi_frame_ultrasound_is_blanked_in_every_frame(tmp_path: Path) -> None:
+    picture = anatomy()
+    texted = with_text(picture)
+    ds = image_instance(texted, UltrasoundImageStorage, "US")
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image Storage
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.NumberOfFrames = 5
+    ds.PixelData = np.stack([texted] * 5).tobytes()
+    out = prepare(tmp_path, ds, DeidOptions(clean_pixel_data=True))
+    glyphs = texted != picture
+    assert (out.pixel_array[:, glyphs] == 0).all()

@@ -98,20 +98,22 @@ def should_scan(ds: Dataset, scope: TextScope) -> bool:
 def detect_text(ds: Dataset) -> list[TextRegion]:
     """The words Tesseract reads in ``ds``'s pixels (a few frames of a multi-frame image),
     in image coordinates. Raises :class:`TextDetectionError` if it cannot look."""
-    try:
-        pixels = np.asarray(pixel_array(ds))
-    except Exception as exc:  # no decoder for this syntax, damaged data...
-        raise TextDetectionError(f"cannot decode the pixel data to look for text: "
-                                 f"{type(exc).__name__}: {exc}"[:300]) from exc
-    frames = int(ds.get("NumberOfFrames") or 1)
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    stack = pixels if frames > 1 else pixels[np.newaxis]
-    picks = sorted({0, (len(stack) - 1) // 2, len(stack) - 1})[:_FRAMES]
+    photometric = str(ds.get("PhotometricInterpretation", ""))
     regions: dict[tuple[int, int, int, int], TextRegion] = {}
-    for index in picks:
+    try:
+        frames = max(1, int(ds.get("NumberOfFrames") or 1))
+        samples = int(ds.get("SamplesPerPixel") or 1)
+    except (TypeError, ValueError) as exc:
+        raise TextDetectionError(f"NumberOfFrames or SamplesPerPixel unreadable: "
+                                 f"{exc}"[:300]) from exc
+    for index in sorted({0, (frames - 1) // 2, frames - 1})[:_FRAMES]:
+        try:  # only the frames read are decoded: a long cine loop stays small in memory
+            frame = np.asarray(pixel_array(ds, index=index if frames > 1 else None))
+        except Exception as exc:  # no decoder for this syntax, damaged data...
+            raise TextDetectionError(f"cannot decode the pixel data to look for text: "
+                                     f"{type(exc).__name__}: {exc}"[:300]) from exc
         try:
-            image = _grey8(stack[index], samples,
-                           str(ds.get("PhotometricInterpretation", "")))
+            image = _grey8(frame, samples, photometric)
         except Exception as exc:  # a shape or type no picture has: hostile or damaged
             raise TextDetectionError(f"cannot turn the pixel data into a picture: "
                                      f"{type(exc).__name__}: {exc}"[:300]) from exc
