@@ -37,7 +37,7 @@ import docker.errors
 from tributary import __version__
 from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import Delivery, StompClient
-from tributary.protocol.contract import Progress
+from tributary.protocol.contract import Participant, Progress
 from tributary.protocol.destinations import results_queue, spoke_queue
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
@@ -561,6 +561,12 @@ class SpokeAgent:
                     if kept.get(r) == c.case_id})
             return cases
 
+    def _released_series(self, experiment_id: str, participant: Participant) -> Participant:
+        """The participant with study-scoped series ids instead of the store's."""
+        return participant.model_copy(update={"series": [s.model_copy(update={
+            "series_id": self.case_ids.released_series(experiment_id, s.series_id)})
+            for s in participant.series]})
+
     def _released(self, experiment_id: str,
                   selected: list[CatalogCase]) -> dict[str, CatalogCase]:
         """The catalog's cases by the id released for this study, in catalog order."""
@@ -681,6 +687,7 @@ class SpokeAgent:
             # Only the de-identified store's series folders are ever mounted.
             deidentified = series_folders(self.config, [s.series_id for s in case.series])
             participant, mounts = build_participant(case, message.experiment_id, deidentified)
+            participant = self._released_series(message.experiment_id, participant)
             run["input_sha256"] = input_digest(deidentified)
             run["participant_sha256"] = sha256_hex(
                 participant.model_dump_json(indent=2).encode())

@@ -42,8 +42,17 @@ class ReleasedCaseIds:
 
     def released(self, study_id: str, catalog_case_id: str) -> str:
         """The id the hub sees for ``catalog_case_id`` in ``study_id`` at this site."""
+        return "c-" + self._mac("case", study_id, catalog_case_id)
+
+    def released_series(self, study_id: str, series_id: str) -> str:
+        """The id an algorithm is given for the store's series ``series_id`` in
+        ``study_id``: the store's series pseudonym is as stable as the case's, and an
+        algorithm that echoes it in its output would link the patient across studies."""
+        return "s-" + self._mac("series", study_id, series_id)
+
+    def _mac(self, kind: str, study_id: str, value: str) -> str:
         mac = hmac.HMAC(self._key, hashes.SHA256())
-        # JSON framing: no two different (study, site, case) triples give the same input.
-        mac.update(json.dumps(["tributary-released-case-v1", study_id, self.site,
-                               catalog_case_id]).encode())
-        return "c-" + mac.finalize().hex()[:_DIGITS]
+        # JSON framing: no two different (kind, study, site, value) give the same input.
+        mac.update(json.dumps([f"tributary-released-{kind}-v1", study_id, self.site,
+                               value]).encode())
+        return mac.finalize().hex()[:_DIGITS]

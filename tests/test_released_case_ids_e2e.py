@@ -165,9 +165,23 @@ def test_same_patient_unlinkable_across_studies_and_retry_reaches_it(
         with sqlite3.connect(config.parent / "catalog.db") as db:
             assert catalog_ids == {r[0] for r in db.execute("SELECT case_id FROM cases")}
         assert len(catalog_ids) == 2
+        with sqlite3.connect(config.parent / "catalog.db") as db:
+            store_series = {r[0] for r in db.execute("SELECT series_id FROM series")}
+        # The algorithm is given study-scoped series ids too: the store's series pseudonym
+        # would link the patient across studies as well, if an algorithm echoed it.
+        given: dict[str, set[str]] = {first.experiment_id: set(), second.experiment_id: set()}
+        for experiment_id, released in [(first.experiment_id, r) for r in first_ids] + \
+                [(second.experiment_id, r) for r in second_ids]:
+            participant = json.loads((config.parent / "runs" / experiment_id / released /
+                                      "participant.json").read_text())
+            assert participant["case_id"] == released
+            given[experiment_id] |= {s["series_id"] for s in participant["series"]}
+        assert given[first.experiment_id] and given[second.experiment_id]
+        assert not given[first.experiment_id] & given[second.experiment_id]
+        assert not (given[first.experiment_id] | given[second.experiment_id]) & store_series
         traffic = "\n".join(_decoded(body) for body in listener.bodies)
         assert len(listener.bodies) >= 7  # statuses, results, heartbeats crossed the broker
-        for catalog_id in catalog_ids:
+        for catalog_id in catalog_ids | store_series:
             assert catalog_id not in traffic, f"catalog pseudonym {catalog_id} left the spoke"
         for released in first_ids | second_ids:
             assert released in traffic
