@@ -22,6 +22,7 @@ and puts interrupted cases back in the queue; finished cases are never run again
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -561,6 +562,18 @@ class SpokeAgent:
                     if kept.get(r) == c.case_id})
             return cases
 
+    def _names_store_pseudonym(self, experiment_id: str, case: CatalogCase,
+                               output: dict) -> bool:
+        """Whether ``output`` contains the catalog's pseudonym of the case or of one of its
+        series: the de-identified headers an algorithm reads carry them (PatientID is the
+        case pseudonym), and an echo would link the patient across studies."""
+        text = json.dumps(output).lower()
+        catalog_id = self.journal.released_cases(experiment_id).get(case.case_id)
+        secrets = [catalog_id] if catalog_id else []
+        secrets += [s.series_id for s in case.series]
+        return any(secret.lower().removeprefix("c-").removeprefix("s-") in text
+                   for secret in secrets)
+
     def _released_series(self, experiment_id: str, participant: Participant) -> Participant:
         """The participant with study-scoped series ids instead of the store's."""
         return participant.model_copy(update={"series": [s.model_copy(update={
@@ -625,6 +638,11 @@ class SpokeAgent:
             case_id=row.case_id, attempt=row.attempt), self.key))
         self.outbox.wake()
         output, failure, run = self._execute(message, case, row.attempt, activity)
+        if output is not None and self._names_store_pseudonym(row.experiment_id, case, output):
+            output, failure = None, Failure(
+                reason=FailureReason.INVALID_OUTPUT,
+                detail="the output names the site's own case or series pseudonym (as found "
+                       "in the input's headers), which never leaves the spoke")
         if (failure is not None and failure.reason == FailureReason.CANCELLED
                 and self.journal.cancellation(row.experiment_id) is None):
             self.journal.release_case(row)  # stopped by a spoke shutdown, not the hub

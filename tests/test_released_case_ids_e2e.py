@@ -129,13 +129,20 @@ def test_same_patient_unlinkable_across_studies_and_retry_reaches_it(
             [r for r in listener.of(ResultMessage) if r.experiment_id == experiment_id]),
             180, f"{count} results of {experiment_id}")
 
-    first, second = experiment("exit-code"), experiment("ok")
+    first, second, echo = experiment("exit-code"), experiment("ok"), experiment("echo-patient")
     try:
         federation.start_spoke(spoke_id, config)
         hub_publish(federation, first)
         hub_publish(federation, second)
+        hub_publish(federation, echo)
         first_results, second_results = results(first.experiment_id, 2), \
             results(second.experiment_id, 2)
+        # An algorithm copying PatientID from its input's headers (the store's case
+        # pseudonym) into its output: the output is not released.
+        echoed = results(echo.experiment_id, 2)
+        assert {(r.status, r.failure.reason if r.failure else None) for r in echoed} == {
+            ("failed", "invalid_output")}
+        assert all(r.output is None for r in echoed)
         first_ids = {r.case_id for r in first_results}
         second_ids = {r.case_id for r in second_results}
         assert len(first_ids) == len(second_ids) == 2
