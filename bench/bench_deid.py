@@ -6,7 +6,9 @@ files:
 - Tributary's engine, basic profile and with every option, and the steward's pipeline
   (screening + de-identification + write);
 - the spoke's ingest (screening + de-identification + content-addressed store + catalog)
-  in one process and with one worker per CPU, and a second (no-op) ingest.
+  in one process and with one worker per CPU, and a second (no-op) ingest;
+- what finding burned-in text with OCR costs per image: screening secondary captures and
+  ultrasound frames (with and without text) with text detection off and on.
 
     .venv/bin/python bench/bench_deid.py [--cases 10] [--repeat 3]
 """
@@ -23,8 +25,17 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pydicom
 from dicomanonymizer import simpledicomanonymizer
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    UltrasoundImageStorage,
+    generate_uid,
+)
 
 from tributary.federation import generate_cohort
 from tributary.spoke.config import SpokeConfig
@@ -121,8 +132,64 @@ def main() -> None:
                   f"{seconds / baseline:5.2f}x baseline time")
         print(f"ingest with {workers} workers is {serial / parallel:.2f}x one process; a "
               f"second (no-op) ingest takes {reuse * 1000:.1f} ms for all files")
+        text_detection_cost(root / "ocr", args.repeat)
     finally:
         shutil.rmtree(root)
+
+
+def text_image(path: Path, rows: int, columns: int, text: str | None, ultrasound: bool,
+               seed: int) -> Path:
+    """A synthetic capture (grey) or ultrasound frame (RGB), with ``text`` burned in."""
+    y, x = np.mgrid[0:rows, 0:columns]
+    inside = ((x - columns / 2) / (columns * 0.4)) ** 2 + ((y - rows / 2) / (rows * 0.4)) ** 2
+    grey = np.where(inside < 1, 90 + 60 * (1 - inside), 10)
+    grey = np.clip(grey + np.random.default_rng(seed).normal(0, 3, grey.shape), 0, 255)
+    image = Image.fromarray(grey.astype(np.uint8))
+    if text:
+        ImageDraw.Draw(image).text((12, 10), text, fill=255,
+                                   font=ImageFont.load_default(size=16))
+    pixels = np.asarray(image)
+    ds = Dataset()
+    ds.SOPClassUID = UltrasoundImageStorage if ultrasound else SecondaryCaptureImageStorage
+    ds.SOPInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    ds.SeriesInstanceUID, ds.PatientID = generate_uid(), f"P{seed}"
+    ds.Modality = "US" if ultrasound else "OT"
+    ds.Rows, ds.Columns = rows, columns
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    if ultrasound:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = \
+            3, "RGB", 0
+        ds.PixelData = np.stack([pixels] * 3, axis=-1).tobytes()
+    else:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def text_detection_cost(folder: Path, repeat: int) -> None:
+    """Screening time per image of the kinds OCR reads, with text detection off and on."""
+    folder.mkdir(parents=True)
+    kinds = {"capture 320x240, no text": (240, 320, None, False),
+             "capture 320x240, a name": (240, 320, "DOE^JANE  MRN 004711", False),
+             "ultrasound 640x480 RGB, a name": (480, 640, "DOE^JANE  MRN 004711", True)}
+    per_kind = 4
+    print(f"OCR (tesseract, pytesseract) on {per_kind} images of each kind, best of {repeat}:")
+    for name, (rows, columns, text, ultrasound) in kinds.items():
+        paths = [text_image(folder / f"{name[:3]}-{rows}-{bool(text)}-{i}.dcm", rows,
+                            columns, text, ultrasound, i) for i in range(per_kind)]
+
+        def screen(scope: str, paths: list[Path] = paths) -> None:
+            screener = Screener(DeidOptions(text_detection=scope))  # type: ignore[arg-type]
+            for path in paths:
+                screener.check(path)
+
+        off = best_of(repeat, lambda: screen("off")) / per_kind
+        on = best_of(repeat, lambda: screen("text-prone")) / per_kind
+        print(f"  {name:<32} screening {off * 1000:7.1f} ms/image without OCR, "
+              f"{on * 1000:7.1f} ms/image with it (+{(on - off) * 1000:.0f} ms)")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ and puts interrupted cases back in the queue; finished cases are never run again
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,7 +38,7 @@ import docker.errors
 from tributary import __version__
 from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import Delivery, StompClient
-from tributary.protocol.contract import Progress
+from tributary.protocol.contract import Participant, Progress
 from tributary.protocol.destinations import results_queue, spoke_queue
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
@@ -59,6 +61,7 @@ from tributary.protocol.signing import PublicKey, SigningKey, sha256_hex
 from tributary.protocol.wire import HubMessage, open_from_hub, seal
 from tributary.spoke import counts
 from tributary.spoke import journal as states
+from tributary.spoke.case_ids import ReleasedCaseIds
 from tributary.spoke.catalog import (
     CatalogCase,
     SelectionRefused,
@@ -95,6 +98,8 @@ class SpokeAgent:
         self.key = SigningKey.load_or_create(config.work_dir / "spoke.key")
         self.hub_keys = [PublicKey.load(config.hub_public_key)]
         self.publishers = [PublicKey.load(p) for p in config.trust.publisher_keys]
+        self.case_ids = ReleasedCaseIds.from_key_file(config.work_dir / "case-id.key",
+                                                      config.spoke_id)
         self.chain = CustodyChain(self.journal, self.key)
         self.client = StompClient(config.broker.settings(), f"spoke-{config.spoke_id}")
         results = results_queue(config.broker.federation)
@@ -521,13 +526,24 @@ class SpokeAgent:
         """The experiment's cohort from the catalog, after an incremental ingest of the
         sources (unless the site ingests on a schedule). Raises :class:`SelectionRefused`
         for criteria the site's release policy forbids."""
+        cohort = message.cohort
         with open_catalog(self.config) as catalog:
             refresh_catalog(self.config, catalog, self._audit, message.experiment_id)
-            selected = catalog.select(message.cohort)
-        self._audit("cohort.selected", message.experiment_id, cases=len(selected),
-                    criteria=message.cohort.model_dump(mode="json"))
+            # Ids the hub names are released ids of this study, never catalog pseudonyms.
+            selected = catalog.select(cohort.model_copy(update={"case_ids": None, "max_cases":
+                                                                None}))
+        by_released = self._released(message.experiment_id, selected)
+        if cohort.case_ids is not None:
+            wanted = set(cohort.case_ids)
+            by_released = {r: c for r, c in by_released.items() if r in wanted}
+        if cohort.max_cases:
+            by_released = dict(list(by_released.items())[:cohort.max_cases])
+        self.journal.record_released(message.experiment_id,
+                                     {r: c.case_id for r, c in by_released.items()})
+        self._audit("cohort.selected", message.experiment_id, cases=len(by_released),
+                    criteria=cohort.model_dump(mode="json"))
         with self._cohort_lock:
-            cases = self._cohorts[message.experiment_id] = {c.case_id: c for c in selected}
+            cases = self._cohorts[message.experiment_id] = _as_released(by_released)
         return cases
 
     def _cohort(self, message: ExperimentMessage) -> dict[str, CatalogCase]:
@@ -539,9 +555,35 @@ class SpokeAgent:
             if cases is None:
                 with open_catalog(self.config) as catalog:
                     selected = catalog.select(message.cohort.model_copy(
-                        update={"max_cases": None}))
-                cases = self._cohorts[message.experiment_id] = {c.case_id: c for c in selected}
+                        update={"case_ids": None, "max_cases": None}))
+                kept = self.journal.released_cases(message.experiment_id)
+                cases = self._cohorts[message.experiment_id] = _as_released({
+                    r: c for r, c in self._released(message.experiment_id, selected).items()
+                    if kept.get(r) == c.case_id})
             return cases
+
+    def _names_store_pseudonym(self, experiment_id: str, case: CatalogCase,
+                               output: dict) -> bool:
+        """Whether ``output`` contains the catalog's pseudonym of the case or of one of its
+        series: the de-identified headers an algorithm reads carry them (PatientID is the
+        case pseudonym), and an echo would link the patient across studies."""
+        text = json.dumps(output).lower()
+        catalog_id = self.journal.released_cases(experiment_id).get(case.case_id)
+        secrets = [catalog_id] if catalog_id else []
+        secrets += [s.series_id for s in case.series]
+        return any(secret.lower().removeprefix("c-").removeprefix("s-") in text
+                   for secret in secrets)
+
+    def _released_series(self, experiment_id: str, participant: Participant) -> Participant:
+        """The participant with study-scoped series ids instead of the store's."""
+        return participant.model_copy(update={"series": [s.model_copy(update={
+            "series_id": self.case_ids.released_series(experiment_id, s.series_id)})
+            for s in participant.series]})
+
+    def _released(self, experiment_id: str,
+                  selected: list[CatalogCase]) -> dict[str, CatalogCase]:
+        """The catalog's cases by the id released for this study, in catalog order."""
+        return {self.case_ids.released(experiment_id, c.case_id): c for c in selected}
 
     # -- one case -----------------------------------------------------------------------------
     def _case_job(self, message: ExperimentMessage, row: CaseRow,
@@ -596,6 +638,11 @@ class SpokeAgent:
             case_id=row.case_id, attempt=row.attempt), self.key))
         self.outbox.wake()
         output, failure, run = self._execute(message, case, row.attempt, activity)
+        if output is not None and self._names_store_pseudonym(row.experiment_id, case, output):
+            output, failure = None, Failure(
+                reason=FailureReason.INVALID_OUTPUT,
+                detail="the output names the site's own case or series pseudonym (as found "
+                       "in the input's headers), which never leaves the spoke")
         if (failure is not None and failure.reason == FailureReason.CANCELLED
                 and self.journal.cancellation(row.experiment_id) is None):
             self.journal.release_case(row)  # stopped by a spoke shutdown, not the hub
@@ -658,6 +705,7 @@ class SpokeAgent:
             # Only the de-identified store's series folders are ever mounted.
             deidentified = series_folders(self.config, [s.series_id for s in case.series])
             participant, mounts = build_participant(case, message.experiment_id, deidentified)
+            participant = self._released_series(message.experiment_id, participant)
             run["input_sha256"] = input_digest(deidentified)
             run["participant_sha256"] = sha256_hex(
                 participant.model_dump_json(indent=2).encode())
@@ -708,6 +756,12 @@ class SpokeAgent:
                     duration_seconds=round(time.monotonic() - t_run, 3))
         run["exit_code"] = outcome.exit_code
         return outcome.output, outcome.failure, run
+
+
+def _as_released(cases: dict[str, CatalogCase]) -> dict[str, CatalogCase]:
+    """Each case carrying its released id from here on, so no catalog pseudonym reaches a
+    result, a container, a custody record, a log line or the steward's desk."""
+    return {released: replace(case, case_id=released) for released, case in cases.items()}
 
 
 def _subject(message: HubMessage | None) -> str:

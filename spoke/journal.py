@@ -84,6 +84,12 @@ CREATE TABLE IF NOT EXISTS cancellations (
     message_id TEXT NOT NULL,
     cancelled_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS released_cases (
+    experiment_id TEXT NOT NULL,
+    case_id TEXT NOT NULL,
+    catalog_case_id TEXT NOT NULL,
+    PRIMARY KEY (experiment_id, case_id)
+);
 CREATE TABLE IF NOT EXISTS count_requests (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id TEXT NOT NULL UNIQUE,
@@ -342,6 +348,19 @@ class Journal:
                                                  row.attempt, RUNNING))
 
     # -- cases -------------------------------------------------------------------------------
+    def record_released(self, experiment_id: str, mapping: dict[str, str]) -> None:
+        """Keep which catalog case each released id of ``experiment_id`` stands for
+        (released id -> catalog case id); it never leaves the spoke."""
+        with self.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO released_cases (experiment_id, case_id, "
+                           "catalog_case_id) VALUES (?, ?, ?)",
+                           [(experiment_id, r, c) for r, c in mapping.items()])
+
+    def released_cases(self, experiment_id: str) -> dict[str, str]:
+        """Released id -> catalog case id for one experiment."""
+        return dict(self._all("SELECT case_id, catalog_case_id FROM released_cases WHERE "
+                              "experiment_id=?", (experiment_id,)))
+
     def cases(self, experiment_id: str) -> list[CaseRow]:
         rows = self._all("SELECT experiment_id, case_id, attempt, state, launches FROM cases "
                          "WHERE experiment_id=? ORDER BY seq", (experiment_id,))

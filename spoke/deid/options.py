@@ -5,6 +5,8 @@ they decide the action table and the profile string recorded in custody records.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydicom.dataset import Dataset
 
@@ -87,6 +89,12 @@ class DeidOptions(BaseModel):
                            "every image a mask matches; images declaring burned-in "
                            "annotation that no mask matches stay excluded.")
     pixel_masks: tuple[PixelMask, ...] = ()
+    text_detection: Literal["off", "text-prone", "all"] = Field(
+        "text-prone", description="Look for burned-in text with OCR (Tesseract): on the "
+                                  "image kinds that commonly carry it (secondary capture, "
+                                  "ultrasound, screenshots, dose reports...), on every "
+                                  "image, or not at all. Found text excludes the image, or "
+                                  "is blanked under Clean Pixel Data.")
     allow_burned_in: bool = Field(
         False, description="Accept images declaring BurnedInAnnotation YES (the study "
                            "takes responsibility for text in the pixels).")

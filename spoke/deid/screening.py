@@ -20,7 +20,14 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from tributary.spoke.deid.options import DeidOptions
+from tributary.spoke.deid.options import DeidOptions, PixelMask
+from tributary.spoke.deid.pixels import PixelCleaningError, clean_pixels
+from tributary.spoke.deid.text_detection import (
+    TextDetectionError,
+    TextRegion,
+    detect_text,
+    should_scan,
+)
 from tributary.spoke.pseudonyms import Pseudonymizer
 
 PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel Data, Float, Double Float
@@ -39,12 +46,16 @@ class Reason(StrEnum):
     DERIVED_IMAGE = "derived-image"
     DEIDENTIFICATION_FAILED = "deidentification-failed"
     PIXELS_CLEANED = "pixels-cleaned"
+    BURNED_IN_TEXT = "burned-in-text"
+    TEXT_CLEANED = "burned-in-text-cleaned"
+    TEXT_DETECTION_FAILED = "text-detection-failed"
 
 
 #: Reasons that keep a file out; the others only ask for a person's review.
 EXCLUDING = frozenset({Reason.NOT_DICOM, Reason.UNREADABLE, Reason.TRUNCATED, Reason.CORRUPTED,
                        Reason.SCREEN_CAPTURE, Reason.BURNED_IN_ANNOTATION,
-                       Reason.DUPLICATE_PIXELS, Reason.DEIDENTIFICATION_FAILED})
+                       Reason.DUPLICATE_PIXELS, Reason.DEIDENTIFICATION_FAILED,
+                       Reason.BURNED_IN_TEXT, Reason.TEXT_DETECTION_FAILED})
 
 
 class Finding(BaseModel):
@@ -57,6 +68,8 @@ class FileVerdict(BaseModel):
     status: Literal["ok", "flagged", "excluded"] = "ok"
     findings: list[Finding] = Field(default_factory=list)
     series_id: str | None = None
+    text_regions: list[TextRegion] = Field(default_factory=list, description=(
+        "Where OCR found burned-in text (excluded, or blanked under Clean Pixel Data)."))
 
     @property
     def excluded(self) -> bool:
@@ -191,8 +204,37 @@ class Screener:
             first = self._pixels.setdefault(digest, verdict.path)
             if first != verdict.path:
                 verdict.add(Reason.DUPLICATE_PIXELS, f"same pixel data as {first}")
+        if not verdict.excluded and should_scan(ds, self.options.text_detection):
+            self._read_text(ds, verdict)
         if not verdict.excluded:
             self._series.setdefault(verdict.series_id, []).append(_slice(ds))
+
+    def _read_text(self, ds: Dataset, verdict: FileVerdict) -> None:
+        """OCR the pixels: found text excludes the image, or is blanked in ``ds`` (in
+        place, before de-identification) when the study chose Clean Pixel Data."""
+        try:
+            regions = detect_text(ds)
+        except TextDetectionError as exc:
+            verdict.add(Reason.TEXT_DETECTION_FAILED, str(exc))
+            return
+        if not regions:
+            return
+        verdict.text_regions = regions
+        boxes = ", ".join(str(r.box) for r in regions[:20]) + \
+            (f" and {len(regions) - 20} more" if len(regions) > 20 else "")
+        if not self.options.clean_pixel_data:
+            verdict.add(Reason.BURNED_IN_TEXT, f"OCR found {len(regions)} word(s) of text "
+                        f"in the pixels at (x, y, width, height) {boxes}; Clean Pixel Data "
+                        "would blank them")
+            return
+        try:
+            clean_pixels(ds, PixelMask(regions=tuple(r.box for r in regions)))
+        except PixelCleaningError as exc:
+            verdict.add(Reason.DEIDENTIFICATION_FAILED, f"text found by OCR at {boxes} "
+                        f"could not be blanked: {exc}"[:300])
+            return
+        verdict.add(Reason.TEXT_CLEANED, f"OCR found {len(regions)} word(s) of text; "
+                    f"blanked (Clean Pixel Data) at (x, y, width, height) {boxes}")
 
     def report(self) -> ScreeningReport:
         return ScreeningReport(files=self.verdicts,

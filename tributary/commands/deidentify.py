@@ -74,6 +74,9 @@ def main(
     ] = None,
     allow_burned_in: Annotated[bool | None, typer.Option(
         help="Accept images declaring BurnedInAnnotation YES.")] = None,
+    text_detection: Annotated[str | None, typer.Option(
+        help="Find burned-in text with OCR: text-prone (secondary captures, ultrasound, "
+             "screenshots, dose reports...), all, or off.")] = None,
 ) -> None:
     """De-identify every DICOM file under SRC into DST and report what was left out."""
     from rich.console import Console
@@ -113,8 +116,10 @@ def main(
               "retain_institution_identity": retain_institution_identity,
               "clean_descriptors": clean_descriptors,
               "retain_safe_private": retain_safe_private, "allow_burned_in": allow_burned_in,
-              "clean_pixel_data": clean_pixel_data,
+              "clean_pixel_data": clean_pixel_data, "text_detection": text_detection,
               "safe_private": tuple(entries) if safe_private is not None else None}
+    if text_detection not in (None, "text-prone", "all", "off"):
+        raise typer.BadParameter("--text-detection: text-prone, all or off")
     options = base.model_copy(update={k: v for k, v in chosen.items() if v is not None})
     src, dst = src.resolve(), dst.resolve()
     if dst == src or src in dst.parents:

@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tributary.services import base_image, broker, docker_engine, postgres, redis, registry
+from tributary.services import (
+    base_image,
+    broker,
+    docker_engine,
+    ocr,
+    postgres,
+    redis,
+    registry,
+)
 from tributary.services.settings import ServiceSettings
 
 
@@ -25,6 +33,7 @@ def up(settings: ServiceSettings | None = None,
     report("activemq", broker.ensure_running(settings))
     report("registry", registry.ensure_running(settings))
     report("base-image", base_image.ensure_base_image(settings))
+    report("tesseract", ocr.ensure_tesseract())
 
 
 def down(settings: ServiceSettings | None = None,

@@ -13,6 +13,8 @@ no-output    exit 0 without writing output.json
 network      try TCP connections to loopback service ports; must fail under --network none
 write-input  try to write into the read-only input series folder
 memory       allocate memory until the memory limit kills the container
+echo-patient write the PatientID of its input's DICOM headers into its output (the
+             store's case pseudonym, which must not leave the spoke)
 slow         work for ``arguments.seconds`` (default 30), reporting progress twice a
              second through the progress file, then succeed like ``ok``
 
@@ -49,7 +51,23 @@ BEHAVIOURS = (
     "write-input",
     "memory",
     "slow",
+    "echo-patient",
 )
+
+
+def _patient_id(ctx: Context) -> str:
+    """PatientID (0010,0020, explicit VR LO) of the first input file that has one, read
+    without a DICOM library, as a careless algorithm might copy it."""
+    for series in ctx.series:
+        for folder, _dirs, names in sorted(os.walk(series.path)):
+            for name in sorted(names):
+                with open(os.path.join(folder, name), "rb") as handle:
+                    data = handle.read()
+                at = data.find(b"\x10\x00\x20\x00LO")
+                if at >= 0:
+                    length = int.from_bytes(data[at + 6:at + 8], "little")
+                    return data[at + 8:at + 8 + length].decode(errors="replace").strip("\0 ")
+    return ""
 
 
 def _write_raw(ctx: Context, data: bytes) -> None:
@@ -141,6 +159,8 @@ def main(ctx: Context) -> dict[str, Any] | None:
         sys.exit(0)
     if behaviour == "network":
         return _network(ctx)
+    if behaviour == "echo-patient":
+        return {"ok": True, "patient": _patient_id(ctx)}
     if behaviour == "write-input":
         return _write_input(ctx)
     if behaviour == "slow":
