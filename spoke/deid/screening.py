@@ -39,12 +39,15 @@ class Reason(StrEnum):
     DERIVED_IMAGE = "derived-image"
     DEIDENTIFICATION_FAILED = "deidentification-failed"
     PIXELS_CLEANED = "pixels-cleaned"
+    UID_COLLISION = "uid-collision"  # another input has its SOP Instance UID
+    DUPLICATE_INSTANCE = "duplicate-instance"  # the same instance as another input
 
 
 #: Reasons that keep a file out; the others only ask for a person's review.
 EXCLUDING = frozenset({Reason.NOT_DICOM, Reason.UNREADABLE, Reason.TRUNCATED, Reason.CORRUPTED,
                        Reason.SCREEN_CAPTURE, Reason.BURNED_IN_ANNOTATION,
-                       Reason.DUPLICATE_PIXELS, Reason.DEIDENTIFICATION_FAILED})
+                       Reason.DUPLICATE_PIXELS, Reason.DEIDENTIFICATION_FAILED,
+                       Reason.UID_COLLISION, Reason.DUPLICATE_INSTANCE})
 
 
 class Finding(BaseModel):
