@@ -274,3 +274,19 @@ def test_un_sequences_are_cleaned_without_pydicoms_un_replacement(
     output = deidentified(file_bytes(ds, SYNTAXES[syntax]), pseudonyms)
     assert not leaked(output)
     assert len(pydicom.dcmread(io.BytesIO(output))[REFERENCED_SERIES].value) == 1
+
+
+def test_the_spoke_store_reports_unknown_attributes_it_removed(tmp_path: Path,
+                                                               pseudonyms: Pseudonymizer
+                                                               ) -> None:
+    """The spoke's ingest path names each removal in the instance's review note (which the
+    catalog keeps as the input's reason, shown by ``tributary spoke exclusions``)."""
+    from tributary.spoke.store import Preparer
+
+    ds = instance()
+    ds[0x00081234] = DataElement(0x00081234, "LO", SECRETS[0])
+    path = tmp_path / "a.dcm"
+    path.write_bytes(file_bytes(ds, ExplicitVRLittleEndian))
+    prepared = Preparer(pseudonyms).from_file(path)
+    assert prepared.review is not None and "(0008,1234)" in prepared.review
+    assert not leaked(prepared.data)

@@ -10,7 +10,6 @@ a value that neither decodes is reported so the engine removes it."""
 
 from __future__ import annotations
 
-from pydicom import config
 from pydicom.charset import default_encoding
 from pydicom.datadict import DicomDictionary
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
@@ -59,7 +58,8 @@ def _decode(ds: Dataset, tag: int, vr: str, elem: DataElement | RawDataElement
     if not isinstance(value, bytes):
         raise Undecodable(f"{tag:08X}: UN value is not bytes")
     implicit, little = _encoding(ds, elem)
-    charset = ds._character_set if hasattr(ds, "_character_set") else [default_encoding]
+    # The encodings in force for this item (its own or its parents' character set).
+    charset = getattr(ds, "_character_set", None) or [default_encoding]
     if vr == "SQ":
         last: Exception | None = None
         for encoding in ((True, True), (implicit, little)):
@@ -71,8 +71,7 @@ def _decode(ds: Dataset, tag: int, vr: str, elem: DataElement | RawDataElement
                 last = exc
         raise Undecodable(f"{tag:08X}: not a sequence in any encoding: {last}")
     raw = RawDataElement(tag, vr, len(value), value, 0, implicit, little)
-    with config.strict_reading():
-        return convert_raw_data_element(raw, encoding=charset, ds=ds)
+    return convert_raw_data_element(raw, encoding=charset, ds=ds)
 
 
 def _encoding(ds: Dataset, elem: DataElement | RawDataElement) -> tuple[bool, bool]:
