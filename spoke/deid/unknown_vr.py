@@ -36,9 +36,9 @@ def resolve_un(ds: Dataset) -> list[int]:
     could not be decoded (left in place: the caller removes them)."""
     elements = ds._dict
     failed: list[int] = []
-    for tag, elem in list(elements.items()):
-        t = int(tag)
-        if elem.VR != "UN" or (t >> 16) & 1:
+    for tag in [tag for tag, elem in elements.items() if elem.VR == "UN"]:
+        t, elem = int(tag), elements[tag]
+        if (t >> 16) & 1:
             continue
         vr = known_vr(t)
         if vr is None:
