@@ -51,7 +51,9 @@ def _table_attributes() -> list[tuple[int, str]]:
     """Every attribute the table names (and one concrete tag per repeating-group rule),
     with its dictionary VR; UN for the ones no dictionary knows."""
     table = action_table(DeidOptions())
-    tags = [t for t in sorted(table.single) if t >> 16 >= 0x0008]  # not meta or command
+    # Command (0000) and file meta (0002) elements cannot be in a data set; the engine
+    # rebuilds the file meta group from scratch.
+    tags = [t for t in sorted(table.single) if t >> 16 not in (0x0000, 0x0002)]
     tags += [0x60023000, 0x60024000, 0x50020022]  # overlay data, comments; curve text
     out = []
     for tag in tags:
@@ -164,8 +166,7 @@ def deidentifier(tmp_path_factory: pytest.TempPathFactory) -> Deidentifier:
 # the syntax and the surviving markers (attribute index = marker number).
 @settings(max_examples=8, deadline=None, derandomize=True, database=None,
           phases=(Phase.explicit, Phase.generate),
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                 HealthCheck.function_scoped_fixture])
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_no_planted_identifier_survives(deidentifier: Deidentifier, data: st.DataObject
                                         ) -> None:
