@@ -290,3 +290,22 @@ def test_the_spoke_store_reports_unknown_attributes_it_removed(tmp_path: Path,
     prepared = Preparer(pseudonyms).from_file(path)
     assert prepared.review is not None and "(0008,1234)" in prepared.review
     assert not leaked(prepared.data)
+
+
+def test_a_second_run_into_the_same_folder_reports_what_is_there(tmp_path: Path) -> None:
+    """Two inputs with one SOP Instance UID and other content, and an exact copy: one file
+    written, one collision, one duplicate; a second run into the same DST neither
+    overwrites nor miscounts."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    first, other = instance(), instance()
+    other.PixelData = bytes([9, 9, 9, 9])
+    (src / "a.dcm").write_bytes(file_bytes(first, ExplicitVRLittleEndian))
+    (src / "b.dcm").write_bytes(file_bytes(first, ExplicitVRLittleEndian))
+    (src / "c.dcm").write_bytes(file_bytes(other, ExplicitVRLittleEndian))
+    for _ in range(2):
+        report = run_cli(src, dst, tmp_path)
+        on_disk = [p for p in dst.rglob("*") if p.is_file()]
+        assert report["files_seen"] == 3 and report["files_written"] == len(on_disk) == 1
+        assert report["reasons"] == {"duplicate-pixels": 1, "uid-collision": 1}
+        assert report["outputs"][0]["source"].endswith("a.dcm")
