@@ -135,6 +135,9 @@ class Preparer:
         except Exception as exc:  # the engine refused the content: keep a reason, go on
             raise Excluded(f"deidentification-failed: {type(exc).__name__}: {exc}"[:300]
                            ) from exc
+        removed = _removals(self.deidentifier)
+        if removed:  # the steward's ingest report names each attribute that went
+            review = "; ".join(r for r in (review, removed) if r)[:1000]
         metadata = {
             "modality": _text(ds, "Modality") or "OT",
             "body_part": (_text(ds, "BodyPartExamined") or "").upper() or None,
@@ -150,6 +153,15 @@ class Preparer:
                                 series_id=series_id, instance_uid=str(ds.SOPInstanceUID),
                                 data=data, metadata=metadata, pixel_digest=pixel_digest,
                                 review=review)
+
+
+def _removals(deidentifier: Deidentifier) -> str | None:
+    parts = []
+    if deidentifier.removed_unknown:
+        parts.append("unknown-attributes-removed: " + ", ".join(deidentifier.removed_unknown))
+    if deidentifier.removed_undecodable:
+        parts.append("undecodable-un-removed: " + ", ".join(deidentifier.removed_undecodable))
+    return "; ".join(parts) or None
 
 
 def _file_bytes(ds: Dataset) -> bytes:

@@ -314,3 +314,39 @@ def test_deidentification_options_reach_the_store_and_a_change_needs_a_rebuild(
             path).PatientSex
     actions = [e["action"] for _, e in read_entries(basic.work_dir / "audit.jsonl") if e]
     assert actions[-2:] == ["catalog.rebuilt", "catalog.ingested"]
+
+
+def test_inputs_sharing_a_uid_are_counted_as_the_store_holds_them(tmp_path: Path) -> None:
+    """pydicom's own test files share SOP Instance UIDs: the ingest report's counts add up
+    to the inputs seen, every input has one catalog row, and the store holds exactly the
+    catalog's instances, each under its digest and in its series folder."""
+    from pydicom.data import get_testdata_files
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, name in enumerate(get_testdata_files("*.dcm")):
+        shutil.copy(name, data / f"{i:03d}-{Path(name).name}")
+    seen = len(list(data.iterdir()))
+    write_attributes(data / "attributes.csv")  # the config names one; it is no input
+    config = config_for(tmp_path, data)
+    report = ingest(config)
+    assert report.stored + report.duplicates + report.excluded + report.unchanged == seen
+    objects = sorted(p.stem for p in (store_root(config.work_dir) / "objects").rglob("*.dcm"))
+    with open_catalog(config) as catalog:
+        left_out = [e for e in catalog.exclusions() if e.status != "stored"]
+        inputs = sum(len(catalog.known_refs(s)) for s in {e.source for e in left_out})
+        instances = catalog.snapshot()["instances"]  # (uid, series, digest, number, pixels)
+        counts = catalog.counts()
+        in_series = {s.series_id: catalog.instance_digests(s.series_id)
+                     for case in catalog.cases() for s in case.series}
+    digests = sorted(row[2] for row in instances)
+    assert inputs == seen and len(left_out) == report.duplicates + report.excluded
+    assert counts["instances"] == report.stored == len(digests)
+    assert objects == digests
+    for series_id, series_digests in in_series.items():
+        folder = store_root(config.work_dir) / "series" / series_id
+        assert sorted(p.stem for p in folder.iterdir()) == sorted(series_digests)
+    assert any("SOP Instance UID" in e.reason for e in left_out)  # collisions, named
+    # The same again: nothing changes, nothing is counted twice.
+    again = ingest(config)
+    assert again.unchanged == seen and again.stored == again.excluded == 0

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from pydicom import config
 from pydicom import uid as uids
-from pydicom.datadict import DicomDictionary
+from pydicom.datadict import DicomDictionary, mask_match
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -29,6 +29,7 @@ from tributary.spoke.deid.profile import (
     option_code,
     profile_name,
 )
+from tributary.spoke.deid.unknown_vr import resolve_un
 from tributary.spoke.pseudonyms import Pseudonymizer
 
 DEID_METHOD = f"Tributary PS3.15 Basic Profile ({BASIC_EDITION})"  # LO: at most 64 chars
@@ -62,11 +63,17 @@ class Deidentifier:
         self._scrub_text = any((self.options.clean_descriptors,
                                 self.options.retain_patient_characteristics,
                                 self.options.retain_device_identity))
+        #: Of the last :meth:`deidentify`: standard-group attributes no dictionary knows,
+        #: and UN values that could not be decoded by their attribute's VR, as
+        #: "(GGGG,EEEE)"; each was removed (PS3.15 cannot vouch for what it does not name).
+        self.removed_unknown: list[str] = []
+        self.removed_undecodable: list[str] = []
 
     # -- public -----------------------------------------------------------------------
 
     def deidentify(self, ds: Dataset, case_id: str) -> Dataset:
         """De-identify ``ds`` in place (and return it) as the case ``case_id``."""
+        self.removed_unknown, self.removed_undecodable = [], []
         mask = self.options.pixel_mask_for(ds)  # matched on the device, before cleaning
         if mask is not None:
             clean_pixels(ds, mask)
@@ -95,6 +102,7 @@ class Deidentifier:
         there every free-text, name and date attribute is replaced too; codes, numbers
         and (remapped) UIDs stay, and so does the structure."""
         table, single = self.table, self.table.single
+        self._resolve(ds)
         elements = ds._dict
         private_tags: list[int] = []
         for tag in list(elements):
@@ -115,6 +123,10 @@ class Deidentifier:
                     self._drop_group(ds, group)
                     continue
             if action is None:
+                if t not in DicomDictionary and group != 0x0002 and not mask_match(t):
+                    self.removed_unknown.append(_tag_text(t))
+                    del elements[tag]
+                    continue
                 if t in UI_TAGS:
                     action = "U"
                 elif t in SQ_TAGS or _vr(elements[tag]) == "SQ":
@@ -209,6 +221,13 @@ class Deidentifier:
                 for item in ds[t].value:
                     self._clean(item, case_id, shift, secrets, strict)
 
+    def _resolve(self, ds: Dataset) -> None:
+        """Elements stored as UN are decoded by their dictionary VR (a sequence is then
+        walked like any other); a value that does not decode goes."""
+        for t in resolve_un(ds):
+            del ds._dict[t]  # type: ignore[arg-type]
+            self.removed_undecodable.append(_tag_text(t))
+
     def _drop_group(self, ds: Dataset, group: int) -> None:
         for tag in [t for t in ds._dict if t >> 16 == group]:
             del ds._dict[tag]
@@ -229,6 +248,7 @@ class Deidentifier:
 
     def _collect(self, ds: Dataset, found: set[str]) -> None:
         single = self.table.single
+        self._resolve(ds)
         for tag, raw in list(ds._dict.items()):
             vr = _vr(raw)
             t = int(tag)
@@ -287,6 +307,10 @@ class Deidentifier:
         ds.file_meta = meta
         if hasattr(ds, "preamble"):
             ds.preamble = b"\0" * 128  # a preamble can carry a whole TIFF header
+
+
+def _tag_text(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def _vr(elem: DataElement | RawDataElement) -> str:

@@ -49,13 +49,16 @@ class Reason(StrEnum):
     BURNED_IN_TEXT = "burned-in-text"
     TEXT_CLEANED = "burned-in-text-cleaned"
     TEXT_DETECTION_FAILED = "text-detection-failed"
+    UID_COLLISION = "uid-collision"  # another input has its SOP Instance UID
+    DUPLICATE_INSTANCE = "duplicate-instance"  # the same instance as another input
 
 
 #: Reasons that keep a file out; the others only ask for a person's review.
 EXCLUDING = frozenset({Reason.NOT_DICOM, Reason.UNREADABLE, Reason.TRUNCATED, Reason.CORRUPTED,
                        Reason.SCREEN_CAPTURE, Reason.BURNED_IN_ANNOTATION,
                        Reason.DUPLICATE_PIXELS, Reason.DEIDENTIFICATION_FAILED,
-                       Reason.BURNED_IN_TEXT, Reason.TEXT_DETECTION_FAILED})
+                       Reason.BURNED_IN_TEXT, Reason.TEXT_DETECTION_FAILED,
+                       Reason.UID_COLLISION, Reason.DUPLICATE_INSTANCE})
 
 
 class Finding(BaseModel):

@@ -9,6 +9,8 @@ The report holds source paths and is written beside DST, never inside it."""
 from __future__ import annotations
 
 import getpass
+import hashlib
+import io
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -20,6 +22,8 @@ from pydantic import BaseModel
 class OutputFile(BaseModel):
     source: str
     output: str
+    removed_unknown: list[str] = []  # standard-group attributes no dictionary knows
+    removed_undecodable: list[str] = []  # UN values that did not decode by their VR
 
 
 class DeidRunReport(BaseModel):
@@ -131,6 +135,10 @@ def main(
     started = datetime.now(UTC)
     paths = sorted(p for p in src.rglob("*") if p.is_file())
     outputs: list[OutputFile] = []
+    # Output path -> (source, SHA-256 of its bytes): inputs that share a SOP Instance UID
+    # map to one output name; the first is kept, the others are excluded, never written
+    # over it, so the report always says what is on disk.
+    written: dict[Path, tuple[str, str]] = {}
     for path in track(paths, description="de-identifying", console=console):
         ds, verdict = screener.check(path)
         if ds is None:
@@ -139,12 +147,34 @@ def main(
             case_id = pseudonyms.case_id(f"patient:{ds.get('PatientID', '')}")
             deid.deidentify(ds, case_id)
             target = dst / case_id / str(verdict.series_id) / f"{ds.SOPInstanceUID}.dcm"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(target, enforce_file_format=True)
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            data = buffer.getvalue()
         except Exception as exc:  # one bad file must not stop the batch; it is reported
             verdict.add(Reason.DEIDENTIFICATION_FAILED, f"{type(exc).__name__}: {exc}"[:300])
             continue
-        outputs.append(OutputFile(source=str(path), output=str(target.relative_to(dst))))
+        digest = hashlib.sha256(data).hexdigest()
+        first = written.get(target) or _earlier_run(target)
+        if first is not None and not (first[0] == _EARLIER and first[1] == digest):
+            if first[1] == digest:
+                verdict.add(Reason.DUPLICATE_INSTANCE, f"same de-identified instance as "
+                            f"{first[0]}; written once")
+            else:
+                verdict.add(Reason.UID_COLLISION, f"same SOP Instance UID as {first[0]}; "
+                            "different content, the first file is kept")
+            continue
+        try:
+            if first is None:  # else an earlier run wrote exactly these bytes
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with target.open("xb") as handle:  # never replaces a file
+                    handle.write(data)
+        except OSError as exc:
+            verdict.add(Reason.DEIDENTIFICATION_FAILED, f"cannot write: {exc}"[:300])
+            continue
+        written[target] = (str(path), digest)
+        outputs.append(OutputFile(source=str(path), output=str(target.relative_to(dst)),
+                                  removed_unknown=deid.removed_unknown,
+                                  removed_undecodable=deid.removed_undecodable))
     screening = screener.report()
     document = DeidRunReport(
         profile=deid.profile, options=options.model_dump(mode="json"), source=str(src),
@@ -168,3 +198,14 @@ def main(
     console.print(f"{len(outputs)} of {len(paths)} files written to {dst}; "
                   f"{document.excluded} excluded, {document.flagged} flagged, "
                   f"{len(incomplete)} incomplete series; report: {report}")
+
+
+_EARLIER = "a file an earlier run wrote to DST"
+
+
+def _earlier_run(target: Path) -> tuple[str, str] | None:
+    """A file an earlier run left at ``target``, with its digest: identical bytes count as
+    this run's output (re-running is harmless); other bytes are a collision."""
+    if not target.is_file():
+        return None
+    return _EARLIER, hashlib.sha256(target.read_bytes()).hexdigest()
