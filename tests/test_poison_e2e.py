@@ -115,8 +115,8 @@ def test_bytes_that_are_no_message_are_dead_lettered_and_the_spoke_goes_on(
     reasons = wait_for(lambda: len(r := dead_letter_reasons(site, poison)) == 2 and r, 10,
                        "audited reasons")
     assert all("unreadable" in reason for reason in reasons.values()), reasons
-    answered = count_answered(federation, site)
-    assert answered["spokes"][0]["count"] == 2 and site["process"].alive()
+    assert count_answered(federation, site)["spokes"][0]["state"] == "answered"
+    assert site["process"].alive()
 
 
 def test_ids_that_would_name_a_path_are_dead_lettered_and_nothing_is_written(
@@ -169,4 +169,4 @@ def test_a_fault_while_handling_dead_letters_after_bounded_retries(
         journal.close()
     (reason,) = dead_letter_reasons(site, [cancel.encode()]).values()
     assert "attempts" in reason and "locked" in reason, reason
-    assert count_answered(federation, site)["spokes"][0]["count"] == 2
+    assert count_answered(federation, site)["spokes"][0]["state"] == "answered"
