@@ -28,7 +28,15 @@ POISON = [
     b'{"payload": "!!", "payloadType": "' + MESSAGE_PAYLOAD_TYPE.encode()
     + b'", "signatures": [{"keyid": "k", "sig": "zz"}]}',
     b"\xff\xfe\x00garbage",
+    # Validly signed, yet the payload is poison.
+    json.dumps(KEY.sign(b"[" * 50_000, MESSAGE_PAYLOAD_TYPE)).encode(),
+    json.dumps(KEY.sign(b'{"kind": "heartbeat", "queue_depth": ' + b"9" * 100_000 + b"}",
+                        MESSAGE_PAYLOAD_TYPE)).encode(),
+    json.dumps(KEY.sign(b"\xff\xfe", MESSAGE_PAYLOAD_TYPE)).encode(),
     b"1e999999",
+    b'{"payload": ' + b"9" * 100_000 + b"}",
+    b'{"payload": "eyJ9", "payloadType": "x", "signatures": [' + b'{"keyid": "k", "sig": "00"},'
+    * 50_000 + b"{}]}",
     b'"' + b"\\ud800" * 10 + b'"',
     b"",
 ]
