@@ -18,7 +18,7 @@ from e2e_helpers import wait_for
 
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.protocol.broker import BrokerSettings, Delivery, StompClient
-from tributary.protocol.destinations import dead_letter_queue, spoke_queue
+from tributary.protocol.destinations import dead_letter_queue, results_queue, spoke_queue
 from tributary.protocol.messages import (
     AlgorithmRef,
     CancelExperimentMessage,
@@ -170,3 +170,24 @@ def test_a_fault_while_handling_dead_letters_after_bounded_retries(
     (reason,) = dead_letter_reasons(site, [cancel.encode()]).values()
     assert "attempts" in reason and "locked" in reason, reason
     assert count_answered(federation, site)["spokes"][0]["state"] == "answered"
+
+
+def test_the_hub_dead_letters_the_same_bytes_and_goes_on(
+        federation: LocalFederation, site: dict[str, Any]) -> None:
+    marker = uuid.uuid4().hex[:8]
+    poison = [f'{{"payload": 1, "payloadType": "{marker}", "signatures": []}}',
+              "[" * 50_000 + marker]
+    for body in poison:
+        site["client"].publish(results_queue(federation.federation), body)
+
+    def quarantined() -> list[dict[str, Any]]:
+        with federation.api() as api:
+            items = api.get("/api/quarantine", params={"limit": 5000}).json()
+        return [i for i in items if marker in i["body"]]
+
+    items = wait_for(lambda: len(q := quarantined()) == 2 and q, 60, "two quarantined")
+    assert all(i["reason"].startswith(("unsigned message", "malformed message"))
+               for i in items), [i["reason"] for i in items]
+    assert federation.processes["hub"].alive()
+    with federation.api() as api:
+        assert api.get("/api/health").status_code == 200

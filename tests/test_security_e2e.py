@@ -138,7 +138,10 @@ def _quarantined(federation: LocalFederation, marker: str, timeout: float = 30) 
     while time.monotonic() < deadline:
         with federation.api() as api:
             for item in api.get("/api/quarantine").json():
-                payload = base64.b64decode(json.loads(item["body"]).get("payload", ""))
+                try:  # other tests quarantine bodies that are not envelopes at all
+                    payload = base64.b64decode(json.loads(item["body"]).get("payload", ""))
+                except (ValueError, TypeError, AttributeError, RecursionError):
+                    continue
                 if marker.encode() in payload:
                     return item
         time.sleep(0.3)
