@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -58,8 +59,9 @@ def validate_id(value: str) -> str:
     return value
 
 
-#: An experiment, case, query or message id: see :data:`ID_RE`.
-Id = Annotated[str, AfterValidator(validate_id)]
+#: An experiment, case, query or message id: see :data:`ID_RE`. The pattern is stated for
+#: the JSON schemas; the validator is what is relied on.
+Id = Annotated[str, StringConstraints(pattern=ID_RE.pattern), AfterValidator(validate_id)]
 
 
 class _Message(BaseModel):
