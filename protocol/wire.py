@@ -62,8 +62,7 @@ class _Signature(BaseModel):
 class _Envelope(BaseModel):
     """The shape of a DSSE envelope, checked before any signature code sees it: the
     signature library assumes well-typed fields and would fail with arbitrary exceptions
-    on anything else. Parsed by pydantic's JSON parser, whose recursion limit turns deep
-    nesting into a validation error rather than a ``RecursionError``."""
+    on anything else (an ``AttributeError`` for a number as payload)."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -79,7 +78,7 @@ def _envelope(body: bytes | str) -> dict[str, Any]:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES} limit")
     try:
         envelope = json.loads(raw)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError):  # deep nesting exhausts the parser's recursion
         raise ProtocolError("malformed message: not JSON, or nested too deeply") from None
     if not isinstance(envelope, dict) or "payload" not in envelope:
         raise UntrustedMessage("unsigned message: not a DSSE envelope")
