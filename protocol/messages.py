@@ -11,9 +11,11 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     TypeAdapter,
     ValidationError,
     field_validator,
@@ -25,8 +27,15 @@ from tributary.protocol import PROTOCOL_VERSION
 #: Messages larger than this are refused before parsing.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
 
+# Anchored for JSON schema patterns; applied with fullmatch, since "$" alone would let a
+# trailing newline through.
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 SPOKE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+#: Every other id a message carries (experiment, case, query, message): ASCII letters,
+#: digits, '.', '_' and '-', starting with a letter or digit. Ids name folders and files at
+#: the receiver (``runs/<experiment>/<case>``); such an id is always one harmless path
+#: component, never '.', '..', a separator, a NUL or a hidden file.
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # registry[:port]/path — no tag, no digest: the digest travels separately.
 REPOSITORY_RE = re.compile(r"^[a-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._-]+)+$")
 
@@ -43,11 +52,23 @@ def new_message_id() -> str:
     return uuid.uuid4().hex
 
 
+def validate_id(value: str) -> str:
+    if not ID_RE.fullmatch(value):
+        raise ValueError("an id is 1-128 ASCII letters, digits, '.', '_' or '-', starting "
+                         "with a letter or digit")
+    return value
+
+
+#: An experiment, case, query or message id: see :data:`ID_RE`. The pattern is stated for
+#: the JSON schemas; the validator is what is relied on.
+Id = Annotated[str, StringConstraints(pattern=ID_RE.pattern), AfterValidator(validate_id)]
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     protocol_version: str = PROTOCOL_VERSION
-    message_id: str = Field(
+    message_id: Id = Field(
         default_factory=new_message_id,
         description="Idempotency key: a receiver applies each message_id at most once, so a "
         "message sent again (after a lost receipt, a reconnect or a restart) does no harm.")
@@ -64,13 +85,13 @@ class _Message(BaseModel):
 
 
 def validate_spoke_id(value: str) -> str:
-    if not SPOKE_ID_RE.match(value):
+    if not SPOKE_ID_RE.fullmatch(value):
         raise ValueError("spoke id must be 2-63 lower-case letters, digits or '-'")
     return value
 
 
 def validate_repository(value: str) -> str:
-    match = REPOSITORY_RE.match(value)
+    match = REPOSITORY_RE.fullmatch(value)
     if not match:
         raise ValueError("repository must look like 'registry:port/path', with no tag or digest")
     if match.group(1) and not 0 < int(match.group(1)[1:]) < 65536:
@@ -79,7 +100,7 @@ def validate_repository(value: str) -> str:
 
 
 def validate_digest(value: str) -> str:
-    if not DIGEST_RE.match(value):
+    if not DIGEST_RE.fullmatch(value):
         raise ValueError("digest must be a manifest digest: 'sha256:' and 64 lower-case hex "
                          "digits, never a tag")
     return value
@@ -128,7 +149,7 @@ class CohortSelection(BaseModel):
         default_factory=dict,
         description="Only cases whose site-held attribute equals each value. A spoke refuses "
         "criteria on attributes its policy does not allow to be released.")
-    case_ids: list[str] | None = Field(None, description="Only these pseudonymous cases.")
+    case_ids: list[Id] | None = Field(None, description="Only these pseudonymous cases.")
     max_cases: int | None = Field(None, ge=1, description="At most this many cases.")
 
     @model_validator(mode="after")
@@ -153,7 +174,7 @@ class ExperimentMessage(_Message):
     """Hub → spoke: run this algorithm on the selected cases."""
 
     kind: Literal["experiment"] = "experiment"
-    experiment_id: str
+    experiment_id: Id
     spoke_id: str
     algorithm: AlgorithmRef
     arguments: dict[str, Any] = Field(default_factory=dict)
@@ -189,7 +210,7 @@ class CountRequest(_Message):
     own catalog with small-cell suppression; no case, pseudonym or attribute leaves."""
 
     kind: Literal["count_request"] = "count_request"
-    query_id: str = Field(max_length=100)
+    query_id: Id
     spoke_id: str
     selection: CohortSelection = Field(default_factory=CohortSelection)
     expires_at: datetime | None = None
@@ -208,7 +229,7 @@ class CancelExperimentMessage(_Message):
     it arrives."""
 
     kind: Literal["cancel_experiment"] = "cancel_experiment"
-    experiment_id: str
+    experiment_id: Id
     spoke_id: str
     reason: str = Field(max_length=2000)
 
@@ -221,9 +242,9 @@ class RetryCasesMessage(_Message):
     re-run; the new attempt number is signed into each result's custody record."""
 
     kind: Literal["retry_cases"] = "retry_cases"
-    experiment_id: str
+    experiment_id: Id
     spoke_id: str
-    case_ids: list[str] = Field(min_length=1, max_length=100_000)
+    case_ids: list[Id] = Field(min_length=1, max_length=100_000)
     attempt: int = Field(ge=2, le=1000)
     reason: str | None = Field(None, max_length=2000)
 
@@ -250,10 +271,10 @@ class ExperimentStatusMessage(_Message):
     """Spoke → hub: what happened to an experiment as a whole at this spoke."""
 
     kind: Literal["experiment_status"] = "experiment_status"
-    experiment_id: str
+    experiment_id: Id
     spoke_id: str
     state: ExperimentState
-    case_ids: list[str] = Field(default_factory=list)
+    case_ids: list[Id] = Field(default_factory=list)
     reason: str | None = None
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
@@ -263,9 +284,9 @@ class CaseStartedMessage(_Message):
     """Spoke → hub: a case's container has started."""
 
     kind: Literal["case_started"] = "case_started"
-    experiment_id: str
+    experiment_id: Id
     spoke_id: str
-    case_id: str
+    case_id: Id
     attempt: int = Field(1, ge=1)
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
@@ -277,9 +298,9 @@ class CaseProgressMessage(_Message):
     expiry: a lost progress message is harmless, the next one supersedes it."""
 
     kind: Literal["case_progress"] = "case_progress"
-    experiment_id: str
+    experiment_id: Id
     spoke_id: str
-    case_id: str
+    case_id: Id
     attempt: int = Field(1, ge=1)
     fraction: float = Field(ge=0.0, le=1.0)
     message: str | None = Field(None, max_length=200)
@@ -292,8 +313,8 @@ class RunningCase(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    experiment_id: str
-    case_id: str
+    experiment_id: Id
+    case_id: Id
     attempt: int = Field(1, ge=1)
     started_at: datetime
     fraction: float | None = Field(None, ge=0.0, le=1.0)
@@ -355,9 +376,9 @@ class ResultMessage(_Message):
     and the attributes the spoke's policy released ever leave the institution."""
 
     kind: Literal["result"] = "result"
-    experiment_id: str
+    experiment_id: Id
     spoke_id: str
-    case_id: str
+    case_id: Id
     attempt: int = Field(1, ge=1)
     status: CaseStatus
     output: dict[str, Any] | None = None
@@ -383,7 +404,7 @@ class CountReply(_Message):
     spoke's policy suppresses: 0 ≤ count < ``fewer_than``) or ``refused`` (with why)."""
 
     kind: Literal["count_reply"] = "count_reply"
-    query_id: str = Field(max_length=100)
+    query_id: Id
     spoke_id: str
     count: int | None = Field(None, ge=0)
     fewer_than: int | None = Field(None, ge=1)

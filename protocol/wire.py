@@ -9,7 +9,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
@@ -52,17 +52,40 @@ def seal(message: BaseModel, key: SigningKey) -> str:
     return json.dumps(key.sign(encode(message).encode(), MESSAGE_PAYLOAD_TYPE))
 
 
+class _Signature(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    keyid: str = Field(max_length=256)
+    sig: str = Field(max_length=1024)
+
+
+class _Envelope(BaseModel):
+    """The shape of a DSSE envelope, checked before any signature code sees it: the
+    signature library assumes well-typed fields and would fail with arbitrary exceptions
+    on anything else (an ``AttributeError`` for a number as payload)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    payload: str
+    payloadType: str = Field(max_length=256)  # the DSSE field name
+    signatures: list[_Signature] = Field(max_length=8)
+
+
 def _envelope(body: bytes | str) -> dict[str, Any]:
-    raw = body.encode() if isinstance(body, str) else body
+    """The DSSE envelope in ``body``, or :class:`ProtocolError` whatever the bytes are."""
+    raw = body.encode(errors="replace") if isinstance(body, str) else body
     if len(raw) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES} limit")
     try:
         envelope = json.loads(raw)
-    except ValueError:
-        raise ProtocolError("malformed message: not JSON") from None
+    except (ValueError, RecursionError):  # deep nesting exhausts the parser's recursion
+        raise ProtocolError("malformed message: not JSON, or nested too deeply") from None
     if not isinstance(envelope, dict) or "payload" not in envelope:
         raise UntrustedMessage("unsigned message: not a DSSE envelope")
-    return envelope
+    try:
+        return _Envelope.model_validate(envelope).model_dump()
+    except (ValidationError, RecursionError):
+        raise UntrustedMessage("unsigned message: not a well-formed DSSE envelope") from None
 
 
 def open_from_hub(body: bytes | str, hub_keys: Iterable[PublicKey]) -> HubMessage:

@@ -83,6 +83,9 @@ from tributary.spoke.steward import Steward
 log = logging.getLogger(__name__)
 #: Room left in a result message for its custody record (signed, base64 inside DSSE).
 CUSTODY_ALLOWANCE_BYTES = 16 * 1024
+#: Attempts at handling a hub message before a fault that is not the message's (a bug, a
+#: journal that cannot be written) sends it to the dead-letter queue with the fault.
+HANDLE_ATTEMPTS = 3
 
 
 def _now() -> datetime:
@@ -206,6 +209,27 @@ class SpokeAgent:
 
     # -- messages from the hub ----------------------------------------------------------------
     def handle(self, delivery: Delivery) -> None:
+        """Handle one message from the hub's queue, whatever its bytes: it ends journaled
+        and acknowledged, dropped as a replay, or dead-lettered with an audited reason. A
+        fault while handling it is retried a few times, then dead-lettered too: an exception
+        here would stop the consumer, and meet the same message at every restart. Only a
+        failure to audit (see :meth:`_audit`) still stops the spoke."""
+        for attempt in range(1, HANDLE_ATTEMPTS + 1):
+            try:
+                self._handle(delivery)
+                return
+            except Exception as exc:
+                log.exception("could not handle message %s (attempt %d of %d)",
+                              delivery.message_id, attempt, HANDLE_ATTEMPTS)
+                if attempt == HANDLE_ATTEMPTS:
+                    self._dead_letter(delivery, None, (
+                        f"the spoke could not handle it in {HANDLE_ATTEMPTS} attempts: "
+                        f"{type(exc).__name__}: {exc}")[:2000])
+                    return
+            if self.stopping.wait(0.5 * attempt):
+                return  # not acknowledged: the broker delivers it again at the next start
+
+    def _handle(self, delivery: Delivery) -> None:
         """Verify, journal, then acknowledge one message from the hub's queue."""
         try:
             message = open_from_hub(delivery.body, self.hub_keys)

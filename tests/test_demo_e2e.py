@@ -5,7 +5,6 @@ broker) and once as the containers of docker-compose.yml."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,8 @@ def test_demo_runs_a_study_to_its_aggregate(mode: str, tmp_path: Path,
     if mode == "containers":  # its own ports: it runs beside the suite's shared services
         containers = service_settings.model_copy(update={"broker_port": free_port(),
                                                          "registry_port": free_port()})
-    since = time.time()
+    created = {spoke: LocalFederation.watch_containers(f"org.tributary.spoke={spoke}")
+               for spoke in SPOKES}
     with open(tmp_path / "demo.log", "w") as log:
         report = run_demo([2, 1, 1], hub_port=free_port(), wait=False,
                           workdir=tmp_path / "demo", console=Console(file=log),
@@ -42,7 +42,7 @@ def test_demo_runs_a_study_to_its_aggregate(mode: str, tmp_path: Path,
         verified = [e for e in entries if e["action"] == "image.verified"]
         assert verified and all(e["detail"]["result"] == "verified" for e in verified)
         # ...and asked the engine for the algorithm's containers.
-        assert LocalFederation.containers_created(since, f"org.tributary.spoke={spoke}")
+        assert created[spoke].stop()
     if mode == "processes":
         assert (tmp_path / "demo" / "broker" / "jaas" / "users.properties").exists()
     else:

@@ -9,7 +9,6 @@ import base64
 import json
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlmodel import Session
 
+from tributary.containerwatch import ContainerWatch
 from tributary.federation import LocalFederation, build_and_push, generate_cohort
 from tributary.hub.db import make_engine
 from tributary.hub.models import Algorithm
@@ -106,8 +106,9 @@ def run_on_spoke(federation: LocalFederation, algorithm_id: int, spoke: str) -> 
     return federation.wait_for_experiment(exp["id"], timeout=120)
 
 
-def created_since(spoke: str, since: float) -> str:
-    return LocalFederation.containers_created(since, f"org.tributary.spoke={spoke}")
+def watch(spoke: str) -> ContainerWatch:
+    """Containers created for ``spoke`` from now on, watched live (see ContainerWatch)."""
+    return LocalFederation.watch_containers(f"org.tributary.spoke={spoke}")
 
 
 def spoke_refusals(federation: LocalFederation, spoke: str) -> list[dict]:
@@ -133,11 +134,11 @@ def test_signed_image_runs(federation: LocalFederation, trust: dict[str, Any]) -
 def test_unsigned_image_runs_nothing(federation: LocalFederation, trust: dict[str, Any]) -> None:
     created = register(federation, trust["original"], None)
     assert created.status_code == 201  # this hub allows unsigned images; the spoke does not
-    since = time.time()
+    created_since = watch(trust["spoke"])
     final = run_on_spoke(federation, created.json()["id"], trust["spoke"])
     assert final["targets"][0]["state"] == "refused"
     assert "unsigned image" in final["targets"][0]["reason"]
-    assert created_since(trust["spoke"], since) == ""
+    assert created_since.stop() == []
 
 
 def test_image_signed_by_unknown_key_runs_nothing(federation: LocalFederation,
@@ -149,11 +150,11 @@ def test_image_signed_by_unknown_key_runs_nothing(federation: LocalFederation,
     # A publisher the hub knows but this spoke does not trust.
     created = register(federation, trust["original"], sign(trust["stranger"], trust["original"]))
     assert created.status_code == 201
-    since = time.time()
+    created_since = watch(trust["spoke"])
     final = run_on_spoke(federation, created.json()["id"], trust["spoke"])
     assert final["targets"][0]["state"] == "refused"
     assert "release signature" in final["targets"][0]["reason"]
-    assert created_since(trust["spoke"], since) == ""
+    assert created_since.stop() == []
     with federation.api() as api:
         refused = api.get("/api/audit", params={"action": "algorithm.refused"}).json()
     assert any("not a registered publisher" in a["detail"]["reason"] for a in refused)
@@ -176,11 +177,11 @@ def test_tampered_image_same_tag_new_digest_runs_nothing(
         row.digest = tampered[1]
         session.add(row)
         session.commit()
-    since = time.time()
+    created_since = watch(trust["spoke"])
     final = run_on_spoke(federation, algorithm["id"], trust["spoke"])
     assert final["targets"][0]["state"] == "refused"
     assert "not for" in final["targets"][0]["reason"]
-    assert created_since(trust["spoke"], since) == ""
+    assert created_since.stop() == []
     reasons = [e["detail"].get("error", "") for e in spoke_refusals(federation, trust["spoke"])]
     assert any("unsigned image" in r for r in reasons)
     assert any("not for" in r for r in reasons)
@@ -282,11 +283,11 @@ def test_forged_signatures_in_registry_run_nothing(
         client.attach(name, image[1], edited, RELEASE_TYPE)
     created = register(federation, image, None)
     assert created.status_code == 201
-    since = time.time()
+    created_since = watch(trust["spoke"])
     final = run_on_spoke(federation, created.json()["id"], trust["spoke"])
     assert final["targets"][0]["state"] == "refused"
     assert "release signature" in final["targets"][0]["reason"]
-    assert created_since(trust["spoke"], since) == ""
+    assert created_since.stop() == []
     publisher_pub = trust["publisher_key"].with_suffix(".key.pub")
     checked = cli("algorithm", "verify", f"{image[0]}@{image[1]}", "--key", str(publisher_pub))
     assert checked.returncode == 1

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tributary.containerwatch import ContainerWatch
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.protocol.broker import BrokerSettings, Delivery, StompClient
 from tributary.protocol.destinations import dead_letter_queue, results_queue, spoke_queue
@@ -69,8 +70,9 @@ def message(site: dict[str, Any], experiment_id: str, **extra: Any) -> Experimen
         **extra)
 
 
-def containers_created(site: dict[str, Any], since: float) -> str:
-    return LocalFederation.containers_created(since, f"org.tributary.spoke={site['id']}")
+def watch(site: dict[str, Any]) -> ContainerWatch:
+    """Containers created for the site from now on, watched live (see ContainerWatch)."""
+    return LocalFederation.watch_containers(f"org.tributary.spoke={site['id']}")
 
 
 def target(federation: LocalFederation, experiment_id: str) -> dict[str, Any]:
@@ -91,7 +93,7 @@ def wait_target(federation: LocalFederation, experiment_id: str, states: set[str
 
 def test_forged_and_unsigned_experiment_messages_run_nothing(
         federation: LocalFederation, site: dict[str, Any]) -> None:
-    since = time.time()
+    created = watch(site)
     exp_id = new_experiment(federation, site)
     forged = message(site, exp_id)
     client: StompClient = site["client"]
@@ -106,7 +108,7 @@ def test_forged_and_unsigned_experiment_messages_run_nothing(
         bodies.append(delivery.body)
     assert any(b.startswith(b'{"protocol_version"') for b in bodies)
     assert any(b'"signatures"' in b for b in bodies)
-    assert containers_created(site, since) == ""
+    assert created.stop() == []
     assert target(federation, exp_id)["state"] == "pending"
 
 
@@ -120,14 +122,14 @@ def test_replayed_and_expired_experiment_messages_run_nothing(
     done = wait_target(federation, exp_id, {"completed"})
     assert done["succeeded"] == 2
 
-    since = time.time()
+    created = watch(site)
     client.publish(site["queue"], envelope)  # the same signed message, replayed
     expired_id = new_experiment(federation, site)
     stale = message(site, expired_id, expires_at=datetime.now(UTC) - timedelta(minutes=1))
     client.publish(site["queue"], seal(stale, hub_key))
     refused = wait_target(federation, expired_id, {"refused"})
     assert "expired" in refused["reason"]
-    assert containers_created(site, since) == "", "a replayed or expired message ran"
+    assert created.stop() == [], "a replayed or expired message ran"
     assert target(federation, exp_id)["succeeded"] == 2
 
 
@@ -136,7 +138,10 @@ def _quarantined(federation: LocalFederation, marker: str, timeout: float = 30) 
     while time.monotonic() < deadline:
         with federation.api() as api:
             for item in api.get("/api/quarantine").json():
-                payload = base64.b64decode(json.loads(item["body"]).get("payload", ""))
+                try:  # other tests quarantine bodies that are not envelopes at all
+                    payload = base64.b64decode(json.loads(item["body"]).get("payload", ""))
+                except (ValueError, TypeError, AttributeError, RecursionError):
+                    continue
                 if marker.encode() in payload:
                     return item
         time.sleep(0.3)
@@ -191,8 +196,8 @@ def test_hub_signed_message_without_approval_runs_nothing(
     exp_id = new_experiment(federation, site)
     unapproved = message(site, exp_id).model_copy(update={"algorithm": AlgorithmRef(
         name="ok", version="1", repository=site["image"][0], digest=site["image"][1])})
-    since = time.time()
+    created = watch(site)
     site["client"].publish(site["queue"], seal(unapproved, hub_key))
     refused = wait_target(federation, exp_id, {"refused"})
     assert "not approved" in refused["reason"]
-    assert containers_created(site, since) == ""
+    assert created.stop() == []

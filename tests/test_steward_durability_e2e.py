@@ -47,7 +47,7 @@ def test_held_work_survives_a_crash_and_a_cancellation_discards_it(
 
     # 1. An experiment awaiting approval, cancelled: the hub is told at once, the steward's
     #    desk no longer lists it, and a late approval finds nothing to approve.
-    since = time.time()
+    created = federation.watch_containers(label)
     first = launch("cancelled while awaiting approval")
     wait_target(federation, first, "held", "awaiting approval")
     cancel(first, "wrong protocol")
@@ -62,16 +62,16 @@ def test_held_work_survives_a_crash_and_a_cancellation_discards_it(
     wait_target(federation, second, "held", "awaiting approval")
     assert steward(config, "approve", second, "--as", "dr-steward").returncode == 0
     wait_target(federation, second, "held", "2 result(s) await review")
-    assert len(federation.containers_created(since, label).splitlines()) == 2
+    assert len(created.stop()) == 2
     process = federation.processes[f"spoke-{spoke_id}"]
     process.popen.send_signal(signal.SIGKILL)
     process.popen.wait(30)
-    restarted = time.time()
+    rerun = federation.watch_containers(label)
     federation.start_spoke(spoke_id, config)
     results = pending(config)["results"]
     assert sorted(r["experiment_id"] for r in results) == [second, second]
     time.sleep(5)  # long enough for a (wrong) re-run to start
-    assert federation.containers_created(restarted, label) == ""
+    assert rerun.stop() == []
 
     # 3. Cancelled while its results wait: they never leave, and the hub counts their cases
     #    among those cancelled, without output.

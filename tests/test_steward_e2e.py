@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-import time
 
 import pytest
 from e2e_helpers import add_attribute, pending, steward, wait_target
@@ -44,7 +43,7 @@ def test_steward_approves_and_rejects_experiments_and_results(
         return str(exp["id"])
 
     # 1. The experiment waits for the steward; nothing runs meanwhile.
-    since = time.time()
+    created = federation.watch_containers(label)
     first = launch("steward approves")
     wait_target(federation, first, "held", "awaiting approval by the site's data steward")
     waiting = pending(config)["experiments"]
@@ -54,7 +53,7 @@ def test_steward_approves_and_rejects_experiments_and_results(
     assert waiting[0]["release_allowed"] == ["nodules"]
     human = steward(config, "pending")
     assert first in human.stdout and "cohort size" in human.stdout, human.stdout
-    assert federation.containers_created(since, label) == ""
+    assert created.stop() == []
 
     # 2. The wait survives a restart of the spoke (the broker message was acknowledged).
     federation.processes[f"spoke-{spoke_id}"].stop()
@@ -106,7 +105,7 @@ def test_steward_approves_and_rejects_experiments_and_results(
     assert pending(config) == {"experiments": [], "results": []}
 
     # 4. A rejected experiment never runs, and the hub shows why.
-    since = time.time()
+    created = federation.watch_containers(label)
     second = launch("steward rejects")
     wait_target(federation, second, "held", "awaiting approval")
     no = steward(config, "reject", second, "--as", "dr-steward",
@@ -116,11 +115,11 @@ def test_steward_approves_and_rejects_experiments_and_results(
     target = final["targets"][0]
     assert target["state"] == "refused"
     assert "data steward" in target["reason"] and "ethics approval" in target["reason"]
-    assert federation.containers_created(since, label) == ""
+    assert created.stop() == []
 
     # 5. What waits is re-verified before it runs: a held experiment edited in the spoke's
     #    database (asking for more memory, say) is refused, approved or not.
-    since = time.time()
+    created = federation.watch_containers(label)
     third = launch("tampered while held")
     wait_target(federation, third, "held", "awaiting approval")
     db = sqlite3.connect(federation.root / "spokes" / spoke_id / "journal.db")
@@ -138,7 +137,7 @@ def test_steward_approves_and_rejects_experiments_and_results(
     final = federation.wait_for_experiment(third, timeout=60)
     assert final["targets"][0]["state"] == "refused"
     assert "no longer verifies" in final["targets"][0]["reason"]
-    assert federation.containers_created(since, label) == ""
+    assert created.stop() == []
 
     # The spoke's forensic log holds every hold and decision, by whom, and verifies.
     log = federation.root / "spokes" / spoke_id / "audit.jsonl"

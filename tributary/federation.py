@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 
+from tributary.containerwatch import ContainerWatch
 from tributary.protocol.destinations import DEFAULT_FEDERATION
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
@@ -285,13 +286,10 @@ class LocalFederation:
                 time.sleep(0.5)
 
     @staticmethod
-    def containers_created(since: float, label: str) -> str:
-        """Containers the engine created since ``since`` with ``label`` (``key=value``),
-        as reported by ``docker events``: the evidence that something did, or did not, run."""
-        return subprocess.run(
-            ["docker", "events", "--since", str(since), "--until", str(time.time()),
-             "--filter", "event=create", "--filter", f"label={label}"],
-            capture_output=True, text=True, check=True).stdout.strip()
+    def watch_containers(label: str) -> ContainerWatch:
+        """Start watching for containers the engine creates with ``label`` (``key=value``):
+        the evidence that something did, or did not, run is ``watch.stop()``."""
+        return ContainerWatch(label).start()
 
     def stop(self) -> None:
         for process in reversed(list(self.processes.values())):

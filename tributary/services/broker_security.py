@@ -107,7 +107,7 @@ class BrokerSecurityBundle:
 
 
 def _validate_identity(name: str) -> str:
-    if not SPOKE_ID_RE.match(name):
+    if not SPOKE_ID_RE.fullmatch(name):
         raise ValueError(f"identity {name!r} must be 2-63 lower-case letters, digits or '-'")
     return name
 
