@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from tributary.protocol.contract import (
 )
 from tributary.protocol.messages import Failure, FailureReason, RunLimits
 from tributary.spoke.config import RunnerSettings
+from tributary.spoke.output_files import Refusal, UnsafeFile, read_bounded
 
 #: The uid:gid algorithms run as ("nobody").
 ALGORITHM_USER = "65534:65534"
@@ -63,23 +63,17 @@ def effective_limits(asked: RunLimits, site: RunnerSettings) -> RunLimits:
 
 
 def read_output(path: Path, limit: int) -> dict[str, Any]:
-    """Read output.json without following links, refusing anything but a small object."""
+    """Read output.json without blocking or following links, refusing anything but a small
+    regular file holding a JSON object (see :mod:`tributary.spoke.output_files`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise OutputError(FailureReason.MISSING_OUTPUT,
-                          "the algorithm wrote no output.json") from None
-    except OSError as exc:
-        raise OutputError(FailureReason.INVALID_OUTPUT,
-                          f"output.json unreadable: {exc}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise OutputError(FailureReason.INVALID_OUTPUT, "output.json is not a regular file")
-        if info.st_size > limit:
-            raise OutputError(FailureReason.OUTPUT_TOO_LARGE,
-                              f"output.json is {info.st_size} bytes; the limit is {limit}")
-        raw = handle.read(limit + 1)
+        raw = read_bounded(path, limit)
+    except UnsafeFile as exc:
+        reason = {Refusal.MISSING: FailureReason.MISSING_OUTPUT,
+                  Refusal.TOO_LARGE: FailureReason.OUTPUT_TOO_LARGE}.get(
+                      exc.refusal, FailureReason.INVALID_OUTPUT)
+        detail = ("the algorithm wrote no output.json" if exc.refusal == Refusal.MISSING
+                  else exc.detail)
+        raise OutputError(reason, detail) from None
     try:
         data = json.loads(raw, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -92,17 +86,12 @@ def read_output(path: Path, limit: int) -> dict[str, Any]:
 
 
 def read_progress(path: Path) -> Progress | None:
-    """The algorithm's progress file, or None when it is absent, too large or invalid:
-    progress is a courtesy, never a reason to fail a case."""
+    """The algorithm's progress file, or None when it is absent, not a small regular file
+    or invalid: progress is a courtesy, never a reason to fail a case, and reading it never
+    blocks the thread that enforces the case's time limit."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            return None
-        raw = handle.read(PROGRESS_LIMIT_BYTES + 1)
-    if len(raw) > PROGRESS_LIMIT_BYTES:
+        raw = read_bounded(path, PROGRESS_LIMIT_BYTES)
+    except UnsafeFile:
         return None
     try:
         return Progress.model_validate_json(raw)
