@@ -321,6 +321,7 @@ class FailureReason(StrEnum):
     MISSING_OUTPUT = "missing_output"
     INVALID_OUTPUT = "invalid_output"
     OUTPUT_TOO_LARGE = "output_too_large"
+    OUTPUT_QUOTA = "output_quota"  # the algorithm filled its size-limited output folder
     IMAGE_UNAVAILABLE = "image_unavailable"
     IMAGE_DIGEST_MISMATCH = "image_digest_mismatch"
     IMAGE_NOT_TRUSTED = "image_not_trusted"

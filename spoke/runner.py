@@ -32,6 +32,7 @@ from tributary.protocol.contract import (
     Progress,
 )
 from tributary.protocol.messages import Failure, FailureReason, RunLimits
+from tributary.spoke import output_quota
 from tributary.spoke.config import RunnerSettings
 from tributary.spoke.output_files import Refusal, UnsafeFile, read_bounded
 
@@ -121,11 +122,36 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
     container's id once it runs (for the audit log); ``on_progress`` each new value of the
     algorithm's progress file; setting ``cancel`` kills the container and fails the case
     as cancelled."""
+    out_dir = case_dir / "output"
+    output_quota.unmount(out_dir)  # a spoke that died mid-case may have left it mounted
     if case_dir.exists():
         shutil.rmtree(case_dir)
-    out_dir = case_dir / "output"
     out_dir.mkdir(parents=True)
-    os.chown(out_dir, 65534, 65534) if os.geteuid() == 0 else out_dir.chmod(0o777)
+    if settings.output_quota_mb:
+        try:
+            output_quota.mount(out_dir, settings.output_quota_mb)
+        except output_quota.QuotaError as exc:
+            return RunOutcome(None, Failure(reason=FailureReason.INTERNAL_ERROR,
+                                            detail=str(exc)), None)
+    else:
+        os.chown(out_dir, 65534, 65534) if os.geteuid() == 0 else out_dir.chmod(0o777)
+    try:
+        return _run_container(client, image, name, participant, mounts, arguments, limits,
+                              settings, case_dir, out_dir, max_output_bytes, labels,
+                              on_started, on_progress, cancel)
+    finally:
+        output_quota.unmount(out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _run_container(client: docker.DockerClient, image: str, name: str,
+                   participant: Participant, mounts: dict[str, Path],
+                   arguments: dict[str, Any], limits: RunLimits, settings: RunnerSettings,
+                   case_dir: Path, out_dir: Path, max_output_bytes: int,
+                   labels: dict[str, str], on_started: Callable[[str], None] | None,
+                   on_progress: Callable[[Progress], None] | None,
+                   cancel: threading.Event | None) -> RunOutcome:
+    """Start the container with the prepared output folder and classify its end."""
     participant_file = case_dir / "participant.json"
     participant_file.write_text(participant.model_dump_json(indent=2))
     participant_file.chmod(0o644)
@@ -176,6 +202,13 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
             detail=f"the container was stopped by {SIGNAL_EXITS[exit_code]} from outside the "
                    "spoke (not by its time or memory limit), e.g. `docker kill` or an engine "
                    "restart; the hub may retry the case"), exit_code)
+    if exit_code != ExitCode.SUCCESS and settings.output_quota_mb and output_quota.is_full(
+            out_dir):
+        return RunOutcome(None, Failure(
+            reason=FailureReason.OUTPUT_QUOTA, exit_code=exit_code, log_tail=tail,
+            detail=f"the algorithm filled its output folder, the site's quota of "
+                   f"{settings.output_quota_mb} MiB, and exited with status {exit_code}"),
+            exit_code)
     if exit_code != ExitCode.SUCCESS:
         reason = {ExitCode.INVALID_ARGUMENTS: FailureReason.INVALID_ARGUMENTS,
                   ExitCode.UNSUITABLE_INPUT: FailureReason.UNSUITABLE_INPUT}.get(
@@ -188,8 +221,6 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
     except OutputError as exc:
         return RunOutcome(None, Failure(reason=exc.reason, detail=exc.detail, exit_code=0,
                                         log_tail=tail), 0)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
     return RunOutcome(output, None, 0)
 
 

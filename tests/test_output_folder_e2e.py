@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import threading
 import time
@@ -114,3 +115,32 @@ def test_fifo_progress_file_can_still_be_cancelled(misbehaving_image: tuple[str,
     assert outcome.failure is not None
     assert outcome.failure.reason == FailureReason.CANCELLED, outcome.failure
     assert took < 45
+
+
+def test_output_folder_has_the_site_quota(misbehaving_image: tuple[str, str],
+                                         tmp_path: Path) -> None:
+    """Writing past the site's quota fails inside the container only: the spoke's disk
+    (the folder holding its journal and audit log) gets none of it, and the case fails
+    saying why."""
+    settings = RunnerSettings(output_quota_mb=8)
+    outcome, took = _run(_image(misbehaving_image), tmp_path,
+                         {"behaviour": "fill", "mb": 200}, settings=settings)
+    assert outcome.failure is not None, outcome
+    assert outcome.failure.reason == FailureReason.OUTPUT_QUOTA, outcome.failure
+    assert "8 MiB" in outcome.failure.detail
+    tail = outcome.failure.log_tail or ""
+    assert "No space left on device" in tail
+    # The algorithm's own count: it was stopped at the quota, not at 200 MiB. (The
+    # machine's free disk space is not compared: other processes share the disk.)
+    written = re.search(r"full after (\d+) MiB", tail)
+    assert written is not None and int(written.group(1)) <= 8, tail
+    assert not (tmp_path / "case" / "output").exists()  # unmounted and removed
+    assert took < 60
+
+
+def test_output_within_the_quota_is_read(misbehaving_image: tuple[str, str],
+                                        tmp_path: Path) -> None:
+    outcome, _ = _run(_image(misbehaving_image), tmp_path, {"behaviour": "ok"},
+                      settings=RunnerSettings(output_quota_mb=8))
+    assert outcome.failure is None, outcome.failure
+    assert outcome.output is not None and outcome.output["ok"] is True
