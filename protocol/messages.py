@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from tributary.protocol import PROTOCOL_VERSION
+from tributary.protocol.contract import ProgressStep, RoundedFraction
 
 #: Messages larger than this are refused before parsing.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
@@ -269,16 +270,18 @@ class CaseStartedMessage(_Message):
 
 class CaseProgressMessage(_Message):
     """Spoke → hub: how far a running case is, as the algorithm reported it in its
-    progress file (see the algorithm contract). Rate-limited and sent non-persistent with an
-    expiry: a lost progress message is harmless, the next one supersedes it."""
+    progress file (see the algorithm contract). Rate-limited, capped per case, never sent
+    when the site's steward reviews results, and sent non-persistent with an expiry: a lost
+    progress message is harmless, the next one supersedes it. Only a rounded fraction and
+    a word from a fixed vocabulary: the channel cannot carry data."""
 
     kind: Literal["case_progress"] = "case_progress"
     experiment_id: str
     spoke_id: str
     case_id: str
     attempt: int = Field(1, ge=1)
-    fraction: float = Field(ge=0.0, le=1.0)
-    message: str | None = Field(None, max_length=200)
+    fraction: RoundedFraction
+    message: ProgressStep | None = None
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 
@@ -292,8 +295,9 @@ class RunningCase(BaseModel):
     case_id: str
     attempt: int = Field(1, ge=1)
     started_at: datetime
-    fraction: float | None = Field(None, ge=0.0, le=1.0)
-    message: str | None = Field(None, max_length=200)
+    #: The last progress sent for this case (never newer: a heartbeat adds nothing to it).
+    fraction: RoundedFraction | None = None
+    message: ProgressStep | None = None
 
 
 class HeartbeatMessage(_Message):

@@ -42,6 +42,7 @@ from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
     CancelExperimentMessage,
+    CaseProgressMessage,
     CaseStartedMessage,
     CaseStatus,
     CountRequest,
@@ -100,7 +101,9 @@ class SpokeAgent:
         results = results_queue(config.broker.federation)
         self.outbox = OutboxSender(self.journal, self.client, results, self._sent)
         self.progress = ProgressReporter(self.client, results, self.key, config.spoke_id,
-                                         config.liveness.progress_seconds)
+                                         config.liveness.progress_seconds,
+                                         audit=self._audit_progress,
+                                         enabled=not config.steward.review_results)
         self.heartbeat = Heartbeat(self.client, results, self.key,
                                    config.liveness.heartbeat_seconds, self._heartbeat)
         self._inbox: queue.Queue[Delivery] = queue.Queue()
@@ -646,6 +649,12 @@ class SpokeAgent:
 
     def _on_progress(self, activity: CaseActivity, progress: Progress) -> None:
         self.progress.report(activity, progress)
+
+    def _audit_progress(self, activity: CaseActivity, message: CaseProgressMessage) -> None:
+        self._audit("progress.sent", activity.experiment_id, message_id=message.message_id,
+                    case=activity.case_id, attempt=activity.attempt,
+                    fraction=message.fraction, step=message.message,
+                    report=activity.progress_reports + 1)
 
     def _execute(self, message: ExperimentMessage, case: CatalogCase, attempt: int,
                  activity: CaseActivity) -> tuple[dict | None, Failure | None, dict]:

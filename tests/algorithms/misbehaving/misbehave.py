@@ -102,7 +102,7 @@ def _slow(ctx: Context) -> dict[str, Any]:
         raise InvalidArguments("slow needs arguments.seconds, a number >= 0")
     began = time.monotonic()
     while (elapsed := time.monotonic() - began) < seconds:
-        ctx.report_progress(min(elapsed / seconds, 1.0), f"step {int(elapsed * 2)}")
+        ctx.report_progress(min(elapsed / seconds, 1.0), "measuring")
         time.sleep(0.5)
     ctx.report_progress(1.0, "done")
     return {"ok": True, "case_id": ctx.case_id, "seconds": seconds}
