@@ -25,6 +25,9 @@ from tributary.protocol.contract import ProgressStep, RoundedFraction
 
 #: Messages larger than this are refused before parsing.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+#: Bounds of the free-text fields a spoke sends (the channels table in docs/security.md).
+REASON_MAX_CHARS = 2000  # failure details, refusal and status reasons
+LOG_TAIL_MAX_BYTES = 8000  # the tail of a failed container's log, UTF-8
 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 SPOKE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
@@ -255,6 +258,12 @@ class ExperimentStatusMessage(_Message):
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 
+    @field_validator("reason")
+    @classmethod
+    def _bounded(cls, value: str | None) -> str | None:
+        """Reasons quote refusals and stewards' words: cut, never refused, at the bound."""
+        return value[:REASON_MAX_CHARS] if value is not None else None
+
 
 class CaseStartedMessage(_Message):
     """Spoke → hub: a case's container has started."""
@@ -341,9 +350,9 @@ class Failure(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     reason: FailureReason
-    detail: str = Field(max_length=2000)
+    detail: str = Field(max_length=REASON_MAX_CHARS)
     exit_code: int | None = None
-    log_tail: str | None = Field(None, max_length=8000)
+    log_tail: str | None = Field(None, max_length=LOG_TAIL_MAX_BYTES)
 
 
 class CaseStatus(StrEnum):

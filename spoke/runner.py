@@ -31,7 +31,7 @@ from tributary.protocol.contract import (
     Participant,
     Progress,
 )
-from tributary.protocol.messages import Failure, FailureReason, RunLimits
+from tributary.protocol.messages import LOG_TAIL_MAX_BYTES, Failure, FailureReason, RunLimits
 from tributary.spoke import output_quota
 from tributary.spoke.config import RunnerSettings
 from tributary.spoke.output_files import Refusal, UnsafeFile, read_bounded
@@ -251,10 +251,18 @@ def _wait(container: Any, timeout_seconds: float, progress_file: Path,
 
 def _log_tail(container: Any, lines: int) -> str:
     try:
-        text = container.logs(tail=lines).decode("utf-8", errors="replace")
+        raw = container.logs(tail=lines)
     except docker.errors.APIError:
         return ""
-    return text[-8000:]
+    return cut_log_tail(raw)
+
+
+def cut_log_tail(raw: bytes) -> str:
+    """The end of a container's log as it may leave the spoke: at most
+    :data:`LOG_TAIL_MAX_BYTES` bytes of UTF-8 (counted in bytes, not characters, so
+    multi-byte characters cannot stretch it)."""
+    text = raw.decode("utf-8", errors="replace").encode("utf-8")[-LOG_TAIL_MAX_BYTES:]
+    return text.decode("utf-8", errors="ignore")
 
 
 def remove_container(client: docker.DockerClient, name: str) -> None:
