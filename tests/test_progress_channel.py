@@ -161,3 +161,52 @@ def test_hub_audits_every_progress_message(session: Session) -> None:  # noqa: F
     assert [(e.detail["message_id"], e.detail["fraction"], e.detail["step"],
              e.detail["applied"]) for e in events] == [
         (first.message_id, 0.3, "loading", True), (other_attempt.message_id, 0.6, None, False)]
+
+
+@pytest.mark.e2e
+def test_a_reviewing_spoke_sends_no_progress(tmp_path: Path, service_settings: ServiceSettings,
+                                             misbehaving_image: tuple[str, str]) -> None:
+    """A real spoke whose steward reviews results runs an algorithm that reports progress
+    twice a second: heartbeats say the case runs, and not one progress message or
+    progress value crosses the broker."""
+    from test_spoke_durability_e2e import (
+        HubListener,
+        add_spoke,
+        audit_entries,
+        hub_publish,
+        wait_for,
+    )
+
+    from tributary.federation import LocalFederation
+    from tributary.protocol.messages import AlgorithmRef, ExperimentMessage, RunLimits
+    from tributary.protocol.release import sign_approval
+
+    federation = LocalFederation(tmp_path / "fed", service_settings)
+    hub_key = SigningKey.load_or_create(federation.hub_key_path)
+    spoke_id, config = add_spoke(federation, "review", cases=1, concurrency=1,
+                                 liveness="heartbeat_seconds = 1\nprogress_seconds = 0.5")
+    config.write_text(config.read_text() + "\n[steward]\nreview_results = true\n")
+    listener = HubListener(federation, spoke_id,
+                           SigningKey.load_or_create(config.parent / "spoke.key"))
+    repository, digest = misbehaving_image
+    experiment = ExperimentMessage(
+        experiment_id=f"exp-{uuid.uuid4().hex[:8]}", spoke_id=spoke_id,
+        algorithm=AlgorithmRef(name="misbehaving", version="1", repository=repository,
+                               digest=digest, approval=sign_approval(
+                                   hub_key, repository, digest, {"name": "misbehaving"})),
+        arguments={"behaviour": "slow", "seconds": 6},
+        limits=RunLimits(timeout_seconds=120, memory_mb=256))
+    try:
+        federation.start_spoke(spoke_id, config)
+        hub_publish(federation, experiment)
+        first = wait_for(lambda: [h for h in listener.of(HeartbeatMessage) if h.running],
+                         120, "heartbeat with the running case")[0]
+        wait_for(lambda: audit_entries(config, "steward.result_held"), 60, "held result")
+        beats = [h for h in listener.of(HeartbeatMessage) if h.sent_at >= first.sent_at]
+        assert len([h for h in beats if h.running]) >= 3  # seen running for seconds
+        assert all(r.fraction is None and r.message is None for h in beats for r in h.running)
+        assert listener.of(CaseProgressMessage) == []
+        assert audit_entries(config, "progress.sent") == []
+    finally:
+        federation.stop()
+        listener.close()
