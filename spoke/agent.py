@@ -185,7 +185,8 @@ class SpokeAgent:
         try:
             client = docker.from_env(timeout=120)
             try:
-                removed = remove_orphans(client, self.config.spoke_id)
+                removed = remove_orphans(client, self.config.spoke_id,
+                                         self.config.work_dir / "runs")
             finally:
                 client.close()
         except docker.errors.DockerException as exc:

@@ -12,6 +12,7 @@ drives the Docker engine on its own host normally has; a quota of 0 turns this o
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -44,6 +45,24 @@ def unmount(folder: Path) -> None:
     subprocess.run(["umount", str(folder)], capture_output=True, check=False)
     if os.path.ismount(folder):  # still busy: detach it, it goes once released
         subprocess.run(["umount", "--lazy", str(folder)], capture_output=True, check=False)
+
+
+def unmount_under(root: Path) -> list[Path]:
+    """Unmount every output folder still mounted below ``root`` (a spoke that died mid-case
+    leaves its cases' tmpfs behind, holding memory until they are unmounted); returns
+    them. Called at start-up, when no case can still be running."""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    base = os.path.realpath(root)
+    # /proc/self/mounts escapes spaces and the like as octal (\040)
+    points = [Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field))
+              for field in (line.split()[1] for line in lines if len(line.split()) > 1)]
+    left = [p for p in points if str(p).startswith(base + os.sep) and p.name == "output"]
+    for folder in sorted(left, reverse=True):
+        unmount(folder)
+    return left
 
 
 def is_full(folder: Path) -> bool:

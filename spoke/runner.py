@@ -270,10 +270,14 @@ def remove_container(client: docker.DockerClient, name: str) -> None:
         client.containers.get(name).remove(force=True)
 
 
-def remove_orphans(client: docker.DockerClient, spoke_id: str) -> list[dict[str, str]]:
-    """Remove every container, running or not, that this spoke started. Called at start-up,
-    when none of them can still be ours to wait for: a spoke killed mid-case leaves its
-    container behind. Returns the labels of each removed container (for the audit log)."""
+def remove_orphans(client: docker.DockerClient, spoke_id: str,
+                   runs_dir: Path | None = None) -> list[dict[str, str]]:
+    """Remove every container, running or not, that this spoke started, and unmount the
+    output folders left below ``runs_dir``. Called at start-up, when none of them can still
+    be ours to wait for: a spoke killed mid-case leaves its container and its output tmpfs
+    behind. Returns the labels of each removed container (for the audit log)."""
+    if runs_dir is not None:
+        output_quota.unmount_under(runs_dir)
     removed = []
     mine = {"label": f"{SPOKE_LABEL}={spoke_id}"}
     for container in client.containers.list(all=True, filters=mine, ignore_removed=True):

@@ -20,6 +20,7 @@ import pytest
 
 from tributary.protocol.contract import Participant
 from tributary.protocol.messages import FailureReason, RunLimits
+from tributary.spoke import output_quota
 from tributary.spoke.config import RunnerSettings
 from tributary.spoke.runner import RunOutcome, run_case
 
@@ -144,3 +145,16 @@ def test_output_within_the_quota_is_read(misbehaving_image: tuple[str, str],
                       settings=RunnerSettings(output_quota_mb=8))
     assert outcome.failure is None, outcome.failure
     assert outcome.output is not None and outcome.output["ok"] is True
+
+
+def test_output_folders_left_mounted_are_unmounted_at_start(tmp_path: Path) -> None:
+    """A spoke killed mid-case leaves its output tmpfs mounted; the next start unmounts it
+    (before, it held memory until the machine restarted)."""
+    folder = tmp_path / "runs" / "exp 1" / "c-1" / "output"
+    output_quota.mount(folder, 1)
+    try:
+        assert os.path.ismount(folder)
+        assert output_quota.unmount_under(tmp_path / "runs") == [folder]
+        assert not os.path.ismount(folder)
+    finally:
+        output_quota.unmount(folder)
