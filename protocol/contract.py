@@ -9,9 +9,10 @@ Schemas generated from the models below.
 from __future__ import annotations
 
 import re
-from enum import IntEnum
+from enum import IntEnum, StrEnum
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 CONTRACT_VERSION = "1.1"
 
@@ -28,6 +29,13 @@ OUTPUT_PATH = f"{OUTPUT_DIR}/output.json"
 PROGRESS_PATH = f"{OUTPUT_DIR}/progress.json"
 #: The spoke ignores progress files larger than this.
 PROGRESS_LIMIT_BYTES = 4096
+#: Progress leaves a spoke as a fraction rounded to this step (21 values, 0 to 1) and at
+#: most one :class:`ProgressStep`: the channel cannot carry data (see docs/security.md).
+PROGRESS_FRACTION_STEP = 0.05
+#: A spoke sends at most this many progress messages per case attempt, each only when the
+#: rounded value changed. With 21 fractions and 11 steps (or none) one message carries
+#: less than one byte the algorithm chose, so at most this many bytes per case leave.
+MAX_PROGRESS_REPORTS_PER_CASE = 30
 SCRATCH_DIR = "/tmp"  # in-memory tmpfs, discarded with the container
 
 #: The spoke refuses output.json files larger than this unless its config says otherwise.
@@ -100,10 +108,38 @@ class Participant(_Strict):
         return value
 
 
+class ProgressStep(StrEnum):
+    """The only words an algorithm can say about its progress. A fixed vocabulary, not
+    free text: progress travels to the hub while the case runs, outside any review, so it
+    must not be able to carry patient data or anything else the algorithm read."""
+
+    STARTING = "starting"
+    LOADING = "loading"
+    PREPROCESSING = "preprocessing"
+    SEGMENTING = "segmenting"
+    DETECTING = "detecting"
+    MEASURING = "measuring"
+    CLASSIFYING = "classifying"
+    POSTPROCESSING = "postprocessing"
+    WRITING = "writing"
+    DONE = "done"
+
+
+def round_fraction(value: float) -> float:
+    """``value`` rounded to the nearest :data:`PROGRESS_FRACTION_STEP`."""
+    steps = round(value / PROGRESS_FRACTION_STEP)
+    return round(steps * PROGRESS_FRACTION_STEP, 2)
+
+
+#: A progress fraction as it may leave a spoke: 0 to 1, rounded to the step.
+RoundedFraction = Annotated[float, Field(ge=0.0, le=1.0), AfterValidator(round_fraction)]
+
+
 class Progress(_Strict):
     """The optional progress file: how far the algorithm is with this case. Replace it
     atomically (write a temporary file in the same directory, then rename)."""
 
-    fraction: float = Field(ge=0.0, le=1.0, description="Share of the work done, 0 to 1.")
-    message: str | None = Field(None, max_length=200,
-                                description="A short human-readable step, never patient data.")
+    fraction: RoundedFraction = Field(
+        description="Share of the work done, 0 to 1; rounded to 0.05 when read.")
+    message: ProgressStep | None = Field(
+        None, description="The step the algorithm is at, from a fixed vocabulary.")

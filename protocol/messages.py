@@ -23,9 +23,13 @@ from pydantic import (
 )
 
 from tributary.protocol import PROTOCOL_VERSION
+from tributary.protocol.contract import ProgressStep, RoundedFraction
 
 #: Messages larger than this are refused before parsing.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
+#: Bounds of the free-text fields a spoke sends (the channels table in docs/security.md).
+REASON_MAX_CHARS = 2000  # failure details, refusal and status reasons
+LOG_TAIL_MAX_BYTES = 8000  # the tail of a failed container's log, UTF-8
 
 # Anchored for JSON schema patterns; applied with fullmatch, since "$" alone would let a
 # trailing newline through.
@@ -279,6 +283,12 @@ class ExperimentStatusMessage(_Message):
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 
+    @field_validator("reason")
+    @classmethod
+    def _bounded(cls, value: str | None) -> str | None:
+        """Reasons quote refusals and stewards' words: cut, never refused, at the bound."""
+        return value[:REASON_MAX_CHARS] if value is not None else None
+
 
 class CaseStartedMessage(_Message):
     """Spoke → hub: a case's container has started."""
@@ -294,16 +304,18 @@ class CaseStartedMessage(_Message):
 
 class CaseProgressMessage(_Message):
     """Spoke → hub: how far a running case is, as the algorithm reported it in its
-    progress file (see the algorithm contract). Rate-limited and sent non-persistent with an
-    expiry: a lost progress message is harmless, the next one supersedes it."""
+    progress file (see the algorithm contract). Rate-limited, capped per case, never sent
+    when the site's steward reviews results, and sent non-persistent with an expiry: a lost
+    progress message is harmless, the next one supersedes it. Only a rounded fraction and
+    a word from a fixed vocabulary: the channel cannot carry data."""
 
     kind: Literal["case_progress"] = "case_progress"
     experiment_id: Id
     spoke_id: str
     case_id: Id
     attempt: int = Field(1, ge=1)
-    fraction: float = Field(ge=0.0, le=1.0)
-    message: str | None = Field(None, max_length=200)
+    fraction: RoundedFraction
+    message: ProgressStep | None = None
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 
@@ -317,8 +329,9 @@ class RunningCase(BaseModel):
     case_id: Id
     attempt: int = Field(1, ge=1)
     started_at: datetime
-    fraction: float | None = Field(None, ge=0.0, le=1.0)
-    message: str | None = Field(None, max_length=200)
+    #: The last progress sent for this case (never newer: a heartbeat adds nothing to it).
+    fraction: RoundedFraction | None = None
+    message: ProgressStep | None = None
 
 
 class HeartbeatMessage(_Message):
@@ -346,6 +359,7 @@ class FailureReason(StrEnum):
     MISSING_OUTPUT = "missing_output"
     INVALID_OUTPUT = "invalid_output"
     OUTPUT_TOO_LARGE = "output_too_large"
+    OUTPUT_QUOTA = "output_quota"  # the algorithm filled its size-limited output folder
     IMAGE_UNAVAILABLE = "image_unavailable"
     IMAGE_DIGEST_MISMATCH = "image_digest_mismatch"
     IMAGE_NOT_TRUSTED = "image_not_trusted"
@@ -361,9 +375,9 @@ class Failure(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     reason: FailureReason
-    detail: str = Field(max_length=2000)
+    detail: str = Field(max_length=REASON_MAX_CHARS)
     exit_code: int | None = None
-    log_tail: str | None = Field(None, max_length=8000)
+    log_tail: str | None = Field(None, max_length=LOG_TAIL_MAX_BYTES)
 
 
 class CaseStatus(StrEnum):

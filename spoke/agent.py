@@ -44,6 +44,7 @@ from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
     CancelExperimentMessage,
+    CaseProgressMessage,
     CaseStartedMessage,
     CaseStatus,
     CountRequest,
@@ -108,7 +109,9 @@ class SpokeAgent:
         results = results_queue(config.broker.federation)
         self.outbox = OutboxSender(self.journal, self.client, results, self._sent)
         self.progress = ProgressReporter(self.client, results, self.key, config.spoke_id,
-                                         config.liveness.progress_seconds)
+                                         config.liveness.progress_seconds,
+                                         audit=self._audit_progress,
+                                         enabled=not config.steward.review_results)
         self.heartbeat = Heartbeat(self.client, results, self.key,
                                    config.liveness.heartbeat_seconds, self._heartbeat)
         self._inbox: queue.Queue[Delivery] = queue.Queue()
@@ -190,7 +193,8 @@ class SpokeAgent:
         try:
             client = docker.from_env(timeout=120)
             try:
-                removed = remove_orphans(client, self.config.spoke_id)
+                removed = remove_orphans(client, self.config.spoke_id,
+                                         self.config.work_dir / "runs")
             finally:
                 client.close()
         except docker.errors.DockerException as exc:
@@ -717,6 +721,12 @@ class SpokeAgent:
 
     def _on_progress(self, activity: CaseActivity, progress: Progress) -> None:
         self.progress.report(activity, progress)
+
+    def _audit_progress(self, activity: CaseActivity, message: CaseProgressMessage) -> None:
+        self._audit("progress.sent", activity.experiment_id, message_id=message.message_id,
+                    case=activity.case_id, attempt=activity.attempt,
+                    fraction=message.fraction, step=message.message,
+                    report=activity.progress_reports + 1)
 
     def _execute(self, message: ExperimentMessage, case: CatalogCase, attempt: int,
                  activity: CaseActivity) -> tuple[dict | None, Failure | None, dict]:

@@ -40,6 +40,11 @@ class RunnerSettings(BaseModel):
     max_cpus: float = Field(2.0, gt=0)
     pids_limit: int = 256
     tmpfs_mb: int = 512
+    #: Size of each case's output folder (a tmpfs the spoke mounts, counted against the
+    #: case's memory limit): an algorithm writing past it fails, the spoke's disk holding
+    #: its journal and audit log is never touched. 0 turns the quota off (the folder then
+    #: lies on the spoke's disk), for spokes that cannot mount (no CAP_SYS_ADMIN).
+    output_quota_mb: int = Field(64, ge=0, le=65536)
     #: Registries images may come from (host[:port]); empty means any.
     allowed_registries: list[str] = Field(default_factory=list)
     log_tail_lines: int = 40

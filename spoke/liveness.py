@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from tributary.protocol.broker import PublishError, StompClient
-from tributary.protocol.contract import Progress
+from tributary.protocol.contract import MAX_PROGRESS_REPORTS_PER_CASE, Progress
 from tributary.protocol.messages import CaseProgressMessage, HeartbeatMessage, RunningCase
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.wire import seal
@@ -50,8 +50,11 @@ class CaseActivity:
     attempt: int
     started_at: datetime
     cancel: threading.Event = field(default_factory=threading.Event)
+    #: The last progress *sent* (heartbeats repeat it and never anything newer, so they
+    #: add nothing to what the progress messages already carried and the audit log holds).
     progress: Progress | None = None
     progress_sent_at: float = 0.0
+    progress_reports: int = 0
 
     def as_running(self) -> RunningCase:
         return RunningCase(
@@ -61,28 +64,49 @@ class CaseActivity:
             message=self.progress.message if self.progress else None)
 
 
+#: Records a progress message in the spoke's audit log before it is sent.
+AuditProgress = Callable[[CaseActivity, CaseProgressMessage], None]
+
+
 class ProgressReporter:
-    """Forwards an algorithm's progress to the hub, at most once per ``interval`` per case
-    (the newest value wins; the spoke polls the file every second)."""
+    """Forwards an algorithm's progress to the hub: only a rounded fraction and a word of
+    the protocol's vocabulary (the contract's :class:`Progress` admits nothing else), only
+    when that changed, at most once per ``interval`` and :data:`MAX_PROGRESS_REPORTS_PER_CASE`
+    times per case, each audited; and nothing at all when ``enabled`` is false (the site's
+    steward reviews results: no byte of the algorithm's may leave before that review)."""
 
     def __init__(self, client: StompClient, destination: str, key: SigningKey, spoke_id: str,
-                 interval: float) -> None:
+                 interval: float, audit: AuditProgress | None = None,
+                 enabled: bool = True) -> None:
         self.client, self.destination, self.key = client, destination, key
         self.spoke_id = spoke_id
         self.interval = interval
+        self.audit = audit
+        self.enabled = enabled
 
-    def report(self, activity: CaseActivity, progress: Progress) -> None:
-        activity.progress = progress
+    def report(self, activity: CaseActivity, progress: Progress) -> bool:
+        """Send ``progress`` if the bounds allow; True if it was sent."""
+        if not self.enabled or activity.progress_reports >= MAX_PROGRESS_REPORTS_PER_CASE:
+            return False
+        if progress == activity.progress:
+            return False
         now = time.monotonic()
-        if now - activity.progress_sent_at < self.interval:
-            return
+        if activity.progress_reports and now - activity.progress_sent_at < self.interval:
+            return False
         message = CaseProgressMessage(
             experiment_id=activity.experiment_id, spoke_id=self.spoke_id,
             case_id=activity.case_id, attempt=activity.attempt, fraction=progress.fraction,
             message=progress.message)
-        if send_ephemeral(self.client, self.destination, self.key, message,
-                          ttl_seconds=max(60.0, 10 * self.interval)):
-            activity.progress_sent_at = now
+        # Audited before it goes, and counted whether or not the broker confirms it: the
+        # bytes may have left all the same.
+        if self.audit is not None:
+            self.audit(activity, message)
+        activity.progress_reports += 1
+        activity.progress_sent_at = now
+        activity.progress = progress
+        send_ephemeral(self.client, self.destination, self.key, message,
+                       ttl_seconds=max(60.0, 10 * self.interval))
+        return True
 
 
 class Heartbeat:

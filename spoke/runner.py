@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +31,10 @@ from tributary.protocol.contract import (
     Participant,
     Progress,
 )
-from tributary.protocol.messages import Failure, FailureReason, RunLimits
+from tributary.protocol.messages import LOG_TAIL_MAX_BYTES, Failure, FailureReason, RunLimits
+from tributary.spoke import output_quota
 from tributary.spoke.config import RunnerSettings
+from tributary.spoke.output_files import Refusal, UnsafeFile, read_bounded
 
 #: The uid:gid algorithms run as ("nobody").
 ALGORITHM_USER = "65534:65534"
@@ -63,23 +64,17 @@ def effective_limits(asked: RunLimits, site: RunnerSettings) -> RunLimits:
 
 
 def read_output(path: Path, limit: int) -> dict[str, Any]:
-    """Read output.json without following links, refusing anything but a small object."""
+    """Read output.json without blocking or following links, refusing anything but a small
+    regular file holding a JSON object (see :mod:`tributary.spoke.output_files`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise OutputError(FailureReason.MISSING_OUTPUT,
-                          "the algorithm wrote no output.json") from None
-    except OSError as exc:
-        raise OutputError(FailureReason.INVALID_OUTPUT,
-                          f"output.json unreadable: {exc}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise OutputError(FailureReason.INVALID_OUTPUT, "output.json is not a regular file")
-        if info.st_size > limit:
-            raise OutputError(FailureReason.OUTPUT_TOO_LARGE,
-                              f"output.json is {info.st_size} bytes; the limit is {limit}")
-        raw = handle.read(limit + 1)
+        raw = read_bounded(path, limit)
+    except UnsafeFile as exc:
+        reason = {Refusal.MISSING: FailureReason.MISSING_OUTPUT,
+                  Refusal.TOO_LARGE: FailureReason.OUTPUT_TOO_LARGE}.get(
+                      exc.refusal, FailureReason.INVALID_OUTPUT)
+        detail = ("the algorithm wrote no output.json" if exc.refusal == Refusal.MISSING
+                  else exc.detail)
+        raise OutputError(reason, detail) from None
     try:
         data = json.loads(raw, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -92,17 +87,12 @@ def read_output(path: Path, limit: int) -> dict[str, Any]:
 
 
 def read_progress(path: Path) -> Progress | None:
-    """The algorithm's progress file, or None when it is absent, too large or invalid:
-    progress is a courtesy, never a reason to fail a case."""
+    """The algorithm's progress file, or None when it is absent, not a small regular file
+    or invalid: progress is a courtesy, never a reason to fail a case, and reading it never
+    blocks the thread that enforces the case's time limit."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            return None
-        raw = handle.read(PROGRESS_LIMIT_BYTES + 1)
-    if len(raw) > PROGRESS_LIMIT_BYTES:
+        raw = read_bounded(path, PROGRESS_LIMIT_BYTES)
+    except UnsafeFile:
         return None
     try:
         return Progress.model_validate_json(raw)
@@ -132,11 +122,36 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
     container's id once it runs (for the audit log); ``on_progress`` each new value of the
     algorithm's progress file; setting ``cancel`` kills the container and fails the case
     as cancelled."""
+    out_dir = case_dir / "output"
+    output_quota.unmount(out_dir)  # a spoke that died mid-case may have left it mounted
     if case_dir.exists():
         shutil.rmtree(case_dir)
-    out_dir = case_dir / "output"
     out_dir.mkdir(parents=True)
-    os.chown(out_dir, 65534, 65534) if os.geteuid() == 0 else out_dir.chmod(0o777)
+    if settings.output_quota_mb:
+        try:
+            output_quota.mount(out_dir, settings.output_quota_mb)
+        except output_quota.QuotaError as exc:
+            return RunOutcome(None, Failure(reason=FailureReason.INTERNAL_ERROR,
+                                            detail=str(exc)), None)
+    else:
+        os.chown(out_dir, 65534, 65534) if os.geteuid() == 0 else out_dir.chmod(0o777)
+    try:
+        return _run_container(client, image, name, participant, mounts, arguments, limits,
+                              settings, case_dir, out_dir, max_output_bytes, labels,
+                              on_started, on_progress, cancel)
+    finally:
+        output_quota.unmount(out_dir)
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def _run_container(client: docker.DockerClient, image: str, name: str,
+                   participant: Participant, mounts: dict[str, Path],
+                   arguments: dict[str, Any], limits: RunLimits, settings: RunnerSettings,
+                   case_dir: Path, out_dir: Path, max_output_bytes: int,
+                   labels: dict[str, str], on_started: Callable[[str], None] | None,
+                   on_progress: Callable[[Progress], None] | None,
+                   cancel: threading.Event | None) -> RunOutcome:
+    """Start the container with the prepared output folder and classify its end."""
     participant_file = case_dir / "participant.json"
     participant_file.write_text(participant.model_dump_json(indent=2))
     participant_file.chmod(0o644)
@@ -187,6 +202,13 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
             detail=f"the container was stopped by {SIGNAL_EXITS[exit_code]} from outside the "
                    "spoke (not by its time or memory limit), e.g. `docker kill` or an engine "
                    "restart; the hub may retry the case"), exit_code)
+    if exit_code != ExitCode.SUCCESS and settings.output_quota_mb and output_quota.is_full(
+            out_dir):
+        return RunOutcome(None, Failure(
+            reason=FailureReason.OUTPUT_QUOTA, exit_code=exit_code, log_tail=tail,
+            detail=f"the algorithm filled its output folder, the site's quota of "
+                   f"{settings.output_quota_mb} MiB, and exited with status {exit_code}"),
+            exit_code)
     if exit_code != ExitCode.SUCCESS:
         reason = {ExitCode.INVALID_ARGUMENTS: FailureReason.INVALID_ARGUMENTS,
                   ExitCode.UNSUITABLE_INPUT: FailureReason.UNSUITABLE_INPUT}.get(
@@ -199,8 +221,6 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
     except OutputError as exc:
         return RunOutcome(None, Failure(reason=exc.reason, detail=exc.detail, exit_code=0,
                                         log_tail=tail), 0)
-    finally:
-        shutil.rmtree(out_dir, ignore_errors=True)
     return RunOutcome(output, None, 0)
 
 
@@ -231,10 +251,18 @@ def _wait(container: Any, timeout_seconds: float, progress_file: Path,
 
 def _log_tail(container: Any, lines: int) -> str:
     try:
-        text = container.logs(tail=lines).decode("utf-8", errors="replace")
+        raw = container.logs(tail=lines)
     except docker.errors.APIError:
         return ""
-    return text[-8000:]
+    return cut_log_tail(raw)
+
+
+def cut_log_tail(raw: bytes) -> str:
+    """The end of a container's log as it may leave the spoke: at most
+    :data:`LOG_TAIL_MAX_BYTES` bytes of UTF-8 (counted in bytes, not characters, so
+    multi-byte characters cannot stretch it)."""
+    text = raw.decode("utf-8", errors="replace").encode("utf-8")[-LOG_TAIL_MAX_BYTES:]
+    return text.decode("utf-8", errors="ignore")
 
 
 def remove_container(client: docker.DockerClient, name: str) -> None:
@@ -242,10 +270,14 @@ def remove_container(client: docker.DockerClient, name: str) -> None:
         client.containers.get(name).remove(force=True)
 
 
-def remove_orphans(client: docker.DockerClient, spoke_id: str) -> list[dict[str, str]]:
-    """Remove every container, running or not, that this spoke started. Called at start-up,
-    when none of them can still be ours to wait for: a spoke killed mid-case leaves its
-    container behind. Returns the labels of each removed container (for the audit log)."""
+def remove_orphans(client: docker.DockerClient, spoke_id: str,
+                   runs_dir: Path | None = None) -> list[dict[str, str]]:
+    """Remove every container, running or not, that this spoke started, and unmount the
+    output folders left below ``runs_dir``. Called at start-up, when none of them can still
+    be ours to wait for: a spoke killed mid-case leaves its container and its output tmpfs
+    behind. Returns the labels of each removed container (for the audit log)."""
+    if runs_dir is not None:
+        output_quota.unmount_under(runs_dir)
     removed = []
     mine = {"label": f"{SPOKE_LABEL}={spoke_id}"}
     for container in client.containers.list(all=True, filters=mine, ignore_removed=True):

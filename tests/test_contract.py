@@ -15,9 +15,14 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "schemas"
 @pytest.mark.parametrize("name", ["CONTRACT_VERSION", "ALGO_ARG_ENV", "PARTICIPANT_PATH",
                                   "INPUT_ROOT", "OUTPUT_DIR", "OUTPUT_PATH", "SCRATCH_DIR",
                                   "DEFAULT_OUTPUT_LIMIT_BYTES", "PROGRESS_PATH",
-                                  "PROGRESS_LIMIT_BYTES"])
+                                  "PROGRESS_LIMIT_BYTES", "PROGRESS_FRACTION_STEP",
+                                  "MAX_PROGRESS_REPORTS_PER_CASE"])
 def test_sdk_constants_match_the_protocol(name: str) -> None:
     assert getattr(sdk, name) == getattr(protocol, name)
+
+
+def test_sdk_progress_steps_match_the_protocol() -> None:
+    assert tuple(step.value for step in protocol.ProgressStep) == sdk.PROGRESS_STEPS
 
 
 def test_sdk_exit_codes_match_the_protocol() -> None:

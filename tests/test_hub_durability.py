@@ -71,10 +71,10 @@ def test_progress_is_shown_until_the_result_arrives(session: Session, keys: dict
     ingest(session, CaseStartedMessage(experiment_id="exp-1", spoke_id="site-a",
                                        case_id="c-1"))
     assert ingest(session, CaseProgressMessage(experiment_id="exp-1", spoke_id="site-a",
-                                               case_id="c-1", fraction=0.4, message="step 2"))
+                                               case_id="c-1", fraction=0.4, message="measuring"))
     read = {c.case_id: c for c in case_reads(session, "exp-1")}["c-1"]
     assert (read.state, read.progress_fraction, read.progress_message) == \
-        ("running", 0.4, "step 2")
+        ("running", 0.4, "measuring")
     assert ingest(session, Chain(keys["site-a"]).sign(result("c-1")))
     late = CaseProgressMessage(experiment_id="exp-1", spoke_id="site-a", case_id="c-1",
                                fraction=0.9)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from tributary.protocol.messages import FailureReason
-from tributary.spoke.runner import OutputError, read_output
+from tributary.spoke.output_files import Refusal, UnsafeFile, read_bounded
+from tributary.spoke.runner import OutputError, read_output, read_progress
 
 
 def test_reads_a_json_object(tmp_path: Path) -> None:
@@ -43,3 +44,43 @@ def test_never_follows_a_symlink_planted_by_the_algorithm(tmp_path: Path) -> Non
     with pytest.raises(OutputError) as error:
         read_output(tmp_path / "output.json", 1024)
     assert error.value.reason == FailureReason.INVALID_OUTPUT
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+def _socket(path: Path) -> Path:
+    import socket
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    return path
+
+
+def _sparse(path: Path) -> Path:
+    with open(path, "wb") as handle:
+        handle.truncate(10 * 1024 * 1024 * 1024)
+    return path
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (_fifo, FailureReason.INVALID_OUTPUT),
+    (_socket, FailureReason.INVALID_OUTPUT),
+    (_sparse, FailureReason.OUTPUT_TOO_LARGE),
+])
+def test_refuses_special_files_without_blocking(tmp_path: Path, make, reason) -> None:
+    """A FIFO would block a reader that opens before it checks; this returns at once."""
+    path = make(tmp_path / "output.json")
+    with pytest.raises(OutputError) as error:
+        read_output(path, 1024)
+    assert error.value.reason == reason
+    assert read_progress(path) is None
+
+
+def test_refuses_a_device(tmp_path: Path) -> None:
+    with pytest.raises(UnsafeFile) as error:
+        read_bounded(Path("/dev/zero"), 1024)
+    assert error.value.refusal == Refusal.NOT_REGULAR
+    assert "character device" in error.value.detail

@@ -343,7 +343,9 @@ def test_progress_heartbeats_and_cancellation(
         progress = wait_for(lambda: [p for p in listener.of(CaseProgressMessage)
                                      if p.fraction > 0], 120, "progress message")[0]
         assert progress.experiment_id == experiment.experiment_id and progress.attempt == 1
-        assert progress.message and progress.message.startswith("step")
+        assert progress.message == "measuring"
+        sent = {e["detail"]["message_id"] for e in audit_entries(config, "progress.sent")}
+        assert progress.message_id in sent  # audited by the spoke before it left
         beat = wait_for(lambda: [h for h in listener.of(HeartbeatMessage) if h.running],
                         30, "heartbeat with running work")[-1]
         assert beat.spoke_id == spoke_id and beat.concurrency == 1

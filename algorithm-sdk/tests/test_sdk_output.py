@@ -105,6 +105,14 @@ def test_report_progress_replaces_the_progress_file(make_case) -> None:
     assert _output_files(ctx) == ["progress.json"]  # no temporary file left behind
 
 
+def test_report_progress_refuses_free_text(make_case) -> None:
+    """Progress leaves the spoke unreviewed: only the fixed vocabulary of steps."""
+    ctx = load_context(make_case())
+    with pytest.raises(ValueError, match="progress step must be one of"):
+        ctx.report_progress(0.5, "patient DOE^JANE, 3 nodules")
+    assert _output_files(ctx) == []
+
+
 @pytest.mark.parametrize("fraction", [-0.1, 1.5, "half"])
 def test_report_progress_refuses_a_bad_fraction(make_case, fraction) -> None:
     ctx = load_context(make_case())

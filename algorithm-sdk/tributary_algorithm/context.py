@@ -21,7 +21,7 @@ from .contract import (
     DEFAULT_OUTPUT_LIMIT_BYTES,
     OUTPUT_PATH,
     PARTICIPANT_PATH,
-    PROGRESS_MESSAGE_MAX,
+    PROGRESS_STEPS,
     PSEUDONYM_PATTERN,
     ExitCode,
     exit_label,
@@ -139,10 +139,10 @@ class Context:
         self.output_written = True
         return self.output_path
 
-    def report_progress(self, fraction: float, message: str | None = None) -> None:
+    def report_progress(self, fraction: float, step: str | None = None) -> None:
         """Tell the spoke (and, through it, the hub) how far this case is; see
         :func:`report_progress`. The file sits next to ``output.json``."""
-        report_progress(fraction, message,
+        report_progress(fraction, step,
                         os.path.join(os.path.dirname(self.output_path), "progress.json"))
 
     def fail(self, message: str, code: int = ExitCode.ERROR) -> NoReturn:
@@ -160,15 +160,17 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def report_progress(fraction: float, message: str | None = None,
+def report_progress(fraction: float, step: str | None = None,
                     path: str | None = None) -> None:
-    """Write the optional progress file: ``{"fraction": 0..1, "message": "..."}``.
+    """Write the optional progress file: ``{"fraction": 0..1, "message": step}``.
 
-    The spoke polls it while the container runs and forwards changes to the hub at a
-    limited rate, so calling this often is cheap and harmless. The file is replaced
-    atomically, so the spoke never reads half of it. ``message`` is shown to people: a
-    short step name, never patient data. Outside a spoke (no output directory) it does
-    nothing, so algorithms can call it unconditionally.
+    The spoke polls it while the container runs and forwards changes to the hub, rounded
+    to 0.05, at a limited rate and a limited number of times per case (none when the
+    site's steward reviews results), so calling this often is cheap and harmless. ``step``
+    is one of :data:`PROGRESS_STEPS` (or None): progress leaves the spoke unreviewed, so
+    free text is refused here rather than silently dropped by the spoke. The file is
+    replaced atomically, so the spoke never reads half of it. Outside a spoke (no output
+    directory) it does nothing, so algorithms can call it unconditionally.
     """
     try:
         fraction = float(fraction)
@@ -176,8 +178,10 @@ def report_progress(fraction: float, message: str | None = None,
         raise ValueError(f"progress fraction must be a number, not {fraction!r}") from exc
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"progress fraction must be between 0 and 1, not {fraction}")
-    if message is not None:
-        message = str(message)[:PROGRESS_MESSAGE_MAX]
+    if step is not None and str(step) not in PROGRESS_STEPS:
+        raise ValueError(f"progress step must be one of {', '.join(PROGRESS_STEPS)} or None, "
+                         f"not {step!r}: progress leaves the spoke unreviewed")
+    message = None if step is None else str(step)
     if path is None:
         from .contract import PROGRESS_PATH
 

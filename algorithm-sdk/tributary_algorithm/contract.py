@@ -19,10 +19,15 @@ PARTICIPANT_PATH = "/tributary/participant.json"
 INPUT_ROOT = "/tributary/input"
 OUTPUT_DIR = "/tributary/output"
 OUTPUT_PATH = f"{OUTPUT_DIR}/output.json"
-#: Optional progress file (contract 1.1): {"fraction": 0..1, "message": "..."}.
+#: Optional progress file (contract 1.1): {"fraction": 0..1, "message": one of
+#: PROGRESS_STEPS or null}. Progress leaves the spoke unreviewed, so it is a rounded
+#: fraction and a word of a fixed vocabulary, never free text.
 PROGRESS_PATH = f"{OUTPUT_DIR}/progress.json"
 PROGRESS_LIMIT_BYTES = 4096
-PROGRESS_MESSAGE_MAX = 200
+PROGRESS_FRACTION_STEP = 0.05
+MAX_PROGRESS_REPORTS_PER_CASE = 30
+PROGRESS_STEPS = ("starting", "loading", "preprocessing", "segmenting", "detecting",
+                  "measuring", "classifying", "postprocessing", "writing", "done")
 SCRATCH_DIR = "/tmp"
 
 #: The spoke refuses output.json files larger than this (unless its config raises it).

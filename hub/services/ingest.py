@@ -154,22 +154,27 @@ def _apply_heartbeat(session: Session, message: HeartbeatMessage) -> bool:
 
 
 def _apply_progress(session: Session, message: CaseProgressMessage) -> bool:
-    """The latest progress of a running attempt; ignored once the attempt has a result."""
+    """The latest progress of a running attempt; ignored once the attempt has a result.
+    Every progress message is audited, applied or not: it is a channel out of a spoke."""
     _target(session, message)
     row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
     stale = (row.progress_at is not None and _aware(row.progress_at) > message.sent_at)
-    if row.attempt != message.attempt or row.state in FINAL_CASE_STATES or stale:
-        return False
-    row.state = CaseState.RUNNING
-    row.progress_fraction = message.fraction
-    row.progress_message = message.message
-    row.progress_at = message.sent_at
-    session.add(row)
-    spoke = _spoke(session, message.spoke_id)
-    spoke.last_seen_at = utcnow()
-    session.add(spoke)
+    applied = not (row.attempt != message.attempt or row.state in FINAL_CASE_STATES or stale)
+    audit.record(session, message.spoke_id, "progress.received", message.experiment_id,
+                 message_id=message.message_id, case=message.case_id,
+                 attempt=message.attempt, fraction=message.fraction,
+                 step=message.message, applied=applied)
+    if applied:
+        row.state = CaseState.RUNNING
+        row.progress_fraction = message.fraction
+        row.progress_message = message.message
+        row.progress_at = message.sent_at
+        session.add(row)
+        spoke = _spoke(session, message.spoke_id)
+        spoke.last_seen_at = utcnow()
+        session.add(spoke)
     session.commit()
-    return True
+    return applied
 
 
 def _aware(moment: datetime) -> datetime:

@@ -17,6 +17,11 @@ echo-patient write the PatientID of its input's DICOM headers into its output (t
              store's case pseudonym, which must not leave the spoke)
 slow         work for ``arguments.seconds`` (default 30), reporting progress twice a
              second through the progress file, then succeed like ``ok``
+plant        put ``arguments.kind`` (fifo, socket, symlink, huge) at ``arguments.at``
+             (output or progress) in the output folder, then ``arguments.then``: exit 0
+             (default) or hang; a reader that opens it blindly blocks or leaks
+fill         write ``arguments.mb`` MiB (default 1024) into the output folder; exit 1
+             with the error when the folder refuses more
 
 The raw misbehaviours write ``ctx.output_path`` directly, bypassing the SDK's checks on
 purpose: the point is to feed the spoke what a careless algorithm could produce.
@@ -52,7 +57,10 @@ BEHAVIOURS = (
     "memory",
     "slow",
     "echo-patient",
+    "plant",
+    "fill",
 )
+PLANT_KINDS = ("fifo", "socket", "symlink", "huge")
 
 
 def _patient_id(ctx: Context) -> str:
@@ -112,10 +120,51 @@ def _slow(ctx: Context) -> dict[str, Any]:
         raise InvalidArguments("slow needs arguments.seconds, a number >= 0")
     began = time.monotonic()
     while (elapsed := time.monotonic() - began) < seconds:
-        ctx.report_progress(min(elapsed / seconds, 1.0), f"step {int(elapsed * 2)}")
+        ctx.report_progress(min(elapsed / seconds, 1.0), "measuring")
         time.sleep(0.5)
     ctx.report_progress(1.0, "done")
     return {"ok": True, "case_id": ctx.case_id, "seconds": seconds}
+
+
+def _plant(ctx: Context) -> None:
+    kind, at = ctx.arguments.get("kind"), ctx.arguments.get("at", "output")
+    if kind not in PLANT_KINDS or at not in ("output", "progress"):
+        raise InvalidArguments(f"plant needs kind in {PLANT_KINDS} and at output|progress")
+    folder = os.path.dirname(ctx.output_path)
+    target = ctx.output_path if at == "output" else os.path.join(folder, "progress.json")
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(target)
+        server.listen(1)
+    elif kind == "symlink":
+        os.symlink("/etc/passwd", target)
+    else:  # a sparse file far past any limit
+        with open(target, "wb") as handle:
+            handle.truncate(64 * 1024 * 1024 * 1024)
+    print(f"planted a {kind} at {target}", flush=True)
+    if ctx.arguments.get("then") == "hang":
+        while True:
+            time.sleep(3600)
+    sys.exit(0)
+
+
+def _fill(ctx: Context) -> None:
+    megabytes = ctx.arguments.get("mb", 1024)
+    chunk = b"\x01" * (1024 * 1024)
+    written = 0
+    try:
+        with open(os.path.join(os.path.dirname(ctx.output_path), "fill.bin"), "wb") as handle:
+            for _ in range(int(megabytes)):
+                handle.write(chunk)
+                handle.flush()
+                written += 1
+    except OSError as exc:
+        print(f"output folder full after {written} MiB: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"wrote {written} MiB", flush=True)
+    sys.exit(0)
 
 
 def _memory() -> None:
@@ -165,6 +214,10 @@ def main(ctx: Context) -> dict[str, Any] | None:
         return _write_input(ctx)
     if behaviour == "slow":
         return _slow(ctx)
+    if behaviour == "plant":
+        _plant(ctx)
+    if behaviour == "fill":
+        _fill(ctx)
     _memory()
     return None
 
