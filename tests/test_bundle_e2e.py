@@ -129,6 +129,11 @@ def resign(folder: Path, hub_key: Path) -> None:
     (folder / MANIFEST_SIGNATURE).write_text(json.dumps(envelope))
 
 
+def said(done: subprocess.CompletedProcess[str]) -> str:
+    """The verifier's output with the terminal's line wrapping undone."""
+    return " ".join(done.stdout.split())
+
+
 def results(folder: Path) -> list[Path]:
     return sorted(p for p in (folder / "results").rglob("*.json")
                   if not p.name.endswith(".custody.dsse.json"))
@@ -154,7 +159,7 @@ def test_another_experiments_result_is_refused(exported: dict[str, Path]) -> Non
     done = verify(copy, exported["keys"])
     assert done.returncode == 1, done.stdout
     other_id = json.loads((exported["other"] / "experiment.json").read_text())["id"]
-    assert f"belongs to experiment {other_id}" in done.stdout
+    assert f"belongs to experiment {other_id}" in said(done)
 
 
 def test_result_without_custody_record_is_refused(exported: dict[str, Path]) -> None:
@@ -164,7 +169,7 @@ def test_result_without_custody_record_is_refused(exported: dict[str, Path]) -> 
     resign(copy, exported["hub_key"])
     done = verify(copy, exported["keys"])
     assert done.returncode == 1, done.stdout
-    assert f"{result.relative_to(copy).as_posix()}: no custody record" in done.stdout
+    assert f"{result.relative_to(copy).as_posix()}: no custody record" in said(done)
 
 
 def test_dropped_case_is_refused(exported: dict[str, Path]) -> None:
@@ -175,7 +180,7 @@ def test_dropped_case_is_refused(exported: dict[str, Path]) -> None:
     resign(copy, exported["hub_key"])
     done = verify(copy, exported["keys"])
     assert done.returncode == 1, done.stdout
-    assert f"case {result.stem}: result missing" in done.stdout
+    assert f"case {result.stem}: result missing" in said(done)
 
 
 def test_result_of_another_image_is_refused(exported: dict[str, Path]) -> None:
@@ -188,4 +193,4 @@ def test_result_of_another_image_is_refused(exported: dict[str, Path]) -> None:
     resign(copy, exported["hub_key"])
     done = verify(copy, exported["keys"])
     assert done.returncode == 1, done.stdout
-    assert f"not the approved image {other_digest}" in done.stdout
+    assert f"not the approved image {other_digest}" in said(done)

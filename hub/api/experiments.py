@@ -217,13 +217,14 @@ def export_bundle(experiment_id: str, request: Request, background: BackgroundTa
     offline with ``tributary bundle verify``."""
     experiment = _get(session, experiment_id)
     read = experiment_read(session, experiment).model_dump(mode="json")
-    cases = [c for c in session.exec(select(CaseResult).where(
-        CaseResult.experiment_id == experiment_id)).all() if c.custody]
+    cases = session.exec(select(CaseResult).where(
+        CaseResult.experiment_id == experiment_id)).all()
     rows = [{**c.model_dump(mode="json"), "state": c.state.value} for c in cases]
     workdir = Path(tempfile.mkdtemp(prefix="tributary-bundle-"))
     folder = write_bundle(workdir / experiment_id, read, rows, request.app.state.signing_key)
     archive = zip_bundle(folder, workdir / f"{experiment_id}.zip")
-    audit.record(session, actor, "bundle.exported", experiment_id, results=len(rows))
+    audit.record(session, actor, "bundle.exported", experiment_id,
+                 results=sum(1 for c in cases if c.custody))
     session.commit()
     background.add_task(shutil.rmtree, workdir, True)
     return FileResponse(archive, media_type="application/zip",
