@@ -18,6 +18,7 @@ import pytest
 
 from tributary.bundle import MANIFEST, MANIFEST_PAYLOAD_TYPE, MANIFEST_SIGNATURE
 from tributary.federation import LocalFederation, generate_cohort
+from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.signing import SigningKey
 
 pytestmark = pytest.mark.e2e
@@ -70,7 +71,10 @@ def exported(federation: LocalFederation, misbehaving_image: tuple[str, str],
     with zipfile.ZipFile(other_archive) as opened:
         opened.extractall(root / "other")
     return {"zip": archive, "folder": folder, "keys": keys, "root": root,
-            "other": root / "other", "hub_key": federation.hub_key_path}
+            "other": root / "other", "hub_key": federation.hub_key_path,
+            "hub_log": federation.hub_audit_log,
+            "spoke_log": federation.root / "spokes" / spoke_id / "audit.jsonl",
+            "spoke_id": Path(spoke_id)}
 
 
 def test_bundle_verifies_offline(exported: dict[str, Path]) -> None:
@@ -194,3 +198,61 @@ def test_result_of_another_image_is_refused(exported: dict[str, Path]) -> None:
     done = verify(copy, exported["keys"])
     assert done.returncode == 1, done.stdout
     assert f"not the approved image {other_digest}" in said(done)
+
+
+# -- audit log anchors: a cut or a recreated log no longer verifies -------------------------
+
+def audit_verify(log: Path, *anchors: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tributary.cli", "audit", "verify", str(log),
+                           *anchors], capture_output=True, text=True)
+
+
+def cut(log: Path, below: int, target: Path) -> Path:
+    """A copy of ``log`` without its entries from ``below`` on: a cut at a line boundary."""
+    lines = log.read_bytes().splitlines(keepends=True)[:below - 1]
+    target.write_bytes(b"".join(lines))
+    return target
+
+
+def recreated(target: Path) -> Path:
+    """A log deleted and started again at seq 1."""
+    log = AuditLog(target)
+    log.append("someone", "log.recreated")
+    log.append("someone", "something.else")
+    return target
+
+
+def test_hub_log_cut_or_recreated_fails_against_the_bundle(exported: dict[str, Path]) -> None:
+    anchors = json.loads((exported["folder"] / "audit-anchors.json").read_text())
+    head = anchors["hub"]["seq"]
+    assert head >= 3
+    done = audit_verify(exported["hub_log"], "--anchors", str(exported["zip"]))
+    assert done.returncode == 0, done.stdout + done.stderr
+    root = exported["root"]
+    for log in (cut(exported["hub_log"], head, root / "hub-cut.jsonl"),
+                recreated(root / "hub-new.jsonl")):
+        assert audit_verify(log).returncode == 0  # the chain alone cannot tell
+        for source in (exported["folder"], exported["zip"]):
+            done = audit_verify(log, "--anchors", str(source))
+            assert done.returncode == 1, done.stdout + done.stderr
+            assert f"anchored head seq {head}" in " ".join(done.stdout.split())
+
+
+def test_spoke_log_cut_or_recreated_fails_against_the_hub(
+        federation: LocalFederation, exported: dict[str, Path]) -> None:
+    spoke_id = str(exported["spoke_id"])
+    with federation.api() as api:
+        anchors = api.get("/api/audit/anchors").raise_for_status().json()
+    head = anchors["spokes"][spoke_id]["seq"]
+    assert head >= 1
+    saved = exported["root"] / "anchors.json"
+    saved.write_text(json.dumps(anchors))
+    real = audit_verify(exported["spoke_log"], "--anchors", str(saved), "--source", spoke_id)
+    assert real.returncode == 0, real.stdout + real.stderr
+    root = exported["root"]
+    for log in (cut(exported["spoke_log"], head, root / "spoke-cut.jsonl"),
+                recreated(root / "spoke-new.jsonl")):
+        assert audit_verify(log).returncode == 0  # the chain alone cannot tell
+        done = audit_verify(log, "--anchors", str(saved), "--source", spoke_id)
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert f"anchored head seq {head}" in " ".join(done.stdout.split())
