@@ -34,7 +34,7 @@ import docker
 import docker.errors
 
 from tributary import __version__
-from tributary.protocol.auditlog import AuditLog
+from tributary.protocol.auditlog import AuditHead, AuditLog, AuditLogError
 from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.contract import Progress
 from tributary.protocol.destinations import results_queue, spoke_queue
@@ -359,7 +359,17 @@ class SpokeAgent:
             spoke_id=self.config.spoke_id, spoke_version=__version__,
             concurrency=self.config.concurrency, queue_depth=self.journal.queue_depth(),
             running=running, outbox_depth=self.journal.outbox_depth(),
-            interval_seconds=self.config.liveness.heartbeat_seconds)
+            interval_seconds=self.config.liveness.heartbeat_seconds,
+            audit_head=self._audit_head())
+
+    def _audit_head(self) -> AuditHead | None:
+        """The audit log's head for the hub to anchor; None (and logged) if unreadable, so a
+        broken log never stops the heartbeats."""
+        try:
+            return self.audit.head()
+        except (OSError, AuditLogError) as exc:
+            log.error("audit log head not sent: %s", exc)
+            return None
 
     def _settle(self, experiment_id: str, state: str, status: ExperimentState,
                 case_ids: list[str] | None = None, reason: str | None = None,

@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from tributary.protocol.auditlog import AuditAnchors
 from tributary.protocol.custody import record_hash, verify_custody
 from tributary.protocol.messages import CaseStatus, Failure, ResultMessage
 from tributary.protocol.signing import PublicKey, SignatureError, SigningKey, verify
@@ -31,6 +32,8 @@ from tributary.protocol.signing import PublicKey, SignatureError, SigningKey, ve
 MANIFEST = "manifest-sha256.txt"
 MANIFEST_SIGNATURE = "manifest.dsse.json"
 MANIFEST_PAYLOAD_TYPE = "text/plain; profile=tributary-bundle-manifest"
+#: The hub's and the study's spokes' audit log heads at export (:class:`AuditAnchors`).
+ANCHORS = "audit-anchors.json"
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -58,10 +61,13 @@ class BundleExperiment(BaseModel):
 
 
 def write_bundle(out: Path, experiment: dict[str, Any], cases: list[dict[str, Any]],
-                 hub_key: SigningKey) -> Path:
+                 hub_key: SigningKey, anchors: AuditAnchors | None = None) -> Path:
     """Write the bundle folder ``out`` for an experiment's cases: those with a custody
-    record as results, the others named in ``experiment.json``."""
+    record as results, the others named in ``experiment.json``; with ``anchors``, the audit
+    log heads the hub holds, as ``audit-anchors.json``."""
     out.mkdir(parents=True, exist_ok=False)
+    if anchors is not None:
+        _write_json(out / ANCHORS, anchors.model_dump(mode="json"))
     expected: dict[str, list[str]] = {}
     without: dict[str, dict[str, str]] = {}
     for case in sorted(cases, key=lambda c: (c["spoke_id"], c["case_id"])):
@@ -72,6 +78,8 @@ def write_bundle(out: Path, experiment: dict[str, Any], cases: list[dict[str, An
     _write_json(out / "experiment.json", {**experiment, "expected_results": expected,
                                           "cases_without_result": without})
     parts = [{"@id": "experiment.json", "@type": "File", "name": "Experiment definition"}]
+    if anchors is not None:
+        parts.append({"@id": ANCHORS, "@type": "File", "name": "Audit log anchors"})
     for case in cases:
         if not case.get("custody"):
             continue
@@ -170,8 +178,30 @@ def verify_bundle(folder: Path, keys_dir: Path) -> BundleReport:
         report.problems.append(f"experiment.json: unusable, so no result can be checked "
                                f"against it: {exc}")
         return report
+    if ANCHORS in listed:
+        try:
+            AuditAnchors.model_validate_json((folder / ANCHORS).read_bytes())
+        except (OSError, ValidationError) as exc:
+            report.problems.append(f"{ANCHORS}: unusable: {exc}")
     _check_results(folder, listed, experiment, spoke_keys, report)
     return report
+
+
+def read_anchors(source: Path) -> AuditAnchors:
+    """The anchors in a bundle (folder or zip) or in a saved ``GET /api/audit/anchors``
+    answer. Raises ValueError (or OSError) naming what is wrong. A bundle's anchors are as
+    trustworthy as its signature: verify the bundle too."""
+    if source.is_dir():
+        source = source / ANCHORS
+    if zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as archive:
+            try:
+                data = archive.read(ANCHORS)
+            except KeyError:
+                raise ValueError(f"{source}: a bundle without {ANCHORS}") from None
+    else:
+        data = source.read_bytes()
+    return AuditAnchors.model_validate_json(data)
 
 
 def _check_results(folder: Path, listed: dict[str, str], experiment: BundleExperiment,

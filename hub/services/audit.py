@@ -51,6 +51,8 @@ def record(session: Session, actor: str, action: str, target: str = "",
     event = AuditEvent(actor=actor, action=action, target=target, detail=clean)
     log = forensic_log(session)
     if log is not None:
-        log.append(actor, action, target, clean)
+        entry = log.append(actor, action, target, clean)
+        # The row anchors the log's head (hub/services/anchors.py).
+        event.log_seq, event.log_hash = entry["seq"], entry["hash"]
     session.add(event)
     return event

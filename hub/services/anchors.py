@@ -1,0 +1,61 @@
+"""Audit log anchors: the heads of the hub's and the spokes' forensic logs, kept in the
+hub's database, so that a log cut at its end or deleted and started again no longer
+verifies (``tributary audit verify LOG --anchors``): a hash chain alone cannot show either.
+
+The hub's head is the log entry of its newest audit row (each row stores its entry's seq and
+hash); a spoke's is the highest head its heartbeats reported. A spoke head that goes
+backwards (a smaller seq, or the same seq with another hash) does not replace the anchor and
+is recorded once as an audit event, which itself stays in the hub's own anchored log."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sqlmodel import Session, col, select
+
+from tributary.hub.models import AuditEvent, Spoke, utcnow
+from tributary.hub.services import audit
+from tributary.protocol.auditlog import AuditAnchors, AuditHead
+
+
+def hub_head(session: Session) -> AuditHead | None:
+    """The forensic log entry of the hub's newest audit row, or None if none has one."""
+    event = session.exec(select(AuditEvent).where(col(AuditEvent.log_seq).is_not(None))
+                         .order_by(col(AuditEvent.id).desc()).limit(1)).first()
+    if event is None or event.log_seq is None or event.log_hash is None:
+        return None
+    return AuditHead(seq=event.log_seq, hash=event.log_hash)
+
+
+def spoke_head(spoke: Spoke) -> AuditHead | None:
+    if spoke.audit_head_seq is None or spoke.audit_head_hash is None:
+        return None
+    return AuditHead(seq=spoke.audit_head_seq, hash=spoke.audit_head_hash)
+
+
+def note_spoke_head(session: Session, spoke: Spoke, head: AuditHead | None) -> None:
+    """Keep ``head`` as the spoke's anchor if it moves the log forward; record a regression
+    once (the caller commits)."""
+    if head is None:
+        return
+    kept = spoke_head(spoke)
+    if kept is None or head.seq > kept.seq:
+        spoke.audit_head_seq, spoke.audit_head_hash = head.seq, head.hash
+        spoke.audit_head_at = utcnow()
+    elif head != kept:
+        reported = f"{head.seq}:{head.hash}"
+        if spoke.audit_head_refused != reported:
+            spoke.audit_head_refused = reported
+            audit.record(session, f"spoke:{spoke.id}", "spoke.audit_log_regressed", spoke.id,
+                         anchored_seq=kept.seq, anchored_hash=kept.hash,
+                         reported_seq=head.seq, reported_hash=head.hash)
+    session.add(spoke)
+
+
+def anchors(session: Session, spoke_ids: Iterable[str] | None = None) -> AuditAnchors:
+    """The hub's head and the spokes' (all, or those named)."""
+    query = select(Spoke)
+    if spoke_ids is not None:
+        query = query.where(col(Spoke.id).in_(list(spoke_ids)))
+    spokes = {s.id: head for s in session.exec(query) if (head := spoke_head(s)) is not None}
+    return AuditAnchors(hub=hub_head(session), spokes=spokes, at=utcnow())
