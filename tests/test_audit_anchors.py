@@ -1,0 +1,70 @@
+"""Hub side of audit log anchors: a spoke's head from its heartbeats only moves forward, a
+head that goes backwards (a log cut or recreated) is kept out and recorded once, and the
+hub's own head is its newest audit row's entry in its forensic log."""
+# ruff: noqa: F811 - the fixtures ``keys`` and ``session`` are shared with test_hub_ingest
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlmodel import Session, select
+from test_hub_ingest import keys, session  # noqa: F401 - fixtures
+
+from tributary.hub.models import AuditEvent, Spoke
+from tributary.hub.services import audit
+from tributary.hub.services.anchors import anchors
+from tributary.hub.services.ingest import ingest
+from tributary.protocol.auditlog import AuditHead, AuditLog, verify_log
+from tributary.protocol.messages import HeartbeatMessage
+
+START = datetime.now(UTC)
+
+
+def beat(n: int, head: AuditHead | None) -> HeartbeatMessage:
+    return HeartbeatMessage(spoke_id="site-a", spoke_version="9.9", concurrency=1,
+                            queue_depth=0, interval_seconds=5, audit_head=head,
+                            sent_at=START + timedelta(seconds=n))
+
+
+def head(seq: int, fill: str) -> AuditHead:
+    return AuditHead(seq=seq, hash=fill * 64)
+
+
+def regressions(session: Session) -> list[AuditEvent]:
+    return list(session.exec(select(AuditEvent).where(
+        AuditEvent.action == "spoke.audit_log_regressed")))
+
+
+def test_a_spoke_head_only_moves_forward_and_a_regression_is_recorded_once(
+        session: Session) -> None:
+    assert ingest(session, beat(1, head(5, "a")))
+    assert ingest(session, beat(2, None))  # an older spoke, or an unreadable log
+    assert anchors(session).spokes["site-a"] == head(5, "a")
+    assert ingest(session, beat(3, head(7, "b")))
+    assert anchors(session).spokes["site-a"] == head(7, "b")
+    # the log was deleted and started again: seq 2 of another log
+    for n in (4, 5):
+        assert ingest(session, beat(n, head(2, "c")))
+    assert anchors(session).spokes["site-a"] == head(7, "b")
+    (event,) = regressions(session)
+    assert event.target == "site-a"
+    assert (event.detail["anchored_seq"], event.detail["reported_seq"]) == (7, 2)
+    # the same seq with another hash: the log was rewritten
+    assert ingest(session, beat(6, head(7, "d")))
+    assert len(regressions(session)) == 2
+    assert session.get(Spoke, "site-a").audit_head_hash == "b" * 64
+
+
+def test_the_hub_head_is_its_newest_rows_log_entry(session: Session, tmp_path: Path) -> None:
+    for n in range(3):
+        audit.record(session, "tester", "thing.done", str(n))
+    session.commit()
+    held = anchors(session).hub
+    log = Path(str(session.get_bind().engine.url.database)).with_name("hub-audit.jsonl")
+    assert held == AuditLog(log).head()
+    assert verify_log(log, (held.seq, held.hash)).ok
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-1]))
+    assert verify_log(cut).ok  # the chain alone cannot tell
+    assert not verify_log(cut, (held.seq, held.hash)).ok
