@@ -68,3 +68,25 @@ def test_the_hub_head_is_its_newest_rows_log_entry(session: Session, tmp_path: P
     cut.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:-1]))
     assert verify_log(cut).ok  # the chain alone cannot tell
     assert not verify_log(cut, (held.seq, held.hash)).ok
+
+
+def test_a_hub_log_cut_or_recreated_is_recorded_when_the_hub_starts(session: Session) -> None:
+    from tributary.hub.services.anchors import check_hub_log
+    from tributary.hub.services.audit import attach_forensic_log
+
+    for n in range(3):
+        audit.record(session, "tester", "thing.done", str(n))
+    session.commit()
+    held = anchors(session).hub
+    engine = session.get_bind().engine
+    path = Path(str(engine.url.database)).with_name("hub-audit.jsonl")
+    assert check_hub_log(session, attach_forensic_log(engine, path)) is None
+    path.unlink()  # deleted; the restarted hub begins a new one
+    log = attach_forensic_log(engine, path)
+    log.append("hub", "hub.started")
+    problem = check_hub_log(session, log)
+    assert problem is not None and f"anchored head seq {held.seq}" in problem
+    session.commit()
+    (event,) = session.exec(select(AuditEvent).where(
+        AuditEvent.action == "hub.audit_log_regressed")).all()
+    assert (event.detail["anchored_seq"], event.detail["log_seq"]) == (held.seq, 1)
