@@ -266,6 +266,8 @@ class AuditEvent(SQLModel, table=True):
     #: The event's entry in the hub's forensic log: every row anchors that log's head.
     log_seq: int | None = None
     log_hash: str | None = None
+    #: Which log (its path): processes elsewhere (a Celery worker, the CLI) may keep their own.
+    log_name: str | None = None
 
 
 class CountQuery(SQLModel, table=True):

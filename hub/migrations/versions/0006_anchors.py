@@ -20,6 +20,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('log_seq', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('log_hash', sqlmodel.sql.sqltypes.AutoString(),
                                       nullable=True))
+        batch_op.add_column(sa.Column('log_name', sqlmodel.sql.sqltypes.AutoString(),
+                                      nullable=True))
     with op.batch_alter_table('spoke', schema=None) as batch_op:
         batch_op.add_column(sa.Column('audit_head_seq', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('audit_head_hash', sqlmodel.sql.sqltypes.AutoString(),
@@ -37,5 +39,6 @@ def downgrade() -> None:
         batch_op.drop_column('audit_head_hash')
         batch_op.drop_column('audit_head_seq')
     with op.batch_alter_table('auditevent', schema=None) as batch_op:
+        batch_op.drop_column('log_name')
         batch_op.drop_column('log_hash')
         batch_op.drop_column('log_seq')
