@@ -69,7 +69,7 @@ class AuditHead(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    seq: int = Field(ge=0, le=2**63 - 1)
+    seq: int = Field(ge=0, le=2**31 - 1)  # a database integer everywhere
     hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 

@@ -367,7 +367,7 @@ class SpokeAgent:
         broken log never stops the heartbeats."""
         try:
             return self.audit.head()
-        except (OSError, AuditLogError) as exc:
+        except (OSError, ValueError, AuditLogError) as exc:
             log.error("audit log head not sent: %s", exc)
             return None
 

@@ -50,8 +50,11 @@ def test_a_spoke_head_only_moves_forward_and_a_regression_is_recorded_once(
     (event,) = regressions(session)
     assert event.target == "site-a"
     assert (event.detail["anchored_seq"], event.detail["reported_seq"]) == (7, 2)
+    # the recreated log grows back towards the anchor: not recorded again
+    assert ingest(session, beat(6, head(3, "e")))
+    assert len(regressions(session)) == 1
     # the same seq with another hash: the log was rewritten
-    assert ingest(session, beat(6, head(7, "d")))
+    assert ingest(session, beat(7, head(7, "d")))
     assert len(regressions(session)) == 2
     assert session.get(Spoke, "site-a").audit_head_hash == "b" * 64
 
@@ -90,3 +93,15 @@ def test_a_hub_log_cut_or_recreated_is_recorded_when_the_hub_starts(session: Ses
     (event,) = session.exec(select(AuditEvent).where(
         AuditEvent.action == "hub.audit_log_regressed")).all()
     assert (event.detail["anchored_seq"], event.detail["log_seq"]) == (held.seq, 1)
+
+
+def test_a_hostile_head_in_a_heartbeat_is_refused_by_the_schema() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    for bad in ({"seq": -1, "hash": "a" * 64}, {"seq": 2**31, "hash": "a" * 64},
+                {"seq": 1, "hash": "A" * 64}, {"seq": 1, "hash": "a" * 63},
+                {"seq": 1, "hash": "a" * 64, "extra": 1}):
+        with pytest.raises(ValidationError):
+            HeartbeatMessage.model_validate({**beat(1, None).model_dump(mode="json"),
+                                             "audit_head": bad})

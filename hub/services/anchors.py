@@ -5,7 +5,8 @@ verifies (``tributary audit verify LOG --anchors``): a hash chain alone cannot s
 The hub's head is the log entry of its newest audit row (each row stores its entry's seq,
 hash and log); a spoke's is the highest head its heartbeats reported. A spoke head that goes
 backwards (a smaller seq, or the same seq with another hash) does not replace the anchor and
-is recorded once as an audit event, which itself stays in the hub's own anchored log."""
+is recorded as an audit event (once, not again while that log grows back towards the
+anchor), which itself stays in the hub's own anchored log."""
 
 from __future__ import annotations
 
@@ -48,9 +49,12 @@ def note_spoke_head(session: Session, spoke: Spoke, head: AuditHead | None) -> N
         spoke.audit_head_seq, spoke.audit_head_hash = head.seq, head.hash
         spoke.audit_head_at = utcnow()
     elif head != kept:
-        reported = f"{head.seq}:{head.hash}"
-        if spoke.audit_head_refused != reported:
-            spoke.audit_head_refused = reported
+        # Recorded when a log goes backwards, not again for each entry it then grows by.
+        refused = spoke.audit_head_refused
+        growing = refused is not None and refused.partition(":")[0].isdigit() \
+            and int(refused.partition(":")[0]) < head.seq < kept.seq
+        spoke.audit_head_refused = f"{head.seq}:{head.hash}"
+        if not growing and refused != spoke.audit_head_refused:
             audit.record(session, f"spoke:{spoke.id}", "spoke.audit_log_regressed", spoke.id,
                          anchored_seq=kept.seq, anchored_hash=kept.hash,
                          reported_seq=head.seq, reported_hash=head.hash)
