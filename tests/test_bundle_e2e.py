@@ -256,3 +256,20 @@ def test_spoke_log_cut_or_recreated_fails_against_the_hub(
         done = audit_verify(log, "--anchors", str(saved), "--source", spoke_id)
         assert done.returncode == 1, done.stdout + done.stderr
         assert f"anchored head seq {head}" in " ".join(done.stdout.split())
+
+
+def test_a_manifest_naming_a_file_outside_the_bundle_is_refused(
+        exported: dict[str, Path]) -> None:
+    copy = forge(exported)
+    outside = copy.parent / f"outside-{uuid.uuid4().hex[:6]}.json"
+    outside.write_text("{}")
+    resign(copy, exported["hub_key"])
+    manifest = (copy / MANIFEST).read_text() + (
+        f"{hashlib.sha256(b'{}').hexdigest()}  ../{outside.name}\n")
+    (copy / MANIFEST).write_text(manifest)
+    envelope = SigningKey.load(exported["hub_key"]).sign(manifest.encode(),
+                                                         MANIFEST_PAYLOAD_TYPE)
+    (copy / MANIFEST_SIGNATURE).write_text(json.dumps(envelope))
+    done = verify(copy, exported["keys"])
+    assert done.returncode == 1, done.stdout
+    assert f"../{outside.name}: not a path inside the bundle" in said(done)
