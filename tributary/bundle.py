@@ -19,7 +19,7 @@ import itertools
 import json
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -162,6 +162,11 @@ def verify_bundle(folder: Path, keys_dir: Path) -> BundleReport:
     listed: dict[str, str] = {}
     for line in manifest.splitlines():
         digest, _, name = line.partition("  ")
+        parts = PurePosixPath(name).parts
+        if not parts or name.startswith("/") or ".." in parts or "\\" in name:
+            # Never read outside the bundle, whoever signed the manifest.
+            report.problems.append(f"{name}: not a path inside the bundle")
+            continue
         listed[name] = digest
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     for extra in sorted(present - set(listed) - {MANIFEST, MANIFEST_SIGNATURE}):
