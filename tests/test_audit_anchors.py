@@ -5,6 +5,7 @@ hub's own head is its newest audit row's entry in its forensic log."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -105,3 +106,27 @@ def test_a_hostile_head_in_a_heartbeat_is_refused_by_the_schema() -> None:
         with pytest.raises(ValidationError):
             HeartbeatMessage.model_validate({**beat(1, None).model_dump(mode="json"),
                                              "audit_head": bad})
+
+
+def test_audit_verify_refuses_unusable_anchors(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    log.append("someone", "thing.done")
+    saved = tmp_path / "anchors.json"
+    cases = {"not json": "{", "too big": " " * (4 * 1024 * 1024 + 1),
+             "no such source": '{"hub": null, "spokes": {}}'}
+    for what, text in cases.items():
+        saved.write_text(text)
+        done = subprocess.run([sys.executable, "-m", "tributary.cli", "audit", "verify",
+                               str(log.path), "--anchors", str(saved)],
+                              capture_output=True, text=True)
+        assert done.returncode == 1, what
+        assert "Traceback" not in done.stderr, done.stderr
+    saved.write_text(json.dumps({"hub": log.head().model_dump()}))
+    done = subprocess.run([sys.executable, "-m", "tributary.cli", "audit", "verify",
+                           str(log.path), "--anchors", str(saved)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "anchored head seq 1 present" in " ".join(done.stdout.split())

@@ -34,6 +34,8 @@ MANIFEST_SIGNATURE = "manifest.dsse.json"
 MANIFEST_PAYLOAD_TYPE = "text/plain; profile=tributary-bundle-manifest"
 #: The hub's and the study's spokes' audit log heads at export (:class:`AuditAnchors`).
 ANCHORS = "audit-anchors.json"
+#: Far more than the heads of thousands of spokes; a bigger file is refused unread.
+MAX_ANCHORS_BYTES = 4 * 1024 * 1024
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -201,11 +203,17 @@ def read_anchors(source: Path) -> AuditAnchors:
     if zipfile.is_zipfile(source):
         with zipfile.ZipFile(source) as archive:
             try:
-                data = archive.read(ANCHORS)
+                size = archive.getinfo(ANCHORS).file_size
             except KeyError:
                 raise ValueError(f"{source}: a bundle without {ANCHORS}") from None
+            if size > MAX_ANCHORS_BYTES:
+                raise ValueError(f"{source}: {ANCHORS} is {size} bytes, more than anchors are")
+            data = archive.read(ANCHORS)
     else:
-        data = source.read_bytes()
+        with source.open("rb") as handle:
+            data = handle.read(MAX_ANCHORS_BYTES + 1)
+        if len(data) > MAX_ANCHORS_BYTES:
+            raise ValueError(f"{source}: more than {MAX_ANCHORS_BYTES} bytes, not anchors")
     return AuditAnchors.model_validate_json(data)
 
 
