@@ -124,7 +124,6 @@ class SpokeAgent:
         self.recover()
         self.client.start()
         self.outbox.start()
-        self.heartbeat.start()
         dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher",
                                       daemon=True)
         dispatcher.start()
@@ -135,6 +134,8 @@ class SpokeAgent:
         log.info("spoke %s (tributary %s) waiting for experiments", self.config.spoke_id,
                  __version__)
         self._audit("spoke.started", self.config.spoke_id, version=__version__)
+        # After spoke.started, so even the first heartbeat anchors a non-empty log.
+        self.heartbeat.start()
         try:
             while not self.stopping.is_set():
                 try:
