@@ -28,12 +28,14 @@ from tributary.hub.api import (
 )
 from tributary.hub.db import make_engine, upgrade_schema
 from tributary.hub.models import Role, User
+from tributary.hub.services.anchors import check_hub_log
 from tributary.hub.services.audit import attach_forensic_log
 from tributary.hub.services.ingest import ResultsConsumer
 from tributary.hub.services.users import create_user
 from tributary.hub.settings import HubSettings
 from tributary.hub.web import SignInRequired
 from tributary.hub.web import router as web_router
+from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import StompClient
 from tributary.protocol.signing import SigningKey
 
@@ -52,6 +54,15 @@ def _bootstrap_admin(engine: Engine, settings: HubSettings) -> None:
                         [Role.ADMIN.value], actor="bootstrap")
 
 
+def _check_forensic_log(engine: Engine, forensic: AuditLog) -> None:
+    """Record (and log) a forensic log that no longer reaches its anchored head."""
+    with Session(engine) as session:
+        problem = check_hub_log(session, forensic)
+        session.commit()
+    if problem is not None:
+        log.error("%s", problem)
+
+
 def create_app(settings: HubSettings | None = None) -> FastAPI:
     settings = settings or HubSettings()
 
@@ -61,6 +72,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         forensic = attach_forensic_log(engine, settings.audit_log_path())
         upgrade_schema(engine)
         if forensic is not None:
+            _check_forensic_log(engine, forensic)
             forensic.append("hub", "hub.started", detail={"version": __version__})
         key = SigningKey.load_or_create(settings.signing_key)
         broker = StompClient(settings.broker(), "hub").start()

@@ -54,6 +54,13 @@ class Spoke(SQLModel, table=True):
     queue_depth: int | None = None
     outbox_depth: int | None = None
     running: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON))
+    #: The highest head of the spoke's audit log its heartbeats reported: the anchor a cut
+    #: or recreated log is checked against (``tributary audit verify --anchors``).
+    audit_head_seq: int | None = None
+    audit_head_hash: str | None = None
+    audit_head_at: datetime | None = None
+    #: The last reported head that went backwards ("seq:hash"), recorded once as an event.
+    audit_head_refused: str | None = None
 
 
 class SpokeKey(SQLModel, table=True):
@@ -256,6 +263,11 @@ class AuditEvent(SQLModel, table=True):
     action: str = Field(index=True)
     target: str = ""
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    #: The event's entry in the hub's forensic log: every row anchors that log's head.
+    log_seq: int | None = None
+    log_hash: str | None = None
+    #: Which log (its path): processes elsewhere (a Celery worker, the CLI) may keep their own.
+    log_name: str | None = None
 
 
 class CountQuery(SQLModel, table=True):

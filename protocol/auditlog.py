@@ -10,9 +10,14 @@ canonical JSON (sorted keys, no spaces, ASCII) of::
      "hash": sha256 of this entry without "hash"}
 
 What a chain alone cannot show is the loss of its newest entries (a cut at a line
-boundary): record the head that ``verify`` prints somewhere else and pass it back with
-``expect_head`` to catch that. Appends take an exclusive ``flock`` and are fsynced, so
-threads and processes may share one log, and an acknowledged entry survives a crash.
+boundary), or a log deleted and started again at seq 1: that takes a head (:class:`AuditHead`)
+kept somewhere else, passed back as ``expect_head``. Heads are anchored automatically: each
+spoke's travels in its heartbeats and the hub keeps the highest; the hub's own is stored
+with every audit row in its database and written into every study bundle
+(:class:`AuditAnchors`, ``tributary audit verify LOG --anchors``).
+
+Appends take an exclusive ``flock`` and are fsynced, so threads and processes may share one
+log, and an acknowledged entry survives a crash.
 Detail keys that name secrets (passwords, tokens, private keys...) are redacted.
 """
 
@@ -32,7 +37,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, SecretBytes, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr
 
 from tributary.protocol.signing import canonical_json, sha256_hex
 
@@ -57,6 +62,30 @@ SEQUENCE_GAP = "sequence gap"
 TRUNCATED = "incomplete last line (truncated)"
 MISSING_HEAD = "expected head missing (truncated)"
 HEAD_MISMATCH = "expected head differs (rewritten)"
+
+
+class AuditHead(BaseModel):
+    """A log's newest entry, kept outside the log: its ``seq`` and its ``hash`` field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seq: int = Field(ge=0, le=2**31 - 1)  # a database integer everywhere
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class AuditAnchors(BaseModel):
+    """The heads a hub holds: its own log's and each spoke's (from its heartbeats). Served
+    by ``GET /api/audit/anchors`` and written as ``audit-anchors.json`` into every bundle."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hub: AuditHead | None = None
+    spokes: dict[str, AuditHead] = Field(default_factory=dict)
+    at: datetime | None = None
+
+    def head(self, source: str) -> AuditHead | None:
+        """The head of ``source``: ``hub`` or a spoke id."""
+        return self.hub if source == "hub" else self.spokes.get(source)
 
 
 class AuditLogError(RuntimeError):
@@ -216,6 +245,22 @@ class AuditLog:
                 "start a new log") from None
         return entry["seq"], sha256_hex(line[:-1])
 
+    def head(self) -> AuditHead:
+        """The newest entry's seq and hash (seq 0 for an empty log): what to anchor."""
+        with self._locked() as fd:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return AuditHead(seq=0, hash=GENESIS)
+            line = _last_line(fd, size)
+            try:
+                if not line.endswith(b"\n"):
+                    raise _Broken(TRUNCATED)
+                entry = _check_line(line[:-1])
+            except _Broken as exc:
+                raise AuditLogError(f"{self.path}: its last entry is broken ({exc.reason})"
+                                    ) from None
+        return AuditHead(seq=entry["seq"], hash=entry["hash"])
+
     def append(self, actor: str, action: str, target: str = "",
                detail: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write one entry durably (fsynced before returning) and return it."""
@@ -272,12 +317,19 @@ class VerifyReport:
     head_seq: int = 0
     head_hash: str = GENESIS
 
+    #: The head checked against (``expect_head``), if any.
+    anchor: tuple[int, str] | None = None
+
     def summary(self) -> str:
+        anchored = (f"; anchored head seq {self.anchor[0]} present"
+                    if self.anchor is not None else "")
         if self.ok:
             return (f"{self.path}: intact, {self.entries} entries; head seq {self.head_seq} "
-                    f"hash {self.head_hash}")
+                    f"hash {self.head_hash}{anchored}")
         seq = (f"seq {self.seq}" if self.seq is not None
                else f"seq unknown, expected {self.head_seq + 1}")
+        if self.reason in (MISSING_HEAD, HEAD_MISMATCH) and self.anchor is not None:
+            seq += f", anchored head seq {self.anchor[0]} hash {self.anchor[1]}"
         return (f"{self.path}: BROKEN at line {self.line} ({seq}): {self.reason}; "
                 f"{self.entries} entries before it verified")
 
@@ -292,7 +344,8 @@ def verify_log(path: str | os.PathLike[str],
     anchor_line: int | None = None
 
     def broken(line: int, reason: str, seq: int | None) -> VerifyReport:
-        return VerifyReport(path, False, count, line, seq, reason, head_seq, head_hash)
+        return VerifyReport(path, False, count, line, seq, reason, head_seq, head_hash,
+                            expect_head)
 
     with open(path, "rb") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_SH)  # no half-written line from a writer
@@ -313,9 +366,10 @@ def verify_log(path: str | os.PathLike[str],
                 anchor_line = number
             count, prev = count + 1, sha256_hex(raw[:-1])
             head_seq, head_hash = entry["seq"], entry["hash"]
-    if expect_head is not None and anchor_line is None:
+    if expect_head is not None and anchor_line is None and expect_head[0] > 0:
         return broken(count + 1, MISSING_HEAD, None)
-    return VerifyReport(path, True, count, head_seq=head_seq, head_hash=head_hash)
+    return VerifyReport(path, True, count, head_seq=head_seq, head_hash=head_hash,
+                        anchor=expect_head)
 
 
 def read_entries(path: str | os.PathLike[str]) -> Iterator[tuple[int, dict[str, Any] | None]]:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from tributary.protocol import PROTOCOL_VERSION
+from tributary.protocol.auditlog import AuditHead
 from tributary.protocol.contract import ProgressStep, RoundedFraction
 
 #: Messages larger than this are refused before parsing.
@@ -346,6 +347,9 @@ class HeartbeatMessage(_Message):
     running: list[RunningCase] = Field(default_factory=list)
     outbox_depth: int = Field(0, ge=0, description="Messages journaled and not yet sent.")
     interval_seconds: float = Field(gt=0, description="When the next heartbeat is due.")
+    audit_head: AuditHead | None = Field(None, description=(
+        "The head of the spoke's audit log, which the hub keeps as an anchor: a log later "
+        "cut or recreated no longer reaches it."))
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 

@@ -36,7 +36,7 @@ import docker
 import docker.errors
 
 from tributary import __version__
-from tributary.protocol.auditlog import AuditLog
+from tributary.protocol.auditlog import AuditHead, AuditLog, AuditLogError
 from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.contract import Participant, Progress
 from tributary.protocol.destinations import results_queue, spoke_queue
@@ -135,7 +135,6 @@ class SpokeAgent:
         self.recover()
         self.client.start()
         self.outbox.start()
-        self.heartbeat.start()
         dispatcher = threading.Thread(target=self._dispatch_loop, name="dispatcher",
                                       daemon=True)
         dispatcher.start()
@@ -146,6 +145,8 @@ class SpokeAgent:
         log.info("spoke %s (tributary %s) waiting for experiments", self.config.spoke_id,
                  __version__)
         self._audit("spoke.started", self.config.spoke_id, version=__version__)
+        # After spoke.started, so even the first heartbeat anchors a non-empty log.
+        self.heartbeat.start()
         try:
             while not self.stopping.is_set():
                 try:
@@ -392,7 +393,17 @@ class SpokeAgent:
             spoke_id=self.config.spoke_id, spoke_version=__version__,
             concurrency=self.config.concurrency, queue_depth=self.journal.queue_depth(),
             running=running, outbox_depth=self.journal.outbox_depth(),
-            interval_seconds=self.config.liveness.heartbeat_seconds)
+            interval_seconds=self.config.liveness.heartbeat_seconds,
+            audit_head=self._audit_head())
+
+    def _audit_head(self) -> AuditHead | None:
+        """The audit log's head for the hub to anchor; None (and logged) if unreadable, so a
+        broken log never stops the heartbeats."""
+        try:
+            return self.audit.head()
+        except (OSError, ValueError, AuditLogError) as exc:
+            log.error("audit log head not sent: %s", exc)
+            return None
 
     def _settle(self, experiment_id: str, state: str, status: ExperimentState,
                 case_ids: list[str] | None = None, reason: str | None = None,

@@ -19,7 +19,6 @@ from tributary.cli import app
 from tributary.hub import migrations
 from tributary.hub.db import make_engine
 from tributary.hub.models import AuditEvent, User
-from tributary.hub.services.users import create_user
 
 
 def schema_differences(url: str) -> list:
@@ -54,15 +53,26 @@ def test_downgrade_and_upgrade_round_trip(tmp_path: Path) -> None:
 def test_a_database_from_before_migrations_is_adopted_with_its_data(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old-hub.db'}"
     old = create_engine(url)
-    SQLModel.metadata.create_all(old)  # what hubs did before there were migrations
-    with Session(old) as session:
-        create_user(session, "carol", "a long enough password", ["coordinator"],
-                    actor="bootstrap")
+    # What hubs did before there were migrations: tables created directly, with the schema
+    # that the baseline revision describes (later revisions add to it), and no version.
+    with old.begin() as connection:
+        command.upgrade(migrations.alembic_config(connection), migrations.BASELINE)
+        connection.execute(text("DROP TABLE alembic_version"))
+        connection.execute(text(
+            "INSERT INTO user (username, organisation, roles, password_hash, created_at, "
+            "disabled) VALUES ('carol', '', '[\"coordinator\"]', 'x', "
+            "'2026-01-01 00:00:00', 0)"))
+        connection.execute(text(
+            "INSERT INTO auditevent (at, actor, action, target, detail) VALUES "
+            "('2026-01-01 00:00:00', 'bootstrap', 'user.created', 'carol', '{}')"))
     old.dispose()
 
     result = CliRunner().invoke(app, ["hub", "migrate", "--database-url", url])
     assert result.exit_code == 0, result.output
-    assert f"already at the newest revision, {migrations.head()}" in result.output
+    head = migrations.head()
+    assert (f"already at the newest revision, {head}" in result.output if
+            head == migrations.BASELINE else
+            f"upgraded from {migrations.BASELINE} to {head}" in result.output), result.output
     engine = make_engine(url)
     assert migrations.current(engine) == migrations.head()
     with Session(engine) as session:

@@ -5,7 +5,12 @@ third party can verify it offline with the public keys alone:
     tributary bundle verify BUNDLE_DIR --keys KEYS_DIR
 
 ``KEYS_DIR`` holds ``hub.pub`` and one ``<spoke_id>.pub`` per spoke (PEM), obtained from
-the hub and the institutions independently of the bundle."""
+the hub and the institutions independently of the bundle.
+
+The signature alone would only show that the hub wrote the bundle; verification also checks
+that its content is the study's: every result belongs to the experiment in
+``experiment.json`` and ran its approved image, every result has its custody record, and
+every case that ``experiment.json`` lists as finished (``expected_results``) is there."""
 
 from __future__ import annotations
 
@@ -14,9 +19,12 @@ import itertools
 import json
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tributary.protocol.auditlog import AuditAnchors
 from tributary.protocol.custody import record_hash, verify_custody
 from tributary.protocol.messages import CaseStatus, Failure, ResultMessage
 from tributary.protocol.signing import PublicKey, SignatureError, SigningKey, verify
@@ -24,6 +32,10 @@ from tributary.protocol.signing import PublicKey, SignatureError, SigningKey, ve
 MANIFEST = "manifest-sha256.txt"
 MANIFEST_SIGNATURE = "manifest.dsse.json"
 MANIFEST_PAYLOAD_TYPE = "text/plain; profile=tributary-bundle-manifest"
+#: The hub's and the study's spokes' audit log heads at export (:class:`AuditAnchors`).
+ANCHORS = "audit-anchors.json"
+#: Far more than the heads of thousands of spokes; a bigger file is refused unread.
+MAX_ANCHORS_BYTES = 4 * 1024 * 1024
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -31,12 +43,45 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
 
 
+class BundleExperiment(BaseModel):
+    """What ``experiment.json`` must hold for the results to be checked against it (the
+    experiment's other fields are carried as they are)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    id: str
+    #: ``repository@sha256:...``: the approved image every result must have run.
+    image: str
+    #: Per spoke, the cases with a final, custody-signed result: each must be in the bundle.
+    expected_results: dict[str, list[str]]
+    #: Per spoke, the cases without such a result yet (case id: state), named for the reader.
+    cases_without_result: dict[str, dict[str, str]] = {}
+
+    @property
+    def image_digest(self) -> str:
+        return self.image.rpartition("@")[2]
+
+
 def write_bundle(out: Path, experiment: dict[str, Any], cases: list[dict[str, Any]],
-                 hub_key: SigningKey) -> Path:
-    """Write the bundle folder ``out`` for an experiment's final cases."""
+                 hub_key: SigningKey, anchors: AuditAnchors | None = None) -> Path:
+    """Write the bundle folder ``out`` for an experiment's cases: those with a custody
+    record as results, the others named in ``experiment.json``; with ``anchors``, the audit
+    log heads the hub holds, as ``audit-anchors.json``."""
     out.mkdir(parents=True, exist_ok=False)
-    _write_json(out / "experiment.json", experiment)
+    if anchors is not None:
+        _write_json(out / ANCHORS, anchors.model_dump(mode="json"))
+    expected: dict[str, list[str]] = {}
+    without: dict[str, dict[str, str]] = {}
+    for case in sorted(cases, key=lambda c: (c["spoke_id"], c["case_id"])):
+        if case.get("custody"):
+            expected.setdefault(case["spoke_id"], []).append(case["case_id"])
+        else:
+            without.setdefault(case["spoke_id"], {})[case["case_id"]] = str(case["state"])
+    _write_json(out / "experiment.json", {**experiment, "expected_results": expected,
+                                          "cases_without_result": without})
     parts = [{"@id": "experiment.json", "@type": "File", "name": "Experiment definition"}]
+    if anchors is not None:
+        parts.append({"@id": ANCHORS, "@type": "File", "name": "Audit log anchors"})
     for case in cases:
         if not case.get("custody"):
             continue
@@ -61,12 +106,19 @@ def write_bundle(out: Path, experiment: dict[str, Any], cases: list[dict[str, An
                  {"@id": p["@id"]} for p in parts]},
             *parts,
         ]})
-    files = sorted(p for p in out.rglob("*") if p.is_file())
-    manifest = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  "
-                       f"{p.relative_to(out).as_posix()}\n" for p in files)
-    (out / MANIFEST).write_text(manifest)
-    _write_json(out / MANIFEST_SIGNATURE, hub_key.sign(manifest.encode(), MANIFEST_PAYLOAD_TYPE))
+    sign_manifest(out, hub_key)
     return out
+
+
+def sign_manifest(folder: Path, hub_key: SigningKey) -> None:
+    """(Re)write the SHA-256 manifest of every file in ``folder`` and the hub's signature."""
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and p.name not in (MANIFEST, MANIFEST_SIGNATURE))
+    manifest = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  "
+                       f"{p.relative_to(folder).as_posix()}\n" for p in files)
+    (folder / MANIFEST).write_text(manifest)
+    _write_json(folder / MANIFEST_SIGNATURE,
+                hub_key.sign(manifest.encode(), MANIFEST_PAYLOAD_TYPE))
 
 
 def zip_bundle(folder: Path, target: Path) -> Path:
@@ -79,6 +131,8 @@ def zip_bundle(folder: Path, target: Path) -> Path:
 @dataclass
 class BundleReport:
     problems: list[str] = field(default_factory=list)
+    #: Not problems, but worth reading: cases the bundle says have no result yet.
+    notes: list[str] = field(default_factory=list)
     results: int = 0
 
     @property
@@ -110,6 +164,11 @@ def verify_bundle(folder: Path, keys_dir: Path) -> BundleReport:
     listed: dict[str, str] = {}
     for line in manifest.splitlines():
         digest, _, name = line.partition("  ")
+        parts = PurePosixPath(name).parts
+        if not parts or name.startswith("/") or ".." in parts or "\\" in name:
+            # Never read outside the bundle, whoever signed the manifest.
+            report.problems.append(f"{name}: not a path inside the bundle")
+            continue
         listed[name] = digest
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     for extra in sorted(present - set(listed) - {MANIFEST, MANIFEST_SIGNATURE}):
@@ -120,7 +179,55 @@ def verify_bundle(folder: Path, keys_dir: Path) -> BundleReport:
             report.problems.append(f"{name}: missing")
         elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:
             report.problems.append(f"{name}: content differs from the signed manifest")
+    try:
+        experiment = BundleExperiment.model_validate_json((folder / "experiment.json").read_bytes())
+    except (OSError, ValidationError) as exc:
+        report.problems.append(f"experiment.json: unusable, so no result can be checked "
+                               f"against it: {exc}")
+        return report
+    if ANCHORS in listed:
+        try:
+            AuditAnchors.model_validate_json((folder / ANCHORS).read_bytes())
+        except (OSError, ValidationError) as exc:
+            report.problems.append(f"{ANCHORS}: unusable: {exc}")
+    _check_results(folder, listed, experiment, spoke_keys, report)
+    return report
+
+
+def read_anchors(source: Path) -> AuditAnchors:
+    """The anchors in a bundle (folder or zip) or in a saved ``GET /api/audit/anchors``
+    answer. Raises ValueError (or OSError) naming what is wrong. A bundle's anchors are as
+    trustworthy as its signature: verify the bundle too."""
+    if source.is_dir():
+        source = source / ANCHORS
+    if zipfile.is_zipfile(source):
+        with zipfile.ZipFile(source) as archive:
+            try:
+                size = archive.getinfo(ANCHORS).file_size
+            except KeyError:
+                raise ValueError(f"{source}: a bundle without {ANCHORS}") from None
+            if size > MAX_ANCHORS_BYTES:
+                raise ValueError(f"{source}: {ANCHORS} is {size} bytes, more than anchors are")
+            data = archive.read(ANCHORS)
+    else:
+        with source.open("rb") as handle:
+            data = handle.read(MAX_ANCHORS_BYTES + 1)
+        if len(data) > MAX_ANCHORS_BYTES:
+            raise ValueError(f"{source}: more than {MAX_ANCHORS_BYTES} bytes, not anchors")
+    return AuditAnchors.model_validate_json(data)
+
+
+def _check_results(folder: Path, listed: dict[str, str], experiment: BundleExperiment,
+                   spoke_keys: dict[str, list[PublicKey]], report: BundleReport) -> None:
+    """Each listed result against its custody record and the experiment; the custody
+    chains; the expected cases present."""
     chains: dict[str, list[tuple[int, str, str]]] = {}
+    found: set[tuple[str, str]] = set()
+    for name in sorted(n for n in listed if n.startswith("results/") and n.endswith(".json")
+                       and not n.endswith(".custody.dsse.json")):
+        custody_name = name.removesuffix(".json") + ".custody.dsse.json"
+        if custody_name not in listed:
+            report.problems.append(f"{name}: no custody record ({custody_name} missing)")
     for name in sorted(n for n in listed if n.endswith(".custody.dsse.json")):
         result_name = name.replace(".custody.dsse.json", ".json")
         try:
@@ -133,12 +240,29 @@ def verify_bundle(folder: Path, keys_dir: Path) -> BundleReport:
                 failure=Failure.model_validate(data["failure"]) if data["failure"] else None,
                 released=data["released"], image_digest=data["image_digest"])
             record = verify_custody(envelope, spoke_keys.get(result.spoke_id, []), result)
-        except (OSError, ValueError, KeyError, SignatureError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, SignatureError) as exc:
             report.problems.append(f"{name}: {exc}")
             continue
+        wrong = _misplaced(result_name, result, experiment)
+        if wrong:
+            report.problems.append(f"{result_name}: {wrong}")
+            continue
         report.results += 1
+        found.add((result.spoke_id, result.case_id))
         chains.setdefault(result.spoke_id, []).append(
             (record.sequence, record.previous_record_sha256, record_hash(envelope)))
+    for spoke, cases in sorted(experiment.expected_results.items()):
+        for case in cases:
+            if (spoke, case) not in found:
+                report.problems.append(f"{spoke}: case {case}: result missing (listed in "
+                                       "experiment.json's expected_results)")
+    for spoke, case in sorted(found):
+        if case not in experiment.expected_results.get(spoke, []):
+            report.problems.append(f"{spoke}: case {case}: a result that experiment.json "
+                                   "does not list")
+    for spoke, states in sorted(experiment.cases_without_result.items()):
+        report.notes.append(f"{spoke}: {len(states)} case(s) without a result yet: "
+                            + ", ".join(f"{c} ({s})" for c, s in sorted(states.items())))
     for spoke, records in chains.items():
         records.sort()
         for (seq_a, _, hash_a), (seq_b, prev_b, _) in itertools.pairwise(records):
@@ -147,4 +271,17 @@ def verify_bundle(folder: Path, keys_dir: Path) -> BundleReport:
                                        f"{seq_a} and {seq_b}")
             if seq_b == seq_a:
                 report.problems.append(f"{spoke}: two records with sequence {seq_a}")
-    return report
+
+
+def _misplaced(name: str, result: ResultMessage, experiment: BundleExperiment) -> str | None:
+    """Why a custody-verified result does not belong in this bundle, or None."""
+    if result.experiment_id != experiment.id:
+        return f"belongs to experiment {result.experiment_id}, not {experiment.id}"
+    if name != f"results/{result.spoke_id}/{result.case_id}.json":
+        return f"holds spoke {result.spoke_id} case {result.case_id}: not this file's case"
+    if result.image_digest is None and result.status == CaseStatus.SUCCEEDED:
+        return "a success with no image digest"
+    if result.image_digest is not None and result.image_digest != experiment.image_digest:
+        return (f"ran image {result.image_digest}, not the approved image "
+                f"{experiment.image_digest}")
+    return None

@@ -367,6 +367,8 @@ def bundle_verify(
         report = verify_bundle(folder, keys)
     for problem in report.problems:
         console.print(f"[red]FAIL[/] {problem}")
+    for note in report.notes:
+        console.print(f"[yellow]NOTE[/] {note}")
     if not report.ok:
         raise typer.Exit(1)
     console.print(f"[green]OK[/] {report.results} results, manifest signed by the hub, "

@@ -6,6 +6,8 @@ from sqlmodel import Session, select
 
 from tributary.hub.api.deps import get_session, require
 from tributary.hub.models import AuditEvent, QuarantinedMessage, Role
+from tributary.hub.services.anchors import anchors
+from tributary.protocol.auditlog import AuditAnchors
 
 router = APIRouter(prefix="/api/audit", tags=["audit"],
                    dependencies=[Depends(require(Role.COORDINATOR))])
@@ -31,6 +33,14 @@ def list_audit(action: str | None = None, target: str | None = None,
             AuditEvent.actor, AuditEvent.action, AuditEvent.target,
             cast(AuditEvent.detail, String)))))  # type: ignore[arg-type]
     return list(session.exec(query.limit(limit)))
+
+
+@router.get("/anchors", response_model=AuditAnchors)
+def audit_anchors(session: Session = Depends(get_session)) -> AuditAnchors:
+    """The heads of the hub's forensic log and of every spoke's audit log (from their
+    heartbeats): save them, then ``tributary audit verify LOG --anchors FILE`` shows a log
+    cut at its end or recreated since."""
+    return anchors(session)
 
 
 quarantine_router = APIRouter(prefix="/api/quarantine", tags=["audit"],

@@ -41,6 +41,7 @@ from tributary.hub.models import (
 )
 from tributary.hub.services import audit, control
 from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
+from tributary.hub.services.anchors import anchors
 from tributary.hub.services.enrolment import active_keys
 from tributary.hub.services.launch import NotApproved, launch
 from tributary.hub.services.progress import case_reads
@@ -219,13 +220,17 @@ def export_bundle(experiment_id: str, request: Request, background: BackgroundTa
     offline with ``tributary bundle verify``."""
     experiment = _get(session, experiment_id)
     read = experiment_read(session, experiment).model_dump(mode="json")
-    cases = [c for c in session.exec(select(CaseResult).where(
-        CaseResult.experiment_id == experiment_id)).all() if c.custody]
+    cases = session.exec(select(CaseResult).where(
+        CaseResult.experiment_id == experiment_id)).all()
     rows = [{**c.model_dump(mode="json"), "state": c.state.value} for c in cases]
     workdir = Path(tempfile.mkdtemp(prefix="tributary-bundle-"))
-    folder = write_bundle(workdir / experiment_id, read, rows, request.app.state.signing_key)
+    held = anchors(session, [t.spoke_id for t in session.exec(select(ExperimentTarget).where(
+        ExperimentTarget.experiment_id == experiment_id))])
+    folder = write_bundle(workdir / experiment_id, read, rows, request.app.state.signing_key,
+                          held)
     archive = zip_bundle(folder, workdir / f"{experiment_id}.zip")
-    audit.record(session, actor, "bundle.exported", experiment_id, results=len(rows))
+    audit.record(session, actor, "bundle.exported", experiment_id,
+                 results=sum(1 for c in cases if c.custody))
     session.commit()
     background.add_task(shutil.rmtree, workdir, True)
     return FileResponse(archive, media_type="application/zip",

@@ -43,6 +43,11 @@ def forensic_log(session: Session) -> AuditLog | None:
         return _logs[key]
 
 
+def log_name(log: AuditLog) -> str:
+    """How audit rows name the forensic log they were written to."""
+    return str(log.path.resolve())
+
+
 def record(session: Session, actor: str, action: str, target: str = "",
            **detail: Any) -> AuditEvent:
     """Add an audit event to the session (it commits with the change it describes) and
@@ -51,6 +56,9 @@ def record(session: Session, actor: str, action: str, target: str = "",
     event = AuditEvent(actor=actor, action=action, target=target, detail=clean)
     log = forensic_log(session)
     if log is not None:
-        log.append(actor, action, target, clean)
+        entry = log.append(actor, action, target, clean)
+        # The row anchors the log's head (hub/services/anchors.py).
+        event.log_seq, event.log_hash = entry["seq"], entry["hash"]
+        event.log_name = log_name(log)
     session.add(event)
     return event

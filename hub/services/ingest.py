@@ -29,7 +29,7 @@ from tributary.hub.models import (
     TargetState,
     utcnow,
 )
-from tributary.hub.services import audit
+from tributary.hub.services import anchors, audit
 from tributary.hub.services.counts import ingest_count_reply
 from tributary.hub.services.enrolment import active_keys, resolve_key
 from tributary.protocol.broker import Delivery, StompClient
@@ -148,6 +148,7 @@ def _apply_heartbeat(session: Session, message: HeartbeatMessage) -> bool:
     spoke.queue_depth = message.queue_depth
     spoke.outbox_depth = message.outbox_depth
     spoke.running = [r.model_dump(mode="json") for r in message.running]
+    anchors.note_spoke_head(session, spoke, message.audit_head)
     session.add(spoke)
     session.commit()
     return True

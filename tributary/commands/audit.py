@@ -30,6 +30,27 @@ def _head(value: str | None) -> tuple[int, str] | None:
     return int(seq), digest.lower()
 
 
+def _anchored_head(path: Path, source: str) -> tuple[int, str]:
+    """The head of ``source`` in an anchors file or a bundle; exit 1 if there is none."""
+    from pydantic import ValidationError
+
+    from tributary.bundle import read_anchors
+
+    try:
+        anchors = read_anchors(path)
+    except (OSError, ValueError, ValidationError) as exc:
+        typer.echo(f"{path}: no usable audit anchors: {exc}", err=True)
+        raise typer.Exit(1) from None
+    head = anchors.head(source)
+    if head is None:
+        known = ", ".join(["hub", *sorted(anchors.spokes)]) if anchors.hub else ", ".join(
+            sorted(anchors.spokes))
+        typer.echo(f"{path}: no anchored head for {source!r} (it has: {known or 'none'})",
+                   err=True)
+        raise typer.Exit(1)
+    return head.seq, head.hash
+
+
 @app.command("verify")
 def verify(
     log: LogArgument,
@@ -37,11 +58,20 @@ def verify(
         "--expect-head", metavar="SEQ:HASH",
         help="The head an earlier verify printed (kept elsewhere): also detects entries "
              "cut off the end of the log.")] = None,
+    anchors: Annotated[Path | None, typer.Option(
+        "--anchors", exists=True, metavar="FILE|BUNDLE",
+        help="The heads the hub anchored: a saved GET /api/audit/anchors answer, or a study "
+             "bundle (folder or zip). Detects a log cut at its end or recreated.")] = None,
+    source: Annotated[str, typer.Option(
+        "--source", help="Whose log LOG is, for --anchors: 'hub' or a spoke id.")] = "hub",
 ) -> None:
     """Check the log's hash chain; exit 1 naming the first broken entry."""
     from tributary.protocol.auditlog import verify_log
 
-    report = verify_log(log, _head(expect_head))
+    if expect_head is not None and anchors is not None:
+        raise typer.BadParameter("give --expect-head or --anchors, not both")
+    head = _head(expect_head) if anchors is None else _anchored_head(anchors, source)
+    report = verify_log(log, head)
     typer.echo(report.summary())
     if not report.ok:
         raise typer.Exit(1)
