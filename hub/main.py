@@ -23,6 +23,7 @@ from tributary.hub.api import (
     deadletters,
     events,
     experiments,
+    people,
     results,
     spokes,
 )
@@ -80,7 +81,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     # events first: its /api/experiments/events must not be taken for an experiment id
     for router in (events.router, spokes.router, algorithms.router, experiments.router,
                    results.router, audit.router, audit.quarantine_router,
-                   algorithms.publishers_router, auth.router, counts.router,
+                   algorithms.publishers_router, auth.router, people.router, counts.router,
                    deadletters.router):
         app.include_router(router)
     app.include_router(web_router)

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 from sqlmodel import Session
 
-from tributary.hub.models import ApiToken, Role, User, utcnow
-from tributary.hub.services import audit
+from tributary.hub.models import ApiToken, Organisation, Role, User, utcnow
+from tributary.hub.services import audit, organisations
 
 _N, _R, _P = 2**14, 8, 1
 
@@ -32,7 +32,10 @@ def check_password(password: str, stored: str) -> bool:
 
 
 def create_user(session: Session, username: str, password: str, roles: list[str],
-                organisation: str = "", actor: str = "system") -> User:
+                organisation: str = "", actor: str = "system",
+                organisation_id: int | None = None) -> User:
+    """A new user, in the organisation ``organisation_id`` or named ``organisation`` (the
+    existing record of that normalised name, else a new one; see services.organisations)."""
     if len(password) < 12:
         raise ValueError("passwords must have at least 12 characters")
     unknown = set(roles) - {r.value for r in Role}
@@ -40,14 +43,20 @@ def create_user(session: Session, username: str, password: str, roles: list[str]
         raise ValueError(f"unknown roles: {sorted(unknown)}")
     if session.get(User, username) is not None:
         raise ValueError(f"user {username!r} exists")
-    user = User(username=username, organisation=organisation, roles=sorted(set(roles)),
-                password_hash=hash_password(password))
+    member_of = organisations.resolve(session, actor, organisation_id, organisation)
+    user = User(username=username, organisation_id=member_of.id if member_of else None,
+                roles=sorted(set(roles)), password_hash=hash_password(password))
     session.add(user)
     audit.record(session, actor, "user.created", username, roles=user.roles,
-                 organisation=organisation)
+                 organisation=member_of.name if member_of else "",
+                 organisation_id=user.organisation_id)
     session.commit()
     session.refresh(user)
     return user
+
+
+def organisation_of(session: Session, user: User) -> Organisation | None:
+    return session.get(Organisation, user.organisation_id) if user.organisation_id else None
 
 
 def issue_token(session: Session, username: str, password: str,
