@@ -2,11 +2,12 @@
 
 from datetime import datetime
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from tributary.hub.api.deps import current_user, get_session
+from tributary.hub.api import signin
+from tributary.hub.api.deps import current_user, get_session, presented_token
 from tributary.hub.api.people import UserOut, user_out
 from tributary.hub.models import User
 from tributary.hub.services import users
@@ -25,12 +26,24 @@ class TokenOut(BaseModel):
     expires_at: datetime
 
 
-@router.post("/auth/token", response_model=TokenOut)
-def sign_in(body: Credentials, session: Session = Depends(get_session)) -> TokenOut:
-    issued = users.issue_token(session, body.username, body.password)
+@router.post("/auth/token", response_model=TokenOut,
+             responses={429: {"description": "Too many failed sign-ins (see Retry-After)"}})
+def sign_in(body: Credentials, request: Request,
+            session: Session = Depends(get_session)) -> TokenOut:
+    """A bearer token (12 hours). Failed attempts are throttled per user and per address."""
+    issued = signin.sign_in(request, session, body.username, body.password)
     if issued is None:
         raise HTTPException(401, "wrong username or password")
     return TokenOut(access_token=issued[0], expires_at=issued[1])
+
+
+@router.post("/auth/logout", status_code=204)
+def sign_out(user: User = Depends(current_user), token: str | None = Depends(presented_token),
+             session: Session = Depends(get_session)) -> Response:
+    """Revoke the token this request presents: it is refused from now on."""
+    if token:
+        users.revoke_token(session, token, user.username)
+    return Response(status_code=204)
 
 
 @router.get("/auth/me", response_model=UserOut)

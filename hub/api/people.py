@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import get_session, require
+from tributary.hub.api.deps import get_or_404, get_session, require
 from tributary.hub.models import Organisation, Role, User
 from tributary.hub.services import organisations, users
 
@@ -82,3 +82,39 @@ def create_user(body: UserCreate, session: Session = Depends(get_session),
 def list_users(session: Session = Depends(get_session),
                _admin: User = Depends(require())) -> list[UserOut]:
     return [user_out(session, u) for u in session.exec(select(User).order_by(User.username))]
+
+
+class TokensRevoked(BaseModel):
+    username: str
+    revoked: int
+
+
+def _user_or_404(session: Session, username: str) -> User:
+    return get_or_404(session, User, username, "user")
+
+
+@router.delete("/users/{username}/tokens", response_model=TokensRevoked)
+def revoke_user_tokens(username: str, session: Session = Depends(get_session),
+                       admin: User = Depends(require())) -> TokensRevoked:
+    """Revoke every token of a user (a lost device); the user may sign in again."""
+    user = _user_or_404(session, username)
+    return TokensRevoked(username=user.username,
+                         revoked=users.revoke_tokens(session, user.username, admin.username))
+
+
+@router.post("/users/{username}/disable", response_model=UserOut)
+def disable_user(username: str, session: Session = Depends(get_session),
+                 admin: User = Depends(require())) -> UserOut:
+    """No more sign-in, and every token the user holds stops working at once."""
+    user = _user_or_404(session, username)
+    if user.username == admin.username:
+        raise HTTPException(409, "administrators cannot disable themselves")
+    return user_out(session, users.set_disabled(session, user, True, admin.username))
+
+
+@router.post("/users/{username}/enable", response_model=UserOut)
+def enable_user(username: str, session: Session = Depends(get_session),
+                admin: User = Depends(require())) -> UserOut:
+    """Allow sign-in again (tokens revoked when disabled stay revoked)."""
+    user = _user_or_404(session, username)
+    return user_out(session, users.set_disabled(session, user, False, admin.username))
