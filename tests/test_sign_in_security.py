@@ -26,6 +26,7 @@ from sqlmodel import Session
 from tributary.hub.db import make_engine
 from tributary.hub.main import create_app
 from tributary.hub.services import users
+from tributary.hub.services.throttle import SignInThrottle
 from tributary.hub.services.users import create_user
 from tributary.hub.settings import HubSettings
 
@@ -244,3 +245,19 @@ def test_the_cookie_is_secure_over_https(tls_hub: ServedHub, hub: ServedHub) -> 
             assert "httponly" in session_cookie.lower()
             assert all(("; secure" in c.lower()) is secure
                        for c in login.headers.get_list("set-cookie"))
+
+
+def test_the_throttle_forgets_failures_after_its_window() -> None:
+    now = [0.0]
+    throttle = SignInThrottle(60, max_per_user=2, max_per_address=3, clock=lambda: now[0])
+    throttle.failed("Carol", "10.0.0.1")
+    throttle.failed("carol", "10.0.0.2")
+    assert throttle.retry_after("CAROL", "10.0.0.9") == 60  # usernames compared case-blind
+    now[0] = 30.0
+    throttle.succeeded("carol")  # (as after a correct password from elsewhere)
+    assert throttle.retry_after("carol", "10.0.0.9") is None
+    for _ in range(3):
+        throttle.failed("dave", "10.0.0.1")
+    assert throttle.retry_after("erin", "10.0.0.1") == 60  # the address, for every user
+    now[0] = 90.0
+    assert throttle.retry_after("erin", "10.0.0.1") is None
