@@ -23,9 +23,11 @@ from tributary.hub.api import (
     deadletters,
     events,
     experiments,
+    people,
     results,
     spokes,
 )
+from tributary.hub.api.signin import make_throttle
 from tributary.hub.db import make_engine, upgrade_schema
 from tributary.hub.models import Role, User
 from tributary.hub.services.anchors import check_hub_log
@@ -89,10 +91,11 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app = FastAPI(title="Tributary hub", version=__version__, lifespan=lifespan,
                   description="Register spokes and algorithms, launch federated experiments "
                               "and read their aggregated results.")
+    app.state.signin_throttle = make_throttle(settings)
     # events first: its /api/experiments/events must not be taken for an experiment id
     for router in (events.router, spokes.router, algorithms.router, experiments.router,
                    results.router, audit.router, audit.quarantine_router,
-                   algorithms.publishers_router, auth.router, counts.router,
+                   algorithms.publishers_router, auth.router, people.router, counts.router,
                    deadletters.router):
         app.include_router(router)
     app.include_router(web_router)

@@ -21,9 +21,21 @@ class Role(StrEnum):
     REVIEWER = "reviewer"  # reviews of algorithm versions
 
 
+class Organisation(SQLModel, table=True):
+    """An organisation reviewers and other users belong to. The review rule counts these
+    records by id, so spellings of one name ("North", "north ") are one organisation."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str
+    #: The normalised name (:func:`tributary.hub.services.organisations.name_key`); unique.
+    name_key: str = Field(unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class User(SQLModel, table=True):
     username: str = Field(primary_key=True)
-    organisation: str = ""
+    organisation_id: int | None = Field(default=None, foreign_key="organisation.id",
+                                        index=True)
     roles: list[str] = Field(default_factory=list, sa_column=Column(JSON))
     password_hash: str
     created_at: datetime = Field(default_factory=utcnow)
@@ -130,7 +142,8 @@ class Review(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     algorithm_id: int = Field(foreign_key="algorithm.id", index=True)
     reviewer: str
-    organisation: str
+    organisation: str  # the organisation's name when the review was made, for display
+    organisation_id: int | None = Field(default=None, foreign_key="organisation.id")
     decision: str  # approve | reject
     comment: str = ""
     at: datetime = Field(default_factory=utcnow)

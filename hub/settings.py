@@ -29,6 +29,15 @@ class HubSettings(BaseSettings):
     verify_registry: bool = True
     #: Creates user ``admin`` with this password on first start, when there is no user yet.
     admin_password: SecretStr | None = None
+    #: Sign-in throttling: failed attempts allowed per username and per client address
+    #: within the window; further attempts are refused (429) until the window passes.
+    signin_window_seconds: float = Field(900.0, gt=0)
+    signin_max_failures_per_user: int = Field(5, ge=1)
+    signin_max_failures_per_address: int = Field(30, ge=1)
+    #: Mark the dashboard's cookies Secure even when a request arrives over plain HTTP (they
+    #: always are over HTTPS, including behind a TLS proxy whose X-Forwarded-Proto uvicorn
+    #: trusts, see its --forwarded-allow-ips).
+    cookie_secure: bool = False
     #: The review rule: approvals from this many reviewers of this many organisations.
     review_min_reviewers: int = 2
     review_min_organisations: int = 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import httpx
@@ -59,9 +60,12 @@ def test_roles_limit_what_each_user_can_do(federation: LocalFederation) -> None:
 
 def test_dashboard_sign_in_sets_a_session_cookie(federation: LocalFederation) -> None:
     with httpx.Client(base_url=federation.hub_url, follow_redirects=True) as browser:
-        failed = browser.post("/login", data={"username": "admin", "password": "nope nope nope"})
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', browser.get("/login").text)
+        assert csrf is not None
+        failed = browser.post("/login", data={"username": "admin", "password": "nope nope nope",
+                                              "csrf_token": csrf.group(1)})
         assert "Wrong username or password" in failed.text
-        browser.post("/login", data={"username": "admin",
+        browser.post("/login", data={"username": "admin", "csrf_token": csrf.group(1),
                                      "password": federation.admin_password})
         page = browser.get("/")
         assert page.status_code == 200 and "Experiments" in page.text

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from tributary.cli import app
 from tributary.hub import migrations
 from tributary.hub.db import make_engine
-from tributary.hub.models import AuditEvent, User
+from tributary.hub.models import AuditEvent, Organisation, User
+from tributary.hub.services.users import hash_password
 
 
 def schema_differences(url: str) -> list:
@@ -53,15 +54,17 @@ def test_downgrade_and_upgrade_round_trip(tmp_path: Path) -> None:
 def test_a_database_from_before_migrations_is_adopted_with_its_data(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old-hub.db'}"
     old = create_engine(url)
-    # What hubs did before there were migrations: tables created directly, with the schema
-    # that the baseline revision describes (later revisions add to it), and no version.
+    # What hubs did before there were migrations: the baseline schema, no alembic_version.
     with old.begin() as connection:
         command.upgrade(migrations.alembic_config(connection), migrations.BASELINE)
         connection.execute(text("DROP TABLE alembic_version"))
-        connection.execute(text(
-            "INSERT INTO user (username, organisation, roles, password_hash, created_at, "
-            "disabled) VALUES ('carol', '', '[\"coordinator\"]', 'x', "
-            "'2026-01-01 00:00:00', 0)"))
+        for name, organisation in (("carol", "North"), ("dave", " north "), ("erin", "")):
+            connection.execute(text(
+                "INSERT INTO user (username, organisation, roles, password_hash, created_at, "
+                "disabled) VALUES (:name, :organisation, '[\"coordinator\"]', :hash, "
+                "'2026-01-01 00:00:00', 0)"),
+                {"name": name, "organisation": organisation,
+                 "hash": hash_password("a long enough password")})
         connection.execute(text(
             "INSERT INTO auditevent (at, actor, action, target, detail) VALUES "
             "('2026-01-01 00:00:00', 'bootstrap', 'user.created', 'carol', '{}')"))
@@ -69,14 +72,17 @@ def test_a_database_from_before_migrations_is_adopted_with_its_data(tmp_path: Pa
 
     result = CliRunner().invoke(app, ["hub", "migrate", "--database-url", url])
     assert result.exit_code == 0, result.output
-    head = migrations.head()
-    assert (f"already at the newest revision, {head}" in result.output if
-            head == migrations.BASELINE else
-            f"upgraded from {migrations.BASELINE} to {head}" in result.output), result.output
+    assert f"upgraded from {migrations.BASELINE} to {migrations.head()}" in result.output
     engine = make_engine(url)
     assert migrations.current(engine) == migrations.head()
     with Session(engine) as session:
-        assert session.get(User, "carol") is not None
+        carol, dave, erin = (session.get(User, n) for n in ("carol", "dave", "erin"))
+        assert carol is not None and dave is not None and erin is not None
+        # Free-text organisations became one record per normalised name.
+        assert carol.organisation_id is not None
+        assert carol.organisation_id == dave.organisation_id and erin.organisation_id is None
+        [north] = session.exec(select(Organisation)).all()
+        assert north.name == "North"
         actions = [e.action for e in session.exec(select(AuditEvent))]
     assert "user.created" in actions
     assert schema_differences(url) == []

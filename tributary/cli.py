@@ -145,7 +145,9 @@ def hub_create_user(
     username: Annotated[str, typer.Argument(help="The new user's name.")],
     role: Annotated[list[str], typer.Option(
         help="admin, coordinator, developer or reviewer (repeatable).")],
-    organisation: Annotated[str, typer.Option(help="The user's organisation.")] = "",
+    organisation: Annotated[str, typer.Option(
+        help="The user's organisation: the existing one of that name (compared ignoring case "
+             "and spacing), else a new one.")] = "",
     database_url: Annotated[str | None, typer.Option(help="The hub's database URL.")] = None,
 ) -> None:
     """Create a hub user; the password is asked for (or read from standard input)."""

@@ -8,13 +8,13 @@ from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
+from tributary.hub.api.signin import TOKEN_COOKIE, check_csrf_header
 from tributary.hub.models import Role, User
 from tributary.hub.services.users import user_for_token
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import StompClient
 
 bearer_scheme = HTTPBearer(auto_error=False)
-TOKEN_COOKIE = "tributary_token"
 
 
 M = TypeVar("M")
@@ -55,7 +55,16 @@ def current_user(request: Request,
     if user is None:
         raise HTTPException(401, "sign in first: missing, expired or unknown token",
                             headers={"WWW-Authenticate": "Bearer"})
+    if credentials is None:  # a browser's cookie, which a cross-site request also carries
+        check_csrf_header(request)
     return user
+
+
+def presented_token(request: Request,
+                    credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)
+                    ) -> str | None:
+    """The token this request authenticates with (bearer header, else the cookie)."""
+    return credentials.credentials if credentials else request.cookies.get(TOKEN_COOKIE)
 
 
 def require(*roles: Role) -> Callable[..., User]:

@@ -1,14 +1,16 @@
 """Review and approval of algorithm versions. The federation's rule (by default: approvals
-from two reviewers of two organisations, none of them the registrant) must be met before
+from two reviewers of two organisations, none of them the registrant, its organisation or an
+administrator; organisations compared as records, by id) must be met before
 the hub signs an approval statement for the exact digest; spokes run nothing without it."""
 
 from __future__ import annotations
 
 from sqlmodel import Session, select
 
-from tributary.hub.models import Algorithm, Review, SpokeKey, User, utcnow
+from tributary.hub.models import Algorithm, Review, Role, SpokeKey, User, utcnow
 from tributary.hub.services import audit
 from tributary.hub.services.registry_client import publish_attestation, withdraw_attestations
+from tributary.hub.services.users import organisation_of
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.destinations import spoke_queue
@@ -29,26 +31,37 @@ def review(session: Session, algorithm: Algorithm, reviewer: User, decision: str
         raise ReviewError("this version's approval was revoked; register a new version")
     if reviewer.username == algorithm.registered_by:
         raise ReviewError("the registrant of an algorithm cannot review it")
-    if not reviewer.organisation:
+    if Role.ADMIN in reviewer.roles:
+        # One administrator can create any number of accounts: none of them may count.
+        raise ReviewError("administrators do not count as reviewers; review with an "
+                          "account that is not an administrator")
+    organisation = organisation_of(session, reviewer)
+    if organisation is None:
         raise ReviewError("reviewers must belong to an organisation")
+    registrant = session.get(User, algorithm.registered_by)
+    if registrant is not None and registrant.organisation_id == organisation.id:
+        raise ReviewError(f"the registrant's organisation ({organisation.name}) cannot "
+                          "review its own version")
     existing = session.exec(select(Review).where(Review.algorithm_id == algorithm.id,
                                                  Review.reviewer == reviewer.username)).first()
     if existing is not None:
         raise ReviewError(f"{reviewer.username} already reviewed this version")
     session.add(Review(algorithm_id=algorithm.id or 0, reviewer=reviewer.username,
-                       organisation=reviewer.organisation, decision=decision, comment=comment))
+                       organisation=organisation.name, organisation_id=organisation.id,
+                       decision=decision, comment=comment))
     audit.record(session, reviewer.username, f"algorithm.review.{decision}",
                  f"{algorithm.name} {algorithm.version}", digest=algorithm.digest,
-                 organisation=reviewer.organisation)
+                 organisation=organisation.name, organisation_id=organisation.id)
     session.flush()
     reviews = session.exec(select(Review).where(Review.algorithm_id == algorithm.id)).all()
-    approving = [r for r in reviews if r.decision == "approve"]
+    # Counted by identity, and only reviews recorded against an organisation record.
+    approving = [r for r in reviews if r.decision == "approve" and r.organisation_id]
     rejected = any(r.decision == "reject" for r in reviews)
     rule = {"min_reviewers": settings.review_min_reviewers,
             "min_organisations": settings.review_min_organisations}
     if (algorithm.approval is None and not rejected
             and len({r.reviewer for r in approving}) >= settings.review_min_reviewers
-            and len({r.organisation for r in approving}) >= settings.review_min_organisations):
+            and len({r.organisation_id for r in approving}) >= settings.review_min_organisations):
         algorithm.approved_at = utcnow()
         algorithm.approval = sign_approval(hub_key, algorithm.repository, algorithm.digest, {
             "name": algorithm.name, "version": algorithm.version,

@@ -32,6 +32,9 @@ function errorMessage(status, body) {
 /** Call the API; resolves to the JSON body, or rejects with a readable Error. */
 async function api(method, url, body) {
   const options = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
+  // The session cookie alone is not enough for a change: the page's CSRF token goes along.
+  const csrf = document.querySelector('meta[name="csrf-token"]');
+  if (csrf) options.headers["X-CSRF-Token"] = csrf.content;
   if (body !== undefined) {
     options.headers["Content-Type"] = "application/json";
     options.body = JSON.stringify(body);

@@ -6,6 +6,7 @@ streams of :mod:`tributary.hub.api.events`."""
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,15 @@ from sqlmodel import Session, select
 from tributary.hub.api import algorithms as algorithms_api
 from tributary.hub.api import audit as audit_api
 from tributary.hub.api import spokes as spokes_api
-from tributary.hub.api.deps import (
+from tributary.hub.api.deps import bearer_scheme, current_user, get_session, may_see_cases
+from tributary.hub.api.signin import (
+    CSRF_FIELD,
     TOKEN_COOKIE,
-    bearer_scheme,
-    current_user,
-    get_session,
-    may_see_cases,
+    cookie_secure,
+    csrf_ok,
+    csrf_token,
+    set_csrf_cookie,
+    sign_in,
 )
 from tributary.hub.models import (
     CountAnswer,
@@ -39,7 +43,7 @@ from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import count_read
 from tributary.hub.services.deadletters import list_dead_letters
 from tributary.hub.services.progress import case_reads, experiment_read
-from tributary.hub.services.users import issue_token
+from tributary.hub.services.users import revoke_token
 from tributary.hub.web.results import results_view
 from tributary.protocol.deadletters import DeadLetterError
 
@@ -87,8 +91,15 @@ def _can(user: User, *roles: Role) -> bool:
 def _render(request: Request, name: str, user: User | None, status_code: int = 200,
             **context: Any) -> HTMLResponse:
     can = {role.value: user is not None and _can(user, role) for role in Role}
-    return templates.TemplateResponse(request, name, {"user": user, "can": can, **context},
-                                      status_code=status_code)
+    token = csrf_token(request)  # in every form, and for the page's script's API calls
+    response = templates.TemplateResponse(
+        request, name, {"user": user, "can": can, "csrf_token": token, **context},
+        status_code=status_code)
+    set_csrf_cookie(request, response, token)
+    return response
+
+
+_FORM_EXPIRED = "This form has expired or did not come from this hub; please sign in again."
 
 
 @router.get("/login", response_class=HTMLResponse)
@@ -96,22 +107,42 @@ def login_page(request: Request, error: str = "") -> HTMLResponse:
     return _render(request, "login.html", None, error=error)
 
 
-@router.post("/login")
-def login(username: str = Form(...), password: str = Form(...),
-          session: Session = Depends(get_session)) -> RedirectResponse:
-    issued = issue_token(session, username, password)
+@router.post("/login", response_model=None)
+def login(request: Request, username: str = Form(...), password: str = Form(...),
+          csrf: str = Form("", alias=CSRF_FIELD),
+          session: Session = Depends(get_session)) -> Response:
+    """The sign-in form: refused without its CSRF token (no login CSRF), throttled."""
+    if not csrf_ok(request, csrf):
+        return _render(request, "login.html", None, status_code=403, error=_FORM_EXPIRED)
+    try:
+        issued = sign_in(request, session, username, password)
+    except HTTPException as exc:  # throttled
+        response = _render(request, "login.html", None, status_code=exc.status_code,
+                           error=f"Too many failed sign-ins: {exc.detail}.")
+        response.headers.update(exc.headers or {})
+        return response
     if issued is None:
         return RedirectResponse("/login?error=Wrong+username+or+password", status_code=303)
     response = RedirectResponse("/", status_code=303)
     response.set_cookie(TOKEN_COOKIE, issued[0], httponly=True, samesite="strict",
-                        expires=issued[1])
+                        expires=issued[1], secure=cookie_secure(request))
+    # A fresh CSRF token for the signed-in session (one planted before sign-in is dropped).
+    set_csrf_cookie(request, response, secrets.token_urlsafe(32))
     return response
 
 
-@router.post("/logout")
-def logout() -> RedirectResponse:
+@router.post("/logout", response_model=None)
+def logout(request: Request, csrf: str = Form("", alias=CSRF_FIELD),
+           session: Session = Depends(get_session)) -> Response:
+    """Sign out: the token is revoked on the hub, not only forgotten by the browser."""
+    if not csrf_ok(request, csrf):
+        return _render(request, "error.html", None, status_code=403, message=_FORM_EXPIRED)
+    token = request.cookies.get(TOKEN_COOKIE)
+    if token:
+        revoke_token(session, token)
     response = RedirectResponse("/login", status_code=303)
-    response.delete_cookie(TOKEN_COOKIE)
+    response.delete_cookie(TOKEN_COOKIE, httponly=True, samesite="strict",
+                           secure=cookie_secure(request))
     return response
 
 

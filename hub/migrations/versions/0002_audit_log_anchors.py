@@ -1,6 +1,6 @@
 """Audit log anchors: each audit row's forensic log entry, each spoke's reported log head.
 
-Revision ID: 0006_anchors
+Revision ID: 0002
 Revises: 0001
 """
 from collections.abc import Sequence
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision: str = '0006_anchors'
+revision: str = '0002'
 down_revision: str | None = '0001'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
