@@ -16,6 +16,7 @@ from tributary.hub import worker
 from tributary.hub.models import (
     FINAL_CASE_STATES,
     TERMINAL_TARGET_STATES,
+    Algorithm,
     CaseAttempt,
     CaseResult,
     CaseState,
@@ -38,6 +39,7 @@ from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import (
     CaseProgressMessage,
     CaseStartedMessage,
+    CaseStatus,
     CountReply,
     ExperimentStatusMessage,
     FailureReason,
@@ -241,6 +243,8 @@ def _restore_refused_retries(session: Session, target: ExperimentTarget,
 
 def _apply_started(session: Session, message: CaseStartedMessage) -> None:
     row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
+    if row.id is None:
+        return  # not a case the spoke accepted: a start report does not make it one
     if row.state in FINAL_CASE_STATES and row.attempt >= message.attempt:
         return  # a late report about an attempt that already has its result
     row.state = CaseState.RUNNING
@@ -295,6 +299,10 @@ def _apply_result(session: Session, message: ResultMessage) -> bool:
     session.add(chain)
     if earlier is not None:
         return False
+    refusal = _unacceptable(session, message, row)
+    if refusal is not None:
+        _quarantine(session, message, refusal)
+        return False
     state = _case_state(message)
     session.add(CaseAttempt(
         experiment_id=message.experiment_id, spoke_id=message.spoke_id,
@@ -319,6 +327,42 @@ def _apply_result(session: Session, message: ResultMessage) -> bool:
     row.note = None
     session.add(row)
     return True
+
+
+def _unacceptable(session: Session, message: ResultMessage, row: CaseResult) -> str | None:
+    """Why a result whose custody verifies must still not count, or None. Which cases a
+    spoke runs comes only from what it said itself (its signed accepted status)."""
+    target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
+    if target is not None and target.state == TargetState.REFUSED:
+        return (f"result for case {message.case_id} of an experiment the spoke refused "
+                f"({target.reason or 'no reason given'})")
+    if row.id is None:
+        return f"result for case {message.case_id}, which the spoke never accepted"
+    experiment = session.get(Experiment, message.experiment_id)
+    algorithm = session.get(Algorithm, experiment.algorithm_id) if experiment else None
+    approved = algorithm.digest if algorithm else None
+    if message.image_digest is not None and message.image_digest != approved:
+        return (f"custody record names image {message.image_digest}, not the approved "
+                f"version {approved}")
+    if message.status == CaseStatus.SUCCEEDED:
+        if message.image_digest is None:
+            return "a succeeded result whose custody record names no image"
+        if message.output is None:
+            return f"a succeeded result for case {message.case_id} with no output"
+    return None
+
+
+def _quarantine(session: Session, message: ResultMessage, reason: str) -> None:
+    """Keep a refused result aside with its reason. Its custody record was genuine, so the
+    chain still advances: the spoke's later results are not refused for a gap."""
+    log.warning("quarantining result %s from %s: %s", message.message_id, message.spoke_id,
+                reason)
+    session.add(QuarantinedMessage(broker_message_id=message.message_id,
+                                   claimed_spoke=message.spoke_id, reason=reason,
+                                   body=message.model_dump_json()[:256 * 1024]))
+    audit.record(session, "hub", "result.quarantined", message.experiment_id,
+                 spoke=message.spoke_id, case=message.case_id, attempt=message.attempt,
+                 message_id=message.message_id, reason=reason)
 
 
 def _maybe_complete(session: Session, experiment_id: str) -> None:
