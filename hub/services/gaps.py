@@ -80,7 +80,9 @@ def record_gap(session: Session, gap: GapDetected) -> CustodyGap:
     """Note a gap a later record revealed (once: the same gap seen again is one row)."""
     for row in open_gaps(session, gap.spoke_id):
         if row.first_missing == gap.first_missing:
-            if row.last_missing is None or row.last_missing < gap.last_missing:
+            # The first later record seen bounds the gap: records after it were refused
+            # only because of the gap, they are not missing from the spoke's chain.
+            if row.last_missing is None or row.last_missing > gap.last_missing:
                 row.last_missing = gap.last_missing
                 session.add(row)
             return row
