@@ -7,8 +7,9 @@ broker: tests/test_custody_gap_e2e.py.)"""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,20 @@ from tributary.hub.models import (
     ExperimentTarget,
     TargetState,
 )
-from tributary.hub.services import gaps
+from tributary.hub.services import control, gaps
 from tributary.hub.services.exports import custody_gaps
 from tributary.hub.services.ingest import complete_if_settled, ingest
-from tributary.protocol.messages import CaseStatus, ExperimentStatusMessage, ResultMessage
+from tributary.protocol.broker import BrokerSettings, StompClient
+from tributary.protocol.messages import (
+    CaseStatus,
+    ExperimentStatusMessage,
+    Failure,
+    FailureReason,
+    ResultMessage,
+)
 from tributary.protocol.messages import ExperimentState as SpokeState
 from tributary.protocol.signing import SigningKey
+from tributary.services.settings import ServiceSettings
 from tributary.spoke.custody import CustodyChain
 from tributary.spoke.journal import Journal
 
@@ -157,3 +166,31 @@ def test_the_spoke_resends_from_its_journal(tmp_path: Path) -> None:
     pending = journal.outbox_pending()
     assert [r.message_id for r in pending] == [s.message_id for s in signed[1:]]
     assert journal.resend_from(9) == (0, [])
+
+
+
+def test_a_retry_waits_for_the_spoke_again(hub: tuple[Session, Spokes],
+                                           service_settings: ServiceSettings) -> None:
+    """Cases run again are not missing results: no gap while the spoke works on them."""
+    session, spokes = hub
+    ingest(session, spokes.sign(result("c-1")))
+    for case in ("c-2", "c-3"):
+        failed = result(case).model_copy(update={
+            "status": CaseStatus.FAILED, "output": None,
+            "failure": Failure(reason=FailureReason.EXIT_CODE, detail="exit 1")})
+        ingest(session, spokes.sign(failed))
+    spoke_done(session)
+    assert state(session) == ("completed", "completed")
+    client = StompClient(BrokerSettings(host=service_settings.host,
+                                        port=service_settings.broker_port,
+                                        federation=f"t{uuid.uuid4().hex[:12]}"), "test").start(30)
+    try:
+        control.retry(session, client, SigningKey.generate(), session.get(Experiment, "exp-1"),
+                      "root", None, None, "flaky", timedelta(minutes=5))
+    finally:
+        client.close()
+    retried = result("c-2").model_copy(update={"attempt": 2})
+    assert ingest(session, spokes.sign(retried))  # c-3 still runs at the spoke
+    assert gaps.open_gaps(session, "site-a") == []
+    assert state(session) == ("launched", "accepted")
+    assert "missing" not in (session.get(ExperimentTarget, ("exp-1", "site-a")).reason or "")
