@@ -13,9 +13,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from e2e_helpers import wait_for
 from signed_results import DIGEST, Spokes, accept, add_experiment
 from sqlmodel import Session, select
+from typer.testing import CliRunner
 
+from tributary.cli import app
 from tributary.hub.db import make_engine
 from tributary.hub.models import (
     AuditEvent,
@@ -30,15 +33,18 @@ from tributary.hub.services import control, gaps
 from tributary.hub.services.exports import custody_gaps
 from tributary.hub.services.ingest import complete_if_settled, ingest
 from tributary.protocol.broker import BrokerSettings, StompClient
+from tributary.protocol.destinations import spoke_queue
 from tributary.protocol.messages import (
     CaseStatus,
     ExperimentStatusMessage,
     Failure,
     FailureReason,
+    ResendRecordsMessage,
     ResultMessage,
 )
 from tributary.protocol.messages import ExperimentState as SpokeState
 from tributary.protocol.signing import SigningKey
+from tributary.protocol.wire import open_from_hub
 from tributary.services.settings import ServiceSettings
 from tributary.spoke.custody import CustodyChain
 from tributary.spoke.journal import Journal
@@ -194,3 +200,46 @@ def test_a_retry_waits_for_the_spoke_again(hub: tuple[Session, Spokes],
     assert gaps.open_gaps(session, "site-a") == []
     assert state(session) == ("launched", "accepted")
     assert "missing" not in (session.get(ExperimentTarget, ("exp-1", "site-a")).reason or "")
+
+
+def test_an_operator_accepts_a_gap_on_the_command_line(
+        hub: tuple[Session, Spokes], tmp_path: Path, service_settings: ServiceSettings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    session, spokes = hub
+    _lost, second = (spokes.sign(result(c)) for c in ("c-1", "c-2"))
+    gap = detect(session, second)
+    spoke_done(session)
+    federation = f"t{uuid.uuid4().hex[:12]}"
+    hub_key = SigningKey.generate()
+    hub_key.save(tmp_path / "hub.key")
+    for name, value in {"DATABASE_URL": f"sqlite:///{tmp_path / 'hub.db'}",
+                        "SIGNING_KEY": str(tmp_path / "hub.key"),
+                        "AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+                        "BROKER_HOST": service_settings.host,
+                        "BROKER_PORT": str(service_settings.broker_port),
+                        "BROKER_FEDERATION": federation}.items():
+        monkeypatch.setenv(f"TRIBUTARY_HUB_{name}", value)
+    listed = CliRunner().invoke(app, ["gaps", "list"], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and "1..1" in listed.output and "open" in listed.output
+    done = CliRunner().invoke(app, ["gaps", "accept", "site-a", str(gap.id), "--reason",
+                                    "journal restored from backup"])
+    assert done.exit_code == 0, done.output
+    assert "resend its records from 2" in done.output
+    session.expire_all()
+    assert session.get(CustodyGap, gap.id).accepted_by.startswith("operator:")
+    assert state(session) == ("completed", "completed")
+    # The resend request really waits, signed by the hub, in the spoke's queue.
+    received: list[str] = []
+    client = StompClient(BrokerSettings(host=service_settings.host,
+                                        port=service_settings.broker_port,
+                                        federation=federation), "spoke").start(30)
+    try:
+        client.subscribe(spoke_queue("site-a", federation),
+                         lambda d: (received.append(d.body.decode()), client.ack(d)))
+        wait_for(lambda: received, 30, "the resend request")
+    finally:
+        client.close()
+    message = open_from_hub(received[0], [hub_key.public])
+    assert isinstance(message, ResendRecordsMessage) and message.from_sequence == 2
+    again = CliRunner().invoke(app, ["gaps", "accept", "site-a", str(gap.id), "--reason", "x"])
+    assert again.exit_code == 1 and "not open" in again.output
