@@ -14,7 +14,7 @@ from signed_results import DIGEST, Spokes, accept, add_experiment
 from sqlmodel import Session, select
 
 from tributary.hub.db import make_engine
-from tributary.hub.models import CaseResult, Experiment, QuarantinedMessage
+from tributary.hub.models import AuditEvent, CaseResult, Experiment, QuarantinedMessage
 from tributary.hub.services.aggregation import aggregate
 from tributary.hub.services.ingest import ingest
 from tributary.protocol.messages import (
@@ -66,6 +66,10 @@ def test_result_for_a_case_the_spoke_never_accepted(hub: tuple[Session, Spokes])
     assert not ingest(session, spokes.sign(result("c-9", {"findings": [NODULE]})))
     assert stored(session, "c-9") is None
     assert any("never accepted" in r and "c-9" in r for r in quarantined(session))
+    events = session.exec(select(AuditEvent).where(AuditEvent.target == "exp-1")).all()
+    assert any(e.action == "result.quarantined" and e.detail["case"] == "c-9" for e in events)
+    assert any(e.action == "message.received" and e.detail.get("quarantined")
+               and not e.detail["duplicate"] for e in events)
     assert_chain_goes_on(session, spokes)
     report = aggregate(session, session.get(Experiment, "exp-1"), min_cell_size=1)
     assert report.groups["site-a"].cases == 2

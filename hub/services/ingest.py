@@ -125,12 +125,16 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
         _apply_started(session, message)
     else:
         applied = _apply_result(session, message)
+    quarantined = (not applied and isinstance(message, ResultMessage) and session.exec(
+        select(QuarantinedMessage).where(
+            QuarantinedMessage.broker_message_id == message.message_id)).first() is not None)
     if isinstance(message, ResultMessage | ExperimentStatusMessage):
         gaps.settle_targets(session, message.spoke_id)
     audit.record(session, message.spoke_id, "message.received", message.experiment_id,
                  kind=message.kind, message_id=message.message_id,
                  case=getattr(message, "case_id", None),
-                 attempt=getattr(message, "attempt", None), duplicate=not applied,
+                 attempt=getattr(message, "attempt", None),
+                 duplicate=not applied and not quarantined, quarantined=quarantined,
                  state=getattr(message, "state", None), reason=getattr(message, "reason", None),
                  failure=message.failure.reason.value
                  if isinstance(message, ResultMessage) and message.failure else None)
