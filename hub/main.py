@@ -83,7 +83,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         worker.configure(settings, engine)  # aggregation tasks: in-process or on Celery
         _bootstrap_admin(engine, settings)
         if settings.consume_results:
-            ResultsConsumer(engine, broker).start()
+            ResultsConsumer(engine, broker, key).start()
         yield
         broker.close()
         engine.dispose()

@@ -199,6 +199,9 @@ class ExperimentTarget(SQLModel, table=True):
     message_id: str | None = None
     published_at: datetime | None = None
     updated_at: datetime = Field(default_factory=utcnow)
+    #: When the spoke said every case was done; the target completes only once every
+    #: case also has its result here (a lost result keeps it open).
+    spoke_completed_at: datetime | None = None
 
 
 class CaseState(StrEnum):
@@ -258,6 +261,32 @@ class CaseAttempt(SQLModel, table=True):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     received_at: datetime = Field(default_factory=utcnow)
+
+
+class GapState(StrEnum):
+    OPEN = "open"  # records missing; the hub asks the spoke to resend them
+    RESOLVED = "resolved"  # the spoke resent them and the chain continues
+    ACCEPTED = "accepted"  # an administrator accepted that they are lost (audited)
+
+
+class CustodyGap(SQLModel, table=True):
+    """Records of a spoke's custody chain that never reached the hub (a result message lost
+    on the broker). ``last_missing`` is None while the hub only knows that results are
+    missing after ``first_missing - 1`` (the spoke said it was done, no later record came)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    spoke_id: str = Field(foreign_key="spoke.id", index=True)
+    first_missing: int
+    last_missing: int | None = None
+    state: str = GapState.OPEN.value
+    detected_at: datetime = Field(default_factory=utcnow)
+    resend_requested_at: datetime | None = None
+    resend_requests: int = 0
+    settled_at: datetime | None = None
+    accepted_by: str | None = None
+    accepted_reason: str | None = None
+    #: Cases settled as lost when the gap was accepted: {experiment_id: [case_id, ...]}.
+    lost_cases: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
 
 
 class InboundMessage(SQLModel, table=True):

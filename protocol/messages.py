@@ -256,9 +256,22 @@ class RetryCasesMessage(_Message):
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 
 
+class ResendRecordsMessage(_Message):
+    """Hub → spoke: records of your custody chain from ``from_sequence`` on never reached
+    the hub (a result message lost on the broker). The spoke publishes its journaled results
+    with those records again, unchanged and in chain order; the hub ignores any it has."""
+
+    kind: Literal["resend_records"] = "resend_records"
+    spoke_id: str
+    from_sequence: int = Field(ge=1)
+    reason: str | None = Field(None, max_length=2000)
+
+    _spoke = field_validator("spoke_id")(validate_spoke_id)
+
+
 HubMessage = Annotated[
     ExperimentMessage | ApprovalRevokedMessage | CountRequest | CancelExperimentMessage
-    | RetryCasesMessage,
+    | RetryCasesMessage | ResendRecordsMessage,
     Field(discriminator="kind"),
 ]
 
@@ -474,6 +487,6 @@ def decode_from_spoke(
 
 def decode_from_hub(body: bytes | str) -> (ExperimentMessage | ApprovalRevokedMessage
                                            | CountRequest | CancelExperimentMessage
-                                           | RetryCasesMessage):
+                                           | RetryCasesMessage | ResendRecordsMessage):
     """Parse a message the hub sent to a spoke, or raise :class:`ProtocolError`."""
     return _decode(body, _hub_adapter)

@@ -23,6 +23,7 @@ from tributary.protocol.messages import (
     ExperimentStatusMessage,
     HeartbeatMessage,
     ProtocolError,
+    ResendRecordsMessage,
     ResultMessage,
     RetryCasesMessage,
     decode_from_hub,
@@ -41,7 +42,7 @@ from tributary.protocol.signing import (
 SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
                 | CaseProgressMessage | HeartbeatMessage)
 HubMessage = (ExperimentMessage | ApprovalRevokedMessage | CountRequest
-              | CancelExperimentMessage | RetryCasesMessage)
+              | CancelExperimentMessage | RetryCasesMessage | ResendRecordsMessage)
 
 
 class UntrustedMessage(ProtocolError):

@@ -55,6 +55,7 @@ from tributary.protocol.messages import (
     FailureReason,
     HeartbeatMessage,
     ProtocolError,
+    ResendRecordsMessage,
     ResultMessage,
     RetryCasesMessage,
 )
@@ -254,6 +255,8 @@ class SpokeAgent:
             self._on_cancel(message)
         elif isinstance(message, RetryCasesMessage):
             self._on_retry(message)
+        elif isinstance(message, ResendRecordsMessage):
+            self._on_resend(message)
         else:
             self._on_experiment(delivery, message)
         # Everything the message asks for is journaled now: nothing is lost by acking.
@@ -360,6 +363,17 @@ class SpokeAgent:
                 experiment_id=experiment_id, spoke_id=self.config.spoke_id,
                 state=ExperimentState.RETRY_REFUSED, case_ids=list(refused),
                 reason="; ".join(reasons)[:2000]), self.key))
+
+    def _on_resend(self, message: ResendRecordsMessage) -> None:
+        """Results the hub never received (lost on the broker) leave again from the
+        journal, unchanged; the hub ignores any it already has."""
+        marked, orphans = self.journal.resend_from(message.from_sequence)
+        for result in orphans:
+            self.journal.send_later(outgoing(result, self.key))
+        log.warning("the hub asks for custody records from %d on: %d result(s) sent again",
+                    message.from_sequence, marked + len(orphans))
+        self._audit("custody.resend", "", actor="hub", from_sequence=message.from_sequence,
+                    results=marked + len(orphans), reason=message.reason)
 
     def _audit(self, action: str, target: str = "", actor: str | None = None,
                **detail: Any) -> None:

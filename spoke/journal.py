@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tributary.protocol.custody import record_hash
 from tributary.protocol.messages import CountRequest, ExperimentMessage, ResultMessage
 
 _SCHEMA = """
@@ -482,6 +483,30 @@ class Journal:
                            (sequence, record_sha256))
             if outgoing is not None:
                 self.enqueue(db, outgoing)
+
+    def resend_from(self, sequence: int) -> tuple[int, list[ResultMessage]]:
+        """The hub never received the custody records from ``sequence`` on: mark their
+        results unsent again in the outbox (the same sealed bytes and message ids, in chain
+        order, ahead of anything newer). Returns how many were marked, and the results with
+        such a record but no outbox row (journaled before the outbox), to queue anew."""
+        with self.transaction() as db:
+            wanted = {row[1]: row[0] for row in db.execute(
+                "SELECT sequence, record_sha256 FROM chain WHERE sequence >= ?", (sequence,))}
+            if not wanted:
+                return 0, []
+            found: list[tuple[int, ResultMessage]] = []
+            for (body,) in db.execute("SELECT message FROM results").fetchall():
+                result = ResultMessage.model_validate_json(body)
+                if result.custody and (seq := wanted.get(record_hash(result.custody))):
+                    found.append((seq, result))
+            marked, orphans = 0, []
+            for _, result in sorted(found, key=lambda item: item[0]):
+                if db.execute("UPDATE outbox SET sent=0 WHERE message_id=?",
+                              (result.message_id,)).rowcount:
+                    marked += 1
+                else:
+                    orphans.append(result)
+            return marked, orphans
 
     def legacy_unpublished(self) -> list[ResultMessage]:
         """Results an older spoke journaled but never published (before the outbox)."""

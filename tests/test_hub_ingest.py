@@ -21,6 +21,7 @@ from tributary.hub.models import (
     TargetState,
 )
 from tributary.hub.services.aggregation import aggregate
+from tributary.hub.services.gaps import GapDetected
 from tributary.hub.services.ingest import Rejected, ingest
 from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, sign_custody
 from tributary.protocol.messages import (
@@ -106,7 +107,8 @@ def test_duplicates_count_once_and_figures_follow(session: Session, keys: dict) 
     assert len(session.exec(select(CaseResult)).all()) == 3  # c-3 still queued
     group = aggregate(session, session.get(Experiment, "exp-1"), min_cell_size=1).groups["site-a"]
     assert group.succeeded == 2 and group.figures["true_positives"].value == 1
-    assert session.get(Experiment, "exp-1").state == ExperimentState.COMPLETED
+    # The spoke says it is done but c-3 has no result here: not completed (issue 10, 22).
+    assert session.get(Experiment, "exp-1").state == ExperimentState.LAUNCHED
     assert session.get(SpokeChain, "site-a").sequence == 2
 
 
@@ -137,7 +139,7 @@ def test_broken_chain_is_rejected(session: Session, keys: dict) -> None:
     chain = Chain(keys["site-a"])
     assert ingest(session, chain.sign(result("c-1")))
     chain.sign(result("c-2"))  # a record the hub never sees: deleted in transit
-    with pytest.raises(Rejected, match="custody chain broken"):
+    with pytest.raises(GapDetected, match=r"records 2\.\.2"):  # see test_hub_gaps.py
         ingest(session, chain.sign(result("c-3")))
     with pytest.raises(Rejected, match="custody chain broken"):
         ingest(session, chain.sign(result("c-2"), sequence=2, previous=GENESIS))

@@ -38,6 +38,7 @@ app.add_typer(__import__("tributary.commands.audit", fromlist=["app"]).app, name
 app.add_typer(__import__("tributary.commands.counts", fromlist=["app"]).app, name="counts")
 app.add_typer(__import__("tributary.commands.study", fromlist=["app"]).app, name="study")
 app.add_typer(__import__("tributary.commands.dlq", fromlist=["app"]).app, name="dlq")
+app.add_typer(__import__("tributary.commands.gaps", fromlist=["app"]).app, name="gaps")
 spoke_app.command("deidentify")(__import__("tributary.commands.deidentify", fromlist=["_"]).main)
 console = Console()
 

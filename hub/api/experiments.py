@@ -5,6 +5,7 @@ import tempfile
 import uuid
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
@@ -39,7 +40,7 @@ from tributary.hub.models import (
     Spoke,
     utcnow,
 )
-from tributary.hub.services import audit, control
+from tributary.hub.services import audit, control, exports
 from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
 from tributary.hub.services.anchors import anchors
 from tributary.hub.services.enrolment import active_keys
@@ -212,6 +213,14 @@ def list_cases(experiment_id: str, session: Session = Depends(get_session),
     return case_reads(session, experiment_id)
 
 
+@router.get("/{experiment_id}/custody-gaps")
+def list_custody_gaps(experiment_id: str,
+                      session: Session = Depends(get_session)) -> list[dict[str, Any]]:
+    """Custody gaps accepted as lost at this experiment's spokes (also in its bundle)."""
+    _get(session, experiment_id)
+    return exports.custody_gaps(session, experiment_id)
+
+
 @router.get("/{experiment_id}/bundle", response_class=FileResponse)
 def export_bundle(experiment_id: str, request: Request, background: BackgroundTasks,
                   session: Session = Depends(get_session),
@@ -220,6 +229,7 @@ def export_bundle(experiment_id: str, request: Request, background: BackgroundTa
     offline with ``tributary bundle verify``."""
     experiment = _get(session, experiment_id)
     read = experiment_read(session, experiment).model_dump(mode="json")
+    read["custody_gaps"] = exports.custody_gaps(session, experiment_id)  # accepted as lost
     cases = session.exec(select(CaseResult).where(
         CaseResult.experiment_id == experiment_id)).all()
     rows = [{**c.model_dump(mode="json"), "state": c.state.value} for c in cases]

@@ -46,6 +46,11 @@ class KeyEnrol(BaseModel):
     public_key_pem: str = Field(description="Ed25519 public key, PEM (SubjectPublicKeyInfo).")
 
 
+class GapAccept(BaseModel):
+    reason: str = Field(min_length=1, max_length=2000,
+                        description="Why the missing custody records are accepted as lost.")
+
+
 class AlgorithmCreate(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     version: str = Field(min_length=1, max_length=50)

@@ -1,14 +1,22 @@
 """Spoke registration."""
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import acting, current_user, get_or_404, get_session, get_settings
-from tributary.hub.api.schemas import KeyEnrol, SpokeCreate, SpokeRead
-from tributary.hub.models import Role, Spoke, SpokeKey
-from tributary.hub.services import audit, enrolment
+from tributary.hub.api.deps import (
+    acting,
+    current_user,
+    get_broker,
+    get_or_404,
+    get_session,
+    get_settings,
+)
+from tributary.hub.api.schemas import GapAccept, KeyEnrol, SpokeCreate, SpokeRead
+from tributary.hub.models import CustodyGap, Role, Spoke, SpokeKey
+from tributary.hub.services import audit, enrolment, gaps, ingest
 from tributary.hub.services.liveness import is_online
 from tributary.hub.settings import HubSettings
+from tributary.protocol.broker import PublishError, StompClient
 from tributary.protocol.signing import SignatureError
 
 router = APIRouter(prefix="/api/spokes", tags=["spokes"], dependencies=[Depends(current_user)])
@@ -80,3 +88,43 @@ def revoke_key(spoke_id: str, keyid: str, session: Session = Depends(get_session
         return enrolment.revoke(session, spoke_id, keyid, actor)
     except LookupError as exc:
         raise HTTPException(404, str(exc)) from None
+
+
+@router.get("/{spoke_id}/custody-gaps", response_model=list[CustodyGap])
+def list_custody_gaps(spoke_id: str, session: Session = Depends(get_session)
+                      ) -> list[CustodyGap]:
+    """Records of the spoke's custody chain that never reached the hub: open (the spoke is
+    asked to resend them), resolved (it did) or accepted as lost by an administrator."""
+    _spoke(session, spoke_id)
+    return list(session.exec(select(CustodyGap).where(CustodyGap.spoke_id == spoke_id)
+                             .order_by(CustodyGap.id)))  # type: ignore[arg-type]
+
+
+@router.post("/{spoke_id}/custody-gaps/{gap_id}/accept", response_model=CustodyGap)
+def accept_custody_gap(spoke_id: str, gap_id: int, body: GapAccept, request: Request,
+                       session: Session = Depends(get_session),
+                       broker: StompClient = Depends(get_broker),
+                       actor: str = Depends(acting(Role.ADMIN))) -> CustodyGap:
+    """Accept that an open gap's records are lost (audited, and listed in the bundles of
+    the experiments it touches): the chain continues after it, and cases still without a
+    result at targets the spoke said were done are settled as lost in transit."""
+    _spoke(session, spoke_id)
+    try:
+        gap, experiments = gaps.accept(session, gap_id, spoke_id, actor, body.reason)
+    except gaps.NotAllowed as exc:
+        raise HTTPException(409, str(exc)) from None
+    for experiment_id in experiments:
+        ingest.complete_if_settled(session, experiment_id)
+    session.commit()
+    if gap.last_missing is not None:  # results after the gap were refused while it was open
+        try:
+            gaps.send_resend(broker, request.app.state.signing_key, spoke_id,
+                             gap.last_missing + 1)
+            audit.record(session, "hub", "custody.resend_requested", spoke_id,
+                         from_sequence=gap.last_missing + 1)
+            session.commit()
+        except PublishError as exc:
+            raise HTTPException(503, f"gap accepted, but the records after it could not be "
+                                     f"requested (broker unavailable): {exc}") from None
+    session.refresh(gap)
+    return gap

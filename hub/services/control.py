@@ -135,8 +135,9 @@ def retry(session: Session, client: StompClient, key: SigningKey, experiment: Ex
             session.add(row)
         if target.state == TargetState.COMPLETED:
             target.state = TargetState.ACCEPTED
-            target.updated_at = utcnow()
-            session.add(target)
+        target.spoke_completed_at = None  # done again only when the spoke says so again
+        target.updated_at = utcnow()
+        session.add(target)
         requested[spoke_id].extend(r.case_id for r in group)
         audit.record(session, "hub", "message.sent", experiment.id, kind=message.kind,
                      spoke=spoke_id, message_id=message.message_id, attempt=attempt,

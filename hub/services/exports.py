@@ -12,7 +12,7 @@ from typing import Any
 from sqlmodel import Session, select
 
 from tributary.hub.aggregation.report import AggregateRead, ResultRow
-from tributary.hub.models import CaseResult
+from tributary.hub.models import CaseResult, CustodyGap, ExperimentTarget, GapState
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -102,3 +102,23 @@ def roc_csv(report: AggregateRead) -> str:
             for p in group.roc.points:
                 yield [name, p.threshold, p.fpr, p.tpr, None]
     return to_csv(["group", "threshold", "fpr", "tpr", "suppressed"], rows())
+
+
+def custody_gaps(session: Session, experiment_id: str) -> list[dict[str, Any]]:
+    """Custody gaps an administrator accepted at the experiment's spokes, for the study's
+    exports and bundle: which records of which spoke's chain were accepted as lost, by
+    whom, why, and which of this experiment's cases have no result because of it."""
+    spokes = [t.spoke_id for t in session.exec(select(ExperimentTarget).where(
+        ExperimentTarget.experiment_id == experiment_id)).all()]
+    gaps = session.exec(select(CustodyGap).where(
+        CustodyGap.spoke_id.in_(spokes),  # type: ignore[attr-defined]
+        CustodyGap.state == GapState.ACCEPTED.value).order_by(CustodyGap.id)).all()
+    return [{"spoke_id": g.spoke_id, "first_missing": g.first_missing,
+             "last_missing": g.last_missing, "state": g.state,
+             "accepted_by": g.accepted_by, "reason": g.accepted_reason,
+             "accepted_at": g.settled_at.isoformat() if g.settled_at else None,
+             "lost_cases": sorted(session.exec(select(CaseResult.case_id).where(
+                 CaseResult.experiment_id == experiment_id,
+                 CaseResult.spoke_id == g.spoke_id,
+                 CaseResult.note.like(f"lost in transit (custody gap {g.id} %")  # type: ignore[union-attr]
+             )).all())} for g in gaps]

@@ -6,6 +6,7 @@ ephemeral (sent non-persistent): they update liveness and progress, newest wins.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import UTC, datetime
 
@@ -16,6 +17,7 @@ from tributary.hub import worker
 from tributary.hub.models import (
     FINAL_CASE_STATES,
     TERMINAL_TARGET_STATES,
+    Algorithm,
     CaseAttempt,
     CaseResult,
     CaseState,
@@ -29,7 +31,7 @@ from tributary.hub.models import (
     TargetState,
     utcnow,
 )
-from tributary.hub.services import anchors, audit
+from tributary.hub.services import anchors, audit, gaps
 from tributary.hub.services.counts import ingest_count_reply
 from tributary.hub.services.enrolment import active_keys, resolve_key
 from tributary.protocol.broker import Delivery, StompClient
@@ -38,6 +40,7 @@ from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import (
     CaseProgressMessage,
     CaseStartedMessage,
+    CaseStatus,
     CountReply,
     ExperimentStatusMessage,
     FailureReason,
@@ -48,7 +51,7 @@ from tributary.protocol.messages import (
 from tributary.protocol.messages import (
     ExperimentState as SpokeExperimentState,
 )
-from tributary.protocol.signing import SignatureError
+from tributary.protocol.signing import SignatureError, SigningKey
 from tributary.protocol.wire import open_from_spoke
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,8 @@ ExperimentMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
 
 #: Attempts to store a message before a database fault sends it to the dead-letter queue.
 STORE_ATTEMPTS = 4
+#: How often the hub looks for custody gaps whose resend request is due again.
+RESEND_POLL_SECONDS = 5.0
 
 
 class Rejected(ProtocolError):
@@ -120,10 +125,16 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
         _apply_started(session, message)
     else:
         applied = _apply_result(session, message)
+    quarantined = (not applied and isinstance(message, ResultMessage) and session.exec(
+        select(QuarantinedMessage).where(
+            QuarantinedMessage.broker_message_id == message.message_id)).first() is not None)
+    if isinstance(message, ResultMessage | ExperimentStatusMessage):
+        gaps.settle_targets(session, message.spoke_id)
     audit.record(session, message.spoke_id, "message.received", message.experiment_id,
                  kind=message.kind, message_id=message.message_id,
                  case=getattr(message, "case_id", None),
-                 attempt=getattr(message, "attempt", None), duplicate=not applied,
+                 attempt=getattr(message, "attempt", None),
+                 duplicate=not applied and not quarantined, quarantined=quarantined,
                  state=getattr(message, "state", None), reason=getattr(message, "reason", None),
                  failure=message.failure.reason.value
                  if isinstance(message, ResultMessage) and message.failure else None)
@@ -217,7 +228,10 @@ def _apply_status(session: Session, target: ExperimentTarget,
     else:
         if target.state == TargetState.HELD:
             target.reason = message.reason  # the steward's review is over
-        target.state = TargetState.COMPLETED
+        target.spoke_completed_at = utcnow()
+        # Completed only once every case has its result here (gaps.settle_targets).
+        target.state = (TargetState.COMPLETED if target.state in TERMINAL_TARGET_STATES
+                        | {TargetState.CANCELLING} else TargetState.ACCEPTED)
     target.updated_at = utcnow()
     session.add(target)
 
@@ -247,6 +261,8 @@ def _restore_refused_retries(session: Session, target: ExperimentTarget,
 
 def _apply_started(session: Session, message: CaseStartedMessage) -> None:
     row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
+    if row.id is None:
+        return  # not a case the spoke accepted: a start report does not make it one
     if row.state in FINAL_CASE_STATES and row.attempt >= message.attempt:
         return  # a late report about an attempt that already has its result
     row.state = CaseState.RUNNING
@@ -269,6 +285,10 @@ def _verify_custody(session: Session, message: ResultMessage) -> tuple[SpokeChai
         raise Rejected("replayed custody record: already accepted under another message")
     chain = session.get(SpokeChain, message.spoke_id)
     expected = (chain.sequence + 1, chain.record_sha256) if chain else (1, GENESIS)
+    if record.sequence > expected[0]:
+        raise gaps.GapDetected(message.spoke_id, expected[0], record.sequence - 1)
+    if expected[1] == gaps.ACCEPTED_GAP_HEAD:  # an administrator accepted the records lost
+        expected = (expected[0], record.previous_record_sha256)
     if (record.sequence, record.previous_record_sha256) != expected:
         raise Rejected(f"custody chain broken: record {record.sequence} follows "
                        f"{record.previous_record_sha256[:12]}…, expected record {expected[0]} "
@@ -299,7 +319,12 @@ def _apply_result(session: Session, message: ResultMessage) -> bool:
                        f"{message.attempt}: replayed or conflicting result")
     chain, digest = _verify_custody(session, message)
     session.add(chain)
+    gaps.chain_advanced(session, message.spoke_id, chain.sequence)
     if earlier is not None:
+        return False
+    refusal = _unacceptable(session, message, row)
+    if refusal is not None:
+        _quarantine(session, message, refusal)
         return False
     state = _case_state(message)
     session.add(CaseAttempt(
@@ -327,6 +352,47 @@ def _apply_result(session: Session, message: ResultMessage) -> bool:
     return True
 
 
+def _unacceptable(session: Session, message: ResultMessage, row: CaseResult) -> str | None:
+    """Why a result whose custody verifies must still not count, or None. Which cases a
+    spoke runs comes only from what it said itself (its signed accepted status)."""
+    target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
+    if target is not None and target.state == TargetState.REFUSED:
+        return (f"result for case {message.case_id} of an experiment the spoke refused "
+                f"({target.reason or 'no reason given'})")
+    if row.id is None:
+        return f"result for case {message.case_id}, which the spoke never accepted"
+    experiment = session.get(Experiment, message.experiment_id)
+    algorithm = session.get(Algorithm, experiment.algorithm_id) if experiment else None
+    approved = algorithm.digest if algorithm else None
+    if message.image_digest is not None and message.image_digest != approved:
+        return (f"custody record names image {message.image_digest}, not the approved "
+                f"version {approved}")
+    if message.status == CaseStatus.SUCCEEDED:
+        if message.image_digest is None:
+            return "a succeeded result whose custody record names no image"
+        if message.output is None:
+            return f"a succeeded result for case {message.case_id} with no output"
+    return None
+
+
+def _quarantine(session: Session, message: ResultMessage, reason: str) -> None:
+    """Keep a refused result aside with its reason. Its custody record was genuine, so the
+    chain still advances: the spoke's later results are not refused for a gap."""
+    log.warning("quarantining result %s from %s: %s", message.message_id, message.spoke_id,
+                reason)
+    session.add(QuarantinedMessage(broker_message_id=message.message_id,
+                                   claimed_spoke=message.spoke_id, reason=reason,
+                                   body=message.model_dump_json()[:256 * 1024]))
+    audit.record(session, "hub", "result.quarantined", message.experiment_id,
+                 spoke=message.spoke_id, case=message.case_id, attempt=message.attempt,
+                 message_id=message.message_id, reason=reason)
+
+
+def complete_if_settled(session: Session, experiment_id: str) -> None:
+    """Complete the experiment if every target is (after a gap was accepted, say)."""
+    _maybe_complete(session, experiment_id)
+
+
 def _maybe_complete(session: Session, experiment_id: str) -> None:
     session.flush()
     experiment = session.get(Experiment, experiment_id)
@@ -345,13 +411,18 @@ def _maybe_complete(session: Session, experiment_id: str) -> None:
 class ResultsConsumer:
     """Consumes the results queue; acknowledges a message only once it is stored."""
 
-    def __init__(self, engine: Engine, client: StompClient) -> None:
+    def __init__(self, engine: Engine, client: StompClient,
+                 key: SigningKey | None = None) -> None:
         self.engine = engine
         self.client = client
+        self.key = key  # signs resend requests for custody gaps (none: gaps wait)
         self.queue = results_queue(client.settings.federation)
+        self._gap_wake = threading.Event()
 
     def start(self) -> None:
         self.client.subscribe(self.queue, self.handle)
+        if self.key is not None:
+            threading.Thread(target=self._resend_loop, name="custody-gaps", daemon=True).start()
 
     def _resolve(self, keyid: str):  # type: ignore[no-untyped-def]
         with Session(self.engine) as session:
@@ -363,6 +434,10 @@ class ResultsConsumer:
             message, _keyid = open_from_spoke(delivery.body, self._resolve)
             claimed = message.spoke_id
             self._store(message)
+        except gaps.GapDetected as exc:
+            self._gap(exc)
+            self._dead_letter(delivery, str(exc), claimed)
+            return
         except ProtocolError as exc:
             self._dead_letter(delivery, str(exc), claimed)
             return
@@ -371,6 +446,29 @@ class ResultsConsumer:
             self._dead_letter(delivery, f"hub could not store the message: {exc}", claimed)
             return
         self.client.ack(delivery)
+        if isinstance(message, ResultMessage | ExperimentStatusMessage):
+            self._gap_wake.set()
+
+    def _gap(self, gap: gaps.GapDetected) -> None:
+        with Session(self.engine) as session:
+            gaps.record_gap(session, gap)
+            session.commit()
+        self._gap_wake.set()
+
+    def _resend_loop(self) -> None:
+        """Ask spokes for the records of their open gaps, from a thread of its own: a
+        publish waits for the broker's receipt, which the consuming thread must be free to
+        read. A request that fails is tried again on the next round."""
+        assert self.key is not None
+        while True:
+            self._gap_wake.wait(RESEND_POLL_SECONDS)
+            self._gap_wake.clear()
+            try:
+                with Session(self.engine) as session:
+                    for spoke_id in gaps.spokes_with_open_gaps(session):
+                        gaps.request_resends(session, self.client, self.key, spoke_id)
+            except Exception:
+                log.exception("could not ask spokes to resend missing custody records")
 
     def _store(self, message: SpokeMessage) -> None:
         """Ingest, retrying a database fault (a locked SQLite file, a dropped connection)
