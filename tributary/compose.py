@@ -79,6 +79,10 @@ class ComposeFederation(LocalFederation):
 
     project: str = "tributary"
     federation: str = DEFAULT_FEDERATION
+    #: A spoke in a container cannot give its cases a quota: it runs unprivileged, and a
+    #: tmpfs it mounted would live in its own mount namespace, not at the host path the
+    #: engine binds into the algorithm's container (docs/deployment.md).
+    output_quota_mb: int | None = 0
     _env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -105,6 +105,8 @@ class LocalFederation:
     federation: str = field(default_factory=lambda: f"t{secrets.token_hex(6)}")
     #: Extra ``TRIBUTARY_HUB_*`` settings for the hub process (e.g. a short liveness window).
     hub_env: dict[str, str] = field(default_factory=dict)
+    #: ``[runner] output_quota_mb`` of the spokes it configures; None keeps the default.
+    output_quota_mb: int | None = None
     _reviewers: list[str] = field(default_factory=list)
 
     @property
@@ -212,7 +214,10 @@ class LocalFederation:
             "[policy]\n"
             f"releasable_attributes = {json.dumps(list(releasable))}\n"
             'attributes_file = "attributes.csv"\n\n[runner]\n'
-            f'allowed_registries = ["{self.services.registry}"]\n\n[trust]\n'
+            f'allowed_registries = ["{self.services.registry}"]\n'
+            + ("" if self.output_quota_mb is None
+               else f"output_quota_mb = {self.output_quota_mb}\n")
+            + "\n[trust]\n"
             f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
             + _toml_table("steward", steward) + _toml_table("counts", counts)
             + _toml_table("deidentification", deidentification)
