@@ -30,6 +30,7 @@ import requests
 from tributary.federation import LocalFederation, generate_cohort
 from tributary.services import broker as broker_service
 from tributary.services.settings import ServiceSettings
+from tributary.spoke.journal import Journal
 
 COMPONENTS = ("hub", "spoke", "broker", "container")
 
@@ -230,10 +231,21 @@ class FaultRig:
         return failed
 
     def figures(self, experiment_id: str) -> dict[str, Any]:
-        """The hub's aggregate and every case's output: what a coordinator reads."""
+        """The hub's aggregate and every case's output: what a coordinator reads. Case ids
+        released to the hub differ from study to study, so outputs are keyed here by the
+        catalog case each spoke's journal maps them to (and the echoed id is left out), to
+        compare one study with another."""
         with self.federation.api() as api:
             report = api.get(f"/api/experiments/{experiment_id}/aggregate").raise_for_status()
-        outputs = {(c["spoke_id"], c["case_id"]): c["output"]
+        catalog: dict[str, dict[str, str]] = {}
+        for spoke_id, config in self.configs.items():
+            journal = Journal(config.parent / "journal.db")
+            try:
+                catalog[spoke_id] = journal.released_cases(experiment_id)
+            finally:
+                journal.close()
+        outputs = {(c["spoke_id"], catalog[c["spoke_id"]].get(c["case_id"], c["case_id"])):
+                   {k: v for k, v in (c["output"] or {}).items() if k != "case_id"}
                    for c in self.cases(experiment_id)}
         return {"groups": report.json()["groups"], "outputs": outputs}
 

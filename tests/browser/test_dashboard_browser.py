@@ -179,11 +179,15 @@ def test_launch_watch_and_read_a_study(federation: LocalFederation, study: dict[
         expect(row.locator("td.num").nth(2)).to_have_text(str(count))
 
     # Results: the aggregate table and every plot, drawn as SVG by the hub; the small
-    # spoke's figures are suppressed in the table and absent from every result plot.
+    # spoke's figures are suppressed in the table and absent from every result plot, and
+    # so are those of the smaller of the other two (northfield, by name where they tie),
+    # so that pooled minus the shown spoke cannot give the small spoke's back.
     expect(page.locator("[data-results-state=completed]")).to_have_count(1)
     expect(page.locator("#aggregate tbody tr")).to_have_count(len(study["spokes"]) + 1)
-    big, *_, small = study["spokes"]
+    complement, big, small = study["spokes"]
     expect(page.locator(f"#aggregate tr[data-group='{small}']")).to_contain_text("suppressed")
+    expect(page.locator(f"#aggregate tr[data-group='{complement}']")
+           ).to_contain_text("suppressed")
     expect(page.locator(f"#aggregate tr[data-group='{big}']")).not_to_contain_text("suppressed")
     expect(page.locator("#aggregate tr[data-group='pooled']")).not_to_contain_text("suppressed")
     for title in ("Progress per spoke", "Distribution of nodule_count", "ROC curves",
