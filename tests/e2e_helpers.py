@@ -1,4 +1,5 @@
-"""Waiting and the steward's command line, shared by the end-to-end tests."""
+"""Waiting, a running site and the steward's command line, shared by the end-to-end
+tests."""
 
 from __future__ import annotations
 
@@ -7,13 +8,28 @@ import json
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tributary.federation import LocalFederation
+from tributary.federation import LocalFederation, generate_cohort
 
 T = TypeVar("T")
+
+
+def running_site(federation: LocalFederation, image: tuple[str, str], prefix: str,
+                 seed: int, hospital: str) -> tuple[str, Path, dict[str, Any]]:
+    """A spoke with two synthetic cases, enrolled and running, and ``image`` registered and
+    approved as an algorithm: (spoke id, its config, the algorithm as the API shows it)."""
+    spoke_id = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    data = federation.root / "data" / spoke_id
+    generate_cohort(data, 2, seed=seed, site=hospital)
+    config = federation.add_spoke(spoke_id, data)
+    algorithm = federation.register_algorithm(
+        name=f"ok-{spoke_id}", version="1", repository=image[0], digest=image[1])
+    federation.start_spoke(spoke_id, config)
+    return spoke_id, config, algorithm
 
 
 def wait_for(probe: Callable[[], T], timeout: float, what: str) -> T:

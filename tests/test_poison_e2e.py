@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_helpers import wait_for
+from e2e_helpers import running_site, wait_for
 
-from tributary.federation import LocalFederation, generate_cohort
+from tributary.federation import LocalFederation
 from tributary.protocol.broker import BrokerSettings, Delivery, StompClient
 from tributary.protocol.destinations import dead_letter_queue, results_queue, spoke_queue
 from tributary.protocol.messages import (
@@ -37,14 +37,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def site(federation: LocalFederation, misbehaving_image: tuple[str, str],
          service_settings: ServiceSettings) -> Iterator[dict[str, Any]]:
-    spoke_id = f"poison-{uuid.uuid4().hex[:6]}"
-    data = federation.root / "data" / spoke_id
-    generate_cohort(data, 2, seed=21, site="Poisoned Hospital")
-    config = federation.add_spoke(spoke_id, data)
-    algorithm = federation.register_algorithm(
-        name=f"ok-{spoke_id}", version="1", repository=misbehaving_image[0],
-        digest=misbehaving_image[1])
-    federation.start_spoke(spoke_id, config)
+    spoke_id, config, algorithm = running_site(federation, misbehaving_image, "poison", 21,
+                                               "Poisoned Hospital")
     client = StompClient(BrokerSettings(host=service_settings.host,
                                         port=service_settings.broker_port,
                                         federation=federation.federation), "poisoner")

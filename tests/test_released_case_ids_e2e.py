@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_spoke_durability_e2e import add_spoke, hub_publish, wait_for
+from test_spoke_durability_e2e import HubListener, add_spoke, hub_publish, wait_for
 
 from tributary.federation import LocalFederation
-from tributary.protocol.broker import BrokerSettings, Delivery, StompClient
-from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import (
     AlgorithmRef,
     ExperimentMessage,
@@ -29,7 +27,6 @@ from tributary.protocol.messages import (
 )
 from tributary.protocol.release import sign_approval
 from tributary.protocol.signing import SigningKey
-from tributary.protocol.wire import open_from_spoke
 from tributary.services.settings import ServiceSettings
 from tributary.spoke.case_ids import ReleasedCaseIds
 from tributary.spoke.journal import Journal
@@ -49,33 +46,6 @@ def test_released_ids_are_keyed_by_study_and_site(tmp_path: Path) -> None:
     assert released != other_key.released("study-1", "c-0123456789abcdef")
     assert "0123456789abcdef" not in released
     assert (tmp_path / "case-id.key").stat().st_mode & 0o777 == 0o600
-
-
-class RawListener:
-    """Everything the spoke publishes, as the bytes that crossed the broker."""
-
-    def __init__(self, federation: LocalFederation, spoke_id: str, key: SigningKey) -> None:
-        self.bodies: list[bytes] = []
-        self.messages: list[Any] = []
-        self.key, self.spoke_id = key, spoke_id
-        self.client = StompClient(BrokerSettings(
-            host=federation.services.host, port=federation.services.broker_port,
-            federation=federation.federation), "test-hub-listener").start(30)
-        self.client.subscribe(results_queue(federation.federation), self._on)
-
-    def _on(self, delivery: Delivery) -> None:
-        body = delivery.body if isinstance(delivery.body, bytes) else delivery.body.encode()
-        self.bodies.append(body)
-        message, _ = open_from_spoke(body, lambda keyid: (
-            (self.spoke_id, self.key.public) if keyid == self.key.keyid else None))
-        self.messages.append(message)
-        self.client.ack(delivery)
-
-    def of(self, kind: type) -> list[Any]:
-        return [m for m in self.messages if isinstance(m, kind)]
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def _decoded(body: bytes) -> str:
@@ -112,7 +82,7 @@ def test_same_patient_unlinkable_across_studies_and_retry_reaches_it(
     hub_key = SigningKey.load_or_create(federation.hub_key_path)
     spoke_id, config = add_spoke(federation, "scoped", cases=2, concurrency=2)
     spoke_key = SigningKey.load_or_create(config.parent / "spoke.key")
-    listener = RawListener(federation, spoke_id, spoke_key)
+    listener = HubListener(federation, spoke_id, spoke_key)
     repository, digest = misbehaving_image
     algorithm = AlgorithmRef(name="misbehaving", version="1", repository=repository,
                              digest=digest, approval=sign_approval(

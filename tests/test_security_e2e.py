@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from e2e_helpers import running_site
 
 from tributary.containerwatch import ContainerWatch
 from tributary.federation import LocalFederation, generate_cohort
@@ -35,14 +36,8 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def site(federation: LocalFederation, misbehaving_image: tuple[str, str],
          service_settings: ServiceSettings) -> dict[str, Any]:
-    spoke_id = f"guarded-{uuid.uuid4().hex[:6]}"
-    data = federation.root / "data" / spoke_id
-    generate_cohort(data, 2, seed=3, site="Guarded Hospital")
-    config = federation.add_spoke(spoke_id, data)
-    algorithm = federation.register_algorithm(
-        name=f"ok-{spoke_id}", version="1", repository=misbehaving_image[0],
-        digest=misbehaving_image[1])
-    federation.start_spoke(spoke_id, config)
+    spoke_id, _config, algorithm = running_site(federation, misbehaving_image, "guarded", 3,
+                                                "Guarded Hospital")
     client = StompClient(BrokerSettings(host=service_settings.host,
                                         port=service_settings.broker_port), "attacker")
     client.start(wait=30)

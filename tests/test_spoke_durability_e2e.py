@@ -295,9 +295,11 @@ def spoke_status(config: Path) -> dict[str, Any]:
 
 
 class HubListener:
-    """The results queue read as the hub reads it, verifying each spoke signature."""
+    """The results queue read as the hub reads it, verifying each spoke signature; keeps
+    the bytes that crossed the broker too."""
 
     def __init__(self, federation: LocalFederation, spoke_id: str, key: SigningKey) -> None:
+        self.bodies: list[bytes] = []
         self.messages: list[Any] = []
         self.key, self.spoke_id = key, spoke_id
         self.client = StompClient(BrokerSettings(
@@ -306,7 +308,9 @@ class HubListener:
         self.client.subscribe(results_queue(federation.federation), self._on)
 
     def _on(self, delivery: Delivery) -> None:
-        message, _ = open_from_spoke(delivery.body, lambda keyid: (
+        body = delivery.body if isinstance(delivery.body, bytes) else delivery.body.encode()
+        self.bodies.append(body)
+        message, _ = open_from_spoke(body, lambda keyid: (
             (self.spoke_id, self.key.public) if keyid == self.key.keyid else None))
         self.messages.append(message)
         self.client.ack(delivery)
