@@ -4,12 +4,18 @@ content, overlays and the file meta group."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+
+from tributary.spoke.deid import DeidOptions
+from tributary.spoke.pseudonyms import Pseudonymizer
+from tributary.spoke.store import Preparer
 
 ROOT_UID = "1.2.3.4.55555"
 
@@ -124,3 +130,12 @@ def screen_capture(patient: int) -> Dataset:
     return patient_instance(patient, 1, series=9, image_type=("DERIVED", "SECONDARY",
                                                               "SCREEN SAVE"),
                             sop_class=SecondaryCaptureImageStorage)
+
+
+def prepare(tmp_path: Path, ds: Dataset, options: DeidOptions) -> Dataset:
+    """``ds`` through the spoke's store preparation, read back with its review notes."""
+    preparer = Preparer(Pseudonymizer.from_key_file(tmp_path / "key"), options)
+    prepared = preparer.from_file(write(ds, tmp_path / f"in-{ds.SOPInstanceUID}.dcm"))
+    out = pydicom.dcmread(io.BytesIO(prepared.data))
+    out.review = prepared.review  # type: ignore[attr-defined]
+    return out

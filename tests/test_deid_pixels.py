@@ -4,19 +4,17 @@ image is unchanged; an image declaring burned-in text that no mask matches stays
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from deid_samples import patient_instance, write
+from deid_samples import patient_instance, prepare
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.deid import DeidOptions, PixelMask, profile_name
-from tributary.spoke.pseudonyms import Pseudonymizer
-from tributary.spoke.store import Excluded, Preparer
+from tributary.spoke.store import Excluded
 
 TEXT = 4000  # the value of the "burned-in text" pixels
 MASK = PixelMask(manufacturer="acme", rows=16, columns=16, regions=((0, 0, 16, 4), (12, 12, 4, 4)))
@@ -31,13 +29,6 @@ def burned(patient: int = 1, declared: bool = True) -> pydicom.Dataset:
         ds.BurnedInAnnotation = "YES"
     return ds
 
-
-def prepare(tmp_path: Path, ds: pydicom.Dataset, options: DeidOptions) -> pydicom.Dataset:
-    preparer = Preparer(Pseudonymizer.from_key_file(tmp_path / "key"), options)
-    prepared = preparer.from_file(write(ds, tmp_path / f"in-{ds.SOPInstanceUID}.dcm"))
-    out = pydicom.dcmread(io.BytesIO(prepared.data))
-    out.review = prepared.review  # type: ignore[attr-defined]
-    return out
 
 
 def blanked() -> np.ndarray:

@@ -5,22 +5,20 @@ Pixel Data; a text-free image passes. Through the same path the spoke's store us
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from deid_samples import patient_instance, write
+from deid_samples import patient_instance, prepare, write
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.uid import CTImageStorage, SecondaryCaptureImageStorage, UltrasoundImageStorage
 
 from tributary.services.ocr import ensure_tesseract
 from tributary.spoke.deid import DeidOptions, Screener
 from tributary.spoke.deid.text_detection import detect_text
-from tributary.spoke.pseudonyms import Pseudonymizer
-from tributary.spoke.store import Excluded, Preparer
+from tributary.spoke.store import Excluded
 
 ROWS, COLUMNS = 240, 320
 #: Where the burned-in banner is drawn: (x, y) of its top left corner.
@@ -68,13 +66,6 @@ def image_instance(picture: np.ndarray, sop_class: str, modality: str,
         ds.PixelData = picture.tobytes()
     return ds
 
-
-def prepare(tmp_path: Path, ds: pydicom.Dataset, options: DeidOptions) -> pydicom.Dataset:
-    preparer = Preparer(Pseudonymizer.from_key_file(tmp_path / "key"), options)
-    prepared = preparer.from_file(write(ds, tmp_path / f"in-{ds.SOPInstanceUID}.dcm"))
-    out = pydicom.dcmread(io.BytesIO(prepared.data))
-    out.review = prepared.review  # type: ignore[attr-defined]
-    return out
 
 
 def covers_banner(box: tuple[int, int, int, int]) -> bool:
