@@ -7,9 +7,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-containers test lint services services-down schemas bench clean
+.PHONY: demo demo-containers test test-unit lint services services-down schemas bench clean
 
-$(STAMP): pyproject.toml algorithm-sdk/pyproject.toml scripts/bootstrap.sh
+$(STAMP): pyproject.toml */pyproject.toml scripts/bootstrap.sh
 	sh scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
 	touch $@
 
@@ -35,6 +35,10 @@ schemas: $(STAMP)
 
 test: services lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The fast half: no broker, registry or Docker engine needed.
+test-unit: $(STAMP)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 bench: services
 	$(BIN)/python bench/bench_deid.py

@@ -37,11 +37,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from tributary.federation import generate_cohort
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.deid import Deidentifier, DeidOptions, Screener
 from tributary.spoke.ingest import ingest
 from tributary.spoke.pseudonyms import Pseudonymizer
+from tributary.testbed.federation import generate_cohort
 
 ALL = DeidOptions(retain_modified_dates=True, retain_patient_characteristics=True,
                   retain_device_identity=True, clean_descriptors=True)

@@ -28,9 +28,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tributary import services
-from tributary.faults import FaultRig
-from tributary.federation import build_and_push
 from tributary.services.settings import ServiceSettings
+from tributary.testbed.faults import FaultRig
+from tributary.testbed.federation import build_and_push
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGUMENTS = {"behaviour": "slow", "seconds": 1}

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Create the project's virtual environment on a fresh Debian machine: install python3-venv
-# from Debian if needed, then the platform and the algorithm SDK from PyPI.
+# from Debian if needed, then every distribution of the checkout (editable) from PyPI.
 set -eu
 PYTHON="${1:-python3}"
 VENV="${2:-.venv}"
@@ -15,4 +15,5 @@ if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[dev]' -e './algorithm-sdk[dicom]'
+"$VENV/bin/python" -m pip install -q -e ./protocol -e './hub[postgresql]' -e ./spoke \
+    -e './algorithm-sdk[dicom]' -e ./cli -e './testbed[dev]'

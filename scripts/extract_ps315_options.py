@@ -24,7 +24,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parents[1] / "spoke" / "deid" / "ps315_options.json"
+OUT = (Path(__file__).resolve().parents[1] / "spoke" / "tributary" / "spoke" / "deid"
+       / "ps315_options.json")
 
 
 def _action_codes(source: str) -> dict[str, str]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tributary import services
-from tributary.federation import LocalFederation, build_and_push
 from tributary.services.settings import ServiceSettings
+from tributary.testbed.federation import LocalFederation, build_and_push
 
 ROOT = Path(__file__).resolve().parents[1]
 

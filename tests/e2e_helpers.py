@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tributary.federation import LocalFederation, generate_cohort
+from tributary.testbed.federation import LocalFederation, generate_cohort
 
 T = TypeVar("T")
 

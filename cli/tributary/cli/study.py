@@ -1,0 +1,217 @@
+"""``tributary study``: a coordinator's common tasks from a terminal, through the hub's REST
+API (the same endpoints the dashboard uses): launch a study, watch it, show its aggregated
+results, fetch them as files.
+
+The hub address and a bearer token come from options or ``TRIBUTARY_HUB_URL`` and
+``TRIBUTARY_TOKEN`` (``POST /api/auth/token`` issues one)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(help="Launch, watch and fetch federated studies on a hub.",
+                  no_args_is_help=True)
+console = Console()
+
+HubOption = Annotated[str, typer.Option("--hub", envvar="TRIBUTARY_HUB_URL",
+                                        help="The hub's base URL.")]
+TokenOption = Annotated[str, typer.Option(
+    "--token", envvar="TRIBUTARY_TOKEN", show_default=False,
+    help="Bearer token (from POST /api/auth/token).")]
+
+
+def _client(hub: str, token: str, timeout: float | None = 60) -> httpx.Client:
+    return httpx.Client(base_url=hub.rstrip("/"), timeout=timeout,
+                        headers={"Authorization": f"Bearer {token}"})
+
+
+def _check(response: httpx.Response, doing: str) -> Any:
+    """The JSON body, or exit 1 with the hub's own explanation."""
+    if response.is_success:
+        return response.json() if response.content else None
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, list):
+        detail = "; ".join(f"{'.'.join(map(str, e.get('loc', [])[1:]))}: {e.get('msg')}"
+                           for e in detail)
+    console.print(f"[red]{doing} refused ({response.status_code}):[/] {detail}")
+    raise typer.Exit(1)
+
+
+def _json_option(value: str | None, what: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not valid JSON: {exc}", param_hint=what) from None
+
+
+@app.command("launch")
+def launch(
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+    file: Annotated[Path | None, typer.Option(
+        "--file", "-f", exists=True, dir_okay=False,
+        help="JSON body of POST /api/experiments; the options below override its fields.")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="The study's name.")] = None,
+    algorithm: Annotated[int | None, typer.Option(help="Algorithm version id.")] = None,
+    spoke: Annotated[list[str] | None, typer.Option(help="Target spoke (repeatable).")] = None,
+    arguments: Annotated[str | None, typer.Option(help="Algorithm arguments, JSON.")] = None,
+    cohort: Annotated[str | None, typer.Option(help="Cohort criteria, JSON.")] = None,
+    release: Annotated[list[str] | None, typer.Option(
+        help="Case attribute the spokes may release with results (repeatable).")] = None,
+    expires_in_days: Annotated[float | None, typer.Option(help="Expiry, in days.")] = None,
+    draft: Annotated[bool, typer.Option(help="Create it without launching.")] = False,
+    watch_it: Annotated[bool, typer.Option("--watch", help="Then watch it until done.")] = False,
+) -> None:
+    """Create a study (checked by the hub: approved algorithm, valid arguments, enrolled
+    spokes) and launch it; prints its id."""
+    body: dict[str, Any] = json.loads(file.read_text()) if file else {}
+    overrides = {"name": name, "algorithm_id": algorithm, "spoke_ids": spoke,
+                 "arguments": _json_option(arguments, "--arguments"),
+                 "cohort": _json_option(cohort, "--cohort"), "release": release,
+                 "expires_in_days": expires_in_days}
+    body.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("name", "algorithm_id", "spoke_ids") if not body.get(k)]
+    if missing:
+        raise typer.BadParameter(f"missing {', '.join(missing)} (options or --file)")
+    with _client(hub, token) as client:
+        experiment = _check(client.post("/api/experiments", json=body), "creation")
+        console.print(f"created [bold]{experiment['id']}[/] ({experiment['name']})")
+        if not draft:
+            _check(client.post(f"/api/experiments/{experiment['id']}/launch"), "launch")
+            console.print(f"launched to {', '.join(body['spoke_ids'])}")
+    typer.echo(experiment["id"])
+    if watch_it and not draft:
+        watch(experiment["id"], hub, token)
+
+
+def _events(client: httpx.Client, experiment_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) pairs from the experiment's server-sent event stream."""
+    with client.stream("GET", f"/api/experiments/{experiment_id}/events") as response:
+        if not response.is_success:
+            response.read()
+            _check(response, "watching")
+        event, data = "message", ""
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+            elif line == "":
+                if data:
+                    yield event, json.loads(data)
+                event, data = "message", ""
+
+
+@app.command("watch")
+def watch(
+    experiment_id: Annotated[str, typer.Argument(help="The experiment's id.")],
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+) -> None:
+    """A progress bar per spoke until the study is over (exit 1 if any case failed)."""
+    failed = 0
+    with _client(hub, token, timeout=None) as client, Progress(
+        TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+    ) as progress:
+        tasks: dict[str, Any] = {}
+        state = "unknown"
+        for event, data in _events(client, experiment_id):
+            if event != "progress":
+                continue
+            experiment = data["experiment"]
+            state = experiment["state"]
+            for target in experiment["targets"]:
+                spoke = target["spoke_id"]
+                if spoke not in tasks:
+                    tasks[spoke] = progress.add_task(spoke, total=None, detail="")
+                done = target["succeeded"] + target["failed"]
+                detail = f"{target['state']}"
+                if target["failed"]:
+                    detail += f", {target['failed']} failed"
+                if target["reason"]:
+                    detail += f": {target['reason']}"
+                progress.update(tasks[spoke], completed=done, total=target["case_count"],
+                                detail=detail)
+            failed = sum(t["failed"] for t in experiment["targets"])
+    console.print(f"{experiment_id} is [bold]{state}[/]"
+                  + (f", [red]{failed} case(s) failed[/]" if failed else ""))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("show")
+def show(
+    experiment_id: Annotated[str, typer.Argument(help="The experiment's id.")],
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+    as_json: Annotated[bool, typer.Option("--json", help="The aggregate report as JSON.")
+                       ] = False,
+) -> None:
+    """The study's state and its aggregated results: per spoke and pooled, each figure with
+    its confidence interval, small cells suppressed (as on the dashboard)."""
+    from tributary.cli.results_table import aggregate_table
+
+    with _client(hub, token) as client:
+        experiment = _check(client.get(f"/api/experiments/{experiment_id}"), "study")
+        report = _check(client.get(f"/api/experiments/{experiment_id}/aggregate"),
+                        "aggregate")
+    if as_json:
+        console.print_json(json.dumps(report))
+        return
+    done = sum(t["succeeded"] + t["failed"] for t in experiment["targets"])
+    counts = [t["case_count"] for t in experiment["targets"]]
+    total = "?" if None in counts else sum(counts)  # a spoke has not selected its cohort
+    console.print(f"[bold]{experiment['name']}[/] ({experiment_id}): {experiment['state']}, "
+                  f"{done}/{total} cases finished")
+    console.print(aggregate_table(report))
+
+
+@app.command("fetch")
+def fetch(
+    experiment_id: Annotated[str, typer.Argument(help="The experiment's id.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")] = Path("."),
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+    bundle: Annotated[bool, typer.Option(help="Also the signed study bundle (zip).")] = False,
+) -> None:
+    """Write the study, its cases and its aggregate (JSON, and CSV exports of the aggregate,
+    the case results and ROC points) to files in OUT, and optionally the signed bundle."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    with _client(hub, token) as client:
+        for name, path in (("experiment", ""), ("cases", "/cases"), ("aggregate", "/aggregate")):
+            data = _check(client.get(f"/api/experiments/{experiment_id}{path}"), f"{name} fetch")
+            target = out / f"{experiment_id}-{name}.json"
+            target.write_text(json.dumps(data, indent=2) + "\n")
+            written.append(target)
+        for name in ("aggregate.csv", "results.csv", "roc.csv"):
+            response = client.get(f"/api/experiments/{experiment_id}/{name}")
+            if not response.is_success:
+                _check(response, f"{name} export")
+            target = out / f"{experiment_id}-{name}"
+            target.write_bytes(response.content)
+            written.append(target)
+        if bundle:
+            response = client.get(f"/api/experiments/{experiment_id}/bundle")
+            if not response.is_success:
+                _check(response, "bundle export")
+            target = out / f"tributary-{experiment_id}.zip"
+            target.write_bytes(response.content)
+            written.append(target)
+    for path in written:
+        console.print(f"wrote {path}")

@@ -1,3 +1,0 @@
-"""The hub: coordinators register spokes and algorithms, define and launch experiments,
-and read aggregated results. Layout: ``models`` (tables), ``api/`` (REST routes),
-``services/`` (publishing, result ingestion, aggregation), ``web`` (HTML pages)."""

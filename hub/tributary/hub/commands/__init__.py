@@ -1,0 +1,1 @@
+"""Commands of the hub role: its entry points and its operators' tools."""

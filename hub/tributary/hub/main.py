@@ -1,0 +1,118 @@
+"""The hub application: REST API, pages, and the results consumer in the same process."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import PlainTextResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, select
+
+from tributary.hub import __version__, worker
+from tributary.hub.api import (
+    algorithms,
+    audit,
+    auth,
+    counts,
+    deadletters,
+    events,
+    experiments,
+    people,
+    results,
+    spokes,
+)
+from tributary.hub.api.signin import make_throttle
+from tributary.hub.db import make_engine, upgrade_schema
+from tributary.hub.models import Role, User
+from tributary.hub.services.anchors import check_hub_log
+from tributary.hub.services.audit import attach_forensic_log
+from tributary.hub.services.ingest import ResultsConsumer
+from tributary.hub.services.users import create_user
+from tributary.hub.settings import HubSettings
+from tributary.hub.web import SignInRequired
+from tributary.hub.web import router as web_router
+from tributary.protocol.auditlog import AuditLog
+from tributary.protocol.broker import StompClient
+from tributary.protocol.signing import SigningKey
+
+log = logging.getLogger(__name__)
+#: The dashboard's stylesheet and script, served by the hub itself (no outside host).
+STATIC = Path(__file__).parent / "static"
+
+
+def _bootstrap_admin(engine: Engine, settings: HubSettings) -> None:
+    """The first administrator, from the environment, so a fresh hub can be signed into."""
+    if settings.admin_password is None:
+        return
+    with Session(engine) as session:
+        if session.exec(select(User)).first() is None:
+            create_user(session, "admin", settings.admin_password.get_secret_value(),
+                        [Role.ADMIN.value], actor="bootstrap")
+
+
+def _check_forensic_log(engine: Engine, forensic: AuditLog) -> None:
+    """Record (and log) a forensic log that no longer reaches its anchored head."""
+    with Session(engine) as session:
+        problem = check_hub_log(session, forensic)
+        session.commit()
+    if problem is not None:
+        log.error("%s", problem)
+
+
+def create_app(settings: HubSettings | None = None) -> FastAPI:
+    settings = settings or HubSettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = make_engine(settings.database_url, migrate=False)
+        forensic = attach_forensic_log(engine, settings.audit_log_path())
+        upgrade_schema(engine)
+        if forensic is not None:
+            _check_forensic_log(engine, forensic)
+            forensic.append("hub", "hub.started", detail={"version": __version__})
+        key = SigningKey.load_or_create(settings.signing_key)
+        broker = StompClient(settings.broker(), "hub").start()
+        app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
+        app.state.signing_key = key
+        worker.configure(settings, engine)  # aggregation tasks: in-process or on Celery
+        _bootstrap_admin(engine, settings)
+        if settings.consume_results:
+            ResultsConsumer(engine, broker, key).start()
+        yield
+        broker.close()
+        engine.dispose()
+
+    app = FastAPI(title="Tributary hub", version=__version__, lifespan=lifespan,
+                  description="Register spokes and algorithms, launch federated experiments "
+                              "and read their aggregated results.")
+    app.state.signin_throttle = make_throttle(settings)
+    # events first: its /api/experiments/events must not be taken for an experiment id
+    for router in (events.router, spokes.router, algorithms.router, experiments.router,
+                   results.router, audit.router, audit.quarantine_router,
+                   algorithms.publishers_router, auth.router, people.router, counts.router,
+                   deadletters.router):
+        app.include_router(router)
+    app.include_router(web_router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(SignInRequired)
+    async def _to_login(request: Request, exc: SignInRequired) -> RedirectResponse:
+        return RedirectResponse("/login", status_code=303)
+
+    @app.get("/api/hub/key", tags=["health"], response_class=PlainTextResponse)
+    def hub_key() -> str:
+        """The hub's public key (PEM) that spokes pin; compare its key id out of band."""
+        return app.state.signing_key.public.pem
+
+    @app.get("/api/health", tags=["health"])
+    def health() -> dict[str, object]:
+        return {"status": "ok", "version": __version__,
+                "hub_keyid": app.state.signing_key.keyid,
+                "broker_connected": app.state.broker.connected}
+
+    return app

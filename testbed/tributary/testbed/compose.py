@@ -1,0 +1,171 @@
+"""The federation of ``docker-compose.yml``: the same hub and spokes as
+:class:`~tributary.testbed.federation.LocalFederation`, each in its own container.
+
+``docker-compose.yml`` describes the services; this module prepares what it needs (wheels
+built on the host, since a container has no package index here; the service configurations
+copied from ``tributary/services``; the state folder with the right owner) and drives it.
+Everything above the process level (enrolment, review, studies) is LocalFederation's own
+code: only how the hub and the spokes are started differs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tributary.protocol.destinations import DEFAULT_FEDERATION
+from tributary.services import base_image, docker_engine
+from tributary.services.settings import ServiceSettings
+from tributary.services.system import ensure_commands, port_open, wait_for
+from tributary.testbed.federation import LocalFederation
+
+#: The source checkout: testbed/tributary/testbed/ is three folders below it.
+ROOT = Path(__file__).resolve().parents[3]
+#: The uid the platform image runs as (deploy/Dockerfile).
+CONTAINER_UID = 10001
+#: The folders of the distributions the platform image installs.
+DISTRIBUTIONS = ("protocol", "hub", "spoke", "algorithm-sdk", "cli")
+SPOKES = ("northfield", "riverside", "stclare")
+
+
+def compose_file() -> Path:
+    path = ROOT / "docker-compose.yml"
+    if not path.exists():
+        raise FileNotFoundError("docker-compose.yml is only in a source checkout of Tributary")
+    return path
+
+
+def build_context(settings: ServiceSettings, log: Path | None = None) -> None:
+    """Wheels of the platform and its dependencies, and the service configurations, into
+    the build contexts under ``deploy/``."""
+    deploy = ROOT / "deploy"
+    wheels = deploy / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)  # only this build's set: the image installs all
+    wheels.mkdir()
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels),
+                    *(str(ROOT / name) for name in DISTRIBUTIONS)],
+                   check=True, stdout=subprocess.DEVNULL)
+    services = ROOT / "cli" / "tributary" / "services"
+    for name, target in (("activemq.xml", "broker"), ("log4j2.properties", "broker"),
+                         ("registry.yml", "registry")):
+        shutil.copyfile(services / name, deploy / target / name)
+
+
+@dataclass
+class ContainerProcess:
+    """A compose service, seen through the interface of a federation Process."""
+
+    name: str
+    federation: ComposeFederation
+
+    def alive(self) -> bool:
+        container = f"{self.federation.project}_{self.name}_1"  # docker-compose's naming
+        state = subprocess.run(["docker", "inspect", "-f", "{{.State.Running}}", container],
+                               capture_output=True, text=True).stdout.strip()
+        return state == "true"
+
+    def stop(self, timeout: float = 20) -> None:
+        self.federation.compose("stop", "-t", str(int(timeout)), self.name)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return self.federation.compose("logs", "--no-color", "--tail", str(lines), self.name,
+                                       capture=True)
+
+
+@dataclass
+class ComposeFederation(LocalFederation):
+    """Hub, spokes, broker and registry as the containers of ``docker-compose.yml``."""
+
+    project: str = "tributary"
+    federation: str = DEFAULT_FEDERATION
+    #: A spoke in a container cannot give its cases a quota: it runs unprivileged, and a
+    #: tmpfs it mounted would live in its own mount namespace, not at the host path the
+    #: engine binds into the algorithm's container (docs/deployment.md).
+    output_quota_mb: int | None = 0
+    _env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = self.root.resolve()
+        super().__post_init__()
+        (self.root / "hub").mkdir(exist_ok=True)
+        self._env = {
+            "TRIBUTARY_STATE": str(self.root),
+            "DOCKER_GID": str(os.stat("/var/run/docker.sock").st_gid),
+            "TRIBUTARY_HUB_ADMIN_PASSWORD": self.admin_password,
+            "TRIBUTARY_HUB_BROKER_FEDERATION": self.federation,
+            "BROKER_PORT": str(self.services.broker_port),
+            "REGISTRY_PORT": str(self.services.registry_port),
+            "HUB_PORT": str(self.hub_port),
+            "DEBIAN_IMAGE": self.services.base_image,
+            "PYTHON_IMAGE": self.services.base_image,
+        }
+
+    @property
+    def hub_key_path(self) -> Path:
+        return self.root / "hub" / "hub.key"
+
+    @property
+    def hub_audit_log(self) -> Path:
+        return self.root / "hub" / "hub-audit.jsonl"
+
+    def _env_for_cli(self) -> dict[str, str]:
+        return {**os.environ, **self._env}
+
+    def compose(self, *args: str, capture: bool = False) -> str:
+        command = ["docker-compose", "-f", str(compose_file()), "-p", self.project, *args]
+        result = subprocess.run(command, env=self._env_for_cli(), text=True,
+                                capture_output=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"docker-compose {' '.join(args)} failed:\n"
+                               f"{result.stdout}{result.stderr}")
+        return result.stdout if capture else ""
+
+    def build(self) -> None:
+        """Build the four images (broker, registry, hub and spokes share one)."""
+        ensure_commands({"docker-compose": "docker-compose"})
+        docker_engine.ensure_running(self.services)
+        base_image.ensure_base_image(self.services)
+        build_context(self.services)
+        self.compose("build", "broker", "registry", "hub")
+
+    def start_services(self) -> None:
+        """Broker and registry, waiting until both listen."""
+        self.compose("up", "-d", "--no-build", "broker", "registry")
+        wait_for(lambda: port_open(self.services.host, self.services.broker_port), 120,
+                 "the broker container", None)
+        wait_for(lambda: port_open(self.services.host, self.services.registry_port), 60,
+                 "the registry container", None)
+
+    def _own(self, path: Path) -> None:
+        """Give the containers' account the state it writes (they run unprivileged)."""
+        for entry in [path, *path.rglob("*")]:
+            os.chown(entry, CONTAINER_UID, CONTAINER_UID)
+
+    def _spawn(self, name: str, args: list[str],  # type: ignore[override]
+               env: dict[str, str] | None = None) -> ContainerProcess:
+        if name == "hub":
+            self._own(self.root / "hub")
+        else:
+            spoke_id = name.removeprefix("spoke-")
+            if spoke_id not in SPOKES:
+                raise ValueError(f"docker-compose.yml has no service for spoke {spoke_id!r}")
+            self._own(self.root / "spokes" / spoke_id)
+        self.compose("up", "-d", "--no-build", name)
+        process = self.processes[name] = ContainerProcess(name, self)  # type: ignore[assignment]
+        return process
+
+    def stop(self) -> None:
+        self.compose("down")  # volumes (broker and registry data) are kept
+
+    def wait_running(self, name: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not ContainerProcess(name, self).alive():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} is not running:\n"
+                                   f"{ContainerProcess(name, self).log_tail()}")
+            time.sleep(0.5)

@@ -1,0 +1,109 @@
+"""The hub on a real PostgreSQL server (Debian's package, started by the project's own
+code): migrations build the models' schema there too, several processes opening a new
+database migrate it once (the advisory lock), and a study runs end to end with every
+result stored in PostgreSQL and kept across a hub restart."""
+
+from __future__ import annotations
+
+import multiprocessing
+import uuid
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, text
+from sqlmodel import SQLModel
+
+from tributary.hub import migrations
+from tributary.hub.db import open_database
+from tributary.hub.settings import HubSettings
+from tributary.protocol.auditlog import read_entries
+from tributary.services import postgres
+from tributary.services.settings import ServiceSettings
+from tributary.testbed.federation import LocalFederation, generate_cohort
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(service_settings: ServiceSettings) -> str:
+    return postgres.ensure_running(service_settings)
+
+
+def new_database(server: str) -> str:
+    return postgres.create_database(server, f"hub_{uuid.uuid4().hex[:10]}")
+
+
+def _open(url: str, audit_log: Path) -> str | None:
+    return migrations.current(open_database(HubSettings(database_url=url,
+                                                        audit_log=audit_log)))
+
+
+def test_processes_opening_a_new_postgres_database_migrate_it_once(server: str,
+                                                                  tmp_path: Path) -> None:
+    url = new_database(server)
+    log = tmp_path / "audit.jsonl"
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        assert pool.starmap(_open, [(url, log)] * 4) == [migrations.head()] * 4
+    assert [e["action"] for _, e in read_entries(log)] == ["hub.schema_created"]
+    engine = create_engine(url)
+    with engine.connect() as connection:
+        created = connection.execute(text(
+            "SELECT count(*) FROM auditevent WHERE action = 'hub.schema_created'")).scalar()
+        differences = compare_metadata(
+            MigrationContext.configure(connection, opts={"compare_type": True}),
+            SQLModel.metadata)
+    engine.dispose()
+    assert created == 1
+    assert differences == []
+
+
+def test_a_study_on_a_postgres_hub(server: str, service_settings: ServiceSettings,
+                                   detector_image: tuple[str, str], tmp_path: Path) -> None:
+    url = new_database(server)
+    federation = LocalFederation(tmp_path / "federation", service_settings,
+                                 hub_env={"TRIBUTARY_HUB_DATABASE_URL": url})
+    sizes = {"pg-north": 4, "pg-south": 3}
+    try:
+        federation.start_hub()
+        for index, (spoke_id, count) in enumerate(sizes.items()):
+            data = federation.root / "data" / spoke_id
+            generate_cohort(data, count, seed=300 + index, site=spoke_id)
+            federation.start_spoke(spoke_id, federation.add_spoke(spoke_id, data))
+        algorithm = federation.register_algorithm(
+            name="lung-nodule-pg", version="1", repository=detector_image[0],
+            digest=detector_image[1], aggregator="nodule-detection")
+        with federation.api() as api:
+            created = api.post("/api/experiments", json={
+                "name": "postgres study", "algorithm_id": algorithm["id"],
+                "arguments": {"min_diameter_mm": 4.0}, "spoke_ids": list(sizes),
+                "release": ["nodules"], "limits": {"timeout_seconds": 300}})
+            assert created.status_code == 201, created.text
+            experiment_id = created.json()["id"]
+            assert api.post(f"/api/experiments/{experiment_id}/launch").status_code == 200
+        final = federation.wait_for_experiment(experiment_id, timeout=600)
+        assert {t["spoke_id"]: t["succeeded"] for t in final["targets"]} == sizes
+
+        # The results are rows of PostgreSQL, one per case.
+        engine = create_engine(url)
+        with engine.connect() as connection:
+            stored = connection.execute(text(
+                "SELECT count(*), count(DISTINCT (spoke_id, case_id)) FROM caseresult "
+                "WHERE experiment_id = :e"), {"e": experiment_id}).one()
+        assert tuple(stored) == (7, 7)
+
+        # A restarted hub finds everything and does not create the schema again.
+        federation.processes["hub"].stop()
+        federation.start_hub()
+        with federation.api() as api:
+            report = api.get(f"/api/experiments/{experiment_id}/aggregate").json()
+            cases = api.get(f"/api/experiments/{experiment_id}/cases").json()
+        assert report["groups"]["pooled"]["cases"] == len(cases) == 7
+        with engine.connect() as connection:
+            created_events = connection.execute(text(
+                "SELECT count(*) FROM auditevent WHERE action = 'hub.schema_created'")).scalar()
+        engine.dispose()
+        assert created_events == 1
+    finally:
+        federation.stop()

@@ -1,1 +1,0 @@
-"""Sub-commands of ``tributary``, one Typer app per module, registered in ``tributary.cli``."""
