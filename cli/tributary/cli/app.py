@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -18,17 +17,11 @@ app = typer.Typer(
 )
 services_app = typer.Typer(help="Local infrastructure: Docker engine, ActiveMQ broker, OCI "
                                 "registry and the algorithm base image.", no_args_is_help=True)
-hub_app = typer.Typer(help="Run the hub (API, pages, results consumer).", no_args_is_help=True)
-spoke_app = typer.Typer(help="Run a spoke next to an institution's data.", no_args_is_help=True)
 contract_app = typer.Typer(help="The algorithm contract and message schemas.",
                            no_args_is_help=True)
 app.add_typer(services_app, name="services")
-app.add_typer(hub_app, name="hub")
-app.add_typer(spoke_app, name="spoke")
-spoke_app.add_typer(__import__("tributary.spoke.commands.steward", fromlist=["app"]).app,
-                    name="steward")
-__import__("tributary.spoke.commands.data", fromlist=["register"]).register(spoke_app)
-__import__("tributary.spoke.commands.status", fromlist=["register"]).register(spoke_app)
+app.add_typer(__import__("tributary.hub.commands.app", fromlist=["app"]).app, name="hub")
+app.add_typer(__import__("tributary.spoke.commands.app", fromlist=["app"]).app, name="spoke")
 app.add_typer(contract_app, name="contract")
 app.add_typer(__import__("tributary.cli.broker", fromlist=["app"]).app, name="broker")
 algorithm_app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "
@@ -39,8 +32,6 @@ app.add_typer(__import__("tributary.cli.counts", fromlist=["app"]).app, name="co
 app.add_typer(__import__("tributary.cli.study", fromlist=["app"]).app, name="study")
 app.add_typer(__import__("tributary.hub.commands.dlq", fromlist=["app"]).app, name="dlq")
 app.add_typer(__import__("tributary.hub.commands.gaps", fromlist=["app"]).app, name="gaps")
-spoke_app.command("deidentify")(
-    __import__("tributary.spoke.commands.deidentify", fromlist=["_"]).main)
 console = Console()
 
 
@@ -78,167 +69,6 @@ def services_status() -> None:
     console.print(table)
     if not all(r.running for r in rows):
         raise typer.Exit(1)
-
-
-@hub_app.command("serve")
-def hub_serve(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    database_url: Annotated[str | None, typer.Option(
-        help="SQLAlchemy URL (default: TRIBUTARY_HUB_DATABASE_URL or a local SQLite file).")
-    ] = None,
-    verbose: bool = False,
-) -> None:
-    """Serve the hub's REST API and pages, and consume spoke results."""
-    import uvicorn
-
-    from tributary.hub.main import create_app
-    from tributary.hub.settings import HubSettings
-
-    _logging(verbose)
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
-    # Open event streams (dashboard pages, `study watch`) never finish by themselves: give
-    # them a few seconds on shutdown, then close them.
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=5)
-
-
-@hub_app.command("worker")
-def hub_worker(
-    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
-    verbose: bool = False,
-) -> None:
-    """Run a Celery worker for aggregation tasks (needs TRIBUTARY_HUB_CELERY_BROKER_URL and
-    the hub's TRIBUTARY_HUB_DATABASE_URL)."""
-    from tributary.hub.settings import HubSettings
-    from tributary.hub.worker import app as celery_app
-
-    if not HubSettings().celery_broker_url:
-        raise typer.BadParameter("set TRIBUTARY_HUB_CELERY_BROKER_URL: without a broker the "
-                                 "hub aggregates in its own process and needs no worker")
-    celery_app.worker_main(["worker", f"--concurrency={concurrency}",
-                            f"--loglevel={'DEBUG' if verbose else 'INFO'}"])
-
-
-@hub_app.command("migrate")
-def hub_migrate(
-    database_url: Annotated[str | None, typer.Option(help="The hub's database URL.")] = None,
-) -> None:
-    """Bring the hub's database schema up to date, keeping its data. The hub does it too
-    when it starts; this is for operators who upgrade in a maintenance window."""
-    import getpass
-
-    from tributary.hub.db import make_engine, upgrade_schema
-    from tributary.hub.services.audit import attach_forensic_log
-    from tributary.hub.settings import HubSettings
-
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
-    engine = make_engine(settings.database_url, migrate=False)
-    attach_forensic_log(engine, settings.audit_log_path())
-    before, after = upgrade_schema(engine, actor=f"cli:{getpass.getuser()}")
-    if before == after:
-        console.print(f"database schema already at the newest revision, {after}")
-    else:
-        console.print(f"database schema upgraded from {before or 'none'} to {after}")
-
-
-@hub_app.command("create-user")
-def hub_create_user(
-    username: Annotated[str, typer.Argument(help="The new user's name.")],
-    role: Annotated[list[str], typer.Option(
-        help="admin, coordinator, developer or reviewer (repeatable).")],
-    organisation: Annotated[str, typer.Option(
-        help="The user's organisation: the existing one of that name (compared ignoring case "
-             "and spacing), else a new one.")] = "",
-    database_url: Annotated[str | None, typer.Option(help="The hub's database URL.")] = None,
-) -> None:
-    """Create a hub user; the password is asked for (or read from standard input)."""
-    from sqlmodel import Session
-
-    from tributary.hub.db import open_database
-    from tributary.hub.services.users import create_user
-    from tributary.hub.settings import HubSettings
-
-    password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
-    with Session(open_database(settings)) as session:
-        try:
-            create_user(session, username, password, role, organisation, actor="cli")
-        except ValueError as exc:
-            raise typer.BadParameter(str(exc)) from None
-    console.print(f"created {username} with roles {', '.join(role)}")
-
-
-@spoke_app.command("run")
-def spoke_run(
-    config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False,
-                                         help="The spoke's TOML configuration file.")],
-    verbose: bool = False,
-) -> None:
-    """Consume this spoke's queue and run experiments until stopped (Ctrl-C or SIGTERM)."""
-    from tributary.spoke.agent import SpokeAgent
-    from tributary.spoke.config import SpokeConfig
-
-    _logging(verbose)
-    agent = SpokeAgent(SpokeConfig.load(config))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: agent.stop())
-    agent.run()
-
-
-@spoke_app.command("init")
-def spoke_init(
-    spoke_id: Annotated[str, typer.Option("--id", help="The spoke's identifier.")],
-    data_dir: Annotated[Path, typer.Option(
-        "--data", help="Folder of DICOM files, any layout (PACS sources: see docs/data.md).")],
-    work_dir: Annotated[Path, typer.Option("--work", help="The spoke's private work folder.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the config.")],
-    hub_key: Annotated[Path, typer.Option(
-        "--hub-key", help="The hub's public key (PEM, from GET /api/hub/key), to pin.")],
-    broker_port: int = 61613,
-    concurrency: int = 2,
-) -> None:
-    """Write a starting configuration file for a spoke."""
-    from tributary.spoke.config import SpokeConfig
-
-    SpokeConfig(spoke_id=spoke_id, data_dir=data_dir, work_dir=work_dir, hub_public_key=hub_key,
-                concurrency=concurrency)  # validates before writing
-    output.write_text(
-        f'spoke_id = "{spoke_id}"\ndata_dir = "{data_dir}"\nwork_dir = "{work_dir}"\n'
-        f'hub_public_key = "{hub_key}"\n'
-        f"concurrency = {concurrency}\n\n[broker]\nhost = \"127.0.0.1\"\nport = {broker_port}\n\n"
-        "[policy]\n# Case attributes that may ever leave with a result, if a study asks.\n"
-        "releasable_attributes = []\n# attributes_file = \"attributes.csv\"  # patient_id,...\n\n"
-        "[runner]\nmax_memory_mb = 8192\nmax_timeout_seconds = 86400\n"
-        "# allowed_registries = [\"registry.example.org\"]\n"
-        "\n[steward]\n# A local data steward approves experiments / reviews results "
-        "(tributary spoke steward).\napprove_experiments = false\nreview_results = false\n"
-        "\n[counts]\n# Federated counts below min_cell are reported as \"fewer than "
-        "min_cell\".\nenabled = true\nmin_cell = 5\n\n"
-        "[deidentification]\n# PS3.15 options on top of the Basic Profile (docs/"
-        "deidentification.md);\n# changing them later needs `tributary spoke ingest "
-        "--rebuild`.\n# retain_modified_dates = true\n\n"
-        "# A PACS as a further source (DICOMweb; keep this file chmod 600):\n"
-        "# [[sources]]\n# kind = \"dicomweb\"\n# name = \"pacs\"\n"
-        "# url = \"https://pacs.example.org/dicom-web\"\n# username = \"reader\"\n"
-        "# password = \"...\"\n"
-    )
-    console.print(f"wrote {output}")
-
-
-@spoke_app.command("key")
-def spoke_key(
-    config: Annotated[Path, typer.Option("--config", "-c", exists=True, dir_okay=False,
-                                         help="The spoke's TOML configuration file.")],
-) -> None:
-    """Print the spoke's public key (generating its key pair locally on first use), for an
-    administrator to enrol on the hub. The private key never leaves the work folder."""
-    from tributary.protocol.signing import SigningKey
-    from tributary.spoke.config import SpokeConfig
-
-    key = SigningKey.load_or_create(SpokeConfig.load(config).work_dir / "spoke.key")
-    typer.echo(key.public.pem, nl=False)
-    typer.echo(f"# key id {key.keyid}", err=True)
 
 
 @algorithm_app.command("keygen")

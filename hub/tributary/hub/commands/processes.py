@@ -1,0 +1,104 @@
+"""``tributary hub serve | worker | migrate | create-user``: the hub's processes and its
+database. The web app (``serve``), the results consumer (``consume``) and the aggregation
+worker (``worker``) are peers: each can run as its own process."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tributary.protocol import logs
+
+app = typer.Typer(help="Run the hub (API, pages, results consumer).", no_args_is_help=True)
+console = Console()
+
+
+@app.command("serve")
+def hub_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    database_url: Annotated[str | None, typer.Option(
+        help="SQLAlchemy URL (default: TRIBUTARY_HUB_DATABASE_URL or a local SQLite file).")
+    ] = None,
+    verbose: bool = False,
+) -> None:
+    """Serve the hub's REST API and pages, and consume spoke results."""
+    import uvicorn
+
+    from tributary.hub.main import create_app
+    from tributary.hub.settings import HubSettings
+
+    logs.configure(verbose)
+    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    # Open event streams (dashboard pages, `study watch`) never finish by themselves: give
+    # them a few seconds on shutdown, then close them.
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=5)
+
+
+@app.command("worker")
+def hub_worker(
+    concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    verbose: bool = False,
+) -> None:
+    """Run a Celery worker for aggregation tasks (needs TRIBUTARY_HUB_CELERY_BROKER_URL and
+    the hub's TRIBUTARY_HUB_DATABASE_URL)."""
+    from tributary.hub.settings import HubSettings
+    from tributary.hub.worker import app as celery_app
+
+    if not HubSettings().celery_broker_url:
+        raise typer.BadParameter("set TRIBUTARY_HUB_CELERY_BROKER_URL: without a broker the "
+                                 "hub aggregates in its own process and needs no worker")
+    celery_app.worker_main(["worker", f"--concurrency={concurrency}",
+                            f"--loglevel={'DEBUG' if verbose else 'INFO'}"])
+
+
+@app.command("migrate")
+def hub_migrate(
+    database_url: Annotated[str | None, typer.Option(help="The hub's database URL.")] = None,
+) -> None:
+    """Bring the hub's database schema up to date, keeping its data. The hub does it too
+    when it starts; this is for operators who upgrade in a maintenance window."""
+    import getpass
+
+    from tributary.hub.db import make_engine, upgrade_schema
+    from tributary.hub.services.audit import attach_forensic_log
+    from tributary.hub.settings import HubSettings
+
+    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    engine = make_engine(settings.database_url, migrate=False)
+    attach_forensic_log(engine, settings.audit_log_path())
+    before, after = upgrade_schema(engine, actor=f"cli:{getpass.getuser()}")
+    if before == after:
+        console.print(f"database schema already at the newest revision, {after}")
+    else:
+        console.print(f"database schema upgraded from {before or 'none'} to {after}")
+
+
+@app.command("create-user")
+def hub_create_user(
+    username: Annotated[str, typer.Argument(help="The new user's name.")],
+    role: Annotated[list[str], typer.Option(
+        help="admin, coordinator, developer or reviewer (repeatable).")],
+    organisation: Annotated[str, typer.Option(
+        help="The user's organisation: the existing one of that name (compared ignoring case "
+             "and spacing), else a new one.")] = "",
+    database_url: Annotated[str | None, typer.Option(help="The hub's database URL.")] = None,
+) -> None:
+    """Create a hub user; the password is asked for (or read from standard input)."""
+    from sqlmodel import Session
+
+    from tributary.hub.db import open_database
+    from tributary.hub.services.users import create_user
+    from tributary.hub.settings import HubSettings
+
+    password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    with Session(open_database(settings)) as session:
+        try:
+            create_user(session, username, password, role, organisation, actor="cli")
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    console.print(f"created {username} with roles {', '.join(role)}")
