@@ -1,8 +1,8 @@
-"""The algorithm contract v1.1, restated with the standard library only.
+"""The algorithm contract v1.1: its paths, limits and exit codes, with the standard library
+only, so that an algorithm image needs nothing else.
 
-The platform's ``protocol/contract.py`` is the authority; it needs pydantic, which an
-algorithm image should not have to install. The values here must stay equal to it (the
-platform's test suite compares them).
+This module is the one definition: the platform (``tributary.protocol.contract``) imports
+these values and adds the pydantic models it validates messages and files with.
 """
 
 from __future__ import annotations

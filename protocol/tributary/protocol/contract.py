@@ -1,56 +1,45 @@
 """The algorithm contract, version 1.1: what a spoke gives an algorithm container and what
 it takes back. Kept deliberately small so an algorithm can be written in any language.
 
-The algorithm SDK (``algorithm-sdk/``) re-states these constants with the standard library
-only; ``tests/test_contract.py`` checks both agree, and ``docs/schemas/`` holds the JSON
-Schemas generated from the models below.
+The constants (paths, limits, exit codes) come from the algorithm SDK
+(``tributary_algorithm.contract``), which defines them with the standard library only; this
+module adds the pydantic models the platform validates with, and ``docs/schemas/`` holds the
+JSON Schemas generated from them.
 """
 
 from __future__ import annotations
 
-import re
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-CONTRACT_VERSION = "1.1"
+# The contract's constants are defined once, by the algorithm SDK (standard library only,
+# so an algorithm image needs nothing else); the platform uses the very same values.
+from tributary_algorithm.contract import (
+    ALGO_ARG_ENV,
+    CONTRACT_VERSION,
+    DEFAULT_OUTPUT_LIMIT_BYTES,
+    INPUT_ROOT,
+    MAX_PROGRESS_REPORTS_PER_CASE,
+    OUTPUT_DIR,
+    OUTPUT_PATH,
+    PARTICIPANT_PATH,
+    PROGRESS_FRACTION_STEP,
+    PROGRESS_LIMIT_BYTES,
+    PROGRESS_PATH,
+    PROGRESS_STEPS,
+    PSEUDONYM_PATTERN,
+    SCRATCH_DIR,
+    ExitCode,
+)
 
-#: Name of the environment variable that carries the JSON-encoded :class:`AlgoArg`.
-ALGO_ARG_ENV = "ALGO_ARG"
-#: Fixed paths inside the container.
-PARTICIPANT_PATH = "/tributary/participant.json"
-INPUT_ROOT = "/tributary/input"  # one read-only sub-directory per series
-OUTPUT_DIR = "/tributary/output"  # the only writable mount
-OUTPUT_PATH = f"{OUTPUT_DIR}/output.json"
-#: Optional (contract 1.1): the algorithm may keep a small :class:`Progress` JSON object
-#: here; the spoke reads it while the container runs and tells the hub. It never leaves as
-#: part of a result and is discarded with the run.
-PROGRESS_PATH = f"{OUTPUT_DIR}/progress.json"
-#: The spoke ignores progress files larger than this.
-PROGRESS_LIMIT_BYTES = 4096
-#: Progress leaves a spoke as a fraction rounded to this step (21 values, 0 to 1) and at
-#: most one :class:`ProgressStep`: the channel cannot carry data (see docs/security.md).
-PROGRESS_FRACTION_STEP = 0.05
-#: A spoke sends at most this many progress messages per case attempt, each only when the
-#: rounded value changed. With 21 fractions and 11 steps (or none) one message carries
-#: less than one byte the algorithm chose, so at most this many bytes per case leave.
-MAX_PROGRESS_REPORTS_PER_CASE = 30
-SCRATCH_DIR = "/tmp"  # in-memory tmpfs, discarded with the container
-
-#: The spoke refuses output.json files larger than this unless its config says otherwise.
-DEFAULT_OUTPUT_LIMIT_BYTES = 1024 * 1024
-
-_PSEUDONYM = re.compile(r"^[a-z]-[0-9a-f]{16,64}$")
-
-
-class ExitCode(IntEnum):
-    """What an algorithm's exit status means to the spoke."""
-
-    SUCCESS = 0  # output.json written and complete
-    ERROR = 1  # the algorithm failed (any other non-zero status is treated the same)
-    INVALID_ARGUMENTS = 2  # the arguments in ALGO_ARG are not acceptable to this algorithm
-    UNSUITABLE_INPUT = 3  # this case cannot be processed by this algorithm (e.g. no CT)
+__all__ = [
+    "ALGO_ARG_ENV", "CONTRACT_VERSION", "DEFAULT_OUTPUT_LIMIT_BYTES", "INPUT_ROOT",
+    "MAX_PROGRESS_REPORTS_PER_CASE", "OUTPUT_DIR", "OUTPUT_PATH", "PARTICIPANT_PATH",
+    "PROGRESS_FRACTION_STEP", "PROGRESS_LIMIT_BYTES", "PROGRESS_PATH", "PROGRESS_STEPS",
+    "PSEUDONYM_PATTERN", "SCRATCH_DIR", "ExitCode",
+]
 
 
 class _Strict(BaseModel):
@@ -80,7 +69,7 @@ class ParticipantSeries(_Strict):
     @field_validator("series_id")
     @classmethod
     def _pseudonymous(cls, value: str) -> str:
-        if not _PSEUDONYM.match(value):
+        if not PSEUDONYM_PATTERN.match(value):
             raise ValueError("series_id must be a pseudonym like 's-0123456789abcdef'")
         return value
 
@@ -103,7 +92,7 @@ class Participant(_Strict):
     @field_validator("case_id")
     @classmethod
     def _pseudonymous(cls, value: str) -> str:
-        if not _PSEUDONYM.match(value):
+        if not PSEUDONYM_PATTERN.match(value):
             raise ValueError("case_id must be a pseudonym like 'c-0123456789abcdef'")
         return value
 
