@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from tributary.cli.demo import run_demo
 from tributary.services.settings import ServiceSettings
+from tributary.testbed.demo import run_demo
 from tributary.testbed.federation import LocalFederation, free_port
 
 pytestmark = pytest.mark.e2e

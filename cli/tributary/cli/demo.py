@@ -1,176 +1,46 @@
-"""``tributary demo``: a local federation from nothing to aggregated results."""
+"""``tributary demo``: the command only. The study it runs is ``tributary.testbed.demo``,
+which ships with the testbed (a source checkout), not with the ``tributary`` wheel; the
+import waits until the command runs so the rest of the CLI works without the testbed."""
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
-import zlib
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
+import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tributary import services
-from tributary.cli.results_table import aggregate_table
-from tributary.protocol.registry import RegistryClient, split_repository
-from tributary.protocol.release import PREDICATE_TYPE, sign_release
-from tributary.protocol.signing import SigningKey
-from tributary.services.broker_security import (
-    generate_broker_config,
-    start_broker,
-    stop_broker,
-)
-from tributary.services.settings import ServiceSettings
-from tributary.testbed.compose import ComposeFederation
-from tributary.testbed.federation import (
-    LocalFederation,
-    build_and_push,
-    examples_dir,
-    free_port,
-    generate_cohort,
-)
-
-SITES = [("northfield", "Northfield General Hospital"), ("riverside", "Riverside Medical Centre"),
-         ("stclare", "St Clare University Hospital"), ("lakeside", "Lakeside Clinic")]
+console = Console()
 
 
-def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
-             workdir: Path | None = None, console: Console | None = None,
-             containers: ServiceSettings | None = None) -> dict[str, Any]:
-    """The demo study. With ``containers`` (the ports for the compose broker and
-    registry), the hub, spokes, broker and registry run as the containers of
-    docker-compose.yml; otherwise as processes on this machine."""
-    console = console or Console()
-    settings = containers or ServiceSettings()
-    root = (workdir or settings.state_dir / ("compose" if containers else "demo")).resolve()
-    if root.exists():
-        shutil.rmtree(root)
-    if len(case_counts) > len(SITES) or (containers and len(case_counts) > 3):
-        raise ValueError("too many spokes for the demo")
-
-    compose: ComposeFederation | None = None
-    if containers:
-        console.rule("1. Images and services (docker-compose)")
-        compose = ComposeFederation(root, settings, hub_port)
-        with console.status("building the broker, registry and platform images…"):
-            compose.build()
-        compose.start_services()
-        console.print(f"  broker     stomp://{settings.host}:{settings.broker_port}")
-        console.print(f"  registry   {settings.registry}")
-    else:
-        console.rule("1. Services")
-        services.up(settings, report=lambda n, s: console.print(f"  {n:<11} {s}"))
-
-    console.rule("2. Algorithm image, pinned by digest and signed by its publisher")
-    with console.status("building and pushing the lung-nodule detector…"):
-        repository, digest = build_and_push(examples_dir() / "lung_nodule", "lung-nodule",
-                                            "1.0.0", settings)
-    console.print(f"  {repository}@{digest}")
-    publisher = SigningKey.generate()
-    publisher.save(root / "publisher.key")
-    release = sign_release(publisher, repository, digest, "lung-nodule", "1.0.0",
-                           "Tributary examples")
-    registry, name = split_repository(repository)
-    with RegistryClient(registry) as client:
-        client.attach(name, digest, release, PREDICATE_TYPE)
-    console.print(f"  release signed by publisher key {publisher.keyid[:16]}…, stored beside "
-                  "the image (cosign attestation layout)")
-
-    console.rule("3. Synthetic CT cohorts, one per spoke")
-    spoke_ids = [spoke_id for (spoke_id, _), _ in zip(SITES, case_counts, strict=False)]
-    broker = None
-    federation: LocalFederation
-    if compose is not None:
-        federation = compose
-    else:
-        with console.status("generating a private CA and the broker's mutual-TLS "
-                            "configuration…"):
-            broker = generate_broker_config(root / "broker", spoke_ids=spoke_ids,
-                                            host=settings.host, stomp_ssl_port=free_port())
-            start_broker(broker)
-        federation = LocalFederation(root, settings, hub_port, secure_broker=broker)
-    cohorts = {}
-    for (spoke_id, site), count in zip(SITES, case_counts, strict=False):
-        seed = zlib.crc32(spoke_id.encode()) % 1000
-        truth = generate_cohort(root / "data" / spoke_id, count, seed=seed, site=site)
-        cohorts[spoke_id] = site
-        nodules = sum(len(v["nodules"]) for v in truth.values())
-        console.print(f"  {spoke_id:<11} {count} cases, {nodules} nodules ({site})")
-
+def demo(
+    cases: Annotated[str, typer.Option(help="Cases per spoke, comma-separated.")] = "12,10,8",
+    hub_port: int = 8000,
+    wait: Annotated[bool, typer.Option(help="Keep the federation running afterwards so the "
+                                            "dashboard can be explored.")] = True,
+    workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
+    containers: Annotated[bool, typer.Option(help=(
+        "Run broker, registry, hub and spokes as the containers of docker-compose.yml "
+        "instead of processes (at most three spokes)."))] = False,
+    broker_port: Annotated[int, typer.Option(help="With --containers: the broker's port.")
+                           ] = 61613,
+    registry_port: Annotated[int, typer.Option(help="With --containers: the registry's port.")
+                             ] = 5000,
+) -> None:
+    """Run a whole federation here: services, hub, three spokes, one study, results."""
     try:
-        console.rule("4. Hub and spokes")
-        federation.start_hub()
-        console.print(f"  hub        {federation.hub_url}")
-        if broker is not None:
-            console.print(f"  broker     stomp+ssl://{broker.host}:{broker.stomp_ssl_port}, "
-                          "one client certificate per party, each confined to its own queues")
-        schema_file = examples_dir() / "lung_nodule" / "arguments.schema.json"
-        schema = json.loads(schema_file.read_text())
-        with federation.api() as api:
-            api.post("/api/publishers", json={"name": "Tributary examples",
-                                              "public_key_pem": publisher.public.pem}
-                     ).raise_for_status()
-            for spoke_id, site in cohorts.items():
-                trusted = root / "spokes" / spoke_id / "publisher.pub"  # the spoke's own copy
-                trusted.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(root / "publisher.key.pub", trusted)
-                config = federation.add_spoke(spoke_id, root / "data" / spoke_id,
-                                              institution=site, publisher_keys=(trusted,))
-                federation.start_spoke(spoke_id, config)
-                console.print(f"  spoke      {spoke_id}")
-            algorithm = federation.register_algorithm(
-                name="lung-nodule", version="1.0.0", repository=repository,
-                digest=digest, argument_schema=schema, aggregator="nodule-detection",
-                release_signature=release,
-                description="Lung nodule candidates by thresholding and connected components")
-            console.print("  approved by two reviewers of two organisations; "
-                          "the hub signed the approval")
+        from tributary.testbed.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tributary.testbed", "tributary.testbed.demo"):
+            raise
+        console.print("[red]The demo needs a source checkout:[/] it runs the federation of "
+                      "tributary-testbed, which is not installed here. Clone the repository "
+                      "and run `make demo` there.")
+        raise typer.Exit(1) from None
+    from tributary.services.settings import ServiceSettings
 
-            console.rule("5. Study")
-            experiment = api.post("/api/experiments", json={
-                "name": "Nodule detection, demo study", "algorithm_id": algorithm["id"],
-                "arguments": {"min_diameter_mm": 4.0}, "spoke_ids": list(cohorts),
-                "release": ["nodules"], "limits": {"timeout_seconds": 600, "memory_mb": 1024},
-            }).raise_for_status().json()
-            api.post(f"/api/experiments/{experiment['id']}/launch").raise_for_status()
-            console.print(f"  launched {experiment['id']} on {', '.join(cohorts)}")
-
-            with Progress(TextColumn("  {task.description:<11}"), BarColumn(),
-                          MofNCompleteColumn(), TextColumn("{task.fields[note]}"),
-                          TimeElapsedColumn(), console=console) as progress:
-                bars = {s: progress.add_task(s, total=None, note="queued") for s in cohorts}
-
-                def show(exp: dict[str, Any]) -> None:
-                    for target in exp["targets"]:
-                        done = target["succeeded"] + target["failed"]
-                        note = f"{target['state']}, {target['failed']} failed, " \
-                               f"{target['running']} running"
-                        progress.update(bars[target["spoke_id"]], total=target["case_count"],
-                                        completed=done, note=note)
-
-                federation.wait_for_experiment(experiment["id"], timeout=3600, on_progress=show)
-            report = api.get(f"/api/experiments/{experiment['id']}/aggregate").json()
-
-        console.rule("6. Results")
-        console.print(aggregate_table(report))
-        # The whole report (every figure with its interval, per spoke and pooled) for
-        # whoever wants more than the table: the same JSON the API serves.
-        (root / "results.json").write_text(json.dumps(report, indent=1) + "\n")
-        console.print(f"\nDashboard: [bold]{federation.hub_url}/experiments/{experiment['id']}[/]"
-                      f"   API: {federation.hub_url}/docs\nFull results: "
-                      f"{root / 'results.json'}   logs: {root / 'logs'}")
-        console.print(f"Sign in as [bold]admin[/] with the password "
-                      f"[bold]{federation.admin_password}[/] (made for this demo run only).")
-        if wait:
-            console.print("The federation keeps running; press Ctrl-C to stop it.")
-            while all(p.alive() for p in federation.processes.values()):
-                time.sleep(1)
-        return report
-    except KeyboardInterrupt:
-        return {}
-    finally:
-        federation.stop()
-        if broker is not None:
-            stop_broker(broker)
+    counts = [int(c) for c in cases.split(",") if c.strip()]
+    compose = (ServiceSettings(broker_port=broker_port, registry_port=registry_port)
+               if containers else None)
+    run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console,
+             containers=compose)
