@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:  # httpx is imported when a command talks to the hub, not for --help
+    import httpx
 
 app = typer.Typer(help="Launch, watch and fetch federated studies on a hub.",
                   no_args_is_help=True)
@@ -29,6 +31,8 @@ TokenOption = Annotated[str, typer.Option(
 
 
 def _client(hub: str, token: str, timeout: float | None = 60) -> httpx.Client:
+    import httpx
+
     return httpx.Client(base_url=hub.rstrip("/"), timeout=timeout,
                         headers={"Authorization": f"Bearer {token}"})
 
