@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -19,11 +20,10 @@ from tributary.protocol.messages import CohortSelection, CountReply, CountReques
 from tributary.spoke.catalog import SelectionRefused
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.count_guard import CountHistory, check
-from tributary.spoke.custody import outgoing
 from tributary.spoke.ingest import Audit, open_catalog, refresh_catalog
 
 if TYPE_CHECKING:
-    from tributary.spoke.agent import SpokeAgent
+    from tributary.spoke.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -80,34 +80,47 @@ def answer(config: SpokeConfig, request: CountRequest,
     return suppress(request.query_id, config.spoke_id, count, policy.min_cell), count
 
 
-def handle(agent: SpokeAgent, request: CountRequest) -> None:
-    """Journal the request (the caller acknowledges it once this returns); the counter
-    thread answers it (:func:`answer_waiting`). A redelivery of a request journaled or
-    answered before is dropped."""
-    if not agent.journal.add_count_request(request):
-        agent.audit.append("hub", "message.dropped", request.query_id, {
-            "message_id": request.message_id, "reason": "replay: already received"})
+class CountResponder:
+    """The spoke's side of count requests: journal them as they arrive, answer them on the
+    counter thread. ``stopping`` ends a round of answers early (the rest wait for the next
+    start, journaled)."""
 
+    def __init__(self, config: SpokeConfig, lifecycle: Lifecycle,
+                 stopping: threading.Event) -> None:
+        self.config = config
+        self.lifecycle = lifecycle
+        self.stopping = stopping
 
-def answer_waiting(agent: SpokeAgent) -> int:
-    """Answer the journaled count requests, oldest first: audit each answer, then put the
-    signed reply in the durable outbox and retire the request in one transaction. Returns
-    how many were answered."""
-    answered = 0
-    for request in agent.journal.count_requests():
-        if agent.stopping.is_set():
-            break
-        reply, true_count = answer(agent.config, request, agent._audit)
-        agent.audit.append("hub", "count.answered", request.query_id, {
-            "selection": request.selection.model_dump(mode="json"),
-            "requested_by": request.requested_by, "true_count": true_count,
-            "reported_count": reply.count, "fewer_than": reply.fewer_than,
-            "refused": reply.refused, "reply_message_id": reply.message_id})
-        agent.journal.answer_count(request, outgoing(reply, agent.key))
-        agent.outbox.wake()
-        log.info("count %s answered: %s", request.query_id,
-                 reply.count if reply.count is not None else
-                 f"fewer than {reply.fewer_than}" if reply.fewer_than
-                 else f"refused ({reply.refused})")
-        answered += 1
-    return answered
+    def take(self, request: CountRequest) -> None:
+        """Journal the request (the caller acknowledges it once this returns); the counter
+        thread answers it (:meth:`answer_waiting`). A redelivery of a request journaled or
+        answered before is dropped."""
+        if not self.lifecycle.journal.add_count_request(request):
+            self.lifecycle.audit("message.dropped", request.query_id, actor="hub",
+                                 message_id=request.message_id,
+                                 reason="replay: already received")
+
+    def answer_waiting(self) -> int:
+        """Answer the journaled count requests, oldest first: audit each answer, then put
+        the signed reply in the durable outbox and retire the request in one transaction.
+        Returns how many were answered."""
+        lifecycle = self.lifecycle
+        answered = 0
+        for request in lifecycle.journal.count_requests():
+            if self.stopping.is_set():
+                break
+            reply, true_count = answer(self.config, request, lifecycle.audit)
+            lifecycle.audit(
+                "count.answered", request.query_id, actor="hub",
+                selection=request.selection.model_dump(mode="json"),
+                requested_by=request.requested_by, true_count=true_count,
+                reported_count=reply.count, fewer_than=reply.fewer_than,
+                refused=reply.refused, reply_message_id=reply.message_id)
+            lifecycle.journal.answer_count(request, lifecycle.outgoing(reply))
+            lifecycle.wake_outbox()
+            log.info("count %s answered: %s", request.query_id,
+                     reply.count if reply.count is not None else
+                     f"fewer than {reply.fewer_than}" if reply.fewer_than
+                     else f"refused ({reply.refused})")
+            answered += 1
+        return answered

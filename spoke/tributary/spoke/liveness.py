@@ -13,13 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from tributary.protocol.broker import PublishError, StompClient
 from tributary.protocol.contract import MAX_PROGRESS_REPORTS_PER_CASE, Progress
 from tributary.protocol.messages import CaseProgressMessage, HeartbeatMessage, RunningCase
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.wire import seal
+from tributary.spoke.journal import CaseRow
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,45 @@ class CaseActivity:
             started_at=self.started_at,
             fraction=self.progress.fraction if self.progress else None,
             message=self.progress.message if self.progress else None)
+
+
+class RunningCases:
+    """The cases running now, at most ``limit``: the dispatcher claims into it, the case
+    workers leave it, cancellations and heartbeats look into it from other threads."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._cases: dict[tuple[str, str], CaseActivity] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, claim_next: Callable[[], CaseRow | None]
+              ) -> tuple[CaseRow, CaseActivity] | None:
+        """Take the next queued case from ``claim_next`` if a slot is free; None if the
+        slots are full or nothing is queued."""
+        with self._lock:
+            if len(self._cases) >= self.limit:
+                return None
+            row = claim_next()
+            if row is None:
+                return None
+            activity = CaseActivity(row.experiment_id, row.case_id, row.attempt,
+                                    datetime.now(UTC))
+            self._cases[(row.experiment_id, row.case_id)] = activity
+            return row, activity
+
+    def leave(self, experiment_id: str, case_id: str) -> None:
+        with self._lock:
+            self._cases.pop((experiment_id, case_id), None)
+
+    def now(self) -> list[CaseActivity]:
+        with self._lock:
+            return list(self._cases.values())
+
+    def cancel_all(self) -> None:
+        """Stop every container (at shutdown: their cases run again at the next start)."""
+        with self._lock:
+            for activity in self._cases.values():
+                activity.cancel.set()
 
 
 #: Records a progress message in the spoke's audit log before it is sent.

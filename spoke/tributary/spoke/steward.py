@@ -36,11 +36,14 @@ from tributary.protocol.messages import (
     ProtocolError,
     ResultMessage,
 )
+from tributary.protocol.wire import open_from_hub
 from tributary.spoke import journal as states
-from tributary.spoke.custody import outgoing
 
 if TYPE_CHECKING:
-    from tributary.spoke.agent import SpokeAgent
+    from tributary.protocol.signing import PublicKey
+    from tributary.spoke.config import SpokeConfig
+    from tributary.spoke.custody import CustodyChain
+    from tributary.spoke.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +230,17 @@ def withheld(result: ResultMessage, steward: str, reason: str | None) -> ResultM
 
 class Steward:
     """The agent's side: hold what the policy gates, and apply the steward's decisions
-    through the journal (states and outbox), like everything else the spoke promises."""
+    through the experiments' lifecycle (journal states and outbox), like everything else
+    the spoke promises."""
 
-    def __init__(self, agent: SpokeAgent) -> None:
-        self.agent = agent
-        self.policy = agent.config.steward
-        self.desk = StewardDesk(agent.config.work_dir / "journal.db")
-
-    def close(self) -> None:
-        self.desk.close()
+    def __init__(self, config: SpokeConfig, lifecycle: Lifecycle, desk: StewardDesk,
+                 chain: CustodyChain, hub_keys: list[PublicKey]) -> None:
+        self.config = config
+        self.policy = config.steward
+        self.lifecycle = lifecycle
+        self.desk = desk
+        self.chain = chain
+        self.hub_keys = hub_keys
 
     # -- hooks ------------------------------------------------------------------------------
     def hold_experiment(self, message: ExperimentMessage, envelope: bytes | str) -> bool:
@@ -244,15 +249,16 @@ class Steward:
         together with the ``held`` status for the hub; the caller may then acknowledge it."""
         if not self.policy.approve_experiments:
             return False
+        # Here, not at the top: the steward's CLI reads the desk without the catalog's imports.
         from tributary.spoke.counts import matching_cases
 
-        agent = self.agent
+        lifecycle = self.lifecycle
         try:
-            size: int | None = matching_cases(agent.config, message.cohort, agent._audit,
+            size: int | None = matching_cases(self.config, message.cohort, lifecycle.audit,
                                               message.experiment_id)
         except (OSError, ValueError, sqlite3.Error):  # incl. SelectionRefused: shown as unknown
             size = None
-        releasable = agent.config.policy.releasable_attributes
+        releasable = self.config.policy.releasable_attributes
         summary = {
             "algorithm": f"{message.algorithm.name} {message.algorithm.version}",
             "image": message.algorithm.reference, "digest": message.algorithm.digest,
@@ -264,13 +270,13 @@ class Steward:
         }
         text = envelope.decode() if isinstance(envelope, bytes) else envelope
         if self.desk.hold_experiment(message, text, summary):
-            agent._audit("steward.experiment_held", message.experiment_id,
-                         message_id=message.message_id, **summary)
+            lifecycle.audit("steward.experiment_held", message.experiment_id,
+                            message_id=message.message_id, **summary)
         reason = "awaiting approval by the site's data steward"
-        agent.journal.add_experiment(message, states.HELD, reason, outgoing(
+        lifecycle.journal.add_experiment(message, states.HELD, reason, lifecycle.outgoing(
             ExperimentStatusMessage(experiment_id=message.experiment_id,
-                                    spoke_id=agent.config.spoke_id,
-                                    state=ExperimentState.HELD, reason=reason), agent.key))
+                                    spoke_id=self.config.spoke_id,
+                                    state=ExperimentState.HELD, reason=reason)))
         return True
 
     def hold_result(self, result: ResultMessage, run: dict[str, Any]) -> bool:
@@ -280,8 +286,9 @@ class Steward:
         if not self.policy.review_results:
             return False
         self.desk.hold_result(result, run)
-        self.agent._audit("steward.result_held", result.experiment_id, case=result.case_id,
-                          attempt=result.attempt, status=result.status.value)
+        self.lifecycle.audit("steward.result_held", result.experiment_id,
+                             case=result.case_id, attempt=result.attempt,
+                             status=result.status.value)
         return True
 
     def already_held(self, experiment_id: str, case_id: str, attempt: int) -> bool:
@@ -289,20 +296,12 @@ class Steward:
         spoke may have stopped between holding it and marking its case)."""
         return self.desk.is_held(experiment_id, case_id, attempt)
 
-    def discard(self, experiment_id: str, reason: str) -> None:
-        """The hub cancelled the experiment: what waits for the steward never leaves."""
-        discarded = self.desk.discard(experiment_id, reason)
-        if discarded:
-            self.agent._audit("steward.discarded", experiment_id, items=discarded,
-                              reason=reason)
-
     # -- applying decisions -----------------------------------------------------------------
     def apply_decisions(self) -> None:
         """Release approved experiments to the dispatcher, refuse rejected ones, sign
         reviewed results into the custody chain (withheld ones as failed) and queue them
         for the hub. Every step is a journal transaction, so a crash part-way resumes
         at the next call without sending anything twice."""
-        agent = self.agent
         for held in self.desk.experiments(APPROVED, REJECTED):
             self._apply_experiment(held)
         touched: dict[str, None] = {}
@@ -310,67 +309,67 @@ class Steward:
             self._apply_result(held_result)
             touched[held_result.result.experiment_id] = None
         for experiment_id in touched:
-            agent._maybe_finish(experiment_id)  # the last review completes the experiment
+            self.lifecycle.maybe_finish(experiment_id)  # the last review completes it
         if touched:
-            agent.outbox.wake()
+            self.lifecycle.wake_outbox()
 
     def _apply_experiment(self, held: HeldExperiment) -> None:
-        from tributary.protocol.wire import open_from_hub
-
-        agent = self.agent
+        lifecycle = self.lifecycle
         experiment_id = held.experiment_id
-        known = agent.journal.experiment(experiment_id)
+        known = lifecycle.journal.experiment(experiment_id)
         if known is not None and known[1] != states.HELD:
             self.desk.experiment_done(experiment_id)  # cancelled while it waited
             return
         try:  # re-verify what was kept: the database is not trusted to be untouched
-            message = open_from_hub(held.envelope, agent.hub_keys)
+            message = open_from_hub(held.envelope, self.hub_keys)
             if not isinstance(message, ExperimentMessage):
                 raise ProtocolError("the held message is not an experiment")
             if (message.experiment_id, message.spoke_id) != (experiment_id,
-                                                             agent.config.spoke_id):
+                                                             self.config.spoke_id):
                 raise ProtocolError("the held message is another experiment's")
         except ProtocolError as exc:
             log.error("held experiment %s no longer verifies: %s", experiment_id, exc)
-            agent._audit("steward.experiment_dropped", experiment_id, reason=str(exc))
+            lifecycle.audit("steward.experiment_dropped", experiment_id, reason=str(exc))
             reason = "the held experiment message no longer verifies at the spoke"
             if known is None:
-                agent.journal.send_later(outgoing(ExperimentStatusMessage(
-                    experiment_id=experiment_id, spoke_id=agent.config.spoke_id,
-                    state=ExperimentState.REFUSED, reason=reason), agent.key))
+                lifecycle.send_later(ExperimentStatusMessage(
+                    experiment_id=experiment_id, spoke_id=self.config.spoke_id,
+                    state=ExperimentState.REFUSED, reason=reason))
             else:
-                agent._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
-                              reason=reason, expect=states.HELD)
+                lifecycle.settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
+                                 reason=reason, expect=states.HELD)
             self.desk.experiment_done(experiment_id)
             return
         if known is None:  # held by a spoke version that did not journal held experiments
-            agent.journal.add_experiment(message, states.HELD)
+            lifecycle.journal.add_experiment(message, states.HELD)
         if held.state == REJECTED:
             log.info("experiment %s rejected by the steward", experiment_id)
-            agent._settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
-                          reason=f"rejected by the site's data steward ({held.decided_by})"
-                                 + (f": {held.reason}" if held.reason else ""),
-                          expect=states.HELD)
-        elif agent.journal.release_held(experiment_id, message):
+            lifecycle.settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
+                             reason=f"rejected by the site's data steward ({held.decided_by})"
+                                    + (f": {held.reason}" if held.reason else ""),
+                             expect=states.HELD)
+        elif lifecycle.journal.release_held(experiment_id, message):
             log.info("experiment %s approved by the steward", experiment_id)
-            agent._audit("steward.experiment_released", experiment_id,
-                         steward=held.decided_by)
-            agent._wake.set()
+            lifecycle.audit("steward.experiment_released", experiment_id,
+                            steward=held.decided_by)
+            lifecycle.wake()
         self.desk.experiment_done(experiment_id)
 
     def _apply_result(self, held: HeldResult) -> None:
-        agent = self.agent
+        lifecycle = self.lifecycle
         result = held.result
-        cancelled = agent.journal.cancellation(result.experiment_id)
+        cancelled = lifecycle.journal.cancellation(result.experiment_id)
         if cancelled is not None:
-            agent.journal.cancel(result.experiment_id, cancelled, "")
-            self.discard(result.experiment_id, f"the hub cancelled the experiment: {cancelled}")
+            lifecycle.journal.cancel(result.experiment_id, cancelled, "")
+            lifecycle.discard_held(result.experiment_id,
+                                   f"the hub cancelled the experiment: {cancelled}")
             return
         if held.state == REJECTED:
             result = withheld(result, held.decided_by or "steward", held.reason)
-        if agent.journal.result(result.experiment_id, result.case_id, result.attempt) is None:
-            agent._audit("steward.result_applied", result.experiment_id,
-                         case=result.case_id, attempt=result.attempt, decision=held.state,
-                         steward=held.decided_by, reason=held.reason)
-            agent.chain.append(result, held.run)
+        if lifecycle.journal.result(result.experiment_id, result.case_id,
+                                    result.attempt) is None:
+            lifecycle.audit("steward.result_applied", result.experiment_id,
+                            case=result.case_id, attempt=result.attempt, decision=held.state,
+                            steward=held.decided_by, reason=held.reason)
+            self.chain.append(result, held.run)
         self.desk.result_done(held.result)

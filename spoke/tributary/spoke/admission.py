@@ -1,0 +1,113 @@
+"""Admission of a journaled experiment, on the dispatcher thread: it has not expired, its
+image is approved by the hub, not revoked, released by a trusted publisher and pulled by
+digest, and its cohort is one the site's release policy allows. Then its cases are queued
+together with the ``accepted`` status; otherwise it is refused with the reason."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime
+
+import docker
+import docker.errors
+
+from tributary.protocol.messages import ExperimentMessage, ExperimentState, FailureReason
+from tributary.protocol.signing import PublicKey
+from tributary.spoke import journal as states
+from tributary.spoke.cases import Cases
+from tributary.spoke.catalog import SelectionRefused, refused_attributes
+from tributary.spoke.config import SpokeConfig
+from tributary.spoke.images import ImageRefused, check_approval, check_release, ensure_image
+from tributary.spoke.lifecycle import Lifecycle
+
+log = logging.getLogger(__name__)
+
+
+class Admission:
+    def __init__(self, config: SpokeConfig, lifecycle: Lifecycle, cases: Cases,
+                 hub_keys: list[PublicKey], publishers: list[PublicKey],
+                 stopping: threading.Event) -> None:
+        self.config = config
+        self.lifecycle = lifecycle
+        self.cases = cases
+        self.hub_keys = hub_keys
+        self.publishers = publishers
+        self.stopping = stopping
+
+    def prepare(self, message: ExperimentMessage) -> None:
+        """Check the image and select the cases of a journaled experiment; accepted cases
+        are queued in the journal together with the ``accepted`` status. Left ``received``
+        (tried again) while the Docker engine is unavailable."""
+        experiment_id = message.experiment_id
+        log.info("experiment %s: %s", experiment_id, message.algorithm.reference)
+        if message.expires_at is not None and message.expires_at < datetime.now(UTC):
+            self._refuse(experiment_id, "experiment expired")
+            return
+        if not self._image_admitted(message):
+            return
+        try:
+            cases = self.cases.select(message)
+        except SelectionRefused as exc:
+            log.error("refusing %s: %s", experiment_id, exc)
+            self.lifecycle.audit("cohort.refused", experiment_id, reason=str(exc),
+                                 criteria=message.cohort.model_dump(mode="json"))
+            self._refuse(experiment_id, str(exc))
+            return
+        except Exception as exc:
+            log.exception("could not select the cases of %s", experiment_id)
+            self._refuse(experiment_id, f"input_error: the cases could not be read: "
+                                        f"{type(exc).__name__}")
+            return
+        ids = list(cases)
+        refused = refused_attributes(message.release, self.config.policy.releasable_attributes)
+        if refused:
+            self.lifecycle.audit("release.refused", experiment_id, attributes=refused,
+                                 reason="not releasable under this site's policy")
+        if not self.lifecycle.settle(
+                experiment_id, states.ACCEPTED, ExperimentState.ACCEPTED, ids,
+                reason=f"not releasable under this site's policy, never sent: "
+                       f"{', '.join(refused)}" if refused else None,
+                queue=ids, expect=states.RECEIVED):
+            return  # cancelled while it was being prepared; the hub has been told
+        self.lifecycle.maybe_finish(experiment_id)  # no cases at all: completed at once
+
+    def _image_admitted(self, message: ExperimentMessage) -> bool:
+        """Whether the experiment's image may run here (pulled and verified by now); False
+        if it was refused, or if the Docker engine is unavailable (after a pause)."""
+        experiment_id = message.experiment_id
+        reference = message.algorithm.reference
+        try:
+            docker_client = docker.from_env(timeout=120)
+        except docker.errors.DockerException as exc:
+            log.error("docker engine unavailable for %s: %s; will retry", experiment_id, exc)
+            self.stopping.wait(10)
+            return False
+        try:
+            check_approval(message.algorithm, self.hub_keys)
+            revoked = self.lifecycle.journal.revocation(message.algorithm.digest)
+            if revoked is not None:
+                raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
+                                   f"approval revoked by the hub: {revoked}")
+            check_release(message.algorithm, self.publishers,
+                          self.config.runner.allowed_registries,
+                          self.config.trust.registry_signatures)
+            image_id = ensure_image(
+                docker_client, message.algorithm, self.config.runner.allowed_registries,
+                on_pull=lambda pulled: self.lifecycle.audit("image.pulled", reference,
+                                                            image_id=pulled))
+            self.lifecycle.audit("image.verified", reference, result="verified",
+                                 image_id=image_id, experiment=experiment_id)
+        except ImageRefused as exc:
+            log.error("refusing %s: %s", experiment_id, exc.detail)
+            self.lifecycle.audit("image.verified", reference, result="refused",
+                                 reason=exc.reason, error=exc.detail, experiment=experiment_id)
+            self._refuse(experiment_id, f"{exc.reason}: {exc.detail}")
+            return False
+        finally:
+            docker_client.close()
+        return True
+
+    def _refuse(self, experiment_id: str, reason: str) -> None:
+        self.lifecycle.settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,
+                              reason=reason, expect=states.RECEIVED)
