@@ -13,7 +13,7 @@ from tributary.hub.api.deps import (
     get_settings,
     require,
 )
-from tributary.hub.api.schemas import AlgorithmCreate, PublisherCreate, ReviewCreate, RevokeBody
+from tributary.hub.schemas import AlgorithmCreate, PublisherCreate, ReviewCreate, RevokeBody
 from tributary.hub.models import Algorithm, Publisher, Review, Role, User
 from tributary.hub.services import approval, audit
 from tributary.hub.services.aggregation import AGGREGATORS

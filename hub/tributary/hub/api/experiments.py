@@ -21,7 +21,7 @@ from tributary.hub.api.deps import (
     get_session,
     get_settings,
 )
-from tributary.hub.api.schemas import (
+from tributary.hub.schemas import (
     CancelBody,
     CaseRead,
     ExperimentCreate,

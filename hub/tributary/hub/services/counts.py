@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from tributary.hub.api.schemas import CountRead, CountSpokeRead
+from tributary.hub.schemas import CountRead, CountSpokeRead
 from tributary.hub.models import (
     CountAnswer,
     CountAnswerState,

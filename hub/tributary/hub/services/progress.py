@@ -9,7 +9,7 @@ from datetime import datetime
 
 from sqlmodel import Session, select
 
-from tributary.hub.api.schemas import AttemptRead, CaseRead, ExperimentRead, TargetProgress
+from tributary.hub.schemas import AttemptRead, CaseRead, ExperimentRead, TargetProgress
 from tributary.hub.models import (
     Algorithm,
     CaseAttempt,
