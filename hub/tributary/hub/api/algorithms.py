@@ -13,8 +13,8 @@ from tributary.hub.api.deps import (
     get_settings,
     require,
 )
-from tributary.hub.schemas import AlgorithmCreate, PublisherCreate, ReviewCreate, RevokeBody
 from tributary.hub.models import Algorithm, Publisher, Review, Role, User
+from tributary.hub.schemas import AlgorithmCreate, PublisherCreate, ReviewCreate, RevokeBody
 from tributary.hub.services import approval, audit
 from tributary.hub.services.aggregation import AGGREGATORS
 from tributary.hub.services.registry_client import RegistryCheckError, verify_manifest

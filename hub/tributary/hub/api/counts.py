@@ -6,8 +6,8 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from sqlmodel import Session, select
 
 from tributary.hub.api.deps import acting, current_user, get_broker, get_or_404, get_session
-from tributary.hub.schemas import CountCreate, CountRead
 from tributary.hub.models import CountQuery, Role, Spoke
+from tributary.hub.schemas import CountCreate, CountRead
 from tributary.hub.services.counts import count_read, create_query, publish_query
 from tributary.hub.services.enrolment import active_keys
 from tributary.protocol.broker import PublishError, StompClient

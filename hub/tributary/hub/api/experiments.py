@@ -21,14 +21,6 @@ from tributary.hub.api.deps import (
     get_session,
     get_settings,
 )
-from tributary.hub.schemas import (
-    CancelBody,
-    CaseRead,
-    ExperimentCreate,
-    ExperimentRead,
-    RetryBody,
-    RetryRead,
-)
 from tributary.hub.models import (
     Algorithm,
     CaseResult,
@@ -38,6 +30,14 @@ from tributary.hub.models import (
     Role,
     Spoke,
     utcnow,
+)
+from tributary.hub.schemas import (
+    CancelBody,
+    CaseRead,
+    ExperimentCreate,
+    ExperimentRead,
+    RetryBody,
+    RetryRead,
 )
 from tributary.hub.services import audit, control, exports
 from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters

@@ -11,8 +11,8 @@ from tributary.hub.api.deps import (
     get_session,
     get_settings,
 )
-from tributary.hub.schemas import GapAccept, KeyEnrol, SpokeCreate, SpokeRead
 from tributary.hub.models import CustodyGap, Role, Spoke, SpokeKey
+from tributary.hub.schemas import GapAccept, KeyEnrol, SpokeCreate, SpokeRead
 from tributary.hub.services import audit, enrolment, gaps, ingest
 from tributary.hub.services.liveness import is_online
 from tributary.hub.settings import HubSettings

@@ -10,7 +10,6 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from tributary.hub.schemas import CountRead, CountSpokeRead
 from tributary.hub.models import (
     CountAnswer,
     CountAnswerState,
@@ -19,6 +18,7 @@ from tributary.hub.models import (
     Spoke,
     utcnow,
 )
+from tributary.hub.schemas import CountRead, CountSpokeRead
 from tributary.hub.services import audit
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.destinations import spoke_queue

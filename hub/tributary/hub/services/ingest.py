@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from tributary.hub import worker
+from tributary.hub import tasks
 from tributary.hub.models import (
     FINAL_CASE_STATES,
     TERMINAL_TARGET_STATES,
@@ -141,7 +141,7 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
     _maybe_complete(session, message.experiment_id)
     session.commit()
     if applied and isinstance(message, ResultMessage):
-        worker.enqueue(message.experiment_id)  # re-aggregate (hub/worker.py)
+        tasks.aggregate_experiment(message.experiment_id)  # re-aggregate (hub/worker.py)
     return applied
 
 

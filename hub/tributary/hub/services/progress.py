@@ -9,7 +9,6 @@ from datetime import datetime
 
 from sqlmodel import Session, select
 
-from tributary.hub.schemas import AttemptRead, CaseRead, ExperimentRead, TargetProgress
 from tributary.hub.models import (
     Algorithm,
     CaseAttempt,
@@ -19,6 +18,7 @@ from tributary.hub.models import (
     Spoke,
     TargetState,
 )
+from tributary.hub.schemas import AttemptRead, CaseRead, ExperimentRead, TargetProgress
 from tributary.hub.services.liveness import is_online
 
 #: The default liveness window (seconds); the API passes the hub's configured one.
