@@ -44,7 +44,7 @@ from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
 from tributary.hub.services.anchors import anchors
 from tributary.hub.services.enrolment import active_keys
 from tributary.hub.services.launch import NotApproved, launch
-from tributary.hub.services.progress import case_reads
+from tributary.hub.services.progress import case_reads, experiment_reads
 from tributary.hub.services.progress import experiment_read as _experiment_read
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
@@ -127,8 +127,7 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
 @router.get("", response_model=list[ExperimentRead])
 def list_experiments(session: Session = Depends(get_session),
                      settings: HubSettings = Depends(get_settings)) -> list[ExperimentRead]:
-    rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
-    return [experiment_read(session, e, settings) for e in rows]
+    return experiment_reads(session, settings.spoke_online_seconds)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentRead)

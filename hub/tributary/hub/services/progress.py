@@ -75,6 +75,13 @@ def target_progress(session: Session, experiment_id: str,
     return reads
 
 
+def experiment_reads(session: Session,
+                     online_seconds: float = DEFAULT_ONLINE_SECONDS) -> list[ExperimentRead]:
+    """Every experiment, newest first."""
+    rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
+    return [experiment_read(session, e, online_seconds) for e in rows]
+
+
 def experiment_read(session: Session, experiment: Experiment,
                     online_seconds: float = DEFAULT_ONLINE_SECONDS) -> ExperimentRead:
     algorithm = session.get(Algorithm, experiment.algorithm_id)
