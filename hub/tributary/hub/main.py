@@ -28,7 +28,6 @@ from tributary.hub.api import (
     results,
     spokes,
 )
-from tributary.hub.api.signin import make_throttle
 from tributary.hub.consumer import ResultsConsumer
 from tributary.hub.db import make_engine, upgrade_schema
 from tributary.hub.models import Role, User
@@ -36,6 +35,7 @@ from tributary.hub.services.anchors import check_hub_log
 from tributary.hub.services.audit import attach_forensic_log
 from tributary.hub.services.users import create_user
 from tributary.hub.settings import HubSettings
+from tributary.hub.signin import make_throttle
 from tributary.hub.web import SignInRequired
 from tributary.hub.web import router as web_router
 from tributary.protocol.auditlog import AuditLog

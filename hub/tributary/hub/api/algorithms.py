@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from jsonschema import Draft202012Validator, SchemaError
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import (
+from tributary.hub.deps import (
     RowId,
     acting,
     current_user,

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends, Query
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import get_session, require
+from tributary.hub.deps import get_session, require
 from tributary.hub.models import AuditEvent, QuarantinedMessage, Role
 from tributary.hub.services import audit
 from tributary.hub.services.anchors import anchors

@@ -5,7 +5,7 @@ from datetime import timedelta
 from fastapi import APIRouter, Depends, HTTPException, Request
 from sqlmodel import Session
 
-from tributary.hub.api.deps import acting, current_user, get_broker, get_or_404, get_session
+from tributary.hub.deps import acting, current_user, get_broker, get_or_404, get_session
 from tributary.hub.models import CountQuery, Role, Spoke
 from tributary.hub.schemas import CountCreate, CountRead
 from tributary.hub.services.counts import count_read, count_reads, create_query, publish_query

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from jsonschema import Draft202012Validator
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import (
+from tributary.hub.deps import (
     acting,
     case_reader,
     current_user,

@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends, HTTPException, Request
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import (
+from tributary.hub.deps import (
     acting,
     current_user,
     get_broker,
