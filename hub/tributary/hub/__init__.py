@@ -1,7 +1,8 @@
 """The hub: coordinators register spokes and algorithms, define and launch experiments,
 and read aggregated results.
 
-Layout, in layers (each imports only those below it):
+Layout, in layers (imports go downwards; the one exception, ``db`` auditing a schema
+migration through ``services.audit``, is imported lazily):
 
 - entry points, peers: ``main`` (the web app: API and pages, by default also consuming
   results), ``consumer`` (the results consumer, runnable as a process of its own) and
