@@ -14,7 +14,7 @@ from tributary.hub.aggregation.report import (
     RocCurve,
     RocPoint,
 )
-from tributary.hub.api.schemas import CaseRead, ExperimentRead, TargetProgress
+from tributary.hub.schemas import CaseRead, ExperimentRead, TargetProgress
 from tributary.hub.services import plots
 from tributary.hub.web.results import results_view
 

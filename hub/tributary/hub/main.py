@@ -1,4 +1,6 @@
-"""The hub application: REST API, pages, and the results consumer in the same process."""
+"""The web app, one of the hub's three entry points (beside the results consumer,
+:mod:`tributary.hub.consumer`, and the aggregation worker, :mod:`tributary.hub.worker`):
+the REST API and the pages, and by default the results consumer in the same process."""
 
 from __future__ import annotations
 
@@ -26,14 +28,14 @@ from tributary.hub.api import (
     results,
     spokes,
 )
-from tributary.hub.api.signin import make_throttle
+from tributary.hub.consumer import ResultsConsumer
 from tributary.hub.db import make_engine, upgrade_schema
 from tributary.hub.models import Role, User
 from tributary.hub.services.anchors import check_hub_log
 from tributary.hub.services.audit import attach_forensic_log
-from tributary.hub.services.ingest import ResultsConsumer
 from tributary.hub.services.users import create_user
 from tributary.hub.settings import HubSettings
+from tributary.hub.signin import make_throttle
 from tributary.hub.web import SignInRequired
 from tributary.hub.web import router as web_router
 from tributary.protocol.auditlog import AuditLog

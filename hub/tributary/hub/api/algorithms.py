@@ -4,7 +4,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from jsonschema import Draft202012Validator, SchemaError
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import (
+from tributary.hub.deps import (
     RowId,
     acting,
     current_user,
@@ -13,9 +13,9 @@ from tributary.hub.api.deps import (
     get_settings,
     require,
 )
-from tributary.hub.api.schemas import AlgorithmCreate, PublisherCreate, ReviewCreate, RevokeBody
 from tributary.hub.models import Algorithm, Publisher, Review, Role, User
-from tributary.hub.services import approval, audit
+from tributary.hub.schemas import AlgorithmCreate, PublisherCreate, ReviewCreate, RevokeBody
+from tributary.hub.services import algorithms, approval, audit
 from tributary.hub.services.aggregation import AGGREGATORS
 from tributary.hub.services.registry_client import RegistryCheckError, verify_manifest
 from tributary.hub.settings import HubSettings
@@ -103,7 +103,7 @@ def review_algorithm(algorithm_id: RowId, body: ReviewCreate, request: Request,
 
 @router.get("/{algorithm_id}/reviews", response_model=list[Review])
 def list_reviews(algorithm_id: RowId, session: Session = Depends(get_session)) -> list[Review]:
-    return list(session.exec(select(Review).where(Review.algorithm_id == algorithm_id)))
+    return algorithms.reviews(session, algorithm_id)
 
 
 @router.post("/{algorithm_id}/revoke", response_model=Algorithm)
@@ -129,7 +129,7 @@ def revoke_algorithm(algorithm_id: RowId, body: RevokeBody, request: Request,
 
 @router.get("", response_model=list[Algorithm])
 def list_algorithms(session: Session = Depends(get_session)) -> list[Algorithm]:
-    return list(session.exec(select(Algorithm).order_by(Algorithm.name, Algorithm.version)))
+    return algorithms.algorithms(session)
 
 
 @router.get("/{algorithm_id}", response_model=Algorithm)

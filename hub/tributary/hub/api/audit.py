@@ -1,11 +1,11 @@
 """The audit trail, newest first."""
 
 from fastapi import APIRouter, Depends, Query
-from sqlalchemy import String, cast, func, or_
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import get_session, require
+from tributary.hub.deps import get_session, require
 from tributary.hub.models import AuditEvent, QuarantinedMessage, Role
+from tributary.hub.services import audit
 from tributary.hub.services.anchors import anchors
 from tributary.protocol.auditlog import AuditAnchors
 
@@ -20,19 +20,7 @@ def list_audit(action: str | None = None, target: str | None = None,
                                                       "target or detail (case-insensitive)."),
                limit: int = Query(200, ge=1, le=5000),
                session: Session = Depends(get_session)) -> list[AuditEvent]:
-    query = select(AuditEvent).order_by(AuditEvent.id.desc())  # type: ignore[union-attr]
-    if action:
-        query = query.where(AuditEvent.action == action)
-    if target:
-        query = query.where(AuditEvent.target == target)
-    if actor:
-        query = query.where(AuditEvent.actor == actor)
-    if q:
-        pattern = f"%{q.lower()}%"
-        query = query.where(or_(*(func.lower(column).like(pattern) for column in (
-            AuditEvent.actor, AuditEvent.action, AuditEvent.target,
-            cast(AuditEvent.detail, String)))))  # type: ignore[arg-type]
-    return list(session.exec(query.limit(limit)))
+    return audit.search(session, action, target, actor, q, limit)
 
 
 @router.get("/anchors", response_model=AuditAnchors)

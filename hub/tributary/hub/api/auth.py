@@ -6,9 +6,9 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel
 from sqlmodel import Session
 
-from tributary.hub.api import signin
-from tributary.hub.api.deps import current_user, get_session, presented_token
+from tributary.hub import signin
 from tributary.hub.api.people import UserOut, user_out
+from tributary.hub.deps import current_user, get_session, presented_token
 from tributary.hub.models import User
 from tributary.hub.services import users
 

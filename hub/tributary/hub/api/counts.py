@@ -3,12 +3,12 @@
 from datetime import timedelta
 
 from fastapi import APIRouter, Depends, HTTPException, Request
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from tributary.hub.api.deps import acting, current_user, get_broker, get_or_404, get_session
-from tributary.hub.api.schemas import CountCreate, CountRead
+from tributary.hub.deps import acting, current_user, get_broker, get_or_404, get_session
 from tributary.hub.models import CountQuery, Role, Spoke
-from tributary.hub.services.counts import count_read, create_query, publish_query
+from tributary.hub.schemas import CountCreate, CountRead
+from tributary.hub.services.counts import count_read, count_reads, create_query, publish_query
 from tributary.hub.services.enrolment import active_keys
 from tributary.protocol.broker import PublishError, StompClient
 from tributary.protocol.count_policy import count_selection_problem
@@ -64,8 +64,7 @@ def resend_count(query_id: str, request: Request, session: Session = Depends(get
 @router.get("", response_model=list[CountRead])
 def list_counts(session: Session = Depends(get_session),
                 _actor: str = Depends(acting(Role.COORDINATOR))) -> list[CountRead]:
-    rows = session.exec(select(CountQuery).order_by(CountQuery.created_at.desc())).all()  # type: ignore[attr-defined]
-    return [count_read(session, q) for q in rows]
+    return count_reads(session)
 
 
 @router.get("/{query_id}", response_model=CountRead)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
-from tributary.hub.api.deps import acting, get_session, get_settings, require
+from tributary.hub.deps import acting, get_session, get_settings, require
 from tributary.hub.models import Role
 from tributary.hub.services import deadletters
 from tributary.hub.services.deadletters import DeadLetterNotFound, DeadLetterRead

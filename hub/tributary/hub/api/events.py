@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
-from tributary.hub.api.deps import current_user, may_see_cases
+from tributary.hub.deps import current_user, may_see_cases
 from tributary.hub.models import (
     TERMINAL_TARGET_STATES,
     Experiment,

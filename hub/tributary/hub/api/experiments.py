@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from jsonschema import Draft202012Validator
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import (
+from tributary.hub.deps import (
     acting,
     case_reader,
     current_user,
@@ -20,14 +20,6 @@ from tributary.hub.api.deps import (
     get_or_404,
     get_session,
     get_settings,
-)
-from tributary.hub.api.schemas import (
-    CancelBody,
-    CaseRead,
-    ExperimentCreate,
-    ExperimentRead,
-    RetryBody,
-    RetryRead,
 )
 from tributary.hub.models import (
     Algorithm,
@@ -39,12 +31,20 @@ from tributary.hub.models import (
     Spoke,
     utcnow,
 )
+from tributary.hub.schemas import (
+    CancelBody,
+    CaseRead,
+    ExperimentCreate,
+    ExperimentRead,
+    RetryBody,
+    RetryRead,
+)
 from tributary.hub.services import audit, control, exports
 from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
 from tributary.hub.services.anchors import anchors
 from tributary.hub.services.enrolment import active_keys
 from tributary.hub.services.launch import NotApproved, launch
-from tributary.hub.services.progress import case_reads
+from tributary.hub.services.progress import case_reads, experiment_reads
 from tributary.hub.services.progress import experiment_read as _experiment_read
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
@@ -127,8 +127,7 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
 @router.get("", response_model=list[ExperimentRead])
 def list_experiments(session: Session = Depends(get_session),
                      settings: HubSettings = Depends(get_settings)) -> list[ExperimentRead]:
-    rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
-    return [experiment_read(session, e, settings) for e in rows]
+    return experiment_reads(session, settings.spoke_online_seconds)
 
 
 @router.get("/{experiment_id}", response_model=ExperimentRead)

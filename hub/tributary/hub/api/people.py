@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, HTTPException
 from pydantic import BaseModel, Field
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import get_or_404, get_session, require
+from tributary.hub.deps import get_or_404, get_session, require
 from tributary.hub.models import Organisation, Role, User
 from tributary.hub.services import organisations, users
 

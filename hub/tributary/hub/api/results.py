@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from sqlmodel import Session
 
 from tributary.hub.aggregation.report import AggregateRead, ResultRow, SnapshotInfo
-from tributary.hub.api.deps import (
+from tributary.hub.deps import (
     acting,
     case_reader,
     current_user,

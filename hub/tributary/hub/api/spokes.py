@@ -3,7 +3,7 @@
 from fastapi import APIRouter, Depends, HTTPException, Request
 from sqlmodel import Session, select
 
-from tributary.hub.api.deps import (
+from tributary.hub.deps import (
     acting,
     current_user,
     get_broker,
@@ -11,10 +11,10 @@ from tributary.hub.api.deps import (
     get_session,
     get_settings,
 )
-from tributary.hub.api.schemas import GapAccept, KeyEnrol, SpokeCreate, SpokeRead
 from tributary.hub.models import CustodyGap, Role, Spoke, SpokeKey
+from tributary.hub.schemas import GapAccept, KeyEnrol, SpokeCreate, SpokeRead
 from tributary.hub.services import audit, enrolment, gaps, ingest
-from tributary.hub.services.liveness import is_online
+from tributary.hub.services.spokes import spoke_read, spoke_reads
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
 from tributary.protocol.signing import SignatureError
@@ -35,28 +35,18 @@ def register_spoke(body: SpokeCreate, session: Session = Depends(get_session),
     return spoke
 
 
-def spoke_read(spoke: Spoke, settings: HubSettings) -> SpokeRead:
-    return SpokeRead(
-        id=spoke.id, name=spoke.name, institution=spoke.institution,
-        created_at=spoke.created_at, online=is_online(spoke, settings.spoke_online_seconds),
-        last_seen_at=spoke.last_seen_at, last_heartbeat_at=spoke.last_heartbeat_at,
-        spoke_version=spoke.spoke_version, concurrency=spoke.concurrency,
-        queue_depth=spoke.queue_depth, outbox_depth=spoke.outbox_depth,
-        running=spoke.running or [])
-
-
 @router.get("", response_model=list[SpokeRead])
 def list_spokes(session: Session = Depends(get_session),
                 settings: HubSettings = Depends(get_settings)) -> list[SpokeRead]:
     """Every spoke with its liveness: online when heard from within the configured window,
     and what its latest heartbeat reported (version, capacity, queue, running cases)."""
-    return [spoke_read(s, settings) for s in session.exec(select(Spoke).order_by(Spoke.id))]
+    return spoke_reads(session, settings.spoke_online_seconds)
 
 
 @router.get("/{spoke_id}", response_model=SpokeRead)
 def get_spoke(spoke_id: str, session: Session = Depends(get_session),
               settings: HubSettings = Depends(get_settings)) -> SpokeRead:
-    return spoke_read(_spoke(session, spoke_id), settings)
+    return spoke_read(_spoke(session, spoke_id), settings.spoke_online_seconds)
 
 
 def _spoke(session: Session, spoke_id: str) -> Spoke:

@@ -1,7 +1,8 @@
 """Aggregates of experiments in the database: compute one from the stored results, keep it
 as a versioned snapshot, and read the latest. The figures come from the pure engine in
 ``hub/aggregation``; this module only reads rows and stores snapshots. Re-aggregation is
-triggered per accepted result through the Celery task in ``hub/worker.py``."""
+triggered per accepted result through :mod:`tributary.hub.tasks` (the task's body is in
+``hub/worker.py``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sqlalchemy import case, func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
+from tributary.hub import tasks
 from tributary.hub.aggregation import (
     AGGREGATORS,
     POOLED,
@@ -158,9 +160,7 @@ def latest(session: Session, experiment: Experiment, min_cell_size: int,
     if utcnow() - computed >= STALE_GRACE:
         # The task for the latest results was lost (broker outage) or failed: ask again.
         # Eager mode computes now; with a broker, a worker catches up.
-        from tributary.hub import worker  # worker imports this module
-
-        worker.enqueue(experiment.id)
+        tasks.aggregate_experiment(experiment.id)
         session.expire_all()
         newer = _latest_row(session, experiment.id)
         if newer is not None and newer.version != row.version:

@@ -12,8 +12,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import String, cast, func, or_
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from tributary.hub.models import AuditEvent
 from tributary.hub.settings import default_audit_log
@@ -62,3 +63,23 @@ def record(session: Session, actor: str, action: str, target: str = "",
         event.log_name = log_name(log)
     session.add(event)
     return event
+
+
+def search(session: Session, action: str | None = None, target: str | None = None,
+           actor: str | None = None, q: str | None = None, limit: int = 200
+           ) -> list[AuditEvent]:
+    """Audit events, newest first: those with exactly this action, target and actor, and
+    ``q`` anywhere in actor, action, target or detail (ignoring case)."""
+    query = select(AuditEvent).order_by(AuditEvent.id.desc())  # type: ignore[union-attr]
+    if action:
+        query = query.where(AuditEvent.action == action)
+    if target:
+        query = query.where(AuditEvent.target == target)
+    if actor:
+        query = query.where(AuditEvent.actor == actor)
+    if q:
+        pattern = f"%{q.lower()}%"
+        query = query.where(or_(*(func.lower(column).like(pattern) for column in (
+            AuditEvent.actor, AuditEvent.action, AuditEvent.target,
+            cast(AuditEvent.detail, String)))))  # type: ignore[arg-type]
+    return list(session.exec(query.limit(limit)))

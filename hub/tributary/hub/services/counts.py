@@ -10,7 +10,6 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from tributary.hub.api.schemas import CountRead, CountSpokeRead
 from tributary.hub.models import (
     CountAnswer,
     CountAnswerState,
@@ -19,6 +18,7 @@ from tributary.hub.models import (
     Spoke,
     utcnow,
 )
+from tributary.hub.schemas import CountRead, CountSpokeRead
 from tributary.hub.services import audit
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.destinations import spoke_queue
@@ -118,3 +118,24 @@ def count_read(session: Session, query: CountQuery) -> CountRead:
         complete=complete, total=total, total_is_exact=exact, total_at_most=at_most,
         total_text=str(total) if exact else f"at least {total}",
     )
+
+
+def count_reads(session: Session, limit: int | None = None) -> list[CountRead]:
+    """The federated counts asked, newest first (the ``limit`` newest)."""
+    query = select(CountQuery).order_by(CountQuery.created_at.desc())  # type: ignore[attr-defined]
+    return [count_read(session, q) for q in session.exec(query.limit(limit))]
+
+
+def cohort_sizes(session: Session) -> dict[str, CountAnswer]:
+    """Each spoke's latest answer to a federated count of all its cases (an empty
+    selection): the spoke's own figure, small cells already suppressed by the spoke."""
+    latest_answers: dict[str, CountAnswer] = {}
+    rows = session.exec(select(CountQuery, CountAnswer)
+                        .where(CountAnswer.query_id == CountQuery.id)
+                        .where(CountAnswer.state == CountAnswerState.ANSWERED)
+                        .order_by(CountQuery.created_at)).all()  # type: ignore[arg-type]
+    for query, answer in rows:
+        if not any(value for value in query.selection.values()
+                   if value not in (None, [], {}, "CT")):
+            latest_answers[answer.spoke_id] = answer
+    return latest_answers

@@ -15,6 +15,20 @@ def active_keys(session: Session, spoke_id: str) -> list[PublicKey]:
     return [PublicKey.from_pem(r.public_key_pem) for r in rows]
 
 
+def keys_by_spoke(session: Session) -> dict[str, list[SpokeKey]]:
+    """Every key ever enrolled, revoked or not, by spoke."""
+    keys: dict[str, list[SpokeKey]] = {}
+    for key in session.exec(select(SpokeKey)):
+        keys.setdefault(key.spoke_id, []).append(key)
+    return keys
+
+
+def enrolled_spokes(session: Session) -> set[str]:
+    """The spokes with at least one active key: those whose messages are accepted."""
+    return {k.spoke_id for k in session.exec(select(SpokeKey).where(
+        SpokeKey.revoked_at == None))}  # noqa: E711
+
+
 def resolve_key(session: Session, keyid: str) -> tuple[str, PublicKey] | None:
     """Owner and key for an active key id; None for unknown or revoked keys."""
     row = session.get(SpokeKey, keyid)

@@ -6,14 +6,11 @@ ephemeral (sent non-persistent): they update liveness and progress, newest wins.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from datetime import UTC, datetime
 
-from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from tributary.hub import worker
+from tributary.hub import tasks
 from tributary.hub.models import (
     FINAL_CASE_STATES,
     TERMINAL_TARGET_STATES,
@@ -33,10 +30,8 @@ from tributary.hub.models import (
 )
 from tributary.hub.services import anchors, audit, gaps
 from tributary.hub.services.counts import ingest_count_reply
-from tributary.hub.services.enrolment import active_keys, resolve_key
-from tributary.protocol.broker import Delivery, StompClient
+from tributary.hub.services.enrolment import active_keys
 from tributary.protocol.custody import GENESIS, record_hash, verify_custody
-from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import (
     CaseProgressMessage,
     CaseStartedMessage,
@@ -51,19 +46,13 @@ from tributary.protocol.messages import (
 from tributary.protocol.messages import (
     ExperimentState as SpokeExperimentState,
 )
-from tributary.protocol.signing import SignatureError, SigningKey
-from tributary.protocol.wire import open_from_spoke
+from tributary.protocol.signing import SignatureError
 
 log = logging.getLogger(__name__)
 
 SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
                 | CaseProgressMessage | HeartbeatMessage)
 ExperimentMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
-
-#: Attempts to store a message before a database fault sends it to the dead-letter queue.
-STORE_ATTEMPTS = 4
-#: How often the hub looks for custody gaps whose resend request is due again.
-RESEND_POLL_SECONDS = 5.0
 
 
 class Rejected(ProtocolError):
@@ -141,7 +130,7 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
     _maybe_complete(session, message.experiment_id)
     session.commit()
     if applied and isinstance(message, ResultMessage):
-        worker.enqueue(message.experiment_id)  # re-aggregate (hub/worker.py)
+        tasks.aggregate_experiment(message.experiment_id)  # re-aggregate (hub/worker.py)
     return applied
 
 
@@ -406,97 +395,3 @@ def _maybe_complete(session: Session, experiment_id: str) -> None:
         experiment.completed_at = utcnow()
         session.add(experiment)
         audit.record(session, "hub", "experiment.completed", experiment_id)
-
-
-class ResultsConsumer:
-    """Consumes the results queue; acknowledges a message only once it is stored."""
-
-    def __init__(self, engine: Engine, client: StompClient,
-                 key: SigningKey | None = None) -> None:
-        self.engine = engine
-        self.client = client
-        self.key = key  # signs resend requests for custody gaps (none: gaps wait)
-        self.queue = results_queue(client.settings.federation)
-        self._gap_wake = threading.Event()
-
-    def start(self) -> None:
-        self.client.subscribe(self.queue, self.handle)
-        if self.key is not None:
-            threading.Thread(target=self._resend_loop, name="custody-gaps", daemon=True).start()
-
-    def _resolve(self, keyid: str):  # type: ignore[no-untyped-def]
-        with Session(self.engine) as session:
-            return resolve_key(session, keyid)
-
-    def handle(self, delivery: Delivery) -> None:
-        claimed: str | None = None
-        try:
-            message, _keyid = open_from_spoke(delivery.body, self._resolve)
-            claimed = message.spoke_id
-            self._store(message)
-        except gaps.GapDetected as exc:
-            self._gap(exc)
-            self._dead_letter(delivery, str(exc), claimed)
-            return
-        except ProtocolError as exc:
-            self._dead_letter(delivery, str(exc), claimed)
-            return
-        except Exception as exc:
-            log.exception("could not store message %s", delivery.message_id)
-            self._dead_letter(delivery, f"hub could not store the message: {exc}", claimed)
-            return
-        self.client.ack(delivery)
-        if isinstance(message, ResultMessage | ExperimentStatusMessage):
-            self._gap_wake.set()
-
-    def _gap(self, gap: gaps.GapDetected) -> None:
-        with Session(self.engine) as session:
-            gaps.record_gap(session, gap)
-            session.commit()
-        self._gap_wake.set()
-
-    def _resend_loop(self) -> None:
-        """Ask spokes for the records of their open gaps, from a thread of its own: a
-        publish waits for the broker's receipt, which the consuming thread must be free to
-        read. A request that fails is tried again on the next round."""
-        assert self.key is not None
-        while True:
-            self._gap_wake.wait(RESEND_POLL_SECONDS)
-            self._gap_wake.clear()
-            try:
-                with Session(self.engine) as session:
-                    for spoke_id in gaps.spokes_with_open_gaps(session):
-                        gaps.request_resends(session, self.client, self.key, spoke_id)
-            except Exception:
-                log.exception("could not ask spokes to resend missing custody records")
-
-    def _store(self, message: SpokeMessage) -> None:
-        """Ingest, retrying a database fault (a locked SQLite file, a dropped connection)
-        a few times before giving up on the message."""
-        for attempt in range(1, STORE_ATTEMPTS + 1):
-            try:
-                with Session(self.engine) as session:
-                    ingest(session, message)
-                return
-            except ProtocolError:
-                raise
-            except Exception:
-                if attempt == STORE_ATTEMPTS:
-                    raise
-                log.warning("storing %s failed (attempt %d); retrying", message.message_id,
-                            attempt, exc_info=True)
-                time.sleep(0.2 * 2 ** attempt)
-
-    def _dead_letter(self, delivery: Delivery, reason: str, claimed: str | None) -> None:
-        """Keep the refused message aside with its reason, audit it, and move it to the
-        results queue's dead-letter queue."""
-        log.warning("refusing message %s: %s", delivery.message_id, reason)
-        with Session(self.engine) as session:
-            session.add(QuarantinedMessage(
-                broker_message_id=delivery.message_id, claimed_spoke=claimed, reason=reason,
-                body=delivery.body[:256 * 1024].decode("utf-8", errors="replace")))
-            audit.record(session, "hub", "message.rejected", self.queue,
-                         broker_message_id=delivery.message_id, reason=reason,
-                         spoke=claimed, size=len(delivery.body))
-            session.commit()
-        self.client.nack(delivery)

@@ -9,7 +9,6 @@ from datetime import datetime
 
 from sqlmodel import Session, select
 
-from tributary.hub.api.schemas import AttemptRead, CaseRead, ExperimentRead, TargetProgress
 from tributary.hub.models import (
     Algorithm,
     CaseAttempt,
@@ -19,6 +18,7 @@ from tributary.hub.models import (
     Spoke,
     TargetState,
 )
+from tributary.hub.schemas import AttemptRead, CaseRead, ExperimentRead, TargetProgress
 from tributary.hub.services.liveness import is_online
 
 #: The default liveness window (seconds); the API passes the hub's configured one.
@@ -73,6 +73,13 @@ def target_progress(session: Session, experiment_id: str,
             spoke_last_seen_at=spoke.last_seen_at if spoke else None,
             waiting_for=waiting_for(t, spoke, online, mine)))
     return reads
+
+
+def experiment_reads(session: Session,
+                     online_seconds: float = DEFAULT_ONLINE_SECONDS) -> list[ExperimentRead]:
+    """Every experiment, newest first."""
+    rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
+    return [experiment_read(session, e, online_seconds) for e in rows]
 
 
 def experiment_read(session: Session, experiment: Experiment,

@@ -1,4 +1,4 @@
-"""The dashboard's server-rendered pages. They read through the same functions as the REST
+"""The dashboard's server-rendered pages. They read through the same services as the REST
 API's routes (so a page never shows what the API would not), and their forms and buttons
 call the documented /api endpoints from the browser; live progress arrives over the SSE
 streams of :mod:`tributary.hub.api.events`."""
@@ -14,13 +14,20 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
-from sqlmodel import Session, select
+from sqlmodel import Session
 
-from tributary.hub.api import algorithms as algorithms_api
-from tributary.hub.api import audit as audit_api
-from tributary.hub.api import spokes as spokes_api
-from tributary.hub.api.deps import bearer_scheme, current_user, get_session, may_see_cases
-from tributary.hub.api.signin import (
+from tributary.hub.deps import bearer_scheme, current_user, get_session, may_see_cases
+from tributary.hub.models import Experiment, ExperimentState, Role, User
+from tributary.hub.services import algorithms as algorithm_versions
+from tributary.hub.services import audit
+from tributary.hub.services.aggregation import AGGREGATORS, latest
+from tributary.hub.services.counts import cohort_sizes, count_reads
+from tributary.hub.services.deadletters import list_dead_letters
+from tributary.hub.services.enrolment import enrolled_spokes, keys_by_spoke
+from tributary.hub.services.progress import case_reads, experiment_read, experiment_reads
+from tributary.hub.services.spokes import spoke_reads
+from tributary.hub.services.users import revoke_token
+from tributary.hub.signin import (
     CSRF_FIELD,
     TOKEN_COOKIE,
     cookie_secure,
@@ -29,21 +36,6 @@ from tributary.hub.api.signin import (
     set_csrf_cookie,
     sign_in,
 )
-from tributary.hub.models import (
-    CountAnswer,
-    CountAnswerState,
-    CountQuery,
-    Experiment,
-    ExperimentState,
-    Role,
-    SpokeKey,
-    User,
-)
-from tributary.hub.services.aggregation import AGGREGATORS, latest
-from tributary.hub.services.counts import count_read
-from tributary.hub.services.deadletters import list_dead_letters
-from tributary.hub.services.progress import case_reads, experiment_read
-from tributary.hub.services.users import revoke_token
 from tributary.hub.web.results import results_view
 from tributary.protocol.deadletters import DeadLetterError
 
@@ -149,27 +141,19 @@ def logout(request: Request, csrf: str = Form("", alias=CSRF_FIELD),
 @router.get("/", response_class=HTMLResponse)
 def experiments_page(request: Request, session: Session = Depends(get_session),
                      user: User = Depends(page_user)) -> HTMLResponse:
-    rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
-    window = request.app.state.settings.spoke_online_seconds
-    experiments = [experiment_read(session, e, window) for e in rows]
-    live = any(e.state == ExperimentState.LAUNCHED for e in rows)
+    experiments = experiment_reads(session, request.app.state.settings.spoke_online_seconds)
+    live = any(e.state == ExperimentState.LAUNCHED for e in experiments)
     return _render(request, "experiments.html", user, experiments=experiments, live=live)
-
-
-def _algorithm_state(algorithm: Any) -> str:
-    if algorithm.revoked_at is not None:
-        return "revoked"
-    return "approved" if algorithm.approval is not None else "pending"
 
 
 @router.get("/experiments/new", response_class=HTMLResponse)
 def new_experiment_page(request: Request, session: Session = Depends(get_session),
                         user: User = Depends(page_user)) -> HTMLResponse:
-    algorithms = algorithms_api.list_algorithms(session)
-    spokes = spokes_api.list_spokes(session, request.app.state.settings)
-    enrolled = {k.spoke_id for k in session.exec(select(SpokeKey).where(
-        SpokeKey.revoked_at.is_(None)))}  # type: ignore[union-attr]
-    choices = [{"id": a.id, "label": f"{a.name} {a.version}", "state": _algorithm_state(a),
+    algorithms = algorithm_versions.algorithms(session)
+    spokes = spoke_reads(session, request.app.state.settings.spoke_online_seconds)
+    enrolled = enrolled_spokes(session)
+    choices = [{"id": a.id, "label": f"{a.name} {a.version}",
+                "state": algorithm_versions.state(a),
                 "aggregator": a.aggregator, "schema": a.argument_schema,
                 "defaults": {k: v["default"] for k, v in
                              a.argument_schema.get("properties", {}).items()
@@ -226,35 +210,17 @@ def experiment_results_fragment(experiment_id: str, request: Request,
 @router.get("/spokes", response_class=HTMLResponse)
 def spokes_page(request: Request, session: Session = Depends(get_session),
                 user: User = Depends(page_user)) -> HTMLResponse:
-    spokes = spokes_api.list_spokes(session, request.app.state.settings)
-    keys: dict[str, list[SpokeKey]] = {}
-    for key in session.exec(select(SpokeKey)):
-        keys.setdefault(key.spoke_id, []).append(key)
-    return _render(request, "spokes.html", user, spokes=spokes, keys=keys,
-                   cohorts=_cohort_sizes(session))
-
-
-def _cohort_sizes(session: Session) -> dict[str, CountAnswer]:
-    """Each spoke's latest answer to a federated count of all its cases (an empty
-    selection): the spoke's own figure, small cells already suppressed by the spoke."""
-    latest_answers: dict[str, CountAnswer] = {}
-    rows = session.exec(select(CountQuery, CountAnswer)
-                        .where(CountAnswer.query_id == CountQuery.id)
-                        .where(CountAnswer.state == CountAnswerState.ANSWERED)
-                        .order_by(CountQuery.created_at)).all()  # type: ignore[arg-type]
-    for query, answer in rows:
-        if not any(value for value in query.selection.values()
-                   if value not in (None, [], {}, "CT")):
-            latest_answers[answer.spoke_id] = answer
-    return latest_answers
+    spokes = spoke_reads(session, request.app.state.settings.spoke_online_seconds)
+    return _render(request, "spokes.html", user, spokes=spokes, keys=keys_by_spoke(session),
+                   cohorts=cohort_sizes(session))
 
 
 @router.get("/algorithms", response_class=HTMLResponse)
 def algorithms_page(request: Request, session: Session = Depends(get_session),
                     user: User = Depends(page_user)) -> HTMLResponse:
-    rows = [{"a": a, "state": _algorithm_state(a),
-             "reviews": algorithms_api.list_reviews(a.id or 0, session)}
-            for a in algorithms_api.list_algorithms(session)]
+    rows = [{"a": a, "state": algorithm_versions.state(a),
+             "reviews": algorithm_versions.reviews(session, a.id or 0)}
+            for a in algorithm_versions.algorithms(session)]
     return _render(request, "algorithms.html", user, algorithms=rows)
 
 
@@ -265,10 +231,8 @@ def audit_page(request: Request, q: str = "", action: str = "", target: str = ""
     if not _can(user, Role.COORDINATOR):
         return _render(request, "error.html", user, message="The audit log is open to "
                        "coordinators and administrators.")
-    events = audit_api.list_audit(action=action or None, target=target or None,
-                                  actor=actor or None, q=q or None,
-                                  limit=max(1, min(limit, 5000)),
-                                  session=session)
+    events = audit.search(session, action=action or None, target=target or None,
+                          actor=actor or None, q=q or None, limit=max(1, min(limit, 5000)))
     return _render(request, "audit.html", user, events=events, q=q, action=action,
                    target=target, actor=actor, limit=limit)
 
@@ -280,9 +244,7 @@ def counts_page(request: Request, session: Session = Depends(get_session),
     if not _can(user, Role.COORDINATOR):
         return _render(request, "error.html", user, status_code=403,
                        message="Federated counts are open to coordinators and administrators.")
-    rows = session.exec(select(CountQuery).order_by(CountQuery.created_at.desc())  # type: ignore[attr-defined]
-                        .limit(100)).all()
-    counts = [count_read(session, q) for q in rows]
+    counts = count_reads(session, limit=100)
     return _render(request, "counts.html", user, counts=counts,
                    refresh=3 if any(not c.complete for c in counts) else 0)
 

@@ -13,7 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from tributary.hub.aggregation.report import POOLED, AggregateRead, Figure
-from tributary.hub.api.schemas import CaseRead, ExperimentRead
+from tributary.hub.schemas import CaseRead, ExperimentRead
 from tributary.hub.services import plots
 
 #: Case counts every group reports, shown before the aggregator's own figures.

@@ -1,5 +1,5 @@
-"""FastAPI dependencies: database session, broker client, the authenticated user and the
-roles a route requires."""
+"""FastAPI dependencies of the REST API's routes and the dashboard's pages alike: database
+session, broker client, the authenticated user and the roles a route requires."""
 
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, TypeVar
@@ -8,10 +8,10 @@ from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
-from tributary.hub.api.signin import TOKEN_COOKIE, check_csrf_header
 from tributary.hub.models import Role, User
 from tributary.hub.services.users import user_for_token
 from tributary.hub.settings import HubSettings
+from tributary.hub.signin import TOKEN_COOKIE, check_csrf_header
 from tributary.protocol.broker import StompClient
 
 bearer_scheme = HTTPBearer(auto_error=False)

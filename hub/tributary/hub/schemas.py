@@ -1,4 +1,5 @@
-"""Request and response bodies of the REST API."""
+"""Request and response bodies of the REST API, beside the tables (``models``) they are
+read from: services build them too, so they belong to no route module."""
 
 from __future__ import annotations
 

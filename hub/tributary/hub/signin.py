@@ -1,7 +1,8 @@
-"""What sign-in needs over HTTP: throttled password checks, the session cookie's flags and
-CSRF protection for everything a browser posts with that cookie (double-submit: a random
-token in a same-site cookie that a cross-site page can neither read nor set, repeated in
-the form field or the ``X-CSRF-Token`` header)."""
+"""What sign-in needs over HTTP, for the API's token route and the dashboard's form alike:
+throttled password checks, the session cookie's flags and CSRF protection for everything a
+browser posts with that cookie (double-submit: a random token in a same-site cookie that a
+cross-site page can neither read nor set, repeated in the form field or the
+``X-CSRF-Token`` header)."""
 
 from __future__ import annotations
 

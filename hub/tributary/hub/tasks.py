@@ -1,0 +1,88 @@
+"""The hub's Celery app and how services enqueue its tasks. This module imports no service:
+services enqueue through it, and the task bodies (which call services) are defined by the
+worker entry point, :mod:`tributary.hub.worker`, so neither imports the other back.
+
+Without ``TRIBUTARY_HUB_CELERY_BROKER_URL`` a task runs in the enqueueing process as soon
+as it is enqueued (Celery's ``task_always_eager``), provided that process defined its body
+(the hub does, through ``worker.configure``); with a broker URL the task is only sent, by
+name, and separate worker processes run it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+
+from tributary.hub.settings import HubSettings
+
+log = logging.getLogger(__name__)
+
+#: Recompute one experiment's aggregate (body: ``tributary.hub.worker``).
+AGGREGATE_EXPERIMENT = "tributary.hub.aggregate_experiment"
+
+_lock = threading.Lock()
+
+
+def make_app(settings: HubSettings) -> Celery:
+    """A Celery app for ``settings``: eager without a broker URL, else on the broker. A new
+    app per configuration, because Celery caches its connection pool and queues."""
+    broker = settings.celery_broker_url
+    celery = Celery("tributary.hub", set_as_current=False)
+    celery.conf.update(
+        broker_url=broker or "memory://localhost/",
+        task_always_eager=broker is None,
+        task_eager_propagates=False,  # a failed aggregation never fails ingestion
+        task_default_queue=settings.aggregation_queue(),
+        task_ignore_result=True,
+        task_serializer="json", accept_content=["json"],
+        task_acks_late=True, task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        # Enqueueing happens while a result is being acknowledged: give up quickly when
+        # the broker is away (the next read finds the snapshot stale and recomputes).
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2,
+                                   "interval_step": 0.5, "interval_max": 1.0},
+    )
+    return celery
+
+
+app = make_app(HubSettings())
+
+
+def configure(settings: HubSettings) -> Celery:
+    """Replace the app by one for ``settings`` and return it; it has no task bodies yet."""
+    global app
+    with _lock:
+        previous, app = app, make_app(settings)
+    previous.close()
+    return app
+
+
+def in_process() -> bool:
+    """Whether tasks run where they are enqueued (no Celery broker configured)."""
+    return bool(app.conf.task_always_eager)
+
+
+def enqueue(name: str, *args: object) -> None:
+    """Run task ``name`` in-process or send it to the workers. Never raises: what caused it
+    is already stored, and a lost task is made up for later (an aggregate found stale on
+    read is recomputed). In-process, a task whose body this process never defined is
+    dropped: a bare ``ingest`` in a script or test must not open a default database."""
+    current = app
+    try:
+        if current.conf.task_always_eager:
+            task = current.tasks.get(name)
+            if task is None:
+                log.debug("%s%r not run: no body for it in this process", name, args)
+                return
+            task.apply_async(args)
+        else:
+            current.send_task(name, args)
+    except Exception:
+        log.exception("could not enqueue %s%r", name, args)
+
+
+def aggregate_experiment(experiment_id: str) -> None:
+    """Ask for a re-aggregation of ``experiment_id`` (see :func:`enqueue`)."""
+    enqueue(AGGREGATE_EXPERIMENT, experiment_id)
