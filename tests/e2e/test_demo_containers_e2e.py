@@ -60,7 +60,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, l
 def test_make_demo_containers_prints_the_study_results(
         demo_run: tuple[str, dict[str, list[str]]]) -> None:
     output, created = demo_run
-    assert "6. Results" in output
+    assert "6. Results" in output and "Aggregated results (nodule-detection)" in output
     match = re.search(r"Full results: (\S+results\.json)", output)
     assert match, output[-2000:]
     results = Path(match.group(1))
@@ -89,6 +89,13 @@ def installed(image: str) -> set[str]:
     return {entry["name"].lower() for entry in json.loads(listed)}
 
 
+def consistent(image: str) -> bool:
+    """Whether every installed distribution's requirements are met, for the image's own
+    Python (whose markers may select other dependencies than the host's)."""
+    return subprocess.run(["docker", "run", "--rm", "--entrypoint", "python3", image, "-m",
+                           "pip", "check"], capture_output=True).returncode == 0
+
+
 def importable(image: str, module: str) -> bool:
     return subprocess.run(["docker", "run", "--rm", "--entrypoint", "python3", image, "-c",
                            f"import {module}"], capture_output=True).returncode == 0
@@ -98,6 +105,7 @@ def test_the_spoke_image_holds_no_hub_stack(demo_run: tuple[str, dict[str, list[
     packages = installed("tributary/spoke:dev")
     assert {"tributary-protocol", "tributary-spoke", "pydicom", "docker"} <= packages
     assert not packages & {*HUB_ONLY, "tributary-hub", "tributary"}
+    assert consistent("tributary/spoke:dev")
     assert not importable("tributary/spoke:dev", "fastapi")
     assert importable("tributary/spoke:dev", "tributary.spoke.commands.app")
 
@@ -106,5 +114,6 @@ def test_the_hub_image_holds_no_spoke_stack(demo_run: tuple[str, dict[str, list[
     packages = installed("tributary/hub:dev")
     assert {"tributary-protocol", "tributary-hub", "psycopg", *HUB_ONLY} <= packages
     assert not packages & {*SPOKE_ONLY, "tributary-spoke", "tributary"}
+    assert consistent("tributary/hub:dev")
     assert not importable("tributary/hub:dev", "pydicom")
     assert importable("tributary/hub:dev", "tributary.hub.commands.app")

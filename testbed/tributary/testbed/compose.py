@@ -22,6 +22,7 @@ from tributary.protocol.destinations import DEFAULT_FEDERATION
 from tributary.services import base_image, docker_engine
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import ensure_commands, port_open, wait_for
+from tributary.testbed import image_wheels
 from tributary.testbed.federation import LocalFederation
 
 #: The source checkout: testbed/tributary/testbed/ is three folders below it.
@@ -62,9 +63,10 @@ def state_folder(settings: ServiceSettings) -> Path:
     return usual if reachable_in_containers(usual) else SYSTEM_STATE
 
 
-def build_context() -> None:
-    """Each role's wheels (its distributions and their dependencies) into its build context,
-    ``deploy/<role>/wheels``, and the broker's and registry's configurations into theirs."""
+def build_context(environment: dict[str, str]) -> None:
+    """Each role's wheels (its distributions and their dependencies, for the images' marker
+    ``environment``) into its build context, ``deploy/<role>/wheels``, and the broker's and
+    registry's configurations into theirs."""
     deploy = ROOT / "deploy"
     for role, distributions in ROLES.items():
         wheels = deploy / role / "wheels"
@@ -78,6 +80,7 @@ def build_context() -> None:
                         *(str(ROOT / name) for name in distributions)],
                        check=True, stdout=subprocess.DEVNULL,
                        env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"})
+        image_wheels.complete_for(wheels, environment)
     services = ROOT / "cli" / "tributary" / "services"
     for name, target in (("activemq.xml", "broker"), ("log4j2.properties", "broker"),
                          ("registry.yml", "registry")):
@@ -163,7 +166,7 @@ class ComposeFederation(LocalFederation):
         ensure_commands({"docker-compose": "docker-compose"})
         docker_engine.ensure_running(self.services)
         base_image.ensure_base_image(self.services)
-        build_context()
+        build_context(image_wheels.marker_environment(self.services.base_image))
         self.compose("build", "broker", "registry", "hub", "spoke-northfield")
 
     def start_services(self) -> None:
