@@ -29,9 +29,11 @@ from tributary.testbed.federation import LocalFederation
 ROOT = Path(__file__).resolve().parents[3]
 #: The uid the hub and spoke images run as (deploy/hub/Dockerfile, deploy/spoke/Dockerfile).
 CONTAINER_UID = 10001
-#: Each role's image (deploy/<role>/) and the distributions it installs with their
-#: dependencies: the protocol and the role, nothing of the other role.
-ROLES = {"hub": ("protocol", "hub[postgresql]"), "spoke": ("protocol", "spoke")}
+#: Each role's image (deploy/<role>/) and the folders of the distributions it installs with
+#: their dependencies: the protocol (with the SDK, whose contract constants it uses) and the
+#: role, nothing of the other role.
+ROLES = {"hub": ("algorithm-sdk", "protocol", "hub[postgresql]"),
+         "spoke": ("algorithm-sdk", "protocol", "spoke")}
 SPOKES = ("northfield", "riverside", "stclare")
 #: Folders of the images their unprivileged account cannot enter: a Debian image's /root
 #: is mode 700, like the host's.
