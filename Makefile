@@ -23,7 +23,9 @@ demo: services
 	$(BIN)/tributary demo $(DEMO_ARGS)
 
 # The same study with broker, registry, hub and spokes as the containers of
-# docker-compose.yml (ports beside those of `make services`).
+# docker-compose.yml (ports beside those of `make services`; images tributary/hub and
+# tributary/spoke). As root, the state goes to /var/lib/tributary/compose: the containers'
+# account cannot enter root's home (docs/deployment.md).
 demo-containers: $(STAMP)
 	$(BIN)/tributary demo --containers --broker-port 61623 --registry-port 5010 $(DEMO_ARGS)
 

@@ -1,6 +1,6 @@
 """The README's main command, end to end at a small size: services, a signed image, three
-spokes, one study and its aggregate; once as processes (through the generated mutual-TLS
-broker) and once as the containers of docker-compose.yml."""
+spokes, one study and its aggregate, as processes through the generated mutual-TLS broker.
+The same study as containers is ``make demo-containers`` in test_demo_containers_e2e.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from tributary.services.settings import ServiceSettings
 from tributary.testbed.demo import run_demo
 from tributary.testbed.federation import LocalFederation, free_port
 
@@ -18,19 +17,12 @@ pytestmark = pytest.mark.e2e
 SPOKES = ("northfield", "riverside", "stclare")
 
 
-@pytest.mark.parametrize("mode", ["processes", "containers"])
-def test_demo_runs_a_study_to_its_aggregate(mode: str, tmp_path: Path,
-                                            service_settings: ServiceSettings) -> None:
-    containers = None
-    if mode == "containers":  # its own ports: it runs beside the suite's shared services
-        containers = service_settings.model_copy(update={"broker_port": free_port(),
-                                                         "registry_port": free_port()})
+def test_demo_runs_a_study_to_its_aggregate(tmp_path: Path) -> None:
     created = {spoke: LocalFederation.watch_containers(f"org.tributary.spoke={spoke}")
                for spoke in SPOKES}
     with open(tmp_path / "demo.log", "w") as log:
         report = run_demo([2, 1, 1], hub_port=free_port(), wait=False,
-                          workdir=tmp_path / "demo", console=Console(file=log),
-                          containers=containers)
+                          workdir=tmp_path / "demo", console=Console(file=log))
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == report
     pooled = report["groups"]["pooled"]
     assert (pooled["cases"], pooled["succeeded"], pooled["failed"]) == (4, 4, 0)
@@ -43,8 +35,4 @@ def test_demo_runs_a_study_to_its_aggregate(mode: str, tmp_path: Path,
         assert verified and all(e["detail"]["result"] == "verified" for e in verified)
         # ...and asked the engine for the algorithm's containers.
         assert created[spoke].stop()
-    if mode == "processes":
-        assert (tmp_path / "demo" / "broker" / "jaas" / "users.properties").exists()
-    else:
-        hub_log = (tmp_path / "demo" / "hub" / "hub-audit.jsonl").read_text()
-        assert "experiment.launched" in hub_log or "launch" in hub_log
+    assert (tmp_path / "demo" / "broker" / "jaas" / "users.properties").exists()

@@ -1,11 +1,11 @@
 """The federation of ``docker-compose.yml``: the same hub and spokes as
 :class:`~tributary.testbed.federation.LocalFederation`, each in its own container.
 
-``docker-compose.yml`` describes the services; this module prepares what it needs (wheels
-built on the host, since a container has no package index here; the service configurations
-copied from ``tributary/services``; the state folder with the right owner) and drives it.
-Everything above the process level (enrolment, review, studies) is LocalFederation's own
-code: only how the hub and the spokes are started differs.
+``docker-compose.yml`` describes the services; this module prepares what it needs (each
+role's wheels built on the host, since a container has no package index here; the service
+configurations copied from ``tributary/services``; a state folder the containers can reach,
+with the right owner) and drives it. Everything above the process level (enrolment, review,
+studies) is LocalFederation's own code: only how the hub and the spokes are started differs.
 """
 
 from __future__ import annotations
@@ -22,15 +22,24 @@ from tributary.protocol.destinations import DEFAULT_FEDERATION
 from tributary.services import base_image, docker_engine
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import ensure_commands, port_open, wait_for
+from tributary.testbed import image_wheels
 from tributary.testbed.federation import LocalFederation
 
 #: The source checkout: testbed/tributary/testbed/ is three folders below it.
 ROOT = Path(__file__).resolve().parents[3]
-#: The uid the platform image runs as (deploy/Dockerfile).
+#: The uid the hub and spoke images run as (deploy/hub/Dockerfile, deploy/spoke/Dockerfile).
 CONTAINER_UID = 10001
-#: The folders of the distributions the platform image installs.
-DISTRIBUTIONS = ("protocol", "hub", "spoke", "algorithm-sdk", "cli")
+#: Each role's image (deploy/<role>/) and the folders of the distributions it installs with
+#: their dependencies: the protocol (with the SDK, whose contract constants it uses) and the
+#: role, nothing of the other role.
+ROLES = {"hub": ("algorithm-sdk", "protocol", "hub[postgresql]"),
+         "spoke": ("algorithm-sdk", "protocol", "spoke")}
 SPOKES = ("northfield", "riverside", "stclare")
+#: Folders of the images their unprivileged account cannot enter: a Debian image's /root
+#: is mode 700, like the host's.
+CLOSED_IN_IMAGES = (Path("/root"),)
+#: The containers' state when the usual place is in such a folder (FHS: a service's state).
+SYSTEM_STATE = Path("/var/lib/tributary/compose")
 
 
 def compose_file() -> Path:
@@ -40,16 +49,40 @@ def compose_file() -> Path:
     return path
 
 
-def build_context(settings: ServiceSettings, log: Path | None = None) -> None:
-    """Wheels of the platform and its dependencies, and the service configurations, into
-    the build contexts under ``deploy/``."""
+def reachable_in_containers(path: Path) -> bool:
+    """Whether the containers' account can reach ``path`` mounted at the same path: Docker
+    creates the missing folders above a mount open to all, but an image's own folders keep
+    their mode."""
+    path = path.resolve()
+    return not any(path.is_relative_to(closed) for closed in CLOSED_IN_IMAGES)
+
+
+def state_folder(settings: ServiceSettings) -> Path:
+    """Where ``tributary demo --containers`` keeps the federation's state: beside the other
+    services' state, unless that lies in root's home (root on a fresh machine), which
+    the containers cannot enter; then in /var/lib, never by opening root's home."""
+    usual = (settings.state_dir / "compose").resolve()
+    return usual if reachable_in_containers(usual) else SYSTEM_STATE
+
+
+def build_context(environment: dict[str, str]) -> None:
+    """Each role's wheels (its distributions and their dependencies, for the images' marker
+    ``environment``) into its build context, ``deploy/<role>/wheels``, and the broker's and
+    registry's configurations into theirs."""
     deploy = ROOT / "deploy"
-    wheels = deploy / "wheels"
-    shutil.rmtree(wheels, ignore_errors=True)  # only this build's set: the image installs all
-    wheels.mkdir()
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels),
-                    *(str(ROOT / name) for name in DISTRIBUTIONS)],
-                   check=True, stdout=subprocess.DEVNULL)
+    for role, distributions in ROLES.items():
+        wheels = deploy / role / "wheels"
+        shutil.rmtree(wheels, ignore_errors=True)  # only this build's set: the image installs all
+        wheels.mkdir()
+        for name in distributions:  # what setuptools left there may be gone from the sources
+            shutil.rmtree(ROOT / name.partition("[")[0] / "build", ignore_errors=True)
+        # A fixed timestamp makes the wheels of unchanged sources identical, so the engine's
+        # build cache holds across runs.
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels),
+                        *(str(ROOT / name) for name in distributions)],
+                       check=True, stdout=subprocess.DEVNULL,
+                       env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"})
+        image_wheels.complete_for(wheels, environment)
     services = ROOT / "cli" / "tributary" / "services"
     for name, target in (("activemq.xml", "broker"), ("log4j2.properties", "broker"),
                          ("registry.yml", "registry")):
@@ -91,6 +124,10 @@ class ComposeFederation(LocalFederation):
 
     def __post_init__(self) -> None:
         self.root = self.root.resolve()
+        if not reachable_in_containers(self.root):
+            raise ValueError(f"the containers cannot reach {self.root} (their image keeps "
+                             f"{', '.join(map(str, CLOSED_IN_IMAGES))} closed); choose a "
+                             f"folder elsewhere, such as {SYSTEM_STATE}")
         super().__post_init__()
         (self.root / "hub").mkdir(exist_ok=True)
         self._env = {
@@ -126,12 +163,13 @@ class ComposeFederation(LocalFederation):
         return result.stdout if capture else ""
 
     def build(self) -> None:
-        """Build the four images (broker, registry, hub and spokes share one)."""
+        """Build the four images: broker, registry, hub and spoke (the three spokes share
+        one)."""
         ensure_commands({"docker-compose": "docker-compose"})
         docker_engine.ensure_running(self.services)
         base_image.ensure_base_image(self.services)
-        build_context(self.services)
-        self.compose("build", "broker", "registry", "hub")
+        build_context(image_wheels.marker_environment(self.services.base_image))
+        self.compose("build", "broker", "registry", "hub", "spoke-northfield")
 
     def start_services(self) -> None:
         """Broker and registry, waiting until both listen."""

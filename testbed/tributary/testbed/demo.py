@@ -25,7 +25,7 @@ from tributary.services.broker_security import (
     stop_broker,
 )
 from tributary.services.settings import ServiceSettings
-from tributary.testbed.compose import ComposeFederation
+from tributary.testbed.compose import ComposeFederation, state_folder
 from tributary.testbed.federation import (
     LocalFederation,
     build_and_push,
@@ -46,7 +46,8 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
     docker-compose.yml; otherwise as processes on this machine."""
     console = console or Console()
     settings = containers or ServiceSettings()
-    root = (workdir or settings.state_dir / ("compose" if containers else "demo")).resolve()
+    root = (workdir or (state_folder(settings) if containers
+                        else settings.state_dir / "demo")).resolve()
     if root.exists():
         shutil.rmtree(root)
     if len(case_counts) > len(SITES) or (containers and len(case_counts) > 3):
@@ -56,7 +57,7 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
     if containers:
         console.rule("1. Images and services (docker-compose)")
         compose = ComposeFederation(root, settings, hub_port)
-        with console.status("building the broker, registry and platform images…"):
+        with console.status("building the broker, registry, hub and spoke images…"):
             compose.build()
         compose.start_services()
         console.print(f"  broker     stomp://{settings.host}:{settings.broker_port}")
