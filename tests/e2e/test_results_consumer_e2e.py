@@ -51,7 +51,7 @@ def test_consumer_on_its_own_stores_a_result_from_the_broker(
            "TRIBUTARY_HUB_BROKER_FEDERATION": settings.broker_federation}
     env.pop("TRIBUTARY_HUB_CELERY_BROKER_URL", None)  # aggregation in the consumer's process
     consumer = subprocess.Popen(
-        [sys.executable, "-c", "from tributary.hub.consumer import run; run()"], env=env,
+        [sys.executable, "-m", "tributary.cli", "hub", "consume"], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         client = StompClient(settings.broker(), "consumer-test").start(30)

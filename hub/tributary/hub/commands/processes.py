@@ -1,4 +1,4 @@
-"""``tributary hub serve | worker | migrate | create-user``: the hub's processes and its
+"""``tributary hub serve | consume | worker | migrate | create-user``: the hub's processes and its
 database. The web app (``serve``), the results consumer (``consume``) and the aggregation
 worker (``worker``) are peers: each can run as its own process."""
 
@@ -24,7 +24,8 @@ def hub_serve(
     ] = None,
     verbose: bool = False,
 ) -> None:
-    """Serve the hub's REST API and pages, and consume spoke results."""
+    """Serve the hub's REST API and pages, and consume spoke results (unless
+    TRIBUTARY_HUB_CONSUME_RESULTS=false, when `tributary hub consume` runs apart)."""
     import uvicorn
 
     from tributary.hub.main import create_app
@@ -36,6 +37,21 @@ def hub_serve(
     # them a few seconds on shutdown, then close them.
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
                 timeout_graceful_shutdown=5)
+
+
+@app.command("consume")
+def hub_consume(
+    database_url: Annotated[str | None, typer.Option(help="The hub's database URL.")] = None,
+    verbose: bool = False,
+) -> None:
+    """Consume the results queue as a process of its own, until SIGTERM or Ctrl-C. Run the
+    web app with TRIBUTARY_HUB_CONSUME_RESULTS=false beside it, so that only this process
+    takes results off the queue."""
+    from tributary.hub import consumer
+    from tributary.hub.settings import HubSettings
+
+    logs.configure(verbose)
+    consumer.run(HubSettings(database_url=database_url) if database_url else HubSettings())
 
 
 @app.command("worker")
