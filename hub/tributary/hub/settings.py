@@ -81,6 +81,12 @@ class HubSettings(BaseSettings):
         return self.audit_log or default_audit_log(self.database_url)
 
     @classmethod
+    def with_database(cls, database_url: str | None) -> "HubSettings":
+        """Settings from the environment, with the database a command's ``--database-url``
+        names instead, when it names one."""
+        return cls(database_url=database_url) if database_url else cls()
+
+    @classmethod
     def for_directory(cls, directory: Path, **overrides: object) -> "HubSettings":
         return cls(**{"database_url": f"sqlite:///{directory / 'hub.db'}", **overrides})
 

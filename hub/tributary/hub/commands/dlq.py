@@ -34,7 +34,7 @@ def _hub(database_url: str | None) -> Iterator[tuple[object, object]]:
     from tributary.hub.db import open_database
     from tributary.hub.settings import HubSettings
 
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    settings = HubSettings.with_database(database_url)
     engine = open_database(settings)
     try:
         with Session(engine) as session:

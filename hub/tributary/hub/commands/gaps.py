@@ -30,7 +30,7 @@ def list_(spoke: Annotated[str | None, typer.Option(help="Only this spoke's gaps
     from tributary.hub.models import CustodyGap
     from tributary.hub.settings import HubSettings
 
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    settings = HubSettings.with_database(database_url)
     engine = open_database(settings)
     try:
         with Session(engine) as session:
@@ -63,7 +63,7 @@ def accept(spoke: Annotated[str, typer.Argument(help="The spoke.")],
     from tributary.protocol.broker import PublishError, StompClient
     from tributary.protocol.signing import SigningKey
 
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    settings = HubSettings.with_database(database_url)
     key = SigningKey.load(settings.signing_key)  # the hub's own key: the spoke pins it
     engine = open_database(settings)
     try:
@@ -110,7 +110,7 @@ def resend(spoke: Annotated[str, typer.Argument(help="The spoke.")],
     from tributary.protocol.broker import StompClient
     from tributary.protocol.signing import SigningKey
 
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    settings = HubSettings.with_database(database_url)
     key = SigningKey.load(settings.signing_key)
     client = StompClient(settings.broker(), "tributary-gaps").start(30)
     try:

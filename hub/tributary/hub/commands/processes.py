@@ -32,7 +32,7 @@ def hub_serve(
     from tributary.hub.settings import HubSettings
 
     logs.configure(verbose)
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    settings = HubSettings.with_database(database_url)
     # Open event streams (dashboard pages, `study watch`) never finish by themselves: give
     # them a few seconds on shutdown, then close them.
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
@@ -51,7 +51,7 @@ def hub_consume(
     from tributary.hub.settings import HubSettings
 
     logs.configure(verbose)
-    consumer.run(HubSettings(database_url=database_url) if database_url else HubSettings())
+    consumer.run(HubSettings.with_database(database_url))
 
 
 @app.command("worker")
@@ -83,7 +83,7 @@ def hub_migrate(
     from tributary.hub.services.audit import attach_forensic_log
     from tributary.hub.settings import HubSettings
 
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    settings = HubSettings.with_database(database_url)
     engine = make_engine(settings.database_url, migrate=False)
     attach_forensic_log(engine, settings.audit_log_path())
     before, after = upgrade_schema(engine, actor=f"cli:{getpass.getuser()}")
@@ -111,7 +111,7 @@ def hub_create_user(
     from tributary.hub.settings import HubSettings
 
     password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-    settings = HubSettings(database_url=database_url) if database_url else HubSettings()
+    settings = HubSettings.with_database(database_url)
     with Session(open_database(settings)) as session:
         try:
             create_user(session, username, password, role, organisation, actor="cli")
