@@ -73,6 +73,12 @@ class Spoke(SQLModel, table=True):
     audit_head_at: datetime | None = None
     #: The last reported head that went backwards ("seq:hash"), recorded once as an event.
     audit_head_refused: str | None = None
+    #: Set by an administrator: the spoke loses broker, registry and object-store access
+    #: together (``tributary pki revoke``); the hub refuses its results and registry tokens.
+    revoked_at: datetime | None = None
+    #: The federation certificate the spoke's heartbeats say it holds: expiry is watched.
+    certificate_not_after: datetime | None = None
+    certificate_serial: str | None = None
 
 
 class SpokeKey(SQLModel, table=True):
