@@ -58,7 +58,12 @@ from tributary.spoke.custody import CustodyChain
 from tributary.spoke.execution import CaseExecution, progress_audit
 from tributary.spoke.journal import Journal, OutboxRow, claim_work_dir
 from tributary.spoke.lifecycle import Lifecycle
-from tributary.spoke.liveness import Heartbeat, ProgressReporter, RunningCases
+from tributary.spoke.liveness import (
+    Heartbeat,
+    ProgressReporter,
+    RunningCases,
+    certificate_status,
+)
 from tributary.spoke.outbox import OutboxSender
 from tributary.spoke.steward import Steward, StewardDesk
 
@@ -263,7 +268,8 @@ class SpokeAgent:
             running=[a.as_running() for a in self.running.now()],
             outbox_depth=self.journal.outbox_depth(),
             interval_seconds=self.config.liveness.heartbeat_seconds,
-            audit_head=self.lifecycle.audit_head())
+            audit_head=self.lifecycle.audit_head(),
+            certificate=certificate_status(self.config.broker.cert_file))
 
     # -- the worker threads -------------------------------------------------------------------
     def _count_loop(self) -> None:
