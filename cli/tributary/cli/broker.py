@@ -35,8 +35,9 @@ def config(
     hub_url: Annotated[str | None, typer.Option(
         help="Read the registered spokes from this hub's REST API.")] = None,
     token: Annotated[str | None, typer.Option(
-        envvar="TRIBUTARY_HUB_TOKEN", show_default=False,
-        help="Bearer token for --hub-url (POST /api/auth/token).")] = None,
+        envvar=["TRIBUTARY_HUB_TOKEN", "TRIBUTARY_TOKEN"], show_default=False,
+        help="Bearer token for --hub-url (POST /api/auth/token; default: TRIBUTARY_HUB_TOKEN, "
+             "else TRIBUTARY_TOKEN as for the other hub commands).")] = None,
     hub_ca: HubCaOption = None,
     spoke: Annotated[list[str] | None, typer.Option(
         "--spoke", help="A spoke id (repeatable); added to those from --hub-url.")] = None,
