@@ -1,15 +1,25 @@
 """HTTPS settings without a running hub: the certificate and key come as a pair, `hub serve`
 refuses a pair that does not load before it starts anything, HSTS goes on HTTPS responses
-only, and hub clients turn connection failures into one line (the e2e test,
+only, and hub clients turn connection failures (hub down, bad URL or CA file, a certificate
+for another name or expired) into one line (the e2e test,
 ``tests/e2e/test_hub_tls_e2e.py``, runs the real server)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
+import socket
+import ssl
+import threading
 from pathlib import Path
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
@@ -19,6 +29,7 @@ from typer.testing import CliRunner
 from tributary.cli.app import app
 from tributary.hub.settings import HubSettings
 from tributary.hub.transport import StrictTransportSecurity
+from tributary.protocol import https
 from tributary.services import pki
 from tributary.services.system import free_port
 
@@ -110,3 +121,50 @@ def test_hub_commands_explain_a_bad_url_or_ca_file(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, ["study", "list", *options])
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
         assert message in _text(result.output), result.output
+
+
+def _tls_server(directory: Path, ca: pki.CertificateAuthority, sans: list[str],
+                not_after: dt.datetime) -> int:
+    """A TLS server (one handshake) with a certificate from ``ca`` for ``sans``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hub")]))
+            .issuer_name(ca.cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_after - dt.timedelta(days=30)).not_valid_after(not_after)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]),
+                           critical=False)
+            .sign(ca.key, hashes.SHA256()))
+    (directory / "hub.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "hub.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / "hub.crt", directory / "hub.key")
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def handshake() -> None:
+        with server, contextlib.suppress(OSError):
+            connection, _ = server.accept()
+            context.wrap_socket(connection, server_side=True).close()
+
+    threading.Thread(target=handshake, daemon=True).start()
+    return int(server.getsockname()[1])
+
+
+def test_certificate_problems_are_explained(tmp_path: Path) -> None:
+    ca = pki.ensure_ca(tmp_path / "ca")
+    now = dt.datetime.now(dt.UTC)
+    for sans, not_after, message in (
+            (["hub.example"], now + dt.timedelta(days=1),
+             "the hub's certificate at https://localhost:{port} was not issued for that name "
+             "(Hostname mismatch, certificate is not valid for 'localhost')"),
+            (["localhost"], now - dt.timedelta(days=1),
+             "the hub's certificate at https://localhost:{port} is not valid now "
+             "(certificate has expired)")):
+        port = _tls_server(tmp_path, ca, sans, not_after)
+        url = f"https://localhost:{port}"
+        with https.client(url, ca.cert_path, timeout=10) as client, pytest.raises(
+                httpx.ConnectError) as raised:
+            client.get("/")
+        assert https.explain(raised.value, url, "the hub").startswith(message.format(port=port))

@@ -24,7 +24,7 @@ def trust(ca_file: Path | None = None) -> ssl.SSLContext:
         return ssl.create_default_context()
     try:
         return ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ssl.SSLError) as exc:  # FileNotFoundError is an OSError
+    except OSError as exc:  # a missing file, or ssl.SSLError for one without a certificate
         raise ValueError(f"{ca_file} is not a readable PEM CA certificate "
                          f"({exc.strerror or exc})") from None
 
@@ -57,10 +57,11 @@ def explain(exc: httpx.TransportError, url: str, what: str = "the server",
             return (f"{what}'s certificate at {where} is not signed by a CA this client "
                     f"trusts{hint}")
         if code == _WRONG_HOST:
-            return (f"{what}'s certificate at {where} is not valid for that name or address "
-                    f"({verify.verify_message}): use a name it was issued for")
+            return (f"{what}'s certificate at {where} was not issued for that name "
+                    f"({verify.verify_message.rstrip('.')}): use a name or address it lists")
         if code in (_EXPIRED, _NOT_YET_VALID):
-            return f"{what}'s certificate at {where} is {verify.verify_message}"
+            return (f"{what}'s certificate at {where} is not valid now "
+                    f"({verify.verify_message}): it needs a new one")
         return f"{what}'s certificate at {where} was refused: {verify.verify_message}"
     tls = _cause(exc, ssl.SSLError)
     if tls is not None:
