@@ -36,6 +36,7 @@ from tributary.hub.services.audit import attach_forensic_log
 from tributary.hub.services.users import create_user
 from tributary.hub.settings import HubSettings
 from tributary.hub.signin import make_throttle
+from tributary.hub.transport import StrictTransportSecurity
 from tributary.hub.web import SignInRequired
 from tributary.hub.web import router as web_router
 from tributary.protocol.auditlog import AuditLog
@@ -93,6 +94,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                   description="Register spokes and algorithms, launch federated experiments "
                               "and read their aggregated results.")
     app.state.signin_throttle = make_throttle(settings)
+    app.add_middleware(StrictTransportSecurity, max_age=settings.hsts_seconds)
     # events first: its /api/experiments/events must not be taken for an experiment id
     for router in (events.router, spokes.router, algorithms.router, experiments.router,
                    results.router, audit.router, audit.quarantine_router,
