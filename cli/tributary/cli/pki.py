@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, fail, hub_client
+
 app = typer.Typer(help="The federation's certificates: one CA for every party and endpoint.",
                   no_args_is_help=True)
 console = Console()
@@ -111,33 +113,21 @@ def revoke(
     spoke_id: Annotated[str, typer.Argument(help="The spoke to take out of the federation.")],
     out: OutDir,
     reason: Annotated[str, typer.Option(help="Why (kept in the hub's audit log).")],
-    hub: Annotated[str, typer.Option("--hub", envvar="TRIBUTARY_HUB_URL",
-                                     help="The hub's URL.")],
-    token: Annotated[str, typer.Option(envvar="TRIBUTARY_HUB_TOKEN", show_default=False,
-                                       help="An administrator's bearer token.")],
-    hub_ca: Annotated[Path | None, typer.Option(
-        envvar="TRIBUTARY_HUB_CA_FILE", help="CA to verify the hub with.")] = None,
+    hub: HubOption,
+    token: TokenOption,
+    hub_ca: HubCaOption = None,
 ) -> None:
     """Revoke a spoke everywhere at once: at the hub (its keys, results and registry tokens),
     on the broker (identity withdrawn, broker restarted) and in the object store."""
-    import httpx
-
     from tributary.services import federation_pki
     from tributary.services.system import ServiceError
 
-    try:
-        response = httpx.post(f"{hub.rstrip('/')}/api/spokes/{spoke_id}/revoke",
-                              json={"reason": reason}, timeout=30,
-                              headers={"Authorization": f"Bearer {token}"},
-                              verify=str(hub_ca) if hub_ca else True)
-    except httpx.HTTPError as exc:
-        raise _fail(f"could not reach the hub at {hub}: {exc}", 1) from exc
-    if response.status_code != 200:
-        raise _fail(f"the hub refused to revoke {spoke_id}: {response.status_code} "
-                    f"{response.text[:300]}", 1)
+    with hub_client(hub, token, hub_ca, timeout=30) as client:
+        check(client.post(f"/api/spokes/{spoke_id}/revoke", json={"reason": reason}),
+              f"revoking {spoke_id} at the hub")
     console.print(f"hub: {spoke_id} revoked (keys, results, registry tokens)")
     try:
         restarted = federation_pki.revoke(out, spoke_id)
     except (ServiceError, ValueError) as exc:
-        raise _fail(str(exc), 1) from exc
+        fail(str(exc))
     console.print(f"broker: identity withdrawn{', broker restarted' if restarted else ''}")
