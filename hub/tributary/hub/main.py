@@ -25,6 +25,7 @@ from tributary.hub.api import (
     events,
     experiments,
     people,
+    registry,
     results,
     spokes,
 )
@@ -97,7 +98,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     for router in (events.router, spokes.router, algorithms.router, experiments.router,
                    results.router, audit.router, audit.quarantine_router,
                    algorithms.publishers_router, auth.router, people.router, counts.router,
-                   deadletters.router):
+                   deadletters.router, registry.router):
         app.include_router(router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
