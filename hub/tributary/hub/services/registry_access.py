@@ -101,7 +101,8 @@ def authenticate(session: Session, username: str, password: str,
     return Principal("user", user.username, tuple(user.roles))
 
 
-def _approved(session: Session, name: str, spoke_id: str | None = None) -> dict[str, str]:
+def approved_digests(session: Session, name: str,
+                     spoke_id: str | None = None) -> dict[str, str]:
     """Approved, not revoked digests of repository ``name``, each with the registry that
     serves it (for ``spoke_id``: only those of experiments that target it and were not
     cancelled)."""
@@ -171,7 +172,7 @@ def grant(session: Session, settings: HubSettings, principal: Principal,
         elif scope.type == "repository" and "pull" in wanted:
             spoke = principal.name if principal.kind == "spoke" else None
             by_registry: dict[str, list[str]] = {}
-            for digest, registry in _approved(session, scope.name, spoke).items():
+            for digest, registry in approved_digests(session, scope.name, spoke).items():
                 by_registry.setdefault(registry, []).append(digest)
             manifests: set[str] = set()
             blobs: set[str] = set()
