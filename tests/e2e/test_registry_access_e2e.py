@@ -16,6 +16,7 @@ import json
 import secrets
 import shutil
 import ssl
+import subprocess
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
 from tributary.spoke.images import RegistryAccess
 from tributary.testbed.federation import LocalFederation
+from tributary_algorithm.tools import ToolError
+from tributary_algorithm.tools import push_image as sdk_push
 
 pytestmark = pytest.mark.e2e
 SERVICE = "tributary-registry"
@@ -200,6 +203,31 @@ def test_docker_engine_pulls_with_spoke_credentials(setup: Setup) -> None:
         with contextlib.suppress(docker.errors.APIError):
             client.images.remove(reference, force=True)
         client.close()
+
+
+def test_sdk_push_logs_in_with_hub_credentials(setup: Setup) -> None:
+    """``tributary-algorithm push --username``: the Docker engine logs in with a hub
+    username and password and pushes under that user's name only."""
+    registry_service.trust_ca(setup.registry, setup.ca_file)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        info = tarfile.TarInfo("sdk.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"sdk"))
+    local = f"tributary-test/registry-access:{secrets.token_hex(4)}"
+    subprocess.run(["docker", "import", "-", local], input=raw.getvalue(), check=True,
+                   capture_output=True)
+    pushed = [f"{setup.registry}/alice/sdk:1", f"{setup.registry}/bob/sdk:1"]
+    try:
+        repo, digest = sdk_push(local, pushed[0], username="alice",
+                                password=setup.passwords["alice"])
+        assert repo == f"{setup.registry}/alice/sdk" and digest.startswith("sha256:")
+        with pytest.raises(ToolError, match=r"denied|unauthorized|authentication required"):
+            sdk_push(local, pushed[0], username="bob", password=setup.passwords["bob"])
+        with pytest.raises(ToolError, match="login"):
+            sdk_push(local, pushed[1], username="bob", password="not bob's password")
+    finally:
+        subprocess.run(["docker", "rmi", local, *pushed], capture_output=True, check=False)
 
 
 def test_refusals(setup: Setup, tmp_path: Path) -> None:
