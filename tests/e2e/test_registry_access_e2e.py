@@ -265,3 +265,13 @@ def test_refusals(setup: Setup, tmp_path: Path) -> None:
     with setup.spoke("s1").client(setup.registry) as s1, \
             pytest.raises(RegistryError, match="401"):
         s1.get_manifest("alice/algo", setup.approved)
+    # every refusal is in the hub's audit trail
+    with setup.fed.api() as api:
+        refused = api.get("/api/audit", params={"action": "registry.token_refused"}
+                          ).raise_for_status().json()
+        denied = api.get("/api/audit", params={"action": "registry.access_refused"}
+                         ).raise_for_status().json()
+    reasons = {(event["target"], event["detail"]["reason"]) for event in refused}
+    assert ("s1", "spoke s1 is revoked") in reasons and ("anonymous", "anonymous") in reasons
+    assert ("s1", "assertion not signed by an active key of spoke s1") in reasons  # forged
+    assert {event["target"] for event in denied} >= {"bob", "s2"}
