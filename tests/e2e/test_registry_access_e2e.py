@@ -31,6 +31,7 @@ from sqlmodel import Session
 
 from tributary.hub.db import make_engine
 from tributary.hub.models import Spoke
+from tributary.protocol.messages import AlgorithmRef
 from tributary.protocol.registry import RegistryClient, RegistryError
 from tributary.protocol.release import APPROVAL_PREDICATE_TYPE
 from tributary.protocol.signing import SigningKey
@@ -38,7 +39,7 @@ from tributary.services import registry as registry_service
 from tributary.services.pki import ensure_ca, issue_client_cert, issue_server_cert
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
-from tributary.spoke.images import RegistryAccess
+from tributary.spoke.images import ImageRefused, RegistryAccess, ensure_image
 from tributary.testbed.federation import LocalFederation
 from tributary_algorithm.tools import ToolError
 from tributary_algorithm.tools import push_image as sdk_push
@@ -189,19 +190,20 @@ def test_spoke_pulls_only_digests_of_studies_targeting_it(setup: Setup) -> None:
 
 
 def test_docker_engine_pulls_with_spoke_credentials(setup: Setup) -> None:
+    """The spoke's own pull (images.ensure_image) through the Docker engine, which gets
+    its token from the gateway's realm with the spoke's assertion as password."""
     registry_service.trust_ca(setup.registry, setup.ca_file)
     client = docker.from_env(timeout=60)
-    reference = f"{setup.registry}/alice/algo@{setup.approved}"
+    ref = AlgorithmRef(name="algo", version="1", repository=f"{setup.registry}/alice/algo",
+                       digest=setup.approved)
     try:
-        with pytest.raises(docker.errors.APIError):
-            client.images.pull(f"{setup.registry}/alice/algo", tag=setup.approved,
-                               auth_config=setup.spoke("s2").auth_config())
-        image = client.images.pull(f"{setup.registry}/alice/algo", tag=setup.approved,
-                                   auth_config=setup.spoke("s1").auth_config())
-        assert reference in image.attrs["RepoDigests"]
+        with pytest.raises(ImageRefused, match="registry does not serve"):
+            ensure_image(client, ref, [setup.registry], access=setup.spoke("s2"))
+        image_id = ensure_image(client, ref, [setup.registry], access=setup.spoke("s1"))
+        assert ref.reference in client.images.get(image_id).attrs["RepoDigests"]
     finally:
         with contextlib.suppress(docker.errors.APIError):
-            client.images.remove(reference, force=True)
+            client.images.remove(ref.reference, force=True)
         client.close()
 
 

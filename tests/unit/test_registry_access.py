@@ -195,3 +195,12 @@ def test_spoke_assertion_is_a_short_jwt() -> None:
     header = jwt.get_unverified_header(token)
     assert header["alg"] == "EdDSA" and header["kid"] == key.keyid
     assert len(token) < 1024
+
+
+def test_misconfigured_signer_is_refused_clearly(pki: tuple[Path, Path, Path],
+                                                 tmp_path: Path) -> None:
+    roots, key, cert = pki
+    with pytest.raises(TokenError, match="is not the certificate"):
+        TokenSigner(key, roots, "tributary-hub", SERVICE)  # the CA's certificate, not its own
+    with pytest.raises(TokenError, match="cannot load"):
+        TokenSigner(tmp_path / "missing.key", cert, "tributary-hub", SERVICE)

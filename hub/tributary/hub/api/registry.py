@@ -13,7 +13,8 @@ from sqlmodel import Session
 
 from tributary.hub.deps import get_session, get_settings
 from tributary.hub.services import registry_access
-from tributary.hub.services.registry_tokens import TokenError, hub_signer, parse_scope
+from tributary.hub.services.registry_client import token_signer
+from tributary.hub.services.registry_tokens import TokenError, parse_scope
 from tributary.hub.settings import HubSettings
 from tributary.hub.signin import client_address
 
@@ -39,9 +40,7 @@ def registry_token(
 ) -> JSONResponse:
     """A registry token for what the caller may do of ``scope`` (none of it: a token with
     no access, which the registry then refuses). Anonymous callers are refused."""
-    signer = hub_signer(settings.registry_token_key, settings.registry_token_cert,
-                        settings.registry_token_issuer, settings.registry_token_service,
-                        settings.registry_token_lifetime_seconds)
+    signer = token_signer(settings)
     if signer is None:
         return _error(404, "UNSUPPORTED", "this hub has no registry token service")
     if service is not None and service != signer.service:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tributary.hub.services.registry_tokens import full_access, hub_signer
+from tributary.hub.services.registry_tokens import TokenSigner, full_access, hub_signer
 from tributary.hub.settings import HubSettings
 from tributary.protocol.registry import RegistryClient, RegistryError, split_repository
 
@@ -19,11 +19,17 @@ class RegistryCheckError(ValueError):
     pass
 
 
+def token_signer(settings: HubSettings) -> TokenSigner | None:
+    """The hub's registry token signer, None when no token service is configured; raises
+    :class:`~tributary.hub.services.registry_tokens.TokenError` when misconfigured."""
+    return hub_signer(settings.registry_token_key, settings.registry_token_cert,
+                      settings.registry_token_issuer, settings.registry_token_service,
+                      settings.registry_token_lifetime_seconds)
+
+
 def hub_token_source(settings: HubSettings) -> Callable[[str], str] | None:
     """Mints the hub's own token for a scope, or None without a token service."""
-    signer = hub_signer(settings.registry_token_key, settings.registry_token_cert,
-                        settings.registry_token_issuer, settings.registry_token_service,
-                        settings.registry_token_lifetime_seconds)
+    signer = token_signer(settings)
     if signer is None:
         return None
     return lambda scope: signer.mint("hub", full_access(scope)).token

@@ -94,10 +94,16 @@ class TokenSigner:
 
     def __init__(self, key_path: Path, cert_path: Path, issuer: str, service: str,
                  lifetime_s: int = 300) -> None:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise TokenError(f"{key_path} is not an EC private key (ES256 needs P-256)")
-        chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+        try:
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+            chain = x509.load_pem_x509_certificates(cert_path.read_bytes())
+        except (OSError, ValueError, TypeError) as exc:
+            raise TokenError(f"cannot load the registry token key {key_path} or "
+                             f"certificate {cert_path}: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+            raise TokenError(f"{key_path} is not a P-256 private key (ES256 needs one)")
+        if chain[0].public_key() != key.public_key():
+            raise TokenError(f"{cert_path} is not the certificate of {key_path}")
         self._key = key
         self._x5c = [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode()
                      for c in chain]
