@@ -13,10 +13,12 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import secrets
 import shutil
 import ssl
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -170,6 +172,17 @@ def test_developer_pulls_others_only_by_approved_digest(setup: Setup) -> None:
             bob.get_manifest("alice/algo", setup.unapproved)
         with pytest.raises(RegistryError, match=DENIED):
             bob.get_manifest("alice/algo", "v1")  # a tag could point anywhere
+    # `tributary algorithm verify` with the CA and credentials from the environment
+    env = {**os.environ, "TRIBUTARY_REGISTRY_CA_FILE": str(setup.ca_file),
+           "TRIBUTARY_REGISTRY_USERNAME": "bob",
+           "TRIBUTARY_REGISTRY_PASSWORD": setup.passwords["bob"]}
+    checked = subprocess.run(
+        [sys.executable, "-m", "tributary.cli", "algorithm", "verify",
+         f"{setup.registry}/alice/algo@{setup.approved}",
+         "--key", f"{setup.fed.hub_key_path}.pub"],
+        env=env, capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "approval" in checked.stdout
 
 
 def test_spoke_pulls_only_digests_of_studies_targeting_it(setup: Setup) -> None:
