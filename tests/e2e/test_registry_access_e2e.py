@@ -185,6 +185,27 @@ def test_developer_pulls_others_only_by_approved_digest(setup: Setup) -> None:
     assert "approval" in checked.stdout
 
 
+def test_cross_repository_mount_obeys_the_digest_restriction(setup: Setup) -> None:
+    """Mounting a blob of alice/algo into bob's repository reads alice/algo: only blobs of
+    approved digests may be mounted."""
+    with setup.user("alice") as alice:
+        unapproved = alice.get_manifest("alice/algo", setup.unapproved)
+        approved = alice.get_manifest("alice/algo", setup.approved)
+    assert unapproved is not None and approved is not None
+    trust = ssl.create_default_context(cafile=str(setup.ca_file))
+    url = f"https://{setup.registry}"
+    answer = httpx.get(f"{url}/token", verify=trust, auth=("bob", setup.passwords["bob"]),
+                       params=[("service", SERVICE),
+                               ("scope", "repository:bob/mounted:pull,push"),
+                               ("scope", "repository:alice/algo:pull")])
+    bearer = {"Authorization": f"Bearer {answer.raise_for_status().json()['token']}"}
+    for manifest, expected in ((unapproved, 403), (approved, 201)):
+        mounted = httpx.post(f"{url}/v2/bob/mounted/blobs/uploads/", headers=bearer,
+                             verify=trust, params={"mount": manifest["layers"][0]["digest"],
+                                                   "from": "alice/algo"})
+        assert mounted.status_code == expected, mounted.text
+
+
 def test_spoke_pulls_only_digests_of_studies_targeting_it(setup: Setup) -> None:
     registry = setup.registry
     with setup.spoke("s1").client(registry) as s1:

@@ -58,6 +58,8 @@ RESTRICTED = {"type": "repository", "name": "alice/algo", "actions": ["pull"],
     ("POST", "/v2/alice/algo/blobs/uploads/", False),
     ("PUT", f"/v2/alice/algo/manifests/{A}", False),
     ("DELETE", f"/v2/alice/algo/manifests/{A}", False),
+    ("GET", f"/v2/bob/x/../../alice/algo/manifests/{B}", False),
+    ("GET", f"/v2/alice//algo/manifests/{B}", False),
 ])
 def test_gateway_enforces_digest_restriction(method: str, path: str, allowed: bool) -> None:
     assert (decide(method, path, claims(RESTRICTED)) is None) is allowed
@@ -73,6 +75,20 @@ def test_gateway_leaves_unrestricted_requests_to_the_registry() -> None:
     assert decide("GET", "/v2/", claims(RESTRICTED)) is None
     # a name that only looks like the restricted one is a different repository
     assert decide("GET", f"/v2/alice/algo/x/manifests/{B}", claims(RESTRICTED)) is None
+
+
+def test_gateway_limits_cross_repository_mounts() -> None:
+    """A mount reads a blob of another repository: the restriction on that one applies."""
+    own = {"type": "repository", "name": "bob/tool", "actions": ["pull", "push"]}
+    path = "/v2/bob/tool/blobs/uploads/"
+    token = claims(own, RESTRICTED)
+    assert decide("POST", path, token, [("mount", BLOB), ("from", "alice/algo")]) is None
+    assert decide("POST", path, token, [("mount", A), ("from", "alice/algo")]) is not None
+    assert decide("POST", path, token, [("mount", A)]) is None  # no source: a plain upload
+    assert decide("POST", path, claims(own), [("mount", A), ("from", "alice/algo")]) is None
+    # the registry reads the first of repeated parameters: repeating them is refused
+    assert decide("POST", path, token, [("mount", A), ("from", "alice/algo"),
+                                        ("from", "bob/tool")]) is not None
 
 
 def test_scope_parsing() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -57,19 +57,43 @@ class GatewayConfig(BaseModel):
     hub_ca_file: Path | None = None
 
 
-def decide(method: str, path: str, claims: dict[str, Any] | None) -> str | None:
+def _restriction(claims: dict[str, Any], name: str) -> tuple[set[str], set[str]] | None:
+    """The (manifests, blobs) a token limits repository ``name`` to; None: no limit (the
+    registry's own check decides)."""
+    entries = [e for e in claims.get("access") or []
+               if isinstance(e, dict) and e.get("type") == "repository" and e.get("name") == name]
+    if not entries or any("digests" not in e for e in entries):
+        return None
+    digests = {d for e in entries for d in (e.get("digests") or []) if isinstance(d, str)}
+    blobs = {d for e in entries for d in (e.get("blobs") or []) if isinstance(d, str)}
+    return digests, blobs
+
+
+def decide(method: str, path: str, claims: dict[str, Any] | None,
+           query: Iterable[tuple[str, str]] | None = None) -> str | None:
     """Why this request must not reach the registry, or None to forward it. Only tokens
-    whose every entry for the repository carries a ``digests`` restriction are limited."""
+    whose every entry for the repository carries a ``digests`` restriction are limited;
+    a cross-repository blob mount (``?mount=<digest>&from=<repository>``) is limited by the
+    restriction on the repository it reads from."""
+    if "//" in path or any(part in (".", "..") for part in path.split("/")):
+        return "the path is not in canonical form"  # no name the registry reads otherwise
     match = _PATH.match(path)
     if match is None or claims is None:
         return None
     name, kind, rest = match["name"], match["kind"], match["rest"]
-    entries = [e for e in claims.get("access") or []
-               if isinstance(e, dict) and e.get("type") == "repository" and e.get("name") == name]
-    if not entries or any("digests" not in e for e in entries):
-        return None  # no restriction: the registry's own check decides
-    digests = {d for e in entries for d in (e.get("digests") or []) if isinstance(d, str)}
-    blobs = {d for e in entries for d in (e.get("blobs") or []) if isinstance(d, str)}
+    pairs = list(query or [])
+    sources = [v for k, v in pairs if k == "from"]
+    mounts = [v for k, v in pairs if k == "mount"]
+    if len(sources) > 1 or len(mounts) > 1:  # the registry reads the first, we might not
+        return "repeated mount parameters"
+    if sources:
+        limit = _restriction(claims, sources[0])
+        if limit is not None and (mounts[0] if mounts else None) not in limit[1]:
+            return f"mounting from {sources[0][:80]} is limited to the blobs this token allows"
+    limit = _restriction(claims, name)
+    if limit is None:
+        return None
+    digests, blobs = limit
     if method not in READ_METHODS:
         return f"{method} is not allowed with a digest-restricted token"
     if kind == "manifests":
@@ -115,8 +139,9 @@ def create_gateway(config: GatewayConfig) -> Starlette:
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         headers.update(extra or {})
         body = request.stream() if request.method in ("POST", "PUT", "PATCH") else None
-        upstream = client.build_request(request.method, url, headers=headers, content=body,
-                                        params=request.query_params)
+        if request.url.query:  # verbatim: repeated keys (several scopes) must all arrive
+            url = f"{url}?{request.url.query}"
+        upstream = client.build_request(request.method, url, headers=headers, content=body)
         try:
             answer = await client.send(upstream, stream=True)
         except httpx.HTTPError as exc:
@@ -142,7 +167,7 @@ def create_gateway(config: GatewayConfig) -> Starlette:
                 claims = verifier.verify(authorization[7:].strip())
             except TokenError as exc:
                 return _registry_error(401, "UNAUTHORIZED", str(exc), challenge(path))
-        reason = decide(request.method, path, claims)
+        reason = decide(request.method, path, claims, request.query_params.multi_items())
         if reason is not None:
             log.info("refused %s %s: %s", request.method, path, reason)
             return _registry_error(403, "DENIED", reason)
