@@ -130,7 +130,7 @@ def create_gateway(config: GatewayConfig) -> Starlette:
         for client in state.values():
             await client.aclose()
 
-    def challenge(path: str) -> dict[str, str]:
+    def challenge() -> dict[str, str]:
         return {"WWW-Authenticate": f'Bearer realm="{config.realm}",'
                                     f'service="{config.service}"'}
 
@@ -166,7 +166,7 @@ def create_gateway(config: GatewayConfig) -> Starlette:
             try:
                 claims = verifier.verify(authorization[7:].strip())
             except TokenError as exc:
-                return _registry_error(401, "UNAUTHORIZED", str(exc), challenge(path))
+                return _registry_error(401, "UNAUTHORIZED", str(exc), challenge())
         reason = decide(request.method, path, claims, request.query_params.multi_items())
         if reason is not None:
             log.info("refused %s %s: %s", request.method, path, reason)
