@@ -60,6 +60,19 @@ class HubSettings(BaseSettings):
     publish_attestations: bool = True
     #: Registries reached over plain HTTP (loopback ones always are).
     insecure_registries: list[str] = []
+    #: The registry's token service (distribution's token auth, served at
+    #: /api/registry/token): the P-256 key and certificate (PEM, optionally followed by its
+    #: chain) that sign registry tokens. The registry and its gateway trust this certificate
+    #: or the CA that issued it. Unset: no token service (an open loopback registry).
+    registry_token_key: Path | None = None
+    registry_token_cert: Path | None = None
+    #: Must match the registry's `auth.token.issuer` and `auth.token.service`.
+    registry_token_issuer: str = "tributary-hub"
+    registry_token_service: str = "tributary-registry"
+    registry_token_lifetime_seconds: int = Field(300, ge=30, le=3600)
+    #: The CA the registry's TLS certificate is checked against when the hub reads and
+    #: writes the registry itself (the federation CA); unset: plain HTTP on loopback.
+    registry_ca_file: Path | None = None
     #: The hub's Ed25519 signing key (PKCS#8 PEM), created on first start.
     signing_key: Path = Path("tributary-hub.key")
     #: Days an experiment message waits in the broker for an offline spoke.

@@ -241,7 +241,8 @@ class LocalFederation:
                      publisher_keys: tuple[Path, ...] = (),
                      steward: dict[str, bool] | None = None,
                      counts: dict[str, Any] | None = None,
-                     deidentification: dict[str, Any] | None = None) -> Path:
+                     deidentification: dict[str, Any] | None = None,
+                     registry: dict[str, Any] | None = None) -> Path:
         work = self.root / "spokes" / spoke_id
         work.mkdir(parents=True, exist_ok=True)
         config = work / "spoke.toml"
@@ -259,6 +260,7 @@ class LocalFederation:
             f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
             + _toml_table("steward", steward) + _toml_table("counts", counts)
             + _toml_table("deidentification", deidentification)
+            + _toml_table("registry", registry)
         )
         config.chmod(0o600)  # it may hold the spoke's broker password
         return config

@@ -1,6 +1,7 @@
-"""``tributary hub serve | consume | worker | migrate | create-user``: the hub's processes and its
-database. The web app (``serve``), the results consumer (``consume``) and the aggregation
-worker (``worker``) are peers: each can run as its own process."""
+"""``tributary hub serve | consume | worker | registry-gateway | migrate | create-user``: the
+hub's processes and its database. The web app (``serve``), the results consumer
+(``consume``), the aggregation worker (``worker``) and the registry's TLS gateway
+(``registry-gateway``) are peers: each can run as its own process."""
 
 from __future__ import annotations
 
@@ -168,3 +169,40 @@ def hub_create_user(
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
     console.print(f"created {username} with roles {', '.join(role)}")
+
+
+@app.command("registry-gateway")
+def hub_registry_gateway(
+    cert: Annotated[Path, typer.Option(help="The registry's TLS certificate (PEM).")],
+    key: Annotated[Path, typer.Option(help="Its private key (PEM).")],
+    upstream: Annotated[str, typer.Option(
+        help="The registry on loopback, e.g. http://127.0.0.1:5001.")],
+    roots: Annotated[Path, typer.Option(
+        help="Certificates that may sign registry tokens (the registry's rootcertbundle).")],
+    realm: Annotated[str, typer.Option(
+        help="The token realm clients are sent to (the registry's auth.token.realm), "
+             "e.g. https://registry.example:5000/token.")],
+    hub_url: Annotated[str | None, typer.Option(
+        help="The hub whose token service /token forwards to.")] = None,
+    hub_ca_file: Annotated[Path | None, typer.Option(
+        help="CA of the hub's certificate, for an HTTPS hub.")] = None,
+    issuer: Annotated[str | None, typer.Option(
+        help="Token issuer (default: TRIBUTARY_HUB_REGISTRY_TOKEN_ISSUER).")] = None,
+    service: Annotated[str | None, typer.Option(
+        help="Token service (default: TRIBUTARY_HUB_REGISTRY_TOKEN_SERVICE).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The registry's published port.")] = 5000,
+    verbose: bool = False,
+) -> None:
+    """Serve the registry's published port with TLS, enforcing the digest restrictions of
+    the hub's registry tokens, in front of the registry on loopback."""
+    from tributary.hub.registry_gateway import GatewayConfig, serve
+    from tributary.hub.settings import HubSettings
+
+    logs.configure(verbose)
+    settings = HubSettings()
+    config = GatewayConfig(upstream=upstream, roots=roots, realm=realm, hub_url=hub_url,
+                           hub_ca_file=hub_ca_file,
+                           issuer=issuer or settings.registry_token_issuer,
+                           service=service or settings.registry_token_service)
+    serve(config, host, port, cert, key)
