@@ -6,7 +6,8 @@ CA now also signs the hub's HTTPS certificate, the registry's and the object sto
 party needs exactly one trust anchor (``ca.crt``) for every hop. What each party holds:
 
     hub host      pki/ (the CA: keep it offline where you can), broker/, hub/server.*,
-                  registry/server.*, objectstore/server.*
+                  registry/server.*, objectstore/server.*, registry-token/ (what signs
+                  the hub's registry tokens; the registry trusts tokens chaining to ca.crt)
     each spoke    identities/<spoke>/ (client.crt, client.key, ca.crt)
 
 ``federation.json`` records the names the hub side answers to, the spokes and the revoked
@@ -33,6 +34,9 @@ from tributary.services.system import ServiceError
 FEDERATION_FILE = "federation.json"
 #: Folders (under the federation folder) of the hub side's TLS endpoints.
 SERVER_ENDPOINTS = ("hub", "registry", "objectstore")
+#: The hub's registry-token signer (ES256 with an ``x5c`` chain to the federation CA).
+TOKEN_SIGNER_DIR = "registry-token"
+TOKEN_SIGNER_NAME = "tributary-hub-registry-tokens"
 
 
 class FederationSpec(BaseModel):
@@ -125,6 +129,9 @@ def issue(out_dir: Path, hub_names: list[str] | None = None, spokes: list[str] |
         directory.mkdir(mode=0o700, exist_ok=True)
         pki.issue_server_cert(ca, directory, spec.hub_names, rotate=rotate or new_ca)
         shutil.copyfile(ca.cert_path, directory / "ca.crt")
+    signer = out_dir / TOKEN_SIGNER_DIR
+    signer.mkdir(mode=0o700, exist_ok=True)
+    pki.issue_client_cert(ca, signer, TOKEN_SIGNER_NAME, rotate=rotate or new_ca)
     _save_spec(out_dir, spec)
     return spec
 
@@ -175,6 +182,7 @@ def inventory(out_dir: Path) -> list[CertificateInfo]:
              ("broker", "broker TLS server", out_dir / "broker" / "server.crt")]
     found += [(endpoint, f"{endpoint} TLS server", out_dir / endpoint / "server.crt")
               for endpoint in SERVER_ENDPOINTS]
+    found.append(("hub", "registry token signer", out_dir / TOKEN_SIGNER_DIR / "client.crt"))
     found += [(name, "client identity", out_dir / "identities" / name / "client.crt")
               for name in [spec.hub_identity, *spec.active_spokes]]
     return [_info(*entry) for entry in found if entry[2].exists()]
