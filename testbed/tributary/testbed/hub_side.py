@@ -17,6 +17,7 @@ the relay, and make :attr:`HubSide.settings` name the registry ``HUB:PORT``.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -115,3 +116,23 @@ class HubSide:
                 self._registry.wait()
         if self.broker is not None:
             stop_broker(self.broker)
+        if self.registry_port:
+            forget_registry_images(f"127.0.0.1:{self.registry_port}")
+
+
+def forget_registry_images(registry: str) -> None:
+    """Remove the engine's references (tags and digests) to images of ``registry``,
+    which pushes and pulls through it left; an image itself goes only if nothing else
+    names it. The registry's port is new each run, so they would pile up."""
+    import docker
+    import docker.errors
+
+    client = docker.from_env()
+    try:
+        for image in client.images.list():
+            for ref in [*image.tags, *(image.attrs.get("RepoDigests") or [])]:
+                if ref.startswith(f"{registry}/"):
+                    with contextlib.suppress(docker.errors.APIError):
+                        client.images.remove(ref)
+    finally:
+        client.close()
