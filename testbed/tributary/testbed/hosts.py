@@ -77,7 +77,8 @@ def available() -> str | None:
     """Why namespaces cannot be used here, or None if they can."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    for command in (("ip", "netns", "list"), ("iptables", "--version")):
+    for command in (("ip", "netns", "list"), ("iptables", "--version"),
+                    ("ip6tables", "--version"), ("nsenter", "--version")):
         try:
             _run(*command)
         except (OSError, HostsError) as exc:
@@ -139,6 +140,9 @@ class Hosts:
         self.ports: list[int] = []
         self._initial_ports = sorted(set(ports))
         self._network = ipaddress.ip_network(network) if network else None
+        if self._network is not None and (self._network.version != 4
+                                          or self._network.prefixlen > 24):
+            raise ValueError("network: an IPv4 network of at least a /24")
         self._processes: list[subprocess.Popen[Any]] = []
         self._hosts: dict[str, Host] = {}
 
@@ -191,7 +195,10 @@ class Hosts:
         MARKERS.mkdir(parents=True, exist_ok=True)
         (MARKERS / f"{self.prefix}.pid").write_text(str(os.getpid()))
         try:
-            self._network = self._network or pick_network()
+            if self._network is None:
+                self._network = pick_network()
+            elif any(self._network.overlaps(net) for net in _taken_networks()):
+                raise HostsError(f"{self._network} overlaps a network of this machine")
             self._build()
             self.publish(*self._initial_ports)
         except BaseException:
@@ -249,6 +256,13 @@ class Hosts:
 
     # -- firewall -----------------------------------------------------------------------
 
+    def rules(self, party: str) -> str:
+        """The IPv4 firewall of ``party``'s host, as ``iptables-restore`` reads it."""
+        if party == ROOT:
+            raise ValueError("the root namespace (this machine) gets no firewall")
+        return (self._hub_rules(self.ports) if party == HUB
+                else self._spoke_rules(self.ports))
+
     def _spoke_rules(self, ports: list[int]) -> str:
         allow = "".join(f"-A OUTPUT -d {self.hub_address}/32 -p tcp --dport {port} "
                         "-m conntrack --ctstate NEW -j ACCEPT\n" for port in ports)
@@ -278,9 +292,8 @@ class Hosts:
         """Open ``ports`` of the hub address: to the spokes (outbound) and on the hub side
         (inbound). The firewalls are rewritten whole, so they never hold half a change."""
         self.ports = sorted({*self.ports, *ports})
-        self._firewall(self.host(HUB).netns or "", self._hub_rules(self.ports))
-        for spoke_id in self.spoke_ids:
-            self._firewall(self.host(spoke_id).netns or "", self._spoke_rules(self.ports))
+        for party in (HUB, *self.spoke_ids):
+            self._firewall(self.host(party).netns or "", self.rules(party))
 
     # -- processes ----------------------------------------------------------------------
 
