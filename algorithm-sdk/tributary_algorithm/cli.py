@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,12 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="REGISTRY/REPO[:TAG]",
         help="where to push, e.g. 127.0.0.1:5000/algorithms/lung-nodule:1.0",
     )
+    push.add_argument(
+        "--username",
+        "-u",
+        help="your hub username, for a federation registry with token auth; the password "
+        "is read from TRIBUTARY_REGISTRY_PASSWORD or asked for",
+    )
 
     test = sub.add_parser(
         "test",
@@ -226,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"built {result.tag} ({result.image_id}) with {len(result.wheels)} wheels")
             return 0
         if args.command == "push":
-            repository, digest = push_image(args.image, args.repository, verbose=args.verbose)
+            password = None
+            if args.username:
+                password = os.environ.get("TRIBUTARY_REGISTRY_PASSWORD") or getpass.getpass(
+                    f"hub password for {args.username}: ")
+            repository, digest = push_image(args.image, args.repository, verbose=args.verbose,
+                                            username=args.username, password=password)
             print(f"{repository}@{digest}")
             return 0
         result = run_local(

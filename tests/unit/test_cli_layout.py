@@ -15,7 +15,7 @@ from pathlib import Path
 import tributary.cli.app
 
 BIN = Path(sys.executable).parent
-GROUPS = {"services", "hub", "spoke", "contract", "broker", "algorithm", "audit", "counts",
+GROUPS = {"services", "hub", "spoke", "contract", "broker", "pki", "algorithm", "audit", "counts",
           "study", "dlq", "gaps", "bundle", "demo"}
 
 

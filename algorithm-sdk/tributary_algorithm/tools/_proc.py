@@ -28,8 +28,10 @@ def run_command(
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
+    stdin_text: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a command; stream its output when ``verbose``, otherwise keep it for errors.
+    ``stdin_text`` is written to its standard input (a secret never goes on the command line).
 
     Raises ``ToolError`` when the program is missing, times out, or (with ``check``) exits
     non-zero, quoting the end of its output so the cause is visible without a re-run.
@@ -47,6 +49,7 @@ def run_command(
             env=None if env is None else dict(env),
             cwd=cwd,
             check=False,
+            input=stdin_text,
         )
     except FileNotFoundError as exc:
         raise ToolError(f"{args[0]!r} is not installed or not on PATH") from exc

@@ -9,7 +9,10 @@ cannot be pulled by.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import tempfile
 
 from ._proc import ToolError, capture, run_command
 
@@ -38,13 +41,21 @@ def _pushed_digest(output: str) -> str | None:
 
 
 def push_image(
-    tag: str, repository: str, *, docker: str = "docker", verbose: bool = False
+    tag: str,
+    repository: str,
+    *,
+    docker: str = "docker",
+    verbose: bool = False,
+    username: str | None = None,
+    password: str | None = None,
 ) -> tuple[str, str]:
     """Tag ``tag`` as ``repository`` (``REGISTRY/REPO[:TAG]``), push it, return its digest.
 
     Returns ``(repository_without_tag, "sha256:…")``; the pinned reference is
     ``f"{repository}@{digest}"``. Without a tag in ``repository`` the source tag (or
-    ``latest``) is used.
+    ``latest``) is used. With ``username`` and ``password`` (a federation's hub account),
+    the push logs in to a token-protected registry first, in a throw-away Docker client
+    configuration so the password is not left behind in ``~/.docker``.
     """
     repo, target_tag = split_reference(repository)
     if target_tag is None:
@@ -52,7 +63,20 @@ def push_image(
         target_tag = source_tag or "latest"
     target = f"{repo}:{target_tag}"
     run_command([docker, "tag", tag, target], verbose=verbose)
-    pushed = run_command([docker, "push", target], verbose=False)
+    if username and password:
+        config_dir = tempfile.mkdtemp(prefix="tributary-docker-")
+        env = {**os.environ, "DOCKER_CONFIG": config_dir}
+        try:
+            registry = repo.split("/", 1)[0]
+            run_command([docker, "login", registry, "--username", username,
+                         "--password-stdin"], env=env, stdin_text=password)
+            pushed = run_command([docker, "push", target], verbose=False, env=env)
+        finally:
+            shutil.rmtree(config_dir, ignore_errors=True)
+    elif username or password:
+        raise ToolError("give both a username and a password for the registry, or neither")
+    else:
+        pushed = run_command([docker, "push", target], verbose=False)
     if verbose:
         print(pushed.stdout, end="")
     announced = _pushed_digest(pushed.stdout or "")

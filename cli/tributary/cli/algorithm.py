@@ -7,8 +7,9 @@ stays fast."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +17,20 @@ from rich.console import Console
 app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "
                        "images.", no_args_is_help=True)
 console = Console()
+
+if TYPE_CHECKING:
+    from tributary.protocol.registry import RegistryClient
+
+
+def registry_client(registry: str) -> RegistryClient:
+    """A registry client with what the environment gives: ``TRIBUTARY_REGISTRY_CA_FILE``
+    (the federation CA of a TLS registry), ``TRIBUTARY_REGISTRY_USERNAME`` and
+    ``TRIBUTARY_REGISTRY_PASSWORD`` (your hub account, for a token-protected registry)."""
+    from tributary.protocol.registry import RegistryClient
+
+    return RegistryClient(registry, username=os.environ.get("TRIBUTARY_REGISTRY_USERNAME"),
+                          password=os.environ.get("TRIBUTARY_REGISTRY_PASSWORD"),
+                          ca_file=os.environ.get("TRIBUTARY_REGISTRY_CA_FILE") or None)
 
 
 @app.command("keygen")
@@ -48,7 +63,7 @@ def sign(
 ) -> None:
     """Sign a release: a DSSE in-toto statement whose subject is the manifest digest."""
     from tributary.protocol.messages import AlgorithmRef
-    from tributary.protocol.registry import RegistryClient, RegistryError, split_repository
+    from tributary.protocol.registry import RegistryError, split_repository
     from tributary.protocol.release import PREDICATE_TYPE, sign_release
     from tributary.protocol.signing import SigningKey
 
@@ -63,7 +78,7 @@ def sign(
     if push:
         registry, image = split_repository(repository)
         try:
-            with RegistryClient(registry) as client:
+            with registry_client(registry) as client:
                 where = client.attach(image, digest, envelope, PREDICATE_TYPE)
         except RegistryError as exc:
             console.print(f"[red]push failed:[/] {exc}")
@@ -79,7 +94,7 @@ def verify(
 ) -> None:
     """Check the signatures stored beside an image in its registry: which trusted keys
     signed a release or an approval of exactly this digest. Exit 1 if none did."""
-    from tributary.protocol.registry import RegistryClient, RegistryError, split_repository
+    from tributary.protocol.registry import RegistryError, split_repository
     from tributary.protocol.release import (
         APPROVAL_PREDICATE_TYPE,
         PREDICATE_TYPE,
@@ -94,7 +109,7 @@ def verify(
     verifiers = {PREDICATE_TYPE: ("release", verify_release),
                  APPROVAL_PREDICATE_TYPE: ("approval", verify_approval)}
     try:
-        with RegistryClient(registry) as client:
+        with registry_client(registry) as client:
             found = client.attestations(image, digest)
     except (RegistryError, ValueError) as exc:
         console.print(f"[red]cannot read signatures:[/] {exc}")

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 import typer
 
-from tributary.cli import algorithm, audit, broker, bundle, contract, counts, demo, services, study
+from tributary.cli import (
+    algorithm,
+    audit,
+    broker,
+    bundle,
+    contract,
+    counts,
+    demo,
+    pki,
+    services,
+    study,
+)
 from tributary.hub.commands import app as hub
 from tributary.hub.commands import dlq, gaps
 from tributary.spoke.commands import app as spoke
@@ -19,6 +30,7 @@ app.add_typer(hub.app, name="hub")
 app.add_typer(spoke.app, name="spoke")
 app.add_typer(contract.app, name="contract")
 app.add_typer(broker.app, name="broker")
+app.add_typer(pki.app, name="pki")
 app.add_typer(algorithm.app, name="algorithm")
 app.add_typer(audit.app, name="audit")
 app.add_typer(counts.app, name="counts")

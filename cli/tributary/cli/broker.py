@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from tributary.cli.hub_client import HubCaOption, check, hub_client
+
 app = typer.Typer(help="Broker security: mutual TLS and per-spoke authorization for ActiveMQ.",
                   no_args_is_help=True)
 console = Console()
@@ -18,15 +20,13 @@ OutDir = Annotated[Path, typer.Option("--out", "-o", file_okay=False,
                                       help="Folder for the configuration, CA and identities.")]
 
 
-def registered_spokes(hub_url: str, token: str | None, timeout: float = 10.0) -> list[str]:
-    """The ids of the spokes registered at the hub (``GET /api/spokes``)."""
-    import httpx
-
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    response = httpx.get(f"{hub_url.rstrip('/')}/api/spokes", headers=headers,
-                         timeout=timeout)
-    response.raise_for_status()
-    return [str(spoke["id"]) for spoke in response.json()]
+def registered_spokes(hub_url: str, token: str | None, ca_file: Path | None = None,
+                      timeout: float = 10.0) -> list[str]:
+    """The ids of the spokes registered at the hub (``GET /api/spokes``); exits with the
+    reason when the hub cannot be reached or refuses."""
+    with hub_client(hub_url, token, ca_file, timeout=timeout) as client:
+        spokes = check(client.get("/api/spokes"), "listing the spokes")
+    return [str(spoke["id"]) for spoke in spokes]
 
 
 @app.command("config")
@@ -35,8 +35,10 @@ def config(
     hub_url: Annotated[str | None, typer.Option(
         help="Read the registered spokes from this hub's REST API.")] = None,
     token: Annotated[str | None, typer.Option(
-        envvar="TRIBUTARY_HUB_TOKEN", show_default=False,
-        help="Bearer token for --hub-url (POST /api/auth/token).")] = None,
+        envvar=["TRIBUTARY_HUB_TOKEN", "TRIBUTARY_TOKEN"], show_default=False,
+        help="Bearer token for --hub-url (POST /api/auth/token; default: TRIBUTARY_HUB_TOKEN, "
+             "else TRIBUTARY_TOKEN as for the other hub commands).")] = None,
+    hub_ca: HubCaOption = None,
     spoke: Annotated[list[str] | None, typer.Option(
         "--spoke", help="A spoke id (repeatable); added to those from --hub-url.")] = None,
     hub_identity: Annotated[str, typer.Option(help="The hub's identity on the broker.")] = "hub",
@@ -51,17 +53,11 @@ def config(
     """Write the broker configuration: mutual TLS and one identity per spoke.
 
     The authorization map confines each spoke to its own queue and the results queue."""
-    import httpx
-
     from tributary.services.broker_security import generate_broker_config
 
     spokes = list(spoke or [])
     if hub_url:
-        try:
-            spokes += registered_spokes(hub_url, token)
-        except httpx.HTTPError as exc:
-            console.print(f"[red]could not list the spokes at {hub_url}: {exc}[/]")
-            raise typer.Exit(1) from exc
+        spokes += registered_spokes(hub_url, token, hub_ca)
     if not spokes:
         console.print("[red]no spokes: pass --hub-url or --spoke[/]")
         raise typer.Exit(2)

@@ -10,20 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
+
 app = typer.Typer(help="Federated counts: how many cases match, per spoke and in total, "
                        "without any case leaving a site.", no_args_is_help=True)
 console = Console()
-
-HubOption = Annotated[str, typer.Option(envvar="TRIBUTARY_HUB_URL", help="The hub's URL.")]
-TokenOption = Annotated[str, typer.Option(envvar="TRIBUTARY_TOKEN",
-                                          help="A coordinator's API token.")]
-
-
-def _client(hub: str, token: str):  # type: ignore[no-untyped-def]
-    import httpx
-
-    return httpx.Client(base_url=hub, timeout=30, headers={"Authorization": f"Bearer {token}"})
-
 
 def _show(count: dict[str, Any]) -> None:
     table = Table("spoke", "state", "cases", title=f"count {count['id']}: "
@@ -41,16 +32,6 @@ def _show(count: dict[str, Any]) -> None:
     console.print(table)
 
 
-def _fail(response: Any) -> None:
-    if response.status_code >= 400:
-        try:
-            detail = response.json().get("detail", response.text)
-        except ValueError:
-            detail = response.text
-        console.print(f"[red]hub refused ({response.status_code}):[/] {detail}")
-        raise typer.Exit(1)
-
-
 @app.command("ask")
 def ask(
     spoke: Annotated[list[str], typer.Option(help="A target spoke (repeatable).")],
@@ -59,20 +40,18 @@ def ask(
     modality: Annotated[str | None, typer.Option(help="Cases with a series of this "
                                                       "modality.")] = "CT",
     wait: Annotated[float, typer.Option(help="Seconds to wait for every answer.")] = 60,
+    hub_ca: HubCaOption = None,
 ) -> None:
     """Send a count to the spokes and show their answers as they arrive."""
     selection = {"modality": modality}
-    with _client(hub, token) as client:
-        response = client.post("/api/counts", json={"selection": selection, "spoke_ids": spoke})
-        _fail(response)
-        count = response.json()
+    with hub_client(hub, token, hub_ca, timeout=30) as client:
+        count = check(client.post("/api/counts",
+                                  json={"selection": selection, "spoke_ids": spoke}), "count")
         deadline = time.monotonic() + wait
         with console.status("waiting for the spokes' answers"):
             while not count["complete"] and time.monotonic() < deadline:
                 time.sleep(0.5)
-                response = client.get(f"/api/counts/{count['id']}")
-                _fail(response)
-                count = response.json()
+                count = check(client.get(f"/api/counts/{count['id']}"), "count")
     _show(count)
 
 
@@ -81,9 +60,9 @@ def show(
     count_id: Annotated[str, typer.Argument(help="The count's id (cnt-...).")],
     hub: HubOption,
     token: TokenOption,
+    hub_ca: HubCaOption = None,
 ) -> None:
     """Show a count's answers and total."""
-    with _client(hub, token) as client:
-        response = client.get(f"/api/counts/{count_id}")
-        _fail(response)
-    _show(response.json())
+    with hub_client(hub, token, hub_ca, timeout=30) as client:
+        count = check(client.get(f"/api/counts/{count_id}"), "count")
+    _show(count)

@@ -2,8 +2,9 @@
 API (the same endpoints the dashboard uses): launch a study, watch it, show its aggregated
 results, fetch them as files.
 
-The hub address and a bearer token come from options or ``TRIBUTARY_HUB_URL`` and
-``TRIBUTARY_TOKEN`` (``POST /api/auth/token`` issues one)."""
+The hub address, a bearer token and the CA of the hub's certificate come from options or
+``TRIBUTARY_HUB_URL``, ``TRIBUTARY_TOKEN`` (``POST /api/auth/token`` issues one) and
+``TRIBUTARY_HUB_CA_FILE`` (:mod:`tributary.cli.hub_client`)."""
 
 from __future__ import annotations
 
@@ -16,41 +17,14 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
+
 if TYPE_CHECKING:  # httpx is imported when a command talks to the hub, not for --help
     import httpx
 
 app = typer.Typer(help="Launch, watch and fetch federated studies on a hub.",
                   no_args_is_help=True)
 console = Console()
-
-HubOption = Annotated[str, typer.Option("--hub", envvar="TRIBUTARY_HUB_URL",
-                                        help="The hub's base URL.")]
-TokenOption = Annotated[str, typer.Option(
-    "--token", envvar="TRIBUTARY_TOKEN", show_default=False,
-    help="Bearer token (from POST /api/auth/token).")]
-
-
-def _client(hub: str, token: str, timeout: float | None = 60) -> httpx.Client:
-    import httpx
-
-    return httpx.Client(base_url=hub.rstrip("/"), timeout=timeout,
-                        headers={"Authorization": f"Bearer {token}"})
-
-
-def _check(response: httpx.Response, doing: str) -> Any:
-    """The JSON body, or exit 1 with the hub's own explanation."""
-    if response.is_success:
-        return response.json() if response.content else None
-    try:
-        detail = response.json().get("detail", response.text)
-    except ValueError:
-        detail = response.text
-    if isinstance(detail, list):
-        detail = "; ".join(f"{'.'.join(map(str, e.get('loc', [])[1:]))}: {e.get('msg')}"
-                           for e in detail)
-    console.print(f"[red]{doing} refused ({response.status_code}):[/] {detail}")
-    raise typer.Exit(1)
-
 
 def _json_option(value: str | None, what: str) -> Any:
     if value is None:
@@ -65,6 +39,7 @@ def _json_option(value: str | None, what: str) -> Any:
 def launch(
     hub: HubOption = "http://127.0.0.1:8000",
     token: TokenOption = "",
+    hub_ca: HubCaOption = None,
     file: Annotated[Path | None, typer.Option(
         "--file", "-f", exists=True, dir_okay=False,
         help="JSON body of POST /api/experiments; the options below override its fields.")
@@ -91,15 +66,15 @@ def launch(
     missing = [k for k in ("name", "algorithm_id", "spoke_ids") if not body.get(k)]
     if missing:
         raise typer.BadParameter(f"missing {', '.join(missing)} (options or --file)")
-    with _client(hub, token) as client:
-        experiment = _check(client.post("/api/experiments", json=body), "creation")
+    with hub_client(hub, token, hub_ca) as client:
+        experiment = check(client.post("/api/experiments", json=body), "creation")
         console.print(f"created [bold]{experiment['id']}[/] ({experiment['name']})")
         if not draft:
-            _check(client.post(f"/api/experiments/{experiment['id']}/launch"), "launch")
+            check(client.post(f"/api/experiments/{experiment['id']}/launch"), "launch")
             console.print(f"launched to {', '.join(body['spoke_ids'])}")
     typer.echo(experiment["id"])
     if watch_it and not draft:
-        watch(experiment["id"], hub, token)
+        watch(experiment["id"], hub, token, hub_ca)
 
 
 def _events(client: httpx.Client, experiment_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -107,7 +82,7 @@ def _events(client: httpx.Client, experiment_id: str) -> Iterator[tuple[str, dic
     with client.stream("GET", f"/api/experiments/{experiment_id}/events") as response:
         if not response.is_success:
             response.read()
-            _check(response, "watching")
+            check(response, "watching")
         event, data = "message", ""
         for line in response.iter_lines():
             if line.startswith("event:"):
@@ -125,10 +100,11 @@ def watch(
     experiment_id: Annotated[str, typer.Argument(help="The experiment's id.")],
     hub: HubOption = "http://127.0.0.1:8000",
     token: TokenOption = "",
+    hub_ca: HubCaOption = None,
 ) -> None:
     """A progress bar per spoke until the study is over (exit 1 if any case failed)."""
     failed = 0
-    with _client(hub, token, timeout=None) as client, Progress(
+    with hub_client(hub, token, hub_ca, timeout=None) as client, Progress(
         TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
     ) as progress:
@@ -158,11 +134,31 @@ def watch(
         raise typer.Exit(1)
 
 
+@app.command("list")
+def list_(
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+    hub_ca: HubCaOption = None,
+) -> None:
+    """The hub's studies: id, name, state, algorithm and target spokes."""
+    from rich.table import Table
+
+    with hub_client(hub, token, hub_ca) as client:
+        experiments = check(client.get("/api/experiments"), "listing")
+    table = Table("id", "name", "state", "algorithm", "spokes")
+    for experiment in experiments:
+        table.add_row(experiment["id"], experiment["name"], experiment["state"],
+                      experiment["algorithm"],
+                      ", ".join(t["spoke_id"] for t in experiment["targets"]))
+    console.print(table)
+
+
 @app.command("show")
 def show(
     experiment_id: Annotated[str, typer.Argument(help="The experiment's id.")],
     hub: HubOption = "http://127.0.0.1:8000",
     token: TokenOption = "",
+    hub_ca: HubCaOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="The aggregate report as JSON.")
                        ] = False,
 ) -> None:
@@ -170,9 +166,9 @@ def show(
     its confidence interval, small cells suppressed (as on the dashboard)."""
     from tributary.cli.results_table import aggregate_table
 
-    with _client(hub, token) as client:
-        experiment = _check(client.get(f"/api/experiments/{experiment_id}"), "study")
-        report = _check(client.get(f"/api/experiments/{experiment_id}/aggregate"),
+    with hub_client(hub, token, hub_ca) as client:
+        experiment = check(client.get(f"/api/experiments/{experiment_id}"), "study")
+        report = check(client.get(f"/api/experiments/{experiment_id}/aggregate"),
                         "aggregate")
     if as_json:
         console.print_json(json.dumps(report))
@@ -191,29 +187,30 @@ def fetch(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write into.")] = Path("."),
     hub: HubOption = "http://127.0.0.1:8000",
     token: TokenOption = "",
+    hub_ca: HubCaOption = None,
     bundle: Annotated[bool, typer.Option(help="Also the signed study bundle (zip).")] = False,
 ) -> None:
     """Write the study, its cases and its aggregate (JSON, and CSV exports of the aggregate,
     the case results and ROC points) to files in OUT, and optionally the signed bundle."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    with _client(hub, token) as client:
+    with hub_client(hub, token, hub_ca) as client:
         for name, path in (("experiment", ""), ("cases", "/cases"), ("aggregate", "/aggregate")):
-            data = _check(client.get(f"/api/experiments/{experiment_id}{path}"), f"{name} fetch")
+            data = check(client.get(f"/api/experiments/{experiment_id}{path}"), f"{name} fetch")
             target = out / f"{experiment_id}-{name}.json"
             target.write_text(json.dumps(data, indent=2) + "\n")
             written.append(target)
         for name in ("aggregate.csv", "results.csv", "roc.csv"):
             response = client.get(f"/api/experiments/{experiment_id}/{name}")
             if not response.is_success:
-                _check(response, f"{name} export")
+                check(response, f"{name} export")
             target = out / f"{experiment_id}-{name}"
             target.write_bytes(response.content)
             written.append(target)
         if bundle:
             response = client.get(f"/api/experiments/{experiment_id}/bundle")
             if not response.is_success:
-                _check(response, "bundle export")
+                check(response, "bundle export")
             target = out / f"tributary-{experiment_id}.zip"
             target.write_bytes(response.content)
             written.append(target)

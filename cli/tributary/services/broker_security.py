@@ -238,12 +238,14 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
                            host: str = "127.0.0.1",
                            stomp_ssl_port: int = DEFAULT_STOMP_SSL_PORT,
                            server_names: list[str] | tuple[str, ...] = (),
-                           rotate: bool = False) -> BrokerSecurityBundle:
+                           rotate: bool = False,
+                           rotate_ca: bool | None = None) -> BrokerSecurityBundle:
     """Write a mutual-TLS, per-identity ActiveMQ configuration into ``out_dir``.
 
     Idempotent: the CA, certificates and passwords already in ``out_dir`` are reused, so
     regenerating after a spoke joins does not disturb the others; ``rotate=True`` replaces
-    all of them. ``server_names`` are extra DNS names or addresses for the broker's
+    all of them (``rotate_ca=False`` keeps the CA and re-issues every certificate it signed).
+    ``server_names`` are extra DNS names or addresses for the broker's
     certificate besides ``host``, ``127.0.0.1`` and ``localhost``.
     """
     hub_identity = _validate_identity(hub_identity)
@@ -256,7 +258,7 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
         (out_dir / sub).mkdir(exist_ok=True)
         (out_dir / sub).chmod(0o700)
 
-    ca = pki.ensure_ca(out_dir / "pki", rotate=rotate)
+    ca = pki.ensure_ca(out_dir / "pki", rotate=rotate if rotate_ca is None else rotate_ca)
     rotate = rotate or ca.created
     broker_dir = out_dir / "broker"
     server = pki.issue_server_cert(ca, broker_dir, [host, *server_names], rotate=rotate)

@@ -19,6 +19,9 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     broker_port: int = 61613
     registry_port: int = 5000
+    #: With token auth (a secure registry) the registry itself listens on this loopback port
+    #: and the registry gateway serves ``registry_port`` with TLS.
+    registry_internal_port: int = 5001
     #: Preferred port of the redis Celery broker (a free one is taken if this is busy).
     redis_port: int = 6390
     #: Preferred port of the PostgreSQL cluster for a hub database (same rule).

@@ -25,6 +25,7 @@ from tributary.hub.api import (
     events,
     experiments,
     people,
+    registry,
     results,
     spokes,
 )
@@ -33,9 +34,11 @@ from tributary.hub.db import make_engine, upgrade_schema
 from tributary.hub.models import Role, User
 from tributary.hub.services.anchors import check_hub_log
 from tributary.hub.services.audit import attach_forensic_log
+from tributary.hub.services.registry_client import token_signer
 from tributary.hub.services.users import create_user
 from tributary.hub.settings import HubSettings
 from tributary.hub.signin import make_throttle
+from tributary.hub.transport import StrictTransportSecurity
 from tributary.hub.web import SignInRequired
 from tributary.hub.web import router as web_router
 from tributary.protocol.auditlog import AuditLog
@@ -78,6 +81,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
             _check_forensic_log(engine, forensic)
             forensic.append("hub", "hub.started", detail={"version": __version__})
         key = SigningKey.load_or_create(settings.signing_key)
+        token_signer(settings)  # a misconfigured registry token service stops the start
         broker = StompClient(settings.broker(), "hub").start()
         app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
         app.state.signing_key = key
@@ -93,11 +97,12 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                   description="Register spokes and algorithms, launch federated experiments "
                               "and read their aggregated results.")
     app.state.signin_throttle = make_throttle(settings)
+    app.add_middleware(StrictTransportSecurity, max_age=settings.hsts_seconds)
     # events first: its /api/experiments/events must not be taken for an experiment id
     for router in (events.router, spokes.router, algorithms.router, experiments.router,
                    results.router, audit.router, audit.quarantine_router,
                    algorithms.publishers_router, auth.router, people.router, counts.router,
-                   deadletters.router):
+                   deadletters.router, registry.router):
         app.include_router(router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

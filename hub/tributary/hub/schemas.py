@@ -119,6 +119,19 @@ class SpokeRead(BaseModel):
     queue_depth: int | None
     outbox_depth: int | None
     running: list[dict[str, Any]]
+    #: When an administrator revoked the spoke (broker, registry, object store, results).
+    revoked_at: datetime | None = None
+    #: The federation certificate the spoke's heartbeats report, and whole days it has left
+    #: (negative once expired); None until a heartbeat reported one.
+    certificate_serial: str | None = None
+    certificate_not_after: datetime | None = None
+    certificate_days_left: int | None = None
+    #: "ok", "renew" (within the renewal window), "expired", or None when unknown.
+    certificate_state: str | None = None
+
+
+class SpokeRevoke(BaseModel):
+    reason: str = Field(..., min_length=1, max_length=2000)
 
 
 class AttemptRead(BaseModel):

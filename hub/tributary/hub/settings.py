@@ -1,8 +1,9 @@
 """Hub configuration from ``TRIBUTARY_HUB_*`` environment variables (pydantic-settings)."""
 
 from pathlib import Path
+from typing import Self
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -34,9 +35,19 @@ class HubSettings(BaseSettings):
     signin_window_seconds: float = Field(900.0, gt=0)
     signin_max_failures_per_user: int = Field(5, ge=1)
     signin_max_failures_per_address: int = Field(30, ge=1)
+    #: HTTPS: the hub's certificate (PEM, with any intermediates after it) and its private
+    #: key; both or neither. Unset, the hub speaks plain HTTP (on loopback, or behind a TLS
+    #: proxy).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: Addresses (comma-separated, ``*`` for any) whose X-Forwarded-Proto and X-Forwarded-For
+    #: headers are believed: the TLS proxy in front of the hub. Unset: uvicorn's default,
+    #: its FORWARDED_ALLOW_IPS variable or else 127.0.0.1.
+    forwarded_allow_ips: str | None = None
+    #: Strict-Transport-Security max-age sent on every HTTPS response (0: no header).
+    hsts_seconds: int = Field(31_536_000, ge=0)
     #: Mark the dashboard's cookies Secure even when a request arrives over plain HTTP (they
-    #: always are over HTTPS, including behind a TLS proxy whose X-Forwarded-Proto uvicorn
-    #: trusts, see its --forwarded-allow-ips).
+    #: always are over HTTPS, including behind a TLS proxy in ``forwarded_allow_ips``).
     cookie_secure: bool = False
     #: The review rule: approvals from this many reviewers of this many organisations.
     review_min_reviewers: int = 2
@@ -49,6 +60,19 @@ class HubSettings(BaseSettings):
     publish_attestations: bool = True
     #: Registries reached over plain HTTP (loopback ones always are).
     insecure_registries: list[str] = []
+    #: The registry's token service (distribution's token auth, served at
+    #: /api/registry/token): the P-256 key and certificate (PEM, optionally followed by its
+    #: chain) that sign registry tokens. The registry and its gateway trust this certificate
+    #: or the CA that issued it. Unset: no token service (an open loopback registry).
+    registry_token_key: Path | None = None
+    registry_token_cert: Path | None = None
+    #: Must match the registry's `auth.token.issuer` and `auth.token.service`.
+    registry_token_issuer: str = "tributary-hub"
+    registry_token_service: str = "tributary-registry"
+    registry_token_lifetime_seconds: int = Field(300, ge=30, le=3600)
+    #: The CA the registry's TLS certificate is checked against when the hub reads and
+    #: writes the registry itself (the federation CA); unset: plain HTTP on loopback.
+    registry_ca_file: Path | None = None
     #: The hub's Ed25519 signing key (PKCS#8 PEM), created on first start.
     signing_key: Path = Path("tributary-hub.key")
     #: Days an experiment message waits in the broker for an offline spoke.
@@ -66,6 +90,21 @@ class HubSettings(BaseSettings):
     celery_broker_url: str | None = None
     #: Celery queue of this hub's aggregation tasks; default ``<broker_federation>.aggregation``.
     celery_queue: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            given, missing = (("certificate", "key") if self.tls_key_file is None
+                              else ("key", "certificate"))
+            raise ValueError(f"a TLS {given} is given but no {missing} (TRIBUTARY_HUB_TLS_"
+                             "CERT_FILE and TRIBUTARY_HUB_TLS_KEY_FILE, or --tls-cert and "
+                             "--tls-key): HTTPS needs both")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether the hub serves HTTPS itself."""
+        return self.tls_cert_file is not None
 
     def broker(self) -> BrokerSettings:
         return BrokerSettings(host=self.broker_host, port=self.broker_port,

@@ -348,6 +348,16 @@ class RunningCase(BaseModel):
     message: ProgressStep | None = None
 
 
+class CertificateStatus(BaseModel):
+    """The federation certificate a party connects with, so the hub can warn before it
+    expires (the hub cannot see it: the broker terminates TLS)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    serial: str = Field(max_length=64, pattern=r"^[0-9a-f]{1,64}$")
+    not_after: datetime
+
+
 class HeartbeatMessage(_Message):
     """Spoke → hub, every few seconds: the spoke is alive, what it runs and what waits.
     Sent non-persistent with an expiry, so heartbeats never pile up while the hub is away."""
@@ -363,6 +373,8 @@ class HeartbeatMessage(_Message):
     audit_head: AuditHead | None = Field(None, description=(
         "The head of the spoke's audit log, which the hub keeps as an anchor: a log later "
         "cut or recreated no longer reaches it."))
+    certificate: CertificateStatus | None = Field(None, description=(
+        "The spoke's broker client certificate (mutual TLS), for expiry monitoring."))
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 

@@ -20,7 +20,10 @@ import base64
 import hashlib
 import json
 import re
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -44,12 +47,32 @@ class RegistryError(RuntimeError):
     """The registry could not be reached or refused a request."""
 
 
-def base_url(registry: str, insecure: list[str] | None = None) -> str:
-    """Loopback registries (and those listed as insecure) speak plain HTTP; others HTTPS."""
+def base_url(registry: str, insecure: list[str] | None = None, tls: bool = False) -> str:
+    """Loopback registries (and those listed as insecure) speak plain HTTP unless ``tls``
+    (a CA file was given for them); others HTTPS."""
     host = registry.rsplit(":", 1)[0] if registry.count(":") == 1 else registry
-    plain = (host in ("localhost", "[::1]") or host.startswith("127.")
-             or registry in (insecure or []))
+    plain = not tls and (host in ("localhost", "[::1]") or host.startswith("127.")
+                         or registry in (insecure or []))
     return f"{'http' if plain else 'https'}://{registry}"
+
+
+def tls_context(ca_file: Path | str | None) -> ssl.SSLContext | bool:
+    """Verification for HTTPS: only ``ca_file`` when given (the federation CA), else the
+    system's trust store."""
+    if ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise RegistryError(f"cannot read the registry CA file {ca_file}: {exc}") from exc
+
+
+def _explain(registry: str, exc: Exception) -> str:
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return (f"registry {registry}: its TLS certificate is not trusted ({text}); "
+                "configure the federation's CA file for the registry")
+    return f"registry {registry} unreachable: {text}"
 
 
 def attestation_tag(digest: str) -> str:
@@ -69,14 +92,22 @@ class Attestation:
 
 class RegistryClient:
     """A minimal OCI distribution client: manifests and blobs of one registry, with the
-    registry token flow (``WWW-Authenticate: Bearer``) and optional basic credentials."""
+    registry token flow (``WWW-Authenticate: Bearer``) and optional basic credentials.
+
+    ``ca_file``: the registry speaks TLS with a certificate of this CA (the federation's),
+    also on loopback. ``token_source``: mints the bearer token for a scope in-process (the
+    hub's own access) instead of asking the challenge's realm."""
 
     def __init__(self, registry: str, insecure: list[str] | None = None,
                  username: str | None = None, password: str | None = None,
-                 timeout: float = 30.0) -> None:
+                 timeout: float = 30.0, ca_file: Path | str | None = None,
+                 token_source: Callable[[str], str] | None = None) -> None:
         self.registry = registry
         self._auth = (username, password) if username and password else None
-        self._http = httpx.Client(base_url=base_url(registry, insecure), timeout=timeout)
+        self._verify = tls_context(ca_file)
+        self._token_source = token_source
+        self._http = httpx.Client(base_url=base_url(registry, insecure, ca_file is not None),
+                                  timeout=timeout, verify=self._verify)
         self._tokens: dict[str, str] = {}
 
     def close(self) -> None:
@@ -101,7 +132,7 @@ class RegistryClient:
             try:
                 response = self._http.request(method, url, headers=headers, **kwargs)
             except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                raise RegistryError(f"registry {self.registry} unreachable: {exc}") from exc
+                raise RegistryError(_explain(self.registry, exc)) from exc
             challenge = response.headers.get("WWW-Authenticate", "")
             if response.status_code != 401 or not challenge.lower().startswith("bearer"):
                 return response
@@ -109,18 +140,26 @@ class RegistryClient:
         return response
 
     def _token(self, challenge: str, scope: str) -> str:
+        if self._token_source is not None:
+            return self._token_source(scope)
         params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
         realm = params.pop("realm", None)
         if not realm:
             raise RegistryError(f"registry {self.registry} sent an unusable auth challenge")
         params["scope"] = scope
         try:
-            answer = httpx.get(realm, params=params, auth=self._auth, timeout=30)
-            answer.raise_for_status()
+            answer = httpx.get(realm, params=params, auth=self._auth, timeout=30,
+                               verify=self._verify)
+        except httpx.HTTPError as exc:
+            raise RegistryError(_explain(realm, exc)) from exc
+        if answer.status_code != 200:
+            raise RegistryError(f"registry token service refused ({answer.status_code}): "
+                                f"{answer.text[:200]}")
+        try:
             body = answer.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise RegistryError(f"registry token service refused: {exc}") from exc
-        return str(body.get("token") or body.get("access_token"))
+            return str(body.get("token") or body["access_token"])
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise RegistryError(f"registry token service sent no token: {exc}") from exc
 
     # -- manifests -----------------------------------------------------------------
     def _manifest(self, method: str, name: str, reference: str) -> httpx.Response | None:

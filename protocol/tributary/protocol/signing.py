@@ -113,6 +113,14 @@ class SigningKey:
             handle.write(pem)
         path.with_suffix(path.suffix + ".pub").write_text(self.public.pem)
 
+    def sign_jwt(self, claims: dict[str, Any]) -> str:
+        """A compact JWT (EdDSA) over ``claims``, its header naming this key's id: a
+        short-lived credential that proves possession of the key without a shared secret."""
+        import jwt  # PyJWT, only needed by the parties that make such credentials
+
+        return jwt.encode(claims, self._private, algorithm="EdDSA",
+                          headers={"kid": self.keyid})
+
     def sign(self, payload: bytes, payload_type: str) -> dict[str, Any]:
         envelope = Envelope(payload=payload, payload_type=payload_type, signatures={})
         envelope.sign(self._signer)

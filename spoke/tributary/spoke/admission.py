@@ -18,7 +18,14 @@ from tributary.spoke import journal as states
 from tributary.spoke.cases import Cases
 from tributary.spoke.catalog import SelectionRefused, refused_attributes
 from tributary.spoke.config import SpokeConfig
-from tributary.spoke.images import ImageRefused, check_approval, check_release, ensure_image
+from tributary.spoke.images import (
+    ANONYMOUS,
+    ImageRefused,
+    RegistryAccess,
+    check_approval,
+    check_release,
+    ensure_image,
+)
 from tributary.spoke.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -27,8 +34,9 @@ log = logging.getLogger(__name__)
 class Admission:
     def __init__(self, config: SpokeConfig, lifecycle: Lifecycle, cases: Cases,
                  hub_keys: list[PublicKey], publishers: list[PublicKey],
-                 stopping: threading.Event) -> None:
+                 stopping: threading.Event, registry: RegistryAccess = ANONYMOUS) -> None:
         self.config = config
+        self.registry = registry
         self.lifecycle = lifecycle
         self.cases = cases
         self.hub_keys = hub_keys
@@ -91,11 +99,12 @@ class Admission:
                                    f"approval revoked by the hub: {revoked}")
             check_release(message.algorithm, self.publishers,
                           self.config.runner.allowed_registries,
-                          self.config.trust.registry_signatures)
+                          self.config.trust.registry_signatures, self.registry)
             image_id = ensure_image(
                 docker_client, message.algorithm, self.config.runner.allowed_registries,
                 on_pull=lambda pulled: self.lifecycle.audit("image.pulled", reference,
-                                                            image_id=pulled))
+                                                            image_id=pulled),
+                access=self.registry)
             self.lifecycle.audit("image.verified", reference, result="verified",
                                  image_id=image_id, experiment=experiment_id)
         except ImageRefused as exc:

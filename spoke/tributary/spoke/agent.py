@@ -56,9 +56,15 @@ from tributary.spoke.control import HubControl
 from tributary.spoke.counts import CountResponder
 from tributary.spoke.custody import CustodyChain
 from tributary.spoke.execution import CaseExecution, progress_audit
+from tributary.spoke.images import RegistryAccess
 from tributary.spoke.journal import Journal, OutboxRow, claim_work_dir
 from tributary.spoke.lifecycle import Lifecycle
-from tributary.spoke.liveness import Heartbeat, ProgressReporter, RunningCases
+from tributary.spoke.liveness import (
+    Heartbeat,
+    ProgressReporter,
+    RunningCases,
+    certificate_status,
+)
 from tributary.spoke.outbox import OutboxSender
 from tributary.spoke.steward import Steward, StewardDesk
 
@@ -93,7 +99,10 @@ class SpokeAgent:
             config.work_dir / "case-id.key", config.spoke_id))
         self.admission = Admission(config, self.lifecycle, cases, self.hub_keys,
                                    [PublicKey.load(p) for p in config.trust.publisher_keys],
-                                   self.stopping)
+                                   self.stopping,
+                                   RegistryAccess(config.spoke_id, self.key,
+                                                  config.registry.token_service,
+                                                  config.registry.ca_file))
         self.running = RunningCases(config.concurrency)
         progress = ProgressReporter(self.client, results, self.key, config.spoke_id,
                                     config.liveness.progress_seconds,
@@ -263,7 +272,8 @@ class SpokeAgent:
             running=[a.as_running() for a in self.running.now()],
             outbox_depth=self.journal.outbox_depth(),
             interval_seconds=self.config.liveness.heartbeat_seconds,
-            audit_head=self.lifecycle.audit_head())
+            audit_head=self.lifecycle.audit_head(),
+            certificate=certificate_status(self.config.broker.cert_file))
 
     # -- the worker threads -------------------------------------------------------------------
     def _count_loop(self) -> None:

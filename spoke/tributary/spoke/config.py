@@ -124,6 +124,20 @@ class SpokeBroker(BaseModel):
                               federation=self.federation)
 
 
+class SpokeRegistry(BaseModel):
+    """How this spoke reaches a TLS registry with per-party access (``[registry]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The federation CA the registry's certificate is checked against (also written for
+    #: the Docker engine and Podman: `tributary.services.registry.trust_ca`).
+    ca_file: Path | None = None
+    #: The registry's token service name (the hub's ``registry_token_service``): set, the
+    #: spoke authenticates as itself with short-lived assertions signed by its enrolled key
+    #: (no password to keep). Unset: anonymous, for an open loopback registry.
+    token_service: str | None = None
+
+
 class FolderSource(BaseModel):
     """DICOM files under a local folder, in any layout."""
 
@@ -178,6 +192,7 @@ class SpokeConfig(BaseModel):
     hub_public_key: Path
     concurrency: int = Field(2, ge=1, le=64)
     broker: SpokeBroker = Field(default_factory=SpokeBroker)
+    registry: SpokeRegistry = Field(default_factory=SpokeRegistry)
     policy: ReleasePolicy = Field(default_factory=ReleasePolicy)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
@@ -223,6 +238,9 @@ class SpokeConfig(BaseModel):
         for key in ("data_dir", "work_dir", "hub_public_key"):
             if key in raw and not Path(raw[key]).is_absolute():
                 raw[key] = str((base / raw[key]).resolve())
+        registry = raw.get("registry", {})
+        if registry.get("ca_file") and not Path(registry["ca_file"]).is_absolute():
+            registry["ca_file"] = str((base / registry["ca_file"]).resolve())
         for source in raw.get("sources", []):
             for key in ("path", "ca_file"):
                 if key in source and not Path(source[key]).is_absolute():

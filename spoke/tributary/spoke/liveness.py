@@ -14,15 +14,38 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from tributary.protocol.broker import PublishError, StompClient
 from tributary.protocol.contract import MAX_PROGRESS_REPORTS_PER_CASE, Progress
-from tributary.protocol.messages import CaseProgressMessage, HeartbeatMessage, RunningCase
+from tributary.protocol.messages import (
+    CaseProgressMessage,
+    CertificateStatus,
+    HeartbeatMessage,
+    RunningCase,
+)
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.wire import seal
 from tributary.spoke.journal import CaseRow
 
 log = logging.getLogger(__name__)
+
+
+def certificate_status(cert_file: Path | None) -> CertificateStatus | None:
+    """Serial and expiry of the certificate the spoke connects with, read afresh for each
+    heartbeat so that a rotated certificate shows at the hub as soon as it is in place;
+    None without mutual TLS or when the file cannot be read (the heartbeat still goes)."""
+    if cert_file is None:
+        return None
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read the broker certificate %s: %s", cert_file, exc)
+        return None
+    return CertificateStatus(serial=format(cert.serial_number, "x"),
+                             not_after=cert.not_valid_after_utc)
 
 
 def send_ephemeral(client: StompClient, destination: str, key: SigningKey,

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from tributary.protocol import https
 from tributary.protocol.destinations import DEFAULT_FEDERATION
 from tributary.services.broker_security import Identity
 from tributary.services.settings import ServiceSettings
@@ -97,6 +98,25 @@ class Process:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+@dataclass(frozen=True)
+class HubTls:
+    """The hub's HTTPS certificate and key, and the CA its clients verify it with."""
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+
+    @classmethod
+    def issue(cls, directory: Path, hosts: tuple[str, ...] = ("127.0.0.1",)) -> HubTls:
+        """A CA of its own in ``directory`` and a server certificate for ``hosts``
+        (plus 127.0.0.1 and localhost)."""
+        from tributary.services import pki
+
+        ca = pki.ensure_ca(directory / "ca", common_name="Tributary test hub CA")
+        issued = pki.issue_server_cert(ca, directory, list(hosts))
+        return cls(issued.cert_path, issued.key_path, ca.cert_path)
+
+
 @dataclass
 class LocalFederation:
     root: Path
@@ -115,6 +135,8 @@ class LocalFederation:
     hub_env: dict[str, str] = field(default_factory=dict)
     #: ``[runner] output_quota_mb`` of the spokes it configures; None keeps the default.
     output_quota_mb: int | None = None
+    #: Serve the hub over HTTPS with this certificate; its clients here verify it with the CA.
+    hub_tls: HubTls | None = None
     #: Simulated hosts to place the parties on (the secure broker must then listen on
     #: ``hosts.hub_address``); None: every process on this machine's loopback.
     hosts: Hosts | None = None
@@ -139,16 +161,26 @@ class LocalFederation:
 
     @property
     def hub_url(self) -> str:
-        return f"http://{self.hub_address}:{self.hub_port}"
+        scheme = "http" if self.hub_tls is None else "https"
+        return f"{scheme}://{self.hub_address}:{self.hub_port}"
+
+    @property
+    def hub_ca(self) -> Path | None:
+        """The CA that clients verify the hub's certificate with (None: plain HTTP)."""
+        return None if self.hub_tls is None else self.hub_tls.ca_file
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        """An HTTP client of the hub, verifying its certificate when it serves HTTPS."""
+        return https.client(self.hub_url, self.hub_ca, **{"timeout": 30, **kwargs})
 
     def api(self, token: str | None = None) -> httpx.Client:
         """An API client signed in as the federation's administrator (or with ``token``)."""
-        return httpx.Client(base_url=self.hub_url, timeout=30,
-                            headers={"Authorization": f"Bearer {token or self.admin_token}"})
+        return self.client(headers={"Authorization": f"Bearer {token or self.admin_token}"})
 
     def sign_in(self, username: str, password: str) -> str:
-        response = httpx.post(f"{self.hub_url}/api/auth/token", timeout=30,
-                              json={"username": username, "password": password})
+        with self.client() as client:
+            response = client.post("/api/auth/token",
+                                   json={"username": username, "password": password})
         response.raise_for_status()
         return str(response.json()["access_token"])
 
@@ -216,8 +248,10 @@ class LocalFederation:
                 f'key_file = "{ident.key_file}"\n')
 
     def start_hub(self) -> Process:
+        tls = [] if self.hub_tls is None else ["--tls-cert", str(self.hub_tls.cert_file),
+                                               "--tls-key", str(self.hub_tls.key_file)]
         process = self._spawn("hub", ["hub", "serve", "--host", self.hub_address,
-                                      "--port", str(self.hub_port)], {
+                                      "--port", str(self.hub_port), *tls], {
             **self._hub_broker_env(),
             "TRIBUTARY_HUB_DATABASE_URL": f"sqlite:///{self.hub_dir / 'hub.db'}",
             "TRIBUTARY_HUB_AUDIT_LOG": str(self.hub_audit_log),
@@ -225,26 +259,31 @@ class LocalFederation:
             "TRIBUTARY_HUB_ADMIN_PASSWORD": self.admin_password,
             **self.hub_env,
         }, party=HUB)
-        deadline = time.monotonic() + 60
+        deadline, last = time.monotonic() + 60, "it did not answer"
         while time.monotonic() < deadline:
             if not process.alive():
                 raise RuntimeError(f"the hub exited:\n{process.log_tail()}")
             try:
-                health = httpx.get(f"{self.hub_url}/api/health", timeout=2).json()
+                with self.client(timeout=2) as client:
+                    health = client.get("/api/health").json()
                 if health.get("broker_connected"):
                     self.admin_token = self.sign_in("admin", self.admin_password)
                     return process
-            except httpx.HTTPError:
-                pass
+                last = "its broker connection is not up"
+            except httpx.TransportError as exc:
+                last = https.explain(exc, self.hub_url, "the hub")
+            except httpx.HTTPError as exc:
+                last = str(exc)
             time.sleep(0.3)
-        raise RuntimeError(f"the hub did not become ready:\n{process.log_tail()}")
+        raise RuntimeError(f"the hub did not become ready ({last}):\n{process.log_tail()}")
 
     def spoke_config(self, spoke_id: str, data_dir: Path, concurrency: int = 2,
                      releasable: tuple[str, ...] = ("nodules",),
                      publisher_keys: tuple[Path, ...] = (),
                      steward: dict[str, bool] | None = None,
                      counts: dict[str, Any] | None = None,
-                     deidentification: dict[str, Any] | None = None) -> Path:
+                     deidentification: dict[str, Any] | None = None,
+                     registry: dict[str, Any] | None = None) -> Path:
         work = self.root / "spokes" / spoke_id
         work.mkdir(parents=True, exist_ok=True)
         config = work / "spoke.toml"
@@ -265,6 +304,7 @@ class LocalFederation:
             f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
             + _toml_table("steward", steward) + _toml_table("counts", counts)
             + _toml_table("deidentification", deidentification)
+            + _toml_table("registry", registry)
         )
         config.chmod(0o600)  # it may hold the spoke's broker password
         return config

@@ -240,7 +240,7 @@ def test_study_cli_launch_watch_fetch(federation: LocalFederation, study: dict[s
                               "--algorithm", str(study["pending"]["id"])],
                              env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1
-    assert "not approved" in refused.stdout
+    assert "not approved" in refused.stderr
 
     launched = subprocess.run([*cli, "launch", "--file", str(body), "--spoke", spokes[0],
                                "--spoke", spokes[1], "--watch"],
@@ -277,7 +277,7 @@ def test_study_cli_launch_watch_fetch(federation: LocalFederation, study: dict[s
     no_token = subprocess.run([*cli, "watch", experiment_id],
                               env={**env, "TRIBUTARY_TOKEN": "wrong"},
                               capture_output=True, text=True, timeout=60)
-    assert no_token.returncode == 1 and "401" in no_token.stdout
+    assert no_token.returncode == 1 and "401" in no_token.stderr
 
 
 def test_cancel_from_the_page_while_a_spoke_is_offline(federation: LocalFederation,

@@ -45,7 +45,7 @@ def register_algorithm(body: AlgorithmCreate, session: Session = Depends(get_ses
         raise HTTPException(409, f"{body.name} {body.version} is already registered")
     if settings.verify_registry:
         try:
-            verify_manifest(body.repository, body.digest, settings.insecure_registries)
+            verify_manifest(body.repository, body.digest, settings)
         except RegistryCheckError as exc:
             audit.record(session, actor, "algorithm.refused", f"{body.name} {body.version}",
                          reason=str(exc))

@@ -12,9 +12,9 @@ from tributary.hub.deps import (
     get_settings,
 )
 from tributary.hub.models import CustodyGap, Role, Spoke, SpokeKey
-from tributary.hub.schemas import GapAccept, KeyEnrol, SpokeCreate, SpokeRead
+from tributary.hub.schemas import GapAccept, KeyEnrol, SpokeCreate, SpokeRead, SpokeRevoke
 from tributary.hub.services import audit, enrolment, gaps, ingest
-from tributary.hub.services.spokes import spoke_read, spoke_reads
+from tributary.hub.services.spokes import revoke_spoke, spoke_read, spoke_reads
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
 from tributary.protocol.signing import SignatureError
@@ -57,7 +57,9 @@ def _spoke(session: Session, spoke_id: str) -> Spoke:
 def enrol_key(spoke_id: str, body: KeyEnrol, session: Session = Depends(get_session),
               actor: str = Depends(acting(Role.ADMIN))) -> SpokeKey:
     """Enrol a public key the spoke generated locally; its messages are accepted from now."""
-    _spoke(session, spoke_id)
+    if _spoke(session, spoke_id).revoked_at is not None:
+        raise HTTPException(409, f"spoke {spoke_id!r} was revoked; register the site again "
+                                 "under a new id")
     try:
         return enrolment.enrol(session, spoke_id, body.public_key_pem, actor)
     except (SignatureError, ValueError) as exc:
@@ -78,6 +80,16 @@ def revoke_key(spoke_id: str, keyid: str, session: Session = Depends(get_session
         return enrolment.revoke(session, spoke_id, keyid, actor)
     except LookupError as exc:
         raise HTTPException(404, str(exc)) from None
+
+
+@router.post("/{spoke_id}/revoke", response_model=SpokeRead)
+def revoke(spoke_id: str, body: SpokeRevoke, session: Session = Depends(get_session),
+           settings: HubSettings = Depends(get_settings),
+           actor: str = Depends(acting(Role.ADMIN))) -> SpokeRead:
+    """Revoke a spoke: its keys, its results from now on, its registry tokens. Run
+    ``tributary pki revoke`` to withdraw its broker and object-store identities as well."""
+    spoke = revoke_spoke(session, _spoke(session, spoke_id), actor, body.reason)
+    return spoke_read(spoke, settings.spoke_online_seconds)
 
 
 @router.get("/{spoke_id}/custody-gaps", response_model=list[CustodyGap])

@@ -1,18 +1,56 @@
-"""``tributary hub serve | consume | worker | migrate | create-user``: the hub's processes and its
-database. The web app (``serve``), the results consumer (``consume``) and the aggregation
-worker (``worker``) are peers: each can run as its own process."""
+"""``tributary hub serve | consume | worker | registry-gateway | migrate | create-user``: the
+hub's processes and its database. The web app (``serve``), the results consumer
+(``consume``), the aggregation worker (``worker``) and the registry's TLS gateway
+(``registry-gateway``) are peers: each can run as its own process."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from tributary.protocol import logs
 
+if TYPE_CHECKING:
+    from tributary.hub.settings import HubSettings
+
 app = typer.Typer(help="Run the hub (API, pages, results consumer).", no_args_is_help=True)
 console = Console()
+
+
+def _serve_settings(database_url: str | None, overrides: dict[str, object]) -> HubSettings:
+    """The environment's settings with the command line's on top, or a one-line error."""
+    from pydantic import ValidationError
+
+    from tributary.hub.settings import HubSettings
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if database_url:
+        given["database_url"] = database_url
+    try:
+        return HubSettings(**given)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise typer.BadParameter("; ".join(
+            str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())) from None
+
+
+def _tls_options(settings: HubSettings) -> dict[str, str]:
+    """uvicorn's ssl options, after checking that the certificate and key load and match
+    (uvicorn would fail later, with a traceback)."""
+    import ssl
+
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return {}
+    cert, key = str(settings.tls_cert_file), str(settings.tls_key_file)
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except OSError as exc:  # FileNotFoundError, PermissionError, ssl.SSLError
+        raise typer.BadParameter(
+            f"cannot use the TLS certificate {cert} with the key {key}: "
+            f"{exc.strerror or exc}") from None
+    return {"ssl_certfile": cert, "ssl_keyfile": key}
 
 
 @app.command("serve")
@@ -22,6 +60,16 @@ def hub_serve(
     database_url: Annotated[str | None, typer.Option(
         help="SQLAlchemy URL (default: TRIBUTARY_HUB_DATABASE_URL or a local SQLite file).")
     ] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="Serve HTTPS with this certificate (PEM, chain after it; default: "
+             "TRIBUTARY_HUB_TLS_CERT_FILE).", dir_okay=False, show_default=False)] = None,
+    tls_key: Annotated[Path | None, typer.Option(
+        help="The certificate's private key (PEM; default: TRIBUTARY_HUB_TLS_KEY_FILE).",
+        dir_okay=False, show_default=False)] = None,
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        help="Addresses of the TLS proxy whose X-Forwarded-* headers to believe "
+             "(default: TRIBUTARY_HUB_FORWARDED_ALLOW_IPS, else 127.0.0.1).",
+        show_default=False)] = None,
     verbose: bool = False,
 ) -> None:
     """Serve the hub's REST API and pages, and consume spoke results (unless
@@ -29,14 +77,17 @@ def hub_serve(
     import uvicorn
 
     from tributary.hub.main import create_app
-    from tributary.hub.settings import HubSettings
 
     logs.configure(verbose)
-    settings = HubSettings.with_database(database_url)
+    settings = _serve_settings(database_url, {"tls_cert_file": tls_cert,
+                                              "tls_key_file": tls_key,
+                                              "forwarded_allow_ips": forwarded_allow_ips})
+    tls = _tls_options(settings)
     # Open event streams (dashboard pages, `study watch`) never finish by themselves: give
     # them a few seconds on shutdown, then close them.
     uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, proxy_headers=True,
+                forwarded_allow_ips=settings.forwarded_allow_ips, **tls)
 
 
 @app.command("consume")
@@ -118,3 +169,40 @@ def hub_create_user(
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
     console.print(f"created {username} with roles {', '.join(role)}")
+
+
+@app.command("registry-gateway")
+def hub_registry_gateway(
+    cert: Annotated[Path, typer.Option(help="The registry's TLS certificate (PEM).")],
+    key: Annotated[Path, typer.Option(help="Its private key (PEM).")],
+    upstream: Annotated[str, typer.Option(
+        help="The registry on loopback, e.g. http://127.0.0.1:5001.")],
+    roots: Annotated[Path, typer.Option(
+        help="Certificates that may sign registry tokens (the registry's rootcertbundle).")],
+    realm: Annotated[str, typer.Option(
+        help="The token realm clients are sent to (the registry's auth.token.realm), "
+             "e.g. https://registry.example:5000/token.")],
+    hub_url: Annotated[str | None, typer.Option(
+        help="The hub whose token service /token forwards to.")] = None,
+    hub_ca_file: Annotated[Path | None, typer.Option(
+        help="CA of the hub's certificate, for an HTTPS hub.")] = None,
+    issuer: Annotated[str | None, typer.Option(
+        help="Token issuer (default: TRIBUTARY_HUB_REGISTRY_TOKEN_ISSUER).")] = None,
+    service: Annotated[str | None, typer.Option(
+        help="Token service (default: TRIBUTARY_HUB_REGISTRY_TOKEN_SERVICE).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="The registry's published port.")] = 5000,
+    verbose: bool = False,
+) -> None:
+    """Serve the registry's published port with TLS, enforcing the digest restrictions of
+    the hub's registry tokens, in front of the registry on loopback."""
+    from tributary.hub.registry_gateway import GatewayConfig, serve
+    from tributary.hub.settings import HubSettings
+
+    logs.configure(verbose)
+    settings = HubSettings()
+    config = GatewayConfig(upstream=upstream, roots=roots, realm=realm, hub_url=hub_url,
+                           hub_ca_file=hub_ca_file,
+                           issuer=issuer or settings.registry_token_issuer,
+                           service=service or settings.registry_token_service)
+    serve(config, host, port, cert, key)

@@ -85,7 +85,7 @@ def _publish_approval(session: Session, algorithm: Algorithm, settings: HubSetti
     image = f"{algorithm.repository}@{algorithm.digest}"
     try:
         where = publish_attestation(algorithm.repository, algorithm.digest, algorithm.approval,
-                                    APPROVAL_PREDICATE_TYPE, settings.insecure_registries)
+                                    APPROVAL_PREDICATE_TYPE, settings)
     except (RegistryError, ValueError) as exc:
         audit.record(session, "hub", "attestation.publish_failed", image, reason=str(exc))
         return
@@ -117,7 +117,7 @@ def _withdraw_approval(session: Session, algorithm: Algorithm, settings: HubSett
     image = f"{algorithm.repository}@{algorithm.digest}"
     try:
         removed = withdraw_attestations(algorithm.repository, algorithm.digest,
-                                        APPROVAL_PREDICATE_TYPE, settings.insecure_registries)
+                                        APPROVAL_PREDICATE_TYPE, settings)
     except (RegistryError, ValueError) as exc:
         audit.record(session, "hub", "attestation.withdraw_failed", image, reason=str(exc))
         return

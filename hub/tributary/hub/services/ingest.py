@@ -149,6 +149,9 @@ def _apply_heartbeat(session: Session, message: HeartbeatMessage) -> bool:
     spoke.outbox_depth = message.outbox_depth
     spoke.running = [r.model_dump(mode="json") for r in message.running]
     anchors.note_spoke_head(session, spoke, message.audit_head)
+    if message.certificate is not None:
+        spoke.certificate_serial = message.certificate.serial
+        spoke.certificate_not_after = message.certificate.not_after
     session.add(spoke)
     session.commit()
     return True

@@ -64,6 +64,15 @@ def organisation_of(session: Session, user: User) -> Organisation | None:
 _DECOY_HASH = hash_password(secrets.token_urlsafe(16))
 
 
+def authenticate(session: Session, username: str, password: str) -> User | None:
+    """The enabled user with this password, else None; always one scrypt (no timing hint)."""
+    user = session.get(User, username)
+    usable = user is not None and not user.disabled
+    matches = check_password(password, user.password_hash if user is not None
+                             else _DECOY_HASH)
+    return user if usable and matches else None
+
+
 def issue_token(session: Session, username: str, password: str,
                 lifetime: timedelta = timedelta(hours=12)) -> tuple[str, datetime] | None:
     user = session.get(User, username)

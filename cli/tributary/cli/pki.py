@@ -1,0 +1,133 @@
+"""``tributary pki``: the federation's certificates, from one CA: issue, rotate, watch, revoke.
+
+Heavy imports stay inside the commands so ``tributary --help`` remains fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, fail, hub_client
+
+app = typer.Typer(help="The federation's certificates: one CA for every party and endpoint.",
+                  no_args_is_help=True)
+console = Console()
+
+OutDir = Annotated[Path, typer.Option("--out", "-o", file_okay=False,
+                                      help="The federation's PKI folder (keep it private).")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]{message}[/]")
+    return typer.Exit(code)
+
+
+@app.command("issue")
+def issue(
+    out: OutDir,
+    hub_name: Annotated[list[str] | None, typer.Option(
+        "--hub-name", help="A DNS name or address clients dial for the hub side (hub, broker, "
+                           "registry, object store); repeatable. Kept from earlier runs.")] = None,
+    spoke: Annotated[list[str] | None, typer.Option(
+        "--spoke", help="A spoke id to issue an identity for (repeatable).")] = None,
+    broker_host: Annotated[str | None, typer.Option(
+        help="Address the broker listens on (default 127.0.0.1).")] = None,
+    broker_port: Annotated[int | None, typer.Option(help="The broker's stomp+ssl port.")] = None,
+) -> None:
+    """Issue every certificate the federation needs, keeping those already issued and
+    still valid; re-run after a spoke joins."""
+    from tributary.services import federation_pki
+
+    try:
+        spec = federation_pki.issue(out, hub_names=hub_name, spokes=spoke,
+                                    broker_host=broker_host, broker_port=broker_port)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    console.print(f"federation PKI in {out.resolve()} for {', '.join(spec.hub_names)}")
+    for spoke_id in spec.active_spokes:
+        console.print(f"  hand [bold]{federation_pki.spoke_identity_dir(out, spoke_id)}[/] "
+                      f"to {spoke_id}'s administrator only")
+    _show(out)
+
+
+@app.command("rotate")
+def rotate(
+    out: OutDir,
+    new_ca: Annotated[bool, typer.Option(
+        help="Replace the CA as well (every party then needs the new ca.crt).")] = False,
+) -> None:
+    """Re-issue every certificate; restart the broker, hub and object store afterwards so
+    that they serve the new ones (spokes reconnect by themselves)."""
+    from tributary.services import federation_pki
+
+    try:
+        federation_pki.issue(out, rotate=True, new_ca=new_ca)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    console.print("every certificate re-issued" + (" from a new CA" if new_ca else ""))
+    _show(out)
+
+
+def _show(out: Path, warn_days: int | None = None) -> int:
+    from tributary.services import federation_pki
+
+    table = Table("holder", "purpose", "subject", "serial", "expires", "days left")
+    due = 0
+    for cert in federation_pki.inventory(out):
+        late = cert.state != "ok" or (warn_days is not None and cert.days_left < warn_days)
+        due += late
+        colour = "red" if cert.state == "expired" else "yellow" if late else "green"
+        table.add_row(cert.holder, cert.purpose, cert.subject, cert.serial[:16],
+                      cert.not_after.strftime("%Y-%m-%d"),
+                      f"[{colour}]{cert.days_left}[/]")
+    console.print(table)
+    return due
+
+
+@app.command("status")
+def status(
+    out: OutDir,
+    warn_days: Annotated[int, typer.Option(
+        help="Exit with status 1 if a certificate expires within this many days (for "
+             "monitoring).")] = 30,
+) -> None:
+    """Every certificate of the federation with its expiry."""
+    from tributary.services.system import ServiceError
+
+    try:
+        due = _show(out, warn_days)
+    except ServiceError as exc:
+        raise _fail(str(exc)) from exc
+    if due:
+        console.print(f"[yellow]{due} certificate(s) expire within {warn_days} days: "
+                      "run `tributary pki rotate`[/]")
+        raise typer.Exit(1)
+
+
+@app.command("revoke")
+def revoke(
+    spoke_id: Annotated[str, typer.Argument(help="The spoke to take out of the federation.")],
+    out: OutDir,
+    reason: Annotated[str, typer.Option(help="Why (kept in the hub's audit log).")],
+    hub: HubOption,
+    token: TokenOption,
+    hub_ca: HubCaOption = None,
+) -> None:
+    """Revoke a spoke everywhere at once: at the hub (its keys, results and registry tokens),
+    on the broker (identity withdrawn, broker restarted) and in the object store."""
+    from tributary.services import federation_pki
+    from tributary.services.system import ServiceError
+
+    with hub_client(hub, token, hub_ca, timeout=30) as client:
+        check(client.post(f"/api/spokes/{spoke_id}/revoke", json={"reason": reason}),
+              f"revoking {spoke_id} at the hub")
+    console.print(f"hub: {spoke_id} revoked (keys, results, registry tokens)")
+    try:
+        restarted = federation_pki.revoke(out, spoke_id)
+    except (ServiceError, ValueError) as exc:
+        fail(str(exc))
+    console.print(f"broker: identity withdrawn{', broker restarted' if restarted else ''}")

@@ -1,0 +1,126 @@
+"""The federation's one PKI, end to end: `tributary pki issue` gives every party and endpoint a
+certificate from one CA, spokes report their certificate's expiry in their heartbeats and the
+spokes page shows it, `tributary pki status` watches expiry, and `tributary pki revoke`
+takes a spoke out at the hub and on the broker together while the other spoke goes on."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tributary.protocol.broker import StompClient
+from tributary.services import federation_pki
+from tributary.services.broker_security import load_bundle, start_broker, stop_broker
+from tributary.services.settings import ServiceSettings
+from tributary.services.system import free_port
+from tributary.testbed.federation import LocalFederation, generate_cohort
+
+pytestmark = pytest.mark.e2e
+
+
+def _tributary(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tributary.cli", *args],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _wait(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_one_pki_expiry_on_the_spokes_page_and_revocation(
+        tmp_path: Path, service_settings: ServiceSettings) -> None:
+    spokes = [f"pki-{uuid.uuid4().hex[:6]}", f"pki-{uuid.uuid4().hex[:6]}"]
+    kept, revoked = spokes
+    out = tmp_path / "pki"
+    issued = _tributary("pki", "issue", "--out", str(out), "--hub-name", "127.0.0.1",
+                        "--broker-port", str(free_port()), "--spoke", kept, "--spoke", revoked)
+    assert issued.returncode == 0, issued.stdout + issued.stderr
+    certs = {(c.holder, c.purpose): c for c in federation_pki.inventory(out)}
+    ca = x509.load_pem_x509_certificate((out / "pki" / "ca.crt").read_bytes())
+    for holder in ("broker", "hub", "registry", "objectstore", "hub", kept, revoked):
+        cert = next(c for c in certs.values() if c.holder == holder)
+        x509.load_pem_x509_certificate(cert.path.read_bytes()).verify_directly_issued_by(ca)
+    assert _tributary("pki", "status", "--out", str(out)).returncode == 0
+    # Everything expires within a long enough window: status tells monitoring so.
+    assert _tributary("pki", "status", "--out", str(out), "--warn-days", "100000"
+                      ).returncode == 1
+
+    bundle = load_bundle(out)
+    start_broker(bundle)
+    federation = LocalFederation(tmp_path / "federation", service_settings,
+                                 secure_broker=bundle)
+    try:
+        federation.start_hub()
+        for index, spoke_id in enumerate(spokes):
+            data = federation.root / "data" / spoke_id
+            generate_cohort(data, 1, seed=60 + index, site=spoke_id)
+            federation.start_spoke(spoke_id, federation.add_spoke(spoke_id, data))
+
+        def reported() -> dict[str, dict[str, object]] | None:
+            with federation.api() as api:
+                rows = {s["id"]: s for s in api.get("/api/spokes").raise_for_status().json()}
+            return rows if all(rows[s]["certificate_not_after"] for s in spokes) else None
+
+        rows = _wait(reported, 60, "both spokes' certificates in their heartbeats")
+        for spoke_id in spokes:
+            cert = next(c for c in certs.values() if c.holder == spoke_id)
+            assert rows[spoke_id]["certificate_serial"] == cert.serial
+            assert rows[spoke_id]["certificate_state"] == "ok"
+            assert 700 <= rows[spoke_id]["certificate_days_left"] <= 731
+        with federation.api() as api:
+            page = api.get("/spokes").raise_for_status().text
+        assert page.count("days left") == 2
+
+        result = _tributary("pki", "revoke", revoked, "--out", str(out), "--reason",
+                            "laptop stolen", "--hub", federation.hub_url,
+                            "--token", federation.admin_token)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "broker restarted" in result.stdout
+        with federation.api() as api:
+            row = api.get(f"/api/spokes/{revoked}").raise_for_status().json()
+            assert row["revoked_at"]
+            keys = api.get(f"/api/spokes/{revoked}/keys").raise_for_status().json()
+            assert keys and all(k["revoked_at"] for k in keys)
+            page = api.get("/spokes").raise_for_status().text
+            assert "revoked" in page
+            # A revoked site cannot come back with a new key under the same id.
+            assert api.post(f"/api/spokes/{revoked}/keys",
+                            json={"public_key_pem": keys[0]["public_key_pem"]}
+                            ).status_code == 409
+
+        # The broker no longer lets the revoked identity in; the kept spoke reconnects.
+        identity = out / "revoked" / revoked
+        assert identity.is_dir() and not (out / "identities" / revoked).exists()
+        settings = bundle.identity(kept).broker_settings(bundle.host, bundle.stomp_ssl_port)
+        refused = settings.model_copy(update={
+            "user": revoked, "cert_file": identity / "client.crt",
+            "key_file": identity / "client.key"})
+        probe = StompClient(refused, f"probe-{revoked}").start()
+        try:
+            assert not probe.wait_connected(8), "the revoked spoke still reached the broker"
+        finally:
+            probe.close()
+        before = rows[kept]["last_heartbeat_at"]
+
+        def kept_beats_again() -> bool:
+            with federation.api() as api:
+                row = api.get(f"/api/spokes/{kept}").raise_for_status().json()
+            return bool(row["online"] and row["last_heartbeat_at"] != before)
+
+        _wait(kept_beats_again, 90, "the kept spoke back on the restarted broker")
+        assert federation.processes["hub"].alive()
+    finally:
+        federation.stop()
+        stop_broker(load_bundle(out))
