@@ -75,10 +75,17 @@ def _check_running(federation: LocalFederation, found: dict[str, Any]) -> None:
     assert hosts.speaks_tls("northfield", hub, broker_port, north / "ca.crt",
                             north / "client.crt", north / "client.key")
     assert hosts.plain_connection_refused("northfield", hub, broker_port, "stomp")
-    # The probe can tell plaintext when it meets it: today the hub answers plain HTTP.
-    # TODO(issue 12, hub TLS): with hub_tls on, assert plain_connection_refused and
-    # speaks_tls(ROOT, hub, federation.hub_port, <federation CA>) instead.
-    assert not hosts.plain_connection_refused(ROOT, hub, federation.hub_port, "http")
+    # The hub's API: HTTPS with a certificate of the same CA, no answer to plain HTTP, from
+    # the coordinator's machine and from a spoke's host alike.
+    assert federation.hub_url.startswith("https://") and federation.hub_ca is not None
+    for party in (ROOT, "riverside"):
+        assert hosts.speaks_tls(party, hub, federation.hub_port, federation.hub_ca)
+        assert hosts.plain_connection_refused(party, hub, federation.hub_port, "http")
+    # The probe tells plaintext when it meets it: the registry is plain HTTP still.
+    # TODO(issue 12, registry gateway): see tributary.testbed.hub_side; then assert
+    # speaks_tls and plain_connection_refused for the registry's port as well.
+    registry_port = int(federation.services.registry.rsplit(":", 1)[1])
+    assert not hosts.plain_connection_refused(ROOT, hub, registry_port, "http")
 
     # A port of the hub side that is not published: open on the hub's own host only.
     unpublished = free_port()

@@ -97,8 +97,8 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
             role = "engine" if netns.startswith("(") else party
             console.print(f"  {role:<11} host {netns}, address {address}")
         console.print("  spokes may only open connections to the hub side's published ports")
-        with console.status("starting the broker (mutual TLS) and the registry on the hub "
-                            "side…"):
+        with console.status("issuing the federation's certificates, starting the broker "
+                            "(mutual TLS) and the registry on the hub side…"):
             hub_side = cleanup.enter_context(HubSide(placed, root / "hub-side", spoke_ids,
                                                      settings))
         assert hub_side.broker is not None
@@ -130,7 +130,7 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
         federation = compose
     elif hub_side is not None:
         federation = LocalFederation(root, settings, hub_port, secure_broker=hub_side.broker,
-                                     hosts=hub_side.hosts)
+                                     hub_tls=hub_side.hub_tls, hosts=hub_side.hosts)
     else:
         with console.status("generating a private CA and the broker's mutual-TLS "
                             "configuration…"):

@@ -7,7 +7,8 @@ With ``hosts`` (a :class:`tributary.testbed.hosts.Hosts`), every party runs on i
 simulated host: the hub in the hub side's namespace, listening on the hub address, each
 spoke in its own namespace; and no folder is shared: the hub's files are under ``hub/``,
 each spoke's under ``spokes/<id>/`` with its own copies of what it is handed (its broker
-identity, the hub's public key). Without, everything runs on loopback as before."""
+identity, the hub's public key; the hub its HTTPS certificate). Without, everything runs on
+loopback as before."""
 
 from __future__ import annotations
 
@@ -248,8 +249,14 @@ class LocalFederation:
                 f'key_file = "{ident.key_file}"\n')
 
     def start_hub(self) -> Process:
-        tls = [] if self.hub_tls is None else ["--tls-cert", str(self.hub_tls.cert_file),
-                                               "--tls-key", str(self.hub_tls.key_file)]
+        tls = []
+        if self.hub_tls is not None:
+            cert, key = self.hub_tls.cert_file, self.hub_tls.key_file
+            if self.hosts is not None:  # the hub's own copy, on its host
+                (self.hub_dir / "tls").mkdir(mode=0o700, exist_ok=True)
+                cert = Path(shutil.copy2(cert, self.hub_dir / "tls" / "server.crt"))
+                key = Path(shutil.copy2(key, self.hub_dir / "tls" / "server.key"))
+            tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
         process = self._spawn("hub", ["hub", "serve", "--host", self.hub_address,
                                       "--port", str(self.hub_port), *tls], {
             **self._hub_broker_env(),

@@ -1,7 +1,9 @@
 """The hub side's services when the parties are on separate hosts
-(:class:`tributary.testbed.hosts.Hosts`): the mutual-TLS broker and an OCI registry of the
-federation's own, both started in the hub side's namespace, their ports published on the
-hub address. The hub itself is started by :class:`~tributary.testbed.federation.LocalFederation`.
+(:class:`tributary.testbed.hosts.Hosts`): the federation's PKI (one CA, ``tributary pki
+issue``: the broker's, the hub's HTTPS and every party's certificates, all naming the hub
+address), the mutual-TLS broker and an OCI registry of the federation's own, both started
+in the hub side's namespace, their ports published on the hub address. The hub itself is
+started by :class:`~tributary.testbed.federation.LocalFederation` with :attr:`HubSide.hub_tls`.
 
 The registry is still plain HTTP. The Docker engine (root namespace) trusts only loopback
 registries without TLS, so the root namespace's ``127.0.0.1:PORT`` is relayed over the
@@ -28,14 +30,16 @@ from typing import Any
 
 import httpx
 
+from tributary.services import federation_pki
 from tributary.services.broker_security import (
     BrokerSecurityBundle,
-    generate_broker_config,
+    load_bundle,
     start_broker,
     stop_broker,
 )
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import ServiceError, free_port
+from tributary.testbed.federation import HubTls
 from tributary.testbed.hosts import HUB, Hosts
 
 
@@ -44,12 +48,15 @@ class HubSide:
     """Broker and registry on the hub side. Use as a context manager."""
 
     hosts: Hosts
-    #: The hub side operator's folder: broker configuration (CA, identities), registry data.
+    #: The hub side operator's folder: the PKI (``pki/``: CA, broker configuration, every
+    #: party's identity, server certificates), the registry's data.
     root: Path
     spoke_ids: list[str]
     #: This machine's services (Docker engine, base image); its registry is not used.
     services: ServiceSettings = field(default_factory=ServiceSettings)
     broker: BrokerSecurityBundle | None = None
+    #: The hub's HTTPS certificate (for ``LocalFederation(hub_tls=...)``).
+    hub_tls: HubTls | None = None
     registry_port: int = 0
     _registry: subprocess.Popen[Any] | None = None
 
@@ -73,9 +80,12 @@ class HubSide:
     def start(self) -> None:
         broker_port, self.registry_port = free_port(), free_port()
         self.hosts.publish(broker_port, self.registry_port)
-        self.broker = generate_broker_config(
-            self.root / "broker", spoke_ids=self.spoke_ids, host=self.hosts.hub_address,
-            stomp_ssl_port=broker_port)
+        pki_dir = self.root / "pki"
+        federation_pki.issue(pki_dir, hub_names=[self.hosts.hub_address], spokes=self.spoke_ids,
+                             broker_host=self.hosts.hub_address, broker_port=broker_port)
+        self.broker = load_bundle(pki_dir)
+        hub = pki_dir / "hub"
+        self.hub_tls = HubTls(hub / "server.crt", hub / "server.key", hub / "ca.crt")
         start_broker(self.broker, command_prefix=self.hosts.command(HUB))
         self._start_registry()
 
