@@ -1,7 +1,7 @@
 """Parties on separate hosts (network namespaces, see tributary.testbed.hosts): the demo
-study with broker (mutual TLS), registry and hub on the hub side and each spoke on its own
-host gives the same figures as on loopback, and the firewalls let exactly the published
-ports through."""
+study with broker (mutual TLS), registry (TLS gateway, hub-issued tokens) and hub (HTTPS) on
+the hub side and each spoke on its own host gives the same figures as on loopback; the
+firewalls let exactly the published ports through, and each of them speaks only TLS."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def _check_running(federation: LocalFederation, found: dict[str, Any]) -> None:
         config = tomllib.loads((folder / "spoke.toml").read_text())
         named = [config["work_dir"], config["data_dir"], config["hub_public_key"],
                  *(config["broker"][k] for k in ("ca_file", "cert_file", "key_file")),
-                 *config["trust"]["publisher_keys"]]
+                 *config["trust"]["publisher_keys"], config["registry"]["ca_file"]]
         assert all(Path(p).is_relative_to(folder) for p in named), named
 
     # The broker's port: TLS verifying against the federation CA, with the spoke's own
@@ -75,17 +75,19 @@ def _check_running(federation: LocalFederation, found: dict[str, Any]) -> None:
     assert hosts.speaks_tls("northfield", hub, broker_port, north / "ca.crt",
                             north / "client.crt", north / "client.key")
     assert hosts.plain_connection_refused("northfield", hub, broker_port, "stomp")
-    # The hub's API: HTTPS with a certificate of the same CA, no answer to plain HTTP, from
-    # the coordinator's machine and from a spoke's host alike.
+    # The hub's API and the registry (its gateway): HTTPS with certificates of the same CA,
+    # no answer to plain HTTP, from the coordinator's (and engine's) machine and from a
+    # spoke's host alike.
     assert federation.hub_url.startswith("https://") and federation.hub_ca is not None
+    registry_host, registry_port = federation.services.registry.rsplit(":", 1)
+    assert registry_host == hub
     for party in (ROOT, "riverside"):
-        assert hosts.speaks_tls(party, hub, federation.hub_port, federation.hub_ca)
-        assert hosts.plain_connection_refused(party, hub, federation.hub_port, "http")
-    # The probe tells plaintext when it meets it: the registry is plain HTTP still.
-    # TODO(issue 12, registry gateway): see tributary.testbed.hub_side; then assert
-    # speaks_tls and plain_connection_refused for the registry's port as well.
-    registry_port = int(federation.services.registry.rsplit(":", 1)[1])
-    assert not hosts.plain_connection_refused(ROOT, hub, registry_port, "http")
+        for port in (federation.hub_port, int(registry_port)):
+            assert hosts.speaks_tls(party, hub, port, federation.hub_ca)
+            assert hosts.plain_connection_refused(party, hub, port, "http")
+    # Every published port answers only TLS: the broker, hub and registry are all there is.
+    assert sorted(hosts.ports) == sorted({broker_port, federation.hub_port,
+                                          int(registry_port)})
 
     # A port of the hub side that is not published: open on the hub's own host only.
     unpublished = free_port()

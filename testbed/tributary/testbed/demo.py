@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import shutil
 import time
 import zlib
@@ -90,6 +91,9 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
         console.rule("1. Services")
         services.up(settings, report=lambda n, s: console.print(f"  {n:<11} {s}"))
     hub_side: HubSide | None = None
+    federation: LocalFederation | None = None
+    #: Who pushes the image: nobody to an open loopback registry, else a developer account.
+    developer: dict[str, Any] = {}
     if hosts:
         console.rule("1b. Separate hosts (network namespaces)")
         placed = hosts if isinstance(hosts, Hosts) else cleanup.enter_context(Hosts(spoke_ids))
@@ -100,37 +104,47 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
         with console.status("issuing the federation's certificates, starting the broker "
                             "(mutual TLS) and the registry on the hub side…"):
             hub_side = cleanup.enter_context(HubSide(placed, root / "hub-side", spoke_ids,
-                                                     settings))
+                                                     settings, hub_port=hub_port))
         assert hub_side.broker is not None
         console.print(f"  broker     {hub_side.broker.url} (host {placed.netns(HUB)})")
-        console.print(f"  registry   {hub_side.settings.registry} from this machine's engine, "
-                      f"relayed to {placed.hub_address}:{hub_side.registry_port} "
-                      f"(host {placed.netns(HUB)})")
+        console.print(f"  registry   https://{hub_side.registry} (host {placed.netns(HUB)}), "
+                      "tokens from the hub; this machine's engine trusts the federation CA")
         settings = hub_side.settings
+        # The registry takes tokens from the hub: the hub first, then a developer account
+        # (``tributary/...`` is its own namespace) to push the image with.
+        federation = LocalFederation(root, settings, hub_port, secure_broker=hub_side.broker,
+                                     hub_tls=hub_side.hub_tls, hosts=placed,
+                                     hub_env=hub_side.hub_env)
+        cleanup.callback(federation.stop)
+        federation.start_hub()
+        console.print(f"  hub        {federation.hub_url} (host {placed.netns(HUB)})")
+        developer = {"username": "tributary", "password": secrets.token_urlsafe(18)}
+        with federation.api() as api:
+            api.post("/api/users", json={**developer, "roles": ["developer"]}
+                     ).raise_for_status()
 
     console.rule("2. Algorithm image, pinned by digest and signed by its publisher")
     with console.status("building and pushing the lung-nodule detector…"):
         repository, digest = build_and_push(examples_dir() / "lung_nodule", "lung-nodule",
-                                            "1.0.0", settings)
+                                            "1.0.0", settings, **developer)
     console.print(f"  {repository}@{digest}")
     publisher = SigningKey.generate()
     publisher.save(root / "publisher.key")
     release = sign_release(publisher, repository, digest, "lung-nodule", "1.0.0",
                            "Tributary examples")
     registry, name = split_repository(repository)
-    with RegistryClient(registry) as client:
+    with RegistryClient(registry, **developer,
+                        ca_file=hub_side.ca_file if hub_side else None) as client:
         client.attach(name, digest, release, PREDICATE_TYPE)
     console.print(f"  release signed by publisher key {publisher.keyid[:16]}…, stored beside "
                   "the image (cosign attestation layout)")
 
     console.rule("3. Synthetic CT cohorts, one per spoke")
     broker = None
-    federation: LocalFederation
     if compose is not None:
         federation = compose
-    elif hub_side is not None:
-        federation = LocalFederation(root, settings, hub_port, secure_broker=hub_side.broker,
-                                     hub_tls=hub_side.hub_tls, hosts=hub_side.hosts)
+    elif federation is not None:
+        pass  # on separate hosts: made, with its hub, in step 1b
     else:
         with console.status("generating a private CA and the broker's mutual-TLS "
                             "configuration…"):
@@ -151,9 +165,9 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
 
     try:
         console.rule("4. Hub and spokes")
-        federation.start_hub()
-        where = f" (host {federation.hosts.netns(HUB)})" if federation.hosts else ""
-        console.print(f"  hub        {federation.hub_url}{where}")
+        if "hub" not in federation.processes:  # on separate hosts it runs since step 1b
+            federation.start_hub()
+            console.print(f"  hub        {federation.hub_url}")
         if broker is not None:
             console.print(f"  broker     stomp+ssl://{broker.host}:{broker.stomp_ssl_port}, "
                           "one client certificate per party, each confined to its own queues")
@@ -167,8 +181,10 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
                 trusted = root / "spokes" / spoke_id / "publisher.pub"  # the spoke's own copy
                 trusted.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(root / "publisher.key.pub", trusted)
-                config = federation.add_spoke(spoke_id, data[spoke_id],
-                                              institution=site, publisher_keys=(trusted,))
+                registry_access = ({} if hub_side is None else {"registry": hub_side.spoke_registry(
+                    root / "spokes" / spoke_id)})
+                config = federation.add_spoke(spoke_id, data[spoke_id], institution=site,
+                                              publisher_keys=(trusted,), **registry_access)
                 federation.start_spoke(spoke_id, config)
                 where = (f" (host {federation.hosts.netns(spoke_id)}, files in "
                          f"{config.parent})" if federation.hosts else "")

@@ -44,16 +44,19 @@ def examples_dir() -> Path:
 
 
 def build_and_push(algorithm_dir: Path, name: str, version: str,
-                   services: ServiceSettings) -> tuple[str, str]:
+                   services: ServiceSettings, username: str | None = None,
+                   password: str | None = None) -> tuple[str, str]:
     """Build an algorithm image FROM the local base image and push it to the local
-    registry; returns (repository, manifest digest)."""
+    registry (as the hub account ``username`` to a token-protected one); returns
+    (repository, manifest digest)."""
     from tributary_algorithm.tools.build import build_image
     from tributary_algorithm.tools.push import push_image
 
     tag = f"tributary/{name}:{version}"
     build_image(algorithm_dir, tag, base_image=services.base_image,
                 wheel_cache=services.state_dir / "wheels")
-    return push_image(tag, f"{services.registry}/tributary/{name}:{version}")
+    return push_image(tag, f"{services.registry}/tributary/{name}:{version}",
+                      username=username, password=password)
 
 
 def generate_cohort(out: Path, cases: int, seed: int, site: str, size: int = 160,

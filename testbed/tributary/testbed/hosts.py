@@ -16,8 +16,9 @@ cannot reach each other through it.
 **The root namespace link is the spoke hosts' container engine path.** The Docker engine is
 shared by the machine and runs in the root namespace; a spoke reaches its unix socket
 through the filesystem (which the issue allows) and the engine pulls images from the
-registry on the hub side over the root link. Algorithm containers keep ``--network none``.
-The driver of a test or of the demo (the coordinator's API calls) uses the same link.
+registry on the hub side over the root link (trusting the federation CA for it).
+Algorithm containers keep ``--network none``. The driver of a test or of the demo (the
+coordinator's API calls) uses the same link.
 
 **Firewall** (iptables inside each namespace; the root namespace gets no rule):
 
@@ -336,14 +337,6 @@ class Hosts:
     def listen(self, party: str, port: int, host: str = "0.0.0.0") -> subprocess.Popen[Any]:
         """A throwaway TCP server on ``party``'s host, to show who can reach it."""
         return self._serve(party, "listen", host, str(port))
-
-    def relay_from_root(self, port: int, hub_port: int | None = None) -> subprocess.Popen[Any]:
-        """Forward the root namespace's ``127.0.0.1:port`` to the hub address's
-        ``hub_port`` (same port by default), over the root link: how the Docker engine
-        reaches a plain-HTTP registry on the hub side, since it trusts only loopback
-        registries without TLS."""
-        return self._serve(ROOT, "relay", "127.0.0.1", str(port), self.hub_address,
-                           str(hub_port or port))
 
     # -- checks -------------------------------------------------------------------------
 

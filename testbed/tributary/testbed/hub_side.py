@@ -1,26 +1,26 @@
 """The hub side's services when the parties are on separate hosts
-(:class:`tributary.testbed.hosts.Hosts`): the federation's PKI (one CA, ``tributary pki
-issue``: the broker's, the hub's HTTPS and every party's certificates, all naming the hub
-address), the mutual-TLS broker and an OCI registry of the federation's own, both started
-in the hub side's namespace, their ports published on the hub address. The hub itself is
-started by :class:`~tributary.testbed.federation.LocalFederation` with :attr:`HubSide.hub_tls`.
+(:class:`tributary.testbed.hosts.Hosts`), all on the hub side's host:
 
-The registry is still plain HTTP. The Docker engine (root namespace) trusts only loopback
-registries without TLS, so the root namespace's ``127.0.0.1:PORT`` is relayed over the
-root link to the registry on the hub side (:meth:`Hosts.relay_from_root`), and the hub,
-on the registry's own host, reaches it on its loopback: images are named
-``127.0.0.1:PORT/...`` everywhere.
+- the federation's PKI (one CA, as ``tributary pki issue`` writes it: the broker's, the
+  hub's, the registry's and every party's certificates, all naming the hub address);
+- the mutual-TLS broker on the hub address;
+- the OCI registry in token mode on the hub side's loopback, behind the registry gateway
+  (``tributary hub registry-gateway``, TLS) on the hub address; tokens come from the hub,
+  whose settings for it are :attr:`HubSide.hub_env`.
 
-TODO(issue 12, registry gateway): once the TLS registry gateway is merged, serve it on
-``hub_address:PORT`` with a certificate naming the hub address, have the engine trust the
-federation CA for it (``/etc/docker/certs.d/HUB:PORT/ca.crt``, read at each pull), drop
-the relay, and make :attr:`HubSide.settings` name the registry ``HUB:PORT``.
+The hub itself is started by :class:`~tributary.testbed.federation.LocalFederation` with
+:attr:`HubSide.hub_tls` and :attr:`HubSide.hub_env`, on :attr:`HubSide.hub_port`.
+
+The Docker engine (root namespace) pulls from the gateway over the root link and trusts the
+federation CA for it through its ``certs.d`` (written here, removed at the end).
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,7 +30,9 @@ from typing import Any
 
 import httpx
 
-from tributary.services import federation_pki
+from tributary.protocol import https
+from tributary.services import federation_pki, pki
+from tributary.services import registry as registry_service
 from tributary.services.broker_security import (
     BrokerSecurityBundle,
     load_bundle,
@@ -42,28 +44,52 @@ from tributary.services.system import ServiceError, free_port
 from tributary.testbed.federation import HubTls
 from tributary.testbed.hosts import HUB, Hosts
 
+TOKEN_SERVICE = "tributary-registry"
+TOKEN_ISSUER = "tributary-hub"
+
 
 @dataclass
 class HubSide:
-    """Broker and registry on the hub side. Use as a context manager."""
+    """PKI, broker and registry of the hub side. Use as a context manager."""
 
     hosts: Hosts
     #: The hub side operator's folder: the PKI (``pki/``: CA, broker configuration, every
-    #: party's identity, server certificates), the registry's data.
+    #: party's identity, server certificates), the registry's data and configuration.
     root: Path
     spoke_ids: list[str]
     #: This machine's services (Docker engine, base image); its registry is not used.
     services: ServiceSettings = field(default_factory=ServiceSettings)
+    #: The hub's port (published here; the gateway forwards token requests to it).
+    hub_port: int = 0
     broker: BrokerSecurityBundle | None = None
     #: The hub's HTTPS certificate (for ``LocalFederation(hub_tls=...)``).
     hub_tls: HubTls | None = None
+    #: The hub's registry settings (for ``LocalFederation(hub_env=...)``).
+    hub_env: dict[str, str] = field(default_factory=dict)
     registry_port: int = 0
-    _registry: subprocess.Popen[Any] | None = None
+    _processes: list[subprocess.Popen[Any]] = field(default_factory=list)
+    _trusted: list[Path] = field(default_factory=list)
+
+    @property
+    def ca_file(self) -> Path:
+        """The federation CA: the one trust anchor of every hop."""
+        return self.root / "pki" / "pki" / "ca.crt"
+
+    @property
+    def registry(self) -> str:
+        return f"{self.hosts.hub_address}:{self.registry_port}"
 
     @property
     def settings(self) -> ServiceSettings:
         """The services as the parties see them: the registry is the hub side's."""
-        return self.services.model_copy(update={"registry_port": self.registry_port})
+        return self.services.model_copy(update={"host": self.hosts.hub_address,
+                                                "registry_port": self.registry_port})
+
+    def spoke_registry(self, folder: Path) -> dict[str, str]:
+        """A spoke's ``[registry]`` table, with its own copy of the CA in ``folder``."""
+        folder.mkdir(parents=True, exist_ok=True)
+        ca = shutil.copyfile(self.ca_file, folder / "registry-ca.crt")
+        return {"ca_file": str(ca), "token_service": TOKEN_SERVICE}
 
     def __enter__(self) -> HubSide:
         try:
@@ -78,56 +104,87 @@ class HubSide:
         self.stop()
 
     def start(self) -> None:
+        hub = self.hosts.hub_address
         broker_port, self.registry_port = free_port(), free_port()
-        self.hosts.publish(broker_port, self.registry_port)
+        self.hub_port = self.hub_port or free_port()
+        self.hosts.publish(broker_port, self.registry_port, self.hub_port)
         pki_dir = self.root / "pki"
-        federation_pki.issue(pki_dir, hub_names=[self.hosts.hub_address], spokes=self.spoke_ids,
-                             broker_host=self.hosts.hub_address, broker_port=broker_port)
+        federation_pki.issue(pki_dir, hub_names=[hub], spokes=self.spoke_ids,
+                             broker_host=hub, broker_port=broker_port)
         self.broker = load_bundle(pki_dir)
-        hub = pki_dir / "hub"
-        self.hub_tls = HubTls(hub / "server.crt", hub / "server.key", hub / "ca.crt")
+        self.hub_tls = HubTls(pki_dir / "hub" / "server.crt", pki_dir / "hub" / "server.key",
+                              self.ca_file)
+        signer = pki.issue_client_cert(pki.ensure_ca(pki_dir / "pki"), self.root / "token",
+                                       "tributary-hub-registry-tokens")
+        self.hub_env = {"TRIBUTARY_HUB_REGISTRY_TOKEN_KEY": str(signer.key_path),
+                        "TRIBUTARY_HUB_REGISTRY_TOKEN_CERT": str(signer.cert_path),
+                        "TRIBUTARY_HUB_REGISTRY_TOKEN_SERVICE": TOKEN_SERVICE,
+                        "TRIBUTARY_HUB_REGISTRY_TOKEN_ISSUER": TOKEN_ISSUER,
+                        "TRIBUTARY_HUB_REGISTRY_CA_FILE": str(self.ca_file)}
         start_broker(self.broker, command_prefix=self.hosts.command(HUB))
         self._start_registry()
 
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[Any]:
+        with open(self.root / "registry" / f"{name}.log", "ab") as log:
+            process = self.hosts.spawn(HUB, argv, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL)
+        self._processes.append(process)
+        return process
+
     def _start_registry(self) -> None:
-        folder = self.root / "registry"
+        folder, hub = self.root / "registry", self.hosts.hub_address
         (folder / "data").mkdir(parents=True, exist_ok=True)
+        internal, realm = free_port(), f"https://{self.registry}/token"
+        template = resources.files("tributary.services").joinpath("registry-token.yml")
         config = folder / "config.yml"
-        template = resources.files("tributary.services").joinpath("registry.yml").read_text()
-        # Every address of the hub side: the hub address (published) and its loopback,
-        # where the hub, on the same host, reaches it.
-        config.write_text(template.replace("@DATA@", str(folder / "data"))
-                          .replace("@HOST@", "0.0.0.0").replace("@PORT@", str(self.registry_port)))
-        with open(folder / "registry.log", "ab") as log:
-            self._registry = self.hosts.spawn(HUB, ["docker-registry", "serve", str(config)],
-                                              stdout=log, stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL)
-        self.hosts.relay_from_root(self.registry_port)
+        config.write_text(
+            template.read_text().replace("@DATA@", str(folder / "data"))
+            .replace("@PORT@", str(internal)).replace("@REALM@", realm)
+            .replace("@SERVICE@", TOKEN_SERVICE).replace("@ISSUER@", TOKEN_ISSUER)
+            .replace("@ROOTS@", str(self.ca_file)))
+        # The registry on the hub side's loopback; the gateway on the hub address.
+        self._spawn("registry", ["docker-registry", "serve", str(config)])
+        server = self.root / "pki" / "registry"
+        self._spawn("gateway", [
+            sys.executable, "-m", "tributary.cli", "hub", "registry-gateway",
+            "--cert", str(server / "server.crt"), "--key", str(server / "server.key"),
+            "--upstream", f"http://127.0.0.1:{internal}", "--roots", str(self.ca_file),
+            "--realm", realm, "--hub-url", f"https://{hub}:{self.hub_port}",
+            "--hub-ca-file", str(self.ca_file), "--issuer", TOKEN_ISSUER,
+            "--service", TOKEN_SERVICE, "--host", hub, "--port", str(self.registry_port)])
+        # The machine's container engine (and Podman) trust the federation CA for it.
+        self._trusted = registry_service.trust_ca(self.registry, self.ca_file)
         deadline = time.monotonic() + 30
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{self.registry_port}/v2/",
-                             timeout=2).status_code == 200:
-                    return
+                with https.client(f"https://{self.registry}", self.ca_file, timeout=2) as c:
+                    if c.get("/v2/").status_code == 401:  # a token is needed: both are up
+                        return
             except httpx.HTTPError:
                 pass
-            if self._registry.poll() is not None or time.monotonic() > deadline:
-                raise ServiceError("the hub side's registry did not start:\n"
-                                   + (folder / "registry.log").read_text(errors="replace"))
+            if any(p.poll() is not None for p in self._processes) \
+                    or time.monotonic() > deadline:
+                logs = "\n".join(f.read_text(errors="replace") for f in folder.glob("*.log"))
+                raise ServiceError(f"the hub side's registry did not start:\n{logs}")
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self._registry is not None and self._registry.poll() is None:
-            self._registry.terminate()
-            try:
-                self._registry.wait(10)
-            except subprocess.TimeoutExpired:
-                self._registry.kill()
-                self._registry.wait()
+        for process in reversed(self._processes):
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        self._processes.clear()
         if self.broker is not None:
             stop_broker(self.broker)
+        for path in self._trusted:
+            shutil.rmtree(path.parent, ignore_errors=True)
+        self._trusted.clear()
         if self.registry_port:
-            forget_registry_images(f"127.0.0.1:{self.registry_port}")
+            forget_registry_images(self.registry)
 
 
 def forget_registry_images(registry: str) -> None:

@@ -9,12 +9,10 @@ Commands::
     tls HOST PORT CA [CERT KEY]       does a TLS handshake verifying against CA succeed?
     plain HOST PORT http|stomp        what does a plaintext request get back?
     listen HOST PORT                  accept connections (prints {"ready": true} first)
-    relay LHOST LPORT THOST TPORT     forward every connection to THOST:TPORT
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import ssl
@@ -80,39 +78,10 @@ def listen(host: str, port: int) -> None:
                 conn.sendall(b"hello\n")
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except ConnectionError:
-        pass
-    finally:
-        writer.close()
-
-
-async def _relay(lhost: str, lport: int, thost: str, tport: int) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(thost, tport)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-
-    server = await asyncio.start_server(handle, lhost, lport)
-    print(json.dumps({"ready": True}), flush=True)
-    async with server:
-        await server.serve_forever()
-
-
 def main(argv: list[str]) -> int:
     command, *args = argv
     if command == "listen":
         listen(args[0], int(args[1]))
-        return 0
-    if command == "relay":
-        asyncio.run(_relay(args[0], int(args[1]), args[2], int(args[3])))
         return 0
     if command == "connect":
         result = connect(args[0], int(args[1]))
