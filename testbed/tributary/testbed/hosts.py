@@ -74,17 +74,28 @@ def _run(*argv: str, stdin: str | None = None, check: bool = True) -> str:
     return done.stdout
 
 
+def _fails(*argv: str) -> str | None:
+    try:
+        _run(*argv)
+    except (OSError, HostsError) as exc:
+        return f"`{' '.join(argv)}` does not work here: {exc}"
+    return None
+
+
 def available() -> str | None:
-    """Why namespaces cannot be used here, or None if they can."""
+    """Why namespaces cannot be used here, or None if they can (tried for real)."""
     if os.geteuid() != 0:
         return "network namespaces need root"
-    for command in (("ip", "netns", "list"), ("iptables", "--version"),
-                    ("ip6tables", "--version"), ("nsenter", "--version")):
-        try:
-            _run(*command)
-        except (OSError, HostsError) as exc:
-            return f"`{' '.join(command)}` does not work here: {exc}"
-    return None
+    for tool in ("iptables", "ip6tables", "nsenter"):
+        if (why := _fails(tool, "--version")) is not None:
+            return why
+    probe = f"{FAMILY}probe{os.getpid()}"
+    try:
+        return (_fails("ip", "netns", "add", probe)
+                or _fails("ip", "netns", "exec", probe, "iptables", "-S"))
+    finally:
+        with contextlib.suppress(OSError):
+            _run("ip", "netns", "del", probe, check=False)
 
 
 def _taken_networks() -> list[ipaddress.IPv4Network]:
@@ -130,7 +141,7 @@ class Hosts:
     def __init__(self, spoke_ids: Sequence[str], ports: Iterable[int] = (),
                  prefix: str | None = None, network: str | None = None) -> None:
         if len(spoke_ids) > _MAX_SPOKES or len(set(spoke_ids)) != len(spoke_ids):
-            raise ValueError(f"1 to {_MAX_SPOKES} distinct spoke ids, please")
+            raise ValueError(f"at most {_MAX_SPOKES} spoke ids, each once")
         if ROOT in spoke_ids or HUB in spoke_ids:
             raise ValueError(f"{ROOT!r} and {HUB!r} name hosts, not spokes")
         self.prefix = prefix or f"{FAMILY}{secrets.token_hex(3)}"
