@@ -26,6 +26,10 @@ def demo(
                            ] = 61613,
     registry_port: Annotated[int, typer.Option(help="With --containers: the registry's port.")
                              ] = 5000,
+    hosts: Annotated[bool, typer.Option(help=(
+        "Put each party on a host of its own (Linux network namespaces, needs root): "
+        "broker, registry and hub on the hub side, each spoke allowed only outbound "
+        "connections to the hub side's published ports. Removed afterwards."))] = False,
 ) -> None:
     """Run a whole federation here: services, hub, three spokes, one study, results."""
     try:
@@ -39,8 +43,17 @@ def demo(
         raise typer.Exit(1) from None
     from tributary.services.settings import ServiceSettings
 
+    if hosts and containers:
+        console.print("[red]--hosts and --containers do not go together.[/]")
+        raise typer.Exit(2)
+    if hosts:
+        from tributary.testbed.hosts import available
+
+        if (why := available()) is not None:
+            console.print(f"[red]--hosts cannot run here:[/] {why}")
+            raise typer.Exit(1)
     counts = [int(c) for c in cases.split(",") if c.strip()]
     compose = (ServiceSettings(broker_port=broker_port, registry_port=registry_port)
                if containers else None)
     run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console,
-             containers=compose)
+             containers=compose, hosts=hosts)

@@ -3,6 +3,7 @@ generated configuration: STOMP on loopback, KahaDB persistence, per-queue dead l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -45,11 +46,13 @@ def ensure_running(settings: ServiceSettings) -> str:
 
 
 def start_instance(base: Path, config: Path, host: str, port: int,
-                   jaas_config: Path | None = None) -> None:
+                   jaas_config: Path | None = None,
+                   command_prefix: Sequence[str] = ()) -> None:
     """Start a broker from ``config`` with its state in ``base`` (``data/``, ``conf/``,
     ``broker.pid``) and wait until ``host:port``, the port the config listens on, is open.
     Separate from :func:`ensure_running` so other configurations (the mutual-TLS one) run
-    the same way."""
+    the same way. ``command_prefix`` runs it through a wrapper that replaces itself with
+    the command (``ip netns exec NS``, to put it on another simulated host)."""
     ensure_commands({"java": "default-jre-headless"})
     if not (ACTIVEMQ_HOME / "bin" / "activemq.jar").exists():
         ensure_commands({"activemq-not-installed": "activemq"})
@@ -61,7 +64,7 @@ def start_instance(base: Path, config: Path, host: str, port: int,
     log = base / "data" / "console.log"
     start_daemon(
         [
-            "java", "-Xms64M", "-Xmx256M", "-Djava.awt.headless=true",
+            *command_prefix, "java", "-Xms64M", "-Xmx256M", "-Djava.awt.headless=true",
             f"-Dactivemq.home={ACTIVEMQ_HOME}", f"-Dactivemq.base={base}",
             f"-Dactivemq.conf={conf}", f"-Dactivemq.data={base / 'data'}",
             f"-Dlog4j2.configurationFile={conf / 'log4j2.properties'}",

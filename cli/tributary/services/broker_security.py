@@ -25,6 +25,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -310,9 +311,11 @@ def load_bundle(out_dir: Path) -> BrokerSecurityBundle:
     )
 
 
-def start_broker(bundle: BrokerSecurityBundle, instance_dir: Path | None = None) -> str:
+def start_broker(bundle: BrokerSecurityBundle, instance_dir: Path | None = None,
+                 command_prefix: Sequence[str] = ()) -> str:
     """Run ActiveMQ with the bundle's configuration (state in ``instance_dir``, by default
-    ``<out_dir>/instance``); "running" if it already is."""
+    ``<out_dir>/instance``); "running" if it already is. ``command_prefix``: see
+    :func:`tributary.services.broker.start_instance`."""
     base = (instance_dir or bundle.instance_dir).resolve()
     listening = port_open(bundle.host, bundle.stomp_ssl_port)
     if listening and read_pid(base / "broker.pid") is not None:
@@ -322,7 +325,8 @@ def start_broker(bundle: BrokerSecurityBundle, instance_dir: Path | None = None)
     base.mkdir(parents=True, exist_ok=True)
     base.chmod(0o700)
     broker.start_instance(base, bundle.config_path, bundle.host, bundle.stomp_ssl_port,
-                          jaas_config=bundle.out_dir / "jaas" / "login.config")
+                          jaas_config=bundle.out_dir / "jaas" / "login.config",
+                          command_prefix=command_prefix)
     return "started"
 
 

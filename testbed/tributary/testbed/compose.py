@@ -185,7 +185,7 @@ class ComposeFederation(LocalFederation):
             os.chown(entry, CONTAINER_UID, CONTAINER_UID)
 
     def _spawn(self, name: str, args: list[str],  # type: ignore[override]
-               env: dict[str, str] | None = None) -> ContainerProcess:
+               env: dict[str, str] | None = None, party: str = "") -> ContainerProcess:
         if name == "hub":
             self._own(self.root / "hub")
         else:

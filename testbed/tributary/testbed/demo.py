@@ -1,13 +1,20 @@
 """The demo study behind ``tributary demo``: a local federation from nothing to aggregated
 results. It lives in the testbed because it drives the testbed's federation; the command in
-``tributary.cli.demo`` only parses options and calls ``run_demo``."""
+``tributary.cli.demo`` only parses options and calls ``run_demo``.
+
+With ``hosts``, the parties are on separate simulated hosts (network namespaces,
+:mod:`tributary.testbed.hosts`): broker, registry and hub on the hub side, each spoke on its
+own host that may only open connections to the hub side's published ports."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
 import shutil
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,8 @@ from tributary.testbed.federation import (
     free_port,
     generate_cohort,
 )
+from tributary.testbed.hosts import HUB, Hosts
+from tributary.testbed.hub_side import HubSide
 
 SITES = [("northfield", "Northfield General Hospital"), ("riverside", "Riverside Medical Centre"),
          ("stclare", "St Clare University Hospital"), ("lakeside", "Lakeside Clinic")]
@@ -40,11 +49,26 @@ SITES = [("northfield", "Northfield General Hospital"), ("riverside", "Riverside
 
 def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
              workdir: Path | None = None, console: Console | None = None,
-             containers: ServiceSettings | None = None) -> dict[str, Any]:
+             containers: ServiceSettings | None = None, hosts: bool | Hosts = False,
+             after_study: Callable[[LocalFederation], None] | None = None) -> dict[str, Any]:
     """The demo study. With ``containers`` (the ports for the compose broker and
     registry), the hub, spokes, broker and registry run as the containers of
-    docker-compose.yml; otherwise as processes on this machine."""
+    docker-compose.yml; otherwise as processes on this machine, each party on a host of
+    its own with ``hosts`` (True: hosts made and removed here; a :class:`Hosts`: the
+    caller's, set up, for the spokes of the demo's sites). ``after_study`` is called with
+    the running federation once the study is complete, before anything stops."""
     console = console or Console()
+    if hosts and containers:
+        raise ValueError("the containers of docker-compose.yml are not placed on hosts")
+    with contextlib.ExitStack() as cleanup:
+        return _run_demo(case_counts, hub_port, wait, workdir, console, containers, hosts,
+                         after_study, cleanup)
+
+
+def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path | None,
+              console: Console, containers: ServiceSettings | None, hosts: bool | Hosts,
+              after_study: Callable[[LocalFederation], None] | None,
+              cleanup: contextlib.ExitStack) -> dict[str, Any]:
     settings = containers or ServiceSettings()
     root = (workdir or (state_folder(settings) if containers
                         else settings.state_dir / "demo")).resolve()
@@ -52,6 +76,7 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
         shutil.rmtree(root)
     if len(case_counts) > len(SITES) or (containers and len(case_counts) > 3):
         raise ValueError("too many spokes for the demo")
+    spoke_ids = [spoke_id for (spoke_id, _), _ in zip(SITES, case_counts, strict=False)]
 
     compose: ComposeFederation | None = None
     if containers:
@@ -65,28 +90,61 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
     else:
         console.rule("1. Services")
         services.up(settings, report=lambda n, s: console.print(f"  {n:<11} {s}"))
+    hub_side: HubSide | None = None
+    federation: LocalFederation | None = None
+    #: Who pushes the image: nobody to an open loopback registry, else a developer account.
+    developer: dict[str, Any] = {}
+    if hosts:
+        console.rule("1b. Separate hosts (network namespaces)")
+        placed = hosts if isinstance(hosts, Hosts) else cleanup.enter_context(Hosts(spoke_ids))
+        for party, netns, address in placed.describe():
+            role = "engine" if netns.startswith("(") else party
+            console.print(f"  {role:<11} host {netns}, address {address}")
+        console.print("  spokes may only open connections to the hub side's published ports")
+        with console.status("issuing the federation's certificates, starting the broker "
+                            "(mutual TLS) and the registry on the hub side…"):
+            hub_side = cleanup.enter_context(HubSide(placed, root / "hub-side", spoke_ids,
+                                                     settings, hub_port=hub_port))
+        assert hub_side.broker is not None
+        console.print(f"  broker     {hub_side.broker.url} (host {placed.netns(HUB)})")
+        console.print(f"  registry   https://{hub_side.registry} (host {placed.netns(HUB)}), "
+                      "tokens from the hub; this machine's engine trusts the federation CA")
+        settings = hub_side.settings
+        # The registry takes tokens from the hub: the hub first, then a developer account
+        # (``tributary/...`` is its own namespace) to push the image with.
+        federation = LocalFederation(root, settings, hub_port, secure_broker=hub_side.broker,
+                                     hub_tls=hub_side.hub_tls, hosts=placed,
+                                     hub_env=hub_side.hub_env)
+        cleanup.callback(federation.stop)
+        federation.start_hub()
+        console.print(f"  hub        {federation.hub_url} (host {placed.netns(HUB)})")
+        developer = {"username": "tributary", "password": secrets.token_urlsafe(18)}
+        with federation.api() as api:
+            api.post("/api/users", json={**developer, "roles": ["developer"]}
+                     ).raise_for_status()
 
     console.rule("2. Algorithm image, pinned by digest and signed by its publisher")
     with console.status("building and pushing the lung-nodule detector…"):
         repository, digest = build_and_push(examples_dir() / "lung_nodule", "lung-nodule",
-                                            "1.0.0", settings)
+                                            "1.0.0", settings, **developer)
     console.print(f"  {repository}@{digest}")
     publisher = SigningKey.generate()
     publisher.save(root / "publisher.key")
     release = sign_release(publisher, repository, digest, "lung-nodule", "1.0.0",
                            "Tributary examples")
     registry, name = split_repository(repository)
-    with RegistryClient(registry) as client:
+    with RegistryClient(registry, **developer,
+                        ca_file=hub_side.ca_file if hub_side else None) as client:
         client.attach(name, digest, release, PREDICATE_TYPE)
     console.print(f"  release signed by publisher key {publisher.keyid[:16]}…, stored beside "
                   "the image (cosign attestation layout)")
 
     console.rule("3. Synthetic CT cohorts, one per spoke")
-    spoke_ids = [spoke_id for (spoke_id, _), _ in zip(SITES, case_counts, strict=False)]
     broker = None
-    federation: LocalFederation
     if compose is not None:
         federation = compose
+    elif federation is not None:
+        pass  # on separate hosts: made, with its hub, in step 1b
     else:
         with console.status("generating a private CA and the broker's mutual-TLS "
                             "configuration…"):
@@ -94,18 +152,22 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
                                             host=settings.host, stomp_ssl_port=free_port())
             start_broker(broker)
         federation = LocalFederation(root, settings, hub_port, secure_broker=broker)
+    # On separate hosts, a site's data is on its own host (under its own folder).
+    data = {spoke_id: root / "spokes" / spoke_id / "data" if hosts else root / "data" / spoke_id
+            for spoke_id in spoke_ids}
     cohorts = {}
     for (spoke_id, site), count in zip(SITES, case_counts, strict=False):
         seed = zlib.crc32(spoke_id.encode()) % 1000
-        truth = generate_cohort(root / "data" / spoke_id, count, seed=seed, site=site)
+        truth = generate_cohort(data[spoke_id], count, seed=seed, site=site)
         cohorts[spoke_id] = site
         nodules = sum(len(v["nodules"]) for v in truth.values())
         console.print(f"  {spoke_id:<11} {count} cases, {nodules} nodules ({site})")
 
     try:
         console.rule("4. Hub and spokes")
-        federation.start_hub()
-        console.print(f"  hub        {federation.hub_url}")
+        if "hub" not in federation.processes:  # on separate hosts it runs since step 1b
+            federation.start_hub()
+            console.print(f"  hub        {federation.hub_url}")
         if broker is not None:
             console.print(f"  broker     stomp+ssl://{broker.host}:{broker.stomp_ssl_port}, "
                           "one client certificate per party, each confined to its own queues")
@@ -119,10 +181,14 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
                 trusted = root / "spokes" / spoke_id / "publisher.pub"  # the spoke's own copy
                 trusted.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(root / "publisher.key.pub", trusted)
-                config = federation.add_spoke(spoke_id, root / "data" / spoke_id,
-                                              institution=site, publisher_keys=(trusted,))
+                registry_access = ({} if hub_side is None else {"registry": hub_side.spoke_registry(
+                    root / "spokes" / spoke_id)})
+                config = federation.add_spoke(spoke_id, data[spoke_id], institution=site,
+                                              publisher_keys=(trusted,), **registry_access)
                 federation.start_spoke(spoke_id, config)
-                console.print(f"  spoke      {spoke_id}")
+                where = (f" (host {federation.hosts.netns(spoke_id)}, files in "
+                         f"{config.parent})" if federation.hosts else "")
+                console.print(f"  spoke      {spoke_id}{where}")
             algorithm = federation.register_algorithm(
                 name="lung-nodule", version="1.0.0", repository=repository,
                 digest=digest, argument_schema=schema, aggregator="nodule-detection",
@@ -155,6 +221,8 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
 
                 federation.wait_for_experiment(experiment["id"], timeout=3600, on_progress=show)
             report = api.get(f"/api/experiments/{experiment['id']}/aggregate").json()
+        if after_study is not None:
+            after_study(federation)
 
         console.rule("6. Results")
         console.print(aggregate_table(report))

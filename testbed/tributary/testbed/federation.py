@@ -1,7 +1,14 @@
 """A whole federation on one machine, as real processes: one hub and several spokes,
 talking through the real broker, pulling from the real registry and running real
 containers. The demo and the end-to-end tests both drive it, so what the tests prove is
-what a person sees."""
+what a person sees.
+
+With ``hosts`` (a :class:`tributary.testbed.hosts.Hosts`), every party runs on its own
+simulated host: the hub in the hub side's namespace, listening on the hub address, each
+spoke in its own namespace; and no folder is shared: the hub's files are under ``hub/``,
+each spoke's under ``spokes/<id>/`` with its own copies of what it is handed (its broker
+identity, the hub's public key; the hub its HTTPS certificate). Without, everything runs on
+loopback as before."""
 
 from __future__ import annotations
 
@@ -20,9 +27,11 @@ import httpx
 
 from tributary.protocol import https
 from tributary.protocol.destinations import DEFAULT_FEDERATION
+from tributary.services.broker_security import Identity
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
 from tributary.testbed.containerwatch import ContainerWatch
+from tributary.testbed.hosts import HUB, Hosts
 
 REPO_ROOT = Path(__file__).resolve().parents[3]  # testbed/tributary/testbed/
 EXAMPLES = REPO_ROOT / "examples"
@@ -35,16 +44,19 @@ def examples_dir() -> Path:
 
 
 def build_and_push(algorithm_dir: Path, name: str, version: str,
-                   services: ServiceSettings) -> tuple[str, str]:
+                   services: ServiceSettings, username: str | None = None,
+                   password: str | None = None) -> tuple[str, str]:
     """Build an algorithm image FROM the local base image and push it to the local
-    registry; returns (repository, manifest digest)."""
+    registry (as the hub account ``username`` to a token-protected one); returns
+    (repository, manifest digest)."""
     from tributary_algorithm.tools.build import build_image
     from tributary_algorithm.tools.push import push_image
 
     tag = f"tributary/{name}:{version}"
     build_image(algorithm_dir, tag, base_image=services.base_image,
                 wheel_cache=services.state_dir / "wheels")
-    return push_image(tag, f"{services.registry}/tributary/{name}:{version}")
+    return push_image(tag, f"{services.registry}/tributary/{name}:{version}",
+                      username=username, password=password)
 
 
 def generate_cohort(out: Path, cases: int, seed: int, site: str, size: int = 160,
@@ -129,20 +141,32 @@ class LocalFederation:
     output_quota_mb: int | None = None
     #: Serve the hub over HTTPS with this certificate; its clients here verify it with the CA.
     hub_tls: HubTls | None = None
+    #: Simulated hosts to place the parties on (the secure broker must then listen on
+    #: ``hosts.hub_address``); None: every process on this machine's loopback.
+    hosts: Hosts | None = None
     _reviewers: list[str] = field(default_factory=list)
 
     @property
+    def hub_dir(self) -> Path:
+        """The hub's own files (key, database, audit log, broker identity)."""
+        return self.root / "hub" if self.hosts is not None else self.root
+
+    @property
     def hub_key_path(self) -> Path:
-        return self.root / "hub.key"
+        return self.hub_dir / "hub.key"
 
     @property
     def hub_audit_log(self) -> Path:
-        return self.root / "hub-audit.jsonl"
+        return self.hub_dir / "hub-audit.jsonl"
+
+    @property
+    def hub_address(self) -> str:
+        return self.hosts.hub_address if self.hosts is not None else "127.0.0.1"
 
     @property
     def hub_url(self) -> str:
         scheme = "http" if self.hub_tls is None else "https"
-        return f"{scheme}://127.0.0.1:{self.hub_port}"
+        return f"{scheme}://{self.hub_address}:{self.hub_port}"
 
     @property
     def hub_ca(self) -> Path | None:
@@ -164,11 +188,16 @@ class LocalFederation:
         response.raise_for_status()
         return str(response.json()["access_token"])
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Process:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None,
+               party: str = "") -> Process:
+        """Start ``tributary ARGS``; with hosts, on ``party``'s host."""
         log = self.root / "logs" / f"{name}.log"
         handle = open(log, "ab")  # noqa: SIM115 - owned by the child process
+        command = [sys.executable, "-m", "tributary.cli", *args]
+        if self.hosts is not None and party:
+            command = self.hosts.command(party, command)
         popen = subprocess.Popen(
-            [sys.executable, "-m", "tributary.cli", *args], stdout=handle,
+            command, stdout=handle,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
         )
         handle.close()
@@ -179,6 +208,12 @@ class LocalFederation:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "logs").mkdir(exist_ok=True)
         self.hub_port = self.hub_port or free_port()
+        if self.hosts is not None:
+            if self.secure_broker is None or self.secure_broker.host != self.hosts.hub_address:
+                raise ValueError("parties on separate hosts need the mutual-TLS broker on "
+                                 "the hub side (its host: the hosts' hub address)")
+            self.hub_dir.mkdir(exist_ok=True)
+            self.hosts.publish(self.hub_port)
         if self.secure_broker is not None:  # its authorization covers the default names
             self.federation = DEFAULT_FEDERATION
 
@@ -187,7 +222,7 @@ class LocalFederation:
             return {"TRIBUTARY_HUB_BROKER_HOST": self.services.host,
                     "TRIBUTARY_HUB_BROKER_PORT": str(self.services.broker_port),
                     "TRIBUTARY_HUB_BROKER_FEDERATION": self.federation}
-        hub = self.secure_broker.identity("hub")
+        hub = self._handed_identity("hub", self.hub_dir / "broker")
         return {"TRIBUTARY_HUB_BROKER_FEDERATION": self.federation,
                 "TRIBUTARY_HUB_BROKER_HOST": self.secure_broker.host,
                 "TRIBUTARY_HUB_BROKER_PORT": str(self.secure_broker.stomp_ssl_port),
@@ -196,11 +231,20 @@ class LocalFederation:
                 "TRIBUTARY_HUB_BROKER_CERT_FILE": str(hub.cert_file),
                 "TRIBUTARY_HUB_BROKER_KEY_FILE": str(hub.key_file)}
 
-    def _spoke_broker_toml(self, spoke_id: str) -> str:
+    def _handed_identity(self, name: str, folder: Path) -> Identity:
+        """The broker identity ``name`` as its party holds it: with hosts, a copy in the
+        party's own ``folder``; otherwise where the broker configuration wrote it."""
+        identity: Identity = self.secure_broker.identity(name)
+        if self.hosts is None:
+            return identity
+        shutil.copytree(identity.directory, folder, dirs_exist_ok=True)
+        return Identity(name, folder)
+
+    def _spoke_broker_toml(self, spoke_id: str, work: Path) -> str:
         if self.secure_broker is None:
             return (f'host = "{self.services.host}"\nport = {self.services.broker_port}\n'
                     f'federation = "{self.federation}"\n')
-        ident = self.secure_broker.identity(spoke_id)
+        ident = self._handed_identity(spoke_id, work / "broker")
         return (f'federation = "{self.federation}"\n'
                 f'host = "{self.secure_broker.host}"\nport = {self.secure_broker.stomp_ssl_port}\n'
                 f'user = "{spoke_id}"\n'
@@ -208,16 +252,23 @@ class LocalFederation:
                 f'key_file = "{ident.key_file}"\n')
 
     def start_hub(self) -> Process:
-        tls = [] if self.hub_tls is None else ["--tls-cert", str(self.hub_tls.cert_file),
-                                               "--tls-key", str(self.hub_tls.key_file)]
-        process = self._spawn("hub", ["hub", "serve", "--port", str(self.hub_port), *tls], {
+        tls = []
+        if self.hub_tls is not None:
+            cert, key = self.hub_tls.cert_file, self.hub_tls.key_file
+            if self.hosts is not None:  # the hub's own copy, on its host
+                (self.hub_dir / "tls").mkdir(mode=0o700, exist_ok=True)
+                cert = Path(shutil.copy2(cert, self.hub_dir / "tls" / "server.crt"))
+                key = Path(shutil.copy2(key, self.hub_dir / "tls" / "server.key"))
+            tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
+        process = self._spawn("hub", ["hub", "serve", "--host", self.hub_address,
+                                      "--port", str(self.hub_port), *tls], {
             **self._hub_broker_env(),
-            "TRIBUTARY_HUB_DATABASE_URL": f"sqlite:///{self.root / 'hub.db'}",
+            "TRIBUTARY_HUB_DATABASE_URL": f"sqlite:///{self.hub_dir / 'hub.db'}",
             "TRIBUTARY_HUB_AUDIT_LOG": str(self.hub_audit_log),
             "TRIBUTARY_HUB_SIGNING_KEY": str(self.hub_key_path),
             "TRIBUTARY_HUB_ADMIN_PASSWORD": self.admin_password,
             **self.hub_env,
-        })
+        }, party=HUB)
         deadline, last = time.monotonic() + 60, "it did not answer"
         while time.monotonic() < deadline:
             if not process.alive():
@@ -246,10 +297,13 @@ class LocalFederation:
         work = self.root / "spokes" / spoke_id
         work.mkdir(parents=True, exist_ok=True)
         config = work / "spoke.toml"
+        hub_public_key = Path(f"{self.hub_key_path}.pub")
+        if self.hosts is not None:  # handed over: the spoke keeps its own copy
+            hub_public_key = Path(shutil.copyfile(hub_public_key, work / "hub.pub"))
         config.write_text(
             f'spoke_id = "{spoke_id}"\ndata_dir = "{data_dir}"\nwork_dir = "{work}"\n'
-            f'hub_public_key = "{self.hub_key_path}.pub"\n'
-            f"concurrency = {concurrency}\n\n[broker]\n{self._spoke_broker_toml(spoke_id)}\n"
+            f'hub_public_key = "{hub_public_key}"\n'
+            f"concurrency = {concurrency}\n\n[broker]\n{self._spoke_broker_toml(spoke_id, work)}\n"
             "[policy]\n"
             f"releasable_attributes = {json.dumps(list(releasable))}\n"
             'attributes_file = "attributes.csv"\n\n[runner]\n'
@@ -309,7 +363,8 @@ class LocalFederation:
         return algorithm
 
     def start_spoke(self, spoke_id: str, config: Path) -> Process:
-        return self._spawn(f"spoke-{spoke_id}", ["spoke", "run", "--config", str(config)])
+        return self._spawn(f"spoke-{spoke_id}", ["spoke", "run", "--config", str(config)],
+                           party=spoke_id)
 
     def wait_for_experiment(self, experiment_id: str, timeout: float,
                             on_progress: Any = None) -> dict[str, Any]:
