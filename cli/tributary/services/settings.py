@@ -19,6 +19,8 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     broker_port: int = 61613
     registry_port: int = 5000
+    #: The object store's S3 gateway (HTTPS, on ``host``); its other ports stay on loopback.
+    objectstore_port: int = 8333
     #: Preferred port of the redis Celery broker (a free one is taken if this is busy).
     redis_port: int = 6390
     #: Preferred port of the PostgreSQL cluster for a hub database (same rule).
