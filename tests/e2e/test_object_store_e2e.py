@@ -70,11 +70,11 @@ def test_start_is_idempotent_and_secrets_private(settings: ServiceSettings) -> N
     running, detail = objectstore.describe(settings)
     assert running and detail == f"https://127.0.0.1:{settings.objectstore_port}"
     folder = objectstore.store_dir(settings)
-    for path in (folder / "identities.json", folder / "s3.json",
-                 folder / "credentials" / A / "credentials.json"
-                 if (folder / "credentials" / A).exists()
-                 else objectstore.write_party_credentials(settings, A)):
+    credentials = objectstore.write_party_credentials(settings, A)
+    for path in (folder / "identities.json", folder / "s3.json", folder / "security.toml",
+                 credentials):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
 
 
 def test_spoke_writes_own_rounds_reads_only_global(hub: ObjectStore, site_a: ObjectStore,

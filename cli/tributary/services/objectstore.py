@@ -97,7 +97,12 @@ def _new_secret() -> PartySecret:
                        secret_key=SecretStr(secrets.token_urlsafe(30)))
 
 
+def _pidfile(settings: ServiceSettings) -> Path:
+    return settings.state_dir / "objectstore" / "weed.pid"
+
+
 def store_dir(settings: ServiceSettings) -> Path:
+    """The store's private folder (created, mode 0700)."""
     path = settings.state_dir / "objectstore"
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.chmod(0o700)
@@ -170,7 +175,7 @@ def write_identities(settings: ServiceSettings, spoke_ids: list[str] | tuple[str
     before and is not in ``spoke_ids`` is revoked; a revoked spoke enrolled again gets a new
     secret. The bucket is the federation's name."""
     bucket = validate_federation(federation)
-    if not 3 <= len(bucket) <= 63:
+    if not 3 <= len(bucket) <= 63 or bucket.endswith("-"):
         raise ValueError(f"federation name {bucket!r} must be 3-63 characters for a bucket")
     wanted = sorted({_validate_spoke(s) for s in spoke_ids})
     old = load_identities(settings)
@@ -206,7 +211,7 @@ def revoke_spoke(settings: ServiceSettings, spoke_id: str) -> bool:
 def reload(settings: ServiceSettings) -> str:
     """Make a running store re-read its identities (SIGHUP; no restart, no dropped
     connections). "reloaded", or "not running" (the next start reads the file)."""
-    pid = read_pid(store_dir(settings) / "weed.pid")
+    pid = read_pid(_pidfile(settings))
     if pid is None:
         return "not running"
     os.kill(pid, signal.SIGHUP)
@@ -364,11 +369,11 @@ def _wait_ready(settings: ServiceSettings, ids: ObjectStoreIdentities, ca_file: 
 
 
 def stop(settings: ServiceSettings) -> bool:
-    return stop_daemon(store_dir(settings) / "weed.pid")
+    return stop_daemon(_pidfile(settings))
 
 
 def describe(settings: ServiceSettings) -> tuple[bool, str]:
-    running = read_pid(store_dir(settings) / "weed.pid") is not None and port_open(
+    running = read_pid(_pidfile(settings)) is not None and port_open(
         _local_host(settings.host), settings.objectstore_port)
     return (True, endpoint(settings)) if running else (False, "not running")
 
