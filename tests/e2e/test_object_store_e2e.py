@@ -5,6 +5,9 @@ while the store keeps running."""
 
 from __future__ import annotations
 
+import json
+import socket
+import ssl
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,19 +30,22 @@ from tributary.protocol.objects import (
 )
 from tributary.services import objectstore, pki
 from tributary.services.settings import ServiceSettings
-from tributary.services.system import free_port, read_pid
+from tributary.services.system import free_port, port_open, read_pid
 
 pytestmark = pytest.mark.e2e
 
 A, B, C = "site-a", "site-b", "site-c"
 FEDERATION = "objstore-test"
+#: The store's "public" address: another loopback address, so that what listens only on
+#: 127.0.0.1 (master, volume server, filer) can be told apart from what is published.
+PUBLIC = "127.0.0.2"
 
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceSettings]:
     state = tmp_path_factory.mktemp("os")
-    settings = ServiceSettings(state_dir=state, host="127.0.0.1",
-                               objectstore_port=free_port("127.0.0.1"))
+    settings = ServiceSettings(state_dir=state, host=PUBLIC,
+                               objectstore_port=free_port(PUBLIC))
     objectstore.write_identities(settings, [A, B], federation=FEDERATION)
     assert objectstore.ensure_running(settings) == "started"
     yield settings
@@ -68,7 +74,7 @@ def site_b(settings: ServiceSettings) -> ObjectStore:
 def test_start_is_idempotent_and_secrets_private(settings: ServiceSettings) -> None:
     assert objectstore.ensure_running(settings) == "running"
     running, detail = objectstore.describe(settings)
-    assert running and detail == f"https://127.0.0.1:{settings.objectstore_port}"
+    assert running and detail == f"https://{PUBLIC}:{settings.objectstore_port}"
     folder = objectstore.store_dir(settings)
     credentials = objectstore.write_party_credentials(settings, A)
     for path in (folder / "identities.json", folder / "s3.json", folder / "security.toml",
@@ -130,10 +136,26 @@ def test_anonymous_refused(settings: ServiceSettings, hub: ObjectStore) -> None:
 
 def test_plain_http_refused(settings: ServiceSettings, hub: ObjectStore) -> None:
     hub.put(global_model_key(4), b"secret weights")
-    url = f"http://127.0.0.1:{settings.objectstore_port}/{FEDERATION}/{global_model_key(4)}"
+    url = f"http://{PUBLIC}:{settings.objectstore_port}/{FEDERATION}/{global_model_key(4)}"
     response = httpx.get(url, timeout=5)
     assert response.status_code == 400
     assert "HTTPS" in response.text and b"secret weights" not in response.content
+
+
+def test_only_the_s3_gateway_is_published(settings: ServiceSettings) -> None:
+    """Master, volume server and filer (unauthenticated HTTP) answer on loopback only; the
+    S3 gateway's gRPC port on the public address wants a client certificate from our CA."""
+    ports = json.loads((objectstore.store_dir(settings) / "ports.json").read_text())
+    for name in ("master", "volume", "filer", "master_grpc", "volume_grpc", "filer_grpc"):
+        assert port_open("127.0.0.1", ports[name]), name
+        assert not port_open(PUBLIC, ports[name]), name
+    ca = pki.ensure_ca(objectstore.default_ca_dir(settings))
+    context = ssl.create_default_context(cafile=str(ca.cert_path))
+    with (socket.create_connection((PUBLIC, ports["s3_grpc"]), timeout=5) as raw,
+          context.wrap_socket(raw, server_hostname=PUBLIC) as tls,
+          pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED")):
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\n")
+        tls.recv(16)
 
 
 def test_client_not_trusting_the_ca_fails_clearly(settings: ServiceSettings,
