@@ -35,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, field_serializer
 
 from tributary.protocol.destinations import DEFAULT_FEDERATION, validate_federation
@@ -284,6 +285,41 @@ def _security_toml(ca: pki.CertificateAuthority, server: pki.IssuedCertificate,
     return "\n".join(lines) + "\n"
 
 
+def issue_certificates(settings: ServiceSettings, ca_dir: Path | None = None,
+                       server_names: list[str] | tuple[str, ...] = (), rotate: bool = False,
+                       ) -> tuple[pki.CertificateAuthority, pki.IssuedCertificate, bool]:
+    """The S3 gateway's certificate (for ``settings.host`` and ``server_names``) and the
+    internal gRPC ones, from the federation CA; valid ones are reused unless ``rotate``.
+    Returns the CA, the S3 certificate and whether anything was (re-)issued."""
+    directory = store_dir(settings)
+    ca = pki.ensure_ca(ca_dir or default_ca_dir(settings))
+    tls = pki.issue_server_cert(ca, directory / "tls", [settings.host, *server_names],
+                                rotate=rotate)
+    grpc_server = pki.issue_server_cert(ca, directory / "grpc", ["127.0.0.1", settings.host],
+                                        rotate=rotate)
+    grpc_client = pki.issue_client_cert(ca, directory / "grpc", "seaweedfs", rotate=rotate)
+    pki.write_private(directory / "security.toml",
+                      _security_toml(ca, grpc_server, grpc_client).encode())
+    return ca, tls, tls.created or grpc_server.created or grpc_client.created
+
+
+def rotate_certificates(settings: ServiceSettings, ca_dir: Path | None = None,
+                        server_names: list[str] | tuple[str, ...] = (),
+                        rotate: bool = False) -> str:
+    """Re-issue what is due (or everything, ``rotate``) and restart a running store when
+    anything changed: its gRPC servers read certificates only at start, so a restart is the
+    one way to move all of them to a new CA together (a few seconds; S3 clients retry).
+    Returns "unchanged", "reissued" (not running) or "restarted"."""
+    _, _, changed = issue_certificates(settings, ca_dir, server_names, rotate)
+    if not changed:
+        return "unchanged"
+    if read_pid(_pidfile(settings)) is None:
+        return "reissued"
+    stop(settings)
+    ensure_running(settings, ca_dir, server_names)
+    return "restarted"
+
+
 def _local_host(host: str) -> str:
     return "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
 
@@ -305,12 +341,7 @@ def ensure_running(settings: ServiceSettings, ca_dir: Path | None = None,
                            "set TRIBUTARY_OBJECTSTORE_PORT to use another")
     ids = load_identities(settings) or write_identities(settings)
     _save(settings, ids)  # s3.json always matches identities.json
-    ca = pki.ensure_ca(ca_dir or default_ca_dir(settings))
-    tls = pki.issue_server_cert(ca, directory / "tls", [settings.host, *server_names])
-    grpc_server = pki.issue_server_cert(ca, directory / "grpc", ["127.0.0.1", settings.host])
-    grpc_client = pki.issue_client_cert(ca, directory / "grpc", "seaweedfs")
-    pki.write_private(directory / "security.toml",
-                      _security_toml(ca, grpc_server, grpc_client).encode())
+    ca, tls, _ = issue_certificates(settings, ca_dir, server_names)
     sockets = {name: directory / f"{name}.sock" for name in ("s3", "filer")}
     if any(len(str(path)) > 100 for path in sockets.values()):
         raise ServiceError(f"the state folder {directory} is too long a path for unix sockets")
@@ -335,37 +366,57 @@ def ensure_running(settings: ServiceSettings, ca_dir: Path | None = None,
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     log = directory / "weed.log"
     start_daemon(cmd, pidfile, log, cwd=directory, env=env)
-    _wait_ready(settings, ids, ca.cert_path, log, timeout)
+    try:
+        _wait_ready(settings, ids, ca.cert_path, ports["master"], log, timeout)
+    except BaseException:
+        stop(settings)  # never leave a half-started store behind
+        raise
     return "started"
 
 
 def _wait_ready(settings: ServiceSettings, ids: ObjectStoreIdentities, ca_file: Path,
-                log: Path, timeout: float) -> None:
-    """Ready once the hub can create (or finds) the federation's bucket over HTTPS."""
+                master_port: int, log: Path, timeout: float) -> None:
+    """Ready once the hub can create (or finds) the federation's bucket over HTTPS and the
+    master knows every volume on disk (after a restart, reads fail until it does)."""
     creds = ObjectStoreCredentials(
         endpoint=f"https://{_local_host(settings.host)}:{settings.objectstore_port}",
         bucket=ids.bucket, party=HUB_PARTY, access_key=ids.hub.access_key,
         secret_key=ids.hub.secret_key)
     client = ObjectStore(creds, ca_file).client
     deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if read_pid(store_dir(settings) / "weed.pid") is None:
-            break
-        if port_open(_local_host(settings.host), settings.objectstore_port):
+    last, bucket_ready = "no answer", False
+    while time.monotonic() < deadline and read_pid(_pidfile(settings)) is not None:
+        if not bucket_ready and port_open(_local_host(settings.host), settings.objectstore_port):
             try:
                 client.create_bucket(Bucket=ids.bucket)
-                return
-            except client.exceptions.BucketAlreadyOwnedByYou:
-                return
-            except client.exceptions.BucketAlreadyExists:
-                return
+                bucket_ready = True
+            except (client.exceptions.BucketAlreadyOwnedByYou,
+                    client.exceptions.BucketAlreadyExists):
+                bucket_ready = True
             except Exception as exc:  # not ready yet: filer or volumes still starting
                 last = str(exc)
+        if bucket_ready:
+            known = _registered_volumes(master_port)
+            on_disk = len(list((store_dir(settings) / "data").glob("*.dat")))
+            if known >= on_disk:
+                return
+            last = f"the master knows {known} of {on_disk} volumes"
         time.sleep(0.3)
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:]) if log.exists() else ""
     raise ServiceError(f"the object store did not become ready within {timeout:.0f} s "
                        f"({last})\n--- last log lines ---\n{tail}")
+
+
+def _registered_volumes(master_port: int) -> int:
+    """How many volumes the master (loopback HTTP) has heard of; -1 if it does not answer."""
+    try:
+        status = httpx.get(f"http://127.0.0.1:{master_port}/dir/status", timeout=5).json()
+        return sum(node.get("Volumes", 0) + node.get("EcShards", 0)
+                   for dc in status["Topology"].get("DataCenters") or []
+                   for rack in dc.get("Racks") or []
+                   for node in rack.get("DataNodes") or [])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+        return -1
 
 
 def stop(settings: ServiceSettings) -> bool:
