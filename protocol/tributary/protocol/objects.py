@@ -148,8 +148,12 @@ def s3_client(creds: ObjectStoreCredentials, ca_file: Path) -> S3Client:
     Path-style addressing (the bucket is not a DNS name of the store) and SigV4; few
     retries, so a refusal surfaces quickly instead of being retried for a minute.
     """
-    import boto3  # heavy; only code that really talks to the store pays for it
-    from botocore.config import Config
+    try:  # heavy, and an extra: only code that really talks to the store pays for it
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise ObjectStoreError("the S3 client is missing: install tributary-protocol[objects]"
+                               ) from None
 
     return boto3.client(
         "s3", endpoint_url=creds.endpoint, region_name=creds.region,
