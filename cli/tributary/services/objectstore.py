@@ -350,7 +350,9 @@ def ensure_running(settings: ServiceSettings, ca_dir: Path | None = None,
     data.mkdir(mode=0o700, exist_ok=True)
     cmd = [
         weed_command(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-master.telemetry=false", f"-master.port={ports['master']}",
+        # One master: no peers to wait for, so a restart need not wait 10 s for an election.
+        "-master.telemetry=false", "-master.electionTimeout=2s",
+        f"-master.port={ports['master']}",
         f"-master.port.grpc={ports['master_grpc']}",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volume_grpc']}",
         "-volume.preStopSeconds=0",
