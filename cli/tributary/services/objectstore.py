@@ -191,7 +191,9 @@ def write_identities(settings: ServiceSettings, spoke_ids: list[str] | tuple[str
         revoked=sorted(((set(old.revoked) | set(old.spokes)) if old else set()) - set(wanted)),
     )
     _save(settings, ids)
-    reload(settings)
+    before = old.spokes if old else {}
+    reload(settings, [(s, v, True) for s, v in ids.spokes.items() if before.get(s) != v]
+           + [(s, v, False) for s, v in before.items() if ids.spokes.get(s) != v])
     return ids
 
 
@@ -204,20 +206,56 @@ def revoke_spoke(settings: ServiceSettings, spoke_id: str) -> bool:
     spokes = {s: v for s, v in ids.spokes.items() if s != spoke_id}
     _save(settings, ids.model_copy(update={"spokes": spokes,
                                            "revoked": sorted({*ids.revoked, spoke_id})}))
-    reload(settings)
+    reload(settings, [(spoke_id, ids.spokes[spoke_id], False)])
     shutil.rmtree(store_dir(settings) / "credentials" / spoke_id, ignore_errors=True)
     return True
 
 
-def reload(settings: ServiceSettings) -> str:
+def reload(settings: ServiceSettings,
+           expect: list[tuple[str, PartySecret, bool]] | tuple[()] = (),
+           timeout: float = 15.0) -> str:
     """Make a running store re-read its identities (SIGHUP; no restart, no dropped
-    connections). "reloaded", or "not running" (the next start reads the file)."""
+    connections) and wait until each ``(spoke, secret, accepted)`` in ``expect`` is
+    accepted or refused accordingly: SeaweedFS applies a reload asynchronously.
+    "reloaded", or "not running" (the next start reads the file)."""
     pid = read_pid(_pidfile(settings))
     if pid is None:
         return "not running"
     os.kill(pid, signal.SIGHUP)
-    time.sleep(1.0)  # SeaweedFS applies it asynchronously, well within this
+    deadline = time.monotonic() + timeout
+    pending = list(expect)
+    while pending:
+        pending = [e for e in pending if _accepted(settings, e[0], e[1]) is not e[2]]
+        if pending and time.monotonic() > deadline:
+            raise ServiceError(f"the object store did not apply its new identities within "
+                               f"{timeout:.0f} s: {sorted(e[0] for e in pending)}")
+        if pending:
+            time.sleep(0.2)
     return "reloaded"
+
+
+def _accepted(settings: ServiceSettings, spoke_id: str, secret: PartySecret) -> bool | None:
+    """Whether the running store accepts this spoke's key now (None: no clear answer)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    ids = load_identities(settings)
+    ca_file = store_dir(settings) / "ca.crt"
+    if ids is None or not ca_file.exists():
+        return None
+    creds = ObjectStoreCredentials(
+        endpoint=f"https://{_local_host(settings.host)}:{settings.objectstore_port}",
+        bucket=ids.bucket, party=spoke_id, access_key=secret.access_key,
+        secret_key=secret.secret_key)
+    client = ObjectStore(creds, ca_file).client
+    try:
+        client.list_objects_v2(Bucket=ids.bucket, Prefix=spoke_prefix(spoke_id), MaxKeys=1)
+        return True
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code")
+        return False if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                 "AccessDenied"} else None
+    except BotoCoreError:
+        return None
 
 
 def endpoint(settings: ServiceSettings, public_host: str | None = None) -> str:
@@ -300,6 +338,7 @@ def issue_certificates(settings: ServiceSettings, ca_dir: Path | None = None,
     grpc_client = pki.issue_client_cert(ca, directory / "grpc", "seaweedfs", rotate=rotate)
     pki.write_private(directory / "security.toml",
                       _security_toml(ca, grpc_server, grpc_client).encode())
+    shutil.copyfile(ca.cert_path, directory / "ca.crt")  # for the store's own checks
     return ca, tls, tls.created or grpc_server.created or grpc_client.created
 
 
