@@ -19,7 +19,8 @@ Layout of the store's folder (private; it holds every party's secret)::
     identities.json      parties and their secrets (ObjectStoreIdentities, 0600)
     s3.json              the same as SeaweedFS identities (0600), rendered from it
     security.toml        SeaweedFS's gRPC mutual TLS (read from the working directory)
-    tls/ grpc/           the S3 gateway's certificate; the gRPC server and client ones
+    tls/ grpc/ ca.crt    the S3 gateway's certificate; the gRPC server and client ones;
+                         the CA that issued them
     credentials/<party>/ credentials.json + ca.crt: hand to that party only
     data/ weed.pid weed.log ports.json
 """
@@ -276,11 +277,13 @@ def write_party_credentials(settings: ServiceSettings, party: str,
     secret = ids.hub if party == HUB_PARTY else ids.spokes.get(party)
     if secret is None:
         raise ServiceError(f"{party!r} has no object store identity (revoked or never enrolled)")
-    ca = pki.ensure_ca(ca_dir or default_ca_dir(settings))
+    issued_by = store_dir(settings) / "ca.crt"  # the CA of the running store's certificate
+    ca_file = (issued_by if ca_dir is None and issued_by.exists()
+               else pki.ensure_ca(ca_dir or default_ca_dir(settings)).cert_path)
     folder = store_dir(settings) / "credentials" / party
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     folder.chmod(0o700)
-    shutil.copyfile(ca.cert_path, folder / "ca.crt")
+    shutil.copyfile(ca_file, folder / "ca.crt")
     creds = ObjectStoreCredentials(
         endpoint=endpoint(settings, public_host), bucket=ids.bucket, party=party,
         access_key=secret.access_key, secret_key=secret.secret_key, ca_file="ca.crt")
