@@ -9,6 +9,7 @@ from tributary.services import (
     base_image,
     broker,
     docker_engine,
+    objectstore,
     ocr,
     postgres,
     redis,
@@ -40,6 +41,7 @@ def down(settings: ServiceSettings | None = None,
          report: Callable[[str, str], None] = lambda name, state: None) -> None:
     """Stop what this project started; leave a system-provided Docker engine alone."""
     settings = settings or ServiceSettings()
+    report("objectstore", "stopped" if objectstore.stop(settings) else "was not running")
     report("postgres", "stopped" if postgres.stop(settings) else "was not running")
     report("redis", "stopped" if redis.stop(settings) else "was not running")
     report("registry", "stopped" if registry.stop(settings) else "was not running")
@@ -53,6 +55,8 @@ def status(settings: ServiceSettings | None = None) -> list[ServiceStatus]:
         ("docker", *docker_engine.describe(settings)),
         ("activemq", *broker.describe(settings)),
         ("registry", *registry.describe(settings)),
+        # Started for federated training, not by `up` (see docs/deployment.md).
+        ("objectstore", *objectstore.describe(settings)),
     ]
     engine_up = rows[0][1]
     present = engine_up and base_image.image_exists(settings.base_image)

@@ -22,6 +22,8 @@ class ServiceSettings(BaseSettings):
     #: With token auth (a secure registry) the registry itself listens on this loopback port
     #: and the registry gateway serves ``registry_port`` with TLS.
     registry_internal_port: int = 5001
+    #: The object store's S3 gateway (HTTPS, on ``host``); its other ports stay on loopback.
+    objectstore_port: int = 8333
     #: Preferred port of the redis Celery broker (a free one is taken if this is busy).
     redis_port: int = 6390
     #: Preferred port of the PostgreSQL cluster for a hub database (same rule).

@@ -89,13 +89,15 @@ def read_pid(pidfile: Path) -> int | None:
     return pid
 
 
-def start_daemon(cmd: Sequence[str], pidfile: Path, logfile: Path, cwd: Path | None = None) -> int:
-    """Start a background process that outlives this one, recording its pid."""
+def start_daemon(cmd: Sequence[str], pidfile: Path, logfile: Path, cwd: Path | None = None,
+                 env: dict[str, str] | None = None) -> int:
+    """Start a background process that outlives this one, recording its pid (``env``
+    replaces the inherited environment when given)."""
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with open(logfile, "ab") as log:
         proc = subprocess.Popen(
             list(cmd), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=cwd,
+            start_new_session=True, cwd=cwd, env=env,
         )
     pidfile.write_text(str(proc.pid))
     return proc.pid
