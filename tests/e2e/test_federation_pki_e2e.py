@@ -1,10 +1,12 @@
 """The federation's one PKI, end to end: `tributary pki issue` gives every party and endpoint a
 certificate from one CA, spokes report their certificate's expiry in their heartbeats and the
 spokes page shows it, `tributary pki status` watches expiry, and `tributary pki revoke`
-takes a spoke out at the hub and on the broker together while the other spoke goes on."""
+takes a spoke out at the hub (keys, registry tokens), on the broker and in the object store
+together while the other spoke goes on."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -15,7 +17,15 @@ import pytest
 from cryptography import x509
 
 from tributary.protocol.broker import StompClient
-from tributary.services import federation_pki
+from tributary.protocol.objects import (
+    ObjectStore,
+    ObjectStoreRefused,
+    global_model_key,
+    round_update_key,
+)
+from tributary.protocol.registry_auth import spoke_assertion
+from tributary.protocol.signing import SigningKey
+from tributary.services import federation_pki, objectstore
 from tributary.services.broker_security import load_bundle, start_broker, stop_broker
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
@@ -24,9 +34,14 @@ from tributary.testbed.federation import LocalFederation, generate_cohort
 pytestmark = pytest.mark.e2e
 
 
-def _tributary(*args: str) -> subprocess.CompletedProcess[str]:
+TOKEN_SERVICE = "tributary-registry"
+
+
+def _tributary(*args: str, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tributary.cli", *args],
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, **(env or {})})
 
 
 def _wait(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
@@ -44,24 +59,42 @@ def test_one_pki_expiry_on_the_spokes_page_and_revocation(
     spokes = [f"pki-{uuid.uuid4().hex[:6]}", f"pki-{uuid.uuid4().hex[:6]}"]
     kept, revoked = spokes
     out = tmp_path / "pki"
+    # The hub host's object store, in a state folder of this test's own.
+    store = ServiceSettings(state_dir=tmp_path / "state", objectstore_port=free_port())
+    env = {"TRIBUTARY_STATE_DIR": str(store.state_dir),
+           "TRIBUTARY_OBJECTSTORE_PORT": str(store.objectstore_port)}
     issued = _tributary("pki", "issue", "--out", str(out), "--hub-name", "127.0.0.1",
-                        "--broker-port", str(free_port()), "--spoke", kept, "--spoke", revoked)
+                        "--broker-port", str(free_port()), "--spoke", kept, "--spoke", revoked,
+                        "--objectstore", env=env)
     assert issued.returncode == 0, issued.stdout + issued.stderr
-    certs = {(c.holder, c.purpose): c for c in federation_pki.inventory(out)}
+    certs = federation_pki.inventory(out, store)
     ca = x509.load_pem_x509_certificate((out / "pki" / "ca.crt").read_bytes())
-    for holder in ("broker", "hub", "registry", "objectstore", "hub", kept, revoked):
-        cert = next(c for c in certs.values() if c.holder == holder)
+    holders = {"federation", "broker", "hub", "registry", "objectstore", kept, revoked}
+    assert {c.holder for c in certs} == holders
+    for cert in certs[1:]:  # every one from the federation CA
         x509.load_pem_x509_certificate(cert.path.read_bytes()).verify_directly_issued_by(ca)
-    assert _tributary("pki", "status", "--out", str(out)).returncode == 0
+    assert _tributary("pki", "status", "--out", str(out), env=env).returncode == 0
     # Everything expires within a long enough window: status tells monitoring so.
-    assert _tributary("pki", "status", "--out", str(out), "--warn-days", "100000"
-                      ).returncode == 1
+    assert _tributary("pki", "status", "--out", str(out), "--warn-days", "100000",
+                      env=env).returncode == 1
 
     bundle = load_bundle(out)
     start_broker(bundle)
+    objectstore.ensure_running(store, ca_dir=out / "pki")
+    signer = out / federation_pki.TOKEN_SIGNER_DIR
     federation = LocalFederation(tmp_path / "federation", service_settings,
-                                 secure_broker=bundle)
+                                 secure_broker=bundle, hub_env={
+        "TRIBUTARY_HUB_REGISTRY_TOKEN_KEY": str(signer / "client.key"),
+        "TRIBUTARY_HUB_REGISTRY_TOKEN_CERT": str(signer / "client.crt"),
+        "TRIBUTARY_HUB_REGISTRY_TOKEN_SERVICE": TOKEN_SERVICE})
+    sites = {s: ObjectStore.from_file(out / "identities" / s / "objectstore.json")
+             for s in spokes}
+    hub_store = ObjectStore.from_file(out / "hub" / "objectstore.json")
     try:
+        hub_store.put(global_model_key(1), b"global model 1")
+        for spoke_id, site in sites.items():
+            assert site.get(global_model_key(1)) == b"global model 1"
+            site.put(round_update_key(spoke_id, 1), b"update")
         federation.start_hub()
         for index, spoke_id in enumerate(spokes):
             data = federation.root / "data" / spoke_id
@@ -75,7 +108,7 @@ def test_one_pki_expiry_on_the_spokes_page_and_revocation(
 
         rows = _wait(reported, 60, "both spokes' certificates in their heartbeats")
         for spoke_id in spokes:
-            cert = next(c for c in certs.values() if c.holder == spoke_id)
+            cert = next(c for c in certs if c.holder == spoke_id)
             assert rows[spoke_id]["certificate_serial"] == cert.serial
             assert rows[spoke_id]["certificate_state"] == "ok"
             assert 700 <= rows[spoke_id]["certificate_days_left"] <= 731
@@ -83,11 +116,32 @@ def test_one_pki_expiry_on_the_spokes_page_and_revocation(
             page = api.get("/spokes").raise_for_status().text
         assert page.count("days left") == 2
 
+        def registry_token(spoke_id: str) -> int:
+            key = SigningKey.load(federation.root / "spokes" / spoke_id / "spoke.key")
+            with federation.client() as client:
+                return client.get("/api/registry/token", params={
+                    "service": TOKEN_SERVICE, "scope": "repository:any/image:pull"},
+                    auth=(spoke_id, spoke_assertion(key, spoke_id, TOKEN_SERVICE))
+                ).status_code
+
+        assert registry_token(revoked) == 200
+
         result = _tributary("pki", "revoke", revoked, "--out", str(out), "--reason",
                             "laptop stolen", "--hub", federation.hub_url,
-                            "--token", federation.admin_token)
+                            "--token", federation.admin_token, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "broker restarted" in result.stdout
+        assert "object store: identity withdrawn" in result.stdout
+        # Registry tokens and the object store refuse the revoked spoke at once.
+        assert registry_token(revoked) == 401
+        assert registry_token(kept) == 200
+        # (its files, moved aside on the hub host, stand for the copy the site still holds)
+        sites[revoked] = ObjectStore.from_file(out / "revoked" / revoked / "objectstore.json")
+        with pytest.raises(ObjectStoreRefused):
+            sites[revoked].get(global_model_key(1))
+        with pytest.raises(ObjectStoreRefused):
+            sites[revoked].put(round_update_key(revoked, 2), b"after revocation")
+        assert sites[kept].get(global_model_key(1)) == b"global model 1"
         with federation.api() as api:
             row = api.get(f"/api/spokes/{revoked}").raise_for_status().json()
             assert row["revoked_at"]
@@ -124,3 +178,4 @@ def test_one_pki_expiry_on_the_spokes_page_and_revocation(
     finally:
         federation.stop()
         stop_broker(load_bundle(out))
+        objectstore.stop(store)

@@ -6,15 +6,19 @@ CA now also signs the hub's HTTPS certificate, the registry's and the object sto
 party needs exactly one trust anchor (``ca.crt``) for every hop. What each party holds:
 
     hub host      pki/ (the CA: keep it offline where you can), broker/, hub/server.*,
-                  registry/server.*, objectstore/server.*, registry-token/ (what signs
-                  the hub's registry tokens; the registry trusts tokens chaining to ca.crt)
-    each spoke    identities/<spoke>/ (client.crt, client.key, ca.crt)
+                  registry/server.*, registry-token/ (what signs the hub's registry
+                  tokens; the registry trusts tokens chaining to ca.crt), hub/objectstore.json;
+                  the object store's own folder (its certificates from this CA, every
+                  party's S3 secret: :mod:`tributary.services.objectstore`)
+    each spoke    identities/<spoke>/ (client.crt, client.key, ca.crt, and objectstore.json
+                  when the federation has an object store)
 
 ``federation.json`` records the names the hub side answers to, the spokes and the revoked
 ones, so that ``rotate`` and ``revoke`` re-create exactly what ``issue`` did. Revoking a spoke
-withdraws its broker identity here (the broker is restarted, which drops a connection it
-still holds); the hub's part (keys, registry tokens) and the object store's are done by the
-caller, ``tributary pki revoke``, which does all three together.
+withdraws its broker identity (the broker is restarted, which drops a connection it still
+holds) and its object-store identity (live, no restart); the hub's part (keys, results,
+registry tokens) is done by the caller, ``tributary pki revoke``, which does all of it
+together.
 """
 
 from __future__ import annotations
@@ -28,12 +32,13 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field
 
-from tributary.services import broker_security, pki
+from tributary.services import broker_security, objectstore, pki
+from tributary.services.settings import ServiceSettings
 from tributary.services.system import ServiceError
 
 FEDERATION_FILE = "federation.json"
 #: Folders (under the federation folder) of the hub side's TLS endpoints.
-SERVER_ENDPOINTS = ("hub", "registry", "objectstore")
+SERVER_ENDPOINTS = ("hub", "registry")
 #: The hub's registry-token signer (ES256 with an ``x5c`` chain to the federation CA).
 TOKEN_SIGNER_DIR = "registry-token"
 TOKEN_SIGNER_NAME = "tributary-hub-registry-tokens"
@@ -93,13 +98,17 @@ def _save_spec(out_dir: Path, spec: FederationSpec) -> None:
 
 def issue(out_dir: Path, hub_names: list[str] | None = None, spokes: list[str] | None = None,
           broker_host: str | None = None, broker_port: int | None = None,
-          rotate: bool = False, new_ca: bool = False) -> FederationSpec:
+          rotate: bool = False, new_ca: bool = False,
+          store: ServiceSettings | None = None) -> FederationSpec:
     """Issue (or, idempotently, keep) every certificate of the federation in ``out_dir``.
 
     ``spokes`` are added to those already issued; a revoked spoke is refused (give the site a
     new id). ``rotate`` re-issues every certificate from the same CA; ``new_ca`` replaces the
     CA too (every party then needs the new ``ca.crt``). Certificates within
-    :data:`pki.RENEW_BEFORE` of expiry are re-issued by any run.
+    :data:`pki.RENEW_BEFORE` of expiry are re-issued by any run. With ``store`` (the object
+    store's service settings) the object store's certificates come from the same CA, every
+    active spoke gets its own S3 identity (``identities/<spoke>/objectstore.json``) and the
+    hub its own (``hub/objectstore.json``); a running store takes them at once.
     """
     out_dir = out_dir.resolve()
     spec = load_spec(out_dir)
@@ -132,15 +141,32 @@ def issue(out_dir: Path, hub_names: list[str] | None = None, spokes: list[str] |
     signer = out_dir / TOKEN_SIGNER_DIR
     signer.mkdir(mode=0o700, exist_ok=True)
     pki.issue_client_cert(ca, signer, TOKEN_SIGNER_NAME, rotate=rotate or new_ca)
+    if store is not None:
+        _issue_object_store(out_dir, spec, store, rotate or new_ca)
     _save_spec(out_dir, spec)
     return spec
 
 
-def revoke(out_dir: Path, spoke_id: str) -> bool:
+def _issue_object_store(out_dir: Path, spec: FederationSpec, store: ServiceSettings,
+                        rotate: bool) -> None:
+    ca_dir = out_dir / "pki"
+    if rotate:
+        objectstore.rotate_certificates(store, ca_dir, spec.hub_names, rotate=True)
+    else:
+        objectstore.issue_certificates(store, ca_dir, spec.hub_names)
+    objectstore.write_identities(store, spec.active_spokes)
+    for party, folder in [(objectstore.HUB_PARTY, out_dir / "hub"),
+                          *[(s, spoke_identity_dir(out_dir, s)) for s in spec.active_spokes]]:
+        issued = objectstore.write_party_credentials(store, party, spec.hub_names[0], ca_dir)
+        pki.write_private(folder / "objectstore.json", issued.read_bytes())
+
+
+def revoke(out_dir: Path, spoke_id: str, store: ServiceSettings | None = None) -> bool:
     """Withdraw ``spoke_id``'s broker identity: the broker configuration is written without
     it and, if the broker runs from ``out_dir``, restarted so that an open connection of the
-    spoke is dropped too (other parties reconnect by themselves). Its identity folder is
-    moved to ``revoked/``. Returns whether the broker was restarted."""
+    spoke is dropped too (other parties reconnect by themselves). With ``store``, its object
+    store identity goes as well (the running store refuses its key at once). Its identity
+    folder is moved to ``revoked/``. Returns whether the broker was restarted."""
     out_dir = out_dir.resolve()
     spec = load_spec(out_dir)
     if spec is None:
@@ -148,6 +174,8 @@ def revoke(out_dir: Path, spoke_id: str) -> bool:
     if spoke_id not in spec.spokes:
         raise ValueError(f"spoke {spoke_id!r} has no identity in {out_dir}")
     spec.revoked.setdefault(spoke_id, dt.datetime.now(dt.UTC))
+    if store is not None:
+        objectstore.revoke_spoke(store, spoke_id)
     broker_security.generate_broker_config(
         out_dir, hub_identity=spec.hub_identity, spoke_ids=spec.active_spokes,
         host=spec.broker_host, stomp_ssl_port=spec.broker_port, server_names=spec.hub_names)
@@ -172,7 +200,7 @@ def _info(holder: str, purpose: str, path: Path) -> CertificateInfo:
                            format(cert.serial_number, "x"), cert.not_valid_after_utc)
 
 
-def inventory(out_dir: Path) -> list[CertificateInfo]:
+def inventory(out_dir: Path, store: ServiceSettings | None = None) -> list[CertificateInfo]:
     """Every certificate of the federation with its expiry, CA first."""
     out_dir = out_dir.resolve()
     spec = load_spec(out_dir)
@@ -183,6 +211,9 @@ def inventory(out_dir: Path) -> list[CertificateInfo]:
     found += [(endpoint, f"{endpoint} TLS server", out_dir / endpoint / "server.crt")
               for endpoint in SERVER_ENDPOINTS]
     found.append(("hub", "registry token signer", out_dir / TOKEN_SIGNER_DIR / "client.crt"))
+    if store is not None:
+        found.append(("objectstore", "objectstore TLS server",
+                      objectstore.store_dir(store) / "tls" / "server.crt"))
     found += [(name, "client identity", out_dir / "identities" / name / "client.crt")
               for name in [spec.hub_identity, *spec.active_spokes]]
     return [_info(*entry) for entry in found if entry[2].exists()]
