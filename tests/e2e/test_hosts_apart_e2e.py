@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -20,6 +21,7 @@ from tributary.services.system import free_port, read_pid
 from tributary.testbed.demo import run_demo
 from tributary.testbed.federation import LocalFederation
 from tributary.testbed.hosts import HUB, ROOT, Hosts, available
+from tributary.testbed.hub_side import HubSide
 
 pytestmark = [pytest.mark.e2e,
               pytest.mark.skipif(available() is not None,
@@ -42,11 +44,31 @@ def _namespaces() -> str:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
-def _check_running(federation: LocalFederation, found: dict[str, Any]) -> None:
+def _objects(hosts: Hosts, party: str, credentials: Path, *calls: str) -> list[str]:
+    """What each object store call gives, made from ``party``'s host with its credentials:
+    "ok", "refused" or the error's class."""
+    script = (
+        "import sys\nfrom pathlib import Path\n"
+        "from tributary.protocol import objects as o\n"
+        "store = o.ObjectStore.from_file(Path(sys.argv[1]))\n"
+        "for call in sys.argv[2:]:\n"
+        "    try:\n"
+        "        eval(call, {'s': store, 'o': o})\n        print('ok')\n"
+        "    except o.ObjectStoreRefused:\n        print('refused')\n"
+        "    except Exception as exc:\n        print(type(exc).__name__)\n")
+    done = hosts.run(party, [sys.executable, "-c", script, str(credentials), *calls],
+                     capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def _check_running(federation: LocalFederation, hub_side: HubSide | None,
+                   found: dict[str, Any]) -> None:
     """Called while the study's federation still runs: where each party is, what each
-    host can reach, and that the broker speaks only TLS."""
+    host can reach, and that every published port speaks only TLS."""
     hosts = federation.hosts
     assert hosts is not None and federation.secure_broker is not None
+    assert hub_side is not None
     hub, broker_port = hosts.hub_address, federation.secure_broker.stomp_ssl_port
 
     # Each process really runs in its party's namespace.
@@ -85,9 +107,28 @@ def _check_running(federation: LocalFederation, found: dict[str, Any]) -> None:
         for port in (federation.hub_port, int(registry_port)):
             assert hosts.speaks_tls(party, hub, port, federation.hub_ca)
             assert hosts.plain_connection_refused(party, hub, port, "http")
-    # Every published port answers only TLS: the broker, hub and registry are all there is.
+    # The object store: HTTPS from a spoke's host, with that spoke's own S3 identity: it
+    # writes its own round and reads global models, and nothing else.
+    store_port = hub_side.objectstore_port
+    assert hosts.speaks_tls("northfield", hub, store_port, federation.hub_ca)
+    assert hosts.plain_connection_refused("northfield", hub, store_port, "http")
+    hub_store = federation.root / "hub" / "objectstore.json"
+    shutil.copyfile(hub_side.root / "pki" / "hub" / "objectstore.json", hub_store)
+    shutil.copyfile(hub_side.ca_file, hub_store.parent / "ca.crt")
+    assert _objects(hosts, HUB, hub_store,
+                    "s.put(o.global_model_key(1), b'global model')") == ["ok"]
+    north = hub_side.spoke_objectstore("northfield", federation.root / "spokes" / "northfield"
+                                       / "objectstore")
+    assert _objects(hosts, "northfield", north,
+                    "s.put(o.round_update_key('northfield', 1), b'update')",
+                    "s.get(o.global_model_key(1))",
+                    "s.put(o.round_update_key('riverside', 1), b'forged')",
+                    "s.put(o.global_model_key(2), b'forged')") == [
+        "ok", "ok", "refused", "refused"]
+    # Every published port answers only TLS: the broker, hub, registry and object store are
+    # all there is.
     assert sorted(hosts.ports) == sorted({broker_port, federation.hub_port,
-                                          int(registry_port)})
+                                          int(registry_port), store_port})
 
     # A port of the hub side that is not published: open on the hub's own host only.
     unpublished = free_port()
@@ -114,7 +155,7 @@ def test_study_on_separate_hosts_gives_the_loopback_figures(tmp_path: Path) -> N
     with Hosts(list(SPOKES)) as hosts, open(tmp_path / "hosts.log", "w") as log:
         apart = run_demo(CASES, hub_port=free_port(), wait=False, workdir=tmp_path / "apart",
                          console=Console(file=log, width=120), hosts=hosts,
-                         after_study=lambda federation: _check_running(federation, found))
+                         after_study=lambda fed, side: _check_running(fed, side, found))
         prefix = hosts.prefix
     assert found == {"checked": True}
     pooled = apart["groups"]["pooled"]

@@ -5,6 +5,9 @@ The work is done by the ``tributary.services`` package; imported inside each com
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -46,3 +49,29 @@ def status() -> None:
     console.print(table)
     if not all(r.running for r in rows):
         raise typer.Exit(1)
+
+
+@app.command("objectstore")
+def objectstore_up(
+    pki_dir: Annotated[Path | None, typer.Option(
+        "--pki", file_okay=False,
+        help="The federation PKI folder (`tributary pki issue --out`): the store's "
+             "certificates come from its CA. Default: a CA of this host's services.")] = None,
+    server_name: Annotated[list[str] | None, typer.Option(
+        "--server-name", help="A name or address parties dial (repeatable).")] = None,
+) -> None:
+    """Start the S3 object store (SeaweedFS, TLS, one identity per party) on
+    TRIBUTARY_HOST:TRIBUTARY_OBJECTSTORE_PORT, if it is not running (idempotent). Parties
+    get their identities from `tributary pki issue --objectstore`."""
+    from tributary.services import objectstore
+    from tributary.services.settings import ServiceSettings
+    from tributary.services.system import ServiceError
+
+    settings = ServiceSettings()
+    try:
+        state = objectstore.ensure_running(settings, pki_dir / "pki" if pki_dir else None,
+                                           server_name or [])
+    except ServiceError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    _report("objectstore", f"{state} at {objectstore.endpoint(settings)}")

@@ -50,13 +50,15 @@ SITES = [("northfield", "Northfield General Hospital"), ("riverside", "Riverside
 def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
              workdir: Path | None = None, console: Console | None = None,
              containers: ServiceSettings | None = None, hosts: bool | Hosts = False,
-             after_study: Callable[[LocalFederation], None] | None = None) -> dict[str, Any]:
+             after_study: Callable[[LocalFederation, HubSide | None], None] | None = None,
+             ) -> dict[str, Any]:
     """The demo study. With ``containers`` (the ports for the compose broker and
     registry), the hub, spokes, broker and registry run as the containers of
     docker-compose.yml; otherwise as processes on this machine, each party on a host of
     its own with ``hosts`` (True: hosts made and removed here; a :class:`Hosts`: the
     caller's, set up, for the spokes of the demo's sites). ``after_study`` is called with
-    the running federation once the study is complete, before anything stops."""
+    the running federation (and the hub side's services, with ``hosts``) once the study is
+    complete, before anything stops."""
     console = console or Console()
     if hosts and containers:
         raise ValueError("the containers of docker-compose.yml are not placed on hosts")
@@ -67,7 +69,7 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
 
 def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path | None,
               console: Console, containers: ServiceSettings | None, hosts: bool | Hosts,
-              after_study: Callable[[LocalFederation], None] | None,
+              after_study: Callable[[LocalFederation, HubSide | None], None] | None,
               cleanup: contextlib.ExitStack) -> dict[str, Any]:
     settings = containers or ServiceSettings()
     root = (workdir or (state_folder(settings) if containers
@@ -102,13 +104,16 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
             console.print(f"  {role:<11} host {netns}, address {address}")
         console.print("  spokes may only open connections to the hub side's published ports")
         with console.status("issuing the federation's certificates, starting the broker "
-                            "(mutual TLS) and the registry on the hub side…"):
+                            "(mutual TLS), the registry and the object store on the hub "
+                            "side…"):
             hub_side = cleanup.enter_context(HubSide(placed, root / "hub-side", spoke_ids,
                                                      settings, hub_port=hub_port))
         assert hub_side.broker is not None
         console.print(f"  broker     {hub_side.broker.url} (host {placed.netns(HUB)})")
         console.print(f"  registry   https://{hub_side.registry} (host {placed.netns(HUB)}), "
                       "tokens from the hub; this machine's engine trusts the federation CA")
+        console.print(f"  objects    https://{placed.hub_address}:{hub_side.objectstore_port} "
+                      f"(host {placed.netns(HUB)}), one S3 identity per party")
         settings = hub_side.settings
         # The registry takes tokens from the hub: the hub first, then a developer account
         # (``tributary/...`` is its own namespace) to push the image with.
@@ -222,7 +227,7 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
                 federation.wait_for_experiment(experiment["id"], timeout=3600, on_progress=show)
             report = api.get(f"/api/experiments/{experiment['id']}/aggregate").json()
         if after_study is not None:
-            after_study(federation)
+            after_study(federation, hub_side)
 
         console.rule("6. Results")
         console.print(aggregate_table(report))

@@ -6,7 +6,9 @@
 - the mutual-TLS broker on the hub address;
 - the OCI registry in token mode on the hub side's loopback, behind the registry gateway
   (``tributary hub registry-gateway``, TLS) on the hub address; tokens come from the hub,
-  whose settings for it are :attr:`HubSide.hub_env`.
+  whose settings for it are :attr:`HubSide.hub_env`;
+- the S3 object store (``tributary services objectstore``: SeaweedFS, TLS on the hub
+  address, its other servers on the hub side's loopback), with one identity per party.
 
 The hub itself is started by :class:`~tributary.testbed.federation.LocalFederation` with
 :attr:`HubSide.hub_tls` and :attr:`HubSide.hub_env`, on :attr:`HubSide.hub_port`.
@@ -18,9 +20,11 @@ federation CA for it through its ``certs.d`` (written here, removed at the end).
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -31,7 +35,7 @@ from typing import Any
 import httpx
 
 from tributary.protocol import https
-from tributary.services import federation_pki, pki
+from tributary.services import federation_pki, objectstore
 from tributary.services import registry as registry_service
 from tributary.services.broker_security import (
     BrokerSecurityBundle,
@@ -67,6 +71,9 @@ class HubSide:
     #: The hub's registry settings (for ``LocalFederation(hub_env=...)``).
     hub_env: dict[str, str] = field(default_factory=dict)
     registry_port: int = 0
+    objectstore_port: int = 0
+    #: The object store's state: a short path of its own (SeaweedFS puts unix sockets there).
+    _store_dir: Path | None = None
     _processes: list[subprocess.Popen[Any]] = field(default_factory=list)
     _trusted: list[Path] = field(default_factory=list)
 
@@ -84,6 +91,23 @@ class HubSide:
         """The services as the parties see them: the registry is the hub side's."""
         return self.services.model_copy(update={"host": self.hosts.hub_address,
                                                 "registry_port": self.registry_port})
+
+    @property
+    def store(self) -> ServiceSettings:
+        """The object store's settings on the hub host."""
+        if self._store_dir is None:
+            self._store_dir = Path(tempfile.mkdtemp(prefix="tributary-s3-"))
+        return ServiceSettings(state_dir=self._store_dir,
+                               host=self.hosts.hub_address,
+                               objectstore_port=self.objectstore_port)
+
+    def spoke_objectstore(self, spoke_id: str, folder: Path) -> Path:
+        """The spoke's object-store credentials (and the CA), copied into its own ``folder``
+        as its administrator would receive them; the copied credentials file."""
+        folder.mkdir(parents=True, exist_ok=True)
+        identity = federation_pki.spoke_identity_dir(self.root / "pki", spoke_id)
+        shutil.copyfile(identity / "ca.crt", folder / "ca.crt")
+        return Path(shutil.copyfile(identity / "objectstore.json", folder / "objectstore.json"))
 
     def spoke_registry(self, folder: Path) -> dict[str, str]:
         """A spoke's ``[registry]`` table, with its own copy of the CA in ``folder``."""
@@ -106,23 +130,38 @@ class HubSide:
     def start(self) -> None:
         hub = self.hosts.hub_address
         broker_port, self.registry_port = free_port(), free_port()
+        self.objectstore_port = free_port()
         self.hub_port = self.hub_port or free_port()
-        self.hosts.publish(broker_port, self.registry_port, self.hub_port)
+        self.hosts.publish(broker_port, self.registry_port, self.hub_port,
+                           self.objectstore_port)
         pki_dir = self.root / "pki"
         federation_pki.issue(pki_dir, hub_names=[hub], spokes=self.spoke_ids,
-                             broker_host=hub, broker_port=broker_port)
+                             broker_host=hub, broker_port=broker_port, store=self.store)
         self.broker = load_bundle(pki_dir)
         self.hub_tls = HubTls(pki_dir / "hub" / "server.crt", pki_dir / "hub" / "server.key",
                               self.ca_file)
-        signer = pki.issue_client_cert(pki.ensure_ca(pki_dir / "pki"), self.root / "token",
-                                       "tributary-hub-registry-tokens")
-        self.hub_env = {"TRIBUTARY_HUB_REGISTRY_TOKEN_KEY": str(signer.key_path),
-                        "TRIBUTARY_HUB_REGISTRY_TOKEN_CERT": str(signer.cert_path),
+        signer = pki_dir / federation_pki.TOKEN_SIGNER_DIR
+        self.hub_env = {"TRIBUTARY_HUB_REGISTRY_TOKEN_KEY": str(signer / "client.key"),
+                        "TRIBUTARY_HUB_REGISTRY_TOKEN_CERT": str(signer / "client.crt"),
                         "TRIBUTARY_HUB_REGISTRY_TOKEN_SERVICE": TOKEN_SERVICE,
                         "TRIBUTARY_HUB_REGISTRY_TOKEN_ISSUER": TOKEN_ISSUER,
                         "TRIBUTARY_HUB_REGISTRY_CA_FILE": str(self.ca_file)}
         start_broker(self.broker, command_prefix=self.hosts.command(HUB))
         self._start_registry()
+        self._start_objectstore()
+
+    def _start_objectstore(self) -> None:
+        """Started as an operator would, on the hub's host; SeaweedFS stays there."""
+        store = self.store
+        env = {**os.environ, "TRIBUTARY_STATE_DIR": str(store.state_dir),
+               "TRIBUTARY_HOST": store.host,
+               "TRIBUTARY_OBJECTSTORE_PORT": str(store.objectstore_port)}
+        done = self.hosts.run(HUB, [sys.executable, "-m", "tributary.cli", "services",
+                                    "objectstore", "--pki", str(self.root / "pki")],
+                              env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise ServiceError(f"the hub side's object store did not start: "
+                               f"{done.stdout}{done.stderr}")
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[Any]:
         with open(self.root / "registry" / f"{name}.log", "ab") as log:
@@ -180,6 +219,10 @@ class HubSide:
         self._processes.clear()
         if self.broker is not None:
             stop_broker(self.broker)
+        if self._store_dir is not None:
+            objectstore.stop(self.store)
+            shutil.rmtree(self._store_dir, ignore_errors=True)
+            self._store_dir = None
         for path in self._trusted:
             shutil.rmtree(path.parent, ignore_errors=True)
         self._trusted.clear()

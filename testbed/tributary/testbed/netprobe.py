@@ -22,6 +22,9 @@ from typing import Any
 TIMEOUT = 2.0
 #: What a plaintext server answers first: an HTTP status line or a STOMP frame.
 PLAINTEXT_ANSWERS = (b"HTTP/", b"CONNECTED", b"ERROR")
+#: What Go's TLS servers (SeaweedFS's S3 gateway) send back to a plaintext HTTP request before
+#: closing: a refusal, not a service answering in plaintext.
+TLS_REFUSAL = b"Client sent an HTTP request to an HTTPS server"
 REQUESTS = {
     "http": b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n",
     "stomp": b"CONNECT\naccept-version:1.2\nhost:/\n\n\x00",
@@ -56,8 +59,8 @@ def plain(host: str, port: int, protocol: str) -> dict[str, Any]:
             conn.sendall(REQUESTS[protocol])
             answer = b""
             try:
-                while len(answer) < 64:
-                    chunk = conn.recv(64)
+                while len(answer) < 256:
+                    chunk = conn.recv(256)
                     if not chunk:
                         break
                     answer += chunk
@@ -66,7 +69,7 @@ def plain(host: str, port: int, protocol: str) -> dict[str, Any]:
     except OSError as exc:
         return {"connected": False, "error": f"{type(exc).__name__}: {exc}"}
     return {"connected": True, "answer": answer.hex(),
-            "plaintext": answer.startswith(PLAINTEXT_ANSWERS)}
+            "plaintext": answer.startswith(PLAINTEXT_ANSWERS) and TLS_REFUSAL not in answer}
 
 
 def listen(host: str, port: int) -> None:
