@@ -142,8 +142,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         fed.register_algorithm(name="other", version="1",
                                repository=f"{registry}/alice/other", digest=elsewhere)
         with fed.api() as api:
-            api.post("/api/experiments", json={
+            study = api.post("/api/experiments", json={
                 "name": "study", "algorithm_id": algorithm["id"], "spoke_ids": ["s1"],
+            }).raise_for_status().json()
+            api.post(f"/api/experiments/{study['id']}/launch").raise_for_status()
+            # A draft that targets s2 grants it nothing until it is launched.
+            api.post("/api/experiments", json={
+                "name": "draft", "algorithm_id": algorithm["id"], "spoke_ids": ["s2"],
             }).raise_for_status()
         yield Setup(fed, registry, ca.cert_path, passwords, spoke_keys, approved, elsewhere,
                     unapproved)

@@ -14,7 +14,14 @@ import pytest
 from sqlmodel import Session, select
 
 from tributary.hub.db import open_database
-from tributary.hub.models import Algorithm, Experiment, ExperimentTarget, Spoke, SpokeKey
+from tributary.hub.models import (
+    Algorithm,
+    Experiment,
+    ExperimentState,
+    ExperimentTarget,
+    Spoke,
+    SpokeKey,
+)
 from tributary.hub.registry_gateway import decide
 from tributary.hub.services import registry_access
 from tributary.hub.services.registry_tokens import (
@@ -196,12 +203,19 @@ def test_users_and_approved_digests(session: Session) -> None:
                               digest=digest, approved_at=now, revoked_at=revoked))
     session.commit()
     algorithm = session.exec(select(Algorithm).where(Algorithm.name == "a")).one()
-    session.add(Experiment(id="e1", name="e1", algorithm_id=algorithm.id))
+    session.add(Experiment(id="e1", name="e1", algorithm_id=algorithm.id,
+                           state=ExperimentState.LAUNCHED))
     session.add(ExperimentTarget(experiment_id="e1", spoke_id="s1"))
+    # A draft that targets s2 grants it nothing until it is launched.
+    session.add(Experiment(id="e2", name="e2", algorithm_id=algorithm.id))
+    session.add(ExperimentTarget(experiment_id="e2", spoke_id="s2"))
     session.commit()
     assert registry_access.approved_digests(session, "alice/algo") == {A: "reg:5000"}
     assert registry_access.approved_digests(session, "alice/algo", "s1") == {A: "reg:5000"}
     assert registry_access.approved_digests(session, "alice/algo", "s2") == {}
+    session.get(Experiment, "e2").state = ExperimentState.LAUNCHED  # type: ignore[union-attr]
+    session.commit()
+    assert registry_access.approved_digests(session, "alice/algo", "s2") == {A: "reg:5000"}
     assert registry_access.approved_digests(session, "alice/other") == {}
 
 

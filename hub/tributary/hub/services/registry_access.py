@@ -5,7 +5,8 @@
 - any enabled hub user: pull of approved, not revoked digests, nothing else of a repository;
 - a spoke (username: its id, password: an assertion signed with an active enrolled key,
   :mod:`tributary.protocol.registry_auth`): pull only, only the digests of approved, not
-  revoked versions used by an experiment that targets it (and not cancelled); a revoked
+  revoked versions used by a launched (or completed) experiment that targets it; a draft
+  grants nothing until it is launched, a cancelled study nothing any more; a revoked
   spoke, or one without an active key, is refused;
 - the hub itself mints its own tokens in-process (:mod:`.registry_client`), never here.
 
@@ -104,15 +105,16 @@ def authenticate(session: Session, username: str, password: str,
 def approved_digests(session: Session, name: str,
                      spoke_id: str | None = None) -> dict[str, str]:
     """Approved, not revoked digests of repository ``name``, each with the registry that
-    serves it (for ``spoke_id``: only those of experiments that target it and were not
-    cancelled)."""
+    serves it (for ``spoke_id``: only those of launched or completed experiments that
+    target it)."""
     query = select(Algorithm).where(Algorithm.approved_at != None,  # noqa: E711
                                     Algorithm.revoked_at == None)  # noqa: E711
     if spoke_id is not None:
         query = (query.join(Experiment, Experiment.algorithm_id == Algorithm.id)
                  .join(ExperimentTarget, ExperimentTarget.experiment_id == Experiment.id)
                  .where(ExperimentTarget.spoke_id == spoke_id,
-                        Experiment.state != ExperimentState.CANCELLED))
+                        Experiment.state.in_(  # type: ignore[attr-defined]
+                            [ExperimentState.LAUNCHED, ExperimentState.COMPLETED])))
     digests: dict[str, str] = {}
     for algorithm in session.exec(query):
         try:
