@@ -179,3 +179,35 @@ def test_one_pki_expiry_on_the_spokes_page_and_revocation(
         federation.stop()
         stop_broker(load_bundle(out))
         objectstore.stop(store)
+
+
+def test_rotation_reissues_every_certificate_and_keeps_the_ca(tmp_path: Path) -> None:
+    """`tributary pki rotate` gives every party a new certificate from the same CA (parties
+    keep trusting it); `--new-ca` replaces the CA as well; issuing again changes nothing."""
+    out = tmp_path / "pki"
+    spoke = f"rot-{uuid.uuid4().hex[:6]}"
+    federation_pki.issue(out, hub_names=["hub.example.org", "10.0.0.1"], spokes=[spoke],
+                         broker_port=free_port())
+    before = {(c.holder, c.purpose): c.serial for c in federation_pki.inventory(out)}
+    federation_pki.issue(out)  # idempotent: nothing is re-issued
+    assert {(c.holder, c.purpose): c.serial for c in federation_pki.inventory(out)} == before
+
+    assert _tributary("pki", "rotate", "--out", str(out), "--no-objectstore").returncode == 0
+    after = {(c.holder, c.purpose): c.serial for c in federation_pki.inventory(out)}
+    ca = ("federation", "certificate authority")
+    assert after[ca] == before[ca]
+    assert all(after[k] != before[k] for k in before if k != ca)
+    hub = x509.load_pem_x509_certificate((out / "hub" / "server.crt").read_bytes())
+    names = hub.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "hub.example.org" in names.get_values_for_type(x509.DNSName)
+
+    assert _tributary("pki", "rotate", "--out", str(out), "--new-ca",
+                      "--no-objectstore").returncode == 0
+    renewed = federation_pki.inventory(out)
+    assert renewed[0].serial != after[ca]
+    new_ca = x509.load_pem_x509_certificate((out / "pki" / "ca.crt").read_bytes())
+    for cert in renewed[1:]:
+        x509.load_pem_x509_certificate(cert.path.read_bytes()).verify_directly_issued_by(new_ca)
+    # Each party's folder carries the new CA to hand out with its certificate.
+    assert (out / "identities" / spoke / "ca.crt").read_bytes() == (
+        out / "pki" / "ca.crt").read_bytes()
