@@ -60,6 +60,9 @@ class ResultsConsumer:
 
     def handle(self, delivery: Delivery) -> None:
         claimed: str | None = None
+        if delivery.redelivered:  # another consumer took it and died before acknowledging
+            log.info("redelivered message %s: storing it unless it already is",
+                     delivery.message_id)
         try:
             message, _keyid = open_from_spoke(delivery.body, self._resolve)
             claimed = message.spoke_id

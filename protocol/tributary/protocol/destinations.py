@@ -21,6 +21,14 @@ def validate_federation(name: str) -> str:
     return name
 
 
+def results_group(spoke_id: str) -> dict[str, str]:
+    """Headers that put a spoke's messages on the results queue in one message group: the
+    broker hands a group to one consumer at a time, in order, and to another consumer only
+    when that one goes away. A hub with several results consumers thus still reads each
+    spoke's custody chain in order."""
+    return {"JMSXGroupID": validate_spoke_id(spoke_id)}
+
+
 def results_queue(federation: str = DEFAULT_FEDERATION) -> str:
     return f"/queue/{validate_federation(federation)}.results"
 

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import Delivery, StompClient
-from tributary.protocol.destinations import results_queue, spoke_queue
+from tributary.protocol.destinations import results_group, results_queue, spoke_queue
 from tributary.protocol.messages import (
     ApprovalRevokedMessage,
     CancelExperimentMessage,
@@ -86,7 +86,8 @@ class SpokeAgent:
         self.hub_keys = [PublicKey.load(config.hub_public_key)]
         self.client = StompClient(config.broker.settings(), f"spoke-{config.spoke_id}")
         results = results_queue(config.broker.federation)
-        self.outbox = OutboxSender(self.journal, self.client, results, self._sent)
+        self.outbox = OutboxSender(self.journal, self.client, results, self._sent,
+                                   group=results_group(config.spoke_id))
         desk = StewardDesk(config.work_dir / "journal.db")
         self.lifecycle = Lifecycle(config.spoke_id, self.journal,
                                    AuditLog(config.work_dir / "audit.jsonl"), self.key, desk,

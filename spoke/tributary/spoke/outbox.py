@@ -19,12 +19,13 @@ log = logging.getLogger(__name__)
 
 class OutboxSender:
     def __init__(self, journal: Journal, client: StompClient, destination: str,
-                 on_sent: Callable[[OutboxRow], None],
+                 on_sent: Callable[[OutboxRow], None], group: dict[str, str] | None = None,
                  backoff_initial: float = 0.5, backoff_max: float = 15.0) -> None:
         self.journal = journal
         self.client = client
         self.destination = destination
         self.on_sent = on_sent
+        self.group = group or {}  # the spoke's message group (destinations.results_group)
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._wake = threading.Event()
@@ -62,7 +63,8 @@ class OutboxSender:
                 if self._stop.is_set():
                     return
                 try:
-                    self.client.publish(self.destination, row.body, _headers(row),
+                    self.client.publish(self.destination, row.body,
+                                        {**_headers(row), **self.group},
                                         wait_connected=5.0)
                 except PublishError as exc:
                     log.info("outbox: %s %s not sent yet (%s); %d waiting, retrying in %.1f s",

@@ -275,7 +275,9 @@ def _verify_custody(session: Session, message: ResultMessage) -> tuple[SpokeChai
     digest = record_hash(message.custody)
     if session.exec(select(CaseResult).where(CaseResult.custody_sha256 == digest)).first():
         raise Rejected("replayed custody record: already accepted under another message")
-    chain = session.get(SpokeChain, message.spoke_id)
+    # Locked until commit (PostgreSQL; SQLite locks the whole file): two consumers never
+    # advance one spoke's chain from the same head.
+    chain = session.get(SpokeChain, message.spoke_id, with_for_update=True)
     expected = (chain.sequence + 1, chain.record_sha256) if chain else (1, GENESIS)
     if record.sequence > expected[0]:
         raise gaps.GapDetected(message.spoke_id, expected[0], record.sequence - 1)
