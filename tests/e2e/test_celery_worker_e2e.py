@@ -23,7 +23,9 @@ from sqlmodel import Session, col, select
 from tributary.hub import worker
 from tributary.hub.db import make_engine, open_database
 from tributary.hub.models import AggregateSnapshot, Experiment
+from tributary.hub.services import debounce
 from tributary.hub.services.aggregation import aggregate, inputs_digest
+from tributary.hub.services.debounce import Debouncer
 from tributary.hub.settings import HubSettings
 from tributary.services import postgres, redis
 from tributary.services.settings import ServiceSettings
@@ -111,6 +113,9 @@ def test_worker_process_aggregates_like_in_process(tmp_path: Path, redis_url: st
     worker.configure(eager_settings, eager_engine)
     with Session(eager_engine) as session:
         run_study(session)
+        # Results only mark the studies stale: one pass of the hub's debouncer computes.
+        assert sorted(Debouncer(eager_settings, eager_engine).run_once()) == [
+            "exp-bin", "exp-sum"]
         eager = {e: latest(session, e).model_dump() for e in ("exp-bin", "exp-sum")}
 
     # Broker mode: the hub only enqueues; a separate worker process computes.
@@ -119,9 +124,11 @@ def test_worker_process_aggregates_like_in_process(tmp_path: Path, redis_url: st
     settings = HubSettings.for_directory(tmp_path / "celery", min_cell_size=K,
                                          celery_broker_url=redis_url,
                                          broker_federation=namespace, database_url=database,
-                                         audit_log=tmp_path / "celery" / "audit.jsonl")
+                                         audit_log=tmp_path / "celery" / "audit.jsonl",
+                                         aggregate_interval_seconds=0.5)
     engine = open_database(settings)
     worker.configure(settings)
+    debouncer = debounce.start(settings, engine)  # as the hub does: enqueues stale studies
     log = tmp_path / "worker.log"
     env = {**os.environ, "TRIBUTARY_HUB_DATABASE_URL": settings.database_url,
            "TRIBUTARY_HUB_AUDIT_LOG": str(settings.audit_log),
@@ -152,6 +159,7 @@ def test_worker_process_aggregates_like_in_process(tmp_path: Path, redis_url: st
             fresh = {e: aggregate(session, session.get(Experiment, e), K).model_dump(
                 mode="json") for e in done}
     finally:
+        debouncer.stop()
         stop(process)
     assert "aggregate_experiment" in log.read_text()  # the tasks ran in the worker
 

@@ -73,9 +73,14 @@ def test_consumer_on_its_own_stores_a_result_from_the_broker(
             assert session.exec(select(AuditEvent).where(
                 AuditEvent.action == "message.received",
                 AuditEvent.target == "exp")).first() is not None
-            snapshot = session.exec(select(AggregateSnapshot).where(
-                AggregateSnapshot.experiment_id == "exp")).first()
-            assert snapshot is not None and snapshot.results == 1
+
+        def aggregated() -> AggregateSnapshot | None:  # by the consumer's debouncer, off-thread
+            with Session(engine) as session:
+                return session.exec(select(AggregateSnapshot).where(
+                    AggregateSnapshot.experiment_id == "exp")).first()
+
+        snapshot = wait_for(aggregated, 30, "the aggregate computed in the consumer's process")
+        assert snapshot.results == 1
         assert consumer.poll() is None, "the consumer keeps running between messages"
     finally:
         consumer.send_signal(signal.SIGTERM)

@@ -23,6 +23,7 @@ from tributary.hub.main import create_app
 from tributary.hub.models import AggregateSnapshot, AuditEvent, Experiment, Role
 from tributary.hub.services import aggregation
 from tributary.hub.services.aggregation import aggregate
+from tributary.hub.services.debounce import Debouncer
 from tributary.hub.services.users import create_user, issue_token
 from tributary.hub.settings import HubSettings
 
@@ -37,7 +38,7 @@ EAST = [(0.7, 1), (0.2, 0), (0.9, 1)]
 def hub(tmp_path: Path) -> Iterator[tuple[TestClient, Session]]:
     settings = HubSettings.for_directory(tmp_path, signing_key=tmp_path / "hub.key",
                                          consume_results=False, broker_federation="t-results",
-                                         min_cell_size=5)
+                                         min_cell_size=5, aggregate_interval_seconds=3600)
     with TestClient(create_app(settings)) as client:
         engine = client.app.state.engine  # type: ignore[attr-defined]
         with Session(engine) as session:
@@ -59,6 +60,13 @@ def versions(session: Session, experiment_id: str) -> list[int]:
         AggregateSnapshot.experiment_id == experiment_id).order_by(AggregateSnapshot.version))]
 
 
+def settle(client: TestClient) -> None:
+    """One pass of the hub's debouncer, due at once (what it does every interval)."""
+    app = client.app  # type: ignore[attr-defined]
+    settings = app.state.settings.model_copy(update={"aggregate_interval_seconds": 1e-9})
+    Debouncer(settings, app.state.engine).run_once()
+
+
 def run_study(session: Session) -> Spokes:
     spokes = Spokes(session, ["north", "east"])
     add_experiment(session, "exp-roc", ["north", "east"], "binary-classification", PARAMETERS)
@@ -74,7 +82,8 @@ def test_aggregate_follows_results_as_they_arrive(hub: tuple[TestClient, Session
     for i, (p, y) in enumerate(NORTH):
         assert send_result(session, spokes, "exp-roc", "north", f"n{i}",
                            {"prediction": {"p": p}}, {"diagnosis": y})
-        # one new snapshot per accepted result, computed by the task the ingest enqueued
+        # a result only marks the study stale; each debouncer pass stores one new snapshot
+        settle(client)
         assert versions(session, "exp-roc") == list(range(1, i + 2))
         latest = session.exec(select(AggregateSnapshot).where(
             AggregateSnapshot.version == i + 1)).one()
@@ -91,6 +100,7 @@ def test_aggregate_follows_results_as_they_arrive(hub: tuple[TestClient, Session
 
     # A failed case and a redelivered result: one more version, then none.
     assert send_result(session, spokes, "exp-roc", "north", "n-fail", None, failed=True)
+    settle(client)
     assert versions(session, "exp-roc")[-1] == len(NORTH) + 1
     report = client.get("/api/experiments/exp-roc/aggregate").json()
     assert report["groups"]["north"]["failed"] == 1
@@ -109,12 +119,14 @@ def test_a_lost_task_is_caught_up_on_read(hub: tuple[TestClient, Session],
     spokes = run_study(session)
     send_result(session, spokes, "exp-roc", "north", "n0", {"prediction": {"p": 0.9}},
                 {"diagnosis": 1})
+    settle(client)
     engine = client.app.state.engine  # type: ignore[attr-defined]
     worker.configure(client.app.state.settings)  # no engine: tasks are dropped, as if lost
     send_result(session, spokes, "exp-roc", "north", "n1", {"prediction": {"p": 0.8}},
-                {"diagnosis": 1})
+                {"diagnosis": 1})  # and no debouncer pass follows
     stale = client.get("/api/experiments/exp-roc/aggregate").json()
     assert (stale["version"], stale["results"], stale["current"]) == (1, 1, False)
+    assert stale["received"] == 2  # the snapshot says what it does not cover yet
     worker.configure(client.app.state.settings, engine)  # the hub can run tasks again
     assert client.get("/api/experiments/exp-roc/aggregate").json()["current"] is False
     monkeypatch.setattr(aggregation, "STALE_GRACE", timedelta(0))  # ... and the grace is over

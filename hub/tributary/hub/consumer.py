@@ -20,7 +20,7 @@ from sqlmodel import Session
 from tributary.hub import worker
 from tributary.hub.db import open_database
 from tributary.hub.models import QuarantinedMessage
-from tributary.hub.services import audit, gaps
+from tributary.hub.services import audit, debounce, gaps
 from tributary.hub.services.enrolment import resolve_key
 from tributary.hub.services.ingest import SpokeMessage, ingest
 from tributary.hub.settings import HubSettings
@@ -138,7 +138,8 @@ class ResultsConsumer:
 def run(settings: HubSettings | None = None, stop: threading.Event | None = None) -> None:
     """Consume the results queue until SIGTERM or SIGINT (or until ``stop`` is set, for a
     caller that is not the main thread). Aggregation tasks run in this process unless a
-    Celery broker is configured, as they do in the web app's."""
+    Celery broker is configured, as they do in the web app's; so does this process's debouncer,
+which recomputes (or enqueues) stale aggregates at most once per interval."""
     settings = settings or HubSettings()
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
@@ -148,11 +149,13 @@ def run(settings: HubSettings | None = None, stop: threading.Event | None = None
     key = SigningKey.load_or_create(settings.signing_key)
     worker.configure(settings, engine)
     broker = StompClient(settings.broker(), "hub-consumer").start()
+    debouncer = debounce.start(settings, engine)  # stale aggregates, off the consumer
     try:
         ResultsConsumer(engine, broker, key).start()
         log.info("consuming %s", results_queue(settings.broker_federation))
         while not stop.wait(1.0):  # (a timed wait lets the signal handler run)
             pass
     finally:
+        debouncer.stop()
         broker.close()
         engine.dispose()

@@ -32,6 +32,7 @@ from tributary.hub.api import (
 from tributary.hub.consumer import ResultsConsumer
 from tributary.hub.db import make_engine, upgrade_schema
 from tributary.hub.models import Role, User
+from tributary.hub.services import debounce
 from tributary.hub.services.anchors import check_hub_log
 from tributary.hub.services.audit import attach_forensic_log
 from tributary.hub.services.registry_client import token_signer
@@ -89,7 +90,9 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         _bootstrap_admin(engine, settings)
         if settings.consume_results:
             ResultsConsumer(engine, broker, key).start()
+        debouncer = debounce.start(settings, engine)  # stale aggregates, off the consumer
         yield
+        debouncer.stop()
         broker.close()
         engine.dispose()
 

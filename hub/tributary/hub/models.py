@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -180,6 +180,12 @@ class Experiment(SQLModel, table=True):
     expires_at: datetime | None = None
     cancelled_at: datetime | None = None
     cancel_reason: str | None = None
+    #: Set (if unset) by every accepted result, cleared when a recomputation starts: the
+    #: stored aggregate snapshot may lag behind the results (services/debounce.py).
+    aggregate_stale_since: datetime | None = None
+    #: When a hub process last claimed the recomputation of this aggregate; one claim per
+    #: interval, so several hub processes never recompute the same study at once.
+    aggregate_claimed_at: datetime | None = None
 
 
 class TargetState(StrEnum):
@@ -222,7 +228,10 @@ FINAL_CASE_STATES = {CaseState.SUCCEEDED, CaseState.FAILED, CaseState.CANCELLED}
 
 
 class CaseResult(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("experiment_id", "spoke_id", "case_id"),)
+    __table_args__ = (UniqueConstraint("experiment_id", "spoke_id", "case_id"),
+                      # counts by state, per study and per spoke, without reading rows
+                      Index("ix_caseresult_experiment_spoke_state",
+                            "experiment_id", "spoke_id", "state"))
 
     id: int | None = Field(default=None, primary_key=True)
     experiment_id: str = Field(foreign_key="experiment.id", index=True)

@@ -90,6 +90,9 @@ class HubSettings(BaseSettings):
     celery_broker_url: str | None = None
     #: Celery queue of this hub's aggregation tasks; default ``<broker_federation>.aggregation``.
     celery_queue: str | None = None
+    #: A stale study's aggregate snapshot is recomputed at most once per this many seconds
+    #: (results only mark it stale; see services/debounce.py). Completion recomputes at once.
+    aggregate_interval_seconds: float = Field(2.0, gt=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:

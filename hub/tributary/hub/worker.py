@@ -1,8 +1,9 @@
 """The aggregation worker, one of the hub's three entry points (beside the web app,
 :mod:`tributary.hub.main`, and the results consumer, :mod:`tributary.hub.consumer`). It
-defines the bodies of the tasks that :mod:`tributary.hub.tasks` enqueues: each accepted
-result enqueues one, which recomputes that experiment's aggregate and stores a new snapshot
-when its inputs changed.
+defines the bodies of the tasks that :mod:`tributary.hub.tasks` enqueues: the debouncer
+(:mod:`tributary.hub.services.debounce`) enqueues one per stale study at most once per
+interval, and completion one at once; it recomputes that experiment's aggregate and stores a
+new snapshot when its inputs changed.
 
 Two modes, one code path: without ``TRIBUTARY_HUB_CELERY_BROKER_URL`` the task runs in the
 process that accepted the result (the hub calls :func:`configure` with its engine); with a
@@ -26,7 +27,7 @@ from sqlmodel import Session
 
 from tributary.hub import tasks
 from tributary.hub.db import open_database
-from tributary.hub.services.aggregation import refresh
+from tributary.hub.services.debounce import recompute
 from tributary.hub.settings import HubSettings
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def aggregate_experiment(self: Any, experiment_id: str) -> int | None:
     settings, engine = _current()
     try:
         with Session(engine) as session:
-            snapshot = refresh(session, experiment_id, settings.min_cell_size)
+            snapshot = recompute(session, experiment_id, settings.min_cell_size)
     except Exception as exc:
         log.exception("aggregation of %s failed", experiment_id)
         raise self.retry(exc=exc) from exc

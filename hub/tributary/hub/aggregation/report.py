@@ -80,6 +80,8 @@ class AggregateRead(BaseModel):
     min_cell_size: int = Field(description="k: figures over fewer cases are suppressed.")
     current: bool = Field(True, description="False when results arrived after this snapshot "
                                             "and a newer one is being computed.")
+    received: int | None = Field(None, description="Final results received so far (the "
+                                 "snapshot covers `results` of them); None for old versions.")
     columns: list[Column] = Field(description="Figure keys in display order.")
     groups: dict[str, GroupReport] = Field(
         description="Per spoke (sorted by id), then 'pooled' last.")

@@ -1,8 +1,7 @@
 """Aggregates of experiments in the database: compute one from the stored results, keep it
 as a versioned snapshot, and read the latest. The figures come from the pure engine in
-``hub/aggregation``; this module only reads rows and stores snapshots. Re-aggregation is
-triggered per accepted result through :mod:`tributary.hub.tasks` (the task's body is in
-``hub/worker.py``)."""
+``hub/aggregation``; this module only reads rows and stores snapshots. Results only mark a
+study stale; :mod:`tributary.hub.services.debounce` decides when to recompute."""
 
 from __future__ import annotations
 
@@ -33,6 +32,7 @@ from tributary.hub.models import (
     AggregateSnapshot,
     CaseResult,
     Experiment,
+    ExperimentState,
     ExperimentTarget,
     utcnow,
 )
@@ -119,27 +119,37 @@ def refresh(session: Session, experiment_id: str, min_cell_size: int) -> Aggrega
     raise RuntimeError(f"could not store an aggregate of {experiment_id}: too much contention")
 
 
-def read_snapshot(snapshot: AggregateSnapshot, current: bool = True) -> AggregateRead:
+def read_snapshot(snapshot: AggregateSnapshot, current: bool = True,
+                  received: int | None = None) -> AggregateRead:
     """A stored snapshot, suppressed again on the way out: snapshots stored before
     complementary suppression still held recoverable figures and n's below k."""
     report = AggregateRead(experiment_id=snapshot.experiment_id, version=snapshot.version,
                            computed_at=snapshot.computed_at, results=snapshot.results,
                            min_cell_size=snapshot.min_cell_size, current=current,
-                           **snapshot.report)
+                           received=received, **snapshot.report)
     report.groups = suppress_table(report.groups, POOLED, snapshot.min_cell_size)
     return report
 
 
+def received(session: Session, experiment_id: str) -> int:
+    """Final results received so far (one count over the case index)."""
+    final = [s.value for s in FINAL_CASE_STATES]
+    return session.exec(select(func.count(col(CaseResult.id))).where(
+        CaseResult.experiment_id == experiment_id,
+        col(CaseResult.state).in_(final))).one()
+
+
 #: How long a snapshot may lag behind the results before a read asks for a new one;
-#: normally the task queued by the result is much faster.
+#: normally the debouncer (services/debounce.py) is much faster.
 STALE_GRACE = timedelta(seconds=10)
 
 
 def latest(session: Session, experiment: Experiment, min_cell_size: int,
            version: int | None = None) -> AggregateRead:
-    """The latest snapshot (or ``version``). Without any snapshot yet, or when k changed, one
-    is computed now; a snapshot older than the latest results is returned flagged
-    ``current=False`` while the queued task computes the next one."""
+    """The latest snapshot (or ``version``), saying how many of the results received it
+    covers. Without any snapshot yet, when k changed, or once the experiment is over, an
+    out-of-date snapshot is recomputed now; while it runs, a snapshot older than the latest
+    results is returned flagged ``current=False`` (the debouncer computes the next one)."""
     if version is not None:
         row = session.exec(select(AggregateSnapshot).where(
             AggregateSnapshot.experiment_id == experiment.id,
@@ -151,22 +161,27 @@ def latest(session: Session, experiment: Experiment, min_cell_size: int,
     if row is None or row.min_cell_size != min_cell_size:
         row = refresh(session, experiment.id, min_cell_size)
         assert row is not None
-        return read_snapshot(row)
+        return read_snapshot(row, received=row.results)
     if row.inputs_sha256 == inputs_digest(session, experiment, min_cell_size):
-        return read_snapshot(row)
+        return read_snapshot(row, received=row.results)
+    if experiment.state in (ExperimentState.COMPLETED, ExperimentState.CANCELLED):
+        # Over: the final aggregate is owed now, not at the next debouncer pass.
+        row = refresh(session, experiment.id, min_cell_size)
+        assert row is not None
+        return read_snapshot(row, received=row.results)
     computed = row.computed_at
     if computed.tzinfo is None:  # SQLite keeps no time zone; the hub writes UTC
         computed = computed.replace(tzinfo=UTC)
     if utcnow() - computed >= STALE_GRACE:
-        # The task for the latest results was lost (broker outage) or failed: ask again.
-        # Eager mode computes now; with a broker, a worker catches up.
+        # No debouncer reached it (a broker outage lost the task, or no hub runs one):
+        # ask again. Eager mode computes now; with a broker, a worker catches up.
         tasks.aggregate_experiment(experiment.id)
         session.expire_all()
         newer = _latest_row(session, experiment.id)
         if newer is not None and newer.version != row.version:
-            return read_snapshot(newer, newer.inputs_sha256 == inputs_digest(
-                session, experiment, min_cell_size))
-    return read_snapshot(row, current=False)
+            current = newer.inputs_sha256 == inputs_digest(session, experiment, min_cell_size)
+            return read_snapshot(newer, current, received(session, experiment.id))
+    return read_snapshot(row, False, received(session, experiment.id))
 
 
 def history(session: Session, experiment_id: str) -> list[SnapshotInfo]:

@@ -28,7 +28,7 @@ from tributary.hub.models import (
     TargetState,
     utcnow,
 )
-from tributary.hub.services import anchors, audit, gaps
+from tributary.hub.services import anchors, audit, debounce, gaps
 from tributary.hub.services.counts import ingest_count_reply
 from tributary.hub.services.enrolment import active_keys
 from tributary.protocol.custody import GENESIS, record_hash, verify_custody
@@ -127,10 +127,12 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
                  state=getattr(message, "state", None), reason=getattr(message, "reason", None),
                  failure=message.failure.reason.value
                  if isinstance(message, ResultMessage) and message.failure else None)
-    _maybe_complete(session, message.experiment_id)
-    session.commit()
     if applied and isinstance(message, ResultMessage):
-        tasks.aggregate_experiment(message.experiment_id)  # re-aggregate (hub/worker.py)
+        debounce.mark_stale(session, message.experiment_id)  # recomputed off this thread
+    completed = _maybe_complete(session, message.experiment_id)
+    session.commit()
+    if completed:
+        tasks.aggregate_experiment(message.experiment_id)  # the final aggregate, at once
     return applied
 
 
@@ -387,12 +389,13 @@ def complete_if_settled(session: Session, experiment_id: str) -> None:
     _maybe_complete(session, experiment_id)
 
 
-def _maybe_complete(session: Session, experiment_id: str) -> None:
+def _maybe_complete(session: Session, experiment_id: str) -> bool:
+    """Complete the experiment if every target is settled; whether it completed now."""
     session.flush()
     experiment = session.get(Experiment, experiment_id)
     if experiment is None or experiment.state in (ExperimentState.COMPLETED,
                                                   ExperimentState.CANCELLED):
-        return
+        return False
     targets = session.exec(
         select(ExperimentTarget).where(ExperimentTarget.experiment_id == experiment_id)).all()
     if targets and all(t.state in TERMINAL_TARGET_STATES for t in targets):
@@ -400,3 +403,5 @@ def _maybe_complete(session: Session, experiment_id: str) -> None:
         experiment.completed_at = utcnow()
         session.add(experiment)
         audit.record(session, "hub", "experiment.completed", experiment_id)
+        return True
+    return False

@@ -8,9 +8,12 @@ browser's font is used and the figures remain searchable and accessible."""
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
-from collections.abc import Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from matplotlib import rcParams
@@ -168,3 +171,38 @@ def forest(rows: Sequence[Estimate], metric: str, reference: float | None = None
     _tidy(axes)
     return _svg(figure, f"Forest plot of {metric} per spoke with {confidence:.0%} confidence "
                         "intervals")
+
+
+def fingerprint(data: object) -> str:
+    """A short digest of a figure's plain data (numbers, labels), for cache keys."""
+    return hashlib.sha256(repr(data).encode()).hexdigest()
+
+
+class PlotCache:
+    """Drawn figures kept per aggregate snapshot (``key`` names the snapshot and what else
+    the figure depends on), so a page does not redraw them per request: a snapshot never
+    changes once stored. Bounded, least recently used first out; safe across threads."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._figures: OrderedDict[Hashable, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable, draw: Callable[[], str]) -> str:
+        with self._lock:
+            if key in self._figures:
+                self._figures.move_to_end(key)
+                return self._figures[key]
+        svg = draw()  # outside the lock: two first requests may both draw, none waits
+        with self._lock:
+            self._figures[key] = svg
+            while len(self._figures) > self.size:
+                self._figures.popitem(last=False)
+        return svg
+
+    def __len__(self) -> int:
+        return len(self._figures)
+
+
+#: The hub process's figures, keyed by snapshot (see web/results.py).
+CACHE = PlotCache()

@@ -125,25 +125,35 @@ def results_view(experiment: ExperimentRead, report: AggregateRead, cases: list[
     methods = {(f.confidence, f.ci_method) for g in report.groups.values()
                for f in g.figures.values() if f.ci_method and f.confidence}
     view.intervals = ", ".join(f"{level:.0%} {method}" for level, method in sorted(methods))
-    view.figures["Progress per spoke"] = plots.progress_bars([
-        plots.SpokeProgress(t.spoke_id, t.succeeded, t.failed, t.running, t.queued,
-                            t.case_count) for t in experiment.targets])
+    # Figures drawn once per snapshot (experiment, version, k) and the data they show (a
+    # digest: a running study's outputs and a report built in a test change within one).
+    snapshot = (report.experiment_id, report.version, report.min_cell_size)
+    progress = tuple(plots.SpokeProgress(t.spoke_id, t.succeeded, t.failed, t.running,
+                                         t.queued, t.case_count) for t in experiment.targets)
+    view.figures["Progress per spoke"] = plots.CACHE.get(
+        ("progress", progress), lambda: plots.progress_bars(list(progress)))
     if quantity is not None:
         values: dict[str, list[float]] = {}
         for case in visible_cases:
             value = (case.output or {}).get(quantity)
             if case.state == "succeeded" and isinstance(value, int | float):
                 values.setdefault(case.spoke_id, []).append(float(value))
-        view.figures[f"Distribution of {quantity}"] = plots.distribution(values, quantity)
+        view.figures[f"Distribution of {quantity}"] = plots.CACHE.get(
+            ("distribution", snapshot, quantity, plots.fingerprint(values)),
+            lambda: plots.distribution(values, quantity))
     curves, areas = roc_curves(report)
     if curves:
-        view.figures["ROC curves"] = plots.roc_curves(curves, areas)
+        view.figures["ROC curves"] = plots.CACHE.get(
+            ("roc", snapshot, plots.fingerprint((curves, areas))),
+            lambda: plots.roc_curves(curves, areas))
     if metric is not None:
         label = next(c.label for c in report.columns if c.key == metric)
         rows_ = forest_rows(report, metric)
         levels = {f.confidence for g in report.groups.values()
                   if (f := g.figures.get(metric)) is not None and f.confidence}
         if rows_ and not all(math.isnan(r.value) for r in rows_):
-            view.figures[f"{label} per spoke"] = plots.forest(
-                rows_, label, confidence=levels.pop() if len(levels) == 1 else 0.95)
+            confidence = levels.pop() if len(levels) == 1 else 0.95
+            view.figures[f"{label} per spoke"] = plots.CACHE.get(
+                ("forest", snapshot, metric, plots.fingerprint((rows_, label, confidence))),
+                lambda: plots.forest(rows_, label, confidence=confidence))
     return view

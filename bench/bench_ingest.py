@@ -1,0 +1,139 @@
+"""Ingest rate of signed results as a study grows, in-process, the way the hub's results
+consumer stores them (verify the custody record, store, audit; aggregation configured as in
+a single-process hub, Celery eager, its debouncer running). Prints results/s, CPU ms per
+result for the whole process and for the ingesting thread alone, over a window of results
+ending at each size, each with its ratio to the first window of the same run (the
+baseline): a flat ratio near 1 means constant cost per result.
+
+    .venv/bin/python bench/bench_ingest.py [--sizes 1000 5000] [--window 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from sqlmodel import Session
+
+from tributary.hub import worker
+from tributary.hub.db import make_engine
+from tributary.hub.models import (
+    Algorithm,
+    Experiment,
+    ExperimentState,
+    ExperimentTarget,
+    Spoke,
+    SpokeKey,
+    TargetState,
+)
+from tributary.hub.services import debounce
+from tributary.hub.services.ingest import ingest
+from tributary.hub.settings import HubSettings
+from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, sign_custody
+from tributary.protocol.messages import CaseStatus, ExperimentStatusMessage, ResultMessage
+from tributary.protocol.messages import ExperimentState as SpokeState
+from tributary.protocol.signing import SigningKey
+
+SPOKES = ["north", "river", "clare"]
+DIGEST = "sha256:" + "0" * 64
+
+
+def build(engine, cases: int) -> dict[str, SigningKey]:  # type: ignore[no-untyped-def]
+    keys = {s: SigningKey.generate() for s in SPOKES}
+    with Session(engine) as session:
+        session.add(Algorithm(id=1, name="a", version="1", repository="r/a", digest=DIGEST))
+        for spoke, key in keys.items():
+            session.add(Spoke(id=spoke, name=spoke))
+            session.flush()
+            session.add(SpokeKey(keyid=key.keyid, spoke_id=spoke, public_key_pem=key.public.pem))
+        session.add(Experiment(id="exp", name="bench", algorithm_id=1,
+                               aggregator="binary-classification",
+                               aggregator_parameters={"score": "p", "label": "y"},
+                               state=ExperimentState.LAUNCHED))
+        session.flush()
+        for spoke in SPOKES:
+            session.add(ExperimentTarget(experiment_id="exp", spoke_id=spoke,
+                                         state=TargetState.PUBLISHED))
+        session.commit()
+        for n, spoke in enumerate(SPOKES):
+            ingest(session, ExperimentStatusMessage(
+                experiment_id="exp", spoke_id=spoke, state=SpokeState.ACCEPTED,
+                case_ids=[f"c{i}" for i in range(n, cases, len(SPOKES))]))
+    return keys
+
+
+def messages(keys: dict[str, SigningKey], cases: int) -> list[ResultMessage]:
+    """Signed results, made before timing (signing is the spokes' cost, not the hub's)."""
+    rng = np.random.default_rng(3)
+    heads = {s: (0, GENESIS) for s in SPOKES}
+    out = []
+    for i in range(cases):
+        spoke = SPOKES[i % len(SPOKES)]
+        label = int(rng.random() < 0.4)
+        result = ResultMessage(
+            experiment_id="exp", spoke_id=spoke, case_id=f"c{i}", status=CaseStatus.SUCCEEDED,
+            output={"p": float(rng.normal(label, 1.0))}, released={"y": label},
+            image_digest=DIGEST, finished_at=datetime.now(UTC))
+        sequence, head = heads[spoke]
+        record = CustodyRecord(
+            experiment_id="exp", spoke_id=spoke, case_id=result.case_id, attempt=1,
+            sequence=sequence + 1, previous_record_sha256=head, image_digest=DIGEST,
+            participant_sha256="1" * 64, input_sha256="2" * 64, deid_profile="bench",
+            spoke_version="bench", started_at=None, finished_at=result.finished_at,
+            status=result.status.value, exit_code=0, failure_reason=None)
+        envelope = sign_custody(keys[spoke], record, result)
+        heads[spoke] = (sequence + 1, record_hash(envelope))
+        out.append(result.model_copy(update={"custody": envelope}))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--window", type=int, default=1000,
+                        help="results per measured window (the first is the baseline)")
+    args = parser.parse_args()
+    total = max(args.sizes)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = HubSettings(database_url=f"sqlite:///{Path(tmp) / 'hub.db'}")
+        engine = make_engine(settings.database_url)
+        worker.configure(settings, engine)  # as the hub does: eager aggregation tasks
+        debouncer = debounce.start(settings, engine)  # as the hub does (None before it existed)
+        keys = build(engine, total)
+        signed = messages(keys, total)
+        marks: dict[int, float] = {0: time.perf_counter()}
+        cpu: dict[int, float] = {0: time.process_time()}  # whole process: debouncer included
+        own: dict[int, float] = {0: time.thread_time()}  # the ingesting thread alone
+        wanted = {s - args.window for s in args.sizes} | set(args.sizes)
+        for i, message in enumerate(signed, start=1):
+            with Session(engine) as session:
+                assert ingest(session, message)
+            if i in wanted:
+                marks[i], cpu[i] = time.perf_counter(), time.process_time()
+                own[i] = time.thread_time()
+        if debouncer is not None:
+            debouncer.stop()
+    def cost(size: int, clock: dict[int, float] | None = None) -> float:
+        """CPU ms per result (steadier than wall time on a machine shared with others)."""
+        clock = cpu if clock is None else clock
+        return (clock[size] - clock[size - args.window]) / args.window * 1000
+
+    base = args.window / (marks[args.window] - marks[0])
+    print(f"{'results':>8} {'results/s':>10} {'ratio':>6} {'CPU ms/result':>14} {'ratio':>6} "
+          f"{'ingest thread':>14} {'ratio':>6}")
+    for size in args.sizes:
+        rate = args.window / (marks[size] - marks[size - args.window])
+        print(f"{size:>8} {rate:>10.1f} {rate / base:>6.2f} {cost(size):>14.2f} "
+              f"{cost(size) / cost(args.window):>6.2f} {cost(size, own):>14.2f} "
+              f"{cost(size, own) / cost(args.window, own):>6.2f}")
+    print(f"bench-ingest: {base:.1f}/s over the first {args.window}, "
+          f"{args.window / (marks[total] - marks[total - args.window]):.1f}/s over the last "
+          f"{args.window} of {total}; CPU {cost(args.window):.2f} then {cost(total):.2f} "
+          f"ms/result")
+
+if __name__ == "__main__":
+    main()

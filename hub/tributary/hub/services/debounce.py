@@ -1,0 +1,116 @@
+"""Aggregation decoupled from ingestion. An accepted result only marks its experiment's
+aggregate stale (one conditional UPDATE, constant time); a debouncer in each hub process
+recomputes a stale study's snapshot at most once per ``aggregate_interval_seconds``: in its
+own thread when Celery runs eagerly (single-process hub), else by sending one Celery task.
+A study is claimed in the database (a conditional UPDATE on ``aggregate_claimed_at``) before
+it is recomputed or enqueued, so several hub processes never work on the same study at
+once, and a study is recomputed at most once per interval whatever the result rate."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlalchemy import func, or_, update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from tributary.hub import tasks
+from tributary.hub.models import AggregateSnapshot, Experiment, utcnow
+from tributary.hub.services.aggregation import refresh
+from tributary.hub.settings import HubSettings
+
+log = logging.getLogger(__name__)
+
+
+def mark_stale(session: Session, experiment_id: str) -> None:
+    """Note, in the caller's transaction, that ``experiment_id``'s aggregate lags behind
+    its results (keeps the earliest time: the snapshot is stale since then)."""
+    session.execute(
+        update(Experiment).where(col(Experiment.id) == experiment_id)
+        .values(aggregate_stale_since=func.coalesce(col(Experiment.aggregate_stale_since),
+                                                    utcnow()))
+        .execution_options(synchronize_session=False))
+
+
+def claim_due(session: Session, interval: float) -> list[str]:
+    """Claim the stale studies nobody claimed in the last ``interval`` seconds; each claim is
+    a conditional UPDATE, so of two processes only one gets a given study."""
+    now = utcnow()
+    due = or_(col(Experiment.aggregate_claimed_at).is_(None),
+              col(Experiment.aggregate_claimed_at) <= now - timedelta(seconds=interval))
+    stale = col(Experiment.aggregate_stale_since).is_not(None)
+    candidates = session.exec(select(Experiment.id).where(stale, due)).all()
+    claimed = []
+    for experiment_id in candidates:
+        outcome = session.execute(
+            update(Experiment).where(col(Experiment.id) == experiment_id, stale, due)
+            .values(aggregate_claimed_at=now).execution_options(synchronize_session=False))
+        session.commit()
+        if outcome.rowcount == 1:  # type: ignore[attr-defined]
+            claimed.append(experiment_id)
+    return claimed
+
+
+def recompute(session: Session, experiment_id: str,
+              min_cell_size: int) -> AggregateSnapshot | None:
+    """Clear the stale mark, then store a new snapshot from the results now committed: a
+    result committed after the clear marks the study stale again, so none is missed."""
+    session.execute(update(Experiment).where(col(Experiment.id) == experiment_id)
+                    .values(aggregate_stale_since=None)
+                    .execution_options(synchronize_session=False))
+    session.commit()
+    try:
+        return refresh(session, experiment_id, min_cell_size)
+    except Exception:
+        session.rollback()
+        mark_stale(session, experiment_id)
+        session.commit()
+        raise
+
+
+class Debouncer:
+    """The hub process's periodic pass over stale studies (see the module docstring)."""
+
+    def __init__(self, settings: HubSettings, engine: Engine) -> None:
+        self.settings, self.engine = settings, engine
+        self.interval = settings.aggregate_interval_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="aggregate-debouncer",
+                                        daemon=True)
+
+    def start(self) -> Debouncer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def run_once(self) -> list[str]:
+        """Claim the due studies and recompute (eager) or enqueue (Celery) each."""
+        with Session(self.engine) as session:
+            claimed = claim_due(session, self.interval)
+        for experiment_id in claimed:
+            if self._stop.is_set():
+                break
+            if tasks.in_process():
+                with Session(self.engine) as session:
+                    recompute(session, experiment_id, self.settings.min_cell_size)
+            else:
+                tasks.aggregate_experiment(experiment_id)
+        return claimed
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.run_once()
+            except Exception:
+                log.exception("aggregate debouncer pass failed; retrying next interval")
+
+
+def start(settings: HubSettings, engine: Engine) -> Debouncer:
+    """Start this process's debouncer (stop it before disposing of ``engine``)."""
+    return Debouncer(settings, engine).start()
