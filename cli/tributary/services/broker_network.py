@@ -88,10 +88,17 @@ class BrokerNetwork(BaseModel):
     #: Host and port edge brokers dial for the hub broker's bridge connector.
     hub_bridge_host: str | None = None
     hub_bridge_port: int = Field(DEFAULT_BRIDGE_PORT, ge=1, le=65535)
+    #: The port edges dial when a relay or port forward stands in front of the bridge port.
+    hub_bridge_dial_port: int | None = Field(None, ge=1, le=65535)
     edges: list[EdgeBroker] = Field(default_factory=list)
 
-    def check(self, spoke_ids: list[str]) -> None:
+    def check(self, spoke_ids: list[str], hub_identity: str) -> None:
+        """Refuse duplicate edges, spokes on two edges and names that clash."""
         names = [e.name for e in self.edges]
+        reserved = {hub_identity, HUB_BROKER_USER, *(e.bridge_identity for e in self.edges)}
+        clash = sorted(reserved & set(spoke_ids))
+        if clash:
+            raise ValueError(f"spoke id(s) {', '.join(clash)} clash with a broker identity")
         if len(set(names)) != len(names):
             raise ValueError("two edges have the same name")
         seen: dict[str, str] = {}
@@ -103,6 +110,36 @@ class BrokerNetwork(BaseModel):
                     raise ValueError(f"spoke {spoke!r} is attached to both {seen[spoke]!r} "
                                      f"and {edge.name!r}")
                 seen[spoke] = edge.name
+
+
+def network_from_options(edges: list[str], edge_spokes: list[str], bridge_host: str | None,
+                         bridge_port: int, network_file: Path | None) -> BrokerNetwork | None:
+    """The network from ``--edge NAME=HOST:PORT`` and ``--edge-spoke NAME=SPOKE`` options or
+    a ``network.json`` file; None when neither names an edge."""
+    if network_file is not None:
+        if edges or edge_spokes:
+            raise ValueError("pass either --network or --edge/--edge-spoke, not both")
+        return BrokerNetwork.model_validate_json(network_file.read_text())
+    if not edges:
+        if edge_spokes:
+            raise ValueError("--edge-spoke names an edge; declare it with --edge")
+        return None
+    parsed: dict[str, EdgeBroker] = {}
+    for option in edges:
+        name, _, address = option.partition("=")
+        host, _, port = address.rpartition(":")
+        if not (name and host and port.isdigit()):
+            raise ValueError(f"--edge {option!r}: expected NAME=HOST:PORT")
+        if name in parsed:
+            raise ValueError(f"edge {name!r} declared twice")
+        parsed[name] = EdgeBroker(name=name, host=host.strip("[]"), port=int(port))
+    for option in edge_spokes:
+        name, _, spoke = option.partition("=")
+        if name not in parsed or not spoke:
+            raise ValueError(f"--edge-spoke {option!r}: expected NAME=SPOKE with NAME an --edge")
+        parsed[name].spokes.append(spoke)
+    return BrokerNetwork(hub_bridge_host=bridge_host, hub_bridge_port=bridge_port,
+                         edges=list(parsed.values()))
 
 
 def _network_xml(edge: EdgeBroker, hub_host: str, hub_port: int) -> str:
@@ -197,7 +234,7 @@ def generate_network(out_dir: Path, network: BrokerNetwork, hub_identity: str = 
     ``network`` into ``out_dir``; spokes of an edge are also known to the hub broker, so a
     spoke can move between its edge and the hub broker without new certificates."""
     spokes = sorted(set(spoke_ids) | {s for e in network.edges for s in e.spokes})
-    network.check(spokes)
+    network.check(spokes, hub_identity)
     bridges = {e.bridge_identity: sorted(e.spokes) for e in network.edges}
     hub = generate_broker_config(out_dir, hub_identity=hub_identity, spoke_ids=spokes,
                                  host=host, stomp_ssl_port=stomp_ssl_port,
@@ -205,8 +242,9 @@ def generate_network(out_dir: Path, network: BrokerNetwork, hub_identity: str = 
                                  bridge_port=network.hub_bridge_port)
     hub_bridge_host = network.hub_bridge_host or host
     out_dir = hub.out_dir
-    edges = {e.name: _write_edge(out_dir, e, hub_bridge_host, network.hub_bridge_port,
-                                 hub_identity, rotate) for e in network.edges}
+    dial_port = network.hub_bridge_dial_port or network.hub_bridge_port
+    edges = {e.name: _write_edge(out_dir, e, hub_bridge_host, dial_port, hub_identity, rotate)
+             for e in network.edges}
     known = {e.name for e in network.edges}
     if (out_dir / EDGES_DIR).exists():
         for stale in (out_dir / EDGES_DIR).iterdir():
