@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from tributary.services.broker_network import BrokerNetwork, EdgeBroker, network_from_options
+from tributary.services.broker_network import (
+    BrokerNetwork,
+    EdgeBroker,
+    generate_network,
+    network_from_options,
+    regenerate_brokers,
+)
 from tributary.services.broker_security import authorization_entries, bridge_group
 
 
@@ -36,3 +42,19 @@ def test_bridge_may_touch_only_results_and_its_spokes_queues() -> None:
     queues = sorted(e.split('queue="')[1].split('"')[0] for e in granted)
     assert queues == ["DLQ.tributary.results", "DLQ.tributary.spoke.site-a",
                       "tributary.results", "tributary.spoke.site-a"]
+
+
+def test_regenerating_for_fewer_spokes_takes_a_spoke_off_its_edge(tmp_path: Path) -> None:
+    network = BrokerNetwork(edges=[EdgeBroker(name="eu", host="127.0.0.1", port=61624,
+                                              spokes=["site-a", "site-b"])])
+    generate_network(tmp_path, network, spoke_ids=["site-c"])
+    users = tmp_path / "edges" / "eu" / "jaas" / "users.properties"
+    assert "site-b=CN=site-b" in users.read_text()
+    assert "hub-broker=CN=127.0.0.1" in users.read_text()
+    hub_xml = (tmp_path / "activemq.xml").read_text()
+    assert 'name="bridges"' in hub_xml and "bridge-eu" not in hub_xml.split("<plugins>")[0]
+
+    regenerate_brokers(tmp_path, "hub", ["site-a", "site-c"], "127.0.0.1", 61614, [])
+    assert "site-b" not in users.read_text()
+    assert "site-b" not in (tmp_path / "edges" / "eu" / "activemq.xml").read_text()
+    assert 'name="bridges"' in (tmp_path / "activemq.xml").read_text()

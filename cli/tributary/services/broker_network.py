@@ -228,7 +228,7 @@ def generate_network(out_dir: Path, network: BrokerNetwork, hub_identity: str = 
                      spoke_ids: list[str] | tuple[str, ...] = (), host: str = "127.0.0.1",
                      stomp_ssl_port: int = DEFAULT_STOMP_SSL_PORT,
                      server_names: list[str] | tuple[str, ...] = (),
-                     rotate: bool = False,
+                     rotate: bool = False, rotate_ca: bool | None = None,
                      ) -> tuple[BrokerSecurityBundle, dict[str, BrokerSecurityBundle]]:
     """Write the hub broker (with its bridge connector) and every edge broker of
     ``network`` into ``out_dir``; spokes of an edge are also known to the hub broker, so a
@@ -238,7 +238,8 @@ def generate_network(out_dir: Path, network: BrokerNetwork, hub_identity: str = 
     bridges = {e.bridge_identity: sorted(e.spokes) for e in network.edges}
     hub = generate_broker_config(out_dir, hub_identity=hub_identity, spoke_ids=spokes,
                                  host=host, stomp_ssl_port=stomp_ssl_port,
-                                 server_names=server_names, rotate=rotate, bridges=bridges,
+                                 server_names=server_names, rotate=rotate,
+                                 rotate_ca=rotate_ca, bridges=bridges,
                                  bridge_port=network.hub_bridge_port)
     hub_bridge_host = network.hub_bridge_host or host
     out_dir = hub.out_dir
@@ -269,3 +270,24 @@ def load_edge(out_dir: Path, name: str, hub_identity: str = "hub") -> BrokerSecu
         if edge.name == name:
             return _edge_bundle(out_dir.resolve(), edge, hub_identity)
     raise ServiceError(f"no edge broker {name!r} in {out_dir}")
+
+
+def regenerate_brokers(out_dir: Path, hub_identity: str, spoke_ids: list[str], host: str,
+                       stomp_ssl_port: int, server_names: list[str], rotate: bool = False,
+                       rotate_ca: bool | None = None) -> BrokerSecurityBundle:
+    """Rewrite the hub broker and, when ``out_dir`` has a ``network.json``, its edge brokers,
+    for exactly ``spoke_ids`` (a spoke no longer listed, e.g. revoked, leaves its edge too).
+    What ``tributary pki`` calls, so issuing, rotating and revoking keep the bridges."""
+    path = out_dir.resolve() / NETWORK_FILE
+    if not path.exists():
+        return generate_broker_config(out_dir, hub_identity=hub_identity, spoke_ids=spoke_ids,
+                                      host=host, stomp_ssl_port=stomp_ssl_port,
+                                      server_names=server_names, rotate=rotate,
+                                      rotate_ca=rotate_ca)
+    network = load_network(out_dir)
+    for edge in network.edges:
+        edge.spokes = [s for s in edge.spokes if s in spoke_ids]
+    hub, _ = generate_network(out_dir, network, hub_identity=hub_identity, spoke_ids=spoke_ids,
+                              host=host, stomp_ssl_port=stomp_ssl_port,
+                              server_names=server_names, rotate=rotate, rotate_ca=rotate_ca)
+    return hub
