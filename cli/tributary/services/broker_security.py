@@ -25,7 +25,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -48,6 +48,16 @@ ALL_GROUP = "tributary.users"
 
 def _spoke_group(spoke_id: str) -> str:
     return f"tributary.spoke.{spoke_id}"
+
+
+#: Public names for :mod:`tributary.services.broker_network`, which writes edge brokers.
+def spoke_group(spoke_id: str) -> str:
+    return _spoke_group(spoke_id)
+
+
+def bridge_group(bridge: str) -> str:
+    """The group of a network bridge's identity (an edge broker's certificate)."""
+    return f"tributary.bridge.{bridge}"
 
 
 @dataclass(frozen=True)
@@ -122,26 +132,37 @@ def _entry(queue: str, read: list[str], write: list[str], admin: list[str]) -> s
             f"write={quoteattr(','.join(write))} admin={quoteattr(','.join(admin))}/>")
 
 
-def authorization_entries(spoke_ids: list[str]) -> list[str]:
+def authorization_entries(spoke_ids: list[str],
+                          bridges: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     """The authorization map. Each destination is listed with its complete ACLs, so the
     result is the same whether ActiveMQ unions the wildcard entry ``DLQ.>`` with a specific
     one or prefers the specific one. Destinations not listed are closed to every client.
 
     Consumers get ``write`` (and ``admin``) on the queue they read and on its dead-letter
     queue: without them ActiveMQ silently drops a NACKed message instead of dead-lettering it.
+
+    ``bridges`` maps a network bridge's identity to the spokes whose queues it carries: it
+    may read, write and create exactly the results queue, those spoke queues and their
+    dead-letter queues (a bridge consumes on one broker and produces on the other).
     """
+    bridges = bridges or {}
+    all_bridges = [bridge_group(b) for b in sorted(bridges)]
     results = _queue(RESULTS_QUEUE)
     entries = [
-        _entry(results, [HUB_GROUP], [HUB_GROUP, SPOKES_GROUP], [HUB_GROUP, SPOKES_GROUP]),
-        _entry(_queue(dead_letter_queue(RESULTS_QUEUE)), [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
+        _entry(results, [HUB_GROUP, *all_bridges], [HUB_GROUP, SPOKES_GROUP, *all_bridges],
+               [HUB_GROUP, SPOKES_GROUP, *all_bridges]),
+        _entry(_queue(dead_letter_queue(RESULTS_QUEUE)), [HUB_GROUP, *all_bridges],
+               [HUB_GROUP, *all_bridges], [HUB_GROUP, *all_bridges]),
         _entry("DLQ.>", [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
     ]
     for spoke_id in spoke_ids:
         own, queue = _spoke_group(spoke_id), spoke_queue(spoke_id)
+        carriers = [bridge_group(b) for b in sorted(bridges) if spoke_id in bridges[b]]
         entries += [
-            _entry(_queue(queue), [own], [HUB_GROUP, own], [HUB_GROUP, own]),
-            _entry(_queue(dead_letter_queue(queue)), [HUB_GROUP], [HUB_GROUP, own],
-                   [HUB_GROUP, own]),
+            _entry(_queue(queue), [own, *carriers], [HUB_GROUP, own, *carriers],
+                   [HUB_GROUP, own, *carriers]),
+            _entry(_queue(dead_letter_queue(queue)), [HUB_GROUP, *carriers],
+                   [HUB_GROUP, own, *carriers], [HUB_GROUP, own, *carriers]),
         ]
     # Connections, consumers and producers publish advisories in the client's name.
     entries.append(
@@ -179,8 +200,10 @@ def write_jaas(out_dir: Path, users: list[tuple[str, list[str]]]) -> Path:
 
 
 def _security_xml(spoke_ids: list[str], keystore: Path, truststore: Path,
-                  store_password: str) -> str:
-    entry_lines = "\n".join(f"              {e}" for e in authorization_entries(spoke_ids))
+                  store_password: str,
+                  bridges: Mapping[str, Sequence[str]] | None = None) -> str:
+    entry_lines = "\n".join(f"              {e}"
+                            for e in authorization_entries(spoke_ids, bridges))
     pw = quoteattr(store_password)
     return f"""    <plugins>
       <jaasCertificateAuthenticationPlugin configuration="{JAAS_REALM}"/>
@@ -206,20 +229,42 @@ _HEADER = re.compile(r"\A<!--.*?-->\s*", re.S)
 _CONNECTORS = re.compile(r"<transportConnectors>.*?</transportConnectors>", re.S)
 
 
-def render_config(host: str, port: int, security_xml: str) -> str:
+def security_xml(spoke_ids: list[str], keystore: Path, truststore: Path, store_password: str,
+                 bridges: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The ``<plugins>`` (certificate login, authorization map) and ``<sslContext>``."""
+    return _security_xml(spoke_ids, keystore, truststore, store_password, bridges)
+
+
+def render_config(host: str, port: int, security_xml: str, bridge_port: int | None = None,
+                  network_xml: str = "") -> str:
     """The plain broker template (same persistence, limits and dead-letter policy) with its
-    connector replaced by mutual-TLS STOMP and the security elements added."""
+    connector replaced by mutual-TLS STOMP and the security elements added.
+
+    ``bridge_port``: also accept network bridges from edge brokers there (OpenWire over
+    mutual TLS, the only transport ActiveMQ bridges speak). ``network_xml``: this broker's
+    own ``<networkConnectors>`` (an edge broker's bridge to the hub broker)."""
     template = resources.files("tributary.services").joinpath("activemq.xml").read_text()
     if not (_HEADER.search(template) and _CONNECTORS.search(template)
             and "  </broker>" in template):
         raise ServiceError("activemq.xml template changed shape; update broker_security.py")
     uri = (f"stomp+ssl://{host}:{port}?transport.needClientAuth=true"
            "&transport.maxFrameSize=4194304&transport.hbGracePeriodMultiplier=2")
+    bridge = ""
+    if bridge_port is not None:
+        bridge_uri = f"ssl://{host}:{bridge_port}?transport.needClientAuth=true"
+        # auditNetworkProducers: a message a bridge forwards again after a lost
+        # acknowledgement is recognised by its id and not stored twice.
+        bridge = (f'\n      <transportConnector name="bridges" uri={quoteattr(bridge_uri)} '
+                  'auditNetworkProducers="true"/>')
     connector = (f'<transportConnectors>\n      <transportConnector name="stomp+ssl" '
-                 f"uri={quoteattr(uri)}/>\n    </transportConnectors>")
+                 f"uri={quoteattr(uri)}/>{bridge}\n    </transportConnectors>")
     header = ("<!-- ActiveMQ Classic broker for Tributary with mutual TLS and per-identity\n"
               "     authorization, written by `tributary broker config`. Contains secrets. -->\n")
     xml = _CONNECTORS.sub(lambda _: connector, _HEADER.sub("", template, count=1), count=1)
+    if network_xml:
+        if "    <persistenceAdapter>" not in xml:
+            raise ServiceError("activemq.xml template changed shape; update broker_security.py")
+        xml = xml.replace("    <persistenceAdapter>", network_xml + "    <persistenceAdapter>", 1)
     return header + xml.replace("  </broker>", security_xml + "  </broker>", 1)
 
 
@@ -239,14 +284,18 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
                            stomp_ssl_port: int = DEFAULT_STOMP_SSL_PORT,
                            server_names: list[str] | tuple[str, ...] = (),
                            rotate: bool = False,
-                           rotate_ca: bool | None = None) -> BrokerSecurityBundle:
+                           rotate_ca: bool | None = None,
+                           bridges: Mapping[str, Sequence[str]] | None = None,
+                           bridge_port: int | None = None) -> BrokerSecurityBundle:
     """Write a mutual-TLS, per-identity ActiveMQ configuration into ``out_dir``.
 
     Idempotent: the CA, certificates and passwords already in ``out_dir`` are reused, so
     regenerating after a spoke joins does not disturb the others; ``rotate=True`` replaces
     all of them (``rotate_ca=False`` keeps the CA and re-issues every certificate it signed).
     ``server_names`` are extra DNS names or addresses for the broker's
-    certificate besides ``host``, ``127.0.0.1`` and ``localhost``.
+    certificate besides ``host``, ``127.0.0.1`` and ``localhost``. ``bridges`` and
+    ``bridge_port``: edge brokers' bridge identities and the spokes each carries, and the
+    port they connect to (:mod:`tributary.services.broker_network` writes the edges).
     """
     hub_identity = _validate_identity(hub_identity)
     spokes = sorted({_validate_identity(s) for s in spoke_ids})
@@ -280,10 +329,13 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
         identity = _prepare_identity(ca, identities_dir / spoke_id, spoke_id, rotate)
         spoke_identities[spoke_id] = identity
         users.append((spoke_id, [_spoke_group(spoke_id), SPOKES_GROUP, ALL_GROUP]))
+    bridges = {_validate_identity(b): sorted(carried) for b, carried in (bridges or {}).items()}
+    users += [(b, [bridge_group(b), ALL_GROUP]) for b in sorted(bridges)]
 
     config_path = out_dir / "activemq.xml"
     xml = render_config(host, stomp_ssl_port,
-                        _security_xml(spokes, keystore, truststore, store_password))
+                        _security_xml(spokes, keystore, truststore, store_password, bridges),
+                        bridge_port=bridge_port if bridges else None)
     pki.write_private(config_path, xml.encode())
     write_jaas(out_dir, users)
     (out_dir / "broker.json").write_text(json.dumps(

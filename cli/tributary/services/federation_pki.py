@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field
 
-from tributary.services import broker_security, objectstore, pki
+from tributary.services import broker_network, broker_security, objectstore, pki
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import ServiceError
 
@@ -128,7 +128,7 @@ def issue(out_dir: Path, hub_names: list[str] | None = None, spokes: list[str] |
                          "under a new id")
     spec.spokes = sorted(set(spec.spokes) | set(spokes or ()))
 
-    broker_security.generate_broker_config(
+    broker_network.regenerate_brokers(
         out_dir, hub_identity=spec.hub_identity, spoke_ids=spec.active_spokes,
         host=spec.broker_host, stomp_ssl_port=spec.broker_port,
         server_names=spec.hub_names, rotate=rotate or new_ca, rotate_ca=new_ca)
@@ -176,7 +176,7 @@ def revoke(out_dir: Path, spoke_id: str, store: ServiceSettings | None = None) -
     spec.revoked.setdefault(spoke_id, dt.datetime.now(dt.UTC))
     if store is not None:
         objectstore.revoke_spoke(store, spoke_id)
-    broker_security.generate_broker_config(
+    broker_network.regenerate_brokers(
         out_dir, hub_identity=spec.hub_identity, spoke_ids=spec.active_spokes,
         host=spec.broker_host, stomp_ssl_port=spec.broker_port, server_names=spec.hub_names)
     identity = out_dir / "identities" / spoke_id

@@ -168,7 +168,8 @@ def _sans(cert: x509.Certificate) -> set[str]:
 
 
 def _issue(ca: CertificateAuthority, cert_path: Path, key_path: Path, common_name: str,
-           usage: x509.ObjectIdentifier, sans: list[str], rotate: bool) -> IssuedCertificate:
+           usage: x509.ObjectIdentifier | list[x509.ObjectIdentifier], sans: list[str],
+           rotate: bool) -> IssuedCertificate:
     existing = None if rotate or ca.created else _load_pair(cert_path, key_path)
     if existing is not None:
         cert = existing[0]
@@ -191,7 +192,8 @@ def _issue(ca: CertificateAuthority, cert_path: Path, key_path: Path, common_nam
             digital_signature=True, content_commitment=False, key_encipherment=False,
             data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
             encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage if isinstance(usage, list) else [usage]),
+                       critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
                        critical=False)
     )
@@ -218,6 +220,17 @@ def issue_client_cert(ca: CertificateAuthority, directory: Path, identity: str,
     """``client.crt``/``client.key`` with CN = ``identity``, for TLS client authentication."""
     return _issue(ca, directory / "client.crt", directory / "client.key", identity,
                   ExtendedKeyUsageOID.CLIENT_AUTH, [], rotate)
+
+
+def issue_bridge_cert(ca: CertificateAuthority, directory: Path, identity: str,
+                      hosts: list[str], rotate: bool = False) -> IssuedCertificate:
+    """``server.crt``/``server.key`` for an edge broker: CN = ``identity`` (its bridge
+    identity at the hub broker) and both TLS usages, because ActiveMQ presents the one key
+    in its key store both to its own clients and to the hub broker it bridges to."""
+    hosts = list(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
+    return _issue(ca, directory / "server.crt", directory / "server.key", identity,
+                  [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], hosts,
+                  rotate)
 
 
 def write_keystore(path: Path, issued: IssuedCertificate, ca: CertificateAuthority,

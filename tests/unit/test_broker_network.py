@@ -1,0 +1,60 @@
+"""Edge brokers' options and the bridge identity's authorization, without a broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tributary.services.broker_network import (
+    BrokerNetwork,
+    EdgeBroker,
+    generate_network,
+    network_from_options,
+    regenerate_brokers,
+)
+from tributary.services.broker_security import authorization_entries, bridge_group
+
+
+def test_edge_options_parse_and_refuse_nonsense(tmp_path: Path) -> None:
+    spec = network_from_options(["eu=edge.example.org:61614"], ["eu=site-a"], "hub.example",
+                                61617, None)
+    assert spec is not None and spec.edges[0].spokes == ["site-a"]
+    assert spec.edges[0].bridge_identity == "bridge-eu"
+    assert network_from_options([], [], None, 61617, None) is None
+    for edges, attach in [(["eu=nohostport"], []), (["eu=h:1", "eu=h:2"], []),
+                          ([], ["eu=site-a"]), (["eu=h:1"], ["asia=site-a"]),
+                          (["EU!=h:1"], [])]:
+        with pytest.raises(ValueError):
+            network_from_options(edges, attach, None, 61617, None)
+    with pytest.raises(ValueError, match="both"):
+        BrokerNetwork(edges=[EdgeBroker(name="eu", host="h", spokes=["site-a"]),
+                             EdgeBroker(name="us", host="h", spokes=["site-a"])]
+                      ).check(["site-a"], "hub")
+    with pytest.raises(ValueError, match="clash"):
+        BrokerNetwork(edges=[EdgeBroker(name="eu", host="h")]).check(["bridge-eu"], "hub")
+
+
+def test_bridge_may_touch_only_results_and_its_spokes_queues() -> None:
+    entries = authorization_entries(["site-a", "site-b"], {"bridge-eu": ["site-a"]})
+    group = bridge_group("bridge-eu")
+    granted = [e for e in entries if group in e]
+    queues = sorted(e.split('queue="')[1].split('"')[0] for e in granted)
+    assert queues == ["DLQ.tributary.results", "DLQ.tributary.spoke.site-a",
+                      "tributary.results", "tributary.spoke.site-a"]
+
+
+def test_regenerating_for_fewer_spokes_takes_a_spoke_off_its_edge(tmp_path: Path) -> None:
+    network = BrokerNetwork(edges=[EdgeBroker(name="eu", host="127.0.0.1", port=61624,
+                                              spokes=["site-a", "site-b"])])
+    generate_network(tmp_path, network, spoke_ids=["site-c"])
+    users = tmp_path / "edges" / "eu" / "jaas" / "users.properties"
+    assert "site-b=CN=site-b" in users.read_text()
+    assert "hub-broker=CN=127.0.0.1" in users.read_text()
+    hub_xml = (tmp_path / "activemq.xml").read_text()
+    assert 'name="bridges"' in hub_xml and "bridge-eu" not in hub_xml.split("<plugins>")[0]
+
+    regenerate_brokers(tmp_path, "hub", ["site-a", "site-c"], "127.0.0.1", 61614, [])
+    assert "site-b" not in users.read_text()
+    assert "site-b" not in (tmp_path / "edges" / "eu" / "activemq.xml").read_text()
+    assert 'name="bridges"' in (tmp_path / "activemq.xml").read_text()
