@@ -17,6 +17,7 @@ from tributary.hub.models import (
     Algorithm,
     CaseAttempt,
     CaseResult,
+    CaseState,
     Experiment,
     ExperimentTarget,
     Spoke,
@@ -197,7 +198,7 @@ def case_page(session: Session, experiment_id: str, limit: int = DEFAULT_CASE_LI
     if spoke_id is not None:
         query = query.where(CaseResult.spoke_id == spoke_id)
     if state is not None:
-        query = query.where(CaseResult.state == state)
+        query = query.where(CaseResult.state == CaseState(state))
     if cursor:
         after_spoke, after_case = decode_cursor(cursor)
         query = query.where(or_(col(CaseResult.spoke_id) > after_spoke,
@@ -224,7 +225,7 @@ def case_page(session: Session, experiment_id: str, limit: int = DEFAULT_CASE_LI
 def any_case_in(session: Session, experiment_id: str, state: str) -> bool:
     """Whether some case of the experiment is in ``state`` (one indexed probe)."""
     return session.exec(select(CaseResult.id).where(
-        CaseResult.experiment_id == experiment_id, CaseResult.state == state).limit(1)
+        CaseResult.experiment_id == experiment_id, CaseResult.state == CaseState(state)).limit(1)
     ).first() is not None
 
 
@@ -233,7 +234,7 @@ def output_reads(session: Session, experiment_id: str) -> list[CaseRead]:
     attempts), for the results section's distribution plot."""
     rows = session.exec(select(CaseResult.spoke_id, CaseResult.case_id, CaseResult.output)
                         .where(CaseResult.experiment_id == experiment_id,
-                               CaseResult.state == "succeeded")).all()
+                               CaseResult.state == CaseState.SUCCEEDED)).all()
     return [CaseRead.model_construct(spoke_id=s, case_id=c, state="succeeded", output=o)
             for s, c, o in rows]
 
