@@ -117,13 +117,18 @@ class Feed:
     async def subscribe(self) -> tuple[asyncio.Queue[Any], Any]:
         """A queue of the states to come, and the current state."""
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=8)
-        if self.current is None:
-            self.current = await run_in_threadpool(self.compute)
-            self.polls += 1
+        # Read afresh for each new viewer (once per connection, not per second): a viewer
+        # reloading right after a change (a retry) must not be told the study is over.
+        await self._read()
         self.viewers.add(queue)
         if self.task is None:
             self.task = asyncio.create_task(self._run())
         return queue, self.current
+
+    async def _read(self) -> Any:
+        self.current = await run_in_threadpool(self.compute)
+        self.polls += 1
+        return self.current
 
     def unsubscribe(self, queue: asyncio.Queue[Any]) -> None:
         self.viewers.discard(queue)
@@ -134,11 +139,10 @@ class Feed:
                 await asyncio.sleep(POLL_SECONDS)
                 if not self.viewers:
                     break
-                state = await run_in_threadpool(self.compute)
-                self.polls += 1
-                if state == self.current:
+                before = self.current
+                state = await self._read()
+                if state == before:
                     continue
-                self.current = state
                 for queue in list(self.viewers):
                     if queue.full():  # a viewer that does not read keeps only the newest
                         with contextlib.suppress(asyncio.QueueEmpty):
