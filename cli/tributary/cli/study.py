@@ -109,12 +109,15 @@ def watch(
         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
     ) as progress:
         tasks: dict[str, Any] = {}
+        latest: dict[str, dict[str, Any]] = {}
         state = "unknown"
         for event, data in _events(client, experiment_id):
             if event != "progress":
                 continue
             experiment = data["experiment"]
             state = experiment["state"]
+            # The first event has every target; later ones (delta) only those that changed.
+            latest.update({t["spoke_id"]: t for t in experiment["targets"]})
             for target in experiment["targets"]:
                 spoke = target["spoke_id"]
                 if spoke not in tasks:
@@ -127,7 +130,7 @@ def watch(
                     detail += f": {target['reason']}"
                 progress.update(tasks[spoke], completed=done, total=target["case_count"],
                                 detail=detail)
-            failed = sum(t["failed"] for t in experiment["targets"])
+            failed = sum(t["failed"] for t in latest.values())
     console.print(f"{experiment_id} is [bold]{state}[/]"
                   + (f", [red]{failed} case(s) failed[/]" if failed else ""))
     if failed:
@@ -195,8 +198,13 @@ def fetch(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     with hub_client(hub, token, hub_ca) as client:
-        for name, path in (("experiment", ""), ("cases", "/cases"), ("aggregate", "/aggregate")):
-            data = check(client.get(f"/api/experiments/{experiment_id}{path}"), f"{name} fetch")
+        for name, path in (("experiment", ""), ("cases", "/cases?limit=1000"),
+                           ("aggregate", "/aggregate")):
+            response = client.get(f"/api/experiments/{experiment_id}{path}")
+            data = check(response, f"{name} fetch")
+            while name == "cases" and "next" in response.links:  # paginated: every page
+                response = client.get(response.links["next"]["url"])
+                data += check(response, f"{name} fetch")
             target = out / f"{experiment_id}-{name}.json"
             target.write_text(json.dumps(data, indent=2) + "\n")
             written.append(target)

@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse
 from jsonschema import Draft202012Validator
 from sqlmodel import Session, select
@@ -24,6 +24,7 @@ from tributary.hub.deps import (
 from tributary.hub.models import (
     Algorithm,
     CaseResult,
+    CaseState,
     Experiment,
     ExperimentState,
     ExperimentTarget,
@@ -44,7 +45,12 @@ from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
 from tributary.hub.services.anchors import anchors
 from tributary.hub.services.enrolment import active_keys
 from tributary.hub.services.launch import NotApproved, launch
-from tributary.hub.services.progress import case_reads, experiment_reads
+from tributary.hub.services.progress import (
+    DEFAULT_CASE_LIMIT,
+    MAX_CASE_LIMIT,
+    case_page,
+    experiment_reads,
+)
 from tributary.hub.services.progress import experiment_read as _experiment_read
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
@@ -204,12 +210,30 @@ def retry_cases(experiment_id: str, request: Request, body: RetryBody | None = N
 
 
 @router.get("/{experiment_id}/cases", response_model=list[CaseRead])
-def list_cases(experiment_id: str, session: Session = Depends(get_session),
+def list_cases(experiment_id: str, request: Request, response: Response,
+               limit: int = Query(DEFAULT_CASE_LIMIT, ge=1, le=MAX_CASE_LIMIT),
+               cursor: str | None = Query(None, max_length=2000),
+               spoke: str | None = Query(None, max_length=200),
+               state: CaseState | None = None,
+               failure_reason: str | None = Query(None, max_length=200),
+               session: Session = Depends(get_session),
                _reader: str = Depends(case_reader)) -> list[CaseRead]:
-    """Every case with its latest result, live progress while it runs, and the history of
-    its attempts (per-case data: coordinators only)."""
+    """One page of cases in (spoke, case) order, each with its latest result, live progress
+    while it runs, and the history of its attempts (per-case data: coordinators only).
+    Filter by ``spoke``, ``state`` and ``failure_reason``; the next page's address is in
+    the ``Link: <...>; rel="next"`` header (and its cursor in ``X-Next-Cursor``), absent on
+    the last page."""
     _get(session, experiment_id)
-    return case_reads(session, experiment_id)
+    try:
+        page = case_page(session, experiment_id, limit, cursor, spoke,
+                         state.value if state else None, failure_reason)
+    except ValueError:
+        raise HTTPException(422, "invalid cursor: use the one the previous page gave") from None
+    if page.next_cursor:
+        url = request.url.include_query_params(cursor=page.next_cursor)
+        response.headers["Link"] = f'<{url.path}?{url.query}>; rel="next"'
+        response.headers["X-Next-Cursor"] = page.next_cursor
+    return page.cases
 
 
 @router.get("/{experiment_id}/custody-gaps")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
-from fastapi.responses import Response
-from sqlmodel import Session
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from sqlalchemy import func
+from sqlmodel import Session, select
 
 from tributary.hub.aggregation.report import AggregateRead, ResultRow, SnapshotInfo
 from tributary.hub.deps import (
@@ -18,7 +19,7 @@ from tributary.hub.deps import (
     get_session,
     get_settings,
 )
-from tributary.hub.models import Experiment, Role, User
+from tributary.hub.models import CaseResult, Experiment, Role, User
 from tributary.hub.services import aggregation, audit, exports
 from tributary.hub.settings import HubSettings
 
@@ -111,36 +112,45 @@ def export_roc_csv(experiment_id: str, version: int | None = VERSION,
     return _csv(exports.roc_csv(report), f"{experiment_id}-roc.csv")
 
 
-def _results(session: Session, experiment_id: str, actor: str, fmt: str) -> list[ResultRow]:
+def _results(request: Request, session: Session, experiment_id: str, actor: str,
+             fmt: str) -> StreamingResponse:
+    """Every case's result, streamed from the database in chunks (constant memory
+    whatever the study's size); the export is audited before the first byte."""
     _experiment(session, experiment_id)
-    rows = exports.result_rows(session, experiment_id)
-    audit.record(session, actor, "results.exported", experiment_id, format=fmt,
-                 cases=len(rows))
+    count = session.exec(select(func.count()).select_from(CaseResult).where(
+        CaseResult.experiment_id == experiment_id)).one()
+    audit.record(session, actor, "results.exported", experiment_id, format=fmt, cases=count)
     session.commit()
-    return rows
+    engine = request.app.state.engine
+    if fmt == "csv":
+        return StreamingResponse(
+            exports.stream_results_csv(engine, experiment_id),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition":
+                     f'attachment; filename="{experiment_id}-results.csv"'})
+    return StreamingResponse(exports.stream_results_json(engine, experiment_id),
+                             media_type="application/json")
 
 
 @router.get("/{experiment_id}/results", response_model=list[ResultRow],
             responses={200: {"content": {"text/csv": {}}}})
-def get_results(experiment_id: str, format: Format = "json",
+def get_results(experiment_id: str, request: Request, format: Format = "json",
                 session: Session = Depends(get_session),
-                actor: str = Depends(case_reader)) -> list[ResultRow] | Response:
+                actor: str = Depends(case_reader)) -> StreamingResponse:
     """Every case: spoke, pseudonym, state, attempt, flattened outputs and released
     attributes (what the spokes released; no small-cell rule applies to single cases)."""
-    rows = _results(session, experiment_id, actor, format)
-    if format == "csv":
-        return _csv(exports.results_csv(rows), f"{experiment_id}-results.csv")
-    return rows
+    return _results(request, session, experiment_id, actor, format)
 
 
 @router.get("/{experiment_id}/results.json", response_model=list[ResultRow])
-def export_results_json(experiment_id: str, session: Session = Depends(get_session),
-                        actor: str = Depends(case_reader)) -> list[ResultRow]:
-    return _results(session, experiment_id, actor, "json")
+def export_results_json(experiment_id: str, request: Request,
+                        session: Session = Depends(get_session),
+                        actor: str = Depends(case_reader)) -> StreamingResponse:
+    return _results(request, session, experiment_id, actor, "json")
 
 
 @router.get("/{experiment_id}/results.csv", response_class=Response, responses=CSV)
-def export_results_csv(experiment_id: str, session: Session = Depends(get_session),
-                       actor: str = Depends(case_reader)) -> Response:
-    rows = _results(session, experiment_id, actor, "csv")
-    return _csv(exports.results_csv(rows), f"{experiment_id}-results.csv")
+def export_results_csv(experiment_id: str, request: Request,
+                       session: Session = Depends(get_session),
+                       actor: str = Depends(case_reader)) -> StreamingResponse:
+    return _results(request, session, experiment_id, actor, "csv")

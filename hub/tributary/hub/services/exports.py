@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from sqlmodel import Session, select
+from sqlalchemy import or_
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
 
 from tributary.hub.aggregation.report import AggregateRead, ResultRow
 from tributary.hub.models import CaseResult, CustodyGap, ExperimentTarget, GapState
@@ -26,6 +28,70 @@ def flatten(data: dict[str, Any] | None, prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+#: Rows read from the database per round trip while an export streams.
+CHUNK = 500
+_RESULT_FIELDS = (CaseResult.spoke_id, CaseResult.case_id, CaseResult.state,
+                  CaseResult.attempt, CaseResult.failure, CaseResult.finished_at,
+                  CaseResult.output, CaseResult.released)
+
+
+def iter_result_rows(engine: Engine, experiment_id: str) -> Iterator[ResultRow]:
+    """Every case as a :class:`ResultRow`, in (spoke, case) order, read in chunks of
+    ``CHUNK`` (keyset, own session: usable while a response streams) without custody."""
+    after: tuple[str, str] | None = None
+    while True:
+        with Session(engine) as session:
+            query = select(*_RESULT_FIELDS).where(CaseResult.experiment_id == experiment_id)
+            if after is not None:
+                query = query.where(or_(col(CaseResult.spoke_id) > after[0],
+                                        (col(CaseResult.spoke_id) == after[0])
+                                        & (col(CaseResult.case_id) > after[1])))
+            rows = session.exec(query.order_by(CaseResult.spoke_id, CaseResult.case_id)
+                                .limit(CHUNK)).all()
+        for spoke_id, case_id, state, attempt, failure, finished_at, output, released in rows:
+            yield ResultRow(spoke_id=spoke_id, case_id=case_id,
+                            state=getattr(state, "value", state), attempt=attempt,
+                            failure_reason=(failure or {}).get("reason") if failure else None,
+                            finished_at=finished_at, output=flatten(output),
+                            released=flatten(released))
+        if len(rows) < CHUNK:
+            return
+        after = (rows[-1][0], rows[-1][1])
+
+
+def stream_results_json(engine: Engine, experiment_id: str) -> Iterator[str]:
+    """The JSON array of :func:`iter_result_rows`, one row at a time."""
+    yield "["
+    for i, row in enumerate(iter_result_rows(engine, experiment_id)):
+        yield ("," if i else "") + row.model_dump_json()
+    yield "]\n"
+
+
+def stream_results_csv(engine: Engine, experiment_id: str) -> Iterator[str]:
+    """The CSV of :func:`results_csv`, streamed: a first pass collects the output and
+    released columns (the header needs them), a second writes the rows in chunks."""
+    outputs: set[str] = set()
+    released: set[str] = set()
+    for row in iter_result_rows(engine, experiment_id):
+        outputs.update(row.output)
+        released.update(row.released)
+    out_keys, rel_keys = sorted(outputs), sorted(released)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow([*RESULT_COLUMNS, *(f"output.{k}" for k in out_keys),
+                     *(f"released.{k}" for k in rel_keys)])
+    for i, r in enumerate(iter_result_rows(engine, experiment_id), 1):
+        writer.writerow([_cell(v) for v in (
+            r.spoke_id, r.case_id, r.state, r.attempt, r.failure_reason,
+            r.finished_at.isoformat() if r.finished_at else None,
+            *(r.output.get(k) for k in out_keys), *(r.released.get(k) for k in rel_keys))])
+        if i % CHUNK == 0:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
 
 
 def result_rows(session: Session, experiment_id: str) -> list[ResultRow]:

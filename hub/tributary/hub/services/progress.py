@@ -4,15 +4,20 @@ offline, the experiment waits for it in the broker" from "the spoke is working".
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from collections import Counter, defaultdict
 from datetime import datetime
 
-from sqlmodel import Session, select
+from sqlalchemy import func, or_
+from sqlmodel import Session, col, select
 
 from tributary.hub.models import (
     Algorithm,
     CaseAttempt,
     CaseResult,
+    CaseState,
     Experiment,
     ExperimentTarget,
     Spoke,
@@ -53,19 +58,41 @@ def waiting_for(target: ExperimentTarget, spoke: Spoke | None, online: bool,
     return None
 
 
+def state_counts(session: Session, experiment_ids: list[str]
+                 ) -> dict[tuple[str, str], Counter[str]]:
+    """Cases per (experiment, spoke) and state, counted by the database: never loads a
+    case row, so progress costs the same at 30 cases as at 30,000."""
+    counts: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    if not experiment_ids:
+        return counts
+    rows = session.exec(
+        select(CaseResult.experiment_id, CaseResult.spoke_id, CaseResult.state,
+               func.count()).where(col(CaseResult.experiment_id).in_(experiment_ids))
+        .group_by(CaseResult.experiment_id, CaseResult.spoke_id, CaseResult.state)).all()
+    for experiment_id, spoke_id, state, n in rows:
+        counts[(experiment_id, spoke_id)][getattr(state, "value", state)] = n
+    return counts
+
+
 def target_progress(session: Session, experiment_id: str,
-                    online_seconds: float = DEFAULT_ONLINE_SECONDS) -> list[TargetProgress]:
+                    online_seconds: float = DEFAULT_ONLINE_SECONDS,
+                    counted: dict[tuple[str, str], Counter[str]] | None = None,
+                    spokes: dict[str, Spoke] | None = None) -> list[TargetProgress]:
+    """Per target spoke: its state, case counts by state and what it waits for.
+    ``counted`` and ``spokes`` let a caller share one query across experiments."""
     targets = session.exec(select(ExperimentTarget).where(
         ExperimentTarget.experiment_id == experiment_id).order_by(ExperimentTarget.spoke_id)).all()
-    cases = session.exec(select(CaseResult).where(CaseResult.experiment_id == experiment_id)).all()
-    counts: dict[str, Counter[str]] = defaultdict(Counter)
-    for c in cases:
-        counts[c.spoke_id][c.state.value] += 1
+    if counted is None:
+        counted = state_counts(session, [experiment_id])
+    if spokes is None:
+        ids = [t.spoke_id for t in targets]
+        spokes = {s.id: s for s in session.exec(
+            select(Spoke).where(col(Spoke.id).in_(ids))).all()} if ids else {}
     reads = []
     for t in targets:
-        spoke = session.get(Spoke, t.spoke_id)
+        spoke = spokes.get(t.spoke_id)
         online = spoke is not None and is_online(spoke, online_seconds)
-        mine = counts[t.spoke_id]
+        mine = counted.get((experiment_id, t.spoke_id), Counter())
         reads.append(TargetProgress(
             spoke_id=t.spoke_id, state=t.state.value, reason=t.reason, case_count=t.case_count,
             queued=mine["queued"], running=mine["running"], succeeded=mine["succeeded"],
@@ -79,11 +106,15 @@ def experiment_reads(session: Session,
                      online_seconds: float = DEFAULT_ONLINE_SECONDS) -> list[ExperimentRead]:
     """Every experiment, newest first."""
     rows = session.exec(select(Experiment).order_by(Experiment.created_at.desc())).all()  # type: ignore[attr-defined]
-    return [experiment_read(session, e, online_seconds) for e in rows]
+    counted = state_counts(session, [e.id for e in rows])
+    spokes = {s.id: s for s in session.exec(select(Spoke)).all()}
+    return [experiment_read(session, e, online_seconds, counted, spokes) for e in rows]
 
 
 def experiment_read(session: Session, experiment: Experiment,
-                    online_seconds: float = DEFAULT_ONLINE_SECONDS) -> ExperimentRead:
+                    online_seconds: float = DEFAULT_ONLINE_SECONDS,
+                    counted: dict[tuple[str, str], Counter[str]] | None = None,
+                    spokes: dict[str, Spoke] | None = None) -> ExperimentRead:
     algorithm = session.get(Algorithm, experiment.algorithm_id)
     assert algorithm is not None
     return ExperimentRead(
@@ -97,23 +128,125 @@ def experiment_read(session: Session, experiment: Experiment,
         launched_at=experiment.launched_at, completed_at=experiment.completed_at,
         expires_at=experiment.expires_at, cancelled_at=experiment.cancelled_at,
         cancel_reason=experiment.cancel_reason,
-        targets=target_progress(session, experiment.id, online_seconds),
+        targets=target_progress(session, experiment.id, online_seconds, counted, spokes),
     )
 
 
+#: Default and largest page of the case list.
+DEFAULT_CASE_LIMIT = 100
+MAX_CASE_LIMIT = 1000
+
+
+class CasePage:
+    """One page of an experiment's cases in (spoke, case) order, with the cursor of the
+    next page (None on the last), filtered by spoke, state and failure reason."""
+
+    def __init__(self, cases: list[CaseRead], next_cursor: str | None) -> None:
+        self.cases, self.next_cursor = cases, next_cursor
+
+
+def encode_cursor(spoke_id: str, case_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([spoke_id, case_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """The (spoke, case) a cursor points after; ValueError if it is not one of ours."""
+    try:
+        spoke_id, case_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (ValueError, TypeError, binascii.Error) as exc:
+        raise ValueError("invalid cursor") from exc
+    if not isinstance(spoke_id, str) or not isinstance(case_id, str):
+        raise ValueError("invalid cursor")
+    return spoke_id, case_id
+
+
+def _attempts(session: Session, experiment_id: str, rows: list[CaseResult]
+              ) -> dict[tuple[str, str], list[AttemptRead]]:
+    history: dict[tuple[str, str], list[AttemptRead]] = defaultdict(list)
+    if not rows:
+        return history
+    wanted = {(r.spoke_id, r.case_id) for r in rows}
+    for a in session.exec(select(CaseAttempt).where(
+            CaseAttempt.experiment_id == experiment_id,
+            col(CaseAttempt.spoke_id).in_({s for s, _ in wanted}),
+            col(CaseAttempt.case_id).in_({c for _, c in wanted}))
+            .order_by(CaseAttempt.attempt)).all():
+        if (a.spoke_id, a.case_id) in wanted:
+            history[(a.spoke_id, a.case_id)].append(AttemptRead(
+                attempt=a.attempt, state=a.state.value, failure=a.failure,
+                started_at=a.started_at, finished_at=a.finished_at, received_at=a.received_at))
+    return history
+
+
+def _case_read(r: CaseResult, attempts: list[AttemptRead]) -> CaseRead:
+    return CaseRead(spoke_id=r.spoke_id, case_id=r.case_id, state=r.state.value,
+                    attempt=r.attempt, output=r.output, failure=r.failure,
+                    released=r.released or {}, image_digest=r.image_digest,
+                    started_at=r.started_at, finished_at=r.finished_at,
+                    progress_fraction=r.progress_fraction, progress_message=r.progress_message,
+                    progress_at=r.progress_at, note=r.note, attempts=attempts)
+
+
+def case_page(session: Session, experiment_id: str, limit: int = DEFAULT_CASE_LIMIT,
+              cursor: str | None = None, spoke_id: str | None = None,
+              state: str | None = None, failure_reason: str | None = None) -> CasePage:
+    """One page of cases (keyset pagination on the unique (spoke, case) order, so a page
+    costs the same wherever it starts and no case is skipped or repeated while others
+    arrive). Raises ValueError for a bad cursor."""
+    limit = max(1, min(limit, MAX_CASE_LIMIT))
+    query = select(CaseResult).where(CaseResult.experiment_id == experiment_id)
+    if spoke_id is not None:
+        query = query.where(CaseResult.spoke_id == spoke_id)
+    if state is not None:
+        query = query.where(CaseResult.state == CaseState(state))
+    if cursor:
+        after_spoke, after_case = decode_cursor(cursor)
+        query = query.where(or_(col(CaseResult.spoke_id) > after_spoke,
+                                (col(CaseResult.spoke_id) == after_spoke)
+                                & (col(CaseResult.case_id) > after_case)))
+    query = query.order_by(CaseResult.spoke_id, CaseResult.case_id)
+    if failure_reason is None:
+        rows = list(session.exec(query.limit(limit + 1)).all())
+    else:  # the reason lives in JSON: filtered here, still read in bounded chunks
+        rows = []
+        for r in session.exec(query.execution_options(yield_per=500)):
+            if (r.failure or {}).get("reason") == failure_reason:
+                rows.append(r)
+                if len(rows) > limit:
+                    break
+    more = len(rows) > limit
+    rows = rows[:limit]
+    history = _attempts(session, experiment_id, rows)
+    reads = [_case_read(r, history[(r.spoke_id, r.case_id)]) for r in rows]
+    last = rows[-1] if more and rows else None
+    return CasePage(reads, encode_cursor(last.spoke_id, last.case_id) if last else None)
+
+
+def any_case_in(session: Session, experiment_id: str, state: str) -> bool:
+    """Whether some case of the experiment is in ``state`` (one indexed probe)."""
+    return session.exec(select(CaseResult.id).where(
+        CaseResult.experiment_id == experiment_id, CaseResult.state == CaseState(state)).limit(1)
+    ).first() is not None
+
+
+def output_reads(session: Session, experiment_id: str) -> list[CaseRead]:
+    """Succeeded cases' spoke, state and output only (no custody, released data nor
+    attempts), for the results section's distribution plot."""
+    rows = session.exec(select(CaseResult.spoke_id, CaseResult.case_id, CaseResult.output)
+                        .where(CaseResult.experiment_id == experiment_id,
+                               CaseResult.state == CaseState.SUCCEEDED)).all()
+    return [CaseRead.model_construct(spoke_id=s, case_id=c, state="succeeded", output=o)
+            for s, c, o in rows]
+
+
 def case_reads(session: Session, experiment_id: str) -> list[CaseRead]:
-    rows = session.exec(select(CaseResult).where(CaseResult.experiment_id == experiment_id)
-                        .order_by(CaseResult.spoke_id, CaseResult.case_id)).all()
+    """Every case (for callers that need them all at once; prefer :func:`case_page`)."""
+    rows = list(session.exec(select(CaseResult).where(CaseResult.experiment_id == experiment_id)
+                             .order_by(CaseResult.spoke_id, CaseResult.case_id)).all())
     history: dict[tuple[str, str], list[AttemptRead]] = defaultdict(list)
     for a in session.exec(select(CaseAttempt).where(CaseAttempt.experiment_id == experiment_id)
                           .order_by(CaseAttempt.attempt)).all():
         history[(a.spoke_id, a.case_id)].append(AttemptRead(
             attempt=a.attempt, state=a.state.value, failure=a.failure, started_at=a.started_at,
             finished_at=a.finished_at, received_at=a.received_at))
-    return [CaseRead(spoke_id=r.spoke_id, case_id=r.case_id, state=r.state.value,
-                     attempt=r.attempt, output=r.output, failure=r.failure,
-                     released=r.released or {}, image_digest=r.image_digest,
-                     started_at=r.started_at, finished_at=r.finished_at,
-                     progress_fraction=r.progress_fraction, progress_message=r.progress_message,
-                     progress_at=r.progress_at, note=r.note,
-                     attempts=history[(r.spoke_id, r.case_id)]) for r in rows]
+    return [_case_read(r, history[(r.spoke_id, r.case_id)]) for r in rows]

@@ -238,12 +238,29 @@ async function refreshResults(root) {
   if (html !== null && mine === resultsRequest) document.getElementById("results").innerHTML = html;
 }
 
+let casesRequest = 0;
+/** Re-read the page of cases the table shows (same cursor and filters) from the API. */
+async function refreshCases(root) {
+  const table = document.getElementById("cases");
+  if (!table) return; // users who may not see per-case data have no case table
+  const mine = ++casesRequest;
+  const page = new URLSearchParams(window.location.search);
+  const query = new URLSearchParams();
+  ["cursor", "spoke", "state"].forEach((k) => { if (page.get(k)) query.set(k, page.get(k)); });
+  const response = await fetch(`/api/experiments/${root.dataset.experiment}/cases?${query}`,
+    { credentials: "same-origin", headers: { Accept: "application/json" } });
+  if (!response.ok || mine !== casesRequest) return;
+  const cases = await response.json();
+  const rows = cases.map((c) => el("tr", {}, caseCells(c)));
+  table.replaceChildren(
+    ...(rows.length ? rows : [el("tr", {}, el("td", { colspan: "5" }, "No case has started yet."))]));
+}
+
 function wireLiveExperiment() {
   const root = document.getElementById("experiment");
   if (!root || !root.dataset.live || !window.EventSource) return;
   const live = document.getElementById("live");
   const source = new EventSource(root.dataset.live);
-  let finished = "";
   let timer = null;
   let last = 0;
   // Plots are drawn on the hub: redraw at most every few seconds however fast cases finish.
@@ -254,29 +271,41 @@ function wireLiveExperiment() {
   };
   source.addEventListener("open", () => { live.textContent = "live"; live.classList.add("on"); });
   source.addEventListener("error", () => { live.textContent = "reconnecting…"; live.classList.remove("on"); });
+  // The first event carries every target; later ones ("delta") only the targets that
+  // changed and the aggregate snapshot's version: rows are patched in place, and the
+  // results section is re-read only when the snapshot (or the experiment's state) changes.
+  const targets = new Map();
+  let snapshot = null;
+  let casesTimer = null;
+  let casesLast = 0;
+  const scheduleCases = () => { // one page of at most 100 cases, at most every 2 seconds
+    if (casesTimer) return;
+    const wait = Math.max(0, casesLast + 2000 - Date.now());
+    casesTimer = setTimeout(() => { casesTimer = null; casesLast = Date.now(); refreshCases(root); }, wait);
+  };
   source.addEventListener("progress", (event) => {
-    const { experiment, cases } = JSON.parse(event.data);
+    const { experiment, snapshot: version, delta } = JSON.parse(event.data);
     const state = document.getElementById("experiment-state");
     state.replaceWith(Object.assign(badge(experiment.state), { id: "experiment-state" }));
+    const moved = root.dataset.state !== experiment.state;
     root.dataset.state = experiment.state;
+    const body = document.getElementById("progress");
+    experiment.targets.forEach((t) => {
+      targets.set(t.spoke_id, t);
+      const row = el("tr", { "data-spoke": t.spoke_id }, progressCells(t));
+      const old = [...body.children].find((r) => r.dataset.spoke === t.spoke_id);
+      if (old) old.replaceWith(row); else body.append(row);
+    });
     // Buttons that only make sense in some states (launch, cancel) go when it moves on.
-    const anyFailed = cases.some((c) => c.state === "failed");
+    const anyFailed = [...targets.values()].some((t) => t.failed > 0);
     root.querySelectorAll("[data-while]").forEach((button) => {
       button.hidden = !button.dataset.while.split(" ").includes(experiment.state)
         || (button.hasAttribute("data-when-failed") && !anyFailed);
     });
-    document.getElementById("progress").replaceChildren(
-      ...experiment.targets.map((t) => el("tr", { "data-spoke": t.spoke_id }, progressCells(t))));
-    // Users who may not see per-case data get no cases and have no case table.
-    const table = document.getElementById("cases");
-    const rows = cases.map((c) => el("tr", {}, caseCells(c)));
-    if (table) table.replaceChildren(
-      ...(rows.length ? rows : [el("tr", {}, el("td", { colspan: "5" }, "No case has started yet."))]));
-    const done = table
-      ? cases.filter((c) => c.state === "succeeded" || c.state === "failed").length
-      : JSON.stringify(experiment.targets);
-    const key = `${experiment.state}:${done}`;
-    if (key !== finished) { finished = key; scheduleResults(); }
+    const changed = snapshot !== null && version !== snapshot;
+    snapshot = version;
+    if (changed || moved) scheduleResults();
+    if (delta && experiment.targets.length) scheduleCases();
   });
   source.addEventListener("end", () => {
     source.close();
@@ -285,6 +314,8 @@ function wireLiveExperiment() {
     clearTimeout(timer);
     timer = "done"; // no more scheduled redraws: this one is final
     refreshResults(root);
+    clearTimeout(casesTimer);
+    refreshCases(root);
   });
 }
 

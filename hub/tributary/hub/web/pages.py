@@ -14,17 +14,23 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from tributary.hub.deps import bearer_scheme, current_user, get_session, may_see_cases
-from tributary.hub.models import Experiment, ExperimentState, Role, User
+from tributary.hub.models import CaseResult, CaseState, Experiment, ExperimentState, Role, User
 from tributary.hub.services import algorithms as algorithm_versions
 from tributary.hub.services import audit
 from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import cohort_sizes, count_reads
 from tributary.hub.services.deadletters import list_dead_letters
 from tributary.hub.services.enrolment import enrolled_spokes, keys_by_spoke
-from tributary.hub.services.progress import case_reads, experiment_read, experiment_reads
+from tributary.hub.services.progress import (
+    any_case_in,
+    case_page,
+    experiment_read,
+    experiment_reads,
+    output_reads,
+)
 from tributary.hub.services.spokes import spoke_reads
 from tributary.hub.services.users import revoke_token
 from tributary.hub.signin import (
@@ -176,24 +182,46 @@ def _experiment_or_404(session: Session, experiment_id: str) -> Experiment:
 
 def _results_context(request: Request, session: Session, experiment: Experiment,
                      quantity: str | None, metric: str | None, user: User) -> dict[str, Any]:
-    """What GET /api/experiments/{id}, .../cases and .../aggregate return to ``user``, for
-    the page: no case (nor any distribution of per-case outputs) for a user who may not see
-    per-case data."""
+    """What GET /api/experiments/{id} and .../aggregate return to ``user``, for the
+    results section: no distribution of per-case outputs for a user who may not see
+    per-case data. Progress comes from counts; only succeeded outputs are read."""
     read = experiment_read(session, experiment, request.app.state.settings.spoke_online_seconds)
     show_cases = may_see_cases(user)
-    cases = case_reads(session, experiment.id) if show_cases else []
+    outputs = output_reads(session, experiment.id) if show_cases else []
     report = latest(session, experiment, request.app.state.settings.min_cell_size)
-    return {"e": read, "cases": cases, "show_cases": show_cases,
-            "results": results_view(read, report, cases, quantity, metric)}
+    has_cases = show_cases and session.exec(select(CaseResult.id).where(
+        CaseResult.experiment_id == experiment.id).limit(1)).first() is not None
+    return {"e": read, "show_cases": show_cases, "has_cases": has_cases,
+            "results": results_view(read, report, outputs, quantity, metric)}
 
 
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)
 def experiment_page(experiment_id: str, request: Request, quantity: str | None = None,
-                    metric: str | None = None, session: Session = Depends(get_session),
+                    metric: str | None = None, cursor: str | None = None,
+                    spoke: str | None = None, state: str | None = None,
+                    session: Session = Depends(get_session),
                     user: User = Depends(page_user)) -> HTMLResponse:
+    """The experiment, its progress and results, and one page of its cases (as GET
+    /api/experiments/{id}/cases, same cursor and filters)."""
     experiment = _experiment_or_404(session, experiment_id)
-    return _render(request, "experiment.html", user,
-                   **_results_context(request, session, experiment, quantity, metric, user))
+    context = _results_context(request, session, experiment, quantity, metric, user)
+    cases, next_url = [], None
+    if context["show_cases"]:
+        if state not in {s.value for s in CaseState}:
+            state = None
+        try:
+            page = case_page(session, experiment.id, cursor=cursor, spoke_id=spoke or None,
+                             state=state)
+        except ValueError:
+            page = case_page(session, experiment.id, spoke_id=spoke or None, state=state)
+        cases = page.cases
+        if page.next_cursor:
+            url = request.url.include_query_params(cursor=page.next_cursor)
+            next_url = f"{url.path}?{url.query}#cases"
+    return _render(request, "experiment.html", user, cases=cases, next_url=next_url,
+                   any_failed=any_case_in(session, experiment.id, CaseState.FAILED.value),
+                   spoke_filter=spoke or "", state_filter=state or "",
+                   case_states=[s.value for s in CaseState], paged=bool(cursor), **context)
 
 
 @router.get("/experiments/{experiment_id}/results", response_class=HTMLResponse)
@@ -201,7 +229,7 @@ def experiment_results_fragment(experiment_id: str, request: Request,
                                 quantity: str | None = None, metric: str | None = None,
                                 session: Session = Depends(get_session),
                                 user: User = Depends(page_user)) -> HTMLResponse:
-    """The results section alone: the page swaps it in when progress changes."""
+    """The results section alone: the page swaps it in when the snapshot changes."""
     experiment = _experiment_or_404(session, experiment_id)
     return _render(request, "_results.html", user,
                    **_results_context(request, session, experiment, quantity, metric, user))
