@@ -55,7 +55,7 @@ from tributary.hub.models import (
 from tributary.hub.services.ingest import ingest
 from tributary.hub.settings import HubSettings
 from tributary.hub.signin import TOKEN_COOKIE
-from tributary.protocol.broker import BrokerSettings, Delivery, StompClient
+from tributary.protocol.broker import BrokerSettings, Delivery, PublishError, StompClient
 from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import ExperimentState as SpokeState
 from tributary.protocol.signing import PublicKey
@@ -138,6 +138,28 @@ def raw_broker_rate(settings: BrokerSettings, bodies: list[str], budget: float) 
     finally:
         publisher.close()
         consumer.close()
+
+
+def drain(settings: BrokerSettings, destination: str, idle: float = 3.0) -> int:
+    """Consume and drop what the hub left on ``destination`` when a budget stopped it, so
+    that the shared broker keeps nothing of this run."""
+    client = StompClient(settings, "bench-drain").start(30)
+    dropped: queue.Queue[int] = queue.Queue()
+
+    def handle(delivery: Delivery) -> None:
+        client.ack(delivery)
+        dropped.put(1)
+
+    client.subscribe(destination, handle)
+    count = 0
+    try:
+        while True:
+            dropped.get(timeout=idle)
+            count += 1
+    except queue.Empty:
+        return count
+    finally:
+        client.close()
 
 
 # -- the hub in-process ------------------------------------------------------------------
@@ -271,7 +293,10 @@ def through_broker(federation: LocalFederation, client: StompClient, study: Stud
                 allowed.acquire()
             if stop.is_set():
                 return
-            client.publish(destination, body)
+            try:
+                client.publish(destination, body)
+            except PublishError:
+                return  # the run is over and the client closed
 
     checkpoints_set = set(checkpoints)
     thread = threading.Thread(target=publisher, daemon=True)
@@ -338,15 +363,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         federation = LocalFederation(Path(tmp) / "fed", service_settings,
                                      hub_env={"TRIBUTARY_HUB_VERIFY_REGISTRY": "false"})
+        broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
+                                federation=federation.federation)
         try:
             federation.start_hub()
             hub_pid = federation.processes["hub"].popen.pid
             spokes = [SimSpoke(f"sim{i:03d}") for i in range(n_spokes)]
             progress(f"enrolling {n_spokes} spokes and launching")
             experiment_id = launch(federation, spokes)
-            broker = BrokerSettings(host=service_settings.host,
-                                    port=service_settings.broker_port,
-                                    federation=federation.federation)
             client = StompClient(broker, "bench-simspokes").start(30)
             hub_keys = [PublicKey.load(Path(f"{federation.hub_key_path}.pub"))]
             for spoke in spokes:
@@ -376,6 +400,9 @@ def main() -> None:
             client.close()
         finally:
             federation.stop()
+            left = drain(broker, results_queue(federation.federation))
+            if left:
+                progress(f"dropped {left} messages the hub had not consumed")
 
     progress("in-process ingestion of the same messages")
     inproc_rate, inproc_reached, inproc_windows = in_process(experiment_id, spokes, study,
