@@ -303,7 +303,7 @@ def through_broker(federation: LocalFederation, client: StompClient, study: Stud
     t0 = time.perf_counter()
     spent = 0.0  # time spent sampling pages, not counted in the rate
     thread.start()
-    reached, window_start, window_done = 0, t0, 0
+    reached, window_start, window_done, last_report = 0, t0, 0, t0
     pending = sorted(c for c in checkpoints if c <= len(study.results))
     try:
         while pending:
@@ -319,6 +319,10 @@ def through_broker(federation: LocalFederation, client: StompClient, study: Stud
                 window_start, window_done = time.perf_counter(), reached
                 allowed.release()
                 continue
+            if now - last_report > 15:
+                last_report = now
+                progress(f"through broker: {reached} stored, "
+                         f"{(reached - window_done) / (now - window_start):.1f}/s in this window")
             if now - t0 - spent > budget:
                 progress(f"through broker: budget spent at {reached} stored results")
                 if reached > window_done:
