@@ -197,8 +197,11 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
             with Session(engine) as session:
                 ingest(session, message)
 
+        t_open = time.perf_counter()
         for body in study.opening:
             feed(body)
+        progress(f"in-process: {len(study.opening)} accepted statuses and heartbeats "
+                 f"({len(study.results)} case rows) in {time.perf_counter() - t_open:.1f} s")
         rates: dict[int, float] = {}
         done, t0 = 0, time.perf_counter()
         window_start, window_done = t0, 0
@@ -246,6 +249,7 @@ def sample_pages(federation: LocalFederation, experiment_id: str,
                 if response.status_code >= 400:
                     size = -response.status_code
             figures[page] = (p95(times), size)
+            progress(f"{page}: p95 {figures[page][0]:.1f} ms, {size} bytes")
     return figures
 
 
@@ -254,6 +258,13 @@ def stored(engine: object, experiment_id: str) -> int:
         return int(session.exec(select(func.count()).select_from(CaseResult).where(
             CaseResult.experiment_id == experiment_id,
             CaseResult.state == CaseState.SUCCEEDED)).one())
+
+
+def rows(engine: object, experiment_id: str) -> int:
+    """Case rows of the study, whatever their state (accepted case lists create them)."""
+    with Session(engine) as session:  # type: ignore[arg-type]
+        return int(session.exec(select(func.count()).select_from(CaseResult).where(
+            CaseResult.experiment_id == experiment_id)).one())
 
 
 def launch(federation: LocalFederation, spokes: list[SimSpoke]) -> str:
@@ -282,8 +293,17 @@ def through_broker(federation: LocalFederation, client: StompClient, study: Stud
     checkpoint publishing pauses while the pages are sampled."""
     engine = make_engine(f"sqlite:///{federation.hub_dir / 'hub.db'}", migrate=False)
     destination = results_queue(client.settings.federation)
+    t_open = time.perf_counter()
     for body in study.opening:
         client.publish(destination, body)
+    while rows(engine, study.experiment_id) < len(study.results):
+        if time.perf_counter() - t_open > budget:
+            progress("through broker: budget spent before every case list was accepted")
+            break
+        time.sleep(0.5)
+    progress(f"through broker: {len(study.opening)} accepted statuses and heartbeats "
+             f"({rows(engine, study.experiment_id)} case rows) in "
+             f"{time.perf_counter() - t_open:.1f} s")
     allowed = threading.Semaphore(0)
     stop = threading.Event()
 
