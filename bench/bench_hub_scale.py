@@ -296,7 +296,14 @@ def through_broker(federation: LocalFederation, client: StompClient, study: Stud
     t_open = time.perf_counter()
     for body in study.opening:
         client.publish(destination, body)
-    while rows(engine, study.experiment_id) < len(study.results):
+    # Accepted case lists create the case rows today; should they stop doing so, waiting
+    # ends once the count stays put for 20 s.
+    seen, since = -1, time.perf_counter()
+    while (count := rows(engine, study.experiment_id)) < len(study.results):
+        if count != seen:
+            seen, since = count, time.perf_counter()
+        elif time.perf_counter() - since > 20:
+            break
         if time.perf_counter() - t_open > budget:
             progress("through broker: budget spent before every case list was accepted")
             break
