@@ -411,6 +411,9 @@ def main() -> None:
                      f"{total} results")
             study = Study(experiment_id, spokes, cases)
 
+            progress("in-process ingestion of the same messages")
+            inproc_rate, inproc_reached, inproc_windows = in_process(
+                experiment_id, spokes, study, checkpoints, budget)
             progress("raw broker baseline")
             raw = raw_broker_rate(broker, study.results[:min(total, 3000)], 30)
             print(f"raw broker (publish confirmed + consume acked, persistent): "
@@ -435,9 +438,6 @@ def main() -> None:
             if left:
                 progress(f"dropped {left} messages the hub had not consumed")
 
-    progress("in-process ingestion of the same messages")
-    inproc_rate, inproc_reached, inproc_windows = in_process(experiment_id, spokes, study,
-                                                             checkpoints, budget)
 
     print(f"\n{'results':>8} {'broker/s':>9} {'in-proc/s':>10} {'raw/s':>7} "
           f"{'hub CPU ms/result':>18} {'raw ms/msg':>11} {'hub RSS MB':>11}")
