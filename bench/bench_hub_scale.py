@@ -353,7 +353,9 @@ def through_broker(federation: LocalFederation, client: StompClient, study: Stud
             if now - t0 - spent > budget:
                 progress(f"through broker: budget spent at {reached} stored results")
                 if reached > window_done:
+                    pause = time.perf_counter()
                     at_checkpoint(reached, (reached - window_done) / (now - window_start))
+                    spent += time.perf_counter() - pause
                 break
             time.sleep(0.5)
     finally:
@@ -456,8 +458,12 @@ def main() -> None:
     print(f"in-process: {inproc_reached} results at {inproc_rate:.1f}/s overall; "
           f"through broker: {broker_reached} results at {broker_rate:.1f}/s overall")
     size = rows[-1][0] if rows else 0
-    print(f"hub-scale: ingest {inproc_rate:.0f}/s in-process, {broker_rate:.0f}/s through "
+    print(f"hub-scale: ingest {rate(inproc_rate)}/s in-process, {rate(broker_rate)}/s through "
           f"broker (raw broker {raw:.0f}/s); p95 {worst:.0f} ms at {size} cases")
+
+
+def rate(value: float) -> str:
+    return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
 if __name__ == "__main__":
