@@ -458,11 +458,12 @@ def main() -> None:
     print(f"in-process: {inproc_reached} results at {inproc_rate:.1f}/s overall; "
           f"through broker: {broker_reached} results at {broker_rate:.1f}/s overall")
     size = rows[-1][0] if rows else 0
-    print(f"hub-scale: ingest {rate(inproc_rate)}/s in-process, {rate(broker_rate)}/s through "
-          f"broker (raw broker {raw:.0f}/s); p95 {worst:.0f} ms at {size} cases")
+    print(f"hub-scale: ingest {per_second(inproc_rate)}/s in-process, "
+          f"{per_second(broker_rate)}/s through broker (raw broker {raw:.0f}/s); "
+          f"p95 {worst:.0f} ms at {size} cases")
 
 
-def rate(value: float) -> str:
+def per_second(value: float) -> str:
     return f"{value:.0f}" if value >= 10 else f"{value:.1f}"
 
 
