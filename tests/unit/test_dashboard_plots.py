@@ -104,3 +104,12 @@ def test_titles_are_escaped() -> None:
     root = _parse(svg)
     assert root.get("aria-label") == 'Distribution of x" onload="alert(1) per spoke'
     assert root.get("onload") is None
+
+
+def test_roc_curves_for_more_spokes_than_colours() -> None:
+    """A study of two hundred hospitals draws, rather than failing with StopIteration."""
+    from tributary.hub.services.plots import roc_curves
+
+    curves = {f"site-{i:03d}": [(0.0, 0.0), (0.2, 0.7), (1.0, 1.0)] for i in range(200)}
+    svg = roc_curves({**curves, "pooled": [(0.0, 0.0), (0.3, 0.8), (1.0, 1.0)]})
+    assert svg.count("site-199") >= 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import html
 import io
+import itertools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -126,7 +127,7 @@ def roc_curves(curves: Mapping[str, Sequence[tuple[float, float]]],
     figure = _figure(4.0, 3.8)
     axes = figure.subplots()
     axes.plot([0, 1], [0, 1], color="#c3c9d3", linestyle="--", linewidth=1)
-    colour = iter(PALETTE * 4)
+    colour = itertools.cycle(PALETTE)  # any number of spokes (200 is not unusual)
     for name, points in curves.items():
         if not points:
             continue
