@@ -12,19 +12,24 @@ from typing import Any
 
 from . import __version__
 from .contract import CONTRACT_VERSION
-from .tools import ToolError, build_image, print_result, push_image, run_local
+from .localtest import run_test
+from .tools import ToolError, build_image, push_image
 from .tools.build import DEFAULT_PYTHON_VERSION, default_platforms, default_wheel_cache
+from .tools.scaffold import LANGUAGES, init_algorithm
 
 _DESCRIPTION = f"""\
 Developer tools for Tributary algorithm images (algorithm contract {CONTRACT_VERSION}).
 
+  init   write a new algorithm folder that builds and passes `test` as it is
   build  make an image whose Python packages install offline from wheels/
   push   push it to a registry and print the pinned reference REPO@sha256:...
-  test   run it on local DICOM folders with the same mounts and isolation as a spoke
+  test   run it on local cases with the same mounts and isolation as a spoke
 """
 
 _EPILOG = """\
 examples:
+  tributary-algorithm init my-algorithm && tributary-algorithm test my-algorithm
+  tributary-algorithm test my-algorithm --cohort cohort/
   tributary-algorithm build examples/lung_nodule --tag lung-nodule:dev
   tributary-algorithm push lung-nodule:dev --repository 127.0.0.1:5000/algorithms/lung-nodule
   tributary-algorithm test lung-nodule:dev --dicom cohort/CASE_FOLDER \\
@@ -134,22 +139,59 @@ def make_parser() -> argparse.ArgumentParser:
         "is read from TRIBUTARY_REGISTRY_PASSWORD or asked for",
     )
 
+    init = sub.add_parser(
+        "init",
+        help="start a new algorithm",
+        description="Write a new algorithm folder NAME (Dockerfile taking BASE_IMAGE, entry "
+        "point, argument schema, algorithm.toml, a sample case, a test, README) that "
+        "`tributary-algorithm test NAME` passes as written.",
+    )
+    init.add_argument("name", metavar="NAME", help="the algorithm's name (lower case)")
+    init.add_argument(
+        "--language",
+        choices=LANGUAGES,
+        default="python",
+        help="python (the SDK) or other (a shell entry point to replace with your "
+        "program; the README shows how to ship its dependencies offline)",
+    )
+    init.add_argument(
+        "--dir", type=Path, metavar="DIR", help="where to write it (default: ./NAME)"
+    )
+
     test = sub.add_parser(
         "test",
-        help="run an image on local DICOM folders like a spoke",
-        description="Run IMAGE on the DICOM under --dicom exactly as a spoke would: every "
-        "folder holding files is one series (DIR itself if it holds files), mounted read-only "
-        "with a generated participant JSON; no network, read-only root, user 65534, no "
-        "capabilities, memory/CPU/pids limits. Then output.json is checked like the spoke "
-        "does. Exit status 0 when the run succeeded with a valid output, 1 otherwise.",
+        help="run an image (or build and run a folder) on local cases like a spoke",
+        description="Run IMAGE, or the image built from an algorithm folder DIR, on local "
+        "cases exactly as a spoke would: each series mounted read-only with a generated "
+        "participant JSON; no network, read-only root, user 65534, no capabilities, "
+        "memory/CPU/pids limits; then output.json is checked like the spoke does. "
+        "--cohort runs one case per patient on copies de-identified by the spoke's own "
+        "engine; --dicom runs one case; with neither, DIR/testdata/ holds the cases. "
+        "Exit status 0 when every case succeeded with a valid output, 1 otherwise.",
     )
-    test.add_argument("image", metavar="IMAGE", help="image tag or ID to run")
-    test.add_argument(
+    test.add_argument("image", metavar="IMAGE|DIR", help="image tag or ID, or a folder "
+                      "with a Dockerfile (built first)")
+    data = test.add_mutually_exclusive_group()
+    data.add_argument(
         "--dicom",
-        required=True,
         type=Path,
         metavar="DIR",
         help="folder with the series of one case",
+    )
+    data.add_argument(
+        "--cohort",
+        type=Path,
+        metavar="DIR",
+        help="folder of cases (one per patient, as the example generator writes them), "
+        "each de-identified by the spoke's engine (needs tributary-spoke) and run separately",
+    )
+    test.add_argument(
+        "--base-image",
+        metavar="IMAGE",
+        help="when building DIR: passed as build argument BASE_IMAGE",
+    )
+    test.add_argument(
+        "--sdk", metavar="PATH", type=Path, help="when building DIR: as for build"
     )
     test.add_argument(
         "--args",
@@ -163,7 +205,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         metavar="DIR",
-        help="keep output.json here (default: a temporary folder)",
+        help="keep output.json here, in one folder per case for several cases "
+        "(default: a temporary folder)",
     )
     test.add_argument(
         "--timeout",
@@ -242,40 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                                             username=args.username, password=password)
             print(f"{repository}@{digest}")
             return 0
-        result = run_local(
-            args.image,
-            args.dicom,
-            arguments=args.arguments,
-            output_dir=args.output,
-            timeout=args.timeout,
-            tmpfs_mb=args.tmpfs_mb,
-            memory_mb=args.memory_mb,
-            cpus=args.cpus,
-            pids_limit=args.pids_limit,
-        )
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "exit_code": result.exit_code,
-                        "meaning": result.meaning,
-                        "outcome": result.outcome,
-                        "timed_out": result.timed_out,
-                        "oom_killed": result.oom_killed,
-                        "duration_s": result.duration_s,
-                        "output": result.output,
-                        "output_error": result.output_error,
-                        "output_problem": result.output_problem,
-                        "container": result.container,
-                        "stderr": result.stderr,
-                        "participant": result.participant,
-                    },
-                    indent=2,
-                )
-            )
-        else:
-            print_result(result)
-        return 0 if result.ok else 1
+        if args.command == "init":
+            target = args.dir or Path(args.name)
+            written = init_algorithm(target, args.name, args.language)
+            print(f"wrote {len(written)} files to {target}/:")
+            for path in written:
+                print(f"  {path.relative_to(target)}")
+            print(f"next: tributary-algorithm test {target}")
+            return 0
+        return run_test(args)
     except ToolError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -167,10 +167,21 @@ def build_participant(
     names (which at a hospital often contain a patient's name) never reach the algorithm.
     """
     root = Path(dicom_dir).resolve()
+    return participant_for_series(find_series_dirs(root), _pseudonym("c", "case", root),
+                                  experiment_id=experiment_id)
+
+
+def participant_for_series(
+    folders: Sequence[Path], case_id: str, *, experiment_id: str = "local-test"
+) -> LocalParticipant:
+    """The participant JSON of one case made of these series folders (each mounted at
+    ``/tributary/input/series-NNN``), under the pseudonymous ``case_id``."""
     series = []
     mounts = []
-    for index, folder in enumerate(find_series_dirs(root), start=1):
+    for index, folder in enumerate(folders, start=1):
         files = _visible_files(folder)
+        if not files:
+            raise ToolError(f"series folder {folder} holds no files")
         container_path = f"{INPUT_ROOT}/series-{index:03d}"
         series.append(
             {
@@ -183,7 +194,7 @@ def build_participant(
         mounts.append((folder, container_path))
     participant = {
         "contract_version": CONTRACT_VERSION,
-        "case_id": _pseudonym("c", "case", root),
+        "case_id": case_id,
         "experiment_id": experiment_id,
         "series": [
             {
@@ -311,7 +322,37 @@ def run_local(
     it a temporary folder is used and removed. The container is killed after ``timeout``
     seconds and always removed afterwards.
     """
-    local = build_participant(dicom_dir, experiment_id=experiment_id)
+    return run_participant(
+        image,
+        build_participant(dicom_dir, experiment_id=experiment_id),
+        arguments=arguments,
+        output_dir=output_dir,
+        timeout=timeout,
+        memory_mb=memory_mb,
+        cpus=cpus,
+        pids_limit=pids_limit,
+        tmpfs_mb=tmpfs_mb,
+        output_limit_bytes=output_limit_bytes,
+        docker=docker,
+    )
+
+
+def run_participant(
+    image: str,
+    local: LocalParticipant,
+    *,
+    arguments: Mapping[str, Any] | None = None,
+    output_dir: PathLike | None = None,
+    timeout: float = 3600.0,
+    memory_mb: int = 2048,
+    cpus: float = 1.0,
+    pids_limit: int = 256,
+    tmpfs_mb: int = 512,
+    output_limit_bytes: int = DEFAULT_OUTPUT_LIMIT_BYTES,
+    docker: str = "docker",
+) -> LocalRunResult:
+    """Run ``image`` on one prepared case (:func:`build_participant`,
+    :func:`participant_for_series`) in the spoke's sandbox, and judge it like a spoke."""
     args_obj = dict(arguments or {})
     algo_arg = {
         "contract_version": CONTRACT_VERSION,

@@ -1,5 +1,7 @@
 """Algorithm versions, always pinned by manifest digest."""
 
+from typing import Any
+
 from fastapi import APIRouter, Depends, HTTPException, Request
 from jsonschema import Draft202012Validator, SchemaError
 from sqlmodel import Session, select
@@ -43,6 +45,12 @@ def register_algorithm(body: AlgorithmCreate, session: Session = Depends(get_ses
         Algorithm.name == body.name, Algorithm.version == body.version)).first()
     if existing is not None:
         raise HTTPException(409, f"{body.name} {body.version} is already registered")
+    same_image = session.exec(select(Algorithm).where(
+        Algorithm.name == body.name, Algorithm.digest == body.digest)).first()
+    if same_image is not None:
+        raise HTTPException(409, f"{body.digest} is already registered as {body.name} "
+                                 f"{same_image.version} (id {same_image.id}); a new version "
+                                 f"needs a new image (rebuild after your change)")
     if settings.verify_registry:
         try:
             verify_manifest(body.repository, body.digest, settings)
@@ -77,14 +85,25 @@ def _check_release(session: Session, body: AlgorithmCreate, actor: str) -> str:
         match = next((p for p in publishers if p.keyid == keyid), None)
         if match is None:
             raise SignatureError("signed by a key that is not a registered publisher")
-        verify_release(body.release_signature, [PublicKey.from_pem(match.public_key_pem)],
-                       body.digest)
+        predicate = verify_release(body.release_signature,
+                                   [PublicKey.from_pem(match.public_key_pem)], body.digest)
+        _same_release(predicate, body)
     except SignatureError as exc:
         audit.record(session, actor, "algorithm.refused", f"{body.name} {body.version}",
                      reason=f"release signature: {exc}")
         session.commit()
         raise HTTPException(422, f"image refused: release signature {exc}") from None
     return match.name
+
+
+def _same_release(predicate: dict[str, Any], body: AlgorithmCreate) -> None:
+    """The signed statement names the algorithm and version being registered: a signature
+    for "demo 1" must not vouch for the same image registered as "demo 2" or "other 1"."""
+    signed = (predicate.get("name"), predicate.get("version"))
+    if signed != (body.name, body.version):
+        raise SignatureError(f"names {signed[0]} {signed[1]}, not {body.name} {body.version} "
+                             f"(sign the release with --name {body.name} --version "
+                             f"{body.version})")
 
 
 @router.post("/{algorithm_id}/reviews", response_model=Algorithm)
