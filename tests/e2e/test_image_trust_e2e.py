@@ -83,7 +83,10 @@ class Registered:
 
 def register(federation: LocalFederation, image: tuple[str, str],
              signature: dict | None) -> Registered:
-    body = {"name": f"trusted-{uuid.uuid4().hex[:6]}", "version": "1", "repository": image[0],
+    name = f"trusted-{uuid.uuid4().hex[:6]}"
+    if signature is not None:  # the hub refuses a statement for another name or version
+        name = json.loads(base64.b64decode(signature["payload"]))["predicate"]["name"]
+    body = {"name": name, "version": "1", "repository": image[0],
             "digest": image[1], "release_signature": signature}
     with federation.api() as api:
         response = api.post("/api/algorithms", json=body)
@@ -120,7 +123,9 @@ def spoke_refusals(federation: LocalFederation, spoke: str) -> list[dict]:
 
 
 def sign(key: SigningKey, image: tuple[str, str]) -> dict:
-    return sign_release(key, image[0], image[1], "trusted-demo", "1", "Good Publisher")
+    """A release of a version of its own (name ``trusted-…``, version 1)."""
+    return sign_release(key, image[0], image[1], f"trusted-{uuid.uuid4().hex[:6]}", "1",
+                        "Good Publisher")
 
 
 def test_signed_image_runs(federation: LocalFederation, trust: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ import waits until the command runs so the rest of the CLI works without the tes
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -53,7 +54,20 @@ def demo(
             console.print(f"[red]--hosts cannot run here:[/] {why}")
             raise typer.Exit(1)
     counts = [int(c) for c in cases.split(",") if c.strip()]
+    stop_on_signals()
     compose = (ServiceSettings(broker_port=broker_port, registry_port=registry_port)
                if containers else None)
     run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console,
              containers=compose, hosts=hosts)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM (a service manager, ``kill``) and SIGHUP (the terminal closing) stop the demo
+    the way Ctrl-C does: the hub, the spokes and the demo's broker are stopped, not left
+    running as orphans (Python's default for SIGTERM ends the process on the spot)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)

@@ -102,39 +102,82 @@ def watch(
     token: TokenOption = "",
     hub_ca: HubCaOption = None,
 ) -> None:
-    """A progress bar per spoke until the study is over (exit 1 if any case failed)."""
-    failed = 0
-    with hub_client(hub, token, hub_ca, timeout=None) as client, Progress(
-        TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
-    ) as progress:
-        tasks: dict[str, Any] = {}
-        latest: dict[str, dict[str, Any]] = {}
-        state = "unknown"
-        for event, data in _events(client, experiment_id):
-            if event != "progress":
-                continue
-            experiment = data["experiment"]
-            state = experiment["state"]
-            # The first event has every target; later ones (delta) only those that changed.
-            latest.update({t["spoke_id"]: t for t in experiment["targets"]})
-            for target in experiment["targets"]:
-                spoke = target["spoke_id"]
-                if spoke not in tasks:
-                    tasks[spoke] = progress.add_task(spoke, total=None, detail="")
-                done = target["succeeded"] + target["failed"]
-                detail = f"{target['state']}"
-                if target["failed"]:
-                    detail += f", {target['failed']} failed"
-                if target["reason"]:
-                    detail += f": {target['reason']}"
-                progress.update(tasks[spoke], completed=done, total=target["case_count"],
-                                detail=detail)
-            failed = sum(t["failed"] for t in latest.values())
-    console.print(f"{experiment_id} is [bold]{state}[/]"
-                  + (f", [red]{failed} case(s) failed[/]" if failed else ""))
-    if failed:
+    """A progress bar per spoke until the study is over. Exit 1 if any spoke refused it or
+    any case failed, each reason printed in full (a case's log tail too, where the site
+    releases it)."""
+    with hub_client(hub, token, hub_ca, timeout=None) as client:
+        with Progress(
+            TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+        ) as progress:
+            tasks: dict[str, Any] = {}
+            latest: dict[str, dict[str, Any]] = {}
+            state = "unknown"
+            for event, data in _events(client, experiment_id):
+                if event != "progress":
+                    continue
+                experiment = data["experiment"]
+                state = experiment["state"]
+                # The first event has every target; later ones (delta) only those changed.
+                latest.update({t["spoke_id"]: t for t in experiment["targets"]})
+                for target in experiment["targets"]:
+                    spoke = target["spoke_id"]
+                    if spoke not in tasks:
+                        tasks[spoke] = progress.add_task(spoke, total=None, detail="")
+                    done = target["succeeded"] + target["failed"]
+                    detail = f"{target['state']}"
+                    if target["failed"]:
+                        detail += f", {target['failed']} failed"
+                    progress.update(tasks[spoke], completed=done, total=target["case_count"],
+                                    detail=detail)
+        failed_cases = (_failed_cases(client, experiment_id)
+                        if any(t["failed"] for t in latest.values()) else [])
+    problems = report_problems(experiment_id, state, list(latest.values()), failed_cases)
+    if problems:
         raise typer.Exit(1)
+
+
+def _failed_cases(client: httpx.Client, experiment_id: str) -> list[dict[str, Any]]:
+    """Every failed case of the study (all pages)."""
+    response = client.get(f"/api/experiments/{experiment_id}/cases",
+                          params={"state": "failed", "limit": 1000})
+    cases: list[dict[str, Any]] = check(response, "failed cases")
+    while "next" in response.links:
+        response = client.get(response.links["next"]["url"])
+        cases += check(response, "failed cases")
+    return cases
+
+
+def report_problems(experiment_id: str, state: str, targets: list[dict[str, Any]],
+                    failed_cases: list[dict[str, Any]]) -> int:
+    """Print the study's ending: every refusal and every failed case with its reason in
+    full. Returns how many problems there were (0: every target completed cleanly)."""
+    from rich.markup import escape
+
+    refused = [t for t in targets if t["state"] in ("refused", "cancelled")]
+    failed = sum(t["failed"] for t in targets)
+    summary = f"{experiment_id} is [bold]{state}[/]"
+    if refused:
+        summary += f", [red]{len(refused)} of {len(targets)} spoke(s) did not run it[/]"
+    if failed:
+        summary += f", [red]{failed} case(s) failed[/]"
+    console.print(summary)
+    for target in refused:
+        console.print(f"[red]{target['spoke_id']} {target['state']}:[/] "
+                      f"{escape(target.get('reason') or 'no reason given')}",
+                      soft_wrap=True, highlight=False)
+    for case in failed_cases:
+        failure = case.get("failure") or {}
+        exit_code = failure.get("exit_code")
+        console.print(f"[red]{case['spoke_id']} case {case['case_id']} failed "
+                      f"({failure.get('reason', '?')}"
+                      + (f", exit code {exit_code}" if exit_code is not None else "")
+                      + "):[/] " + escape(failure.get("detail") or ""),
+                      soft_wrap=True, highlight=False)
+        if failure.get("log_tail"):
+            console.print(escape(failure["log_tail"].rstrip()), soft_wrap=True,
+                          highlight=False, style="dim")
+    return len(refused) + failed
 
 
 @app.command("list")

@@ -84,6 +84,7 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
     if containers:
         console.rule("1. Images and services (docker-compose)")
         compose = ComposeFederation(root, settings, hub_port)
+        cleanup.callback(compose.stop)
         with console.status("building the broker, registry, hub and spoke images…"):
             compose.build()
         compose.start_services()
@@ -156,7 +157,9 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
             broker = generate_broker_config(root / "broker", spoke_ids=spoke_ids,
                                             host=settings.host, stomp_ssl_port=free_port())
             start_broker(broker)
+            cleanup.callback(stop_broker, broker)
         federation = LocalFederation(root, settings, hub_port, secure_broker=broker)
+        cleanup.callback(federation.stop)
     # On separate hosts, a site's data is on its own host (under its own folder).
     data = {spoke_id: root / "spokes" / spoke_id / "data" if hosts else root / "data" / spoke_id
             for spoke_id in spoke_ids}
@@ -239,14 +242,34 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
                       f"{root / 'results.json'}   logs: {root / 'logs'}")
         console.print(f"Sign in as [bold]admin[/] with the password "
                       f"[bold]{federation.admin_password}[/] (made for this demo run only).")
+        print_people(console, federation, root, developer)
         if wait:
-            console.print("The federation keeps running; press Ctrl-C to stop it.")
+            console.print("The federation keeps running; press Ctrl-C (or send SIGTERM) to "
+                          "stop it.")
             while all(p.alive() for p in federation.processes.values()):
                 time.sleep(1)
         return report
     except KeyboardInterrupt:
         return {}
-    finally:
-        federation.stop()
-        if broker is not None:
-            stop_broker(broker)
+
+
+def print_people(console: Console, federation: LocalFederation, root: Path,
+                 developer: dict[str, Any]) -> None:
+    """Who a developer can be in the running demo, and the publisher key to publish with
+    (docs/algorithm-sdk.md, "Publishing into the demo")."""
+    console.rule("Sign in")
+    console.print(f"  {'admin':<11} password [bold]{federation.admin_password}[/]  "
+                  "(administrator, coordinator: registers publishers, launches studies)")
+    for username, password, organisation in federation.reviewers():
+        console.print(f"  {username:<11} password [bold]{password}[/]  (reviewer, "
+                      f"{organisation})")
+    if developer:
+        console.print(f"  {developer['username']:<11} password [bold]{developer['password']}"
+                      "[/]  (developer: pushes to the registry)")
+    console.print("  These accounts are made for this demo run only.")
+    console.print(f"  Publisher key: {root / 'publisher.key'} (public: "
+                  f"{root / 'publisher.key.pub'}), registered at the hub as "
+                  "[bold]Tributary examples[/] and trusted by every spoke")
+    console.print(f"  Publish into it:  export TRIBUTARY_HUB_URL={federation.hub_url}\n"
+                  "    export TRIBUTARY_TOKEN=$(tributary login admin)\n"
+                  f"    tributary algorithm publish DIR --key {root / 'publisher.key'}")

@@ -145,6 +145,8 @@ class LocalFederation:
     #: ``hosts.hub_address``); None: every process on this machine's loopback.
     hosts: Hosts | None = None
     _reviewers: list[str] = field(default_factory=list)
+    #: (username, password, organisation) of the reviewers :meth:`reviewer_tokens` made.
+    _reviewer_accounts: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def hub_dir(self) -> Path:
@@ -345,7 +347,13 @@ class LocalFederation:
                                                  "roles": ["reviewer"], "organisation": org}
                              ).raise_for_status()
                     self._reviewers.append(self.sign_in(name, password))
+                    self._reviewer_accounts.append((name, password, org))
         return self._reviewers
+
+    def reviewers(self) -> list[tuple[str, str, str]]:
+        """(username, password, organisation) of the two reviewers, made on first use."""
+        self.reviewer_tokens()
+        return list(self._reviewer_accounts)
 
     def register_algorithm(self, approve: bool = True, **body: Any) -> dict[str, Any]:
         """Register an algorithm version and, unless told not to, have it approved under

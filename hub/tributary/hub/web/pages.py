@@ -16,8 +16,16 @@ from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
 from sqlmodel import Session, select
 
-from tributary.hub.deps import bearer_scheme, current_user, get_session, may_see_cases
-from tributary.hub.models import CaseResult, CaseState, Experiment, ExperimentState, Role, User
+from tributary.hub.deps import RowId, bearer_scheme, current_user, get_session, may_see_cases
+from tributary.hub.models import (
+    Algorithm,
+    CaseResult,
+    CaseState,
+    Experiment,
+    ExperimentState,
+    Role,
+    User,
+)
 from tributary.hub.services import algorithms as algorithm_versions
 from tributary.hub.services import audit
 from tributary.hub.services.aggregation import AGGREGATORS, latest
@@ -246,10 +254,31 @@ def spokes_page(request: Request, session: Session = Depends(get_session),
 @router.get("/algorithms", response_class=HTMLResponse)
 def algorithms_page(request: Request, session: Session = Depends(get_session),
                     user: User = Depends(page_user)) -> HTMLResponse:
-    rows = [{"a": a, "state": algorithm_versions.state(a),
-             "reviews": algorithm_versions.reviews(session, a.id or 0)}
-            for a in algorithm_versions.algorithms(session)]
-    return _render(request, "algorithms.html", user, algorithms=rows)
+    rows = [_algorithm_row(session, a) for a in algorithm_versions.algorithms(session)]
+    return _render(request, "algorithms.html", user, algorithms=rows,
+                   publishers=algorithm_versions.publishers(session))
+
+
+def _algorithm_row(session: Session, algorithm: Algorithm) -> dict[str, Any]:
+    return {"a": algorithm, "state": algorithm_versions.state(algorithm),
+            "reviews": algorithm_versions.reviews(session, algorithm.id or 0),
+            "release": algorithm_versions.signature_facts(algorithm.release_signature),
+            "approval": algorithm_versions.signature_facts(algorithm.approval)}
+
+
+@router.get("/algorithms/{algorithm_id}", response_class=HTMLResponse)
+def algorithm_page(algorithm_id: RowId, request: Request,
+                   session: Session = Depends(get_session),
+                   user: User = Depends(page_user)) -> HTMLResponse:
+    """One version: its image, signatures and reviews (the link `publish` prints), the
+    review form, and the other versions of the same algorithm."""
+    algorithm = session.get(Algorithm, algorithm_id)
+    if algorithm is None:
+        raise HTTPException(404, "no such algorithm version")
+    versions = [{"a": v, "state": algorithm_versions.state(v)}
+                for v in algorithm_versions.versions(session, algorithm.name)]
+    return _render(request, "algorithm.html", user, row=_algorithm_row(session, algorithm),
+                   versions=versions)
 
 
 @router.get("/audit", response_class=HTMLResponse)
