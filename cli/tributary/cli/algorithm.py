@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.console import Console
 
-app = typer.Typer(help="Publisher tools: keys and release signatures for algorithm "
-                       "images.", no_args_is_help=True)
+app = typer.Typer(help="Algorithm versions: publish (build, push, sign, register), list, "
+                       "show and review them; publisher keys and release signatures.",
+                  no_args_is_help=True)
 console = Console()
 
 if TYPE_CHECKING:
@@ -130,3 +131,16 @@ def verify(
     if not verified:
         console.print(f"[red]no signature by a trusted key for {reference}[/]")
         raise typer.Exit(1)
+
+
+def _assemble() -> None:
+    """The developer's and reviewer's commands, each in a module of its own."""
+    from tributary.cli import algorithm_publish, algorithm_review
+
+    app.command("publish")(algorithm_publish.publish)
+    app.command("list")(algorithm_review.list_versions)
+    app.command("show")(algorithm_review.show)
+    app.command("review")(algorithm_review.review)
+
+
+_assemble()

@@ -13,7 +13,9 @@ from tributary.cli import (
     contract,
     counts,
     demo,
+    login,
     pki,
+    publisher,
     services,
     study,
 )
@@ -32,6 +34,7 @@ app.add_typer(contract.app, name="contract")
 app.add_typer(broker.app, name="broker")
 app.add_typer(pki.app, name="pki")
 app.add_typer(algorithm.app, name="algorithm")
+app.add_typer(publisher.app, name="publisher")
 app.add_typer(audit.app, name="audit")
 app.add_typer(counts.app, name="counts")
 app.add_typer(study.app, name="study")
@@ -39,6 +42,7 @@ app.add_typer(dlq.app, name="dlq")
 app.add_typer(gaps.app, name="gaps")
 app.add_typer(bundle.app, name="bundle")
 app.command("demo")(demo.demo)
+app.command("login")(login.login)
 
 if __name__ == "__main__":
     app()
