@@ -8,6 +8,7 @@ stays standard-library only."""
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -83,11 +84,16 @@ def prepare_cohort(cohort_dir: Path, workdir: Path | None = None) -> PreparedCoh
         policy={"attributes_file": ATTRIBUTES_FILE if has_attributes else None},
         catalog={"workers": max(1, min(4, (os.cpu_count() or 1) - 1))},
     )
+    spoke_log = logging.getLogger("tributary.spoke")
+    level = spoke_log.level
+    spoke_log.setLevel(logging.ERROR)  # exclusions are reported below, once, in a sentence
     try:
         report = ingest(config)
     except Exception as exc:  # a spoke would refuse to run on a store it cannot build
         raise ToolError(f"ingesting {cohort_dir} like a spoke failed: "
                         f"{type(exc).__name__}: {exc}") from None
+    finally:
+        spoke_log.setLevel(level)
     with open_catalog(config) as catalog:
         profile = catalog.deid_profile() or "?"
         catalog_cases = catalog.cases()

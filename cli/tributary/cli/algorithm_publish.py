@@ -122,8 +122,9 @@ def publish(
                  f"at {hub}; an administrator registers it with `tributary publisher register "
                  f"NAME --key {key}.pub` or on the dashboard's Algorithms page")
         console.print(f"publisher   {publisher['name']} (key {signing_key.keyid[:16]}…)")
-        taken = [a for a in check(client.get("/api/algorithms"), "reading the algorithms")
-                 if a["name"] == manifest.name and a["version"] == manifest.version]
+        versions = [a for a in check(client.get("/api/algorithms"), "reading the algorithms")
+                    if a["name"] == manifest.name]
+        taken = [a for a in versions if a["version"] == manifest.version]
         if taken:
             fail(f"{label} is already registered (id {taken[0]['id']}); a new image is a new "
                  "version: raise `version` in algorithm.toml or pass --version")
@@ -141,6 +142,11 @@ def publish(
         except ToolError as exc:
             fail(str(exc))
         console.print(f"pushed      {repository}@{digest}", soft_wrap=True)
+        same = next((a for a in versions if a["digest"] == digest), None)
+        if same is not None:
+            fail(f"this image ({digest}) is already registered as {manifest.name} "
+                 f"{same['version']} (id {same['id']}): nothing changed since, so there is "
+                 "nothing new to publish (rebuild after your change)")
         release = sign_release(signing_key, repository, digest, manifest.name,
                                manifest.version, publisher["name"])
         host, path = split_repository(repository)

@@ -240,9 +240,7 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
         console.print(f"\nDashboard: [bold]{federation.hub_url}/experiments/{experiment['id']}[/]"
                       f"   API: {federation.hub_url}/docs\nFull results: "
                       f"{root / 'results.json'}   logs: {root / 'logs'}")
-        console.print(f"Sign in as [bold]admin[/] with the password "
-                      f"[bold]{federation.admin_password}[/] (made for this demo run only).")
-        print_people(console, federation, root, developer)
+        print_people(console, federation, root, developer, settings)
         if wait:
             console.print("The federation keeps running; press Ctrl-C (or send SIGTERM) to "
                           "stop it.")
@@ -254,7 +252,7 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
 
 
 def print_people(console: Console, federation: LocalFederation, root: Path,
-                 developer: dict[str, Any]) -> None:
+                 developer: dict[str, Any], settings: ServiceSettings) -> None:
     """Who a developer can be in the running demo, and the publisher key to publish with
     (docs/algorithm-sdk.md, "Publishing into the demo")."""
     console.rule("Sign in")
@@ -270,6 +268,9 @@ def print_people(console: Console, federation: LocalFederation, root: Path,
     console.print(f"  Publisher key: {root / 'publisher.key'} (public: "
                   f"{root / 'publisher.key.pub'}), registered at the hub as "
                   "[bold]Tributary examples[/] and trusted by every spoke")
-    console.print(f"  Publish into it:  export TRIBUTARY_HUB_URL={federation.hub_url}\n"
+    console.print("  Publish into it (docs/algorithm-sdk.md):\n"
+                  f"    export TRIBUTARY_HUB_URL={federation.hub_url}\n"
                   "    export TRIBUTARY_TOKEN=$(tributary login admin)\n"
-                  f"    tributary algorithm publish DIR --key {root / 'publisher.key'}")
+                  f"    tributary algorithm publish DIR --key {root / 'publisher.key'} "
+                  f"--registry {settings.registry} --base-image {settings.base_image}",
+                  soft_wrap=True)
