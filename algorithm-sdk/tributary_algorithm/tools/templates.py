@@ -8,8 +8,8 @@ MANIFEST = """\
 name = "{name}"
 version = "0.1.0"
 description = "{description}"
-# How the hub pools the cases' outputs: summary (every numeric output field), binary,
-# nodule-detection. `tributary algorithm publish --help` lists them.
+# How the hub pools the cases' outputs: summary (every numeric output field),
+# binary-classification, nodule-detection (docs/aggregation.md in Tributary).
 aggregator = "summary"
 arguments_schema = "arguments.schema.json"
 """

@@ -90,8 +90,8 @@ def publish(
     version: Annotated[str | None, typer.Option(help="Overrides algorithm.toml.")] = None,
     description: Annotated[str | None, typer.Option(help="Overrides algorithm.toml.")] = None,
     aggregator: Annotated[str | None, typer.Option(
-        help="Overrides algorithm.toml: how the hub pools outputs (summary, binary, "
-             "nodule-detection).")] = None,
+        help="Overrides algorithm.toml: how the hub pools outputs (summary, "
+             "binary-classification, nodule-detection).")] = None,
     hub: HubOption = "http://127.0.0.1:8000",
     token: TokenOption = "",
     hub_ca: HubCaOption = None,
