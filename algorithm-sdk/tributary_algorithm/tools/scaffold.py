@@ -87,6 +87,7 @@ def sample_slice(seed: uuid.UUID, index: int, size: int = 8) -> bytes:
     ct = b"1.2.840.10008.5.1.4.1.1.2"
     instance = _uid(seed, f"instance-{index}").encode()
     us = lambda v: struct.pack("<H", v)  # noqa: E731
+    offset = seed.int % 997  # distinct pixels per seed: a spoke drops duplicate pixel data
     dataset = b"".join([
         _element(0x0008, 0x0016, "UI", ct),
         _element(0x0008, 0x0018, "UI", instance),
@@ -106,7 +107,7 @@ def sample_slice(seed: uuid.UUID, index: int, size: int = 8) -> bytes:
         _element(0x0028, 0x0102, "US", us(11)),
         _element(0x0028, 0x0103, "US", us(0)),
         _element(0x7FE0, 0x0010, "OW",
-                 b"".join(us((x * 37 + index * 11) % 4096) for x in range(size * size))),
+                 b"".join(us((x * 37 + index * 11 + offset) % 4096) for x in range(size * size))),
     ])
     meta = b"".join([
         _element(0x0002, 0x0001, "OB", b"\0\1"),
