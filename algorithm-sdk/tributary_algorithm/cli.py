@@ -17,6 +17,10 @@ from .tools import ToolError, build_image, push_image
 from .tools.build import DEFAULT_PYTHON_VERSION, default_platforms, default_wheel_cache
 from .tools.scaffold import LANGUAGES, init_algorithm
 
+#: A base image for every build here, e.g. one already on a machine without Docker Hub
+#: (``tributary services up`` builds ``tributary/python-base:3.11``).
+BASE_IMAGE_ENV = "TRIBUTARY_BASE_IMAGE"
+
 _DESCRIPTION = f"""\
 Developer tools for Tributary algorithm images (algorithm contract {CONTRACT_VERSION}).
 
@@ -79,7 +83,9 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--base-image",
         metavar="IMAGE",
-        help="passed as build argument BASE_IMAGE (default: the Dockerfile's)",
+        default=os.environ.get(BASE_IMAGE_ENV) or None,
+        help=f"passed as build argument BASE_IMAGE (default: ${BASE_IMAGE_ENV}, else the "
+        "Dockerfile's)",
     )
     build.add_argument(
         "--sdk",
@@ -188,7 +194,9 @@ def make_parser() -> argparse.ArgumentParser:
     test.add_argument(
         "--base-image",
         metavar="IMAGE",
-        help="when building DIR: passed as build argument BASE_IMAGE",
+        default=os.environ.get(BASE_IMAGE_ENV) or None,
+        help=f"when building DIR: passed as build argument BASE_IMAGE (default: "
+        f"${BASE_IMAGE_ENV}, else the Dockerfile's)",
     )
     test.add_argument(
         "--sdk", metavar="PATH", type=Path, help="when building DIR: as for build"

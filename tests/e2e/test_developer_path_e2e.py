@@ -138,3 +138,15 @@ def test_from_an_empty_folder_to_results(federation: LocalFederation,
     assert watched.returncode == 1
     assert "1 of 1 spoke(s) did not run it" in watched.stdout
     assert f"{strict} refused: image_not_trusted: release signature" in watched.stdout
+
+
+def test_a_scaffold_in_another_language_passes_as_written(
+        service_settings: ServiceSettings, tmp_path: Path) -> None:
+    """``--language other``: a shell entry point and vendor/ for offline dependencies,
+    built and run in the spoke's sandbox on its sample case, with the base image from the
+    environment as on a machine without Docker Hub."""
+    ok(run(BIN / "tributary-algorithm", "init", "any-lang", "--language", "other",
+           cwd=tmp_path))
+    tested = ok(run(BIN / "tributary-algorithm", "test", "any-lang", cwd=tmp_path,
+                    env={"TRIBUTARY_BASE_IMAGE": service_settings.base_image}))
+    assert "outcome: success" in tested and '"instances": 2' in tested

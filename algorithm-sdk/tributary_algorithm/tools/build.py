@@ -328,8 +328,25 @@ def build_image(
             args += ["--build-arg", f"{key}={value}"]
         if no_cache:
             args.append("--no-cache")
-        run_command([*args, str(context)], verbose=verbose, timeout=timeout)
+        try:
+            run_command([*args, str(context)], verbose=verbose, timeout=timeout)
+        except ToolError as exc:
+            if base_image is None and _pull_failed(str(exc)):
+                raise ToolError(
+                    f"{exc}\nThe Dockerfile's base image could not be pulled: give "
+                    "--base-image IMAGE (an image on this machine, e.g. "
+                    "tributary/python-base:3.11 from `tributary services up`) or set "
+                    "TRIBUTARY_BASE_IMAGE"
+                ) from None
+            raise
         image_id = iidfile.read_text().strip()
     return BuildResult(
         tag=tag, image_id=image_id, wheels=tuple(sorted({*vendored, sdk_wheel.name, *added}))
     )
+
+
+def _pull_failed(output: str) -> bool:
+    """Whether a failed ``docker build`` could not fetch its base image."""
+    signs = ("registry-1.docker.io", "pull access denied", "failed to resolve",
+             "manifest unknown", "not found: manifest", "no such host")
+    return any(sign in output for sign in signs)

@@ -85,6 +85,7 @@ def publish(
     image: Annotated[str | None, typer.Option(
         help="Publish this local image instead of building DIR.")] = None,
     base_image: Annotated[str | None, typer.Option(
+        envvar="TRIBUTARY_BASE_IMAGE",
         help="When building: the BASE_IMAGE build argument.")] = None,
     name: Annotated[str | None, typer.Option(help="Overrides algorithm.toml.")] = None,
     version: Annotated[str | None, typer.Option(help="Overrides algorithm.toml.")] = None,
