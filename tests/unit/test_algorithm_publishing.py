@@ -1,7 +1,8 @@
 """Registering a version is checked against what its publisher signed (issue 15): a release
 statement for another name or version is refused, a digest already registered as another
-version is named; the dashboard's algorithm pages show versions, signatures and reviews,
-and the forms to register a publisher and to review."""
+version is named (accepted: a re-label, but never silently); the dashboard's algorithm
+pages show versions, signatures and reviews, and the forms to register a publisher and to
+review."""
 
 from __future__ import annotations
 
@@ -85,12 +86,23 @@ def test_same_digest_as_another_version_is_named(
     first = register(client, tokens["dev"], "demo", "1.0.0", DIGEST,
                      sign_release(publisher, REPO, DIGEST, "demo", "1.0.0", "Demo Lab"))
     assert first[0] == 201
-    status, body = register(client, tokens["dev"], "demo", "1.0.1", DIGEST,
-                            sign_release(publisher, REPO, DIGEST, "demo", "1.0.1", "Demo Lab"))
-    assert status == 409
-    assert f"{DIGEST} is already registered as demo 1.0.0 (id {first[1]['id']})" in \
-        body["detail"]
-    assert register(client, tokens["dev"], "demo", "1.0.1", OTHER_DIGEST, None)[0] == 201
+    response = client.post("/api/algorithms", headers=auth(tokens["dev"]), json={
+        "name": "demo", "version": "1.0.1", "repository": REPO, "digest": DIGEST,
+        "release_signature": sign_release(publisher, REPO, DIGEST, "demo", "1.0.1",
+                                          "Demo Lab")})
+    assert response.status_code == 201
+    assert response.headers["X-Tributary-Notice"] == (
+        f"the image {DIGEST} is already registered as demo 1.0.0 (id {first[1]['id']}): "
+        "this version runs exactly the same code")
+    audit = client.get("/api/audit", headers=auth(tokens["root"]),
+                       params={"action": "algorithm.registered"}).json()
+    assert [e["detail"].get("same_image_as") for e in audit if e["target"] == "demo 1.0.1"] \
+        == [f"demo 1.0.0 (id {first[1]['id']})"]
+    fresh = client.post("/api/algorithms", headers=auth(tokens["dev"]), json={
+        "name": "demo", "version": "1.0.2", "repository": REPO, "digest": OTHER_DIGEST})
+    assert fresh.status_code == 201 and "X-Tributary-Notice" not in fresh.headers
+    page = client.get(f"/algorithms/{response.json()['id']}", headers=auth(tokens["dev"]))
+    assert "same image as 1.0.0" in page.text
 
 
 def test_algorithm_pages_show_versions_signatures_reviews_and_forms(

@@ -157,11 +157,14 @@ def publish(
         except RegistryError as exc:
             fail(f"the release signature could not be stored beside the image: {exc}")
         console.print(f"signed      release {label}, stored beside the image")
-        created = check(client.post("/api/algorithms", json={
+        response = client.post("/api/algorithms", json={
             "name": manifest.name, "version": manifest.version, "repository": repository,
             "digest": digest, "description": manifest.description,
             "argument_schema": schema, "aggregator": manifest.aggregator,
-            "release_signature": release}), "registration")
+            "release_signature": release})
+        created = check(response, "registration")
+    if notice := response.headers.get("X-Tributary-Notice"):
+        console.print(f"[yellow]note[/]        {notice}", soft_wrap=True)
     console.print(f"registered  {label} as id {created['id']} (aggregator "
                   f"{manifest.aggregator}, argument schema "
                   f"{manifest.arguments_schema if schema else 'none'})")

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from jsonschema import Draft202012Validator, SchemaError
 from sqlmodel import Session, select
 
@@ -25,14 +25,23 @@ from tributary.protocol.broker import PublishError
 from tributary.protocol.release import verify_release
 from tributary.protocol.signing import PublicKey, SignatureError, envelope_signer
 
+#: A registration that succeeded but deserves the registrant's attention.
+NOTICE_HEADER = "X-Tributary-Notice"
+
 router = APIRouter(prefix="/api/algorithms", tags=["algorithms"],
                    dependencies=[Depends(current_user)])
 
 
 @router.post("", status_code=201, response_model=Algorithm)
-def register_algorithm(body: AlgorithmCreate, session: Session = Depends(get_session),
+def register_algorithm(body: AlgorithmCreate, response: Response,
+                       session: Session = Depends(get_session),
                        settings: HubSettings = Depends(get_settings),
                        actor: str = Depends(acting(Role.DEVELOPER))) -> Algorithm:
+    """Register a version pinned by digest. Refused: an unknown aggregator, an invalid
+    argument schema, a name and version that exist, an image the registry does not serve,
+    a release signature by an unregistered key or whose statement names another digest,
+    name or version. Accepted with a notice (header ``X-Tributary-Notice``, audited): an
+    image already registered as another version of the algorithm."""
     if body.aggregator not in AGGREGATORS:
         raise HTTPException(422, f"unknown aggregator {body.aggregator!r}; "
                                  f"known: {sorted(AGGREGATORS)}")
@@ -47,10 +56,6 @@ def register_algorithm(body: AlgorithmCreate, session: Session = Depends(get_ses
         raise HTTPException(409, f"{body.name} {body.version} is already registered")
     same_image = session.exec(select(Algorithm).where(
         Algorithm.name == body.name, Algorithm.digest == body.digest)).first()
-    if same_image is not None:
-        raise HTTPException(409, f"{body.digest} is already registered as {body.name} "
-                                 f"{same_image.version} (id {same_image.id}); a new version "
-                                 f"needs a new image (rebuild after your change)")
     if settings.verify_registry:
         try:
             verify_manifest(body.repository, body.digest, settings)
@@ -69,8 +74,14 @@ def register_algorithm(body: AlgorithmCreate, session: Session = Depends(get_ses
         raise HTTPException(422, "image refused: no publisher release signature")
     algorithm = Algorithm(**body.model_dump(), publisher=publisher, registered_by=actor)
     session.add(algorithm)
+    notice = {}
+    if same_image is not None:  # allowed (a re-label), but never silently
+        notice["same_image_as"] = f"{body.name} {same_image.version} (id {same_image.id})"
+        response.headers[NOTICE_HEADER] = (
+            f"the image {body.digest} is already registered as {notice['same_image_as']}: "
+            "this version runs exactly the same code")
     audit.record(session, actor, "algorithm.registered", f"{body.name} {body.version}",
-                 repository=body.repository, digest=body.digest)
+                 repository=body.repository, digest=body.digest, **notice)
     session.commit()
     session.refresh(algorithm)
     return algorithm

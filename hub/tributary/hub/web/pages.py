@@ -275,8 +275,11 @@ def algorithm_page(algorithm_id: RowId, request: Request,
     algorithm = session.get(Algorithm, algorithm_id)
     if algorithm is None:
         raise HTTPException(404, "no such algorithm version")
-    versions = [{"a": v, "state": algorithm_versions.state(v)}
-                for v in algorithm_versions.versions(session, algorithm.name)]
+    all_versions = algorithm_versions.versions(session, algorithm.name)
+    versions = [{"a": v, "state": algorithm_versions.state(v),
+                 "same_image_as": [o.version for o in all_versions
+                                   if o.digest == v.digest and o.id != v.id]}
+                for v in all_versions]
     return _render(request, "algorithm.html", user, row=_algorithm_row(session, algorithm),
                    versions=versions)
 
