@@ -60,8 +60,10 @@ def one_case(dicom_dir: Path) -> LocalParticipant:
     return local
 
 
-def _cases(args: argparse.Namespace, target: Path | None) -> tuple[list[tuple[str, Any]], str]:
-    """(label, participant) of each case to run and a line saying where they come from."""
+def _cases(args: argparse.Namespace, target: Path | None,
+           cleanup: list[Path]) -> tuple[list[tuple[str, Any]], str]:
+    """(label, participant) of each case to run and a line saying where they come from;
+    folders to remove afterwards go to ``cleanup``."""
     if args.cohort is not None:
         from .tools.cohort import check_cohort_folder, prepare_cohort
 
@@ -69,7 +71,7 @@ def _cases(args: argparse.Namespace, target: Path | None) -> tuple[list[tuple[st
         print(f"ingesting {args.cohort} as a spoke would (this copies and de-identifies "
               "every file)…", flush=True)
         cohort = prepare_cohort(args.cohort)
-        args.cleanup.append(cohort.workdir)
+        cleanup.append(cohort.workdir)
         note = f"{len(cohort.cases)} case(s), one per patient, {cohort.engine}"
         if cohort.excluded:
             shown = "; ".join(f"{ref} ({why})" for ref, why in cohort.excluded[:3])
@@ -97,15 +99,15 @@ def _as_json(result: LocalRunResult) -> dict[str, Any]:
 
 def run_test(args: argparse.Namespace) -> int:
     """The ``test`` command; returns the exit status (0: every case succeeded)."""
-    args.cleanup = []
+    cleanup: list[Path] = []
     try:
-        return _run_test(args)
+        return _run_test(args, cleanup)
     finally:
-        for folder in args.cleanup:
+        for folder in cleanup:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _run_test(args: argparse.Namespace) -> int:
+def _run_test(args: argparse.Namespace, cleanup: list[Path]) -> int:
     target = Path(args.image) if Path(args.image).is_dir() else None
     image = args.image
     if target is not None:
@@ -116,7 +118,7 @@ def _run_test(args: argparse.Namespace) -> int:
         built = build_image(target, image, base_image=args.base_image, sdk=args.sdk,
                             verbose=args.verbose)
         print(f"built {image} ({built.image_id[:19]})")
-    cases, note = _cases(args, target)
+    cases, note = _cases(args, target, cleanup)
     print(note)
     results = []
     for index, (label, local) in enumerate(cases, start=1):

@@ -8,8 +8,10 @@ stays standard-library only."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,8 +69,7 @@ def prepare_cohort(cohort_dir: Path, workdir: Path | None = None) -> PreparedCoh
     cohort_dir = Path(cohort_dir).resolve()
     check_cohort_folder(cohort_dir)
     try:
-        from tributary.spoke.config import SpokeConfig
-        from tributary.spoke.ingest import ingest, open_catalog, series_folders
+        importlib.import_module("tributary.spoke.ingest")
     except ImportError as exc:
         raise ToolError(
             "--cohort de-identifies every case with the spoke's own engine, from the "
@@ -77,6 +78,18 @@ def prepare_cohort(cohort_dir: Path, workdir: Path | None = None) -> PreparedCoh
         ) from None
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tributary-cohort-"))
     work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _ingested(cohort_dir, work)
+    except BaseException:
+        if workdir is None:  # ours: nothing is left behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _ingested(cohort_dir: Path, work: Path) -> PreparedCohort:
+    from tributary.spoke.config import SpokeConfig
+    from tributary.spoke.ingest import ingest, open_catalog, series_folders
+
     has_attributes = (cohort_dir / ATTRIBUTES_FILE).is_file()
     config = SpokeConfig(
         spoke_id="local-test", data_dir=cohort_dir, work_dir=work,
