@@ -62,6 +62,8 @@ def demo(
 
 
 def _interrupt(signum: int, _frame: object) -> None:
+    for other in (signal.SIGTERM, signal.SIGHUP):  # once: a second one must not cut the
+        signal.signal(other, signal.SIG_IGN)       # stopping short and leave orphans
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
