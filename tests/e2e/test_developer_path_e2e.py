@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,12 +44,21 @@ def login(federation: LocalFederation, work: Path, username: str, password: str)
     return ok(done).strip()
 
 
+@pytest.fixture
+def name(service_settings: ServiceSettings) -> Iterator[str]:
+    """A fresh algorithm name; the local images the test tags with it are removed after."""
+    name = f"devpath-{uuid.uuid4().hex[:6]}"
+    yield name
+    tags = [f"{name}:test", f"{name}:0.1.0",
+            f"{service_settings.registry}/algorithms/{name}:0.1.0"]
+    subprocess.run(["docker", "rmi", *tags], capture_output=True, check=False)
+
+
 def test_from_an_empty_folder_to_results(federation: LocalFederation,
                                          service_settings: ServiceSettings,
-                                         tmp_path: Path) -> None:
+                                         tmp_path: Path, name: str) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    name = f"devpath-{uuid.uuid4().hex[:6]}"
     hub = {"TRIBUTARY_HUB_URL": federation.hub_url}
 
     # 1. init: a runnable algorithm, from nothing
@@ -147,6 +157,9 @@ def test_a_scaffold_in_another_language_passes_as_written(
     environment as on a machine without Docker Hub."""
     ok(run(BIN / "tributary-algorithm", "init", "any-lang", "--language", "other",
            cwd=tmp_path))
-    tested = ok(run(BIN / "tributary-algorithm", "test", "any-lang", cwd=tmp_path,
-                    env={"TRIBUTARY_BASE_IMAGE": service_settings.base_image}))
+    try:
+        tested = ok(run(BIN / "tributary-algorithm", "test", "any-lang", cwd=tmp_path,
+                        env={"TRIBUTARY_BASE_IMAGE": service_settings.base_image}))
+    finally:
+        subprocess.run(["docker", "rmi", "any-lang:test"], capture_output=True, check=False)
     assert "outcome: success" in tested and '"instances": 2' in tested
