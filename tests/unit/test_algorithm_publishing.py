@@ -133,3 +133,15 @@ def test_algorithm_pages_show_versions_signatures_reviews_and_forms(
     as_reviewer = client.get("/algorithms", headers=auth(tokens["rev"])).text
     assert 'data-api="/api/publishers"' not in as_reviewer  # administrators only
     assert "tributary publisher register" in as_reviewer
+
+
+def test_a_notice_about_an_unusual_name_is_still_a_valid_header(
+        hub: tuple[TestClient, dict[str, str]]) -> None:
+    client, tokens = hub
+    name = "тест\r\nX-Injected: 1"
+    assert register(client, tokens["dev"], name, "1", DIGEST, None)[0] == 201
+    response = client.post("/api/algorithms", headers=auth(tokens["dev"]), json={
+        "name": name, "version": "2", "repository": REPO, "digest": DIGEST})
+    assert response.status_code == 201
+    assert "X-Injected" not in response.headers
+    assert "already registered as ????" in response.headers["X-Tributary-Notice"]

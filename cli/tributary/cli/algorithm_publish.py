@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, fail, hub_client
 
@@ -122,7 +123,7 @@ def publish(
             fail(f"the key {key} (id {signing_key.keyid[:16]}…) is not a registered publisher "
                  f"at {hub}; an administrator registers it with `tributary publisher register "
                  f"NAME --key {key}.pub` or on the dashboard's Algorithms page")
-        console.print(f"publisher   {publisher['name']} (key {signing_key.keyid[:16]}…)")
+        console.print(f"publisher   {escape(publisher['name'])} (key {signing_key.keyid[:16]}…)")
         versions = [a for a in check(client.get("/api/algorithms"), "reading the algorithms")
                     if a["name"] == manifest.name]
         taken = [a for a in versions if a["version"] == manifest.version]
@@ -164,7 +165,7 @@ def publish(
             "release_signature": release})
         created = check(response, "registration")
     if notice := response.headers.get("X-Tributary-Notice"):
-        console.print(f"[yellow]note[/]        {notice}", soft_wrap=True)
+        console.print(f"[yellow]note[/]        {escape(notice)}", soft_wrap=True)
     console.print(f"registered  {label} as id {created['id']} (aggregator "
                   f"{manifest.aggregator}, argument schema "
                   f"{manifest.arguments_schema if schema else 'none'})")

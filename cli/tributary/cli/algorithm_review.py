@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
 
@@ -32,8 +33,8 @@ def list_versions(
         algorithms = check(client.get("/api/algorithms"), "listing")
     table = Table("id", "name", "version", "state", "publisher", "digest")
     for a in algorithms:
-        table.add_row(str(a["id"]), a["name"], a["version"], _state(a),
-                      a.get("publisher") or "unsigned", a["digest"][:19] + "…")
+        table.add_row(str(a["id"]), escape(a["name"]), escape(a["version"]), _state(a),
+                      escape(a.get("publisher") or "unsigned"), a["digest"][:19] + "…")
     console.print(table)
 
 
@@ -47,15 +48,16 @@ def show(
     with hub_client(hub, token, hub_ca) as client:
         a = check(client.get(f"/api/algorithms/{algorithm_id}"), "algorithm")
         reviews = check(client.get(f"/api/algorithms/{algorithm_id}/reviews"), "reviews")
-    console.print(f"[bold]{a['name']} {a['version']}[/] (id {a['id']}): {_state(a)}")
-    console.print(f"  image      {a['repository']}@{a['digest']}", soft_wrap=True)
-    console.print(f"  publisher  {a.get('publisher') or 'unsigned'}")
-    console.print(f"  aggregator {a['aggregator']}")
+    console.print(f"[bold]{escape(a['name'])} {escape(a['version'])}[/] (id {a['id']}): "
+                  f"{_state(a)}")
+    console.print(f"  image      {escape(a['repository'])}@{a['digest']}", soft_wrap=True)
+    console.print(f"  publisher  {escape(a.get('publisher') or 'unsigned')}")
+    console.print(f"  aggregator {escape(a['aggregator'])}")
     console.print(f"  page       {hub.rstrip('/')}/algorithms/{a['id']}", soft_wrap=True)
     for review in reviews:
         comment = f": {review['comment']}" if review.get("comment") else ""
-        console.print(f"  review     {review['decision']} by {review['reviewer']} "
-                      f"({review['organisation']}){comment}", soft_wrap=True)
+        console.print(escape(f"  review     {review['decision']} by {review['reviewer']} "
+                             f"({review['organisation']}){comment}"), soft_wrap=True)
     if not reviews:
         console.print("  review     none yet")
 
@@ -76,6 +78,7 @@ def review(
     with hub_client(hub, token, hub_ca) as client:
         a = check(client.post(f"/api/algorithms/{algorithm_id}/reviews",
                               json={"decision": decision, "comment": comment}), "review")
-    console.print(f"recorded: {decision} {a['name']} {a['version']} (id {a['id']}); now "
+    console.print(f"recorded: {decision} {escape(a['name'])} {escape(a['version'])} "
+                  f"(id {a['id']}); now "
                   f"[bold]{_state(a)}[/]"
                   + (", the hub signed its approval" if a.get("approval") else ""))

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, fail, hub_client
 
@@ -34,7 +35,7 @@ def register(
         created = check(client.post("/api/publishers",
                                     json={"name": name, "public_key_pem": pem}),
                         "publisher registration")
-    console.print(f"registered publisher [bold]{created['name']}[/] with key id "
+    console.print(f"registered publisher [bold]{escape(created['name'])}[/] with key id "
                   f"{created['keyid']}")
 
 
@@ -51,5 +52,5 @@ def list_(
         publishers = check(client.get("/api/publishers"), "listing")
     table = Table("name", "key id", "registered")
     for publisher in publishers:
-        table.add_row(publisher["name"], publisher["keyid"], publisher["created_at"])
+        table.add_row(escape(publisher["name"]), publisher["keyid"], publisher["created_at"])
     console.print(table)

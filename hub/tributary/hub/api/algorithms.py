@@ -1,5 +1,6 @@
 """Algorithm versions, always pinned by manifest digest."""
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -77,9 +78,10 @@ def register_algorithm(body: AlgorithmCreate, response: Response,
     notice = {}
     if same_image is not None:  # allowed (a re-label), but never silently
         notice["same_image_as"] = f"{body.name} {same_image.version} (id {same_image.id})"
-        response.headers[NOTICE_HEADER] = (
+        # A header carries printable ASCII only; the name is the registrant's text.
+        response.headers[NOTICE_HEADER] = re.sub(r"[^\x20-\x7e]", "?", (
             f"the image {body.digest} is already registered as {notice['same_image_as']}: "
-            "this version runs exactly the same code")
+            "this version runs exactly the same code"))
     audit.record(session, actor, "algorithm.registered", f"{body.name} {body.version}",
                  repository=body.repository, digest=body.digest, **notice)
     session.commit()
