@@ -51,6 +51,37 @@ def status() -> None:
         raise typer.Exit(1)
 
 
+@app.command("podman")
+def podman_up() -> None:
+    """Install Podman if missing and start its Docker-compatible API service (idempotent),
+    for spokes with `[execution] engine = "podman"` and for Slurm jobs."""
+    from tributary.services import podman
+    from tributary.services.system import ServiceError
+
+    try:
+        socket = podman.ensure_running()
+    except ServiceError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    _report("podman", f"running at {socket}")
+
+
+@app.command("slurm")
+def slurm_up() -> None:
+    """Install Slurm and munge if missing and start a one-machine cluster on loopback
+    (slurmctld and slurmd, idempotent), for spokes with `[execution] engine = "slurm"`."""
+    from tributary.services import podman, slurm
+    from tributary.services.system import ServiceError
+
+    try:
+        podman.ensure_running()
+        conf = slurm.ensure_running()
+    except ServiceError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    _report("slurm", f"running, SLURM_CONF={conf}")
+
+
 @app.command("objectstore")
 def objectstore_up(
     pki_dir: Annotated[Path | None, typer.Option(

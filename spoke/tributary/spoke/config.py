@@ -50,6 +50,49 @@ class RunnerSettings(BaseModel):
     log_tail_lines: int = 40
 
 
+class SlurmSettings(BaseModel):
+    """How cases reach a Slurm cluster (``[execution.slurm]``): each case is one batch job
+    that runs the verified image by digest with Podman on a compute node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    #: More ``sbatch`` options, as the site's cluster needs them (e.g. ``--constraint=x``).
+    sbatch_options: list[str] = Field(default_factory=list)
+    #: The Slurm configuration the spoke's ``sbatch``/``squeue``/``scancel`` use (sets
+    #: ``SLURM_CONF``); unset, Slurm's own default.
+    slurm_conf: Path | None = None
+    #: The Podman command on the compute nodes, with any global options
+    #: (e.g. ``["podman", "--storage-driver", "overlay"]``).
+    podman: list[str] = Field(default_factory=lambda: ["podman"], min_length=1)
+    #: Environment for Podman in the job (e.g. ``CONTAINERS_CONF``, ``CONTAINERS_REGISTRIES_CONF``).
+    podman_env: dict[str, str] = Field(default_factory=dict)
+    #: Folder on the filesystem the compute nodes share with the spoke, for each case's
+    #: participant file, output folder, exit status and log (default: ``work_dir/runs``).
+    #: The de-identified store must be on a shared filesystem too (same path everywhere).
+    shared_dir: Path | None = None
+    #: Memory Slurm reserves for Podman itself, on top of the case's memory limit.
+    memory_overhead_mb: int = Field(256, ge=0)
+    #: How often the spoke asks Slurm about its jobs.
+    poll_seconds: float = Field(1.0, ge=0.1, le=600)
+
+
+class ExecutionSettings(BaseModel):
+    """Where cases run (``[execution]``): the local Docker engine, Podman through its
+    Docker-compatible API socket (rootless if the site starts it so), or a Slurm cluster.
+    The isolation flags, limits and image checks are the same on each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["docker", "podman", "slurm"] = "docker"
+    #: Podman's API socket (``podman system service``), for ``engine = "podman"``; a
+    #: rootless Podman serves one under ``$XDG_RUNTIME_DIR/podman/podman.sock``.
+    podman_socket: str = "unix:///run/podman/podman.sock"
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+
+
 class TrustSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -195,6 +238,7 @@ class SpokeConfig(BaseModel):
     registry: SpokeRegistry = Field(default_factory=SpokeRegistry)
     policy: ReleasePolicy = Field(default_factory=ReleasePolicy)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
     steward: StewardPolicy = Field(default_factory=StewardPolicy)
     counts: CountPolicy = Field(default_factory=CountPolicy)
@@ -241,6 +285,10 @@ class SpokeConfig(BaseModel):
         registry = raw.get("registry", {})
         if registry.get("ca_file") and not Path(registry["ca_file"]).is_absolute():
             registry["ca_file"] = str((base / registry["ca_file"]).resolve())
+        slurm = raw.get("execution", {}).get("slurm", {})
+        for key in ("slurm_conf", "shared_dir"):
+            if slurm.get(key) and not Path(slurm[key]).is_absolute():
+                slurm[key] = str((base / slurm[key]).resolve())
         for source in raw.get("sources", []):
             for key in ("path", "ca_file"):
                 if key in source and not Path(source[key]).is_absolute():
