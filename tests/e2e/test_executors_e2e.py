@@ -22,7 +22,7 @@ from e2e_helpers import wait_for, wait_target
 
 from tributary.services import podman, slurm
 from tributary.services.settings import ServiceSettings
-from tributary.testbed.federation import LocalFederation, generate_cohort
+from tributary.testbed.federation import LocalFederation, execution_toml, generate_cohort
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,24 +40,11 @@ def slurm_conf(service_settings: ServiceSettings, podman_socket: str) -> str:
     return slurm.ensure_running(service_settings)
 
 
-def execution_toml(engine: str, services: ServiceSettings, poll: float = 0.5) -> str:
-    """The ``[execution]`` tables of a spoke on ``engine`` with this machine's services."""
-    text = f'\n[execution]\nengine = "{engine}"\n'
-    if engine == "podman":
-        text += f'podman_socket = "{podman.socket_url(services)}"\n'
-    if engine == "slurm":
-        env = ", ".join(f"{k} = {json.dumps(v)}" for k, v in podman.environment(services).items())
-        text += (f'\n[execution.slurm]\nslurm_conf = "{slurm.conf_path(services)}"\n'
-                 f'partition = "{slurm.PARTITION}"\npoll_seconds = {poll}\n'
-                 f"podman_env = {{ {env} }}\n")
-    return text
-
-
 def add_spoke(federation: LocalFederation, prefix: str, data: Path, engine: str,
               concurrency: int = 2) -> tuple[str, Path]:
     spoke_id = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    config = federation.add_spoke(spoke_id, data, concurrency=concurrency)
-    config.write_text(config.read_text() + execution_toml(engine, federation.services))
+    config = federation.add_spoke(spoke_id, data, concurrency=concurrency,
+                                  execution=execution_toml(engine, federation.services))
     return spoke_id, config
 
 
