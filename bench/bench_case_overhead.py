@@ -22,6 +22,7 @@ The last line reads ``case overhead: Tx trivial (+M ms a case), Cx CPU-bound``.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import shutil
@@ -40,6 +41,7 @@ from tributary import services
 from tributary.protocol.contract import ALGO_ARG_ENV, OUTPUT_DIR, PARTICIPANT_PATH, AlgoArg
 from tributary.protocol.messages import (
     AlgorithmRef,
+    CohortSelection,
     ExperimentMessage,
     ExperimentState,
     RunLimits,
@@ -78,16 +80,17 @@ def spoke(work: Path, data: Path, services_settings: ServiceSettings,
 
 
 def experiment(agent: SpokeAgent, image: tuple[str, str], arguments: dict[str, Any],
-               name: str) -> ExperimentMessage:
-    """An accepted experiment of every case in the spoke's catalog, queued in its journal."""
+               name: str, cases: int) -> ExperimentMessage:
+    """An accepted experiment of ``cases`` cases of the spoke's catalog, queued in its
+    journal."""
     repository, digest = image
     message = ExperimentMessage(
         experiment_id=f"bench-{name}-{os.urandom(3).hex()}", spoke_id=agent.config.spoke_id,
         algorithm=AlgorithmRef(name="misbehaving", version="1", repository=repository,
                                digest=digest),
-        arguments=arguments, limits=LIMITS)
+        arguments=arguments, limits=LIMITS, cohort=CohortSelection(max_cases=cases))
     agent.journal.add_experiment(message)
-    ids = list(agent.cases.select(message))
+    ids = list(agent.execution.cases.select(message))
     agent.lifecycle.settle(message.experiment_id, states.ACCEPTED, ExperimentState.ACCEPTED,
                            ids, queue=ids, expect=states.RECEIVED)
     return message
@@ -102,14 +105,15 @@ def spoke_case(agent: SpokeAgent, message: ExperimentMessage) -> float:
     agent.execution.run(message, row, activity)
     took = time.perf_counter() - began
     result = agent.journal.result(row.experiment_id, row.case_id, row.attempt)
-    assert result is not None and result.status == "succeeded", result
+    assert result is not None and result.status == "succeeded", (
+        row, result, agent.journal.cases(row.experiment_id))
     return took
 
 
 def bare_case(agent: SpokeAgent, message: ExperimentMessage, folder: Path) -> float:
     """The same case as one bare ``docker run --rm``; seconds (preparation not timed)."""
-    case = next(iter(agent.cases.cohort(message).values()))
-    prepared = agent.cases.input(message.experiment_id, case)
+    case = next(iter(agent.execution.cases.cohort(message).values()))
+    prepared = agent.execution.cases.input(message.experiment_id, case)
     if folder.exists():
         shutil.rmtree(folder)
     out = folder / "output"
@@ -162,6 +166,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=("docker", "podman"), default="docker",
                         help="the spoke's engine (the bare side is always docker run)")
     args = parser.parse_args()
+    logging.getLogger("tributary.spoke.ingest").setLevel(logging.ERROR)  # its CSV and JSON
     settings = ServiceSettings()
     services.up(settings)
     image = build_and_push(ROOT / "tests" / "algorithms" / "misbehaving", "misbehaving",
@@ -169,7 +174,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         root = Path(tmp)
-        total = args.pairs + args.cpu_pairs + 2
+        total = max(args.pairs, args.cpu_pairs) + 1
         generate_cohort(root / "data", total, seed=5, site="bench", size=64, slices=16)
         agent = spoke(root, root / "data", settings, args.engine)
         try:
@@ -177,7 +182,7 @@ def main() -> None:
                      ("CPU-bound", {"behaviour": "spin", "seconds": args.cpu_seconds},
                       args.cpu_pairs)]
             for label, arguments, pairs in kinds:
-                message = experiment(agent, image, arguments, label.lower()[:3])
+                message = experiment(agent, image, arguments, label.lower()[:3], pairs + 1)
                 spoke_times, bare_times = measure(agent, message, pairs, root / "bare")
                 rows.append((label, statistics.median(spoke_times),
                              statistics.median(bare_times)))

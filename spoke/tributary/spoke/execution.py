@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,10 @@ from tributary.protocol.messages import (
     Failure,
     FailureReason,
     ResultMessage,
+    RunLimits,
 )
 from tributary.protocol.wire import seal
-from tributary.spoke.cases import Cases
+from tributary.spoke.cases import CaseInput, Cases
 from tributary.spoke.catalog import CatalogCase, released_attributes
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain
@@ -288,8 +290,9 @@ class CaseExecution:
         return outcome.output, outcome.failure, run
 
     def _run(self, message: ExperimentMessage, case_id: str, attempt: int, name: str,
-             prepared: Any, limits: Any, labels: dict[str, str], activity: CaseActivity,
-             started: Any, progressed: Any) -> RunOutcome:
+             prepared: CaseInput, limits: RunLimits, labels: dict[str, str],
+             activity: CaseActivity, started: Callable[[str], None],
+             progressed: Callable[[Progress], None]) -> RunOutcome:
         """Run the case on the site's executor: a Slurm job, or a container of the Docker
         engine or of Podman (the same API and flags)."""
         if self.slurm is not None:
@@ -314,7 +317,8 @@ class CaseExecution:
                 arguments=message.arguments, limits=limits, settings=self.config.runner,
                 case_dir=self._case_dir(message.experiment_id, case_id),
                 max_output_bytes=self.config.policy.max_output_bytes, labels=labels,
-                on_progress=progressed, cancel=activity.cancel, on_started=started)
+                on_progress=progressed, cancel=activity.cancel, on_started=started,
+                oom_reported=self.config.execution.engine == "docker")
         finally:
             client.close()
 

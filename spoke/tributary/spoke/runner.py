@@ -145,19 +145,19 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
              labels: dict[str, str],
              on_started: Callable[[str], None] | None = None,
              on_progress: Callable[[Progress], None] | None = None,
-             cancel: threading.Event | None = None) -> RunOutcome:
+             cancel: threading.Event | None = None, oom_reported: bool = True) -> RunOutcome:
     """Run one case to completion and classify what happened. ``client`` speaks the Docker
-    engine's API: the Docker engine's own or Podman's compatible one. ``on_started`` is
-    told the container's id once it runs (for the audit log); ``on_progress`` each new
-    value of the algorithm's progress file; setting ``cancel`` kills the container and
-    fails the case as cancelled."""
+    engine's API: the Docker engine's own or Podman's compatible one (``oom_reported``
+    False: see :func:`classify`). ``on_started`` is told the container's id once it runs
+    (for the audit log); ``on_progress`` each new value of the algorithm's progress file;
+    setting ``cancel`` kills the container and fails the case as cancelled."""
     out_dir = prepare_case_dir(case_dir, settings)
     if isinstance(out_dir, RunOutcome):
         return out_dir
     try:
         return _run_container(client, image, name, participant, mounts, arguments, limits,
                               settings, case_dir, out_dir, max_output_bytes, labels,
-                              on_started, on_progress, cancel)
+                              on_started, on_progress, cancel, oom_reported)
     finally:
         output_quota.unmount(out_dir)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -169,7 +169,7 @@ def _run_container(client: docker.DockerClient, image: str, name: str,
                    case_dir: Path, out_dir: Path, max_output_bytes: int,
                    labels: dict[str, str], on_started: Callable[[str], None] | None,
                    on_progress: Callable[[Progress], None] | None,
-                   cancel: threading.Event | None) -> RunOutcome:
+                   cancel: threading.Event | None, oom_reported: bool) -> RunOutcome:
     """Start the container with the prepared output folder and classify its end."""
     participant_file = write_participant(case_dir, participant)
     volumes = {str(participant_file): {"bind": PARTICIPANT_PATH, "mode": "ro"},
@@ -200,7 +200,7 @@ def _run_container(client: docker.DockerClient, image: str, name: str,
         container.reload()
         oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
         return classify(ended, oom, lambda: _log_tail(container, settings.log_tail_lines),
-                        out_dir, limits, settings, max_output_bytes)
+                        out_dir, limits, settings, max_output_bytes, oom_reported)
     finally:
         remove_container(client, name)
 
@@ -215,14 +215,21 @@ def stopped(ended: str, limits: RunLimits, tail: str) -> RunOutcome:
 
 def classify(exit_code: int, oom: bool, log_tail: Callable[[], str], out_dir: Path,
              limits: RunLimits, settings: RunnerSettings,
-             max_output_bytes: int) -> RunOutcome:
+             max_output_bytes: int, oom_reported: bool = True) -> RunOutcome:
     """What an algorithm that exited with ``exit_code`` produced: its output, or the
     failure with its reason. ``log_tail`` is asked only when a failure needs it (a case
-    that succeeded sends no log)."""
+    that succeeded sends no log). ``oom_reported``: the engine reliably says when the
+    memory limit killed a container (Podman on cgroup v1 does not)."""
     if oom:
         return RunOutcome(None, Failure(reason=FailureReason.OUT_OF_MEMORY, exit_code=exit_code,
                                         detail=f"killed at the {limits.memory_mb} MiB limit",
                                         log_tail=log_tail()), exit_code)
+    if exit_code == 137 and not oom_reported:
+        return RunOutcome(None, Failure(
+            reason=FailureReason.KILLED, exit_code=exit_code, log_tail=log_tail(),
+            detail=f"the container was stopped by SIGKILL: by its {limits.memory_mb} MiB "
+                   "memory limit (which this engine does not always report) or from outside "
+                   "the spoke; the hub may retry the case"), exit_code)
     if exit_code in SIGNAL_EXITS:
         return RunOutcome(None, Failure(
             reason=FailureReason.KILLED, exit_code=exit_code, log_tail=log_tail(),

@@ -259,7 +259,7 @@ class SlurmRunner:
             return RunOutcome(None, Failure(reason=FailureReason.IMAGE_UNAVAILABLE,
                                             detail=status.error, log_tail=tail()), None)
         return classify(status.exit_code, status.oom, tail, out_dir, limits, settings,
-                        max_output_bytes)
+                        max_output_bytes, oom_reported=False)
 
     def _adopt(self, key: tuple[str, str, int], case_dir: Path) -> str | None:
         """The id of this case's job if it was submitted before (by an earlier spoke
