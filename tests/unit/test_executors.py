@@ -109,5 +109,9 @@ def test_journal_keeps_each_job_and_names_those_to_stop(tmp_path: Path) -> None:
     journal.job_intent(("exp-2", "c-1", 1), "tributary-north-exp-2-c-1-a1")
     assert journal.jobs_to_stop() == [], "queued cases keep their jobs"
     journal.cancel("exp-2", "wrong cohort", "m-1")
-    assert journal.jobs_to_stop() == [("exp-2", "tributary-north-exp-2-c-1-a1", None)]
+    stale = [(("exp-2", "c-1", 1), "tributary-north-exp-2-c-1-a1", None)]
+    assert journal.jobs_to_stop() == stale, "cancelled: its queued case's job goes"
+    journal.forget_job(stale[0][0])
+    assert journal.jobs_to_stop() == [] and journal.job(("exp-2", "c-1", 1)) is None
+    assert journal.job(key) == ("tributary-north-exp-1-c-1-a1", "42")
     journal.close()

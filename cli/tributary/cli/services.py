@@ -54,7 +54,7 @@ def status() -> None:
 @app.command("podman")
 def podman_up() -> None:
     """Install Podman if missing and start its Docker-compatible API service (idempotent),
-    for spokes with `[execution] engine = "podman"` and for Slurm jobs."""
+    for spokes whose execution engine is podman, and for Slurm jobs."""
     from tributary.services import podman
     from tributary.services.system import ServiceError
 
@@ -69,7 +69,7 @@ def podman_up() -> None:
 @app.command("slurm")
 def slurm_up() -> None:
     """Install Slurm and munge if missing and start a one-machine cluster on loopback
-    (slurmctld and slurmd, idempotent), for spokes with `[execution] engine = "slurm"`."""
+    (slurmctld and slurmd, idempotent), for spokes whose execution engine is slurm."""
     from tributary.services import podman, slurm
     from tributary.services.system import ServiceError
 

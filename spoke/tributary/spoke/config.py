@@ -75,8 +75,9 @@ class SlurmSettings(BaseModel):
     shared_dir: Path | None = None
     #: Memory Slurm reserves for Podman itself, on top of the case's memory limit.
     memory_overhead_mb: int = Field(256, ge=0)
-    #: How often the spoke asks Slurm about its jobs.
-    poll_seconds: float = Field(1.0, ge=0.1, le=600)
+    #: How often the spoke asks Slurm (``squeue``) about each running case's job; a
+    #: finished case is noticed sooner, from the status its job writes.
+    poll_seconds: float = Field(5.0, ge=0.1, le=600)
 
 
 class ExecutionSettings(BaseModel):

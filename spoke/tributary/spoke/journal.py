@@ -437,16 +437,23 @@ class Journal:
                         "case_id=? AND attempt=?", row_key)
         return None if row is None else (row[0], row[1])
 
-    def jobs_to_stop(self) -> list[tuple[str, str, str | None]]:
-        """(experiment, job name, job id) of every journaled job whose case is no longer
-        queued or running: its experiment was cancelled, or it ended while the spoke was
-        down. A spoke starting up cancels those still in the cluster."""
+    def jobs_to_stop(self) -> list[tuple[tuple[str, str, int], str, str | None]]:
+        """((experiment, case, attempt), job name, job id) of every journaled job whose
+        case no longer wants it: the case was dropped (its experiment cancelled), or its
+        experiment was cancelled while it was queued or running. Those still in the
+        cluster are cancelled, then forgotten (:meth:`forget_job`)."""
         rows = self._all(
-            "SELECT j.experiment_id, j.job_name, j.job_id FROM batch_jobs j JOIN cases c ON "
-            "c.experiment_id=j.experiment_id AND c.case_id=j.case_id AND "
-            "c.attempt=j.attempt WHERE c.state NOT IN (?, ?) OR j.experiment_id IN "
-            "(SELECT experiment_id FROM cancellations)", (QUEUED, RUNNING))
-        return [(r[0], r[1], r[2]) for r in rows]
+            "SELECT j.experiment_id, j.case_id, j.attempt, j.job_name, j.job_id FROM "
+            "batch_jobs j JOIN cases c ON c.experiment_id=j.experiment_id AND "
+            "c.case_id=j.case_id AND c.attempt=j.attempt WHERE c.state=? OR (c.state IN "
+            "(?, ?) AND j.experiment_id IN (SELECT experiment_id FROM cancellations))",
+            (CANCELLED, QUEUED, RUNNING))
+        return [((r[0], r[1], r[2]), r[3], r[4]) for r in rows]
+
+    def forget_job(self, row_key: tuple[str, str, int]) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM batch_jobs WHERE experiment_id=? AND case_id=? AND "
+                       "attempt=?", row_key)
 
     def add_retry(self, experiment_id: str, case_ids: list[str],
                   attempt: int) -> tuple[list[str], dict[str, str]]:

@@ -66,6 +66,8 @@ ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"
 #: How long a job's end may take once cancelled (Slurm's KillWait and the container's
 #: removal) before the spoke reports the case anyway.
 CANCEL_GRACE_SECONDS = 60
+#: How often the case folder is looked at for the job's records.
+LOOK_SECONDS = 0.25
 #: The job script's records, in the case folder.
 STATUS_FILE, STARTED_FILE, LOG_FILE, SCRIPT_FILE = "status.json", "started", "job.log", "job.sh"
 
@@ -248,7 +250,7 @@ class SlurmRunner:
         if ended in ("cancelled", "timeout"):
             return stopped(ended, limits, tail())
         status = _status(case_dir)
-        if status is None:
+        if ended != "recorded" or status is None:
             return RunOutcome(None, Failure(
                 reason=FailureReason.KILLED if ended == "CANCELLED"
                 else FailureReason.INTERNAL_ERROR, log_tail=tail(),
@@ -281,32 +283,39 @@ class SlurmRunner:
     def _wait(self, job_id: str, case_dir: Path, limits: RunLimits,
               on_progress: Callable[[Progress], None] | None,
               cancel: threading.Event | None, detach: Callable[[], bool]) -> str:
-        """Until the job ends: its final Slurm state, or "cancelled" / "timeout" (the
-        spoke cancelled it), or "detached" (the spoke is stopping; the job goes on)."""
+        """Until the job ends: "recorded" (the job script wrote how the container ended),
+        its final Slurm state when it ended without that, "cancelled" / "timeout" (the spoke
+        cancelled it), or "detached" (the spoke is stopping; the job goes on). The case
+        folder is looked at often (cheap, and how a finished case is noticed at once);
+        Slurm is asked every ``poll_seconds``."""
         last: Progress | None = None
         progress_file = case_dir / "output" / Path(PROGRESS_PATH).name
+        asked = 0.0
+        event = cancel or threading.Event()
         while True:
-            if cancel is not None and cancel.is_set():
+            if event.is_set():
                 if detach():
                     return "detached"
                 self._cancel(job_id)
                 return "cancelled"
-            state = self.slurm.state(job_id)
-            if state is None or state in ENDED:
-                return state or "COMPLETED"
+            if _status(case_dir) is not None:
+                return "recorded"
+            if time.monotonic() - asked >= self.settings.poll_seconds:
+                asked = time.monotonic()
+                state = self.slurm.state(job_id)
+                if state is None or state in ENDED:
+                    return "recorded" if _status(case_dir) is not None else state or "GONE"
             started = _started_at(case_dir)
-            if started is not None and time.time() - started > limits.timeout_seconds:
-                self._cancel(job_id)
-                return "timeout"
-            if on_progress is not None and state == "RUNNING":
-                progress = read_progress(progress_file)
-                if progress is not None and progress != last:
-                    last = progress
-                    on_progress(progress)
-            if cancel is not None:
-                cancel.wait(self.settings.poll_seconds)
-            else:
-                time.sleep(self.settings.poll_seconds)
+            if started is not None:
+                if time.time() - started > limits.timeout_seconds:
+                    self._cancel(job_id)
+                    return "timeout"
+                if on_progress is not None:
+                    progress = read_progress(progress_file)
+                    if progress is not None and progress != last:
+                        last = progress
+                        on_progress(progress)
+            event.wait(min(LOOK_SECONDS, self.settings.poll_seconds))
 
     def _cancel(self, job_id: str) -> None:
         """scancel, then wait (bounded) until Slurm says the job ended, so its container is
@@ -325,12 +334,13 @@ class SlurmRunner:
         """At start-up: cancel the jobs whose cases no longer want them (their experiment
         was cancelled while the spoke was down). Returns what was cancelled."""
         cancelled = []
-        for experiment_id, name, job_id in self.journal.jobs_to_stop():
+        for key, name, job_id in self.journal.jobs_to_stop():
             for found_id, state in self.slurm.find(name):
                 if state not in ENDED and (job_id is None or found_id == job_id):
                     self.slurm.cancel(found_id)
                     cancelled.append({"name": name, "id": f"slurm:{found_id}",
-                                      "org.tributary.experiment": experiment_id})
+                                      "org.tributary.experiment": key[0]})
+            self.journal.forget_job(key)
         return cancelled
 
 
