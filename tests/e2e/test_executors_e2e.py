@@ -1,6 +1,7 @@
 """One study, three executors: the local Docker engine, Podman through its Docker-compatible
-socket, and a real one-machine Slurm cluster whose jobs run the image with Podman. Real
-spoke processes, real engines, the project's own service scripts.
+socket, and a real one-machine Slurm cluster whose jobs run the image with Podman; and a
+rootless Podman running the spoke's runner. Real spoke processes, real engines, the
+project's own service scripts.
 
 What is checked is what the hub ends up with (the same results on each executor, every
 case exactly one result), what Slurm says about the jobs (cancelled, never submitted
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -20,8 +23,14 @@ from typing import Any
 import pytest
 from e2e_helpers import wait_for, wait_target
 
+from tributary.protocol.contract import Participant, ParticipantSeries
+from tributary.protocol.messages import AlgorithmRef, RunLimits
 from tributary.services import podman, slurm
 from tributary.services.settings import ServiceSettings
+from tributary.spoke.config import ExecutionSettings, RunnerSettings
+from tributary.spoke.engines import engine_client
+from tributary.spoke.images import ensure_image
+from tributary.spoke.runner import run_case
 from tributary.testbed.federation import LocalFederation, execution_toml, generate_cohort
 
 pytestmark = pytest.mark.e2e
@@ -211,3 +220,51 @@ def test_slurm_spoke_killed_adopts_its_jobs_after_restart(
     started = [e["detail"]["container_id"] for e in audit_entries(config, "container.started")]
     assert len(started) == 4 and len(set(started)) == 2, f"adopted, not resubmitted: {started}"
     assert not podman_containers(federation.services, spoke_id)
+
+
+def test_rootless_podman_runs_cases_with_the_same_isolation(
+        service_settings: ServiceSettings, misbehaving_image: tuple[str, str]) -> None:
+    """A rootless Podman (its own unprivileged user): the image is pulled and checked by
+    digest through its socket, and the runner's flags hold: the output folder (owned by
+    the uid the algorithm's user maps to; no quota tmpfs, which a rootless Podman's mount
+    namespace would not see) is written, the network is not there, the input stays
+    read-only."""
+    socket_url = podman.ensure_rootless(service_settings)
+    execution = ExecutionSettings(engine="podman", podman_socket=socket_url,
+                                  algorithm_uid=podman.mapped_uid())
+    client = engine_client(execution)
+    ref = AlgorithmRef(name="misbehaving", version="1", repository=misbehaving_image[0],
+                       digest=misbehaving_image[1])
+    # The rootless user must reach the folders it mounts: one of its own under /tmp.
+    root = Path(tempfile.mkdtemp(prefix="tributary-rootless-"))
+    outcomes = {}
+    try:
+        root.chmod(0o755)
+        series = root / "series"
+        series.mkdir()
+        (series / "1.dcm").write_bytes(b"\0" * 256)
+        (series / "1.dcm").chmod(0o644)
+        series.chmod(0o755)
+        ensure_image(client, ref, [service_settings.registry])
+        for behaviour in ("ok", "network", "write-input"):
+            outcomes[behaviour] = run_case(
+                client, ref.reference, name=f"tributary-rootless-{uuid.uuid4().hex[:8]}",
+                participant=Participant(
+                    case_id="c-0123456789abcdef", experiment_id="exp-rl",
+                    series=[ParticipantSeries(series_id="s-0123456789abcdef", modality="CT",
+                                              path="/tributary/input/s-1", instance_count=1)]),
+                mounts={"/tributary/input/s-1": series}, arguments={"behaviour": behaviour},
+                limits=RunLimits(timeout_seconds=60, memory_mb=256, cpus=1.0),
+                settings=RunnerSettings(output_quota_mb=0), case_dir=root / behaviour,
+                max_output_bytes=1 << 20, labels={}, oom_reported=False,
+                algorithm_uid=execution.algorithm_uid)
+        left = sorted(p.name for p in series.iterdir())
+    finally:
+        client.close()
+        shutil.rmtree(root, ignore_errors=True)
+    assert outcomes["ok"].output == {"ok": True, "case_id": "c-0123456789abcdef"}
+    network = outcomes["network"].failure
+    assert network is not None and "network access failed" in (network.log_tail or "")
+    write = outcomes["write-input"].failure  # it exits 1 when the write fails
+    assert write is not None and write.exit_code == 1, write
+    assert left == ["1.dcm"], "the input stays as it was"

@@ -40,7 +40,8 @@ def test_engine_defaults_to_docker_and_slurm_paths_resolve(tmp_path: Path) -> No
 
 @pytest.mark.parametrize("execution", ['[execution]\nengine = "kubernetes"\n',
                                        '[execution]\nengine = "podman"\nsocket = "x"\n',
-                                       '[execution.slurm]\npodman = []\n'])
+                                       '[execution.slurm]\npodman = []\n',
+                                       '[execution]\nalgorithm_uid = 365533\n'])
 def test_unknown_engines_and_settings_are_refused(tmp_path: Path, execution: str) -> None:
     with pytest.raises(ValidationError):
         SpokeConfig.load(_config(tmp_path, execution))

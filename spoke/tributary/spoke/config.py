@@ -91,6 +91,10 @@ class ExecutionSettings(BaseModel):
     #: Podman's API socket (``podman system service``), for ``engine = "podman"``; a
     #: rootless Podman serves one under ``$XDG_RUNTIME_DIR/podman/podman.sock``.
     podman_socket: str = "unix:///run/podman/podman.sock"
+    #: The host uid (and gid) the algorithm's user 65534 appears as, which must own each
+    #: case's output folder: 65534 for Docker and rootful Podman; for rootless Podman
+    #: started by a user whose subordinate range starts at S (``/etc/subuid``), S + 65533.
+    algorithm_uid: int = Field(65534, ge=1)
     slurm: SlurmSettings = Field(default_factory=SlurmSettings)
 
 
@@ -260,6 +264,9 @@ class SpokeConfig(BaseModel):
         names = [s.name for s in self.all_sources]
         if len(names) != len(set(names)):
             raise ValueError(f"source names must be unique, got {names}")
+        if self.execution.algorithm_uid != 65534 and self.runner.output_quota_mb:
+            raise ValueError("a rootless Podman (execution.algorithm_uid set) does not see "
+                             "the output quota's tmpfs: set runner.output_quota_mb = 0")
         return self
 
     @property

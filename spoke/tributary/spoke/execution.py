@@ -318,7 +318,8 @@ class CaseExecution:
                 case_dir=self._case_dir(message.experiment_id, case_id),
                 max_output_bytes=self.config.policy.max_output_bytes, labels=labels,
                 on_progress=progressed, cancel=activity.cancel, on_started=started,
-                oom_reported=self.config.execution.engine == "docker")
+                oom_reported=self.config.execution.engine == "docker",
+                algorithm_uid=self.config.execution.algorithm_uid)
         finally:
             client.close()
 

@@ -111,11 +111,12 @@ class OutputError(Exception):
         self.detail = detail
 
 
-def prepare_case_dir(case_dir: Path, settings: RunnerSettings,
-                     quota: bool = True) -> Path | RunOutcome:
+def prepare_case_dir(case_dir: Path, settings: RunnerSettings, quota: bool = True,
+                     owner: int = 65534) -> Path | RunOutcome:
     """A fresh case folder with an empty output folder the algorithm's user may write
-    (a tmpfs of the site's quota when ``quota``); a failed outcome if the quota cannot be
-    put in place, since the case must not run without it."""
+    (a tmpfs of the site's quota when ``quota``), owned by ``owner``, the host uid the
+    algorithm's user appears as; a failed outcome if the quota cannot be put in place,
+    since the case must not run without it."""
     out_dir = case_dir / "output"
     output_quota.unmount(out_dir)  # a spoke that died mid-case may have left it mounted
     if case_dir.exists():
@@ -123,12 +124,12 @@ def prepare_case_dir(case_dir: Path, settings: RunnerSettings,
     out_dir.mkdir(parents=True)
     if quota and settings.output_quota_mb:
         try:
-            output_quota.mount(out_dir, settings.output_quota_mb)
+            output_quota.mount(out_dir, settings.output_quota_mb, owner)
         except output_quota.QuotaError as exc:
             return RunOutcome(None, Failure(reason=FailureReason.INTERNAL_ERROR,
                                             detail=str(exc)), None)
     else:
-        os.chown(out_dir, 65534, 65534) if os.geteuid() == 0 else out_dir.chmod(0o777)
+        os.chown(out_dir, owner, owner) if os.geteuid() == 0 else out_dir.chmod(0o777)
     return out_dir
 
 
@@ -145,13 +146,16 @@ def run_case(client: docker.DockerClient, image: str, name: str, participant: Pa
              labels: dict[str, str],
              on_started: Callable[[str], None] | None = None,
              on_progress: Callable[[Progress], None] | None = None,
-             cancel: threading.Event | None = None, oom_reported: bool = True) -> RunOutcome:
+             cancel: threading.Event | None = None, oom_reported: bool = True,
+             algorithm_uid: int = 65534) -> RunOutcome:
     """Run one case to completion and classify what happened. ``client`` speaks the Docker
     engine's API: the Docker engine's own or Podman's compatible one (``oom_reported``
     False: see :func:`classify`). ``on_started`` is told the container's id once it runs
     (for the audit log); ``on_progress`` each new value of the algorithm's progress file;
-    setting ``cancel`` kills the container and fails the case as cancelled."""
-    out_dir = prepare_case_dir(case_dir, settings)
+    setting ``cancel`` kills the container and fails the case as cancelled.
+    ``algorithm_uid``: the host uid the container's user 65534 appears as (another for
+    rootless Podman), which must own the output folder."""
+    out_dir = prepare_case_dir(case_dir, settings, owner=algorithm_uid)
     if isinstance(out_dir, RunOutcome):
         return out_dir
     try:
