@@ -45,6 +45,8 @@ def down(settings: ServiceSettings | None = None,
     settings = settings or ServiceSettings()
     report("slurm", "stopped" if slurm.stop(settings) else "was not running")
     report("podman", "stopped" if podman.stop(settings) else "was not running")
+    report("podman-rootless",
+           "stopped" if podman.stop_rootless(settings) else "was not running")
     report("objectstore", "stopped" if objectstore.stop(settings) else "was not running")
     report("postgres", "stopped" if postgres.stop(settings) else "was not running")
     report("redis", "stopped" if redis.stop(settings) else "was not running")
