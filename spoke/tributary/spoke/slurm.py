@@ -302,7 +302,11 @@ class SlurmRunner:
                 return "recorded"
             if time.monotonic() - asked >= self.settings.poll_seconds:
                 asked = time.monotonic()
-                state = self.slurm.state(job_id)
+                try:
+                    state = self.slurm.state(job_id)
+                except SlurmError as exc:  # a controller restarting: the job goes on
+                    log.warning("Slurm job %s: %s; asking again", job_id, exc)
+                    state = "UNKNOWN"
                 if state is None or state in ENDED:
                     return "recorded" if _status(case_dir) is not None else state or "GONE"
             started = _started_at(case_dir)
