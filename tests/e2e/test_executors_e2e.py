@@ -27,10 +27,12 @@ from tributary.protocol.contract import Participant, ParticipantSeries
 from tributary.protocol.messages import AlgorithmRef, RunLimits
 from tributary.services import podman, slurm
 from tributary.services.settings import ServiceSettings
-from tributary.spoke.config import ExecutionSettings, RunnerSettings
+from tributary.spoke.config import ExecutionSettings, RunnerSettings, SlurmSettings
 from tributary.spoke.engines import engine_client
 from tributary.spoke.images import ensure_image
+from tributary.spoke.journal import Journal
 from tributary.spoke.runner import run_case
+from tributary.spoke.slurm import SlurmRunner
 from tributary.testbed.federation import LocalFederation, execution_toml, generate_cohort
 
 pytestmark = pytest.mark.e2e
@@ -268,3 +270,43 @@ def test_rootless_podman_runs_cases_with_the_same_isolation(
     write = outcomes["write-input"].failure  # it exits 1 when the write fails
     assert write is not None and write.exit_code == 1, write
     assert left == ["1.dcm"], "the input stays as it was"
+
+
+def test_slurm_jobs_keep_the_runners_isolation_and_limits(
+        tmp_path: Path, service_settings: ServiceSettings, slurm_conf: str,
+        misbehaving_image: tuple[str, str]) -> None:
+    """Through the Slurm runner itself: no network, a read-only input, the time limit
+    counted from the container's start, and output read as on any engine."""
+    settings = SlurmSettings(slurm_conf=Path(slurm_conf), partition=slurm.PARTITION,
+                             podman_env=podman.environment(service_settings),
+                             poll_seconds=0.5)
+    journal = Journal(tmp_path / "journal.db")
+    runner = SlurmRunner(settings, journal)
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "1.dcm").write_bytes(b"\0" * 256)
+    image = f"{misbehaving_image[0]}@{misbehaving_image[1]}"
+    outcomes = {}
+    for number, (behaviour, timeout) in enumerate((("ok", 60), ("network", 60),
+                                                    ("write-input", 60), ("hang", 3))):
+        outcomes[behaviour] = runner.run_case(
+            image, ("exp-slurm", "c-0123456789abcdef", number + 1),
+            name=f"tributary-isolation-{uuid.uuid4().hex[:8]}",
+            participant=Participant(
+                case_id="c-0123456789abcdef", experiment_id="exp-slurm",
+                series=[ParticipantSeries(series_id="s-0123456789abcdef", modality="CT",
+                                          path="/tributary/input/s-1", instance_count=1)]),
+            mounts={"/tributary/input/s-1": series}, arguments={"behaviour": behaviour},
+            limits=RunLimits(timeout_seconds=timeout, memory_mb=256, cpus=1.0),
+            settings=RunnerSettings(), case_dir=tmp_path / behaviour,
+            max_output_bytes=1 << 20, labels={"org.tributary.spoke": "isolation"})
+    journal.close()
+    assert outcomes["ok"].output == {"ok": True, "case_id": "c-0123456789abcdef"}
+    network = outcomes["network"].failure
+    assert network is not None and "network access failed" in (network.log_tail or "")
+    write = outcomes["write-input"].failure
+    assert write is not None and "Read-only file system" in (write.log_tail or "")
+    assert sorted(p.name for p in series.iterdir()) == ["1.dcm"]
+    hang = outcomes["hang"].failure
+    assert hang is not None and hang.reason == "timeout", hang
+    assert not podman_containers(service_settings, "isolation")
