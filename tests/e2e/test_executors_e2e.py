@@ -163,13 +163,15 @@ def test_slurm_cancels_a_queued_and_a_running_case(
     data = federation.root / "data" / f"slurm-cancel-{uuid.uuid4().hex[:6]}"
     generate_cohort(data, 2, seed=15, site="cancel", size=64, slices=16)
     spoke_id, config = add_spoke(federation, "slurm-cancel", data, "slurm")
+    node_cpus = float(os.cpu_count() or 1)  # what the local cluster's node offers
+    config.write_text(config.read_text().replace("[runner]\n",
+                                                 f"[runner]\nmax_cpus = {node_cpus}\n", 1))
     federation.start_spoke(spoke_id, config)
     algorithm = federation.register_algorithm(
         name=f"slow-{spoke_id}", version="1", repository=misbehaving_image[0],
         digest=misbehaving_image[1], argument_schema=SLOW_SCHEMA)
     experiment_id = launch(federation, algorithm["id"], [spoke_id],
-                           {"behaviour": "slow", "seconds": 120},
-                           cpus=float(os.cpu_count() or 1))
+                           {"behaviour": "slow", "seconds": 120}, cpus=node_cpus)
     prefix = f"tributary-{spoke_id}-"
     wait_for(lambda: sorted(s for _, s, _ in squeue(federation.services, prefix))
              == ["PENDING", "RUNNING"], 120, "one running and one queued Slurm job")
