@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -188,11 +187,13 @@ def test_slurm_cancels_a_queued_and_a_running_case(
     assert not podman_containers(federation.services, spoke_id)
 
 
-def test_slurm_spoke_killed_adopts_its_jobs_after_restart(
+@pytest.mark.parametrize("stop", ["kill -9", "SIGTERM"])
+def test_slurm_spoke_restarted_adopts_its_jobs(
         federation: LocalFederation, misbehaving_image: tuple[str, str], slurm_conf: str,
-) -> None:
-    """kill -9 of the spoke while its Slurm jobs run: the restarted spoke adopts them (no
-    second submission) and the hub gets exactly one result per case."""
+        stop: str) -> None:
+    """kill -9 (or a clean stop) of the spoke while its Slurm jobs run: the jobs go on, the
+    restarted spoke adopts them (no second submission) and the hub gets exactly one result
+    per case."""
     data = federation.root / "data" / f"slurm-kill-{uuid.uuid4().hex[:6]}"
     generate_cohort(data, 2, seed=16, site="kill", size=64, slices=16)
     spoke_id, config = add_spoke(federation, "slurm-kill", data, "slurm")
@@ -205,9 +206,10 @@ def test_slurm_spoke_killed_adopts_its_jobs_after_restart(
     prefix = f"tributary-{spoke_id}-"
     wait_for(lambda: [s for _, s, _ in squeue(federation.services, prefix)]
              == ["RUNNING", "RUNNING"], 120, "two running Slurm jobs")
-    spoke.popen.send_signal(signal.SIGKILL)
-    spoke.popen.wait()
-    time.sleep(1)
+    spoke.popen.send_signal(signal.SIGKILL if stop == "kill -9" else signal.SIGTERM)
+    spoke.popen.wait(60)
+    assert [s for _, s, _ in squeue(federation.services, prefix)] == ["RUNNING", "RUNNING"], (
+        "the spoke's jobs outlive it")
     federation.start_spoke(spoke_id, config)
     experiment = federation.wait_for_experiment(experiment_id, timeout=120)
 
@@ -220,7 +222,10 @@ def test_slurm_spoke_killed_adopts_its_jobs_after_restart(
     jobs = squeue(federation.services, prefix)
     assert sorted(state for _, state, _ in jobs) == ["COMPLETED", "COMPLETED"], (
         f"each case one job, never a second submission: {jobs}")
-    assert len(audit_entries(config, "case.interrupted")) == 2
+    if stop == "kill -9":
+        assert len(audit_entries(config, "case.interrupted")) == 2
+    else:
+        assert len(audit_entries(config, "case.released")) == 2
     started = [e["detail"]["container_id"] for e in audit_entries(config, "container.started")]
     assert len(started) == 4 and len(set(started)) == 2, f"adopted, not resubmitted: {started}"
     assert not podman_containers(federation.services, spoke_id)
