@@ -97,9 +97,9 @@ def _write_conf(settings: ServiceSettings) -> Path:
         "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core_Memory",
         "ReturnToService=2", "MpiDefault=none", "JobAcctGatherType=jobacct_gather/none",
         "AccountingStorageType=accounting_storage/none", "SwitchType=switch/none",
-        # Signals reach a cancelled job fast, and finished jobs stay visible long enough
-        # for a spoke that was down meanwhile to see how they ended.
-        "KillWait=5", "MinJobAge=600", "SchedulerParameters=sched_interval=1",
+        # Finished jobs stay visible long enough for a spoke that was down meanwhile to
+        # see how they ended.
+        "MinJobAge=600",
         f"NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} "
         f"RealMemory={max(256, int(_memory_mb() * 0.8))} State=UNKNOWN",
         f"PartitionName={PARTITION} Nodes={host} Default=YES MaxTime=INFINITE State=UP", "",

@@ -183,7 +183,11 @@ def job_script(podman: list[str], podman_env: dict[str, str], name: str, image: 
 {exports}name={q(name)}
 status={q(str(status))}
 record() {{ printf '%s\\n' "$1" > "$status.tmp" && mv "$status.tmp" "$status"; }}
-stop() {{ {pod} rm --force --time 0 "$name" >/dev/null 2>&1; exit 143; }}
+stop() {{
+  {pod} rm --force --time 0 "$name" >/dev/null 2>&1
+  record '{{"exit_code": 143}}'
+  exit 143
+}}
 trap stop TERM INT
 {pod} rm --force --time 0 "$name" >/dev/null 2>&1
 if ! {pod} image exists {q(image)}; then
@@ -296,7 +300,7 @@ class SlurmRunner:
             if event.is_set():
                 if detach():
                     return "detached"
-                self._cancel(job_id)
+                self._cancel(job_id, case_dir)
                 return "cancelled"
             if _status(case_dir) is not None:
                 return "recorded"
@@ -312,7 +316,7 @@ class SlurmRunner:
             started = _started_at(case_dir)
             if started is not None:
                 if time.time() - started > limits.timeout_seconds:
-                    self._cancel(job_id)
+                    self._cancel(job_id, case_dir)
                     return "timeout"
                 if on_progress is not None:
                     progress = read_progress(progress_file)
@@ -321,16 +325,24 @@ class SlurmRunner:
                         on_progress(progress)
             event.wait(min(LOOK_SECONDS, self.settings.poll_seconds))
 
-    def _cancel(self, job_id: str) -> None:
-        """scancel, then wait (bounded) until Slurm says the job ended, so its container is
-        gone before the case is reported."""
+    def _cancel(self, job_id: str, case_dir: Path) -> None:
+        """scancel, then wait (bounded) until the job is gone: a job whose container
+        started has its script remove the container and record that it stopped, which
+        is awaited, so no container is left when the case is reported."""
+        started = _started_at(case_dir) is not None
         self.slurm.cancel(job_id)
         deadline = time.monotonic() + CANCEL_GRACE_SECONDS
         while time.monotonic() < deadline:
-            state = self.slurm.state(job_id)
-            if state is None or state in ENDED:
+            if _status(case_dir) is not None:
                 return
-            time.sleep(0.5)
+            if not started:
+                try:
+                    state = self.slurm.state(job_id)
+                except SlurmError:
+                    state = "UNKNOWN"
+                if state is None or state in ENDED:
+                    return
+            time.sleep(0.25)
         log.warning("Slurm job %s did not end within %d s of its cancellation", job_id,
                     CANCEL_GRACE_SECONDS)
 
