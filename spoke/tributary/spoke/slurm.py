@@ -326,16 +326,14 @@ class SlurmRunner:
             event.wait(min(LOOK_SECONDS, self.settings.poll_seconds))
 
     def _cancel(self, job_id: str, case_dir: Path) -> None:
-        """scancel, then wait (bounded) until the job is gone: a job whose container
-        started has its script remove the container and record that it stopped, which
-        is awaited, so no container is left when the case is reported."""
+        """scancel, then wait (bounded) until Slurm says the job ended and, if its
+        container had started, the job script recorded that it removed it: no container
+        is left when the case is reported."""
         started = _started_at(case_dir) is not None
         self.slurm.cancel(job_id)
         deadline = time.monotonic() + CANCEL_GRACE_SECONDS
         while time.monotonic() < deadline:
-            if _status(case_dir) is not None:
-                return
-            if not started:
+            if not started or _status(case_dir) is not None:
                 try:
                     state = self.slurm.state(job_id)
                 except SlurmError:
