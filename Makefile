@@ -46,6 +46,7 @@ bench: services
 	$(BIN)/python bench/bench_deid.py
 	$(BIN)/python bench/bench_aggregation.py
 	$(BIN)/python bench/bench_recovery.py
+	$(BIN)/python bench/bench_case_overhead.py
 	$(BIN)/python bench/bench_hub_scale.py --quick
 
 clean:

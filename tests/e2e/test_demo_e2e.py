@@ -1,5 +1,6 @@
 """The README's main command, end to end at a small size: services, a signed image, three
-spokes, one study and its aggregate, as processes through the generated mutual-TLS broker.
+spokes (the last one on Podman, `tributary demo --podman`), one study and its aggregate, as
+processes through the generated mutual-TLS broker.
 The same study as containers is ``make demo-containers`` in test_demo_containers_e2e.py."""
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def test_demo_runs_a_study_to_its_aggregate(tmp_path: Path) -> None:
                for spoke in SPOKES}
     with open(tmp_path / "demo.log", "w") as log:
         report = run_demo([2, 1, 1], hub_port=free_port(), wait=False,
-                          workdir=tmp_path / "demo", console=Console(file=log))
+                          workdir=tmp_path / "demo", console=Console(file=log),
+                          podman=True)
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == report
     pooled = report["groups"]["pooled"]
     assert (pooled["cases"], pooled["succeeded"], pooled["failed"]) == (4, 4, 0)
@@ -33,6 +35,8 @@ def test_demo_runs_a_study_to_its_aggregate(tmp_path: Path) -> None:
         entries = [json.loads(line) for line in audit.read_text().splitlines()]
         verified = [e for e in entries if e["action"] == "image.verified"]
         assert verified and all(e["detail"]["result"] == "verified" for e in verified)
-        # ...and asked the engine for the algorithm's containers.
-        assert created[spoke].stop()
+        # ...and asked its engine for the algorithm's containers: Podman for the last.
+        engines = {e["detail"]["engine"] for e in entries if e["action"] == "container.started"}
+        assert engines == {"podman" if spoke == SPOKES[-1] else "docker"}
+        assert bool(created[spoke].stop()) == (spoke != SPOKES[-1])
     assert (tmp_path / "demo" / "broker" / "jaas" / "users.properties").exists()

@@ -31,6 +31,9 @@ def demo(
         "Put each party on a host of its own (Linux network namespaces, needs root): "
         "broker, registry and hub on the hub side, each spoke allowed only outbound "
         "connections to the hub side's published ports. Removed afterwards."))] = False,
+    podman: Annotated[bool, typer.Option(help=(
+        "Run the last spoke's cases on Podman (through its Docker-compatible socket, "
+        "started here) instead of the Docker engine."))] = False,
 ) -> None:
     """Run a whole federation here: services, hub, three spokes, one study, results."""
     try:
@@ -44,6 +47,9 @@ def demo(
         raise typer.Exit(1) from None
     from tributary.services.settings import ServiceSettings
 
+    if containers and podman:
+        console.print("[red]--podman runs with the process federation, not --containers.[/]")
+        raise typer.Exit(2)
     if hosts and containers:
         console.print("[red]--hosts and --containers do not go together.[/]")
         raise typer.Exit(2)
@@ -58,7 +64,7 @@ def demo(
     compose = (ServiceSettings(broker_port=broker_port, registry_port=registry_port)
                if containers else None)
     run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console,
-             containers=compose, hosts=hosts)
+             containers=compose, hosts=hosts, podman=podman)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

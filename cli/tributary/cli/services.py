@@ -51,6 +51,44 @@ def status() -> None:
         raise typer.Exit(1)
 
 
+@app.command("podman")
+def podman_up(
+    rootless: Annotated[bool, typer.Option(help=(
+        "Run it rootless, as an unprivileged system user of its own (created with a "
+        "subordinate uid range if missing)."))] = False,
+) -> None:
+    """Install Podman if missing and start its Docker-compatible API service (idempotent),
+    for spokes whose execution engine is podman, and for Slurm jobs."""
+    from tributary.services import podman
+    from tributary.services.system import ServiceError
+
+    try:
+        socket = podman.ensure_rootless() if rootless else podman.ensure_running()
+    except ServiceError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    _report("podman", f"running at {socket}")
+    if rootless:
+        _report("", f"the algorithm's user appears as uid {podman.mapped_uid()}: set the "
+                    "spoke's execution.algorithm_uid to it and runner.output_quota_mb to 0")
+
+
+@app.command("slurm")
+def slurm_up() -> None:
+    """Install Slurm and munge if missing and start a one-machine cluster on loopback
+    (slurmctld and slurmd, idempotent), for spokes whose execution engine is slurm."""
+    from tributary.services import podman, slurm
+    from tributary.services.system import ServiceError
+
+    try:
+        podman.ensure_running()
+        conf = slurm.ensure_running()
+    except ServiceError as exc:
+        console.print(f"[red]{exc}[/]")
+        raise typer.Exit(1) from exc
+    _report("slurm", f"running, SLURM_CONF={conf}")
+
+
 @app.command("objectstore")
 def objectstore_up(
     pki_dir: Annotated[Path | None, typer.Option(

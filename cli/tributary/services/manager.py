@@ -11,9 +11,11 @@ from tributary.services import (
     docker_engine,
     objectstore,
     ocr,
+    podman,
     postgres,
     redis,
     registry,
+    slurm,
 )
 from tributary.services.settings import ServiceSettings
 
@@ -41,6 +43,10 @@ def down(settings: ServiceSettings | None = None,
          report: Callable[[str, str], None] = lambda name, state: None) -> None:
     """Stop what this project started; leave a system-provided Docker engine alone."""
     settings = settings or ServiceSettings()
+    report("slurm", "stopped" if slurm.stop(settings) else "was not running")
+    report("podman", "stopped" if podman.stop(settings) else "was not running")
+    report("podman-rootless",
+           "stopped" if podman.stop_rootless(settings) else "was not running")
     report("objectstore", "stopped" if objectstore.stop(settings) else "was not running")
     report("postgres", "stopped" if postgres.stop(settings) else "was not running")
     report("redis", "stopped" if redis.stop(settings) else "was not running")

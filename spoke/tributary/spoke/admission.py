@@ -9,7 +9,6 @@ import logging
 import threading
 from datetime import UTC, datetime
 
-import docker
 import docker.errors
 
 from tributary.protocol.messages import ExperimentMessage, ExperimentState, FailureReason
@@ -18,6 +17,7 @@ from tributary.spoke import journal as states
 from tributary.spoke.cases import Cases
 from tributary.spoke.catalog import SelectionRefused, refused_attributes
 from tributary.spoke.config import SpokeConfig
+from tributary.spoke.engines import engine_client, engine_name
 from tributary.spoke.images import (
     ANONYMOUS,
     ImageRefused,
@@ -25,6 +25,7 @@ from tributary.spoke.images import (
     check_approval,
     check_release,
     ensure_image,
+    verify_served,
 )
 from tributary.spoke.lifecycle import Lifecycle
 
@@ -46,7 +47,7 @@ class Admission:
     def prepare(self, message: ExperimentMessage) -> None:
         """Check the image and select the cases of a journaled experiment; accepted cases
         are queued in the journal together with the ``accepted`` status. Left ``received``
-        (tried again) while the Docker engine is unavailable."""
+        (tried again) while the container engine is unavailable."""
         experiment_id = message.experiment_id
         log.info("experiment %s: %s", experiment_id, message.algorithm.reference)
         if message.expires_at is not None and message.expires_at < datetime.now(UTC):
@@ -82,15 +83,21 @@ class Admission:
 
     def _image_admitted(self, message: ExperimentMessage) -> bool:
         """Whether the experiment's image may run here (pulled and verified by now); False
-        if it was refused, or if the Docker engine is unavailable (after a pause)."""
+        if it was refused, or if the container engine is unavailable (after a pause). On
+        Slurm the compute nodes pull the image by digest themselves: the spoke checks that
+        the registry serves exactly that digest."""
         experiment_id = message.experiment_id
         reference = message.algorithm.reference
-        try:
-            docker_client = docker.from_env(timeout=120)
-        except docker.errors.DockerException as exc:
-            log.error("docker engine unavailable for %s: %s; will retry", experiment_id, exc)
-            self.stopping.wait(10)
-            return False
+        execution = self.config.execution
+        docker_client = None
+        if execution.engine != "slurm":
+            try:
+                docker_client = engine_client(execution)
+            except docker.errors.DockerException as exc:
+                log.error("%s unavailable for %s: %s; will retry", engine_name(execution),
+                          experiment_id, exc)
+                self.stopping.wait(10)
+                return False
         try:
             check_approval(message.algorithm, self.hub_keys)
             revoked = self.lifecycle.journal.revocation(message.algorithm.digest)
@@ -100,11 +107,15 @@ class Admission:
             check_release(message.algorithm, self.publishers,
                           self.config.runner.allowed_registries,
                           self.config.trust.registry_signatures, self.registry)
-            image_id = ensure_image(
-                docker_client, message.algorithm, self.config.runner.allowed_registries,
-                on_pull=lambda pulled: self.lifecycle.audit("image.pulled", reference,
-                                                            image_id=pulled),
-                access=self.registry)
+            if docker_client is None:
+                image_id = verify_served(message.algorithm,
+                                         self.config.runner.allowed_registries, self.registry)
+            else:
+                image_id = ensure_image(
+                    docker_client, message.algorithm, self.config.runner.allowed_registries,
+                    on_pull=lambda pulled: self.lifecycle.audit("image.pulled", reference,
+                                                                image_id=pulled),
+                    access=self.registry)
             self.lifecycle.audit("image.verified", reference, result="verified",
                                  image_id=image_id, experiment=experiment_id)
         except ImageRefused as exc:
@@ -114,7 +125,8 @@ class Admission:
             self._refuse(experiment_id, f"{exc.reason}: {exc.detail}")
             return False
         finally:
-            docker_client.close()
+            if docker_client is not None:
+                docker_client.close()
         return True
 
     def _refuse(self, experiment_id: str, reason: str) -> None:

@@ -50,6 +50,54 @@ class RunnerSettings(BaseModel):
     log_tail_lines: int = 40
 
 
+class SlurmSettings(BaseModel):
+    """How cases reach a Slurm cluster (``[execution.slurm]``): each case is one batch job
+    that runs the verified image by digest with Podman on a compute node."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    #: More ``sbatch`` options, as the site's cluster needs them (e.g. ``--constraint=x``).
+    sbatch_options: list[str] = Field(default_factory=list)
+    #: The Slurm configuration the spoke's ``sbatch``/``squeue``/``scancel`` use (sets
+    #: ``SLURM_CONF``); unset, Slurm's own default.
+    slurm_conf: Path | None = None
+    #: The Podman command on the compute nodes, with any global options
+    #: (e.g. ``["podman", "--storage-driver", "overlay"]``).
+    podman: list[str] = Field(default_factory=lambda: ["podman"], min_length=1)
+    #: Environment for Podman in the job (e.g. ``CONTAINERS_CONF``, ``CONTAINERS_REGISTRIES_CONF``).
+    podman_env: dict[str, str] = Field(default_factory=dict)
+    #: Folder on the filesystem the compute nodes share with the spoke, for each case's
+    #: participant file, output folder, exit status and log (default: ``work_dir/runs``).
+    #: The de-identified store must be on a shared filesystem too (same path everywhere).
+    shared_dir: Path | None = None
+    #: Memory Slurm reserves for Podman itself, on top of the case's memory limit.
+    memory_overhead_mb: int = Field(256, ge=0)
+    #: How often the spoke asks Slurm (``squeue``) about each running case's job; a
+    #: finished case is noticed sooner, from the status its job writes.
+    poll_seconds: float = Field(5.0, ge=0.1, le=600)
+
+
+class ExecutionSettings(BaseModel):
+    """Where cases run (``[execution]``): the local Docker engine, Podman through its
+    Docker-compatible API socket (rootless if the site starts it so), or a Slurm cluster.
+    The isolation flags, limits and image checks are the same on each."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["docker", "podman", "slurm"] = "docker"
+    #: Podman's API socket (``podman system service``), for ``engine = "podman"``; a
+    #: rootless Podman serves one under ``$XDG_RUNTIME_DIR/podman/podman.sock``.
+    podman_socket: str = "unix:///run/podman/podman.sock"
+    #: The host uid (and gid) the algorithm's user 65534 appears as, which must own each
+    #: case's output folder: 65534 for Docker and rootful Podman; for rootless Podman
+    #: started by a user whose subordinate range starts at S (``/etc/subuid``), S + 65533.
+    algorithm_uid: int = Field(65534, ge=1)
+    slurm: SlurmSettings = Field(default_factory=SlurmSettings)
+
+
 class TrustSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -195,6 +243,7 @@ class SpokeConfig(BaseModel):
     registry: SpokeRegistry = Field(default_factory=SpokeRegistry)
     policy: ReleasePolicy = Field(default_factory=ReleasePolicy)
     runner: RunnerSettings = Field(default_factory=RunnerSettings)
+    execution: ExecutionSettings = Field(default_factory=ExecutionSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
     steward: StewardPolicy = Field(default_factory=StewardPolicy)
     counts: CountPolicy = Field(default_factory=CountPolicy)
@@ -215,6 +264,9 @@ class SpokeConfig(BaseModel):
         names = [s.name for s in self.all_sources]
         if len(names) != len(set(names)):
             raise ValueError(f"source names must be unique, got {names}")
+        if self.execution.algorithm_uid != 65534 and self.runner.output_quota_mb:
+            raise ValueError("a rootless Podman (execution.algorithm_uid set) does not see "
+                             "the output quota's tmpfs: set runner.output_quota_mb = 0")
         return self
 
     @property
@@ -241,6 +293,10 @@ class SpokeConfig(BaseModel):
         registry = raw.get("registry", {})
         if registry.get("ca_file") and not Path(registry["ca_file"]).is_absolute():
             registry["ca_file"] = str((base / registry["ca_file"]).resolve())
+        slurm = raw.get("execution", {}).get("slurm", {})
+        for key in ("slurm_conf", "shared_dir"):
+            if slurm.get(key) and not Path(slurm[key]).is_absolute():
+                slurm[key] = str((base / slurm[key]).resolve())
         for source in raw.get("sources", []):
             for key in ("path", "ca_file"):
                 if key in source and not Path(source[key]).is_absolute():

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import docker
 import docker.errors
 
 from tributary.protocol.contract import Progress
@@ -26,17 +26,26 @@ from tributary.protocol.messages import (
     Failure,
     FailureReason,
     ResultMessage,
+    RunLimits,
 )
 from tributary.protocol.wire import seal
-from tributary.spoke.cases import Cases
+from tributary.spoke.cases import CaseInput, Cases
 from tributary.spoke.catalog import CatalogCase, released_attributes
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain
 from tributary.spoke.deid import profile_name
+from tributary.spoke.engines import engine_client, engine_name
 from tributary.spoke.journal import CaseRow
 from tributary.spoke.lifecycle import Lifecycle
 from tributary.spoke.liveness import AuditProgress, CaseActivity, ProgressReporter, RunningCases
-from tributary.spoke.runner import SPOKE_LABEL, effective_limits, remove_orphans, run_case
+from tributary.spoke.runner import (
+    SPOKE_LABEL,
+    RunOutcome,
+    effective_limits,
+    remove_orphans,
+    run_case,
+)
+from tributary.spoke.slurm import SlurmError, SlurmRunner
 from tributary.spoke.steward import Steward
 
 log = logging.getLogger(__name__)
@@ -77,12 +86,28 @@ class CaseExecution:
         #: What the configured options make; a case states the profile its store files
         #: were actually made under (the catalog's record).
         self.deid_profile = profile_name(config.deidentification)
+        self.slurm = (SlurmRunner(config.execution.slurm, self.journal)
+                      if config.execution.engine == "slurm" else None)
 
     def remove_orphans(self) -> None:
         """Remove the containers a dead spoke process left (labelled with this spoke's
-        id), each audited."""
+        id), each audited. On Slurm, jobs are adopted by their cases instead; only those
+        of cases that no longer want them (cancelled meanwhile) are cancelled."""
+        if self.slurm is not None:
+            try:
+                stale = self.slurm.stop_stale()
+            except SlurmError as exc:
+                log.error("could not look for stale Slurm jobs: %s", exc)
+                self.lifecycle.audit("slurm.stale_check_failed", self.config.spoke_id,
+                                     error=str(exc))
+                return
+            for job in stale:
+                log.warning("cancelled stale Slurm job %s", job["name"])
+                self.lifecycle.audit("slurm.job_cancelled", job["name"], job=job["id"],
+                                     experiment=job["org.tributary.experiment"])
+            return
         try:
-            client = docker.from_env(timeout=120)
+            client = engine_client(self.config.execution)
             try:
                 removed = remove_orphans(client, self.config.spoke_id,
                                          self.config.work_dir / "runs")
@@ -128,6 +153,8 @@ class CaseExecution:
         if self.journal.cancellation(row.experiment_id) is not None:
             self.journal.cancel(row.experiment_id, "", "")
             self.journal.drop_case(row)
+            if self.slurm is not None:  # a job an earlier spoke process submitted
+                self.slurm.stop_stale()
             return None
         if self.steward.already_held(row.experiment_id, row.case_id, row.attempt):
             self.journal.hold_case(row)  # it ran before a restart; its result awaits review
@@ -221,7 +248,6 @@ class CaseExecution:
                                  detail=f"case could not be prepared: {type(exc).__name__}"), run
         run["input_sha256"] = prepared.input_sha256
         run["participant_sha256"] = prepared.participant_sha256
-        client = docker.from_env(timeout=120)
         name = (f"tributary-{self.config.spoke_id}-{message.experiment_id}-{case.case_id}"
                 f"-a{attempt}")
         limits = effective_limits(message.limits, self.config.runner)
@@ -231,7 +257,8 @@ class CaseExecution:
             self.lifecycle.audit(
                 "container.started", name, container_id=container_id,
                 image=message.algorithm.reference, experiment=message.experiment_id,
-                case=case.case_id, attempt=attempt, limits={
+                case=case.case_id, attempt=attempt, engine=self.config.execution.engine,
+                limits={
                     "memory_mb": limits.memory_mb, "cpus": limits.cpus,
                     "timeout_seconds": limits.timeout_seconds, "network": "none",
                     "pids": self.config.runner.pids_limit, "read_only": True})
@@ -239,26 +266,18 @@ class CaseExecution:
         def progressed(progress: Progress) -> None:
             self.progress.report(activity, progress)
 
+        labels = {SPOKE_LABEL: self.config.spoke_id,
+                  "org.tributary.experiment": message.experiment_id,
+                  "org.tributary.case-id": case.case_id, "org.tributary.attempt": str(attempt)}
         try:
-            outcome = run_case(
-                client, message.algorithm.reference, name=name,
-                participant=prepared.participant, mounts=prepared.mounts,
-                arguments=message.arguments, limits=limits, settings=self.config.runner,
-                case_dir=self._case_dir(message.experiment_id, case.case_id),
-                max_output_bytes=self.config.policy.max_output_bytes,
-                labels={SPOKE_LABEL: self.config.spoke_id,
-                        "org.tributary.experiment": message.experiment_id,
-                        "org.tributary.case-id": case.case_id,
-                        "org.tributary.attempt": str(attempt)},
-                on_progress=progressed, cancel=activity.cancel, on_started=started)
+            outcome = self._run(message, case.case_id, attempt, name, prepared, limits,
+                                labels, activity, started, progressed)
         except Exception as exc:
             log.exception("container for case %s could not run", case.case_id)
             self.lifecycle.audit("container.failed", name, experiment=message.experiment_id,
                                  case=case.case_id, error=f"{type(exc).__name__}: {exc}"[:2000])
             return None, Failure(reason=FailureReason.INTERNAL_ERROR,
                                  detail=f"container could not run: {exc}"[:2000]), run
-        finally:
-            client.close()
         log.info("case %s: %s in %.1f s", case.case_id,
                  outcome.failure.reason if outcome.failure else "succeeded",
                  time.monotonic() - t0)
@@ -269,6 +288,40 @@ class CaseExecution:
             duration_seconds=round(time.monotonic() - t_run, 3))
         run["exit_code"] = outcome.exit_code
         return outcome.output, outcome.failure, run
+
+    def _run(self, message: ExperimentMessage, case_id: str, attempt: int, name: str,
+             prepared: CaseInput, limits: RunLimits, labels: dict[str, str],
+             activity: CaseActivity, started: Callable[[str], None],
+             progressed: Callable[[Progress], None]) -> RunOutcome:
+        """Run the case on the site's executor: a Slurm job, or a container of the Docker
+        engine or of Podman (the same API and flags)."""
+        if self.slurm is not None:
+            shared = self.config.execution.slurm.shared_dir or self.config.work_dir / "runs"
+            return self.slurm.run_case(
+                message.algorithm.reference, (message.experiment_id, case_id, attempt),
+                name=name, participant=prepared.participant, mounts=prepared.mounts,
+                arguments=message.arguments, limits=limits, settings=self.config.runner,
+                case_dir=shared / message.experiment_id / case_id / f"a{attempt}",
+                max_output_bytes=self.config.policy.max_output_bytes, labels=labels,
+                on_progress=progressed, cancel=activity.cancel, on_started=started,
+                detach=self.stopping.is_set)
+        try:
+            client = engine_client(self.config.execution)
+        except docker.errors.DockerException as exc:
+            raise RuntimeError(f"{engine_name(self.config.execution)} unavailable: "
+                               f"{exc}") from exc
+        try:
+            return run_case(
+                client, message.algorithm.reference, name=name,
+                participant=prepared.participant, mounts=prepared.mounts,
+                arguments=message.arguments, limits=limits, settings=self.config.runner,
+                case_dir=self._case_dir(message.experiment_id, case_id),
+                max_output_bytes=self.config.policy.max_output_bytes, labels=labels,
+                on_progress=progressed, cancel=activity.cancel, on_started=started,
+                oom_reported=self.config.execution.engine == "docker",
+                algorithm_uid=self.config.execution.algorithm_uid)
+        finally:
+            client.close()
 
     def _case_dir(self, experiment_id: str, case_id: str) -> Path:
         return self.config.work_dir / "runs" / experiment_id / case_id

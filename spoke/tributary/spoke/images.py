@@ -83,6 +83,28 @@ def ensure_image(client: docker.DockerClient, ref: AlgorithmRef,
     return image.id
 
 
+def verify_served(ref: AlgorithmRef, allowed_registries: list[str],
+                  access: RegistryAccess = ANONYMOUS) -> str:
+    """For executors whose compute nodes pull the image themselves (Slurm): the registry
+    must serve exactly ``ref.digest`` (the nodes then pull by that digest, which Podman
+    checks against the manifest). Returns the digest; raises :class:`ImageRefused`."""
+    _allowed(ref, allowed_registries)
+    registry, name = split_repository(ref.repository)
+    try:
+        with access.client(registry) as client:
+            served = client.manifest_digest(name, ref.digest)
+    except RegistryError as exc:
+        raise ImageRefused(FailureReason.IMAGE_UNAVAILABLE,
+                           f"registry does not serve {ref.reference}: {exc}") from None
+    if served is None:
+        raise ImageRefused(FailureReason.IMAGE_UNAVAILABLE,
+                           f"registry does not serve {ref.reference}")
+    if served != ref.digest:
+        raise ImageRefused(FailureReason.IMAGE_DIGEST_MISMATCH,
+                           f"registry serves {served} for {ref.reference}")
+    return served
+
+
 def _allowed(ref: AlgorithmRef, allowed_registries: list[str]) -> None:
     registry = ref.repository.split("/", 1)[0]
     if allowed_registries and registry not in allowed_registries:

@@ -12,6 +12,9 @@ promised and not yet finished survives a crash, a kill -9 or a power cut.
   for the steward's review). The primary key makes running the
   same attempt twice impossible; ``launches`` counts container starts, so a case that keeps
   taking the spoke down is given up after a bounded number of tries.
+- ``batch_jobs``: the batch job (Slurm) each case attempt was submitted as: its name is
+  journaled before the job is submitted and its id right after, so a spoke that restarts
+  adopts the job it finds, queued, running or finished, and never submits a second one.
 - ``results``: each finished case's result, signed into the custody ``chain``.
 - ``count_requests``: count requests acknowledged but not yet answered. Answering one can
   mean ingesting new files first, which may take long; journaling it lets the broker
@@ -78,6 +81,15 @@ CREATE TABLE IF NOT EXISTS cases (
     launches INTEGER NOT NULL DEFAULT 0,
     started_at TEXT,
     UNIQUE (experiment_id, case_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS batch_jobs (
+    experiment_id TEXT NOT NULL,
+    case_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    job_name TEXT NOT NULL,
+    job_id TEXT,
+    recorded_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    PRIMARY KEY (experiment_id, case_id, attempt)
 );
 CREATE TABLE IF NOT EXISTS cancellations (
     experiment_id TEXT PRIMARY KEY,
@@ -405,6 +417,43 @@ class Journal:
                               "FROM cases WHERE state=? ORDER BY seq", (RUNNING,)).fetchall()
             db.execute("UPDATE cases SET state=? WHERE state=?", (QUEUED, RUNNING))
         return [CaseRow(*r) for r in rows]
+
+    # -- batch jobs -------------------------------------------------------------------------
+    def job_intent(self, row_key: tuple[str, str, int], job_name: str) -> None:
+        """About to submit the batch job ``job_name`` for (experiment, case, attempt)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO batch_jobs (experiment_id, case_id, attempt, job_name) "
+                       "VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET job_name=excluded."
+                       "job_name, job_id=NULL", (*row_key, job_name))
+
+    def job_submitted(self, row_key: tuple[str, str, int], job_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE batch_jobs SET job_id=? WHERE experiment_id=? AND case_id=? "
+                       "AND attempt=?", (job_id, *row_key))
+
+    def job(self, row_key: tuple[str, str, int]) -> tuple[str, str | None] | None:
+        """(job name, job id or None if its submission was not confirmed) of a case."""
+        row = self._one("SELECT job_name, job_id FROM batch_jobs WHERE experiment_id=? AND "
+                        "case_id=? AND attempt=?", row_key)
+        return None if row is None else (row[0], row[1])
+
+    def jobs_to_stop(self) -> list[tuple[tuple[str, str, int], str, str | None]]:
+        """((experiment, case, attempt), job name, job id) of every journaled job whose
+        case no longer wants it: the case was dropped (its experiment cancelled), or its
+        experiment was cancelled while it was queued or running. Those still in the
+        cluster are cancelled, then forgotten (:meth:`forget_job`)."""
+        rows = self._all(
+            "SELECT j.experiment_id, j.case_id, j.attempt, j.job_name, j.job_id FROM "
+            "batch_jobs j JOIN cases c ON c.experiment_id=j.experiment_id AND "
+            "c.case_id=j.case_id AND c.attempt=j.attempt WHERE c.state=? OR (c.state IN "
+            "(?, ?) AND j.experiment_id IN (SELECT experiment_id FROM cancellations))",
+            (CANCELLED, QUEUED, RUNNING))
+        return [((r[0], r[1], r[2]), r[3], r[4]) for r in rows]
+
+    def forget_job(self, row_key: tuple[str, str, int]) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM batch_jobs WHERE experiment_id=? AND case_id=? AND "
+                       "attempt=?", row_key)
 
     def add_retry(self, experiment_id: str, case_ids: list[str],
                   attempt: int) -> tuple[list[str], dict[str, str]]:

@@ -24,11 +24,12 @@ class QuotaError(Exception):
     """The quota could not be put in place: the case must not run without it."""
 
 
-def mount(folder: Path, megabytes: int) -> None:
+def mount(folder: Path, megabytes: int, owner: int = _NOBODY) -> None:
     """Mount an empty tmpfs of ``megabytes`` MiB at ``folder``, owned by the algorithm's
-    user, with no devices, set-uid programs or executables."""
+    user (``owner``: the host uid and gid it appears as), with no devices, set-uid
+    programs or executables."""
     folder.mkdir(parents=True, exist_ok=True)
-    options = (f"size={megabytes}m,mode=0700,uid={_NOBODY},gid={_NOBODY},"
+    options = (f"size={megabytes}m,mode=0700,uid={owner},gid={owner},"
                "nosuid,nodev,noexec")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tributary-output",
                            str(folder)], capture_output=True, text=True, check=False)

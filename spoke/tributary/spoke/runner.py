@@ -111,34 +111,57 @@ class OutputError(Exception):
         self.detail = detail
 
 
+def prepare_case_dir(case_dir: Path, settings: RunnerSettings, quota: bool = True,
+                     owner: int = 65534) -> Path | RunOutcome:
+    """A fresh case folder with an empty output folder the algorithm's user may write
+    (a tmpfs of the site's quota when ``quota``), owned by ``owner``, the host uid the
+    algorithm's user appears as; a failed outcome if the quota cannot be put in place,
+    since the case must not run without it."""
+    out_dir = case_dir / "output"
+    output_quota.unmount(out_dir)  # a spoke that died mid-case may have left it mounted
+    if case_dir.exists():
+        shutil.rmtree(case_dir)
+    out_dir.mkdir(parents=True)
+    if quota and settings.output_quota_mb:
+        try:
+            output_quota.mount(out_dir, settings.output_quota_mb, owner)
+        except output_quota.QuotaError as exc:
+            return RunOutcome(None, Failure(reason=FailureReason.INTERNAL_ERROR,
+                                            detail=str(exc)), None)
+    else:
+        os.chown(out_dir, owner, owner) if os.geteuid() == 0 else out_dir.chmod(0o777)
+    return out_dir
+
+
+def write_participant(case_dir: Path, participant: Participant) -> Path:
+    participant_file = case_dir / "participant.json"
+    participant_file.write_text(participant.model_dump_json(indent=2))
+    participant_file.chmod(0o644)
+    return participant_file
+
+
 def run_case(client: docker.DockerClient, image: str, name: str, participant: Participant,
              mounts: dict[str, Path], arguments: dict[str, Any], limits: RunLimits,
              settings: RunnerSettings, case_dir: Path, max_output_bytes: int,
              labels: dict[str, str],
              on_started: Callable[[str], None] | None = None,
              on_progress: Callable[[Progress], None] | None = None,
-             cancel: threading.Event | None = None) -> RunOutcome:
-    """Run one case to completion and classify what happened. ``on_started`` is told the
-    container's id once it runs (for the audit log); ``on_progress`` each new value of the
-    algorithm's progress file; setting ``cancel`` kills the container and fails the case
-    as cancelled."""
-    out_dir = case_dir / "output"
-    output_quota.unmount(out_dir)  # a spoke that died mid-case may have left it mounted
-    if case_dir.exists():
-        shutil.rmtree(case_dir)
-    out_dir.mkdir(parents=True)
-    if settings.output_quota_mb:
-        try:
-            output_quota.mount(out_dir, settings.output_quota_mb)
-        except output_quota.QuotaError as exc:
-            return RunOutcome(None, Failure(reason=FailureReason.INTERNAL_ERROR,
-                                            detail=str(exc)), None)
-    else:
-        os.chown(out_dir, 65534, 65534) if os.geteuid() == 0 else out_dir.chmod(0o777)
+             cancel: threading.Event | None = None, oom_reported: bool = True,
+             algorithm_uid: int = 65534) -> RunOutcome:
+    """Run one case to completion and classify what happened. ``client`` speaks the Docker
+    engine's API: the Docker engine's own or Podman's compatible one (``oom_reported``
+    False: see :func:`classify`). ``on_started`` is told the container's id once it runs
+    (for the audit log); ``on_progress`` each new value of the algorithm's progress file;
+    setting ``cancel`` kills the container and fails the case as cancelled.
+    ``algorithm_uid``: the host uid the container's user 65534 appears as (another for
+    rootless Podman), which must own the output folder."""
+    out_dir = prepare_case_dir(case_dir, settings, owner=algorithm_uid)
+    if isinstance(out_dir, RunOutcome):
+        return out_dir
     try:
         return _run_container(client, image, name, participant, mounts, arguments, limits,
                               settings, case_dir, out_dir, max_output_bytes, labels,
-                              on_started, on_progress, cancel)
+                              on_started, on_progress, cancel, oom_reported)
     finally:
         output_quota.unmount(out_dir)
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -150,11 +173,9 @@ def _run_container(client: docker.DockerClient, image: str, name: str,
                    case_dir: Path, out_dir: Path, max_output_bytes: int,
                    labels: dict[str, str], on_started: Callable[[str], None] | None,
                    on_progress: Callable[[Progress], None] | None,
-                   cancel: threading.Event | None) -> RunOutcome:
+                   cancel: threading.Event | None, oom_reported: bool) -> RunOutcome:
     """Start the container with the prepared output folder and classify its end."""
-    participant_file = case_dir / "participant.json"
-    participant_file.write_text(participant.model_dump_json(indent=2))
-    participant_file.chmod(0o644)
+    participant_file = write_participant(case_dir, participant)
     volumes = {str(participant_file): {"bind": PARTICIPANT_PATH, "mode": "ro"},
                str(out_dir): {"bind": OUTPUT_DIR, "mode": "rw"}}
     volumes.update({str(host): {"bind": path, "mode": "ro"} for path, host in mounts.items()})
@@ -179,33 +200,50 @@ def _run_container(client: docker.DockerClient, image: str, name: str,
                 container.kill()
             with contextlib.suppress(Exception):
                 container.wait(timeout=30)
-            reason = FailureReason.CANCELLED if ended == "cancelled" else FailureReason.TIMEOUT
-            detail = ("the hub cancelled the experiment; container stopped"
-                      if ended == "cancelled"
-                      else f"no result within {limits.timeout_seconds} s; container killed")
-            return RunOutcome(None, Failure(
-                reason=reason, detail=detail,
-                log_tail=_log_tail(container, settings.log_tail_lines)), None)
-        exit_code: int | None = ended
+            return stopped(ended, limits, _log_tail(container, settings.log_tail_lines))
         container.reload()
         oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
-        tail = _log_tail(container, settings.log_tail_lines)
+        return classify(ended, oom, lambda: _log_tail(container, settings.log_tail_lines),
+                        out_dir, limits, settings, max_output_bytes, oom_reported)
     finally:
         remove_container(client, name)
+
+
+def stopped(ended: str, limits: RunLimits, tail: str) -> RunOutcome:
+    """The outcome of a case the spoke stopped: ``ended`` is "cancelled" or "timeout"."""
+    reason = FailureReason.CANCELLED if ended == "cancelled" else FailureReason.TIMEOUT
+    detail = ("the hub cancelled the experiment; container stopped" if ended == "cancelled"
+              else f"no result within {limits.timeout_seconds} s; container killed")
+    return RunOutcome(None, Failure(reason=reason, detail=detail, log_tail=tail), None)
+
+
+def classify(exit_code: int, oom: bool, log_tail: Callable[[], str], out_dir: Path,
+             limits: RunLimits, settings: RunnerSettings,
+             max_output_bytes: int, oom_reported: bool = True) -> RunOutcome:
+    """What an algorithm that exited with ``exit_code`` produced: its output, or the
+    failure with its reason. ``log_tail`` is asked only when a failure needs it (a case
+    that succeeded sends no log). ``oom_reported``: the engine reliably says when the
+    memory limit killed a container (Podman on cgroup v1 does not)."""
     if oom:
         return RunOutcome(None, Failure(reason=FailureReason.OUT_OF_MEMORY, exit_code=exit_code,
                                         detail=f"killed at the {limits.memory_mb} MiB limit",
-                                        log_tail=tail), exit_code)
+                                        log_tail=log_tail()), exit_code)
+    if exit_code == 137 and not oom_reported:
+        return RunOutcome(None, Failure(
+            reason=FailureReason.KILLED, exit_code=exit_code, log_tail=log_tail(),
+            detail=f"the container was stopped by SIGKILL: by its {limits.memory_mb} MiB "
+                   "memory limit (which this engine does not always report) or from outside "
+                   "the spoke; the hub may retry the case"), exit_code)
     if exit_code in SIGNAL_EXITS:
         return RunOutcome(None, Failure(
-            reason=FailureReason.KILLED, exit_code=exit_code, log_tail=tail,
+            reason=FailureReason.KILLED, exit_code=exit_code, log_tail=log_tail(),
             detail=f"the container was stopped by {SIGNAL_EXITS[exit_code]} from outside the "
                    "spoke (not by its time or memory limit), e.g. `docker kill` or an engine "
                    "restart; the hub may retry the case"), exit_code)
     if exit_code != ExitCode.SUCCESS and settings.output_quota_mb and output_quota.is_full(
             out_dir):
         return RunOutcome(None, Failure(
-            reason=FailureReason.OUTPUT_QUOTA, exit_code=exit_code, log_tail=tail,
+            reason=FailureReason.OUTPUT_QUOTA, exit_code=exit_code, log_tail=log_tail(),
             detail=f"the algorithm filled its output folder, the site's quota of "
                    f"{settings.output_quota_mb} MiB, and exited with status {exit_code}"),
             exit_code)
@@ -213,14 +251,14 @@ def _run_container(client: docker.DockerClient, image: str, name: str,
         reason = {ExitCode.INVALID_ARGUMENTS: FailureReason.INVALID_ARGUMENTS,
                   ExitCode.UNSUITABLE_INPUT: FailureReason.UNSUITABLE_INPUT}.get(
                       exit_code, FailureReason.EXIT_CODE)  # type: ignore[call-overload]
-        return RunOutcome(None, Failure(reason=reason, exit_code=exit_code, log_tail=tail,
+        return RunOutcome(None, Failure(reason=reason, exit_code=exit_code, log_tail=log_tail(),
                                         detail=f"algorithm exited with status {exit_code}"),
                           exit_code)
     try:
         output = read_output(out_dir / Path(OUTPUT_PATH).name, max_output_bytes)
     except OutputError as exc:
         return RunOutcome(None, Failure(reason=exc.reason, detail=exc.detail, exit_code=0,
-                                        log_tail=tail), 0)
+                                        log_tail=log_tail()), 0)
     return RunOutcome(output, None, 0)
 
 
@@ -266,8 +304,9 @@ def cut_log_tail(raw: bytes) -> str:
 
 
 def remove_container(client: docker.DockerClient, name: str) -> None:
+    """Remove the container called ``name`` if there is one: one API call, by name."""
     with contextlib.suppress(docker.errors.NotFound):
-        client.containers.get(name).remove(force=True)
+        client.api.remove_container(name, force=True)
 
 
 def remove_orphans(client: docker.DockerClient, spoke_id: str,

@@ -37,6 +37,7 @@ from tributary.testbed.federation import (
     LocalFederation,
     build_and_push,
     examples_dir,
+    execution_toml,
     free_port,
     generate_cohort,
 )
@@ -51,26 +52,27 @@ def run_demo(case_counts: list[int], hub_port: int = 8000, wait: bool = True,
              workdir: Path | None = None, console: Console | None = None,
              containers: ServiceSettings | None = None, hosts: bool | Hosts = False,
              after_study: Callable[[LocalFederation, HubSide | None], None] | None = None,
-             ) -> dict[str, Any]:
+             podman: bool = False) -> dict[str, Any]:
     """The demo study. With ``containers`` (the ports for the compose broker and
     registry), the hub, spokes, broker and registry run as the containers of
     docker-compose.yml; otherwise as processes on this machine, each party on a host of
     its own with ``hosts`` (True: hosts made and removed here; a :class:`Hosts`: the
     caller's, set up, for the spokes of the demo's sites). ``after_study`` is called with
     the running federation (and the hub side's services, with ``hosts``) once the study is
-    complete, before anything stops."""
+    complete, before anything stops. With ``podman``, the last spoke runs its cases on
+    Podman (its Docker-compatible socket) instead of the Docker engine."""
     console = console or Console()
     if hosts and containers:
         raise ValueError("the containers of docker-compose.yml are not placed on hosts")
     with contextlib.ExitStack() as cleanup:
         return _run_demo(case_counts, hub_port, wait, workdir, console, containers, hosts,
-                         after_study, cleanup)
+                         after_study, cleanup, podman)
 
 
 def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path | None,
               console: Console, containers: ServiceSettings | None, hosts: bool | Hosts,
               after_study: Callable[[LocalFederation, HubSide | None], None] | None,
-              cleanup: contextlib.ExitStack) -> dict[str, Any]:
+              cleanup: contextlib.ExitStack, podman: bool = False) -> dict[str, Any]:
     settings = containers or ServiceSettings()
     root = (workdir or (state_folder(settings) if containers
                         else settings.state_dir / "demo")).resolve()
@@ -191,11 +193,14 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
                 shutil.copyfile(root / "publisher.key.pub", trusted)
                 registry_access = ({} if hub_side is None else {"registry": hub_side.spoke_registry(
                     root / "spokes" / spoke_id)})
+                engine = "podman" if podman and spoke_id == spoke_ids[-1] else "docker"
                 config = federation.add_spoke(spoke_id, data[spoke_id], institution=site,
-                                              publisher_keys=(trusted,), **registry_access)
+                                              publisher_keys=(trusted,), **registry_access,
+                                              execution=execution_toml(engine, settings))
                 federation.start_spoke(spoke_id, config)
                 where = (f" (host {federation.hosts.netns(spoke_id)}, files in "
                          f"{config.parent})" if federation.hosts else "")
+                where += " (on Podman)" if engine == "podman" else ""
                 console.print(f"  spoke      {spoke_id}{where}")
             algorithm = federation.register_algorithm(
                 name="lung-nodule", version="1.0.0", repository=repository,

@@ -73,6 +73,29 @@ def generate_cohort(out: Path, cases: int, seed: int, site: str, size: int = 160
     return json.loads((out / "ground_truth.json").read_text())
 
 
+def execution_toml(engine: str, services: ServiceSettings, poll_seconds: float = 0.5) -> str:
+    """The ``[execution]`` tables of a spoke running its cases on ``engine`` ("docker",
+    "podman" or "slurm") with this machine's services (`tributary services podman` /
+    `slurm`, started here if they are not running)."""
+    from tributary.services import podman, slurm
+
+    if engine == "docker":
+        return ""
+    text = f'\n[execution]\nengine = "{engine}"\n'
+    socket = podman.ensure_running(services)
+    if engine == "podman":
+        text += f"podman_socket = {json.dumps(socket)}\n"
+    elif engine == "slurm":
+        conf = slurm.ensure_running(services)
+        env = ", ".join(f"{k} = {json.dumps(v)}" for k, v in podman.environment(services).items())
+        text += (f"\n[execution.slurm]\nslurm_conf = {json.dumps(conf)}\n"
+                 f"partition = {json.dumps(slurm.PARTITION)}\npoll_seconds = {poll_seconds}\n"
+                 f"podman_env = {{ {env} }}\n")
+    else:
+        raise ValueError(f"unknown engine {engine!r}")
+    return text
+
+
 def _toml_table(name: str, values: dict[str, Any] | None) -> str:
     """A flat TOML table of booleans and numbers (JSON spells them the TOML way)."""
     if not values:
@@ -295,7 +318,10 @@ class LocalFederation:
                      steward: dict[str, bool] | None = None,
                      counts: dict[str, Any] | None = None,
                      deidentification: dict[str, Any] | None = None,
-                     registry: dict[str, Any] | None = None) -> Path:
+                     registry: dict[str, Any] | None = None,
+                     execution: str = "") -> Path:
+        """A spoke's config; ``execution`` is its ``[execution]`` tables as TOML text
+        (:func:`execution_toml`), empty for the Docker engine."""
         work = self.root / "spokes" / spoke_id
         work.mkdir(parents=True, exist_ok=True)
         config = work / "spoke.toml"
@@ -316,7 +342,7 @@ class LocalFederation:
             f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
             + _toml_table("steward", steward) + _toml_table("counts", counts)
             + _toml_table("deidentification", deidentification)
-            + _toml_table("registry", registry)
+            + _toml_table("registry", registry) + execution
         )
         config.chmod(0o600)  # it may hold the spoke's broker password
         return config

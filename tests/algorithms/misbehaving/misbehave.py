@@ -20,6 +20,8 @@ slow         work for ``arguments.seconds`` (default 30), reporting progress twi
 plant        put ``arguments.kind`` (fifo, socket, symlink, huge) at ``arguments.at``
              (output or progress) in the output folder, then ``arguments.then``: exit 0
              (default) or hang; a reader that opens it blindly blocks or leaks
+spin         keep one CPU busy for ``arguments.seconds`` (default 3), then succeed like
+             ``ok`` (a CPU-bound case for bench_case_overhead)
 fill         write ``arguments.mb`` MiB (default 1024) into the output folder; exit 1
              with the error when the folder refuses more
 
@@ -59,6 +61,7 @@ BEHAVIOURS = (
     "echo-patient",
     "plant",
     "fill",
+    "spin",
 )
 PLANT_KINDS = ("fifo", "socket", "symlink", "huge")
 
@@ -180,6 +183,11 @@ def main(ctx: Context) -> dict[str, Any] | None:
     if behaviour not in BEHAVIOURS:
         raise InvalidArguments(f"behaviour must be one of {', '.join(BEHAVIOURS)}")
     if behaviour == "ok":
+        return {"ok": True, "case_id": ctx.case_id}
+    if behaviour == "spin":
+        until, turns = time.monotonic() + float(ctx.arguments.get("seconds", 3)), 0
+        while time.monotonic() < until:
+            turns += sum(range(10_000)) & 1
         return {"ok": True, "case_id": ctx.case_id}
     if behaviour == "crash":
         raise RuntimeError("deliberate crash requested by arguments.behaviour")

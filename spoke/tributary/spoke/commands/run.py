@@ -58,6 +58,8 @@ def spoke_init(
         "releasable_attributes = []\n# attributes_file = \"attributes.csv\"  # patient_id,...\n\n"
         "[runner]\nmax_memory_mb = 8192\nmax_timeout_seconds = 86400\n"
         "# allowed_registries = [\"registry.example.org\"]\n"
+        "\n[execution]\n# Where cases run: \"docker\", \"podman\" (podman_socket) or "
+        "\"slurm\" ([execution.slurm]);\n# see docs/spoke.md.\nengine = \"docker\"\n"
         "\n[steward]\n# A local data steward approves experiments / reviews results "
         "(tributary spoke steward).\napprove_experiments = false\nreview_results = false\n"
         "\n[counts]\n# Federated counts below min_cell are reported as \"fewer than "
