@@ -27,8 +27,9 @@ _BRACKETED = re.compile(r"(?<!\\)\[([^\[\]\n]*)\]|\\\[([^\[\]\n]*)\]")
 def _commands(command: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
     found = [(path, command)]
     if hasattr(command, "commands"):  # a group (typer vendors its own click)
-        for name, sub in sorted(command.commands.items()):
-            found += _commands(sub, (*path, name))
+        context = typer.main._click.Context(command)  # groups may load theirs lazily
+        for name in sorted(command.list_commands(context)):
+            found += _commands(command.get_command(context, name), (*path, name))
     return found
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pydicom
@@ -113,7 +114,9 @@ def test_a_worker_killed_mid_run_changes_nothing(corpus: Path, tmp_path: Path,
     killed: list[int] = []
 
     def kill_one(source: str, done: int, total: int) -> None:
-        if not killed and done >= 10:
+        if done == 10:  # this process prepares files itself: give the worker time to start
+            time.sleep(3)
+        elif done > 10 and not killed:  # it has been sent files by now
             victims = _workers()
             assert victims, "the run uses worker processes"
             os.kill(victims[0], signal.SIGKILL)

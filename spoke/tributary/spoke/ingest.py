@@ -32,10 +32,9 @@ log = logging.getLogger(__name__)
 #: Column of the attributes CSV holding the institution's patient ID (DICOM PatientID).
 PATIENT_COLUMN = "patient_id"
 _COMMIT_EVERY = 200
-#: Fewer new files than this per worker are prepared in-process: a worker starts in about
-#: a third of a second while the parent waits, and one process prepares 100 to 400 files
-#: in that time, so below this two workers would be slower than one process.
-_PARALLEL_MIN = 128
+#: Fewer new files than this are prepared in this process alone: a worker takes about a
+#: third of a second of a CPU to start, which a small set would not win back.
+_PARALLEL_MIN = 64
 
 #: progress(source name, done, total) after each input
 Progress = Callable[[str, int, int], None]
@@ -115,28 +114,33 @@ def load_attributes(path: Path) -> dict[str, dict[str, Any]]:
         return out
 
 
+def _prepare_one(preparer: Preparer, item: SourceItem) -> PreparedInstance | Excluded:
+    try:
+        if item.path is not None:
+            return preparer.from_file(item.path)
+        assert item.load is not None
+        return preparer.from_dataset(item.load(), item.ref)
+    except Excluded as exc:
+        return exc
+    except Exception as exc:  # a bug must cost one file, not the run
+        return Excluded(f"deidentification-failed: {type(exc).__name__}: {exc}"[:300])
+
+
 def _prepared(items: list[SourceItem], preparer: Preparer, key_file: Path,
               workers: int) -> Iterator[PreparedInstance | Excluded]:
-    """Prepared instances (or exclusions) in input order; files are spread over worker
-    processes when there are enough of them to pay for starting the workers (about a
-    third of a second each), so a small set is never slower than one process."""
-    if workers > 1 and len(items) >= _PARALLEL_MIN * workers and all(i.path for i in items):
+    """Prepared instances (or exclusions) in input order. With ``workers`` > 1 and enough
+    files, ``workers - 1`` worker processes help this one, which keeps preparing files
+    itself between storing the others' (so it never waits for them to start)."""
+    if workers > 1 and len(items) >= _PARALLEL_MIN and all(i.path for i in items):
         assert preparer.staging is not None
-        pool = PreparePool(workers, key_file, preparer.deidentifier.options.model_dump_json(),
-                           preparer.staging)
-        yield from pool.map([str(i.path) for i in items])
+        pool = PreparePool(workers - 1, key_file,
+                           preparer.deidentifier.options.model_dump_json(), preparer.staging)
+        by_path = {str(i.path): i for i in items}
+        yield from pool.map([str(i.path) for i in items],
+                            local=lambda path: _prepare_one(preparer, by_path[path]))
         return
     for item in items:
-        try:
-            if item.path is not None:
-                yield preparer.from_file(item.path)
-            else:
-                assert item.load is not None
-                yield preparer.from_dataset(item.load(), item.ref)
-        except Excluded as exc:
-            yield exc
-        except Exception as exc:  # a bug must cost one file, not the run
-            yield Excluded(f"deidentification-failed: {type(exc).__name__}: {exc}"[:300])
+        yield _prepare_one(preparer, item)
 
 
 class _Recorder:

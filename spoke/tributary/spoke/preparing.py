@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -53,6 +53,7 @@ class _Worker:
     done: int = 0
     since: float = 0.0  # when it started on the first file it holds
     overdue: bool = False
+    ready: bool = False  # it has imported the engine and said so: it may get files
 
 
 class WorkersFailed(RuntimeError):
@@ -85,9 +86,15 @@ class PreparePool:
         return worker
 
     def close(self) -> None:
+        """Stop the workers. Those still starting, or still holding files (the results
+        were not all wanted), are stopped at once: whatever they staged is cleared by
+        the next run (``DeidStore.clear_staging``)."""
         for worker in self._workers:
-            with contextlib.suppress(OSError):
-                worker.conn.send(None)
+            if worker.ready and not worker.held:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(None)
+            else:
+                worker.process.terminate()
             worker.conn.close()
         for worker in self._workers:
             try:
@@ -100,8 +107,12 @@ class PreparePool:
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
 
-    def map(self, paths: list[str]) -> Iterator[Prepared]:
-        """Prepared instances (or exclusions) for ``paths``, in their order."""
+    def map(self, paths: list[str], local: Callable[[str], Prepared] | None = None
+            ) -> Iterator[Prepared]:
+        """Prepared instances (or exclusions) for ``paths``, in their order. ``local``
+        prepares a file in this process: with it, this process takes the next file
+        whenever no worker has a result for it, so it never waits for workers to start
+        and the workers only ever add to what one process does."""
         pending: deque[int] = deque(range(len(paths)))
         deaths = [0] * len(paths)
         results: dict[int, Prepared] = {}
@@ -111,7 +122,7 @@ class PreparePool:
                 self._start()
             while following < len(paths):
                 for worker in self._workers:
-                    while pending and len(worker.held) < _DEPTH:
+                    while worker.ready and pending and len(worker.held) < _DEPTH:
                         index = pending.popleft()
                         if not worker.held:
                             worker.since = time.monotonic()
@@ -123,7 +134,10 @@ class PreparePool:
                 now = time.monotonic()
                 busy = [w for w in self._workers if w.held]
                 first = min((w.since + self.file_timeout for w in busy), default=now + 60)
-                ready = wait([w.conn for w in self._workers], timeout=max(0.0, first - now))
+                timeout = max(0.0, first - now)
+                if local is not None and pending:
+                    timeout = 0.0  # nothing to wait for: there is work here
+                ready = wait([w.conn for w in self._workers], timeout=timeout)
                 for worker in busy:
                     if time.monotonic() >= worker.since + self.file_timeout and \
                             worker.conn not in ready:
@@ -132,15 +146,22 @@ class PreparePool:
                         ready.append(worker.conn)  # its end of the socket closes
                 for worker in [w for w in self._workers if w.conn in ready]:
                     try:
-                        index, result = worker.conn.recv()
+                        message = worker.conn.recv()
                     except (EOFError, OSError):
                         self._lost(worker, paths, deaths, pending, results)
                         continue
+                    if message == "ready":
+                        worker.ready = True
+                        continue
+                    index, result = message
                     worker.held.remove(index)
                     worker.since = time.monotonic()
                     worker.done += 1
                     self._start_failures = 0
                     results[index] = result
+                if local is not None and pending and not ready:
+                    index = pending.popleft()
+                    results[index] = local(paths[index])
                 while following in results:
                     yield results.pop(following)
                     following += 1
@@ -184,6 +205,7 @@ def _serve(fd: int) -> None:
     key_file, options_json, staging = conn.recv()
     preparer = Preparer(Pseudonymizer.from_key_file(Path(key_file)),
                         DeidOptions.model_validate_json(options_json), Path(staging))
+    conn.send("ready")
     while True:
         try:
             message = conn.recv()

@@ -138,6 +138,7 @@ def _write_body(fp: DicomBytesIO, ds: Dataset, implicit: bool) -> None:
         write_dataset(fp, ds)
         return
     encoding = ds.get("SpecificCharacterSet", default_encoding)
+    plain = _PLAIN_VRS if _single_byte(encoding) else _CHARSET_FREE_VRS
     write = fp.write
     # items, sorted as ints: pydicom's tags compare in Python, plain ints do not
     for tag, elem in sorted(ds._dict.items(), key=_tag_order):
@@ -159,7 +160,7 @@ def _write_body(fp: DicomBytesIO, ds: Dataset, implicit: bool) -> None:
                     write(struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(),
                                       elem.length) + value)
                     continue
-        elif type(elem) is DataElement and elem.VR in _PLAIN_VRS:
+        elif type(elem) is DataElement and elem.VR in plain:
             text = _plain(value)
             if text is not None:
                 data = text.encode("ascii")
@@ -178,7 +179,7 @@ def _write_body(fp: DicomBytesIO, ds: Dataset, implicit: bool) -> None:
                                       len(data)) + data)
                     continue
         with tag_in_exception(Tag(tag)):
-            write_data_element(fp, elem, encoding)
+            write_data_element(fp, ds.get_item(tag), encoding)  # converts empty raw values
 
 
 def _tag_order(item: tuple[int, object]) -> int:
@@ -186,10 +187,18 @@ def _tag_order(item: tuple[int, object]) -> int:
 
 
 #: VRs pydicom writes as the value's text, joined by backslashes and padded to even
-#: length (with NUL for UI, a space otherwise): for ASCII text, whatever the character
-#: set, the bytes are the text's own.
+#: length (with NUL for UI, a space otherwise): for ASCII text in a character set whose
+#: ASCII is plain (no ISO 2022 code extensions), the bytes are the text's own.
 _PLAIN_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "SH", "LO", "LT", "ST",
                         "UT", "UC", "UR"})
+#: Of those, the VRs written in the default repertoire whatever the character set.
+_CHARSET_FREE_VRS = frozenset({"AE", "AS", "CS", "DA", "DT", "TM", "UI", "UR"})
+_SINGLE_BYTE = frozenset({"", "ISO_IR 6", "ISO_IR 100", "ISO_IR 192", "iso8859"})
+
+
+def _single_byte(encoding: object) -> bool:
+    values = list(encoding) if isinstance(encoding, MultiValue | list) else [encoding]
+    return all(str(v or "").strip() in _SINGLE_BYTE for v in values)
 
 
 def _plain(value: object) -> str | None:
