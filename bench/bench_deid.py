@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -281,6 +282,7 @@ def main() -> None:
     if args.quick:
         args.slices, args.rounds = 300, 2
     warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)  # in-process ingest logs each exclusion
     baseline = ensure_baselines()
     root = Path(tempfile.mkdtemp(prefix="tributary-bench-deid-"))
     try:

@@ -160,3 +160,18 @@ def test_a_file_two_workers_die_on_is_excluded_and_the_run_goes_on(
     assert {Path(r.staged).name for r in written if r.staged} == \
         {p.name for p in staging.glob(".tmp-*")}
     assert pool.pids() == []  # closed when the results ran out
+
+
+def test_a_small_set_stays_in_one_process(corpus: Path, tmp_path: Path) -> None:
+    """Under the threshold no worker starts: two workers are never slower than one."""
+    files = sum(1 for p in corpus.rglob("*") if p.is_file())
+    seen: list[int] = []
+    config = _config(tmp_path, corpus, workers=2)
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(ingest_module, "_PARALLEL_MIN", files + 1)
+    try:
+        ingest(config, progress=lambda *_: seen.extend(_workers()))
+    finally:
+        monkeypatch.undo()
+    assert seen == []
+    _assert_report_matches_disk(config, files)
