@@ -1,195 +1,333 @@
-"""De-identification throughput against baselines run in the same process on the same
-files:
+"""De-identification against its floor and against dicognito, on two corpora, all in one
+run:
 
-- plain pydicom read + write (the floor: any de-identifier has to read and write);
-- the ``dicom-anonymizer`` engine (the maintained PS3.15 tool whose table we use);
-- Tributary's engine, basic profile and with every option, and the steward's pipeline
-  (screening + de-identification + write);
-- the spoke's ingest (screening + de-identification + content-addressed store + catalog)
-  in one process and with one worker per CPU, and a second (no-op) ingest;
-- what finding burned-in text with OCR costs per image: screening secondary captures and
-  ultrasound frames (with and without text) with text detection off and on.
+- corpora: generated CT (512x512 slices, 1,500 by default) and pydicom's own test files
+  (those dicognito can process, so that every tool handles the same files);
+- the floor: plain pydicom read + write of each file (any de-identifier reads and writes);
+- dicognito, in an environment of its own (``bench/.venv-baselines``, created on first
+  use with pip; it is not a dependency of Tributary);
+- Tributary: ``tributary spoke deidentify`` (screening, PS3.15 profile, report), and
+  ``tributary spoke ingest`` (the same plus the content-addressed store and the catalog)
+  with one process and with two worker processes;
+- whole processes (what a user waits for, startup included) and in-process (the loops
+  alone), and the time each tool takes for one file (its startup).
 
-    .venv/bin/python bench/bench_deid.py [--cases 10] [--repeat 3]
-"""
+The machine may be shared: each round runs every variant once, in an order that rotates
+between rounds, and the figures are medians over the rounds.
+
+    .venv/bin/python bench/bench_deid.py [--slices 1500] [--rounds 3] [--quick]
+
+The last line reads ``deid: F<times> floor, D<times> dicognito, S<times> on 2 processes``
+(with the multiplication sign; CT, whole processes: the floor's time over Tributary's,
+dicognito's over Tributary's, one ingest process's over two workers')."""
 
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
+import json
+import logging
 import os
 import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
+HERE = Path(__file__).resolve().parent
+BASELINES = HERE / ".venv-baselines"
+DICOGNITO = "dicognito==0.19.0"
+TRIBUTARY = Path(sys.executable).with_name("tributary")
+
+#: Run inside the baselines' environment: dicognito's own pipeline over the files given,
+#: timed in-process; prints the seconds and the files it could not process.
+_DICOGNITO_DRIVER = r"""
+import json, sys, time, warnings
+from pathlib import Path
 import pydicom
-from dicomanonymizer import simpledicomanonymizer
-from PIL import Image, ImageDraw, ImageFont
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (
-    ExplicitVRLittleEndian,
-    SecondaryCaptureImageStorage,
-    UltrasoundImageStorage,
-    generate_uid,
-)
+from dicognito.anonymizer import Anonymizer
+warnings.simplefilter("ignore")
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+paths = sorted(p for p in src.rglob("*") if p.is_file())
+dst.mkdir(parents=True, exist_ok=True)
+anonymizer = Anonymizer()
+failed = []
+t0 = time.perf_counter()
+for path in paths:
+    try:
+        ds = pydicom.dcmread(path)
+        anonymizer.anonymize(ds)
+        ds.save_as(dst / f"{ds.SOPInstanceUID}.dcm")
+    except Exception:
+        failed.append(str(path.relative_to(src)))
+print(json.dumps({"seconds": time.perf_counter() - t0, "failed": failed}))
+"""
 
-from tributary.spoke.config import SpokeConfig
-from tributary.spoke.deid import Deidentifier, DeidOptions, Screener
-from tributary.spoke.ingest import ingest
-from tributary.spoke.pseudonyms import Pseudonymizer
-from tributary.testbed.federation import generate_cohort
 
-ALL = DeidOptions(retain_modified_dates=True, retain_patient_characteristics=True,
-                  retain_device_identity=True, clean_descriptors=True)
+def floor(src: Path, dst: Path) -> None:
+    """The floor: read and write every file with pydicom, nothing else."""
+    import pydicom
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for index, path in enumerate(sorted(p for p in src.rglob("*") if p.is_file())):
+        with contextlib.suppress(Exception):  # a file pydicom cannot write is skipped
+            pydicom.dcmread(path).save_as(dst / f"{index}.dcm", enforce_file_format=True)
 
 
-def best_of(repeat: int, run: Callable[[], None]) -> float:
-    times = []
-    for _ in range(repeat):
+def ensure_baselines() -> Path:
+    """dicognito in an environment of its own (made once, from the package index)."""
+    python = BASELINES / "bin" / "python"
+    if not python.exists() or subprocess.run(
+            [python, "-c", "import dicognito"], capture_output=True).returncode:
+        subprocess.run([sys.executable, "-m", "venv", BASELINES], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", DICOGNITO], check=True)
+    return python
+
+
+def dicognito_inprocess(python: Path, src: Path, dst: Path) -> dict:
+    done = subprocess.run([python, "-c", _DICOGNITO_DRIVER, src, dst], check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def small_corpus(python: Path, root: Path) -> Path:
+    """pydicom's test files that dicognito processes (its CLI stops at its first error)."""
+    import pydicom
+
+    every = Path(pydicom.__file__).parent / "data" / "test_files"
+    failed = set(dicognito_inprocess(python, every, root / "probe")["failed"])
+    shutil.rmtree(root / "probe")
+    out = root / "small"
+    for path in sorted(p for p in every.rglob("*") if p.is_file()):
+        ref = str(path.relative_to(every))
+        if ref not in failed:
+            (out / ref).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, out / ref)
+    return out
+
+
+def ct_corpus(root: Path, slices: int) -> Path:
+    from tributary.testbed.federation import generate_cohort
+
+    per_case = 100
+    out = root / "ct"
+    generate_cohort(out, max(1, slices // per_case), seed=5, site="Bench Hospital",
+                    size=512, slices=min(per_case, slices))
+    (out / "ground_truth.json").unlink(missing_ok=True)
+    (out / "attributes.csv").unlink(missing_ok=True)
+    return out
+
+
+def spoke_config(root: Path, src: Path, workers: int) -> Path:
+    """A spoke configuration whose work folder is fresh, with the bench's one key."""
+    work = root / f"work-{workers}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shutil.copy(root / "bench.key", work / "pseudonym.key")
+    path = root / f"spoke-{workers}.toml"
+    path.write_text(f'spoke_id = "bench"\ndata_dir = "{src}"\nwork_dir = "{work}"\n'
+                    f'hub_public_key = "{root / "hub.pub"}"\n\n[catalog]\n'
+                    f"workers = {workers}\n")
+    return path
+
+
+def timed(command: list[str | Path], check: bool = True) -> float:
+    t0 = time.perf_counter()
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if check and done.returncode:
+        raise RuntimeError(f"{command[0]} failed: {done.stderr[-2000:]}")
+    return seconds
+
+
+def rounds(variants: dict[str, Callable[[], float]], count: int) -> dict[str, float]:
+    """Each variant once per round, the order rotating; the median of each."""
+    names = list(variants)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(count):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(variants[name]())
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def whole_variants(root: Path, src: Path, baseline: Path, small: bool
+                   ) -> dict[str, Callable[[], float]]:
+    out = root / "out"
+
+    def fresh() -> Path:
+        shutil.rmtree(out, ignore_errors=True)
+        return out
+
+    key = root / "bench.key"
+    variants: dict[str, Callable[[], float]] = {
+        "floor: pydicom read+write": lambda: timed(
+            [sys.executable, __file__, "--floor", src, fresh()]),
+        "dicognito": lambda: timed(
+            [baseline, "-m", "dicognito", "--quiet", "-o", fresh(), src]),
+        "tributary spoke deidentify": lambda: timed(
+            [TRIBUTARY, "spoke", "deidentify", src, fresh(), "--key", key,
+             "--report", root / "report.json"]),
+    }
+    if small:
+        variants["deidentify, OCR off"] = lambda: timed(
+            [TRIBUTARY, "spoke", "deidentify", src, fresh(), "--key", key,
+             "--report", root / "report.json", "--text-detection", "off"])
+    for workers in (1, 2):
+        variants[f"tributary spoke ingest, {workers} process{'es' if workers > 1 else ''}"] = (
+            lambda w=workers: timed([TRIBUTARY, "spoke", "ingest", "-c",
+                                     spoke_config(root, src, w)]))
+    return variants
+
+
+def inprocess_variants(root: Path, src: Path, baseline: Path
+                       ) -> dict[str, Callable[[], float]]:
+    import pydicom
+
+    from tributary.spoke.config import SpokeConfig
+    from tributary.spoke.deid import Deidentifier, DeidOptions, Screener
+    from tributary.spoke.deid.output import encode, write_new
+    from tributary.spoke.ingest import ingest
+    from tributary.spoke.pseudonyms import Pseudonymizer
+
+    out = root / "out"
+    paths = sorted(p for p in src.rglob("*") if p.is_file())
+
+    def fresh() -> Path:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        return out
+
+    def floor_loop() -> float:
+        target = fresh()
         t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for index, path in enumerate(paths):
+            with contextlib.suppress(Exception):
+                pydicom.dcmread(path).save_as(target / f"{index}.dcm",
+                                              enforce_file_format=True)
+        return time.perf_counter() - t0
+
+    def steward_loop() -> float:
+        """What ``tributary spoke deidentify`` does per file, without its startup."""
+        target = fresh()
+        pseudonyms = Pseudonymizer.from_key_file(root / "bench.key")
+        t0 = time.perf_counter()
+        options = DeidOptions()
+        deid = Deidentifier(pseudonyms, options)
+        screener = Screener(options, pseudonyms, hash_pixels=False)
+        for index, path in enumerate(paths):
+            ds, verdict = screener.check(path)
+            if ds is None:
+                continue
+            try:
+                deid.deidentify(ds, pseudonyms.case_id(f"patient:{ds.get('PatientID', '')}"))
+                encoded = encode(ds)
+            except Exception:
+                continue
+            if encoded.pixel_digest and screener.seen_pixels(verdict, encoded.pixel_digest):
+                continue
+            write_new(target / f"{index}.dcm", encoded)
+        screener.report()
+        return time.perf_counter() - t0
+
+    def ingest_run(workers: int) -> float:
+        config = SpokeConfig.load(spoke_config(root, src, workers))
+        t0 = time.perf_counter()
+        ingest(config)
+        return time.perf_counter() - t0
+
+    return {
+        "floor: pydicom read+write": floor_loop,
+        "dicognito": lambda: dicognito_inprocess(baseline, src, fresh())["seconds"],
+        "tributary spoke deidentify": steward_loop,
+        "tributary spoke ingest, 1 process": lambda: ingest_run(1),
+        "tributary spoke ingest, 2 processes": lambda: ingest_run(2),
+    }
+
+
+def one_file(root: Path, src: Path, baseline: Path, count: int) -> dict[str, float]:
+    """Each tool's time for one small file: mostly its startup."""
+    single = root / "one"
+    single.mkdir(exist_ok=True)
+    first = next(p for p in sorted(src.rglob("*.dcm")) if p.name == "CT_small.dcm")
+    shutil.copy(first, single / first.name)
+    return rounds(whole_variants(root, single, baseline, small=False) | {}, count)
+
+
+def table(title: str, files: int, results: dict[str, float]) -> None:
+    floor_s = results["floor: pydicom read+write"]
+    dicognito_s = results["dicognito"]
+    print(f"\n{title}")
+    print(f"  {'':<38} {'seconds':>8} {'files/s':>8} {'x floor':>8} {'x dicognito':>12}")
+    for name, seconds in results.items():
+        print(f"  {name:<38} {seconds:8.2f} {files / seconds:8.1f} {floor_s / seconds:8.2f} "
+              f"{dicognito_s / seconds:12.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--cases", type=int, default=10)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="300 slices, 2 rounds")
+    parser.add_argument("--floor", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor:
+        warnings.simplefilter("ignore")
+        floor(*args.floor)
+        return
+    if args.quick:
+        args.slices, args.rounds = 300, 2
     warnings.simplefilter("ignore")
-    root = Path(tempfile.mkdtemp(prefix="tributary-bench-"))
+    logging.disable(logging.WARNING)  # in-process ingest logs each exclusion
+    baseline = ensure_baselines()
+    root = Path(tempfile.mkdtemp(prefix="tributary-bench-deid-"))
     try:
-        generate_cohort(root / "data", args.cases, seed=5, site="Bench Hospital")
-        files = sorted(p for p in (root / "data").rglob("*.dcm"))
-        pseudonyms = Pseudonymizer(b"b" * 32)
-
-        def write(ds: pydicom.Dataset) -> None:
-            ds.save_as(io.BytesIO(), enforce_file_format=True)
-
-        def plain() -> None:
-            for path in files:
-                write(pydicom.dcmread(path))
-
-        def anonymizer() -> None:
-            for path in files:
-                ds = pydicom.dcmread(path)
-                simpledicomanonymizer.anonymize_dataset(ds, {}, True)
-                write(ds)
-
-        def ours(options: DeidOptions) -> Callable[[], None]:
-            deid = Deidentifier(pseudonyms, options)
-
-            def run() -> None:
-                for path in files:
-                    write(deid.deidentify(pydicom.dcmread(path), "c-bench"))
-            return run
-
-        def pipeline() -> None:
-            deid, screener = Deidentifier(pseudonyms), Screener(pseudonyms=pseudonyms)
-            for path in files:
-                ds, _ = screener.check(path)
-                if ds is not None:
-                    write(deid.deidentify(ds, "c-bench"))
-            screener.report()
-
-        size = sum(p.stat().st_size for p in files) / 1e6
-        print(f"files: {len(files)} ({size:.1f} MB) in {args.cases} cases, best of "
-              f"{args.repeat}")
-        baseline = best_of(args.repeat, plain)
-        rows = [("baseline: pydicom read+write", baseline),
-                ("dicom-anonymizer engine", best_of(args.repeat, anonymizer)),
-                ("tributary basic profile", best_of(args.repeat, ours(DeidOptions()))),
-                ("tributary all options", best_of(args.repeat, ours(ALL))),
-                ("tributary screen+deid+write", best_of(args.repeat, pipeline))]
-        for name, seconds in rows:
-            print(f"{name:<30} {len(files) / seconds:9.1f} files/s  "
-                  f"{seconds / baseline:5.2f}x baseline time")
-        anon, basic = rows[1][1], rows[2][1]
-        print(f"tributary basic profile is {anon / basic:.1f}x faster than dicom-anonymizer")
-
-        def config(work: str, workers: int) -> SpokeConfig:
-            return SpokeConfig(spoke_id="bench", data_dir=root / "data", work_dir=root / work,
-                               hub_public_key=root / "hub.pub", catalog={"workers": workers})
-
-        t0 = time.perf_counter()
-        assert ingest(config("serial", 1)).stored == len(files)
-        serial = time.perf_counter() - t0
-        workers = max(2, os.cpu_count() or 1)
-        t0 = time.perf_counter()
-        assert ingest(config("work", workers)).stored == len(files)
-        parallel = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        assert ingest(config("work", workers)).stored == 0
-        reuse = time.perf_counter() - t0
-        for name, seconds in (("ingest, 1 process", serial),
-                              (f"ingest, {workers} workers", parallel)):
-            print(f"{name:<30} {len(files) / seconds:9.1f} files/s  "
-                  f"{seconds / baseline:5.2f}x baseline time")
-        print(f"ingest with {workers} workers is {serial / parallel:.2f}x one process; a "
-              f"second (no-op) ingest takes {reuse * 1000:.1f} ms for all files")
-        text_detection_cost(root / "ocr", args.repeat)
+        (root / "bench.key").write_bytes(os.urandom(32))
+        (root / "hub.pub").write_text("unused by ingest\n")
+        ct = ct_corpus(root, args.slices)
+        small = small_corpus(baseline, root)
+        n_ct = sum(1 for p in ct.rglob("*") if p.is_file())
+        n_small = sum(1 for p in small.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in ct.rglob("*")) / 1e6
+        print(f"CT: {n_ct} slices of 512x512 ({size:.0f} MB); small: {n_small} of "
+              "pydicom's test files (those dicognito processes); "
+              f"{os.cpu_count()} CPUs; medians of {args.rounds} rounds, order rotating")
+        startup = one_file(root, small, baseline, max(3, args.rounds))
+        ct_whole = rounds(whole_variants(root, ct, baseline, small=False), args.rounds)
+        small_whole = rounds(whole_variants(root, small, baseline, small=True), args.rounds)
+        ct_inproc = rounds(inprocess_variants(root, ct, baseline), args.rounds)
+        small_inproc = rounds(inprocess_variants(root, small, baseline), args.rounds)
+        table("CT, whole processes", n_ct, ct_whole)
+        table("CT, in-process (loops alone)", n_ct, ct_inproc)
+        table("pydicom's test files, whole processes", n_small, small_whole)
+        table("pydicom's test files, in-process (loops alone)", n_small, small_inproc)
+        print("\none file (startup), whole processes:")
+        for name, seconds in startup.items():
+            print(f"  {name:<38} {seconds:8.3f} s")
+        ours = ct_whole["tributary spoke deidentify"]
+        f = ct_whole["floor: pydicom read+write"] / ours
+        d = ct_whole["dicognito"] / ours
+        s = ct_whole["tributary spoke ingest, 1 process"] / \
+            ct_whole["tributary spoke ingest, 2 processes"]
+        small_d = small_whole["dicognito"] / small_whole["deidentify, OCR off"]
+        small_s = small_whole["tributary spoke ingest, 1 process"] / \
+            small_whole["tributary spoke ingest, 2 processes"]
+        with_ocr = small_whole["dicognito"] / small_whole["tributary spoke deidentify"]
+        print(f"\nsmall files: {small_d:.2f}x dicognito with OCR off (dicognito reads no "
+              f"pixels), {with_ocr:.2f}x with OCR of text-prone images; ingest on 2 "
+              f"processes {small_s:.2f}x one "
+              f"(small sets stay in one process); one file "
+              f"{startup['tributary spoke deidentify']:.3f} s against "
+              f"{startup['dicognito']:.3f} s for dicognito")
+        times = "\N{MULTIPLICATION SIGN}"
+        print(f"deid: {f:.2f}{times} floor, {d:.2f}{times} dicognito, {s:.2f}{times} on 2 "
+              "processes")
     finally:
-        shutil.rmtree(root)
-
-
-def text_image(path: Path, rows: int, columns: int, text: str | None, ultrasound: bool,
-               seed: int) -> Path:
-    """A synthetic capture (grey) or ultrasound frame (RGB), with ``text`` burned in."""
-    y, x = np.mgrid[0:rows, 0:columns]
-    inside = ((x - columns / 2) / (columns * 0.4)) ** 2 + ((y - rows / 2) / (rows * 0.4)) ** 2
-    grey = np.where(inside < 1, 90 + 60 * (1 - inside), 10)
-    grey = np.clip(grey + np.random.default_rng(seed).normal(0, 3, grey.shape), 0, 255)
-    image = Image.fromarray(grey.astype(np.uint8))
-    if text:
-        ImageDraw.Draw(image).text((12, 10), text, fill=255,
-                                   font=ImageFont.load_default(size=16))
-    pixels = np.asarray(image)
-    ds = Dataset()
-    ds.SOPClassUID = UltrasoundImageStorage if ultrasound else SecondaryCaptureImageStorage
-    ds.SOPInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
-    ds.SeriesInstanceUID, ds.PatientID = generate_uid(), f"P{seed}"
-    ds.Modality = "US" if ultrasound else "OT"
-    ds.Rows, ds.Columns = rows, columns
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    if ultrasound:
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = \
-            3, "RGB", 0
-        ds.PixelData = np.stack([pixels] * 3, axis=-1).tobytes()
-    else:
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = pixels.tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def text_detection_cost(folder: Path, repeat: int) -> None:
-    """Screening time per image of the kinds OCR reads, with text detection off and on."""
-    folder.mkdir(parents=True)
-    kinds = {"capture 320x240, no text": (240, 320, None, False),
-             "capture 320x240, a name": (240, 320, "DOE^JANE  MRN 004711", False),
-             "ultrasound 640x480 RGB, a name": (480, 640, "DOE^JANE  MRN 004711", True)}
-    per_kind = 4
-    print(f"OCR (tesseract, pytesseract) on {per_kind} images of each kind, best of {repeat}:")
-    for name, (rows, columns, text, ultrasound) in kinds.items():
-        paths = [text_image(folder / f"{name[:3]}-{rows}-{bool(text)}-{i}.dcm", rows,
-                            columns, text, ultrasound, i) for i in range(per_kind)]
-
-        def screen(scope: str, paths: list[Path] = paths) -> None:
-            screener = Screener(DeidOptions(text_detection=scope))  # type: ignore[arg-type]
-            for path in paths:
-                screener.check(path)
-
-        off = best_of(repeat, lambda: screen("off")) / per_kind
-        on = best_of(repeat, lambda: screen("text-prone")) / per_kind
-        print(f"  {name:<32} screening {off * 1000:7.1f} ms/image without OCR, "
-              f"{on * 1000:7.1f} ms/image with it (+{(on - off) * 1000:.0f} ms)")
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

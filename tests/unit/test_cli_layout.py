@@ -5,12 +5,15 @@ modules of their own, and the demo says what it needs where the testbed is not i
 from __future__ import annotations
 
 import ast
+import importlib
 import os
 import re
 import site
 import subprocess
 import sys
 from pathlib import Path
+
+import typer
 
 import tributary.cli.app
 
@@ -42,24 +45,33 @@ def test_the_roles_commands_run_as_console_scripts() -> None:
 
 
 def test_app_py_only_assembles() -> None:
-    """No command bodies and no hidden imports in app.py: every group it mounts is an
-    ``app`` (or a command function) of a module imported at its top."""
+    """No command bodies and no hidden imports in app.py: it names every group as the
+    ``app`` (or a command function) of a module, loaded when used, and each exists."""
     tree = ast.parse(Path(tributary.cli.app.__file__).read_text())
     functions = [node.name for node in ast.walk(tree)
                  if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)]
     assert functions == []
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
     assert not [c for c in calls if isinstance(c.func, ast.Name) and c.func.id == "__import__"]
-    imported = {alias.asname or alias.name for node in tree.body
-                if isinstance(node, ast.ImportFrom) for alias in node.names}
-    mounted = [c.args[0] for c in calls
-               if isinstance(c.func, ast.Attribute) and c.func.attr == "add_typer"]
-    mounted += [c.args[0] for c in calls if isinstance(c.func, ast.Call)
-                and isinstance(c.func.func, ast.Attribute) and c.func.func.attr == "command"]
-    assert len(mounted) == len(GROUPS)
-    for target in mounted:
-        assert isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)
-        assert target.value.id in imported, ast.unparse(target)
+    lazy = tributary.cli.app.app.info.cls.lazy  # type: ignore[union-attr]
+    assert set(lazy) == GROUPS
+    for name, target in lazy.items():
+        module, _, attribute = target.partition(":")
+        assert module.startswith("tributary.") and attribute in ("app", name), target
+        obj = getattr(importlib.import_module(module), attribute)
+        assert isinstance(obj, typer.Typer) or callable(obj), target
+
+
+def test_a_command_imports_only_its_own_group() -> None:
+    """``tributary spoke ...`` starts without importing the hub's or the studies'
+    commands: typer would otherwise build every command of every group first."""
+    done = _run(sys.executable, "-c", "import sys; from tributary.cli.app import app\n"
+                "try:\n    app(['spoke', '--help'])\nexcept SystemExit:\n    pass\n"
+                "print(sorted(m for m in sys.modules if m.startswith('tributary.')))")
+    loaded = done.stdout.strip().splitlines()[-1]
+    assert "tributary.spoke.commands.app" in loaded, done.stderr
+    for other in ("tributary.hub.commands.app", "tributary.cli.study", "tributary.cli.pki"):
+        assert other not in loaded
 
 
 def test_the_demo_asks_for_a_source_checkout_without_the_testbed() -> None:

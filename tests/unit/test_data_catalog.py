@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from tributary.cli.app import app
 from tributary.protocol.auditlog import read_entries
 from tributary.protocol.messages import CohortSelection, ExperimentMessage
+from tributary.spoke import ingest as ingest_module
 from tributary.spoke.catalog import SelectionRefused
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.ingest import ingest, open_catalog, store_root
@@ -125,8 +126,12 @@ def catalogued(cohorts: dict, tmp_path_factory: pytest.TempPathFactory) -> Spoke
         shutil.copytree(cohorts[name]["dir"], data / name)
         (data / name / "attributes.csv").unlink()
     write_attributes(data / "attributes.csv", cohorts["a"], cohorts["b"])
-    config = config_for(root, data, workers=2)  # 88 new files: worker processes
-    assert ingest(config).stored == 88
+    config = config_for(root, data, workers=2)
+    threshold, ingest_module._PARALLEL_MIN = ingest_module._PARALLEL_MIN, 8
+    try:  # 88 new files: worker processes
+        assert ingest(config).stored == 88
+    finally:
+        ingest_module._PARALLEL_MIN = threshold
     return config
 
 

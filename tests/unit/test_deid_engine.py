@@ -276,3 +276,16 @@ def test_option_table_agrees_with_the_basic_profile_source() -> None:
     assert dates[0x00080020] == "C" and dates[0x00080022] == "C"  # Study, Acquisition Date
     assert action_table(DeidOptions(retain_patient_characteristics=True)).single[
         0x00101010] == "K"  # Patient's Age
+
+
+def test_the_option_codes_are_pydicom_s() -> None:
+    """The CID 7050 codes the engine records are those of pydicom's code dictionary."""
+    from pydicom.sr.codedict import codes
+
+    from tributary.spoke.deid.profile import CODE_NAMES, CODES, option_code
+
+    assert set(CODES) == set(CODE_NAMES)
+    for code, name in CODE_NAMES.items():
+        concept = getattr(codes.DCM, name)
+        expected = (concept.value, concept.scheme_designator, concept.meaning)
+        assert tuple(option_code(code)) == expected

@@ -39,7 +39,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretBytes, SecretStr
 
-from tributary.protocol.signing import canonical_json, sha256_hex
+from tributary.protocol.canonical import canonical_json, sha256_hex
 
 GENESIS = "0" * 64
 REDACTED = "[redacted]"

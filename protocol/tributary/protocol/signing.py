@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -20,6 +19,8 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import VerificationError
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
+from tributary.protocol.canonical import canonical_json, sha256_hex
+
 MESSAGE_PAYLOAD_TYPE = "application/vnd.tributary.message+json"
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -27,17 +28,6 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 
 class SignatureError(ValueError):
     """A signature is missing, malformed, made by an untrusted key, or does not verify."""
-
-
-def canonical_json(value: Any, ascii_only: bool = False) -> bytes:
-    """The one byte form hashed and signed: sorted keys, no spaces, UTF-8 (or escaped to
-    ASCII, as the audit log's lines are)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=ascii_only,
-                      allow_nan=False).encode()
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

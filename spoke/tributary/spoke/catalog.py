@@ -232,6 +232,41 @@ class Catalog:
                 (source, ref, fingerprint, status, reason, instance_uid,
                  datetime.now(UTC).isoformat(timespec="seconds")))
 
+    def record_inputs(self, source: str,
+                      rows: list[tuple[str, str, str, str | None, str | None]]) -> None:
+        """Many ``(ref, fingerprint, status, reason, instance_uid)`` at once."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 [(source, *row, now) for row in rows])
+
+    def add_instances(self, instances: list[tuple[PreparedInstance, str]]) -> None:
+        """Many instances (with their store digests) in one go."""
+        if not instances:
+            return
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        cases, studies, series, rows = {}, {}, {}, []
+        for instance, digest in instances:
+            meta = instance.metadata
+            spacing = meta.get("pixel_spacing")
+            cases.setdefault(instance.case_id, (instance.case_id, now))
+            studies.setdefault(instance.study_id, (instance.study_id, instance.case_id,
+                                                   meta.get("study_description")))
+            series.setdefault(instance.series_id, (
+                instance.series_id, instance.study_id, instance.case_id, meta["modality"],
+                meta.get("body_part"), meta.get("series_description"), meta.get("rows"),
+                meta.get("columns"), json.dumps(spacing) if spacing else None,
+                meta.get("slice_thickness")))
+            rows.append((instance.instance_uid, instance.series_id, digest,
+                         meta.get("instance_number"), instance.pixel_digest))
+        with self._lock:
+            db = self._db
+            db.executemany("INSERT OR IGNORE INTO cases VALUES (?, ?)", cases.values())
+            db.executemany("INSERT OR IGNORE INTO studies VALUES (?, ?, ?)", studies.values())
+            db.executemany("INSERT OR IGNORE INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           series.values())
+            db.executemany("INSERT INTO instances VALUES (?, ?, ?, ?, ?)", rows)
+
     def add_instance(self, instance: PreparedInstance, digest: str) -> None:
         meta = instance.metadata
         spacing = meta.get("pixel_spacing")

@@ -223,9 +223,10 @@ class CatalogSettings(BaseModel):
     #: cohort or counting for a federated count or the steward; the alternative is running
     #: `tributary spoke ingest` on a schedule.
     ingest_before_selection: bool = True
-    #: Processes that de-identify local files in parallel. The default leaves one CPU to
-    #: the process that stores and catalogues (so 1, in-process, on a 2-CPU machine).
-    workers: int = Field(default_factory=lambda: max(1, min(8, (os.cpu_count() or 1) - 1)),
+    #: Processes that de-identify local files in parallel: the ingesting process and
+    #: ``workers - 1`` worker processes (it stores and catalogues between its own files).
+    #: By default one per CPU, at most 8.
+    workers: int = Field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)),
                          ge=1, le=64)
 
 

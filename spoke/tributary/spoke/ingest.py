@@ -11,11 +11,9 @@ import csv
 import fcntl
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +21,8 @@ from typing import Any
 
 from tributary.spoke.catalog import Catalog
 from tributary.spoke.config import SpokeConfig
-from tributary.spoke.deid import DeidOptions
 from tributary.spoke.journal import claim_work_dir
+from tributary.spoke.preparing import PreparePool
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.sources import Source, SourceItem, open_source
 from tributary.spoke.store import DeidStore, Excluded, PreparedInstance, Preparer
@@ -34,7 +32,8 @@ log = logging.getLogger(__name__)
 #: Column of the attributes CSV holding the institution's patient ID (DICOM PatientID).
 PATIENT_COLUMN = "patient_id"
 _COMMIT_EVERY = 200
-#: Fewer new files than this are prepared in-process (starting workers costs ~1 s).
+#: Fewer new files than this are prepared in this process alone: a worker takes about a
+#: third of a second of a CPU to start, which a small set would not win back.
 _PARALLEL_MIN = 64
 
 #: progress(source name, done, total) after each input
@@ -115,46 +114,94 @@ def load_attributes(path: Path) -> dict[str, dict[str, Any]]:
         return out
 
 
-_worker: Preparer | None = None
-
-
-def _init_worker(key_file: str, options: str) -> None:
-    global _worker
-    _worker = Preparer(Pseudonymizer.from_key_file(Path(key_file)),
-                       DeidOptions.model_validate_json(options))
-
-
-def _prepare_file(path: str) -> PreparedInstance | Excluded:
-    """Worker process: screen and de-identify one file (results go back in order)."""
-    assert _worker is not None
+def _prepare_one(preparer: Preparer, item: SourceItem) -> PreparedInstance | Excluded:
     try:
-        return _worker.from_file(Path(path))
+        if item.path is not None:
+            return preparer.from_file(item.path)
+        assert item.load is not None
+        return preparer.from_dataset(item.load(), item.ref)
     except Excluded as exc:
         return exc
+    except Exception as exc:  # a bug must cost one file, not the run
+        return Excluded(f"deidentification-failed: {type(exc).__name__}: {exc}"[:300])
 
 
 def _prepared(items: list[SourceItem], preparer: Preparer, key_file: Path,
               workers: int) -> Iterator[PreparedInstance | Excluded]:
-    """Prepared instances (or exclusions) in input order; files are spread over worker
-    processes when there are enough of them to pay for starting the workers."""
+    """Prepared instances (or exclusions) in input order. With ``workers`` > 1 and enough
+    files, ``workers - 1`` worker processes help this one, which keeps preparing files
+    itself between storing the others' (so it never waits for them to start)."""
     if workers > 1 and len(items) >= _PARALLEL_MIN and all(i.path for i in items):
-        # spawn, not fork: the agent has broker threads whose locks a fork would copy
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker,
-                                 initargs=(str(key_file),
-                                           preparer.deidentifier.options.model_dump_json())
-                                 ) as pool:
-            yield from pool.map(_prepare_file, [str(i.path) for i in items], chunksize=8)
+        assert preparer.staging is not None
+        pool = PreparePool(workers - 1, key_file,
+                           preparer.deidentifier.options.model_dump_json(), preparer.staging)
+        by_path = {str(i.path): i for i in items}
+        yield from pool.map([str(i.path) for i in items],
+                            local=lambda path: _prepare_one(preparer, by_path[path]))
         return
     for item in items:
-        try:
-            if item.path is not None:
-                yield preparer.from_file(item.path)
-            else:
-                assert item.load is not None
-                yield preparer.from_dataset(item.load(), item.ref)
-        except Excluded as exc:
-            yield exc
+        yield _prepare_one(preparer, item)
+
+
+class _Recorder:
+    """Turns prepared instances into store objects and catalog rows, in input order, and
+    writes the rows in batches (one transaction per :data:`_COMMIT_EVERY` inputs). What
+    the batch holds is looked up here first, so decisions do not wait for a commit."""
+
+    def __init__(self, source: str, catalog: Catalog, store: DeidStore) -> None:
+        self.source, self.catalog, self.store = source, catalog, store
+        self.inputs: list[tuple[str, str, str, str | None, str | None]] = []
+        self.instances: list[tuple[PreparedInstance, str]] = []
+        self._uids: dict[str, str] = {}
+        self._pixels: dict[str, str] = {}
+
+    def flush(self) -> None:
+        self.catalog.add_instances(self.instances)
+        self.catalog.record_inputs(self.source, self.inputs)
+        self.catalog.commit()
+        self.inputs, self.instances = [], []
+        self._uids, self._pixels = {}, {}
+
+    def excluded(self, item: SourceItem, reason: str) -> str:
+        self.inputs.append((item.ref, item.fingerprint, "excluded", reason, None))
+        log.warning("excluded %s:%s: %s", self.source, item.ref, reason)
+        return "excluded"
+
+    def record(self, item: SourceItem, prepared: PreparedInstance) -> str:
+        """Store a prepared instance unless the catalog has it; returns the counter to
+        bump. A staged file that does not enter the store is removed."""
+        uid, digest = prepared.instance_uid, prepared.digest
+        existing = self._uids.get(uid) or self.catalog.instance_digest(uid)
+        if existing is None:
+            pixels = prepared.pixel_digest
+            twin = pixels and (self._pixels.get(pixels) or
+                               self.catalog.instance_with_pixels(pixels))
+            if twin:
+                self.store.discard(prepared)
+                return self.excluded(item, "duplicate-pixels: same pixel data as a stored "
+                                           "instance under another header")
+            self.store.put(prepared)
+            self.instances.append((prepared, digest))
+            self._uids[uid] = digest
+            if pixels:
+                self._pixels[pixels] = uid
+            self.inputs.append((item.ref, item.fingerprint, "stored", prepared.review, uid))
+            return "stored"
+        self.store.discard(prepared)
+        if existing == digest:
+            previously = self.catalog.input_state(self.source, item.ref)
+            if previously is not None and previously[1] == "stored":
+                # the same file touched again: nothing changed
+                self.inputs.append((item.ref, item.fingerprint, "stored", prepared.review,
+                                    uid))
+                return "unchanged"
+            self.inputs.append((item.ref, item.fingerprint, "duplicate",
+                                "same instance as one already stored", uid))
+            return "duplicates"
+        self.inputs.append((item.ref, item.fingerprint, "excluded",
+                            "conflicts with a stored instance (same SOP Instance UID, "
+                            "different content); the stored one is kept", uid))
+        return "excluded"
 
 
 def _ingest_source(source: Source, catalog: Catalog, store: DeidStore, preparer: Preparer,
@@ -168,56 +215,22 @@ def _ingest_source(source: Source, catalog: Catalog, store: DeidStore, preparer:
                       "duplicates": 0, "excluded": 0})
     if progress is not None:
         progress(source.name, counts["unchanged"], len(items))
+    recorder = _Recorder(source.name, catalog, store)
     results = _prepared(pending, preparer, key_file, workers)
-    for done, (item, prepared) in enumerate(zip(pending, results, strict=True), start=1):
-        if isinstance(prepared, Excluded):
-            catalog.record_input(source.name, item.ref, item.fingerprint, "excluded",
-                                 prepared.reason)
-            log.warning("excluded %s:%s: %s", source.name, item.ref, prepared.reason)
-            counts["excluded"] += 1
-        else:
-            status = _record(source.name, item, prepared, catalog, store)
-            counts[status] += 1
-        if done % _COMMIT_EVERY == 0:
-            catalog.commit()
-        if progress is not None:
-            progress(source.name, len(items) - len(pending) + done, len(items))
-    catalog.commit()
+    try:
+        for done, (item, prepared) in enumerate(zip(pending, results, strict=True), start=1):
+            if isinstance(prepared, Excluded):
+                counts[recorder.excluded(item, prepared.reason)] += 1
+            else:
+                counts[recorder.record(item, prepared)] += 1
+            if done % _COMMIT_EVERY == 0:
+                recorder.flush()
+            if progress is not None:
+                progress(source.name, len(items) - len(pending) + done, len(items))
+    finally:
+        recorder.flush()  # what was decided is kept, even when the run stops
     for key in ("stored", "unchanged", "duplicates", "excluded"):
         setattr(report, key, getattr(report, key) + counts[key])
-
-
-def _record(source: str, item: SourceItem, prepared: PreparedInstance, catalog: Catalog,
-            store: DeidStore) -> str:
-    """Store a prepared instance unless the catalog has it; returns the counter to bump."""
-    existing = catalog.instance_digest(prepared.instance_uid)
-    if existing is None:
-        twin = catalog.instance_with_pixels(prepared.pixel_digest)
-        if twin is not None:
-            catalog.record_input(source, item.ref, item.fingerprint, "excluded",
-                                 "duplicate-pixels: same pixel data as a stored instance "
-                                 "under another header")
-            return "excluded"
-        digest = store.put(prepared)
-        catalog.add_instance(prepared, digest)
-        catalog.record_input(source, item.ref, item.fingerprint, "stored", prepared.review,
-                             instance_uid=prepared.instance_uid)
-        return "stored"
-    if existing == prepared.digest:
-        previously = catalog.input_state(source, item.ref)
-        if previously is not None and previously[1] == "stored":
-            # the same file touched again: nothing changed
-            catalog.record_input(source, item.ref, item.fingerprint, "stored",
-                                 prepared.review, instance_uid=prepared.instance_uid)
-            return "unchanged"
-        catalog.record_input(source, item.ref, item.fingerprint, "duplicate",
-                             "same instance as one already stored", prepared.instance_uid)
-        return "duplicates"
-    catalog.record_input(
-        source, item.ref, item.fingerprint, "excluded",
-        "conflicts with a stored instance (same SOP Instance UID, different content); the "
-        "stored one is kept", prepared.instance_uid)
-    return "excluded"
 
 
 def ingest(config: SpokeConfig, catalog: Catalog | None = None,
@@ -237,8 +250,8 @@ def ingest(config: SpokeConfig, catalog: Catalog | None = None,
     report = IngestReport()
     try:
         with _exclusive(config.work_dir):
-            # A fresh preparer per run: the screener's duplicate-pixel memory is per run.
-            preparer = Preparer(pseudonyms, config.deidentification)
+            store.clear_staging()  # what a crashed run left half-done
+            preparer = Preparer(pseudonyms, config.deidentification, store.staging)
             catalog.claim_profile(preparer.profile)
             path = config.attributes_path
             ignore = frozenset({path}) if path is not None else frozenset()

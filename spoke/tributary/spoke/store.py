@@ -10,18 +10,18 @@ that folder is what a container mounts read-only, so an algorithm only ever sees
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
+import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+from pydicom.dataset import Dataset
 
 from tributary.spoke.deid import Deidentifier, DeidOptions, FileVerdict, Screener
+from tributary.spoke.deid.output import encode, write_new
 from tributary.spoke.pseudonyms import Pseudonymizer
 
 
@@ -35,20 +35,27 @@ class Excluded(Exception):
 
 @dataclass(frozen=True)
 class PreparedInstance:
-    """One de-identified instance, ready to store, with the catalog's metadata."""
+    """One de-identified instance, written (staged) or held in memory, with the catalog's
+    metadata: what a worker sends back is this, never the file's bytes."""
 
     case_id: str
     study_id: str
     series_id: str
     instance_uid: str  # de-identified SOP Instance UID (keyed, stable)
-    data: bytes  # the de-identified DICOM file
+    digest: str  # the store's name for the file (``tributary.spoke.deid.output``)
     metadata: dict[str, Any] = field(default_factory=dict)
-    pixel_digest: str | None = None  # BLAKE2b of the pixel data: same image, other header
+    pixel_digest: str | None = None  # SHA-256 of the pixel data: same image, other header
     review: str | None = None  # screening findings that ask a person to look, not exclude
+    staged: str | None = None  # the written file, not yet in the store (see DeidStore.put)
+    content: bytes | None = field(default=None, repr=False)  # when not staged
 
     @property
-    def digest(self) -> str:
-        return hashlib.sha256(self.data).hexdigest()
+    def data(self) -> bytes:
+        """The de-identified file's bytes (read back when staged)."""
+        if self.content is not None:
+            return self.content
+        assert self.staged is not None
+        return Path(self.staged).read_bytes()
 
 
 def _text(ds: Dataset, keyword: str) -> str | None:
@@ -87,10 +94,16 @@ class Preparer:
     per ingest run (or worker process), since the engine caches its compiled action table
     and the screener remembers pixel data it has seen in the run."""
 
-    def __init__(self, pseudonyms: Pseudonymizer, options: DeidOptions | None = None) -> None:
+    def __init__(self, pseudonyms: Pseudonymizer, options: DeidOptions | None = None,
+                 staging: Path | None = None) -> None:
+        """``staging``: a folder (of the store, so a rename moves it in) where each
+        prepared file is written once; without it the bytes stay in memory. Identical
+        pixel data is found by the caller from ``pixel_digest`` (the catalog, in input
+        order, whatever the number of workers), so the screener does not hash pixels."""
         self.pseudonyms = pseudonyms
         self.deidentifier = Deidentifier(pseudonyms, options)
-        self.screener = Screener(self.deidentifier.options, pseudonyms)
+        self.screener = Screener(self.deidentifier.options, pseudonyms, hash_pixels=False)
+        self.staging = staging
 
     @property
     def profile(self) -> str:
@@ -126,15 +139,19 @@ class Preparer:
         case_source = f"patient:{patient}" if patient else f"study:{ds.StudyInstanceUID}"
         case_id = self.pseudonyms.case_id(case_source)
         series_id = self.pseudonyms.series_id(str(ds.SeriesInstanceUID))
-        pixels = ds.get("PixelData")
-        pixel_digest = hashlib.blake2b(bytes(pixels), digest_size=32).hexdigest() \
-            if pixels else None
         try:
             self.deidentifier.deidentify(ds, case_id)
-            data = _file_bytes(ds)
+            encoded = encode(ds)
         except Exception as exc:  # the engine refused the content: keep a reason, go on
-            raise Excluded(f"deidentification-failed: {type(exc).__name__}: {exc}"[:300]
-                           ) from exc
+            raise Excluded(f"deidentification-failed: {failure_reason(exc)}"[:300]) from exc
+        staged = None
+        if self.staging is not None:
+            staged = self.staging / f".tmp-{secrets.token_hex(12)}.dcm"
+            try:
+                write_new(staged, encoded)
+            except OSError as exc:
+                raise Excluded(f"deidentification-failed: cannot write: {exc}"[:300]
+                               ) from exc
         removed = _removals(self.deidentifier)
         if removed:  # the steward's ingest report names each attribute that went
             review = "; ".join(r for r in (review, removed) if r)[:1000]
@@ -151,8 +168,10 @@ class Preparer:
         }
         return PreparedInstance(case_id=case_id, study_id=str(ds.StudyInstanceUID),
                                 series_id=series_id, instance_uid=str(ds.SOPInstanceUID),
-                                data=data, metadata=metadata, pixel_digest=pixel_digest,
-                                review=review)
+                                digest=encoded.digest, metadata=metadata,
+                                pixel_digest=encoded.pixel_digest, review=review,
+                                staged=str(staged) if staged else None,
+                                content=None if staged else encoded.data())
 
 
 def _removals(deidentifier: Deidentifier) -> str | None:
@@ -164,18 +183,13 @@ def _removals(deidentifier: Deidentifier) -> str | None:
     return "; ".join(parts) or None
 
 
-def _file_bytes(ds: Dataset) -> bytes:
-    """Serialise with a file meta group rebuilt from the dataset alone, so the bytes do not
-    depend on where the instance came from (a folder or a PACS)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = ds.file_meta.TransferSyntaxUID
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+def failure_reason(exc: Exception) -> str:
+    """One line: pydicom's writer wraps the cause with a traceback in the message."""
+    text = str(exc).split("\n", 1)[0]
+    if isinstance(exc, TypeError) and "encoding without a string argument" in str(exc):
+        text += (" (the data set is encoded with another VR encoding than its transfer "
+                 "syntax declares)")
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 class DeidStore:
@@ -192,23 +206,47 @@ class DeidStore:
     def series_dir(self, series_id: str) -> Path:
         return self.root / "series" / series_id
 
+    @property
+    def staging(self) -> Path:
+        """Where workers write prepared files before :meth:`put` renames them in."""
+        return self.root / "objects"
+
+    def clear_staging(self) -> int:
+        """Remove files a crashed run left staged (call under the ingest lock)."""
+        stale = list(self.staging.glob(".tmp-*"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
     def put(self, instance: PreparedInstance) -> str:
-        """Store the instance (no-op if its bytes are already there); return its digest."""
+        """Store the instance (no-op if its bytes are already there); return its digest.
+        A staged file is renamed in (or removed, when the object exists): never copied."""
         digest = instance.digest
         target = self.object_path(digest)
-        if not target.exists():
+        staged = Path(instance.staged) if instance.staged else None
+        if target.exists():
+            if staged is not None:
+                staged.unlink(missing_ok=True)
+        else:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(instance.data)
-                os.chmod(tmp, 0o444)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            if staged is None:
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+                try:
+                    with os.fdopen(fd, "wb") as handle:
+                        handle.write(instance.data)
+                    os.chmod(tmp, 0o444)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
+                staged = Path(tmp)
+            os.replace(staged, target)
         self.link(instance.series_id, digest)
         return digest
+
+    def discard(self, instance: PreparedInstance) -> None:
+        """Drop a staged file that will not enter the store (excluded, duplicate)."""
+        if instance.staged:
+            Path(instance.staged).unlink(missing_ok=True)
 
     def link(self, series_id: str, digest: str) -> None:
         folder = self.series_dir(series_id)

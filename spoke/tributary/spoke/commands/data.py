@@ -34,7 +34,7 @@ def ingest(
     config: ConfigOption,
     rebuild: Annotated[bool, typer.Option(
         "--rebuild", help="Empty the store and catalog first and prepare every input again "
-        "(after changing [deidentification]); refused while the agent runs.")] = False,
+        "(after changing \\[deidentification]); refused while the agent runs.")] = False,
 ) -> None:
     """Ingest the configured sources into the de-identified store and catalog. Only new or
     changed inputs are read; running it again over unchanged sources is a no-op."""

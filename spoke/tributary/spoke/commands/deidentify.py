@@ -9,14 +9,15 @@ The report holds source paths and is written beside DST, never inside it."""
 from __future__ import annotations
 
 import getpass
-import hashlib
-import io
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from tributary.spoke.deid.output import Encoded
 
 
 class OutputFile(BaseModel):
@@ -89,8 +90,10 @@ def main(
 
     from tributary.protocol.auditlog import AuditLog
     from tributary.spoke.deid import Deidentifier, DeidOptions, SafePrivate, Screener
+    from tributary.spoke.deid.output import encode, write_new
     from tributary.spoke.deid.screening import EXCLUDING, Reason
     from tributary.spoke.pseudonyms import Pseudonymizer
+    from tributary.spoke.store import failure_reason as _reason
 
     console = Console()
     if (config is None) == (key is None):
@@ -131,7 +134,7 @@ def main(
     report = report or dst.with_name(dst.name + "-report.json")
     pseudonyms = Pseudonymizer.from_key_file(key)
     deid = Deidentifier(pseudonyms, options)
-    screener = Screener(options, pseudonyms)
+    screener = Screener(options, pseudonyms, hash_pixels=False)
     started = datetime.now(UTC)
     paths = sorted(p for p in src.rglob("*") if p.is_file())
     outputs: list[OutputFile] = []
@@ -147,16 +150,15 @@ def main(
             case_id = pseudonyms.case_id(f"patient:{ds.get('PatientID', '')}")
             deid.deidentify(ds, case_id)
             target = dst / case_id / str(verdict.series_id) / f"{ds.SOPInstanceUID}.dcm"
-            buffer = io.BytesIO()
-            ds.save_as(buffer, enforce_file_format=True)
-            data = buffer.getvalue()
+            encoded = encode(ds)  # hashed once, here, and written once, below
         except Exception as exc:  # one bad file must not stop the batch; it is reported
-            verdict.add(Reason.DEIDENTIFICATION_FAILED, f"{type(exc).__name__}: {exc}"[:300])
+            verdict.add(Reason.DEIDENTIFICATION_FAILED, _reason(exc))
             continue
-        digest = hashlib.sha256(data).hexdigest()
-        first = written.get(target) or _earlier_run(target)
-        if first is not None and not (first[0] == _EARLIER and first[1] == digest):
-            if first[1] == digest:
+        if encoded.pixel_digest and screener.seen_pixels(verdict, encoded.pixel_digest):
+            continue
+        first = written.get(target) or _earlier_run(target, encoded)
+        if first is not None and not (first[0] == _EARLIER and first[1] == encoded.digest):
+            if first[1] == encoded.digest:
                 verdict.add(Reason.DUPLICATE_INSTANCE, f"same de-identified instance as "
                             f"{first[0]}; written once")
             else:
@@ -166,12 +168,11 @@ def main(
         try:
             if first is None:  # else an earlier run wrote exactly these bytes
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with target.open("xb") as handle:  # never replaces a file
-                    handle.write(data)
+                write_new(target, encoded, 0o644)  # never replaces a file
         except OSError as exc:
             verdict.add(Reason.DEIDENTIFICATION_FAILED, f"cannot write: {exc}"[:300])
             continue
-        written[target] = (str(path), digest)
+        written[target] = (str(path), encoded.digest)
         outputs.append(OutputFile(source=str(path), output=str(target.relative_to(dst)),
                                   removed_unknown=deid.removed_unknown,
                                   removed_undecodable=deid.removed_undecodable))
@@ -203,9 +204,11 @@ def main(
 _EARLIER = "a file an earlier run wrote to DST"
 
 
-def _earlier_run(target: Path) -> tuple[str, str] | None:
-    """A file an earlier run left at ``target``, with its digest: identical bytes count as
-    this run's output (re-running is harmless); other bytes are a collision."""
+def _earlier_run(target: Path, encoded: Encoded) -> tuple[str, str] | None:
+    """A file an earlier run left at ``target``, with ``encoded``'s digest when it holds
+    exactly these bytes: identical bytes count as this run's output (re-running is
+    harmless); other bytes are a collision."""
     if not target.is_file():
         return None
-    return _EARLIER, hashlib.sha256(target.read_bytes()).hexdigest()
+    same = target.read_bytes() == encoded.data()
+    return _EARLIER, encoded.digest if same else "other bytes"

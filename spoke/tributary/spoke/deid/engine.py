@@ -68,6 +68,8 @@ class Deidentifier:
         #: "(GGGG,EEEE)"; each was removed (PS3.15 cannot vouch for what it does not name).
         self.removed_unknown: list[str] = []
         self.removed_undecodable: list[str] = []
+        self._marked: list[tuple[int, str, object]] | None = None
+        self._codes: list[Dataset] | None = None
 
     # -- public -----------------------------------------------------------------------
 
@@ -270,20 +272,40 @@ class Deidentifier:
     def _mark(self, ds: Dataset, case_id: str) -> None:
         ds.PatientID = case_id
         ds.PatientName = case_id
-        ds.PatientIdentityRemoved = "YES"
-        codes = self.options.option_codes()
-        ds.DeidentificationMethod = (DEID_METHOD if len(codes) == 1 else
-                                     [DEID_METHOD, "options " + " ".join(codes[1:])])
-        items = []
-        for code in codes:
-            item = Dataset()
-            concept = option_code(code)
-            item.CodeValue, item.CodingSchemeDesignator = concept.value, concept.scheme_designator
-            item.CodeMeaning = concept.meaning
-            items.append(item)
-        ds.DeidentificationMethodCodeSequence = items
-        ds.LongitudinalTemporalInformationModified = (
-            "MODIFIED" if self.options.retain_modified_dates else "REMOVED")
+        elements = ds._dict
+        for tag, vr, value in self._marks():
+            elem = DataElement(tag, vr, value, validation_mode=config.IGNORE)
+            elements[elem.tag] = elem  # keyed by pydicom's tag type, as pydicom expects
+        elem = DataElement(0x00120064, "SQ",
+                           [_copy_item(item) for item in self._method_codes()])
+        elements[elem.tag] = elem
+
+    def _marks(self) -> list[tuple[int, str, object]]:
+        """PatientIdentityRemoved, DeidentificationMethod and
+        LongitudinalTemporalInformationModified: the same for every instance."""
+        if self._marked is None:
+            codes = self.options.option_codes()
+            self._marked = [
+                (0x00120062, "CS", "YES"),
+                (0x00120063, "LO", DEID_METHOD if len(codes) == 1 else
+                 [DEID_METHOD, "options " + " ".join(codes[1:])]),
+                (0x00280303, "CS", "MODIFIED" if self.options.retain_modified_dates
+                 else "REMOVED")]
+        return self._marked
+
+    def _method_codes(self) -> list[Dataset]:
+        """DeidentificationMethodCodeSequence's items, built once (each instance gets
+        copies of them)."""
+        if self._codes is None:
+            self._codes = []
+            for code in self.options.option_codes():
+                item = Dataset()
+                concept = option_code(code)
+                item.CodeValue = concept.value
+                item.CodingSchemeDesignator = concept.scheme_designator
+                item.CodeMeaning = concept.meaning
+                self._codes.append(item)
+        return self._codes
 
     def _file_meta(self, ds: Dataset) -> None:
         """A fresh file meta group: nothing of the source's (AE titles, implementation)
@@ -307,6 +329,14 @@ class Deidentifier:
         ds.file_meta = meta
         if hasattr(ds, "preamble"):
             ds.preamble = b"\0" * 128  # a preamble can carry a whole TIFF header
+
+
+def _copy_item(item: Dataset) -> Dataset:
+    """A fresh item with the same (immutable, text) elements: no two instances share one."""
+    copy = Dataset()
+    for tag, elem in item._dict.items():
+        copy._dict[tag] = DataElement(tag, elem.VR, elem.value, validation_mode=config.IGNORE)
+    return copy
 
 
 def _tag_text(tag: int) -> str:

@@ -11,12 +11,10 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from dicomanonymizer.dicomfields_selector import dicom_anonymization_database_selector
 from pydicom.datadict import DicomDictionary
-from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 
 from tributary.spoke.deid.options import DeidOptions
 
@@ -31,7 +29,21 @@ _BASIC_COLUMNS = {"D_TAGS": "D", "Z_TAGS": "Z", "X_TAGS": "X", "U_TAGS": "U",
 _OPTION_FLAGS = {"retain_modified_dates": "113107", "retain_patient_characteristics": "113108",
                  "retain_device_identity": "113109", "clean_descriptors": "113105",
                  "retain_safe_private": "113111", "retain_institution_identity": "113112"}
-_CODE_NAMES = {
+#: CID 7050 as pydicom's code dictionary has it (value, scheme, meaning), copied so that a
+#: run does not load the 60 ms dictionary for eight codes; a unit test compares the two.
+CODES = {
+    "113100": ("113100", "DCM", "Basic Application Confidentiality Profile"),
+    "113101": ("113101", "DCM", "Clean Pixel Data Option"),
+    "113105": ("113105", "DCM", "Clean Descriptors Option"),
+    "113107": ("113107", "DCM", "Retain Longitudinal Temporal Information Modified Dates "
+                                "Option"),
+    "113108": ("113108", "DCM", "Retain Patient Characteristics Option"),
+    "113109": ("113109", "DCM", "Retain Device Identity Option"),
+    "113111": ("113111", "DCM", "Retain Safe Private Option"),
+    "113112": ("113112", "DCM", "Retain Institution Identity Option"),
+}
+#: The same codes' names in pydicom's dictionary (``codes.DCM.<name>``).
+CODE_NAMES = {
     "113100": "BasicApplicationConfidentialityProfile",
     "113101": "CleanPixelDataOption",
     "113105": "CleanDescriptorsOption",
@@ -48,9 +60,17 @@ UI_TAGS = frozenset(t for t, entry in DicomDictionary.items() if entry[0] == "UI
 SQ_TAGS = frozenset(t for t, entry in DicomDictionary.items() if entry[0] == "SQ")
 
 
-def option_code(code: str) -> Code:
-    """The PS3.16 CID 7050 code (value and meaning from pydicom's code dictionary)."""
-    return getattr(codes.DCM, _CODE_NAMES[code])
+class OptionCode(NamedTuple):
+    """A CID 7050 code, as pydicom's ``Code`` names its parts."""
+
+    value: str
+    scheme_designator: str
+    meaning: str
+
+
+def option_code(code: str) -> OptionCode:
+    """The PS3.16 CID 7050 code (value and meaning as in pydicom's code dictionary)."""
+    return OptionCode(*CODES[code])
 
 
 @dataclass(frozen=True)

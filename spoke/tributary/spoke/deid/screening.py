@@ -125,12 +125,18 @@ class Screener:
     and accumulates what only a whole series or the whole batch shows."""
 
     def __init__(self, options: DeidOptions | None = None,
-                 pseudonyms: Pseudonymizer | None = None) -> None:
+                 pseudonyms: Pseudonymizer | None = None, *,
+                 hash_pixels: bool = True) -> None:
+        """``hash_pixels=False``: the caller finds identical pixel data itself, from the
+        digest the writer computes anyway (:meth:`seen_pixels`), so pixels are hashed
+        once per file."""
         self.options = options or DeidOptions()
         self.pseudonyms = pseudonyms
+        self.hash_pixels = hash_pixels
         self.verdicts: list[FileVerdict] = []
-        self._pixels: dict[bytes, str] = {}
+        self._pixels: dict[bytes | str, str] = {}
         self._series: dict[str, list[_Slice]] = {}
+        self._placed: dict[int, tuple[str, _Slice]] = {}
 
     def check(self, path: Path) -> tuple[Dataset | None, FileVerdict]:
         """Read and screen one file: the dataset (to de-identify) unless excluded."""
@@ -201,16 +207,27 @@ class Screener:
         if derived:
             verdict.add(Reason.DERIVED_IMAGE, f"ImageType {'/'.join(derived)}: not an "
                         "original acquisition")
-        pixels = _pixel_bytes(ds)
+        pixels = _pixel_bytes(ds) if self.hash_pixels else None
         if pixels and not verdict.excluded:
-            digest = hashlib.blake2b(pixels, digest_size=32).digest()
-            first = self._pixels.setdefault(digest, verdict.path)
-            if first != verdict.path:
-                verdict.add(Reason.DUPLICATE_PIXELS, f"same pixel data as {first}")
+            self.seen_pixels(verdict, hashlib.sha256(pixels).hexdigest())
         if not verdict.excluded and should_scan(ds, self.options.text_detection):
             self._read_text(ds, verdict)
         if not verdict.excluded:
-            self._series.setdefault(verdict.series_id, []).append(_slice(ds))
+            placed = _slice(ds)
+            self._series.setdefault(verdict.series_id, []).append(placed)
+            self._placed[id(verdict)] = (verdict.series_id, placed)
+
+    def seen_pixels(self, verdict: FileVerdict, digest: str) -> bool:
+        """Record the digest of a file's pixel data; a second file with the same pixels
+        under another header is excluded (and leaves its series' integrity check)."""
+        first = self._pixels.setdefault(digest, verdict.path)
+        if first == verdict.path:
+            return False
+        verdict.add(Reason.DUPLICATE_PIXELS, f"same pixel data as {first}")
+        placed = self._placed.pop(id(verdict), None)
+        if placed is not None:
+            self._series[placed[0]].remove(placed[1])
+        return True
 
     def _read_text(self, ds: Dataset, verdict: FileVerdict) -> None:
         """OCR the pixels: found text excludes the image, or is blanked in ``ds`` (in

@@ -1,0 +1,230 @@
+"""Preparing files on worker processes, every file accounted for.
+
+Each worker is a fresh interpreter (``python -m tributary.spoke.preparing``: it imports
+the engine, never the command line) that screens and de-identifies the files it is given
+and writes each output into the store's staging folder itself; only metadata comes back
+over its socket. The parent keeps at most :data:`_DEPTH` files in flight per worker, so
+it always knows which file a worker was preparing (the first it holds; the others wait
+in its socket): a worker that dies (killed, out of memory, a decoder that crashes the
+interpreter) is replaced and its files go to the next workers; a file that a second
+worker dies preparing is excluded with the reason, and the run goes on. A worker that
+spends longer than ``file_timeout`` on one file (a file that hangs a decoder) is killed
+and counts as dying on it. Results come back in input order, so the decisions taken on
+them (duplicates, conflicts) are the same whatever the number of workers.
+
+Not ``multiprocessing``'s pools: a dead worker breaks a whole ``ProcessPoolExecutor``,
+and spawned children re-import the parent's ``__main__`` (the whole CLI)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from tributary.spoke.store import Excluded, PreparedInstance
+
+#: Files in flight per worker: one being prepared, one waiting, so a worker never idles
+#: while its result travels back.
+_DEPTH = 2
+#: A worker that dies before preparing anything this many times in a row means the
+#: workers cannot start at all (a broken installation): stop instead of looping.
+_MAX_START_FAILURES = 3
+
+#: Seconds one file may take (OCR alone may take two minutes a frame on three frames).
+_FILE_TIMEOUT = 900.0
+
+Prepared = PreparedInstance | Excluded
+
+
+@dataclass
+class _Worker:
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    held: deque[int] = field(default_factory=deque)
+    done: int = 0
+    since: float = 0.0  # when it started on the first file it holds
+    overdue: bool = False
+    ready: bool = False  # it has imported the engine and said so: it may get files
+
+
+class WorkersFailed(RuntimeError):
+    """The worker processes cannot start."""
+
+
+class PreparePool:
+    """``workers`` processes preparing files with one key and one set of options."""
+
+    def __init__(self, workers: int, key_file: Path, options_json: str, staging: Path,
+                 file_timeout: float = _FILE_TIMEOUT) -> None:
+        self.size = workers
+        self.file_timeout = file_timeout
+        self._init = (str(key_file), options_json, str(staging))
+        self._workers: list[_Worker] = []
+        self._start_failures = 0
+
+    def _start(self) -> _Worker:
+        parent, child = socket.socketpair()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "tributary.spoke.preparing", str(child.fileno())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        conn = Connection(parent.detach())
+        conn.send(self._init)
+        worker = _Worker(process, conn)
+        self._workers.append(worker)
+        return worker
+
+    def close(self) -> None:
+        """Stop the workers. Those still starting, or still holding files (the results
+        were not all wanted), are stopped at once: whatever they staged is cleared by
+        the next run (``DeidStore.clear_staging``)."""
+        for worker in self._workers:
+            if worker.ready and not worker.held:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(None)
+            else:
+                worker.process.terminate()
+            worker.conn.close()
+        for worker in self._workers:
+            try:
+                worker.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+        self._workers = []
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
+
+    def map(self, paths: list[str], local: Callable[[str], Prepared] | None = None
+            ) -> Iterator[Prepared]:
+        """Prepared instances (or exclusions) for ``paths``, in their order. ``local``
+        prepares a file in this process: with it, this process takes the next file
+        whenever no worker has a result for it, so it never waits for workers to start
+        and the workers only ever add to what one process does."""
+        pending: deque[int] = deque(range(len(paths)))
+        deaths = [0] * len(paths)
+        results: dict[int, Prepared] = {}
+        following = 0
+        try:
+            while len(self._workers) < min(self.size, len(paths)):
+                self._start()
+            while following < len(paths):
+                for worker in self._workers:
+                    while worker.ready and pending and len(worker.held) < _DEPTH:
+                        index = pending.popleft()
+                        if not worker.held:
+                            worker.since = time.monotonic()
+                        worker.held.append(index)
+                        try:
+                            worker.conn.send((index, paths[index]))
+                        except OSError:
+                            break  # it died: the wait below finds out
+                now = time.monotonic()
+                busy = [w for w in self._workers if w.held]
+                first = min((w.since + self.file_timeout for w in busy), default=now + 60)
+                timeout = max(0.0, first - now)
+                if local is not None and pending:
+                    timeout = 0.0  # nothing to wait for: there is work here
+                ready = wait([w.conn for w in self._workers], timeout=timeout)
+                for worker in busy:
+                    if time.monotonic() >= worker.since + self.file_timeout and \
+                            worker.conn not in ready:
+                        worker.overdue = True
+                        worker.process.kill()
+                        ready.append(worker.conn)  # its end of the socket closes
+                for worker in [w for w in self._workers if w.conn in ready]:
+                    try:
+                        message = worker.conn.recv()
+                    except (EOFError, OSError):
+                        self._lost(worker, paths, deaths, pending, results)
+                        continue
+                    if message == "ready":
+                        worker.ready = True
+                        continue
+                    index, result = message
+                    worker.held.remove(index)
+                    worker.since = time.monotonic()
+                    worker.done += 1
+                    self._start_failures = 0
+                    results[index] = result
+                if local is not None and pending and not ready:
+                    index = pending.popleft()
+                    results[index] = local(paths[index])
+                while following in results:
+                    yield results.pop(following)
+                    following += 1
+        finally:
+            self.close()
+
+    def _lost(self, worker: _Worker, paths: list[str], deaths: list[int],
+              pending: deque[int], results: dict[int, Prepared]) -> None:
+        """A worker died: the file it was preparing goes to another worker, or out after
+        a second death; the files waiting behind it go to other workers."""
+        worker.conn.close()
+        code = worker.process.wait()
+        self._workers.remove(worker)
+        how = (f"stopped after {self.file_timeout:g} s on it" if worker.overdue else
+               f"killed by signal {signal.Signals(-code).name}" if code < 0 and
+               -code in signal.valid_signals() else f"exit status {code}")
+        if not worker.done and not worker.held:
+            self._start_failures += 1
+            if self._start_failures >= _MAX_START_FAILURES:
+                raise WorkersFailed(f"preparing workers cannot start ({how})")
+        if worker.held:
+            deaths[worker.held[0]] += 1
+        for index in reversed(worker.held):
+            if deaths[index] >= 2:
+                results[index] = Excluded(
+                    f"deidentification-failed: two worker processes died preparing this "
+                    f"file (the last {how}); it is left out")
+            else:
+                pending.appendleft(index)
+        if pending or len(results) < len(paths):
+            self._start()
+
+
+def _serve(fd: int) -> None:
+    """A worker: prepare each path the parent sends until it sends None."""
+    from tributary.spoke.deid import DeidOptions
+    from tributary.spoke.pseudonyms import Pseudonymizer
+    from tributary.spoke.store import Preparer
+
+    conn = Connection(fd)
+    key_file, options_json, staging = conn.recv()
+    preparer = Preparer(Pseudonymizer.from_key_file(Path(key_file)),
+                        DeidOptions.model_validate_json(options_json), Path(staging))
+    conn.send("ready")
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return  # the parent went away
+        if message is None:
+            return
+        index, path = message
+        try:
+            result: Prepared = preparer.from_file(Path(path))
+        except Excluded as exc:
+            result = exc
+        except Exception as exc:  # a bug must cost one file, not the run
+            result = Excluded(f"deidentification-failed: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}"[:300])
+        conn.send((index, result))
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    _serve(int(sys.argv[1]))
+    os._exit(0)
