@@ -194,7 +194,7 @@ def _results_context(request: Request, session: Session, experiment: Experiment,
     results section: no distribution of per-case outputs for a user who may not see
     per-case data. Progress comes from counts; only succeeded outputs are read."""
     read = experiment_read(session, experiment, request.app.state.settings.spoke_online_seconds)
-    show_cases = may_see_cases(user)
+    show_cases = may_see_cases(user, experiment)
     outputs = output_reads(session, experiment.id) if show_cases else []
     report = latest(session, experiment, request.app.state.settings.min_cell_size)
     has_cases = show_cases and session.exec(select(CaseResult.id).where(
