@@ -28,6 +28,7 @@ from tributary.hub.models import (
 )
 from tributary.hub.services import algorithms as algorithm_versions
 from tributary.hub.services import audit
+from tributary.hub.services import trust as spoke_trust
 from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import cohort_sizes, count_reads
 from tributary.hub.services.deadletters import list_dead_letters
@@ -281,7 +282,7 @@ def algorithm_page(algorithm_id: RowId, request: Request,
                                    if o.digest == v.digest and o.id != v.id]}
                 for v in all_versions]
     return _render(request, "algorithm.html", user, row=_algorithm_row(session, algorithm),
-                   versions=versions)
+                   versions=versions, trust=spoke_trust.verdicts(session, algorithm))
 
 
 @router.get("/audit", response_class=HTMLResponse)
