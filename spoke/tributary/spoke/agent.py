@@ -116,7 +116,8 @@ class SpokeAgent:
                                        self.running, progress, self.stopping)
         self.control = HubControl(config, self.lifecycle, self.steward, self.running)
         self.heartbeat = Heartbeat(self.client, results, self.key,
-                                   config.liveness.heartbeat_seconds, self._heartbeat)
+                                   config.liveness.heartbeat_seconds, self._heartbeat,
+                                   watch=self.trusted.stamp)
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._count_wake = threading.Event()
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="case")

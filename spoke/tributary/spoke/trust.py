@@ -135,11 +135,7 @@ class TrustedKeys:
         self._stored: list[PublicKey] = []
 
     def _refresh(self) -> None:
-        try:
-            stat = store_path(self.work_dir).stat()
-            stamp: tuple[int, int] | None = (stat.st_mtime_ns, stat.st_size)
-        except FileNotFoundError:
-            stamp = None
+        stamp = self.stamp()
         if stamp == self._stamp:
             return
         try:
@@ -153,6 +149,14 @@ class TrustedKeys:
         self._stored = keys
         log.info("trusted publisher keys: %d configured, %d from the trust store",
                  len(self.configured), len(keys))
+
+    def stamp(self) -> tuple[int, int] | None:
+        """The store file's (mtime, size) now: changes when a steward decides."""
+        try:
+            stat = store_path(self.work_dir).stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
 
     def keys(self) -> list[PublicKey]:
         with self._lock:
