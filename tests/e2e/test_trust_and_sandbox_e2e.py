@@ -73,10 +73,10 @@ def world(tmp_path_factory: pytest.TempPathFactory,
     yield {"federation": federation, "real": real, "sandbox": sandbox, "image": image,
            "newcomer": newcomer, "developer": developer, "name": name, "root": root}
     federation.stop()
-    with docker.from_env() as engine:  # only the local tag this module made
-        for tag in (f"tributary/{name}:1",):
-            with contextlib.suppress(docker.errors.APIError):
-                engine.images.remove(tag, noprune=True)
+    engine = docker.from_env()  # only the local tag this module made
+    with contextlib.suppress(docker.errors.APIError):
+        engine.images.remove(f"tributary/{name}:1", noprune=True)
+    engine.close()
 
 
 def register(federation: LocalFederation, image: tuple[str, str], key: SigningKey,

@@ -126,7 +126,7 @@ class Admission:
         ref = message.algorithm
         if not is_sandbox_grant(ref.approval):
             check_approval(ref, self.hub_keys)
-            return self.publishers.keys()
+            return self.publishers.current()
         if not self.config.trust.sandbox:
             raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
                                "not approved: a sandbox grant for an unreviewed version; "

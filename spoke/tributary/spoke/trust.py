@@ -158,7 +158,7 @@ class TrustedKeys:
             return None
         return stat.st_mtime_ns, stat.st_size
 
-    def keys(self) -> list[PublicKey]:
+    def current(self) -> list[PublicKey]:
         with self._lock:
             self._refresh()
             seen: dict[str, PublicKey] = {}
@@ -168,7 +168,7 @@ class TrustedKeys:
 
     def report(self) -> PublisherTrust:
         """What the heartbeat says: whether a publisher is required and which keys."""
-        keyids = [k.keyid for k in self.keys()]
+        keyids = [k.keyid for k in self.current()]
         return PublisherTrust(required=bool(keyids), keyids=keyids[:MAX_REPORTED_PUBLISHERS],
                               truncated=len(keyids) > MAX_REPORTED_PUBLISHERS,
                               sandbox=self.sandbox)
