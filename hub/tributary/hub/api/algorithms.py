@@ -198,7 +198,7 @@ def try_in_sandbox(algorithm_id: RowId, request: Request, body: SandboxRunCreate
         raise HTTPException(409, f"cannot try: {exc}") from None
     if not broker.wait_connected(5.0):
         raise HTTPException(503, f"the broker is unreachable: {experiment.id} created but "
-                                 "not sent; launch it again later")
+                                 "not sent; try again once the broker is back")
     grant = launch_service.sandbox_grant(request.app.state.signing_key, algorithm,
                                          publisher.public_key_pem, actor)
     try:
