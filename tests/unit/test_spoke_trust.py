@@ -12,8 +12,9 @@ import pytest
 from pydantic import ValidationError
 from sqlmodel import Session, SQLModel, create_engine
 
-from tributary.hub.models import Algorithm, Spoke, SpokeKey
-from tributary.hub.services.trust import verdict
+from tributary.hub.models import Algorithm, Experiment, ExperimentTarget, Spoke, SpokeKey
+from tributary.hub.services.launch import check_targets
+from tributary.hub.services.trust import LaunchRefused, verdict
 from tributary.protocol.messages import MAX_REPORTED_PUBLISHERS, HeartbeatMessage, PublisherTrust
 from tributary.protocol.release import (
     is_sandbox_grant,
@@ -141,3 +142,37 @@ def test_the_hub_names_why_each_spoke_will_not_run_a_version(session: Session) -
                                             sandbox_study=True).reason
     algorithm.approval = None
     assert "not approved" in verdict(session, open_site, algorithm).reason
+
+
+def test_the_launch_check_setting_relaxes_only_the_trust_part(session: Session) -> None:
+    hub, publisher = SigningKey.generate(), SigningKey.generate()
+    algorithm = Algorithm(name="demo", version="1", repository=REPO, digest=DIGEST,
+                          publisher="Lab", approval=sign_approval(hub, REPO, DIGEST, {}),
+                          release_signature=sign_release(publisher, REPO, DIGEST, "demo", "1",
+                                                         "Lab"))
+    session.add(algorithm)
+    session.commit()
+    now = datetime.now(UTC)
+    _spoke(session, "stranger", trust_reported_at=now, trust_required=True,
+           trusted_publishers=["ab" * 32])
+    _spoke(session, "silent")
+    _spoke(session, "sandbox", sandbox=True)
+
+    def refused(spokes: list[str], mode: str) -> list[str]:
+        experiment = Experiment(id=f"exp-{mode}-{len(spokes)}", name="x",
+                                algorithm_id=algorithm.id or 0)
+        session.add(experiment)
+        session.flush()
+        for spoke_id in spokes:
+            session.add(ExperimentTarget(experiment_id=experiment.id, spoke_id=spoke_id))
+        session.commit()
+        try:
+            check_targets(session, experiment, algorithm, mode)
+        except LaunchRefused as exc:
+            return [v.spoke_id for v in exc.refusals]
+        return []
+
+    assert refused(["stranger", "silent"], "strict") == ["silent", "stranger"]
+    assert refused(["stranger", "silent"], "reported") == ["stranger"]
+    assert refused(["stranger", "silent"], "off") == []
+    assert refused(["sandbox"], "off") == ["sandbox"]  # the boundary holds whatever the mode

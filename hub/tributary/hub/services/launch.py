@@ -78,10 +78,9 @@ def check_targets(session: Session, experiment: Experiment, algorithm: Algorithm
     for found in verdicts(session, algorithm, experiment.sandbox, pending):
         if found.runs:
             continue
-        trust_only = ("never reported" in found.reason or "does not trust" in found.reason
-                      or "release signature" in found.reason)
-        if trust_only and (mode == "off" or (mode == "reported"
-                                             and "never reported" in found.reason)):
+        if found.refusal == "unreported" and mode in ("off", "reported"):
+            continue
+        if found.refusal == "publisher" and mode == "off":
             continue
         refusals.append(found)
     if refusals:

@@ -23,6 +23,10 @@ class SpokeVerdict:
     runs: bool
     reason: str
     sandbox: bool
+    #: Why not, as a kind: ``publisher`` (its reported trust excludes the version's
+    #: publisher), ``unreported`` (it never reported its trust), or ``boundary`` (revoked,
+    #: unenrolled, the sandbox boundary, the version itself), which no setting relaxes.
+    refusal: str = ""
 
 
 def publisher_keyid(algorithm: Algorithm) -> str | None:
@@ -39,8 +43,8 @@ def verdict(session: Session, spoke: Spoke, algorithm: Algorithm,
             sandbox_study: bool = False) -> SpokeVerdict:
     """Whether ``spoke`` will run ``algorithm`` (in a sandbox study or an ordinary one)."""
 
-    def no(reason: str) -> SpokeVerdict:
-        return SpokeVerdict(spoke.id, spoke.name, False, reason, spoke.sandbox)
+    def no(reason: str, refusal: str = "boundary") -> SpokeVerdict:
+        return SpokeVerdict(spoke.id, spoke.name, False, reason, spoke.sandbox, refusal)
 
     if spoke.revoked_at is not None:
         return no("the spoke is revoked")
@@ -62,17 +66,18 @@ def verdict(session: Session, spoke: Spoke, algorithm: Algorithm,
         return no("the version is not approved under the review rule")
     if spoke.trust_reported_at is None:
         return no("the spoke never reported which publishers it trusts (no heartbeat "
-                  "from it yet, or it predates protocol 1.2)")
+                  "from it yet, or it predates protocol 1.2)", "unreported")
     if not spoke.trust_required:
         return SpokeVerdict(spoke.id, spoke.name, True,
                             "pins no publisher: runs any approved version", False)
     keyid = publisher_keyid(algorithm)
     if keyid is None:
-        return no("the spoke requires a publisher's release signature; this version has none")
+        return no("the spoke requires a publisher's release signature; this version has none",
+                  "publisher")
     if keyid not in (spoke.trusted_publishers or []):
         who = algorithm.publisher or "its publisher"
         return no(f"the spoke does not trust {who} (key id {keyid[:16]}…); its data steward "
-                  f"can add the key with `tributary spoke trust add`")
+                  f"can add the key with `tributary spoke trust add`", "publisher")
     return SpokeVerdict(spoke.id, spoke.name, True,
                         f"trusts {algorithm.publisher or keyid[:16]}", False)
 
