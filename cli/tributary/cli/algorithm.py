@@ -135,12 +135,14 @@ def verify(
 
 def _assemble() -> None:
     """The developer's and reviewer's commands, each in a module of its own."""
-    from tributary.cli import algorithm_publish, algorithm_review
+    from tributary.cli import algorithm_publish, algorithm_review, algorithm_try
 
     app.command("publish")(algorithm_publish.publish)
     app.command("list")(algorithm_review.list_versions)
     app.command("show")(algorithm_review.show)
     app.command("review")(algorithm_review.review)
+    app.command("try")(algorithm_try.try_version)
+    app.command("spokes")(algorithm_try.spokes)
 
 
 _assemble()

@@ -75,4 +75,9 @@ def check(response: httpx.Response, doing: str) -> Any:
     if isinstance(detail, list):
         detail = "; ".join(f"{'.'.join(map(str, e.get('loc', [])[1:]))}: {e.get('msg')}"
                            for e in detail)
+    elif isinstance(detail, dict) and isinstance(detail.get("refusals"), list):
+        # A launch refused before anything was sent: each spoke's reason on its own line.
+        detail = "\n".join([str(detail.get("message", "")), *(
+            f"  {r.get('spoke_id')}: {r.get('reason')}" for r in detail["refusals"]
+            if isinstance(r, dict))])
     fail(f"{doing} refused ({response.status_code}): {detail}")

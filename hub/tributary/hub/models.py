@@ -79,6 +79,15 @@ class Spoke(SQLModel, table=True):
     #: The federation certificate the spoke's heartbeats say it holds: expiry is watched.
     certificate_not_after: datetime | None = None
     certificate_serial: str | None = None
+    #: Enrolled as a sandbox: synthetic data only; runs unreviewed versions for their own
+    #: developer (sandbox studies), and only sandbox studies target it.
+    sandbox: bool = False
+    #: The publisher trust its latest heartbeat reported (None: never reported, e.g. a
+    #: spoke older than protocol 1.2): whether it requires a publisher and which key ids.
+    trust_reported_at: datetime | None = None
+    trust_required: bool | None = None
+    trusted_publishers: list[str] | None = Field(default=None, sa_column=Column(JSON))
+    trust_sandbox: bool | None = None
 
 
 class SpokeKey(SQLModel, table=True):
@@ -186,6 +195,10 @@ class Experiment(SQLModel, table=True):
     #: When a hub process last claimed the recomputation of this aggregate; one claim per
     #: interval, so several hub processes never recompute the same study at once.
     aggregate_claimed_at: datetime | None = None
+    #: A sandbox study: an unreviewed version on sandbox spokes only, launched by the
+    #: version's own registrant (``owner``), whose results go back to that developer.
+    sandbox: bool = False
+    owner: str | None = None
 
 
 class TargetState(StrEnum):

@@ -25,8 +25,32 @@ class SpokeCreate(BaseModel):
                     json_schema_extra={"pattern": SPOKE_ID_RE.pattern})
     name: str
     institution: str = ""
+    sandbox: bool = Field(False, description=(
+        "A sandbox spoke: synthetic data only, runs developers' unreviewed versions in "
+        "sandbox studies and nothing else."))
 
     _id = field_validator("id")(validate_spoke_id)
+
+
+class SandboxRunCreate(BaseModel):
+    """A developer's try-out of their own version on the sandbox spokes."""
+
+    name: str = Field("", max_length=200)
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    cohort: CohortSelection = Field(default_factory=CohortSelection)
+    limits: RunLimits = Field(default_factory=RunLimits)
+    #: Sandbox spokes to run on; default: every sandbox spoke.
+    spoke_ids: list[str] = Field(default_factory=list)
+
+
+class SpokeTrustRead(BaseModel):
+    """Whether one spoke will run one version, and why not."""
+
+    spoke_id: str
+    name: str
+    runs: bool
+    reason: str
+    sandbox: bool
 
 
 class ReviewCreate(BaseModel):
@@ -128,6 +152,12 @@ class SpokeRead(BaseModel):
     certificate_days_left: int | None = None
     #: "ok", "renew" (within the renewal window), "expired", or None when unknown.
     certificate_state: str | None = None
+    #: Enrolled as a sandbox (synthetic data only).
+    sandbox: bool = False
+    #: The publisher trust its heartbeats report (None: never reported).
+    trust_reported_at: datetime | None = None
+    trust_required: bool | None = None
+    trusted_publishers: list[str] | None = None
 
 
 class SpokeRevoke(BaseModel):
@@ -197,6 +227,9 @@ class ExperimentRead(BaseModel):
     cancelled_at: datetime | None = None
     cancel_reason: str | None = None
     targets: list[TargetProgress]
+    #: A sandbox study (synthetic data only) and its developer.
+    sandbox: bool = False
+    owner: str | None = None
 
 
 class CountCreate(BaseModel):

@@ -1,7 +1,7 @@
 """Hub configuration from ``TRIBUTARY_HUB_*`` environment variables (pydantic-settings)."""
 
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -75,6 +75,12 @@ class HubSettings(BaseSettings):
     registry_ca_file: Path | None = None
     #: The hub's Ed25519 signing key (PKCS#8 PEM), created on first start.
     signing_key: Path = Path("tributary-hub.key")
+    #: Before a launch sends anything, check each target spoke's reported publisher trust:
+    #: ``strict`` refuses the launch if a spoke's trust excludes the version's publisher or
+    #: was never reported; ``reported`` refuses only on a report that excludes it (spokes
+    #: older than protocol 1.2 report nothing); ``off`` leaves the decision to the spokes.
+    #: Revoked spokes and the sandbox boundary are checked whatever this says.
+    launch_trust_check: Literal["strict", "reported", "off"] = "strict"
     #: Days an experiment message waits in the broker for an offline spoke.
     default_expiry_days: float = 7.0
     #: A spoke is shown online when the hub heard from it this recently (or within three

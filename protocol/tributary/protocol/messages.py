@@ -348,6 +348,35 @@ class RunningCase(BaseModel):
     message: ProgressStep | None = None
 
 
+#: Most publisher keys a heartbeat lists (a site trusting more reports the first ones and
+#: ``truncated``); bounds the message whatever the trust store holds.
+MAX_REPORTED_PUBLISHERS = 64
+
+
+class PublisherTrust(BaseModel):
+    """Which publisher keys a spoke trusts now (its configuration and its trust store), so
+    the hub can refuse a launch the spoke would refuse anyway, before anything is sent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    required: bool = Field(description=(
+        "Whether the spoke requires a release signature by one of ``keyids`` (False: it "
+        "pins no publisher and runs any approved version)."))
+    keyids: list[str] = Field(default_factory=list, max_length=MAX_REPORTED_PUBLISHERS)
+    truncated: bool = False
+    sandbox: bool = Field(False, description=(
+        "The spoke holds synthetic data only and runs the hub's sandbox grants "
+        "(unreviewed versions, for their own developer)."))
+
+    @field_validator("keyids")
+    @classmethod
+    def _keyids(cls, value: list[str]) -> list[str]:
+        for keyid in value:
+            if not re.fullmatch(r"[0-9a-f]{8,128}", keyid):
+                raise ValueError(f"not a key id: {keyid[:80]!r}")
+        return value
+
+
 class CertificateStatus(BaseModel):
     """The federation certificate a party connects with, so the hub can warn before it
     expires (the hub cannot see it: the broker terminates TLS)."""
@@ -375,6 +404,8 @@ class HeartbeatMessage(_Message):
         "cut or recreated no longer reaches it."))
     certificate: CertificateStatus | None = Field(None, description=(
         "The spoke's broker client certificate (mutual TLS), for expiry monitoring."))
+    trust: PublisherTrust | None = Field(None, description=(
+        "The publisher keys the spoke trusts (protocol 1.2; absent from older spokes)."))
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 

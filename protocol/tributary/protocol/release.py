@@ -5,12 +5,14 @@ moved to new content, an unsigned image or one signed by a stranger never runs."
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from tributary.protocol.signing import (
     PublicKey,
     SignatureError,
     SigningKey,
+    decode_payload,
     sign_statement,
     statement,
     verify_statement,
@@ -55,3 +57,37 @@ def verify_approval(envelope: dict[str, Any], hub_keys: list[PublicKey],
     if digest.removeprefix("sha256:") not in signed:
         raise SignatureError(f"the approval is for {signed}, not for {digest}")
     return stmt["predicate"]
+
+
+SANDBOX_PREDICATE_TYPE = "https://tributary.dev/sandbox/v1"
+
+
+def sign_sandbox_grant(hub_key: SigningKey, repository: str, digest: str,
+                       predicate: dict[str, Any]) -> dict[str, Any]:
+    """The hub's leave for one *unreviewed* digest to run on sandbox spokes only (synthetic
+    data): a statement of its own type, which :func:`verify_approval` never accepts, so a
+    spoke that is not a sandbox refuses it as "not approved"."""
+    stmt = statement(repository, digest.removeprefix("sha256:"), SANDBOX_PREDICATE_TYPE,
+                     predicate)
+    return sign_statement(hub_key, stmt)
+
+
+def verify_sandbox_grant(envelope: dict[str, Any], hub_keys: list[PublicKey],
+                         digest: str) -> dict[str, Any]:
+    stmt = verify_statement(envelope, hub_keys, SANDBOX_PREDICATE_TYPE)
+    signed = [s.get("digest", {}).get("sha256") for s in stmt.get("subject") or []]
+    if digest.removeprefix("sha256:") not in signed:
+        raise SignatureError(f"the sandbox grant is for {signed}, not for {digest}")
+    return stmt["predicate"]
+
+
+def is_sandbox_grant(envelope: dict[str, Any] | None) -> bool:
+    """Whether an (unverified) statement claims to be a sandbox grant: only to choose which
+    check applies; the check itself verifies the signature."""
+    if not envelope:
+        return False
+    try:
+        stmt = json.loads(decode_payload(envelope))
+    except (SignatureError, ValueError):
+        return False
+    return isinstance(stmt, dict) and stmt.get("predicateType") == SANDBOX_PREDICATE_TYPE

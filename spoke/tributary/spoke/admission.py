@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 import docker.errors
 
 from tributary.protocol.messages import ExperimentMessage, ExperimentState, FailureReason
-from tributary.protocol.signing import PublicKey
+from tributary.protocol.release import is_sandbox_grant, verify_sandbox_grant
+from tributary.protocol.signing import PublicKey, SignatureError
 from tributary.spoke import journal as states
 from tributary.spoke.cases import Cases
 from tributary.spoke.catalog import SelectionRefused, refused_attributes
@@ -28,13 +29,14 @@ from tributary.spoke.images import (
     verify_served,
 )
 from tributary.spoke.lifecycle import Lifecycle
+from tributary.spoke.trust import TrustedKeys
 
 log = logging.getLogger(__name__)
 
 
 class Admission:
     def __init__(self, config: SpokeConfig, lifecycle: Lifecycle, cases: Cases,
-                 hub_keys: list[PublicKey], publishers: list[PublicKey],
+                 hub_keys: list[PublicKey], publishers: TrustedKeys,
                  stopping: threading.Event, registry: RegistryAccess = ANONYMOUS) -> None:
         self.config = config
         self.registry = registry
@@ -99,12 +101,12 @@ class Admission:
                 self.stopping.wait(10)
                 return False
         try:
-            check_approval(message.algorithm, self.hub_keys)
+            publishers = self._approved(message)
             revoked = self.lifecycle.journal.revocation(message.algorithm.digest)
             if revoked is not None:
                 raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
                                    f"approval revoked by the hub: {revoked}")
-            check_release(message.algorithm, self.publishers,
+            check_release(message.algorithm, publishers,
                           self.config.runner.allowed_registries,
                           self.config.trust.registry_signatures, self.registry)
             if docker_client is None:
@@ -128,6 +130,33 @@ class Admission:
             if docker_client is not None:
                 docker_client.close()
         return True
+
+    def _approved(self, message: ExperimentMessage) -> list[PublicKey]:
+        """Check the hub's approval, or on a sandbox spoke its sandbox grant; return the
+        publisher keys the release signature must verify with. A spoke that is not a
+        sandbox never runs a sandbox grant, whatever the hub sends."""
+        ref = message.algorithm
+        if not is_sandbox_grant(ref.approval):
+            check_approval(ref, self.hub_keys)
+            return self.publishers.current()
+        if not self.config.trust.sandbox:
+            raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
+                               "not approved: a sandbox grant for an unreviewed version; "
+                               "this spoke runs only versions approved under the review rule")
+        assert ref.approval is not None
+        try:
+            grant = verify_sandbox_grant(ref.approval, self.hub_keys, ref.digest)
+            publisher = PublicKey.from_pem(str(grant.get("publisher_key_pem", "")))
+        except SignatureError as exc:
+            raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
+                               f"sandbox grant: {exc}") from None
+        except Exception:  # a grant without a readable key runs nothing
+            raise ImageRefused(FailureReason.IMAGE_NOT_TRUSTED,
+                               "sandbox grant names no readable publisher key") from None
+        self.lifecycle.audit("sandbox.granted", ref.reference, actor="hub",
+                             developer=grant.get("developer"), publisher=publisher.keyid,
+                             experiment=message.experiment_id)
+        return [publisher]  # only the developer's own publisher, never anyone else's
 
     def _refuse(self, experiment_id: str, reason: str) -> None:
         self.lifecycle.settle(experiment_id, states.REFUSED, ExperimentState.REFUSED,

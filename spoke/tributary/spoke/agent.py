@@ -67,6 +67,7 @@ from tributary.spoke.liveness import (
 )
 from tributary.spoke.outbox import OutboxSender
 from tributary.spoke.steward import Steward, StewardDesk
+from tributary.spoke.trust import TrustedKeys
 
 log = logging.getLogger(__name__)
 #: Attempts at handling a hub message before a fault that is not the message's (a bug, a
@@ -98,8 +99,10 @@ class SpokeAgent:
         self.counts = CountResponder(config, self.lifecycle, self.stopping)
         cases = Cases(config, self.lifecycle, ReleasedCaseIds.from_key_file(
             config.work_dir / "case-id.key", config.spoke_id))
-        self.admission = Admission(config, self.lifecycle, cases, self.hub_keys,
+        self.trusted = TrustedKeys(config.work_dir,
                                    [PublicKey.load(p) for p in config.trust.publisher_keys],
+                                   sandbox=config.trust.sandbox)
+        self.admission = Admission(config, self.lifecycle, cases, self.hub_keys, self.trusted,
                                    self.stopping,
                                    RegistryAccess(config.spoke_id, self.key,
                                                   config.registry.token_service,
@@ -113,7 +116,8 @@ class SpokeAgent:
                                        self.running, progress, self.stopping)
         self.control = HubControl(config, self.lifecycle, self.steward, self.running)
         self.heartbeat = Heartbeat(self.client, results, self.key,
-                                   config.liveness.heartbeat_seconds, self._heartbeat)
+                                   config.liveness.heartbeat_seconds, self._heartbeat,
+                                   watch=self.trusted.stamp)
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._count_wake = threading.Event()
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="case")
@@ -274,6 +278,7 @@ class SpokeAgent:
             outbox_depth=self.journal.outbox_depth(),
             interval_seconds=self.config.liveness.heartbeat_seconds,
             audit_head=self.lifecycle.audit_head(),
+            trust=self.trusted.report(),
             certificate=certificate_status(self.config.broker.cert_file))
 
     # -- the worker threads -------------------------------------------------------------------

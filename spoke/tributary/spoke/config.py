@@ -108,6 +108,10 @@ class TrustSettings(BaseModel):
     #: its registry (cosign's attestation layout), so a publisher's releases are trusted by
     #: key alone, with no digest pinned by hand.
     registry_signatures: bool = True
+    #: A sandbox spoke: it holds synthetic data only and also runs the hub's sandbox grants
+    #: (a version registered but not yet reviewed, for its own developer). Never set this
+    #: on a spoke with real data: it is what lets unreviewed code in.
+    sandbox: bool = False
 
 
 class StewardPolicy(BaseModel):

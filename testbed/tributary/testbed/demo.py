@@ -40,9 +40,13 @@ from tributary.testbed.federation import (
     execution_toml,
     free_port,
     generate_cohort,
+    wait_for_trust,
 )
 from tributary.testbed.hosts import HUB, Hosts
 from tributary.testbed.hub_side import HubSide
+
+#: The hub-side sandbox spoke (synthetic data only) of the demo run as processes here.
+SANDBOX = ("sandbox", "Sandbox (synthetic data only)")
 
 SITES = [("northfield", "Northfield General Hospital"), ("riverside", "Riverside Medical Centre"),
          ("stclare", "St Clare University Hospital"), ("lakeside", "Lakeside Clinic")]
@@ -156,11 +160,12 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
     else:
         with console.status("generating a private CA and the broker's mutual-TLS "
                             "configuration…"):
-            broker = generate_broker_config(root / "broker", spoke_ids=spoke_ids,
+            broker = generate_broker_config(root / "broker", spoke_ids=[*spoke_ids, SANDBOX[0]],
                                             host=settings.host, stomp_ssl_port=free_port())
             start_broker(broker)
             cleanup.callback(stop_broker, broker)
-        federation = LocalFederation(root, settings, hub_port, secure_broker=broker)
+        federation = LocalFederation(root, settings, hub_port, secure_broker=broker,
+                                     launch_trust_check="strict")
         cleanup.callback(federation.stop)
     # On separate hosts, a site's data is on its own host (under its own folder).
     data = {spoke_id: root / "spokes" / spoke_id / "data" if hosts else root / "data" / spoke_id
@@ -202,6 +207,17 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
                          f"{config.parent})" if federation.hosts else "")
                 where += " (on Podman)" if engine == "podman" else ""
                 console.print(f"  spoke      {spoke_id}{where}")
+            if broker is not None:  # processes on this machine: a sandbox spoke too
+                sandbox_data = root / "data" / SANDBOX[0]
+                generate_cohort(sandbox_data, 3, seed=7, site=SANDBOX[1])
+                config = federation.add_spoke(SANDBOX[0], sandbox_data, name=SANDBOX[1],
+                                              institution="the hub", sandbox=True,
+                                              publisher_keys=(root / "publisher.key.pub",))
+                federation.start_spoke(SANDBOX[0], config)
+                console.print(f"  spoke      {SANDBOX[0]} (sandbox: 3 synthetic cases, runs "
+                              "developers' unreviewed versions: tributary algorithm try)")
+            # The hub refuses a launch to a spoke whose trust it has not heard yet.
+            wait_for_trust(api, list(cohorts), timeout=120)
             algorithm = federation.register_algorithm(
                 name="lung-nodule", version="1.0.0", repository=repository,
                 digest=digest, argument_schema=schema, aggregator="nodule-detection",
@@ -273,6 +289,14 @@ def print_people(console: Console, federation: LocalFederation, root: Path,
     console.print(f"  Publisher key: {root / 'publisher.key'} (public: "
                   f"{root / 'publisher.key.pub'}), registered at the hub as "
                   "[bold]Tributary examples[/] and trusted by every spoke")
+    sites = sorted(p.parent.name for p in (root / "spokes").glob("*/spoke.toml")
+                   if p.parent.name != SANDBOX[0])
+    if sites:
+        console.print("  Each site's configuration (its steward trusts a publisher with "
+                      "[bold]tributary spoke trust add KEY.pub --config …[/]):")
+        for site in sites:
+            console.print(f"    {site:<11} {root / 'spokes' / site / 'spoke.toml'}",
+                          soft_wrap=True)
     console.print("  Publish into it (docs/algorithm-sdk.md):\n"
                   f"    export TRIBUTARY_HUB_URL={federation.hub_url}\n"
                   "    export TRIBUTARY_TOKEN=$(tributary login admin)\n"

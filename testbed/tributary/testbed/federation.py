@@ -144,6 +144,24 @@ class HubTls:
         return cls(issued.cert_path, issued.key_path, ca.cert_path)
 
 
+def wait_for_trust(api: httpx.Client, spoke_ids: list[str], timeout: float = 60,
+                   keyid: str | None = None) -> None:
+    """Poll ``GET /api/spokes`` until each spoke reported its publisher trust (and, with
+    ``keyid``, trusts that key)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        spokes = {s["id"]: s for s in api.get("/api/spokes").raise_for_status().json()}
+        waiting = [s for s in spoke_ids if spokes.get(s, {}).get("trust_reported_at") is None
+                   or (keyid is not None
+                       and keyid not in (spokes[s].get("trusted_publishers") or []))]
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no trust report from {', '.join(waiting)} after "
+                               f"{timeout:.0f} s")
+        time.sleep(0.3)
+
+
 @dataclass
 class LocalFederation:
     root: Path
@@ -160,6 +178,9 @@ class LocalFederation:
     federation: str = field(default_factory=lambda: f"t{secrets.token_hex(6)}")
     #: Extra ``TRIBUTARY_HUB_*`` settings for the hub process (e.g. a short liveness window).
     hub_env: dict[str, str] = field(default_factory=dict)
+    #: The hub's ``launch_trust_check``. ``off`` here by default, so tests of the spokes'
+    #: own refusals reach the spokes; the demo and the trust tests use ``strict``.
+    launch_trust_check: str = "off"
     #: ``[runner] output_quota_mb`` of the spokes it configures; None keeps the default.
     output_quota_mb: int | None = None
     #: Serve the hub over HTTPS with this certificate; its clients here verify it with the CA.
@@ -292,6 +313,7 @@ class LocalFederation:
             "TRIBUTARY_HUB_AUDIT_LOG": str(self.hub_audit_log),
             "TRIBUTARY_HUB_SIGNING_KEY": str(self.hub_key_path),
             "TRIBUTARY_HUB_ADMIN_PASSWORD": self.admin_password,
+            "TRIBUTARY_HUB_LAUNCH_TRUST_CHECK": self.launch_trust_check,
             **self.hub_env,
         }, party=HUB)
         deadline, last = time.monotonic() + 60, "it did not answer"
@@ -319,7 +341,7 @@ class LocalFederation:
                      counts: dict[str, Any] | None = None,
                      deidentification: dict[str, Any] | None = None,
                      registry: dict[str, Any] | None = None,
-                     execution: str = "") -> Path:
+                     execution: str = "", sandbox: bool = False) -> Path:
         """A spoke's config; ``execution`` is its ``[execution]`` tables as TOML text
         (:func:`execution_toml`), empty for the Docker engine."""
         work = self.root / "spokes" / spoke_id
@@ -340,6 +362,7 @@ class LocalFederation:
                else f"output_quota_mb = {self.output_quota_mb}\n")
             + "\n[trust]\n"
             f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
+            + ("sandbox = true\n" if sandbox else "")
             + _toml_table("steward", steward) + _toml_table("counts", counts)
             + _toml_table("deidentification", deidentification)
             + _toml_table("registry", registry) + execution
@@ -357,7 +380,9 @@ class LocalFederation:
         key = SigningKey.load_or_create(path.parent / "spoke.key")
         with self.api() as api:
             api.post("/api/spokes", json={"id": spoke_id, "name": name or spoke_id,
-                                          "institution": institution}).raise_for_status()
+                                          "institution": institution,
+                                          "sandbox": bool(config.get("sandbox"))}
+                     ).raise_for_status()
             api.post(f"/api/spokes/{spoke_id}/keys",
                      json={"public_key_pem": key.public.pem}).raise_for_status()
         return path
@@ -399,6 +424,13 @@ class LocalFederation:
     def start_spoke(self, spoke_id: str, config: Path) -> Process:
         return self._spawn(f"spoke-{spoke_id}", ["spoke", "run", "--config", str(config)],
                            party=spoke_id)
+
+    def wait_for_trust(self, spoke_ids: list[str], timeout: float = 60,
+                       keyid: str | None = None) -> None:
+        """Until each spoke has reported its publisher trust in a heartbeat (and, with
+        ``keyid``, trusts that key): what the hub's launch check reads."""
+        with self.api() as api:
+            wait_for_trust(api, spoke_ids, timeout, keyid)
 
     def wait_for_experiment(self, experiment_id: str, timeout: float,
                             on_progress: Any = None) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Algorithm versions, always pinned by manifest digest."""
 
 import re
+from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -17,9 +18,19 @@ from tributary.hub.deps import (
     require,
 )
 from tributary.hub.models import Algorithm, Publisher, Review, Role, User
-from tributary.hub.schemas import AlgorithmCreate, PublisherCreate, ReviewCreate, RevokeBody
-from tributary.hub.services import algorithms, approval, audit
+from tributary.hub.schemas import (
+    AlgorithmCreate,
+    ExperimentRead,
+    PublisherCreate,
+    ReviewCreate,
+    RevokeBody,
+    SandboxRunCreate,
+    SpokeTrustRead,
+)
+from tributary.hub.services import algorithms, approval, audit, sandbox, trust
+from tributary.hub.services import launch as launch_service
 from tributary.hub.services.aggregation import AGGREGATORS
+from tributary.hub.services.progress import experiment_read
 from tributary.hub.services.registry_client import RegistryCheckError, verify_manifest
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError
@@ -157,6 +168,48 @@ def revoke_algorithm(algorithm_id: RowId, body: RevokeBody, request: Request,
                                  f"told ({exc}); call again to re-send") from None
     session.refresh(algorithm)  # the notice's commit expired it
     return algorithm
+
+
+@router.get("/{algorithm_id}/trust", response_model=list[SpokeTrustRead])
+def spoke_trust(algorithm_id: RowId, session: Session = Depends(get_session)
+                ) -> list[SpokeTrustRead]:
+    """Which spokes will run this version and, for the others, why not: from the publisher
+    trust each spoke reports in its heartbeats, its enrolment and revocation."""
+    algorithm = get_algorithm(algorithm_id, session)
+    return [SpokeTrustRead(spoke_id=v.spoke_id, name=v.name, runs=v.runs, reason=v.reason,
+                           sandbox=v.sandbox) for v in trust.verdicts(session, algorithm)]
+
+
+@router.post("/{algorithm_id}/try", status_code=201, response_model=ExperimentRead)
+def try_in_sandbox(algorithm_id: RowId, request: Request, body: SandboxRunCreate | None = None,
+                   session: Session = Depends(get_session),
+                   settings: HubSettings = Depends(get_settings),
+                   actor: str = Depends(acting(Role.DEVELOPER))) -> ExperimentRead:
+    """Run your own version, reviewed or not, on the sandbox spokes (synthetic data only):
+    a sandbox study, launched at once, whose cases and log tails you can read. Real spokes
+    are never targeted and would refuse it."""
+    broker = request.app.state.broker
+    algorithm = get_algorithm(algorithm_id, session)
+    expiry = timedelta(days=1)
+    try:
+        experiment, publisher = sandbox.create(session, algorithm, actor,
+                                               body or SandboxRunCreate(), expiry)
+    except sandbox.SandboxRefused as exc:
+        raise HTTPException(409, f"cannot try: {exc}") from None
+    if not broker.wait_connected(5.0):
+        raise HTTPException(503, f"the broker is unreachable: {experiment.id} created but "
+                                 "not sent; try again once the broker is back")
+    grant = launch_service.sandbox_grant(request.app.state.signing_key, algorithm,
+                                         publisher.public_key_pem, actor)
+    try:
+        launch_service.launch(session, broker, request.app.state.signing_key, experiment,
+                              actor, expiry, settings.launch_trust_check, approval=grant)
+    except trust.LaunchRefused as exc:
+        raise HTTPException(409, exc.detail()) from None
+    except PublishError as exc:
+        raise HTTPException(503, f"broker unavailable, {experiment.id} not sent: {exc}"
+                            ) from None
+    return experiment_read(session, experiment, settings.spoke_online_seconds)
 
 
 @router.get("", response_model=list[Algorithm])

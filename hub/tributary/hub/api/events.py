@@ -232,10 +232,11 @@ def experiment_events(experiment_id: str, request: Request,
     N, "delta": true}`` whenever something changes, then ``end`` once it is over
     (completed or cancelled, and every spoke settled)."""
     engine, window = request.app.state.engine, request.app.state.settings.spoke_online_seconds
-    with_cases = may_see_cases(user)
     with Session(engine) as session:
-        if session.get(Experiment, experiment_id) is None:
+        found = session.get(Experiment, experiment_id)
+        if found is None:
             raise HTTPException(404, f"no experiment {experiment_id!r}")
+        with_cases = may_see_cases(user, found)
     feed = _feed(request, f"experiment:{experiment_id}",
                  lambda: experiment_state(engine, experiment_id, window))
 

@@ -52,6 +52,7 @@ from tributary.hub.services.progress import (
     experiment_reads,
 )
 from tributary.hub.services.progress import experiment_read as _experiment_read
+from tributary.hub.services.trust import LaunchRefused
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
 from tributary.protocol.bundle import write_bundle, zip_bundle
@@ -101,6 +102,10 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
     unknown = [s for s in body.spoke_ids if session.get(Spoke, s) is None]
     if unknown:
         raise HTTPException(422, f"unknown spokes: {', '.join(unknown)}")
+    sandboxes = [s for s in body.spoke_ids if (found := session.get(Spoke, s)) and found.sandbox]
+    if sandboxes:
+        raise HTTPException(422, f"sandbox spokes run only sandbox studies (tributary "
+                                 f"algorithm try): {', '.join(sandboxes)}")
     unenrolled = [s for s in body.spoke_ids if not active_keys(session, s)]
     if unenrolled:
         raise HTTPException(422, f"spokes without an enrolled key cannot be targeted: "
@@ -155,9 +160,14 @@ def launch_experiment(experiment_id: str, request: Request,
     _broker_reachable(broker, "experiment messages")
     try:
         launch(session, broker, request.app.state.signing_key, experiment, actor,
-               timedelta(days=settings.default_expiry_days))
+               timedelta(days=settings.default_expiry_days), settings.launch_trust_check)
     except NotApproved as exc:
         raise HTTPException(409, f"cannot launch: {exc}") from None
+    except LaunchRefused as exc:
+        audit.record(session, actor, "experiment.launch_refused", experiment.id,
+                     refusals=exc.detail()["refusals"])
+        session.commit()
+        raise HTTPException(409, exc.detail()) from None
     except PublishError as exc:
         raise HTTPException(503, f"broker unavailable, launch incomplete (retry to finish "
                                  f"it): {exc}") from None

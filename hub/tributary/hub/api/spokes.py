@@ -27,9 +27,11 @@ def register_spoke(body: SpokeCreate, session: Session = Depends(get_session),
                    actor: str = Depends(acting(Role.ADMIN))) -> Spoke:
     if session.get(Spoke, body.id) is not None:
         raise HTTPException(409, f"spoke {body.id!r} is already registered")
-    spoke = Spoke(id=body.id, name=body.name, institution=body.institution)
+    spoke = Spoke(id=body.id, name=body.name, institution=body.institution,
+                  sandbox=body.sandbox)
     session.add(spoke)
-    audit.record(session, actor, "spoke.registered", body.id, name=body.name)
+    audit.record(session, actor, "spoke.registered", body.id, name=body.name,
+                 sandbox=body.sandbox)
     session.commit()
     session.refresh(spoke)
     return spoke

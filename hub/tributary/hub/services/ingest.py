@@ -151,6 +151,16 @@ def _apply_heartbeat(session: Session, message: HeartbeatMessage) -> bool:
     spoke.outbox_depth = message.outbox_depth
     spoke.running = [r.model_dump(mode="json") for r in message.running]
     anchors.note_spoke_head(session, spoke, message.audit_head)
+    if message.trust is not None:
+        if (spoke.trusted_publishers != list(message.trust.keyids)
+                or spoke.trust_required != message.trust.required):
+            audit.record(session, message.spoke_id, "spoke.trust_reported", message.spoke_id,
+                         required=message.trust.required, keyids=list(message.trust.keyids),
+                         sandbox=message.trust.sandbox)
+        spoke.trust_reported_at = message.sent_at
+        spoke.trust_required = message.trust.required
+        spoke.trusted_publishers = list(message.trust.keyids)
+        spoke.trust_sandbox = message.trust.sandbox
     if message.certificate is not None:
         spoke.certificate_serial = message.certificate.serial
         spoke.certificate_not_after = message.certificate.not_after

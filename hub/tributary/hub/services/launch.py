@@ -5,6 +5,7 @@ targets already published are skipped."""
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from sqlmodel import Session, select
 
@@ -17,6 +18,7 @@ from tributary.hub.models import (
     utcnow,
 )
 from tributary.hub.services import audit
+from tributary.hub.services.trust import LaunchRefused, verdicts
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.destinations import spoke_queue
 from tributary.protocol.messages import (
@@ -25,6 +27,7 @@ from tributary.protocol.messages import (
     ExperimentMessage,
     RunLimits,
 )
+from tributary.protocol.release import sign_sandbox_grant
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.wire import seal
 
@@ -33,14 +36,17 @@ class NotApproved(ValueError):
     """The algorithm version has no valid approval: nothing may be launched with it."""
 
 
-def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str) -> ExperimentMessage:
+def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str,
+                  approval: dict[str, Any] | None = None) -> ExperimentMessage:
+    """The message for one target; ``approval`` replaces the version's own approval (a
+    sandbox grant, for a sandbox study)."""
     return ExperimentMessage(
         experiment_id=experiment.id,
         spoke_id=spoke_id,
         algorithm=AlgorithmRef(name=algorithm.name, version=algorithm.version,
                                repository=algorithm.repository, digest=algorithm.digest,
                                release_signature=algorithm.release_signature,
-                               approval=algorithm.approval),
+                               approval=approval or algorithm.approval),
         arguments=experiment.arguments,
         cohort=CohortSelection.model_validate(experiment.cohort),
         limits=RunLimits.model_validate(experiment.limits),
@@ -49,13 +55,52 @@ def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str) -
     )
 
 
+def sandbox_grant(key: SigningKey, algorithm: Algorithm, publisher_pem: str,
+                  developer: str) -> dict[str, Any]:
+    """The hub's leave for sandbox spokes to run this unreviewed version, signed with the
+    publisher key the version's release signature verified with at registration."""
+    return sign_sandbox_grant(key, algorithm.repository, algorithm.digest, {
+        "name": algorithm.name, "version": algorithm.version, "developer": developer,
+        "publisher": algorithm.publisher, "publisher_key_pem": publisher_pem,
+        "granted_at": utcnow().isoformat()})
+
+
+def check_targets(session: Session, experiment: Experiment, algorithm: Algorithm,
+                  mode: str = "strict") -> None:
+    """Raise :class:`LaunchRefused` if a pending target would refuse the version, naming
+    each one's reason; ``mode`` is the hub's ``launch_trust_check``."""
+    pending = [t.spoke_id for t in session.exec(
+        select(ExperimentTarget).where(ExperimentTarget.experiment_id == experiment.id))
+        if t.state == TargetState.PENDING]
+    if not pending:
+        return
+    refusals = []
+    for found in verdicts(session, algorithm, experiment.sandbox, pending):
+        if found.runs:
+            continue
+        if found.refusal == "unreported" and mode in ("off", "reported"):
+            continue
+        if found.refusal == "publisher" and mode == "off":
+            continue
+        refusals.append(found)
+    if refusals:
+        raise LaunchRefused(refusals)
+
+
 def launch(session: Session, client: StompClient, key: SigningKey, experiment: Experiment,
-           actor: str, expiry: timedelta) -> list[ExperimentTarget]:
+           actor: str, expiry: timedelta, trust_check: str = "strict",
+           approval: dict[str, Any] | None = None) -> list[ExperimentTarget]:
+    """Publish the experiment to its pending targets, once :func:`check_targets` found
+    that every one of them will run it. ``approval``: a sandbox study's grant."""
     algorithm = session.get(Algorithm, experiment.algorithm_id)
     assert algorithm is not None
-    if algorithm.approval is None or algorithm.revoked_at is not None:
+    if experiment.sandbox:
+        if approval is None:
+            raise NotApproved("a sandbox study needs the hub's sandbox grant")
+    elif algorithm.approval is None or algorithm.revoked_at is not None:
         raise NotApproved(f"{algorithm.name} {algorithm.version} is "
                           f"{'revoked' if algorithm.revoked_at else 'not approved'}")
+    check_targets(session, experiment, algorithm, trust_check)
     if experiment.expires_at is None:
         experiment.expires_at = utcnow() + expiry
         session.add(experiment)
@@ -68,7 +113,7 @@ def launch(session: Session, client: StompClient, key: SigningKey, experiment: E
     for target in targets:
         if target.state != TargetState.PENDING:
             continue
-        message = build_message(experiment, algorithm, target.spoke_id)
+        message = build_message(experiment, algorithm, target.spoke_id, approval)
         headers = {"tributary-kind": message.kind,
                    "expires": str(int(experiment.expires_at.timestamp() * 1000))}
         queue = spoke_queue(target.spoke_id, client.settings.federation)

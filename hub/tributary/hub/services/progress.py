@@ -129,6 +129,7 @@ def experiment_read(session: Session, experiment: Experiment,
         expires_at=experiment.expires_at, cancelled_at=experiment.cancelled_at,
         cancel_reason=experiment.cancel_reason,
         targets=target_progress(session, experiment.id, online_seconds, counted, spokes),
+        sandbox=experiment.sandbox, owner=experiment.owner,
     )
 
 

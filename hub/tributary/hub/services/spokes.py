@@ -40,7 +40,9 @@ def spoke_read(spoke: Spoke, online_seconds: float) -> SpokeRead:
         running=spoke.running or [], revoked_at=spoke.revoked_at,
         certificate_serial=spoke.certificate_serial,
         certificate_not_after=spoke.certificate_not_after,
-        certificate_days_left=days_left, certificate_state=state)
+        certificate_days_left=days_left, certificate_state=state, sandbox=spoke.sandbox,
+        trust_reported_at=spoke.trust_reported_at, trust_required=spoke.trust_required,
+        trusted_publishers=spoke.trusted_publishers)
 
 
 def spoke_reads(session: Session, online_seconds: float) -> list[SpokeRead]:

@@ -18,6 +18,10 @@ const STATE_CLASS = {
 function errorMessage(status, body) {
   const detail = body && body.detail;
   if (typeof detail === "string") return detail;
+  // A launch refused before anything was sent: each target spoke's reason on its own line.
+  if (detail && Array.isArray(detail.refusals)) {
+    return [detail.message, ...detail.refusals.map((r) => `${r.spoke_id}: ${r.reason}`)].join("\n");
+  }
   if (Array.isArray(detail)) {
     return detail.map((e) => {
       const field = (e.loc || []).filter((p) => p !== "body").pop();

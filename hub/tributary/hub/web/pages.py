@@ -28,6 +28,7 @@ from tributary.hub.models import (
 )
 from tributary.hub.services import algorithms as algorithm_versions
 from tributary.hub.services import audit
+from tributary.hub.services import trust as spoke_trust
 from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import cohort_sizes, count_reads
 from tributary.hub.services.deadletters import list_dead_letters
@@ -194,7 +195,7 @@ def _results_context(request: Request, session: Session, experiment: Experiment,
     results section: no distribution of per-case outputs for a user who may not see
     per-case data. Progress comes from counts; only succeeded outputs are read."""
     read = experiment_read(session, experiment, request.app.state.settings.spoke_online_seconds)
-    show_cases = may_see_cases(user)
+    show_cases = may_see_cases(user, experiment)
     outputs = output_reads(session, experiment.id) if show_cases else []
     report = latest(session, experiment, request.app.state.settings.min_cell_size)
     has_cases = show_cases and session.exec(select(CaseResult.id).where(
@@ -281,7 +282,7 @@ def algorithm_page(algorithm_id: RowId, request: Request,
                                    if o.digest == v.digest and o.id != v.id]}
                 for v in all_versions]
     return _render(request, "algorithm.html", user, row=_algorithm_row(session, algorithm),
-                   versions=versions)
+                   versions=versions, trust=spoke_trust.verdicts(session, algorithm))
 
 
 @router.get("/audit", response_class=HTMLResponse)
