@@ -347,6 +347,14 @@ def _pair_info(round_id: str, a: str, b: str, purpose: str) -> bytes:
                            "parties": [lo, hi]})
 
 
+def pairwise_mask_seed(private_key: bytes, peer_public_key: bytes, round_id: str,
+                       me: str, peer: str) -> bytes:
+    """The seed of the pairwise mask between ``me`` and ``peer`` (both sides derive the same:
+    HKDF-SHA256 of their X25519 agreement, bound to the round and the pair)."""
+    return _hkdf(_agree(private_key, peer_public_key),
+                 _pair_info(round_id, me, peer, "pairwise-mask"))
+
+
 def _commit_seed(round_id: str, owner: str, seed: bytes) -> bytes:
     head = canonical_json({"protocol": PROTOCOL, "purpose": "seed", "round": round_id,
                            "owner": owner})
@@ -570,10 +578,8 @@ class SecAggClient:
             raise SecAggError(f"input values exceed {cfg.bits} bits")
         add_mod(y, prg(s.self_seed, cfg.vector_length, cfg.bits), cfg.bits)
         for v in s.partners:
-            seed = _hkdf(
-                _agree(s.mask_private_key, s.neighbour_keys[v].mask_public_key),
-                _pair_info(cfg.round_id, s.me, v, "pairwise-mask"),
-            )
+            seed = pairwise_mask_seed(s.mask_private_key, s.neighbour_keys[v].mask_public_key,
+                                      cfg.round_id, s.me, v)
             stream = prg(seed, cfg.vector_length, cfg.bits)
             (add_mod if s.me < v else subtract_mod)(y, stream, cfg.bits)
         s.stage = ClientStage.UNMASK
@@ -835,8 +841,7 @@ class SecAggServer:
             for u in cfg.neighbours[v]:
                 if u not in survivors:
                     continue
-                seed = _hkdf(_agree(key, s.keys[u].mask_public_key),
-                             _pair_info(cfg.round_id, u, v, "pairwise-mask"))
+                seed = pairwise_mask_seed(key, s.keys[u].mask_public_key, cfg.round_id, v, u)
                 stream = prg(seed, cfg.vector_length, cfg.bits)
                 (subtract_mod if u < v else add_mod)(total, stream, cfg.bits)
         s.stage = ServerStage.DONE
