@@ -30,7 +30,7 @@ import math
 
 import dp_accounting
 from dp_accounting.rdp import RdpAccountant
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class PrivacyError(ValueError):
@@ -78,8 +78,11 @@ def epsilon_after(
     """Epsilon at ``delta`` after ``rounds`` identical rounds."""
     if rounds < 0:
         raise PrivacyError(f"negative number of rounds: {rounds}")
-    charge = RoundCharge(noise_multiplier=noise_multiplier,
-                         sampling_probability=sampling_probability)
+    try:
+        charge = RoundCharge(noise_multiplier=noise_multiplier,
+                             sampling_probability=sampling_probability)
+    except ValidationError as exc:
+        raise PrivacyError(str(exc)) from exc
     return epsilon([charge] * rounds, delta)
 
 
