@@ -33,9 +33,13 @@ most one of the two. The hub itself refuses to reconstruct both secrets of a cli
 every reconstruction is checked (mask key against its public key, seed against its
 commitment): fewer than t shares or a bad share is a :class:`SecAggError`, never a wrong sum.
 
-Threat model: an honest-but-curious hub, possibly colluding with fewer than t - 1 spokes
-per neighbourhood; message authenticity (signatures) is the transport's job. A malicious
-hub that lies about dropouts is contained by the answer-once rule and 2t > k + 1.
+Threat model: an honest-but-curious hub, possibly colluding with fewer than t of any
+client's share holders; message authenticity (signatures) is the transport's job. Against a
+hub that lies about dropouts, the answer-once rule and 2t > k + 1 stop it from getting both
+secrets of one client, but not from naming a survivor's neighbours dropped to some holders
+and survivors to others. The fix, Bonawitz et al.'s consistency check (each survivor signs
+the survivor and dropped lists; a client unmasks only against t such signatures), belongs
+to the signed transport and is not built yet.
 
 Client state (:class:`ClientState`) holds secrets until the round ends: the two X25519
 private keys, the self-mask seed and the decrypted shares of its neighbours' secrets. Store
