@@ -279,3 +279,27 @@ def test_messages_are_canonical_json() -> None:
     _, advert = sa.SecAggClient.start(cfg, "a")
     again = sa.KeyAdvertisement.model_validate_json(advert.canonical())
     assert again == advert and again.canonical() == advert.canonical()
+
+
+def test_a_lost_share_is_an_error_not_a_wrong_sum() -> None:
+    cfg = sa.make_round_config("r4", ["a", "b", "c", "d"], bits=32, vector_length=16)
+    server = sa.SecAggServer.start(cfg)
+    clients = {}
+    for p in cfg.participants:
+        clients[p], advert = sa.SecAggClient.start(cfg, p)
+        server.receive_keys(advert)
+    with pytest.raises(sa.SecAggError, match="still open"):
+        server.keys_for("a")
+    server.close_keys()
+    bundles = {p: c.share_keys(server.keys_for(p)) for p, c in clients.items()}
+    short = bundles["a"].model_copy(update={"shares": bundles["a"].shares[1:]})
+    with pytest.raises(sa.SecAggError, match="one share per neighbour"):
+        server.receive_shares(short)
+    for bundle in bundles.values():
+        server.receive_shares(bundle)
+    server.close_shares()
+    delivery = server.shares_for("a")
+    clients["a"].receive_shares(delivery.model_copy(update={"shares": delivery.shares[1:]}))
+    message, _ = clients["a"].mask(np.zeros(16, dtype=np.uint32))
+    with pytest.raises(sa.SecAggError, match="cannot be unmasked"):
+        server.receive_masked(message)

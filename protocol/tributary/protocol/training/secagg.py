@@ -294,6 +294,9 @@ class MaskedInput(_Message):
     sender: PartyId
     length: int = Field(ge=1)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    #: The neighbours it masked with (whose shares reached it), sorted: the hub checks
+    #: them against what it routed, so a lost share is an error, never a wrong sum.
+    partners: tuple[PartyId, ...]
 
 
 # --- stage 4: unmask -------------------------------------------------------------------
@@ -588,7 +591,7 @@ class SecAggClient:
             (add_mod if s.me < v else subtract_mod)(y, stream, cfg.bits)
         s.stage = ClientStage.UNMASK
         return MaskedInput(round_id=cfg.round_id, sender=s.me, length=cfg.vector_length,
-                           sha256=_digest(y)), y
+                           sha256=_digest(y), partners=s.partners), y
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Stage 4: the shares the hub may have; refuses anything that could reveal an
@@ -728,7 +731,12 @@ class SecAggServer:
         return sorted(s.keys)
 
     def keys_for(self, receiver: str) -> NeighbourKeys:
+        """A client's neighbours' keys; only after :meth:`close_keys` (all see one set)."""
         s = self.state
+        if s.stage == ServerStage.KEYS:
+            raise SecAggError("stage 1 is still open")
+        if receiver not in s.keys:
+            raise SecAggError(f"{receiver} sent no keys")
         return NeighbourKeys(
             round_id=s.config.round_id,
             receiver=receiver,
@@ -742,6 +750,9 @@ class SecAggServer:
             raise SecAggError(f"shares from {bundle.sender}, who sent no keys")
         if any(e.sender != bundle.sender for e in bundle.shares):
             raise SecAggRefused("bundle contains shares of another sender")
+        expected = sorted(v for v in s.config.neighbours[bundle.sender] if v in s.keys)
+        if sorted(e.receiver for e in bundle.shares) != expected:
+            raise SecAggError(f"{bundle.sender}'s bundle is not one share per neighbour")
         if self._accept(ServerStage.SHARES, bundle.round_id, bundle.sender, s.bundles, bundle):
             s.bundles[bundle.sender] = bundle
 
@@ -755,7 +766,12 @@ class SecAggServer:
         return sorted(s.bundles)
 
     def shares_for(self, receiver: str) -> ShareDelivery:
+        """The shares addressed to a client; only after :meth:`close_shares`."""
         s = self.state
+        if s.stage in (ServerStage.KEYS, ServerStage.SHARES):
+            raise SecAggError("stage 2 is still open")
+        if receiver not in s.bundles:
+            raise SecAggError(f"{receiver} sent no shares")
         items = tuple(e for b in s.bundles.values() for e in b.shares if e.receiver == receiver)
         return ShareDelivery(round_id=s.config.round_id, receiver=receiver,
                              shares=tuple(sorted(items, key=lambda e: e.sender)))
@@ -767,6 +783,12 @@ class SecAggServer:
             raise SecAggError(f"masked input from {message.sender}, who sent no shares")
         if message.length != s.config.vector_length:
             raise SecAggError(f"masked input of length {message.length}")
+        routed = tuple(sorted(v for v in s.config.neighbours[message.sender] if v in s.bundles))
+        if message.partners != routed:
+            raise SecAggError(
+                f"{message.sender} masked with {list(message.partners)}, but the hub routed it "
+                f"the shares of {list(routed)}: its input cannot be unmasked"
+            )
         if self._accept(ServerStage.MASKED, message.round_id, message.sender, s.masked, message):
             s.masked[message.sender] = message
 
@@ -840,10 +862,9 @@ class SecAggServer:
                 raise SecAggError(f"masked vector of {u} does not match its announced digest")
             add_mod(total, y, cfg.bits)
             subtract_mod(total, prg(seeds[u], cfg.vector_length, cfg.bits), cfg.bits)
-        survivors = set(s.survivors)
         for v, key in mask_keys.items():
-            for u in cfg.neighbours[v]:
-                if u not in survivors:
+            for u in s.survivors:
+                if v not in s.masked[u].partners:
                     continue
                 seed = pairwise_mask_seed(key, s.keys[u].mask_public_key, cfg.round_id, v, u)
                 stream = prg(seed, cfg.vector_length, cfg.bits)
