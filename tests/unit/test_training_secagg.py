@@ -65,7 +65,7 @@ class Round:
         self.clients = {p: sa.SecAggClient(sa.ClientState.model_validate_json(
             c.state.model_dump_json())) for p, c in self.clients.items()}
 
-    def mask(self, skip: set[str] = frozenset()) -> list[sa.UnmaskRequest]:
+    def mask(self, skip: set[str] = frozenset()) -> list[sa.ConsistencyRequest]:
         for p, c in self.clients.items():
             if p in skip:
                 continue
@@ -74,6 +74,14 @@ class Round:
             self.server.receive_masked(message)
         self.reload()
         return self.server.close_masking()
+
+    def sign(self, requests: list[sa.ConsistencyRequest],
+             skip: set[str] = frozenset()) -> list[sa.UnmaskRequest]:
+        for r in requests:
+            if r.receiver not in skip:
+                self.server.receive_signature(self.client(r.receiver).sign_survivors(r))
+        self.reload()
+        return self.server.close_consistency()
 
     def unmask(self, requests: list[sa.UnmaskRequest], skip: set[str] = frozenset()) -> None:
         for r in requests:
@@ -91,7 +99,7 @@ class Round:
 
 def test_aggregate_equals_plain_sum_within_quantisation_error() -> None:
     r = Round(5)
-    r.unmask(r.mask())
+    r.unmask(r.sign(r.mask()))
     result = r.server.aggregate(r.vectors.__getitem__)
     assert result.survivors == r.config.participants and result.dropped == ()
     r.check_sum(result)
@@ -102,7 +110,7 @@ def test_aggregate_equals_plain_sum_within_quantisation_error() -> None:
 def test_dropout_before_masking_is_recovered() -> None:
     r = Round(5)
     gone = r.config.participants[1]
-    r.unmask(r.mask(skip={gone}))
+    r.unmask(r.sign(r.mask(skip={gone})))
     result = r.server.aggregate(r.vectors.__getitem__)
     assert result.dropped == (gone,) and gone not in result.survivors
     r.check_sum(result)
@@ -110,9 +118,13 @@ def test_dropout_before_masking_is_recovered() -> None:
 
 def test_dropout_after_masking_is_recovered() -> None:
     r = Round(5)
-    requests = r.mask()
     gone = r.config.participants[3]
-    r.unmask(requests, skip={gone})  # sent its masked input, then vanished
+    r.unmask(r.sign(r.mask()), skip={gone})  # sent its masked input, signed, vanished
+    result = r.server.aggregate(r.vectors.__getitem__)
+    assert gone in result.survivors
+    r.check_sum(result)
+    r = Round(5)
+    r.unmask(r.sign(r.mask(), skip={gone}))  # sent its masked input, then vanished
     result = r.server.aggregate(r.vectors.__getitem__)
     assert gone in result.survivors
     r.check_sum(result)
@@ -122,7 +134,7 @@ def test_secagg_plus_sparse_graph_with_two_dropouts() -> None:
     r = Round(12)
     assert all(len(v) < 11 for v in r.config.neighbours.values())  # not the complete graph
     gone = set(r.config.participants[:2])
-    r.unmask(r.mask(skip=gone))
+    r.unmask(r.sign(r.mask(skip=gone)))
     result = r.server.aggregate(r.vectors.__getitem__)
     assert set(result.dropped) == gone
     r.check_sum(result)
@@ -135,26 +147,29 @@ def test_fewer_than_t_fails_safely() -> None:
         r.mask(skip=set(r.config.participants[:2]))
     # enough masked inputs but fewer than t unmask answers: an error, never a wrong sum
     r = Round(4)
-    requests = r.mask()
+    requests = r.sign(r.mask())
     r.unmask(requests, skip=set(r.config.participants[:2]))
     with pytest.raises(sa.SecAggError, match="threshold is 3"):
         r.server.aggregate(r.vectors.__getitem__)
-    # a client refuses to unmask for fewer than t survivors
+    # too few signers of the survivor list: the round stops before anything is unmasked
+    r = Round(4)
+    with pytest.raises(sa.SecAggError, match="signed"):
+        r.sign(r.mask(), skip=set(r.config.participants[:2]))
+    # a client refuses to sign a list with fewer than t survivors
     r = Round(4)
     p = r.config.participants
     r.client(p[0]).mask(r.ints[p[0]])
-    request = sa.UnmaskRequest(round_id=r.config.round_id, receiver=p[0],
-                               survivors=p[:2], dropped=p[2:])
-    with pytest.raises(sa.SecAggRefused, match="fewer than t"):
-        r.client(p[0]).unmask(request)
+    request = sa.ConsistencyRequest(round_id=r.config.round_id, receiver=p[0],
+                                    survivors=p[:2], dropped=p[2:])
+    with pytest.raises(sa.SecAggRefused, match="too few"):
+        r.client(p[0]).sign_survivors(request)
 
 
 def test_hub_cannot_reconstruct_a_single_update() -> None:
     r = Round(5)
     p = r.config.participants
     late = p[4]
-    requests = r.mask(skip={late})
-    r.unmask(requests)
+    r.unmask(r.sign(r.mask(skip={late})))
     everything = r.server.state.model_dump_json()  # all the hub holds: messages and state
     result = r.server.aggregate(r.vectors.__getitem__)
     r.check_sum(result)
@@ -195,29 +210,45 @@ def test_hub_cannot_reconstruct_a_single_update() -> None:
 def test_no_party_releases_both_secrets_of_a_client() -> None:
     r = Round(5)
     p = r.config.participants
-    requests = r.mask(skip={p[4]})
-    first = requests[0]
-    answer = r.client(first.receiver).unmask(first)
-    assert r.client(first.receiver).unmask(first) == answer  # a retry gets the same answer
-    # asked again with a survivor now called dropped: refused (it would reveal its input)
-    other = sa.UnmaskRequest(round_id=first.round_id, receiver=first.receiver,
-                             survivors=tuple(x for x in first.survivors if x != p[1]),
-                             dropped=(*first.dropped, p[1]))
-    with pytest.raises(sa.SecAggRefused, match="already answered"):
-        r.client(first.receiver).unmask(other)
-    second = requests[1]
+    checks = r.mask(skip={p[4]})
+    first, second = checks[0], checks[1]
+    signature = r.client(first.receiver).sign_survivors(first)
+    assert r.client(first.receiver).sign_survivors(first) == signature  # retry: same
+    # shown another list, with a survivor now called dropped: refused
+    other = first.model_copy(update={"survivors": tuple(x for x in first.survivors if x != p[1]),
+                                     "dropped": (p[1], *first.dropped)})
+    with pytest.raises(sa.SecAggRefused, match="already signed"):
+        r.client(first.receiver).sign_survivors(other)
     with pytest.raises(sa.SecAggRefused, match="both survivor and dropped"):
-        r.client(second.receiver).unmask(second.model_copy(
-            update={"dropped": (*second.dropped, p[1])}))
+        r.client(second.receiver).sign_survivors(second.model_copy(
+            update={"dropped": tuple(sorted((*second.dropped, p[1])))}))
     with pytest.raises(sa.SecAggRefused, match="not listed a survivor"):
-        r.client(second.receiver).unmask(second.model_copy(update={
+        r.client(second.receiver).sign_survivors(second.model_copy(update={
             "survivors": tuple(x for x in second.survivors if x != second.receiver)}))
+    r.server.receive_signature(signature)
+    for c in checks[1:]:
+        r.server.receive_signature(r.client(c.receiver).sign_survivors(c))
+    requests = r.server.close_consistency()
+    q = requests[0]
+    # unmasking only for the signed list, with enough valid signatures on it
+    client = r.client(q.receiver)
+    with pytest.raises(sa.SecAggRefused, match="differs"):
+        client.unmask(q.model_copy(update={"survivors": other.survivors,
+                                           "dropped": other.dropped}))
+    few = dict(list(q.signatures.items())[:2])
+    with pytest.raises(sa.SecAggRefused, match="valid survivor signatures"):
+        client.unmask(q.model_copy(update={"signatures": few}))
+    forged = {v: bytes(64) for v in q.signatures}
+    with pytest.raises(sa.SecAggRefused, match="valid survivor signatures"):
+        client.unmask(q.model_copy(update={"signatures": forged}))
+    answer = client.unmask(q)
+    assert client.unmask(q) == answer  # a retry gets the same answer
     # the hub refuses to hold a self-seed share of a dropped client ...
-    held = r.clients[second.receiver].state.held[p[4]]
-    forged = sa.UnmaskResponse(round_id=first.round_id, sender=second.receiver,
-                               seed_shares=(held.seed,), mask_key_shares=())
+    held = r.clients[requests[1].receiver].state.held[p[4]]
+    bad = sa.UnmaskResponse(round_id=q.round_id, sender=requests[1].receiver,
+                            seed_shares=(held.seed,), mask_key_shares=())
     with pytest.raises(sa.SecAggRefused):
-        r.server.receive_unmask(forged)
+        r.server.receive_unmask(bad)
     # ... and to rebuild a second secret of a client whose first it rebuilt
     for q in requests:
         r.server.receive_unmask(r.client(q.receiver).unmask(q))
@@ -226,6 +257,30 @@ def test_no_party_releases_both_secrets_of_a_client() -> None:
         r.server.reconstruct(p[0], sa.Secret.MASK_KEY)
     with pytest.raises(sa.SecAggRefused, match="never both"):
         r.server.reconstruct(p[4], sa.Secret.SEED)
+
+
+def test_hub_cannot_show_clients_different_survivor_lists() -> None:
+    """The hub tells a and b that d survived and c that d dropped (to get d's mask key
+    shares and its self seed): neither list reaches the 3 signatures of 5 needed."""
+    r = Round(5)
+    a, b, c, d, e = r.config.participants
+    true = r.mask(skip={e})[0]
+    told_d_dropped = sa.ConsistencyRequest(round_id=true.round_id, receiver=c,
+                                           survivors=(a, b, c), dropped=(d, e))
+    sig_c = r.client(c).sign_survivors(told_d_dropped)
+    sigs = {}
+    for x in (a, b):
+        sigs[x] = r.client(x).sign_survivors(true.model_copy(update={"receiver": x})).signature
+    with pytest.raises(sa.SecAggRefused, match="not listed a survivor"):
+        r.client(d).sign_survivors(told_d_dropped.model_copy(update={"receiver": d}))
+    with pytest.raises(sa.SecAggRefused, match="2 valid survivor signatures, 3 needed"):
+        r.client(a).unmask(sa.UnmaskRequest(round_id=true.round_id, receiver=a,
+                                            survivors=true.survivors, dropped=true.dropped,
+                                            signatures=sigs))
+    with pytest.raises(sa.SecAggRefused, match="1 valid survivor signatures"):
+        r.client(c).unmask(sa.UnmaskRequest(
+            round_id=true.round_id, receiver=c, survivors=(a, b, c), dropped=(d, e),
+            signatures={c: sig_c.signature, a: sigs[a], b: sigs[b]}))
 
 
 def test_threshold_must_exceed_half_the_holders() -> None:

@@ -18,28 +18,31 @@ messages, the masked vectors themselves through the object store):
    ``y = x + PRG(b) + sum_v +/-PRG(s_uv) mod 2^bits`` (the vector travels separately);
    PRG is the ChaCha20 keystream, ``s_uv`` the HKDF of the mask-key agreement with each
    neighbour v that completed stage 2, the sign + when u < v.
-4. **unmask** :class:`UnmaskRequest` (hub -> client) names the survivors (sent a masked
-   input) and the dropped (completed stage 2, not stage 3); :class:`UnmaskResponse`
-   carries the self-seed shares of survivors and the mask-key shares of the dropped. From
-   t shares the hub rebuilds each survivor's self seed and each dropped client's mask key,
-   removes all masks and obtains ONLY the sum (:meth:`SecAggServer.aggregate`).
+3b. **consistency check** (Bonawitz et al. 2017) :class:`ConsistencyRequest` (hub ->
+   survivors) names the survivors (sent a masked input) and the dropped (completed stage 2
+   only); each survivor signs that list once (:class:`ConsistencySignature`, Ed25519 key
+   advertised in stage 1). More than half of the participants must sign the same list, so
+   the hub cannot show different clients different lists.
+4. **unmask** :class:`UnmaskRequest` (hub -> signers) carries the list and the signatures;
+   :class:`UnmaskResponse` carries the self-seed shares of survivors and the mask-key
+   shares of the dropped. From t shares the hub rebuilds each survivor's self seed and
+   each dropped client's mask key, removes all masks and obtains ONLY the sum
+   (:meth:`SecAggServer.aggregate`).
 
-Safety. A client answers stage 4 once per round (a repeated identical request gets the
-same answer, for retries after a restart; a different one is refused), never for a
-request that names it dropped, lists a client as both survivor and dropped, or has fewer
-than t survivors. The threshold is more than half of every share-holder set (2t > k + 1),
-so the hub can never gather t shares of both secrets of one client: each holder gives at
-most one of the two. The hub itself refuses to reconstruct both secrets of a client, and
-every reconstruction is checked (mask key against its public key, seed against its
-commitment): fewer than t shares or a bad share is a :class:`SecAggError`, never a wrong sum.
+Safety. A client signs one survivor list per round and unmasks only for that list, with
+enough valid signatures on it: it never releases the mask-key share of a client it saw as
+a survivor. It refuses a list that names it dropped, lists a client both ways, has fewer
+than t survivors, or leaves it fewer than t - 1 surviving mask partners. The threshold t is
+more than half of every share-holder set (2t > k + 1), so even across lists the hub can
+never gather t shares of both secrets of one client. The hub itself refuses to accept or
+rebuild both secrets of a client, and checks every reconstruction (mask key against its
+public key, seed against its commitment): fewer than t shares or a bad share is a
+:class:`SecAggError`, never a wrong sum.
 
-Threat model: an honest-but-curious hub, possibly colluding with fewer than t of any
-client's share holders; message authenticity (signatures) is the transport's job. Against a
-hub that lies about dropouts, the answer-once rule and 2t > k + 1 stop it from getting both
-secrets of one client, but not from naming a survivor's neighbours dropped to some holders
-and survivors to others. The fix, Bonawitz et al.'s consistency check (each survivor signs
-the survivor and dropped lists; a client unmasks only against t such signatures), belongs
-to the signed transport and is not built yet.
+Threat model: a hub that may deviate from the protocol and collude with fewer than t of any
+client's share holders and fewer than 2T - n clients in all (T: the consistency threshold),
+over a transport that authenticates every message (the advertisements of stage 1 must
+reach clients as their senders signed them, so the hub cannot substitute keys).
 
 Client state (:class:`ClientState`) holds secrets until the round ends: the two X25519
 private keys, the self-mask seed and the decrypted shares of its neighbours' secrets. Store
@@ -60,8 +63,9 @@ from typing import Annotated, Literal
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -133,6 +137,9 @@ class RoundConfig(_Message):
     #: Symmetric neighbour lists, self excluded; a client's share holders are its
     #: neighbours and itself.
     neighbours: dict[PartyId, tuple[PartyId, ...]]
+    #: Survivors that must sign one survivor list before anyone unmasks: more than half
+    #: of the participants, so two different lists can never both be signed.
+    consistency_threshold: int = Field(ge=1)
     bits: int = Field(ge=8, le=62)
     vector_length: int = Field(ge=1)
 
@@ -141,6 +148,8 @@ class RoundConfig(_Message):
         parts = self.participants
         if list(parts) != sorted(set(parts)) or len(parts) < 2:
             raise ValueError("participants must be at least two, unique and sorted")
+        if not len(parts) // 2 < self.consistency_threshold <= len(parts):
+            raise ValueError("the consistency threshold must exceed half the participants")
         if set(self.neighbours) != set(parts):
             raise ValueError("every participant needs a neighbour list")
         for u, vs in self.neighbours.items():
@@ -208,6 +217,7 @@ def make_round_config(
         round_id=round_id,
         participants=tuple(parts),
         threshold=t,
+        consistency_threshold=n // 2 + 1,
         neighbours=neighbours,
         bits=bits,
         vector_length=vector_length,
@@ -224,16 +234,22 @@ class KeyAdvertisement(_Message):
     sender: PartyId
     mask_public_key: B64 = Field(min_length=32, max_length=32)
     share_public_key: B64 = Field(min_length=32, max_length=32)
+    #: Ed25519 key of this round's consistency signatures (stage 3b).
+    signing_public_key: B64 = Field(min_length=32, max_length=32)
     #: SHA-256 over (round, sender, self seed): lets the hub check a rebuilt seed.
     seed_commitment: B64 = Field(min_length=32, max_length=32)
 
 
 class NeighbourKeys(_Message):
-    """The advertisements of a client's neighbours that reached the hub in stage 1."""
+    """The advertisements of a client's neighbours that reached the hub in stage 1, and
+    the signing keys of every client that advertised (to check stage 3b signatures). The
+    orchestration forwards the advertisements as their senders signed them, so the hub
+    cannot substitute keys."""
 
     round_id: RoundId
     receiver: PartyId
     keys: tuple[KeyAdvertisement, ...]
+    signing_keys: dict[PartyId, B64]
 
 
 # --- stage 2: shares -------------------------------------------------------------------
@@ -299,16 +315,40 @@ class MaskedInput(_Message):
     partners: tuple[PartyId, ...]
 
 
-# --- stage 4: unmask -------------------------------------------------------------------
+# --- stage 3b: consistency check --------------------------------------------------------
 
 
-class UnmaskRequest(_Message):
-    """The hub's view after stage 3, sent to every survivor."""
+class ConsistencyRequest(_Message):
+    """The hub's view after stage 3, sent to every survivor: who sent a masked input
+    (survivors) and who completed stage 2 only (dropped)."""
 
     round_id: RoundId
     receiver: PartyId
     survivors: tuple[PartyId, ...]
     dropped: tuple[PartyId, ...]
+
+
+class ConsistencySignature(_Message):
+    """A survivor's Ed25519 signature over (round, survivors, dropped). Each client signs
+    one list per round; with more than half the participants required to sign the same
+    list, the hub cannot show different clients different lists."""
+
+    round_id: RoundId
+    sender: PartyId
+    signature: B64 = Field(min_length=64, max_length=64)
+
+
+# --- stage 4: unmask -------------------------------------------------------------------
+
+
+class UnmaskRequest(_Message):
+    """The signed list, sent to every survivor that signed it."""
+
+    round_id: RoundId
+    receiver: PartyId
+    survivors: tuple[PartyId, ...]
+    dropped: tuple[PartyId, ...]
+    signatures: dict[PartyId, B64]
 
 
 class UnmaskResponse(_Message):
@@ -368,6 +408,19 @@ def _commit_seed(round_id: str, owner: str, seed: bytes) -> bytes:
     return hashlib.sha256(head + b"\x00" + seed).digest()
 
 
+def _survivor_list(round_id: str, survivors: tuple[str, ...], dropped: tuple[str, ...]) -> bytes:
+    return canonical_json({"protocol": PROTOCOL, "purpose": "consistency", "round": round_id,
+                           "survivors": list(survivors), "dropped": list(dropped)})
+
+
+def _verify(public: bytes, signature: bytes, data: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, data)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
 def _share_ad(round_id: str, sender: str, receiver: str) -> bytes:
     return canonical_json({"protocol": PROTOCOL, "purpose": "share", "round": round_id,
                            "sender": sender, "receiver": receiver})
@@ -425,6 +478,7 @@ class ClientStage(StrEnum):
     KEYS = "keys"
     SHARES = "shares"
     MASK = "mask"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
 
@@ -439,12 +493,16 @@ class ClientState(BaseModel):
     stage: ClientStage = ClientStage.KEYS
     mask_private_key: B64
     share_private_key: B64
+    signing_private_key: B64
     self_seed: B64
     neighbour_keys: dict[PartyId, KeyAdvertisement] = {}
+    signing_keys: dict[PartyId, B64] = {}
     #: Shares this client holds (owner -> payload), its own included.
     held: dict[PartyId, SharePayload] = {}
     #: Neighbours whose shares reached it in stage 2: its pairwise-mask partners.
     partners: tuple[PartyId, ...] = ()
+    #: The one survivor list this client signed (stage 3b).
+    signed: ConsistencyRequest | None = None
     answered: UnmaskResponse | None = None
     answered_request: UnmaskRequest | None = None
 
@@ -461,12 +519,16 @@ class SecAggClient:
         if me not in config.participants:
             raise SecAggError(f"{me} is not a participant of round {config.round_id}")
         mask_key, share_key = X25519PrivateKey.generate(), X25519PrivateKey.generate()
+        signing_key = Ed25519PrivateKey.generate()
         seed = secrets.token_bytes(_SECRET_LEN)
         state = ClientState(
             config=config,
             me=me,
             mask_private_key=_raw_private(mask_key),
             share_private_key=_raw_private(share_key),
+            signing_private_key=signing_key.private_bytes(
+                serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                serialization.NoEncryption()),
             self_seed=seed,
         )
         advert = KeyAdvertisement(
@@ -474,6 +536,8 @@ class SecAggClient:
             sender=me,
             mask_public_key=_raw_public(mask_key),
             share_public_key=_raw_public(share_key),
+            signing_public_key=signing_key.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw),
             seed_commitment=_commit_seed(config.round_id, me, seed),
         )
         return cls(state), advert
@@ -503,6 +567,11 @@ class SecAggClient:
         seen |= {a.share_public_key for a in keys.values()}
         if len(seen) != 2 * len(keys):
             raise SecAggRefused("neighbours' public keys are not all distinct")
+        signing = dict(message.signing_keys)
+        if any(signing.get(v) != a.signing_public_key for v, a in keys.items()) or not set(
+            signing
+        ) <= set(cfg.participants) or len(set(signing.values())) != len(signing):
+            raise SecAggRefused("signing keys do not match the neighbours' advertisements")
         holders = sorted((*keys, s.me))
         if len(holders) < cfg.threshold:
             raise SecAggError(
@@ -532,6 +601,7 @@ class SecAggClient:
             )
             out.append(EncryptedShare(sender=s.me, receiver=holder, nonce=nonce, ciphertext=ct))
         s.neighbour_keys = keys
+        s.signing_keys = signing
         s.stage = ClientStage.SHARES
         return ShareBundle(round_id=cfg.round_id, sender=s.me, shares=tuple(out))
 
@@ -572,7 +642,7 @@ class SecAggClient:
         """Stage 3: ``y = x + PRG(b) + sum_v +/-PRG(s_uv)`` modulo 2^bits. Deterministic
         for a given input, so a retry after a restart sends the same vector."""
         s, cfg = self.state, self.state.config
-        if s.stage not in (ClientStage.MASK, ClientStage.UNMASK):
+        if s.stage not in (ClientStage.MASK, ClientStage.CONSISTENCY):
             raise SecAggError(f"cannot mask at stage {s.stage}")
         dtype = vector_dtype(cfg.bits)
         if quantised.shape != (cfg.vector_length,) or quantised.dtype != dtype:
@@ -589,13 +659,50 @@ class SecAggClient:
                                       cfg.round_id, s.me, v)
             stream = prg(seed, cfg.vector_length, cfg.bits)
             (add_mod if s.me < v else subtract_mod)(y, stream, cfg.bits)
-        s.stage = ClientStage.UNMASK
+        s.stage = ClientStage.CONSISTENCY
         return MaskedInput(round_id=cfg.round_id, sender=s.me, length=cfg.vector_length,
                            sha256=_digest(y), partners=s.partners), y
 
+    def sign_survivors(self, request: ConsistencyRequest) -> ConsistencySignature:
+        """Stage 3b: sign the hub's survivor list, once per round (the same request is
+        signed again identically, for retries; a different one is refused). Refuses a
+        list that names this client dropped, lists a client both ways, has fewer than t
+        survivors or the consistency threshold, or leaves this client fewer than t - 1
+        surviving mask partners (its input would then hang on too few masks)."""
+        s, cfg = self.state, self.state.config
+        if request.round_id != cfg.round_id or request.receiver != s.me:
+            raise SecAggError("consistency request for another round or client")
+        if s.signed is not None and request != s.signed:
+            raise SecAggRefused("already signed a different survivor list this round")
+        if s.stage not in (ClientStage.CONSISTENCY, ClientStage.UNMASK):
+            raise SecAggRefused(f"asked to sign survivors at stage {s.stage}")
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        if list(request.survivors) != sorted(survivors) or list(request.dropped) != sorted(
+            dropped
+        ):
+            raise SecAggRefused("survivor lists must be sorted and unique")
+        if survivors & dropped:
+            both = sorted(survivors & dropped)
+            raise SecAggRefused(f"clients listed as both survivor and dropped: {both}")
+        if s.me not in survivors:
+            raise SecAggRefused("this client sent its masked input but is not listed a survivor")
+        if not (survivors | dropped) <= set(cfg.participants):
+            raise SecAggRefused("survivor list names non-participants")
+        if len(survivors) < max(cfg.threshold, cfg.consistency_threshold):
+            raise SecAggRefused(f"{len(survivors)} survivors: too few to unmask safely")
+        if len(survivors & set(s.partners)) + 1 < cfg.threshold:
+            raise SecAggRefused("too few of this client's mask partners survive")
+        key = Ed25519PrivateKey.from_private_bytes(s.signing_private_key)
+        signature = key.sign(_survivor_list(cfg.round_id, request.survivors, request.dropped))
+        s.signed = request
+        s.stage = ClientStage.UNMASK
+        return ConsistencySignature(round_id=cfg.round_id, sender=s.me, signature=signature)
+
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """Stage 4: the shares the hub may have; refuses anything that could reveal an
-        input (see the module docstring). Answers once; repeats the same answer only."""
+        """Stage 4: the shares the hub may have, only for the one list this client signed
+        and only with enough valid signatures of survivors on it: so no client it saw as
+        a survivor can get its mask-key share released. Answers once; repeats the same
+        answer only."""
         s, cfg = self.state, self.state.config
         if request.round_id != cfg.round_id or request.receiver != s.me:
             raise SecAggError("unmask request for another round or client")
@@ -603,23 +710,29 @@ class SecAggClient:
             if request == s.answered_request:
                 return s.answered
             raise SecAggRefused("already answered a different unmask request this round")
-        if s.stage != ClientStage.UNMASK:
-            raise SecAggRefused(f"asked to unmask at stage {s.stage}, before masking")
-        survivors, dropped = set(request.survivors), set(request.dropped)
-        if survivors & dropped:
-            both = sorted(survivors & dropped)
-            raise SecAggRefused(f"clients listed as both survivor and dropped: {both}")
-        if s.me not in survivors:
-            raise SecAggRefused("this client sent its masked input but is not listed a survivor")
-        if not (survivors | dropped) <= set(cfg.participants):
-            raise SecAggRefused("unmask request names non-participants")
-        if len(survivors) < cfg.threshold:
-            raise SecAggRefused(f"{len(survivors)} survivors, fewer than t={cfg.threshold}")
+        if s.stage != ClientStage.UNMASK or s.signed is None:
+            raise SecAggRefused(f"asked to unmask at stage {s.stage}, before signing survivors")
+        if (request.survivors, request.dropped) != (s.signed.survivors, s.signed.dropped):
+            raise SecAggRefused("unmask request differs from the survivor list this client signed")
+        data = _survivor_list(cfg.round_id, request.survivors, request.dropped)
+        valid = {
+            v for v, sig in request.signatures.items()
+            if v in request.survivors and v in s.signing_keys
+            and _verify(s.signing_keys[v], sig, data)
+        }
+        if len(valid) < cfg.consistency_threshold:
+            raise SecAggRefused(
+                f"{len(valid)} valid survivor signatures, {cfg.consistency_threshold} needed"
+            )
         response = UnmaskResponse(
             round_id=cfg.round_id,
             sender=s.me,
-            seed_shares=tuple(s.held[o].seed for o in sorted(survivors) if o in s.held),
-            mask_key_shares=tuple(s.held[o].mask_key for o in sorted(dropped) if o in s.held),
+            seed_shares=tuple(
+                s.held[o].seed for o in request.survivors if o in s.held
+            ),
+            mask_key_shares=tuple(
+                s.held[o].mask_key for o in request.dropped if o in s.held
+            ),
         )
         s.answered, s.answered_request = response, request
         s.stage = ClientStage.DONE
@@ -653,6 +766,7 @@ class ServerStage(StrEnum):
     KEYS = "keys"
     SHARES = "shares"
     MASKED = "masked"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
 
@@ -675,6 +789,7 @@ class ServerState(BaseModel):
     masked: dict[PartyId, MaskedInput] = {}
     survivors: tuple[PartyId, ...] = ()
     dropped: tuple[PartyId, ...] = ()
+    signatures: dict[PartyId, ConsistencySignature] = {}
     responses: dict[PartyId, UnmaskResponse] = {}
     #: Which secret the hub has rebuilt per client: never both for one client.
     reconstructed: dict[PartyId, Secret] = {}
@@ -741,6 +856,7 @@ class SecAggServer:
             round_id=s.config.round_id,
             receiver=receiver,
             keys=tuple(s.keys[v] for v in s.config.neighbours[receiver] if v in s.keys),
+            signing_keys={v: a.signing_public_key for v, a in sorted(s.keys.items())},
         )
 
     # stage 2
@@ -792,27 +908,56 @@ class SecAggServer:
         if self._accept(ServerStage.MASKED, message.round_id, message.sender, s.masked, message):
             s.masked[message.sender] = message
 
-    def close_masking(self) -> list[UnmaskRequest]:
+    def close_masking(self) -> list[ConsistencyRequest]:
         """End stage 3: survivors and dropped are fixed; one request per survivor."""
-        s = self.state
-        if len(s.masked) < s.config.threshold:
+        s, cfg = self.state, self.state.config
+        needed = max(cfg.threshold, cfg.consistency_threshold)
+        if len(s.masked) < needed:
             raise SecAggError(
-                f"{len(s.masked)} masked inputs, threshold is {s.config.threshold}: round fails"
+                f"{len(s.masked)} masked inputs, threshold is {needed}: round fails"
             )
         s.survivors = tuple(sorted(s.masked))
         s.dropped = tuple(sorted(set(s.bundles) - set(s.masked)))
-        s.stage = ServerStage.UNMASK
+        s.stage = ServerStage.CONSISTENCY
         return [
-            UnmaskRequest(round_id=s.config.round_id, receiver=u, survivors=s.survivors,
-                          dropped=s.dropped)
+            ConsistencyRequest(round_id=cfg.round_id, receiver=u, survivors=s.survivors,
+                               dropped=s.dropped)
             for u in s.survivors
+        ]
+
+    # stage 3b
+    def receive_signature(self, message: ConsistencySignature) -> None:
+        s = self.state
+        if message.sender not in s.survivors:
+            raise SecAggError(f"survivor signature from {message.sender}, not a survivor")
+        data = _survivor_list(s.config.round_id, s.survivors, s.dropped)
+        if not _verify(s.keys[message.sender].signing_public_key, message.signature, data):
+            raise SecAggRefused(f"bad survivor-list signature from {message.sender}")
+        if self._accept(ServerStage.CONSISTENCY, message.round_id, message.sender,
+                        s.signatures, message):
+            s.signatures[message.sender] = message
+
+    def close_consistency(self) -> list[UnmaskRequest]:
+        """End stage 3b: one unmask request, with every signature, per signer."""
+        s, cfg = self.state, self.state.config
+        if len(s.signatures) < cfg.consistency_threshold:
+            raise SecAggError(
+                f"{len(s.signatures)} survivors signed, {cfg.consistency_threshold} needed: "
+                "round fails"
+            )
+        s.stage = ServerStage.UNMASK
+        signatures = {v: m.signature for v, m in sorted(s.signatures.items())}
+        return [
+            UnmaskRequest(round_id=cfg.round_id, receiver=u, survivors=s.survivors,
+                          dropped=s.dropped, signatures=signatures)
+            for u in sorted(s.signatures)
         ]
 
     # stage 4
     def receive_unmask(self, response: UnmaskResponse) -> None:
         s = self.state
-        if response.sender not in s.survivors:
-            raise SecAggError(f"unmask response from {response.sender}, not a survivor")
+        if response.sender not in s.signatures:
+            raise SecAggError(f"unmask response from {response.sender}, who did not sign")
         if any(x.owner not in s.survivors for x in response.seed_shares) or any(
             x.owner not in s.dropped for x in response.mask_key_shares
         ):
