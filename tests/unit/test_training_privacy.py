@@ -36,6 +36,14 @@ def test_ledger_per_round_and_cumulative() -> None:
     assert again.epsilon() == pytest.approx(values[-1])
 
 
+def test_study_epsilon_is_the_most_spent() -> None:
+    charge = pv.RoundCharge(noise_multiplier=3.0)
+    ledgers = {"a": pv.PrivacyLedger(delta=1e-5, charges=[charge] * 4),
+               "b": pv.PrivacyLedger(delta=1e-5, charges=[charge] * 2)}
+    assert pv.study_epsilon(ledgers) == pytest.approx(pv.epsilon_after(4, 3.0, 1e-5))
+    assert pv.study_epsilon({}) == 0.0
+
+
 def test_site_cap() -> None:
     ledger = pv.PrivacyLedger(delta=1e-5)
     charge = pv.RoundCharge(noise_multiplier=3.0)

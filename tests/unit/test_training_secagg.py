@@ -358,3 +358,19 @@ def test_a_lost_share_is_an_error_not_a_wrong_sum() -> None:
     message, _ = clients["a"].mask(np.zeros(16, dtype=np.uint32))
     with pytest.raises(sa.SecAggError, match="cannot be unmasked"):
         server.receive_masked(message)
+
+
+def test_redelivery_is_idempotent_and_conflicts_are_refused() -> None:
+    cfg = sa.make_round_config("r5", ["a", "b", "c"], bits=32, vector_length=4)
+    server = sa.SecAggServer.start(cfg)
+    _, advert = sa.SecAggClient.start(cfg, "a")
+    server.receive_keys(advert)
+    server.receive_keys(advert)  # the broker delivered it twice
+    _, other = sa.SecAggClient.start(cfg, "a")
+    with pytest.raises(sa.SecAggRefused, match="different"):
+        server.receive_keys(other)
+    with pytest.raises(sa.SecAggError, match="not a participant"):
+        server.receive_keys(advert.model_copy(update={"sender": "z"}))
+    with pytest.raises(sa.SecAggError, match="round"):
+        server.receive_keys(advert.model_copy(update={"round_id": "r6"}))
+    assert list(server.state.keys) == ["a"]

@@ -113,6 +113,12 @@ class PrivacyLedger(BaseModel):
         return self.epsilon()
 
 
+def study_epsilon(ledgers: dict[str, PrivacyLedger]) -> float:
+    """The study's cumulative epsilon: that of the spoke that spent most (every participant
+    of a round is charged the same, so this is the spoke that joined the most rounds)."""
+    return max((ledger.epsilon() for ledger in ledgers.values()), default=0.0)
+
+
 def may_join(ledger: PrivacyLedger, charge: RoundCharge, cap: float) -> bool:
     """A spoke's site policy: join a round only if the cumulative epsilon after it stays
     within ``cap`` (the most this site will ever spend on the study)."""
