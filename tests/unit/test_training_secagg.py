@@ -374,3 +374,19 @@ def test_redelivery_is_idempotent_and_conflicts_are_refused() -> None:
     with pytest.raises(sa.SecAggError, match="round"):
         server.receive_keys(advert.model_copy(update={"round_id": "r6"}))
     assert list(server.state.keys) == ["a"]
+
+
+def test_a_corrupt_share_fails_the_round_instead_of_a_wrong_sum() -> None:
+    r = Round(4)
+    requests = r.sign(r.mask())
+    victim = r.config.participants[0]
+    for q in requests:
+        response = r.client(q.receiver).unmask(q)
+        shares = tuple(
+            x.model_copy(update={"chunks": (bytes(16), x.chunks[1])}) if x.owner == victim
+            else x for x in response.seed_shares)
+        r.server.receive_unmask(response.model_copy(update={"seed_shares": shares}))
+    with pytest.raises(sa.SecAggError, match=f"seed of {victim} does not match"):
+        r.server.aggregate(r.vectors.__getitem__)
+    with pytest.raises(ValueError):
+        sa.Share(owner="a", index=1, chunks=(b"short", bytes(16)))

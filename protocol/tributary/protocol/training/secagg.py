@@ -260,8 +260,10 @@ class Share(_Message):
     same x coordinate ``index``."""
 
     owner: PartyId
-    index: int = Field(ge=1)
-    chunks: tuple[B64, ...] = Field(min_length=2, max_length=2)
+    index: int = Field(ge=1, le=65535)
+    chunks: tuple[
+        Annotated[B64, Field(min_length=_CHUNK, max_length=_CHUNK)], ...
+    ] = Field(min_length=2, max_length=2)
 
 
 class SharePayload(_Message):
@@ -980,7 +982,7 @@ class SecAggServer:
             raise SecAggError(f"{len(shares)} shares of {owner}'s {secret}, threshold is {t}")
         try:
             value = _combine([shares[i] for i in sorted(shares)[:t]])
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise SecAggError(f"shares of {owner}'s {secret} do not combine: {exc}") from exc
         advert = s.keys[owner]
         if secret == Secret.SEED:
