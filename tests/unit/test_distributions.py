@@ -24,7 +24,9 @@ ROLES = {
     "testbed": ("tributary-testbed", ("tributary/testbed",)),
 }
 WEB = {"fastapi", "starlette", "uvicorn", "flask", "django", "jinja2", "python-multipart"}
-HUB_ONLY = WEB | {"celery", "matplotlib", "alembic", "sqlmodel", "sqlalchemy", "scipy"}
+# scipy is not among them: the spoke's privacy accountant (dp-accounting, in the protocol's
+# training extra) needs it, since a spoke checks its own epsilon cap without trusting the hub.
+HUB_ONLY = WEB | {"celery", "matplotlib", "alembic", "sqlmodel", "sqlalchemy"}
 SPOKE_ONLY = {"pydicom", "docker", "dicom-anonymizer", "dicomweb-client", "pytesseract"}
 
 
