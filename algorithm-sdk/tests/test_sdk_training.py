@@ -135,3 +135,21 @@ def test_simulate_converges_to_the_pooled_mean() -> None:
     assert abs(final["mu"][0] - 4.0) < 1e-3
     assert [r.participants for r in history] == [2] * 20
     assert history[-1].eval_loss < history[0].eval_loss
+
+
+def test_a_malformed_cohort_or_round_fails_with_a_reason(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    arg = _layout(tmp_path, "fit", {"mu": np.zeros(1)})
+    (tmp_path / "cohort.json").write_text(json.dumps({"cases": [{"labels": {}}]}))
+    assert execute_training(Mean(), arg) == 1
+    assert "cohort.json is malformed" in capsys.readouterr().err
+    (tmp_path / "round.json").write_text(json.dumps({"round": "1", "task": "fit"}))
+    assert execute_training(Mean(), arg) == 1
+    assert "round must be an integer" in capsys.readouterr().err
+
+
+def test_cli_training_needs_sites(capsys: pytest.CaptureFixture[str]) -> None:
+    from tributary_algorithm.cli import main
+
+    assert main(["test", "--training", "some-image:tag"]) == 1
+    assert "--site" in capsys.readouterr().err

@@ -112,6 +112,9 @@ def _training_sites(args: argparse.Namespace, cleanup: list[Path]) -> list[Any]:
     from .tools.cohort import prepare_cohort
     from .tools.localtrain import SiteCase, TrainingSite
 
+    if args.dicom is not None:
+        raise ToolError("--training runs on whole sites: give --site COHORT_DIR (repeatable), "
+                        "not --dicom")
     folders = list(args.sites) + ([args.cohort] if args.cohort is not None else [])
     if not folders:
         raise ToolError("--training needs the sites' data: --site COHORT_DIR (repeatable)")

@@ -76,6 +76,11 @@ class RoundConfig:
         spec = cls(**known)
         if spec.task not in TRAINING_TASKS:
             raise ContextError(f"round.json: task must be one of {TRAINING_TASKS}")
+        for name in ("round", "local_epochs", "seed"):
+            if isinstance(getattr(spec, name), bool) or not isinstance(getattr(spec, name), int):
+                raise ContextError(f"round.json: {name} must be an integer")
+        if not isinstance(spec.config, dict):
+            raise ContextError("round.json: config must be an object")
         return spec
 
     def to_json(self) -> dict[str, Any]:
@@ -228,11 +233,14 @@ def load_training_context(algo_arg: str | None = None) -> TrainingContext:
                            f"supported (this SDK: {TRAINING_CONTRACT_VERSION})")
     config = RoundConfig.from_json(_read_json(arg.get("round", ROUND_PATH), "round.json"))
     cohort = _read_json(arg.get("cohort", COHORT_PATH), "cohort.json")
-    cases = []
-    for case in cohort.get("cases", []):
-        series = tuple(Series(**{k: s.get(k) for k in Series.__dataclass_fields__})
-                       for s in case.get("series", []))
-        cases.append(TrainingCase(case["case_id"], series, dict(case.get("labels") or {})))
+    try:
+        cases = [TrainingCase(str(case["case_id"]),
+                              tuple(Series(**{k: s.get(k) for k in Series.__dataclass_fields__})
+                                    for s in case.get("series", [])),
+                              dict(case.get("labels") or {}))
+                 for case in cohort.get("cases", [])]
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ContextError(f"cohort.json is malformed: {type(exc).__name__}: {exc}") from exc
     arguments = arg.get("arguments") or {}
     return TrainingContext(
         config=config, data=TrainingData(tuple(cases), dict(arguments)),
