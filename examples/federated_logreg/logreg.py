@@ -176,3 +176,29 @@ def pooled(algorithm: NoduleClassifier, sites: Sequence[TrainingData]
     """Features and labels of several sites together."""
     parts = [algorithm.dataset(site) for site in sites]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def scores(model: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Accuracy and log loss of ``model`` on features ``x`` and labels ``y``."""
+    w, b = model["weights"], float(model["bias"][0])
+    return {"accuracy": accuracy(w, b, x, y), "loss": log_loss(w, b, x, y)}
+
+
+def central_steps(rounds: int, local_epochs: int = 1) -> int:
+    """Gradient steps that give central training the same budget as ``rounds`` federated
+    rounds of ``local_epochs`` each."""
+    return rounds * local_epochs * STEPS_PER_EPOCH
+
+
+def compare(site_dirs: Sequence[str | Path], test_dirs: Sequence[str | Path],
+            federated: dict[str, np.ndarray], rounds: int, local_epochs: int = 1
+            ) -> dict[str, dict[str, float]]:
+    """Held-out scores of a federated model (from a hub, or :func:`simulate`) beside the
+    same model trained centrally on the pooled data of ``site_dirs`` with the same budget:
+    ``{"federated": {...}, "centralised": {...}}``. What a demo reports."""
+    algorithm = NoduleClassifier()
+    x, y = pooled(algorithm, [cohort_data(d) for d in site_dirs])
+    x_test, y_test = pooled(algorithm, [cohort_data(d) for d in test_dirs])
+    central = train_central(x, y, central_steps(rounds, local_epochs))
+    return {"federated": scores(federated, x_test, y_test),
+            "centralised": scores(central, x_test, y_test)}
