@@ -303,6 +303,12 @@ def run_training(algorithm: TrainingAlgorithm) -> NoReturn:
 
 # --- In one process: plain FedAvg over several sites ---------------------------------------
 
+def round_seed(study_seed: int, round_number: int, site_index: int) -> int:
+    """The ``seed`` of one site's run in one round: different per site and round,
+    reproducible from the study's seed."""
+    return (study_seed + 7919 * round_number + site_index) % 2**32
+
+
 def federated_average(results: Sequence[FitResult]) -> Tensors:
     """FedAvg: the sample-weighted mean of the sites' parameters (float64 sums, cast back
     to each tensor's dtype)."""
@@ -335,7 +341,7 @@ def simulate(algorithm: TrainingAlgorithm, sites: Sequence[TrainingData], rounds
     def spec(number: int, task: str, site: int) -> RoundConfig:
         fields = {k: getattr(base, k) for k in base.__dataclass_fields__}
         return RoundConfig(**{**fields, "round": number, "task": task,
-                              "seed": (base.seed + 7919 * number + site) % 2**32})
+                              "seed": round_seed(base.seed, number, site)})
 
     params = initial if initial is not None else algorithm.init(spec(0, "init", 0))
     params = {k: np.asarray(v) for k, v in params.items()}

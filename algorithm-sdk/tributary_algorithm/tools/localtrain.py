@@ -44,6 +44,7 @@ from ..training import (
     RoundRecord,
     check_metrics,
     federated_average,
+    round_seed,
 )
 from ._proc import ToolError
 from .localrun import LocalParticipant, run_sandboxed, validate_output_file
@@ -202,7 +203,7 @@ def train_test(image: str, sites: Sequence[TrainingSite], rounds: int,
     def run(site: TrainingSite, number: int, task: str, index: int,
             params: Tensors | None) -> TrainingRunResult:
         config = replace(base, round=number, task=task,
-                         seed=(base.seed + 7919 * number + index) % 2**32)
+                         seed=round_seed(base.seed, number, index))
         result = run_training_task(image, site, config, params, **run_options)
         if not result.ok:
             raise ToolError(f"round {number} {task} at {site.name} failed: {result.problem}"
