@@ -16,4 +16,4 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ./protocol -e './hub[postgresql]' -e ./spoke \
-    -e './algorithm-sdk[dicom]' -e ./cli -e './testbed[dev]'
+    -e './algorithm-sdk[dicom,flower]' -e ./cli -e './testbed[dev]'

@@ -247,6 +247,23 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="size of the /tmp tmpfs in MiB (default: %(default)s)",
     )
+    training = test.add_argument_group(
+        "training (the training contract, docs/training.md)")
+    training.add_argument(
+        "--training", action="store_true",
+        help="run IMAGE as a training algorithm: init, then ROUNDS rounds "
+        "of fit on every site, plain FedAvg here, and evaluate on every site")
+    training.add_argument(
+        "--site", dest="sites", action="append", type=Path, default=[], metavar="DIR",
+        help="a cohort folder that is one site (repeatable; --cohort DIR counts as one); "
+        "its attributes file gives each case's labels")
+    training.add_argument("--rounds", type=int, default=3, metavar="N",
+                          help="rounds to run (default: %(default)s)")
+    training.add_argument("--local-epochs", type=int, default=1, metavar="N")
+    training.add_argument("--learning-rate", type=float, default=None, metavar="LR")
+    training.add_argument("--proximal-mu", type=float, default=0.0, metavar="MU",
+                          help="FedProx's proximal term (0: FedAvg)")
+    training.add_argument("--seed", type=int, default=0)
     test.add_argument(
         "--json",
         action="store_true",

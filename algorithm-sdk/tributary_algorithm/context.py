@@ -135,7 +135,7 @@ class Context:
         could mistake for a result. Numpy scalars/arrays are converted via ``tolist()``.
         """
         payload = encode_output(data, self.output_limit_bytes)
-        _atomic_write(self.output_path, payload)
+        atomic_write(self.output_path, payload)
         self.output_written = True
         return self.output_path
 
@@ -223,7 +223,7 @@ def encode_output(data: Any, limit_bytes: int = DEFAULT_OUTPUT_LIMIT_BYTES) -> b
     return payload
 
 
-def _atomic_write(path: str, payload: bytes) -> None:
+def atomic_write(path: str, payload: bytes) -> None:
     directory = os.path.dirname(path) or "."
     if not os.path.isdir(directory):
         raise OutputError(f"output directory {directory} does not exist")

@@ -65,3 +65,23 @@ def describe_exit_code(code: int) -> str:
     if code == 139:
         return "error (segmentation fault)"
     return "error (any other non-zero exit status counts as an error)"
+
+
+# --- The training contract (an extension of the contract above; docs/training.md) ---------
+#: A spoke runs a training algorithm once per round on all its selected cases: it mounts the
+#: global model read-only and takes back updated parameters plus output.json.
+TRAINING_CONTRACT_VERSION = "1.0"
+#: Describes every case of the training run (each case's series under INPUT_ROOT/case-NNN/).
+COHORT_PATH = "/tributary/cohort.json"
+#: Read-only: the global model and what this round asks for.
+MODEL_DIR = "/tributary/model"
+GLOBAL_MODEL_PATH = f"{MODEL_DIR}/global.safetensors"
+ROUND_PATH = f"{MODEL_DIR}/round.json"
+#: Written by the algorithm (fit and init tasks), next to output.json.
+PARAMETERS_PATH = f"{OUTPUT_DIR}/parameters.safetensors"
+#: What a training run is asked to do: update the global model on the local data, measure
+#: the global model on the local data without updating it, or write initial parameters.
+TRAINING_TASKS = ("fit", "evaluate", "init")
+#: Metrics leave the spoke: a few named numbers, never free text.
+METRIC_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+MAX_METRICS = 32

@@ -107,6 +107,45 @@ def run_test(args: argparse.Namespace) -> int:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def _training_sites(args: argparse.Namespace, cleanup: list[Path]) -> list[Any]:
+    """Each ``--site`` (and ``--cohort``) folder de-identified like a spoke's store."""
+    from .tools.cohort import prepare_cohort
+    from .tools.localtrain import SiteCase, TrainingSite
+
+    if args.dicom is not None:
+        raise ToolError("--training runs on whole sites: give --site COHORT_DIR (repeatable), "
+                        "not --dicom")
+    folders = list(args.sites) + ([args.cohort] if args.cohort is not None else [])
+    if not folders:
+        raise ToolError("--training needs the sites' data: --site COHORT_DIR (repeatable)")
+    sites = []
+    for folder in folders:
+        print(f"ingesting {folder} as a spoke would…", flush=True)
+        cohort = prepare_cohort(folder)
+        cleanup.append(cohort.workdir)
+        sites.append(TrainingSite(folder.name, tuple(
+            SiteCase(c.case_id, c.local, dict(c.attributes)) for c in cohort.cases)))
+        print(f"site {folder.name}: {len(cohort.cases)} case(s)")
+    return sites
+
+
+def _run_training_test(args: argparse.Namespace, image: str, cleanup: list[Path]) -> int:
+    from .tools.localtrain import train_test
+    from .training import RoundConfig
+
+    sites = _training_sites(args, cleanup)
+    base = RoundConfig(round=0, strategy="fedprox" if args.proximal_mu else "fedavg",
+                       proximal_mu=args.proximal_mu, local_epochs=args.local_epochs,
+                       learning_rate=args.learning_rate, seed=args.seed)
+    _, history = train_test(image, sites, args.rounds, base, arguments=args.arguments,
+                            timeout=args.timeout, memory_mb=args.memory_mb, cpus=args.cpus,
+                            pids_limit=args.pids_limit, tmpfs_mb=args.tmpfs_mb)
+    if args.json:
+        print(json.dumps([{"round": r.round, "participants": r.participants,
+                           "loss": r.eval_loss, "metrics": r.metrics} for r in history]))
+    return 0
+
+
 def _run_test(args: argparse.Namespace, cleanup: list[Path]) -> int:
     target = Path(args.image) if Path(args.image).is_dir() else None
     image = args.image
@@ -118,6 +157,8 @@ def _run_test(args: argparse.Namespace, cleanup: list[Path]) -> int:
         built = build_image(target, image, base_image=args.base_image, sdk=args.sdk,
                             verbose=args.verbose)
         print(f"built {image} ({built.image_id[:19]})")
+    if args.training:
+        return _run_training_test(args, image, cleanup)
     cases, note = _cases(args, target, cleanup)
     print(note)
     results = []

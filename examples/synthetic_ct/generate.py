@@ -47,6 +47,30 @@ BONE_HU = 600.0
 NOISE_SD_HU = 12.0
 RESCALE_INTERCEPT = -1024.0
 NODULE_DIAMETER_MM = (8.0, 20.0)
+
+
+@dataclass(frozen=True)
+class Scanner:
+    """How one site's scanner differs: a calibration error (HU' = scale * HU + offset), a
+    noise level and a slice thickness. With ``--scanner N`` the sites of a federation do
+    not hold identically distributed images (federated training must cope with that);
+    without it every case is written as before."""
+
+    model: str
+    hu_offset: float
+    hu_scale: float
+    noise_sd_hu: float
+    slice_thickness_mm: float
+
+
+#: ``--scanner N`` picks ``SCANNERS[N % len(SCANNERS)]``; 0 matches the default images.
+SCANNERS = (
+    Scanner("Phantom 160", 0.0, 1.0, 12.0, 2.5),
+    Scanner("Phantom 200 HD", 60.0, 0.92, 25.0, 3.0),
+    Scanner("Phantom 120 LD", -45.0, 1.08, 6.0, 3.5),
+)
+DEFAULT_SCANNER = SCANNERS[0]
+
 #: Minimum distance between a nodule's surface and the lung wall, the scan's first/last
 #: slice or another nodule: keeps ground truth unambiguous for a detector.
 WALL_MARGIN_MM = 5.0
@@ -281,7 +305,8 @@ def _identity(rng: np.random.Generator, index: int, site: str) -> dict[str, Any]
     }
 
 
-def _case_geometry(rng: np.random.Generator, size: int, slices: int) -> Geometry:
+def _case_geometry(rng: np.random.Generator, size: int, slices: int,
+                   slice_spacing: float = 2.5) -> Geometry:
     spacing = round(float(rng.uniform(1.9, 2.1)), 4)
     half = round((size - 1) / 2 * spacing, 4)  # as stored in ImagePositionPatient
     table = round(float(rng.uniform(-250.0, -150.0)), 2)
@@ -289,7 +314,7 @@ def _case_geometry(rng: np.random.Generator, size: int, slices: int) -> Geometry
         size=size,
         slices=slices,
         pixel_spacing=spacing,
-        slice_spacing=2.5,
+        slice_spacing=slice_spacing,
         origin=(-half, -half, table),
     )
 
@@ -331,7 +356,8 @@ def _uid(seed: int, *parts: object) -> str:
 
 
 def _write_series(
-    folder: Path, volume_hu: np.ndarray, geo: Geometry, who: dict[str, Any], seed: int
+    folder: Path, volume_hu: np.ndarray, geo: Geometry, who: dict[str, Any], seed: int,
+    model: str = DEFAULT_SCANNER.model,
 ) -> None:
     """Store the volume as one axial CT series, one file per slice, head first."""
     folder.mkdir(parents=True)
@@ -353,7 +379,7 @@ def _write_series(
     ds.AccessionNumber = who["AccessionNumber"]
     ds.Modality = "CT"
     ds.Manufacturer = "Tributary Synthetic"
-    ds.ManufacturerModelName = "Phantom 160"
+    ds.ManufacturerModelName = model
     for key in (
         "InstitutionName",
         "InstitutionAddress",
@@ -372,7 +398,7 @@ def _write_series(
     ):
         setattr(ds, key, who[key])
     ds.StudyDescription = "CT THORAX"
-    ds.SeriesDescription = "Thorax 2.5mm"
+    ds.SeriesDescription = f"Thorax {geo.slice_spacing:g}mm"
     ds.OtherPatientIDsSequence = [Dataset()]
     ds.OtherPatientIDsSequence[0].PatientID = who["OtherPatientIDs"]
     ds.OtherPatientIDsSequence[0].TypeOfPatientID = "TEXT"
@@ -431,22 +457,28 @@ def generate_case(
     site: str = DEFAULT_SITE,
     size: int = 160,
     slices: int = 40,
+    scanner: Scanner | None = None,
 ) -> tuple[str, str, list[Nodule]]:
     """Write case number ``index`` of a cohort; return its folder name, patient ID and
-    nodules."""
+    nodules. ``scanner`` (None: the default images) changes calibration, noise and slice
+    thickness, never the anatomy, identities or nodule counts."""
+    profile = scanner or DEFAULT_SCANNER
     rng = np.random.default_rng([seed, index])
     who = _identity(rng, index, site)
-    geo = _case_geometry(rng, size, slices)
+    geo = _case_geometry(rng, size, slices, profile.slice_thickness_mm)
     volume, lungs = _anatomy(rng, geo)
     _, _, z = geo.axes()
     nodules = _place_nodules(rng, nodule_count, lungs, (float(z[0]), float(z[-1])))
     for nodule in nodules:
         _render_nodule(volume, geo, nodule)
-    volume += rng.normal(0.0, NOISE_SD_HU, volume.shape).astype(np.float32)
+    if scanner is not None:
+        volume = volume * np.float32(profile.hu_scale) + np.float32(profile.hu_offset)
+    noise_sd = NOISE_SD_HU if scanner is None else profile.noise_sd_hu
+    volume += rng.normal(0.0, noise_sd, volume.shape).astype(np.float32)
     folder = out / who["folder"]
     if folder.exists():
         shutil.rmtree(folder)
-    _write_series(folder, volume, geo, who, seed)
+    _write_series(folder, volume, geo, who, seed, profile.model)
     return who["folder"], who["PatientID"], nodules
 
 
@@ -457,13 +489,16 @@ def generate_cohort(
     site: str = DEFAULT_SITE,
     size: int = 160,
     slices: int = 40,
+    scanner: int | None = None,
 ) -> dict[str, Any]:
     """Generate ``cases`` cases under ``out`` and write ``out/ground_truth.json`` (keyed by
     case folder) and ``out/attributes.csv`` (the same truth as a site would supply case
     attributes: one row per patient ID, the nodule list as JSON).
 
     Nodule counts 0-3 are spread evenly (in a seed-dependent order), so every cohort of
-    four or more cases has cases without nodules. Returns the ground truth.
+    four or more cases has cases without nodules. ``scanner`` (an index into
+    :data:`SCANNERS`, e.g. the site's number) gives the site its own scanner; None writes
+    the default images. Returns the ground truth.
     """
     if cases < 1:
         raise ValueError("cases must be at least 1")
@@ -476,7 +511,8 @@ def generate_cohort(
     rows = []
     for index in range(cases):
         folder, patient_id, nodules = generate_case(
-            out, index, seed, int(counts[index]), site, size, slices
+            out, index, seed, int(counts[index]), site, size, slices,
+            None if scanner is None else SCANNERS[scanner % len(SCANNERS)],
         )
         if folder in truth:
             raise RuntimeError(f"two cases drew the same identity {folder}; change the seed")
@@ -512,9 +548,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", default=DEFAULT_SITE, help="InstitutionName to write")
     parser.add_argument("--size", type=int, default=160, help="rows = columns (default 160)")
     parser.add_argument("--slices", type=int, default=40, help="slices per series (default 40)")
+    parser.add_argument("--scanner", type=int, default=None, metavar="N",
+                        help="this site's scanner (calibration, noise, slice thickness), "
+                        f"one of {len(SCANNERS)} profiles by N mod {len(SCANNERS)}; "
+                        "default: the same images as every other site")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    truth = generate_cohort(args.out, args.cases, args.seed, args.site, args.size, args.slices)
+    truth = generate_cohort(args.out, args.cases, args.seed, args.site, args.size, args.slices,
+                            args.scanner)
     nodules = sum(len(case["nodules"]) for case in truth.values())
     print(
         f"wrote {len(truth)} cases with {nodules} nodules to {args.out} "

@@ -172,14 +172,20 @@ def _obtain_sdk_wheel(sdk: PathLike | None, dest: Path, pip: Sequence[str], verb
     return target
 
 
-_EXTRA_MARKER = re.compile(r"""^\s*extra\s*==\s*["'][^"']+["']\s*$""")
+_EXTRA_MARKER = re.compile(r"""^\s*extra\s*==\s*["']([^"']+)["']\s*$""")
+
+#: The SDK extras whose wheels every build context gets. ``flower`` is not among them (flwr
+#: and its gRPC stack are large): an image of a Flower client lists flwr in requirements.txt.
+SHIPPED_EXTRAS = ("dicom", "training")
 
 
-def wheel_requirements(wheel: PathLike) -> list[str]:
-    """The requirements of a wheel *including every extra's*, markers on extras removed.
+def wheel_requirements(wheel: PathLike, extras: tuple[str, ...] = SHIPPED_EXTRAS) -> list[str]:
+    """The requirements of a wheel *including those of ``extras``*, markers on extras
+    removed, each once.
 
-    The SDK's ``dicom`` extra (pydicom) is shipped in every build context, so a Dockerfile
-    may install ``tributary-algorithm[dicom]`` without listing pydicom itself.
+    The SDK's ``dicom`` extra (pydicom) and ``training`` extra (numpy, safetensors) are
+    shipped in every build context, so a Dockerfile may install
+    ``tributary-algorithm[dicom,training]`` without listing them itself.
     """
     with zipfile.ZipFile(wheel) as archive:
         names = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
@@ -191,9 +197,13 @@ def wheel_requirements(wheel: PathLike) -> list[str]:
         if not line.startswith("Requires-Dist:"):
             continue
         requirement, _, marker = line[len("Requires-Dist:") :].strip().partition(";")
-        if marker and not _EXTRA_MARKER.match(marker):
+        extra = _EXTRA_MARKER.match(marker) if marker else None
+        if extra and extra.group(1) not in extras:
+            continue
+        if marker and not extra:
             requirement = f"{requirement.strip()}; {marker.strip()}"
-        requirements.append(requirement.strip())
+        if requirement.strip() not in requirements:
+            requirements.append(requirement.strip())
     return requirements
 
 

@@ -301,6 +301,90 @@ def _unreadable(folder: Path) -> list[str]:
     return [str(p) for p in _visible_files(folder) if not p.stat().st_mode & stat.S_IROTH]
 
 
+@dataclass(frozen=True)
+class SandboxRun:
+    """How a container run in the spoke's sandbox ended."""
+
+    exit_code: int
+    oom_killed: bool
+    timed_out: bool
+    duration_s: float
+    stdout: str
+    stderr: str
+
+
+def run_sandboxed(
+    image: str,
+    mounts: Sequence[tuple[Path, str, bool]],
+    algo_arg: str,
+    workdir: Path,
+    *,
+    name: str,
+    timeout: float = 3600.0,
+    memory_mb: int = 2048,
+    cpus: float = 1.0,
+    pids_limit: int = 256,
+    tmpfs_mb: int = 512,
+    docker: str = "docker",
+) -> SandboxRun:
+    """Run ``image`` with ``mounts`` ((host, container path, read-only)) and ``ALGO_ARG``
+    in the spoke's sandbox; logs go through ``workdir``. The caller removes the container
+    (``docker rm --force name``)."""
+    # The same sandbox as the spoke's runner: keep these in step with spoke/runner.py.
+    options = {
+        "--name": name,
+        "--network": "none",
+        "--tmpfs": f"{SCRATCH_DIR}:rw,noexec,nosuid,size={tmpfs_mb}m",
+        "--workdir": SCRATCH_DIR,
+        "--user": f"{CONTAINER_USER[0]}:{CONTAINER_USER[1]}",
+        "--cap-drop": "ALL",
+        "--security-opt": "no-new-privileges",
+        "--memory": f"{memory_mb}m",
+        "--memory-swap": f"{memory_mb}m",  # equal to --memory: no swap
+        "--cpus": str(cpus),
+        "--pids-limit": str(pids_limit),
+        "--env": ALGO_ARG_ENV,  # the value comes from the environment, not argv
+    }
+    # --pull never: test the local image, and never reach out to a registry for it.
+    cmd = [docker, "run", "--pull", "never", "--read-only"]
+    for option, value in options.items():
+        cmd += [option, value]
+    for host, target, read_only in mounts:
+        cmd += ["--mount", _mount(host, target, read_only)]
+    cmd.append(image)
+    env = dict(os.environ, **{ALGO_ARG_ENV: algo_arg})
+    stdout_path, stderr_path = workdir / "stdout", workdir / "stderr"
+    timed_out = False
+    started = time.monotonic()
+    with open(stdout_path, "wb") as out_f, open(stderr_path, "wb") as err_f:
+        try:
+            proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)
+        except FileNotFoundError as exc:
+            raise ToolError(f"{docker!r} is not installed or not on PATH") from exc
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            subprocess.run([docker, "kill", name], capture_output=True, check=False)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    duration = time.monotonic() - started
+    stdout, stderr = _tail_file(stdout_path), _tail_file(stderr_path)
+    try:
+        state = json.loads(capture([docker, "inspect", "--format", "{{json .State}}", name]))
+    except ToolError as exc:  # the container was never created (bad image name, …)
+        raise ToolError(
+            f"docker run failed before the container started (exit {proc.returncode}):\n"
+            f"{stderr.strip()}"
+        ) from exc
+    return SandboxRun(exit_code=int(state.get("ExitCode", proc.returncode)),
+                      oom_killed=bool(state.get("OOMKilled")), timed_out=timed_out,
+                      duration_s=round(duration, 3), stdout=stdout, stderr=stderr)
+
+
 def run_local(
     image: str,
     dicom_dir: PathLike,
@@ -377,61 +461,15 @@ def run_participant(
         participant_file.write_text(json.dumps(local.participant, indent=2))
         os.chmod(participant_file, 0o644)
         _prepare_output_dir(out)
-        mounts = [_mount(participant_file, PARTICIPANT_PATH, True)]
-        mounts += [_mount(host, target, True) for host, target in local.mounts]
-        mounts.append(_mount(out, OUTPUT_DIR, False))
-        # The same sandbox as the spoke's runner: keep these in step with spoke/runner.py.
-        options = {
-            "--name": name,
-            "--network": "none",
-            "--tmpfs": f"{SCRATCH_DIR}:rw,noexec,nosuid,size={tmpfs_mb}m",
-            "--workdir": SCRATCH_DIR,
-            "--user": f"{CONTAINER_USER[0]}:{CONTAINER_USER[1]}",
-            "--cap-drop": "ALL",
-            "--security-opt": "no-new-privileges",
-            "--memory": f"{memory_mb}m",
-            "--memory-swap": f"{memory_mb}m",  # equal to --memory: no swap
-            "--cpus": str(cpus),
-            "--pids-limit": str(pids_limit),
-            "--env": ALGO_ARG_ENV,  # the value comes from the environment, not argv
-        }
-        # --pull never: test the local image, and never reach out to a registry for it.
-        cmd = [docker, "run", "--pull", "never", "--read-only"]
-        for option, value in options.items():
-            cmd += [option, value]
-        for spec in mounts:
-            cmd += ["--mount", spec]
-        cmd.append(image)
-        env = dict(os.environ, **{ALGO_ARG_ENV: json.dumps(algo_arg)})
-        stdout_path, stderr_path = workdir / "stdout", workdir / "stderr"
-        timed_out = False
-        started = time.monotonic()
-        with open(stdout_path, "wb") as out_f, open(stderr_path, "wb") as err_f:
-            try:
-                proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, env=env)
-            except FileNotFoundError as exc:
-                raise ToolError(f"{docker!r} is not installed or not on PATH") from exc
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                subprocess.run([docker, "kill", name], capture_output=True, check=False)
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        duration = time.monotonic() - started
-        stdout, stderr = _tail_file(stdout_path), _tail_file(stderr_path)
-        try:
-            state = json.loads(capture([docker, "inspect", "--format", "{{json .State}}", name]))
-        except ToolError as exc:  # the container was never created (bad image name, …)
-            raise ToolError(
-                f"docker run failed before the container started (exit {proc.returncode}):\n"
-                f"{stderr.strip()}"
-            ) from exc
-        exit_code = int(state.get("ExitCode", proc.returncode))
-        oom = bool(state.get("OOMKilled"))
+        mounts = [(participant_file, PARTICIPANT_PATH, True)]
+        mounts += [(host, target, True) for host, target in local.mounts]
+        mounts.append((out, OUTPUT_DIR, False))
+        run = run_sandboxed(image, mounts, json.dumps(algo_arg), workdir, name=name,
+                            timeout=timeout, memory_mb=memory_mb, cpus=cpus,
+                            pids_limit=pids_limit, tmpfs_mb=tmpfs_mb, docker=docker)
+        timed_out, duration, stdout, stderr = (run.timed_out, run.duration_s, run.stdout,
+                                               run.stderr)
+        exit_code, oom = run.exit_code, run.oom_killed
         check = validate_output_file(out / "output.json", output_limit_bytes)
         if timed_out:
             meaning = f"timeout: killed after {timeout:g} s"
@@ -445,7 +483,7 @@ def run_participant(
             meaning=meaning,
             timed_out=timed_out,
             oom_killed=oom,
-            duration_s=round(duration, 3),
+            duration_s=duration,
             stdout=stdout,
             stderr=stderr,
             output=check.output,

@@ -11,11 +11,21 @@ from pydantic import BaseModel, TypeAdapter
 
 from tributary.protocol.contract import AlgoArg, Participant, Progress
 from tributary.protocol.messages import CountRequest, ExperimentMessage, HubMessage, SpokeMessage
+from tributary.protocol.training.contract import (
+    RoundSpec,
+    TrainingAlgoArg,
+    TrainingCohort,
+    TrainingOutput,
+)
 
 SCHEMAS: dict[str, type[BaseModel] | object] = {
     "algo-arg.schema.json": AlgoArg,
     "participant.schema.json": Participant,
     "progress.schema.json": Progress,
+    "training-algo-arg.schema.json": TrainingAlgoArg,
+    "training-cohort.schema.json": TrainingCohort,
+    "training-round.schema.json": RoundSpec,
+    "training-output.schema.json": TrainingOutput,
     "experiment-message.schema.json": ExperimentMessage,
     "count-request.schema.json": CountRequest,
     "hub-message.schema.json": HubMessage,

@@ -60,14 +60,15 @@ def build_and_push(algorithm_dir: Path, name: str, version: str,
 
 
 def generate_cohort(out: Path, cases: int, seed: int, site: str, size: int = 160,
-                    slices: int = 40) -> dict[str, Any]:
-    """Synthetic CT cohort with ground truth, written by the example generator."""
+                    slices: int = 40, scanner: int | None = None) -> dict[str, Any]:
+    """Synthetic CT cohort with ground truth, written by the example generator; ``scanner``
+    (e.g. the site's index) gives the site its own scanner, so sites are not IID."""
     if out.exists():
         shutil.rmtree(out)
     subprocess.run(
         [sys.executable, str(examples_dir() / "synthetic_ct" / "generate.py"), "--out", str(out),
          "--cases", str(cases), "--seed", str(seed), "--site", site, "--size", str(size),
-         "--slices", str(slices)],
+         "--slices", str(slices), *([] if scanner is None else ["--scanner", str(scanner)])],
         check=True, capture_output=True,
     )
     return json.loads((out / "ground_truth.json").read_text())

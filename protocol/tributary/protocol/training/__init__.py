@@ -1,5 +1,9 @@
-"""Federated training's privacy core, shared by hub and spoke (extra ``training``).
+"""Federated training, shared by hub and spoke (extra ``training``): the training
+contract's files, the tensor format, and what a spoke does to an update before it leaves.
 
+* :mod:`.contract`: the training contract's files (``round.json``, ``cohort.json``,
+  ``output.json``) as pydantic models.
+* :mod:`.tensors`: the safetensors format, read strictly (re-exported from the SDK).
 * :mod:`.update`: a model update as named tensors; flatten, L2 clip, Gaussian noise,
   quantisation to integers modulo 2^k and dequantisation of a sum.
 * :mod:`.secagg`: SecAgg+ (Bell et al. 2020) as explicit stages with message models and
