@@ -231,8 +231,11 @@ function caseCells(c) {
 let resultsRequest = 0;
 async function refreshResults(root) {
   const mine = ++resultsRequest; // an older, slower answer must not overwrite a newer one
-  const quantity = new URLSearchParams(window.location.search).get("quantity");
-  const url = `/experiments/${root.dataset.experiment}/results${quantity ? `?quantity=${encodeURIComponent(quantity)}` : ""}`;
+  // The same choices as the page: output, figure, and the spoke table's sort and page.
+  const page = new URLSearchParams(window.location.search);
+  const query = new URLSearchParams();
+  ["quantity", "metric", "sort", "desc", "page"].forEach((k) => { if (page.get(k)) query.set(k, page.get(k)); });
+  const url = `/experiments/${root.dataset.experiment}/results${query.toString() ? `?${query}` : ""}`;
   const response = await fetch(url, { credentials: "same-origin" });
   const html = response.ok ? await response.text() : null;
   if (html !== null && mine === resultsRequest) document.getElementById("results").innerHTML = html;
@@ -296,6 +299,13 @@ function wireLiveExperiment() {
       const old = [...body.children].find((r) => r.dataset.spoke === t.spoke_id);
       if (old) old.replaceWith(row); else body.append(row);
     });
+    const totals = document.getElementById("progress-totals");
+    if (totals) { // many spokes: the sums over every spoke, above the long table
+      const all = [...targets.values()];
+      const sum = (k) => all.reduce((n, t) => n + (t[k] || 0), 0);
+      totals.textContent = `${all.length} spokes: ${sum("succeeded")} done, ${sum("failed")} failed, `
+        + `${sum("running")} running, ${sum("queued")} queued; ${all.filter((t) => !t.spoke_online).length} spokes offline.`;
+    }
     // Buttons that only make sense in some states (launch, cancel) go when it moves on.
     const anyFailed = [...targets.values()].some((t) => t.failed > 0);
     root.querySelectorAll("[data-while]").forEach((button) => {
