@@ -10,8 +10,9 @@ its CPU (from /proc) measured over a window with no viewer, then over the same w
 Results "arrive" by this process updating case rows and marking the study stale, as the
 hub's ingest does (no broker needed), so the hub's own aggregation debouncer runs in both
 windows. With ``--dashboard`` each viewer also does what dashboard.js does on an event: the
-results fragment when the snapshot version changes (at most every 4 s) and the first page
-of cases when counts change (at most every 2 s). The last line reads
+results fragment when the snapshot version changes (at most every 4 s, 10 s above 1,000
+cases) and the first page of cases when counts change (at most every 2 s, and only up to
+1,000 cases: above, the page offers a button instead). The last line reads
 ``viewers: N viewers cost C of a core (hub A with, B without) at M cases``."""
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ from tributary.hub.services.users import create_user, issue_token
 EXPERIMENT = "exp-viewers"
 PASSWORD = "a long enough password"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: dashboard.js's LARGE_STUDY: above it, viewers re-read the case table on demand only.
+LARGE_STUDY = 1000
 
 
 def cpu_seconds(pid: int) -> float:
@@ -179,6 +182,7 @@ class Viewers:
         self.connected = 0
         self.events = 0
         self.fetches = 0
+        self.latencies: list[float] = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.tasks: list[Any] = []
@@ -196,9 +200,11 @@ class Viewers:
     async def _later(self, path: str, wait: float, pending: dict[str, bool]) -> None:
         await asyncio.sleep(wait)
         pending[path] = False
+        t0 = time.monotonic()
         with contextlib.suppress(httpx.HTTPError):
             await self.client.get(path)
             self.fetches += 1
+            self.latencies.append(time.monotonic() - t0)
 
     async def _view(self) -> None:
         snapshot, last = None, {"results": 0.0, "cases": 0.0}
@@ -206,6 +212,7 @@ class Viewers:
         paths = {"results": f"/experiments/{EXPERIMENT}/results",
                  "cases": f"/api/experiments/{EXPERIMENT}/cases"}
         spacing = {"results": 4.0, "cases": 2.0}
+        large = False  # as dashboard.js: above LARGE_STUDY cases, cases on demand only
 
         def schedule(kind: str) -> None:  # as dashboard.js: at most one per spacing
             if pending[kind]:
@@ -226,10 +233,14 @@ class Viewers:
                 elif line.startswith("data:") and name == "progress":
                     self.events += 1
                     data = json.loads(line[5:])
+                    if not data.get("delta"):
+                        large = sum(t.get("case_count") or 0
+                                    for t in data["experiment"]["targets"]) > LARGE_STUDY
+                        spacing["results"] = 10.0 if large else 4.0
                     if self.dashboard:
                         if snapshot is not None and data.get("snapshot") != snapshot:
                             schedule("results")
-                        if data.get("delta") and data["experiment"]["targets"]:
+                        if data.get("delta") and data["experiment"]["targets"] and not large:
                             schedule("cases")
                     snapshot = data.get("snapshot")
 

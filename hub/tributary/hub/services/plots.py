@@ -13,9 +13,11 @@ import html
 import io
 import itertools
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from matplotlib import rcParams
 from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
@@ -182,24 +184,43 @@ def fingerprint(data: object) -> str:
 class PlotCache:
     """Drawn figures kept per aggregate snapshot (``key`` names the snapshot and what else
     the figure depends on), so a page does not redraw them per request: a snapshot never
-    changes once stored. Bounded, least recently used first out; safe across threads."""
+    changes once stored. Bounded, least recently used first out; safe across threads. A
+    figure is drawn once however many requests want it at the same moment (a hundred
+    viewers re-reading the results when a snapshot lands): the others wait for it. With
+    ``ttl``, an entry is drawn again once older than ``ttl`` seconds."""
 
     def __init__(self, size: int = 256) -> None:
         self.size = size
-        self._figures: OrderedDict[Hashable, str] = OrderedDict()
+        self._figures: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+        self._drawing: dict[Hashable, threading.Lock] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable, draw: Callable[[], str]) -> str:
+    def _fresh(self, key: Hashable, ttl: float | None) -> tuple[bool, Any]:
         with self._lock:
-            if key in self._figures:
-                self._figures.move_to_end(key)
-                return self._figures[key]
-        svg = draw()  # outside the lock: two first requests may both draw, none waits
+            entry = self._figures.get(key)
+            if entry is None or (ttl is not None and time.monotonic() - entry[0] > ttl):
+                return False, None
+            self._figures.move_to_end(key)
+            return True, entry[1]
+
+    def get(self, key: Hashable, draw: Callable[[], Any], ttl: float | None = None) -> Any:
+        found, value = self._fresh(key, ttl)
+        if found:
+            return value
         with self._lock:
-            self._figures[key] = svg
-            while len(self._figures) > self.size:
-                self._figures.popitem(last=False)
-        return svg
+            drawing = self._drawing.setdefault(key, threading.Lock())
+        with drawing:  # one drawer per key; the others find its figure afterwards
+            found, value = self._fresh(key, ttl)
+            if not found:
+                value = draw()
+                with self._lock:
+                    self._figures[key] = (time.monotonic(), value)
+                    self._figures.move_to_end(key)
+                    while len(self._figures) > self.size:
+                        self._figures.popitem(last=False)
+            with self._lock:
+                self._drawing.pop(key, None)
+        return value
 
     def __len__(self) -> int:
         return len(self._figures)

@@ -9,6 +9,7 @@ import binascii
 import json
 from collections import Counter, defaultdict
 from datetime import datetime
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, or_, tuple_
 from sqlmodel import Session, col, select
@@ -230,17 +231,25 @@ def any_case_in(session: Session, experiment_id: str, state: str) -> bool:
     ).first() is not None
 
 
+class OutputRead(NamedTuple):
+    """A succeeded case's output, for plots: no custody, released data nor attempts (and no
+    model validation: tens of thousands of them are read at once)."""
+
+    spoke_id: str
+    case_id: str
+    output: dict[str, Any] | None
+    state: str = "succeeded"
+
+
 def output_reads(session: Session, experiment_id: str,
-                 spoke_id: str | None = None) -> list[CaseRead]:
-    """Succeeded cases' spoke, state and output only (no custody, released data nor
-    attempts), for the distribution plots; of one spoke if ``spoke_id`` is given."""
+                 spoke_id: str | None = None) -> list[OutputRead]:
+    """Succeeded cases' outputs, for the distribution plots; of one spoke if ``spoke_id``
+    is given."""
     query = select(CaseResult.spoke_id, CaseResult.case_id, CaseResult.output).where(
         CaseResult.experiment_id == experiment_id, CaseResult.state == CaseState.SUCCEEDED)
     if spoke_id is not None:
         query = query.where(CaseResult.spoke_id == spoke_id)
-    rows = session.exec(query).all()
-    return [CaseRead.model_construct(spoke_id=s, case_id=c, state="succeeded", output=o)
-            for s, c, o in rows]
+    return [OutputRead(s, c, o) for s, c, o in session.exec(query).all()]
 
 
 def case_reads(session: Session, experiment_id: str) -> list[CaseRead]:

@@ -241,6 +241,9 @@ async function refreshResults(root) {
   if (html !== null && mine === resultsRequest) document.getElementById("results").innerHTML = html;
 }
 
+/** Above this many cases, viewers re-read the case table on demand only. */
+const LARGE_STUDY = 1000;
+
 let casesRequest = 0;
 /** Re-read the page of cases the table shows (same cursor and filters) from the API. */
 async function refreshCases(root) {
@@ -266,10 +269,11 @@ function wireLiveExperiment() {
   const source = new EventSource(root.dataset.live);
   let timer = null;
   let last = 0;
-  // Plots are drawn on the hub: redraw at most every few seconds however fast cases finish.
+  // Plots are drawn on the hub: redraw at most every few seconds however fast cases finish
+  // (every ten for a large study, whose every viewer re-reads the same summary).
   const scheduleResults = () => {
     if (timer) return;
-    const wait = Math.max(0, last + 4000 - Date.now());
+    const wait = Math.max(0, last + (large() ? 10000 : 4000) - Date.now());
     timer = setTimeout(() => { timer = null; last = Date.now(); refreshResults(root); }, wait);
   };
   source.addEventListener("open", () => { live.textContent = "live"; live.classList.add("on"); });
@@ -281,7 +285,18 @@ function wireLiveExperiment() {
   let snapshot = null;
   let casesTimer = null;
   let casesLast = 0;
+  // A study of more than LARGE_STUDY cases: its page of cases is re-read when asked (a
+  // button), not by every viewer every two seconds while results stream in.
+  const large = () => [...targets.values()].reduce((n, t) => n + (t.case_count || 0), 0) > LARGE_STUDY;
+  const staleCases = document.getElementById("cases-stale");
+  if (staleCases) {
+    staleCases.addEventListener("click", () => { staleCases.hidden = true; refreshCases(root); });
+  }
   const scheduleCases = () => { // one page of at most 100 cases, at most every 2 seconds
+    if (large()) {
+      if (staleCases) staleCases.hidden = false;
+      return;
+    }
     if (casesTimer) return;
     const wait = Math.max(0, casesLast + 2000 - Date.now());
     casesTimer = setTimeout(() => { casesTimer = null; casesLast = Date.now(); refreshCases(root); }, wait);

@@ -14,12 +14,21 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
+from sqlalchemy import func
 from sqlmodel import Session, select
 
 from tributary.hub.deps import bearer_scheme, current_user, get_session, may_see_cases
-from tributary.hub.models import CaseResult, CaseState, Experiment, ExperimentState, Role, User
+from tributary.hub.models import (
+    AggregateSnapshot,
+    CaseResult,
+    CaseState,
+    Experiment,
+    ExperimentState,
+    Role,
+    User,
+)
 from tributary.hub.services import algorithms as algorithm_versions
-from tributary.hub.services import audit
+from tributary.hub.services import audit, plots
 from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import cohort_sizes, count_reads
 from tributary.hub.services.deadletters import list_dead_letters
@@ -242,10 +251,28 @@ def experiment_results_fragment(experiment_id: str, request: Request,
                                 query: ResultsQuery = Depends(),
                                 session: Session = Depends(get_session),
                                 user: User = Depends(page_user)) -> HTMLResponse:
-    """The results section alone: the page swaps it in when the snapshot changes."""
+    """The results section alone: the page swaps it in when the snapshot changes, so every
+    viewer of a study asks for it at once. Rendered once per snapshot, state and choices,
+    and at most every :data:`FRAGMENT_SECONDS` while results arrive (its "from N of M
+    results" line is that fresh)."""
     experiment = _experiment_or_404(session, experiment_id)
-    return _render(request, "_results.html", user,
-                   **_results_context(request, session, experiment, query, user))
+    version = session.exec(select(func.max(AggregateSnapshot.version)).where(
+        AggregateSnapshot.experiment_id == experiment_id)).one()
+    key = ("results-fragment", experiment_id, version, experiment.state.value,
+           experiment.aggregate_stale_since is None, may_see_cases(user), query.quantity,
+           query.metric, query.sort, query.desc, query.page)
+
+    def render() -> str:
+        context = _results_context(request, session, experiment, query, user)
+        return templates.get_template("_results.html").render(
+            user=user, can={}, state_class=templates.env.globals["state_class"], **context)
+
+    return HTMLResponse(plots.CACHE.get(key, render, ttl=FRAGMENT_SECONDS),
+                        headers={"Cache-Control": "no-store"})
+
+
+#: How long a rendered results fragment serves while its study's results keep arriving.
+FRAGMENT_SECONDS = 2.0
 
 
 @router.get("/experiments/{experiment_id}/plots/forest.svg", response_model=None)

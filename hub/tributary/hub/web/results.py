@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from tributary.hub.aggregation.report import POOLED, AggregateRead, Figure, GroupReport
 from tributary.hub.schemas import CaseRead, ExperimentRead
 from tributary.hub.services import plots
+from tributary.hub.services.progress import OutputRead
 
 #: Case counts every group reports, shown before the aggregator's own figures.
 COUNT_COLUMNS = [("cases", "Cases"), ("succeeded", "Done"), ("failed", "Failed"),
@@ -75,7 +76,7 @@ def cell(figure: Figure | None) -> Cell:
     return Cell(_format(figure.value), interval)
 
 
-def numeric_outputs(cases: list[CaseRead]) -> list[str]:
+def numeric_outputs(cases: Sequence[Case]) -> list[str]:
     """Top-level numeric output fields, most common first."""
     seen: Counter[str] = Counter()
     for case in cases:
@@ -124,10 +125,11 @@ def roc_curves(report: AggregateRead) -> tuple[dict[str, list[tuple[float, float
 MANY_SPOKES = 12
 SPOKES_PER_PAGE = 25
 
-Outputs = Sequence[CaseRead] | Callable[[], Sequence[CaseRead]]
+Case = CaseRead | OutputRead
+Outputs = Sequence[Case] | Callable[[], Sequence[Case]]
 
 
-def _quantities(snapshot: tuple[object, ...], outputs: Callable[[], Sequence[CaseRead]],
+def _quantities(snapshot: tuple[object, ...], outputs: Callable[[], Sequence[Case]],
                 shown: set[str]) -> list[str]:
     """The numeric output fields of the shown spokes, kept per snapshot (in the plot
     cache) so a page reads no case output once they are known."""
@@ -137,13 +139,13 @@ def _quantities(snapshot: tuple[object, ...], outputs: Callable[[], Sequence[Cas
     return [q for q in text.split("\n") if q]
 
 
-def _memo(outputs: Outputs) -> Callable[[], Sequence[CaseRead]]:
+def _memo(outputs: Outputs) -> Callable[[], Sequence[Case]]:
     """The outputs, read from the database at most once and only if a figure needs them."""
     if not callable(outputs):
         return lambda: outputs
-    box: list[Sequence[CaseRead]] = []
+    box: list[Sequence[Case]] = []
 
-    def read() -> Sequence[CaseRead]:
+    def read() -> Sequence[Case]:
         if not box:
             box.append(outputs())
         return box[0]
@@ -180,7 +182,8 @@ def results_view(experiment: ExperimentRead, report: AggregateRead, cases: Outpu
     k = report.min_cell_size
     shown = {name for name, group in report.groups.items() if group.succeeded >= k}
     snapshot = _snapshot(report)
-    quantities = _quantities(snapshot, outputs, shown - {POOLED})
+    # Many spokes: the distribution of outputs is on each spoke's page, none is read here.
+    quantities = [] if compact else _quantities(snapshot, outputs, shown - {POOLED})
     if quantity not in quantities:
         quantity = quantities[0] if quantities else None
     metrics = interval_metrics(report)
@@ -241,7 +244,7 @@ def results_view(experiment: ExperimentRead, report: AggregateRead, cases: Outpu
     return view
 
 
-def _values(cases: Sequence[CaseRead], quantity: str, shown: set[str]
+def _values(cases: Sequence[Case], quantity: str, shown: set[str]
             ) -> dict[str, list[float]]:
     values: dict[str, list[float]] = {}
     for case in cases:
