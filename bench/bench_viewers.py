@@ -12,8 +12,9 @@ hub's ingest does (no broker needed), so the hub's own aggregation debouncer run
 windows. With ``--dashboard`` each viewer also does what dashboard.js does on an event: the
 results fragment when the snapshot version changes (at most every 4 s, 10 s above 1,000
 cases) and the first page of cases when counts change (at most every 2 s, and only up to
-1,000 cases: above, the page offers a button instead). The last line reads
-``viewers: N viewers cost C of a core (hub A with, B without) at M cases``."""
+1,000 cases: above, the page offers a button instead), and the images a new fragment
+names. The last line reads ``viewers: N viewers cost C of a core (hub A with, B without)
+at M cases``."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -197,18 +199,27 @@ class Viewers:
         for _ in range(self.count):
             self.tasks.append(asyncio.run_coroutine_threadsafe(self._view(), self.loop))
 
-    async def _later(self, path: str, wait: float, pending: dict[str, bool]) -> None:
+    async def _later(self, kind: str, path: str, wait: float, pending: dict[str, bool],
+                     seen: set[str]) -> None:
         await asyncio.sleep(wait)
-        pending[path] = False
+        pending[kind] = False
         t0 = time.monotonic()
-        with contextlib.suppress(httpx.HTTPError):
-            await self.client.get(path)
+        with contextlib.suppress(httpx.HTTPError, RuntimeError):  # (closed at the end)
+            page = await self.client.get(path)
             self.fetches += 1
             self.latencies.append(time.monotonic() - t0)
+            # The browser then loads the images the new fragment names (once per URL).
+            for part in page.text.split('<img class="plot" src="')[1:]:
+                url = part.split('"', 1)[0].replace("&amp;", "&")
+                if url not in seen:  # this viewer's browser cache
+                    seen.add(url)
+                    await self.client.get(url)
+                    self.fetches += 1
 
     async def _view(self) -> None:
         snapshot, last = None, {"results": 0.0, "cases": 0.0}
         pending = {"results": False, "cases": False}
+        seen: set[str] = set()
         paths = {"results": f"/experiments/{EXPERIMENT}/results",
                  "cases": f"/api/experiments/{EXPERIMENT}/cases"}
         spacing = {"results": 4.0, "cases": 2.0}
@@ -218,9 +229,10 @@ class Viewers:
             if pending[kind]:
                 return
             pending[kind] = True
-            wait = max(0.0, last[kind] + spacing[kind] - time.monotonic())
+            spread = random.uniform(0, 2) if large and kind == "results" else 0.0
+            wait = max(spread, last[kind] + spacing[kind] - time.monotonic())
             last[kind] = time.monotonic() + wait
-            fetch = asyncio.ensure_future(self._later(paths[kind], wait, pending))
+            fetch = asyncio.ensure_future(self._later(kind, paths[kind], wait, pending, seen))
             self.background.add(fetch)  # kept until done (the loop holds weak references)
             fetch.add_done_callback(self.background.discard)
 

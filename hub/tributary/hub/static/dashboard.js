@@ -273,7 +273,9 @@ function wireLiveExperiment() {
   // (every ten for a large study, whose every viewer re-reads the same summary).
   const scheduleResults = () => {
     if (timer) return;
-    const wait = Math.max(0, last + (large() ? 10000 : 4000) - Date.now());
+    // A large study's viewers all hear of a snapshot at once: spread their reads over 2 s.
+    const spread = large() ? Math.random() * 2000 : 0;
+    const wait = Math.max(spread, last + (large() ? 10000 : 4000) - Date.now());
     timer = setTimeout(() => { timer = null; last = Date.now(); refreshResults(root); }, wait);
   };
   source.addEventListener("open", () => { live.textContent = "live"; live.classList.add("on"); });

@@ -287,8 +287,8 @@ def forest_svg(report: AggregateRead, metric: str) -> str | None:
                     key=lambda r: (math.isnan(r.value), r.value))
     ordered = spokes + [r for r in rows if r.label == POOLED]
     return plots.CACHE.get(("forest-all", _snapshot(report), metric),
-                           lambda: plots.forest(ordered, label,
-                                                confidence=_confidence(report, metric)))
+                           lambda: plots.forest_many(ordered, label,
+                                                     confidence=_confidence(report, metric)))
 
 
 @dataclass
