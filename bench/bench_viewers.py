@@ -259,6 +259,8 @@ class Viewers:
     def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
+        for fetch in list(self.background):
+            self.loop.call_soon_threadsafe(fetch.cancel)
         asyncio.run_coroutine_threadsafe(self.client.aclose(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
 

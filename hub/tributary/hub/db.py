@@ -24,7 +24,8 @@ def make_engine(database_url: str, migrate: bool = True) -> Engine:
     # every thread waiting for a connection held by a request waiting for a thread.
     engine = create_engine(
         database_url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
-        pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
+        # SQLite connections are a file handle: keep more of them than a server's
+        pool_size=POOL_SIZE * 4 if sqlite else POOL_SIZE, max_overflow=POOL_OVERFLOW,
     )
     if sqlite:
         @event.listens_for(engine, "connect")

@@ -174,9 +174,10 @@ def latest(session: Session, experiment: Experiment, min_cell_size: int,
     out-of-date snapshot is recomputed now; while it runs, a snapshot older than the latest
     results is returned flagged ``current=False`` (the debouncer computes the next one)."""
     if version is not None:
-        row = session.exec(select(AggregateSnapshot).where(
-            AggregateSnapshot.experiment_id == experiment.id,
-            AggregateSnapshot.version == version)).first()
+        row = session.exec(select(AggregateSnapshot)
+                           .options(defer(AggregateSnapshot.report))  # type: ignore[arg-type]
+                           .where(AggregateSnapshot.experiment_id == experiment.id,
+                                  AggregateSnapshot.version == version)).first()
         if row is None:
             raise LookupError(f"experiment {experiment.id} has no aggregate version {version}")
         return read_snapshot(row, current=False)
