@@ -17,6 +17,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote, urlencode
 
 from tributary.hub.aggregation.report import POOLED, AggregateRead, Figure, GroupReport
 from tributary.hub.schemas import CaseRead, ExperimentRead
@@ -272,8 +273,8 @@ def _compact_figures(view: ResultsView, report: AggregateRead, metric: str | Non
     if metric is not None and forest_rows(report, metric):
         label = next(c.label for c in report.columns if c.key == metric)
         view.images[f"{label} per spoke"] = (
-            f"/experiments/{report.experiment_id}/plots/forest.svg?metric={metric}"
-            f"&v={report.version}")
+            f"/experiments/{quote(report.experiment_id)}/plots/forest.svg?"
+            f"{urlencode({'metric': metric, 'v': report.version})}")
 
 
 def forest_svg(report: AggregateRead, metric: str) -> str | None:
