@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 from sqlalchemy import func, or_, tuple_
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 
 from tributary.hub.models import (
@@ -196,7 +197,9 @@ def case_page(session: Session, experiment_id: str, limit: int = DEFAULT_CASE_LI
     costs the same wherever it starts and no case is skipped or repeated while others
     arrive). Raises ValueError for a bad cursor."""
     limit = max(1, min(limit, MAX_CASE_LIMIT))
-    query = select(CaseResult).where(CaseResult.experiment_id == experiment_id)
+    query = (select(CaseResult)  # the custody record (the largest column) is not shown
+             .options(defer(CaseResult.custody))  # type: ignore[arg-type]
+             .where(CaseResult.experiment_id == experiment_id))
     if spoke_id is not None:
         query = query.where(CaseResult.spoke_id == spoke_id)
     if state is not None:
