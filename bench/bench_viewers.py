@@ -58,6 +58,8 @@ PASSWORD = "a long enough password"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: dashboard.js's LARGE_STUDY: above it, viewers re-read the case table on demand only.
 LARGE_STUDY = 1000
+#: dashboard.js's LIST_SPACING: the experiments list is re-read at most this often.
+LIST_SPACING = 15.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -179,8 +181,10 @@ class Hub:
 class Viewers:
     """``count`` SSE clients on the study's stream, in an event loop of their own thread."""
 
-    def __init__(self, url: str, token: str, count: int, dashboard: bool) -> None:
+    def __init__(self, url: str, token: str, count: int, dashboard: bool,
+                 list_page: bool = False) -> None:
         self.url, self.token, self.count, self.dashboard = url, token, count, dashboard
+        self.list_page = list_page
         self.connected = 0
         self.events = 0
         self.fetches = 0
@@ -216,7 +220,42 @@ class Viewers:
                     await self.client.get(url)
                     self.fetches += 1
 
+    async def _view_list(self) -> None:
+        """A viewer of the experiments list (``/``): as dashboard.js, the page is re-read
+        when the list's stream says something changed, at most every LIST_SPACING seconds
+        (spread over two), except the first event (the page already shows it)."""
+        first, pending, last = True, False, 0.0
+        seen: set[str] = set()
+
+        def schedule() -> None:
+            nonlocal pending, last
+            if pending:
+                return
+            pending = True
+            wait = max(random.uniform(0, 2), last + LIST_SPACING - time.monotonic())
+            last = time.monotonic() + wait
+
+            async def read() -> None:
+                nonlocal pending
+                await self._later("list", "/", wait, {}, seen)
+                pending = False
+            fetch = asyncio.ensure_future(read())
+            self.background.add(fetch)
+            fetch.add_done_callback(self.background.discard)
+
+        async with self.client.stream("GET", "/api/experiments/events") as r:
+            self.connected += 1
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    self.events += 1
+                    if first:
+                        first = False
+                    elif self.dashboard:  # (the study runs on: never a state change)
+                        schedule()
+
     async def _view(self) -> None:
+        if self.list_page:
+            return await self._view_list()
         snapshot, last = None, {"results": 0.0, "cases": 0.0}
         pending = {"results": False, "cases": False}
         seen: set[str] = set()
@@ -282,6 +321,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="results per second")
     parser.add_argument("--dashboard", action="store_true",
                         help="viewers also re-read the results fragment and cases page")
+    parser.add_argument("--list", action="store_true",
+                        help="viewers of the experiments list (/) instead of the study")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -290,7 +331,7 @@ def main() -> None:
         token = fill(database_url, args.spokes, args.cases, done=0.3)
         hub = Hub(directory, database_url)
         results = Results(database_url, args.rate)
-        viewers = Viewers(hub.url, token, args.viewers, args.dashboard)
+        viewers = Viewers(hub.url, token, args.viewers, args.dashboard, args.list)
         try:
             results.start()
             time.sleep(max(5.0, args.window / 4))  # the first snapshots, then steady state
@@ -317,7 +358,8 @@ def main() -> None:
                 viewers.stop()
             hub.close()
         cost = with_viewers - without
-        mode = " (reading like the dashboard)" if args.dashboard else ""
+        mode = (" of the experiments list" if args.list else "") + (
+            " (reading like the dashboard)" if args.dashboard else "")
         print(f"viewers: {viewers.connected} viewers{mode} cost {cost:.3f} of a core (hub "
               f"{with_viewers:.3f} with, {without:.3f} without) at "
               f"{args.spokes * args.cases} cases")

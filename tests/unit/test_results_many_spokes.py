@@ -114,3 +114,12 @@ def test_each_spoke_has_its_own_page_of_plots(hub: TestClient) -> None:
     assert "Distribution of score" in page.text and "<svg" in page.text
     assert '<tr data-group="site-03">' in page.text and '<tr data-group="pooled">' in page.text
     assert hub.get("/experiments/exp-many/spokes/elsewhere").status_code == 404
+
+
+def test_the_experiments_list_shows_a_study_of_many_spokes_on_one_line(hub: TestClient) -> None:
+    listing = hub.get("/")
+    assert listing.status_code == 200
+    assert f"{len(SPOKES)} spokes" in listing.text
+    assert listing.text.count("<tr>") == 2  # the heading and the study's line
+    assert f'aria-label="{len(SPOKES) * CASES} done, 0 failed, 0 running of ' \
+           f'{len(SPOKES) * CASES}"' in listing.text

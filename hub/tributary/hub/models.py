@@ -232,9 +232,11 @@ class CaseResult(SQLModel, table=True):
                       # counts by state, per study and per spoke, without reading rows
                       Index("ix_caseresult_experiment_spoke_state",
                             "experiment_id", "spoke_id", "state"),
-                      # covers the aggregate's freshness digest: read from the index alone
-                      Index("ix_caseresult_experiment_digest", "experiment_id", "state",
-                            "attempt", "received_at", "result_message_id"))
+                      # cases of one state in (spoke, case) order, for the filtered case
+                      # list; covers the aggregate's freshness digest (read from the index)
+                      Index("ix_caseresult_experiment_state_case", "experiment_id", "state",
+                            "spoke_id", "case_id", "attempt", "received_at",
+                            "result_message_id"))
 
     id: int | None = Field(default=None, primary_key=True)
     experiment_id: str = Field(foreign_key="experiment.id", index=True)

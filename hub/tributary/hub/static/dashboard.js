@@ -241,6 +241,8 @@ async function refreshResults(root) {
   if (html !== null && mine === resultsRequest) document.getElementById("results").innerHTML = html;
 }
 
+/** The experiments list is re-read at most this often (ms) while studies run. */
+const LIST_SPACING = 15000;
 /** Above this many cases, viewers re-read the case table on demand only. */
 const LARGE_STUDY = 1000;
 
@@ -352,13 +354,36 @@ function wireLiveList() {
   if (!list || !list.dataset.liveList || !window.EventSource) return;
   const source = new EventSource(list.dataset.liveList);
   let first = true;
-  source.addEventListener("progress", async () => {
-    if (first) { first = false; return; } // the page already shows this snapshot
+  let timer = null;
+  let last = 0;
+  const reread = async () => {
+    timer = null;
+    last = Date.now();
     const response = await fetch(window.location.pathname, { credentials: "same-origin" });
     if (!response.ok) return;
     const page = new DOMParser().parseFromString(await response.text(), "text/html");
     const fresh = page.getElementById("experiment-list");
     if (fresh) list.innerHTML = fresh.innerHTML;
+  };
+  // The stream says something changed (every second while a study runs): re-read the
+  // page at most every LIST_SPACING, spread over two seconds, so that a hundred open
+  // lists do not each re-read it every second.
+  // Small studies and a study changing state (launched, completed...) are shown within
+  // two seconds.
+  let states = "";
+  source.addEventListener("progress", (event) => {
+    const { experiments } = JSON.parse(event.data);
+    const now = experiments.map((e) => `${e.id}:${e.state}`).join(" ");
+    const moved = now !== states;
+    states = now;
+    if (first) { first = false; return; } // the page already shows this snapshot
+    const running = experiments.filter((e) => e.state === "launched")
+      .reduce((n, e) => n + e.targets.reduce((m, t) => m + (t.case_count || 0), 0), 0);
+    const spacing = moved || running <= LARGE_STUDY ? 2000 : LIST_SPACING;
+    const wait = Math.max(Math.random() * 2000, last + spacing - Date.now());
+    if (timer && !moved) return;
+    clearTimeout(timer);
+    timer = setTimeout(reread, wait);
   });
 }
 

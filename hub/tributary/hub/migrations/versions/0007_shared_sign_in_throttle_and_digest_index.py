@@ -1,6 +1,7 @@
 """Sign-in failures in the database, so every web process of a hub throttles the same
-count; and an index covering the aggregate's freshness digest (experiment, state, attempt,
-arrival, message), so a page learns whether its snapshot is current from the index alone.
+count; and an index of cases by (experiment, state, spoke, case) that also covers the
+aggregate's freshness digest (attempt, arrival, message): the case list filtered by state
+reads its page in order, and a page learns whether its snapshot is current from the index.
 
 Revision ID: 0007
 Revises: 0006
@@ -31,14 +32,14 @@ def upgrade() -> None:
                               unique=False)
         batch_op.create_index(batch_op.f('ix_signinfailure_at'), ['at'], unique=False)
     with op.batch_alter_table('caseresult', schema=None) as batch_op:
-        batch_op.create_index('ix_caseresult_experiment_digest',
-                              ['experiment_id', 'state', 'attempt', 'received_at',
-                               'result_message_id'], unique=False)
+        batch_op.create_index('ix_caseresult_experiment_state_case',
+                              ['experiment_id', 'state', 'spoke_id', 'case_id', 'attempt',
+                               'received_at', 'result_message_id'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('caseresult', schema=None) as batch_op:
-        batch_op.drop_index('ix_caseresult_experiment_digest')
+        batch_op.drop_index('ix_caseresult_experiment_state_case')
     with op.batch_alter_table('signinfailure', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_signinfailure_at'))
         batch_op.drop_index('ix_signinfailure_kind_key_at')
