@@ -1,7 +1,8 @@
 """What viewers of a running study cost the hub: ``tributary hub serve`` as its own
 process on a study of 200 spokes x 150 cases (30,000 case rows) while results keep arriving,
 its CPU (from /proc) measured over a window with no viewer, then over the same window with
-100 real SSE clients (another process: this one, asyncio + httpx) on the study's live stream.
+100 real SSE clients (another process: this one, asyncio + httpx) on the study's live stream,
+then again with none (the cost is the viewers' window less the mean of the two others).
 
     .venv/bin/python bench/bench_viewers.py [--viewers 100 --window 20 --rate 50]
     .venv/bin/python bench/bench_viewers.py --dashboard   # viewers also re-read what the
@@ -296,6 +297,8 @@ class Viewers:
                     snapshot = data.get("snapshot")
 
     def stop(self) -> None:
+        if not self.thread.is_alive() or not self.loop.is_running():
+            return
         for task in self.tasks:
             task.cancel()
         for fetch in list(self.background):
@@ -332,13 +335,11 @@ def main() -> None:
         hub = Hub(directory, database_url)
         results = Results(database_url, args.rate)
         viewers = Viewers(hub.url, token, args.viewers, args.dashboard, args.list)
+        connected = 0
         try:
             results.start()
             time.sleep(max(5.0, args.window / 4))  # the first snapshots, then steady state
-            stored = results.stored
-            without = window(hub.process.pid, args.window)
-            print(f"0 viewers: hub {without:.3f} of a core "
-                  f"({(results.stored - stored) / args.window:.0f} results/s arriving)")
+            before = baseline(hub, results, args.window, "0 viewers")
             viewers.start()
             deadline = time.monotonic() + 60
             while viewers.connected < args.viewers and time.monotonic() < deadline:
@@ -346,10 +347,14 @@ def main() -> None:
             time.sleep(5.0)  # every viewer past its first event
             events, fetches, stored = viewers.events, viewers.fetches, results.stored
             with_viewers = window(hub.process.pid, args.window)
-            print(f"{viewers.connected} viewers: hub {with_viewers:.3f} of a core "
+            connected = viewers.connected
+            print(f"{connected} viewers: hub {with_viewers:.3f} of a core "
                   f"({(results.stored - stored) / args.window:.0f} results/s arriving, "
                   f"{(viewers.events - events) / args.window:.1f} events/s and "
                   f"{(viewers.fetches - fetches) / args.window:.1f} page reads/s received)")
+            viewers.stop()
+            time.sleep(3.0)  # the hub notices the closed streams
+            after = baseline(hub, results, args.window, "0 viewers again")
             if results.stored >= args.spokes * args.cases:
                 print("warning: every case finished during the run; lower --rate")
         finally:
@@ -357,13 +362,23 @@ def main() -> None:
             with contextlib.suppress(Exception):
                 viewers.stop()
             hub.close()
+        # The baseline (mostly the debouncer's recomputations) varies between windows:
+        # the viewers' window is compared with the mean of one before and one after.
+        without = (before + after) / 2
         cost = with_viewers - without
         mode = (" of the experiments list" if args.list else "") + (
             " (reading like the dashboard)" if args.dashboard else "")
-        print(f"viewers: {viewers.connected} viewers{mode} cost {cost:.3f} of a core (hub "
+        print(f"viewers: {connected} viewers{mode} cost {cost:.3f} of a core (hub "
               f"{with_viewers:.3f} with, {without:.3f} without) at "
               f"{args.spokes * args.cases} cases")
 
+
+def baseline(hub: Hub, results: Results, seconds: float, label: str) -> float:
+    stored = results.stored
+    cores = window(hub.process.pid, seconds)
+    print(f"{label}: hub {cores:.3f} of a core "
+          f"({(results.stored - stored) / seconds:.0f} results/s arriving)")
+    return cores
 
 if __name__ == "__main__":
     main()
