@@ -112,6 +112,14 @@ def timed(client: TestClient, path: str, repeats: int) -> tuple[float, float, in
     return statistics.median(times), p95, size
 
 
+def _images(page: str) -> list[str]:
+    """The images the experiment page loads by URL (the many-spokes forest plot)."""
+    urls, marker = [], '<img class="plot" src="'
+    for part in page.split(marker)[1:]:
+        urls.append(part.split('"', 1)[0].replace("&amp;", "&"))
+    return urls
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--spokes", type=int, default=200)
@@ -136,17 +144,22 @@ def main() -> None:
                 create_user(session, "bench", PASSWORD, ["admin"])  # type: ignore[list-item]
                 token, _ = issue_token(session, "bench", PASSWORD)  # type: ignore[misc]
             client.headers["Authorization"] = f"Bearer {token}"
-            client.get(f"/experiments/{EXPERIMENT}")  # the first aggregate snapshot
+            first = client.get(f"/experiments/{EXPERIMENT}")  # the first snapshot
             paths = [f"/experiments/{EXPERIMENT}", f"/experiments/{EXPERIMENT}/results",
+                     *_images(first.text),
+                     f"/experiments/{EXPERIMENT}/results?sort=failed&desc=true&page=3",
+                     f"/experiments/{EXPERIMENT}/spokes/spoke-000",
                      f"/api/experiments/{EXPERIMENT}", f"/api/experiments/{EXPERIMENT}/cases",
                      f"/api/experiments/{EXPERIMENT}/cases?limit=1000&state=failed",
-                     "/api/experiments", "/", "/api/spokes"]
+                     f"/api/experiments/{EXPERIMENT}/aggregate",
+                     "/api/experiments", "/", "/api/spokes", "/spokes"]
             print(f"{'page or endpoint':<58} {'p50 ms':>8} {'p95 ms':>8} {'bytes':>10}")
-            worst = 0.0
+            worst, page_size = 0.0, 0
             for path in paths:
                 p50, p95, size = timed(client, path, args.repeats)
                 worst = max(worst, p95)
-                print(f"{path:<58} {p50:>8.1f} {p95:>8.1f} {size:>10}")
+                page_size = size if path == paths[0] else page_size
+                print(f"{path[:58]:<58} {p50:>8.1f} {p95:>8.1f} {size:>10}")
             t0 = time.perf_counter()
             with client.stream("GET", f"/api/experiments/{EXPERIMENT}/events") as response:
                 first = b""
@@ -160,7 +173,8 @@ def main() -> None:
             if poll is not None:
                 print(f"{'one live poll, shared by all viewers (ms of CPU per s)':<58} "
                       f"{poll:>8.1f}")
-            print(f"hub-pages: p95 {worst:.0f} ms at {args.spokes * args.cases} cases")
+            print(f"hub-pages: p95 {worst:.0f} ms (worst page or endpoint), experiment page "
+                  f"{page_size / 1e6:.2f} MB at {args.spokes * args.cases} cases")
 
 
 def _poll_cost(engine: Any, window: float, repeats: int) -> float | None:

@@ -17,6 +17,7 @@ from sqlmodel import SQLModel
 
 from tributary.hub import migrations
 from tributary.hub.db import open_database
+from tributary.hub.services.throttle import SignInThrottle
 from tributary.hub.settings import HubSettings
 from tributary.protocol.auditlog import read_entries
 from tributary.services import postgres
@@ -107,3 +108,22 @@ def test_a_study_on_a_postgres_hub(server: str, service_settings: ServiceSetting
         assert created_events == 1
     finally:
         federation.stop()
+
+
+def test_sign_in_throttle_shared_on_postgres(server: str, tmp_path: Path) -> None:
+    """Two throttles on one PostgreSQL database (two web processes' view): failures at
+    either count at both, and a correct password clears the user's count for both."""
+    url = new_database(server)
+    engines = [open_database(HubSettings(database_url=url, audit_log=tmp_path / "audit.jsonl"))
+               for _ in range(2)]
+    first, second = (SignInThrottle(engine, 60, max_per_user=3, max_per_address=100)
+                     for engine in engines)
+    first.failed("carol", "10.0.0.1")
+    second.failed("Carol", "10.0.0.2")
+    assert first.retry_after("carol", "10.0.0.3") is None
+    first.failed("carol", "10.0.0.1")
+    assert 0 < (second.retry_after("CAROL", "10.0.0.9") or 0) <= 60
+    second.succeeded("carol")
+    assert first.retry_after("carol", "10.0.0.9") is None
+    for engine in engines:
+        engine.dispose()

@@ -5,6 +5,7 @@ cookie is Secure over HTTPS, and forms refuse cross-site posts without their CSR
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import socket
@@ -247,17 +248,59 @@ def test_the_cookie_is_secure_over_https(tls_hub: ServedHub, hub: ServedHub) -> 
                        for c in login.headers.get_list("set-cookie"))
 
 
-def test_the_throttle_forgets_failures_after_its_window() -> None:
-    now = [0.0]
-    throttle = SignInThrottle(60, max_per_user=2, max_per_address=3, clock=lambda: now[0])
+def test_the_throttle_forgets_failures_after_its_window(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    engine = make_engine(f"sqlite:///{tmp_path / 'throttle.db'}")
+    throttle = SignInThrottle(engine, 60, max_per_user=2, max_per_address=3,
+                              clock=lambda: now[0])
     throttle.failed("Carol", "10.0.0.1")
     throttle.failed("carol", "10.0.0.2")
     assert throttle.retry_after("CAROL", "10.0.0.9") == 60  # usernames compared case-blind
-    now[0] = 30.0
+    now[0] += 30.0
     throttle.succeeded("carol")  # (as after a correct password from elsewhere)
     assert throttle.retry_after("carol", "10.0.0.9") is None
     for _ in range(3):
         throttle.failed("dave", "10.0.0.1")
     assert throttle.retry_after("erin", "10.0.0.1") == 60  # the address, for every user
-    now[0] = 90.0
+    now[0] += 60.0
     assert throttle.retry_after("erin", "10.0.0.1") is None
+    throttle.failed("frank", "10.0.0.3")  # old failures are tidied away as new ones come
+    assert throttle.failures() == 2
+    engine.dispose()
+
+
+def test_two_web_processes_share_one_count(tmp_path: Path) -> None:
+    """Two hub apps on one database (as two web processes behind a load balancer): the
+    failures at either count against the limit at both, so N processes do not allow N
+    times the limit."""
+    database = f"sqlite:///{tmp_path / 'shared.db'}"
+    hubs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        hubs.append(ServedHub(tmp_path / name, tls=False, database_url=database,
+                              signin_max_failures_per_user=3,
+                              signin_max_failures_per_address=100))
+    first, second = hubs
+    with first, first.client() as a, _started(second) as served, served.client() as b:
+        wrong = {"username": "carol", "password": "not the password"}
+        assert a.post("/api/auth/token", json=wrong).status_code == 401
+        assert b.post("/api/auth/token", json=wrong).status_code == 401
+        assert a.post("/api/auth/token", json=wrong).status_code == 401
+        # Three failures in all, two at one and one at the other: both refuse now.
+        right = {"username": "carol", "password": PASSWORD}
+        assert b.post("/api/auth/token", json=right).status_code == 429
+        assert a.post("/api/auth/token", json=right).status_code == 429
+
+
+@contextlib.contextmanager
+def _started(hub: ServedHub) -> Iterator[ServedHub]:
+    """Serve ``hub`` without creating its users again (another app on its database did)."""
+    hub.thread.start()
+    deadline = time.monotonic() + 60
+    while not hub.server.started:
+        assert time.monotonic() < deadline and hub.thread.is_alive(), "hub did not start"
+        time.sleep(0.05)
+    try:
+        yield hub
+    finally:
+        hub.__exit__()

@@ -11,11 +11,21 @@ from sqlmodel import Session, create_engine
 from tributary.hub import migrations
 from tributary.hub.settings import HubSettings
 
+#: Connections kept open per process, and opened beyond them under load (see make_engine).
+POOL_SIZE = 5
+POOL_OVERFLOW = 45
+
 
 def make_engine(database_url: str, migrate: bool = True) -> Engine:
     sqlite = database_url.startswith("sqlite")
+    # More connections than the web server has threads (anyio's 40, plus the live feeds
+    # and the debouncer): a request holds its connection from its authentication until its
+    # handler runs, and with fewer connections than threads a burst of requests can leave
+    # every thread waiting for a connection held by a request waiting for a thread.
     engine = create_engine(
-        database_url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {}
+        database_url, connect_args={"check_same_thread": False, "timeout": 30} if sqlite else {},
+        # SQLite connections are a file handle: keep more of them than a server's
+        pool_size=POOL_SIZE * 4 if sqlite else POOL_SIZE, max_overflow=POOL_OVERFLOW,
     )
     if sqlite:
         @event.listens_for(engine, "connect")

@@ -49,9 +49,20 @@ def get_settings(request: Request) -> HubSettings:
 def current_user(request: Request,
                  credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme),
                  session: Session = Depends(get_session)) -> User:
-    """The user behind the bearer token (or the dashboard's token cookie)."""
+    """The user behind the bearer token (or the dashboard's token cookie), attached to the
+    request's session. The token is checked on a connection of its own, returned at once:
+    FastAPI runs this and the request's handler as separate threadpool jobs, and a burst of
+    requests each holding a connection between the two can take every pooled connection
+    while their handlers wait for a thread (a hundred live viewers connecting did)."""
     token = credentials.credentials if credentials else request.cookies.get(TOKEN_COOKIE)
-    user = user_for_token(session, token) if token else None
+    user = None
+    if token:
+        with Session(session.get_bind()) as own:
+            user = user_for_token(own, token)
+            if user is not None:
+                own.expunge(user)
+    if user is not None:  # attached without a query: the handler may change and commit it
+        user = session.merge(user, load=False)
     if user is None:
         raise HTTPException(401, "sign in first: missing, expired or unknown token",
                             headers={"WWW-Authenticate": "Bearer"})

@@ -86,6 +86,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         broker = StompClient(settings.broker(), "hub").start()
         app.state.settings, app.state.engine, app.state.broker = settings, engine, broker
         app.state.signing_key = key
+        app.state.signin_throttle = make_throttle(settings, engine)  # in the database
         worker.configure(settings, engine)  # aggregation tasks: in-process or on Celery
         _bootstrap_admin(engine, settings)
         if settings.consume_results:
@@ -99,7 +100,6 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     app = FastAPI(title="Tributary hub", version=__version__, lifespan=lifespan,
                   description="Register spokes and algorithms, launch federated experiments "
                               "and read their aggregated results.")
-    app.state.signin_throttle = make_throttle(settings)
     app.add_middleware(StrictTransportSecurity, max_age=settings.hsts_seconds)
     # events first: its /api/experiments/events must not be taken for an experiment id
     for router in (events.router, spokes.router, algorithms.router, experiments.router,

@@ -244,7 +244,12 @@ class CaseResult(SQLModel, table=True):
     __table_args__ = (UniqueConstraint("experiment_id", "spoke_id", "case_id"),
                       # counts by state, per study and per spoke, without reading rows
                       Index("ix_caseresult_experiment_spoke_state",
-                            "experiment_id", "spoke_id", "state"))
+                            "experiment_id", "spoke_id", "state"),
+                      # cases of one state in (spoke, case) order, for the filtered case
+                      # list; covers the aggregate's freshness digest (read from the index)
+                      Index("ix_caseresult_experiment_state_case", "experiment_id", "state",
+                            "spoke_id", "case_id", "attempt", "received_at",
+                            "result_message_id"))
 
     id: int | None = Field(default=None, primary_key=True)
     experiment_id: str = Field(foreign_key="experiment.id", index=True)
@@ -387,3 +392,17 @@ class AggregateSnapshot(SQLModel, table=True):
     results: int
     min_cell_size: int
     report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class SignInFailure(SQLModel, table=True):
+    """One failed sign-in, counted against a user name (``kind`` "user", case-folded) and
+    against the caller's address ("address"). In the database, so every web process of a
+    hub counts the same failures (sign-in throttling, services/throttle.py)."""
+
+    __table_args__ = (Index("ix_signinfailure_kind_key_at", "kind", "key", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str
+    key: str
+    #: Seconds since the epoch (wall clock: shared by processes, unlike a monotonic one).
+    at: float = Field(index=True)

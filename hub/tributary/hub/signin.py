@@ -11,6 +11,7 @@ import secrets
 from datetime import datetime
 
 from fastapi import HTTPException, Request, Response
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from tributary.hub.services import users
@@ -24,8 +25,10 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
-def make_throttle(settings: HubSettings) -> SignInThrottle:
-    return SignInThrottle(settings.signin_window_seconds, settings.signin_max_failures_per_user,
+def make_throttle(settings: HubSettings, engine: Engine) -> SignInThrottle:
+    """The hub's sign-in throttle, counting in its database (shared by its web processes)."""
+    return SignInThrottle(engine, settings.signin_window_seconds,
+                          settings.signin_max_failures_per_user,
                           settings.signin_max_failures_per_address)
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import zipfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -62,60 +64,81 @@ class BundleExperiment(BaseModel):
         return self.image.rpartition("@")[2]
 
 
-def write_bundle(out: Path, experiment: dict[str, Any], cases: list[dict[str, Any]],
+def write_bundle(out: Path, experiment: dict[str, Any], cases: Iterable[dict[str, Any]],
                  hub_key: SigningKey, anchors: AuditAnchors | None = None) -> Path:
     """Write the bundle folder ``out`` for an experiment's cases: those with a custody
     record as results, the others named in ``experiment.json``; with ``anchors``, the audit
-    log heads the hub holds, as ``audit-anchors.json``."""
+    log heads the hub holds, as ``audit-anchors.json``. ``cases`` may be a stream: each case
+    is written as it comes and only case ids are kept, so memory stays flat however many
+    results a study has."""
     out.mkdir(parents=True, exist_ok=False)
     if anchors is not None:
         _write_json(out / ANCHORS, anchors.model_dump(mode="json"))
     expected: dict[str, list[str]] = {}
     without: dict[str, dict[str, str]] = {}
-    for case in sorted(cases, key=lambda c: (c["spoke_id"], c["case_id"])):
-        if case.get("custody"):
-            expected.setdefault(case["spoke_id"], []).append(case["case_id"])
-        else:
-            without.setdefault(case["spoke_id"], {})[case["case_id"]] = str(case["state"])
-    _write_json(out / "experiment.json", {**experiment, "expected_results": expected,
-                                          "cases_without_result": without})
-    parts = [{"@id": "experiment.json", "@type": "File", "name": "Experiment definition"}]
-    if anchors is not None:
-        parts.append({"@id": ANCHORS, "@type": "File", "name": "Audit log anchors"})
     for case in cases:
         if not case.get("custody"):
+            without.setdefault(case["spoke_id"], {})[case["case_id"]] = str(case["state"])
             continue
+        expected.setdefault(case["spoke_id"], []).append(case["case_id"])
         stem = f"results/{case['spoke_id']}/{case['case_id']}"
         _write_json(out / f"{stem}.json", {k: case[k] for k in (
             "experiment_id", "spoke_id", "case_id", "attempt", "state", "output", "failure",
             "released", "image_digest", "started_at", "finished_at")})
         _write_json(out / f"{stem}.custody.dsse.json", case["custody"])
-        parts += [{"@id": f"{stem}.json", "@type": "File", "name": f"Result {case['case_id']}"},
-                  {"@id": f"{stem}.custody.dsse.json", "@type": "File",
-                   "encodingFormat": "application/vnd.dsse.envelope.v1+json",
-                   "name": f"Custody record {case['case_id']}"}]
-    _write_json(out / "ro-crate-metadata.json", {
-        "@context": "https://w3id.org/ro/crate/1.1/context",
-        "@graph": [
-            {"@id": "ro-crate-metadata.json", "@type": "CreativeWork",
-             "about": {"@id": "./"},
-             "conformsTo": [{"@id": "https://w3id.org/ro/crate/1.1"},
-                            {"@id": "https://w3id.org/5s-crate/0.4"}]},
-            {"@id": "./", "@type": "Dataset", "name": f"Tributary study {experiment['id']}",
-             "description": experiment.get("name", ""), "hasPart": [
-                 {"@id": p["@id"]} for p in parts]},
-            *parts,
-        ]})
+    expected = {spoke: sorted(ids) for spoke, ids in sorted(expected.items())}
+    without = {spoke: dict(sorted(ids.items())) for spoke, ids in sorted(without.items())}
+    _write_json(out / "experiment.json", {**experiment, "expected_results": expected,
+                                          "cases_without_result": without})
+    parts = [{"@id": "experiment.json", "@type": "File", "name": "Experiment definition"}]
+    if anchors is not None:
+        parts.append({"@id": ANCHORS, "@type": "File", "name": "Audit log anchors"})
+    _write_crate(out, experiment, parts, expected)
     sign_manifest(out, hub_key)
     return out
 
 
+def _result_parts(expected: dict[str, list[str]]) -> Iterator[dict[str, Any]]:
+    for spoke, ids in expected.items():
+        for case_id in ids:
+            stem = f"results/{spoke}/{case_id}"
+            yield {"@id": f"{stem}.json", "@type": "File", "name": f"Result {case_id}"}
+            yield {"@id": f"{stem}.custody.dsse.json", "@type": "File",
+                   "encodingFormat": "application/vnd.dsse.envelope.v1+json",
+                   "name": f"Custody record {case_id}"}
+
+
+def _write_crate(out: Path, experiment: dict[str, Any], parts: list[dict[str, Any]],
+                 expected: dict[str, list[str]]) -> None:
+    """``ro-crate-metadata.json``, written part by part (two parts per result)."""
+    def dump(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, default=str)
+
+    with (out / "ro-crate-metadata.json").open("w") as crate:
+        crate.write('{"@context": "https://w3id.org/ro/crate/1.1/context", "@graph": [')
+        crate.write(dump({"@id": "ro-crate-metadata.json", "@type": "CreativeWork",
+                          "about": {"@id": "./"},
+                          "conformsTo": [{"@id": "https://w3id.org/ro/crate/1.1"},
+                                         {"@id": "https://w3id.org/5s-crate/0.4"}]}))
+        crate.write(',\n{"@id": "./", "@type": "Dataset", "name": ')
+        crate.write(dump(f"Tributary study {experiment['id']}"))
+        crate.write(', "description": ' + dump(experiment.get("name", "")) + ', "hasPart": [')
+        every = itertools.chain(parts, _result_parts(expected))
+        crate.write(", ".join(dump({"@id": p["@id"]}) for p in every))
+        crate.write("]}")
+        for part in itertools.chain(parts, _result_parts(expected)):
+            crate.write(",\n" + dump(part))
+        crate.write("]}\n")
+
+
 def sign_manifest(folder: Path, hub_key: SigningKey) -> None:
     """(Re)write the SHA-256 manifest of every file in ``folder`` and the hub's signature."""
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and p.name not in (MANIFEST, MANIFEST_SIGNATURE))
-    manifest = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  "
-                       f"{p.relative_to(folder).as_posix()}\n" for p in files)
+    names = sorted(  # relative names as strings: a bundle may hold 60,000 files
+        PurePosixPath(Path(root).relative_to(folder).as_posix(), name).as_posix()
+        for root, _, files in os.walk(folder) for name in files
+        if Path(root) != folder or name not in (MANIFEST, MANIFEST_SIGNATURE))
+    manifest = "".join(f"{hashlib.sha256((folder / name).read_bytes()).hexdigest()}  "
+                       f"{name}\n" for name in names)
     (folder / MANIFEST).write_text(manifest)
     _write_json(folder / MANIFEST_SIGNATURE,
                 hub_key.sign(manifest.encode(), MANIFEST_PAYLOAD_TYPE))

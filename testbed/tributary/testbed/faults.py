@@ -214,9 +214,16 @@ class FaultRig:
         return _wait(done, timeout, f"completion of {experiment_id}")
 
     def cases(self, experiment_id: str) -> list[dict[str, Any]]:
+        """Every case: the list is paginated, so each page's ``Link: rel=next`` is followed."""
+        found: list[dict[str, Any]] = []
         with self.federation.api() as api:
-            return list(api.get(f"/api/experiments/{experiment_id}/cases")
-                        .raise_for_status().json())
+            response = api.get(f"/api/experiments/{experiment_id}/cases",
+                               params={"limit": 1000})
+            while True:
+                found += response.raise_for_status().json()
+                if "next" not in response.links:
+                    return found
+                response = api.get(response.links["next"]["url"])
 
     def retry_failed(self, experiment_id: str, timeout: float = 300) -> list[str]:
         """Run the failed cases again (new attempts) and wait for the experiment."""

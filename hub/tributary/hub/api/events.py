@@ -27,7 +27,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from starlette.concurrency import run_in_threadpool
 
-from tributary.hub.deps import current_user, may_see_cases
+from tributary.hub.deps import current_user, get_session, may_see_cases
 from tributary.hub.models import (
     TERMINAL_TARGET_STATES,
     AggregateSnapshot,
@@ -201,6 +201,13 @@ async def _stream(request: Request, feed: Feed,
         feed.unsubscribe(queue)
 
 
+def release(session: Session) -> None:
+    """Give the request's database connection back before streaming: the request's session
+    (which authenticated the viewer) lives as long as the response, and a hundred viewers
+    holding a pooled connection each would starve every other request."""
+    session.close()
+
+
 def _response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
@@ -208,10 +215,12 @@ def _response(events: AsyncIterator[str]) -> StreamingResponse:
 
 @router.get("/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-def experiments_events(request: Request) -> StreamingResponse:
+def experiments_events(request: Request,
+                       session: Session = Depends(get_session)) -> StreamingResponse:
     """SSE stream of every experiment's progress (``progress`` events with
     ``{"experiments": [...]}``, as ``GET /api/experiments`` returns them), sent when
     anything changes; one computation per hub for all its viewers."""
+    release(session)
     engine, window = request.app.state.engine, request.app.state.settings.spoke_online_seconds
     feed = _feed(request, "*", lambda: experiments_state(engine, window))
 
@@ -224,7 +233,8 @@ def experiments_events(request: Request) -> StreamingResponse:
 @router.get("/{experiment_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
 def experiment_events(experiment_id: str, request: Request,
-                      user: User = Depends(current_user)) -> StreamingResponse:
+                      user: User = Depends(current_user),
+                      session: Session = Depends(get_session)) -> StreamingResponse:
     """SSE stream of one experiment: a first ``progress`` event ``{"experiment": ...,
     "cases": [...], "snapshot": N}`` (as ``GET /api/experiments/{id}`` and the first page
     of ``.../cases``; ``cases`` is empty for a user who may not see per-case data), then
@@ -232,11 +242,11 @@ def experiment_events(experiment_id: str, request: Request,
     N, "delta": true}`` whenever something changes, then ``end`` once it is over
     (completed or cancelled, and every spoke settled)."""
     engine, window = request.app.state.engine, request.app.state.settings.spoke_online_seconds
-    with Session(engine) as session:
-        found = session.get(Experiment, experiment_id)
-        if found is None:
-            raise HTTPException(404, f"no experiment {experiment_id!r}")
-        with_cases = may_see_cases(user, found)
+    found = session.get(Experiment, experiment_id)
+    if found is None:
+        raise HTTPException(404, f"no experiment {experiment_id!r}")
+    with_cases = may_see_cases(user, found)
+    release(session)
     feed = _feed(request, f"experiment:{experiment_id}",
                  lambda: experiment_state(engine, experiment_id, window))
 

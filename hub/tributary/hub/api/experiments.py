@@ -23,7 +23,6 @@ from tributary.hub.deps import (
 )
 from tributary.hub.models import (
     Algorithm,
-    CaseResult,
     CaseState,
     Experiment,
     ExperimentState,
@@ -263,17 +262,20 @@ def export_bundle(experiment_id: str, request: Request, background: BackgroundTa
     experiment = _get(session, experiment_id)
     read = experiment_read(session, experiment).model_dump(mode="json")
     read["custody_gaps"] = exports.custody_gaps(session, experiment_id)  # accepted as lost
-    cases = session.exec(select(CaseResult).where(
-        CaseResult.experiment_id == experiment_id)).all()
-    rows = [{**c.model_dump(mode="json"), "state": c.state.value} for c in cases]
     workdir = Path(tempfile.mkdtemp(prefix="tributary-bundle-"))
     held = anchors(session, [t.spoke_id for t in session.exec(select(ExperimentTarget).where(
         ExperimentTarget.experiment_id == experiment_id))])
-    folder = write_bundle(workdir / experiment_id, read, rows, request.app.state.signing_key,
-                          held)
-    archive = zip_bundle(folder, workdir / f"{experiment_id}.zip")
-    audit.record(session, actor, "bundle.exported", experiment_id,
-                 results=sum(1 for c in cases if c.custody))
+    counted: list[int] = []  # the cases stream from the database, a chunk at a time
+    try:
+        folder = write_bundle(workdir / experiment_id, read,
+                              exports.iter_bundle_cases(request.app.state.engine, experiment_id,
+                                                        counted),
+                              request.app.state.signing_key, held)
+        archive = zip_bundle(folder, workdir / f"{experiment_id}.zip")
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    audit.record(session, actor, "bundle.exported", experiment_id, results=counted[0])
     session.commit()
     background.add_task(shutil.rmtree, workdir, True)
     return FileResponse(archive, media_type="application/zip",

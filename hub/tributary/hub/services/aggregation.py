@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from collections import OrderedDict
 from datetime import UTC, timedelta
 from typing import Any
 
 from sqlalchemy import case, func
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 
 from tributary.hub import tasks
@@ -86,7 +89,10 @@ def _compute(session: Session, experiment: Experiment, min_cell_size: int) -> di
 
 
 def _latest_row(session: Session, experiment_id: str) -> AggregateSnapshot | None:
+    """The latest snapshot row; its report (large) is loaded only when read, and
+    :func:`read_snapshot` reads it once per process."""
     return session.exec(select(AggregateSnapshot)
+                        .options(defer(AggregateSnapshot.report))  # type: ignore[arg-type]
                         .where(AggregateSnapshot.experiment_id == experiment_id)
                         .order_by(col(AggregateSnapshot.version).desc()).limit(1)).first()
 
@@ -119,16 +125,33 @@ def refresh(session: Session, experiment_id: str, min_cell_size: int) -> Aggrega
     raise RuntimeError(f"could not store an aggregate of {experiment_id}: too much contention")
 
 
+#: Stored snapshots never change: each is parsed and suppressed once per process.
+_READS: OrderedDict[tuple[Any, ...], AggregateRead] = OrderedDict()
+_READS_LOCK = threading.Lock()
+_READS_SIZE = 64
+
+
 def read_snapshot(snapshot: AggregateSnapshot, current: bool = True,
                   received: int | None = None) -> AggregateRead:
     """A stored snapshot, suppressed again on the way out: snapshots stored before
-    complementary suppression still held recoverable figures and n's below k."""
-    report = AggregateRead(experiment_id=snapshot.experiment_id, version=snapshot.version,
-                           computed_at=snapshot.computed_at, results=snapshot.results,
-                           min_cell_size=snapshot.min_cell_size, current=current,
-                           received=received, **snapshot.report)
-    report.groups = suppress_table(report.groups, POOLED, snapshot.min_cell_size)
-    return report
+    complementary suppression still held recoverable figures and n's below k. Kept parsed
+    per snapshot (a study of 200 spokes is a large report); treat the result as read-only."""
+    key = (snapshot.id, snapshot.experiment_id, snapshot.version, snapshot.computed_at,
+           snapshot.min_cell_size, snapshot.inputs_sha256)
+    with _READS_LOCK:
+        report = _READS.get(key)
+        if report is not None:
+            _READS.move_to_end(key)
+    if report is None:
+        report = AggregateRead(experiment_id=snapshot.experiment_id, version=snapshot.version,
+                               computed_at=snapshot.computed_at, results=snapshot.results,
+                               min_cell_size=snapshot.min_cell_size, **snapshot.report)
+        report.groups = suppress_table(report.groups, POOLED, snapshot.min_cell_size)
+        with _READS_LOCK:
+            _READS[key] = report
+            while len(_READS) > _READS_SIZE:
+                _READS.popitem(last=False)
+    return report.model_copy(update={"current": current, "received": received})
 
 
 def received(session: Session, experiment_id: str) -> int:
@@ -151,9 +174,10 @@ def latest(session: Session, experiment: Experiment, min_cell_size: int,
     out-of-date snapshot is recomputed now; while it runs, a snapshot older than the latest
     results is returned flagged ``current=False`` (the debouncer computes the next one)."""
     if version is not None:
-        row = session.exec(select(AggregateSnapshot).where(
-            AggregateSnapshot.experiment_id == experiment.id,
-            AggregateSnapshot.version == version)).first()
+        row = session.exec(select(AggregateSnapshot)
+                           .options(defer(AggregateSnapshot.report))  # type: ignore[arg-type]
+                           .where(AggregateSnapshot.experiment_id == experiment.id,
+                                  AggregateSnapshot.version == version)).first()
         if row is None:
             raise LookupError(f"experiment {experiment.id} has no aggregate version {version}")
         return read_snapshot(row, current=False)

@@ -61,6 +61,38 @@ def iter_result_rows(engine: Engine, experiment_id: str) -> Iterator[ResultRow]:
         after = (rows[-1][0], rows[-1][1])
 
 
+#: Whole case rows (with custody records, a few kilobytes each) per round trip.
+BUNDLE_CHUNK = 100
+
+
+def iter_bundle_cases(engine: Engine, experiment_id: str,
+                      counted: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Every case of an experiment whole (custody record included), as the study bundle
+    writes it, in (spoke, case) order, read ``BUNDLE_CHUNK`` rows at a time in sessions of
+    its own: a bundle of 30,000 results never holds more than one chunk. ``counted``, if
+    given, gets the number of results with a custody record appended at the end."""
+    after: tuple[str, str] | None = None
+    with_custody = 0
+    while True:
+        with Session(engine) as session:
+            query = select(CaseResult).where(CaseResult.experiment_id == experiment_id)
+            if after is not None:
+                query = query.where(or_(col(CaseResult.spoke_id) > after[0],
+                                        (col(CaseResult.spoke_id) == after[0])
+                                        & (col(CaseResult.case_id) > after[1])))
+            rows = session.exec(query.order_by(CaseResult.spoke_id, CaseResult.case_id)
+                                .limit(BUNDLE_CHUNK)).all()
+            chunk = [{**row.model_dump(mode="json"), "state": row.state.value} for row in rows]
+        for case in chunk:
+            with_custody += bool(case.get("custody"))
+            yield case
+        if len(chunk) < BUNDLE_CHUNK:
+            if counted is not None:
+                counted.append(with_custody)
+            return
+        after = (chunk[-1]["spoke_id"], chunk[-1]["case_id"])
+
+
 def stream_results_json(engine: Engine, experiment_id: str) -> Iterator[str]:
     """The JSON array of :func:`iter_result_rows`, one row at a time."""
     yield "["

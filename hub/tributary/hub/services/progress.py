@@ -9,8 +9,10 @@ import binascii
 import json
 from collections import Counter, defaultdict
 from datetime import datetime
+from typing import Any, NamedTuple
 
-from sqlalchemy import func, or_
+from sqlalchemy import func, or_, tuple_
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 
 from tributary.hub.models import (
@@ -163,16 +165,17 @@ def decode_cursor(cursor: str) -> tuple[str, str]:
 
 def _attempts(session: Session, experiment_id: str, rows: list[CaseResult]
               ) -> dict[tuple[str, str], list[AttemptRead]]:
+    """The attempt history of exactly these cases: (spoke, case) pairs matched as row
+    values on the unique index, in chunks, so a page of cases spread over many spokes
+    never reads the other spokes' attempts."""
     history: dict[tuple[str, str], list[AttemptRead]] = defaultdict(list)
-    if not rows:
-        return history
-    wanted = {(r.spoke_id, r.case_id) for r in rows}
-    for a in session.exec(select(CaseAttempt).where(
-            CaseAttempt.experiment_id == experiment_id,
-            col(CaseAttempt.spoke_id).in_({s for s, _ in wanted}),
-            col(CaseAttempt.case_id).in_({c for _, c in wanted}))
-            .order_by(CaseAttempt.attempt)).all():
-        if (a.spoke_id, a.case_id) in wanted:
+    wanted = sorted({(r.spoke_id, r.case_id) for r in rows})
+    for start in range(0, len(wanted), 400):
+        chunk = wanted[start:start + 400]
+        for a in session.exec(select(CaseAttempt).where(
+                CaseAttempt.experiment_id == experiment_id,
+                tuple_(col(CaseAttempt.spoke_id), col(CaseAttempt.case_id)).in_(chunk))
+                .order_by(CaseAttempt.attempt)).all():
             history[(a.spoke_id, a.case_id)].append(AttemptRead(
                 attempt=a.attempt, state=a.state.value, failure=a.failure,
                 started_at=a.started_at, finished_at=a.finished_at, received_at=a.received_at))
@@ -195,7 +198,9 @@ def case_page(session: Session, experiment_id: str, limit: int = DEFAULT_CASE_LI
     costs the same wherever it starts and no case is skipped or repeated while others
     arrive). Raises ValueError for a bad cursor."""
     limit = max(1, min(limit, MAX_CASE_LIMIT))
-    query = select(CaseResult).where(CaseResult.experiment_id == experiment_id)
+    query = (select(CaseResult)  # the custody record (the largest column) is not shown
+             .options(defer(CaseResult.custody))  # type: ignore[arg-type]
+             .where(CaseResult.experiment_id == experiment_id))
     if spoke_id is not None:
         query = query.where(CaseResult.spoke_id == spoke_id)
     if state is not None:
@@ -230,14 +235,25 @@ def any_case_in(session: Session, experiment_id: str, state: str) -> bool:
     ).first() is not None
 
 
-def output_reads(session: Session, experiment_id: str) -> list[CaseRead]:
-    """Succeeded cases' spoke, state and output only (no custody, released data nor
-    attempts), for the results section's distribution plot."""
-    rows = session.exec(select(CaseResult.spoke_id, CaseResult.case_id, CaseResult.output)
-                        .where(CaseResult.experiment_id == experiment_id,
-                               CaseResult.state == CaseState.SUCCEEDED)).all()
-    return [CaseRead.model_construct(spoke_id=s, case_id=c, state="succeeded", output=o)
-            for s, c, o in rows]
+class OutputRead(NamedTuple):
+    """A succeeded case's output, for plots: no custody, released data nor attempts (and no
+    model validation: tens of thousands of them are read at once)."""
+
+    spoke_id: str
+    case_id: str
+    output: dict[str, Any] | None
+    state: str = "succeeded"
+
+
+def output_reads(session: Session, experiment_id: str,
+                 spoke_id: str | None = None) -> list[OutputRead]:
+    """Succeeded cases' outputs, for the distribution plots; of one spoke if ``spoke_id``
+    is given."""
+    query = select(CaseResult.spoke_id, CaseResult.case_id, CaseResult.output).where(
+        CaseResult.experiment_id == experiment_id, CaseResult.state == CaseState.SUCCEEDED)
+    if spoke_id is not None:
+        query = query.where(CaseResult.spoke_id == spoke_id)
+    return [OutputRead(s, c, o) for s, c, o in session.exec(query).all()]
 
 
 def case_reads(session: Session, experiment_id: str) -> list[CaseRead]:

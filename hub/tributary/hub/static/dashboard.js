@@ -235,12 +235,20 @@ function caseCells(c) {
 let resultsRequest = 0;
 async function refreshResults(root) {
   const mine = ++resultsRequest; // an older, slower answer must not overwrite a newer one
-  const quantity = new URLSearchParams(window.location.search).get("quantity");
-  const url = `/experiments/${root.dataset.experiment}/results${quantity ? `?quantity=${encodeURIComponent(quantity)}` : ""}`;
+  // The same choices as the page: output, figure, and the spoke table's sort and page.
+  const page = new URLSearchParams(window.location.search);
+  const query = new URLSearchParams();
+  ["quantity", "metric", "sort", "desc", "page"].forEach((k) => { if (page.get(k)) query.set(k, page.get(k)); });
+  const url = `/experiments/${root.dataset.experiment}/results${query.toString() ? `?${query}` : ""}`;
   const response = await fetch(url, { credentials: "same-origin" });
   const html = response.ok ? await response.text() : null;
   if (html !== null && mine === resultsRequest) document.getElementById("results").innerHTML = html;
 }
+
+/** The experiments list is re-read at most this often (ms) while studies run. */
+const LIST_SPACING = 15000;
+/** Above this many cases, viewers re-read the case table on demand only. */
+const LARGE_STUDY = 1000;
 
 let casesRequest = 0;
 /** Re-read the page of cases the table shows (same cursor and filters) from the API. */
@@ -267,10 +275,13 @@ function wireLiveExperiment() {
   const source = new EventSource(root.dataset.live);
   let timer = null;
   let last = 0;
-  // Plots are drawn on the hub: redraw at most every few seconds however fast cases finish.
+  // Plots are drawn on the hub: redraw at most every few seconds however fast cases finish
+  // (every ten for a large study, whose every viewer re-reads the same summary).
   const scheduleResults = () => {
     if (timer) return;
-    const wait = Math.max(0, last + 4000 - Date.now());
+    // A large study's viewers all hear of a snapshot at once: spread their reads over 2 s.
+    const spread = large() ? Math.random() * 2000 : 0;
+    const wait = Math.max(spread, last + (large() ? 10000 : 4000) - Date.now());
     timer = setTimeout(() => { timer = null; last = Date.now(); refreshResults(root); }, wait);
   };
   source.addEventListener("open", () => { live.textContent = "live"; live.classList.add("on"); });
@@ -282,7 +293,18 @@ function wireLiveExperiment() {
   let snapshot = null;
   let casesTimer = null;
   let casesLast = 0;
+  // A study of more than LARGE_STUDY cases: its page of cases is re-read when asked (a
+  // button), not by every viewer every two seconds while results stream in.
+  const large = () => [...targets.values()].reduce((n, t) => n + (t.case_count || 0), 0) > LARGE_STUDY;
+  const staleCases = document.getElementById("cases-stale");
+  if (staleCases) {
+    staleCases.addEventListener("click", () => { staleCases.hidden = true; refreshCases(root); });
+  }
   const scheduleCases = () => { // one page of at most 100 cases, at most every 2 seconds
+    if (large()) {
+      if (staleCases) staleCases.hidden = false;
+      return;
+    }
     if (casesTimer) return;
     const wait = Math.max(0, casesLast + 2000 - Date.now());
     casesTimer = setTimeout(() => { casesTimer = null; casesLast = Date.now(); refreshCases(root); }, wait);
@@ -300,6 +322,13 @@ function wireLiveExperiment() {
       const old = [...body.children].find((r) => r.dataset.spoke === t.spoke_id);
       if (old) old.replaceWith(row); else body.append(row);
     });
+    const totals = document.getElementById("progress-totals");
+    if (totals) { // many spokes: the sums over every spoke, above the long table
+      const all = [...targets.values()];
+      const sum = (k) => all.reduce((n, t) => n + (t[k] || 0), 0);
+      totals.textContent = `${all.length} spokes: ${sum("succeeded")} done, ${sum("failed")} failed, `
+        + `${sum("running")} running, ${sum("queued")} queued; ${all.filter((t) => !t.spoke_online).length} spokes offline.`;
+    }
     // Buttons that only make sense in some states (launch, cancel) go when it moves on.
     const anyFailed = [...targets.values()].some((t) => t.failed > 0);
     root.querySelectorAll("[data-while]").forEach((button) => {
@@ -329,13 +358,36 @@ function wireLiveList() {
   if (!list || !list.dataset.liveList || !window.EventSource) return;
   const source = new EventSource(list.dataset.liveList);
   let first = true;
-  source.addEventListener("progress", async () => {
-    if (first) { first = false; return; } // the page already shows this snapshot
+  let timer = null;
+  let last = 0;
+  const reread = async () => {
+    timer = null;
+    last = Date.now();
     const response = await fetch(window.location.pathname, { credentials: "same-origin" });
     if (!response.ok) return;
     const page = new DOMParser().parseFromString(await response.text(), "text/html");
     const fresh = page.getElementById("experiment-list");
     if (fresh) list.innerHTML = fresh.innerHTML;
+  };
+  // The stream says something changed (every second while a study runs): re-read the
+  // page at most every LIST_SPACING, spread over two seconds, so that a hundred open
+  // lists do not each re-read it every second.
+  // Small studies and a study changing state (launched, completed...) are shown within
+  // two seconds.
+  let states = "";
+  source.addEventListener("progress", (event) => {
+    const { experiments } = JSON.parse(event.data);
+    const now = experiments.map((e) => `${e.id}:${e.state}`).join(" ");
+    const moved = now !== states;
+    states = now;
+    if (first) { first = false; return; } // the page already shows this snapshot
+    const running = experiments.filter((e) => e.state === "launched")
+      .reduce((n, e) => n + e.targets.reduce((m, t) => m + (t.case_count || 0), 0), 0);
+    const spacing = moved || running <= LARGE_STUDY ? 2000 : LIST_SPACING;
+    const wait = Math.max(Math.random() * 2000, last + spacing - Date.now());
+    if (timer && !moved) return;
+    clearTimeout(timer);
+    timer = setTimeout(reread, wait);
   });
 }
 

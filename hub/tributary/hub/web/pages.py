@@ -14,10 +14,12 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
+from sqlalchemy import func
 from sqlmodel import Session, select
 
 from tributary.hub.deps import RowId, bearer_scheme, current_user, get_session, may_see_cases
 from tributary.hub.models import (
+    AggregateSnapshot,
     Algorithm,
     CaseResult,
     CaseState,
@@ -27,7 +29,7 @@ from tributary.hub.models import (
     User,
 )
 from tributary.hub.services import algorithms as algorithm_versions
-from tributary.hub.services import audit
+from tributary.hub.services import audit, plots
 from tributary.hub.services import trust as spoke_trust
 from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import cohort_sizes, count_reads
@@ -51,7 +53,7 @@ from tributary.hub.signin import (
     set_csrf_cookie,
     sign_in,
 )
-from tributary.hub.web.results import results_view
+from tributary.hub.web.results import forest_svg, results_view, spoke_view
 from tributary.protocol.deadletters import DeadLetterError
 
 templates = Jinja2Templates(directory=Path(__file__).parents[1] / "templates")
@@ -189,31 +191,44 @@ def _experiment_or_404(session: Session, experiment_id: str) -> Experiment:
     return experiment
 
 
+class ResultsQuery:
+    """What the results section shows: the output in the distribution, the figure in the
+    forest plot and, for many spokes, the spoke table's sort and page (query parameters of
+    the page and of its results fragment alike)."""
+
+    def __init__(self, quantity: str | None = None, metric: str | None = None,
+                 sort: str | None = None, desc: bool = False, page: int = 1) -> None:
+        self.quantity, self.metric, self.sort, self.desc = quantity, metric, sort, desc
+        self.page = page
+
+
 def _results_context(request: Request, session: Session, experiment: Experiment,
-                     quantity: str | None, metric: str | None, user: User) -> dict[str, Any]:
+                     query: ResultsQuery, user: User) -> dict[str, Any]:
     """What GET /api/experiments/{id} and .../aggregate return to ``user``, for the
     results section: no distribution of per-case outputs for a user who may not see
-    per-case data. Progress comes from counts; only succeeded outputs are read."""
+    per-case data. Progress comes from counts; succeeded outputs are read only when a
+    figure of this snapshot is not drawn yet."""
     read = experiment_read(session, experiment, request.app.state.settings.spoke_online_seconds)
     show_cases = may_see_cases(user, experiment)
-    outputs = output_reads(session, experiment.id) if show_cases else []
     report = latest(session, experiment, request.app.state.settings.min_cell_size)
     has_cases = show_cases and session.exec(select(CaseResult.id).where(
         CaseResult.experiment_id == experiment.id).limit(1)).first() is not None
+    outputs = (lambda: output_reads(session, experiment.id)) if show_cases else []
     return {"e": read, "show_cases": show_cases, "has_cases": has_cases,
-            "results": results_view(read, report, outputs, quantity, metric)}
+            "results": results_view(read, report, outputs, query.quantity, query.metric,
+                                    query.sort, query.desc, query.page)}
 
 
 @router.get("/experiments/{experiment_id}", response_class=HTMLResponse)
-def experiment_page(experiment_id: str, request: Request, quantity: str | None = None,
-                    metric: str | None = None, cursor: str | None = None,
+def experiment_page(experiment_id: str, request: Request, query: ResultsQuery = Depends(),
+                    cursor: str | None = None,
                     spoke: str | None = None, state: str | None = None,
                     session: Session = Depends(get_session),
                     user: User = Depends(page_user)) -> HTMLResponse:
     """The experiment, its progress and results, and one page of its cases (as GET
     /api/experiments/{id}/cases, same cursor and filters)."""
     experiment = _experiment_or_404(session, experiment_id)
-    context = _results_context(request, session, experiment, quantity, metric, user)
+    context = _results_context(request, session, experiment, query, user)
     cases, next_url = [], None
     if context["show_cases"]:
         if state not in {s.value for s in CaseState}:
@@ -235,13 +250,71 @@ def experiment_page(experiment_id: str, request: Request, quantity: str | None =
 
 @router.get("/experiments/{experiment_id}/results", response_class=HTMLResponse)
 def experiment_results_fragment(experiment_id: str, request: Request,
-                                quantity: str | None = None, metric: str | None = None,
+                                query: ResultsQuery = Depends(),
                                 session: Session = Depends(get_session),
                                 user: User = Depends(page_user)) -> HTMLResponse:
-    """The results section alone: the page swaps it in when the snapshot changes."""
+    """The results section alone: the page swaps it in when the snapshot changes, so every
+    viewer of a study asks for it at once. Rendered once per snapshot, state and choices,
+    and at most every :data:`FRAGMENT_SECONDS` while results arrive (its "from N of M
+    results" line is that fresh)."""
     experiment = _experiment_or_404(session, experiment_id)
-    return _render(request, "_results.html", user,
-                   **_results_context(request, session, experiment, quantity, metric, user))
+    version = session.exec(select(func.max(AggregateSnapshot.version)).where(
+        AggregateSnapshot.experiment_id == experiment_id)).one()
+    key = ("results-fragment", experiment_id, version, experiment.state.value,
+           experiment.aggregate_stale_since is None, may_see_cases(user, experiment),
+           query.quantity, query.metric, query.sort, query.desc, query.page)
+
+    def render() -> str:
+        context = _results_context(request, session, experiment, query, user)
+        return templates.get_template("_results.html").render(
+            user=user, can={}, state_class=templates.env.globals["state_class"], **context)
+
+    return HTMLResponse(plots.CACHE.get(key, render, ttl=FRAGMENT_SECONDS),
+                        headers={"Cache-Control": "no-store"})
+
+
+#: How long a rendered results fragment serves while its study's results keep arriving.
+FRAGMENT_SECONDS = 2.0
+
+
+@router.get("/experiments/{experiment_id}/plots/forest.svg", response_model=None)
+def experiment_forest_plot(experiment_id: str, request: Request, metric: str,
+                           v: int | None = None, session: Session = Depends(get_session),
+                           user: User = Depends(page_user)) -> Response:
+    """Every spoke's estimate in one forest plot (the summary plot of a study of many
+    spokes), drawn once per snapshot. With ``v`` (the snapshot version) the image never
+    changes, so the browser may keep it."""
+    experiment = _experiment_or_404(session, experiment_id)
+    min_cell_size = request.app.state.settings.min_cell_size
+    try:
+        report = latest(session, experiment, min_cell_size, version=v)
+    except LookupError:
+        raise HTTPException(404, f"no aggregate version {v}") from None
+    svg = forest_svg(report, metric)
+    if svg is None:
+        raise HTTPException(404, f"no intervals of {metric!r} to plot")
+    cache = "private, max-age=86400, immutable" if v is not None else "no-store"
+    return Response(svg, media_type="image/svg+xml",
+                    headers={"Cache-Control": cache, "X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/experiments/{experiment_id}/spokes/{spoke_id}", response_class=HTMLResponse)
+def experiment_spoke_page(experiment_id: str, spoke_id: str, request: Request,
+                          quantity: str | None = None, session: Session = Depends(get_session),
+                          user: User = Depends(page_user)) -> HTMLResponse:
+    """One spoke's results in a study: its figures beside the pooled ones, why its cases
+    failed, and its own plots (drawn once per snapshot, only when asked)."""
+    experiment = _experiment_or_404(session, experiment_id)
+    read = experiment_read(session, experiment, request.app.state.settings.spoke_online_seconds)
+    target = next((t for t in read.targets if t.spoke_id == spoke_id), None)
+    if target is None:
+        raise HTTPException(404, f"spoke {spoke_id!r} is not a target of this experiment")
+    report = latest(session, experiment, request.app.state.settings.min_cell_size)
+    show_cases = may_see_cases(user, experiment)
+    outputs = (lambda: output_reads(session, experiment.id, spoke_id)) if show_cases else []
+    view = spoke_view(report, spoke_id, outputs, quantity)
+    return _render(request, "experiment_spoke.html", user, e=read, t=target, view=view,
+                   report=report, show_cases=show_cases)
 
 
 @router.get("/spokes", response_class=HTMLResponse)
