@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
-from sqlalchemy import func, insert
+from sqlalchemy import func, insert, update
 from sqlmodel import Session, col, select
 
 from tributary.hub import tasks
@@ -148,7 +148,10 @@ class _Batch:
     def __init__(self, session: Session, messages: Sequence[SpokeMessage]) -> None:
         self.session = session
         self.settle: set[str] = set()
-        self.inbound: list[dict[str, object]] = []  # InboundMessage rows, inserted at once
+        # Written together (write_pending): message ids, attempts, spokes' last contact.
+        self.inbound: list[dict[str, object]] = []
+        self.new_attempts: list[dict[str, object]] = []
+        self.seen: set[str] = set()
         self.stale: set[str] = set()
         self.experiments: set[str] = set()
         self.completed: list[str] = []
@@ -157,29 +160,35 @@ class _Batch:
         ids = {m.message_id for m in durable}
         self.known: set[str] = set(session.exec(select(InboundMessage.message_id).where(
             col(InboundMessage.message_id).in_(ids)))) if ids else set()
-        # Rows read by key for every message: into the session's identity map, where
-        # ``session.get`` finds them without a query as long as something holds them (the
-        # map keeps unchanged rows only weakly).
+        # What every message is checked against, read once: registered spokes, targets.
         spoke_ids = {m.spoke_id for m in messages}
-        self._pinned: list[object] = list(session.exec(select(Spoke).where(
+        self.spokes: set[str] = set(session.exec(select(Spoke.id).where(
             col(Spoke.id).in_(spoke_ids))))
         experiment_ids = {m.experiment_id for m in messages
                           if getattr(m, "experiment_id", None) is not None}
+        self.targets: dict[tuple[str, str], TargetState] = {}
+        self._pinned: list[object] = []
         if experiment_ids:
-            self._pinned += session.exec(select(ExperimentTarget).where(
-                col(ExperimentTarget.experiment_id).in_(experiment_ids),
-                col(ExperimentTarget.spoke_id).in_(spoke_ids))).all()
+            self.targets = {(e, s): TargetState(state) for e, s, state in session.exec(
+                select(ExperimentTarget.experiment_id, ExperimentTarget.spoke_id,
+                       ExperimentTarget.state).where(
+                    col(ExperimentTarget.experiment_id).in_(experiment_ids),
+                    col(ExperimentTarget.spoke_id).in_(spoke_ids)))}
+            # Into the session's identity map, where ``session.get`` finds them without a
+            # query as long as something holds them (the map holds unchanged rows weakly).
             experiments = session.exec(select(Experiment).where(
                 col(Experiment.id).in_(experiment_ids))).all()
             self._pinned += experiments
             self._pinned += session.exec(select(Algorithm).where(
                 col(Algorithm.id).in_({e.algorithm_id for e in experiments}))).all()
         self.cases: dict[tuple[str, str, str], CaseResult] = {}
+        self._absent: set[tuple[str, str, str]] = set()  # looked up, no row (yet)
         self._load_cases({k for m in messages if (k := _case_key(m)) is not None})
         results = [m for m in messages if isinstance(m, ResultMessage)]
         self.digests = {m.message_id: record_hash(m.custody) for m in results
                         if m.custody is not None}
-        self.attempts: dict[tuple[str, str, str, int], CaseAttempt] = {}
+        # The custody digest of each attempt stored, by (experiment, spoke, case, attempt).
+        self.attempts: dict[tuple[str, str, str, int], str] = {}
         self.taken: set[str] = set()
         self.chains: dict[str, SpokeChain] = {}
         self.keys: dict[str, list[PublicKey]] = {}
@@ -188,9 +197,11 @@ class _Batch:
             self._load_results(results)
 
     def _load_cases(self, keys: set[tuple[str, str, str]]) -> None:
-        wanted = sorted(keys - self.cases.keys())
+        wanted = sorted(keys - self.cases.keys() - self._absent)
         for start in range(0, len(wanted), _CHUNK):  # a status may list thousands of cases
             chunk = wanted[start:start + _CHUNK]
+            # Three IN lists (their product is probed in the unique index: cheaper than a
+            # row-value IN, which SQLite answers with a scan).
             for row in self.session.exec(select(CaseResult).where(
                     col(CaseResult.experiment_id).in_({k[0] for k in chunk}),
                     col(CaseResult.spoke_id).in_({k[1] for k in chunk}),
@@ -198,6 +209,7 @@ class _Batch:
                 key = (row.experiment_id, row.spoke_id, row.case_id)
                 if key in keys:
                     self.cases[key] = row
+        self._absent.update(key for key in wanted if key not in self.cases)
 
     def load_cases(self, experiment_id: str, spoke_id: str, case_ids: Iterable[str]) -> None:
         """Read the rows of these cases of one spoke together (a status lists them all)."""
@@ -205,12 +217,13 @@ class _Batch:
 
     def _load_results(self, results: list[ResultMessage]) -> None:
         session = self.session
-        for attempt in session.exec(select(CaseAttempt).where(
-                col(CaseAttempt.experiment_id).in_({m.experiment_id for m in results}),
-                col(CaseAttempt.spoke_id).in_({m.spoke_id for m in results}),
-                col(CaseAttempt.case_id).in_({m.case_id for m in results}))):
-            self.attempts[(attempt.experiment_id, attempt.spoke_id, attempt.case_id,
-                           attempt.attempt)] = attempt
+        for experiment_id, spoke_id, case_id, attempt, digest in session.exec(
+                select(CaseAttempt.experiment_id, CaseAttempt.spoke_id, CaseAttempt.case_id,
+                       CaseAttempt.attempt, CaseAttempt.custody_sha256).where(
+                    col(CaseAttempt.experiment_id).in_({m.experiment_id for m in results}),
+                    col(CaseAttempt.spoke_id).in_({m.spoke_id for m in results}),
+                    col(CaseAttempt.case_id).in_({m.case_id for m in results}))):
+            self.attempts[(experiment_id, spoke_id, case_id, attempt)] = digest
         if self.digests:
             self.taken = set(session.exec(select(CaseResult.custody_sha256).where(
                 col(CaseResult.custody_sha256).in_(set(self.digests.values())))))
@@ -229,7 +242,7 @@ class _Batch:
     def case(self, experiment_id: str, spoke_id: str, case_id: str) -> CaseResult:
         """The case's row; a new (unsaved) one if the spoke never accepted the case."""
         key = (experiment_id, spoke_id, case_id)
-        if key not in self.cases:
+        if key not in self.cases and key not in self._absent:
             self._load_cases({key})
         if key not in self.cases:
             self.cases[key] = CaseResult(experiment_id=experiment_id, spoke_id=spoke_id,
@@ -255,19 +268,24 @@ class _Batch:
             applied = ingest_count_reply(session, message, commit=False)
             self.known.add(message.message_id)
             return applied
-        target = _target(session, message)
+        if message.spoke_id not in self.spokes:
+            raise Rejected(f"message from unregistered spoke {message.spoke_id!r}")
+        if (message.experiment_id, message.spoke_id) not in self.targets:
+            raise Rejected(f"experiment {message.experiment_id!r} does not target spoke "
+                           f"{message.spoke_id!r}")
         checked = self.check_result(message) if isinstance(message, ResultMessage) else None
         # Nothing was changed before this point: a refusal above leaves the batch as it was.
         self.known.add(message.message_id)
-        spoke = _spoke(session, message.spoke_id)
-        spoke.last_seen_at = utcnow()
-        session.add(spoke)
+        self.seen.add(message.spoke_id)
         self.inbound.append({"message_id": message.message_id, "kind": message.kind,
                              "spoke_id": message.spoke_id, "received_at": utcnow()})
         outcome = _Applied.APPLIED
         if isinstance(message, ExperimentStatusMessage):
+            self.write_pending()  # what a status reads (attempts, chains) is in the database
+            target = _target(session, message)
             _apply_status(self, target, message)
             gaps.settle_targets(session, message.spoke_id)
+            self.targets[(message.experiment_id, message.spoke_id)] = target.state
         elif isinstance(message, CaseStartedMessage):
             _apply_started(self, message)
         else:
@@ -295,7 +313,7 @@ class _Batch:
         digest = self.digests.get(message.message_id)
         earlier = self.attempts.get((message.experiment_id, message.spoke_id, message.case_id,
                                      message.attempt))
-        if earlier is not None and digest is not None and earlier.custody_sha256 == digest:
+        if earlier is not None and digest is not None and earlier == digest:
             raise Rejected(f"case {message.case_id} already has a result for attempt "
                            f"{message.attempt}: replayed or conflicting result")
         if message.custody is None or digest is None:
@@ -333,20 +351,21 @@ class _Batch:
             gaps.chain_advanced(session, message.spoke_id, chain.sequence)
         if checked.earlier is not None:
             return _Applied.DUPLICATE
-        refusal = _unacceptable(session, message, row)
+        refusal = _unacceptable(session, message, row,
+                                self.targets[(message.experiment_id, message.spoke_id)])
         if refusal is not None:
             _quarantine(session, message, refusal)
             return _Applied.QUARANTINED
         state = _case_state(message)
-        attempt = CaseAttempt(
-            experiment_id=message.experiment_id, spoke_id=message.spoke_id,
-            case_id=message.case_id, attempt=message.attempt, state=state,
-            failure=message.failure.model_dump(mode="json") if message.failure else None,
-            result_message_id=message.message_id, custody_sha256=digest,
-            started_at=message.started_at, finished_at=message.finished_at)
-        session.add(attempt)
+        self.new_attempts.append({
+            "experiment_id": message.experiment_id, "spoke_id": message.spoke_id,
+            "case_id": message.case_id, "attempt": message.attempt, "state": state,
+            "failure": message.failure.model_dump(mode="json") if message.failure else None,
+            "result_message_id": message.message_id, "custody_sha256": digest,
+            "started_at": message.started_at, "finished_at": message.finished_at,
+            "received_at": utcnow()})
         self.attempts[(message.experiment_id, message.spoke_id, message.case_id,
-                       message.attempt)] = attempt
+                       message.attempt)] = digest
         if row.state in FINAL_CASE_STATES and row.attempt > message.attempt:
             return _Applied.APPLIED  # history only: a later attempt is already the result
         if row.custody_sha256 is not None:
@@ -368,11 +387,26 @@ class _Batch:
         session.add(row)
         return _Applied.APPLIED
 
+    def write_pending(self) -> None:
+        """Write what the batch keeps as plain rows (a statement each, not an object per
+        row): message ids, attempts, and when the spokes were last heard from."""
+        session = self.session
+        if self.inbound:
+            session.execute(insert(InboundMessage), self.inbound)
+            self.inbound = []
+        if self.new_attempts:
+            session.execute(insert(CaseAttempt), self.new_attempts)
+            self.new_attempts = []
+        if self.seen:
+            session.execute(update(Spoke).where(col(Spoke.id).in_(self.seen))
+                            .values(last_seen_at=utcnow())
+                            .execution_options(synchronize_session=False))
+            self.seen = set()
+
     def finish(self) -> None:
         """What the batch does once for all its messages: settle the targets of spokes that
         sent results, mark studies stale, complete studies whose targets all settled."""
-        if self.inbound:
-            self.session.execute(insert(InboundMessage), self.inbound)
+        self.write_pending()
         gaps.settle_targets(self.session, self.settle)
         for experiment_id in sorted(self.stale):
             debounce.mark_stale(self.session, experiment_id)
@@ -538,13 +572,14 @@ def _case_state(message: ResultMessage) -> CaseState:
     return CaseState(message.status.value)
 
 
-def _unacceptable(session: Session, message: ResultMessage, row: CaseResult) -> str | None:
+def _unacceptable(session: Session, message: ResultMessage, row: CaseResult,
+                  target_state: TargetState) -> str | None:
     """Why a result whose custody verifies must still not count, or None. Which cases a
     spoke runs comes only from what it said itself (its signed accepted status)."""
-    target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
-    if target is not None and target.state == TargetState.REFUSED:
+    if target_state == TargetState.REFUSED:
+        target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
         return (f"result for case {message.case_id} of an experiment the spoke refused "
-                f"({target.reason or 'no reason given'})")
+                f"({target.reason if target and target.reason else 'no reason given'})")
     if row.id is None:
         return f"result for case {message.case_id}, which the spoke never accepted"
     experiment = session.get(Experiment, message.experiment_id)
