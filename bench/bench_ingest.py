@@ -1,11 +1,14 @@
 """Ingest rate of signed results as a study grows, in-process, the way the hub's results
-consumer stores them (verify the custody record, store, audit; aggregation configured as in
-a single-process hub, Celery eager, its debouncer running). Prints results/s, CPU ms per
-result for the whole process and for the ingesting thread alone, over a window of results
-ending at each size, each with its ratio to the first window of the same run (the
-baseline): a flat ratio near 1 means constant cost per result.
+consumer stores them (verify the custody record, store, audit, in batches of the consumer's
+``results_batch_size`` per transaction; aggregation configured as in a single-process hub,
+Celery eager, its debouncer running). Prints results/s, CPU ms per result for the whole
+process and for the ingesting thread alone, over a window of results ending at each size,
+each with its ratio to the first window of the same run (the baseline): a flat ratio near 1
+means constant cost per result. ``--batch 1`` stores one message per transaction (the
+consumer's path before batches).
 
-    .venv/bin/python bench/bench_ingest.py [--sizes 1000 5000] [--window 1000]
+    .venv/bin/python bench/bench_ingest.py [--sizes 1000 10000 30000] [--window 1000]
+        [--batch 100] [--database-url postgresql+psycopg://...]
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 from sqlmodel import Session
 
 from tributary.hub import worker
-from tributary.hub.db import make_engine
+from tributary.hub.db import open_database
 from tributary.hub.models import (
     Algorithm,
     Experiment,
@@ -31,7 +34,7 @@ from tributary.hub.models import (
     TargetState,
 )
 from tributary.hub.services import debounce
-from tributary.hub.services.ingest import ingest
+from tributary.hub.services.ingest import ingest, ingest_batch
 from tributary.hub.settings import HubSettings
 from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, sign_custody
 from tributary.protocol.messages import CaseStatus, ExperimentStatusMessage, ResultMessage
@@ -93,14 +96,23 @@ def messages(keys: dict[str, SigningKey], cases: int) -> list[ResultMessage]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 30000])
     parser.add_argument("--window", type=int, default=1000,
                         help="results per measured window (the first is the baseline)")
+    parser.add_argument("--batch", type=int, default=HubSettings().results_batch_size,
+                        help="messages per transaction, as the results consumer takes them")
+    parser.add_argument("--database-url", default=None,
+                        help="an empty database to use (default: SQLite in a temporary folder)")
     args = parser.parse_args()
     total = max(args.sizes)
+    if any(size % args.batch or size < args.window for size in args.sizes) \
+            or args.window % args.batch:
+        parser.error("sizes and window must be multiples of the batch, sizes >= window")
     with tempfile.TemporaryDirectory() as tmp:
-        settings = HubSettings(database_url=f"sqlite:///{Path(tmp) / 'hub.db'}")
-        engine = make_engine(settings.database_url)
+        settings = HubSettings(database_url=args.database_url
+                               or f"sqlite:///{Path(tmp) / 'hub.db'}",
+                               audit_log=Path(tmp) / "hub-audit.jsonl")
+        engine = open_database(settings)
         worker.configure(settings, engine)  # as the hub does: eager aggregation tasks
         debouncer = debounce.start(settings, engine)  # as the hub does (None before it existed)
         keys = build(engine, total)
@@ -109,10 +121,11 @@ def main() -> None:
         cpu: dict[int, float] = {0: time.process_time()}  # whole process: debouncer included
         own: dict[int, float] = {0: time.thread_time()}  # the ingesting thread alone
         wanted = {s - args.window for s in args.sizes} | set(args.sizes)
-        for i, message in enumerate(signed, start=1):
+        for start in range(0, total, args.batch):
             with Session(engine) as session:
-                assert ingest(session, message)
-            if i in wanted:
+                assert all(o is True for o in ingest_batch(
+                    session, signed[start:start + args.batch]))
+            if (i := start + args.batch) in wanted:
                 marks[i], cpu[i] = time.perf_counter(), time.process_time()
                 own[i] = time.thread_time()
         if debouncer is not None:
@@ -130,7 +143,10 @@ def main() -> None:
         print(f"{size:>8} {rate:>10.1f} {rate / base:>6.2f} {cost(size):>14.2f} "
               f"{cost(size) / cost(args.window):>6.2f} {cost(size, own):>14.2f} "
               f"{cost(size, own) / cost(args.window, own):>6.2f}")
-    print(f"bench-ingest: {base:.1f}/s over the first {args.window}, "
+    print(f"overall: {total} results in {marks[total] - marks[0]:.1f} s, "
+          f"{total / (marks[total] - marks[0]):.1f}/s (the debouncer's passes included)")
+    print(f"bench-ingest ({settings.database_url.split(':')[0]}, batches of {args.batch}): "
+          f"{base:.1f}/s over the first {args.window}, "
           f"{args.window / (marks[total] - marks[total - args.window]):.1f}/s over the last "
           f"{args.window} of {total}; CPU {cost(args.window):.2f} then {cost(total):.2f} "
           f"ms/result")

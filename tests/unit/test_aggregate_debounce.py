@@ -14,6 +14,7 @@ from signed_results import Spokes, accept, add_experiment, send_result
 from sqlmodel import Session, select
 
 from tributary.hub import worker
+from tributary.hub.db import make_engine
 from tributary.hub.main import create_app
 from tributary.hub.models import AggregateSnapshot, Experiment, Role
 from tributary.hub.services.debounce import Debouncer, claim_due
@@ -112,6 +113,14 @@ def test_the_page_and_the_api_say_how_fresh_the_snapshot_is(
     assert "from 3 of 5 results" in fragment.text
     assert f'datetime="{snapshot.computed_at.isoformat()}' in fragment.text
     assert "A newer snapshot is being computed." in fragment.text
+
+
+def test_in_process_recomputation_takes_at_most_a_tenth_of_the_process(
+        tmp_path: Path) -> None:
+    settings = HubSettings.for_directory(tmp_path, aggregate_interval_seconds=2)
+    debouncer = Debouncer(settings, make_engine(settings.database_url))
+    assert debouncer.next_wait(0.05) == 2  # small studies: every interval
+    assert debouncer.next_wait(1.5) == pytest.approx(13.5)  # a large one: 1.5 s in 15
 
 
 def test_plots_are_drawn_once_per_key() -> None:

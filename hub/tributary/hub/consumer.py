@@ -3,30 +3,48 @@
 takes what spokes send off the results queue and stores it through
 :mod:`tributary.hub.services.ingest`, acknowledging a message only once it is stored.
 
+Messages are stored in batches: the broker's listener only queues each delivery, and a
+thread of the consumer takes what arrived (up to ``results_batch_size``, waiting at most
+``results_batch_wait_ms`` after the first), verifies the envelopes, stores them in one
+transaction and acknowledges each one after the commit (client-individual acks, prefetch of
+one batch). A message the hub refuses is dead-lettered alone; a batch that fails for another
+reason (a database fault) is stored again one message at a time, so one bad message never
+takes the others down.
+
 The web app runs one in its own process by default (``TRIBUTARY_HUB_CONSUME_RESULTS``);
 an operator who wants it apart runs :func:`run` as a process of its own and turns that
 setting off for the web app."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import queue
 import signal
 import threading
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from tributary.hub import worker
 from tributary.hub.db import open_database
-from tributary.hub.models import QuarantinedMessage
+from tributary.hub.models import QuarantinedMessage, SpokeKey
 from tributary.hub.services import audit, debounce, gaps
-from tributary.hub.services.enrolment import resolve_key
-from tributary.hub.services.ingest import SpokeMessage, ingest
+from tributary.hub.services.enrolment import public_key
+from tributary.hub.services.ingest import Outcome, SpokeMessage, ingest_batch
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.destinations import results_queue
-from tributary.protocol.messages import ExperimentStatusMessage, ProtocolError, ResultMessage
+from tributary.protocol.messages import (
+    MAX_MESSAGE_BYTES,
+    ExperimentStatusMessage,
+    ProtocolError,
+    ResultMessage,
+)
 from tributary.protocol.signing import PublicKey, SigningKey
 from tributary.protocol.wire import open_from_spoke
 
@@ -36,52 +54,191 @@ log = logging.getLogger(__name__)
 STORE_ATTEMPTS = 4
 #: How often the hub looks for custody gaps whose resend request is due again.
 RESEND_POLL_SECONDS = 5.0
+#: How often messages held for a custody gap are tried again while nothing else arrives.
+HELD_RETRY_SECONDS = 0.25
+
+
+@dataclass
+class _Held:
+    """A result refused for a custody gap, kept unacknowledged for a while: the records
+    before it may be in another consumer's hands (a spoke that does not send its results as
+    one message group). The gap is recorded at once, but the spoke is asked to resend only
+    once the gap is older than the hold, and the result is dead-lettered only then."""
+
+    delivery: Delivery
+    since: float
 
 
 class ResultsConsumer:
-    """Consumes the results queue; acknowledges a message only once it is stored."""
+    """Consumes the results queue in batches; acknowledges a message only once it is
+    stored (or dead-lettered)."""
 
-    def __init__(self, engine: Engine, client: StompClient,
-                 key: SigningKey | None = None) -> None:
+    def __init__(self, engine: Engine, client: StompClient, key: SigningKey | None = None,
+                 settings: HubSettings | None = None) -> None:
+        settings = settings or HubSettings()
         self.engine = engine
         self.client = client
         self.key = key  # signs resend requests for custody gaps (none: gaps wait)
         self.queue = results_queue(client.settings.federation)
+        self.batch_size = settings.results_batch_size
+        self.batch_wait = settings.results_batch_wait_ms / 1000
+        self.gap_hold = settings.custody_gap_hold_seconds
+        self._inbox: queue.Queue[Delivery] = queue.Queue()
+        self._held: list[_Held] = []
+        self._retry_now = False
+        self._stop = threading.Event()
         self._gap_wake = threading.Event()
+        self._threads: list[threading.Thread] = []
 
-    def start(self) -> None:
-        self.client.subscribe(self.queue, self.handle)
+    def start(self) -> ResultsConsumer:
+        self._spawn(self._work, "results-ingest")
+        self.client.subscribe(self.queue, self._inbox.put, prefetch=self.batch_size)
         if self.key is not None:
-            threading.Thread(target=self._resend_loop, name="custody-gaps", daemon=True).start()
+            self._spawn(self._resend_loop, "custody-gaps")
+        return self
 
-    def _resolve(self, keyid: str) -> tuple[str, PublicKey] | None:
-        with Session(self.engine) as session:
-            return resolve_key(session, keyid)
+    def stop(self) -> None:
+        """Stop taking messages (those not stored stay unacknowledged: redelivered)."""
+        self._stop.set()
+        self._gap_wake.set()
+        for thread in self._threads:
+            thread.join(timeout=30)
 
-    def handle(self, delivery: Delivery) -> None:
-        claimed: str | None = None
-        if delivery.redelivered:  # another consumer took it and died before acknowledging
-            log.info("redelivered message %s: storing it unless it already is",
-                     delivery.message_id)
-        try:
-            message, _keyid = open_from_spoke(delivery.body, self._resolve)
-            claimed = message.spoke_id
-            self._store(message)
-        except gaps.GapDetected as exc:
-            self._gap(exc)
-            self._dead_letter(delivery, str(exc), claimed)
-            return
-        except ProtocolError as exc:
-            self._dead_letter(delivery, str(exc), claimed)
-            return
-        except Exception as exc:
-            log.exception("could not store message %s", delivery.message_id)
-            self._dead_letter(delivery, f"hub could not store the message: {exc}", claimed)
-            return
-        self.client.ack(delivery)
-        if isinstance(message, ResultMessage | ExperimentStatusMessage):
+    def _spawn(self, target: object, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
+        self._threads.append(thread)
+        thread.start()
+
+    # -- taking batches -------------------------------------------------------------------
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            deliveries, since = self._take()
+            if not deliveries:
+                continue
+            try:
+                self.process(deliveries, since)
+            except Exception:  # the messages stay unacknowledged; redelivered on reconnect
+                log.exception("could not process %d message(s)", len(deliveries))
+
+    def _take(self) -> tuple[list[Delivery], dict[int, float]]:
+        """What arrived (up to a batch, waiting at most the batch wait after the first; not
+        at all when held messages are due again at once), then the messages held for a gap,
+        with since when each of those is held."""
+        wait = 0.0 if self._retry_now else HELD_RETRY_SECONDS if self._held else 0.5
+        self._retry_now = False
+        taken: list[Delivery] = []
+        with contextlib.suppress(queue.Empty):
+            taken.append(self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait())
+        if taken:
+            deadline = time.monotonic() + self.batch_wait
+            while len(taken) < self.batch_size:
+                remaining = deadline - time.monotonic()
+                try:
+                    taken.append(self._inbox.get(timeout=remaining) if remaining > 0
+                                 else self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+        # Held ones last: the records they wait for may be among those just taken.
+        held, self._held = self._held, []
+        return taken + [h.delivery for h in held], {id(h.delivery): h.since for h in held}
+
+    # -- one batch ------------------------------------------------------------------------
+    def process(self, deliveries: list[Delivery], held_since: dict[int, float] | None = None
+                ) -> None:
+        """Verify, store in one transaction, then acknowledge or dead-letter each one (a
+        result refused for a custody gap is held instead, up to the gap hold since
+        ``held_since[id(delivery)]``)."""
+        deliveries = [d for d in deliveries if self.client.is_current(d)]  # else redelivered
+        resolve = self._resolver(deliveries)
+        opened: list[tuple[Delivery, SpokeMessage]] = []
+        for delivery in deliveries:
+            if delivery.redelivered:  # another consumer took it and died before acknowledging
+                log.info("redelivered message %s: storing it unless it already is",
+                         delivery.message_id)
+            try:
+                message, _keyid = open_from_spoke(delivery.body, resolve)
+            except ProtocolError as exc:
+                self._dead_letter(delivery, str(exc), None)
+                continue
+            opened.append((delivery, message))
+        outcomes = self._store([message for _, message in opened])
+        now, since = time.monotonic(), held_since or {}
+        stored_any = wake = False
+        for (delivery, message), outcome in zip(opened, outcomes, strict=True):
+            if isinstance(outcome, gaps.GapDetected):
+                first = since.get(id(delivery))
+                if first is None:  # the gap is recorded at once; its resend request waits
+                    self._gap(outcome)
+                    first = now
+                if now - first < self.gap_hold:
+                    self._held.append(_Held(delivery, first))  # tried again with each batch
+                    continue
+                self._gap(outcome)
+                self._dead_letter(delivery, str(outcome), message.spoke_id)
+            elif isinstance(outcome, ProtocolError):
+                self._dead_letter(delivery, str(outcome), message.spoke_id)
+            elif isinstance(outcome, Exception):
+                self._dead_letter(delivery, f"hub could not store the message: {outcome}",
+                                  message.spoke_id)
+            else:
+                self.client.ack(delivery)
+                stored_any = True
+                wake = wake or isinstance(message, ResultMessage | ExperimentStatusMessage)
+        # What was held may follow what this batch stored: try it again at once.
+        self._retry_now = bool(self._held) and stored_any
+        if wake:
             self._gap_wake.set()
 
+    def _resolver(self, deliveries: list[Delivery]):  # type: ignore[no-untyped-def]
+        """Owner and key of each key id the batch's envelopes name, read with one query;
+        revoked keys resolve to None (the envelope is then refused)."""
+        keyids = set()
+        for delivery in deliveries:
+            if len(delivery.body) > MAX_MESSAGE_BYTES:
+                continue
+            try:
+                keyids.add(str(json.loads(delivery.body)["signatures"][0]["keyid"]))
+            except Exception:  # open_from_spoke will say what is wrong with it
+                continue
+        known: dict[str, tuple[str, PublicKey]] = {}
+        if keyids:
+            with Session(self.engine) as session:
+                for row in session.exec(select(SpokeKey).where(
+                        col(SpokeKey.keyid).in_(keyids), col(SpokeKey.revoked_at).is_(None))):
+                    known[row.keyid] = (row.spoke_id, public_key(row.public_key_pem))
+        return known.get
+
+    def _store(self, messages: list[SpokeMessage]) -> list[Outcome | Exception]:
+        """Store the batch in one transaction; if that fails for another reason than a
+        refused message, store its messages one at a time to isolate the one at fault."""
+        if not messages:
+            return []
+        if len(messages) > 1:
+            try:
+                with Session(self.engine) as session:
+                    return ingest_batch(session, messages)
+            except Exception:
+                log.warning("storing a batch of %d messages failed; storing them one by one",
+                            len(messages), exc_info=True)
+        return [self._store_one(message) for message in messages]
+
+    def _store_one(self, message: SpokeMessage) -> Outcome | Exception:
+        """Ingest one message, retrying a database fault (a locked SQLite file, a dropped
+        connection) a few times before giving up on it."""
+        for attempt in range(1, STORE_ATTEMPTS + 1):
+            try:
+                with Session(self.engine) as session:
+                    return ingest_batch(session, [message])[0]
+            except Exception as exc:
+                if attempt == STORE_ATTEMPTS:
+                    log.exception("could not store message %s", message.message_id)
+                    return exc
+                log.warning("storing %s failed (attempt %d); retrying", message.message_id,
+                            attempt, exc_info=True)
+                time.sleep(0.2 * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    # -- gaps and refusals ----------------------------------------------------------------
     def _gap(self, gap: gaps.GapDetected) -> None:
         with Session(self.engine) as session:
             gaps.record_gap(session, gap)
@@ -93,32 +250,16 @@ class ResultsConsumer:
         publish waits for the broker's receipt, which the consuming thread must be free to
         read. A request that fails is tried again on the next round."""
         assert self.key is not None
-        while True:
+        while not self._stop.is_set():
             self._gap_wake.wait(RESEND_POLL_SECONDS)
             self._gap_wake.clear()
             try:
                 with Session(self.engine) as session:
                     for spoke_id in gaps.spokes_with_open_gaps(session):
-                        gaps.request_resends(session, self.client, self.key, spoke_id)
+                        gaps.request_resends(session, self.client, self.key, spoke_id,
+                                             min_age=timedelta(seconds=self.gap_hold))
             except Exception:
                 log.exception("could not ask spokes to resend missing custody records")
-
-    def _store(self, message: SpokeMessage) -> None:
-        """Ingest, retrying a database fault (a locked SQLite file, a dropped connection)
-        a few times before giving up on the message."""
-        for attempt in range(1, STORE_ATTEMPTS + 1):
-            try:
-                with Session(self.engine) as session:
-                    ingest(session, message)
-                return
-            except ProtocolError:
-                raise
-            except Exception:
-                if attempt == STORE_ATTEMPTS:
-                    raise
-                log.warning("storing %s failed (attempt %d); retrying", message.message_id,
-                            attempt, exc_info=True)
-                time.sleep(0.2 * 2 ** attempt)
 
     def _dead_letter(self, delivery: Delivery, reason: str, claimed: str | None) -> None:
         """Keep the refused message aside with its reason, audit it, and move it to the
@@ -150,12 +291,14 @@ which recomputes (or enqueues) stale aggregates at most once per interval."""
     worker.configure(settings, engine)
     broker = StompClient(settings.broker(), "hub-consumer").start()
     debouncer = debounce.start(settings, engine)  # stale aggregates, off the consumer
+    consumer = ResultsConsumer(engine, broker, key, settings)
     try:
-        ResultsConsumer(engine, broker, key).start()
+        consumer.start()
         log.info("consuming %s", results_queue(settings.broker_federation))
         while not stop.wait(1.0):  # (a timed wait lets the signal handler run)
             pass
     finally:
+        consumer.stop()
         debouncer.stop()
         broker.close()
         engine.dispose()

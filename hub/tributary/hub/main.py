@@ -90,7 +90,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         worker.configure(settings, engine)  # aggregation tasks: in-process or on Celery
         _bootstrap_admin(engine, settings)
         if settings.consume_results:
-            ResultsConsumer(engine, broker, key).start()
+            ResultsConsumer(engine, broker, key, settings).start()
         debouncer = debounce.start(settings, engine)  # stale aggregates, off the consumer
         yield
         debouncer.stop()

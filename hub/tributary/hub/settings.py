@@ -99,6 +99,16 @@ class HubSettings(BaseSettings):
     #: A stale study's aggregate snapshot is recomputed at most once per this many seconds
     #: (results only mark it stale; see services/debounce.py). Completion recomputes at once.
     aggregate_interval_seconds: float = Field(2.0, gt=0)
+    #: The results consumer stores up to this many messages in one transaction (what
+    #: arrived within ``results_batch_wait_ms`` of the first), acknowledging each one only
+    #: after the commit (the broker's prefetch: at most this many unacknowledged).
+    results_batch_size: int = Field(100, ge=1, le=1000)
+    results_batch_wait_ms: float = Field(20.0, ge=0, le=1000)
+    #: A result whose custody record comes after records not yet received is held this
+    #: long (unacknowledged, tried again with each batch) before it is refused as a custody
+    #: gap: with competing consumers, a spoke that does not send its results as one message
+    #: group can have record n+1 handled before record n.
+    custody_gap_hold_seconds: float = Field(5.0, ge=0, le=300)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Self:

@@ -4,7 +4,8 @@ stomp.py does not reconnect after a dropped connection on its own; this wrapper 
 exponential backoff, and re-creates every subscription. Messages are always sent
 persistent and with a receipt, so :meth:`StompClient.publish` returns only once the broker
 has taken responsibility for the message. Consumption is client-individual with prefetch 1:
-one unacknowledged message in flight per consumer, redelivered if we die before acking.
+one unacknowledged message in flight per consumer, redelivered if we die before acking
+(a consumer that stores messages in batches, the hub's, asks for a larger prefetch).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class StompClient:
         self._send_lock = threading.Lock()
         self._connected = threading.Event()
         self._closing = threading.Event()
-        self._subscriptions: dict[str, tuple[str, Handler]] = {}
+        self._subscriptions: dict[str, tuple[str, Handler, int]] = {}
         self._receipts: dict[str, threading.Event] = {}
         self._receipt_errors: dict[str, str] = {}
         self._confirmed: set[str] = set()
@@ -192,8 +193,8 @@ class StompClient:
         )
         with self._lock:
             self._conn = conn
-            for destination, (sub_id, _handler) in self._subscriptions.items():
-                self._subscribe_on(conn, destination, sub_id)
+            for destination, (sub_id, _handler, prefetch) in self._subscriptions.items():
+                self._subscribe_on(conn, destination, sub_id, prefetch)
             if generation > 1:
                 self.reconnects += 1
             self._connected.set()
@@ -211,19 +212,23 @@ class StompClient:
             log.warning("lost the broker connection; reconnecting")
 
     # -- consuming ------------------------------------------------------------------------
-    def subscribe(self, destination: str, handler: Handler) -> None:
-        """Consume ``destination`` with client-individual acks and prefetch 1."""
+    def subscribe(self, destination: str, handler: Handler, prefetch: int = 1) -> None:
+        """Consume ``destination`` with client-individual acks: at most ``prefetch``
+        unacknowledged messages are in flight to this consumer (1 by default)."""
+        if prefetch < 1:
+            raise ValueError("prefetch must be at least 1")
         with self._lock:
             sub_id = f"sub-{next(self._ids)}"
-            self._subscriptions[destination] = (sub_id, handler)
+            self._subscriptions[destination] = (sub_id, handler, prefetch)
             if self._conn is not None and self._connected.is_set():
-                self._subscribe_on(self._conn, destination, sub_id)
+                self._subscribe_on(self._conn, destination, sub_id, prefetch)
 
     @staticmethod
-    def _subscribe_on(conn: stomp.Connection12, destination: str, sub_id: str) -> None:
+    def _subscribe_on(conn: stomp.Connection12, destination: str, sub_id: str,
+                      prefetch: int = 1) -> None:
         conn.subscribe(
             destination, id=sub_id, ack="client-individual",
-            headers={"activemq.prefetchSize": "1"},
+            headers={"activemq.prefetchSize": str(prefetch)},
         )
 
     def _dispatch(self, frame: stomp.utils.Frame, generation: int) -> None:
@@ -239,6 +244,12 @@ class StompClient:
             entry[1](delivery)
         except Exception:
             log.exception("handler for %s failed; message stays unacknowledged", destination)
+
+    def is_current(self, delivery: Delivery) -> bool:
+        """Whether ``delivery`` came on the live connection (else the broker redelivers it
+        on the new one, and settling this copy is impossible)."""
+        with self._lock:
+            return self._conn is not None and delivery.generation == self._generation
 
     def ack(self, delivery: Delivery) -> bool:
         """Acknowledge; False if the connection it came on is gone (it will be redelivered)."""

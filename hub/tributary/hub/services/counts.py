@@ -70,8 +70,10 @@ def publish_query(session: Session, client: StompClient, key: SigningKey,
         session.commit()
 
 
-def ingest_count_reply(session: Session, message: CountReply) -> bool:
-    """Store a spoke's (already signature-verified) answer; False for a duplicate."""
+def ingest_count_reply(session: Session, message: CountReply, commit: bool = True) -> bool:
+    """Store a spoke's (already signature-verified) answer; False for a duplicate. Refused
+    (:class:`UnknownCount`) before anything changes; ``commit=False`` leaves the commit to
+    the caller (the results consumer's batch)."""
     spoke = session.get(Spoke, message.spoke_id)
     if spoke is None:
         raise UnknownCount(f"message from unregistered spoke {message.spoke_id!r}")
@@ -94,7 +96,8 @@ def ingest_count_reply(session: Session, message: CountReply) -> bool:
     audit.record(session, message.spoke_id, "message.received", message.query_id,
                  kind=message.kind, message_id=message.message_id, duplicate=duplicate,
                  count=message.count, fewer_than=message.fewer_than, refused=message.refused)
-    session.commit()
+    if commit:
+        session.commit()
     return not duplicate
 
 

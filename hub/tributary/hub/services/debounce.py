@@ -4,12 +4,21 @@ recomputes a stale study's snapshot at most once per ``aggregate_interval_second
 own thread when Celery runs eagerly (single-process hub), else by sending one Celery task.
 A study is claimed in the database (a conditional UPDATE on ``aggregate_claimed_at``) before
 it is recomputed or enqueued, so several hub processes never work on the same study at
-once, and a study is recomputed at most once per interval whatever the result rate."""
+once, and a study is recomputed at most once per interval whatever the result rate.
+
+Recomputed in-process, a large study's snapshot takes seconds (bootstrap intervals over
+30,000 results), and it shares the process, and Python's interpreter lock, with the
+results consumer; so the next pass waits at least ``1 / BUSY_SHARE - 1`` times as long as the
+last one took: recomputation never takes more than a tenth of the process, whatever the
+study's size, and ingestion keeps its rate (the snapshot is then refreshed less often; the
+page says when it was computed). Enqueueing to Celery workers takes no time, so there it
+changes nothing."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 from sqlalchemy import func, or_, update
@@ -22,6 +31,9 @@ from tributary.hub.services.aggregation import refresh
 from tributary.hub.settings import HubSettings
 
 log = logging.getLogger(__name__)
+
+#: The most of the process's time the debouncer's passes take (see the module docstring).
+BUSY_SHARE = 0.1
 
 
 def mark_stale(session: Session, experiment_id: str) -> None:
@@ -103,12 +115,19 @@ class Debouncer:
                 tasks.aggregate_experiment(experiment_id)
         return claimed
 
+    def next_wait(self, took: float) -> float:
+        """Seconds until the next pass, after one that took ``took`` seconds."""
+        return max(self.interval, took * (1 / BUSY_SHARE - 1))
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = self.interval
+        while not self._stop.wait(wait):
+            started = time.monotonic()
             try:
                 self.run_once()
             except Exception:
                 log.exception("aggregate debouncer pass failed; retrying next interval")
+            wait = self.next_wait(time.monotonic() - started)
 
 
 def start(settings: HubSettings, engine: Engine) -> Debouncer:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from sqlmodel import Session, select
 
 from tributary.hub.models import SpokeKey, utcnow
@@ -9,10 +11,16 @@ from tributary.hub.services import audit
 from tributary.protocol.signing import PublicKey
 
 
+@lru_cache(maxsize=4096)
+def public_key(pem: str) -> PublicKey:
+    """An enrolled key's PEM, parsed once (parsing costs more than checking a signature)."""
+    return PublicKey.from_pem(pem)
+
+
 def active_keys(session: Session, spoke_id: str) -> list[PublicKey]:
     rows = session.exec(select(SpokeKey).where(SpokeKey.spoke_id == spoke_id,
                                                SpokeKey.revoked_at == None)).all()  # noqa: E711
-    return [PublicKey.from_pem(r.public_key_pem) for r in rows]
+    return [public_key(r.public_key_pem) for r in rows]
 
 
 def keys_by_spoke(session: Session) -> dict[str, list[SpokeKey]]:
@@ -34,7 +42,7 @@ def resolve_key(session: Session, keyid: str) -> tuple[str, PublicKey] | None:
     row = session.get(SpokeKey, keyid)
     if row is None or row.revoked_at is not None:
         return None
-    return row.spoke_id, PublicKey.from_pem(row.public_key_pem)
+    return row.spoke_id, public_key(row.public_key_pem)
 
 
 def enrol(session: Session, spoke_id: str, public_key_pem: str, actor: str) -> SpokeKey:

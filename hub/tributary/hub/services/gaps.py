@@ -11,9 +11,11 @@ is done: that is how a lost *last* result is noticed (no later record shows the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
-from sqlmodel import Session, select
+from sqlalchemy import func
+from sqlmodel import Session, col, select
 
 from tributary.hub.models import (
     TERMINAL_TARGET_STATES,
@@ -44,6 +46,8 @@ ACCEPTED_GAP_HEAD = "gap-accepted"
 #: The failure reason of a case whose result was lost with an accepted gap.
 LOST_IN_TRANSIT = "lost_in_transit"
 UNSETTLED = (CaseState.QUEUED, CaseState.RUNNING)
+#: Targets settling leaves alone: already settled, or being cancelled.
+SETTLING_DONE = [*TERMINAL_TARGET_STATES, TargetState.CANCELLING]
 
 
 class GapDetected(ProtocolError):
@@ -111,17 +115,39 @@ def unsettled(session: Session, target: ExperimentTarget) -> list[CaseResult]:
         CaseResult.state.in_(UNSETTLED))).all())  # type: ignore[attr-defined]
 
 
-def settle_targets(session: Session, spoke_id: str) -> None:
-    """Complete the spoke's targets it said were done once every case has its result; while
-    results are missing, keep one open gap after the chain head, so the hub asks for them."""
+def settle_targets(session: Session, spoke_ids: str | Iterable[str]) -> None:
+    """Complete the spokes' targets they said were done once every case has its result;
+    while results are missing, keep one open gap after the chain head, so the hub asks for
+    them. Two queries for any number of spokes (a batch of results settles once)."""
+    spokes = sorted({spoke_ids} if isinstance(spoke_ids, str) else set(spoke_ids))
+    if not spokes:
+        return
     session.flush()
-    waiting = 0
+    open_targets: dict[str, list[ExperimentTarget]] = {}
     for target in session.exec(select(ExperimentTarget).where(
-            ExperimentTarget.spoke_id == spoke_id,
-            ExperimentTarget.spoke_completed_at.is_not(None))).all():  # type: ignore[union-attr]
-        if target.state in TERMINAL_TARGET_STATES or target.state == TargetState.CANCELLING:
-            continue
-        missing = len(unsettled(session, target))
+            col(ExperimentTarget.spoke_id).in_(spokes),
+            col(ExperimentTarget.spoke_completed_at).is_not(None),
+            col(ExperimentTarget.state).not_in(SETTLING_DONE))):
+        open_targets.setdefault(target.spoke_id, []).append(target)
+    gaps_by_spoke: dict[str, list[CustodyGap]] = {}
+    for row in session.exec(select(CustodyGap).where(
+            col(CustodyGap.spoke_id).in_(spokes), CustodyGap.state == GapState.OPEN.value)
+            .order_by(col(CustodyGap.first_missing))):
+        gaps_by_spoke.setdefault(row.spoke_id, []).append(row)
+    for spoke_id in spokes:
+        if spoke_id in open_targets or spoke_id in gaps_by_spoke:
+            _settle_spoke(session, spoke_id, open_targets.get(spoke_id, []),
+                          gaps_by_spoke.get(spoke_id, []))
+
+
+def _settle_spoke(session: Session, spoke_id: str, targets: list[ExperimentTarget],
+                  open_rows: list[CustodyGap]) -> None:
+    waiting = 0
+    for target in targets:
+        missing = session.exec(select(func.count()).select_from(CaseResult).where(
+            CaseResult.experiment_id == target.experiment_id,
+            CaseResult.spoke_id == target.spoke_id,
+            col(CaseResult.state).in_(UNSETTLED))).one()
         if missing == 0:
             target.state, target.reason = TargetState.COMPLETED, None
         else:
@@ -131,7 +157,7 @@ def settle_targets(session: Session, spoke_id: str) -> None:
                              "are missing; the spoke is asked to resend them")
         target.updated_at = utcnow()
         session.add(target)
-    trailing = [g for g in open_gaps(session, spoke_id) if g.last_missing is None]
+    trailing = [g for g in open_rows if g.last_missing is None]
     if not waiting:
         for row in trailing:
             row.state, row.settled_at = GapState.RESOLVED.value, utcnow()
@@ -144,7 +170,7 @@ def settle_targets(session: Session, spoke_id: str) -> None:
     if trailing:
         trailing[0].first_missing = max(trailing[0].first_missing, after)
         session.add(trailing[0])
-    elif not open_gaps(session, spoke_id):
+    elif not open_rows:
         session.add(CustodyGap(spoke_id=spoke_id, first_missing=after))
         audit.record(session, "hub", "custody.gap", spoke_id, first_missing=after,
                      last_missing=None, why="the spoke is done but results are missing")
@@ -165,14 +191,18 @@ def send_resend(client: StompClient, key: SigningKey, spoke_id: str,
 
 
 def request_resends(session: Session, client: StompClient, key: SigningKey,
-                    spoke_id: str) -> int:
-    """Ask the spoke to resend every open gap not asked about recently; returns how many
-    requests were sent. Committed per request, after it was published."""
+                    spoke_id: str, min_age: timedelta = timedelta(0)) -> int:
+    """Ask the spoke to resend every open gap not asked about recently and detected at
+    least ``min_age`` ago (a gap that competing consumers close within seconds is never
+    asked about); returns how many requests were sent. Committed per request, after it was
+    published."""
     sent = 0
     now = utcnow()
     for row in open_gaps(session, spoke_id):
         if row.resend_requested_at is not None and \
                 now - _aware(row.resend_requested_at) < RESEND_INTERVAL:
+            continue
+        if now - _aware(row.detected_at) < min_age:
             continue
         message_id = send_resend(client, key, spoke_id, row.first_missing)
         row.resend_requested_at, row.resend_requests = now, row.resend_requests + 1

@@ -1,14 +1,25 @@
 """Ingesting what spokes send to the results queue. Every change is idempotent: a message
 id seen before is ignored, and a case that already has a result for an attempt keeps it, so
 redeliveries and duplicates never count twice. Heartbeats and progress reports are
-ephemeral (sent non-persistent): they update liveness and progress, newest wins."""
+ephemeral (sent non-persistent): they update liveness and progress, newest wins.
+
+The results consumer applies messages in batches, one transaction each
+(:func:`ingest_batch`): the rows a batch needs are read with a few queries for all its
+messages, each spoke's chain head is locked once, targets are settled and studies marked
+stale once per batch, and the audit lines are written with one fsync. The cost per result
+does not depend on the size of the study. A message the hub refuses is refused before it
+changes anything, so it never takes the rest of its batch down."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 
-from sqlmodel import Session, select
+from sqlalchemy import func, insert, update
+from sqlmodel import Session, col, select
 
 from tributary.hub import tasks
 from tributary.hub.models import (
@@ -18,20 +29,23 @@ from tributary.hub.models import (
     CaseAttempt,
     CaseResult,
     CaseState,
+    CustodyGap,
     Experiment,
     ExperimentState,
     ExperimentTarget,
+    GapState,
     InboundMessage,
     QuarantinedMessage,
     Spoke,
     SpokeChain,
+    SpokeKey,
     TargetState,
     utcnow,
 )
 from tributary.hub.services import anchors, audit, debounce, gaps
 from tributary.hub.services.counts import ingest_count_reply
-from tributary.hub.services.enrolment import active_keys
-from tributary.protocol.custody import GENESIS, record_hash, verify_custody
+from tributary.hub.services.enrolment import public_key
+from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, verify_custody
 from tributary.protocol.messages import (
     CaseProgressMessage,
     CaseStartedMessage,
@@ -46,7 +60,7 @@ from tributary.protocol.messages import (
 from tributary.protocol.messages import (
     ExperimentState as SpokeExperimentState,
 )
-from tributary.protocol.signing import SignatureError
+from tributary.protocol.signing import PublicKey, SignatureError
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +73,346 @@ class Rejected(ProtocolError):
     """A well-formed message the hub will not accept (unknown spoke or experiment)."""
 
 
-def _case(session: Session, experiment_id: str, spoke_id: str, case_id: str) -> CaseResult:
-    row = session.exec(select(CaseResult).where(
-        CaseResult.experiment_id == experiment_id, CaseResult.spoke_id == spoke_id,
-        CaseResult.case_id == case_id)).first()
-    if row is None:
-        row = CaseResult(experiment_id=experiment_id, spoke_id=spoke_id, case_id=case_id)
-    return row
+#: What one batch returns for each of its messages: whether it was applied (False: a
+#: duplicate, a stale report, a quarantined result), or why it was refused.
+Outcome = bool | ProtocolError
+
+
+def ingest(session: Session, message: SpokeMessage) -> bool:
+    """Apply one message in a transaction of its own; False if it was a duplicate (or a
+    stale ephemeral report); raises :class:`ProtocolError` if the hub refuses it."""
+    outcome = ingest_batch(session, [message])[0]
+    if isinstance(outcome, ProtocolError):
+        raise outcome
+    return outcome
+
+
+def ingest_batch(session: Session, messages: Sequence[SpokeMessage]) -> list[Outcome]:
+    """Apply ``messages`` in order in ONE transaction, committed here, and return each one's
+    outcome. A refused message (a :class:`ProtocolError` in its place: forged, replayed, a
+    custody gap...) changed nothing, and the others are applied as if it had not been
+    there; a later message of the same spoke sees the chain as the earlier ones left it.
+    Any other exception rolls the whole batch back and propagates: the caller may then
+    apply the messages one by one to find the one at fault."""
+    batch = _Batch(session, messages)
+    outcomes: list[Outcome] = []
+    with audit.batched(session):
+        try:
+            for message in messages:
+                try:
+                    outcomes.append(batch.apply(message))
+                except ProtocolError as exc:
+                    outcomes.append(exc)
+            batch.finish()
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+    for experiment_id in batch.completed:
+        tasks.aggregate_experiment(experiment_id)  # the final aggregate, at once
+    return outcomes
+
+
+#: Most keys in one IN (...) list (SQLite allows a few thousand parameters a statement).
+_CHUNK = 500
+
+
+class _Applied(Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    QUARANTINED = "quarantined"
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """A result whose custody record verified and continues its spoke's chain."""
+
+    row: CaseResult
+    earlier: CaseAttempt | None
+    record: CustodyRecord
+    digest: str
+
+
+def _case_key(message: SpokeMessage) -> tuple[str, str, str] | None:
+    case_id = getattr(message, "case_id", None)
+    experiment_id = getattr(message, "experiment_id", None)
+    if case_id is None or experiment_id is None:
+        return None
+    return experiment_id, message.spoke_id, case_id
+
+
+class _Batch:
+    """The rows a batch of messages needs, each read once, and what the batch touched
+    (spokes to settle, studies to mark stale and to check for completion)."""
+
+    def __init__(self, session: Session, messages: Sequence[SpokeMessage]) -> None:
+        self.session = session
+        self.settle: set[str] = set()
+        # Written together (write_pending): message ids, attempts, spokes' last contact.
+        self.inbound: list[dict[str, object]] = []
+        self.new_attempts: list[dict[str, object]] = []
+        self.seen: set[str] = set()
+        self.stale: set[str] = set()
+        self.experiments: set[str] = set()
+        self.completed: list[str] = []
+        durable = [m for m in messages
+                   if not isinstance(m, HeartbeatMessage | CaseProgressMessage)]
+        ids = {m.message_id for m in durable}
+        self.known: set[str] = set(session.exec(select(InboundMessage.message_id).where(
+            col(InboundMessage.message_id).in_(ids)))) if ids else set()
+        # What every message is checked against, read once: registered spokes, targets.
+        spoke_ids = {m.spoke_id for m in messages}
+        self.spokes: set[str] = set(session.exec(select(Spoke.id).where(
+            col(Spoke.id).in_(spoke_ids))))
+        experiment_ids = {m.experiment_id for m in messages
+                          if getattr(m, "experiment_id", None) is not None}
+        self.targets: dict[tuple[str, str], TargetState] = {}
+        self._pinned: list[object] = []
+        if experiment_ids:
+            self.targets = {(e, s): TargetState(state) for e, s, state in session.exec(
+                select(ExperimentTarget.experiment_id, ExperimentTarget.spoke_id,
+                       ExperimentTarget.state).where(
+                    col(ExperimentTarget.experiment_id).in_(experiment_ids),
+                    col(ExperimentTarget.spoke_id).in_(spoke_ids)))}
+            # Into the session's identity map, where ``session.get`` finds them without a
+            # query as long as something holds them (the map holds unchanged rows weakly).
+            experiments = session.exec(select(Experiment).where(
+                col(Experiment.id).in_(experiment_ids))).all()
+            self._pinned += experiments
+            self._pinned += session.exec(select(Algorithm).where(
+                col(Algorithm.id).in_({e.algorithm_id for e in experiments}))).all()
+        self.cases: dict[tuple[str, str, str], CaseResult] = {}
+        self._absent: set[tuple[str, str, str]] = set()  # looked up, no row (yet)
+        self._load_cases({k for m in messages if (k := _case_key(m)) is not None})
+        results = [m for m in messages if isinstance(m, ResultMessage)]
+        self.digests = {m.message_id: record_hash(m.custody) for m in results
+                        if m.custody is not None}
+        # The custody digest of each attempt stored, by (experiment, spoke, case, attempt).
+        self.attempts: dict[tuple[str, str, str, int], str] = {}
+        self.taken: set[str] = set()
+        self.chains: dict[str, SpokeChain] = {}
+        self.keys: dict[str, list[PublicKey]] = {}
+        self.gapped: set[str] = set()
+        if results:
+            self._load_results(results)
+
+    def _load_cases(self, keys: set[tuple[str, str, str]]) -> None:
+        wanted = sorted(keys - self.cases.keys() - self._absent)
+        for start in range(0, len(wanted), _CHUNK):  # a status may list thousands of cases
+            chunk = wanted[start:start + _CHUNK]
+            # Three IN lists (their product is probed in the unique index: cheaper than a
+            # row-value IN, which SQLite answers with a scan).
+            for row in self.session.exec(select(CaseResult).where(
+                    col(CaseResult.experiment_id).in_({k[0] for k in chunk}),
+                    col(CaseResult.spoke_id).in_({k[1] for k in chunk}),
+                    col(CaseResult.case_id).in_({k[2] for k in chunk}))):
+                key = (row.experiment_id, row.spoke_id, row.case_id)
+                if key in keys:
+                    self.cases[key] = row
+        self._absent.update(key for key in wanted if key not in self.cases)
+
+    def load_cases(self, experiment_id: str, spoke_id: str, case_ids: Iterable[str]) -> None:
+        """Read the rows of these cases of one spoke together (a status lists them all)."""
+        self._load_cases({(experiment_id, spoke_id, case_id) for case_id in case_ids})
+
+    def _load_results(self, results: list[ResultMessage]) -> None:
+        session = self.session
+        for experiment_id, spoke_id, case_id, attempt, digest in session.exec(
+                select(CaseAttempt.experiment_id, CaseAttempt.spoke_id, CaseAttempt.case_id,
+                       CaseAttempt.attempt, CaseAttempt.custody_sha256).where(
+                    col(CaseAttempt.experiment_id).in_({m.experiment_id for m in results}),
+                    col(CaseAttempt.spoke_id).in_({m.spoke_id for m in results}),
+                    col(CaseAttempt.case_id).in_({m.case_id for m in results}))):
+            self.attempts[(experiment_id, spoke_id, case_id, attempt)] = digest
+        if self.digests:
+            self.taken = set(session.exec(select(CaseResult.custody_sha256).where(
+                col(CaseResult.custody_sha256).in_(set(self.digests.values())))))
+        spokes = sorted({m.spoke_id for m in results})
+        # Locked until commit (PostgreSQL; SQLite locks the whole file), in one order, so
+        # two consumers never advance one spoke's chain from the same head nor deadlock.
+        for chain in session.exec(select(SpokeChain).where(col(SpokeChain.spoke_id).in_(spokes))
+                                  .order_by(col(SpokeChain.spoke_id)).with_for_update()):
+            self.chains[chain.spoke_id] = chain
+        for key in session.exec(select(SpokeKey).where(
+                col(SpokeKey.spoke_id).in_(spokes), col(SpokeKey.revoked_at).is_(None))):
+            self.keys.setdefault(key.spoke_id, []).append(public_key(key.public_key_pem))
+        self.gapped = set(session.exec(select(CustodyGap.spoke_id).where(
+            col(CustodyGap.spoke_id).in_(spokes), CustodyGap.state == GapState.OPEN.value)))
+
+    def case(self, experiment_id: str, spoke_id: str, case_id: str) -> CaseResult:
+        """The case's row; a new (unsaved) one if the spoke never accepted the case."""
+        key = (experiment_id, spoke_id, case_id)
+        if key not in self.cases and key not in self._absent:
+            self._load_cases({key})
+        if key not in self.cases:
+            self.cases[key] = CaseResult(experiment_id=experiment_id, spoke_id=spoke_id,
+                                         case_id=case_id)
+        return self.cases[key]
+
+    # -- one message ----------------------------------------------------------------------
+    def apply(self, message: SpokeMessage) -> bool:
+        """Apply one message; raises :class:`ProtocolError` before changing anything."""
+        session = self.session
+        if isinstance(message, HeartbeatMessage):
+            return _apply_heartbeat(session, message)
+        if isinstance(message, CaseProgressMessage):
+            return _apply_progress(self, message)
+        if message.message_id in self.known:
+            subject = (message.query_id if isinstance(message, CountReply)
+                       else message.experiment_id)
+            audit.record(session, message.spoke_id, "message.duplicate", subject,
+                         kind=message.kind, message_id=message.message_id,
+                         case=getattr(message, "case_id", None))
+            return False
+        if isinstance(message, CountReply):
+            applied = ingest_count_reply(session, message, commit=False)
+            self.known.add(message.message_id)
+            return applied
+        if message.spoke_id not in self.spokes:
+            raise Rejected(f"message from unregistered spoke {message.spoke_id!r}")
+        if (message.experiment_id, message.spoke_id) not in self.targets:
+            raise Rejected(f"experiment {message.experiment_id!r} does not target spoke "
+                           f"{message.spoke_id!r}")
+        checked = self.check_result(message) if isinstance(message, ResultMessage) else None
+        # Nothing was changed before this point: a refusal above leaves the batch as it was.
+        self.known.add(message.message_id)
+        self.seen.add(message.spoke_id)
+        self.inbound.append({"message_id": message.message_id, "kind": message.kind,
+                             "spoke_id": message.spoke_id, "received_at": utcnow()})
+        outcome = _Applied.APPLIED
+        if isinstance(message, ExperimentStatusMessage):
+            self.write_pending()  # what a status reads (attempts, chains) is in the database
+            target = _target(session, message)
+            _apply_status(self, target, message)
+            gaps.settle_targets(session, message.spoke_id)
+            self.targets[(message.experiment_id, message.spoke_id)] = target.state
+        elif isinstance(message, CaseStartedMessage):
+            _apply_started(self, message)
+        else:
+            assert checked is not None
+            outcome = self.apply_result(message, checked)
+            self.settle.add(message.spoke_id)  # once per batch, in finish()
+        audit.record(session, message.spoke_id, "message.received", message.experiment_id,
+                     kind=message.kind, message_id=message.message_id,
+                     case=getattr(message, "case_id", None),
+                     attempt=getattr(message, "attempt", None),
+                     duplicate=outcome == _Applied.DUPLICATE,
+                     quarantined=outcome == _Applied.QUARANTINED,
+                     state=getattr(message, "state", None),
+                     reason=getattr(message, "reason", None),
+                     failure=message.failure.reason.value
+                     if isinstance(message, ResultMessage) and message.failure else None)
+        if outcome == _Applied.APPLIED and isinstance(message, ResultMessage):
+            self.stale.add(message.experiment_id)  # recomputed off this thread
+        self.experiments.add(message.experiment_id)
+        return outcome != _Applied.DUPLICATE and outcome != _Applied.QUARANTINED
+
+    def check_result(self, message: ResultMessage) -> _Checked:
+        """Everything that can refuse a result, without changing anything."""
+        row = self.case(message.experiment_id, message.spoke_id, message.case_id)
+        digest = self.digests.get(message.message_id)
+        earlier = self.attempts.get((message.experiment_id, message.spoke_id, message.case_id,
+                                     message.attempt))
+        if earlier is not None and digest is not None and earlier == digest:
+            raise Rejected(f"case {message.case_id} already has a result for attempt "
+                           f"{message.attempt}: replayed or conflicting result")
+        if message.custody is None or digest is None:
+            raise Rejected("result carries no custody record")
+        try:
+            record = verify_custody(message.custody, self.keys.get(message.spoke_id, []),
+                                    message)
+        except SignatureError as exc:
+            raise Rejected(f"custody record refused: {exc}") from None
+        if digest in self.taken:
+            raise Rejected("replayed custody record: already accepted under another message")
+        chain = self.chains.get(message.spoke_id)
+        expected = (chain.sequence + 1, chain.record_sha256) if chain else (1, GENESIS)
+        if record.sequence > expected[0]:
+            raise gaps.GapDetected(message.spoke_id, expected[0], record.sequence - 1)
+        if expected[1] == gaps.ACCEPTED_GAP_HEAD:  # an administrator accepted the records lost
+            expected = (expected[0], record.previous_record_sha256)
+        if (record.sequence, record.previous_record_sha256) != expected:
+            raise Rejected(f"custody chain broken: record {record.sequence} follows "
+                           f"{record.previous_record_sha256[:12]}…, expected record "
+                           f"{expected[0]} after {expected[1][:12]}…")
+        return _Checked(row, earlier, record, digest)
+
+    def apply_result(self, message: ResultMessage, checked: _Checked) -> _Applied:
+        """Store one attempt's result. The first result for (experiment, spoke, case,
+        attempt) wins; another one for the same attempt (a case run twice across a crash,
+        say) extends the custody chain and is otherwise ignored."""
+        session, row, digest = self.session, checked.row, checked.digest
+        chain = self.chains.get(message.spoke_id) or SpokeChain(
+            spoke_id=message.spoke_id, sequence=0, record_sha256=GENESIS)
+        chain.sequence, chain.record_sha256 = checked.record.sequence, digest
+        self.chains[message.spoke_id] = chain
+        session.add(chain)
+        if message.spoke_id in self.gapped:
+            gaps.chain_advanced(session, message.spoke_id, chain.sequence)
+        if checked.earlier is not None:
+            return _Applied.DUPLICATE
+        refusal = _unacceptable(session, message, row,
+                                self.targets[(message.experiment_id, message.spoke_id)])
+        if refusal is not None:
+            _quarantine(session, message, refusal)
+            return _Applied.QUARANTINED
+        state = _case_state(message)
+        self.new_attempts.append({
+            "experiment_id": message.experiment_id, "spoke_id": message.spoke_id,
+            "case_id": message.case_id, "attempt": message.attempt, "state": state,
+            "failure": message.failure.model_dump(mode="json") if message.failure else None,
+            "result_message_id": message.message_id, "custody_sha256": digest,
+            "started_at": message.started_at, "finished_at": message.finished_at,
+            "received_at": utcnow()})
+        self.attempts[(message.experiment_id, message.spoke_id, message.case_id,
+                       message.attempt)] = digest
+        if row.state in FINAL_CASE_STATES and row.attempt > message.attempt:
+            return _Applied.APPLIED  # history only: a later attempt is already the result
+        if row.custody_sha256 is not None:
+            self.taken.discard(row.custody_sha256)
+        self.taken.add(digest)
+        row.custody = message.custody
+        row.custody_sha256 = digest
+        row.state = state
+        row.attempt = message.attempt
+        row.output = message.output
+        row.failure = message.failure.model_dump(mode="json") if message.failure else None
+        row.released = message.released
+        row.image_digest = message.image_digest
+        row.started_at = message.started_at
+        row.finished_at = message.finished_at
+        row.result_message_id = message.message_id
+        row.received_at = utcnow()
+        row.note = None
+        session.add(row)
+        return _Applied.APPLIED
+
+    def write_pending(self) -> None:
+        """Write what the batch keeps as plain rows (a statement each, not an object per
+        row): message ids, attempts, and when the spokes were last heard from."""
+        session = self.session
+        if self.inbound:
+            session.execute(insert(InboundMessage), self.inbound)
+            self.inbound = []
+        if self.new_attempts:
+            session.execute(insert(CaseAttempt), self.new_attempts)
+            self.new_attempts = []
+        if self.seen:
+            session.execute(update(Spoke).where(col(Spoke.id).in_(self.seen))
+                            .values(last_seen_at=utcnow())
+                            .execution_options(synchronize_session=False))
+            self.seen = set()
+
+    def finish(self) -> None:
+        """What the batch does once for all its messages: settle the targets of spokes that
+        sent results, mark studies stale, complete studies whose targets all settled."""
+        self.write_pending()
+        gaps.settle_targets(self.session, self.settle)
+        for experiment_id in sorted(self.stale):
+            debounce.mark_stale(self.session, experiment_id)
+        for experiment_id in sorted(self.experiments):
+            if _maybe_complete(self.session, experiment_id):
+                self.completed.append(experiment_id)
 
 
 def _spoke(session: Session, spoke_id: str) -> Spoke:
@@ -83,57 +430,6 @@ def _target(session: Session, message: ExperimentMessage | CaseProgressMessage
         raise Rejected(f"experiment {message.experiment_id!r} does not target spoke "
                        f"{message.spoke_id!r}")
     return target
-
-
-def ingest(session: Session, message: SpokeMessage) -> bool:
-    """Apply one message; False if it was a duplicate (or a stale ephemeral report)."""
-    if isinstance(message, HeartbeatMessage):
-        return _apply_heartbeat(session, message)
-    if isinstance(message, CaseProgressMessage):
-        return _apply_progress(session, message)
-    if session.get(InboundMessage, message.message_id) is not None:
-        subject = (message.query_id if isinstance(message, CountReply)
-                   else message.experiment_id)
-        audit.record(session, message.spoke_id, "message.duplicate", subject,
-                     kind=message.kind, message_id=message.message_id,
-                     case=getattr(message, "case_id", None))
-        session.commit()
-        return False
-    if isinstance(message, CountReply):
-        return ingest_count_reply(session, message)
-    target = _target(session, message)
-    spoke = _spoke(session, message.spoke_id)
-    spoke.last_seen_at = utcnow()
-    session.add(spoke)
-    session.add(InboundMessage(message_id=message.message_id, kind=message.kind,
-                               spoke_id=message.spoke_id))
-    applied = True
-    if isinstance(message, ExperimentStatusMessage):
-        _apply_status(session, target, message)
-    elif isinstance(message, CaseStartedMessage):
-        _apply_started(session, message)
-    else:
-        applied = _apply_result(session, message)
-    quarantined = (not applied and isinstance(message, ResultMessage) and session.exec(
-        select(QuarantinedMessage).where(
-            QuarantinedMessage.broker_message_id == message.message_id)).first() is not None)
-    if isinstance(message, ResultMessage | ExperimentStatusMessage):
-        gaps.settle_targets(session, message.spoke_id)
-    audit.record(session, message.spoke_id, "message.received", message.experiment_id,
-                 kind=message.kind, message_id=message.message_id,
-                 case=getattr(message, "case_id", None),
-                 attempt=getattr(message, "attempt", None),
-                 duplicate=not applied and not quarantined, quarantined=quarantined,
-                 state=getattr(message, "state", None), reason=getattr(message, "reason", None),
-                 failure=message.failure.reason.value
-                 if isinstance(message, ResultMessage) and message.failure else None)
-    if applied and isinstance(message, ResultMessage):
-        debounce.mark_stale(session, message.experiment_id)  # recomputed off this thread
-    completed = _maybe_complete(session, message.experiment_id)
-    session.commit()
-    if completed:
-        tasks.aggregate_experiment(message.experiment_id)  # the final aggregate, at once
-    return applied
 
 
 # -- ephemeral reports ------------------------------------------------------------------------
@@ -165,15 +461,15 @@ def _apply_heartbeat(session: Session, message: HeartbeatMessage) -> bool:
         spoke.certificate_serial = message.certificate.serial
         spoke.certificate_not_after = message.certificate.not_after
     session.add(spoke)
-    session.commit()
     return True
 
 
-def _apply_progress(session: Session, message: CaseProgressMessage) -> bool:
+def _apply_progress(batch: _Batch, message: CaseProgressMessage) -> bool:
     """The latest progress of a running attempt; ignored once the attempt has a result.
     Every progress message is audited, applied or not: it is a channel out of a spoke."""
+    session = batch.session
     _target(session, message)
-    row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
+    row = batch.case(message.experiment_id, message.spoke_id, message.case_id)
     stale = (row.progress_at is not None and _aware(row.progress_at) > message.sent_at)
     applied = not (row.attempt != message.attempt or row.state in FINAL_CASE_STATES or stale)
     audit.record(session, message.spoke_id, "progress.received", message.experiment_id,
@@ -189,7 +485,6 @@ def _apply_progress(session: Session, message: CaseProgressMessage) -> bool:
         spoke = _spoke(session, message.spoke_id)
         spoke.last_seen_at = utcnow()
         session.add(spoke)
-    session.commit()
     return applied
 
 
@@ -199,16 +494,19 @@ def _aware(moment: datetime) -> datetime:
 
 
 # -- durable messages -------------------------------------------------------------------------
-def _apply_status(session: Session, target: ExperimentTarget,
+def _apply_status(batch: _Batch, target: ExperimentTarget,
                   message: ExperimentStatusMessage) -> None:
+    session = batch.session
     state = message.state
+    batch.load_cases(message.experiment_id, message.spoke_id, message.case_ids)
     if state == SpokeExperimentState.ACCEPTED:
         if target.state in (TargetState.PENDING, TargetState.PUBLISHED, TargetState.HELD):
             target.state = TargetState.ACCEPTED
         target.reason = message.reason
         target.case_count = len(message.case_ids)
         for case_id in message.case_ids:
-            session.add(_case(session, message.experiment_id, message.spoke_id, case_id))
+            session.add(batch.case(message.experiment_id, message.spoke_id, case_id))
+        session.flush()  # the cases are accepted from now on (they have an id)
     elif state == SpokeExperimentState.REFUSED:
         target.state = TargetState.REFUSED
         target.reason = message.reason
@@ -222,13 +520,13 @@ def _apply_status(session: Session, target: ExperimentTarget,
         target.state = TargetState.CANCELLED
         target.reason = message.reason
         for case_id in message.case_ids:
-            row = _case(session, message.experiment_id, message.spoke_id, case_id)
+            row = batch.case(message.experiment_id, message.spoke_id, case_id)
             if row.state not in FINAL_CASE_STATES:
                 row.state = CaseState.CANCELLED
                 row.note = f"cancelled: {message.reason or 'on request'}"
                 session.add(row)
     elif state == SpokeExperimentState.RETRY_REFUSED:
-        _restore_refused_retries(session, target, message)
+        _restore_refused_retries(batch, target, message)
     else:
         if target.state == TargetState.HELD:
             target.reason = message.reason  # the steward's review is over
@@ -240,11 +538,12 @@ def _apply_status(session: Session, target: ExperimentTarget,
     session.add(target)
 
 
-def _restore_refused_retries(session: Session, target: ExperimentTarget,
+def _restore_refused_retries(batch: _Batch, target: ExperimentTarget,
                              message: ExperimentStatusMessage) -> None:
     """The spoke will not re-run these cases: they keep their latest accepted attempt."""
+    session = batch.session
     for case_id in message.case_ids:
-        row = _case(session, message.experiment_id, message.spoke_id, case_id)
+        row = batch.case(message.experiment_id, message.spoke_id, case_id)
         latest = session.exec(select(CaseAttempt).where(
             CaseAttempt.experiment_id == message.experiment_id,
             CaseAttempt.spoke_id == message.spoke_id, CaseAttempt.case_id == case_id)
@@ -263,8 +562,9 @@ def _restore_refused_retries(session: Session, target: ExperimentTarget,
         target.state = TargetState.COMPLETED
 
 
-def _apply_started(session: Session, message: CaseStartedMessage) -> None:
-    row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
+def _apply_started(batch: _Batch, message: CaseStartedMessage) -> None:
+    session = batch.session
+    row = batch.case(message.experiment_id, message.spoke_id, message.case_id)
     if row.id is None:
         return  # not a case the spoke accepted: a start report does not make it one
     if row.state in FINAL_CASE_STATES and row.attempt >= message.attempt:
@@ -276,95 +576,20 @@ def _apply_started(session: Session, message: CaseStartedMessage) -> None:
     session.add(row)
 
 
-def _verify_custody(session: Session, message: ResultMessage) -> tuple[SpokeChain, str]:
-    """Signature, subject digest and chain continuity of the result's custody record."""
-    if message.custody is None:
-        raise Rejected("result carries no custody record")
-    try:
-        record = verify_custody(message.custody, active_keys(session, message.spoke_id), message)
-    except SignatureError as exc:
-        raise Rejected(f"custody record refused: {exc}") from None
-    digest = record_hash(message.custody)
-    if session.exec(select(CaseResult).where(CaseResult.custody_sha256 == digest)).first():
-        raise Rejected("replayed custody record: already accepted under another message")
-    # Locked until commit (PostgreSQL; SQLite locks the whole file): two consumers never
-    # advance one spoke's chain from the same head.
-    chain = session.get(SpokeChain, message.spoke_id, with_for_update=True)
-    expected = (chain.sequence + 1, chain.record_sha256) if chain else (1, GENESIS)
-    if record.sequence > expected[0]:
-        raise gaps.GapDetected(message.spoke_id, expected[0], record.sequence - 1)
-    if expected[1] == gaps.ACCEPTED_GAP_HEAD:  # an administrator accepted the records lost
-        expected = (expected[0], record.previous_record_sha256)
-    if (record.sequence, record.previous_record_sha256) != expected:
-        raise Rejected(f"custody chain broken: record {record.sequence} follows "
-                       f"{record.previous_record_sha256[:12]}…, expected record {expected[0]} "
-                       f"after {expected[1][:12]}…")
-    chain = chain or SpokeChain(spoke_id=message.spoke_id, sequence=0, record_sha256=GENESIS)
-    chain.sequence, chain.record_sha256 = record.sequence, digest
-    return chain, digest
-
-
 def _case_state(message: ResultMessage) -> CaseState:
     if message.failure is not None and message.failure.reason == FailureReason.CANCELLED:
         return CaseState.CANCELLED
     return CaseState(message.status.value)
 
 
-def _apply_result(session: Session, message: ResultMessage) -> bool:
-    """Store one attempt's result. The first result for (experiment, spoke, case, attempt)
-    wins; another one for the same attempt (a case run twice across a crash, say) is
-    verified, extends the custody chain, and is otherwise ignored."""
-    row = _case(session, message.experiment_id, message.spoke_id, message.case_id)
-    earlier = session.exec(select(CaseAttempt).where(
-        CaseAttempt.experiment_id == message.experiment_id,
-        CaseAttempt.spoke_id == message.spoke_id, CaseAttempt.case_id == message.case_id,
-        CaseAttempt.attempt == message.attempt)).first()
-    if earlier is not None and message.custody is not None \
-            and earlier.custody_sha256 == record_hash(message.custody):
-        raise Rejected(f"case {message.case_id} already has a result for attempt "
-                       f"{message.attempt}: replayed or conflicting result")
-    chain, digest = _verify_custody(session, message)
-    session.add(chain)
-    gaps.chain_advanced(session, message.spoke_id, chain.sequence)
-    if earlier is not None:
-        return False
-    refusal = _unacceptable(session, message, row)
-    if refusal is not None:
-        _quarantine(session, message, refusal)
-        return False
-    state = _case_state(message)
-    session.add(CaseAttempt(
-        experiment_id=message.experiment_id, spoke_id=message.spoke_id,
-        case_id=message.case_id, attempt=message.attempt, state=state,
-        failure=message.failure.model_dump(mode="json") if message.failure else None,
-        result_message_id=message.message_id, custody_sha256=digest,
-        started_at=message.started_at, finished_at=message.finished_at))
-    if row.state in FINAL_CASE_STATES and row.attempt > message.attempt:
-        return True  # history only: a later attempt is already the case's result
-    row.custody = message.custody
-    row.custody_sha256 = digest
-    row.state = state
-    row.attempt = message.attempt
-    row.output = message.output
-    row.failure = message.failure.model_dump(mode="json") if message.failure else None
-    row.released = message.released
-    row.image_digest = message.image_digest
-    row.started_at = message.started_at
-    row.finished_at = message.finished_at
-    row.result_message_id = message.message_id
-    row.received_at = utcnow()
-    row.note = None
-    session.add(row)
-    return True
-
-
-def _unacceptable(session: Session, message: ResultMessage, row: CaseResult) -> str | None:
+def _unacceptable(session: Session, message: ResultMessage, row: CaseResult,
+                  target_state: TargetState) -> str | None:
     """Why a result whose custody verifies must still not count, or None. Which cases a
     spoke runs comes only from what it said itself (its signed accepted status)."""
-    target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
-    if target is not None and target.state == TargetState.REFUSED:
+    if target_state == TargetState.REFUSED:
+        target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
         return (f"result for case {message.case_id} of an experiment the spoke refused "
-                f"({target.reason or 'no reason given'})")
+                f"({target.reason if target and target.reason else 'no reason given'})")
     if row.id is None:
         return f"result for case {message.case_id}, which the spoke never accepted"
     experiment = session.get(Experiment, message.experiment_id)
@@ -400,15 +625,17 @@ def complete_if_settled(session: Session, experiment_id: str) -> None:
 
 
 def _maybe_complete(session: Session, experiment_id: str) -> bool:
-    """Complete the experiment if every target is settled; whether it completed now."""
+    """Complete the experiment if every target is settled; whether it completed now.
+    Counts targets by state rather than reading them (a study may target 200 spokes)."""
     session.flush()
     experiment = session.get(Experiment, experiment_id)
     if experiment is None or experiment.state in (ExperimentState.COMPLETED,
                                                   ExperimentState.CANCELLED):
         return False
-    targets = session.exec(
-        select(ExperimentTarget).where(ExperimentTarget.experiment_id == experiment_id)).all()
-    if targets and all(t.state in TERMINAL_TARGET_STATES for t in targets):
+    states = dict(session.exec(select(ExperimentTarget.state, func.count())
+                               .where(ExperimentTarget.experiment_id == experiment_id)
+                               .group_by(col(ExperimentTarget.state))).all())
+    if states and all(TargetState(state) in TERMINAL_TARGET_STATES for state in states):
         experiment.state = ExperimentState.COMPLETED
         experiment.completed_at = utcnow()
         session.add(experiment)
