@@ -9,6 +9,7 @@ import argparse
 import re
 from typing import Any
 
+import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -27,7 +28,7 @@ _BRACKETED = re.compile(r"(?<!\\)\[([^\[\]\n]*)\]|\\\[([^\[\]\n]*)\]")
 def _commands(command: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
     found = [(path, command)]
     if hasattr(command, "commands"):  # a group (typer vendors its own click)
-        context = typer.main._click.Context(command)  # groups may load theirs lazily
+        context = click.Context(command)  # groups may load theirs lazily
         for name in sorted(command.list_commands(context)):
             found += _commands(command.get_command(context, name), (*path, name))
     return found

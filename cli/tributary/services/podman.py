@@ -103,8 +103,11 @@ def ensure_running(settings: ServiceSettings | None = None) -> str:
         socket_path(settings).unlink()
     log = settings.path("podman", "podman.log")
     env = {**os.environ, **environment(settings)}
+    # In a folder of its own: conmon inherits the service's working directory and fails
+    # every container start ("Failed to get working directory") once the folder the
+    # service was started from is removed.
     start_daemon([shutil.which("podman") or "podman", "system", "service", "--time=0",
-                  socket_url(settings)], pidfile, log, env=env)
+                  socket_url(settings)], pidfile, log, cwd=log.parent, env=env)
     try:
         wait_for(lambda: answers(settings), 60, "the Podman API service", log)
     except ServiceError:

@@ -67,7 +67,7 @@ def ensure_munge(settings: ServiceSettings) -> str:
     log = settings.path("slurm", "munged.log")
     start_daemon(["setpriv", "--reuid=munge", "--regid=munge", "--init-groups",
                   "/usr/sbin/munged", "--foreground"], settings.path("slurm", "munged.pid"),
-                 log)
+                 log, cwd=log.parent)
     wait_for(_munge_answers, 30, "munge", log)
     return "started"
 
@@ -135,9 +135,9 @@ def ensure_running(settings: ServiceSettings | None = None) -> str:
     env = {**os.environ, **environment(settings)}
     log = settings.path("slurm", "slurmctld.log")
     start_daemon(["slurmctld", "-D", "-f", str(conf)], ctld_pid,
-                 settings.path("slurm", "slurmctld.out"), env=env)
+                 settings.path("slurm", "slurmctld.out"), cwd=log.parent, env=env)
     start_daemon(["slurmd", "-D", "-f", str(conf)], slurmd_pid,
-                 settings.path("slurm", "slurmd.out"), env=env)
+                 settings.path("slurm", "slurmd.out"), cwd=log.parent, env=env)
     try:
         wait_for(lambda: _node_ready(settings), 60, "the Slurm node", log)
     except ServiceError:
