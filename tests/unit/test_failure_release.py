@@ -20,3 +20,16 @@ def test_withheld_log_tail_is_dropped_and_marked() -> None:
 def test_log_tails_are_released_by_default() -> None:
     assert ReleasePolicy().log_tails is True
     assert ReleasePolicy.model_validate({"log_tails": False}).log_tails is False
+
+
+def test_failure_carries_the_applied_limits() -> None:
+    from tributary.protocol.messages import RunLimits
+    from tributary.spoke.failure_release import with_applied_limits
+
+    failure = Failure(reason=FailureReason.TIMEOUT, detail="ran out of time")
+    limits = RunLimits(timeout_seconds=30, memory_mb=256, cpus=1.0)
+    applied = with_applied_limits(failure, limits)
+    assert applied is not None and applied.applied_limits is not None
+    assert applied.applied_limits.timeout_seconds == 30
+    assert applied.applied_limits.memory_mb == 256
+    assert with_applied_limits(None, limits) is None
