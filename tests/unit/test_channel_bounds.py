@@ -114,3 +114,30 @@ def test_heartbeat_carries_only_rounded_vocabulary_progress() -> None:
                                 experiment_id="e", case_id="c", started_at=datetime.now(UTC),
                                 fraction=0.333, message=ProgressStep.LOADING)])
     assert beat.running[0].fraction == 0.35
+
+
+def test_failure_diagnostics_are_bounded() -> None:
+    """Applied limits and discarded files leave the spoke: bounded in count and length."""
+    from pydantic import ValidationError as _Invalid
+
+    from tributary.protocol.messages import (
+        DISCARDED_NAME_MAX_CHARS,
+        MAX_DISCARDED_FILES,
+        AppliedLimits,
+        DiscardedFile,
+    )
+
+    files = [DiscardedFile(name=f"f{i}", size_bytes=i) for i in range(MAX_DISCARDED_FILES)]
+    ok = Failure(reason=FailureReason.EXIT_CODE, detail="x", log_withheld=True,
+                 applied_limits=AppliedLimits(timeout_seconds=60, memory_mb=512, gpus=0),
+                 discarded_files=files)
+    assert ok.log_withheld and ok.log_tail is None
+    with pytest.raises(_Invalid):
+        Failure(reason=FailureReason.EXIT_CODE, detail="x",
+                discarded_files=[*files, DiscardedFile(name="one-more", size_bytes=1)])
+    with pytest.raises(_Invalid):
+        DiscardedFile(name="n" * (DISCARDED_NAME_MAX_CHARS + 1), size_bytes=1)
+    with pytest.raises(_Invalid):
+        DiscardedFile(name="n", size_bytes=-1)
+    with pytest.raises(_Invalid):
+        AppliedLimits(gpus=65)

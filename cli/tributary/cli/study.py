@@ -174,7 +174,20 @@ def report_problems(experiment_id: str, state: str, targets: list[dict[str, Any]
                       + (f", exit code {exit_code}" if exit_code is not None else "")
                       + "):[/] " + escape(failure.get("detail") or ""),
                       soft_wrap=True, highlight=False)
-        if failure.get("log_tail"):
+        limits = {k: v for k, v in (failure.get("applied_limits") or {}).items()
+                  if v is not None}
+        if limits:
+            console.print("  ran under: " + escape(", ".join(f"{k} {v}" for k, v
+                                                              in sorted(limits.items()))),
+                          soft_wrap=True, highlight=False)
+        discarded = failure.get("discarded_files") or []
+        if discarded:
+            console.print("  discarded: " + escape(", ".join(
+                f"{f.get('name')} ({f.get('size_bytes')} B)" for f in discarded)),
+                soft_wrap=True, highlight=False)
+        if failure.get("log_withheld"):
+            console.print("  log tail withheld by the site's policy", highlight=False)
+        elif failure.get("log_tail"):
             console.print(escape(failure["log_tail"].rstrip()), soft_wrap=True,
                           highlight=False, style="dim")
     return len(refused) + failed

@@ -431,6 +431,33 @@ class FailureReason(StrEnum):
     INTERRUPTED = "interrupted"  # the spoke went down mid-case too often to go on retrying
 
 
+MAX_DISCARDED_FILES = 50
+DISCARDED_NAME_MAX_CHARS = 255
+
+
+class AppliedLimits(BaseModel):
+    """The limits a case actually ran under, after the site's caps (protocol 1.3): shown to
+    the developer instead of the requested ones. Every field is a small bounded number."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timeout_seconds: int | None = Field(None, ge=1, le=7 * 24 * 3600)
+    memory_mb: int | None = Field(None, ge=1, le=16 * 1024 * 1024)
+    cpus: float | None = Field(None, gt=0, le=1024)
+    gpus: int | None = Field(None, ge=0, le=64)
+    tmp_mb: int | None = Field(None, ge=0, le=16 * 1024 * 1024)
+
+
+class DiscardedFile(BaseModel):
+    """A file the algorithm left in its output folder besides output.json and progress.json:
+    discarded by the spoke; only its (cut) name and size leave the site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(max_length=DISCARDED_NAME_MAX_CHARS)
+    size_bytes: int = Field(ge=0)
+
+
 class Failure(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -438,6 +465,13 @@ class Failure(BaseModel):
     detail: str = Field(max_length=REASON_MAX_CHARS)
     exit_code: int | None = None
     log_tail: str | None = Field(None, max_length=LOG_TAIL_MAX_BYTES)
+    log_withheld: bool = Field(False, description=(
+        "The site's data-release policy withholds log tails: none was sent (protocol 1.3)."))
+    applied_limits: AppliedLimits | None = Field(None, description=(
+        "The limits the case ran under after the site's caps (protocol 1.3)."))
+    discarded_files: list[DiscardedFile] = Field(
+        default_factory=list, max_length=MAX_DISCARDED_FILES, description=(
+            "Files discarded from the output folder, names and sizes only (protocol 1.3)."))
 
 
 class CaseStatus(StrEnum):

@@ -29,6 +29,9 @@ class ReleasePolicy(BaseModel):
     #: to ``data_dir`` (or to this file when there is no ``data_dir``); see docs/data.md.
     attributes_file: str | None = None
     max_output_bytes: int = Field(DEFAULT_OUTPUT_LIMIT_BYTES, ge=1024, le=64 * 1024 * 1024)
+    #: Send a failed case's log tail to the hub. False withholds it: the result then says
+    #: the site withheld it (``log_withheld``), and the dashboard says so.
+    log_tails: bool = True
 
 
 class RunnerSettings(BaseModel):

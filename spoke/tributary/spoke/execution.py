@@ -35,6 +35,7 @@ from tributary.spoke.config import SpokeConfig
 from tributary.spoke.custody import CustodyChain
 from tributary.spoke.deid import profile_name
 from tributary.spoke.engines import engine_client, engine_name
+from tributary.spoke.failure_release import released_failure, with_applied_limits
 from tributary.spoke.journal import CaseRow
 from tributary.spoke.lifecycle import Lifecycle
 from tributary.spoke.liveness import AuditProgress, CaseActivity, ProgressReporter, RunningCases
@@ -198,6 +199,7 @@ class CaseExecution:
                      case: CatalogCase | None = None) -> ResultMessage | None:
         """Sign the case's result into the custody chain and queue it for the hub; or,
         when the site's steward reviews results, hold it (None) until it is released."""
+        failure = released_failure(failure, self.config.policy.log_tails)
         released = {}
         if failure is None and case is not None:
             released = released_attributes(case, message.release,
@@ -287,7 +289,7 @@ class CaseExecution:
             outcome=outcome.failure.reason if outcome.failure else "succeeded",
             duration_seconds=round(time.monotonic() - t_run, 3))
         run["exit_code"] = outcome.exit_code
-        return outcome.output, outcome.failure, run
+        return outcome.output, with_applied_limits(outcome.failure, limits), run
 
     def _run(self, message: ExperimentMessage, case_id: str, attempt: int, name: str,
              prepared: CaseInput, limits: RunLimits, labels: dict[str, str],
