@@ -386,6 +386,11 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="budget of each phase (in-process, through the broker)")
     parser.add_argument("--samples", type=int, default=None, help="requests per page")
+    parser.add_argument("--consumers", type=int, default=0,
+                        help="run the results consumer as N processes of its own (`tributary "
+                             "hub consume`, the web app with TRIBUTARY_HUB_CONSUME_RESULTS="
+                             "false) on the same database, as a large hub is deployed; 0 (the "
+                             "default): the web process consumes, as a single-process hub")
     args = parser.parse_args()
     quick = args.quick
     n_spokes = args.spokes or (10 if quick else 200)
@@ -396,19 +401,26 @@ def main() -> None:
                          if c <= total) or [total]
     budget = args.max_seconds or (40.0 if quick else 3600.0)
     samples = args.samples or (5 if quick else 10)
+    layout = (f"web process + {args.consumers} consumer process(es)" if args.consumers
+              else "one hub process (web + consumer)")
     print(f"hub scale: {n_spokes} spokes x {cases} cases = {total} results; checkpoints "
-          f"{checkpoints}; {budget:.0f} s a phase", flush=True)
+          f"{checkpoints}; {budget:.0f} s a phase; {layout}; load average "
+          f"{load_average()}", flush=True)
 
     service_settings = ServiceSettings()
     services.up(service_settings)
     with tempfile.TemporaryDirectory() as tmp:
         federation = LocalFederation(Path(tmp) / "fed", service_settings,
-                                     hub_env={"TRIBUTARY_HUB_VERIFY_REGISTRY": "false"})
+                                     hub_env={"TRIBUTARY_HUB_VERIFY_REGISTRY": "false",
+                                              **({"TRIBUTARY_HUB_CONSUME_RESULTS": "false"}
+                                                 if args.consumers else {})})
         broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
                                 federation=federation.federation)
         try:
             federation.start_hub()
-            hub_pid = federation.processes["hub"].popen.pid
+            hub_pids = [federation.processes["hub"].popen.pid]
+            hub_pids += [federation.start_hub_consumer(i).popen.pid
+                         for i in range(args.consumers)]
             spokes = [SimSpoke(f"sim{i:03d}") for i in range(n_spokes)]
             progress(f"enrolling {n_spokes} spokes and launching")
             experiment_id = launch(federation, spokes)
@@ -430,14 +442,18 @@ def main() -> None:
                   f"{raw:.0f} msg/s, {1000 / raw:.2f} ms a message", flush=True)
 
             rows: list[tuple[int, float, dict[str, tuple[float, int]], float, float]] = []
-            last = {"cpu": cpu_seconds(hub_pid), "done": 0}
+            def hub_cpu() -> float:  # every hub process: web and consumers
+                return sum(cpu_seconds(pid) for pid in hub_pids)
+
+            last = {"cpu": hub_cpu(), "done": 0}
 
             def at_checkpoint(reached: int, rate: float) -> None:
-                cpu = cpu_seconds(hub_pid)
+                cpu = hub_cpu()
                 per_result = (cpu - last["cpu"]) / max(1, reached - last["done"]) * 1000
                 figures = sample_pages(federation, experiment_id, samples)
-                rows.append((reached, rate, figures, per_result, rss_mb(hub_pid)))
-                last["cpu"], last["done"] = cpu_seconds(hub_pid), reached
+                rows.append((reached, rate, figures, per_result,
+                             sum(rss_mb(pid) for pid in hub_pids)))
+                last["cpu"], last["done"] = hub_cpu(), reached
 
             broker_rate, broker_reached = through_broker(federation, client, study,
                                                          checkpoints, budget, at_checkpoint)
@@ -464,11 +480,18 @@ def main() -> None:
             if page != BASELINE_PAGE and reached == rows[-1][0]:
                 worst = max(worst, ms)
     print(f"in-process: {inproc_reached} results at {inproc_rate:.1f}/s overall; "
-          f"through broker: {broker_reached} results at {broker_rate:.1f}/s overall")
+          f"through broker: {broker_reached} results at {broker_rate:.1f}/s overall "
+          f"({broker_rate / raw:.0%} of the raw broker rate; {layout}); load average "
+          f"{load_average()}")
     size = rows[-1][0] if rows else 0
     print(f"hub-scale: ingest {per_second(inproc_rate)}/s in-process, "
           f"{per_second(broker_rate)}/s through broker (raw broker {raw:.0f}/s); "
           f"p95 {worst:.0f} ms at {size} cases")
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15-minute load averages (other work shares it)."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def per_second(value: float) -> str:

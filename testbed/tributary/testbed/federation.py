@@ -308,15 +308,8 @@ class LocalFederation:
                 key = Path(shutil.copy2(key, self.hub_dir / "tls" / "server.key"))
             tls = ["--tls-cert", str(cert), "--tls-key", str(key)]
         process = self._spawn("hub", ["hub", "serve", "--host", self.hub_address,
-                                      "--port", str(self.hub_port), *tls], {
-            **self._hub_broker_env(),
-            "TRIBUTARY_HUB_DATABASE_URL": f"sqlite:///{self.hub_dir / 'hub.db'}",
-            "TRIBUTARY_HUB_AUDIT_LOG": str(self.hub_audit_log),
-            "TRIBUTARY_HUB_SIGNING_KEY": str(self.hub_key_path),
-            "TRIBUTARY_HUB_ADMIN_PASSWORD": self.admin_password,
-            "TRIBUTARY_HUB_LAUNCH_TRUST_CHECK": self.launch_trust_check,
-            **self.hub_env,
-        }, party=HUB)
+                                      "--port", str(self.hub_port), *tls],
+                              self._hub_process_env(), party=HUB)
         deadline, last = time.monotonic() + 60, "it did not answer"
         while time.monotonic() < deadline:
             if not process.alive():
@@ -334,6 +327,30 @@ class LocalFederation:
                 last = str(exc)
             time.sleep(0.3)
         raise RuntimeError(f"the hub did not become ready ({last}):\n{process.log_tail()}")
+
+    def _hub_process_env(self) -> dict[str, str]:
+        """What every hub process (web, results consumer) of this federation is given."""
+        return {
+            **self._hub_broker_env(),
+            "TRIBUTARY_HUB_DATABASE_URL": f"sqlite:///{self.hub_dir / 'hub.db'}",
+            "TRIBUTARY_HUB_AUDIT_LOG": str(self.hub_audit_log),
+            "TRIBUTARY_HUB_SIGNING_KEY": str(self.hub_key_path),
+            "TRIBUTARY_HUB_ADMIN_PASSWORD": self.admin_password,
+            "TRIBUTARY_HUB_LAUNCH_TRUST_CHECK": self.launch_trust_check,
+            **self.hub_env,
+        }
+
+    def start_hub_consumer(self, index: int = 0) -> Process:
+        """A results consumer of its own (``tributary hub consume``) on the hub's database
+        and broker, as a hub that outgrows one process runs them; start the web app with
+        ``TRIBUTARY_HUB_CONSUME_RESULTS=false`` in ``hub_env`` beside it. Returns once the
+        process has started (its broker connection comes up in the background)."""
+        process = self._spawn(f"hub-consumer-{index}", ["hub", "consume"],
+                              self._hub_process_env(), party=HUB)
+        time.sleep(0.5)
+        if not process.alive():
+            raise RuntimeError(f"the results consumer exited:\n{process.log_tail()}")
+        return process
 
     def spoke_config(self, spoke_id: str, data_dir: Path, concurrency: int = 2,
                      releasable: tuple[str, ...] = ("nodules",),
