@@ -391,6 +391,9 @@ def main() -> None:
                              "hub consume`, the web app with TRIBUTARY_HUB_CONSUME_RESULTS="
                              "false) on the same database, as a large hub is deployed; 0 (the "
                              "default): the web process consumes, as a single-process hub")
+    parser.add_argument("--prefetch-batches", type=int, default=None,
+                        help="the hub's TRIBUTARY_HUB_RESULTS_PREFETCH_BATCHES (default: the "
+                             "hub's own default)")
     args = parser.parse_args()
     quick = args.quick
     n_spokes = args.spokes or (10 if quick else 200)
@@ -403,6 +406,8 @@ def main() -> None:
     samples = args.samples or (5 if quick else 10)
     layout = (f"web process + {args.consumers} consumer process(es)" if args.consumers
               else "one hub process (web + consumer)")
+    prefetch = args.prefetch_batches or HubSettings().results_prefetch_batches
+    layout += f", prefetch {prefetch} batch(es)"
     print(f"hub scale: {n_spokes} spokes x {cases} cases = {total} results; checkpoints "
           f"{checkpoints}; {budget:.0f} s a phase; {layout}; load average "
           f"{load_average()}", flush=True)
@@ -412,6 +417,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         federation = LocalFederation(Path(tmp) / "fed", service_settings,
                                      hub_env={"TRIBUTARY_HUB_VERIFY_REGISTRY": "false",
+                                              "TRIBUTARY_HUB_RESULTS_PREFETCH_BATCHES":
+                                                  str(prefetch),
                                               **({"TRIBUTARY_HUB_CONSUME_RESULTS": "false"}
                                                  if args.consumers else {})})
         broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,

@@ -183,3 +183,31 @@ def test_a_gap_that_stays_open_is_dead_lettered_after_the_hold(
                  "the spoke asked to resend the missing record")
     finally:
         hub.close()
+
+
+def test_the_next_batches_arrive_while_one_is_stored(
+        tmp_path: Path, service_settings: ServiceSettings, unique: str) -> None:
+    """The broker's prefetch is several batches: while a batch waits on the database, the
+    following ones are already delivered (with a prefetch of one batch, the broker sent
+    nothing more until the batch was acknowledged, and the consumer idled between batches)."""
+    hub = Hub(tmp_path, service_settings, unique, results_batch_size=4,
+              results_prefetch_batches=3, results_batch_wait_ms=500)
+    try:
+        results = [hub.result(spoke, case) for case in CASES for spoke in ("north", "south")]
+        for message in results:
+            hub.publish(message)
+        with hub.engine.connect() as blocker:  # another writer holds the database
+            blocker.exec_driver_sql("BEGIN IMMEDIATE")
+            hub.start()
+            assert hub.consumer is not None
+            consumer = hub.consumer
+            # One batch of 4 is taken and waits for the lock; 8 more are delivered to it.
+            wait_for(lambda: consumer.waiting() == 8, 20, "two more batches delivered")
+            time.sleep(1.0)
+            assert consumer.waiting() == 8  # and no more than the prefetch
+            assert hub.count(CaseAttempt) == 0
+            blocker.exec_driver_sql("ROLLBACK")
+        wait_for(lambda: hub.count(CaseAttempt) == len(results), 60, "every result stored")
+        assert hub.count(QuarantinedMessage) == 0
+    finally:
+        hub.close()

@@ -6,8 +6,9 @@ takes what spokes send off the results queue and stores it through
 Messages are stored in batches: the broker's listener only queues each delivery, and a
 thread of the consumer takes what arrived (up to ``results_batch_size``, waiting at most
 ``results_batch_wait_ms`` after the first), verifies the envelopes, stores them in one
-transaction and acknowledges each one after the commit (client-individual acks, prefetch of
-one batch). A message the hub refuses is dead-lettered alone; a batch that fails for another
+transaction and acknowledges each one after the commit (client-individual acks; the
+broker's prefetch is ``results_prefetch_batches`` batches, so the next batch arrives while
+one is stored). A message the hub refuses is dead-lettered alone; a batch that fails for another
 reason (a database fault) is stored again one message at a time, so one bad message never
 takes the others down.
 
@@ -82,6 +83,7 @@ class ResultsConsumer:
         self.queue = results_queue(client.settings.federation)
         self.batch_size = settings.results_batch_size
         self.batch_wait = settings.results_batch_wait_ms / 1000
+        self.prefetch = settings.results_batch_size * settings.results_prefetch_batches
         self.gap_hold = settings.custody_gap_hold_seconds
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._held: list[_Held] = []
@@ -92,10 +94,14 @@ class ResultsConsumer:
 
     def start(self) -> ResultsConsumer:
         self._spawn(self._work, "results-ingest")
-        self.client.subscribe(self.queue, self._inbox.put, prefetch=self.batch_size)
+        self.client.subscribe(self.queue, self._inbox.put, prefetch=self.prefetch)
         if self.key is not None:
             self._spawn(self._resend_loop, "custody-gaps")
         return self
+
+    def waiting(self) -> int:
+        """Messages the broker delivered that wait for the batch being stored to finish."""
+        return self._inbox.qsize()
 
     def stop(self) -> None:
         """Stop taking messages (those not stored stay unacknowledged: redelivered)."""

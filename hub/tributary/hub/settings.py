@@ -101,9 +101,14 @@ class HubSettings(BaseSettings):
     aggregate_interval_seconds: float = Field(2.0, gt=0)
     #: The results consumer stores up to this many messages in one transaction (what
     #: arrived within ``results_batch_wait_ms`` of the first), acknowledging each one only
-    #: after the commit (the broker's prefetch: at most this many unacknowledged).
+    #: after the commit.
     results_batch_size: int = Field(100, ge=1, le=1000)
     results_batch_wait_ms: float = Field(20.0, ge=0, le=1000)
+    #: The broker's prefetch for the results consumer, in batches: at most this many
+    #: batches of messages unacknowledged in flight to it. One batch makes the broker wait
+    #: for a batch's acknowledgements before sending more (the consumer then idles while a
+    #: batch is stored); more keeps the next batch arriving while one is being stored.
+    results_prefetch_batches: int = Field(4, ge=1, le=50)
     #: A result whose custody record comes after records not yet received is held this
     #: long (unacknowledged, tried again with each batch) before it is refused as a custody
     #: gap: with competing consumers, a spoke that does not send its results as one message
