@@ -394,7 +394,12 @@ def main() -> None:
     parser.add_argument("--prefetch-batches", type=int, default=None,
                         help="the hub's TRIBUTARY_HUB_RESULTS_PREFETCH_BATCHES (default: the "
                              "hub's own default)")
+    parser.add_argument("--hub-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting of the hub's processes, e.g. "
+                             "TRIBUTARY_HUB_AGGREGATE_INTERVAL_SECONDS=3600 to see what the "
+                             "aggregation debouncer costs (repeatable)")
     args = parser.parse_args()
+    hub_env = dict(item.split("=", 1) for item in args.hub_env)
     quick = args.quick
     n_spokes = args.spokes or (10 if quick else 200)
     cases = args.cases_per_spoke or (30 if quick else 150)
@@ -406,6 +411,7 @@ def main() -> None:
     samples = args.samples or (5 if quick else 10)
     layout = (f"web process + {args.consumers} consumer process(es)" if args.consumers
               else "one hub process (web + consumer)")
+    layout += "".join(f", {item}" for item in args.hub_env)
     prefetch = args.prefetch_batches or HubSettings().results_prefetch_batches
     layout += f", prefetch {prefetch} batch(es)"
     print(f"hub scale: {n_spokes} spokes x {cases} cases = {total} results; checkpoints "
@@ -420,7 +426,8 @@ def main() -> None:
                                               "TRIBUTARY_HUB_RESULTS_PREFETCH_BATCHES":
                                                   str(prefetch),
                                               **({"TRIBUTARY_HUB_CONSUME_RESULTS": "false"}
-                                                 if args.consumers else {})})
+                                                 if args.consumers else {}),
+                                              **hub_env})
         broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
                                 federation=federation.federation)
         try:
