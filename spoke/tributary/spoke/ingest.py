@@ -117,7 +117,7 @@ def load_attributes(path: Path) -> dict[str, dict[str, Any]]:
 def _prepare_one(preparer: Preparer, item: SourceItem) -> PreparedInstance | Excluded:
     try:
         if item.path is not None:
-            return preparer.from_file(item.path)
+            return preparer.from_file(item.path, item.root)
         assert item.load is not None
         return preparer.from_dataset(item.load(), item.ref)
     except Excluded as exc:
@@ -136,8 +136,8 @@ def _prepared(items: list[SourceItem], preparer: Preparer, key_file: Path,
         pool = PreparePool(workers - 1, key_file,
                            preparer.deidentifier.options.model_dump_json(), preparer.staging)
         by_path = {str(i.path): i for i in items}
-        yield from pool.map([str(i.path) for i in items],
-                            local=lambda path: _prepare_one(preparer, by_path[path]))
+        yield from pool.map([(str(i.path), str(i.root) if i.root else None) for i in items],
+                            local=lambda job: _prepare_one(preparer, by_path[job[0]]))
         return
     for item in items:
         yield _prepare_one(preparer, item)

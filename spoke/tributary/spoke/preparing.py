@@ -107,9 +107,11 @@ class PreparePool:
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
 
-    def map(self, paths: list[str], local: Callable[[str], Prepared] | None = None
+    def map(self, paths: list[tuple[str, str | None]],
+            local: Callable[[tuple[str, str | None]], Prepared] | None = None
             ) -> Iterator[Prepared]:
-        """Prepared instances (or exclusions) for ``paths``, in their order. ``local``
+        """Prepared instances (or exclusions) for ``paths`` (each a path and the source
+        folder it must stay in), in their order. ``local``
         prepares a file in this process: with it, this process takes the next file
         whenever no worker has a result for it, so it never waits for workers to start
         and the workers only ever add to what one process does."""
@@ -213,9 +215,9 @@ def _serve(fd: int) -> None:
             return  # the parent went away
         if message is None:
             return
-        index, path = message
+        index, (path, root) = message
         try:
-            result: Prepared = preparer.from_file(Path(path))
+            result: Prepared = preparer.from_file(Path(path), Path(root) if root else None)
         except Excluded as exc:
             result = exc
         except Exception as exc:  # a bug must cost one file, not the run

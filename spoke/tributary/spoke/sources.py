@@ -35,6 +35,7 @@ class SourceItem:
     fingerprint: str  # changes when the input may have changed
     path: Path | None = None  # a local file (screened and read by the store's Preparer)
     load: Callable[[], Dataset] | None = None  # a remote instance (WADO-RS retrieve)
+    root: Path | None = None  # the folder ``path`` is in: symbolic links stay inside it
 
 
 class Source(Protocol):
@@ -65,13 +66,13 @@ class Folder:
         items = []
         for path in self._walk():
             try:
-                stat = path.stat()
+                stat = path.lstat()  # a link's own: the target may be refused
             except OSError:
                 continue  # vanished while walking; seen next time if it comes back
             items.append(SourceItem(
                 ref=str(path.relative_to(self.root)),
                 fingerprint=f"{stat.st_size}:{stat.st_mtime_ns}",
-                path=path))
+                path=path, root=self.root))
         return items
 
 

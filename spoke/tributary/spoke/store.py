@@ -110,9 +110,10 @@ class Preparer:
         """The profile and options this preparer applies, as custody records state it."""
         return self.deidentifier.profile
 
-    def from_file(self, path: Path) -> PreparedInstance:
-        """Screen, read and de-identify a local file; raises :class:`Excluded`."""
-        return self._screened(path)
+    def from_file(self, path: Path, root: Path | None = None) -> PreparedInstance:
+        """Screen, read and de-identify a local file (a regular file, or a symbolic link
+        inside ``root``, its source folder); raises :class:`Excluded`."""
+        return self._screened(path, root)
 
     def from_dataset(self, ds: Dataset, ref: str) -> PreparedInstance:
         """The same for an instance retrieved from a PACS (screened as its file bytes)."""
@@ -124,8 +125,9 @@ class Preparer:
                            f"{type(exc).__name__}: {exc}"[:300]) from exc
         return self._screened(_NamedBuffer(buffer.getvalue(), ref))
 
-    def _screened(self, source: Path | io.BytesIO) -> PreparedInstance:
-        ds, verdict = self.screener.check(source)  # type: ignore[arg-type]
+    def _screened(self, source: Path | io.BytesIO, root: Path | None = None
+                  ) -> PreparedInstance:
+        ds, verdict = self.screener.check(source, root)  # type: ignore[arg-type]
         if ds is None:
             raise Excluded(_findings(verdict))
         return self._prepare(ds, _findings(verdict) or None)
