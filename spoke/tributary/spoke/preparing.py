@@ -76,7 +76,8 @@ class PreparePool:
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", "tributary.spoke.preparing", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                start_new_session=True)  # its own group: a kill reaches its OCR too
         finally:
             child.close()
         conn = Connection(parent.detach())
@@ -94,13 +95,13 @@ class PreparePool:
                 with contextlib.suppress(OSError):
                     worker.conn.send(None)
             else:
-                worker.process.terminate()
+                _signal_group(worker.process, signal.SIGTERM)
             worker.conn.close()
         for worker in self._workers:
             try:
                 worker.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                worker.process.kill()
+                _signal_group(worker.process, signal.SIGKILL)
                 worker.process.wait()
         self._workers = []
 
@@ -144,7 +145,7 @@ class PreparePool:
                     if time.monotonic() >= worker.since + self.file_timeout and \
                             worker.conn not in ready:
                         worker.overdue = True
-                        worker.process.kill()
+                        _signal_group(worker.process, signal.SIGKILL)
                         ready.append(worker.conn)  # its end of the socket closes
                 for worker in [w for w in self._workers if w.conn in ready]:
                     try:
@@ -195,6 +196,13 @@ class PreparePool:
                 pending.appendleft(index)
         if pending or len(results) < len(paths):
             self._start()
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """``sig`` to the worker and what it started (``tesseract``): a worker killed alone
+    would leave its OCR running for minutes on the file that hung it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
 
 
 def _serve(fd: int) -> None:
