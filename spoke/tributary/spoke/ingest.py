@@ -26,6 +26,7 @@ from tributary.spoke.preparing import PreparePool
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.sources import Source, SourceItem, open_source
 from tributary.spoke.store import DeidStore, Excluded, PreparedInstance, Preparer
+from tributary.spoke.store_migration import MigrationReport, migrate_layout
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,22 @@ def rebuild(config: SpokeConfig) -> None:
                 catalog_file.with_name(catalog_file.name + suffix).unlink(missing_ok=True)
             if store_root(config.work_dir).exists():
                 shutil.rmtree(store_root(config.work_dir))
+    finally:
+        os.close(agent_lock)
+
+
+def migrate_store(config: SpokeConfig) -> MigrationReport:
+    """Convert a store written before its format was marked (see
+    :mod:`tributary.spoke.store_migration`). Refused (raises :class:`WorkDirBusy`)
+    while the agent runs; under the ingest lock, so no ingest writes meanwhile."""
+    agent_lock = claim_work_dir(config.work_dir)
+    try:
+        with _exclusive(config.work_dir):
+            root = store_root(config.work_dir)
+            if not root.exists():
+                return MigrationReport(already_current=True)
+            with open_catalog(config) as catalog:
+                return migrate_layout(root, catalog)
     finally:
         os.close(agent_lock)
 
