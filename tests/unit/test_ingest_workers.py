@@ -64,7 +64,7 @@ def _workers() -> list[int]:
         except OSError:
             continue
         if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and \
-                b"tributary.spoke.preparing" in cmdline:
+                b"tributary.spoke.prepare_worker" in cmdline:
             found.append(int(entry.name))
     return found
 

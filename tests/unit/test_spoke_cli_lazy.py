@@ -15,8 +15,8 @@ from tributary.cli.app import app
 try:
     app(sys.argv[1:], standalone_mode=False)
 finally:
-    print(json.dumps(sorted(m for m in sys.modules if m.startswith(("tributary", "docker",
-                                                                   "stomp")))))
+    print(json.dumps(sorted(m for m in sys.modules if m.startswith(
+        ("tributary", "docker", "stomp", "requests", "tqdm", "pydicom")))))
 """
 
 
@@ -34,8 +34,9 @@ def test_deidentify_imports_only_what_it_needs(tmp_path: Path) -> None:
     assert "tributary.spoke.commands.deidentify" in loaded
     for other in ("run", "data", "status", "steward", "trust", "store"):
         assert f"tributary.spoke.commands.{other}" not in loaded, other
+    assert "pydicom" in loaded  # it de-identified, without pydicom's downloader's imports
     for heavy in ("tributary.spoke.agent", "tributary.spoke.ingest", "docker", "stomp",
-                  "tributary.hub"):
+                  "tributary.hub", "requests"):
         assert not any(m == heavy or m.startswith(heavy + ".") for m in loaded), heavy
 
 
@@ -45,3 +46,14 @@ def test_every_spoke_command_is_still_listed() -> None:
     for name in ("run", "init", "key", "ingest", "catalog", "exclusions", "status",
                  "steward", "trust", "store", "deidentify"):
         assert f" {name} " in done.stdout, name
+
+
+def test_the_lean_pydicom_import_hides_nothing_for_later() -> None:
+    """pydicom loaded without ``requests``; ``requests`` imports as usual afterwards."""
+    probe = ("import sys\nfrom tributary.spoke.startup import import_pydicom\n"
+             "import_pydicom()\nassert 'pydicom' in sys.modules\n"
+             "assert 'requests' not in sys.modules\nimport requests, tqdm\n"
+             "from pydicom import dcmread\nprint(requests.__name__)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "requests", done.stderr

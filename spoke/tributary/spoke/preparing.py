@@ -1,7 +1,7 @@
 """Preparing files on worker processes, every file accounted for.
 
-Each worker is a fresh interpreter (``python -m tributary.spoke.preparing``: it imports
-the engine, never the command line) that screens and de-identifies the files it is given
+Each worker is a fresh interpreter (``python -m tributary.spoke.prepare_worker``: it
+imports the engine, never the command line) that screens and de-identifies the files it is given
 and writes each output into the store's staging folder itself; only metadata comes back
 over its socket. The parent keeps at most :data:`_DEPTH` files in flight per worker, so
 it always knows which file a worker was preparing (the first it holds; the others wait
@@ -75,7 +75,7 @@ class PreparePool:
         parent, child = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tributary.spoke.preparing", str(child.fileno())],
+                [sys.executable, "-m", "tributary.spoke.prepare_worker", str(child.fileno())],
                 pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
                 start_new_session=True)  # its own group: a kill reaches its OCR too
         finally:
@@ -205,7 +205,7 @@ def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None
         os.killpg(process.pid, sig)
 
 
-def _serve(fd: int) -> None:
+def serve(fd: int) -> None:
     """A worker: prepare each path the parent sends until it sends None."""
     from tributary.spoke.deid import DeidOptions
     from tributary.spoke.pseudonyms import Pseudonymizer
@@ -234,7 +234,3 @@ def _serve(fd: int) -> None:
         conn.send((index, result))
 
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    _serve(int(sys.argv[1]))
-    os._exit(0)

@@ -85,6 +85,9 @@ def main(
              "screenshots, dose reports...), all, or off.")] = None,
 ) -> None:
     """De-identify every DICOM file under SRC into DST and report what was left out."""
+    from tributary.spoke.startup import import_pydicom
+
+    import_pydicom()  # before anything imports pydicom
     from rich.console import Console
     from rich.progress import track
     from rich.table import Table
