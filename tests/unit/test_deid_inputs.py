@@ -88,3 +88,14 @@ def test_the_ingest_never_opens_them(hostile: Path, tmp_path: Path, workers: int
                if (reason or "").startswith("not-a-regular-file")}
     assert refused == {"pipe.dcm", "socket.dcm", "escaping-link.dcm", "device.dcm"}, excluded
     assert stored == 1
+
+
+def test_a_link_inside_the_folder_follows_its_target(hostile: Path) -> None:
+    """The fingerprint of a link is its target's: a changed target is read again."""
+    from tributary.spoke.config import FolderSource
+    from tributary.spoke.sources import Folder
+
+    items = {i.ref: i for i in Folder(FolderSource(name="f", path=hostile)).items()}
+    target = (hostile / "sub" / "ct.dcm").stat()
+    assert items["inside-link.dcm"].fingerprint == f"{target.st_size}:{target.st_mtime_ns}"
+    assert items["pipe.dcm"].root == hostile  # every entry listed, refused when opened

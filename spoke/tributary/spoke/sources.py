@@ -65,10 +65,13 @@ class Folder:
             raise SourceUnavailable(f"source {self.name}: folder {self.root} does not exist")
         items = []
         for path in self._walk():
-            try:
-                stat = path.lstat()  # a link's own: the target may be refused
+            try:  # a link's target's (a changed target is read again)...
+                stat = path.stat()
             except OSError:
-                continue  # vanished while walking; seen next time if it comes back
+                try:  # ...or, dangling, its own: recorded as an exclusion, not skipped
+                    stat = path.lstat()
+                except OSError:
+                    continue  # vanished while walking; seen next time if it comes back
             items.append(SourceItem(
                 ref=str(path.relative_to(self.root)),
                 fingerprint=f"{stat.st_size}:{stat.st_mtime_ns}",
