@@ -13,7 +13,10 @@ run:
   alone), and the time each tool takes for one file (its startup).
 
 The machine may be shared: each round runs every variant once, in an order that rotates
-between rounds, and the figures are medians over the rounds.
+between rounds, and the figures are medians over the rounds. Each figure is wall time
+beside CPU time (user + system, of the process and every process it waited for: the
+ingest's workers too), so a speed-up on two processes is shown with the CPU it cost;
+the load average is printed beside each table.
 
     .venv/bin/python bench/bench_deid.py [--slices 1500] [--rounds 3] [--quick]
 
@@ -28,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -135,28 +139,49 @@ def spoke_config(root: Path, src: Path, workers: int) -> Path:
     return path
 
 
-def timed(command: list[str | Path], check: bool = True) -> float:
-    t0 = time.perf_counter()
-    done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    if check and done.returncode:
-        raise RuntimeError(f"{command[0]} failed: {done.stderr[-2000:]}")
-    return seconds
+#: (wall seconds, CPU seconds) of one run of a variant
+Sample = tuple[float, float]
 
 
-def rounds(variants: dict[str, Callable[[], float]], count: int) -> dict[str, float]:
-    """Each variant once per round, the order rotating; the median of each."""
+def cpu_seconds() -> float:
+    """User + system time of this process and of every child it has waited for (and
+    theirs, as each waited for its own): a whole process's workers are counted."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measured(run: Callable[[], object]) -> Sample:
+    """Wall and CPU time of ``run()``, in this process and the processes it waits for."""
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    run()
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def timed(command: list[str | Path], check: bool = True) -> Sample:
+    def run() -> None:
+        done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+        if check and done.returncode:
+            raise RuntimeError(f"{command[0]} failed: {done.stderr[-2000:]}")
+
+    return measured(run)
+
+
+def rounds(variants: dict[str, Callable[[], Sample]], count: int) -> dict[str, Sample]:
+    """Each variant once per round, the order rotating; the median wall and the median
+    CPU time of each."""
     names = list(variants)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict[str, list[Sample]] = {n: [] for n in names}
     for r in range(count):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            times[name].append(variants[name]())
-    return {n: statistics.median(t) for n, t in times.items()}
+            samples[name].append(variants[name]())
+    return {n: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
+            for n, s in samples.items()}
 
 
 def whole_variants(root: Path, src: Path, baseline: Path, small: bool
-                   ) -> dict[str, Callable[[], float]]:
+                   ) -> dict[str, Callable[[], Sample]]:
     out = root / "out"
 
     def fresh() -> Path:
@@ -164,7 +189,7 @@ def whole_variants(root: Path, src: Path, baseline: Path, small: bool
         return out
 
     key = root / "bench.key"
-    variants: dict[str, Callable[[], float]] = {
+    variants: dict[str, Callable[[], Sample]] = {
         "floor: pydicom read+write": lambda: timed(
             [sys.executable, __file__, "--floor", src, fresh()]),
         "dicognito": lambda: timed(
@@ -185,7 +210,7 @@ def whole_variants(root: Path, src: Path, baseline: Path, small: bool
 
 
 def inprocess_variants(root: Path, src: Path, baseline: Path
-                       ) -> dict[str, Callable[[], float]]:
+                       ) -> dict[str, Callable[[], Sample]]:
     import pydicom
 
     from tributary.spoke.config import SpokeConfig
@@ -202,20 +227,24 @@ def inprocess_variants(root: Path, src: Path, baseline: Path
         out.mkdir()
         return out
 
-    def floor_loop() -> float:
+    def floor_loop() -> Sample:
         target = fresh()
-        t0 = time.perf_counter()
-        for index, path in enumerate(paths):
-            with contextlib.suppress(Exception):
-                pydicom.dcmread(path).save_as(target / f"{index}.dcm",
-                                              enforce_file_format=True)
-        return time.perf_counter() - t0
 
-    def steward_loop() -> float:
+        def run() -> None:
+            for index, path in enumerate(paths):
+                with contextlib.suppress(Exception):
+                    pydicom.dcmread(path).save_as(target / f"{index}.dcm",
+                                                  enforce_file_format=True)
+
+        return measured(run)
+
+    def steward_loop() -> Sample:
         """What ``tributary spoke deidentify`` does per file, without its startup."""
         target = fresh()
+        return measured(lambda: steward_files(target))
+
+    def steward_files(target: Path) -> None:
         pseudonyms = Pseudonymizer.from_key_file(root / "bench.key")
-        t0 = time.perf_counter()
         options = DeidOptions()
         deid = Deidentifier(pseudonyms, options)
         screener = Screener(options, pseudonyms, hash_pixels=False)
@@ -232,24 +261,29 @@ def inprocess_variants(root: Path, src: Path, baseline: Path
                 continue
             write_new(target / f"{index}.dcm", encoded)
         screener.report()
-        return time.perf_counter() - t0
 
-    def ingest_run(workers: int) -> float:
+    def ingest_run(workers: int) -> Sample:
         config = SpokeConfig.load(spoke_config(root, src, workers))
-        t0 = time.perf_counter()
-        ingest(config)
-        return time.perf_counter() - t0
+        return measured(lambda: ingest(config))
+
+    def dicognito_run() -> Sample:
+        """Its driver's own loop time; CPU time is the driver process's whole (startup
+        included), so its CPU column is an upper bound."""
+        target = fresh()
+        c0 = cpu_seconds()
+        seconds = dicognito_inprocess(baseline, src, target)["seconds"]
+        return seconds, cpu_seconds() - c0
 
     return {
         "floor: pydicom read+write": floor_loop,
-        "dicognito": lambda: dicognito_inprocess(baseline, src, fresh())["seconds"],
+        "dicognito": dicognito_run,
         "tributary spoke deidentify": steward_loop,
         "tributary spoke ingest, 1 process": lambda: ingest_run(1),
         "tributary spoke ingest, 2 processes": lambda: ingest_run(2),
     }
 
 
-def one_file(root: Path, src: Path, baseline: Path, count: int) -> dict[str, float]:
+def one_file(root: Path, src: Path, baseline: Path, count: int) -> dict[str, Sample]:
     """Each tool's time for one small file: mostly its startup."""
     single = root / "one"
     single.mkdir(exist_ok=True)
@@ -258,14 +292,20 @@ def one_file(root: Path, src: Path, baseline: Path, count: int) -> dict[str, flo
     return rounds(whole_variants(root, single, baseline, small=False) | {}, count)
 
 
-def table(title: str, files: int, results: dict[str, float]) -> None:
-    floor_s = results["floor: pydicom read+write"]
-    dicognito_s = results["dicognito"]
-    print(f"\n{title}")
-    print(f"  {'':<38} {'seconds':>8} {'files/s':>8} {'x floor':>8} {'x dicognito':>12}")
-    for name, seconds in results.items():
-        print(f"  {name:<38} {seconds:8.2f} {files / seconds:8.1f} {floor_s / seconds:8.2f} "
-              f"{dicognito_s / seconds:12.2f}")
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
+
+
+def table(title: str, files: int, results: dict[str, Sample]) -> None:
+    floor_s = results["floor: pydicom read+write"][0]
+    dicognito_s = results["dicognito"][0]
+    print(f"\n{title} ({load()} when printed)")
+    print(f"  {'':<38} {'seconds':>8} {'CPU s':>7} {'files/s':>8} {'x floor':>8} "
+          f"{'x dicognito':>12}")
+    for name, (seconds, cpu) in results.items():
+        print(f"  {name:<38} {seconds:8.2f} {cpu:7.2f} {files / seconds:8.1f} "
+              f"{floor_s / seconds:8.2f} {dicognito_s / seconds:12.2f}")
 
 
 def main() -> None:
@@ -306,23 +346,29 @@ def main() -> None:
         table("pydicom's test files, whole processes", n_small, small_whole)
         table("pydicom's test files, in-process (loops alone)", n_small, small_inproc)
         print("\none file (startup), whole processes:")
-        for name, seconds in startup.items():
-            print(f"  {name:<38} {seconds:8.3f} s")
-        ours = ct_whole["tributary spoke deidentify"]
-        f = ct_whole["floor: pydicom read+write"] / ours
-        d = ct_whole["dicognito"] / ours
-        s = ct_whole["tributary spoke ingest, 1 process"] / \
-            ct_whole["tributary spoke ingest, 2 processes"]
-        small_d = small_whole["dicognito"] / small_whole["deidentify, OCR off"]
-        small_s = small_whole["tributary spoke ingest, 1 process"] / \
-            small_whole["tributary spoke ingest, 2 processes"]
-        with_ocr = small_whole["dicognito"] / small_whole["tributary spoke deidentify"]
+        for name, (seconds, cpu) in startup.items():
+            print(f"  {name:<38} {seconds:8.3f} s wall {cpu:8.3f} s CPU")
+        ours = ct_whole["tributary spoke deidentify"][0]
+        f = ct_whole["floor: pydicom read+write"][0] / ours
+        d = ct_whole["dicognito"][0] / ours
+        one, two = (ct_whole["tributary spoke ingest, 1 process"],
+                    ct_whole["tributary spoke ingest, 2 processes"])
+        s, cpu_ratio = one[0] / two[0], two[1] / one[1]
+        in_one, in_two = (ct_inproc["tributary spoke ingest, 1 process"],
+                          ct_inproc["tributary spoke ingest, 2 processes"])
+        small_d = small_whole["dicognito"][0] / small_whole["deidentify, OCR off"][0]
+        small_s = small_whole["tributary spoke ingest, 1 process"][0] / \
+            small_whole["tributary spoke ingest, 2 processes"][0]
+        with_ocr = small_whole["dicognito"][0] / small_whole["tributary spoke deidentify"][0]
         print(f"\nsmall files: {small_d:.2f}x dicognito with OCR off (dicognito reads no "
               f"pixels), {with_ocr:.2f}x with OCR of text-prone images; ingest on 2 "
               f"processes {small_s:.2f}x one "
               f"(small sets stay in one process); one file "
-              f"{startup['tributary spoke deidentify']:.3f} s against "
-              f"{startup['dicognito']:.3f} s for dicognito")
+              f"{startup['tributary spoke deidentify'][0]:.3f} s against "
+              f"{startup['dicognito'][0]:.3f} s for dicognito")
+        print(f"CT ingest on 2 processes: {s:.2f}x the speed of one for {cpu_ratio:.2f}x its "
+              f"CPU time (whole processes); in-process {in_one[0] / in_two[0]:.2f}x for "
+              f"{in_two[1] / in_one[1]:.2f}x; {load()}")
         times = "\N{MULTIPLICATION SIGN}"
         print(f"deid: {f:.2f}{times} floor, {d:.2f}{times} dicognito, {s:.2f}{times} on 2 "
               "processes")

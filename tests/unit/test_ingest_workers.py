@@ -10,9 +10,11 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
 
 from tributary.spoke import ingest as ingest_module
 from tributary.spoke.catalog import Catalog
@@ -62,7 +64,7 @@ def _workers() -> list[int]:
         except OSError:
             continue
         if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and \
-                b"tributary.spoke.preparing" in cmdline:
+                b"tributary.spoke.prepare_worker" in cmdline:
             found.append(int(entry.name))
     return found
 
@@ -136,19 +138,23 @@ def test_a_worker_killed_mid_run_changes_nothing(corpus: Path, tmp_path: Path,
 
 def test_a_file_two_workers_die_on_is_excluded_and_the_run_goes_on(
         corpus: Path, tmp_path: Path) -> None:
-    """A named pipe stands for a file that hangs its worker (opening it waits for a
-    writer forever): the worker is killed after the per-file timeout, the file goes to
-    another worker, which hangs and is killed too; the file is excluded with the reason
-    and the files queued behind it are prepared."""
+    """A hostile image that keeps its worker busy for long (a large ultrasound of noise:
+    OCR looks for text in it for about fifteen seconds): the worker is killed after the
+    per-file timeout, with the OCR it started; the file goes to another worker, which is
+    killed too; the file is excluded with the reason and the files behind it are
+    prepared."""
     paths = sorted(str(p) for p in (corpus / "ct").rglob("*.dcm"))[:24]
-    fifo = tmp_path / "hangs.dcm"
-    os.mkfifo(fifo)
-    paths.insert(5, str(fifo))
+    slow = tmp_path / "slow.dcm"
+    _slow_to_screen(slow)
+    paths.insert(5, str(slow))
     staging = tmp_path / "objects"
     staging.mkdir()
     pool = PreparePool(2, tmp_path / "pseudonym.key", DeidOptions().model_dump_json(),
                        staging, file_timeout=3)
-    results = list(pool.map(paths))
+    results_iter = pool.map([(p, None) for p in paths])
+    results = [next(results_iter)]
+    groups = set(pool.pids())  # each worker leads a process group of its own
+    results += list(results_iter)
     assert len(results) == len(paths)
     lost = [i for i, r in enumerate(results) if isinstance(r, Excluded)]
     assert lost == [5], [r for r in results if isinstance(r, Excluded)]
@@ -160,6 +166,39 @@ def test_a_file_two_workers_die_on_is_excluded_and_the_run_goes_on(
     assert {Path(r.staged).name for r in written if r.staged} == \
         {p.name for p in staging.glob(".tmp-*")}
     assert pool.pids() == []  # closed when the results ran out
+    left = [pid for pid, group in _process_groups() if group in groups]
+    assert not left, [Path(f"/proc/{p}/stat").read_text() for p in left]
+
+
+def _process_groups() -> list[tuple[int, int]]:
+    """(pid, process group) of every live process (a zombie has stopped: it is dead but
+    not yet reaped by its new parent, which here need not be a reaping init)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z":
+                found.append((int(entry.name), int(fields[2])))
+    return found
+
+
+def _slow_to_screen(path: Path) -> None:
+    """A valid ultrasound image of 2048² binary noise: text-prone, so OCR reads it."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Modality, ds.BurnedInAnnotation = "US", "NO"
+    ds.Rows = ds.Columns = 2048
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 7, 0, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    noise = np.random.default_rng(7).random((2048, 2048)) > 0.5
+    ds.PixelData = (noise.astype(np.uint8) * 255).tobytes()
+    ds.save_as(path, enforce_file_format=True)
 
 
 def test_a_small_set_stays_in_one_process(corpus: Path, tmp_path: Path) -> None:

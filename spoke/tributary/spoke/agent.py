@@ -57,6 +57,7 @@ from tributary.spoke.counts import CountResponder
 from tributary.spoke.custody import CustodyChain
 from tributary.spoke.execution import CaseExecution, progress_audit
 from tributary.spoke.images import RegistryAccess
+from tributary.spoke.ingest import store_root
 from tributary.spoke.journal import Journal, OutboxRow, claim_work_dir
 from tributary.spoke.lifecycle import Lifecycle
 from tributary.spoke.liveness import (
@@ -67,6 +68,7 @@ from tributary.spoke.liveness import (
 )
 from tributary.spoke.outbox import OutboxSender
 from tributary.spoke.steward import Steward, StewardDesk
+from tributary.spoke.store import check_format
 from tributary.spoke.trust import TrustedKeys
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,9 @@ class SpokeAgent:
 
     def __init__(self, config: SpokeConfig) -> None:
         self.config = config
+        # Refused before anything starts: cases would mount series folders whose objects
+        # the catalog no longer names (StoreFormatError names the migrate command).
+        check_format(store_root(config.work_dir))
         self._work_dir_lock = claim_work_dir(config.work_dir)
         self.journal = Journal(config.work_dir / "journal.db")
         self.key = SigningKey.load_or_create(config.work_dir / "spoke.key")

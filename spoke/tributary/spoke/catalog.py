@@ -216,6 +216,17 @@ class Catalog:
                                    (instance_uid,)).fetchone()
         return row[0] if row else None
 
+    def rename_objects(self, renames: dict[str, tuple[str, str | None]]) -> int:
+        """Store objects renamed ``old digest -> (new digest, pixel digest)``, in one
+        transaction (a store migration); returns the rows changed."""
+        with self._lock, self._db:
+            changed = 0
+            for old, (new, pixels) in renames.items():
+                changed += self._db.execute(
+                    "UPDATE instances SET digest=?, pixels=? WHERE digest=?",
+                    (new, pixels, old)).rowcount
+        return changed
+
     def instance_with_pixels(self, pixel_digest: str | None) -> str | None:
         if pixel_digest is None:
             return None

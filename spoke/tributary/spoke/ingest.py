@@ -26,6 +26,7 @@ from tributary.spoke.preparing import PreparePool
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.sources import Source, SourceItem, open_source
 from tributary.spoke.store import DeidStore, Excluded, PreparedInstance, Preparer
+from tributary.spoke.store_migration import MigrationReport, migrate_layout
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def load_attributes(path: Path) -> dict[str, dict[str, Any]]:
 def _prepare_one(preparer: Preparer, item: SourceItem) -> PreparedInstance | Excluded:
     try:
         if item.path is not None:
-            return preparer.from_file(item.path)
+            return preparer.from_file(item.path, item.root)
         assert item.load is not None
         return preparer.from_dataset(item.load(), item.ref)
     except Excluded as exc:
@@ -136,8 +137,8 @@ def _prepared(items: list[SourceItem], preparer: Preparer, key_file: Path,
         pool = PreparePool(workers - 1, key_file,
                            preparer.deidentifier.options.model_dump_json(), preparer.staging)
         by_path = {str(i.path): i for i in items}
-        yield from pool.map([str(i.path) for i in items],
-                            local=lambda path: _prepare_one(preparer, by_path[path]))
+        yield from pool.map([(str(i.path), str(i.root) if i.root else None) for i in items],
+                            local=lambda job: _prepare_one(preparer, by_path[job[0]]))
         return
     for item in items:
         yield _prepare_one(preparer, item)
@@ -285,6 +286,22 @@ def rebuild(config: SpokeConfig) -> None:
                 catalog_file.with_name(catalog_file.name + suffix).unlink(missing_ok=True)
             if store_root(config.work_dir).exists():
                 shutil.rmtree(store_root(config.work_dir))
+    finally:
+        os.close(agent_lock)
+
+
+def migrate_store(config: SpokeConfig) -> MigrationReport:
+    """Convert a store written before its format was marked (see
+    :mod:`tributary.spoke.store_migration`). Refused (raises :class:`WorkDirBusy`)
+    while the agent runs; under the ingest lock, so no ingest writes meanwhile."""
+    agent_lock = claim_work_dir(config.work_dir)
+    try:
+        with _exclusive(config.work_dir):
+            root = store_root(config.work_dir)
+            if not root.exists():
+                return MigrationReport(already_current=True)
+            with open_catalog(config) as catalog:
+                return migrate_layout(root, catalog)
     finally:
         os.close(agent_lock)
 

@@ -1,7 +1,7 @@
 """Preparing files on worker processes, every file accounted for.
 
-Each worker is a fresh interpreter (``python -m tributary.spoke.preparing``: it imports
-the engine, never the command line) that screens and de-identifies the files it is given
+Each worker is a fresh interpreter (``python -m tributary.spoke.prepare_worker``: it
+imports the engine, never the command line) that screens and de-identifies the files it is given
 and writes each output into the store's staging folder itself; only metadata comes back
 over its socket. The parent keeps at most :data:`_DEPTH` files in flight per worker, so
 it always knows which file a worker was preparing (the first it holds; the others wait
@@ -75,8 +75,9 @@ class PreparePool:
         parent, child = socket.socketpair()
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "tributary.spoke.preparing", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+                [sys.executable, "-m", "tributary.spoke.prepare_worker", str(child.fileno())],
+                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                start_new_session=True)  # its own group: a kill reaches its OCR too
         finally:
             child.close()
         conn = Connection(parent.detach())
@@ -94,22 +95,24 @@ class PreparePool:
                 with contextlib.suppress(OSError):
                     worker.conn.send(None)
             else:
-                worker.process.terminate()
+                _signal_group(worker.process, signal.SIGTERM)
             worker.conn.close()
         for worker in self._workers:
             try:
                 worker.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                worker.process.kill()
+                _signal_group(worker.process, signal.SIGKILL)
                 worker.process.wait()
         self._workers = []
 
     def pids(self) -> list[int]:
         return [w.process.pid for w in self._workers]
 
-    def map(self, paths: list[str], local: Callable[[str], Prepared] | None = None
+    def map(self, paths: list[tuple[str, str | None]],
+            local: Callable[[tuple[str, str | None]], Prepared] | None = None
             ) -> Iterator[Prepared]:
-        """Prepared instances (or exclusions) for ``paths``, in their order. ``local``
+        """Prepared instances (or exclusions) for ``paths`` (each a path and the source
+        folder it must stay in), in their order. ``local``
         prepares a file in this process: with it, this process takes the next file
         whenever no worker has a result for it, so it never waits for workers to start
         and the workers only ever add to what one process does."""
@@ -142,7 +145,7 @@ class PreparePool:
                     if time.monotonic() >= worker.since + self.file_timeout and \
                             worker.conn not in ready:
                         worker.overdue = True
-                        worker.process.kill()
+                        _signal_group(worker.process, signal.SIGKILL)
                         ready.append(worker.conn)  # its end of the socket closes
                 for worker in [w for w in self._workers if w.conn in ready]:
                     try:
@@ -195,7 +198,14 @@ class PreparePool:
             self._start()
 
 
-def _serve(fd: int) -> None:
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """``sig`` to the worker and what it started (``tesseract``): a worker killed alone
+    would leave its OCR running for minutes on the file that hung it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def serve(fd: int) -> None:
     """A worker: prepare each path the parent sends until it sends None."""
     from tributary.spoke.deid import DeidOptions
     from tributary.spoke.pseudonyms import Pseudonymizer
@@ -213,9 +223,9 @@ def _serve(fd: int) -> None:
             return  # the parent went away
         if message is None:
             return
-        index, path = message
+        index, (path, root) = message
         try:
-            result: Prepared = preparer.from_file(Path(path))
+            result: Prepared = preparer.from_file(Path(path), Path(root) if root else None)
         except Excluded as exc:
             result = exc
         except Exception as exc:  # a bug must cost one file, not the run
@@ -224,7 +234,3 @@ def _serve(fd: int) -> None:
         conn.send((index, result))
 
 
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    _serve(int(sys.argv[1]))
-    os._exit(0)

@@ -35,6 +35,7 @@ class SourceItem:
     fingerprint: str  # changes when the input may have changed
     path: Path | None = None  # a local file (screened and read by the store's Preparer)
     load: Callable[[], Dataset] | None = None  # a remote instance (WADO-RS retrieve)
+    root: Path | None = None  # the folder ``path`` is in: symbolic links stay inside it
 
 
 class Source(Protocol):
@@ -64,14 +65,17 @@ class Folder:
             raise SourceUnavailable(f"source {self.name}: folder {self.root} does not exist")
         items = []
         for path in self._walk():
-            try:
+            try:  # a link's target's (a changed target is read again)...
                 stat = path.stat()
             except OSError:
-                continue  # vanished while walking; seen next time if it comes back
+                try:  # ...or, dangling, its own: recorded as an exclusion, not skipped
+                    stat = path.lstat()
+                except OSError:
+                    continue  # vanished while walking; seen next time if it comes back
             items.append(SourceItem(
                 ref=str(path.relative_to(self.root)),
                 fingerprint=f"{stat.st_size}:{stat.st_mtime_ns}",
-                path=path))
+                path=path, root=self.root))
         return items
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
 from pydicom.dataset import Dataset
 
 from tributary.spoke.deid import Deidentifier, DeidOptions, FileVerdict, Screener
@@ -110,9 +111,10 @@ class Preparer:
         """The profile and options this preparer applies, as custody records state it."""
         return self.deidentifier.profile
 
-    def from_file(self, path: Path) -> PreparedInstance:
-        """Screen, read and de-identify a local file; raises :class:`Excluded`."""
-        return self._screened(path)
+    def from_file(self, path: Path, root: Path | None = None) -> PreparedInstance:
+        """Screen, read and de-identify a local file (a regular file, or a symbolic link
+        inside ``root``, its source folder); raises :class:`Excluded`."""
+        return self._screened(path, root)
 
     def from_dataset(self, ds: Dataset, ref: str) -> PreparedInstance:
         """The same for an instance retrieved from a PACS (screened as its file bytes)."""
@@ -124,8 +126,9 @@ class Preparer:
                            f"{type(exc).__name__}: {exc}"[:300]) from exc
         return self._screened(_NamedBuffer(buffer.getvalue(), ref))
 
-    def _screened(self, source: Path | io.BytesIO) -> PreparedInstance:
-        ds, verdict = self.screener.check(source)  # type: ignore[arg-type]
+    def _screened(self, source: Path | io.BytesIO, root: Path | None = None
+                  ) -> PreparedInstance:
+        ds, verdict = self.screener.check(source, root)  # type: ignore[arg-type]
         if ds is None:
             raise Excluded(_findings(verdict))
         return self._prepare(ds, _findings(verdict) or None)
@@ -183,6 +186,14 @@ def _removals(deidentifier: Deidentifier) -> str | None:
     return "; ".join(parts) or None
 
 
+def write_format(root: Path) -> None:
+    """Mark ``root`` as a store of the current format (atomically)."""
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-format-")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(STORE_FORMAT.model_dump_json() + "\n")
+    os.replace(tmp, root / FORMAT_FILE)
+
+
 def failure_reason(exc: Exception) -> str:
     """One line: pydicom's writer wraps the cause with a traceback in the message."""
     text = str(exc).split("\n", 1)[0]
@@ -192,13 +203,68 @@ def failure_reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+class StoreFormat(BaseModel):
+    """``FORMAT.json`` at the store's root: how its objects are named. A store without it
+    but with objects was written before the marker existed, under the old naming (the
+    SHA-256 of the whole file, BLAKE2b of the source pixels in the catalog)."""
+
+    version: int
+    naming: str
+
+
+#: Objects named as :mod:`tributary.spoke.deid.output` names them (pixels hashed apart).
+STORE_FORMAT = StoreFormat(version=2, naming="sha256-with-pixel-sha256")
+FORMAT_FILE = "FORMAT.json"
+MIGRATE_COMMAND = "tributary spoke store migrate --config CONFIG"
+
+
+class StoreFormatError(RuntimeError):
+    """The store is in a format this spoke does not use: nothing is read or written."""
+
+
+def store_format(root: Path) -> StoreFormat | None:
+    """The store's format: its marker, the current one for a store with no objects yet,
+    None for an unmarked store holding objects (the old naming)."""
+    marker = root / FORMAT_FILE
+    if marker.exists():
+        try:
+            return StoreFormat.model_validate_json(marker.read_bytes())
+        except ValidationError as exc:
+            raise StoreFormatError(f"the de-identified store's {marker} is damaged: "
+                                   f"{exc.errors()[0]['msg']}") from None
+    objects = root / "objects"
+    if objects.is_dir() and any(objects.glob("*/*.dcm")):
+        return None
+    return STORE_FORMAT
+
+
+def check_format(root: Path) -> None:
+    """Raise :class:`StoreFormatError`, naming what to do, unless the store at ``root``
+    is absent, empty, or in the current format."""
+    found = store_format(root)
+    if found is None:
+        raise StoreFormatError(
+            f"the de-identified store {root} was written before its format was marked (old "
+            f"object naming); convert it once with `{MIGRATE_COMMAND}` (or rebuild it with "
+            "`tributary spoke ingest --rebuild`)")
+    if found != STORE_FORMAT:
+        raise StoreFormatError(
+            f"the de-identified store {root} is in format {found.version} ({found.naming}); "
+            f"this spoke uses format {STORE_FORMAT.version}: use a matching release")
+
+
 class DeidStore:
     """Content-addressed files under ``<work_dir>/store``; writes are atomic renames."""
 
     def __init__(self, root: Path) -> None:
+        """Raises :class:`StoreFormatError` for a store of another format: its objects
+        would never be found under this format's names, and duplicates would pile up."""
+        check_format(root)
         self.root = root
         (root / "objects").mkdir(parents=True, exist_ok=True)
         (root / "series").mkdir(parents=True, exist_ok=True)
+        if not (root / FORMAT_FILE).exists():
+            write_format(root)
 
     def object_path(self, digest: str) -> Path:
         return self.root / "objects" / digest[:2] / f"{digest}.dcm"

@@ -46,6 +46,7 @@ def ingest(
     from tributary.spoke.ingest import rebuild as rebuild_store
     from tributary.spoke.journal import WorkDirBusy
     from tributary.spoke.sources import SourceUnavailable
+    from tributary.spoke.store import StoreFormatError
 
     settings = load_config(config)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ def ingest(
 
         try:
             report = run_ingest(settings, progress=show)
-        except (SourceUnavailable, FileNotFoundError, ValueError) as exc:
+        except (SourceUnavailable, StoreFormatError, FileNotFoundError, ValueError) as exc:
             audit.append(actor, "catalog.ingest_failed", settings.spoke_id,
                          {"error": f"{type(exc).__name__}: {exc}"[:2000]})
             console.print(f"[red]ingest stopped:[/] {exc}")

@@ -9,6 +9,7 @@ The report holds source paths and is written beside DST, never inside it."""
 from __future__ import annotations
 
 import getpass
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -84,6 +85,9 @@ def main(
              "screenshots, dose reports...), all, or off.")] = None,
 ) -> None:
     """De-identify every DICOM file under SRC into DST and report what was left out."""
+    from tributary.spoke.startup import import_pydicom
+
+    import_pydicom()  # before anything imports pydicom
     from rich.console import Console
     from rich.progress import track
     from rich.table import Table
@@ -136,14 +140,16 @@ def main(
     deid = Deidentifier(pseudonyms, options)
     screener = Screener(options, pseudonyms, hash_pixels=False)
     started = datetime.now(UTC)
-    paths = sorted(p for p in src.rglob("*") if p.is_file())
+    # Every entry but folders: a FIFO, device or socket is listed, and excluded unread
+    # with its reason, rather than silently skipped (or opened, and waited on forever).
+    paths = sorted(Path(folder) / name for folder, _, names in os.walk(src) for name in names)
     outputs: list[OutputFile] = []
     # Output path -> (source, SHA-256 of its bytes): inputs that share a SOP Instance UID
     # map to one output name; the first is kept, the others are excluded, never written
     # over it, so the report always says what is on disk.
     written: dict[Path, tuple[str, str]] = {}
     for path in track(paths, description="de-identifying", console=console):
-        ds, verdict = screener.check(path)
+        ds, verdict = screener.check(path, src)
         if ds is None:
             continue
         try:

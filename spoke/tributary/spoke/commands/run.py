@@ -25,9 +25,14 @@ def spoke_run(
     """Consume this spoke's queue and run experiments until stopped (Ctrl-C or SIGTERM)."""
     from tributary.spoke.agent import SpokeAgent
     from tributary.spoke.config import SpokeConfig
+    from tributary.spoke.store import StoreFormatError
 
     logs.configure(verbose)
-    agent = SpokeAgent(SpokeConfig.load(config))
+    try:
+        agent = SpokeAgent(SpokeConfig.load(config))
+    except StoreFormatError as exc:
+        console.print(f"[red]spoke not started:[/] {exc}")
+        raise typer.Exit(2) from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: agent.stop())
     agent.run()

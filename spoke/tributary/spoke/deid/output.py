@@ -248,6 +248,26 @@ def _whole(ds: Dataset) -> Encoded:
                    hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else None)
 
 
+def digests_of_file(data: bytes) -> tuple[str, str | None]:
+    """``(digest, pixel_digest)`` of a DICOM file already written, as :func:`encode` names
+    what it writes: the pixel value found where the file holds it. A file the fast path
+    would not write (big endian, deflated, no pixel bytes) is named by its own SHA-256."""
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(data))
+    pixel = ds._dict.get(PIXEL_DATA)  # type: ignore[call-overload]
+    value = pixel.value if pixel is not None else None
+    if not isinstance(value, bytes):
+        return hashlib.sha256(data).hexdigest(), None
+    syntax = ds.file_meta.TransferSyntaxUID
+    tell = getattr(pixel, "value_tell", None)
+    if not syntax.is_little_endian or syntax.is_deflated or tell is None or \
+            data[tell:tell + len(value)] != value:
+        return hashlib.sha256(data).hexdigest(), hashlib.sha256(value).hexdigest()
+    encoded = _digested([data[:tell], value, data[tell + len(value):]], 1)
+    return encoded.digest, encoded.pixel_digest
+
+
 def _meta_bytes(meta: FileMetaDataset) -> bytes:
     """The file meta group (always Explicit VR Little Endian), with its group length."""
     body = _element(0x0001, "OB", b"\0\x01")

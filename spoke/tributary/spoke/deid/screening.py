@@ -5,6 +5,7 @@ under different headers is caught. Nothing is dropped without a reason in the re
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from collections.abc import Iterable
 from enum import StrEnum
@@ -20,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
+from tributary.spoke.deid.inputs import NotRegular, open_input
 from tributary.spoke.deid.options import DeidOptions, PixelMask
 from tributary.spoke.deid.pixels import PixelCleaningError, clean_pixels
 from tributary.spoke.deid.text_detection import (
@@ -36,6 +38,7 @@ _UNDEFINED = 0xFFFFFFFF
 
 class Reason(StrEnum):
     NOT_DICOM = "not-dicom"
+    NOT_REGULAR = "not-a-regular-file"  # FIFO, device, socket, link out of the folder
     UNREADABLE = "unreadable"
     TRUNCATED = "truncated"
     CORRUPTED = "corrupted"
@@ -54,7 +57,8 @@ class Reason(StrEnum):
 
 
 #: Reasons that keep a file out; the others only ask for a person's review.
-EXCLUDING = frozenset({Reason.NOT_DICOM, Reason.UNREADABLE, Reason.TRUNCATED, Reason.CORRUPTED,
+EXCLUDING = frozenset({Reason.NOT_DICOM, Reason.NOT_REGULAR, Reason.UNREADABLE,
+                       Reason.TRUNCATED, Reason.CORRUPTED,
                        Reason.SCREEN_CAPTURE, Reason.BURNED_IN_ANNOTATION,
                        Reason.DUPLICATE_PIXELS, Reason.DEIDENTIFICATION_FAILED,
                        Reason.BURNED_IN_TEXT, Reason.TEXT_DETECTION_FAILED,
@@ -138,14 +142,24 @@ class Screener:
         self._series: dict[str, list[_Slice]] = {}
         self._placed: dict[int, tuple[str, _Slice]] = {}
 
-    def check(self, path: Path) -> tuple[Dataset | None, FileVerdict]:
-        """Read and screen one file: the dataset (to de-identify) unless excluded."""
+    def check(self, path: Path, root: Path | None = None
+              ) -> tuple[Dataset | None, FileVerdict]:
+        """Read and screen one file: the dataset (to de-identify) unless excluded. Only a
+        regular file is read (:mod:`tributary.spoke.deid.inputs`); a symbolic link is
+        followed only inside ``root``, the input folder."""
         verdict = FileVerdict(path=str(path))
         self.verdicts.append(verdict)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
-                ds = pydicom.dcmread(path)
+                if isinstance(path, str | os.PathLike):
+                    with open_input(Path(path), root) as handle:
+                        ds = pydicom.dcmread(handle)
+                else:  # an instance in memory
+                    ds = pydicom.dcmread(path)
+            except NotRegular as exc:
+                verdict.add(Reason.NOT_REGULAR, str(exc))
+                return None, verdict
             except InvalidDicomError as exc:
                 verdict.add(Reason.NOT_DICOM, f"no DICOM preamble or header: {exc}"[:300])
                 return None, verdict
