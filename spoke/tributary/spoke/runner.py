@@ -11,7 +11,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +31,18 @@ from tributary.protocol.contract import (
     Participant,
     Progress,
 )
-from tributary.protocol.messages import LOG_TAIL_MAX_BYTES, Failure, FailureReason, RunLimits
+from tributary.protocol.messages import (
+    DISCARDED_NAME_MAX_CHARS,
+    LOG_TAIL_MAX_BYTES,
+    MAX_DISCARDED_FILES,
+    DiscardedFile,
+    Failure,
+    FailureReason,
+    RunLimits,
+)
 from tributary.spoke import output_quota
 from tributary.spoke.config import RunnerSettings
-from tributary.spoke.output_files import Refusal, UnsafeFile, read_bounded
+from tributary.spoke.output_files import Refusal, UnsafeFile, leftover_files, read_bounded
 
 #: The uid:gid algorithms run as ("nobody").
 ALGORITHM_USER = "65534:65534"
@@ -200,7 +208,8 @@ def _run_container(client: docker.DockerClient, image: str, name: str,
                 container.kill()
             with contextlib.suppress(Exception):
                 container.wait(timeout=30)
-            return stopped(ended, limits, _log_tail(container, settings.log_tail_lines))
+            return with_discarded_files(
+                stopped(ended, limits, _log_tail(container, settings.log_tail_lines)), out_dir)
         container.reload()
         oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
         return classify(ended, oom, lambda: _log_tail(container, settings.log_tail_lines),
@@ -220,6 +229,30 @@ def stopped(ended: str, limits: RunLimits, tail: str) -> RunOutcome:
 def classify(exit_code: int, oom: bool, log_tail: Callable[[], str], out_dir: Path,
              limits: RunLimits, settings: RunnerSettings,
              max_output_bytes: int, oom_reported: bool = True) -> RunOutcome:
+    """The outcome of a finished case (see :func:`_classify`); a failure names the files the
+    algorithm left besides output.json and progress.json, which are discarded."""
+    outcome = _classify(exit_code, oom, log_tail, out_dir, limits, settings,
+                        max_output_bytes, oom_reported)
+    return with_discarded_files(outcome, out_dir)
+
+
+def with_discarded_files(outcome: RunOutcome, out_dir: Path) -> RunOutcome:
+    """A failed outcome carrying the names and sizes (never the content) of the other files
+    in the output folder, so the developer learns what their algorithm wrote and where."""
+    if outcome.failure is None:
+        return outcome
+    keep = {Path(OUTPUT_PATH).name, Path(PROGRESS_PATH).name}
+    files = [DiscardedFile(name=name, size_bytes=size) for name, size in leftover_files(
+        out_dir, keep, MAX_DISCARDED_FILES, DISCARDED_NAME_MAX_CHARS)]
+    if not files:
+        return outcome
+    return replace(outcome, failure=outcome.failure.model_copy(
+        update={"discarded_files": files}))
+
+
+def _classify(exit_code: int, oom: bool, log_tail: Callable[[], str], out_dir: Path,
+              limits: RunLimits, settings: RunnerSettings,
+              max_output_bytes: int, oom_reported: bool = True) -> RunOutcome:
     """What an algorithm that exited with ``exit_code`` produced: its output, or the
     failure with its reason. ``log_tail`` is asked only when a failure needs it (a case
     that succeeded sends no log). ``oom_reported``: the engine reliably says when the

@@ -54,6 +54,7 @@ from tributary.spoke.runner import (
     prepare_case_dir,
     read_progress,
     stopped,
+    with_discarded_files,
     write_participant,
 )
 
@@ -252,7 +253,7 @@ class SlurmRunner:
         if ended == "detached":
             return stopped("cancelled", limits, "")
         if ended in ("cancelled", "timeout"):
-            return stopped(ended, limits, tail())
+            return with_discarded_files(stopped(ended, limits, tail()), out_dir)
         status = _status(case_dir)
         if ended != "recorded" or status is None:
             return RunOutcome(None, Failure(
