@@ -122,18 +122,45 @@ def test_launch_watch_and_read_a_study(federation: LocalFederation, study: dict[
     page.click("button[type=submit]")
     expect(page.locator("h1")).to_have_text("Experiments")
 
-    # The form refuses bad launches with the hub's reason, and creates nothing.
+    # The form refuses bad launches, each reason beside its field, and creates nothing.
     page.click("text=New experiment")
+    page.click("#submit")
+    expect(page.locator("#form-error")).to_contain_text("check the fields marked below")
+    expect(page.locator("[data-field-error=name]")).to_have_text("Give the study a name.")
+    expect(page.locator("[data-field-error=spoke_ids]")).to_have_text(
+        "Choose at least one target spoke.")
     page.fill("#name", "Nodule detection, browser study")
     page.select_option("#algorithm", str(study["approved"]["id"]))
-    _refused(page, "Choose at least one target spoke")
     for spoke_id in study["spokes"]:
         page.check(f"input[name=spoke_ids][value='{spoke_id}']")
-    page.fill("#arguments", '{"min_diameter_mm": -5}')
-    _refused(page, "invalid arguments")
-    expect(page.locator("#form-error")).to_contain_text("min_diameter_mm")
+    # The arguments are fields made from the version's schema: defaults, ranges and
+    # descriptions; the raw JSON stays in step, under an advanced option.
+    diameter = page.locator("#arg-min_diameter_mm")
+    assert diameter.input_value() == "4" and diameter.get_attribute("max") == "100"
+    assert page.locator("#arg-threshold_hu").input_value() == "-400"
+    expect(page.locator("label[for=arg-min_diameter_mm]")).to_contain_text(
+        "equivalent-sphere diameter")
+    expect(page.locator("#arguments")).to_be_hidden()
+    diameter.fill("-5")
+    assert json.loads(page.input_value("#arguments"))["min_diameter_mm"] == -5
+    page.click("#submit")
+    expect(page.locator("[data-field-error='arguments.min_diameter_mm']")).to_have_text(
+        "must be at least 0")
+    expect(page.locator("[data-field-error=name]")).to_be_hidden()
+    page.fill("#memory_mb", "1")
+    diameter.fill("4")
+    page.click("#submit")  # the hub's own validation error, beside its field too
+    expect(page.locator("[data-field-error=memory_mb]")).to_contain_text("16")
+    expect(page.locator("[data-field-error='arguments.min_diameter_mm']")).to_be_hidden()
+    page.fill("#memory_mb", "1024")
+    page.click("#raw-arguments summary")
+    page.fill("#arguments", '{"min_diameter_mm": 4, "unknown": 1}')
+    _refused(page, "invalid arguments")  # the hub's schema check, for what the fields miss
     page.fill("#arguments", '{"min_diameter_mm": ')
-    _refused(page, "not valid JSON")
+    page.click("#submit")
+    expect(page.locator("[data-field-error=arguments]")).to_contain_text("not valid JSON")
+    page.fill("#arguments", '{"min_diameter_mm": 7}')
+    assert diameter.input_value() == "7"  # hand-written JSON refills the fields
     page.select_option("#algorithm", str(study["pending"]["id"]))
     _refused(page, "not approved")
     page.screenshot(path=ARTIFACTS / "dashboard-refused.png", full_page=True)
