@@ -424,7 +424,10 @@ function caseCells(c) {
   }
   if (c.note) detail.push(el("br"), el("small", {}, c.note));
   const attempts = (c.attempts || []).length;
-  return [el("td", {}, c.spoke_id), el("td", {}, el("code", {}, c.case_id)), el("td", {}, badge(c.state)),
+  // The case's own page: its log tail, exit code, limits and discarded files in full.
+  const experimentId = window.location.pathname.split("/")[2] || "";
+  const href = `/experiments/${encodeURIComponent(experimentId)}/cases/${encodeURIComponent(c.spoke_id)}/${encodeURIComponent(c.case_id)}`;
+  return [el("td", {}, c.spoke_id), el("td", {}, el("a", { href, "data-case-link": "" }, el("code", {}, c.case_id))), el("td", {}, badge(c.state)),
     el("td", { class: "num" }, String(c.attempt), ...(attempts > 1 ? [el("br"), el("small", {}, `${attempts} attempts`)] : [])),
     el("td", {}, detail)];
 }
