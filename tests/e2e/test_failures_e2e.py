@@ -34,12 +34,13 @@ def spoke(federation: LocalFederation, misbehaving_image: tuple[str, str]) -> di
 
 
 def run(federation: LocalFederation, spoke: dict[str, Any], arguments: dict[str, Any],
-        algorithm_id: int | None = None, timeout_seconds: int = 120) -> tuple[dict, list[dict]]:
+        algorithm_id: int | None = None, timeout_seconds: int = 120,
+        **limits: Any) -> tuple[dict, list[dict]]:
     with federation.api() as api:
         created = api.post("/api/experiments", json={
             "name": f"misbehave {arguments}", "algorithm_id": algorithm_id or spoke["algorithm_id"],
             "arguments": arguments, "spoke_ids": [spoke["id"]],
-            "limits": {"timeout_seconds": timeout_seconds, "memory_mb": 256}})
+            "limits": {"timeout_seconds": timeout_seconds, "memory_mb": 256, **limits}})
         assert created.status_code == 201, created.text
         exp_id = created.json()["id"]
         api.post(f"/api/experiments/{exp_id}/launch").raise_for_status()
@@ -121,5 +122,18 @@ def test_spoke_refuses_digest_the_registry_does_not_serve(
     target = experiment["targets"][0]
     assert target["state"] == "refused"
     assert "image_unavailable" in target["reason"]
+    assert cases == []
+    assert watch.stop() == [], "a container was created for a refused experiment"
+
+
+def test_a_site_without_gpus_refuses_a_gpu_study_saying_why(
+        federation: LocalFederation, spoke: dict[str, Any]) -> None:
+    """The site offers no GPUs (the default): the study is refused with the reason shown
+    at the hub, and no container is created (it would not run without them)."""
+    watch = federation.watch_containers(f"org.tributary.spoke={spoke['id']}")
+    experiment, cases = run(federation, spoke, {"behaviour": "ok"}, gpus=1)
+    target = experiment["targets"][0]
+    assert target["state"] == "refused", target
+    assert "asks for 1 GPU(s) per case; this site offers none" in target["reason"]
     assert cases == []
     assert watch.stop() == [], "a container was created for a refused experiment"

@@ -136,6 +136,9 @@ def test_output_folder_has_the_site_quota(misbehaving_image: tuple[str, str],
     written = re.search(r"full after (\d+) MiB", tail)
     assert written is not None and int(written.group(1)) <= 8, tail
     assert not (tmp_path / "case" / "output").exists()  # unmounted and removed
+    # The file it left is named with its size (never its content) for the developer.
+    [discarded] = outcome.failure.discarded_files
+    assert discarded.name == "fill.bin" and 0 < discarded.size_bytes <= 8 * 1024 * 1024
     assert took < 60
 
 

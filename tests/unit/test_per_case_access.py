@@ -120,3 +120,14 @@ def test_a_reviewer_sees_the_aggregate_but_no_case_on_the_experiment_page(
     assert "coordinators only" in page and "c-walk-0" not in page
     status, events = _get(client, f"/api/experiments/{EXPERIMENT}/events", tokens["reviewer"])
     assert status == 200 and '"cases":[]' in events and '"experiment"' in events
+
+
+def test_the_case_page_is_for_case_readers_only(hub: tuple[TestClient, dict[str, str]]) -> None:
+    client, tokens = hub
+    path = f"/experiments/{EXPERIMENT}/cases/north/c-walk-0"
+    for role in ROLES:
+        status, body = _get(client, path, tokens.get(role) if role else None)
+        shown = OUTPUT_MARKER in body
+        assert shown == (role in CASE_READERS), (role, status)
+    assert _get(client, f"/experiments/{EXPERIMENT}/cases/north/c-nope", tokens["admin"]
+                )[0] == 404

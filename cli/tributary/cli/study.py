@@ -229,6 +229,8 @@ def show(
         experiment = check(client.get(f"/api/experiments/{experiment_id}"), "study")
         report = check(client.get(f"/api/experiments/{experiment_id}/aggregate"),
                         "aggregate")
+        failed_cases = ([] if as_json or not any(t["failed"] for t in experiment["targets"])
+                        else _failed_cases(client, experiment_id))
     if as_json:
         console.print_json(json.dumps(report))
         return
@@ -238,6 +240,11 @@ def show(
     console.print(f"[bold]{experiment['name']}[/] ({experiment_id}): {experiment['state']}, "
                   f"{done}/{total} cases finished")
     console.print(aggregate_table(report))
+    if failed_cases or any(t["state"] in ("refused", "cancelled") for t in experiment["targets"]):
+        # Each failed case as the developer needs it: reason, exit code, limits it ran
+        # under, discarded files, and its log tail or that the site withheld it.
+        report_problems(experiment_id, experiment["state"], experiment["targets"],
+                        failed_cases)
 
 
 @app.command("fetch")

@@ -173,6 +173,12 @@ class RunLimits(BaseModel):
     timeout_seconds: int = Field(3600, ge=1, le=7 * 24 * 3600)
     memory_mb: int = Field(2048, ge=16, le=1024 * 1024)
     cpus: float = Field(1.0, gt=0, le=256)
+    gpus: int = Field(0, ge=0, le=64, description=(
+        "GPUs each case needs (protocol 1.4): a site offering fewer refuses the study, "
+        "naming why, rather than running it without them."))
+    tmp_mb: int | None = Field(None, ge=1, le=1024 * 1024, description=(
+        "Size of the case's /tmp (a tmpfs, counted against memory) (protocol 1.4); unset, "
+        "the site's default. The site caps it."))
 
 
 class ExperimentMessage(_Message):

@@ -29,6 +29,7 @@ from tributary.spoke.images import (
     verify_served,
 )
 from tributary.spoke.lifecycle import Lifecycle
+from tributary.spoke.runner import limits_refusal
 from tributary.spoke.trust import TrustedKeys
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,14 @@ class Admission:
         log.info("experiment %s: %s", experiment_id, message.algorithm.reference)
         if message.expires_at is not None and message.expires_at < datetime.now(UTC):
             self._refuse(experiment_id, "experiment expired")
+            return
+        refusal = limits_refusal(message.limits, self.config.runner,
+                                 self.config.execution.engine)
+        if refusal is not None:
+            log.error("refusing %s: %s", experiment_id, refusal)
+            self.lifecycle.audit("limits.refused", experiment_id, reason=refusal,
+                                 limits=message.limits.model_dump(mode="json"))
+            self._refuse(experiment_id, refusal)
             return
         if not self._image_admitted(message):
             return

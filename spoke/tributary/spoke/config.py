@@ -42,7 +42,13 @@ class RunnerSettings(BaseModel):
     max_timeout_seconds: int = Field(24 * 3600, ge=1)
     max_cpus: float = Field(2.0, gt=0)
     pids_limit: int = 256
-    tmpfs_mb: int = 512
+    #: Size of each case's /tmp when the study asks for none; ``max_tmp_mb`` caps what a
+    #: study may ask for (a tmpfs: it counts against the case's memory).
+    tmpfs_mb: int = Field(512, ge=1)
+    max_tmp_mb: int = Field(4096, ge=1)
+    #: GPUs one case may use (Docker engine: device requests; Slurm: ``--gres=gpu:N``);
+    #: 0, the default, refuses every study asking for a GPU, saying so.
+    max_gpus: int = Field(0, ge=0, le=64)
     #: Size of each case's output folder (a tmpfs the spoke mounts, counted against the
     #: case's memory limit): an algorithm writing past it fails, the spoke's disk holding
     #: its journal and audit log is never touched. 0 turns the quota off (the folder then
@@ -64,6 +70,9 @@ class SlurmSettings(BaseModel):
     qos: str | None = None
     #: More ``sbatch`` options, as the site's cluster needs them (e.g. ``--constraint=x``).
     sbatch_options: list[str] = Field(default_factory=list)
+    #: The Podman ``--device`` that gives a case's container the GPUs of its job (asked
+    #: with ``--gres=gpu:N``): a CDI name the compute nodes define.
+    gpu_device: str = Field("nvidia.com/gpu=all", min_length=1)
     #: The Slurm configuration the spoke's ``sbatch``/``squeue``/``scancel`` use (sets
     #: ``SLURM_CONF``); unset, Slurm's own default.
     slurm_conf: Path | None = None

@@ -262,7 +262,8 @@ class CaseExecution:
                 case=case.case_id, attempt=attempt, engine=self.config.execution.engine,
                 limits={
                     "memory_mb": limits.memory_mb, "cpus": limits.cpus,
-                    "timeout_seconds": limits.timeout_seconds, "network": "none",
+                    "timeout_seconds": limits.timeout_seconds, "gpus": limits.gpus,
+                    "tmp_mb": limits.tmp_mb, "network": "none",
                     "pids": self.config.runner.pids_limit, "read_only": True})
 
         def progressed(progress: Progress) -> None:

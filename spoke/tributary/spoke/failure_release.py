@@ -22,7 +22,8 @@ def with_applied_limits(failure: Failure | None, limits: RunLimits) -> Failure |
         return None
     try:
         applied = AppliedLimits(memory_mb=limits.memory_mb, cpus=limits.cpus,
-                                timeout_seconds=limits.timeout_seconds)
+                                timeout_seconds=limits.timeout_seconds, gpus=limits.gpus,
+                                tmp_mb=limits.tmp_mb)
     except ValidationError:  # a site limit outside the reportable range: report none
         return failure
     return failure.model_copy(update={"applied_limits": applied})

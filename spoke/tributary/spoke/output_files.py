@@ -74,3 +74,63 @@ def _check(path: Path, info: os.stat_result, limit: int) -> None:
     if info.st_size > limit:
         raise UnsafeFile(Refusal.TOO_LARGE,
                          f"{path.name} is {info.st_size} bytes; the limit is {limit}")
+
+
+#: How many entries of the output folder are looked at when listing what is discarded: an
+#: algorithm may leave millions of files, and listing them must stay quick.
+SCAN_LIMIT = 1000
+#: How deep into sub-folders the listing goes.
+SCAN_DEPTH = 4
+
+
+def sanitised_name(name: str, limit: int) -> str:
+    """A file name the algorithm chose, safe to show: control and other unprintable
+    characters (a terminal escape, a newline forging a line) replaced, cut to ``limit``."""
+    clean = "".join(c if c.isprintable() else "?" for c in name)
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
+
+def leftover_files(out_dir: Path, keep: set[str], limit: int,
+                   name_limit: int) -> list[tuple[str, int]]:
+    """Names and sizes of what the algorithm left in ``out_dir`` besides ``keep`` (top-level
+    names): at most ``limit`` entries, the last one summing up any more. Never opens a file
+    nor follows a link; a non-regular entry is named with its kind and counted as 0 bytes."""
+    found: list[tuple[str, int]] = []
+    scanned = 0
+    more_count = 0
+    more_bytes = 0
+    pending: list[tuple[Path, str, int]] = [(out_dir, "", 0)]
+    while pending:
+        folder, prefix, depth = pending.pop(0)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            scanned += 1
+            if scanned > SCAN_LIMIT:
+                more_count += 1
+                continue
+            if not prefix and entry.name in keep:
+                continue
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            rel = f"{prefix}{entry.name}"
+            if stat.S_ISDIR(info.st_mode):
+                if depth + 1 < SCAN_DEPTH:
+                    pending.append((Path(entry.path), f"{rel}/", depth + 1))
+                else:
+                    found.append((f"{rel}/ (not listed further)", 0))
+                continue
+            size = info.st_size if stat.S_ISREG(info.st_mode) else 0
+            label = rel if stat.S_ISREG(info.st_mode) else f"{rel} ({_kind(info.st_mode)})"
+            found.append((label, size))
+    if len(found) > limit or more_count:
+        rest = found[limit - 1:]
+        more_count += len(rest)
+        more_bytes += sum(size for _, size in rest)
+        found = found[: limit - 1]
+        found.append((f"({more_count} more entries not listed)", more_bytes))
+    return [(sanitised_name(name, name_limit), size) for name, size in found]

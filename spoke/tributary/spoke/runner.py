@@ -11,12 +11,13 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import docker
 import docker.errors
+import docker.types
 import requests.exceptions
 
 from tributary.protocol.contract import (
@@ -31,10 +32,18 @@ from tributary.protocol.contract import (
     Participant,
     Progress,
 )
-from tributary.protocol.messages import LOG_TAIL_MAX_BYTES, Failure, FailureReason, RunLimits
+from tributary.protocol.messages import (
+    DISCARDED_NAME_MAX_CHARS,
+    LOG_TAIL_MAX_BYTES,
+    MAX_DISCARDED_FILES,
+    DiscardedFile,
+    Failure,
+    FailureReason,
+    RunLimits,
+)
 from tributary.spoke import output_quota
 from tributary.spoke.config import RunnerSettings
-from tributary.spoke.output_files import Refusal, UnsafeFile, read_bounded
+from tributary.spoke.output_files import Refusal, UnsafeFile, leftover_files, read_bounded
 
 #: The uid:gid algorithms run as ("nobody").
 ALGORITHM_USER = "65534:65534"
@@ -57,10 +66,39 @@ class RunOutcome:
 
 
 def effective_limits(asked: RunLimits, site: RunnerSettings) -> RunLimits:
-    """The experiment's limits, capped by what the site allows."""
+    """The experiment's limits, capped by what the site allows: /tmp is the study's size
+    (else the site's default) up to the site's cap. GPUs are never cut down silently: a
+    study asking more than the site offers is refused at admission (:func:`limits_refusal`)."""
     return RunLimits(timeout_seconds=min(asked.timeout_seconds, site.max_timeout_seconds),
                      memory_mb=min(asked.memory_mb, site.max_memory_mb),
-                     cpus=min(asked.cpus, site.max_cpus))
+                     cpus=min(asked.cpus, site.max_cpus),
+                     gpus=min(asked.gpus, site.max_gpus),
+                     tmp_mb=min(asked.tmp_mb or site.tmpfs_mb, site.max_tmp_mb))
+
+
+def limits_refusal(asked: RunLimits, site: RunnerSettings, engine: str) -> str | None:
+    """Why this site cannot run a study with these limits, or None: it asks for more GPUs
+    than a case may have here, or for any on an executor that cannot pass them on."""
+    if not asked.gpus:
+        return None
+    if site.max_gpus == 0:
+        return (f"gpus: the study asks for {asked.gpus} GPU(s) per case; this site offers "
+                "none ([runner] max_gpus = 0)")
+    if asked.gpus > site.max_gpus:
+        return (f"gpus: the study asks for {asked.gpus} GPUs per case; this site offers at "
+                f"most {site.max_gpus} ([runner] max_gpus)")
+    if engine == "podman":
+        return ("gpus: this site runs cases with Podman, whose Docker-compatible API does not "
+                "pass GPU device requests; the site must use the Docker engine or Slurm")
+    return None
+
+
+def gpu_requests(gpus: int) -> list[docker.types.DeviceRequest] | None:
+    """The engine's device requests for ``gpus`` GPUs (as ``docker run --gpus N``); None
+    for none, so engines whose API predates device requests are not sent the field."""
+    if not gpus:
+        return None
+    return [docker.types.DeviceRequest(count=gpus, capabilities=[["gpu"]])]
 
 
 def read_output(path: Path, limit: int) -> dict[str, Any]:
@@ -179,17 +217,19 @@ def _run_container(client: docker.DockerClient, image: str, name: str,
     volumes = {str(participant_file): {"bind": PARTICIPANT_PATH, "mode": "ro"},
                str(out_dir): {"bind": OUTPUT_DIR, "mode": "rw"}}
     volumes.update({str(host): {"bind": path, "mode": "ro"} for path, host in mounts.items()})
-    algo_arg = AlgoArg(arguments=arguments).model_dump_json()
     remove_container(client, name)
-    container = client.containers.run(
-        image, name=name, detach=True, environment={ALGO_ARG_ENV: algo_arg},
-        network_mode="none", read_only=True, user=ALGORITHM_USER, cap_drop=["ALL"],
-        security_opt=["no-new-privileges"], pids_limit=settings.pids_limit,
-        mem_limit=f"{limits.memory_mb}m", memswap_limit=f"{limits.memory_mb}m",
-        nano_cpus=int(limits.cpus * 1e9),
-        tmpfs={"/tmp": f"rw,noexec,nosuid,size={settings.tmpfs_mb}m"},
-        volumes=volumes, labels={LABEL: name, **labels}, working_dir="/tmp",
-    )
+    container = client.containers.create(
+        image, **container_options(name, arguments, limits, settings, volumes, labels))
+    try:
+        container.start()
+    except docker.errors.APIError as exc:
+        # E.g. GPUs asked for on a host whose engine has no GPU driver: the case fails
+        # saying so, and no created container is left behind.
+        remove_container(client, name)
+        return RunOutcome(None, Failure(
+            reason=FailureReason.INTERNAL_ERROR,
+            detail=f"the engine could not start the container: {exc.explanation or exc}"[:2000]),
+            None)
     try:
         if on_started is not None:
             on_started(container.id)
@@ -200,13 +240,30 @@ def _run_container(client: docker.DockerClient, image: str, name: str,
                 container.kill()
             with contextlib.suppress(Exception):
                 container.wait(timeout=30)
-            return stopped(ended, limits, _log_tail(container, settings.log_tail_lines))
+            return with_discarded_files(
+                stopped(ended, limits, _log_tail(container, settings.log_tail_lines)), out_dir)
         container.reload()
         oom = bool(container.attrs.get("State", {}).get("OOMKilled"))
         return classify(ended, oom, lambda: _log_tail(container, settings.log_tail_lines),
                         out_dir, limits, settings, max_output_bytes, oom_reported)
     finally:
         remove_container(client, name)
+
+
+def container_options(name: str, arguments: dict[str, Any], limits: RunLimits,
+                      settings: RunnerSettings, volumes: dict[str, dict[str, str]],
+                      labels: dict[str, str]) -> dict[str, Any]:
+    """The engine options of a case's container: isolation, the (capped) limits, a /tmp
+    tmpfs of the case's size, the GPUs it may use, and its mounts."""
+    return dict(
+        name=name, environment={ALGO_ARG_ENV: AlgoArg(arguments=arguments).model_dump_json()},
+        network_mode="none", read_only=True, user=ALGORITHM_USER, cap_drop=["ALL"],
+        security_opt=["no-new-privileges"], pids_limit=settings.pids_limit,
+        mem_limit=f"{limits.memory_mb}m", memswap_limit=f"{limits.memory_mb}m",
+        nano_cpus=int(limits.cpus * 1e9),
+        tmpfs={"/tmp": f"rw,noexec,nosuid,size={limits.tmp_mb or settings.tmpfs_mb}m"},
+        device_requests=gpu_requests(limits.gpus),
+        volumes=volumes, labels={LABEL: name, **labels}, working_dir="/tmp")
 
 
 def stopped(ended: str, limits: RunLimits, tail: str) -> RunOutcome:
@@ -220,6 +277,30 @@ def stopped(ended: str, limits: RunLimits, tail: str) -> RunOutcome:
 def classify(exit_code: int, oom: bool, log_tail: Callable[[], str], out_dir: Path,
              limits: RunLimits, settings: RunnerSettings,
              max_output_bytes: int, oom_reported: bool = True) -> RunOutcome:
+    """The outcome of a finished case (see :func:`_classify`); a failure names the files the
+    algorithm left besides output.json and progress.json, which are discarded."""
+    outcome = _classify(exit_code, oom, log_tail, out_dir, limits, settings,
+                        max_output_bytes, oom_reported)
+    return with_discarded_files(outcome, out_dir)
+
+
+def with_discarded_files(outcome: RunOutcome, out_dir: Path) -> RunOutcome:
+    """A failed outcome carrying the names and sizes (never the content) of the other files
+    in the output folder, so the developer learns what their algorithm wrote and where."""
+    if outcome.failure is None:
+        return outcome
+    keep = {Path(OUTPUT_PATH).name, Path(PROGRESS_PATH).name}
+    files = [DiscardedFile(name=name, size_bytes=size) for name, size in leftover_files(
+        out_dir, keep, MAX_DISCARDED_FILES, DISCARDED_NAME_MAX_CHARS)]
+    if not files:
+        return outcome
+    return replace(outcome, failure=outcome.failure.model_copy(
+        update={"discarded_files": files}))
+
+
+def _classify(exit_code: int, oom: bool, log_tail: Callable[[], str], out_dir: Path,
+              limits: RunLimits, settings: RunnerSettings,
+              max_output_bytes: int, oom_reported: bool = True) -> RunOutcome:
     """What an algorithm that exited with ``exit_code`` produced: its output, or the
     failure with its reason. ``log_tail`` is asked only when a failure needs it (a case
     that succeeded sends no log). ``oom_reported``: the engine reliably says when the

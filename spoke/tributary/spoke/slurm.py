@@ -54,6 +54,7 @@ from tributary.spoke.runner import (
     prepare_case_dir,
     read_progress,
     stopped,
+    with_discarded_files,
     write_participant,
 )
 
@@ -116,6 +117,7 @@ class SlurmCommands:
                 # Slurm's own limit only matters if the spoke is down: it stops the job
                 # itself, to the second, from the time the container started.
                 f"--time={math.ceil(limits.timeout_seconds / 60) + 2}", "--no-requeue"]
+        args += [f"--gres=gpu:{limits.gpus}"] if limits.gpus else []
         args += [f"--partition={s.partition}"] if s.partition else []
         args += [f"--account={s.account}"] if s.account else []
         args += [f"--qos={s.qos}"] if s.qos else []
@@ -160,7 +162,8 @@ def job_name(spoke_id: str, experiment_id: str, case_id: str, attempt: int) -> s
 def job_script(podman: list[str], podman_env: dict[str, str], name: str, image: str,
                participant_file: Path, out_dir: Path, mounts: dict[str, Path],
                arguments: dict[str, Any], limits: RunLimits, settings: RunnerSettings,
-               labels: dict[str, str], case_dir: Path) -> str:
+               labels: dict[str, str], case_dir: Path,
+               gpu_device: str = "nvidia.com/gpu=all") -> str:
     """The batch script: pull by digest if missing, run with the runner's isolation, and
     record how the container ended. Every value is shell-quoted."""
     q = shlex.quote
@@ -172,7 +175,11 @@ def job_script(podman: list[str], podman_env: dict[str, str], name: str, image: 
         f"--user={ALGORITHM_USER}", "--cap-drop=ALL", "--security-opt=no-new-privileges",
         f"--pids-limit={settings.pids_limit}", f"--memory={limits.memory_mb}m",
         f"--memory-swap={limits.memory_mb}m", f"--cpus={limits.cpus}",
-        f"--tmpfs=/tmp:rw,noexec,nosuid,size={settings.tmpfs_mb}m", "--workdir=/tmp",
+        f"--tmpfs=/tmp:rw,noexec,nosuid,size={limits.tmp_mb or settings.tmpfs_mb}m",
+        "--workdir=/tmp",
+        # The job's GPUs (``--gres``), through the nodes' CDI specification; Slurm's device
+        # cgroup keeps the container to the ones it allocated.
+        *([f"--device={gpu_device}"] if limits.gpus else []),
         "--env", f"{ALGO_ARG_ENV}={AlgoArg(arguments=arguments).model_dump_json()}",
         *(f"--volume={v}" for v in volumes),
         *(f"--label={k}={v}" for k, v in {LABEL: name, **labels}.items()), image]
@@ -238,7 +245,7 @@ class SlurmRunner:
             script.write_text(job_script(
                 self.settings.podman, self.settings.podman_env, name, image,
                 participant_file, out_dir, mounts, arguments, limits, settings, labels,
-                case_dir))
+                case_dir, self.settings.gpu_device))
             self.journal.job_intent(key, name)
             job_id = self.slurm.submit(script, name, limits, case_dir / LOG_FILE, case_dir)
             self.journal.job_submitted(key, job_id)
@@ -252,7 +259,7 @@ class SlurmRunner:
         if ended == "detached":
             return stopped("cancelled", limits, "")
         if ended in ("cancelled", "timeout"):
-            return stopped(ended, limits, tail())
+            return with_discarded_files(stopped(ended, limits, tail()), out_dir)
         status = _status(case_dir)
         if ended != "recorded" or status is None:
             return RunOutcome(None, Failure(

@@ -359,7 +359,8 @@ class LocalFederation:
                      counts: dict[str, Any] | None = None,
                      deidentification: dict[str, Any] | None = None,
                      registry: dict[str, Any] | None = None,
-                     execution: str = "", sandbox: bool = False) -> Path:
+                     execution: str = "", sandbox: bool = False,
+                     log_tails: bool = True) -> Path:
         """A spoke's config; ``execution`` is its ``[execution]`` tables as TOML text
         (:func:`execution_toml`), empty for the Docker engine."""
         work = self.root / "spokes" / spoke_id
@@ -374,7 +375,9 @@ class LocalFederation:
             f"concurrency = {concurrency}\n\n[broker]\n{self._spoke_broker_toml(spoke_id, work)}\n"
             "[policy]\n"
             f"releasable_attributes = {json.dumps(list(releasable))}\n"
-            'attributes_file = "attributes.csv"\n\n[runner]\n'
+            'attributes_file = "attributes.csv"\n'
+            + ("" if log_tails else "log_tails = false\n")
+            + '\n[runner]\n'
             f'allowed_registries = ["{self.services.registry}"]\n'
             + ("" if self.output_quota_mb is None
                else f"output_quota_mb = {self.output_quota_mb}\n")

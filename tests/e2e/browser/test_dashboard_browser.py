@@ -122,18 +122,45 @@ def test_launch_watch_and_read_a_study(federation: LocalFederation, study: dict[
     page.click("button[type=submit]")
     expect(page.locator("h1")).to_have_text("Experiments")
 
-    # The form refuses bad launches with the hub's reason, and creates nothing.
+    # The form refuses bad launches, each reason beside its field, and creates nothing.
     page.click("text=New experiment")
+    page.click("#submit")
+    expect(page.locator("#form-error")).to_contain_text("check the fields marked below")
+    expect(page.locator("[data-field-error=name]")).to_have_text("Give the study a name.")
+    expect(page.locator("[data-field-error=spoke_ids]")).to_have_text(
+        "Choose at least one target spoke.")
     page.fill("#name", "Nodule detection, browser study")
     page.select_option("#algorithm", str(study["approved"]["id"]))
-    _refused(page, "Choose at least one target spoke")
     for spoke_id in study["spokes"]:
         page.check(f"input[name=spoke_ids][value='{spoke_id}']")
-    page.fill("#arguments", '{"min_diameter_mm": -5}')
-    _refused(page, "invalid arguments")
-    expect(page.locator("#form-error")).to_contain_text("min_diameter_mm")
+    # The arguments are fields made from the version's schema: defaults, ranges and
+    # descriptions; the raw JSON stays in step, under an advanced option.
+    diameter = page.locator("#arg-min_diameter_mm")
+    assert diameter.input_value() == "4" and diameter.get_attribute("max") == "100"
+    assert page.locator("#arg-threshold_hu").input_value() == "-400"
+    expect(page.locator("label[for=arg-min_diameter_mm]")).to_contain_text(
+        "equivalent-sphere diameter")
+    expect(page.locator("#arguments")).to_be_hidden()
+    diameter.fill("-5")
+    assert json.loads(page.input_value("#arguments"))["min_diameter_mm"] == -5
+    page.click("#submit")
+    expect(page.locator("[data-field-error='arguments.min_diameter_mm']")).to_have_text(
+        "must be at least 0")
+    expect(page.locator("[data-field-error=name]")).to_be_hidden()
+    page.fill("#memory_mb", "1")
+    diameter.fill("4")
+    page.click("#submit")  # the hub's own validation error, beside its field too
+    expect(page.locator("[data-field-error=memory_mb]")).to_contain_text("16")
+    expect(page.locator("[data-field-error='arguments.min_diameter_mm']")).to_be_hidden()
+    page.fill("#memory_mb", "1024")
+    page.click("#raw-arguments summary")
+    page.fill("#arguments", '{"min_diameter_mm": 4, "unknown": 1}')
+    _refused(page, "invalid arguments")  # the hub's schema check, for what the fields miss
     page.fill("#arguments", '{"min_diameter_mm": ')
-    _refused(page, "not valid JSON")
+    page.click("#submit")
+    expect(page.locator("[data-field-error=arguments]")).to_contain_text("not valid JSON")
+    page.fill("#arguments", '{"min_diameter_mm": 7}')
+    assert diameter.input_value() == "7"  # hand-written JSON refills the fields
     page.select_option("#algorithm", str(study["pending"]["id"]))
     _refused(page, "not approved")
     page.screenshot(path=ARTIFACTS / "dashboard-refused.png", full_page=True)
@@ -436,3 +463,64 @@ def test_an_administrator_discards_a_dead_letter_from_its_page(
         events = api.get("/api/audit", params={"action": "dead_letter.discarded"}).json()
     assert any(e["actor"] == "admin" and e["detail"]["reason"] == "garbage from a test"
                for e in events)
+
+
+def test_a_failed_case_page_shows_the_log_tail_or_why_not(
+        federation: LocalFederation, study: dict[str, Any], page: Any,
+        misbehaving_image: tuple[str, str]) -> None:
+    """A crashing algorithm: its case page (and `study show`) shows the log tail, exit code
+    and the limits it ran under; at a site whose policy withholds log tails, neither shows
+    the tail and both say why."""
+    expect = playwright_api.expect
+    open_spoke = list(study["spokes"])[-1]
+    closed_spoke = f"withholding-{uuid.uuid4().hex[:6]}"
+    data = federation.root / "data" / closed_spoke
+    generate_cohort(data, 1, seed=77, site=closed_spoke)
+    federation.start_spoke(closed_spoke, federation.add_spoke(closed_spoke, data,
+                                                              log_tails=False))
+    algorithm = federation.register_algorithm(
+        name=f"crash-logs-{uuid.uuid4().hex[:6]}", version="1.0.0",
+        repository=misbehaving_image[0], digest=misbehaving_image[1])
+    token = federation.sign_in(study["username"], study["password"])
+    with federation.api(token) as api:
+        created = api.post("/api/experiments", json={
+            "name": "Failures to read", "algorithm_id": algorithm["id"],
+            "arguments": {"behaviour": "crash"}, "spoke_ids": [open_spoke, closed_spoke],
+            "limits": {"timeout_seconds": 120, "memory_mb": 256}}).raise_for_status().json()
+        api.post(f"/api/experiments/{created['id']}/launch").raise_for_status()
+        federation.wait_for_experiment(created["id"], timeout=300)
+        cases = api.get(f"/api/experiments/{created['id']}/cases").json()
+    open_case = next(c for c in cases if c["spoke_id"] == open_spoke)
+    closed_case = next(c for c in cases if c["spoke_id"] == closed_spoke)
+
+    page.goto(f"/experiments/{created['id']}")
+    if "/login" in page.url:
+        page.fill("#username", study["username"])
+        page.fill("#password", study["password"])
+        page.click("button[type=submit]")
+        page.goto(f"/experiments/{created['id']}")
+    page.click(f"a[href$='/cases/{open_spoke}/{open_case['case_id']}']")
+    expect(page.locator("h1")).to_contain_text(open_case["case_id"])
+    expect(page.locator("pre[data-log-tail]")).to_contain_text("Traceback")
+    expect(page.locator("[data-exit-code]")).to_have_text(str(open_case["failure"]["exit_code"]))
+    expect(page.locator("#failure [data-applied-limits]")).to_contain_text("memory_mb 256")
+    expect(page.locator("[data-reason]")).to_contain_text("exit_code")
+    page.screenshot(path=ARTIFACTS / "dashboard-case-log-tail.png", full_page=True)
+
+    page.goto(f"/experiments/{created['id']}/cases/{closed_spoke}/{closed_case['case_id']}")
+    expect(page.locator("[data-log-tail=withheld]")).to_contain_text(
+        "Withheld by the site's policy")
+    expect(page.locator("pre[data-log-tail]")).to_have_count(0)
+    assert "Traceback" not in page.content()
+    page.screenshot(path=ARTIFACTS / "dashboard-case-log-withheld.png", full_page=True)
+
+    env = {**os.environ, "TRIBUTARY_HUB_URL": federation.hub_url, "TRIBUTARY_TOKEN": token,
+           "COLUMNS": "200"}
+    shown = subprocess.run([sys.executable, "-m", "tributary.cli", "study", "show",
+                            created["id"]], env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert f"{open_spoke} case {open_case['case_id']} failed" in shown.stdout
+    assert "Traceback" in shown.stdout and "ran under: " in shown.stdout
+    closed_lines = shown.stdout.split(f"{closed_spoke} case {closed_case['case_id']} failed")[1]
+    assert any("log tail withheld by the site's policy" in line
+               for line in closed_lines.splitlines()[1:4]), shown.stdout

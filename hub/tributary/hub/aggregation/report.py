@@ -102,6 +102,9 @@ class ResultRow(BaseModel):
     state: str
     attempt: int
     failure_reason: str | None = None
+    failure: dict[str, Any] | None = Field(None, description=(
+        "A failed case's failure as its spoke released it: detail, exit code, log tail (or "
+        "log_withheld), applied_limits and discarded_files."))
     finished_at: datetime | None = None
     output: dict[str, Any] = Field(default_factory=dict,
                                    description="output.json flattened to dotted keys.")

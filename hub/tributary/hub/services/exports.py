@@ -54,7 +54,8 @@ def iter_result_rows(engine: Engine, experiment_id: str) -> Iterator[ResultRow]:
             yield ResultRow(spoke_id=spoke_id, case_id=case_id,
                             state=getattr(state, "value", state), attempt=attempt,
                             failure_reason=(failure or {}).get("reason") if failure else None,
-                            finished_at=finished_at, output=flatten(output),
+                            failure=failure or None, finished_at=finished_at,
+                            output=flatten(output),
                             released=flatten(released))
         if len(rows) < CHUNK:
             return
@@ -117,7 +118,7 @@ def stream_results_csv(engine: Engine, experiment_id: str) -> Iterator[str]:
     for i, r in enumerate(iter_result_rows(engine, experiment_id), 1):
         writer.writerow([_cell(v) for v in (
             r.spoke_id, r.case_id, r.state, r.attempt, r.failure_reason,
-            r.finished_at.isoformat() if r.finished_at else None,
+            r.finished_at.isoformat() if r.finished_at else None, *failure_cells(r.failure),
             *(r.output.get(k) for k in out_keys), *(r.released.get(k) for k in rel_keys))])
         if i % CHUNK == 0:
             yield buffer.getvalue()
@@ -132,7 +133,8 @@ def result_rows(session: Session, experiment_id: str) -> list[ResultRow]:
     return [ResultRow(spoke_id=r.spoke_id, case_id=r.case_id, state=r.state.value,
                       attempt=r.attempt,
                       failure_reason=(r.failure or {}).get("reason") if r.failure else None,
-                      finished_at=r.finished_at, output=flatten(r.output),
+                      failure=r.failure or None, finished_at=r.finished_at,
+                      output=flatten(r.output),
                       released=flatten(r.released)) for r in rows]
 
 
@@ -157,7 +159,25 @@ def to_csv(header: list[str], rows: Iterable[list[Any]]) -> str:
     return buffer.getvalue()
 
 
-RESULT_COLUMNS = ["spoke_id", "case_id", "state", "attempt", "failure_reason", "finished_at"]
+RESULT_COLUMNS = ["spoke_id", "case_id", "state", "attempt", "failure_reason", "finished_at",
+                  "failure_exit_code", "failure_detail", "failure_applied_limits",
+                  "failure_discarded_files", "failure_log_tail"]
+#: What the log tail cell says when the site's policy withheld it.
+LOG_WITHHELD = "(withheld by the site's policy)"
+
+
+def failure_cells(failure: dict[str, Any] | None) -> list[Any]:
+    """A failed case's diagnostics as CSV cells: exit code, detail, the limits it ran under
+    (after the site's caps), the discarded files (names and sizes), the log tail or that
+    the site withheld it."""
+    if not failure:
+        return [None] * 5
+    limits = {k: v for k, v in (failure.get("applied_limits") or {}).items() if v is not None}
+    files = failure.get("discarded_files") or []
+    return [failure.get("exit_code"), failure.get("detail"),
+            "; ".join(f"{k}={v}" for k, v in sorted(limits.items())) or None,
+            "; ".join(f"{f.get('name')} ({f.get('size_bytes')} B)" for f in files) or None,
+            LOG_WITHHELD if failure.get("log_withheld") else failure.get("log_tail")]
 
 
 def results_csv(rows: list[ResultRow]) -> str:
@@ -167,7 +187,7 @@ def results_csv(rows: list[ResultRow]) -> str:
               *(f"released.{k}" for k in released)]
     return to_csv(header, (
         [r.spoke_id, r.case_id, r.state, r.attempt, r.failure_reason,
-         r.finished_at.isoformat() if r.finished_at else None,
+         r.finished_at.isoformat() if r.finished_at else None, *failure_cells(r.failure),
          *(r.output.get(k) for k in outputs), *(r.released.get(k) for k in released)]
         for r in rows))
 

@@ -191,6 +191,18 @@ def _case_read(r: CaseResult, attempts: list[AttemptRead]) -> CaseRead:
                     progress_at=r.progress_at, note=r.note, attempts=attempts)
 
 
+def case_read(session: Session, experiment_id: str, spoke_id: str,
+              case_id: str) -> CaseRead | None:
+    """One case with its attempt history (for the case page), or None."""
+    row = session.exec(select(CaseResult).options(defer(CaseResult.custody))  # type: ignore[arg-type]
+                       .where(CaseResult.experiment_id == experiment_id,
+                              CaseResult.spoke_id == spoke_id,
+                              CaseResult.case_id == case_id)).first()
+    if row is None:
+        return None
+    return _case_read(row, _attempts(session, experiment_id, [row])[(spoke_id, case_id)])
+
+
 def case_page(session: Session, experiment_id: str, limit: int = DEFAULT_CASE_LIMIT,
               cursor: str | None = None, spoke_id: str | None = None,
               state: str | None = None, failure_reason: str | None = None) -> CasePage:

@@ -50,7 +50,11 @@ async function api(method, url, body) {
     throw new Error(`The hub cannot be reached: ${err.message}`);
   }
   const data = await response.json().catch(() => null);
-  if (!response.ok) throw new Error(errorMessage(response.status, data));
+  if (!response.ok) {
+    const error = new Error(errorMessage(response.status, data));
+    error.body = data;  // for forms that show each validation error beside its field
+    throw error;
+  }
   return data;
 }
 
@@ -111,6 +115,131 @@ function wireApiActions() {
 }
 
 // --- New experiment form ----------------------------------------------------------------
+/** The field error box for ``name`` (created after its input when the page has none). */
+function fieldErrorBox(form, name) {
+  let box = form.querySelector(`[data-field-error="${name}"]`);
+  if (!box) {
+    const input = form.elements[name];
+    if (!input || !input.insertAdjacentElement) return null;
+    box = el("p", { class: "field-error", "data-field-error": name });
+    input.insertAdjacentElement("afterend", box);
+  }
+  return box;
+}
+
+function clearFieldErrors(form) {
+  form.querySelectorAll("[data-field-error]").forEach((box) => { box.textContent = ""; });
+  form.querySelectorAll("[aria-invalid]").forEach((input) => input.removeAttribute("aria-invalid"));
+}
+
+/** Show each message beside its field; returns the messages no field could take. */
+function showFieldErrors(form, errors) {
+  const left = [];
+  errors.forEach(({ field, message }) => {
+    const box = field && fieldErrorBox(form, field);
+    if (!box) { left.push(message); return; }
+    box.textContent = box.textContent ? `${box.textContent} ${message}` : message;
+    const input = form.elements[field];
+    if (input && input.setAttribute) input.setAttribute("aria-invalid", "true");
+  });
+  return left;
+}
+
+/** The hub's validation errors (FastAPI's detail list) as {field, message}, or null. */
+function fieldErrorsOf(body) {
+  const detail = body && body.detail;
+  if (!Array.isArray(detail)) return null;
+  return detail.map((e) => {
+    const path = (e.loc || []).filter((p) => p !== "body");
+    let field = path[path.length - 1];
+    if (path[0] === "limits" || path[0] === "cohort") field = path[1];
+    if (field === "spoke_ids" && e.type === "too_short") return { field, message: "Choose at least one target spoke." };
+    return { field: String(field ?? ""), message: e.msg };
+  });
+}
+
+/** Checks of one argument against its schema entry, as the hub makes them (a subset of
+ * JSON Schema: type, enum, ranges, length); the hub's own check stays the authority. */
+function argumentProblem(spec, value) {
+  if (value === undefined) return null;
+  const type = spec.type;
+  if (Array.isArray(spec.enum) && !spec.enum.some((v) => JSON.stringify(v) === JSON.stringify(value))) {
+    return `must be one of ${spec.enum.map((v) => JSON.stringify(v)).join(", ")}`;
+  }
+  if (type === "integer" && !Number.isInteger(value)) return "must be a whole number";
+  if (type === "number" && (typeof value !== "number" || !Number.isFinite(value))) return "must be a number";
+  if (type === "boolean" && typeof value !== "boolean") return "must be true or false";
+  if (type === "string" && typeof value !== "string") return "must be text";
+  if (typeof value === "number") {
+    if (spec.minimum !== undefined && value < spec.minimum) return `must be at least ${spec.minimum}`;
+    if (spec.maximum !== undefined && value > spec.maximum) return `must be at most ${spec.maximum}`;
+    if (spec.exclusiveMinimum !== undefined && value <= spec.exclusiveMinimum) return `must be more than ${spec.exclusiveMinimum}`;
+    if (spec.exclusiveMaximum !== undefined && value >= spec.exclusiveMaximum) return `must be less than ${spec.exclusiveMaximum}`;
+  }
+  if (typeof value === "string") {
+    if (spec.minLength !== undefined && value.length < spec.minLength) return `must have at least ${spec.minLength} characters`;
+    if (spec.maxLength !== undefined && value.length > spec.maxLength) return `must have at most ${spec.maxLength} characters`;
+  }
+  return null;
+}
+
+/** One input for a schema property: a list for an enum, a check box for a boolean, a
+ * number input with the schema's range, a text input, or JSON for anything else. */
+function argumentInput(key, spec) {
+  const id = `arg-${key}`;
+  const attrs = { id, name: `arg:${key}`, "data-arg": key };
+  let input;
+  if (Array.isArray(spec.enum)) {
+    input = el("select", attrs, spec.enum.map((v) => el("option", { value: JSON.stringify(v) }, String(v))));
+    input.dataset.kind = "enum";
+  } else if (spec.type === "boolean") {
+    input = el("input", { ...attrs, type: "checkbox" });
+    input.dataset.kind = "boolean";
+  } else if (spec.type === "integer" || spec.type === "number") {
+    const range = { type: "number", step: spec.type === "integer" ? "1" : "any" };
+    if (spec.minimum !== undefined) range.min = spec.minimum;
+    if (spec.maximum !== undefined) range.max = spec.maximum;
+    input = el("input", { ...attrs, ...range });
+    input.dataset.kind = spec.type;
+  } else if (spec.type === "string") {
+    input = el("input", { ...attrs, type: "text" });
+    if (spec.maxLength !== undefined) input.maxLength = spec.maxLength;
+    input.dataset.kind = "string";
+  } else {
+    input = el("textarea", { ...attrs, rows: "2", spellcheck: "false" });
+    input.dataset.kind = "json";
+  }
+  const hint = [spec.description, spec.default !== undefined ? `Default: ${JSON.stringify(spec.default)}.` : ""]
+    .filter(Boolean).join(" ");
+  const label = el("label", { for: id }, `${spec.title || key} `, hint ? el("span", { class: "hint" }, hint) : "");
+  const box = el("p", { class: "field-error", "data-field-error": `arguments.${key}` });
+  const wrap = el("div", { class: "argument-field", "data-argument": key });
+  if (input.dataset.kind === "boolean") wrap.append(el("label", { class: "check" }, input, ` ${spec.title || key}`), label.querySelector(".hint") || "", box);
+  else wrap.append(label, input, box);
+  return wrap;
+}
+
+/** The value a generated input holds (undefined: left empty, so not sent). */
+function inputValue(input) {
+  const kind = input.dataset.kind;
+  if (kind === "boolean") return input.checked;
+  if (kind === "enum") return JSON.parse(input.value);
+  if (input.value === "") return undefined;
+  if (kind === "integer" || kind === "number") return Number(input.value);
+  if (kind === "json") {
+    try { return JSON.parse(input.value); } catch (err) { return { __invalid: err.message }; }
+  }
+  return input.value;
+}
+
+function setInputValue(input, value) {
+  const kind = input.dataset.kind;
+  if (kind === "boolean") input.checked = value === true;
+  else if (kind === "enum") input.value = JSON.stringify(value ?? JSON.parse(input.options[0].value));
+  else if (value === undefined) input.value = "";
+  else input.value = kind === "json" ? JSON.stringify(value) : String(value);
+}
+
 function wireNewExperiment() {
   const form = document.getElementById("new-experiment");
   if (!form) return;
@@ -121,49 +250,111 @@ function wireNewExperiment() {
   const submit = document.getElementById("submit");
   const aggregators = JSON.parse(document.getElementById("aggregators-data").textContent);
   const aggregator = form.elements.aggregator;
+  const inputs = document.getElementById("argument-inputs");
+  let properties = {};
   const showAggregator = () => {
     const chosen = aggregators.find((a) => a.name === aggregator.value);
     document.getElementById("aggregator-schema").textContent = chosen ? JSON.stringify(chosen.schema, null, 2) : "";
   };
+  // The fields and the raw JSON stay in step: a field edited rewrites its key in the JSON
+  // (other keys are kept), JSON edited by hand refills the fields.
+  const fieldsToJson = () => {
+    let current = {};
+    try { current = JSON.parse(args.value || "{}"); } catch (err) { current = {}; }
+    if (current === null || typeof current !== "object" || Array.isArray(current)) current = {};
+    inputs.querySelectorAll("[data-arg]").forEach((input) => {
+      const value = inputValue(input);
+      if (value === undefined) delete current[input.dataset.arg];
+      else current[input.dataset.arg] = value;
+    });
+    args.value = JSON.stringify(current, null, 2);
+  };
+  const jsonToFields = () => {
+    let current;
+    try { current = JSON.parse(args.value || "{}"); } catch (err) { return; }
+    if (current === null || typeof current !== "object" || Array.isArray(current)) return;
+    inputs.querySelectorAll("[data-arg]").forEach((input) => setInputValue(input, current[input.dataset.arg]));
+  };
   const showAlgorithm = () => {
     const chosen = algorithms.find((a) => String(a.id) === select.value);
     if (!chosen) return;
+    const schema = chosen.schema || {};
+    properties = (schema.properties && typeof schema.properties === "object") ? schema.properties : {};
+    inputs.replaceChildren(...Object.entries(properties).map(([key, spec]) => argumentInput(key, spec || {})));
+    if (!Object.keys(properties).length) inputs.append(el("p", { class: "hint" }, "This version's schema names no arguments."));
+    inputs.querySelectorAll("[data-arg]").forEach((input) => {
+      input.addEventListener("input", fieldsToJson);
+      input.addEventListener("change", fieldsToJson);
+    });
     args.value = JSON.stringify(chosen.defaults, null, 2);
+    jsonToFields();
     document.getElementById("schema").textContent = JSON.stringify(chosen.schema, null, 2);
     if (aggregators.some((a) => a.name === chosen.aggregator)) aggregator.value = chosen.aggregator;
     showAggregator();
   };
   select.addEventListener("change", showAlgorithm);
+  args.addEventListener("input", jsonToFields);
   aggregator.addEventListener("change", showAggregator);
   launch.addEventListener("change", () => {
     submit.textContent = launch.checked ? "Create and launch" : "Save as draft";
   });
   showAlgorithm();
 
+  /** Problems found before sending, each with its field. */
+  const localProblems = (argumentsValue) => {
+    const problems = [];
+    if (!form.elements.name.value.trim()) problems.push({ field: "name", message: "Give the study a name." });
+    if (!form.querySelector("input[name=spoke_ids]:checked")) problems.push({ field: "spoke_ids", message: "Choose at least one target spoke." });
+    const required = (algorithms.find((a) => String(a.id) === select.value) || {}).schema?.required || [];
+    Object.entries(properties).forEach(([key, spec]) => {
+      const value = argumentsValue[key];
+      if (value && value.__invalid) problems.push({ field: `arguments.${key}`, message: `not valid JSON (${value.__invalid})` });
+      else if (value === undefined && required.includes(key)) problems.push({ field: `arguments.${key}`, message: "required" });
+      else {
+        const problem = argumentProblem(spec || {}, value);
+        if (problem) problems.push({ field: `arguments.${key}`, message: problem });
+      }
+    });
+    return problems;
+  };
+
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     showError(form, "");
+    clearFieldErrors(form);
     let argumentsValue;
     try {
       argumentsValue = JSON.parse(args.value || "{}");
     } catch (err) {
-      showError(form, `Arguments: not valid JSON (${err.message}).`);
+      showFieldErrors(form, [{ field: "arguments", message: `Raw JSON: not valid JSON (${err.message}).` }]);
+      showError(form, "Not created: check the fields marked below.");
       return;
     }
     if (argumentsValue === null || typeof argumentsValue !== "object" || Array.isArray(argumentsValue)) {
-      showError(form, "Arguments: must be a JSON object, e.g. {\"threshold\": 0.5}.");
+      showFieldErrors(form, [{ field: "arguments", message: "Raw JSON: must be a JSON object, e.g. {\"threshold\": 0.5}." }]);
+      showError(form, "Not created: check the fields marked below.");
       return;
     }
     let parameters;
     try {
       parameters = JSON.parse(form.elements.aggregator_parameters.value || "{}");
     } catch (err) {
-      showError(form, `Aggregator parameters: not valid JSON (${err.message}).`);
+      showFieldErrors(form, [{ field: "aggregator_parameters", message: `not valid JSON (${err.message}).` }]);
+      showError(form, "Not created: check the fields marked below.");
+      return;
+    }
+    const problems = localProblems(argumentsValue);
+    if (problems.length) {
+      const left = showFieldErrors(form, problems);
+      showError(form, ["Not created: check the fields marked below.", ...left].join("\n"));
       return;
     }
     const number = (name) => (form.elements[name].value === "" ? null : Number(form.elements[name].value));
     const cohort = { modality: form.elements.modality.value.trim() || null };
     if (number("max_cases") !== null) cohort.max_cases = number("max_cases");
+    const limits = { timeout_seconds: number("timeout_seconds"), memory_mb: number("memory_mb"),
+      cpus: number("cpus"), gpus: number("gpus") ?? 0 };
+    if (number("tmp_mb") !== null) limits.tmp_mb = number("tmp_mb");
     const body = {
       name: form.elements.name.value.trim(),
       algorithm_id: Number(select.value),
@@ -171,7 +362,7 @@ function wireNewExperiment() {
       spoke_ids: [...form.querySelectorAll("input[name=spoke_ids]:checked")].map((c) => c.value),
       cohort,
       release: form.elements.release.value.split(",").map((s) => s.trim()).filter(Boolean),
-      limits: { timeout_seconds: number("timeout_seconds"), memory_mb: number("memory_mb"), cpus: number("cpus") },
+      limits,
       expires_in_days: number("expires_in_days"),
       aggregator: aggregator.value,
       aggregator_parameters: parameters,
@@ -181,7 +372,14 @@ function wireNewExperiment() {
     try {
       created = await api("POST", "/api/experiments", body);
     } catch (err) {
-      showError(form, `Not created: ${err.message}`);
+      // The hub's validation errors go beside their fields; any other refusal above.
+      const fields = fieldErrorsOf(err.body);
+      if (fields) {
+        const left = showFieldErrors(form, fields);
+        showError(form, ["Not created: check the fields marked below.", ...left].join("\n"));
+      } else {
+        showError(form, `Not created: ${err.message}`);
+      }
       submit.disabled = false;
       return;
     }
@@ -198,7 +396,6 @@ function wireNewExperiment() {
   });
 }
 
-// --- Live experiment page -----------------------------------------------------------------
 function progressCells(t) {
   const total = t.case_count || 0;
   const pct = (n) => (total ? `width:${(100 * n) / total}%` : "width:0");
@@ -227,7 +424,10 @@ function caseCells(c) {
   }
   if (c.note) detail.push(el("br"), el("small", {}, c.note));
   const attempts = (c.attempts || []).length;
-  return [el("td", {}, c.spoke_id), el("td", {}, el("code", {}, c.case_id)), el("td", {}, badge(c.state)),
+  // The case's own page: its log tail, exit code, limits and discarded files in full.
+  const experimentId = window.location.pathname.split("/")[2] || "";
+  const href = `/experiments/${encodeURIComponent(experimentId)}/cases/${encodeURIComponent(c.spoke_id)}/${encodeURIComponent(c.case_id)}`;
+  return [el("td", {}, c.spoke_id), el("td", {}, el("a", { href, "data-case-link": "" }, el("code", {}, c.case_id))), el("td", {}, badge(c.state)),
     el("td", { class: "num" }, String(c.attempt), ...(attempts > 1 ? [el("br"), el("small", {}, `${attempts} attempts`)] : [])),
     el("td", {}, detail)];
 }

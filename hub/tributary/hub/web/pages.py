@@ -38,6 +38,7 @@ from tributary.hub.services.enrolment import enrolled_spokes, keys_by_spoke
 from tributary.hub.services.progress import (
     any_case_in,
     case_page,
+    case_read,
     experiment_read,
     experiment_reads,
     output_reads,
@@ -246,6 +247,24 @@ def experiment_page(experiment_id: str, request: Request, query: ResultsQuery = 
                    any_failed=any_case_in(session, experiment.id, CaseState.FAILED.value),
                    spoke_filter=spoke or "", state_filter=state or "",
                    case_states=[s.value for s in CaseState], paged=bool(cursor), **context)
+
+
+@router.get("/experiments/{experiment_id}/cases/{spoke_id}/{case_id}",
+            response_class=HTMLResponse)
+def case_detail_page(experiment_id: str, spoke_id: str, case_id: str, request: Request,
+                     session: Session = Depends(get_session),
+                     user: User = Depends(page_user)) -> HTMLResponse:
+    """One case: its outcome and, when it failed, what the developer needs to read it (the
+    reason, exit code, log tail or why the site withheld it, the limits it ran under after
+    the site's caps, the files discarded), for each attempt. Per-case data: coordinators
+    (and a sandbox study's developer) only."""
+    experiment = _experiment_or_404(session, experiment_id)
+    if not may_see_cases(user, experiment):
+        raise HTTPException(403, "per-case data is for coordinators")
+    case = case_read(session, experiment_id, spoke_id, case_id)
+    if case is None:
+        raise HTTPException(404, "no such case")
+    return _render(request, "case.html", user, e=experiment, c=case)
 
 
 @router.get("/experiments/{experiment_id}/results", response_class=HTMLResponse)
