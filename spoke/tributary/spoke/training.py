@@ -81,18 +81,31 @@ class RoundSecrets(BaseModel):
     masked: msg.Masked | None = None
 
 
-def seal(secrets_: RoundSecrets, key: bytes) -> bytes:
+class ParticipantState(BaseModel):
+    """SECRET: everything a participant keeps across restarts (its journal entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ledgers: dict[str, PrivacyLedger] = {}
+    rounds: dict[str, RoundSecrets] = {}
+    finished: dict[str, msg.UnmaskReply] = {}
+
+
+_AD = b"tributary training participant"
+
+
+def seal_state(state: ParticipantState, key: bytes) -> bytes:
+    """The state encrypted at rest (ChaCha20-Poly1305 under a key kept elsewhere)."""
     nonce = secrets.token_bytes(12)
-    return nonce + ChaCha20Poly1305(key).encrypt(nonce, secrets_.model_dump_json().encode(),
-                                                 b"tributary training round")
+    return nonce + ChaCha20Poly1305(key).encrypt(nonce, state.model_dump_json().encode(), _AD)
 
 
-def unseal(blob: bytes, key: bytes) -> RoundSecrets:
+def open_state(blob: bytes, key: bytes) -> ParticipantState:
     try:
-        plain = ChaCha20Poly1305(key).decrypt(blob[:12], blob[12:], b"tributary training round")
+        plain = ChaCha20Poly1305(key).decrypt(blob[:12], blob[12:], _AD)
     except InvalidTag as exc:
-        raise SecAggRefused("sealed round state fails authentication") from exc
-    return RoundSecrets.model_validate_json(plain)
+        raise SecAggRefused("sealed training state fails authentication") from exc
+    return ParticipantState.model_validate_json(plain)
 
 
 @dataclass
@@ -110,6 +123,12 @@ class TrainingParticipant:
     rounds: dict[str, RoundSecrets] = field(default_factory=dict)
     #: Answers of finished rounds (no secrets): a redelivered unmask request gets the same.
     finished: dict[str, msg.UnmaskReply] = field(default_factory=dict)
+
+    def state(self) -> ParticipantState:
+        return ParticipantState(ledgers=self.ledgers, rounds=self.rounds, finished=self.finished)
+
+    def restore(self, state: ParticipantState) -> None:
+        self.ledgers, self.rounds, self.finished = state.ledgers, state.rounds, state.finished
 
     def on_round_open(self, message: msg.RoundOpen,
                       global_parameters: Mapping[str, np.ndarray]) -> msg.Join:

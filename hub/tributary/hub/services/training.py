@@ -57,7 +57,8 @@ class StudySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
-    algorithm: str = Field(pattern=r"^[^@\s]+@sha256:[0-9a-f]{64}$")
+    #: The training image pinned by digest (``repository@sha256:...``, or a local image id).
+    algorithm: str = Field(pattern=r"^([^@\s]+@)?sha256:[0-9a-f]{64}$")
     spokes: list[str] = Field(min_length=2)
     strategy: str = Field("fedavg", pattern="^(fedavg|fedprox)$")
     proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
@@ -171,7 +172,8 @@ def round_open_message(study: TrainingStudy, row: TrainingRound, model: msg.Obje
     state = ServerState.model_validate(row.secagg)
     return msg.RoundOpen(
         study_id=study.id, round_index=row.round_index, attempt=row.attempt,
-        secagg=state.config, global_model=model, global_model_signature=model_signature,
+        algorithm=study.algorithm, secagg=state.config, global_model=model,
+        global_model_signature=model_signature,
         protection=msg.ProtectionSettings(
             clip_bound=study.clip_bound, noise_multiplier=study.noise_multiplier,
             delta=study.delta, quantisation=quantisation_for(study, len(row.participants))),

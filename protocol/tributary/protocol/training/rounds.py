@@ -76,6 +76,8 @@ class RoundOpen(_Message):
     study_id: str = Field(max_length=128)
     round_index: int = Field(ge=0)
     attempt: int = Field(ge=1)
+    #: The training image, pinned by digest: the spoke runs only the one it approved.
+    algorithm: str = Field(max_length=512)
     secagg: RoundConfig
     global_model: ObjectRef
     #: The hub's signature over the global model's digest (hex Ed25519 / DSSE, transport's).
