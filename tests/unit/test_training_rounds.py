@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
 from sqlmodel import Session, select
@@ -173,6 +174,13 @@ def plain_round(params: Mapping[str, np.ndarray], spokes: list[str]) -> np.ndarr
     return np.average(deltas, axis=0, weights=weights)
 
 
+def independent_epsilon(rounds: int, z: float, delta: float) -> float:
+    """dp-accounting directly: a Gaussian mechanism of sensitivity 2C and sigma zC per round."""
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(z / 2), rounds)
+    return accountant.get_epsilon(delta)
+
+
 def noise_tolerance(z: float, clip: float, spokes: list[str]) -> float:
     """Six standard deviations of the noise in the weighted mean (sigma = zC per spoke)."""
     weight = sum(len(SITES[s][1]) for s in spokes) / max(len(SITES[s][1]) for s in spokes)
@@ -214,7 +222,7 @@ def test_rounds_train_a_model_close_to_plain_fedavg_and_central(tmp_path: Path) 
         assert study.state == "finished"
         rows = session.exec(select(TrainingRound)).all()
         assert [r.epsilon_cumulative for r in rows] == pytest.approx(
-            [epsilon_after(i + 1, 0.01, 1e-5) for i in range(4)])
+            [independent_epsilon(i + 1, 0.01, 1e-5) for i in range(4)])
         actions = [e.action for e in session.exec(select(AuditEvent))]
         assert actions.count("training.round_aggregated") == 4
         assert "training.finished" in actions
