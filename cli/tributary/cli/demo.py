@@ -15,6 +15,12 @@ console = Console()
 
 
 def demo(
+    kind: Annotated[str, typer.Argument(help="validation (one study run per case) or "
+                                             "training (a federated training study).")
+                    ] = "validation",
+    report: Annotated[Path | None, typer.Option(help="training: write the JSON report here."
+                                                )] = None,
+    rounds: Annotated[int, typer.Option(help="training: rounds of the study.")] = 4,
     cases: Annotated[str, typer.Option(help="Cases per spoke, comma-separated.")] = "12,10,8",
     hub_port: int = 8000,
     wait: Annotated[bool, typer.Option(help="Keep the federation running afterwards so the "
@@ -36,6 +42,12 @@ def demo(
         "started here) instead of the Docker engine."))] = False,
 ) -> None:
     """Run a whole federation here: services, hub, three spokes, one study, results."""
+    if kind == "training":
+        _training(workdir, report, wait, rounds)
+        return
+    if kind != "validation":
+        console.print(f"[red]No demo {kind!r}: validation or training.[/]")
+        raise typer.Exit(2)
     try:
         from tributary.testbed.demo import run_demo
     except ModuleNotFoundError as exc:
@@ -65,6 +77,20 @@ def demo(
                if containers else None)
     run_demo(counts, hub_port=hub_port, wait=wait, workdir=workdir, console=console,
              containers=compose, hosts=hosts, podman=podman)
+
+
+def _training(workdir: Path | None, report: Path | None, wait: bool, rounds: int) -> None:
+    try:
+        from tributary.testbed.training_demo import main
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("tributary.testbed"):
+            raise
+        console.print("[red]The training demo needs a source checkout (tributary-testbed).[/]")
+        raise typer.Exit(1) from None
+    stop_on_signals()
+    result = main(workdir, report, wait, rounds, say=console.print)
+    if result["state"] != "finished":
+        raise typer.Exit(1)
 
 
 def _interrupt(signum: int, _frame: object) -> None:

@@ -406,3 +406,63 @@ class SignInFailure(SQLModel, table=True):
     key: str
     #: Seconds since the epoch (wall clock: shared by processes, unlike a monotonic one).
     at: float = Field(index=True)
+
+
+class TrainingStudy(SQLModel, table=True):
+    """A federated training study: the settings a coordinator launched it with, the
+    current global model and the study's privacy ledger (one per spoke, JSON)."""
+
+    id: str = Field(primary_key=True)
+    name: str
+    #: The training image, pinned (``repository@sha256:...``).
+    algorithm: str
+    strategy: str = "fedavg"  # fedavg | fedprox
+    proximal_mu: float = 0.0
+    rounds: int
+    min_participants: int
+    round_deadline_s: float
+    max_attempts: int = 3
+    clip_bound: float
+    noise_multiplier: float
+    epsilon_budget: float
+    delta: float
+    spokes: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    #: Digest of the current global model in the object store (None until initialised).
+    global_model: str | None = None
+    #: running | finished | stopped_budget | failed
+    state: str = "running"
+    stop_reason: str | None = None
+    #: Spoke id -> PrivacyLedger JSON.
+    ledgers: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_by: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
+class TrainingRound(SQLModel, table=True):
+    """One attempt of one round. ``secagg`` holds the hub's SecAgg+ state (no spoke
+    secret, no vector: masked vectors are in the object store, named by digest)."""
+
+    __table_args__ = (UniqueConstraint("study_id", "round_index", "attempt"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    study_id: str = Field(foreign_key="trainingstudy.id", index=True)
+    round_index: int
+    attempt: int = 1
+    round_id: str = Field(unique=True)
+    #: keys | shares | masked | consistency | unmask | aggregated | retried | failed
+    stage: str = "keys"
+    stage_deadline: datetime
+    participants: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    secagg: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    #: Spoke id -> sample count it announced when joining.
+    num_examples: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON))
+    #: Spoke id -> object digest of its masked vector.
+    uploads: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
+    global_model_in: str | None = None
+    global_model_out: str | None = None
+    epsilon_cumulative: float | None = None
+    mean_loss: float | None = None
+    outcome_reason: str | None = None
+    opened_at: datetime = Field(default_factory=utcnow)
+    closed_at: datetime | None = None

@@ -1,0 +1,341 @@
+"""Training studies: the hub's durable round state machine.
+
+A round attempt moves ``keys -> shares -> masked -> consistency -> unmask -> aggregated``;
+a stage closes when every spoke it waits for answered or at its deadline with whoever
+did. A stage that cannot close (too few spokes for the minimum or the SecAgg+ threshold)
+ends the attempt as ``retried`` and opens the next attempt of the same round, until the
+study's ``max_attempts`` (then the study ``failed``). Every decision is audited. The
+SecAgg+ server state is written back to the round's row after every call, in the caller's
+transaction, so a hub restart resumes where the last commit left it, and a redelivered
+message is idempotent (``SecAggServer.receive_*``).
+
+The hub never holds a spoke's vector: masked vectors are loaded from the object store
+through the ``load`` callable only when the sum is computed, and not stored.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+from sqlmodel import Session, select
+
+from tributary.hub.models import TrainingRound, TrainingStudy, utcnow
+from tributary.hub.services import audit
+from tributary.protocol.training import rounds as msg
+from tributary.protocol.training.privacy import (
+    PrivacyLedger,
+    RoundCharge,
+    study_epsilon,
+)
+from tributary.protocol.training.secagg import (
+    SecAggError,
+    SecAggServer,
+    ServerState,
+    make_round_config,
+)
+from tributary.protocol.training.update import (
+    Quantisation,
+    coordinate_range_for,
+    dequantise_sum,
+)
+
+ACTOR = "hub:training"
+
+
+class TrainingError(ValueError):
+    """A request the state machine refuses (unknown round, wrong stage...)."""
+
+
+class StudySpec(BaseModel):
+    """What a coordinator launches a training study with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    #: The training image pinned by digest (``repository@sha256:...``, or a local image id).
+    algorithm: str = Field(pattern=r"^([^@\s]+@)?sha256:[0-9a-f]{64}$")
+    spokes: list[str] = Field(min_length=2)
+    strategy: str = Field("fedavg", pattern="^(fedavg|fedprox)$")
+    proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
+    rounds: int = Field(ge=1, le=10_000)
+    min_participants: int = Field(2, ge=2)
+    round_deadline_s: float = Field(600.0, gt=0, allow_inf_nan=False)
+    max_attempts: int = Field(3, ge=1, le=100)
+    clip_bound: float = Field(gt=0, allow_inf_nan=False)
+    noise_multiplier: float = Field(gt=0, allow_inf_nan=False)
+    epsilon_budget: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+    #: Digest of the initial global model, already in the object store.
+    initial_model: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+
+
+def launch(session: Session, spec: StudySpec, actor: str) -> TrainingStudy:
+    """Create the study (rounds are opened by :func:`open_round`)."""
+    if spec.min_participants > len(set(spec.spokes)):
+        raise TrainingError("min_participants exceeds the study's spokes")
+    study = TrainingStudy(
+        id=f"ts-{secrets.token_hex(6)}", name=spec.name, algorithm=spec.algorithm,
+        strategy=spec.strategy, proximal_mu=spec.proximal_mu, rounds=spec.rounds,
+        min_participants=spec.min_participants, round_deadline_s=spec.round_deadline_s,
+        max_attempts=spec.max_attempts, clip_bound=spec.clip_bound,
+        noise_multiplier=spec.noise_multiplier, epsilon_budget=spec.epsilon_budget,
+        delta=spec.delta, spokes=sorted(set(spec.spokes)), global_model=spec.initial_model,
+        ledgers={}, created_by=actor,
+    )
+    session.add(study)
+    audit.record(session, actor, "training.launch", study.id,
+                 **spec.model_dump(exclude={"name"}))
+    return study
+
+
+def quantisation_for(study: TrainingStudy, participants: int) -> Quantisation:
+    sigma = study.noise_multiplier * study.clip_bound
+    return Quantisation(bits=32, coordinate_range=coordinate_range_for(study.clip_bound, sigma),
+                        max_summands=participants)
+
+
+def _ledgers(study: TrainingStudy) -> dict[str, PrivacyLedger]:
+    return {s: PrivacyLedger.model_validate(v) for s, v in (study.ledgers or {}).items()}
+
+
+def study_epsilon_now(study: TrainingStudy) -> float:
+    return study_epsilon(_ledgers(study))
+
+
+def _charge(study: TrainingStudy) -> RoundCharge:
+    return RoundCharge(noise_multiplier=study.noise_multiplier)
+
+
+def _finish(session: Session, study: TrainingStudy, state: str, reason: str) -> None:
+    study.state, study.stop_reason, study.finished_at = state, reason, utcnow()
+    session.add(study)
+    audit.record(session, ACTOR, f"training.{state}", study.id, reason=reason)
+
+
+def rounds_of(session: Session, study_id: str) -> list[TrainingRound]:
+    return list(session.exec(select(TrainingRound).where(TrainingRound.study_id == study_id)
+                             .order_by(TrainingRound.round_index, TrainingRound.attempt)))
+
+
+def current_round(session: Session, study: TrainingStudy) -> TrainingRound | None:
+    rows = rounds_of(session, study.id)
+    return rows[-1] if rows else None
+
+
+def open_round(session: Session, study: TrainingStudy, vector_length: int,
+               round_index: int, attempt: int = 1,
+               now: datetime | None = None) -> TrainingRound | None:
+    """Open an attempt of round ``round_index`` on all the study's spokes, or stop the study
+    if one more round would exceed its epsilon budget (every participant is charged the
+    same, so the study's figure is that of the spoke that joined most)."""
+    now = now or utcnow()
+    if study.state != "running":
+        raise TrainingError(f"study {study.id} is {study.state}")
+    if round_index >= study.rounds:
+        _finish(session, study, "finished", f"{study.rounds} rounds done")
+        return None
+    ledgers = _ledgers(study)
+    worst = max(ledgers.values(), key=lambda ledger: len(ledger.charges), default=None)
+    next_epsilon = (worst or PrivacyLedger(delta=study.delta)).epsilon_if(_charge(study))
+    if next_epsilon > study.epsilon_budget:
+        _finish(session, study, "stopped_budget",
+                f"round {round_index} would spend epsilon {next_epsilon:.4f} > budget "
+                f"{study.epsilon_budget}")
+        return None
+    round_id = f"{study.id}-r{round_index}-a{attempt}"
+    config = make_round_config(round_id, list(study.spokes), bits=32,
+                               vector_length=vector_length)
+    row = TrainingRound(
+        study_id=study.id, round_index=round_index, attempt=attempt, round_id=round_id,
+        stage="keys", stage_deadline=now + timedelta(seconds=study.round_deadline_s),
+        participants=list(config.participants),
+        secagg=SecAggServer.start(config).state.model_dump(mode="json"),
+        num_examples={}, uploads={}, global_model_in=study.global_model, opened_at=now,
+    )
+    session.add(row)
+    audit.record(session, ACTOR, "training.round_open", round_id,
+                 participants=row.participants, threshold=config.threshold,
+                 global_model=study.global_model)
+    return row
+
+
+def round_open_message(study: TrainingStudy, row: TrainingRound, model: msg.ObjectRef,
+                       model_signature: str, upload_for: Callable[[str], str],
+                       spoke: str) -> msg.RoundOpen:
+    """The message that opens ``row`` for ``spoke`` (``upload_for`` gives the spoke's
+    presigned upload location for this round)."""
+    state = ServerState.model_validate(row.secagg)
+    return msg.RoundOpen(
+        study_id=study.id, round_index=row.round_index, attempt=row.attempt,
+        algorithm=study.algorithm, secagg=state.config, global_model=model,
+        global_model_signature=model_signature,
+        protection=msg.ProtectionSettings(
+            clip_bound=study.clip_bound, noise_multiplier=study.noise_multiplier,
+            delta=study.delta, quantisation=quantisation_for(study, len(row.participants))),
+        strategy=study.strategy, proximal_mu=study.proximal_mu, upload=upload_for(spoke),
+    )
+
+
+def _server(row: TrainingRound) -> SecAggServer:
+    return SecAggServer(ServerState.model_validate(row.secagg))
+
+
+def _save(session: Session, row: TrainingRound, server: SecAggServer) -> None:
+    row.secagg = server.state.model_dump(mode="json")
+    session.add(row)
+
+
+def receive(session: Session, row: TrainingRound, message: msg.TrainingFromSpoke,
+            sender: str) -> None:
+    """Apply one spoke message (``sender``: the transport-authenticated spoke id, which
+    must be the message's own sender). Idempotent for a redelivered message."""
+    if row.stage in ("aggregated", "retried", "failed"):
+        raise TrainingError(f"round {row.round_id} is closed ({row.stage})")
+    server = _server(row)
+    inner: Any = {msg.Join: lambda m: m.advert, msg.Shares: lambda m: m.bundle,
+                  msg.Masked: lambda m: m.masked, msg.Signature: lambda m: m.signature,
+                  msg.UnmaskReply: lambda m: m.response}[type(message)](message)
+    if inner.sender != sender:
+        raise TrainingError(f"message names {inner.sender} but came from {sender}")
+    if isinstance(message, msg.Join):
+        server.receive_keys(message.advert)
+        row.num_examples = {**row.num_examples, sender: message.num_examples}
+    elif isinstance(message, msg.Shares):
+        server.receive_shares(message.bundle)
+    elif isinstance(message, msg.Masked):
+        if message.upload.digest != f"sha256:{message.masked.sha256}":
+            raise TrainingError(f"{sender}'s upload digest differs from its masked input")
+        server.receive_masked(message.masked)
+        row.uploads = {**row.uploads, sender: message.upload.location}
+    elif isinstance(message, msg.Signature):
+        server.receive_signature(message.signature)
+    else:
+        server.receive_unmask(message.response)
+    _save(session, row, server)
+
+
+def _waiting_for(server: SecAggServer) -> tuple[set[str], set[str]]:
+    """(expected, answered) of the open stage."""
+    s = server.state
+    return {
+        "keys": (set(s.config.participants), set(s.keys)),
+        "shares": (set(s.keys), set(s.bundles)),
+        "masked": (set(s.bundles), set(s.masked)),
+        "consistency": (set(s.survivors), set(s.signatures)),
+        "unmask": (set(s.signatures), set(s.responses)),
+    }[s.stage.value]
+
+
+def ready(row: TrainingRound, now: datetime | None = None) -> bool:
+    """True if the open stage may close: everyone answered, or its deadline passed."""
+    if row.stage not in ("keys", "shares", "masked", "consistency", "unmask"):
+        return False
+    expected, answered = _waiting_for(_server(row))
+    deadline = row.stage_deadline
+    now = now or utcnow()
+    if deadline.tzinfo is None:  # SQLite hands back naive UTC
+        now = now.replace(tzinfo=None)
+    return expected <= answered or now >= deadline
+
+
+def _retry(session: Session, study: TrainingStudy, row: TrainingRound, reason: str,
+           now: datetime) -> None:
+    row.stage, row.outcome_reason, row.closed_at = "retried", reason, now
+    session.add(row)
+    audit.record(session, ACTOR, "training.round_retried", row.round_id, stage_reason=reason)
+    if row.attempt >= study.max_attempts:
+        _finish(session, study, "failed",
+                f"round {row.round_index} failed {row.attempt} attempts: {reason}")
+
+
+def advance(session: Session, study: TrainingStudy, row: TrainingRound,
+            load: Callable[[str], np.ndarray], vector_length: int,
+            now: datetime | None = None) -> tuple[list[tuple[str, BaseModel]], np.ndarray | None]:
+    """Close the open stage if :func:`ready`. Returns the messages to send (receiver,
+    message) and, when the round is aggregated, the weighted mean update. ``load(location)``
+    reads a masked vector from the object store."""
+    now = now or utcnow()
+    if not ready(row, now):
+        return [], None
+    server = _server(row)
+    stage = row.stage
+    out: list[tuple[str, BaseModel]] = []
+    try:
+        if stage == "keys":
+            joined = server.close_keys()
+            if len(joined) < study.min_participants:
+                raise SecAggError(f"{len(joined)} spokes joined, minimum is "
+                                  f"{study.min_participants}")
+            ref = max(row.num_examples[s] for s in joined)
+            out = [(s, msg.Keys(keys=server.keys_for(s), weight_reference=ref)) for s in joined]
+        elif stage == "shares":
+            out = [(s, msg.Delivery(delivery=server.shares_for(s)))
+                   for s in server.close_shares()]
+        elif stage == "masked":
+            out = [(r.receiver, msg.Consistency(request=r)) for r in server.close_masking()]
+        elif stage == "consistency":
+            out = [(r.receiver, msg.Unmask(request=r)) for r in server.close_consistency()]
+        else:
+            return [], _aggregate(session, study, row, server, load, now)
+    except SecAggError as exc:
+        _retry(session, study, row, f"{stage}: {exc}", now)
+        return [], None
+    row.stage = server.state.stage.value
+    row.stage_deadline = now + timedelta(seconds=study.round_deadline_s)
+    _save(session, row, server)
+    audit.record(session, ACTOR, "training.stage_closed", row.round_id, stage=stage,
+                 next_stage=row.stage, answered=sorted(_answered_at(server, stage)))
+    return out, None
+
+
+def _answered_at(server: SecAggServer, stage: str) -> set[str]:
+    s = server.state
+    return set({"keys": s.keys, "shares": s.bundles, "masked": s.masked,
+                "consistency": s.signatures}.get(stage, {}))
+
+
+def _aggregate(session: Session, study: TrainingStudy, row: TrainingRound,
+               server: SecAggServer, load: Callable[[str], np.ndarray],
+               now: datetime) -> np.ndarray | None:
+    """Unmask the sum, divide by the survivors' weights (FedAvg by sample count), charge
+    every spoke that joined the round, and close the round."""
+    try:
+        result = server.aggregate(lambda sender: load(row.uploads[sender]))
+    except SecAggError as exc:
+        _retry(session, study, row, f"unmask: {exc}", now)
+        return None
+    q = quantisation_for(study, len(row.participants))
+    total = dequantise_sum(result.total, q, len(result.survivors))
+    joined = sorted(server.state.keys)
+    ref = max(row.num_examples[s] for s in joined)
+    weight = sum(row.num_examples[s] / ref for s in result.survivors)
+    mean = total / weight
+    ledgers = _ledgers(study)
+    for spoke in joined:
+        ledger = ledgers.setdefault(spoke, PrivacyLedger(delta=study.delta))
+        ledger.record(_charge(study))
+    study.ledgers = {s: v.model_dump(mode="json") for s, v in ledgers.items()}
+    row.epsilon_cumulative = study_epsilon(ledgers)
+    row.stage, row.closed_at = "aggregated", now
+    _save(session, row, server)
+    session.add(study)
+    audit.record(session, ACTOR, "training.round_aggregated", row.round_id,
+                 survivors=list(result.survivors), dropped=list(result.dropped),
+                 epsilon=row.epsilon_cumulative)
+    return mean
+
+
+def set_global_model(session: Session, study: TrainingStudy, row: TrainingRound,
+                     digest: str) -> None:
+    """Record the next global model (written by the caller to the object store)."""
+    row.global_model_out = digest
+    study.global_model = digest
+    session.add(row)
+    session.add(study)
+    audit.record(session, ACTOR, "training.global_model", study.id, digest=digest,
+                 round=row.round_index)

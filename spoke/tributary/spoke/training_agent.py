@@ -1,0 +1,157 @@
+"""The spoke's training agent: takes the hub's signed round messages from its training
+queue, reads the signed global model from the object store (checked against its digest),
+runs the approved training image in the sandbox (no network, global model read-only),
+protects and masks the update (:mod:`tributary.spoke.training`), writes the masked vector
+to this round's own object and answers each stage, signed.
+
+Exactly once across restarts: after every message the participant's state is written,
+sealed, to its journal file (atomically) before the message is acknowledged; a message
+redelivered after a crash finds the state it left and gets the same answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tributary.protocol.broker import Delivery, StompClient
+from tributary.protocol.messages import ProtocolError
+from tributary.protocol.objects import ObjectStore
+from tributary.protocol.signing import PublicKey, SigningKey
+from tributary.protocol.training import rounds as msg
+from tributary.protocol.training.secagg import SecAggError
+from tributary.protocol.training.tensors import decode_tensors
+from tributary.protocol.training.transport import (
+    hub_training_queue,
+    open_message,
+    seal_message,
+    spoke_training_queue,
+    verify_model,
+)
+from tributary.protocol.training.update import UpdateError
+from tributary.spoke.training import (
+    LocalResult,
+    TrainingParticipant,
+    TrainingRefused,
+    open_state,
+    seal_state,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DockerTrainer:
+    """Runs the one approved training image, by digest, on the site's cases."""
+
+    image: str
+    site: Any  # tributary_algorithm.tools.localtrain.TrainingSite
+    run_options: Mapping[str, Any]
+
+    def __call__(self, message: msg.RoundOpen, params: Mapping[str, np.ndarray]) -> LocalResult:
+        from tributary_algorithm.tools.localtrain import run_training_task
+        from tributary_algorithm.training import RoundConfig
+
+        if message.algorithm != self.image:
+            raise TrainingRefused(f"study asks for {message.algorithm}, this site approved "
+                                  f"{self.image}")
+        config = RoundConfig(round=message.round_index + 1, task="fit",
+                             study_id=message.study_id, strategy=message.strategy,
+                             proximal_mu=message.proximal_mu,
+                             seed=int.from_bytes(os.urandom(4), "big"))
+        result = run_training_task(self.image, self.site, config, dict(params),
+                                   **self.run_options)
+        if not result.ok or result.parameters is None or result.output is None:
+            raise TrainingRefused(f"training run failed: {result.problem}")
+        return LocalResult(result.parameters, int(result.output["num_examples"]),
+                           result.output.get("loss"))
+
+
+class TrainingAgent:
+    def __init__(self, spoke_id: str, broker: StompClient, store: ObjectStore,
+                 key: SigningKey, hub_key: PublicKey, trainer: DockerTrainer,
+                 federation: str, journal: Path, journal_key: bytes,
+                 caps: Mapping[str, float] | None = None) -> None:
+        self.spoke_id, self.broker, self.store, self.key = spoke_id, broker, store, key
+        self.hub_key, self.federation = hub_key, federation
+        self.journal, self.journal_key = journal, journal_key
+        self.participant = TrainingParticipant(me=spoke_id, train=trainer, upload=self._upload,
+                                               caps=dict(caps or {}))
+        if journal.exists():
+            self.participant.restore(open_state(journal.read_bytes(), journal_key))
+        self.refused: list[str] = []
+        #: The broker's receiving thread only queues; a worker trains and answers (a
+        #: publish waits for the broker's receipt, which that thread delivers).
+        self._inbox: queue.Queue[Delivery | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name=f"training-{spoke_id}",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._worker.start()
+        self.broker.subscribe(spoke_training_queue(self.spoke_id, self.federation),
+                              self._inbox.put)
+
+    def stop(self) -> None:
+        self._inbox.put(None)
+        self._worker.join(timeout=30)
+
+    def _work(self) -> None:
+        while (delivery := self._inbox.get()) is not None:
+            try:
+                self._on_message(delivery)
+            except Exception:  # left unacked: the broker redelivers it
+                log.exception("%s: training message left for redelivery", self.spoke_id)
+
+    def _upload(self, location: str, data: bytes) -> msg.ObjectRef:
+        self.store.put(location, data)
+        return msg.ObjectRef(digest="sha256:" + hashlib.sha256(data).hexdigest(),
+                             location=location, size=len(data))
+
+    def _global_model(self, message: msg.RoundOpen) -> dict[str, np.ndarray]:
+        verify_model(message.global_model_signature, message.global_model.digest, self.hub_key)
+        data = self.store.get(message.global_model.location)
+        if "sha256:" + hashlib.sha256(data).hexdigest() != message.global_model.digest:
+            raise ProtocolError("the global model in the store does not match its digest")
+        return decode_tensors(data)
+
+    def _save(self) -> None:
+        blob = seal_state(self.participant.state(), self.journal_key)
+        fd, tmp = tempfile.mkstemp(dir=self.journal.parent, prefix=".training-")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.journal)
+
+    def _on_message(self, delivery: Delivery) -> None:
+        try:
+            _hub, message = open_message(delivery.body, {"hub": self.hub_key},
+                                         msg.decode_training_from_hub)
+            p = self.participant
+            if isinstance(message, msg.RoundOpen):
+                reply: Any = p.on_round_open(message, self._global_model(message))
+            elif isinstance(message, msg.Keys):
+                reply = p.on_keys(message)
+            elif isinstance(message, msg.Delivery):
+                reply = p.on_delivery(message)
+            elif isinstance(message, msg.Consistency):
+                reply = p.on_consistency(message)
+            else:
+                reply = p.on_unmask(message)
+            self._save()
+            self.broker.publish(hub_training_queue(self.federation),
+                                seal_message(self.key, reply))
+        except (ProtocolError, SecAggError, TrainingRefused, UpdateError, KeyError) as exc:
+            log.warning("%s refused a training message: %s", self.spoke_id, exc)
+            self.refused.append(str(exc))
+        self.broker.ack(delivery)
