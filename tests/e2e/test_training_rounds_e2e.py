@@ -100,7 +100,7 @@ def test_a_training_study_over_broker_store_and_docker(
     # The hub's rows hold digests and locations, never a vector; each stored masked
     # vector on its own is nowhere near that spoke's real update (recomputed here).
     assert "weights" not in stored
-    global_in = coordinator.history[study_id][last.round_index]
+    global_in = coordinator.global_model_at(study_id, last.round_index)
     schema = schema_of(global_in)
     reals = []
     for n, s in enumerate(SPOKES):

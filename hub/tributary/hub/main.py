@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from tributary.hub import __version__, worker
+from tributary.hub import __version__, training_coordinator, worker
 from tributary.hub.api import (
     algorithms,
     audit,
@@ -28,6 +28,7 @@ from tributary.hub.api import (
     registry,
     results,
     spokes,
+    training,
 )
 from tributary.hub.consumer import ResultsConsumer
 from tributary.hub.db import make_engine, upgrade_schema
@@ -92,7 +93,13 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         if settings.consume_results:
             ResultsConsumer(engine, broker, key, settings).start()
         debouncer = debounce.start(settings, engine)  # stale aggregates, off the consumer
+        trainer = (training_coordinator.from_settings(settings, engine, broker, key)
+                   if settings.run_training else None)
+        if trainer is not None:
+            trainer.serve(settings.training_poll_seconds)  # resumes every open study
         yield
+        if trainer is not None:
+            trainer.stop()
         debouncer.stop()
         broker.close()
         engine.dispose()
@@ -105,7 +112,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     for router in (events.router, spokes.router, algorithms.router, experiments.router,
                    results.router, audit.router, audit.quarantine_router,
                    algorithms.publishers_router, auth.router, people.router, counts.router,
-                   deadletters.router, registry.router):
+                   deadletters.router, registry.router, training.router):
         app.include_router(router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

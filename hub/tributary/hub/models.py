@@ -462,6 +462,8 @@ class TrainingRound(SQLModel, table=True):
     num_examples: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON))
     #: Spoke id -> object digest of its masked vector.
     uploads: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
+    #: Spoke id -> the local training loss it announced when joining (if any).
+    losses: dict[str, float] | None = Field(default_factory=dict, sa_column=Column(JSON))
     global_model_in: str | None = None
     global_model_out: str | None = None
     epsilon_cumulative: float | None = None

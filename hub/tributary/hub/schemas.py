@@ -265,3 +265,98 @@ class CountRead(BaseModel):
                                                   "number (suppressed cells count as k-1).")
     total_text: str = Field(description="The total as people should read it: '42' or "
                                         "'at least 37'.")
+
+
+#: The largest initial model a launch may carry inline (safetensors, before base64).
+MAX_INITIAL_MODEL_BYTES = 64 * 1024 * 1024
+
+
+class TrainingStudyCreate(BaseModel):
+    """A training study as a coordinator launches it: the settings of
+    ``services.training.StudySpec`` and the initial global model (a safetensors file,
+    base64), which the hub checks as hostile input, stores content-addressed and signs."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(min_length=1, max_length=200)
+    algorithm: str = Field(pattern=r"^([^@\s]+@)?sha256:[0-9a-f]{64}$",
+                           description="The training image pinned by digest.")
+    spokes: list[str] = Field(min_length=2, max_length=1000,
+                              description="Enrolled, active spokes that take part.")
+    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
+    rounds: int = Field(ge=1, le=10_000)
+    min_participants: int = Field(2, ge=2)
+    round_deadline_s: float = Field(600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
+    max_attempts: int = Field(3, ge=1, le=100)
+    clip_bound: float = Field(gt=0, allow_inf_nan=False)
+    noise_multiplier: float = Field(gt=0, allow_inf_nan=False)
+    epsilon_budget: float = Field(gt=0, allow_inf_nan=False)
+    delta: float = Field(gt=0, lt=1)
+    initial_model_b64: str = Field(
+        min_length=1, max_length=(MAX_INITIAL_MODEL_BYTES * 4) // 3 + 4,
+        description="The initial global model: a safetensors file, base64.")
+
+    _spokes = field_validator("spokes")(
+        lambda spokes: [validate_spoke_id(s) for s in spokes])
+
+
+class TrainingRoundRead(BaseModel):
+    """One attempt of one round. ``participants``: the spokes invited; ``joined``: those
+    that trained and sent keys (with their sample counts); ``survivors``: those whose masked
+    update is in the sum; ``dropouts``: joined but not in the sum. ``epsilon_round`` is one
+    round's ε for a spoke that joined, ``epsilon_cumulative`` the study's after this round
+    (the spoke that joined most rounds); both at the study's δ."""
+
+    round: int
+    attempt: int
+    round_id: str
+    stage: str
+    stage_deadline: datetime
+    participants: list[str]
+    joined: dict[str, int]
+    survivors: list[str]
+    dropouts: list[str]
+    epsilon_round: float | None
+    epsilon_cumulative: float | None
+    mean_loss: float | None
+    global_model_in: str | None
+    global_model_out: str | None
+    outcome_reason: str | None
+    opened_at: datetime
+    closed_at: datetime | None
+
+
+class TrainingStudyRead(BaseModel):
+    """A training study's settings and state; ``epsilon_spent`` is the study's cumulative
+    ε (its spoke that joined most rounds), ``rounds_done`` the aggregated rounds."""
+
+    id: str
+    name: str
+    algorithm: str
+    strategy: str
+    proximal_mu: float
+    rounds: int
+    min_participants: int
+    round_deadline_s: float
+    max_attempts: int
+    clip_bound: float
+    noise_multiplier: float
+    epsilon_budget: float
+    delta: float
+    spokes: list[str]
+    #: running | finished | stopped_budget | failed
+    state: str
+    stop_reason: str | None
+    global_model: str | None
+    epsilon_spent: float
+    rounds_done: int
+    created_by: str
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class TrainingStudyDetail(TrainingStudyRead):
+    """The study and every round attempt, in order (``round_list``)."""
+
+    round_list: list[TrainingRoundRead]

@@ -26,6 +26,14 @@ class HubSettings(BaseSettings):
     broker_federation: str = "tributary"
     #: Consume the results queue in this process (turn off for an API-only replica).
     consume_results: bool = True
+    #: Run the federated-training round loop in this process (turn off when `tributary hub
+    #: train` runs apart). It runs only if the hub has object-store credentials.
+    run_training: bool = True
+    #: The hub's object-store credentials file (``tributary services`` writes one per
+    #: party beside the federation's CA): where global models and masked updates live.
+    objectstore_credentials: Path | None = None
+    #: How often the training loop looks at open rounds (deadlines, stages to close).
+    training_poll_seconds: float = Field(0.5, gt=0, le=60)
     #: Check at registration that the registry really serves the algorithm's digest.
     verify_registry: bool = True
     #: Creates user ``admin`` with this password on first start, when there is no user yet.

@@ -2,25 +2,41 @@
 SecAgg+ stages between spokes (every message signed), closes stages when everyone answered
 or at the deadline, sums the masked vectors it reads from the store, and writes each next
 global model to the store, content-addressed and signed. The round state itself lives in
-the database (:mod:`tributary.hub.services.training`); this module is its I/O."""
+the database (:mod:`tributary.hub.services.training`); this module is its I/O.
+
+It keeps no state of its own: each pass of the loop (:meth:`TrainingCoordinator.step`)
+derives what to do from the database (``training.next_step``) and reads the global model
+by its digest from the store, so a hub killed at any point resumes every open study when it
+starts again. A round's aggregation, the next global model's row and its object are
+committed together (the object first: it is content-addressed, writing it twice is
+harmless), so a round is never counted twice nor lost. Messages of a stage the hub may have
+committed without sending are sent again once per process (``training.pending_messages``).
+
+The web app runs it as a thread (``TRIBUTARY_HUB_RUN_TRAINING``, on by default, when the
+hub has object-store credentials); ``tributary hub train`` runs it as a process of its
+own (:func:`run`)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from tributary.hub.models import TrainingRound, TrainingStudy
+from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
 from tributary.hub.services import training
+from tributary.hub.services.enrolment import public_key
+from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.messages import ProtocolError
-from tributary.protocol.objects import ObjectStore, global_model_key, round_update_key
+from tributary.protocol.objects import ObjectStore, ObjectStoreError, round_update_key
 from tributary.protocol.signing import PublicKey, SigningKey
 from tributary.protocol.training import rounds as msg
 from tributary.protocol.training.secagg import SecAggError, vector_from_bytes
@@ -35,19 +51,39 @@ from tributary.protocol.training.transport import (
 from tributary.protocol.training.update import flatten, schema_of, unflatten
 
 log = logging.getLogger(__name__)
+#: Global models kept decoded in memory (a cache: the store is the record).
+MODEL_CACHE = 4
+
+
+def enrolled_training_keys(engine: Engine) -> dict[str, PublicKey]:
+    """``"<spoke>/<keyid>" -> key`` for every active key of every spoke not revoked: the
+    parties whose training messages the hub accepts (``open_message`` names the entry)."""
+    with Session(engine) as session:
+        rows = session.exec(select(SpokeKey, Spoke).where(
+            SpokeKey.spoke_id == Spoke.id, col(SpokeKey.revoked_at).is_(None),
+            col(Spoke.revoked_at).is_(None))).all()
+    return {f"{k.spoke_id}/{k.keyid}": public_key(k.public_key_pem) for k, _ in rows}
 
 
 class TrainingCoordinator:
+    """The hub's round loop. ``spoke_keys`` (spoke -> key) pins the spokes' keys; without it
+    the hub trusts the active keys enrolled in its database, read for each message."""
+
     def __init__(self, engine: Engine, broker: StompClient, store: ObjectStore,
-                 key: SigningKey, spoke_keys: Mapping[str, PublicKey], federation: str) -> None:
+                 key: SigningKey, spoke_keys: Mapping[str, PublicKey] | None,
+                 federation: str) -> None:
         self.engine, self.broker, self.store, self.key = engine, broker, store, key
-        self.spoke_keys = dict(spoke_keys)
+        self.spoke_keys = None if spoke_keys is None else {
+            f"{s}/pinned": k for s, k in spoke_keys.items()}
         self.federation = federation
         #: One writer of round rows at a time: the broker's thread and the round loop.
         self._lock = threading.Lock()
         self.refused: list[str] = []
-        #: Study id -> the global model of each round, in order (the first: initial).
-        self.history: dict[str, list[Tensors]] = {}
+        self._models: OrderedDict[str, Tensors] = OrderedDict()
+        #: (round id, stage) whose messages this process has sent.
+        self._sent: set[tuple[str, str]] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.broker.subscribe(hub_training_queue(self.federation), self._on_message)
@@ -57,24 +93,59 @@ class TrainingCoordinator:
     def put_model(self, round_index: int, study_id: str, params: Tensors) -> msg.ObjectRef:
         data = encode_tensors(params)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        key = global_model_key(round_index, f"{study_id}-{digest[7:23]}.safetensors")
-        self.store.put(key, data)
-        return msg.ObjectRef(digest=digest, location=key, size=len(data))
+        location = training.model_location(study_id, round_index, digest)
+        self.store.put(location, data)
+        self._remember(digest, decode_tensors(data))
+        return msg.ObjectRef(digest=digest, location=location, size=len(data))
 
-    def get_model(self, ref: msg.ObjectRef) -> Tensors:
-        data = self.store.get(ref.location)
-        if "sha256:" + hashlib.sha256(data).hexdigest() != ref.digest:
-            raise ProtocolError(f"global model at {ref.location} does not match its digest")
-        return decode_tensors(data)
+    def model(self, study_id: str, round_index: int, digest: str) -> tuple[msg.ObjectRef,
+                                                                             Tensors]:
+        """The global model going into ``round_index``, found by its digest in the store
+        (checked against it)."""
+        location = training.model_location(study_id, round_index, digest)
+        data = self.store.get(location)
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            raise ProtocolError(f"global model at {location} does not match its digest")
+        if digest not in self._models:
+            self._remember(digest, decode_tensors(data))
+        return msg.ObjectRef(digest=digest, location=location, size=len(data)), \
+            self._models[digest]
+
+    def _remember(self, digest: str, params: Tensors) -> None:
+        self._models[digest] = params
+        self._models.move_to_end(digest)
+        while len(self._models) > MODEL_CACHE:
+            self._models.popitem(last=False)
+
+    def global_model_at(self, study_id: str, round_index: int) -> Tensors:
+        """The global model that went into ``round_index`` (the initial one at 0)."""
+        with Session(self.engine) as session:
+            if round_index == 0:
+                study = session.get(TrainingStudy, study_id)
+                digest = None
+                first = training.rounds_of(session, study_id)
+                digest = first[0].global_model_in if first else study.global_model
+            else:
+                done = [r for r in training.rounds_of(session, study_id)
+                        if r.round_index == round_index - 1 and r.stage == "aggregated"]
+                digest = done[0].global_model_out if done else None
+        if digest is None:
+            raise KeyError(f"no global model for round {round_index} of {study_id}")
+        return self.model(study_id, round_index, digest)[1]
 
     # --- messages from spokes --------------------------------------------------------
 
+    def _trusted(self) -> dict[str, PublicKey]:
+        return self.spoke_keys if self.spoke_keys is not None else \
+            enrolled_training_keys(self.engine)
+
     def _on_message(self, delivery: Delivery) -> None:
         try:
-            sender, message = open_message(delivery.body, self.spoke_keys,
-                                           msg.decode_training_from_spoke)
-            self._apply(sender, message)
-        except (ProtocolError, SecAggError, training.TrainingError, KeyError) as exc:
+            party, message = open_message(delivery.body, self._trusted(),
+                                          msg.decode_training_from_spoke)
+            self._apply(party.split("/", 1)[0], message)
+        except (ProtocolError, SecAggError, training.TrainingError, KeyError,
+                ValueError) as exc:
             # Hostile or stale: recorded and dropped, never retried forever.
             log.warning("training message refused: %s", exc)
             self.refused.append(str(exc))
@@ -103,73 +174,169 @@ class TrainingCoordinator:
         self.broker.publish(spoke_training_queue(receiver, self.federation),
                             seal_message(self.key, message))
 
+    @staticmethod
+    def _upload_for(row: TrainingRound):  # type: ignore[no-untyped-def]
+        return lambda s: round_update_key(s, row.round_index, f"{row.round_id}.masked")
+
+    def step(self, study_id: str) -> bool:
+        """One pass for one study: open its next attempt, or send what a restart may have
+        left unsent and close the open stage if it is ready (aggregating the round and
+        storing the next global model). False once the study has ended."""
+        out: list[tuple[str, msg.TrainingFromHub]] = []
+        with self._lock, Session(self.engine) as session:
+            study = session.get(TrainingStudy, study_id)
+            if study is None:
+                raise training.TrainingError(f"no training study {study_id}")
+            nxt = training.next_step(session, study)
+            if nxt.action == "done":
+                return False
+            if nxt.model_digest is None:
+                raise training.TrainingError(f"study {study_id} has no global model")
+            ref, params = self.model(study_id, nxt.model_index, nxt.model_digest)
+            schema = schema_of(params)
+            signature = sign_model(self.key, ref.digest)
+            if nxt.action == "open":
+                row = training.open_round(session, study, schema.size, nxt.round_index,
+                                          nxt.attempt)
+                session.commit()
+                if row is None:
+                    return False
+            else:
+                row = session.exec(select(TrainingRound).where(
+                    TrainingRound.round_id == nxt.round_id)).one()
+            if (row.round_id, row.stage) not in self._sent:
+                out = training.pending_messages(study, row, ref, signature,
+                                                self._upload_for(row))
+                self._sent.add((row.round_id, row.stage))
+        for receiver, message in out:
+            self._send(receiver, message)
+        if nxt.action == "open":
+            return True
+        return self._advance(study_id, row.round_id, params)
+
+    def _advance(self, study_id: str, round_id: str, params: Tensors) -> bool:
+        schema = schema_of(params)
+        with self._lock, Session(self.engine) as session:
+            study = session.get(TrainingStudy, study_id)
+            row = session.exec(select(TrainingRound).where(
+                TrainingRound.round_id == round_id)).one()
+            out, mean = training.advance(
+                session, study, row,
+                lambda location: vector_from_bytes(self.store.get(location), 32, schema.size),
+                schema.size)
+            if mean is not None:
+                new = unflatten(flatten(params, schema) + mean, schema)
+                ref = self.put_model(row.round_index + 1, study_id, new)
+                training.set_global_model(session, study, row, ref.digest)
+            session.commit()
+            self._sent.add((row.round_id, row.stage))
+            running = study.state == "running"
+        for receiver, message in out:
+            self._send(receiver, message)
+        return running
+
     def run(self, study_id: str, initial: Tensors, poll_s: float = 0.2,
             timeout_s: float = 3600.0) -> tuple[TrainingStudy, Tensors]:
-        """Drive ``study_id`` from its first round to its end; returns the final study and
-        its last global model."""
+        """Store ``initial`` as the study's first global model and drive the study to its
+        end in this thread; returns the final study and its last global model."""
         params = {k: np.asarray(v) for k, v in initial.items()}
-        schema = schema_of(params)
-        index, attempt = 0, 1
         ref = self.put_model(0, study_id, params)
-        self.history[study_id] = [params]
         with self._lock, Session(self.engine) as session:
             study = session.get(TrainingStudy, study_id)
             study.global_model = ref.digest
             session.add(study)
             session.commit()
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock, Session(self.engine) as session:
-                study = session.get(TrainingStudy, study_id)
-                row = training.open_round(session, study, schema.size, index, attempt)
-                session.commit()
-                if row is None:
-                    session.refresh(study)
-                    return study, params
-                signature = sign_model(self.key, ref.digest)
-                opens = [training.round_open_message(
-                    study, row, ref, signature,
-                    lambda s, r=row: round_update_key(s, r.round_index, f"{r.round_id}.masked"),
-                    s) for s in row.participants]
-                round_id = row.round_id
-            for spoke, message in zip(row.participants, opens, strict=True):
-                self._send(spoke, message)
-            mean = self._drive(round_id, schema.size, poll_s, deadline)
-            with self._lock, Session(self.engine) as session:
-                study = session.get(TrainingStudy, study_id)
-                row = session.exec(select(TrainingRound).where(
-                    TrainingRound.round_id == round_id)).one()
-                if mean is None:  # retried (or the study failed)
-                    attempt += 1
-                    if study.state != "running":
-                        return study, params
-                    continue
-                vector = flatten(params, schema) + mean
-                params = unflatten(vector, schema)
-                index, attempt = index + 1, 1
-                ref = self.put_model(index, study_id, params)
-                self.history[study_id].append(params)
-                training.set_global_model(session, study, row, ref.digest)
-                session.commit()
-        raise TimeoutError(f"study {study_id} did not end within {timeout_s} s")
-
-    def _drive(self, round_id: str, length: int, poll_s: float,
-               deadline: float) -> np.ndarray | None:
-        """Close stages as they become ready until the round is aggregated or retried."""
-        while time.monotonic() < deadline:
-            with self._lock, Session(self.engine) as session:
-                row = session.exec(select(TrainingRound).where(
-                    TrainingRound.round_id == round_id)).one()
-                study = session.get(TrainingStudy, row.study_id)
-                out, mean = training.advance(
-                    session, study, row,
-                    lambda location: vector_from_bytes(self.store.get(location), 32, length),
-                    length)
-                session.commit()
-                stage = row.stage
-            for receiver, message in out:
-                self._send(receiver, message)
-            if stage in ("aggregated", "retried", "failed"):
-                return mean
+        while self.step(study_id):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"study {study_id} did not end within {timeout_s} s")
             time.sleep(poll_s)
-        raise TimeoutError(f"round {round_id} did not end in time")
+        with Session(self.engine) as session:
+            study = session.get(TrainingStudy, study_id)
+            return study, self.model(study_id, *self._last_model(session, study))[1]
+
+    @staticmethod
+    def _last_model(session: Session, study: TrainingStudy) -> tuple[int, str]:
+        done = [r for r in training.rounds_of(session, study.id) if r.stage == "aggregated"]
+        if done:
+            return done[-1].round_index + 1, done[-1].global_model_out or ""
+        return 0, study.global_model or ""
+
+    # --- the hub service ---------------------------------------------------------------
+
+    def running_studies(self) -> list[str]:
+        with Session(self.engine) as session:
+            return list(session.exec(select(TrainingStudy.id).where(
+                TrainingStudy.state == "running").order_by(TrainingStudy.created_at)))
+
+    def step_all(self) -> None:
+        """One pass over every running study; a study that fails a pass (the store
+        unreachable, a model that does not match its digest) is logged and tried again
+        on the next pass, never stopping the others."""
+        for study_id in self.running_studies():
+            try:
+                self.step(study_id)
+            except (ProtocolError, ObjectStoreError, SecAggError, training.TrainingError,
+                    KeyError, ValueError) as exc:
+                log.warning("training study %s: %s", study_id, exc)
+
+    def serve(self, poll_s: float = 0.5) -> TrainingCoordinator:
+        """Subscribe and run the loop in a thread until :meth:`stop`."""
+        self.start()
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.step_all()
+                except Exception:  # a database fault: the next pass tries again
+                    log.exception("training loop")
+                self._stop.wait(poll_s)
+
+        self._thread = threading.Thread(target=loop, name="hub-training", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+def from_settings(settings: HubSettings, engine: Engine, broker: StompClient,
+                  key: SigningKey) -> TrainingCoordinator | None:
+    """The hub's coordinator, or None when the hub has no object store configured."""
+    if settings.objectstore_credentials is None:
+        log.info("no object store credentials (TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS): "
+                 "federated training is off")
+        return None
+    store = ObjectStore.from_file(settings.objectstore_credentials)
+    return TrainingCoordinator(engine, broker, store, key, None, settings.broker_federation)
+
+
+def run(settings: HubSettings | None = None, stop: threading.Event | None = None) -> None:
+    """Run the round loop as a process of its own until SIGTERM or SIGINT (or ``stop``).
+    Run the web app with TRIBUTARY_HUB_RUN_TRAINING=false beside it."""
+    from tributary.hub.db import open_database
+
+    settings = settings or HubSettings()
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+    if settings.objectstore_credentials is None:
+        raise SystemExit("set TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS: training needs the "
+                         "hub's object-store credentials")
+    engine = open_database(settings)
+    key = SigningKey.load_or_create(settings.signing_key)
+    broker = StompClient(settings.broker(), "hub-training").start()
+    coordinator = from_settings(settings, engine, broker, key)
+    assert coordinator is not None
+    try:
+        coordinator.serve(settings.training_poll_seconds)
+        log.info("training coordinator on %s", hub_training_queue(settings.broker_federation))
+        while not stop.wait(1.0):
+            pass
+    finally:
+        coordinator.stop()
+        broker.close()
+        engine.dispose()

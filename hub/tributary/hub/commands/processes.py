@@ -1,7 +1,8 @@
-"""``tributary hub serve | consume | worker | registry-gateway | migrate | create-user``: the
-hub's processes and its database. The web app (``serve``), the results consumer
-(``consume``), the aggregation worker (``worker``) and the registry's TLS gateway
-(``registry-gateway``) are peers: each can run as its own process."""
+"""``tributary hub serve | consume | train | worker | registry-gateway | migrate |
+create-user``: the hub's processes and its database. The web app (``serve``), the results
+consumer (``consume``), the training round loop (``train``), the aggregation worker
+(``worker``) and the registry's TLS gateway (``registry-gateway``) are peers: each can run
+as its own process."""
 
 from __future__ import annotations
 
@@ -103,6 +104,26 @@ def hub_consume(
 
     logs.configure(verbose)
     consumer.run(HubSettings.with_database(database_url))
+
+
+@app.command("train")
+def hub_train(
+    database_url: Annotated[str | None, typer.Option(help="The hub's database URL.")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run the federated-training round loop as a process of its own, until SIGTERM or
+    Ctrl-C: it resumes every open training study from the database and the object store
+    (TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS). Run the web app with
+    TRIBUTARY_HUB_RUN_TRAINING=false beside it."""
+    from tributary.hub import training_coordinator
+    from tributary.hub.settings import HubSettings
+
+    logs.configure(verbose)
+    settings = HubSettings.with_database(database_url)
+    if settings.objectstore_credentials is None:
+        raise typer.BadParameter("set TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS to the hub's "
+                                 "object-store credentials file: training needs the store")
+    training_coordinator.run(settings)
 
 
 @app.command("worker")

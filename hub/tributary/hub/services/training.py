@@ -18,7 +18,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +26,7 @@ from sqlmodel import Session, select
 
 from tributary.hub.models import TrainingRound, TrainingStudy, utcnow
 from tributary.hub.services import audit
+from tributary.protocol.objects import global_model_key
 from tributary.protocol.training import rounds as msg
 from tributary.protocol.training.privacy import (
     PrivacyLedger,
@@ -33,9 +34,11 @@ from tributary.protocol.training.privacy import (
     study_epsilon,
 )
 from tributary.protocol.training.secagg import (
+    ConsistencyRequest,
     SecAggError,
     SecAggServer,
     ServerState,
+    UnmaskRequest,
     make_round_config,
 )
 from tributary.protocol.training.update import (
@@ -45,6 +48,8 @@ from tributary.protocol.training.update import (
 )
 
 ACTOR = "hub:training"
+#: The stages of an open attempt, in order; the others are its outcomes.
+OPEN_STAGES = ("keys", "shares", "masked", "consistency", "unmask")
 
 
 class TrainingError(ValueError):
@@ -72,6 +77,14 @@ class StudySpec(BaseModel):
     delta: float = Field(gt=0, lt=1)
     #: Digest of the initial global model, already in the object store.
     initial_model: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+
+
+def model_location(study_id: str, round_index: int, digest: str) -> str:
+    """Where the global model going into round ``round_index`` lives in the store (the
+    initial model at 0, round r's result at r + 1): derived from the digest, so a hub that
+    restarts finds every model from the database alone."""
+    return global_model_key(round_index, f"{study_id}-{digest.removeprefix('sha256:')[:16]}"
+                                         ".safetensors")
 
 
 def launch(session: Session, spec: StudySpec, actor: str) -> TrainingStudy:
@@ -205,6 +218,8 @@ def receive(session: Session, row: TrainingRound, message: msg.TrainingFromSpoke
     if isinstance(message, msg.Join):
         server.receive_keys(message.advert)
         row.num_examples = {**row.num_examples, sender: message.num_examples}
+        if message.loss is not None:
+            row.losses = {**(row.losses or {}), sender: message.loss}
     elif isinstance(message, msg.Shares):
         server.receive_shares(message.bundle)
     elif isinstance(message, msg.Masked):
@@ -321,6 +336,7 @@ def _aggregate(session: Session, study: TrainingStudy, row: TrainingRound,
         ledger.record(_charge(study))
     study.ledgers = {s: v.model_dump(mode="json") for s, v in ledgers.items()}
     row.epsilon_cumulative = study_epsilon(ledgers)
+    row.mean_loss = mean_loss(row)
     row.stage, row.closed_at = "aggregated", now
     _save(session, row, server)
     session.add(study)
@@ -339,3 +355,78 @@ def set_global_model(session: Session, study: TrainingStudy, row: TrainingRound,
     session.add(study)
     audit.record(session, ACTOR, "training.global_model", study.id, digest=digest,
                  round=row.round_index)
+
+
+def mean_loss(row: TrainingRound) -> float | None:
+    """The joined spokes' local training losses weighted by their sample counts (None if
+    none reported one): a figure the spokes release in clear with ``Join``."""
+    losses = {s: v for s, v in (row.losses or {}).items() if s in row.num_examples}
+    total = sum(row.num_examples[s] for s in losses)
+    return sum(v * row.num_examples[s] for s, v in losses.items()) / total if total else None
+
+
+class NextStep(BaseModel):
+    """What the round loop does next for a study, derived from the database alone (so a
+    restarted hub resumes where the last commit left it): open an attempt, drive the open
+    one, or nothing (the study ended). ``model_index`` and ``model_digest`` name the global
+    model going into that attempt (see :func:`model_location`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    action: Literal["open", "drive", "done"]
+    round_index: int = 0
+    attempt: int = 1
+    round_id: str | None = None
+    model_index: int = 0
+    model_digest: str | None = None
+
+
+def next_step(session: Session, study: TrainingStudy) -> NextStep:
+    if study.state != "running":
+        return NextStep(action="done")
+    last = current_round(session, study)
+    if last is None:
+        return NextStep(action="open", model_digest=study.global_model)
+    if last.stage in OPEN_STAGES:
+        return NextStep(action="drive", round_index=last.round_index, attempt=last.attempt,
+                        round_id=last.round_id, model_index=last.round_index,
+                        model_digest=last.global_model_in)
+    if last.stage == "aggregated":
+        if last.global_model_out is None:  # the two are committed together
+            raise TrainingError(f"round {last.round_id} is aggregated without a next model")
+        return NextStep(action="open", round_index=last.round_index + 1,
+                        model_index=last.round_index + 1, model_digest=last.global_model_out)
+    return NextStep(action="open", round_index=last.round_index, attempt=last.attempt + 1,
+                    model_index=last.round_index, model_digest=last.global_model_in)
+
+
+def pending_messages(study: TrainingStudy, row: TrainingRound, model: msg.ObjectRef,
+                     model_signature: str, upload_for: Callable[[str], str]
+                     ) -> list[tuple[str, BaseModel]]:
+    """The messages of the open stage, to each spoke that has not answered it yet: what a
+    restarted hub sends again, since it may have stopped between committing a stage and
+    sending its messages (a spoke answers a repeated message as it did the first time, or
+    refuses it if it already moved on)."""
+    if row.stage not in OPEN_STAGES:
+        return []
+    server = _server(row)
+    s = server.state
+    expected, answered = _waiting_for(server)
+    todo = sorted(expected - answered)
+    if row.stage == "keys":
+        return [(r, round_open_message(study, row, model, model_signature, upload_for, r))
+                for r in todo]
+    if row.stage == "shares":
+        ref = max(row.num_examples[v] for v in s.keys)
+        return [(r, msg.Keys(keys=server.keys_for(r), weight_reference=ref)) for r in todo]
+    if row.stage == "masked":
+        return [(r, msg.Delivery(delivery=server.shares_for(r))) for r in todo]
+    cfg = s.config
+    if row.stage == "consistency":
+        return [(r, msg.Consistency(request=ConsistencyRequest(
+            round_id=cfg.round_id, receiver=r, survivors=s.survivors, dropped=s.dropped)))
+            for r in todo]
+    signatures = {v: m.signature for v, m in sorted(s.signatures.items())}
+    return [(r, msg.Unmask(request=UnmaskRequest(
+        round_id=cfg.round_id, receiver=r, survivors=s.survivors, dropped=s.dropped,
+        signatures=signatures))) for r in todo]
