@@ -23,6 +23,7 @@ app = typer.Typer(
         audit="tributary.cli.audit:app",
         counts="tributary.cli.counts:app",
         study="tributary.cli.study:app",
+        training="tributary.cli.training:app",
         dlq="tributary.hub.commands.dlq:app",
         gaps="tributary.hub.commands.gaps:app",
         bundle="tributary.cli.bundle:app",

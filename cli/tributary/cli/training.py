@@ -1,0 +1,167 @@
+"""``tributary training``: launch, list, show and watch federated training studies on a hub,
+through its REST API (``/api/training-studies``, the JSON the dashboard reads too).
+
+The hub address, a bearer token and the CA of the hub's certificate come from options or
+``TRIBUTARY_HUB_URL``, ``TRIBUTARY_TOKEN`` and ``TRIBUTARY_HUB_CA_FILE``
+(:mod:`tributary.cli.hub_client`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
+
+app = typer.Typer(help="Launch, list, show and watch federated training studies on a hub.",
+                  no_args_is_help=True)
+console = Console()
+#: States in which a study has ended; only ``finished`` is a success for ``watch``.
+ENDED = ("finished", "stopped_budget", "failed")
+
+
+@app.command("launch")
+def launch(
+    model: Annotated[Path, typer.Option(
+        "--initial-model", exists=True, dir_okay=False,
+        help="The initial global model (safetensors).")],
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+    hub_ca: HubCaOption = None,
+    file: Annotated[Path | None, typer.Option(
+        "--file", "-f", exists=True, dir_okay=False,
+        help="JSON settings of the study (the fields of POST /api/training-studies); the "
+             "options below override them.")] = None,
+    name: Annotated[str | None, typer.Option(help="The study's name.")] = None,
+    algorithm: Annotated[str | None, typer.Option(
+        help="The training image pinned by digest (repository@sha256:...).")] = None,
+    spoke: Annotated[list[str] | None, typer.Option(help="A spoke (repeatable).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Rounds to run.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="fedavg or fedprox.")] = None,
+    min_participants: Annotated[int | None, typer.Option(
+        help="Fewest spokes a round proceeds with.")] = None,
+    round_deadline: Annotated[float | None, typer.Option(
+        help="Seconds each stage of a round waits for slow spokes.")] = None,
+    clip_bound: Annotated[float | None, typer.Option(help="L2 clipping bound C.")] = None,
+    noise_multiplier: Annotated[float | None, typer.Option(
+        help="Noise multiplier z (sigma = z C per spoke).")] = None,
+    epsilon_budget: Annotated[float | None, typer.Option(help="Privacy budget ε.")] = None,
+    delta: Annotated[float | None, typer.Option(help="δ of the (ε, δ) guarantee.")] = None,
+) -> None:
+    """Launch a training study; prints its id. Spokes that cannot take part are listed
+    with the reason, and nothing is launched."""
+    body: dict[str, Any] = json.loads(file.read_text()) if file is not None else {}
+    if not isinstance(body, dict):
+        raise typer.BadParameter("not a JSON object", param_hint="--file")
+    given = {"name": name, "algorithm": algorithm, "spokes": spoke or None,
+             "rounds": rounds, "strategy": strategy, "min_participants": min_participants,
+             "round_deadline_s": round_deadline, "clip_bound": clip_bound,
+             "noise_multiplier": noise_multiplier, "epsilon_budget": epsilon_budget,
+             "delta": delta}
+    body.update({k: v for k, v in given.items() if v is not None})
+    body["initial_model_b64"] = base64.b64encode(model.read_bytes()).decode()
+    with hub_client(hub, token, hub_ca, timeout=300) as client:
+        study = check(client.post("/api/training-studies", json=body), "launching")
+    console.print(study["id"], highlight=False)
+
+
+@app.command("list")
+def list_(
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+    hub_ca: HubCaOption = None,
+) -> None:
+    """The hub's training studies: id, name, state, rounds done, ε spent."""
+    from rich.table import Table
+
+    with hub_client(hub, token, hub_ca) as client:
+        studies = check(client.get("/api/training-studies"), "listing")
+    table = Table("id", "name", "state", "rounds", "ε spent", "spokes")
+    for s in studies:
+        table.add_row(s["id"], s["name"], s["state"], f"{s['rounds_done']}/{s['rounds']}",
+                      f"{s['epsilon_spent']:.4g} / {s['epsilon_budget']:.4g}",
+                      ", ".join(s["spokes"]))
+    console.print(table)
+
+
+def _show(study: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    console.print(f"{study['id']} {study['name']}: {study['state']}"
+                  + (f" ({study['stop_reason']})" if study["stop_reason"] else ""),
+                  highlight=False)
+    table = Table("round", "attempt", "stage", "joined", "survivors", "dropouts", "ε round",
+                  "ε cumulative", "mean loss")
+    for r in study["round_list"]:
+        table.add_row(str(r["round"]), str(r["attempt"]), r["stage"],
+                      ", ".join(r["joined"]), ", ".join(r["survivors"]),
+                      ", ".join(r["dropouts"]),
+                      "" if r["epsilon_round"] is None else f"{r['epsilon_round']:.4g}",
+                      "" if r["epsilon_cumulative"] is None
+                      else f"{r['epsilon_cumulative']:.4g}",
+                      "" if r["mean_loss"] is None else f"{r['mean_loss']:.4g}")
+    console.print(table)
+
+
+@app.command("show")
+def show(
+    study_id: Annotated[str, typer.Argument(help="The training study's id.")],
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+    hub_ca: HubCaOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The API's JSON.")] = False,
+) -> None:
+    """The study and each round attempt: stage, spokes that joined, survivors, dropouts,
+    ε per round and cumulative, mean local loss."""
+    with hub_client(hub, token, hub_ca) as client:
+        study = check(client.get(f"/api/training-studies/{study_id}"), "reading the study")
+    if as_json:
+        print(json.dumps(study, indent=2))
+    else:
+        _show(study)
+
+
+@app.command("watch")
+def watch(
+    study_id: Annotated[str, typer.Argument(help="The training study's id.")],
+    hub: HubOption = "http://127.0.0.1:8000",
+    token: TokenOption = "",
+    hub_ca: HubCaOption = None,
+    interval: Annotated[float, typer.Option(help="Seconds between looks.")] = 2.0,
+    timeout: Annotated[float | None, typer.Option(
+        help="Give up (exit 2) after this many seconds.")] = None,
+) -> None:
+    """Print each round as it closes until the study ends. Exit 0 if it finished its
+    rounds, 1 if it stopped for another reason (budget spent, failed), 2 on --timeout."""
+    seen: set[tuple[int, int, str]] = set()
+    started = time.monotonic()
+    with hub_client(hub, token, hub_ca) as client:
+        while True:
+            study = check(client.get(f"/api/training-studies/{study_id}"), "reading")
+            for r in study["round_list"]:
+                key = (r["round"], r["attempt"], r["stage"])
+                if key not in seen and r["stage"] in ("aggregated", "retried", "failed"):
+                    seen.add(key)
+                    eps = r["epsilon_cumulative"]
+                    console.print(
+                        f"round {r['round']} attempt {r['attempt']}: {r['stage']}, "
+                        f"survivors {len(r['survivors'])}/{len(r['joined'])}"
+                        + (f", ε {eps:.4g}" if eps is not None else "")
+                        + (f" ({r['outcome_reason']})" if r["outcome_reason"] else ""),
+                        highlight=False)
+            if study["state"] in ENDED:
+                break
+            if timeout is not None and time.monotonic() - started > timeout:
+                console.print(f"{study_id} is still {study['state']} after {timeout} s")
+                raise typer.Exit(2)
+            time.sleep(interval)
+    console.print(f"{study_id}: {study['state']}"
+                  + (f" ({study['stop_reason']})" if study["stop_reason"] else ""),
+                  highlight=False)
+    if study["state"] != "finished":
+        raise typer.Exit(1)
