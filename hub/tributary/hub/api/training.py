@@ -74,7 +74,7 @@ def launch_study(body: TrainingStudyCreate, request: Request,
     refusals = training_reads.spoke_refusals(session, body.spokes)
     if refusals:
         raise HTTPException(422, {"message": "spokes that cannot take part in training",
-                                  "refusals": [{"spoke": s, "reason": r}
+                                  "refusals": [{"spoke_id": s, "reason": r}
                                                for s, r in sorted(refusals.items())]})
     data, digest = _initial_model(body)
     spec = training.StudySpec(**body.model_dump(exclude={"initial_model_b64"}),

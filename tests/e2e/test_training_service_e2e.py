@@ -1,0 +1,271 @@
+"""Training as a hub service: a real hub process (`tributary hub serve`, its training loop
+in the web app) with its own signing key, the spokes' keys from its enrolment tables, the
+real broker and a real SeaweedFS. A coordinator launches the study with `tributary
+training launch` (a spoke that is not enrolled is refused with the reason); three spokes'
+training agents run in this process on the federated example image in Docker. The hub is
+killed with SIGKILL in round 0 after two spokes joined, and started again: the study
+completes, each round aggregated once with each spoke's contribution counted once (rows,
+privacy ledgers, and round 0's applied step against the plain weighted sum of the spokes'
+updates, recomputed here); `tributary training watch` exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+from sqlmodel import Session, select
+
+from tributary.hub.db import make_engine
+from tributary.hub.models import AuditEvent, TrainingRound, TrainingStudy
+from tributary.hub.services import training
+from tributary.protocol.broker import BrokerSettings, StompClient
+from tributary.protocol.objects import ObjectStore
+from tributary.protocol.signing import SigningKey
+from tributary.protocol.training.tensors import decode_tensors
+from tributary.protocol.training.update import flatten, schema_of
+from tributary.services import objectstore
+from tributary.services.settings import ServiceSettings
+from tributary.services.system import free_port
+from tributary.spoke.training_agent import DockerTrainer, TrainingAgent
+from tributary.testbed.training_demo import (
+    build_training_image,
+    load_logreg,
+    make_cohorts,
+    site_of,
+)
+from tributary_algorithm.training import RoundConfig
+
+pytestmark = pytest.mark.e2e
+
+BASE_IMAGE = "tributary/python-base:3.11"
+SPOKES = ["site-a", "site-b", "site-c"]
+ROUNDS = 3
+TRIBUTARY = str(Path(sys.executable).with_name("tributary"))
+logreg = load_logreg()
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if shutil.which("docker") is None:
+        pytest.skip("the docker CLI is not installed")
+    if subprocess.run(["docker", "image", "inspect", BASE_IMAGE],
+                      capture_output=True, timeout=60).returncode != 0:
+        pytest.skip(f"base image {BASE_IMAGE} is not built (no Docker Hub here)")
+    return build_training_image()
+
+
+@pytest.fixture(scope="module")
+def store_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceSettings]:
+    settings = ServiceSettings(state_dir=tmp_path_factory.mktemp("os"), host="127.0.0.2",
+                               objectstore_port=free_port("127.0.0.2"))
+    objectstore.write_identities(settings, SPOKES, federation="training-service")
+    assert objectstore.ensure_running(settings) in ("started", "running")
+    yield settings
+    objectstore.stop(settings)
+
+
+class Hub:
+    """`tributary hub serve` as a process of its own, started and killed by the test."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp, self.env = tmp, env
+        self.port = free_port("127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None  # type: ignore[type-arg]
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = open(self.tmp / f"hub-{self.starts}.log", "wb")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [TRIBUTARY, "hub", "serve", "--port", str(self.port)], env=self.env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log()
+            try:
+                if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError("the hub did not start:\n" + self.log())
+
+    def log(self) -> str:
+        return (self.tmp / f"hub-{self.starts}.log").read_text(errors="replace")[-4000:]
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def cli(hub: Hub, token: str, *args: str, timeout: float = 120
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([TRIBUTARY, "training", *args, "--hub", hub.url, "--token", token],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
+
+
+def wait_for(what: str, condition, timeout: float = 180.0, hub: Hub | None = None):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}" + ("\n" + hub.log() if hub else ""))
+
+
+def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
+        image: str, store_settings: ServiceSettings, service_settings: ServiceSettings,
+        tmp_path: Path) -> None:
+    federation = f"th{uuid.uuid4().hex[:8]}"
+    cohorts = make_cohorts(tmp_path / "cohorts")
+    hub_key = SigningKey.load_or_create(tmp_path / "hub.key")
+    database = f"sqlite:///{tmp_path / 'hub.db'}"
+    env = {**os.environ,
+           "TRIBUTARY_HUB_DATABASE_URL": database,
+           "TRIBUTARY_HUB_SIGNING_KEY": str(tmp_path / "hub.key"),
+           "TRIBUTARY_HUB_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+           "TRIBUTARY_HUB_ADMIN_PASSWORD": "training service e2e",
+           "TRIBUTARY_HUB_BROKER_HOST": service_settings.host,
+           "TRIBUTARY_HUB_BROKER_PORT": str(service_settings.broker_port),
+           "TRIBUTARY_HUB_BROKER_FEDERATION": federation,
+           "TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS": str(
+               objectstore.write_party_credentials(store_settings, "hub")),
+           "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": "0.2"}
+    hub = Hub(tmp_path, env)
+    broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
+                            federation=federation)
+    spoke_keys = {s: SigningKey.generate() for s in SPOKES}
+    agents: dict[str, TrainingAgent] = {}
+    clients: list[StompClient] = []
+
+    def start_agent(n: int, spoke: str) -> None:
+        client = StompClient(broker, f"{spoke}-training").start(wait=30)
+        clients.append(client)
+        store = ObjectStore.from_file(objectstore.write_party_credentials(store_settings, spoke))
+        trainer = DockerTrainer(image, site_of(cohorts / f"site{n}"),
+                                {"timeout": 120, "memory_mb": 512})
+        agents[spoke] = TrainingAgent(spoke, client, store, spoke_keys[spoke], hub_key.public,
+                                      trainer, federation, tmp_path / f"{spoke}.journal",
+                                      b"k" * 32)
+        agents[spoke].start()
+
+    hub.start()
+    try:
+        token = httpx.post(f"{hub.url}/api/auth/token", json={
+            "username": "admin", "password": "training service e2e"}).json()["access_token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        for spoke, key in spoke_keys.items():  # the federation's enrolment, via the API
+            assert httpx.post(f"{hub.url}/api/spokes", headers=auth,
+                              json={"id": spoke, "name": spoke}).status_code == 201
+            assert httpx.post(f"{hub.url}/api/spokes/{spoke}/keys", headers=auth,
+                              json={"public_key_pem": key.public.pem}).status_code == 201
+        model = tmp_path / "initial.safetensors"
+        save_file({"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}, str(model))
+        settings = tmp_path / "study.json"
+        settings.write_text(json.dumps({
+            "name": "nodules", "algorithm": image, "rounds": ROUNDS, "min_participants": 3,
+            "round_deadline_s": 300, "clip_bound": 10.0, "noise_multiplier": 0.002,
+            "epsilon_budget": 1e12, "delta": 1e-5}))
+
+        refused = cli(hub, token, "launch", "--file", str(settings), "--initial-model",
+                      str(model), *[f"--spoke={s}" for s in [*SPOKES, "site-z"]])
+        assert refused.returncode == 1 and "site-z" in refused.stderr \
+            and "not registered" in refused.stderr, refused
+        launched = cli(hub, token, "launch", "--file", str(settings), "--initial-model",
+                       str(model), *[f"--spoke={s}" for s in SPOKES])
+        assert launched.returncode == 0, launched.stderr
+        study_id = launched.stdout.strip()
+
+        engine = make_engine(database, migrate=False)
+
+        def round0() -> TrainingRound | None:
+            with Session(engine) as session:
+                return session.exec(select(TrainingRound).where(
+                    TrainingRound.study_id == study_id)).first()
+
+        start_agent(0, "site-a")
+        start_agent(1, "site-b")  # site-c is offline for now
+        wait_for("two spokes to join round 0",
+                 lambda: (r := round0()) is not None and len(r.num_examples) == 2, hub=hub)
+        hub.kill()  # mid-round: two joined, one not; nothing of the hub's process is kept
+        assert round0().stage == "keys"
+        start_agent(2, "site-c")  # its round-open waited in the broker; it joins now
+        hub.start()
+
+        watched = cli(hub, token, "watch", study_id, "--interval", "1", "--timeout", "400",
+                      timeout=450)
+        assert watched.returncode == 0, (watched.stdout, watched.stderr, hub.log())
+        assert f"{study_id}: finished" in watched.stdout
+        shown = json.loads(cli(hub, token, "show", study_id, "--json").stdout)
+        listed = cli(hub, token, "list")
+        assert study_id in listed.stdout and f"{ROUNDS}/{ROUNDS}" in listed.stdout
+    finally:
+        for agent in agents.values():
+            agent.stop()
+        for client in clients:
+            client.close()
+        hub.stop()
+
+    assert shown["state"] == "finished" and shown["rounds_done"] == ROUNDS
+    assert [(r["round"], r["attempt"], r["stage"], sorted(r["joined"]), r["survivors"],
+             r["dropouts"]) for r in shown["round_list"]] == [
+        (i, 1, "aggregated", SPOKES, SPOKES, []) for i in range(ROUNDS)]
+    eps = [r["epsilon_cumulative"] for r in shown["round_list"]]
+    assert eps == sorted(eps) and eps[-1] == shown["epsilon_spent"] > 0
+    assert all(r["mean_loss"] is not None for r in shown["round_list"])
+
+    with Session(engine) as session:
+        study = session.get(TrainingStudy, study_id)
+        rows = training.rounds_of(session, study_id)
+        # Each spoke charged once per round: no round counted twice after the restart.
+        assert {s: len(v["charges"]) for s, v in study.ledgers.items()} == dict.fromkeys(
+            SPOKES, ROUNDS)
+        aggregated = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "training.round_aggregated")).all()
+        assert sorted(e.target for e in aggregated) == sorted(r.round_id for r in rows)
+        first = rows[0]
+
+    # Round 0 (the killed one): the applied step is the plain weighted sum of the spokes'
+    # real updates (recomputed here from their cohorts), within the noise.
+    store = ObjectStore.from_file(objectstore.write_party_credentials(store_settings, "hub"))
+    global_in = decode_tensors(store.get(training.model_location(
+        study_id, 0, first.global_model_in)))
+    global_out = decode_tensors(store.get(training.model_location(
+        study_id, 1, first.global_model_out)))
+    schema = schema_of(global_in)
+    reference = max(first.num_examples.values())
+    reals = []
+    for n in range(len(SPOKES)):
+        trained, count, _ = logreg.NoduleClassifier().fit(
+            global_in, logreg.cohort_data(cohorts / f"site{n}"), RoundConfig(round=1))
+        reals.append((flatten(trained, schema) - flatten(global_in, schema))
+                     * (count / reference))
+    weights = sum(c / reference for c in first.num_examples.values())
+    applied = flatten(global_out, schema) - flatten(global_in, schema)
+    assert np.max(np.abs(applied - np.sum(reals, axis=0) / weights)) < 0.1
+    assert np.linalg.norm(applied) > 0.1  # the step is real, not a stale model
