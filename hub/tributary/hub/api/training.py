@@ -70,13 +70,13 @@ def launch_study(body: TrainingStudyCreate, request: Request,
     """Launch a training study: every spoke must be registered, enrolled (an active key)
     and not revoked, else nothing is created and each refusal says why. The initial model
     is stored content-addressed; the hub's training service opens round 0."""
-    store = _store(request, settings)
     refusals = training_reads.spoke_refusals(session, body.spokes)
     if refusals:
         raise HTTPException(422, {"message": "spokes that cannot take part in training",
                                   "refusals": [{"spoke_id": s, "reason": r}
                                                for s, r in sorted(refusals.items())]})
     data, digest = _initial_model(body)
+    store = _store(request, settings)
     spec = training.StudySpec(**body.model_dump(exclude={"initial_model_b64"}),
                               initial_model=digest)
     try:
