@@ -141,9 +141,10 @@ class TrainingCoordinator:
 
     def _on_message(self, delivery: Delivery) -> None:
         try:
-            party, message = open_message(delivery.body, self._trusted(),
+            trusted = self._trusted()
+            party, message = open_message(delivery.body, trusted,
                                           msg.decode_training_from_spoke)
-            self._apply(party.split("/", 1)[0], message)
+            self._apply(party.split("/", 1)[0], message, trusted[party])
         except (ProtocolError, SecAggError, training.TrainingError, KeyError,
                 ValueError) as exc:
             # Hostile or stale: recorded and dropped, never retried forever.
@@ -151,7 +152,9 @@ class TrainingCoordinator:
             self.refused.append(str(exc))
         self.broker.ack(delivery)
 
-    def _apply(self, sender: str, message: msg.TrainingFromSpoke) -> None:
+    def _apply(self, sender: str, message: msg.TrainingFromSpoke, key: PublicKey) -> None:
+        """Apply one message; ``key`` is the enrolled key that verified it (what checks
+        of the sender's own signatures inside the message are made against)."""
         inner = {msg.Join: lambda m: m.advert, msg.Shares: lambda m: m.bundle,
                  msg.Masked: lambda m: m.masked, msg.Signature: lambda m: m.signature,
                  msg.UnmaskReply: lambda m: m.response}[type(message)](message)
