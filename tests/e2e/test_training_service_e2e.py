@@ -13,15 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -45,6 +42,7 @@ from tributary.testbed.training_demo import (
     make_cohorts,
     site_of,
 )
+from tributary.testbed.training_hub import TRIBUTARY, TrainingHub
 from tributary_algorithm.training import RoundConfig
 
 pytestmark = pytest.mark.e2e
@@ -52,7 +50,6 @@ pytestmark = pytest.mark.e2e
 BASE_IMAGE = "tributary/python-base:3.11"
 SPOKES = ["site-a", "site-b", "site-c"]
 ROUNDS = 3
-TRIBUTARY = str(Path(sys.executable).with_name("tributary"))
 logreg = load_logreg()
 
 
@@ -76,59 +73,15 @@ def store_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service
     objectstore.stop(settings)
 
 
-class Hub:
-    """`tributary hub serve` as a process of its own, started and killed by the test."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.tmp, self.env = tmp, env
-        self.port = free_port("127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None  # type: ignore[type-arg]
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        log = open(self.tmp / f"hub-{self.starts}.log", "wb")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [TRIBUTARY, "hub", "serve", "--port", str(self.port)], env=self.env,
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log()
-            try:
-                if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError("the hub did not start:\n" + self.log())
-
-    def log(self) -> str:
-        return (self.tmp / f"hub-{self.starts}.log").read_text(errors="replace")[-4000:]
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-def cli(hub: Hub, token: str, *args: str, timeout: float = 120
+def cli(hub: TrainingHub, token: str, *args: str, timeout: float = 120
         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([TRIBUTARY, "training", *args, "--hub", hub.url, "--token", token],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
 
 
-def wait_for(what: str, condition, timeout: float = 180.0, hub: Hub | None = None):  # type: ignore[no-untyped-def]
+def wait_for(what: str, condition, timeout: float = 180.0,
+             hub: TrainingHub | None = None):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
@@ -143,20 +96,9 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         tmp_path: Path) -> None:
     federation = f"th{uuid.uuid4().hex[:8]}"
     cohorts = make_cohorts(tmp_path / "cohorts")
-    hub_key = SigningKey.load_or_create(tmp_path / "hub.key")
-    database = f"sqlite:///{tmp_path / 'hub.db'}"
-    env = {**os.environ,
-           "TRIBUTARY_HUB_DATABASE_URL": database,
-           "TRIBUTARY_HUB_SIGNING_KEY": str(tmp_path / "hub.key"),
-           "TRIBUTARY_HUB_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
-           "TRIBUTARY_HUB_ADMIN_PASSWORD": "training service e2e",
-           "TRIBUTARY_HUB_BROKER_HOST": service_settings.host,
-           "TRIBUTARY_HUB_BROKER_PORT": str(service_settings.broker_port),
-           "TRIBUTARY_HUB_BROKER_FEDERATION": federation,
-           "TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS": str(
-               objectstore.write_party_credentials(store_settings, "hub")),
-           "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": "0.2"}
-    hub = Hub(tmp_path, env)
+    hub = TrainingHub(tmp_path / "hub", service_settings.host, service_settings.broker_port,
+                      federation, objectstore.write_party_credentials(store_settings, "hub"))
+    hub_key, database = hub.key, hub.database_url
     broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
                             federation=federation)
     spoke_keys = {s: SigningKey.generate() for s in SPOKES}
@@ -176,14 +118,10 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
 
     hub.start()
     try:
-        token = httpx.post(f"{hub.url}/api/auth/token", json={
-            "username": "admin", "password": "training service e2e"}).json()["access_token"]
-        auth = {"Authorization": f"Bearer {token}"}
-        for spoke, key in spoke_keys.items():  # the federation's enrolment, via the API
-            assert httpx.post(f"{hub.url}/api/spokes", headers=auth,
-                              json={"id": spoke, "name": spoke}).status_code == 201
-            assert httpx.post(f"{hub.url}/api/spokes/{spoke}/keys", headers=auth,
-                              json={"public_key_pem": key.public.pem}).status_code == 201
+        token = hub.sign_in()
+        with hub.api(token) as api:
+            for spoke, key in spoke_keys.items():  # the federation's enrolment, via the API
+                hub.enrol(api, spoke, key)
         model = tmp_path / "initial.safetensors"
         save_file({"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}, str(model))
         settings = tmp_path / "study.json"

@@ -1,13 +1,17 @@
-"""``tributary demo training``: a federated training study on three spokes, here. The hub's
-round loop and three spokes' training agents talk only through the machine's broker
-(signed messages); global models and masked updates go through a SeaweedFS of the demo's
-own (each spoke may write only its own objects); each spoke runs the federated example
-image in Docker by its digest, on a synthetic cohort from its own scanner (non-IID). The
-report compares the federated model with the same model trained centrally on the pooled
-data, on a held-out set."""
+"""``tributary demo training``: a federated training study on three spokes, here. A hub
+process of the demo's own (`tributary hub serve`, whose training service runs the rounds)
+and three spokes' training agents talk only through the machine's broker (signed
+messages); the spokes are enrolled and the study launched through the hub's API; global
+models and masked updates go through a SeaweedFS of the demo's own (each spoke may write
+only its own objects); each spoke runs the federated example image in Docker by its
+digest, on a synthetic cohort from its own scanner (non-IID). The report compares the
+federated model with the same model trained centrally on the pooled data, on a held-out
+set."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
 import json
 import os
@@ -30,15 +34,16 @@ from tributary import services
 from tributary.hub.db import make_engine
 from tributary.hub.models import TrainingRound
 from tributary.hub.services import training
-from tributary.hub.training_coordinator import TrainingCoordinator
 from tributary.protocol.broker import BrokerSettings, StompClient
 from tributary.protocol.objects import ObjectStore
 from tributary.protocol.signing import SigningKey
+from tributary.protocol.training.tensors import decode_tensors, encode_tensors
 from tributary.services import objectstore
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
 from tributary.spoke.training_agent import DockerTrainer, TrainingAgent
 from tributary.testbed.federation import examples_dir, generate_cohort
+from tributary.testbed.training_hub import TrainingHub
 from tributary_algorithm.tools import build_image
 from tributary_algorithm.tools.localrun import participant_for_series
 from tributary_algorithm.tools.localtrain import SiteCase, TrainingSite
@@ -93,12 +98,31 @@ class TrainingDemo:
     report: dict[str, Any]
     study_id: str
     engine: Engine
-    coordinator: TrainingCoordinator
+    hub: TrainingHub
     hub_store: ObjectStore
     cohorts: Path
     final: dict[str, np.ndarray]
     store_for: Callable[[str], ObjectStore]
     agents: list[TrainingAgent] = field(default_factory=list)
+
+    def global_model_at(self, round_index: int) -> dict[str, np.ndarray]:
+        """The global model that went into ``round_index``, from the store by its digest."""
+        with Session(self.engine) as session:
+            row = session.exec(select(TrainingRound).where(
+                TrainingRound.study_id == self.study_id,
+                TrainingRound.round_index == round_index)).first()
+        if row is None or row.global_model_in is None:
+            raise KeyError(f"no round {round_index} in {self.study_id}")
+        return model_from_store(self.hub_store, self.study_id, round_index,
+                                row.global_model_in)
+
+
+def model_from_store(store: ObjectStore, study_id: str, round_index: int,
+                     digest: str) -> dict[str, np.ndarray]:
+    data = store.get(training.model_location(study_id, round_index, digest))
+    if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"the global model of round {round_index} does not match its digest")
+    return decode_tensors(data)
 
 
 def run_training_demo(workdir: Path, service_settings: ServiceSettings,
@@ -106,7 +130,10 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
                       clip_bound: float = 10.0, noise_multiplier: float = 0.002,
                       epsilon_budget: float = 1e12, delta: float = 1e-5,
                       say: Callable[[str], None] = print) -> TrainingDemo:
-    """Run one study to its end on the running broker and the given object store."""
+    """Run one study to its end: a hub process of its own (`tributary hub serve`, its
+    training loop in the web app) on the running broker and the given object store, the
+    spokes enrolled and the study launched through the hub's API, three spokes' training
+    agents here."""
     logreg = load_logreg()
     cohorts = workdir / "cohorts"
     if not (cohorts / "test2").exists():
@@ -118,51 +145,60 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
     def store_for(party: str) -> ObjectStore:
         return ObjectStore.from_file(objectstore.write_party_credentials(store_settings, party))
 
-    hub_key = SigningKey.generate()
+    hub = TrainingHub(workdir / "hub", service_settings.host, service_settings.broker_port,
+                      federation, objectstore.write_party_credentials(store_settings, "hub"))
     spoke_keys = {s: SigningKey.generate() for s in SPOKES}
-    engine = make_engine(f"sqlite:///{workdir / 'hub.db'}")
-    clients = [StompClient(broker, "hub-training").start(wait=30)]
-    hub_store = store_for("hub")
-    coordinator = TrainingCoordinator(engine, clients[0], hub_store, hub_key,
-                                      {s: k.public for s, k in spoke_keys.items()}, federation)
+    clients: list[StompClient] = []
     agents: list[TrainingAgent] = []
+    hub.start()
     try:
-        for n, s in enumerate(SPOKES):
-            client = StompClient(broker, f"{s}-training").start(wait=30)
-            clients.append(client)
-            trainer = DockerTrainer(image, site_of(cohorts / f"site{n}"),
-                                    {"timeout": 120, "memory_mb": 512})
-            agent = TrainingAgent(s, client, store_for(s), spoke_keys[s], hub_key.public,
-                                  trainer, federation, workdir / f"{s}.journal",
-                                  os.urandom(32))
-            agent.start()
-            agents.append(agent)
-        coordinator.start()
-        with Session(engine) as session:
-            study = training.launch(session, training.StudySpec(
-                name="nodules", algorithm=image, spokes=list(SPOKES), rounds=rounds,
-                min_participants=len(SPOKES), round_deadline_s=120, clip_bound=clip_bound,
-                noise_multiplier=noise_multiplier, epsilon_budget=epsilon_budget, delta=delta,
-                initial_model="sha256:" + "0" * 64), "demo")
-            session.commit()
-            study_id = study.id
-        say(f"training study {study_id}: {rounds} rounds on {', '.join(SPOKES)}")
-        initial = {"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}
-        study, final = coordinator.run(study_id, initial, timeout_s=60.0 * (rounds + 2))
+        with hub.api(hub.sign_in()) as api:
+            for s in SPOKES:
+                hub.enrol(api, s, spoke_keys[s])
+            for n, s in enumerate(SPOKES):
+                client = StompClient(broker, f"{s}-training").start(wait=30)
+                clients.append(client)
+                trainer = DockerTrainer(image, site_of(cohorts / f"site{n}"),
+                                        {"timeout": 120, "memory_mb": 512})
+                agent = TrainingAgent(s, client, store_for(s), spoke_keys[s], hub.key.public,
+                                      trainer, federation, workdir / f"{s}.journal",
+                                      os.urandom(32))
+                agent.start()
+                agents.append(agent)
+            initial = {"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}
+            launched = api.post("/api/training-studies", json={
+                "name": "nodules", "algorithm": image, "spokes": list(SPOKES),
+                "rounds": rounds, "min_participants": len(SPOKES), "round_deadline_s": 120,
+                "clip_bound": clip_bound, "noise_multiplier": noise_multiplier,
+                "epsilon_budget": epsilon_budget, "delta": delta,
+                "initial_model_b64": base64.b64encode(encode_tensors(initial)).decode()})
+            if launched.status_code != 201:
+                raise RuntimeError(f"the hub refused the study: {launched.text}")
+            study_id = launched.json()["id"]
+            say(f"training study {study_id}: {rounds} rounds on {', '.join(SPOKES)} "
+                f"(hub at {hub.url})")
+            study = hub.wait_for_end(api, study_id, timeout=60.0 * (rounds + 2))
     finally:
         for agent in agents:
             agent.stop()
         for client in clients:
             client.close()
-    scores = logreg.compare([cohorts / f"site{n}" for n in range(len(SPOKES))],
-                            [cohorts / f"test{n}" for n in range(len(SPOKES))], final, rounds)
+        hub.stop()
+    engine = make_engine(hub.database_url, migrate=False)
+    hub_store = store_for("hub")
     with Session(engine) as session:
         rows = session.exec(select(TrainingRound).where(TrainingRound.study_id == study_id)
                             .order_by(TrainingRound.round_index, TrainingRound.attempt)).all()
+        done = [r for r in rows if r.stage == "aggregated"]
+        final = (model_from_store(hub_store, study_id, done[-1].round_index + 1,
+                                  done[-1].global_model_out) if done else initial)
+        scores = logreg.compare([cohorts / f"site{n}" for n in range(len(SPOKES))],
+                                [cohorts / f"test{n}" for n in range(len(SPOKES))], final,
+                                rounds)
         report = {
             "study_id": study_id,
-            "state": study.state,
-            "stop_reason": study.stop_reason,
+            "state": study["state"],
+            "stop_reason": study["stop_reason"],
             "rounds": [{"round": r.round_index, "attempt": r.attempt, "outcome": r.stage,
                         "participants": sorted(r.num_examples),
                         "survivors": sorted(r.secagg.get("masked", {})),
@@ -179,11 +215,12 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
             "loss_centralised": scores["centralised"]["loss"],
         }
     for r in report["rounds"]:
+        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.4g}"
         say(f"  round {r['round']}: {r['outcome']}, participants {len(r['participants'])}, "
-            f"epsilon {r['epsilon']:.4g}")
+            f"epsilon {eps}")
     say(f"held-out accuracy: federated {report['metric_federated']:.3f}, "
         f"centralised {report['metric_centralised']:.3f}")
-    return TrainingDemo(report, study_id, engine, coordinator, hub_store, cohorts, final,
+    return TrainingDemo(report, study_id, engine, hub, hub_store, cohorts, final,
                         store_for, agents)
 
 

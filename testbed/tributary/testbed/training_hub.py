@@ -1,0 +1,144 @@
+"""A hub process for federated training on this machine: `tributary hub serve` with its own
+database, signing key and audit log in a folder, the machine's broker under a federation
+name of its own, and the hub's credentials for an object store. Used by `tributary demo
+training` and by the tests that kill and restart the hub mid-round."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tributary.protocol.signing import SigningKey
+from tributary.services.system import free_port
+
+TRIBUTARY = str(Path(sys.executable).with_name("tributary"))
+
+
+@dataclass
+class TrainingHub:
+    """``folder`` holds ``hub.db``, ``hub.key``, ``audit.jsonl`` and one log per start."""
+
+    folder: Path
+    broker_host: str
+    broker_port: int
+    federation: str
+    store_credentials: Path
+    poll_seconds: float = 0.2
+    password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
+    port: int = field(default_factory=lambda: free_port("127.0.0.1"))
+    starts: int = 0
+    process: subprocess.Popen | None = None  # type: ignore[type-arg]
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        #: The hub's signing key, made before the first start so spokes can pin it.
+        self.key = SigningKey.load_or_create(self.folder / "hub.key")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def database_url(self) -> str:
+        return f"sqlite:///{self.folder / 'hub.db'}"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ,
+                "TRIBUTARY_HUB_DATABASE_URL": self.database_url,
+                "TRIBUTARY_HUB_SIGNING_KEY": str(self.folder / "hub.key"),
+                "TRIBUTARY_HUB_AUDIT_LOG": str(self.folder / "audit.jsonl"),
+                "TRIBUTARY_HUB_ADMIN_PASSWORD": self.password,
+                "TRIBUTARY_HUB_BROKER_HOST": self.broker_host,
+                "TRIBUTARY_HUB_BROKER_PORT": str(self.broker_port),
+                "TRIBUTARY_HUB_BROKER_FEDERATION": self.federation,
+                "TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS": str(self.store_credentials),
+                "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": str(self.poll_seconds)}
+
+    def log_path(self) -> Path:
+        return self.folder / f"hub-{self.starts}.log"
+
+    def log(self, chars: int = 4000) -> str:
+        """The end of the current start's log."""
+        path = self.log_path()
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def logs(self) -> str:
+        """Every start's log, in order."""
+        return "".join((self.folder / f"hub-{n}.log").read_text(errors="replace")
+                       for n in range(1, self.starts + 1))
+
+    def start(self, timeout: float = 60) -> None:
+        self.starts += 1
+        with open(self.log_path(), "wb") as log:
+            self.process = subprocess.Popen(
+                [TRIBUTARY, "hub", "serve", "--port", str(self.port)], env=self.env(),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("the hub stopped while starting:\n" + self.log())
+            try:
+                if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("the hub did not start:\n" + self.log())
+
+    def kill(self) -> None:
+        """SIGKILL to the hub's process group: nothing of the process is kept."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    # --- through the hub's API ---------------------------------------------------------
+
+    def sign_in(self) -> str:
+        response = httpx.post(f"{self.url}/api/auth/token",
+                              json={"username": "admin", "password": self.password})
+        response.raise_for_status()
+        return str(response.json()["access_token"])
+
+    def api(self, token: str) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=120,
+                            headers={"Authorization": f"Bearer {token}"})
+
+    @staticmethod
+    def enrol(api: httpx.Client, spoke_id: str, key: SigningKey) -> None:
+        """Register ``spoke_id`` and enrol its key, as an administrator does."""
+        api.post("/api/spokes", json={"id": spoke_id, "name": spoke_id}).raise_for_status()
+        api.post(f"/api/spokes/{spoke_id}/keys",
+                 json={"public_key_pem": key.public.pem}).raise_for_status()
+
+    @staticmethod
+    def wait_for_end(api: httpx.Client, study_id: str, timeout: float,
+                     poll: float = 1.0) -> dict[str, Any]:
+        """The study's JSON once it has ended (finished, stopped, failed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            response = api.get(f"/api/training-studies/{study_id}")
+            response.raise_for_status()
+            study: dict[str, Any] = response.json()
+            if study["state"] != "running":
+                return study
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"study {study_id} did not end within {timeout} s")
+            time.sleep(poll)
