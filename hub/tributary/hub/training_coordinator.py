@@ -34,7 +34,7 @@ from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
 from tributary.hub.services import training
 from tributary.hub.services.enrolment import public_key
 from tributary.hub.settings import HubSettings
-from tributary.protocol.broker import Delivery, StompClient
+from tributary.protocol.broker import Delivery, PublishError, StompClient
 from tributary.protocol.messages import ProtocolError
 from tributary.protocol.objects import ObjectStore, ObjectStoreError, round_update_key
 from tributary.protocol.signing import PublicKey, SigningKey
@@ -79,7 +79,8 @@ class TrainingCoordinator:
         #: One writer of round rows at a time: the broker's thread and the round loop.
         self._lock = threading.Lock()
         self.refused: list[str] = []
-        self._models: OrderedDict[str, Tensors] = OrderedDict()
+        self._models: OrderedDict[tuple[str, str], tuple[msg.ObjectRef, Tensors]] = \
+            OrderedDict()
         #: (round id, stage) whose messages this process has sent.
         self._sent: set[tuple[str, str]] = set()
         self._stop = threading.Event()
@@ -95,27 +96,31 @@ class TrainingCoordinator:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         location = training.model_location(study_id, round_index, digest)
         self.store.put(location, data)
-        self._remember(digest, decode_tensors(data))
-        return msg.ObjectRef(digest=digest, location=location, size=len(data))
+        ref = msg.ObjectRef(digest=digest, location=location, size=len(data))
+        self._remember(ref, decode_tensors(data))
+        return ref
 
     def model(self, study_id: str, round_index: int, digest: str) -> tuple[msg.ObjectRef,
                                                                              Tensors]:
         """The global model going into ``round_index``, found by its digest in the store
-        (checked against it)."""
+        (checked against it; kept decoded for the next passes)."""
         location = training.model_location(study_id, round_index, digest)
+        cached = self._models.get((location, digest))
+        if cached is not None:
+            return cached
         data = self.store.get(location)
         if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
             raise ProtocolError(f"global model at {location} does not match its digest")
-        if digest not in self._models:
-            self._remember(digest, decode_tensors(data))
-        return msg.ObjectRef(digest=digest, location=location, size=len(data)), \
-            self._models[digest]
+        ref = msg.ObjectRef(digest=digest, location=location, size=len(data))
+        return self._remember(ref, decode_tensors(data))
 
-    def _remember(self, digest: str, params: Tensors) -> None:
-        self._models[digest] = params
-        self._models.move_to_end(digest)
+    def _remember(self, ref: msg.ObjectRef, params: Tensors) -> tuple[msg.ObjectRef, Tensors]:
+        key = (ref.location, ref.digest)
+        self._models[key] = (ref, params)
+        self._models.move_to_end(key)
         while len(self._models) > MODEL_CACHE:
             self._models.popitem(last=False)
+        return ref, params
 
     def global_model_at(self, study_id: str, round_index: int) -> Tensors:
         """The global model that went into ``round_index`` (the initial one at 0)."""
@@ -177,6 +182,17 @@ class TrainingCoordinator:
         self.broker.publish(spoke_training_queue(receiver, self.federation),
                             seal_message(self.key, message))
 
+    def _send_stage(self, sent: tuple[str, str],
+                    out: list[tuple[str, msg.TrainingFromHub]]) -> None:
+        """Send a stage's messages; if one cannot be sent (the broker away), the stage is
+        marked unsent so that the next pass sends it again to whoever has not answered."""
+        try:
+            for receiver, message in out:
+                self._send(receiver, message)
+        except Exception:
+            self._sent.discard(sent)
+            raise
+
     @staticmethod
     def _upload_for(row: TrainingRound):  # type: ignore[no-untyped-def]
         return lambda s: round_update_key(s, row.round_index, f"{row.round_id}.masked")
@@ -207,12 +223,12 @@ class TrainingCoordinator:
             else:
                 row = session.exec(select(TrainingRound).where(
                     TrainingRound.round_id == nxt.round_id)).one()
-            if (row.round_id, row.stage) not in self._sent:
+            sent = (row.round_id, row.stage)
+            if sent not in self._sent:
                 out = training.pending_messages(study, row, ref, signature,
                                                 self._upload_for(row))
-                self._sent.add((row.round_id, row.stage))
-        for receiver, message in out:
-            self._send(receiver, message)
+                self._sent.add(sent)
+        self._send_stage(sent, out)
         if nxt.action == "open":
             return True
         return self._advance(study_id, row.round_id, params)
@@ -232,10 +248,10 @@ class TrainingCoordinator:
                 ref = self.put_model(row.round_index + 1, study_id, new)
                 training.set_global_model(session, study, row, ref.digest)
             session.commit()
-            self._sent.add((row.round_id, row.stage))
+            sent = (row.round_id, row.stage)
+            self._sent.add(sent)
             running = study.state == "running"
-        for receiver, message in out:
-            self._send(receiver, message)
+        self._send_stage(sent, out)
         return running
 
     def run(self, study_id: str, initial: Tensors, poll_s: float = 0.2,
@@ -279,8 +295,8 @@ class TrainingCoordinator:
         for study_id in self.running_studies():
             try:
                 self.step(study_id)
-            except (ProtocolError, ObjectStoreError, SecAggError, training.TrainingError,
-                    KeyError, ValueError) as exc:
+            except (ProtocolError, ObjectStoreError, PublishError, SecAggError,
+                    training.TrainingError, KeyError, ValueError) as exc:
                 log.warning("training study %s: %s", study_id, exc)
 
     def serve(self, poll_s: float = 0.5) -> TrainingCoordinator:
