@@ -1,12 +1,13 @@
-"""Training as a hub service: a real hub process (`tributary hub serve`, its training loop
-in the web app) with its own signing key, the spokes' keys from its enrolment tables, the
-real broker and a real SeaweedFS. A coordinator launches the study with `tributary
-training launch` (a spoke that is not enrolled is refused with the reason); three spokes'
-training agents run in this process on the federated example image in Docker. The hub is
-killed with SIGKILL in round 0 after two spokes joined, and started again: the study
-completes, each round aggregated once with each spoke's contribution counted once (rows,
-privacy ledgers, and round 0's applied step against the plain weighted sum of the spokes'
-updates, recomputed here); `tributary training watch` exits 0."""
+"""Training as a hub service: a real hub process (`tributary hub serve`, the training loop
+in the web app, or beside it as `tributary hub train`) with its own signing key, the
+spokes' keys from its enrolment tables, the real broker and a real SeaweedFS. A coordinator
+launches the study with `tributary training launch` (a spoke that is not enrolled is
+refused with the reason); three spokes' training agents run in this process on the
+federated example image in Docker. The hub (all its processes) is killed with SIGKILL in
+round 0 after two spokes joined, and started again: the study completes, each round
+aggregated once with each spoke's contribution counted once (rows, privacy ledgers, and
+round 0's applied step against the plain weighted sum of the spokes' updates, recomputed
+here); `tributary training watch` exits 0."""
 
 from __future__ import annotations
 
@@ -91,13 +92,15 @@ def wait_for(what: str, condition, timeout: float = 180.0,
     raise AssertionError(f"timed out waiting for {what}" + ("\n" + hub.log() if hub else ""))
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["in-web-app", "hub-train"])
 def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         image: str, store_settings: ServiceSettings, service_settings: ServiceSettings,
-        tmp_path: Path) -> None:
+        tmp_path: Path, apart: bool) -> None:
     federation = f"th{uuid.uuid4().hex[:8]}"
     cohorts = make_cohorts(tmp_path / "cohorts")
     hub = TrainingHub(tmp_path / "hub", service_settings.host, service_settings.broker_port,
-                      federation, objectstore.write_party_credentials(store_settings, "hub"))
+                      federation, objectstore.write_party_credentials(store_settings, "hub"),
+                      apart=apart)
     hub_key, database = hub.key, hub.database_url
     broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
                             federation=federation)
@@ -157,7 +160,7 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
 
         watched = cli(hub, token, "watch", study_id, "--interval", "1", "--timeout", "400",
                       timeout=450)
-        assert watched.returncode == 0, (watched.stdout, watched.stderr, hub.log())
+        assert watched.returncode == 0, (watched.stdout, watched.stderr, hub.logs()[-4000:])
         assert f"{study_id}: finished" in watched.stdout
         shown = json.loads(cli(hub, token, "show", study_id, "--json").stdout)
         listed = cli(hub, token, "list")
@@ -169,6 +172,8 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
             client.close()
         hub.stop()
 
+    if apart:  # the loop ran in `tributary hub train`, not in the web app
+        assert "training coordinator on" in (tmp_path / "hub" / "train-2.log").read_text()
     assert shown["state"] == "finished" and shown["rounds_done"] == ROUNDS
     assert [(r["round"], r["attempt"], r["stage"], sorted(r["joined"]), r["survivors"],
              r["dropouts"]) for r in shown["round_list"]] == [

@@ -25,7 +25,9 @@ TRIBUTARY = str(Path(sys.executable).with_name("tributary"))
 
 @dataclass
 class TrainingHub:
-    """``folder`` holds ``hub.db``, ``hub.key``, ``audit.jsonl`` and one log per start."""
+    """``folder`` holds ``hub.db``, ``hub.key``, ``audit.jsonl`` and one log per start.
+    ``apart``: the round loop runs as `tributary hub train` beside the web app (started,
+    killed and stopped with it) instead of in it."""
 
     folder: Path
     broker_host: str
@@ -33,10 +35,12 @@ class TrainingHub:
     federation: str
     store_credentials: Path
     poll_seconds: float = 0.2
+    apart: bool = False
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     port: int = field(default_factory=lambda: free_port("127.0.0.1"))
     starts: int = 0
     process: subprocess.Popen | None = None  # type: ignore[type-arg]
+    trainer: subprocess.Popen | None = None  # type: ignore[type-arg]
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -61,7 +65,8 @@ class TrainingHub:
                 "TRIBUTARY_HUB_BROKER_PORT": str(self.broker_port),
                 "TRIBUTARY_HUB_BROKER_FEDERATION": self.federation,
                 "TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS": str(self.store_credentials),
-                "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": str(self.poll_seconds)}
+                "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": str(self.poll_seconds),
+                "TRIBUTARY_HUB_RUN_TRAINING": "false" if self.apart else "true"}
 
     def log_path(self) -> Path:
         return self.folder / f"hub-{self.starts}.log"
@@ -72,9 +77,10 @@ class TrainingHub:
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def logs(self) -> str:
-        """Every start's log, in order."""
-        return "".join((self.folder / f"hub-{n}.log").read_text(errors="replace")
-                       for n in range(1, self.starts + 1))
+        """Every start's logs (web app, then the training process if apart), in order."""
+        paths = [self.folder / f"{name}-{n}.log" for n in range(1, self.starts + 1)
+                 for name in ("hub", "train")]
+        return "".join(p.read_text(errors="replace") for p in paths if p.exists())
 
     def start(self, timeout: float = 60) -> None:
         self.starts += 1
@@ -89,25 +95,35 @@ class TrainingHub:
                 raise RuntimeError("the hub stopped while starting:\n" + self.log())
             try:
                 if httpx.get(f"{self.url}/api/health", timeout=2).status_code == 200:
-                    return
+                    break
             except httpx.TransportError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError("the hub did not start:\n" + self.log())
+        else:
+            raise RuntimeError("the hub did not start:\n" + self.log())
+        if self.apart:  # after the web app: it has brought the schema up to date
+            with open(self.folder / f"train-{self.starts}.log", "wb") as log:
+                self.trainer = subprocess.Popen(
+                    [TRIBUTARY, "hub", "train"], env=self.env(), stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def _processes(self) -> list[subprocess.Popen]:  # type: ignore[type-arg]
+        return [p for p in (self.trainer, self.process) if p is not None and p.poll() is None]
 
     def kill(self) -> None:
-        """SIGKILL to the hub's process group: nothing of the process is kept."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=30)
+        """SIGKILL to each of the hub's process groups: nothing of them is kept."""
+        for process in self._processes():
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+        for process in self._processes():
+            os.killpg(process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=30)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                self.kill()
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
 
     # --- through the hub's API ---------------------------------------------------------
 
