@@ -4,10 +4,11 @@ spokes' keys from its enrolment tables, the real broker and a real SeaweedFS. A 
 launches the study with `tributary training launch` (a spoke that is not enrolled is
 refused with the reason); three spokes' training agents run in this process on the
 federated example image in Docker. The hub (all its processes) is killed with SIGKILL in
-round 0 after two spokes joined, and started again: the study completes, each round
-aggregated once with each spoke's contribution counted once (rows, privacy ledgers, and
-round 0's applied step against the plain weighted sum of the spokes' updates, recomputed
-here); `tributary training watch` exits 0."""
+round 0 after two spokes joined, and in round 1 after two sent their masked input, each
+time started again: the study completes, each round aggregated once with each spoke's
+contribution counted once (rows, privacy ledgers, and the applied step of both killed
+rounds against the plain weighted sum of the spokes' updates, recomputed here); `tributary
+training watch` exits 0."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -74,6 +76,19 @@ def store_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service
     objectstore.stop(settings)
 
 
+class HeldStore(ObjectStore):
+    """A spoke's real store whose write of its round-1 masked vector waits for the test."""
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def put(self, key: str, data: bytes) -> None:
+        if "-r1-" in key:
+            HeldStore.held.set()
+            HeldStore.release.wait(300)
+        super().put(key, data)
+
+
 def cli(hub: TrainingHub, token: str, *args: str, timeout: float = 120
         ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([TRIBUTARY, "training", *args, "--hub", hub.url, "--token", token],
@@ -96,6 +111,8 @@ def wait_for(what: str, condition, timeout: float = 180.0,
 def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         image: str, store_settings: ServiceSettings, service_settings: ServiceSettings,
         tmp_path: Path, apart: bool) -> None:
+    HeldStore.held.clear()
+    HeldStore.release.clear()
     federation = f"th{uuid.uuid4().hex[:8]}"
     cohorts = make_cohorts(tmp_path / "cohorts")
     hub = TrainingHub(tmp_path / "hub", service_settings.host, service_settings.broker_port,
@@ -108,10 +125,10 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
     agents: dict[str, TrainingAgent] = {}
     clients: list[StompClient] = []
 
-    def start_agent(n: int, spoke: str) -> None:
+    def start_agent(n: int, spoke: str, store_class: type[ObjectStore] = ObjectStore) -> None:
         client = StompClient(broker, f"{spoke}-training").start(wait=30)
         clients.append(client)
-        store = ObjectStore.from_file(objectstore.write_party_credentials(store_settings, spoke))
+        store = store_class.from_file(objectstore.write_party_credentials(store_settings, spoke))
         trainer = DockerTrainer(image, site_of(cohorts / f"site{n}"),
                                 {"timeout": 120, "memory_mb": 512})
         agents[spoke] = TrainingAgent(spoke, client, store, spoke_keys[spoke], hub_key.public,
@@ -144,18 +161,27 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
 
         engine = make_engine(database, migrate=False)
 
-        def round0() -> TrainingRound | None:
+        def round_row(index: int) -> TrainingRound | None:
             with Session(engine) as session:
                 return session.exec(select(TrainingRound).where(
-                    TrainingRound.study_id == study_id)).first()
+                    TrainingRound.study_id == study_id,
+                    TrainingRound.round_index == index)).first()
 
         start_agent(0, "site-a")
         start_agent(1, "site-b")  # site-c is offline for now
         wait_for("two spokes to join round 0",
-                 lambda: (r := round0()) is not None and len(r.num_examples) == 2, hub=hub)
+                 lambda: (r := round_row(0)) is not None and len(r.num_examples) == 2, hub=hub)
         hub.kill()  # mid-round: two joined, one not; nothing of the hub's process is kept
-        assert round0().stage == "keys"
-        start_agent(2, "site-c")  # its round-open waited in the broker; it joins now
+        assert round_row(0).stage == "keys"
+        start_agent(2, "site-c", HeldStore)  # its round-open waited in the broker; it joins
+        hub.start()
+        # Round 1: killed again in the masking stage, two masked inputs in, site-c's upload
+        # held until the hub is down (keys and shares were routed by the hub before).
+        wait_for("two masked inputs in round 1", lambda: HeldStore.held.is_set() and (
+            r := round_row(1)) is not None and len(r.secagg.get("masked", {})) == 2, hub=hub)
+        hub.kill()
+        assert round_row(1).stage == "masked"
+        HeldStore.release.set()
         hub.start()
 
         watched = cli(hub, token, "watch", study_id, "--interval", "1", "--timeout", "400",
@@ -166,6 +192,7 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         listed = cli(hub, token, "list")
         assert study_id in listed.stdout and f"{ROUNDS}/{ROUNDS}" in listed.stdout
     finally:
+        HeldStore.release.set()
         for agent in agents.values():
             agent.stop()
         for client in clients:
@@ -191,24 +218,25 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         aggregated = session.exec(select(AuditEvent).where(
             AuditEvent.action == "training.round_aggregated")).all()
         assert sorted(e.target for e in aggregated) == sorted(r.round_id for r in rows)
-        first = rows[0]
 
-    # Round 0 (the killed one): the applied step is the plain weighted sum of the spokes'
-    # real updates (recomputed here from their cohorts), within the noise.
+    # Rounds 0 and 1 (the killed ones): the applied step is the plain weighted sum of the
+    # spokes' real updates (recomputed here from their cohorts), within the noise.
     store = ObjectStore.from_file(objectstore.write_party_credentials(store_settings, "hub"))
-    global_in = decode_tensors(store.get(training.model_location(
-        study_id, 0, first.global_model_in)))
-    global_out = decode_tensors(store.get(training.model_location(
-        study_id, 1, first.global_model_out)))
-    schema = schema_of(global_in)
-    reference = max(first.num_examples.values())
-    reals = []
-    for n in range(len(SPOKES)):
-        trained, count, _ = logreg.NoduleClassifier().fit(
-            global_in, logreg.cohort_data(cohorts / f"site{n}"), RoundConfig(round=1))
-        reals.append((flatten(trained, schema) - flatten(global_in, schema))
-                     * (count / reference))
-    weights = sum(c / reference for c in first.num_examples.values())
-    applied = flatten(global_out, schema) - flatten(global_in, schema)
-    assert np.max(np.abs(applied - np.sum(reals, axis=0) / weights)) < 0.1
-    assert np.linalg.norm(applied) > 0.1  # the step is real, not a stale model
+    for row in rows[:2]:
+        global_in = decode_tensors(store.get(training.model_location(
+            study_id, row.round_index, row.global_model_in)))
+        global_out = decode_tensors(store.get(training.model_location(
+            study_id, row.round_index + 1, row.global_model_out)))
+        schema = schema_of(global_in)
+        reference = max(row.num_examples.values())
+        reals = []
+        for n in range(len(SPOKES)):
+            trained, count, _ = logreg.NoduleClassifier().fit(
+                global_in, logreg.cohort_data(cohorts / f"site{n}"),
+                RoundConfig(round=row.round_index + 1))
+            reals.append((flatten(trained, schema) - flatten(global_in, schema))
+                         * (count / reference))
+        weights = sum(c / reference for c in row.num_examples.values())
+        applied = flatten(global_out, schema) - flatten(global_in, schema)
+        assert np.max(np.abs(applied - np.sum(reals, axis=0) / weights)) < 0.1
+        assert np.linalg.norm(applied) > 0.01  # the step is real, not a stale model
