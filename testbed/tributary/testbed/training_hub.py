@@ -33,7 +33,8 @@ class TrainingHub:
     broker_host: str
     broker_port: int
     federation: str
-    store_credentials: Path
+    #: The hub's object-store credentials (None: a hub without training service).
+    store_credentials: Path | None
     poll_seconds: float = 0.2
     apart: bool = False
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
@@ -56,7 +57,9 @@ class TrainingHub:
         return f"sqlite:///{self.folder / 'hub.db'}"
 
     def env(self) -> dict[str, str]:
-        return {**os.environ,
+        store = ({"TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS": str(self.store_credentials)}
+                 if self.store_credentials is not None else {})
+        return {**os.environ, **store,
                 "TRIBUTARY_HUB_DATABASE_URL": self.database_url,
                 "TRIBUTARY_HUB_SIGNING_KEY": str(self.folder / "hub.key"),
                 "TRIBUTARY_HUB_AUDIT_LOG": str(self.folder / "audit.jsonl"),
@@ -64,7 +67,6 @@ class TrainingHub:
                 "TRIBUTARY_HUB_BROKER_HOST": self.broker_host,
                 "TRIBUTARY_HUB_BROKER_PORT": str(self.broker_port),
                 "TRIBUTARY_HUB_BROKER_FEDERATION": self.federation,
-                "TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS": str(self.store_credentials),
                 "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": str(self.poll_seconds),
                 "TRIBUTARY_HUB_RUN_TRAINING": "false" if self.apart else "true"}
 
