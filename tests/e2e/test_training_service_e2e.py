@@ -12,6 +12,7 @@ training watch` exits 0."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,7 @@ from tributary.hub.services import training
 from tributary.protocol.broker import BrokerSettings, StompClient
 from tributary.protocol.objects import ObjectStore
 from tributary.protocol.signing import SigningKey
-from tributary.protocol.training.tensors import decode_tensors
+from tributary.protocol.training.tensors import decode_tensors, encode_tensors
 from tributary.protocol.training.update import flatten, schema_of
 from tributary.services import objectstore
 from tributary.services.settings import ServiceSettings
@@ -240,3 +242,82 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         applied = flatten(global_out, schema) - flatten(global_in, schema)
         assert np.max(np.abs(applied - np.sum(reals, axis=0) / weights)) < 0.1
         assert np.linalg.norm(applied) > 0.01  # the step is real, not a stale model
+
+
+@pytest.mark.parametrize("grace", [15.0, 0.0], ids=["grace", "no-grace"])
+def test_a_deadline_that_passed_while_the_hub_was_down_waits_for_late_answers(
+        image: str, store_settings: ServiceSettings, service_settings: ServiceSettings,
+        tmp_path: Path, grace: float) -> None:
+    """Killed in round 0's keys stage with two of three spokes in; the stage's deadline
+    passes while the hub is down and the third spoke answers only after the restart. For
+    its first seconds (TRIBUTARY_HUB_TRAINING_RESUME_GRACE_SECONDS) the restarted hub closes
+    a stage only when everyone answered, so the round completes at its first attempt; with
+    no grace it closes the stage at once, short of the minimum, and retries the round."""
+    federation = f"tg{uuid.uuid4().hex[:8]}"
+    cohorts = make_cohorts(tmp_path / "cohorts")
+    hub = TrainingHub(tmp_path / "hub", service_settings.host, service_settings.broker_port,
+                      federation, objectstore.write_party_credentials(store_settings, "hub"),
+                      settings={"TRIBUTARY_HUB_TRAINING_RESUME_GRACE_SECONDS": str(grace)})
+    broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
+                            federation=federation)
+    spoke_keys = {s: SigningKey.generate() for s in SPOKES}
+    agents: list[TrainingAgent] = []
+    clients: list[StompClient] = []
+
+    def start_agent(n: int) -> None:
+        spoke = SPOKES[n]
+        client = StompClient(broker, f"{spoke}-training").start(wait=30)
+        clients.append(client)
+        store = ObjectStore.from_file(objectstore.write_party_credentials(store_settings, spoke))
+        agent = TrainingAgent(spoke, client, store, spoke_keys[spoke], hub.key.public,
+                              DockerTrainer(image, site_of(cohorts / f"site{n}"),
+                                            {"timeout": 120, "memory_mb": 512}),
+                              federation, tmp_path / f"{spoke}.journal", b"k" * 32)
+        agent.start()
+        agents.append(agent)
+
+    engine = make_engine(hub.database_url)  # the schema, before the hub reads it
+    hub.start()
+    try:
+        with hub.api(hub.sign_in()) as api:
+            for spoke, key in spoke_keys.items():
+                hub.enrol(api, spoke, key)
+            initial = {"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}
+            launched = api.post("/api/training-studies", json={
+                "name": "late", "algorithm": image, "spokes": SPOKES, "rounds": 1,
+                "min_participants": 3, "round_deadline_s": 8, "clip_bound": 10.0,
+                "noise_multiplier": 0.002, "epsilon_budget": 1e12, "delta": 1e-5,
+                "initial_model_b64": base64.b64encode(encode_tensors(initial)).decode()})
+            assert launched.status_code == 201, launched.text
+            study_id = launched.json()["id"]
+
+            def first_row() -> TrainingRound | None:
+                with Session(engine) as session:
+                    return session.exec(select(TrainingRound).where(
+                        TrainingRound.study_id == study_id)).first()
+
+            start_agent(0)
+            start_agent(1)
+            row = wait_for("two joins", lambda: (r := first_row()) is not None
+                           and len(r.num_examples) == 2 and r, hub=hub)
+            hub.kill()
+            assert first_row().stage == "keys"
+            deadline = row.stage_deadline.replace(tzinfo=UTC)
+            time.sleep(max(0.0, (deadline - datetime.now(UTC)).total_seconds()) + 1)
+            hub.start()
+            start_agent(2)  # answers only now, after the deadline
+            study = hub.wait_for_end(api, study_id, timeout=300)
+    finally:
+        for agent in agents:
+            agent.stop()
+        for client in clients:
+            client.close()
+        hub.stop()
+    assert study["state"] == "finished", (study, hub.logs()[-3000:])
+    outcomes = [(r["round"], r["attempt"], r["stage"], sorted(r["joined"]))
+                for r in study["round_list"]]
+    if grace:
+        assert outcomes == [(0, 1, "aggregated", SPOKES)]
+    else:
+        assert outcomes[0] == (0, 1, "retried", SPOKES[:2])
+        assert outcomes[-1][2:] == ("aggregated", SPOKES)

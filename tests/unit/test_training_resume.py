@@ -130,10 +130,12 @@ def test_resume_sends_the_open_stage_again_and_counts_each_spoke_once(tmp_path: 
         row = training.current_round(session, study)
         # Only the spoke that has not joined is asked again...
         assert [r for r, _ in hub.pending(session, study, row)] == ["spoke-c"]
+        assert not training.all_answered(row)
         # ...and a join redelivered after the restart changes nothing.
         hub.receive(session, row, joins)
         hub.receive(session, row, joins)
         assert row.num_examples == {"spoke-a": 10, "spoke-b": 20, "spoke-c": 40}
+        assert training.all_answered(row)
         out, _ = training.advance(session, study, row, hub.load, 4)
         session.commit()
         assert row.stage == "shares"

@@ -34,6 +34,10 @@ class HubSettings(BaseSettings):
     objectstore_credentials: Path | None = None
     #: How often the training loop looks at open rounds (deadlines, stages to close).
     training_poll_seconds: float = Field(0.5, gt=0, le=60)
+    #: For this long after the training loop starts, a stage is closed only when every spoke
+    #: answered, never at its deadline: answers that waited in the broker while the hub was
+    #: down are taken first.
+    training_resume_grace_seconds: float = Field(15.0, ge=0, le=3600)
     #: Check at registration that the registry really serves the algorithm's digest.
     verify_registry: bool = True
     #: Creates user ``admin`` with this password on first start, when there is no user yet.

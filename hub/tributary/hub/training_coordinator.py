@@ -71,7 +71,7 @@ class TrainingCoordinator:
 
     def __init__(self, engine: Engine, broker: StompClient, store: ObjectStore,
                  key: SigningKey, spoke_keys: Mapping[str, PublicKey] | None,
-                 federation: str) -> None:
+                 federation: str, resume_grace_s: float = 0.0) -> None:
         self.engine, self.broker, self.store, self.key = engine, broker, store, key
         self.spoke_keys = None if spoke_keys is None else {
             f"{s}/pinned": k for s, k in spoke_keys.items()}
@@ -85,6 +85,9 @@ class TrainingCoordinator:
         self._sent: set[tuple[str, str]] = set()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Stages are not closed at their deadline this long after the process started.
+        self.resume_grace_s = resume_grace_s
+        self._born = time.monotonic()
 
     def start(self) -> None:
         self.broker.subscribe(hub_training_queue(self.federation), self._on_message)
@@ -193,6 +196,9 @@ class TrainingCoordinator:
             self._sent.discard(sent)
             raise
 
+    def _resuming(self) -> bool:
+        return time.monotonic() - self._born < self.resume_grace_s
+
     @staticmethod
     def _upload_for(row: TrainingRound):  # type: ignore[no-untyped-def]
         return lambda s: round_update_key(s, row.round_index, f"{row.round_id}.masked")
@@ -239,6 +245,10 @@ class TrainingCoordinator:
             study = session.get(TrainingStudy, study_id)
             row = session.exec(select(TrainingRound).where(
                 TrainingRound.round_id == round_id)).one()
+            if self._resuming() and not training.all_answered(row):
+                # Just started: answers that arrived while the hub was down are still being
+                # taken off the broker; a deadline that passed meanwhile must not drop them.
+                return True
             out, mean = training.advance(
                 session, study, row,
                 lambda location: vector_from_bytes(self.store.get(location), 32, schema.size),
@@ -329,7 +339,8 @@ def from_settings(settings: HubSettings, engine: Engine, broker: StompClient,
                  "federated training is off")
         return None
     store = ObjectStore.from_file(settings.objectstore_credentials)
-    return TrainingCoordinator(engine, broker, store, key, None, settings.broker_federation)
+    return TrainingCoordinator(engine, broker, store, key, None, settings.broker_federation,
+                               settings.training_resume_grace_seconds)
 
 
 def run(settings: HubSettings | None = None, stop: threading.Event | None = None) -> None:

@@ -37,6 +37,8 @@ class TrainingHub:
     store_credentials: Path | None
     poll_seconds: float = 0.2
     apart: bool = False
+    #: Further TRIBUTARY_HUB_* settings for the hub's processes.
+    settings: dict[str, str] = field(default_factory=dict)
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     port: int = field(default_factory=lambda: free_port("127.0.0.1"))
     starts: int = 0
@@ -68,7 +70,8 @@ class TrainingHub:
                 "TRIBUTARY_HUB_BROKER_PORT": str(self.broker_port),
                 "TRIBUTARY_HUB_BROKER_FEDERATION": self.federation,
                 "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": str(self.poll_seconds),
-                "TRIBUTARY_HUB_RUN_TRAINING": "false" if self.apart else "true"}
+                "TRIBUTARY_HUB_RUN_TRAINING": "false" if self.apart else "true",
+                **self.settings}
 
     def log_path(self) -> Path:
         return self.folder / f"hub-{self.starts}.log"

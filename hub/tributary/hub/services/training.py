@@ -246,9 +246,17 @@ def _waiting_for(server: SecAggServer) -> tuple[set[str], set[str]]:
     }[s.stage.value]
 
 
+def all_answered(row: TrainingRound) -> bool:
+    """True if every spoke the open stage waits for has answered it."""
+    if row.stage not in OPEN_STAGES:
+        return False
+    expected, answered = _waiting_for(_server(row))
+    return expected <= answered
+
+
 def ready(row: TrainingRound, now: datetime | None = None) -> bool:
     """True if the open stage may close: everyone answered, or its deadline passed."""
-    if row.stage not in ("keys", "shares", "masked", "consistency", "unmask"):
+    if row.stage not in OPEN_STAGES:
         return False
     expected, answered = _waiting_for(_server(row))
     deadline = row.stage_deadline
