@@ -23,7 +23,7 @@ import logging
 import signal
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 
 import numpy as np
@@ -78,7 +78,8 @@ class TrainingCoordinator:
         self.federation = federation
         #: One writer of round rows at a time: the broker's thread and the round loop.
         self._lock = threading.Lock()
-        self.refused: list[str] = []
+        #: The latest refusals (bounded: a hostile sender cannot grow it without end).
+        self.refused: deque[str] = deque(maxlen=1000)
         self._models: OrderedDict[tuple[str, str], tuple[msg.ObjectRef, Tensors]] = \
             OrderedDict()
         #: (round id, stage) whose messages this process has sent.
@@ -124,22 +125,6 @@ class TrainingCoordinator:
         while len(self._models) > MODEL_CACHE:
             self._models.popitem(last=False)
         return ref, params
-
-    def global_model_at(self, study_id: str, round_index: int) -> Tensors:
-        """The global model that went into ``round_index`` (the initial one at 0)."""
-        with Session(self.engine) as session:
-            if round_index == 0:
-                study = session.get(TrainingStudy, study_id)
-                digest = None
-                first = training.rounds_of(session, study_id)
-                digest = first[0].global_model_in if first else study.global_model
-            else:
-                done = [r for r in training.rounds_of(session, study_id)
-                        if r.round_index == round_index - 1 and r.stage == "aggregated"]
-                digest = done[0].global_model_out if done else None
-        if digest is None:
-            raise KeyError(f"no global model for round {round_index} of {study_id}")
-        return self.model(study_id, round_index, digest)[1]
 
     # --- messages from spokes --------------------------------------------------------
 
