@@ -26,6 +26,7 @@ app = typer.Typer(
         dlq="tributary.hub.commands.dlq:app",
         gaps="tributary.hub.commands.gaps:app",
         bundle="tributary.cli.bundle:app",
+        training="tributary.cli.training_export:app",
         demo="tributary.cli.demo:demo",
         login="tributary.cli.login:login",
     ),

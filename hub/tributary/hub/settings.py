@@ -73,6 +73,10 @@ class HubSettings(BaseSettings):
     #: The CA the registry's TLS certificate is checked against when the hub reads and
     #: writes the registry itself (the federation CA); unset: plain HTTP on loopback.
     registry_ca_file: Path | None = None
+    #: The hub's credentials for the federation's object store (the JSON file
+    #: ``tributary services`` writes per party): where training studies' global models are
+    #: read from for export. Unset: no model download (provenance and bundles still work).
+    objectstore_credentials: Path | None = None
     #: The hub's Ed25519 signing key (PKCS#8 PEM), created on first start.
     signing_key: Path = Path("tributary-hub.key")
     #: Before a launch sends anything, check each target spoke's reported publisher trust:
