@@ -7,8 +7,9 @@ update to its custody record. The hub's round loop runs in this process (as the 
 
 A spoke is killed with SIGKILL mid-round twice, once after it sent its keys and shares and
 before it masked, once after its masked upload, and restarted: both rounds end with its
-contribution counted exactly once. An unapproved or forged image is refused by every
-spoke with a signed refusal naming the reason, audited on both sides, and never runs.
+contribution counted exactly once. A forged approval, an untrusted publisher and a round
+past the site's epsilon cap are each refused with a signed refusal naming the reason,
+audited on both sides, and nothing runs.
 """
 
 from __future__ import annotations
@@ -299,13 +300,20 @@ def test_training_in_spoke_agents_survives_kill_9(setup: dict[str, Any]) -> None
         assert released_digest(configs[spoke], last.round_id) == digest
 
 
-def test_unapproved_or_forged_training_images_are_refused(setup: dict[str, Any]) -> None:
-    spokes, configs = setup["spokes"], setup["configs"]
+def test_unapproved_or_forged_images_and_the_epsilon_cap_are_refused(
+        setup: dict[str, Any]) -> None:
+    spokes, configs, federation = setup["spokes"], setup["configs"], setup["federation"]
     coordinator, engine, approved = setup["coordinator"], setup["engine"], setup["approved"]
+    # The first site caps what it spends on a study far below what one round costs here.
+    capped = spokes[0]
+    federation.processes[f"spoke-{capped}"].stop()
+    configs[capped].write_text(configs[capped].read_text().replace(
+        "[training]\n", "[training]\nmax_epsilon_per_study = 1.0\n"))
+    federation.start_spoke(capped, configs[capped])
     stranger = SigningKey.generate()
     coordinator.images = {
-        # no hub approval at all
-        spokes[0]: approved.model_copy(update={"approval": None}),
+        # approved and released as it should be: only the site's cap refuses it
+        capped: approved,
         # an "approval" signed by a key that is not the pinned hub's
         spokes[1]: approved.model_copy(update={"approval": sign_approval(
             stranger, approved.repository, approved.digest, {"name": "x"})}),
@@ -321,21 +329,23 @@ def test_unapproved_or_forged_training_images_are_refused(setup: dict[str, Any])
     assert "error" not in out, out
     assert out["study"].state == "failed"
     assert watch.stop() == []  # nothing ran
-    expected = {spokes[0]: "no approval statement", spokes[1]: "approval",
-                spokes[2]: "release signature"}
+    expected = {capped: ("epsilon_cap", "over this site's cap 1.0"),
+                spokes[1]: ("image_not_trusted", "approval"),
+                spokes[2]: ("image_not_trusted", "release signature")}
     with Session(engine) as session:
         refusals = session.exec(select(AuditEvent).where(
             AuditEvent.action == "training.spoke_refused")).all()
         by_spoke = {e.detail["spoke"]: e.detail for e in refusals
                     if e.detail["study"] == study_id}
         assert sorted(by_spoke) == sorted(spokes)
-        for spoke, words in expected.items():
-            assert by_spoke[spoke]["reason"] == "image_not_trusted"
+        for spoke, (reason, words) in expected.items():
+            assert by_spoke[spoke]["reason"] == reason, by_spoke[spoke]
             assert words in by_spoke[spoke]["detail"], by_spoke[spoke]
         assert session.get(TrainingStudy, study_id).state == "failed"
-    for spoke in spokes:
+    for spoke, (reason, _words) in expected.items():
         refused = [e for e in audit(configs[spoke], "training.refused")
                    if e["target"] == study_id]
-        assert refused and refused[0]["detail"]["reason"] == "image_not_trusted"
-        assert any(e["detail"]["result"] == "refused" for e in audit(configs[spoke],
-                                                                      "image.verified"))
+        assert refused and refused[0]["detail"]["reason"] == reason
+    for spoke in spokes[1:]:
+        assert any(e["detail"]["result"] == "refused"
+                   for e in audit(configs[spoke], "image.verified"))
