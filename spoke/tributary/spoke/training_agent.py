@@ -173,7 +173,7 @@ class TrainingAgent:
                                          msg.decode_training_from_hub)
             p = self.participant
             if isinstance(message, msg.RoundOpen):
-                reply: Any = p.on_round_open(message, self._global_model(message))
+                reply: Any = self._join(message)
             elif isinstance(message, msg.Keys):
                 reply = p.on_keys(message)
             elif isinstance(message, msg.Delivery):
@@ -191,6 +191,19 @@ class TrainingAgent:
             self.refused.append(str(exc))
             self._refuse(message, exc)
         self.broker.ack(delivery)
+
+    def _join(self, message: msg.RoundOpen) -> msg.Join:
+        """Train and join; a fault on the way (the store, the engine, the registry) refuses
+        the round with its reason instead of holding the training queue."""
+        try:
+            return self.participant.on_round_open(message, self._global_model(message))
+        except (ProtocolError, SecAggError, TrainingRefused, UpdateError):
+            raise
+        except Exception as exc:
+            log.exception("%s could not train for round %s", self.spoke_id,
+                          message.secagg.round_id)
+            raise TrainingRefused(f"the spoke could not train: {type(exc).__name__}: {exc}",
+                                  "training_failed") from None
 
     def _refuse(self, message: Any, exc: Exception) -> None:
         """Audit the refusal; for a round's opening, tell the hub why, signed."""
