@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tributary.protocol.signing import SigningKey
@@ -148,6 +149,20 @@ def test_from_an_empty_folder_to_results(federation: LocalFederation,
     assert watched.returncode == 1
     assert "1 of 1 spoke(s) did not run it" in watched.stdout
     assert f"{strict} refused: image_not_trusted: release signature" in watched.stdout
+
+    # 8. limits from the command line reach the hub, which refuses before sending anything
+    #    a study asking for a GPU on a spoke whose heartbeats report none, naming why
+    gpu = run(BIN / "tributary", "study", "launch", "--name", "wants a gpu", "--algorithm",
+              str(algorithm_id), "--spoke", spoke, "--gpus", "1", "--tmp-mb", "64",
+              "--timeout", "120", "--watch", cwd=work, env=coordinator)
+    assert gpu.returncode == 1, gpu.stdout + gpu.stderr
+    assert "nothing was sent" in gpu.stderr, gpu.stderr
+    assert f"{spoke}: gpus: the study asks for 1 GPU(s) per case; this site offers none" \
+        in gpu.stderr
+    gpu_id = gpu.stdout.split("created ", 1)[1].split()[0]
+    limits = httpx.get(f"{federation.hub_url}/api/experiments/{gpu_id}", headers={
+        "Authorization": f"Bearer {federation.admin_token}"}).json()["limits"]
+    assert (limits["gpus"], limits["tmp_mb"], limits["timeout_seconds"]) == (1, 64, 120)
 
 
 def test_a_scaffold_in_another_language_passes_as_written(

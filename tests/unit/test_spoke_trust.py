@@ -15,7 +15,13 @@ from sqlmodel import Session, SQLModel, create_engine
 from tributary.hub.models import Algorithm, Experiment, ExperimentTarget, Spoke, SpokeKey
 from tributary.hub.services.launch import check_targets
 from tributary.hub.services.trust import LaunchRefused, verdict
-from tributary.protocol.messages import MAX_REPORTED_PUBLISHERS, HeartbeatMessage, PublisherTrust
+from tributary.protocol.messages import (
+    MAX_REPORTED_PUBLISHERS,
+    HeartbeatMessage,
+    PublisherTrust,
+    RunLimits,
+    SiteCapacity,
+)
 from tributary.protocol.release import (
     is_sandbox_grant,
     sign_approval,
@@ -25,6 +31,8 @@ from tributary.protocol.release import (
     verify_sandbox_grant,
 )
 from tributary.protocol.signing import SignatureError, SigningKey
+from tributary.spoke.config import RunnerSettings
+from tributary.spoke.runner import limits_refusal, site_capacity
 from tributary.spoke.trust import TrustedKeys, TrustError, add, read_store, remove
 
 DIGEST = "sha256:" + "ab" * 32
@@ -176,3 +184,63 @@ def test_the_launch_check_setting_relaxes_only_the_trust_part(session: Session) 
     assert refused(["stranger", "silent"], "reported") == ["stranger"]
     assert refused(["stranger", "silent"], "off") == []
     assert refused(["sandbox"], "off") == ["sandbox"]  # the boundary holds whatever the mode
+
+
+def test_a_study_asking_for_more_gpus_than_a_spoke_reported_is_refused_at_the_hub(
+        session: Session) -> None:
+    """The capacity a spoke reports (protocol 1.5) lets the hub refuse, naming why, a study
+    the spoke would refuse for its GPUs; the spoke's own rule is the same function."""
+    hub = SigningKey.generate()
+    algorithm = Algorithm(name="demo", version="1", repository=REPO, digest=DIGEST,
+                          approval=sign_approval(hub, REPO, DIGEST, {}))
+    session.add(algorithm)
+    session.commit()
+    now = datetime.now(UTC)
+
+    def capacity(engine: str, gpus: int) -> dict[str, object]:
+        return SiteCapacity(engine=engine, max_gpus=gpus, max_tmp_mb=4096,
+                            max_timeout_seconds=3600, max_memory_mb=8192,
+                            max_cpus=4).model_dump(mode="json")
+
+    open_fields = {"trust_reported_at": now, "trust_required": False, "trusted_publishers": []}
+    _spoke(session, "cpu-only", capacity=capacity("docker", 0), **open_fields)
+    _spoke(session, "two-gpus", capacity=capacity("docker", 2), **open_fields)
+    _spoke(session, "podman", capacity=capacity("podman", 4), **open_fields)
+    _spoke(session, "older", **open_fields)  # never reported: it decides on arrival
+
+    def refused(gpus: int) -> dict[str, str]:
+        experiment = Experiment(id=f"exp-gpu-{gpus}", name="x", algorithm_id=algorithm.id or 0,
+                                limits=RunLimits(gpus=gpus).model_dump(mode="json"))
+        session.add(experiment)
+        session.flush()
+        for spoke_id in ("cpu-only", "two-gpus", "podman", "older"):
+            session.add(ExperimentTarget(experiment_id=experiment.id, spoke_id=spoke_id))
+        session.commit()
+        try:
+            check_targets(session, experiment, algorithm, "off")  # no mode relaxes limits
+        except LaunchRefused as exc:
+            assert "nothing was sent" in exc.detail()["message"]
+            return {v.spoke_id: v.reason for v in exc.refusals}
+        return {}
+
+    assert refused(0) == {}
+    one = refused(1)
+    assert set(one) == {"cpu-only", "podman"}
+    assert "offers none ([runner] max_gpus = 0)" in one["cpu-only"]
+    assert "Podman" in one["podman"]
+    assert "at most 2" in refused(3)["two-gpus"]
+    # the same rule as the spoke's own admission check
+    site = RunnerSettings(max_gpus=2)
+    assert limits_refusal(RunLimits(gpus=3), site, "docker") == SiteCapacity(
+        engine="docker", max_gpus=2, max_tmp_mb=1, max_timeout_seconds=1, max_memory_mb=1,
+        max_cpus=1).refusal(RunLimits(gpus=3))
+    assert site_capacity(site, "slurm").max_gpus == 2
+
+
+def test_a_heartbeat_reports_the_sites_capacity_within_bounds() -> None:
+    with pytest.raises(ValidationError):
+        SiteCapacity(engine="docker; rm -rf /", max_gpus=0, max_tmp_mb=1,
+                     max_timeout_seconds=1, max_memory_mb=1, max_cpus=1)
+    with pytest.raises(ValidationError):
+        SiteCapacity(engine="docker", max_gpus=10_000, max_tmp_mb=1, max_timeout_seconds=1,
+                     max_memory_mb=1, max_cpus=1)

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(help="Local infrastructure: Docker engine, ActiveMQ broker, OCI "
-                       "registry and the algorithm base image.", no_args_is_help=True)
+                       "registry, S3 object store and the algorithm base image.",
+                  no_args_is_help=True)
 console = Console()
 
 

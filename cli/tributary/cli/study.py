@@ -52,12 +52,26 @@ def launch(
     release: Annotated[list[str] | None, typer.Option(
         help="Case attribute the spokes may release with results (repeatable).")] = None,
     expires_in_days: Annotated[float | None, typer.Option(help="Expiry, in days.")] = None,
+    timeout: Annotated[int | None, typer.Option(
+        help="Seconds each case may run (each site caps it).")] = None,
+    memory_mb: Annotated[int | None, typer.Option(help="Memory per case, MB.")] = None,
+    cpus: Annotated[float | None, typer.Option(help="CPUs per case.")] = None,
+    gpus: Annotated[int | None, typer.Option(
+        help="GPUs per case; a spoke with fewer refuses the study and says why.")] = None,
+    tmp_mb: Annotated[int | None, typer.Option(
+        help="Size of each case's /tmp, MB (unset: the site's default; each site caps it).")
+    ] = None,
     draft: Annotated[bool, typer.Option(help="Create it without launching.")] = False,
     watch_it: Annotated[bool, typer.Option("--watch", help="Then watch it until done.")] = False,
 ) -> None:
     """Create a study (checked by the hub: approved algorithm, valid arguments, enrolled
     spokes) and launch it; prints its id."""
     body: dict[str, Any] = json.loads(file.read_text()) if file else {}
+    limits = {k: v for k, v in {"timeout_seconds": timeout, "memory_mb": memory_mb,
+                                "cpus": cpus, "gpus": gpus, "tmp_mb": tmp_mb}.items()
+              if v is not None}
+    if limits:
+        body["limits"] = {**(body.get("limits") or {}), **limits}
     overrides = {"name": name, "algorithm_id": algorithm, "spoke_ids": spoke,
                  "arguments": _json_option(arguments, "--arguments"),
                  "cohort": _json_option(cohort, "--cohort"), "release": release,

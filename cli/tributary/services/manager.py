@@ -37,6 +37,10 @@ def up(settings: ServiceSettings | None = None,
     report("registry", registry.ensure_running(settings))
     report("base-image", base_image.ensure_base_image(settings))
     report("tesseract", ocr.ensure_tesseract())
+    # Models and masked updates of federated training (docs/training.md); hub-only
+    # identities until `tributary pki issue --objectstore` adds the spokes'.
+    report("objectstore", f"{objectstore.ensure_running(settings)} at "
+                          f"{objectstore.endpoint(settings)}")
 
 
 def down(settings: ServiceSettings | None = None,
@@ -61,7 +65,6 @@ def status(settings: ServiceSettings | None = None) -> list[ServiceStatus]:
         ("docker", *docker_engine.describe(settings)),
         ("activemq", *broker.describe(settings)),
         ("registry", *registry.describe(settings)),
-        # Started for federated training, not by `up` (see docs/deployment.md).
         ("objectstore", *objectstore.describe(settings)),
     ]
     engine_up = rows[0][1]

@@ -88,6 +88,9 @@ class Spoke(SQLModel, table=True):
     trust_required: bool | None = None
     trusted_publishers: list[str] | None = Field(default=None, sa_column=Column(JSON))
     trust_sandbox: bool | None = None
+    #: What one case may have there (GPUs, /tmp, time, memory, CPUs, executor), as its
+    #: latest heartbeat reported (protocol 1.5; None: never reported).
+    capacity: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
 
 
 class SpokeKey(SQLModel, table=True):

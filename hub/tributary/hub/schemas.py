@@ -158,6 +158,8 @@ class SpokeRead(BaseModel):
     trust_reported_at: datetime | None = None
     trust_required: bool | None = None
     trusted_publishers: list[str] | None = None
+    #: What one case may have there (GPUs, /tmp, limits, executor), as reported.
+    capacity: dict[str, Any] | None = None
 
 
 class SpokeRevoke(BaseModel):

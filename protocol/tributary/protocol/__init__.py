@@ -2,5 +2,5 @@
 broker destinations and the STOMP transport. Both sides import it; nothing here is
 duplicated on either side."""
 
-PROTOCOL_VERSION = "1.4"
+PROTOCOL_VERSION = "1.5"
 __version__ = "0.1.0"

@@ -69,6 +69,15 @@ def validate_id(value: str) -> str:
 Id = Annotated[str, StringConstraints(pattern=ID_RE.pattern), AfterValidator(validate_id)]
 
 
+def check_protocol_version(value: str) -> str:
+    """A message's ``protocol_version`` is one this side understands: the same major
+    version (minor versions only add optional fields)."""
+    if value.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+        raise ValueError(
+            f"unsupported protocol version {value!r}; this side speaks {PROTOCOL_VERSION}")
+    return value
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -79,14 +88,7 @@ class _Message(BaseModel):
         "message sent again (after a lost receipt, a reconnect or a restart) does no harm.")
     sent_at: datetime = Field(default_factory=utcnow)
 
-    @field_validator("protocol_version")
-    @classmethod
-    def _compatible(cls, value: str) -> str:
-        if value.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
-            raise ValueError(
-                f"unsupported protocol version {value!r}; this side speaks {PROTOCOL_VERSION}"
-            )
-        return value
+    _compatible = field_validator("protocol_version")(check_protocol_version)
 
 
 def validate_spoke_id(value: str) -> str:
@@ -393,6 +395,41 @@ class CertificateStatus(BaseModel):
     not_after: datetime
 
 
+class SiteCapacity(BaseModel):
+    """What one case may have at a spoke (its ``[runner]`` caps and its executor), reported
+    in heartbeats (protocol 1.5) so the hub refuses, before anything is sent, a study the
+    spoke would refuse for its limits. The spoke applies the same rule itself
+    (:meth:`refusal`), so an older hub or a stale report changes where, not whether."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    engine: str = Field(max_length=32, pattern=r"^[a-z0-9_-]+$", description=(
+        "The executor cases run on: docker, podman or slurm."))
+    max_gpus: int = Field(ge=0, le=64)
+    max_tmp_mb: int = Field(ge=1, le=16 * 1024 * 1024)
+    max_timeout_seconds: int = Field(ge=1, le=7 * 24 * 3600)
+    max_memory_mb: int = Field(ge=1, le=16 * 1024 * 1024)
+    max_cpus: float = Field(gt=0, le=1024)
+
+    def refusal(self, asked: RunLimits) -> str | None:
+        """Why this site will not run a study with these limits, or None. Time, memory,
+        CPUs and /tmp are capped (the case runs with less, and the case page says so);
+        GPUs are never cut down silently: a study asking for more is refused."""
+        if not asked.gpus:
+            return None
+        if self.max_gpus == 0:
+            return (f"gpus: the study asks for {asked.gpus} GPU(s) per case; this site offers "
+                    "none ([runner] max_gpus = 0)")
+        if asked.gpus > self.max_gpus:
+            return (f"gpus: the study asks for {asked.gpus} GPUs per case; this site offers "
+                    f"at most {self.max_gpus} ([runner] max_gpus)")
+        if self.engine == "podman":
+            return ("gpus: this site runs cases with Podman, whose Docker-compatible API does "
+                    "not pass GPU device requests; the site must use the Docker engine or "
+                    "Slurm")
+        return None
+
+
 class HeartbeatMessage(_Message):
     """Spoke → hub, every few seconds: the spoke is alive, what it runs and what waits.
     Sent non-persistent with an expiry, so heartbeats never pile up while the hub is away."""
@@ -412,6 +449,8 @@ class HeartbeatMessage(_Message):
         "The spoke's broker client certificate (mutual TLS), for expiry monitoring."))
     trust: PublisherTrust | None = Field(None, description=(
         "The publisher keys the spoke trusts (protocol 1.2; absent from older spokes)."))
+    capacity: SiteCapacity | None = Field(None, description=(
+        "What one case may have here (protocol 1.5; absent from older spokes)."))
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 

@@ -71,6 +71,7 @@ from tributary.spoke.liveness import (
     certificate_status,
 )
 from tributary.spoke.outbox import OutboxSender
+from tributary.spoke.runner import site_capacity
 from tributary.spoke.steward import Steward, StewardDesk
 from tributary.spoke.store import check_format
 from tributary.spoke.training_agent import TrainingAgent, load_or_create_secret
@@ -311,6 +312,7 @@ class SpokeAgent:
             interval_seconds=self.config.liveness.heartbeat_seconds,
             audit_head=self.lifecycle.audit_head(),
             trust=self.trusted.report(),
+            capacity=site_capacity(self.config.runner, self.config.execution.engine),
             certificate=certificate_status(self.config.broker.cert_file))
 
     # -- the worker threads -------------------------------------------------------------------

@@ -40,6 +40,7 @@ from tributary.protocol.messages import (
     Failure,
     FailureReason,
     RunLimits,
+    SiteCapacity,
 )
 from tributary.spoke import output_quota
 from tributary.spoke.config import RunnerSettings
@@ -76,21 +77,18 @@ def effective_limits(asked: RunLimits, site: RunnerSettings) -> RunLimits:
                      tmp_mb=min(asked.tmp_mb or site.tmpfs_mb, site.max_tmp_mb))
 
 
+def site_capacity(site: RunnerSettings, engine: str) -> SiteCapacity:
+    """What one case may have at this site, as its heartbeats report it to the hub."""
+    return SiteCapacity(engine=engine, max_gpus=site.max_gpus, max_tmp_mb=site.max_tmp_mb,
+                        max_timeout_seconds=site.max_timeout_seconds,
+                        max_memory_mb=site.max_memory_mb, max_cpus=site.max_cpus)
+
+
 def limits_refusal(asked: RunLimits, site: RunnerSettings, engine: str) -> str | None:
     """Why this site cannot run a study with these limits, or None: it asks for more GPUs
-    than a case may have here, or for any on an executor that cannot pass them on."""
-    if not asked.gpus:
-        return None
-    if site.max_gpus == 0:
-        return (f"gpus: the study asks for {asked.gpus} GPU(s) per case; this site offers "
-                "none ([runner] max_gpus = 0)")
-    if asked.gpus > site.max_gpus:
-        return (f"gpus: the study asks for {asked.gpus} GPUs per case; this site offers at "
-                f"most {site.max_gpus} ([runner] max_gpus)")
-    if engine == "podman":
-        return ("gpus: this site runs cases with Podman, whose Docker-compatible API does not "
-                "pass GPU device requests; the site must use the Docker engine or Slurm")
-    return None
+    than a case may have here, or for any on an executor that cannot pass them on. The hub
+    applies the same rule to the capacity the spoke reports, before launching."""
+    return site_capacity(site, engine).refusal(asked)
 
 
 def gpu_requests(gpus: int) -> list[docker.types.DeviceRequest] | None:

@@ -457,6 +457,12 @@ def _apply_heartbeat(session: Session, message: HeartbeatMessage) -> bool:
         spoke.trust_required = message.trust.required
         spoke.trusted_publishers = list(message.trust.keyids)
         spoke.trust_sandbox = message.trust.sandbox
+    if message.capacity is not None:
+        capacity = message.capacity.model_dump(mode="json")
+        if spoke.capacity != capacity:
+            audit.record(session, message.spoke_id, "spoke.capacity_reported",
+                         message.spoke_id, **capacity)
+            spoke.capacity = capacity
     if message.certificate is not None:
         spoke.certificate_serial = message.certificate.serial
         spoke.certificate_not_after = message.certificate.not_after

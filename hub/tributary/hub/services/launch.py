@@ -14,11 +14,12 @@ from tributary.hub.models import (
     Experiment,
     ExperimentState,
     ExperimentTarget,
+    Spoke,
     TargetState,
     utcnow,
 )
 from tributary.hub.services import audit
-from tributary.hub.services.trust import LaunchRefused, verdicts
+from tributary.hub.services.trust import LaunchRefused, limits_verdict, verdicts
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.destinations import spoke_queue
 from tributary.protocol.messages import (
@@ -76,6 +77,9 @@ def check_targets(session: Session, experiment: Experiment, algorithm: Algorithm
         return
     refusals = []
     for found in verdicts(session, algorithm, experiment.sandbox, pending):
+        if found.runs:
+            found = limits_verdict(session.get(Spoke, found.spoke_id),
+                                   RunLimits.model_validate(experiment.limits)) or found
         if found.runs:
             continue
         if found.refusal == "unreported" and mode in ("off", "reported"):

@@ -42,7 +42,7 @@ def spoke_read(spoke: Spoke, online_seconds: float) -> SpokeRead:
         certificate_not_after=spoke.certificate_not_after,
         certificate_days_left=days_left, certificate_state=state, sandbox=spoke.sandbox,
         trust_reported_at=spoke.trust_reported_at, trust_required=spoke.trust_required,
-        trusted_publishers=spoke.trusted_publishers)
+        trusted_publishers=spoke.trusted_publishers, capacity=spoke.capacity)
 
 
 def spoke_reads(session: Session, online_seconds: float) -> list[SpokeRead]:

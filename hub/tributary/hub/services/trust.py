@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import ValidationError
 from sqlmodel import Session, select
 
 from tributary.hub.models import Algorithm, Spoke
 from tributary.hub.services.enrolment import active_keys
+from tributary.protocol.messages import RunLimits, SiteCapacity
 from tributary.protocol.signing import SignatureError, envelope_signer
 
 
@@ -25,7 +27,8 @@ class SpokeVerdict:
     sandbox: bool
     #: Why not, as a kind: ``publisher`` (its reported trust excludes the version's
     #: publisher), ``unreported`` (it never reported its trust), or ``boundary`` (revoked,
-    #: unenrolled, the sandbox boundary, the version itself), which no setting relaxes.
+    #: unenrolled, the sandbox boundary, the version itself), which no setting relaxes, or
+    #: ``limits`` (the study asks for more than the spoke's reported capacity).
     refusal: str = ""
 
 
@@ -80,6 +83,22 @@ def verdict(session: Session, spoke: Spoke, algorithm: Algorithm,
                   f"can add the key with `tributary spoke trust add`", "publisher")
     return SpokeVerdict(spoke.id, spoke.name, True,
                         f"trusts {algorithm.publisher or keyid[:16]}", False)
+
+
+def limits_verdict(spoke: Spoke | None, limits: RunLimits) -> SpokeVerdict | None:
+    """The spoke's refusal of a study asking for ``limits`` (more GPUs than a case may have
+    there, or any on an executor that cannot pass them on), judged by the capacity it last
+    reported; None if it will run it or never reported (it then decides on arrival)."""
+    if spoke is None or spoke.capacity is None:
+        return None
+    try:
+        capacity = SiteCapacity.model_validate(spoke.capacity)
+    except ValidationError:
+        return None
+    reason = capacity.refusal(limits)
+    if reason is None:
+        return None
+    return SpokeVerdict(spoke.id, spoke.name, False, reason, spoke.sandbox, "limits")
 
 
 def verdicts(session: Session, algorithm: Algorithm, sandbox_study: bool = False,

@@ -15,12 +15,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from tributary.protocol import PROTOCOL_VERSION
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     AlgorithmRef,
     ProtocolError,
+    check_protocol_version,
     new_message_id,
     utcnow,
 )
@@ -44,6 +46,9 @@ Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: As on every broker message: a receiver refuses another major version.
+    protocol_version: str = PROTOCOL_VERSION
+    _compatible = field_validator("protocol_version")(check_protocol_version)
     #: Idempotency key, as for every broker message.
     message_id: str = Field(default_factory=new_message_id, max_length=128)
     sent_at: datetime = Field(default_factory=utcnow)
