@@ -5,11 +5,11 @@ trusted publisher's release signature for exactly that digest, pulled from the r
 digest), runs it with its own executor on its de-identified catalog, and binds each masked
 update to its custody record. The hub's round loop runs in this process (as the demo's).
 
-A spoke is killed with SIGKILL mid-round twice, once after it sent its keys and shares and
-before it masked, once after its masked upload, and restarted: both rounds end with its
-contribution counted exactly once. A forged approval, an untrusted publisher and a round
-past the site's epsilon cap are each refused with a signed refusal naming the reason,
-audited on both sides, and nothing runs.
+A spoke is killed with SIGKILL mid-round three times, while its training container runs,
+after it sent its keys and shares (before it masked) and after its masked upload, and
+restarted: every round ends with its contribution counted exactly once. A forged approval,
+an untrusted publisher and a round past the site's epsilon cap are each refused with a
+signed refusal naming the reason, audited on both sides, and nothing runs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import docker
 import numpy as np
 import pytest
 from sqlmodel import Session, select
@@ -202,6 +203,15 @@ def released_digest(config: Path, round_id: str) -> str:
     return str(entries[0]["detail"]["digest"])
 
 
+def training_containers(spoke: str, study_id: str) -> list[Any]:
+    client = docker.from_env()
+    try:
+        return client.containers.list(filters={"label": [
+            f"org.tributary.spoke={spoke}", f"org.tributary.training={study_id}"]})
+    finally:
+        client.close()
+
+
 def kill_and_restart(federation: LocalFederation, spoke: str, config: Path) -> None:
     process = federation.processes[f"spoke-{spoke}"]
     os.kill(process.popen.pid, signal.SIGKILL)
@@ -213,23 +223,29 @@ def test_training_in_spoke_agents_survives_kill_9(setup: dict[str, Any]) -> None
     spokes, configs, federation = setup["spokes"], setup["configs"], setup["federation"]
     coordinator, engine = setup["coordinator"], setup["engine"]
     victim = spokes[0]
-    study_id = launch(engine, setup["approved"].reference, spokes, rounds=2)
-    # Round 0: the victim has sent its keys and shares; killed before it masks.
-    coordinator.gate = (victim, msg.Delivery, 0)
-    thread, out = run_in_background(coordinator, study_id, timeout=600)
-    assert coordinator.reached.wait(300), (out, coordinator.refused)
-    with Session(engine) as session:
-        row = session.exec(select(TrainingRound).where(TrainingRound.round_index == 0)).one()
-        assert row.stage == "masked"  # everyone's shares are in; no masked input yet
+    study_id = launch(engine, setup["approved"].reference, spokes, rounds=3)
+    # Round 0: the victim is killed while its training container runs (paused here, so it
+    # is surely still there): the restarted spoke removes it and trains again.
+    coordinator.gate = (victim, msg.Delivery, 1)
+    thread, out = run_in_background(coordinator, study_id, timeout=900)
+    container = wait_for(lambda: training_containers(victim, study_id), 300,
+                         "the victim's training container")[0]
+    container.pause()
     kill_and_restart(federation, victim, configs[victim])
-    coordinator.release.set()
-    # Round 1: the victim has uploaded its masked vector (the hub has its announcement);
-    # killed before the consistency check and the unmasking.
-    wait_for(lambda: coordinator.gate is None, 60, "round 0's gate to open")
-    coordinator.gate = (victim, msg.Consistency, 1)
+    # Round 1: the victim has sent its keys and shares; killed before it masks.
     assert coordinator.reached.wait(300), (out, coordinator.refused)
     with Session(engine) as session:
         row = session.exec(select(TrainingRound).where(TrainingRound.round_index == 1)).one()
+        assert row.stage == "masked"  # everyone's shares are in; no masked input yet
+    kill_and_restart(federation, victim, configs[victim])
+    coordinator.release.set()
+    # Round 2: the victim has uploaded its masked vector (the hub has its announcement);
+    # killed before the consistency check and the unmasking.
+    wait_for(lambda: coordinator.gate is None, 60, "round 1's gate to open")
+    coordinator.gate = (victim, msg.Consistency, 2)
+    assert coordinator.reached.wait(300), (out, coordinator.refused)
+    with Session(engine) as session:
+        row = session.exec(select(TrainingRound).where(TrainingRound.round_index == 2)).one()
         assert victim in row.secagg.get("masked", {})
     kill_and_restart(federation, victim, configs[victim])
     coordinator.release.set()
@@ -243,7 +259,7 @@ def test_training_in_spoke_agents_survives_kill_9(setup: dict[str, Any]) -> None
                             .order_by(TrainingRound.round_index)).all()
         # Each round aggregated at its first attempt with all three, none dropped.
         assert [(r.round_index, r.attempt, r.stage) for r in rows] == [
-            (0, 1, "aggregated"), (1, 1, "aggregated")]
+            (i, 1, "aggregated") for i in range(3)]
         for r in rows:
             assert sorted(r.num_examples) == sorted(spokes)
             assert sorted(r.secagg["masked"]) == sorted(spokes)
@@ -253,15 +269,18 @@ def test_training_in_spoke_agents_survives_kill_9(setup: dict[str, Any]) -> None
     # The victim's own record: one join, one released masked update and one privacy
     # charge per round, whatever the restarts; its custody records chain 1, 2.
     config = configs[victim]
-    assert len(audit(config, "training.joined")) == 2
+    assert len(audit(config, "training.joined")) == 3
     released = audit(config, "training.masked_released")
-    assert [e["detail"]["custody_sequence"] for e in released] == [1, 2]
-    assert len(audit(config, "spoke.started")) == 3
+    assert [e["detail"]["custody_sequence"] for e in released] == [1, 2, 3]
+    assert len(audit(config, "spoke.started")) == 4
+    assert [e["target"] for e in audit(config, "container.orphan_removed")] == [container.name]
+    assert len([e for e in audit(config, "container.started")
+                if e["detail"]["round"] == 0]) == 2  # trained again after the restart
     work = config.parent
     state = open_state((work / "training.journal").read_bytes(),
                        (work / "training-journal.key").read_bytes())
-    assert len(state.ledgers[study_id].charges) == 2
-    assert state.rounds == {} and len(state.finished) == 2
+    assert len(state.ledgers[study_id].charges) == 3
+    assert state.rounds == {} and len(state.finished) == 3
     # Every spoke ran the image through its own executor, verified, by digest.
     for spoke in spokes:
         verified = audit(configs[spoke], "image.verified")
