@@ -16,6 +16,7 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from tributary.hub import training_checks
 from tributary.hub.models import TrainingRound, TrainingStudy
 from tributary.hub.services import training
 from tributary.protocol.broker import Delivery, StompClient
@@ -81,6 +82,11 @@ class TrainingCoordinator:
         self.broker.ack(delivery)
 
     def _apply(self, sender: str, message: msg.TrainingFromSpoke) -> None:
+        if isinstance(message, msg.Refusal):  # audited; the round goes on without it
+            with self._lock, Session(self.engine) as session:
+                training_checks.record_refusal(session, sender, message)
+                session.commit()
+            return
         inner = {msg.Join: lambda m: m.advert, msg.Shares: lambda m: m.bundle,
                  msg.Masked: lambda m: m.masked, msg.Signature: lambda m: m.signature,
                  msg.UnmaskReply: lambda m: m.response}[type(message)](message)
@@ -94,6 +100,9 @@ class TrainingCoordinator:
                 if message.upload.location != expected:
                     raise training.TrainingError(
                         f"{sender} uploaded to {message.upload.location}, not its own object")
+                training_checks.check_masked_custody(
+                    message, sender, self.spoke_keys[sender],
+                    session.get(TrainingStudy, row.study_id), row)
             training.receive(session, row, message, sender)
             session.commit()
 
