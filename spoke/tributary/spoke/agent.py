@@ -150,7 +150,7 @@ class SpokeAgent:
             self.hub_keys[0], trainer, self.config.broker.federation,
             work / "training.journal", load_or_create_secret(work / "training-journal.key"),
             default_cap=settings.max_epsilon_per_study or float("inf"),
-            audit=self.lifecycle.audit, version=__version__)
+            audit=self.lifecycle.audit, version=__version__, release_loss=settings.release_loss)
 
     # -- the process --------------------------------------------------------------------------
     def run(self) -> None:

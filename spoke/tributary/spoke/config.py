@@ -184,6 +184,10 @@ class TrainingSettings(BaseModel):
     #: Case attributes a training algorithm may read as labels (inside the sandbox only;
     #: labels never leave the spoke). Others are not given to it.
     label_attributes: list[str] = Field(default_factory=list)
+    #: Whether the training loss on this site's cases leaves with each round (in clear,
+    #: beside the sample count: one number a round, outside the differential-privacy
+    #: guarantee, so off unless the site allows it; the dashboard's loss curve needs it).
+    release_loss: bool = False
     #: Limits of one training run (all of the site's cases at once).
     timeout_seconds: int = Field(3600, ge=1)
     memory_mb: int = Field(2048, ge=64)

@@ -154,6 +154,8 @@ class TrainingParticipant:
     spool: Path | None = None
     persist: Callable[[], None] | None = None
     version: str = "unknown"
+    #: Site policy: send the run's loss with ``Join`` (in clear, outside the DP guarantee).
+    release_loss: bool = False
     chain_sequence: int = 0
     chain_head: str = GENESIS
 
@@ -187,7 +189,8 @@ class TrainingParticipant:
         delta = new - flatten(global_parameters, schema)
         client, advert = SecAggClient.start(message.secagg, self.me)
         ledger.record(charge)  # charged once it releases anything, even if it drops later
-        join = msg.Join(advert=advert, num_examples=result.num_examples, loss=result.loss)
+        join = msg.Join(advert=advert, num_examples=result.num_examples,
+                        loss=result.loss if self.release_loss else None)
         self.rounds[round_id] = RoundSecrets(
             open=message, client=client.state, num_examples=result.num_examples, join=join,
             delta_b64=base64.b64encode(delta.astype("<f8").tobytes()).decode())

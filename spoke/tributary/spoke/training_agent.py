@@ -111,7 +111,8 @@ class TrainingAgent:
                  key: SigningKey, hub_key: PublicKey, trainer: Trainer,
                  federation: str, journal: Path, journal_key: bytes,
                  caps: Mapping[str, float] | None = None, default_cap: float = float("inf"),
-                 audit: Callable[..., None] = _no_audit, version: str = "unknown") -> None:
+                 audit: Callable[..., None] = _no_audit, version: str = "unknown",
+                 release_loss: bool = False) -> None:
         self.spoke_id, self.broker, self.store, self.key = spoke_id, broker, store, key
         self.hub_key, self.federation = hub_key, federation
         self.journal, self.journal_key = journal, journal_key
@@ -119,7 +120,7 @@ class TrainingAgent:
         self.participant = TrainingParticipant(
             me=spoke_id, train=trainer, upload=self._upload, caps=dict(caps or {}),
             default_cap=default_cap, key=key, spool=journal.with_name(journal.name + ".spool"),
-            persist=self._save, version=version)
+            persist=self._save, version=version, release_loss=release_loss)
         if journal.exists():
             self.participant.restore(open_state(journal.read_bytes(), journal_key))
         self.refused: list[str] = []
