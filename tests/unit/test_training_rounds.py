@@ -293,3 +293,29 @@ def test_budget_stops_the_study_and_site_cap_refuses(tmp_path: Path) -> None:
         assert study.state == "stopped_budget"
         assert training.study_epsilon_now(study) == pytest.approx(two)
         assert study.ledgers["spoke-c"]["charges"].__len__() == 1
+
+
+def test_the_loss_leaves_only_where_the_site_allows_it(tmp_path: Path) -> None:
+    """The local loss travels in clear with Join, outside the DP guarantee: only a spoke
+    whose policy says ``release_loss`` sends it."""
+    fed = Federation(tmp_path)
+
+    def with_loss(open_: msg.RoundOpen, params: Mapping[str, np.ndarray]) -> LocalResult:
+        result = trainer(SPOKES[0])(open_, params)
+        return LocalResult(result.parameters, result.num_examples, loss=0.4321)
+
+    with Session(fed.engine) as session:
+        study = session.get(TrainingStudy, fed.study_id)
+        row = training.open_round(session, study, fed.vector_length(), 0, 1)
+        session.commit()
+        joins = {}
+        for release in (False, True):
+            participant = TrainingParticipant(me=SPOKES[0], train=with_loss,
+                                              upload=fed.store.put, release_loss=release)
+            opened = training.round_open_message(
+                study, row, msg.ObjectRef(digest=study.global_model, location="m", size=1),
+                "sig", lambda spoke: f"{row.round_id}-{spoke}.masked", SPOKES[0])
+            joins[release] = wire(participant.on_round_open(opened, fed.params),
+                                  msg.decode_training_from_spoke)
+    assert joins[False].loss is None and '"loss":null' in joins[False].model_dump_json()
+    assert joins[True].loss == 0.4321

@@ -21,7 +21,9 @@ def verify(
         "Folder with hub.pub and <spoke_id>.pub public keys, obtained independently."))],
 ) -> None:
     """Verify a study bundle offline: hub-signed manifest, every file's digest, every
-    spoke-signed custody record and its chain. Exit 1 on any problem."""
+    spoke-signed custody record and its chain; for a training study's bundle, every global
+    model's hub signature, the model chain and the epsilon ledger recomputed. Exit 1 on any
+    problem."""
     import tempfile
     import zipfile
 
@@ -44,5 +46,10 @@ def verify(
         console.print(f"[yellow]NOTE[/] {note}")
     if not report.ok:
         raise typer.Exit(1)
+    if report.training_rounds:
+        console.print(f"[green]OK[/] training study: {report.training_rounds} round attempts, "
+                      "manifest signed by the hub, every global model's signature, the model "
+                      "chain and the epsilon ledger verified")
+        return
     console.print(f"[green]OK[/] {report.results} results, manifest signed by the hub, "
                   "every custody record verified")

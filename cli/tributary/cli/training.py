@@ -1,5 +1,6 @@
 """``tributary training``: launch, list, show and watch federated training studies on a hub,
-through its REST API (``/api/training-studies``, the JSON the dashboard reads too).
+through its REST API (``/api/training-studies``, the JSON the dashboard reads too), and
+export a model with its provenance (:mod:`tributary.cli.training_export`).
 
 The hub address, a bearer token and the CA of the hub's certificate come from options or
 ``TRIBUTARY_HUB_URL``, ``TRIBUTARY_TOKEN`` and ``TRIBUTARY_HUB_CA_FILE``
@@ -17,9 +18,11 @@ import typer
 from rich.console import Console
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
+from tributary.cli.training_export import export
 
-app = typer.Typer(help="Launch, list, show and watch federated training studies on a hub.",
-                  no_args_is_help=True)
+app = typer.Typer(help="Launch, list, show, watch and export federated training studies on "
+                       "a hub.", no_args_is_help=True)
+app.command("export")(export)
 console = Console()
 #: States in which a study has ended; only ``finished`` is a success for ``watch``.
 ENDED = ("finished", "stopped_budget", "failed")

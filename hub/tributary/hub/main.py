@@ -29,6 +29,8 @@ from tributary.hub.api import (
     results,
     spokes,
     training,
+    training_events,
+    training_models,
 )
 from tributary.hub.consumer import ResultsConsumer
 from tributary.hub.db import make_engine, upgrade_schema
@@ -112,7 +114,8 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
     for router in (events.router, spokes.router, algorithms.router, experiments.router,
                    results.router, audit.router, audit.quarantine_router,
                    algorithms.publishers_router, auth.router, people.router, counts.router,
-                   deadletters.router, registry.router, training.router):
+                   deadletters.router, registry.router, training.router,
+                   training_models.router, training_events.router):
         app.include_router(router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

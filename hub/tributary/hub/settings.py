@@ -30,7 +30,9 @@ class HubSettings(BaseSettings):
     #: train` runs apart). It runs only if the hub has object-store credentials.
     run_training: bool = True
     #: The hub's object-store credentials file (``tributary services`` writes one per
-    #: party beside the federation's CA): where global models and masked updates live.
+    #: party beside the federation's CA): where global models and masked updates live, and
+    #: where models are read from for export. Unset: no training service and no model
+    #: download (provenance and bundles still work).
     objectstore_credentials: Path | None = None
     #: How often the training loop looks at open rounds (deadlines, stages to close).
     training_poll_seconds: float = Field(0.5, gt=0, le=60)

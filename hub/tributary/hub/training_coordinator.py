@@ -23,13 +23,14 @@ import logging
 import signal
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from tributary.hub import training_checks
 from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
 from tributary.hub.services import training
 from tributary.hub.services.enrolment import public_key
@@ -53,6 +54,7 @@ from tributary.protocol.training.update import flatten, schema_of, unflatten
 log = logging.getLogger(__name__)
 #: Global models kept decoded in memory (a cache: the store is the record).
 MODEL_CACHE = 4
+MAX_REFUSALS_KEPT = 1000
 
 
 def enrolled_training_keys(engine: Engine) -> dict[str, PublicKey]:
@@ -79,7 +81,7 @@ class TrainingCoordinator:
         #: One writer of round rows at a time: the broker's thread and the round loop.
         self._lock = threading.Lock()
         #: The latest refusals (bounded: a hostile sender cannot grow it without end).
-        self.refused: deque[str] = deque(maxlen=1000)
+        self.refused: list[str] = []
         self._models: OrderedDict[tuple[str, str], tuple[msg.ObjectRef, Tensors]] = \
             OrderedDict()
         #: (round id, stage) whose messages this process has sent.
@@ -126,6 +128,16 @@ class TrainingCoordinator:
             self._models.popitem(last=False)
         return ref, params
 
+    def global_model_at(self, study_id: str, round_index: int) -> Tensors:
+        """The global model that went into ``round_index`` (the initial one at 0), by the
+        digest its round recorded."""
+        with Session(self.engine) as session:
+            digests = [r.global_model_in for r in training.rounds_of(session, study_id)
+                       if r.round_index == round_index and r.global_model_in]
+        if not digests:
+            raise KeyError(f"no round {round_index} in {study_id}")
+        return self.model(study_id, round_index, digests[0])[1]
+
     # --- messages from spokes --------------------------------------------------------
 
     def _trusted(self) -> dict[str, PublicKey]:
@@ -143,11 +155,17 @@ class TrainingCoordinator:
             # Hostile or stale: recorded and dropped, never retried forever.
             log.warning("training message refused: %s", exc)
             self.refused.append(str(exc))
+            del self.refused[:-MAX_REFUSALS_KEPT]
         self.broker.ack(delivery)
 
     def _apply(self, sender: str, message: msg.TrainingFromSpoke, key: PublicKey) -> None:
         """Apply one message; ``key`` is the enrolled key that verified it (what checks
         of the sender's own signatures inside the message are made against)."""
+        if isinstance(message, msg.Refusal):  # audited; the round goes on without it
+            with self._lock, Session(self.engine) as session:
+                training_checks.record_refusal(session, sender, message)
+                session.commit()
+            return
         inner = {msg.Join: lambda m: m.advert, msg.Shares: lambda m: m.bundle,
                  msg.Masked: lambda m: m.masked, msg.Signature: lambda m: m.signature,
                  msg.UnmaskReply: lambda m: m.response}[type(message)](message)
@@ -161,6 +179,9 @@ class TrainingCoordinator:
                 if message.upload.location != expected:
                     raise training.TrainingError(
                         f"{sender} uploaded to {message.upload.location}, not its own object")
+                training_checks.check_masked_custody(
+                    message, sender, key,
+                    session.get(TrainingStudy, row.study_id), row)
             training.receive(session, row, message, sender)
             session.commit()
 

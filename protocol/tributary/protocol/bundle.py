@@ -38,6 +38,8 @@ MANIFEST_PAYLOAD_TYPE = "text/plain; profile=tributary-bundle-manifest"
 ANCHORS = "audit-anchors.json"
 #: Far more than the heads of thousands of spokes; a bigger file is refused unread.
 MAX_ANCHORS_BYTES = 4 * 1024 * 1024
+#: The file that makes a bundle a training study's (:mod:`tributary.protocol.training.bundle`).
+TRAINING_STUDY = "training-study.json"
 
 
 def _write_json(path: Path, value: Any) -> None:
@@ -157,10 +159,12 @@ class BundleReport:
     #: Not problems, but worth reading: cases the bundle says have no result yet.
     notes: list[str] = field(default_factory=list)
     results: int = 0
+    #: Round attempts of a training study's bundle checked.
+    training_rounds: int = 0
 
     @property
     def ok(self) -> bool:
-        return not self.problems and self.results > 0
+        return not self.problems and (self.results > 0 or self.training_rounds > 0)
 
 
 def _keys(keys_dir: Path) -> tuple[list[PublicKey], dict[str, list[PublicKey]]]:
@@ -202,6 +206,12 @@ def verify_bundle(folder: Path, keys_dir: Path) -> BundleReport:
             report.problems.append(f"{name}: missing")
         elif hashlib.sha256(path.read_bytes()).hexdigest() != digest:
             report.problems.append(f"{name}: content differs from the signed manifest")
+    if TRAINING_STUDY in listed:  # a training study's bundle: no per-case results
+        from tributary.protocol.training.bundle import check_training_bundle  # training extra
+
+        report.training_rounds, found = check_training_bundle(folder, hub_keys[0])
+        report.problems += found
+        return report
     try:
         experiment = BundleExperiment.model_validate_json((folder / "experiment.json").read_bytes())
     except (OSError, ValidationError) as exc:

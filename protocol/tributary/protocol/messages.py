@@ -69,6 +69,15 @@ def validate_id(value: str) -> str:
 Id = Annotated[str, StringConstraints(pattern=ID_RE.pattern), AfterValidator(validate_id)]
 
 
+def check_protocol_version(value: str) -> str:
+    """A message's ``protocol_version`` is one this side understands: the same major
+    version (minor versions only add optional fields)."""
+    if value.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
+        raise ValueError(
+            f"unsupported protocol version {value!r}; this side speaks {PROTOCOL_VERSION}")
+    return value
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -79,14 +88,7 @@ class _Message(BaseModel):
         "message sent again (after a lost receipt, a reconnect or a restart) does no harm.")
     sent_at: datetime = Field(default_factory=utcnow)
 
-    @field_validator("protocol_version")
-    @classmethod
-    def _compatible(cls, value: str) -> str:
-        if value.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
-            raise ValueError(
-                f"unsupported protocol version {value!r}; this side speaks {PROTOCOL_VERSION}"
-            )
-        return value
+    _compatible = field_validator("protocol_version")(check_protocol_version)
 
 
 def validate_spoke_id(value: str) -> str:

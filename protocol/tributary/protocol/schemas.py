@@ -17,6 +17,7 @@ from tributary.protocol.training.contract import (
     TrainingCohort,
     TrainingOutput,
 )
+from tributary.protocol.training.provenance import TrainingProvenance
 
 SCHEMAS: dict[str, type[BaseModel] | object] = {
     "algo-arg.schema.json": AlgoArg,
@@ -26,6 +27,7 @@ SCHEMAS: dict[str, type[BaseModel] | object] = {
     "training-cohort.schema.json": TrainingCohort,
     "training-round.schema.json": RoundSpec,
     "training-output.schema.json": TrainingOutput,
+    "training-provenance.schema.json": TrainingProvenance,
     "experiment-message.schema.json": ExperimentMessage,
     "count-request.schema.json": CountRequest,
     "hub-message.schema.json": HubMessage,

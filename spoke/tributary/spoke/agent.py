@@ -11,7 +11,10 @@ share one durable journal:
 - the *counter* answers journaled count requests (see :mod:`tributary.spoke.counts`),
   so an ingest a count needs first delays no other message;
 - the *outbox sender* publishes results and statuses in journal order, whenever the
-  broker is there (see :mod:`tributary.spoke.outbox`), and the heartbeat reports liveness.
+  broker is there (see :mod:`tributary.spoke.outbox`), and the heartbeat reports liveness;
+- when the site's ``[training]`` enables it, the *training participant* takes part in
+  training studies from its own queue (:mod:`tributary.spoke.training_agent`), with the
+  spoke's key, its pinned hub key and its image checks (:mod:`tributary.spoke.training_exec`).
 
 Every change of an experiment's state, every audit entry and every wake-up goes through
 one :class:`~tributary.spoke.lifecycle.Lifecycle`, which the other parts receive.
@@ -44,6 +47,7 @@ from tributary.protocol.messages import (
     ResendRecordsMessage,
     RetryCasesMessage,
 )
+from tributary.protocol.objects import ObjectStore
 from tributary.protocol.signing import PublicKey, SigningKey, sha256_hex
 from tributary.protocol.wire import HubMessage, open_from_hub
 from tributary.spoke import __version__
@@ -70,6 +74,8 @@ from tributary.spoke.outbox import OutboxSender
 from tributary.spoke.runner import site_capacity
 from tributary.spoke.steward import Steward, StewardDesk
 from tributary.spoke.store import check_format
+from tributary.spoke.training_agent import TrainingAgent, load_or_create_secret
+from tributary.spoke.training_exec import SpokeTrainer
 from tributary.spoke.trust import TrustedKeys
 
 log = logging.getLogger(__name__)
@@ -128,6 +134,23 @@ class SpokeAgent:
         self._count_wake = threading.Event()
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="case")
         self._desk = desk
+        self.training = self._training_agent() if config.training.enabled else None
+
+    def _training_agent(self) -> TrainingAgent:
+        """The training participant, under this spoke's identity and trust chain."""
+        settings = self.config.training
+        assert settings.objectstore_credentials is not None
+        trainer = SpokeTrainer(self.config, self.hub_keys, self.trusted.current,
+                               self.admission.registry, self.lifecycle.audit,
+                               self.journal.revocation)
+        work = self.config.work_dir
+        return TrainingAgent(
+            self.config.spoke_id, self.client,
+            ObjectStore.from_file(settings.objectstore_credentials), self.key,
+            self.hub_keys[0], trainer, self.config.broker.federation,
+            work / "training.journal", load_or_create_secret(work / "training-journal.key"),
+            default_cap=settings.max_epsilon_per_study or float("inf"),
+            audit=self.lifecycle.audit, version=__version__, release_loss=settings.release_loss)
 
     # -- the process --------------------------------------------------------------------------
     def run(self) -> None:
@@ -142,6 +165,8 @@ class SpokeAgent:
         counter.start()
         inbox = spoke_queue(self.config.spoke_id, self.config.broker.federation)
         self.client.subscribe(inbox, self._inbox.put)
+        if self.training is not None:
+            self.training.start()
         log.info("spoke %s (tributary %s) waiting for experiments", self.config.spoke_id,
                  __version__)
         self.lifecycle.audit("spoke.started", self.config.spoke_id, version=__version__)
@@ -163,6 +188,8 @@ class SpokeAgent:
             counter.join(timeout=30)
             self.running.cancel_all()  # stop containers; their cases run again next start
             self._pool.shutdown(wait=True)
+            if self.training is not None:
+                self.training.stop()
             self.heartbeat.stop()
             self.outbox.stop(drain_seconds=5)
             self.client.close()

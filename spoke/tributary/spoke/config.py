@@ -166,6 +166,40 @@ class LivenessSettings(BaseModel):
     max_launches: int = Field(3, ge=1, le=100)
 
 
+class TrainingSettings(BaseModel):
+    """Federated training (``[training]``): off unless the site turns it on. The agent
+    then takes part in training studies whose image passes the same checks as a validation
+    study's, trains on its de-identified catalog, and releases only protected, masked
+    updates (docs/training.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    #: The most epsilon (at the study's delta) this site ever spends on one study; a round
+    #: that would take it further is refused. None: no cap of the site's own.
+    max_epsilon_per_study: float | None = Field(None, gt=0, allow_inf_nan=False)
+    #: This spoke's object store credentials file (from the hub's administrator): it may
+    #: read global models and write only its own round objects.
+    objectstore_credentials: Path | None = None
+    #: Case attributes a training algorithm may read as labels (inside the sandbox only;
+    #: labels never leave the spoke). Others are not given to it.
+    label_attributes: list[str] = Field(default_factory=list)
+    #: Whether the training loss on this site's cases leaves with each round (in clear,
+    #: beside the sample count: one number a round, outside the differential-privacy
+    #: guarantee, so off unless the site allows it; the dashboard's loss curve needs it).
+    release_loss: bool = False
+    #: Limits of one training run (all of the site's cases at once).
+    timeout_seconds: int = Field(3600, ge=1)
+    memory_mb: int = Field(2048, ge=64)
+    cpus: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _credentials_when_enabled(self) -> TrainingSettings:
+        if self.enabled and self.objectstore_credentials is None:
+            raise ValueError("[training] enabled needs objectstore_credentials")
+        return self
+
+
 class SpokeBroker(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -265,6 +299,7 @@ class SpokeConfig(BaseModel):
     steward: StewardPolicy = Field(default_factory=StewardPolicy)
     counts: CountPolicy = Field(default_factory=CountPolicy)
     liveness: LivenessSettings = Field(default_factory=LivenessSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
     #: Where the de-identified store and catalog take their DICOM from.
     sources: list[DataSource] = Field(default_factory=list)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
@@ -318,6 +353,10 @@ class SpokeConfig(BaseModel):
             for key in ("path", "ca_file"):
                 if key in source and not Path(source[key]).is_absolute():
                     source[key] = str((base / source[key]).resolve())
+        training = raw.get("training", {})
+        creds = training.get("objectstore_credentials")
+        if creds and not Path(creds).is_absolute():
+            training["objectstore_credentials"] = str((base / creds).resolve())
         policy = raw.get("policy", {})
         attributes = policy.get("attributes_file")
         if attributes and not Path(attributes).is_absolute():

@@ -13,19 +13,31 @@ draw would be a second, different input, which the hub refuses).
 from __future__ import annotations
 
 import base64
+import hashlib
+import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from pydantic import BaseModel, ConfigDict
 
+from tributary.protocol.signing import SigningKey
 from tributary.protocol.training import rounds as msg
+from tributary.protocol.training.custody import (
+    GENESIS,
+    UpdateCustody,
+    record_hash,
+    sign_update_custody,
+)
 from tributary.protocol.training.privacy import PrivacyLedger, RoundCharge, may_join
 from tributary.protocol.training.secagg import (
     ClientState,
+    MaskedInput,
     SecAggClient,
     SecAggRefused,
 )
@@ -41,7 +53,12 @@ from tributary.protocol.training.update import (
 
 
 class TrainingRefused(ValueError):
-    """The spoke will not take part (site policy, a hostile update, a wrong round)."""
+    """The spoke will not take part (site policy, a hostile update, a wrong round);
+    ``reason`` is the code its signed refusal gives (:class:`rounds.Refusal`)."""
+
+    def __init__(self, detail: str, reason: msg.RefusalReason = "protocol") -> None:
+        super().__init__(detail)
+        self.reason: msg.RefusalReason = reason
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,9 @@ class RoundSecrets(BaseModel):
     join: msg.Join
     #: num_examples / the round's weight reference, once the keys stage closed.
     weight: float | None = None
+    #: The masked input, journaled (with its vector spooled to disk) before the upload, so
+    #: a crash between upload and answer re-sends the same vector, never a new noise draw.
+    pending: MaskedInput | None = None
     masked: msg.Masked | None = None
 
 
@@ -89,6 +109,9 @@ class ParticipantState(BaseModel):
     ledgers: dict[str, PrivacyLedger] = {}
     rounds: dict[str, RoundSecrets] = {}
     finished: dict[str, msg.UnmaskReply] = {}
+    #: Head of the spoke's training custody chain: last sequence and its record's hash.
+    chain_sequence: int = 0
+    chain_head: str = GENESIS
 
 
 _AD = b"tributary training participant"
@@ -112,7 +135,11 @@ def open_state(blob: bytes, key: bytes) -> ParticipantState:
 class TrainingParticipant:
     """One spoke in training studies. ``train(open_message, global_parameters)`` runs the
     study's algorithm; ``upload(location, data) -> ObjectRef`` writes the masked vector to
-    this round's own object; ``caps`` is the site policy (study id -> max epsilon)."""
+    this round's own object; ``caps`` is the site policy (study id -> max epsilon).
+
+    With ``key``, each masked update is bound to a signed custody record (chained);
+    with ``spool`` and ``persist``, the masked vector is written to ``spool`` and the state
+    persisted before the upload (see :attr:`RoundSecrets.pending`)."""
 
     me: str
     train: Callable[[msg.RoundOpen, Mapping[str, np.ndarray]], LocalResult]
@@ -123,12 +150,22 @@ class TrainingParticipant:
     rounds: dict[str, RoundSecrets] = field(default_factory=dict)
     #: Answers of finished rounds (no secrets): a redelivered unmask request gets the same.
     finished: dict[str, msg.UnmaskReply] = field(default_factory=dict)
+    key: SigningKey | None = None
+    spool: Path | None = None
+    persist: Callable[[], None] | None = None
+    version: str = "unknown"
+    #: Site policy: send the run's loss with ``Join`` (in clear, outside the DP guarantee).
+    release_loss: bool = False
+    chain_sequence: int = 0
+    chain_head: str = GENESIS
 
     def state(self) -> ParticipantState:
-        return ParticipantState(ledgers=self.ledgers, rounds=self.rounds, finished=self.finished)
+        return ParticipantState(ledgers=self.ledgers, rounds=self.rounds, finished=self.finished,
+                                chain_sequence=self.chain_sequence, chain_head=self.chain_head)
 
     def restore(self, state: ParticipantState) -> None:
         self.ledgers, self.rounds, self.finished = state.ledgers, state.rounds, state.finished
+        self.chain_sequence, self.chain_head = state.chain_sequence, state.chain_head
 
     def on_round_open(self, message: msg.RoundOpen,
                       global_parameters: Mapping[str, np.ndarray]) -> msg.Join:
@@ -143,7 +180,7 @@ class TrainingParticipant:
         if not may_join(ledger, charge, cap):
             raise TrainingRefused(
                 f"round {round_id} would take study {message.study_id} to epsilon "
-                f"{ledger.epsilon_if(charge):.4f}, over this site's cap {cap}")
+                f"{ledger.epsilon_if(charge):.4f}, over this site's cap {cap}", "epsilon_cap")
         schema = schema_of(global_parameters)
         result = self.train(message, global_parameters)
         if result.num_examples < 1:
@@ -152,7 +189,8 @@ class TrainingParticipant:
         delta = new - flatten(global_parameters, schema)
         client, advert = SecAggClient.start(message.secagg, self.me)
         ledger.record(charge)  # charged once it releases anything, even if it drops later
-        join = msg.Join(advert=advert, num_examples=result.num_examples, loss=result.loss)
+        join = msg.Join(advert=advert, num_examples=result.num_examples,
+                        loss=result.loss if self.release_loss else None)
         self.rounds[round_id] = RoundSecrets(
             open=message, client=client.state, num_examples=result.num_examples, join=join,
             delta_b64=base64.b64encode(delta.astype("<f8").tobytes()).decode())
@@ -181,19 +219,67 @@ class TrainingParticipant:
             return kept.masked
         if kept.weight is None:
             raise TrainingRefused(f"shares for round {round_id} before its keys")
-        client = SecAggClient(kept.client)
-        client.receive_shares(message.delivery)
-        protection = kept.open.protection
-        delta = np.frombuffer(base64.b64decode(kept.delta_b64), dtype="<f8")
-        quantised = protect_weighted({"update": delta}, schema_of({"update": delta}), kept.weight,
-                                     protection.clip_bound, protection.noise_multiplier,
-                                     protection.quantisation)
-        masked, vector = client.mask(quantised.astype(np.uint32))
-        data = vector.astype("<u4").tobytes()
+        if kept.pending is not None:  # masked before a crash: the very same vector again
+            data = self._spooled(round_id, kept.pending)
+        else:
+            client = SecAggClient(kept.client)
+            client.receive_shares(message.delivery)
+            protection = kept.open.protection
+            delta = np.frombuffer(base64.b64decode(kept.delta_b64), dtype="<f8")
+            quantised = protect_weighted({"update": delta}, schema_of({"update": delta}),
+                                         kept.weight, protection.clip_bound,
+                                         protection.noise_multiplier, protection.quantisation)
+            masked, vector = client.mask(quantised.astype(np.uint32))
+            data = vector.astype("<u4").tobytes()
+            kept.client = client.state
+            kept.pending = masked
+            if self.spool is not None and self.persist is not None:
+                self._spool_write(round_id, data)
+                self.persist()
         ref = self.upload(kept.open.upload, data)
-        kept.client = client.state
-        kept.masked = msg.Masked(masked=masked, upload=ref)
+        kept.masked = msg.Masked(masked=kept.pending, upload=ref, custody=self._custody(kept, ref))
+        if self.spool is not None:
+            self._spool_path(round_id).unlink(missing_ok=True)
         return kept.masked
+
+    def _custody(self, kept: RoundSecrets, ref: msg.ObjectRef) -> dict | None:
+        """The signed record binding ``ref`` to this round, the next in the chain."""
+        if self.key is None:
+            return None
+        record = UpdateCustody(
+            spoke_id=self.me, study_id=kept.open.study_id, round_index=kept.open.round_index,
+            attempt=kept.open.attempt, round_id=kept.open.secagg.round_id,
+            image_digest=kept.open.algorithm, global_model_digest=kept.open.global_model.digest,
+            location=ref.location, size=ref.size, num_examples=kept.num_examples,
+            sequence=self.chain_sequence + 1, previous_record_sha256=self.chain_head,
+            spoke_version=self.version, created_at=datetime.now(UTC))
+        envelope = sign_update_custody(self.key, record, ref.digest.removeprefix("sha256:"))
+        self.chain_sequence, self.chain_head = record.sequence, record_hash(envelope)
+        return envelope
+
+    def _spool_path(self, round_id: str) -> Path:
+        assert self.spool is not None
+        return self.spool / (hashlib.sha256(round_id.encode()).hexdigest()[:32] + ".masked")
+
+    def _spool_write(self, round_id: str, data: bytes) -> None:
+        path = self._spool_path(round_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+
+    def _spooled(self, round_id: str, pending: MaskedInput) -> bytes:
+        """The vector masked before a crash; refused if it is gone or not what was masked
+        (then the round goes on without this spoke: no second draw is ever sent)."""
+        path = self._spool_path(round_id) if self.spool is not None else None
+        data = path.read_bytes() if path is not None and path.exists() else None
+        if data is None or hashlib.sha256(data).hexdigest() != pending.sha256:
+            raise TrainingRefused(f"the masked vector of round {round_id} was lost; this "
+                                  "spoke does not mask its update twice")
+        return data
 
     def on_consistency(self, message: msg.Consistency) -> msg.Signature:
         kept = self._round(message.request.round_id)

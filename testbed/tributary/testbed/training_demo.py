@@ -129,28 +129,33 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
                       store_settings: ServiceSettings, image: str, rounds: int = 4,
                       clip_bound: float = 10.0, noise_multiplier: float = 0.002,
                       epsilon_budget: float = 1e12, delta: float = 1e-5,
-                      say: Callable[[str], None] = print) -> TrainingDemo:
+                      say: Callable[[str], None] = print,
+                      hub: TrainingHub | None = None) -> TrainingDemo:
     """Run one study to its end: a hub process of its own (`tributary hub serve`, its
-    training loop in the web app) on the running broker and the given object store, the
-    spokes enrolled and the study launched through the hub's API, three spokes' training
-    agents here."""
+    training loop in the web app; or ``hub``, already started, which is left running) on
+    the running broker and the given object store, the spokes enrolled and the study
+    launched through the hub's API, three spokes' training agents here."""
     logreg = load_logreg()
     cohorts = workdir / "cohorts"
     if not (cohorts / "test2").exists():
         make_cohorts(cohorts)
-    federation = f"tr{uuid.uuid4().hex[:8]}"
+    own_hub = hub is None
+    if hub is None:
+        hub = TrainingHub(workdir / "hub", service_settings.host, service_settings.broker_port,
+                          f"tr{uuid.uuid4().hex[:8]}",
+                          objectstore.write_party_credentials(store_settings, "hub"))
+    federation = hub.federation
     broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
                             federation=federation)
 
     def store_for(party: str) -> ObjectStore:
         return ObjectStore.from_file(objectstore.write_party_credentials(store_settings, party))
 
-    hub = TrainingHub(workdir / "hub", service_settings.host, service_settings.broker_port,
-                      federation, objectstore.write_party_credentials(store_settings, "hub"))
     spoke_keys = {s: SigningKey.generate() for s in SPOKES}
     clients: list[StompClient] = []
     agents: list[TrainingAgent] = []
-    hub.start()
+    if own_hub:
+        hub.start()
     try:
         with hub.api(hub.sign_in()) as api:
             for s in SPOKES:
@@ -183,7 +188,8 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
             agent.stop()
         for client in clients:
             client.close()
-        hub.stop()
+        if own_hub:
+            hub.stop()
     engine = make_engine(hub.database_url, migrate=False)
     hub_store = store_for("hub")
     with Session(engine) as session:

@@ -44,6 +44,8 @@ class TrainingHub:
     starts: int = 0
     process: subprocess.Popen | None = None  # type: ignore[type-arg]
     trainer: subprocess.Popen | None = None  # type: ignore[type-arg]
+    #: The administrator's bearer token, from the latest start.
+    admin_token: str = ""
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -106,6 +108,7 @@ class TrainingHub:
             time.sleep(0.3)
         else:
             raise RuntimeError("the hub did not start:\n" + self.log())
+        self.admin_token = self.sign_in()
         if self.apart:  # after the web app: it has brought the schema up to date
             with open(self.folder / f"train-{self.starts}.log", "wb") as log:
                 self.trainer = subprocess.Popen(

@@ -177,6 +177,75 @@ def forest(rows: Sequence[Estimate], metric: str, reference: float | None = None
                         "intervals")
 
 
+@dataclass(frozen=True)
+class RoundPoint:
+    """One attempt of a training round, for the study's curves."""
+
+    label: str  # "3" or "3.2" (round 3, second attempt)
+    targeted: int
+    joined: int
+    survived: int
+    epsilon: float | None  # cumulative, None when the attempt charged nothing
+    loss: float | None = None
+    metric: float | None = None
+
+
+def training_curves(points: Sequence[RoundPoint], budget: float,
+                    metric_name: str = "metric") -> str:
+    """A training study per round attempt: loss and metric when reported, spokes targeted,
+    joined and surviving the masking stage, and the cumulative epsilon against the budget
+    (log scale when the budget is far above what was spent)."""
+    panels = ["spokes", "epsilon"]
+    if any(p.loss is not None or p.metric is not None for p in points):
+        panels.insert(0, "loss")
+    figure = _figure(5.6, 1.9 * len(panels) + 0.4)
+    axes_list = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    xs = list(range(len(points)))
+    labels = [p.label for p in points]
+    for axes, panel in zip(axes_list, panels, strict=True):
+        if panel == "loss":
+            for name, colour, values in (("loss", PALETTE[1], [p.loss for p in points]),
+                                         (metric_name, PALETTE[0], [p.metric for p in points])):
+                pairs = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
+                if pairs:
+                    axes.plot([x for x, _ in pairs], [v for _, v in pairs], marker="o",
+                              color=colour, label=name)
+            axes.set_ylabel("loss / metric")
+        elif panel == "spokes":
+            for name, colour, values in (
+                    ("targeted", COLOURS["queued"], [p.targeted for p in points]),
+                    ("joined", COLOURS["running"], [p.joined for p in points]),
+                    ("survived masking", COLOURS["succeeded"], [p.survived for p in points])):
+                axes.plot(xs, values, marker="o", color=colour, label=name)
+            top = max([p.targeted for p in points] + [1])
+            axes.set_ylim(-0.2, top + 0.5)
+            axes.yaxis.get_major_locator().set_params(integer=True)
+            axes.set_ylabel("spokes")
+        else:
+            pairs = [(x, p.epsilon) for x, p in zip(xs, points, strict=True)
+                     if p.epsilon is not None]
+            if pairs:
+                axes.plot([x for x, _ in pairs], [v for _, v in pairs], marker="o",
+                          color=PALETTE[3], label="epsilon spent")
+            axes.axhline(budget, color=COLOURS["failed"], linestyle="--", linewidth=1,
+                         label=f"budget {budget:g}")
+            spent = max([v for _, v in pairs] + [0.0])
+            if spent > 0 and budget / spent > 100:
+                axes.set_yscale("log")
+            axes.set_ylabel("epsilon")
+        axes.legend(ncols=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False,
+                    fontsize=8)
+        _tidy(axes)
+    axes_list[-1].set_xticks(xs, labels)
+    axes_list[-1].set_xlabel("round (.attempt)")
+    if not points:
+        axes_list[-1].text(0.5, 0.5, "no round yet", ha="center", va="center",
+                           transform=axes_list[-1].transAxes)
+    return _svg(figure, "Training per round: " + ", ".join(
+        {"loss": "loss and metric", "spokes": "spokes targeted, joined and surviving masking",
+         "epsilon": "cumulative epsilon against the budget"}[p] for p in panels))
+
+
 def _ticks(low: float, high: float) -> list[float]:
     """About five round tick values covering [low, high]."""
     span = high - low or 1.0

@@ -12,6 +12,8 @@ const FIELD_LABELS = {
 const STATE_CLASS = {
   succeeded: "ok", completed: "ok", failed: "fail", refused: "fail", cancelled: "fail",
   running: "run", accepted: "run", launched: "run", cancelling: "run", held: "wait",
+  aggregated: "ok", finished: "ok", retried: "wait", stopped_budget: "wait",
+  keys: "run", shares: "run", masked: "run", consistency: "run", unmask: "run",
 };
 
 /** A readable message from an API error body (FastAPI's detail string or list). */
@@ -591,7 +593,75 @@ function wireLiveList() {
   });
 }
 
+// --- Live training study: round rows patched from the stream's deltas --------------------
+const eps = (v) => (v === null || v === undefined ? "–" : Number(v.toPrecision(4)).toString());
+
+/** The cells of one round attempt, as the template's round_cells macro draws them. */
+function roundCells(r) {
+  const drops = [];
+  [["did not join", r.not_joined], ["dropped before masking (not in the sum)", r.dropped_before_masking],
+    ["dropped after masking (update recovered)", r.dropped_after_masking]].forEach(([what, who]) => {
+    if (!who.length) return;
+    if (drops.length) drops.push(el("br"));
+    drops.push(`${what}: ${who.join(", ")}`);
+  });
+  return [
+    el("td", { class: "num" }, String(r.round), ...(r.attempt > 1 ? [el("br"), el("small", {}, `attempt ${r.attempt}`)] : [])),
+    el("td", {}, badge(r.outcome), ...(r.outcome_reason ? [el("br"), el("small", {}, r.outcome_reason)] : [])),
+    ...[r.targeted, r.joined, r.survived].map((l) => el("td", { class: "num" }, String(l.length))),
+    el("td", {}, drops.length ? drops : "–"),
+    ...[r.epsilon_round, r.epsilon_cumulative, r.mean_loss].map((v) => el("td", { class: "num" }, eps(v))),
+    el("td", {}, r.global_model_out ? el("code", { title: r.global_model_out }, `${r.global_model_out.slice(7, 19)}…`) : "–"),
+  ];
+}
+
+async function refreshTrainingSummary(root) {
+  const response = await fetch(`/training/${root.dataset.study}/summary`, { credentials: "same-origin" });
+  if (response.ok) document.getElementById("training-summary").innerHTML = await response.text();
+}
+
+function wireLiveTraining() {
+  const root = document.getElementById("training");
+  if (!root || !root.dataset.live || !window.EventSource) return;
+  const live = document.getElementById("live");
+  const source = new EventSource(root.dataset.live);
+  let timer = null;
+  let last = 0;
+  const scheduleSummary = () => { // the curves are drawn on the hub: at most every 3 s
+    if (timer) return;
+    const wait = Math.max(0, last + 3000 - Date.now());
+    timer = setTimeout(() => { timer = null; last = Date.now(); refreshTrainingSummary(root); }, wait);
+  };
+  source.addEventListener("open", () => { live.textContent = "live"; live.classList.add("on"); });
+  source.addEventListener("error", () => { live.textContent = "reconnecting…"; live.classList.remove("on"); });
+  source.addEventListener("progress", (event) => {
+    const { study, rounds, delta } = JSON.parse(event.data);
+    const state = document.getElementById("training-state");
+    state.replaceWith(Object.assign(badge(study.state), { id: "training-state" }));
+    root.dataset.state = study.state;
+    const body = document.getElementById("rounds");
+    rounds.forEach((r) => {
+      const key = `${r.round}.${r.attempt}`;
+      const row = el("tr", { "data-round": key }, roundCells(r));
+      const old = [...body.children].find((x) => x.dataset.round === key);
+      if (old) old.replaceWith(row); else body.append(row);
+    });
+    const none = document.getElementById("no-rounds");
+    if (none && body.children.length) none.remove();
+    if (delta) scheduleSummary();
+  });
+  source.addEventListener("end", () => {
+    source.close();
+    live.textContent = "finished";
+    live.classList.remove("on");
+    clearTimeout(timer);
+    timer = "done";
+    refreshTrainingSummary(root);
+  });
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  wireLiveTraining();
   wireApiActions();
   wireNewExperiment();
   wireLiveExperiment();

@@ -13,13 +13,16 @@ are released in clear with the key advertisement (they weigh the average in any 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
+from tributary.protocol import PROTOCOL_VERSION
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
+    AlgorithmRef,
     ProtocolError,
+    check_protocol_version,
     new_message_id,
     utcnow,
 )
@@ -43,6 +46,9 @@ Digest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    #: As on every broker message: a receiver refuses another major version.
+    protocol_version: str = PROTOCOL_VERSION
+    _compatible = field_validator("protocol_version")(check_protocol_version)
     #: Idempotency key, as for every broker message.
     message_id: str = Field(default_factory=new_message_id, max_length=128)
     sent_at: datetime = Field(default_factory=utcnow)
@@ -78,6 +84,9 @@ class RoundOpen(_Message):
     attempt: int = Field(ge=1)
     #: The training image, pinned by digest: the spoke runs only the one it approved.
     algorithm: str = Field(max_length=512)
+    #: The same image with the publisher's release signature and the hub's approval, which
+    #: a spoke agent requires (as for a validation study) before it pulls and runs it.
+    image: AlgorithmRef | None = None
     secagg: RoundConfig
     global_model: ObjectRef
     #: The hub's signature over the global model's digest (hex Ed25519 / DSSE, transport's).
@@ -122,6 +131,25 @@ class Masked(_Message):
     kind: Literal["training.masked"] = "training.masked"
     masked: MaskedInput
     upload: ObjectRef
+    #: The spoke's signed custody statement binding ``upload`` to this round
+    #: (:mod:`tributary.protocol.training.custody`).
+    custody: dict[str, Any] | None = None
+
+
+RefusalReason = Literal["image_not_trusted", "image_unavailable", "epsilon_cap",
+                        "training_failed", "protocol"]
+
+
+class Refusal(_Message):
+    """Spoke -> hub: this spoke will not take part in this round attempt, and why."""
+
+    kind: Literal["training.refusal"] = "training.refusal"
+    study_id: str = Field(max_length=128)
+    round_id: str = Field(max_length=200)
+    round_index: int = Field(ge=0)
+    attempt: int = Field(ge=1)
+    reason: RefusalReason
+    detail: str = Field(max_length=2000)
 
 
 class Consistency(_Message):
@@ -146,7 +174,7 @@ class UnmaskReply(_Message):
 
 TrainingFromHub = Annotated[RoundOpen | Keys | Delivery | Consistency | Unmask,
                             Field(discriminator="kind")]
-TrainingFromSpoke = Annotated[Join | Shares | Masked | Signature | UnmaskReply,
+TrainingFromSpoke = Annotated[Join | Shares | Masked | Signature | UnmaskReply | Refusal,
                               Field(discriminator="kind")]
 _from_hub: TypeAdapter[TrainingFromHub] = TypeAdapter(TrainingFromHub)
 _from_spoke: TypeAdapter[TrainingFromSpoke] = TypeAdapter(TrainingFromSpoke)
