@@ -48,7 +48,8 @@ class Hub:
         self.objects = tmp_path / "objects"
         self.objects.mkdir()
         self.engine = make_engine(f"sqlite:///{self.path}")
-        self.spokes = {s: TrainingParticipant(me=s, train=trainer(s), upload=self.put)
+        self.spokes = {s: TrainingParticipant(me=s, train=trainer(s), upload=self.put,
+                                              release_loss=True)
                        for s in SPOKES}
         spec = training.StudySpec(
             name="resume", algorithm="sha256:" + "a" * 64, spokes=SPOKES, rounds=rounds,
