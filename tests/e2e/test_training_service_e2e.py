@@ -135,7 +135,7 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
                                 {"timeout": 120, "memory_mb": 512})
         agents[spoke] = TrainingAgent(spoke, client, store, spoke_keys[spoke], hub_key.public,
                                       trainer, federation, tmp_path / f"{spoke}.journal",
-                                      b"k" * 32)
+                                      b"k" * 32, release_loss=True)
         agents[spoke].start()
 
     hub.start()

@@ -165,9 +165,10 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
                 clients.append(client)
                 trainer = DockerTrainer(image, site_of(cohorts / f"site{n}"),
                                         {"timeout": 120, "memory_mb": 512})
+                # Synthetic sites: their policy releases the local loss, for the curves.
                 agent = TrainingAgent(s, client, store_for(s), spoke_keys[s], hub.key.public,
                                       trainer, federation, workdir / f"{s}.journal",
-                                      os.urandom(32))
+                                      os.urandom(32), release_loss=True)
                 agent.start()
                 agents.append(agent)
             initial = {"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}
