@@ -220,6 +220,11 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         aggregated = session.exec(select(AuditEvent).where(
             AuditEvent.action == "training.round_aggregated")).all()
         assert sorted(e.target for e in aggregated) == sorted(r.round_id for r in rows)
+        # Each restart resumed the open round where it was, and said so.
+        resumed = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "training.round_resumed").order_by(AuditEvent.id)).all()
+        assert [(e.target, e.detail["stage"]) for e in resumed] == [
+            (rows[0].round_id, "keys"), (rows[1].round_id, "masked")]
 
     # Rounds 0 and 1 (the killed ones): the applied step is the plain weighted sum of the
     # spokes' real updates (recomputed here from their cohorts), within the noise.

@@ -32,7 +32,7 @@ from sqlmodel import Session, col, select
 
 from tributary.hub import training_checks
 from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
-from tributary.hub.services import training
+from tributary.hub.services import audit, training
 from tributary.hub.services.enrolment import public_key
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import Delivery, PublishError, StompClient
@@ -240,6 +240,11 @@ class TrainingCoordinator:
                 out = training.pending_messages(study, row, ref, signature,
                                                 self._upload_for(row))
                 self._sent.add(sent)
+                if nxt.action == "drive":  # an open round this process did not open
+                    audit.record(session, training.ACTOR, "training.round_resumed",
+                                 row.round_id, stage=row.stage,
+                                 resent_to=[r for r, _ in out])
+                    session.commit()
         self._send_stage(sent, out)
         if nxt.action == "open":
             return True
