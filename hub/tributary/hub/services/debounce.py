@@ -27,7 +27,7 @@ from sqlmodel import Session, col, select
 
 from tributary.hub import tasks
 from tributary.hub.models import AggregateSnapshot, Experiment, utcnow
-from tributary.hub.services.aggregation import refresh
+from tributary.hub.services.aggregation import full_behind, refresh
 from tributary.hub.settings import HubSettings
 
 log = logging.getLogger(__name__)
@@ -65,21 +65,30 @@ def claim_due(session: Session, interval: float) -> list[str]:
     return claimed
 
 
-def recompute(session: Session, experiment_id: str,
-              min_cell_size: int) -> AggregateSnapshot | None:
+def recompute(session: Session, experiment_id: str, min_cell_size: int,
+              full_interval: float | None = None) -> AggregateSnapshot | None:
     """Clear the stale mark, then store a new snapshot from the results now committed: a
-    result committed after the clear marks the study stale again, so none is missed."""
+    result committed after the clear marks the study stale again, so none is missed. A
+    snapshot whose figures that need every value lag behind (``full_interval``, see
+    :func:`refresh`) leaves the study marked stale, so a later pass brings them up to date
+    even if no other result arrives."""
     session.execute(update(Experiment).where(col(Experiment.id) == experiment_id)
                     .values(aggregate_stale_since=None)
                     .execution_options(synchronize_session=False))
     session.commit()
     try:
-        return refresh(session, experiment_id, min_cell_size)
+        snapshot = refresh(session, experiment_id, min_cell_size, full_interval)
     except Exception:
         session.rollback()
         mark_stale(session, experiment_id)
         session.commit()
         raise
+    experiment = session.get(Experiment, experiment_id)
+    if snapshot is not None and experiment is not None and full_interval is not None \
+            and full_behind(session, experiment, snapshot.inputs_sha256):
+        mark_stale(session, experiment_id)
+        session.commit()
+    return snapshot
 
 
 class Debouncer:
@@ -88,6 +97,9 @@ class Debouncer:
     def __init__(self, settings: HubSettings, engine: Engine) -> None:
         self.settings, self.engine = settings, engine
         self.interval = settings.aggregate_interval_seconds
+        self.full_interval = settings.aggregate_full_interval_seconds
+        #: CPU seconds this process's passes took (the debouncer's thread; for benches).
+        self.cpu_seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="aggregate-debouncer",
                                         daemon=True)
@@ -110,7 +122,8 @@ class Debouncer:
                 break
             if tasks.in_process():
                 with Session(self.engine) as session:
-                    recompute(session, experiment_id, self.settings.min_cell_size)
+                    recompute(session, experiment_id, self.settings.min_cell_size,
+                              self.full_interval)
             else:
                 tasks.aggregate_experiment(experiment_id)
         return claimed
@@ -122,11 +135,12 @@ class Debouncer:
     def _loop(self) -> None:
         wait = self.interval
         while not self._stop.wait(wait):
-            started = time.monotonic()
+            started, cpu = time.monotonic(), time.thread_time()
             try:
                 self.run_once()
             except Exception:
                 log.exception("aggregate debouncer pass failed; retrying next interval")
+            self.cpu_seconds += time.thread_time() - cpu
             wait = self.next_wait(time.monotonic() - started)
 
 
