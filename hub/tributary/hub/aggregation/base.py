@@ -3,6 +3,7 @@ aggregator shares (field look-up, figures with intervals)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -159,6 +160,18 @@ def lookup(data: dict[str, Any] | None, path: str) -> Any:
             return None
         value = value[part]
     return value
+
+
+def finite(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else, including integers too large
+    for a float (a spoke's output may hold any JSON)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def count(value: int) -> Figure:

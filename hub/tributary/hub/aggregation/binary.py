@@ -3,7 +3,6 @@ with binomial intervals, AUC with its DeLong interval, and the ROC curve for plo
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,6 +11,7 @@ from tributary.hub.aggregation.base import (
     Aggregator,
     CaseView,
     count,
+    finite,
     lookup,
     proportion,
     register,
@@ -38,9 +38,7 @@ class BinaryParameters(BaseModel):
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
+    return finite(value)
 
 
 def _truthy(value: Any) -> bool | None:

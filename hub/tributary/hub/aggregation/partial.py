@@ -8,6 +8,7 @@ from them are identical to those derived from all the values at once."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from fractions import Fraction
 
@@ -68,4 +69,7 @@ def moments(n: int, sum_units: int, squares_units: int) -> tuple[float | None, f
     if n < 2:
         return float(mean), None
     variance = (Fraction(squares_units, _ONE_SQUARED) - total_sum * mean) / (n - 1)
-    return float(mean), float(max(variance, Fraction(0)))
+    try:
+        return float(mean), float(max(variance, Fraction(0)))
+    except OverflowError:  # values near the float's limits: as numpy says, infinite
+        return float(mean), math.inf

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from tributary.hub.aggregation.base import Aggregator, CaseView, number, register
+from tributary.hub.aggregation.base import Aggregator, CaseView, finite, number, register
 from tributary.hub.aggregation.partial import Sums, exact, exact_square, moments, total
 from tributary.hub.aggregation.report import Figure
 from tributary.hub.aggregation.statistics import mean_ci_from_moments
@@ -30,8 +30,8 @@ def numeric_fields(data: Any, prefix: str = "") -> dict[str, float]:
     if isinstance(data, dict):
         for key, value in data.items():
             found.update(numeric_fields(value, f"{prefix}{key}."))
-    elif isinstance(data, int | float) and not isinstance(data, bool) and np.isfinite(data):
-        found[prefix[:-1]] = float(data)
+    elif (number := finite(data)) is not None:
+        found[prefix[:-1]] = number
     return found
 
 
