@@ -61,9 +61,11 @@ def versions(session: Session, experiment_id: str) -> list[int]:
 
 
 def settle(client: TestClient) -> None:
-    """One pass of the hub's debouncer, due at once (what it does every interval)."""
+    """One pass of the hub's debouncer, due at once (what it does every interval), with a
+    full pass each time (test_incremental_aggregation.py covers the passes in between)."""
     app = client.app  # type: ignore[attr-defined]
-    settings = app.state.settings.model_copy(update={"aggregate_interval_seconds": 1e-9})
+    settings = app.state.settings.model_copy(update={"aggregate_interval_seconds": 1e-9,
+                                                     "aggregate_full_interval_seconds": 1e-9})
     Debouncer(settings, app.state.engine).run_once()
 
 
