@@ -335,8 +335,8 @@ def latest(session: Session, experiment: Experiment, min_cell_size: int,
         computed = computed.replace(tzinfo=UTC)
     if utcnow() - computed >= STALE_GRACE:
         # No debouncer reached it (a broker outage lost the task, or no hub runs one):
-        # ask again. Eager mode computes now; with a broker, a worker catches up.
-        tasks.aggregate_experiment(experiment.id)
+        # ask again, without making this read wait (a worker, or a thread of this process).
+        tasks.aggregate_in_background(experiment.id)
         session.expire_all()
         newer = _latest_row(session, experiment.id)
         if newer is not None and newer.version != row.version:
