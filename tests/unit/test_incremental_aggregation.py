@@ -56,10 +56,11 @@ def engine(tmp_path: Path) -> Engine:
 
 def _result(rng: random.Random, spoke: str, case: str, attempt: int = 1) -> ResultMessage:
     if rng.random() < 0.1:
+        failure = {"reason": rng.choice(["exit_code", "timeout"]), "detail": "x"}
         return ResultMessage(experiment_id="exp", spoke_id=spoke, case_id=case,
                              attempt=attempt, status=CaseStatus.FAILED, image_digest=DIGEST,
-                             failure={"reason": rng.choice(["exit_code", "timeout"]),
-                                      "detail": "x"}, finished_at=datetime.now(UTC))
+                             failure=failure if rng.random() < 0.8 else None,
+                             finished_at=datetime.now(UTC))
     label = int(rng.random() < 0.4)
     output: dict[str, Any] = {"p": round(rng.gauss(label, 1.0), rng.choice([1, 3, 17])),
                               "volume": {"ml": rng.uniform(1e6, 1e6 + 1)}}

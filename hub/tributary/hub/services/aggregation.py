@@ -157,13 +157,16 @@ def _fast(session: Session, experiment: Experiment, min_cell_size: int,
             .where(CaseResult.experiment_id == experiment.id)
             .group_by(CaseResult.spoke_id, CaseResult.state)):
         counts.setdefault(spoke, Counter())[CaseState(state)] += n
+    # Failure reasons counted in the database (a failure always has one: the protocol's
+    # Failure requires it, and a failed case without a failure stores JSON null).
     reasons: dict[str, Counter[str]] = {}
-    for spoke, failure in session.exec(
-            select(CaseResult.spoke_id, CaseResult.failure)
+    reason = col(CaseResult.failure)["reason"].as_string()
+    for spoke, why, n in session.exec(
+            select(CaseResult.spoke_id, reason, func.count(col(CaseResult.id)))
             .where(CaseResult.experiment_id == experiment.id,
-                   CaseResult.state == CaseState.FAILED)):
-        if failure:
-            reasons.setdefault(spoke, Counter())[str(failure.get("reason", "unknown"))] += 1
+                   CaseResult.state == CaseState.FAILED, reason.is_not(None))
+            .group_by(CaseResult.spoke_id, reason)):
+        reasons.setdefault(spoke, Counter())[str(why)] += n
     sums = partials.stored(session, experiment.id)
     from_full = _full_groups(full)
 
