@@ -76,6 +76,8 @@ def measure(size: int, spokes: int, aggregator: str, repeats: int) -> dict[str, 
             session.add(experiment)
             session.commit()
             if INCREMENTAL:
+                experiment.aggregate_incremental = True
+                session.add(experiment)
                 seed_sums(session)
         costs: dict[str, list[float]] = {"full": [], "between": []}
         with Session(engine) as session:
