@@ -100,6 +100,8 @@ class Debouncer:
         self.full_interval = settings.aggregate_full_interval_seconds
         #: CPU seconds this process's passes took (the debouncer's thread; for benches).
         self.cpu_seconds = 0.0
+        #: Recomputations this process made or enqueued (for benches).
+        self.recomputed = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="aggregate-debouncer",
                                         daemon=True)
@@ -126,6 +128,7 @@ class Debouncer:
                               self.full_interval)
             else:
                 tasks.aggregate_experiment(experiment_id)
+            self.recomputed += 1
         return claimed
 
     def next_wait(self, took: float) -> float:
