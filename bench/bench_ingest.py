@@ -14,7 +14,7 @@ with a full pass every ``--full-interval`` seconds; each run also gives the CPU 
 debouncer took, per result and as a share of a core.
 
     .venv/bin/python bench/bench_ingest.py [--sizes 1000 10000 30000] [--window 1000]
-        [--batch 100] [--spokes 3] [--aggregation full incremental]
+        [--batch 100] [--spokes 3] [--aggregation full incremental] [--rate 0]
         [--database-url postgresql+psycopg://...]
 """
 
@@ -126,6 +126,11 @@ def run(args: argparse.Namespace, incremental: bool
             with Session(engine) as session:
                 assert all(o is True for o in ingest_batch(
                     session, signed[start:start + args.batch]))
+            if args.rate:  # as results arrive through the broker, not as fast as possible
+                ahead = clocks["wall"][0] + (start + args.batch) / args.rate \
+                    - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
             if (i := start + args.batch) in wanted:
                 clocks["wall"][i], clocks["cpu"][i] = time.perf_counter(), time.process_time()
                 clocks["own"][i] = time.thread_time()
@@ -180,6 +185,9 @@ def main() -> None:
     parser.add_argument("--full-interval", type=float,
                         default=HubSettings().aggregate_full_interval_seconds,
                         help="seconds between full passes of an incremental study")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="results a second at most (0: as fast as possible); a study "
+                             "that runs for longer shows the debouncer's steady state")
     parser.add_argument("--database-url", default=None,
                         help="an empty database to use (default: SQLite in a temporary folder)")
     args = parser.parse_args()

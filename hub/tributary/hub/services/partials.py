@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy import insert, update
 from sqlmodel import Session, col, select
 
 from tributary.hub.aggregation import Aggregator, CaseView, get_aggregator
@@ -73,19 +74,27 @@ class PartialUpdates:
             add(self.deltas.setdefault((experiment.id, new.spoke_id), {}), delta)
 
     def write(self) -> None:
-        """Add the batch's deltas to the stored sums (one read, then one row per spoke)."""
+        """Add the batch's deltas to the stored sums: one read, then one UPDATE statement
+        for the rows that exist and one INSERT for those that do not (per batch, not per
+        spoke: a batch of 100 results may touch 100 spokes)."""
         changed = {key: delta for key, delta in self.deltas.items() if delta}
         self.deltas = {}
         if not changed:
             return
-        rows = {(r.experiment_id, r.spoke_id): r for r in self.session.exec(
-            select(AggregatePartial).where(
+        rows = {(e, s): sums for e, s, sums in self.session.exec(
+            select(AggregatePartial.experiment_id, AggregatePartial.spoke_id,
+                   AggregatePartial.sums).where(
                 col(AggregatePartial.experiment_id).in_({k[0] for k in changed}),
                 col(AggregatePartial.spoke_id).in_({k[1] for k in changed})))}
+        updates, inserts = [], []
         for key, delta in sorted(changed.items()):
-            row = rows.get(key) or AggregatePartial(experiment_id=key[0], spoke_id=key[1])
-            row.sums = dump(add(load(row.sums), delta))
-            self.session.add(row)
+            values = {"experiment_id": key[0], "spoke_id": key[1],
+                      "sums": dump(add(load(rows.get(key)), delta))}
+            (updates if key in rows else inserts).append(values)
+        if updates:
+            self.session.execute(update(AggregatePartial), updates)
+        if inserts:
+            self.session.execute(insert(AggregatePartial), inserts)
 
 
 def stored(session: Session, experiment_id: str) -> dict[str, Sums]:
