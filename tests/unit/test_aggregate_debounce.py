@@ -136,3 +136,47 @@ def test_plots_are_drawn_once_per_key() -> None:
     cache.get(("roc", 3), lambda: draw("d"))  # bounded: the least recently used goes
     cache.get(("roc", 1), lambda: draw("e"))
     assert drawn == ["a", "c", "d", "e"]
+
+
+def test_a_lagging_read_leaves_the_study_to_a_debouncer_of_this_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a single-process hub the debouncer recomputes at a pace bounded to a share of
+    the process; reads that found the snapshot lagging recomputed besides, unbounded."""
+    from datetime import timedelta
+
+    from tributary.hub import tasks
+    from tributary.hub.models import utcnow
+    from tributary.hub.services import aggregation
+
+    asked: list[str] = []
+    monkeypatch.setattr(tasks, "aggregate_in_background", asked.append)
+    # A pass every 9 s at most, so within the grace (10 s); none comes during the test.
+    settings = HubSettings.for_directory(tmp_path, min_cell_size=2,
+                                         aggregate_interval_seconds=9)
+    engine = make_engine(settings.database_url)
+    worker.configure(settings, engine)  # Celery eager, as the single-process hub
+    try:
+        with Session(engine) as session:
+            spokes = Spokes(session, ["north"])
+            add_experiment(session, "exp", ["north"], "summary", {})
+            accept(session, "exp", "north", CASES)
+            send_result(session, spokes, "exp", "north", "c0", {"volume_ml": 1.0})
+            experiment = session.get(Experiment, "exp")
+            assert experiment is not None
+            aggregation.latest(session, experiment, 2)  # the first snapshot
+            send_result(session, spokes, "exp", "north", "c1", {"volume_ml": 2.0})
+            first = snapshots(session)[-1]
+            first.computed_at = utcnow() - timedelta(minutes=5)  # long past the grace
+            session.add(first)
+            session.commit()
+            debouncer = Debouncer(settings, engine).start()
+            try:
+                read = aggregation.latest(session, experiment, 2)
+                assert (read.version, read.current) == (1, False)
+                assert asked == []  # the debouncer will get to it
+            finally:
+                debouncer.stop()
+            aggregation.latest(session, experiment, 2)
+            assert asked == ["exp"]  # no debouncer here: the read asks
+    finally:
+        worker.configure(HubSettings())

@@ -336,7 +336,7 @@ def latest(session: Session, experiment: Experiment, min_cell_size: int,
     computed = row.computed_at
     if computed.tzinfo is None:  # SQLite keeps no time zone; the hub writes UTC
         computed = computed.replace(tzinfo=UTC)
-    if utcnow() - computed >= STALE_GRACE:
+    if utcnow() - computed >= STALE_GRACE and not _debouncer_here():
         # No debouncer reached it (a broker outage lost the task, or no hub runs one):
         # ask again, without making this read wait (a worker, or a thread of this process).
         tasks.aggregate_in_background(experiment.id)
@@ -346,6 +346,14 @@ def latest(session: Session, experiment: Experiment, min_cell_size: int,
             current = newer.inputs_sha256 == inputs_digest(session, experiment, min_cell_size)
             return read_snapshot(newer, current, received(session, experiment.id))
     return read_snapshot(row, False, received(session, experiment.id))
+
+
+def _debouncer_here() -> bool:
+    """A debouncer of this process recomputes in-process at its own, bounded pace (and
+    waits longer after a long pass): a read need not ask it."""
+    from tributary.hub.services import debounce  # it imports this module
+
+    return debounce.recomputes_here(STALE_GRACE.total_seconds())
 
 
 def history(session: Session, experiment_id: str) -> list[SnapshotInfo]:

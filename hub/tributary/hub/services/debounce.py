@@ -35,6 +35,19 @@ log = logging.getLogger(__name__)
 #: The most of the process's time the debouncer's passes take (see the module docstring).
 BUSY_SHARE = 0.1
 
+#: The debouncers running in this process.
+_running: set[Debouncer] = set()
+_running_lock = threading.Lock()
+
+
+def recomputes_here(within: float) -> bool:
+    """Whether a debouncer of this process recomputes stale studies itself (Celery eager)
+    at least every ``within`` seconds when idle: then a read that finds a lagging snapshot
+    leaves it to that debouncer, whose passes are bounded to a share of the process."""
+    with _running_lock:
+        return tasks.in_process() and any(d.interval <= within and d.alive()
+                                          for d in _running)
+
 
 def mark_stale(session: Session, experiment_id: str) -> None:
     """Note, in the caller's transaction, that ``experiment_id``'s aggregate lags behind
@@ -108,10 +121,17 @@ class Debouncer:
 
     def start(self) -> Debouncer:
         self._thread.start()
+        with _running_lock:
+            _running.add(self)
         return self
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
 
     def stop(self) -> None:
         self._stop.set()
+        with _running_lock:
+            _running.discard(self)
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
