@@ -119,8 +119,30 @@ def test_in_process_recomputation_takes_at_most_a_tenth_of_the_process(
         tmp_path: Path) -> None:
     settings = HubSettings.for_directory(tmp_path, aggregate_interval_seconds=2)
     debouncer = Debouncer(settings, make_engine(settings.database_url))
-    assert debouncer.next_wait(0.05) == 2  # small studies: every interval
-    assert debouncer.next_wait(1.5) == pytest.approx(13.5)  # a large one: 1.5 s in 15
+    assert debouncer.next_wait(0.05, now=100) == 2  # small studies: every interval
+    assert debouncer.next_wait(1.5, now=200) == pytest.approx(13.5)  # a large one: 1.5 s in 15
+    # After the wait, short passes (from running sums) go at the interval again.
+    assert debouncer.next_wait(0.1, now=213.6) == 2
+
+
+def test_short_passes_between_long_ones_keep_the_interval_and_the_share(
+        tmp_path: Path) -> None:
+    """A study kept by running sums: a pass of 0.1 s every interval, a full pass of 1.2 s
+    every 30 s. Ten minutes of passes: snapshots about every interval, at most a tenth of
+    the process; passes of 0.3 s every interval would take more, and are slowed down."""
+    settings = HubSettings.for_directory(tmp_path, aggregate_interval_seconds=2)
+    engine = make_engine(settings.database_url)
+    for short, expect_gap in ((0.1, 2.3), (0.3, 4.5)):
+        debouncer = Debouncer(settings, engine)
+        now, busy, passes, last_full = 0.0, 0.0, 0, -30.0
+        while now < 600:
+            took = 1.2 if now - last_full >= 30 else short
+            last_full = now if took == 1.2 else last_full
+            now += took
+            busy, passes = busy + took, passes + 1
+            now += debouncer.next_wait(took, now=now)
+        assert busy / now <= 0.1 + 1e-9
+        assert now / passes <= expect_gap
 
 
 def test_plots_are_drawn_once_per_key() -> None:

@@ -8,8 +8,8 @@ once, and a study is recomputed at most once per interval whatever the result ra
 
 Recomputed in-process, a large study's snapshot takes seconds (bootstrap intervals over
 30,000 results), and it shares the process, and Python's interpreter lock, with the
-results consumer; so the next pass waits at least ``1 / BUSY_SHARE - 1`` times as long as the
-last one took: recomputation never takes more than a tenth of the process, whatever the
+results consumer; so passes are paced to take at most a tenth of the process over the
+last minute (after a lone long pass, the next waits nine times as long), whatever the
 study's size, and ingestion keeps its rate (the snapshot is then refreshed less often; the
 page says when it was computed). Enqueueing to Celery workers takes no time, so there it
 changes nothing."""
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from datetime import timedelta
 
 from sqlalchemy import func, or_, update
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 
 #: The most of the process's time the debouncer's passes take (see the module docstring).
 BUSY_SHARE = 0.1
+
+#: ... over the passes of this many seconds.
+BUSY_WINDOW = 60.0
 
 #: The debouncers running in this process.
 _running: set[Debouncer] = set()
@@ -115,6 +119,7 @@ class Debouncer:
         self.cpu_seconds = 0.0
         #: Recomputations this process made or enqueued (for benches).
         self.recomputed = 0
+        self._passes: deque[tuple[float, float]] = deque()  # (began, took), BUSY_WINDOW
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="aggregate-debouncer",
                                         daemon=True)
@@ -151,9 +156,19 @@ class Debouncer:
             self.recomputed += 1
         return claimed
 
-    def next_wait(self, took: float) -> float:
-        """Seconds until the next pass, after one that took ``took`` seconds."""
-        return max(self.interval, took * (1 / BUSY_SHARE - 1))
+    def next_wait(self, took: float, now: float | None = None) -> float:
+        """Seconds until the next pass, after one that took ``took`` seconds and ended
+        ``now`` (monotonic): the interval, or longer so that the passes of the last
+        ``BUSY_WINDOW`` seconds take at most ``BUSY_SHARE`` of the time since the first
+        of them began. A lone long pass (a full pass over a large study) is followed by a
+        wait of nine times its length; short passes (from running sums) between two full
+        passes go at the interval."""
+        now = time.monotonic() if now is None else now
+        self._passes.append((now - took, took))
+        while self._passes[0][0] < now - BUSY_WINDOW:
+            self._passes.popleft()
+        busy = sum(length for _, length in self._passes)
+        return max(self.interval, busy / BUSY_SHARE - (now - self._passes[0][0]))
 
     def _loop(self) -> None:
         wait = self.interval
