@@ -8,8 +8,8 @@ once, and a study is recomputed at most once per interval whatever the result ra
 
 Recomputed in-process, a large study's snapshot takes seconds (bootstrap intervals over
 30,000 results), and it shares the process, and Python's interpreter lock, with the
-results consumer; so passes are paced to take at most a tenth of the process over the
-last minute (after a lone long pass, the next waits nine times as long), whatever the
+results consumer; so passes are paced to take at most a tenth of a core (their CPU time)
+over the last minute (after a lone long pass, the next waits nine times as long), whatever the
 study's size, and ingestion keeps its rate (the snapshot is then refreshed less often; the
 page says when it was computed). Enqueueing to Celery workers takes no time, so there it
 changes nothing."""
@@ -157,7 +157,7 @@ class Debouncer:
         return claimed
 
     def next_wait(self, took: float, now: float | None = None) -> float:
-        """Seconds until the next pass, after one that took ``took`` seconds and ended
+        """Seconds until the next pass, after one that took ``took`` seconds of CPU and ended
         ``now`` (monotonic): the interval, or longer so that the passes of the last
         ``BUSY_WINDOW`` seconds take at most ``BUSY_SHARE`` of the time since the first
         of them began. A lone long pass (a full pass over a large study) is followed by a
@@ -173,13 +173,14 @@ class Debouncer:
     def _loop(self) -> None:
         wait = self.interval
         while not self._stop.wait(wait):
-            started, cpu = time.monotonic(), time.thread_time()
+            cpu = time.thread_time()
             try:
                 self.run_once()
             except Exception:
                 log.exception("aggregate debouncer pass failed; retrying next interval")
-            self.cpu_seconds += time.thread_time() - cpu
-            wait = self.next_wait(time.monotonic() - started)
+            took = time.thread_time() - cpu  # CPU, not wall: waiting for the lock costs none
+            self.cpu_seconds += took
+            wait = self.next_wait(took)
 
 
 def start(settings: HubSettings, engine: Engine) -> Debouncer:
