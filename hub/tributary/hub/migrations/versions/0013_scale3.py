@@ -1,7 +1,7 @@
 """Incremental aggregation: running sums per study and spoke, the last full pass's figures.
 
-Revision ID: 0012_scale3
-Revises: 0011_training2
+Revision ID: 0013_scale3
+Revises: 0012_spoke_capacity
 Create Date: 2026-12-06 01:50:00
 """
 from collections.abc import Sequence
@@ -10,8 +10,8 @@ import sqlalchemy as sa
 import sqlmodel
 from alembic import op
 
-revision: str = '0012_scale3'
-down_revision: str | None = '0011_training2'
+revision: str = '0013_scale3'
+down_revision: str | None = '0012_spoke_capacity'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
