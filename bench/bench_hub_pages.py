@@ -62,11 +62,15 @@ def fill(engine: Any, spokes: int, cases: int) -> None:
         for name in names:
             session.add(Spoke(id=name, name=name, last_seen_at=now))
         session.flush()
-        session.add(Experiment(id=EXPERIMENT, name="bench", algorithm_id=1,
-                               state=ExperimentState.LAUNCHED, launched_at=now,
-                               aggregator="summary",
-                               aggregator_parameters={},
-                               expires_at=now + timedelta(days=30)))
+        experiment = Experiment(id=EXPERIMENT, name="bench", algorithm_id=1,
+                                state=ExperimentState.LAUNCHED, launched_at=now,
+                                aggregator="summary",
+                                aggregator_parameters={},
+                                expires_at=now + timedelta(days=30))
+        if hasattr(experiment, "aggregate_incremental"):
+            # Rows written here, not by ingest, have no running sums: full passes only.
+            experiment.aggregate_incremental = False
+        session.add(experiment)
         session.flush()
         for name in names:
             session.add(ExperimentTarget(experiment_id=EXPERIMENT, spoke_id=name,

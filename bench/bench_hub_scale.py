@@ -53,6 +53,7 @@ from tributary.hub.models import (
     SpokeKey,
     TargetState,
 )
+from tributary.hub.services import debounce
 from tributary.hub.services.ingest import ingest_batch
 from tributary.hub.settings import HubSettings
 from tributary.hub.signin import TOKEN_COOKIE
@@ -165,15 +166,17 @@ def drain(settings: BrokerSettings, destination: str, idle: float = 3.0) -> int:
 
 # -- the hub in-process ------------------------------------------------------------------
 def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpoints: list[int],
-               budget: float) -> tuple[float, int, dict[int, float]]:
+               budget: float) -> tuple[float, int, dict[int, float], dict[int, float]]:
     """Verify and ingest the study's messages on a fresh hub database (aggregation as the
-    hub's default configuration runs it). Returns (overall rate, results reached, rate of
-    the window ending at each checkpoint)."""
+    hub's default configuration runs it: Celery eager, the debouncer in a thread of its
+    own, as in the hub process). Returns (overall rate, results reached, rate and CPU ms
+    per result of the process over the window ending at each checkpoint)."""
     with tempfile.TemporaryDirectory() as tmp:
         settings = HubSettings.for_directory(Path(tmp), signing_key=Path(tmp) / "hub.key",
                                              audit_log=Path(tmp) / "audit.jsonl")
         engine = open_database(settings)
         worker.configure(settings, engine)
+        debouncer = debounce.start(settings, engine)
         keys = {spoke.key.keyid: (spoke.spoke_id, spoke.key.public) for spoke in spokes}
         with Session(engine) as session:
             session.add(Algorithm(id=1, name="bench", version="1", repository="bench/alg",
@@ -206,8 +209,9 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
         progress(f"in-process: {len(study.opening)} accepted statuses and heartbeats "
                  f"({len(study.results)} case rows) in {time.perf_counter() - t_open:.1f} s")
         rates: dict[int, float] = {}
+        cpu: dict[int, float] = {}
         done, t0 = 0, time.perf_counter()
-        window_start, window_done = t0, 0
+        window_start, window_done, window_cpu = t0, 0, time.process_time()
         pending = sorted(checkpoints)
         batch = settings.results_batch_size
         while done < len(study.results):
@@ -217,19 +221,25 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
             feed(study.results[done:done + size])
             before, done = done, done + size
             if done in pending:
-                now = time.perf_counter()
+                now, now_cpu = time.perf_counter(), time.process_time()
                 rates[done] = (done - window_done) / (now - window_start)
-                window_start, window_done = now, done
-                progress(f"in-process: {done} results, {rates[done]:.1f}/s in this window")
+                cpu[done] = (now_cpu - window_cpu) / (done - window_done) * 1000
+                window_start, window_done, window_cpu = now, done, now_cpu
+                progress(f"in-process: {done} results, {rates[done]:.1f}/s, "
+                         f"{cpu[done]:.2f} ms CPU a result in this window")
             elif done // 1000 > before // 1000:
                 progress(f"in-process: {done} results, "
                          f"{done / (time.perf_counter() - t0):.1f}/s so far")
             if time.perf_counter() - t0 > budget:
                 progress(f"in-process: budget spent at {done} results")
                 break
-        overall = done / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        overall = done / elapsed
+        debouncer.stop()
+        progress(f"in-process: the debouncer took {debouncer.cpu_seconds:.1f} s of CPU in "
+                 f"{elapsed:.1f} s ({debouncer.cpu_seconds / elapsed:.2f} of a core)")
         engine.dispose()
-    return overall, done, rates
+    return overall, done, rates, cpu
 
 
 # -- the hub through the broker ----------------------------------------------------------
@@ -448,7 +458,7 @@ def main() -> None:
             study = Study(experiment_id, spokes, cases)
 
             progress("in-process ingestion of the same messages")
-            inproc_rate, inproc_reached, inproc_windows = in_process(
+            inproc_rate, inproc_reached, inproc_windows, inproc_cpu = in_process(
                 experiment_id, spokes, study, checkpoints, budget)
             progress("raw broker baseline")
             raw = raw_broker_rate(broker, study.results[:min(total, 3000)], 30)
@@ -480,11 +490,14 @@ def main() -> None:
 
 
     print(f"\n{'results':>8} {'broker/s':>9} {'in-proc/s':>10} {'raw/s':>7} "
-          f"{'hub CPU ms/result':>18} {'raw ms/msg':>11} {'hub RSS MB':>11}")
+          f"{'hub CPU ms/result':>18} {'in-proc CPU ms':>15} {'raw ms/msg':>11} "
+          f"{'hub RSS MB':>11}")
     for reached, rate, _, per_result, rss in rows:
         window = inproc_windows.get(reached)
+        own = inproc_cpu.get(reached)
         print(f"{reached:>8} {rate:>9.1f} {(f'{window:.1f}' if window else '-'):>10} "
-              f"{raw:>7.0f} {per_result:>18.1f} {1000 / raw:>11.2f} {rss:>11.0f}")
+              f"{raw:>7.0f} {per_result:>18.1f} {(f'{own:.2f}' if own else '-'):>15} "
+              f"{1000 / raw:>11.2f} {rss:>11.0f}")
     print(f"\n{'results':>8} {'page':<32} {'p95 ms':>9} {'x health':>9} {'bytes':>10}")
     worst = 0.0
     for reached, _, figures, _, _ in rows:

@@ -7,8 +7,15 @@ each with its ratio to the first window of the same run (the baseline): a flat r
 means constant cost per result. ``--batch 1`` stores one message per transaction (the
 consumer's path before batches).
 
+``--aggregation full incremental`` (the default) runs the same results twice in one
+process: a study recomputed in full at every debouncer pass (as before running sums, and
+as studies created before them still are), then one whose snapshots come from running sums
+with a full pass every ``--full-interval`` seconds; each run also gives the CPU its
+debouncer took, per result and as a share of a core.
+
     .venv/bin/python bench/bench_ingest.py [--sizes 1000 10000 30000] [--window 1000]
-        [--batch 100] [--database-url postgresql+psycopg://...]
+        [--batch 100] [--spokes 3] [--aggregation full incremental] [--rate 0]
+        [--database-url postgresql+psycopg://...]
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ SPOKES = ["north", "river", "clare"]
 DIGEST = "sha256:" + "0" * 64
 
 
-def build(engine, cases: int) -> dict[str, SigningKey]:  # type: ignore[no-untyped-def]
+def build(engine, cases: int, incremental: bool) -> dict[str, SigningKey]:  # type: ignore[no-untyped-def]
     keys = {s: SigningKey.generate() for s in SPOKES}
     with Session(engine) as session:
         session.add(Algorithm(id=1, name="a", version="1", repository="r/a", digest=DIGEST))
@@ -56,7 +63,8 @@ def build(engine, cases: int) -> dict[str, SigningKey]:  # type: ignore[no-untyp
         session.add(Experiment(id="exp", name="bench", algorithm_id=1,
                                aggregator="binary-classification",
                                aggregator_parameters={"score": "p", "label": "y"},
-                               state=ExperimentState.LAUNCHED))
+                               state=ExperimentState.LAUNCHED,
+                               aggregate_incremental=incremental))
         session.flush()
         for spoke in SPOKES:
             session.add(ExperimentTarget(experiment_id="exp", spoke_id=spoke,
@@ -94,6 +102,74 @@ def messages(keys: dict[str, SigningKey], cases: int) -> list[ResultMessage]:
     return out
 
 
+def run(args: argparse.Namespace, incremental: bool
+        ) -> tuple[dict[str, dict[int, float]], float, int]:
+    """Ingest every result (the same ones each run: a fixed seed, signed by this run's keys
+    before timing) into a fresh database; the clocks at each size (wall, process CPU,
+    ingesting thread CPU, debouncer CPU), the debouncer's CPU in all and its passes."""
+    total = max(args.sizes)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = HubSettings(database_url=args.database_url
+                               or f"sqlite:///{Path(tmp) / 'hub.db'}",
+                               audit_log=Path(tmp) / "hub-audit.jsonl",
+                               aggregate_full_interval_seconds=args.full_interval)
+        engine = open_database(settings)
+        worker.configure(settings, engine)  # as the hub does: eager aggregation tasks
+        debouncer = debounce.start(settings, engine)  # as the hub does
+        keys = build(engine, total, incremental)
+        signed = messages(keys, total)
+        clocks: dict[str, dict[int, float]] = {
+            "wall": {0: time.perf_counter()}, "cpu": {0: time.process_time()},
+            "own": {0: time.thread_time()}, "debouncer": {0: debouncer.cpu_seconds}}
+        wanted = {s - args.window for s in args.sizes} | set(args.sizes)
+        for start in range(0, total, args.batch):
+            with Session(engine) as session:
+                assert all(o is True for o in ingest_batch(
+                    session, signed[start:start + args.batch]))
+            if args.rate:  # as results arrive through the broker, not as fast as possible
+                ahead = clocks["wall"][0] + (start + args.batch) / args.rate \
+                    - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
+            if (i := start + args.batch) in wanted:
+                clocks["wall"][i], clocks["cpu"][i] = time.perf_counter(), time.process_time()
+                clocks["own"][i] = time.thread_time()
+                clocks["debouncer"][i] = debouncer.cpu_seconds
+        debouncer.stop()
+        engine.dispose()
+    return clocks, debouncer.cpu_seconds, debouncer.recomputed
+
+
+def report(args: argparse.Namespace, label: str, clocks: dict[str, dict[int, float]],
+           debouncer_cpu: float, passes: int) -> str:
+    total, window = max(args.sizes), args.window
+
+    def cost(size: int, clock: str = "cpu") -> float:
+        """CPU ms per result (steadier than wall time on a machine shared with others)."""
+        return (clocks[clock][size] - clocks[clock][size - window]) / window * 1000
+
+    marks = clocks["wall"]
+    base = window / (marks[window] - marks[0])
+    print(f"\n{label}: {'results':>8} {'results/s':>10} {'ratio':>6} {'CPU ms/result':>14} "
+          f"{'ratio':>6} {'ingest thread':>14} {'ratio':>6} {'debouncer ms/result':>20}")
+    for size in args.sizes:
+        rate = window / (marks[size] - marks[size - window])
+        print(f"{label}: {size:>8} {rate:>10.1f} {rate / base:>6.2f} {cost(size):>14.2f} "
+              f"{cost(size) / cost(window):>6.2f} {cost(size, 'own'):>14.2f} "
+              f"{cost(size, 'own') / cost(window, 'own'):>6.2f} "
+              f"{cost(size, 'debouncer'):>20.2f}")
+    elapsed = marks[total] - marks[0]
+    whole = (clocks["cpu"][total] - clocks["cpu"][0]) / total * 1000
+    print(f"{label}: {total} results in {elapsed:.1f} s, {total / elapsed:.1f}/s, "
+          f"{whole:.2f} ms CPU a result in all; the debouncer {debouncer_cpu:.1f} s of CPU, "
+          f"{debouncer_cpu / elapsed:.2f} of a core, {debouncer_cpu / total * 1000:.2f} "
+          f"ms a result, in {passes} passes ({debouncer_cpu / max(1, passes) * 1000:.0f} ms "
+          f"each, a new snapshot every {elapsed / max(1, passes):.1f} s)")
+    return (f"{label} {total / elapsed:.0f}/s, CPU {cost(window):.2f} then {cost(total):.2f} "
+            f"ms/result, debouncer {debouncer_cpu / elapsed:.2f} core, a snapshot every "
+            f"{elapsed / max(1, passes):.1f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 30000])
@@ -101,55 +177,32 @@ def main() -> None:
                         help="results per measured window (the first is the baseline)")
     parser.add_argument("--batch", type=int, default=HubSettings().results_batch_size,
                         help="messages per transaction, as the results consumer takes them")
+    parser.add_argument("--spokes", type=int, default=len(SPOKES),
+                        help="spokes the study's results come from")
+    parser.add_argument("--aggregation", nargs="+", choices=["full", "incremental"],
+                        default=["full", "incremental"],
+                        help="full recomputation at every pass, or running sums; in order")
+    parser.add_argument("--full-interval", type=float,
+                        default=HubSettings().aggregate_full_interval_seconds,
+                        help="seconds between full passes of an incremental study")
+    parser.add_argument("--rate", type=float, default=0,
+                        help="results a second at most (0: as fast as possible); a study "
+                             "that runs for longer shows the debouncer's steady state")
     parser.add_argument("--database-url", default=None,
                         help="an empty database to use (default: SQLite in a temporary folder)")
     args = parser.parse_args()
-    total = max(args.sizes)
     if any(size % args.batch or size < args.window for size in args.sizes) \
             or args.window % args.batch:
         parser.error("sizes and window must be multiples of the batch, sizes >= window")
-    with tempfile.TemporaryDirectory() as tmp:
-        settings = HubSettings(database_url=args.database_url
-                               or f"sqlite:///{Path(tmp) / 'hub.db'}",
-                               audit_log=Path(tmp) / "hub-audit.jsonl")
-        engine = open_database(settings)
-        worker.configure(settings, engine)  # as the hub does: eager aggregation tasks
-        debouncer = debounce.start(settings, engine)  # as the hub does (None before it existed)
-        keys = build(engine, total)
-        signed = messages(keys, total)
-        marks: dict[int, float] = {0: time.perf_counter()}
-        cpu: dict[int, float] = {0: time.process_time()}  # whole process: debouncer included
-        own: dict[int, float] = {0: time.thread_time()}  # the ingesting thread alone
-        wanted = {s - args.window for s in args.sizes} | set(args.sizes)
-        for start in range(0, total, args.batch):
-            with Session(engine) as session:
-                assert all(o is True for o in ingest_batch(
-                    session, signed[start:start + args.batch]))
-            if (i := start + args.batch) in wanted:
-                marks[i], cpu[i] = time.perf_counter(), time.process_time()
-                own[i] = time.thread_time()
-        if debouncer is not None:
-            debouncer.stop()
-    def cost(size: int, clock: dict[int, float] | None = None) -> float:
-        """CPU ms per result (steadier than wall time on a machine shared with others)."""
-        clock = cpu if clock is None else clock
-        return (clock[size] - clock[size - args.window]) / args.window * 1000
+    SPOKES[:] = [f"spoke-{i:03d}" for i in range(args.spokes)] if args.spokes != 3 else SPOKES
+    lines = []
+    for mode in args.aggregation:
+        clocks, debouncer_cpu, passes = run(args, mode == "incremental")
+        lines.append(report(args, mode, clocks, debouncer_cpu, passes))
+    database = (args.database_url or "sqlite").split(":")[0]
+    print(f"\nbench-ingest ({database}, batches of {args.batch}, {len(SPOKES)} spokes): "
+          + "; ".join(lines))
 
-    base = args.window / (marks[args.window] - marks[0])
-    print(f"{'results':>8} {'results/s':>10} {'ratio':>6} {'CPU ms/result':>14} {'ratio':>6} "
-          f"{'ingest thread':>14} {'ratio':>6}")
-    for size in args.sizes:
-        rate = args.window / (marks[size] - marks[size - args.window])
-        print(f"{size:>8} {rate:>10.1f} {rate / base:>6.2f} {cost(size):>14.2f} "
-              f"{cost(size) / cost(args.window):>6.2f} {cost(size, own):>14.2f} "
-              f"{cost(size, own) / cost(args.window, own):>6.2f}")
-    print(f"overall: {total} results in {marks[total] - marks[0]:.1f} s, "
-          f"{total / (marks[total] - marks[0]):.1f}/s (the debouncer's passes included)")
-    print(f"bench-ingest ({settings.database_url.split(':')[0]}, batches of {args.batch}): "
-          f"{base:.1f}/s over the first {args.window}, "
-          f"{args.window / (marks[total] - marks[total - args.window]):.1f}/s over the last "
-          f"{args.window} of {total}; CPU {cost(args.window):.2f} then {cost(total):.2f} "
-          f"ms/result")
 
 if __name__ == "__main__":
     main()

@@ -87,10 +87,14 @@ def fill(database_url: str, spokes: int, cases: int, done: float) -> str:
         for name in names:
             session.add(Spoke(id=name, name=name, last_seen_at=now + timedelta(days=1)))
         session.flush()
-        session.add(Experiment(id=EXPERIMENT, name="viewers", algorithm_id=1,
-                               state=ExperimentState.LAUNCHED, launched_at=now,
-                               aggregator="summary", aggregator_parameters={},
-                               expires_at=now + timedelta(days=30)))
+        experiment = Experiment(id=EXPERIMENT, name="viewers", algorithm_id=1,
+                                state=ExperimentState.LAUNCHED, launched_at=now,
+                                aggregator="summary", aggregator_parameters={},
+                                expires_at=now + timedelta(days=30))
+        if hasattr(experiment, "aggregate_incremental"):
+            # Rows written here, not by ingest, have no running sums: full passes only.
+            experiment.aggregate_incremental = False
+        session.add(experiment)
         session.flush()
         for name in names:
             session.add(ExperimentTarget(experiment_id=EXPERIMENT, spoke_id=name,

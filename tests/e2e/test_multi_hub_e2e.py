@@ -23,6 +23,8 @@ from e2e_helpers import wait_for
 from signed_results import DIGEST, Spokes, accept, add_experiment
 from sqlmodel import Session, func, select
 
+from tributary.hub.aggregation import get_aggregator
+from tributary.hub.aggregation.partial import total as total_of
 from tributary.hub.db import open_database
 from tributary.hub.models import (
     AuditEvent,
@@ -35,6 +37,7 @@ from tributary.hub.models import (
     QuarantinedMessage,
     SpokeChain,
 )
+from tributary.hub.services import partials
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import StompClient
 from tributary.protocol.destinations import results_group, results_queue
@@ -184,6 +187,7 @@ def test_two_consumers_one_killed_store_every_result_exactly_once(
                       for c in session.exec(select(SpokeChain)).all()}
             events = session.exec(select(AuditEvent)).all()
             quarantined = session.exec(select(QuarantinedMessage)).all()
+            sums = partials.stored(session, experiment_id)
 
         # Every case row holds its result, once; every attempt is there, once.
         assert len(rows) == total
@@ -204,6 +208,10 @@ def test_two_consumers_one_killed_store_every_result_exactly_once(
                                                       "result.quarantined")]
         assert quarantined == []
         assert sum(e.action == "experiment.completed" for e in events) == 1
+        # The running sums both consumers kept count each result once too.
+        summary = get_aggregator("summary", {})
+        assert sums == {s: total_of(summary.contribution(partials.view(r)) for r in rows
+                                    if r.spoke_id == s) for s in SPOKES}
         # The survivor took over what the killed consumer held unacknowledged.
         logs[survivor_name].flush()
         survivor = (tmp_path / f"{survivor_name}.log").read_text()

@@ -119,8 +119,30 @@ def test_in_process_recomputation_takes_at_most_a_tenth_of_the_process(
         tmp_path: Path) -> None:
     settings = HubSettings.for_directory(tmp_path, aggregate_interval_seconds=2)
     debouncer = Debouncer(settings, make_engine(settings.database_url))
-    assert debouncer.next_wait(0.05) == 2  # small studies: every interval
-    assert debouncer.next_wait(1.5) == pytest.approx(13.5)  # a large one: 1.5 s in 15
+    assert debouncer.next_wait(0.05, now=100) == 2  # small studies: every interval
+    assert debouncer.next_wait(1.5, now=200) == pytest.approx(13.5)  # a large one: 1.5 s in 15
+    # After the wait, short passes (from running sums) go at the interval again.
+    assert debouncer.next_wait(0.1, now=213.6) == 2
+
+
+def test_short_passes_between_long_ones_keep_the_interval_and_the_share(
+        tmp_path: Path) -> None:
+    """A study kept by running sums: a pass of 0.1 s every interval, a full pass of 1.2 s
+    every 30 s. Ten minutes of passes: snapshots about every interval, at most a tenth of
+    the process; passes of 0.3 s every interval would take more, and are slowed down."""
+    settings = HubSettings.for_directory(tmp_path, aggregate_interval_seconds=2)
+    engine = make_engine(settings.database_url)
+    for short, expect_gap in ((0.1, 2.3), (0.3, 4.5)):
+        debouncer = Debouncer(settings, engine)
+        now, busy, passes, last_full = 0.0, 0.0, 0, -30.0
+        while now < 600:
+            took = 1.2 if now - last_full >= 30 else short
+            last_full = now if took == 1.2 else last_full
+            now += took
+            busy, passes = busy + took, passes + 1
+            now += debouncer.next_wait(took, now=now)
+        assert busy / now <= 0.1 + 1e-9
+        assert now / passes <= expect_gap
 
 
 def test_plots_are_drawn_once_per_key() -> None:
@@ -136,3 +158,47 @@ def test_plots_are_drawn_once_per_key() -> None:
     cache.get(("roc", 3), lambda: draw("d"))  # bounded: the least recently used goes
     cache.get(("roc", 1), lambda: draw("e"))
     assert drawn == ["a", "c", "d", "e"]
+
+
+def test_a_lagging_read_leaves_the_study_to_a_debouncer_of_this_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a single-process hub the debouncer recomputes at a pace bounded to a share of
+    the process; reads that found the snapshot lagging recomputed besides, unbounded."""
+    from datetime import timedelta
+
+    from tributary.hub import tasks
+    from tributary.hub.models import utcnow
+    from tributary.hub.services import aggregation
+
+    asked: list[str] = []
+    monkeypatch.setattr(tasks, "aggregate_in_background", asked.append)
+    # A pass every 9 s at most, so within the grace (10 s); none comes during the test.
+    settings = HubSettings.for_directory(tmp_path, min_cell_size=2,
+                                         aggregate_interval_seconds=9)
+    engine = make_engine(settings.database_url)
+    worker.configure(settings, engine)  # Celery eager, as the single-process hub
+    try:
+        with Session(engine) as session:
+            spokes = Spokes(session, ["north"])
+            add_experiment(session, "exp", ["north"], "summary", {})
+            accept(session, "exp", "north", CASES)
+            send_result(session, spokes, "exp", "north", "c0", {"volume_ml": 1.0})
+            experiment = session.get(Experiment, "exp")
+            assert experiment is not None
+            aggregation.latest(session, experiment, 2)  # the first snapshot
+            send_result(session, spokes, "exp", "north", "c1", {"volume_ml": 2.0})
+            first = snapshots(session)[-1]
+            first.computed_at = utcnow() - timedelta(minutes=5)  # long past the grace
+            session.add(first)
+            session.commit()
+            debouncer = Debouncer(settings, engine).start()
+            try:
+                read = aggregation.latest(session, experiment, 2)
+                assert (read.version, read.current) == (1, False)
+                assert asked == []  # the debouncer will get to it
+            finally:
+                debouncer.stop()
+            aggregation.latest(session, experiment, 2)
+            assert asked == ["exp"]  # no debouncer here: the read asks
+    finally:
+        worker.configure(HubSettings())

@@ -198,6 +198,10 @@ class Experiment(SQLModel, table=True):
     #: When a hub process last claimed the recomputation of this aggregate; one claim per
     #: interval, so several hub processes never recompute the same study at once.
     aggregate_claimed_at: datetime | None = None
+    #: Ingest keeps running sums of this study's results (:class:`AggregatePartial`), so a
+    #: snapshot's counts and moments cost the same at any size. False for studies created
+    #: before the sums existed: theirs are always recomputed from every result.
+    aggregate_incremental: bool = True
     #: A sandbox study: an unreviewed version on sandbox spokes only, launched by the
     #: version's own registrant (``owner``), whose results go back to that developer.
     sandbox: bool = False
@@ -395,6 +399,32 @@ class AggregateSnapshot(SQLModel, table=True):
     results: int
     min_cell_size: int
     report: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class AggregatePartial(SQLModel, table=True):
+    """Exact running sums over one spoke's succeeded cases of one study (counts, and sums
+    of values and squares as integers in units of 2**-1074), updated in the transaction
+    that stores each result (services/partials.py): a redelivered result changes nothing,
+    a replaced one is subtracted. The aggregator turns them into figures."""
+
+    experiment_id: str = Field(foreign_key="experiment.id", primary_key=True)
+    spoke_id: str = Field(primary_key=True)
+    sums: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+
+
+class AggregateFull(SQLModel, table=True):
+    """The figures of the last full pass over a study that need every value (AUC, ROC
+    curves, quantiles), per group and NOT suppressed: never shown as such, only merged
+    with the running sums into suppressed snapshots between full passes."""
+
+    experiment_id: str = Field(foreign_key="experiment.id", primary_key=True)
+    computed_at: datetime = Field(default_factory=utcnow)
+    #: The inputs digest (services/aggregation.inputs_digest) the pass read.
+    inputs_sha256: str
+    results: int
+    aggregator: str
+    parameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    groups: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
 
 
 class SignInFailure(SQLModel, table=True):

@@ -113,6 +113,10 @@ class HubSettings(BaseSettings):
     #: A stale study's aggregate snapshot is recomputed at most once per this many seconds
     #: (results only mark it stale; see services/debounce.py). Completion recomputes at once.
     aggregate_interval_seconds: float = Field(2.0, gt=0)
+    #: While results arrive, the figures that need every value (AUC, ROC curves, quantiles,
+    #: bootstrap intervals) are recomputed at most once per this many seconds; counts,
+    #: proportions and means follow running sums at every recomputation.
+    aggregate_full_interval_seconds: float = Field(30.0, gt=0)
     #: The results consumer stores up to this many messages in one transaction (what
     #: arrived within ``results_batch_wait_ms`` of the first), acknowledging each one only
     #: after the commit.

@@ -86,3 +86,29 @@ def enqueue(name: str, *args: object) -> None:
 def aggregate_experiment(experiment_id: str) -> None:
     """Ask for a re-aggregation of ``experiment_id`` (see :func:`enqueue`)."""
     enqueue(AGGREGATE_EXPERIMENT, experiment_id)
+
+
+_background: set[str] = set()
+
+
+def aggregate_in_background(experiment_id: str) -> None:
+    """Ask for a re-aggregation without waiting for it, from a web request that found the
+    snapshot lagging: with a broker the task is only sent; in-process it runs in a thread
+    of its own (one per experiment at a time). Running it in the request, as before, made
+    the page that found it wait for a full recomputation: seconds at 30,000 cases."""
+    if not in_process():
+        aggregate_experiment(experiment_id)
+        return
+    with _lock:
+        if experiment_id in _background:
+            return
+        _background.add(experiment_id)
+
+    def work() -> None:
+        try:
+            aggregate_experiment(experiment_id)
+        finally:
+            with _lock:
+                _background.discard(experiment_id)
+
+    threading.Thread(target=work, name=f"aggregate-{experiment_id}", daemon=True).start()

@@ -42,7 +42,8 @@ def aggregate_experiment(self: Any, experiment_id: str) -> int | None:
     settings, engine = _current()
     try:
         with Session(engine) as session:
-            snapshot = recompute(session, experiment_id, settings.min_cell_size)
+            snapshot = recompute(session, experiment_id, settings.min_cell_size,
+                                 settings.aggregate_full_interval_seconds)
     except Exception as exc:
         log.exception("aggregation of %s failed", experiment_id)
         raise self.retry(exc=exc) from exc

@@ -3,6 +3,7 @@ aggregator shares (field look-up, figures with intervals)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -10,6 +11,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from tributary.hub.aggregation.partial import Sums
 from tributary.hub.aggregation.report import Column, Figure, GroupReport, RocCurve
 from tributary.hub.aggregation.statistics import proportion_ci
 from tributary.hub.models import CaseState
@@ -41,12 +43,20 @@ class Aggregator:
     """Turns the cases of one group into figures. Subclasses set ``name``, ``Parameters``
     (a pydantic model of the experiment's ``aggregator_parameters``) and override
     ``figures`` (and ``roc`` if they rank scores). They never see the database, other groups
-    or the suppression rule: the engine applies k afterwards, from each figure's ``n``."""
+    or the suppression rule: the engine applies k afterwards, from each figure's ``n``.
+
+    An ``incremental`` aggregator splits its figures in two: those computed from exact
+    running sums (``contribution`` of each succeeded case, added up, then ``sum_figures``),
+    which ingest keeps up to date per result at constant cost, and those that need every
+    value (``full_figures``, with ``roc``), recomputed only in periodic full passes;
+    ``figures`` must equal ``merge`` of the two. Any other aggregator's figures all need
+    every value."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = "Cases by state"
     Parameters: ClassVar[type[BaseModel]] = NoParameters
     labels: ClassVar[dict[str, str]] = {}
+    incremental: ClassVar[bool] = False
 
     def __init__(self, parameters: BaseModel) -> None:
         self.parameters = parameters
@@ -67,7 +77,25 @@ class Aggregator:
     def roc(self, cases: list[CaseView]) -> RocCurve | None:
         return None
 
-    def group(self, name: str, cases: list[CaseView], pooled: bool) -> GroupReport:
+    def contribution(self, case: CaseView) -> Sums:
+        """What one case adds to its group's running sums (only succeeded cases count)."""
+        return {}
+
+    def sum_figures(self, sums: Sums) -> dict[str, Figure]:
+        """The figures that follow from a group's running sums alone."""
+        return {}
+
+    def full_figures(self, cases: list[CaseView]) -> dict[str, Figure]:
+        """The figures that need every value of the group."""
+        return self.figures(cases)
+
+    def merge(self, from_sums: dict[str, Figure],
+              from_full: dict[str, Figure]) -> dict[str, Figure]:
+        """Both kinds of figures in display order."""
+        return {**from_sums, **from_full}
+
+    def counts(self, name: str, cases: list[CaseView], pooled: bool) -> GroupReport:
+        """A group's cases by state, without figures."""
         states = Counter(c.state for c in cases)
         reasons = Counter(str(c.failure.get("reason", "unknown")) for c in cases
                           if c.state == CaseState.FAILED and c.failure)
@@ -75,8 +103,11 @@ class Aggregator:
             group=name, pooled=pooled, cases=len(cases),
             succeeded=states[CaseState.SUCCEEDED], failed=states[CaseState.FAILED],
             pending=states[CaseState.QUEUED] + states[CaseState.RUNNING],
-            failure_reasons=dict(sorted(reasons.items())),
-            figures=self.figures(cases), roc=self.roc(cases))
+            failure_reasons=dict(sorted(reasons.items())))
+
+    def group(self, name: str, cases: list[CaseView], pooled: bool) -> GroupReport:
+        return self.counts(name, cases, pooled).model_copy(
+            update={"figures": self.figures(cases), "roc": self.roc(cases)})
 
     def columns(self, groups: list[GroupReport]) -> list[Column]:
         keys = list(dict.fromkeys(k for g in groups for k in g.figures))
@@ -129,6 +160,18 @@ def lookup(data: dict[str, Any] | None, path: str) -> Any:
             return None
         value = value[part]
     return value
+
+
+def finite(value: Any) -> float | None:
+    """A JSON number as a finite float; None for anything else, including integers too large
+    for a float (a spoke's output may hold any JSON)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def count(value: int) -> Figure:

@@ -3,7 +3,6 @@ with binomial intervals, AUC with its DeLong interval, and the ROC curve for plo
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,10 +11,12 @@ from tributary.hub.aggregation.base import (
     Aggregator,
     CaseView,
     count,
+    finite,
     lookup,
     proportion,
     register,
 )
+from tributary.hub.aggregation.partial import Sums, total
 from tributary.hub.aggregation.report import Figure, RocCurve, RocPoint
 from tributary.hub.aggregation.statistics import auc_delong, roc_curve
 from tributary.hub.models import CaseState
@@ -37,9 +38,7 @@ class BinaryParameters(BaseModel):
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
+    return finite(value)
 
 
 def _truthy(value: Any) -> bool | None:
@@ -67,57 +66,78 @@ class BinaryClassificationAggregator(Aggregator):
         "specificity": "Specificity", "auc": "AUC",
     }
 
+    incremental: ClassVar[bool] = True
+
+    def _case(self, case: CaseView) -> tuple[float, bool, bool] | None:
+        """(score, truth, called positive) of a usable succeeded case, else None."""
+        p: BinaryParameters = self.parameters  # type: ignore[assignment]
+        score = _number(lookup(case.output, p.score))
+        label = lookup(case.released, p.label)
+        called = score is not None and score >= p.threshold
+        if p.prediction is not None:
+            call = _truthy(lookup(case.output, p.prediction))
+            called = bool(call)
+            if call is None:
+                score = None
+        if score is None or label is None:
+            return None
+        return score, label == p.positive, called
+
     def _cases(self, cases: list[CaseView]) -> tuple[list[tuple[float, bool, bool]], int]:
         """(score, truth, called positive) of every usable case, and how many were not."""
-        p: BinaryParameters = self.parameters  # type: ignore[assignment]
         usable: list[tuple[float, bool, bool]] = []
         unusable = 0
         for case in cases:
             if case.state != CaseState.SUCCEEDED:
                 continue
-            score = _number(lookup(case.output, p.score))
-            label = lookup(case.released, p.label)
-            called = score is not None and score >= p.threshold
-            if p.prediction is not None:
-                call = _truthy(lookup(case.output, p.prediction))
-                called = bool(call)
-                if call is None:
-                    score = None
-            if score is None or label is None:
+            found = self._case(case)
+            if found is None:
                 unusable += 1
-                continue
-            usable.append((score, label == p.positive, called))
+            else:
+                usable.append(found)
         return usable, unusable
 
-    def figures(self, cases: list[CaseView]) -> dict[str, Figure]:
+    def contribution(self, case: CaseView) -> Sums:
+        if case.state != CaseState.SUCCEEDED:
+            return {}
+        found = self._case(case)
+        if found is None:
+            return {"unusable": 1}
+        _, truth, called = found
+        return {("tp" if called else "fn") if truth else ("fp" if called else "tn"): 1}
+
+    def sum_figures(self, sums: Sums) -> dict[str, Figure]:
         p: BinaryParameters = self.parameters  # type: ignore[assignment]
-        usable, unusable = self._cases(cases)
-        tp = sum(1 for _, truth, called in usable if truth and called)
-        fn = sum(1 for _, truth, called in usable if truth and not called)
-        tn = sum(1 for _, truth, called in usable if not truth and not called)
-        fp = sum(1 for _, truth, called in usable if not truth and called)
+        tp, fn, tn, fp = (sums.get(k, 0) for k in ("tp", "fn", "tn", "fp"))
         positives, negatives = tp + fn, tn + fp
-        figures = {
-            "labelled": count(len(usable)), "unusable": count(unusable),
+        return {
+            "labelled": count(positives + negatives), "unusable": count(sums.get("unusable", 0)),
             "positives": count(positives), "negatives": count(negatives),
             "true_positives": count(tp), "false_negatives": count(fn),
             "true_negatives": count(tn), "false_positives": count(fp),
             "sensitivity": proportion(tp, positives, p.ci_method, p.confidence),
             "specificity": proportion(tn, negatives, p.ci_method, p.confidence),
         }
-        smaller_class = min(positives, negatives)
-        if smaller_class:
-            estimate = auc_delong([s for s, _, _ in usable], [t for _, t, _ in usable],
-                                  p.confidence)
-            figures["auc"] = Figure(
-                value=round(estimate.auc, 4), n=smaller_class,
-                ci_low=None if estimate.low is None else round(estimate.low, 4),
-                ci_high=None if estimate.high is None else round(estimate.high, 4),
-                ci_method="delong" if estimate.low is not None else None,
-                confidence=p.confidence if estimate.low is not None else None)
-        else:
-            figures["auc"] = Figure(value=None, n=0)
-        return figures
+
+    def full_figures(self, cases: list[CaseView]) -> dict[str, Figure]:
+        p: BinaryParameters = self.parameters  # type: ignore[assignment]
+        usable, _ = self._cases(cases)
+        positives = sum(1 for _, truth, _ in usable if truth)
+        smaller_class = min(positives, len(usable) - positives)
+        if not smaller_class:
+            return {"auc": Figure(value=None, n=0)}
+        estimate = auc_delong([s for s, _, _ in usable], [t for _, t, _ in usable],
+                              p.confidence)
+        return {"auc": Figure(
+            value=round(estimate.auc, 4), n=smaller_class,
+            ci_low=None if estimate.low is None else round(estimate.low, 4),
+            ci_high=None if estimate.high is None else round(estimate.high, 4),
+            ci_method="delong" if estimate.low is not None else None,
+            confidence=p.confidence if estimate.low is not None else None)}
+
+    def figures(self, cases: list[CaseView]) -> dict[str, Figure]:
+        return self.merge(self.sum_figures(total(self.contribution(c) for c in cases)),
+                          self.full_figures(cases))
 
     def roc(self, cases: list[CaseView]) -> RocCurve:
         usable, _ = self._cases(cases)

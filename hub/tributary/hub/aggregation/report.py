@@ -67,6 +67,19 @@ class Column(BaseModel):
     label: str = Field(description="Human-readable heading.")
 
 
+class FullPass(BaseModel):
+    """The figures of a snapshot that need every value (AUC, ROC curves, quantiles, bootstrap
+    intervals) come from the last full pass over the results, made at most every few tens
+    of seconds while results arrive; the other figures (counts, proportions, means) follow
+    running sums and are as of the snapshot itself."""
+
+    computed_at: datetime = Field(description="When the full pass read the results.")
+    results: int = Field(description="Final results the full pass covered.")
+    figures: list[str] = Field(default_factory=list,
+                               description="Figure keys taken from the full pass; ROC "
+                                           "curves always are.")
+
+
 class AggregateRead(BaseModel):
     """The latest (or a requested) aggregate snapshot of an experiment."""
 
@@ -82,6 +95,9 @@ class AggregateRead(BaseModel):
                                             "and a newer one is being computed.")
     received: int | None = Field(None, description="Final results received so far (the "
                                  "snapshot covers `results` of them); None for old versions.")
+    full_pass: FullPass | None = Field(None, description=(
+        "Where some figures are older than the snapshot: the full pass they come from. "
+        "Null when every figure is as of ``computed_at``."))
     columns: list[Column] = Field(description="Figure keys in display order.")
     groups: dict[str, GroupReport] = Field(
         description="Per spoke (sorted by id), then 'pooled' last.")

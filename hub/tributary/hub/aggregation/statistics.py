@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from statistics import NormalDist
 
 import numpy as np
@@ -24,6 +25,7 @@ class Interval:
     high: float | None
 
 
+@lru_cache(maxsize=65536)  # a snapshot of 200 spokes asks again for the same counts
 def proportion_ci(successes: int, n: int, method: str = "wilson",
                   confidence: float = 0.95) -> Interval:
     """Wilson score interval (Wilson 1927), or the exact Clopper-Pearson interval (1934)."""
@@ -44,6 +46,19 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> Interval:
         mean = float(array.mean())
         return Interval(mean, mean)
     low, high = stats.t.interval(confidence, len(array) - 1, loc=float(array.mean()), scale=sem)
+    return Interval(float(low), float(high))
+
+
+def mean_ci_from_moments(n: int, mean: float | None, sd: float | None,
+                         confidence: float = 0.95) -> Interval:
+    """Student-t interval of the mean from n, the mean and the sample standard deviation
+    (what running sums give; the same interval as :func:`mean_ci` of the values)."""
+    if n < 2 or mean is None or sd is None:
+        return Interval(None, None)
+    sem = sd / math.sqrt(n)
+    if sem == 0:
+        return Interval(mean, mean)
+    low, high = stats.t.interval(confidence, n - 1, loc=mean, scale=sem)
     return Interval(float(low), float(high))
 
 

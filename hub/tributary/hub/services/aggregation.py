@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections import OrderedDict
-from datetime import UTC, timedelta
+from collections import Counter, OrderedDict
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func
@@ -22,23 +22,30 @@ from tributary.hub.aggregation import (
     AGGREGATORS,
     POOLED,
     AggregateRead,
+    Aggregator,
     AggregatorParameterError,
     CaseView,
+    Figure,
+    GroupReport,
     get_aggregator,
-    run,
 )
 from tributary.hub.aggregation.detection import match_findings
-from tributary.hub.aggregation.report import SnapshotInfo
+from tributary.hub.aggregation.engine import assemble, groups
+from tributary.hub.aggregation.partial import total
+from tributary.hub.aggregation.report import FullPass, RocCurve, SnapshotInfo
 from tributary.hub.aggregation.suppression import suppress_table
 from tributary.hub.models import (
     FINAL_CASE_STATES,
+    AggregateFull,
     AggregateSnapshot,
     CaseResult,
+    CaseState,
     Experiment,
     ExperimentState,
     ExperimentTarget,
     utcnow,
 )
+from tributary.hub.services import partials
 
 __all__ = ["AGGREGATORS", "POOLED", "AggregatorParameterError", "aggregate", "history",
            "latest", "match_findings", "read_snapshot", "refresh", "validate_parameters"]
@@ -72,20 +79,127 @@ def inputs_digest(session: Session, experiment: Experiment, min_cell_size: int) 
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _compute(session: Session, experiment: Experiment, min_cell_size: int) -> dict[str, Any]:
-    aggregator = get_aggregator(experiment.aggregator, experiment.aggregator_parameters)
-    rows = session.exec(select(CaseResult).where(CaseResult.experiment_id == experiment.id)
+def _views(session: Session, experiment_id: str) -> list[CaseView]:
+    """Every case as the aggregators see it (only the columns they read)."""
+    rows = session.exec(select(CaseResult.spoke_id, CaseResult.case_id, CaseResult.state,
+                               CaseResult.output, CaseResult.released, CaseResult.failure)
+                        .where(CaseResult.experiment_id == experiment_id)
                         .order_by(CaseResult.spoke_id, CaseResult.case_id)).all()
-    views = [CaseView(r.spoke_id, r.case_id, r.state, r.output, r.released or {}, r.failure)
-             for r in rows]
-    result = run(aggregator, _spokes(session, experiment.id), views, min_cell_size)
+    return [CaseView(spoke, case_id, CaseState(state), output, released or {}, failure)
+            for spoke, case_id, state, output, released, failure in rows]
+
+
+def _report(aggregator: Aggregator, raw: list[GroupReport], min_cell_size: int,
+            results: int, full_pass: FullPass | None) -> dict[str, Any]:
+    result = assemble(aggregator, raw, min_cell_size)
     return {
         "aggregator": aggregator.name,
         "parameters": aggregator.parameters.model_dump(mode="json"),
         "columns": [c.model_dump() for c in result.columns],
         "groups": {k: g.model_dump(mode="json") for k, g in result.groups.items()},
-        "results": sum(1 for r in rows if r.state in FINAL_CASE_STATES),
+        "full_pass": None if full_pass is None else full_pass.model_dump(mode="json"),
+        "results": results,
     }
+
+
+def _full(session: Session, experiment: Experiment, min_cell_size: int,
+          digest: str | None = None) -> dict[str, Any]:
+    """A report from every result; with ``digest``, the figures that need every value are
+    kept (``AggregateFull``, added to the session) for the passes in between."""
+    aggregator = get_aggregator(experiment.aggregator, experiment.aggregator_parameters)
+    views = _views(session, experiment.id)
+    parts = groups(aggregator, _spokes(session, experiment.id), views)
+    results = sum(1 for v in views if v.state in FINAL_CASE_STATES)
+    if digest is not None:
+        row = session.get(AggregateFull, experiment.id) or AggregateFull(
+            experiment_id=experiment.id, inputs_sha256=digest, results=results,
+            aggregator=aggregator.name)
+        row.computed_at, row.inputs_sha256, row.results = utcnow(), digest, results
+        row.aggregator = experiment.aggregator
+        row.parameters = experiment.aggregator_parameters or {}
+        row.groups = {g.group: {"figures": {k: f.model_dump(mode="json")
+                                            for k, f in from_full.items()},
+                                "roc": None if g.roc is None else g.roc.model_dump(mode="json")}
+                      for g, from_full in parts}
+        session.add(row)
+    return _report(aggregator, [g for g, _ in parts], min_cell_size, results, None)
+
+
+#: Parsed ``AggregateFull.groups``: one full pass is read by many passes in between.
+_FULL: OrderedDict[tuple[Any, ...], dict[str, tuple[dict[str, Figure], RocCurve | None]]] = \
+    OrderedDict()
+_FULL_SIZE = 16
+
+
+def _full_groups(row: AggregateFull) -> dict[str, tuple[dict[str, Figure], RocCurve | None]]:
+    key = (row.experiment_id, row.inputs_sha256, row.computed_at)
+    with _READS_LOCK:
+        found = _FULL.get(key)
+    if found is None:
+        found = {name: ({k: Figure.model_validate(f) for k, f in g["figures"].items()},
+                        None if g["roc"] is None else RocCurve.model_validate(g["roc"]))
+                 for name, g in row.groups.items()}
+        with _READS_LOCK:
+            _FULL[key] = found
+            while len(_FULL) > _FULL_SIZE:
+                _FULL.popitem(last=False)
+    return found
+
+
+def _fast(session: Session, experiment: Experiment, min_cell_size: int,
+          full: AggregateFull) -> dict[str, Any]:
+    """A report from the cases counted by state (one grouped query), the running sums (one
+    row per spoke) and the last full pass: its cost depends on the spokes, not the cases."""
+    aggregator = get_aggregator(experiment.aggregator, experiment.aggregator_parameters)
+    counts: dict[str, Counter[str]] = {}
+    for spoke, state, n in session.exec(
+            select(CaseResult.spoke_id, CaseResult.state, func.count(col(CaseResult.id)))
+            .where(CaseResult.experiment_id == experiment.id)
+            .group_by(CaseResult.spoke_id, CaseResult.state)):
+        counts.setdefault(spoke, Counter())[CaseState(state)] += n
+    # Failure reasons counted in the database (a failure always has one: the protocol's
+    # Failure requires it, and a failed case without a failure stores JSON null).
+    reasons: dict[str, Counter[str]] = {}
+    reason = col(CaseResult.failure)["reason"].as_string()
+    for spoke, why, n in session.exec(
+            select(CaseResult.spoke_id, reason, func.count(col(CaseResult.id)))
+            .where(CaseResult.experiment_id == experiment.id,
+                   CaseResult.state == CaseState.FAILED, reason.is_not(None))
+            .group_by(CaseResult.spoke_id, reason)):
+        reasons.setdefault(spoke, Counter())[str(why)] += n
+    sums = partials.stored(session, experiment.id)
+    from_full = _full_groups(full)
+
+    def group(name: str, members: list[str], pooled: bool) -> GroupReport:
+        states: Counter[str] = sum((counts.get(m, Counter()) for m in members), Counter())
+        failures: Counter[str] = sum((reasons.get(m, Counter()) for m in members), Counter())
+        figures, roc = from_full.get(name, ({}, None))
+        return GroupReport(
+            group=name, pooled=pooled, cases=sum(states.values()),
+            succeeded=states[CaseState.SUCCEEDED], failed=states[CaseState.FAILED],
+            pending=states[CaseState.QUEUED] + states[CaseState.RUNNING],
+            failure_reasons=dict(sorted(failures.items())),
+            figures=aggregator.merge(aggregator.sum_figures(
+                total(sums.get(m, {}) for m in members)), figures), roc=roc)
+
+    everyone = sorted(set(counts) | set(sums))
+    raw = [group(spoke, [spoke], False) for spoke in sorted(_spokes(session, experiment.id))]
+    raw.append(group(POOLED, everyone, True))
+    results = sum(n for c in counts.values() for state, n in c.items()
+                  if state in FINAL_CASE_STATES)
+    keys = list(dict.fromkeys(k for figures, _ in from_full.values() for k in figures))
+    return _report(aggregator, raw, min_cell_size, results,
+                   FullPass(computed_at=full.computed_at, results=full.results, figures=keys))
+
+
+def _full_row(session: Session, experiment_id: str) -> AggregateFull | None:
+    return session.exec(select(AggregateFull)
+                        .options(defer(AggregateFull.groups))  # type: ignore[arg-type]
+                        .where(AggregateFull.experiment_id == experiment_id)).first()
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _latest_row(session: Session, experiment_id: str) -> AggregateSnapshot | None:
@@ -97,8 +211,21 @@ def _latest_row(session: Session, experiment_id: str) -> AggregateSnapshot | Non
                         .order_by(col(AggregateSnapshot.version).desc()).limit(1)).first()
 
 
-def refresh(session: Session, experiment_id: str, min_cell_size: int) -> AggregateSnapshot | None:
+def full_behind(session: Session, experiment: Experiment, digest: str) -> bool:
+    """Whether the last full pass read fewer results than ``digest`` stands for (the
+    figures that need every value lag behind the others)."""
+    full = _full_row(session, experiment.id)
+    return full is None or full.inputs_sha256 != digest
+
+
+def refresh(session: Session, experiment_id: str, min_cell_size: int,
+            full_interval: float | None = None) -> AggregateSnapshot | None:
     """Store a new snapshot if the inputs changed since the latest; return the latest.
+
+    Without ``full_interval`` every figure is computed from every result (a full pass).
+    With it, a running study whose results ingest keeps running sums of gets a full pass
+    at most once per ``full_interval`` seconds, and in between a snapshot from the sums,
+    the counts by state and the last full pass's other figures (see :func:`_fast`).
     Safe to run concurrently (separate workers): a lost race on the version number is
     retried against the winner's snapshot."""
     for _ in range(5):
@@ -107,9 +234,22 @@ def refresh(session: Session, experiment_id: str, min_cell_size: int) -> Aggrega
             return None
         digest = inputs_digest(session, experiment, min_cell_size)
         latest_row = _latest_row(session, experiment_id)
-        if latest_row is not None and latest_row.inputs_sha256 == digest:
+        full = _full_row(session, experiment_id)
+        same = full is not None and full.aggregator == experiment.aggregator \
+            and full.parameters == (experiment.aggregator_parameters or {})
+        full_due = (full_interval is None or not experiment.aggregate_incremental
+                    or experiment.state != ExperimentState.LAUNCHED or full is None
+                    or not same or utcnow() - _aware(full.computed_at)
+                    >= timedelta(seconds=full_interval))
+        if latest_row is not None and latest_row.inputs_sha256 == digest and (
+                not full_due or (same and full is not None
+                                 and full.inputs_sha256 == digest)):
             return latest_row
-        report = _compute(session, experiment, min_cell_size)
+        if full_due:
+            report = _full(session, experiment, min_cell_size, digest)
+        else:
+            assert full is not None
+            report = _fast(session, experiment, min_cell_size, full)
         snapshot = AggregateSnapshot(
             experiment_id=experiment_id, version=(latest_row.version if latest_row else 0) + 1,
             inputs_sha256=digest, results=report.pop("results"), min_cell_size=min_cell_size,
@@ -196,16 +336,24 @@ def latest(session: Session, experiment: Experiment, min_cell_size: int,
     computed = row.computed_at
     if computed.tzinfo is None:  # SQLite keeps no time zone; the hub writes UTC
         computed = computed.replace(tzinfo=UTC)
-    if utcnow() - computed >= STALE_GRACE:
+    if utcnow() - computed >= STALE_GRACE and not _debouncer_here():
         # No debouncer reached it (a broker outage lost the task, or no hub runs one):
-        # ask again. Eager mode computes now; with a broker, a worker catches up.
-        tasks.aggregate_experiment(experiment.id)
+        # ask again, without making this read wait (a worker, or a thread of this process).
+        tasks.aggregate_in_background(experiment.id)
         session.expire_all()
         newer = _latest_row(session, experiment.id)
         if newer is not None and newer.version != row.version:
             current = newer.inputs_sha256 == inputs_digest(session, experiment, min_cell_size)
             return read_snapshot(newer, current, received(session, experiment.id))
     return read_snapshot(row, False, received(session, experiment.id))
+
+
+def _debouncer_here() -> bool:
+    """A debouncer of this process recomputes in-process at its own, bounded pace (and
+    waits longer after a long pass): a read need not ask it."""
+    from tributary.hub.services import debounce  # it imports this module
+
+    return debounce.recomputes_here(STALE_GRACE.total_seconds())
 
 
 def history(session: Session, experiment_id: str) -> list[SnapshotInfo]:
@@ -218,6 +366,6 @@ def history(session: Session, experiment_id: str) -> list[SnapshotInfo]:
 
 def aggregate(session: Session, experiment: Experiment, min_cell_size: int = 5) -> AggregateRead:
     """Compute an aggregate now, without storing it (version 0): for checks and tests."""
-    report = _compute(session, experiment, min_cell_size)
+    report = _full(session, experiment, min_cell_size)
     return AggregateRead(experiment_id=experiment.id, version=0, computed_at=utcnow(),
                          results=report.pop("results"), min_cell_size=min_cell_size, **report)

@@ -42,7 +42,7 @@ from tributary.hub.models import (
     TargetState,
     utcnow,
 )
-from tributary.hub.services import anchors, audit, debounce, gaps
+from tributary.hub.services import anchors, audit, debounce, gaps, partials
 from tributary.hub.services.counts import ingest_count_reply
 from tributary.hub.services.enrolment import public_key
 from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, verify_custody
@@ -155,6 +155,7 @@ class _Batch:
         self.stale: set[str] = set()
         self.experiments: set[str] = set()
         self.completed: list[str] = []
+        self.partials = partials.PartialUpdates(session)
         durable = [m for m in messages
                    if not isinstance(m, HeartbeatMessage | CaseProgressMessage)]
         ids = {m.message_id for m in durable}
@@ -371,6 +372,7 @@ class _Batch:
         if row.custody_sha256 is not None:
             self.taken.discard(row.custody_sha256)
         self.taken.add(digest)
+        old = partials.view(row)
         row.custody = message.custody
         row.custody_sha256 = digest
         row.state = state
@@ -385,6 +387,9 @@ class _Batch:
         row.received_at = utcnow()
         row.note = None
         session.add(row)
+        experiment = session.get(Experiment, message.experiment_id)
+        if experiment is not None:
+            self.partials.replace(experiment, old, partials.view(row))
         return _Applied.APPLIED
 
     def write_pending(self) -> None:
@@ -402,6 +407,7 @@ class _Batch:
                             .values(last_seen_at=utcnow())
                             .execution_options(synchronize_session=False))
             self.seen = set()
+        self.partials.write()
 
     def finish(self) -> None:
         """What the batch does once for all its messages: settle the targets of spokes that
