@@ -1,7 +1,7 @@
 """Training rounds keep each joined spoke's announced local loss (for the mean per round).
 
-Revision ID: 0013_trainhub
-Revises: 0012_spoke_capacity
+Revision ID: 0014_trainhub
+Revises: 0013_scale3
 Create Date: 2026-12-06 01:30:00
 """
 from collections.abc import Sequence
@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0013_trainhub'
-down_revision: str | None = '0012_spoke_capacity'
+revision: str = '0014_trainhub'
+down_revision: str | None = '0013_scale3'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
