@@ -128,12 +128,32 @@ def test_spoke_refuses_digest_the_registry_does_not_serve(
 
 def test_a_site_without_gpus_refuses_a_gpu_study_saying_why(
         federation: LocalFederation, spoke: dict[str, Any]) -> None:
-    """The site offers no GPUs (the default): the study is refused with the reason shown
-    at the hub, and no container is created (it would not run without them)."""
+    """The site offers no GPUs (the default) and says so in its heartbeats (protocol 1.5):
+    the hub refuses the launch with the site's reason before sending anything, and no
+    container is created. (The spoke applies the same rule on arrival, for hubs that do
+    not know its capacity: tests/unit/test_spoke_trust.py.)"""
     watch = federation.watch_containers(f"org.tributary.spoke={spoke['id']}")
-    experiment, cases = run(federation, spoke, {"behaviour": "ok"}, gpus=1)
-    target = experiment["targets"][0]
-    assert target["state"] == "refused", target
-    assert "asks for 1 GPU(s) per case; this site offers none" in target["reason"]
-    assert cases == []
+    deadline = time.monotonic() + 60
+    while not _capacity_reported(federation, spoke["id"]):  # its first heartbeat
+        assert time.monotonic() < deadline, "the spoke never reported its capacity"
+        time.sleep(0.5)
+    with federation.api() as api:
+        created = api.post("/api/experiments", json={
+            "name": "wants a gpu", "algorithm_id": spoke["algorithm_id"],
+            "arguments": {"behaviour": "ok"}, "spoke_ids": [spoke["id"]],
+            "limits": {"timeout_seconds": 120, "memory_mb": 256, "gpus": 1}})
+        assert created.status_code == 201, created.text
+        launched = api.post(f"/api/experiments/{created.json()['id']}/launch")
+        assert launched.status_code == 409, launched.text
+        [refusal] = launched.json()["detail"]["refusals"]
+        assert refusal["spoke_id"] == spoke["id"]
+        assert "asks for 1 GPU(s) per case; this site offers none" in refusal["reason"]
+        experiment = api.get(f"/api/experiments/{created.json()['id']}").json()
+        assert experiment["launched_at"] is None  # nothing was sent
     assert watch.stop() == [], "a container was created for a refused experiment"
+
+
+def _capacity_reported(federation: LocalFederation, spoke_id: str) -> bool:
+    with federation.api() as api:
+        spokes = api.get("/api/spokes").json()
+    return any(s["id"] == spoke_id and s.get("capacity") for s in spokes)
