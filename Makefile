@@ -48,6 +48,8 @@ bench: services
 	$(BIN)/python bench/bench_recovery.py
 	$(BIN)/python bench/bench_case_overhead.py
 	$(BIN)/python bench/bench_hub_scale.py --quick
+	$(BIN)/python bench/bench_training_rounds.py --quick
+	$(BIN)/python bench/bench_training_privacy.py --quick
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
