@@ -190,11 +190,11 @@ def main() -> None:
               + ", ".join(f"{r['accuracy']:.2f} at eps {r['epsilon']:.3g}" for r in mine)
               + f"; centralised {central['accuracy']:.2f}, majority class {majority:.2f}")
     if args.plot:
-        plot(rows, central["accuracy"], args.plot)
+        plot(rows, central["accuracy"], majority, args.plot)
         console.print(f"plot written to {args.plot}")
 
 
-def plot(rows: list[dict[str, Any]], central: float, path: Path) -> None:
+def plot(rows: list[dict[str, Any]], central: float, majority: float, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,6 +207,7 @@ def plot(rows: list[dict[str, Any]], central: float, path: Path) -> None:
                     yerr=[r["sd"] for r in mine], marker="o", capsize=3,
                     label=f"federated, C={clip:g}")
     ax.axhline(central, color="black", linestyle="--", label="centralised")
+    ax.axhline(majority, color="grey", linestyle=":", label="majority class")
     ax.set(xscale="log", xlabel=f"epsilon (delta {DELTA})", ylabel="held-out accuracy",
            title="Federated logistic regression: accuracy against privacy")
     ax.grid(alpha=0.3)

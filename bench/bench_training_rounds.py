@@ -37,8 +37,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -105,23 +107,26 @@ console = Console(width=160)
 
 class Timers:
     """Seconds spent in each wrapped function, per thread (a spoke's worker thread is
-    named after it, the hub's round loop is the caller's thread)."""
+    named after it, the hub's round loop is the caller's thread): wall time, and the
+    thread's own CPU time (what a spoke would spend on a machine of its own)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.spent: dict[tuple[str, str], float] = defaultdict(float)
+        self.cpu: dict[tuple[str, str], float] = defaultdict(float)
 
-    def add(self, part: str, seconds: float) -> None:
+    def add(self, part: str, seconds: float, cpu: float = 0.0) -> None:
         with self.lock:
             self.spent[(threading.current_thread().name, part)] += seconds
+            self.cpu[(threading.current_thread().name, part)] += cpu
 
     @contextmanager
     def timing(self, part: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             yield
         finally:
-            self.add(part, time.perf_counter() - start)
+            self.add(part, time.perf_counter() - start, time.thread_time() - cpu)
 
     def wrap(self, owner: Any, name: str, part: str) -> Callable[[], None]:
         """Time every call of ``owner.name`` as ``part``; returns the undo."""
@@ -134,8 +139,8 @@ class Timers:
         setattr(owner, name, timed)
         return lambda: setattr(owner, name, original)
 
-    def per_spoke(self, part: str) -> list[float]:
-        return [s for (thread, p), s in self.spent.items()
+    def per_spoke(self, part: str, cpu: bool = False) -> list[float]:
+        return [s for (thread, p), s in (self.cpu if cpu else self.spent).items()
                 if p == part and thread.startswith("training-")]
 
     def hub(self, part: str) -> float:
@@ -157,11 +162,11 @@ def instrument(timers: Timers) -> list[Callable[[], None]]:
     original = localtrain.run_training_task
 
     def run_task(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         result = original(*args, **kwargs)
-        took = time.perf_counter() - start
-        timers.add("container", result.duration_s)
-        timers.add("model files", took - result.duration_s)
+        took, cpu = time.perf_counter() - start, time.thread_time() - cpu
+        timers.add("container", result.duration_s)  # its CPU is the container's, not ours
+        timers.add("model files", took - result.duration_s, cpu)
         return result
 
     localtrain.run_training_task = run_task  # DockerTrainer imports it at each call
@@ -264,6 +269,19 @@ def bare_run(setup: Setup, params: dict[str, np.ndarray], folder: Path) -> float
     return took
 
 
+def bare_together(setup: Setup, params: dict[str, np.ndarray], n: int, folder: Path) -> float:
+    """``n`` bare runs at once, as the round's ``n`` spokes run on this machine's cores:
+    the wall time until the last one ends. Seconds."""
+    threads = [threading.Thread(target=bare_run, args=(setup, params, folder / str(i)))
+               for i in range(n)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
+
+
 def training_round(setup: Setup, size: int, n: int) -> dict[str, Any]:
     """One round of a study on ``n`` spokes; its wall time and its parts."""
     names = setup.spoke_names[:n]
@@ -325,10 +343,12 @@ def training_round(setup: Setup, size: int, n: int) -> dict[str, Any]:
         engine.dispose()
         shutil.rmtree(journals, ignore_errors=True)
     spoke = {part: statistics.mean(timers.per_spoke(part) or [0.0]) for part in SPOKE_PARTS}
+    spoke_cpu = {part: statistics.mean(timers.per_spoke(part, cpu=True) or [0.0])
+                 for part in SPOKE_PARTS if part != "container"}
     hub = {part: timers.hub(part) for part in HUB_PARTS}
     slowest = max(sum(s for (thread, _p), s in timers.spent.items() if thread == f"training-{a}")
                   for a in names)
-    return {"wall": wall, "spoke": spoke, "hub": hub,
+    return {"wall": wall, "spoke": spoke, "spoke_cpu": spoke_cpu, "hub": hub,
             "other": max(0.0, wall - slowest - sum(hub.values())), "round_index": 0}
 
 
@@ -365,12 +385,10 @@ def plain_aggregation(setup: Setup, size: int, n: int) -> dict[str, float]:
     return {"spoke": statistics.mean(spent.values()), "hub": hub}
 
 
-def prepare(work: Path, spokes: int) -> Setup:
+def prepare(work: Path, store: ServiceSettings, spokes: int) -> Setup:
     settings = ServiceSettings()
     services.up(settings)
     names = [f"bench-{i:02d}" for i in range(spokes)]
-    store = ServiceSettings(state_dir=work / "objectstore", host=STORE_HOST,
-                            objectstore_port=free_port(STORE_HOST))
     objectstore.write_identities(store, names, federation="training-bench")
     objectstore.ensure_running(store)
     console.print("building the bench's training image (offline, from wheels)...")
@@ -393,12 +411,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for size in sorted({r["size"] for r in rows}):
         mine = [r for r in rows if r["size"] == size]
         ns = [r["n"] for r in mine]
-        left.plot(ns, [r["wall"] / r["bare"] for r in mine], "o-", label=f"{size:.0e} params")
+        line = left.plot(ns, [r["wall"] / r["bare"] for r in mine], "o-",
+                         label=f"{size:.0e}: against one bare run")[0]
+        left.plot(ns, [r["wall"] / r["bare_together"] for r in mine], "o--",
+                  color=line.get_color(), label=f"{size:.0e}: against n bare runs at once")
         line = right.plot(ns, [sum(r["spoke"].values()) for r in mine], "o-",
                           label=f"{size:.0e} params")[0]
-        right.plot(ns, [sum(r["spoke"].values()) - r["spoke"]["container"] for r in mine],
-                   "o--", color=line.get_color(), label=f"{size:.0e}, without the container")
-    left.set(xlabel="spokes", ylabel="round wall / bare docker run", title="Round overhead")
+        right.plot(ns, [sum(r["spoke_cpu"].values()) for r in mine], "o--",
+                   color=line.get_color(), label=f"{size:.0e}, CPU outside the container")
+    left.set(xlabel="spokes", ylabel="round wall time / bare docker run",
+             title="Round overhead")
     right.set(xlabel="spokes", ylabel="seconds per spoke (mean)", title="Work per spoke")
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -415,14 +437,28 @@ def main() -> None:
     parser.add_argument("--bare-runs", type=int, default=2,
                         help="bare runs before and after each round (their median)")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG here")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="append each configuration's figures here (JSON lines)")
+    parser.add_argument("--tables", type=Path, default=None,
+                        help="print the tables (and --plot) of a --json file; run nothing")
     args = parser.parse_args()
+    if args.tables:
+        rows = [json.loads(line) for line in args.tables.read_text().splitlines() if line]
+        summary(rows)
+        if args.plot:
+            plot(rows, args.plot)
+        return
     sizes = [int(s) for s in args.sizes or ([1e4] if args.quick else [1e4, 1e6, 1e7])]
     counts = args.spokes or ([3] if args.quick else [3, 10, 20])
     logging.getLogger("tributary").setLevel(logging.ERROR)
     rows: list[dict[str, Any]] = []
+    # SIGTERM unwinds like Ctrl-C: the bench's own object store is stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
-        setup = prepare(Path(tmp), max(counts))
+        store = ServiceSettings(state_dir=Path(tmp) / "objectstore", host=STORE_HOST,
+                                objectstore_port=free_port(STORE_HOST))
         try:
+            setup = prepare(Path(tmp), store, max(counts))
             for size in sizes:
                 params = model_of(size)
                 bare_run(setup, params, Path(tmp) / f"warm-{size}")  # page cache, image
@@ -434,12 +470,16 @@ def main() -> None:
                     plain = plain_aggregation(setup, size, n)
                     bares += [bare_run(setup, params, Path(tmp) / f"bare-{size}-{n}-after-{i}")
                               for i in range(args.bare_runs)]
-                    row = {"size": size, "n": n, "bare": statistics.median(bares), **result,
-                           "plain": plain}
+                    together = bare_together(setup, params, n, Path(tmp) / f"together-{size}-{n}")
+                    row = {"size": size, "n": n, "bare": statistics.median(bares),
+                           "bare_together": together, **result, "plain": plain}
                     rows.append(row)
                     report_row(row)
+                    if args.json:
+                        with args.json.open("a") as out:
+                            out.write(json.dumps(row) + "\n")
         finally:
-            objectstore.stop(setup.store)
+            objectstore.stop(store)
     summary(rows)
     if args.plot:
         plot(rows, args.plot)
@@ -457,7 +497,8 @@ def report_row(r: dict[str, Any]) -> None:
     spoke_s, hub_s = secagg_costs(r)
     console.print(
         f"{r['size']:.0e} params, {r['n']} spokes: round {r['wall']:.2f} s, bare docker run "
-        f"{r['bare']:.2f} s ({r['wall'] / r['bare']:.2f}x); per spoke "
+        f"{r['bare']:.2f} s ({r['wall'] / r['bare']:.2f}x), {r['n']} at once "
+        f"{r['bare_together']:.2f} s ({r['wall'] / r['bare_together']:.2f}x); per spoke "
         f"{sum(r['spoke'].values()):.2f} s (container {r['spoke']['container']:.2f} s); "
         f"hub {sum(r['hub'].values()):.2f} s; SecAgg+/plain: spoke "
         f"{spoke_s / r['plain']['spoke']:.1f}x, hub {hub_s / r['plain']['hub']:.1f}x",
@@ -466,13 +507,14 @@ def report_row(r: dict[str, Any]) -> None:
 
 def summary(rows: list[dict[str, Any]]) -> None:
     ms = "{:.0f}".format
-    table = Table("params", "spokes", "bare s", "round s", "round/bare", "container s",
-                  "container/bare", "rest per spoke s", "hub s", "other s",
+    table = Table("params", "spokes", "bare s", "round s", "round/bare", "n bare at once s",
+                  "round/n at once", "container s", "rest per spoke s", "hub s", "other s",
                   title="A round against the same training bare in docker run")
     for r in rows:
         c = r["spoke"]["container"]
         table.add_row(f"{r['size']:.0e}", str(r["n"]), f"{r['bare']:.2f}", f"{r['wall']:.2f}",
-                      f"{r['wall'] / r['bare']:.2f}x", f"{c:.2f}", f"{c / r['bare']:.2f}x",
+                      f"{r['wall'] / r['bare']:.2f}x", f"{r['bare_together']:.2f}",
+                      f"{r['wall'] / r['bare_together']:.2f}x", f"{c:.2f}",
                       f"{sum(r['spoke'].values()) - c:.2f}", f"{sum(r['hub'].values()):.2f}",
                       f"{r['other']:.2f}")
     console.print(table)
@@ -483,6 +525,15 @@ def summary(rows: list[dict[str, Any]]) -> None:
                       *(ms(r["spoke"][p] * 1e3) for p in SPOKE_PARTS),
                       ms(sum(r["spoke"].values()) * 1e3),
                       *(ms(r["hub"][p] * 1e3) for p in HUB_PARTS))
+    console.print(table)
+    cpu_parts = [p for p in SPOKE_PARTS if p != "container"]
+    table = Table("params", "spokes", *cpu_parts, "total",
+                  title="CPU time per spoke outside its container, ms (mean; flat as spokes "
+                        "grow if a spoke's cost does not depend on their number)")
+    for r in rows:
+        table.add_row(f"{r['size']:.0e}", str(r["n"]),
+                      *(ms(r["spoke_cpu"][p] * 1e3) for p in cpu_parts),
+                      ms(sum(r["spoke_cpu"].values()) * 1e3))
     console.print(table)
     table = Table("params", "spokes", "spoke plain", "spoke SecAgg+", "ratio", "hub plain",
                   "hub SecAgg+", "ratio",
@@ -498,8 +549,9 @@ def summary(rows: list[dict[str, Any]]) -> None:
     console.print(
         "round: from the hub's first pass to the next global model stored. bare: one docker "
         "run of the same training (image, data, model), median of the runs before and after "
-        "the round. container: a spoke's docker run inside the round (all spokes share this "
-        "machine's cores); rest per spoke: the spoke's other timed work. other: the "
+        "the round. n bare at once: n such runs started together (the round's n spokes share "
+        "this machine's cores), until the last ends. container: a spoke's docker run inside "
+        "the round; rest per spoke: the spoke's other timed work. other: the "
         "round's wall time less the slowest spoke's timed work and the hub's (broker "
         "round-trips, the hub's database and polling, waiting for a core). SecAgg+: spoke "
         "clip+noise+quantise+mask+other stages+upload, hub read+unmask+sum; plain: spoke "
