@@ -416,9 +416,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         left.plot(ns, [r["wall"] / r["bare_together"] for r in mine], "o--",
                   color=line.get_color(), label=f"{size:.0e}: against n bare runs at once")
         line = right.plot(ns, [sum(r["spoke"].values()) for r in mine], "o-",
-                          label=f"{size:.0e} params")[0]
+                          label=f"{size:.0e}: wall time")[0]
         right.plot(ns, [sum(r["spoke_cpu"].values()) for r in mine], "o--",
-                   color=line.get_color(), label=f"{size:.0e}, CPU outside the container")
+                   color=line.get_color(), label=f"{size:.0e}: CPU outside the container")
     left.set(xlabel="spokes", ylabel="round wall time / bare docker run",
              title="Round overhead")
     right.set(xlabel="spokes", ylabel="seconds per spoke (mean)", title="Work per spoke")
