@@ -8,9 +8,11 @@ For each model size (10^4, 10^6, 10^7 float32 parameters) and number of simulate
 spoke's ``DockerTrainer``) in this process, every message signed and sent through the
 broker, the global model and the masked updates through the store, each spoke's training
 run a container of ``bench/algorithms/sized_training`` (a model of the given size, one
-cheap step) on the same small synthetic cohort. The baseline, in the same run: that very
+cheap step) on the same small synthetic cohort. The baselines, in the same run: that very
 training run (same image, data, model) as one bare ``docker run`` with the same sandbox
-flags, its folder prepared beforehand and not timed.
+flags, its folder prepared beforehand and not timed (median of runs before and after the
+round), and ``n`` such runs started at once (the round's ``n`` containers share this
+machine's cores too).
 
 The round's time is broken down by wrapping the real functions with timers (each is still
 called): per spoke, the model download (get, digest, decode), the container run, the
@@ -18,7 +20,10 @@ files around it (global model written, update read back), clip / noise / quantis
 SecAgg+ masking, the other SecAgg+ stages (keys, shares, signature, unmask shares), the
 sealed journal, the upload; at the hub, reading the masked vectors, unmasking and summing,
 writing the next global model. ``other`` is what is left of the wall time (broker
-round-trips, the hub's database and polling, threads waiting for the 2 cores).
+round-trips, the hub's database and polling, threads waiting for the 2 cores). The spokes
+share this process and its cores, so their wall times grow with their number; the CPU time
+of each spoke's own thread outside its container is what a site would pay, and is printed
+too (it should not grow with the number of spokes, save SecAgg+'s log n neighbours).
 
 Plain aggregation, in the same run and on the same store: each spoke clips, noises and
 uploads its update as float32 (no quantisation, no masking, no SecAgg+ stages), and the hub
