@@ -8,7 +8,8 @@ round 0 after two spokes joined, and in round 1 after two sent their masked inpu
 time started again: the study completes, each round aggregated once with each spoke's
 contribution counted once (rows, privacy ledgers, and the applied step of both killed
 rounds against the plain weighted sum of the spokes' updates, recomputed here); `tributary
-training watch` exits 0."""
+training watch` exits 0. The study runs FedAdam on the hub: each round's step is Adam's from
+the moments the previous round stored, across the kills."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ from sqlmodel import Session, select
 
 from tributary.hub.db import make_engine
 from tributary.hub.models import AuditEvent, TrainingRound, TrainingStudy
-from tributary.hub.services import training
+from tributary.hub.services import training, training_optimiser
+from tributary.hub.services.server_optimisers import ServerOptimiser, step
 from tributary.protocol.broker import BrokerSettings, StompClient
 from tributary.protocol.objects import ObjectStore
 from tributary.protocol.signing import SigningKey
@@ -55,6 +57,7 @@ pytestmark = pytest.mark.e2e
 BASE_IMAGE = "tributary/python-base:3.11"
 SPOKES = ["site-a", "site-b", "site-c"]
 ROUNDS = 3
+FEDADAM = ServerOptimiser(kind="fedadam", server_lr=0.05)
 logreg = load_logreg()
 
 
@@ -157,7 +160,8 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         assert refused.returncode == 1 and "site-z" in refused.stderr \
             and "not registered" in refused.stderr, refused
         launched = cli(hub, token, "launch", "--file", str(settings), "--initial-model",
-                       str(model), *[f"--spoke={s}" for s in SPOKES])
+                       str(model), *[f"--spoke={s}" for s in SPOKES], "--strategy",
+                       "fedadam", "--server-lr", str(FEDADAM.server_lr))
         assert launched.returncode == 0, launched.stderr
         study_id = launched.stdout.strip()
 
@@ -225,9 +229,14 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
             AuditEvent.action == "training.round_resumed").order_by(AuditEvent.id)).all()
         assert [(e.target, e.detail["stage"]) for e in resumed] == [
             (rows[0].round_id, "keys"), (rows[1].round_id, "masked")]
+        assert (study.strategy, study.server_optimiser) == (
+            "fedadam", FEDADAM.model_dump(mode="json"))
+        assert all(r.optimiser_state_out for r in rows)
 
-    # Rounds 0 and 1 (the killed ones): the applied step is the plain weighted sum of the
-    # spokes' real updates (recomputed here from their cohorts), within the noise.
+    # Rounds 0 and 1 (the killed ones): the hub's mean update (recovered from the first
+    # moment it stored) is the plain weighted sum of the spokes' real updates (recomputed
+    # here from their cohorts), within the noise, and the applied step is Adam's from the
+    # moments the round before stored (round 1's were written before the second kill).
     store = ObjectStore.from_file(objectstore.write_party_credentials(store_settings, "hub"))
     for row in rows[:2]:
         global_in = decode_tensors(store.get(training.model_location(
@@ -244,8 +253,22 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
             reals.append((flatten(trained, schema) - flatten(global_in, schema))
                          * (count / reference))
         weights = sum(c / reference for c in row.num_examples.values())
+        with Session(engine) as session:
+            moments_in = training_optimiser.state_going_into(
+                session, store, session.get(TrainingStudy, study_id), row.round_index,
+                schema.size)
+        assert moments_in.steps == row.round_index
+        moments_out = training_optimiser.decode_state(store.get(
+            training_optimiser.state_location(study_id, row.round_index + 1,
+                                              row.optimiser_state_out)),
+            row.optimiser_state_out, schema.size)
+        m_in = moments_in.m if moments_in.m is not None else 0.0
+        mean = (moments_out.m - FEDADAM.beta_1 * m_in) / (1 - FEDADAM.beta_1)
+        assert np.max(np.abs(mean - np.sum(reals, axis=0) / weights)) < 0.1
+        expected, moments = step(FEDADAM, flatten(global_in, schema), mean, moments_in)
+        np.testing.assert_allclose(flatten(global_out, schema), expected, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(moments_out.v, moments.v, rtol=1e-9, atol=1e-15)
         applied = flatten(global_out, schema) - flatten(global_in, schema)
-        assert np.max(np.abs(applied - np.sum(reals, axis=0) / weights)) < 0.1
         assert np.linalg.norm(applied) > 0.01  # the step is real, not a stale model
 
 

@@ -32,7 +32,7 @@ from sqlmodel import Session, col, select
 
 from tributary.hub import training_checks
 from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
-from tributary.hub.services import audit, training
+from tributary.hub.services import audit, training, training_optimiser
 from tributary.hub.services.enrolment import public_key
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import Delivery, PublishError, StompClient
@@ -49,7 +49,7 @@ from tributary.protocol.training.transport import (
     sign_model,
     spoke_training_queue,
 )
-from tributary.protocol.training.update import flatten, schema_of, unflatten
+from tributary.protocol.training.update import schema_of
 
 log = logging.getLogger(__name__)
 #: Global models kept decoded in memory (a cache: the store is the record).
@@ -265,10 +265,11 @@ class TrainingCoordinator:
                 lambda location: vector_from_bytes(self.store.get(location), 32, schema.size),
                 schema.size)
             if mean is not None:
-                new = unflatten(flatten(params, schema) + mean, schema)
-                ref = self.put_model(row.round_index + 1, study_id, new)
-                training.set_global_model(session, study, row, ref.digest)
+                new = training_optimiser.next_model(session, self.store, study, row, params,
+                                                    mean)
             session.commit()
+            if mean is not None:
+                self._remember(*new)
             sent = (row.round_id, row.stage)
             self._sent.add(sent)
             running = study.state == "running"
