@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from tributary.hub.db import make_engine
-from tributary.hub.models import TrainingRound, TrainingStudy
+from tributary.hub.models import AuditEvent, TrainingRound, TrainingStudy
 from tributary.hub.schemas import TrainingStudyCreate
-from tributary.hub.services import training, training_optimiser
+from tributary.hub.services import training, training_close, training_optimiser
 from tributary.hub.services.server_optimisers import OptimiserState, ServerOptimiser, step
 from tributary.protocol.training import rounds as msg
 from tributary.protocol.training.secagg import vector_from_bytes
@@ -329,3 +329,41 @@ def test_server_optimiser_settings_are_validated(settings: dict, error: str) -> 
     api = {k: v for k, v in base.items() if k != "initial_model"}
     with pytest.raises(ValidationError, match=error):
         TrainingStudyCreate(**api, **settings, initial_model_b64="AAAA")
+
+
+def test_a_round_is_closed_once_however_often_its_close_runs(tmp_path: Path) -> None:
+    """The close (the Celery task's body) run again, as by a redelivered task in another
+    process, gives back the same model and changes nothing; a round not ready is left."""
+    hub = Hub(tmp_path, rounds=2, strategy="fedyogi")
+    data = encode_tensors(START)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    hub.put(training.model_location(hub.study_id, 0, digest), data)
+    with Session(hub.engine) as session:
+        study = session.get(TrainingStudy, hub.study_id)
+        study.global_model = digest
+        session.add(study)
+        session.commit()
+    to_unmask(hub, START)
+    with Session(hub.engine) as session:
+        with pytest.raises(training.TrainingError, match="no round"):
+            training_close.close_round(session, hub, "ts-none-r0-a1")
+        round_id = training.current_round(
+            session, session.get(TrainingStudy, hub.study_id)).round_id
+        first, params = training_close.close_round(session, hub, round_id)
+    hub.restart()
+    with Session(hub.engine) as session:
+        again, same = training_close.close_round(session, hub, round_id)
+        assert again == first and all(np.array_equal(same[k], params[k]) for k in params)
+        study = session.get(TrainingStudy, hub.study_id)
+        assert {s: len(v["charges"]) for s, v in study.ledgers.items()} == dict.fromkeys(
+            SPOKES, 1)
+        actions = [e.action for e in session.exec(select(AuditEvent).where(
+            col(AuditEvent.target).startswith(round_id)))]
+        assert actions.count("training.round_aggregated") == 1
+        assert actions.count("training.optimiser_state") == 1
+        nxt = training.next_step(session, study)
+        assert (nxt.action, nxt.round_index, nxt.model_digest) == ("open", 1, first.digest)
+        row = training.open_round(session, study, 4, 1)
+        session.commit()
+        assert training_close.close_round(session, hub, row.round_id) is None  # at keys
+        assert training.current_round(session, study).stage == "keys"
