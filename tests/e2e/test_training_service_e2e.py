@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -39,7 +40,7 @@ from tributary.protocol.objects import ObjectStore
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.training.tensors import decode_tensors, encode_tensors
 from tributary.protocol.training.update import flatten, schema_of
-from tributary.services import objectstore
+from tributary.services import objectstore, redis
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
 from tributary.spoke.training_agent import DockerTrainer, TrainingAgent
@@ -120,9 +121,11 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
     HeldStore.release.clear()
     federation = f"th{uuid.uuid4().hex[:8]}"
     cohorts = make_cohorts(tmp_path / "cohorts")
+    # Apart, the rounds are also closed by a Celery worker (redis), killed with the hub.
     hub = TrainingHub(tmp_path / "hub", service_settings.host, service_settings.broker_port,
                       federation, objectstore.write_party_credentials(store_settings, "hub"),
-                      apart=apart)
+                      apart=apart, celery_broker_url=redis.ensure_running(service_settings)
+                      if apart else None)
     hub_key, database = hub.key, hub.database_url
     broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
                             federation=federation)
@@ -205,8 +208,14 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
             client.close()
         hub.stop()
 
-    if apart:  # the loop ran in `tributary hub train`, not in the web app
+    if apart:  # the loop ran in `tributary hub train`, not in the web app...
         assert "training coordinator on" in (tmp_path / "hub" / "train-2.log").read_text()
+        # ...and each round was closed by the worker, once (a second run finds it closed).
+        closes = "".join((tmp_path / "hub" / f"worker-{n}.log").read_text()
+                         for n in (1, 2, 3))
+        closed = re.findall(r"aggregate_training_round\[[^]]+\] succeeded[^\n]*'(sha256:"
+                            r"[0-9a-f]{64})'", closes)
+        assert set(closed) == {r["global_model_out"] for r in shown["round_list"]}, closes
     assert shown["state"] == "finished" and shown["rounds_done"] == ROUNDS
     assert [(r["round"], r["attempt"], r["stage"], sorted(r["joined"]), r["survivors"],
              r["dropouts"]) for r in shown["round_list"]] == [
