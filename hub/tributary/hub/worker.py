@@ -30,7 +30,7 @@ from sqlmodel import Session
 
 from tributary.hub import tasks
 from tributary.hub.db import open_database
-from tributary.hub.services import training, training_close
+from tributary.hub.services import training, training_close, training_optimiser
 from tributary.hub.services.debounce import recompute
 from tributary.hub.settings import HubSettings
 from tributary.protocol.messages import ProtocolError
@@ -65,7 +65,8 @@ def aggregate_training_round(self: Any, round_id: str) -> str | None:
     try:
         with Session(engine) as session:
             new = training_close.close_round(session, _store(settings), round_id)
-    except (training.TrainingError, SecAggError, ProtocolError) as exc:
+    except (training.TrainingError, SecAggError, ProtocolError,
+            training_optimiser.OptimiserStateError) as exc:
         # The round's own fault (a tampered model, a sum that cannot be unmasked): the
         # round loop decides what happens to it, retrying the task would not help.
         log.warning("training round %s not aggregated: %s", round_id, exc)
