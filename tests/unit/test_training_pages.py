@@ -20,7 +20,7 @@ from sqlmodel import Session
 from unit.test_training_rounds import Federation
 
 from tributary.hub.main import create_app
-from tributary.hub.models import Spoke
+from tributary.hub.models import Algorithm, Spoke, utcnow
 from tributary.hub.services.users import create_user, issue_token
 from tributary.hub.settings import HubSettings
 from tributary.protocol.bundle import verify_bundle
@@ -136,6 +136,13 @@ def test_the_launch_form_offers_usable_spokes_and_approved_images(hub) -> None: 
         Spokes(session, ["north", "south"])
         session.add(Spoke(id="keyless", name="keyless"))
         session.add(Spoke(id="sandbox-1", name="sandbox", sandbox=True))
+        # Only the state matters to the form: a recorded approval (its envelope is checked
+        # where it is made, tests/e2e/test_approval_e2e.py), none, or a revocation.
+        for n, (approval, revoked) in enumerate(((True, False), (False, False), (True, True))):
+            session.add(Algorithm(
+                name=f"train-{n}", version="1", repository=f"registry.test/train-{n}",
+                digest="sha256:" + f"{n}" * 64, approval={"payload": "…"} if approval else None,
+                revoked_at=utcnow() if revoked else None))
         session.commit()
     listed = client.get("/training", headers=_auth(tokens["coordinator"])).text
     assert 'href="/training/new"' in listed
@@ -149,5 +156,7 @@ def test_the_launch_form_offers_usable_spokes_and_approved_images(hub) -> None: 
     assert "Only coordinators" not in page.text
     assert "Only coordinators" in client.get("/training/new",
                                              headers=_auth(tokens["reviewer"])).text
+    offered = re.findall(r'<option value="(registry[^"]+)">', page.text)
+    assert offered == ["registry.test/train-0@sha256:" + "0" * 64]
     for strategy in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
         assert f'<option value="{strategy}">' in page.text
