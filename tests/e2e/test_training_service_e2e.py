@@ -8,13 +8,15 @@ round 0 after two spokes joined, and in round 1 after two sent their masked inpu
 time started again: the study completes, each round aggregated once with each spoke's
 contribution counted once (rows, privacy ledgers, and the applied step of both killed
 rounds against the plain weighted sum of the spokes' updates, recomputed here); `tributary
-training watch` exits 0."""
+training watch` exits 0. The study runs FedAdam on the hub: each round's step is Adam's from
+the moments the previous round stored, across the kills."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -31,13 +33,14 @@ from sqlmodel import Session, select
 
 from tributary.hub.db import make_engine
 from tributary.hub.models import AuditEvent, TrainingRound, TrainingStudy
-from tributary.hub.services import training
+from tributary.hub.services import training, training_optimiser
+from tributary.hub.services.server_optimisers import ServerOptimiser, step
 from tributary.protocol.broker import BrokerSettings, StompClient
 from tributary.protocol.objects import ObjectStore
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.training.tensors import decode_tensors, encode_tensors
 from tributary.protocol.training.update import flatten, schema_of
-from tributary.services import objectstore
+from tributary.services import objectstore, redis
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
 from tributary.spoke.training_agent import DockerTrainer, TrainingAgent
@@ -55,6 +58,7 @@ pytestmark = pytest.mark.e2e
 BASE_IMAGE = "tributary/python-base:3.11"
 SPOKES = ["site-a", "site-b", "site-c"]
 ROUNDS = 3
+FEDADAM = ServerOptimiser(kind="fedadam", server_lr=0.05)
 logreg = load_logreg()
 
 
@@ -117,9 +121,11 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
     HeldStore.release.clear()
     federation = f"th{uuid.uuid4().hex[:8]}"
     cohorts = make_cohorts(tmp_path / "cohorts")
+    # Apart, the rounds are also closed by a Celery worker (redis), killed with the hub.
     hub = TrainingHub(tmp_path / "hub", service_settings.host, service_settings.broker_port,
                       federation, objectstore.write_party_credentials(store_settings, "hub"),
-                      apart=apart)
+                      apart=apart, celery_broker_url=redis.ensure_running(service_settings)
+                      if apart else None)
     hub_key, database = hub.key, hub.database_url
     broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
                             federation=federation)
@@ -157,7 +163,8 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         assert refused.returncode == 1 and "site-z" in refused.stderr \
             and "not registered" in refused.stderr, refused
         launched = cli(hub, token, "launch", "--file", str(settings), "--initial-model",
-                       str(model), *[f"--spoke={s}" for s in SPOKES])
+                       str(model), *[f"--spoke={s}" for s in SPOKES], "--strategy",
+                       "fedadam", "--server-lr", str(FEDADAM.server_lr))
         assert launched.returncode == 0, launched.stderr
         study_id = launched.stdout.strip()
 
@@ -201,8 +208,14 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
             client.close()
         hub.stop()
 
-    if apart:  # the loop ran in `tributary hub train`, not in the web app
+    if apart:  # the loop ran in `tributary hub train`, not in the web app...
         assert "training coordinator on" in (tmp_path / "hub" / "train-2.log").read_text()
+        # ...and each round was closed by the worker, once (a second run finds it closed).
+        closes = "".join((tmp_path / "hub" / f"worker-{n}.log").read_text()
+                         for n in (1, 2, 3))
+        closed = re.findall(r"aggregate_training_round\[[^]]+\] succeeded[^\n]*'(sha256:"
+                            r"[0-9a-f]{64})'", closes)
+        assert set(closed) == {r["global_model_out"] for r in shown["round_list"]}, closes
     assert shown["state"] == "finished" and shown["rounds_done"] == ROUNDS
     assert [(r["round"], r["attempt"], r["stage"], sorted(r["joined"]), r["survivors"],
              r["dropouts"]) for r in shown["round_list"]] == [
@@ -225,9 +238,14 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
             AuditEvent.action == "training.round_resumed").order_by(AuditEvent.id)).all()
         assert [(e.target, e.detail["stage"]) for e in resumed] == [
             (rows[0].round_id, "keys"), (rows[1].round_id, "masked")]
+        assert (study.strategy, study.server_optimiser) == (
+            "fedadam", FEDADAM.model_dump(mode="json"))
+        assert all(r.optimiser_state_out for r in rows)
 
-    # Rounds 0 and 1 (the killed ones): the applied step is the plain weighted sum of the
-    # spokes' real updates (recomputed here from their cohorts), within the noise.
+    # Rounds 0 and 1 (the killed ones): the hub's mean update (recovered from the first
+    # moment it stored) is the plain weighted sum of the spokes' real updates (recomputed
+    # here from their cohorts), within the noise, and the applied step is Adam's from the
+    # moments the round before stored (round 1's were written before the second kill).
     store = ObjectStore.from_file(objectstore.write_party_credentials(store_settings, "hub"))
     for row in rows[:2]:
         global_in = decode_tensors(store.get(training.model_location(
@@ -244,8 +262,22 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
             reals.append((flatten(trained, schema) - flatten(global_in, schema))
                          * (count / reference))
         weights = sum(c / reference for c in row.num_examples.values())
+        with Session(engine) as session:
+            moments_in = training_optimiser.state_going_into(
+                session, store, session.get(TrainingStudy, study_id), row.round_index,
+                schema.size)
+        assert moments_in.steps == row.round_index
+        moments_out = training_optimiser.decode_state(store.get(
+            training_optimiser.state_location(study_id, row.round_index + 1,
+                                              row.optimiser_state_out)),
+            row.optimiser_state_out, schema.size)
+        m_in = moments_in.m if moments_in.m is not None else 0.0
+        mean = (moments_out.m - FEDADAM.beta_1 * m_in) / (1 - FEDADAM.beta_1)
+        assert np.max(np.abs(mean - np.sum(reals, axis=0) / weights)) < 0.1
+        expected, moments = step(FEDADAM, flatten(global_in, schema), mean, moments_in)
+        np.testing.assert_allclose(flatten(global_out, schema), expected, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(moments_out.v, moments.v, rtol=1e-9, atol=1e-15)
         applied = flatten(global_out, schema) - flatten(global_in, schema)
-        assert np.max(np.abs(applied - np.sum(reals, axis=0) / weights)) < 0.1
         assert np.linalg.norm(applied) > 0.01  # the step is real, not a stale model
 
 

@@ -88,6 +88,12 @@ def test_launch_refusals(hub: tuple[TestClient, dict[str, str]]) -> None:
     assert status == 422
     status, _ = post(client, tokens["coordinator"], body(["north", "south"], strategy="sgd"))
     assert status == 422
+    status, detail = post(client, tokens["coordinator"],
+                          body(["north", "south"], strategy="fedadam", beta_2=1.5))
+    assert status == 422 and detail["detail"][0]["loc"] == ["body", "beta_2"]
+    status, detail = post(client, tokens["coordinator"],
+                          body(["north", "south"], server_lr=0.5))  # FedAvg has no server_lr
+    assert status == 422 and "fedadam, fedyogi, fedadagrad only" in str(detail)
     # Everything valid, but this hub has no object store: refused, nothing created.
     status, detail = post(client, tokens["coordinator"], body(["north", "south"]))
     assert status == 503 and "object store" in detail["detail"]
@@ -101,7 +107,8 @@ def test_study_json_carries_rounds_survivors_dropouts_and_epsilon(
         study = training.launch(session, training.StudySpec(
             name="t", algorithm="sha256:" + "a" * 64, spokes=[*SPOKES[:2], "west"], rounds=3,
             clip_bound=1.0, noise_multiplier=1.0, epsilon_budget=10.0, delta=1e-5,
-            initial_model="sha256:" + "1" * 64), "user-coordinator")
+            initial_model="sha256:" + "1" * 64, strategy="fedyogi", server_lr=0.05),
+            "user-coordinator")
         session.flush()
         now = utcnow()
         done = TrainingRound(
@@ -128,6 +135,8 @@ def test_study_json_carries_rounds_survivors_dropouts_and_epsilon(
     assert [(s["id"], s["state"], s["rounds_done"]) for s in listed] == [
         (study_id, "running", 1)]
     shown = client.get(f"/api/training-studies/{study_id}", headers=headers).json()
+    assert (shown["strategy"], shown["server_optimiser"]) == ("fedyogi", {
+        "kind": "fedyogi", "server_lr": 0.05, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-9})
     one = epsilon_after(1, 1.0, 1e-5)
     assert shown["epsilon_spent"] == pytest.approx(one)
     first, second = shown["round_list"]

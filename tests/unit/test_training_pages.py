@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from signed_results import Spokes
 from sqlmodel import Session
 from unit.test_training_rounds import Federation
 
 from tributary.hub.main import create_app
+from tributary.hub.models import Algorithm, Spoke, utcnow
 from tributary.hub.services.users import create_user, issue_token
 from tributary.hub.settings import HubSettings
 from tributary.protocol.bundle import verify_bundle
@@ -125,3 +128,35 @@ def test_provenance_bundle_and_model_access(hub, tmp_path: Path) -> None:  # typ
                       headers=_auth(tokens["reviewer"])).status_code == 403
     assert client.get("/api/training-studies/ts-nope/provenance",
                       headers=_auth(tokens["reviewer"])).status_code == 404
+
+
+def test_the_launch_form_offers_usable_spokes_and_approved_images(hub) -> None:  # type: ignore[no-untyped-def]
+    client, _, tokens = hub
+    with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
+        Spokes(session, ["north", "south"])
+        session.add(Spoke(id="keyless", name="keyless"))
+        session.add(Spoke(id="sandbox-1", name="sandbox", sandbox=True))
+        # Only the state matters to the form: a recorded approval (its envelope is checked
+        # where it is made, tests/e2e/test_approval_e2e.py), none, or a revocation.
+        for n, (approval, revoked) in enumerate(((True, False), (False, False), (True, True))):
+            session.add(Algorithm(
+                name=f"train-{n}", version="1", repository=f"registry.test/train-{n}",
+                digest="sha256:" + f"{n}" * 64, approval={"payload": "…"} if approval else None,
+                revoked_at=utcnow() if revoked else None))
+        session.commit()
+    listed = client.get("/training", headers=_auth(tokens["coordinator"])).text
+    assert 'href="/training/new"' in listed
+    assert 'href="/training/new"' not in client.get(
+        "/training", headers=_auth(tokens["reviewer"])).text
+    page = client.get("/training/new", headers=_auth(tokens["coordinator"]))
+    assert page.status_code == 200 and 'id="new-training"' in page.text
+    boxes = dict(re.findall(r'<input type="checkbox" name="spokes" value="([^"]+)" ?(\w*)>',
+                            page.text))
+    assert boxes == {"north": "", "south": "", "keyless": "disabled", "sandbox-1": "disabled"}
+    assert "Only coordinators" not in page.text
+    assert "Only coordinators" in client.get("/training/new",
+                                             headers=_auth(tokens["reviewer"])).text
+    offered = re.findall(r'<option value="(registry[^"]+)">', page.text)
+    assert offered == ["registry.test/train-0@sha256:" + "0" * 64]
+    for strategy in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
+        assert f'<option value="{strategy}">' in page.text

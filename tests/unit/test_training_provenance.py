@@ -150,3 +150,16 @@ def test_the_view_shows_dropouts_and_deltas(run) -> None:  # type: ignore[no-unt
     points = training_view.points(rounds)
     assert [p.survived for p in points] == [3, 3, 2]
     assert training_view.studies(Session(fed.engine))[0].rounds_done == 3
+
+
+def test_the_provenance_records_the_server_optimiser(tmp_path: Path) -> None:
+    fed = Federation(tmp_path, rounds=1, strategy="fedadagrad", server_lr=0.2, tau=1e-3)
+    key = SigningKey.generate()
+    with Session(fed.engine) as session:
+        prov = training_export.provenance(session, session.get(TrainingStudy, fed.study_id),
+                                          key)
+    assert prov.study.strategy == "fedadagrad"
+    assert prov.study.server_optimiser == {"kind": "fedadagrad", "server_lr": 0.2,
+                                           "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
+    back = open_provenance(sign_provenance(key, prov), key.public)
+    assert back.study.server_optimiser == prov.study.server_optimiser

@@ -12,13 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlmodel import Session
+from pydantic import ValidationError
+from sqlmodel import Session, col, select
 
 from tributary.hub.db import make_engine
-from tributary.hub.models import TrainingRound, TrainingStudy
-from tributary.hub.services import training
+from tributary.hub.models import AuditEvent, TrainingRound, TrainingStudy
+from tributary.hub.schemas import TrainingStudyCreate
+from tributary.hub.services import training, training_close, training_optimiser
+from tributary.hub.services.server_optimisers import OptimiserState, ServerOptimiser, step
 from tributary.protocol.training import rounds as msg
 from tributary.protocol.training.secagg import vector_from_bytes
+from tributary.protocol.training.tensors import encode_tensors
+from tributary.protocol.training.update import flatten, schema_of
 from tributary.spoke.training import LocalResult, TrainingParticipant
 
 SPOKES = ["spoke-a", "spoke-b", "spoke-c"]
@@ -43,7 +48,7 @@ class Hub:
     """The hub's database, the store (a folder) and three participants; :meth:`restart`
     drops every object of the hub's process and keeps only the database file."""
 
-    def __init__(self, tmp_path: Path, rounds: int = 2) -> None:
+    def __init__(self, tmp_path: Path, rounds: int = 2, **settings: object) -> None:
         self.path = tmp_path / "hub.db"
         self.objects = tmp_path / "objects"
         self.objects.mkdir()
@@ -54,7 +59,7 @@ class Hub:
         spec = training.StudySpec(
             name="resume", algorithm="sha256:" + "a" * 64, spokes=SPOKES, rounds=rounds,
             clip_bound=100.0, noise_multiplier=1e-9, epsilon_budget=1e30, delta=1e-5,
-            initial_model="sha256:" + "1" * 64, min_participants=2)
+            initial_model="sha256:" + "1" * 64, min_participants=2, **settings)
         with Session(self.engine) as session:
             self.study_id = training.launch(session, spec, "coordinator").id
             session.commit()
@@ -67,6 +72,9 @@ class Hub:
         (self.objects / location.replace("/", "_")).write_bytes(data)
         return msg.ObjectRef(digest="sha256:" + hashlib.sha256(data).hexdigest(),
                              location=location, size=len(data))
+
+    def get(self, location: str) -> bytes:
+        return (self.objects / location.replace("/", "_")).read_bytes()
 
     def load(self, location: str) -> np.ndarray:
         return vector_from_bytes((self.objects / location.replace("/", "_")).read_bytes(),
@@ -210,3 +218,152 @@ def test_model_location_is_derived_from_study_round_and_digest() -> None:
                                                                + ".safetensors")
     assert training.model_location("ts-1", 3, digest) != training.model_location(
         "ts-1", 4, digest)
+
+
+def to_unmask(hub: Hub, params: Mapping[str, np.ndarray]) -> None:
+    """Open the study's next round and drive it until every spoke answered the unmask
+    stage (committed), the global model being ``params``."""
+    with Session(hub.engine) as session:
+        study = session.get(TrainingStudy, hub.study_id)
+        nxt = training.next_step(session, study)
+        row = training.open_round(session, study, 4, nxt.round_index, nxt.attempt)
+        session.commit()
+        replies = hub.answer(hub.pending(session, study, row), params)
+        while True:
+            hub.receive(session, row, replies)
+            if row.stage == "unmask":
+                return
+            out, _ = training.advance(session, study, row, hub.load, 4)
+            session.commit()
+            replies = hub.answer(out)
+
+
+def close(hub: Hub, session: Session, params: Mapping[str, np.ndarray]
+          ) -> tuple[np.ndarray, msg.ObjectRef, dict[str, np.ndarray]]:
+    """Aggregate the open round and step to the next model (not committed)."""
+    study = session.get(TrainingStudy, hub.study_id)
+    row = training.current_round(session, study)
+    _, mean = training.advance(session, study, row, hub.load, 4)
+    assert mean is not None
+    ref, new = training_optimiser.next_model(session, hub, study, row, params, mean)
+    return mean, ref, new
+
+
+def test_a_server_optimiser_resumes_with_its_moments_after_restarts(tmp_path: Path) -> None:
+    hub = Hub(tmp_path, rounds=3, strategy="fedadam", server_lr=0.3, beta_1=0.5)
+    settings = ServerOptimiser(kind="fedadam", server_lr=0.3, beta_1=0.5)
+    schema = schema_of(START)
+    params: Mapping[str, np.ndarray] = START
+    reference, state = flatten(START, schema), OptimiserState()
+    for round_index in range(3):
+        to_unmask(hub, params)
+        with Session(hub.engine) as session:
+            if round_index == 1:  # aggregated, model and moments written, then killed
+                _, crashed, _ = close(hub, session, params)
+                session.rollback()
+                hub.restart()
+        with Session(hub.engine) as session:
+            mean, ref, params = close(hub, session, params)
+            session.commit()
+            if round_index == 1:  # the same step from the same committed state
+                assert ref.digest == crashed.digest
+        hub.restart()  # every round's close in a new process: only the rows and the store
+        reference, state = step(settings, reference, mean, state)
+        np.testing.assert_allclose(flatten(params, schema), reference, rtol=0, atol=1e-12)
+    # With the moments lost (a fresh start), the last round would have stepped elsewhere.
+    fresh, _ = step(settings, reference, mean, OptimiserState())
+    assert not np.allclose(fresh, step(settings, reference, mean, state)[0])
+    with Session(hub.engine) as session:
+        study = session.get(TrainingStudy, hub.study_id)
+        assert study.strategy == "fedadam"
+        assert study.server_optimiser == settings.model_dump(mode="json")
+        rows = training.rounds_of(session, study.id)
+        assert [r.round_index for r in rows] == [0, 1, 2] and all(
+            r.optimiser_state_out for r in rows)
+        index, digest = training_optimiser.state_into(session, study, 3)
+        stored = training_optimiser.state_going_into(session, hub, study, 3, 4)
+        assert (index, digest) == (3, rows[-1].optimiser_state_out)
+        assert stored.steps == 3
+        np.testing.assert_array_equal(stored.m, state.m)
+        np.testing.assert_array_equal(stored.v, state.v)
+        # The spokes train plainly: the optimiser is the hub's alone.
+        opened = training.round_open_message(
+            study, rows[0], msg.ObjectRef(digest=rows[0].global_model_in, location="m",
+                                          size=1), "sig", lambda s: "u", "spoke-a")
+        assert opened.strategy == "fedavg"
+
+
+def test_a_stored_optimiser_state_is_checked_before_use() -> None:
+    state = OptimiserState(steps=2, m=np.ones(4), v=np.full(4, 0.5))
+    data = training_optimiser.encode_state(state)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    back = training_optimiser.decode_state(data, digest, 4)
+    assert back.steps == 2 and np.array_equal(back.v, state.v)
+    with pytest.raises(training_optimiser.OptimiserStateError, match="digest"):
+        training_optimiser.decode_state(data[:-1] + b" ", digest, 4)
+    with pytest.raises(training_optimiser.OptimiserStateError, match="not 5"):
+        training_optimiser.decode_state(data, digest, 5)
+    bad = encode_tensors({"steps": np.array([1]), "m": np.ones(4, np.float32),
+                          "v": np.ones(4, np.float32)})
+    with pytest.raises(training_optimiser.OptimiserStateError, match="float64"):
+        training_optimiser.decode_state(bad, "sha256:" + hashlib.sha256(bad).hexdigest(), 4)
+    junk = b"not a tensor file"
+    with pytest.raises(training_optimiser.OptimiserStateError, match="unreadable"):
+        training_optimiser.decode_state(junk, "sha256:" + hashlib.sha256(junk).hexdigest(), 4)
+
+
+@pytest.mark.parametrize(("settings", "error"), [
+    ({"strategy": "fedavg", "server_lr": 0.5}, "for fedadam, fedyogi, fedadagrad only"),
+    ({"strategy": "fedprox", "tau": 1e-3}, "for fedadam, fedyogi, fedadagrad only"),
+    ({"strategy": "fedyogi", "beta_1": 1.0}, "less than 1"),
+    ({"strategy": "fedadagrad", "server_lr": float("inf")}, "server_lr"),
+    ({"strategy": "fedadam", "tau": 0}, "greater than 0"),
+    ({"strategy": "sgd"}, "strategy"),
+])
+def test_server_optimiser_settings_are_validated(settings: dict, error: str) -> None:
+    base = {"name": "s", "algorithm": "sha256:" + "a" * 64, "spokes": SPOKES, "rounds": 1,
+            "clip_bound": 1.0, "noise_multiplier": 1.0, "epsilon_budget": 1.0,
+            "delta": 1e-5, "initial_model": "sha256:" + "1" * 64}
+    with pytest.raises(ValidationError, match=error):
+        training.StudySpec(**base, **settings)
+    api = {k: v for k, v in base.items() if k != "initial_model"}
+    with pytest.raises(ValidationError, match=error):
+        TrainingStudyCreate(**api, **settings, initial_model_b64="AAAA")
+
+
+def test_a_round_is_closed_once_however_often_its_close_runs(tmp_path: Path) -> None:
+    """The close (the Celery task's body) run again, as by a redelivered task in another
+    process, gives back the same model and changes nothing; a round not ready is left."""
+    hub = Hub(tmp_path, rounds=2, strategy="fedyogi")
+    data = encode_tensors(START)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    hub.put(training.model_location(hub.study_id, 0, digest), data)
+    with Session(hub.engine) as session:
+        study = session.get(TrainingStudy, hub.study_id)
+        study.global_model = digest
+        session.add(study)
+        session.commit()
+    to_unmask(hub, START)
+    with Session(hub.engine) as session:
+        with pytest.raises(training.TrainingError, match="no round"):
+            training_close.close_round(session, hub, "ts-none-r0-a1")
+        round_id = training.current_round(
+            session, session.get(TrainingStudy, hub.study_id)).round_id
+        first, params = training_close.close_round(session, hub, round_id)
+    hub.restart()
+    with Session(hub.engine) as session:
+        again, same = training_close.close_round(session, hub, round_id)
+        assert again == first and all(np.array_equal(same[k], params[k]) for k in params)
+        study = session.get(TrainingStudy, hub.study_id)
+        assert {s: len(v["charges"]) for s, v in study.ledgers.items()} == dict.fromkeys(
+            SPOKES, 1)
+        actions = [e.action for e in session.exec(select(AuditEvent).where(
+            col(AuditEvent.target).startswith(round_id)))]
+        assert actions.count("training.round_aggregated") == 1
+        assert actions.count("training.optimiser_state") == 1
+        nxt = training.next_step(session, study)
+        assert (nxt.action, nxt.round_index, nxt.model_digest) == ("open", 1, first.digest)
+        row = training.open_round(session, study, 4, 1)
+        session.commit()
+        assert training_close.close_round(session, hub, row.round_id) is None  # at keys
+        assert training.current_round(session, study).stage == "keys"

@@ -45,7 +45,16 @@ def launch(
         help="The training image pinned by digest (repository@sha256:...).")] = None,
     spoke: Annotated[list[str] | None, typer.Option(help="A spoke (repeatable).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds to run.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="fedavg or fedprox.")] = None,
+    strategy: Annotated[str | None, typer.Option(
+        help="fedavg, fedprox, or a server optimiser: fedadam, fedyogi, fedadagrad.")] = None,
+    server_lr: Annotated[float | None, typer.Option(
+        help="Server learning rate of fedadam/fedyogi/fedadagrad (default 0.1).")] = None,
+    beta_1: Annotated[float | None, typer.Option(
+        help="First-moment decay of the server optimiser (default 0.9).")] = None,
+    beta_2: Annotated[float | None, typer.Option(
+        help="Second-moment decay of the server optimiser (default 0.99).")] = None,
+    tau: Annotated[float | None, typer.Option(
+        help="Adaptivity of the server optimiser (default 1e-9).")] = None,
     min_participants: Annotated[int | None, typer.Option(
         help="Fewest spokes a round proceeds with.")] = None,
     round_deadline: Annotated[float | None, typer.Option(
@@ -62,7 +71,9 @@ def launch(
     if not isinstance(body, dict):
         raise typer.BadParameter("not a JSON object", param_hint="--file")
     given = {"name": name, "algorithm": algorithm, "spokes": spoke or None,
-             "rounds": rounds, "strategy": strategy, "min_participants": min_participants,
+             "rounds": rounds, "strategy": strategy, "server_lr": server_lr,
+             "beta_1": beta_1, "beta_2": beta_2, "tau": tau,
+             "min_participants": min_participants,
              "round_deadline_s": round_deadline, "clip_bound": clip_bound,
              "noise_multiplier": noise_multiplier, "epsilon_budget": epsilon_budget,
              "delta": delta}

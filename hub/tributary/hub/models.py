@@ -449,8 +449,11 @@ class TrainingStudy(SQLModel, table=True):
     name: str
     #: The training image, pinned (``repository@sha256:...``).
     algorithm: str
-    strategy: str = "fedavg"  # fedavg | fedprox
+    strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedadagrad
     proximal_mu: float = 0.0
+    #: The server optimiser's settings (``ServerOptimiser`` JSON) for fedadam, fedyogi and
+    #: fedadagrad; None for fedavg and fedprox.
+    server_optimiser: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     rounds: int
     min_participants: int
     round_deadline_s: float
@@ -496,6 +499,8 @@ class TrainingRound(SQLModel, table=True):
     losses: dict[str, float] | None = Field(default_factory=dict, sa_column=Column(JSON))
     global_model_in: str | None = None
     global_model_out: str | None = None
+    #: Digest of the server optimiser's moments after this round (with a server optimiser).
+    optimiser_state_out: str | None = None
     epsilon_cumulative: float | None = None
     mean_loss: float | None = None
     outcome_reason: str | None = None

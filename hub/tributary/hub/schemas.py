@@ -6,8 +6,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+from tributary.hub.services.server_optimisers import HYPER_PARAMETERS, settings_for
 from tributary.protocol.messages import (
     DIGEST_RE,
     REPOSITORY_RE,
@@ -283,8 +284,16 @@ class TrainingStudyCreate(BaseModel):
                            description="The training image pinned by digest.")
     spokes: list[str] = Field(min_length=2, max_length=1000,
                               description="Enrolled, active spokes that take part.")
-    strategy: Literal["fedavg", "fedprox"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = Field(
+        "fedavg", description="fedavg/fedprox: the hub adds the round's mean update; "
+        "fedadam/fedyogi/fedadagrad: the hub applies that server optimiser to it.")
     proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
+    server_lr: float | None = Field(None, gt=0, le=100, allow_inf_nan=False,
+                                    description="Server learning rate (default 0.1).")
+    beta_1: float | None = Field(None, ge=0, lt=1, description="First-moment decay (0.9).")
+    beta_2: float | None = Field(None, ge=0, lt=1, description="Second-moment decay (0.99).")
+    tau: float | None = Field(None, gt=0, le=10, allow_inf_nan=False,
+                              description="Adaptivity (1e-9).")
     rounds: int = Field(ge=1, le=10_000)
     min_participants: int = Field(2, ge=2)
     round_deadline_s: float = Field(600.0, gt=0, le=7 * 86400, allow_inf_nan=False)
@@ -299,6 +308,11 @@ class TrainingStudyCreate(BaseModel):
 
     _spokes = field_validator("spokes")(
         lambda spokes: [validate_spoke_id(s) for s in spokes])
+
+    @model_validator(mode="after")
+    def _optimiser(self) -> TrainingStudyCreate:
+        settings_for(self.strategy, {k: getattr(self, k) for k in HYPER_PARAMETERS})
+        return self
 
 
 class TrainingRoundRead(BaseModel):
@@ -336,6 +350,8 @@ class TrainingStudyRead(BaseModel):
     algorithm: str
     strategy: str
     proximal_mu: float
+    #: The server optimiser's settings (fedadam, fedyogi, fedadagrad), else None.
+    server_optimiser: dict[str, str | float] | None = None
     rounds: int
     min_participants: int
     round_deadline_s: float

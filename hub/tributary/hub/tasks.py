@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 #: Recompute one experiment's aggregate (body: ``tributary.hub.worker``).
 AGGREGATE_EXPERIMENT = "tributary.hub.aggregate_experiment"
+#: Close one training round: unmask, step, store the next model (body: the worker).
+AGGREGATE_TRAINING_ROUND = "tributary.hub.aggregate_training_round"
 
 _lock = threading.Lock()
 
@@ -86,6 +88,12 @@ def enqueue(name: str, *args: object) -> None:
 def aggregate_experiment(experiment_id: str) -> None:
     """Ask for a re-aggregation of ``experiment_id`` (see :func:`enqueue`)."""
     enqueue(AGGREGATE_EXPERIMENT, experiment_id)
+
+
+def aggregate_training_round(round_id: str) -> None:
+    """Ask the workers to close training round ``round_id`` (see :func:`enqueue`; the round
+    loop calls the body itself when there is no broker)."""
+    enqueue(AGGREGATE_TRAINING_ROUND, round_id)
 
 
 _background: set[str] = set()

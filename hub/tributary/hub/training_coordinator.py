@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import signal
 import threading
 import time
@@ -30,9 +31,9 @@ import numpy as np
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from tributary.hub import training_checks
+from tributary.hub import tasks, training_checks
 from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
-from tributary.hub.services import audit, training
+from tributary.hub.services import audit, training, training_close
 from tributary.hub.services.enrolment import public_key
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import Delivery, PublishError, StompClient
@@ -49,12 +50,14 @@ from tributary.protocol.training.transport import (
     sign_model,
     spoke_training_queue,
 )
-from tributary.protocol.training.update import flatten, schema_of, unflatten
+from tributary.protocol.training.update import schema_of
 
 log = logging.getLogger(__name__)
 #: Global models kept decoded in memory (a cache: the store is the record).
 MODEL_CACHE = 4
 MAX_REFUSALS_KEPT = 1000
+#: Seconds before a round still open after its close was sent to the workers is sent again.
+REENQUEUE_CLOSE_S = 60.0
 
 
 def enrolled_training_keys(engine: Engine) -> dict[str, PublicKey]:
@@ -86,6 +89,8 @@ class TrainingCoordinator:
             OrderedDict()
         #: (round id, stage) whose messages this process has sent.
         self._sent: set[tuple[str, str]] = set()
+        #: Round id -> when this process last sent its close to the workers.
+        self._enqueued: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Stages are not closed at their deadline this long after the process started.
@@ -170,8 +175,9 @@ class TrainingCoordinator:
                  msg.Masked: lambda m: m.masked, msg.Signature: lambda m: m.signature,
                  msg.UnmaskReply: lambda m: m.response}[type(message)](message)
         with self._lock, Session(self.engine) as session:
+            # Locked (PostgreSQL): a worker closing the round waits, or is waited for.
             row = session.exec(select(TrainingRound).where(
-                TrainingRound.round_id == inner.round_id)).first()
+                TrainingRound.round_id == inner.round_id).with_for_update()).first()
             if row is None:
                 raise training.TrainingError(f"no round {inner.round_id}")
             if isinstance(message, msg.Masked):
@@ -252,28 +258,56 @@ class TrainingCoordinator:
 
     def _advance(self, study_id: str, round_id: str, params: Tensors) -> bool:
         schema = schema_of(params)
-        with self._lock, Session(self.engine) as session:
-            study = session.get(TrainingStudy, study_id)
-            row = session.exec(select(TrainingRound).where(
-                TrainingRound.round_id == round_id)).one()
-            if self._resuming() and not training.all_answered(row):
-                # Just started: answers that arrived while the hub was down are still being
-                # taken off the broker; a deadline that passed meanwhile must not drop them.
-                return True
-            out, mean = training.advance(
-                session, study, row,
-                lambda location: vector_from_bytes(self.store.get(location), 32, schema.size),
-                schema.size)
-            if mean is not None:
-                new = unflatten(flatten(params, schema) + mean, schema)
-                ref = self.put_model(row.round_index + 1, study_id, new)
-                training.set_global_model(session, study, row, ref.digest)
-            session.commit()
-            sent = (row.round_id, row.stage)
-            self._sent.add(sent)
-            running = study.state == "running"
+        with self._lock:
+            with Session(self.engine) as session:
+                study = session.get(TrainingStudy, study_id)
+                row = session.exec(select(TrainingRound).where(
+                    TrainingRound.round_id == round_id)).one()
+                if self._resuming() and not training.all_answered(row):
+                    # Just started: answers that arrived while the hub was down are still
+                    # being taken off the broker; a deadline that passed meanwhile must not
+                    # drop them.
+                    return True
+                out: list[tuple[str, msg.TrainingFromHub]] = []
+                # The unmask stage closes with the round: the heavy step, a Celery task.
+                close = row.stage == "unmask" and training.ready(row)
+                if row.stage != "unmask":
+                    out, _ = training.advance(
+                        session, study, row,
+                        lambda location: vector_from_bytes(self.store.get(location), 32,
+                                                           schema.size),
+                        schema.size)
+                    session.commit()
+                sent = (row.round_id, row.stage)
+                self._sent.add(sent)
+                running = study.state == "running"
+            if close and tasks.in_process():
+                running = self._close_here(study_id, round_id)
+        if close and not tasks.in_process():
+            self._enqueue_close(round_id)
         self._send_stage(sent, out)
         return running
+
+    def _close_here(self, study_id: str, round_id: str) -> bool:
+        """Close the round in this process (no Celery broker: the task's body, called);
+        whether the study still runs."""
+        with Session(self.engine) as session:
+            new = training_close.close_round(session, self.store, round_id)
+            if new is not None:
+                self._remember(*new)
+            study = session.get(TrainingStudy, study_id)
+            return study is not None and study.state == "running"
+
+    def _enqueue_close(self, round_id: str) -> None:
+        """Send the round's close to the workers, again if it is still open a while later
+        (a lost task; the close is idempotent, a second one finds the round aggregated)."""
+        now = time.monotonic()
+        if now - self._enqueued.get(round_id, -math.inf) < REENQUEUE_CLOSE_S:
+            return
+        self._enqueued[round_id] = now
+        while len(self._enqueued) > MAX_REFUSALS_KEPT:
+            self._enqueued.pop(next(iter(self._enqueued)))
+        tasks.aggregate_training_round(round_id)
 
     def run(self, study_id: str, initial: Tensors, poll_s: float = 0.2,
             timeout_s: float = 3600.0) -> tuple[TrainingStudy, Tensors]:
@@ -368,6 +402,7 @@ def run(settings: HubSettings | None = None, stop: threading.Event | None = None
         raise SystemExit("set TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS: training needs the "
                          "hub's object-store credentials")
     engine = open_database(settings)
+    tasks.configure(settings)  # rounds are closed here, or by workers with a broker
     key = SigningKey.load_or_create(settings.signing_key)
     broker = StompClient(settings.broker(), "hub-training").start()
     coordinator = from_settings(settings, engine, broker, key)

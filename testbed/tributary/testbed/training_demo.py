@@ -130,11 +130,14 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
                       clip_bound: float = 10.0, noise_multiplier: float = 0.002,
                       epsilon_budget: float = 1e12, delta: float = 1e-5,
                       say: Callable[[str], None] = print,
-                      hub: TrainingHub | None = None) -> TrainingDemo:
+                      hub: TrainingHub | None = None,
+                      launch: Callable[[dict[str, Any]], str] | None = None) -> TrainingDemo:
     """Run one study to its end: a hub process of its own (`tributary hub serve`, its
     training loop in the web app; or ``hub``, already started, which is left running) on
     the running broker and the given object store, the spokes enrolled and the study
-    launched through the hub's API, three spokes' training agents here."""
+    launched through the hub's API (or by ``launch``, given the API's body, returning the
+    study's id: the dashboard's form in the browser test), three spokes' training agents
+    here."""
     logreg = load_logreg()
     cohorts = workdir / "cohorts"
     if not (cohorts / "test2").exists():
@@ -172,15 +175,19 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
                 agent.start()
                 agents.append(agent)
             initial = {"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}
-            launched = api.post("/api/training-studies", json={
+            body = {
                 "name": "nodules", "algorithm": image, "spokes": list(SPOKES),
                 "rounds": rounds, "min_participants": len(SPOKES), "round_deadline_s": 120,
                 "clip_bound": clip_bound, "noise_multiplier": noise_multiplier,
                 "epsilon_budget": epsilon_budget, "delta": delta,
-                "initial_model_b64": base64.b64encode(encode_tensors(initial)).decode()})
-            if launched.status_code != 201:
-                raise RuntimeError(f"the hub refused the study: {launched.text}")
-            study_id = launched.json()["id"]
+                "initial_model_b64": base64.b64encode(encode_tensors(initial)).decode()}
+            if launch is not None:
+                study_id = launch(body)
+            else:
+                launched = api.post("/api/training-studies", json=body)
+                if launched.status_code != 201:
+                    raise RuntimeError(f"the hub refused the study: {launched.text}")
+                study_id = launched.json()["id"]
             say(f"training study {study_id}: {rounds} rounds on {', '.join(SPOKES)} "
                 f"(hub at {hub.url})")
             study = hub.wait_for_end(api, study_id, timeout=60.0 * (rounds + 2))

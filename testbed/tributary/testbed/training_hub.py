@@ -39,11 +39,15 @@ class TrainingHub:
     apart: bool = False
     #: Further TRIBUTARY_HUB_* settings for the hub's processes.
     settings: dict[str, str] = field(default_factory=dict)
+    #: A Celery broker: the rounds are closed by a `tributary hub worker` started, killed
+    #: and stopped with the hub (None: by the round loop itself).
+    celery_broker_url: str | None = None
     password: str = field(default_factory=lambda: secrets.token_urlsafe(18))
     port: int = field(default_factory=lambda: free_port("127.0.0.1"))
     starts: int = 0
     process: subprocess.Popen | None = None  # type: ignore[type-arg]
     trainer: subprocess.Popen | None = None  # type: ignore[type-arg]
+    worker: subprocess.Popen | None = None  # type: ignore[type-arg]
     #: The administrator's bearer token, from the latest start.
     admin_token: str = ""
 
@@ -73,6 +77,8 @@ class TrainingHub:
                 "TRIBUTARY_HUB_BROKER_FEDERATION": self.federation,
                 "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": str(self.poll_seconds),
                 "TRIBUTARY_HUB_RUN_TRAINING": "false" if self.apart else "true",
+                **({"TRIBUTARY_HUB_CELERY_BROKER_URL": self.celery_broker_url}
+                   if self.celery_broker_url else {}),
                 **self.settings}
 
     def log_path(self) -> Path:
@@ -86,7 +92,7 @@ class TrainingHub:
     def logs(self) -> str:
         """Every start's logs (web app, then the training process if apart), in order."""
         paths = [self.folder / f"{name}-{n}.log" for n in range(1, self.starts + 1)
-                 for name in ("hub", "train")]
+                 for name in ("hub", "train", "worker")]
         return "".join(p.read_text(errors="replace") for p in paths if p.exists())
 
     def start(self, timeout: float = 60) -> None:
@@ -114,9 +120,15 @@ class TrainingHub:
                 self.trainer = subprocess.Popen(
                     [TRIBUTARY, "hub", "train"], env=self.env(), stdout=log,
                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        if self.celery_broker_url:
+            with open(self.folder / f"worker-{self.starts}.log", "wb") as log:
+                self.worker = subprocess.Popen(
+                    [TRIBUTARY, "hub", "worker"], env=self.env(), stdout=log,
+                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def _processes(self) -> list[subprocess.Popen]:  # type: ignore[type-arg]
-        return [p for p in (self.trainer, self.process) if p is not None and p.poll() is None]
+        return [p for p in (self.worker, self.trainer, self.process)
+                if p is not None and p.poll() is None]
 
     def kill(self) -> None:
         """SIGKILL to each of the hub's process groups: nothing of them is kept."""

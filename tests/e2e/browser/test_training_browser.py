@@ -3,23 +3,27 @@ study really run by ``run_training_demo`` (real broker, SeaweedFS and Docker) in
 hub process (``tributary hub serve``, whose training service runs the rounds and signs the
 models with the hub's key) over the same SeaweedFS:
 
-* in headless Chromium, the study's page follows the rounds live (SSE) while they run,
-  then shows its curves, the stop reason and the final model's download;
+* in headless Chromium, a coordinator launches the study through the dashboard's form
+  (a field the hub refuses is marked beside it, nothing is created), then the study's page
+  follows the rounds live (SSE) while they run, then shows its curves, the stop reason and
+  the final model's download;
 * ``tributary training export`` writes the model whose digest and hub signature check, and
   refuses (writing nothing) once the object in the store has been altered;
 * the study's bundle passes ``tributary bundle verify``; one altered byte fails it."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import queue
 import shutil
 import subprocess
 import sys
 import threading
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,23 +62,25 @@ class TrainingHub:
     thread: threading.Thread | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def start_study(self) -> None:
-        """Run the demo's study in the background (once)."""
+    def start_study(self, launch: Callable[[dict[str, Any]], str] | None = None) -> bool:
+        """Run the demo's study in the background (once; False if it already runs),
+        launched by ``launch`` (default: through the API)."""
         with self.lock:
             if self.thread is not None:
-                return
+                return False
 
             def run() -> None:
                 try:
                     self.demo = run_training_demo(
                         self.federation.folder.parent, self.service_settings,
                         self.store_settings, self.image, rounds=ROUNDS, say=lambda _: None,
-                        hub=self.federation)
+                        hub=self.federation, launch=launch)
                 except BaseException as exc:  # reported by finished()
                     self.error = exc
 
             self.thread = threading.Thread(target=run, daemon=True)
             self.thread.start()
+            return True
 
     def finished(self) -> Any:
         self.start_study()
@@ -139,15 +145,44 @@ def test_the_study_page_follows_the_rounds_live(training_hub: TrainingHub, brows
     expect = playwright_api.expect
     fed = training_hub.federation
     page = _admin_page(browser, fed)
-    training_hub.start_study()
+    bodies: queue.Queue[dict[str, Any]] = queue.Queue()
+    launched: queue.Queue[str] = queue.Queue()
+
+    def through_the_form(body: dict[str, Any]) -> str:  # in the demo's thread
+        bodies.put(body)
+        return launched.get(timeout=300)
+
+    assert training_hub.start_study(through_the_form), "the study was launched already"
     page.click("nav >> text=Training")
     expect(page.locator("h1")).to_have_text("Training studies")
-    for _ in range(120):  # the demo launches its study after starting three agents
-        if page.locator("#training-studies a").count():
-            break
-        page.wait_for_timeout(500)
-        page.reload()
-    page.locator("#training-studies a").first.click()
+    body = bodies.get(timeout=300)  # the demo launches its study after starting its agents
+    page.click("#new-training-link")
+    expect(page.locator("h1")).to_have_text("New training study")
+    page.fill("#name", body["name"])
+    page.fill("#algorithm", body["algorithm"])
+    for spoke in body["spokes"]:
+        page.check(f"input[name=spokes][value='{spoke}']")
+    page.set_input_files("#initial_model", files=[{
+        "name": "initial.safetensors", "mimeType": "application/octet-stream",
+        "buffer": base64.b64decode(body["initial_model_b64"])}])
+    for name in ("rounds", "min_participants", "round_deadline_s", "clip_bound",
+                 "noise_multiplier", "epsilon_budget", "delta"):
+        page.fill(f"#{name}", f"{body[name]:.12f}".rstrip("0").rstrip("."))
+    # A setting the hub refuses is shown beside its field, and nothing is created.
+    page.select_option("#strategy", "fedadam")
+    page.fill("#beta_2", "1.5")
+    page.click("#submit")
+    expect(page.locator("[data-field-error=beta_2]")).to_contain_text("less than 1")
+    assert page.url.endswith("/training/new")
+    with fed.api(fed.admin_token) as api:
+        assert api.get("/api/training-studies").json() == []
+    page.select_option("#strategy", "fedavg")  # its optimiser fields are not sent
+    page.click("#submit")
+    page.wait_for_url("**/training/ts-*")
+    launched.put(page.url.rsplit("/", 1)[1])
+    with fed.api(fed.admin_token) as api:
+        audit = api.get("/api/audit", params={"action": "training.launch"}).json()
+    assert [e["actor"] for e in audit] == ["admin"], audit
     # Opened as soon as the study exists (its rounds take about a minute): it follows the
     # stream, rows arriving without a reload, until the stream's end.
     assert page.locator("#training").get_attribute("data-live"), "opened after the end"

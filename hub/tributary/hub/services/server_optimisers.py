@@ -23,6 +23,10 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: Strategies applied by the hub at each round's close (the spokes train as with FedAvg).
+SERVER_STRATEGIES = ("fedadam", "fedyogi", "fedadagrad")
+HYPER_PARAMETERS = ("server_lr", "beta_1", "beta_2", "tau")
+
 
 class ServerOptimiserError(ValueError):
     """An optimiser's settings or state do not fit the model or each other."""
@@ -96,3 +100,16 @@ def step(optimiser: ServerOptimiser, weights: np.ndarray, delta: np.ndarray,
         eta = optimiser.server_lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
     new = weights + eta * m / (np.sqrt(v) + optimiser.tau)
     return new, OptimiserState(steps=state.steps + 1, m=m, v=v)
+
+
+def settings_for(strategy: str, given: dict[str, float | None]) -> ServerOptimiser | None:
+    """The server optimiser of a study launched with ``strategy`` and the hyper-parameters
+    ``given`` (None: the default), or None for FedAvg and FedProx, which refuse them: a
+    setting that would silently do nothing is a mistake the coordinator should hear of."""
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if strategy not in SERVER_STRATEGIES:
+        if chosen:
+            raise ValueError(f"{', '.join(sorted(chosen))}: for "
+                             f"{', '.join(SERVER_STRATEGIES)} only, not {strategy}")
+        return None
+    return ServerOptimiser(kind=strategy, **chosen)  # type: ignore[arg-type]

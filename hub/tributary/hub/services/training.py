@@ -21,11 +21,17 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, select
 
 from tributary.hub.models import TrainingRound, TrainingStudy, utcnow
 from tributary.hub.services import audit
+from tributary.hub.services.server_optimisers import (
+    HYPER_PARAMETERS,
+    ServerOptimiser,
+    settings_for,
+)
+from tributary.hub.services.training_optimiser import local_strategy
 from tributary.protocol.objects import global_model_key
 from tributary.protocol.training import rounds as msg
 from tributary.protocol.training.privacy import (
@@ -65,8 +71,14 @@ class StudySpec(BaseModel):
     #: The training image pinned by digest (``repository@sha256:...``, or a local image id).
     algorithm: str = Field(pattern=r"^([^@\s]+@)?sha256:[0-9a-f]{64}$")
     spokes: list[str] = Field(min_length=2)
-    strategy: str = Field("fedavg", pattern="^(fedavg|fedprox)$")
+    strategy: str = Field("fedavg", pattern="^(fedavg|fedprox|fedadam|fedyogi|fedadagrad)$")
     proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
+    #: The server optimiser's hyper-parameters (fedadam, fedyogi, fedadagrad only; None:
+    #: its default, see ``ServerOptimiser``).
+    server_lr: float | None = None
+    beta_1: float | None = None
+    beta_2: float | None = None
+    tau: float | None = None
     rounds: int = Field(ge=1, le=10_000)
     min_participants: int = Field(2, ge=2)
     round_deadline_s: float = Field(600.0, gt=0, allow_inf_nan=False)
@@ -77,6 +89,15 @@ class StudySpec(BaseModel):
     delta: float = Field(gt=0, lt=1)
     #: Digest of the initial global model, already in the object store.
     initial_model: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _optimiser(self) -> StudySpec:
+        self.server_optimiser()
+        return self
+
+    def server_optimiser(self) -> ServerOptimiser | None:
+        """The hub-side optimiser this study names, its settings validated."""
+        return settings_for(self.strategy, {k: getattr(self, k) for k in HYPER_PARAMETERS})
 
 
 def model_location(study_id: str, round_index: int, digest: str) -> str:
@@ -91,6 +112,7 @@ def launch(session: Session, spec: StudySpec, actor: str) -> TrainingStudy:
     """Create the study (rounds are opened by :func:`open_round`)."""
     if spec.min_participants > len(set(spec.spokes)):
         raise TrainingError("min_participants exceeds the study's spokes")
+    optimiser = spec.server_optimiser()
     study = TrainingStudy(
         id=f"ts-{secrets.token_hex(6)}", name=spec.name, algorithm=spec.algorithm,
         strategy=spec.strategy, proximal_mu=spec.proximal_mu, rounds=spec.rounds,
@@ -99,10 +121,12 @@ def launch(session: Session, spec: StudySpec, actor: str) -> TrainingStudy:
         noise_multiplier=spec.noise_multiplier, epsilon_budget=spec.epsilon_budget,
         delta=spec.delta, spokes=sorted(set(spec.spokes)), global_model=spec.initial_model,
         ledgers={}, created_by=actor,
+        server_optimiser=None if optimiser is None else optimiser.model_dump(mode="json"),
     )
     session.add(study)
     audit.record(session, actor, "training.launch", study.id,
-                 **spec.model_dump(exclude={"name"}))
+                 **spec.model_dump(exclude={"name", *HYPER_PARAMETERS}),
+                 server_optimiser=study.server_optimiser)
     return study
 
 
@@ -190,7 +214,8 @@ def round_open_message(study: TrainingStudy, row: TrainingRound, model: msg.Obje
         protection=msg.ProtectionSettings(
             clip_bound=study.clip_bound, noise_multiplier=study.noise_multiplier,
             delta=study.delta, quantisation=quantisation_for(study, len(row.participants))),
-        strategy=study.strategy, proximal_mu=study.proximal_mu, upload=upload_for(spoke),
+        strategy=local_strategy(study), proximal_mu=study.proximal_mu,
+        upload=upload_for(spoke),
     )
 
 

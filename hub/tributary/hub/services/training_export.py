@@ -73,7 +73,8 @@ def provenance(session: Session, study: TrainingStudy, key: SigningKey) -> Train
         study=StudySettings(
             id=study.id, name=study.name, algorithm=study.algorithm,
             image_digest=study.algorithm.rpartition("@")[2], strategy=study.strategy,
-            proximal_mu=study.proximal_mu, rounds=study.rounds,
+            proximal_mu=study.proximal_mu, server_optimiser=study.server_optimiser,
+            rounds=study.rounds,
             min_participants=study.min_participants, round_deadline_s=study.round_deadline_s,
             max_attempts=study.max_attempts, clip_bound=study.clip_bound,
             noise_multiplier=study.noise_multiplier, epsilon_budget=study.epsilon_budget,

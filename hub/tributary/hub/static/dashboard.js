@@ -242,6 +242,74 @@ function setInputValue(input, value) {
   else input.value = kind === "json" ? JSON.stringify(value) : String(value);
 }
 
+/** The file's bytes as base64 (the API takes the initial model inline). */
+function fileAsBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1] || "");
+    reader.onerror = () => reject(reader.error || new Error("the file could not be read"));
+    reader.readAsDataURL(file);
+  });
+}
+
+function wireNewTraining() {
+  const form = document.getElementById("new-training");
+  if (!form) return;
+  const strategy = form.elements.strategy;
+  const submit = document.getElementById("submit");
+  const showOptimiser = () => {
+    const server = ["fedadam", "fedyogi", "fedadagrad"].includes(strategy.value);
+    form.querySelectorAll("[data-server-optimiser]").forEach((box) => { box.hidden = !server; });
+  };
+  strategy.addEventListener("change", showOptimiser);
+  showOptimiser();
+  const fail = (errors) => {
+    const left = showFieldErrors(form, errors);
+    showError(form, ["Not launched: check the fields marked below.", ...left].join("\n"));
+  };
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    showError(form, "");
+    clearFieldErrors(form);
+    const problems = [];
+    const algorithm = form.elements.approved.value || form.elements.algorithm.value.trim();
+    if (!form.elements.name.value.trim()) problems.push({ field: "name", message: "Give the study a name." });
+    if (!algorithm) problems.push({ field: "algorithm", message: "Choose an approved version or give an image pinned by digest." });
+    const spokes = [...form.querySelectorAll("input[name=spokes]:checked")].map((c) => c.value);
+    if (spokes.length < 2) problems.push({ field: "spokes", message: "Choose at least two spokes." });
+    const file = form.elements.initial_model.files[0];
+    if (!file) problems.push({ field: "initial_model_b64", message: "Choose the initial model (safetensors)." });
+    if (problems.length) { fail(problems); return; }
+    const number = (name) => (form.elements[name].value === "" ? undefined : Number(form.elements[name].value));
+    const body = { name: form.elements.name.value.trim(), algorithm, spokes, strategy: strategy.value };
+    ["proximal_mu", "rounds", "min_participants", "round_deadline_s", "max_attempts",
+      "clip_bound", "noise_multiplier", "epsilon_budget", "delta"].forEach((name) => {
+      if (number(name) !== undefined) body[name] = number(name);
+    });
+    if (["fedadam", "fedyogi", "fedadagrad"].includes(strategy.value)) {
+      ["server_lr", "beta_1", "beta_2", "tau"].forEach((name) => {
+        if (number(name) !== undefined) body[name] = number(name);
+      });
+    }
+    submit.disabled = true;
+    let created;
+    try {
+      body.initial_model_b64 = await fileAsBase64(file);
+      created = await api("POST", "/api/training-studies", body);
+    } catch (err) {
+      const detail = err.body && err.body.detail;
+      const fields = fieldErrorsOf(err.body);
+      if (fields) fail(fields);
+      else if (detail && Array.isArray(detail.refusals)) {
+        fail(detail.refusals.map((r) => ({ field: "spokes", message: `${r.spoke_id}: ${r.reason}.` })));
+      } else showError(form, `Not launched: ${err.message}`);
+      submit.disabled = false;
+      return;
+    }
+    window.location.assign(`/training/${encodeURIComponent(created.id)}`);
+  });
+}
+
 function wireNewExperiment() {
   const form = document.getElementById("new-experiment");
   if (!form) return;
@@ -664,6 +732,7 @@ document.addEventListener("DOMContentLoaded", () => {
   wireLiveTraining();
   wireApiActions();
   wireNewExperiment();
+  wireNewTraining();
   wireLiveExperiment();
   wireLiveList();
 });

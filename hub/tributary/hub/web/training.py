@@ -13,7 +13,11 @@ from sqlmodel import Session
 
 from tributary.hub.deps import get_session
 from tributary.hub.models import Role, User
+from tributary.hub.services import algorithms as algorithm_versions
 from tributary.hub.services import plots, training_view
+from tributary.hub.services.enrolment import enrolled_spokes
+from tributary.hub.services.server_optimisers import ServerOptimiser
+from tributary.hub.services.spokes import spoke_reads
 from tributary.hub.web.pages import STATE_CLASS, _can, _render, page_user, templates
 
 router = APIRouter(include_in_schema=False)
@@ -48,6 +52,22 @@ def training_studies_page(request: Request, session: Session = Depends(get_sessi
                           user: User = Depends(page_user)) -> HTMLResponse:
     return _render(request, "training_studies.html", user,
                    studies=training_view.studies(session))
+
+
+@router.get("/training/new", response_class=HTMLResponse)
+def new_training_page(request: Request, session: Session = Depends(get_session),
+                      user: User = Depends(page_user)) -> HTMLResponse:
+    """The launch form: it posts ``POST /api/training-studies`` (the page's CSRF token with
+    it), so a launch from the dashboard is checked and audited as one from the API or CLI.
+    Offered: the approved algorithm versions' images, and the spokes that can take part
+    (enrolled, not revoked, not sandbox); the others are listed, disabled, with why."""
+    approved = [{"image": f"{a.repository}@{a.digest}", "label": f"{a.name} {a.version}"}
+                for a in reversed(algorithm_versions.algorithms(session))
+                if algorithm_versions.state(a) == "approved"]
+    spokes = spoke_reads(session, request.app.state.settings.spoke_online_seconds)
+    return _render(request, "training_new.html", user, approved=approved, spokes=spokes,
+                   enrolled=enrolled_spokes(session), defaults=ServerOptimiser(),
+                   may_launch=_can(user, Role.COORDINATOR))
 
 
 @router.get("/training/{study_id}", response_class=HTMLResponse)

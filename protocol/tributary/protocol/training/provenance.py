@@ -40,6 +40,9 @@ class StudySettings(BaseModel):
     image_digest: str
     strategy: str
     proximal_mu: float
+    #: The server optimiser's settings (kind, server_lr, beta_1, beta_2, tau) for fedadam,
+    #: fedyogi and fedadagrad; None for fedavg and fedprox.
+    server_optimiser: dict[str, str | float] | None = None
     rounds: int
     min_participants: int
     round_deadline_s: float
