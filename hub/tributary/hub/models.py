@@ -447,8 +447,11 @@ class TrainingStudy(SQLModel, table=True):
 
     id: str = Field(primary_key=True)
     name: str
-    #: The training image, pinned (``repository@sha256:...``).
+    #: The training image, pinned (``repository@sha256:...``): the approved version's.
     algorithm: str
+    #: The registered, approved algorithm version whose image and approval the hub sends
+    #: with every round (None only for studies launched before versions were required).
+    algorithm_id: int | None = Field(default=None, foreign_key="algorithm.id")
     strategy: str = "fedavg"  # fedavg | fedprox
     proximal_mu: float = 0.0
     rounds: int
@@ -494,6 +497,8 @@ class TrainingRound(SQLModel, table=True):
     uploads: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
     #: Spoke id -> the local training loss it announced when joining (if any).
     losses: dict[str, float] | None = Field(default_factory=dict, sa_column=Column(JSON))
+    #: Spokes that refused this attempt (spoke -> reason): the stages no longer wait for them.
+    refused: dict[str, str] | None = Field(default_factory=dict, sa_column=Column(JSON))
     global_model_in: str | None = None
     global_model_out: str | None = None
     epsilon_cumulative: float | None = None

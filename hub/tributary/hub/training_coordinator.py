@@ -165,6 +165,10 @@ class TrainingCoordinator:
             with self._lock, Session(self.engine) as session:
                 training_checks.record_refusal(session, sender, message)
                 session.commit()
+                row = session.exec(select(TrainingRound).where(
+                    TrainingRound.round_id == message.round_id)).first()
+                if row is not None and training.count_out(session, row, message, sender):
+                    session.commit()
             return
         inner = {msg.Join: lambda m: m.advert, msg.Shares: lambda m: m.bundle,
                  msg.Masked: lambda m: m.masked, msg.Signature: lambda m: m.signature,
@@ -221,6 +225,13 @@ class TrainingCoordinator:
             nxt = training.next_step(session, study)
             if nxt.action == "done":
                 return False
+            try:
+                image = training.study_image(session, study)
+            except training.AlgorithmRefused as exc:
+                # Revoked (or changed) since the launch: no spoke is asked to run it again.
+                training.fail(session, study, f"algorithm refused: {exc}")
+                session.commit()
+                return False
             if nxt.model_digest is None:
                 raise training.TrainingError(f"study {study_id} has no global model")
             ref, params = self.model(study_id, nxt.model_index, nxt.model_digest)
@@ -238,7 +249,7 @@ class TrainingCoordinator:
             sent = (row.round_id, row.stage)
             if sent not in self._sent:
                 out = training.pending_messages(study, row, ref, signature,
-                                                self._upload_for(row))
+                                                self._upload_for(row), image)
                 self._sent.add(sent)
                 if nxt.action == "drive":  # an open round this process did not open
                     audit.record(session, training.ACTOR, "training.round_resumed",

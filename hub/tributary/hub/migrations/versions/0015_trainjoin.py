@@ -1,0 +1,33 @@
+"""A training study names the registered, approved algorithm version it runs; a round
+attempt keeps the spokes that refused it (the stages no longer wait for them).
+
+Revision ID: 0015_trainjoin
+Revises: 0014_trainhub
+Create Date: 2026-12-06 04:30:00
+"""
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = '0015_trainjoin'
+down_revision: str | None = '0014_trainhub'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('trainingstudy', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('algorithm_id', sa.Integer(), nullable=True))
+        batch_op.create_foreign_key('fk_trainingstudy_algorithm_id', 'algorithm',
+                                    ['algorithm_id'], ['id'])
+    with op.batch_alter_table('traininground', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('refused', sa.JSON(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('traininground', schema=None) as batch_op:
+        batch_op.drop_column('refused')
+    with op.batch_alter_table('trainingstudy', schema=None) as batch_op:
+        batch_op.drop_constraint('fk_trainingstudy_algorithm_id', type_='foreignkey')
+        batch_op.drop_column('algorithm_id')
