@@ -5,11 +5,14 @@ trusted publisher's release signature for exactly that digest, pulled from the r
 digest), runs it with its own executor on its de-identified catalog, and binds each masked
 update to its custody record. The hub's round loop runs in this process (as the demo's).
 
-A spoke is killed with SIGKILL mid-round three times, while its training container runs,
-after it sent its keys and shares (before it masked) and after its masked upload, and
-restarted: every round ends with its contribution counted exactly once. A forged approval,
-an untrusted publisher and a round past the site's epsilon cap are each refused with a
-signed refusal naming the reason, audited on both sides, and nothing runs.
+The hub's coordinator attaches the approved version from its own database to every
+``RoundOpen``, built as a validation launch builds it. A spoke is killed with SIGKILL
+mid-round three times, while its training container runs, after it sent its keys and shares
+(before it masked; the module's own broker is killed with SIGKILL then too, and started
+again) and after its masked upload, and restarted: every round ends with each contribution
+counted exactly once. A forged approval, an untrusted publisher and a round past the site's
+epsilon cap are each refused with a signed refusal naming the reason, audited on both
+sides, the refusing spokes counted out at once, and nothing runs.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from tributary.services.system import free_port
 from tributary.spoke.training import open_state
 from tributary.testbed.containerwatch import ContainerWatch
 from tributary.testbed.federation import LocalFederation, build_and_push, generate_cohort
+from tributary.testbed.private_broker import PrivateBroker
 from tributary.testbed.training_demo import load_logreg
 from tributary_algorithm.training import RoundConfig
 
@@ -112,16 +116,26 @@ def image(service_settings: ServiceSettings) -> tuple[str, str]:
                           uuid.uuid4().hex[:8], service_settings)
 
 
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory,
+           service_settings: ServiceSettings) -> Iterator[PrivateBroker]:
+    """A broker of this module's own: the kill test kills it with SIGKILL."""
+    broker = PrivateBroker(tmp_path_factory.mktemp("activemq"), service_settings.host).start()
+    yield broker
+    broker.stop()
+
+
 @pytest.fixture
-def setup(tmp_path: Path, service_settings: ServiceSettings,
-          image: tuple[str, str]) -> Iterator[dict[str, Any]]:
+def setup(tmp_path: Path, service_settings: ServiceSettings, image: tuple[str, str],
+          broker: PrivateBroker) -> Iterator[dict[str, Any]]:
     suffix = uuid.uuid4().hex[:6]
     spokes = [f"tr-{c}-{suffix}" for c in "abc"]
     store = ServiceSettings(state_dir=tmp_path / "os", host="127.0.0.2",
                             objectstore_port=free_port("127.0.0.2"))
     objectstore.write_identities(store, spokes, federation="training-agent-e2e")
     assert objectstore.ensure_running(store) in ("started", "running")
-    federation = LocalFederation(tmp_path / "fed", service_settings)
+    federation = LocalFederation(tmp_path / "fed", service_settings.model_copy(
+        update={"broker_port": broker.port}))
     hub_key = SigningKey.load_or_create(federation.hub_key_path)
     publisher = SigningKey.generate()
     publisher_pem = federation.root / "publisher.pem"
@@ -144,8 +158,7 @@ def setup(tmp_path: Path, service_settings: ServiceSettings,
         approved = algorithm_ref(register(session, "federated-logreg", repository, digest,
                                           publisher, hub_key))
         session.commit()
-    client = StompClient(BrokerSettings(host=service_settings.host,
-                                        port=service_settings.broker_port,
+    client = StompClient(BrokerSettings(host=broker.host, port=broker.port,
                                         federation=federation.federation),
                          "hub-training").start(wait=30)
     hub_store = ObjectStore.from_file(objectstore.write_party_credentials(store, "hub"))
@@ -156,7 +169,8 @@ def setup(tmp_path: Path, service_settings: ServiceSettings,
     try:
         yield {"spokes": spokes, "configs": configs, "keys": keys, "federation": federation,
                "coordinator": coordinator, "engine": engine, "approved": approved,
-               "hub_key": hub_key, "publisher": publisher, "hub_store": hub_store}
+               "hub_key": hub_key, "publisher": publisher, "hub_store": hub_store,
+               "broker": broker}
     finally:
         client.close()
         federation.stop()
@@ -245,7 +259,11 @@ def test_training_in_spoke_agents_survives_kill_9(setup: dict[str, Any]) -> None
     with Session(engine) as session:
         row = session.exec(select(TrainingRound).where(TrainingRound.round_index == 1)).one()
         assert row.stage == "masked"  # everyone's shares are in; no masked input yet
+    # The broker too, killed with SIGKILL in the same round (the other two are masking or
+    # have answered; what it holds is what it had written to disk), and started again.
+    setup["broker"].kill()
     kill_and_restart(federation, victim, configs[victim])
+    setup["broker"].start()
     coordinator.release.set()
     # Round 2: the victim has uploaded its masked vector (the hub has its announcement);
     # killed before the consistency check and the unmasking.

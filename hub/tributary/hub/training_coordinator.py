@@ -298,13 +298,22 @@ class TrainingCoordinator:
             session.add(study)
             session.commit()
         deadline = time.monotonic() + timeout_s
-        while self.step(study_id):
+        while self._step_or_retry(study_id):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"study {study_id} did not end within {timeout_s} s")
             time.sleep(poll_s)
         with Session(self.engine) as session:
             study = session.get(TrainingStudy, study_id)
             return study, self.model(study_id, *self._last_model(session, study))[1]
+
+    def _step_or_retry(self, study_id: str) -> bool:
+        """:meth:`step`, where the broker or the store being away (a broker killed and
+        restarting) fails only this pass: what was not sent is sent on the next one."""
+        try:
+            return self.step(study_id)
+        except (PublishError, ObjectStoreError) as exc:
+            log.warning("training study %s: pass failed, tried again: %s", study_id, exc)
+            return True
 
     @staticmethod
     def _last_model(session: Session, study: TrainingStudy) -> tuple[int, str]:
