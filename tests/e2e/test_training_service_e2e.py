@@ -298,7 +298,7 @@ def test_a_deadline_that_passed_while_the_hub_was_down_waits_for_late_answers(
             initial = {"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}
             launched = api.post("/api/training-studies", json={
                 "name": "late", "algorithm_id": algorithm_id, "spokes": SPOKES, "rounds": 1,
-                "min_participants": 3, "round_deadline_s": 8, "clip_bound": 10.0,
+                "min_participants": 3, "round_deadline_s": 20, "clip_bound": 10.0,
                 "noise_multiplier": 0.002, "epsilon_budget": 1e12, "delta": 1e-5,
                 "initial_model_b64": base64.b64encode(encode_tensors(initial)).decode()})
             assert launched.status_code == 201, launched.text

@@ -34,7 +34,13 @@ import pytest
 from sqlmodel import Session, select
 
 from tributary.hub.db import make_engine
-from tributary.hub.models import Algorithm, AuditEvent, TrainingRound, TrainingStudy
+from tributary.hub.models import (
+    Algorithm,
+    AuditEvent,
+    TrainingCustody,
+    TrainingRound,
+    TrainingStudy,
+)
 from tributary.hub.services import training
 from tributary.hub.services.launch import algorithm_ref
 from tributary.hub.training_coordinator import TrainingCoordinator
@@ -343,6 +349,14 @@ def test_training_in_spoke_agents_survives_kill_9(setup: dict[str, Any]) -> None
         key = round_update_key(spoke, last.round_index, f"{last.round_id}.masked")
         digest = "sha256:" + hashlib.sha256(hub_store.get(key)).hexdigest()
         assert released_digest(configs[spoke], last.round_id) == digest
+    # The hub kept each spoke's custody chain, 1, 2, 3, whatever the kills and
+    # redeliveries, and refused none of it.
+    with Session(engine) as session:
+        kept = session.exec(select(TrainingCustody).order_by(TrainingCustody.id)).all()
+        for spoke in spokes:
+            assert [k.sequence for k in kept if k.spoke_id == spoke] == [1, 2, 3]
+        assert session.exec(select(AuditEvent).where(
+            AuditEvent.action == "training.custody_refused")).all() == []
 
 
 def test_unapproved_or_forged_images_and_the_epsilon_cap_are_refused(

@@ -506,3 +506,22 @@ class TrainingRound(SQLModel, table=True):
     outcome_reason: str | None = None
     opened_at: datetime = Field(default_factory=utcnow)
     closed_at: datetime | None = None
+
+
+class TrainingCustody(SQLModel, table=True):
+    """A spoke's signed custody record of a masked update, as the hub received it: the
+    spoke's chain of training records, kept so each new one is checked against the last
+    (a gap or a fork is refused)."""
+
+    __table_args__ = (UniqueConstraint("spoke_id", "sequence"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    spoke_id: str = Field(index=True)
+    sequence: int
+    #: SHA-256 of the envelope (what the spoke's next record names as its previous one).
+    record_sha256: str
+    study_id: str
+    round_id: str
+    object_digest: str
+    envelope: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    received_at: datetime = Field(default_factory=utcnow)

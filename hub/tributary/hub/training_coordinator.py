@@ -183,9 +183,16 @@ class TrainingCoordinator:
                 if message.upload.location != expected:
                     raise training.TrainingError(
                         f"{sender} uploaded to {message.upload.location}, not its own object")
-                training_checks.check_masked_custody(
+                record = training_checks.check_masked_custody(
                     message, sender, key,
                     session.get(TrainingStudy, row.study_id), row)
+                # Kept (or its refusal audited) even if the round refuses the input below: a
+                # released update is in the spoke's chain whether or not it is summed.
+                try:
+                    training_checks.keep_custody(session, sender, key, message.custody or {},
+                                                 record, message.upload.digest)
+                finally:
+                    session.commit()
             training.receive(session, row, message, sender)
             session.commit()
 
