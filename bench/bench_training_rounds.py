@@ -64,10 +64,12 @@ from sqlmodel import Session
 
 from tributary import services
 from tributary.hub.db import make_engine
+from tributary.hub.models import Algorithm, utcnow
 from tributary.hub.services import training
 from tributary.hub.training_coordinator import TrainingCoordinator
 from tributary.protocol.broker import BrokerSettings, StompClient
 from tributary.protocol.objects import ObjectStore, round_update_key
+from tributary.protocol.release import sign_approval
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.training import secagg
 from tributary.protocol.training.update import add_gaussian_noise, clip_l2, flatten, schema_of
@@ -326,8 +328,17 @@ def training_round(setup: Setup, size: int, n: int) -> dict[str, Any]:
             agent.start()
             agents.append(agent)
         with Session(engine) as session:
+            # The study names a registered, approved version, as on a real hub; the bench's
+            # agents run the local image themselves (DockerTrainer), not admission.
+            algorithm = Algorithm(
+                name="sized-training", version=str(size), repository="bench.local/sized",
+                digest=setup.image, approval=sign_approval(hub_key, "bench.local/sized",
+                                                           setup.image, {}),
+                approved_at=utcnow())
+            session.add(algorithm)
+            session.flush()
             study = training.launch(session, training.StudySpec(
-                name="bench", algorithm=setup.image, spokes=names, rounds=1,
+                name="bench", algorithm_id=algorithm.id, spokes=names, rounds=1,
                 min_participants=n, round_deadline_s=1800, max_attempts=1,
                 clip_bound=CLIP, noise_multiplier=NOISE, epsilon_budget=1e12, delta=1e-5,
                 initial_model="sha256:" + "0" * 64), "bench")

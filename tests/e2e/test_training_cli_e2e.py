@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from approved_algorithms import approved_algorithm
 from safetensors.numpy import save_file
 from sqlmodel import Session
 
@@ -36,8 +37,9 @@ def cli(hub: TrainingHub, token: str, *args: str) -> subprocess.CompletedProcess
 def add_study(database_url: str, state: str, reason: str, rounds_done: int) -> str:
     engine = make_engine(database_url)
     with Session(engine) as session:
+        algorithm_id = approved_algorithm(session, name=f"{state}-logreg").id
         study = training.launch(session, training.StudySpec(
-            name=f"{state} study", algorithm="sha256:" + "a" * 64, spokes=["north", "south"],
+            name=f"{state} study", algorithm_id=algorithm_id, spokes=["north", "south"],
             rounds=max(rounds_done, 2), clip_bound=1.0, noise_multiplier=1.0, epsilon_budget=5.0,
             delta=1e-5, initial_model="sha256:" + "1" * 64), "coordinator")
         session.flush()
@@ -94,10 +96,13 @@ def test_watch_exit_status_show_and_list(service_settings: ServiceSettings,
         with hub.api(token) as api:
             for spoke in ("north", "south"):
                 hub.enrol(api, spoke, SigningKey.generate())
-        refused = cli(hub, token, "launch", "--initial-model", str(model), "--name", "x",
-                      "--algorithm", "sha256:" + "b" * 64, "--spoke", "north", "--spoke",
-                      "south", "--rounds", "1", "--clip-bound", "1", "--noise-multiplier",
-                      "1", "--epsilon-budget", "5", "--delta", "1e-5")
+        settings = ("--initial-model", str(model), "--name", "x", "--spoke", "north",
+                    "--spoke", "south", "--rounds", "1", "--clip-bound", "1",
+                    "--noise-multiplier", "1", "--epsilon-budget", "5", "--delta", "1e-5")
+        unknown = cli(hub, token, "launch", *settings, "--algorithm", "999")
+        assert unknown.returncode == 1
+        assert "409" in unknown.stderr and "no algorithm version 999" in unknown.stderr
+        refused = cli(hub, token, "launch", *settings, "--algorithm", "1")
         assert refused.returncode == 1
         assert "503" in refused.stderr and "no object store" in refused.stderr
         assert "Traceback" not in refused.stderr

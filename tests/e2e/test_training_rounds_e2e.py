@@ -1,9 +1,13 @@
-"""A training study end to end: a hub process (its training service) and three spokes'
-training agents talk only through the real ActiveMQ broker (every message signed), global
-models and masked updates live in a real SeaweedFS (each spoke with credentials that write
-only its own objects), and each spoke runs the federated example image in Docker by its digest.
-The federated model is compared on a held-out set with the same model trained centrally,
-and what the hub stored for a round is shown to give no single spoke's update."""
+"""A training study end to end on the production path (what `tributary demo training`
+runs): a hub process whose training service runs the rounds and three spoke agent
+processes (`tributary spoke run`, ``[training]`` on, per-run keys enrolled at the hub) talk
+only through the real ActiveMQ broker (every message signed); the training image is pushed
+to the registry, registered and approved at the hub, and each spoke admits it (the hub's
+approval, a trusted release signature), pulls it by digest and runs it with its own executor
+on its de-identified catalog; global models and masked updates live in a real SeaweedFS
+(each spoke with credentials that write only its own objects). The federated model is
+compared on a held-out set with the same model trained centrally, and what the hub stored
+for a round is shown to give no single spoke's update."""
 
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ from tributary.services import objectstore
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
 from tributary.testbed.training_demo import (
-    build_training_image,
     load_logreg,
+    push_training_image,
     run_training_demo,
 )
 from tributary_algorithm.training import RoundConfig
@@ -44,13 +48,13 @@ logreg = load_logreg()
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image(service_settings: ServiceSettings) -> tuple[str, str]:
     if shutil.which("docker") is None:
         pytest.skip("the docker CLI is not installed")
     if subprocess.run(["docker", "image", "inspect", BASE_IMAGE],
                       capture_output=True, timeout=60).returncode != 0:
         pytest.skip(f"base image {BASE_IMAGE} is not built (no Docker Hub here)")
-    return build_training_image()
+    return push_training_image(service_settings)
 
 
 @pytest.fixture(scope="module")
@@ -65,17 +69,27 @@ def store_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service
 
 
 def test_a_training_study_over_broker_store_and_docker(
-        image: str, store_settings: ServiceSettings, service_settings: ServiceSettings,
+        image: tuple[str, str], store_settings: ServiceSettings, service_settings: ServiceSettings,
         tmp_path: Path) -> None:
     demo = run_training_demo(tmp_path, service_settings, store_settings, image,
                              rounds=ROUNDS, clip_bound=CLIP, noise_multiplier=Z)
     hub_store, cohorts, final = demo.hub_store, demo.cohorts, demo.final
-    engine, study_id, agents = demo.engine, demo.study_id, demo.agents
-    assert demo.report["state"] == "finished", (demo.report, demo.hub.logs()[-3000:],
-                                                [a.refused for a in agents])
-    # The hub process refused no training message, and no spoke refused one.
+    engine, study_id, configs = demo.engine, demo.study_id, demo.spoke_configs
+    assert demo.report["state"] == "finished", (demo.report, demo.hub.logs()[-3000:])
+    # The hub process refused no training message, and no spoke refused one; each spoke
+    # verified the approved image and ran it, by digest, in its own sandbox.
     assert "training message refused" not in demo.hub.logs()
-    assert all(a.refused == [] for a in agents)
+    for spoke, config in configs.items():
+        events = [json.loads(line) for line in
+                  (config.parent / "audit.jsonl").read_text().splitlines()]
+        actions = [e["action"] for e in events]
+        assert "training.refused" not in actions, (spoke, events)
+        verified = [e for e in events if e["action"] == "image.verified"]
+        assert verified and all(e["detail"]["result"] == "verified" for e in verified)
+        assert all(e["target"] == "@".join(image) for e in verified)
+        started = [e for e in events if e["action"] == "container.started"]
+        assert len(started) == ROUNDS
+        assert all(e["detail"]["limits"]["network"] == "none" for e in started)
     result = logreg.compare([cohorts / f"site{n}" for n in range(3)],
                             [cohorts / f"test{n}" for n in range(3)], final, ROUNDS)
     fed, cen = result["federated"], result["centralised"]

@@ -45,9 +45,9 @@ from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
 from tributary.spoke.training_agent import DockerTrainer, TrainingAgent
 from tributary.testbed.training_demo import (
-    build_training_image,
     load_logreg,
     make_cohorts,
+    push_training_image,
     site_of,
 )
 from tributary.testbed.training_hub import TRIBUTARY, TrainingHub
@@ -63,13 +63,15 @@ logreg = load_logreg()
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image(service_settings: ServiceSettings) -> tuple[str, str]:
+    """The example pushed to the registry (repository, digest): what the hub registers and
+    approves, and the in-process trainers run by that reference."""
     if shutil.which("docker") is None:
         pytest.skip("the docker CLI is not installed")
     if subprocess.run(["docker", "image", "inspect", BASE_IMAGE],
                       capture_output=True, timeout=60).returncode != 0:
         pytest.skip(f"base image {BASE_IMAGE} is not built (no Docker Hub here)")
-    return build_training_image()
+    return push_training_image(service_settings)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +117,8 @@ def wait_for(what: str, condition, timeout: float = 180.0,
 
 @pytest.mark.parametrize("apart", [False, True], ids=["in-web-app", "hub-train"])
 def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
-        image: str, store_settings: ServiceSettings, service_settings: ServiceSettings,
+        image: tuple[str, str], store_settings: ServiceSettings,
+        service_settings: ServiceSettings,
         tmp_path: Path, apart: bool) -> None:
     HeldStore.held.clear()
     HeldStore.release.clear()
@@ -137,7 +140,7 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         client = StompClient(broker, f"{spoke}-training").start(wait=30)
         clients.append(client)
         store = store_class.from_file(objectstore.write_party_credentials(store_settings, spoke))
-        trainer = DockerTrainer(image, site_of(cohorts / f"site{n}"),
+        trainer = DockerTrainer("@".join(image), site_of(cohorts / f"site{n}"),
                                 {"timeout": 120, "memory_mb": 512})
         agents[spoke] = TrainingAgent(spoke, client, store, spoke_keys[spoke], hub_key.public,
                                       trainer, federation, tmp_path / f"{spoke}.journal",
@@ -150,13 +153,15 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
         with hub.api(token) as api:
             for spoke, key in spoke_keys.items():  # the federation's enrolment, via the API
                 hub.enrol(api, spoke, key)
+            algorithm_id = hub.register_approved(api, "federated-logreg", *image,
+                                                 SigningKey.generate())
         model = tmp_path / "initial.safetensors"
         save_file({"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}, str(model))
         settings = tmp_path / "study.json"
         settings.write_text(json.dumps({
-            "name": "nodules", "algorithm": image, "rounds": ROUNDS, "min_participants": 3,
-            "round_deadline_s": 300, "clip_bound": 10.0, "noise_multiplier": 0.002,
-            "epsilon_budget": 1e12, "delta": 1e-5}))
+            "name": "nodules", "algorithm_id": algorithm_id, "rounds": ROUNDS,
+            "min_participants": 3, "round_deadline_s": 300, "clip_bound": 10.0,
+            "noise_multiplier": 0.002, "epsilon_budget": 1e12, "delta": 1e-5}))
 
         refused = cli(hub, token, "launch", "--file", str(settings), "--initial-model",
                       str(model), *[f"--spoke={s}" for s in [*SPOKES, "site-z"]])
@@ -283,7 +288,8 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
 
 @pytest.mark.parametrize("grace", [15.0, 0.0], ids=["grace", "no-grace"])
 def test_a_deadline_that_passed_while_the_hub_was_down_waits_for_late_answers(
-        image: str, store_settings: ServiceSettings, service_settings: ServiceSettings,
+        image: tuple[str, str], store_settings: ServiceSettings,
+        service_settings: ServiceSettings,
         tmp_path: Path, grace: float) -> None:
     """Killed in round 0's keys stage with two of three spokes in; the stage's deadline
     passes while the hub is down and the third spoke answers only after the restart. For
@@ -307,7 +313,7 @@ def test_a_deadline_that_passed_while_the_hub_was_down_waits_for_late_answers(
         clients.append(client)
         store = ObjectStore.from_file(objectstore.write_party_credentials(store_settings, spoke))
         agent = TrainingAgent(spoke, client, store, spoke_keys[spoke], hub.key.public,
-                              DockerTrainer(image, site_of(cohorts / f"site{n}"),
+                              DockerTrainer("@".join(image), site_of(cohorts / f"site{n}"),
                                             {"timeout": 120, "memory_mb": 512}),
                               federation, tmp_path / f"{spoke}.journal", b"k" * 32)
         agent.start()
@@ -319,10 +325,12 @@ def test_a_deadline_that_passed_while_the_hub_was_down_waits_for_late_answers(
         with hub.api(hub.sign_in()) as api:
             for spoke, key in spoke_keys.items():
                 hub.enrol(api, spoke, key)
+            algorithm_id = hub.register_approved(api, "federated-logreg", *image,
+                                                 SigningKey.generate())
             initial = {"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}
             launched = api.post("/api/training-studies", json={
-                "name": "late", "algorithm": image, "spokes": SPOKES, "rounds": 1,
-                "min_participants": 3, "round_deadline_s": 8, "clip_bound": 10.0,
+                "name": "late", "algorithm_id": algorithm_id, "spokes": SPOKES, "rounds": 1,
+                "min_participants": 3, "round_deadline_s": 20, "clip_bound": 10.0,
                 "noise_multiplier": 0.002, "epsilon_budget": 1e12, "delta": 1e-5,
                 "initial_model_b64": base64.b64encode(encode_tensors(initial)).decode()})
             assert launched.status_code == 201, launched.text

@@ -5,11 +5,14 @@ trusted publisher's release signature for exactly that digest, pulled from the r
 digest), runs it with its own executor on its de-identified catalog, and binds each masked
 update to its custody record. The hub's round loop runs in this process (as the demo's).
 
-A spoke is killed with SIGKILL mid-round three times, while its training container runs,
-after it sent its keys and shares (before it masked) and after its masked upload, and
-restarted: every round ends with its contribution counted exactly once. A forged approval,
-an untrusted publisher and a round past the site's epsilon cap are each refused with a
-signed refusal naming the reason, audited on both sides, and nothing runs.
+The hub's coordinator attaches the approved version from its own database to every
+``RoundOpen``, built as a validation launch builds it. A spoke is killed with SIGKILL
+mid-round three times, while its training container runs, after it sent its keys and shares
+(before it masked; the module's own broker is killed with SIGKILL then too, and started
+again) and after its masked upload, and restarted: every round ends with each contribution
+counted exactly once. A forged approval, an untrusted publisher and a round past the site's
+epsilon cap are each refused with a signed refusal naming the reason, audited on both
+sides, the refusing spokes counted out at once, and nothing runs.
 """
 
 from __future__ import annotations
@@ -31,11 +34,17 @@ import pytest
 from sqlmodel import Session, select
 
 from tributary.hub.db import make_engine
-from tributary.hub.models import AuditEvent, TrainingRound, TrainingStudy
+from tributary.hub.models import (
+    Algorithm,
+    AuditEvent,
+    TrainingCustody,
+    TrainingRound,
+    TrainingStudy,
+)
 from tributary.hub.services import training
+from tributary.hub.services.launch import algorithm_ref
 from tributary.hub.training_coordinator import TrainingCoordinator
 from tributary.protocol.broker import BrokerSettings, StompClient
-from tributary.protocol.messages import AlgorithmRef
 from tributary.protocol.objects import ObjectStore, round_update_key
 from tributary.protocol.release import sign_approval, sign_release
 from tributary.protocol.signing import SigningKey
@@ -47,6 +56,7 @@ from tributary.services.system import free_port
 from tributary.spoke.training import open_state
 from tributary.testbed.containerwatch import ContainerWatch
 from tributary.testbed.federation import LocalFederation, build_and_push, generate_cohort
+from tributary.testbed.private_broker import PrivateBroker
 from tributary.testbed.training_demo import load_logreg
 from tributary_algorithm.training import RoundConfig
 
@@ -73,20 +83,17 @@ def audit(config: Path, action: str) -> list[dict[str, Any]]:
     return [e for e in map(json.loads, lines) if e["action"] == action]
 
 
-class GatedCoordinator(TrainingCoordinator):
-    """The hub's coordinator, attaching each spoke's image reference to ``RoundOpen``
-    (what a hub service would take from the approved algorithm) and holding one kind of
-    message to one spoke at a gate, so the test can kill that spoke at a known point."""
+class PausingCoordinator(TrainingCoordinator):
+    """The hub's coordinator unchanged (it attaches the approved version from its database
+    to every ``RoundOpen`` itself), holding one kind of message to one spoke at a gate so
+    the test can kill that spoke at a known point."""
 
-    def __init__(self, *args: Any, images: dict[str, AlgorithmRef], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.images = images
         self.gate: tuple[str, type, int] | None = None  # (spoke, message type, round)
         self.reached, self.release = threading.Event(), threading.Event()
 
     def _send(self, receiver: str, message: msg.TrainingFromHub) -> None:
-        if isinstance(message, msg.RoundOpen):
-            message = message.model_copy(update={"image": self.images[receiver]})
         gate = self.gate
         if gate is not None and receiver == gate[0] and isinstance(message, gate[1]):
             with Session(self.engine) as session:
@@ -115,16 +122,26 @@ def image(service_settings: ServiceSettings) -> tuple[str, str]:
                           uuid.uuid4().hex[:8], service_settings)
 
 
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory,
+           service_settings: ServiceSettings) -> Iterator[PrivateBroker]:
+    """A broker of this module's own: the kill test kills it with SIGKILL."""
+    broker = PrivateBroker(tmp_path_factory.mktemp("activemq"), service_settings.host).start()
+    yield broker
+    broker.stop()
+
+
 @pytest.fixture
-def setup(tmp_path: Path, service_settings: ServiceSettings,
-          image: tuple[str, str]) -> Iterator[dict[str, Any]]:
+def setup(tmp_path: Path, service_settings: ServiceSettings, image: tuple[str, str],
+          broker: PrivateBroker) -> Iterator[dict[str, Any]]:
     suffix = uuid.uuid4().hex[:6]
     spokes = [f"tr-{c}-{suffix}" for c in "abc"]
     store = ServiceSettings(state_dir=tmp_path / "os", host="127.0.0.2",
                             objectstore_port=free_port("127.0.0.2"))
     objectstore.write_identities(store, spokes, federation="training-agent-e2e")
     assert objectstore.ensure_running(store) in ("started", "running")
-    federation = LocalFederation(tmp_path / "fed", service_settings)
+    federation = LocalFederation(tmp_path / "fed", service_settings.model_copy(
+        update={"broker_port": broker.port}))
     hub_key = SigningKey.load_or_create(federation.hub_key_path)
     publisher = SigningKey.generate()
     publisher_pem = federation.root / "publisher.pem"
@@ -142,37 +159,48 @@ def setup(tmp_path: Path, service_settings: ServiceSettings,
             config.parent / "spoke.key")
         federation.start_spoke(spoke, config)
     repository, digest = image
-    release = sign_release(publisher, repository, digest, "federated-logreg", "1", "Pub")
-    approved = AlgorithmRef(name="federated-logreg", version="1", repository=repository,
-                            digest=digest, release_signature=release,
-                            approval=sign_approval(hub_key, repository, digest,
-                                                   {"name": "federated-logreg"}))
     engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")
-    client = StompClient(BrokerSettings(host=service_settings.host,
-                                        port=service_settings.broker_port,
+    with Session(engine) as session:  # registered and approved, as the review rule leaves it
+        approved = algorithm_ref(register(session, "federated-logreg", repository, digest,
+                                          publisher, hub_key))
+        session.commit()
+    client = StompClient(BrokerSettings(host=broker.host, port=broker.port,
                                         federation=federation.federation),
                          "hub-training").start(wait=30)
     hub_store = ObjectStore.from_file(objectstore.write_party_credentials(store, "hub"))
-    coordinator = GatedCoordinator(engine, client, hub_store, hub_key,
-                                   {s: k.public for s, k in keys.items()},
-                                   federation.federation,
-                                   images={s: approved for s in spokes})
+    coordinator = PausingCoordinator(engine, client, hub_store, hub_key,
+                                     {s: k.public for s, k in keys.items()},
+                                     federation.federation)
     coordinator.start()
     try:
         yield {"spokes": spokes, "configs": configs, "keys": keys, "federation": federation,
                "coordinator": coordinator, "engine": engine, "approved": approved,
-               "hub_key": hub_key, "publisher": publisher, "hub_store": hub_store}
+               "hub_key": hub_key, "publisher": publisher, "hub_store": hub_store,
+               "broker": broker}
     finally:
         client.close()
         federation.stop()
         objectstore.stop(store)
 
 
-def launch(engine: Any, algorithm: str, spokes: list[str], rounds: int,
+def register(session: Session, name: str, repository: str, digest: str,
+             publisher: SigningKey, approver: SigningKey) -> Algorithm:
+    """A version in the hub's database with its publisher's release signature and the
+    approval of ``approver`` (the hub's key; another key: a forged approval)."""
+    algorithm = Algorithm(
+        name=name, version="1", repository=repository, digest=digest, publisher="Pub",
+        release_signature=sign_release(publisher, repository, digest, name, "1", "Pub"),
+        approval=sign_approval(approver, repository, digest, {"name": name}))
+    session.add(algorithm)
+    session.flush()
+    return algorithm
+
+
+def launch(engine: Any, algorithm_id: int, spokes: list[str], rounds: int,
            deadline: float = 240, max_attempts: int = 3) -> str:
     with Session(engine) as session:
         study = training.launch(session, training.StudySpec(
-            name="nodules", algorithm=algorithm, spokes=spokes, rounds=rounds,
+            name="nodules", algorithm_id=algorithm_id, spokes=spokes, rounds=rounds,
             min_participants=2, round_deadline_s=deadline, max_attempts=max_attempts,
             clip_bound=CLIP, noise_multiplier=Z, epsilon_budget=1e12, delta=1e-5,
             initial_model="sha256:" + "0" * 64), "test")
@@ -223,7 +251,7 @@ def test_training_in_spoke_agents_survives_kill_9(setup: dict[str, Any]) -> None
     spokes, configs, federation = setup["spokes"], setup["configs"], setup["federation"]
     coordinator, engine = setup["coordinator"], setup["engine"]
     victim = spokes[0]
-    study_id = launch(engine, setup["approved"].reference, spokes, rounds=3)
+    study_id = launch(engine, 1, spokes, rounds=3)
     # Round 0: the victim is killed while its training container runs (paused here, so it
     # is surely still there): the restarted spoke removes it and trains again.
     coordinator.gate = (victim, msg.Delivery, 1)
@@ -237,7 +265,11 @@ def test_training_in_spoke_agents_survives_kill_9(setup: dict[str, Any]) -> None
     with Session(engine) as session:
         row = session.exec(select(TrainingRound).where(TrainingRound.round_index == 1)).one()
         assert row.stage == "masked"  # everyone's shares are in; no masked input yet
+    # The broker too, killed with SIGKILL in the same round (the other two are masking or
+    # have answered; what it holds is what it had written to disk), and started again.
+    setup["broker"].kill()
     kill_and_restart(federation, victim, configs[victim])
+    setup["broker"].start()
     coordinator.release.set()
     # Round 2: the victim has uploaded its masked vector (the hub has its announcement);
     # killed before the consistency check and the unmasking.
@@ -317,10 +349,22 @@ def test_training_in_spoke_agents_survives_kill_9(setup: dict[str, Any]) -> None
         key = round_update_key(spoke, last.round_index, f"{last.round_id}.masked")
         digest = "sha256:" + hashlib.sha256(hub_store.get(key)).hexdigest()
         assert released_digest(configs[spoke], last.round_id) == digest
+    # The hub kept each spoke's custody chain, 1, 2, 3, whatever the kills and
+    # redeliveries, and refused none of it.
+    with Session(engine) as session:
+        kept = session.exec(select(TrainingCustody).order_by(TrainingCustody.id)).all()
+        for spoke in spokes:
+            assert [k.sequence for k in kept if k.spoke_id == spoke] == [1, 2, 3]
+        assert session.exec(select(AuditEvent).where(
+            AuditEvent.action == "training.custody_refused")).all() == []
 
 
 def test_unapproved_or_forged_images_and_the_epsilon_cap_are_refused(
         setup: dict[str, Any]) -> None:
+    """The hub sends what its database holds: a version whose approval was forged (not by
+    the spokes' pinned hub key) and one released by a publisher the sites do not trust are
+    refused by the spokes themselves, each with the reason; a site's epsilon cap refuses
+    first. Two studies at once; nothing runs anywhere."""
     spokes, configs, federation = setup["spokes"], setup["configs"], setup["federation"]
     coordinator, engine, approved = setup["coordinator"], setup["engine"], setup["approved"]
     # The first site caps what it spends on a study far below what one round costs here.
@@ -330,41 +374,54 @@ def test_unapproved_or_forged_images_and_the_epsilon_cap_are_refused(
         "[training]\n", "[training]\nmax_epsilon_per_study = 1.0\n"))
     federation.start_spoke(capped, configs[capped])
     stranger = SigningKey.generate()
-    coordinator.images = {
-        # approved and released as it should be: only the site's cap refuses it
-        capped: approved,
+    with Session(engine) as session:
         # an "approval" signed by a key that is not the pinned hub's
-        spokes[1]: approved.model_copy(update={"approval": sign_approval(
-            stranger, approved.repository, approved.digest, {"name": "x"})}),
-        # approved, but released by a publisher this site does not trust
-        spokes[2]: approved.model_copy(update={"release_signature": sign_release(
-            stranger, approved.repository, approved.digest, "federated-logreg", "1", "X")}),
-    }
-    study_id = launch(engine, approved.reference, spokes, rounds=1, deadline=20,
-                      max_attempts=1)
-    watch = ContainerWatch(f"org.tributary.training={study_id}").start()
-    thread, out = run_in_background(coordinator, study_id, timeout=180)
-    thread.join(200)
-    assert "error" not in out, out
-    assert out["study"].state == "failed"
-    assert watch.stop() == []  # nothing ran
-    expected = {capped: ("epsilon_cap", "over this site's cap 1.0"),
-                spokes[1]: ("image_not_trusted", "approval"),
-                spokes[2]: ("image_not_trusted", "release signature")}
+        forged = register(session, "forged-approval", approved.repository, approved.digest,
+                          setup["publisher"], stranger).id
+        # approved by the hub, but released by a publisher no site trusts
+        untrusted = register(session, "untrusted-release", approved.repository,
+                             approved.digest, stranger, setup["hub_key"]).id
+        session.commit()
+    # A long deadline: each refusal counts its spoke out at once, so the attempt ends as
+    # soon as the three refused, long before it.
+    studies = {launch(engine, forged, spokes, rounds=1, deadline=240, max_attempts=1):
+               ("image_not_trusted", "approval"),
+               launch(engine, untrusted, spokes, rounds=1, deadline=240, max_attempts=1):
+               ("image_not_trusted", "release signature")}
+    watches = [ContainerWatch(f"org.tributary.training={s}").start() for s in studies]
+    runs = [run_in_background(coordinator, study_id, timeout=300) for study_id in studies]
+    for thread, out in runs:
+        thread.join(300)
+        assert "error" not in out, out
+        assert out["study"].state == "failed"
+    assert [watch.stop() for watch in watches] == [[], []]  # nothing ran
     with Session(engine) as session:
         refusals = session.exec(select(AuditEvent).where(
             AuditEvent.action == "training.spoke_refused")).all()
-        by_spoke = {e.detail["spoke"]: e.detail for e in refusals
-                    if e.detail["study"] == study_id}
-        assert sorted(by_spoke) == sorted(spokes)
-        for spoke, (reason, words) in expected.items():
-            assert by_spoke[spoke]["reason"] == reason, by_spoke[spoke]
-            assert words in by_spoke[spoke]["detail"], by_spoke[spoke]
-        assert session.get(TrainingStudy, study_id).state == "failed"
-    for spoke, (reason, _words) in expected.items():
-        refused = [e for e in audit(configs[spoke], "training.refused")
-                   if e["target"] == study_id]
-        assert refused and refused[0]["detail"]["reason"] == reason
+        for study_id, (reason, words) in studies.items():
+            by_spoke = {e.detail["spoke"]: e.detail for e in refusals
+                        if e.detail["study"] == study_id}
+            assert sorted(by_spoke) == sorted(spokes)
+            assert by_spoke[capped]["reason"] == "epsilon_cap", by_spoke[capped]
+            assert "over this site's cap 1.0" in by_spoke[capped]["detail"]
+            for spoke in spokes[1:]:
+                assert by_spoke[spoke]["reason"] == reason, by_spoke[spoke]
+                assert words in by_spoke[spoke]["detail"], by_spoke[spoke]
+            assert session.get(TrainingStudy, study_id).state == "failed"
+            row = session.exec(select(TrainingRound).where(
+                TrainingRound.study_id == study_id)).one()
+            assert row.refused == {capped: "epsilon_cap", **{s: reason for s in spokes[1:]}}
+            assert (row.closed_at - row.opened_at).total_seconds() < 120, row
+            counted_out = session.exec(select(AuditEvent).where(
+                AuditEvent.action == "training.spoke_counted_out",
+                AuditEvent.target == row.round_id)).all()
+            assert sorted(e.detail["spoke"] for e in counted_out) == sorted(spokes)
+    for study_id, (reason, _words) in studies.items():
+        for spoke in spokes:
+            refused = [e for e in audit(configs[spoke], "training.refused")
+                       if e["target"] == study_id]
+            assert refused and refused[0]["detail"]["reason"] == (
+                "epsilon_cap" if spoke == capped else reason)
     for spoke in spokes[1:]:
-        assert any(e["detail"]["result"] == "refused"
-                   for e in audit(configs[spoke], "image.verified"))
+        assert sum(e["detail"]["result"] == "refused"
+                   for e in audit(configs[spoke], "image.verified")) == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from approved_algorithms import approved_algorithm
 from fastapi.testclient import TestClient
 from safetensors.numpy import save
 from signed_results import Spokes
@@ -20,7 +21,7 @@ from sqlmodel import Session, select
 
 from tributary.hub import worker
 from tributary.hub.main import create_app
-from tributary.hub.models import Spoke, TrainingRound, TrainingStudy, utcnow
+from tributary.hub.models import AuditEvent, Spoke, TrainingRound, TrainingStudy, utcnow
 from tributary.hub.services import training
 from tributary.hub.services.users import create_user, issue_token
 from tributary.hub.settings import HubSettings
@@ -46,6 +47,11 @@ def hub(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
             revoked.revoked_at = utcnow()
             session.add(revoked)
             session.add(Spoke(id="keyless", name="keyless"))
+            approved_algorithm(session, name="approved")
+            approved_algorithm(session, name="unreviewed", approved=False)
+            revoked_version = approved_algorithm(session, name="withdrawn")
+            revoked_version.revoked_at, revoked_version.revoked_reason = utcnow(), "leaks"
+            session.add(revoked_version)
             session.commit()
         yield client, tokens
     worker.configure(HubSettings())
@@ -53,7 +59,7 @@ def hub(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
 
 def body(spokes: list[str], model: bytes | None = None, **override: object) -> dict:
     model = model if model is not None else save({"w": np.zeros(3)})
-    return {"name": "t", "algorithm": "sha256:" + "a" * 64, "spokes": spokes, "rounds": 2,
+    return {"name": "t", "algorithm_id": 1, "spokes": spokes, "rounds": 2,
             "clip_bound": 1.0, "noise_multiplier": 1.0, "epsilon_budget": 10.0,
             "delta": 1e-5, "initial_model_b64": base64.b64encode(model).decode(), **override}
 
@@ -100,12 +106,38 @@ def test_launch_refusals(hub: tuple[TestClient, dict[str, str]]) -> None:
     assert count(client) == 0
 
 
+def test_launch_names_an_approved_version(hub: tuple[TestClient, dict[str, str]]) -> None:
+    """An unknown, unreviewed or revoked version is refused with the reason (409, audited)
+    and nothing is created; the approved one is checked before the object store is needed
+    (this hub has none: 503)."""
+    client, tokens = hub
+    expected = {999: "no algorithm version 999 is registered",
+                2: "unreviewed 1 is not approved", 3: "withdrawn 1 is revoked: leaks"}
+    for algorithm_id, reason in expected.items():
+        status, detail = post(client, tokens["coordinator"],
+                              body(["north", "south"], algorithm_id=algorithm_id))
+        assert (status, detail["detail"]) == (409, f"cannot launch: {reason}")
+    assert post(client, tokens["coordinator"], body(["north", "south"]))[0] == 503
+    assert count(client) == 0
+    with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
+        refused = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "training.launch_refused")).all()
+        assert [(e.actor, e.detail["algorithm_id"], e.detail["reason"]) for e in refused] == [
+            ("user-coordinator", i, r) for i, r in expected.items()]
+        study = training.launch(session, training.StudySpec(
+            name="t", algorithm_id=1, spokes=["north", "south"], rounds=1, clip_bound=1.0,
+            noise_multiplier=1.0, epsilon_budget=10.0, delta=1e-5,
+            initial_model="sha256:" + "1" * 64), "user-coordinator")
+        assert (study.algorithm, study.algorithm_id) == (
+            "registry.local/logreg@sha256:" + "a" * 64, 1)
+
+
 def test_study_json_carries_rounds_survivors_dropouts_and_epsilon(
         hub: tuple[TestClient, dict[str, str]]) -> None:
     client, tokens = hub
     with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
         study = training.launch(session, training.StudySpec(
-            name="t", algorithm="sha256:" + "a" * 64, spokes=[*SPOKES[:2], "west"], rounds=3,
+            name="t", algorithm_id=1, spokes=[*SPOKES[:2], "west"], rounds=3,
             clip_bound=1.0, noise_multiplier=1.0, epsilon_budget=10.0, delta=1e-5,
             initial_model="sha256:" + "1" * 64, strategy="fedyogi", server_lr=0.05),
             "user-coordinator")

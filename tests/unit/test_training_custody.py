@@ -12,9 +12,9 @@ import pytest
 from sqlmodel import Session, select
 from unit.test_training_rounds import SPOKES, Federation
 
-from tributary.hub.models import TrainingRound, TrainingStudy
+from tributary.hub.models import AuditEvent, TrainingCustody, TrainingRound, TrainingStudy
 from tributary.hub.services.training import TrainingError
-from tributary.hub.training_checks import check_masked_custody
+from tributary.hub.training_checks import check_masked_custody, keep_custody
 from tributary.protocol.signing import SignatureError, SigningKey
 from tributary.protocol.training import rounds as msg
 from tributary.protocol.training.custody import (
@@ -79,7 +79,9 @@ def test_records_chain_without_gap_or_reordering() -> None:
 def test_participants_bind_each_masked_update_and_the_hub_checks_it(tmp_path: Path) -> None:
     """Three participants with their keys over two rounds: every masked update the hub
     received carries a record it verifies, chained per spoke; a record moved to another
-    round, or an update without one, is refused."""
+    round, or an update without one, is refused. The hub keeps each spoke's records: a
+    redelivery is kept once, a fork (a second record under a kept sequence) and a gap are
+    refused and audited."""
     fed = Federation(tmp_path, rounds=2, z=1e-3, budget=1e15)
     keys = {s: SigningKey.generate() for s in SPOKES}
     sent: dict[str, list[msg.Masked]] = {s: [] for s in SPOKES}
@@ -111,3 +113,41 @@ def test_participants_bind_each_masked_update_and_the_hub_checks_it(tmp_path: Pa
             with pytest.raises(TrainingError, match="no custody"):
                 check_masked_custody(sent[s][0].model_copy(update={"custody": None}), s,
                                      keys[s].public, study, rows[0])
+
+    # The hub keeps each spoke's records and checks its chain across rounds.
+    with Session(fed.engine) as session:
+        a, b = SPOKES[0], SPOKES[1]
+
+        def keep(spoke: str, masked: msg.Masked) -> bool:
+            row = rows[sent[spoke].index(masked)] if masked in sent[spoke] else rows[1]
+            kept = check_masked_custody(masked, spoke, keys[spoke].public, study, row)
+            return keep_custody(session, spoke, keys[spoke].public, masked.custody or {}, kept,
+                                masked.upload.digest)
+
+        assert [keep(a, m) for m in sent[a]] == [True, True]
+        assert keep(a, sent[a][1]) is False  # a redelivery
+        # A second record under a kept sequence (a fork), signed by the spoke itself.
+        first = record_hash(sent[a][0].custody)
+        forked = sent[a][1].model_copy(update={"custody": sign_update_custody(
+            keys[a], UpdateCustody.model_validate(
+                {**verify_update_custody(
+                    sent[a][1].custody, keys[a].public, spoke_id=a, study_id=study.id,
+                    round_id=rows[1].round_id, round_index=1, attempt=1,
+                    image_digest=study.algorithm, object_digest=sent[a][1].upload.digest,
+                    location=sent[a][1].upload.location).model_dump(),
+                 "spoke_version": "forked", "previous_record_sha256": first}),
+            sent[a][1].upload.digest.removeprefix("sha256:"))})
+        with pytest.raises(TrainingError, match="fork"):
+            keep(a, forked)
+        # A gap: the spoke's second record before the hub kept its first.
+        with pytest.raises(TrainingError, match="chain broken at sequence 2"):
+            keep(b, sent[b][1])
+        assert keep(b, sent[b][0]) and keep(b, sent[b][1])
+        session.commit()
+        kept = session.exec(select(TrainingCustody).order_by(TrainingCustody.id)).all()
+        assert [(k.spoke_id, k.sequence) for k in kept] == [(a, 1), (a, 2), (b, 1), (b, 2)]
+        assert [k.object_digest for k in kept[:2]] == [m.upload.digest for m in sent[a]]
+        refused = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "training.custody_refused")).all()
+        assert [(e.detail["spoke"], e.detail["sequence"], e.detail["last_kept"])
+                for e in refused] == [(a, 2, 2), (b, 2, 0)]

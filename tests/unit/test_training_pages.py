@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from signed_results import Spokes
-from sqlmodel import Session
+from sqlmodel import Session, select
 from unit.test_training_rounds import Federation
 
 from tributary.hub.main import create_app
@@ -156,7 +156,10 @@ def test_the_launch_form_offers_usable_spokes_and_approved_images(hub) -> None: 
     assert "Only coordinators" not in page.text
     assert "Only coordinators" in client.get("/training/new",
                                              headers=_auth(tokens["reviewer"])).text
-    offered = re.findall(r'<option value="(registry[^"]+)">', page.text)
-    assert offered == ["registry.test/train-0@sha256:" + "0" * 64]
+    with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
+        ids = {a.name: a.id for a in session.exec(select(Algorithm))}
+    offered = re.findall(r'<option value="(\d+)">([^<]+)</option>', page.text)
+    assert offered == [(str(ids["train-0"]),
+                        "train-0 1 · registry.test/train-0@sha256:" + "0" * 64)]
     for strategy in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
         assert f'<option value="{strategy}">' in page.text

@@ -12,14 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from approved_algorithms import approved_algorithm
 from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from tributary.hub.db import make_engine
-from tributary.hub.models import AuditEvent, TrainingRound, TrainingStudy
+from tributary.hub.models import Algorithm, AuditEvent, TrainingRound, TrainingStudy, utcnow
 from tributary.hub.schemas import TrainingStudyCreate
 from tributary.hub.services import training, training_close, training_optimiser
+from tributary.hub.services.launch import algorithm_ref
 from tributary.hub.services.server_optimisers import OptimiserState, ServerOptimiser, step
+from tributary.hub.training_coordinator import TrainingCoordinator
+from tributary.protocol.broker import BrokerSettings, StompClient
+from tributary.protocol.signing import SigningKey
 from tributary.protocol.training import rounds as msg
 from tributary.protocol.training.secagg import vector_from_bytes
 from tributary.protocol.training.tensors import encode_tensors
@@ -56,8 +61,11 @@ class Hub:
         self.spokes = {s: TrainingParticipant(me=s, train=trainer(s), upload=self.put,
                                               release_loss=True)
                        for s in SPOKES}
+        with Session(self.engine) as session:
+            algorithm_id = approved_algorithm(session).id
+            session.commit()
         spec = training.StudySpec(
-            name="resume", algorithm="sha256:" + "a" * 64, spokes=SPOKES, rounds=rounds,
+            name="resume", algorithm_id=algorithm_id, spokes=SPOKES, rounds=rounds,
             clip_bound=100.0, noise_multiplier=1e-9, epsilon_budget=1e30, delta=1e-5,
             initial_model="sha256:" + "1" * 64, min_participants=2, **settings)
         with Session(self.engine) as session:
@@ -321,7 +329,7 @@ def test_a_stored_optimiser_state_is_checked_before_use() -> None:
     ({"strategy": "sgd"}, "strategy"),
 ])
 def test_server_optimiser_settings_are_validated(settings: dict, error: str) -> None:
-    base = {"name": "s", "algorithm": "sha256:" + "a" * 64, "spokes": SPOKES, "rounds": 1,
+    base = {"name": "s", "algorithm_id": 1, "spokes": SPOKES, "rounds": 1,
             "clip_bound": 1.0, "noise_multiplier": 1.0, "epsilon_budget": 1.0,
             "delta": 1e-5, "initial_model": "sha256:" + "1" * 64}
     with pytest.raises(ValidationError, match=error):
@@ -367,3 +375,40 @@ def test_a_round_is_closed_once_however_often_its_close_runs(tmp_path: Path) -> 
         session.commit()
         assert training_close.close_round(session, hub, row.round_id) is None  # at keys
         assert training.current_round(session, study).stage == "keys"
+
+
+def test_round_open_carries_the_approved_version_and_a_revoked_one_ends_the_study(
+        tmp_path: Path) -> None:
+    """Every ``RoundOpen`` carries the study's version exactly as a validation launch
+    builds it (image, release signature, the hub's approval); once the version is revoked
+    the hub's loop opens nothing more with it and ends the study, audited."""
+    hub = Hub(tmp_path)
+    with Session(hub.engine) as session:
+        study = session.get(TrainingStudy, hub.study_id)
+        algorithm = session.get(Algorithm, study.algorithm_id)
+        image = training.study_image(session, study)
+        assert image == algorithm_ref(algorithm) and image is not None
+        assert (image.reference, image.approval) == (study.algorithm, algorithm.approval)
+        row = training.open_round(session, study, 4, 0)
+        session.commit()
+        out = training.pending_messages(
+            study, row, msg.ObjectRef(digest=row.global_model_in, location="m", size=1),
+            "sig", lambda s: f"{row.round_id}-{s}.masked", image)
+        opened = [msg.decode_training_from_hub(m.model_dump_json()) for _, m in out]
+        assert [(m.image, m.algorithm) for m in opened] == [(image, study.algorithm)] * 3
+        algorithm.revoked_at, algorithm.revoked_reason = utcnow(), "a leak"
+        session.add(algorithm)
+        session.commit()
+        with pytest.raises(training.AlgorithmRefused, match="revoked: a leak"):
+            training.study_image(session, study)
+    # The hub's loop itself (no broker or store is touched once the version is refused).
+    broker = StompClient(BrokerSettings(federation="t-unused"), "hub-training")
+    coordinator = TrainingCoordinator(hub.engine, broker, None, SigningKey.generate(),  # type: ignore[arg-type]
+                                      None, "t-unused")
+    assert coordinator.step(hub.study_id) is False
+    with Session(hub.engine) as session:
+        study = session.get(TrainingStudy, hub.study_id)
+        assert study.state == "failed"
+        assert study.stop_reason == "algorithm refused: logreg 1 is revoked: a leak"
+        assert session.exec(select(AuditEvent).where(
+            AuditEvent.action == "training.failed")).one().target == hub.study_id

@@ -14,6 +14,7 @@ from pathlib import Path
 import dp_accounting
 import numpy as np
 import pytest
+from approved_algorithms import approved_algorithm
 from sqlmodel import Session, select
 
 from tributary.hub.db import make_engine
@@ -89,9 +90,12 @@ class Federation:
         self.spokes = {s: TrainingParticipant(me=s, train=trainer(s), upload=self.store.put)
                        for s in SPOKES}
         self.params = {"w": np.zeros(FEATURES), "b": np.zeros(1)}
+        with Session(self.engine) as session:
+            algorithm_id = approved_algorithm(session).id
+            session.commit()
         spec = training.StudySpec(
-            name="logreg", algorithm="registry.local/logreg@sha256:" + "a" * 64,
-            spokes=SPOKES, rounds=study.pop("rounds", 4), clip_bound=study.pop("clip", 5.0),
+            name="logreg", algorithm_id=algorithm_id, spokes=SPOKES,
+            rounds=study.pop("rounds", 4), clip_bound=study.pop("clip", 5.0),
             noise_multiplier=study.pop("z", 0.01), epsilon_budget=study.pop("budget", 1e6),
             delta=1e-5, initial_model="sha256:" + "0" * 64, min_participants=2, **study)
         with Session(self.engine) as session:
@@ -319,3 +323,51 @@ def test_the_loss_leaves_only_where_the_site_allows_it(tmp_path: Path) -> None:
                                   msg.decode_training_from_spoke)
     assert joins[False].loss is None and '"loss":null' in joins[False].model_dump_json()
     assert joins[True].loss == 0.4321
+
+
+def test_a_refusal_ends_the_wait_for_that_spoke(tmp_path: Path) -> None:
+    """A spoke's decisive refusal (its policy, an untrusted image, a failed run) counts it
+    out of the attempt at once, audited: the stage closes as soon as the others answered,
+    not at its deadline. A ``protocol`` refusal (which may answer a message sent twice)
+    does not; a refusal naming another attempt, or from a non-participant, is refused."""
+    fed = Federation(tmp_path, rounds=1)
+    with Session(fed.engine) as session:
+        study = session.get(TrainingStudy, fed.study_id)
+        row = training.open_round(session, study, fed.vector_length(), 0)
+        session.commit()
+        for s in SPOKES[:2]:
+            opened = wire(training.round_open_message(
+                study, row, msg.ObjectRef(digest=study.global_model, location="m", size=1),
+                "sig", lambda spoke: f"{row.round_id}-{spoke}.masked", s),
+                msg.decode_training_from_hub)
+            training.receive(session, row, wire(fed.spokes[s].on_round_open(opened, fed.params),
+                                                msg.decode_training_from_spoke), s)
+        session.commit()
+        assert not training.ready(row)  # spoke-c is waited for until the deadline
+
+        def refusal(reason: str, attempt: int = 1) -> msg.Refusal:
+            return wire(msg.Refusal(study_id=study.id, round_id=row.round_id, round_index=0,
+                                    attempt=attempt, reason=reason, detail="site policy"),
+                        msg.decode_training_from_spoke)
+
+        assert training.count_out(session, row, refusal("protocol"), "spoke-c") is False
+        assert not training.ready(row)
+        with pytest.raises(training.TrainingError, match="another round"):
+            training.count_out(session, row, refusal("epsilon_cap", attempt=2), "spoke-c")
+        with pytest.raises(training.TrainingError, match="not a participant"):
+            training.count_out(session, row, refusal("epsilon_cap"), "spoke-x")
+        assert training.count_out(session, row, refusal("epsilon_cap"), "spoke-c") is True
+        assert training.count_out(session, row, refusal("epsilon_cap"), "spoke-c") is False
+        session.commit()
+        assert training.ready(row) and training.all_answered(row)
+        assert training.pending_messages(
+            study, row, msg.ObjectRef(digest=study.global_model, location="m", size=1), "sig",
+            lambda spoke: spoke) == []  # nobody is sent anything again
+        out, _ = training.advance(session, study, row, fed.load, fed.vector_length())
+        session.commit()
+        assert row.stage == "shares" and sorted(r for r, _ in out) == SPOKES[:2]
+        assert row.refused == {"spoke-c": "epsilon_cap"}
+        events = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "training.spoke_counted_out")).all()
+        assert [(e.target, e.detail["spoke"], e.detail["stage"], e.detail["reason"])
+                for e in events] == [(row.round_id, "spoke-c", "keys", "epsilon_cap")]

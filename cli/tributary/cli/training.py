@@ -41,8 +41,8 @@ def launch(
         help="JSON settings of the study (the fields of POST /api/training-studies); the "
              "options below override them.")] = None,
     name: Annotated[str | None, typer.Option(help="The study's name.")] = None,
-    algorithm: Annotated[str | None, typer.Option(
-        help="The training image pinned by digest (repository@sha256:...).")] = None,
+    algorithm: Annotated[int | None, typer.Option(
+        help="The registered algorithm version's id (approved, not revoked).")] = None,
     spoke: Annotated[list[str] | None, typer.Option(help="A spoke (repeatable).")] = None,
     rounds: Annotated[int | None, typer.Option(help="Rounds to run.")] = None,
     strategy: Annotated[str | None, typer.Option(
@@ -65,12 +65,13 @@ def launch(
     epsilon_budget: Annotated[float | None, typer.Option(help="Privacy budget ε.")] = None,
     delta: Annotated[float | None, typer.Option(help="δ of the (ε, δ) guarantee.")] = None,
 ) -> None:
-    """Launch a training study; prints its id. Spokes that cannot take part are listed
-    with the reason, and nothing is launched."""
+    """Launch a training study with an approved algorithm version; prints its id. Spokes
+    that cannot take part are listed with the reason, an unknown, unapproved or revoked
+    version is refused with the reason, and nothing is launched."""
     body: dict[str, Any] = json.loads(file.read_text()) if file is not None else {}
     if not isinstance(body, dict):
         raise typer.BadParameter("not a JSON object", param_hint="--file")
-    given = {"name": name, "algorithm": algorithm, "spokes": spoke or None,
+    given = {"name": name, "algorithm_id": algorithm, "spokes": spoke or None,
              "rounds": rounds, "strategy": strategy, "server_lr": server_lr,
              "beta_1": beta_1, "beta_2": beta_2, "tau": tau,
              "min_participants": min_participants,

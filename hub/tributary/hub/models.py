@@ -447,8 +447,11 @@ class TrainingStudy(SQLModel, table=True):
 
     id: str = Field(primary_key=True)
     name: str
-    #: The training image, pinned (``repository@sha256:...``).
+    #: The training image, pinned (``repository@sha256:...``): the approved version's.
     algorithm: str
+    #: The registered, approved algorithm version whose image and approval the hub sends
+    #: with every round (None only for studies launched before versions were required).
+    algorithm_id: int | None = Field(default=None, foreign_key="algorithm.id")
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi | fedadagrad
     proximal_mu: float = 0.0
     #: The server optimiser's settings (``ServerOptimiser`` JSON) for fedadam, fedyogi and
@@ -497,6 +500,8 @@ class TrainingRound(SQLModel, table=True):
     uploads: dict[str, str] = Field(default_factory=dict, sa_column=Column(JSON))
     #: Spoke id -> the local training loss it announced when joining (if any).
     losses: dict[str, float] | None = Field(default_factory=dict, sa_column=Column(JSON))
+    #: Spokes that refused this attempt (spoke -> reason): the stages no longer wait for them.
+    refused: dict[str, str] | None = Field(default_factory=dict, sa_column=Column(JSON))
     global_model_in: str | None = None
     global_model_out: str | None = None
     #: Digest of the server optimiser's moments after this round (with a server optimiser).
@@ -506,3 +511,22 @@ class TrainingRound(SQLModel, table=True):
     outcome_reason: str | None = None
     opened_at: datetime = Field(default_factory=utcnow)
     closed_at: datetime | None = None
+
+
+class TrainingCustody(SQLModel, table=True):
+    """A spoke's signed custody record of a masked update, as the hub received it: the
+    spoke's chain of training records, kept so each new one is checked against the last
+    (a gap or a fork is refused)."""
+
+    __table_args__ = (UniqueConstraint("spoke_id", "sequence"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    spoke_id: str = Field(index=True)
+    sequence: int
+    #: SHA-256 of the envelope (what the spoke's next record names as its previous one).
+    record_sha256: str
+    study_id: str
+    round_id: str
+    object_digest: str
+    envelope: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    received_at: datetime = Field(default_factory=utcnow)

@@ -280,8 +280,9 @@ class TrainingStudyCreate(BaseModel):
     model_config = {"extra": "forbid"}
 
     name: str = Field(min_length=1, max_length=200)
-    algorithm: str = Field(pattern=r"^([^@\s]+@)?sha256:[0-9a-f]{64}$",
-                           description="The training image pinned by digest.")
+    algorithm_id: int = Field(ge=1, le=2**63 - 1, description=(
+        "The registered algorithm version to train with: approved and not revoked (its "
+        "image, release signature and approval go to the spokes with every round)."))
     spokes: list[str] = Field(min_length=2, max_length=1000,
                               description="Enrolled, active spokes that take part.")
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = Field(
@@ -347,7 +348,10 @@ class TrainingStudyRead(BaseModel):
 
     id: str
     name: str
+    #: The image pinned by digest (``repository@sha256:...``) of the version below.
     algorithm: str
+    #: The registered algorithm version the study trains with.
+    algorithm_id: int | None = None
     strategy: str
     proximal_mu: float
     #: The server optimiser's settings (fedadam, fedyogi, fedadagrad), else None.

@@ -170,6 +170,10 @@ class TrainingCoordinator:
             with self._lock, Session(self.engine) as session:
                 training_checks.record_refusal(session, sender, message)
                 session.commit()
+                row = session.exec(select(TrainingRound).where(
+                    TrainingRound.round_id == message.round_id)).first()
+                if row is not None and training.count_out(session, row, message, sender):
+                    session.commit()
             return
         inner = {msg.Join: lambda m: m.advert, msg.Shares: lambda m: m.bundle,
                  msg.Masked: lambda m: m.masked, msg.Signature: lambda m: m.signature,
@@ -185,9 +189,16 @@ class TrainingCoordinator:
                 if message.upload.location != expected:
                     raise training.TrainingError(
                         f"{sender} uploaded to {message.upload.location}, not its own object")
-                training_checks.check_masked_custody(
+                record = training_checks.check_masked_custody(
                     message, sender, key,
                     session.get(TrainingStudy, row.study_id), row)
+                # Kept (or its refusal audited) even if the round refuses the input below: a
+                # released update is in the spoke's chain whether or not it is summed.
+                try:
+                    training_checks.keep_custody(session, sender, key, message.custody or {},
+                                                 record, message.upload.digest)
+                finally:
+                    session.commit()
             training.receive(session, row, message, sender)
             session.commit()
 
@@ -227,6 +238,13 @@ class TrainingCoordinator:
             nxt = training.next_step(session, study)
             if nxt.action == "done":
                 return False
+            try:
+                image = training.study_image(session, study)
+            except training.AlgorithmRefused as exc:
+                # Revoked (or changed) since the launch: no spoke is asked to run it again.
+                training.fail(session, study, f"algorithm refused: {exc}")
+                session.commit()
+                return False
             if nxt.model_digest is None:
                 raise training.TrainingError(f"study {study_id} has no global model")
             ref, params = self.model(study_id, nxt.model_index, nxt.model_digest)
@@ -244,7 +262,7 @@ class TrainingCoordinator:
             sent = (row.round_id, row.stage)
             if sent not in self._sent:
                 out = training.pending_messages(study, row, ref, signature,
-                                                self._upload_for(row))
+                                                self._upload_for(row), image)
                 self._sent.add(sent)
                 if nxt.action == "drive":  # an open round this process did not open
                     audit.record(session, training.ACTOR, "training.round_resumed",
@@ -321,13 +339,22 @@ class TrainingCoordinator:
             session.add(study)
             session.commit()
         deadline = time.monotonic() + timeout_s
-        while self.step(study_id):
+        while self._step_or_retry(study_id):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"study {study_id} did not end within {timeout_s} s")
             time.sleep(poll_s)
         with Session(self.engine) as session:
             study = session.get(TrainingStudy, study_id)
             return study, self.model(study_id, *self._last_model(session, study))[1]
+
+    def _step_or_retry(self, study_id: str) -> bool:
+        """:meth:`step`, where the broker or the store being away (a broker killed and
+        restarting) fails only this pass: what was not sent is sent on the next one."""
+        try:
+            return self.step(study_id)
+        except (PublishError, ObjectStoreError) as exc:
+            log.warning("training study %s: pass failed, tried again: %s", study_id, exc)
+            return True
 
     @staticmethod
     def _last_model(session: Session, study: TrainingStudy) -> tuple[int, str]:

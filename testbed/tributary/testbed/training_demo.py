@@ -1,12 +1,16 @@
-"""``tributary demo training``: a federated training study on three spokes, here. A hub
-process of the demo's own (`tributary hub serve`, whose training service runs the rounds)
-and three spokes' training agents talk only through the machine's broker (signed
-messages); the spokes are enrolled and the study launched through the hub's API; global
-models and masked updates go through a SeaweedFS of the demo's own (each spoke may write
-only its own objects); each spoke runs the federated example image in Docker by its
-digest, on a synthetic cohort from its own scanner (non-IID). The report compares the
-federated model with the same model trained centrally on the pooled data, on a held-out
-set."""
+"""``tributary demo training``: a federated training study on three spokes, here, on the
+production path. A hub process of the demo's own (`tributary hub serve`, whose training
+service runs the rounds) and three spoke agent processes (`tributary spoke run` with
+``[training]`` on, each with its own key made for this run and enrolled at the hub) talk
+only through the machine's broker (signed messages). The training image is pushed to the
+machine's registry, registered at the hub with its publisher's release signature and
+approved by two reviewers; the study names that version, and each spoke admits it as it
+admits a validation study's image (the hub's approval and a trusted release signature),
+pulls it by digest and runs it with its own executor on its de-identified catalog of a
+synthetic cohort from its own scanner (non-IID). Global models and masked updates go
+through a SeaweedFS of the demo's own (each spoke may write only its own objects). The
+report compares the federated model with the same model trained centrally on the pooled
+data, on a held-out set."""
 
 from __future__ import annotations
 
@@ -14,8 +18,6 @@ import base64
 import hashlib
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,23 +36,24 @@ from tributary import services
 from tributary.hub.db import make_engine
 from tributary.hub.models import TrainingRound
 from tributary.hub.services import training
-from tributary.protocol.broker import BrokerSettings, StompClient
 from tributary.protocol.objects import ObjectStore
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.training.tensors import decode_tensors, encode_tensors
 from tributary.services import objectstore
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
-from tributary.spoke.training_agent import DockerTrainer, TrainingAgent
-from tributary.testbed.federation import examples_dir, generate_cohort
+from tributary.testbed.federation import (
+    LocalFederation,
+    build_and_push,
+    examples_dir,
+    generate_cohort,
+)
 from tributary.testbed.training_hub import TrainingHub
-from tributary_algorithm.tools import build_image
 from tributary_algorithm.tools.localrun import participant_for_series
 from tributary_algorithm.tools.localtrain import SiteCase, TrainingSite
 
 SPOKES = ("site-a", "site-b", "site-c")
 BASE_IMAGE = "tributary/python-base:3.11"
-TAG = "tributary-demo/federated-logreg:latest"
 #: The demo's store listens on a loopback address of its own.
 STORE_HOST = "127.0.0.2"
 
@@ -64,13 +67,6 @@ def load_logreg() -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-def build_training_image() -> str:
-    """Build the example image offline; its image id (sha256:...) is what spokes approve."""
-    build_image(examples_dir() / "federated_logreg", TAG, base_image=BASE_IMAGE)
-    return subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", TAG],
-                          check=True, capture_output=True, text=True).stdout.strip()
 
 
 def site_of(folder: Path) -> TrainingSite:
@@ -103,7 +99,8 @@ class TrainingDemo:
     cohorts: Path
     final: dict[str, np.ndarray]
     store_for: Callable[[str], ObjectStore]
-    agents: list[TrainingAgent] = field(default_factory=list)
+    #: The spokes' configs (their work folders hold each spoke's audit log and journal).
+    spoke_configs: dict[str, Path] = field(default_factory=dict)
 
     def global_model_at(self, round_index: int) -> dict[str, np.ndarray]:
         """The global model that went into ``round_index``, from the store by its digest."""
@@ -125,58 +122,78 @@ def model_from_store(store: ObjectStore, study_id: str, round_index: int,
     return decode_tensors(data)
 
 
+def push_training_image(settings: ServiceSettings) -> tuple[str, str]:
+    """Build the example image offline and push it to the machine's registry: (repository,
+    manifest digest), what the hub registers and the spokes pull by digest."""
+    return build_and_push(examples_dir() / "federated_logreg", "federated-logreg", "1",
+                          settings)
+
+
+def start_spokes(federation: LocalFederation, cohorts: Path, store_settings: ServiceSettings,
+                 publisher_pem: Path) -> dict[str, Path]:
+    """Each spoke as a site runs it (`tributary spoke run`): its own key (made here, for
+    this run; enrol it at the hub), the hub's key pinned, the demo publisher trusted, its
+    de-identified catalog of its cohort, ``[training]`` on with the store credentials that
+    write only its own objects. Started before the hub is up: they boot meanwhile."""
+    configs = {}
+    for n, spoke in enumerate(SPOKES):
+        config = federation.spoke_config(spoke, cohorts / f"site{n}",
+                                         publisher_keys=(publisher_pem,))
+        creds = objectstore.write_party_credentials(store_settings, spoke)
+        # Synthetic sites: their policy releases the local loss, for the curves.
+        config.write_text(config.read_text() + (
+            f'\n[training]\nenabled = true\nobjectstore_credentials = "{creds}"\n'
+            'label_attributes = ["nodule_count"]\ntimeout_seconds = 300\nmemory_mb = 512\n'
+            "release_loss = true\n"))
+        SigningKey.load_or_create(config.parent / "spoke.key")
+        federation.start_spoke(spoke, config)
+        configs[spoke] = config
+    return configs
+
+
 def run_training_demo(workdir: Path, service_settings: ServiceSettings,
-                      store_settings: ServiceSettings, image: str, rounds: int = 4,
-                      clip_bound: float = 10.0, noise_multiplier: float = 0.002,
-                      epsilon_budget: float = 1e12, delta: float = 1e-5,
-                      say: Callable[[str], None] = print,
+                      store_settings: ServiceSettings, image: tuple[str, str],
+                      rounds: int = 4, clip_bound: float = 10.0,
+                      noise_multiplier: float = 0.002, epsilon_budget: float = 1e12,
+                      delta: float = 1e-5, say: Callable[[str], None] = print,
                       hub: TrainingHub | None = None,
                       launch: Callable[[dict[str, Any]], str] | None = None) -> TrainingDemo:
-    """Run one study to its end: a hub process of its own (`tributary hub serve`, its
-    training loop in the web app; or ``hub``, already started, which is left running) on
-    the running broker and the given object store, the spokes enrolled and the study
-    launched through the hub's API (or by ``launch``, given the API's body, returning the
-    study's id: the dashboard's form in the browser test), three spokes' training agents
-    here."""
+    """Run one study to its end, on the production path: a hub process of its own
+    (`tributary hub serve`, its training service in the web app) on the running broker and
+    the given object store; the training image (``image``: repository and digest, pushed)
+    registered and approved there; three spoke agent processes; the spokes enrolled and
+    the study launched through the hub's API (or by ``launch``, given the API's body,
+    returning the study's id: the dashboard's form in the browser test). ``hub``: one
+    already started (left running; the spokes' folders go beside its own)."""
     logreg = load_logreg()
     cohorts = workdir / "cohorts"
     if not (cohorts / "test2").exists():
         make_cohorts(cohorts)
     own_hub = hub is None
     if hub is None:
-        hub = TrainingHub(workdir / "hub", service_settings.host, service_settings.broker_port,
-                          f"tr{uuid.uuid4().hex[:8]}",
+        hub = TrainingHub(workdir / "federation", service_settings.host,
+                          service_settings.broker_port, f"tr{uuid.uuid4().hex[:8]}",
                           objectstore.write_party_credentials(store_settings, "hub"))
-    federation = hub.federation
-    broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
-                            federation=federation)
+    root = hub.folder  # the spokes pin the key the hub made there
+    federation = LocalFederation(root, service_settings, federation=hub.federation)
+    publisher = SigningKey.load_or_create(root / "publisher.key")
+    publisher_pem = root / "publisher.pem"
+    publisher_pem.write_text(publisher.public.pem)
 
     def store_for(party: str) -> ObjectStore:
         return ObjectStore.from_file(objectstore.write_party_credentials(store_settings, party))
 
-    spoke_keys = {s: SigningKey.generate() for s in SPOKES}
-    clients: list[StompClient] = []
-    agents: list[TrainingAgent] = []
-    if own_hub:
-        hub.start()
     try:
-        with hub.api(hub.sign_in()) as api:
-            for s in SPOKES:
-                hub.enrol(api, s, spoke_keys[s])
-            for n, s in enumerate(SPOKES):
-                client = StompClient(broker, f"{s}-training").start(wait=30)
-                clients.append(client)
-                trainer = DockerTrainer(image, site_of(cohorts / f"site{n}"),
-                                        {"timeout": 120, "memory_mb": 512})
-                # Synthetic sites: their policy releases the local loss, for the curves.
-                agent = TrainingAgent(s, client, store_for(s), spoke_keys[s], hub.key.public,
-                                      trainer, federation, workdir / f"{s}.journal",
-                                      os.urandom(32), release_loss=True)
-                agent.start()
-                agents.append(agent)
+        configs = start_spokes(federation, cohorts, store_settings, publisher_pem)
+        if own_hub:
+            hub.start()
+        with hub.api(hub.admin_token) as api:
+            for spoke, config in configs.items():
+                hub.enrol(api, spoke, SigningKey.load_or_create(config.parent / "spoke.key"))
+            algorithm_id = hub.register_approved(api, "federated-logreg", *image, publisher)
             initial = {"weights": np.zeros(len(logreg.FEATURES)), "bias": np.zeros(1)}
             body = {
-                "name": "nodules", "algorithm": image, "spokes": list(SPOKES),
+                "name": "nodules", "algorithm_id": algorithm_id, "spokes": list(SPOKES),
                 "rounds": rounds, "min_participants": len(SPOKES), "round_deadline_s": 120,
                 "clip_bound": clip_bound, "noise_multiplier": noise_multiplier,
                 "epsilon_budget": epsilon_budget, "delta": delta,
@@ -190,12 +207,9 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
                 study_id = launched.json()["id"]
             say(f"training study {study_id}: {rounds} rounds on {', '.join(SPOKES)} "
                 f"(hub at {hub.url})")
-            study = hub.wait_for_end(api, study_id, timeout=60.0 * (rounds + 2))
+            study = hub.wait_for_end(api, study_id, timeout=60.0 * (rounds + 2), poll=0.3)
     finally:
-        for agent in agents:
-            agent.stop()
-        for client in clients:
-            client.close()
+        federation.stop()
         if own_hub:
             hub.stop()
     engine = make_engine(hub.database_url, migrate=False)
@@ -235,7 +249,7 @@ def run_training_demo(workdir: Path, service_settings: ServiceSettings,
     say(f"held-out accuracy: federated {report['metric_federated']:.3f}, "
         f"centralised {report['metric_centralised']:.3f}")
     return TrainingDemo(report, study_id, engine, hub, hub_store, cohorts, final,
-                        store_for, agents)
+                        store_for, configs)
 
 
 def main(workdir: Path | None, report: Path | None, wait: bool, rounds: int,
@@ -250,8 +264,8 @@ def main(workdir: Path | None, report: Path | None, wait: bool, rounds: int,
     objectstore.write_identities(store_settings, list(SPOKES), federation="training-demo")
     objectstore.ensure_running(store_settings)
     try:
-        say("building the training image (offline, from wheels)...")
-        image = build_training_image()
+        say("building the training image (offline, from wheels) and pushing it...")
+        image = push_training_image(settings)
         demo = run_training_demo(workdir, settings, store_settings, image, rounds=rounds,
                                  say=say)
         if report is not None:

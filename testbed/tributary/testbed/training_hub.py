@@ -147,9 +147,9 @@ class TrainingHub:
 
     # --- through the hub's API ---------------------------------------------------------
 
-    def sign_in(self) -> str:
-        response = httpx.post(f"{self.url}/api/auth/token",
-                              json={"username": "admin", "password": self.password})
+    def sign_in(self, username: str = "admin", password: str | None = None) -> str:
+        response = httpx.post(f"{self.url}/api/auth/token", json={
+            "username": username, "password": self.password if password is None else password})
         response.raise_for_status()
         return str(response.json()["access_token"])
 
@@ -163,6 +163,32 @@ class TrainingHub:
         api.post("/api/spokes", json={"id": spoke_id, "name": spoke_id}).raise_for_status()
         api.post(f"/api/spokes/{spoke_id}/keys",
                  json={"public_key_pem": key.public.pem}).raise_for_status()
+
+    def register_approved(self, api: httpx.Client, name: str, repository: str, digest: str,
+                          publisher: SigningKey) -> int:
+        """Register ``publisher``, the version it released and have two reviewers of two
+        organisations approve it, as a federation's people do; returns the version's id
+        (what a training study names)."""
+        from tributary.protocol.release import sign_release
+
+        api.post("/api/publishers", json={"name": "Demo publisher",
+                                          "public_key_pem": publisher.public.pem}
+                 ).raise_for_status()
+        algorithm = api.post("/api/algorithms", json={
+            "name": name, "version": "1", "repository": repository, "digest": digest,
+            "release_signature": sign_release(publisher, repository, digest, name, "1",
+                                              "Demo publisher")}).raise_for_status().json()
+        for reviewer, organisation in (("reviewer-a", "Board A"), ("reviewer-b", "Board B")):
+            password = secrets.token_urlsafe(18)
+            api.post("/api/users", json={"username": reviewer, "password": password,
+                                         "roles": ["reviewer"], "organisation": organisation}
+                     ).raise_for_status()
+            with self.api(self.sign_in(reviewer, password)) as review:
+                algorithm = review.post(f"/api/algorithms/{algorithm['id']}/reviews",
+                                        json={"decision": "approve"}).raise_for_status().json()
+        if algorithm.get("approval") is None:
+            raise RuntimeError(f"{name} 1 was not approved: {algorithm}")
+        return int(algorithm["id"])
 
     @staticmethod
     def wait_for_end(api: httpx.Client, study_id: str, timeout: float,

@@ -37,7 +37,7 @@ from tributary.services import objectstore
 from tributary.services.browser import CHROMIUM_ARGS, ensure_chromium
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import free_port
-from tributary.testbed.training_demo import SPOKES, build_training_image, run_training_demo
+from tributary.testbed.training_demo import SPOKES, push_training_image, run_training_demo
 from tributary.testbed.training_hub import TrainingHub as HubProcess
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +55,7 @@ class TrainingHub:
 
     federation: HubProcess
     store_settings: ServiceSettings
-    image: str
+    image: tuple[str, str]
     service_settings: ServiceSettings
     demo: Any = None
     error: BaseException | None = None
@@ -100,7 +100,7 @@ def training_hub(tmp_path_factory: pytest.TempPathFactory,
     if subprocess.run(["docker", "image", "inspect", BASE_IMAGE],
                       capture_output=True, timeout=60).returncode != 0:
         pytest.skip(f"base image {BASE_IMAGE} is not built (no Docker Hub here)")
-    image = build_training_image()
+    image = push_training_image(service_settings)
     store = ServiceSettings(state_dir=tmp_path_factory.mktemp("os"), host="127.0.0.2",
                             objectstore_port=free_port("127.0.0.2"))
     objectstore.write_identities(store, list(SPOKES), federation="training-ui")
@@ -159,7 +159,7 @@ def test_the_study_page_follows_the_rounds_live(training_hub: TrainingHub, brows
     page.click("#new-training-link")
     expect(page.locator("h1")).to_have_text("New training study")
     page.fill("#name", body["name"])
-    page.fill("#algorithm", body["algorithm"])
+    page.select_option("#algorithm_id", str(body["algorithm_id"]))
     for spoke in body["spokes"]:
         page.check(f"input[name=spokes][value='{spoke}']")
     page.set_input_files("#initial_model", files=[{
@@ -241,7 +241,7 @@ def test_export_checks_the_model_and_refuses_an_altered_object(
     assert (out / "model.sig.json").read_text() == final.signature
     assert [r.epsilon_cumulative for r in prov.rounds] == [
         r["epsilon"] for r in demo.report["rounds"]]
-    assert prov.study.image_digest == training_hub.image.rpartition("@")[2]
+    assert prov.study.image_digest == training_hub.image[1]
 
     # The initial model, by index, checks too.
     first = _cli("training", "export", demo.study_id, "--out", tmp_path / "first", "--index",

@@ -68,21 +68,25 @@ def launch_study(body: TrainingStudyCreate, request: Request,
                  settings: HubSettings = Depends(get_settings),
                  actor: str = Depends(acting(Role.COORDINATOR))) -> TrainingStudyDetail:
     """Launch a training study: every spoke must be registered, enrolled (an active key)
-    and not revoked, else nothing is created and each refusal says why. The initial model
-    is stored content-addressed; the hub's training service opens round 0."""
+    and not revoked, and the algorithm version registered, approved and not revoked (409,
+    audited), else nothing is created and each refusal says why. The initial model is
+    stored content-addressed; the hub's training service opens round 0."""
     refusals = training_reads.spoke_refusals(session, body.spokes)
     if refusals:
         raise HTTPException(422, {"message": "spokes that cannot take part in training",
                                   "refusals": [{"spoke_id": s, "reason": r}
                                                for s, r in sorted(refusals.items())]})
     data, digest = _initial_model(body)
-    store = _store(request, settings)
     spec = training.StudySpec(**body.model_dump(exclude={"initial_model_b64"}),
                               initial_model=digest)
     try:
         study = training.launch(session, spec, actor)
+    except training.AlgorithmRefused as exc:
+        session.commit()  # the refusal's audit event
+        raise HTTPException(409, f"cannot launch: {exc}") from None
     except training.TrainingError as exc:
         raise HTTPException(422, str(exc)) from None
+    store = _store(request, settings)  # uncommitted until the model is stored
     try:
         store.put(training.model_location(study.id, 0, digest), data)
     except ObjectStoreError as exc:

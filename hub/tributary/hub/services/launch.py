@@ -37,6 +37,30 @@ class NotApproved(ValueError):
     """The algorithm version has no valid approval: nothing may be launched with it."""
 
 
+def algorithm_ref(algorithm: Algorithm,
+                  approval: dict[str, Any] | None = None) -> AlgorithmRef:
+    """The version as a spoke admits it: image pinned by digest, the publisher's release
+    signature and the hub's approval (``approval`` replaces it: a sandbox grant). What a
+    validation study's message and every training round's ``RoundOpen`` carry."""
+    return AlgorithmRef(name=algorithm.name, version=algorithm.version,
+                        repository=algorithm.repository, digest=algorithm.digest,
+                        release_signature=algorithm.release_signature,
+                        approval=approval or algorithm.approval)
+
+
+def refuse_unapproved(algorithm: Algorithm | None, algorithm_id: int) -> Algorithm:
+    """The version itself if it may be launched; else :class:`NotApproved` saying why."""
+    if algorithm is None:
+        raise NotApproved(f"no algorithm version {algorithm_id} is registered")
+    if algorithm.revoked_at is not None:
+        raise NotApproved(f"{algorithm.name} {algorithm.version} is revoked"
+                          + (f": {algorithm.revoked_reason}" if algorithm.revoked_reason
+                             else ""))
+    if algorithm.approval is None:
+        raise NotApproved(f"{algorithm.name} {algorithm.version} is not approved")
+    return algorithm
+
+
 def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str,
                   approval: dict[str, Any] | None = None) -> ExperimentMessage:
     """The message for one target; ``approval`` replaces the version's own approval (a
@@ -44,10 +68,7 @@ def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str,
     return ExperimentMessage(
         experiment_id=experiment.id,
         spoke_id=spoke_id,
-        algorithm=AlgorithmRef(name=algorithm.name, version=algorithm.version,
-                               repository=algorithm.repository, digest=algorithm.digest,
-                               release_signature=algorithm.release_signature,
-                               approval=approval or algorithm.approval),
+        algorithm=algorithm_ref(algorithm, approval),
         arguments=experiment.arguments,
         cohort=CohortSelection.model_validate(experiment.cohort),
         limits=RunLimits.model_validate(experiment.limits),
@@ -101,9 +122,8 @@ def launch(session: Session, client: StompClient, key: SigningKey, experiment: E
     if experiment.sandbox:
         if approval is None:
             raise NotApproved("a sandbox study needs the hub's sandbox grant")
-    elif algorithm.approval is None or algorithm.revoked_at is not None:
-        raise NotApproved(f"{algorithm.name} {algorithm.version} is "
-                          f"{'revoked' if algorithm.revoked_at else 'not approved'}")
+    else:
+        refuse_unapproved(algorithm, experiment.algorithm_id)
     check_targets(session, experiment, algorithm, trust_check)
     if experiment.expires_at is None:
         experiment.expires_at = utcnow() + expiry

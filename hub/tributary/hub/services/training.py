@@ -24,14 +24,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, select
 
-from tributary.hub.models import TrainingRound, TrainingStudy, utcnow
+from tributary.hub.models import Algorithm, TrainingRound, TrainingStudy, utcnow
 from tributary.hub.services import audit
+from tributary.hub.services.launch import NotApproved, algorithm_ref, refuse_unapproved
 from tributary.hub.services.server_optimisers import (
     HYPER_PARAMETERS,
     ServerOptimiser,
     settings_for,
 )
 from tributary.hub.services.training_optimiser import local_strategy
+from tributary.protocol.messages import AlgorithmRef
 from tributary.protocol.objects import global_model_key
 from tributary.protocol.training import rounds as msg
 from tributary.protocol.training.privacy import (
@@ -62,14 +64,18 @@ class TrainingError(ValueError):
     """A request the state machine refuses (unknown round, wrong stage...)."""
 
 
+class AlgorithmRefused(TrainingError):
+    """The study names a version that is unknown, not approved or revoked."""
+
+
 class StudySpec(BaseModel):
     """What a coordinator launches a training study with."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=200)
-    #: The training image pinned by digest (``repository@sha256:...``, or a local image id).
-    algorithm: str = Field(pattern=r"^([^@\s]+@)?sha256:[0-9a-f]{64}$")
+    #: The registered algorithm version (its id): it must be approved and not revoked.
+    algorithm_id: int = Field(ge=1, le=2**63 - 1)
     spokes: list[str] = Field(min_length=2)
     strategy: str = Field("fedavg", pattern="^(fedavg|fedprox|fedadam|fedyogi|fedadagrad)$")
     proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
@@ -109,12 +115,22 @@ def model_location(study_id: str, round_index: int, digest: str) -> str:
 
 
 def launch(session: Session, spec: StudySpec, actor: str) -> TrainingStudy:
-    """Create the study (rounds are opened by :func:`open_round`)."""
+    """Create the study (rounds are opened by :func:`open_round`). A version that is not
+    registered, not approved or revoked is refused (:class:`AlgorithmRefused`, audited in
+    the session: the caller commits the refusal)."""
     if spec.min_participants > len(set(spec.spokes)):
         raise TrainingError("min_participants exceeds the study's spokes")
     optimiser = spec.server_optimiser()
+    try:
+        algorithm = refuse_unapproved(session.get(Algorithm, spec.algorithm_id),
+                                      spec.algorithm_id)
+    except NotApproved as exc:
+        audit.record(session, actor, "training.launch_refused", spec.name,
+                     algorithm_id=spec.algorithm_id, reason=str(exc))
+        raise AlgorithmRefused(str(exc)) from None
     study = TrainingStudy(
-        id=f"ts-{secrets.token_hex(6)}", name=spec.name, algorithm=spec.algorithm,
+        id=f"ts-{secrets.token_hex(6)}", name=spec.name, algorithm=algorithm_ref(
+            algorithm).reference, algorithm_id=algorithm.id,
         strategy=spec.strategy, proximal_mu=spec.proximal_mu, rounds=spec.rounds,
         min_participants=spec.min_participants, round_deadline_s=spec.round_deadline_s,
         max_attempts=spec.max_attempts, clip_bound=spec.clip_bound,
@@ -124,7 +140,7 @@ def launch(session: Session, spec: StudySpec, actor: str) -> TrainingStudy:
         server_optimiser=None if optimiser is None else optimiser.model_dump(mode="json"),
     )
     session.add(study)
-    audit.record(session, actor, "training.launch", study.id,
+    audit.record(session, actor, "training.launch", study.id, algorithm=study.algorithm,
                  **spec.model_dump(exclude={"name", *HYPER_PARAMETERS}),
                  server_optimiser=study.server_optimiser)
     return study
@@ -152,6 +168,11 @@ def _finish(session: Session, study: TrainingStudy, state: str, reason: str) -> 
     study.state, study.stop_reason, study.finished_at = state, reason, utcnow()
     session.add(study)
     audit.record(session, ACTOR, f"training.{state}", study.id, reason=reason)
+
+
+def fail(session: Session, study: TrainingStudy, reason: str) -> None:
+    """End a running study as ``failed`` (audited), e.g. its version was revoked."""
+    _finish(session, study, "failed", reason)
 
 
 def rounds_of(session: Session, study_id: str) -> list[TrainingRound]:
@@ -203,13 +224,14 @@ def open_round(session: Session, study: TrainingStudy, vector_length: int,
 
 def round_open_message(study: TrainingStudy, row: TrainingRound, model: msg.ObjectRef,
                        model_signature: str, upload_for: Callable[[str], str],
-                       spoke: str) -> msg.RoundOpen:
+                       spoke: str, image: AlgorithmRef | None = None) -> msg.RoundOpen:
     """The message that opens ``row`` for ``spoke`` (``upload_for`` gives the spoke's
-    presigned upload location for this round)."""
+    presigned upload location for this round; ``image``, the approved version as the
+    spoke admits it: :func:`study_image`)."""
     state = ServerState.model_validate(row.secagg)
     return msg.RoundOpen(
         study_id=study.id, round_index=row.round_index, attempt=row.attempt,
-        algorithm=study.algorithm, secagg=state.config, global_model=model,
+        algorithm=study.algorithm, image=image, secagg=state.config, global_model=model,
         global_model_signature=model_signature,
         protection=msg.ProtectionSettings(
             clip_bound=study.clip_bound, noise_multiplier=study.noise_multiplier,
@@ -217,6 +239,25 @@ def round_open_message(study: TrainingStudy, row: TrainingRound, model: msg.Obje
         strategy=local_strategy(study), proximal_mu=study.proximal_mu,
         upload=upload_for(spoke),
     )
+
+
+def study_image(session: Session, study: TrainingStudy) -> AlgorithmRef | None:
+    """The study's approved version as every ``RoundOpen`` carries it, built exactly as a
+    validation launch builds its ``AlgorithmRef``; None for a study without a registered
+    version (launched before versions were required). A version revoked since the launch
+    raises :class:`AlgorithmRefused`: no further round is opened with it."""
+    if study.algorithm_id is None:
+        return None
+    try:
+        algorithm = refuse_unapproved(session.get(Algorithm, study.algorithm_id),
+                                      study.algorithm_id)
+    except NotApproved as exc:
+        raise AlgorithmRefused(str(exc)) from None
+    ref = algorithm_ref(algorithm)
+    if ref.reference != study.algorithm:
+        raise AlgorithmRefused(f"version {study.algorithm_id} is now {ref.reference}, "
+                               f"not the study's {study.algorithm}")
+    return ref
 
 
 def _server(row: TrainingRound) -> SecAggServer:
@@ -259,31 +300,60 @@ def receive(session: Session, row: TrainingRound, message: msg.TrainingFromSpoke
     _save(session, row, server)
 
 
-def _waiting_for(server: SecAggServer) -> tuple[set[str], set[str]]:
-    """(expected, answered) of the open stage."""
+def _waiting_for(server: SecAggServer, row: TrainingRound) -> tuple[set[str], set[str]]:
+    """(expected, answered) of the open stage; a spoke that refused the attempt is not
+    expected."""
     s = server.state
-    return {
+    expected, answered = {
         "keys": (set(s.config.participants), set(s.keys)),
         "shares": (set(s.keys), set(s.bundles)),
         "masked": (set(s.bundles), set(s.masked)),
         "consistency": (set(s.survivors), set(s.signatures)),
         "unmask": (set(s.signatures), set(s.responses)),
     }[s.stage.value]
+    return expected - set(row.refused or {}), answered
 
 
 def all_answered(row: TrainingRound) -> bool:
     """True if every spoke the open stage waits for has answered it."""
     if row.stage not in OPEN_STAGES:
         return False
-    expected, answered = _waiting_for(_server(row))
+    expected, answered = _waiting_for(_server(row), row)
     return expected <= answered
+
+
+#: Refusals that end a spoke's part in an attempt. A ``protocol`` refusal may answer a
+#: message sent twice (a restarted hub sends the open stage again) while the spoke takes
+#: part all right: that one is audited only, and the stage waits for the spoke as before.
+DECISIVE_REFUSALS = ("image_not_trusted", "image_unavailable", "epsilon_cap",
+                     "training_failed")
+
+
+def count_out(session: Session, row: TrainingRound, refusal: msg.Refusal,
+              sender: str) -> bool:
+    """Stop waiting for ``sender`` in this attempt once it refused it for a decisive reason
+    (audited), so that the open stage closes as soon as everyone else answered. True if it
+    was counted out now."""
+    if (refusal.study_id, refusal.round_index, refusal.attempt) != (
+            row.study_id, row.round_index, row.attempt):
+        raise TrainingError(f"{sender}'s refusal of {refusal.round_id} names another round")
+    if sender not in row.participants:
+        raise TrainingError(f"{sender} is not a participant of {row.round_id}")
+    if (refusal.reason not in DECISIVE_REFUSALS or row.stage not in OPEN_STAGES
+            or sender in (row.refused or {})):
+        return False
+    row.refused = {**(row.refused or {}), sender: refusal.reason}
+    session.add(row)
+    audit.record(session, ACTOR, "training.spoke_counted_out", row.round_id, spoke=sender,
+                 stage=row.stage, reason=refusal.reason)
+    return True
 
 
 def ready(row: TrainingRound, now: datetime | None = None) -> bool:
     """True if the open stage may close: everyone answered, or its deadline passed."""
     if row.stage not in OPEN_STAGES:
         return False
-    expected, answered = _waiting_for(_server(row))
+    expected, answered = _waiting_for(_server(row), row)
     deadline = row.stage_deadline
     now = now or utcnow()
     if deadline.tzinfo is None:  # SQLite hands back naive UTC
@@ -434,8 +504,8 @@ def next_step(session: Session, study: TrainingStudy) -> NextStep:
 
 
 def pending_messages(study: TrainingStudy, row: TrainingRound, model: msg.ObjectRef,
-                     model_signature: str, upload_for: Callable[[str], str]
-                     ) -> list[tuple[str, BaseModel]]:
+                     model_signature: str, upload_for: Callable[[str], str],
+                     image: AlgorithmRef | None = None) -> list[tuple[str, BaseModel]]:
     """The messages of the open stage, to each spoke that has not answered it yet: what a
     restarted hub sends again, since it may have stopped between committing a stage and
     sending its messages (a spoke answers a repeated message as it did the first time, or
@@ -444,11 +514,11 @@ def pending_messages(study: TrainingStudy, row: TrainingRound, model: msg.Object
         return []
     server = _server(row)
     s = server.state
-    expected, answered = _waiting_for(server)
+    expected, answered = _waiting_for(server, row)
     todo = sorted(expected - answered)
     if row.stage == "keys":
-        return [(r, round_open_message(study, row, model, model_signature, upload_for, r))
-                for r in todo]
+        return [(r, round_open_message(study, row, model, model_signature, upload_for, r,
+                                       image)) for r in todo]
     if row.stage == "shares":
         ref = max(row.num_examples[v] for v in s.keys)
         return [(r, msg.Keys(keys=server.keys_for(r), weight_reference=ref)) for r in todo]

@@ -272,16 +272,17 @@ function wireNewTraining() {
     showError(form, "");
     clearFieldErrors(form);
     const problems = [];
-    const algorithm = form.elements.approved.value || form.elements.algorithm.value.trim();
+    const algorithmId = form.elements.algorithm_id.value;
     if (!form.elements.name.value.trim()) problems.push({ field: "name", message: "Give the study a name." });
-    if (!algorithm) problems.push({ field: "algorithm", message: "Choose an approved version or give an image pinned by digest." });
+    if (!algorithmId) problems.push({ field: "algorithm_id", message: "Choose an approved algorithm version." });
     const spokes = [...form.querySelectorAll("input[name=spokes]:checked")].map((c) => c.value);
     if (spokes.length < 2) problems.push({ field: "spokes", message: "Choose at least two spokes." });
     const file = form.elements.initial_model.files[0];
     if (!file) problems.push({ field: "initial_model_b64", message: "Choose the initial model (safetensors)." });
     if (problems.length) { fail(problems); return; }
     const number = (name) => (form.elements[name].value === "" ? undefined : Number(form.elements[name].value));
-    const body = { name: form.elements.name.value.trim(), algorithm, spokes, strategy: strategy.value };
+    const body = { name: form.elements.name.value.trim(), algorithm_id: Number(algorithmId), spokes,
+      strategy: strategy.value };
     ["proximal_mu", "rounds", "min_participants", "round_deadline_s", "max_attempts",
       "clip_bound", "noise_multiplier", "epsilon_budget", "delta"].forEach((name) => {
       if (number(name) !== undefined) body[name] = number(name);

@@ -59,9 +59,11 @@ def new_training_page(request: Request, session: Session = Depends(get_session),
                       user: User = Depends(page_user)) -> HTMLResponse:
     """The launch form: it posts ``POST /api/training-studies`` (the page's CSRF token with
     it), so a launch from the dashboard is checked and audited as one from the API or CLI.
-    Offered: the approved algorithm versions' images, and the spokes that can take part
-    (enrolled, not revoked, not sandbox); the others are listed, disabled, with why."""
-    approved = [{"image": f"{a.repository}@{a.digest}", "label": f"{a.name} {a.version}"}
+    Offered: the approved, unrevoked algorithm versions (a study names one, whose image and
+    approval the hub sends with every round), and the spokes that can take part (enrolled,
+    not revoked, not sandbox); the others are listed, disabled, with why."""
+    approved = [{"id": a.id, "image": f"{a.repository}@{a.digest}",
+                 "label": f"{a.name} {a.version}"}
                 for a in reversed(algorithm_versions.algorithms(session))
                 if algorithm_versions.state(a) == "approved"]
     spokes = spoke_reads(session, request.app.state.settings.spoke_online_seconds)
