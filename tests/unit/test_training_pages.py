@@ -158,8 +158,11 @@ def test_the_launch_form_offers_usable_spokes_and_approved_images(hub) -> None: 
                                              headers=_auth(tokens["reviewer"])).text
     with Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
         ids = {a.name: a.id for a in session.exec(select(Algorithm))}
-    offered = re.findall(r'<option value="(\d+)">([^<]+)</option>', page.text)
-    assert offered == [(str(ids["train-0"]),
-                        "train-0 1 · registry.test/train-0@sha256:" + "0" * 64)]
+    offered = dict(re.findall(r'<option value="(\d+)">([^<]+)</option>', page.text))
+    # the approved, unrevoked versions only (the fixture's own approved one among them)
+    assert offered[str(ids["train-0"])] == "train-0 1 · registry.test/train-0@sha256:" + "0" * 64
+    assert str(ids["train-1"]) not in offered and str(ids["train-2"]) not in offered
+    assert set(offered) == {str(a_id) for name, a_id in ids.items()
+                            if name not in ("train-1", "train-2")}
     for strategy in ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"):
         assert f'<option value="{strategy}">' in page.text
