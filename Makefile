@@ -35,8 +35,12 @@ lint: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/tributary contract schemas docs/schemas
 
+# Several workers (pytest-xdist, one file per worker at a time; see tests/conftest.py):
+# end-to-end tests mostly wait for other processes, so two cores serve three at once.
+PYTEST_WORKERS ?= 3
+
 test: services lint
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # The fast half: no broker, registry or Docker engine needed.
 test-unit: $(STAMP)

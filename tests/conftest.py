@@ -1,5 +1,11 @@
 """Fixtures for tests that use the real services: the Docker engine, ActiveMQ and the OCI
-registry are started (idempotently) once per session by the project's own code."""
+registry are started (idempotently) once per session by the project's own code.
+
+``make test`` runs the suite on pytest-xdist workers (``--dist loadgroup``): most of an
+end-to-end test's time is spent waiting for other processes, so two cores serve more than
+one test at a time. Each file is one group, kept on one worker, so its module fixtures (a
+federation, a demo run) start once; files that share names outside their own temporary
+folders are one group, so they never run at the same time."""
 
 from __future__ import annotations
 
@@ -14,6 +20,29 @@ from tributary.services.settings import ServiceSettings
 from tributary.testbed.federation import LocalFederation, build_and_push
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: Files that must not run at the same time as each other, by group.
+SHARED = {
+    # the demo's fixed spoke names, its compose project and its state folder
+    "demo": ("test_demo_e2e.py", "test_demo_containers_e2e.py", "test_demo_sigterm_e2e.py"),
+}
+
+
+def xdist_group(path: Path) -> str:
+    """The xdist group of a test file: its shared group, or the file itself."""
+    for group, files in SHARED.items():
+        if path.name in files:
+            return group
+    return str(path.relative_to(ROOT))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group each test by file; end-to-end files first, whose tests each take seconds to
+    minutes, so the many short unit tests fill the workers' ends rather than a long test
+    starting last."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(Path(item.path))))
+    items.sort(key=lambda item: "/tests/e2e/" not in str(item.path))  # stable
 
 
 @pytest.fixture(scope="session")
