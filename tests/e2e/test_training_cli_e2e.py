@@ -1,7 +1,8 @@
 """`tributary training list|show|watch` against a real hub process: `watch` exits 0 for a
 study that finished its rounds and 1, with the reason, for one stopped at its privacy budget
 or failed; `show --json` is the API's JSON; a hub without an object store refuses a launch
-with the reason and the CLI says it on one line."""
+with the reason and the CLI says it on one line; `launch --init-from-algorithm` runs the
+approved version's own init task (pulled by digest, in the sandbox) for the initial model."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from approved_algorithms import approved_algorithm
 from safetensors.numpy import save_file
 from sqlmodel import Session
 
+from tributary.cli.training_init import initial_model
 from tributary.hub.db import make_engine
 from tributary.hub.models import TrainingRound, utcnow
 from tributary.hub.services import training
 from tributary.protocol.signing import SigningKey
+from tributary.protocol.training.tensors import decode_tensors
 from tributary.services.settings import ServiceSettings
+from tributary.testbed.training_demo import load_logreg, push_training_image
 from tributary.testbed.training_hub import TRIBUTARY, TrainingHub
 
 pytestmark = pytest.mark.e2e
@@ -106,5 +110,29 @@ def test_watch_exit_status_show_and_list(service_settings: ServiceSettings,
         assert refused.returncode == 1
         assert "503" in refused.stderr and "no object store" in refused.stderr
         assert "Traceback" not in refused.stderr
+
+        # The version's own initialisation: its init task, pulled by digest, in the sandbox.
+        repository, digest = push_training_image(service_settings)
+        with hub.api(token) as api:
+            version = hub.register_approved(api, "federated-logreg", repository, digest,
+                                            SigningKey.generate())
+        no_model = settings[2:]
+        both = cli(hub, token, "launch", *settings, "--init-from-algorithm",
+                   "--algorithm", str(version))
+        assert both.returncode == 2 and "either --initial-model or --init-from-algorithm" \
+            in both.stderr
+        missing = cli(hub, token, "launch", *no_model, "--init-from-algorithm",
+                      "--algorithm", "999")
+        assert missing.returncode == 1
+        assert "no algorithm version 999 is registered" in missing.stderr
+        features = len(load_logreg().FEATURES)
+        init = cli(hub, token, "launch", *no_model, "--init-from-algorithm",
+                   "--algorithm", str(version))
+        assert f"federated-logreg 1's init: {features + 1} parameters" in init.stdout, init
+        assert init.returncode == 1 and "no object store" in init.stderr  # then the hub's
+        data, count = initial_model(f"{repository}@{digest}")
+        params = decode_tensors(data)
+        assert count == features + 1 and set(params) == {"weights", "bias"}
+        assert not params["weights"].any() and params["weights"].shape == (features,)
     finally:
         hub.stop()

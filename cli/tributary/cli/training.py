@@ -30,9 +30,13 @@ ENDED = ("finished", "stopped_budget", "failed")
 
 @app.command("launch")
 def launch(
-    model: Annotated[Path, typer.Option(
+    model: Annotated[Path | None, typer.Option(
         "--initial-model", exists=True, dir_okay=False,
-        help="The initial global model (safetensors).")],
+        help="The initial global model (safetensors).")] = None,
+    init_from_algorithm: Annotated[bool, typer.Option(
+        "--init-from-algorithm",
+        help="Instead of --initial-model: the version's own initialisation (its init task, "
+             "run here in the sandbox with no data and no network).")] = False,
     hub: HubOption = "http://127.0.0.1:8000",
     token: TokenOption = "",
     hub_ca: HubCaOption = None,
@@ -79,10 +83,38 @@ def launch(
              "noise_multiplier": noise_multiplier, "epsilon_budget": epsilon_budget,
              "delta": delta}
     body.update({k: v for k, v in given.items() if v is not None})
-    body["initial_model_b64"] = base64.b64encode(model.read_bytes()).decode()
+    if (model is None) == (not init_from_algorithm):
+        raise typer.BadParameter("give either --initial-model or --init-from-algorithm",
+                                 param_hint="--initial-model")
     with hub_client(hub, token, hub_ca, timeout=300) as client:
+        if model is not None:
+            initial = model.read_bytes()
+        else:
+            initial = _initial_model_of(client, body.get("algorithm_id"))
+        body["initial_model_b64"] = base64.b64encode(initial).decode()
         study = check(client.post("/api/training-studies", json=body), "launching")
     console.print(study["id"], highlight=False)
+
+
+def _initial_model_of(client: Any, algorithm_id: Any) -> bytes:
+    """The version's own initial model (:mod:`tributary.cli.training_init`); exits 1 with
+    the reason if it cannot give one."""
+    from tributary.cli.training_init import InitError, initial_model, version_image
+
+    if not isinstance(algorithm_id, int):
+        raise typer.BadParameter("--init-from-algorithm needs --algorithm ID",
+                                 param_hint="--algorithm")
+    try:
+        image, version = version_image(client, algorithm_id)
+        console.print(f"running {version['name']} {version['version']}'s init task "
+                      f"({image}) in the sandbox…", highlight=False)
+        data, count = initial_model(image)
+    except InitError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    console.print(f"initial model from {version['name']} {version['version']}'s init: "
+                  f"{count} parameters", highlight=False)
+    return data
 
 
 @app.command("list")
