@@ -9,6 +9,7 @@ Create Date: 2026-12-06 04:30:00
 from collections.abc import Sequence
 
 import sqlalchemy as sa
+import sqlmodel
 from alembic import op
 
 revision: str = '0016_trainjoin'
@@ -34,7 +35,7 @@ def upgrade() -> None:
         sa.Column('round_id', sa.String(), nullable=False),
         sa.Column('object_digest', sa.String(), nullable=False),
         sa.Column('envelope', sa.JSON(), nullable=True),
-        sa.Column('received_at', sa.DateTime(), nullable=False),
+        sa.Column('received_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.PrimaryKeyConstraint('id'),
         sa.UniqueConstraint('spoke_id', 'sequence'),
     )
