@@ -5,14 +5,14 @@ other role's frameworks. A site installing ``tributary-spoke`` gets no web frame
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import zipfile
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+
+from tributary.testbed import checkout_wheels
 
 ROOT = Path(__file__).resolve().parents[2]
 #: folder -> (distribution, the package paths inside it)
@@ -82,9 +82,7 @@ def test_the_command_depends_on_every_role() -> None:
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheels")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "--wheel-dir", str(out),
-                    *(str(ROOT / folder) for folder in ROLES)], check=True)
+    checkout_wheels.build(ROOT, sorted(ROLES), out, dependencies=False, isolation=False)
     return out
 
 

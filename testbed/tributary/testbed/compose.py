@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from tributary.protocol.destinations import DEFAULT_FEDERATION
 from tributary.services import base_image, docker_engine
 from tributary.services.settings import ServiceSettings
 from tributary.services.system import ensure_commands, port_open, wait_for
-from tributary.testbed import image_wheels
+from tributary.testbed import checkout_wheels, image_wheels
 from tributary.testbed.federation import LocalFederation
 
 #: The source checkout: testbed/tributary/testbed/ is three folders below it.
@@ -74,14 +73,10 @@ def build_context(environment: dict[str, str]) -> None:
         wheels = deploy / role / "wheels"
         shutil.rmtree(wheels, ignore_errors=True)  # only this build's set: the image installs all
         wheels.mkdir()
-        for name in distributions:  # what setuptools left there may be gone from the sources
-            shutil.rmtree(ROOT / name.partition("[")[0] / "build", ignore_errors=True)
         # A fixed timestamp makes the wheels of unchanged sources identical, so the engine's
         # build cache holds across runs.
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels),
-                        *(str(ROOT / name) for name in distributions)],
-                       check=True, stdout=subprocess.DEVNULL,
-                       env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"})
+        checkout_wheels.build(ROOT, distributions, wheels,
+                              env={**os.environ, "SOURCE_DATE_EPOCH": "315532800"})
         image_wheels.complete_for(wheels, environment)
     services = ROOT / "cli" / "tributary" / "services"
     for name, target in (("activemq.xml", "broker"), ("log4j2.properties", "broker"),
