@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from lease_checks import one_holder_and_failover_after_kill_9, start_holder
 from sqlalchemy import create_engine, text
 from sqlmodel import SQLModel
 
 from tributary.hub import migrations
 from tributary.hub.db import open_database
+from tributary.hub.lease import Lease, lock_key
 from tributary.hub.services.throttle import SignInThrottle
 from tributary.hub.settings import HubSettings
 from tributary.protocol.auditlog import read_entries
@@ -127,3 +129,23 @@ def test_sign_in_throttle_shared_on_postgres(server: str, tmp_path: Path) -> Non
     assert first.retry_after("carol", "10.0.0.9") is None
     for engine in engines:
         engine.dispose()
+
+
+def test_the_training_lease_on_postgres(server: str) -> None:
+    """The advisory-lock lease between two real processes on one PostgreSQL database: one
+    holder, failover after kill -9, and a holder whose connection the server dropped knows
+    it no longer holds the lease (and another process takes it)."""
+    url = new_database(server)
+    one_holder_and_failover_after_kill_9(url)
+    engine = create_engine(url)
+    lease = Lease(engine, "training")
+    assert lease.try_acquire()
+    with engine.connect() as connection:  # the server ends the lease's session
+        connection.execute(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND objid = :low"), {"low": lock_key("training") & 0xFFFFFFFF})
+    assert not lease.held()
+    holder = start_holder(url, "training")  # the lock went with the session
+    holder.kill()
+    holder.wait(timeout=30)
+    engine.dispose()

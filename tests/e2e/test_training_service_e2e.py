@@ -124,10 +124,12 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
     HeldStore.release.clear()
     federation = f"th{uuid.uuid4().hex[:8]}"
     cohorts = make_cohorts(tmp_path / "cohorts")
-    # Apart, the rounds are also closed by a Celery worker (redis), killed with the hub.
+    # Apart, the rounds are also closed by a Celery worker (redis), killed with the hub, and
+    # the web app runs the round loop too: two loops on one database, one leads at a time.
     hub = TrainingHub(tmp_path / "hub", service_settings.host, service_settings.broker_port,
                       federation, objectstore.write_party_credentials(store_settings, "hub"),
-                      apart=apart, celery_broker_url=redis.ensure_running(service_settings)
+                      apart=apart, web_app_training=apart or None,
+                      celery_broker_url=redis.ensure_running(service_settings)
                       if apart else None)
     hub_key, database = hub.key, hub.database_url
     broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
@@ -213,8 +215,16 @@ def test_hub_killed_mid_round_resumes_and_counts_each_spoke_once(
             client.close()
         hub.stop()
 
-    if apart:  # the loop ran in `tributary hub train`, not in the web app...
+    if apart:  # two processes ran the round loop's service; one led per start...
         assert "training coordinator on" in (tmp_path / "hub" / "train-2.log").read_text()
+        with Session(engine) as session:
+            taken = session.exec(select(AuditEvent).where(
+                AuditEvent.action == "training.loop_taken")).all()
+        assert len(taken) == hub.starts == 3, [e.detail for e in taken]
+        waited = [n for n in range(1, 4) for name in ("hub", "train")
+                  if "waiting for its lease" in (tmp_path / "hub" / f"{name}-{n}.log"
+                                                 ).read_text()]
+        assert waited == [1, 2, 3], hub.logs()[-4000:]
         # ...and each round was closed by the worker, once (a second run finds it closed).
         closes = "".join((tmp_path / "hub" / f"worker-{n}.log").read_text()
                          for n in (1, 2, 3))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import httpx
 
 from tributary.services.system import (
     ServiceError,
+    apt_get,
     ensure_commands,
     port_open,
     read_pid,
@@ -34,11 +34,9 @@ def ensure_installed() -> None:
         if os.geteuid() != 0:
             raise ServiceError("missing Debian package orthanc-dicomweb; run as root to "
                                "install it")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         if shutil.which("apt-get") is None:
             raise ServiceError("orthanc-dicomweb is missing and apt-get is unavailable")
-        subprocess.run(["apt-get", "install", "-y", "-qq", "orthanc-dicomweb"], check=True,
-                       env=env, stdout=subprocess.DEVNULL)
+        apt_get("install", "-y", "-qq", "orthanc-dicomweb")
 
 
 @dataclass(frozen=True)

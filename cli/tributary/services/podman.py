@@ -29,6 +29,7 @@ from tributary.services.settings import ServiceSettings
 from tributary.services.system import (
     ServiceError,
     ensure_commands,
+    one_starter,
     read_pid,
     start_daemon,
     stop_daemon,
@@ -89,6 +90,7 @@ def answers(settings: ServiceSettings, path: Path | None = None) -> bool:
     return status.startswith(b"HTTP/1.") and b" 200" in status
 
 
+@one_starter("podman")
 def ensure_running(settings: ServiceSettings | None = None) -> str:
     """Install Podman if missing and start its API service unless ours runs; returns the
     socket's URL."""
@@ -177,6 +179,7 @@ def rootless_socket(user: str = ROOTLESS_USER) -> Path:
     return Path(f"/run/user/{pwd.getpwnam(user).pw_uid}/podman/podman.sock")
 
 
+@one_starter("podman-rootless")
 def ensure_rootless(settings: ServiceSettings | None = None,
                     user: str = ROOTLESS_USER) -> str:
     """Start a rootless Podman API service as ``user`` unless it runs; returns the socket's

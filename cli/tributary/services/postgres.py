@@ -23,6 +23,7 @@ from tributary.services.settings import ServiceSettings
 from tributary.services.system import (
     ServiceError,
     ensure_commands,
+    one_starter,
     preferred_port,
     read_pid,
     recorded_port,
@@ -103,6 +104,7 @@ def url(settings: ServiceSettings, port: int, database: str = "postgres") -> str
             f"{database}")
 
 
+@one_starter("postgres")
 def ensure_running(settings: ServiceSettings | None = None) -> str:
     """Start our cluster if it is not running; return the URL of its ``postgres``
     database. Listens on ``TRIBUTARY_POSTGRES_PORT`` if free, else on a free port."""

@@ -12,6 +12,7 @@ from tributary.services.settings import ServiceSettings
 from tributary.services.system import (
     ServiceError,
     ensure_commands,
+    one_starter,
     port_open,
     preferred_port,
     recorded_port,
@@ -42,6 +43,7 @@ def _config(settings: ServiceSettings, port: int) -> Path:
     return config
 
 
+@one_starter("redis")
 def ensure_running(settings: ServiceSettings | None = None) -> str:
     """Start our redis if it is not running; return its URL (with the password). Listens
     on ``TRIBUTARY_REDIS_PORT`` if that is free, else on a free port, recorded for reuse."""

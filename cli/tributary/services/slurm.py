@@ -17,6 +17,7 @@ from tributary.services.system import (
     ServiceError,
     ensure_commands,
     free_port,
+    one_starter,
     read_pid,
     start_daemon,
     stop_daemon,
@@ -118,6 +119,7 @@ def _node_ready(settings: ServiceSettings) -> bool:
     return done.returncode == 0 and done.stdout.strip() in ("idle", "mix", "alloc")
 
 
+@one_starter("slurm")
 def ensure_running(settings: ServiceSettings | None = None) -> str:
     """Install Slurm and munge if missing and start slurmctld and slurmd unless ours run;
     returns the path of the cluster's ``slurm.conf``."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import os
 import shutil
 import signal
@@ -11,6 +13,11 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+from tributary.services.settings import ServiceSettings
+
+T = TypeVar("T")
 
 _apt_updated = False
 
@@ -27,11 +34,21 @@ def ensure_commands(packages: dict[str, str]) -> None:
     if os.geteuid() != 0:
         raise ServiceError(f"missing Debian packages {missing}; run as root to install them")
     global _apt_updated
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if not _apt_updated:
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        apt_get("update", "-qq")
         _apt_updated = True
-    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env,
+    apt_get("install", "-y", "-qq", *missing)
+
+
+#: How long apt-get waits for another apt-get (a second test worker installing another
+#: service, the machine's own updates) to release dpkg's lock, rather than failing at once.
+APT_LOCK_WAIT_S = 900
+
+
+def apt_get(*args: str) -> None:
+    """Run apt-get non-interactively, waiting for dpkg's lock when another one holds it."""
+    subprocess.run(["apt-get", "-o", f"DPkg::Lock::Timeout={APT_LOCK_WAIT_S}", *args],
+                   check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
                    stdout=subprocess.DEVNULL)
 
 
@@ -125,3 +142,23 @@ def stop_daemon(pidfile: Path, timeout: float = 20.0) -> bool:
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def one_starter(name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Make a service's ``ensure_running(settings, ...)`` run in one process at a time per
+    state folder (an exclusive lock file there): two test workers, or a demo and a test,
+    asking for the same service at once would otherwise both find it stopped and both
+    install or start it, and one would fail on the other's port or dpkg lock."""
+
+    def decorate(ensure: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(ensure)
+        def locked(settings: ServiceSettings | None = None, *args: Any, **kwargs: Any) -> T:
+            settings = settings or ServiceSettings()
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+            with open(settings.state_dir / f".{name}.start.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                return ensure(settings, *args, **kwargs)
+
+        return locked
+
+    return decorate

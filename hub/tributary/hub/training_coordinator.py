@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import signal
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -32,6 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from tributary.hub import tasks, training_checks
+from tributary.hub.lease import Lease
 from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
 from tributary.hub.services import audit, training, training_close
 from tributary.hub.services.enrolment import public_key
@@ -58,6 +61,8 @@ MODEL_CACHE = 4
 MAX_REFUSALS_KEPT = 1000
 #: Seconds before a round still open after its close was sent to the workers is sent again.
 REENQUEUE_CLOSE_S = 60.0
+#: The lease whose holder runs the round loop, one hub process at a time.
+LEASE = "training"
 
 
 def enrolled_training_keys(engine: Engine) -> dict[str, PublicKey]:
@@ -382,20 +387,56 @@ class TrainingCoordinator:
                 log.warning("training study %s: %s", study_id, exc)
 
     def serve(self, poll_s: float = 0.5) -> TrainingCoordinator:
-        """Subscribe and run the loop in a thread until :meth:`stop`."""
-        self.start()
+        """Run the loop in a thread until :meth:`stop`, in whichever hub process holds the
+        training lease (:mod:`tributary.hub.lease`): the others wait, neither consuming the
+        hub's training queue nor stepping, and one of them takes over when the holder dies.
+        """
+        lease = Lease(self.engine, LEASE)
 
         def loop() -> None:
+            leading = waiting_said = False
             while not self._stop.is_set():
                 try:
-                    self.step_all()
+                    if leading and not lease.held():
+                        leading = self._follow()
+                    if not leading and lease.try_acquire():
+                        leading = self._lead()
+                    elif not leading and not waiting_said:
+                        log.info("another hub process runs the training loop; waiting for "
+                                 "its lease")
+                        waiting_said = True
+                    if leading:
+                        self.step_all()
                 except Exception:  # a database fault: the next pass tries again
                     log.exception("training loop")
                 self._stop.wait(poll_s)
+            if leading:
+                self.broker.unsubscribe(hub_training_queue(self.federation))
+            lease.release()
 
         self._thread = threading.Thread(target=loop, name="hub-training", daemon=True)
         self._thread.start()
         return self
+
+    def _lead(self) -> bool:
+        """Took the lease: consume the training queue, resend what a stage may have
+        committed unsent (this process's memory of sends starts afresh), audit."""
+        self._sent.clear()
+        self._enqueued.clear()
+        self._born = time.monotonic()  # deadlines get the resume grace, as after a restart
+        with Session(self.engine) as session:
+            audit.record(session, "hub", "training.loop_taken", LEASE,
+                         host=socket.gethostname(), pid=os.getpid())
+            session.commit()
+        self.start()
+        log.info("this process runs the training loop (it holds the training lease)")
+        return True
+
+    def _follow(self) -> bool:
+        """Lost the lease (its database connection went): stop consuming and stepping."""
+        self.broker.unsubscribe(hub_training_queue(self.federation))
+        log.warning("training lease lost; this process stops running the training loop")
+        return False
 
     def stop(self) -> None:
         self._stop.set()

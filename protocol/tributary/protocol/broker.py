@@ -223,6 +223,15 @@ class StompClient:
             if self._conn is not None and self._connected.is_set():
                 self._subscribe_on(self._conn, destination, sub_id, prefetch)
 
+    def unsubscribe(self, destination: str) -> None:
+        """Stop consuming ``destination``. Messages delivered and not yet acknowledged go
+        back to the queue for its other consumers (or this one, subscribing again)."""
+        with self._lock:
+            entry = self._subscriptions.pop(destination, None)
+            if entry is not None and self._conn is not None and self._connected.is_set():
+                with contextlib.suppress(Exception):  # the connection went: nothing to undo
+                    self._conn.unsubscribe(id=entry[0])
+
     @staticmethod
     def _subscribe_on(conn: stomp.Connection12, destination: str, sub_id: str,
                       prefetch: int = 1) -> None:

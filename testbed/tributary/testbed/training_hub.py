@@ -37,6 +37,9 @@ class TrainingHub:
     store_credentials: Path | None
     poll_seconds: float = 0.2
     apart: bool = False
+    #: Whether the web app runs the round loop too (default: when not ``apart``). With
+    #: ``apart`` and this, two processes compete for the training lease and one leads.
+    web_app_training: bool | None = None
     #: Further TRIBUTARY_HUB_* settings for the hub's processes.
     settings: dict[str, str] = field(default_factory=dict)
     #: A Celery broker: the rounds are closed by a `tributary hub worker` started, killed
@@ -76,7 +79,8 @@ class TrainingHub:
                 "TRIBUTARY_HUB_BROKER_PORT": str(self.broker_port),
                 "TRIBUTARY_HUB_BROKER_FEDERATION": self.federation,
                 "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": str(self.poll_seconds),
-                "TRIBUTARY_HUB_RUN_TRAINING": "false" if self.apart else "true",
+                "TRIBUTARY_HUB_RUN_TRAINING": "true" if self.web_app_training or (
+                    self.web_app_training is None and not self.apart) else "false",
                 **({"TRIBUTARY_HUB_CELERY_BROKER_URL": self.celery_broker_url}
                    if self.celery_broker_url else {}),
                 **self.settings}
