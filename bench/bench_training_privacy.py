@@ -72,28 +72,10 @@ def noise_for(target: float, rounds: int, delta: float) -> float:
 def secure_sum(vectors: dict[str, np.ndarray], bits: int) -> np.ndarray:
     """The modular sum of quantised vectors through a SecAgg+ round in this process (every
     stage: keys, shares, masking, consistency, unmasking)."""
-    names = sorted(vectors)
     length = len(next(iter(vectors.values())))
-    config = sa.make_round_config("privacy-bench", names, bits=bits, vector_length=length)
-    server = sa.SecAggServer.start(config)
-    clients = {}
-    for p in names:
-        clients[p], advert = sa.SecAggClient.start(config, p)
-        server.receive_keys(advert)
-    server.close_keys()
-    for p, c in clients.items():
-        server.receive_shares(c.share_keys(server.keys_for(p)))
-    server.close_shares()
-    masked: dict[str, np.ndarray] = {}
-    for p, c in clients.items():
-        c.receive_shares(server.shares_for(p))
-        message, masked[p] = c.mask(vectors[p])
-        server.receive_masked(message)
-    for check in server.close_masking():
-        server.receive_signature(clients[check.receiver].sign_survivors(check))
-    for request in server.close_consistency():
-        server.receive_unmask(clients[request.receiver].unmask(request))
-    return server.aggregate(masked.__getitem__).total
+    config = sa.make_round_config("privacy-bench", sorted(vectors), bits=bits,
+                                  vector_length=length)
+    return sa.sum_in_one_process(config, vectors)[0].total
 
 
 def federated(algorithm: Any, sites: Sequence[Any], rounds: int, clip: float, z: float,

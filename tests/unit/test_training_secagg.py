@@ -390,3 +390,15 @@ def test_a_corrupt_share_fails_the_round_instead_of_a_wrong_sum() -> None:
         r.server.aggregate(r.vectors.__getitem__)
     with pytest.raises(ValueError):
         sa.Share(owner="a", index=1, chunks=(b"short", bytes(16)))
+
+
+def test_a_round_in_one_process_sums_modulo_two_to_the_bits() -> None:
+    rng = np.random.default_rng(7)
+    names = ["a", "b", "c", "d"]
+    config = sa.make_round_config("one-process", names, bits=16, vector_length=50)
+    vectors = {p: rng.integers(0, 2**16, size=50, dtype=np.uint32) for p in names}
+    result, times = sa.sum_in_one_process(config, vectors)
+    expected = sum(v.astype(np.uint64) for v in vectors.values()) % 2**16
+    assert np.array_equal(result.total.astype(np.uint64), expected)
+    assert result.survivors == tuple(names) and not result.dropped
+    assert min(times.setup_s, times.mask_s, times.hub_s) > 0
