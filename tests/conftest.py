@@ -87,3 +87,12 @@ def nothing_written_into_the_checkout() -> Iterator[None]:
 def unique() -> str:
     """A short suffix that keeps spoke queues of different test runs apart."""
     return uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="session")
+def training_image(service_settings: ServiceSettings) -> tuple[str, str]:
+    """The federated example (examples/federated_logreg) built FROM the services' base image
+    and pushed to the registry: (repository, manifest digest)."""
+    from tributary.testbed.training_demo import push_training_image
+
+    return push_training_image(service_settings)

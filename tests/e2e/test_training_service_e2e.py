@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -47,7 +46,6 @@ from tributary.spoke.training_agent import DockerTrainer, TrainingAgent
 from tributary.testbed.training_demo import (
     load_logreg,
     make_cohorts,
-    push_training_image,
     site_of,
 )
 from tributary.testbed.training_hub import TRIBUTARY, TrainingHub
@@ -55,7 +53,6 @@ from tributary_algorithm.training import RoundConfig
 
 pytestmark = pytest.mark.e2e
 
-BASE_IMAGE = "tributary/python-base:3.11"
 SPOKES = ["site-a", "site-b", "site-c"]
 ROUNDS = 3
 FEDADAM = ServerOptimiser(kind="fedadam", server_lr=0.05)
@@ -63,15 +60,9 @@ logreg = load_logreg()
 
 
 @pytest.fixture(scope="module")
-def image(service_settings: ServiceSettings) -> tuple[str, str]:
-    """The example pushed to the registry (repository, digest): what the hub registers and
-    approves, and the in-process trainers run by that reference."""
-    if shutil.which("docker") is None:
-        pytest.skip("the docker CLI is not installed")
-    if subprocess.run(["docker", "image", "inspect", BASE_IMAGE],
-                      capture_output=True, timeout=60).returncode != 0:
-        pytest.skip(f"base image {BASE_IMAGE} is not built (no Docker Hub here)")
-    return push_training_image(service_settings)
+def image(training_image: tuple[str, str]) -> tuple[str, str]:
+    """The example pushed to the registry (repository, digest)."""
+    return training_image
 
 
 @pytest.fixture(scope="module")
