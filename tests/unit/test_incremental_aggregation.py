@@ -5,6 +5,8 @@ whatever batches, redelivered, run twice, or replaced by a later attempt."""
 
 from __future__ import annotations
 
+import csv
+import io
 import math
 import random
 from datetime import UTC, datetime
@@ -40,6 +42,7 @@ from tributary.hub.services.aggregation import (
     read_snapshot,
     refresh,
 )
+from tributary.hub.services.exports import aggregate_csv
 from tributary.hub.services.ingest import ingest_batch
 from tributary.protocol.messages import CaseStatus, ResultMessage
 
@@ -177,6 +180,13 @@ def test_a_snapshot_between_full_passes_says_how_fresh_each_figure_is(
         assert report.full_pass.figures == ["auc"]
         pooled = report.groups["pooled"]
         assert pooled.succeeded + pooled.failed == 180  # the counts are current
+        # The CSV export says so figure by figure.
+        exported = {(row["group"], row["figure"]): (row["as_of"], row["results_covered"])
+                    for row in csv.DictReader(io.StringIO(aggregate_csv(report)))}
+        now = (report.computed_at.isoformat(), "180")
+        then = (report.full_pass.computed_at.isoformat(), str(full.results))
+        assert then != now and exported[("pooled", "auc")] == then
+        assert exported[("pooled", "succeeded")] == exported[("pooled", "sensitivity")] == now
         assert pooled.figures["auc"] == read_snapshot(full).groups["pooled"].figures["auc"]
         # Nothing new: no new snapshot; but the full pass is owed, so the debouncer's
         # recomputation leaves the study stale until the full pass is due, then makes it.

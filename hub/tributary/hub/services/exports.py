@@ -192,20 +192,29 @@ def results_csv(rows: list[ResultRow]) -> str:
         for r in rows))
 
 
+#: ``as_of`` and ``results_covered`` say how fresh each figure is: between full passes the
+#: figures that need every value (AUC, quantiles, bootstrap intervals) are those of the last
+#: full pass, older than the snapshot's counts (``AggregateRead.full_pass``).
 AGGREGATE_COLUMNS = ["group", "figure", "value", "n", "ci_low", "ci_high", "ci_method",
-                     "confidence", "suppressed"]
+                     "confidence", "suppressed", "as_of", "results_covered"]
 
 
 def aggregate_csv(report: AggregateRead) -> str:
-    """Long format, one figure per row: the state counts first, then every figure."""
+    """Long format, one figure per row: the state counts first, then every figure, each
+    with the time and the number of results it is computed from."""
+    current = (report.computed_at.isoformat(), report.results)
+    full = report.full_pass
+    older = set(full.figures) if full is not None else set()
+    past = (full.computed_at.isoformat(), full.results) if full is not None else current
+
     def rows() -> Iterable[list[Any]]:
         for name, group in report.groups.items():
             for key in ("cases", "succeeded", "failed", "pending"):
                 yield [name, key, getattr(group, key), getattr(group, key), None, None, None,
-                       None, None]
+                       None, None, *current]
             for key, f in group.figures.items():
                 yield [name, key, f.value, f.n, f.ci_low, f.ci_high, f.ci_method,
-                       f.confidence, f.suppressed]
+                       f.confidence, f.suppressed, *(past if key in older else current)]
     return to_csv(AGGREGATE_COLUMNS, rows())
 
 
