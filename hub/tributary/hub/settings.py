@@ -95,6 +95,18 @@ class HubSettings(BaseSettings):
     #: older than protocol 1.2 report nothing); ``off`` leaves the decision to the spokes.
     #: Revoked spokes and the sandbox boundary are checked whatever this says.
     launch_trust_check: Literal["strict", "reported", "off"] = "strict"
+    #: Federation authorities whose membership credentials this hub trusts: their did:web
+    #: DID documents (``did.json`` files; read at every check, never fetched). With at least
+    #: one, every spoke needs a valid credential to be enrolled and targeted; none: no
+    #: credential is asked for (docs/cohorts.md#participant-credentials).
+    federation_authorities: list[Path] = []
+    #: The authorities' signed status lists (``status-list.jwt`` files, kept current by the
+    #: operator), read at every check: a revocation counts from the next check.
+    credential_status_lists: list[Path] = []
+    #: Clock skew tolerated on a credential's validity window.
+    credential_leeway_seconds: int = Field(60, ge=0, le=300)
+    #: How often every stored credential is checked again (expiry, revocation).
+    credential_check_seconds: float = Field(300.0, gt=0)
     #: Days an experiment message waits in the broker for an offline spoke.
     default_expiry_days: float = 7.0
     #: A spoke is shown online when the hub heard from it this recently (or within three
