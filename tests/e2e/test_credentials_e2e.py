@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -215,10 +217,18 @@ def test_a_renewed_credential_restores_membership(world: dict[str, Any]) -> None
     with federation.api() as api:
         keyids = [k["keyid"] for k in api.get(f"/api/spokes/{legacy}/keys").json()]
         assert api.get(f"/api/spokes/{legacy}/credential").json()["state"] == "missing"
-        renewed = api.put(f"/api/spokes/{legacy}/credential", json={
-            "credential": federation.issue_credential(legacy, keyids)})
-        assert renewed.status_code == 200, renewed.text
-        assert renewed.json()["state"] == "valid" and renewed.json()["keyids"] == keyids
+    # The administrator presents it with the CLI, from the file the authority sent.
+    federation.issue_credential(legacy, keyids)
+    presented = subprocess.run(
+        [sys.executable, "-m", "tributary.cli", "federation", "present", legacy,
+         str(federation.root / "spokes" / legacy / "membership.jwt"), "--hub",
+         federation.hub_url, "--token", federation.admin_token],
+        capture_output=True, text=True, timeout=120)
+    assert presented.returncode == 0, presented.stderr
+    assert f"{legacy}: valid" in presented.stdout
+    with federation.api() as api:
+        renewed = api.get(f"/api/spokes/{legacy}/credential").json()
+        assert renewed["state"] == "valid" and renewed["keyids"] == keyids
         junk = api.put(f"/api/spokes/{legacy}/credential", json={"credential": "x.y.z"})
         assert junk.status_code == 422 and "not a compact JWS" in junk.text
         # the refused one replaced nothing

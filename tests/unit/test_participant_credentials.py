@@ -196,3 +196,42 @@ def test_status_lists_are_bounded_and_must_be_signed(authority: Authority,
     with pytest.raises(vc.CredentialError, match="not a membership credential"):
         vc.verify_membership((authority.folder / STATUS_FILE).read_text(), trusted(authority),
                              NOW)
+
+
+def test_the_federation_command_runs_an_authority(tmp_path: Path) -> None:
+    """`tributary federation`: init, issue for a spoke's public key, revoke, list, publish;
+    what it writes verifies, and refuses once revoked."""
+    from typer.testing import CliRunner
+
+    from tributary.cli.app import app
+
+    runner, folder = CliRunner(), tmp_path / "authority"
+    spoke_key = SigningKey.generate()
+    (tmp_path / "spoke.pub").write_text(spoke_key.public.pem)
+
+    def run(*args: str) -> str:
+        done = runner.invoke(app, ["federation", *args], env={"COLUMNS": "200"})
+        assert done.exit_code == 0, done.output
+        return done.output
+
+    run("init", "--dir", str(folder), "--did", "did:web:authority.example.org",
+        "--status-url", URL)
+    refused = runner.invoke(app, ["federation", "init", "--dir", str(folder), "--did",
+                                  "did:web:authority.example.org", "--status-url", URL])
+    assert refused.exit_code == 1 and "already holds an authority" in refused.output
+    run("issue", "--dir", str(folder), "--spoke", "north", "--did",
+        "did:web:north.example.org", "--key", str(tmp_path / "spoke.pub"), "--days", "30",
+        "-o", str(tmp_path / "north.jwt"))
+    authority = Authority(folder)
+    credential = vc.verify_membership((tmp_path / "north.jwt").read_text(),
+                                      trusted(authority), NOW)
+    vc.check_binding(credential, "north", [spoke_key.keyid], "tributary")
+    vc.check_status(credential, status_lists(authority))
+    bad = runner.invoke(app, ["federation", "issue", "--dir", str(folder), "--spoke", "north",
+                              "--did", "https://north", "--key", str(tmp_path / "spoke.pub")])
+    assert bad.exit_code == 1 and "did:web" in bad.output
+    run("revoke", "--dir", str(folder), credential.id, "--reason", "left")
+    assert "left" in run("list", "--dir", str(folder))
+    run("publish", "--dir", str(folder), "--days", "1")
+    with pytest.raises(vc.CredentialError, match="revoked"):
+        vc.check_status(credential, status_lists(authority))
