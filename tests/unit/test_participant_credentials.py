@@ -235,3 +235,11 @@ def test_the_federation_command_runs_an_authority(tmp_path: Path) -> None:
     run("publish", "--dir", str(folder), "--days", "1")
     with pytest.raises(vc.CredentialError, match="revoked"):
         vc.check_status(credential, status_lists(authority))
+
+
+def test_a_hub_trusting_an_authority_needs_its_status_list(tmp_path: Path) -> None:
+    from tributary.hub.settings import HubSettings
+
+    with pytest.raises(ValueError, match="no status list is configured"):
+        HubSettings(federation_authorities=[tmp_path / "did.json"])
+    assert HubSettings().federation_authorities == []  # none: no credential asked for

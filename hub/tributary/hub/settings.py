@@ -155,6 +155,15 @@ class HubSettings(BaseSettings):
                              "--tls-key): HTTPS needs both")
         return self
 
+    @model_validator(mode="after")
+    def _status_lists_with_authorities(self) -> Self:
+        if self.federation_authorities and not self.credential_status_lists:
+            raise ValueError("federation authorities are trusted but no status list is "
+                             "configured (TRIBUTARY_HUB_CREDENTIAL_STATUS_LISTS): every "
+                             "credential would be refused, as its revocation cannot be "
+                             "checked")
+        return self
+
     @property
     def tls(self) -> bool:
         """Whether the hub serves HTTPS itself."""
