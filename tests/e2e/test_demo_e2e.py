@@ -21,10 +21,21 @@ SPOKES = ("northfield", "riverside", "stclare")
 def test_demo_runs_a_study_to_its_aggregate(tmp_path: Path) -> None:
     created = {spoke: LocalFederation.watch_containers(f"org.tributary.spoke={spoke}")
                for spoke in SPOKES}
+    memberships: dict[str, dict] = {}
+
+    def membership(federation: LocalFederation, _hub_side: object) -> None:
+        with federation.api() as api:
+            for spoke in SPOKES:
+                memberships[spoke] = api.get(f"/api/spokes/{spoke}/credential").json()
+
     with open(tmp_path / "demo.log", "w") as log:
         report = run_demo([2, 1, 1], hub_port=free_port(), wait=False,
                           workdir=tmp_path / "demo", console=Console(file=log),
-                          podman=True)
+                          podman=True, after_study=membership)
+    # Every spoke was enrolled and targeted as a member: its credential, checked at launch.
+    assert {s: m["state"] for s, m in memberships.items()} == dict.fromkeys(SPOKES, "valid")
+    assert all(m["required"] and m["issuer"].startswith("did:web:authority.")
+               for m in memberships.values())
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == report
     pooled = report["groups"]["pooled"]
     assert (pooled["cases"], pooled["succeeded"], pooled["failed"]) == (4, 4, 0)

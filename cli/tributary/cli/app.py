@@ -18,6 +18,7 @@ app = typer.Typer(
         contract="tributary.cli.contract:app",
         broker="tributary.cli.broker:app",
         pki="tributary.cli.pki:app",
+        federation="tributary.cli.federation:app",
         algorithm="tributary.cli.algorithm:app",
         publisher="tributary.cli.publisher:app",
         audit="tributary.cli.audit:app",

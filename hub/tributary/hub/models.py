@@ -104,6 +104,29 @@ class SpokeKey(SQLModel, table=True):
     revoked_at: datetime | None = None
 
 
+class SpokeCredential(SQLModel, table=True):
+    """The membership credential a spoke presented (a VC-JWT signed by a federation
+    authority, ``tributary.protocol.cohorts.credentials``) and the outcome of its latest
+    check: at presentation, periodically, and at every launch that targets the spoke."""
+
+    spoke_id: str = Field(foreign_key="spoke.id", primary_key=True)
+    token: str
+    credential_id: str
+    issuer: str
+    subject: str
+    keyids: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    valid_from: datetime
+    valid_until: datetime
+    status_list: str
+    status_index: int
+    presented_at: datetime = Field(default_factory=utcnow)
+    presented_by: str
+    checked_at: datetime = Field(default_factory=utcnow)
+    #: ``valid`` or ``refused`` (with the reason) at ``checked_at``.
+    state: str = "valid"
+    reason: str = ""
+
+
 class Publisher(SQLModel, table=True):
     """An algorithm publisher whose release signatures the hub checks at registration."""
 

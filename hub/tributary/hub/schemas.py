@@ -70,6 +70,38 @@ class PublisherCreate(BaseModel):
 
 class KeyEnrol(BaseModel):
     public_key_pem: str = Field(description="Ed25519 public key, PEM (SubjectPublicKeyInfo).")
+    credential: str | None = Field(
+        None, max_length=16 * 1024,
+        description="The spoke's membership credential (VC-JWT from a federation authority) "
+                    "naming this key; required when the hub trusts a federation authority, "
+                    "unless the spoke already presented one that names it.")
+
+
+class CredentialPresent(BaseModel):
+    credential: str = Field(max_length=16 * 1024,
+                            description="Membership credential (VC-JWT, compact JWS).")
+
+
+class SpokeCredentialRead(BaseModel):
+    """A spoke's stored membership credential and its latest check (``required``: whether
+    the hub asks for one at all)."""
+
+    spoke_id: str
+    required: bool
+    present: bool
+    state: str = ""
+    reason: str = ""
+    credential_id: str = ""
+    issuer: str = ""
+    subject: str = ""
+    keyids: list[str] = []
+    valid_from: datetime | None = None
+    valid_until: datetime | None = None
+    status_list: str = ""
+    status_index: int | None = None
+    presented_at: datetime | None = None
+    presented_by: str = ""
+    checked_at: datetime | None = None
 
 
 class GapAccept(BaseModel):

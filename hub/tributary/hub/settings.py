@@ -95,6 +95,18 @@ class HubSettings(BaseSettings):
     #: older than protocol 1.2 report nothing); ``off`` leaves the decision to the spokes.
     #: Revoked spokes and the sandbox boundary are checked whatever this says.
     launch_trust_check: Literal["strict", "reported", "off"] = "strict"
+    #: Federation authorities whose membership credentials this hub trusts: their did:web
+    #: DID documents (``did.json`` files; read at every check, never fetched). With at least
+    #: one, every spoke needs a valid credential to be enrolled and targeted; none: no
+    #: credential is asked for (docs/cohorts.md#participant-credentials).
+    federation_authorities: list[Path] = []
+    #: The authorities' signed status lists (``status-list.jwt`` files, kept current by the
+    #: operator), read at every check: a revocation counts from the next check.
+    credential_status_lists: list[Path] = []
+    #: Clock skew tolerated on a credential's validity window.
+    credential_leeway_seconds: int = Field(60, ge=0, le=300)
+    #: How often every stored credential is checked again (expiry, revocation).
+    credential_check_seconds: float = Field(300.0, gt=0)
     #: Days an experiment message waits in the broker for an offline spoke.
     default_expiry_days: float = 7.0
     #: A spoke is shown online when the hub heard from it this recently (or within three
@@ -141,6 +153,15 @@ class HubSettings(BaseSettings):
             raise ValueError(f"a TLS {given} is given but no {missing} (TRIBUTARY_HUB_TLS_"
                              "CERT_FILE and TRIBUTARY_HUB_TLS_KEY_FILE, or --tls-cert and "
                              "--tls-key): HTTPS needs both")
+        return self
+
+    @model_validator(mode="after")
+    def _status_lists_with_authorities(self) -> Self:
+        if self.federation_authorities and not self.credential_status_lists:
+            raise ValueError("federation authorities are trusted but no status list is "
+                             "configured (TRIBUTARY_HUB_CREDENTIAL_STATUS_LISTS): every "
+                             "credential would be refused, as its revocation cannot be "
+                             "checked")
         return self
 
     @property

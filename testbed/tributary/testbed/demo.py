@@ -126,7 +126,7 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
         # (``tributary/...`` is its own namespace) to push the image with.
         federation = LocalFederation(root, settings, hub_port, secure_broker=hub_side.broker,
                                      hub_tls=hub_side.hub_tls, hosts=placed,
-                                     hub_env=hub_side.hub_env)
+                                     hub_env=hub_side.hub_env, credentials=True)
         cleanup.callback(federation.stop)
         federation.start_hub()
         console.print(f"  hub        {federation.hub_url} (host {placed.netns(HUB)})")
@@ -165,7 +165,7 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
             start_broker(broker)
             cleanup.callback(stop_broker, broker)
         federation = LocalFederation(root, settings, hub_port, secure_broker=broker,
-                                     launch_trust_check="strict")
+                                     launch_trust_check="strict", credentials=True)
         cleanup.callback(federation.stop)
     # On separate hosts, a site's data is on its own host (under its own folder).
     data = {spoke_id: root / "spokes" / spoke_id / "data" if hosts else root / "data" / spoke_id
@@ -186,6 +186,10 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
         if broker is not None:
             console.print(f"  broker     stomp+ssl://{broker.host}:{broker.stomp_ssl_port}, "
                           "one client certificate per party, each confined to its own queues")
+        if getattr(federation, "authority", None) is not None:
+            console.print(f"  authority  {federation.authority.state.did}: each spoke's "
+                          "membership credential (a W3C verifiable credential bound to its "
+                          "keys) is presented at enrolment and checked at every launch")
         schema_file = examples_dir() / "lung_nodule" / "arguments.schema.json"
         schema = json.loads(schema_file.read_text())
         with federation.api() as api:

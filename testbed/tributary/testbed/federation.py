@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,10 @@ class LocalFederation:
     #: Simulated hosts to place the parties on (the secure broker must then listen on
     #: ``hosts.hub_address``); None: every process on this machine's loopback.
     hosts: Hosts | None = None
+    #: Run a federation authority (in ``root/authority``) that the hub trusts: every spoke
+    #: added gets a membership credential, presented with its key at enrolment.
+    credentials: bool = False
+    authority: Any = None
     _reviewers: list[str] = field(default_factory=list)
     #: (username, password, organisation) of the reviewers :meth:`reviewer_tokens` made.
     _reviewer_accounts: list[tuple[str, str, str]] = field(default_factory=list)
@@ -263,6 +268,35 @@ class LocalFederation:
             self.hosts.publish(self.hub_port)
         if self.secure_broker is not None:  # its authorization covers the default names
             self.federation = DEFAULT_FEDERATION
+        if self.credentials and self.authority is None:
+            self.authority = self.start_authority()
+
+    def start_authority(self) -> Any:
+        """A federation authority for this federation, trusted by the hub from its next
+        start (its DID document and status list file, as an operator would configure)."""
+        from tributary.protocol.cohorts.authority import DID_FILE, STATUS_FILE, Authority
+
+        host = f"authority.{self.federation.lower()}.example"
+        authority = Authority.init(self.root / "authority", f"did:web:{host}",
+                                   self.federation, f"https://{host}/status/1")
+        self.hub_env = {
+            "TRIBUTARY_HUB_FEDERATION_AUTHORITIES": json.dumps([str(authority.folder / DID_FILE)]),
+            "TRIBUTARY_HUB_CREDENTIAL_STATUS_LISTS": json.dumps(
+                [str(authority.folder / STATUS_FILE)]),
+            **self.hub_env}
+        return authority
+
+    def issue_credential(self, spoke_id: str, keyids: list[str],
+                         valid_for: timedelta = timedelta(days=30),
+                         valid_from: datetime | None = None) -> str:
+        """The authority's membership credential for ``spoke_id``, also written beside the
+        spoke's config (``membership.jwt``), where a site keeps what the authority sent."""
+        token, _ = self.authority.issue(spoke_id, f"did:web:{spoke_id}.sites.example",
+                                        keyids, valid_for, valid_from)
+        work = self.root / "spokes" / spoke_id
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "membership.jwt").write_text(token)
+        return token
 
     def _hub_broker_env(self) -> dict[str, str]:
         if self.secure_broker is None:
@@ -404,8 +438,10 @@ class LocalFederation:
                                           "institution": institution,
                                           "sandbox": bool(config.get("sandbox"))}
                      ).raise_for_status()
-            api.post(f"/api/spokes/{spoke_id}/keys",
-                     json={"public_key_pem": key.public.pem}).raise_for_status()
+            enrol: dict[str, Any] = {"public_key_pem": key.public.pem}
+            if self.authority is not None:
+                enrol["credential"] = self.issue_credential(spoke_id, [key.keyid])
+            api.post(f"/api/spokes/{spoke_id}/keys", json=enrol).raise_for_status()
         return path
 
     def reviewer_tokens(self) -> list[str]:

@@ -27,7 +27,7 @@ from tributary.hub.schemas import (
     SandboxRunCreate,
     SpokeTrustRead,
 )
-from tributary.hub.services import algorithms, approval, audit, sandbox, trust
+from tributary.hub.services import algorithms, approval, audit, credentials, sandbox, trust
 from tributary.hub.services import launch as launch_service
 from tributary.hub.services.aggregation import AGGREGATORS
 from tributary.hub.services.progress import experiment_read
@@ -203,8 +203,12 @@ def try_in_sandbox(algorithm_id: RowId, request: Request, body: SandboxRunCreate
                                          publisher.public_key_pem, actor)
     try:
         launch_service.launch(session, broker, request.app.state.signing_key, experiment,
-                              actor, expiry, settings.launch_trust_check, approval=grant)
+                              actor, expiry, settings.launch_trust_check, approval=grant,
+                              membership=credentials.policy(settings))
     except trust.LaunchRefused as exc:
+        audit.record(session, actor, "experiment.launch_refused", experiment.id,
+                     refusals=exc.detail()["refusals"])
+        session.commit()
         raise HTTPException(409, exc.detail()) from None
     except PublishError as exc:
         raise HTTPException(503, f"broker unavailable, {experiment.id} not sent: {exc}"

@@ -39,7 +39,7 @@ from tributary.hub.schemas import (
     RetryBody,
     RetryRead,
 )
-from tributary.hub.services import audit, control, exports
+from tributary.hub.services import audit, control, credentials, exports
 from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
 from tributary.hub.services.anchors import anchors
 from tributary.hub.services.enrolment import active_keys
@@ -159,7 +159,8 @@ def launch_experiment(experiment_id: str, request: Request,
     _broker_reachable(broker, "experiment messages")
     try:
         launch(session, broker, request.app.state.signing_key, experiment, actor,
-               timedelta(days=settings.default_expiry_days), settings.launch_trust_check)
+               timedelta(days=settings.default_expiry_days), settings.launch_trust_check,
+               membership=credentials.policy(settings))
     except NotApproved as exc:
         raise HTTPException(409, f"cannot launch: {exc}") from None
     except LaunchRefused as exc:

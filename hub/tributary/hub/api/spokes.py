@@ -11,13 +11,22 @@ from tributary.hub.deps import (
     get_session,
     get_settings,
 )
-from tributary.hub.models import CustodyGap, Role, Spoke, SpokeKey
-from tributary.hub.schemas import GapAccept, KeyEnrol, SpokeCreate, SpokeRead, SpokeRevoke
-from tributary.hub.services import audit, enrolment, gaps, ingest
+from tributary.hub.models import CustodyGap, Role, Spoke, SpokeCredential, SpokeKey
+from tributary.hub.schemas import (
+    CredentialPresent,
+    GapAccept,
+    KeyEnrol,
+    SpokeCreate,
+    SpokeCredentialRead,
+    SpokeRead,
+    SpokeRevoke,
+)
+from tributary.hub.services import audit, credentials, enrolment, gaps, ingest
 from tributary.hub.services.spokes import revoke_spoke, spoke_read, spoke_reads
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
-from tributary.protocol.signing import SignatureError
+from tributary.protocol.cohorts.credentials import CredentialError
+from tributary.protocol.signing import PublicKey, SignatureError
 
 router = APIRouter(prefix="/api/spokes", tags=["spokes"], dependencies=[Depends(current_user)])
 
@@ -57,15 +66,92 @@ def _spoke(session: Session, spoke_id: str) -> Spoke:
 
 @router.post("/{spoke_id}/keys", status_code=201, response_model=SpokeKey)
 def enrol_key(spoke_id: str, body: KeyEnrol, session: Session = Depends(get_session),
+              settings: HubSettings = Depends(get_settings),
               actor: str = Depends(acting(Role.ADMIN))) -> SpokeKey:
-    """Enrol a public key the spoke generated locally; its messages are accepted from now."""
+    """Enrol a public key the spoke generated locally; its messages are accepted from now.
+    When the hub trusts a federation authority, only under a membership credential that
+    verifies and names the key (422 with the reason otherwise)."""
     if _spoke(session, spoke_id).revoked_at is not None:
         raise HTTPException(409, f"spoke {spoke_id!r} was revoked; register the site again "
                                  "under a new id")
     try:
+        _membership_at_enrolment(session, settings, spoke_id, body, actor)
         return enrolment.enrol(session, spoke_id, body.public_key_pem, actor)
+    except CredentialError as exc:
+        raise HTTPException(422, f"credential refused: {exc}") from None
     except (SignatureError, ValueError) as exc:
         raise HTTPException(422, str(exc)) from None
+
+
+def _membership_at_enrolment(session: Session, settings: HubSettings, spoke_id: str,
+                             body: KeyEnrol, actor: str) -> None:
+    """When the hub trusts a federation authority, a key is enrolled only under a
+    membership credential that verifies and names it: the one sent with the key, else the
+    one the spoke presented before. A refusal is audited and answered 422 with its reason."""
+    membership = credentials.policy(settings)
+    if membership is None:
+        return
+    keyid = PublicKey.from_pem(body.public_key_pem).keyid
+    token = body.credential
+    if token is None:
+        stored = session.get(SpokeCredential, spoke_id)
+        if stored is None:
+            audit.record(session, actor, "credential.refused", spoke_id,
+                         reason=credentials.MISSING, at="enrolment", keyid=keyid)
+            session.commit()
+            raise CredentialError(f"{credentials.MISSING}; send it with the key "
+                                  f"(`credential`), as issued by a federation authority")
+        token = stored.token
+    try:
+        credentials.present(session, membership, spoke_id, token, actor, new_keyid=keyid)
+    except CredentialError:
+        session.commit()  # the refusal's audit event
+        raise
+
+
+@router.put("/{spoke_id}/credential", response_model=SpokeCredentialRead)
+def present_credential(spoke_id: str, body: CredentialPresent,
+                       session: Session = Depends(get_session),
+                       settings: HubSettings = Depends(get_settings),
+                       actor: str = Depends(acting(Role.ADMIN))) -> SpokeCredentialRead:
+    """Present (or renew) the spoke's membership credential: verified now (422 with the
+    reason if refused, audited), then checked again periodically and at every launch."""
+    _spoke(session, spoke_id)
+    membership = credentials.policy(settings)
+    if membership is None:
+        raise HTTPException(409, "this hub trusts no federation authority "
+                                 "(TRIBUTARY_HUB_FEDERATION_AUTHORITIES)")
+    try:
+        credentials.present(session, membership, spoke_id, body.credential, actor)
+    except CredentialError as exc:
+        session.commit()
+        raise HTTPException(422, f"credential refused: {exc}") from None
+    session.commit()
+    return _credential_read(session, settings, spoke_id)
+
+
+@router.get("/{spoke_id}/credential", response_model=SpokeCredentialRead)
+def get_credential(spoke_id: str, session: Session = Depends(get_session),
+                   settings: HubSettings = Depends(get_settings)) -> SpokeCredentialRead:
+    """The spoke's credential, checked now (expiry, revocation, binding to its keys)."""
+    _spoke(session, spoke_id)
+    membership = credentials.policy(settings)
+    if membership is not None:
+        credentials.check(session, membership, spoke_id)
+        session.commit()
+    return _credential_read(session, settings, spoke_id)
+
+
+def _credential_read(session: Session, settings: HubSettings,
+                     spoke_id: str) -> SpokeCredentialRead:
+    required = credentials.policy(settings) is not None
+    row = session.get(SpokeCredential, spoke_id)
+    if row is None:
+        return SpokeCredentialRead(spoke_id=spoke_id, required=required, present=False,
+                                   state="missing" if required else "",
+                                   reason=credentials.MISSING if required else "")
+    return SpokeCredentialRead(required=required, present=True,
+                               **row.model_dump(exclude={"token"}))
 
 
 @router.get("/{spoke_id}/keys", response_model=list[SpokeKey])

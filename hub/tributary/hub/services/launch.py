@@ -18,8 +18,13 @@ from tributary.hub.models import (
     TargetState,
     utcnow,
 )
-from tributary.hub.services import audit
-from tributary.hub.services.trust import LaunchRefused, limits_verdict, verdicts
+from tributary.hub.services import audit, credentials
+from tributary.hub.services.trust import (
+    LaunchRefused,
+    SpokeVerdict,
+    limits_verdict,
+    verdicts,
+)
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.destinations import spoke_queue
 from tributary.protocol.messages import (
@@ -88,15 +93,18 @@ def sandbox_grant(key: SigningKey, algorithm: Algorithm, publisher_pem: str,
 
 
 def check_targets(session: Session, experiment: Experiment, algorithm: Algorithm,
-                  mode: str = "strict") -> None:
-    """Raise :class:`LaunchRefused` if a pending target would refuse the version, naming
-    each one's reason; ``mode`` is the hub's ``launch_trust_check``."""
+                  mode: str = "strict", membership: credentials.Policy | None = None) -> None:
+    """Raise :class:`LaunchRefused` if a pending target would refuse the version, or is
+    not a federation member by ``membership`` (its credential missing, expired, revoked),
+    naming each one's reason; ``mode`` is the hub's ``launch_trust_check``."""
     pending = [t.spoke_id for t in session.exec(
         select(ExperimentTarget).where(ExperimentTarget.experiment_id == experiment.id))
         if t.state == TargetState.PENDING]
     if not pending:
         return
-    refusals = []
+    refusals = [SpokeVerdict(spoke_id, spoke_id, False, reason, experiment.sandbox, "credential")
+                for spoke_id, reason in credentials.refusals(session, membership,
+                                                             pending).items()]
     for found in verdicts(session, algorithm, experiment.sandbox, pending):
         if found.runs:
             found = limits_verdict(session.get(Spoke, found.spoke_id),
@@ -114,9 +122,11 @@ def check_targets(session: Session, experiment: Experiment, algorithm: Algorithm
 
 def launch(session: Session, client: StompClient, key: SigningKey, experiment: Experiment,
            actor: str, expiry: timedelta, trust_check: str = "strict",
-           approval: dict[str, Any] | None = None) -> list[ExperimentTarget]:
+           approval: dict[str, Any] | None = None,
+           membership: credentials.Policy | None = None) -> list[ExperimentTarget]:
     """Publish the experiment to its pending targets, once :func:`check_targets` found
-    that every one of them will run it. ``approval``: a sandbox study's grant."""
+    that every one of them will run it and is a member (``membership``: the hub's
+    credential policy). ``approval``: a sandbox study's grant."""
     algorithm = session.get(Algorithm, experiment.algorithm_id)
     assert algorithm is not None
     if experiment.sandbox:
@@ -124,7 +134,7 @@ def launch(session: Session, client: StompClient, key: SigningKey, experiment: E
             raise NotApproved("a sandbox study needs the hub's sandbox grant")
     else:
         refuse_unapproved(algorithm, experiment.algorithm_id)
-    check_targets(session, experiment, algorithm, trust_check)
+    check_targets(session, experiment, algorithm, trust_check, membership)
     if experiment.expires_at is None:
         experiment.expires_at = utcnow() + expiry
         session.add(experiment)

@@ -28,7 +28,8 @@ class SpokeVerdict:
     #: Why not, as a kind: ``publisher`` (its reported trust excludes the version's
     #: publisher), ``unreported`` (it never reported its trust), or ``boundary`` (revoked,
     #: unenrolled, the sandbox boundary, the version itself), which no setting relaxes, or
-    #: ``limits`` (the study asks for more than the spoke's reported capacity).
+    #: ``limits`` (the study asks for more than the spoke's reported capacity), or
+    #: ``credential`` (its membership credential is missing, expired or revoked).
     refusal: str = ""
 
 

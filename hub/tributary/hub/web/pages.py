@@ -26,10 +26,11 @@ from tributary.hub.models import (
     Experiment,
     ExperimentState,
     Role,
+    SpokeCredential,
     User,
 )
 from tributary.hub.services import algorithms as algorithm_versions
-from tributary.hub.services import audit, plots
+from tributary.hub.services import audit, credentials, plots
 from tributary.hub.services import trust as spoke_trust
 from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import cohort_sizes, count_reads
@@ -340,8 +341,10 @@ def experiment_spoke_page(experiment_id: str, spoke_id: str, request: Request,
 def spokes_page(request: Request, session: Session = Depends(get_session),
                 user: User = Depends(page_user)) -> HTMLResponse:
     spokes = spoke_reads(session, request.app.state.settings.spoke_online_seconds)
+    membership = credentials.policy(request.app.state.settings)
     return _render(request, "spokes.html", user, spokes=spokes, keys=keys_by_spoke(session),
-                   cohorts=cohort_sizes(session))
+                   cohorts=cohort_sizes(session), credentials_required=membership is not None,
+                   credentials={c.spoke_id: c for c in session.exec(select(SpokeCredential))})
 
 
 @router.get("/algorithms", response_class=HTMLResponse)
