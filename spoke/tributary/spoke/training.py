@@ -90,7 +90,10 @@ class RoundSecrets(BaseModel):
 
     open: msg.RoundOpen
     client: ClientState
-    delta_b64: str
+    #: The update in clear (little-endian float64), when it is kept in the state itself;
+    #: with a spool and its key it is kept there, sealed, and only its digest is here.
+    delta_b64: str | None = None
+    delta_sha256: str | None = None
     num_examples: int
     join: msg.Join
     #: num_examples / the round's weight reference, once the keys stage closed.
@@ -115,6 +118,18 @@ class ParticipantState(BaseModel):
 
 
 _AD = b"tributary training participant"
+_UPDATE_AD = b"tributary training update\0"
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all, on disk before this returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def seal_state(state: ParticipantState, key: bytes) -> bytes:
@@ -139,7 +154,10 @@ class TrainingParticipant:
 
     With ``key``, each masked update is bound to a signed custody record (chained);
     with ``spool`` and ``persist``, the masked vector is written to ``spool`` and the state
-    persisted before the upload (see :attr:`RoundSecrets.pending`)."""
+    persisted before the upload (see :attr:`RoundSecrets.pending`). With ``spool`` and
+    ``spool_key``, the update itself waits for the masking stage in ``spool``, sealed, not
+    in the state: the state is journaled after every message, and an update of 10^7
+    parameters rewritten each time would be most of a spoke's cost in a round."""
 
     me: str
     train: Callable[[msg.RoundOpen, Mapping[str, np.ndarray]], LocalResult]
@@ -153,6 +171,7 @@ class TrainingParticipant:
     key: SigningKey | None = None
     spool: Path | None = None
     persist: Callable[[], None] | None = None
+    spool_key: bytes | None = None
     version: str = "unknown"
     #: Site policy: send the run's loss with ``Join`` (in clear, outside the DP guarantee).
     release_loss: bool = False
@@ -191,10 +210,50 @@ class TrainingParticipant:
         ledger.record(charge)  # charged once it releases anything, even if it drops later
         join = msg.Join(advert=advert, num_examples=result.num_examples,
                         loss=result.loss if self.release_loss else None)
+        raw = delta.astype("<f8").tobytes()
+        if self.spool is not None and self.spool_key is not None:
+            self._seal_delta(round_id, raw)  # before the state that names it is journaled
+            kept = {"delta_sha256": hashlib.sha256(raw).hexdigest()}
+        else:
+            kept = {"delta_b64": base64.b64encode(raw).decode()}
         self.rounds[round_id] = RoundSecrets(
             open=message, client=client.state, num_examples=result.num_examples, join=join,
-            delta_b64=base64.b64encode(delta.astype("<f8").tobytes()).decode())
+            **kept)
         return join
+
+    def _delta_path(self, round_id: str) -> Path:
+        assert self.spool is not None
+        return self.spool / (hashlib.sha256(round_id.encode()).hexdigest()[:32] + ".update")
+
+    def _seal_delta(self, round_id: str, raw: bytes) -> None:
+        assert self.spool_key is not None
+        nonce = secrets.token_bytes(12)
+        sealed = nonce + ChaCha20Poly1305(self.spool_key).encrypt(
+            nonce, raw, _UPDATE_AD + round_id.encode())
+        _write_durably(self._delta_path(round_id), sealed)
+
+    def _delta(self, round_id: str, kept: RoundSecrets) -> np.ndarray:
+        """The round's update, from the state or unsealed from the spool (checked against
+        the digest the state kept); refused if it is gone or not the one trained."""
+        if kept.delta_b64 is not None:
+            return np.frombuffer(base64.b64decode(kept.delta_b64), dtype="<f8")
+        path = self._delta_path(round_id) if self.spool is not None else None
+        raw = None
+        if path is not None and path.exists() and self.spool_key is not None:
+            blob = path.read_bytes()
+            try:
+                raw = ChaCha20Poly1305(self.spool_key).decrypt(
+                    blob[:12], blob[12:], _UPDATE_AD + round_id.encode())
+            except InvalidTag:
+                raw = None
+        if raw is None or hashlib.sha256(raw).hexdigest() != kept.delta_sha256:
+            raise TrainingRefused(f"the update of round {round_id} was lost or altered; this "
+                                  "spoke does not send another one")
+        return np.frombuffer(raw, dtype="<f8")
+
+    def _forget_delta(self, round_id: str) -> None:
+        if self.spool is not None:
+            self._delta_path(round_id).unlink(missing_ok=True)
 
     def _round(self, round_id: str) -> RoundSecrets:
         if round_id not in self.rounds:
@@ -225,7 +284,7 @@ class TrainingParticipant:
             client = SecAggClient(kept.client)
             client.receive_shares(message.delivery)
             protection = kept.open.protection
-            delta = np.frombuffer(base64.b64decode(kept.delta_b64), dtype="<f8")
+            delta = self._delta(round_id, kept)
             quantised = protect_weighted({"update": delta}, schema_of({"update": delta}),
                                          kept.weight, protection.clip_bound,
                                          protection.noise_multiplier, protection.quantisation)
@@ -236,6 +295,7 @@ class TrainingParticipant:
             if self.spool is not None and self.persist is not None:
                 self._spool_write(round_id, data)
                 self.persist()
+                self._forget_delta(round_id)  # the journal names the masked vector now
         ref = self.upload(kept.open.upload, data)
         kept.masked = msg.Masked(masked=kept.pending, upload=ref, custody=self._custody(kept, ref))
         if self.spool is not None:
@@ -262,14 +322,7 @@ class TrainingParticipant:
         return self.spool / (hashlib.sha256(round_id.encode()).hexdigest()[:32] + ".masked")
 
     def _spool_write(self, round_id: str, data: bytes) -> None:
-        path = self._spool_path(round_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _write_durably(self._spool_path(round_id), data)
 
     def _spooled(self, round_id: str, pending: MaskedInput) -> bytes:
         """The vector masked before a crash; refused if it is gone or not what was masked
@@ -296,6 +349,7 @@ class TrainingParticipant:
         client = SecAggClient(kept.client)
         response = client.unmask(message.request)
         del self.rounds[round_id]  # the round's secrets are no longer needed
+        self._forget_delta(round_id)
         self.finished[round_id] = msg.UnmaskReply(response=response)
         return self.finished[round_id]
 

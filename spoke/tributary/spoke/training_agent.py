@@ -120,7 +120,8 @@ class TrainingAgent:
         self.participant = TrainingParticipant(
             me=spoke_id, train=trainer, upload=self._upload, caps=dict(caps or {}),
             default_cap=default_cap, key=key, spool=journal.with_name(journal.name + ".spool"),
-            persist=self._save, version=version, release_loss=release_loss)
+            persist=self._save, spool_key=journal_key, version=version,
+            release_loss=release_loss)
         if journal.exists():
             self.participant.restore(open_state(journal.read_bytes(), journal_key))
         self.refused: list[str] = []
