@@ -7,6 +7,7 @@ alone (so the attack itself is shown to work)."""
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -212,9 +213,9 @@ def test_the_description_is_signed_and_bound_to_its_spoke(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="north"):
         open_description(stolen, [key.public])
     # ... nor can anyone alter the numbers under the signature.
-    payload = json.loads(__import__("base64").b64decode(message.envelope["payload"]))
+    payload = json.loads(base64.b64decode(message.envelope["payload"]))
     payload["cases"] = 400
-    forged = dict(message.envelope, payload=__import__("base64").b64encode(
+    forged = dict(message.envelope, payload=base64.b64encode(
         json.dumps(payload).encode()).decode())
     with pytest.raises(ValueError):
         open_description(message.model_copy(update={"envelope": forged}), [key.public])
