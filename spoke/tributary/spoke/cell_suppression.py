@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy.optimize import linprog
@@ -28,6 +29,9 @@ from scipy.optimize import linprog
 #: None) the total.
 Key = tuple[str | None, str | None]
 TOTAL: Key = (None, None)
+#: A table as a hashable value: cells, modality margins, body-part margins, total.
+FrozenTable = tuple[tuple[tuple[tuple[str, str], int], ...], tuple[tuple[str, int], ...],
+                    tuple[tuple[str, int], ...], int]
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class CaseTable:
             for part in self.body_parts:
                 values[(modality, part)] = self.cells.get((modality, part), 0)
         return values
+
+    def frozen(self) -> FrozenTable:
+        """The table as a hashable value."""
+        return (tuple(sorted(self.cells.items())), tuple(sorted(self.modalities.items())),
+                tuple(sorted(self.body_parts.items())), self.total)
 
     def lines(self) -> list[tuple[Key, list[Key]]]:
         """The additive relations: (sum entry, the entries summing to it)."""
@@ -110,19 +119,28 @@ def lower_bound(table: CaseTable, published: Mapping[Key, int], key: Key) -> flo
 
 def protect(table: CaseTable, k: int) -> dict[Key, int]:
     """The entries that may be published (each at least ``k``), the rest withheld so that
-    no primary cell's lower bound is above 0. Empty when the total is below ``k``."""
+    no primary cell's lower bound is above 0. Empty when the total is below ``k``. The
+    last answers are remembered: the publisher asks again every minute, and a large
+    site's table takes seconds."""
+    return dict(_protect(table.frozen(), k))
+
+
+@lru_cache(maxsize=4)
+def _protect(frozen: FrozenTable, k: int) -> tuple[tuple[Key, int], ...]:
+    cells, modalities, parts, total = frozen
+    table = CaseTable(dict(cells), dict(modalities), dict(parts), total)
     values = table.entries()
     if table.total < k:
-        return {}
+        return ()
     published = {key: v for key, v in values.items() if v >= k}
     primary = [key for key, v in values.items() if 0 < v < k]
     for key in primary:
         while lower_bound(table, published, key) > 1e-9:
             extra = _complement(table, published, key)
             if extra is None:  # nothing left to withhold but the total
-                return {}
+                return ()
             del published[extra]
-    return published
+    return tuple(sorted(published.items(), key=lambda item: _order(item[0])))
 
 
 def _complement(table: CaseTable, published: Mapping[Key, int], key: Key) -> Key | None:
