@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
 import threading
 from pathlib import Path
+
+from typer.testing import CliRunner
 
 from tributary.protocol.auditlog import AuditLog, read_entries
 from tributary.protocol.cohorts.catalog import CatalogDescriptionMessage, open_description
 from tributary.protocol.signing import SigningKey
 from tributary.protocol.wire import open_from_spoke
 from tributary.spoke.catalog_publisher import CatalogPublisher
+from tributary.spoke.commands.app import app
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.ingest import ingest
 from tributary.spoke.journal import Journal
@@ -78,4 +82,16 @@ def test_published_at_first_then_only_when_changed_by_k(tmp_path: Path) -> None:
                if e and e["action"] == "catalog.described"]
     assert [a["true_cases"] for a in audited] == [6, 9]
     assert audited[0]["reason"] == "first description"
+    last = sent()[-1].digest
     journal.close()
+
+    # The site sees what it publishes, and the digest of what it last sent.
+    toml = tmp_path / "spoke.toml"
+    toml.write_text(f'spoke_id = "north"\ndata_dir = "{data}"\nwork_dir = "{config.work_dir}"\n'
+                    f'hub_public_key = "{tmp_path / "hub.pub"}"\n[counts]\nmin_cell = 3\n'
+                    '[policy]\nreleasable_attributes = ["nodules"]\n'
+                    'attributes_file = "attributes.csv"\n')
+    shown = CliRunner().invoke(app, ["description", "--config", str(toml), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.output)["last_sent_digest"] == last
+    assert json.loads(shown.output)["now"]["cases"] == 9
