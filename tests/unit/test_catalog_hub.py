@@ -5,6 +5,7 @@ what they published."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tributary.protocol.cohorts.catalog import (
     SpokeDescription,
     sign_description,
 )
-from tributary.protocol.messages import ProtocolError
+from tributary.protocol.messages import ProtocolError, decode_from_spoke
 from tributary.protocol.signing import SigningKey
 
 TERMS = ReleaseTerms(min_cell=5, counts_enabled=True, steward_approves_experiments=False,
@@ -98,3 +99,24 @@ def test_facets_and_estimate(session: Session) -> None:
         "north"]
     with pytest.raises(ValueError):
         Facets.parse("<script>", None, [], None)
+
+
+@pytest.mark.parametrize("envelope", [
+    {}, {"payload": 5, "payloadType": "x", "signatures": "nope"},
+    {"payload": "!!", "payloadType": "application/vnd.tributary.catalog-description+json",
+     "signatures": [{"keyid": KEY.keyid, "sig": "AAAA"}]},
+    {"payload": [], "payloadType": None, "signatures": [None]},
+    {"payload": "e30=", "payloadType": "application/vnd.tributary.catalog-description+json",
+     "signatures": [{"keyid": 7, "sig": {"a": 1}}]},
+])
+def test_a_hostile_envelope_is_refused_cleanly(session: Session, envelope: dict) -> None:
+    """Refused as a malformed message when the broker's bytes are decoded, or by the
+    signature check: never an exception of another kind."""
+    body = sign_description(description(), KEY).model_dump(mode="json")
+    try:
+        message = decode_from_spoke(json.dumps({**body, "envelope": envelope}))
+    except ProtocolError:
+        return
+    with pytest.raises(ProtocolError):
+        ingest(session, message)
+    assert session.exec(select(SpokeCatalogEntry)).all() == []

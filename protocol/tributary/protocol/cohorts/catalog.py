@@ -225,6 +225,24 @@ def parse_description(payload: bytes) -> SpokeDescription:
         raise ValueError(f"malformed catalog description: {str(exc)[:300]}") from None
 
 
+class _Signature(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    keyid: str = Field(max_length=256)
+    sig: str = Field(max_length=1024)
+
+
+class SignedEnvelope(BaseModel):
+    """The shape of the DSSE envelope a description travels in, checked before any
+    signature code sees it (that code assumes well-typed fields)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    payload: str = Field(max_length=1_500_000)
+    payloadType: str = Field(max_length=256)  # the DSSE field name
+    signatures: list[_Signature] = Field(min_length=1, max_length=8)
+
+
 class CatalogDescriptionMessage(BaseModel):
     """Spoke → hub: the spoke's current description, signed (``envelope``: a DSSE envelope
     of :data:`DESCRIPTION_PAYLOAD_TYPE` by the spoke's enrolled key, which the hub keeps
@@ -254,6 +272,12 @@ class CatalogDescriptionMessage(BaseModel):
     def _digest(cls, value: str) -> str:
         if not _DIGEST_RE.fullmatch(value):
             raise ValueError("digest must be 'sha256:' and 64 lower-case hex digits")
+        return value
+
+    @field_validator("envelope")
+    @classmethod
+    def _envelope(cls, value: dict[str, Any]) -> dict[str, Any]:
+        SignedEnvelope.model_validate(value)
         return value
 
 
