@@ -1,7 +1,8 @@
 """The federated catalog end to end: three real spoke processes publish their signed
 descriptions through their outboxes and the real broker; the hub keeps them, selects
 spokes by facets with an estimated cohort size, carries the selection into the launch
-form, and exports DCAT-AP that validates against the official shapes. A small cell never
+form, and exports DCAT-AP that validates against the official shapes; a spoke whose
+catalog grew by k cases publishes again by itself. A small cell never
 leaves a spoke, nor does any attribute the site does not release, and a description from
 a spoke that is not enrolled is refused and dead-lettered."""
 
@@ -173,6 +174,20 @@ def test_three_spokes_publish_and_the_hub_selects_by_facets(
     spoke_log = federation.root / "spokes" / north / "audit.jsonl"
     assert any(e and e["action"] == "catalog.described" and e["detail"]["true_cases"] == 12
                for _, e in read_entries(spoke_log))
+
+    # River's catalog grows by k cases; the ingest its agent runs before answering a count
+    # picks them up, and the spoke publishes a new description on its own.
+    river_data = federation.root / "catalog-data" / river
+    generate_cohort(river_data / "more", K, seed=599, site=river, size=64, slices=16)
+    with federation.api() as api:
+        api.post("/api/counts", json={"selection": {"modality": "CT"},
+                                      "spoke_ids": [river]}).raise_for_status()
+        deadline = time.monotonic() + 90
+        while by_spoke(api.get("/api/catalog").json())[river]["description"]["cases"] != 11:
+            assert time.monotonic() < deadline, "river's new description did not arrive"
+            time.sleep(0.5)
+        assert by_spoke(api.get("/api/catalog", params={"modality": "CT"}).json()
+                        )[river]["cases"] == 11
 
     # A description from a spoke that is not enrolled, and one whose inner signature is
     # not the spoke's own key: both refused and dead-lettered, neither kept.
