@@ -20,6 +20,7 @@ from tributary.hub.api import (
     algorithms,
     audit,
     auth,
+    catalog,
     counts,
     deadletters,
     events,
@@ -118,7 +119,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                    results.router, audit.router, audit.quarantine_router,
                    algorithms.publishers_router, auth.router, people.router, counts.router,
                    deadletters.router, registry.router, training.router,
-                   training_models.router, training_events.router):
+                   training_models.router, training_events.router, catalog.router):
         app.include_router(router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")

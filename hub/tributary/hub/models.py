@@ -553,3 +553,17 @@ class TrainingCustody(SQLModel, table=True):
     object_digest: str
     envelope: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
     received_at: datetime = Field(default_factory=utcnow)
+
+
+class SpokeCatalogEntry(SQLModel, table=True):
+    """The latest signed description each spoke published of what it holds (the federated
+    catalog). ``envelope`` is the spoke-signed DSSE envelope as received, kept for audit:
+    anyone holding the spoke's key can check ``description`` against it."""
+
+    spoke_id: str = Field(foreign_key="spoke.id", primary_key=True)
+    digest: str
+    description: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    envelope: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    message_id: str
+    generated_at: datetime
+    received_at: datetime = Field(default_factory=utcnow, index=True)

@@ -300,6 +300,44 @@ class CountRead(BaseModel):
                                         "'at least 37'.")
 
 
+class CatalogSpokeRead(BaseModel):
+    """One spoke in the federated catalog, as the facets select it."""
+
+    spoke_id: str
+    name: str
+    institution: str
+    received_at: datetime
+    generated_at: datetime
+    digest: str
+    match: Literal["yes", "possible", "no"] = Field(description=(
+        "yes: the spoke published a count for the selection, at least min_cases, and has "
+        "every attribute asked for; possible: its count for the selection is not published "
+        "(suppressed, or none), so it holds between 0 and cases_at_most; no: it lacks an "
+        "attribute, or cannot reach min_cases."))
+    cases: int | None = Field(description="The published number of cases the selection "
+                                          "matches (None: not published).")
+    cases_at_most: int = Field(description="Upper bound of the matching cases.")
+    why: str = Field(description="Why the spoke matches or not, in words.")
+    description: dict[str, Any] = Field(description="The spoke's signed description.")
+
+
+class CatalogRead(BaseModel):
+    """The federated catalog under the facets asked for, with the estimated cohort size:
+    the sum of the published counts of the matching spokes (each at least the spoke's k),
+    and the most the spokes whose count is withheld could add."""
+
+    facets: dict[str, Any]
+    spokes: list[CatalogSpokeRead]
+    matching: list[str] = Field(description="Spokes that match (match == 'yes').")
+    estimate: int = Field(description="Sum of the published counts of the matching spokes.")
+    possible_more: int = Field(description="At most this many more cases at spokes whose "
+                                           "count for the selection is withheld.")
+    estimate_text: str
+    modalities: list[str] = Field(description="Every modality some spoke published.")
+    body_parts: list[str]
+    attributes: list[str]
+
+
 #: The largest initial model a launch may carry inline (safetensors, before base64).
 MAX_INITIAL_MODEL_BYTES = 64 * 1024 * 1024
 

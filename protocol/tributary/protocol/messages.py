@@ -24,6 +24,7 @@ from pydantic import (
 
 from tributary.protocol import PROTOCOL_VERSION
 from tributary.protocol.auditlog import AuditHead
+from tributary.protocol.cohorts.catalog import CatalogDescriptionMessage
 from tributary.protocol.contract import ProgressStep, RoundedFraction
 
 #: Messages larger than this are refused before parsing.
@@ -574,7 +575,7 @@ class CountReply(_Message):
 
 SpokeMessage = Annotated[
     ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-    | CaseProgressMessage | HeartbeatMessage,
+    | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage,
     Field(discriminator="kind"),
 ]
 _spoke_adapter: TypeAdapter[Any] = TypeAdapter(SpokeMessage)
@@ -602,7 +603,7 @@ def _decode(body: bytes | str, adapter: TypeAdapter[Any]) -> Any:
 def decode_from_spoke(
     body: bytes | str,
 ) -> (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-      | CaseProgressMessage | HeartbeatMessage):
+      | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage):
     """Parse a message a spoke sent to the hub, or raise :class:`ProtocolError`."""
     return _decode(body, _spoke_adapter)
 

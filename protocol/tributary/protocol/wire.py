@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tributary.protocol.cohorts.catalog import CatalogDescriptionMessage
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
@@ -40,7 +41,7 @@ from tributary.protocol.signing import (
 )
 
 SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-                | CaseProgressMessage | HeartbeatMessage)
+                | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage)
 HubMessage = (ExperimentMessage | ApprovalRevokedMessage | CountRequest
               | CancelExperimentMessage | RetryCasesMessage | ResendRecordsMessage)
 

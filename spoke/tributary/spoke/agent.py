@@ -55,6 +55,7 @@ from tributary.spoke import journal as states
 from tributary.spoke.admission import Admission
 from tributary.spoke.case_ids import ReleasedCaseIds
 from tributary.spoke.cases import Cases
+from tributary.spoke.catalog_publisher import CatalogPublisher
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.control import HubControl
 from tributary.spoke.counts import CountResponder
@@ -109,6 +110,7 @@ class SpokeAgent:
         self.steward = Steward(config, self.lifecycle, desk, chain, self.hub_keys)
         self.stopping = threading.Event()
         self.counts = CountResponder(config, self.lifecycle, self.stopping)
+        self.publisher = CatalogPublisher(config, self.lifecycle, self.key, self.stopping)
         cases = Cases(config, self.lifecycle, ReleasedCaseIds.from_key_file(
             config.work_dir / "case-id.key", config.spoke_id))
         self.trusted = TrustedKeys(config.work_dir,
@@ -172,6 +174,7 @@ class SpokeAgent:
         self.lifecycle.audit("spoke.started", self.config.spoke_id, version=__version__)
         # After spoke.started, so even the first heartbeat anchors a non-empty log.
         self.heartbeat.start()
+        self.publisher.start()  # the site's description: now, then when it changes
         try:
             while not self.stopping.is_set():
                 try:
@@ -186,6 +189,7 @@ class SpokeAgent:
             self._count_wake.set()
             dispatcher.join(timeout=30)
             counter.join(timeout=30)
+            self.publisher.join(timeout=30)
             self.running.cancel_all()  # stop containers; their cases run again next start
             self._pool.shutdown(wait=True)
             if self.training is not None:
@@ -321,7 +325,8 @@ class SpokeAgent:
         own thread: the incremental ingest an answer may need holds up no other message."""
         while not self.stopping.is_set():
             try:
-                self.counts.answer_waiting()
+                if self.counts.answer_waiting():
+                    self.publisher.wake()  # answering may have ingested new cases
             except Exception:
                 log.exception("count answering error; retrying")
                 self.stopping.wait(5)
@@ -336,6 +341,7 @@ class SpokeAgent:
                     if self.stopping.is_set():
                         return
                     self.admission.prepare(message)
+                    self.publisher.wake()  # admitting may have ingested new cases
                 while not self.stopping.is_set():
                     claimed = self.running.claim(self.journal.claim_next)
                     if claimed is None:

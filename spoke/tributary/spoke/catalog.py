@@ -331,6 +331,14 @@ class Catalog:
                             attributes=attributes.get(case_id, {}))
                 for case_id, series in grouped.items()]
 
+    def catalogued_years(self) -> list[int]:
+        """The year each case entered the catalog, oldest first: the only dates the
+        site's published description uses (de-identification removes the studies' own),
+        and it generalises even these (:mod:`tributary.spoke.description`)."""
+        with self._lock:
+            rows = self._db.execute("SELECT added_at FROM cases ORDER BY added_at").fetchall()
+        return [int(row[0][:4]) for row in rows]
+
     def check(self, selection: CohortSelection) -> None:
         """Refuse criteria on attributes the site's policy does not allow to be released:
         filtering on them would let counts reveal them."""

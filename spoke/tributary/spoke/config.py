@@ -278,6 +278,11 @@ class CatalogSettings(BaseModel):
     #: By default one per CPU, at most 8.
     workers: int = Field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)),
                          ge=1, le=64)
+    #: Publish the site's description (the federated catalog: counts with small cells
+    #: suppressed, years, de-identification profile, release terms, releasable attribute
+    #: names) to the hub; checked this often, and sent only when it changed.
+    publish_description: bool = True
+    description_check_seconds: float = Field(60.0, ge=0.5, le=86400)
 
 
 class SpokeConfig(BaseModel):

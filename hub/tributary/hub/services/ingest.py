@@ -43,8 +43,10 @@ from tributary.hub.models import (
     utcnow,
 )
 from tributary.hub.services import anchors, audit, debounce, gaps, partials
+from tributary.hub.services.catalog import ingest_description
 from tributary.hub.services.counts import ingest_count_reply
 from tributary.hub.services.enrolment import public_key
+from tributary.protocol.cohorts.catalog import CatalogDescriptionMessage
 from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, verify_custody
 from tributary.protocol.messages import (
     CaseProgressMessage,
@@ -65,7 +67,7 @@ from tributary.protocol.signing import PublicKey, SignatureError
 log = logging.getLogger(__name__)
 
 SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-                | CaseProgressMessage | HeartbeatMessage)
+                | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage)
 ExperimentMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
 
 
@@ -260,6 +262,7 @@ class _Batch:
             return _apply_progress(self, message)
         if message.message_id in self.known:
             subject = (message.query_id if isinstance(message, CountReply)
+                       else message.spoke_id if isinstance(message, CatalogDescriptionMessage)
                        else message.experiment_id)
             audit.record(session, message.spoke_id, "message.duplicate", subject,
                          kind=message.kind, message_id=message.message_id,
@@ -267,6 +270,10 @@ class _Batch:
             return False
         if isinstance(message, CountReply):
             applied = ingest_count_reply(session, message, commit=False)
+            self.known.add(message.message_id)
+            return applied
+        if isinstance(message, CatalogDescriptionMessage):
+            applied = ingest_description(session, message)
             self.known.add(message.message_id)
             return applied
         if message.spoke_id not in self.spokes:

@@ -10,7 +10,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
@@ -167,7 +167,11 @@ def experiments_page(request: Request, session: Session = Depends(get_session),
 
 @router.get("/experiments/new", response_class=HTMLResponse)
 def new_experiment_page(request: Request, session: Session = Depends(get_session),
-                        user: User = Depends(page_user)) -> HTMLResponse:
+                        user: User = Depends(page_user),
+                        spoke_ids: list[str] = Query(default_factory=list),
+                        modality: str = "CT") -> HTMLResponse:
+    """The launch form; ``spoke_ids`` (repeatable) and ``modality`` preselect targets and
+    the cohort's modality (the catalog page links here with the spokes it matched)."""
     algorithms = algorithm_versions.algorithms(session)
     spokes = spoke_reads(session, request.app.state.settings.spoke_online_seconds)
     enrolled = enrolled_spokes(session)
@@ -183,7 +187,8 @@ def new_experiment_page(request: Request, session: Session = Depends(get_session
                     "schema": cls.Parameters.model_json_schema()}
                    for name, cls in sorted(AGGREGATORS.items())]
     return _render(request, "experiment_new.html", user, algorithms=choices, spokes=spokes,
-                   enrolled=enrolled, aggregators=aggregators)
+                   enrolled=enrolled, aggregators=aggregators, preselected=set(spoke_ids),
+                   modality=modality[:16])
 
 
 def _experiment_or_404(session: Session, experiment_id: str) -> Experiment:

@@ -18,6 +18,7 @@ app = typer.Typer(
         run=f"{_RUN}:spoke_run", init=f"{_RUN}:spoke_init", key=f"{_RUN}:spoke_key",
         ingest=f"{_DATA}:ingest", catalog=f"{_DATA}:catalog",
         exclusions=f"{_DATA}:exclusions",
+        description="tributary.spoke.commands.description:description",
         status="tributary.spoke.commands.status:status",
         steward="tributary.spoke.commands.steward:app",
         trust="tributary.spoke.commands.trust:app",
