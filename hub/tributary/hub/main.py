@@ -25,6 +25,7 @@ from tributary.hub.api import (
     events,
     experiments,
     people,
+    psi,
     registry,
     results,
     spokes,
@@ -117,6 +118,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                    deadletters.router, registry.router, training.router,
                    training_models.router, training_events.router):
         app.include_router(router)
+    app.include_router(psi.router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

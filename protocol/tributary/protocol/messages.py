@@ -24,6 +24,7 @@ from pydantic import (
 
 from tributary.protocol import PROTOCOL_VERSION
 from tributary.protocol.auditlog import AuditHead
+from tributary.protocol.cohorts.psi import PsiForward, PsiRelay, PsiRequest, PsiStatus
 from tributary.protocol.contract import ProgressStep, RoundedFraction
 
 #: Messages larger than this are refused before parsing.
@@ -279,7 +280,7 @@ class ResendRecordsMessage(_Message):
 
 HubMessage = Annotated[
     ExperimentMessage | ApprovalRevokedMessage | CountRequest | CancelExperimentMessage
-    | RetryCasesMessage | ResendRecordsMessage,
+    | RetryCasesMessage | ResendRecordsMessage | PsiRequest | PsiForward,
     Field(discriminator="kind"),
 ]
 
@@ -574,7 +575,7 @@ class CountReply(_Message):
 
 SpokeMessage = Annotated[
     ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-    | CaseProgressMessage | HeartbeatMessage,
+    | CaseProgressMessage | HeartbeatMessage | PsiRelay | PsiStatus,
     Field(discriminator="kind"),
 ]
 _spoke_adapter: TypeAdapter[Any] = TypeAdapter(SpokeMessage)
@@ -602,13 +603,14 @@ def _decode(body: bytes | str, adapter: TypeAdapter[Any]) -> Any:
 def decode_from_spoke(
     body: bytes | str,
 ) -> (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-      | CaseProgressMessage | HeartbeatMessage):
+      | CaseProgressMessage | HeartbeatMessage | PsiRelay | PsiStatus):
     """Parse a message a spoke sent to the hub, or raise :class:`ProtocolError`."""
     return _decode(body, _spoke_adapter)
 
 
 def decode_from_hub(body: bytes | str) -> (ExperimentMessage | ApprovalRevokedMessage
                                            | CountRequest | CancelExperimentMessage
-                                           | RetryCasesMessage | ResendRecordsMessage):
+                                           | RetryCasesMessage | ResendRecordsMessage
+                                           | PsiRequest | PsiForward):
     """Parse a message the hub sent to a spoke, or raise :class:`ProtocolError`."""
     return _decode(body, _hub_adapter)

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tributary.protocol.cohorts.psi import PsiForward, PsiRelay, PsiRequest, PsiStatus
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
@@ -40,9 +41,10 @@ from tributary.protocol.signing import (
 )
 
 SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-                | CaseProgressMessage | HeartbeatMessage)
+                | CaseProgressMessage | HeartbeatMessage | PsiRelay | PsiStatus)
 HubMessage = (ExperimentMessage | ApprovalRevokedMessage | CountRequest
-              | CancelExperimentMessage | RetryCasesMessage | ResendRecordsMessage)
+              | CancelExperimentMessage | RetryCasesMessage | ResendRecordsMessage
+              | PsiRequest | PsiForward)
 
 
 class UntrustedMessage(ProtocolError):

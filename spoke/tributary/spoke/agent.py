@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import Delivery, StompClient
+from tributary.protocol.cohorts.psi import PsiForward, PsiRequest
 from tributary.protocol.destinations import results_group, results_queue, spoke_queue
 from tributary.protocol.messages import (
     ApprovalRevokedMessage,
@@ -71,6 +72,7 @@ from tributary.spoke.liveness import (
     certificate_status,
 )
 from tributary.spoke.outbox import OutboxSender
+from tributary.spoke.psi_party import PsiParty
 from tributary.spoke.runner import site_capacity
 from tributary.spoke.steward import Steward, StewardDesk
 from tributary.spoke.store import check_format
@@ -109,6 +111,8 @@ class SpokeAgent:
         self.steward = Steward(config, self.lifecycle, desk, chain, self.hub_keys)
         self.stopping = threading.Event()
         self.counts = CountResponder(config, self.lifecycle, self.stopping)
+        self.psi = PsiParty(config, self.journal, self.key, self.lifecycle.outgoing,
+                            self.lifecycle.audit, self.outbox.wake)
         cases = Cases(config, self.lifecycle, ReleasedCaseIds.from_key_file(
             config.work_dir / "case-id.key", config.spoke_id))
         self.trusted = TrustedKeys(config.work_dir,
@@ -201,6 +205,8 @@ class SpokeAgent:
         """Between messages: act on what the site's data steward decided meanwhile."""
         try:
             self.steward.apply_decisions()
+            if self.psi.apply_decisions():
+                self._count_wake.set()  # an approved PSI may have relayed messages waiting
         except Exception:
             log.exception("could not apply the steward's decisions; will retry")
 
@@ -257,6 +263,11 @@ class SpokeAgent:
             self.control.revoke(message)
         elif isinstance(message, CountRequest):
             self.counts.take(message)
+            self._count_wake.set()
+        elif isinstance(message, PsiRequest):
+            self.psi.take_request(message)
+        elif isinstance(message, PsiForward):
+            self.psi.take_forward(message)
             self._count_wake.set()
         elif isinstance(message, CancelExperimentMessage):
             self.control.cancel(message)
@@ -322,6 +333,7 @@ class SpokeAgent:
         while not self.stopping.is_set():
             try:
                 self.counts.answer_waiting()
+                self.psi.work()  # private set intersections' relayed steps, likewise
             except Exception:
                 log.exception("count answering error; retrying")
                 self.stopping.wait(5)
@@ -352,4 +364,4 @@ class SpokeAgent:
 def _subject(message: HubMessage | None) -> str:
     """What a hub message is about, for the audit log: its experiment or count query."""
     return (getattr(message, "experiment_id", None) or getattr(message, "query_id", None)
-            or "")
+            or getattr(message, "psi_id", None) or "")

@@ -45,6 +45,8 @@ from tributary.hub.models import (
 from tributary.hub.services import anchors, audit, debounce, gaps, partials
 from tributary.hub.services.counts import ingest_count_reply
 from tributary.hub.services.enrolment import public_key
+from tributary.hub.services.psi import ingest_relay, ingest_status
+from tributary.protocol.cohorts.psi import PsiRelay, PsiStatus
 from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, verify_custody
 from tributary.protocol.messages import (
     CaseProgressMessage,
@@ -65,7 +67,7 @@ from tributary.protocol.signing import PublicKey, SignatureError
 log = logging.getLogger(__name__)
 
 SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-                | CaseProgressMessage | HeartbeatMessage)
+                | CaseProgressMessage | HeartbeatMessage | PsiRelay | PsiStatus)
 ExperimentMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
 
 
@@ -260,6 +262,7 @@ class _Batch:
             return _apply_progress(self, message)
         if message.message_id in self.known:
             subject = (message.query_id if isinstance(message, CountReply)
+                       else message.psi_id if isinstance(message, PsiRelay | PsiStatus)
                        else message.experiment_id)
             audit.record(session, message.spoke_id, "message.duplicate", subject,
                          kind=message.kind, message_id=message.message_id,
@@ -267,6 +270,11 @@ class _Batch:
             return False
         if isinstance(message, CountReply):
             applied = ingest_count_reply(session, message, commit=False)
+            self.known.add(message.message_id)
+            return applied
+        if isinstance(message, PsiRelay | PsiStatus):
+            applied = (ingest_relay if isinstance(message, PsiRelay) else ingest_status)(
+                session, message)  # type: ignore[arg-type]
             self.known.add(message.message_id)
             return applied
         if message.spoke_id not in self.spokes:
