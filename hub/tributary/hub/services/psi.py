@@ -79,17 +79,21 @@ def members(session: Session, psi_id: str) -> list[PsiMember]:
                              .order_by(col(PsiMember.position))).all())
 
 
+def request_message(session: Session, run: PsiRun, spoke_id: str) -> PsiRequest:
+    """The request for one participant, naming every participant's enrolled key."""
+    participants = [PsiParticipant(spoke_id=m.spoke_id, public_key_pem=_pem(session, m.spoke_id)
+                                   or "") for m in members(session, run.id)]
+    return PsiRequest(psi_id=run.id, spoke_id=spoke_id, mode=PsiMode(run.mode),
+                      participants=participants, purpose=run.purpose,
+                      requested_by=run.created_by, expires_at=run.expires_at)
+
+
 def publish(session: Session, client: StompClient, key: SigningKey, run: PsiRun) -> None:
     """Send the signed request to each spoke not yet asked (repeatable after an outage)."""
-    rows = members(session, run.id)
-    participants = [PsiParticipant(spoke_id=m.spoke_id, public_key_pem=_pem(session, m.spoke_id)
-                                   or "") for m in rows]
-    for member in rows:
+    for member in members(session, run.id):
         if member.state != "pending":
             continue
-        message = PsiRequest(psi_id=run.id, spoke_id=member.spoke_id, mode=PsiMode(run.mode),
-                             participants=participants, purpose=run.purpose,
-                             requested_by=run.created_by, expires_at=run.expires_at)
+        message = request_message(session, run, member.spoke_id)
         headers = {"tributary-kind": message.kind}
         if run.expires_at is not None:
             headers["expires"] = str(int(_aware(run.expires_at).timestamp() * 1000))
@@ -194,20 +198,29 @@ def pending_forwards(session: Session) -> list[PsiRelayRecord]:
                              .order_by(col(PsiRelayRecord.id)).limit(100)).all())
 
 
+def forward_message(record: PsiRelayRecord) -> PsiForward:
+    assert record.payload is not None
+    return PsiForward(psi_id=record.psi_id, spoke_id=record.to_spoke,
+                      from_spoke=record.from_spoke, step=PsiStep(record.step),
+                      payload=record.payload, relay_message_id=record.relay_message_id)
+
+
+def forwarded_now(session: Session, record: PsiRelayRecord, message: PsiForward) -> None:
+    """The broker took the forward: keep its size and parties, drop its payload."""
+    record.forwarded_at, record.payload = utcnow(), None
+    record.forward_message_id = message.message_id
+    session.add(record)
+
+
 def forward_pending(session: Session, client: StompClient, key: SigningKey) -> int:
     """Publish each kept relay to its addressee's queue as a hub-signed forward, in the
     order received, then drop its payload; raises PublishError (the rest waits)."""
     forwarded = 0
     for record in pending_forwards(session):
-        assert record.payload is not None
-        message = PsiForward(psi_id=record.psi_id, spoke_id=record.to_spoke,
-                             from_spoke=record.from_spoke, step=PsiStep(record.step),
-                             payload=record.payload, relay_message_id=record.relay_message_id)
+        message = forward_message(record)
         publish_with_retry(client, spoke_queue(record.to_spoke, client.settings.federation),
                            seal(message, key), {"tributary-kind": message.kind})
-        record.forwarded_at, record.payload = utcnow(), None
-        record.forward_message_id = message.message_id
-        session.add(record)
+        forwarded_now(session, record, message)
         audit.record(session, "hub", "psi.relayed", record.psi_id, step=record.step,
                      from_spoke=record.from_spoke, to_spoke=record.to_spoke, size=record.size,
                      relay_message_id=record.relay_message_id,
