@@ -11,6 +11,7 @@ import hashlib
 import json
 import sqlite3
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import pytest
 from e2e_helpers import steward
 
 from tributary.protocol.auditlog import read_entries
+from tributary.protocol.bundle import MANIFEST, MANIFEST_PAYLOAD_TYPE, MANIFEST_SIGNATURE
+from tributary.protocol.signing import PublicKey, verify
 from tributary.spoke.config import SpokeConfig
 from tributary.spoke.linkage import Linkage
 from tributary.spoke.psi_identifiers import link_identifiers
@@ -144,6 +147,21 @@ def test_cardinality_two_and_three_spokes(federation: LocalFederation,
     small = _run(federation, sites, "cardinality", "ad")
     assert (small["count"], small["fewer_than"], small["result_text"]) == (
         None, K, f"fewer than {K}"), small
+    # The dashboard lists them with their states; a reviewer may not see them; the hub
+    # audited each request and relay (sizes, never content).
+    with federation.api() as api:
+        page = api.get("/psi").text
+        audit = api.get("/api/audit", params={"target": three["id"]}).json()
+    assert three["id"] in page and "fewer than 5" in page and "(leader)" in page
+    with federation.api(federation.reviewer_tokens()[0]) as other:
+        assert other.get("/psi").status_code == 403
+        assert other.get("/api/psi").status_code == 403
+    actions = {a["action"] for a in audit}
+    assert {"psi.requested", "message.sent", "psi.status", "psi.relay_received",
+            "psi.relayed", "psi.done"} <= actions, actions
+    relayed = [a["detail"] for a in audit if a["action"] == "psi.relayed"]
+    assert relayed and all(set(d) >= {"size", "step", "from_spoke", "to_spoke"}
+                           and "payload" not in d for d in relayed)
 
 
 def test_intersection_two_and_three_spokes(federation: LocalFederation,
@@ -165,6 +183,28 @@ def test_intersection_two_and_three_spokes(federation: LocalFederation,
     small = _run(federation, sites, "intersection", "ad")
     assert small["result_text"] == f"fewer than {K}" and small["count"] is None
     assert _linked(sites["a"][1], small["id"]) == {} == _linked(sites["d"][1], small["id"])
+
+    # The PSI's bundle: its request, states, result and audit trail, signed by the hub.
+    with federation.api() as api:
+        download = api.get(f"/api/psi/{three['id']}/bundle")
+    assert download.status_code == 200, download.text
+    root = federation.root / "psi-bundle"
+    archive = root / "psi.zip"
+    root.mkdir(exist_ok=True)
+    archive.write_bytes(download.content)
+    with zipfile.ZipFile(archive) as opened:
+        opened.extractall(root / "unpacked")
+    unpacked = root / "unpacked"
+    hub_key = PublicKey.load(Path(f"{federation.hub_key_path}.pub"))
+    manifest = verify(json.loads((unpacked / MANIFEST_SIGNATURE).read_text()), [hub_key],
+                      MANIFEST_PAYLOAD_TYPE).decode()
+    assert manifest == (unpacked / MANIFEST).read_text()
+    for line in manifest.splitlines():
+        digest, _, name = line.partition("  ")
+        assert hashlib.sha256((unpacked / name).read_bytes()).hexdigest() == digest, name
+    described = json.loads((unpacked / "experiment.json").read_text())
+    assert described["psi"]["result_text"] == "linked cohort of 10"
+    assert "psi.relayed" in {e["action"] for e in described["audit"]}
 
 
 def test_a_steward_refusal_reaches_the_hub(federation: LocalFederation,

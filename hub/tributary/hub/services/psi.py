@@ -261,6 +261,16 @@ def read(session: Session, run: PsiRun) -> PsiRead:
         relayed_bytes=size)
 
 
+def bundle_entries(session: Session, run: PsiRun) -> dict[str, object]:
+    """What a study bundle holds of a PSI: its request, states and result, and every audit
+    event about it, oldest first (sizes and parties of relays, never their content). The
+    PSI's own bundle is these; a vertical study's bundle adds them for the PSI it links."""
+    events = audit.search(session, target=run.id, limit=100_000)
+    return {"psi": read(session, run).model_dump(mode="json"),
+            "audit": [{"at": e.at.isoformat() if e.at else None, "actor": e.actor,
+                       "action": e.action, "detail": e.detail} for e in reversed(events)]}
+
+
 def reads(session: Session, limit: int | None = None) -> list[PsiRead]:
     query = select(PsiRun).order_by(col(PsiRun.created_at).desc())
     return [read(session, r) for r in session.exec(query.limit(limit))]
