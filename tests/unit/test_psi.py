@@ -273,3 +273,25 @@ def test_a_site_without_the_identifier_refuses(tmp_path: Path) -> None:
     result = fed.read(psi_id)
     assert result.state == "refused" and result.result_text == "refused"
     assert "link_identifier" in json.dumps([s.reason for s in result.spokes])
+
+
+def test_relayed_payloads_and_status_reasons_are_bounded() -> None:
+    """The channels table's PSI rows (docs/security.md): a payload at the bound passes,
+    one past it is refused; so is a reason past 2000 characters."""
+    from pydantic import ValidationError
+
+    from tributary.protocol.cohorts.psi import MAX_PAYLOAD_CHARS, PsiState, PsiStatus
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    assert str(MAX_PAYLOAD_CHARS) in text[text.index("## Channels out of a spoke"):]
+    fields = {"psi_id": "psi-1", "spoke_id": "site-a", "to_spoke": "site-b",
+              "step": PsiStep.HELLO}
+    assert PsiRelay(payload="A" * MAX_PAYLOAD_CHARS, **fields)
+    with pytest.raises(ValidationError):
+        PsiRelay(payload="A" * (MAX_PAYLOAD_CHARS + 4), **fields)
+    with pytest.raises(ValidationError):
+        PsiRelay(payload="not base64!", **fields)
+    assert PsiStatus(psi_id="psi-1", spoke_id="site-a", state=PsiState.REFUSED,
+                     reason="x" * 2000)
+    with pytest.raises(ValidationError):
+        PsiStatus(psi_id="psi-1", spoke_id="site-a", state=PsiState.REFUSED, reason="x" * 2001)

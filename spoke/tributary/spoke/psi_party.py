@@ -206,7 +206,13 @@ class PsiParty:
                     self._step(db, row, forward)
                 except (PsiAbort, crypto.PsiCryptoError, NoIdentifiers, LinkageExists) as exc:
                     log.warning("PSI %s failed: %s", forward.psi_id, exc)
-                    self._settle(db, row.request, PsiState.FAILED, str(exc)[:2000])
+                    self._settle(db, row.request, PsiState.FAILED, str(exc))
+                except Exception as exc:  # a hostile payload must not stop the spoke's work
+                    log.exception("PSI %s failed on a relayed %s", forward.psi_id,
+                                  forward.step.value)
+                    self._settle(db, row.request, PsiState.FAILED,
+                                 f"the spoke could not process a {forward.step.value}: "
+                                 f"{type(exc).__name__}")
                 db.execute("UPDATE psi_inbox SET processed = 1 WHERE seq = ?", (seq,))
             done += 1
             self.wake_outbox()
@@ -379,8 +385,9 @@ class PsiParty:
 
     def _status(self, db: sqlite3.Connection, request: PsiRequest, state: PsiState,
                 reason: str | None = None, **size: int) -> None:
+        cut = reason[:2000] if reason is not None else None  # a steward's words may be long
         Journal.enqueue(db, self.seal(PsiStatus(psi_id=request.psi_id, spoke_id=self.me,
-                                                state=state, reason=reason, **size)))
+                                                state=state, reason=cut, **size)))
 
     def _relay(self, db: sqlite3.Connection, request: PsiRequest, to: str, step: PsiStep,
                payload: str) -> None:
