@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import signal
 import sqlite3
 import time
 import zipfile
@@ -223,6 +224,36 @@ def test_a_steward_refusal_reaches_the_hub(federation: LocalFederation,
     refused = {s["spoke_id"]: s for s in run["spokes"]}[sites["c"][0]]
     assert "no ethics approval yet" in refused["reason"] and "dr-steward" in refused["reason"]
     assert _linked(sites["b"][1], psi_id) == {}
+
+
+def test_a_leader_killed_mid_psi_finishes_it_after_its_restart(
+        federation: LocalFederation, sites: dict[str, tuple[str, Path]]) -> None:
+    """kill -9 of the leader after it said hello and before its partner's steward decided:
+    what it journaled (secrets, identifiers' snapshot) and what waits for it on the broker
+    carry the PSI to the end, each step once."""
+    leader, config = sites["b"]
+    psi_id = _create(federation, "intersection", [leader, sites["c"][0]])
+    deadline = time.monotonic() + 60
+    with federation.api() as api:
+        while {s["spoke_id"]: s["state"] for s in api.get(f"/api/psi/{psi_id}").json()[
+                "spokes"]}[leader] != "approved":
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    process = federation.processes[f"spoke-{leader}"]
+    process.popen.send_signal(signal.SIGKILL)
+    process.popen.wait(10)
+    _approve_where_asked(sites, psi_id, "bc")  # only c's steward is asked
+    time.sleep(2)  # the partner's hello waits for the leader on the broker
+    federation.start_spoke(leader, config)
+    run = _wait(federation, psi_id)
+    assert run["result_text"] == "linked cohort of 15", run
+    shared = sorted(consortium_id(i) for i in [*range(15, 25), *range(40, 45)])
+    assert sorted(_linked(config, psi_id).values()) == shared
+    assert _linked(config, psi_id) == _linked(sites["c"][1], psi_id)
+    with federation.api() as api:
+        steps = [a["detail"]["step"] for a in api.get(
+            "/api/audit", params={"target": psi_id, "action": "psi.relayed"}).json()]
+    assert sorted(steps) == ["hello", "hello", "link", "request", "response"]
 
 
 def _forms(identifier: str) -> set[bytes]:

@@ -9,7 +9,8 @@ share one durable journal:
   queued cases to ``concurrency`` case workers, each case exactly once
   (:mod:`tributary.spoke.execution`); a container mounts only the de-identified store;
 - the *counter* answers journaled count requests (see :mod:`tributary.spoke.counts`),
-  so an ingest a count needs first delays no other message;
+  so an ingest a count needs first delays no other message, and takes the relayed steps of
+  private set intersections the steward approved (:mod:`tributary.spoke.psi_party`);
 - the *outbox sender* publishes results and statuses in journal order, whenever the
   broker is there (see :mod:`tributary.spoke.outbox`), and the heartbeat reports liveness;
 - when the site's ``[training]`` enables it, the *training participant* takes part in
@@ -308,7 +309,8 @@ class SpokeAgent:
         """The broker confirmed an outbox message: record it."""
         self.lifecycle.audit(
             "result.published" if row.kind == "result" else "message.sent",
-            row.summary.get("experiment_id") or row.summary.get("query_id", ""),
+            row.summary.get("experiment_id") or row.summary.get("query_id")
+            or row.summary.get("psi_id", ""),
             kind=row.kind, message_id=row.message_id, case=row.summary.get("case_id"),
             attempt=row.summary.get("attempt"),
             status=row.summary.get("status") or row.summary.get("state"),
