@@ -23,6 +23,7 @@ app = typer.Typer(
         publisher="tributary.cli.publisher:app",
         audit="tributary.cli.audit:app",
         counts="tributary.cli.counts:app",
+        cohort="tributary.cli.cohort:app",
         study="tributary.cli.study:app",
         training="tributary.cli.training:app",
         dlq="tributary.hub.commands.dlq:app",

@@ -34,11 +34,12 @@ from sqlmodel import Session, col, select
 from tributary.hub import worker
 from tributary.hub.db import open_database
 from tributary.hub.models import QuarantinedMessage, SpokeKey
-from tributary.hub.services import audit, debounce, gaps
+from tributary.hub.services import audit, debounce, gaps, psi
 from tributary.hub.services.enrolment import public_key
 from tributary.hub.services.ingest import Outcome, SpokeMessage, ingest_batch
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import Delivery, StompClient
+from tributary.protocol.cohorts.psi import PsiRelay
 from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
@@ -90,6 +91,7 @@ class ResultsConsumer:
         self._retry_now = False
         self._stop = threading.Event()
         self._gap_wake = threading.Event()
+        self._psi_wake = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> ResultsConsumer:
@@ -97,6 +99,7 @@ class ResultsConsumer:
         self.client.subscribe(self.queue, self._inbox.put, prefetch=self.prefetch)
         if self.key is not None:
             self._spawn(self._resend_loop, "custody-gaps")
+            self._spawn(self._relay_loop, "psi-relay")
         return self
 
     def waiting(self) -> int:
@@ -107,6 +110,7 @@ class ResultsConsumer:
         """Stop taking messages (those not stored stay unacknowledged: redelivered)."""
         self._stop.set()
         self._gap_wake.set()
+        self._psi_wake.set()
         for thread in self._threads:
             thread.join(timeout=30)
 
@@ -190,6 +194,8 @@ class ResultsConsumer:
                 self.client.ack(delivery)
                 stored_any = True
                 wake = wake or isinstance(message, ResultMessage | ExperimentStatusMessage)
+                if isinstance(message, PsiRelay):
+                    self._psi_wake.set()
         # What was held may follow what this batch stored: try it again at once.
         self._retry_now = bool(self._held) and stored_any
         if wake:
@@ -266,6 +272,21 @@ class ResultsConsumer:
                                              min_age=timedelta(seconds=self.gap_hold))
             except Exception:
                 log.exception("could not ask spokes to resend missing custody records")
+
+    def _relay_loop(self) -> None:
+        """Forward what spokes asked the hub to relay for a private set intersection, from
+        a thread of its own (a publish waits for the broker's receipt). Kept relays survive
+        a restart and are forwarded then; the spokes drop any forwarded twice."""
+        assert self.key is not None
+        while not self._stop.is_set():
+            self._psi_wake.wait(RESEND_POLL_SECONDS)
+            self._psi_wake.clear()
+            try:
+                with Session(self.engine) as session:
+                    while psi.forward_pending(session, self.client, self.key):
+                        pass
+            except Exception:
+                log.exception("could not forward PSI messages; will retry")
 
     def _dead_letter(self, delivery: Delivery, reason: str, claimed: str | None) -> None:
         """Keep the refused message aside with its reason, audit it, and move it to the

@@ -26,6 +26,7 @@ from tributary.hub.api import (
     events,
     experiments,
     people,
+    psi,
     registry,
     results,
     spokes,
@@ -121,6 +122,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                    deadletters.router, registry.router, training.router,
                    training_models.router, training_events.router, catalog.router):
         app.include_router(router)
+    app.include_router(psi.router)
     app.include_router(web_router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

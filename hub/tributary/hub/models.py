@@ -567,3 +567,47 @@ class SpokeCatalogEntry(SQLModel, table=True):
     message_id: str
     generated_at: datetime
     received_at: datetime = Field(default_factory=utcnow, index=True)
+class PsiRun(SQLModel, table=True):
+    """A private set intersection between spokes (docs/cohorts.md). The hub relays the
+    spokes' messages and keeps only their sizes; the result is a suppressed number."""
+
+    id: str = Field(primary_key=True)
+    mode: str  # cardinality | intersection
+    purpose: str
+    leader: str = Field(foreign_key="spoke.id")
+    created_by: str
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    expires_at: datetime | None = None
+    state: str = "requested"  # requested | running | done | refused | failed
+
+
+class PsiMember(SQLModel, table=True):
+    """One spoke of a PSI: its state as it reported it, and the size it reported (a small
+    one only as ``fewer_than`` its k)."""
+
+    psi_id: str = Field(foreign_key="psirun.id", primary_key=True)
+    spoke_id: str = Field(foreign_key="spoke.id", primary_key=True)
+    position: int  # 0: the leader
+    state: str = "pending"  # pending | published | held | approved | refused | done | failed
+    reason: str | None = None
+    count: int | None = None
+    fewer_than: int | None = None
+    request_message_id: str | None = None
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class PsiRelayRecord(SQLModel, table=True):
+    """One message a spoke asked the hub to relay. ``payload`` is held only until it is
+    forwarded (then emptied); the size, step and parties stay for the audit."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    relay_message_id: str = Field(unique=True)
+    psi_id: str = Field(foreign_key="psirun.id", index=True)
+    from_spoke: str
+    to_spoke: str
+    step: str
+    size: int
+    payload: str | None = None
+    received_at: datetime = Field(default_factory=utcnow)
+    forwarded_at: datetime | None = Field(default=None, index=True)
+    forward_message_id: str | None = None

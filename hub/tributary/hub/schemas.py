@@ -450,3 +450,39 @@ class TrainingStudyDetail(TrainingStudyRead):
     """The study and every round attempt, in order (``round_list``)."""
 
     round_list: list[TrainingRoundRead]
+
+
+class PsiCreate(BaseModel):
+    """A private set intersection as a coordinator asks for it. The first spoke leads."""
+
+    mode: Literal["cardinality", "intersection"]
+    spoke_ids: list[str] = Field(min_length=2, max_length=16)
+    purpose: str = Field(min_length=1, max_length=2000)
+    expires_in_hours: float = Field(72, gt=0, le=24 * 30)
+
+
+class PsiSpokeRead(BaseModel):
+    spoke_id: str
+    leader: bool
+    state: str
+    reason: str | None
+    updated_at: datetime
+
+
+class PsiRead(BaseModel):
+    id: str
+    mode: str
+    purpose: str
+    created_by: str
+    created_at: datetime
+    expires_at: datetime | None
+    state: str
+    spokes: list[PsiSpokeRead]
+    count: int | None = Field(description="The shared patients, when at or above every "
+                                          "reporting site's k; None otherwise.")
+    fewer_than: int | None = Field(description="Set instead of count when the result is "
+                                               "below a site's k.")
+    result_text: str = Field(description="As people should read it: '42', 'fewer than 5', "
+                                         "'linked cohort of 42', or 'pending'.")
+    relayed_messages: int
+    relayed_bytes: int

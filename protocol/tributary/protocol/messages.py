@@ -25,6 +25,7 @@ from pydantic import (
 from tributary.protocol import PROTOCOL_VERSION
 from tributary.protocol.auditlog import AuditHead
 from tributary.protocol.cohorts.catalog import CatalogDescriptionMessage
+from tributary.protocol.cohorts.psi import PsiForward, PsiRelay, PsiRequest, PsiStatus
 from tributary.protocol.contract import ProgressStep, RoundedFraction
 
 #: Messages larger than this are refused before parsing.
@@ -280,7 +281,7 @@ class ResendRecordsMessage(_Message):
 
 HubMessage = Annotated[
     ExperimentMessage | ApprovalRevokedMessage | CountRequest | CancelExperimentMessage
-    | RetryCasesMessage | ResendRecordsMessage,
+    | RetryCasesMessage | ResendRecordsMessage | PsiRequest | PsiForward,
     Field(discriminator="kind"),
 ]
 
@@ -575,7 +576,7 @@ class CountReply(_Message):
 
 SpokeMessage = Annotated[
     ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-    | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage,
+    | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage | PsiRelay | PsiStatus,
     Field(discriminator="kind"),
 ]
 _spoke_adapter: TypeAdapter[Any] = TypeAdapter(SpokeMessage)
@@ -603,13 +604,14 @@ def _decode(body: bytes | str, adapter: TypeAdapter[Any]) -> Any:
 def decode_from_spoke(
     body: bytes | str,
 ) -> (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-      | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage):
+      | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage | PsiRelay | PsiStatus):
     """Parse a message a spoke sent to the hub, or raise :class:`ProtocolError`."""
     return _decode(body, _spoke_adapter)
 
 
 def decode_from_hub(body: bytes | str) -> (ExperimentMessage | ApprovalRevokedMessage
                                            | CountRequest | CancelExperimentMessage
-                                           | RetryCasesMessage | ResendRecordsMessage):
+                                           | RetryCasesMessage | ResendRecordsMessage
+                                           | PsiRequest | PsiForward):
     """Parse a message the hub sent to a spoke, or raise :class:`ProtocolError`."""
     return _decode(body, _hub_adapter)

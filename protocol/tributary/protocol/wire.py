@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tributary.protocol.cohorts.catalog import CatalogDescriptionMessage
+from tributary.protocol.cohorts.psi import PsiForward, PsiRelay, PsiRequest, PsiStatus
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     ApprovalRevokedMessage,
@@ -41,9 +42,11 @@ from tributary.protocol.signing import (
 )
 
 SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-                | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage)
+                | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage | PsiRelay
+                | PsiStatus)
 HubMessage = (ExperimentMessage | ApprovalRevokedMessage | CountRequest
-              | CancelExperimentMessage | RetryCasesMessage | ResendRecordsMessage)
+              | CancelExperimentMessage | RetryCasesMessage | ResendRecordsMessage
+              | PsiRequest | PsiForward)
 
 
 class UntrustedMessage(ProtocolError):

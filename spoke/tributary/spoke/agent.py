@@ -9,7 +9,8 @@ share one durable journal:
   queued cases to ``concurrency`` case workers, each case exactly once
   (:mod:`tributary.spoke.execution`); a container mounts only the de-identified store;
 - the *counter* answers journaled count requests (see :mod:`tributary.spoke.counts`),
-  so an ingest a count needs first delays no other message;
+  so an ingest a count needs first delays no other message, and takes the relayed steps of
+  private set intersections the steward approved (:mod:`tributary.spoke.psi_party`);
 - the *outbox sender* publishes results and statuses in journal order, whenever the
   broker is there (see :mod:`tributary.spoke.outbox`), and the heartbeat reports liveness;
 - when the site's ``[training]`` enables it, the *training participant* takes part in
@@ -37,6 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import Delivery, StompClient
+from tributary.protocol.cohorts.psi import PsiForward, PsiRequest
 from tributary.protocol.destinations import results_group, results_queue, spoke_queue
 from tributary.protocol.messages import (
     ApprovalRevokedMessage,
@@ -72,6 +74,7 @@ from tributary.spoke.liveness import (
     certificate_status,
 )
 from tributary.spoke.outbox import OutboxSender
+from tributary.spoke.psi_party import PsiParty
 from tributary.spoke.runner import site_capacity
 from tributary.spoke.steward import Steward, StewardDesk
 from tributary.spoke.store import check_format
@@ -111,6 +114,8 @@ class SpokeAgent:
         self.stopping = threading.Event()
         self.counts = CountResponder(config, self.lifecycle, self.stopping)
         self.publisher = CatalogPublisher(config, self.lifecycle, self.key, self.stopping)
+        self.psi = PsiParty(config, self.journal, self.key, self.lifecycle.outgoing,
+                            self.lifecycle.audit, self.outbox.wake)
         cases = Cases(config, self.lifecycle, ReleasedCaseIds.from_key_file(
             config.work_dir / "case-id.key", config.spoke_id))
         self.trusted = TrustedKeys(config.work_dir,
@@ -205,6 +210,8 @@ class SpokeAgent:
         """Between messages: act on what the site's data steward decided meanwhile."""
         try:
             self.steward.apply_decisions()
+            if self.psi.apply_decisions():
+                self._count_wake.set()  # an approved PSI may have relayed messages waiting
         except Exception:
             log.exception("could not apply the steward's decisions; will retry")
 
@@ -262,6 +269,11 @@ class SpokeAgent:
         elif isinstance(message, CountRequest):
             self.counts.take(message)
             self._count_wake.set()
+        elif isinstance(message, PsiRequest):
+            self.psi.take_request(message)
+        elif isinstance(message, PsiForward):
+            self.psi.take_forward(message)
+            self._count_wake.set()
         elif isinstance(message, CancelExperimentMessage):
             self.control.cancel(message)
         elif isinstance(message, RetryCasesMessage):
@@ -301,7 +313,8 @@ class SpokeAgent:
         """The broker confirmed an outbox message: record it."""
         self.lifecycle.audit(
             "result.published" if row.kind == "result" else "message.sent",
-            row.summary.get("experiment_id") or row.summary.get("query_id", ""),
+            row.summary.get("experiment_id") or row.summary.get("query_id")
+            or row.summary.get("psi_id", ""),
             kind=row.kind, message_id=row.message_id, case=row.summary.get("case_id"),
             attempt=row.summary.get("attempt"),
             status=row.summary.get("status") or row.summary.get("state"),
@@ -327,6 +340,7 @@ class SpokeAgent:
             try:
                 if self.counts.answer_waiting():
                     self.publisher.wake()  # answering may have ingested new cases
+                self.psi.work()  # private set intersections' relayed steps, likewise
             except Exception:
                 log.exception("count answering error; retrying")
                 self.stopping.wait(5)
@@ -358,4 +372,4 @@ class SpokeAgent:
 def _subject(message: HubMessage | None) -> str:
     """What a hub message is about, for the audit log: its experiment or count query."""
     return (getattr(message, "experiment_id", None) or getattr(message, "query_id", None)
-            or "")
+            or getattr(message, "psi_id", None) or "")

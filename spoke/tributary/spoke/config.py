@@ -152,6 +152,20 @@ class CountPolicy(BaseModel):
     budget_days: int = Field(30, ge=1, le=3650)
 
 
+class CohortsSettings(BaseModel):
+    """Cohorts across institutions: the identifier spokes agree on for private set
+    intersection (docs/cohorts.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: Attribute of ``attributes_file`` holding the identifier the sites agree on (a
+    #: national or consortium patient ID). Its values never leave the spoke; it may not
+    #: also be releasable. Unset: the spoke refuses PSI requests.
+    link_identifier: str | None = Field(None, min_length=1, max_length=200)
+    #: The site's data steward approves each PSI request (``tributary spoke steward psi``).
+    approve_psi: bool = True
+
+
 class LivenessSettings(BaseModel):
     """How the spoke shows it is alive and how hard it tries before giving a case up."""
 
@@ -303,6 +317,7 @@ class SpokeConfig(BaseModel):
     trust: TrustSettings = Field(default_factory=TrustSettings)
     steward: StewardPolicy = Field(default_factory=StewardPolicy)
     counts: CountPolicy = Field(default_factory=CountPolicy)
+    cohorts: CohortsSettings = Field(default_factory=CohortsSettings)
     liveness: LivenessSettings = Field(default_factory=LivenessSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     #: Where the de-identified store and catalog take their DICOM from.
@@ -321,6 +336,10 @@ class SpokeConfig(BaseModel):
         names = [s.name for s in self.all_sources]
         if len(names) != len(set(names)):
             raise ValueError(f"source names must be unique, got {names}")
+        link = self.cohorts.link_identifier
+        if link is not None and link in self.policy.releasable_attributes:
+            raise ValueError(f"[cohorts] link_identifier {link!r} is also a releasable "
+                             "attribute: the agreed identifier must never leave the spoke")
         if self.execution.algorithm_uid != 65534 and self.runner.output_quota_mb:
             raise ValueError("a rootless Podman (execution.algorithm_uid set) does not see "
                              "the output quota's tmpfs: set runner.output_quota_mb = 0")

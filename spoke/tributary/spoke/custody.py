@@ -63,7 +63,7 @@ class CustodyChain:
 def outgoing(message: BaseModel, key: SigningKey) -> Outgoing:
     """A message sealed for the outbox, with the facts the audit log records when it goes."""
     summary = {name: getattr(message, name) for name in
-               ("experiment_id", "query_id", "case_id", "attempt", "status", "state",
-                "reason")
+               ("experiment_id", "query_id", "psi_id", "case_id", "attempt", "status",
+                "state", "reason")
                if getattr(message, name, None) is not None}
     return Outgoing(message.message_id, message.kind, seal(message, key), summary)

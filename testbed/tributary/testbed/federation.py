@@ -391,6 +391,7 @@ class LocalFederation:
                      publisher_keys: tuple[Path, ...] = (),
                      steward: dict[str, bool] | None = None,
                      counts: dict[str, Any] | None = None,
+                     cohorts: dict[str, Any] | None = None,
                      deidentification: dict[str, Any] | None = None,
                      registry: dict[str, Any] | None = None,
                      execution: str = "", sandbox: bool = False,
@@ -419,6 +420,7 @@ class LocalFederation:
             f"publisher_keys = {json.dumps([str(p) for p in publisher_keys])}\n"
             + ("sandbox = true\n" if sandbox else "")
             + _toml_table("steward", steward) + _toml_table("counts", counts)
+            + _toml_table("cohorts", cohorts)
             + _toml_table("deidentification", deidentification)
             + _toml_table("registry", registry) + execution
         )

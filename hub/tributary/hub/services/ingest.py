@@ -46,7 +46,9 @@ from tributary.hub.services import anchors, audit, debounce, gaps, partials
 from tributary.hub.services.catalog import ingest_description
 from tributary.hub.services.counts import ingest_count_reply
 from tributary.hub.services.enrolment import public_key
+from tributary.hub.services.psi import ingest_relay, ingest_status
 from tributary.protocol.cohorts.catalog import CatalogDescriptionMessage
+from tributary.protocol.cohorts.psi import PsiRelay, PsiStatus
 from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, verify_custody
 from tributary.protocol.messages import (
     CaseProgressMessage,
@@ -67,7 +69,8 @@ from tributary.protocol.signing import PublicKey, SignatureError
 log = logging.getLogger(__name__)
 
 SpokeMessage = (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
-                | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage)
+                | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage | PsiRelay
+                | PsiStatus)
 ExperimentMessage = ExperimentStatusMessage | CaseStartedMessage | ResultMessage
 
 
@@ -263,6 +266,7 @@ class _Batch:
         if message.message_id in self.known:
             subject = (message.query_id if isinstance(message, CountReply)
                        else message.spoke_id if isinstance(message, CatalogDescriptionMessage)
+                       else message.psi_id if isinstance(message, PsiRelay | PsiStatus)
                        else message.experiment_id)
             audit.record(session, message.spoke_id, "message.duplicate", subject,
                          kind=message.kind, message_id=message.message_id,
@@ -274,6 +278,11 @@ class _Batch:
             return applied
         if isinstance(message, CatalogDescriptionMessage):
             applied = ingest_description(session, message)
+            self.known.add(message.message_id)
+            return applied
+        if isinstance(message, PsiRelay | PsiStatus):
+            applied = (ingest_relay if isinstance(message, PsiRelay) else ingest_status)(
+                session, message)  # type: ignore[arg-type]
             self.known.add(message.message_id)
             return applied
         if message.spoke_id not in self.spokes:

@@ -1,9 +1,10 @@
 """The dashboard: server-rendered pages over the hub's own REST API."""
 
-from tributary.hub.web import catalog, training
+from tributary.hub.web import catalog, psi, training
 from tributary.hub.web.pages import SignInRequired, router
 
 router.include_router(training.router)
 router.include_router(catalog.router)
+router.include_router(psi.router)
 
 __all__ = ["SignInRequired", "router"]

@@ -150,3 +150,12 @@ def reject(
     if not reason.strip():
         raise typer.BadParameter("a rejection needs a reason", param_hint="--reason")
     _decide(config, experiment_id, case_id, False, steward, reason, all_results)
+
+
+def _psi() -> typer.Typer:
+    from tributary.spoke.commands.steward_psi import app as psi_app
+
+    return psi_app
+
+
+app.add_typer(_psi(), name="psi", help="Approve or refuse private set intersections.")
