@@ -19,7 +19,7 @@ import tributary.cli.app
 
 BIN = Path(sys.executable).parent
 GROUPS = {"services", "hub", "spoke", "contract", "broker", "pki", "algorithm", "audit", "counts",
-          "study", "training", "dlq", "gaps", "bundle", "demo", "publisher", "login"}
+          "study", "training", "dlq", "gaps", "bundle", "demo", "publisher", "login", "access"}
 
 
 def _run(*command: str | Path, env: dict[str, str] | None = None

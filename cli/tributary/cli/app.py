@@ -22,6 +22,7 @@ app = typer.Typer(
         publisher="tributary.cli.publisher:app",
         audit="tributary.cli.audit:app",
         counts="tributary.cli.counts:app",
+        access="tributary.cli.access:app",
         study="tributary.cli.study:app",
         training="tributary.cli.training:app",
         dlq="tributary.hub.commands.dlq:app",

@@ -28,8 +28,8 @@ from tributary.hub.models import (
     Role,
     User,
 )
+from tributary.hub.services import access_requests, audit, plots
 from tributary.hub.services import algorithms as algorithm_versions
-from tributary.hub.services import audit, plots
 from tributary.hub.services import trust as spoke_trust
 from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import cohort_sizes, count_reads
@@ -182,6 +182,7 @@ def new_experiment_page(request: Request, session: Session = Depends(get_session
                     "schema": cls.Parameters.model_json_schema()}
                    for name, cls in sorted(AGGREGATORS.items())]
     return _render(request, "experiment_new.html", user, algorithms=choices, spokes=spokes,
+                   access_requests=access_requests.approved_for(session, user.username),
                    enrolled=enrolled, aggregators=aggregators)
 
 
