@@ -6,6 +6,7 @@ two training launches cannot both spend the last of a request's ε budget."""
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 import uuid
@@ -13,12 +14,15 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
+from approved_algorithms import approved_algorithm as add_version
 from fastapi.testclient import TestClient
+from safetensors.numpy import save
 from sqlmodel import Session, select
 
 from tributary.hub.main import create_app
-from tributary.hub.models import AccessRequest, Algorithm, AuditEvent, utcnow
+from tributary.hub.models import AccessRequest, AuditEvent, TrainingStudy, utcnow
 from tributary.hub.services import access_grants
 from tributary.hub.services.users import create_user, issue_token
 from tributary.hub.settings import HubSettings
@@ -42,6 +46,7 @@ def hub(tmp_path: Path, service_settings: ServiceSettings
         require_access_requests=True)
     with TestClient(create_app(settings)) as client, \
             Session(client.app.state.engine) as session:  # type: ignore[attr-defined]
+        session.info["hub_key"] = tmp_path / "hub.key"
         create_user(session, "root", PASSWORD, ["admin"])
         client.headers["Authorization"] = f"Bearer {bearer(session, 'root')}"
         for name, roles in (("carol", ["coordinator"]), ("cora", ["coordinator"]),
@@ -67,13 +72,10 @@ def as_(session: Session, username: str) -> dict[str, str]:
 
 
 def approved_algorithm(session: Session) -> int:
-    """A version as the review rule leaves it (the hub's launch checks only that it is
-    approved and unrevoked; what the spokes check is covered by the e2e tests)."""
-    algorithm = Algorithm(name=f"alg-{uuid.uuid4().hex[:6]}", version="1",
-                          repository="127.0.0.1:5000/alg", digest=DIGEST, registered_by="root",
-                          approval={"payloadType": "test", "payload": "", "signatures": []},
-                          approved_at=utcnow())
-    session.add(algorithm)
+    """A version as the review rule leaves it, approved by the hub's key."""
+    algorithm = add_version(session, name=f"alg-{uuid.uuid4().hex[:6]}",
+                            repository="127.0.0.1:5000/alg", digest=DIGEST,
+                            hub_key=SigningKey.load(session.info["hub_key"]))
     session.commit()
     assert algorithm.id is not None
     return algorithm.id
@@ -306,3 +308,48 @@ def test_two_launches_cannot_both_spend_the_last_of_the_budget(
     with pytest.raises(access_grants.AccessRefused) as refused:
         access_grants.check(session, filed["id"], "carol", ask, True)
     assert refused.value.condition == "epsilon_budget"
+
+
+def test_training_launches_are_held_to_the_request_and_its_budget(
+        hub: tuple[TestClient, Session]) -> None:
+    """Through the training API: unbound, a spoke outside, ε beyond what is left: refused
+    (409, named, audited, nothing spent); inside the conditions the launch goes on to the
+    object store, which this hub lacks (503): the spend rolls back with the study."""
+    client, session = hub
+    aid = approved_algorithm(session)
+    filed = file_request(client, session, spokes=("north",), kinds=("training",),
+                         epsilon="3.0").json()
+    decide(client, session, filed["id"], decision="approve").raise_for_status()
+    model = base64.b64encode(save({"w": np.zeros(3)})).decode()
+
+    def study(**override: object) -> object:
+        return client.post("/api/training-studies", headers=as_(session, "carol"), json={
+            "name": "bound", "algorithm_id": aid, "spokes": ["north", "south"], "rounds": 2,
+            "min_participants": 2, "clip_bound": 1.0, "noise_multiplier": 1.0,
+            "epsilon_budget": 2.0, "delta": 1e-5, "initial_model_b64": model,
+            "access_request_id": filed["id"], **override})
+
+    response = study(access_request_id=None)
+    assert response.status_code == 409
+    assert response.json()["detail"]["condition"] == "access_request"
+    response = study()
+    assert response.status_code == 409 and response.json()["detail"]["condition"] == "spokes"
+    # k of a training study: the fewest spokes whose sum is revealed (min_participants).
+    wide = file_request(client, session, kinds=("training",), epsilon="3.0").json()
+    decide(client, session, wide["id"], decision="approve", min_k=2).raise_for_status()
+    strict = file_request(client, session, kinds=("training",), epsilon="3.0").json()
+    decide(client, session, strict["id"], decision="approve", min_k=3).raise_for_status()
+    response = study(access_request_id=strict["id"], min_participants=2)
+    assert response.status_code == 409 and response.json()["detail"]["condition"] == "min_k"
+    response = study(access_request_id=wide["id"], min_participants=2, epsilon_budget=3.5)
+    assert response.status_code == 409
+    assert response.json()["detail"]["condition"] == "epsilon_budget"
+    inside = study(access_request_id=wide["id"], min_participants=2, epsilon_budget=2.0)
+    assert inside.status_code == 503 and "object store" in inside.json()["detail"]
+    session.expire_all()
+    assert session.get(AccessRequest, wide["id"]).epsilon_spent == 0.0
+    assert not session.exec(select(TrainingStudy)).all()
+    refused = session.exec(select(AuditEvent).where(
+        AuditEvent.action == "training.launch_refused")).all()
+    assert {e.detail["condition"] for e in refused} == {"access_request", "spokes", "min_k",
+                                                        "epsilon_budget"}
