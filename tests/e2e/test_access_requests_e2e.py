@@ -139,3 +139,47 @@ def test_request_decision_and_a_bound_launch(federation: LocalFederation,
     actions = [e["action"] for e in record["audit_events"]]
     assert actions[:3] == ["access.requested", "access.vote.approve", "access.approved"]
     assert {a["kind"] for a in record["attachments"]} == {"ethics", "dpia"}
+
+
+def test_the_access_commands(federation: LocalFederation) -> None:
+    """``tributary access``: a coordinator files with the two files, the requester cannot
+    approve, a committee member approves with conditions, the requester withdraws."""
+    import os
+    import subprocess
+    import sys
+
+    spoke_id = f"cli-{uuid.uuid4().hex[:6]}"
+    with federation.api() as api:
+        api.post("/api/spokes", json={"id": spoke_id, "name": spoke_id}).raise_for_status()
+    _, coordinator = user(federation, "coordinator")
+    _, member = user(federation, "committee")
+    (federation.root / "ethics.pdf").write_bytes(PDF)
+    (federation.root / "dpia.png").write_bytes(b"not a png at all")
+
+    def access(token: str, *args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "TRIBUTARY_HUB_URL": federation.hub_url,
+               "TRIBUTARY_TOKEN": token, "COLUMNS": "300", "NO_COLOR": "1"}
+        return subprocess.run([sys.executable, "-m", "tributary.cli", "access", *args],
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    request = ("request", "--title", "CLI study", "--purpose", "testing the commands",
+               "--spoke", spoke_id, "--kind", "validation", "--attribute", "nodules",
+               "--attribute", "age", "--ethics", str(federation.root / "ethics.pdf"))
+    bad = access(coordinator, *request, "--dpia", str(federation.root / "dpia.png"))
+    assert bad.returncode == 1 and "not a PDF, PNG or JPEG" in bad.stderr, bad.stderr
+    filed = access(coordinator, *request, "--dpia", str(federation.root / "ethics.pdf"))
+    assert filed.returncode == 0, filed.stderr
+    request_id = next(w for w in filed.stdout.split() if w.startswith("ar-")).rstrip(":")
+    own = access(coordinator, "approve", request_id)
+    assert own.returncode == 1 and "403" in own.stderr
+    approved = access(member, "approve", request_id, "--attribute", "nodules",
+                      "--min-k", "10", "--reason", "fine")
+    assert approved.returncode == 0, approved.stderr
+    shown = json.loads(access(member, "show", request_id, "--json").stdout)
+    assert shown["state"] == "approved"
+    assert shown["conditions"]["attributes"] == ["nodules"]
+    assert shown["conditions"]["min_k"] == 10
+    assert access(coordinator, "withdraw", request_id).returncode == 0
+    assert request_id in access(member, "list").stdout
+    assert json.loads(access(coordinator, "show", request_id, "--json").stdout
+                      )["state"] == "withdrawn"

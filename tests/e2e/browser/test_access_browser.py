@@ -113,6 +113,7 @@ def test_request_queue_decision_and_a_bound_launch_in_the_browser(
         coordinator.click("#submit")
         coordinator.wait_for_url("**/experiments/exp-*")
         experiment_id = coordinator.url.rstrip("/").rsplit("/", 1)[-1]
+        expect(coordinator.locator("#experiment-access-request")).to_have_text(request_id)
 
         coordinator.goto(f"/access-requests/{request_id}")
         expect(coordinator.locator("#bound-studies")).to_contain_text(experiment_id)
