@@ -382,6 +382,8 @@ class TrainingStudyRead(BaseModel):
     created_by: str
     created_at: datetime
     finished_at: datetime | None
+    #: The data access request it runs under (None: none).
+    access_request_id: str | None = None
 
 
 class TrainingStudyDetail(TrainingStudyRead):
