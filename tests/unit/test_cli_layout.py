@@ -20,7 +20,7 @@ import tributary.cli.app
 BIN = Path(sys.executable).parent
 GROUPS = {"services", "hub", "spoke", "contract", "broker", "pki", "federation", "algorithm",
           "audit", "counts", "study", "training", "dlq", "gaps", "bundle", "demo", "publisher",
-          "login", "cohort"}
+          "login", "cohort", "access"}
 
 
 def _run(*command: str | Path, env: dict[str, str] | None = None

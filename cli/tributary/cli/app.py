@@ -24,6 +24,7 @@ app = typer.Typer(
         audit="tributary.cli.audit:app",
         counts="tributary.cli.counts:app",
         cohort="tributary.cli.cohort:app",
+        access="tributary.cli.access:app",
         study="tributary.cli.study:app",
         training="tributary.cli.training:app",
         dlq="tributary.hub.commands.dlq:app",

@@ -17,6 +17,7 @@ from sqlmodel import Session, select
 
 from tributary.hub import __version__, training_coordinator, worker
 from tributary.hub.api import (
+    access_requests,
     algorithms,
     audit,
     auth,
@@ -120,7 +121,8 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                    results.router, audit.router, audit.quarantine_router,
                    algorithms.publishers_router, auth.router, people.router, counts.router,
                    deadletters.router, registry.router, training.router,
-                   training_models.router, training_events.router, catalog.router):
+                   training_models.router, training_events.router, catalog.router,
+                   access_requests.router):
         app.include_router(router)
     app.include_router(psi.router)
     app.include_router(web_router)

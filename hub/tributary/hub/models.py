@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, LargeBinary, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -19,6 +19,7 @@ class Role(StrEnum):
     COORDINATOR = "coordinator"  # experiments: create, launch, read results
     DEVELOPER = "developer"  # algorithm versions
     REVIEWER = "reviewer"  # reviews of algorithm versions
+    COMMITTEE = "committee"  # the data access committee: decides data access requests
 
 
 class Organisation(SQLModel, table=True):
@@ -229,6 +230,9 @@ class Experiment(SQLModel, table=True):
     #: version's own registrant (``owner``), whose results go back to that developer.
     sandbox: bool = False
     owner: str | None = None
+    #: The approved data access request it runs under (services/access_grants.py).
+    access_request_id: str | None = Field(default=None, foreign_key="accessrequest.id",
+                                          index=True)
 
 
 class TargetState(StrEnum):
@@ -499,6 +503,9 @@ class TrainingStudy(SQLModel, table=True):
     created_by: str = ""
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
+    #: The approved data access request it runs under; its ε budget is spent at launch.
+    access_request_id: str | None = Field(default=None, foreign_key="accessrequest.id",
+                                          index=True)
 
 
 class TrainingRound(SQLModel, table=True):
@@ -611,3 +618,69 @@ class PsiRelayRecord(SQLModel, table=True):
     received_at: datetime = Field(default_factory=utcnow)
     forwarded_at: datetime | None = Field(default=None, index=True)
     forward_message_id: str | None = None
+class AccessRequestState(StrEnum):
+    SUBMITTED = "submitted"  # waiting for the data access committee
+    APPROVED = "approved"  # approved with conditions (``conditions``)
+    REFUSED = "refused"  # refused with a reason
+    WITHDRAWN = "withdrawn"  # withdrawn by its requester
+
+
+class AccessRequest(SQLModel, table=True):
+    """A coordinator's data access request to the data access committee: what for, which
+    spokes, attributes and kinds of study, with the ethics approval and the DPIA attached
+    (:class:`AccessAttachment`). Launches bound to it stay inside ``conditions``."""
+
+    id: str = Field(primary_key=True)
+    title: str
+    purpose: str
+    requested_by: str = Field(index=True)
+    spokes: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    attributes: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    study_kinds: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    epsilon: float | None = None
+    k: int | None = None
+    state: str = Field(default=AccessRequestState.SUBMITTED.value, index=True)
+    #: ``AccessConditions`` JSON once approved.
+    conditions: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    decided_at: datetime | None = None
+    refusal_reason: str | None = None
+    withdrawn_at: datetime | None = None
+    #: ε already budgeted by training studies bound to it; raised only by one conditional
+    #: UPDATE (services/access_grants.spend), so two launches never share the last of it.
+    epsilon_spent: float = 0.0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class AccessVote(SQLModel, table=True):
+    """One committee member's decision on one request; the request is decided when
+    ``access_committee_quorum`` members approved the same conditions (by digest), or one
+    refused."""
+
+    __table_args__ = (UniqueConstraint("request_id", "member"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(foreign_key="accessrequest.id", index=True)
+    member: str
+    decision: str  # approve | refuse
+    conditions: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    conditions_sha256: str | None = None
+    reason: str = ""
+    at: datetime = Field(default_factory=utcnow)
+
+
+class AccessAttachment(SQLModel, table=True):
+    """A file attached to a request (the ethics approval, the DPIA), kept by its SHA-256
+    digest after its type was checked from its content; served back only to the requester,
+    the committee and administrators."""
+
+    __table_args__ = (UniqueConstraint("request_id", "kind"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(foreign_key="accessrequest.id", index=True)
+    kind: str  # ethics | dpia
+    digest: str
+    filename: str
+    media_type: str
+    size: int
+    content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)

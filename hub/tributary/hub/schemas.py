@@ -143,6 +143,9 @@ class ExperimentCreate(BaseModel):
         description="How long the study's messages wait in the broker for an offline spoke "
         "before they expire (into the dead-letter queue); default: the hub's "
         "TRIBUTARY_HUB_DEFAULT_EXPIRY_DAYS.")
+    access_request_id: str | None = Field(None, max_length=64, description=(
+        "The approved data access request the experiment runs under (required when the "
+        "hub requires access requests); checked again at launch."))
 
 
 class TargetProgress(BaseModel):
@@ -265,6 +268,8 @@ class ExperimentRead(BaseModel):
     #: A sandbox study (synthetic data only) and its developer.
     sandbox: bool = False
     owner: str | None = None
+    #: The data access request it runs under (None: none).
+    access_request_id: str | None = None
 
 
 class CountCreate(BaseModel):
@@ -376,6 +381,9 @@ class TrainingStudyCreate(BaseModel):
     initial_model_b64: str = Field(
         min_length=1, max_length=(MAX_INITIAL_MODEL_BYTES * 4) // 3 + 4,
         description="The initial global model: a safetensors file, base64.")
+    access_request_id: str | None = Field(None, max_length=64, description=(
+        "The approved data access request the study runs under (required when the hub "
+        "requires access requests); its ε budget is spent at launch."))
 
     _spokes = field_validator("spokes")(
         lambda spokes: [validate_spoke_id(s) for s in spokes])
@@ -444,6 +452,8 @@ class TrainingStudyRead(BaseModel):
     created_by: str
     created_at: datetime
     finished_at: datetime | None
+    #: The data access request it runs under (None: none).
+    access_request_id: str | None = None
 
 
 class TrainingStudyDetail(TrainingStudyRead):
@@ -486,3 +496,71 @@ class PsiRead(BaseModel):
                                          "'linked cohort of 42', or 'pending'.")
     relayed_messages: int
     relayed_bytes: int
+class AccessDecisionBody(BaseModel):
+    """A committee member's decision on a data access request: approve with conditions
+    (each within what was requested), or refuse with a reason."""
+
+    model_config = {"extra": "forbid"}
+
+    decision: Literal["approve", "refuse"]
+    reason: str = Field("", max_length=2000)
+    spokes: list[str] | None = Field(None, max_length=500, description=(
+        "Allowed spokes (default: every requested one)."))
+    attributes: list[str] | None = Field(None, max_length=500, description=(
+        "Allowed attributes (default: every requested one)."))
+    study_kinds: list[str] | None = Field(None, max_length=2, description=(
+        "Allowed kinds of study (default: the requested ones)."))
+    min_k: int | None = Field(None, ge=1, le=1_000_000, description=(
+        "Smallest k a launch may run with (default: the requested k, else 5)."))
+    epsilon_budget: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False,
+                                         description="Total ε across training studies "
+                                                     "(default: the requested ε).")
+    expires_at: datetime | None = Field(None, description=(
+        "When the approval lapses (default: in 365 days)."))
+
+
+class AccessWithdrawBody(BaseModel):
+    reason: str = Field("withdrawn by the requester", min_length=1, max_length=2000)
+
+
+class AccessAttachmentRead(BaseModel):
+    kind: str
+    filename: str
+    media_type: str
+    size: int
+    digest: str
+
+
+class AccessVoteRead(BaseModel):
+    member: str
+    decision: str
+    reason: str
+    conditions_sha256: str | None
+    at: datetime
+
+
+class AccessRequestRead(BaseModel):
+    """A data access request, its decision and what is bound to it."""
+
+    id: str
+    title: str
+    purpose: str
+    requested_by: str
+    spokes: list[str]
+    attributes: list[str]
+    study_kinds: list[str]
+    epsilon: float | None
+    k: int | None
+    state: str
+    conditions: dict[str, Any] | None
+    decided_at: datetime | None
+    refusal_reason: str | None
+    withdrawn_at: datetime | None
+    epsilon_spent: float
+    #: What is left of the ε budget for further training studies (None: no budget).
+    epsilon_remaining: float | None
+    created_at: datetime
+    attachments: list[AccessAttachmentRead]
+    votes: list[AccessVoteRead]
+    experiments: list[str]
+    training_studies: list[str]

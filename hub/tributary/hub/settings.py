@@ -107,6 +107,16 @@ class HubSettings(BaseSettings):
     credential_leeway_seconds: int = Field(60, ge=0, le=300)
     #: How often every stored credential is checked again (expiry, revocation).
     credential_check_seconds: float = Field(300.0, gt=0)
+    #: Data access requests (docs/cohorts.md): when true, every launch (experiment or
+    #: training study) must be bound to an approved, unexpired request and stay inside its
+    #: conditions. Off by default; on in the demo.
+    require_access_requests: bool = False
+    #: How many committee members must approve the same conditions before a request is
+    #: approved (one refusal refuses). One: the committee decides in session and one member
+    #: records its decision; raise it where each member signs off on their own.
+    access_committee_quorum: int = Field(1, ge=1, le=20)
+    #: Largest ethics approval or DPIA file accepted, in bytes.
+    access_attachment_max_bytes: int = Field(10 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
     #: Days an experiment message waits in the broker for an offline spoke.
     default_expiry_days: float = 7.0
     #: A spoke is shown online when the hub heard from it this recently (or within three

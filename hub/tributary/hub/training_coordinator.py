@@ -36,7 +36,7 @@ from sqlmodel import Session, col, select
 from tributary.hub import tasks, training_checks
 from tributary.hub.lease import Lease
 from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
-from tributary.hub.services import audit, training, training_close
+from tributary.hub.services import access_grants, audit, training, training_close
 from tributary.hub.services.enrolment import public_key
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import Delivery, PublishError, StompClient
@@ -267,7 +267,8 @@ class TrainingCoordinator:
             sent = (row.round_id, row.stage)
             if sent not in self._sent:
                 out = training.pending_messages(study, row, ref, signature,
-                                                self._upload_for(row), image)
+                                                self._upload_for(row), image,
+                                                access_grants.grant_for(session, study))
                 self._sent.add(sent)
                 if nxt.action == "drive":  # an open round this process did not open
                     audit.record(session, training.ACTOR, "training.round_resumed",

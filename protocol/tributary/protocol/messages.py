@@ -24,6 +24,7 @@ from pydantic import (
 
 from tributary.protocol import PROTOCOL_VERSION
 from tributary.protocol.auditlog import AuditHead
+from tributary.protocol.cohorts.access import AccessGrant
 from tributary.protocol.cohorts.catalog import CatalogDescriptionMessage
 from tributary.protocol.cohorts.psi import PsiForward, PsiRelay, PsiRequest, PsiStatus
 from tributary.protocol.contract import ProgressStep, RoundedFraction
@@ -201,6 +202,9 @@ class ExperimentMessage(_Message):
         "own policy allows.",
     )
     expires_at: datetime | None = None
+    access_request: AccessGrant | None = Field(
+        None, description="The data access request the study is bound to, with the "
+        "committee's conditions, for the site's data steward (protocol 1.5, optional).")
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 

@@ -267,6 +267,9 @@ class Steward:
             "release_allowed": [a for a in message.release if a in releasable],
             "limits": message.limits.model_dump(mode="json"),
             "expires_at": message.expires_at.isoformat() if message.expires_at else None,
+            # The data access request the hub held the study to, for the steward to weigh.
+            "access_request": message.access_request.model_dump(mode="json")
+            if message.access_request else None,
         }
         text = envelope.decode() if isinstance(envelope, bytes) else envelope
         if self.desk.hold_experiment(message, text, summary):

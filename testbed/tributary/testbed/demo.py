@@ -32,6 +32,7 @@ from tributary.services.broker_security import (
     stop_broker,
 )
 from tributary.services.settings import ServiceSettings
+from tributary.testbed import access_demo
 from tributary.testbed.compose import ComposeFederation, state_folder
 from tributary.testbed.federation import (
     LocalFederation,
@@ -126,7 +127,8 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
         # (``tributary/...`` is its own namespace) to push the image with.
         federation = LocalFederation(root, settings, hub_port, secure_broker=hub_side.broker,
                                      hub_tls=hub_side.hub_tls, hosts=placed,
-                                     hub_env=hub_side.hub_env, credentials=True)
+                                     hub_env={**hub_side.hub_env, **access_demo.HUB_ENV},
+                                     credentials=True)
         cleanup.callback(federation.stop)
         federation.start_hub()
         console.print(f"  hub        {federation.hub_url} (host {placed.netns(HUB)})")
@@ -165,7 +167,8 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
             start_broker(broker)
             cleanup.callback(stop_broker, broker)
         federation = LocalFederation(root, settings, hub_port, secure_broker=broker,
-                                     launch_trust_check="strict", credentials=True)
+                                     launch_trust_check="strict", credentials=True,
+                                     hub_env=access_demo.HUB_ENV)
         cleanup.callback(federation.stop)
     # On separate hosts, a site's data is on its own host (under its own folder).
     data = {spoke_id: root / "spokes" / spoke_id / "data" if hosts else root / "data" / spoke_id
@@ -231,10 +234,15 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
                           "the hub signed the approval")
 
             console.rule("5. Study")
+            access, committee = access_demo.approved_request(
+                federation, api, "Nodule detection, demo study", list(cohorts), ["nodules"])
+            console.print(f"  access request {access['id']} approved by the data access "
+                          f"committee ({committee['username']})")
             experiment = api.post("/api/experiments", json={
                 "name": "Nodule detection, demo study", "algorithm_id": algorithm["id"],
                 "arguments": {"min_diameter_mm": 4.0}, "spoke_ids": list(cohorts),
                 "release": ["nodules"], "limits": {"timeout_seconds": 600, "memory_mb": 1024},
+                "access_request_id": access["id"],
             }).raise_for_status().json()
             api.post(f"/api/experiments/{experiment['id']}/launch").raise_for_status()
             console.print(f"  launched {experiment['id']} on {', '.join(cohorts)}")
@@ -265,7 +273,7 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
         console.print(f"\nDashboard: [bold]{federation.hub_url}/experiments/{experiment['id']}[/]"
                       f"   API: {federation.hub_url}/docs\nFull results: "
                       f"{root / 'results.json'}   logs: {root / 'logs'}")
-        print_people(console, federation, root, developer, settings)
+        print_people(console, federation, root, developer, settings, committee)
         if wait:
             console.print("The federation keeps running; press Ctrl-C (or send SIGTERM) to "
                           "stop it.")
@@ -277,7 +285,8 @@ def _run_demo(case_counts: list[int], hub_port: int, wait: bool, workdir: Path |
 
 
 def print_people(console: Console, federation: LocalFederation, root: Path,
-                 developer: dict[str, Any], settings: ServiceSettings) -> None:
+                 developer: dict[str, Any], settings: ServiceSettings,
+                 committee: dict[str, str] | None = None) -> None:
     """Who a developer can be in the running demo, and the publisher key to publish with
     (docs/algorithm-sdk.md, "Publishing into the demo")."""
     console.rule("Sign in")
@@ -289,6 +298,9 @@ def print_people(console: Console, federation: LocalFederation, root: Path,
     if developer:
         console.print(f"  {developer['username']:<11} password [bold]{developer['password']}"
                       "[/]  (developer: pushes to the registry)")
+    if committee:
+        console.print(f"  {committee['username']:<11} password [bold]{committee['password']}"
+                      "[/]  (data access committee: decides access requests)")
     console.print("  These accounts are made for this demo run only.")
     console.print(f"  Publisher key: {root / 'publisher.key'} (public: "
                   f"{root / 'publisher.key.pub'}), registered at the hub as "

@@ -22,6 +22,7 @@ from tributary.hub.deps import (
     get_settings,
 )
 from tributary.hub.models import (
+    AccessRequest,
     Algorithm,
     CaseState,
     Experiment,
@@ -39,7 +40,8 @@ from tributary.hub.schemas import (
     RetryBody,
     RetryRead,
 )
-from tributary.hub.services import audit, control, credentials, exports
+from tributary.hub.services import access_grants, audit, control, credentials, exports
+from tributary.hub.services.access_grants import AccessRefused
 from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
 from tributary.hub.services.anchors import anchors
 from tributary.hub.services.enrolment import active_keys
@@ -109,6 +111,9 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
     if unenrolled:
         raise HTTPException(422, f"spokes without an enrolled key cannot be targeted: "
                                  f"{', '.join(unenrolled)}")
+    if body.access_request_id is not None and session.get(
+            AccessRequest, body.access_request_id) is None:
+        raise HTTPException(422, f"no access request {body.access_request_id!r}")
     aggregator = body.aggregator or algorithm.aggregator
     if aggregator not in AGGREGATORS:
         raise HTTPException(422, f"unknown aggregator {aggregator!r}")
@@ -120,7 +125,7 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
         id=f"exp-{uuid.uuid4().hex[:12]}", name=body.name, algorithm_id=body.algorithm_id,
         arguments=body.arguments, cohort=body.cohort.model_dump(mode="json"),
         limits=body.limits.model_dump(mode="json"), release=body.release, aggregator=aggregator,
-        aggregator_parameters=parameters,
+        aggregator_parameters=parameters, access_request_id=body.access_request_id,
         expires_at=utcnow() + timedelta(days=body.expires_in_days)
         if body.expires_in_days else None,
     )
@@ -129,7 +134,8 @@ def create_experiment(body: ExperimentCreate, session: Session = Depends(get_ses
     for spoke_id in dict.fromkeys(body.spoke_ids):
         session.add(ExperimentTarget(experiment_id=experiment.id, spoke_id=spoke_id))
     audit.record(session, actor, "experiment.created", experiment.id, name=body.name,
-                 algorithm=f"{algorithm.name} {algorithm.version}", spokes=body.spoke_ids)
+                 algorithm=f"{algorithm.name} {algorithm.version}", spokes=body.spoke_ids,
+                 access_request=body.access_request_id)
     session.commit()
     return experiment_read(session, experiment)
 
@@ -160,9 +166,17 @@ def launch_experiment(experiment_id: str, request: Request,
     try:
         launch(session, broker, request.app.state.signing_key, experiment, actor,
                timedelta(days=settings.default_expiry_days), settings.launch_trust_check,
-               membership=credentials.policy(settings))
+               membership=credentials.policy(settings),
+               access_required=settings.require_access_requests, k=settings.min_cell_size)
     except NotApproved as exc:
         raise HTTPException(409, f"cannot launch: {exc}") from None
+    except AccessRefused as exc:
+        session.rollback()
+        audit.record(session, actor, "experiment.launch_refused", experiment.id,
+                     access_request=experiment.access_request_id, condition=exc.condition,
+                     reason=exc.reason)
+        session.commit()
+        raise HTTPException(409, exc.detail()) from None
     except LaunchRefused as exc:
         audit.record(session, actor, "experiment.launch_refused", experiment.id,
                      refusals=exc.detail()["refusals"])
@@ -263,6 +277,8 @@ def export_bundle(experiment_id: str, request: Request, background: BackgroundTa
     experiment = _get(session, experiment_id)
     read = experiment_read(session, experiment).model_dump(mode="json")
     read["custody_gaps"] = exports.custody_gaps(session, experiment_id)  # accepted as lost
+    read["access_request"] = access_grants.bundle_record(session,
+                                                         experiment.access_request_id)
     workdir = Path(tempfile.mkdtemp(prefix="tributary-bundle-"))
     held = anchors(session, [t.spoke_id for t in session.exec(select(ExperimentTarget).where(
         ExperimentTarget.experiment_id == experiment_id))])

@@ -24,6 +24,7 @@ from tributary.hub.schemas import (
     TrainingStudyRead,
 )
 from tributary.hub.services import audit, credentials, training, training_reads
+from tributary.hub.services.access_grants import AccessRefused
 from tributary.hub.settings import HubSettings
 from tributary.protocol.objects import ObjectStore, ObjectStoreError
 from tributary.protocol.training.tensors import decode_tensors
@@ -87,10 +88,13 @@ def launch_study(body: TrainingStudyCreate, request: Request,
     spec = training.StudySpec(**body.model_dump(exclude={"initial_model_b64"}),
                               initial_model=digest)
     try:
-        study = training.launch(session, spec, actor)
+        study = training.launch(session, spec, actor, settings.require_access_requests)
     except training.AlgorithmRefused as exc:
         session.commit()  # the refusal's audit event
         raise HTTPException(409, f"cannot launch: {exc}") from None
+    except AccessRefused as exc:
+        session.commit()  # the refusal's audit event (nothing else was changed)
+        raise HTTPException(409, exc.detail()) from None
     except training.TrainingError as exc:
         raise HTTPException(422, str(exc)) from None
     store = _store(request, settings)  # uncommitted until the model is stored

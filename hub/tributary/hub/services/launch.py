@@ -18,7 +18,7 @@ from tributary.hub.models import (
     TargetState,
     utcnow,
 )
-from tributary.hub.services import audit, credentials
+from tributary.hub.services import access_grants, audit, credentials
 from tributary.hub.services.trust import (
     LaunchRefused,
     SpokeVerdict,
@@ -26,6 +26,7 @@ from tributary.hub.services.trust import (
     verdicts,
 )
 from tributary.protocol.broker import StompClient, publish_with_retry
+from tributary.protocol.cohorts.access import AccessGrant, StudyKind
 from tributary.protocol.destinations import spoke_queue
 from tributary.protocol.messages import (
     AlgorithmRef,
@@ -67,9 +68,10 @@ def refuse_unapproved(algorithm: Algorithm | None, algorithm_id: int) -> Algorit
 
 
 def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str,
-                  approval: dict[str, Any] | None = None) -> ExperimentMessage:
+                  approval: dict[str, Any] | None = None,
+                  grant: AccessGrant | None = None) -> ExperimentMessage:
     """The message for one target; ``approval`` replaces the version's own approval (a
-    sandbox grant, for a sandbox study)."""
+    sandbox grant, for a sandbox study); ``grant``: the access request it runs under."""
     return ExperimentMessage(
         experiment_id=experiment.id,
         spoke_id=spoke_id,
@@ -78,7 +80,7 @@ def build_message(experiment: Experiment, algorithm: Algorithm, spoke_id: str,
         cohort=CohortSelection.model_validate(experiment.cohort),
         limits=RunLimits.model_validate(experiment.limits),
         release=experiment.release,
-        expires_at=experiment.expires_at,
+        expires_at=experiment.expires_at, access_request=grant,
     )
 
 
@@ -120,13 +122,32 @@ def check_targets(session: Session, experiment: Experiment, algorithm: Algorithm
         raise LaunchRefused(refusals)
 
 
+def check_access(session: Session, experiment: Experiment, actor: str, required: bool,
+                 k: int) -> AccessGrant | None:
+    """Raise :class:`AccessRefused` if the experiment is not bound to an approved request
+    of ``actor``'s when one is ``required``, or breaks its conditions (spokes, attributes,
+    kind, ``k``: the hub's small-cell threshold); the grant its messages carry."""
+    if experiment.sandbox:  # synthetic data on sandbox spokes: no access request
+        return None
+    spokes = list(session.exec(select(ExperimentTarget.spoke_id).where(
+        ExperimentTarget.experiment_id == experiment.id)))
+    request = access_grants.check(session, experiment.access_request_id, actor,
+                                  access_grants.LaunchAsk(
+                                      kind=StudyKind.VALIDATION, spokes=spokes,
+                                      attributes=access_grants.experiment_attributes(
+                                          experiment), k=k), required)
+    return access_grants.grant(request)
+
+
 def launch(session: Session, client: StompClient, key: SigningKey, experiment: Experiment,
            actor: str, expiry: timedelta, trust_check: str = "strict",
            approval: dict[str, Any] | None = None,
-           membership: credentials.Policy | None = None) -> list[ExperimentTarget]:
-    """Publish the experiment to its pending targets, once :func:`check_targets` found
-    that every one of them will run it and is a member (``membership``: the hub's
-    credential policy). ``approval``: a sandbox study's grant."""
+           membership: credentials.Policy | None = None, access_required: bool = False,
+           k: int = 5) -> list[ExperimentTarget]:
+    """Publish the experiment to its pending targets, once its access request allows it
+    (:func:`check_access`) and :func:`check_targets` found that every one of them will run
+    it and is a member (``membership``: the hub's credential policy). ``approval``: a
+    sandbox study's grant."""
     algorithm = session.get(Algorithm, experiment.algorithm_id)
     assert algorithm is not None
     if experiment.sandbox:
@@ -134,6 +155,7 @@ def launch(session: Session, client: StompClient, key: SigningKey, experiment: E
             raise NotApproved("a sandbox study needs the hub's sandbox grant")
     else:
         refuse_unapproved(algorithm, experiment.algorithm_id)
+    grant = check_access(session, experiment, actor, access_required, k)
     check_targets(session, experiment, algorithm, trust_check, membership)
     if experiment.expires_at is None:
         experiment.expires_at = utcnow() + expiry
@@ -147,7 +169,7 @@ def launch(session: Session, client: StompClient, key: SigningKey, experiment: E
     for target in targets:
         if target.state != TargetState.PENDING:
             continue
-        message = build_message(experiment, algorithm, target.spoke_id, approval)
+        message = build_message(experiment, algorithm, target.spoke_id, approval, grant)
         headers = {"tributary-kind": message.kind,
                    "expires": str(int(experiment.expires_at.timestamp() * 1000))}
         queue = spoke_queue(target.spoke_id, client.settings.federation)
@@ -164,6 +186,7 @@ def launch(session: Session, client: StompClient, key: SigningKey, experiment: E
     experiment.launched_at = experiment.launched_at or utcnow()
     session.add(experiment)
     audit.record(session, actor, "experiment.launched", experiment.id,
-                 spokes=[t.spoke_id for t in targets])
+                 spokes=[t.spoke_id for t in targets],
+                 access_request=experiment.access_request_id)
     session.commit()
     return list(targets)

@@ -132,6 +132,7 @@ def experiment_read(session: Session, experiment: Experiment,
         cancel_reason=experiment.cancel_reason,
         targets=target_progress(session, experiment.id, online_seconds, counted, spokes),
         sandbox=experiment.sandbox, owner=experiment.owner,
+        access_request_id=experiment.access_request_id,
     )
 
 

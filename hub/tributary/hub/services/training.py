@@ -25,7 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, select
 
 from tributary.hub.models import Algorithm, TrainingRound, TrainingStudy, utcnow
-from tributary.hub.services import audit
+from tributary.hub.services import access_grants, audit
+from tributary.hub.services.access_grants import AccessRefused
 from tributary.hub.services.launch import NotApproved, algorithm_ref, refuse_unapproved
 from tributary.hub.services.server_optimisers import (
     HYPER_PARAMETERS,
@@ -33,6 +34,7 @@ from tributary.hub.services.server_optimisers import (
     settings_for,
 )
 from tributary.hub.services.training_optimiser import local_strategy
+from tributary.protocol.cohorts.access import AccessGrant, StudyKind
 from tributary.protocol.messages import AlgorithmRef
 from tributary.protocol.objects import global_model_key
 from tributary.protocol.training import rounds as msg
@@ -95,6 +97,8 @@ class StudySpec(BaseModel):
     delta: float = Field(gt=0, lt=1)
     #: Digest of the initial global model, already in the object store.
     initial_model: str = Field(pattern=r"^sha256:[0-9a-f]{64}$")
+    #: The approved data access request the study runs under (services/access_grants.py).
+    access_request_id: str | None = Field(None, max_length=64)
 
     @model_validator(mode="after")
     def _optimiser(self) -> StudySpec:
@@ -114,10 +118,13 @@ def model_location(study_id: str, round_index: int, digest: str) -> str:
                                          ".safetensors")
 
 
-def launch(session: Session, spec: StudySpec, actor: str) -> TrainingStudy:
+def launch(session: Session, spec: StudySpec, actor: str,
+           access_required: bool = False) -> TrainingStudy:
     """Create the study (rounds are opened by :func:`open_round`). A version that is not
-    registered, not approved or revoked is refused (:class:`AlgorithmRefused`, audited in
-    the session: the caller commits the refusal)."""
+    registered, not approved or revoked is refused (:class:`AlgorithmRefused`), and so is a
+    study outside its data access request (:class:`AccessRefused`; none at all when one is
+    ``access_required``), both audited in the session: the caller commits the refusal. The
+    study's ε budget is spent from the request's in the caller's transaction."""
     if spec.min_participants > len(set(spec.spokes)):
         raise TrainingError("min_participants exceeds the study's spokes")
     optimiser = spec.server_optimiser()
@@ -128,6 +135,19 @@ def launch(session: Session, spec: StudySpec, actor: str) -> TrainingStudy:
         audit.record(session, actor, "training.launch_refused", spec.name,
                      algorithm_id=spec.algorithm_id, reason=str(exc))
         raise AlgorithmRefused(str(exc)) from None
+    try:
+        request = access_grants.check(session, spec.access_request_id, actor,
+                                      access_grants.LaunchAsk(
+                                          kind=StudyKind.TRAINING, spokes=spec.spokes,
+                                          k=spec.min_participants,
+                                          epsilon=spec.epsilon_budget), access_required)
+        if request is not None:
+            access_grants.spend(session, request, spec.epsilon_budget)
+    except AccessRefused as exc:
+        audit.record(session, actor, "training.launch_refused", spec.name,
+                     algorithm_id=spec.algorithm_id, access_request=spec.access_request_id,
+                     condition=exc.condition, reason=exc.reason)
+        raise
     study = TrainingStudy(
         id=f"ts-{secrets.token_hex(6)}", name=spec.name, algorithm=algorithm_ref(
             algorithm).reference, algorithm_id=algorithm.id,
@@ -136,7 +156,7 @@ def launch(session: Session, spec: StudySpec, actor: str) -> TrainingStudy:
         max_attempts=spec.max_attempts, clip_bound=spec.clip_bound,
         noise_multiplier=spec.noise_multiplier, epsilon_budget=spec.epsilon_budget,
         delta=spec.delta, spokes=sorted(set(spec.spokes)), global_model=spec.initial_model,
-        ledgers={}, created_by=actor,
+        ledgers={}, created_by=actor, access_request_id=spec.access_request_id,
         server_optimiser=None if optimiser is None else optimiser.model_dump(mode="json"),
     )
     session.add(study)
@@ -224,7 +244,8 @@ def open_round(session: Session, study: TrainingStudy, vector_length: int,
 
 def round_open_message(study: TrainingStudy, row: TrainingRound, model: msg.ObjectRef,
                        model_signature: str, upload_for: Callable[[str], str],
-                       spoke: str, image: AlgorithmRef | None = None) -> msg.RoundOpen:
+                       spoke: str, image: AlgorithmRef | None = None,
+                       grant: AccessGrant | None = None) -> msg.RoundOpen:
     """The message that opens ``row`` for ``spoke`` (``upload_for`` gives the spoke's
     presigned upload location for this round; ``image``, the approved version as the
     spoke admits it: :func:`study_image`)."""
@@ -237,7 +258,7 @@ def round_open_message(study: TrainingStudy, row: TrainingRound, model: msg.Obje
             clip_bound=study.clip_bound, noise_multiplier=study.noise_multiplier,
             delta=study.delta, quantisation=quantisation_for(study, len(row.participants))),
         strategy=local_strategy(study), proximal_mu=study.proximal_mu,
-        upload=upload_for(spoke),
+        upload=upload_for(spoke), access_request=grant,
     )
 
 
@@ -505,7 +526,8 @@ def next_step(session: Session, study: TrainingStudy) -> NextStep:
 
 def pending_messages(study: TrainingStudy, row: TrainingRound, model: msg.ObjectRef,
                      model_signature: str, upload_for: Callable[[str], str],
-                     image: AlgorithmRef | None = None) -> list[tuple[str, BaseModel]]:
+                     image: AlgorithmRef | None = None,
+                     grant: AccessGrant | None = None) -> list[tuple[str, BaseModel]]:
     """The messages of the open stage, to each spoke that has not answered it yet: what a
     restarted hub sends again, since it may have stopped between committing a stage and
     sending its messages (a spoke answers a repeated message as it did the first time, or
@@ -518,7 +540,7 @@ def pending_messages(study: TrainingStudy, row: TrainingRound, model: msg.Object
     todo = sorted(expected - answered)
     if row.stage == "keys":
         return [(r, round_open_message(study, row, model, model_signature, upload_for, r,
-                                       image)) for r in todo]
+                                       image, grant)) for r in todo]
     if row.stage == "shares":
         ref = max(row.num_examples[v] for v in s.keys)
         return [(r, msg.Keys(keys=server.keys_for(r), weight_reference=ref)) for r in todo]

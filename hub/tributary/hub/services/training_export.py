@@ -10,6 +10,7 @@ from typing import Any
 from sqlmodel import Session
 
 from tributary.hub.models import TrainingRound, TrainingStudy
+from tributary.hub.services import access_grants
 from tributary.hub.services.training import model_location, rounds_of
 from tributary.protocol.objects import ObjectStore
 from tributary.protocol.signing import SigningKey
@@ -83,7 +84,8 @@ def provenance(session: Session, study: TrainingStudy, key: SigningKey) -> Train
         state=study.state, stop_reason=study.stop_reason, finished_at=study.finished_at,
         epsilon_spent=max((ledger.epsilon() for ledger in ledgers.values()), default=0.0),
         ledgers=ledgers, rounds=[round_record(study, r) for r in rows], models=models,
-        hub_keyid=key.keyid)
+        hub_keyid=key.keyid,
+        access_request=access_grants.bundle_record(session, study.access_request_id))
 
 
 def pick(prov: TrainingProvenance, index: int | None) -> ModelRecord:

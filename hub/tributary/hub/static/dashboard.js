@@ -24,6 +24,8 @@ function errorMessage(status, body) {
   if (detail && Array.isArray(detail.refusals)) {
     return [detail.message, ...detail.refusals.map((r) => `${r.spoke_id}: ${r.reason}`)].join("\n");
   }
+  // A launch outside its data access request: the hub's sentence names the condition.
+  if (detail && typeof detail.message === "string") return detail.message;
   if (Array.isArray(detail)) {
     return detail.map((e) => {
       const field = (e.loc || []).filter((p) => p !== "body").pop();
@@ -283,6 +285,9 @@ function wireNewTraining() {
     const number = (name) => (form.elements[name].value === "" ? undefined : Number(form.elements[name].value));
     const body = { name: form.elements.name.value.trim(), algorithm_id: Number(algorithmId), spokes,
       strategy: strategy.value };
+    if (form.elements.access_request_id && form.elements.access_request_id.value) {
+      body.access_request_id = form.elements.access_request_id.value;
+    }
     ["proximal_mu", "rounds", "min_participants", "round_deadline_s", "max_attempts",
       "clip_bound", "noise_multiplier", "epsilon_budget", "delta"].forEach((name) => {
       if (number(name) !== undefined) body[name] = number(name);
@@ -438,6 +443,9 @@ function wireNewExperiment() {
       aggregator: aggregator.value,
       aggregator_parameters: parameters,
     };
+    if (form.elements.access_request_id && form.elements.access_request_id.value) {
+      body.access_request_id = form.elements.access_request_id.value;
+    }
     submit.disabled = true;
     let created;
     try {

@@ -29,8 +29,8 @@ from tributary.hub.models import (
     SpokeCredential,
     User,
 )
+from tributary.hub.services import access_requests, audit, credentials, plots
 from tributary.hub.services import algorithms as algorithm_versions
-from tributary.hub.services import audit, credentials, plots
 from tributary.hub.services import trust as spoke_trust
 from tributary.hub.services.aggregation import AGGREGATORS, latest
 from tributary.hub.services.counts import cohort_sizes, count_reads
@@ -187,6 +187,7 @@ def new_experiment_page(request: Request, session: Session = Depends(get_session
                     "schema": cls.Parameters.model_json_schema()}
                    for name, cls in sorted(AGGREGATORS.items())]
     return _render(request, "experiment_new.html", user, algorithms=choices, spokes=spokes,
+                   access_requests=access_requests.approved_for(session, user.username),
                    enrolled=enrolled, aggregators=aggregators, preselected=set(spoke_ids),
                    modality=modality[:16])
 

@@ -13,8 +13,8 @@ from sqlmodel import Session
 
 from tributary.hub.deps import get_session
 from tributary.hub.models import Role, User
+from tributary.hub.services import access_requests, plots, training_view
 from tributary.hub.services import algorithms as algorithm_versions
-from tributary.hub.services import plots, training_view
 from tributary.hub.services.enrolment import enrolled_spokes
 from tributary.hub.services.server_optimisers import ServerOptimiser
 from tributary.hub.services.spokes import spoke_reads
@@ -68,6 +68,7 @@ def new_training_page(request: Request, session: Session = Depends(get_session),
                 if algorithm_versions.state(a) == "approved"]
     spokes = spoke_reads(session, request.app.state.settings.spoke_online_seconds)
     return _render(request, "training_new.html", user, approved=approved, spokes=spokes,
+                   access_requests=access_requests.approved_for(session, user.username),
                    enrolled=enrolled_spokes(session), defaults=ServerOptimiser(),
                    may_launch=_can(user, Role.COORDINATOR))
 

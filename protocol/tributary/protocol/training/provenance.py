@@ -126,6 +126,9 @@ class TrainingProvenance(BaseModel):
     models: list[ModelRecord]
     #: The hub key that signed the models and this document.
     hub_keyid: str
+    #: The data access request the study ran under: the request, the committee's
+    #: decision and its audit events (None: not bound to one).
+    access_request: dict[str, Any] | None = None
 
     @property
     def final_model(self) -> ModelRecord | None:

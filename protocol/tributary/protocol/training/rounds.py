@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from tributary.protocol import PROTOCOL_VERSION
+from tributary.protocol.cohorts.access import AccessGrant
 from tributary.protocol.messages import (
     MAX_MESSAGE_BYTES,
     AlgorithmRef,
@@ -96,6 +97,9 @@ class RoundOpen(_Message):
     proximal_mu: float = Field(0.0, ge=0, allow_inf_nan=False)
     #: Where the spoke may PUT its own masked vector for this round (one object only).
     upload: str = Field(max_length=4096)
+    #: The data access request the study is bound to, with the committee's conditions,
+    #: for the site's data steward (optional).
+    access_request: AccessGrant | None = None
 
 
 class Join(_Message):

@@ -74,6 +74,10 @@ def pending(config: ConfigOption,
                 ("attributes released", ", ".join(s["release_allowed"]) or "none"),
                 ("limits", json.dumps(s["limits"])), ("expires", str(s["expires_at"]))):
             table.add_row(label, value)
+        access = s.get("access_request")
+        table.add_row("access request", "none" if not access else
+                      f"{access['request_id']} \"{access['title']}\": "
+                      f"{json.dumps(access['conditions'])}")
         console.print(table)
     for held_result in results:
         result = held_result.result
