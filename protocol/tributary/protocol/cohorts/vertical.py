@@ -134,6 +134,8 @@ class Step(_Message):
     peer_key: PublicKey | None = None
     peer_object: ObjectRef | None = None
     values: list[MaskedInt] | None = Field(None, max_length=MAX_FEATURES + 1)
+    peer_features: int | None = Field(None, ge=1, le=MAX_FEATURES + 1, description=(
+        "decrypt: how many masked gradient values the peer sent (its columns)."))
 
     _spoke = field_validator("spoke_id")(validate_spoke_id)
 

@@ -1,0 +1,298 @@
+"""Vertical training across two spoke agents over the real broker and object store: an
+imaging spoke (radiomics-like attributes of its catalog) and a clinical spoke (clinical
+attributes and the label) hold different columns of one PSI's linked cohort; the hub's
+coordinator runs the rounds, relaying Paillier ciphertexts and masked values between them.
+
+The run: the clinical site's steward approves the study (nothing is read before), the
+imaging spoke and then the hub are stopped mid-study and started again from their work
+folder and database, and the model both spokes end with matches the same gradient descent
+on the pooled data; the coordinator gets no coefficient (the study did not release them),
+only the losses. Refusals: a study naming an attribute outside a site's allowlist, one
+naming a PSI a site has no linking table for and one its steward rejects are each refused
+with the reason at the hub; a reply signed by a key the hub does not trust changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import pytest
+from sqlmodel import Session, col, select
+
+from tributary.hub.db import make_engine
+from tributary.hub.models import AuditEvent, VerticalStudy
+from tributary.hub.services import vertical
+from tributary.hub.vertical_coordinator import VerticalCoordinator
+from tributary.protocol.broker import BrokerSettings, StompClient
+from tributary.protocol.cohorts import vertical as vmsg
+from tributary.protocol.cohorts import vertical_lr as lr
+from tributary.protocol.objects import ObjectStore
+from tributary.protocol.signing import SigningKey
+from tributary.protocol.training.transport import seal_message
+from tributary.services import objectstore
+from tributary.services.settings import ServiceSettings
+from tributary.services.system import free_port
+from tributary.spoke.linkage import Linkage
+from tributary.spoke.vertical import VerticalAgent
+from tributary.spoke.vertical_desk import VerticalDesk
+
+pytestmark = pytest.mark.e2e
+T = TypeVar("T")
+IMAGING, CLINICAL = "imaging-site", "clinical-site"
+IMAGING_ATTRS = ["nodule_volume", "mean_hu", "sphericity"]
+CLINICAL_ATTRS = ["age", "pack_years"]
+ROUNDS, RATE, L2 = 6, 0.5, 0.01
+#: Largest |vertical - central| of a coefficient (fixed-point rounding, 2^-24 a value).
+TOLERANCE = 1e-5
+N = 40
+
+
+def wait_for(probe: Callable[[], T], timeout: float, what: str) -> T:
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout:.0f} s")
+        time.sleep(0.2)
+    return value
+
+
+@pytest.fixture(scope="module")
+def store_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceSettings]:
+    settings = ServiceSettings(state_dir=tmp_path_factory.mktemp("os"), host="127.0.0.2",
+                               objectstore_port=free_port("127.0.0.2"))
+    objectstore.write_identities(settings, [IMAGING, CLINICAL], federation="vertical-e2e")
+    assert objectstore.ensure_running(settings) in ("started", "running")
+    yield settings
+    objectstore.stop(settings)
+
+
+def cohort(seed: int = 5) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]],
+                                   dict[str, str], dict[str, str]]:
+    """Each site's attributes by its own case ids and its linking table (the same
+    pseudonyms at both sites, different case ids), plus cases the other site lacks."""
+    rng = np.random.default_rng(seed)
+    imaging = rng.normal(size=(N, 3)) * [800.0, 60.0, 0.1] + [2000.0, -400.0, 0.7]
+    clinical = rng.normal(size=(N, 2)) * [9.0, 15.0] + [64.0, 30.0]
+    score = ((imaging - imaging.mean(0)) / imaging.std(0)) @ [1.0, 0.6, -0.8] \
+        + ((clinical - clinical.mean(0)) / clinical.std(0)) @ [0.5, 0.9]
+    malignant = rng.random(N) < 1 / (1 + np.exp(-score))
+    pseudonyms = [uuid.uuid4().hex for _ in range(N)]
+    img_attrs, cli_attrs, img_links, cli_links = {}, {}, {}, {}
+    for i, p in enumerate(pseudonyms):
+        img_links[p], cli_links[p] = f"IMG{i:04d}", f"CLI{(i * 7) % N:04d}"
+        img_attrs[f"IMG{i:04d}"] = dict(zip(IMAGING_ATTRS, map(float, imaging[i]),
+                                            strict=True)) | {"scanner": "ct-x"}
+        cli_attrs[f"CLI{(i * 7) % N:04d}"] = dict(
+            zip(CLINICAL_ATTRS, map(float, clinical[i]), strict=True)) | {
+            "diagnosis": "malignant" if malignant[i] else "benign", "postcode": "AB1"}
+    img_attrs["IMG9999"] = dict.fromkeys(IMAGING_ATTRS, 1.0)  # not linked: never read
+    return img_attrs, cli_attrs, img_links, cli_links
+
+
+class Federation:
+    def __init__(self, root: Path, service: ServiceSettings, store: ServiceSettings) -> None:
+        self.root, self.service, self.store = root, service, store
+        self.federation = f"vt{uuid.uuid4().hex[:8]}"
+        self.broker = BrokerSettings(host=service.host, port=service.broker_port,
+                                     federation=self.federation)
+        self.hub_key = SigningKey.generate()
+        self.keys = {s: SigningKey.generate() for s in (IMAGING, CLINICAL)}
+        self.engine = make_engine(f"sqlite:///{root / 'hub.db'}")
+        self.clients: list[StompClient] = []
+        self.agents: dict[str, VerticalAgent] = {}
+        self.hub: VerticalCoordinator | None = None
+        self.img_attrs, self.cli_attrs, img_links, cli_links = cohort()
+        self.features = {IMAGING: self.img_attrs, CLINICAL: self.cli_attrs}
+        self.allowed = {IMAGING: IMAGING_ATTRS, CLINICAL: [*CLINICAL_ATTRS, "diagnosis"]}
+        for spoke, links in ((IMAGING, img_links), (CLINICAL, cli_links)):
+            with Linkage(root / spoke) as linkage:
+                linkage.save("psi-1", links)
+
+    def client(self, name: str) -> StompClient:
+        client = StompClient(self.broker, name).start(wait=30)
+        self.clients.append(client)
+        return client
+
+    def start_spoke(self, spoke: str) -> VerticalAgent:
+        store = ObjectStore.from_file(objectstore.write_party_credentials(self.store, spoke))
+        agent = VerticalAgent(
+            spoke, self.client(f"{spoke}-{uuid.uuid4().hex[:4]}"), store, self.keys[spoke],
+            self.hub_key.public, self.federation, self.root / spoke, b"j" * 32,
+            self.allowed[spoke], lambda: self.features[spoke], poll_s=0.2)
+        self.agents[spoke] = agent.start()
+        return agent
+
+    def stop_spoke(self, spoke: str) -> None:
+        agent = self.agents.pop(spoke)
+        agent.broker.close()
+        agent.stop()
+
+    def start_hub(self) -> VerticalCoordinator:
+        store = ObjectStore.from_file(objectstore.write_party_credentials(self.store, "hub"))
+        self.hub = VerticalCoordinator(
+            self.engine, self.client(f"hub-{uuid.uuid4().hex[:4]}"), store, self.hub_key,
+            {s: k.public for s, k in self.keys.items()}, self.federation, resend_s=5.0)
+        return self.hub.serve(poll_s=0.2)
+
+    def stop_hub(self) -> None:
+        assert self.hub is not None
+        self.hub.broker.close()
+        self.hub.stop()
+        self.hub = None
+
+    def create(self, **overrides: Any) -> str:
+        settings: dict[str, Any] = {
+            "name": "nodules", "psi_id": "psi-1", "features_spoke": IMAGING,
+            "label_spoke": CLINICAL, "features_attributes": IMAGING_ATTRS,
+            "label_attributes": CLINICAL_ATTRS, "label": "diagnosis", "positive": "malignant",
+            "hyperparameters": vmsg.Hyperparameters(rounds=ROUNDS, learning_rate=RATE, l2=L2,
+                                                    key_bits=1024),
+            "release_coefficients": False, "created_by": "coordinator@hub"} | overrides
+        with Session(self.engine) as session:
+            study = vertical.create(session, **settings)
+            session.commit()
+            return study.id
+
+    def study(self, study_id: str) -> VerticalStudy:
+        with Session(self.engine) as session:
+            study = session.get(VerticalStudy, study_id)
+            assert study is not None
+            return study
+
+    def actions(self, study_id: str) -> list[str]:
+        with Session(self.engine) as session:
+            return [e.action for e in session.exec(select(AuditEvent).where(
+                AuditEvent.target == study_id).order_by(col(AuditEvent.id)))]
+
+    def close(self) -> None:
+        if self.hub is not None:
+            self.stop_hub()
+        for spoke in list(self.agents):
+            self.stop_spoke(spoke)
+        for client in self.clients:
+            client.close()
+
+
+@pytest.fixture
+def fed(tmp_path: Path, service_settings: ServiceSettings,
+        store_settings: ServiceSettings) -> Iterator[Federation]:
+    federation = Federation(tmp_path, service_settings, store_settings)
+    yield federation
+    federation.close()
+
+
+def central_reference(fed: Federation) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    with Linkage(fed.root / IMAGING) as a, Linkage(fed.root / CLINICAL) as b:
+        rows_a, rows_b = a.cases("psi-1"), b.cases("psi-1")
+    assert [p for p, _ in rows_a] == [p for p, _ in rows_b]
+    x_a = np.array([[fed.img_attrs[c][n] for n in IMAGING_ATTRS] for _, c in rows_a])
+    x_b = np.array([[fed.cli_attrs[c][n] for n in CLINICAL_ATTRS] for _, c in rows_b])
+    y = np.array([1.0 if fed.cli_attrs[c]["diagnosis"] == "malignant" else -1.0
+                  for _, c in rows_b])
+    z_a, z_b = lr.standardise(x_a)[0], lr.standardise(x_b)[0]
+    return lr.central(z_a, np.hstack([z_b, np.ones((N, 1))]), y, ROUNDS, RATE, L2)
+
+
+def test_vertical_study_across_two_spokes_with_restarts(fed: Federation) -> None:
+    for spoke in (IMAGING, CLINICAL):
+        fed.start_spoke(spoke)
+    fed.agents[CLINICAL].steward_approves = True
+    fed.agents[IMAGING].steward_approves = False  # this site's policy needs no steward
+    fed.start_hub()
+    study_id = fed.create()
+
+    # The clinical site holds the study for its steward: nothing runs, no key is made.
+    wait_for(lambda: fed.study(study_id).parties.get(CLINICAL, {}).get("state") == "held",
+             60, "the clinical site to hold the study")
+    assert fed.study(study_id).state == "inviting"
+    desk = fed.agents[CLINICAL].desk
+    assert desk.load(study_id) is None
+    desk.decide(study_id, True, "steward@clinical")
+    wait_for(lambda: fed.study(study_id).state == "running", 60, "the study to start")
+
+    # The imaging spoke stops mid-study and starts again from its work folder.
+    wait_for(lambda: fed.study(study_id).round_index >= 1, 240, "round 1")
+    fed.stop_spoke(IMAGING)
+    time.sleep(1.0)
+    fed.start_spoke(IMAGING)
+    # Then the hub: a new coordinator on the same database.
+    wait_for(lambda: fed.study(study_id).round_index >= 3, 240, "round 3")
+    fed.stop_hub()
+    time.sleep(1.0)
+    fed.start_hub()
+    wait_for(lambda: (s := fed.study(study_id)).state == "completed" and len(s.final) == 2,
+             300, "the study to complete")
+
+    study = fed.study(study_id)
+    w_a, w_b, losses = central_reference(fed)
+    imaging_state = fed.agents[IMAGING].desk.load(study_id)
+    clinical_state = fed.agents[CLINICAL].desk.load(study_id)
+    assert imaging_state is not None and clinical_state is not None
+    # Each round counted exactly once: the spokes' weights are the central ones.
+    assert np.max(np.abs(np.asarray(imaging_state.party.weights) - w_a)) < TOLERANCE
+    assert np.max(np.abs(np.asarray(clinical_state.party.weights) - w_b)) < TOLERANCE
+    assert len(study.losses) == ROUNDS
+    assert np.allclose(study.losses, losses, atol=TOLERANCE)
+    # The coordinator learns no coefficient (not released); the spokes forgot their keys.
+    assert vertical.model(study)["parties"] == {IMAGING: None, CLINICAL: None}
+    assert imaging_state.party.p_hex == "0" and clinical_state.party.p_hex == "0"
+    actions = fed.actions(study_id)
+    assert actions.count("vertical.round_closed") == ROUNDS
+    assert "vertical.relayed" in actions and "vertical.completed" in actions
+
+    # A reply signed by a key the hub does not trust changes nothing.
+    assert fed.hub is not None
+    forged = vmsg.Reply(study_id=study_id, round_index=0, stage="share")
+    fed.hub.broker.publish(vmsg.hub_vertical_queue(fed.federation),
+                           seal_message(SigningKey.generate(), forged))
+    wait_for(lambda: any("not signed by a trusted party" in r for r in fed.hub.refused),
+             30, "the forged reply to be refused")
+    assert fed.study(study_id).losses == study.losses
+
+
+def test_refusals_reach_the_hub_with_their_reason(fed: Federation) -> None:
+    for spoke in (IMAGING, CLINICAL):
+        fed.start_spoke(spoke)
+    fed.agents[IMAGING].steward_approves = False
+    fed.start_hub()
+    outside = fed.create(label_attributes=["age", "postcode"])
+    unknown = fed.create(psi_id="psi-unknown")
+    rejected = fed.create()
+
+    wait_for(lambda: fed.study(outside).state == "refused", 60, "an allowlist refusal")
+    assert "postcode" in (fed.study(outside).reason or "") \
+        and CLINICAL in (fed.study(outside).reason or "")
+    wait_for(lambda: fed.study(unknown).state == "refused", 60, "a PSI refusal")
+    assert "no linking table for PSI psi-unknown" in (fed.study(unknown).reason or "")
+
+    wait_for(lambda: fed.study(rejected).parties.get(CLINICAL, {}).get("state") == "held",
+             60, "the steward's hold")
+    fed.agents[CLINICAL].desk.decide(rejected, False, "steward@clinical", "not our remit")
+    wait_for(lambda: fed.study(rejected).state == "refused", 60, "the steward's rejection")
+    assert "not our remit" in (fed.study(rejected).reason or "")
+    # Nothing of any refused study was computed: no sealed state at the clinical site.
+    for study_id in (outside, unknown, rejected):
+        assert fed.agents[CLINICAL].desk.load(study_id) is None
+        assert "vertical.refused" in fed.actions(study_id)
+    # The imaging site, which had accepted the rejected study, was told it ended.
+    wait_for(lambda: IMAGING in fed.study(rejected).final, 60, "the imaging site's final")
+
+
+def test_desk_state_is_sealed(tmp_path: Path) -> None:
+    """The party state at rest is ciphertext: another key cannot open it."""
+    desk = VerticalDesk(tmp_path / "v.sqlite", b"a" * 32)
+    invite = vmsg.Invite(study_id="s1", spoke_id="site-a", psi_id="p", role="features",
+                         attributes=["x"], peer="site-b")
+    desk.hold(invite)
+    from tributary.spoke.vertical_desk import StudyState
+    party, _ = lr.new_party("features", ["x"], np.arange(30.0).reshape(-1, 1), 1024)
+    desk.set_state("s1", "accepted", study=StudyState(party=party, columns=[[1.0]] * 30))
+    desk.close()
+    assert party.p_hex.encode() not in (tmp_path / "v.sqlite").read_bytes()
+    with pytest.raises(ValueError, match="authentication"):
+        VerticalDesk(tmp_path / "v.sqlite", b"b" * 32).load("s1")
