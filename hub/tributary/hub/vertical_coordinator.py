@@ -22,6 +22,7 @@ from sqlmodel import Session, select
 
 from tributary.hub.models import VerticalStudy
 from tributary.hub.services import vertical
+from tributary.hub.settings import HubSettings
 from tributary.hub.training_coordinator import enrolled_training_keys
 from tributary.protocol.broker import Delivery, PublishError, StompClient
 from tributary.protocol.cohorts import vertical as vmsg
@@ -170,3 +171,14 @@ class VerticalCoordinator:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+
+def from_settings(settings: HubSettings, engine: Engine, broker: StompClient,
+                  key: SigningKey) -> VerticalCoordinator | None:
+    """The hub's vertical coordinator, or None when the hub has no object store (the
+    ciphertexts travel through it)."""
+    if settings.objectstore_credentials is None:
+        log.info("no object store credentials: vertical training is off")
+        return None
+    return VerticalCoordinator(engine, broker, ObjectStore.from_file(
+        settings.objectstore_credentials), key, None, settings.broker_federation)

@@ -1,8 +1,9 @@
 """The dashboard: server-rendered pages over the hub's own REST API."""
 
-from tributary.hub.web import training
+from tributary.hub.web import training, vertical
 from tributary.hub.web.pages import SignInRequired, router
 
 router.include_router(training.router)
+router.include_router(vertical.router)
 
 __all__ = ["SignInRequired", "router"]
