@@ -201,15 +201,18 @@ def central_reference(fed: Federation) -> tuple[np.ndarray, np.ndarray, list[flo
 def test_vertical_study_across_two_spokes_with_restarts(fed: Federation) -> None:
     for spoke in (IMAGING, CLINICAL):
         fed.start_spoke(spoke)
-    fed.agents[CLINICAL].steward_approves = True
-    fed.agents[IMAGING].steward_approves = False  # this site's policy needs no steward
     fed.start_hub()
     study_id = fed.create()
 
-    # The clinical site holds the study for its steward: nothing runs, no key is made.
-    wait_for(lambda: fed.study(study_id).parties.get(CLINICAL, {}).get("state") == "held",
-             60, "the clinical site to hold the study")
+    # Each site holds the study for its steward: nothing runs, no key is made.
+    wait_for(lambda: all(fed.study(study_id).parties.get(s, {}).get("state") == "held"
+                         for s in (IMAGING, CLINICAL)), 60, "both sites to hold the study")
     assert fed.study(study_id).state == "inviting"
+    fed.agents[IMAGING].desk.decide(study_id, True, "steward@imaging")
+    wait_for(lambda: fed.study(study_id).parties[IMAGING]["state"] == "accepted", 60,
+             "the imaging site to accept")
+    time.sleep(1.0)
+    assert fed.study(study_id).state == "inviting"  # the clinical steward has not decided
     desk = fed.agents[CLINICAL].desk
     assert desk.load(study_id) is None
     desk.decide(study_id, True, "steward@clinical")
@@ -258,7 +261,6 @@ def test_vertical_study_across_two_spokes_with_restarts(fed: Federation) -> None
 def test_refusals_reach_the_hub_with_their_reason(fed: Federation) -> None:
     for spoke in (IMAGING, CLINICAL):
         fed.start_spoke(spoke)
-    fed.agents[IMAGING].steward_approves = False
     fed.start_hub()
     outside = fed.create(label_attributes=["age", "postcode"])
     unknown = fed.create(psi_id="psi-unknown")
@@ -279,8 +281,11 @@ def test_refusals_reach_the_hub_with_their_reason(fed: Federation) -> None:
     for study_id in (outside, unknown, rejected):
         assert fed.agents[CLINICAL].desk.load(study_id) is None
         assert "vertical.refused" in fed.actions(study_id)
-    # The imaging site, which had accepted the rejected study, was told it ended.
-    wait_for(lambda: IMAGING in fed.study(rejected).final, 60, "the imaging site's final")
+    # The imaging site, still holding the studies for its steward, was told they ended.
+    for study_id in (outside, rejected):
+        wait_for(lambda s=study_id: IMAGING in fed.study(s).final, 60, "the imaging final")
+        held = fed.agents[IMAGING].desk.get(study_id)
+        assert held is not None and held.state == "finished"
 
 
 def test_desk_state_is_sealed(tmp_path: Path) -> None:

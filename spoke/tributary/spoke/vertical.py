@@ -62,12 +62,11 @@ class VerticalAgent:
     def __init__(self, spoke_id: str, broker: StompClient, store: ObjectStore,
                  key: SigningKey, hub_key: PublicKey, federation: str, work_dir: Path,
                  journal_key: bytes, allowed: list[str], features: Features,
-                 audit: Callable[..., None] = _no_audit, steward_approves: bool = True,
-                 poll_s: float = 0.5) -> None:
+                 audit: Callable[..., None] = _no_audit, poll_s: float = 0.5) -> None:
         self.spoke_id, self.broker, self.store, self.key = spoke_id, broker, store, key
         self.hub_key, self.federation, self.work_dir = hub_key, federation, work_dir
         self.allowed, self.features, self.audit = set(allowed), features, audit
-        self.steward_approves, self.poll_s = steward_approves, poll_s
+        self.poll_s = poll_s
         self.desk = VerticalDesk(work_dir / "vertical.sqlite", journal_key)
         self.refused: list[str] = []
         self._inbox: queue.Queue[Delivery | None] = queue.Queue()
@@ -156,10 +155,6 @@ class VerticalAgent:
         self.desk.hold(invite)
         self.audit("vertical.held", invite.study_id, psi=invite.psi_id, role=invite.role,
                    attributes=invite.attributes, label=invite.label, peer=invite.peer)
-        if not self.steward_approves:
-            self.desk.decide(invite.study_id, True, "policy", "no steward approval required")
-            self.apply_decisions()
-            return
         self._send(vmsg.Status(study_id=invite.study_id, state="held",
                                reason="waiting for the site's data steward"))
 
@@ -323,6 +318,8 @@ class VerticalAgent:
         held = self.desk.get(finish.study_id)
         if held is None:
             raise Refused(f"no vertical study {finish.study_id} here")
+        if held.state == PENDING:  # withdrawn before the steward decided
+            self.audit("vertical.withdrawn", finish.study_id, state=finish.state)
         study = self.desk.load(finish.study_id)
         if study is not None and study.final is not None:
             self._send(vmsg.Final.model_validate_json(study.final))

@@ -105,8 +105,7 @@ def pending_messages(study: VerticalStudy) -> list[vmsg.Invite | vmsg.Step | vms
         state = {"completed": "completed", "failed": "failed", "refused": "failed"}.get(
             study.state, "cancelled")
         return [vmsg.Finish(study_id=study.id, spoke_id=s, state=state)  # type: ignore[arg-type]
-                for s in parties(study) if s not in study.final
-                and study.parties.get(s, {}).get("state") == "accepted"]
+                for s in told_to_finish(study)]
     if study.state != "running":
         return []
     out: list[vmsg.Invite | vmsg.Step | vmsg.Finish] = []
@@ -266,12 +265,18 @@ def fail(session: Session, study: VerticalStudy, reason: str) -> None:
     session.add(study)
 
 
+def told_to_finish(study: VerticalStudy) -> list[str]:
+    """The spokes of an ended study that still hold it (accepted, or held for their
+    steward) and have not confirmed its end."""
+    return [s for s in parties(study) if s not in study.final
+            and study.parties.get(s, {}).get("state") in ("held", "accepted")]
+
+
 def open_studies(session: Session) -> list[str]:
     """Studies with something left to do: inviting, running, or a finish unanswered."""
     rows = session.exec(select(VerticalStudy).order_by(col(VerticalStudy.created_at))).all()
-    return [s.id for s in rows if s.state in OPEN or (
-        s.stage == "finish" and any(p not in s.final and s.parties.get(p, {}).get("state")
-                                    == "accepted" for p in parties(s)))]
+    return [s.id for s in rows if s.state in OPEN
+            or (s.stage == "finish" and told_to_finish(s))]
 
 
 def model(study: VerticalStudy) -> dict[str, Any]:
