@@ -19,7 +19,8 @@ import tributary.cli.app
 
 BIN = Path(sys.executable).parent
 GROUPS = {"services", "hub", "spoke", "contract", "broker", "pki", "algorithm", "audit", "counts",
-          "study", "training", "dlq", "gaps", "bundle", "demo", "publisher", "login"}
+          "study", "training", "vertical", "dlq", "gaps", "bundle", "demo", "publisher",
+          "login"}
 
 
 def _run(*command: str | Path, env: dict[str, str] | None = None
