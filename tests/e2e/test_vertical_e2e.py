@@ -14,6 +14,10 @@ with the reason at the hub; a reply signed by a key the hub does not trust chang
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -50,6 +54,7 @@ ROUNDS, RATE, L2 = 6, 0.5, 0.01
 #: Largest |vertical - central| of a coefficient (fixed-point rounding, 2^-24 a value).
 TOLERANCE = 1e-5
 N = 40
+BIN = Path(sys.executable).parent
 
 
 def wait_for(probe: Callable[[], T], timeout: float, what: str) -> T:
@@ -164,6 +169,18 @@ class Federation:
             assert study is not None
             return study
 
+    def steward(self, spoke: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """``tributary spoke vertical ...`` with the spoke's configuration."""
+        config = self.root / f"{spoke}.toml"
+        if not config.exists():
+            (self.root / "hub.pem").write_text(self.hub_key.public.pem)
+            (self.root / "data").mkdir(exist_ok=True)
+            config.write_text(f'spoke_id = "{spoke}"\ndata_dir = "data"\n'
+                              f'work_dir = "{spoke}"\nhub_public_key = "hub.pem"\n')
+        return subprocess.run([str(BIN / "tributary"), "spoke", "vertical", *args,
+                               "--config", str(config)], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "COLUMNS": "200"})
+
     def actions(self, study_id: str) -> list[str]:
         with Session(self.engine) as session:
             return [e.action for e in session.exec(select(AuditEvent).where(
@@ -215,7 +232,12 @@ def test_vertical_study_across_two_spokes_with_restarts(fed: Federation) -> None
     assert fed.study(study_id).state == "inviting"  # the clinical steward has not decided
     desk = fed.agents[CLINICAL].desk
     assert desk.load(study_id) is None
-    desk.decide(study_id, True, "steward@clinical")
+    listed = fed.steward(CLINICAL, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [(s["study_id"], s["state"], s["role"], s["label"]) for s in json.loads(
+        listed.stdout)] == [(study_id, "pending", "label", "diagnosis")]
+    approved = fed.steward(CLINICAL, "approve", study_id, "--as", "steward@clinical")
+    assert approved.returncode == 0, approved.stderr
     wait_for(lambda: fed.study(study_id).state == "running", 60, "the study to start")
 
     # The imaging spoke stops mid-study and starts again from its work folder.
@@ -274,7 +296,10 @@ def test_refusals_reach_the_hub_with_their_reason(fed: Federation) -> None:
 
     wait_for(lambda: fed.study(rejected).parties.get(CLINICAL, {}).get("state") == "held",
              60, "the steward's hold")
-    fed.agents[CLINICAL].desk.decide(rejected, False, "steward@clinical", "not our remit")
+    done = fed.steward(CLINICAL, "reject", rejected, "--reason", "not our remit")
+    assert done.returncode == 0, done.stderr
+    again = fed.steward(CLINICAL, "approve", rejected)
+    assert again.returncode == 1 and "no pending vertical study" in again.stdout
     wait_for(lambda: fed.study(rejected).state == "refused", 60, "the steward's rejection")
     assert "not our remit" in (fed.study(rejected).reason or "")
     # Nothing of any refused study was computed: no sealed state at the clinical site.

@@ -167,8 +167,11 @@ class VerticalAgent:
         elif held.state in (REJECTED, REFUSED):
             self._send(vmsg.Status(study_id=study_id, state="refused",
                                    reason=held.reason or "refused"))
-        else:
+        elif held.state == ACCEPTED:
             self._send(self._accepted(study_id))
+        else:  # finished: an invitation that was still on its way; the study has ended
+            log.info("%s: invitation of the ended vertical study %s dropped", self.spoke_id,
+                     study_id)
 
     def _accepted(self, study_id: str) -> vmsg.Status:
         study = self.desk.load(study_id)

@@ -135,6 +135,11 @@ def apply_status(session: Session, study: VerticalStudy, sender: str,
     if study.state != "inviting":
         if status.state == "refused" and study.state == "running":
             fail(session, study, f"{sender} refused: {status.reason}")
+        elif status.state in ("held", "accepted") and study.stage == "finish" \
+                and sender not in study.parties:
+            # Its answer crossed the other's refusal: it holds the study and is told it ended.
+            study.parties = {**study.parties, sender: {"state": status.state}}
+            session.add(study)
         return
     parties_now = dict(study.parties)
     entry: dict[str, Any] = {"state": status.state, "reason": status.reason}
