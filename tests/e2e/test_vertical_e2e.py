@@ -326,3 +326,32 @@ def test_desk_state_is_sealed(tmp_path: Path) -> None:
     assert party.p_hex.encode() not in (tmp_path / "v.sqlite").read_bytes()
     with pytest.raises(ValueError, match="authentication"):
         VerticalDesk(tmp_path / "v.sqlite", b"b" * 32).load("s1")
+
+
+def test_released_coefficients_give_the_central_model(fed: Federation) -> None:
+    """With ``release_coefficients`` the coordinator gets each spoke's coefficients on the
+    original scale of its attributes: together they are the central model's predictions."""
+    for spoke in (IMAGING, CLINICAL):
+        fed.start_spoke(spoke)
+    fed.start_hub()
+    study_id = fed.create(release_coefficients=True)
+    for spoke in (IMAGING, CLINICAL):
+        wait_for(lambda s=spoke: fed.study(study_id).parties.get(s, {}).get("state")
+                 == "held", 60, "the hold")
+        fed.agents[spoke].desk.decide(study_id, True, f"steward@{spoke}")
+    wait_for(lambda: (s := fed.study(study_id)).state == "completed" and len(s.final) == 2,
+             300, "the study to complete")
+    model = vertical.model(fed.study(study_id))
+    assert model["released"] and model["intercept"] is not None
+    coef = {c["name"]: c["value"] for p in model["parties"].values() for c in p}
+    assert set(coef) == {*IMAGING_ATTRS, *CLINICAL_ATTRS}
+    w_a, w_b, _ = central_reference(fed)
+    with Linkage(fed.root / IMAGING) as a, Linkage(fed.root / CLINICAL) as b:
+        rows = list(zip(a.cases("psi-1"), b.cases("psi-1"), strict=True))
+    x_a = np.array([[fed.img_attrs[c][n] for n in IMAGING_ATTRS] for (_, c), _ in rows])
+    x_b = np.array([[fed.cli_attrs[c][n] for n in CLINICAL_ATTRS] for _, (_, c) in rows])
+    released = x_a @ [coef[n] for n in IMAGING_ATTRS] + x_b @ [coef[n] for n in CLINICAL_ATTRS] \
+        + model["intercept"]
+    z_a, z_b = lr.standardise(x_a)[0], lr.standardise(x_b)[0]
+    central = z_a @ w_a + z_b @ w_b[:-1] + w_b[-1]
+    assert np.max(np.abs(released - central)) < 1e-4
