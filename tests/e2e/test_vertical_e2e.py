@@ -203,7 +203,8 @@ def fed(tmp_path: Path, service_settings: ServiceSettings,
     federation.close()
 
 
-def central_reference(fed: Federation) -> tuple[np.ndarray, np.ndarray, list[float]]:
+def central_reference(fed: Federation, rounds: int = ROUNDS
+                      ) -> tuple[np.ndarray, np.ndarray, list[float]]:
     with Linkage(fed.root / IMAGING) as a, Linkage(fed.root / CLINICAL) as b:
         rows_a, rows_b = a.cases("psi-1"), b.cases("psi-1")
     assert [p for p, _ in rows_a] == [p for p, _ in rows_b]
@@ -212,7 +213,7 @@ def central_reference(fed: Federation) -> tuple[np.ndarray, np.ndarray, list[flo
     y = np.array([1.0 if fed.cli_attrs[c]["diagnosis"] == "malignant" else -1.0
                   for _, c in rows_b])
     z_a, z_b = lr.standardise(x_a)[0], lr.standardise(x_b)[0]
-    return lr.central(z_a, np.hstack([z_b, np.ones((N, 1))]), y, ROUNDS, RATE, L2)
+    return lr.central(z_a, np.hstack([z_b, np.ones((N, 1))]), y, rounds, RATE, L2)
 
 
 def test_vertical_study_across_two_spokes_with_restarts(fed: Federation) -> None:
@@ -355,3 +356,106 @@ def test_released_coefficients_give_the_central_model(fed: Federation) -> None:
     z_a, z_b = lr.standardise(x_a)[0], lr.standardise(x_b)[0]
     central = z_a @ w_a + z_b @ w_b[:-1] + w_b[-1]
     assert np.max(np.abs(released - central)) < 1e-4
+
+
+def test_spoke_run_processes_take_part(tmp_path: Path, service_settings: ServiceSettings,
+                                       store_settings: ServiceSettings) -> None:
+    """Two ``tributary spoke run`` processes (``[training] vertical_attributes``), their
+    columns read from the attributes file each site supplies (radiomics features at the
+    imaging site, clinical attributes and the diagnosis at the clinical one, keyed by the
+    site's own patient IDs; no images here), each steward approving with the CLI; the hub's
+    coordinator in this process with the spokes' enrolled keys. The model matches the
+    central one."""
+    from tributary.spoke.config import SpokeConfig
+    from tributary.spoke.pseudonyms import Pseudonymizer
+    from tributary.testbed.federation import LocalFederation
+
+    federation = LocalFederation(tmp_path / "fed", service_settings)
+    hub_key = SigningKey.load_or_create(federation.hub_key_path)
+    img_attrs, cli_attrs, img_links, cli_links = cohort(seed=11)
+    sites = {IMAGING: (img_attrs, img_links, IMAGING_ATTRS),
+             CLINICAL: (cli_attrs, cli_links, [*CLINICAL_ATTRS, "diagnosis"])}
+    configs: dict[str, Path] = {}
+    clients: list[StompClient] = []
+    hub: VerticalCoordinator | None = None
+    try:
+        for spoke, (attrs, _, allowed) in sites.items():
+            data = tmp_path / "data" / spoke
+            data.mkdir(parents=True)
+            names = sorted({n for values in attrs.values() for n in values})
+            lines = ["patient_id," + ",".join(names)] + [
+                f"{case}," + ",".join(str(values.get(n, "")) for n in names)
+                for case, values in attrs.items()]
+            (data / "attributes.csv").write_text("\n".join(lines) + "\n")
+            config = federation.spoke_config(spoke, data)
+            creds = objectstore.write_party_credentials(store_settings, spoke)
+            config.write_text(config.read_text() + (
+                f'\n[training]\nenabled = true\nobjectstore_credentials = "{creds}"\n'
+                f"vertical_attributes = {json.dumps(allowed)}\n"))
+            configs[spoke] = config
+            ingest = subprocess.run([str(BIN / "tributary"), "spoke", "ingest", "--config",
+                                     str(config)], capture_output=True, text=True, timeout=120)
+            assert ingest.returncode == 0, ingest.stderr + ingest.stdout
+            federation.start_spoke(spoke, config)
+        # Each site's linking table: the PSI's pseudonyms to its own case pseudonyms (what
+        # the PSI leaves at the site; here written directly, as the PSI would).
+        for spoke, (_, links, _) in sites.items():
+            work = SpokeConfig.load(configs[spoke]).work_dir
+            pseudonyms = Pseudonymizer.from_key_file(work / "pseudonym.key")
+            with Linkage(work) as linkage:
+                linkage.save("psi-1", {p: pseudonyms.case_id(f"patient:{c}")
+                                       for p, c in links.items()})
+        broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
+                                federation=federation.federation)
+        client = StompClient(broker, "hub-vertical").start(wait=30)
+        clients.append(client)
+        engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")
+        keys = {s: SigningKey.load_or_create(c.parent / "spoke.key").public
+                for s, c in configs.items()}
+        hub = VerticalCoordinator(
+            engine, client,
+            ObjectStore.from_file(objectstore.write_party_credentials(store_settings, "hub")),
+            hub_key, keys, federation.federation, resend_s=5.0).serve(poll_s=0.2)
+        with Session(engine) as session:
+            study_id = vertical.create(
+                session, name="processes", psi_id="psi-1", features_spoke=IMAGING,
+                label_spoke=CLINICAL, features_attributes=IMAGING_ATTRS,
+                label_attributes=CLINICAL_ATTRS, label="diagnosis", positive="malignant",
+                hyperparameters=vmsg.Hyperparameters(rounds=3, learning_rate=RATE, l2=L2,
+                                                     key_bits=1024),
+                release_coefficients=False, created_by="coordinator@hub").id
+            session.commit()
+
+        def study() -> VerticalStudy:
+            with Session(engine) as session:
+                row = session.get(VerticalStudy, study_id)
+                assert row is not None
+                return row
+
+        for spoke, config in configs.items():
+            wait_for(lambda s=spoke: study().parties.get(s, {}).get("state") == "held", 120,
+                     f"{spoke} to hold the study")
+            done = subprocess.run([str(BIN / "tributary"), "spoke", "vertical", "approve",
+                                   study_id, "--config", str(config)], capture_output=True,
+                                  text=True, timeout=60)
+            assert done.returncode == 0, done.stderr
+        wait_for(lambda: study().state == "completed" and len(study().final) == 2, 300,
+                 "the study to complete" + "".join(
+                     federation.processes[f"spoke-{s}"].log_tail() for s in configs))
+        final = study()
+        assert len(final.losses) == 3 and final.losses[-1] < final.losses[0]
+        ref = Federation.__new__(Federation)  # the reference model on the same rows
+        ref.root, ref.img_attrs, ref.cli_attrs = tmp_path / "ref", img_attrs, cli_attrs
+        for spoke, links in ((IMAGING, img_links), (CLINICAL, cli_links)):
+            with Linkage(ref.root / spoke) as linkage:
+                linkage.save("psi-1", links)
+        _, _, losses = central_reference(ref, rounds=3)
+        assert np.allclose(final.losses, losses, atol=TOLERANCE)
+        log = (configs[CLINICAL].parent / "audit.jsonl").read_text()
+        assert '"vertical.accepted"' in log and '"vertical.finished"' in log
+    finally:
+        if hub is not None:
+            hub.stop()
+        for c in clients:
+            c.close()
+        federation.stop()

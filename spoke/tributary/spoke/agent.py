@@ -34,7 +34,6 @@ import logging
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from tributary.protocol.auditlog import AuditLog
 from tributary.protocol.broker import Delivery, StompClient
@@ -62,7 +61,7 @@ from tributary.spoke.counts import CountResponder
 from tributary.spoke.custody import CustodyChain
 from tributary.spoke.execution import CaseExecution, progress_audit
 from tributary.spoke.images import RegistryAccess
-from tributary.spoke.ingest import open_catalog, store_root
+from tributary.spoke.ingest import store_root
 from tributary.spoke.journal import Journal, OutboxRow, claim_work_dir
 from tributary.spoke.lifecycle import Lifecycle
 from tributary.spoke.liveness import (
@@ -79,6 +78,7 @@ from tributary.spoke.training_agent import TrainingAgent, load_or_create_secret
 from tributary.spoke.training_exec import SpokeTrainer
 from tributary.spoke.trust import TrustedKeys
 from tributary.spoke.vertical import VerticalAgent
+from tributary.spoke.vertical_columns import site_attributes
 
 log = logging.getLogger(__name__)
 #: Attempts at handling a hub message before a fault that is not the message's (a bug, a
@@ -157,24 +157,19 @@ class SpokeAgent:
             audit=self.lifecycle.audit, version=__version__, release_loss=settings.release_loss)
 
     def _vertical_agent(self) -> VerticalAgent:
-        """The vertical-training party: its attributes from the catalog, its studies held
-        for the steward (``tributary spoke vertical``)."""
+        """The vertical-training party: its columns from the site's attributes file
+        (:mod:`tributary.spoke.vertical_columns`), its studies held for the steward
+        (``tributary spoke vertical``)."""
         settings, work = self.config.training, self.config.work_dir
         assert settings.objectstore_credentials is not None
-
-        def features() -> dict[str, dict[str, Any]]:
-            catalog = open_catalog(self.config)
-            try:
-                return catalog.attributes()
-            finally:
-                catalog.close()
 
         return VerticalAgent(
             self.config.spoke_id, self.client,
             ObjectStore.from_file(settings.objectstore_credentials), self.key,
             self.hub_keys[0], self.config.broker.federation, work,
             load_or_create_secret(work / "vertical-journal.key"),
-            settings.vertical_attributes, features, audit=self.lifecycle.audit)
+            settings.vertical_attributes, lambda: site_attributes(self.config),
+            audit=self.lifecycle.audit)
 
     # -- the process --------------------------------------------------------------------------
     def run(self) -> None:

@@ -307,16 +307,6 @@ class Catalog:
                  for name, value in values.items()])
 
     # -- reading --------------------------------------------------------------------------
-    def attributes(self) -> dict[str, dict[str, Any]]:
-        """Every case's attributes (keyed by case pseudonym), with or without images: what
-        a vertical study's columns are read from, inside the spoke."""
-        with self._lock:
-            rows = self._db.execute("SELECT case_id, name, value FROM attributes").fetchall()
-        out: dict[str, dict[str, Any]] = {}
-        for case_id, name, value in rows:
-            out.setdefault(case_id, {})[name] = json.loads(value)
-        return out
-
     def cases(self) -> list[CatalogCase]:
         """Every case with all its series and attributes, ordered by case pseudonym."""
         with self._lock:
