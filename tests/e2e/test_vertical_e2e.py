@@ -285,6 +285,12 @@ def test_refusals_reach_the_hub_with_their_reason(fed: Federation) -> None:
     for spoke in (IMAGING, CLINICAL):
         fed.start_spoke(spoke)
     fed.start_hub()
+    # A step signed by a key that is not the hub's is refused by the spoke, unanswered.
+    forged = vmsg.Step(study_id="s-forged", spoke_id=CLINICAL, round_index=0, stage="share")
+    fed.hub.broker.publish(vmsg.spoke_vertical_queue(CLINICAL, fed.federation),  # type: ignore[union-attr]
+                           seal_message(SigningKey.generate(), forged))
+    wait_for(lambda: any("not signed by a trusted party" in r
+                         for r in fed.agents[CLINICAL].refused), 30, "the forged step refused")
     outside = fed.create(label_attributes=["age", "postcode"])
     unknown = fed.create(psi_id="psi-unknown")
     rejected = fed.create()

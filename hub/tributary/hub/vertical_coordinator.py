@@ -103,6 +103,8 @@ class VerticalCoordinator:
         if answer.object.size > MAX_VECTOR_BYTES:
             raise vertical.VerticalError(f"{spoke}'s object is larger than allowed")
         data = self.store.get(answer.object.location)
+        if len(data) > MAX_VECTOR_BYTES:
+            raise vertical.VerticalError(f"{spoke}'s object is larger than allowed")
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if digest != answer.object.digest:
             raise vertical.VerticalError(f"{spoke}'s object does not match its digest")

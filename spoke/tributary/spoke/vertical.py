@@ -311,6 +311,8 @@ class VerticalAgent:
         if ref.size > lr.MAX_VECTOR_BYTES:
             raise ProtocolError("ciphertext object too large")
         data = self.store.get(ref.location)
+        if len(data) > lr.MAX_VECTOR_BYTES:
+            raise ProtocolError("ciphertext object too large")
         if "sha256:" + hashlib.sha256(data).hexdigest() != ref.digest:
             raise ProtocolError("the object in the store does not match its digest")
         return data
