@@ -364,27 +364,35 @@ def test_released_coefficients_give_the_central_model(fed: Federation) -> None:
     assert np.max(np.abs(released - central)) < 1e-4
 
 
-def test_spoke_run_processes_take_part(tmp_path: Path, service_settings: ServiceSettings,
-                                       store_settings: ServiceSettings) -> None:
-    """Two ``tributary spoke run`` processes (``[training] vertical_attributes``), their
-    columns read from the attributes file each site supplies (radiomics features at the
-    imaging site, clinical attributes and the diagnosis at the clinical one, keyed by the
-    site's own patient IDs; no images here), each steward approving with the CLI; the hub's
-    coordinator in this process with the spokes' enrolled keys. The model matches the
-    central one."""
+def test_spoke_run_and_hub_processes(tmp_path: Path, service_settings: ServiceSettings,
+                                     store_settings: ServiceSettings) -> None:
+    """The production path: a hub process (``tributary hub serve``, its vertical coordinator
+    trusting the spokes' keys enrolled through its API) and two ``tributary spoke run``
+    processes (``[training] vertical_attributes``), their columns read from the attributes
+    file each site supplies (radiomics features at the imaging site, clinical attributes and
+    the diagnosis at the clinical one, keyed by the site's own patient IDs; no images here).
+    The study is created with ``tributary vertical create``, each steward approves with
+    ``tributary spoke vertical approve``, and the losses are the central model's."""
     from tributary.spoke.config import SpokeConfig
     from tributary.spoke.pseudonyms import Pseudonymizer
     from tributary.testbed.federation import LocalFederation
 
-    federation = LocalFederation(tmp_path / "fed", service_settings)
-    hub_key = SigningKey.load_or_create(federation.hub_key_path)
+    hub_creds = objectstore.write_party_credentials(store_settings, "hub")
+    federation = LocalFederation(tmp_path / "fed", service_settings, hub_env={
+        "TRIBUTARY_HUB_OBJECTSTORE_CREDENTIALS": str(hub_creds),
+        "TRIBUTARY_HUB_TRAINING_POLL_SECONDS": "0.2"})
     img_attrs, cli_attrs, img_links, cli_links = cohort(seed=11)
     sites = {IMAGING: (img_attrs, img_links, IMAGING_ATTRS),
              CLINICAL: (cli_attrs, cli_links, [*CLINICAL_ATTRS, "diagnosis"])}
     configs: dict[str, Path] = {}
-    clients: list[StompClient] = []
-    hub: VerticalCoordinator | None = None
+
+    def tributary(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(BIN / "tributary"), *args], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "COLUMNS": "200"})
+
     try:
+        federation.start_hub()
+        hub_args = ["--hub", federation.hub_url, "--token", federation.admin_token]
         for spoke, (attrs, _, allowed) in sites.items():
             data = tmp_path / "data" / spoke
             data.mkdir(parents=True)
@@ -393,14 +401,13 @@ def test_spoke_run_processes_take_part(tmp_path: Path, service_settings: Service
                 f"{case}," + ",".join(str(values.get(n, "")) for n in names)
                 for case, values in attrs.items()]
             (data / "attributes.csv").write_text("\n".join(lines) + "\n")
-            config = federation.spoke_config(spoke, data)
+            config = federation.add_spoke(spoke, data)  # registered, its key enrolled
             creds = objectstore.write_party_credentials(store_settings, spoke)
             config.write_text(config.read_text() + (
                 f'\n[training]\nenabled = true\nobjectstore_credentials = "{creds}"\n'
                 f"vertical_attributes = {json.dumps(allowed)}\n"))
             configs[spoke] = config
-            ingest = subprocess.run([str(BIN / "tributary"), "spoke", "ingest", "--config",
-                                     str(config)], capture_output=True, text=True, timeout=120)
+            ingest = tributary("spoke", "ingest", "--config", str(config))
             assert ingest.returncode == 0, ingest.stderr + ingest.stdout
             federation.start_spoke(spoke, config)
         # Each site's linking table: the PSI's pseudonyms to its own case pseudonyms (what
@@ -411,57 +418,49 @@ def test_spoke_run_processes_take_part(tmp_path: Path, service_settings: Service
             with Linkage(work) as linkage:
                 linkage.save("psi-1", {p: pseudonyms.case_id(f"patient:{c}")
                                        for p, c in links.items()})
-        broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
-                                federation=federation.federation)
-        client = StompClient(broker, "hub-vertical").start(wait=30)
-        clients.append(client)
-        engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")
-        keys = {s: SigningKey.load_or_create(c.parent / "spoke.key").public
-                for s, c in configs.items()}
-        hub = VerticalCoordinator(
-            engine, client,
-            ObjectStore.from_file(objectstore.write_party_credentials(store_settings, "hub")),
-            hub_key, keys, federation.federation, resend_s=5.0).serve(poll_s=0.2)
-        with Session(engine) as session:
-            study_id = vertical.create(
-                session, name="processes", psi_id="psi-1", features_spoke=IMAGING,
-                label_spoke=CLINICAL, features_attributes=IMAGING_ATTRS,
-                label_attributes=CLINICAL_ATTRS, label="diagnosis", positive="malignant",
-                hyperparameters=vmsg.Hyperparameters(rounds=3, learning_rate=RATE, l2=L2,
-                                                     key_bits=1024),
-                release_coefficients=False, created_by="coordinator@hub").id
-            session.commit()
+        settings = tmp_path / "study.json"
+        settings.write_text(json.dumps({
+            "name": "processes", "psi_id": "psi-1", "features_spoke": IMAGING,
+            "label_spoke": CLINICAL, "features_attributes": IMAGING_ATTRS,
+            "label_attributes": CLINICAL_ATTRS, "label": "diagnosis", "positive": "malignant",
+            "rounds": 3, "learning_rate": RATE, "l2": L2, "key_bits": 1024}))
+        created = tributary("vertical", "create", "--file", str(settings), *hub_args)
+        assert created.returncode == 0, created.stderr
+        study_id = created.stdout.strip()
 
-        def study() -> VerticalStudy:
-            with Session(engine) as session:
-                row = session.get(VerticalStudy, study_id)
-                assert row is not None
-                return row
+        def study() -> dict[str, Any]:
+            shown = tributary("vertical", "show", study_id, *hub_args)
+            assert shown.returncode == 0, shown.stderr
+            return json.loads(shown.stdout)
 
         for spoke, config in configs.items():
-            wait_for(lambda s=spoke: study().parties.get(s, {}).get("state") == "held", 120,
+            wait_for(lambda s=spoke: study()["parties"].get(s, {}).get("state") == "held", 120,
                      f"{spoke} to hold the study")
-            done = subprocess.run([str(BIN / "tributary"), "spoke", "vertical", "approve",
-                                   study_id, "--config", str(config)], capture_output=True,
-                                  text=True, timeout=60)
+            done = tributary("spoke", "vertical", "approve", study_id, "--config", str(config))
             assert done.returncode == 0, done.stderr
-        wait_for(lambda: study().state == "completed" and len(study().final) == 2, 300,
-                 "the study to complete" + "".join(
-                     federation.processes[f"spoke-{s}"].log_tail() for s in configs))
+        try:
+            wait_for(lambda: study()["state"] == "completed", 300, "the study to complete")
+        except TimeoutError:
+            raise AssertionError(federation.processes["hub"].log_tail() + "".join(
+                federation.processes[f"spoke-{s}"].log_tail() for s in configs)) from None
         final = study()
-        assert len(final.losses) == 3 and final.losses[-1] < final.losses[0]
         ref = Federation.__new__(Federation)  # the reference model on the same rows
         ref.root, ref.img_attrs, ref.cli_attrs = tmp_path / "ref", img_attrs, cli_attrs
         for spoke, links in ((IMAGING, img_links), (CLINICAL, cli_links)):
             with Linkage(ref.root / spoke) as linkage:
                 linkage.save("psi-1", links)
         _, _, losses = central_reference(ref, rounds=3)
-        assert np.allclose(final.losses, losses, atol=TOLERANCE)
+        assert len(final["losses"]) == 3
+        assert np.allclose(final["losses"], losses, atol=TOLERANCE)
+        model = wait_for(lambda: (m := json.loads(tributary(
+            "vertical", "model", study_id, *hub_args).stdout))["intercept"] is None and all(
+            s in json.dumps(m) for s in configs) and m, 60, "the model")
+        assert model["parties"] == {IMAGING: None, CLINICAL: None}  # not released
+        listed = tributary("vertical", "list", *hub_args)
+        assert listed.returncode == 0 and study_id in listed.stdout
         log = (configs[CLINICAL].parent / "audit.jsonl").read_text()
-        assert '"vertical.accepted"' in log and '"vertical.finished"' in log
+        assert '"vertical.accepted"' in log and '"vertical.answered"' in log
+        hub_log = federation.hub_audit_log.read_text()
+        assert '"vertical.round_closed"' in hub_log and '"vertical.completed"' in hub_log
     finally:
-        if hub is not None:
-            hub.stop()
-        for c in clients:
-            c.close()
         federation.stop()
