@@ -98,9 +98,8 @@ def relayed(study: VerticalStudy, spoke: str) -> ObjectRef:
 
 def pending_messages(study: VerticalStudy) -> list[vmsg.Invite | vmsg.Step | vmsg.Finish]:
     """What the spokes that have not answered the current stage are to receive."""
-    if study.state == "inviting":
-        return [i for i in invitations(study)
-                if study.parties.get(i.spoke_id, {}).get("state") != "accepted"]
+    if study.state == "inviting":  # a spoke that answered keeps the invitation itself
+        return [i for i in invitations(study) if i.spoke_id not in study.parties]
     if study.stage == "finish":
         state = {"completed": "completed", "failed": "failed", "refused": "failed"}.get(
             study.state, "cancelled")
@@ -141,6 +140,8 @@ def apply_status(session: Session, study: VerticalStudy, sender: str,
             study.parties = {**study.parties, sender: {"state": status.state}}
             session.add(study)
         return
+    if study.parties.get(sender, {}).get("state") == status.state:
+        return  # the same answer again (a resent invitation's)
     parties_now = dict(study.parties)
     entry: dict[str, Any] = {"state": status.state, "reason": status.reason}
     if status.state == "accepted":
