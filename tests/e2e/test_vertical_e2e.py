@@ -364,6 +364,18 @@ def test_released_coefficients_give_the_central_model(fed: Federation) -> None:
     assert np.max(np.abs(released - central)) < 1e-4
 
 
+def study_state(federation: Any, study_id: str) -> str:
+    """The study's state read from the hub's database directly (its process is down)."""
+    engine = make_engine(f"sqlite:///{federation.hub_dir / 'hub.db'}", migrate=False)
+    try:
+        with Session(engine) as session:
+            row = session.get(VerticalStudy, study_id)
+            assert row is not None
+            return row.state
+    finally:
+        engine.dispose()
+
+
 def test_spoke_run_and_hub_processes(tmp_path: Path, service_settings: ServiceSettings,
                                      store_settings: ServiceSettings) -> None:
     """The production path: a hub process (``tributary hub serve``, its vertical coordinator
@@ -372,7 +384,8 @@ def test_spoke_run_and_hub_processes(tmp_path: Path, service_settings: ServiceSe
     file each site supplies (radiomics features at the imaging site, clinical attributes and
     the diagnosis at the clinical one, keyed by the site's own patient IDs; no images here).
     The study is created with ``tributary vertical create``, each steward approves with
-    ``tributary spoke vertical approve``, and the losses are the central model's."""
+    ``tributary spoke vertical approve``; the hub and the imaging spoke are killed (SIGKILL)
+    mid-study and started again, and the losses are still the central model's."""
     from tributary.spoke.config import SpokeConfig
     from tributary.spoke.pseudonyms import Pseudonymizer
     from tributary.testbed.federation import LocalFederation
@@ -423,7 +436,7 @@ def test_spoke_run_and_hub_processes(tmp_path: Path, service_settings: ServiceSe
             "name": "processes", "psi_id": "psi-1", "features_spoke": IMAGING,
             "label_spoke": CLINICAL, "features_attributes": IMAGING_ATTRS,
             "label_attributes": CLINICAL_ATTRS, "label": "diagnosis", "positive": "malignant",
-            "rounds": 3, "learning_rate": RATE, "l2": L2, "key_bits": 1024}))
+            "rounds": ROUNDS, "learning_rate": RATE, "l2": L2, "key_bits": 1024}))
         created = tributary("vertical", "create", "--file", str(settings), *hub_args)
         assert created.returncode == 0, created.stderr
         study_id = created.stdout.strip()
@@ -438,6 +451,19 @@ def test_spoke_run_and_hub_processes(tmp_path: Path, service_settings: ServiceSe
                      f"{spoke} to hold the study")
             done = tributary("spoke", "vertical", "approve", study_id, "--config", str(config))
             assert done.returncode == 0, done.stderr
+        # SIGKILL the hub and the imaging spoke mid-study; both start again.
+        def at_round() -> int:
+            with federation.api() as api:
+                return int(api.get(f"/api/vertical-studies/{study_id}").json()["round_index"])
+
+        wait_for(lambda: at_round() >= 1, 240, "round 1")
+        for name in ("hub", f"spoke-{IMAGING}"):
+            federation.processes[name].popen.kill()
+            federation.processes[name].popen.wait()
+        assert study_state(federation, study_id) == "running"
+        federation.start_hub()
+        hub_args[-1] = federation.admin_token
+        federation.start_spoke(IMAGING, configs[IMAGING])
         try:
             wait_for(lambda: study()["state"] == "completed", 300, "the study to complete")
         except TimeoutError:
@@ -449,8 +475,8 @@ def test_spoke_run_and_hub_processes(tmp_path: Path, service_settings: ServiceSe
         for spoke, links in ((IMAGING, img_links), (CLINICAL, cli_links)):
             with Linkage(ref.root / spoke) as linkage:
                 linkage.save("psi-1", links)
-        _, _, losses = central_reference(ref, rounds=3)
-        assert len(final["losses"]) == 3
+        _, _, losses = central_reference(ref)
+        assert len(final["losses"]) == ROUNDS  # each round counted once
         assert np.allclose(final["losses"], losses, atol=TOLERANCE)
         model = wait_for(lambda: (m := json.loads(tributary(
             "vertical", "model", study_id, *hub_args).stdout))["intercept"] is None and all(
