@@ -48,6 +48,8 @@ from tributary.spoke.vertical_desk import (
 log = logging.getLogger(__name__)
 #: case id -> the case's attributes (the catalog's, from the site's attributes file).
 Features = Callable[[], Mapping[str, Mapping[str, Any]]]
+#: The latest refusals kept in memory (bounded: a hostile sender cannot grow it).
+MAX_REFUSALS_KEPT = 1000
 
 
 class Refused(ValueError):
@@ -121,6 +123,7 @@ class VerticalAgent:
         except (ProtocolError, lr.VerticalError, Refused, ValueError) as exc:
             log.warning("%s refused a vertical message: %s", self.spoke_id, exc)
             self.refused.append(str(exc)[:2000])
+            del self.refused[:-MAX_REFUSALS_KEPT]
             study = getattr(message, "study_id", None)
             self.audit("vertical.refused", study or "vertical",
                        kind=getattr(message, "kind", None), error=str(exc)[:2000])
