@@ -185,6 +185,27 @@ def test_expired_revoked_forged_and_missing_credentials_are_refused_at_launch(
         assert api.get("/api/audit", params={"action": "training.launch_refused",
                                              "target": f"train-{suffix}"}).json()
 
+        # So do a private set intersection and a vertical study, before anything is sent
+        # or created.
+        for path, body, action, target in (
+                ("/api/psi", {"mode": "cardinality", "spoke_ids": [member.spoke_id, *reasons],
+                              "purpose": f"psi-{suffix}"}, "psi.launch_refused",
+                 f"psi-{suffix}"),
+                ("/api/vertical-studies", {
+                    "name": f"vertical-{suffix}", "psi_id": "psi-1",
+                    "features_spoke": member.spoke_id, "label_spoke": revoked,
+                    "features_attributes": ["f"], "label_attributes": ["g"], "label": "y",
+                    "positive": 1},
+                 "vertical.launch_refused", f"vertical-{suffix}")):
+            answer = api.post(path, json=body)
+            assert answer.status_code == 409, (path, answer.text)
+            listed = {r["spoke_id"]: r["reason"] for r in answer.json()["detail"]["refusals"]}
+            assert member.spoke_id not in listed and all(
+                reasons[s] in listed[s] for s in listed), listed
+            assert api.get("/api/audit", params={"action": action, "target": target}).json()
+        assert api.get("/api/psi").json() == []
+        assert api.get("/api/vertical-studies").json() == []
+
         # The periodic check recorded each lapse, and the dashboard shows it with its reason.
         for spoke_id in (expiring, revoked):
             events = api.get("/api/audit", params={"action": "credential.refused",

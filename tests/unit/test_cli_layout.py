@@ -19,8 +19,8 @@ import tributary.cli.app
 
 BIN = Path(sys.executable).parent
 GROUPS = {"services", "hub", "spoke", "contract", "broker", "pki", "federation", "algorithm",
-          "audit", "counts", "study", "training", "dlq", "gaps", "bundle", "demo", "publisher",
-          "login", "cohort", "access"}
+          "audit", "counts", "study", "training", "vertical", "dlq", "gaps", "bundle", "demo",
+          "publisher", "login", "cohort", "access"}
 
 
 def _run(*command: str | Path, env: dict[str, str] | None = None

@@ -23,6 +23,14 @@ NOW = datetime.now(UTC)
 URL = "https://authority.example.org/status/1"
 
 
+@pytest.fixture(autouse=True)
+def _now() -> None:
+    """Each test's "now", taken when it starts: a module's tests may run minutes after its
+    import (test workers), and credentials are issued at the real time."""
+    global NOW
+    NOW = datetime.now(UTC)
+
+
 @pytest.fixture
 def authority(tmp_path: Path) -> Authority:
     return Authority.init(tmp_path / "authority", "did:web:authority.example.org",

@@ -27,6 +27,7 @@ app = typer.Typer(
         access="tributary.cli.access:app",
         study="tributary.cli.study:app",
         training="tributary.cli.training:app",
+        vertical="tributary.cli.vertical:app",
         dlq="tributary.hub.commands.dlq:app",
         gaps="tributary.hub.commands.gaps:app",
         bundle="tributary.cli.bundle:app",

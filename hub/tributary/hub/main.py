@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from tributary.hub import __version__, training_coordinator, worker
+from tributary.hub import __version__, training_coordinator, vertical_coordinator, worker
 from tributary.hub.api import (
     access_requests,
     algorithms,
@@ -34,6 +34,7 @@ from tributary.hub.api import (
     training,
     training_events,
     training_models,
+    vertical,
 )
 from tributary.hub.consumer import ResultsConsumer
 from tributary.hub.db import make_engine, upgrade_schema
@@ -103,7 +104,13 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                    if settings.run_training else None)
         if trainer is not None:
             trainer.serve(settings.training_poll_seconds)  # resumes every open study
+        verticals = (vertical_coordinator.from_settings(settings, engine, broker, key)
+                     if settings.run_training else None)
+        if verticals is not None:
+            verticals.serve(settings.training_poll_seconds)
         yield
+        if verticals is not None:
+            verticals.stop()
         if trainer is not None:
             trainer.stop()
         if membership_watch is not None:
@@ -122,7 +129,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
                    algorithms.publishers_router, auth.router, people.router, counts.router,
                    deadletters.router, registry.router, training.router,
                    training_models.router, training_events.router, catalog.router,
-                   access_requests.router):
+                   access_requests.router, vertical.router):
         app.include_router(router)
     app.include_router(psi.router)
     app.include_router(web_router)

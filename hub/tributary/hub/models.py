@@ -684,3 +684,40 @@ class AccessAttachment(SQLModel, table=True):
     size: int
     content: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+class VerticalStudy(SQLModel, table=True):
+    """A vertical training study: two spokes with different columns of one PSI's linked
+    cohort train one logistic regression; the hub coordinates the rounds and relays what
+    the spokes exchange (ciphertexts and masked values, never a feature or a pseudonym).
+    The current stage's answers are kept here until the stage closes, so a hub that
+    restarts resends exactly what is still unanswered."""
+
+    id: str = Field(primary_key=True)
+    name: str
+    psi_id: str
+    features_spoke: str
+    label_spoke: str
+    features_attributes: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    label_attributes: list[str] = Field(default_factory=list, sa_column=Column(JSON))
+    label: str
+    #: The label value counted as positive (JSON: a string, number or boolean).
+    positive: Any = Field(default=None, sa_column=Column(JSON))
+    #: ``Hyperparameters`` JSON (rounds, learning rate, l2, key bits).
+    hyperparameters: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    release_coefficients: bool = False
+    #: inviting | running | completed | refused | failed
+    state: str = "inviting"
+    reason: str | None = None
+    round_index: int = 0
+    #: invite | share | cross | decrypt | apply | finish
+    stage: str = "invite"
+    #: Spoke id -> {"state", "reason", "public_key", "rows", "features"} from its status.
+    parties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    #: Spoke id -> its ``Reply`` JSON for the current round and stage.
+    answers: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    #: The training loss before each round's step, as the label spoke computed it.
+    losses: list[float] = Field(default_factory=list, sa_column=Column(JSON))
+    #: Spoke id -> its ``Final`` JSON (coefficients only if the study released them).
+    final: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    created_by: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None

@@ -564,3 +564,68 @@ class AccessRequestRead(BaseModel):
     votes: list[AccessVoteRead]
     experiments: list[str]
     training_studies: list[str]
+class VerticalStudyCreate(BaseModel):
+    """A vertical training study (docs/cohorts.md): the PSI whose linked cohort it trains
+    on, the imaging (features) spoke's and the clinical (label) spoke's attributes."""
+
+    name: str = Field(min_length=1, max_length=200)
+    psi_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    features_spoke: str
+    label_spoke: str
+    features_attributes: list[str] = Field(min_length=1, max_length=64)
+    label_attributes: list[str] = Field(min_length=1, max_length=64)
+    label: str = Field(min_length=1, max_length=128)
+    positive: str | int | float | bool = Field(description="The label value that is the "
+                                               "positive class.")
+    rounds: int = Field(20, ge=1, le=500)
+    learning_rate: float = Field(0.5, gt=0, le=10, allow_inf_nan=False)
+    l2: float = Field(0.0, ge=0, le=100, allow_inf_nan=False)
+    key_bits: int = Field(2048, ge=1024, le=4096)
+    release_coefficients: bool = Field(False, description=(
+        "Each spoke sends its coefficients to the hub at the end; otherwise they stay at "
+        "the spoke and the coordinator gets the losses only."))
+
+    _spokes = field_validator("features_spoke", "label_spoke")(validate_spoke_id)
+
+
+class VerticalPartyRead(BaseModel):
+    state: str | None = None
+    reason: str | None = None
+    rows: int | None = None
+    features: int | None = None
+
+
+class VerticalStudyRead(BaseModel):
+    """A vertical study's settings and state; ``losses`` holds the training loss before
+    each round's step, as the label spoke computed it."""
+
+    id: str
+    name: str
+    psi_id: str
+    features_spoke: str
+    label_spoke: str
+    features_attributes: list[str]
+    label_attributes: list[str]
+    label: str
+    hyperparameters: dict[str, Any]
+    release_coefficients: bool
+    #: inviting | running | completed | refused | failed
+    state: str
+    reason: str | None
+    round_index: int
+    stage: str
+    parties: dict[str, VerticalPartyRead]
+    losses: list[float]
+    created_by: str
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class VerticalModelRead(BaseModel):
+    """The final model as the coordinator may see it: each spoke's coefficients (original
+    scale of its attributes) only if the study released them, else null."""
+
+    released: bool
+    state: str
+    parties: dict[str, list[dict[str, Any]] | None]
+    intercept: float | None

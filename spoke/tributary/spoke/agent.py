@@ -81,6 +81,8 @@ from tributary.spoke.store import check_format
 from tributary.spoke.training_agent import TrainingAgent, load_or_create_secret
 from tributary.spoke.training_exec import SpokeTrainer
 from tributary.spoke.trust import TrustedKeys
+from tributary.spoke.vertical import VerticalAgent
+from tributary.spoke.vertical_columns import site_attributes
 
 log = logging.getLogger(__name__)
 #: Attempts at handling a hub message before a fault that is not the message's (a bug, a
@@ -142,6 +144,8 @@ class SpokeAgent:
         self._pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="case")
         self._desk = desk
         self.training = self._training_agent() if config.training.enabled else None
+        self.vertical = self._vertical_agent() if config.training.enabled \
+            and config.training.vertical_attributes else None
 
     def _training_agent(self) -> TrainingAgent:
         """The training participant, under this spoke's identity and trust chain."""
@@ -159,6 +163,21 @@ class SpokeAgent:
             default_cap=settings.max_epsilon_per_study or float("inf"),
             audit=self.lifecycle.audit, version=__version__, release_loss=settings.release_loss)
 
+    def _vertical_agent(self) -> VerticalAgent:
+        """The vertical-training party: its columns from the site's attributes file
+        (:mod:`tributary.spoke.vertical_columns`), its studies held for the steward
+        (``tributary spoke vertical``)."""
+        settings, work = self.config.training, self.config.work_dir
+        assert settings.objectstore_credentials is not None
+
+        return VerticalAgent(
+            self.config.spoke_id, self.client,
+            ObjectStore.from_file(settings.objectstore_credentials), self.key,
+            self.hub_keys[0], self.config.broker.federation, work,
+            load_or_create_secret(work / "vertical-journal.key"),
+            settings.vertical_attributes, lambda: site_attributes(self.config),
+            audit=self.lifecycle.audit)
+
     # -- the process --------------------------------------------------------------------------
     def run(self) -> None:
         """Consume until :meth:`stop` is called; reconnects to the broker by itself."""
@@ -174,6 +193,8 @@ class SpokeAgent:
         self.client.subscribe(inbox, self._inbox.put)
         if self.training is not None:
             self.training.start()
+        if self.vertical is not None:
+            self.vertical.start()
         log.info("spoke %s (tributary %s) waiting for experiments", self.config.spoke_id,
                  __version__)
         self.lifecycle.audit("spoke.started", self.config.spoke_id, version=__version__)
@@ -199,6 +220,8 @@ class SpokeAgent:
             self._pool.shutdown(wait=True)
             if self.training is not None:
                 self.training.stop()
+            if self.vertical is not None:
+                self.vertical.stop()
             self.heartbeat.stop()
             self.outbox.stop(drain_seconds=5)
             self.client.close()

@@ -198,6 +198,10 @@ class TrainingSettings(BaseModel):
     #: Case attributes a training algorithm may read as labels (inside the sandbox only;
     #: labels never leave the spoke). Others are not given to it.
     label_attributes: list[str] = Field(default_factory=list)
+    #: Case attributes a vertical study may use as its columns or label at this site (read
+    #: inside the spoke only; never sent): a study naming any other is refused. Empty: the
+    #: spoke takes part in no vertical study (docs/cohorts.md).
+    vertical_attributes: list[str] = Field(default_factory=list)
     #: Whether the training loss on this site's cases leaves with each round (in clear,
     #: beside the sample count: one number a round, outside the differential-privacy
     #: guarantee, so off unless the site allows it; the dashboard's loss curve needs it).

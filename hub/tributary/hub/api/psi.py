@@ -10,11 +10,19 @@ from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Request
 from fastapi.responses import FileResponse
 from sqlmodel import Session
 
-from tributary.hub.deps import acting, current_user, get_broker, get_or_404, get_session
+from tributary.hub.deps import (
+    acting,
+    current_user,
+    get_broker,
+    get_or_404,
+    get_session,
+    get_settings,
+)
 from tributary.hub.models import PsiRun, Role
 from tributary.hub.schemas import PsiCreate, PsiRead
-from tributary.hub.services import audit, psi
+from tributary.hub.services import audit, credentials, psi
 from tributary.hub.services.anchors import anchors
+from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
 from tributary.protocol.bundle import write_bundle, zip_bundle
 
@@ -24,10 +32,17 @@ router = APIRouter(prefix="/api/psi", tags=["psi"], dependencies=[Depends(curren
 @router.post("", status_code=201, response_model=PsiRead)
 def create_psi(body: PsiCreate, request: Request, session: Session = Depends(get_session),
                broker: StompClient = Depends(get_broker),
+               settings: HubSettings = Depends(get_settings),
                actor: str = Depends(acting(Role.COORDINATOR))) -> PsiRead:
     """Ask the spokes (the first one leads) to intersect their patients. Each spoke's data
     steward approves or refuses; poll ``GET /api/psi/{id}`` for the states and the
-    (suppressed) result."""
+    (suppressed) result. A spoke that is not a federation member now (its membership
+    credential, where the hub asks for one) is refused (409, audited): nothing is sent."""
+    listed = credentials.refuse_non_members(session, settings, body.spoke_ids, actor,
+                                            "psi.launch_refused", body.purpose[:80])
+    if listed:
+        raise HTTPException(409, {"message": "spokes whose membership credential is refused",
+                                  "refusals": listed})
     try:
         run = psi.create(session, body.mode, body.spoke_ids, body.purpose, actor,
                          timedelta(hours=body.expires_in_hours))

@@ -23,7 +23,7 @@ from tributary.hub.schemas import (
     TrainingStudyDetail,
     TrainingStudyRead,
 )
-from tributary.hub.services import audit, credentials, training, training_reads
+from tributary.hub.services import credentials, training, training_reads
 from tributary.hub.services.access_grants import AccessRefused
 from tributary.hub.settings import HubSettings
 from tributary.protocol.objects import ObjectStore, ObjectStoreError
@@ -77,11 +77,9 @@ def launch_study(body: TrainingStudyCreate, request: Request,
         raise HTTPException(422, {"message": "spokes that cannot take part in training",
                                   "refusals": [{"spoke_id": s, "reason": r}
                                                for s, r in sorted(refusals.items())]})
-    members = credentials.refusals(session, credentials.policy(settings), sorted(set(body.spokes)))
-    if members:  # not federation members now: refused, audited, nothing created
-        listed = [{"spoke_id": s, "reason": r} for s, r in sorted(members.items())]
-        audit.record(session, actor, "training.launch_refused", body.name, refusals=listed)
-        session.commit()
+    listed = credentials.refuse_non_members(session, settings, body.spokes, actor,
+                                            "training.launch_refused", body.name)
+    if listed:  # not federation members now: refused, audited, nothing created
         raise HTTPException(409, {"message": "spokes whose membership credential is refused",
                                   "refusals": listed})
     data, digest = _initial_model(body)

@@ -157,6 +157,19 @@ def check(session: Session, policy: Policy, spoke_id: str, actor: str = "hub",
     return reason or None
 
 
+def refuse_non_members(session: Session, settings: HubSettings, spoke_ids: list[str],
+                       actor: str, action: str, target: str) -> list[dict[str, str]]:
+    """The spokes among ``spoke_ids`` that are not members now, each with its reason; when
+    there are any, the refusal is audited as ``action`` and committed (nothing else is)."""
+    listed = [{"spoke_id": s, "reason": r}
+              for s, r in sorted(refusals(session, policy(settings),
+                                          sorted(set(spoke_ids))).items())]
+    if listed:
+        audit.record(session, actor, action, target, refusals=listed)
+        session.commit()
+    return listed
+
+
 def refusals(session: Session, policy: Policy | None, spoke_ids: list[str]
              ) -> dict[str, str]:
     """Why each of ``spoke_ids`` may not be targeted (empty: all may, or no policy)."""

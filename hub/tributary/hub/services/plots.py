@@ -246,6 +246,22 @@ def training_curves(points: Sequence[RoundPoint], budget: float,
          "epsilon": "cumulative epsilon against the budget"}[p] for p in panels))
 
 
+def loss_curve(losses: Sequence[float], title: str = "Training loss per round") -> str:
+    """One loss per round (a vertical study's: the label spoke's, before each step)."""
+    figure = _figure(5.6, 2.3)
+    axes = figure.subplots()
+    if losses:
+        axes.plot(range(len(losses)), list(losses), marker="o", color=PALETTE[1],
+                  label="loss")
+    else:
+        axes.text(0.5, 0.5, "no round yet", ha="center", va="center",
+                  transform=axes.transAxes)
+    axes.set_xlabel("round")
+    axes.set_ylabel("loss")
+    _tidy(axes)
+    return _svg(figure, title)
+
+
 def _ticks(low: float, high: float) -> list[float]:
     """About five round tick values covering [low, high]."""
     span = high - low or 1.0

@@ -1,11 +1,12 @@
 """The dashboard: server-rendered pages over the hub's own REST API."""
 
-from tributary.hub.web import access, catalog, psi, training
+from tributary.hub.web import access, catalog, psi, training, vertical
 from tributary.hub.web.pages import SignInRequired, router
 
 router.include_router(training.router)
 router.include_router(catalog.router)
 router.include_router(psi.router)
 router.include_router(access.router)
+router.include_router(vertical.router)
 
 __all__ = ["SignInRequired", "router"]

@@ -21,6 +21,7 @@ app = typer.Typer(
         description="tributary.spoke.commands.description:description",
         status="tributary.spoke.commands.status:status",
         steward="tributary.spoke.commands.steward:app",
+        vertical="tributary.spoke.commands.vertical:app",
         trust="tributary.spoke.commands.trust:app",
         store="tributary.spoke.commands.store:app",
         deidentify="tributary.spoke.commands.deidentify:main",
