@@ -24,7 +24,14 @@ from tributary.protocol.broker import (
     StompClient,
     end_io_loop_on_tls_eof,
 )
-from tributary.protocol.destinations import RESULTS_QUEUE, dead_letter_queue, spoke_queue
+from tributary.protocol.cohorts.vertical import hub_vertical_queue, spoke_vertical_queue
+from tributary.protocol.destinations import (
+    DEFAULT_FEDERATION,
+    RESULTS_QUEUE,
+    dead_letter_queue,
+    spoke_queue,
+)
+from tributary.protocol.training.transport import hub_training_queue, spoke_training_queue
 from tributary.services import pki
 from tributary.services.broker_security import (
     BrokerSecurityBundle,
@@ -148,8 +155,24 @@ def test_a_spokes_nack_reaches_its_dead_letter_queue(clients: dict[str, StompCli
     clients["hub"].ack(dead)
 
 
-@pytest.mark.parametrize("destination", [spoke_queue(B), RESULTS_QUEUE,
-                                         dead_letter_queue(spoke_queue(B))])
+@pytest.mark.parametrize(("to_spoke", "to_hub"), [
+    (spoke_training_queue(A, DEFAULT_FEDERATION), hub_training_queue(DEFAULT_FEDERATION)),
+    (spoke_vertical_queue(A, DEFAULT_FEDERATION), hub_vertical_queue(DEFAULT_FEDERATION))])
+def test_training_queues_carry_the_hub_to_a_spoke_and_back(
+        clients: dict[str, StompClient], to_spoke: str, to_hub: str) -> None:
+    body = f'{{"round": "{uuid.uuid4().hex}"}}'
+    clients["hub"].publish(to_spoke, body)
+    got = collect(clients[A], to_spoke).get(timeout=10)
+    assert got.body == body.encode() and clients[A].ack(got)
+    clients[A].publish(to_hub, body)
+    back = collect(clients["hub"], to_hub).get(timeout=10)
+    assert back.body == body.encode() and clients["hub"].ack(back)
+
+
+@pytest.mark.parametrize("destination", [
+    spoke_queue(B), RESULTS_QUEUE, dead_letter_queue(spoke_queue(B)),
+    spoke_training_queue(B, DEFAULT_FEDERATION), hub_training_queue(DEFAULT_FEDERATION),
+    spoke_vertical_queue(B, DEFAULT_FEDERATION), hub_vertical_queue(DEFAULT_FEDERATION)])
 def test_a_spoke_cannot_read_what_is_not_its_own(bundle: BrokerSecurityBundle,
                                                  destination: str) -> None:
     hub = StompClient(bundle.broker_settings("hub"), "hub").start(wait=15)
@@ -166,7 +189,7 @@ def test_a_spoke_cannot_read_what_is_not_its_own(bundle: BrokerSecurityBundle,
         if conn.is_connected():
             conn.disconnect()
     # The message is untouched and still there for its rightful reader.
-    reader = "hub" if destination != spoke_queue(B) else B
+    reader = B if destination.startswith(spoke_queue(B)) else "hub"
     owner = StompClient(bundle.broker_settings(reader), reader).start(wait=15)
     try:
         box = collect(owner, destination)
@@ -177,8 +200,9 @@ def test_a_spoke_cannot_read_what_is_not_its_own(bundle: BrokerSecurityBundle,
         owner.close()
 
 
-@pytest.mark.parametrize("destination", [spoke_queue(B), "/queue/tributary.anything",
-                                         f"/topic/tributary.spoke.{B}"])
+@pytest.mark.parametrize("destination", [
+    spoke_queue(B), "/queue/tributary.anything", f"/topic/tributary.spoke.{B}",
+    spoke_training_queue(B, DEFAULT_FEDERATION), spoke_vertical_queue(B, DEFAULT_FEDERATION)])
 def test_a_spoke_cannot_write_to_another_spoke(clients: dict[str, StompClient],
                                                destination: str) -> None:
     with pytest.raises(PublishError, match="not authorized to write"):

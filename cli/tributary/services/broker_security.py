@@ -32,8 +32,15 @@ from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 from tributary.protocol.broker import BrokerSettings
-from tributary.protocol.destinations import RESULTS_QUEUE, dead_letter_queue, spoke_queue
+from tributary.protocol.cohorts.vertical import hub_vertical_queue, spoke_vertical_queue
+from tributary.protocol.destinations import (
+    DEFAULT_FEDERATION,
+    RESULTS_QUEUE,
+    dead_letter_queue,
+    spoke_queue,
+)
 from tributary.protocol.messages import SPOKE_ID_RE
+from tributary.protocol.training.transport import hub_training_queue, spoke_training_queue
 from tributary.services import broker, pki
 from tributary.services.system import ServiceError, port_open, read_pid
 
@@ -155,6 +162,16 @@ def authorization_entries(spoke_ids: list[str],
                [HUB_GROUP, *all_bridges], [HUB_GROUP, *all_bridges]),
         _entry("DLQ.>", [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
     ]
+    # Federated and vertical training: each has a queue of the hub's that every spoke
+    # writes, and one queue per spoke that only the hub writes, as for studies (not carried
+    # by bridges yet: a spoke behind an edge broker takes part in studies and counts only).
+    for hub_side in (hub_training_queue(DEFAULT_FEDERATION),
+                     hub_vertical_queue(DEFAULT_FEDERATION)):
+        entries += [
+            _entry(_queue(hub_side), [HUB_GROUP], [HUB_GROUP, SPOKES_GROUP],
+                   [HUB_GROUP, SPOKES_GROUP]),
+            _entry(_queue(dead_letter_queue(hub_side)), [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
+        ]
     for spoke_id in spoke_ids:
         own, queue = _spoke_group(spoke_id), spoke_queue(spoke_id)
         carriers = [bridge_group(b) for b in sorted(bridges) if spoke_id in bridges[b]]
@@ -164,6 +181,13 @@ def authorization_entries(spoke_ids: list[str],
             _entry(_queue(dead_letter_queue(queue)), [HUB_GROUP, *carriers],
                    [HUB_GROUP, own, *carriers], [HUB_GROUP, own, *carriers]),
         ]
+        for side in (spoke_training_queue(spoke_id, DEFAULT_FEDERATION),
+                     spoke_vertical_queue(spoke_id, DEFAULT_FEDERATION)):
+            entries += [
+                _entry(_queue(side), [own], [HUB_GROUP, own], [HUB_GROUP, own]),
+                _entry(_queue(dead_letter_queue(side)), [HUB_GROUP], [HUB_GROUP, own],
+                       [HUB_GROUP, own]),
+            ]
     # Connections, consumers and producers publish advisories in the client's name.
     entries.append(
         f'<authorizationEntry topic="ActiveMQ.Advisory.>" read="{ALL_GROUP}" '
