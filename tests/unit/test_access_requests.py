@@ -353,3 +353,46 @@ def test_training_launches_are_held_to_the_request_and_its_budget(
         AuditEvent.action == "training.launch_refused")).all()
     assert {e.detail["condition"] for e in refused} == {"access_request", "spokes", "min_k",
                                                         "epsilon_budget"}
+
+
+def test_linkage_and_vertical_studies_run_only_under_a_request_that_allows_them(
+        hub: tuple[TestClient, Session]) -> None:
+    client, session = hub
+    carol = as_(session, "carol")
+    psi = {"mode": "cardinality", "spoke_ids": ["north", "south"], "purpose": "feasibility"}
+    vertical = {"name": "split", "psi_id": "psi-1", "features_spoke": "north",
+                "label_spoke": "south", "features_attributes": ["nodules"],
+                "label_attributes": ["age"], "label": "outcome", "positive": 1}
+    # Unbound, where the hub asks for requests: refused.
+    for path, body in (("/api/psi", psi), ("/api/vertical-studies", vertical)):
+        response = client.post(path, headers=carol, json=body)
+        assert response.status_code == 409, response.text
+        assert response.json()["detail"]["condition"] == "access_request"
+    # A request for validation only allows neither.
+    validation = file_request(client, session).json()["id"]
+    decide(client, session, validation, decision="approve").raise_for_status()
+    for path, body in (("/api/psi", psi), ("/api/vertical-studies", vertical)):
+        response = client.post(path, headers=carol,
+                               json={**body, "access_request_id": validation})
+        assert response.status_code == 409 and response.json()["detail"][
+            "condition"] == "study_kinds", response.text
+    # One for linkage and vertical training, with "outcome" left out by the committee.
+    cohort = file_request(client, session, attributes="nodules,age,stage,outcome",
+                          kinds=("linkage", "vertical")).json()["id"]
+    decide(client, session, cohort, decision="approve",
+           attributes=["nodules", "age", "stage"]).raise_for_status()
+    linked = client.post("/api/psi", headers=carol, json={**psi, "access_request_id": cohort})
+    assert linked.status_code == 201, linked.text
+    outside = client.post("/api/vertical-studies", headers=carol,
+                          json={**vertical, "access_request_id": cohort})
+    assert outside.status_code == 409
+    assert outside.json()["detail"]["condition"] == "attributes"
+    assert "outcome" in outside.json()["detail"]["message"]
+    inside = client.post("/api/vertical-studies", headers=carol, json={
+        **vertical, "label": "stage", "access_request_id": cohort})
+    assert inside.status_code == 201, inside.text
+    read = client.get(f"/api/access-requests/{cohort}", headers=carol).json()
+    assert read["psi_runs"] == [linked.json()["id"]]
+    assert read["vertical_studies"] == [inside.json()["id"]]
+    refused = {e.action for e in session.exec(select(AuditEvent))}
+    assert {"psi.launch_refused", "vertical.launch_refused"} <= refused

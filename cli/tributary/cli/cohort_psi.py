@@ -40,14 +40,18 @@ def request(
     mode: Annotated[str, typer.Option(help="cardinality (a count) or intersection (linking "
                                            "pseudonyms at each spoke).")] = "cardinality",
     wait: Annotated[float, typer.Option(help="Seconds to wait for the result.")] = 0,
+    access_request: Annotated[str | None, typer.Option(
+        help="The approved data access request it runs under (one allowing linkage).")
+    ] = None,
     hub_ca: HubCaOption = None,
 ) -> None:
     """Ask the spokes; each site's steward approves or refuses it."""
     if mode not in ("cardinality", "intersection"):
         raise typer.BadParameter("cardinality or intersection", param_hint="--mode")
     with hub_client(hub, token, hub_ca, timeout=30) as client:
-        run = check(client.post("/api/psi", json={"mode": mode, "spoke_ids": spoke,
-                                                  "purpose": purpose}), "PSI")
+        run = check(client.post("/api/psi", json={
+            "mode": mode, "spoke_ids": spoke, "purpose": purpose,
+            "access_request_id": access_request}), "PSI")
         deadline = time.monotonic() + wait
         while run["state"] in ("requested", "running") and time.monotonic() < deadline:
             time.sleep(0.5)

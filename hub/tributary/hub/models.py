@@ -586,6 +586,9 @@ class PsiRun(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, index=True)
     expires_at: datetime | None = None
     state: str = "requested"  # requested | running | done | refused | failed
+    #: The approved data access request it runs under (services/access_grants.py).
+    access_request_id: str | None = Field(default=None, foreign_key="accessrequest.id",
+                                          index=True)
 
 
 class PsiMember(SQLModel, table=True):
@@ -718,6 +721,9 @@ class VerticalStudy(SQLModel, table=True):
     losses: list[float] = Field(default_factory=list, sa_column=Column(JSON))
     #: Spoke id -> its ``Final`` JSON (coefficients only if the study released them).
     final: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON))
+    #: The approved data access request it runs under (services/access_grants.py).
+    access_request_id: str | None = Field(default=None, foreign_key="accessrequest.id",
+                                          index=True)
     created_by: str = ""
     created_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None

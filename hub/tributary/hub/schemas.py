@@ -469,6 +469,9 @@ class PsiCreate(BaseModel):
     spoke_ids: list[str] = Field(min_length=2, max_length=16)
     purpose: str = Field(min_length=1, max_length=2000)
     expires_in_hours: float = Field(72, gt=0, le=24 * 30)
+    access_request_id: str | None = Field(None, description=(
+        "The approved data access request it runs under (required where the hub asks for "
+        "one); the request must allow linkage and these spokes."))
 
 
 class PsiSpokeRead(BaseModel):
@@ -508,7 +511,7 @@ class AccessDecisionBody(BaseModel):
         "Allowed spokes (default: every requested one)."))
     attributes: list[str] | None = Field(None, max_length=500, description=(
         "Allowed attributes (default: every requested one)."))
-    study_kinds: list[str] | None = Field(None, max_length=2, description=(
+    study_kinds: list[str] | None = Field(None, max_length=4, description=(
         "Allowed kinds of study (default: the requested ones)."))
     min_k: int | None = Field(None, ge=1, le=1_000_000, description=(
         "Smallest k a launch may run with (default: the requested k, else 5)."))
@@ -564,6 +567,8 @@ class AccessRequestRead(BaseModel):
     votes: list[AccessVoteRead]
     experiments: list[str]
     training_studies: list[str]
+    psi_runs: list[str] = []
+    vertical_studies: list[str] = []
 class VerticalStudyCreate(BaseModel):
     """A vertical training study (docs/cohorts.md): the PSI whose linked cohort it trains
     on, the imaging (features) spoke's and the clinical (label) spoke's attributes."""
@@ -584,6 +589,9 @@ class VerticalStudyCreate(BaseModel):
     release_coefficients: bool = Field(False, description=(
         "Each spoke sends its coefficients to the hub at the end; otherwise they stay at "
         "the spoke and the coordinator gets the losses only."))
+    access_request_id: str | None = Field(None, description=(
+        "The approved data access request it runs under (required where the hub asks for "
+        "one); the request must allow vertical studies, both spokes and every attribute."))
 
     _spokes = field_validator("features_spoke", "label_spoke")(validate_spoke_id)
 

@@ -21,6 +21,7 @@ from tributary.hub.deps import (
 from tributary.hub.models import PsiRun, Role
 from tributary.hub.schemas import PsiCreate, PsiRead
 from tributary.hub.services import audit, credentials, psi
+from tributary.hub.services.access_grants import AccessRefused
 from tributary.hub.services.anchors import anchors
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
@@ -45,9 +46,12 @@ def create_psi(body: PsiCreate, request: Request, session: Session = Depends(get
                                   "refusals": listed})
     try:
         run = psi.create(session, body.mode, body.spoke_ids, body.purpose, actor,
-                         timedelta(hours=body.expires_in_hours))
+                         timedelta(hours=body.expires_in_hours), body.access_request_id,
+                         settings.require_access_requests)
     except psi.PsiInvalid as exc:
         raise HTTPException(422, str(exc)) from None
+    except AccessRefused as exc:
+        raise HTTPException(409, exc.detail()) from None
     try:
         psi.publish(session, broker, request.app.state.signing_key, run)
     except PublishError as exc:

@@ -28,6 +28,7 @@ from tributary.hub.services import (
     vertical,
     vertical_export,
 )
+from tributary.hub.services.access_grants import AccessRefused
 from tributary.hub.settings import HubSettings
 from tributary.protocol.bundle import zip_bundle
 from tributary.protocol.cohorts.vertical import Hyperparameters
@@ -70,9 +71,14 @@ def create_study(body: VerticalStudyCreate, session: Session = Depends(get_sessi
             label_attributes=body.label_attributes, label=body.label, positive=body.positive,
             hyperparameters=Hyperparameters(rounds=body.rounds, learning_rate=body.learning_rate,
                                             l2=body.l2, key_bits=body.key_bits),
-            release_coefficients=body.release_coefficients, created_by=actor)
+            release_coefficients=body.release_coefficients, created_by=actor,
+            access_request_id=body.access_request_id,
+            access_required=settings.require_access_requests)
     except vertical.VerticalError as exc:
         raise HTTPException(422, str(exc)) from None
+    except AccessRefused as exc:
+        session.commit()  # the refusal's audit event; nothing else was added
+        raise HTTPException(409, exc.detail()) from None
     session.commit()
     session.refresh(study)
     return read(study)

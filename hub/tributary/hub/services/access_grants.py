@@ -51,8 +51,9 @@ class LaunchAsk:
     spokes: list[str]
     attributes: list[str] = field(default_factory=list)
     #: The k the study runs with: the hub's small-cell threshold for an experiment, the
-    #: fewest spokes whose sum is revealed (min_participants) for a training study.
-    k: int = 1
+    #: fewest spokes whose sum is revealed (min_participants) for a training study; None
+    #: where each site applies its own k (a PSI's cardinality) or none applies.
+    k: int | None = None
     epsilon: float = 0.0
 
 
@@ -97,7 +98,7 @@ def check(session: Session, request_id: str | None, actor: str, ask: LaunchAsk,
     if attributes:
         raise AccessRefused("attributes", f"attribute(s) {', '.join(attributes)} not allowed "
                             f"by access request {request.id}")
-    if ask.k < conditions.min_k:
+    if ask.k is not None and ask.k < conditions.min_k:
         raise AccessRefused("min_k", f"k {ask.k} is below the minimum {conditions.min_k} of "
                             f"access request {request.id}")
     if ask.kind == StudyKind.TRAINING:

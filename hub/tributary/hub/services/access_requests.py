@@ -26,10 +26,12 @@ from tributary.hub.models import (
     AccessRequestState,
     AccessVote,
     Experiment,
+    PsiRun,
     Role,
     Spoke,
     TrainingStudy,
     User,
+    VerticalStudy,
     utcnow,
 )
 from tributary.hub.schemas import (
@@ -68,7 +70,7 @@ class RequestSpec(BaseModel):
     purpose: str = Field(min_length=1, max_length=10_000)
     spokes: list[SpokeId] = Field(min_length=1, max_length=500)
     attributes: list[Attribute] = Field(default_factory=list, max_length=500)
-    study_kinds: list[StudyKind] = Field(min_length=1, max_length=2)
+    study_kinds: list[StudyKind] = Field(min_length=1, max_length=len(StudyKind))
     epsilon: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False)
     k: int | None = Field(None, ge=1, le=1_000_000)
 
@@ -255,6 +257,10 @@ def read(session: Session, request: AccessRequest) -> AccessRequestRead:
         Experiment.access_request_id == request.id)).all()
     studies = session.exec(select(TrainingStudy.id).where(
         TrainingStudy.access_request_id == request.id)).all()
+    psi_runs = session.exec(select(PsiRun.id).where(
+        PsiRun.access_request_id == request.id)).all()
+    vertical_studies = session.exec(select(VerticalStudy.id).where(
+        VerticalStudy.access_request_id == request.id)).all()
     return AccessRequestRead(
         **request.model_dump(exclude={"conditions"}), conditions=request.conditions,
         epsilon_remaining=epsilon_remaining(request),
@@ -263,4 +269,5 @@ def read(session: Session, request: AccessRequest) -> AccessRequestRead:
                                           digest=a.digest) for a in attachments],
         votes=[AccessVoteRead(member=v.member, decision=v.decision, reason=v.reason,
                               conditions_sha256=v.conditions_sha256, at=v.at) for v in votes],
-        experiments=sorted(experiments), training_studies=sorted(studies))
+        experiments=sorted(experiments), training_studies=sorted(studies),
+        psi_runs=sorted(psi_runs), vertical_studies=sorted(vertical_studies))

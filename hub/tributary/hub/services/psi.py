@@ -19,8 +19,10 @@ from sqlmodel import Session, col, select
 
 from tributary.hub.models import InboundMessage, PsiMember, PsiRelayRecord, PsiRun, SpokeKey, utcnow
 from tributary.hub.schemas import PsiRead, PsiSpokeRead
-from tributary.hub.services import audit
+from tributary.hub.services import access_grants, audit
+from tributary.hub.services.access_grants import AccessRefused
 from tributary.protocol.broker import StompClient, publish_with_retry
+from tributary.protocol.cohorts.access import StudyKind
 from tributary.protocol.cohorts.psi import (
     PsiForward,
     PsiMode,
@@ -55,21 +57,35 @@ def _pem(session: Session, spoke_id: str) -> str | None:
 
 
 def create(session: Session, mode: str, spoke_ids: list[str], purpose: str, actor: str,
-           expires_in: timedelta) -> PsiRun:
+           expires_in: timedelta, access_request_id: str | None = None,
+           access_required: bool = False) -> PsiRun:
+    """A new PSI, once its spokes can take part and its access request (``access_required``:
+    the hub asks for one) allows linkage between them; else :class:`PsiInvalid` or
+    :class:`AccessRefused` (audited, committed, nothing created)."""
     ids = list(dict.fromkeys(spoke_ids))
     if len(ids) < 2:
         raise PsiInvalid("a PSI needs at least two different spokes")
     missing = [s for s in ids if _pem(session, s) is None]
     if missing:
         raise PsiInvalid(f"spokes unknown or without exactly one active key: {', '.join(missing)}")
+    try:
+        access_grants.check(session, access_request_id, actor, access_grants.LaunchAsk(
+            kind=StudyKind.LINKAGE, spokes=ids), access_required)
+    except AccessRefused as exc:
+        audit.record(session, actor, "psi.launch_refused", purpose[:80], spokes=ids,
+                     access_request=access_request_id, condition=exc.condition,
+                     reason=exc.reason)
+        session.commit()
+        raise
     run = PsiRun(id=f"psi-{uuid.uuid4().hex[:12]}", mode=PsiMode(mode).value, purpose=purpose,
-                 leader=ids[0], created_by=actor, expires_at=utcnow() + expires_in)
+                 leader=ids[0], created_by=actor, expires_at=utcnow() + expires_in,
+                 access_request_id=access_request_id)
     session.add(run)
     session.flush()
     for position, spoke_id in enumerate(ids):
         session.add(PsiMember(psi_id=run.id, spoke_id=spoke_id, position=position))
     audit.record(session, actor, "psi.requested", run.id, mode=run.mode, spokes=ids,
-                 leader=ids[0], purpose=purpose)
+                 leader=ids[0], purpose=purpose, access_request=access_request_id)
     session.commit()
     return run
 

@@ -17,8 +17,10 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from tributary.hub.models import VerticalStudy, utcnow
-from tributary.hub.services import audit
+from tributary.hub.services import access_grants, audit
+from tributary.hub.services.access_grants import AccessRefused
 from tributary.protocol.cohorts import vertical as vmsg
+from tributary.protocol.cohorts.access import StudyKind
 from tributary.protocol.objects import global_model_key, spoke_prefix
 from tributary.protocol.training.rounds import ObjectRef
 
@@ -33,17 +35,30 @@ class VerticalError(ValueError):
 def create(session: Session, *, name: str, psi_id: str, features_spoke: str,
            label_spoke: str, features_attributes: list[str], label_attributes: list[str],
            label: str, positive: Any, hyperparameters: vmsg.Hyperparameters,
-           release_coefficients: bool, created_by: str) -> VerticalStudy:
+           release_coefficients: bool, created_by: str, access_request_id: str | None = None,
+           access_required: bool = False) -> VerticalStudy:
     """A new study in state ``inviting``; the invitations are its first pending messages.
-    The invitations are validated here as the spokes will validate them."""
+    The invitations are validated here as the spokes will validate them. Its access
+    request (``access_required``: the hub asks for one) must allow vertical studies, both
+    spokes and every attribute it reads, else :class:`AccessRefused` (audited)."""
     if features_spoke == label_spoke:
         raise VerticalError("the two parties are two different spokes")
+    try:
+        access_grants.check(session, access_request_id, created_by, access_grants.LaunchAsk(
+            kind=StudyKind.VERTICAL, spokes=[features_spoke, label_spoke],
+            attributes=list(dict.fromkeys([*features_attributes, *label_attributes, label]))),
+            access_required)
+    except AccessRefused as exc:
+        audit.record(session, created_by, "vertical.launch_refused", name,
+                     access_request=access_request_id, condition=exc.condition,
+                     reason=exc.reason)
+        raise
     study = VerticalStudy(
         id=uuid.uuid4().hex, name=name, psi_id=psi_id, features_spoke=features_spoke,
         label_spoke=label_spoke, features_attributes=features_attributes,
         label_attributes=label_attributes, label=label, positive=positive,
         hyperparameters=hyperparameters.model_dump(), release_coefficients=release_coefficients,
-        created_by=created_by)
+        created_by=created_by, access_request_id=access_request_id)
     try:
         invitations(study)
     except ValueError as exc:

@@ -39,7 +39,7 @@ def new_access_request_page(request: Request, session: Session = Depends(get_ses
                             user: User = Depends(page_user),
                             spokes: list[str] = Query([], max_length=500),
                             attributes: list[str] = Query([], max_length=500),
-                            study_kinds: list[str] = Query([], max_length=2),
+                            study_kinds: list[str] = Query([], max_length=4),
                             title: str = Query("", max_length=200)) -> HTMLResponse:
     """The form, with ``?spokes=a&spokes=b&attributes=x`` preselected (comma-separated
     values are accepted too)."""

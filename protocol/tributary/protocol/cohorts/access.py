@@ -45,10 +45,14 @@ RequestId = Annotated[str, AfterValidator(_request_id)]
 
 
 class StudyKind(StrEnum):
-    """What a request may be used for: validation experiments or federated training."""
+    """What a request may be used for: validation experiments, federated training, private
+    set intersections (linking patients across sites) or vertical training on a linked
+    cohort."""
 
     VALIDATION = "validation"
     TRAINING = "training"
+    LINKAGE = "linkage"
+    VERTICAL = "vertical"
 
 
 class AccessConditions(BaseModel):
@@ -61,7 +65,7 @@ class AccessConditions(BaseModel):
 
     spokes: list[SpokeId] = Field(min_length=1, max_length=500)
     attributes: list[Attribute] = Field(default_factory=list, max_length=500)
-    study_kinds: list[StudyKind] = Field(min_length=1, max_length=2)
+    study_kinds: list[StudyKind] = Field(min_length=1, max_length=len(StudyKind))
     min_k: int = Field(5, ge=1, le=1_000_000)
     #: Total ε across every training study bound to the request (None: no training).
     epsilon_budget: float | None = Field(None, gt=0, le=1000, allow_inf_nan=False)
