@@ -7,9 +7,12 @@ two training launches cannot both spend the last of a request's ε budget."""
 from __future__ import annotations
 
 import base64
+import io
+import json
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -396,3 +399,20 @@ def test_linkage_and_vertical_studies_run_only_under_a_request_that_allows_them(
     assert read["vertical_studies"] == [inside.json()["id"]]
     refused = {e.action for e in session.exec(select(AuditEvent))}
     assert {"psi.launch_refused", "vertical.launch_refused"} <= refused
+    # The vertical study's bundle carries its request's decision (and the linked PSI's
+    # record when the hub holds that PSI); the PSI's bundle carries its request too.
+    archive = zipfile.ZipFile(io.BytesIO(client.get(
+        f"/api/vertical-studies/{inside.json()['id']}/bundle", headers=carol).content))
+    access = json.loads(archive.read("access-request.json"))
+    assert access["id"] == cohort and access["state"] == "approved" and access["audit_events"]
+    assert "linked-psi.json" not in archive.namelist()  # psi-1 is not a PSI of this hub
+    linked_id = linked.json()["id"]
+    bound = client.post("/api/vertical-studies", headers=carol, json={
+        **vertical, "name": "linked", "psi_id": linked_id, "label": "stage",
+        "access_request_id": cohort}).json()
+    archive = zipfile.ZipFile(io.BytesIO(client.get(
+        f"/api/vertical-studies/{bound['id']}/bundle", headers=carol).content))
+    assert json.loads(archive.read("linked-psi.json"))["psi"]["id"] == linked_id
+    psi_bundle = zipfile.ZipFile(io.BytesIO(client.get(
+        f"/api/psi/{linked_id}/bundle", headers=carol).content))
+    assert cohort.encode() in b"".join(psi_bundle.read(n) for n in psi_bundle.namelist())

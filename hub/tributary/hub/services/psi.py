@@ -283,6 +283,7 @@ def bundle_entries(session: Session, run: PsiRun) -> dict[str, object]:
     PSI's own bundle is these; a vertical study's bundle adds them for the PSI it links."""
     events = audit.search(session, target=run.id, limit=100_000)
     return {"psi": read(session, run).model_dump(mode="json"),
+            "access_request": access_grants.bundle_record(session, run.access_request_id),
             "audit": [{"at": e.at.isoformat() if e.at else None, "actor": e.actor,
                        "action": e.action, "detail": e.detail} for e in reversed(events)]}
 

@@ -11,13 +11,15 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from tributary.hub.models import AuditEvent, VerticalStudy
-from tributary.hub.services import vertical
+from tributary.hub.models import AuditEvent, PsiRun, VerticalStudy
+from tributary.hub.services import access_grants, psi, vertical
 from tributary.protocol.bundle import sign_manifest
 from tributary.protocol.signing import SigningKey
 
 STUDY = "vertical-study.json"
 AUDIT = "audit-events.json"
+LINKAGE = "linked-psi.json"
+ACCESS = "access-request.json"
 
 
 def _dump(value: Any) -> str:
@@ -49,6 +51,16 @@ def write_vertical_bundle(out: Path, session: Session, study: VerticalStudy,
               "encodingFormat": "application/json"},
              {"@id": AUDIT, "@type": "File", "name": "The hub's audit events of the study",
               "encodingFormat": "application/json"}]
+    linked = session.get(PsiRun, study.psi_id)
+    if linked is not None:  # where its rows come from: the PSI, its approvals and relays
+        (out / LINKAGE).write_text(_dump(psi.bundle_entries(session, linked)))
+        parts.append({"@id": LINKAGE, "@type": "File", "encodingFormat": "application/json",
+                      "name": "The private set intersection that linked the cohort"})
+    access = access_grants.bundle_record(session, study.access_request_id)
+    if access is not None:
+        (out / ACCESS).write_text(_dump(access))
+        parts.append({"@id": ACCESS, "@type": "File", "encodingFormat": "application/json",
+                      "name": "The data access request, its decision and audit events"})
     crate = {"@context": "https://w3id.org/ro/crate/1.1/context", "@graph": [
         {"@id": "ro-crate-metadata.json", "@type": "CreativeWork", "about": {"@id": "./"},
          "conformsTo": [{"@id": "https://w3id.org/ro/crate/1.1"}]},
