@@ -591,7 +591,9 @@ def encode(message: BaseModel) -> str:
     return message.model_dump_json()
 
 
-def _decode(body: bytes | str, adapter: TypeAdapter[Any]) -> Any:
+def decode_with(body: bytes | str, adapter: TypeAdapter[Any], what: str = "message") -> Any:
+    """Bytes from the broker to one of ``adapter``'s models, bounded and validated, or
+    :class:`ProtocolError` naming at most five problems (``what``: the kind of message)."""
     raw = body.encode() if isinstance(body, str) else body
     if len(raw) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES} limit")
@@ -602,7 +604,7 @@ def _decode(body: bytes | str, adapter: TypeAdapter[Any]) -> Any:
             f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
             for err in exc.errors()[:5]
         )
-        raise ProtocolError(f"malformed message: {problems}") from None
+        raise ProtocolError(f"malformed {what}: {problems}") from None
 
 
 def decode_from_spoke(
@@ -610,7 +612,7 @@ def decode_from_spoke(
 ) -> (ExperimentStatusMessage | CaseStartedMessage | ResultMessage | CountReply
       | CaseProgressMessage | HeartbeatMessage | CatalogDescriptionMessage | PsiRelay | PsiStatus):
     """Parse a message a spoke sent to the hub, or raise :class:`ProtocolError`."""
-    return _decode(body, _spoke_adapter)
+    return decode_with(body, _spoke_adapter)
 
 
 def decode_from_hub(body: bytes | str) -> (ExperimentMessage | ApprovalRevokedMessage
@@ -618,4 +620,4 @@ def decode_from_hub(body: bytes | str) -> (ExperimentMessage | ApprovalRevokedMe
                                            | RetryCasesMessage | ResendRecordsMessage
                                            | PsiRequest | PsiForward):
     """Parse a message the hub sent to a spoke, or raise :class:`ProtocolError`."""
-    return _decode(body, _hub_adapter)
+    return decode_with(body, _hub_adapter)

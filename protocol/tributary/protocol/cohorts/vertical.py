@@ -22,7 +22,6 @@ from pydantic import (
     ConfigDict,
     Field,
     TypeAdapter,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -30,11 +29,10 @@ from pydantic import (
 from tributary.protocol import PROTOCOL_VERSION
 from tributary.protocol.destinations import validate_federation
 from tributary.protocol.messages import (
-    MAX_MESSAGE_BYTES,
     REASON_MAX_CHARS,
     Id,
-    ProtocolError,
     check_protocol_version,
+    decode_with,
     new_message_id,
     utcnow,
     validate_spoke_id,
@@ -214,16 +212,7 @@ _from_spoke: TypeAdapter[VerticalFromSpoke] = TypeAdapter(VerticalFromSpoke)
 
 
 def _decode(body: bytes | str, adapter: TypeAdapter) -> object:
-    raw = body.encode() if isinstance(body, str) else body
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES} limit")
-    try:
-        return adapter.validate_json(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
-            for err in exc.errors()[:5])
-        raise ProtocolError(f"malformed vertical message: {problems}") from None
+    return decode_with(body, adapter, "vertical message")
 
 
 def decode_vertical_from_hub(body: bytes | str) -> VerticalFromHub:

@@ -15,15 +15,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from tributary.protocol import PROTOCOL_VERSION
 from tributary.protocol.cohorts.access import AccessGrant
 from tributary.protocol.messages import (
-    MAX_MESSAGE_BYTES,
     AlgorithmRef,
-    ProtocolError,
     check_protocol_version,
+    decode_with,
     new_message_id,
     utcnow,
 )
@@ -185,17 +184,7 @@ _from_spoke: TypeAdapter[TrainingFromSpoke] = TypeAdapter(TrainingFromSpoke)
 
 
 def _decode(body: bytes | str, adapter: TypeAdapter) -> object:
-    raw = body.encode() if isinstance(body, str) else body
-    if len(raw) > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {len(raw)} bytes exceeds the {MAX_MESSAGE_BYTES} limit")
-    try:
-        return adapter.validate_json(raw)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'message'}: {err['msg']}"
-            for err in exc.errors()[:5]
-        )
-        raise ProtocolError(f"malformed training message: {problems}") from None
+    return decode_with(body, adapter, "training message")
 
 
 def decode_training_from_hub(body: bytes | str) -> TrainingFromHub:
