@@ -83,8 +83,15 @@ def test_poison_messages_are_dead_lettered_visibly_and_can_be_replayed_or_discar
     assert "exceeds the 2097152 limit" in text
     assert "unsupported protocol version '2.0'" in text
     assert "not an active enrolled key" in text
-    listed = dlq_cli(federation, "list")
-    assert "unsupported protocol version" in listed and "not an active enrolled key" in listed
+    listed = dlq_cli(federation, "list")  # the table (other tests' letters beside them)
+    assert "dead letter(s)" in listed
+    # Whole, in the form for scripts, whatever the terminal's width.
+    scripted = [json.loads(line) for line in dlq_cli(federation, "list", "--json").splitlines()]
+    by_id = {d["broker_message_id"]: d["reason"] for d in scripted}
+    assert {d["broker_message_id"] for d in letters} <= set(by_id)
+    assert any("unsupported protocol version" in by_id[d["broker_message_id"]]
+               for d in letters)
+    assert any("not an active enrolled key" in by_id[d["broker_message_id"]] for d in letters)
     with federation.api() as api:  # and the dashboard shows them, with their reasons
         page = api.get("/dead-letters")
     assert page.status_code == 200

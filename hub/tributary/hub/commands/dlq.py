@@ -58,7 +58,9 @@ def _find_queue(session, broker, message_id: str) -> str:  # type: ignore[no-unt
 
 @app.command("list")
 def list_(queue: QueueOption = None, database_url: DatabaseOption = None,
-          bodies: Annotated[bool, typer.Option(help="Print each body's beginning.")] = False
+          bodies: Annotated[bool, typer.Option(help="Print each body's beginning.")] = False,
+          as_json: Annotated[bool, typer.Option(
+              "--json", help="One JSON object per dead letter, whole (for scripts).")] = False
           ) -> None:
     """Every dead letter (results queue and each spoke's queue) with why it is there."""
     from tributary.hub.services.deadletters import list_dead_letters
@@ -71,6 +73,10 @@ def list_(queue: QueueOption = None, database_url: DatabaseOption = None,
         except DeadLetterError as exc:
             console.print(f"[red]{exc}[/]")
             raise typer.Exit(1) from None
+    if as_json:  # the table folds long reasons to the terminal's width; this never does
+        for letter in letters:
+            print(letter.model_dump_json())
+        return
     if not letters:
         console.print("no dead letters")
         return
