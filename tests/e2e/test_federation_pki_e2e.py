@@ -55,12 +55,12 @@ def _wait(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
 
 
 def test_one_pki_expiry_on_the_spokes_page_and_revocation(
-        tmp_path: Path, service_settings: ServiceSettings) -> None:
+        tmp_path: Path, short_tmp: Path, service_settings: ServiceSettings) -> None:
     spokes = [f"pki-{uuid.uuid4().hex[:6]}", f"pki-{uuid.uuid4().hex[:6]}"]
     kept, revoked = spokes
     out = tmp_path / "pki"
     # The hub host's object store, in a state folder of this test's own.
-    store = ServiceSettings(state_dir=tmp_path / "state", objectstore_port=free_port())
+    store = ServiceSettings(state_dir=short_tmp, objectstore_port=free_port())
     env = {"TRIBUTARY_STATE_DIR": str(store.state_dir),
            "TRIBUTARY_OBJECTSTORE_PORT": str(store.objectstore_port)}
     issued = _tributary("pki", "issue", "--out", str(out), "--hub-name", "127.0.0.1",
@@ -79,18 +79,18 @@ def test_one_pki_expiry_on_the_spokes_page_and_revocation(
                       env=env).returncode == 1
 
     bundle = load_bundle(out)
-    start_broker(bundle)
-    objectstore.ensure_running(store, ca_dir=out / "pki")
     signer = out / federation_pki.TOKEN_SIGNER_DIR
     federation = LocalFederation(tmp_path / "federation", service_settings,
                                  secure_broker=bundle, hub_env={
         "TRIBUTARY_HUB_REGISTRY_TOKEN_KEY": str(signer / "client.key"),
         "TRIBUTARY_HUB_REGISTRY_TOKEN_CERT": str(signer / "client.crt"),
         "TRIBUTARY_HUB_REGISTRY_TOKEN_SERVICE": TOKEN_SERVICE})
-    sites = {s: ObjectStore.from_file(out / "identities" / s / "objectstore.json")
-             for s in spokes}
-    hub_store = ObjectStore.from_file(out / "hub" / "objectstore.json")
-    try:
+    try:  # the broker and the store are stopped whatever fails, their start included
+        start_broker(bundle)
+        objectstore.ensure_running(store, ca_dir=out / "pki")
+        sites = {s: ObjectStore.from_file(out / "identities" / s / "objectstore.json")
+                 for s in spokes}
+        hub_store = ObjectStore.from_file(out / "hub" / "objectstore.json")
         hub_store.put(global_model_key(1), b"global model 1")
         for spoke_id, site in sites.items():
             assert site.get(global_model_key(1)) == b"global model 1"

@@ -9,6 +9,7 @@ import base64
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -187,9 +188,12 @@ def test_tampered_image_same_tag_new_digest_runs_nothing(
     assert final["targets"][0]["state"] == "refused"
     assert "not for" in final["targets"][0]["reason"]
     assert created_since.stop() == []
-    reasons = [e["detail"].get("error", "") for e in spoke_refusals(federation, trust["spoke"])]
-    assert any("unsigned image" in r for r in reasons)
-    assert any("not for" in r for r in reasons)
+    # The spoke's own audit log names the reason (written beside the refusal it sends).
+    deadline = time.monotonic() + 30
+    while not any("not for" in e["detail"].get("error", "")
+                  for e in spoke_refusals(federation, trust["spoke"])):
+        assert time.monotonic() < deadline, "the spoke audited no refusal of the new digest"
+        time.sleep(0.3)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -6,9 +6,11 @@ while the store keeps running."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import ssl
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,14 +44,16 @@ PUBLIC = "127.0.0.2"
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceSettings]:
-    state = tmp_path_factory.mktemp("os")
+def settings() -> Iterator[ServiceSettings]:
+    # A short state folder: the store's unix sockets live in it (see conftest's short_tmp).
+    state = Path(tempfile.mkdtemp(prefix="trib-os-"))
     settings = ServiceSettings(state_dir=state, host=PUBLIC,
                                objectstore_port=free_port(PUBLIC))
     objectstore.write_identities(settings, [A, B], federation=FEDERATION)
     assert objectstore.ensure_running(settings) == "started"
     yield settings
     objectstore.stop(settings)
+    shutil.rmtree(state, ignore_errors=True)
 
 
 def store(settings: ServiceSettings, party: str) -> ObjectStore:

@@ -306,6 +306,14 @@ def test_refusals(setup: Setup, tmp_path: Path) -> None:
     with setup.spoke("s1").client(setup.registry) as s1, \
             pytest.raises(RegistryError, match="401"):
         s1.get_manifest("alice/algo", setup.approved)
+    # a spoke no launched study targets (its refusal is made here, not left to another test)
+    with setup.spoke("s2").client(setup.registry) as s2, \
+            pytest.raises(RegistryError, match=DENIED):
+        s2.get_manifest("alice/algo", setup.approved)
+    # a developer asking to push into another's repository gets a token without it
+    assert httpx.get(f"{url}/token", verify=trust, auth=("bob", setup.passwords["bob"]),
+                     params={"service": SERVICE, "scope": "repository:alice/algo:push"}
+                     ).status_code == 200
     # every refusal is in the hub's audit trail
     with setup.fed.api() as api:
         refused = api.get("/api/audit", params={"action": "registry.token_refused"}

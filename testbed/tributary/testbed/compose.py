@@ -169,10 +169,16 @@ class ComposeFederation(LocalFederation):
     def start_services(self) -> None:
         """Broker and registry, waiting until both listen."""
         self.compose("up", "-d", "--no-build", "broker", "registry")
-        wait_for(lambda: port_open(self.services.host, self.services.broker_port), 120,
-                 "the broker container", None)
-        wait_for(lambda: port_open(self.services.host, self.services.registry_port), 60,
-                 "the registry container", None)
+        # A JVM on a busy 2-core machine can take minutes to open its ports.
+        for service, port in (("broker", self.services.broker_port),
+                              ("registry", self.services.registry_port)):
+            try:
+                wait_for(lambda port=port: port_open(self.services.host, port), 300,
+                         f"the {service} container", None)
+            except Exception as error:
+                logs = self.compose("logs", "--tail", "20", service, capture=True)
+                raise RuntimeError(f"{error}\n--- {service} container log ---\n{logs}") \
+                    from error
 
     def _own(self, path: Path) -> None:
         """Give the containers' account the state it writes (they run unprivileged)."""
