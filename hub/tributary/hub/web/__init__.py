@@ -1,7 +1,8 @@
 """The dashboard: server-rendered pages over the hub's own REST API."""
 
 from tributary.hub.web import access, catalog, psi, training, vertical
-from tributary.hub.web.pages import SignInRequired, router
+from tributary.hub.web.pages import router
+from tributary.hub.web.rendering import SignInRequired
 
 router.include_router(training.router)
 router.include_router(catalog.router)

@@ -17,7 +17,7 @@ from tributary.hub.models import AccessRequest, Role, User
 from tributary.hub.services import access_requests
 from tributary.hub.services.enrolment import enrolled_spokes
 from tributary.hub.services.spokes import spoke_reads
-from tributary.hub.web.pages import STATE_CLASS, _can, _render, page_user
+from tributary.hub.web.rendering import STATE_CLASS, can, page_user, render
 
 router = APIRouter(include_in_schema=False)
 STATE_CLASS.update({"submitted": "wait", "withdrawn": "fail"})
@@ -29,9 +29,9 @@ def access_requests_page(request: Request, session: Session = Depends(get_sessio
     rows = [access_requests.read(session, r)
             for r in access_requests.visible_requests(session, user)]
     queue = [r for r in rows if r.state == "submitted" and r.requested_by != user.username]
-    return _render(request, "access_requests.html", user, requests=rows,
+    return render(request, "access_requests.html", user, requests=rows,
                    queue=queue if access_requests.is_member(user) else [],
-                   may_request=_can(user, Role.COORDINATOR))
+                   may_request=can(user, Role.COORDINATOR))
 
 
 @router.get("/access-requests/new", response_class=HTMLResponse)
@@ -46,13 +46,13 @@ def new_access_request_page(request: Request, session: Session = Depends(get_ses
     def listed(values: list[str]) -> list[str]:
         return [v.strip() for value in values for v in value.split(",") if v.strip()]
 
-    return _render(request, "access_request_new.html", user,
+    return render(request, "access_request_new.html", user,
                    spokes=spoke_reads(session, request.app.state.settings.spoke_online_seconds),
                    enrolled=enrolled_spokes(session), chosen=set(listed(spokes)),
                    attributes=", ".join(listed(attributes)),
                    kinds=set(listed(study_kinds)) or {"validation"}, title=title,
                    max_bytes=request.app.state.settings.access_attachment_max_bytes,
-                   may_request=_can(user, Role.COORDINATOR))
+                   may_request=can(user, Role.COORDINATOR))
 
 
 @router.get("/access-requests/{request_id}", response_class=HTMLResponse)
@@ -66,7 +66,7 @@ def access_request_page(request_id: str, request: Request,
     may_decide = (access_requests.is_member(user) and Role.ADMIN.value not in user.roles
                   and user.username != found.requested_by and found.state == "submitted"
                   and user.username not in {v.member for v in read.votes})
-    return _render(request, "access_request.html", user, r=read, may_decide=may_decide,
+    return render(request, "access_request.html", user, r=read, may_decide=may_decide,
                    may_withdraw=user.username == found.requested_by
                    and found.state in ("submitted", "approved"),
                    quorum=request.app.state.settings.access_committee_quorum)

@@ -12,7 +12,7 @@ from sqlmodel import Session
 from tributary.hub.deps import get_session
 from tributary.hub.models import User
 from tributary.hub.services.catalog import Facets, catalog_read
-from tributary.hub.web.pages import _render, page_user
+from tributary.hub.web.rendering import page_user, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -33,5 +33,5 @@ def catalog_page(request: Request, modality: str = "", body_part: str = "",
     launch = "/experiments/new?" + urlencode(
         [("spoke_ids", s) for s in view.matching]
         + ([("modality", facets.modality)] if facets.modality else []))
-    return _render(request, "catalog.html", user, view=view, facets=facets, error=error,
+    return render(request, "catalog.html", user, view=view, facets=facets, error=error,
                    launch=launch if view.matching else "")

@@ -5,19 +5,15 @@ streams of :mod:`tributary.hub.api.events`."""
 
 from __future__ import annotations
 
-import json
 import secrets
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials
-from fastapi.templating import Jinja2Templates
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from tributary.hub.deps import RowId, bearer_scheme, current_user, get_session, may_see_cases
+from tributary.hub.deps import RowId, get_session, may_see_cases
 from tributary.hub.models import (
     AggregateSnapshot,
     Algorithm,
@@ -51,63 +47,19 @@ from tributary.hub.signin import (
     TOKEN_COOKIE,
     cookie_secure,
     csrf_ok,
-    csrf_token,
     set_csrf_cookie,
     sign_in,
+)
+from tributary.hub.web.rendering import (
+    can,
+    page_user,
+    render,
+    templates,
 )
 from tributary.hub.web.results import forest_svg, results_view, spoke_view
 from tributary.protocol.deadletters import DeadLetterError
 
-templates = Jinja2Templates(directory=Path(__file__).parents[1] / "templates")
 router = APIRouter(include_in_schema=False)
-
-#: Colour class of each state, shared by every page (see dashboard.css).
-STATE_CLASS = {"succeeded": "ok", "completed": "ok", "approved": "ok", "online": "ok",
-               "failed": "fail", "refused": "fail", "revoked": "fail", "rejected": "fail",
-               "offline": "fail", "cancelled": "fail", "running": "run", "accepted": "run",
-               "cancelling": "run", "held": "wait", "answered": "ok",
-               "launched": "run", "published": "wait", "queued": "wait", "pending": "wait",
-               "draft": "wait"}
-templates.env.globals["state_class"] = lambda state: STATE_CLASS.get(str(state), "wait")
-
-
-def _facts(values: dict[str, Any]) -> str:
-    """``{"max_cases": 5, "case_ids": None}`` as "max cases 5": set values only."""
-    def show(value: Any) -> str:
-        return json.dumps(value) if isinstance(value, list | dict) else str(value)
-
-    return " · ".join(f"{key.replace('_', ' ')} {show(value)}"
-                      for key, value in values.items() if value is not None)
-
-
-templates.env.filters["facts"] = _facts
-
-
-class SignInRequired(Exception):
-    """Raised by page dependencies; the app turns it into a redirect to /login."""
-
-
-def page_user(request: Request, session: Session = Depends(get_session),
-              credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> User:
-    try:
-        return current_user(request, credentials, session)
-    except HTTPException:
-        raise SignInRequired from None
-
-
-def _can(user: User, *roles: Role) -> bool:
-    return Role.ADMIN in user.roles or any(r in user.roles for r in roles)
-
-
-def _render(request: Request, name: str, user: User | None, status_code: int = 200,
-            **context: Any) -> HTMLResponse:
-    can = {role.value: user is not None and _can(user, role) for role in Role}
-    token = csrf_token(request)  # in every form, and for the page's script's API calls
-    response = templates.TemplateResponse(
-        request, name, {"user": user, "can": can, "csrf_token": token, **context},
-        status_code=status_code)
-    set_csrf_cookie(request, response, token)
-    return response
 
 
 _FORM_EXPIRED = "This form has expired or did not come from this hub; please sign in again."
@@ -115,7 +67,7 @@ _FORM_EXPIRED = "This form has expired or did not come from this hub; please sig
 
 @router.get("/login", response_class=HTMLResponse)
 def login_page(request: Request, error: str = "") -> HTMLResponse:
-    return _render(request, "login.html", None, error=error)
+    return render(request, "login.html", None, error=error)
 
 
 @router.post("/login", response_model=None)
@@ -124,11 +76,11 @@ def login(request: Request, username: str = Form(...), password: str = Form(...)
           session: Session = Depends(get_session)) -> Response:
     """The sign-in form: refused without its CSRF token (no login CSRF), throttled."""
     if not csrf_ok(request, csrf):
-        return _render(request, "login.html", None, status_code=403, error=_FORM_EXPIRED)
+        return render(request, "login.html", None, status_code=403, error=_FORM_EXPIRED)
     try:
         issued = sign_in(request, session, username, password)
     except HTTPException as exc:  # throttled
-        response = _render(request, "login.html", None, status_code=exc.status_code,
+        response = render(request, "login.html", None, status_code=exc.status_code,
                            error=f"Too many failed sign-ins: {exc.detail}.")
         response.headers.update(exc.headers or {})
         return response
@@ -147,7 +99,7 @@ def logout(request: Request, csrf: str = Form("", alias=CSRF_FIELD),
            session: Session = Depends(get_session)) -> Response:
     """Sign out: the token is revoked on the hub, not only forgotten by the browser."""
     if not csrf_ok(request, csrf):
-        return _render(request, "error.html", None, status_code=403, message=_FORM_EXPIRED)
+        return render(request, "error.html", None, status_code=403, message=_FORM_EXPIRED)
     token = request.cookies.get(TOKEN_COOKIE)
     if token:
         revoke_token(session, token)
@@ -162,7 +114,7 @@ def experiments_page(request: Request, session: Session = Depends(get_session),
                      user: User = Depends(page_user)) -> HTMLResponse:
     experiments = experiment_reads(session, request.app.state.settings.spoke_online_seconds)
     live = any(e.state == ExperimentState.LAUNCHED for e in experiments)
-    return _render(request, "experiments.html", user, experiments=experiments, live=live)
+    return render(request, "experiments.html", user, experiments=experiments, live=live)
 
 
 @router.get("/experiments/new", response_class=HTMLResponse)
@@ -186,7 +138,7 @@ def new_experiment_page(request: Request, session: Session = Depends(get_session
     aggregators = [{"name": name, "description": cls.description,
                     "schema": cls.Parameters.model_json_schema()}
                    for name, cls in sorted(AGGREGATORS.items())]
-    return _render(request, "experiment_new.html", user, algorithms=choices, spokes=spokes,
+    return render(request, "experiment_new.html", user, algorithms=choices, spokes=spokes,
                    access_requests=access_requests.approved_for(session, user.username),
                    enrolled=enrolled, aggregators=aggregators, preselected=set(spoke_ids),
                    modality=modality[:16])
@@ -250,7 +202,7 @@ def experiment_page(experiment_id: str, request: Request, query: ResultsQuery = 
         if page.next_cursor:
             url = request.url.include_query_params(cursor=page.next_cursor)
             next_url = f"{url.path}?{url.query}#cases"
-    return _render(request, "experiment.html", user, cases=cases, next_url=next_url,
+    return render(request, "experiment.html", user, cases=cases, next_url=next_url,
                    any_failed=any_case_in(session, experiment.id, CaseState.FAILED.value),
                    spoke_filter=spoke or "", state_filter=state or "",
                    case_states=[s.value for s in CaseState], paged=bool(cursor), **context)
@@ -271,7 +223,7 @@ def case_detail_page(experiment_id: str, spoke_id: str, case_id: str, request: R
     case = case_read(session, experiment_id, spoke_id, case_id)
     if case is None:
         raise HTTPException(404, "no such case")
-    return _render(request, "case.html", user, e=experiment, c=case)
+    return render(request, "case.html", user, e=experiment, c=case)
 
 
 @router.get("/experiments/{experiment_id}/results", response_class=HTMLResponse)
@@ -339,7 +291,7 @@ def experiment_spoke_page(experiment_id: str, spoke_id: str, request: Request,
     show_cases = may_see_cases(user, experiment)
     outputs = (lambda: output_reads(session, experiment.id, spoke_id)) if show_cases else []
     view = spoke_view(report, spoke_id, outputs, quantity)
-    return _render(request, "experiment_spoke.html", user, e=read, t=target, view=view,
+    return render(request, "experiment_spoke.html", user, e=read, t=target, view=view,
                    report=report, show_cases=show_cases)
 
 
@@ -348,7 +300,7 @@ def spokes_page(request: Request, session: Session = Depends(get_session),
                 user: User = Depends(page_user)) -> HTMLResponse:
     spokes = spoke_reads(session, request.app.state.settings.spoke_online_seconds)
     membership = credentials.policy(request.app.state.settings)
-    return _render(request, "spokes.html", user, spokes=spokes, keys=keys_by_spoke(session),
+    return render(request, "spokes.html", user, spokes=spokes, keys=keys_by_spoke(session),
                    cohorts=cohort_sizes(session), credentials_required=membership is not None,
                    credentials={c.spoke_id: c for c in session.exec(select(SpokeCredential))})
 
@@ -357,7 +309,7 @@ def spokes_page(request: Request, session: Session = Depends(get_session),
 def algorithms_page(request: Request, session: Session = Depends(get_session),
                     user: User = Depends(page_user)) -> HTMLResponse:
     rows = [_algorithm_row(session, a) for a in algorithm_versions.algorithms(session)]
-    return _render(request, "algorithms.html", user, algorithms=rows,
+    return render(request, "algorithms.html", user, algorithms=rows,
                    publishers=algorithm_versions.publishers(session))
 
 
@@ -382,7 +334,7 @@ def algorithm_page(algorithm_id: RowId, request: Request,
                  "same_image_as": [o.version for o in all_versions
                                    if o.digest == v.digest and o.id != v.id]}
                 for v in all_versions]
-    return _render(request, "algorithm.html", user, row=_algorithm_row(session, algorithm),
+    return render(request, "algorithm.html", user, row=_algorithm_row(session, algorithm),
                    versions=versions, trust=spoke_trust.verdicts(session, algorithm))
 
 
@@ -390,12 +342,12 @@ def algorithm_page(algorithm_id: RowId, request: Request,
 def audit_page(request: Request, q: str = "", action: str = "", target: str = "",
                actor: str = "", limit: int = 200, session: Session = Depends(get_session),
                user: User = Depends(page_user)) -> Response:
-    if not _can(user, Role.COORDINATOR):
-        return _render(request, "error.html", user, message="The audit log is open to "
+    if not can(user, Role.COORDINATOR):
+        return render(request, "error.html", user, message="The audit log is open to "
                        "coordinators and administrators.")
     events = audit.search(session, action=action or None, target=target or None,
                           actor=actor or None, q=q or None, limit=max(1, min(limit, 5000)))
-    return _render(request, "audit.html", user, events=events, q=q, action=action,
+    return render(request, "audit.html", user, events=events, q=q, action=action,
                    target=target, actor=actor, limit=limit)
 
 
@@ -403,11 +355,11 @@ def audit_page(request: Request, q: str = "", action: str = "", target: str = ""
 def counts_page(request: Request, session: Session = Depends(get_session),
                 user: User = Depends(page_user)) -> HTMLResponse:
     """Federated counts (coordinators): per-spoke answers and totals, as GET /api/counts."""
-    if not _can(user, Role.COORDINATOR):
-        return _render(request, "error.html", user, status_code=403,
+    if not can(user, Role.COORDINATOR):
+        return render(request, "error.html", user, status_code=403,
                        message="Federated counts are open to coordinators and administrators.")
     counts = count_reads(session, limit=100)
-    return _render(request, "counts.html", user, counts=counts,
+    return render(request, "counts.html", user, counts=counts,
                    refresh=3 if any(not c.complete for c in counts) else 0)
 
 
@@ -415,11 +367,11 @@ def counts_page(request: Request, session: Session = Depends(get_session),
 def dead_letters_page(request: Request, session: Session = Depends(get_session),
                       user: User = Depends(page_user)) -> HTMLResponse:
     """Messages that ended in a dead-letter queue, with why (as GET /api/dead-letters)."""
-    if not _can(user, Role.COORDINATOR):
-        return _render(request, "error.html", user, status_code=403,
+    if not can(user, Role.COORDINATOR):
+        return render(request, "error.html", user, status_code=403,
                        message="Dead letters are open to coordinators and administrators.")
     try:
         letters, error = list_dead_letters(session, request.app.state.settings.broker()), ""
     except DeadLetterError as exc:  # shown on the page: the broker is unreachable
         letters, error = [], f"cannot read the dead-letter queues: {exc}"
-    return _render(request, "dead_letters.html", user, letters=letters, error=error)
+    return render(request, "dead_letters.html", user, letters=letters, error=error)

@@ -10,7 +10,7 @@ from sqlmodel import Session
 from tributary.hub.deps import get_session
 from tributary.hub.models import Role, User
 from tributary.hub.services import psi
-from tributary.hub.web.pages import _can, _render, page_user
+from tributary.hub.web.rendering import can, page_user, render
 
 router = APIRouter()
 
@@ -19,10 +19,10 @@ router = APIRouter()
 def psi_page(request: Request, session: Session = Depends(get_session),
              user: User = Depends(page_user)) -> HTMLResponse:
     """PSI requests (coordinators), newest first, refreshed while any is under way."""
-    if not _can(user, Role.COORDINATOR):
-        return _render(request, "error.html", user, status_code=403,
+    if not can(user, Role.COORDINATOR):
+        return render(request, "error.html", user, status_code=403,
                        message="Private set intersections are open to coordinators and "
                                "administrators.")
     runs = psi.reads(session, limit=100)
-    return _render(request, "psi.html", user, runs=runs,
+    return render(request, "psi.html", user, runs=runs,
                    refresh=3 if any(r.state in ("requested", "running") for r in runs) else 0)

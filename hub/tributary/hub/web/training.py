@@ -18,7 +18,7 @@ from tributary.hub.services import algorithms as algorithm_versions
 from tributary.hub.services.enrolment import enrolled_spokes
 from tributary.hub.services.server_optimisers import ServerOptimiser
 from tributary.hub.services.spokes import spoke_reads
-from tributary.hub.web.pages import STATE_CLASS, _can, _render, page_user, templates
+from tributary.hub.web.rendering import STATE_CLASS, can, page_user, render, templates
 
 router = APIRouter(include_in_schema=False)
 
@@ -50,7 +50,7 @@ def _summary_context(state: dict[str, Any]) -> dict[str, Any]:
 @router.get("/training", response_class=HTMLResponse)
 def training_studies_page(request: Request, session: Session = Depends(get_session),
                           user: User = Depends(page_user)) -> HTMLResponse:
-    return _render(request, "training_studies.html", user,
+    return render(request, "training_studies.html", user,
                    studies=training_view.studies(session))
 
 
@@ -67,10 +67,10 @@ def new_training_page(request: Request, session: Session = Depends(get_session),
                 for a in reversed(algorithm_versions.algorithms(session))
                 if algorithm_versions.state(a) == "approved"]
     spokes = spoke_reads(session, request.app.state.settings.spoke_online_seconds)
-    return _render(request, "training_new.html", user, approved=approved, spokes=spokes,
+    return render(request, "training_new.html", user, approved=approved, spokes=spokes,
                    access_requests=access_requests.approved_for(session, user.username),
                    enrolled=enrolled_spokes(session), defaults=ServerOptimiser(),
-                   may_launch=_can(user, Role.COORDINATOR))
+                   may_launch=can(user, Role.COORDINATOR))
 
 
 @router.get("/training/{study_id}", response_class=HTMLResponse)
@@ -78,7 +78,7 @@ def training_study_page(study_id: str, request: Request,
                         session: Session = Depends(get_session),
                         user: User = Depends(page_user)) -> HTMLResponse:
     state = _state_or_404(session, study_id)
-    return _render(request, "training_study.html", user, **_summary_context(state))
+    return render(request, "training_study.html", user, **_summary_context(state))
 
 
 @router.get("/training/{study_id}/summary", response_class=HTMLResponse)
@@ -89,7 +89,7 @@ def training_summary_fragment(study_id: str, request: Request,
     round changes."""
     state = _state_or_404(session, study_id)
     html = templates.get_template("_training_summary.html").render(
-        user=user, can={"coordinator": _can(user, Role.COORDINATOR)},
+        user=user, can={"coordinator": can(user, Role.COORDINATOR)},
         state_class=templates.env.globals["state_class"],
         **_summary_context(state))
     return HTMLResponse(html, headers={"Cache-Control": "no-store"})

@@ -10,7 +10,7 @@ from sqlmodel import Session, col, select
 from tributary.hub.deps import get_session
 from tributary.hub.models import User, VerticalStudy
 from tributary.hub.services import plots, vertical
-from tributary.hub.web.pages import STATE_CLASS, _render, page_user
+from tributary.hub.web.rendering import STATE_CLASS, page_user, render
 
 router = APIRouter(include_in_schema=False)
 
@@ -28,6 +28,6 @@ def vertical_studies_page(request: Request, session: Session = Depends(get_sessi
                           user: User = Depends(page_user)) -> HTMLResponse:
     studies = session.exec(select(VerticalStudy).order_by(
         col(VerticalStudy.created_at).desc())).all()
-    return _render(request, "vertical_studies.html", user, studies=[
+    return render(request, "vertical_studies.html", user, studies=[
         {"s": s, "rounds": vertical.hyper(s).rounds, "curve": loss_svg(s),
          "model": vertical.model(s)} for s in studies])

@@ -23,7 +23,7 @@ import re
 import zlib
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from joserfc import jws, jwt
 from joserfc.errors import JoseError
@@ -380,38 +380,39 @@ def _check_time(valid_from: int, valid_until: int, now: datetime, leeway: int,
                               f"{datetime.fromtimestamp(valid_until, UTC).isoformat()}")
 
 
+_Signed = TypeVar("_Signed", MembershipCredential, StatusListCredential)
+
+
+def _verified(token: str, authorities: Mapping[str, DidDocument], now: datetime, leeway: int,
+              model: type[_Signed], max_bytes: int, what: str, kind: str) -> _Signed:
+    """``token`` verified against ``authorities``, read as ``model``, issued by the
+    authority that signed it and valid at ``now``."""
+    issuer, claims = _verified_payload(token, authorities, max_bytes, what)
+    try:
+        value = model.model_validate(claims)
+    except ValidationError as exc:
+        raise CredentialError(f"{what}: not a {kind}: {exc.errors()[0]['msg']}") from None
+    if value.issuer != issuer:
+        raise CredentialError(f"{what}: issuer does not match the signing authority")
+    _check_time(value.nbf, value.exp, now, leeway,
+                what if model is MembershipCredential else f"{what} {value.id}")
+    return value
+
+
 def verify_membership(token: str, authorities: Mapping[str, DidDocument], now: datetime,
                       leeway: int = 60) -> MembershipCredential:
     """The credential, if a trusted authority signed it and it is valid at ``now``
     (within ``leeway`` seconds of clock skew); else :class:`CredentialError`. Revocation
     and binding are separate checks (:func:`check_status`, :func:`check_binding`)."""
-    what = "credential"
-    issuer, claims = _verified_payload(token, authorities, MAX_CREDENTIAL_BYTES, what)
-    try:
-        credential = MembershipCredential.model_validate(claims)
-    except ValidationError as exc:
-        raise CredentialError(f"{what}: not a membership credential: "
-                              f"{exc.errors()[0]['msg']}") from None
-    if credential.issuer != issuer:
-        raise CredentialError(f"{what}: issuer does not match the signing authority")
-    _check_time(credential.nbf, credential.exp, now, leeway, what)
-    return credential
+    return _verified(token, authorities, now, leeway, MembershipCredential,
+                     MAX_CREDENTIAL_BYTES, "credential", "membership credential")
 
 
 def verify_status_list(token: str, authorities: Mapping[str, DidDocument], now: datetime,
                        leeway: int = 60) -> StatusListCredential:
-    what = "status list"
-    issuer, claims = _verified_payload(token, authorities, MAX_STATUS_LIST_BYTES, what)
-    try:
-        status_list = StatusListCredential.model_validate(claims)
-    except ValidationError as exc:
-        raise CredentialError(f"{what}: not a bitstring status list credential: "
-                              f"{exc.errors()[0]['msg']}") from None
-    if status_list.issuer != issuer:
-        raise CredentialError(f"{what}: issuer does not match the signing authority")
-    _check_time(status_list.nbf, status_list.exp, now, leeway,
-                f"{what} {status_list.id}")
-    return status_list
+    """The status list, if a trusted authority signed it and it is valid at ``now``."""
+    return _verified(token, authorities, now, leeway, StatusListCredential,
+                     MAX_STATUS_LIST_BYTES, "status list", "bitstring status list credential")
 
 
 def check_status(credential: MembershipCredential,

@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from tributary.spoke.commands.options import ConfigOption
+
 console = Console()
-ConfigOption = Annotated[Path, typer.Option(
-    "--config", "-c", exists=True, dir_okay=False, help="The spoke's TOML configuration file.")]
 
 
 def load_config(path: Path) -> Any:

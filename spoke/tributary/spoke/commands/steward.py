@@ -16,14 +16,12 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
+from tributary.spoke.commands.options import ConfigOption, StewardOption
+
 app = typer.Typer(help="The site's data steward: approve or reject experiments before they "
                        "run and results before they are released.", no_args_is_help=True)
 console = Console()
 
-ConfigOption = Annotated[Path, typer.Option(
-    "--config", "-c", exists=True, dir_okay=False, help="The spoke's TOML configuration file.")]
-StewardOption = Annotated[str | None, typer.Option(
-    "--as", help="Who decides, for the audit log (default: the signed-in user).")]
 
 
 def _desk(config: Path):  # type: ignore[no-untyped-def]

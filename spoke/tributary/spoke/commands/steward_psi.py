@@ -15,13 +15,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tributary.spoke.commands.options import ConfigOption, StewardOption
+
 app = typer.Typer(help="Approve or refuse private set intersections.", no_args_is_help=True)
 console = Console()
 
-ConfigOption = Annotated[Path, typer.Option(
-    "--config", "-c", exists=True, dir_okay=False, help="The spoke's TOML configuration file.")]
-StewardOption = Annotated[str | None, typer.Option(
-    "--as", help="Who decides, for the audit log (default: the signed-in user).")]
 
 
 def _open(config: Path):  # type: ignore[no-untyped-def]

@@ -15,14 +15,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tributary.spoke.commands.options import ConfigOption, StewardOption
+
 app = typer.Typer(help="The publishers whose signed algorithm versions this spoke runs.",
                   no_args_is_help=True)
 console = Console()
 
-ConfigOption = Annotated[Path, typer.Option(
-    "--config", "-c", exists=True, dir_okay=False, help="The spoke's TOML configuration file.")]
-StewardOption = Annotated[str | None, typer.Option(
-    "--steward", "--as", help="Who decides, for the audit log (default: the signed-in user).")]
 
 
 def _fail(message: str) -> None:
