@@ -35,12 +35,10 @@ lint: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/tributary contract schemas docs/schemas
 
-# Workers (pytest-xdist, one file per worker at a time; see tests/conftest.py). 0: one
-# process. Three workers take the suite from about 45 to 22 minutes on two cores, but some
-# tests still share state outside their temporary folders (wheel builds in the checkout's
-# build folders, the object store's state, the registry's users), so the default stays 0
-# until they are kept apart.
-PYTEST_WORKERS ?= 0
+# Workers (pytest-xdist): each test file runs whole on one worker (see tests/conftest.py).
+# Most of an end-to-end test's time is spent waiting for other processes, so three workers
+# on two cores take the suite from about 36 to 19 minutes. PYTEST_WORKERS=0: one process.
+PYTEST_WORKERS ?= 3
 
 test: services lint
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
