@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ingest_fixtures import keys, session  # noqa: F401 - fixtures
 from pydantic import ValidationError
 from sqlmodel import Session, select
-from test_hub_ingest import keys, session  # noqa: F401 - fixtures
 
 from tributary.hub.models import AuditEvent
 from tributary.hub.services.ingest import ingest

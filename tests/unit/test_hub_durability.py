@@ -1,14 +1,14 @@
 """Hub side of durability without a broker: liveness from heartbeats, case progress,
 attempt history and idempotency per (experiment, spoke, case, attempt), cancellation and
 refused retries as the spokes report them, and what each target is shown waiting for."""
-# ruff: noqa: F811 - the fixtures ``keys`` and ``session`` are shared with test_hub_ingest
+# ruff: noqa: F811 - the fixtures ``keys`` and ``session`` are from ingest_fixtures
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from ingest_fixtures import Chain, keys, result, session  # noqa: F401 - fixtures
 from sqlmodel import Session, select
-from test_hub_ingest import Chain, keys, result, session  # noqa: F401 - fixtures
 
 from tributary.hub.models import (
     CaseAttempt,
