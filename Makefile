@@ -55,6 +55,7 @@ bench: services
 	$(BIN)/python bench/bench_hub_scale.py --quick
 	$(BIN)/python bench/bench_training_rounds.py --quick
 	$(BIN)/python bench/bench_training_privacy.py --quick
+	$(BIN)/python bench/bench_cohorts.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache

@@ -295,3 +295,26 @@ def test_relayed_payloads_and_status_reasons_are_bounded() -> None:
                      reason="x" * 2000)
     with pytest.raises(ValidationError):
         PsiStatus(psi_id="psi-1", spoke_id="site-a", state=PsiState.REFUSED, reason="x" * 2001)
+
+
+def test_the_relay_holds_the_documented_number_of_identifiers() -> None:
+    """docs/cohorts.md states how many identifiers a PSI's relay carries: the partner's
+    response holds both sites' blinded sets (base64 inside JSON, encrypted, base64 again),
+    so the leader's and the partner's identifiers together must stay under about 22,000.
+    bench/bench_cohorts.py found the earlier figure (25,000 a site) twice too high."""
+    import os
+
+    from tributary.protocol.cohorts.psi import MAX_PAYLOAD_CHARS
+
+    def response(leader: int, partner: int) -> int:
+        _, request = psi_crypto.client_request([f"C-{i:09d}" for i in range(leader)], True)
+        answer = psi_crypto.server_answer([f"C-{i:09d}" for i in range(partner)], request,
+                                          True)
+        return len(psi_crypto.encrypt(os.urandom(32), answer, "p", "a", "b", "response"))
+
+    text = " ".join((Path(__file__).resolve().parents[2] / "docs" / "cohorts.md")
+                    .read_text().split())
+    assert "about 11,000 identifiers per site" in text
+    assert "together at most about 22,000" in text
+    assert response(11_000, 11_000) <= MAX_PAYLOAD_CHARS < response(11_500, 11_500)
+    assert response(16_000, 6_000) <= MAX_PAYLOAD_CHARS < response(16_000, 7_000)

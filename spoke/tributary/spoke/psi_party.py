@@ -347,9 +347,9 @@ class PsiParty:
             key, pseudonyms = crypto.unb64(link["key"]), list(link["pseudonyms"])
         except (ValueError, KeyError, TypeError, AttributeError):
             raise PsiAbort("the link message does not parse") from None
+        held = set(row.items or [])  # the snapshot taken at approval, built once
         mine = {crypto.pseudonym(key, identifier): case
-                for identifier, case in self.identifiers().items()
-                if identifier in set(row.items or [])}
+                for identifier, case in self.identifiers().items() if identifier in held}
         unknown = [p for p in pseudonyms if p not in mine]
         if unknown:
             raise PsiAbort(f"{len(unknown)} shared pseudonyms match no patient here")

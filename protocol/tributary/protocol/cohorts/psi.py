@@ -25,8 +25,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from tributary.protocol import PROTOCOL_VERSION
 
-#: Longest base64 payload one relayed message carries (about 1 MB of bytes): a PSI setup
-#: of some 25,000 identifiers. Bigger sets are refused by the spoke before anything is sent.
+#: Longest base64 payload one relayed message carries (about 1 MB of bytes): a partner's
+#: response holding both sites' blinded sets, some 22,000 identifiers together (about
+#: 11,000 a site). Bigger sets are refused by the spoke before anything is sent.
 MAX_PAYLOAD_CHARS = 1_400_000
 #: Most spokes in one PSI.
 MAX_PARTICIPANTS = 16
