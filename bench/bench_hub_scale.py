@@ -210,6 +210,7 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
         cpu: dict[int, float] = {}
         done, t0 = 0, time.perf_counter()
         window_start, window_done, window_cpu = t0, 0, time.process_time()
+        window_thread = time.thread_time()  # the ingesting thread alone, not the debouncer
         pending = sorted(checkpoints)
         batch = settings.results_batch_size
         while done < len(study.results):
@@ -222,9 +223,12 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
                 now, now_cpu = time.perf_counter(), time.process_time()
                 rates[done] = (done - window_done) / (now - window_start)
                 cpu[done] = (now_cpu - window_cpu) / (done - window_done) * 1000
+                thread = (time.thread_time() - window_thread) / (done - window_done) * 1000
                 window_start, window_done, window_cpu = now, done, now_cpu
+                window_thread = time.thread_time()
                 progress(f"in-process: {done} results, {rates[done]:.1f}/s, "
-                         f"{cpu[done]:.2f} ms CPU a result in this window")
+                         f"{cpu[done]:.2f} ms CPU a result in this window, of it "
+                         f"{thread:.2f} in the ingesting thread")
             elif done // 1000 > before // 1000:
                 progress(f"in-process: {done} results, "
                          f"{done / (time.perf_counter() - t0):.1f}/s so far")
