@@ -26,14 +26,17 @@ services (``tributary services up``: ActiveMQ).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import secrets
+import signal
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import func
@@ -62,6 +65,7 @@ from tributary.protocol.destinations import results_queue
 from tributary.protocol.messages import ExperimentState as SpokeState
 from tributary.protocol.signing import PublicKey
 from tributary.protocol.wire import open_from_spoke
+from tributary.services import redis
 from tributary.services.settings import ServiceSettings
 from tributary.testbed.federation import LocalFederation
 from tributary.testbed.simspoke import SimSpoke
@@ -72,12 +76,6 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def progress(text: str) -> None:
     print(f"  .. {text}", file=sys.stderr, flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
 def rss_mb(pid: int) -> float:
@@ -212,6 +210,7 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
         cpu: dict[int, float] = {}
         done, t0 = 0, time.perf_counter()
         window_start, window_done, window_cpu = t0, 0, time.process_time()
+        window_thread = time.thread_time()  # the ingesting thread alone, not the debouncer
         pending = sorted(checkpoints)
         batch = settings.results_batch_size
         while done < len(study.results):
@@ -224,9 +223,12 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
                 now, now_cpu = time.perf_counter(), time.process_time()
                 rates[done] = (done - window_done) / (now - window_start)
                 cpu[done] = (now_cpu - window_cpu) / (done - window_done) * 1000
+                thread = (time.thread_time() - window_thread) / (done - window_done) * 1000
                 window_start, window_done, window_cpu = now, done, now_cpu
+                window_thread = time.thread_time()
                 progress(f"in-process: {done} results, {rates[done]:.1f}/s, "
-                         f"{cpu[done]:.2f} ms CPU a result in this window")
+                         f"{cpu[done]:.2f} ms CPU a result in this window, of it "
+                         f"{thread:.2f} in the ingesting thread")
             elif done // 1000 > before // 1000:
                 progress(f"in-process: {done} results, "
                          f"{done / (time.perf_counter() - t0):.1f}/s so far")
@@ -385,6 +387,169 @@ def through_broker(federation: LocalFederation, client: StompClient, study: Stud
     return reached / elapsed, reached
 
 
+@dataclass
+class Layout:
+    """One way of deploying the hub, measured through the broker."""
+
+    name: str
+    hub_env: dict[str, str]
+    consumers: int = 0
+    celery_workers: int = 0
+    # Filled by the run: per checkpoint (results, rate, pages, hub CPU ms a result, RSS MB,
+    # the workers' share of that CPU), the overall rate and results reached.
+    rows: list[tuple[int, float, dict[str, tuple[float, int]], float, float, float]] = field(
+        default_factory=list)
+    rate: float = 0.0
+    reached: int = 0
+
+
+@dataclass
+class Baselines:
+    """What the first layout's run also measures with its study's messages."""
+
+    inproc_rate: float = 0.0
+    inproc_reached: int = 0
+    inproc_windows: dict[int, float] = field(default_factory=dict)
+    inproc_cpu: dict[int, float] = field(default_factory=dict)
+    raw: float = 0.0
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a Celery worker's pool processes)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid``, its reaped children and its live descendants."""
+    total = 0.0
+    for index, member in enumerate(tree_pids(pid)):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks = int(fields[11]) + int(fields[12])
+        if index == 0:
+            ticks += int(fields[13]) + int(fields[14])  # children it waited for
+        total += ticks / CLOCK_TICKS
+    return total
+
+
+def run_layout(layout: Layout, service_settings: ServiceSettings, n_spokes: int, cases: int,
+               checkpoints: list[int], budget: float, samples: int,
+               baselines: Baselines | None) -> None:
+    """A federation of its own for ``layout``: enrol simulated spokes, launch, then store
+    the study through the broker, sampling the pages at each checkpoint. With
+    ``baselines``, also measure in-process ingest and the raw broker with the same
+    messages (the first layout does)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        federation = LocalFederation(Path(tmp) / "fed", service_settings,
+                                     hub_env=layout.hub_env)
+        broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
+                                federation=federation.federation)
+        worker_pids: list[int] = []
+        try:
+            federation.start_hub()
+            hub_pids = [federation.processes["hub"].popen.pid]
+            hub_pids += [federation.start_hub_consumer(i).popen.pid
+                         for i in range(layout.consumers)]
+            worker_pids += [federation.start_hub_worker(i).popen.pid
+                            for i in range(layout.celery_workers)]
+            spokes = [SimSpoke(f"sim{i:03d}") for i in range(n_spokes)]
+            progress(f"[{layout.name}] enrolling {n_spokes} spokes and launching")
+            experiment_id = launch(federation, spokes)
+            client = StompClient(broker, "bench-simspokes").start(30)
+            hub_keys = [PublicKey.load(Path(f"{federation.hub_key_path}.pub"))]
+            for spoke in spokes:
+                message = spoke.receive_experiment(client, hub_keys)
+                assert message.experiment_id == experiment_id
+            progress(f"every spoke received experiment {experiment_id}; signing "
+                     f"{n_spokes * cases} results")
+            study = Study(experiment_id, spokes, cases)
+
+            if baselines is not None:
+                progress("in-process ingestion of the same messages")
+                (baselines.inproc_rate, baselines.inproc_reached, baselines.inproc_windows,
+                 baselines.inproc_cpu) = in_process(experiment_id, spokes, study,
+                                                    checkpoints, budget)
+                progress("raw broker baseline")
+                baselines.raw = raw_broker_rate(broker, study.results[:min(len(study.results),
+                                                                           3000)], 30)
+                print(f"raw broker (publish confirmed + consume acked, persistent): "
+                      f"{baselines.raw:.0f} msg/s, {1000 / baselines.raw:.2f} ms a message",
+                      flush=True)
+
+            def cpus() -> tuple[float, float]:  # every hub process: web, consumers, workers
+                workers = sum(tree_cpu(pid) for pid in worker_pids)
+                return sum(tree_cpu(pid) for pid in hub_pids) + workers, workers
+
+            last = {"cpu": cpus(), "done": 0}
+
+            def at_checkpoint(reached: int, rate: float) -> None:
+                total, workers = cpus()
+                count = max(1, reached - last["done"])  # type: ignore[operator]
+                per_result = (total - last["cpu"][0]) / count * 1000  # type: ignore[index]
+                per_worker = (workers - last["cpu"][1]) / count * 1000  # type: ignore[index]
+                figures = sample_pages(federation, experiment_id, samples)
+                layout.rows.append((reached, rate, figures, per_result,
+                                    sum(rss_mb(p) for pid in hub_pids + worker_pids
+                                        for p in tree_pids(pid)), per_worker))
+                last["cpu"], last["done"] = cpus(), reached
+
+            layout.rate, layout.reached = through_broker(federation, client, study,
+                                                         checkpoints, budget, at_checkpoint)
+            client.close()
+        finally:
+            pool = [p for pid in worker_pids for p in tree_pids(pid)[1:]]
+            federation.stop()
+            for pid in pool:  # pool processes of a worker that did not stop in time
+                with contextlib.suppress(OSError):
+                    if b"tributary" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+            left = drain(broker, results_queue(federation.federation))
+            if left:
+                progress(f"dropped {left} messages the hub had not consumed")
+
+
+def report(layout: Layout, baselines: Baselines) -> None:
+    raw = baselines.raw
+    print(f"\nlayout: {layout.name}")
+    print(f"{'results':>8} {'broker/s':>9} {'in-proc/s':>10} {'raw/s':>7} "
+          f"{'hub CPU ms/result':>18} {'of it workers':>14} {'in-proc CPU ms':>15} "
+          f"{'raw ms/msg':>11} {'hub RSS MB':>11}")
+    for reached, rate, _, per_result, rss, workers in layout.rows:
+        window = baselines.inproc_windows.get(reached)
+        own = baselines.inproc_cpu.get(reached)
+        print(f"{reached:>8} {rate:>9.1f} {(f'{window:.1f}' if window else '-'):>10} "
+              f"{raw:>7.0f} {per_result:>18.2f} "
+              f"{(f'{workers:.2f}' if layout.celery_workers else '-'):>14} "
+              f"{(f'{own:.2f}' if own else '-'):>15} {1000 / raw:>11.2f} {rss:>11.0f}")
+    print(f"\n{'results':>8} {'page':<32} {'p95 ms':>9} {'x health':>9} {'bytes':>10}")
+    worst = 0.0
+    for reached, _, figures, _, _, _ in layout.rows:
+        health = figures[BASELINE_PAGE][0]
+        for page, (ms, size) in figures.items():
+            print(f"{reached:>8} {page:<32} {ms:>9.1f} {ms / health:>9.1f} {size:>10}")
+            if page != BASELINE_PAGE and reached == layout.rows[-1][0]:
+                worst = max(worst, ms)
+    print(f"in-process: {baselines.inproc_reached} results at {baselines.inproc_rate:.1f}/s "
+          f"overall; through broker: {layout.reached} results at {layout.rate:.1f}/s overall "
+          f"({layout.rate / raw:.0%} of the raw broker rate; {layout.name}); load average "
+          f"{load_average()}")
+    size = layout.rows[-1][0] if layout.rows else 0
+    print(f"hub-scale: ingest {per_second(baselines.inproc_rate)}/s in-process, "
+          f"{per_second(layout.rate)}/s through broker (raw broker {raw:.0f}/s); "
+          f"p95 {worst:.0f} ms at {size} cases", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -401,6 +566,12 @@ def main() -> None:
                              "hub consume`, the web app with TRIBUTARY_HUB_CONSUME_RESULTS="
                              "false) on the same database, as a large hub is deployed; 0 (the "
                              "default): the web process consumes, as a single-process hub")
+    parser.add_argument("--celery-workers", type=int, default=0,
+                        help="also measure the deployed layout, in the same run after the "
+                             "single-process one: N real Celery workers (`tributary hub "
+                             "worker`) on the shared redis run the aggregation passes, the "
+                             "hub's TRIBUTARY_HUB_CELERY_BROKER_URL points at it; their CPU "
+                             "is counted with the hub's and shown apart")
     parser.add_argument("--prefetch-batches", type=int, default=None,
                         help="the hub's TRIBUTARY_HUB_RESULTS_PREFETCH_BATCHES (default: the "
                              "hub's own default)")
@@ -419,101 +590,35 @@ def main() -> None:
                          if c <= total) or [total]
     budget = args.max_seconds or (40.0 if quick else 3600.0)
     samples = args.samples or (5 if quick else 10)
-    layout = (f"web process + {args.consumers} consumer process(es)" if args.consumers
-              else "one hub process (web + consumer)")
-    layout += "".join(f", {item}" for item in args.hub_env)
     prefetch = args.prefetch_batches or HubSettings().results_prefetch_batches
-    layout += f", prefetch {prefetch} batch(es)"
-    print(f"hub scale: {n_spokes} spokes x {cases} cases = {total} results; checkpoints "
-          f"{checkpoints}; {budget:.0f} s a phase; {layout}; load average "
-          f"{load_average()}", flush=True)
-
+    common = {"TRIBUTARY_HUB_VERIFY_REGISTRY": "false",
+              "TRIBUTARY_HUB_RESULTS_PREFETCH_BATCHES": str(prefetch),
+              **({"TRIBUTARY_HUB_CONSUME_RESULTS": "false"} if args.consumers else {}),
+              **hub_env}
+    name = (f"web process + {args.consumers} consumer process(es)" if args.consumers
+            else "one hub process (web + consumer)")
+    name += "".join(f", {item}" for item in args.hub_env)
+    name += f", prefetch {prefetch} batch(es)"
+    layouts = [Layout(name + ", aggregation in the web process (Celery eager)", common,
+                      consumers=args.consumers)]
     service_settings = ServiceSettings()
     services.up(service_settings)
-    with tempfile.TemporaryDirectory() as tmp:
-        federation = LocalFederation(Path(tmp) / "fed", service_settings,
-                                     hub_env={"TRIBUTARY_HUB_VERIFY_REGISTRY": "false",
-                                              "TRIBUTARY_HUB_RESULTS_PREFETCH_BATCHES":
-                                                  str(prefetch),
-                                              **({"TRIBUTARY_HUB_CONSUME_RESULTS": "false"}
-                                                 if args.consumers else {}),
-                                              **hub_env})
-        broker = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
-                                federation=federation.federation)
-        try:
-            federation.start_hub()
-            hub_pids = [federation.processes["hub"].popen.pid]
-            hub_pids += [federation.start_hub_consumer(i).popen.pid
-                         for i in range(args.consumers)]
-            spokes = [SimSpoke(f"sim{i:03d}") for i in range(n_spokes)]
-            progress(f"enrolling {n_spokes} spokes and launching")
-            experiment_id = launch(federation, spokes)
-            client = StompClient(broker, "bench-simspokes").start(30)
-            hub_keys = [PublicKey.load(Path(f"{federation.hub_key_path}.pub"))]
-            for spoke in spokes:
-                message = spoke.receive_experiment(client, hub_keys)
-                assert message.experiment_id == experiment_id
-            progress(f"every spoke received experiment {experiment_id}; signing "
-                     f"{total} results")
-            study = Study(experiment_id, spokes, cases)
-
-            progress("in-process ingestion of the same messages")
-            inproc_rate, inproc_reached, inproc_windows, inproc_cpu = in_process(
-                experiment_id, spokes, study, checkpoints, budget)
-            progress("raw broker baseline")
-            raw = raw_broker_rate(broker, study.results[:min(total, 3000)], 30)
-            print(f"raw broker (publish confirmed + consume acked, persistent): "
-                  f"{raw:.0f} msg/s, {1000 / raw:.2f} ms a message", flush=True)
-
-            rows: list[tuple[int, float, dict[str, tuple[float, int]], float, float]] = []
-            def hub_cpu() -> float:  # every hub process: web and consumers
-                return sum(cpu_seconds(pid) for pid in hub_pids)
-
-            last = {"cpu": hub_cpu(), "done": 0}
-
-            def at_checkpoint(reached: int, rate: float) -> None:
-                cpu = hub_cpu()
-                per_result = (cpu - last["cpu"]) / max(1, reached - last["done"]) * 1000
-                figures = sample_pages(federation, experiment_id, samples)
-                rows.append((reached, rate, figures, per_result,
-                             sum(rss_mb(pid) for pid in hub_pids)))
-                last["cpu"], last["done"] = hub_cpu(), reached
-
-            broker_rate, broker_reached = through_broker(federation, client, study,
-                                                         checkpoints, budget, at_checkpoint)
-            client.close()
-        finally:
-            federation.stop()
-            left = drain(broker, results_queue(federation.federation))
-            if left:
-                progress(f"dropped {left} messages the hub had not consumed")
-
-
-    print(f"\n{'results':>8} {'broker/s':>9} {'in-proc/s':>10} {'raw/s':>7} "
-          f"{'hub CPU ms/result':>18} {'in-proc CPU ms':>15} {'raw ms/msg':>11} "
-          f"{'hub RSS MB':>11}")
-    for reached, rate, _, per_result, rss in rows:
-        window = inproc_windows.get(reached)
-        own = inproc_cpu.get(reached)
-        print(f"{reached:>8} {rate:>9.1f} {(f'{window:.1f}' if window else '-'):>10} "
-              f"{raw:>7.0f} {per_result:>18.1f} {(f'{own:.2f}' if own else '-'):>15} "
-              f"{1000 / raw:>11.2f} {rss:>11.0f}")
-    print(f"\n{'results':>8} {'page':<32} {'p95 ms':>9} {'x health':>9} {'bytes':>10}")
-    worst = 0.0
-    for reached, _, figures, _, _ in rows:
-        health = figures[BASELINE_PAGE][0]
-        for page, (ms, size) in figures.items():
-            print(f"{reached:>8} {page:<32} {ms:>9.1f} {ms / health:>9.1f} {size:>10}")
-            if page != BASELINE_PAGE and reached == rows[-1][0]:
-                worst = max(worst, ms)
-    print(f"in-process: {inproc_reached} results at {inproc_rate:.1f}/s overall; "
-          f"through broker: {broker_reached} results at {broker_rate:.1f}/s overall "
-          f"({broker_rate / raw:.0%} of the raw broker rate; {layout}); load average "
-          f"{load_average()}")
-    size = rows[-1][0] if rows else 0
-    print(f"hub-scale: ingest {per_second(inproc_rate)}/s in-process, "
-          f"{per_second(broker_rate)}/s through broker (raw broker {raw:.0f}/s); "
-          f"p95 {worst:.0f} ms at {size} cases")
+    if args.celery_workers:
+        celery_env = {"TRIBUTARY_HUB_CELERY_BROKER_URL": redis.ensure_running(service_settings)}
+        layouts.append(Layout(f"{name}, aggregation on {args.celery_workers} Celery "
+                              f"worker(s)", {**common, **celery_env}, consumers=args.consumers,
+                              celery_workers=args.celery_workers))
+    print(f"hub scale: {n_spokes} spokes x {cases} cases = {total} results; checkpoints "
+          f"{checkpoints}; {budget:.0f} s a phase; layouts: "
+          f"{'; '.join(layout.name for layout in layouts)}; load average {load_average()}",
+          flush=True)
+    baselines = Baselines()
+    for index, layout in enumerate(layouts):
+        run_layout(layout, service_settings, n_spokes, cases, checkpoints, budget, samples,
+                   baselines if index == 0 else None)
+        progress(f"[{layout.name}] done; load average {load_average()}")
+    for layout in layouts:
+        report(layout, baselines)
 
 
 def load_average() -> str:

@@ -276,13 +276,13 @@ class AuditLog:
         bodies = [{"actor": str(actor), "action": str(action), "target": str(target),
                    "detail": redact(dict(detail or {}))}
                   for actor, action, target, detail in events]
-        for body in bodies:
-            canonical(body)  # fail here, not half-way through a write
         if not bodies:
             return []
         with self._locked() as fd:
             seq, prev = self._head(fd)
             entries, lines = [], []
+            # Every line is serialised before the first byte is written: an event that
+            # cannot be serialised stops the whole write, never half-way through it.
             for body in bodies:
                 seq += 1
                 entry = {"seq": seq, "at": _now(), **body, "prev": prev}

@@ -386,6 +386,19 @@ class LocalFederation:
             raise RuntimeError(f"the results consumer exited:\n{process.log_tail()}")
         return process
 
+    def start_hub_worker(self, index: int = 0, concurrency: int = 1) -> Process:
+        """A Celery worker for the hub's aggregation tasks (``tributary hub worker``) on the
+        hub's database, as a deployed hub runs them; give ``hub_env`` a
+        ``TRIBUTARY_HUB_CELERY_BROKER_URL`` so that the hub's debouncer sends its passes
+        there instead of running them in the web process. Returns once it has started."""
+        process = self._spawn(f"hub-worker-{index}",
+                              ["hub", "worker", "--concurrency", str(concurrency)],
+                              self._hub_process_env(), party=HUB)
+        time.sleep(0.5)
+        if not process.alive():
+            raise RuntimeError(f"the aggregation worker exited:\n{process.log_tail()}")
+        return process
+
     def spoke_config(self, spoke_id: str, data_dir: Path, concurrency: int = 2,
                      releasable: tuple[str, ...] = ("nodules",),
                      publisher_keys: tuple[Path, ...] = (),

@@ -12,13 +12,14 @@ changes anything, so it never takes the rest of its batch down."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
-from sqlalchemy import func, insert, update
+from sqlalchemy import CTE, Select, String, and_, column, func, insert, text, update
 from sqlmodel import Session, col, select
 
 from tributary.hub import tasks
@@ -122,6 +123,46 @@ def ingest_batch(session: Session, messages: Sequence[SpokeMessage]) -> list[Out
 _CHUNK = 500
 
 
+@functools.lru_cache(maxsize=64)
+def _key_rows(count: int) -> CTE:
+    """A table of ``count`` constant rows (experiment, spoke, case), bound at execution
+    (:func:`_key_params`), for a keyed table's unique index to be joined against: one
+    index probe a key. Three IN lists instead make SQLite probe their product (10,000
+    probes for 100 results from 100 spokes, 2.4 ms against 0.13), and a row-value IN makes
+    it scan the table. Columns ``column1`` to ``column3``, as SQLite and PostgreSQL name a
+    VALUES list's. One statement per size, so SQLAlchemy compiles it once."""
+    rows = ", ".join(f"(:e{i}, :s{i}, :c{i})" for i in range(count))
+    return text(f"VALUES {rows}").columns(
+        column("column1", String), column("column2", String), column("column3", String)
+    ).cte("wanted_keys")
+
+
+def _key_params(keys: Sequence[tuple[str, str, str]]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for i, (experiment_id, spoke_id, case_id) in enumerate(keys):
+        params[f"e{i}"], params[f"s{i}"], params[f"c{i}"] = experiment_id, spoke_id, case_id
+    return params
+
+
+@functools.lru_cache(maxsize=64)
+def _cases_by_key(count: int) -> Select[tuple[CaseResult]]:
+    wanted = _key_rows(count)
+    return select(CaseResult).join(wanted, and_(
+        col(CaseResult.experiment_id) == wanted.c.column1,
+        col(CaseResult.spoke_id) == wanted.c.column2,
+        col(CaseResult.case_id) == wanted.c.column3))
+
+
+@functools.lru_cache(maxsize=64)
+def _attempts_by_key(count: int) -> Select[tuple[str, str, str, int, str]]:
+    wanted = _key_rows(count)
+    return select(CaseAttempt.experiment_id, CaseAttempt.spoke_id, CaseAttempt.case_id,
+                  CaseAttempt.attempt, CaseAttempt.custody_sha256).join(wanted, and_(
+        col(CaseAttempt.experiment_id) == wanted.c.column1,
+        col(CaseAttempt.spoke_id) == wanted.c.column2,
+        col(CaseAttempt.case_id) == wanted.c.column3))
+
+
 class _Applied(Enum):
     APPLIED = "applied"
     DUPLICATE = "duplicate"
@@ -206,15 +247,9 @@ class _Batch:
         wanted = sorted(keys - self.cases.keys() - self._absent)
         for start in range(0, len(wanted), _CHUNK):  # a status may list thousands of cases
             chunk = wanted[start:start + _CHUNK]
-            # Three IN lists (their product is probed in the unique index: cheaper than a
-            # row-value IN, which SQLite answers with a scan).
-            for row in self.session.exec(select(CaseResult).where(
-                    col(CaseResult.experiment_id).in_({k[0] for k in chunk}),
-                    col(CaseResult.spoke_id).in_({k[1] for k in chunk}),
-                    col(CaseResult.case_id).in_({k[2] for k in chunk}))):
-                key = (row.experiment_id, row.spoke_id, row.case_id)
-                if key in keys:
-                    self.cases[key] = row
+            for row in self.session.exec(_cases_by_key(len(chunk)),  # type: ignore[call-overload]
+                                         params=_key_params(chunk)):
+                self.cases[(row.experiment_id, row.spoke_id, row.case_id)] = row
         self._absent.update(key for key in wanted if key not in self.cases)
 
     def load_cases(self, experiment_id: str, spoke_id: str, case_ids: Iterable[str]) -> None:
@@ -223,13 +258,13 @@ class _Batch:
 
     def _load_results(self, results: list[ResultMessage]) -> None:
         session = self.session
-        for experiment_id, spoke_id, case_id, attempt, digest in session.exec(
-                select(CaseAttempt.experiment_id, CaseAttempt.spoke_id, CaseAttempt.case_id,
-                       CaseAttempt.attempt, CaseAttempt.custody_sha256).where(
-                    col(CaseAttempt.experiment_id).in_({m.experiment_id for m in results}),
-                    col(CaseAttempt.spoke_id).in_({m.spoke_id for m in results}),
-                    col(CaseAttempt.case_id).in_({m.case_id for m in results}))):
-            self.attempts[(experiment_id, spoke_id, case_id, attempt)] = digest
+        keys = sorted({(m.experiment_id, m.spoke_id, m.case_id) for m in results})
+        for start in range(0, len(keys), _CHUNK):
+            chunk = keys[start:start + _CHUNK]
+            for experiment_id, spoke_id, case_id, attempt, digest in session.exec(
+                    _attempts_by_key(len(chunk)),  # type: ignore[call-overload]
+                    params=_key_params(chunk)):
+                self.attempts[(experiment_id, spoke_id, case_id, attempt)] = digest
         if self.digests:
             self.taken = set(session.exec(select(CaseResult.custody_sha256).where(
                 col(CaseResult.custody_sha256).in_(set(self.digests.values())))))
