@@ -107,18 +107,17 @@ def test_running_again_into_the_same_folder_changes_nothing(
 
 
 def _workers() -> list[int]:
-    """This process's preparing workers, from /proc."""
+    """This process's preparing workers, from /proc: its live children (forks of this
+    process, or fresh interpreters running the worker module)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and \
-                b"tributary.spoke.prepare_worker" in cmdline:
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
             found.append(int(entry.name))
     return found
 
@@ -162,14 +161,25 @@ def test_a_worker_killed_mid_run_changes_nothing(corpus: Path, tmp_path: Path) -
     assert not _workers()
 
 
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh-interpreters"])
 def test_a_file_no_worker_survives_is_excluded_with_the_reason(
-        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fork: bool) -> None:
     """Every worker that takes this file dies on it (as on a decoder that crashes the
     interpreter): after two deaths it is excluded with the reason, the run goes on and
-    every other file is written."""
+    every other file is written; whether workers are forks or fresh interpreters."""
     victim = sorted((corpus / "ct").rglob("*.dcm"))[20]
     inputs = sorted(p for p in corpus.rglob("*") if p.is_file())
-    # The workers are fresh interpreters: the crash is planted through their start.
+    parent = os.getpid()
+    original = folder_deid.FolderWorker.__call__
+
+    def crashing(self: folder_deid.FolderWorker, path: Path, root: Path | None
+                 ) -> folder_deid.FileResult:
+        if path == victim and os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, path, root)
+
+    # A fork inherits this process's code; a fresh interpreter gets it at its start.
+    monkeypatch.setattr(folder_deid.FolderWorker, "__call__", crashing)
     plant = tmp_path / "plant"
     plant.mkdir()
     (plant / "sitecustomize.py").write_text(
@@ -190,7 +200,8 @@ def test_a_file_no_worker_survives_is_excluded_with_the_reason(
     run = FolderRun(Screener(options, Pseudonymizer.from_key_file(key),
                              hash_pixels=False), tmp_path / "out")
     run.open()
-    pool = PreparePool(2, key, options.model_dump_json(), run.staging, task=FOLDER_TASK)
+    pool = PreparePool(2, key, options.model_dump_json(), run.staging, task=FOLDER_TASK,
+                       fork=fork)
     jobs = [(str(p), str(corpus)) for p in inputs]
     try:
         for job, result in zip(jobs, pool.map(jobs), strict=True):

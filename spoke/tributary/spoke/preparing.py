@@ -1,7 +1,9 @@
 """Preparing files on worker processes, every file accounted for.
 
-Each worker is a fresh interpreter (``python -m tributary.spoke.prepare_worker``: it
-imports the engine, never the command line) that screens and de-identifies the files it is given
+Each worker is a fork of this process, which has loaded the engine already
+(:mod:`tributary.spoke.worker_fork`), or, when forking is not safe (other threads run),
+a fresh interpreter (``python -m tributary.spoke.prepare_worker``: it imports the engine,
+never the command line); it screens and de-identifies the files it is given
 and writes each output into the store's staging folder itself; only metadata comes back
 over its socket. The parent keeps at most :data:`_DEPTH` files in flight per worker, so
 it always knows which file a worker was preparing (the first it holds; the others wait
@@ -18,6 +20,7 @@ and spawned children re-import the parent's ``__main__`` (the whole CLI)."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tributary.spoke.store import Excluded, PreparedInstance
+from tributary.spoke.worker_fork import Forked, can_fork, fork_worker
 
 #: Files in flight per worker: one being prepared, one waiting, so a worker never idles
 #: while its result travels back.
@@ -54,7 +58,7 @@ TASKS = frozenset({INGEST_TASK, FOLDER_TASK})
 
 @dataclass
 class _Worker:
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | Forked
     conn: Connection
     held: deque[int] = field(default_factory=deque)
     done: int = 0
@@ -71,9 +75,12 @@ class PreparePool:
     """``workers`` processes preparing files with one key and one set of options."""
 
     def __init__(self, workers: int, key_file: Path, options_json: str, staging: Path,
-                 file_timeout: float = _FILE_TIMEOUT, task: str = INGEST_TASK) -> None:
+                 file_timeout: float = _FILE_TIMEOUT, task: str = INGEST_TASK,
+                 fork: bool | None = None) -> None:
         """``task``: the ``module:function`` each worker calls with the key file, the
-        options and the staging folder to get its preparer (one of :data:`TASKS`)."""
+        options and the staging folder to get its preparer (one of :data:`TASKS`).
+        ``fork``: start workers as forks of this process (:mod:`tributary.spoke.worker_fork`)
+        or as fresh interpreters; by default, forks whenever that is safe."""
         if task not in TASKS:
             raise ValueError(f"unknown preparing task {task!r}")
         self.size = workers
@@ -81,14 +88,22 @@ class PreparePool:
         self._init = (task, str(key_file), options_json, str(staging))
         self._workers: list[_Worker] = []
         self._start_failures = 0
+        self._fork = fork
+        if fork is not False:
+            importlib.import_module(task.split(":")[0])  # what a forked worker runs
+
+    def _spawn(self, fd: int) -> subprocess.Popen[bytes] | Forked:
+        if self._fork or (self._fork is None and can_fork()):
+            return fork_worker(fd, serve)
+        return subprocess.Popen(
+            [sys.executable, "-m", "tributary.spoke.prepare_worker", str(fd)],
+            pass_fds=(fd,), stdin=subprocess.DEVNULL,
+            start_new_session=True)  # its own group: a kill reaches its OCR too
 
     def _start(self) -> _Worker:
         parent, child = socket.socketpair()
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "tributary.spoke.prepare_worker", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
-                start_new_session=True)  # its own group: a kill reaches its OCR too
+            process = self._spawn(child.fileno())
         finally:
             child.close()
         conn = Connection(parent.detach())
@@ -210,7 +225,7 @@ class PreparePool:
             self._start()
 
 
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+def _signal_group(process: subprocess.Popen[bytes] | Forked, sig: signal.Signals) -> None:
     """``sig`` to the worker and what it started (``tesseract``): a worker killed alone
     would leave its OCR running for minutes on the file that hung it."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -231,8 +246,6 @@ def ingest_task(key_file: str, options_json: str, staging: str
 
 def serve(fd: int) -> None:
     """A worker: prepare each path the parent sends until it sends None."""
-    import importlib
-
     conn = Connection(fd)
     task, *args = conn.recv()
     if task not in TASKS:  # only the parent writes here; still, import nothing else

@@ -89,10 +89,10 @@ def main(
 
     import_pydicom()  # before anything imports pydicom
     from rich.console import Console
-    from rich.progress import track
     from rich.table import Table
 
     from tributary.protocol.auditlog import AuditLog
+    from tributary.spoke.commands.progress import bars
     from tributary.spoke.deid import DeidOptions, SafePrivate, Screener, profile_name
     from tributary.spoke.deid.screening import EXCLUDING, Reason
     from tributary.spoke.folder_deid import FolderRun, prepared
@@ -146,9 +146,10 @@ def main(
     run.open()
     try:
         results = prepared(paths, src, key, options, run.staging, workers)
-        for result in track(results, total=len(paths), description="de-identifying",
-                            console=console):
-            run.take(result)
+        with bars(console) as shown:  # no refresh thread: the workers may be forked
+            for done, result in enumerate(results, start=1):
+                run.take(result)
+                shown.show("de-identifying", done, len(paths))
     finally:
         run.close()
     outputs = [OutputFile(**vars(o)) for o in run.outputs]
