@@ -114,14 +114,14 @@ def prepared(paths: list[Path], src: Path, key_file: Path, options: DeidOptions,
     (default: :func:`usable_cores`) and at least :data:`PARALLEL_MIN` files, ``workers
     - 1`` worker processes help this one, which prepares files itself whenever no
     worker result waits; a file no worker could prepare comes back excluded."""
-    from tributary.spoke.preparing import FOLDER_TASK, PreparePool
-
     local = FolderWorker(Pseudonymizer.from_key_file(key_file), options, staging)
     workers = usable_cores() if workers is None else workers
     if workers < 2 or len(paths) < PARALLEL_MIN:
         for path in paths:
             yield local(path, src)
         return
+    from tributary.spoke.preparing import FOLDER_TASK, PreparePool
+
     pool = PreparePool(workers - 1, key_file, options.model_dump_json(), staging,
                        task=FOLDER_TASK)
     jobs = [(str(path), str(src)) for path in paths]
