@@ -151,6 +151,7 @@ class FolderRun:
         # output name; the first is kept, the others are excluded, never written over it,
         # so the report always says what is on disk.
         self._written: dict[Path, tuple[str, str]] = {}
+        self._made: set[Path] = set()  # folders made: one mkdir each, not one a file
 
     def open(self) -> None:
         """A fresh staging folder in DST (the same file system: a kept file is linked,
@@ -188,7 +189,9 @@ class FolderRun:
             return
         try:
             if first is None:  # else an earlier run wrote exactly these bytes
-                target.parent.mkdir(parents=True, exist_ok=True)
+                if target.parent not in self._made:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    self._made.add(target.parent)
                 os.link(staged, target)  # never replaces a file
         except OSError as exc:
             verdict.add(Reason.DEIDENTIFICATION_FAILED, f"cannot write: {exc}"[:300])
