@@ -12,6 +12,7 @@ the report and the pseudonyms are those of one process whatever the number of wo
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -178,27 +179,41 @@ class FolderRun:
         if result.pixel_digest and self.screener.seen_pixels(verdict, result.pixel_digest):
             return
         target = self.dst / relative
-        first = self._written.get(target) or _earlier_run(target, staged, digest)
-        if first is not None and not (first[0] == _EARLIER and first[1] == digest):
-            if first[1] == digest:
-                verdict.add(Reason.DUPLICATE_INSTANCE, f"same de-identified instance as "
-                            f"{first[0]}; written once")
-            else:
-                verdict.add(Reason.UID_COLLISION, f"same SOP Instance UID as {first[0]}; "
-                            "different content, the first file is kept")
-            return
         try:
+            first = self._written.get(target) or _earlier_run(target, staged, digest)
+            if first is not None and not (first[0] == _EARLIER and first[1] == digest):
+                if first[1] == digest:
+                    verdict.add(Reason.DUPLICATE_INSTANCE, f"same de-identified instance "
+                                f"as {first[0]}; written once")
+                else:
+                    verdict.add(Reason.UID_COLLISION, f"same SOP Instance UID as "
+                                f"{first[0]}; different content, the first file is kept")
+                return
             if first is None:  # else an earlier run wrote exactly these bytes
                 if target.parent not in self._made:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     self._made.add(target.parent)
-                os.link(staged, target)  # never replaces a file
+                _move_new(staged, target)
         except OSError as exc:
             verdict.add(Reason.DEIDENTIFICATION_FAILED, f"cannot write: {exc}"[:300])
             return
         self._written[target] = (verdict.path, digest)
         self.outputs.append(Output(verdict.path, relative, result.removed_unknown,
                                    result.removed_undecodable))
+
+
+def _move_new(staged: Path, target: Path) -> None:
+    """``staged`` to ``target``, never replacing a file: a hard link where the file
+    system has them; elsewhere (FAT, exFAT: a steward's USB disk) a rename after a check,
+    this run being the only writer of its outputs."""
+    try:
+        os.link(staged, target)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+        os.rename(staged, target)
 
 
 def _earlier_run(target: Path, staged: Path, digest: str) -> tuple[str, str] | None:
