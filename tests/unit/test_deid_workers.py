@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -220,3 +222,15 @@ def test_a_file_no_worker_survives_is_excluded_with_the_reason(
     assert written == set(_files(tmp_path / "out"))
     assert len(written) == len(inputs) - len(report.excluded())
     assert str(victim) not in {o.source for o in run.outputs}
+
+
+def test_the_default_workers_are_the_cores_this_process_may_use() -> None:
+    """A process pinned to one core (a container's or a batch job's cpuset) gets one
+    process, for deidentify and for ingest, whatever the machine has."""
+    probe = ("import os\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+             "from tributary.spoke.config import CatalogSettings\n"
+             "from tributary.spoke.folder_deid import usable_cores\n"
+             "print(usable_cores(), CatalogSettings().workers)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["1", "1"], done.stderr
