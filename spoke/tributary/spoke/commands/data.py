@@ -39,6 +39,9 @@ def ingest(
     changed inputs are read; running it again over unchanged sources is a no-op."""
     import getpass
 
+    from tributary.spoke.startup import import_pydicom
+
+    import_pydicom()  # before anything imports pydicom: without numpy until it is used
     from tributary.protocol.auditlog import AuditLog
     from tributary.spoke.deid import profile_name
     from tributary.spoke.ingest import ingest as run_ingest
