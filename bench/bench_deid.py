@@ -197,6 +197,9 @@ def whole_variants(root: Path, src: Path, baseline: Path, small: bool
         "tributary spoke deidentify": lambda: timed(
             [TRIBUTARY, "spoke", "deidentify", src, fresh(), "--key", key,
              "--report", root / "report.json"]),
+        "deidentify --workers 1": lambda: timed(
+            [TRIBUTARY, "spoke", "deidentify", src, fresh(), "--key", key,
+             "--report", root / "report.json", "--workers", "1"]),
     }
     if small:
         variants["deidentify, OCR off"] = lambda: timed(
@@ -214,8 +217,8 @@ def inprocess_variants(root: Path, src: Path, baseline: Path
     import pydicom
 
     from tributary.spoke.config import SpokeConfig
-    from tributary.spoke.deid import Deidentifier, DeidOptions, Screener
-    from tributary.spoke.deid.output import encode, write_new
+    from tributary.spoke.deid import DeidOptions, Screener
+    from tributary.spoke.folder_deid import FolderRun, prepared
     from tributary.spoke.ingest import ingest
     from tributary.spoke.pseudonyms import Pseudonymizer
 
@@ -238,29 +241,22 @@ def inprocess_variants(root: Path, src: Path, baseline: Path
 
         return measured(run)
 
-    def steward_loop() -> Sample:
-        """What ``tributary spoke deidentify`` does per file, without its startup."""
-        target = fresh()
-        return measured(lambda: steward_files(target))
+    def steward_loop(workers: int | None) -> Sample:
+        """What ``tributary spoke deidentify`` does, without its startup and report."""
+        return measured(lambda: steward_files(fresh(), workers))
 
-    def steward_files(target: Path) -> None:
-        pseudonyms = Pseudonymizer.from_key_file(root / "bench.key")
+    def steward_files(target: Path, workers: int | None) -> None:
+        key = root / "bench.key"
         options = DeidOptions()
-        deid = Deidentifier(pseudonyms, options)
-        screener = Screener(options, pseudonyms, hash_pixels=False)
-        for index, path in enumerate(paths):
-            ds, verdict = screener.check(path)
-            if ds is None:
-                continue
-            try:
-                deid.deidentify(ds, pseudonyms.case_id(f"patient:{ds.get('PatientID', '')}"))
-                encoded = encode(ds)
-            except Exception:
-                continue
-            if encoded.pixel_digest and screener.seen_pixels(verdict, encoded.pixel_digest):
-                continue
-            write_new(target / f"{index}.dcm", encoded)
-        screener.report()
+        run = FolderRun(Screener(options, Pseudonymizer.from_key_file(key),
+                                 hash_pixels=False), target)
+        run.open()
+        try:
+            for result in prepared(paths, src, key, options, run.staging, workers):
+                run.take(result)
+        finally:
+            run.close()
+        run.screener.report()
 
     def ingest_run(workers: int) -> Sample:
         config = SpokeConfig.load(spoke_config(root, src, workers))
@@ -277,7 +273,8 @@ def inprocess_variants(root: Path, src: Path, baseline: Path
     return {
         "floor: pydicom read+write": floor_loop,
         "dicognito": dicognito_run,
-        "tributary spoke deidentify": steward_loop,
+        "tributary spoke deidentify": lambda: steward_loop(None),
+        "deidentify --workers 1": lambda: steward_loop(1),
         "tributary spoke ingest, 1 process": lambda: ingest_run(1),
         "tributary spoke ingest, 2 processes": lambda: ingest_run(2),
     }
@@ -309,6 +306,8 @@ def table(title: str, files: int, results: dict[str, Sample]) -> None:
 
 
 def main() -> None:
+    from tributary.spoke.folder_deid import usable_cores
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--slices", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=3)
@@ -335,7 +334,8 @@ def main() -> None:
         size = sum(p.stat().st_size for p in ct.rglob("*")) / 1e6
         print(f"CT: {n_ct} slices of 512x512 ({size:.0f} MB); small: {n_small} of "
               "pydicom's test files (those dicognito processes); "
-              f"{os.cpu_count()} CPUs; medians of {args.rounds} rounds, order rotating")
+              f"{os.cpu_count()} CPUs ({usable_cores()} usable); medians of {args.rounds} "
+              "rounds, order rotating")
         startup = one_file(root, small, baseline, max(3, args.rounds))
         ct_whole = rounds(whole_variants(root, ct, baseline, small=False), args.rounds)
         small_whole = rounds(whole_variants(root, small, baseline, small=True), args.rounds)
@@ -366,6 +366,13 @@ def main() -> None:
               f"(small sets stay in one process); one file "
               f"{startup['tributary spoke deidentify'][0]:.3f} s against "
               f"{startup['dicognito'][0]:.3f} s for dicognito")
+        single = ct_whole["deidentify --workers 1"]
+        ours_cpu = ct_whole["tributary spoke deidentify"][1]
+        print(f"CT deidentify on one process (--workers 1): "
+              f"{ct_whole['floor: pydicom read+write'][0] / single[0]:.2f}x floor, "
+              f"{ct_whole['dicognito'][0] / single[0]:.2f}x dicognito; with its default "
+              f"{usable_cores()} processes {single[0] / ours:.2f}x the speed of one for "
+              f"{ours_cpu / single[1]:.2f}x its CPU time")
         print(f"CT ingest on 2 processes: {s:.2f}x the speed of one for {cpu_ratio:.2f}x its "
               f"CPU time (whole processes); in-process {in_one[0] / in_two[0]:.2f}x for "
               f"{in_two[1] / in_one[1]:.2f}x; {load()}")

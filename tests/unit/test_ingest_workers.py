@@ -53,18 +53,17 @@ def _config(root: Path, data: Path, workers: int) -> SpokeConfig:
 
 
 def _workers() -> list[int]:
-    """This process's preparing workers, from /proc."""
+    """This process's preparing workers, from /proc: its live children (forks of this
+    process, or fresh interpreters running the worker module)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and \
-                b"tributary.spoke.prepare_worker" in cmdline:
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
             found.append(int(entry.name))
     return found
 

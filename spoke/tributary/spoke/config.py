@@ -284,6 +284,14 @@ class DicomWebSource(BaseModel):
 DataSource = Annotated[FolderSource | DicomWebSource, Field(discriminator="kind")]
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class CatalogSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -293,8 +301,9 @@ class CatalogSettings(BaseModel):
     ingest_before_selection: bool = True
     #: Processes that de-identify local files in parallel: the ingesting process and
     #: ``workers - 1`` worker processes (it stores and catalogues between its own files).
-    #: By default one per CPU, at most 8.
-    workers: int = Field(default_factory=lambda: max(1, min(8, os.cpu_count() or 1)),
+    #: By default one per CPU this process may use (its affinity, as a container or a
+    #: batch system sets it), at most 8.
+    workers: int = Field(default_factory=lambda: max(1, min(8, _usable_cores())),
                          ge=1, le=64)
     #: Publish the site's description (the federated catalog: counts with small cells
     #: suppressed, years, de-identification profile, release terms, releasable attribute

@@ -256,9 +256,14 @@ def ingest(config: SpokeConfig, catalog: Catalog | None = None,
             catalog.claim_profile(preparer.profile)
             path = config.attributes_path
             ignore = frozenset({path}) if path is not None else frozenset()
-            for source in sources or [open_source(s, ignore) for s in config.all_sources]:
-                _ingest_source(source, catalog, store, preparer, key_file,
-                               config.catalog.workers, report, progress)
+            try:
+                for source in sources or [open_source(s, ignore) for s in config.all_sources]:
+                    _ingest_source(source, catalog, store, preparer, key_file,
+                                   config.catalog.workers, report, progress)
+            finally:
+                # every result was stored or discarded by now: what is still staged is a
+                # killed worker's last file (written, never reported), and goes
+                store.clear_staging()
             if path is not None:
                 by_patient = load_attributes(path)
                 known = {c.case_id for c in catalog.cases()}

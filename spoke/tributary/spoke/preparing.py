@@ -1,7 +1,9 @@
 """Preparing files on worker processes, every file accounted for.
 
-Each worker is a fresh interpreter (``python -m tributary.spoke.prepare_worker``: it
-imports the engine, never the command line) that screens and de-identifies the files it is given
+Each worker is a fork of this process, which has loaded the engine already
+(:mod:`tributary.spoke.worker_fork`), or, when forking is not safe (other threads run),
+a fresh interpreter (``python -m tributary.spoke.prepare_worker``: it imports the engine,
+never the command line); it screens and de-identifies the files it is given
 and writes each output into the store's staging folder itself; only metadata comes back
 over its socket. The parent keeps at most :data:`_DEPTH` files in flight per worker, so
 it always knows which file a worker was preparing (the first it holds; the others wait
@@ -18,6 +20,7 @@ and spawned children re-import the parent's ``__main__`` (the whole CLI)."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import socket
@@ -29,8 +32,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Any
 
 from tributary.spoke.store import Excluded, PreparedInstance
+from tributary.spoke.worker_fork import Forked, can_fork, fork_worker
 
 #: Files in flight per worker: one being prepared, one waiting, so a worker never idles
 #: while its result travels back.
@@ -44,10 +49,16 @@ _FILE_TIMEOUT = 900.0
 
 Prepared = PreparedInstance | Excluded
 
+#: What a worker prepares with: ingest's store preparer, or the steward's folder worker
+#: (:mod:`tributary.spoke.folder_deid`), whose results are its own.
+INGEST_TASK = "tributary.spoke.preparing:ingest_task"
+FOLDER_TASK = "tributary.spoke.folder_deid:worker_task"
+TASKS = frozenset({INGEST_TASK, FOLDER_TASK})
+
 
 @dataclass
 class _Worker:
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | Forked
     conn: Connection
     held: deque[int] = field(default_factory=deque)
     done: int = 0
@@ -64,20 +75,35 @@ class PreparePool:
     """``workers`` processes preparing files with one key and one set of options."""
 
     def __init__(self, workers: int, key_file: Path, options_json: str, staging: Path,
-                 file_timeout: float = _FILE_TIMEOUT) -> None:
+                 file_timeout: float = _FILE_TIMEOUT, task: str = INGEST_TASK,
+                 fork: bool | None = None) -> None:
+        """``task``: the ``module:function`` each worker calls with the key file, the
+        options and the staging folder to get its preparer (one of :data:`TASKS`).
+        ``fork``: start workers as forks of this process (:mod:`tributary.spoke.worker_fork`)
+        or as fresh interpreters; by default, forks whenever that is safe."""
+        if task not in TASKS:
+            raise ValueError(f"unknown preparing task {task!r}")
         self.size = workers
         self.file_timeout = file_timeout
-        self._init = (str(key_file), options_json, str(staging))
+        self._init = (task, str(key_file), options_json, str(staging))
         self._workers: list[_Worker] = []
         self._start_failures = 0
+        self._fork = fork
+        if fork is not False:
+            importlib.import_module(task.split(":")[0])  # what a forked worker runs
+
+    def _spawn(self, fd: int) -> subprocess.Popen[bytes] | Forked:
+        if self._fork or (self._fork is None and can_fork()):
+            return fork_worker(fd, serve)
+        return subprocess.Popen(
+            [sys.executable, "-m", "tributary.spoke.prepare_worker", str(fd)],
+            pass_fds=(fd,), stdin=subprocess.DEVNULL,
+            start_new_session=True)  # its own group: a kill reaches its OCR too
 
     def _start(self) -> _Worker:
         parent, child = socket.socketpair()
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "tributary.spoke.prepare_worker", str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
-                start_new_session=True)  # its own group: a kill reaches its OCR too
+            process = self._spawn(child.fileno())
         finally:
             child.close()
         conn = Connection(parent.detach())
@@ -109,16 +135,17 @@ class PreparePool:
         return [w.process.pid for w in self._workers]
 
     def map(self, paths: list[tuple[str, str | None]],
-            local: Callable[[tuple[str, str | None]], Prepared] | None = None
-            ) -> Iterator[Prepared]:
-        """Prepared instances (or exclusions) for ``paths`` (each a path and the source
-        folder it must stay in), in their order. ``local``
+            local: Callable[[tuple[str, str | None]], Any] | None = None
+            ) -> Iterator[Any]:
+        """The task's results for ``paths`` (each a path and the source folder it must
+        stay in), in their order; an :class:`Excluded` for a file no worker could
+        prepare. ``local``
         prepares a file in this process: with it, this process takes the next file
         whenever no worker has a result for it, so it never waits for workers to start
         and the workers only ever add to what one process does."""
         pending: deque[int] = deque(range(len(paths)))
         deaths = [0] * len(paths)
-        results: dict[int, Prepared] = {}
+        results: dict[int, Any] = {}
         following = 0
         try:
             while len(self._workers) < min(self.size, len(paths)):
@@ -172,7 +199,7 @@ class PreparePool:
             self.close()
 
     def _lost(self, worker: _Worker, paths: list[str], deaths: list[int],
-              pending: deque[int], results: dict[int, Prepared]) -> None:
+              pending: deque[int], results: dict[int, Any]) -> None:
         """A worker died: the file it was preparing goes to another worker, or out after
         a second death; the files waiting behind it go to other workers."""
         worker.conn.close()
@@ -198,23 +225,33 @@ class PreparePool:
             self._start()
 
 
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+def _signal_group(process: subprocess.Popen[bytes] | Forked, sig: signal.Signals) -> None:
     """``sig`` to the worker and what it started (``tesseract``): a worker killed alone
     would leave its OCR running for minutes on the file that hung it."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, sig)
 
 
-def serve(fd: int) -> None:
-    """A worker: prepare each path the parent sends until it sends None."""
+def ingest_task(key_file: str, options_json: str, staging: str
+                ) -> Callable[[Path, Path | None], Prepared]:
+    """Ingest's preparer: screened, de-identified, staged in the store."""
     from tributary.spoke.deid import DeidOptions
     from tributary.spoke.pseudonyms import Pseudonymizer
     from tributary.spoke.store import Preparer
 
-    conn = Connection(fd)
-    key_file, options_json, staging = conn.recv()
     preparer = Preparer(Pseudonymizer.from_key_file(Path(key_file)),
                         DeidOptions.model_validate_json(options_json), Path(staging))
+    return preparer.from_file
+
+
+def serve(fd: int) -> None:
+    """A worker: prepare each path the parent sends until it sends None."""
+    conn = Connection(fd)
+    task, *args = conn.recv()
+    if task not in TASKS:  # only the parent writes here; still, import nothing else
+        raise SystemExit(f"unknown preparing task {task!r}")
+    module, name = task.split(":")
+    prepare = getattr(importlib.import_module(module), name)(*args)
     conn.send("ready")
     while True:
         try:
@@ -225,12 +262,10 @@ def serve(fd: int) -> None:
             return
         index, (path, root) = message
         try:
-            result: Prepared = preparer.from_file(Path(path), Path(root) if root else None)
+            result = prepare(Path(path), Path(root) if root else None)
         except Excluded as exc:
             result = exc
         except Exception as exc:  # a bug must cost one file, not the run
             result = Excluded(f"deidentification-failed: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}"[:300])
         conn.send((index, result))
-
-

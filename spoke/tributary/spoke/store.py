@@ -261,6 +261,7 @@ class DeidStore:
         would never be found under this format's names, and duplicates would pile up."""
         check_format(root)
         self.root = root
+        self._made: set[Path] = set()
         (root / "objects").mkdir(parents=True, exist_ok=True)
         (root / "series").mkdir(parents=True, exist_ok=True)
         if not (root / FORMAT_FILE).exists():
@@ -294,7 +295,7 @@ class DeidStore:
             if staged is not None:
                 staged.unlink(missing_ok=True)
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            self._folder(target.parent)
             if staged is None:
                 fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
                 try:
@@ -309,6 +310,13 @@ class DeidStore:
         self.link(instance.series_id, digest)
         return digest
 
+    def _folder(self, folder: Path) -> None:
+        """Make ``folder`` once per store object: a ``mkdir`` per stored file was a tenth
+        of the ingesting process's own work."""
+        if folder not in self._made:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._made.add(folder)
+
     def discard(self, instance: PreparedInstance) -> None:
         """Drop a staged file that will not enter the store (excluded, duplicate)."""
         if instance.staged:
@@ -316,7 +324,7 @@ class DeidStore:
 
     def link(self, series_id: str, digest: str) -> None:
         folder = self.series_dir(series_id)
-        folder.mkdir(exist_ok=True)
+        self._folder(folder)
         view = folder / f"{digest}.dcm"
         if not view.exists():
             os.link(self.object_path(digest), view)

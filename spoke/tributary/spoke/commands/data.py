@@ -9,7 +9,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tributary.spoke.commands.options import ConfigOption
@@ -40,6 +39,9 @@ def ingest(
     changed inputs are read; running it again over unchanged sources is a no-op."""
     import getpass
 
+    from tributary.spoke.startup import import_pydicom
+
+    import_pydicom()  # before anything imports pydicom: without numpy until it is used
     from tributary.protocol.auditlog import AuditLog
     from tributary.spoke.deid import profile_name
     from tributary.spoke.ingest import ingest as run_ingest
@@ -61,17 +63,11 @@ def ingest(
         audit.append(actor, "catalog.rebuilt", settings.spoke_id,
                      {"deid_profile": profile_name(settings.deidentification)})
         console.print("store and catalog emptied; preparing every input again")
-    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as progress:
-        bars: dict[str, Any] = {}
+    from tributary.spoke.commands.progress import bars
 
-        def show(source: str, done: int, total: int) -> None:
-            if source not in bars:
-                bars[source] = progress.add_task(source, total=total)
-            progress.update(bars[source], completed=done)
-
+    with bars(console) as shown:  # no refresh thread: the workers may be forked
         try:
-            report = run_ingest(settings, progress=show)
+            report = run_ingest(settings, progress=shown.show)
         except (SourceUnavailable, StoreFormatError, FileNotFoundError, ValueError) as exc:
             audit.append(actor, "catalog.ingest_failed", settings.spoke_id,
                          {"error": f"{type(exc).__name__}: {exc}"[:2000]})

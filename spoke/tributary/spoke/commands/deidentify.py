@@ -12,13 +12,10 @@ import getpass
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from pydantic import BaseModel
-
-if TYPE_CHECKING:
-    from tributary.spoke.deid.output import Encoded
 
 
 class OutputFile(BaseModel):
@@ -83,21 +80,23 @@ def main(
     text_detection: Annotated[str | None, typer.Option(
         help="Find burned-in text with OCR: text-prone (secondary captures, ultrasound, "
              "screenshots, dose reports...), all, or off.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Processes to de-identify with (default: the cores this process may "
+                    "use); the result is the same for any number.")] = None,
 ) -> None:
     """De-identify every DICOM file under SRC into DST and report what was left out."""
     from tributary.spoke.startup import import_pydicom
 
     import_pydicom()  # before anything imports pydicom
     from rich.console import Console
-    from rich.progress import track
     from rich.table import Table
 
     from tributary.protocol.auditlog import AuditLog
-    from tributary.spoke.deid import Deidentifier, DeidOptions, SafePrivate, Screener
-    from tributary.spoke.deid.output import encode, write_new
+    from tributary.spoke.commands.progress import bars
+    from tributary.spoke.deid import DeidOptions, SafePrivate, Screener, profile_name
     from tributary.spoke.deid.screening import EXCLUDING, Reason
+    from tributary.spoke.folder_deid import FolderRun, prepared
     from tributary.spoke.pseudonyms import Pseudonymizer
-    from tributary.spoke.store import failure_reason as _reason
 
     console = Console()
     if (config is None) == (key is None):
@@ -137,54 +136,26 @@ def main(
         raise typer.BadParameter("DST must not be inside SRC")
     report = report or dst.with_name(dst.name + "-report.json")
     pseudonyms = Pseudonymizer.from_key_file(key)
-    deid = Deidentifier(pseudonyms, options)
-    screener = Screener(options, pseudonyms, hash_pixels=False)
+    profile = profile_name(options)
     started = datetime.now(UTC)
     # Every entry but folders: a FIFO, device or socket is listed, and excluded unread
     # with its reason, rather than silently skipped (or opened, and waited on forever).
     paths = sorted(Path(folder) / name for folder, _, names in os.walk(src) for name in names)
-    outputs: list[OutputFile] = []
-    # Output path -> (source, SHA-256 of its bytes): inputs that share a SOP Instance UID
-    # map to one output name; the first is kept, the others are excluded, never written
-    # over it, so the report always says what is on disk.
-    written: dict[Path, tuple[str, str]] = {}
-    for path in track(paths, description="de-identifying", console=console):
-        ds, verdict = screener.check(path, src)
-        if ds is None:
-            continue
-        try:
-            case_id = pseudonyms.case_id(f"patient:{ds.get('PatientID', '')}")
-            deid.deidentify(ds, case_id)
-            target = dst / case_id / str(verdict.series_id) / f"{ds.SOPInstanceUID}.dcm"
-            encoded = encode(ds)  # hashed once, here, and written once, below
-        except Exception as exc:  # one bad file must not stop the batch; it is reported
-            verdict.add(Reason.DEIDENTIFICATION_FAILED, _reason(exc))
-            continue
-        if encoded.pixel_digest and screener.seen_pixels(verdict, encoded.pixel_digest):
-            continue
-        first = written.get(target) or _earlier_run(target, encoded)
-        if first is not None and not (first[0] == _EARLIER and first[1] == encoded.digest):
-            if first[1] == encoded.digest:
-                verdict.add(Reason.DUPLICATE_INSTANCE, f"same de-identified instance as "
-                            f"{first[0]}; written once")
-            else:
-                verdict.add(Reason.UID_COLLISION, f"same SOP Instance UID as {first[0]}; "
-                            "different content, the first file is kept")
-            continue
-        try:
-            if first is None:  # else an earlier run wrote exactly these bytes
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write_new(target, encoded, 0o644)  # never replaces a file
-        except OSError as exc:
-            verdict.add(Reason.DEIDENTIFICATION_FAILED, f"cannot write: {exc}"[:300])
-            continue
-        written[target] = (str(path), encoded.digest)
-        outputs.append(OutputFile(source=str(path), output=str(target.relative_to(dst)),
-                                  removed_unknown=deid.removed_unknown,
-                                  removed_undecodable=deid.removed_undecodable))
+    screener = Screener(options, pseudonyms, hash_pixels=False)
+    run = FolderRun(screener, dst)
+    run.open()
+    try:
+        results = prepared(paths, src, key, options, run.staging, workers)
+        with bars(console) as shown:  # no refresh thread: the workers may be forked
+            for done, result in enumerate(results, start=1):
+                run.take(result)
+                shown.show("de-identifying", done, len(paths))
+    finally:
+        run.close()
+    outputs = [OutputFile(**vars(o)) for o in run.outputs]
     screening = screener.report()
     document = DeidRunReport(
-        profile=deid.profile, options=options.model_dump(mode="json"), source=str(src),
+        profile=profile, options=options.model_dump(mode="json"), source=str(src),
         destination=str(dst), started=started, finished=datetime.now(UTC),
         files_seen=len(paths), files_written=len(outputs), excluded=len(screening.excluded()),
         flagged=len(screening.flagged()), reasons=screening.counts(),
@@ -193,10 +164,10 @@ def main(
     report.write_text(document.model_dump_json(indent=1) + "\n")
     AuditLog(audit_log).append(
         f"steward:{getpass.getuser()}", "deid.folder", str(dst),
-        {"profile": deid.profile, "report": str(report), "files_seen": len(paths),
+        {"profile": profile, "report": str(report), "files_seen": len(paths),
          "files_written": len(outputs), "excluded": document.excluded,
          "flagged": document.flagged, "reasons": document.reasons})
-    table = Table("reason", "files", "effect", title=deid.profile)
+    table = Table("reason", "files", "effect", title=profile)
     for reason, count in sorted(document.reasons.items()):
         effect = "excluded" if Reason(reason) in EXCLUDING else "flagged for review"
         table.add_row(reason, str(count), effect)
@@ -206,15 +177,3 @@ def main(
                   f"{document.excluded} excluded, {document.flagged} flagged, "
                   f"{len(incomplete)} incomplete series; report: {report}")
 
-
-_EARLIER = "a file an earlier run wrote to DST"
-
-
-def _earlier_run(target: Path, encoded: Encoded) -> tuple[str, str] | None:
-    """A file an earlier run left at ``target``, with ``encoded``'s digest when it holds
-    exactly these bytes: identical bytes count as this run's output (re-running is
-    harmless); other bytes are a collision."""
-    if not target.is_file():
-        return None
-    same = target.read_bytes() == encoded.data()
-    return _EARLIER, encoded.digest if same else "other bytes"

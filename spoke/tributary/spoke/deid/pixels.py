@@ -8,11 +8,15 @@ uncompressed, so the blanked values cannot survive in a lossy encoding's residue
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array
 
 from tributary.spoke.deid.options import PixelMask
+
+if TYPE_CHECKING:  # numpy loads with the first image cleaned, not with the engine
+    import numpy as np
 
 
 class PixelCleaningError(ValueError):
@@ -23,6 +27,8 @@ class PixelCleaningError(ValueError):
 def clean_pixels(ds: Dataset, mask: PixelMask) -> int:
     """Blank ``mask``'s regions in ``ds`` in place; returns how many pixels per frame were
     blanked. Sets BurnedInAnnotation to NO: the known text is gone."""
+    import numpy as np
+
     rows, columns = int(ds.Rows), int(ds.Columns)
     syntax = ds.file_meta.TransferSyntaxUID
     if not syntax.is_little_endian or int(ds.BitsAllocated) not in (8, 16, 32, 64):

@@ -118,7 +118,9 @@ class ScreeningReport(BaseModel):
         return out
 
 
-class _Slice(BaseModel):
+class SlicePlace(BaseModel):
+    """Where a screened image sits in its series, for the series' integrity check."""
+
     instance: int | None
     position: tuple[float, float, float] | None
     orientation: tuple[float, ...] | None
@@ -139,8 +141,8 @@ class Screener:
         self.hash_pixels = hash_pixels
         self.verdicts: list[FileVerdict] = []
         self._pixels: dict[bytes | str, str] = {}
-        self._series: dict[str, list[_Slice]] = {}
-        self._placed: dict[int, tuple[str, _Slice]] = {}
+        self._series: dict[str, list[SlicePlace]] = {}
+        self._placed: dict[int, tuple[str, SlicePlace]] = {}
 
     def check(self, path: Path, root: Path | None = None
               ) -> tuple[Dataset | None, FileVerdict]:
@@ -231,6 +233,29 @@ class Screener:
             self._series.setdefault(verdict.series_id, []).append(placed)
             self._placed[id(verdict)] = (verdict.series_id, placed)
 
+    def hand_over(self, verdict: FileVerdict) -> SlicePlace | None:
+        """Forget the file of ``verdict`` (the last checked here) and return where its
+        image sits in its series (None when it was not placed): what a worker process
+        sends back with the verdict, for the collecting screener's :meth:`adopt`."""
+        if self.verdicts and self.verdicts[-1] is verdict:
+            self.verdicts.pop()
+        placed = self._placed.pop(id(verdict), None)
+        if placed is None:
+            return None
+        self._series[placed[0]].pop()  # placed last, with its verdict
+        if not self._series[placed[0]]:
+            del self._series[placed[0]]
+        return placed[1]
+
+    def adopt(self, verdict: FileVerdict, placed: SlicePlace | None) -> None:
+        """Take in a file screened by another screener (a worker process's), in input
+        order, as if checked here: the report and the series checks then do not depend
+        on how many processes screened."""
+        self.verdicts.append(verdict)
+        if placed is not None and verdict.series_id is not None and not verdict.excluded:
+            self._series.setdefault(verdict.series_id, []).append(placed)
+            self._placed[id(verdict)] = (verdict.series_id, placed)
+
     def seen_pixels(self, verdict: FileVerdict, digest: str) -> bool:
         """Record the digest of a file's pixel data; a second file with the same pixels
         under another header is excluded (and leaves its series' integrity check)."""
@@ -316,7 +341,7 @@ def _pixel_bytes(ds: Dataset) -> bytes | None:
     return None
 
 
-def _slice(ds: Dataset) -> _Slice:
+def _slice(ds: Dataset) -> SlicePlace:
     def floats(name: str, n: int) -> tuple[float, ...] | None:
         try:
             values = tuple(float(v) for v in ds.get(name) or ())
@@ -330,11 +355,11 @@ def _slice(ds: Dataset) -> _Slice:
     except (TypeError, ValueError):
         instance = None
     position = floats("ImagePositionPatient", 3)
-    return _Slice(instance=instance, position=position,  # type: ignore[arg-type]
+    return SlicePlace(instance=instance, position=position,  # type: ignore[arg-type]
                   orientation=floats("ImageOrientationPatient", 6))
 
 
-def _integrity(series_id: str, items: list[_Slice]) -> SeriesIntegrity:
+def _integrity(series_id: str, items: list[SlicePlace]) -> SeriesIntegrity:
     numbers = sorted(i.instance for i in items if i.instance is not None)
     missing, repeated = [], sorted({n for n in numbers if numbers.count(n) > 1})
     if numbers:
@@ -346,7 +371,7 @@ def _integrity(series_id: str, items: list[_Slice]) -> SeriesIntegrity:
                            repeated_instance_numbers=repeated[:100], slice_gaps=gaps[:100])
 
 
-def _slice_gaps(items: list[_Slice]) -> list[str]:
+def _slice_gaps(items: list[SlicePlace]) -> list[str]:
     """Distances between neighbouring slices along the slice normal; a step over 1.5x the
     median spacing means slices are missing."""
     placed = [i for i in items if i.position and i.orientation]

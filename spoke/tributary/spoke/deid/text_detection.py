@@ -15,16 +15,16 @@ which is why images declaring burned-in annotation stay out unless a mask covers
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-import pytesseract
-from PIL import Image
 from pydantic import BaseModel, ConfigDict
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID
+
+if TYPE_CHECKING:  # numpy, Pillow and pytesseract load with the first image read for text
+    import numpy as np
 
 TextScope = Literal["off", "text-prone", "all"]
 
@@ -98,6 +98,8 @@ def should_scan(ds: Dataset, scope: TextScope) -> bool:
 def detect_text(ds: Dataset) -> list[TextRegion]:
     """The words Tesseract reads in ``ds``'s pixels (a few frames of a multi-frame image),
     in image coordinates. Raises :class:`TextDetectionError` if it cannot look."""
+    import numpy as np
+
     photometric = str(ds.get("PhotometricInterpretation", ""))
     regions: dict[tuple[int, int, int, int], TextRegion] = {}
     try:
@@ -124,6 +126,8 @@ def detect_text(ds: Dataset) -> list[TextRegion]:
 
 def _grey8(frame: np.ndarray, samples: int, photometric: str) -> np.ndarray:
     """One frame as 8-bit grey, stretched to the full range so faint text still reads."""
+    import numpy as np
+
     data = frame.astype(np.float64)
     if samples > 1 and data.ndim == 3:
         data = data[..., :3] @ np.array([0.299, 0.587, 0.114])[: data.shape[-1]]
@@ -138,6 +142,9 @@ def _grey8(frame: np.ndarray, samples: int, photometric: str) -> np.ndarray:
 
 
 def _words(grey: np.ndarray) -> list[TextRegion]:
+    import pytesseract
+    from PIL import Image
+
     rows, columns = grey.shape
     scale = max(1, -(-_MIN_SIDE // max(rows, columns)))  # ceil, at least 1
     image = Image.fromarray(grey)
