@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from child_processes import NewChildren
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
@@ -108,22 +109,6 @@ def test_running_again_into_the_same_folder_changes_nothing(
     _same(first, again)
 
 
-def _workers() -> list[int]:
-    """This process's preparing workers, from /proc: its live children (forks of this
-    process, or fresh interpreters running the worker module)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def _run(corpus: Path, dst: Path, workers: int, after_each=None) -> FolderRun:
     key = corpus.parent / "key"
     options = DeidOptions()
@@ -145,6 +130,7 @@ def _run(corpus: Path, dst: Path, workers: int, after_each=None) -> FolderRun:
 def test_a_worker_killed_mid_run_changes_nothing(corpus: Path, tmp_path: Path) -> None:
     single = _run(corpus, tmp_path / "one", 1)
     killed: list[int] = []
+    _workers = NewChildren()  # not the session's hub and spokes, children of this process too
 
     def kill_one(done: int) -> None:
         if done == 10:  # this process prepares files itself: give the worker time to start

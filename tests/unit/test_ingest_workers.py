@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from child_processes import NewChildren
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -50,22 +51,6 @@ def _config(root: Path, data: Path, workers: int) -> SpokeConfig:
     (root / "pseudonym.key").parent.mkdir(parents=True, exist_ok=True)
     return SpokeConfig(spoke_id="workers", data_dir=data, work_dir=root / "work",
                        hub_public_key=root / "hub.pub", catalog={"workers": workers})
-
-
-def _workers() -> list[int]:
-    """This process's preparing workers, from /proc: its live children (forks of this
-    process, or fresh interpreters running the worker module)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def _outcome(catalog: Catalog) -> dict[str, tuple[str, str | None]]:
@@ -113,6 +98,7 @@ def test_a_worker_killed_mid_run_changes_nothing(corpus: Path, tmp_path: Path,
     single = _config(tmp_path / "one", corpus, workers=1)
     ingest(single)
     killed: list[int] = []
+    _workers = NewChildren()  # not the session's hub and spokes, children of this process too
 
     def kill_one(source: str, done: int, total: int) -> None:
         if done == 10:  # this process prepares files itself: give the worker time to start
@@ -204,6 +190,7 @@ def test_a_small_set_stays_in_one_process(corpus: Path, tmp_path: Path) -> None:
     """Under the threshold no worker starts: two workers are never slower than one."""
     files = sum(1 for p in corpus.rglob("*") if p.is_file())
     seen: list[int] = []
+    _workers = NewChildren()
     config = _config(tmp_path, corpus, workers=2)
     monkeypatch = pytest.MonkeyPatch()
     monkeypatch.setattr(ingest_module, "_PARALLEL_MIN", files + 1)

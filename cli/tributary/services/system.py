@@ -103,7 +103,17 @@ def read_pid(pidfile: Path) -> int | None:
         return None
     except PermissionError:
         return pid
+    if _is_zombie(pid):  # it died; its parent (the process that started it) never reaped it
+        return None
     return pid
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def start_daemon(cmd: Sequence[str], pidfile: Path, logfile: Path, cwd: Path | None = None,
