@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ingest_fixtures import keys, session  # noqa: F401 - fixtures
 from pydantic import ValidationError
+from signed_results import keys, session  # noqa: F401 - fixtures
 from sqlmodel import Session, select
 
 from tributary.hub.models import AuditEvent

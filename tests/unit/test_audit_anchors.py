@@ -1,7 +1,7 @@
 """Hub side of audit log anchors: a spoke's head from its heartbeats only moves forward, a
 head that goes backwards (a log cut or recreated) is kept out and recorded once, and the
 hub's own head is its newest audit row's entry in its forensic log."""
-# ruff: noqa: F811 - the fixtures ``keys`` and ``session`` are from ingest_fixtures
+# ruff: noqa: F811 - the fixtures ``keys`` and ``session`` are from signed_results
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ingest_fixtures import keys, session  # noqa: F401 - fixtures
+from signed_results import keys, session  # noqa: F401 - fixtures
 from sqlmodel import Session, select
 
 from tributary.hub.models import AuditEvent, Spoke

@@ -215,7 +215,7 @@ def test_the_default_workers_are_the_cores_this_process_may_use() -> None:
     process, for deidentify and for ingest, whatever the machine has."""
     probe = ("import os\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
              "from tributary.spoke.config import CatalogSettings\n"
-             "from tributary.spoke.folder_deid import usable_cores\n"
+             "from tributary.spoke.cores import usable_cores\n"
              "print(usable_cores(), CatalogSettings().workers)\n")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=120)

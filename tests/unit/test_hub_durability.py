@@ -1,13 +1,13 @@
 """Hub side of durability without a broker: liveness from heartbeats, case progress,
 attempt history and idempotency per (experiment, spoke, case, attempt), cancellation and
 refused retries as the spokes report them, and what each target is shown waiting for."""
-# ruff: noqa: F811 - the fixtures ``keys`` and ``session`` are from ingest_fixtures
+# ruff: noqa: F811 - the fixtures ``keys`` and ``session`` are from signed_results
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from ingest_fixtures import Chain, keys, result, session  # noqa: F401 - fixtures
+from signed_results import Chain, keys, result, session  # noqa: F401 - fixtures
 from sqlmodel import Session, select
 
 from tributary.hub.models import (

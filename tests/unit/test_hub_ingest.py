@@ -1,11 +1,11 @@
 """Result ingestion: idempotent, and only for results whose signed custody record verifies
 and continues the spoke's hash chain."""
-# ruff: noqa: F811 - the fixtures ``keys`` and ``session`` come from ingest_fixtures
+# ruff: noqa: F811 - the fixtures ``keys`` and ``session`` come from signed_results
 
 from __future__ import annotations
 
 import pytest
-from ingest_fixtures import DIGEST, Chain, keys, result, session  # noqa: F401 - fixtures
+from signed_results import DIGEST, Chain, keys, result, session  # noqa: F401 - fixtures
 from sqlmodel import Session, select
 
 from tributary.hub.models import (

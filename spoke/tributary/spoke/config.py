@@ -4,7 +4,6 @@ institution lives here, at the site, never on the hub."""
 from __future__ import annotations
 
 import logging
-import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -14,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.contract import DEFAULT_OUTPUT_LIMIT_BYTES
 from tributary.protocol.messages import validate_spoke_id
+from tributary.spoke.cores import usable_cores
 from tributary.spoke.deid.options import DeidOptions
 
 log = logging.getLogger(__name__)
@@ -284,14 +284,6 @@ class DicomWebSource(BaseModel):
 DataSource = Annotated[FolderSource | DicomWebSource, Field(discriminator="kind")]
 
 
-def _usable_cores() -> int:
-    """The cores this process may run on (its affinity), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 class CatalogSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -303,7 +295,7 @@ class CatalogSettings(BaseModel):
     #: ``workers - 1`` worker processes (it stores and catalogues between its own files).
     #: By default one per CPU this process may use (its affinity, as a container or a
     #: batch system sets it), at most 8.
-    workers: int = Field(default_factory=lambda: max(1, min(8, _usable_cores())),
+    workers: int = Field(default_factory=lambda: max(1, min(8, usable_cores())),
                          ge=1, le=64)
     #: Publish the site's description (the federated catalog: counts with small cells
     #: suppressed, years, de-identification profile, release terms, releasable attribute

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tributary.spoke.cores import usable_cores
 from tributary.spoke.deid import Deidentifier, DeidOptions, FileVerdict, Reason, Screener
 from tributary.spoke.deid.output import write_new
 from tributary.spoke.deid.screening import SlicePlace
@@ -98,15 +99,6 @@ def lost(path: str, excluded: Excluded) -> FileResult:
     verdict.add(Reason.DEIDENTIFICATION_FAILED,
                 excluded.reason.removeprefix(f"{Reason.DEIDENTIFICATION_FAILED}: "))
     return FileResult(verdict)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, as a container or a batch
-    system sets it), not the machine's."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def prepared(paths: list[Path], src: Path, key_file: Path, options: DeidOptions,

@@ -229,9 +229,11 @@ class Screener:
         if not verdict.excluded and should_scan(ds, self.options.text_detection):
             self._read_text(ds, verdict)
         if not verdict.excluded:
-            placed = _slice(ds)
-            self._series.setdefault(verdict.series_id, []).append(placed)
-            self._placed[id(verdict)] = (verdict.series_id, placed)
+            self._place(verdict, _slice(ds))
+
+    def _place(self, verdict: FileVerdict, placed: SlicePlace) -> None:
+        self._series.setdefault(verdict.series_id, []).append(placed)
+        self._placed[id(verdict)] = (verdict.series_id, placed)
 
     def hand_over(self, verdict: FileVerdict) -> SlicePlace | None:
         """Forget the file of ``verdict`` (the last checked here) and return where its
@@ -253,8 +255,7 @@ class Screener:
         on how many processes screened."""
         self.verdicts.append(verdict)
         if placed is not None and verdict.series_id is not None and not verdict.excluded:
-            self._series.setdefault(verdict.series_id, []).append(placed)
-            self._placed[id(verdict)] = (verdict.series_id, placed)
+            self._place(verdict, placed)
 
     def seen_pixels(self, verdict: FileVerdict, digest: str) -> bool:
         """Record the digest of a file's pixel data; a second file with the same pixels
