@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,7 @@ from tributary.hub.models import (
     SpokeKey,
     TargetState,
 )
+from tributary.hub.opening import EnvelopeOpener, Opened, PendingBatch
 from tributary.hub.services import debounce
 from tributary.hub.services.ingest import ingest_batch
 from tributary.hub.settings import HubSettings
@@ -176,6 +177,8 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
         worker.configure(settings, engine)
         debouncer = debounce.start(settings, engine)
         keys = {spoke.key.keyid: (spoke.spoke_id, spoke.key.public) for spoke in spokes}
+        table = {spoke.key.keyid: (spoke.spoke_id, spoke.key.public.pem) for spoke in spokes}
+        opener = EnvelopeOpener(settings.results_verify_processes)
         with Session(engine) as session:
             session.add(Algorithm(id=1, name="bench", version="1", repository="bench/alg",
                                   digest=DIGEST, approval={"approved": True}))
@@ -195,10 +198,19 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
             session.commit()
 
         def feed(bodies: list[str]) -> None:
-            """As the results consumer does: open each envelope, store them together."""
+            """Open each envelope, store them together (the opening statuses)."""
             messages = [open_from_spoke(body, keys.get)[0] for body in bodies]
             with Session(engine) as session:
                 outcomes = ingest_batch(session, messages)
+            assert all(outcome is True for outcome in outcomes), outcomes
+
+        def store(batch: PendingBatch) -> None:
+            """Store a batch opened by the opener, as the results consumer does."""
+            opened = batch.result()
+            assert all(isinstance(item, Opened) for item in opened), opened
+            with Session(engine) as session:
+                outcomes = ingest_batch(session, [item.message for item in opened],  # type: ignore[union-attr]
+                                        [item.custody for item in opened])  # type: ignore[union-attr]
             assert all(outcome is True for outcome in outcomes), outcomes
 
         t_open = time.perf_counter()
@@ -206,21 +218,38 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
             feed([body])
         progress(f"in-process: {len(study.opening)} accepted statuses and heartbeats "
                  f"({len(study.results)} case rows) in {time.perf_counter() - t_open:.1f} s")
+        opener.submit(study.opening[:1], table).result()  # its processes started, as a hub's
         rates: dict[int, float] = {}
         cpu: dict[int, float] = {}
         done, t0 = 0, time.perf_counter()
-        window_start, window_done, window_cpu = t0, 0, time.process_time()
+        def cpu_now() -> float:  # this process's threads and the verifying processes
+            return time.process_time() + sum(tree_cpu(pid) for pid in opener.pids())
+
+        window_start, window_done, window_cpu = t0, 0, cpu_now()
         window_thread = time.thread_time()  # the ingesting thread alone, not the debouncer
         pending = sorted(checkpoints)
         batch = settings.results_batch_size
-        while done < len(study.results):
-            # Batches of the consumer's size, cut at the checkpoints.
-            size = min(batch, len(study.results) - done,
-                       *(c - done for c in pending if c > done))
-            feed(study.results[done:done + size])
+
+        def batches() -> Iterator[PendingBatch]:
+            """Batches of the consumer's size, cut at the checkpoints, each submitted to
+            the opener; the consumer takes and opens the next batch while storing one."""
+            start = 0
+            while start < len(study.results):
+                size = min(batch, len(study.results) - start,
+                           *(c - start for c in pending if c > start))
+                yield opener.submit(study.results[start:start + size], table)
+                start += size
+
+        taken = batches()
+        current = next(taken, None)
+        while current is not None:
+            ahead = next(taken, None) if opener.parallel else None  # opens meanwhile
+            size = len(current.result())
+            store(current)
+            current = ahead if opener.parallel else next(taken, None)
             before, done = done, done + size
             if done in pending:
-                now, now_cpu = time.perf_counter(), time.process_time()
+                now, now_cpu = time.perf_counter(), cpu_now()
                 rates[done] = (done - window_done) / (now - window_start)
                 cpu[done] = (now_cpu - window_cpu) / (done - window_done) * 1000
                 thread = (time.thread_time() - window_thread) / (done - window_done) * 1000
@@ -237,7 +266,11 @@ def in_process(experiment_id: str, spokes: list[SimSpoke], study: Study, checkpo
                 break
         elapsed = time.perf_counter() - t0
         overall = done / elapsed
+        verifier_cpu = sum(tree_cpu(pid) for pid in opener.pids())
+        opener.close()
         debouncer.stop()
+        progress(f"in-process: {settings.results_verify_processes} verifying process(es) took "
+                 f"{verifier_cpu:.1f} s of CPU")
         progress(f"in-process: the debouncer took {debouncer.cpu_seconds:.1f} s of CPU in "
                  f"{elapsed:.1f} s ({debouncer.cpu_seconds / elapsed:.2f} of a core)")
         engine.dispose()

@@ -23,15 +23,21 @@ from tributary.hub.models import (
     Experiment,
     ExperimentState,
     InboundMessage,
+    Spoke,
     SpokeChain,
+    SpokeKey,
 )
 from tributary.hub.services import audit
 from tributary.hub.services.gaps import GapDetected
 from tributary.hub.services.ingest import Rejected, ingest_batch
 from tributary.protocol.auditlog import AuditLogError, verify_log
 from tributary.protocol.messages import (
+    CaseProgressMessage,
+    CaseStartedMessage,
     CaseStatus,
     ExperimentStatusMessage,
+    Failure,
+    FailureReason,
     ResultMessage,
 )
 from tributary.protocol.messages import ExperimentState as SpokeState
@@ -143,3 +149,61 @@ def test_completion_and_settling_happen_once_per_batch(engine: Engine, spokes: S
         completed = session.exec(select(AuditEvent).where(
             AuditEvent.action == "experiment.completed")).all()
         assert len(completed) == 1
+
+
+def _case_columns(engine: Engine) -> dict[str, tuple[object, ...]]:
+    with Session(engine) as session:
+        return {row.case_id: (row.state, row.attempt, row.output, row.failure,
+                              row.custody_sha256, row.result_message_id, row.started_at,
+                              row.progress_fraction, row.note)
+                for row in session.exec(select(CaseResult).where(
+                    CaseResult.spoke_id == "north"))}
+
+
+def test_start_reports_and_results_of_one_case_in_one_batch_keep_their_order(
+        engine: Engine, spokes: Spokes, tmp_path: Path) -> None:
+    """A batch stores results with one UPDATE for all of them, apart from the ORM's changes
+    (start and progress reports): the rows must end as if each message had been stored in a
+    transaction of its own, whatever the order of the two kinds within the batch."""
+    alone = make_engine(f"sqlite:///{tmp_path / 'alone.db'}")
+    audit.attach_forensic_log(alone, tmp_path / "alone.jsonl")
+    with Session(alone) as session:
+        for spoke, key in spokes.keys.items():
+            session.add(Spoke(id=spoke, name=spoke))
+            session.flush()
+            session.add(SpokeKey(keyid=key.keyid, spoke_id=spoke, public_key_pem=key.public.pem))
+        session.commit()
+        add_experiment(session, "exp", ["north", "south"], "summary", {})
+        accept(session, "exp", "north", CASES)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def started(case: str, attempt: int) -> CaseStartedMessage:
+        return CaseStartedMessage(experiment_id="exp", spoke_id="north", case_id=case,
+                                  attempt=attempt, sent_at=start)
+
+    def failed(case: str) -> ResultMessage:
+        return result("north", case).model_copy(update={
+            "status": CaseStatus.FAILED, "output": None,
+            "failure": Failure(reason=FailureReason.EXIT_CODE, detail="exit 1")})
+
+    batch = [started("c0", 1), spokes.sign(failed("c0")),
+             started("c0", 2),  # the retry starts after its failed first attempt
+             CaseProgressMessage(experiment_id="exp", spoke_id="north", case_id="c0",
+                                 attempt=2, fraction=0.5, sent_at=start),
+             spokes.sign(result("north", "c1")), started("c1", 1),  # late: ignored
+             started("c2", 1), spokes.sign(result("north", "c2", 2.0)),
+             # A failure whose start report was lost, then its retry's start.
+             spokes.sign(failed("c3")), started("c3", 2)]
+    with Session(engine) as session:
+        outcomes = ingest_batch(session, batch)
+    assert all(isinstance(outcome, bool) for outcome in outcomes), outcomes
+    for message in batch:
+        with Session(alone) as session:
+            ingest_batch(session, [message])
+    together, one_by_one = _case_columns(engine), _case_columns(alone)
+    assert together == one_by_one
+    assert together["c0"][:2] == (CaseState.RUNNING, 2)  # the retry, not the failure
+    assert together["c3"][:2] == (CaseState.RUNNING, 2)
+    assert together["c0"][7] == 0.5
+    assert together["c1"][0] == together["c2"][0] == CaseState.SUCCEEDED
+    assert together["c2"][2] == {"volume": 2.0}

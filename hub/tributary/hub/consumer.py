@@ -10,7 +10,9 @@ transaction and acknowledges each one after the commit (client-individual acks; 
 broker's prefetch is ``results_prefetch_batches`` batches, so the next batch arrives while
 one is stored). A message the hub refuses is dead-lettered alone; a batch that fails for another
 reason (a database fault) is stored again one message at a time, so one bad message never
-takes the others down.
+takes the others down. Opening a batch (parsing, validating, checking the envelope's and
+custody record's signatures: most of a result's CPU) runs in worker processes
+(:mod:`tributary.hub.opening`), for the next batch while this one is stored.
 
 The web app runs one in its own process by default (``TRIBUTARY_HUB_CONSUME_RESULTS``);
 an operator who wants it apart runs :func:`run` as a process of its own and turns that
@@ -34,9 +36,9 @@ from sqlmodel import Session, col, select
 from tributary.hub import worker
 from tributary.hub.db import open_database
 from tributary.hub.models import QuarantinedMessage, SpokeKey
+from tributary.hub.opening import EnvelopeOpener, Opened, PendingBatch
 from tributary.hub.services import audit, debounce, gaps, psi
-from tributary.hub.services.enrolment import public_key
-from tributary.hub.services.ingest import Outcome, SpokeMessage, ingest_batch
+from tributary.hub.services.ingest import Outcome, ingest_batch
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import Delivery, StompClient
 from tributary.protocol.cohorts.psi import PsiRelay
@@ -47,8 +49,7 @@ from tributary.protocol.messages import (
     ProtocolError,
     ResultMessage,
 )
-from tributary.protocol.signing import PublicKey, SigningKey
-from tributary.protocol.wire import open_from_spoke
+from tributary.protocol.signing import SigningKey
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ STORE_ATTEMPTS = 4
 RESEND_POLL_SECONDS = 5.0
 #: How often messages held for a custody gap are tried again while nothing else arrives.
 HELD_RETRY_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Deliveries taken together, being opened."""
+
+    deliveries: list[Delivery]
+    held_since: dict[int, float]
+    pending: PendingBatch
 
 
 @dataclass
@@ -86,6 +96,7 @@ class ResultsConsumer:
         self.batch_wait = settings.results_batch_wait_ms / 1000
         self.prefetch = settings.results_batch_size * settings.results_prefetch_batches
         self.gap_hold = settings.custody_gap_hold_seconds
+        self.opener = EnvelopeOpener(settings.results_verify_processes)
         self._inbox: queue.Queue[Delivery] = queue.Queue()
         self._held: list[_Held] = []
         self._retry_now = False
@@ -113,6 +124,7 @@ class ResultsConsumer:
         self._psi_wake.set()
         for thread in self._threads:
             thread.join(timeout=30)
+        self.opener.close()
 
     def _spawn(self, target: object, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)  # type: ignore[arg-type]
@@ -121,26 +133,30 @@ class ResultsConsumer:
 
     # -- taking batches -------------------------------------------------------------------
     def _work(self) -> None:
+        ahead: _Batch | None = None
         while not self._stop.is_set():
-            deliveries, since = self._take()
-            if not deliveries:
+            batch, ahead = ahead or self._begin(self._take()), None
+            if batch is None:
                 continue
+            if self.opener.parallel:  # the next batch, if it arrived, opens meanwhile
+                ahead = self._begin(self._take(block=False))
             try:
-                self.process(deliveries, since)
+                self.process(batch)
             except Exception:  # the messages stay unacknowledged; redelivered on reconnect
-                log.exception("could not process %d message(s)", len(deliveries))
+                log.exception("could not process %d message(s)", len(batch.deliveries))
 
-    def _take(self) -> tuple[list[Delivery], dict[int, float]]:
+    def _take(self, block: bool = True) -> tuple[list[Delivery], dict[int, float]]:
         """What arrived (up to a batch, waiting at most the batch wait after the first; not
-        at all when held messages are due again at once), then the messages held for a gap,
-        with since when each of those is held."""
-        wait = 0.0 if self._retry_now else HELD_RETRY_SECONDS if self._held else 0.5
+        at all when held messages are due again at once, or if not ``block``), then the
+        messages held for a gap, with since when each of those is held."""
+        wait = (0.0 if self._retry_now or not block else HELD_RETRY_SECONDS if self._held
+                else 0.5)
         self._retry_now = False
         taken: list[Delivery] = []
         with contextlib.suppress(queue.Empty):
             taken.append(self._inbox.get(timeout=wait) if wait else self._inbox.get_nowait())
         if taken:
-            deadline = time.monotonic() + self.batch_wait
+            deadline = time.monotonic() + (self.batch_wait if block else 0.0)
             while len(taken) < self.batch_size:
                 remaining = deadline - time.monotonic()
                 try:
@@ -153,28 +169,37 @@ class ResultsConsumer:
         return taken + [h.delivery for h in held], {id(h.delivery): h.since for h in held}
 
     # -- one batch ------------------------------------------------------------------------
-    def process(self, deliveries: list[Delivery], held_since: dict[int, float] | None = None
-                ) -> None:
+    def _begin(self, taken: tuple[list[Delivery], dict[int, float]]) -> _Batch | None:
+        """Start opening what was taken (in the opener's processes, if it has any)."""
+        deliveries, held_since = taken
+        deliveries = [d for d in deliveries if self.client.is_current(d)]  # else redelivered
+        if not deliveries:
+            return None
+        try:
+            pending = self.opener.submit([d.body for d in deliveries], self._keys(deliveries))
+        except Exception:  # the messages stay unacknowledged; redelivered on reconnect
+            log.exception("could not open %d message(s)", len(deliveries))
+            return None
+        return _Batch(deliveries, held_since, pending)
+
+    def process(self, batch: _Batch) -> None:
         """Verify, store in one transaction, then acknowledge or dead-letter each one (a
         result refused for a custody gap is held instead, up to the gap hold since
         ``held_since[id(delivery)]``)."""
-        deliveries = [d for d in deliveries if self.client.is_current(d)]  # else redelivered
-        resolve = self._resolver(deliveries)
-        opened: list[tuple[Delivery, SpokeMessage]] = []
-        for delivery in deliveries:
+        opened: list[tuple[Delivery, Opened]] = []
+        for delivery, outcome in zip(batch.deliveries, batch.pending.result(), strict=True):
             if delivery.redelivered:  # another consumer took it and died before acknowledging
                 log.info("redelivered message %s: storing it unless it already is",
                          delivery.message_id)
-            try:
-                message, _keyid = open_from_spoke(delivery.body, resolve)
-            except ProtocolError as exc:
-                self._dead_letter(delivery, str(exc), None)
+            if isinstance(outcome, ProtocolError):
+                self._dead_letter(delivery, str(outcome), None)
                 continue
-            opened.append((delivery, message))
-        outcomes = self._store([message for _, message in opened])
-        now, since = time.monotonic(), held_since or {}
+            opened.append((delivery, outcome))
+        outcomes = self._store([item for _, item in opened])
+        now, since = time.monotonic(), batch.held_since
         stored_any = wake = False
-        for (delivery, message), outcome in zip(opened, outcomes, strict=True):
+        for (delivery, item), outcome in zip(opened, outcomes, strict=True):
+            message = item.message
             if isinstance(outcome, gaps.GapDetected):
                 first = since.get(id(delivery))
                 if first is None:  # the gap is recorded at once; its resend request waits
@@ -201,9 +226,11 @@ class ResultsConsumer:
         if wake:
             self._gap_wake.set()
 
-    def _resolver(self, deliveries: list[Delivery]):  # type: ignore[no-untyped-def]
-        """Owner and key of each key id the batch's envelopes name, read with one query;
-        revoked keys resolve to None (the envelope is then refused)."""
+    def _keys(self, deliveries: list[Delivery]) -> dict[str, tuple[str, str]]:
+        """The active keys of the spokes whose key ids the batch's envelopes name (their
+        custody records may be signed by another of the spoke's keys), read with one
+        query: key id -> (spoke, PEM). A revoked key is not in it (the envelope is then
+        refused)."""
         keyids = set()
         for delivery in deliveries:
             if len(delivery.body) > MAX_MESSAGE_BYTES:
@@ -212,35 +239,38 @@ class ResultsConsumer:
                 keyids.add(str(json.loads(delivery.body)["signatures"][0]["keyid"]))
             except Exception:  # open_from_spoke will say what is wrong with it
                 continue
-        known: dict[str, tuple[str, PublicKey]] = {}
+        known: dict[str, tuple[str, str]] = {}
         if keyids:
+            signers = select(SpokeKey.spoke_id).where(col(SpokeKey.keyid).in_(keyids))
             with Session(self.engine) as session:
                 for row in session.exec(select(SpokeKey).where(
-                        col(SpokeKey.keyid).in_(keyids), col(SpokeKey.revoked_at).is_(None))):
-                    known[row.keyid] = (row.spoke_id, public_key(row.public_key_pem))
-        return known.get
+                        col(SpokeKey.spoke_id).in_(signers), col(SpokeKey.revoked_at).is_(None))):
+                    known[row.keyid] = (row.spoke_id, row.public_key_pem)
+        return known
 
-    def _store(self, messages: list[SpokeMessage]) -> list[Outcome | Exception]:
+    def _store(self, opened: list[Opened]) -> list[Outcome | Exception]:
         """Store the batch in one transaction; if that fails for another reason than a
         refused message, store its messages one at a time to isolate the one at fault."""
-        if not messages:
+        if not opened:
             return []
-        if len(messages) > 1:
+        if len(opened) > 1:
             try:
                 with Session(self.engine) as session:
-                    return ingest_batch(session, messages)
+                    return ingest_batch(session, [item.message for item in opened],
+                                        [item.custody for item in opened])
             except Exception:
                 log.warning("storing a batch of %d messages failed; storing them one by one",
-                            len(messages), exc_info=True)
-        return [self._store_one(message) for message in messages]
+                            len(opened), exc_info=True)
+        return [self._store_one(item) for item in opened]
 
-    def _store_one(self, message: SpokeMessage) -> Outcome | Exception:
+    def _store_one(self, item: Opened) -> Outcome | Exception:
         """Ingest one message, retrying a database fault (a locked SQLite file, a dropped
         connection) a few times before giving up on it."""
+        message = item.message
         for attempt in range(1, STORE_ATTEMPTS + 1):
             try:
                 with Session(self.engine) as session:
-                    return ingest_batch(session, [message])[0]
+                    return ingest_batch(session, [message], [item.custody])[0]
             except Exception as exc:
                 if attempt == STORE_ATTEMPTS:
                     log.exception("could not store message %s", message.message_id)

@@ -149,6 +149,11 @@ class HubSettings(BaseSettings):
     #: for a batch's acknowledgements before sending more (the consumer then idles while a
     #: batch is stored); more keeps the next batch arriving while one is being stored.
     results_prefetch_batches: int = Field(4, ge=1, le=50)
+    #: Worker processes that open the results consumer's next batch (parse, validate, check
+    #: the envelope's and the custody record's signatures) while it stores the current
+    #: one: most of a result's CPU is in those checks. 0 opens batches in the consuming
+    #: thread. The default, one process, leaves the consumer a core for the database.
+    results_verify_processes: int = Field(1, ge=0, le=64)
     #: A result whose custody record comes after records not yet received is held this
     #: long (unacknowledged, tried again with each batch) before it is refused as a custody
     #: gap: with competing consumers, a spoke that does not send its results as one message

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 
-from sqlalchemy import CTE, Select, String, and_, column, func, insert, text, update
+from sqlalchemy import CTE, Select, String, and_, column, func, insert, inspect, text, update
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from tributary.hub import tasks
@@ -43,6 +44,7 @@ from tributary.hub.models import (
     TargetState,
     utcnow,
 )
+from tributary.hub.opening import VerifiedCustody
 from tributary.hub.services import anchors, audit, debounce, gaps, partials
 from tributary.hub.services.catalog import ingest_description
 from tributary.hub.services.counts import ingest_count_reply
@@ -93,20 +95,26 @@ def ingest(session: Session, message: SpokeMessage) -> bool:
     return outcome
 
 
-def ingest_batch(session: Session, messages: Sequence[SpokeMessage]) -> list[Outcome]:
+def ingest_batch(session: Session, messages: Sequence[SpokeMessage],
+                 custody: Sequence[VerifiedCustody | None] | None = None) -> list[Outcome]:
     """Apply ``messages`` in order in ONE transaction, committed here, and return each one's
     outcome. A refused message (a :class:`ProtocolError` in its place: forged, replayed, a
     custody gap...) changed nothing, and the others are applied as if it had not been
     there; a later message of the same spoke sees the chain as the earlier ones left it.
     Any other exception rolls the whole batch back and propagates: the caller may then
-    apply the messages one by one to find the one at fault."""
+    apply the messages one by one to find the one at fault.
+
+    ``custody``, in step with ``messages``, holds what :mod:`tributary.hub.opening` found
+    of each result's custody record; one whose keys are no longer all the spoke's active
+    keys (or None) is checked again here."""
     batch = _Batch(session, messages)
     outcomes: list[Outcome] = []
+    checked = custody if custody is not None else [None] * len(messages)
     with audit.batched(session):
         try:
-            for message in messages:
+            for message, verified in zip(messages, checked, strict=True):
                 try:
-                    outcomes.append(batch.apply(message))
+                    outcomes.append(batch.apply(message, verified))
                 except ProtocolError as exc:
                     outcomes.append(exc)
             batch.finish()
@@ -197,6 +205,7 @@ class _Batch:
         # Written together (write_pending): message ids, attempts, spokes' last contact.
         self.inbound: list[dict[str, object]] = []
         self.new_attempts: list[dict[str, object]] = []
+        self.case_updates: dict[int, dict[str, object]] = {}  # by row id: a result's columns
         self.seen: set[str] = set()
         self.stale: set[str] = set()
         self.experiments: set[str] = set()
@@ -290,8 +299,37 @@ class _Batch:
                                          case_id=case_id)
         return self.cases[key]
 
+    def case_to_change(self, experiment_id: str, spoke_id: str, case_id: str) -> CaseResult:
+        """The case's row, for a change through the ORM: a result stored earlier in the
+        batch is written first, so that the two changes reach the database in order."""
+        row = self.case(experiment_id, spoke_id, case_id)
+        if row.id is not None and row.id in self.case_updates:
+            self.write_case_updates()
+        return row
+
+    def update_case(self, row: CaseResult, values: dict[str, object]) -> None:
+        """Give a stored case a result's columns. The row in the session takes the values
+        as already committed (no ORM change tracking: most of a result's cost was the unit
+        of work's), and the batch writes them with one UPDATE by primary key for all its
+        results (:meth:`write_case_updates`). A row changed through the ORM earlier in the
+        batch (a start report) stays on the ORM's path, so its changes keep their order."""
+        if inspect(row).modified:
+            for name, value in values.items():
+                setattr(row, name, value)
+            self.session.add(row)
+            return
+        for name, value in values.items():
+            set_committed_value(row, name, value)
+        assert row.id is not None
+        self.case_updates[row.id] = {"id": row.id, **values}
+
+    def write_case_updates(self) -> None:
+        if self.case_updates:
+            updates, self.case_updates = list(self.case_updates.values()), {}
+            self.session.execute(update(CaseResult), updates)
+
     # -- one message ----------------------------------------------------------------------
-    def apply(self, message: SpokeMessage) -> bool:
+    def apply(self, message: SpokeMessage, verified: VerifiedCustody | None = None) -> bool:
         """Apply one message; raises :class:`ProtocolError` before changing anything."""
         session = self.session
         if isinstance(message, HeartbeatMessage):
@@ -325,7 +363,8 @@ class _Batch:
         if (message.experiment_id, message.spoke_id) not in self.targets:
             raise Rejected(f"experiment {message.experiment_id!r} does not target spoke "
                            f"{message.spoke_id!r}")
-        checked = self.check_result(message) if isinstance(message, ResultMessage) else None
+        checked = (self.check_result(message, verified) if isinstance(message, ResultMessage)
+                   else None)
         # Nothing was changed before this point: a refusal above leaves the batch as it was.
         self.known.add(message.message_id)
         self.seen.add(message.spoke_id)
@@ -359,8 +398,11 @@ class _Batch:
         self.experiments.add(message.experiment_id)
         return outcome != _Applied.DUPLICATE and outcome != _Applied.QUARANTINED
 
-    def check_result(self, message: ResultMessage) -> _Checked:
-        """Everything that can refuse a result, without changing anything."""
+    def check_result(self, message: ResultMessage, verified: VerifiedCustody | None = None
+                     ) -> _Checked:
+        """Everything that can refuse a result, without changing anything. A custody
+        record checked on another core (``verified``) is taken if every key it was checked
+        against is still one of the spoke's active keys; otherwise it is checked here."""
         row = self.case(message.experiment_id, message.spoke_id, message.case_id)
         digest = self.digests.get(message.message_id)
         earlier = self.attempts.get((message.experiment_id, message.spoke_id, message.case_id,
@@ -370,11 +412,14 @@ class _Batch:
                            f"{message.attempt}: replayed or conflicting result")
         if message.custody is None or digest is None:
             raise Rejected("result carries no custody record")
-        try:
-            record = verify_custody(message.custody, self.keys.get(message.spoke_id, []),
-                                    message)
-        except SignatureError as exc:
-            raise Rejected(f"custody record refused: {exc}") from None
+        keys = self.keys.get(message.spoke_id, [])
+        if verified is not None and verified.keyids <= {key.keyid for key in keys}:
+            record = verified.record
+        else:
+            try:
+                record = verify_custody(message.custody, keys, message)
+            except SignatureError as exc:
+                raise Rejected(f"custody record refused: {exc}") from None
         if digest in self.taken:
             raise Rejected("replayed custody record: already accepted under another message")
         chain = self.chains.get(message.spoke_id)
@@ -424,20 +469,13 @@ class _Batch:
             self.taken.discard(row.custody_sha256)
         self.taken.add(digest)
         old = partials.view(row)
-        row.custody = message.custody
-        row.custody_sha256 = digest
-        row.state = state
-        row.attempt = message.attempt
-        row.output = message.output
-        row.failure = message.failure.model_dump(mode="json") if message.failure else None
-        row.released = message.released
-        row.image_digest = message.image_digest
-        row.started_at = message.started_at
-        row.finished_at = message.finished_at
-        row.result_message_id = message.message_id
-        row.received_at = utcnow()
-        row.note = None
-        session.add(row)
+        self.update_case(row, {
+            "custody": message.custody, "custody_sha256": digest, "state": state,
+            "attempt": message.attempt, "output": message.output,
+            "failure": message.failure.model_dump(mode="json") if message.failure else None,
+            "released": message.released, "image_digest": message.image_digest,
+            "started_at": message.started_at, "finished_at": message.finished_at,
+            "result_message_id": message.message_id, "received_at": utcnow(), "note": None})
         experiment = session.get(Experiment, message.experiment_id)
         if experiment is not None:
             self.partials.replace(experiment, old, partials.view(row))
@@ -447,6 +485,7 @@ class _Batch:
         """Write what the batch keeps as plain rows (a statement each, not an object per
         row): message ids, attempts, and when the spokes were last heard from."""
         session = self.session
+        self.write_case_updates()
         if self.inbound:
             session.execute(insert(InboundMessage), self.inbound)
             self.inbound = []
@@ -532,7 +571,7 @@ def _apply_progress(batch: _Batch, message: CaseProgressMessage) -> bool:
     Every progress message is audited, applied or not: it is a channel out of a spoke."""
     session = batch.session
     _target(session, message)
-    row = batch.case(message.experiment_id, message.spoke_id, message.case_id)
+    row = batch.case_to_change(message.experiment_id, message.spoke_id, message.case_id)
     stale = (row.progress_at is not None and _aware(row.progress_at) > message.sent_at)
     applied = not (row.attempt != message.attempt or row.state in FINAL_CASE_STATES or stale)
     audit.record(session, message.spoke_id, "progress.received", message.experiment_id,
@@ -583,7 +622,7 @@ def _apply_status(batch: _Batch, target: ExperimentTarget,
         target.state = TargetState.CANCELLED
         target.reason = message.reason
         for case_id in message.case_ids:
-            row = batch.case(message.experiment_id, message.spoke_id, case_id)
+            row = batch.case_to_change(message.experiment_id, message.spoke_id, case_id)
             if row.state not in FINAL_CASE_STATES:
                 row.state = CaseState.CANCELLED
                 row.note = f"cancelled: {message.reason or 'on request'}"
@@ -606,7 +645,7 @@ def _restore_refused_retries(batch: _Batch, target: ExperimentTarget,
     """The spoke will not re-run these cases: they keep their latest accepted attempt."""
     session = batch.session
     for case_id in message.case_ids:
-        row = batch.case(message.experiment_id, message.spoke_id, case_id)
+        row = batch.case_to_change(message.experiment_id, message.spoke_id, case_id)
         latest = session.exec(select(CaseAttempt).where(
             CaseAttempt.experiment_id == message.experiment_id,
             CaseAttempt.spoke_id == message.spoke_id, CaseAttempt.case_id == case_id)
@@ -627,7 +666,7 @@ def _restore_refused_retries(batch: _Batch, target: ExperimentTarget,
 
 def _apply_started(batch: _Batch, message: CaseStartedMessage) -> None:
     session = batch.session
-    row = batch.case(message.experiment_id, message.spoke_id, message.case_id)
+    row = batch.case_to_change(message.experiment_id, message.spoke_id, message.case_id)
     if row.id is None:
         return  # not a case the spoke accepted: a start report does not make it one
     if row.state in FINAL_CASE_STATES and row.attempt >= message.attempt:
