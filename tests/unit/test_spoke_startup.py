@@ -104,3 +104,18 @@ def test_objects_are_frozen_at_exit_and_exit_handlers_still_run(tmp_path: Path) 
              "print('ok')")
     assert _run(probe) == "ok"
     assert marks.read_text() == "after\nbefore True\n"
+
+
+def test_the_collector_waits_for_the_imports_and_then_collects() -> None:
+    """Paused from the lean start to the end of the command's imports, then on again
+    with the imports' objects frozen; a warm process (pydicom loaded) is left as it is."""
+    cold = ("import gc\nfrom tributary.spoke.startup import lean_start, started\n"
+            "lean_start()\nassert not gc.isenabled()\nimport rich.console\nstarted()\n"
+            "assert gc.isenabled() and gc.get_freeze_count() > 10_000\n"
+            "class Cycle:\n    pass\nc = Cycle()\nc.me = c\ndel c\nassert gc.collect() > 0\n"
+            "print('ok')")
+    assert _run(cold) == "ok"
+    warm = ("import gc, pydicom\nfrom tributary.spoke.startup import lean_start, started\n"
+            "lean_start()\nassert gc.isenabled()\nstarted()\n"
+            "assert gc.get_freeze_count() == 0\nprint('ok')")
+    assert _run(warm) == "ok"

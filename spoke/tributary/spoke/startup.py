@@ -8,24 +8,26 @@ workers started as fresh interpreters).
   these processes never or seldom take (:data:`DEFERRED`): numpy (pydicom's
   configuration; only decoding pixels uses it: OCR of text-prone images, Clean Pixel
   Data), ``urllib.request`` (pydicom's test-data downloader: with it ``http.client``
-  and ``ssl``), ``tqdm`` (dicom-anonymizer's own command's progress bar) and ``attr``
-  (rich's pretty-printer, for attrs classes). Each is deferred: ``import`` gets a
-  stand-in module, and the first use of any of its attributes imports the real module
-  and makes the stand-in a view of it. Whoever uses one gets it; whoever does not never
-  pays for it. A few attributes are answered without loading, where the answer cannot
-  depend on the real module yet: ``numpy.ndarray``, which pydicom's writer only asks
-  ``isinstance`` about for every text value (before numpy is loaded no object can be an
-  array, so the answer is no, and once it is loaded the same stand-in class answers as
-  the real one), and ``attr.ib``, whose presence rich checks (a call of it loads attrs
-  and calls the real one).
-
-- At exit, the interpreter's garbage collector would go over every object of the
-  process again (about 40,000: pydicom's dictionaries, pydantic's schemas; 0.05 s of
-  CPU, a fifth of a one-file run) only to find nothing whose collection matters: the
-  process closes and fsyncs every file it writes before it returns. The objects are
-  frozen (``gc.freeze``) by an exit handler, so the collector skips them;
-  ``atexit`` handlers and ``weakref.finalize`` callbacks still run, and the operating
-  system takes the memory back.
+  and ``ssl``), ``pydicom.examples`` (the example data sets of pydicom's documentation,
+  looked up on disk when pydicom loads), ``tqdm`` (dicom-anonymizer's own command's
+  progress bar) and ``attr`` (rich's pretty-printer, for attrs classes). Each is
+  deferred: ``import`` gets a stand-in module, and the first use of any of its
+  attributes imports the real module and makes the stand-in a view of it. Whoever uses
+  one gets it; whoever does not never pays for it. A few attributes are answered
+  without loading, where the answer cannot depend on the real module yet:
+  ``numpy.ndarray``, which pydicom's writer only asks ``isinstance`` about for every
+  text value (before numpy is loaded no object can be an array, so the answer is no,
+  and once it is loaded the same stand-in class answers as the real one), and
+  ``attr.ib``, whose presence rich checks (a call of it loads attrs and calls the real
+  one).
+- The steward's command (:func:`lean_start`) also skips the garbage collector's passes
+  at exit: they would go over every object of the process again (about 40,000:
+  pydicom's dictionaries, pydantic's schemas; 0.05 s of CPU, a fifth of a one-file run)
+  only to find nothing whose collection matters, since the command closes and fsyncs
+  every file it writes before it returns. An exit handler freezes the objects
+  (``gc.freeze``), so the collector skips them; every ``atexit`` handler and
+  ``weakref.finalize`` callback still runs, and the operating system takes the memory
+  back.
 
 Pillow is not deferred: pydicom asks it, at load, which codecs it has, and records the
 answer; deferring it would mean answering for it."""
@@ -153,18 +155,10 @@ def defer_numpy() -> None:
     defer("numpy")
 
 
-def lean_start() -> None:
-    """Start a de-identifying process: pydantic's plugins off, the modules of
-    :data:`DEFERRED` deferred, pydicom imported without its test-data downloader's
-    optional dependencies (it then falls back to the standard library, should it ever
-    download). Call it before anything imports pydicom or builds a pydantic model.
-
-    pydantic's plugins are switched off with pydantic's own switch
-    (``PYDANTIC_DISABLE_PLUGINS``, unless the site set it): a plugin sees every value
-    validated, and a de-identifying process validates source paths and identifiers (and
-    looking for them reads every installed distribution's entry points)."""
-    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-    _skip_final_collection()
+def import_pydicom() -> None:
+    """Import pydicom without its test-data downloader's optional dependencies (it then
+    falls back to the standard library, should it ever download), the modules of
+    :data:`DEFERRED` deferred. Call it before anything imports pydicom."""
     if "pydicom" in sys.modules:
         return
     for name in DEFERRED:
@@ -183,6 +177,43 @@ def lean_start() -> None:
     defer("tqdm")  # after pydicom, which goes on without it
 
 
+def lean_start() -> None:
+    """Start a process that only de-identifies a folder and exits (the steward's
+    command): :func:`import_pydicom`, pydantic's plugins off, the collector paused
+    until :func:`started` and the objects frozen at exit. Call it before anything
+    imports pydicom or builds a pydantic model. In a process that has loaded pydicom
+    already (a test, an agent) only the plugins are switched off: its objects are not
+    this command's to freeze.
+
+    pydantic's plugins are switched off with pydantic's own switch
+    (``PYDANTIC_DISABLE_PLUGINS``, unless the site set it): a plugin sees every value
+    validated, and a de-identifying process validates source paths and identifiers (and
+    looking for them reads every installed distribution's entry points)."""
+    global _PAUSED
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    if "pydicom" in sys.modules:
+        return
+    # The imports that follow make only what lives as long as the process (modules,
+    # classes, schemas): the collector, which would go over them again and again as
+    # they are made (about 0.01 s of CPU), waits until they are made.
+    if gc.isenabled():
+        gc.disable()
+        _PAUSED = True
+    _skip_final_collection()
+    import_pydicom()
+
+
+def started() -> None:
+    """The command's imports are done: what they made is frozen (the collector no
+    longer looks at it) and the collector, if :func:`lean_start` paused it, collects
+    from here on as usual."""
+    global _PAUSED
+    if _PAUSED:
+        gc.freeze()
+        gc.enable()
+        _PAUSED = False
+
+
 def _skip_final_collection() -> None:
     """Freeze every object at exit, once. Exit handlers registered before this one run
     after it, as they would have: freezing stops nothing and frees nothing, the
@@ -194,6 +225,4 @@ def _skip_final_collection() -> None:
 
 
 _FREEZE_AT_EXIT = False
-
-#: Its former name, for callers that only meant pydicom.
-import_pydicom = lean_start
+_PAUSED = False

@@ -59,19 +59,22 @@ def main(
                     "use); the result is the same for any number.")] = None,
 ) -> None:
     """De-identify every DICOM file under SRC into DST and report what was left out."""
-    from tributary.spoke.startup import lean_start
+    from tributary.spoke.startup import lean_start, started
 
     lean_start()  # before anything imports pydicom or builds a pydantic model
-    from rich.console import Console
-    from rich.table import Table
+    try:
+        from rich.console import Console
+        from rich.table import Table
 
-    from tributary.protocol.auditlog import AuditLog
-    from tributary.spoke.commands.progress import bars
-    from tributary.spoke.deid import DeidOptions, SafePrivate, Screener, profile_name
-    from tributary.spoke.deid.screening import EXCLUDING, Reason
-    from tributary.spoke.folder_deid import FolderRun, prepared
-    from tributary.spoke.folder_report import DeidRunReport, OutputFile
-    from tributary.spoke.pseudonyms import Pseudonymizer
+        from tributary.protocol.auditlog import AuditLog
+        from tributary.spoke.commands.progress import bars
+        from tributary.spoke.deid import DeidOptions, SafePrivate, Screener, profile_name
+        from tributary.spoke.deid.screening import EXCLUDING, Reason
+        from tributary.spoke.folder_deid import FolderRun, prepared
+        from tributary.spoke.folder_report import DeidRunReport, OutputFile
+        from tributary.spoke.pseudonyms import Pseudonymizer
+    finally:
+        started()
 
     console = Console()
     if (config is None) == (key is None):
