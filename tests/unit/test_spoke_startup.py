@@ -119,3 +119,29 @@ def test_the_collector_waits_for_the_imports_and_then_collects() -> None:
             "lean_start()\nassert gc.isenabled()\nstarted()\n"
             "assert gc.get_freeze_count() == 0\nprint('ok')")
     assert _run(warm) == "ok"
+
+
+def test_with_the_site_configuration_no_wire_protocol_is_loaded(tmp_path: Path) -> None:
+    """``--config`` reads the spoke's configuration (its work folder, key and
+    de-identification options), which loads neither the wire protocol's messages nor
+    the signing library (and its cloud signers) nor the broker's client."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "ct.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm"))
+                                             .read_bytes())
+    (tmp_path / "hub.pub").write_text("unused\n")
+    config = tmp_path / "spoke.toml"
+    config.write_text(f'spoke_id = "site-a"\ndata_dir = "{tmp_path / "src"}"\n'
+                      f'work_dir = "{tmp_path / "work"}"\n'
+                      f'hub_public_key = "{tmp_path / "hub.pub"}"\n\n'
+                      "[deidentification]\nretain_patient_characteristics = true\n")
+    args = ["spoke", "deidentify", str(tmp_path / "src"), str(tmp_path / "dst"),
+            "--config", str(config), "--report", str(tmp_path / "report.json")]
+    never = ("tributary.protocol.messages", "tributary.protocol.signing",
+             "tributary.protocol.broker", "securesystemslib", "boto3", "stomp")
+    probe = (f"{_LOADED}import json\nfrom tributary.cli.app import app\n"
+             f"try:\n    app({args!r}, standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+             f"print(json.dumps([m for m in {never!r} if loaded(m)]))")
+    (tmp_path / "work").mkdir()
+    assert json.loads(_run(probe)) == []
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["files_written"] == 1 and report["options"]["retain_patient_characteristics"]
