@@ -72,6 +72,13 @@ def test_one_file_loads_no_deferred_module(tmp_path: Path) -> None:
     # attr: the forwarded attr.ib defines a real attrs class; rich pretty-prints it as one
     "import attr\n@attr.s\nclass P:\n    x = attr.ib()\nassert attr.fields(P)[0].name == 'x'\n"
     "from rich.pretty import pretty_repr\nassert pretty_repr(P(1)) == 'P(x=1)'",
+    # argparse, as dicom-anonymizer's command uses it
+    "import argparse\nparser = argparse.ArgumentParser()\nparser.add_argument('--n', type=int)\n"
+    "assert parser.parse_args(['--n', '3']).n == 3",
+    # configparser, as rich reads a theme file
+    "import configparser, io\nfrom rich.theme import Theme\n"
+    "theme = Theme.from_file(io.StringIO('[styles]\\nwarning = red\\n'))\n"
+    "assert 'warning' in theme.styles",
     # pydicom.examples, an attribute of pydicom once pydicom is loaded
     "import pydicom\nassert str(pydicom.examples.ct.PatientName) == 'CompressedSamples^CT1'",
 ])

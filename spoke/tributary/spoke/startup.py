@@ -9,8 +9,9 @@ workers started as fresh interpreters).
   configuration; only decoding pixels uses it: OCR of text-prone images, Clean Pixel
   Data), ``urllib.request`` (pydicom's test-data downloader: with it ``http.client``
   and ``ssl``), ``pydicom.examples`` (the example data sets of pydicom's documentation,
-  looked up on disk when pydicom loads), ``tqdm`` (dicom-anonymizer's own command's
-  progress bar) and ``attr`` (rich's pretty-printer, for attrs classes). Each is
+  looked up on disk when pydicom loads), ``tqdm`` and ``argparse`` (dicom-anonymizer's
+  own command's progress bar and options), ``attr`` (rich's pretty-printer, for attrs
+  classes) and ``configparser`` (rich's themes read from files). Each is
   deferred: ``import`` gets a stand-in module, and the first use of any of its
   attributes imports the real module and makes the stand-in a view of it. Whoever uses
   one gets it; whoever does not never pays for it. A few attributes are answered
@@ -52,6 +53,8 @@ DEFERRED = {
     "urllib.request": "pydicom's test-data downloader",
     "tqdm": "dicom-anonymizer's command-line progress bar",
     "attr": "rich's pretty-printer, for attrs classes",
+    "argparse": "dicom-anonymizer's own command's options",
+    "configparser": "rich's themes read from files",
     "pydicom.examples": "pydicom's documentation's example data sets (found on disk at load)",
 }
 
