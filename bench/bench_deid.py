@@ -19,6 +19,11 @@ ingest's workers too), so a speed-up on two processes is shown with the CPU it c
 the load average is printed beside each table.
 
     .venv/bin/python bench/bench_deid.py [--slices 1500] [--rounds 3] [--quick]
+    .venv/bin/python bench/bench_deid.py --startup [--rounds 9]   # one file only
+
+Tributary's modules are compiled to bytecode first, as installing a wheel does: with
+``PYTHONDONTWRITEBYTECODE`` set, a source tree would otherwise be compiled again by every
+process, and the startup figures would measure the compiler.
 
 The last line reads ``deid: F<times> floor, D<times> dicognito, S<times> on 2 processes``
 (with the multiplication sign; CT, whole processes: the floor's time over Tributary's,
@@ -27,6 +32,7 @@ dicognito's over Tributary's, one ingest process's over two workers')."""
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import json
 import logging
@@ -289,6 +295,36 @@ def one_file(root: Path, src: Path, baseline: Path, count: int) -> dict[str, Sam
     return rounds(whole_variants(root, single, baseline, small=False) | {}, count)
 
 
+def compiled() -> None:
+    """Tributary's modules as bytecode beside their sources, as an installed wheel has
+    them (``__pycache__`` is ignored by git)."""
+    import tributary
+
+    for folder in tributary.__path__:
+        compileall.compile_dir(folder, quiet=2)
+
+
+def startup_only(baseline: Path, count: int) -> None:
+    """The one-file section alone: its medians, with the CPU time of each."""
+    import pydicom
+
+    every = Path(pydicom.__file__).parent / "data" / "test_files"
+    root = Path(tempfile.mkdtemp(prefix="tributary-bench-startup-"))
+    try:
+        (root / "bench.key").write_bytes(os.urandom(32))
+        (root / "hub.pub").write_text("unused by ingest\n")
+        results = one_file(root, every, baseline, count)
+        print(f"one file (startup), whole processes, medians of {count} rounds, order "
+              f"rotating ({load()} when printed):")
+        for name, (seconds, cpu) in results.items():
+            print(f"  {name:<38} {seconds:8.3f} s wall {cpu:8.3f} s CPU")
+        ours, theirs = results["tributary spoke deidentify"], results["dicognito"]
+        print(f"startup: {ours[0]:.3f} s wall ({ours[1]:.3f} s CPU) against "
+              f"{theirs[0]:.3f} s ({theirs[1]:.3f} s CPU) for dicognito")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
@@ -312,11 +348,17 @@ def main() -> None:
     parser.add_argument("--slices", type=int, default=1500)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="300 slices, 2 rounds")
+    parser.add_argument("--startup", action="store_true",
+                        help="only the one-file section (at least 7 rounds)")
     parser.add_argument("--floor", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
         warnings.simplefilter("ignore")
         floor(*args.floor)
+        return
+    compiled()
+    if args.startup:
+        startup_only(ensure_baselines(), max(7, args.rounds))
         return
     if args.quick:
         args.slices, args.rounds = 300, 2

@@ -4,6 +4,7 @@ start, so each is imported only when it is the one run."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -12,6 +13,9 @@ import sys
 from pathlib import Path
 
 from pydicom.data import get_testdata_file
+
+from tributary.protocol.auditlog import verify_log
+from tributary.spoke.startup import DEFERRED
 
 _PROBE = """
 import json, sys
@@ -51,10 +55,12 @@ def test_deidentify_imports_only_what_it_needs(tmp_path: Path) -> None:
         assert not any(m.startswith(heavy) for m in loaded), heavy
 
 
-def test_deferred_numpy_changes_no_byte(tmp_path: Path) -> None:
-    """With numpy deferred (a process started by the command) and loaded from the start
-    (this one), pydicom's test files give the same outputs and the same report; OCR of
-    the text-prone ones loads numpy on the way, when it is needed."""
+def test_deferred_modules_change_no_byte(tmp_path: Path) -> None:
+    """With the modules of ``startup.DEFERRED`` deferred and the objects frozen at exit
+    (a process started by the command) and all loaded from the start (this one),
+    pydicom's test files give the same outputs and the same report, and the audit log
+    written at the end verifies; OCR of the text-prone ones loads numpy on the way,
+    when it is needed."""
     src = tmp_path / "src"
     shutil.copytree(Path(get_testdata_file("CT_small.dcm")).parent, src)
     key = tmp_path / "k.key"
@@ -74,6 +80,8 @@ def test_deferred_numpy_changes_no_byte(tmp_path: Path) -> None:
                 for p in (tmp_path / n).rglob("*") if p.is_file()}
                for n in ("deferred", "loaded")]
     assert outputs[0] == outputs[1]
+    log = verify_log(tmp_path / "audit.jsonl")
+    assert log.ok and log.entries == 2, log.summary()
 
 
 def _subprocess(args: list[str]) -> None:
@@ -83,7 +91,8 @@ def _subprocess(args: list[str]) -> None:
 
 
 def _in_process(args: list[str]) -> None:
-    import numpy  # noqa: F401  # loaded: nothing deferred here
+    for name in DEFERRED:  # loaded (an attribute used): nothing deferred here
+        assert importlib.import_module(name).__file__
     from typer.testing import CliRunner
 
     from tributary.cli.app import app

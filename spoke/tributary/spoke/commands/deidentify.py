@@ -15,32 +15,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import BaseModel
-
-
-class OutputFile(BaseModel):
-    source: str
-    output: str
-    removed_unknown: list[str] = []  # standard-group attributes no dictionary knows
-    removed_undecodable: list[str] = []  # UN values that did not decode by their VR
-
-
-class DeidRunReport(BaseModel):
-    """The file written by ``--report``: what was done, with what, and what was left out."""
-
-    profile: str
-    options: dict
-    source: str
-    destination: str
-    started: datetime
-    finished: datetime
-    files_seen: int
-    files_written: int
-    excluded: int
-    flagged: int
-    reasons: dict[str, int]
-    screening: dict
-    outputs: list[OutputFile]
 
 
 def main(
@@ -85,18 +59,22 @@ def main(
                     "use); the result is the same for any number.")] = None,
 ) -> None:
     """De-identify every DICOM file under SRC into DST and report what was left out."""
-    from tributary.spoke.startup import import_pydicom
+    from tributary.spoke.startup import lean_start, started
 
-    import_pydicom()  # before anything imports pydicom
-    from rich.console import Console
-    from rich.table import Table
+    lean_start()  # before anything imports pydicom or builds a pydantic model
+    try:
+        from rich.console import Console
+        from rich.table import Table
 
-    from tributary.protocol.auditlog import AuditLog
-    from tributary.spoke.commands.progress import bars
-    from tributary.spoke.deid import DeidOptions, SafePrivate, Screener, profile_name
-    from tributary.spoke.deid.screening import EXCLUDING, Reason
-    from tributary.spoke.folder_deid import FolderRun, prepared
-    from tributary.spoke.pseudonyms import Pseudonymizer
+        from tributary.protocol.auditlog import AuditLog
+        from tributary.spoke.commands.progress import bars
+        from tributary.spoke.deid import DeidOptions, SafePrivate, Screener, profile_name
+        from tributary.spoke.deid.screening import EXCLUDING, Reason
+        from tributary.spoke.folder_deid import FolderRun, prepared
+        from tributary.spoke.folder_report import DeidRunReport, OutputFile
+        from tributary.spoke.pseudonyms import Pseudonymizer
+    finally:
+        started()
 
     console = Console()
     if (config is None) == (key is None):
