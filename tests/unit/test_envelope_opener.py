@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -129,3 +132,43 @@ def test_a_worker_that_dies_costs_a_retry_here(spokes: Spokes, opener: EnvelopeO
     again = opener.submit(bodies, key_table(spokes)).result()
     assert [item.message for item in again] == messages  # type: ignore[union-attr]
     assert opener.pids() and not set(opener.pids()) & set(workers)
+
+
+PARENT = """
+import sys, time
+from tributary.hub.opening import EnvelopeOpener
+if __name__ == "__main__":
+    opener = EnvelopeOpener(1)
+    opener.submit(["{}"], {}).result()
+    print(*opener.pids(), flush=True)
+    time.sleep(120)
+"""
+
+
+def test_workers_stop_when_their_hub_is_killed(tmp_path: Path) -> None:
+    """A hub killed with SIGKILL cannot stop its verifying processes: they stop themselves
+    (else every crash of a hub would leave a process behind)."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert workers and all(alive(pid) for pid in workers)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers)
+    finally:
+        parent.kill()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie whose parent is gone is reaped by init)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -66,6 +69,17 @@ def _key(pem: str) -> PublicKey:
             _parsed.clear()
         key = _parsed[pem] = PublicKey.from_pem(pem)
     return key
+
+
+def _exit_with(parent: int) -> None:
+    """A worker whose parent dies (killed, say) is not told to stop: it stops itself."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def open_batch(bodies: Sequence[str], keys: KeyTable) -> list[Opened | ProtocolError]:
@@ -135,7 +149,8 @@ class EnvelopeOpener:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(self.processes,
-                                             mp_context=multiprocessing.get_context("spawn"))
+                                             mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_exit_with, initargs=(os.getpid(),))
         return self._pool
 
     def submit(self, bodies: Sequence[str], keys: KeyTable) -> PendingBatch:
