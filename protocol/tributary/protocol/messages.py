@@ -28,6 +28,8 @@ from tributary.protocol.cohorts.access import AccessGrant
 from tributary.protocol.cohorts.catalog import CatalogDescriptionMessage
 from tributary.protocol.cohorts.psi import PsiForward, PsiRelay, PsiRequest, PsiStatus
 from tributary.protocol.contract import ProgressStep, RoundedFraction
+from tributary.protocol.identifiers import SPOKE_ID_RE as SPOKE_ID_RE  # re-exported
+from tributary.protocol.identifiers import validate_spoke_id
 
 #: Messages larger than this are refused before parsing.
 MAX_MESSAGE_BYTES = 2 * 1024 * 1024
@@ -38,7 +40,6 @@ LOG_TAIL_MAX_BYTES = 8000  # the tail of a failed container's log, UTF-8
 # Anchored for JSON schema patterns; applied with fullmatch, since "$" alone would let a
 # trailing newline through.
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
-SPOKE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 #: Every other id a message carries (experiment, case, query, message): ASCII letters,
 #: digits, '.', '_' and '-', starting with a letter or digit. Ids name folders and files at
 #: the receiver (``runs/<experiment>/<case>``); such an id is always one harmless path
@@ -92,12 +93,6 @@ class _Message(BaseModel):
     sent_at: datetime = Field(default_factory=utcnow)
 
     _compatible = field_validator("protocol_version")(check_protocol_version)
-
-
-def validate_spoke_id(value: str) -> str:
-    if not SPOKE_ID_RE.fullmatch(value):
-        raise ValueError("spoke id must be 2-63 lower-case letters, digits or '-'")
-    return value
 
 
 def validate_repository(value: str) -> str:

@@ -6,15 +6,17 @@ from __future__ import annotations
 import logging
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.contract import DEFAULT_OUTPUT_LIMIT_BYTES
-from tributary.protocol.messages import validate_spoke_id
+from tributary.protocol.identifiers import validate_spoke_id
 from tributary.spoke.cores import usable_cores
 from tributary.spoke.deid.options import DeidOptions
+
+if TYPE_CHECKING:  # the broker client (stomp, ssl): loaded by what connects, not by ingest
+    from tributary.protocol.broker import BrokerSettings
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +236,8 @@ class SpokeBroker(BaseModel):
     federation: str = "tributary"
 
     def settings(self) -> BrokerSettings:
+        from tributary.protocol.broker import BrokerSettings
+
         return BrokerSettings(host=self.host, port=self.port, user=self.user,
                               password=self.password, ca_file=self.ca_file,
                               cert_file=self.cert_file, key_file=self.key_file,
