@@ -59,6 +59,23 @@ def test_a_worker_is_kept_supplied_while_this_process_prepares_a_slow_file(
     assert len(mine) < len(jobs) // 3, mine
 
 
+def test_a_fresh_interpreter_worker_speaks_the_same_protocol(slices: list[Path],
+                                                              tmp_path: Path) -> None:
+    """The agent, which runs other threads, cannot fork: its workers are fresh
+    interpreters (``python -m tributary.spoke.prepare_worker``), timed and fed the same
+    way."""
+    key = tmp_path / "pseudonym.key"
+    staging = tmp_path / "objects"
+    staging.mkdir()
+    jobs = [(str(path), None) for path in slices[:6]]
+    pool = PreparePool(1, key, DeidOptions().model_dump_json(), staging, fork=False)
+    results = list(pool.map(jobs))
+    assert all(isinstance(r, PreparedInstance) for r in results), results
+    here = Preparer(Pseudonymizer.from_key_file(key), DeidOptions())
+    assert [r.digest for r in results if isinstance(r, PreparedInstance)] == \
+        [here.from_file(Path(job[0])).digest for job in jobs]
+
+
 _PROBE = """
 import json, sys
 from tributary.cli.app import app
