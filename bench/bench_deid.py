@@ -18,9 +18,11 @@ beside CPU time (user + system, of the process and every process it waited for: 
 ingest's workers too), so a speed-up on two processes is shown with the CPU it cost;
 the load average is printed beside each table.
 
-    .venv/bin/python bench/bench_deid.py [--slices 1500] [--rounds 3] [--quick]
+    .venv/bin/python bench/bench_deid.py [--slices 1500] [--rounds 3] [--quick] [--ct-only]
     .venv/bin/python bench/bench_deid.py --startup [--rounds 9]   # one file only
 
+``--ct-only`` runs the CT corpus alone, whole processes and in-process (no small files,
+no one-file start): enough for ingest's and deidentify's figures on two processes.
 Tributary's modules are compiled to bytecode first, as installing a wheel does: with
 ``PYTHONDONTWRITEBYTECODE`` set, a source tree would otherwise be compiled again by every
 process, and the startup figures would measure the compiler.
@@ -341,6 +343,25 @@ def table(title: str, files: int, results: dict[str, Sample]) -> None:
               f"{floor_s / seconds:8.2f} {dicognito_s / seconds:12.2f}")
 
 
+def ct_only(root: Path, ct: Path, baseline: Path, files: int, count: int) -> None:
+    """The CT tables and the two-process ratios, without the small corpus."""
+    from tributary.spoke.cores import usable_cores
+
+    whole = rounds(whole_variants(root, ct, baseline, small=False), count)
+    inproc = rounds(inprocess_variants(root, ct, baseline), count)
+    table("CT, whole processes", files, whole)
+    table("CT, in-process (loops alone)", files, inproc)
+    for name, results in (("whole processes", whole), ("in-process", inproc)):
+        one, two = (results["tributary spoke ingest, 1 process"],
+                    results["tributary spoke ingest, 2 processes"])
+        single, default = results["deidentify --workers 1"], \
+            results["tributary spoke deidentify"]
+        print(f"CT {name}: ingest on 2 processes {one[0] / two[0]:.2f}x the speed of one "
+              f"for {two[1] / one[1]:.2f}x its CPU time; deidentify with its default "
+              f"{usable_cores()} {single[0] / default[0]:.2f}x for "
+              f"{default[1] / single[1]:.2f}x; {load()}")
+
+
 def main() -> None:
     from tributary.spoke.folder_deid import usable_cores
 
@@ -350,6 +371,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="300 slices, 2 rounds")
     parser.add_argument("--startup", action="store_true",
                         help="only the one-file section (at least 7 rounds)")
+    parser.add_argument("--ct-only", action="store_true",
+                        help="the CT corpus alone (no small files, no one-file start)")
     parser.add_argument("--floor", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
@@ -370,14 +393,17 @@ def main() -> None:
         (root / "bench.key").write_bytes(os.urandom(32))
         (root / "hub.pub").write_text("unused by ingest\n")
         ct = ct_corpus(root, args.slices)
-        small = small_corpus(baseline, root)
         n_ct = sum(1 for p in ct.rglob("*") if p.is_file())
-        n_small = sum(1 for p in small.rglob("*") if p.is_file())
         size = sum(p.stat().st_size for p in ct.rglob("*")) / 1e6
-        print(f"CT: {n_ct} slices of 512x512 ({size:.0f} MB); small: {n_small} of "
-              "pydicom's test files (those dicognito processes); "
+        print(f"CT: {n_ct} slices of 512x512 ({size:.0f} MB); "
               f"{os.cpu_count()} CPUs ({usable_cores()} usable); medians of {args.rounds} "
               "rounds, order rotating")
+        if args.ct_only:
+            ct_only(root, ct, baseline, n_ct, args.rounds)
+            return
+        small = small_corpus(baseline, root)
+        n_small = sum(1 for p in small.rglob("*") if p.is_file())
+        print(f"small: {n_small} of pydicom's test files (those dicognito processes)")
         startup = one_file(root, small, baseline, max(3, args.rounds))
         ct_whole = rounds(whole_variants(root, ct, baseline, small=False), args.rounds)
         small_whole = rounds(whole_variants(root, small, baseline, small=True), args.rounds)

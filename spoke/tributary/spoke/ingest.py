@@ -21,7 +21,6 @@ from typing import Any
 
 from tributary.spoke.catalog import Catalog
 from tributary.spoke.config import SpokeConfig
-from tributary.spoke.journal import claim_work_dir
 from tributary.spoke.preparing import PreparePool
 from tributary.spoke.pseudonyms import Pseudonymizer
 from tributary.spoke.sources import Source, SourceItem, open_source
@@ -283,6 +282,8 @@ def rebuild(config: SpokeConfig) -> None:
     """Empty the store and the catalog (under the ingest lock) so the next ingest prepares
     every input again, e.g. under new ``[deidentification]`` options. Refused (raises
     :class:`WorkDirBusy`) while the agent runs: its running cases mount the store."""
+    from tributary.spoke.journal import claim_work_dir  # the wire messages: not for ingest
+
     agent_lock = claim_work_dir(config.work_dir)
     try:
         with _exclusive(config.work_dir):
@@ -299,6 +300,8 @@ def migrate_store(config: SpokeConfig) -> MigrationReport:
     """Convert a store written before its format was marked (see
     :mod:`tributary.spoke.store_migration`). Refused (raises :class:`WorkDirBusy`)
     while the agent runs; under the ingest lock, so no ingest writes meanwhile."""
+    from tributary.spoke.journal import claim_work_dir  # the wire messages: not for ingest
+
     agent_lock = claim_work_dir(config.work_dir)
     try:
         with _exclusive(config.work_dir):

@@ -5,7 +5,7 @@ Each worker is a fork of this process, which has loaded the engine already
 a fresh interpreter (``python -m tributary.spoke.prepare_worker``: it imports the engine,
 never the command line); it screens and de-identifies the files it is given
 and writes each output into the store's staging folder itself; only metadata comes back
-over its socket. The parent keeps at most :data:`_DEPTH` files in flight per worker, so
+over its socket. The parent keeps a few files in flight per worker (:func:`_depth`), so
 it always knows which file a worker was preparing (the first it holds; the others wait
 in its socket): a worker that dies (killed, out of memory, a decoder that crashes the
 interpreter) is replaced and its files go to the next workers; a file that a second
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import signal
 import socket
@@ -37,9 +38,15 @@ from typing import Any
 from tributary.spoke.store import Excluded, PreparedInstance
 from tributary.spoke.worker_fork import Forked, can_fork, fork_worker
 
-#: Files in flight per worker: one being prepared, one waiting, so a worker never idles
-#: while its result travels back.
-_DEPTH = 2
+#: Files in flight per worker: at least one being prepared and one waiting, so a worker
+#: never idles while its result travels back; and as many as it prepares in
+#: :data:`_AHEAD` seconds, so that it does not run dry while this process is busy with a
+#: file of its own and with storing what came back (with two, a worker on CT slices sat
+#: idle a third of the time). At most :data:`_MAX_DEPTH`: what a worker holds at the end
+#: of a run, no other process can take.
+_MIN_DEPTH = 2
+_MAX_DEPTH = 16
+_AHEAD = 0.04
 #: A worker that dies before preparing anything this many times in a row means the
 #: workers cannot start at all (a broken installation): stop instead of looping.
 _MAX_START_FAILURES = 3
@@ -63,6 +70,7 @@ class _Worker:
     held: deque[int] = field(default_factory=deque)
     done: int = 0
     since: float = 0.0  # when it started on the first file it holds
+    pace: float = 0.0  # seconds a file, as the worker timed them lately (0: not known)
     overdue: bool = False
     ready: bool = False  # it has imported the engine and said so: it may get files
 
@@ -152,7 +160,7 @@ class PreparePool:
                 self._start()
             while following < len(paths):
                 for worker in self._workers:
-                    while worker.ready and pending and len(worker.held) < _DEPTH:
+                    while worker.ready and pending and len(worker.held) < _depth(worker):
                         index = pending.popleft()
                         if not worker.held:
                             worker.since = time.monotonic()
@@ -183,9 +191,10 @@ class PreparePool:
                     if message == "ready":
                         worker.ready = True
                         continue
-                    index, result = message
+                    index, result, took = message
                     worker.held.remove(index)
                     worker.since = time.monotonic()
+                    worker.pace = took if not worker.pace else 0.8 * worker.pace + 0.2 * took
                     worker.done += 1
                     self._start_failures = 0
                     results[index] = result
@@ -225,6 +234,13 @@ class PreparePool:
             self._start()
 
 
+def _depth(worker: _Worker) -> int:
+    """How many files ``worker`` may hold: about :data:`_AHEAD` seconds of its work."""
+    if not worker.pace:
+        return _MIN_DEPTH
+    return max(_MIN_DEPTH, min(_MAX_DEPTH, 1 + math.ceil(_AHEAD / worker.pace)))
+
+
 def _signal_group(process: subprocess.Popen[bytes] | Forked, sig: signal.Signals) -> None:
     """``sig`` to the worker and what it started (``tesseract``): a worker killed alone
     would leave its OCR running for minutes on the file that hung it."""
@@ -261,6 +277,7 @@ def serve(fd: int) -> None:
         if message is None:
             return
         index, (path, root) = message
+        started = time.monotonic()
         try:
             result = prepare(Path(path), Path(root) if root else None)
         except Excluded as exc:
@@ -268,4 +285,4 @@ def serve(fd: int) -> None:
         except Exception as exc:  # a bug must cost one file, not the run
             result = Excluded(f"deidentification-failed: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}"[:300])
-        conn.send((index, result))
+        conn.send((index, result, time.monotonic() - started))

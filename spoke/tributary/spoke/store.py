@@ -10,6 +10,7 @@ that folder is what a container mounts read-only, so an algorithm only ever sees
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import secrets
@@ -307,7 +308,7 @@ class DeidStore:
                     raise
                 staged = Path(tmp)
             os.replace(staged, target)
-        self.link(instance.series_id, digest)
+        self.link(instance.series_id, digest, target)
         return digest
 
     def _folder(self, folder: Path) -> None:
@@ -322,9 +323,10 @@ class DeidStore:
         if instance.staged:
             Path(instance.staged).unlink(missing_ok=True)
 
-    def link(self, series_id: str, digest: str) -> None:
+    def link(self, series_id: str, digest: str, target: Path | None = None) -> None:
+        """The series folder's link to the object (``target``, when the caller has its
+        path); kept when it exists."""
         folder = self.series_dir(series_id)
         self._folder(folder)
-        view = folder / f"{digest}.dcm"
-        if not view.exists():
-            os.link(self.object_path(digest), view)
+        with contextlib.suppress(FileExistsError):
+            os.link(target or self.object_path(digest), folder / f"{digest}.dcm")

@@ -46,7 +46,6 @@ def ingest(
     from tributary.spoke.deid import profile_name
     from tributary.spoke.ingest import ingest as run_ingest
     from tributary.spoke.ingest import rebuild as rebuild_store
-    from tributary.spoke.journal import WorkDirBusy
     from tributary.spoke.sources import SourceUnavailable
     from tributary.spoke.store import StoreFormatError
 
@@ -55,6 +54,8 @@ def ingest(
     audit = AuditLog(settings.work_dir / "audit.jsonl")  # the agent's log: one history
     actor = f"cli:{getpass.getuser()}"
     if rebuild:
+        from tributary.spoke.journal import WorkDirBusy
+
         try:
             rebuild_store(settings)
         except WorkDirBusy as exc:

@@ -29,9 +29,8 @@ class Bars:
         if name not in self._bars:
             self._bars[name] = self._progress.add_task(name, total=total)
         now = time.monotonic()
-        final = done >= total
-        self._progress.update(self._bars[name], completed=done)
-        if final or now - self._shown >= _EVERY:
+        if done >= total or now - self._shown >= _EVERY:  # rich's update is not free
+            self._progress.update(self._bars[name], completed=done)
             self._progress.refresh()
             self._shown = now
 
