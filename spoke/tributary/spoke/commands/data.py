@@ -39,15 +39,20 @@ def ingest(
     changed inputs are read; running it again over unchanged sources is a no-op."""
     import getpass
 
-    from tributary.spoke.startup import import_pydicom
+    from tributary.spoke.startup import lean_start, started
 
-    import_pydicom()  # before anything imports pydicom: without numpy until it is used
-    from tributary.protocol.auditlog import AuditLog
-    from tributary.spoke.deid import profile_name
-    from tributary.spoke.ingest import ingest as run_ingest
-    from tributary.spoke.ingest import rebuild as rebuild_store
-    from tributary.spoke.sources import SourceUnavailable
-    from tributary.spoke.store import StoreFormatError
+    # As deidentify starts: before anything imports pydicom; its workers are forked after
+    # the imports, and their frozen objects are not copied by the collector's passes.
+    lean_start()
+    try:
+        from tributary.protocol.auditlog import AuditLog
+        from tributary.spoke.deid import profile_name
+        from tributary.spoke.ingest import ingest as run_ingest
+        from tributary.spoke.ingest import rebuild as rebuild_store
+        from tributary.spoke.sources import SourceUnavailable
+        from tributary.spoke.store import StoreFormatError
+    finally:
+        started()
 
     settings = load_config(config)
     settings.work_dir.mkdir(parents=True, exist_ok=True)
