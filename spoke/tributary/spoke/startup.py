@@ -21,7 +21,7 @@ workers started as fresh interpreters).
   and once it is loaded the same stand-in class answers as the real one), and
   ``attr.ib``, whose presence rich checks (a call of it loads attrs and calls the real
   one).
-- The steward's command and ingest (:func:`lean_start`) also skip the garbage collector's passes
+- The steward's command and ingest (:func:`lean_start`) also skip the collector's passes
   at exit: they would go over every object of the process again (about 40,000:
   pydicom's dictionaries, pydantic's schemas; 0.05 s of CPU, a fifth of a one-file run)
   only to find nothing whose collection matters, since the command closes and fsyncs
@@ -182,8 +182,8 @@ def import_pydicom() -> None:
 
 def lean_start() -> None:
     """Start a process that only de-identifies or ingests and exits (the steward's
-    command, ``tributary spoke ingest``): :func:`import_pydicom`, pydantic's plugins off, the collector paused
-    until :func:`started` and the objects frozen at exit. Call it before anything
+    command, ``tributary spoke ingest``): :func:`import_pydicom`, pydantic's plugins
+    off, the collector paused until :func:`started` and the objects frozen at exit. Call it before anything
     imports pydicom or builds a pydantic model. In a process that has loaded pydicom
     already (a test, an agent) only the plugins are switched off: its objects are not
     this command's to freeze.
