@@ -181,12 +181,12 @@ def import_pydicom() -> None:
 
 
 def lean_start() -> None:
-    """Start a process that only de-identifies or ingests and exits (the steward's
-    command, ``tributary spoke ingest``): :func:`import_pydicom`, pydantic's plugins
-    off, the collector paused until :func:`started` and the objects frozen at exit.
-    Call it before anything imports pydicom or builds a pydantic model. In a process that has loaded pydicom
-    already (a test, an agent) only the plugins are switched off: its objects are not
-    this command's to freeze.
+    """Start a process that only de-identifies or ingests and exits (the steward's command,
+    ``tributary spoke ingest``): :func:`import_pydicom`, pydantic's plugins off, the
+    collector paused until :func:`started` and the objects frozen at exit. Call it before
+    anything imports pydicom or builds a pydantic model. In a process that has loaded
+    pydicom already (a test, an agent) only the plugins are switched off: its objects are
+    not this command's to freeze.
 
     pydantic's plugins are switched off with pydantic's own switch
     (``PYDANTIC_DISABLE_PLUGINS``, unless the site set it): a plugin sees every value
