@@ -11,6 +11,15 @@ import os
 from pathlib import Path
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has ended: its parent has not reaped it yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def live_children() -> set[int]:
     """This process's live children (zombies left out)."""
     found = set()

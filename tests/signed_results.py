@@ -6,9 +6,11 @@ the tests that forge chains (explicit sequence numbers and predecessors)."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from tributary.hub.db import make_engine
@@ -21,6 +23,7 @@ from tributary.hub.models import (
     SpokeKey,
     TargetState,
 )
+from tributary.hub.services import audit
 from tributary.hub.services.ingest import ingest
 from tributary.protocol.custody import GENESIS, CustodyRecord, record_hash, sign_custody
 from tributary.protocol.messages import CaseStatus, ExperimentStatusMessage, ResultMessage
@@ -54,6 +57,25 @@ class Spokes:
         envelope = sign_custody(self.keys[result.spoke_id], record, result)
         self.heads[result.spoke_id] = (sequence + 1, record_hash(envelope))
         return result.model_copy(update={"custody": envelope})
+
+
+def audited_hub(directory: Path) -> Engine:
+    """A hub database with its forensic audit log, as ingest tests need it."""
+    engine = make_engine(f"sqlite:///{directory / 'hub.db'}")
+    audit.attach_forensic_log(engine, directory / "audit.jsonl")
+    return engine
+
+
+def study_of(engine: Engine, spoke_ids: list[str], targeted: list[str],
+             case_ids: list[str]) -> Spokes:
+    """Enrolled spokes and a ``summary`` study "exp" whose ``targeted`` spokes accepted
+    ``case_ids``."""
+    with Session(engine) as session:
+        spokes = Spokes(session, spoke_ids)
+        add_experiment(session, "exp", targeted, "summary", {})
+        for spoke in targeted:
+            accept(session, "exp", spoke, case_ids)
+    return spokes
 
 
 def add_experiment(session: Session, experiment_id: str, spokes: list[str], aggregator: str,

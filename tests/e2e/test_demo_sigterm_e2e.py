@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from child_processes import alive
 
 from tributary.testbed.federation import free_port
 
@@ -39,13 +40,6 @@ def descendants(pid: int) -> set[int]:
             todo.append(child)
     return found
 
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def test_sigterm_stops_the_whole_demo(tmp_path: Path) -> None:

@@ -14,14 +14,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from signed_results import DIGEST, Spokes, accept, add_experiment
+from child_processes import alive
+from signed_results import DIGEST, Spokes, audited_hub, study_of
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from tributary.hub.db import make_engine
 from tributary.hub.models import CaseResult, CaseState, SpokeKey
 from tributary.hub.opening import EnvelopeOpener, Opened, open_batch
-from tributary.hub.services import audit
 from tributary.hub.services.ingest import Rejected, ingest_batch
 from tributary.protocol.messages import CaseStatus, ProtocolError, ResultMessage
 from tributary.protocol.signing import SigningKey
@@ -32,19 +31,12 @@ CASES = [f"c{i}" for i in range(4)]
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")
-    audit.attach_forensic_log(engine, tmp_path / "audit.jsonl")
-    return engine
+    return audited_hub(tmp_path)
 
 
 @pytest.fixture
 def spokes(engine: Engine) -> Spokes:
-    with Session(engine) as session:
-        spokes = Spokes(session, ["north", "south"])
-        add_experiment(session, "exp", ["north", "south"], "summary", {})
-        for spoke in ("north", "south"):
-            accept(session, "exp", spoke, CASES)
-    return spokes
+    return study_of(engine, ["north", "south"], ["north", "south"], CASES)
 
 
 @pytest.fixture
@@ -164,11 +156,3 @@ def test_workers_stop_when_their_hub_is_killed(tmp_path: Path) -> None:
     finally:
         parent.kill()
 
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie whose parent is gone is reaped by init)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"

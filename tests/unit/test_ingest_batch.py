@@ -10,11 +10,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from signed_results import DIGEST, Spokes, accept, add_experiment
+from signed_results import DIGEST, Spokes, accept, add_experiment, audited_hub, study_of
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, func, select
 
-from tributary.hub.db import make_engine
 from tributary.hub.models import (
     AuditEvent,
     CaseAttempt,
@@ -27,7 +26,6 @@ from tributary.hub.models import (
     SpokeChain,
     SpokeKey,
 )
-from tributary.hub.services import audit
 from tributary.hub.services.gaps import GapDetected
 from tributary.hub.services.ingest import Rejected, ingest_batch
 from tributary.protocol.auditlog import AuditLogError, verify_log
@@ -47,19 +45,12 @@ CASES = [f"c{i}" for i in range(6)]
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Engine:
-    engine = make_engine(f"sqlite:///{tmp_path / 'hub.db'}")
-    audit.attach_forensic_log(engine, tmp_path / "audit.jsonl")
-    return engine
+    return audited_hub(tmp_path)
 
 
 @pytest.fixture
 def spokes(engine: Engine) -> Spokes:
-    with Session(engine) as session:
-        spokes = Spokes(session, ["north", "south", "west"])
-        add_experiment(session, "exp", ["north", "south"], "summary", {})
-        for spoke in ("north", "south"):
-            accept(session, "exp", spoke, CASES)
-    return spokes
+    return study_of(engine, ["north", "south", "west"], ["north", "south"], CASES)
 
 
 def result(spoke: str, case: str, volume: float = 1.0) -> ResultMessage:
@@ -165,8 +156,8 @@ def test_start_reports_and_results_of_one_case_in_one_batch_keep_their_order(
     """A batch stores results with one UPDATE for all of them, apart from the ORM's changes
     (start and progress reports): the rows must end as if each message had been stored in a
     transaction of its own, whatever the order of the two kinds within the batch."""
-    alone = make_engine(f"sqlite:///{tmp_path / 'alone.db'}")
-    audit.attach_forensic_log(alone, tmp_path / "alone.jsonl")
+    (tmp_path / "alone").mkdir()
+    alone = audited_hub(tmp_path / "alone")
     with Session(alone) as session:
         for spoke, key in spokes.keys.items():
             session.add(Spoke(id=spoke, name=spoke))
