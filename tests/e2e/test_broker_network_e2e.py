@@ -18,7 +18,9 @@ from typer.testing import CliRunner
 
 from tributary.cli.app import app
 from tributary.protocol.broker import Delivery, StompClient, publish_with_retry
-from tributary.protocol.destinations import RESULTS_QUEUE, spoke_queue
+from tributary.protocol.cohorts.vertical import hub_vertical_queue, spoke_vertical_queue
+from tributary.protocol.destinations import DEFAULT_FEDERATION, RESULTS_QUEUE, spoke_queue
+from tributary.protocol.training.transport import hub_training_queue, spoke_training_queue
 from tributary.services.broker_network import generate_network, load_network
 from tributary.services.broker_security import (
     BrokerSecurityBundle,
@@ -197,3 +199,43 @@ def test_bridge_outage_loses_and_duplicates_nothing(
     assert sorted(work.ids) == sorted(f"case-{i}" for i in range(N))
     assert max(results.ids.values()) == 1, f"a result was accepted twice: {results.ids}"
     assert max(work.ids.values()) == 1, f"a case message was accepted twice: {work.ids}"
+
+
+def test_training_and_vertical_queues_cross_the_bridge(
+        network: tuple[BrokerSecurityBundle, BrokerSecurityBundle, Relay]) -> None:
+    """A spoke behind an edge broker takes part in federated and vertical training: the
+    hub's round and column messages reach it through the bridge, and its updates reach the
+    hub; another spoke's training queue is not carried (nor writable by this spoke)."""
+    hub_broker, edge_broker, _relay = network
+    xml = edge_broker.config_path.read_text()
+    assert f"tributary.spoke.{SPOKE}.training" in xml and "tributary.vertical" in xml
+    assert "tributary.spoke.site-near.training" not in xml
+    hub = StompClient(hub_broker.broker_settings("hub"), "hub").start(wait=15)
+    spoke = StompClient(edge_broker.broker_settings(SPOKE), SPOKE).start(wait=15)
+    try:
+        at_hub, at_spoke = Inbox(hub), Inbox(spoke)
+        for destination in (hub_training_queue(DEFAULT_FEDERATION),
+                            hub_vertical_queue(DEFAULT_FEDERATION)):
+            hub.subscribe(destination, at_hub)
+        for destination in (spoke_training_queue(SPOKE, DEFAULT_FEDERATION),
+                            spoke_vertical_queue(SPOKE, DEFAULT_FEDERATION)):
+            spoke.subscribe(destination, at_spoke)
+        for i in range(3):
+            publish_with_retry(hub, spoke_training_queue(SPOKE, DEFAULT_FEDERATION),
+                               f"round-{i}", attempts=20)
+            publish_with_retry(hub, spoke_vertical_queue(SPOKE, DEFAULT_FEDERATION),
+                               f"columns-{i}", attempts=20)
+            publish_with_retry(spoke, hub_training_queue(DEFAULT_FEDERATION), f"update-{i}",
+                               attempts=20)
+            publish_with_retry(spoke, hub_vertical_queue(DEFAULT_FEDERATION), f"share-{i}",
+                               attempts=20)
+        at_spoke.wait_for(6, 45)
+        at_hub.wait_for(6, 45)
+    finally:
+        spoke.close()
+        hub.close()
+    assert sorted(at_spoke.ids) == sorted(
+        [f"round-{i}" for i in range(3)] + [f"columns-{i}" for i in range(3)])
+    assert sorted(at_hub.ids) == sorted(
+        [f"update-{i}" for i in range(3)] + [f"share-{i}" for i in range(3)])
+    assert max(at_spoke.ids.values()) == max(at_hub.ids.values()) == 1

@@ -35,13 +35,18 @@ def test_edge_options_parse_and_refuse_nonsense(tmp_path: Path) -> None:
         BrokerNetwork(edges=[EdgeBroker(name="eu", host="h")]).check(["bridge-eu"], "hub")
 
 
-def test_bridge_may_touch_only_results_and_its_spokes_queues() -> None:
+def test_bridge_may_touch_only_the_hubs_queues_and_its_spokes_queues() -> None:
     entries = authorization_entries(["site-a", "site-b"], {"bridge-eu": ["site-a"]})
     group = bridge_group("bridge-eu")
     granted = [e for e in entries if group in e]
     queues = sorted(e.split('queue="')[1].split('"')[0] for e in granted)
-    assert queues == ["DLQ.tributary.results", "DLQ.tributary.spoke.site-a",
-                      "tributary.results", "tributary.spoke.site-a"]
+    hub_side = ["tributary.results", "tributary.training", "tributary.vertical"]
+    spoke_side = ["tributary.spoke.site-a", "tributary.spoke.site-a.training",
+                  "tributary.spoke.site-a.vertical"]
+    assert queues == sorted(q for queue in hub_side + spoke_side
+                            for q in (queue, "DLQ." + queue))
+    # Not another spoke's queues, whatever their kind.
+    assert not [q for q in queues if "site-b" in q]
 
 
 def test_regenerating_for_fewer_spokes_takes_a_spoke_off_its_edge(tmp_path: Path) -> None:

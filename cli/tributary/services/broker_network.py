@@ -4,8 +4,9 @@ bridges (store-and-forward), so a spoke on another continent talks to a nearby b
 Each edge broker has the same mutual TLS and per-spoke authorization as the hub broker, for
 the spokes attached to it, and its own certificate from the federation CA whose subject is
 its *bridge identity* (``bridge-<edge>``). It opens one duplex network connector to the hub
-broker's bridge port (OpenWire over mutual TLS) that carries exactly the results queue (edge
-to hub) and its spokes' queues (hub to edge) with their dead-letter queues; at the hub
+broker's bridge port (OpenWire over mutual TLS) that carries exactly the hub's queues
+(results, federated and vertical training: edge to hub) and its spokes' queues (studies,
+training, vertical: hub to edge) with their dead-letter queues; at the hub
 broker that identity may touch nothing else. Forwarding follows consumer demand: results
 wait in the edge's persistent store until the hub consumes them through the bridge, and a
 spoke's messages wait at the hub broker until the spoke is connected to its edge. A bridge
@@ -29,8 +30,15 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tributary.protocol.destinations import RESULTS_QUEUE, dead_letter_queue, spoke_queue
+from tributary.protocol.cohorts.vertical import hub_vertical_queue, spoke_vertical_queue
+from tributary.protocol.destinations import (
+    DEFAULT_FEDERATION,
+    RESULTS_QUEUE,
+    dead_letter_queue,
+    spoke_queue,
+)
 from tributary.protocol.messages import SPOKE_ID_RE
+from tributary.protocol.training.transport import hub_training_queue, spoke_training_queue
 from tributary.services import pki
 from tributary.services.broker_security import (
     ALL_GROUP,
@@ -143,10 +151,16 @@ def network_from_options(edges: list[str], edge_spokes: list[str], bridge_host: 
 
 
 def _network_xml(edge: EdgeBroker, hub_host: str, hub_port: int) -> str:
-    """The edge's duplex bridge to the hub broker, limited to what must cross."""
-    queues = [RESULTS_QUEUE, dead_letter_queue(RESULTS_QUEUE)]
+    """The edge's duplex bridge to the hub broker, limited to what must cross: the hub's
+    queues (results, federated and vertical training) and the edge's spokes' queues, with
+    their dead-letter queues."""
+    hub_side = [RESULTS_QUEUE, hub_training_queue(DEFAULT_FEDERATION),
+                hub_vertical_queue(DEFAULT_FEDERATION)]
+    spoke_side = []
     for spoke in sorted(edge.spokes):
-        queues += [spoke_queue(spoke), dead_letter_queue(spoke_queue(spoke))]
+        spoke_side += [spoke_queue(spoke), spoke_training_queue(spoke, DEFAULT_FEDERATION),
+                       spoke_vertical_queue(spoke, DEFAULT_FEDERATION)]
+    queues = [q for queue in hub_side + spoke_side for q in (queue, dead_letter_queue(queue))]
     includes = "\n".join(
         f"          <queue physicalName={quoteattr(q.removeprefix('/queue/'))}/>"
         for q in queues)

@@ -149,8 +149,9 @@ def authorization_entries(spoke_ids: list[str],
     queue: without them ActiveMQ silently drops a NACKed message instead of dead-lettering it.
 
     ``bridges`` maps a network bridge's identity to the spokes whose queues it carries: it
-    may read, write and create exactly the results queue, those spoke queues and their
-    dead-letter queues (a bridge consumes on one broker and produces on the other).
+    may read, write and create exactly the hub's queues (results, training, vertical),
+    those spokes' queues (studies, training, vertical) and their dead-letter queues (a
+    bridge consumes on one broker and produces on the other).
     """
     bridges = bridges or {}
     all_bridges = [bridge_group(b) for b in sorted(bridges)]
@@ -163,14 +164,16 @@ def authorization_entries(spoke_ids: list[str],
         _entry("DLQ.>", [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
     ]
     # Federated and vertical training: each has a queue of the hub's that every spoke
-    # writes, and one queue per spoke that only the hub writes, as for studies (not carried
-    # by bridges yet: a spoke behind an edge broker takes part in studies and counts only).
+    # writes, and one queue per spoke that only the hub writes, as for studies; bridges
+    # carry them as they carry the results queue and the spokes' queues.
     for hub_side in (hub_training_queue(DEFAULT_FEDERATION),
                      hub_vertical_queue(DEFAULT_FEDERATION)):
         entries += [
-            _entry(_queue(hub_side), [HUB_GROUP], [HUB_GROUP, SPOKES_GROUP],
-                   [HUB_GROUP, SPOKES_GROUP]),
-            _entry(_queue(dead_letter_queue(hub_side)), [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
+            _entry(_queue(hub_side), [HUB_GROUP, *all_bridges],
+                   [HUB_GROUP, SPOKES_GROUP, *all_bridges],
+                   [HUB_GROUP, SPOKES_GROUP, *all_bridges]),
+            _entry(_queue(dead_letter_queue(hub_side)), [HUB_GROUP, *all_bridges],
+                   [HUB_GROUP, *all_bridges], [HUB_GROUP, *all_bridges]),
         ]
     for spoke_id in spoke_ids:
         own, queue = _spoke_group(spoke_id), spoke_queue(spoke_id)
@@ -184,9 +187,10 @@ def authorization_entries(spoke_ids: list[str],
         for side in (spoke_training_queue(spoke_id, DEFAULT_FEDERATION),
                      spoke_vertical_queue(spoke_id, DEFAULT_FEDERATION)):
             entries += [
-                _entry(_queue(side), [own], [HUB_GROUP, own], [HUB_GROUP, own]),
-                _entry(_queue(dead_letter_queue(side)), [HUB_GROUP], [HUB_GROUP, own],
-                       [HUB_GROUP, own]),
+                _entry(_queue(side), [own, *carriers], [HUB_GROUP, own, *carriers],
+                       [HUB_GROUP, own, *carriers]),
+                _entry(_queue(dead_letter_queue(side)), [HUB_GROUP, *carriers],
+                       [HUB_GROUP, own, *carriers], [HUB_GROUP, own, *carriers]),
             ]
     # Connections, consumers and producers publish advisories in the client's name.
     entries.append(
