@@ -19,7 +19,7 @@ from signed_results import DIGEST, Spokes, accept, add_experiment
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, func, select
 
-from tributary.hub.consumer import ResultsConsumer
+from tributary.hub.consumer import HELD_RETRY_SECONDS, ResultsConsumer
 from tributary.hub.db import open_database
 from tributary.hub.models import (
     AuditEvent,
@@ -148,7 +148,11 @@ def test_a_result_ahead_of_its_predecessor_is_held_until_it_arrives(hub: Hub) ->
     hub.publish(second)
     hub.publish(third)
     wait_for(lambda: hub.count(CustodyGap) == 1, 30, "the gap noticed")
+    assert hub.consumer is not None
+    before = hub.consumer.batches
     time.sleep(1)  # the predecessor comes later, as from another consumer's hands
+    # Held results are tried again at a pace (HELD_RETRY_SECONDS), not in a busy loop.
+    assert hub.consumer.batches - before <= 1 / HELD_RETRY_SECONDS + 2
     assert hub.count(CaseAttempt) == 0
     hub.publish(first)
 

@@ -104,6 +104,8 @@ class ResultsConsumer:
         self._gap_wake = threading.Event()
         self._psi_wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        #: Batches stored (or tried) so far, held messages' retries included.
+        self.batches = 0
 
     def start(self) -> ResultsConsumer:
         self._spawn(self._work, "results-ingest")
@@ -147,8 +149,9 @@ class ResultsConsumer:
 
     def _take(self, block: bool = True) -> tuple[list[Delivery], dict[int, float]]:
         """What arrived (up to a batch, waiting at most the batch wait after the first; not
-        at all when held messages are due again at once, or if not ``block``), then the
-        messages held for a gap, with since when each of those is held."""
+        at all when held messages are due again at once), then the messages held for a gap,
+        with since when each of those is held. Not ``block``: only what has arrived (the
+        batch taken ahead; held messages would be tried again without a pause)."""
         wait = (0.0 if self._retry_now or not block else HELD_RETRY_SECONDS if self._held
                 else 0.5)
         self._retry_now = False
@@ -164,6 +167,8 @@ class ResultsConsumer:
                                  else self._inbox.get_nowait())
                 except queue.Empty:
                     break
+        if not block:  # held ones wait for a taking that paces their retries
+            return taken, {}
         # Held ones last: the records they wait for may be among those just taken.
         held, self._held = self._held, []
         return taken + [h.delivery for h in held], {id(h.delivery): h.since for h in held}
@@ -186,6 +191,7 @@ class ResultsConsumer:
         """Verify, store in one transaction, then acknowledge or dead-letter each one (a
         result refused for a custody gap is held instead, up to the gap hold since
         ``held_since[id(delivery)]``)."""
+        self.batches += 1
         opened: list[tuple[Delivery, Opened]] = []
         for delivery, outcome in zip(batch.deliveries, batch.pending.result(), strict=True):
             if delivery.redelivered:  # another consumer took it and died before acknowledging

@@ -146,13 +146,23 @@ class HubTls:
         return cls(issued.cert_path, issued.key_path, ca.cert_path)
 
 
+def poll(api: httpx.Client, path: str) -> Any:
+    """``GET path`` for a polling loop. A pooled connection that the hub closed while the
+    loop slept (its keep-alive ran out on a loaded machine) fails the next request with a
+    reset or an empty answer: the GET is asked again, once, on a new connection."""
+    try:
+        return api.get(path).raise_for_status().json()
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+        return api.get(path).raise_for_status().json()
+
+
 def wait_for_trust(api: httpx.Client, spoke_ids: list[str], timeout: float = 60,
                    keyid: str | None = None) -> None:
     """Poll ``GET /api/spokes`` until each spoke reported its publisher trust (and, with
     ``keyid``, trusts that key)."""
     deadline = time.monotonic() + timeout
     while True:
-        spokes = {s["id"]: s for s in api.get("/api/spokes").raise_for_status().json()}
+        spokes = {s["id"]: s for s in poll(api, "/api/spokes")}
         waiting = [s for s in spoke_ids if spokes.get(s, {}).get("trust_reported_at") is None
                    or (keyid is not None
                        and keyid not in (spokes[s].get("trusted_publishers") or []))]
@@ -510,7 +520,7 @@ class LocalFederation:
         deadline = time.monotonic() + timeout
         with self.api() as api:
             while True:
-                experiment = api.get(f"/api/experiments/{experiment_id}").raise_for_status().json()
+                experiment = poll(api, f"/api/experiments/{experiment_id}")
                 if on_progress:
                     on_progress(experiment)
                 if experiment["state"] == "completed":
