@@ -8,6 +8,8 @@ snapshot before the run and look only at children born after it."""
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 
 
@@ -43,3 +45,23 @@ class NewChildren:
 
     def __call__(self) -> list[int]:
         return sorted(live_children() - self.before)
+
+
+class WorkerKiller:
+    """A progress callback (files done) that kills one worker process of the run with
+    SIGKILL once it has been sent files: after the 10th file it gives the workers time to
+    start (the run's own process prepares files too), then kills the oldest child born
+    since it was made."""
+
+    def __init__(self) -> None:
+        self.workers = NewChildren()  # not the session's hub and spokes
+        self.killed: list[int] = []
+
+    def __call__(self, done: int) -> None:
+        if done == 10:
+            time.sleep(3)
+        elif done > 10 and not self.killed:
+            victims = self.workers()
+            assert victims, "the run uses worker processes"
+            os.kill(victims[0], signal.SIGKILL)
+            self.killed.append(victims[0])

@@ -10,11 +10,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from child_processes import NewChildren
+from child_processes import WorkerKiller
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
@@ -129,24 +128,14 @@ def _run(corpus: Path, dst: Path, workers: int, after_each=None) -> FolderRun:
 
 def test_a_worker_killed_mid_run_changes_nothing(corpus: Path, tmp_path: Path) -> None:
     single = _run(corpus, tmp_path / "one", 1)
-    killed: list[int] = []
-    _workers = NewChildren()  # not the session's hub and spokes, children of this process too
-
-    def kill_one(done: int) -> None:
-        if done == 10:  # this process prepares files itself: give the worker time to start
-            time.sleep(3)
-        elif done > 10 and not killed:  # it has been sent files by now
-            victims = _workers()
-            assert victims, "the run uses worker processes"
-            os.kill(victims[0], signal.SIGKILL)
-            killed.append(victims[0])
-
+    kill_one = WorkerKiller()
+    killed = kill_one.killed
     parallel = _run(corpus, tmp_path / "two", 2, kill_one)
     assert killed
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
     assert parallel.screener.report() == single.screener.report()
     assert [vars(o) for o in parallel.outputs] == [vars(o) for o in single.outputs]
-    assert not _workers()
+    assert not kill_one.workers()
 
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh-interpreters"])

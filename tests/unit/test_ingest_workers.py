@@ -4,16 +4,13 @@ on, the outcome is the one a single process gives, and the report matches the di
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-from child_processes import NewChildren
+from child_processes import NewChildren, WorkerKiller
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -97,17 +94,11 @@ def test_a_worker_killed_mid_run_changes_nothing(corpus: Path, tmp_path: Path,
     files = sum(1 for p in corpus.rglob("*") if p.is_file())
     single = _config(tmp_path / "one", corpus, workers=1)
     ingest(single)
-    killed: list[int] = []
-    _workers = NewChildren()  # not the session's hub and spokes, children of this process too
+    killer = WorkerKiller()
+    killed = killer.killed
 
     def kill_one(source: str, done: int, total: int) -> None:
-        if done == 10:  # this process prepares files itself: give the worker time to start
-            time.sleep(3)
-        elif done > 10 and not killed:  # it has been sent files by now
-            victims = _workers()
-            assert victims, "the run uses worker processes"
-            os.kill(victims[0], signal.SIGKILL)
-            killed.append(victims[0])
+        killer(done)
 
     parallel = _config(tmp_path / "two", corpus, workers=2)
     parallel.work_dir.mkdir(parents=True)  # the same key: the same pseudonyms
