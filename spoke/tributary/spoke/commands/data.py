@@ -9,11 +9,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tributary.spoke.commands.options import ConfigOption
 
-console = Console()
+# Paths, source names and error messages are data, not markup: escaped where they are
+# printed (a file named "CT [arterial].dcm" is shown as named), and no :emoji: codes.
+console = Console(emoji=False)
 
 
 def load_config(path: Path) -> Any:
@@ -25,7 +28,7 @@ def load_config(path: Path) -> Any:
     try:
         return SpokeConfig.load(path)
     except (ValidationError, OSError, ValueError) as exc:
-        console.print(f"[red]invalid configuration {path}:[/] {exc}")
+        console.print(f"[red]invalid configuration {escape(str(path))}:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -64,7 +67,7 @@ def ingest(
         try:
             rebuild_store(settings)
         except WorkDirBusy as exc:
-            console.print(f"[red]not rebuilt:[/] {exc}")
+            console.print(f"[red]not rebuilt:[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
         audit.append(actor, "catalog.rebuilt", settings.spoke_id,
                      {"deid_profile": profile_name(settings.deidentification)})
@@ -77,14 +80,14 @@ def ingest(
         except (SourceUnavailable, StoreFormatError, FileNotFoundError, ValueError) as exc:
             audit.append(actor, "catalog.ingest_failed", settings.spoke_id,
                          {"error": f"{type(exc).__name__}: {exc}"[:2000]})
-            console.print(f"[red]ingest stopped:[/] {exc}")
+            console.print(f"[red]ingest stopped:[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
     audit.append(actor, "catalog.ingested", settings.spoke_id,
                  {"stored": report.stored, "duplicates": report.duplicates,
                   "excluded": report.excluded, "unchanged": report.unchanged})
     table = Table("source", "inputs", "stored", "unchanged", "duplicates", "excluded")
     for name, counts in report.per_source.items():
-        table.add_row(name, *(str(counts[k]) for k in
+        table.add_row(escape(name), *(str(counts[k]) for k in
                               ("inputs", "stored", "unchanged", "duplicates", "excluded")))
     console.print(table)
     if settings.attributes_path is not None:
@@ -112,7 +115,8 @@ def exclusions(
         return
     table = Table("source", "input", "status", "reason", "seen")
     for row in rows:
-        table.add_row(row.source, row.ref, row.status, row.reason, row.seen_at)
+        table.add_row(*(escape(str(v)) for v in
+                        (row.source, row.ref, row.status, row.reason, row.seen_at)))
     console.print(table)
     console.print(f"{len(rows)} inputs left out")
 

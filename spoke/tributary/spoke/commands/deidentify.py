@@ -64,6 +64,7 @@ def main(
     lean_start()  # before anything imports pydicom or builds a pydantic model
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         from tributary.protocol.auditlog import AuditLog
@@ -76,7 +77,7 @@ def main(
     finally:
         started()
 
-    console = Console()
+    console = Console(emoji=False)  # paths are data: escaped, and no :emoji: codes
     if (config is None) == (key is None):
         raise typer.BadParameter("give exactly one of --config and --key")
     # With --config the spoke's own [deidentification] options are the starting point, so
@@ -151,7 +152,7 @@ def main(
         table.add_row(reason, str(count), effect)
     console.print(table)
     incomplete = [s.series_id for s in screening.series if not s.complete]
-    console.print(f"{len(outputs)} of {len(paths)} files written to {dst}; "
+    console.print(f"{len(outputs)} of {len(paths)} files written to {escape(str(dst))}; "
                   f"{document.excluded} excluded, {document.flagged} flagged, "
-                  f"{len(incomplete)} incomplete series; report: {report}")
+                  f"{len(incomplete)} incomplete series; report: {escape(str(report))}")
 
