@@ -299,11 +299,14 @@ def one_file(root: Path, src: Path, baseline: Path, count: int) -> dict[str, Sam
 
 def compiled() -> None:
     """Tributary's modules as bytecode beside their sources, as an installed wheel has
-    them (``__pycache__`` is ignored by git)."""
-    import tributary
+    them (``__pycache__`` is ignored by git). An editable install's ``tributary.__path__``
+    names its finders' hooks, not folders: each distribution's package is looked up."""
+    import importlib.util
 
-    for folder in tributary.__path__:
-        compileall.compile_dir(folder, quiet=2)
+    for package in ("tributary.cli", "tributary.protocol", "tributary.spoke"):
+        spec = importlib.util.find_spec(package)
+        for folder in spec.submodule_search_locations if spec else ():
+            compileall.compile_dir(folder, quiet=2)
 
 
 def startup_only(baseline: Path, count: int) -> None:

@@ -48,8 +48,8 @@ def test_deidentify_imports_only_what_it_needs(tmp_path: Path) -> None:
     for heavy in ("tributary.spoke.agent", "tributary.spoke.ingest", "docker", "stomp",
                   "tributary.hub", "requests", "tributary.spoke.preparing"):
         assert not any(m == heavy or m.startswith(heavy + ".") for m in loaded), heavy
-    # a CT slice is read, de-identified and written without numpy or OCR (Pillow is
-    # pydicom's own import: its colour-profile support)
+    # a CT slice is read, de-identified and written without numpy or OCR (Pillow's
+    # package is pydicom's own import; its image modules are deferred)
     assert (tmp_path / "dst").is_dir() and list((tmp_path / "dst").rglob("*.dcm"))
     for heavy in ("numpy.", "pytesseract"):
         assert not any(m.startswith(heavy) for m in loaded), heavy

@@ -81,6 +81,18 @@ def test_one_file_loads_no_deferred_module(tmp_path: Path) -> None:
     "assert 'warning' in theme.styles",
     # pydicom.examples, an attribute of pydicom once pydicom is loaded
     "import pydicom\nassert str(pydicom.examples.ct.PatientName) == 'CompressedSamples^CT1'",
+    # Pillow's image modules, as OCR and pydicom's colour management use them
+    "from PIL import Image, ImageCms\nimage = Image.new('RGB', (3, 2), (9, 8, 7))\n"
+    "assert image.size == (3, 2) and isinstance(image, Image.Image)\n"
+    "srgb = ImageCms.createProfile('sRGB')\n"
+    "ImageCms.applyTransform(image, ImageCms.buildTransform(srgb, srgb, 'RGB', 'RGB'))",
+    # pydicom's Pillow decoder: found available at load (from Pillow's compiled module),
+    # and it decodes a JPEG image to the pixels pydicom's own test data holds
+    "import pydicom\nfrom pydicom.data import get_testdata_file\n"
+    "from pydicom.pixels.decoders.base import JPEGBaseline8BitDecoder\n"
+    "assert 'pillow' in JPEGBaseline8BitDecoder.available_plugins\n"
+    "ds = pydicom.dcmread(get_testdata_file('SC_rgb_jpeg_dcmtk.dcm'))\n"
+    "assert ds.pixel_array.shape == (100, 100, 3) and int(ds.pixel_array[50, 50, 0]) > 0",
 ])
 def test_a_deferred_module_is_the_real_one_once_used(use: str) -> None:
     probe = (f"{_LOADED}from tributary.spoke.startup import DEFERRED, lean_start\n"
@@ -152,3 +164,57 @@ def test_with_the_site_configuration_no_wire_protocol_is_loaded(tmp_path: Path) 
     assert json.loads(_run(probe)) == []
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["files_written"] == 1 and report["options"]["retain_patient_characteristics"]
+
+
+def _ending(command: str, tmp_path: Path) -> tuple[int, str, str]:
+    """Runs ``command`` (Python) in a process of its own, with an exit handler and an
+    object that reports being freed; returns the status, stderr and what was reported."""
+    marks = tmp_path / "marks"
+    probe = ("import atexit, sys\n"
+             f"def mark(text):\n    open({str(marks)!r}, 'a').write(text + '\\n')\n"
+             "atexit.register(mark, 'exit handler')\n"
+             # a module only sys.modules holds: freed as the interpreter is torn down,
+             # when the modules are removed (before the collector, even a frozen one)
+             "import types\nclass Freed(types.ModuleType):\n"
+             f"    def __del__(self, to={str(marks)!r}, open=open):\n"
+             "        open(to, 'a').write('torn down\\n')\n"
+             f"sys.modules['freed'] = Freed('freed')\n{command}\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)
+    return done.returncode, done.stderr, marks.read_text() if marks.exists() else ""
+
+
+def test_a_lean_command_ends_without_tearing_down(tmp_path: Path) -> None:
+    """The ``tributary`` process of a de-identifying command: its exit handlers run (the
+    audit log verifies, the report is whole), the interpreter is not torn down, and a
+    failure keeps its status; any other command ends as usual."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "ct.dcm").write_bytes(Path(get_testdata_file("CT_small.dcm"))
+                                             .read_bytes())
+    args = ["spoke", "deidentify", str(tmp_path / "src"), str(tmp_path / "dst"),
+            "--key", str(tmp_path / "k.key"), "--report", str(tmp_path / "r.json")]
+    main = "from tributary.cli.main import main\nsys.argv = ['tributary', *{!r}]\nmain()"
+    status, stderr, marks = _ending(main.format(args), tmp_path)
+    assert status == 0, stderr
+    assert marks == "exit handler\n"
+    assert json.loads((tmp_path / "r.json").read_text())["files_written"] == 1
+    from tributary.protocol.auditlog import verify_log
+
+    assert verify_log(tmp_path / "audit.jsonl").ok
+    (tmp_path / "marks").unlink()
+    status, stderr, marks = _ending(main.format(args[:4]), tmp_path)  # no --key: refused
+    assert status == 2 and "exactly one of --config and --key" in stderr
+    assert marks == "exit handler\n"
+    (tmp_path / "marks").unlink()
+    status, _, marks = _ending(main.format(["spoke", "--help"]), tmp_path)
+    assert status == 0 and marks == "exit handler\ntorn down\n"
+
+
+def test_a_process_with_another_thread_ends_as_usual(tmp_path: Path) -> None:
+    """A thread still running is waited for, as the interpreter waits for it."""
+    thread = ("import threading, time\n"
+              "threading.Thread(target=lambda: (time.sleep(0.3), mark('thread'))).start()\n"
+              "from tributary.spoke.startup import exit_now, lean_start\nlean_start()\n"
+              "exit_now(3)")
+    status, _, marks = _ending(thread, tmp_path)
+    assert status == 3 and marks == "thread\nexit handler\ntorn down\n"

@@ -1,5 +1,5 @@
 """``python -m tributary.cli``: the same command as ``tributary``."""
 
-from tributary.cli.app import app
+from tributary.cli.main import main
 
-app()
+main()

@@ -66,9 +66,11 @@ HEAD_MISMATCH = "expected head differs (rewritten)"
 
 
 class AuditHead(BaseModel):
-    """A log's newest entry, kept outside the log: its ``seq`` and its ``hash`` field."""
+    """A log's newest entry, kept outside the log: its ``seq`` and its ``hash`` field.
+    Its validator is built when first used (``defer_build``): a process that only
+    appends (a de-identifying command) never uses it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     seq: int = Field(ge=0, le=2**31 - 1)  # a database integer everywhere
     hash: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -78,7 +80,7 @@ class AuditAnchors(BaseModel):
     """The heads a hub holds: its own log's and each spoke's (from its heartbeats). Served
     by ``GET /api/audit/anchors`` and written as ``audit-anchors.json`` into every bundle."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     hub: AuditHead | None = None
     spokes: dict[str, AuditHead] = Field(default_factory=dict)
