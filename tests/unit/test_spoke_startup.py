@@ -30,12 +30,14 @@ _LOADED = ("import sys\ndef loaded(name):\n    module = sys.modules.get(name)\n"
            "    return module is not None and type(module).__name__ != '_Deferred'\n")
 
 
-def test_the_command_module_loads_no_engine_and_no_model() -> None:
-    """Importing the command (what typer does to build it) loads neither pydicom nor
-    pydantic nor rich: they come after the lean start, inside the command."""
+@pytest.mark.parametrize("command", ["deidentify", "data"])
+def test_the_command_module_loads_no_engine_and_no_model(command: str) -> None:
+    """Importing the command (what typer does to build it: ``deidentify``, and ``data``
+    for ingest) loads neither pydicom nor pydantic nor rich: they come after the lean
+    start, inside the command, with the collector paused."""
     heavy = ("pydantic", "pydicom", "rich", "PIL", "numpy", "tributary.spoke.deid",
              "tributary.protocol", "tributary.spoke.store")
-    probe = ("import json, sys\nimport tributary.spoke.commands.deidentify\n"
+    probe = (f"import json, sys\nimport tributary.spoke.commands.{command}\n"
              f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
     assert json.loads(_run(probe)) == []
 

@@ -3,20 +3,29 @@ spoke's de-identified store and catalog."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 from tributary.spoke.commands.options import ConfigOption
 
-# Paths, source names and error messages are data, not markup: escaped where they are
-# printed (a file named "CT [arterial].dcm" is shown as named), and no :emoji: codes.
-console = Console(emoji=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@functools.cache
+def _console() -> Console:
+    """The commands' console, made when first used: ingest imports rich after its lean
+    start (:mod:`tributary.spoke.startup`), with the collector paused, as deidentify
+    does. Paths, source names and error messages are data, not markup: they are escaped
+    where they are printed (a file named "CT [arterial].dcm" is shown as named), and no
+    ``:emoji:`` code is replaced."""
+    from rich.console import Console
+
+    return Console(emoji=False)
 
 
 def load_config(path: Path) -> Any:
@@ -28,7 +37,10 @@ def load_config(path: Path) -> Any:
     try:
         return SpokeConfig.load(path)
     except (ValidationError, OSError, ValueError) as exc:
-        console.print(f"[red]invalid configuration {escape(str(path))}:[/] {escape(str(exc))}")
+        from rich.markup import escape
+
+        _console().print(f"[red]invalid configuration {escape(str(path))}:[/] "
+                         f"{escape(str(exc))}")
         raise typer.Exit(2) from None
 
 
@@ -48,12 +60,18 @@ def ingest(
     # the imports, and their frozen objects are not copied by the collector's passes.
     lean_start()
     try:
+        from rich.markup import escape
+        from rich.table import Table
+
         from tributary.protocol.auditlog import AuditLog
+        from tributary.spoke.commands.progress import bars
         from tributary.spoke.deid import profile_name
         from tributary.spoke.ingest import ingest as run_ingest
         from tributary.spoke.ingest import rebuild as rebuild_store
         from tributary.spoke.sources import SourceUnavailable
         from tributary.spoke.store import StoreFormatError
+
+        console = _console()
     finally:
         started()
 
@@ -72,8 +90,6 @@ def ingest(
         audit.append(actor, "catalog.rebuilt", settings.spoke_id,
                      {"deid_profile": profile_name(settings.deidentification)})
         console.print("store and catalog emptied; preparing every input again")
-    from tributary.spoke.commands.progress import bars
-
     with bars(console) as shown:  # no refresh thread: the workers may be forked
         try:
             report = run_ingest(settings, progress=shown.show)
@@ -104,6 +120,9 @@ def exclusions(
                        ] = False,
 ) -> None:
     """Show every input that did not enter the store (excluded or duplicate) and why."""
+    from rich.markup import escape
+    from rich.table import Table
+
     from tributary.spoke.ingest import open_catalog
 
     catalog = open_catalog(load_config(config))
@@ -113,6 +132,7 @@ def exclusions(
         for row in rows:
             typer.echo(json.dumps(row.__dict__))
         return
+    console = _console()
     table = Table("source", "input", "status", "reason", "seen")
     for row in rows:
         table.add_row(*(escape(str(v)) for v in
@@ -150,6 +170,7 @@ def catalog(
     from dataclasses import asdict
 
     from pydantic import ValidationError
+    from rich.table import Table
 
     from tributary.protocol.messages import CohortSelection
     from tributary.spoke.ingest import open_catalog
@@ -175,6 +196,7 @@ def catalog(
     if as_json:
         typer.echo(json.dumps([asdict(c) for c in cases], indent=2))
         return
+    console = _console()
     console.print("catalog: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     table = Table("case", "series", "modality", "body part", "slices", "size", "spacing (mm)",
                   "attributes")
