@@ -4,6 +4,8 @@ run:
 - corpora: generated CT (512x512 slices, 1,500 by default) and pydicom's own test files
   (those dicognito can process, so that every tool handles the same files);
 - the floor: plain pydicom read + write of each file (any de-identifier reads and writes);
+  on CT also as two processes, each with half the files: what two processes doing only
+  that gain on the machine, the baseline of the two-process figures;
 - dicognito, in an environment of its own (``bench/.venv-baselines``, created on first
   use with pip; it is not a dependency of Tributary);
 - Tributary: ``tributary spoke deidentify`` (screening, PS3.15 profile, report), and
@@ -54,6 +56,7 @@ HERE = Path(__file__).resolve().parent
 BASELINES = HERE / ".venv-baselines"
 DICOGNITO = "dicognito==0.19.0"
 TRIBUTARY = Path(sys.executable).with_name("tributary")
+FLOOR_2 = "floor on 2 processes (half each)"
 
 #: Run inside the baselines' environment: dicognito's own pipeline over the files given,
 #: timed in-process; prints the seconds and the files it could not process.
@@ -80,12 +83,14 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "failed": failed}))
 """
 
 
-def floor(src: Path, dst: Path) -> None:
-    """The floor: read and write every file with pydicom, nothing else."""
+def floor(src: Path, dst: Path, part: int = 0, parts: int = 1) -> None:
+    """The floor: read and write every file with pydicom, nothing else (with ``parts``
+    > 1, every ``parts``-th file from the ``part``-th: one process's share)."""
     import pydicom
 
     dst.mkdir(parents=True, exist_ok=True)
-    for index, path in enumerate(sorted(p for p in src.rglob("*") if p.is_file())):
+    every = sorted(p for p in src.rglob("*") if p.is_file())
+    for index, path in enumerate(every[part::parts], start=part):
         with contextlib.suppress(Exception):  # a file pydicom cannot write is skipped
             pydicom.dcmread(path).save_as(dst / f"{index}.dcm", enforce_file_format=True)
 
@@ -188,8 +193,10 @@ def rounds(variants: dict[str, Callable[[], Sample]], count: int) -> dict[str, S
             for n, s in samples.items()}
 
 
-def whole_variants(root: Path, src: Path, baseline: Path, small: bool
+def whole_variants(root: Path, src: Path, baseline: Path, small: bool, halves: bool = False
                    ) -> dict[str, Callable[[], Sample]]:
+    """Each tool as a whole process over ``src``; with ``halves``, the floor on two
+    processes too (the baseline of the two-process figures)."""
     out = root / "out"
 
     def fresh() -> Path:
@@ -197,9 +204,23 @@ def whole_variants(root: Path, src: Path, baseline: Path, small: bool
         return out
 
     key = root / "bench.key"
+    def floor_halves() -> Sample:
+        """The floor on two processes, each reading and writing half the files: what the
+        machine gives two processes doing the least any de-identifier does."""
+        def run() -> None:
+            target = fresh()
+            halves = [subprocess.Popen([sys.executable, __file__, "--floor", src, target,
+                                        "--floor-part", str(part)],
+                                       stdout=subprocess.DEVNULL) for part in (0, 1)]
+            if any(half.wait() for half in halves):
+                raise RuntimeError("the floor failed")
+
+        return measured(run)
+
     variants: dict[str, Callable[[], Sample]] = {
         "floor: pydicom read+write": lambda: timed(
             [sys.executable, __file__, "--floor", src, fresh()]),
+        **({FLOOR_2: floor_halves} if halves else {}),
         "dicognito": lambda: timed(
             [baseline, "-m", "dicognito", "--quiet", "-o", fresh(), src]),
         "tributary spoke deidentify": lambda: timed(
@@ -330,6 +351,14 @@ def startup_only(baseline: Path, count: int) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def floor_line(whole: dict[str, Sample]) -> str:
+    """What two processes give on this machine: the floor's own speed-up, each process
+    reading and writing half the files (the baseline of ingest's 2-process figure)."""
+    one, two = whole["floor: pydicom read+write"], whole[FLOOR_2]
+    return (f"CT floor on 2 processes (pydicom read+write, half the files each): "
+            f"{one[0] / two[0]:.2f}x the speed of one for {two[1] / one[1]:.2f}x its CPU time")
+
+
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min), {five:.2f} (5 min)"
@@ -350,7 +379,7 @@ def ct_only(root: Path, ct: Path, baseline: Path, files: int, count: int) -> Non
     """The CT tables and the two-process ratios, without the small corpus."""
     from tributary.spoke.cores import usable_cores
 
-    whole = rounds(whole_variants(root, ct, baseline, small=False), count)
+    whole = rounds(whole_variants(root, ct, baseline, small=False, halves=True), count)
     inproc = rounds(inprocess_variants(root, ct, baseline), count)
     table("CT, whole processes", files, whole)
     table("CT, in-process (loops alone)", files, inproc)
@@ -363,6 +392,7 @@ def ct_only(root: Path, ct: Path, baseline: Path, files: int, count: int) -> Non
               f"for {two[1] / one[1]:.2f}x its CPU time; deidentify with its default "
               f"{usable_cores()} {single[0] / default[0]:.2f}x for "
               f"{default[1] / single[1]:.2f}x; {load()}")
+    print(floor_line(whole))
 
 
 def main() -> None:
@@ -377,10 +407,14 @@ def main() -> None:
     parser.add_argument("--ct-only", action="store_true",
                         help="the CT corpus alone (no small files, no one-file start)")
     parser.add_argument("--floor", nargs=2, type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-part", type=int, choices=(0, 1), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor:
         warnings.simplefilter("ignore")
-        floor(*args.floor)
+        if args.floor_part is None:
+            floor(*args.floor)
+        else:
+            floor(*args.floor, part=args.floor_part, parts=2)
         return
     compiled()
     if args.startup:
@@ -408,7 +442,8 @@ def main() -> None:
         n_small = sum(1 for p in small.rglob("*") if p.is_file())
         print(f"small: {n_small} of pydicom's test files (those dicognito processes)")
         startup = one_file(root, small, baseline, max(3, args.rounds))
-        ct_whole = rounds(whole_variants(root, ct, baseline, small=False), args.rounds)
+        ct_whole = rounds(whole_variants(root, ct, baseline, small=False, halves=True),
+                          args.rounds)
         small_whole = rounds(whole_variants(root, small, baseline, small=True), args.rounds)
         ct_inproc = rounds(inprocess_variants(root, ct, baseline), args.rounds)
         small_inproc = rounds(inprocess_variants(root, small, baseline), args.rounds)
@@ -447,6 +482,7 @@ def main() -> None:
         print(f"CT ingest on 2 processes: {s:.2f}x the speed of one for {cpu_ratio:.2f}x its "
               f"CPU time (whole processes); in-process {in_one[0] / in_two[0]:.2f}x for "
               f"{in_two[1] / in_one[1]:.2f}x; {load()}")
+        print(floor_line(ct_whole))
         times = "\N{MULTIPLICATION SIGN}"
         print(f"deid: {f:.2f}{times} floor, {d:.2f}{times} dicognito, {s:.2f}{times} on 2 "
               "processes")
