@@ -66,10 +66,10 @@ HEAD_MISMATCH = "expected head differs (rewritten)"
 
 
 class AuditHead(BaseModel):
-    """A log's newest entry, kept outside the log: its ``seq`` and its ``hash`` field.
-    Its validator is built when first used (``defer_build``): a process that only
-    appends (a de-identifying command) never uses it."""
+    """A log's newest entry, kept outside the log: its ``seq`` and its ``hash`` field."""
 
+    # Validators built when first used: a process that only appends (a de-identifying
+    # command) never uses them.
     model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     seq: int = Field(ge=0, le=2**31 - 1)  # a database integer everywhere
