@@ -87,11 +87,12 @@ def test_workers_give_the_verdicts_of_the_calling_thread(
 
 def test_ingest_takes_a_record_checked_elsewhere_only_while_its_keys_are_active(
         engine: Engine, spokes: Spokes, opener: EnvelopeOpener) -> None:
-    messages = [result(spokes, "north", case) for case in CASES[:2]]
+    messages = [result(spokes, "north", case) for case in CASES]
     bodies = [seal(m, spokes.keys["north"]) for m in messages]
     opened = opener.submit(bodies, key_table(spokes)).result()
+    assert opener.pids()  # opened by a worker
     assert all(isinstance(item, Opened) and item.custody for item in opened)
-    first, second = opened
+    first, second = opened[:2]
     assert isinstance(first, Opened) and isinstance(second, Opened)
     with Session(engine) as session:
         assert ingest_batch(session, [first.message], [first.custody]) == [True]
@@ -126,12 +127,26 @@ def test_a_worker_that_dies_costs_a_retry_here(spokes: Spokes, opener: EnvelopeO
     assert opener.pids() and not set(opener.pids()) & set(workers)
 
 
+def test_a_few_messages_are_opened_here(spokes: Spokes, opener: EnvelopeOpener) -> None:
+    """A heartbeat or a status alone is opened in the calling thread, as it would be
+    there: no worker starts for it; a batch of INLINE_BELOW messages goes to one."""
+    messages = [result(spokes, "north", case) for case in CASES]
+    bodies = [seal(m, spokes.keys["north"]) for m in messages]
+    few = [*bodies[:opener.INLINE_BELOW - 2], "{}"]  # one fewer than INLINE_BELOW
+    assert verdicts(opener.submit(few, key_table(spokes)).result()) == \
+        verdicts(open_batch(few, key_table(spokes)))
+    assert opener.pids() == []
+    assert len(opener.submit(bodies[:opener.INLINE_BELOW], key_table(spokes)).result()) == \
+        opener.INLINE_BELOW
+    assert opener.pids()
+
+
 PARENT = """
 import sys, time
 from tributary.hub.opening import EnvelopeOpener
 if __name__ == "__main__":
     opener = EnvelopeOpener(1)
-    opener.submit(["{}"], {}).result()
+    opener.submit(["{}"] * opener.INLINE_BELOW, {}).result()
     print(*opener.pids(), flush=True)
     time.sleep(120)
 """
