@@ -65,6 +65,8 @@ def pending(config: ConfigOption,
         table = Table(title=f"experiment {escape(held.experiment_id)} "
                             f"(held {escape(str(held.held_at))} UTC)",
                       show_header=False, title_justify="left")
+        table.add_column()
+        table.add_column(overflow="fold")  # every character shown, never cut off
         s = held.summary
         for label, value in (
                 ("algorithm", s["algorithm"]), ("image digest", s["digest"]),
@@ -87,7 +89,8 @@ def pending(config: ConfigOption,
         if result.failure:
             console.print(f"  failure: {result.failure.reason.value}: {result.failure.detail}",
                           markup=False)
-        console.print(Syntax(json.dumps(result.output, indent=2), "json"))
+        # wrapped, never cropped: the steward sees every byte of output.json
+        console.print(Syntax(json.dumps(result.output, indent=2), "json", word_wrap=True))
         if result.released:
             console.print(f"  with attributes: {json.dumps(result.released)}", markup=False)
     console.print(f"{len(experiments)} experiment(s), {len(results)} result(s) waiting")

@@ -65,6 +65,8 @@ def pending(config: ConfigOption,
     for item in shown:
         table = Table(title=f"PSI {escape(item['psi_id'])}", show_header=False,
                       title_justify="left")
+        table.add_column()
+        table.add_column(overflow="fold")  # every character shown, never cut off
         for label, value in item.items():
             if label != "psi_id":
                 table.add_row(escape(label), escape(json.dumps(value) if isinstance(value, dict)
