@@ -10,17 +10,18 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
 
 app = typer.Typer(help="Data access requests and the data access committee's decisions.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 def _show(request: dict[str, Any]) -> None:
-    table = Table(show_header=False, title=f"{request['id']}: {request['title']}",
+    table = Table(show_header=False, title=escape(f"{request['id']}: {request['title']}"),
                   title_justify="left")
     for label, value in (
             ("state", request["state"]), ("requested by", request["requested_by"]),
@@ -37,7 +38,7 @@ def _show(request: dict[str, Any]) -> None:
             ("votes", "; ".join(f"{v['member']} {v['decision']}" for v in request["votes"])),
             ("experiments", ", ".join(request["experiments"]) or "none"),
             ("training studies", ", ".join(request["training_studies"]) or "none")):
-        table.add_row(label, value)
+        table.add_row(escape(label), escape(value))
     console.print(table)
 
 
@@ -79,7 +80,8 @@ def list_requests(hub: HubOption, token: TokenOption, hub_ca: HubCaOption = None
         rows = check(client.get("/api/access-requests"), "list")
     table = Table("id", "state", "title", "requested by", "spokes")
     for r in rows:
-        table.add_row(r["id"], r["state"], r["title"], r["requested_by"], ", ".join(r["spokes"]))
+        table.add_row(*(escape(v) for v in (r["id"], r["state"], r["title"], r["requested_by"],
+                                            ", ".join(r["spokes"]))))
     console.print(table)
 
 

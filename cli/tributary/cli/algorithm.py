@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="Algorithm versions: publish (build, push, sign, register), list, "
                        "show and review them; publisher keys and release signatures.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 if TYPE_CHECKING:
     from tributary.protocol.registry import RegistryClient
@@ -45,7 +46,7 @@ def keygen(
     if key.exists():
         raise typer.BadParameter(f"{key} exists; refusing to overwrite a key")
     created = SigningKey.load_or_create(key)
-    console.print(f"wrote {key} and {key}.pub (key id {created.keyid})")
+    console.print(f"wrote {key} and {key}.pub (key id {created.keyid})", markup=False)
 
 
 @app.command("sign")
@@ -75,16 +76,16 @@ def sign(
     envelope = sign_release(SigningKey.load(key), repository, digest, name, version, publisher)
     if output is not None:
         output.write_text(json.dumps(envelope, indent=2) + "\n")
-        console.print(f"wrote {output}")
+        console.print(f"wrote {output}", markup=False)
     if push:
         registry, image = split_repository(repository)
         try:
             with registry_client(registry) as client:
                 where = client.attach(image, digest, envelope, PREDICATE_TYPE)
         except RegistryError as exc:
-            console.print(f"[red]push failed:[/] {exc}")
+            console.print(f"[red]push failed:[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
-        console.print(f"stored in {repository} as {where}")
+        console.print(f"stored in {repository} as {where}", markup=False)
 
 
 @app.command("verify")
@@ -113,23 +114,24 @@ def verify(
         with registry_client(registry) as client:
             found = client.attestations(image, digest)
     except (RegistryError, ValueError) as exc:
-        console.print(f"[red]cannot read signatures:[/] {exc}")
+        console.print(f"[red]cannot read signatures:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
     verified = 0
     for attestation in found:
         label, check = verifiers.get(attestation.predicate_type, (None, None))
         if check is None:
-            console.print(f"  skipped  {attestation.predicate_type}")
+            console.print(f"  skipped  {attestation.predicate_type}", markup=False)
             continue
         try:
             predicate = check(attestation.envelope, trusted, digest)
         except SignatureError as exc:
-            console.print(f"  [red]invalid[/]  {label}: {exc}")
+            console.print(f"  [red]invalid[/]  {escape(label)}: {escape(str(exc))}")
             continue
         verified += 1
-        console.print(f"  [green]verified[/] {label}: {json.dumps(predicate, sort_keys=True)}")
+        console.print(f"  [green]verified[/] {escape(label)}: "
+                      f"{escape(json.dumps(predicate, sort_keys=True))}")
     if not verified:
-        console.print(f"[red]no signature by a trusted key for {reference}[/]")
+        console.print(f"[red]no signature by a trusted key for {escape(reference)}[/]")
         raise typer.Exit(1)
 
 

@@ -22,7 +22,7 @@ from rich.markup import escape
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, fail, hub_client
 
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 MANIFEST = "algorithm.toml"
 
 
@@ -123,7 +123,8 @@ def publish(
             fail(f"the key {key} (id {signing_key.keyid[:16]}…) is not a registered publisher "
                  f"at {hub}; an administrator registers it with `tributary publisher register "
                  f"NAME --key {key}.pub` or on the dashboard's Algorithms page")
-        console.print(f"publisher   {escape(publisher['name'])} (key {signing_key.keyid[:16]}…)")
+        console.print(f"publisher   {escape(publisher['name'])} "
+                      f"(key {escape(signing_key.keyid[:16])}…)")
         versions = [a for a in check(client.get("/api/algorithms"), "reading the algorithms")
                     if a["name"] == manifest.name]
         taken = [a for a in versions if a["version"] == manifest.version]
@@ -133,17 +134,17 @@ def publish(
         try:
             if image is None:
                 image = f"{manifest.name}:{manifest.version}"
-                with console.status(f"building {directory} as {image}…"):
+                with console.status(escape(f"building {directory} as {image}…")):
                     built = build_image(directory, image, base_image=base_image)
-                console.print(f"built       {image} ({built.image_id[:19]}…)")
-            with console.status(f"pushing {image}…"):
+                console.print(f"built       {image} ({built.image_id[:19]}…)", markup=False)
+            with console.status(escape(f"pushing {image}…")):
                 repository, digest = push_image(
                     image, f"{repository}:{manifest.version}",
                     username=os.environ.get("TRIBUTARY_REGISTRY_USERNAME"),
                     password=os.environ.get("TRIBUTARY_REGISTRY_PASSWORD"))
         except ToolError as exc:
             fail(str(exc))
-        console.print(f"pushed      {repository}@{digest}", soft_wrap=True)
+        console.print(f"pushed      {repository}@{digest}", soft_wrap=True, markup=False)
         same = next((a for a in versions if a["digest"] == digest), None)
         if same is not None:
             fail(f"this image ({digest}) is already registered as {manifest.name} "
@@ -157,7 +158,7 @@ def publish(
                 registry_api.attach(path, digest, release, PREDICATE_TYPE)
         except RegistryError as exc:
             fail(f"the release signature could not be stored beside the image: {exc}")
-        console.print(f"signed      release {label}, stored beside the image")
+        console.print(f"signed      release {label}, stored beside the image", markup=False)
         response = client.post("/api/algorithms", json={
             "name": manifest.name, "version": manifest.version, "repository": repository,
             "digest": digest, "description": manifest.description,
@@ -168,8 +169,9 @@ def publish(
         console.print(f"[yellow]note[/]        {escape(notice)}", soft_wrap=True)
     console.print(f"registered  {label} as id {created['id']} (aggregator "
                   f"{manifest.aggregator}, argument schema "
-                  f"{manifest.arguments_schema if schema else 'none'})")
-    console.print(f"review it   {hub.rstrip('/')}/algorithms/{created['id']}", soft_wrap=True)
+                  f"{manifest.arguments_schema if schema else 'none'})", markup=False)
+    console.print(f"review it   {hub.rstrip('/')}/algorithms/{created['id']}", soft_wrap=True,
+                  markup=False)
     console.print(f"            or: tributary algorithm review {created['id']} --approve "
                   "(reviewers; the review rule decides how many)")
     typer.echo(created["id"])

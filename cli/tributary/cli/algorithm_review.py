@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
 
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 def _state(algorithm: dict[str, Any]) -> str:
@@ -34,7 +34,7 @@ def list_versions(
     table = Table("id", "name", "version", "state", "publisher", "digest")
     for a in algorithms:
         table.add_row(str(a["id"]), escape(a["name"]), escape(a["version"]), _state(a),
-                      escape(a.get("publisher") or "unsigned"), a["digest"][:19] + "…")
+                      escape(a.get("publisher") or "unsigned"), escape(a["digest"][:19]) + "…")
     console.print(table)
 
 
@@ -50,10 +50,12 @@ def show(
         reviews = check(client.get(f"/api/algorithms/{algorithm_id}/reviews"), "reviews")
     console.print(f"[bold]{escape(a['name'])} {escape(a['version'])}[/] (id {a['id']}): "
                   f"{_state(a)}")
-    console.print(f"  image      {escape(a['repository'])}@{a['digest']}", soft_wrap=True)
+    console.print(f"  image      {escape(a['repository'])}@{escape(a['digest'])}",
+                  soft_wrap=True)
     console.print(f"  publisher  {escape(a.get('publisher') or 'unsigned')}")
     console.print(f"  aggregator {escape(a['aggregator'])}")
-    console.print(f"  page       {hub.rstrip('/')}/algorithms/{a['id']}", soft_wrap=True)
+    console.print(f"  page       {hub.rstrip('/')}/algorithms/{a['id']}", soft_wrap=True,
+                  markup=False)
     for review in reviews:
         comment = f": {review['comment']}" if review.get("comment") else ""
         console.print(escape(f"  review     {review['decision']} by {review['reviewer']} "
@@ -78,7 +80,7 @@ def review(
     with hub_client(hub, token, hub_ca) as client:
         a = check(client.post(f"/api/algorithms/{algorithm_id}/reviews",
                               json={"decision": decision, "comment": comment}), "review")
-    console.print(f"recorded: {decision} {escape(a['name'])} {escape(a['version'])} "
+    console.print(f"recorded: {escape(decision)} {escape(a['name'])} {escape(a['version'])} "
                   f"(id {a['id']}); now "
                   f"[bold]{_state(a)}[/]"
                   + (", the hub signed its approval" if a.get("approval") else ""))

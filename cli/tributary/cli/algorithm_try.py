@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
 
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 def _json(value: str | None, what: str) -> Any:
@@ -49,9 +49,10 @@ def try_version(
         experiment = check(client.post(f"/api/algorithms/{algorithm_id}/try", json=body),
                            "sandbox run")
     targets = ", ".join(t["spoke_id"] for t in experiment["targets"])
-    console.print(f"sandbox study [bold]{experiment['id']}[/] launched to {escape(targets)} "
-                  f"(synthetic data only)")
-    console.print(f"  page {hub.rstrip('/')}/experiments/{experiment['id']}", soft_wrap=True)
+    console.print(f"sandbox study [bold]{escape(experiment['id'])}[/] launched to "
+                  f"{escape(targets)} (synthetic data only)")
+    console.print(f"  page {hub.rstrip('/')}/experiments/{experiment['id']}", soft_wrap=True,
+                  markup=False)
     typer.echo(experiment["id"])
     if watch_it:
         from tributary.cli.study import watch

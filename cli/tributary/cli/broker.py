@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tributary.cli.hub_client import HubCaOption, check, hub_client
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Broker security: mutual TLS and per-spoke authorization for ActiveMQ.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 OutDir = Annotated[Path, typer.Option("--out", "-o", file_okay=False,
                                       help="Folder for the configuration, CA and identities.")]
@@ -95,17 +96,19 @@ def config(
                                              spoke_ids=spokes, host=host, stomp_ssl_port=port,
                                              server_names=server_name or [], rotate=rotate)
     except (ValueError, ValidationError) as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(2) from exc
-    console.print(f"wrote {bundle.config_path} for {bundle.url}")
+    console.print(f"wrote {bundle.config_path} for {bundle.url}", markup=False)
     for name, edge_bundle in edges.items():
-        console.print(f"  edge broker [bold]{name}[/] at {edge_bundle.url} for "
-                      f"{', '.join(edge_bundle.spokes) or 'no spokes yet'}: "
-                      f"{edge_bundle.out_dir}")
+        console.print(f"  edge broker [bold]{escape(name)}[/] at "
+                      + escape(f"{edge_bundle.url} for "
+                               f"{', '.join(edge_bundle.spokes) or 'no spokes yet'}: "
+                               f"{edge_bundle.out_dir}"))
     for identity in [bundle.hub, *bundle.spokes.values()]:
-        console.print(f"  identity [bold]{identity.name}[/]: {identity.directory}")
+        console.print(f"  identity [bold]{escape(identity.name)}[/]: "
+                      f"{escape(str(identity.directory))}")
     console.print("Hand each identity folder to its owner only; keep the rest of "
-                  f"{bundle.out_dir} private.")
+                  f"{bundle.out_dir} private.", markup=False)
 
 
 EdgeOption = Annotated[str | None, typer.Option(
@@ -126,7 +129,7 @@ def start(out: OutDir, edge: EdgeOption = None) -> None:
     from tributary.services.broker_security import start_broker
 
     bundle = _bundle(out, edge)
-    console.print(f"activemq {start_broker(bundle)} at {bundle.url}")
+    console.print(f"activemq {start_broker(bundle)} at {bundle.url}", markup=False)
 
 
 @app.command("stop")

@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(help="Study bundles: results with custody records, verifiable "
                        "offline.", no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 @app.command("verify")
@@ -36,14 +37,14 @@ def verify(
                 with zipfile.ZipFile(bundle) as archive:
                     archive.extractall(tmp)
             except (zipfile.BadZipFile, OSError) as exc:
-                console.print(f"[red]not a readable bundle:[/] {exc}")
+                console.print(f"[red]not a readable bundle:[/] {escape(str(exc))}")
                 raise typer.Exit(1) from None
             folder = Path(tmp)
         report = verify_bundle(folder, keys)
     for problem in report.problems:
-        console.print(f"[red]FAIL[/] {problem}")
+        console.print(f"[red]FAIL[/] {escape(problem)}")
     for note in report.notes:
-        console.print(f"[yellow]NOTE[/] {note}")
+        console.print(f"[yellow]NOTE[/] {escape(note)}")
     if not report.ok:
         raise typer.Exit(1)
     if report.training_rounds:

@@ -9,26 +9,28 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
 
 app = typer.Typer(help="Private set intersection between spokes, through the hub as relay.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 def _show(run: dict[str, Any]) -> None:
     table = Table("spoke", "role", "state", "reason",
-                  title=f"PSI {run['id']} ({run['mode']}): {run['purpose']}",
+                  title=escape(f"PSI {run['id']} ({run['mode']}): {run['purpose']}"),
                   title_justify="left")
     for spoke in run["spokes"]:
-        table.add_row(spoke["spoke_id"], "leader" if spoke["leader"] else "partner",
-                      spoke["state"], spoke["reason"] or "")
-    table.add_row("[bold]result[/]", "", run["state"], f"[bold]{run['result_text']}[/]")
+        table.add_row(escape(spoke["spoke_id"]), "leader" if spoke["leader"] else "partner",
+                      escape(spoke["state"]), escape(spoke["reason"] or ""))
+    table.add_row("[bold]result[/]", "", escape(run["state"]),
+                  f"[bold]{escape(run['result_text'])}[/]")
     console.print(table)
     console.print(f"relayed: {run['relayed_messages']} message(s), "
-                  f"{run['relayed_bytes']} characters")
+                  f"{run['relayed_bytes']} characters", markup=False)
 
 
 @app.command("request")
@@ -74,6 +76,7 @@ def list_(hub: HubOption, token: TokenOption, hub_ca: HubCaOption = None) -> Non
         runs = check(client.get("/api/psi"), "PSI")
     table = Table("id", "mode", "spokes", "state", "result")
     for run in runs:
-        table.add_row(run["id"], run["mode"], ", ".join(s["spoke_id"] for s in run["spokes"]),
-                      run["state"], run["result_text"])
+        table.add_row(*(escape(v) for v in (
+            run["id"], run["mode"], ", ".join(s["spoke_id"] for s in run["spokes"]),
+            run["state"], run["result_text"])))
     console.print(table)

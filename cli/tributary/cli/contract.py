@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(help="The algorithm contract and message schemas.", no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 @app.command("schemas")
@@ -20,4 +20,4 @@ def schemas(
     from tributary.protocol.schemas import write_schemas
 
     for path in write_schemas(directory):
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", markup=False)

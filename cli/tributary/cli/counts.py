@@ -8,24 +8,26 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
 
 app = typer.Typer(help="Federated counts: how many cases match, per spoke and in total, "
                        "without any case leaving a site.", no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 def _show(count: dict[str, Any]) -> None:
-    table = Table("spoke", "state", "cases", title=f"count {count['id']}: "
-                  f"{count['selection']}", title_justify="left")
+    table = Table("spoke", "state", "cases", title=escape(f"count {count['id']}: "
+                                                      f"{count['selection']}"),
+                  title_justify="left")
     for spoke in count["spokes"]:
         cases = (str(spoke["count"]) if spoke["count"] is not None
                  else f"fewer than {spoke['fewer_than']}" if spoke["fewer_than"]
                  else spoke["reason"] or "")
-        table.add_row(spoke["spoke_id"], spoke["state"], cases)
+        table.add_row(escape(spoke["spoke_id"]), escape(spoke["state"]), escape(cases))
     table.add_row("[bold]total[/]", "complete" if count["complete"] else "waiting",
-                  f"[bold]{count['total_text']}[/]"
+                  f"[bold]{escape(count['total_text'])}[/]"
                   + (f" (at most {count['total_at_most']})"
                      if count["total_at_most"] is not None and not count["total_is_exact"]
                      else ""))

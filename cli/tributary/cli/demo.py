@@ -10,8 +10,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 def demo(
@@ -46,7 +47,7 @@ def demo(
         _training(workdir, report, wait, rounds)
         return
     if kind != "validation":
-        console.print(f"[red]No demo {kind!r}: validation or training.[/]")
+        console.print(f"[red]No demo {escape(repr(kind))}: validation or training.[/]")
         raise typer.Exit(2)
     try:
         from tributary.testbed.demo import run_demo
@@ -69,7 +70,7 @@ def demo(
         from tributary.testbed.hosts import available
 
         if (why := available()) is not None:
-            console.print(f"[red]--hosts cannot run here:[/] {why}")
+            console.print(f"[red]--hosts cannot run here:[/] {escape(str(why))}")
             raise typer.Exit(1)
     counts = [int(c) for c in cases.split(",") if c.strip()]
     stop_on_signals()

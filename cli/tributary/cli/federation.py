@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, fail, hub_client
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 app = typer.Typer(help="A federation authority: membership credentials for spokes (W3C "
                        "verifiable credentials), their revocation, and presenting them to "
                        "a hub.", no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 DirOption = Annotated[Path, typer.Option(
     "--dir", "-d", file_okay=False, envvar="TRIBUTARY_AUTHORITY_DIR",
@@ -59,7 +60,7 @@ def init(
     console.print(f"authority {authority.state.did} (key {authority.kid})\n"
                   f"publish {folder / DID_FILE} and {folder / STATUS_FILE}; give both to the "
                   f"hubs (TRIBUTARY_HUB_FEDERATION_AUTHORITIES, "
-                  f"TRIBUTARY_HUB_CREDENTIAL_STATUS_LISTS)")
+                  f"TRIBUTARY_HUB_CREDENTIAL_STATUS_LISTS)", markup=False)
 
 
 @app.command("issue")
@@ -92,7 +93,7 @@ def issue(
         out.write_text(token)
     issued = authority.state.issued[-1]
     console.print(f"issued {issued.id} to {spoke} ({did}), valid until "
-                  f"{issued.valid_until:%Y-%m-%d %H:%M} UTC: {out or path}")
+                  f"{issued.valid_until:%Y-%m-%d %H:%M} UTC: {out or path}", markup=False)
 
 
 @app.command("revoke")
@@ -109,7 +110,7 @@ def revoke(
     except LookupError as exc:
         fail(str(exc))
     console.print(f"revoked {issued.id} ({issued.spoke_id}); give the hubs the new "
-                  f"{folder / 'status-list.jwt'}")
+                  f"{folder / 'status-list.jwt'}", markup=False)
 
 
 @app.command("publish")
@@ -123,7 +124,7 @@ def publish(
     from datetime import timedelta
 
     path = _authority(folder).publish(timedelta(days=days))
-    console.print(f"status list signed: {path}")
+    console.print(f"status list signed: {path}", markup=False)
 
 
 @app.command("list")
@@ -131,10 +132,10 @@ def list_issued(folder: DirOption) -> None:
     """The credentials this authority issued, revoked or not."""
     table = Table("credential", "spoke", "subject", "valid until", "revoked")
     for issued in _authority(folder).state.issued:
-        table.add_row(issued.id, issued.spoke_id, issued.subject,
-                      f"{issued.valid_until:%Y-%m-%d %H:%M}",
-                      f"{issued.revoked_at:%Y-%m-%d} {issued.revoked_reason}"
-                      if issued.revoked_at else "")
+        table.add_row(*(escape(v) for v in (
+            issued.id, issued.spoke_id, issued.subject, f"{issued.valid_until:%Y-%m-%d %H:%M}",
+            f"{issued.revoked_at:%Y-%m-%d} {issued.revoked_reason}"
+            if issued.revoked_at else "")))
     console.print(table)
 
 
@@ -154,4 +155,4 @@ def present(
                                 json={"credential": credential.read_text().strip()}),
                      "credential")
     console.print(f"{spoke}: {read['state']}, issued by {read['issuer']}, valid until "
-                  f"{read['valid_until']}")
+                  f"{read['valid_until']}", markup=False)

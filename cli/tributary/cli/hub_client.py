@@ -29,7 +29,7 @@ HubCaOption = Annotated[Path | None, typer.Option(
     help="The CA (PEM) that signed the hub's HTTPS certificate (default: the system's "
          "trusted CAs).")]
 
-errors = Console(stderr=True)
+errors = Console(stderr=True, emoji=False)  # the hub's details are data, not markup
 
 
 def fail(message: str) -> NoReturn:

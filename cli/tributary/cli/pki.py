@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check,
 
 app = typer.Typer(help="The federation's certificates: one CA for every party and endpoint.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 OutDir = Annotated[Path, typer.Option("--out", "-o", file_okay=False,
                                       help="The federation's PKI folder (keep it private).")]
@@ -41,7 +42,7 @@ def _store(include: bool | None) -> ServiceSettings | None:
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]{message}[/]")
+    console.print(f"[red]{escape(message)}[/]")
     return typer.Exit(code)
 
 
@@ -69,10 +70,12 @@ def issue(
                                     store=store)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-    console.print(f"federation PKI in {out.resolve()} for {', '.join(spec.hub_names)}")
+    console.print(f"federation PKI in {out.resolve()} for {', '.join(spec.hub_names)}",
+                  markup=False)
     for spoke_id in spec.active_spokes:
-        console.print(f"  hand [bold]{federation_pki.spoke_identity_dir(out, spoke_id)}[/] "
-                      f"to {spoke_id}'s administrator only")
+        console.print("  hand [bold]"
+                      f"{escape(str(federation_pki.spoke_identity_dir(out, spoke_id)))}[/] "
+                      f"to {escape(spoke_id)}'s administrator only")
     _show(out, store)
 
 
@@ -107,8 +110,9 @@ def _show(out: Path, store: ServiceSettings | None = None,
         late = cert.state != "ok" or (warn_days is not None and cert.days_left < warn_days)
         due += late
         colour = "red" if cert.state == "expired" else "yellow" if late else "green"
-        table.add_row(cert.holder, cert.purpose, cert.subject, cert.serial[:16],
-                      cert.not_after.strftime("%Y-%m-%d"),
+        table.add_row(*(escape(v) for v in (cert.holder, cert.purpose, cert.subject,
+                                            cert.serial[:16],
+                                            cert.not_after.strftime("%Y-%m-%d"))),
                       f"[{colour}]{cert.days_left}[/]")
     console.print(table)
     return due
@@ -153,7 +157,7 @@ def revoke(
     with hub_client(hub, token, hub_ca, timeout=30) as client:
         check(client.post(f"/api/spokes/{spoke_id}/revoke", json={"reason": reason}),
               f"revoking {spoke_id} at the hub")
-    console.print(f"hub: {spoke_id} revoked (keys, results, registry tokens)")
+    console.print(f"hub: {spoke_id} revoked (keys, results, registry tokens)", markup=False)
     try:
         store = _store(objectstore)
         restarted = federation_pki.revoke(out, spoke_id, store)

@@ -13,7 +13,7 @@ from rich.markup import escape
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, fail, hub_client
 
 app = typer.Typer(help="Algorithm publishers known to the hub.", no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 @app.command("register")
@@ -36,7 +36,7 @@ def register(
                                     json={"name": name, "public_key_pem": pem}),
                         "publisher registration")
     console.print(f"registered publisher [bold]{escape(created['name'])}[/] with key id "
-                  f"{created['keyid']}")
+                  f"{escape(created['keyid'])}")
 
 
 @app.command("list")
@@ -52,5 +52,6 @@ def list_(
         publishers = check(client.get("/api/publishers"), "listing")
     table = Table("name", "key id", "registered")
     for publisher in publishers:
-        table.add_row(escape(publisher["name"]), publisher["keyid"], publisher["created_at"])
+        table.add_row(escape(publisher["name"]), escape(publisher["keyid"]),
+                      escape(publisher["created_at"]))
     console.print(table)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 COUNTS = (("cases", "Cases"), ("succeeded", "Done"), ("failed", "Failed"))
@@ -40,13 +41,15 @@ def aggregate_table(report: dict[str, Any]) -> Table:
         k = report.get("min_cell_size")
         suppressed = f"suppressed: computed over fewer than {k} cases" if k else "suppressed"
         caption = f"{caption}; {suppressed}" if caption else suppressed
-    table = Table(title=f"Aggregated results ({report['aggregator']})", caption=caption)
+    table = Table(title=f"Aggregated results ({escape(report['aggregator'])})", caption=caption)
     table.add_column("figure", style="bold", no_wrap=True)
     for group in groups:
-        table.add_column(group, justify="right", style="bold" if group == "pooled" else None)
+        table.add_column(escape(group), justify="right",
+                         style="bold" if group == "pooled" else None)
     for key, label in COUNTS:
-        table.add_row(label, *(_number(group[key]) for group in groups.values()))
+        table.add_row(escape(label), *(escape(_number(group[key])) for group in groups.values()))
     for column in report["columns"]:
-        table.add_row(column["label"], *(figure_cell(group["figures"].get(column["key"]))
-                                         for group in groups.values()))
+        table.add_row(escape(column["label"]),  # the algorithm named it: data, not markup
+                      *(escape(figure_cell(group["figures"].get(column["key"])))
+                        for group in groups.values()))
     return table

@@ -10,16 +10,17 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Local infrastructure: Docker engine, ActiveMQ broker, OCI "
                        "registry, S3 object store and the algorithm base image.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 def _report(name: str, state: str) -> None:
-    console.print(f"[bold]{name:<11}[/] {state}")
+    console.print(f"[bold]{escape(name):<11}[/] {escape(state)}")
 
 
 @app.command("up")
@@ -46,7 +47,8 @@ def status() -> None:
     table = Table("service", "state", "detail")
     rows = manager.status()
     for row in rows:
-        table.add_row(row.name, "[green]up[/]" if row.running else "[red]down[/]", row.detail)
+        table.add_row(escape(row.name), "[green]up[/]" if row.running else "[red]down[/]",
+                      escape(row.detail))
     console.print(table)
     if not all(r.running for r in rows):
         raise typer.Exit(1)
@@ -66,7 +68,7 @@ def podman_up(
     try:
         socket = podman.ensure_rootless() if rootless else podman.ensure_running()
     except ServiceError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from exc
     _report("podman", f"running at {socket}")
     if rootless:
@@ -85,7 +87,7 @@ def slurm_up() -> None:
         podman.ensure_running()
         conf = slurm.ensure_running()
     except ServiceError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from exc
     _report("slurm", f"running, SLURM_CONF={conf}")
 
@@ -111,6 +113,6 @@ def objectstore_up(
         state = objectstore.ensure_running(settings, pki_dir / "pki" if pki_dir else None,
                                            server_name or [])
     except ServiceError as exc:
-        console.print(f"[red]{exc}[/]")
+        console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(1) from exc
     _report("objectstore", f"{state} at {objectstore.endpoint(settings)}")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
@@ -24,7 +25,7 @@ if TYPE_CHECKING:  # httpx is imported when a command talks to the hub, not for 
 
 app = typer.Typer(help="Launch, watch and fetch federated studies on a hub.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 def _json_option(value: str | None, what: str) -> Any:
     if value is None:
@@ -82,10 +83,11 @@ def launch(
         raise typer.BadParameter(f"missing {', '.join(missing)} (options or --file)")
     with hub_client(hub, token, hub_ca) as client:
         experiment = check(client.post("/api/experiments", json=body), "creation")
-        console.print(f"created [bold]{experiment['id']}[/] ({experiment['name']})")
+        console.print(f"created [bold]{escape(experiment['id'])}[/] "
+                      f"({escape(experiment['name'])})")
         if not draft:
             check(client.post(f"/api/experiments/{experiment['id']}/launch"), "launch")
-            console.print(f"launched to {', '.join(body['spoke_ids'])}")
+            console.print(f"launched to {', '.join(body['spoke_ids'])}", markup=False)
     typer.echo(experiment["id"])
     if watch_it and not draft:
         watch(experiment["id"], hub, token, hub_ca)
@@ -121,8 +123,10 @@ def watch(
     releases it)."""
     with hub_client(hub, token, hub_ca, timeout=None) as client:
         with Progress(
-            TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+            # spoke ids and states come from the hub: data, not markup
+            TextColumn("{task.description:<24}", markup=False), BarColumn(),
+            MofNCompleteColumn(), TextColumn("{task.fields[detail]}", markup=False),
+            TimeElapsedColumn(), console=console,
         ) as progress:
             tasks: dict[str, Any] = {}
             latest: dict[str, dict[str, Any]] = {}
@@ -166,25 +170,21 @@ def report_problems(experiment_id: str, state: str, targets: list[dict[str, Any]
                     failed_cases: list[dict[str, Any]]) -> int:
     """Print the study's ending: every refusal and every failed case with its reason in
     full. Returns how many problems there were (0: every target completed cleanly)."""
-    from rich.markup import escape
-
     refused = [t for t in targets if t["state"] in ("refused", "cancelled")]
     failed = sum(t["failed"] for t in targets)
-    summary = f"{experiment_id} is [bold]{state}[/]"
-    if refused:
-        summary += f", [red]{len(refused)} of {len(targets)} spoke(s) did not run it[/]"
-    if failed:
-        summary += f", [red]{failed} case(s) failed[/]"
-    console.print(summary)
+    console.print(f"{escape(experiment_id)} is [bold]{escape(state)}[/]"
+                  + (f", [red]{len(refused)} of {len(targets)} spoke(s) did not run it[/]"
+                     if refused else "")
+                  + (f", [red]{failed} case(s) failed[/]" if failed else ""))
     for target in refused:
-        console.print(f"[red]{target['spoke_id']} {target['state']}:[/] "
+        console.print(f"[red]{escape(target['spoke_id'])} {escape(target['state'])}:[/] "
                       f"{escape(target.get('reason') or 'no reason given')}",
                       soft_wrap=True, highlight=False)
     for case in failed_cases:
         failure = case.get("failure") or {}
         exit_code = failure.get("exit_code")
-        console.print(f"[red]{case['spoke_id']} case {case['case_id']} failed "
-                      f"({failure.get('reason', '?')}"
+        console.print(f"[red]{escape(case['spoke_id'])} case {escape(case['case_id'])} failed "
+                      f"({escape(str(failure.get('reason', '?')))}"
                       + (f", exit code {exit_code}" if exit_code is not None else "")
                       + "):[/] " + escape(failure.get("detail") or ""),
                       soft_wrap=True, highlight=False)
@@ -220,9 +220,9 @@ def list_(
         experiments = check(client.get("/api/experiments"), "listing")
     table = Table("id", "name", "state", "algorithm", "spokes")
     for experiment in experiments:
-        table.add_row(experiment["id"], experiment["name"], experiment["state"],
-                      experiment["algorithm"],
-                      ", ".join(t["spoke_id"] for t in experiment["targets"]))
+        table.add_row(*(escape(str(v)) for v in (
+            experiment["id"], experiment["name"], experiment["state"], experiment["algorithm"],
+            ", ".join(t["spoke_id"] for t in experiment["targets"]))))
     console.print(table)
 
 
@@ -251,7 +251,8 @@ def show(
     done = sum(t["succeeded"] + t["failed"] for t in experiment["targets"])
     counts = [t["case_count"] for t in experiment["targets"]]
     total = "?" if None in counts else sum(counts)  # a spoke has not selected its cohort
-    console.print(f"[bold]{experiment['name']}[/] ({experiment_id}): {experiment['state']}, "
+    console.print(f"[bold]{escape(experiment['name'])}[/] ({escape(experiment_id)}): "
+                  f"{escape(experiment['state'])}, "
                   f"{done}/{total} cases finished")
     console.print(aggregate_table(report))
     if failed_cases or any(t["state"] in ("refused", "cancelled") for t in experiment["targets"]):
@@ -300,4 +301,4 @@ def fetch(
             target.write_bytes(response.content)
             written.append(target)
     for path in written:
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", markup=False)

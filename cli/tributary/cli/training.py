@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
 from tributary.cli.training_export import export
@@ -23,7 +24,7 @@ from tributary.cli.training_export import export
 app = typer.Typer(help="Launch, list, show, watch and export federated training studies on "
                        "a hub.", no_args_is_help=True)
 app.command("export")(export)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 #: States in which a study has ended; only ``finished`` is a success for ``watch``.
 ENDED = ("finished", "stopped_budget", "failed")
 
@@ -93,7 +94,7 @@ def launch(
             initial = _initial_model_of(client, body.get("algorithm_id"))
         body["initial_model_b64"] = base64.b64encode(initial).decode()
         study = check(client.post("/api/training-studies", json=body), "launching")
-    console.print(study["id"], highlight=False)
+    console.print(study["id"], highlight=False, markup=False)
 
 
 def _initial_model_of(client: Any, algorithm_id: Any) -> bytes:
@@ -107,13 +108,13 @@ def _initial_model_of(client: Any, algorithm_id: Any) -> bytes:
     try:
         image, version = version_image(client, algorithm_id)
         console.print(f"running {version['name']} {version['version']}'s init task "
-                      f"({image}) in the sandbox…", highlight=False)
+                      f"({image}) in the sandbox…", highlight=False, markup=False)
         data, count = initial_model(image)
     except InitError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     console.print(f"initial model from {version['name']} {version['version']}'s init: "
-                  f"{count} parameters", highlight=False)
+                  f"{count} parameters", highlight=False, markup=False)
     return data
 
 
@@ -130,9 +131,10 @@ def list_(
         studies = check(client.get("/api/training-studies"), "listing")
     table = Table("id", "name", "state", "rounds", "ε spent", "spokes")
     for s in studies:
-        table.add_row(s["id"], s["name"], s["state"], f"{s['rounds_done']}/{s['rounds']}",
+        table.add_row(escape(s["id"]), escape(s["name"]), escape(s["state"]),
+                      f"{s['rounds_done']}/{s['rounds']}",
                       f"{s['epsilon_spent']:.4g} / {s['epsilon_budget']:.4g}",
-                      ", ".join(s["spokes"]))
+                      escape(", ".join(s["spokes"])))
     console.print(table)
 
 
@@ -141,13 +143,12 @@ def _show(study: dict[str, Any]) -> None:
 
     console.print(f"{study['id']} {study['name']}: {study['state']}"
                   + (f" ({study['stop_reason']})" if study["stop_reason"] else ""),
-                  highlight=False)
+                  highlight=False, markup=False)
     table = Table("round", "attempt", "stage", "joined", "survivors", "dropouts", "ε round",
                   "ε cumulative", "mean loss")
     for r in study["round_list"]:
-        table.add_row(str(r["round"]), str(r["attempt"]), r["stage"],
-                      ", ".join(r["joined"]), ", ".join(r["survivors"]),
-                      ", ".join(r["dropouts"]),
+        table.add_row(str(r["round"]), str(r["attempt"]), escape(r["stage"]),
+                      *(escape(", ".join(r[k])) for k in ("joined", "survivors", "dropouts")),
                       "" if r["epsilon_round"] is None else f"{r['epsilon_round']:.4g}",
                       "" if r["epsilon_cumulative"] is None
                       else f"{r['epsilon_cumulative']:.4g}",
@@ -200,15 +201,16 @@ def watch(
                         f"survivors {len(r['survivors'])}/{len(r['joined'])}"
                         + (f", ε {eps:.4g}" if eps is not None else "")
                         + (f" ({r['outcome_reason']})" if r["outcome_reason"] else ""),
-                        highlight=False)
+                        highlight=False, markup=False)
             if study["state"] in ENDED:
                 break
             if timeout is not None and time.monotonic() - started > timeout:
-                console.print(f"{study_id} is still {study['state']} after {timeout} s")
+                console.print(f"{study_id} is still {study['state']} after {timeout} s",
+                              markup=False)
                 raise typer.Exit(2)
             time.sleep(interval)
     console.print(f"{study_id}: {study['state']}"
                   + (f" ({study['stop_reason']})" if study["stop_reason"] else ""),
-                  highlight=False)
+                  highlight=False, markup=False)
     if study["state"] != "finished":
         raise typer.Exit(1)

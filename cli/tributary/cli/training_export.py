@@ -11,12 +11,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, fail, hub_client
 
 app = typer.Typer(help="Training studies: export a model with its provenance.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 #: The files an export writes.
 MODEL_FILE = "model.safetensors"
@@ -85,7 +86,8 @@ def export(
                                          + "\n").encode()}
     for name, content in files.items():
         (out / name).write_bytes(content)
-        console.print(f"wrote {out / name}")
-    console.print(f"[green]OK[/] model {record.index} of {study_id} ({record.digest}), signed by "
-                  f"the hub key {key.keyid}; {len(prov.rounds)} round attempts, epsilon "
+        console.print(f"wrote {out / name}", markup=False)
+    console.print(f"[green]OK[/] model {record.index} of {escape(study_id)} "
+                  f"({escape(record.digest)}), signed by the hub key {escape(key.keyid)}; "
+                  f"{len(prov.rounds)} round attempts, epsilon "
                   f"{prov.epsilon_spent:.4g} at delta {prov.study.delta:g}")

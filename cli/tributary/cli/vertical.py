@@ -10,13 +10,14 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tributary.cli.hub_client import HubCaOption, HubOption, TokenOption, check, hub_client
 
 app = typer.Typer(help="Vertical training studies on a hub: create, list, show, model.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what the hub and others wrote is data, not markup
 
 
 @app.command("create")
@@ -52,11 +53,11 @@ def list_studies(hub: HubOption = "http://127.0.0.1:8000", token: TokenOption = 
         return
     table = Table(title="vertical studies")
     for column in ("study", "name", "state", "rounds", "features", "label", "last loss"):
-        table.add_column(column)
+        table.add_column(escape(column))
     for s in studies:
-        table.add_row(s["id"], s["name"], s["state"],
+        table.add_row(escape(s["id"]), escape(s["name"]), escape(s["state"]),
                       f"{len(s['losses'])}/{s['hyperparameters']['rounds']}",
-                      s["features_spoke"], s["label_spoke"],
+                      escape(s["features_spoke"]), escape(s["label_spoke"]),
                       f"{s['losses'][-1]:.4f}" if s["losses"] else "")
     console.print(table)
 

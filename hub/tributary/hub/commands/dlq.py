@@ -14,12 +14,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Dead letters: messages the broker set aside (refused or expired). "
                        "List them with their reason, replay or discard them.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what messages and spokes carry is data, not markup
 
 QueueOption = Annotated[str | None, typer.Option(
     "--queue", "-q", help="The dead-letter queue (default: look in all of them).")]
@@ -71,7 +72,7 @@ def list_(queue: QueueOption = None, database_url: DatabaseOption = None,
             letters = list_dead_letters(session, settings.broker(),  # type: ignore[attr-defined]
                                         [queue] if queue else None)
         except DeadLetterError as exc:
-            console.print(f"[red]{exc}[/]")
+            console.print(f"[red]{escape(str(exc))}[/]")
             raise typer.Exit(1) from None
     if as_json:  # the table folds long reasons to the terminal's width; this never does
         for letter in letters:
@@ -82,14 +83,16 @@ def list_(queue: QueueOption = None, database_url: DatabaseOption = None,
         return
     table = Table("message id", "from queue", "kind", "experiment", "when", "size", "reason")
     for letter in letters:
-        table.add_row(letter.broker_message_id, letter.original_destination,
-                      letter.kind or "?", letter.experiment_id or "",
-                      f"{letter.timestamp:%Y-%m-%d %H:%M:%S}" if letter.timestamp else "",
-                      str(letter.size), letter.reason)
+        table.add_row(*(escape(v) for v in (  # a dead letter is outside text: data, not markup
+            letter.broker_message_id, letter.original_destination, letter.kind or "?",
+            letter.experiment_id or "",
+            f"{letter.timestamp:%Y-%m-%d %H:%M:%S}" if letter.timestamp else "",
+            str(letter.size), letter.reason)))
     console.print(table)
     if bodies:
         for letter in letters:
-            console.print(f"[bold]{letter.broker_message_id}[/] {letter.body_preview[:300]}")
+            console.print(f"[bold]{escape(letter.broker_message_id)}[/] "
+                          f"{escape(letter.body_preview[:300])}")
     console.print(f"{len(letters)} dead letter(s)")
 
 
@@ -106,9 +109,10 @@ def replay(message_id: Annotated[str, typer.Argument(help="Broker message id (fr
         try:
             letter = deadletters.replay(session, broker, dlq, message_id, _actor())
         except DeadLetterError as exc:
-            console.print(f"[red]not replayed: {exc}[/]")
+            console.print(f"[red]not replayed: {escape(str(exc))}[/]")
             raise typer.Exit(1) from None
-    console.print(f"replayed {letter.broker_message_id} to {letter.original_destination}")
+    console.print(f"replayed {letter.broker_message_id} to {letter.original_destination}",
+                  markup=False)
 
 
 @app.command("discard")
@@ -125,6 +129,6 @@ def discard(message_id: Annotated[str, typer.Argument(help="Broker message id (f
         try:
             letter = deadletters.discard(session, broker, dlq, message_id, _actor(), reason)
         except DeadLetterError as exc:
-            console.print(f"[red]not discarded: {exc}[/]")
+            console.print(f"[red]not discarded: {escape(str(exc))}[/]")
             raise typer.Exit(1) from None
-    console.print(f"discarded {letter.broker_message_id} from {dlq}")
+    console.print(f"discarded {letter.broker_message_id} from {dlq}", markup=False)

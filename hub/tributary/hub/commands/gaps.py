@@ -10,11 +10,12 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="Custody gaps: results lost on the way to the hub. List them, or "
                        "accept one the spoke cannot resend.", no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what messages and spokes carry is data, not markup
 
 DatabaseOption = Annotated[str | None, typer.Option(
     help="The hub's database URL (default: TRIBUTARY_HUB_DATABASE_URL).")]
@@ -44,8 +45,9 @@ def list_(spoke: Annotated[str | None, typer.Option(help="Only this spoke's gaps
                   "reason")
     for g in rows:
         missing = f"{g.first_missing}..{g.last_missing if g.last_missing else '?'}"
-        table.add_row(str(g.id), g.spoke_id, missing, g.state, str(g.resend_requests),
-                      g.accepted_by or "", g.accepted_reason or "")
+        table.add_row(str(g.id), escape(g.spoke_id), escape(missing), escape(g.state),
+                      str(g.resend_requests), escape(g.accepted_by or ""),
+                      escape(g.accepted_reason or ""))
     console.print(table)
 
 
@@ -72,26 +74,28 @@ def accept(spoke: Annotated[str, typer.Argument(help="The spoke.")],
                 gap, experiments = gaps.accept(session, gap_id, spoke,
                                                f"operator:{getpass.getuser()}", reason)
             except gaps.NotAllowed as exc:
-                console.print(f"[red]not accepted: {exc}[/]")
+                console.print(f"[red]not accepted: {escape(str(exc))}[/]")
                 raise typer.Exit(1) from None
             for experiment_id in experiments:
                 ingest.complete_if_settled(session, experiment_id)
             session.commit()
             console.print(f"gap {gap.id} of {spoke} accepted; lost cases settled in "
-                          f"{len(experiments)} experiment(s)")
+                          f"{len(experiments)} experiment(s)", markup=False)
             if gap.last_missing is None:
                 return
             client = StompClient(settings.broker(), "tributary-gaps").start(30)
             try:
                 gaps.send_resend(client, key, spoke, gap.last_missing + 1)
             except PublishError as exc:
-                console.print(f"[yellow]the records after the gap were not requested: {exc}; "
-                              f"repeat with `tributary gaps resend {spoke} "
+                console.print("[yellow]the records after the gap were not requested: "
+                              f"{escape(str(exc))}; "
+                              f"repeat with `tributary gaps resend {escape(spoke)} "
                               f"{gap.last_missing + 1}`[/]")
                 raise typer.Exit(1) from None
             finally:
                 client.close()
-            console.print(f"asked {spoke} to resend its records from {gap.last_missing + 1}")
+            console.print(f"asked {spoke} to resend its records from {gap.last_missing + 1}",
+                          markup=False)
     finally:
         engine.dispose()
 
@@ -125,4 +129,4 @@ def resend(spoke: Annotated[str, typer.Argument(help="The spoke.")],
             session.commit()
     finally:
         engine.dispose()
-    console.print(f"asked {spoke} to resend its records from {from_sequence}")
+    console.print(f"asked {spoke} to resend its records from {from_sequence}", markup=False)

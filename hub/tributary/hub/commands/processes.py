@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from tributary.hub.settings import HubSettings
 
 app = typer.Typer(help="Run the hub (API, pages, results consumer).", no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what messages and spokes carry is data, not markup
 
 
 def _serve_settings(database_url: str | None, overrides: dict[str, object]) -> HubSettings:
@@ -160,9 +160,10 @@ def hub_migrate(
     attach_forensic_log(engine, settings.audit_log_path())
     before, after = upgrade_schema(engine, actor=f"cli:{getpass.getuser()}")
     if before == after:
-        console.print(f"database schema already at the newest revision, {after}")
+        console.print(f"database schema already at the newest revision, {after}", markup=False)
     else:
-        console.print(f"database schema upgraded from {before or 'none'} to {after}")
+        console.print(f"database schema upgraded from {before or 'none'} to {after}",
+                      markup=False)
 
 
 @app.command("create-user")
@@ -189,7 +190,7 @@ def hub_create_user(
             create_user(session, username, password, role, organisation, actor="cli")
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
-    console.print(f"created {username} with roles {', '.join(role)}")
+    console.print(f"created {username} with roles {', '.join(role)}", markup=False)
 
 
 @app.command("registry-gateway")

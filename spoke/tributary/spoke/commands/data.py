@@ -103,12 +103,12 @@ def ingest(
                   "excluded": report.excluded, "unchanged": report.unchanged})
     table = Table("source", "inputs", "stored", "unchanged", "duplicates", "excluded")
     for name, counts in report.per_source.items():
-        table.add_row(escape(name), *(str(counts[k]) for k in
-                              ("inputs", "stored", "unchanged", "duplicates", "excluded")))
+        table.add_row(escape(name), *(escape(str(counts[k])) for k in
+                                      ("inputs", "stored", "unchanged", "duplicates", "excluded")))
     console.print(table)
     if settings.attributes_path is not None:
         console.print(f"attributes: {report.attributes_cases} cases matched, "
-                      f"{report.attributes_unmatched} rows without an ingested case")
+                      f"{report.attributes_unmatched} rows without an ingested case", markup=False)
     if report.excluded or report.duplicates:
         console.print("see [bold]tributary spoke exclusions[/] for what was left out and why")
 
@@ -170,6 +170,7 @@ def catalog(
     from dataclasses import asdict
 
     from pydantic import ValidationError
+    from rich.markup import escape
     from rich.table import Table
 
     from tributary.protocol.messages import CohortSelection
@@ -197,24 +198,24 @@ def catalog(
         typer.echo(json.dumps([asdict(c) for c in cases], indent=2))
         return
     console = _console()
-    console.print("catalog: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    console.print("catalog: " + ", ".join(f"{v} {k}" for k, v in counts.items()), markup=False)
     table = Table("case", "series", "modality", "body part", "slices", "size", "spacing (mm)",
                   "attributes")
     for item in cases:
         for index, series in enumerate(item.series):
             spacing = series.pixel_spacing or []
-            table.add_row(
+            table.add_row(*(escape(cell or "") for cell in (  # header values and attributes: data
                 item.case_id if index == 0 else "", series.series_id, series.modality,
                 series.body_part or "", str(series.instance_count),
                 f"{series.rows}x{series.columns}" if series.rows else "",
                 "x".join(f"{v:g}" for v in [*spacing, *([series.slice_thickness]
                                                          if series.slice_thickness else [])]),
                 ", ".join(f"{k}={json.dumps(v)[:24]}" for k, v in item.attributes.items())
-                if index == 0 else "")
+                if index == 0 else "")))
     console.print(table)
     console.print(f"{len(cases)} cases match")
     if hidden:
-        console.print(f"[yellow]note:[/] experiments cannot select on {', '.join(hidden)} "
+        console.print(f"[yellow]note:[/] experiments cannot select on {escape(', '.join(hidden))} "
                       "(not in releasable_attributes)")
 
 

@@ -146,10 +146,10 @@ def main(
         {"profile": profile, "report": str(report), "files_seen": len(paths),
          "files_written": len(outputs), "excluded": document.excluded,
          "flagged": document.flagged, "reasons": document.reasons})
-    table = Table("reason", "files", "effect", title=profile)
+    table = Table("reason", "files", "effect", title=escape(profile))
     for reason, count in sorted(document.reasons.items()):
         effect = "excluded" if Reason(reason) in EXCLUDING else "flagged for review"
-        table.add_row(reason, str(count), effect)
+        table.add_row(*(escape(str(v)) for v in (reason, count, effect)))
     console.print(table)
     incomplete = [s.series_id for s in screening.series if not s.complete]
     console.print(f"{len(outputs)} of {len(paths)} files written to {escape(str(dst))}; "

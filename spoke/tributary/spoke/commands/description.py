@@ -11,7 +11,7 @@ from rich.console import Console
 
 from tributary.spoke.commands.data import ConfigOption, load_config
 
-console = Console()
+console = Console(emoji=False)  # DICOM header values are data, not markup
 
 
 def description(
@@ -37,14 +37,14 @@ def description(
         return
     k = current.terms.min_cell
     console.print(f"cases: {current.cases if current.cases is not None else f'fewer than {k}'}"
-                  f" (k = {k}); studies {current.studies}, series {current.series}")
+                  f" (k = {k}); studies {current.studies}, series {current.series}", markup=False)
     for cell in current.cells:
         console.print(f"  {cell.modality or 'any modality'} / {cell.body_part or 'any body part'}"
-                      f": {cell.cases}")
+                      f": {cell.cases}", markup=False)
     if current.years:
-        console.print(f"years: {current.years.first}-{current.years.last}")
+        console.print(f"years: {current.years.first}-{current.years.last}", markup=False)
     console.print(f"profile: {current.deid_profile}; options "
                   f"{', '.join(current.deid_options) or 'none'}", markup=False)
-    console.print(f"attributes: {', '.join(current.attributes) or 'none'}")
+    console.print(f"attributes: {', '.join(current.attributes) or 'none'}", markup=False)
     console.print(f"digest now: {current.digest()}; last sent: "
-                  f"{last.digest if last else 'nothing yet'}")
+                  f"{last.digest if last else 'nothing yet'}", markup=False)

@@ -37,6 +37,7 @@ class Bars:
 
 @contextmanager
 def bars(console: Console) -> Iterator[Bars]:
-    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+    with Progress(TextColumn("{task.description:<12}", markup=False),  # names are data
+                  BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, auto_refresh=False) as progress:
         yield Bars(progress)

@@ -9,10 +9,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tributary.protocol import logs
 
-console = Console()
+console = Console(emoji=False)  # outside text is printed as data, not markup
 app = typer.Typer(help="Run a spoke next to an institution's data.", no_args_is_help=True)
 
 
@@ -31,7 +32,7 @@ def spoke_run(
     try:
         agent = SpokeAgent(SpokeConfig.load(config))
     except StoreFormatError as exc:
-        console.print(f"[red]spoke not started:[/] {exc}")
+        console.print(f"[red]spoke not started:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: agent.stop())
@@ -77,7 +78,7 @@ def spoke_init(
         "# url = \"https://pacs.example.org/dicom-web\"\n# username = \"reader\"\n"
         "# password = \"...\"\n"
     )
-    console.print(f"wrote {output}")
+    console.print(f"wrote {output}", markup=False)
 
 
 @app.command("key")

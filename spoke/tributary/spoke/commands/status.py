@@ -11,11 +11,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tributary.spoke.commands.data import ConfigOption, load_config
 
-console = Console()
+console = Console(emoji=False)  # outside text is printed as data, not markup
 CASE_STATES = ("queued", "running", "held", "done")
 
 
@@ -59,41 +60,43 @@ def _counts(counts: dict[str, int]) -> str:
 
 def _show(document: dict[str, Any]) -> None:
     agent = document["agent"]
-    running = (f"[green]running[/] (pid {agent['pid']})" if agent["running"]
-               else "[yellow]not running[/]")
-    console.print(f"[bold]spoke {document['spoke_id']}[/]: agent {running}")
+    console.print(f"[bold]spoke {escape(document['spoke_id'])}[/]: agent "
+                  + (f"[green]running[/] (pid {agent['pid']})" if agent["running"]
+                     else "[yellow]not running[/]"))
     journal = document["journal"]
     if journal is None:
         console.print("no journal yet: the agent has not run in this work folder")
     else:
-        console.print(f"experiments: {_counts(journal['experiments'])}")
-        console.print(f"cases: {_counts(journal['cases'])}")
+        console.print(f"experiments: {_counts(journal['experiments'])}", markup=False)
+        console.print(f"cases: {_counts(journal['cases'])}", markup=False)
         waiting = journal["outbox_unsent"]
         console.print("outbox: nothing waiting to be sent" if not waiting else
                       f"outbox: [yellow]{waiting} message(s) waiting[/] since "
-                      f"{journal['oldest_unsent_at']} UTC (the broker unreachable, or "
+                      f"{escape(str(journal['oldest_unsent_at']))} UTC (the broker unreachable, or "
                       "the agent stopped?)")
         if journal["count_requests"]:
-            console.print(f"count requests being answered: {journal['count_requests']}")
+            console.print(f"count requests being answered: {journal['count_requests']}",
+                          markup=False)
         if journal["revoked_digests"]:
-            console.print(f"revoked images refused: {journal['revoked_digests']}")
+            console.print(f"revoked images refused: {journal['revoked_digests']}", markup=False)
         if journal["open"]:
             table = Table("experiment", "state", *CASE_STATES, "since", title="open "
                           "experiments")
             for item in journal["open"]:
-                table.add_row(item["experiment_id"], item["state"] + (
-                    f" ({item['reason']})" if item["reason"] else ""),
-                    *(str(item["cases"].get(s, 0)) for s in CASE_STATES),
-                    item["received_at"])
+                table.add_row(escape(item["experiment_id"]), escape(item["state"] + (
+                    f" ({item['reason']})" if item["reason"] else "")),
+                    *(escape(str(item["cases"].get(s, 0))) for s in CASE_STATES),
+                    escape(str(item["received_at"])))
             console.print(table)
     catalog = document["catalog"]
     console.print("catalog: " + (", ".join(f"{v} {k}" for k, v in catalog.items())
-                                 if catalog else "not ingested yet"))
+                                 if catalog else "not ingested yet"), markup=False)
     if document["recent"]:
         table = Table("at", "actor", "action", "target", title="latest audit entries")
         for entry in document["recent"]:
-            table.add_row(str(entry.get("at", ""))[:19], str(entry.get("actor", "")),
-                          str(entry.get("action", "")), str(entry.get("target", "")))
+            table.add_row(escape(str(entry.get("at", ""))[:19]),
+                          *(escape(str(entry.get(key, ""))) for key in
+                            ("actor", "action", "target")))
         console.print(table)
 
 

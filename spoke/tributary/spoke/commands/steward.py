@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -20,7 +21,7 @@ from tributary.spoke.commands.options import ConfigOption, StewardOption
 
 app = typer.Typer(help="The site's data steward: approve or reject experiments before they "
                        "run and results before they are released.", no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # what others wrote is shown as data, never as markup
 
 
 
@@ -61,8 +62,11 @@ def pending(config: ConfigOption,
         console.print("nothing waits for the steward")
         return
     for held in experiments:
-        table = Table(title=f"experiment {held.experiment_id} (held {held.held_at} UTC)",
+        table = Table(title=f"experiment {escape(held.experiment_id)} "
+                            f"(held {escape(str(held.held_at))} UTC)",
                       show_header=False, title_justify="left")
+        table.add_column()
+        table.add_column(overflow="fold")  # every character shown, never cut off
         s = held.summary
         for label, value in (
                 ("algorithm", s["algorithm"]), ("image digest", s["digest"]),
@@ -71,21 +75,24 @@ def pending(config: ConfigOption,
                 ("attributes asked", ", ".join(s["release_requested"]) or "none"),
                 ("attributes released", ", ".join(s["release_allowed"]) or "none"),
                 ("limits", json.dumps(s["limits"])), ("expires", str(s["expires_at"]))):
-            table.add_row(label, value)
+            table.add_row(escape(label), escape(value))
         access = s.get("access_request")
         table.add_row("access request", "none" if not access else
-                      f"{access['request_id']} \"{access['title']}\": "
-                      f"{json.dumps(access['conditions'])}")
+                      escape(f"{access['request_id']} \"{access['title']}\": "
+                             f"{json.dumps(access['conditions'])}"))
         console.print(table)
     for held_result in results:
         result = held_result.result
-        console.print(f"[bold]result[/] experiment {result.experiment_id} case "
-                      f"{result.case_id}: {result.status.value} (held {held_result.held_at} UTC)")
+        console.print(f"[bold]result[/] experiment {escape(result.experiment_id)} case "
+                      f"{escape(result.case_id)}: {escape(result.status.value)} "
+                      f"(held {escape(str(held_result.held_at))} UTC)")
         if result.failure:
-            console.print(f"  failure: {result.failure.reason.value}: {result.failure.detail}")
-        console.print(Syntax(json.dumps(result.output, indent=2), "json"))
+            console.print(f"  failure: {result.failure.reason.value}: {result.failure.detail}",
+                          markup=False)
+        # wrapped, never cropped: the steward sees every byte of output.json
+        console.print(Syntax(json.dumps(result.output, indent=2), "json", word_wrap=True))
         if result.released:
-            console.print(f"  with attributes: {json.dumps(result.released)}")
+            console.print(f"  with attributes: {json.dumps(result.released)}", markup=False)
     console.print(f"{len(experiments)} experiment(s), {len(results)} result(s) waiting")
 
 
@@ -108,14 +115,14 @@ def _decide(config: Path, experiment_id: str, case_id: str | None, approve: bool
         if not cases:
             desk.decide_experiment(experiment_id, approve, who, reason)
             audit.append(who, f"steward.experiment_{verb}", experiment_id, {"reason": reason})
-            console.print(f"experiment {experiment_id} {verb}")
+            console.print(f"experiment {experiment_id} {verb}", markup=False)
         for case in cases:
             desk.decide_result(experiment_id, case, approve, who, reason)
             audit.append(who, f"steward.result_{verb}", experiment_id,
                          {"case": case, "reason": reason})
-            console.print(f"result of {case} in {experiment_id} {verb}")
+            console.print(f"result of {case} in {experiment_id} {verb}", markup=False)
     except NotPending as exc:
-        console.print(f"[red]{exc}[/] (see `tributary spoke steward pending`)")
+        console.print(f"[red]{escape(str(exc))}[/] (see `tributary spoke steward pending`)")
         raise typer.Exit(1) from None
     finally:
         desk.close()

@@ -13,12 +13,13 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tributary.spoke.commands.options import ConfigOption, StewardOption
 
 app = typer.Typer(help="Approve or refuse private set intersections.", no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # outside text is printed as data, not markup
 
 
 
@@ -62,11 +63,14 @@ def pending(config: ConfigOption,
         console.print("no PSI request waits for the steward")
         return
     for item in shown:
-        table = Table(title=f"PSI {item['psi_id']}", show_header=False, title_justify="left")
+        table = Table(title=f"PSI {escape(item['psi_id'])}", show_header=False,
+                      title_justify="left")
+        table.add_column()
+        table.add_column(overflow="fold")  # every character shown, never cut off
         for label, value in item.items():
             if label != "psi_id":
-                table.add_row(label, json.dumps(value) if isinstance(value, dict) else
-                              str(value))
+                table.add_row(escape(label), escape(json.dumps(value) if isinstance(value, dict)
+                                            else str(value)))
         console.print(table)
 
 
@@ -81,11 +85,11 @@ def _decide(config: Path, psi_id: str, approve: bool, steward: str | None,
         try:
             desk.decide(psi_id, approve, who, reason)
         except LookupError as exc:
-            console.print(f"[red]{exc}[/] (see `tributary spoke steward psi pending`)")
+            console.print(f"[red]{escape(str(exc))}[/] (see `tributary spoke steward psi pending`)")
             raise typer.Exit(1) from None
     AuditLog(loaded.work_dir / "audit.jsonl").append(who, f"steward.psi_{verb}_decided",
                                                        psi_id, {"reason": reason})
-    console.print(f"PSI {psi_id} {verb}")
+    console.print(f"PSI {psi_id} {verb}", markup=False)
 
 
 @app.command("approve")

@@ -22,6 +22,7 @@ def migrate(
     import getpass
 
     from rich.console import Console
+    from rich.markup import escape
 
     from tributary.protocol.auditlog import AuditLog
     from tributary.spoke.commands.data import load_config
@@ -29,12 +30,12 @@ def migrate(
     from tributary.spoke.journal import WorkDirBusy
     from tributary.spoke.store import StoreFormatError
 
-    console = Console()
+    console = Console(emoji=False)  # errors name paths: data, not markup
     settings = load_config(config)
     try:
         report = migrate_store(settings)
     except (WorkDirBusy, StoreFormatError) as exc:
-        console.print(f"[red]not migrated:[/] {exc}")
+        console.print(f"[red]not migrated:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
     if report.already_current:
         console.print("the store is already in the current format; nothing to do")
@@ -43,4 +44,4 @@ def migrate(
         f"cli:{getpass.getuser()}", "store.migrated", settings.spoke_id,
         report.model_dump(mode="json"))
     console.print(f"store converted: {report.objects} objects, {report.renamed} renamed, "
-                  f"{report.catalog_rows} catalog rows, {report.links} series links")
+                  f"{report.catalog_rows} catalog rows, {report.links} series links", markup=False)

@@ -19,7 +19,7 @@ from tributary.spoke.commands.options import ConfigOption, StewardOption
 
 app = typer.Typer(help="The publishers whose signed algorithm versions this spoke runs.",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # names and reasons are data, not markup
 
 
 
@@ -52,7 +52,7 @@ def add(
         return
     AuditLog(loaded.work_dir / "audit.jsonl").append(
         who, "trust.publisher_added", entry.keyid, {"name": entry.name, "reason": reason})
-    console.print(f"publisher {escape(entry.name)} trusted (key id {entry.keyid}); the "
+    console.print(f"publisher {escape(entry.name)} trusted (key id {escape(entry.keyid)}); the "
                   "running spoke reports it in its next heartbeat")
 
 
@@ -80,7 +80,8 @@ def remove(
         return
     AuditLog(loaded.work_dir / "audit.jsonl").append(
         who, "trust.publisher_removed", entry.keyid, {"name": entry.name, "reason": reason})
-    console.print(f"publisher {escape(entry.name)} no longer trusted (key id {entry.keyid})")
+    console.print(f"publisher {escape(entry.name)} no longer trusted "
+                  f"(key id {escape(entry.keyid)})")
 
 
 @app.command("list")

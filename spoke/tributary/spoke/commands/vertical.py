@@ -12,13 +12,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tributary.spoke.commands.options import ConfigOption, StewardOption
 
 app = typer.Typer(help="The site's data steward: vertical studies (approve, reject, list).",
                   no_args_is_help=True)
-console = Console()
+console = Console(emoji=False)  # outside text is printed as data, not markup
 
 
 
@@ -53,11 +54,12 @@ def list_studies(config: ConfigOption,
         return
     table = Table(title="vertical studies")
     for column in ("study", "state", "PSI", "role", "attributes", "peer", "release"):
-        table.add_column(column)
+        table.add_column(escape(column))
     for r in rows:
-        table.add_row(r["study_id"], r["state"], r["psi_id"], r["role"],
-                      ", ".join(r["attributes"]) + (f"; label {r['label']}" if r["label"] else ""),
-                      r["peer"], "yes" if r["release_coefficients"] else "no")
+        table.add_row(*(escape(str(v)) for v in (
+            r["study_id"], r["state"], r["psi_id"], r["role"],
+            ", ".join(r["attributes"]) + (f"; label {r['label']}" if r["label"] else ""),
+            r["peer"])), "yes" if r["release_coefficients"] else "no")
     console.print(table)
 
 
@@ -71,13 +73,13 @@ def _decide(config: Path, study_id: str, approve: bool, steward: str | None,
     try:
         desk.decide(study_id, approve, who, reason)
     except LookupError as exc:
-        console.print(f"[red]{exc}[/] (see `tributary spoke vertical list`)")
+        console.print(f"[red]{escape(str(exc))}[/] (see `tributary spoke vertical list`)")
         raise typer.Exit(1) from None
     finally:
         desk.close()
     AuditLog(loaded.work_dir / "audit.jsonl").append(who, f"steward.vertical_{verb}", study_id,
                                                      {"reason": reason})
-    console.print(f"vertical study {study_id} {verb}")
+    console.print(f"vertical study {study_id} {verb}", markup=False)
 
 
 @app.command("approve")
