@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -183,6 +184,17 @@ def refusals(session: Session, policy: Policy | None, spoke_ids: list[str]
     return found
 
 
+def member_refusal(session: Session, spoke_id: str) -> str | None:
+    """Why ``spoke_id`` is no member now, from its stored credential's last check (cheap:
+    one row, no files read), or None. A spoke with no stored credential is not refused
+    here: a hub without an authority asks for none, one with an authority refuses it at
+    launch. What refuses a lapsed spoke's training, vertical and PSI messages."""
+    row = session.get(SpokeCredential, spoke_id)
+    if row is None or row.state != "refused":
+        return None
+    return f"membership credential refused: {row.reason}"
+
+
 def check_all(engine: Engine, policy: Policy) -> None:
     """One periodic pass over every stored credential."""
     with Session(engine) as session:
@@ -193,10 +205,13 @@ def check_all(engine: Engine, policy: Policy) -> None:
 
 class Watch:
     """The hub process's periodic re-check of stored credentials (expiry, revocation), so
-    the dashboard and audit trail show a lapse before anyone tries to launch."""
+    the dashboard and audit trail show a lapse before anyone tries to launch; ``after_pass``
+    acts on what a pass found (services/lapse.py withdraws lapsed spokes from studies)."""
 
-    def __init__(self, engine: Engine, policy: Policy, interval: float) -> None:
+    def __init__(self, engine: Engine, policy: Policy, interval: float,
+                 after_pass: Callable[[], None] | None = None) -> None:
         self.engine, self.policy, self.interval = engine, policy, interval
+        self.after_pass = after_pass
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="credential-watch",
                                         daemon=True)
@@ -205,6 +220,8 @@ class Watch:
         while not self._stop.is_set():
             try:
                 check_all(self.engine, self.policy)
+                if self.after_pass is not None:
+                    self.after_pass()
             except Exception:  # a bad pass must not end the watch
                 log.exception("credential check failed")
             self._stop.wait(self.interval)
@@ -219,8 +236,9 @@ class Watch:
             self._thread.join(timeout=10)
 
 
-def start(settings: HubSettings, engine: Engine) -> Watch | None:
+def start(settings: HubSettings, engine: Engine,
+          after_pass: Callable[[], None] | None = None) -> Watch | None:
     found = policy(settings)
     if found is None:
         return None
-    return Watch(engine, found, settings.credential_check_seconds).start()
+    return Watch(engine, found, settings.credential_check_seconds, after_pass).start()

@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 
 from tributary.hub.models import InboundMessage, PsiMember, PsiRelayRecord, PsiRun, SpokeKey, utcnow
 from tributary.hub.schemas import PsiRead, PsiSpokeRead
-from tributary.hub.services import access_grants, audit
+from tributary.hub.services import access_grants, audit, credentials
 from tributary.hub.services.access_grants import AccessRefused
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.cohorts.access import StudyKind
@@ -145,6 +145,10 @@ def ingest_relay(session: Session, message: PsiRelay) -> bool:
                           f"{sender.state}: nothing is relayed")
     if run.expires_at is not None and _aware(run.expires_at) < utcnow():
         raise PsiRejected(f"PSI {run.id} expired")
+    for spoke_id in (message.spoke_id, message.to_spoke):  # a lapsed member is sent nothing
+        lapsed = credentials.member_refusal(session, spoke_id)
+        if lapsed is not None:
+            raise PsiRejected(f"PSI {run.id}: {spoke_id}: {lapsed}")
     if run.leader not in (message.spoke_id, message.to_spoke) or sender is receiver:
         raise PsiRejected("PSI messages go between the leader and one partner only")
     from_leader = message.spoke_id == run.leader
