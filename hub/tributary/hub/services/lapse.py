@@ -89,6 +89,14 @@ def withdraw_lapsed(session: Session, client: StompClient, key: SigningKey,
     return withdrawn
 
 
+def bundle_record(session: Session, experiment_id: str) -> list[dict[str, object]]:
+    """The study's withdrawals, as its bundle holds them (its audit events)."""
+    return [{"at": e.at.isoformat() if e.at else None, "actor": e.actor,
+             "action": e.action, **e.detail}
+            for e in audit.search(session, action="experiment.spoke_withdrawn",
+                                  target=experiment_id, limit=100_000)]
+
+
 def start(settings: HubSettings, engine: Engine, client: StompClient, key: SigningKey
           ) -> credentials.Watch | None:
     """The credential watch, withdrawing lapsed spokes after each pass (None: the hub
