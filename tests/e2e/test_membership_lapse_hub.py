@@ -22,11 +22,15 @@ from tributary.hub.models import (
     CaseResult,
     Experiment,
     ExperimentTarget,
+    PsiMember,
+    PsiRun,
     QuarantinedMessage,
+    VerticalStudy,
 )
-from tributary.hub.services import control, credentials, lapse
+from tributary.hub.services import control, credentials, lapse, psi, vertical
 from tributary.hub.services.ingest import ingest
 from tributary.protocol.broker import BrokerSettings, Delivery, StompClient
+from tributary.protocol.cohorts import vertical as vmsg
 from tributary.protocol.cohorts.authority import DID_FILE, STATUS_FILE, Authority
 from tributary.protocol.destinations import spoke_queue
 from tributary.protocol.messages import CancelExperimentMessage, ExperimentStatusMessage
@@ -78,6 +82,15 @@ def test_a_revoked_spoke_is_withdrawn_and_its_later_results_are_refused(
             assert lapse.withdraw_lapsed(session, client, hub_key, timedelta(days=1)) == {}
             assert send_result(session, spokes, "exp", "north", "c1", {"n": 1})
             assert send_result(session, spokes, "exp", "south", "c1", {"n": 1})
+            # A private set intersection and a vertical study between the two, unfinished.
+            run_id = psi.create(session, "cardinality", ["south", "north"], "linkage",
+                                "coordinator", timedelta(days=1)).id
+            study_id = vertical.create(
+                session, name="vertical", psi_id=run_id, features_spoke="north",
+                label_spoke="south", features_attributes=["f"], label_attributes=["g"],
+                label="y", positive=1, hyperparameters=vmsg.Hyperparameters(),
+                release_coefficients=False, created_by="coordinator").id
+            session.commit()
 
         north_id = next(c.id for c in authority.state.issued if c.spoke_id == "north")
         authority.revoke(north_id, "agreement ended")
@@ -111,6 +124,15 @@ def test_a_revoked_spoke_is_withdrawn_and_its_later_results_are_refused(
             assert "revoked" in per_study[0].detail["reason"]
             per_spoke = events(session, "spoke.withdrawn", "north")
             assert len(per_spoke) == 1 and per_spoke[0].detail["experiments"] == ["exp"]
+
+            # The PSI and the vertical study, which need every party, ended with the reason.
+            assert session.get(PsiRun, run_id).state == "failed"
+            member = session.get(PsiMember, (run_id, "north"))
+            assert member.state == "failed" and member.reason == message.reason
+            assert events(session, "psi.member_withdrawn", run_id)
+            study = session.get(VerticalStudy, study_id)
+            assert study.state == "failed" and message.reason in study.reason
+            assert events(session, "vertical.failed", study_id)
 
             # A second pass sends nothing again.
             assert lapse.withdraw_lapsed(session, client, hub_key, timedelta(days=1)) == {}

@@ -5,7 +5,9 @@ launched experiment it still takes part in (:func:`tributary.hub.services.contro
 a signed cancellation to that spoke only; the others go on and the study completes without
 it). What it sends for a study afterwards is refused (:mod:`tributary.hub.services.ingest`),
 and so are its training, vertical and PSI messages while its credential stays refused
-(:func:`tributary.hub.services.credentials.member_refusal`).
+(:func:`tributary.hub.services.credentials.member_refusal`). Unfinished PSIs and vertical
+studies it is a party of fail (they need every party); training studies leave it out of
+their next rounds (:func:`tributary.hub.services.training.open_round`).
 
 A withdrawal is not undone when the credential becomes valid again: a coordinator launches
 a new study (an automatic return would let a site drop in and out of a study's results)."""
@@ -23,9 +25,12 @@ from tributary.hub.models import (
     Experiment,
     ExperimentState,
     ExperimentTarget,
+    PsiMember,
+    PsiRun,
     SpokeCredential,
+    VerticalStudy,
 )
-from tributary.hub.services import audit, control, credentials, ingest
+from tributary.hub.services import audit, control, credentials, ingest, psi, vertical
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import PublishError, StompClient
 from tributary.protocol.signing import SigningKey
@@ -80,6 +85,7 @@ def withdraw_lapsed(session: Session, client: StompClient, key: SigningKey,
             withdrawn.setdefault(spoke_id, []).append(experiment.id)
             ingest.complete_if_settled(session, experiment.id)  # the others may be done
             session.commit()
+    _end_cohort_studies(session, found)
     for spoke_id, experiments in sorted(withdrawn.items()):
         audit.record(session, "hub", "spoke.withdrawn", spoke_id,
                      reason=reason_for(found[spoke_id]), experiments=experiments)
@@ -87,6 +93,24 @@ def withdraw_lapsed(session: Session, client: StompClient, key: SigningKey,
                     len(experiments), found[spoke_id])
     session.commit()
     return withdrawn
+
+
+def _end_cohort_studies(session: Session, found: dict[str, str]) -> None:
+    """Unfinished PSIs and vertical studies need every party: one that lapsed ends them
+    (failed, with the reason, audited; the vertical coordinator then tells both parties
+    to finish). Training studies go on without it (services/training.py)."""
+    for member, run in session.exec(
+            select(PsiMember, PsiRun).join(PsiRun, col(PsiRun.id) == col(PsiMember.psi_id))
+            .where(col(PsiMember.spoke_id).in_(sorted(found)),
+                   col(PsiRun.state).in_(["requested", "running"]))).all():
+        psi.withdraw(session, run.id, member.spoke_id, reason_for(found[member.spoke_id]))
+    for study in session.exec(select(VerticalStudy).where(
+            col(VerticalStudy.state).in_(sorted(vertical.OPEN))).with_for_update()).all():
+        lapsed_parties = [s for s in vertical.parties(study) if s in found]
+        if lapsed_parties:
+            vertical.fail(session, study, "; ".join(
+                f"{s}: {reason_for(found[s])}" for s in lapsed_parties))
+    session.commit()
 
 
 def bundle_record(session: Session, experiment_id: str) -> list[dict[str, object]]:

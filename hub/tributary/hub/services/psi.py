@@ -191,6 +191,21 @@ def ingest_status(session: Session, message: PsiStatus) -> bool:
     return not duplicate
 
 
+def withdraw(session: Session, psi_id: str, spoke_id: str, reason: str) -> bool:
+    """End a member's part in an unfinished PSI (its membership lapsed): it fails, so the
+    run fails (a PSI needs every party); whether it changed anything. Audited."""
+    run, member = _member(session, psi_id, spoke_id)
+    if run.state not in ("requested", "running") or member.state in _FINAL:
+        return False
+    member.state, member.reason, member.updated_at = "failed", reason, utcnow()
+    session.add(member)
+    audit.record(session, "hub", "psi.member_withdrawn", run.id, spoke=spoke_id,
+                 reason=reason)
+    session.flush()
+    _settle(session, run)
+    return True
+
+
 def _settle(session: Session, run: PsiRun) -> None:
     rows = members(session, run.id)
     states = {m.state for m in rows}
