@@ -189,6 +189,51 @@ def test_a_revoked_spoke_is_withdrawn_and_its_later_results_are_refused(
         listener.close()
 
 
+def test_a_hub_that_cannot_check_credentials_withdraws_nobody(
+        tmp_path: Path, service_settings: ServiceSettings) -> None:
+    """The authority's document unreadable, then its status list expired or gone: every
+    credential is refused (launches too), but no site lapsed, so nobody is withdrawn; once
+    the files are back, a real revocation withdraws its spoke."""
+    federation = f"lapse{uuid.uuid4().hex[:8]}"
+    authority = Authority.init(tmp_path / "authority", "did:web:authority.example.org",
+                               federation, "https://authority.example.org/status/1")
+    policy = credentials.Policy((authority.folder / DID_FILE,),
+                                (authority.folder / STATUS_FILE,), 0, federation)
+    engine = audited_hub(tmp_path)
+    spokes = study_of(engine, ["north", "south"], ["north", "south"], ["c1"])
+    client = StompClient(BrokerSettings(host=service_settings.host,
+                                        port=service_settings.broker_port,
+                                        federation=federation), "hub").start(wait=30)
+    key = SigningKey.generate()
+    try:
+        with Session(engine) as session:
+            for spoke in ("north", "south"):
+                token, _ = authority.issue(spoke, f"did:web:{spoke}.example.org",
+                                           [spokes.keys[spoke].keyid], timedelta(days=30))
+                credentials.present(session, policy, spoke, token, "admin")
+            session.commit()
+        for broken in (DID_FILE, STATUS_FILE):
+            saved = (authority.folder / broken).read_bytes()
+            (authority.folder / broken).write_text("{not json")
+            credentials.check_all(engine, policy)
+            with Session(engine) as session:
+                assert set(lapse.lapsed(session)) == {"north", "south"}
+                assert credentials.policy_problem(policy) is not None
+                assert lapse.withdraw_lapsed(session, client, key, timedelta(days=1),
+                                             policy) == {}
+                assert {t.state for t in session.exec(select(ExperimentTarget))} == {
+                    "accepted"}
+            (authority.folder / broken).write_bytes(saved)
+        authority.revoke(next(c.id for c in authority.state.issued
+                              if c.spoke_id == "north"), "breach")
+        credentials.check_all(engine, policy)
+        with Session(engine) as session:
+            assert lapse.withdraw_lapsed(session, client, key, timedelta(days=1),
+                                         policy) == {"north": ["exp"]}
+    finally:
+        client.close()
+
+
 def test_a_study_whose_last_open_target_lapses_completes(
         tmp_path: Path, service_settings: ServiceSettings) -> None:
     """South is done; north lapses before it finishes: withdrawing it completes the study."""
@@ -224,3 +269,95 @@ def test_a_study_whose_last_open_target_lapses_completes(
             assert "expired" in session.get(ExperimentTarget, ("exp", "north")).reason
     finally:
         client.close()
+
+
+def test_a_lapsed_members_training_update_is_refused_over_the_broker(
+        tmp_path: Path, service_settings: ServiceSettings) -> None:
+    """Mid-round: the lapsed spoke's Join reaches the hub's training queue (really signed,
+    really over the broker) and is refused, audited and acknowledged; the others' count."""
+    import numpy as np
+    from approved_algorithms import approved_algorithm
+
+    from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
+    from tributary.hub.services import training
+    from tributary.hub.training_coordinator import TrainingCoordinator
+    from tributary.protocol.training import rounds as msg
+    from tributary.protocol.training.transport import hub_training_queue, seal_message
+    from tributary.spoke.training import LocalResult, TrainingParticipant
+
+    spoke_ids = ["spoke-a", "spoke-b", "spoke-c"]
+    federation = f"lapse{uuid.uuid4().hex[:8]}"
+    authority = Authority.init(tmp_path / "authority", "did:web:authority.example.org",
+                               federation, "https://authority.example.org/status/1")
+    policy = credentials.Policy((authority.folder / DID_FILE,),
+                                (authority.folder / STATUS_FILE,), 0, federation)
+    engine = audited_hub(tmp_path)
+    keys = {s: SigningKey.generate() for s in spoke_ids}
+
+    def train(open_: msg.RoundOpen, params: dict) -> LocalResult:
+        return LocalResult({k: v + 1 for k, v in params.items()}, num_examples=10)
+
+    participants = {s: TrainingParticipant(me=s, train=train, upload=lambda loc, data: msg.
+                                           ObjectRef(digest="sha256:" + "0" * 64,
+                                                     location=loc, size=len(data)))
+                    for s in spoke_ids}
+    with Session(engine) as session:
+        for s in spoke_ids:
+            session.add(Spoke(id=s, name=s))
+            session.flush()
+            session.add(SpokeKey(keyid=keys[s].keyid, spoke_id=s,
+                                 public_key_pem=keys[s].public.pem))
+            session.flush()
+            token, _ = authority.issue(s, f"did:web:{s}.example.org", [keys[s].keyid],
+                                       timedelta(days=30))
+            credentials.present(session, policy, s, token, "admin")
+        algorithm_id = approved_algorithm(session).id
+        session.commit()
+        study = training.launch(session, training.StudySpec(
+            name="lapse", algorithm_id=algorithm_id, spokes=spoke_ids, rounds=2,
+            clip_bound=100.0, noise_multiplier=1e-9, epsilon_budget=1e30, delta=1e-5,
+            initial_model="sha256:" + "1" * 64, min_participants=2), "coordinator")
+        session.commit()
+        row = training.open_round(session, study, 4, 0)
+        session.commit()
+        opens = training.pending_messages(
+            study, row, msg.ObjectRef(digest=row.global_model_in, location="m", size=1),
+            "sig", lambda s: f"{row.round_id}-{s}.masked")
+        round_id = row.round_id
+    joins = {r: participants[r].on_round_open(
+        msg.decode_training_from_hub(m.model_dump_json()),
+        {"w": np.zeros(3), "b": np.zeros(1)}) for r, m in opens}
+    authority.revoke(next(c.id for c in authority.state.issued if c.spoke_id == "spoke-c"),
+                     "agreement ended")
+    credentials.check_all(engine, policy)
+
+    settings = BrokerSettings(host=service_settings.host, port=service_settings.broker_port,
+                              federation=federation)
+    hub_client = StompClient(settings, "hub-training").start(wait=30)
+    spoke_client = StompClient(settings, "spokes").start(wait=30)
+    coordinator = TrainingCoordinator(engine, hub_client, None, SigningKey.generate(),  # type: ignore[arg-type]
+                                      None, federation)
+    try:
+        coordinator.start()
+        for s in ("spoke-c", "spoke-a", "spoke-b"):
+            spoke_client.publish(hub_training_queue(federation),
+                                 seal_message(keys[s], joins[s]))
+        deadline = time.monotonic() + 30
+        while True:
+            with Session(engine) as session:
+                row = session.exec(select(TrainingRound).where(
+                    TrainingRound.round_id == round_id)).one()
+                joined = sorted(row.num_examples)
+            if joined == ["spoke-a", "spoke-b"] and coordinator.refused:
+                break
+            assert time.monotonic() < deadline, (joined, coordinator.refused)
+            time.sleep(0.2)
+        assert "spoke-c: membership credential refused" in coordinator.refused[0]
+        assert "revoked" in coordinator.refused[0]
+        with Session(engine) as session:
+            refused = events(session, "training.message_refused", "spoke-c")
+            assert refused and refused[0].detail["kind"] == "Join"
+            assert session.get(TrainingStudy, study.id).state == "running"
+    finally:
+        hub_client.close()
+        spoke_client.close()

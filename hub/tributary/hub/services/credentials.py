@@ -101,6 +101,20 @@ def evaluate(policy: Policy, token: str, spoke_id: str, keyids: set[str],
     return credential
 
 
+def policy_problem(policy: Policy, now: datetime | None = None) -> str | None:
+    """Why the hub can check no credential now (its own configuration or the authority's
+    publication, not any spoke), or None: every credential is refused then, but that is
+    no spoke's lapse (services/lapse.py withdraws nobody for it)."""
+    now = now or datetime.now(UTC)
+    authorities = policy.authorities()
+    if not authorities:
+        return "none of the configured federation authorities is readable"
+    lists, problems = policy.status_lists(authorities, now)
+    if not lists:
+        return f"no configured status list verifies ({'; '.join(problems) or 'none configured'})"
+    return None
+
+
 def _active_keyids(session: Session, spoke_id: str) -> set[str]:
     return {k.keyid for k in session.exec(select(SpokeKey).where(
         SpokeKey.spoke_id == spoke_id, SpokeKey.revoked_at == None))}  # noqa: E711

@@ -64,12 +64,20 @@ def _running_targets(session: Session, spoke_ids: list[str]
 
 
 def withdraw_lapsed(session: Session, client: StompClient, key: SigningKey,
-                    expiry: timedelta) -> dict[str, list[str]]:
+                    expiry: timedelta, policy: credentials.Policy | None = None
+                    ) -> dict[str, list[str]]:
     """Withdraw every lapsed spoke from every launched experiment it still takes part in;
     {spoke: experiments withdrawn from now}. A cancellation that cannot be sent (the
-    broker away) leaves that target as it was, for the next pass."""
+    broker away) leaves that target as it was, for the next pass. With ``policy``, nobody
+    is withdrawn while the hub cannot check any credential (an unreadable authority, no
+    status list that verifies): that refuses every spoke at once, and is the hub's fault
+    or the authority's, not a site's lapse; launches stay refused meanwhile."""
     found = lapsed(session)
     if not found:
+        return {}
+    problem = credentials.policy_problem(policy) if policy is not None else None
+    if problem is not None:
+        log.error("withdrawing no spoke while the hub cannot check credentials: %s", problem)
         return {}
     withdrawn: dict[str, list[str]] = {}
     for target, experiment in _running_targets(session, sorted(found)):
@@ -126,9 +134,10 @@ def start(settings: HubSettings, engine: Engine, client: StompClient, key: Signi
     """The credential watch, withdrawing lapsed spokes after each pass (None: the hub
     trusts no federation authority, so no membership can lapse)."""
     expiry = timedelta(days=settings.default_expiry_days)
+    policy = credentials.policy(settings)
 
     def after_pass() -> None:
         with Session(engine) as session:
-            withdraw_lapsed(session, client, key, expiry)
+            withdraw_lapsed(session, client, key, expiry, policy)
 
     return credentials.start(settings, engine, after_pass)
