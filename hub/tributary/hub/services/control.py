@@ -99,7 +99,10 @@ def withdraw(session: Session, client: StompClient, key: SigningKey, experiment:
     the study without it) and marked withdrawn (nothing it sends for the study counts from
     now on), its unfinished cases cancelled. Whether it was withdrawn now (False: it had
     already left the study). Committed; a :class:`PublishError` leaves it untouched."""
-    target = session.get(ExperimentTarget, (experiment.id, spoke_id))
+    target = session.exec(select(ExperimentTarget).where(  # locked: one withdrawal per hub
+        ExperimentTarget.experiment_id == experiment.id,
+        ExperimentTarget.spoke_id == spoke_id).with_for_update()
+        .execution_options(populate_existing=True)).first()
     if (target is None or target.withdrawn_at is not None
             or target.state in TERMINAL_TARGET_STATES
             or experiment.state != ExperimentState.LAUNCHED):
