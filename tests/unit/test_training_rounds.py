@@ -371,3 +371,48 @@ def test_a_refusal_ends_the_wait_for_that_spoke(tmp_path: Path) -> None:
             AuditEvent.action == "training.spoke_counted_out")).all()
         assert [(e.target, e.detail["spoke"], e.detail["stage"], e.detail["reason"])
                 for e in events] == [(row.round_id, "spoke-c", "keys", "epsilon_cap")]
+
+
+def test_a_lapsed_member_is_left_out_of_the_next_rounds(tmp_path: Path) -> None:
+    """A spoke whose membership credential the hub's check refused is not asked into the
+    next round (audited); the others train on without it. With fewer than two members left
+    the study fails with the reason."""
+    from tributary.hub.models import Spoke
+    from tributary.hub.services import credentials
+    from tributary.protocol.cohorts.authority import DID_FILE, STATUS_FILE, Authority
+    from tributary.protocol.signing import SigningKey
+
+    fed = Federation(tmp_path, rounds=3)
+    authority = Authority.init(tmp_path / "authority", "did:web:authority.example.org",
+                               "tributary", "https://authority.example.org/status/1")
+    policy = credentials.Policy((authority.folder / DID_FILE,),
+                                (authority.folder / STATUS_FILE,), 0, "tributary")
+    with Session(fed.engine) as session:
+        for s in SPOKES:
+            if session.get(Spoke, s) is None:
+                session.add(Spoke(id=s, name=s))
+            session.flush()
+            token, _ = authority.issue(s, f"did:web:{s}.example.org",
+                                       [SigningKey.generate().keyid], timedelta(days=30))
+            credentials.present(session, policy, s, token, "admin")
+        session.commit()
+    assert sorted(fed.run_round(0).participants) == SPOKES
+    authority.revoke(next(c.id for c in authority.state.issued if c.spoke_id == "spoke-c"),
+                     "agreement ended")
+    credentials.check_all(fed.engine, policy)
+    fed.silent = {"spoke-c"}  # the coordinator sends a round only to its participants
+    row = fed.run_round(1)
+    assert row.stage == "aggregated"
+    assert sorted(row.participants) == ["spoke-a", "spoke-b"]
+    assert sorted(row.num_examples) == ["spoke-a", "spoke-b"]
+    with Session(fed.engine) as session:
+        excluded = session.exec(select(AuditEvent).where(
+            AuditEvent.action == "training.spokes_excluded")).all()
+        assert excluded and "revoked" in excluded[0].detail["spokes"]["spoke-c"]
+    authority.revoke(next(c.id for c in authority.state.issued if c.spoke_id == "spoke-b"),
+                     "agreement ended")
+    credentials.check_all(fed.engine, policy)
+    assert fed.run_round(2) is None
+    with Session(fed.engine) as session:
+        study = session.get(TrainingStudy, fed.study_id)
+        assert study.state == "failed" and "fewer than two members" in study.stop_reason

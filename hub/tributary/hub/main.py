@@ -39,7 +39,7 @@ from tributary.hub.api import (
 from tributary.hub.consumer import ResultsConsumer
 from tributary.hub.db import make_engine, upgrade_schema
 from tributary.hub.models import Role, User
-from tributary.hub.services import credentials, debounce
+from tributary.hub.services import debounce, lapse
 from tributary.hub.services.anchors import check_hub_log
 from tributary.hub.services.audit import attach_forensic_log
 from tributary.hub.services.registry_client import token_signer
@@ -99,7 +99,7 @@ def create_app(settings: HubSettings | None = None) -> FastAPI:
         if settings.consume_results:
             ResultsConsumer(engine, broker, key, settings).start()
         debouncer = debounce.start(settings, engine)  # stale aggregates, off the consumer
-        membership_watch = credentials.start(settings, engine)  # None: no authority
+        membership_watch = lapse.start(settings, engine, broker, key)  # None: no authority
         trainer = (training_coordinator.from_settings(settings, engine, broker, key)
                    if settings.run_training else None)
         if trainer is not None:

@@ -261,6 +261,9 @@ class ExperimentTarget(SQLModel, table=True):
     #: When the spoke said every case was done; the target completes only once every
     #: case also has its result here (a lost result keeps it open).
     spoke_completed_at: datetime | None = None
+    #: When the hub withdrew the spoke from the study (its membership lapsed): nothing it
+    #: sends for the study counts from then on (services/lapse.py).
+    withdrawn_at: datetime | None = None
 
 
 class CaseState(StrEnum):

@@ -162,6 +162,9 @@ class TargetProgress(BaseModel):
     spoke_last_seen_at: datetime | None = None
     waiting_for: str | None = Field(
         None, description="What this target waits for, in words (None once it is done).")
+    withdrawn_at: datetime | None = Field(
+        None, description="When the hub withdrew the spoke (its membership lapsed); reason "
+                          "says why. Nothing it sent afterwards counts.")
 
 
 class SpokeRead(BaseModel):

@@ -36,7 +36,7 @@ from sqlmodel import Session, col, select
 from tributary.hub import tasks, training_checks
 from tributary.hub.lease import Lease
 from tributary.hub.models import Spoke, SpokeKey, TrainingRound, TrainingStudy
-from tributary.hub.services import access_grants, audit, training, training_close
+from tributary.hub.services import access_grants, audit, credentials, training, training_close
 from tributary.hub.services.enrolment import public_key
 from tributary.hub.settings import HubSettings
 from tributary.protocol.broker import Delivery, PublishError, StompClient
@@ -180,6 +180,13 @@ class TrainingCoordinator:
                 if row is not None and training.count_out(session, row, message, sender):
                     session.commit()
             return
+        with Session(self.engine) as session:  # a lapsed member's updates count no more
+            lapsed = credentials.member_refusal(session, sender)
+            if lapsed is not None:
+                audit.record(session, "hub", "training.message_refused", sender,
+                             kind=type(message).__name__, reason=lapsed)
+                session.commit()
+                raise training.TrainingError(f"{sender}: {lapsed}")
         inner = {msg.Join: lambda m: m.advert, msg.Shares: lambda m: m.bundle,
                  msg.Masked: lambda m: m.masked, msg.Signature: lambda m: m.signature,
                  msg.UnmaskReply: lambda m: m.response}[type(message)](message)

@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from tributary.hub.models import VerticalStudy
-from tributary.hub.services import vertical
+from tributary.hub.services import credentials, vertical
 from tributary.hub.settings import HubSettings
 from tributary.hub.training_coordinator import enrolled_training_keys
 from tributary.protocol.broker import Delivery, PublishError, StompClient
@@ -83,6 +83,12 @@ class VerticalCoordinator:
                 raise vertical.VerticalError(f"no vertical study {message.study_id}")
             if sender not in vertical.parties(study):
                 raise vertical.VerticalError(f"{sender} is not a party of {study.id}")
+            lapsed = credentials.member_refusal(session, sender)
+            if lapsed is not None:  # two parties: the study cannot go on without it
+                if study.state == "running":
+                    vertical.fail(session, study, f"{sender}: {lapsed}")
+                    session.commit()
+                raise vertical.VerticalError(f"{sender}: {lapsed}")
             if isinstance(message, vmsg.Status):
                 vertical.apply_status(session, study, sender, message)
             elif isinstance(message, vmsg.Reply):

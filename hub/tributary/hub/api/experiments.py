@@ -40,7 +40,7 @@ from tributary.hub.schemas import (
     RetryBody,
     RetryRead,
 )
-from tributary.hub.services import access_grants, audit, control, credentials, exports
+from tributary.hub.services import access_grants, audit, control, credentials, exports, lapse
 from tributary.hub.services.access_grants import AccessRefused
 from tributary.hub.services.aggregation import AGGREGATORS, validate_parameters
 from tributary.hub.services.anchors import anchors
@@ -277,6 +277,7 @@ def export_bundle(experiment_id: str, request: Request, background: BackgroundTa
     experiment = _get(session, experiment_id)
     read = experiment_read(session, experiment).model_dump(mode="json")
     read["custody_gaps"] = exports.custody_gaps(session, experiment_id)  # accepted as lost
+    read["withdrawals"] = lapse.bundle_record(session, experiment_id)  # lapsed members
     read["access_request"] = access_grants.bundle_record(session,
                                                          experiment.access_request_id)
     workdir = Path(tempfile.mkdtemp(prefix="tributary-bundle-"))

@@ -1,5 +1,6 @@
-"""A coordinator's control over a running experiment: cancel it, or run its failed cases
-again as a new attempt. Both travel to the spokes as signed messages on their own queues,
+"""A coordinator's control over a running experiment: cancel it, withdraw one spoke from
+it (the hub does, when the spoke's membership lapses), or run its failed cases again as a
+new attempt. Both travel to the spokes as signed messages on their own queues,
 so a spoke that is offline gets them when it returns (until they expire). Each step is
 committed as it is sent: a request interrupted by a broker outage can simply be repeated."""
 
@@ -11,6 +12,7 @@ from datetime import datetime, timedelta
 from sqlmodel import Session, select
 
 from tributary.hub.models import (
+    TERMINAL_TARGET_STATES,
     CaseResult,
     CaseState,
     Experiment,
@@ -90,6 +92,46 @@ def cancel(session: Session, client: StompClient, key: SigningKey, experiment: E
     return targets
 
 
+def withdraw(session: Session, client: StompClient, key: SigningKey, experiment: Experiment,
+             spoke_id: str, actor: str, reason: str, expiry: timedelta) -> bool:
+    """Take one spoke out of a running experiment: a cancellation to that spoke only, its
+    target cancelled at once (the hub waits on it no longer, so the others can complete
+    the study without it) and marked withdrawn (nothing it sends for the study counts from
+    now on), its unfinished cases cancelled. Whether it was withdrawn now (False: it had
+    already left the study). Committed; a :class:`PublishError` leaves it untouched."""
+    target = session.exec(select(ExperimentTarget).where(  # locked: one withdrawal per hub
+        ExperimentTarget.experiment_id == experiment.id,
+        ExperimentTarget.spoke_id == spoke_id).with_for_update()
+        .execution_options(populate_existing=True)).first()
+    if (target is None or target.withdrawn_at is not None
+            or target.state in TERMINAL_TARGET_STATES
+            or experiment.state != ExperimentState.LAUNCHED):
+        return False
+    message_id = None
+    if target.state != TargetState.PENDING:  # it may hold the study: tell it to stop
+        message = CancelExperimentMessage(experiment_id=experiment.id, spoke_id=spoke_id,
+                                          reason=reason)
+        _send(client, key, message, utcnow() + expiry, CANCEL_PRIORITY)
+        message_id = message.message_id
+        audit.record(session, "hub", "message.sent", experiment.id, kind=message.kind,
+                     spoke=spoke_id, message_id=message_id)
+    previously = target.state
+    target.state, target.reason = TargetState.CANCELLED, reason
+    target.withdrawn_at = target.updated_at = utcnow()
+    session.add(target)
+    unfinished = session.exec(select(CaseResult).where(
+        CaseResult.experiment_id == experiment.id, CaseResult.spoke_id == spoke_id,
+        CaseResult.state.in_([CaseState.QUEUED, CaseState.RUNNING]))).all()  # type: ignore[attr-defined]
+    for row in unfinished:
+        row.state, row.note = CaseState.CANCELLED, f"withdrawn: {reason}"
+        session.add(row)
+    audit.record(session, actor, "experiment.spoke_withdrawn", experiment.id,
+                 spoke=spoke_id, reason=reason, previously=previously.value,
+                 cases_cancelled=len(unfinished), message_id=message_id)
+    session.commit()
+    return True
+
+
 def retry(session: Session, client: StompClient, key: SigningKey, experiment: Experiment,
           actor: str, case_ids: list[str] | None, spoke_ids: list[str] | None,
           reason: str | None, expiry: timedelta) -> dict[str, list[str]]:
@@ -112,7 +154,9 @@ def retry(session: Session, client: StompClient, key: SigningKey, experiment: Ex
         if not_failed:
             raise NotAllowed(f"only failed cases run again; not failed: "
                              f"{', '.join(not_failed[:10])}")
-    chosen = [r for r in rows if r.state == CaseState.FAILED
+    withdrawn = {t.spoke_id for t in _targets(session, experiment.id)
+                 if t.withdrawn_at is not None}  # a lapsed member runs nothing more
+    chosen = [r for r in rows if r.state == CaseState.FAILED and r.spoke_id not in withdrawn
               and (case_ids is None or r.case_id in case_ids)]
     if not chosen:
         raise NotAllowed("no failed cases to run again")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -100,6 +101,20 @@ def evaluate(policy: Policy, token: str, spoke_id: str, keyids: set[str],
     return credential
 
 
+def policy_problem(policy: Policy, now: datetime | None = None) -> str | None:
+    """Why the hub can check no credential now (its own configuration or the authority's
+    publication, not any spoke), or None: every credential is refused then, but that is
+    no spoke's lapse (services/lapse.py withdraws nobody for it)."""
+    now = now or datetime.now(UTC)
+    authorities = policy.authorities()
+    if not authorities:
+        return "none of the configured federation authorities is readable"
+    lists, problems = policy.status_lists(authorities, now)
+    if not lists:
+        return f"no configured status list verifies ({'; '.join(problems) or 'none configured'})"
+    return None
+
+
 def _active_keyids(session: Session, spoke_id: str) -> set[str]:
     return {k.keyid for k in session.exec(select(SpokeKey).where(
         SpokeKey.spoke_id == spoke_id, SpokeKey.revoked_at == None))}  # noqa: E711
@@ -183,6 +198,17 @@ def refusals(session: Session, policy: Policy | None, spoke_ids: list[str]
     return found
 
 
+def member_refusal(session: Session, spoke_id: str) -> str | None:
+    """Why ``spoke_id`` is no member now, from its stored credential's last check (cheap:
+    one row, no files read), or None. A spoke with no stored credential is not refused
+    here: a hub without an authority asks for none, one with an authority refuses it at
+    launch. What refuses a lapsed spoke's training, vertical and PSI messages."""
+    row = session.get(SpokeCredential, spoke_id)
+    if row is None or row.state != "refused":
+        return None
+    return f"membership credential refused: {row.reason}"
+
+
 def check_all(engine: Engine, policy: Policy) -> None:
     """One periodic pass over every stored credential."""
     with Session(engine) as session:
@@ -193,10 +219,13 @@ def check_all(engine: Engine, policy: Policy) -> None:
 
 class Watch:
     """The hub process's periodic re-check of stored credentials (expiry, revocation), so
-    the dashboard and audit trail show a lapse before anyone tries to launch."""
+    the dashboard and audit trail show a lapse before anyone tries to launch; ``after_pass``
+    acts on what a pass found (services/lapse.py withdraws lapsed spokes from studies)."""
 
-    def __init__(self, engine: Engine, policy: Policy, interval: float) -> None:
+    def __init__(self, engine: Engine, policy: Policy, interval: float,
+                 after_pass: Callable[[], None] | None = None) -> None:
         self.engine, self.policy, self.interval = engine, policy, interval
+        self.after_pass = after_pass
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="credential-watch",
                                         daemon=True)
@@ -205,6 +234,8 @@ class Watch:
         while not self._stop.is_set():
             try:
                 check_all(self.engine, self.policy)
+                if self.after_pass is not None:
+                    self.after_pass()
             except Exception:  # a bad pass must not end the watch
                 log.exception("credential check failed")
             self._stop.wait(self.interval)
@@ -219,8 +250,9 @@ class Watch:
             self._thread.join(timeout=10)
 
 
-def start(settings: HubSettings, engine: Engine) -> Watch | None:
+def start(settings: HubSettings, engine: Engine,
+          after_pass: Callable[[], None] | None = None) -> Watch | None:
     found = policy(settings)
     if found is None:
         return None
-    return Watch(engine, found, settings.credential_check_seconds).start()
+    return Watch(engine, found, settings.credential_check_seconds, after_pass).start()

@@ -600,6 +600,12 @@ def _apply_status(batch: _Batch, target: ExperimentTarget,
                   message: ExperimentStatusMessage) -> None:
     session = batch.session
     state = message.state
+    if target.withdrawn_at is not None:  # the hub took it out: its word changes nothing
+        audit.record(session, "hub", "message.after_withdrawal", message.experiment_id,
+                     spoke=message.spoke_id, kind=message.kind, state=state.value,
+                     message_id=message.message_id)
+        if state != SpokeExperimentState.CANCELLED:
+            return
     batch.load_cases(message.experiment_id, message.spoke_id, message.case_ids)
     if state == SpokeExperimentState.ACCEPTED:
         if target.state in (TargetState.PENDING, TargetState.PUBLISHED, TargetState.HELD):
@@ -620,7 +626,7 @@ def _apply_status(batch: _Batch, target: ExperimentTarget,
             target.case_count = len(message.case_ids)
     elif state == SpokeExperimentState.CANCELLED:
         target.state = TargetState.CANCELLED
-        target.reason = message.reason
+        target.reason = target.reason if target.withdrawn_at else message.reason
         for case_id in message.case_ids:
             row = batch.case_to_change(message.experiment_id, message.spoke_id, case_id)
             if row.state not in FINAL_CASE_STATES:
@@ -669,6 +675,10 @@ def _apply_started(batch: _Batch, message: CaseStartedMessage) -> None:
     row = batch.case_to_change(message.experiment_id, message.spoke_id, message.case_id)
     if row.id is None:
         return  # not a case the spoke accepted: a start report does not make it one
+    if batch.targets.get((message.experiment_id, message.spoke_id)) == TargetState.CANCELLED:
+        target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
+        if target is not None and target.withdrawn_at is not None:
+            return  # withdrawn: nothing of it runs for the study any more
     if row.state in FINAL_CASE_STATES and row.attempt >= message.attempt:
         return  # a late report about an attempt that already has its result
     row.state = CaseState.RUNNING
@@ -692,6 +702,12 @@ def _unacceptable(session: Session, message: ResultMessage, row: CaseResult,
         target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
         return (f"result for case {message.case_id} of an experiment the spoke refused "
                 f"({target.reason if target and target.reason else 'no reason given'})")
+    if target_state == TargetState.CANCELLED:
+        target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
+        if target is not None and target.withdrawn_at is not None:  # whatever it claims
+            return (f"result for case {message.case_id} arrived after the spoke was "
+                    f"withdrawn from the study at {_aware(target.withdrawn_at).isoformat()} "
+                    f"({target.reason})")
     if row.id is None:
         return f"result for case {message.case_id}, which the spoke never accepted"
     experiment = session.get(Experiment, message.experiment_id)

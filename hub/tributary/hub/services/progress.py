@@ -100,7 +100,7 @@ def target_progress(session: Session, experiment_id: str,
             queued=mine["queued"], running=mine["running"], succeeded=mine["succeeded"],
             failed=mine["failed"], cancelled=mine["cancelled"], spoke_online=online,
             spoke_last_seen_at=spoke.last_seen_at if spoke else None,
-            waiting_for=waiting_for(t, spoke, online, mine)))
+            waiting_for=waiting_for(t, spoke, online, mine), withdrawn_at=t.withdrawn_at))
     return reads
 
 

@@ -19,7 +19,7 @@ from sqlmodel import Session, col, select
 
 from tributary.hub.models import InboundMessage, PsiMember, PsiRelayRecord, PsiRun, SpokeKey, utcnow
 from tributary.hub.schemas import PsiRead, PsiSpokeRead
-from tributary.hub.services import access_grants, audit
+from tributary.hub.services import access_grants, audit, credentials
 from tributary.hub.services.access_grants import AccessRefused
 from tributary.protocol.broker import StompClient, publish_with_retry
 from tributary.protocol.cohorts.access import StudyKind
@@ -145,6 +145,10 @@ def ingest_relay(session: Session, message: PsiRelay) -> bool:
                           f"{sender.state}: nothing is relayed")
     if run.expires_at is not None and _aware(run.expires_at) < utcnow():
         raise PsiRejected(f"PSI {run.id} expired")
+    for spoke_id in (message.spoke_id, message.to_spoke):  # a lapsed member is sent nothing
+        lapsed = credentials.member_refusal(session, spoke_id)
+        if lapsed is not None:
+            raise PsiRejected(f"PSI {run.id}: {spoke_id}: {lapsed}")
     if run.leader not in (message.spoke_id, message.to_spoke) or sender is receiver:
         raise PsiRejected("PSI messages go between the leader and one partner only")
     from_leader = message.spoke_id == run.leader
@@ -185,6 +189,21 @@ def ingest_status(session: Session, message: PsiStatus) -> bool:
         session.flush()
         _settle(session, run)
     return not duplicate
+
+
+def withdraw(session: Session, psi_id: str, spoke_id: str, reason: str) -> bool:
+    """End a member's part in an unfinished PSI (its membership lapsed): it fails, so the
+    run fails (a PSI needs every party); whether it changed anything. Audited."""
+    run, member = _member(session, psi_id, spoke_id)
+    if run.state not in ("requested", "running") or member.state in _FINAL:
+        return False
+    member.state, member.reason, member.updated_at = "failed", reason, utcnow()
+    session.add(member)
+    audit.record(session, "hub", "psi.member_withdrawn", run.id, spoke=spoke_id,
+                 reason=reason)
+    session.flush()
+    _settle(session, run)
+    return True
 
 
 def _settle(session: Session, run: PsiRun) -> None:

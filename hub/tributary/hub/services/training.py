@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlmodel import Session, select
 
 from tributary.hub.models import Algorithm, TrainingRound, TrainingStudy, utcnow
-from tributary.hub.services import access_grants, audit
+from tributary.hub.services import access_grants, audit, credentials
 from tributary.hub.services.access_grants import AccessRefused
 from tributary.hub.services.launch import NotApproved, algorithm_ref, refuse_unapproved
 from tributary.hub.services.server_optimisers import (
@@ -226,8 +226,16 @@ def open_round(session: Session, study: TrainingStudy, vector_length: int,
                 f"{study.epsilon_budget}")
         return None
     round_id = f"{study.id}-r{round_index}-a{attempt}"
-    config = make_round_config(round_id, list(study.spokes), bits=32,
-                               vector_length=vector_length)
+    lapsed = {s: r for s in study.spokes if (r := credentials.member_refusal(session, s))}
+    if lapsed:  # no longer members: not asked into this round nor any later one
+        audit.record(session, ACTOR, "training.spokes_excluded", study.id, round_id=round_id,
+                     spokes=lapsed)
+    members = [s for s in study.spokes if s not in lapsed]
+    if len(members) < 2:
+        fail(session, study, f"fewer than two members left for round {round_index}: "
+                             + "; ".join(f"{s}: {r}" for s, r in sorted(lapsed.items())))
+        return None
+    config = make_round_config(round_id, members, bits=32, vector_length=vector_length)
     row = TrainingRound(
         study_id=study.id, round_index=round_index, attempt=attempt, round_id=round_id,
         stage="keys", stage_deadline=now + timedelta(seconds=study.round_deadline_s),
