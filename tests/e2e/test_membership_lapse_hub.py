@@ -44,6 +44,21 @@ pytestmark = pytest.mark.e2e
 CASES = ["c1", "c2", "c3"]
 
 
+def membership(tmp_path: Path) -> tuple[str, Authority, credentials.Policy]:
+    """A federation of its own, its authority, and the hub's policy trusting it."""
+    federation = f"lapse{uuid.uuid4().hex[:8]}"
+    authority = Authority.init(tmp_path / "authority", "did:web:authority.example.org",
+                               federation, "https://authority.example.org/status/1")
+    return federation, authority, credentials.Policy(
+        (authority.folder / DID_FILE,), (authority.folder / STATUS_FILE,), 0, federation)
+
+
+def broker(service_settings: ServiceSettings, federation: str, name: str) -> StompClient:
+    return StompClient(BrokerSettings(host=service_settings.host,
+                                      port=service_settings.broker_port,
+                                      federation=federation), name).start(wait=30)
+
+
 def events(session: Session, action: str, target: str | None = None) -> list[AuditEvent]:
     query = select(AuditEvent).where(AuditEvent.action == action)
     if target is not None:
@@ -53,20 +68,12 @@ def events(session: Session, action: str, target: str | None = None) -> list[Aud
 
 def test_a_revoked_spoke_is_withdrawn_and_its_later_results_are_refused(
         tmp_path: Path, service_settings: ServiceSettings) -> None:
-    federation = f"lapse{uuid.uuid4().hex[:8]}"
-    authority = Authority.init(tmp_path / "authority", "did:web:authority.example.org",
-                               federation, "https://authority.example.org/status/1")
-    policy = credentials.Policy((authority.folder / DID_FILE,),
-                                (authority.folder / STATUS_FILE,), 0, federation)
+    federation, authority, policy = membership(tmp_path)
     engine = audited_hub(tmp_path)
     spokes = study_of(engine, ["north", "south"], ["north", "south"], CASES)
     hub_key = SigningKey.generate()
-    client = StompClient(BrokerSettings(host=service_settings.host,
-                                        port=service_settings.broker_port,
-                                        federation=federation), "hub").start(wait=30)
-    listener = StompClient(BrokerSettings(host=service_settings.host,
-                                          port=service_settings.broker_port,
-                                          federation=federation), "spokes").start(wait=30)
+    client = broker(service_settings, federation, "hub")
+    listener = broker(service_settings, federation, "spokes")
     boxes: dict[str, queue.Queue[Delivery]] = {s: queue.Queue() for s in ("north", "south")}
     try:
         for spoke, box in boxes.items():
@@ -194,16 +201,10 @@ def test_a_hub_that_cannot_check_credentials_withdraws_nobody(
     """The authority's document unreadable, then its status list expired or gone: every
     credential is refused (launches too), but no site lapsed, so nobody is withdrawn; once
     the files are back, a real revocation withdraws its spoke."""
-    federation = f"lapse{uuid.uuid4().hex[:8]}"
-    authority = Authority.init(tmp_path / "authority", "did:web:authority.example.org",
-                               federation, "https://authority.example.org/status/1")
-    policy = credentials.Policy((authority.folder / DID_FILE,),
-                                (authority.folder / STATUS_FILE,), 0, federation)
+    federation, authority, policy = membership(tmp_path)
     engine = audited_hub(tmp_path)
     spokes = study_of(engine, ["north", "south"], ["north", "south"], ["c1"])
-    client = StompClient(BrokerSettings(host=service_settings.host,
-                                        port=service_settings.broker_port,
-                                        federation=federation), "hub").start(wait=30)
+    client = broker(service_settings, federation, "hub")
     key = SigningKey.generate()
     try:
         with Session(engine) as session:
@@ -237,16 +238,10 @@ def test_a_hub_that_cannot_check_credentials_withdraws_nobody(
 def test_a_study_whose_last_open_target_lapses_completes(
         tmp_path: Path, service_settings: ServiceSettings) -> None:
     """South is done; north lapses before it finishes: withdrawing it completes the study."""
-    federation = f"lapse{uuid.uuid4().hex[:8]}"
-    authority = Authority.init(tmp_path / "authority", "did:web:authority.example.org",
-                               federation, "https://authority.example.org/status/1")
-    policy = credentials.Policy((authority.folder / DID_FILE,),
-                                (authority.folder / STATUS_FILE,), 0, federation)
+    federation, authority, policy = membership(tmp_path)
     engine = audited_hub(tmp_path)
     spokes = study_of(engine, ["north", "south"], ["north", "south"], ["c1"])
-    client = StompClient(BrokerSettings(host=service_settings.host,
-                                        port=service_settings.broker_port,
-                                        federation=federation), "hub").start(wait=30)
+    client = broker(service_settings, federation, "hub")
     try:
         with Session(engine) as session:
             token, _ = authority.issue("north", "did:web:north.example.org",
@@ -286,11 +281,7 @@ def test_a_lapsed_members_training_update_is_refused_over_the_broker(
     from tributary.spoke.training import LocalResult, TrainingParticipant
 
     spoke_ids = ["spoke-a", "spoke-b", "spoke-c"]
-    federation = f"lapse{uuid.uuid4().hex[:8]}"
-    authority = Authority.init(tmp_path / "authority", "did:web:authority.example.org",
-                               federation, "https://authority.example.org/status/1")
-    policy = credentials.Policy((authority.folder / DID_FILE,),
-                                (authority.folder / STATUS_FILE,), 0, federation)
+    federation, authority, policy = membership(tmp_path)
     engine = audited_hub(tmp_path)
     keys = {s: SigningKey.generate() for s in spoke_ids}
 
