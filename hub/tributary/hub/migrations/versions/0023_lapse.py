@@ -8,6 +8,7 @@ Create Date: 2026-12-07
 from collections.abc import Sequence
 
 import sqlalchemy as sa
+import sqlmodel
 from alembic import op
 
 revision: str = '0023_lapse'
@@ -18,7 +19,7 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table('experimenttarget', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('withdrawn_at', sa.DateTime(), nullable=True))
+        batch_op.add_column(sa.Column('withdrawn_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True))
 
 
 def downgrade() -> None:
