@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from signed_results import accept, audited_hub, send_result, study_of
+from signed_results import Spokes, accept, audited_hub, send_result, study_of
 from sqlmodel import Session, select
 
 from tributary.hub.models import (
@@ -59,6 +59,16 @@ def broker(service_settings: ServiceSettings, federation: str, name: str) -> Sto
                                       federation=federation), name).start(wait=30)
 
 
+def members(session: Session, authority: Authority, policy: credentials.Policy,
+            spokes: Spokes) -> None:
+    """North and south present 30-day credentials naming their keys (committed)."""
+    for spoke in ("north", "south"):
+        token, _ = authority.issue(spoke, f"did:web:{spoke}.example.org",
+                                   [spokes.keys[spoke].keyid], timedelta(days=30))
+        credentials.present(session, policy, spoke, token, "admin")
+    session.commit()
+
+
 def events(session: Session, action: str, target: str | None = None) -> list[AuditEvent]:
     query = select(AuditEvent).where(AuditEvent.action == action)
     if target is not None:
@@ -79,11 +89,7 @@ def test_a_revoked_spoke_is_withdrawn_and_its_later_results_are_refused(
         for spoke, box in boxes.items():
             listener.subscribe(spoke_queue(spoke, federation), box.put)
         with Session(engine) as session:
-            for spoke in ("north", "south"):
-                token, _ = authority.issue(spoke, f"did:web:{spoke}.example.org",
-                                           [spokes.keys[spoke].keyid], timedelta(days=30))
-                credentials.present(session, policy, spoke, token, "admin")
-            session.commit()
+            members(session, authority, policy, spokes)
             # Both members: a pass withdraws nobody.
             credentials.check_all(engine, policy)
             assert lapse.withdraw_lapsed(session, client, hub_key, timedelta(days=1)) == {}
@@ -208,11 +214,7 @@ def test_a_hub_that_cannot_check_credentials_withdraws_nobody(
     key = SigningKey.generate()
     try:
         with Session(engine) as session:
-            for spoke in ("north", "south"):
-                token, _ = authority.issue(spoke, f"did:web:{spoke}.example.org",
-                                           [spokes.keys[spoke].keyid], timedelta(days=30))
-                credentials.present(session, policy, spoke, token, "admin")
-            session.commit()
+            members(session, authority, policy, spokes)
         for broken in (DID_FILE, STATUS_FILE):
             saved = (authority.folder / broken).read_bytes()
             (authority.folder / broken).write_text("{not json")

@@ -670,15 +670,22 @@ def _restore_refused_retries(batch: _Batch, target: ExperimentTarget,
         target.state = TargetState.COMPLETED
 
 
+def _withdrawn(session: Session, experiment_id: str, spoke_id: str
+               ) -> ExperimentTarget | None:
+    """The spoke's target if the hub withdrew it from the experiment (its membership
+    lapsed, :mod:`tributary.hub.services.lapse`), else None."""
+    target = session.get(ExperimentTarget, (experiment_id, spoke_id))
+    return target if target is not None and target.withdrawn_at is not None else None
+
+
 def _apply_started(batch: _Batch, message: CaseStartedMessage) -> None:
     session = batch.session
     row = batch.case_to_change(message.experiment_id, message.spoke_id, message.case_id)
     if row.id is None:
         return  # not a case the spoke accepted: a start report does not make it one
-    if batch.targets.get((message.experiment_id, message.spoke_id)) == TargetState.CANCELLED:
-        target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
-        if target is not None and target.withdrawn_at is not None:
-            return  # withdrawn: nothing of it runs for the study any more
+    if batch.targets.get((message.experiment_id, message.spoke_id)) == TargetState.CANCELLED \
+            and _withdrawn(session, message.experiment_id, message.spoke_id):
+        return  # withdrawn: nothing of it runs for the study any more
     if row.state in FINAL_CASE_STATES and row.attempt >= message.attempt:
         return  # a late report about an attempt that already has its result
     row.state = CaseState.RUNNING
@@ -703,11 +710,12 @@ def _unacceptable(session: Session, message: ResultMessage, row: CaseResult,
         return (f"result for case {message.case_id} of an experiment the spoke refused "
                 f"({target.reason if target and target.reason else 'no reason given'})")
     if target_state == TargetState.CANCELLED:
-        target = session.get(ExperimentTarget, (message.experiment_id, message.spoke_id))
-        if target is not None and target.withdrawn_at is not None:  # whatever it claims
+        withdrawn = _withdrawn(session, message.experiment_id, message.spoke_id)
+        if withdrawn is not None:  # whatever it claims
+            assert withdrawn.withdrawn_at is not None
             return (f"result for case {message.case_id} arrived after the spoke was "
-                    f"withdrawn from the study at {_aware(target.withdrawn_at).isoformat()} "
-                    f"({target.reason})")
+                    f"withdrawn from the study at {_aware(withdrawn.withdrawn_at).isoformat()}"
+                    f" ({withdrawn.reason})")
     if row.id is None:
         return f"result for case {message.case_id}, which the spoke never accepted"
     experiment = session.get(Experiment, message.experiment_id)
