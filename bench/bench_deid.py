@@ -18,7 +18,11 @@ The machine may be shared: each round runs every variant once, in an order that 
 between rounds, and the figures are medians over the rounds. Each figure is wall time
 beside CPU time (user + system, of the process and every process it waited for: the
 ingest's workers too), so a speed-up on two processes is shown with the CPU it cost;
-the load average is printed beside each table.
+the load average is printed beside each table. Before each run, what earlier runs wrote
+is flushed to disk (``sync``): the kernel writes dirty pages back about 30 s after they
+were written, on the CPUs, so without it every run would share the cores with the
+write-back of runs before it, and a run on two processes, which leaves no core idle,
+would pay for it more than one on a single process.
 
     .venv/bin/python bench/bench_deid.py [--slices 1500] [--rounds 3] [--quick] [--ct-only]
     .venv/bin/python bench/bench_deid.py --startup [--rounds 9]   # one file only
@@ -85,9 +89,12 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "failed": failed}))
 
 def floor(src: Path, dst: Path, part: int = 0, parts: int = 1) -> None:
     """The floor: read and write every file with pydicom, nothing else (with ``parts``
-    > 1, every ``parts``-th file from the ``part``-th: one process's share)."""
+    > 1, every ``parts``-th file from the ``part``-th: one process's share, written to a
+    folder of its own, so that the processes do not queue for one directory's lock)."""
     import pydicom
 
+    if parts > 1:
+        dst = dst / f"part-{part}"
     dst.mkdir(parents=True, exist_ok=True)
     every = sorted(p for p in src.rglob("*") if p.is_file())
     for index, path in enumerate(every[part::parts], start=part):
@@ -188,6 +195,7 @@ def rounds(variants: dict[str, Callable[[], Sample]], count: int) -> dict[str, S
     for r in range(count):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            os.sync()  # not the write-back of the runs before this one (see the top)
             samples[name].append(variants[name]())
     return {n: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
             for n, s in samples.items()}
