@@ -22,7 +22,8 @@ the load average is printed beside each table. Before each run, what earlier run
 is flushed to disk (``sync``): the kernel writes dirty pages back about 30 s after they
 were written, on the CPUs, so without it every run would share the cores with the
 write-back of runs before it, and a run on two processes, which leaves no core idle,
-would pay for it more than one on a single process.
+would pay for it more than one on a single process. And each run writes where no earlier
+run wrote, when the disk has room for a whole section's outputs (see ``RunFolders``).
 
     .venv/bin/python bench/bench_deid.py [--slices 1500] [--rounds 3] [--quick] [--ct-only]
     .venv/bin/python bench/bench_deid.py --startup [--rounds 9]   # one file only
@@ -146,10 +147,42 @@ def ct_corpus(root: Path, slices: int) -> Path:
     return out
 
 
-def spoke_config(root: Path, src: Path, workers: int) -> Path:
-    """A spoke configuration whose work folder is fresh, with the bench's one key."""
-    work = root / f"work-{workers}"
-    shutil.rmtree(work, ignore_errors=True)
+class RunFolders:
+    """The folder each run writes to. With ``fresh_space``, one no earlier run wrote to,
+    and nothing is deleted until a section's rounds end (:meth:`clear`): on this kind of
+    machine, files created where others were just deleted (ext4 skips recently freed
+    inodes; the kernel hands back pages just freed) cost a varying amount of system time,
+    more for two processes writing at once than for one, so deleting the last run's
+    output before each run moved ingest's two-process ratio between 1.5x and 2.3x on the
+    same code (its CPU time between 0.8x and 1.3x of one process's). Writing into fresh
+    space is also what a site ingesting its archive into a new store does. Without the
+    disk space for it, each run deletes the last one's output first, and says so."""
+
+    def __init__(self, root: Path, fresh_space: bool) -> None:
+        self.root, self.fresh_space, self._count = root / "runs", fresh_space, 0
+
+    def new(self, name: str) -> Path:
+        """An empty folder for one run's output (not created)."""
+        if not self.fresh_space:
+            folder = self.root / name
+            shutil.rmtree(folder, ignore_errors=True)
+            return folder
+        self._count += 1
+        return self.root / f"{self._count:05d}-{name}"
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    @staticmethod
+    def space_for(root: Path, corpus: Path, variants: int, count: int) -> bool:
+        """Whether the disk holds every run's output of one section at once."""
+        size = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file())
+        return shutil.disk_usage(root).free > 1.2 * size * variants * count + 2e9
+
+
+def spoke_config(root: Path, src: Path, workers: int, work: Path) -> Path:
+    """A spoke configuration whose work folder is ``work`` (fresh), with the bench's one
+    key."""
     work.mkdir(parents=True)
     shutil.copy(root / "bench.key", work / "pseudonym.key")
     path = root / f"spoke-{workers}.toml"
@@ -187,9 +220,10 @@ def timed(command: list[str | Path], check: bool = True) -> Sample:
     return measured(run)
 
 
-def rounds(variants: dict[str, Callable[[], Sample]], count: int) -> dict[str, Sample]:
+def rounds(variants: dict[str, Callable[[], Sample]], count: int, folders: RunFolders
+           ) -> dict[str, Sample]:
     """Each variant once per round, the order rotating; the median wall and the median
-    CPU time of each."""
+    CPU time of each. The runs' outputs are deleted at the end."""
     names = list(variants)
     samples: dict[str, list[Sample]] = {n: [] for n in names}
     for r in range(count):
@@ -197,19 +231,18 @@ def rounds(variants: dict[str, Callable[[], Sample]], count: int) -> dict[str, S
         for name in order:
             os.sync()  # not the write-back of the runs before this one (see the top)
             samples[name].append(variants[name]())
+    folders.clear()
+    os.sync()
     return {n: (statistics.median(w for w, _ in s), statistics.median(c for _, c in s))
             for n, s in samples.items()}
 
 
-def whole_variants(root: Path, src: Path, baseline: Path, small: bool, halves: bool = False
-                   ) -> dict[str, Callable[[], Sample]]:
+def whole_variants(root: Path, src: Path, baseline: Path, folders: RunFolders, small: bool,
+                   halves: bool = False) -> dict[str, Callable[[], Sample]]:
     """Each tool as a whole process over ``src``; with ``halves``, the floor on two
     processes too (the baseline of the two-process figures)."""
-    out = root / "out"
-
     def fresh() -> Path:
-        shutil.rmtree(out, ignore_errors=True)
-        return out
+        return folders.new("out")
 
     key = root / "bench.key"
     def floor_halves() -> Sample:
@@ -245,11 +278,11 @@ def whole_variants(root: Path, src: Path, baseline: Path, small: bool, halves: b
     for workers in (1, 2):
         variants[f"tributary spoke ingest, {workers} process{'es' if workers > 1 else ''}"] = (
             lambda w=workers: timed([TRIBUTARY, "spoke", "ingest", "-c",
-                                     spoke_config(root, src, w)]))
+                                     spoke_config(root, src, w, folders.new(f"work-{w}"))]))
     return variants
 
 
-def inprocess_variants(root: Path, src: Path, baseline: Path
+def inprocess_variants(root: Path, src: Path, baseline: Path, folders: RunFolders
                        ) -> dict[str, Callable[[], Sample]]:
     import pydicom
 
@@ -259,12 +292,11 @@ def inprocess_variants(root: Path, src: Path, baseline: Path
     from tributary.spoke.ingest import ingest
     from tributary.spoke.pseudonyms import Pseudonymizer
 
-    out = root / "out"
     paths = sorted(p for p in src.rglob("*") if p.is_file())
 
     def fresh() -> Path:
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir()
+        out = folders.new("out")
+        out.mkdir(parents=True)
         return out
 
     def floor_loop() -> Sample:
@@ -296,7 +328,8 @@ def inprocess_variants(root: Path, src: Path, baseline: Path
         run.screener.report()
 
     def ingest_run(workers: int) -> Sample:
-        config = SpokeConfig.load(spoke_config(root, src, workers))
+        config = SpokeConfig.load(spoke_config(root, src, workers,
+                                               folders.new(f"work-{workers}")))
         return measured(lambda: ingest(config))
 
     def dicognito_run() -> Sample:
@@ -323,7 +356,9 @@ def one_file(root: Path, src: Path, baseline: Path, count: int) -> dict[str, Sam
     single.mkdir(exist_ok=True)
     first = next(p for p in sorted(src.rglob("*.dcm")) if p.name == "CT_small.dcm")
     shutil.copy(first, single / first.name)
-    return rounds(whole_variants(root, single, baseline, small=False) | {}, count)
+    folders = RunFolders(root, fresh_space=True)  # one small file a run
+    return rounds(whole_variants(root, single, baseline, folders, small=False), count,
+                  folders)
 
 
 def compiled() -> None:
@@ -383,12 +418,14 @@ def table(title: str, files: int, results: dict[str, Sample]) -> None:
               f"{floor_s / seconds:8.2f} {dicognito_s / seconds:12.2f}")
 
 
-def ct_only(root: Path, ct: Path, baseline: Path, files: int, count: int) -> None:
+def ct_only(root: Path, ct: Path, baseline: Path, files: int, count: int,
+            folders: RunFolders) -> None:
     """The CT tables and the two-process ratios, without the small corpus."""
     from tributary.spoke.cores import usable_cores
 
-    whole = rounds(whole_variants(root, ct, baseline, small=False, halves=True), count)
-    inproc = rounds(inprocess_variants(root, ct, baseline), count)
+    whole = rounds(whole_variants(root, ct, baseline, folders, small=False, halves=True),
+                   count, folders)
+    inproc = rounds(inprocess_variants(root, ct, baseline, folders), count, folders)
     table("CT, whole processes", files, whole)
     table("CT, in-process (loops alone)", files, inproc)
     for name, results in (("whole processes", whole), ("in-process", inproc)):
@@ -443,18 +480,26 @@ def main() -> None:
         print(f"CT: {n_ct} slices of 512x512 ({size:.0f} MB); "
               f"{os.cpu_count()} CPUs ({usable_cores()} usable); medians of {args.rounds} "
               "rounds, order rotating")
+        folders = RunFolders(root, RunFolders.space_for(root, ct, 7, args.rounds))
+        print("each run writes where no earlier run wrote (its outputs are deleted when a "
+              "section's rounds end)" if folders.fresh_space else
+              "NOT ENOUGH DISK for every run's output at once: each run deletes the last "
+              "one's output first, which makes the two-process figures vary more")
         if args.ct_only:
-            ct_only(root, ct, baseline, n_ct, args.rounds)
+            ct_only(root, ct, baseline, n_ct, args.rounds, folders)
             return
         small = small_corpus(baseline, root)
         n_small = sum(1 for p in small.rglob("*") if p.is_file())
         print(f"small: {n_small} of pydicom's test files (those dicognito processes)")
         startup = one_file(root, small, baseline, max(3, args.rounds))
-        ct_whole = rounds(whole_variants(root, ct, baseline, small=False, halves=True),
-                          args.rounds)
-        small_whole = rounds(whole_variants(root, small, baseline, small=True), args.rounds)
-        ct_inproc = rounds(inprocess_variants(root, ct, baseline), args.rounds)
-        small_inproc = rounds(inprocess_variants(root, small, baseline), args.rounds)
+        ct_whole = rounds(whole_variants(root, ct, baseline, folders, small=False,
+                                         halves=True), args.rounds, folders)
+        small_whole = rounds(whole_variants(root, small, baseline, folders, small=True),
+                             args.rounds, folders)
+        ct_inproc = rounds(inprocess_variants(root, ct, baseline, folders), args.rounds,
+                           folders)
+        small_inproc = rounds(inprocess_variants(root, small, baseline, folders),
+                              args.rounds, folders)
         table("CT, whole processes", n_ct, ct_whole)
         table("CT, in-process (loops alone)", n_ct, ct_inproc)
         table("pydicom's test files, whole processes", n_small, small_whole)
