@@ -126,6 +126,7 @@ def test_a_revoked_spoke_is_withdrawn_mid_study_and_the_others_complete(
         assert bundled[leaving]["withdrawn_at"]
         page = api.get(f"/experiments/{experiment_id}").text  # the study's page
         assert "membership credential refused" in page and "revoked" in page
+        assert page.count("data-withdrawn") == 1  # the leaving spoke's badge, not the other's
     # The spoke process keeps running (it was told to stop one study, not to exit).
     assert federation.processes[f"spoke-{leaving}"].alive()
 

@@ -482,7 +482,11 @@ function progressCells(t) {
   return [
     el("td", {}, `${t.spoke_id} `, el("span", { class: `badge ${t.spoke_online ? "ok" : "fail"}` },
       t.spoke_online ? "online" : "offline")),
-    el("td", {}, badge(t.state), ...(t.reason ? [el("br"), el("small", {}, t.reason)] : []),
+    el("td", {}, badge(t.state),
+      ...(t.withdrawn_at ? [" ", el("span", { class: "badge fail", "data-withdrawn": "",
+        title: `withdrawn by the hub at ${t.withdrawn_at}: nothing it sends for the study counts` },
+      "withdrawn")] : []),
+      ...(t.reason ? [el("br"), el("small", {}, t.reason)] : []),
       ...(t.waiting_for ? [el("br"), el("small", {}, t.waiting_for)] : [])),
     el("td", {}, el("div", { class: "bar", role: "img",
       "aria-label": `${t.succeeded} done, ${t.failed} failed, ${t.running} running of ${known}` },
