@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.context
+import multiprocessing.process
 import os
 import threading
 import time
@@ -28,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any
 
 from tributary.protocol.custody import CustodyRecord, verify_custody
 from tributary.protocol.messages import ProtocolError, ResultMessage
@@ -131,6 +134,21 @@ class PendingBatch:
         return self._done
 
 
+class _SpawnContext(multiprocessing.context.SpawnContext):
+    """The ``spawn`` context, keeping the processes an executor starts through it (the
+    executor lists its workers nowhere public)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: list[multiprocessing.process.BaseProcess] = []
+
+    def Process(self, *args: Any, **kwargs: Any) -> multiprocessing.process.BaseProcess:
+        """What the executor calls to make each worker (the contexts' own name)."""
+        process = super().Process(*args, **kwargs)
+        self.started.append(process)
+        return process
+
+
 class EnvelopeOpener:
     """Opens batches of spoke messages in ``processes`` worker processes (0: in the
     calling thread). :meth:`submit` returns at once; the batch is opened meanwhile (a
@@ -146,6 +164,7 @@ class EnvelopeOpener:
     def __init__(self, processes: int) -> None:
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
+        self._context: _SpawnContext | None = None
 
     @property
     def parallel(self) -> bool:
@@ -153,8 +172,8 @@ class EnvelopeOpener:
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.processes,
-                                             mp_context=multiprocessing.get_context("spawn"),
+            self._context = _SpawnContext()
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=self._context,
                                              initializer=_exit_with, initargs=(os.getpid(),))
         return self._pool
 
@@ -172,11 +191,11 @@ class EnvelopeOpener:
         return PendingBatch(self, bodies, keys, futures)
 
     def pids(self) -> list[int]:
-        """The worker processes running now (none before the first batch). The executor
-        has no public list of them: read from its own table."""
-        pool = self._pool
-        return sorted(p.pid for p in (pool._processes or {}).values()
-                      if p.pid is not None) if pool is not None else []
+        """The current pool's worker processes still running (none before the first
+        batch)."""
+        context = self._context if self._pool is not None else None
+        return sorted(p.pid for p in context.started
+                      if p.pid is not None and p.is_alive()) if context is not None else []
 
     def restart(self) -> None:
         """Drop a broken pool; the next batch starts a new one."""
