@@ -23,6 +23,8 @@ console = Console(emoji=False)  # what the hub and others wrote is data, not mar
 def _show(request: dict[str, Any]) -> None:
     table = Table(show_header=False, title=escape(f"{request['id']}: {request['title']}"),
                   title_justify="left")
+    table.add_column(overflow="fold")
+    table.add_column(overflow="fold")  # digests wrapped whole, never cut with "…"
     for label, value in (
             ("state", request["state"]), ("requested by", request["requested_by"]),
             ("purpose", request["purpose"]), ("spokes", ", ".join(request["spokes"])),

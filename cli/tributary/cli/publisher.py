@@ -46,11 +46,11 @@ def list_(
     hub_ca: HubCaOption = None,
 ) -> None:
     """The publishers whose release signatures the hub accepts."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     with hub_client(hub, token, hub_ca) as client:
         publishers = check(client.get("/api/publishers"), "listing")
-    table = Table("name", "key id", "registered")
+    table = Table(*(Column(h, overflow="fold") for h in ("name", "key id", "registered")))
     for publisher in publishers:
         table.add_row(escape(publisher["name"]), escape(publisher["keyid"]),
                       escape(publisher["created_at"]))

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 app = typer.Typer(help="Dead letters: messages the broker set aside (refused or expired). "
                        "List them with their reason, replay or discard them.",
@@ -81,7 +81,8 @@ def list_(queue: QueueOption = None, database_url: DatabaseOption = None,
     if not letters:
         console.print("no dead letters")
         return
-    table = Table("message id", "from queue", "kind", "experiment", "when", "size", "reason")
+    table = Table(*(Column(h, overflow="fold") for h in (  # ids whole: replay takes them
+        "message id", "from queue", "kind", "experiment", "when", "size", "reason")))
     for letter in letters:
         table.add_row(*(escape(v) for v in (  # a dead letter is outside text: data, not markup
             letter.broker_message_id, letter.original_destination, letter.kind or "?",

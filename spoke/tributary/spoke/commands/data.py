@@ -121,7 +121,7 @@ def exclusions(
 ) -> None:
     """Show every input that did not enter the store (excluded or duplicate) and why."""
     from rich.markup import escape
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from tributary.spoke.ingest import open_catalog
 
@@ -133,7 +133,8 @@ def exclusions(
             typer.echo(json.dumps(row.__dict__))
         return
     console = _console()
-    table = Table("source", "input", "status", "reason", "seen")
+    table = Table(*(Column(h, overflow="fold") for h in  # paths whole, never cut with "…"
+                    ("source", "input", "status", "reason", "seen")))
     for row in rows:
         table.add_row(*(escape(str(v)) for v in
                         (row.source, row.ref, row.status, row.reason, row.seen_at)))

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from tributary.spoke.commands.options import ConfigOption, StewardOption
 
@@ -111,7 +111,8 @@ def list_keys(
     if not rows:
         console.print("no publisher pinned: any version the hub approved runs here")
         return
-    table = Table("key id", "name", "from", "steward", "reason", "added")
+    table = Table(*(Column(h, overflow="fold") for h in  # key ids whole: a steward
+                    ("key id", "name", "from", "steward", "reason", "added")))  # compares them
     for row in rows:
         table.add_row(*(escape(str(row[k])) for k in
                         ("keyid", "name", "source", "steward", "reason", "added_at")))
