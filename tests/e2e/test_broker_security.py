@@ -29,6 +29,7 @@ from tributary.protocol.destinations import (
     DEFAULT_FEDERATION,
     RESULTS_QUEUE,
     dead_letter_queue,
+    results_queue,
     spoke_queue,
 )
 from tributary.protocol.training.transport import hub_training_queue, spoke_training_queue
@@ -286,3 +287,44 @@ def test_config_command_takes_the_hubs_registered_spokes(federation: LocalFedera
     assert bundle.identity(registered).cert_file.read_bytes() == cert
     assert CliRunner().invoke(app, [*args, "--rotate"]).exit_code == 0
     assert bundle.identity(registered).cert_file.read_bytes() != cert
+
+
+def test_a_named_federation_crosses_its_own_queues_only(tmp_path: Path,
+                                                       service_settings: ServiceSettings
+                                                       ) -> None:
+    """A broker written with ``--federation west`` carries the ``west.*`` queues a hub with
+    ``broker_federation = "west"`` and its spokes use; the default federation's are closed
+    (before, the map named only ``tributary.*`` queues, so such a federation could not run
+    on a secured broker at all)."""
+    out = tmp_path / "west"
+    written = CliRunner().invoke(app, [
+        "broker", "config", "--out", str(out), "--spoke", A, "--host", service_settings.host,
+        "--port", str(free_port(service_settings.host)), "--federation", "west"])
+    assert written.exit_code == 0, written.output
+    assert "federation west" in written.output
+    bundle = load_bundle(out)
+    assert bundle.broker_settings(A).federation == "west"
+    start_broker(bundle)
+    try:
+        hub = StompClient(bundle.broker_settings("hub"), "hub").start(wait=15)
+        spoke = StompClient(bundle.broker_settings(A), A).start(wait=15)
+        try:
+            for to_spoke, to_hub in [
+                    (spoke_queue(A, "west"), results_queue("west")),
+                    (spoke_training_queue(A, "west"), hub_training_queue("west")),
+                    (spoke_vertical_queue(A, "west"), hub_vertical_queue("west"))]:
+                body = f'{{"west": "{uuid.uuid4().hex}"}}'
+                hub.publish(to_spoke, body)
+                got = collect(spoke, to_spoke).get(timeout=10)
+                assert got.body == body.encode() and spoke.ack(got)
+                spoke.publish(to_hub, body)
+                back = collect(hub, to_hub).get(timeout=10)
+                assert back.body == body.encode() and hub.ack(back)
+            for closed in (RESULTS_QUEUE, spoke_queue(A)):  # the default federation's
+                with pytest.raises(PublishError, match="not authorized to write"):
+                    spoke.publish(closed, '{"wrong": "federation"}')
+        finally:
+            spoke.close()
+            hub.close()
+    finally:
+        stop_broker(bundle)

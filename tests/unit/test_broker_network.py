@@ -63,3 +63,33 @@ def test_regenerating_for_fewer_spokes_takes_a_spoke_off_its_edge(tmp_path: Path
     assert "site-b" not in users.read_text()
     assert "site-b" not in (tmp_path / "edges" / "eu" / "activemq.xml").read_text()
     assert 'name="bridges"' in (tmp_path / "activemq.xml").read_text()
+
+
+def _queues(xml: str) -> set[str]:
+    return {part.split('"')[0] for part in xml.split('queue="')[1:]} | \
+        {part.split('"')[0] for part in xml.split('physicalName="')[1:]}
+
+
+def test_a_named_federation_opens_its_own_queues_and_no_others(tmp_path: Path) -> None:
+    """A hub configured with ``broker_federation = "west"`` uses ``west.*`` queues: the
+    secured brokers' authorization maps and bridges name those, and every other federation's
+    stay closed (destinations not listed are closed to every client)."""
+    network = BrokerNetwork(edges=[EdgeBroker(name="eu", host="127.0.0.1", port=61624,
+                                              spokes=["site-a"])])
+    hub, edges = generate_network(tmp_path, network, spoke_ids=["site-b"], federation="west")
+    assert hub.federation == "west" and hub.broker_settings("site-a").federation == "west"
+    assert edges["eu"].federation == "west"
+    hub_xml = (tmp_path / "activemq.xml").read_text()
+    edge_xml = (tmp_path / "edges" / "eu" / "activemq.xml").read_text()
+    for xml in (hub_xml, edge_xml):
+        named = {q for q in _queues(xml) if ">" not in q and "&gt;" not in q}  # not wildcards
+        assert "west.results" in named and "DLQ.west.spoke.site-a" in named
+        assert all(q.removeprefix("DLQ.").startswith("west.") for q in named), named
+    assert "west.spoke.site-a.training" in _queues(edge_xml.split("<plugins>")[0])  # bridged
+    # Regenerating (a spoke issued or revoked through `tributary pki`) keeps the federation.
+    regenerate_brokers(tmp_path, "hub", ["site-a"], "127.0.0.1", 61614, [])
+    assert "west.spoke.site-a" in _queues((tmp_path / "activemq.xml").read_text())
+    assert not {q for q in _queues((tmp_path / "activemq.xml").read_text())
+                if q.startswith("tributary.")}
+    with pytest.raises(ValueError, match="federation"):
+        generate_network(tmp_path / "bad", network, federation="West Coast")

@@ -66,10 +66,15 @@ def config(
     network: Annotated[Path | None, typer.Option(
         exists=True, dir_okay=False,
         help="A network.json describing the edges instead of --edge/--edge-spoke.")] = None,
+    federation: Annotated[str | None, typer.Option(
+        help="The queue namespace to open: the hub's broker_federation and the spokes' "
+             "[broker] federation (default: as --out was written for, else tributary).")
+    ] = None,
 ) -> None:
     """Write the broker configuration: mutual TLS and one identity per spoke.
 
-    The authorization map confines each spoke to its own queue and the results queue.
+    The authorization map confines each spoke to its own queues and the hub's, of one
+    federation.
     With --edge (or --network) it also writes edge brokers under edges/NAME/, each bridged
     to this hub broker (store-and-forward)."""
     from pydantic import ValidationError
@@ -89,16 +94,19 @@ def config(
         if spec is None:
             bundle = generate_broker_config(out, hub_identity=hub_identity, spoke_ids=spokes,
                                             host=host, stomp_ssl_port=port,
-                                            server_names=server_name or [], rotate=rotate)
+                                            server_names=server_name or [], rotate=rotate,
+                                            federation=federation)
             edges: dict[str, BrokerSecurityBundle] = {}
         else:
             bundle, edges = generate_network(out, spec, hub_identity=hub_identity,
                                              spoke_ids=spokes, host=host, stomp_ssl_port=port,
-                                             server_names=server_name or [], rotate=rotate)
+                                             server_names=server_name or [], rotate=rotate,
+                                             federation=federation)
     except (ValueError, ValidationError) as exc:
         console.print(f"[red]{escape(str(exc))}[/]")
         raise typer.Exit(2) from exc
-    console.print(f"wrote {bundle.config_path} for {bundle.url}", markup=False)
+    console.print(f"wrote {bundle.config_path} for {bundle.url} (federation "
+                  f"{bundle.federation})", markup=False)
     for name, edge_bundle in edges.items():
         console.print(f"  edge broker [bold]{escape(name)}[/] at "
                       + escape(f"{edge_bundle.url} for "

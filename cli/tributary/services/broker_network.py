@@ -31,12 +31,7 @@ from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tributary.protocol.cohorts.vertical import hub_vertical_queue, spoke_vertical_queue
-from tributary.protocol.destinations import (
-    DEFAULT_FEDERATION,
-    RESULTS_QUEUE,
-    dead_letter_queue,
-    spoke_queue,
-)
+from tributary.protocol.destinations import dead_letter_queue, results_queue, spoke_queue
 from tributary.protocol.messages import SPOKE_ID_RE
 from tributary.protocol.training.transport import hub_training_queue, spoke_training_queue
 from tributary.services import pki
@@ -48,6 +43,7 @@ from tributary.services.broker_security import (
     Identity,
     bridge_group,
     generate_broker_config,
+    load_bundle,
     render_config,
     security_xml,
     spoke_group,
@@ -150,16 +146,16 @@ def network_from_options(edges: list[str], edge_spokes: list[str], bridge_host: 
                          edges=list(parsed.values()))
 
 
-def _network_xml(edge: EdgeBroker, hub_host: str, hub_port: int) -> str:
+def _network_xml(edge: EdgeBroker, hub_host: str, hub_port: int, federation: str) -> str:
     """The edge's duplex bridge to the hub broker, limited to what must cross: the hub's
     queues (results, federated and vertical training) and the edge's spokes' queues, with
     their dead-letter queues."""
-    hub_side = [RESULTS_QUEUE, hub_training_queue(DEFAULT_FEDERATION),
-                hub_vertical_queue(DEFAULT_FEDERATION)]
+    hub_side = [results_queue(federation), hub_training_queue(federation),
+                hub_vertical_queue(federation)]
     spoke_side = []
     for spoke in sorted(edge.spokes):
-        spoke_side += [spoke_queue(spoke), spoke_training_queue(spoke, DEFAULT_FEDERATION),
-                       spoke_vertical_queue(spoke, DEFAULT_FEDERATION)]
+        spoke_side += [spoke_queue(spoke, federation), spoke_training_queue(spoke, federation),
+                       spoke_vertical_queue(spoke, federation)]
     queues = [q for queue in hub_side + spoke_side for q in (queue, dead_letter_queue(queue))]
     includes = "\n".join(
         f"          <queue physicalName={quoteattr(q.removeprefix('/queue/'))}/>"
@@ -190,17 +186,18 @@ def edge_dir(out_dir: Path, edge: str) -> Path:
     return out_dir.resolve() / EDGES_DIR / edge
 
 
-def _edge_bundle(out_dir: Path, edge: EdgeBroker, hub_identity: str) -> BrokerSecurityBundle:
+def _edge_bundle(out_dir: Path, edge: EdgeBroker, hub_identity: str,
+                 federation: str) -> BrokerSecurityBundle:
     identities = out_dir / "identities"
     return BrokerSecurityBundle(
         edge_dir(out_dir, edge.name), edge_dir(out_dir, edge.name) / "activemq.xml",
         edge.host, edge.port, out_dir / "pki" / "ca.crt",
         Identity(hub_identity, identities / hub_identity),
-        {s: Identity(s, identities / s) for s in sorted(edge.spokes)})
+        {s: Identity(s, identities / s) for s in sorted(edge.spokes)}, federation)
 
 
 def _write_edge(out_dir: Path, edge: EdgeBroker, hub_host: str, hub_port: int,
-                hub_identity: str, rotate: bool) -> BrokerSecurityBundle:
+                hub_identity: str, rotate: bool, federation: str) -> BrokerSecurityBundle:
     directory = edge_dir(out_dir, edge.name)
     broker_dir = directory / "broker"
     broker_dir.mkdir(parents=True, exist_ok=True)
@@ -220,8 +217,9 @@ def _write_edge(out_dir: Path, edge: EdgeBroker, hub_host: str, hub_port: int,
     spokes = sorted(edge.spokes)
     carried = {edge.bridge_identity: spokes}
     xml = render_config(edge.host, edge.port,
-                        security_xml(spokes, keystore, truststore, password, carried),
-                        network_xml=_network_xml(edge, hub_host, hub_port))
+                        security_xml(spokes, keystore, truststore, password, carried,
+                                     federation),
+                        network_xml=_network_xml(edge, hub_host, hub_port, federation))
     xml = xml.replace('brokerName="tributary"', f'brokerName={quoteattr(edge.name)}', 1)
     pki.write_private(directory / "activemq.xml", xml.encode())
     users = [(s, [spoke_group(s), SPOKES_GROUP, ALL_GROUP]) for s in spokes]
@@ -235,7 +233,7 @@ def _write_edge(out_dir: Path, edge: EdgeBroker, hub_host: str, hub_port: int,
     hub_cn = _common_name(out_dir / "broker" / "server.crt")
     users_file.write_text(users_file.read_text().replace(
         f"{HUB_BROKER_USER}=CN={HUB_BROKER_USER}\n", f"{HUB_BROKER_USER}=CN={hub_cn}\n"))
-    return _edge_bundle(out_dir, edge, hub_identity)
+    return _edge_bundle(out_dir, edge, hub_identity, federation)
 
 
 def generate_network(out_dir: Path, network: BrokerNetwork, hub_identity: str = "hub",
@@ -243,10 +241,13 @@ def generate_network(out_dir: Path, network: BrokerNetwork, hub_identity: str = 
                      stomp_ssl_port: int = DEFAULT_STOMP_SSL_PORT,
                      server_names: list[str] | tuple[str, ...] = (),
                      rotate: bool = False, rotate_ca: bool | None = None,
+                     federation: str | None = None,
                      ) -> tuple[BrokerSecurityBundle, dict[str, BrokerSecurityBundle]]:
     """Write the hub broker (with its bridge connector) and every edge broker of
     ``network`` into ``out_dir``; spokes of an edge are also known to the hub broker, so a
-    spoke can move between its edge and the hub broker without new certificates."""
+    spoke can move between its edge and the hub broker without new certificates.
+    ``federation``: as for :func:`generate_broker_config` (every broker opens the same
+    federation's queues)."""
     spokes = sorted(set(spoke_ids) | {s for e in network.edges for s in e.spokes})
     network.check(spokes, hub_identity)
     bridges = {e.bridge_identity: sorted(e.spokes) for e in network.edges}
@@ -254,11 +255,13 @@ def generate_network(out_dir: Path, network: BrokerNetwork, hub_identity: str = 
                                  host=host, stomp_ssl_port=stomp_ssl_port,
                                  server_names=server_names, rotate=rotate,
                                  rotate_ca=rotate_ca, bridges=bridges,
-                                 bridge_port=network.hub_bridge_port)
+                                 bridge_port=network.hub_bridge_port,
+                                 federation=federation)
     hub_bridge_host = network.hub_bridge_host or host
     out_dir = hub.out_dir
     dial_port = network.hub_bridge_dial_port or network.hub_bridge_port
-    edges = {e.name: _write_edge(out_dir, e, hub_bridge_host, dial_port, hub_identity, rotate)
+    edges = {e.name: _write_edge(out_dir, e, hub_bridge_host, dial_port, hub_identity, rotate,
+                                 hub.federation)
              for e in network.edges}
     known = {e.name for e in network.edges}
     if (out_dir / EDGES_DIR).exists():
@@ -282,7 +285,8 @@ def load_edge(out_dir: Path, name: str, hub_identity: str = "hub") -> BrokerSecu
     """The bundle of edge ``name``, to start or stop it like the hub broker's."""
     for edge in load_network(out_dir).edges:
         if edge.name == name:
-            return _edge_bundle(out_dir.resolve(), edge, hub_identity)
+            return _edge_bundle(out_dir.resolve(), edge, hub_identity,
+                                load_bundle(out_dir).federation)
     raise ServiceError(f"no edge broker {name!r} in {out_dir}")
 
 

@@ -35,9 +35,10 @@ from tributary.protocol.broker import BrokerSettings
 from tributary.protocol.cohorts.vertical import hub_vertical_queue, spoke_vertical_queue
 from tributary.protocol.destinations import (
     DEFAULT_FEDERATION,
-    RESULTS_QUEUE,
     dead_letter_queue,
+    results_queue,
     spoke_queue,
+    validate_federation,
 )
 from tributary.protocol.messages import SPOKE_ID_RE
 from tributary.protocol.training.transport import hub_training_queue, spoke_training_queue
@@ -86,10 +87,12 @@ class Identity:
     def ca_file(self) -> Path:
         return self.directory / "ca.crt"
 
-    def broker_settings(self, host: str, port: int) -> BrokerSettings:
+    def broker_settings(self, host: str, port: int,
+                        federation: str = DEFAULT_FEDERATION) -> BrokerSettings:
         """Connection settings for :class:`~tributary.protocol.broker.StompClient`."""
         return BrokerSettings(host=host, port=port, user=self.name, ca_file=self.ca_file,
-                              cert_file=self.cert_file, key_file=self.key_file)
+                              cert_file=self.cert_file, key_file=self.key_file,
+                              federation=federation)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class BrokerSecurityBundle:
     ca_file: Path
     hub: Identity
     spokes: dict[str, Identity] = field(default_factory=dict)
+    #: The queue namespace the broker's authorization map opens (the hub's
+    #: ``broker_federation``, the spokes' ``[broker] federation``).
+    federation: str = DEFAULT_FEDERATION
 
     @property
     def url(self) -> str:
@@ -121,7 +127,8 @@ class BrokerSecurityBundle:
             raise KeyError(f"no broker identity {name!r} in {self.out_dir}") from None
 
     def broker_settings(self, name: str) -> BrokerSettings:
-        return self.identity(name).broker_settings(self.host, self.stomp_ssl_port)
+        return self.identity(name).broker_settings(self.host, self.stomp_ssl_port,
+                                                   self.federation)
 
 
 def _validate_identity(name: str) -> str:
@@ -140,7 +147,8 @@ def _entry(queue: str, read: list[str], write: list[str], admin: list[str]) -> s
 
 
 def authorization_entries(spoke_ids: list[str],
-                          bridges: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+                          bridges: Mapping[str, Sequence[str]] | None = None,
+                          federation: str = DEFAULT_FEDERATION) -> list[str]:
     """The authorization map. Each destination is listed with its complete ACLs, so the
     result is the same whether ActiveMQ unions the wildcard entry ``DLQ.>`` with a specific
     one or prefers the specific one. Destinations not listed are closed to every client.
@@ -152,22 +160,25 @@ def authorization_entries(spoke_ids: list[str],
     may read, write and create exactly the hub's queues (results, training, vertical),
     those spokes' queues (studies, training, vertical) and their dead-letter queues (a
     bridge consumes on one broker and produces on the other).
+
+    Only ``federation``'s queues are listed: another federation's hub and spokes need a
+    broker configuration of their own.
     """
     bridges = bridges or {}
     all_bridges = [bridge_group(b) for b in sorted(bridges)]
-    results = _queue(RESULTS_QUEUE)
+    results_destination = results_queue(validate_federation(federation))
+    results = _queue(results_destination)
     entries = [
         _entry(results, [HUB_GROUP, *all_bridges], [HUB_GROUP, SPOKES_GROUP, *all_bridges],
                [HUB_GROUP, SPOKES_GROUP, *all_bridges]),
-        _entry(_queue(dead_letter_queue(RESULTS_QUEUE)), [HUB_GROUP, *all_bridges],
+        _entry(_queue(dead_letter_queue(results_destination)), [HUB_GROUP, *all_bridges],
                [HUB_GROUP, *all_bridges], [HUB_GROUP, *all_bridges]),
         _entry("DLQ.>", [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
     ]
     # Federated and vertical training: each has a queue of the hub's that every spoke
     # writes, and one queue per spoke that only the hub writes, as for studies; bridges
     # carry them as they carry the results queue and the spokes' queues.
-    for hub_side in (hub_training_queue(DEFAULT_FEDERATION),
-                     hub_vertical_queue(DEFAULT_FEDERATION)):
+    for hub_side in (hub_training_queue(federation), hub_vertical_queue(federation)):
         entries += [
             _entry(_queue(hub_side), [HUB_GROUP, *all_bridges],
                    [HUB_GROUP, SPOKES_GROUP, *all_bridges],
@@ -176,7 +187,7 @@ def authorization_entries(spoke_ids: list[str],
                    [HUB_GROUP, *all_bridges], [HUB_GROUP, *all_bridges]),
         ]
     for spoke_id in spoke_ids:
-        own, queue = _spoke_group(spoke_id), spoke_queue(spoke_id)
+        own, queue = _spoke_group(spoke_id), spoke_queue(spoke_id, federation)
         carriers = [bridge_group(b) for b in sorted(bridges) if spoke_id in bridges[b]]
         entries += [
             _entry(_queue(queue), [own, *carriers], [HUB_GROUP, own, *carriers],
@@ -184,8 +195,8 @@ def authorization_entries(spoke_ids: list[str],
             _entry(_queue(dead_letter_queue(queue)), [HUB_GROUP, *carriers],
                    [HUB_GROUP, own, *carriers], [HUB_GROUP, own, *carriers]),
         ]
-        for side in (spoke_training_queue(spoke_id, DEFAULT_FEDERATION),
-                     spoke_vertical_queue(spoke_id, DEFAULT_FEDERATION)):
+        for side in (spoke_training_queue(spoke_id, federation),
+                     spoke_vertical_queue(spoke_id, federation)):
             entries += [
                 _entry(_queue(side), [own, *carriers], [HUB_GROUP, own, *carriers],
                        [HUB_GROUP, own, *carriers]),
@@ -229,9 +240,10 @@ def write_jaas(out_dir: Path, users: list[tuple[str, list[str]]]) -> Path:
 
 def _security_xml(spoke_ids: list[str], keystore: Path, truststore: Path,
                   store_password: str,
-                  bridges: Mapping[str, Sequence[str]] | None = None) -> str:
-    entry_lines = "\n".join(f"              {e}"
-                            for e in authorization_entries(spoke_ids, bridges))
+                  bridges: Mapping[str, Sequence[str]] | None = None,
+                  federation: str = DEFAULT_FEDERATION) -> str:
+    entry_lines = "\n".join(f"              {e}" for e in
+                            authorization_entries(spoke_ids, bridges, federation))
     pw = quoteattr(store_password)
     return f"""    <plugins>
       <jaasCertificateAuthenticationPlugin configuration="{JAAS_REALM}"/>
@@ -258,9 +270,11 @@ _CONNECTORS = re.compile(r"<transportConnectors>.*?</transportConnectors>", re.S
 
 
 def security_xml(spoke_ids: list[str], keystore: Path, truststore: Path, store_password: str,
-                 bridges: Mapping[str, Sequence[str]] | None = None) -> str:
+                 bridges: Mapping[str, Sequence[str]] | None = None,
+                 federation: str = DEFAULT_FEDERATION) -> str:
     """The ``<plugins>`` (certificate login, authorization map) and ``<sslContext>``."""
-    return _security_xml(spoke_ids, keystore, truststore, store_password, bridges)
+    return _security_xml(spoke_ids, keystore, truststore, store_password, bridges,
+                         federation)
 
 
 def render_config(host: str, port: int, security_xml: str, bridge_port: int | None = None,
@@ -314,7 +328,8 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
                            rotate: bool = False,
                            rotate_ca: bool | None = None,
                            bridges: Mapping[str, Sequence[str]] | None = None,
-                           bridge_port: int | None = None) -> BrokerSecurityBundle:
+                           bridge_port: int | None = None,
+                           federation: str | None = None) -> BrokerSecurityBundle:
     """Write a mutual-TLS, per-identity ActiveMQ configuration into ``out_dir``.
 
     Idempotent: the CA, certificates and passwords already in ``out_dir`` are reused, so
@@ -324,8 +339,12 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
     certificate besides ``host``, ``127.0.0.1`` and ``localhost``. ``bridges`` and
     ``bridge_port``: edge brokers' bridge identities and the spokes each carries, and the
     port they connect to (:mod:`tributary.services.broker_network` writes the edges).
+    ``federation``: the queue namespace to open (the hub's ``broker_federation``); by
+    default the one ``out_dir`` was written for, else ``tributary``, so regenerating after a
+    spoke joins keeps it.
     """
     hub_identity = _validate_identity(hub_identity)
+    federation = validate_federation(federation or _recorded_federation(out_dir))
     spokes = sorted({_validate_identity(s) for s in spoke_ids})
     if hub_identity in spokes:
         raise ValueError(f"spoke id {hub_identity!r} is also the hub's identity")
@@ -362,16 +381,17 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
 
     config_path = out_dir / "activemq.xml"
     xml = render_config(host, stomp_ssl_port,
-                        _security_xml(spokes, keystore, truststore, store_password, bridges),
+                        _security_xml(spokes, keystore, truststore, store_password, bridges,
+                                      federation),
                         bridge_port=bridge_port if bridges else None)
     pki.write_private(config_path, xml.encode())
     write_jaas(out_dir, users)
     (out_dir / "broker.json").write_text(json.dumps(
         {"host": host, "stomp_ssl_port": stomp_ssl_port, "hub_identity": hub_identity,
-         "spoke_ids": spokes}, indent=2) + "\n")
+         "spoke_ids": spokes, "federation": federation}, indent=2) + "\n")
     log.info("wrote broker config for the hub and %d spoke(s) to %s", len(spokes), out_dir)
     return BrokerSecurityBundle(out_dir, config_path, host, stomp_ssl_port, ca.cert_path, hub,
-                                spoke_identities)
+                                spoke_identities, federation)
 
 
 def load_bundle(out_dir: Path) -> BrokerSecurityBundle:
@@ -388,7 +408,17 @@ def load_bundle(out_dir: Path) -> BrokerSecurityBundle:
         out_dir / "pki" / "ca.crt", Identity(meta["hub_identity"],
                                              identities / meta["hub_identity"]),
         {s: Identity(s, identities / s) for s in meta["spoke_ids"]},
+        meta.get("federation", DEFAULT_FEDERATION),  # written before federations were named
     )
+
+
+def _recorded_federation(out_dir: Path) -> str:
+    """The federation ``out_dir``'s configuration was written for (the default if none)."""
+    try:
+        meta = json.loads((out_dir / "broker.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return DEFAULT_FEDERATION
+    return str(meta.get("federation", DEFAULT_FEDERATION))
 
 
 def start_broker(bundle: BrokerSecurityBundle, instance_dir: Path | None = None,
