@@ -68,7 +68,7 @@ def config(
         help="A network.json describing the edges instead of --edge/--edge-spoke.")] = None,
     federation: Annotated[str | None, typer.Option(
         help="The queue namespace to open: the hub's broker_federation and the spokes' "
-             "[broker] federation (default: as --out was written for, else tributary).")
+             "\\[broker] federation (default: as --out was written for, else tributary).")
     ] = None,
 ) -> None:
     """Write the broker configuration: mutual TLS and one identity per spoke.
