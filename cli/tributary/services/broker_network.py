@@ -30,10 +30,8 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tributary.protocol.cohorts.vertical import hub_vertical_queue, spoke_vertical_queue
-from tributary.protocol.destinations import dead_letter_queue, results_queue, spoke_queue
+from tributary.protocol.destinations import dead_letter_queue
 from tributary.protocol.messages import SPOKE_ID_RE
-from tributary.protocol.training.transport import hub_training_queue, spoke_training_queue
 from tributary.services import pki
 from tributary.services.broker_security import (
     ALL_GROUP,
@@ -43,10 +41,12 @@ from tributary.services.broker_security import (
     Identity,
     bridge_group,
     generate_broker_config,
+    hub_queues,
     load_bundle,
     render_config,
     security_xml,
     spoke_group,
+    spoke_queues,
     write_jaas,
 )
 from tributary.services.system import ServiceError
@@ -150,13 +150,9 @@ def _network_xml(edge: EdgeBroker, hub_host: str, hub_port: int, federation: str
     """The edge's duplex bridge to the hub broker, limited to what must cross: the hub's
     queues (results, federated and vertical training) and the edge's spokes' queues, with
     their dead-letter queues."""
-    hub_side = [results_queue(federation), hub_training_queue(federation),
-                hub_vertical_queue(federation)]
-    spoke_side = []
-    for spoke in sorted(edge.spokes):
-        spoke_side += [spoke_queue(spoke, federation), spoke_training_queue(spoke, federation),
-                       spoke_vertical_queue(spoke, federation)]
-    queues = [q for queue in hub_side + spoke_side for q in (queue, dead_letter_queue(queue))]
+    crossing = hub_queues(federation) + [q for spoke in sorted(edge.spokes)
+                                         for q in spoke_queues(spoke, federation)]
+    queues = [q for queue in crossing for q in (queue, dead_letter_queue(queue))]
     includes = "\n".join(
         f"          <queue physicalName={quoteattr(q.removeprefix('/queue/'))}/>"
         for q in queues)

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from tributary.protocol.broker import BrokerSettings
@@ -146,6 +147,19 @@ def _entry(queue: str, read: list[str], write: list[str], admin: list[str]) -> s
             f"write={quoteattr(','.join(write))} admin={quoteattr(','.join(admin))}/>")
 
 
+def hub_queues(federation: str) -> list[str]:
+    """The hub's queues of ``federation`` that every spoke writes: results, federated and
+    vertical training (the bridges carry them too)."""
+    return [results_queue(validate_federation(federation)), hub_training_queue(federation),
+            hub_vertical_queue(federation)]
+
+
+def spoke_queues(spoke_id: str, federation: str) -> list[str]:
+    """The queues only the hub writes to ``spoke_id``: studies, training, vertical."""
+    return [spoke_queue(spoke_id, federation), spoke_training_queue(spoke_id, federation),
+            spoke_vertical_queue(spoke_id, federation)]
+
+
 def authorization_entries(spoke_ids: list[str],
                           bridges: Mapping[str, Sequence[str]] | None = None,
                           federation: str = DEFAULT_FEDERATION) -> list[str]:
@@ -166,19 +180,10 @@ def authorization_entries(spoke_ids: list[str],
     """
     bridges = bridges or {}
     all_bridges = [bridge_group(b) for b in sorted(bridges)]
-    results_destination = results_queue(validate_federation(federation))
-    results = _queue(results_destination)
-    entries = [
-        _entry(results, [HUB_GROUP, *all_bridges], [HUB_GROUP, SPOKES_GROUP, *all_bridges],
-               [HUB_GROUP, SPOKES_GROUP, *all_bridges]),
-        _entry(_queue(dead_letter_queue(results_destination)), [HUB_GROUP, *all_bridges],
-               [HUB_GROUP, *all_bridges], [HUB_GROUP, *all_bridges]),
-        _entry("DLQ.>", [HUB_GROUP], [HUB_GROUP], [HUB_GROUP]),
-    ]
-    # Federated and vertical training: each has a queue of the hub's that every spoke
-    # writes, and one queue per spoke that only the hub writes, as for studies; bridges
-    # carry them as they carry the results queue and the spokes' queues.
-    for hub_side in (hub_training_queue(federation), hub_vertical_queue(federation)):
+    entries = [_entry("DLQ.>", [HUB_GROUP], [HUB_GROUP], [HUB_GROUP])]
+    # Results, federated and vertical training: each a queue of the hub's that every spoke
+    # writes, beside one queue per spoke that only the hub writes; bridges carry both.
+    for hub_side in hub_queues(federation):
         entries += [
             _entry(_queue(hub_side), [HUB_GROUP, *all_bridges],
                    [HUB_GROUP, SPOKES_GROUP, *all_bridges],
@@ -187,16 +192,9 @@ def authorization_entries(spoke_ids: list[str],
                    [HUB_GROUP, *all_bridges], [HUB_GROUP, *all_bridges]),
         ]
     for spoke_id in spoke_ids:
-        own, queue = _spoke_group(spoke_id), spoke_queue(spoke_id, federation)
+        own = _spoke_group(spoke_id)
         carriers = [bridge_group(b) for b in sorted(bridges) if spoke_id in bridges[b]]
-        entries += [
-            _entry(_queue(queue), [own, *carriers], [HUB_GROUP, own, *carriers],
-                   [HUB_GROUP, own, *carriers]),
-            _entry(_queue(dead_letter_queue(queue)), [HUB_GROUP, *carriers],
-                   [HUB_GROUP, own, *carriers], [HUB_GROUP, own, *carriers]),
-        ]
-        for side in (spoke_training_queue(spoke_id, federation),
-                     spoke_vertical_queue(spoke_id, federation)):
+        for side in spoke_queues(spoke_id, federation):
             entries += [
                 _entry(_queue(side), [own, *carriers], [HUB_GROUP, own, *carriers],
                        [HUB_GROUP, own, *carriers]),
@@ -344,7 +342,8 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
     spoke joins keeps it.
     """
     hub_identity = _validate_identity(hub_identity)
-    federation = validate_federation(federation or _recorded_federation(out_dir))
+    federation = validate_federation(
+        federation or (_recorded(out_dir) or {}).get("federation", DEFAULT_FEDERATION))
     spokes = sorted({_validate_identity(s) for s in spoke_ids})
     if hub_identity in spokes:
         raise ValueError(f"spoke id {hub_identity!r} is also the hub's identity")
@@ -397,11 +396,10 @@ def generate_broker_config(out_dir: Path, hub_identity: str = "hub",
 def load_bundle(out_dir: Path) -> BrokerSecurityBundle:
     """The bundle a previous :func:`generate_broker_config` wrote into ``out_dir``."""
     out_dir = out_dir.resolve()
-    try:
-        meta = json.loads((out_dir / "broker.json").read_text())
-    except FileNotFoundError:
+    meta = _recorded(out_dir)
+    if meta is None:
         raise ServiceError(f"no broker configuration in {out_dir}; "
-                           "run `tributary broker config` first") from None
+                           "run `tributary broker config` first")
     identities = out_dir / "identities"
     return BrokerSecurityBundle(
         out_dir, out_dir / "activemq.xml", meta["host"], meta["stomp_ssl_port"],
@@ -412,13 +410,12 @@ def load_bundle(out_dir: Path) -> BrokerSecurityBundle:
     )
 
 
-def _recorded_federation(out_dir: Path) -> str:
-    """The federation ``out_dir``'s configuration was written for (the default if none)."""
+def _recorded(out_dir: Path) -> dict[str, Any] | None:
+    """What :func:`generate_broker_config` recorded in ``out_dir`` (``broker.json``)."""
     try:
-        meta = json.loads((out_dir / "broker.json").read_text())
-    except (FileNotFoundError, ValueError):
-        return DEFAULT_FEDERATION
-    return str(meta.get("federation", DEFAULT_FEDERATION))
+        return dict(json.loads((out_dir / "broker.json").read_text()))
+    except (FileNotFoundError, ValueError):  # none, or not one of ours: write it again
+        return None
 
 
 def start_broker(bundle: BrokerSecurityBundle, instance_dir: Path | None = None,

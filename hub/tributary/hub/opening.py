@@ -193,17 +193,17 @@ class EnvelopeOpener:
     def pids(self) -> list[int]:
         """The current pool's worker processes still running (none before the first
         batch)."""
-        context = self._context if self._pool is not None else None
+        context = self._context
         return sorted(p.pid for p in context.started
                       if p.pid is not None and p.is_alive()) if context is not None else []
 
     def restart(self) -> None:
         """Drop a broken pool; the next batch starts a new one."""
-        pool, self._pool = self._pool, None
+        pool, self._pool, self._context = self._pool, None, None
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
-        pool, self._pool = self._pool, None
+        pool, self._pool, self._context = self._pool, None, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
